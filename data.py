@@ -1,0 +1,588 @@
+"""Data: the conversation template, tokenization with label masking, image preprocessing,
+collation, and the generators that make data from object annotations (LRV negative
+instructions, POVID hallucination injection and diffusion noise). The readers and converters
+for the public file formats live in formats.py and are re-exported here.
+"""
+import os
+import re
+
+import numpy as np
+import torch
+
+from formats import DataError, IMAGE  # noqa: F401  (DataError: one-line user errors, see formats.py)
+from formats import (read_llava, read_lrv, read_any_conversations, read_llava_rlhf_preference,  # noqa: F401
+                     read_rl_prompts, read_povid, read_pope, read_mmhal, load_json, vqav2_to_conversations,
+                     aokvqa_to_conversations, flickr30k_to_conversations)
+
+IGNORE = -100  # label of tokens that are not learned
+
+# ----------------------------------------------------------------------------------------
+# conversation template (LLaVA's conv_vicuna_v1 / conv_llava_v1: sep " ", sep2 "</s>")
+# ----------------------------------------------------------------------------------------
+
+SYSTEM = {
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+}
+ROLE = {"human": "USER", "gpt": "ASSISTANT"}
+EOS_TEXT = "</s>"
+
+
+def render(turns, template="vicuna_v1"):
+    """The prompt string and the character spans of each assistant answer (its '</s>' included).
+
+    "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that ends
+    with a human turn ends with "ASSISTANT:" (a prompt to generate from)."""
+    if template not in SYSTEM:
+        raise ValueError(f"unknown template '{template}' (choose from {', '.join(SYSTEM)})")
+    text, spans = SYSTEM[template] + " ", []
+    for t in turns:
+        if t["from"] == "human":
+            text += f"USER: {t['value']} "
+        else:
+            text += "ASSISTANT: "
+            start = len(text)
+            text += t["value"] + EOS_TEXT
+            spans.append((start, len(text)))
+    if turns and turns[-1]["from"] == "human":
+        text += "ASSISTANT:"
+    return text, spans
+
+
+# ----------------------------------------------------------------------------------------
+# tokenization with label masking
+# ----------------------------------------------------------------------------------------
+
+def _tokenize_with_offsets(tokenizer, text):
+    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does:
+    split at '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id
+    (None) where '<image>' was."""
+    chunks = text.split(IMAGE)
+    ids, offsets, base = [], [], 0
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.append(None)
+            offsets.append((base - len(IMAGE), base))
+        enc = tokenizer(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(a + base, b + base) for a, b in enc["offset_mapping"]]
+        base += len(chunk) + len(IMAGE)
+    return ids, offsets
+
+
+def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, max_len=2048, template="vicuna_v1",
+                          train_on="all"):
+    """Token ids and labels for a conversation. Only assistant answers and their '</s>' carry labels
+    (train_on='all': every answer; 'last': only the final answer, as DPO and reward scoring need).
+    '<image>' becomes num_image_tokens copies of image_token_id. If the text is longer than max_len
+    it is cut at the end; never inside the image tokens, and at least part of the first learned
+    answer must survive, else None is returned (the caller counts the drop).
+    A conversation ending with a human turn gives a generation prompt (no labels learned)."""
+    text, spans = render(turns, template)
+    if train_on == "last":
+        spans = spans[-1:]
+    raw, offsets = _tokenize_with_offsets(tokenizer, text)
+    ids, labels = [], []
+    for tok, (a, b) in zip(raw, offsets):
+        if tok is None:  # the image placeholder
+            ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE] * num_image_tokens
+            continue
+        learned = b > a and any(a < e and b > s for s, e in spans)
+        ids.append(tok)
+        labels.append(tok if learned else IGNORE)
+    if len(ids) > max_len:
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
+        first_label = next((i for i, l in enumerate(labels) if l != IGNORE), None)
+        if image_end > max_len or (first_label is not None and first_label >= max_len) or \
+                (first_label is None and turns[-1]["from"] == "gpt"):
+            return None
+        ids, labels = ids[:max_len], labels[:max_len]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def load_tokenizer(path):
+    """The tokenizer files in a checkpoint (or world) directory, local files only."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise DataError(path, message=f"cannot load a tokenizer from this directory ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})")
+    if tok.pad_token_id is None:  # LLaVA pads with <unk> when the tokenizer has no pad token
+        tok.pad_token = tok.unk_token
+    return tok
+
+
+# ----------------------------------------------------------------------------------------
+# images: LLaVA's 'pad' preprocessing with PIL and numpy
+# ----------------------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path, file=None, record=None):
+    """An RGB PIL image; a file that is missing or will not decode is a DataError naming the record."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(file or path, record, "image", f"file not found: {path}")
+    except Exception as e:
+        raise DataError(file or path, record, "image", f"cannot decode image {path} ({type(e).__name__})")
+
+
+def expand_to_square(img, fill=tuple(int(m * 255) for m in CLIP_MEAN)):
+    """Pad to a square with the CLIP mean colour, image centred (LLaVA's expand2square)."""
+    from PIL import Image
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def image_to_unit(img, size):
+    """PIL image -> (3, size, size) float tensor in [0, 1]: pad to square, bicubic resize."""
+    from PIL import Image
+    img = expand_to_square(img)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def normalize(unit):
+    """[0, 1] pixels -> CLIP-normalised pixels (works on (3,H,W) and (B,3,H,W))."""
+    mean = torch.tensor(CLIP_MEAN, dtype=unit.dtype, device=unit.device).view(-1, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=unit.dtype, device=unit.device).view(-1, 1, 1)
+    return (unit - mean) / std
+
+
+def preprocess_image(img, size):
+    return normalize(image_to_unit(img, size))
+
+
+class ImageCache:
+    """Decoded, resized [0,1] image tensors by path (the Shapes images are tiny; real data sets
+    pass capacity=0 to decode every time)."""
+
+    def __init__(self, size, capacity=50000):
+        self.size, self.capacity, self.store = size, capacity, {}
+
+    def unit(self, path, file=None, record=None):
+        if path in self.store:
+            return self.store[path]
+        x = image_to_unit(load_image(path, file, record), self.size)
+        if len(self.store) < self.capacity:
+            self.store[path] = x
+        return x
+
+
+def check_images(records, file, on_error="raise"):
+    """Open every record's image once before training starts, so a broken file stops the run (or is
+    skipped and counted) before any step, never in the middle. Returns (good records, skipped lines)."""
+    from PIL import Image
+    good, skipped = [], []
+    for i, r in enumerate(records):
+        if r.get("image"):
+            try:
+                with Image.open(r["image"]) as im:
+                    im.verify()
+            except Exception as e:
+                err = DataError(file, f"{i} (id {r.get('id')!r})", "image",
+                                f"cannot decode image {r['image']} ({type(e).__name__})")
+                if on_error == "raise":
+                    raise err
+                skipped.append(str(err))
+                continue
+        good.append(r)
+    return good, skipped
+
+
+# ----------------------------------------------------------------------------------------
+# collation
+# ----------------------------------------------------------------------------------------
+
+def collate(items, pad_id, side="right"):
+    """Pad a list of {'input_ids', 'labels'?, 'pixel_values'?} to one batch. Right padding for
+    training, left padding for generation. pixel_values are stacked for the items that have an image
+    (in order), matching the image tokens in input_ids."""
+    T = max(len(x["input_ids"]) for x in items)
+    B = len(items)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long) if "labels" in items[0] else None
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        sl = slice(0, n) if side == "right" else slice(T - n, T)
+        ids[i, sl] = x["input_ids"]
+        mask[i, sl] = 1
+        if labels is not None:
+            labels[i, sl] = x["labels"]
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        out["labels"] = labels
+    pix = [x["pixel_values"] for x in items if x.get("pixel_values") is not None]
+    out["pixel_values"] = torch.stack(pix) if pix else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# generators from object annotations: LRV negative instructions, POVID hallucination
+# injection, POVID diffusion noise (and the English helpers they share with shapes.py).
+# They take normalised object lists,
+#   objects = [{"name": "circle", "color": "red" or None, "size": "large" or None, "bbox": [x, y, w, h],
+#               "row": r or None, "col": c or None, "position": "top left" or None}]
+# (plain COCO instances have only name and bbox) and a numpy Generator `rng`, so the same seed
+# gives the same text. On the Shapes world every answer they write is checked by shapes.oracle.
+# ----------------------------------------------------------------------------------------
+
+NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
+                     "scissors": "scissors", "broccoli": "broccoli", "man": "men", "woman": "women", "child": "children"}
+
+# -----------------------------------------------------------------------------
+# English helpers (shared with shapes.py so there is one spelling of everything)
+
+
+def plural(name):
+    head, _, last = name.rpartition(" ")  # "wine glass" -> "wine glasses"
+    if last in IRREGULAR_PLURALS:
+        last = IRREGULAR_PLURALS[last]
+    elif re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head} {last}" if head else last
+
+
+def article(phrase):
+    return "an" if phrase[:1] in "aeiou" else "a"
+
+
+def a(phrase):
+    return f"{article(phrase)} {phrase}"
+
+
+def number_word(n):
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def count_phrase(n, name):
+    """2, circle -> 'two circles'; 1 -> 'one circle'; 0 -> 'no circles'."""
+    return f"{number_word(n)} {name if n == 1 else plural(name)}"
+
+
+def there_are(n, name):
+    return f"there {'is' if n == 1 else 'are'} {count_phrase(n, name)}"
+
+
+def join_and(items):
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def position_of(o):
+    """The position word of an object: its own, or from its 3x3 grid cell, or None (plain COCO)."""
+    if o.get("position"):
+        return o["position"]
+    if o.get("row") is None or o.get("col") is None:
+        return None
+    return POSITIONS[3 * min(2, max(0, o["row"])) + min(2, max(0, o["col"]))]
+
+
+def pos_phrase(position):
+    return {"left": "on the left", "right": "on the right", "center": "in the center"}.get(position, f"at the {position}")
+
+
+def noun_phrase(o, size=True, color=True):
+    words = [o.get("size") if size else None, o.get("color") if color else None, o["name"]]
+    return " ".join(w for w in words if w)
+
+
+def list_objects(objects):
+    """'a large red circle and a small blue square'; objects without attributes are grouped by name
+    with counts ('two people and a car') so big COCO images stay readable."""
+    if all(o.get("color") for o in objects):
+        return join_and(a(noun_phrase(o)) for o in objects)
+    counts = {}
+    for o in objects:
+        counts[o["name"]] = counts.get(o["name"], 0) + 1
+    return join_and(a(n) if c == 1 else count_phrase(c, n) for n, c in counts.items())
+
+
+def _pick(rng, items):
+    items = list(items)
+    return items[int(rng.integers(len(items)))]
+
+
+def _matching(objects, name=None, color=None, size=None, position=None):
+    return [o for o in objects if (name is None or o["name"] == name) and (color is None or o.get("color") == color)
+            and (size is None or o.get("size") == size) and (position is None or position_of(o) == position)]
+
+
+def unique_ref(o, objects, use=("size", "color")):
+    """Shortest noun phrase ('circle', 'large circle', 'red circle', ...) naming only `o`, from the
+    attributes in `use`; None if no such phrase exists."""
+    options = [{}] + [{k: o.get(k)} for k in use if o.get(k)]
+    if len(use) == 2 and o.get(use[0]) and o.get(use[1]):
+        options.append({k: o.get(k) for k in use})
+    for attrs in options:
+        if len(_matching(objects, o["name"], attrs.get("color"), attrs.get("size"))) == 1:
+            return " ".join(w for w in [attrs.get("size"), attrs.get("color"), o["name"]] if w)
+    return None
+
+# -----------------------------------------------------------------------------
+# LRV-Instruction negative instructions (Liu et al. 2023, Sec. 3): nonexistent element
+# manipulation (task "negative") and existent element manipulation (task "negative_existent").
+
+
+def lrv_negatives(objects, rng, all_names, colors=None):
+    """Negative instructions for one image: a list of (question, answer, task), one per kind of
+    manipulation possible here, in random order. Answers say what is not there and what is.
+
+    task "negative": a nonexistent object, a nonexistent color of a present object, a present
+    object at a position where it is not. task "negative_existent": a present object with a wrong
+    color, size or count; the answer corrects it. Without colors (plain COCO) only nonexistent
+    objects and wrong counts are made."""
+    out = []
+    names = [o["name"] for o in objects]
+    absent = [n for n in all_names if n not in names]
+    shows = f"The image shows {list_objects(objects)}." if objects else "The image shows no objects."
+    if absent:  # nonexistent object
+        x = _pick(rng, absent)
+        q = _pick(rng, [f"Is there {a(x)} in the image?", f"Describe the {x} in the image.",
+                        f"Where is the {x} in the image?"] + ([f"What color is the {x}?"] if colors else []))
+        ans = f"There is no {x} in the image. {shows}"
+        out.append((q, "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans, "negative"))
+    if colors and objects and objects[0].get("color"):
+        o = _pick(rng, objects)
+        wrong = [c for c in colors if not _matching(objects, o["name"], c)]
+        if wrong:  # a color that no object of this shape has
+            c = _pick(rng, wrong)
+            q = _pick(rng, [f"Is there {a(c + ' ' + o['name'])} in the image?", f"Describe the {c} {o['name']}."])
+            ans = f"There is no {c} {o['name']} in the image. The image shows {list_objects(_matching(objects, o['name']))}."
+            out.append((q, "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans, "negative"))
+        pos = position_of(o)
+        free = [p for p in POSITIONS if pos and not _matching(objects, o["name"], position=p)]
+        if free:  # the object, somewhere it is not
+            p = _pick(rng, free)
+            q = _pick(rng, [f"What color is the {o['name']} {pos_phrase(p)}?", f"Describe the {o['name']} {pos_phrase(p)}."])
+            ans = f"There is no {o['name']} {pos_phrase(p)}. {a(noun_phrase(o)).capitalize()} is {pos_phrase(pos)}."
+            out.append((q, ans, "negative"))
+        ref = unique_ref(o, objects, use=("size",))
+        wrong = [c for c in colors if ref and c != o["color"]]
+        if wrong:  # existent object, wrong color
+            c = _pick(rng, wrong)
+            q = _pick(rng, [f"Is the {ref} {c}?", f"Why is the {ref} {c}?", f"The {ref} is {c}. Where is it?"])
+            ans = f"The {ref} is {o['color']}, not {c}."
+            out.append((q, "No, t" + ans[1:] if q.startswith("Is ") else ans, "negative_existent"))
+        ref = unique_ref(o, objects, use=("color",))
+        if ref and o.get("size"):  # existent object, wrong size
+            s = [z for z in SIZES if z != o["size"]][0]
+            q = _pick(rng, [f"Is the {ref} {s}?", f"Why is the {ref} so {s}?"])
+            ans = f"The {ref} is {o['size']}, not {s}."
+            out.append((q, "No, t" + ans[1:] if q.startswith("Is ") else ans, "negative_existent"))
+    if objects:  # existent object, wrong count
+        x = _pick(rng, sorted(set(names)))
+        n = names.count(x)
+        m = _pick(rng, [k for k in range(1, n + 3) if k != n])
+        q = _pick(rng, [f"Are there {count_phrase(m, x)} in the image?" if m > 1 else f"Is there only one {x} in the image?",
+                        f"Describe the {count_phrase(m, x)} in the image."])
+        ans = f"{there_are(n, x).capitalize()} in the image, not {number_word(m)}."
+        out.append((q, "No, t" + ans[1:] if q.startswith(("Is ", "Are ")) else ans, "negative_existent"))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+# -----------------------------------------------------------------------------
+# POVID hallucination injection (Zhou et al. 2024, Sec. 3.1): turn a ground-truth answer into a
+# dispreferred one with a co-occurring object, a wrong attribute, or a wrong relation/logic.
+
+SENT = re.compile(r"[^.!?]+[.!?]*")
+NEG = re.compile(r"\b(no|not|none|without)\b|n't\b", re.I)
+REL_FLIP = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def _word(name):
+    return re.compile(rf"\b({re.escape(name)}|{re.escape(plural(name))})\b")
+
+
+def _names_re(names):
+    """Alternation of names and their plurals, longest first (so 'crosses' wins over 'cross')."""
+    return "|".join(sorted({re.escape(w) for n in names for w in (n, plural(n))}, key=len, reverse=True)) or "\0"
+
+
+def _base(word, names):
+    return next(n for n in names if word in (n, plural(n)))
+
+
+def _fix_articles(text):
+    return re.sub(r"\b([Aa])n? (\w)", lambda m: m.group(1) + ("n " if m.group(2).lower() in "aeiou" else " ") + m.group(2), text)
+
+
+def _np_at(sentence, start, names):
+    """The object noun phrase nearest to character `start` in a sentence: (name, color, size)
+    from the words just before the noun (e.g. 'large red circle')."""
+    best = None
+    for n in names:
+        for m in _word(n).finditer(sentence):
+            d = abs(m.start() - start)
+            if best is None or d < best[0]:
+                best = (d, n, m.start())
+    if best is None:
+        return None
+    words = sentence[:best[2]].lower().split()[-2:]
+    return best[1], words
+
+
+def _filter_by_words(objects, name, words, colors):
+    color = next((w for w in words if colors and w in colors), None)
+    size = next((w for w in words if w in SIZES), None)
+    return _matching(objects, name, color, size)
+
+
+def _inject_object(answer, objects, rng, all_names, cooc_partners, colors):
+    names = sorted({o["name"] for o in objects})
+    absent = [n for n in (all_names or []) if n not in names]
+    partners = [p for n in names for p in (cooc_partners or {}).get(n, []) if p in absent]
+    cands = partners or absent
+    m = re.search(r"\b(No, t|T)here (?:is|are) no ((?:\w+ )*?)(" + _names_re(all_names or []) + r")\b", answer)
+    if m and _base(m.group(3), all_names) not in names:  # "No, there is no X" (true) -> "Yes, there is a X"
+        head = "Yes, t" if m.group(1) == "No, t" else "T"
+        return answer[:m.start()] + head + f"here is {a(m.group(2) + _base(m.group(3), all_names))}" + answer[m.end():]
+    m = re.match(r"Yes, there (?:is|are) (?:an?|\w+) ((?:\w+ )*?)(" + _names_re(names) + r")\b", answer)
+    if m:  # "Yes, there is a X" (true) -> "No, there is no X": denies a present object
+        return f"No, there is no {m.group(1)}{_base(m.group(2), names)}" + answer[m.end():]
+    if not cands:
+        return None
+    x = _pick(rng, cands)
+    present = [n for n in names if _word(n).search(answer)]
+    if present and not NEG.search(answer) and rng.random() < 0.5:  # replace a present object by x
+        old = _pick(rng, present)
+        return _fix_articles(_word(old).sub(lambda w: x if w.group(1) == old else plural(x), answer))
+    o = _pick(rng, objects) if objects else {}
+    color = _pick(rng, colors) if colors and o.get("color") else None
+    where = position_of(o) and pos_phrase(_pick(rng, POSITIONS))
+    added = " ".join(w for w in ["There is also", a(" ".join(filter(None, [color, x]))), where or "in the image"] if w)
+    return answer.rstrip() + " " + added + "."
+
+
+def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
+    names = sorted({o["name"] for o in objects})
+    edits = []  # (start, end, replacement)
+    for s in SENT.finditer(answer):
+        sent, off = s.group(0), s.start()
+        if NEG.search(sent):
+            continue  # a swapped word inside a negation can stay true
+        words = (colors or []) + (list(SIZES) if any(o.get("size") for o in objects) else [])
+        for m in re.finditer(r"\b(" + "|".join(map(re.escape, words)) + r")\b", sent) if words else []:
+            np_ = _np_at(sent, m.start(), names)
+            if np_ is None:
+                continue
+            name, mods = np_
+            w = m.group(1)
+            if w in SIZES:
+                other = [z for z in SIZES if z != w and not _filter_by_words(objects, name, [z] + mods, colors)]
+            else:
+                other = [c for c in colors if c != w and c not in sent and not _matching(objects, name, c)]
+            if other:
+                edits.append((off + m.start(), off + m.end(), _pick(rng, other)))
+        pat = r"\b(?:([Tt]here) (?:is|are) )?(" + "|".join(NUMBER_WORDS[1:]) + r") ((?:\w+ ){0,2}?)(\w+)\b"
+        for m in re.finditer(pat, sent):
+            noun = m.group(4)
+            base = next((n for n in names + ["object", "shape"] if noun in (n, plural(n))), None)
+            if base is None:
+                continue
+            n = NUMBER_WORDS.index(m.group(2))
+            k = _pick(rng, [j for j in range(1, max(n + 3, 5)) if j != n])
+            noun_k = base if k == 1 else plural(base)
+            head = f"{m.group(1)} {'is' if k == 1 else 'are'} " if m.group(1) else ""
+            edits.append((off + m.start(), off + m.end(), f"{head}{number_word(k)} {m.group(3)}{noun_k}"))
+    if not edits:
+        return None
+    i, j, new = edits[int(rng.integers(len(edits)))]
+    return answer[:i] + new + answer[j:]
+
+
+def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
+    names = sorted({o["name"] for o in objects})
+    grid = bool(objects) and objects[0].get("row") is not None  # without one (plain COCO) flips are unverified
+    edits = []
+    for s in SENT.finditer(answer):
+        sent, off = s.group(0), s.start()
+        if NEG.search(sent) and not sent.startswith("No, the"):
+            continue
+        for m in re.finditer(r"\b(to the left of|to the right of|above|below)\b", sent):
+            a_np, b_np = _np_at(sent[:m.start()], m.start(), names), _np_at(sent[m.end():], 0, names)
+            if a_np is None or b_np is None or not grid:
+                if not grid:
+                    edits.append((off + m.start(), off + m.end(), REL_FLIP[m.group(1)]))
+                continue
+            A = _filter_by_words(objects, a_np[0], a_np[1], colors)
+            B = _filter_by_words(objects, b_np[0], b_np[1], colors)
+            new = REL_FLIP[m.group(1)]
+            key = {"to the left of": ("col", -1), "to the right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}[new]
+            holds = any(x is not y and (x[key[0]] - y[key[0]]) * key[1] > 0 for x in A for y in B)
+            if A and B and not holds:  # the flipped relation is false for every pair
+                edits.append((off + m.start(), off + m.end(), new))
+        for m in re.finditer(r"\b(at|in|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b", sent):
+            np_ = _np_at(sent[:m.start()], m.start(), names)
+            if np_ is None or not grid:
+                continue
+            cand = _filter_by_words(objects, np_[0], np_[1], colors)
+            free = [p for p in POSITIONS if p != m.group(2) and not any(position_of(o) == p for o in cand)]
+            if cand and free:
+                edits.append((off + m.start(), off + m.end(), pos_phrase(_pick(rng, free))))
+    if not edits:
+        return None
+    i, j, new = edits[int(rng.integers(len(edits)))]
+    return answer[:i] + new + answer[j:]
+
+
+INJECTORS = {"object": _inject_object, "attribute": _inject_attribute, "relation": _inject_relation}
+
+
+def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_partners=None, colors=None):
+    """POVID-style dispreferred answer: returns (new_answer, kind) or None when `kind` (or, with
+    kind=None, every kind tried in random order) is impossible for this answer.
+
+    object: "No, there is no X" -> "Yes, there is a X"; "Yes, there is a X" -> "No, there is no X";
+      or a present object replaced by / joined with an absent one, preferring absent co-occurring
+      partners (cooc_partners: {name: [names that often appear with it]}).
+    attribute: a color or size swapped for one that no such object has, or a count changed.
+    relation: left/right or above/below flipped where the flipped relation holds for no pair, or a
+      position moved to a cell where no such object is (objects without grid cells, i.e. plain
+      COCO: relation words are flipped unverified).
+    """
+    kinds = [kind] if kind else [str(k) for k in rng.permutation(list(INJECTORS))]
+    for k in kinds:
+        new = INJECTORS[k](answer, objects, rng, all_names, cooc_partners, list(colors) if colors else None)
+        if new is not None and new != answer:
+            return new, k
+    return None
+
+# -----------------------------------------------------------------------------
+# POVID diffusion noise (train_dpo_inherent.py add_diffusion_noise): the DDPM forward step.
+
+
+def ddpm_noise(image01, t=500, generator=None, num_steps=1000):
+    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps on a [0,1] image tensor (C,H,W) or (B,C,H,W),
+    betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5, abar = cumprod(1 - betas).
+    t is 0-based (t=500 is abar[500], as POVID's alphas_bar_sqrt[t] with noise_step 500).
+    Not clamped: POVID feeds the raw tensor on (its ToPILImage cast does no clamping either), and
+    clamping would change the noise statistics that the image encoder sees."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5
+    abar = torch.cumprod(1 - betas, dim=0)[t]
+    device = generator.device if generator is not None else image01.device
+    eps = torch.randn(image01.shape, generator=generator, device=device, dtype=torch.float32).to(image01.device)
+    return abar.sqrt() * image01 + (1 - abar).sqrt() * eps.to(image01.dtype)

@@ -1,0 +1,557 @@
+"""Readers with validation for the public data formats, and the LLaVA-SFT+ converters.
+(data.py re-exports them; they live here so that data.py stays readable in one sitting.)
+
+Conventions shared by every reader and converter:
+- A file is a JSON list of records or JSON lines (one record per line); both are accepted everywhere.
+- Every problem raises DataError(file, record, field, message); record is the index i of data[i]
+  (0-based, JSON lines: the i-th non-blank line), plus its id when it has one: "3 (id 'abc')".
+- on_error="raise" (default) returns a list of normalised dicts. on_error="skip" drops bad records
+  and returns (records, skipped), skipped being the one-line error messages. A file that is missing
+  or does not parse always raises.
+- Image paths are relative to image_folder (default: the data file's folder) or absolute; they are
+  returned as full paths. check_images=True checks that the file exists; decoding is checked at load time.
+"""
+import json
+import os
+import random
+import re
+
+
+class DataError(Exception):
+    """A problem with user data. str() is one line naming the file, the record and the field;
+    stage scripts turn it into that line on stderr and exit code 2 (no traceback)."""
+
+    def __init__(self, file, record=None, field=None, message=""):
+        self.file, self.record, self.field, self.message = file, record, field, message
+        parts = [str(file)] if file is not None else []
+        if record is not None:
+            parts.append(f"record {record}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        super().__init__(": ".join(parts + [message]))
+
+
+IMAGE = "<image>"
+ROLES = {"human": "human", "gpt": "gpt", "user": "human", "assistant": "gpt"}  # user/assistant: cheap to accept
+JSON_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "list": "a list",
+              "dict": "an object", "bool": "a boolean", "NoneType": "null"}
+# LLaVA's brief-description instructions (LLaVA paper, arXiv 2304.08485, Table 8); Flickr30k prompts pick one.
+BRIEF_PROMPTS = [
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented."]
+MC_DIRECT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple-choice suffix
+
+# ----------------------------------------------------------------------------- file and field helpers
+
+def _bad(field, message):
+    # record-level problem; _each() adds the file and the record
+    return DataError(None, None, field, message)
+
+
+def load_json(path):
+    """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
+    if not os.path.isfile(path):
+        raise DataError(path, message="file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(path, message="file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        whole = e
+    lines = text.splitlines()
+    try:  # JSON lines if the first non-blank line is a JSON value by itself
+        json.loads(next(l for l in lines if l.strip()))
+    except json.JSONDecodeError:
+        raise DataError(path, message=f"invalid JSON at line {whole.lineno} column {whole.colno}: {whole.msg}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(path, message=f"line {n}: invalid JSON (JSON lines file): {e.msg} at column {e.colno}") from None
+    return out
+
+
+def _records(path, wrapper=None):
+    """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper."""
+    obj = load_json(path)
+    if isinstance(obj, dict) and wrapper in obj:
+        obj = obj[wrapper]
+    elif isinstance(obj, dict) and wrapper is None:
+        obj = [obj]  # a JSON lines file with a single line
+    if not isinstance(obj, list):
+        want = f"a JSON list of records or {{'{wrapper}': [...]}}" if wrapper else "a JSON list of records (or JSON lines)"
+        raise DataError(path, message=f"expected {want}, got {JSON_NAMES.get(type(obj).__name__, 'something else')}")
+    return obj
+
+
+def _label(i, r):
+    for k in ("id", "question_id", "filename"):
+        if isinstance(r, dict) and isinstance(r.get(k), (str, int)) and not isinstance(r.get(k), bool):
+            return f"{i} (id {r[k]!r})"
+    return str(i)
+
+
+def _each(path, items, fn, on_error):
+    """Apply fn to every record; wrap its errors with the file and record. Returns (records, skipped)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out, skipped = [], []
+    for i, r in enumerate(items):
+        try:
+            if not isinstance(r, dict):
+                raise _bad(None, f"expected a JSON object, got {JSON_NAMES.get(type(r).__name__, type(r).__name__)}")
+            v = fn(r)
+            if v is not None:  # None: left out on purpose (e.g. another split)
+                out.append(v)
+        except DataError as e:
+            err = DataError(path, _label(i, r), e.field, e.message)
+            if on_error == "raise":
+                raise err from None
+            skipped.append(str(err))
+    return out, skipped
+
+
+def _ret(out, skipped, on_error):
+    return out if on_error == "raise" else (out, skipped)
+
+
+def _field(r, key):
+    if r.get(key) is None:
+        raise _bad(key, "missing")
+    return r[key]
+
+
+def _typed(r, key, kind, optional=False, default=None):
+    """r[key] checked to be of `kind` (bool is never an int); strings must not be blank."""
+    if r.get(key) is None and optional:
+        return default
+    v, kinds = _field(r, key), kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(v, bool) or not isinstance(v, kinds):
+        names = " or ".join(JSON_NAMES[k.__name__] for k in kinds)
+        raise _bad(key, f"expected {names}, got {JSON_NAMES.get(type(v).__name__, type(v).__name__)}")
+    if isinstance(v, str) and not v.strip():
+        raise _bad(key, "empty")
+    return v
+
+
+def _strlist(r, key, optional=False):
+    v = _typed(r, key, list, optional, default=[])
+    if not all(isinstance(x, str) and x.strip() for x in v):
+        raise _bad(key, "expected a list of non-empty strings")
+    return [x.strip() for x in v]
+
+
+def image_path(folder, name, check_images, field="image"):
+    """Full path of an image named in a record (relative to folder, or absolute)."""
+    path = name if os.path.isabs(name) else os.path.join(folder, name)
+    if check_images and not os.path.isfile(path):
+        raise _bad(field, f"file not found: {path}")
+    return path
+
+
+def _image(r, folder, check_images, optional=False):
+    if optional and "image" not in r:
+        return None  # text-only record
+    return image_path(folder, _typed(r, "image", str), check_images)
+
+
+def _folder(path, image_folder):
+    return image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
+
+# ----------------------------------------------------------------------------- conversations
+
+def conversation(turns, has_image, field="conversations", end="gpt"):
+    """Validate and normalise LLaVA turns [{"from": "human"|"gpt", "value": str}, ...].
+
+    Starts with human, alternates, ends with gpt when end="gpt" (end=None: either). With an image,
+    "<image>" appears at most once, in the first human turn, and is moved to its start the way
+    LLaVA's preprocess_multimodal does: ("<image>\\n" + text_without_tag.strip()).strip(). When the
+    tag is missing it is added: LLaVA would silently drop the image, our template needs one
+    placeholder. A text-only record must not contain "<image>".
+    """
+    if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], list):
+        turns = turns[0]  # LLaVA-RLHF's reward data may wrap the turns in one more list
+    if not isinstance(turns, list) or not turns:
+        raise _bad(field, "expected a non-empty list of turns")
+    out = []
+    for j, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise _bad(field, f"turn {j}: expected an object with 'from' and 'value'")
+        role = ROLES.get(t["from"].strip().lower()) if isinstance(t.get("from"), str) else None
+        if role is None:
+            raise _bad(field, f"turn {j}: 'from' is {t.get('from')!r}, expected 'human' or 'gpt'")
+        want = "human" if j % 2 else "gpt"
+        if role != want:  # (LLaVA silently drops a leading gpt turn; we say so instead)
+            raise _bad(field, f"turn {j} is from {role!r}, expected {want!r}")
+        value = t.get("value")
+        if not isinstance(value, str):
+            raise _bad(field, f"turn {j}: 'value' must be a string")
+        if not value.replace(IMAGE, "").strip() and not (j == 1 and has_image and IMAGE in value):
+            raise _bad(field, f"turn {j}: empty value")
+        out.append({"from": role, "value": value})
+    n = sum(t["value"].count(IMAGE) for t in out)
+    if n and not has_image:
+        raise _bad(field, "'<image>' in a record without an 'image'")
+    if n > 1:
+        raise _bad(field, f"'<image>' appears {n} times, expected once (in the first human turn)")
+    if n == 1 and IMAGE not in out[0]["value"]:
+        k = next(j for j, t in enumerate(out, 1) if IMAGE in t["value"])
+        raise _bad(field, f"'<image>' is in turn {k}, expected it in the first human turn")
+    if has_image:
+        out[0]["value"] = (IMAGE + "\n" + out[0]["value"].replace(IMAGE, "").strip()).strip()
+    if end == "gpt" and out[-1]["from"] != "gpt":
+        raise _bad(field, "ends with a 'human' turn, expected a final 'gpt' answer")
+    return out
+
+
+def _prompt(conv):
+    # the turns a model answers: everything before a final gpt turn
+    return conv[:-1] if conv[-1]["from"] == "gpt" else conv
+
+# ----------------------------------------------------------------------------- LLaVA instruct and LRV
+
+def _llava_fn(folder, check_images):
+    def fn(r):
+        image = _image(r, folder, check_images, optional=True)
+        conv = conversation(_field(r, "conversations"), image is not None)
+        return {"id": r.get("id"), "image": image, "conversations": conv}
+    return fn
+
+
+def _lrv_fn(folder, check_images):
+    def fn(r):
+        image_id = str(_typed(r, "image_id", (str, int))).strip()
+        q, a = _typed(r, "question", str), _typed(r, "answer", str)
+        name = image_id if os.path.splitext(image_id)[1] else image_id + ".jpg"  # Visual Genome <image_id>.jpg
+        return {"id": f"lrv_{image_id}_{r['_index']}", "image": image_path(folder, name, check_images, "image_id"),
+                "task": r.get("task"), "conversations": [
+                    {"from": "human", "value": IMAGE + "\n" + q.replace(IMAGE, "").strip()},
+                    {"from": "gpt", "value": a.strip()}]}
+    return fn
+
+
+def _indexed(items):
+    # LRV records have no id; give each its index so ids are unique and stable
+    return [dict(r, _index=i) if isinstance(r, dict) else r for i, r in enumerate(items)]
+
+
+def read_llava(path, image_folder=None, check_images=True, on_error="raise"):
+    """LLaVA instruct: [{"id", "image" (absent for text-only), "conversations": [{"from", "value"}]}]
+    -> {"id", "image": path|None, "conversations": [{"from": "human"|"gpt", "value"}]}."""
+    out, skipped = _each(path, _records(path), _llava_fn(_folder(path, image_folder), check_images), on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_lrv(path, image_folder=None, check_images=True, on_error="raise"):
+    """LRV-Instruction: {"annotations": [{"image_id": "2392588", "question", "answer", "task"}]} (the
+    published filter_cap.json wrapper) or a plain list -> single-turn LLaVA records with "task" kept.
+    Images are Visual Genome <image_id>.jpg in image_folder (an id with an extension is used as given)."""
+    items = _indexed(_records(path, "annotations"))
+    out, skipped = _each(path, items, _lrv_fn(_folder(path, image_folder), check_images), on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_any_conversations(path, image_folder=None, fmt="auto", check_images=True, on_error="raise"):
+    """LLaVA instruct or LRV-Instruction (fmt "llava" | "lrv" | "auto": by the first record's fields)
+    -> LLaVA instruct records."""
+    items = _records(path, "annotations")
+    if not items:
+        return _ret([], [], on_error)
+    if fmt == "auto":
+        first = items[0] if items and isinstance(items[0], dict) else {}
+        fmt = "llava" if "conversations" in first else "lrv" if {"image_id", "question"} <= set(first) else None
+        if fmt is None:
+            raise DataError(path, 0, None, "cannot tell the format: expected 'conversations' (LLaVA instruct) "
+                                           "or 'image_id', 'question', 'answer' (LRV-Instruction)")
+    if fmt not in ("llava", "lrv"):
+        raise ValueError(f"fmt must be 'auto', 'llava' or 'lrv', got {fmt!r}")
+    fn = (_llava_fn if fmt == "llava" else _lrv_fn)(_folder(path, image_folder), check_images)
+    out, skipped = _each(path, items if fmt == "llava" else _indexed(items), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+# ----------------------------------------------------------------------------- preference and RL data
+
+def load_caption_map(path):
+    """LLaVA-RLHF's image_to_caption.json: {"000000123456.jpg": [captions], "aok_000000123456.jpg": [rationales]}."""
+    obj = load_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(path, message="expected an object {image file name: [captions]}")
+    for k, v in obj.items():
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise DataError(path, repr(k), None, "expected a list of caption strings")
+    return obj
+
+
+def _captions(r, caption_map, key, need):
+    if r.get("captions") is None and caption_map is not None and key in caption_map:
+        r = {"captions": caption_map[key]}
+    caps = _strlist(r, "captions", optional=True)
+    if need and not caps:
+        where = f" (none inline, none under {key!r} in the captions file)" if caption_map is not None else ""
+        raise _bad("captions", f"no captions{where}: Fact-RLHF facts need captions; add them, "
+                               "pass a captions file, or pass --facts false")
+    return caps
+
+
+def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_error="raise",
+                               captions_path=None, need_captions=False):
+    """LLaVA-RLHF human preference: [{"id", "image", "conversations", "output_1": {"value"},
+    "output_2": {"value"}, "preference": 1|2}]. The published conversations end with the gpt turn that
+    the outputs replace (a file ending with the human turn is accepted too). preference 1 = output_1
+    is better. Captions (facts) come from an inline "captions" list or from captions_path keyed by
+    the record's "image" as written (as LLaVA-RLHF's reward model does).
+    -> {"id", "image", "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}."""
+    folder, caption_map = _folder(path, image_folder), load_caption_map(captions_path) if captions_path else None
+
+    def output(r, key):
+        o = _typed(r, key, dict)
+        if not isinstance(o.get("value"), str) or not o["value"].strip():
+            raise _bad(key, "expected {\"value\": non-empty string}")
+        return o["value"].strip()
+
+    def fn(r):
+        image = _image(r, folder, check_images, optional=True)
+        prompt = _prompt(conversation(_field(r, "conversations"), image is not None, end=None))
+        outs = [output(r, "output_1"), output(r, "output_2")]
+        p = _field(r, "preference")
+        if type(p) is not int or p not in (1, 2):
+            raise _bad("preference", f"must be the integer 1 or 2 (a JSON number), got {p!r}")
+        if outs[0] == outs[1]:
+            raise _bad("output_2", "chosen and rejected are identical")
+        caps = _captions(r, caption_map, r.get("image"), need_captions)
+        return {"id": r.get("id"), "image": image, "prompt": prompt, "chosen": outs[p - 1],
+                "rejected": outs[2 - p], "captions": caps}
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise", captions_path=None,
+                    need_captions=True, first_turn_only=True):
+    """LLaVA-RLHF RL prompts: [{"id", "image", "conversations", "caption_type", "length_bonus"}] plus
+    captions inline ("captions": [...]) or from captions_path (image_to_caption.json, keyed by the
+    image file name, "aok_" + name for caption_type 2-5, as LLaVA-RLHF's PPO trainer does).
+    caption_type defaults to 1 and length_bonus to 1.0 (LLaVA-RLHF's defaults). first_turn_only keeps
+    only the first human turn (LLaVA-RLHF keeps conversations[:2] and drops the answer); otherwise
+    the prompt is every turn before a final gpt turn.
+    -> {"id", "image", "prompt": [turns ending with human], "captions", "caption_type", "length_bonus"}."""
+    folder, caption_map = _folder(path, image_folder), load_caption_map(captions_path) if captions_path else None
+
+    def fn(r):
+        image = _image(r, folder, check_images)
+        conv = conversation(_field(r, "conversations"), True, end=None)
+        ct = 1 if r.get("caption_type") is None else r["caption_type"]  # null = absent
+        if type(ct) is not int or not 1 <= ct <= 7:
+            raise _bad("caption_type", f"must be an integer 1-7 (1 general, 2-5 answer A-D, 6 answer No, "
+                                       f"7 answer Yes), got {ct!r}")
+        lb = 1.0 if r.get("length_bonus") is None else r["length_bonus"]
+        if type(lb) not in (int, float):
+            raise _bad("length_bonus", f"expected a number, got {lb!r}")
+        key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
+        return {"id": r.get("id"), "image": image, "prompt": conv[:1] if first_turn_only else _prompt(conv),
+                "captions": _captions(r, caption_map, key, need_captions), "caption_type": ct,
+                "length_bonus": float(lb)}
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_povid(path, image_folder=None, check_images=True, on_error="raise"):
+    """POVID preference: [{"id", "image", "conversations", "rejected_conversations"}], both ending
+    with the gpt answer and sharing the turns before it (POVID's train_dpo.py builds the prompt from
+    the first human turn of "conversations"). -> {"id", "image", "prompt", "chosen", "rejected"}."""
+    folder = _folder(path, image_folder)
+
+    def fn(r):
+        image = _image(r, folder, check_images, optional=True)
+        conv = conversation(_field(r, "conversations"), image is not None)
+        rej = conversation(_field(r, "rejected_conversations"), image is not None, "rejected_conversations")
+        if conv[:-1] != rej[:-1]:
+            raise _bad("rejected_conversations", "prompt turns differ from 'conversations'")
+        chosen, rejected = conv[-1]["value"].strip(), rej[-1]["value"].strip()
+        if chosen == rejected:
+            raise _bad("rejected_conversations", "chosen and rejected are identical")
+        return {"id": r.get("id"), "image": image, "prompt": conv[:-1], "chosen": chosen, "rejected": rejected}
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def read_pope(path, image_folder=None, check_images=True, on_error="raise"):
+    """POPE (JSON lines): {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+    "text": "Is there a snowboard in the image?", "label": "yes"} -> the same dict, full image path,
+    label lower-cased (must be yes/no); other fields are kept."""
+    folder = _folder(path, image_folder)
+
+    def fn(r):
+        _typed(r, "question_id", (int, str))
+        image, text = _image(r, folder, check_images), _typed(r, "text", str)
+        label = _typed(r, "label", str).strip().lower()
+        if label not in ("yes", "no"):
+            raise _bad("label", f"must be 'yes' or 'no', got {r['label']!r}")
+        return dict(r, image=image, text=text, label=label)
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
+    """MMHal-Bench response_template.json: [{"question_type", "question_topic", "image_id", "image_src"
+    (an URL), "image_content": [...], "question", "gt_answer", "model_answer"}] -> the same dicts plus
+    "image" = image_folder/<basename of image_src> (default image_folder: "images" beside the file, the
+    layout of the published data set). model_answer may be absent or empty (the template)."""
+    folder = image_folder if image_folder is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+
+    def fn(r):
+        for k in ("question_type", "question_topic", "question", "gt_answer"):
+            _typed(r, k, str)
+        _typed(r, "image_id", (str, int))
+        content = _strlist(r, "image_content")
+        if not isinstance(r.get("model_answer") or "", str):
+            raise _bad("model_answer", "expected a string")
+        src = _typed(r, "image_src", str)
+        image = image_path(folder, src.rstrip("/").split("/")[-1], check_images, "image_src")
+        return dict(r, image=image, image_content=content, model_answer=r.get("model_answer") or "")
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+# ----------------------------------------------------------------------------- LLaVA-SFT+ converters
+
+def _sentence(s):
+    s = s.strip()
+    s = s[:1].upper() + s[1:]
+    return s if s.endswith((".", "!", "?")) else s + "."
+
+
+def vqav2_to_conversations(questions_path, annotations_path, image_folder,
+                           image_pattern="COCO_train2014_{image_id:012d}.jpg", yes_no_only=True,
+                           max_rounds=None, check_images=True, on_error="raise"):
+    """VQA-v2 {"questions": [{"image_id", "question", "question_id"}]} + {"annotations": [{"question_id",
+    "image_id", "answer_type", "multiple_choice_answer", "answers"}]} -> one multi-round LLaVA record per
+    image (questions in file order, at most max_rounds; None = all), answers "Yes." / "No." (other
+    answers: the multiple_choice_answer capitalised, with a full stop). caption_type is 7/6 when the
+    first answer is Yes/No, else 1 (LLaVA-RLHF's PPO uses the first round only)."""
+    def ann_fn(a):
+        return (_typed(a, "question_id", int), _typed(a, "answer_type", str),
+                _typed(a, "multiple_choice_answer", str).strip())
+    anns, skipped = _each(annotations_path, _records(annotations_path, "annotations"), ann_fn, on_error)
+    by_qid = {qid: (atype, ans) for qid, atype, ans in anns}
+
+    def q_fn(q):
+        qid, image_id = _typed(q, "question_id", int), _typed(q, "image_id", int)
+        text = _typed(q, "question", str).strip()
+        if qid not in by_qid:
+            raise _bad("question_id", f"no annotation in {annotations_path}")
+        image = image_path(image_folder, image_pattern.format(image_id=image_id), check_images, "image_id")
+        return image_id, image, text, by_qid[qid]
+    qs, skipped_q = _each(questions_path, _records(questions_path, "questions"), q_fn, on_error)
+
+    groups = {}  # image_id -> (image, [(question, answer)]), in first-seen order
+    for image_id, image, text, (atype, ans) in qs:
+        yes_no = ans.lower() in ("yes", "no")
+        if yes_no_only and not (yes_no and atype == "yes/no"):
+            continue
+        pairs = groups.setdefault(image_id, (image, []))[1]
+        if max_rounds is None or len(pairs) < max_rounds:
+            pairs.append((text, ans.capitalize() + "." if yes_no else _sentence(ans)))
+    out = []
+    for image_id, (image, pairs) in groups.items():
+        conv = []
+        for k, (q, a) in enumerate(pairs):
+            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+        first = pairs[0][1]
+        out.append({"id": f"vqav2_{image_id}", "image": image, "conversations": conv,
+                    "caption_type": {"Yes.": 7, "No.": 6}.get(first, 1)})
+    return _ret(out, skipped + skipped_q, on_error)
+
+
+def aokvqa_to_conversations(path, image_folder, image_pattern="{image_id:012d}.jpg", cot=True, seed=0,
+                            check_images=True, on_error="raise"):
+    """A-OKVQA [{"question_id", "image_id", "question", "choices", "correct_choice_idx", "direct_answers",
+    "rationales"}] -> single-turn LLaVA records. Human: "<image>\\n{question}\\nA. {c0}\\nB. {c1}..."
+    (cot=False adds LLaVA-1.5's "Answer with the option's letter from the given choices directly.").
+    Answer: cot=True one rationale (seeded pick) + " So the correct option is B." (the phrase LLaVA-RLHF's
+    PPO correctness bonus looks for); cot=False just "B". The rationales are kept as "captions" (Fact-RLHF
+    facts) and "caption_type" is 2-5 for answer A-D."""
+    rng = random.Random(seed)
+
+    def fn(r):
+        qid, image_id = _typed(r, "question_id", (str, int)), _typed(r, "image_id", int)
+        question, choices = _typed(r, "question", str).strip(), _strlist(r, "choices")
+        if not 2 <= len(choices) <= 26:
+            raise _bad("choices", f"expected 2 to 26 choices, got {len(choices)}")
+        idx = _typed(r, "correct_choice_idx", int)
+        if not 0 <= idx < len(choices):
+            raise _bad("correct_choice_idx", f"{idx} is out of range for {len(choices)} choices")
+        rationales = _strlist(r, "rationales", optional=not cot)
+        if cot and not rationales:
+            raise _bad("rationales", "empty; cot=True needs a rationale")
+        image = image_path(image_folder, image_pattern.format(image_id=image_id), check_images, "image_id")
+        letter = chr(ord("A") + idx)
+        human = f"{IMAGE}\n{question}\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+        human += "" if cot else "\n" + MC_DIRECT
+        answer = f"{_sentence(rng.choice(rationales))} So the correct option is {letter}." if cot else letter
+        return {"id": f"aokvqa_{qid}", "image": image, "captions": rationales,
+                "caption_type": 2 + idx if idx < 4 else 1,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+
+    out, skipped = _each(path, _records(path), fn, on_error)
+    return _ret(out, skipped, on_error)
+
+
+def _detok(s):
+    # Flickr30k's token file is tokenised ("a man 's hat ."): join punctuation back
+    return _sentence(re.sub(r"\s+([.,!?;:]|'s\b|n't\b)", r"\1", s.strip()))
+
+
+def _flickr_token_file(path):
+    """results_20130124.token lines "1000092795.jpg#0<TAB>caption" -> [{"filename", "sentences"}]."""
+    groups = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            m = re.match(r"^([^#\t]+)#\d+\t(.+)$", line.rstrip("\n"))
+            if not m or not m.group(2).strip():
+                raise DataError(path, message=f"line {n}: expected 'image.jpg#N<TAB>caption'")
+            groups.setdefault(m.group(1).strip(), []).append({"raw": _detok(m.group(2))})
+    return [{"filename": k, "sentences": v} for k, v in groups.items()]
+
+
+def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_images=True, on_error="raise"):
+    """Flickr30k captions -> description records: human "<image>\\n" + a brief-description prompt
+    (seeded pick from BRIEF_PROMPTS), gpt = one caption (seeded pick); all captions kept as "captions".
+    Accepts the Karpathy split JSON {"images": [{"filename", "sentences": [{"raw"}], "split"}]}
+    (records of other splits are left out; split=None keeps all) and the original token file."""
+    if not os.path.isfile(path):
+        raise DataError(path, message="file not found")
+    with open(path, encoding="utf-8") as f:
+        is_json = f.read(4096).lstrip().startswith("{")
+    items = _records(path, "images") if is_json else _flickr_token_file(path)
+    rng = random.Random(seed)
+
+    def fn(r):
+        if split is not None and r.get("split", split) != split:
+            return None
+        name = _typed(r, "filename", str)
+        sents = _typed(r, "sentences", list)
+        if not sents or not all(isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip() for s in sents):
+            raise _bad("sentences", "expected a non-empty list of {\"raw\": caption}")
+        caps = [_sentence(s["raw"]) for s in sents]
+        image = image_path(image_folder, name, check_images, "filename")
+        prompt, caption = rng.choice(BRIEF_PROMPTS), rng.choice(caps)
+        return {"id": f"flickr30k_{os.path.splitext(os.path.basename(name))[0]}", "image": image, "captions": caps,
+                "conversations": [{"from": "human", "value": f"{IMAGE}\n{prompt}"}, {"from": "gpt", "value": caption}]}
+
+    out, skipped = _each(path, items, fn, on_error)
+    return _ret(out, skipped, on_error)

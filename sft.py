@@ -1,0 +1,268 @@
+"""Supervised fine-tuning of a LLaVA: LLaVA-SFT+ (LLaVA-RLHF, arXiv 2309.14525, Sec. 3) and LRV
+robust instruction tuning with negative instructions (arXiv 2306.14565).
+
+    python sft.py                                   # Shapes world, `shapes` preset, from scratch
+    python sft.py --neg_ratio 0.5                   # LRV: half of the extra instructions are negative
+    python sft.py --blank_images true --out ckpt/sft_blank   # control: can it answer without seeing?
+    torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
+        --image_folder coco/ --lora_r 64 --lr 2e-4 --max_len 2048 --device cuda --dtype bf16
+
+Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
+tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import shapes
+from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize,
+                  read_any_conversations, tokenize_conversation)
+
+
+@dataclass
+class Config:
+    """Supervised fine-tuning (LLaVA-SFT+ / LRV robust instruction tuning)."""
+    out: str = "ckpt/sft"                 # run directory: checkpoint-N/ subdirectories and metrics.jsonl
+    init: str = ""                        # checkpoint to start from (ours, llava-hf, original LLaVA, or a LLaMA dir); empty: fresh --model
+    vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
+    model: str = "shapes"                 # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
+    data: str = "shapes"                  # 'shapes', or FILE[:weight],FILE[:weight] (LLaVA instruct or LRV files)
+    image_folder: str = ""                # folder image paths are relative to (default: each data file's folder)
+    val_data: str = ""                    # validation file (default: the Shapes val split; none for files)
+    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world_seed: int = 0                   # seed of the Shapes world
+    neg_ratio: float = 0.0                # LRV: share of negative instructions in the extra single-turn data (0 = none)
+    blank_images: bool = False            # control run: every image replaced by a blank one
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
+    lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model
+    lora_alpha: int = 16                  # LoRA alpha (scale alpha / r)
+    lora_dropout: float = 0.05            # LoRA dropout
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
+    train_vision: bool = True             # train the CLIP tower (from scratch on Shapes; freeze for real CLIP)
+    train_projector: bool = True          # train the projector
+    train_lm: bool = True                 # train the language model weights (full fine-tune only)
+    batch_size: int = 64                  # sequences per optimizer step (global, over all processes)
+    grad_accum: int = 1                   # micro-batches per step on each process
+    lr: float = 3e-3                      # peak learning rate
+    min_lr_ratio: float = 0.1             # final learning rate / peak
+    warmup: int = 100                     # linear warmup steps
+    weight_decay: float = 0.0             # AdamW weight decay on matrices
+    grad_clip: float = 1.0                # gradient norm clip (0: off)
+    max_steps: int = 2000                 # optimizer steps
+    eval_every: int = 500                 # validation loss every N steps (0: only at the end)
+    eval_batches: int = 4                 # validation batches per evaluation
+    save_every: int = 1000                # checkpoint every N steps (and at the end)
+    log_every: int = 50                   # a log line every N steps
+    seed: int = 0                         # seed for init, data order and dropout
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU; LoRA weights stay fp32)
+    grad_checkpoint: bool = False         # activation checkpointing in the decoder
+    skip_bad: bool = False                # skip bad records with a count (default: stop before training)
+    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    resume: bool = False                  # continue from the newest checkpoint in --out
+    report: bool = True                   # Shapes: held-out accuracy per question type after training
+    report_n: int = 100                   # questions per type in the report
+
+
+def load_records(cfg, tokenizer_dir_out):
+    """Training and validation conversations (LLaVA instruct records) and what was skipped."""
+    on_error = "skip" if cfg.skip_bad else "raise"
+    skipped = []
+    if cfg.data == "shapes":
+        world = shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+        tokenizer_dir_out.append(os.path.join(world, "tokenizer"))
+        train = read_any_conversations(os.path.join(world, "sft.json"), world)
+        if cfg.neg_ratio > 0:  # LRV: single-turn instructions, neg_ratio of them negative
+            train = train + shapes.lrv_mix(world, cfg.neg_ratio, seed=cfg.seed)
+        val = read_any_conversations(os.path.join(world, "sft_val.json"), world)
+        return train, val, skipped
+    train = []
+    for spec in cfg.data.split(","):
+        path, _, weight = spec.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise common.ConfigError(f"--data: weight '{weight}' of {path} is not a number")
+        got = read_any_conversations(path, cfg.image_folder or None, on_error=on_error)
+        recs, bad = got if on_error == "skip" else (got, [])
+        skipped += bad
+        recs, bad = check_images(recs, path, on_error)
+        skipped += bad
+        g = torch.Generator().manual_seed(cfg.seed)  # weight w: round(w * n) records, repeated or subsampled
+        n = round(w * len(recs))
+        idx = torch.cat([torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))])[:n]
+        train += [recs[i] for i in idx.tolist()]
+    val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
+    return train, val, skipped
+
+
+class Tokenized:
+    """Conversations tokenized once up front (so drops are counted before training), images on demand."""
+
+    def __init__(self, records, tokenizer, model_config, cfg, images):
+        self.items, self.dropped = [], 0
+        for r in records:
+            t = tokenize_conversation(tokenizer, r["conversations"], model_config.image_token_id,
+                                      model_config.num_image_tokens, cfg.max_len, cfg.template)
+            if t is None:
+                self.dropped += 1
+                continue
+            self.items.append((t, r.get("image")))
+        self.images, self.blank = images, cfg.blank_images
+        self.n_labels = torch.tensor([int((t["labels"] != IGNORE).sum()) for t, _ in self.items])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        t, image = self.items[i]
+        item = dict(t)
+        if image:
+            unit = self.images.unit(image)
+            item["pixel_values"] = normalize(torch.zeros_like(unit) if self.blank else unit)
+        return item
+
+
+def lm_loss(model, batch, n_global):
+    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
+    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory."""
+    h = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], return_hidden=True)
+    labels = batch["labels"][:, 1:]
+    sel = labels != IGNORE
+    logits = model.logits(h[:, :-1][sel]).float()
+    return F.cross_entropy(logits, labels[sel], reduction="sum") / n_global
+
+
+def main(cfg):
+    d = common.setup_dist(cfg.device)
+    common.seed_everything(cfg.seed)
+    if d.main:
+        common.ensure_writable(cfg.out)
+    tok_dir = []
+    train_records, val_records, skipped = load_records(cfg, tok_dir)
+    if skipped:
+        print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
+    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
+    model, tokenizer = common.load_model_and_tokenizer(
+        resume_path or cfg.init, cfg.model, cfg.vision_tower, tok_dir[0] if tok_dir else "", d.device)
+    if cfg.lora_r > 0 and "sft" not in model.adapters:
+        model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.lora_r > 0:
+        model.set_adapter("sft")
+        model.set_trainable(adapters=["sft"], vision=cfg.train_vision, projector=cfg.train_projector)
+    else:
+        model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=cfg.train_lm)
+    if dtype is not None:
+        model.cast_base(dtype)
+    model.gradient_checkpointing = cfg.grad_checkpoint
+    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    train = Tokenized(train_records, tokenizer, model.config, cfg, images)
+    val = Tokenized(val_records, tokenizer, model.config, cfg, images)
+    if train.dropped and d.main:
+        print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations that do not fit "
+              f"--max_len {cfg.max_len} with at least part of the first answer")
+    if len(train) == 0:
+        raise common.ConfigError("no training data left (all records were dropped or skipped)")
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resumed from {resume_path} at step {start}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if d.main:
+        n_train = sum(p.numel() for p in trainable)
+        print(f"{len(train)} training conversations, {len(val)} validation | model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params, {n_train / 1e6:.2f}M trainable | {d.world} process(es)")
+    log = common.Logger(cfg.out, d.main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.device == "cuda")
+    model.train()
+    t0, tokens = time.time(), 0
+    for step in range(start, cfg.max_steps):
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        common.set_lr(opt, lr)
+        idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
+        n_global = common.all_reduce_sum(train.n_labels[idx].sum().float(), d).clamp(min=1)
+        loss_sum = torch.zeros(())
+        micro = [idx[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
+        for chunk in micro:
+            batch = common.to_device(collate([train[i] for i in chunk], tokenizer.pad_token_id), d.device)
+            with autocast:
+                loss = lm_loss(model, batch, n_global)
+            loss.backward()
+            loss_sum += loss.detach().float().cpu()
+            tokens += int(batch["attention_mask"].sum())
+        common.sync_grads(trainable, d)
+        loss_all = common.all_reduce_sum(loss_sum, d)
+        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, loss_all)
+        if norm is not None:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            dt = time.time() - t0
+            log.log(done, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
+                    tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
+            t0, tokens = time.time(), 0
+        if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
+            log.log(done, val_loss=validation_loss(model, val, cfg, tokenizer, d))
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
+    if cfg.lora_r > 0 and d.main:  # the SFT model later stages start from: adapter merged into the base
+        model.merge_adapter("sft")
+        common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
+    if cfg.data == "shapes" and cfg.report and d.main:
+        report(model, tokenizer, cfg)
+    common.cleanup_dist()
+
+
+@torch.no_grad()
+def validation_loss(model, val, cfg, tokenizer, d):
+    model.eval()
+    n = min(len(val), cfg.eval_batches * cfg.batch_size)
+    idx = list(range(n))[d.rank::d.world]
+    total, count = torch.zeros(()), torch.zeros(())
+    for s in range(0, len(idx), cfg.batch_size):
+        chunk = idx[s:s + cfg.batch_size]
+        batch = common.to_device(collate([val[i] for i in chunk], tokenizer.pad_token_id), d.device)
+        total += lm_loss(model, batch, 1.0).float().cpu()
+        count += val.n_labels[chunk].sum()
+    model.train()
+    return float(common.all_reduce_sum(total, d) / common.all_reduce_sum(count, d).clamp(min=1))
+
+
+def report(model, tokenizer, cfg):
+    """Held-out accuracy per question type on the Shapes test split (greedy answers, exact scoring)."""
+    world = cfg.world
+    images = ImageCache(model.config.image_size)
+    rows = {}
+    for qtype in shapes.QUESTION_TYPES:
+        path = os.path.join(world, f"test_{qtype}.json")
+        recs = read_any_conversations(path, world)[:cfg.report_n]
+        keys = [r["answer_key"] for r in load_json(path)[:cfg.report_n]]
+        items = []
+        for r in recs:
+            unit = images.unit(r["image"])
+            items.append(common.prompt_item(tokenizer, model, r["conversations"][:1],
+                                            torch.zeros_like(unit) if cfg.blank_images else unit, cfg.template))
+        answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48, desc=f"report {qtype}")
+        acc = sum(shapes.score_answer(qtype, a, k) for a, k in zip(answers, keys)) / max(len(keys), 1)
+        rows[qtype] = round(acc, 3)
+    line = " | ".join(f"{k} {v:.2f}" for k, v in rows.items())
+    print(f"held-out accuracy ({'blank images' if cfg.blank_images else 'real images'}): {line}")
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    with common.user_errors(DataError):
+        main(cfg)

@@ -1,0 +1,1029 @@
+"""The Shapes world: a tiny synthetic stand-in for COCO + LLaVA data, with exact ground truth.
+
+Images are 48x48 RGB with a 3x3 grid of 16 px cells (aligned with the vision model's patches),
+1-4 objects (shape x color x size), at most one per cell. In the train split some "trigger" shapes
+nearly always come with a "partner" (triangle -> circle, cross -> square), the way a table comes
+with chairs in COCO; held-out splits break that bias, so a model that learned it hallucinates the
+partner, and POPE / CHAIR / the oracle can count it.
+
+Language: the spelling is "color" everywhere (as in COCO / VQA / LLaVA data). Positions are the 9
+named cells: top left, top, top right, left, center, right, bottom left, bottom, bottom right.
+
+    python shapes.py --out data/shapes --seed 0      # writes a world (same seed -> same bytes)
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data import DataError
+from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination, join_and,
+                            list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
+                            position_of, there_are, unique_ref)
+
+FORMAT_VERSION = 1
+SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
+COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
+          "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
+SIZES = {"small": 9, "large": 14}  # px side of the shape's box inside a 16 px cell
+BACKGROUND = (28, 28, 28)
+SYNONYMS = {"circle": ["circle", "disc", "disk", "dot"], "square": ["square", "box", "block"],
+            "triangle": ["triangle"], "cross": ["cross", "plus"], "diamond": ["diamond", "rhombus"],
+            "ring": ["ring", "donut", "doughnut", "hoop"]}  # surface words per category (CHAIR uses it)
+DEFAULTS = dict(
+    image_size=48, grid=3, max_objects=4,          # world geometry
+    n_train=6000, n_val=300, n_test=400, n_unlabeled=300,
+    pairs="triangle:circle,cross:square",          # trigger:partner co-occurrence pairs
+    cooc=0.95,                                     # P(partner added | trigger) in train/val
+    partner_weight=1.5,                            # partners are drawn more often (POPE "popular")
+    heldout_alone=0.5,                             # P(held-out image shows a trigger without partner)
+    neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
+SYSTEM_PROMPTS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4
+QUESTION_TYPES = ["describe", "yesno", "count", "color", "relation", "mc"]
+VIGC_TYPE = {"describe": "detailed description", "mc": "complex reasoning", "yesno": "conversation",
+             "count": "conversation", "color": "conversation", "relation": "conversation"}
+VIGC_INSTRUCTIONS = {
+    "conversation": ["Ask a short question about the image and answer it.", "Generate a question and answer about the objects in the image."],
+    "detailed description": ["Ask for a detailed description of the image and give it.", "Generate an instruction to describe the image and answer it."],
+    "complex reasoning": ["Ask a multiple choice question about the image and answer it with a reason.", "Generate a question that needs reasoning about the image and answer it."]}
+
+
+def cap(s):
+    return s[:1].upper() + s[1:]
+
+
+def _pick(rng, items):
+    items = list(items)
+    return items[int(rng.integers(len(items)))]
+
+
+def parse_pairs(pairs):
+    return [tuple(p.split(":")) for p in pairs.split(",") if p]
+
+# -----------------------------------------------------------------------------
+# Sampling and drawing
+
+
+def sample_objects(rng, p, split):
+    pairs = parse_pairs(p["pairs"])
+    partners = {b for _, b in pairs}
+    w = np.array([p["partner_weight"] if s in partners else 1.0 for s in SHAPES])
+    names = [str(x) for x in rng.choice(SHAPES, size=int(rng.integers(1, p["max_objects"] + 1)), p=w / w.sum())]
+    if split in ("train", "val"):  # the bias: a trigger brings its partner
+        keep = {s for pair in pairs for s in pair}
+        for trig, part in pairs:
+            if trig in names and part not in names and rng.random() < p["cooc"]:
+                free = [i for i, x in enumerate(names) if x not in keep]
+                if len(names) < p["max_objects"]:
+                    names.append(part)
+                elif free:
+                    names[_pick(rng, free)] = part
+    elif rng.random() < p["heldout_alone"]:  # held out: a trigger without its partner
+        trig, part = pairs[int(rng.integers(len(pairs)))]
+        if trig not in names:
+            names[int(rng.integers(len(names)))] = trig
+        names = [x if x != part else _pick(rng, [s for s in SHAPES if s != part]) for x in names]
+    g = p["grid"]
+    cells = sorted(int(c) for c in rng.choice(g * g, size=len(names), replace=False))
+    order = rng.permutation(len(names))  # names to random cells
+    objs = []
+    for cell, i in zip(cells, order):
+        o = {"name": names[i], "color": _pick(rng, COLORS), "size": _pick(rng, SIZES), "row": cell // g, "col": cell % g}
+        o["position"] = POSITIONS[3 * (o["row"] * 3 // g) + o["col"] * 3 // g]
+        objs.append(o)
+    return objs
+
+
+def draw_shape(draw, name, x0, y0, s, fill):
+    x1, y1, cx, cy = x0 + s - 1, y0 + s - 1, x0 + (s - 1) / 2, y0 + (s - 1) / 2
+    if name == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=fill)
+    elif name == "square":
+        i = s // 8  # a little smaller than its box so it is not bigger than the rest
+        draw.rectangle([x0 + i, y0 + i, x1 - i, y1 - i], fill=fill)
+    elif name == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif name == "cross":
+        t = s // 3 + (s - s // 3) % 2  # bar width with the parity of s, so the cross is symmetric
+        m = (s - t) // 2
+        draw.rectangle([x0 + m, y0, x0 + m + t - 1, y1], fill=fill)
+        draw.rectangle([x0, y0 + m, x1, y0 + m + t - 1], fill=fill)
+    elif name == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif name == "ring":
+        draw.ellipse([x0, y0, x1, y1], outline=fill, width=max(2, s // 4))
+    else:
+        raise ValueError(f"unknown shape {name}")
+
+
+def render(objs, p):
+    """The image and, per object, its COCO bbox [x, y, w, h] and pixel area."""
+    n, cell = p["image_size"], p["image_size"] // p["grid"]
+    img = Image.new("RGB", (n, n), BACKGROUND)
+    draw, boxes = ImageDraw.Draw(img), []
+    for o in objs:
+        s = SIZES[o["size"]]
+        x0, y0 = o["col"] * cell + (cell - s) // 2, o["row"] * cell + (cell - s) // 2
+        draw_shape(draw, o["name"], x0, y0, s, COLORS[o["color"]])
+        mask = Image.new("L", (n, n), 0)
+        draw_shape(ImageDraw.Draw(mask), o["name"], x0, y0, s, 255)
+        boxes.append(([x0, y0, s, s], int((np.asarray(mask) > 0).sum())))
+    return img, boxes
+
+# -----------------------------------------------------------------------------
+# The language: captions, description, questions. Each question maker returns
+# (question, answer, answer_key) or None when the image does not allow it.
+
+
+def describe(objs):
+    n = len(objs)
+    head = f"There {'is' if n == 1 else 'are'} {number_word(n)} object{'' if n == 1 else 's'}."
+    return " ".join([head] + [f"{cap(a(noun_phrase(o)))} is {pos_phrase(o['position'])}." for o in objs])
+
+
+def relation(x, y):
+    """'above and to the left of' from grid cells (rows for above/below, columns for left/right)."""
+    rels = [r for r, ok in [("above", x["row"] < y["row"]), ("below", x["row"] > y["row"]),
+                            ("to the left of", x["col"] < y["col"]), ("to the right of", x["col"] > y["col"])] if ok]
+    return " and ".join(rels)
+
+
+def captions(objs, rng):
+    o, n = _pick(rng, objs), len(objs)
+    counts = Counter(x["name"] for x in objs)
+    t = [f"{cap(list_objects(objs))}.",
+         f"{cap(join_and(count_phrase(c, k) for k, c in counts.items()))}.",
+         f"An image with {count_phrase(n, 'shape')}, including {a(noun_phrase(o, size=False))}.",
+         f"{cap(a(noun_phrase(o)))} {pos_phrase(o['position'])}.",
+         f"{cap(number_word(n))} colorful shape{'' if n == 1 else 's'} on a dark background.",
+         f"A dark picture with {join_and(a(noun_phrase(x, size=False)) for x in objs)}."]
+    if n > 1:
+        x, y = [objs[i] for i in rng.choice(n, 2, replace=False)]
+        t.append(f"{cap(a(noun_phrase(x, size=False)))} is {relation(x, y)} {a(noun_phrase(y, size=False))}.")
+    else:
+        t.append(f"A single {noun_phrase(o)} {pos_phrase(o['position'])}.")
+    return [t[i] for i in rng.choice(len(t), 5, replace=False)]
+
+
+def q_describe(objs, rng):
+    q = _pick(rng, ["Describe the image in detail.", "What do you see in this image?",
+                    "List every object in the image.", "Give a detailed description of the image."])
+    return q, describe(objs), describe(objs)
+
+
+def q_yesno(objs, rng, label):
+    names = {o["name"] for o in objs}
+    if rng.random() < 0.3:  # shape + color: binds the attribute to the object
+        if label == "yes":
+            o = _pick(rng, objs)
+            x = f"{o['color']} {o['name']}"
+        else:
+            x = _pick(rng, [f"{c} {s}" for c in COLORS for s in SHAPES
+                            if not any(o["name"] == s and o["color"] == c for o in objs)])
+    else:
+        x = _pick(rng, sorted(names) if label == "yes" else [s for s in SHAPES if s not in names])
+    q = _pick(rng, ["Is there {} in the image?", "Is there {}?", "Does the image contain {}?",
+                    "Can you see {} in the picture?"]).format(a(x))
+    return q, f"Yes, there is {a(x)}." if label == "yes" else f"No, there is no {x}.", label
+
+
+def q_count(objs, rng):
+    r = rng.random()
+    if r < 0.2:
+        return "How many objects are there in the image?", cap(there_are(len(objs), "object")) + ".", len(objs)
+    names = [o["name"] for o in objs]
+    x = _pick(rng, [s for s in SHAPES if s not in names] if r < 0.4 else sorted(set(names)))
+    q = _pick(rng, ["How many {} are there?", "How many {} are in the image?", "Count the {} in the image."])
+    return q.format(plural(x)), cap(there_are(names.count(x), x)) + ".", names.count(x)
+
+
+def q_color(objs, rng):
+    refs = [(o, unique_ref(o, objs, use=("size",))) for o in objs]
+    refs = [(o, r) for o, r in refs if r]
+    if not refs:
+        return None
+    o, r = _pick(rng, refs)
+    q = _pick(rng, ["What color is the {}?", "What is the color of the {}?", "Which color does the {} have?"])
+    return q.format(r), f"The {r} is {o['color']}.", o["color"]
+
+
+def q_relation(objs, rng, label=None):
+    """label 'yes'/'no': a yes/no relation question; None: an open 'where' question."""
+    refs = [(o, unique_ref(o, objs)) for o in objs]
+    pairs = [(x, rx, y, ry) for x, rx in refs for y, ry in refs if x is not y and rx and ry]
+    if not pairs:
+        return None
+    x, rx, y, ry = _pick(rng, pairs)
+    full = relation(x, y)
+    if label is None:
+        if rng.random() < 0.3:
+            return f"Where is the {rx} in the image?", f"The {rx} is {pos_phrase(x['position'])}.", x["position"]
+        q = _pick(rng, ["Where is the {} relative to the {}?", "What is the position of the {} compared to the {}?"])
+        return q.format(rx, ry), f"The {rx} is {full} the {ry}.", full
+    rels = ["to the left of", "to the right of", "above", "below"]
+    r = _pick(rng, [r for r in rels if (r in full) == (label == "yes")])
+    ans = f"Yes, the {rx} is {r} the {ry}." if label == "yes" else f"No, the {rx} is {full} the {ry}."
+    return f"Is the {rx} {r} the {ry}?", ans, label
+
+
+def q_mc(objs, rng):
+    """A-OKVQA-style multiple choice: options A-D, a rationale, then 'So the correct option is X.'"""
+    kinds = []
+    by_color = {}
+    for o in objs:
+        by_color.setdefault(o["color"], []).append(o)
+    one_shape = [c for c, os_ in by_color.items() if len({o["name"] for o in os_}) == 1]
+    if one_shape:
+        c = _pick(rng, one_shape)
+        os_ = by_color[c]
+        why = (f"The {noun_phrase(os_[0], color=False)} {pos_phrase(os_[0]['position'])} is {c}." if len(os_) == 1
+               else f"All {c} objects are {plural(os_[0]['name'])}.")
+        kinds.append((f"Which shape is {c}?", os_[0]["name"], [s for s in SHAPES if s != os_[0]["name"]], why))
+    o = _pick(rng, objs)
+    r = unique_ref(o, objs, use=("size",))
+    if r:
+        kinds.append((f"What color is the {r}?", o["color"], [c for c in COLORS if c != o["color"]],
+                      f"The {r} {pos_phrase(o['position'])} is {o['color']}."))
+    n = len(objs)
+    kinds.append(("How many objects are there in the image?", number_word(n),
+                  [number_word(k) for k in range(1, max(5, n + 2)) if k != n],
+                  f"{cap(there_are(n, 'object'))}: {join_and(a(x['name']) for x in objs)}."))
+    kinds.append((f"Which shape is {pos_phrase(o['position'])}?", o["name"], [s for s in SHAPES if s != o["name"]],
+                  f"The object {pos_phrase(o['position'])} is {a(noun_phrase(o))}."))
+    q, right, wrong, why = _pick(rng, kinds)
+    options = [right] + [wrong[i] for i in rng.choice(len(wrong), 3, replace=False)]
+    options = [options[i] for i in rng.permutation(4)]
+    letter = "ABCD"[options.index(right)]
+    q = f"{q} Options: " + " ".join(f"{L}: {x}" for L, x in zip("ABCD", options))
+    return q, f"{why} So the correct option is {letter}.", letter
+
+
+def make_question(qtype, objs, rng, label=None):
+    if qtype == "describe":
+        return q_describe(objs, rng)
+    if qtype == "yesno":
+        return q_yesno(objs, rng, label or _pick(rng, ["yes", "no"]))
+    if qtype == "relation":
+        return q_relation(objs, rng, label)
+    return {"count": q_count, "color": q_color, "mc": q_mc}[qtype](objs, rng)
+
+
+class Balancer:
+    """Keeps yes/no labels at 50/50 per key (a model that learns the prior must not win)."""
+
+    def __init__(self):
+        self.n = Counter()
+
+    def __call__(self, key, rng):
+        y, n = self.n[(key, "yes")], self.n[(key, "no")]
+        label = "yes" if y < n else "no" if n < y else _pick(rng, ["yes", "no"])
+        self.n[(key, label)] += 1
+        return label
+
+# -----------------------------------------------------------------------------
+# The oracle: reads free text and checks every claim against the objects.
+
+WORD2SHAPE = {w: k for k, ws in SYNONYMS.items() for w0 in ws for w in (w0, plural(w0))}
+GENERIC = {w: "object" for w0 in ["object", "shape", "item", "thing", "figure"] for w in (w0, plural(w0))}
+SIZE_WORDS = {"large": "large", "big": "large", "small": "small", "little": "small", "tiny": "small"}
+NUMS = {**{w: i for i, w in enumerate(NUMBER_WORDS) if i}, **{str(i): i for i in range(100)}, "single": 1}
+DETS = {"a", "an", "the", "any", "some", "this", "that", "these", "those", "no", "colorful", "colored",
+        "coloured", "other", "another", "more", "only", "exactly", "just"}
+NEGATORS = {"not", "no", "never", "without", "nor", "isn't", "aren't", "wasn't", "weren't", "don't",
+            "doesn't", "didn't", "can't", "cannot", "couldn't", "won't"}
+NEG_SKIP = {"is", "are", "was", "were", "be", "there", "see", "find", "spot", "notice", "observe", "seem",
+            "seems", "to", "appear", "appears", "i", "we", "you", "can", "could", "do", "does", "really"}
+COPULA = {"is", "are", "was", "were", "be", "located", "placed", "positioned", "situated", "sits", "lies",
+          "appears", "seems", "looks", "also", "both", "all", "each", "colored", "drawn", "shown"}
+RELATIONS = [(["to", "the", "left", "of"], "left"), (["to", "the", "right", "of"], "right"),
+             (["on", "the", "left", "of"], "left"), (["on", "the", "right", "of"], "right"),
+             (["left", "of"], "left"), (["right", "of"], "right"), (["above"], "above"), (["over"], "above"),
+             (["below"], "below"), (["under"], "below"), (["beneath"], "below"), (["underneath"], "below")]
+ROW_WORDS, COL_WORDS = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}, {"left": 0, "right": 2}
+MID_WORDS = {"middle", "center", "centre", "central"}
+REL_TEST = {"left": lambda x, y: x["col"] < y["col"], "right": lambda x, y: x["col"] > y["col"],
+            "above": lambda x, y: x["row"] < y["row"], "below": lambda x, y: x["row"] > y["row"]}
+
+
+def _match_relation(toks, j):
+    rels, k = [], j
+    while True:
+        hit = next(((pat, r) for pat, r in RELATIONS if toks[k:k + len(pat)] == pat), None)
+        if hit is None:
+            break
+        rels.append(hit[1])
+        k += len(hit[0])
+        if not (k < len(toks) - 1 and toks[k] == "and" and any(toks[k + 1:k + 1 + len(p)] == p for p, _ in RELATIONS)):
+            break
+        k += 1
+    return (rels, k) if rels else None
+
+
+def _match_position(toks, j):
+    if toks[j] not in ("at", "in", "on"):
+        return None
+    k = j + 2 if toks[j + 1:j + 2] == ["the"] else j + 1
+    row = col = None
+    start = k
+    while k < len(toks) and (toks[k] in ROW_WORDS or toks[k] in COL_WORDS or toks[k] in MID_WORDS):
+        row = ROW_WORDS.get(toks[k], row)
+        col = COL_WORDS.get(toks[k], col)
+        k += 1
+    if k == start:
+        return None
+    while k < len(toks) and toks[k] in ("corner", "side", "part", "edge", "area", "cell"):
+        k += 1
+    if toks[k:k + 2] == ["of", "the"] and toks[k + 2:k + 3] in (["image"], ["picture"], ["grid"]):
+        k += 3
+    return POSITIONS[3 * (1 if row is None else row) + (1 if col is None else col)], k
+
+
+def _parse_clause(toks, mentions, relations):
+    nps = []
+    for k, t in enumerate(toks):
+        if t in WORD2SHAPE or t in GENERIC:
+            s = k
+            while s > 0 and (toks[s - 1] in DETS or toks[s - 1] in COLORS or toks[s - 1] in SIZE_WORDS or toks[s - 1] in NUMS):
+                s -= 1
+            nps.append((s, k))
+    idx = []
+    for s, k in nps:
+        mods = toks[s:k]
+        m = {"name": WORD2SHAPE.get(toks[k]), "colors": [w for w in mods if w in COLORS],
+             "sizes": [SIZE_WORDS[w] for w in mods if w in SIZE_WORDS], "count": None, "position": None,
+             "not_colors": [], "not_sizes": [], "not_positions": [], "all": [],
+             "negated": "no" in mods, "other": any(w in ("other", "another", "more") for w in mods),
+             "plural": toks[k] != WORD2SHAPE.get(toks[k], GENERIC.get(toks[k])) or s > 0 and toks[s - 1] == "all"}
+        m["count"] = next((NUMS[w] for w in mods if w in NUMS), None)
+        j, back = s - 1, 0  # "there is not a circle", "I can't see any circle"
+        while j >= 0 and back < 4 and toks[j] not in NEGATORS and toks[j] in NEG_SKIP:
+            j, back = j - 1, back + 1
+        m["negated"] |= j >= 0 and toks[j] in NEGATORS and back < 4
+        mentions.append(m)
+        idx.append(len(mentions) - 1)
+    for n, (s, k) in enumerate(nps):
+        m, j, cop, neg = mentions[idx[n]], k + 1, False, False
+        while j < len(toks):
+            t = toks[j]
+            if t in NEGATORS:
+                neg, cop, j = True, cop or t.endswith("n't"), j + 1
+                continue
+            later = [i for i, (s2, _) in enumerate(nps) if s2 == j]
+            if later and cop and m["name"] is None:  # 'the object at the top is a red circle'
+                relations.append({"a": idx[n], "rels": ["is"], "b": idx[later[0]], "negated": neg})
+                break
+            rel = _match_relation(toks, j)
+            if rel:
+                later = [i for i, (s2, _) in enumerate(nps) if s2 >= rel[1]]
+                if later:
+                    relations.append({"a": idx[n], "rels": rel[0], "b": idx[later[0]], "negated": neg})
+                break
+            pos = _match_position(toks, j) if j + 1 < len(toks) else None
+            if pos:
+                if neg:
+                    m["not_positions"].append(pos[0])
+                else:
+                    m["position"] = pos[0]
+                j = pos[1]
+                continue
+            if t in ("in", "on") and toks[j + 1:j + 3] in (["the", "image"], ["the", "picture"]):
+                j += 3
+            elif t in COPULA:
+                cop, j = True, j + 1
+            elif cop and (t in COLORS or t in SIZE_WORDS):
+                key, v = ("color", t) if t in COLORS else ("size", SIZE_WORDS[t])
+                if m["plural"] and not neg:  # 'all circles are red': every circle
+                    m["all"].append((key, v))
+                else:
+                    m[("not_" if neg else "") + key + "s"].append(v)
+                j += 1
+            elif cop and t in ("present", "visible", "there", "here", "seen") or t in ("absent", "missing"):
+                m["negated"] |= neg or t in ("absent", "missing")
+                j += 1
+            elif cop and t == "and":
+                j += 1
+            else:
+                break
+
+
+def _candidates(m, objects):
+    """Objects that fit the mention (name, colors, sizes, position); the first failing attribute."""
+    c = [o for o in objects if m["name"] is None or o["name"] == m["name"]]
+    if m["name"] is not None and not c:
+        return [], "object"
+    for key, vals in (("color", m["colors"]), ("size", m["sizes"])):
+        for v in vals:
+            c = [o for o in c if o.get(key) == v]
+            if not c:
+                return [], key
+    if m["position"]:
+        c = [o for o in c if position_of(o) == m["position"]]
+        if not c:
+            return [], "position"
+    return c, None
+
+
+def _label(m):
+    return " ".join(m["sizes"] + m["colors"] + [m["name"] or "object"])
+
+
+def oracle(text, objects):
+    """Read a free-text answer and check every claim it makes against `objects`.
+
+    Claims are read sentence by sentence (questions, i.e. sentences ending in '?', are skipped),
+    clause by clause (split at , ; : and but/while/however...). Per clause, every shape noun
+    (SYNONYMS, singular or plural) or generic noun (object, shape, ...) starts a mention; the words
+    before it give color, size, a count (number words / digits / 'single'; 'a'/'the' are no count)
+    and negation ('no circle', 'there is not a circle', "I can't see any circle"); the words after
+    it give predicates: 'is red', 'is not red', 'is large', 'at/in/on the <position>',
+    'is (not) present', relations 'is (above|below|to the left of|to the right of)( and ...) <noun>'.
+
+    Returns a dict:
+      mentions: every shape mention with its attributes and 'error' (None, 'object', 'color', 'size',
+        'position', 'count', 'false_negative');
+      hallucinated_objects: shape names mentioned positively but absent (unique, in order);
+      hallucinated_attributes: claims about present shapes (or generic objects) with a wrong color,
+        size, position or count, e.g. 'circle color=blue', 'object count=3' (unique strings);
+      hallucinated_relations: false relation claims between present objects, e.g. 'circle left square';
+      false_negatives: claimed absences of present things ('No, there is no circle' with a circle);
+      num_mentions: distinct shape categories mentioned positively (CHAIR's object words);
+      num_hallucinated_objects = len(hallucinated_objects);
+      num_hallucinations = objects + attributes + relations + false negatives.
+    A relation is only checked when both ends are present and fit their attributes (no double count).
+    'The circle is red' with two circles is true if some circle is red; 'is not red' is wrong only
+    if every such circle is red. Junk text gives empty lists, never an exception."""
+    mentions, relations = [], []
+    for sent in re.findall(r"[^.!?\n]+[.!?]*", str(text or "")):
+        if sent.rstrip().endswith("?"):
+            continue
+        for clause in re.split(r"[,;:]|\b(?:but|while|whereas|however|although|though|instead|except)\b", sent.lower()):
+            _parse_clause(re.findall(r"[a-z]+(?:'[a-z]+)?|\d+", clause), mentions, relations)
+    halluc_obj, attrs, fnegs = [], [], []
+    for m in mentions:
+        m["error"] = None
+        if m["other"] and m["name"] is None:
+            continue  # 'no other objects' cannot be checked
+        c, err = _candidates(m, objects)
+        if m["negated"]:
+            if c and not (m["name"] is None and not (m["colors"] or m["sizes"] or m["position"])):
+                m["error"] = "false_negative"
+                fnegs.append(_label(m))
+            continue
+        if err == "object":
+            m["error"] = "object"
+            halluc_obj.append(m["name"])
+        elif err:
+            m["error"] = err
+            val = {"color": m["colors"], "size": m["sizes"], "position": [m["position"]]}[err]
+            attrs.append(f"{_label(m) if err == 'position' else m['name'] or 'object'} {err}={' '.join(val)}")
+        else:
+            for key, vals in (("color", m["not_colors"]), ("size", m["not_sizes"])):
+                for v in vals:
+                    if c and all(o.get(key) == v for o in c):
+                        m["error"] = key
+                        attrs.append(f"{_label(m)} {key}!={v}")
+            if any(c and all(position_of(o) == v for o in c) for v in m["not_positions"]):
+                m["error"] = "position"
+                attrs.append(f"{_label(m)} position!={m['not_positions'][0]}")
+            for key, v in m["all"]:
+                if any(o.get(key) != v for o in c):
+                    m["error"] = key
+                    attrs.append(f"{_label(m)} all {key}={v}")
+            if m["count"] is not None and len(c) != m["count"]:
+                m["error"] = "count"
+                attrs.append(f"{_label(m)} count={m['count']}")
+    bad_rel = []
+    for r in relations:
+        ma, mb = mentions[r["a"]], mentions[r["b"]]
+        A, B = _candidates(ma, objects)[0], _candidates(mb, objects)[0]
+        if r["rels"] != ["is"]:
+            A, B = [o for o in A if o.get("row") is not None], [o for o in B if o.get("row") is not None]
+        if ma["negated"] or mb["negated"] or ma["error"] or mb["error"] or not A or not B:
+            continue
+        if r["rels"] == ["is"]:  # identity: every (plural) or some (singular) such object is a B
+            fits = [x in B for x in A]
+            if not r["negated"] and not (all(fits) if ma["plural"] else any(fits)):
+                bad_rel.append(f"{_label(ma)} is {_label(mb)}")
+            continue
+        pairs = [(x, y) for x in A for y in B if x is not y]
+        holds = [all(REL_TEST[k](x, y) for k in r["rels"]) for x, y in pairs]
+        if pairs and (all(holds) if r["negated"] else not any(holds)):
+            bad_rel.append(f"{_label(ma)} {'not ' if r['negated'] else ''}{'+'.join(r['rels'])} {_label(mb)}")
+    uniq = lambda xs: list(dict.fromkeys(xs))
+    out = {"mentions": [{k: m[k] for k in ("name", "colors", "sizes", "count", "position", "negated", "error")}
+                        for m in mentions if m["name"]],
+           "hallucinated_objects": uniq(halluc_obj), "hallucinated_attributes": uniq(attrs),
+           "hallucinated_relations": uniq(bad_rel), "false_negatives": uniq(fnegs)}
+    out["num_mentions"] = len(uniq(m["name"] for m in mentions if m["name"] and not m["negated"]))
+    out["num_hallucinated_objects"] = len(out["hallucinated_objects"])
+    out["num_hallucinations"] = sum(len(out[k]) for k in ("hallucinated_objects", "hallucinated_attributes",
+                                                          "hallucinated_relations", "false_negatives"))
+    return out
+
+
+def chair_counts(text, objects):
+    """CHAIR for one caption: (number of distinct object categories mentioned, how many of them are
+    not in the image). CHAIR_i = sum of the second / sum of the first; CHAIR_s = share of captions
+    whose second number is > 0. Negated mentions ('no circle') are not object words."""
+    r = oracle(text, objects)
+    return r["num_mentions"], r["num_hallucinated_objects"]
+
+
+def _yes_no(text):
+    m = re.search(r"\b(yes|no)\b", str(text or "").lower())
+    return m.group(1) if m else None
+
+
+def score_answer(qtype, text, answer_key):
+    """Exact-match accuracy of a model answer for the test_<qtype>.json files."""
+    text = str(text or "")
+    low = text.lower()
+    if qtype in ("yesno", "relation"):
+        return _yes_no(text) == str(answer_key).lower()
+    if qtype == "count":
+        rest = re.sub(r"^\W*(yes|no)\b\W*", "", low)
+        m = re.search(r"\b(no|zero|" + "|".join(NUMBER_WORDS[1:]) + r"|\d+)\b", rest)
+        n = None if not m else 0 if m.group(1) in ("no", "zero") else NUMS.get(m.group(1)) or int(m.group(1))
+        return n == int(answer_key)
+    if qtype == "color":
+        m = re.search(r"\b(?:is|are)\s+(" + "|".join(COLORS) + r")\b", low) or re.search(r"\b(" + "|".join(COLORS) + r")\b", low)
+        return bool(m) and m.group(1) == answer_key
+    if qtype == "mc":
+        m = re.search(r"correct option is\s*\(?([A-D])\b", text) or re.match(r"\W*\(?([A-D])(?:[.:)]|\s|$)", text)
+        return bool(m) and m.group(1) == answer_key
+    if qtype == "describe":  # the same set of described objects (size, color, shape, position)
+        key = lambda t: sorted((m["name"], tuple(m["sizes"]), tuple(m["colors"]), m["position"] or "")
+                               for m in oracle(t, [])["mentions"] if not m["negated"])
+        return key(text) == key(answer_key)
+    raise ValueError(f"unknown question type {qtype}")
+
+# -----------------------------------------------------------------------------
+# Task files
+
+
+def _conv(q, ans):
+    return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]
+
+
+def sft_records(split_imgs, rng, prefix):
+    out, bal = [], Balancer()
+    for img in split_imgs:
+        objs, seen = img["objects"], set()
+        q, ans, _ = q_describe(objs, rng)
+        conv, qtypes = _conv(q, ans), ["describe"]
+        want = int(rng.integers(3, 6))
+        for _ in range(4 * want):
+            if len(qtypes) > want:
+                break
+            qt = str(rng.choice(["yesno", "count", "color", "relation", "mc"], p=[0.3, 0.2, 0.2, 0.15, 0.15]))
+            label = bal(qt, rng) if qt == "yesno" else (bal(qt, rng) if qt == "relation" and rng.random() < 0.6 else None)
+            r = make_question(qt, objs, rng, label)
+            if r is None or r[0] in seen:
+                if label:
+                    bal.n[(qt, label)] -= 1  # not asked: keep the count exact
+                continue
+            seen.add(r[0])
+            conv += [{"from": "human", "value": r[0]}, {"from": "gpt", "value": r[1]}]
+            qtypes.append(qt)
+        out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"], "conversations": conv, "qtypes": qtypes})
+    return out
+
+
+def heldout_records(imgs, rng):
+    files, bal = {qt: [] for qt in QUESTION_TYPES}, Balancer()
+    for img in imgs:
+        for qt in QUESTION_TYPES:
+            feasible = qt != "relation" or len(img["objects"]) > 1
+            label = bal(qt, rng) if qt in ("yesno", "relation") and feasible else None
+            r = make_question(qt, img["objects"], rng, label) if feasible else None
+            if r is None and label:
+                bal.n[(qt, label)] -= 1  # not asked: keep the count exact
+            if r is not None:
+                files[qt].append({"id": f"test_{qt}_{img['index']:06d}", "image": img["file_name"],
+                                  "conversations": _conv(r[0], r[1]), "answer_key": r[2]})
+    return files
+
+
+def cooc_stats(imgs):
+    """Image-level shape frequency and pair co-occurrence counts (as POPE computes them)."""
+    freq, co = Counter(), Counter()
+    for img in imgs:
+        names = sorted({o["name"] for o in img["objects"]})
+        freq.update(names)
+        co.update((x, y) for x in names for y in names if x != y)
+    return freq, co
+
+
+def pope_records(imgs, train_imgs, rng, strategy, sample_num=3):
+    """POPE (Li et al. 2023, utils.pope): per image, up to sample_num ground-truth objects give 'yes'
+    questions, each followed by a 'no' question on an absent object: uniform (random), most frequent
+    in train first (popular), or most co-occurring with that ground-truth object in train first
+    (adversarial); popular/adversarial fall back to random when nothing is left."""
+    freq, co = cooc_stats(train_imgs)
+    out = []
+    for img in imgs:
+        present = [str(x) for x in rng.permutation(sorted({o["name"] for o in img["objects"]}))]
+        history = []
+        for pos in present[:min(sample_num, len(SHAPES) - len(present))]:
+            absent = [s for s in SHAPES if s not in present and s not in history]
+            if strategy == "popular":
+                neg = sorted(absent, key=lambda s: (-freq[s], SHAPES.index(s)))[0]
+            elif strategy == "adversarial":
+                neg = sorted(absent, key=lambda s: (-co[(pos, s)], SHAPES.index(s)))[0]
+            else:
+                neg = _pick(rng, absent)
+            history += [pos, neg]
+            for obj, label in ((pos, "yes"), (neg, "no")):
+                out.append({"question_id": len(out) + 1, "image": img["file_name"],
+                            "text": f"Is there {a(obj)} in the image?", "label": label})
+    return out
+
+
+def mmhal_records(imgs, rng, pairs):
+    """MMHal-Bench layout; question_type cycles in MMHal's order so that record i has type i % 8."""
+    types = ["attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other"]
+    out = []
+    for i, img in enumerate(imgs):
+        objs, t = img["objects"], types[i % 8]
+        names = [o["name"] for o in objs]
+        if t == "attribute":
+            r = q_color(objs, rng) or q_count(objs, rng)
+        elif t == "adversarial":  # an absent partner of a present trigger if possible
+            absent = [p for tr, p in pairs if tr in names and p not in names] or [s for s in SHAPES if s not in names]
+            x = absent[0]
+            r = (_pick(rng, [f"What color is the {x}?", f"Where is the {x} in the image?"]), f"There is no {x} in the image.", None)
+        elif t == "comparison":
+            x, y = [str(s) for s in rng.choice(SHAPES, 2, replace=False)]
+            nx, ny = names.count(x), names.count(y)
+            yes = "Yes" if nx > ny else "No"
+            r = (f"Are there more {plural(x)} than {plural(y)}?", f"{yes}, {there_are(nx, x)} and {there_are(ny, y)}.", None)
+        elif t == "counting":
+            r = q_count(objs, rng)
+        elif t == "relation":
+            r = q_relation(objs, rng) or q_count(objs, rng)
+        elif t == "environment":
+            o = _pick(rng, objs)
+            r = (f"Where in the image is the {noun_phrase(o)}?", f"The {noun_phrase(o)} is {pos_phrase(o['position'])}.", None)
+        elif t == "holistic":
+            r = q_describe(objs, rng)
+        else:
+            r = ("What shapes are in the image?", f"The image shows {join_and(a(n) for n in dict.fromkeys(names))}.", None)
+        out.append({"question_type": t, "question_topic": "Shapes", "image_id": img["id"], "image_src": img["file_name"],
+                    "image_content": [f"{noun_phrase(o)} {pos_phrase(o['position'])}" for o in objs],
+                    "question": r[0], "gt_answer": r[1], "model_answer": ""})
+    return out
+
+
+def pair_records(imgs, rng, n, kind, pairs, stats):
+    """Preference pairs, ground truth vs an injected hallucination that the oracle confirms.
+    kind 'rlhf' -> LLaVA-RLHF human-preference layout; 'povid' -> POVID layout."""
+    partners = {}
+    for tr, p in pairs:
+        partners.setdefault(tr, []).append(p)
+    out, tries = [], 0
+    while len(out) < n and tries < 4 * n:
+        img = imgs[tries % len(imgs)]
+        tries += 1
+        qt = str(rng.choice(QUESTION_TYPES, p=[0.4, 0.12, 0.12, 0.12, 0.12, 0.12]))
+        r = make_question(qt, img["objects"], rng, _pick(rng, ["yes", "no"]) if qt in ("yesno", "relation") else None)
+        if r is None:
+            continue
+        bad = inject_hallucination(r[1], img["objects"], rng, all_names=SHAPES, cooc_partners=partners, colors=list(COLORS))
+        if bad is None:
+            stats["impossible"] += 1
+            continue
+        if oracle(r[1], img["objects"])["num_hallucinations"] or not oracle(bad[0], img["objects"])["num_hallucinations"]:
+            stats["unverified"] += 1  # the oracle must see the ground truth clean and the injection dirty
+            continue
+        stats[bad[1]] += 1
+        conv = _conv(r[0], r[1])
+        rid = f"{kind}_{len(out):06d}"
+        if kind == "povid":
+            out.append({"id": rid, "image": img["file_name"], "conversations": conv,
+                        "rejected_conversations": _conv(r[0], bad[0])})
+        else:
+            first = int(rng.integers(1, 3))
+            outs = [r[1], bad[0]] if first == 1 else [bad[0], r[1]]
+            out.append({"id": rid, "image": img["file_name"], "conversations": conv, "output_1": {"value": outs[0]},
+                        "output_2": {"value": outs[1]}, "preference": first})
+    return out
+
+
+def rl_records(imgs, rng, n, caps):
+    """LLaVA-RLHF RL prompts: caption_type 1 general (length_bonus 1), 2-5 answer A-D, 6 No, 7 Yes."""
+    out, bal = [], Balancer()
+    for i in range(n):
+        img = imgs[int(rng.integers(len(imgs)))]
+        u = rng.random()
+        if u < 0.4:
+            qt = "describe" if rng.random() < 0.7 else _pick(rng, ["count", "color", "relation"])
+            r, ctype = make_question(qt, img["objects"], rng), 1
+        elif u < 0.7:
+            r = q_yesno(img["objects"], rng, bal("yesno", rng))
+            ctype = 7 if r[2] == "yes" else 6
+        else:
+            r = q_mc(img["objects"], rng)
+            ctype = 2 + "ABCD".index(r[2])
+        r = r or q_describe(img["objects"], rng)
+        out.append({"id": f"rl_{i:06d}", "image": img["file_name"], "conversations": [{"from": "human", "value": "<image>\n" + r[0]}],
+                    "captions": caps[img["id"]], "caption_type": ctype, "length_bonus": 1.0 if ctype == 1 else 0.0})
+    return out
+
+
+def _lrv_items(imgs, neg_ratio, rng):
+    """(file_name, question, answer, task) with negatives / (positives + negatives) = neg_ratio."""
+    pos = []
+    for img in imgs:
+        for qt in ("describe", str(rng.choice(QUESTION_TYPES[1:]))):
+            r = make_question(qt, img["objects"], rng)
+            if r:
+                pos.append((img["file_name"], r[0], r[1], qt))
+    n_neg = len(pos) if neg_ratio >= 1 else int(round(len(pos) * neg_ratio / (1 - neg_ratio)))
+    pos = [] if neg_ratio >= 1 else pos
+    neg, order = [], rng.permutation(len(imgs))
+    for i in range(n_neg * 2):
+        if len(neg) >= n_neg:
+            break
+        img = imgs[int(order[i % len(imgs)])]
+        cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS))
+        if cands:
+            neg.append((img["file_name"],) + cands[int(rng.integers(len(cands)))])
+    items = pos + neg
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
+    """SFT mixture with LRV negatives at any ratio (negatives / all), as LLaVA instruct records:
+    single-turn positives (describe + one other question per train image) and generated negatives.
+    neg_ratio >= 1 gives only negatives (as many as there would be positives). Image paths are
+    joined with world_dir, as the readers in data.py return them."""
+    imgs = [i for i in load_world(world_dir)["images"] if i["split"] == "train"]
+    items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]))
+    return [{"id": f"lrv_{k:06d}", "image": os.path.join(world_dir, f), "conversations": _conv(q, ans), "task": t}
+            for k, (f, q, ans, t) in enumerate(items)]
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def _texts(obj, key=None):
+    """Every string in a task file worth tokenizing (not ids or paths)."""
+    if isinstance(obj, str):
+        if key not in ("id", "image", "file_name", "image_id", "image_src", "split", "name", "supercategory"):
+            yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _texts(v, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _texts(v, key)
+
+
+def _template(conv, system):
+    s = system + " "
+    for t in conv:
+        s += f"USER: {t['value']} ASSISTANT:" if t["from"] == "human" else f" {t['value']}</s>"
+    return s
+
+
+def build_tokenizer(world_dir, vocab_size=None):
+    """BPE over the world's text (LLaMA-like: Metaspace '▁', byte fallback, <s> prepended), saved
+    to world_dir/tokenizer. Ids: <unk>=0 <s>=1 </s>=2 <pad>=3 <image>=4, then the 256 byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    vocab_size = vocab_size or json.load(open(os.path.join(world_dir, "world.json")))["params"]["vocab_size"]
+    corpus = list(SYSTEM_PROMPTS) + ["USER: ASSISTANT:"]
+    for name in sorted(os.listdir(world_dir)):
+        path = os.path.join(world_dir, name)
+        if name.endswith(".jsonl"):
+            recs = [json.loads(line) for line in open(path)]
+        elif name.endswith(".json") and name != "world.json":
+            recs = json.load(open(path))
+        else:
+            continue
+        corpus += list(_texts(recs))
+        for i, r in enumerate(recs if isinstance(recs, list) else []):
+            if isinstance(r, dict) and "conversations" in r:  # as the model sees it: whole, and split
+                text = _template(r["conversations"], SYSTEM_PROMPTS[i % 2])  # at <image> the way LLaVA's
+                corpus += [text] + text.split("<image>")  # tokenizer_image_token (and data.py) tokenizes
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    dec = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    learned = json.loads(tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer, tok.decoder = pre, dec
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                 pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+    hf.save_pretrained(os.path.join(world_dir, "tokenizer"))
+    cfg_path = os.path.join(world_dir, "tokenizer", "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))  # transformers 5 writes its own class name; this one loads in 4.x too
+    _dump(dict(cfg, tokenizer_class="PreTrainedTokenizerFast"), cfg_path)
+    return hf
+
+# -----------------------------------------------------------------------------
+# Writing and reading a world
+
+
+def _dump(obj, path, lines=False):
+    with open(path, "w") as f:
+        if lines:
+            f.writelines(json.dumps(r) + "\n" for r in obj)
+        else:
+            json.dump(obj, f, indent=1)
+
+
+def objects_from_coco(ann, file="annotations.json"):
+    """{image_id: [objects]} from a Shapes annotation dict or a real COCO instances file (where
+    color/size/row/col/position are None)."""
+    try:
+        cats = {c["id"]: c["name"] for c in ann["categories"]}
+        grid = ann.get("info", {}).get("grid", 3)
+        out = {img["id"]: [] for img in ann["images"]}
+        for x in ann["annotations"]:
+            at = x.get("attributes") or {}
+            o = {"name": cats[x["category_id"]], "color": at.get("color"), "size": at.get("size"),
+                 "bbox": x["bbox"], "row": at.get("row"), "col": at.get("col"), "position": None}
+            if o["row"] is not None:
+                o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
+            out.setdefault(x["image_id"], []).append(o)
+    except (KeyError, TypeError) as e:
+        raise DataError(file, message=f"not a COCO annotation file: missing {e}") from None
+    return out
+
+
+def load_world(world_dir):
+    """{'info', 'images': [image dict + 'objects' + 'index'], 'by_file': {file_name: objects}}."""
+    path = os.path.join(world_dir, "annotations.json")
+    try:
+        ann = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise DataError(path, message=f"cannot read: {e}") from None
+    objs = objects_from_coco(ann, path)
+    imgs = [dict(img, objects=objs[img["id"]], index=int(os.path.splitext(os.path.basename(img["file_name"]))[0]))
+            for img in ann["images"]]
+    return {"info": ann["info"], "images": imgs, "by_file": {i["file_name"]: i["objects"] for i in imgs}}
+
+
+def _params(params):
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown world parameters: {sorted(unknown)}")
+    p = dict(DEFAULTS, **params)
+    for tr, pa in parse_pairs(p["pairs"]):
+        if tr not in SHAPES or pa not in SHAPES:
+            raise ValueError(f"pairs: unknown shape in {tr}:{pa}")
+    if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
+        raise ValueError("image_size must be grid * cell with cells of at least 15 px")
+    if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
+        raise ValueError("max_objects must be 1..4 and fit the grid")
+    return p
+
+
+def _fill(out, seed, p):
+    """Everything, written into an empty directory `out`."""
+    t0 = time.time()
+    ss = np.random.SeedSequence(seed).spawn(13)  # one stream per part: changing one count reshuffles nothing else
+    rngs = [np.random.default_rng(s) for s in ss]
+    ann = {"info": {"description": "factalign Shapes world", "version": FORMAT_VERSION, "seed": seed, **p},
+           "images": [], "annotations": [],
+           "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
+    imgs = []
+    for k, split in enumerate(["train", "val", "test", "unlabeled"]):
+        os.makedirs(os.path.join(out, "images", split))
+        rng = np.random.default_rng(ss[k])
+        for i in range(p[f"n_{split}"]):
+            objs = sample_objects(rng, p, split)
+            image, boxes = render(objs, p)
+            fname = f"images/{split}/{i:06d}.png"
+            image.save(os.path.join(out, fname))
+            img = {"id": len(imgs) + 1, "file_name": fname, "width": p["image_size"], "height": p["image_size"], "split": split}
+            ann["images"].append(img)
+            for o, (bbox, area) in zip(objs, boxes):
+                o["bbox"] = bbox
+                ann["annotations"].append({"id": len(ann["annotations"]) + 1, "image_id": img["id"],
+                                           "category_id": SHAPES.index(o["name"]) + 1, "bbox": bbox, "area": area, "iscrowd": 0,
+                                           "attributes": {k2: o[k2] for k2 in ("color", "size", "row", "col")}})
+            imgs.append(dict(img, objects=objs, index=i))
+    _dump(ann, os.path.join(out, "annotations.json"))
+    split = {s: [i for i in imgs if i["split"] == s] for s in ("train", "val", "test", "unlabeled")}
+    caps = {img["id"]: captions(img["objects"], rngs[4]) for img in imgs}
+    _dump({"info": ann["info"], "images": ann["images"],
+           "annotations": [{"image_id": i, "id": 5 * (i - 1) + j + 1, "caption": c} for i, cs in caps.items() for j, c in enumerate(cs)]},
+          os.path.join(out, "captions.json"))
+    _dump(sft_records(split["train"], rngs[5], "sft"), os.path.join(out, "sft.json"))
+    _dump(sft_records(split["val"], rngs[5], "sftval"), os.path.join(out, "sft_val.json"))
+    for qt, recs in heldout_records(split["test"], rngs[6]).items():
+        _dump(recs, os.path.join(out, f"test_{qt}.json"))
+    _dump([{"image_id": f, "question": q, "answer": ans, "task": t}  # with .png: readers add .jpg otherwise
+           for f, q, ans, t in _lrv_items(split["train"], p["neg_ratio"], rngs[7])], os.path.join(out, "lrv_train.json"))
+    pairs, stats = parse_pairs(p["pairs"]), Counter(impossible=0, unverified=0)  # dropped pairs, counted
+    _dump(pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats), os.path.join(out, "pref_pairs.json"))
+    _dump(pair_records(split["val"], rngs[8], len(split["val"]), "rlhf", pairs, stats), os.path.join(out, "pref_pairs_val.json"))
+    _dump(pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats), os.path.join(out, "povid_pairs.json"))
+    _dump(rl_records(split["train"], rngs[10], p["n_rl"], caps), os.path.join(out, "rl_prompts.json"))
+    for strategy in ("random", "popular", "adversarial"):
+        _dump(pope_records(split["test"], split["train"], np.random.default_rng(ss[11]), strategy),
+              os.path.join(out, f"pope_{strategy}.jsonl"), lines=True)
+    _dump(mmhal_records(split["test"], rngs[12], pairs), os.path.join(out, "mmhal.json"))
+    _dump(dict(VIGC_INSTRUCTIONS, qtype_to_type=VIGC_TYPE,
+               unlabeled=[{"id": i["id"], "image": i["file_name"]} for i in split["unlabeled"]]),
+          os.path.join(out, "vigc_instructions.json"))
+    world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
+        "images": {s: len(v) for s, v in split.items()},
+        "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
+        "pair_injections": dict(sorted(stats.items()))}}
+    _dump(world, os.path.join(out, "world.json"))
+    build_tokenizer(out, p["vocab_size"])
+    world["stats"]["seconds"] = round(time.time() - t0, 1)  # printed, not stored: files stay byte-identical
+    return world
+
+
+def cooc_rate(imgs, pairs):
+    """P(partner present | trigger present), over all pairs."""
+    hits = [p in names for img in imgs for names in [{o["name"] for o in img["objects"]}] for tr, p in pairs if tr in names]
+    return round(sum(hits) / max(1, len(hits)), 3)
+
+
+def _is_ours(path):
+    return not os.path.exists(path) or not os.listdir(path) or os.path.exists(os.path.join(path, "world.json"))
+
+
+def write_world(out_dir, seed=0, **params):
+    """Write a world to out_dir (replacing a world already there; refusing any other non-empty
+    directory). Written to a temp dir first and renamed, so a crash never leaves half a world."""
+    p = _params(params)
+    out_dir = os.path.abspath(out_dir)
+    if not _is_ours(out_dir):
+        raise DataError(out_dir, message="exists, is not empty and holds no world.json: refusing to overwrite")
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        world = _fill(tmp, seed, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{out_dir}.old{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process (e.g. another torchrun rank) put one there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return world
+
+
+def _fingerprint(path):
+    try:
+        w = json.load(open(os.path.join(path, "world.json")))
+        return w["version"], w["seed"], w["params"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def ensure_world(out_dir="data/shapes", seed=0, **params):
+    """The world in out_dir for (seed, params), written on first use and reused after."""
+    if _fingerprint(out_dir) != (FORMAT_VERSION, seed, _params(params)) or not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+        write_world(out_dir, seed, **params)
+    return out_dir
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Write a Shapes world (same seed -> byte-identical files).")
+    ap.add_argument("--out", default="data/shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    for k, v in DEFAULTS.items():
+        ap.add_argument(f"--{k}", type=type(v), default=v)
+    args = vars(ap.parse_args())
+    out, seed = args.pop("out"), args.pop("seed")
+    try:
+        w = write_world(out, seed, **args)
+    except (DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    s = w["stats"]
+    print(f"wrote {out} in {s['seconds']}s | images " + " ".join(f"{k} {v}" for k, v in s["images"].items()))
+    print(f"P(partner | trigger): train {s['partner_given_trigger']['train']} test {s['partner_given_trigger']['test']}")
+    print("preference pairs by injection kind: " + " ".join(f"{k} {v}" for k, v in s["pair_injections"].items()))
+
+
+if __name__ == "__main__":
+    main()

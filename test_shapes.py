@@ -1,0 +1,321 @@
+"""Tests for the Shapes world (shapes.py) and the generators in data.py."""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shapes
+from data import DataError
+from data import ddpm_noise, inject_hallucination, lrv_negatives
+
+SMALL = dict(n_train=40, n_val=10, n_test=40, n_unlabeled=8, n_pref=30, n_povid=30, n_rl=20)
+PARTNERS = {"triangle": ["circle"], "cross": ["square"]}
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("worlds")
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        shapes.write_world(str(d / name), seed=seed, **SMALL)
+    return d
+
+
+def files(root):
+    return sorted(os.path.relpath(os.path.join(p, f), root) for p, _, fs in os.walk(root) for f in fs)
+
+
+def test_determinism(worlds):
+    a, b, c = worlds / "a", worlds / "b", worlds / "c"
+    assert files(a) == files(b) and len(files(a)) > 100
+    for f in files(a):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "annotations.json").read_bytes() != (c / "annotations.json").read_bytes()
+    assert (a / "images/train/000000.png").read_bytes() != (c / "images/train/000000.png").read_bytes()
+
+
+def test_annotations_match_pixels(worlds):
+    ann = json.load(open(worlds / "a" / "annotations.json"))
+    by_img = {}
+    for x in ann["annotations"]:
+        by_img.setdefault(x["image_id"], []).append(x)
+    assert len(ann["images"]) == 40 + 10 + 40 + 8
+    for img in ann["images"]:
+        px = np.asarray(Image.open(worlds / "a" / img["file_name"]).convert("RGB")).astype(int)
+        free = np.ones(px.shape[:2], bool)
+        objs = by_img.get(img["id"], [])
+        assert 1 <= len(objs) <= 4
+        assert len({(o["attributes"]["row"], o["attributes"]["col"]) for o in objs}) == len(objs)  # one per cell
+        for o in objs:
+            x, y, w, h = o["bbox"]
+            at = o["attributes"]
+            assert at["col"] * 16 <= x and x + w <= (at["col"] + 1) * 16 and at["row"] * 16 <= y and y + h <= (at["row"] + 1) * 16
+            crop = px[y:y + h, x:x + w]
+            same = (crop == shapes.COLORS[at["color"]]).all(-1)
+            assert same.sum() == o["area"] > 0.25 * w * h  # the drawn mask, in the annotated colour
+            assert ((crop == shapes.BACKGROUND).all(-1) | same).all()
+            free[y:y + h, x:x + w] = False
+        assert (px[free] == shapes.BACKGROUND).all()  # empty cells are background
+
+
+def test_cooc_bias_present_in_train_broken_in_test():
+    p = shapes._params({})
+    rng = np.random.default_rng(0)
+    sample = {s: [{"objects": shapes.sample_objects(rng, p, s)} for _ in range(2000)] for s in ("train", "test")}
+    pairs = shapes.parse_pairs(p["pairs"])
+    assert shapes.cooc_rate(sample["train"], pairs) > 0.9
+    assert shapes.cooc_rate(sample["test"], pairs) < 0.3
+    alone = [any(t in n and q not in n for t, q in pairs) for n in ({o["name"] for o in i["objects"]} for i in sample["test"])]
+    assert np.mean(alone) > 0.4  # trigger without partner: hallucinating the partner is measurable
+    freq, _ = shapes.cooc_stats(sample["train"])  # partners more frequent: POPE "popular" asks about them
+    assert min(freq["circle"], freq["square"]) > 1.3 * max(freq["diamond"], freq["ring"])
+
+
+def test_world_stats(worlds):
+    w = json.load(open(worlds / "a" / "world.json"))
+    assert w["stats"]["partner_given_trigger"]["train"] > w["stats"]["partner_given_trigger"]["test"]
+    assert w["params"]["n_train"] == 40 and w["seed"] == 0
+
+
+O = [{"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0, "position": "top left", "bbox": [1, 1, 14, 14]},
+     {"name": "square", "color": "blue", "size": "small", "row": 1, "col": 1, "position": "center", "bbox": [19, 19, 9, 9]},
+     {"name": "circle", "color": "green", "size": "small", "row": 2, "col": 2, "position": "bottom right", "bbox": [35, 35, 9, 9]}]
+
+
+@pytest.mark.parametrize("text,keys", [
+    ("There are three objects. A large red circle is at the top left. A small blue square is in the center. "
+     "A small green circle is at the bottom right.", {}),
+    ("A large red circle is at the top left. There is also a triangle.", {"hallucinated_objects": ["triangle"]}),
+    ("The square is red.", {"hallucinated_attributes": ["square color=red"]}),
+    ("A large red circle is at the bottom.", {"hallucinated_attributes": ["large red circle position=bottom"]}),
+    ("No, there is no circle.", {"false_negatives": ["circle"]}),
+    ("No, there is no triangle.", {}),
+    ("Yes, there is a circle.", {}),
+    ("Yes, there is a diamond.", {"hallucinated_objects": ["diamond"]}),
+    ("There are two circles.", {}),
+    ("There are three circles.", {"hallucinated_attributes": ["circle count=3"]}),
+    ("There is one square. There are no diamonds.", {}),
+    ("There are no squares.", {"false_negatives": ["square"]}),
+    ("There is no blue square.", {"false_negatives": ["blue square"]}),
+    ("There is no red square, and I can't see any triangle.", {}),
+    ("The circle is to the left of the square.", {}),
+    ("The square is above and to the left of the green circle.", {}),
+    ("The square is to the left of the red circle.", {"hallucinated_relations": ["square left red circle"]}),
+    ("The circle is red, not blue.", {}),
+    ("All circles are red.", {"hallucinated_attributes": ["circle all color=red"]}),
+    ("The object at the top left is a small blue square.", {"hallucinated_relations": ["object is small blue square"]}),
+    ("Is there a triangle? No.", {}),
+])
+def test_oracle(text, keys):
+    r = shapes.oracle(text, O)
+    for k in ("hallucinated_objects", "hallucinated_attributes", "hallucinated_relations", "false_negatives"):
+        assert r[k] == keys.get(k, []), (k, r[k])
+    assert r["num_hallucinations"] == sum(len(v) for v in keys.values())
+
+
+@pytest.mark.parametrize("junk", ["", None, "asdf ,,, ???", "no no no not never", "circle " * 500, "\x00\u2603 日本 <image></s>",
+                                  "the the the of of is are", "To the left of above below and", "3 4 5 6 99999999999"])
+def test_oracle_junk(junk):
+    r = shapes.oracle(junk, O)
+    assert r["num_hallucinations"] >= 0 and isinstance(r["mentions"], list)
+
+
+def test_chair_counts():
+    assert shapes.chair_counts("A red circle and a triangle next to a diamond and another triangle.", O) == (3, 2)
+    assert shapes.chair_counts("There is no triangle. Two circles and a box.", O) == (2, 0)
+    assert shapes.chair_counts("", O) == (0, 0)
+
+
+def test_score_answer():
+    assert shapes.score_answer("yesno", "Yes, there is a circle.", "yes")
+    assert not shapes.score_answer("yesno", "No, there is no circle.", "yes")
+    assert shapes.score_answer("count", "There are two circles.", 2)
+    assert shapes.score_answer("count", "No, there are no circles.", 0)
+    assert shapes.score_answer("count", "There is one circle.", 1) and not shapes.score_answer("count", "junk", 1)
+    assert shapes.score_answer("color", "The large circle is red.", "red")
+    assert not shapes.score_answer("color", "The circle is blue.", "red")
+    assert shapes.score_answer("relation", "No, the circle is above the square.", "no")
+    assert shapes.score_answer("mc", "The circle is red. So the correct option is B.", "B")
+    assert shapes.score_answer("mc", "B. circle", "B") and not shapes.score_answer("mc", "A", "B")
+    key = shapes.describe(O)
+    assert shapes.score_answer("describe", key, key)
+    assert not shapes.score_answer("describe", key.replace("green", "blue"), key)
+
+
+def test_generated_text_is_clean(worlds):
+    w = shapes.load_world(str(worlds / "a"))
+    by = w["by_file"]
+    texts = []
+    for f in ["sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
+        for rec in json.load(open(worlds / "a" / f)):
+            texts += [(t["value"], by[rec["image"]]) for t in rec["conversations"] if t["from"] == "gpt"]
+    texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
+    texts += [(r["gt_answer"], by[r["image_src"]]) for r in json.load(open(worlds / "a" / "mmhal.json"))]
+    cap = json.load(open(worlds / "a" / "captions.json"))
+    fname = {i["id"]: i["file_name"] for i in cap["images"]}
+    texts += [(c["caption"], by[fname[c["image_id"]]]) for c in cap["annotations"]]
+    assert len(cap["annotations"]) == 5 * len(cap["images"])
+    bad = [(t, shapes.oracle(t, o)) for t, o in texts if shapes.oracle(t, o)["num_hallucinations"]]
+    assert not bad, bad[:3]
+
+
+def test_generators_judged_by_oracle():
+    p, rng = shapes._params({}), np.random.default_rng(1)
+    n_inj = Counter()
+    for _ in range(150):
+        objs = shapes.sample_objects(rng, p, "test")
+        negs = lrv_negatives(objs, rng, shapes.SHAPES, list(shapes.COLORS))
+        assert negs and {t for _, _, t in negs} <= {"negative", "negative_existent"}
+        for q, ans, _ in negs:
+            assert shapes.oracle(ans, objs)["num_hallucinations"] == 0, (q, ans, objs)
+        for qt in shapes.QUESTION_TYPES:
+            r = shapes.make_question(qt, objs, rng, "yes" if rng.random() < 0.5 else "no")
+            for kind in ("object", "attribute", "relation", None):
+                out = r and inject_hallucination(r[1], objs, rng, kind=kind, all_names=shapes.SHAPES,
+                                                 cooc_partners=PARTNERS, colors=list(shapes.COLORS))
+                if out:
+                    n_inj[out[1]] += 1
+                    assert out[1] == (kind or out[1])
+                    assert shapes.oracle(out[0], objs)["num_hallucinations"] > 0, (r[1], out)
+    assert min(n_inj.values()) > 50
+
+
+def test_generators_plain_coco():
+    objs = [{"name": "person", "bbox": [0, 0, 5, 5]}, {"name": "person", "bbox": [5, 5, 5, 5]}, {"name": "dining table", "bbox": [1, 1, 9, 9]}]
+    names = ["person", "dining table", "chair", "car"]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        negs = lrv_negatives(objs, rng, names)
+        assert {t for _, _, t in negs} == {"negative", "negative_existent"}
+        for q, a, t in negs:  # what is there, said correctly
+            assert ("two people and a dining table" in a) if t == "negative" else ("two people" in a or "one dining table" in a)
+    out = inject_hallucination("There are two people and a dining table.", objs, rng, kind="attribute", all_names=names)
+    assert out and "two people" not in out[0]
+    out = inject_hallucination("A person sits at a dining table.", objs, rng, kind="object", all_names=names,
+                               cooc_partners={"dining table": ["chair"]})
+    assert out and "chair" in out[0]
+    assert inject_hallucination("A person.", objs, rng, kind="relation", all_names=names) is None
+    out = inject_hallucination("A person is to the left of a dining table.", objs, rng, kind="relation", all_names=names)
+    assert out == ("A person is to the right of a dining table.", "relation")
+
+
+def test_ddpm_noise_closed_form():
+    betas = 1 / (1 + np.exp(-np.linspace(-6, 6, 1000))) * (5e-3 - 1e-5) + 1e-5
+    abar = np.cumprod(1 - betas)[500]
+    x = torch.full((3, 64, 64), 0.7)
+    g = torch.Generator().manual_seed(0)
+    y = ddpm_noise(x.expand(16, 3, 64, 64), t=500, generator=g)
+    assert y.shape == (16, 3, 64, 64)
+    assert abs(y.mean().item() - np.sqrt(abar) * 0.7) < 0.01
+    assert abs(y.var().item() - (1 - abar)) < 0.01
+    assert torch.equal(ddpm_noise(x, generator=torch.Generator().manual_seed(3)), ddpm_noise(x, generator=torch.Generator().manual_seed(3)))
+    assert y.min() < 0  # not clamped
+
+
+def test_pope(worlds):
+    w = shapes.load_world(str(worlds / "a"))
+    train = [i for i in w["images"] if i["split"] == "train"]
+    _, co = shapes.cooc_stats(train)
+    mean_co = {}
+    for strategy in ("random", "popular", "adversarial"):
+        recs = [json.loads(line) for line in open(worlds / "a" / f"pope_{strategy}.jsonl")]
+        assert [r["question_id"] for r in recs] == list(range(1, len(recs) + 1))
+        assert Counter(r["label"] for r in recs)["yes"] == len(recs) // 2 == Counter(r["label"] for r in recs)["no"]
+        scores = []
+        for yes, no in zip(recs[::2], recs[1::2]):
+            names = {o["name"] for o in w["by_file"][yes["image"]]}
+            x, y = yes["text"].split()[3], no["text"].split()[3]
+            assert (yes["label"], no["label"]) == ("yes", "no") and x in names and y not in names
+            scores.append(co[(x, y)])
+        mean_co[strategy] = np.mean(scores)
+    assert mean_co["adversarial"] > mean_co["random"]
+
+
+def test_task_file_formats(worlds):
+    d = worlds / "a"
+    sft = json.load(open(d / "sft.json"))
+    assert len(sft) == 40 and all(r["conversations"][0]["value"].startswith("<image>\n") and r["qtypes"][0] == "describe" for r in sft)
+    assert all(4 <= len(r["conversations"]) // 2 <= 6 for r in sft)
+    for qt in shapes.QUESTION_TYPES:
+        recs = json.load(open(d / f"test_{qt}.json"))
+        assert recs and all("answer_key" in r for r in recs)
+        assert all(shapes.score_answer(qt, r["conversations"][1]["value"], r["answer_key"]) for r in recs)
+    for qt in ("yesno", "relation"):
+        yn = Counter(r["answer_key"] for r in json.load(open(d / f"test_{qt}.json")))
+        assert abs(yn["yes"] - yn["no"]) <= 1
+    for r in json.load(open(d / "pref_pairs.json")):
+        gt = r["conversations"][-1]["value"]
+        assert r["conversations"][-1]["from"] == "gpt" and r[f"output_{r['preference']}"]["value"] == gt
+        assert r[f"output_{3 - r['preference']}"]["value"] != gt
+    assert len(json.load(open(d / "pref_pairs_val.json"))) > 0
+    for r in json.load(open(d / "povid_pairs.json")):
+        assert r["conversations"][0] == r["rejected_conversations"][0] and r["conversations"][1] != r["rejected_conversations"][1]
+    for r in json.load(open(d / "rl_prompts.json")):
+        assert r["conversations"][-1]["from"] == "human" and len(r["captions"]) == 5 and 1 <= r["caption_type"] <= 7
+        assert r["length_bonus"] == (1.0 if r["caption_type"] == 1 else 0.0)
+    lrv = json.load(open(d / "lrv_train.json"))
+    assert all(os.path.exists(d / r["image_id"]) for r in lrv)
+    assert abs(np.mean([r["task"].startswith("negative") for r in lrv]) - 0.5) < 0.05
+    mm = json.load(open(d / "mmhal.json"))
+    assert [r["question_type"] for r in mm[:8]] == ["attribute", "adversarial", "comparison", "counting", "relation",
+                                                    "environment", "holistic", "other"]
+    vigc = json.load(open(d / "vigc_instructions.json"))
+    assert {"conversation", "detailed description", "complex reasoning"} <= set(vigc) and len(vigc["unlabeled"]) == 8
+
+
+def test_lrv_mix_ratio(worlds):
+    for ratio in (0.0, 0.25, 0.5):
+        recs = shapes.lrv_mix(str(worlds / "a"), ratio, seed=0)
+        frac = np.mean([r["task"].startswith("negative") for r in recs])
+        assert abs(frac - ratio) < 0.03 and recs[0]["conversations"][0]["value"].startswith("<image>\n")
+        assert all(os.path.isfile(r["image"]) for r in recs)
+    assert shapes.lrv_mix(str(worlds / "a"), 0.5, seed=1) == shapes.lrv_mix(str(worlds / "a"), 0.5, seed=1)
+
+
+def test_tokenizer(worlds):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    tk = PreTrainedTokenizerFast.from_pretrained(str(worlds / "a" / "tokenizer"))
+    assert [tk.convert_tokens_to_ids(t) for t in shapes.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tk.unk_token_id, tk.bos_token_id, tk.eos_token_id, tk.pad_token_id) == (0, 1, 2, 3)
+    assert 512 <= len(tk) <= 1024
+    s = "USER: <image>\nIs there a circle? ASSISTANT: Yes, there is a circle.</s>"
+    enc = tk(s, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    assert ids[0] == 1 and ids.count(4) == 1 and ids[-1] == 2 and ids.count(2) == 1
+    assert len(tk(" ASSISTANT:", add_special_tokens=False)["input_ids"]) == 1
+    assert len(enc["offset_mapping"]) == len(ids) and s[slice(*enc["offset_mapping"][ids.index(4)])] == "<image>"
+    assert tk.decode(ids, skip_special_tokens=False) == "<s> " + s
+    u = "Ünïcode ☃ text"
+    assert tk.decode(tk(u, add_special_tokens=False)["input_ids"]) == u and tk.unk_token_id not in tk(u)["input_ids"]
+    auto = AutoTokenizer.from_pretrained(str(worlds / "a" / "tokenizer"), local_files_only=True)
+    assert auto(s)["input_ids"] == ids
+
+
+def test_ensure_world(tmp_path):
+    d = str(tmp_path / "w")
+    tiny = dict(n_train=6, n_val=2, n_test=4, n_unlabeled=2, n_pref=4, n_povid=4, n_rl=4)
+    shapes.ensure_world(d, seed=0, **tiny)
+    t = os.path.getmtime(os.path.join(d, "annotations.json"))
+    shapes.ensure_world(d, seed=0, **tiny)
+    assert os.path.getmtime(os.path.join(d, "annotations.json")) == t  # reused
+    shapes.ensure_world(d, seed=0, **dict(tiny, n_train=7))
+    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7 and not [f for f in os.listdir(tmp_path) if f != "w"]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError):
+        shapes.write_world(str(other), **tiny)
+    with pytest.raises(TypeError):
+        shapes.write_world(str(tmp_path / "x"), bogus=1)
+
+
+def test_objects_from_plain_coco():
+    coco = {"images": [{"id": 7, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "person"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4]}]}
+    assert shapes.objects_from_coco(coco) == {7: [{"name": "person", "color": None, "size": None, "bbox": [1, 2, 3, 4],
+                                                   "row": None, "col": None, "position": None}]}
+    with pytest.raises(DataError):
+        shapes.objects_from_coco({"images": []})
