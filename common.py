@@ -104,10 +104,19 @@ def parse_config(cls, argv=None, prog=None):
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", type=_converter(hints[f.name]), default=default,
-                            help=comments.get(f.name, " "), metavar=f.name.upper())
-    args = parser.parse_args(argv)
-    return cls(**vars(args))
+        tp = hints[f.name]
+        if tp in (tuple, list) or typing.get_origin(tp) in (tuple, list):  # --x a b c or --x a,b,c
+            parser.add_argument(f"--{f.name}", type=_converter(tp), nargs="*", default=default,
+                                help=comments.get(f.name, " "), metavar=f.name.upper())
+        else:
+            parser.add_argument(f"--{f.name}", type=_converter(tp), default=default,
+                                help=comments.get(f.name, " "), metavar=f.name.upper())
+    args = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):  # nargs lists of comma-split tuples -> one flat tuple
+        v = args[f.name]
+        if isinstance(v, list):
+            args[f.name] = tuple(x for part in v for x in part)
+    return cls(**args)
 
 
 def _field_comments(cls):
@@ -207,6 +216,17 @@ def all_reduce_sum(t, d):
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def on_main_first(d, fn):
+    """Run fn on the main process first (e.g. writing the Shapes world), then on the others."""
+    if d.main:
+        out = fn()
+    if d.world > 1:
+        dist.barrier()
+    if not d.main:
+        out = fn()
+    return out
 
 
 def seed_everything(seed):
@@ -327,7 +347,7 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 # a half checkpoint); --init OUT and --resume read the newest complete one
 # ----------------------------------------------------------------------------------------
 
-RESUME_FREE_FIELDS = {"resume", "log_every", "save_every", "eval_every", "max_steps"}
+RESUME_FREE_FIELDS = {"resume", "out", "log_every", "save_every", "eval_every", "max_steps"}  # do not change the math
 
 
 def ensure_writable(out_dir):

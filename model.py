@@ -109,6 +109,12 @@ PRESETS = {
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def _embedding(n, dim):
+    # an explicit weight skips nn.Embedding's own init, which under torch.device("meta") costs
+    # seconds (a lazy torch import); LLaVA._init_weights initialises it on a real device
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class LoRAAdapter(nn.Module):
     """One adapter's low-rank pairs for the output slices of one (possibly fused) linear."""
 
@@ -211,7 +217,7 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(c.vision_hidden))
         self.patch_embedding = nn.Conv2d(3, c.vision_hidden, c.patch_size, stride=c.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(c.num_patches + 1, c.vision_hidden)
+        self.position_embedding = _embedding(c.num_patches + 1, c.vision_hidden)
 
     def forward(self, pixels):
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
@@ -352,7 +358,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden)
+        self.embed_tokens = _embedding(c.vocab_size, c.hidden)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.rms_eps)
 
@@ -638,6 +644,20 @@ class LLaVA(nn.Module):
 
     def save_pretrained(self, path, base=None, extra_config=None):
         save_checkpoint_files(self, path, base=base, extra_config=extra_config)
+
+    def load_adapters(self, path):
+        """Add the LoRA adapters and heads saved in another checkpoint of this same base (PPO puts the
+        reward model's adapter and head next to the policy's on one copy of the base weights)."""
+        path = resolve_checkpoint(str(path))
+        cfg = _read_json(os.path.join(path, "config.json"))
+        if cfg.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
+        clash = sorted((set(cfg.get("adapters", {})) & set(self.adapters)) | (set(cfg.get("heads", [])) & set(self.heads)))
+        if clash:
+            raise CheckpointError(f"{path}: adapter/head '{clash[0]}' exists already in this model")
+        active = self.active_adapter
+        _load_adapters(self, path, cfg, None, only_new=True)
+        self.set_adapter(active)
 
     def export_hf(self, path):
         export_llava_hf(self, path)
@@ -931,7 +951,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         if unknown:
             raise CheckpointError(f"{path}/config.json: field 'model': unknown fields {sorted(unknown)}")
         config = ModelConfig(**cfg["model"])
-        weights_dir = path if cfg.get("base") is None else _base_dir(path, cfg["base"])
+        weights_dir = base_weights_dir(path)
         src.add_dir(weights_dir)
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
@@ -1141,7 +1161,18 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
         json.dump(cfg, f, indent=2)
 
 
-def _load_adapters(model, path, cfg, device):
+def base_weights_dir(path):
+    """The directory that holds a checkpoint's base weights (following 'base' pointers), as a real
+    path: two checkpoints with the same answer share one frozen base."""
+    path = resolve_checkpoint(str(path))
+    if detect_layout(path) == "factalign":
+        cfg = _read_json(os.path.join(path, "config.json"))
+        if cfg.get("base") is not None:
+            return base_weights_dir(_base_dir(path, cfg["base"]))
+    return os.path.realpath(path)
+
+
+def _load_adapters(model, path, cfg, device, only_new=False):
     file = os.path.join(path, "adapters.safetensors")
     if not cfg.get("adapters") and not cfg.get("heads"):
         return
@@ -1157,6 +1188,8 @@ def _load_adapters(model, path, cfg, device):
     for name in cfg.get("heads", []):
         model.add_head(name)
     own = _adapter_state(model)
+    if only_new:  # keep the model's own adapters/heads as they are
+        own = {k: v for k, v in own.items() if k.split(".")[1] in set(cfg.get("adapters", {})) | set(cfg.get("heads", []))}
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{file}: key '{missing[0]}' is missing")
@@ -1167,7 +1200,8 @@ def _load_adapters(model, path, cfg, device):
             t.copy_(state[k])
     if device:
         model.to(device)
-    model.set_adapter(cfg.get("active_adapter"))
+    if not only_new:
+        model.set_adapter(cfg.get("active_adapter"))
 
 
 def export_llava_hf(model, path):

@@ -2,7 +2,7 @@
 robust instruction tuning with negative instructions (arXiv 2306.14565).
 
     python sft.py                                   # Shapes world, `shapes` preset, from scratch
-    python sft.py --neg_ratio 0.5                   # LRV: half of the extra instructions are negative
+    python sft.py --lrv true --neg_ratio 0.5        # LRV: half of the extra instructions are negative
     python sft.py --blank_images true --out ckpt/sft_blank   # control: can it answer without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
         --image_folder coco/ --lora_r 64 --lr 2e-4 --max_len 2048 --device cuda --dtype bf16
@@ -30,13 +30,15 @@ class Config:
     out: str = "ckpt/sft"                 # run directory: checkpoint-N/ subdirectories and metrics.jsonl
     init: str = ""                        # checkpoint to start from (ours, llava-hf, original LLaVA, or a LLaMA dir); empty: fresh --model
     vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
+    tokenizer: str = ""                   # tokenizer directory for a fresh --model (default: the Shapes world's)
     model: str = "shapes"                 # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
     data: str = "shapes"                  # 'shapes', or FILE[:weight],FILE[:weight] (LLaVA instruct or LRV files)
     image_folder: str = ""                # folder image paths are relative to (default: each data file's folder)
     val_data: str = ""                    # validation file (default: the Shapes val split; none for files)
     world: str = "data/shapes"            # where the Shapes world is written on first use and reused
     world_seed: int = 0                   # seed of the Shapes world
-    neg_ratio: float = 0.0                # LRV: share of negative instructions in the extra single-turn data (0 = none)
+    lrv: bool = False                     # Shapes: add LRV's single-turn instruction set (positives + negatives)
+    neg_ratio: float = 0.5                # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
     blank_images: bool = False            # control run: every image replaced by a blank one
     template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
     max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
@@ -70,15 +72,14 @@ class Config:
     report_n: int = 100                   # questions per type in the report
 
 
-def load_records(cfg, tokenizer_dir_out):
+def load_records(cfg):
     """Training and validation conversations (LLaVA instruct records) and what was skipped."""
     on_error = "skip" if cfg.skip_bad else "raise"
     skipped = []
     if cfg.data == "shapes":
-        world = shapes.ensure_world(cfg.world, seed=cfg.world_seed)
-        tokenizer_dir_out.append(os.path.join(world, "tokenizer"))
+        world = cfg.world
         train = read_any_conversations(os.path.join(world, "sft.json"), world)
-        if cfg.neg_ratio > 0:  # LRV: single-turn instructions, neg_ratio of them negative
+        if cfg.lrv:  # LRV: single-turn instructions, neg_ratio of them negative
             train = train + shapes.lrv_mix(world, cfg.neg_ratio, seed=cfg.seed)
         val = read_any_conversations(os.path.join(world, "sft_val.json"), world)
         return train, val, skipped
@@ -131,8 +132,10 @@ class Tokenized:
 
 def lm_loss(model, batch, n_global):
     """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
-    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory."""
-    h = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], return_hidden=True)
+    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
+    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad:
+    no padding mask is passed and SDPA takes its fused causal path."""
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE
     logits = model.logits(h[:, :-1][sel]).float()
@@ -144,14 +147,16 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     if d.main:
         common.ensure_writable(cfg.out)
-    tok_dir = []
-    train_records, val_records, skipped = load_records(cfg, tok_dir)
+    if cfg.data == "shapes" or not (cfg.init or cfg.tokenizer or cfg.resume):  # the world (and its tokenizer)
+        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    train_records, val_records, skipped = load_records(cfg)
     if skipped:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     model, tokenizer = common.load_model_and_tokenizer(
-        resume_path or cfg.init, cfg.model, cfg.vision_tower, tok_dir[0] if tok_dir else "", d.device)
+        resume_path or cfg.init, cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
+        d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:

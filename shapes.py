@@ -27,7 +27,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -575,14 +575,16 @@ def _conv(q, ans):
 
 
 def sft_records(split_imgs, rng, prefix):
+    """Multi-turn conversations: a detailed description (grounding needs it in the mix) and 3-5
+    questions, in random order, so that every question type is also learned as the first turn."""
     out, bal = [], Balancer()
     for img in split_imgs:
         objs, seen = img["objects"], set()
         q, ans, _ = q_describe(objs, rng)
-        conv, qtypes = _conv(q, ans), ["describe"]
+        turns = [(q, ans, "describe")]
         want = int(rng.integers(3, 6))
         for _ in range(4 * want):
-            if len(qtypes) > want:
+            if len(turns) > want:
                 break
             qt = str(rng.choice(["yesno", "count", "color", "relation", "mc"], p=[0.3, 0.2, 0.2, 0.15, 0.15]))
             label = bal(qt, rng) if qt == "yesno" else (bal(qt, rng) if qt == "relation" and rng.random() < 0.6 else None)
@@ -592,9 +594,13 @@ def sft_records(split_imgs, rng, prefix):
                     bal.n[(qt, label)] -= 1  # not asked: keep the count exact
                 continue
             seen.add(r[0])
-            conv += [{"from": "human", "value": r[0]}, {"from": "gpt", "value": r[1]}]
-            qtypes.append(qt)
-        out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"], "conversations": conv, "qtypes": qtypes})
+            turns.append((r[0], r[1], qt))
+        turns = [turns[i] for i in rng.permutation(len(turns))]
+        conv = _conv(turns[0][0], turns[0][1])
+        for q, ans, _ in turns[1:]:
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
+        out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"], "conversations": conv,
+                    "qtypes": [t[2] for t in turns]})
     return out
 
 
@@ -1001,8 +1007,11 @@ def _fingerprint(path):
 
 
 def ensure_world(out_dir="data/shapes", seed=0, **params):
-    """The world in out_dir for (seed, params), written on first use and reused after."""
-    if _fingerprint(out_dir) != (FORMAT_VERSION, seed, _params(params)) or not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+    """The world in out_dir for (seed, params), written on first use and reused after. With no params
+    given, any current-format world of that seed is reused whatever its sizes (e.g. a small test world)."""
+    fp = _fingerprint(out_dir)
+    same = fp is not None and fp[:2] == (FORMAT_VERSION, seed) and (not params or fp[2] == _params(params))
+    if not same or not os.path.isdir(os.path.join(out_dir, "tokenizer")):
         write_world(out_dir, seed, **params)
     return out_dir
 

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -492,3 +493,232 @@ def test_checkpoint_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# data: template, tokenization, labels, images, collation
+# ----------------------------------------------------------------------------------------
+
+from conftest import run_cli, run_script  # noqa: E402
+import data  # noqa: E402
+
+SYS_V = ("A chat between a curious user and an artificial intelligence assistant. "
+         "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYS_L = ("A chat between a curious human and an artificial intelligence assistant. "
+         "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CONV = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt", "value": "Yes, there is a circle."},
+        {"from": "human", "value": "How many squares are there?"}, {"from": "gpt", "value": "There are two squares."}]
+
+
+def test_template_strings_are_llavas():
+    text, spans = data.render(CONV, "vicuna_v1")
+    assert text == (SYS_V + " USER: <image>\nIs there a circle? ASSISTANT: Yes, there is a circle.</s>"
+                     "USER: How many squares are there? ASSISTANT: There are two squares.</s>")
+    assert [text[a:b] for a, b in spans] == ["Yes, there is a circle.</s>", "There are two squares.</s>"]
+    assert data.render(CONV[:1], "llava_v1")[0] == SYS_L + " USER: <image>\nIs there a circle? ASSISTANT:"
+    assert data.render(CONV[:3])[0].endswith("</s>USER: How many squares are there? ASSISTANT:")
+
+
+def llava_reference_preprocess(tok, turns, legacy):
+    """LLaVA's preprocess_v1 (llava/train/train.py) written out from its definition: tokenizer_image_token
+    over the whole prompt (chunks around <image> tokenized separately, IMAGE_TOKEN_INDEX between them),
+    then per round (split at '</s>') the instruction part up to 'ASSISTANT: ' is masked."""
+    def tokenizer_image_token(prompt):
+        chunks = [tok(c).input_ids for c in prompt.split("<image>")]
+        ids = chunks[0]
+        for c in chunks[1:]:
+            ids = ids + [-200] + c[1:]  # later chunks lose their BOS
+        return ids
+    prompt = data.render(turns)[0]
+    ids = tokenizer_image_token(prompt)
+    target = list(ids)
+    sep = " ASSISTANT: "
+    cur = 1
+    target[:1] = [-100]
+    for i, rou in enumerate(prompt.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        parts[0] += sep
+        round_len = len(tokenizer_image_token(rou))
+        instruction_len = len(tokenizer_image_token(parts[0])) - 2
+        if i != 0 and not legacy:  # LLaVA's fix for tokenizers that add no prefix space after </s>
+            round_len -= 1
+            instruction_len -= 1
+        target[cur:cur + instruction_len] = [-100] * instruction_len
+        cur += round_len
+    target[cur:] = [-100] * (len(target) - cur)
+    return ids, target
+
+
+def test_labels_match_llava_preprocess(tiny_world):
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    legacy = len(tok("USER: x").input_ids) == len(tok("</s>USER: x").input_ids) - 1
+    for turns in (CONV, CONV[:2]):
+        got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9, max_len=4096)
+        ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
+        first = ids.index(4)
+        assert ids[first:first + 9] == [4] * 9 and labels[first:first + 9] == [-100] * 9
+        ids = ids[:first] + [-200] + ids[first + 9:]  # LLaVA keeps one placeholder
+        labels = labels[:first] + [-100] + labels[first + 9:]
+        ref_ids, ref_labels = llava_reference_preprocess(tok, turns, legacy)
+        assert ids == ref_ids
+        assert labels == ref_labels
+        learned = tok.decode([t for t in labels if t != -100])
+        assert "circle." in learned and "USER" not in learned and "ASSISTANT" not in learned
+        assert sum(1 for t in labels if t == tok.eos_token_id) == sum(t["from"] == "gpt" for t in turns)
+
+
+def test_train_on_last_and_truncation(tiny_world):
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    last = data.tokenize_conversation(tok, CONV, 4, 9, train_on="last")
+    learned = tok.decode([t for t in last["labels"].tolist() if t != -100])
+    assert "two squares" in learned and "circle" not in learned
+    full = data.tokenize_conversation(tok, CONV, 4, 9)
+    n = len(full["input_ids"])
+    first_label = next(i for i, l in enumerate(full["labels"].tolist()) if l != -100)
+    cut = data.tokenize_conversation(tok, CONV, 4, 9, max_len=first_label + 2)
+    assert len(cut["input_ids"]) == first_label + 2 and torch.equal(cut["input_ids"], full["input_ids"][:first_label + 2])
+    assert data.tokenize_conversation(tok, CONV, 4, 9, max_len=first_label) is None  # no answer token left: dropped
+    assert data.tokenize_conversation(tok, CONV, 4, 9, max_len=5) is None  # would cut the image tokens
+    assert n > first_label + 2
+
+
+def test_image_preprocessing_matches_clip_processor():
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # not square: padded
+    ours = data.preprocess_image(img, 42)
+    ref_proc = CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
+    ref = ref_proc(data.expand_to_square(img), return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == (3, 42, 42)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    padded = data.expand_to_square(img)
+    assert padded.size == (50, 50) and padded.getpixel((0, 0)) == tuple(int(m * 255) for m in data.CLIP_MEAN)
+    assert padded.getpixel((25, 10 + 15)) == img.getpixel((25, 15))  # centred: 10 rows of padding on top
+
+
+def test_collate_pads_right_for_training_and_left_for_generation():
+    a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "pixel_values": torch.ones(3, 2, 2)}
+    b = {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}
+    r = data.collate([a, b], pad_id=3)
+    assert r["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]] and r["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert r["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]] and r["pixel_values"].shape == (1, 3, 2, 2)
+    l = data.collate([a, b], pad_id=3, side="left")
+    assert l["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]] and l["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# ----------------------------------------------------------------------------------------
+# common: flags, schedule, data order, checkpoints
+# ----------------------------------------------------------------------------------------
+
+import common  # noqa: E402
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass
+class _Flags:
+    lr: float = 0.1            # learning rate
+    facts: bool = True         # use facts
+    targets: tuple = ("q", "v")  # targets
+    name: str = "x"            # a name
+
+
+def test_parse_config_types_and_errors(capsys):
+    c = common.parse_config(_Flags, ["--lr", "2e-3", "--facts", "false", "--targets", "q,k", "o"])
+    assert c == _Flags(lr=2e-3, facts=False, targets=("q", "k", "o"), name="x")
+    for argv, needle in ((["--lr", "fast"], "expected float"), (["--nope", "1"], "unrecognized arguments"),
+                         (["--facts", "maybe"], "expected true or false")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_config(_Flags, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cosine_schedule_and_batch_order():
+    assert common.cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert common.cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert common.cosine_lr(100, 100, 1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert common.cosine_lr(55, 100, 1.0, warmup=10) == pytest.approx(0.5)
+    one = common.batch_indices(7, 50, 8, seed=3)
+    two = common.batch_indices(7, 50, 8, seed=3, rank=0, world=2) + common.batch_indices(7, 50, 8, seed=3, rank=1, world=2)
+    assert one == two and len(set(one)) == 8
+    epoch = [i for s in range(6) for i in common.batch_indices(s, 50, 8, seed=3)]
+    assert len(set(epoch)) == 48  # no repeats inside an epoch
+
+
+def test_model_presets_have_real_sizes():
+    with torch.device("meta"):
+        for name, billions in (("llava-7b", 7.06), ("llava-13b", 13.35)):
+            m = LLaVA.from_preset(name)
+            n = sum(p.numel() for p in m.parameters()) / 1e9
+            assert abs(n - billions) < 0.05, (name, n)  # CLIP-L/14-336 (last layer never built) + Vicuna
+            assert m.config.num_image_tokens == 576
+
+
+# ----------------------------------------------------------------------------------------
+# sft.py
+# ----------------------------------------------------------------------------------------
+
+def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tiny_sft, tmp_path):
+    from model import latest_checkpoint
+    ck = latest_checkpoint(tiny_sft)
+    assert ck.endswith("checkpoint-000003")
+    m = LLaVA.from_pretrained(tiny_sft)  # a run dir resolves to its newest checkpoint
+    assert os.path.exists(os.path.join(ck, "tokenizer.json")) and os.path.exists(os.path.join(ck, "trainer_state.pt"))
+    lines = [json.loads(l) for l in open(os.path.join(tiny_sft, "metrics.jsonl"))]
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
+    # resume: the 3-step run continued to 5 steps equals an uninterrupted 5-step run, bitwise
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--report", "false", "--save_every", "3"]
+    out = str(tmp_path / "resumed")
+    shutil.copytree(tiny_sft, out)
+    code, stdout, err = run_cli("sft", args + ["--max_steps", "5", "--out", out, "--resume", "true"])
+    assert code == 0, err
+    assert "resumed from" in stdout and "at step 3" in stdout
+    code, _, err = run_cli("sft", args + ["--max_steps", "5", "--out", str(tmp_path / "straight")])
+    assert code == 0, err
+    a = LLaVA.from_pretrained(out).state_dict()
+    b = LLaVA.from_pretrained(str(tmp_path / "straight")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_lora_and_file_data(tiny_world, tmp_path):
+    out = str(tmp_path / "lora")
+    code, stdout, err = run_cli("sft", ["--model", "tiny", "--data", os.path.join(tiny_world, "sft.json"),
+                                        "--image_folder", tiny_world, "--max_steps", "2", "--batch_size", "4",
+                                        "--lora_r", "4", "--out", out, "--report", "false", "--world", tiny_world])
+    assert code == 0, err
+    m = LLaVA.from_pretrained(out)
+    assert not m.adapters  # the SFT adapter is merged into the weights that later stages start from
+
+
+def _write(path, obj):
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_sft_bad_input_one_line_exit_2(tiny_world, tmp_path):
+    img = os.path.join(tiny_world, "images", "train", "000000.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good_conv = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Yes."}]
+    cases = {
+        "missing image": ([{"id": "a", "image": "nope.png", "conversations": good_conv}], "field 'image'"),
+        "undecodable image": ([{"id": "a", "image": str(broken), "conversations": good_conv}], "cannot decode"),
+        "bad json": ("[{\"id\": ", "invalid JSON"),
+        "no conversations": ([{"id": "a", "image": img}], "field 'conversations'"),
+        "not alternating": ([{"id": "a", "image": img, "conversations": good_conv[:1] * 2}], "expected 'gpt'"),
+        "empty answer": ([{"id": "a", "image": img, "conversations": [good_conv[0], {"from": "gpt", "value": " "}]}], "empty"),
+        "image tag text-only": ([{"id": "a", "conversations": good_conv}], "<image>"),
+    }
+    for name, (content, needle) in cases.items():
+        f = _write(tmp_path / "data.json", content)
+        out = tmp_path / "out"
+        code, _, err = run_cli("sft", ["--model", "tiny", "--data", f, "--max_steps", "1", "--out", str(out),
+                                       "--report", "false", "--image_folder", str(tmp_path)])
+        assert code == 2, name
+        assert len(err.strip().splitlines()) == 1 and needle in err and "data.json" in err, (name, err)
+        assert not any(n.startswith("checkpoint-") for n in os.listdir(out)), name  # stopped before training

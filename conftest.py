@@ -1,0 +1,60 @@
+"""Shared pytest fixtures: one tiny Shapes world and one tiny SFT checkpoint per test session,
+and an in-process CLI runner (the same code path as `python stage.py ...`, minus interpreter start-up)."""
+import contextlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+torch.set_num_threads(2)
+
+TINY_WORLD = dict(n_train=60, n_val=12, n_test=36, n_unlabeled=12, n_pref=40, n_povid=40, n_rl=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    import shapes
+    d = str(tmp_path_factory.mktemp("world") / "shapes")
+    shapes.write_world(d, seed=0, **TINY_WORLD)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory, tiny_world):
+    """A `tiny`-preset SFT run directory (3 steps) on the tiny world."""
+    out = str(tmp_path_factory.mktemp("sft") / "sft")
+    code, _, err = run_cli("sft", ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "8",
+                                   "--out", out, "--report", "false", "--log_every", "1"])
+    assert code == 0, err
+    return out
+
+
+def run_cli(module, argv):
+    """Run a stage script's main() in this process as its __main__ block would: parse flags, run,
+    turn user errors into one line + exit 2. Returns (exit code, stdout, stderr)."""
+    import common
+    from data import DataError
+    mod = importlib.import_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cfg = common.parse_config(mod.Config, argv, prog=f"{module}.py")
+            with common.user_errors(DataError):
+                mod.main(cfg)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_script(script, argv, timeout=300, env=None):
+    """A real subprocess (`python script.py ...`) for the checks that need a process of their own."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, script)] + list(argv), capture_output=True, text=True,
+                       timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
+    return r.returncode, r.stdout, r.stderr

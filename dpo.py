@@ -1,0 +1,435 @@
+"""Preference optimisation of a LLaVA: DPO (arXiv 2305.18290), IPO (arXiv 2310.12036), conservative
+DPO (label smoothing), reference-free DPO, and POVID (arXiv 2402.11411).
+
+    python dpo.py                                   # Shapes: ground truth vs injected hallucination, from ckpt/sft
+    python dpo.py --povid_stage 2 --init ckpt/dpo --out ckpt/povid   # POVID stage 2 on the stage-1 policy
+    python dpo.py --loss ipo --beta 0.5             # IPO on length-normalised log-probs
+    torchrun --nproc_per_node=8 dpo.py --init llava-v1.5-7b --data POVID_preference_data_for_VLLMs.json \
+        --image_folder coco/ --lora_r 128 --lora_alpha 256 --lr 1e-6 --device cuda --dtype bf16
+
+logp = sum over the final answer's tokens (and its </s>) of log p(token | prefix, image); image, prompt
+and pad positions carry label -100 and count for nothing. With h = (logp_c - ref_c) - (logp_r - ref_r):
+    sigmoid   -log sigmoid(beta h)                                    DPO, Eq. 7
+    cdpo      -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   conservative DPO (label smoothing eps)
+    ipo       (h - 1/(2 beta))^2, logp averaged over the answer tokens  IPO, Eq. 17
+    ref_free  sigmoid with ref_c = ref_r = 0
+POVID stage 2: 0.5 L(chosen, injected) + 0.5 L(chosen, answer under a noised image); see answer_logps.
+
+The reference policy is never a second copy of the weights: with LoRA it is the same model with the
+adapters off; a full fine-tune computes reference log-probs once and caches them in OUT/ref_logps-<hash>.pt.
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import shapes
+from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json, normalize,
+                  read_llava_rlhf_preference, read_povid, tokenize_conversation)
+from model import base_weights_dir, resolve_checkpoint
+
+
+@dataclass
+class Config:
+    """Preference optimisation: DPO / IPO / cDPO / reference-free, and POVID."""
+    out: str = "ckpt/dpo"                 # run directory: checkpoint-N/, metrics.jsonl, ref_logps-<hash>.pt
+    init: str = "ckpt/sft"                # checkpoint to start from; it is also the reference policy
+    vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
+    data: str = "shapes"                  # 'shapes' (the world's povid_pairs.json) or a POVID / LLaVA-RLHF preference file
+    format: str = "auto"                  # auto (by fields), povid (rejected_conversations) or llava_rlhf (output_1/2, preference)
+    val_data: str = ""                    # held-out pairs for reward accuracy (default: Shapes pref_pairs_val.json; none for files)
+    image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
+    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world_seed: int = 0                   # seed of the Shapes world
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 512                    # longest tokenized sequence (longer pairs are dropped, counted)
+    loss: str = "sigmoid"                 # sigmoid (DPO), ipo, cdpo (label smoothing) or ref_free
+    beta: float = 0.1                     # KL strength: temperature of sigmoid/cdpo; IPO's target margin is 1/(2 beta)
+    label_smoothing: float = 0.0          # cdpo: assumed probability eps that a preference is flipped (0 < eps < 0.5)
+    povid_stage: int = 1                  # 1: DPO on the given pairs; 2: POVID, half the loss against noisy-image answers
+    noise_t: int = 500                    # POVID: diffusion step of the image noise (0..999; POVID uses 500)
+    noisy_tokens: str = "own"             # POVID: 'own' (POVID's code: policy and reference each score their own argmax) or 'policy'
+    lora_r: int = 16                      # LoRA rank on the language model (0: full fine-tune, reference log-probs cached)
+    lora_alpha: int = 32                  # LoRA alpha (scale alpha / r)
+    lora_dropout: float = 0.0             # LoRA dropout (0, as DPO trainers disable dropout: policy == reference at step 0)
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
+    train_vision: bool = False            # full fine-tune only: also train the CLIP tower
+    train_projector: bool = False         # full fine-tune only: also train the projector
+    batch_size: int = 32                  # pairs per optimizer step (global, over all processes)
+    grad_accum: int = 1                   # micro-batches per step on each process
+    lr: float = 1e-3                      # peak learning rate
+    min_lr_ratio: float = 0.1             # final learning rate / peak
+    warmup: int = 20                      # linear warmup steps
+    weight_decay: float = 0.0             # AdamW weight decay on matrices
+    grad_clip: float = 1.0                # gradient norm clip (0: off)
+    max_steps: int = 300                  # optimizer steps
+    eval_every: int = 100                 # held-out reward accuracy every N steps (0: only at the end)
+    eval_n: int = 300                     # held-out pairs per evaluation
+    save_every: int = 100                 # checkpoint every N steps (and at the end)
+    log_every: int = 20                   # a log line every N steps (metrics averaged over them)
+    seed: int = 0                         # seed for data order, LoRA init and image noise
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU; LoRA weights stay fp32)
+    grad_checkpoint: bool = False         # activation checkpointing in the decoder
+    skip_bad: bool = False                # skip bad records with a count (default: stop before training)
+    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    resume: bool = False                  # continue from the newest checkpoint in --out
+
+
+def check_config(cfg):
+    for wrong, message in (
+            (cfg.loss not in ("sigmoid", "ipo", "cdpo", "ref_free"), f"--loss {cfg.loss}: choose sigmoid, ipo, cdpo or ref_free"),
+            (cfg.beta <= 0, f"--beta {cfg.beta}: must be > 0"),
+            (cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5, "--loss cdpo needs --label_smoothing in (0, 0.5)"),
+            (cfg.loss != "cdpo" and cfg.label_smoothing != 0, "--label_smoothing is used by --loss cdpo only"),
+            (cfg.povid_stage not in (1, 2), f"--povid_stage {cfg.povid_stage}: must be 1 or 2"),
+            (not 0 <= cfg.noise_t < 1000, f"--noise_t {cfg.noise_t}: must be 0..999"),
+            (cfg.noisy_tokens not in ("own", "policy"), f"--noisy_tokens {cfg.noisy_tokens}: choose own or policy"),
+            (cfg.format not in ("auto", "povid", "llava_rlhf"), f"--format {cfg.format}: choose auto, povid or llava_rlhf"),
+            (cfg.povid_stage == 2 and cfg.lora_r == 0 and cfg.loss != "ref_free",
+             "--povid_stage 2 needs --lora_r > 0: its noisy-image rejections are drawn fresh each step, so their reference "
+             "log-probs cannot be cached, and a full fine-tune keeps no second copy of the weights to compute them"),
+            (cfg.lora_r > 0 and (cfg.train_vision or cfg.train_projector),
+             "--train_vision/--train_projector need --lora_r 0: with LoRA the reference is the model with its adapters "
+             "off, and trained tower/projector weights would move it too")):
+        if wrong:
+            raise common.ConfigError(message)
+
+
+def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smoothing=0.0):
+    """Per-pair losses and the implicit rewards beta * (logp - ref), from the answer log-probs of the
+    policy (pi_) and the reference (ref_), chosen (_c) and rejected (_r)."""
+    if loss == "ref_free":
+        ref_c, ref_r = torch.zeros_like(pi_c), torch.zeros_like(pi_r)  # a reference that likes every answer alike
+    h = (pi_c - ref_c) - (pi_r - ref_r)  # the log-ratio margin
+    if loss == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO, Eq. 17 of arXiv 2310.12036 (tau = beta)
+    elif loss == "cdpo":  # conservative DPO: the preference is wrong with probability eps
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        losses = -F.logsigmoid(beta * h)  # DPO, Eq. 7 of arXiv 2305.18290
+    return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+# -- data: preference pairs {prompt, chosen, rejected, image}, tokenized once ------------------------
+
+def read_pairs(path, fmt, image_folder, on_error):
+    """Pairs from a POVID or a LLaVA-RLHF preference file (format told by the fields), and the skipped lines."""
+    if fmt == "auto":
+        obj = load_json(path)
+        first = obj[0] if isinstance(obj, list) and obj else obj
+        keys = set(first) if isinstance(first, dict) else set()
+        fmt = "povid" if "rejected_conversations" in keys else "llava_rlhf" if "output_1" in keys else None
+        if fmt is None:
+            raise DataError(path, 0, None, "cannot tell the format: expected 'rejected_conversations' (POVID) or "
+                                           "'output_1'/'output_2'/'preference' (LLaVA-RLHF); or pass --format")
+    got = (read_povid if fmt == "povid" else read_llava_rlhf_preference)(path, image_folder or None, on_error=on_error)
+    recs, skipped = got if on_error == "skip" else (got, [])
+    recs, bad = check_images(recs, path, on_error)
+    for r in [r for r in recs if not r.get("image")]:  # text-only pairs are not supported
+        err = DataError(path, f"id {r.get('id')!r}", "image", "missing: every pair needs an image")
+        if on_error == "raise":
+            raise err
+        bad.append(str(err))
+    return [r for r in recs if r.get("image")], skipped + bad
+
+
+def shapes_world(cfg):
+    """The Shapes world: reused as it is when one with this seed is there (a small test world stays
+    small), else written by shapes.ensure_world. (ppo.py and reward.py carry the same helper.)"""
+    try:
+        found = json.load(open(os.path.join(cfg.world, "world.json"))).get("seed") == cfg.world_seed
+    except (OSError, ValueError):
+        found = False
+    if found and os.path.isdir(os.path.join(cfg.world, "tokenizer")):
+        return cfg.world
+    return shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+
+
+def load_pairs(cfg, d=None):
+    """Training and validation pairs, the skipped-record lines, and a tokenizer dir for fresh models."""
+    on_error = "skip" if cfg.skip_bad else "raise"
+    if cfg.data == "shapes":
+        world = common.on_main_first(d or common.Dist(), lambda: shapes_world(cfg))  # rank 0 writes it, once
+        train, skipped = read_pairs(os.path.join(world, "povid_pairs.json"), "povid", world, on_error)
+        val, _ = read_pairs(os.path.join(world, "pref_pairs_val.json"), "llava_rlhf", world, on_error)
+        return train, val, skipped, os.path.join(world, "tokenizer")
+    train, skipped = read_pairs(cfg.data, cfg.format, cfg.image_folder, on_error)
+    val, bad = read_pairs(cfg.val_data, "auto", cfg.image_folder, on_error) if cfg.val_data else ([], [])
+    return train, val, skipped + bad, ""
+
+
+class Pairs:
+    """Chosen and rejected conversations tokenized once (labels on the final answer only), images on demand."""
+
+    def __init__(self, records, tokenizer, mc, cfg, images):
+        self.items, self.dropped, self.images, self.pad = [], 0, images, tokenizer.pad_token_id
+        for r in records:
+            c, rj = (tokenize_conversation(tokenizer, r["prompt"] + [{"from": "gpt", "value": a}], mc.image_token_id,
+                                           mc.num_image_tokens, cfg.max_len, cfg.template, train_on="last")
+                     for a in (r["chosen"], r["rejected"]))
+            if c is None or rj is None:
+                self.dropped += 1
+            else:
+                self.items.append((c, rj, r["image"]))
+
+    def __len__(self):
+        return len(self.items)
+
+    def batch(self, idx):
+        """2B rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1], right-padded, and the B images."""
+        b = collate([self.items[i][0] for i in idx] + [self.items[i][1] for i in idx], self.pad)
+        b["units"] = torch.stack([self.images.unit(self.items[i][2]) for i in idx])  # [0, 1] pixels
+        b["pixel_values"] = normalize(b["units"])
+        return b
+
+
+def noisy_pixels(units, seeds, t):
+    """POVID's distorted images: the DDPM forward step on the [0,1] image (data.ddpm_noise), one seed per
+    pair, then CLIP normalisation. (POVID noises the original-size image before resizing; ours is noised
+    at the encoder size, the same thing for Shapes.)"""
+    return normalize(torch.stack([ddpm_noise(u, t, torch.Generator().manual_seed(int(s))) for u, s in zip(units, seeds)]))
+
+
+# -- forward passes ----------------------------------------------------------------------------------
+
+def answer_logps(model, b, feats, average=False, noisy=None):
+    """Answer log-probs of a pair batch: chosen and rejected rows in ONE pass, the image features computed
+    once per pair (feats (B, N, hidden), repeated for the rejected rows). Returns chosen (B,), rejected
+    (B,), noisy (B,) or None, and the noisy argmax tokens or None; sums (means with `average`: IPO).
+
+    POVID stage 2 (`noisy`: features of the noised images, or the tokens to score), as POVID's
+    tool/dpo_trainer_inherent.py (concatenated_multi_forward, _get_noisy_batch_logps): the model reads
+    the CHOSEN answer teacher-forced under the noised image; its argmax at each answer position is the
+    dispreferred token, scored as log p(argmax_t | clean image, chosen prefix) and summed over positions."""
+    ids, labels = b["input_ids"], b["labels"]
+    B = len(ids) // 2  # rows are right-padded: causal attention alone keeps real tokens off the pads (no mask needed)
+    h = model(None, ids, None, return_hidden=True, image_features=feats.repeat(2, 1, 1))
+    lab = labels[:, 1:]  # position t predicts token t+1
+    sel = lab != IGNORE  # answer positions only: image, prompt and pads carry -100
+    row, n = sel.nonzero()[:, 0], sel.sum(-1).clamp(min=1).float()
+    logp = torch.log_softmax(model.logits(h[:, :-1][sel]).float(), -1)  # (answer tokens, vocab): the head only there
+
+    def per_row(v, rows, count):  # per-token values summed (or averaged) by row
+        s = torch.zeros(count, device=v.device, dtype=v.dtype).index_add(0, rows, v)
+        return s / n[:count] if average else s
+
+    out = per_row(logp.gather(-1, lab[sel][:, None])[:, 0], row, 2 * B)
+    if noisy is None:
+        return out[:B], out[B:], None, None
+    if noisy.is_floating_point():  # noised-image features: this model's own argmax (no gradient through it)
+        with torch.no_grad():
+            noisy = model.logits(model(None, ids[:B], None, return_hidden=True, image_features=noisy)[:, :-1][sel[:B]]).argmax(-1)
+    is_c = row < B  # sel is row-major: the chosen rows' answer positions come first, in the same order
+    return out[:B], out[B:], per_row(logp[is_c].gather(-1, noisy[:, None])[:, 0], row[is_c], B), noisy
+
+
+def pair_losses(model, b, cfg, ref=None, noisy_pix=None):
+    """Per-pair losses and metrics. The reference is the same model with its adapters off (LoRA), or
+    `ref` (B, 2) summed log-probs from the cache (full fine-tune), or 0 (ref_free)."""
+    avg = cfg.loss == "ipo"
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (cfg.train_vision or cfg.train_projector)):
+        feats = model.encode_images(b["pixel_values"])  # once per pair, for the policy and the reference
+    with torch.no_grad():
+        nfeats = model.encode_images(noisy_pix) if noisy_pix is not None else None
+    pi_c, pi_r, pi_n, tokens = answer_logps(model, b, feats, avg, nfeats)
+    if cfg.loss == "ref_free":
+        ref_c = ref_r = ref_n = torch.zeros_like(pi_c)
+    elif ref is not None:
+        n = (b["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1).float() if avg else torch.ones(2 * len(ref), device=ref.device)
+        ref_c, ref_r = ref[:, 0] / n[:len(ref)], ref[:, 1] / n[len(ref):]
+    else:
+        with torch.no_grad(), model.no_adapter():
+            ref_c, ref_r, ref_n, _ = answer_logps(model, b, feats.detach(), avg,
+                                                  tokens if cfg.noisy_tokens == "policy" else nfeats)
+    losses, rc, rr = preference_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing)
+    m = {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": (rc > rr).float(),
+         "rewards/margins": rc - rr, "logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach()}
+    if pi_n is not None:  # POVID stage 2 (its get_batch_metrics): both pairs share the chosen answer
+        losses_n, _, rn = preference_loss(pi_c, pi_n, ref_c, ref_n, cfg.beta, cfg.loss, cfg.label_smoothing)
+        losses = 0.5 * losses + 0.5 * losses_n
+        m.update({"noisy/rewards/rejected": rn, "noisy/rewards/accuracies": (rc > rn).float(),
+                  "noisy/rewards/margins": rc - rn, "noisy/logps/rejected": pi_n.detach()})
+    m["loss"] = losses.detach()
+    return losses, m
+
+
+# -- full fine-tune: reference log-probs computed once, cached on disk -------------------------------
+
+def fingerprint(cfg, init_dir, *datasets):
+    """Hash of what reference log-probs depend on: the tokenized pairs (data, tokenizer, template,
+    max_len), the image files (size, mtime), the checkpoint files (name, size, mtime and first MiB: the
+    safetensors header), device and dtype. A changed data file or checkpoint gets a new cache file."""
+    h = hashlib.sha256(json.dumps([cfg.dtype, cfg.device]).encode())
+    for ds in datasets:
+        for c, r, image in ds.items:
+            for t in (c["input_ids"], c["labels"], r["input_ids"], r["labels"]):
+                h.update(t.numpy().tobytes())
+            h.update(f"{image}|{os.stat(image).st_size}|{os.stat(image).st_mtime_ns}".encode())
+    for folder in dict.fromkeys([init_dir, base_weights_dir(init_dir)] + ([cfg.vision_tower] if cfg.vision_tower else [])):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and name != "trainer_state.pt":
+                h.update(f"{name}|{os.stat(path).st_size}|{os.stat(path).st_mtime_ns}".encode())
+                with open(path, "rb") as f:
+                    h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def reference_table(model, ds, cfg, d):
+    """(N, 2) summed answer log-probs [chosen, rejected] of every pair under `model` (ranks share the work)."""
+    out = torch.zeros(len(ds), 2)
+    mine = list(range(len(ds)))[d.rank::d.world]
+    for s in range(0, len(mine), cfg.batch_size):
+        b = common.to_device(ds.batch(mine[s:s + cfg.batch_size]), d.device)
+        c, r, _, _ = answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        out[mine[s:s + cfg.batch_size]] = torch.stack([c, r], 1).float().cpu()
+    return common.all_reduce_sum(out, d)
+
+
+def cached_reference(cfg, d, init_dir, train, val, get_model):
+    path = os.path.join(cfg.out, f"ref_logps-{fingerprint(cfg, init_dir, train, val)}.pt")
+    if os.path.exists(path):
+        if d.main:
+            print(f"reference log-probs: reusing {path}")
+        return torch.load(path)
+    model, t0 = get_model().eval(), time.time()
+    table = {"train": reference_table(model, train, cfg, d), "val": reference_table(model, val, cfg, d)}
+    if d.main:  # temp name + rename: a crash never leaves half a cache
+        torch.save(table, f"{path}.tmp{os.getpid()}")
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+        print(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {path}")
+    return table
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+def main(cfg):
+    check_config(cfg)
+    d = common.setup_dist(cfg.device)
+    common.seed_everything(cfg.seed)
+    if d.main:
+        common.ensure_writable(cfg.out)
+    train_recs, val_recs, skipped, tok_dir = load_pairs(cfg, d)
+    if skipped and d.main:
+        print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
+    noise_gen = torch.Generator().manual_seed(cfg.seed)  # POVID noise seeds: the same on every rank, saved in checkpoints
+    resume_path, state = common.load_resume(cfg.out, cfg, {"noise": noise_gen}) if cfg.resume else (None, None)
+    init_dir = resolve_checkpoint(cfg.init)
+    model, tokenizer = common.load_model_and_tokenizer(resume_path or init_dir, vision_tower=cfg.vision_tower,
+                                                       tokenizer_dir=tok_dir, device=d.device)
+    if resume_path is not None:  # the frozen base the adapters sit on, as the checkpoint names it
+        b = json.load(open(os.path.join(resume_path, "config.json"))).get("base")
+        base = os.path.normpath(os.path.join(resume_path, b)) if b else None
+    else:
+        merged = model.active_adapter is not None
+        if merged:  # e.g. POVID stage 2 from a LoRA stage-1 run: that policy, merged, is the reference (as POVID)
+            model.merge_adapter(model.active_adapter)
+        for name in list(model.adapters):
+            model.delete_adapter(name)
+        base = init_dir if cfg.lora_r > 0 and not merged else None  # LoRA checkpoints point at the init's weights
+        if cfg.lora_r > 0:
+            model.add_adapter("dpo", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.lora_r > 0:
+        model.set_adapter("dpo")
+        model.set_trainable(adapters=["dpo"])
+    else:
+        model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
+    if cfg.dtype == "bf16" and cfg.device == "cuda":
+        model.cast_base(torch.bfloat16)
+    model.gradient_checkpointing = cfg.grad_checkpoint
+    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    train = Pairs(train_recs, tokenizer, model.config, cfg, images)
+    val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
+    if train.dropped and d.main:
+        print(f"warning: dropped {train.dropped} of {len(train_recs)} pairs longer than --max_len {cfg.max_len}")
+    if len(train) == 0:
+        raise common.ConfigError("no training pairs left (all records were dropped or skipped)")
+    ref = None
+    if cfg.lora_r == 0 and cfg.loss != "ref_free":  # on --resume the init model is loaded again only if the cache is gone
+        ref = cached_reference(cfg, d, init_dir, train, val, lambda: model if resume_path is None else
+                               common.load_model_and_tokenizer(init_dir, "", cfg.vision_tower, tok_dir, d.device)[0])
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if d.main:
+        print(f"{'resumed from ' + resume_path + ' | ' if resume_path else ''}{len(train)} training pairs, {len(val)} "
+              f"validation | {cfg.loss}, beta {cfg.beta}, POVID stage {cfg.povid_stage} | reference: "
+              f"{'none' if cfg.loss == 'ref_free' else 'cached' if ref else 'adapters off'} | "
+              f"{sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters | {d.world} process(es)")
+    log = common.Logger(cfg.out, d.main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.device == "cuda")
+    sums, t0, last_log = {}, time.time(), start
+    model.train()
+    for step in range(start, cfg.max_steps):
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        common.set_lr(opt, lr)
+        idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
+        # fresh noise every step: a seed per pair of the global batch, drawn alike on every rank (so the noise
+        # does not depend on the number of processes, and the saved generator restores it exactly)
+        seeds = torch.randint(0, 2 ** 62, (cfg.batch_size,), generator=noise_gen)[d.rank * len(idx):] \
+            if cfg.povid_stage == 2 else None
+        step_loss = torch.zeros(())
+        for pos in (list(range(i, len(idx), cfg.grad_accum)) for i in range(cfg.grad_accum)):
+            b = train.batch([idx[p] for p in pos])
+            npix = noisy_pixels(b["units"], seeds[pos], cfg.noise_t).to(d.device) if seeds is not None else None
+            with autocast:
+                losses, m = pair_losses(model, common.to_device(b, d.device), cfg,
+                                        ref["train"][[idx[p] for p in pos]].to(d.device) if ref else None, npix)
+            loss = losses.sum() / cfg.batch_size  # / the global number of pairs: the ranks' gradients add up
+            loss.backward()
+            step_loss += loss.detach().float().cpu()
+            for k, v in list(m.items()) + [("pairs", torch.ones(len(pos)))]:
+                sums[k] = sums.get(k, 0) + v.float().sum().cpu()
+        common.sync_grads(trainable, d)
+        step_loss = common.all_reduce_sum(step_loss, d)
+        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, step_loss)
+        if norm is not None:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:  # means over the pairs since the last line, all ranks
+            tot = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()))
+            avg = {k: v / tot["pairs"] for k, v in tot.items() if k != "pairs"}
+            log.log(done, loss=avg.pop("loss"), **avg, lr=lr, grad_norm=norm if norm is not None else float("nan"),
+                    s_per_step=round((time.time() - t0) / (done - last_log), 3))
+            sums, t0, last_log = {}, time.time(), done
+        if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
+            log.log(done, **evaluate(model, val, cfg, d, ref["val"] if ref else None))
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, generators={"noise": noise_gen}, d=d)
+    common.cleanup_dist()
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, d, ref=None):
+    """Held-out reward accuracy: the share of pairs whose chosen answer gets the larger implicit reward."""
+    model.eval()
+    mine, tot = list(range(len(val)))[d.rank::d.world], torch.zeros(3)
+    for s in range(0, len(mine), cfg.batch_size):
+        chunk = mine[s:s + cfg.batch_size]
+        _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
+                           ref[chunk].to(d.device) if ref is not None else None)
+        tot += torch.stack([m["rewards/accuracies"].sum(), m["rewards/margins"].sum(), torch.tensor(float(len(chunk)))]).cpu()
+    model.train()
+    tot = common.all_reduce_sum(tot, d)
+    return {"val_reward_accuracy": float(tot[0] / tot[2]), "val_reward_margin": float(tot[1] / tot[2])}
+
+
+def cli(argv=None):
+    cfg = common.parse_config(Config, argv, prog="dpo.py")
+    with common.user_errors(DataError):
+        main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

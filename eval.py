@@ -1,0 +1,875 @@
+r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline.
+
+    python eval.py                                          # ckpt/sft, Shapes world, all four, oracle judge
+    python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo     # one Markdown table: OUT/compare.md (+ .json)
+    python eval.py --ckpt llava-v1.5-7b --device cuda --benchmarks pope --image_folder coco/val2014 \
+        --pope_files coco_pope_random.jsonl,coco_pope_popular.jsonl,coco_pope_adversarial.jsonl \
+        --pope_suffix '\nAnswer the question using a single word or phrase.'
+    python eval.py --ckpt DIR --benchmarks chair --chair_instances instances_val2014.json \
+        --chair_synonyms synonyms.txt --image_folder coco/val2014 --limit 500 --max_new_tokens 512
+    python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json --judge openai \
+        --judge_model gpt-4-0314 --max_new_tokens 1024          # key: --judge_key or $OPENAI_API_KEY
+
+Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
+  OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer", + what scoring
+      needs, "source"}, appended batch by batch: a run that stops keeps its answers, the next run
+      generates only the missing ones (a stored line counts when its prompt and source, i.e. checkpoint
+      files and decoding settings, are the same). --rescore true: score what is there, no model.
+  OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply"}, reused for the same key
+  OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
+References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
+evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh, llava-rlhf/LLaVA-RLHF
+Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh, Eval/model_vqa.py and MMHal-Bench-eval/eval_gpt4.py,
+LisaAnne/Hallucination utils/chair.py, FuxiaoLiu/LRV-Instruction Evaluation/evaluate.py.
+"""
+import http.client
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+
+import common
+import shapes
+from data import IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope
+from model import CheckpointError, resolve_checkpoint
+
+BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
+SHAPES_LIMITS = {"pope": 200, "chair": 100, "mmhal": 96, "gavie": 60}  # defaults on Shapes (< 1 min on 2 cores)
+POPE_SPLITS = ("random", "popular", "adversarial")
+MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
+
+
+@dataclass
+class Config:
+    """Evaluate checkpoints on POPE, CHAIR, MMHal-Bench and GAVIE (Shapes world by default)."""
+    ckpt: str = "ckpt/sft"                # checkpoint (or run directory: its newest checkpoint) to evaluate
+    compare: tuple = ()                   # several checkpoints on the same questions -> OUT/compare.md and .json
+    out: str = "runs/eval"                # one subfolder per checkpoint: answers, judge replies, scores.json
+    benchmarks: tuple = BENCHMARKS        # any of pope, chair, mmhal, gavie
+    world: str = "data/shapes"            # Shapes world used when no file is given (written on first use)
+    world_seed: int = 0                   # seed of a Shapes world written on first use
+    limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: POPE 200, CHAIR 100, MMHal 96, GAVIE 60)
+    image_folder: str = ""                # images of the given files (default: beside each file; MMHal: its images/)
+    pope_files: tuple = ()                # POPE JSON-lines files; split from a 'category' field or the file name
+    pope_suffix: str = ""                 # appended to POPE questions, '\n' = newline (LLaVA-1.5/-RLHF: '\nAnswer the question using a single word or phrase.')
+    chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
+    chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
+    chair_captions: str = ""              # optional COCO captions file: objects its captions name count as present
+    chair_prompt: str = "Please describe this image in detail."  # CHAIR prompt for COCO images
+    mmhal_file: str = ""                  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
+    gavie_file: str = ""                  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test questions)
+    gavie_annotations: str = ""           # {image_id: [{"caption", "bbox": [x, y, w, h]}]} for --gavie_file
+    judge: str = "oracle"                 # MMHal/GAVIE judge: oracle (Shapes only), openai, local
+    judge_model: str = "gpt-4-0314"       # openai: model name (MMHal-Bench's default); local: a causal LM directory
+    judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
+    judge_key: str = ""                   # API key (default: $OPENAI_API_KEY)
+    judge_retries: int = 5                # retries on 429, 5xx and connection errors
+    judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
+    judge_timeout: float = 120.0          # seconds per HTTP request
+    judge_max_tokens: int = 512           # longest judge reply
+    rescore: bool = False                 # score the answers on disk; never load a model or generate
+    batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
+    max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)
+    pope_max_new_tokens: int = 16         # longest POPE answer (only its first sentence counts)
+    temperature: float = 0.0              # 0: greedy
+    top_p: float = 1.0                    # nucleus sampling when temperature > 0
+    seed: int = 0                         # sampling seed
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 2048                   # longest prompt in tokens
+    vision_tower: str = ""                # local CLIP directory when the checkpoint lacks the CLIP weights
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "fp32"                   # fp32, or bf16 (cuda)
+
+
+class JudgeError(Exception):
+    """A judge that cannot be reached or loaded (one line, exit 2; answers and replies so far are kept)."""
+
+
+# ----------------------------------------------------------------------------------------
+# JSON-lines files written one line at a time
+# ----------------------------------------------------------------------------------------
+
+def read_jsonl(path):
+    """The records of a file we append to. A line that does not parse (a write cut short) is dropped
+    and the file rewritten without it, so the next append starts on a clean line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    good, bad = [], 0
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if isinstance(r, dict):
+            good.append(r)
+        else:
+            bad += 1
+    if bad or (text and not text.endswith("\n")):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in good)
+        os.replace(path + ".tmp", path)
+    return good
+
+
+def write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------
+# benchmark questions: {"id", "image", "prompt", "file", + what scoring needs}
+# ----------------------------------------------------------------------------------------
+
+def load_benchmarks(cfg):
+    """All questions, read and checked (images exist) before any model is loaded."""
+    if cfg.image_folder and not os.path.isdir(cfg.image_folder):
+        raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
+    on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances, "mmhal": not cfg.mmhal_file,
+                 "gavie": not cfg.gavie_file}
+    if cfg.judge == "oracle" and any(not on_shapes[b] for b in ("mmhal", "gavie") if b in cfg.benchmarks):
+        raise common.ConfigError("--judge oracle knows only the Shapes world; pass --judge openai or --judge local")
+    world = None
+    if any(on_shapes[b] for b in cfg.benchmarks):
+        if not os.path.exists(os.path.join(cfg.world, "world.json")):  # an existing world is used as it is
+            shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+        world = (cfg.world, shapes.load_world(cfg.world)["by_file"])
+    make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions, "gavie": gavie_questions}
+    out = {}
+    for b in cfg.benchmarks:
+        qs = make[b](cfg, world)
+        take = lambda v: _take(v, cfg, b, on_shapes[b])  # noqa: E731
+        out[b] = {split: take(v) for split, v in qs.items()} if b == "pope" else take(qs)
+    return out
+
+
+def _take(qs, cfg, bench, on_shapes):
+    """The first --limit questions (Shapes: SHAPES_LIMITS by default); ids must be unique."""
+    n = cfg.limit or (SHAPES_LIMITS[bench] if on_shapes else 0)
+    qs = qs[:n] if n else qs
+    ids = [q["id"] for q in qs]
+    if len(set(ids)) < len(ids):
+        q = next(q for i, q in enumerate(qs) if q["id"] in ids[:i])
+        raise DataError(q["file"], q["id"], None, "duplicate question id (answers are stored by id)")
+    return qs
+
+
+def _shapes_question(r, path, world, **extra):
+    """A question from a Shapes test file (LLaVA layout), with the image's objects from the annotation."""
+    prompt = r["conversations"][0]["value"].replace(IMAGE, "").strip()
+    return {"id": r["id"], "image": r["image"], "file": path, "prompt": prompt,
+            "objects": world[1][os.path.relpath(r["image"], world[0])], **extra}
+
+
+def pope_questions(cfg, world):
+    """{split: questions}; the split comes from a 'category' field (LLaVA-1.5's llava_pope_test.jsonl)
+    or from the file name (coco_pope_adversarial.jsonl)."""
+    files = cfg.pope_files or [os.path.join(world[0], f"pope_{s}.jsonl") for s in POPE_SPLITS]
+    splits = {}
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        split = next((s for s in POPE_SPLITS if s in stem), stem)
+        for r in read_pope(path, (cfg.image_folder or None) if cfg.pope_files else world[0]):
+            splits.setdefault(str(r.get("category") or split), []).append(
+                {"id": str(r["question_id"]), "image": r["image"], "file": path, "label": r["label"],
+                 "prompt": r["text"] + cfg.pope_suffix.replace("\\n", "\n")})
+    return splits
+
+
+def chair_questions(cfg, world):
+    if cfg.chair_instances:
+        return coco_chair_questions(cfg)
+    path = os.path.join(world[0], "test_describe.json")
+    return [_shapes_question(r, path, world) for r in read_any_conversations(path, world[0])]
+
+
+def mmhal_questions(cfg, world):
+    """MMHal-Bench records; on Shapes the images are world/images/test and the objects are known."""
+    path = cfg.mmhal_file or os.path.join(world[0], "mmhal.json")
+    recs = read_mmhal(path, (cfg.image_folder or None) if cfg.mmhal_file else os.path.join(world[0], "images", "test"))
+    return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"], "question_type": r["question_type"],
+             "gt": r["gt_answer"], "image_content": r["image_content"],
+             "objects": None if cfg.mmhal_file else world[1][r["image_src"]]} for i, r in enumerate(recs)]
+
+
+def gavie_questions(cfg, world):
+    """Shapes: an equal share of each held-out question type (test_<type>.json), boxes from the annotation."""
+    if cfg.gavie_file:
+        return lrv_gavie_questions(cfg)
+    per, qs = math.ceil((cfg.limit or SHAPES_LIMITS["gavie"]) / len(shapes.QUESTION_TYPES)), []
+    for qt in shapes.QUESTION_TYPES:
+        path = os.path.join(world[0], f"test_{qt}.json")
+        for r in read_any_conversations(path, world[0])[:per]:
+            q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
+            qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
+    return qs
+
+
+def _image_file(folder, name, file, record, field):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise DataError(file, record, field, f"image not found: {path}")
+    return path
+
+
+def coco_chair_questions(cfg):
+    if not cfg.chair_synonyms or not cfg.image_folder:
+        raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder (the COCO images)")
+    syn = load_synonyms(cfg.chair_synonyms)
+    path = cfg.chair_instances
+    ann = load_json(path)
+    if not isinstance(ann, dict):
+        raise DataError(path, message="not a COCO instances file (expected an object with images, annotations, categories)")
+    objects = shapes.objects_from_coco(ann, path)  # {image_id: [{"name", "bbox", ...}]}
+    for name in {o["name"] for objs in objects.values() for o in objs}:
+        syn.setdefault(name.lower(), name.lower())  # a category the synonym file lacks stands for itself
+    n = cfg.limit or len(ann["images"])
+    imgs = ann["images"][:n]
+    present = {img["id"]: {syn[o["name"].lower()] for o in objects[img["id"]]} for img in imgs}
+    if cfg.chair_captions:  # CHAIR also takes the objects that the reference captions name
+        caps = load_json(cfg.chair_captions)
+        for c in caps.get("annotations", []) if isinstance(caps, dict) else []:
+            if c.get("image_id") in present:
+                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn))
+    return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt, "objects": present[img["id"]], "syn": syn,
+             "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
+            for i, img in enumerate(imgs)]
+
+
+def lrv_gavie_questions(cfg):
+    path, folder = cfg.gavie_file, cfg.image_folder or os.path.dirname(os.path.abspath(cfg.gavie_file))
+    items = load_json(path)
+    boxes = load_json(cfg.gavie_annotations) if cfg.gavie_annotations else None
+    if not isinstance(items, list) or not isinstance(boxes, dict):
+        raise DataError(path, message="expected a list of {image_id, question}, and --gavie_annotations "
+                                      "{image_id: [{caption, bbox}]}")
+    qs = []
+    for i, r in enumerate(items):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or r.get("image_id") is None:
+            raise DataError(path, i, "question", "expected {\"image_id\", \"question\"}")
+        iid = str(r["image_id"])
+        if not isinstance(boxes.get(iid), list):
+            raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
+        name = iid if os.path.splitext(iid)[1] else iid + ".jpg"  # Visual Genome <image_id>.jpg
+        qs.append({"id": str(i), "file": path, "prompt": r["question"], "gt": None, "qtype": None, "objects": None,
+                   "image": _image_file(folder, name, path, i, "image_id"),
+                   "boxes": [(b.get("caption") or b.get("name") or "object", b.get("bbox", [])) for b in boxes[iid]]})
+    return qs
+
+
+# ----------------------------------------------------------------------------------------
+# answers: reused from the answers file, else generated and appended batch by batch
+# ----------------------------------------------------------------------------------------
+
+class Answerer:
+    """One checkpoint's answers: reused from its answers files when there, else generated and appended."""
+
+    def __init__(self, cfg, ckpt, name):
+        self.cfg, self.ckpt, self.name, self.model, self.memo, self.last = cfg, ckpt, name, None, {}, (None, None)
+        self.source = None if cfg.rescore else source(cfg, ckpt)
+
+    def _load(self):
+        if self.model is None:
+            cfg = self.cfg
+            dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
+            self.model, self.tok = common.load_model_and_tokenizer(self.ckpt, vision_tower=cfg.vision_tower,
+                                                                   device=cfg.device, dtype=dtype)
+            self.images = ImageCache(self.model.config.image_size, 20000 if self.model.config.image_size <= 64 else 0)
+            self.gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+
+    def _item(self, q):
+        turns = [{"from": "human", "value": IMAGE + "\n" + q["prompt"]}]
+        if self.last[0] != q["image"]:  # POPE asks about one image several times in a row
+            self.last = (q["image"], self.images.unit(q["image"], q["file"], q["id"]))
+        item = common.prompt_item(self.tok, self.model, turns, self.last[1], self.cfg.template, self.cfg.max_len)
+        if item is None:
+            raise DataError(q["file"], q["id"], None, f"the prompt does not fit --max_len {self.cfg.max_len}")
+        return item
+
+    def _generate(self, qs, max_new_tokens):
+        cfg = self.cfg
+        if cfg.temperature > 0:
+            return common.generate_answers(self.model, self.tok, [self._item(q) for q in qs], len(qs), max_new_tokens,
+                                           cfg.temperature, cfg.top_p, self.gen, show=False)
+        keys = [(q["image"], q["prompt"], max_new_tokens) for q in qs]  # greedy: same prompt, same answer (POPE
+        new = {k: q for k, q in zip(keys, qs) if k not in self.memo}    # splits share their 'yes' questions)
+        texts = common.generate_answers(self.model, self.tok, [self._item(q) for q in new.values()], len(new),
+                                        max_new_tokens, show=False) if new else []
+        self.memo.update(zip(new, texts))
+        return [self.memo[k] for k in keys]
+
+    def answers(self, bench, qs, path, max_new_tokens, keep=()):
+        """{id: line} for the questions answered: a stored line with the same prompt and source (the same
+        checkpoint files and decoding; --rescore: any), else a new one."""
+        cfg, src = self.cfg, self.source and f"{self.source} max_new_tokens={max_new_tokens}"
+        stored = {(str(r.get("id")), r.get("prompt")): r for r in read_jsonl(path) if src is None or r.get("source") == src}
+        done = {q["id"]: stored[q["id"], q["prompt"]] for q in qs if (q["id"], q["prompt"]) in stored}
+        todo = [q for q in qs if q["id"] not in done]
+        print(f"{self.name} {bench}: reused {len(done)} answers, {'missing' if cfg.rescore else 'generating'} {len(todo)}",
+              flush=True)
+        if not todo or cfg.rescore:
+            return done
+        self._load()
+        with open(path, "a", encoding="utf-8") as f:
+            for s in common.progress(range(0, len(todo), cfg.batch_size), desc=f"{self.name} {bench}"):
+                chunk = todo[s:s + cfg.batch_size]
+                for q, answer in zip(chunk, self._generate(chunk, max_new_tokens)):
+                    line = {"id": q["id"], "prompt": q["prompt"], "answer": answer, **{x: q[x] for x in keep}, "source": src}
+                    f.write(json.dumps(line) + "\n")
+                    done[q["id"]] = line
+                f.flush()  # each batch is on disk before the next starts
+        return done
+
+
+def source(cfg, ckpt):
+    """What an answer depends on besides its prompt: the checkpoint's files (path and newest mtime) and
+    the decoding settings. Answers from another source are kept in the file but not reused."""
+    path = os.path.abspath(resolve_checkpoint(ckpt))
+    stamp = max((os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)), default=0)
+    decoding = "greedy" if cfg.temperature == 0 else f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}"
+    return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {decoding}"
+
+
+# ----------------------------------------------------------------------------------------
+# POPE
+# ----------------------------------------------------------------------------------------
+
+# POPE (Li et al. 2023, arXiv 2305.10355): yes/no questions about objects, 50% present; the negatives
+# are drawn at random, among the most frequent objects (popular) or among the objects that co-occur most
+# with the present ones (adversarial). Prompt: "<image>\n" + question + --pope_suffix. LLaVA-1.5
+# (llava_pope_test.jsonl questions) and LLaVA-RLHF (Eval/eval_scripts/eval_pope.sh, --test-prompt) both
+# append "\nAnswer the question using a single word or phrase."; the Shapes model was trained without
+# it, so the default is empty.
+
+def pope_yes_no(text):
+    """The reference parser (RUCAIBox/POPE evaluate.py = LLaVA eval_pope.py = LLaVA-RLHF
+    summarize_eval_pope.py): keep the text before the first '.', delete ',', split at ' '; 'no' if a word
+    is exactly 'No', 'not' or 'no', else 'yes'. So 'Not really', 'NO' and 'No!' are 'yes', as there."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
+def pope_metrics(preds, labels):
+    """'yes' is the positive class: accuracy, precision TP/(TP+FP), recall TP/(TP+FN), F1, yes-ratio
+    (TP+FP)/N. A zero denominator gives 0 (the reference divides by zero)."""
+    tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
+    fp = sum(p == "yes" and l == "no" for p, l in zip(preds, labels))
+    tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
+    fn = sum(p == "no" and l == "yes" for p, l in zip(preds, labels))
+    n = max(len(labels), 1)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n, "n": len(labels), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+# ----------------------------------------------------------------------------------------
+# CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions. Shapes: the
+# oracle (shapes.chair_counts; 'no circle' is not a mention). COCO: plain word matching: lower-case
+# letter runs, simple plurals singularised to a known object word, 2-word synonyms first ('hot dog'),
+# 'baby/adult/passenger X' is X, 'toilet seat' is a toilet; present objects = the instance categories
+# (+ objects named by --chair_captions, which the reference also adds). Like the reference, no negation
+# handling ('no dog' mentions a dog). Unlike it, a category counts once per description (it counts
+# every repeated word). Synonym file = CHAIR's data/synonyms.txt: one line per COCO category,
+# comma-separated, the canonical category name first: "person, girl, boy, man, woman, ...".
+# ----------------------------------------------------------------------------------------
+
+IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
+             "geese": "goose", "feet": "foot", "teeth": "tooth", "knives": "knife", "leaves": "leaf", "shelves": "shelf"}
+QUALIFIERS = {"baby", "adult", "passenger"}  # 'baby elephant' is an elephant, not a person (as CHAIR's rules)
+PAIR_TO_WORD = {"toilet seat": "toilet", "bow tie": "tie"}
+
+
+def load_synonyms(path):
+    """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py)."""
+    if not os.path.isfile(path):
+        raise DataError(path, message="file not found")
+    syn = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
+            syn.update({w: words[0] for w in words})
+    if not syn:
+        raise DataError(path, message="no synonyms (expected lines 'category, synonym, synonym, ...')")
+    return syn
+
+
+def singular(word, vocab):
+    """The word if it is known, else its first simple singular form that is known."""
+    if word in vocab:
+        return word
+    cands = [IRREGULAR.get(word, "")]
+    cands += [word[:-3] + "y"] if word.endswith("ies") else []
+    cands += [word[:-3] + "f", word[:-3] + "fe"] if word.endswith("ves") else []
+    cands += [word[:-2]] if word.endswith("es") else []
+    cands += [word[:-1]] if word.endswith("s") and not word.endswith("ss") else []
+    return next((c for c in cands if c in vocab), word)
+
+
+def coco_objects(text, syn):
+    """Distinct canonical COCO objects a caption names, in order."""
+    vocab = {w for phrase in syn for w in phrase.split()}
+    toks = [singular(w, vocab) for w in re.findall(r"[a-z]+", text.lower())]
+    found, i = [], 0
+    while i < len(toks):
+        pair = " ".join(toks[i:i + 2]) if i + 1 < len(toks) else ""
+        if pair in syn or PAIR_TO_WORD.get(pair) in syn:
+            found.append(syn[pair] if pair in syn else syn[PAIR_TO_WORD[pair]])
+            i += 2
+            continue
+        if toks[i] in syn and not (toks[i] in QUALIFIERS and i + 1 < len(toks) and toks[i + 1] in syn):
+            found.append(syn[toks[i]])
+        i += 1
+    return list(dict.fromkeys(found))
+
+
+def chair_counts(q, text):
+    """(object categories mentioned, how many are not in the image) for one description."""
+    if "syn" not in q:
+        return shapes.chair_counts(text, q["objects"])
+    objs = coco_objects(text, q["syn"])
+    return len(objs), sum(o not in q["objects"] for o in objs)
+
+
+def chair_metrics(counts, n_words):
+    """CHAIR_i = hallucinated object mentions / object mentions; CHAIR_s = descriptions with a
+    hallucinated object / descriptions (Rohrbach et al., EMNLP 2018)."""
+    mentions, halluc = sum(m for m, _ in counts), sum(h for _, h in counts)
+    return {"chair_i": halluc / mentions if mentions else 0.0,
+            "chair_s": sum(h > 0 for _, h in counts) / max(len(counts), 1),
+            "n": len(counts), "mentions": mentions, "hallucinated": halluc,
+            "answer_words": sum(n_words) / max(len(n_words), 1)}
+
+
+# ----------------------------------------------------------------------------------------
+# MMHal-Bench (LLaVA-RLHF, arXiv 2309.14525, MMHal-Bench-eval/eval_gpt4.py): 96 questions of 8 types; a
+# judge reads the image contents, the question, the standard answer and the response, explains, then
+# rates 0-6. GAVIE (LRV-Instruction, arXiv 2306.14565, Evaluation/evaluate.py): a judge reads the object
+# annotations (boxes), the instruction and the answer and scores relevancy and accuracy 0-10. The
+# templates below follow their structure in our own words.
+# ----------------------------------------------------------------------------------------
+
+MMHAL_PROMPT = """You are an impartial and objective judge. Evaluate the response that a Large Multimodal Model (LMM) gave to a user's question about an image. Base your evaluation on two things: how informative the response is, and whether it contains hallucination. Here, hallucination means that the response states something that is neither present in nor implied by the image or the conversation: a false claim about an object, its attributes, number or position, an action, an emotion, or any other detail the image does not support.
+
+Some examples:
+
+### Example 1:
+- Image Contents: Dog, Frisbee, Grass
+- Question: How many dogs are in the picture?
+- Standard Human-Generated Answer: There is one dog, jumping for a frisbee.
+- LMM Response to Evaluate: Two dogs are playing with a frisbee on the grass.
+- Analysis: The response claims two dogs where the image has one; that is a false claim.
+- Hallucination: Yes.
+
+### Example 2:
+- Image Contents: Bicycle, Person, Street
+- Question: What is the person doing?
+- Standard Human-Generated Answer: A man is riding a bicycle down a city street.
+- LMM Response to Evaluate: The person is cycling along a street, perhaps commuting; cycling is a healthy way to get around a city.
+- Analysis: Every claim about the image is supported; the extra reasoning is general and invents nothing about the image.
+- Hallucination: No.
+
+### Example 3:
+- Image Contents: Building, Sign, Person
+- Question: In which city was this photo taken?
+- Standard Human-Generated Answer: The sign reads "Welcome to Boston", so the photo was taken in Boston.
+- LMM Response to Evaluate: It is a city street with a sign, but I cannot tell which city it is.
+- Analysis: The response does not fully answer the question, but it makes no false claim. Expressing uncertainty, or leaving out details that the standard answer has, is not hallucination.
+- Hallucination: No.
+
+With these examples in mind, evaluate whether the response below is informative and whether it contains hallucination, by comparing it with the image contents, the question and the standard human-generated answer. The standard answer is factual but may be brief and may not mention every object or attribute in the image, so be careful before calling a claim false. Detailed analysis or reasoning in the response is a good thing as long as it makes no false claim.
+
+First give a short explanation. Then rate the response by choosing exactly one of these options:
+- Rating: 6, very informative with good analysis or reasoning, no hallucination
+- Rating: 5, very informative, no hallucination
+- Rating: 4, somewhat informative, no hallucination
+- Rating: 3, not informative, no hallucination
+- Rating: 2, very informative, with hallucination
+- Rating: 1, somewhat informative, with hallucination
+- Rating: 0, not informative, with hallucination
+
+### Image Contents
+{contents}
+
+### Question
+{question}
+
+### Standard Human-Generated Answer
+{gt}
+
+### LMM Response to Evaluate
+{answer}
+"""
+
+GAVIE_PROMPT = """You are a careful teacher. You cannot see the image, but you are given its annotations: each line is an object with its bounding box, the top-left corner (X, Y) and the size (Width, Height) in pixels. Strongly overlapping boxes may be the same object.
+
+Objects in the image:
+{boxes}
+
+Instruction for the image:
+{question}
+
+Answer to grade:
+{answer}
+
+Score the answer from 0 to 10 on two criteria:
+1. Relevancy: does the answer directly follow the instruction?
+2. Accuracy: is the answer correct about the image content (no objects, attributes, numbers or positions that the annotations contradict)?
+
+Reply in exactly this format:
+Relevancy: <score 0-10>
+Accuracy: <score 0-10>
+Reason: <one or two sentences>
+"""
+
+
+def mmhal_prompt(q, answer):
+    return MMHAL_PROMPT.format(contents=", ".join(q["image_content"]), question=q["prompt"], gt=q["gt"], answer=answer)
+
+
+def gavie_prompt(q, answer):
+    boxes = "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
+                      for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
+    return GAVIE_PROMPT.format(boxes=boxes, question=q["prompt"], answer=answer)
+
+
+def parse_rating(reply):
+    """The one value k of 'rating: k' (case-insensitive, k in 0-6), or None when there are zero or
+    several values. The same value repeated counts once, as in eval_gpt4.py (which scores a reply
+    without exactly one value as 0; we flag it, count it and leave it out: score_unparsed_as_0)."""
+    found = {int(k) for k in re.findall(r"rating:\s*([0-6])(?!\d)", str(reply).lower())}
+    return found.pop() if len(found) == 1 else None
+
+
+def parse_gavie(reply):
+    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (each exactly one value in
+    0-10; the format our prompt asks for), or None."""
+    out = {}
+    for key in ("relevancy", "accuracy"):
+        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", str(reply).lower())}
+        if len(found) != 1 or not 0 <= min(found) <= 10:
+            return None
+        out[key] = found.pop()
+    return out
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def mmhal_metrics(qs, replies):
+    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt4.py)."""
+    ratings = {q["id"]: parse_rating(replies[q["id"]]) for q in qs if q["id"] in replies}
+    bad = [i for i, k in ratings.items() if k is None]
+    ratings = {i: k for i, k in ratings.items() if k is not None}
+    vals = list(ratings.values())
+    types = list(MMHAL_TYPES) + sorted({q["question_type"] for q in qs} - set(MMHAL_TYPES))
+    per_type = {t: _mean([ratings[q["id"]] for q in qs if q["question_type"] == t and q["id"] in ratings]) for t in types}
+    return {"score": _mean(vals), "hallucination_rate": _mean([float(v < 3) for v in vals]),
+            "per_type": {t: v for t, v in per_type.items() if v is not None}, "n": len(vals),
+            "unparsed": len(bad), "unparsed_ids": bad[:20],
+            "score_unparsed_as_0": sum(vals) / (len(vals) + len(bad)) if vals or bad else None}
+
+
+def gavie_metrics(qs, replies):
+    parsed = {q["id"]: parse_gavie(replies[q["id"]]) for q in qs if q["id"] in replies}
+    bad = [i for i, s in parsed.items() if s is None]
+    scores = [s for s in parsed.values() if s is not None]
+    return {"accuracy": _mean([s["accuracy"] for s in scores]), "relevancy": _mean([s["relevancy"] for s in scores]),
+            "n": len(scores), "unparsed": len(bad), "unparsed_ids": bad[:20]}
+
+
+# ----------------------------------------------------------------------------------------
+# judges: judge(prompt, record) -> reply text
+# ----------------------------------------------------------------------------------------
+
+POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom",
+                  "center": "center", "centre": "center", "middle": "center", "above": "above", "below": "below"}
+
+
+def facts(text):
+    """The checkable words of a Shapes answer: shapes (canonical), colors, sizes, numbers, positions."""
+    out = set()
+    for w in re.findall(r"[a-z]+|\d+", str(text).lower()):
+        v = shapes.WORD2SHAPE.get(w) or (w if w in shapes.COLORS else None) or shapes.SIZE_WORDS.get(w) or \
+            (str(shapes.NUMS[w]) if w in shapes.NUMS else None) or POSITION_WORDS.get(w)
+        if v:
+            out.add(v)
+    return out
+
+
+def yes_no(text):
+    m = re.match(r"\W*(yes|no)\b", str(text).lower())
+    return m.group(1) if m else None
+
+
+def _errors(answer, q):
+    """shapes.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground truth's."""
+    r = shapes.oracle(answer, q["objects"])
+    errs = r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
+    if q.get("gt") and yes_no(q["gt"]) and yes_no(answer) and yes_no(answer) != yes_no(q["gt"]):
+        errs.append(f"answered {yes_no(answer)}")
+    return r, errs
+
+
+def oracle_mmhal(q, answer):
+    """Deterministic MMHal rubric. hallucination: shapes.oracle finds a false claim, or the yes/no verdict
+    is opposite to the standard answer's. informative: the share of the standard answer's facts (shape,
+    color, size, number, position words; its yes/no) that the answer states: all = very, some =
+    somewhat, none = not. 6 = very informative, no hallucination, and it correctly names more shapes
+    than the standard answer (extra correct detail)."""
+    r, errs = _errors(answer, q)
+    want = facts(q["gt"]) | ({yes_no(q["gt"])} - {None})
+    got = facts(answer) | ({yes_no(answer)} - {None})
+    cover = len(want & got) / len(want) if want else float(bool(got))
+    level = "very" if cover >= 1 else "somewhat" if cover > 0 else "not"
+    extra = r["num_mentions"] > shapes.oracle(q["gt"], q["objects"])["num_mentions"]
+    scale = {"very": 2, "somewhat": 1, "not": 0} if errs else {"very": 6 if extra else 5, "somewhat": 4, "not": 3}
+    rating = scale[level]
+    return (f"Analysis: {len(errs)} hallucination(s){' (' + '; '.join(errs) + ')' if errs else ''}; "
+            f"states {len(want & got)} of {len(want)} facts of the standard answer ({level} informative).\nRating: {rating}")
+
+
+def oracle_gavie(q, answer):
+    """Deterministic GAVIE rubric. accuracy = 10 - 3 per hallucination (not below 0), and 0 when the
+    answer states nothing checkable. relevancy = 10 when the answer has the form the instruction asks
+    for (yes/no question -> starts with yes/no; count -> a number; color -> a color; where -> a
+    position; multiple choice -> a letter; describe -> names a shape), 5 when it is about the image in
+    another form, 0 otherwise."""
+    _, errs = _errors(answer, q)
+    said, low, qq = facts(answer), answer.lower(), q["prompt"].lower()
+    accuracy = max(0, 10 - 3 * len(errs)) if said or yes_no(answer) else 0
+    if re.match(r"(is|are|does|do|can|could)\b", qq):
+        ok = yes_no(answer) is not None
+    elif q["qtype"] == "count" or qq.startswith("how many"):
+        ok = any(f.isdigit() for f in said) or re.search(r"\b(no|zero|none)\b", low)
+    elif q["qtype"] == "color":
+        ok = bool(said & set(shapes.COLORS))
+    elif q["qtype"] == "mc":
+        ok = re.search(r"option is\s*\(?[A-D]\b", answer) or re.match(r"\W*\(?[A-D](?:[.:)]|\s|$)", answer)
+    elif qq.startswith("where") or q["qtype"] == "relation":
+        ok = bool(said & set(POSITION_WORDS.values()))
+    else:
+        ok = bool(said & set(shapes.SHAPES))
+    relevancy = 10 if ok else 5 if said or yes_no(answer) else 0
+    return (f"Relevancy: {relevancy}\nAccuracy: {accuracy}\nReason: {len(errs)} hallucination(s)"
+            f"{' (' + '; '.join(errs) + ')' if errs else ''}; the answer {'has' if ok else 'lacks'} the asked-for form.")
+
+
+class OracleJudge:
+    """Shapes only: exact and deterministic; it reads the record, not the prompt."""
+    name = "oracle"
+
+    def __call__(self, prompt, record):
+        return (oracle_mmhal if record["bench"] == "mmhal" else oracle_gavie)(record, record["answer"])
+
+
+class OpenAIJudge:
+    """Any OpenAI-compatible chat-completions endpoint, standard library only."""
+
+    def __init__(self, cfg):
+        self.url = cfg.judge_url.rstrip("/") + "/chat/completions"
+        self.model, self.cfg, self.name = cfg.judge_model, cfg, f"openai:{cfg.judge_model}"
+        self.key = cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
+        if not self.key and "api.openai.com" in self.url:
+            raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
+
+    def __call__(self, prompt, record):
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0, "max_tokens": self.cfg.judge_max_tokens}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        err = ""
+        for attempt in range(self.cfg.judge_retries + 1):
+            if attempt:
+                time.sleep(self.cfg.judge_backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.cfg.judge_timeout) as r:
+                    data = json.loads(r.read().decode("utf-8"))
+                return data["choices"][0]["message"].get("content") or ""
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:  # a request that can never succeed: stop now
+                    detail = e.read()[:200].decode("utf-8", "replace")
+                    raise JudgeError(f"judge {self.url}: HTTP {e.code} {e.reason}: {detail}")
+                err = f"HTTP {e.code} {e.reason}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                err = f"not a chat-completions reply ({type(e).__name__})"
+        raise JudgeError(f"judge {self.url}: no reply after {self.cfg.judge_retries + 1} tries ({err}); "
+                         "answers and judge replies so far are kept: re-run to continue")
+
+
+class LocalJudge:
+    """A causal LM directory (transformers, local files only), greedy."""
+
+    def __init__(self, cfg):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path, self.cfg, self.name = cfg.judge_model, cfg, f"local:{os.path.basename(os.path.normpath(cfg.judge_model))}"
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(cfg.device).eval()
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
+
+    @torch.no_grad()
+    def __call__(self, prompt, record):
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt")
+            ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+        else:
+            ids = self.tok(prompt, return_tensors="pt").input_ids
+        ids = ids.to(self.cfg.device)
+        pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.judge_max_tokens,
+                                  do_sample=False, pad_token_id=pad)
+        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def make_judge(cfg):
+    return OracleJudge() if cfg.judge == "oracle" else OpenAIJudge(cfg) if cfg.judge == "openai" else LocalJudge(cfg)
+
+
+def judge_replies(bench, qs, lines, path, judges, cfg, name):
+    """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are appended."""
+    if "judge" not in judges:  # made once per run, on first use (a local judge loads a model)
+        judges["judge"] = make_judge(cfg)
+    judge = judges["judge"]
+    cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "") for r in read_jsonl(path)}
+    todo = [q for q in qs if q["id"] in lines and (q["id"], judge.name, lines[q["id"]]["answer"]) not in cache]
+    with open(path, "a", encoding="utf-8") as f:
+        for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=judge.name != "oracle"):
+            answer = lines[q["id"]]["answer"]
+            prompt = (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
+            reply = judge(prompt, dict(q, answer=answer, bench=bench))
+            f.write(json.dumps({"id": q["id"], "judge": judge.name, "answer": answer, "reply": reply}) + "\n")
+            f.flush()
+            cache[(q["id"], judge.name, answer)] = reply
+    return {q["id"]: cache[(q["id"], judge.name, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
+
+
+# ----------------------------------------------------------------------------------------
+# one checkpoint, several checkpoints
+# ----------------------------------------------------------------------------------------
+
+def evaluate(cfg, ckpt, name, bench, judges):
+    out = os.path.join(cfg.out, name)
+    os.makedirs(out, exist_ok=True)
+    ans = Answerer(cfg, ckpt, name)
+    scores = {"ckpt": ckpt}
+    if "pope" in bench:
+        scores["pope"] = {}
+        for split, qs in bench["pope"].items():
+            lines = ans.answers(f"pope_{split}", qs, os.path.join(out, f"answers_pope_{split}.jsonl"),
+                                cfg.pope_max_new_tokens, keep=("label",))
+            got = [q for q in qs if q["id"] in lines]
+            preds = [pope_yes_no(lines[q["id"]]["answer"]) for q in got]
+            scores["pope"][split] = pope_metrics(preds, [q["label"] for q in got])
+        per = list(scores["pope"].values())  # average = the mean of each metric over the splits
+        scores["pope"]["average"] = {k: _mean([m[k] for m in per])
+                                     for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    if "chair" in bench:
+        qs = bench["chair"]
+        lines = ans.answers("chair", qs, os.path.join(out, "answers_chair.jsonl"), cfg.max_new_tokens)
+        texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
+        scores["chair"] = chair_metrics([chair_counts(q, t) for q, t in texts], [len(t.split()) for _, t in texts])
+    for b, metrics, keep in (("mmhal", mmhal_metrics, ("question_type",)), ("gavie", gavie_metrics, ("qtype",))):
+        if b in bench:
+            lines = ans.answers(b, bench[b], os.path.join(out, f"answers_{b}.jsonl"), cfg.max_new_tokens, keep)
+            replies = judge_replies(b, bench[b], lines, os.path.join(out, f"judge_{b}.jsonl"), judges, cfg, name)
+            scores[b] = metrics(bench[b], replies)
+            if scores[b]["unparsed"]:
+                print(f"warning: {name} {b}: {scores[b]['unparsed']} judge replies without a valid score "
+                      f"(excluded; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
+    write_json(scores, os.path.join(out, "scores.json"))
+    return scores
+
+
+def run_names(ckpts):
+    """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 -> sft-checkpoint-000100)."""
+    names = []
+    for c in ckpts:
+        p = os.path.normpath(os.path.abspath(c))
+        n = os.path.basename(p)
+        n = f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
+        names.append(n if n not in names else f"{n}-{len(names)}")
+    return names
+
+
+COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"), ("CHAIR_i", ("chair", "chair_i"), ".3f"),
+           ("CHAIR_s", ("chair", "chair_s"), ".3f"), ("MMHal score", ("mmhal", "score"), ".2f"),
+           ("MMHal halluc. rate", ("mmhal", "hallucination_rate"), ".2f"), ("GAVIE acc.", ("gavie", "accuracy"), ".2f"),
+           ("GAVIE rel.", ("gavie", "relevancy"), ".2f"), ("answer words", ("chair", "answer_words"), ".1f")]
+
+
+def _get(d, keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def table(rows):
+    """One Markdown table, a row per checkpoint (and the same rows as dicts, for compare.json)."""
+    splits = dict.fromkeys(s for r in rows.values() for s in r.get("pope", {}) if s != "average")
+    cols = [(f"POPE F1 {s}", ("pope", s, "f1"), ".3f") for s in splits] + COLUMNS
+    cols = [c for c in cols if any(_get(r, c[1]) is not None for r in rows.values())]
+    flat = [{"checkpoint": n, **{c: _get(r, keys) for c, keys, _ in cols}} for n, r in rows.items()]
+    md = ["| checkpoint | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    md += ["| " + " | ".join([f["checkpoint"]] + ["-" if f[c] is None else format(f[c], fmt) for c, _, fmt in cols]) + " |"
+           for f in flat]
+    return "\n".join(md) + "\n", flat
+
+
+def main(cfg):
+    bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
+    if bad or not cfg.benchmarks:
+        raise common.ConfigError(f"--benchmarks: unknown {bad} (choose from {', '.join(BENCHMARKS)})")
+    if cfg.judge not in ("oracle", "openai", "local"):
+        raise common.ConfigError(f"--judge {cfg.judge}: choose oracle, openai or local")
+    if cfg.batch_size < 1 or cfg.temperature < 0:
+        raise common.ConfigError("--batch_size must be >= 1 and --temperature >= 0")
+    ckpts = list(cfg.compare) or [cfg.ckpt]
+    for c in ckpts if not cfg.rescore else []:  # fail before any work on a checkpoint that cannot load
+        if not os.path.isdir(c):
+            raise common.ConfigError(f"{c}: checkpoint directory not found (train one: python sft.py; or pass --ckpt DIR)")
+        path = os.path.join(resolve_checkpoint(c), "config.json")
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read the checkpoint config ({type(e).__name__}: {e})")
+    common.ensure_writable(cfg.out)
+    bench = load_benchmarks(cfg)
+    judges, rows = {}, {}
+    for ckpt, name in zip(ckpts, run_names(ckpts)):
+        t0 = time.time()
+        rows[name] = evaluate(cfg, ckpt, name, bench, judges)
+        print(f"{name}: evaluated in {time.time() - t0:.1f}s -> {os.path.join(cfg.out, name, 'scores.json')}", flush=True)
+    md, flat = table(rows)
+    print(md, end="")
+    if cfg.compare:
+        with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+            f.write(md)
+        write_json({"rows": flat, "scores": rows}, os.path.join(cfg.out, "compare.json"))
+    return rows
+
+
+def cli(argv=None):
+    cfg = common.parse_config(Config, argv, prog="eval.py")
+    with common.user_errors(DataError, JudgeError):
+        return main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,390 @@
+"""Tests for dpo.py: the losses, the reference policy, answer log-probs, POVID noise and injection,
+the reference cache, the CLI (every loss, both POVID stages, --resume, DDP) and bad input.
+The Shapes world fixture (tiny_world) and the CLI runners come from conftest.py."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import HERE, run_cli, run_script
+
+import common
+import dpo
+import shapes
+from data import IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize, tokenize_conversation
+from model import LLaVA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a loaded machine punishes spinning ones); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_world, tmp_path_factory):
+    """Small pair files from the session's Shapes world (image paths absolute, so their size does not depend on
+    the world's) and a tiny `init` checkpoint built in-process (random weights, the world's tokenizer)."""
+    root = tmp_path_factory.mktemp("dpo")
+    files = {}
+    for name, src, n in (("train", "povid_pairs.json", 24), ("val", "pref_pairs_val.json", 8)):
+        recs = json.load(open(os.path.join(tiny_world, src)))[:n]
+        for r in recs:
+            r["image"] = os.path.join(tiny_world, r["image"])
+        files[name] = str(root / f"{name}.json")
+        with open(files[name], "w") as f:
+            json.dump(recs, f)
+    torch.manual_seed(0)
+    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
+    model.save_pretrained(str(root / "init"))
+    tok.save_pretrained(str(root / "init"))
+    return dict(world=tiny_world, init=str(root / "init"), tok=tok, **files)
+
+
+def args(env, out, *extra):
+    return ["--init", env["init"], "--out", str(out), "--data", env["train"], "--val_data", env["val"],
+            "--batch_size", "4", "--max_steps", "2", "--log_every", "1", "--eval_n", "4", *extra]
+
+
+def pairs(env, model, n=4, cfg=None):
+    recs, _, _, _ = dpo.load_pairs(cfg or dpo.Config(data=env["train"]))
+    return dpo.Pairs(recs[:n], env["tok"], model.config, cfg or dpo.Config(), ImageCache(model.config.image_size))
+
+
+def lora_model(env, randomise=True):
+    model = LLaVA.from_pretrained(env["init"])
+    model.add_adapter("dpo", 4, 8)
+    model.set_adapter("dpo")
+    if randomise:  # B = 0 would make the adapter a no-op
+        with torch.no_grad():
+            for p in model.adapter_parameters("dpo"):
+                p.normal_(0, 0.3)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- losses by hand
+
+def test_losses_match_hand_arithmetic():
+    # pi_c -10, pi_r -12, ref_c -11, ref_r -11.5, beta 0.1:
+    # h = (-10 - -11) - (-12 - -11.5) = 1 - (-0.5) = 1.5 ; beta h = 0.15
+    # sigmoid: -log sig(0.15) = log(1 + e^-0.15) ; cdpo eps 0.2: 0.8 log(1 + e^-0.15) + 0.2 log(1 + e^0.15)
+    # ipo: (1.5 - 1/(2*0.1))^2 = (1.5 - 5)^2 = 12.25 ; ref_free: h = -10 - -12 = 2 -> log(1 + e^-0.2)
+    # rewards: chosen 0.1 * (-10 - -11) = 0.1, rejected 0.1 * (-12 - -11.5) = -0.05
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    pc, pr, rc, rr = t(-10.0, -3.0), t(-12.0, -1.0), t(-11.0, -3.0), t(-11.5, -1.0)
+    want = {"sigmoid": [math.log(1 + math.exp(-0.15)), math.log(2)],
+            "cdpo": [0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)), math.log(2)],
+            "ipo": [12.25, 25.0],
+            "ref_free": [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.2))]}  # pair 2: h = -3 - -1 = -2
+    for loss, w in want.items():
+        losses, r_c, r_r = dpo.preference_loss(pc, pr, rc, rr, 0.1, loss, 0.2 if loss == "cdpo" else 0.0)
+        assert torch.allclose(losses, t(*w), atol=1e-12), loss
+        if loss != "ref_free":
+            assert torch.allclose(r_c, t(0.1, 0.0)) and torch.allclose(r_r, t(-0.05, 0.0))
+    pc.requires_grad_(True)  # the gradient raises the chosen log-prob
+    dpo.preference_loss(pc, pr, rc, rr, 0.1)[0].sum().backward()
+    assert (pc.grad < 0).all()
+
+
+# ----------------------------------------------------------------------------------------- log-probs
+
+def test_reference_pass_is_the_base_model_with_adapters_off(env):
+    model, fresh = lora_model(env), LLaVA.from_pretrained(env["init"])
+    ds = pairs(env, model)
+    b = ds.batch(range(len(ds)))
+    cfg = dpo.Config()
+    with torch.no_grad():
+        want = dpo.answer_logps(fresh, b, fresh.encode_images(b["pixel_values"]))
+        with model.no_adapter():
+            got = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        on = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        _, m = dpo.pair_losses(model, b, cfg)  # the training path: rewards = beta * (policy - base)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert not torch.allclose(on[0], want[0], atol=1e-3)  # the randomised adapter does change the policy
+    assert torch.allclose(m["rewards/chosen"], 0.1 * (on[0] - want[0]), atol=1e-5)
+    assert torch.allclose(m["rewards/rejected"], 0.1 * (on[1] - want[1]), atol=1e-5)
+
+
+def _item(env, model, prompt, answer):
+    c = model.config
+    full = tokenize_conversation(env["tok"], prompt + [{"from": "gpt", "value": answer}], c.image_token_id,
+                                 c.num_image_tokens, train_on="last")
+    only_prompt = tokenize_conversation(env["tok"], prompt, c.image_token_id, c.num_image_tokens)
+    return full, len(only_prompt["input_ids"])
+
+
+def test_summed_logprobs_count_answer_tokens_only(env):
+    model = lora_model(env)
+    prompts = [[{"from": "human", "value": "<image>\nIs there a square?"}],
+               [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."},
+                {"from": "human", "value": "How many circles are there?"}]]
+    items, P = zip(*[_item(env, model, p, a) for p, a in zip(prompts, ["Yes, there is a square.", "There is one circle."])])
+    for it, p in zip(items, P):  # labels on exactly the final answer: not the image, the prompt or the earlier answer
+        assert (it["labels"][:p] == IGNORE).all() and (it["labels"][p:] != IGNORE).all()
+    pix = normalize(torch.rand(1, 3, 48, 48)).expand(2, -1, -1, -1)
+    b = collate(list(items) * 2, env["tok"].pad_token_id)  # 2 'pairs': chosen == rejected here
+    with torch.no_grad():
+        c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(pix[:1]).expand(2, -1, -1))
+        logits = model(pix.repeat(2, 1, 1, 1), b["input_ids"], b["attention_mask"]).double()
+    for i, (it, p) in enumerate(zip(items, P)):  # by hand: log p(x_t | x_<t) for t = P .. L-1
+        ids, lp = it["input_ids"], torch.log_softmax(logits[i], -1)
+        hand = sum(float(lp[t - 1, ids[t]]) for t in range(p, len(ids)))
+        assert abs(float(c[i]) - hand) < 1e-3 and abs(float(r[i]) - hand) < 1e-3
+    wide = collate(list(items) * 2, env["tok"].pad_token_id)  # more right padding, junk ids on the pads
+    T = wide["input_ids"].shape[1]
+    for k in ("input_ids", "attention_mask", "labels"):
+        wide[k] = torch.cat([wide[k], torch.full((4, 7), {"input_ids": 7, "attention_mask": 0, "labels": IGNORE}[k])], 1)
+    wide["input_ids"][wide["attention_mask"] == 0] = torch.randint(5, 50, (int((wide["attention_mask"] == 0).sum()),))
+    with torch.no_grad():
+        c2, _, _, _ = dpo.answer_logps(model, wide, model.encode_images(pix[:1]).expand(2, -1, -1))
+    assert wide["input_ids"].shape[1] == T + 7 and torch.allclose(c, c2, atol=1e-5)
+
+    class PositionOnly(torch.nn.Module):  # logits depend on the position only: prompt/image tokens cannot matter
+        def __init__(self):
+            super().__init__()
+            self.table, self.head = torch.randn(256, 8), torch.randn(model.config.vocab_size, 8)
+
+        def forward(self, pix, ids, mask, return_hidden=False, image_features=None):
+            return self.table[:ids.shape[1]].expand(len(ids), -1, -1)
+
+        def logits(self, h):
+            return h @ self.head.t()
+
+    fake, b2 = PositionOnly(), {k: v.clone() for k, v in b.items() if v is not None}
+    b2["input_ids"][b2["labels"] == IGNORE] = 9  # every prompt, image and pad token changed
+    feats = torch.zeros(2, 1, 8)
+    a, b_ = dpo.answer_logps(fake, b, feats)[0], dpo.answer_logps(fake, b2, feats)[0]
+    assert torch.equal(a, b_)
+
+
+def test_concatenated_pass_with_shared_features_equals_two_passes(env):
+    model = lora_model(env)
+    ds = pairs(env, model)
+    idx = list(range(len(ds)))
+    b = ds.batch(idx)
+    with torch.no_grad():
+        c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        for k, want in ((0, c), (1, r)):  # each side alone, its own padding, pixels through the model
+            sep = collate([ds.items[i][k] for i in idx], env["tok"].pad_token_id)
+            sep["pixel_values"] = b["pixel_values"]
+            got, _ = common.sequence_logprobs(model, sep)
+            assert torch.allclose(got, want, atol=1e-4), (k, got, want)
+        ipo_c, _, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]), average=True)
+    n = (b["labels"][:len(idx), 1:] != IGNORE).sum(-1)
+    assert torch.allclose(ipo_c, c / n, atol=1e-5)  # IPO: the mean over answer tokens
+
+
+def test_one_step_raises_the_margin(env):
+    model = lora_model(env, randomise=False)
+    model.set_trainable(adapters=["dpo"])
+    ds = pairs(env, model, n=2)
+    b = ds.batch([0, 1])
+    cfg = dpo.Config()
+    opt = torch.optim.Adam(model.adapter_parameters("dpo"), lr=1e-2)
+    losses, m0 = dpo.pair_losses(model, b, cfg)
+    losses.mean().backward()
+    opt.step()
+    with torch.no_grad():
+        _, m1 = dpo.pair_losses(model, b, cfg)
+    assert float(m0["rewards/margins"].abs().max()) < 1e-6  # step 0: policy == reference
+    assert (m1["rewards/margins"] > 1e-4).all() and (m1["loss"] < m0["loss"]).all()
+
+
+def test_povid_noisy_rejection_is_the_noisy_argmax_scored_under_the_clean_image(env):
+    model = lora_model(env)
+    ds = pairs(env, model, n=2)
+    b = ds.batch([0, 1])
+    npix = dpo.noisy_pixels(b["units"], [1, 2], 500)
+    with torch.no_grad():
+        c, _, n, tokens = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]), noisy=model.encode_images(npix))
+        chosen = {k: b[k][:2] for k in ("input_ids", "attention_mask", "labels")}  # the batch's chosen rows
+        clean = torch.log_softmax(model(b["pixel_values"], chosen["input_ids"], chosen["attention_mask"]), -1)
+        noisy = model(npix, chosen["input_ids"], chosen["attention_mask"])
+    for i in range(2):
+        pos = (chosen["labels"][i, 1:] != IGNORE).nonzero()[:, 0]  # positions predicting the chosen answer
+        arg = noisy[i, pos].argmax(-1)
+        assert abs(float(n[i]) - float(clean[i, pos].gather(-1, arg[:, None]).sum())) < 1e-3
+    assert len(tokens) == int((b["labels"][:2, 1:] != IGNORE).sum()) and float(n.sum()) != float(c.sum())
+
+
+# ----------------------------------------------------------------------------------------- POVID data
+
+def test_ddpm_noise_matches_the_closed_form():
+    betas = [1 / (1 + math.exp(-(-6 + 12 * i / 999))) * (5e-3 - 1e-5) + 1e-5 for i in range(1000)]
+    abar = math.prod(1 - b for b in betas[:501])  # t = 500: alpha-bar after steps 0..500
+    x0 = torch.full((400, 3, 16, 16), 0.3)
+    x = ddpm_noise(x0, 500, torch.Generator().manual_seed(0))
+    assert abs(float(x.mean()) - math.sqrt(abar) * 0.3) < 3e-3  # E[x_t] = sqrt(abar) x0
+    assert abs(float(x.var()) - (1 - abar)) < 5e-3  # Var[x_t] = 1 - abar
+    units = torch.rand(2, 3, 48, 48)  # dpo: noise in [0,1] space, then CLIP normalisation; one seed per pair
+    got = dpo.noisy_pixels(units, [5, 6], 500)
+    want = torch.stack([normalize(ddpm_noise(u, 500, torch.Generator().manual_seed(s))) for u, s in zip(units, [5, 6])])
+    assert torch.equal(got, want) and not torch.equal(got, dpo.noisy_pixels(units, [5, 7], 500))
+
+
+def test_injected_answers_are_hallucinations_per_the_oracle(env):
+    w = shapes.load_world(env["world"])
+    for r in json.load(open(env["train"])):  # the pairs DPO trains on
+        objs = w["by_file"][os.path.relpath(r["image"], env["world"])]
+        assert shapes.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
+        assert shapes.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
+    rng, seen = np.random.default_rng(1), set()
+    for k, img in enumerate(w["images"][:24]):  # fresh injections of every kind
+        qa = shapes.make_question(shapes.QUESTION_TYPES[k % 6], img["objects"], rng, "yes" if k % 2 else "no")
+        for kind in ("object", "attribute", "relation"):
+            got = qa and inject_hallucination(qa[1], img["objects"], rng, kind, shapes.SHAPES,
+                                              {"triangle": ["circle"], "cross": ["square"]}, list(shapes.COLORS))
+            if got:
+                seen.add(kind)
+                assert shapes.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
+    assert seen == {"object", "attribute", "relation"}
+
+
+# ----------------------------------------------------------------------------------------- reference cache
+
+def cli(*argv):
+    code, out, err = run_cli("dpo", [str(a) for a in argv])
+    assert code == 0, err[-3000:]
+    return out
+
+
+def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
+    out = tmp_path / "full"
+    full = ["--lora_r", "0", "--max_steps", "1", "--eval_n", "2"]
+    assert "computed" in cli(*args(env, out, *full))
+    first = [f for f in os.listdir(out) if f.startswith("ref_logps-")]
+    table = torch.load(out / first[0])
+    model = LLaVA.from_pretrained(env["init"])
+    ds = pairs(env, model, n=100)
+    b = ds.batch(range(len(ds)))
+    with torch.no_grad():
+        c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
+    assert len(first) == 1 and torch.allclose(table["train"], torch.stack([c, r], 1), atol=1e-4)  # the init's log-probs
+    assert "reusing" in cli(*args(env, out, *full))
+    assert len(os.listdir(out)) == 3  # the cache, checkpoint-000001, metrics.jsonl
+    recs = json.load(open(env["train"]))
+    recs[0]["conversations"][1]["value"] += " Nothing else."
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(recs))
+    assert "computed" in cli(*args(env, out, *full, "--data", changed))
+    weights = os.path.join(env["init"], "model.safetensors")  # a rewritten checkpoint (new mtime): a new cache too
+    os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10 ** 9))
+    assert "computed" in cli(*args(env, out, *full))
+    assert len([f for f in os.listdir(out) if f.startswith("ref_logps-")]) == 3
+
+
+def _rows(out):
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    return [x for x in rows if "loss" in x], [x for x in rows if "val_reward_accuracy" in x]
+
+
+def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
+    root = tmp_path
+    stage2 = ["--povid_stage", "2", "--max_steps", "4", "--save_every", "2"]
+    proc = subprocess.Popen([sys.executable, "dpo.py", *args(env, root / "stage2", *stage2)], cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # a real `python dpo.py`; meanwhile the same entry point in-process:
+    losses = {"sigmoid": [], "ipo": ["--loss", "ipo"], "cdpo": ["--loss", "cdpo", "--label_smoothing", "0.1"],
+              "ref_free": ["--loss", "ref_free"], "full": ["--lora_r", "0", "--loss", "ipo"]}
+    for name, flags in losses.items():
+        cli(*args(env, root / name, *flags))
+        train_rows, val_rows = _rows(root / name)
+        assert len(train_rows) == 2 and math.isfinite(train_rows[-1]["loss"]) and val_rows, name
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                    "logps/rejected"):
+            assert key in train_rows[-1], (name, key)
+    assert abs(_rows(root / "sigmoid")[0][0]["loss"] - math.log(2)) < 1e-6  # step 1: policy == reference
+    assert abs(_rows(root / "ipo")[0][0]["loss"] - 25.0) < 1e-4  # (0 - 1/(2*0.1))^2
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    train_rows, _ = _rows(root / "stage2")
+    assert len(train_rows) == 4 and "noisy/rewards/margins" in train_rows[-1] and "noisy/logps/rejected" in train_rows[-1]
+    policy = LLaVA.from_pretrained(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
+    last = root / "stage2" / "checkpoint-000004"
+    assert policy.active_adapter == "dpo" and json.load(open(last / "config.json"))["base"]
+    assert not os.path.exists(last / "model.safetensors") and os.path.exists(root / "full/checkpoint-000002/model.safetensors")
+    # --resume: continue stage 2 from its step-2 checkpoint in a new run dir: bitwise the same weights
+    shutil.copytree(root / "stage2" / "checkpoint-000002", root / "resumed" / "checkpoint-000002")
+    assert "resumed from" in cli(*args(env, root / "resumed", *stage2, "--resume", "true"))
+    from safetensors.torch import load_file
+    a, b = load_file(str(last / "adapters.safetensors")), load_file(str(root / "resumed/checkpoint-000004/adapters.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(root / "resumed")[0][-1]["loss"] == train_rows[-1]["loss"]
+
+
+def _ddp_worker(rank, port, argv):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code, _, err = run_cli("dpo", argv)
+    if code:
+        print(err, file=sys.stderr)
+    os._exit(code)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one(env, tmp_path):
+    """What `torchrun --nproc_per_node=2` does (env:// rendezvous, gloo), with forked workers (no new
+    interpreter): gradients summed over ranks, losses normalised by the global pair count == one process."""
+    import multiprocessing
+    cli(*args(env, tmp_path / "one", "--povid_stage", "2"))
+    ctx, port = multiprocessing.get_context("fork"), free_port()
+    ps = [ctx.Process(target=_ddp_worker, args=(r, port, args(env, tmp_path / "two", "--povid_stage", "2")))
+          for r in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+    assert [p.exitcode for p in ps] == [0, 0]
+    from safetensors.torch import load_file
+    one = load_file(str(tmp_path / "one/checkpoint-000002/adapters.safetensors"))
+    two = load_file(str(tmp_path / "two/checkpoint-000002/adapters.safetensors"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    (r1, v1), (r2, v2) = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert abs(r1[-1]["loss"] - r2[-1]["loss"]) < 1e-6
+    assert abs(v1[-1]["val_reward_accuracy"] - v2[-1]["val_reward_accuracy"]) < 1e-9
+
+
+def test_bad_input_exits_2_with_one_line(env, tmp_path):
+    img = os.path.join(env["world"], "images/train/000000.png")
+    q = {"from": "human", "value": "<image>\nIs there a square?"}
+    conv = lambda a, qq=q: [qq, {"from": "gpt", "value": a}]  # noqa: E731
+    cases = {
+        "identical": ({"id": "a", "image": img, "conversations": conv("Yes."), "rejected_conversations": conv("Yes.")},
+                      "identical"),
+        "empty": ({"id": "b", "image": img, "conversations": conv(""), "rejected_conversations": conv("No.")}, "empty"),
+        "preference": ({"id": "c", "image": img, "conversations": conv("Yes."), "output_1": {"value": "Yes."},
+                        "output_2": {"value": "No."}, "preference": 3}, "preference"),
+        "prompt": ({"id": "d", "image": img, "conversations": conv("Yes."),
+                    "rejected_conversations": conv("No.", {"from": "human", "value": "<image>\nIs there a ring?"})},
+                   "prompt turns differ"),
+    }
+    good = json.load(open(env["train"]))[:3]
+    for name, (rec, words) in cases.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(good[:1] + [rec]))
+        code, _, err = run_cli("dpo", args(env, tmp_path / name, "--data", str(tmp_path / f"{name}.json")))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "record 1" in err and words in err, (name, err)
+        assert not os.path.exists(tmp_path / name / "metrics.jsonl")  # stopped before training
+    (tmp_path / "mixed.json").write_text(json.dumps(good + [cases["identical"][0], cases["prompt"][0]]))
+    assert "skipped 2 bad records" in cli(*args(env, tmp_path / "skip", "--data", tmp_path / "mixed.json",
+                                                "--skip_bad", "true", "--max_steps", "1"))
+    for flags, words in ((["--loss", "hinge"], "--loss"), (["--povid_stage", "2", "--lora_r", "0"], "lora_r"),
+                         (["--loss", "cdpo"], "label_smoothing"), (["--train_projector", "true"], "adapters off")):
+        code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    code, _, err = run_script("dpo.py", args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json")),
+                              env={"OMP_NUM_THREADS": "1"})
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -1,0 +1,308 @@
+"""Tests for eval.py: metric math against hand-computed numbers, the parsers, the oracle judge, the
+HTTP judge against a local server, and the CLI (reuse, resume, compare, bad input) on the tiny world
+of conftest.py."""
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import eval as E  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from model import LLaVA  # noqa: E402
+
+CIRCLE = {"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0, "position": "left", "bbox": [1, 17, 14, 14]}
+TRIANGLE = {"name": "triangle", "color": "blue", "size": "small", "row": 0, "col": 2, "position": "top right",
+            "bbox": [35, 3, 9, 9]}
+OBJECTS = [CIRCLE, TRIANGLE]
+FAST = ["--limit", "4", "--max_new_tokens", "6", "--pope_max_new_tokens", "3", "--batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_world):
+    """The tiny Shapes world of conftest.py and two tiny random checkpoints with its tokenizer: m0 a
+    checkpoint directory, m1 a run directory holding checkpoint-000001/ (as sft.py writes them)."""
+    root = tmp_path_factory.mktemp("eval")
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    ckpts = []
+    for seed, sub in ((0, "m0"), (1, "m1/checkpoint-000001")):
+        torch.manual_seed(seed)
+        m = LLaVA.from_preset("tiny", vocab_size=-(-len(tok) // 64) * 64, image_token_id=4, pad_token_id=3,
+                              bos_token_id=1, eos_token_id=2)
+        m.save_pretrained(str(root / "ckpt" / sub))
+        tok.save_pretrained(str(root / "ckpt" / sub))
+        ckpts.append(str(root / "ckpt" / sub.split("/")[0]))
+    return {"root": root, "world": tiny_world, "ckpts": ckpts}
+
+
+def run_cli(env, out, *args):
+    return E.cli(["--world", env["world"], "--out", str(out), *FAST, *args])
+
+
+def lines(path):
+    return [json.loads(x) for x in open(path)]
+
+
+# ----------------------------------------------------------------------------------------------- POPE
+
+def test_pope_metrics_hand_computed():
+    # 10 questions, 6 'yes' labels: TP 4, FN 2, FP 1, TN 3.
+    # accuracy (4+3)/10 = 0.7; precision 4/5 = 0.8; recall 4/6 = 2/3; F1 = 2TP/(2TP+FP+FN) = 8/11;
+    # yes-ratio (TP+FP)/10 = 0.5
+    labels = ["yes"] * 6 + ["no"] * 4
+    preds = ["yes"] * 4 + ["no"] * 2 + ["yes"] + ["no"] * 3
+    m = E.pope_metrics(preds, labels)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (4, 2, 1, 3)
+    assert m["accuracy"] == pytest.approx(0.7) and m["precision"] == pytest.approx(0.8)
+    assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(8 / 11)
+    assert m["yes_ratio"] == pytest.approx(0.5)
+    assert E.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # no 'yes' at all: 0, not a crash
+
+
+@pytest.mark.parametrize("answer, want", [
+    ("No, there is not a dog in the image.", "no"), ("There is no dog", "no"), ("Yes.", "yes"), ("yes", "yes"),
+    ("No", "no"), ("no.", "no"), ("It is not there.", "no"),
+    ("Yes, there is a dog. There is no cat.", "yes"),  # only the first sentence counts
+    ("Not really", "yes"), ("NO", "yes"), ("No!", "yes"),  # the reference matches exactly 'No', 'not', 'no'
+    ("I don't know", "yes"), ("", "yes"), ("Nope", "yes")])
+def test_pope_parser_follows_the_reference(answer, want):
+    assert E.pope_yes_no(answer) == want
+
+
+# ----------------------------------------------------------------------------------------------- CHAIR
+
+def test_chair_on_shapes_via_the_oracle():
+    captions = ["A red circle and a blue triangle.",              # 2 mentions, 0 hallucinated
+                "A red disc and a blue square.",                  # disc = circle; square is not there: 2, 1
+                "There is no square. A doughnut is at the top."]  # 'no square' is no mention; doughnut = ring: 1, 1
+    counts = [E.chair_counts({"objects": OBJECTS}, c) for c in captions]
+    assert counts == [(2, 0), (2, 1), (1, 1)]
+    m = E.chair_metrics(counts, [len(c.split()) for c in captions])
+    assert m["chair_i"] == pytest.approx(2 / 5) and m["chair_s"] == pytest.approx(2 / 3)
+
+
+def test_chair_coco_word_matcher(tmp_path):
+    (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\n"
+                                           "dining table, table\nwine glass\nelephant\ntoilet\nchair, seat\n")
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(["person", "dog", "dining table", "wine glass", "toilet"])]
+    ann = {"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}], "categories": cats,
+           "annotations": [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 1, 1]},
+                           {"image_id": 7, "category_id": 2, "bbox": [0, 0, 1, 1]},
+                           {"image_id": 9, "category_id": 3, "bbox": [0, 0, 1, 1]},
+                           {"image_id": 9, "category_id": 4, "bbox": [0, 0, 1, 1]}]}
+    (tmp_path / "instances.json").write_text(json.dumps(ann))
+    for f in ("a.jpg", "b.jpg"):
+        (tmp_path / f).write_bytes(b"not decoded here")
+    cfg = E.Config(chair_instances=str(tmp_path / "instances.json"), chair_synonyms=str(tmp_path / "synonyms.txt"),
+                   image_folder=str(tmp_path))
+    q7, q9 = E.coco_chair_questions(cfg)
+    assert (q7["id"], q7["objects"], q9["objects"]) == ("7", {"person", "dog"}, {"dining table", "wine glass"})
+    syn = q7["syn"]
+    # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person counted once
+    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn) == ["person", "dog", "hot dog"]
+    # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining table
+    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn) == ["elephant", "dining table", "wine glass"]
+    assert E.coco_objects("A toilet seat.", syn) == ["toilet"]  # not a chair
+    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand."),       # 3 mentions, 1 hallucinated
+              E.chair_counts(q9, "A baby elephant near a table with wine glasses.")]        # 3 mentions, 1 hallucinated
+    assert counts == [(3, 1), (3, 1)]
+    m = E.chair_metrics(counts, [1, 1])
+    assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- MMHal, GAVIE, oracle
+
+def test_rating_parsers():
+    assert E.parse_rating("The answer looks fine.") is None                       # zero ratings
+    assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative") == 4
+    assert E.parse_rating("RATING: 2") == 2
+    assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3") is None       # two ratings: flagged
+    assert E.parse_rating("Rating: 5. Final rating: 5") == 5                      # one value (as the reference)
+    assert E.parse_rating("Rating: 7") is None and E.parse_rating("Rating: 60") is None
+    assert E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok") == {"relevancy": 8.0, "accuracy": 6.0}
+    assert E.parse_gavie("Relevancy: 8") is None and E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
+    assert E.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
+    q = [{"id": str(i), "question_type": t} for i, t in enumerate(["attribute", "attribute", "counting", "other"])]
+    m = E.mmhal_metrics(q, {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"})
+    # rated 6, 2, 4: mean 4, one of three below 3; the unparsable reply is counted and left out
+    assert m["score"] == pytest.approx(4.0) and m["hallucination_rate"] == pytest.approx(1 / 3)
+    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0} and (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
+    assert m["score_unparsed_as_0"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("answer, rating", [
+    ("The circle is red.", 5),                                                 # true, all facts of the gt
+    ("The circle is red. There is also a small blue triangle at the top right.", 6),  # and more true detail
+    ("I am not sure.", 3),                                                     # truthful, not informative
+    ("The circle is blue.", 1),                                                # wrong color
+    ("There is a green square.", 0)])                                          # hallucinated object
+def test_oracle_judge_mmhal(answer, rating):
+    q = {"gt": "The circle is red.", "objects": OBJECTS, "prompt": "What color is the circle?",
+         "question_type": "attribute", "image_content": ["large red circle on the left"]}
+    reply = E.OracleJudge()(E.mmhal_prompt(q, answer), dict(q, answer=answer, bench="mmhal"))
+    assert E.parse_rating(reply) == rating
+    assert "What color is the circle?" in E.mmhal_prompt(q, answer) and "Rating: 0, not informative" in E.MMHAL_PROMPT
+
+
+def test_oracle_judge_gavie():
+    q = {"gt": "Yes, there is a circle.", "objects": OBJECTS, "prompt": "Is there a circle in the image?",
+         "qtype": "yesno", "boxes": [("large red circle", [1, 17, 14, 14])]}
+    judge = lambda a: E.parse_gavie(E.OracleJudge()(E.gavie_prompt(q, a), dict(q, answer=a, bench="gavie")))
+    assert judge("Yes, there is a circle.") == {"relevancy": 10, "accuracy": 10}
+    assert judge("No.") == {"relevancy": 10, "accuracy": 7}          # right form, wrong verdict
+    assert judge("There is a square.") == {"relevancy": 5, "accuracy": 7}
+    assert judge("blah") == {"relevancy": 0, "accuracy": 0}
+    assert "large red circle X:1 Y:17 Width:14 Height:14" in E.gavie_prompt(q, "x")
+
+
+# ----------------------------------------------------------------------------------------------- the HTTP judge
+
+class FakeAPI(http.server.BaseHTTPRequestHandler):
+    """Answers POST /v1/chat/completions from a script of (status, content) pairs; records the bodies."""
+    script, bodies = [], []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeAPI.bodies.append((self.path, self.headers.get("Authorization"), body))
+        status, content = FakeAPI.script.pop(0) if FakeAPI.script else (200, "Fine.\nRating: 5")
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def api():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    FakeAPI.script, FakeAPI.bodies = [], []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_openai_judge_retries_and_parses(api):
+    FakeAPI.script = [(500, "overloaded"), (200, "The response is accurate.\nRating: 5")]
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="judge-x", judge_key="sk-test", judge_retries=2,
+                   judge_backoff=0.01, judge_timeout=5)
+    reply = E.make_judge(cfg)("PROMPT TEXT", {})
+    assert E.parse_rating(reply) == 5 and len(FakeAPI.bodies) == 2  # a 500, then the retry succeeded
+    path, auth, body = FakeAPI.bodies[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
+    assert body["model"] == "judge-x" and body["messages"] == [{"role": "user", "content": "PROMPT TEXT"}]
+    assert body["temperature"] == 0 and body["max_tokens"] == 512
+    FakeAPI.script = [(400, "bad request")]
+    with pytest.raises(E.JudgeError, match="HTTP 400"):  # not retried
+        E.make_judge(cfg)("x", {})
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+def test_cli_run_reuse_and_compare(env, capsys):
+    a, b = env["ckpts"]
+    out = env["root"] / "runs"
+    run_cli(env, out, "--ckpt", a)  # E.cli: what `python eval.py` runs, in-process
+    d = out / "m0"
+    files = sorted(os.listdir(d))
+    assert files == ["answers_chair.jsonl", "answers_gavie.jsonl", "answers_mmhal.jsonl", "answers_pope_adversarial.jsonl",
+                     "answers_pope_popular.jsonl", "answers_pope_random.jsonl", "judge_gavie.jsonl", "judge_mmhal.jsonl",
+                     "scores.json"]
+    scores = json.load(open(d / "scores.json"))
+    assert set(scores["pope"]) == {"random", "popular", "adversarial", "average"} and scores["pope"]["random"]["n"] == 4
+    assert scores["chair"]["n"] == 4 and scores["mmhal"]["n"] == 4 and scores["gavie"]["n"] == 4
+    line = lines(d / "answers_pope_random.jsonl")[0]
+    assert set(line) == {"id", "prompt", "answer", "label", "source"} and line["prompt"] == "Is there a circle in the image?"
+    assert 0 <= scores["mmhal"]["score"] <= 6
+
+    # the second run, as a subprocess: every answer and judge reply reused, nothing generated or judged again
+    before = {f: open(d / f, "rb").read() for f in files if f.startswith(("answers", "judge"))}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", a, "--world", env["world"],
+                        "--out", str(out), *FAST], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("generating 0") == 6 and "reused 4 answers" in r.stdout and "| m0 |" in r.stdout
+    assert {f: open(d / f, "rb").read() for f in before} == before
+    assert json.load(open(d / "scores.json")) == scores
+    gone = str(env["root"] / "gone" / "m0")  # --rescore: scores from the files alone, no checkpoint needed
+    assert run_cli(env, out, "--ckpt", gone, "--rescore", "true")["m0"]["mmhal"] == scores["mmhal"]
+
+    rows = run_cli(env, out, "--compare", a, b)  # m0 reused, m1 generated
+    md = open(out / "compare.md").read()
+    assert md.startswith("| checkpoint | POPE F1 random | POPE F1 popular | POPE F1 adversarial | yes-ratio | CHAIR_i")
+    assert "| m0 |" in md and "| m1 |" in md and set(rows) == {"m0", "m1"}
+    assert [r["checkpoint"] for r in json.load(open(out / "compare.json"))["rows"]] == ["m0", "m1"]
+
+
+def test_resume_after_an_interrupted_answers_file(env, capsys):
+    out = env["root"] / "resume"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "chair", "--limit", "12")
+    run_cli(env, out, *args)
+    path = out / "m0" / "answers_chair.jsonl"
+    full = lines(path)
+    text = open(path).read()
+    cut = text.index("\n", len(text) // 2) + 20  # stop half-way through a line, as a crash would
+    open(path, "w").write(text[:cut])
+    kept = len(text[:cut].splitlines()) - 1
+    capsys.readouterr()
+    run_cli(env, out, *args)
+    assert f"reused {kept} answers, generating {12 - kept}" in capsys.readouterr().out
+    again = lines(path)
+    assert sorted(x["id"] for x in again) == sorted(x["id"] for x in full) and len(again) == 12
+    assert {x["id"]: x["answer"] for x in again} == {x["id"]: x["answer"] for x in full}  # greedy: same answers
+    capsys.readouterr()
+    run_cli(env, out, *args, "--temperature", "0.7")  # other decoding settings: a new source, nothing reused
+    assert "reused 0 answers, generating 12" in capsys.readouterr().out and len(lines(path)) == 24
+
+
+def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):
+    out = env["root"] / "judge"
+    base = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_backoff", "0.01")
+    FakeAPI.script = [(200, "I cannot rate this.")] * 4  # garbage replies: counted and flagged, not a crash
+    scores = run_cli(env, out, *base, "--judge_url", api)["m0"]["mmhal"]
+    assert scores["unparsed"] == 4 and scores["n"] == 0 and scores["score"] is None
+    answers = open(out / "m0" / "answers_mmhal.jsonl").read()
+    os.remove(out / "m0" / "judge_mmhal.jsonl")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, out, *base, "--judge_url", "http://127.0.0.1:9/v1", "--judge_retries", "1")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "127.0.0.1:9" in err
+    assert open(out / "m0" / "answers_mmhal.jsonl").read() == answers
+
+
+def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
+    a = env["ckpts"][0]
+    bad_ckpt = tmp_path / "broken"
+    bad_ckpt.mkdir()
+    (bad_ckpt / "config.json").write_text("{not json")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(bad_ckpt), "--world", env["world"],
+                        "--out", str(tmp_path / "o"), *FAST], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "broken" in r.stderr
+    pope = os.path.join(env["world"], "pope_random.jsonl")
+    cases = [(["--pope_files", pope, "--image_folder", str(tmp_path / "nowhere")], "nowhere"),           # missing folder
+             (["--pope_files", os.path.join(env["world"], "sft.json")], "field 'question_id'"),          # wrong format
+             (["--mmhal_file", os.path.join(env["world"], "pope_random.jsonl"), "--judge", "openai",
+               "--judge_url", "http://127.0.0.1:9/v1"], "field 'question_type'"),
+             (["--ckpt", str(tmp_path / "missing")], "missing")]
+    for extra, want in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            E.cli(["--ckpt", a, "--world", env["world"], "--out", str(tmp_path / "o"), *FAST, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and want in err, (extra, err)

@@ -1,0 +1,162 @@
+"""Tests for vigc.py: the VIG parser, VIC tokenization and correction loop, the CLI and its output file."""
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import vigc
+from conftest import run_cli, run_script
+from data import IGNORE
+from formats import read_llava
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_world):
+    """A fresh `tiny` model with the world's tokenizer, saved as a checkpoint (faster than an SFT run)."""
+    torch.manual_seed(0)
+    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
+    out = str(tmp_path_factory.mktemp("tiny") / "ckpt")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_parse_vig_good_and_broken():
+    assert vigc.parse_vig("Question: Is there a circle? Answer: Yes, there is a circle.") == \
+        ("Is there a circle?", "Yes, there is a circle.")
+    assert vigc.parse_vig("  question :How many squares?\nANSWER:There are two squares. ") == \
+        ("How many squares?", "There are two squares.")
+    assert vigc.parse_vig("QUESTION:what color is the ring?answer:  red.") == ("what color is the ring?", "red.")
+    for bad in ["", None, "Is there a circle? Yes.", "Question: Is there a circle?", "Answer: Yes.",
+                "Question:   Answer: Yes.", "Question: Is there a circle? Answer:   ", "Answer: Yes. Question: Why?",
+                "Question: a? Answer: b. Question: c? Answer: d.", "Question: a? Answer: b. Answer: c."]:
+        assert vigc.parse_vig(bad) is None, bad
+    assert vigc.sentences("There are 2.5 objects. A red circle! Is it? yes") == ["There are 2.5 objects.", "A red circle!", "Is it?", "yes"]
+    assert vigc.parse_vig(vigc.vig_target("Is it red?", "No. It is blue.")) == ("Is it red?", "No. It is blue.")
+
+
+def test_vic_example_learns_only_the_rest_and_prompt_is_its_prefix(tiny_ckpt):
+    model, tok = common.load_model_and_tokenizer(tiny_ckpt)
+    mc = model.config
+    q, prefix, rest = "Describe the image in detail.", "There are two objects.", "A red circle is on the left."
+    full = vigc.encode(tok, mc, q, prefix, rest)
+    learned = full["input_ids"][full["labels"] != IGNORE].tolist()
+    assert learned[-1] == tok.eos_token_id and tok.decode(learned, skip_special_tokens=True).strip() == rest
+    p = vigc.encode(tok, mc, q, prefix)  # the generation prompt ends with the answer so far
+    assert torch.equal(full["input_ids"][:len(p["input_ids"])], p["input_ids"])
+    assert tok.decode(p["input_ids"].tolist(), skip_special_tokens=True).rstrip().endswith("ASSISTANT: " + prefix)
+    plain = vigc.encode(tok, mc, q, "", prefix + " " + rest)  # k = 0: the SFT format, whole answer learned
+    assert tok.decode(plain["input_ids"][plain["labels"] != IGNORE].tolist(), skip_special_tokens=True).strip() == prefix + " " + rest
+
+
+def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch):
+    from data import ImageCache
+    model, tok = common.load_model_and_tokenizer(tiny_ckpt)
+    cfg = vigc.Config(max_correction_steps=3, max_new_tokens=8, gen_batch_size=3, vic_temperature=1.0)
+    units = [ImageCache(model.config.image_size).unit(os.path.join(tiny_world, "images", "unlabeled", f"00000{i}.png"))
+             for i in range(3)]
+    questions = ["Is there a circle?", "How many squares are there?", "Describe the image in detail."]
+    prompts, outputs = [], []
+    real_prompt, real_generate = vigc.prompt, vigc.generate_texts
+
+    def spy_prompt(tokenizer, model, question, prefix, unit, cfg):
+        item = real_prompt(tokenizer, model, question, prefix, unit, cfg)
+        prompts.append((question, prefix, tokenizer.decode(item["input_ids"].tolist(), skip_special_tokens=True)))
+        return item
+
+    def spy_generate(*args, **kw):
+        out = real_generate(*args, **kw)
+        outputs.extend(out)
+        return out
+    monkeypatch.setattr(vigc, "prompt", spy_prompt)
+    monkeypatch.setattr(vigc, "generate_texts", spy_generate)
+    answers, steps = vigc.correct(model, tok, questions, units, cfg, torch.Generator().manual_seed(0))
+    assert len(prompts) == len(outputs) == sum(steps) and max(steps) == 3
+    kept = {q: [] for q in questions}
+    norm = lambda s: " ".join(s.split())
+    for (q, prefix, text), (out, _) in zip(prompts, outputs):
+        assert prefix == " ".join(kept[q])  # prompt k+1 holds exactly the sentences kept at steps 1..k
+        assert norm(text).endswith(norm("ASSISTANT: " + prefix))  # ... and they are in the tokens the model reads
+        kept[q] += vigc.sentences(out)[:1]
+    assert answers == [" ".join(kept[q]) for q in questions]
+    prompts.clear(), outputs.clear()
+    again, _ = vigc.correct(model, tok, questions, units, cfg, torch.Generator().manual_seed(0))
+    assert again == answers  # fixed seed: the same answers
+
+
+def test_correction_stops_at_eos_and_at_the_step_limit(monkeypatch):
+    script = []  # one list of (text, finished) per call, for the active items in order
+
+    def fake(model, tokenizer, items, cfg, temperature, generator=None):
+        out = script.pop(0)
+        assert len(out) == len(items)
+        return out
+    monkeypatch.setattr(vigc, "prompt", lambda tokenizer, model, q, prefix, unit, cfg: (q, prefix))
+    monkeypatch.setattr(vigc, "generate_texts", fake)
+    cfg = vigc.Config(max_correction_steps=4)
+    script[:] = [[("One. Two.", False), ("Alpha.", True), ("", True)], [("Two. Three.", True)], [("Three.", True)]]
+    answers, steps = vigc.correct(None, None, ["a", "b", "c"], [None] * 3, cfg)
+    assert answers == ["One. Two. Three.", "Alpha.", ""] and steps == [3, 1, 1] and not script
+    script[:] = [[("More. Words.", False)]] * 4  # never ends: stops after max_correction_steps sentences
+    assert vigc.correct(None, None, ["a"], [None], cfg) == (["More. More. More. More."], [4]) and not script
+    script[:] = [[("More. Words.", False)]] * 4
+    cfg.last_infer_all = True  # VIGC's option: the last step keeps the whole generation
+    assert vigc.correct(None, None, ["a"], [None], cfg)[0] == ["More. More. More. More. Words."]
+
+
+def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
+    out = str(tmp_path / "vigc")
+    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "8",
+                                         "--generate", "4", "--max_new_tokens", "16", "--out", out, "--log_every", "1"])
+    assert code == 0, err
+    assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["images"] == 4 and report["parsed"] + report["dropped_unparsed"] == 4
+    assert "hallucinations_per_100" in report["vic"] and "hallucinations_per_100" in report["vig_only"]
+    for name in ("vigc_data.json", "vig_only.json"):
+        read_llava(os.path.join(out, name), tiny_world)
+    code, _, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--sft_share", "1", "--out", out])
+    assert code == 2 and "--sft_share" in err
+
+
+def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, monkeypatch):
+    """VIG/VIC outputs scripted (a 3-step tiny model writes no parsable text): the parser drops the
+    broken ones, and the file is LLaVA instruct data that formats.read_llava and sft.py accept."""
+    n_vig = [0]
+
+    def fake(model, tokenizer, items, cfg, temperature, generator=None):
+        out = []
+        for it in items:
+            text = tokenizer.decode(it["input_ids"].tolist(), skip_special_tokens=True)
+            if "Generate" in text or "Ask" in text:  # a VIG prompt (the world's type instructions)
+                n_vig[0] += 1
+                out.append(("no markers here" if n_vig[0] % 3 == 0 else
+                            "Question: Is there a triangle? Answer: Yes, there is a triangle. It is red.", True))
+            elif text.rstrip().endswith("ASSISTANT:"):
+                out.append(("There is a large blue square. It is in the center.", False))
+            else:
+                out.append(("It is in the center.", True))
+        return out
+    monkeypatch.setattr(vigc, "generate_texts", fake)
+    out = str(tmp_path / "gen")
+    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "0", "--generate", "6",
+                                         "--out", out])
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["parsed"] == 4 and report["dropped_unparsed"] == 2
+    assert report["vig_only"]["hallucinations_per_100"] >= 0 and len(report["samples"]) == 3
+    path = os.path.join(out, "vigc_data.json")
+    recs = read_llava(path, tiny_world)
+    assert len(recs) == 4 and all(r["conversations"][0]["value"] == "<image>\nIs there a triangle?" for r in recs)
+    assert all(r["conversations"][1]["value"] == "There is a large blue square. It is in the center." for r in recs)
+    assert all(os.path.isfile(r["image"]) and "unlabeled" in r["image"] for r in recs)
+    vig = read_llava(os.path.join(out, "vig_only.json"), tiny_world)
+    assert vig[0]["conversations"][1]["value"] == "Yes, there is a triangle. It is red."
+    code, stdout, err = run_script("sft.py", ["--init", tiny_ckpt, "--data", path, "--image_folder", tiny_world,
+                                              "--max_steps", "2", "--batch_size", "4", "--report", "false",
+                                              "--out", str(tmp_path / "sft_on_vigc")])
+    assert code == 0, err
+    assert "4 training conversations" in stdout

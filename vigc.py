@@ -1,0 +1,469 @@
+"""VIGC: visual instruction generation and correction (arXiv 2308.12714): a LLaVA learns to write its
+own instruction data (VIG) and to re-answer it one sentence at a time (VIC); the result is a
+LLaVA-instruct file that sft.py trains on.
+
+    python vigc.py                      # Shapes: fine-tune ckpt/sft, generate for 200 unlabeled images, oracle report
+    python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0      # generate only
+    python sft.py --data ckpt/vigc/vigc_data.json --image_folder data/shapes --init ckpt/sft   # train on the result
+    torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false --device cuda \
+        --data conversation_58k.json:conv,detail_23k.json:desc,complex_reasoning_77k.json:comp \
+        --image_folder coco/train2017 --images coco/val2017 --generate 5000 --max_correction_steps 10
+
+Training (VIGC Sec. 3; formats from opendatalab/VIGC vigc/datasets/datasets/vigc_train.py):
+  VIG  `<image>\n{type instruction}` -> `Question: {q} Answer: {a}`, one of several phrasings per type
+       (conversation, detailed description, complex reasoning; on Shapes: yes/no, count, color and
+       relation questions / the description / multiple choice with its rationale).
+  VIC  `<image>\n{q}` -> a, where the first k sentences of a (k uniform in 0..n-1) are already written in
+       the assistant turn and only the *remaining* sentences and </s> are learned: VIGC's correction
+       step (vigc/tasks/llava_150k_gen.py) generates the rest of the answer and keeps its first sentence.
+One model learns both formats, as in VIGC (normal_vigc.yaml trains one model on its *_vig and *_vic sets
+together): the task is in the prompt, VIC with k=0 is exactly the SFT format (the model keeps answering
+normally and the checkpoint is an ordinary LLaVA), and generation switches no adapters. Two adapters
+would double the LoRA memory for no gain in separation that the prompt does not already give.
+--sft_share of plain (multi-turn) SFT conversations keeps multi-turn answering. Loss as sft.py: answer
+tokens, normalised by the answer tokens of the global batch; --lora_r > 0 trains a LoRA, merged at the end.
+
+Generation (rank 0 only; the training runs under torchrun). VIG samples `Question: q Answer: a` at
+--temperature from a seeded torch.Generator; outputs that do not parse are dropped and counted. VIC then
+answers q again: generate, keep the first sentence, write the kept sentences back into the assistant turn,
+repeat until the model ends right after the kept sentence (EOS) or --max_correction_steps. On Shapes,
+shapes.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
+Note: VIGC's iterative Q-Former re-reads the image conditioned on the text so far. LLaVA's image features
+do not depend on the text, so with greedy decoding the loop equals one greedy answer up to sentence
+re-tokenization: what changes the answer here is that VIC re-answers the question from the image, without
+VIG's sampled answer in context and at --vic_temperature.
+"""
+import dataclasses
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import shapes
+from data import IGNORE, DataError, ImageCache, collate, load_json, normalize, read_any_conversations, tokenize_conversation
+
+
+@dataclass
+class Config:
+    """VIGC: train VIG + VIC on one model, then generate instruction data with iterative correction."""
+    out: str = "ckpt/vigc"                # run directory: checkpoints, metrics.jsonl, vigc_data.json, vig_only.json, report.json
+    init: str = "ckpt/sft"                # checkpoint to start from (ours, llava-hf, original LLaVA); empty: fresh --model
+    vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
+    model: str = "shapes"                 # preset for a fresh model when --init is empty (tests: tiny)
+    data: str = "shapes"                  # 'shapes', or FILE[:conv|desc|comp],... (LLaVA instruct/LRV; no type: qtypes field, else conv)
+    image_folder: str = ""                # folder image paths in --data are relative to (default: each file's folder)
+    world: str = "data/shapes"            # the Shapes world (written on first use)
+    world_seed: int = 0                   # seed of the Shapes world
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 512                    # longest training sequence (longer ones are cut, never in the image)
+    sft_share: float = 0.1                # share of plain SFT conversations in the training mix (0: VIG + VIC only)
+    lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model (merged at the end)
+    lora_alpha: int = 16                  # LoRA alpha (scale alpha / r)
+    train_vision: bool = True             # train the CLIP tower (freeze it for real CLIP)
+    train_projector: bool = True          # train the projector
+    batch_size: int = 64                  # sequences per optimizer step (global, over all processes)
+    grad_accum: int = 1                   # micro-batches per step on each process
+    lr: float = 1e-3                      # peak learning rate (fine-tuning the SFT model: a third of its peak)
+    min_lr_ratio: float = 0.1             # final learning rate / peak
+    warmup: int = 20                      # linear warmup steps
+    weight_decay: float = 0.0             # AdamW weight decay on matrices
+    grad_clip: float = 1.0                # gradient norm clip (0: off)
+    max_steps: int = 400                  # optimizer steps (0: generate only, from --init)
+    save_every: int = 1000                # checkpoint every N steps (and at the end)
+    log_every: int = 25                   # a log line every N steps
+    seed: int = 0                         # seed for data order, instructions, answer splits and sampling
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU)
+    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    resume: bool = False                  # continue from the newest checkpoint in --out
+    generate: int = 200                   # images to generate instruction data for (0: none)
+    images: str = ""                      # real data: a folder of images or a file listing one path per line (Shapes: the unlabeled split)
+    gen_types: tuple = ("conv", "desc", "comp")  # instruction types to generate, one drawn per image
+    temperature: float = 0.7              # VIG sampling temperature (0: greedy)
+    vic_temperature: float = 0.0          # VIC decoding temperature (0: greedy, as VIGC's beam search is deterministic)
+    max_correction_steps: int = 6         # VIC steps, one sentence each (VIGC's answer_length)
+    last_infer_all: bool = False          # VIGC option: keep the whole generation at the last step, not one sentence
+    max_new_tokens: int = 96              # new tokens per generation call
+    gen_batch_size: int = 32              # prompts per generation batch
+
+
+TYPES = {"conv": "conversation", "desc": "detailed description", "comp": "complex reasoning"}
+INSTRUCTIONS = {  # for --data files (the Shapes world ships its own in vigc_instructions.json); our wording
+    "conversation": ["Generate a question about the content of the image and then answer it.",
+                     "Ask a question about the image and give its answer.",
+                     "Come up with a question related to the image and answer it."],
+    "detailed description": ["Generate a question asking for a detailed description of the image and then answer it.",
+                             "Ask for a detailed description of the picture and provide it.",
+                             "Write a request to describe the image in detail, followed by the description."],
+    "complex reasoning": ["Generate a question that needs reasoning about the image and then answer it.",
+                          "Ask an in-depth reasoning question about the image and answer it.",
+                          "Pose a question about the image that requires careful reasoning, then answer it."]}
+GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature", "max_correction_steps",
+              "last_infer_all", "max_new_tokens", "gen_batch_size")  # change freely on --resume
+
+# -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
+
+
+def vig_target(q, a):
+    return f"Question: {q} Answer: {a}"  # VIGC's VIG_PROMPTS " Question: {q} Answer: {a}"
+
+
+def parse_vig(text):
+    """(question, answer) from a VIG output 'Question: q Answer: a' (any case and spacing), or None
+    unless there is exactly one of each marker, in that order, and both parts are non-empty."""
+    text = str(text or "").replace("<image>", " ")  # the tag belongs only at the start of a record
+    qs, ans = list(re.finditer(r"question\s*:", text, re.I)), list(re.finditer(r"answer\s*:", text, re.I))
+    if len(qs) != 1 or len(ans) != 1 or ans[0].start() < qs[0].end():
+        return None
+    q, a = text[qs[0].end():ans[0].start()].strip(), text[ans[0].end():].strip()
+    return (q, a) if q and a else None
+
+
+def sentences(text):
+    """Split after . ! ? followed by white space (so '2.5' stays whole)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", str(text or "").strip()) if s]
+
+
+def encode(tokenizer, mc, question, prefix="", target=None, max_len=2048, template="vicuna_v1"):
+    """Tokens of `<image>\\n{question}` answered by `prefix` (the answer so far) and `target`.
+    target None: a generation prompt ending with 'ASSISTANT: {prefix}'. Else labels on target and </s> only."""
+    turns = [{"from": "human", "value": "<image>\n" + question}]
+
+    def tok(answer, n=max_len):
+        gpt = [{"from": "gpt", "value": answer}] if answer is not None else []
+        return tokenize_conversation(tokenizer, turns + gpt, mc.image_token_id, mc.num_image_tokens, n, template)
+    if target is None:
+        if not prefix:
+            return tok(None)
+        t = tok(prefix, 1 << 30)  # '... ASSISTANT: {prefix}</s>' without its </s>
+        if int(t["input_ids"][-1]) != tokenizer.eos_token_id:
+            raise common.ConfigError("the tokenizer does not encode '</s>' as its EOS token")
+        ids = t["input_ids"][:-1]
+        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}
+    full = tok((prefix + " " + target).strip())
+    if full is None or not prefix:
+        return full
+    p = encode(tokenizer, mc, question, prefix, None, max_len, template)["input_ids"]
+    m = min(len(p), len(full["input_ids"]))
+    same = full["input_ids"][:m] == p[:m]
+    full["labels"][:m if bool(same.all()) else int(same.int().argmin())] = IGNORE  # the answer so far is context
+    return full if bool((full["labels"] != IGNORE).any()) else None
+
+# -------------------- training data: VIG + VIC examples from question/answer pairs, plus SFT
+
+
+def load_records(cfg):
+    """Image records {'image', 'conversations', 'pairs': [(q, a, type)]}, the instructions per type,
+    and the tokenizer directory of the Shapes world (or '')."""
+    if cfg.data == "shapes":
+        world = cfg.world
+        path = os.path.join(world, "sft.json")
+        info = load_json(os.path.join(world, "vigc_instructions.json"))
+        specs, instr, tok_dir = [(path, None)], {t: info[t] for t in TYPES.values()}, os.path.join(world, "tokenizer")
+        qmap = info["qtype_to_type"]
+    else:
+        specs, instr, tok_dir, qmap = [], INSTRUCTIONS, "", shapes.VIGC_TYPE
+        for spec in cfg.data.split(","):
+            path, _, t = spec.partition(":")
+            if t and t not in TYPES:
+                raise common.ConfigError(f"--data: type '{t}' of {path} is not one of {', '.join(TYPES)}")
+            specs.append((path, TYPES.get(t)))
+    records = []
+    for path, kind in specs:
+        raw = load_json(path)
+        recs = read_any_conversations(path, world if cfg.data == "shapes" else cfg.image_folder or None)
+        for j, r in enumerate(recs):
+            qtypes = raw[j].get("qtypes") if isinstance(raw, list) and len(raw) == len(recs) else None
+            conv = r["conversations"]
+            pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
+                      kind or (qmap.get(qtypes[i // 2], "conversation") if qtypes else "conversation"))
+                     for i in range(0, len(conv) - 1, 2)]
+            records.append({"image": r["image"], "conversations": conv, "pairs": pairs if r["image"] else []})
+    return records, instr, tok_dir
+
+
+def build_examples(records, instructions, cfg):
+    """Per image and instruction type: one VIG example and one VIC example (a random pair of that type,
+    so the three types are near balanced), then --sft_share of plain SFT conversations."""
+    rng, out = random.Random(cfg.seed), []
+    for r in records:
+        by_type = {}
+        for q, a, t in r["pairs"]:
+            by_type.setdefault(t, []).append((q, a))
+        for t, pairs in by_type.items():
+            q, a = rng.choice(pairs)
+            out.append({"image": r["image"], "question": rng.choice(instructions[t]), "prefix": "", "target": vig_target(q, a)})
+            q, a = rng.choice(pairs)
+            s = sentences(a) or [a]
+            k = rng.randrange(len(s))  # the answer so far: the first k sentences; the target: the rest
+            out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]), "target": " ".join(s[k:])})
+    n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
+    out += [{"image": r["image"], "conversations": r["conversations"]} for r in rng.choices(records, k=n_sft)]
+    return out
+
+
+def make_item(e, tokenizer, mc, cfg, images):
+    """A training example tokenized (None if it does not fit --max_len), with its image. Tokenized when
+    drawn: a short run never touches most of the pool."""
+    if "conversations" in e:
+        t = tokenize_conversation(tokenizer, e["conversations"], mc.image_token_id, mc.num_image_tokens, cfg.max_len, cfg.template)
+    else:
+        t = encode(tokenizer, mc, e["question"], e["prefix"], e["target"], cfg.max_len, cfg.template)
+    if t is not None and e["image"]:
+        t = dict(t, pixel_values=normalize(images.unit(e["image"])))
+    return t
+
+
+def lm_loss(model, batch, n_global):
+    """Sum of answer-token cross-entropies / answer tokens in the global batch (as sft.py)."""
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)  # right-padded: causal mask suffices
+    labels = batch["labels"][:, 1:]
+    sel = labels != IGNORE
+    return F.cross_entropy(model.logits(h[:, :-1][sel]).float(), labels[sel], reduction="sum") / n_global
+
+# -------------------- generation: VIG proposes, VIC re-answers a sentence at a time
+
+
+def prompt(tokenizer, model, question, prefix, unit, cfg):
+    """A generation prompt: `<image>\n{question}`, then 'ASSISTANT:' and the answer so far, with its image."""
+    item = encode(tokenizer, model.config, question, prefix, None, 1 << 30, cfg.template)
+    item["pixel_values"] = normalize(unit)
+    return item
+
+
+def generate_texts(model, tokenizer, items, cfg, temperature, generator=None):
+    """(text cut at EOS, finished) per prompt item, in left-padded batches."""
+    was_training, out = model.training, []
+    model.eval()
+    dev = next(model.parameters()).device
+    for s in range(0, len(items), cfg.gen_batch_size):
+        b = collate(items[s:s + cfg.gen_batch_size], tokenizer.pad_token_id, side="left")
+        g = model.generate(b["pixel_values"].to(dev), b["input_ids"].to(dev), b["attention_mask"].to(dev),
+                           max_new_tokens=cfg.max_new_tokens, temperature=temperature, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, generator=generator)
+        for i in range(len(g.lengths)):
+            text = tokenizer.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
+            out.append((text, bool(g.finished[i])))
+    model.train(was_training)
+    return out
+
+
+def correct(model, tokenizer, questions, units, cfg, generator=None):
+    """VIC: answer each question one sentence at a time. Step k generates from 'q ASSISTANT: s_1 .. s_k-1'
+    and keeps the first sentence s_k of what comes back; an item is done when the model ends right
+    after that sentence (or says nothing), or after --max_correction_steps. Returns (answers, steps)."""
+    kept, steps, active = [[] for _ in questions], [0] * len(questions), list(range(len(questions)))
+    for step in range(cfg.max_correction_steps):
+        if not active:
+            break
+        items = [prompt(tokenizer, model, questions[i], " ".join(kept[i]), units[i], cfg) for i in active]
+        outs = generate_texts(model, tokenizer, items, cfg, cfg.vic_temperature, generator)
+        still = []
+        for i, (text, finished) in zip(active, outs):
+            steps[i] += 1
+            s = sentences(text)
+            if not s:
+                continue  # EOS straight away: the answer so far is complete
+            last = step == cfg.max_correction_steps - 1
+            kept[i] += s if last and cfg.last_infer_all else s[:1]
+            if not (finished and len(s) == 1):
+                still.append(i)
+        active = still
+    return [" ".join(k) for k in kept], steps
+
+
+def image_list(cfg):
+    """(name written to the output, path) of the images to generate for: the Shapes unlabeled split
+    (names relative to the world), or --images (a folder, or a file with one path per line; absolute)."""
+    if cfg.data == "shapes" and not cfg.images:
+        unlabeled = load_json(os.path.join(cfg.world, "vigc_instructions.json"))["unlabeled"]
+        return [(x["image"], os.path.join(cfg.world, x["image"])) for x in unlabeled]
+    if os.path.isdir(cfg.images):
+        exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        paths = [os.path.join(cfg.images, n) for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
+    elif os.path.isfile(cfg.images):
+        folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
+        paths = [os.path.join(folder, ln.strip()) for ln in open(cfg.images) if ln.strip()]
+    else:
+        raise common.ConfigError(f"--images '{cfg.images}': not a folder or a file list (needed with --data FILE)")
+    return [(os.path.abspath(p), p) for p in paths]
+
+
+def generate_data(model, tokenizer, cfg, imgs, instructions):
+    """VIG then VIC for --generate images (cycling through the list); writes OUT/vigc_data.json (VIC
+    answers), OUT/vig_only.json (VIG answers, same questions) and OUT/report.json. Returns the report."""
+    t0, rng, gen = time.time(), random.Random(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed)
+    cache = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    jobs = []
+    for i in range(cfg.generate):
+        name, path = imgs[i % len(imgs)]
+        t = TYPES[rng.choice(cfg.gen_types)]
+        jobs.append({"id": f"vigc_{i:06d}", "image": name, "type": t, "instruction": rng.choice(instructions[t]),
+                     "unit": cache.unit(path)})
+    vig = generate_texts(model, tokenizer, [prompt(tokenizer, model, j["instruction"], "", j["unit"], cfg) for j in jobs],
+                         cfg, cfg.temperature, gen)
+    ok = [dict(j, q=qa[0], vig=qa[1]) for j, (text, _) in zip(jobs, vig) for qa in [parse_vig(text)] if qa]
+    t_vig = time.time() - t0
+    answers, steps = correct(model, tokenizer, [j["q"] for j in ok], [j["unit"] for j in ok], cfg)
+    for j, a in zip(ok, answers):
+        j["vic"] = a
+    for name, key in (("vig_only.json", "vig"), ("vigc_data.json", "vic")):
+        recs = [{"id": j["id"], "image": j["image"], "type": j["type"], "conversations": [
+            {"from": "human", "value": "<image>\n" + j["q"]}, {"from": "gpt", "value": j[key]}]} for j in ok if j[key]]
+        with open(os.path.join(cfg.out, f".{name}.tmp"), "w") as f:
+            json.dump(recs, f, indent=1)
+        os.replace(os.path.join(cfg.out, f".{name}.tmp"), os.path.join(cfg.out, name))
+    n_empty = sum(not a for a in answers)
+    report = {"images": len(jobs), "parsed": len(ok), "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
+              "correction_steps_per_answer": round(sum(steps) / max(len(steps), 1), 2),
+              "seconds": {"vig": round(t_vig, 1), "vic": round(time.time() - t0 - t_vig, 1)}}
+    print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer ({len(jobs) - len(ok)} dropped) | VIC: "
+          f"{report['correction_steps_per_answer']} steps per answer, {n_empty} empty answers dropped | {report['seconds']}")
+    if cfg.data == "shapes" and not cfg.images:
+        report.update(oracle_report(cfg.world, ok))
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def oracle_report(world, ok):
+    """shapes.oracle on the VIG-only and the VIC answers to the same questions: hallucinated objects,
+    attributes, relations and false negatives per 100 answers, plus three examples."""
+    objs = shapes.load_world(world)["by_file"]
+    errors = lambda r: r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
+    out, res = {}, {}
+    for key in ("vig", "vic"):
+        res[key] = [shapes.oracle(j[key], objs[j["image"]]) for j in ok]
+        per100 = lambda field, t=None: round(100 * sum(r[field] for j, r in zip(ok, res[key]) if t in (None, j["type"]))
+                                             / max(sum(t in (None, j["type"]) for j in ok), 1), 1)
+        out[key] = {"hallucinations_per_100": per100("num_hallucinations"),
+                    "hallucinated_objects_per_100": per100("num_hallucinated_objects"),
+                    "answers_with_hallucination": round(sum(r["num_hallucinations"] > 0 for r in res[key]) / max(len(ok), 1), 3),
+                    "sentences_per_answer": round(sum(len(sentences(j[key])) for j in ok) / max(len(ok), 1), 2),
+                    "hallucinations_per_100_by_type": {t: per100("num_hallucinations", t) for t in TYPES.values()}}
+        r = out[key]
+        print(f"{'VIG only' if key == 'vig' else 'VIC':8s}: {r['hallucinations_per_100']} hallucinations and "
+              f"{r['hallucinated_objects_per_100']} hallucinated objects per 100 answers ({r['answers_with_hallucination']:.0%} "
+              f"of answers with any, {r['sentences_per_answer']} sentences each) | by type {r['hallucinations_per_100_by_type']}")
+    out["samples"] = [{"image": j["image"], "type": j["type"], "truth": shapes.describe(objs[j["image"]]), "question": j["q"],
+                       "vig_answer": j["vig"], "vig_errors": errors(rv), "vic_answer": j["vic"], "vic_errors": errors(rc)}
+                      for j, rv, rc in list(zip(ok, res["vig"], res["vic"]))[:3]]
+    for s in out["samples"]:
+        print(f"--- {s['image']} ({s['type']}); truth: {s['truth']}\n  Q: {s['question']}\n  VIG: {s['vig_answer']}  "
+              f"errors {s['vig_errors']}\n  VIC: {s['vic_answer']}  errors {s['vic_errors']}")
+    return {"vig_only": out["vig"], "vic": out["vic"], "samples": out["samples"]}
+
+
+# -------------------- main: the training loop (as sft.py), then generation on rank 0
+
+
+def main(cfg):
+    if not 0 <= cfg.sft_share < 1:
+        raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 1)")
+    if not cfg.init and cfg.data != "shapes":
+        raise common.ConfigError("--data FILE needs --init (a checkpoint with its tokenizer)")
+    if cfg.init and not os.path.exists(cfg.init):
+        raise common.ConfigError(f"--init {cfg.init}: not found (train the SFT model first: python sft.py)")
+    d = common.setup_dist(cfg.device)
+    common.seed_everything(cfg.seed)
+    if d.main:
+        common.ensure_writable(cfg.out)
+    if cfg.data == "shapes":
+        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    records, instructions, tok_dir = load_records(cfg)
+    bad = [t for t in cfg.gen_types if t not in TYPES]
+    if bad:
+        raise common.ConfigError(f"--gen_types: '{bad[0]}' is not one of {', '.join(TYPES)}")
+    imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
+    if cfg.generate > 0 and d.main and not imgs:
+        raise common.ConfigError(f"--images '{cfg.images}': no images found")
+    # generation flags do not change the trained weights: free to change on --resume
+    train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
+    resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
+    model, tokenizer = common.load_model_and_tokenizer(resume_path or cfg.init, cfg.model, cfg.vision_tower, tok_dir, d.device)
+    if cfg.lora_r > 0:
+        if "vigc" not in model.adapters:
+            model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
+        model.set_adapter("vigc")
+        model.set_trainable(adapters=["vigc"], vision=cfg.train_vision, projector=cfg.train_projector)
+    else:
+        model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
+    bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
+    if bf16:
+        model.cast_base(torch.bfloat16)
+    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    train = build_examples(records, instructions, cfg)
+    if len(train) == 0:
+        raise common.ConfigError("no training examples (no record has an image and a question/answer pair)")
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if state is not None:
+        if state["optimizer"] is not None:  # (the final LoRA-merged checkpoint has none)
+            opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resumed from {resume_path} at step {start}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if d.main:
+        print(f"{len(train)} training examples (VIG + VIC + {cfg.sft_share:.0%} SFT) from {len(records)} records | model "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
+              f"trainable | {d.world} process(es)")
+    log = common.Logger(cfg.out, d.main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    model.train()
+    t0, tokens, dropped = time.time(), 0, 0
+    for step in range(start, cfg.max_steps):
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        common.set_lr(opt, lr)
+        idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
+        items = [x for x in (make_item(train[i], tokenizer, model.config, cfg, images) for i in idx) if x is not None]
+        dropped += len(idx) - len(items)  # too long for --max_len with any answer token left
+        n_local = sum(int((x["labels"] != IGNORE).sum()) for x in items)
+        n_global = common.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
+        loss_sum = torch.zeros(())
+        for chunk in [items[i::cfg.grad_accum] for i in range(cfg.grad_accum)]:
+            if not chunk:
+                continue
+            batch = common.to_device(collate(chunk, tokenizer.pad_token_id), d.device)
+            with autocast:
+                loss = lm_loss(model, batch, n_global)
+            loss.backward()
+            loss_sum += loss.detach().float().cpu()
+            tokens += int(batch["attention_mask"].sum())
+        for p in trainable:  # every rank all-reduces the same tensors, even with an empty micro-batch
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        common.sync_grads(trainable, d)
+        loss_all = common.all_reduce_sum(loss_sum, d)
+        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, loss_all)
+        if norm is not None:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            dt = time.time() - t0
+            log.log(done, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
+                    tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
+            t0, tokens = time.time(), 0
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            common.save_checkpoint(model, cfg.out, done, train_cfg, opt, tokenizer, d=d)
+    if dropped and d.main:
+        print(f"warning: {dropped} drawn examples did not fit --max_len {cfg.max_len} and were left out of their batch")
+    if cfg.lora_r > 0:
+        model.merge_adapter("vigc")  # generation and later stages use the merged weights
+        if d.main and cfg.max_steps > start:
+            common.save_checkpoint(model, cfg.out, cfg.max_steps, train_cfg, None, tokenizer)
+    if cfg.generate > 0 and d.main:
+        generate_data(model, tokenizer, cfg, imgs, instructions)
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    with common.user_errors(DataError):
+        main(cfg)
