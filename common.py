@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from model import FORMAT_VERSION, CheckpointError, latest_checkpoint
 
@@ -196,7 +197,10 @@ def sync_grads(params, d):
     the per-rank gradients add up to the single-process gradient exactly; the model stays unwrapped."""
     if d.world == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:  # every rank must all-reduce the same tensors, also after an empty micro-batch
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if grads:  # one flat all-reduce instead of one per tensor
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
@@ -256,14 +260,20 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
 # optimizer and schedule
 # ----------------------------------------------------------------------------------------
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999)):
-    """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), vision_lr_ratio=1.0):
+    """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not. The vision
+    tower and projector may run at vision_lr_ratio x lr (set_lr keeps the ratio)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("nothing to train: no parameter requires grad")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for is_vision in (False, True):
+        part = [(n, p) for n, p in named if n.startswith(("vision_tower.", "projector.")) == is_vision]
+        scale = vision_lr_ratio if is_vision else 1.0
+        for decay in (True, False):
+            ps = [p for _, p in part if (p.dim() >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
@@ -277,7 +287,7 @@ def cosine_lr(step, max_steps, lr, warmup=0, min_ratio=0.0):
 
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=None):
@@ -295,6 +305,20 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
         raise NonFiniteError(f"step {step}: non-finite {'loss' if loss is not None and not math.isfinite(float(loss)) else 'gradient'}; "
                              f"stopped. Last good checkpoint: {last} (resume with --resume, or pass --skip_nonfinite true)")
     return float(norm)
+
+
+def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
+    """One update, the same in every stage: sum the gradients over ranks, clip, check that loss and
+    gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
+    comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the step."""
+    sync_grads(params, d)
+    if loss is not None and reduce:
+        loss = all_reduce_sum(loss, d)
+    norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, getattr(cfg, "skip_nonfinite", False), loss)
+    if norm is not None:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, norm
 
 
 # ----------------------------------------------------------------------------------------
@@ -532,3 +556,23 @@ def sequence_logprobs(model, batch, average=False):
 
 def to_device(batch, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def score_sequences(model, head, input_ids, attention_mask, image_features):
+    """Scalar score per right-padded sequence: head(hidden state at the last real token)."""
+    h = model(None, input_ids, attention_mask, return_hidden=True, image_features=image_features)
+    last = attention_mask.sum(1) - 1
+    return model.heads[head](h[torch.arange(len(h), device=h.device), last])
+
+
+def lm_loss(model, batch, n_global):
+    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
+    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
+    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad:
+    no padding mask is passed and SDPA takes its fused causal path."""
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
+    from data import IGNORE
+    labels = batch["labels"][:, 1:]
+    sel = labels != IGNORE
+    logits = model.logits(h[:, :-1][sel]).float()
+    return F.cross_entropy(logits, labels[sel], reduction="sum") / n_global

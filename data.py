@@ -3,7 +3,6 @@ collation, and the generators that make data from object annotations (LRV negati
 instructions, POVID hallucination injection and diffusion noise). The readers and converters
 for the public file formats live in formats.py and are re-exported here.
 """
-import os
 import re
 
 import numpy as np
@@ -231,6 +230,55 @@ def collate(items, pad_id, side="right"):
     pix = [x["pixel_values"] for x in items if x.get("pixel_values") is not None]
     out["pixel_values"] = torch.stack(pix) if pix else None
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# The Fact-RLHF evaluation turn the reward model reads (reward.py and ppo.py); LLaVA-RLHF
+# RLHF/prompts/fact_rlhf_reward_prompt.txt and data_utils/constants.py FACTUAL_PROMPT, verbatim.
+# ----------------------------------------------------------------------------------------
+
+EVAL_QUESTION = (
+    "Please evaluate the quality of your last response. There are several dimensions you should consider in your "
+    "evaluation:\n\n1. Accurate: The AI should provide factual and accurate information from the image, and refrain "
+    "from making statements that are not supported by the image or inconsistent with the image.{facts}\n"
+    "2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, while grounding the "
+    "response in the image.\n3. Language Natural: The AI should employ language that flows smoothly and is free from "
+    "repetitive or awkward constructs.\n4. Concise: The AI should efficiently address the task or answer the question, "
+    "communicating the necessary information with brevity and clarity.\n\nA good response should be accurate, "
+    "helpful, language natural, and concise.")
+EVAL_QUESTION_SHORT = ("Please evaluate the quality of your last response: it should be accurate, helpful, natural and "
+                       "concise.{facts}")  # --eval_prompt short: half the tokens (CPU runs on Shapes)
+FACTS_INTRO = (" Specifically, the AI's response should be fully supported by the combination of the following "
+               "captions:\n")
+EVAL_ANSWER = "Following your definitions, the quality score of my last response is"
+
+
+def eval_question(captions, rng, wording="llava-rlhf"):
+    """The evaluation turn; with captions (Fact-RLHF) they are shuffled by `rng` and listed one per line
+    as '  - caption' (LLaVA-RLHF: FACTUAL_PROMPT + one '  - {caption}\\n' per caption)."""
+    question = {"llava-rlhf": EVAL_QUESTION, "short": EVAL_QUESTION_SHORT}[wording]
+    if captions is None:
+        return question.format(facts="")
+    caps = list(captions)
+    rng.shuffle(caps)
+    return question.format(facts=FACTS_INTRO + "".join(f"  - {c}\n" for c in caps))
+
+
+def reward_item(tokenizer, model_config, prompt, response, captions, rng, template="vicuna_v1", max_len=1024,
+                wording="llava-rlhf"):
+    """Token ids the reward model reads: the conversation, the response, the evaluation turn and the start
+    of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that answer as a
+    finished turn and drops the final '</s>' token, so the score sits on the last prompt token. None when
+    longer than max_len (never cut: the score position would move)."""
+    turns = list(prompt) + [{"from": "gpt", "value": response},
+                            {"from": "human", "value": eval_question(captions, rng, wording)},
+                            {"from": "gpt", "value": EVAL_ANSWER}]
+    t = tokenize_conversation(tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
+                              max_len=1 << 30, template=template)
+    ids = t["input_ids"]
+    if int(ids[-1]) == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return None if len(ids) > max_len else {"input_ids": ids}
 
 
 # ----------------------------------------------------------------------------------------
@@ -535,14 +583,18 @@ def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
             holds = any(x is not y and (x[key[0]] - y[key[0]]) * key[1] > 0 for x in A for y in B)
             if A and B and not holds:  # the flipped relation is false for every pair
                 edits.append((off + m.start(), off + m.end(), new))
-        for m in re.finditer(r"\b(at|in|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b", sent):
-            np_ = _np_at(sent[:m.start()], m.start(), names)
+        for m in re.finditer(r"\b(at|in|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b",
+                             sent, re.IGNORECASE):
+            # "A red circle is at the top left." or "At the top left there is a red circle."
+            first = not sent[:m.start()].strip()
+            np_ = _np_at(sent[m.end():], 0, names) if first else _np_at(sent[:m.start()], m.start(), names)
             if np_ is None or not grid:
                 continue
             cand = _filter_by_words(objects, np_[0], np_[1], colors)
-            free = [p for p in POSITIONS if p != m.group(2) and not any(position_of(o) == p for o in cand)]
+            free = [p for p in POSITIONS if p != m.group(2).lower() and not any(position_of(o) == p for o in cand)]
             if cand and free:
-                edits.append((off + m.start(), off + m.end(), pos_phrase(_pick(rng, free))))
+                new = pos_phrase(_pick(rng, free))
+                edits.append((off + m.start(), off + m.end(), new[:1].upper() + new[1:] if first else new))
     if not edits:
         return None
     i, j, new = edits[int(rng.integers(len(edits)))]

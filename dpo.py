@@ -139,23 +139,11 @@ def read_pairs(path, fmt, image_folder, on_error):
     return [r for r in recs if r.get("image")], skipped + bad
 
 
-def shapes_world(cfg):
-    """The Shapes world: reused as it is when one with this seed is there (a small test world stays
-    small), else written by shapes.ensure_world. (ppo.py and reward.py carry the same helper.)"""
-    try:
-        found = json.load(open(os.path.join(cfg.world, "world.json"))).get("seed") == cfg.world_seed
-    except (OSError, ValueError):
-        found = False
-    if found and os.path.isdir(os.path.join(cfg.world, "tokenizer")):
-        return cfg.world
-    return shapes.ensure_world(cfg.world, seed=cfg.world_seed)
-
-
 def load_pairs(cfg, d=None):
     """Training and validation pairs, the skipped-record lines, and a tokenizer dir for fresh models."""
     on_error = "skip" if cfg.skip_bad else "raise"
     if cfg.data == "shapes":
-        world = common.on_main_first(d or common.Dist(), lambda: shapes_world(cfg))  # rank 0 writes it, once
+        world = common.on_main_first(d or common.Dist(), lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))  # rank 0 writes it, once
         train, skipped = read_pairs(os.path.join(world, "povid_pairs.json"), "povid", world, on_error)
         val, _ = read_pairs(os.path.join(world, "pref_pairs_val.json"), "llava_rlhf", world, on_error)
         return train, val, skipped, os.path.join(world, "tokenizer")
@@ -390,12 +378,7 @@ def main(cfg):
             step_loss += loss.detach().float().cpu()
             for k, v in list(m.items()) + [("pairs", torch.ones(len(pos)))]:
                 sums[k] = sums.get(k, 0) + v.float().sum().cpu()
-        common.sync_grads(trainable, d)
-        step_loss = common.all_reduce_sum(step_loss, d)
-        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, step_loss)
-        if norm is not None:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss, norm = common.optimizer_step(opt, trainable, d, step, cfg, step_loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:  # means over the pairs since the last line, all ranks
             tot = dict(zip(sums, common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()))

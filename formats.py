@@ -269,8 +269,8 @@ def read_any_conversations(path, image_folder=None, fmt="auto", check_images=Tru
         first = items[0] if items and isinstance(items[0], dict) else {}
         fmt = "llava" if "conversations" in first else "lrv" if {"image_id", "question"} <= set(first) else None
         if fmt is None:
-            raise DataError(path, 0, None, "cannot tell the format: expected 'conversations' (LLaVA instruct) "
-                                           "or 'image_id', 'question', 'answer' (LRV-Instruction)")
+            raise DataError(path, _label(0, first), "conversations", "missing (expected LLaVA instruct "
+                            "'conversations', or LRV-Instruction 'image_id', 'question', 'answer')")
     if fmt not in ("llava", "lrv"):
         raise ValueError(f"fmt must be 'auto', 'llava' or 'lrv', got {fmt!r}")
     fn = (_llava_fn if fmt == "llava" else _lrv_fn)(_folder(path, image_folder), check_images)

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import common
 import shapes
@@ -52,6 +51,7 @@ class Config:
     batch_size: int = 64                  # sequences per optimizer step (global, over all processes)
     grad_accum: int = 1                   # micro-batches per step on each process
     lr: float = 3e-3                      # peak learning rate
+    vision_lr_ratio: float = 1.0          # vision tower and projector learn at this x lr
     min_lr_ratio: float = 0.1             # final learning rate / peak
     warmup: int = 100                     # linear warmup steps
     weight_decay: float = 0.0             # AdamW weight decay on matrices
@@ -130,18 +130,6 @@ class Tokenized:
         return item
 
 
-def lm_loss(model, batch, n_global):
-    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
-    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
-    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad:
-    no padding mask is passed and SDPA takes its fused causal path."""
-    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
-    labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    logits = model.logits(h[:, :-1][sel]).float()
-    return F.cross_entropy(logits, labels[sel], reduction="sum") / n_global
-
-
 def main(cfg):
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
@@ -175,7 +163,7 @@ def main(cfg):
               f"--max_len {cfg.max_len} with at least part of the first answer")
     if len(train) == 0:
         raise common.ConfigError("no training data left (all records were dropped or skipped)")
-    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -200,16 +188,11 @@ def main(cfg):
         for chunk in micro:
             batch = common.to_device(collate([train[i] for i in chunk], tokenizer.pad_token_id), d.device)
             with autocast:
-                loss = lm_loss(model, batch, n_global)
+                loss = common.lm_loss(model, batch, n_global)
             loss.backward()
             loss_sum += loss.detach().float().cpu()
             tokens += int(batch["attention_mask"].sum())
-        common.sync_grads(trainable, d)
-        loss_all = common.all_reduce_sum(loss_sum, d)
-        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, loss_all)
-        if norm is not None:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_all, norm = common.optimizer_step(opt, trainable, d, step, cfg, loss_sum)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0
@@ -237,7 +220,7 @@ def validation_loss(model, val, cfg, tokenizer, d):
     for s in range(0, len(idx), cfg.batch_size):
         chunk = idx[s:s + cfg.batch_size]
         batch = common.to_device(collate([val[i] for i in chunk], tokenizer.pad_token_id), d.device)
-        total += lm_loss(model, batch, 1.0).float().cpu()
+        total += common.lm_loss(model, batch, 1.0).float().cpu()
         count += val.n_labels[chunk].sum()
     model.train()
     return float(common.all_reduce_sum(total, d) / common.all_reduce_sum(count, d).clamp(min=1))

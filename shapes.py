@@ -27,7 +27,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -145,9 +145,11 @@ def render(objs, p):
 
 
 def describe(objs):
+    """Every object in reading order, position first ("At the top left there is a large red circle."):
+    the model names the next occupied cell, then reads that cell's size, colour and shape."""
     n = len(objs)
     head = f"There {'is' if n == 1 else 'are'} {number_word(n)} object{'' if n == 1 else 's'}."
-    return " ".join([head] + [f"{cap(a(noun_phrase(o)))} is {pos_phrase(o['position'])}." for o in objs])
+    return " ".join([head] + [f"{cap(pos_phrase(o['position']))} there is {a(noun_phrase(o))}." for o in objs])
 
 
 def relation(x, y):
@@ -355,6 +357,12 @@ def _parse_clause(toks, mentions, relations):
             while s > 0 and (toks[s - 1] in DETS or toks[s - 1] in COLORS or toks[s - 1] in SIZE_WORDS or toks[s - 1] in NUMS):
                 s -= 1
             nps.append((s, k))
+    lead = _match_position(toks, 0) if len(toks) > 1 else None  # "At the top left there is a red circle"
+    if lead and nps and all(t in ("there", "is", "are", "lies", "sits", "we", "see", "can", "you") or t in DETS
+                            for t in toks[lead[1]:nps[0][0]]):
+        lead = lead[0]
+    else:
+        lead = None
     idx = []
     for s, k in nps:
         mods = toks[s:k]
@@ -368,6 +376,8 @@ def _parse_clause(toks, mentions, relations):
         while j >= 0 and back < 4 and toks[j] not in NEGATORS and toks[j] in NEG_SKIP:
             j, back = j - 1, back + 1
         m["negated"] |= j >= 0 and toks[j] in NEGATORS and back < 4
+        if lead and not idx and not m["negated"]:
+            m["position"] = lead
         mentions.append(m)
         idx.append(len(mentions) - 1)
     for n, (s, k) in enumerate(nps):
@@ -1004,6 +1014,20 @@ def _fingerprint(path):
         return w["version"], w["seed"], w["params"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def world_captions(world):
+    """{image path as written in the world's files: [5 captions]} from the COCO-style captions.json."""
+    path = os.path.join(world, "captions.json")
+    try:
+        cap = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise DataError(path, message=f"cannot read: {e}") from None
+    files = {img["id"]: img["file_name"] for img in cap["images"]}
+    out = {}
+    for ann in cap["annotations"]:
+        out.setdefault(files[ann["image_id"]], []).append(ann["caption"])
+    return out
 
 
 def ensure_world(out_dir="data/shapes", seed=0, **params):

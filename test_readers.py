@@ -134,8 +134,8 @@ def test_read_any_conversations(tmp_path, llava):
     b = read_any_conversations(write(tmp / "r.json", [{"image_id": "5", "question": "Q?", "answer": "A."}]), str(tmp / "img"))
     assert a[0]["conversations"][0]["value"].startswith("<image>\n") and b[0]["conversations"] == turns("<image>\nQ?", "A.")
     path = write(tmp / "x.json", [{"foo": 1}])
-    assert error(read_any_conversations, path) == f"{path}: record 0: cannot tell the format: expected 'conversations' " \
-        "(LLaVA instruct) or 'image_id', 'question', 'answer' (LRV-Instruction)"
+    assert error(read_any_conversations, path) == f"{path}: record 0: field 'conversations': missing (expected LLaVA " \
+        "instruct 'conversations', or LRV-Instruction 'image_id', 'question', 'answer')"
 
 
 # ----------------------------------------------------------------------------- preference, RL prompts, POVID

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import common
 import shapes
@@ -218,16 +217,6 @@ def make_item(e, tokenizer, mc, cfg, images):
     if t is not None and e["image"]:
         t = dict(t, pixel_values=normalize(images.unit(e["image"])))
     return t
-
-
-def lm_loss(model, batch, n_global):
-    """Sum of answer-token cross-entropies / answer tokens in the global batch (as sft.py)."""
-    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)  # right-padded: causal mask suffices
-    labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    return F.cross_entropy(model.logits(h[:, :-1][sel]).float(), labels[sel], reduction="sum") / n_global
-
-# -------------------- generation: VIG proposes, VIC re-answers a sentence at a time
 
 
 def prompt(tokenizer, model, question, prefix, unit, cfg):
@@ -431,19 +420,11 @@ def main(cfg):
                 continue
             batch = common.to_device(collate(chunk, tokenizer.pad_token_id), d.device)
             with autocast:
-                loss = lm_loss(model, batch, n_global)
+                loss = common.lm_loss(model, batch, n_global)
             loss.backward()
             loss_sum += loss.detach().float().cpu()
             tokens += int(batch["attention_mask"].sum())
-        for p in trainable:  # every rank all-reduces the same tensors, even with an empty micro-batch
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        common.sync_grads(trainable, d)
-        loss_all = common.all_reduce_sum(loss_sum, d)
-        norm = common.clip_and_check(trainable, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite, loss_all)
-        if norm is not None:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_all, norm = common.optimizer_step(opt, trainable, d, step, cfg, loss_sum)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0

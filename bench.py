@@ -1,0 +1,885 @@
+"""Speed and memory of our LLaVA against transformers' LlavaForConditionalGeneration built from the same
+weights, in one process, the two alternated, medians over repetitions after a warm-up (issue 8).
+
+    python bench.py --device cpu                               # bench preset, < 5 min on 2 cores
+    python bench.py --device cuda --model llava-7b             # real 7B shapes, random weights, bf16
+    python bench.py --quick                                    # tiny config, 1 repetition (the test suite)
+
+Writes OUT/bench.md (the tables below, printed too) and OUT/bench.json (every number, with device, versions,
+date, threads, machine load and config). Before anything is timed, both models must give the same logits
+(fp32: max |diff| <= 1e-4, or this script raises), with and without LoRA, and the same training loss.
+
+Sections
+  train     one optimizer step (forward + backward + AdamW) on B x T tokens (image tokens included, labels on the
+            last `answer` tokens of each row, loss = mean token CE over the labels):
+              lora   ours: LoRA adapter on q,k,v,o,gate,up,down of the frozen base; transformers: the same frozen
+                     base with a hand-written LoRA wrapper on its q/k/v/o/gate/up/down Linear modules (W x + s B A x,
+                     A and B copied from ours: the same math, fp32 LoRA)
+              full   language model + projector trained, CLIP frozen, both sides
+            transformers runs as a user would: `model(..., labels=labels, use_cache=False).loss`, which computes
+            the logits at every position; ours (common.lm_loss) only at the labelled ones.
+  generate  greedy decoding with the KV cache, `new_tokens` tokens (EOS disabled), batch 1 and 8: ours
+            `model.generate`, theirs `generate(do_sample=False, min_new_tokens=max_new_tokens)`; the tokens are
+            compared first (a warning if they differ). tok/s = B * new_tokens / time of the whole call (prefill
+            included); decode ms/step = (time(new_tokens) - time(1 token)) / (new_tokens - 1).
+  dpo       ours: one DPO step (dpo.pair_losses: chosen + rejected rows in one pass, LoRA policy, the reference
+            = the same model with adapters off) on `dpo_pairs` pairs, backward, AdamW.
+  ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value heads):
+            rollout of `ppo_prompts` prompts (sampling, T=1), policy and reference log-probs, values, RM score,
+            shaped rewards, GAE, whitening, then one epoch of ppo.ppo_update.
+  roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the four PPO roles
+            on one shared base (1 model + 3 adapters + 2 heads) against four separate models.
+  util      hardware limits measured here: the median rate of a large square matmul in the run's dtype (FLOP/s)
+            and of a large tensor copy (bytes/s, read + write counted).
+
+FLOPs of one training step (N_x = parameters in the matmuls of part x; tokens = B*T; d_q = heads*head_dim):
+    (4 + 2*full) * N_decoder * tokens          forward 2, input gradients 2, weight gradients 2 (full only)
+  + 6 * N_lora * tokens                        (LoRA only)
+  + 12 * layers * d_q * T * tokens             attention scores and values, fwd + bwd, T x T counted in full
+  + (4 + 2*full) * N_lm_head * labelled        the model's loss needs logits at the labelled positions only
+  + (2 + 2*full) * N_projector * image_tokens  forward; weight gradients when trained (CLIP is frozen)
+  + 2 * N_clip * vision_tokens + 4 * clip_layers * clip_hidden * T_img * vision_tokens   (forward only)
+  MFU = FLOPs / step time / measured matmul peak (the same FLOPs for both implementations).
+Bytes of one decode step = decoder + final norm + lm_head weights, plus K and V of every layer over the
+context (mean context over the decode); bandwidth use = bytes/step * steps/s / measured copy bandwidth.
+"""
+import copy
+import ctypes
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+import common
+import dpo
+import model as model_lib
+import ppo
+from data import IGNORE
+from model import LLaVA, PRESETS, ModelConfig, _canonical_key
+
+
+@dataclass
+class Config:
+    """Speed and memory against transformers' LlavaForConditionalGeneration (same weights, same inputs)."""
+    out: str = "runs/bench"               # where bench.md and bench.json are written
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "auto"                   # auto (fp32 on cpu, bf16 on cuda), fp32 or bf16
+    model: str = "bench"                  # model preset (tiny, bench, llava-7b, llava-13b)
+    image_size: int = 112                 # image size override (0: the preset's); 112 px / 14 -> 64 image tokens
+    layers: int = 0                       # decoder layers override (0: the preset's)
+    threads: int = 0                      # torch threads (0: as OMP_NUM_THREADS / torch's default)
+    batch: int = 8                        # training rows per step
+    seq: int = 256                        # tokens per training row, image tokens included
+    answer: int = 64                      # labelled (answer) tokens at the end of each row
+    lora_r: int = 64                      # LoRA rank (LLaVA-RLHF: 64)
+    lora_alpha: int = 16                  # LoRA alpha
+    lr: float = 1e-5                      # AdamW learning rate (small: the weights barely move over the repetitions)
+    train_modes: tuple[str, ...] = ("lora", "full")  # training steps to compare (full is skipped where two fully trained copies cannot fit)
+    gen_batches: tuple[int, ...] = (1, 8)  # generation batch sizes
+    new_tokens: int = 64                  # generated tokens per sequence
+    prompt_text: int = 32                 # text tokens after the image in a generation prompt
+    dpo_pairs: int = 4                    # preference pairs per DPO step (2x rows of `seq` tokens)
+    ppo_prompts: int = 8                  # prompts per PPO rollout
+    ppo_new_tokens: int = 32              # sampled response tokens per prompt
+    roles_model: str = "bench"            # preset at which the PPO role memory is allocated for real
+    warmup: int = 1                       # untimed repetitions first
+    reps: int = 3                         # timed repetitions (medians reported)
+    matmul_n: int = 0                     # side of the square matmul for the peak (0: 2048 cpu, 8192 cuda)
+    copy_mib: int = 0                     # MiB copied for the bandwidth (0: 256 cpu, 2048 cuda)
+    hf_load: str = "auto"                 # transformers model: 'export' (export_hf + from_pretrained), 'copy' (weights copied in memory), auto: export on cpu
+    seed: int = 0                         # seed of weights and inputs
+    quick: bool = False                   # tiny config, 1 repetition: a smoke test of every section (the test suite)
+
+
+QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,
+             gen_batches=(1, 2), new_tokens=6, prompt_text=4, dpo_pairs=2, ppo_prompts=2, ppo_new_tokens=4,
+             roles_model="tiny", warmup=1, reps=1, matmul_n=256, copy_mib=8)
+
+
+class BenchError(AssertionError):
+    """The two implementations disagree: nothing they are timed on would be comparable."""
+
+
+# ----------------------------------------------------------------------------------------
+# measuring: clocks, peak memory, hardware limits
+# ----------------------------------------------------------------------------------------
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev):
+    sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t, out
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim():
+    """Give freed heap memory back to the OS (glibc keeps it for reuse), so that RSS follows live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above the level at entry. GPU: torch.cuda.max_memory_allocated. CPU: the resident set size
+    (/proc/self/statm) polled every millisecond by a thread, after returning freed heap memory to the OS."""
+
+    def __init__(self, dev):
+        self.dev, self.peak = dev, 0
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            sync(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        else:
+            _trim()
+            self.base = self.top = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.top = max(self.top, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            sync(self.dev)
+            self.peak = torch.cuda.max_memory_allocated(self.dev) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.top, _rss()) - self.base
+        return False
+
+
+def race(fns, cfg, dev, measure_memory=True, warmup=None):
+    """Run the callables of `fns` (name -> fn) alternately, the order flipped every repetition, `warmup`
+    untimed rounds then `reps` timed ones; then one more round each for peak memory (kept apart from the
+    timed rounds: returning memory to the OS costs page faults). Returns {name: (median s, [times], peak bytes)}."""
+    warmup = cfg.warmup if warmup is None else warmup
+    times = {k: [] for k in fns}
+    for i in range(warmup + cfg.reps):
+        for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            dt, _ = timed(fns[k], dev)
+            if i >= warmup:
+                times[k].append(dt)
+    peaks = {}
+    for k in fns:
+        if measure_memory:
+            with PeakMemory(dev) as pm:
+                timed(fns[k], dev)
+            peaks[k] = pm.peak
+        else:
+            peaks[k] = None
+    return {k: (statistics.median(times[k]), times[k], peaks[k]) for k in fns}
+
+
+def matmul_peak(n, dtype, dev, reps=7):
+    """FLOP/s of an n x n x n matmul, median of `reps` after one warm-up."""
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    ts = [timed(lambda: a @ b, dev)[0] for _ in range(reps + 1)][1:]
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def copy_bandwidth(mib, dev, reps=7):
+    """Bytes/s of copying a large tensor (read + write counted), median of `reps` after one warm-up."""
+    x = torch.ones(mib * 2 ** 20 // 4, device=dev)
+    y = torch.empty_like(x)
+    ts = [timed(lambda: y.copy_(x), dev)[0] for _ in range(reps + 1)][1:]
+    return 2 * x.nbytes / statistics.median(ts)
+
+
+def free_bytes(dev):
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return float("inf")
+
+
+def machine_load():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# the two models: ours, and transformers' from the same weights
+# ----------------------------------------------------------------------------------------
+
+def model_config(cfg, preset=None):
+    over = {}
+    if preset is None:
+        preset = cfg.model
+        if cfg.image_size:
+            over["image_size"] = cfg.image_size
+        if cfg.layers:
+            over["layers"] = cfg.layers
+    c = ModelConfig(**{**PRESETS[preset], **over})
+    if c.image_token_id >= c.vocab_size or c.pad_token_id >= c.vocab_size:  # e.g. 'tiny': ids inside the vocabulary
+        c = dataclasses.replace(c, image_token_id=c.vocab_size - 1, pad_token_id=c.vocab_size - 2)
+    return c
+
+
+def build_ours(c, dev, dtype, seed):
+    """Our model with random weights, built directly on the device in the run's dtype (LoRA and heads stay fp32).
+    The rows of lm_head for the image and pad tokens are zeroed: greedy decoding never emits them."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            m = LLaVA(c)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        m.lm_head.weight[[c.image_token_id, c.pad_token_id]] = 0
+    return m.eval()
+
+
+def build_theirs(ours, dev, dtype, how, tmp):
+    """transformers' LlavaForConditionalGeneration with our weights: 'export' = ours.export_hf(dir) then
+    from_pretrained(dir); 'copy' = built from export_hf's config.json on the device, weights copied in memory
+    (no 2 x 14 GB round trip through the disk for a 7B model)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    path = os.path.join(tmp, "hf")
+    if how == "export":
+        ours.export_hf(path)
+        return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+    captured = {}  # export_hf's hub-layout tensors (views of ours) and its config.json, no weight file written
+    save = model_lib._save_safetensors
+    model_lib._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
+    try:
+        ours.export_hf(path)
+    finally:
+        model_lib._save_safetensors = save
+    with torch.device(dev):
+        theirs = LlavaForConditionalGeneration._from_config(LlavaConfig.from_pretrained(path), dtype=dtype)
+    ours_by_name = {_canonical_key(k): v for k, v in captured.items()}
+    state, missing = {}, []
+    for k in theirs.state_dict():
+        v = ours_by_name.get(_canonical_key(k))
+        if v is None:
+            missing.append(k)
+        else:
+            state[k] = v
+    missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]  # buffers, not weights
+    if missing:
+        raise BenchError(f"transformers' model has weights our export does not write: {missing[:5]}")
+    theirs.load_state_dict(state, strict=False)
+    return theirs.eval()
+
+
+class HFLoRA(nn.Module):
+    """A transformers Linear plus our LoRA math: W x + (alpha/r) B A x, A and B fp32 (as model.LoRALinear)."""
+
+    def __init__(self, base, A, B, scale):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.A, self.B = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + ((x.float() @ self.A.t()) @ self.B.t() * self.scale).to(y.dtype)
+
+
+def hf_layers(theirs):
+    return theirs.model.language_model.layers
+
+
+def wrap_lora(theirs, ours, adapter):
+    """Put our adapter's A, B on transformers' q/k/v/o/gate/up/down modules. Returns an undo function."""
+    undo = []
+    for i, lin in ours.lora_linears():
+        ad = lin.lora[adapter]
+        layer = hf_layers(theirs)[i]
+        for s in ad.A:
+            parent = layer.self_attn if s in ("q", "k", "v", "o") else layer.mlp
+            name = f"{s}_proj"
+            base = getattr(parent, name)
+            setattr(parent, name, HFLoRA(base, ad.A[s], ad.B[s], ad.scale))
+            undo.append((parent, name, base))
+
+    def restore():
+        for parent, name, base in undo:
+            setattr(parent, name, base)
+    return restore
+
+
+# ----------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------
+
+def text_ids(c, shape, g, dev):
+    hi = min(c.image_token_id, c.pad_token_id, c.vocab_size)  # ordinary tokens: never image or pad
+    return torch.randint(3, hi, shape, generator=g).to(dev)
+
+
+def prompt_ids(c, B, text, g, dev):
+    """[bos, image tokens, text] for B rows, and their images."""
+    ids = torch.cat([torch.full((B, 1), c.bos_token_id), torch.full((B, c.num_image_tokens), c.image_token_id),
+                     text_ids(c, (B, text), g, "cpu")], 1).to(dev)
+    pix = torch.randn(B, 3, c.image_size, c.image_size, generator=g).to(dev)
+    return ids, pix
+
+
+def train_batch(c, B, T, answer, g, dev):
+    """B rows of T tokens: bos, image tokens, text; the last `answer` tokens carry labels."""
+    text = T - 1 - c.num_image_tokens
+    if text < answer + 1:
+        raise common.ConfigError(f"--seq {T} leaves {text} text tokens after {c.num_image_tokens} image tokens; "
+                                 f"need more than --answer {answer}")
+    ids, pix = prompt_ids(c, B, text, g, dev)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -answer:] = ids[:, -answer:]
+    return {"input_ids": ids, "labels": labels, "pixel_values": pix, "attention_mask": torch.ones_like(ids)}
+
+
+# ----------------------------------------------------------------------------------------
+# counting: parameters, FLOPs, bytes
+# ----------------------------------------------------------------------------------------
+
+def matmul_params(c, r=0, targets=model_lib.LORA_TARGETS):
+    """Parameters in the matmuls of each part (the embedding table does no matmul)."""
+    q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    vh = c.vision_hidden
+    io = {"q": (c.hidden, q), "k": (c.hidden, kv), "v": (c.hidden, kv), "o": (q, c.hidden),
+          "gate": (c.hidden, c.intermediate), "up": (c.hidden, c.intermediate), "down": (c.intermediate, c.hidden)}
+    return dict(decoder=c.layers * sum(i * o for i, o in io.values()), lm_head=c.hidden * c.vocab_size,
+                lora=c.layers * r * sum(i + o for s, (i, o) in io.items() if s in targets),
+                projector=vh * c.hidden + (c.hidden * c.hidden if c.projector == "mlp2x_gelu" else 0),
+                clip=c.vision_layers_run * (4 * vh * vh + 2 * vh * c.vision_intermediate) + 3 * c.patch_size ** 2 * vh)
+
+
+def train_flops(c, B, T, labelled, full, r):
+    """FLOPs of one training step (the formula in the module docstring)."""
+    n = matmul_params(c, r)
+    tokens, k = B * T, 6 if full else 4
+    t_img = c.num_patches + 1  # CLIP runs on the CLS token too
+    f = k * n["decoder"] * tokens + 12 * c.layers * c.heads * c.head_dim * T * tokens
+    f += 0 if full else 6 * n["lora"] * tokens
+    f += k * n["lm_head"] * labelled
+    f += (4 if full else 2) * n["projector"] * B * c.num_image_tokens
+    f += 2 * n["clip"] * B * t_img + 4 * c.vision_layers_run * c.vision_hidden * t_img * B * t_img
+    return f
+
+
+def decode_bytes(c, B, context, elem):
+    """Bytes read by one decode step: the decoder's and lm_head's weights, the norms, and the KV cache."""
+    n = matmul_params(c)
+    weights = (n["decoder"] + n["lm_head"] + (2 * c.layers + 1) * c.hidden) * elem
+    return weights + 2 * c.layers * c.kv_heads * c.head_dim * context * B * elem
+
+
+def allocated_bytes(models):
+    """Bytes of parameters + buffers of `models`, each storage counted once (by device and data_ptr; on the
+    meta device, where nothing is allocated, by tensor identity)."""
+    seen = {}
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_meta:
+                seen[("meta", id(t))] = t.numel() * t.element_size()
+            else:
+                s = t.untyped_storage()
+                seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------
+
+def check_parity(ours, theirs, c, dev, exact, autocast, out):
+    """The same logits from both models before anything is timed: the base, then with the LoRA adapter 'sft'
+    (its B drawn at random so that it changes the output) on ours and the hand-written wrapper on theirs."""
+    ids, pix = prompt_ids(c, 2, 8, torch.Generator().manual_seed(1), dev)
+
+    def max_diff(what):
+        with torch.no_grad(), autocast:
+            a = ours(pix, ids).float()
+            b = theirs(pixel_values=pix, input_ids=ids).logits.float()
+        d = (a - b).abs().max().item()
+        # fp32: 1e-4. bf16: the two round differently at every layer, so only a gross error is caught (a wrong
+        # weight mapping gives differences of the size of the logits themselves): 5% of the logit range
+        limit = 1e-4 if exact else 0.05 * a.abs().max().item()
+        if not d <= limit:  # also catches NaN
+            raise BenchError(f"{what}: logits differ, max |ours - transformers| = {d:.3g} > {limit:.3g}")
+        return d, limit
+    out["parity_max_abs_diff"], out["parity_tolerance"] = max_diff("base model")
+    with torch.no_grad():
+        g = torch.Generator(device=dev).manual_seed(2)
+        for p in (p for _, lin in ours.lora_linears() for p in lin.lora["sft"].B.values()):
+            p.normal_(0, 0.02, generator=g)
+    restore = wrap_lora(theirs, ours, "sft")
+    ours.set_adapter("sft")
+    try:
+        out["parity_lora_max_abs_diff"], _ = max_diff("with LoRA")
+    finally:
+        ours.set_adapter(None)
+        restore()
+
+
+def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
+    """One AdamW step, LoRA and full fine-tune, ours against transformers (same batch, same loss)."""
+    b = train_batch(c, cfg.batch, cfg.seq, cfg.answer, torch.Generator().manual_seed(3), dev)
+    n_lab = int((b["labels"][:, 1:] != IGNORE).sum())
+
+    def ours_loss():
+        with autocast:
+            return common.lm_loss(ours, b, n_lab)
+
+    def theirs_loss():
+        with autocast:  # as a user would: labels in, mean CE out (logits at every position); no KV cache in training
+            return theirs(pixel_values=b["pixel_values"], input_ids=b["input_ids"], labels=b["labels"],
+                          use_cache=False).loss
+
+    def step(loss_fn, opt):
+        def run():
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    rows = {}
+    for mode in cfg.train_modes:
+        if mode not in ("lora", "full"):
+            raise common.ConfigError(f"--train_modes {mode}: choose lora and/or full")
+        if mode == "full":  # gradients + AdamW's two states, in the parameters' dtype, for both models
+            need = 2 * 3 * sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                               if n.startswith(("language_model.", "lm_head.", "projector.")) and ".lora." not in n)
+            if need > 0.9 * free_bytes(dev):
+                print(f"note: full fine-tune skipped: its gradients and optimizer states for both models need "
+                      f"{need / 2 ** 30:.0f} GiB, {free_bytes(dev) / 2 ** 30:.0f} GiB free", file=sys.stderr)
+                rows["full"] = {"skipped": f"needs {need / 2 ** 30:.0f} GiB for gradients and optimizer states"}
+                continue
+        restore = lambda: None
+        if mode == "lora":
+            ours.set_adapter("sft")
+            ours.set_trainable(adapters=["sft"])
+            restore = wrap_lora(theirs, ours, "sft")
+            for n, p in theirs.named_parameters():
+                p.requires_grad_(n.endswith((".A", ".B")))
+        else:
+            ours.set_adapter(None)
+            ours.set_trainable(projector=True, language=True)
+            for n, p in theirs.named_parameters():
+                p.requires_grad_(n.startswith(("model.language_model.", "lm_head.", "model.multi_modal_projector.")))
+        n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+        n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+        if n_ours != n_theirs:
+            raise BenchError(f"{mode}: {n_ours} trainable parameters in ours, {n_theirs} in transformers'")
+        ours.train(), theirs.train()
+        with torch.no_grad():
+            lo, lt = float(ours_loss()), float(theirs_loss())
+        if not abs(lo - lt) <= (1e-4 if exact else 0.05 * abs(lo)):
+            raise BenchError(f"{mode}: training loss differs: ours {lo:.6g}, transformers {lt:.6g}")
+        opts = {"ours": common.make_optimizer(ours, cfg.lr), "transformers": common.make_optimizer(theirs, cfg.lr)}
+        res = race({"ours": step(ours_loss, opts["ours"]), "transformers": step(theirs_loss, opts["transformers"])},
+                   cfg, dev)
+        flops = train_flops(c, cfg.batch, cfg.seq, n_lab, mode == "full", cfg.lora_r)
+        rows[mode] = dict(trainable=n_ours, loss_ours=lo, loss_transformers=lt, flops=flops, tokens=cfg.batch * cfg.seq,
+                          **{f"{k}_s": v[0] for k, v in res.items()}, **{f"{k}_times": v[1] for k, v in res.items()},
+                          **{f"{k}_peak_bytes": v[2] for k, v in res.items()},
+                          **{f"{k}_mfu": flops / v[0] / peak_flops for k, v in res.items()})
+        rows[mode]["ratio"] = rows[mode]["ours_s"] / rows[mode]["transformers_s"]
+        del opts
+        restore()
+        ours.set_adapter(None)
+        ours.set_trainable()
+        for p in theirs.parameters():
+            p.requires_grad_(False)
+        ours.eval(), theirs.eval()
+        gc.collect()
+    out["train"] = rows
+
+
+def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out):
+    """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1 token: prefill)."""
+    rows = {}
+    for B in cfg.gen_batches:
+        ids, pix = prompt_ids(c, B, cfg.prompt_text, torch.Generator().manual_seed(4 + B), dev)
+        P = ids.shape[1]
+
+        def ours_gen(n):
+            return lambda: ours.generate(pix, ids, None, max_new_tokens=n, eos_token_id=-1).tokens
+
+        def theirs_gen(n):  # min_new_tokens = max_new_tokens and no EOS: exactly n tokens, as ours
+            return lambda: theirs.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                           pad_token_id=c.pad_token_id)[:, P:]
+        N = cfg.new_tokens
+        with torch.no_grad():
+            a, t = ours_gen(N)(), theirs_gen(N)()
+        same = a.shape == t.shape and torch.equal(a, t)
+        first = None if same else int((a != t).any(0).nonzero()[0]) if a.shape == t.shape else 0
+        if not same:
+            print(f"warning: greedy tokens differ at batch {B} from new token {first} (near-tied logits round "
+                  f"differently); timings still compare the same amount of work", file=sys.stderr)
+        with torch.no_grad():  # the comparison above was the first warm-up round
+            full = race({"ours": ours_gen(N), "transformers": theirs_gen(N)}, cfg, dev, warmup=max(cfg.warmup - 1, 0))
+            pre = race({"ours": ours_gen(1), "transformers": theirs_gen(1)}, cfg, dev, measure_memory=False)
+        row = dict(prompt_tokens=P, new_tokens=N, same_tokens=same, first_difference=first)
+        step_bytes = decode_bytes(c, B, P + N / 2, elem)
+        for k in full:
+            row[f"{k}_s"] = full[k][0]
+            row[f"{k}_tok_s"] = B * N / full[k][0]
+            row[f"{k}_prefill_s"] = pre[k][0]
+            row[f"{k}_decode_ms"] = 1e3 * max(full[k][0] - pre[k][0], 1e-9) / max(N - 1, 1)
+            row[f"{k}_bw_util"] = step_bytes / (row[f"{k}_decode_ms"] / 1e3) / bandwidth
+            row[f"{k}_peak_bytes"] = full[k][2]
+        row["ratio_tok_s"] = row["ours_tok_s"] / row["transformers_tok_s"]
+        row["decode_bytes_per_step"] = step_bytes
+        rows[str(B)] = row
+    out["generate"] = rows
+
+
+def dpo_section(ours, c, cfg, dev, autocast, out):
+    """One DPO step (dpo.pair_losses: chosen and rejected rows in one pass, reference = adapters off)."""
+    g = torch.Generator().manual_seed(5)
+    chosen = train_batch(c, cfg.dpo_pairs, cfg.seq, cfg.answer, g, dev)
+    rejected = chosen["input_ids"].clone()
+    rejected[:, -cfg.answer:] = text_ids(c, (cfg.dpo_pairs, cfg.answer), g, dev)
+    lab_r = torch.full_like(rejected, IGNORE)
+    lab_r[:, -cfg.answer:] = rejected[:, -cfg.answer:]
+    b = {"input_ids": torch.cat([chosen["input_ids"], rejected]), "labels": torch.cat([chosen["labels"], lab_r]),
+         "pixel_values": chosen["pixel_values"]}
+    dcfg = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, train_vision=False, train_projector=False,
+                           noisy_tokens="own")
+    ours.add_adapter("dpo", cfg.lora_r, cfg.lora_alpha)
+    ours.set_adapter("dpo")
+    ours.set_trainable(adapters=["dpo"])
+    opt = common.make_optimizer(ours, cfg.lr)
+    ours.train()
+
+    def step():
+        with autocast:
+            losses, _ = dpo.pair_losses(ours, b, dcfg)
+        (losses.sum() / cfg.dpo_pairs).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    res = race({"dpo": step}, cfg, dev)["dpo"]
+    ours.eval()
+    ours.delete_adapter("dpo")
+    ours.set_trainable()
+    out["dpo"] = dict(pairs=cfg.dpo_pairs, rows=2 * cfg.dpo_pairs, seq=cfg.seq, s=res[0], times=res[1], peak_bytes=res[2])
+
+
+@torch.no_grad()
+def ppo_rollout(m, ids, pix, n_new, gen, kl_coef=0.1):
+    """ppo.rollout without text: sample (T = 1) with the policy adapter, log-probs of the policy and of the
+    reference (no adapter), values (value adapter + head), RM score of prompt + response (reward adapter + head,
+    on the token sequence itself: no evaluation turn is appended), shaped rewards, GAE and whitening."""
+    c, d = m.config, common.Dist(device=ids.device)
+    m.eval()
+    feats = m.encode_images(pix)
+    with m.use_adapter("policy"):
+        g = m.generate(None, ids, None, n_new, temperature=1.0, generator=gen, image_features=feats)
+    tokens = g.tokens.masked_fill(g.tokens == c.image_token_id, c.pad_token_id)  # as ppo.rollout: no image token back
+    P, seq = ids.shape[1], torch.cat([ids, tokens], 1)
+    rmask = torch.arange(n_new, device=ids.device)[None] < g.lengths[:, None]
+    mask = torch.cat([torch.ones_like(ids), rmask.long()], 1)
+    with m.use_adapter("policy"):
+        logp, _ = ppo.response_logprobs(m, feats, seq, mask, P, 1.0)
+    with m.no_adapter():
+        ref_logp, _ = ppo.response_logprobs(m, feats, seq, mask, P, 1.0)
+    with m.use_adapter("value"):
+        values = ppo.response_values(m, feats, seq, mask, P) * rmask
+    with m.use_adapter("reward"):
+        score = common.score_sequences(m, "reward", seq, mask, feats).float()
+    score = score - 8.0 * (~g.finished).float()  # the no-EOS penalty; the text-based terms need a tokenizer
+    rewards, kl, rmask = ppo.shape_rewards(score, logp, ref_logp, g.lengths, kl_coef)
+    adv, returns = ppo.gae(rewards, values, 1.0, 1.0)
+    adv = ppo.whiten(adv, rmask.float(), d)
+    ro = dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values, rmask=rmask.float())
+    return ro, adv, returns
+
+
+def add_roles(m, r, alpha):
+    """PPO's four roles on one base: 'policy', 'reward' (+ head), 'value' (a copy of 'reward', + head)."""
+    m.add_adapter("policy", r, alpha)
+    m.add_adapter("reward", r, alpha)
+    m.add_head("reward")
+    m.copy_adapter("reward", "value")
+    m.add_head("value")
+    return m
+
+
+def ppo_section(ours, c, cfg, dev, tmp, out):
+    """One PPO iteration: rollout of `ppo_prompts` prompts, then one epoch of ppo.ppo_update (one minibatch)."""
+    add_roles(ours, cfg.lora_r, cfg.lora_alpha)
+    with torch.no_grad():  # a reward model that is not constant
+        g = torch.Generator(device=dev).manual_seed(6)
+        for p in [p for _, lin in ours.lora_linears() for p in lin.lora["reward"].B.values()] + [ours.heads["reward"].weight]:
+            p.normal_(0, 0.02, generator=g)
+    ours.set_trainable(adapters=["policy", "value"], heads=["value"])
+    pol = ours.adapter_parameters("policy")
+    val = ours.adapter_parameters("value") + list(ours.heads["value"].parameters())
+    opt = torch.optim.AdamW([{"params": pol}, {"params": val}], lr=cfg.lr)
+    ids, pix = prompt_ids(c, cfg.ppo_prompts, cfg.prompt_text, torch.Generator().manual_seed(7), dev)
+    pcfg = SimpleNamespace(minibatch_size=cfg.ppo_prompts, ppo_epochs=1, micro_batch=0, temperature=1.0, clip=0.2,
+                           vf_clip=0.2, vf_coef=0.1, grad_clip=1.0, out=tmp, seed=cfg.seed)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    parts = []
+
+    def iteration():
+        t0 = time.perf_counter()
+        ro, adv, returns = ppo_rollout(ours, ids, pix, cfg.ppo_new_tokens, gen)
+        sync(dev)
+        t1 = time.perf_counter()
+        ppo.ppo_update(ours, ours, ro, adv, returns, opt, pol + val, pcfg, common.Dist(device=dev), 0)
+        sync(dev)
+        parts.append((t1 - t0, time.perf_counter() - t1))
+    res = race({"ppo": iteration}, cfg, dev)["ppo"]
+    timed_parts = parts[cfg.warmup:cfg.warmup + cfg.reps]
+    out["ppo"] = dict(prompts=cfg.ppo_prompts, new_tokens=cfg.ppo_new_tokens, s=res[0], times=res[1], peak_bytes=res[2],
+                      rollout_s=statistics.median(p[0] for p in timed_parts),
+                      update_s=statistics.median(p[1] for p in timed_parts))
+    for name in ("policy", "reward", "value"):
+        ours.delete_adapter(name)
+    for name in ("reward", "value"):
+        del ours.heads[name]
+    ours.set_trainable()
+    ours.eval()
+
+
+def build_plain(c, dev, dtype):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            return LLaVA(c)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def roles_section(cfg, c_main, dev, dtype, out):
+    """Memory of PPO's four roles: one base with 3 adapters + 2 heads, against 4 separate models. Allocated for
+    real at `roles_model` (bytes of unique storages, and the process's memory growth), and counted on the meta
+    device at the benchmarked model's shape."""
+    def shared(c, d):
+        return [add_roles(build_plain(c, d, dtype), cfg.lora_r, cfg.lora_alpha)]
+
+    def four(c, d):
+        base = build_plain(c, d, dtype)
+        policy, reference, reward, value = base, copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+        policy.add_adapter("policy", cfg.lora_r, cfg.lora_alpha)
+        reward.add_adapter("reward", cfg.lora_r, cfg.lora_alpha)
+        reward.add_head("reward")
+        value.add_adapter("value", cfg.lora_r, cfg.lora_alpha)
+        value.add_head("value")
+        return [policy, reference, reward, value]
+
+    def process_bytes():
+        if dev.type == "cuda":
+            sync(dev)
+            return torch.cuda.memory_allocated(dev)
+        _trim()
+        return _rss()
+    c = model_config(cfg, cfg.roles_model)
+    res = {"model": cfg.roles_model}
+    for name, fn in (("shared", shared), ("four", four)):
+        before = process_bytes()
+        models = fn(c, dev)
+        res[f"{name}_bytes"] = allocated_bytes(models)
+        res[f"{name}_process_bytes"] = process_bytes() - before
+        del models
+        gc.collect()
+    res["ratio"] = res["shared_bytes"] / res["four_bytes"]
+    res["process_ratio"] = res["shared_process_bytes"] / max(res["four_process_bytes"], 1)
+    meta = {"model": cfg.model}
+    for name, fn in (("shared", shared), ("four", four)):
+        meta[f"{name}_bytes"] = allocated_bytes(fn(c_main, torch.device("meta")))
+    meta["ratio"] = meta["shared_bytes"] / meta["four_bytes"]
+    out["roles"] = {"allocated": res, "counted": meta}
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+
+def _mb(b):
+    return "-" if b is None else f"{b / 2 ** 20:.0f}"
+
+
+def markdown(r):
+    h, t = r["hardware"], r["train"]
+    lines = [f"# factalign bench: {r['config']['model']} on {r['device_name']}", "",
+             f"{r['date']} | torch {r['torch']} | transformers {r['transformers']} | {r['dtype']} | "
+             f"{r['threads']} threads (OMP_NUM_THREADS={r['omp_num_threads']}) | load average {r['load_before']} "
+             f"before, {r['load_after']} after | {r['wall_s']:.0f} s", "",
+             f"Parity before timing: max |logits ours - transformers| {r['parity_max_abs_diff']:.2e} (base), "
+             f"{r['parity_lora_max_abs_diff']:.2e} (LoRA); tolerance {r['parity_tolerance']:.1e}.", "",
+             f"Hardware measured here: matmul {h['matmul_flops'] / 1e9:.1f} GFLOP/s ({h['matmul_n']}^3, {r['dtype']}), "
+             f"copy {h['bandwidth'] / 1e9:.1f} GB/s.", "",
+             "## Training step (forward + backward + AdamW), medians",
+             "", f"{r['config']['batch']} x {r['config']['seq']} tokens ({r['model_config']['num_image_tokens']} image "
+                 f"tokens per row), {r['config']['answer']} labelled per row, LoRA r {r['config']['lora_r']}.", "",
+             "| step | ours s | transformers s | ours/transformers | MFU ours | MFU transformers | peak MiB ours | peak MiB transformers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, x in t.items():
+        if "skipped" in x:
+            lines.append(f"| {mode} | skipped: {x['skipped']} | | | | | | |")
+            continue
+        lines.append(f"| {mode} ({x['trainable'] / 1e6:.2f}M trainable) | {x['ours_s']:.3f} | {x['transformers_s']:.3f} | "
+                     f"**{x['ratio']:.2f}** | {100 * x['ours_mfu']:.1f}% | {100 * x['transformers_mfu']:.1f}% | "
+                     f"{_mb(x['ours_peak_bytes'])} | {_mb(x['transformers_peak_bytes'])} |")
+    lines += ["", f"## Greedy generation, {r['config']['new_tokens']} new tokens, KV cache", "",
+              "| batch | ours tok/s | transformers tok/s | ours/transformers | decode ms/step ours | transformers | "
+              "bandwidth use ours | transformers | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for B, x in r["generate"].items():
+        lines.append(f"| {B} | {x['ours_tok_s']:.1f} | {x['transformers_tok_s']:.1f} | **{x['ratio_tok_s']:.2f}** | "
+                     f"{x['ours_decode_ms']:.2f} | {x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
+                     f"{100 * x['transformers_bw_util']:.0f}% | "
+                     f"{'yes' if x['same_tokens'] else 'NO (from token %s)' % x['first_difference']} |")
+    d, p, ro = r["dpo"], r["ppo"], r["roles"]
+    lines += ["", "## Preference and RL steps (ours)", "", "| step | s | peak MiB |", "|---|---|---|"]
+    lines.append(f"| DPO step: failed: {d['error']} | | |" if "error" in d else
+                 f"| DPO step, {d['pairs']} pairs ({d['rows']} x {d['seq']} tokens), LoRA, reference = adapters off | "
+                 f"{d['s']:.3f} | {_mb(d['peak_bytes'])} |")
+    lines.append(f"| PPO iteration: failed: {p['error']} | | |" if "error" in p else
+                 f"| PPO iteration, {p['prompts']} prompts x {p['new_tokens']} sampled tokens (rollout "
+                 f"{p['rollout_s']:.3f} s + one update epoch {p['update_s']:.3f} s) | {p['s']:.3f} | {_mb(p['peak_bytes'])} |")
+    lines += ["", "## PPO roles (policy, reference, reward, value): memory of parameters + buffers", ""]
+    if "error" in ro:
+        return "\n".join(lines + [f"failed: {ro['error']}", ""])
+    lines += ["| arrangement | one base, 3 adapters + 2 heads | four models | ratio |", "|---|---|---|---|"]
+    a, m = ro["allocated"], ro["counted"]
+    lines += [f"| allocated on {r['device']} at `{a['model']}` (unique storages) | {_mb(a['shared_bytes'])} MiB | "
+              f"{_mb(a['four_bytes'])} MiB | **{a['ratio']:.3f}** |",
+              f"| process memory growth at `{a['model']}` | {_mb(a['shared_process_bytes'])} MiB | "
+              f"{_mb(a['four_process_bytes'])} MiB | {a['process_ratio']:.3f} |",
+              f"| counted at `{m['model']}` (meta device) | {_mb(m['shared_bytes'])} MiB | {_mb(m['four_bytes'])} MiB | "
+              f"{m['ratio']:.3f} |", "",
+              "MFU = model FLOPs / step time / measured matmul peak (FLOPs formula in bench.py's docstring; the same "
+              "FLOPs for both). Bandwidth use = bytes read per decode step (weights + KV cache) x steps/s / measured "
+              "copy bandwidth.", ""]
+    return "\n".join(lines)
+
+
+def run_section(name, fn, r):
+    """Run one of the ours-only sections; a failure there (a bug in a stage script, out of memory) is recorded in
+    the report instead of losing the comparison measured so far. Returns [name] when it failed."""
+    try:
+        fn()
+        return []
+    except Exception as e:  # noqa: BLE001 -- reported, and the run exits non-zero at the end
+        traceback.print_exc()
+        r[name] = {"error": f"{type(e).__name__}: {e}"}
+        return [name]
+
+
+def main(cfg):
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    if cfg.model not in PRESETS or cfg.roles_model not in PRESETS:
+        raise common.ConfigError(f"--model/--roles_model: choose from {', '.join(PRESETS)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise common.ConfigError("--device cuda: no CUDA device is available")
+    if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
+        raise common.ConfigError("--dtype: auto, fp32 or bf16; --hf_load: auto, export or copy")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from transformers import __version__ as tf_version
+    from transformers.utils import logging as tf_logging
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    dev = torch.device(cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    exact = dtype == torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
+    common.ensure_writable(cfg.out)
+    t_start = time.time()
+    r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": cfg.device,
+         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+         "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": tf_version,
+         "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_before": machine_load(),
+         "config": dataclasses.asdict(cfg)}
+    if dev.type == "cpu":
+        try:
+            r["device_name"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    torch.manual_seed(cfg.seed)
+    n = cfg.matmul_n or (8192 if dev.type == "cuda" else 2048)
+    mib = cfg.copy_mib or (2048 if dev.type == "cuda" else 256)
+    r["hardware"] = {"matmul_n": n, "matmul_flops": matmul_peak(n, dtype, dev), "copy_mib": mib,
+                     "bandwidth": copy_bandwidth(mib, dev)}
+    c = model_config(cfg)
+    r["model_config"] = {**dataclasses.asdict(c), "num_image_tokens": c.num_image_tokens}
+    ours = build_ours(c, dev, dtype, cfg.seed)
+    ours.add_adapter("sft", cfg.lora_r, cfg.lora_alpha)
+    with tempfile.TemporaryDirectory() as tmp:
+        how = cfg.hf_load if cfg.hf_load != "auto" else ("export" if dev.type == "cpu" else "copy")
+        theirs = build_theirs(ours, dev, dtype, how, tmp)
+        r["hf_load"], r["hf_attn_implementation"] = how, theirs.config._attn_implementation
+        ours.set_trainable()
+        for p in theirs.parameters():
+            p.requires_grad_(False)
+        check_parity(ours, theirs, c, dev, exact, autocast, r)
+        print(f"parity: max |diff| {r['parity_max_abs_diff']:.2e} base, {r['parity_lora_max_abs_diff']:.2e} LoRA", flush=True)
+        train_section(ours, theirs, c, cfg, dev, exact, autocast, r["hardware"]["matmul_flops"], r)
+        print("train: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in r["train"].items() if "ratio" in v), flush=True)
+        generate_section(ours, theirs, c, cfg, dev, torch.finfo(dtype).bits // 8, r["hardware"]["bandwidth"], r)
+        print("generate: " + ", ".join(f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["generate"].items()), flush=True)
+        del theirs
+        gc.collect()
+        ours.delete_adapter("sft")
+        failed = run_section("dpo", lambda: dpo_section(ours, c, cfg, dev, autocast, r), r)
+        failed += run_section("ppo", lambda: ppo_section(ours, c, cfg, dev, tmp, r), r)
+        del ours
+        gc.collect()
+    failed += run_section("roles", lambda: roles_section(cfg, c, dev, dtype, r), r)
+    r["load_after"], r["wall_s"] = machine_load(), time.time() - t_start
+    if dev.type == "cuda":
+        r["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
+    else:
+        import resource
+        r["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    md = markdown(r)
+    print(md)
+    with open(os.path.join(cfg.out, "bench.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    if failed:
+        raise SystemExit(f"error: sections failed: {', '.join(failed)} (tracebacks above; the report has the rest)")
+    return r
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config, prog="bench.py")
+    with common.user_errors():
+        main(cfg)

@@ -1,0 +1,298 @@
+"""Reward model for Fact-RLHF (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.2-2.3): the SFT model with a LoRA
+adapter 'reward' and a scalar head 'reward' read at the last token of an evaluation turn that, with
+--facts, lists the image's captions (Factually Augmented RLHF).
+
+    python reward.py                                  # Shapes: ground truth vs injected hallucination
+    python reward.py --pairs sampled                  # two SFT samples per prompt, ranked by the exact oracle
+    python reward.py --facts false --out ckpt/rm_plain   # ablation: the plain RLHF reward model
+    torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
+        --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
+        --lr 2e-5 --batch_size 32 --max_steps 300 --device cuda --dtype bf16
+
+Loss (InstructGPT Eq. 1, as LLaVA-RLHF's RewardModelTrainer.compute_loss writes it):
+    L = mean_pairs[-log sigmoid(r_chosen - r_rejected)] + 1e-3 * |mean_pairs(r_chosen + r_rejected)|
+The second term keeps the scores centred at 0 (the pairwise loss alone ignores their offset).
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+import shapes
+from data import DataError, ImageCache, collate, normalize, read_llava_rlhf_preference, reward_item
+from model import resolve_checkpoint
+
+
+@dataclass
+class Config:
+    """Fact-RLHF reward model: LoRA + scalar head on the SFT model, trained on preference pairs."""
+    out: str = "ckpt/rm"                  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
+    init: str = "ckpt/sft"                # the SFT checkpoint (its weights stay frozen; the RM is saved with base= it)
+    data: str = "shapes"                  # 'shapes', or a LLaVA-RLHF human-preference file
+    captions: str = ""                    # LLaVA-RLHF image_to_caption.json (facts for --data FILE records)
+    image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
+    val_data: str = ""                    # held-out preference file (Shapes: its val split; files: split off --data)
+    eval_size: int = 500                  # held-out pairs used, at most (LLaVA-RLHF splits 500 off its data)
+    pairs: str = "injected"               # Shapes: 'injected' (truth vs injected hallucination) | 'sampled' (oracle-ranked)
+    n_sampled: int = 1000                 # --pairs sampled: prompts to sample two answers for (ties dropped, counted)
+    sample_temperature: float = 0.7       # --pairs sampled: sampling temperature
+    sample_max_new_tokens: int = 64       # --pairs sampled: answer length limit
+    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world_seed: int = 0                   # seed of the Shapes world
+    facts: bool = True                    # Fact-RLHF: the evaluation turn lists the image captions (false: plain RLHF)
+    eval_prompt: str = "llava-rlhf"       # evaluation turn: 'llava-rlhf' (verbatim) | 'short' (same facts, half the tokens)
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 1024                   # longest scored sequence (pairs that do not fit are dropped and counted)
+    lora_r: int = 16                      # LoRA rank (LLaVA-RLHF: 64 on 7B/13B; 16 suits the 128-wide shapes preset)
+    lora_alpha: int = 16                  # LoRA alpha (LLaVA-RLHF: 16)
+    lora_dropout: float = 0.0             # LoRA dropout (LLaVA-RLHF: 0)
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
+    batch_size: int = 16                  # pairs per optimizer step (global; LLaVA-RLHF: 4 x 8 GPUs = 32)
+    lr: float = 1e-3                      # peak learning rate (LLaVA-RLHF: 2e-5 on 13B)
+    min_lr_ratio: float = 1.0             # final lr / peak (1.0: constant after warmup, as LLaVA-RLHF)
+    warmup: int = 10                      # linear warmup steps
+    weight_decay: float = 0.0             # AdamW weight decay on matrices
+    grad_clip: float = 1.0                # gradient norm clip (0: off)
+    center_coef: float = 1e-3             # coefficient of |mean(r_chosen + r_rejected)|
+    max_steps: int = 150                  # optimizer steps
+    eval_every: int = 50                  # held-out accuracy every N steps (and at the end)
+    save_every: int = 50                  # checkpoint every N steps (and at the end)
+    log_every: int = 10                   # a log line every N steps
+    seed: int = 0                         # seed for data order, caption shuffling and sampling
+    device: str = "cpu"                   # cpu or cuda
+    dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
+    grad_checkpoint: bool = False         # activation checkpointing in the decoder
+    resume: bool = False                  # continue from the newest checkpoint in --out
+
+
+def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
+    """Returns (surrogate loss whose gradients summed over ranks are those of L, value of L). Pairwise term
+    summed and divided by the global pair count. The centring term |m|, m = global mean of r_c + r_r, is not
+    a sum over ranks; its gradient sign(m) dm/dtheta is: each rank adds sign(m) * sum_local / n_global."""
+    pair = -F.logsigmoid(r_chosen - r_rejected).sum() / n_global
+    local = (r_chosen + r_rejected).sum() / n_global
+    m = common.all_reduce_sum(local.detach(), d)
+    loss = pair + center_coef * torch.sign(m) * local
+    value = common.all_reduce_sum(pair.detach(), d) + center_coef * m.abs()
+    return loss, value
+
+
+def load_pairs(cfg, d, model, tokenizer):
+    """(train, val, stats): pairs {prompt, chosen, rejected, captions, image} and counts of what was dropped."""
+    stats = {}
+    if cfg.data != "shapes":
+        recs = read_llava_rlhf_preference(cfg.data, cfg.image_folder or None, captions_path=cfg.captions or None,
+                                          need_captions=cfg.facts)
+        if cfg.val_data:
+            val = read_llava_rlhf_preference(cfg.val_data, cfg.image_folder or None,
+                                             captions_path=cfg.captions or None, need_captions=cfg.facts)
+            return recs, val[:cfg.eval_size], stats
+        perm = torch.randperm(len(recs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = min(cfg.eval_size, len(recs) // 10)  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
+        return [recs[i] for i in perm[n_val:]], [recs[i] for i in perm[:n_val]], stats
+    world = cfg.world
+    caps = shapes.world_captions(world)
+    out = []
+    for name in ("pref_pairs.json", "pref_pairs_val.json"):
+        recs = read_llava_rlhf_preference(os.path.join(world, name), world)[:cfg.eval_size if "val" in name else None]
+        for r in recs:
+            r["captions"] = caps[os.path.relpath(r["image"], world)]
+        out.append(recs)
+    if cfg.pairs == "sampled":
+        objects = shapes.load_world(world)["by_file"]
+        out[0], stats["train"] = sample_pairs(cfg, d, model, tokenizer, out[0][:cfg.n_sampled], objects, world, 0)
+        out[1], stats["val"] = sample_pairs(cfg, d, model, tokenizer, out[1], objects, world, 1)
+        if d.main:
+            with open(os.path.join(cfg.out, "sampled_pairs.json"), "w") as f:
+                json.dump({"train": out[0], "val": out[1], "stats": stats}, f, indent=1)
+    return out[0], out[1], stats
+
+
+@torch.no_grad()
+def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64):
+    """LLaVA-RLHF's human preference collection with an exact annotator: two answers per prompt sampled from
+    the SFT model, the one with fewer oracle-counted hallucinations is chosen; ties are dropped and counted.
+    Fixed batches with their own seeded generator, spread over ranks: the same pairs at any world size."""
+    images = ImageCache(model.config.image_size)
+    model.eval()
+    items = []
+    for r in recs:
+        it = common.prompt_item(tokenizer, model, r["prompt"], images.unit(r["image"]), cfg.template)
+        items += [it, it]  # two samples per prompt
+    mine = {}
+    for b in range(d.rank, -(-len(items) // batch), d.world):
+        g = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + split * 10007 + b)
+        with model.no_adapter():  # the SFT policy (also when resuming a run whose RM adapter is loaded)
+            mine[b] = common.generate_answers(model, tokenizer, items[b * batch:(b + 1) * batch], batch,
+                                              cfg.sample_max_new_tokens, cfg.sample_temperature, generator=g,
+                                              show=False)
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for p in parts for k, v in p.items()}
+    answers = [a for b in sorted(mine) for a in mine[b]]
+    pairs, stats = [], {"prompts": len(recs), "ties": 0, "empty": 0}
+    for i, r in enumerate(recs):
+        a, b = answers[2 * i], answers[2 * i + 1]
+        if not a or not b:
+            stats["empty"] += 1
+            continue
+        objs = objects[os.path.relpath(r["image"], world)]
+        ha, hb = (shapes.oracle(x, objs)["num_hallucinations"] for x in (a, b))
+        if ha == hb:
+            stats["ties"] += 1
+            continue
+        win, lose = (a, b) if ha < hb else (b, a)
+        pairs.append(dict(r, chosen=win, rejected=lose, hallucinations=[min(ha, hb), max(ha, hb)]))
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
+    """Chosen and rejected of each pair tokenized (same shuffled captions for both) and collated into one
+    right-padded batch [chosen..., rejected...], with one normalised image per pair."""
+    chosen, rejected, pix, dropped = [], [], [], 0
+    for i in idx:
+        p = pairs[i]
+        caps = p["captions"] if cfg.facts else None
+        items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps, random.Random(f"{rng_key}-{i}"),
+                             cfg.template, cfg.max_len, cfg.eval_prompt) for k in ("chosen", "rejected")]
+        if items[0] is None or items[1] is None:
+            dropped += 1
+            continue
+        chosen.append(items[0])
+        rejected.append(items[1])
+        if p.get("image"):
+            pix.append(normalize(images.unit(p["image"])))
+    if not chosen:
+        return None, dropped
+    b = collate(chosen + rejected, tokenizer.pad_token_id, side="right")
+    b["pixel_values"] = torch.stack(pix) if pix else None
+    return b, dropped
+
+
+def forward_pairs(model, b, device):
+    """(r_chosen, r_rejected): image features computed once per pair (the tower is frozen) and reused."""
+    b = common.to_device(b, device)
+    feats = None
+    if b["pixel_values"] is not None:
+        with torch.no_grad():
+            feats = model.encode_images(b["pixel_values"])
+        feats = torch.cat([feats, feats])
+    r = common.score_sequences(model, "reward", b["input_ids"], b["attention_mask"], feats)
+    return r.chunk(2)
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, tokenizer, images, d):
+    """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption order."""
+    model.eval()
+    sums = torch.zeros(4)  # correct, loss, margin, count
+    idx = list(range(len(val)))[d.rank::d.world]
+    for s in range(0, len(idx), cfg.batch_size):
+        b, _ = pair_batch(val, idx[s:s + cfg.batch_size], cfg, tokenizer, model, images, f"val-{cfg.seed}")
+        if b is None:
+            continue
+        rc, rr = forward_pairs(model, b, d.device)
+        sums += torch.tensor([float((rc > rr).sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum()),
+                              len(rc)])
+    sums = common.all_reduce_sum(sums, d)
+    model.train()
+    n = max(float(sums[3]), 1.0)
+    return {"val_accuracy": float(sums[0]) / n, "val_loss": float(sums[1]) / n, "val_margin": float(sums[2]) / n,
+            "n_val": int(sums[3])}
+
+
+def main(cfg):
+    d = common.setup_dist(cfg.device)
+    common.seed_everything(cfg.seed)
+    if d.main:
+        common.ensure_writable(cfg.out)
+    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    tok_dir = os.path.join(cfg.world, "tokenizer") if cfg.data == "shapes" else ""
+    if cfg.eval_prompt not in ("llava-rlhf", "short"):
+        raise common.ConfigError(f"--eval_prompt must be 'llava-rlhf' or 'short', got '{cfg.eval_prompt}'")
+    if cfg.pairs not in ("injected", "sampled"):
+        raise common.ConfigError(f"--pairs must be 'injected' or 'sampled', got '{cfg.pairs}'")
+    if cfg.data == "shapes":
+        shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+    model, tokenizer = common.load_model_and_tokenizer(resume_path or cfg.init, tokenizer_dir=tok_dir, device=d.device)
+    base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
+    if resume_path is None and model.adapters:
+        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters {sorted(model.adapters)}; "
+                                 f"merge them into the base first (sft.py does at the end)")
+    if cfg.dtype == "bf16" and cfg.device == "cuda":
+        model.cast_base(torch.bfloat16)
+    train, val, stats = load_pairs(cfg, d, model, tokenizer)  # sampled pairs come from the SFT model itself
+    if "reward" not in model.adapters:
+        model.add_adapter("reward", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        head = model.add_head("reward")
+        torch.nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))  # as LLaVA-RLHF's nn.Linear head (bias 0)
+    model.set_adapter("reward")
+    model.set_trainable(adapters=["reward"], heads=["reward"])
+    model.gradient_checkpointing = cfg.grad_checkpoint
+    if not train:
+        raise common.ConfigError("no training pairs left (all were dropped)")
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resumed from {resume_path} at step {start}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    if d.main:
+        extra = f" | sampled: {stats}" if stats else ""
+        print(f"{len(train)} training pairs, {len(val)} held-out | facts {cfg.facts} | "
+              f"{sum(p.numel() for p in trainable) / 1e6:.3f}M trainable | {d.world} process(es){extra}")
+    log = common.Logger(cfg.out, d.main)
+    model.train()
+    t0, dropped, acc_sum, n_sum, metrics = time.time(), 0, 0.0, 0, {}
+    for step in range(start, cfg.max_steps):
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        common.set_lr(opt, lr)
+        idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
+        b, drop = pair_batch(train, idx, cfg, tokenizer, model, images, f"{cfg.seed}-{step}")
+        dropped += drop
+        n_global = common.all_reduce_sum(torch.tensor(0.0 if b is None else b["input_ids"].shape[0] / 2), d)
+        rc, rr = forward_pairs(model, b, d.device) if b is not None else (torch.zeros(0), torch.zeros(0))
+        loss, value = preference_loss(rc, rr, n_global.clamp(min=1), cfg.center_coef, d)
+        if loss.requires_grad:  # (a rank whose pairs were all too long still joins the all-reduces)
+            loss.backward()
+        acc_sum += float((rc > rr).sum())
+        n_sum += float(n_global)
+        _, norm = common.optimizer_step(opt, trainable, d, step, cfg, value, reduce=False)  # value is global already
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            acc = float(common.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
+            log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=norm, dropped=dropped,
+                    pairs_per_s=round(n_sum / max(time.time() - t0, 1e-9), 1))
+            t0, acc_sum, n_sum = time.time(), 0.0, 0
+        if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
+            metrics = evaluate(model, val, cfg, tokenizer, images, d)
+            log.log(done, **metrics)
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d)
+    if val and not metrics:  # (resumed after the last step)
+        metrics = evaluate(model, val, cfg, tokenizer, images, d)
+    if d.main:
+        with open(os.path.join(cfg.out, "report.json"), "w") as f:
+            json.dump({**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt, "data": cfg.data,
+                       "pairs": cfg.pairs if cfg.data == "shapes" else "file",
+                       "train_pairs": len(train), "dropped_too_long": dropped, "sampled": stats}, f, indent=2)
+        if metrics:
+            print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} on {metrics['n_val']} pairs")
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    with common.user_errors(DataError):
+        main(cfg)

@@ -1,0 +1,118 @@
+"""bench.py: it runs end to end at the tiny config, and what it compares is the same model (logits, loss, greedy
+tokens, trainable parameters) before anything is timed. Correctness of the comparison, not speed."""
+import json
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+torch.set_num_threads(2)
+
+import bench  # noqa: E402
+from conftest import run_cli  # noqa: E402
+
+SECTIONS = ("hardware", "train", "generate", "dpo", "ppo", "roles")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    code, stdout, err = run_cli("bench", ["--quick", "true", "--out", out])  # the CLI path, in this process
+    assert code == 0, err
+    with open(os.path.join(out, "bench.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(out, "bench.md")) as f:
+        md = f.read()
+    return report, md, stdout, err
+
+
+def test_quick_run_reports_every_section_with_parity(quick_report):
+    r, md, stdout, err = quick_report
+    for k in SECTIONS + ("parity_max_abs_diff", "parity_lora_max_abs_diff", "torch", "transformers", "date", "threads",
+                         "load_before", "device", "config", "model_config"):
+        assert k in r, k
+    assert r["parity_max_abs_diff"] <= 1e-4 and r["parity_lora_max_abs_diff"] <= 1e-4
+    assert r["config"]["quick"] and r["config"]["model"] == "tiny"
+    for mode in ("lora", "full"):
+        t = r["train"][mode]
+        assert abs(t["loss_ours"] - t["loss_transformers"]) <= 1e-4  # the same loss on the same batch
+        assert t["ours_s"] > 0 and t["transformers_s"] > 0 and t["flops"] > 0 and t["trainable"] > 0
+        assert t["ratio"] == pytest.approx(t["ours_s"] / t["transformers_s"])
+    assert r["train"]["lora"]["trainable"] < r["train"]["full"]["trainable"]
+    assert set(r["generate"]) == {"1", "2"}
+    for g in r["generate"].values():
+        assert g["same_tokens"], g  # greedy decoding: the same tokens from both implementations
+        assert g["ours_tok_s"] > 0 and g["transformers_tok_s"] > 0
+    assert r["dpo"]["s"] > 0 and r["ppo"]["s"] > 0 and r["ppo"]["rollout_s"] > 0
+    roles = r["roles"]["allocated"]
+    assert 0 < roles["shared_bytes"] < roles["four_bytes"] and roles["ratio"] <= 0.35
+    assert r["roles"]["counted"]["ratio"] == pytest.approx(roles["ratio"], rel=1e-6)  # meta count = real allocation
+    assert r["hardware"]["matmul_flops"] > 0 and r["hardware"]["bandwidth"] > 0
+    for title in ("Training step", "Greedy generation", "Preference and RL", "PPO roles"):
+        assert title in md
+    assert "| lora" in md and "| full" in md
+
+
+def _tiny_pair(how):
+    cfg = bench.Config(**{**bench.QUICK})
+    c = bench.model_config(cfg)
+    dev = torch.device("cpu")
+    ours = bench.build_ours(c, dev, torch.float32, 0)
+    ours.add_adapter("sft", 4, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = bench.build_theirs(ours, dev, torch.float32, how, tmp)
+    return ours, theirs, c, dev
+
+
+@pytest.mark.parametrize("how", ["export", "copy"])
+def test_both_ways_of_building_transformers_model_agree(how):
+    ours, theirs, c, dev = _tiny_pair(how)
+    out = {}
+    bench.check_parity(ours, theirs, c, dev, True, torch.autocast("cpu", enabled=False), out)
+    assert out["parity_max_abs_diff"] <= 1e-4 and out["parity_lora_max_abs_diff"] <= 1e-4
+    # the LoRA wrapper was taken off again: transformers' model is the plain base
+    assert all(type(m).__name__ != "HFLoRA" for m in theirs.modules())
+
+
+def test_parity_check_raises_when_the_models_differ():
+    ours, theirs, c, dev = _tiny_pair("copy")
+    with torch.no_grad():
+        theirs.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.01)  # a small mistake in one weight
+    with pytest.raises(bench.BenchError, match="logits differ"):
+        bench.check_parity(ours, theirs, c, dev, True, torch.autocast("cpu", enabled=False), {})
+
+
+def test_lora_wrapper_is_the_same_math_as_ours():
+    ours, theirs, c, dev = _tiny_pair("copy")
+    with torch.no_grad():
+        for _, lin in ours.lora_linears():
+            for p in lin.lora["sft"].B.values():
+                p.normal_(0, 0.1)
+    restore = bench.wrap_lora(theirs, ours, "sft")
+    n_wrapped = sum(type(m).__name__ == "HFLoRA" for m in theirs.modules())
+    assert n_wrapped == 7 * c.layers  # q, k, v, o, gate, up, down in every layer
+    ids, pix = bench.prompt_ids(c, 2, 5, torch.Generator().manual_seed(0), dev)
+    with torch.no_grad(), ours.use_adapter("sft"):
+        torch.testing.assert_close(ours(pix, ids), theirs(pixel_values=pix, input_ids=ids).logits, atol=1e-5, rtol=0)
+    restore()
+
+
+def test_flop_and_byte_counts():
+    c = bench.model_config(bench.Config(model="llava-7b", image_size=0))
+    n = bench.matmul_params(c, 64)
+    assert 6.4e9 < n["decoder"] < 6.5e9  # Vicuna-7B: 32 x (4 x 4096^2 + 3 x 4096 x 11008)
+    assert n["lm_head"] == 4096 * 32064
+    # full fine-tune = 6 N per token (+ attention, head, vision); LoRA = 4 N + 6 N_lora
+    full = bench.train_flops(c, 1, 1000, 0, True, 64)
+    lora = bench.train_flops(c, 1, 1000, 0, False, 64)
+    assert full - lora == pytest.approx(2 * n["decoder"] * 1000 - 6 * n["lora"] * 1000 + 2 * n["projector"] * c.num_image_tokens)
+    assert bench.decode_bytes(c, 1, 0, 2) == pytest.approx(2 * (n["decoder"] + n["lm_head"] + 65 * 4096))
+
+
+def test_cli_rejects_unknown_flags_in_one_line(tmp_path):
+    code, _, err = run_cli("bench", ["--quick", "true", "--out", str(tmp_path), "--nope", "1"])
+    assert code == 2 and err.count("\n") == 1 and "--nope" in err

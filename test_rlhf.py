@@ -1,0 +1,472 @@
+"""Tests for the Fact-RLHF stages: reward.py (reward model) and ppo.py (PPO). Hand-computed math on
+made-up numbers, tiny models built in-process, and short CLI runs on the tiny Shapes world (conftest.py)."""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HERE, run_cli
+import common
+import data
+import ppo
+import reward
+from data import load_tokenizer
+from model import LLaVA, resolve_checkpoint
+
+ONE = common.Dist()  # a world of one process
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far steadier on a shared machine, than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------
+# reward model
+# ----------------------------------------------------------------------------------------
+
+def test_preference_loss_hand_computed():
+    rc = torch.tensor([1.0, -0.5], requires_grad=True)
+    rr = torch.tensor([0.0, 0.5], requires_grad=True)
+    loss, value = reward.preference_loss(rc, rr, torch.tensor(2.0), 1e-3, ONE)
+    # -log sigmoid(1) = log(1 + e^-1), -log sigmoid(-1) = log(1 + e); centring: 1e-3 * |(1 + 0) / 2|
+    want = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2 + 1e-3 * 0.5
+    assert abs(float(value) - want) < 1e-6 and abs(float(loss.detach()) - want) < 1e-6
+    loss.backward()
+    exact_c, exact_r = rc.detach().clone().requires_grad_(), rr.detach().clone().requires_grad_()
+    (-F.logsigmoid(exact_c - exact_r).mean() + 1e-3 * (exact_c + exact_r).mean().abs()).backward()
+    assert torch.allclose(rc.grad, exact_c.grad) and torch.allclose(rr.grad, exact_r.grad)
+
+
+LLAVA_RLHF_FACT_PROMPT = (  # RLHF/prompts/fact_rlhf_reward_prompt.txt with {factual_prompt} filled as ppo_trainer.py does
+    "USER: Please evaluate the quality of your last response. There are several dimensions you should consider in "
+    "your evaluation:\n\n1. Accurate: The AI should provide factual and accurate information from the image, and "
+    "refrain from making statements that are not supported by the image or inconsistent with the image. "
+    "{factual_prompt}\n2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, "
+    "while grounding the response in the image.\n3. Language Natural: The AI should employ language that flows "
+    "smoothly and is free from repetitive or awkward constructs.\n4. Concise: The AI should efficiently address the "
+    "task or answer the question, communicating the necessary information with brevity and clarity.\n\nA good "
+    "response should be accurate, helpful, language natural, and concise. ASSISTANT: Following your definitions, "
+    "the quality score of my last response is")
+
+
+def test_eval_turn_is_llava_rlhfs_wording():
+    caps = ["A red circle.", "Two squares.", "A blue ring at the top."]
+    order = list(caps)
+    random.Random(7).shuffle(order)
+    factual = "Specifically, the AI's response should be fully supported by the combination of the following captions:\n"
+    factual += "".join(f"  - {c}\n" for c in order)
+    got = "USER: " + data.eval_question(caps, random.Random(7)) + " ASSISTANT: " + data.EVAL_ANSWER
+    assert got == LLAVA_RLHF_FACT_PROMPT.format(factual_prompt=factual)
+    plain = LLAVA_RLHF_FACT_PROMPT.replace(" {factual_prompt}", "")  # RLHF/prompts/reward_prompt.txt
+    assert "USER: " + data.eval_question(None, None) + " ASSISTANT: " + data.EVAL_ANSWER == plain
+
+
+def tiny(vocab=960, seed=0):
+    torch.manual_seed(seed)
+    return LLaVA.from_preset("tiny", vocab_size=vocab, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2).eval()
+
+
+def test_fact_prompt_holds_captions_and_response_and_score_is_at_last_prompt_token(tiny_world):
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    m = tiny()
+    m.add_adapter("reward", 4, 8)
+    torch.nn.init.normal_(m.add_head("reward").weight)
+    caps = ["A small red circle.", "One circle.", "A dark picture with a red circle."]
+    prompt = [{"from": "human", "value": "<image>\nDescribe the image."}]
+    response = "There is one object. A small red circle is in the center."
+    item = data.reward_item(tok, m.config, prompt, response, caps, random.Random(0))
+    ids = item["input_ids"]
+    text = tok.decode([t for t in ids.tolist() if t != 4])
+    assert response in text and all(c in text for c in caps)
+    assert text.rstrip().endswith("the quality score of my last response is") and int(ids[-1]) != tok.eos_token_id
+    plain = tok.decode(data.reward_item(tok, m.config, prompt, response, None, None)["input_ids"].tolist())
+    assert not any(c in plain for c in caps) and response in plain
+    # the score is the head on the hidden state of the last prompt token, whatever follows it
+    feats = torch.randn(2, m.config.num_image_tokens, m.config.hidden)
+    longer = torch.cat([ids, torch.tensor([7, 8, 9])])
+    from data import collate
+    b = collate([{"input_ids": ids}, {"input_ids": longer}], tok.pad_token_id)
+    with m.use_adapter("reward"), torch.no_grad():
+        s = common.score_sequences(m, "reward", b["input_ids"], b["attention_mask"], feats[:1].expand(2, -1, -1))
+        h = m(None, longer[None], return_hidden=True, image_features=feats[:1])
+    assert torch.allclose(s[0], m.heads["reward"](h[0, len(ids) - 1]), atol=1e-5)
+    assert torch.allclose(s[1], m.heads["reward"](h[0, -1]), atol=1e-5) and not torch.allclose(s[0], s[1])
+
+
+def test_sampled_pairs_are_ranked_by_the_oracle_and_ties_dropped(tiny_world, monkeypatch):
+    import shapes
+    from data import read_llava_rlhf_preference
+    recs = read_llava_rlhf_preference(os.path.join(tiny_world, "pref_pairs.json"), tiny_world)[:3]
+    truth, fake = [r["chosen"] for r in recs], [r["rejected"] for r in recs]  # ground truth, injected hallucination
+    answers = [truth[0], fake[0], fake[1], truth[1], truth[2], truth[2]]  # two samples per prompt; the third ties
+    monkeypatch.setattr(common, "generate_answers", lambda model, tok, items, *a, **k: answers[:len(items)])
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    pairs, stats = reward.sample_pairs(reward.Config(), ONE, tiny(), tok, recs, shapes.load_world(tiny_world)["by_file"],
+                                       tiny_world, 0)
+    assert stats == {"prompts": 3, "ties": 1, "empty": 0, "pairs": 2}
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(truth[0], fake[0]), (truth[1], fake[1])]
+    assert all(p["hallucinations"][0] == 0 < p["hallucinations"][1] for p in pairs)
+
+
+# ----------------------------------------------------------------------------------------
+# PPO math
+# ----------------------------------------------------------------------------------------
+
+def test_reward_shaping_hand_computed_with_pad_equal_to_eos():
+    eos = pad = 2
+    tokens = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad]])  # lengths 3 and 2; pad == eos
+    lengths = torch.tensor([3, 2])
+    logp = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -3.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.5, -3.0, -9.0, -9.0]])
+    score = torch.tensor([2.0, -1.0])
+    r, kl, mask = ppo.shape_rewards(score, logp, ref, lengths, kl_coef=0.1)
+    # k1 clamped: [0.5, 0 (-1 clamped), 0, -], [0 (-0.5 clamped), 0, -, -]
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(r, torch.tensor([[-0.05, 0.0, 2.0, 0.0], [0.0, -1.0, 0.0, 0.0]]))
+    first_pad = (tokens == pad).float().argmax(1)
+    assert (first_pad - 1).tolist() == [1, 0] != (lengths - 1).tolist()  # searching for pad would miss the EOS token
+    _, kl3, _ = ppo.shape_rewards(score, logp, ref, lengths, 0.1, estimator="k3")
+    lr = ref - logp  # log(p_ref / p)
+    want = (lr.exp() - 1 - lr) * mask
+    assert torch.allclose(kl3, want) and float(kl3[0, 1]) == pytest.approx(math.exp(1) - 2)
+    _, kl_raw, _ = ppo.shape_rewards(score, logp, ref, lengths, 0.1, clamp=False)
+    assert float(kl_raw[0, 1]) == -1.0
+    cfg = ppo.Config(correctness=2.0, length_penalty=-10.0, no_eos_penalty=-8.0, max_new_tokens=4)
+    total = ppo.sequence_reward(torch.tensor([1.0, 1.0]), torch.tensor([1.0, -0.5]), torch.tensor([1.0, 0.0]),
+                                lengths, torch.tensor([True, False]), cfg)
+    assert torch.allclose(total, torch.tensor([1 + 2 - 10 * 3 / 4, 1 - 1 - 8.0]))
+
+
+def test_gae_equals_a_naive_loop():
+    torch.manual_seed(0)
+    B, K, gamma, lam = 3, 6, 0.9, 0.8
+    lengths = [6, 4, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (K - n) for n in lengths])
+    rewards, values = torch.randn(B, K) * mask, torch.randn(B, K) * mask
+    adv, ret = ppo.gae(rewards, values, gamma, lam)
+    for b, n in enumerate(lengths):
+        V = values[b].tolist()[:n] + [0.0]
+        deltas = [rewards[b, t].item() + gamma * V[t + 1] - V[t] for t in range(n)]
+        for t in range(n):
+            want = sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t))
+            assert adv[b, t].item() == pytest.approx(want, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(want + V[t], abs=1e-5)
+        assert adv[b, n:].abs().sum() == 0
+
+
+def test_whitening_is_global_and_masked():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = ppo.whiten(x, mask, ONE)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    want = (vals - 3.0) / (vals.std(unbiased=False) + 1e-8)
+    assert torch.allclose(w[mask.bool()], want, atol=1e-6) and w[0, 2] == 0
+
+
+def test_clipped_policy_and_value_losses_hand_computed():
+    old = torch.zeros(3)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.0]))
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, st = ppo.policy_loss(logp, old, adv, torch.ones(3), 0.2, torch.tensor(3.0))
+    # ratio 1.5, A 1: max(-1.5, -1.2) = -1.2; ratio 0.5, A -1: max(0.5, 0.8) = 0.8; ratio 1, A 2: -2
+    assert float(loss) == pytest.approx((-1.2 + 0.8 - 2.0) / 3)
+    assert float(st["clipfrac"]) == pytest.approx(2 / 3)
+    assert float(st["approx_kl"]) == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+    v, v_old, ret = torch.tensor([1.0, 0.0, 9.0]), torch.tensor([0.5, 0.0, 0.0]), torch.tensor([2.0, -1.0, 0.0])
+    vl, vst = ppo.value_loss(v, v_old, ret, torch.tensor([1.0, 1.0, 0.0]), 0.2, torch.tensor(2.0))
+    # token 1: V clipped to 0.7, max((1-2)^2, (0.7-2)^2) = 1.69; token 2: 1; token 3 masked
+    assert float(vl) == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert float(vst["vf_clipfrac"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("text,ctype,bonus,correct", [
+    ("B. The circle is red.", 3, 1.0, True),
+    ("The circle at the top is red. So the correct option is B.", 3, 1.0, True),
+    ("So the correct option is C.", 3, 0.0, False),
+    ("A. It is blue.", 2, 1.0, True),
+    ("D", 5, 0.0, False),                      # LLaVA-RLHF wants 'D.' or 'correct option is D.'
+    ("No, there is no ring.", 6, 0.5, True),
+    ("Yes, there is a ring.", 6, -0.5, False),
+    ("Nothing like that.", 6, 0.0, False),     # word boundary: 'Nothing' is not 'No'
+    ("Yes, there is a circle.", 7, 0.0, True),  # LLaVA-RLHF gives no symbolic reward for 'Yes'
+    ("No, there is no circle.", 7, 0.0, False),
+    ("There are two squares.", 1, 0.0, None),
+])
+def test_correctness_table(text, ctype, bonus, correct):
+    assert ppo.correctness(text, ctype) == (bonus, correct)
+
+
+def fixed_rollout(m, B=4, P=16, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_img = m.config.num_image_tokens
+    ids = torch.randint(5, 900, (B, P), generator=g)
+    ids[:, 3:3 + n_img] = 4
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[0, :2], ids[0, :2] = 0, 3  # one left-padded prompt (the image tokens stay)
+    resp = torch.randint(5, 900, (B, K), generator=g)
+    lengths = torch.tensor([5, 3, 4, 1])
+    rmask = (torch.arange(K)[None] < lengths[:, None]).float()
+    seq, mask = torch.cat([ids, resp], 1), torch.cat([pmask, rmask.long()], 1)
+    feats = torch.randn(B, n_img, m.config.hidden, generator=g)
+    with torch.no_grad(), m.use_adapter("policy"):
+        logp, _ = ppo.response_logprobs(m, feats, seq, mask, P, 1.0)
+    with torch.no_grad(), m.use_adapter("value"):
+        values = ppo.response_values(m, feats, seq, mask, P) * rmask
+    adv = torch.randn(B, K, generator=g) * rmask
+    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values, rmask=rmask), adv
+
+
+def test_one_ppo_update_raises_the_advantage_weighted_logprob():
+    m = tiny()
+    m.add_adapter("policy", 4, 8)
+    m.add_adapter("reward", 4, 8)
+    m.copy_adapter("reward", "value")
+    m.add_head("value")
+    m.set_trainable(adapters=["policy", "value"], heads=["value"])
+    ro, adv = fixed_rollout(m)
+    returns = torch.randn_like(adv) * ro["rmask"]
+    twin = copy.deepcopy(m)
+    params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(m.heads["value"].parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, out="/nonexistent")
+    before = (adv * ro["logp"] * ro["rmask"]).sum()
+    stats = ppo.ppo_update(m, m, ro, adv, returns, opt, params, cfg, ONE, 0)
+    # micro-batches of 2 accumulate to the same update (losses are normalised by the minibatch's token count)
+    tparams = twin.adapter_parameters("policy") + twin.adapter_parameters("value") + list(twin.heads["value"].parameters())
+    ppo.ppo_update(twin, twin, ro, adv, returns, torch.optim.AdamW(tparams, lr=1e-2), tparams,
+                   ppo.Config(ppo_epochs=1, minibatch_size=4, micro_batch=2, out="/nonexistent"), ONE, 0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params, tparams))
+    with torch.no_grad(), m.use_adapter("policy"):
+        after_logp, _ = ppo.response_logprobs(m, ro["feats"], ro["seq"], ro["mask"], ro["P"], 1.0)
+    assert (adv * after_logp * ro["rmask"]).sum() > before
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10  # one minibatch, one epoch: still on-policy
+    # the reference (no adapter) and the reward adapter did not move
+    assert all(p.grad is None for p in m.adapter_parameters("reward"))
+
+
+def test_rollout_logprobs_match_the_sampling_logprobs():
+    """Left-padded prompt + right-padded response recomputed in one forward gives generate's own log-probs."""
+    m = tiny()
+    B, P = 3, 12
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 900, (B, P), generator=g)
+    ids[:, 2:2 + m.config.num_image_tokens] = 4
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[1, :2] = 0
+    feats = torch.randn(B, m.config.num_image_tokens, m.config.hidden, generator=g)
+    out = m.generate(None, ids, pmask, max_new_tokens=6, temperature=0.7, eos_token_id=2, pad_token_id=3,
+                     generator=g, return_logprobs=True, image_features=feats)
+    rmask = torch.arange(6)[None] < out.lengths[:, None]
+    with torch.no_grad():
+        logp, _ = ppo.response_logprobs(m, feats, torch.cat([ids, out.tokens], 1),
+                                        torch.cat([pmask, rmask.long()], 1), P, 0.7)
+    assert torch.allclose(logp[rmask], out.logprobs[rmask], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# roles share one base when they can
+# ----------------------------------------------------------------------------------------
+
+def base_storages(*models):
+    return {p.untyped_storage().data_ptr() for m in models for n, p in m.named_parameters()
+            if ".lora." not in n and not n.startswith("heads.")}
+
+
+def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
+    if vocab is None:
+        m = LLaVA.from_pretrained(sft_dir)
+    else:
+        m = tiny(vocab=vocab)
+    m.add_adapter("reward", 4, 8)
+    m.add_head("reward")
+    m.set_adapter("reward")
+    m.save_pretrained(out, base=resolve_checkpoint(sft_dir) if shared else None,
+                      extra_config={"run_config": {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1"}})
+    shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer.json"), out)
+    shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer_config.json"), out)
+    return str(out)
+
+
+def test_roles_share_one_base_when_the_reward_model_was_trained_on_it(sft, tmp_path):
+    n_base = len(base_storages(LLaVA.from_pretrained(sft)))
+    cfg = ppo.Config(init=sft, reward=make_rm(sft, tmp_path / "rm"))
+    policy, critic, _ = ppo.build_roles(cfg, ONE)
+    assert policy is critic and len(base_storages(policy, critic)) == n_base
+    assert set(policy.adapters) == {"policy", "reward", "value"} and set(policy.heads) == {"reward", "value"}
+    assert all(torch.equal(a, b) for a, b in zip(policy.adapter_parameters("reward"), policy.adapter_parameters("value")))
+    assert float(policy.heads["value"].weight.detach().abs().sum()) == 0
+    trainable = {id(p) for p in policy.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in policy.adapter_parameters("policy") + policy.adapter_parameters("value")
+                         + list(policy.heads["value"].parameters())}
+    cfg = ppo.Config(init=sft, reward=make_rm(sft, tmp_path / "rm_full", shared=False))
+    policy, critic, _ = ppo.build_roles(cfg, ONE)
+    assert policy is not critic and len(base_storages(policy, critic)) == 2 * n_base
+    assert set(policy.adapters) == {"policy"} and set(critic.adapters) == {"reward", "value"}
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory, tiny_world):
+    """A random `tiny` model saved as the SFT checkpoint (the RLHF stages only need its format)."""
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    tiny().save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_world, "tokenizer", f), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory, tiny_world, sft):
+    out = str(tmp_path_factory.mktemp("rm") / "rm")
+    code, stdout, err = run_cli("reward", ["--init", sft, "--world", tiny_world, "--max_steps", "2",
+                                           "--batch_size", "4", "--out", out, "--eval_prompt", "short", "--log_every", "1",
+                                           "--eval_size", "8"])
+    assert code == 0, err
+    return out, stdout
+
+
+def test_reward_cli_injected_pairs(tiny_rm, sft):
+    out, stdout = tiny_rm
+    ck = resolve_checkpoint(out)
+    cfg = json.load(open(os.path.join(ck, "config.json")))
+    assert not os.path.exists(os.path.join(ck, "model.safetensors"))  # adapter + head only, base = the SFT checkpoint
+    assert os.path.realpath(os.path.join(ck, cfg["base"])) == os.path.realpath(resolve_checkpoint(sft))
+    assert set(cfg["adapters"]) == {"reward"} and cfg["heads"] == ["reward"] and cfg["run_config"]["facts"] is True
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert 0 <= rep["val_accuracy"] <= 1 and rep["n_val"] > 0 and "held-out pairwise accuracy" in stdout
+    m = LLaVA.from_pretrained(out)
+    assert m.active_adapter == "reward" and "reward" in m.heads
+
+
+def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):
+    args = ["--init", sft, "--world", tiny_world, "--batch_size", "4", "--eval_prompt", "short", "--eval_size", "4",
+            "--save_every", "1"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert run_cli("reward", args + ["--max_steps", "3", "--out", straight])[0] == 0
+    assert run_cli("reward", args + ["--max_steps", "2", "--out", resumed])[0] == 0
+    code, stdout, err = run_cli("reward", args + ["--max_steps", "3", "--out", resumed, "--resume", "true"])
+    assert code == 0 and "at step 2" in stdout, err
+    a, b = LLaVA.from_pretrained(straight).state_dict(), LLaVA.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_cli_sampled_pairs(tiny_world, sft, tmp_path):
+    out = str(tmp_path / "rm_sampled")
+    code, stdout, err = run_cli("reward", ["--init", sft, "--world", tiny_world, "--pairs", "sampled",
+                                           "--n_sampled", "16", "--sample_max_new_tokens", "8", "--max_steps", "1",
+                                           "--batch_size", "2", "--out", out, "--eval_prompt", "short", "--facts", "false",
+                                           "--eval_size", "4"])
+    assert code in (0, 2), err
+    got = json.load(open(os.path.join(out, "sampled_pairs.json")))
+    st = got["stats"]["train"]
+    assert st["prompts"] == 16 and st["pairs"] + st["ties"] + st["empty"] == 16
+    for p in got["train"]:
+        assert p["hallucinations"][0] < p["hallucinations"][1] and p["chosen"] != p["rejected"]
+    if code == 2:  # a random 3-step SFT model may tie on every prompt: that is a clean, one-line error
+        assert "no training pairs" in err and len(err.strip().splitlines()) == 1
+
+
+PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens", "6", "--log_every", "1"]
+
+
+def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world, tmp_path):
+    rm = tiny_rm[0]
+    args = ["--init", sft, "--reward", rm, "--world", tiny_world] + PPO_ARGS
+    straight = str(tmp_path / "straight")
+    code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", straight])
+    assert code == 0, err
+    lines = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+    for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac",
+              "entropy", "explained_var", "halluc_rate", "rollout_s", "update_s"):
+        assert k in lines[-1], k
+    m = LLaVA.from_pretrained(straight)
+    assert not m.adapters and not m.heads  # merged export: the policy alone, full weights
+    resumed = str(tmp_path / "resumed")
+    args += ["--export", "adapter"]
+    code, _, err = run_cli("ppo", args + ["--max_steps", "1", "--out", resumed])
+    assert code == 0, err
+    a = LLaVA.from_pretrained(resumed)  # adapter export: base = the SFT checkpoint, only the policy adapter
+    assert set(a.adapters) == {"policy"} and a.active_adapter == "policy" and not a.heads
+    assert not os.path.exists(os.path.join(resolve_checkpoint(resumed), "model.safetensors"))
+    code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", resumed, "--resume", "true"])
+    assert code == 0, err
+    assert "at step 1" in stdout
+    # bitwise: the resumed run's trained tensors and rollouts equal the uninterrupted run's
+    x, y = (torch.load(os.path.join(resolve_checkpoint(o), "trainer_state.pt"), weights_only=False)["extra"]
+            for o in (straight, resumed))
+    for k in ("policy", "value", "value_head"):
+        assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
+    last = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))][-1]
+    assert last["score"] == lines[-1]["score"] and last["pg_loss"] == lines[-1]["pg_loss"]
+    with torch.no_grad():  # the adapter export and the merged export are the same policy
+        b = LLaVA.from_pretrained(resumed).eval()
+        ids = torch.randint(5, 900, (1, 20))
+        ids[0, 2:2 + m.config.num_image_tokens] = m.config.image_token_id
+        pix = torch.randn(1, 3, 48, 48)
+        assert torch.allclose(m.eval()(pix, ids), b(pix, ids), atol=1e-4)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(HERE, "ppo.py"), "--init", sft, "--reward", tiny_rm[0], "--world", tiny_world,
+           "--max_steps", "1", "--out", out] + PPO_ARGS
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    assert LLaVA.from_pretrained(out) is not None
+
+
+def one_line_error(code, err):
+    lines = err.strip().splitlines()
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
+    bad_rm = make_rm(sft, tmp_path / "rm_other_vocab", shared=False, vocab=1024)
+    code, _, err = run_cli("ppo", ["--init", sft, "--reward", bad_rm, "--world", tiny_world, "--out",
+                                   str(tmp_path / "o1")])
+    assert one_line_error(code, err) and "rm_other_vocab" in err and resolve_checkpoint(sft) in err
+    rm = make_rm(sft, tmp_path / "rm")
+    recs = json.load(open(os.path.join(tiny_world, "rl_prompts.json")))[:3]
+    no_caps = [{k: v for k, v in r.items() if k != "captions"} for r in recs]
+    bad_type = [dict(r, caption_type=9) for r in recs]
+    for name, content, want in (("nocaps.json", no_caps, "captions"), ("badtype.json", bad_type, "caption_type")):
+        path = tmp_path / name
+        json.dump(content, open(path, "w"))
+        code, _, err = run_cli("ppo", ["--init", sft, "--reward", rm, "--data", str(path), "--image_folder",
+                                       tiny_world, "--out", str(tmp_path / "o2")])
+        assert one_line_error(code, err) and want in err and name in err, err
+    # a plain-RLHF reward model (trained with --facts false) needs no captions: PPO follows the RM's setting
+    plain = make_rm(sft, tmp_path / "rm_plain", facts=False)
+    code, stdout, err = run_cli("ppo", ["--init", sft, "--reward", plain, "--data", str(tmp_path / "nocaps.json"),
+                                        "--image_folder", tiny_world, "--out", str(tmp_path / "o4"), "--max_steps", "1",
+                                        "--rollout_batch", "2", "--minibatch_size", "2", "--max_new_tokens", "4"])
+    assert code == 0 and "facts False" in stdout, err
+    code, _, err = run_cli("reward", ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
+                                      str(tmp_path / "o3")])
+    assert one_line_error(code, err) and "missing" in err
