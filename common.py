@@ -291,32 +291,49 @@ def set_lr(optimizer, lr):
 
 
 def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=None):
-    """Clip the gradient norm. A non-finite loss or gradient stops the run naming the step and the
+    """Clip the gradient norm. A non-finite loss or gradient stops the run naming the step (numbered as
+    the log lines and checkpoints number them: the update after checkpoint-N is step N + 1) and the
     last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    bad = not torch.isfinite(norm) or (loss is not None and not math.isfinite(float(loss)))
-    if bad:
+    bad_loss = loss is not None and not math.isfinite(float(loss))
+    if bad_loss or not torch.isfinite(norm):
         if skip_nonfinite:
             for p in params:
                 p.grad = None
             return None
         last = latest_checkpoint(out_dir) or "none yet"
-        raise NonFiniteError(f"step {step}: non-finite {'loss' if loss is not None and not math.isfinite(float(loss)) else 'gradient'}; "
-                             f"stopped. Last good checkpoint: {last} (resume with --resume, or pass --skip_nonfinite true)")
+        raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; stopped. Last good "
+                             f"checkpoint: {last} (resume with --resume, or pass --skip_nonfinite true)")
     return float(norm)
+
+
+def _injected_fault(params, step):
+    """Test hook, off unless set: FACTALIGN_FAULT_STEP=N makes the gradient of update step N (1-based, as
+    logged) NaN, as an overflow would, so the tests can reach the non-finite guard in every stage."""
+    at = os.environ.get("FACTALIGN_FAULT_STEP")
+    if at and int(at) == step + 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.view(-1)[0] = float("nan")
+                return True
+    return False
 
 
 def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     """One update, the same in every stage: sum the gradients over ranks, clip, check that loss and
     gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
     comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the step."""
+    if _injected_fault(params, step) and loss is not None:
+        loss = loss * float("nan")
     sync_grads(params, d)
     if loss is not None and reduce:
         loss = all_reduce_sum(loss, d)
     norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, getattr(cfg, "skip_nonfinite", False), loss)
     if norm is not None:
         opt.step()
+    elif d.main:
+        print(f"warning: step {step + 1}: non-finite loss or gradient; update skipped (--skip_nonfinite)", flush=True)
     opt.zero_grad(set_to_none=True)
     return loss, norm
 
@@ -332,6 +349,11 @@ class Logger:
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
+        if enabled and os.path.exists(self.path):  # a run killed mid-line: drop the cut line before appending
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
 
     def log(self, step, **metrics):
         if not self.enabled:
@@ -371,7 +393,8 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 # a half checkpoint); --init OUT and --resume read the newest complete one
 # ----------------------------------------------------------------------------------------
 
-RESUME_FREE_FIELDS = {"resume", "out", "log_every", "save_every", "eval_every", "max_steps"}  # do not change the math
+RESUME_FREE_FIELDS = {"resume", "out", "log_every", "save_every", "eval_every", "max_steps",
+                      "skip_nonfinite"}  # do not change the math (skip_nonfinite: the way out of a stopped run)
 
 
 def ensure_writable(out_dir):
@@ -425,14 +448,23 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         _fsync_dir(tmp)
         if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
-        old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit())
+        old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
+                     and os.path.exists(os.path.join(out_dir, n, "config.json")))  # keep counts complete ones
         for n in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+            _discard(os.path.join(out_dir, n))
     if d is not None and d.world > 1:
         dist.barrier()
     return final
+
+
+def _discard(path):
+    """Delete a checkpoint directory after renaming it to a temp name (one atomic step): a kill during
+    the deletion never leaves a checkpoint-N that looks complete (has config.json) but is not."""
+    trash = os.path.join(os.path.dirname(path), f".tmp-checkpoint-discard-{os.path.basename(path)}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path):
@@ -445,7 +477,8 @@ def load_resume(out_dir, run_config, generators=None):
     """The newest checkpoint in OUT and its trainer state, after checking that the run config is the
     same (except fields that do not change the math). Restores RNG states. None if there is none."""
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        if n.startswith(".tmp-checkpoint-"):  # a checkpoint whose writing was interrupted
+        incomplete = n.startswith("checkpoint-") and not os.path.exists(os.path.join(out_dir, n, "config.json"))
+        if n.startswith(".tmp-checkpoint-") or incomplete:  # a checkpoint whose writing (or deletion) was cut off
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
     path = latest_checkpoint(out_dir)
     if path is None:
@@ -455,8 +488,12 @@ def load_resume(out_dir, run_config, generators=None):
         state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})")
-    if state.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {state['format_version']} is newer than this code reads")
+    if not isinstance(state, dict) or not {"format_version", "step", "run_config", "rng"} <= set(state):
+        raise CheckpointError(f"{file}: not a factalign trainer state (expected format_version, step, run_config, rng)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {state['format_version']!r} "
+                              f"{'is newer than' if _newer(state['format_version']) else 'differs from'} the "
+                              f"{FORMAT_VERSION} this code reads; resume with the factalign version that wrote it")
     now = dataclasses.asdict(run_config)
     diff = [k for k in now if k not in RESUME_FREE_FIELDS and _norm(now[k]) != _norm(state["run_config"].get(k))]
     if diff:
@@ -465,6 +502,10 @@ def load_resume(out_dir, run_config, generators=None):
                           f"{state['run_config'].get(k)!r}, now {now[k]!r}")
     set_rng_state(state["rng"], generators)
     return path, state
+
+
+def _newer(version):
+    return isinstance(version, int) and version > FORMAT_VERSION
 
 
 def _norm(v):

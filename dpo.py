@@ -122,6 +122,8 @@ def read_pairs(path, fmt, image_folder, on_error):
     """Pairs from a POVID or a LLaVA-RLHF preference file (format told by the fields), and the skipped lines."""
     if fmt == "auto":
         obj = load_json(path)
+        if not isinstance(obj, (list, dict)) or not obj:  # (a dict: a JSON lines file of one record)
+            raise DataError(path, message=f"expected a non-empty JSON list of records (or JSON lines), got {obj!r:.40}")
         first = obj[0] if isinstance(obj, list) and obj else obj
         keys = set(first) if isinstance(first, dict) else set()
         fmt = "povid" if "rejected_conversations" in keys else "llava_rlhf" if "output_1" in keys else None

@@ -91,9 +91,9 @@ PRESETS = {
     # the CPU demo on the Shapes world: 16 px patches aligned with the 3x3 grid cells
     "shapes": dict(image_size=48, patch_size=16, vision_hidden=128, vision_intermediate=512, vision_layers=3,
                    vision_heads=4, projector="mlp2x_gelu", vocab_size=512, hidden=128, intermediate=384, layers=3,
-                   heads=4, kv_heads=4, max_position=512),
+                   heads=4, kv_heads=4, max_position=512, rope_theta=1e6),
     # benchmarks on a CPU: big enough that matmuls dominate
-    "bench": dict(image_size=224, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=3,
+    "bench": dict(image_size=112, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=3,
                   vision_heads=4, projector="mlp2x_gelu", vocab_size=32064, hidden=512, intermediate=1408, layers=4,
                   heads=8, kv_heads=8, max_position=1024),
     # real dimensions (random weights), for benchmarks: CLIP ViT-L/14-336 + Vicuna-7B / 13B
@@ -151,13 +151,12 @@ class LoRALinear(nn.Module):
         if adapter is None:
             return y
         xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
-        parts = []
-        for name, size in self.slices.items():
-            if name in adapter.A:
-                parts.append((xd @ adapter.A[name].t()) @ adapter.B[name].t() * adapter.scale)
-            else:
-                parts.append(xd.new_zeros(*xd.shape[:-1], size))
-        return y + torch.cat(parts, dim=-1).to(y.dtype)
+        names = [n for n in self.slices if n in adapter.A]
+        A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
+        u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)  # A x for every slice in one matmul, scaled
+        parts = [u[names.index(n)] @ adapter.B[n].t() if n in adapter.A else xd.new_zeros(*xd.shape[:-1], size)
+                 for n, size in self.slices.items()]
+        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(y.dtype)
 
     def slice_range(self, name):
         start = 0
@@ -280,17 +279,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(c, position_ids, dtype):
-    """cos/sin of shape (B, T, head_dim) for RoPE at the given positions (computed in fp32)."""
+    """cos and signed sin, (B, 1, T, head_dim), for RoPE at the given positions (computed in fp32).
+    rotate_half(x) = cat(-x2, x1) = roll(x, head_dim/2) * [-1.., +1..]: the sign is folded into sin
+    here, once per forward, so that apply_rope needs no negation and no cat."""
     inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim))
     freqs = position_ids.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half convention
-    return x * cos[:, None] + rotated * sin[:, None]
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)  # x cos + rotate_half(x) sin
 
 
 class KVCache:
@@ -323,8 +322,8 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, start:start + T] = v
             k, v = cache.k[layer_idx][:, :, :start + T], cache.v[layer_idx][:, :, :start + T]
         gqa = c.heads != c.kv_heads
-        if mask is None:  # no padding, no cache: the fast causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -414,6 +413,9 @@ class LLaVA(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, CLIPEmbeddings):
             nn.init.normal_(m.class_embedding, std=0.02)
+            # std 1 (CLIP's own init uses 0.02): trained from scratch on Shapes, positions must stand out
+            # against the patch content at pre_layrnorm, or "where" is lost and per-cell colours blur.
+            nn.init.normal_(m.position_embedding.weight, std=1.0)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -446,7 +448,7 @@ class LLaVA(nn.Module):
 
     def _attention_mask(self, attention_mask, T, past, device):
         """Boolean (B, 1, T, past+T) mask: causal and not padding. None when plain causal works."""
-        if attention_mask is None and past == 0:
+        if attention_mask is None and (past == 0 or T == 1):
             return None
         if attention_mask is None:
             attention_mask = torch.ones(1, past + T, dtype=torch.bool, device=device)
@@ -503,30 +505,34 @@ class LLaVA(nn.Module):
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
         B, T = input_ids.shape
         dev = input_ids.device
-        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=dev)
-        if attention_mask is not None:
+        mask = None  # no padding (the usual case): no mask at all, SDPA's causal / unmasked kernels
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=dev)
             mask[:, :T] = attention_mask
         x = self.embed(input_ids, pixel_values, image_features)
         cache = KVCache(c, B, T + max_new_tokens, dev, x.dtype)
-        h = self.backbone(x, mask[:, :T], cache=cache)
+        h = self.backbone(x, None if mask is None else mask[:, :T], cache=cache)
         logits = self.logits(h[:, -1]).float()
-        next_pos = mask[:, :T].sum(-1, keepdim=True)  # position of the first new token
+        next_pos = torch.full((B, 1), T, device=dev) if mask is None else mask[:, :T].sum(-1, keepdim=True)
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         logps = torch.zeros(B, max_new_tokens, device=dev) if return_logprobs else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
         for i in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, generator)
+            if temperature <= 0 and not return_logprobs:
+                tok, lp = logits.argmax(-1), None  # greedy: no log_softmax over the vocabulary
+            else:
+                tok, lp = sample_token(logits, temperature, top_p, generator)
             tok = tok.masked_fill(done, pad)
             tokens[:, i] = tok
             if return_logprobs:
                 logps[:, i] = lp.masked_fill(done, 0.0)
             newly = (tok == eos) & ~done
-            lengths[newly] = i + 1
+            lengths = torch.where(newly, i + 1, lengths)
             done |= newly
-            if bool(done.all()) or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):  # no EOS (-1): no sync per token
                 break
-            h = self.backbone(self.language_model.embed_tokens(tok[:, None]), mask[:, :T + i + 1],
+            h = self.backbone(self.language_model.embed_tokens(tok[:, None]), None if mask is None else mask[:, :T + i + 1],
                               position_ids=next_pos + i, cache=cache)
             logits = self.logits(h[:, -1]).float()
         return GenerateOutput(tokens, logps, lengths, done)
@@ -829,11 +835,14 @@ def _weight_files(path):
 def _read_json(path):
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})")
+    if not isinstance(obj, dict):  # every checkpoint JSON file we read is an object
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _get(d, key, default):
@@ -893,6 +902,9 @@ def detect_layout(path):
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT_NAME:
         return "factalign"
+    if "format_version" in cfg:  # written by a checkpoint format that is not this one
+        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version {cfg['format_version']!r} is not a "
+                              f"{FORMAT_NAME} checkpoint format this code reads")
     mt = cfg.get("model_type", "")
     if mt == "llava" and "text_config" in cfg:
         return "llava-hf"
@@ -946,10 +958,15 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path}/config.json: format_version {cfg['format_version']} is newer than this "
                                   f"code reads ({FORMAT_VERSION}); update factalign")
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = set(cfg["model"]) - known
+        if not isinstance(cfg.get("model"), dict):
+            raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
+        known = {f.name: type(f.default) for f in fields(ModelConfig)}
+        unknown = set(cfg["model"]) - set(known)
         if unknown:
             raise CheckpointError(f"{path}/config.json: field 'model': unknown fields {sorted(unknown)}")
+        for k, v in cfg["model"].items():  # (an int is a fine float)
+            if type(v) is not known[k] and not (known[k] is float and type(v) is int) and known[k] is not type(None):
+                raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected {known[k].__name__}, got {v!r}")
         config = ModelConfig(**cfg["model"])
         weights_dir = base_weights_dir(path)
         src.add_dir(weights_dir)

@@ -93,6 +93,7 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and heads stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder during updates
     resume: bool = False                  # continue from the newest checkpoint in --out
+    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
 
 
 def correctness(response, caption_type):
@@ -395,7 +396,8 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()
             _, norm = common.optimizer_step(opt, params, d, step, cfg)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.tensor(norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.tensor(  # NaN: a skipped update (--skip_nonfinite)
+                norm if norm is not None else float("nan"), device=ro["seq"].device)
             n_updates += 1
     keys = sorted(sums)
     tot = common.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu(), d)

@@ -70,6 +70,7 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder
     resume: bool = False                  # continue from the newest checkpoint in --out
+    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
 
 
 def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
@@ -272,8 +273,8 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             acc = float(common.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
-            log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=norm, dropped=dropped,
-                    pairs_per_s=round(n_sum / max(time.time() - t0, 1e-9), 1))
+            log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=norm if norm is not None else float("nan"),
+                    dropped=dropped, pairs_per_s=round(n_sum / max(time.time() - t0, 1e-9), 1))
             t0, acc_sum, n_sum = time.time(), 0.0, 0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             metrics = evaluate(model, val, cfg, tokenizer, images, d)

@@ -48,18 +48,18 @@ class Config:
     train_vision: bool = True             # train the CLIP tower (from scratch on Shapes; freeze for real CLIP)
     train_projector: bool = True          # train the projector
     train_lm: bool = True                 # train the language model weights (full fine-tune only)
-    batch_size: int = 64                  # sequences per optimizer step (global, over all processes)
+    batch_size: int = 16                  # sequences per optimizer step (global, over all processes)
     grad_accum: int = 1                   # micro-batches per step on each process
-    lr: float = 3e-3                      # peak learning rate
-    vision_lr_ratio: float = 1.0          # vision tower and projector learn at this x lr
+    lr: float = 2e-3                      # peak learning rate
+    vision_lr_ratio: float = 0.1          # vision tower + projector lr = this x lr (at 1.0 Shapes features blow up and the LM ignores the image)
     min_lr_ratio: float = 0.1             # final learning rate / peak
-    warmup: int = 100                     # linear warmup steps
+    warmup: int = 50                      # linear warmup steps
     weight_decay: float = 0.0             # AdamW weight decay on matrices
     grad_clip: float = 1.0                # gradient norm clip (0: off)
-    max_steps: int = 2000                 # optimizer steps
+    max_steps: int = 1500                 # optimizer steps
     eval_every: int = 500                 # validation loss every N steps (0: only at the end)
     eval_batches: int = 4                 # validation batches per evaluation
-    save_every: int = 1000                # checkpoint every N steps (and at the end)
+    save_every: int = 500                 # checkpoint every N steps (and at the end)
     log_every: int = 50                   # a log line every N steps
     seed: int = 0                         # seed for init, data order and dropout
     device: str = "cpu"                   # cpu or cuda
@@ -162,7 +162,8 @@ def main(cfg):
         print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations that do not fit "
               f"--max_len {cfg.max_len} with at least part of the first answer")
     if len(train) == 0:
-        raise common.ConfigError("no training data left (all records were dropped or skipped)")
+        raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} conversations do not fit "
+                                 f"--max_len {cfg.max_len}, {len(skipped)} bad records skipped")
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:

@@ -21,7 +21,7 @@ SECTIONS = ("hardware", "train", "generate", "dpo", "ppo", "roles")
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bench"))
-    code, stdout, err = run_cli("bench", ["--quick", "true", "--out", out])  # the CLI path, in this process
+    code, stdout, err = run_cli("bench", ["--quick", "true", "--threads", "1", "--out", out])  # the CLI path, in-process
     assert code == 0, err
     with open(os.path.join(out, "bench.json")) as f:
         report = json.load(f)
@@ -116,3 +116,16 @@ def test_flop_and_byte_counts():
 def test_cli_rejects_unknown_flags_in_one_line(tmp_path):
     code, _, err = run_cli("bench", ["--quick", "true", "--out", str(tmp_path), "--nope", "1"])
     assert code == 2 and err.count("\n") == 1 and "--nope" in err
+
+
+def test_a_failing_section_is_reported_and_the_run_exits_nonzero(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bench, "ppo_section", broken)
+    code, _, err = run_cli("bench", ["--quick", "true", "--threads", "1", "--out", str(tmp_path), "--train_modes", "lora",
+                                     "--gen_batches", "1"])
+    assert code != 0 and "ppo" in err
+    with open(tmp_path / "bench.json") as f:
+        r = json.load(f)
+    assert r["ppo"] == {"error": "RuntimeError: boom"} and "s" in r["dpo"] and "full" not in r["train"]
+    assert "PPO iteration: failed: RuntimeError: boom" in (tmp_path / "bench.md").read_text()

@@ -132,9 +132,10 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
         for it in items:
             text = tokenizer.decode(it["input_ids"].tolist(), skip_special_tokens=True)
             if "Generate" in text or "Ask" in text:  # a VIG prompt (the world's type instructions)
+                assert text.rstrip().endswith("ASSISTANT: Question:")  # the answer starts with its marker
                 n_vig[0] += 1
                 out.append(("no markers here" if n_vig[0] % 3 == 0 else
-                            "Question: Is there a triangle? Answer: Yes, there is a triangle. It is red.", True))
+                            "Is there a triangle? Answer: Yes, there is a triangle. It is red.", True))
             elif text.rstrip().endswith("ASSISTANT:"):
                 out.append(("There is a large blue square. It is in the center.", False))
             else:

@@ -23,8 +23,9 @@ would double the LoRA memory for no gain in separation that the prompt does not 
 --sft_share of plain (multi-turn) SFT conversations keeps multi-turn answering. Loss as sft.py: answer
 tokens, normalised by the answer tokens of the global batch; --lora_r > 0 trains a LoRA, merged at the end.
 
-Generation (rank 0 only; the training runs under torchrun). VIG samples `Question: q Answer: a` at
---temperature from a seeded torch.Generator; outputs that do not parse are dropped and counted. VIC then
+Generation (rank 0 only; the training runs under torchrun). VIG samples `q Answer: a` after an assistant
+turn started with "Question:", at --temperature from a seeded torch.Generator; outputs that do not parse
+are dropped and counted. VIC then
 answers q again: generate, keep the first sentence, write the kept sentences back into the assistant turn,
 repeat until the model ends right after the kept sentence (EOS) or --max_correction_steps. On Shapes,
 shapes.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
@@ -107,6 +108,9 @@ GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature
               "last_infer_all", "max_new_tokens", "gen_batch_size")  # change freely on --resume
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
+
+
+VIG_START = "Question:"
 
 
 def vig_target(q, a):
@@ -295,9 +299,12 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
         t = TYPES[rng.choice(cfg.gen_types)]
         jobs.append({"id": f"vigc_{i:06d}", "image": name, "type": t, "instruction": rng.choice(instructions[t]),
                      "unit": cache.unit(path)})
-    vig = generate_texts(model, tokenizer, [prompt(tokenizer, model, j["instruction"], "", j["unit"], cfg) for j in jobs],
-                         cfg, cfg.temperature, gen)
-    ok = [dict(j, q=qa[0], vig=qa[1]) for j, (text, _) in zip(jobs, vig) for qa in [parse_vig(text)] if qa]
+    # The answer is started with its format marker "Question:" (given, as VIC is given the answer so far):
+    # a marker is not content, and a tokenizer without a "▁Question" token (the Shapes one) splits off a
+    # lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does), so it is never learned.
+    vig = generate_texts(model, tokenizer, [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg)
+                                            for j in jobs], cfg, cfg.temperature, gen)
+    ok = [dict(j, q=qa[0], vig=qa[1]) for j, (text, _) in zip(jobs, vig) for qa in [parse_vig(f"{VIG_START} {text}")] if qa]
     t_vig = time.time() - t0
     answers, steps = correct(model, tokenizer, [j["q"] for j in ok], [j["unit"] for j in ok], cfg)
     for j, a in zip(ok, answers):

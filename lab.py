@@ -1,0 +1,467 @@
+"""The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
+test split (images, and object combinations, that no training run saw).
+
+    python pipeline.py && python lab.py       # the four claims x 3 seeds, ~45 min on 2 CPU cores
+    python lab.py --claims lrv povid --seeds 0 1 2 3 4
+    python lab.py --report_only true          # rebuild RESULTS.md and the plots from the runs on disk
+
+Every experiment starts from the same SFT checkpoint (--sft, the pipeline's ckpt/sft), is repeated
+over --seeds (seed of data order, LoRA init, sampling and noise), and is scored by eval.py with the
+exact oracle. A run is a plain stage command (`python dpo.py ...`) in its own process; --jobs of
+them run side by side with one thread each; a run whose output exists is not repeated, so an
+interrupted lab continues where it stopped. What each claim compares:
+
+  lrv    LRV-Instruction: fine-tune on the LRV instruction set with negative share 0 / 0.25 / 0.5 -> POPE
+  rlhf   LLaVA-RLHF: reward model with / without facts (held-out pair accuracy); PPO against each, and
+         PPO without the length penalty / without the correctness term -> CHAIR, POPE, MMHal, length
+  povid  POVID: SFT vs DPO on injected pairs (stage 1) vs stage 2 (+ noisy-image answers) -> CHAIR, POPE
+  vigc   VIGC: hallucinations per 100 generated answers, VIG only vs VIG + VIC; SFT on original data
+         alone vs + VIG-only data vs + VIGC data (same steps) -> POPE, CHAIR
+"""
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+import common
+
+
+@dataclass
+class Config:
+    """Run the ablations over several seeds and write RESULTS.md with tables and plots."""
+    sft: str = "ckpt/sft"                 # the SFT checkpoint every experiment starts from (python pipeline.py writes it)
+    world: str = "data/shapes"            # the Shapes world the SFT model was trained on
+    out: str = "runs/lab"                 # one folder per run (checkpoints, logs, eval scores)
+    results: str = "RESULTS.md"           # the report: tables, verdicts, commands, machine
+    plots: str = "docs/lab"               # PNG plots, one per claim
+    claims: tuple = ("lrv", "rlhf", "povid", "vigc")  # which claims to run
+    seeds: tuple[int, ...] = (0, 1, 2)    # seeds per configuration (mean and spread over them)
+    jobs: int = 2                         # runs side by side, one thread each
+    steps: int = 0                        # > 0: every run trains only this many steps (smoke test)
+    eval_limit: int = 200                 # eval questions per benchmark and POPE split (eval is cheap: ~10 s a run)
+    report_only: bool = False             # only rebuild RESULTS.md and the plots from finished runs
+    device: str = "cpu"                   # cpu or cuda
+
+
+# ----------------------------------------------------------------------------- the runs
+# Step budgets: long enough for each method to move the model, short enough for ~45 min in all.
+LRV_RATIOS = (0.0, 0.25, 0.5)
+PPO_VARIANTS = {"facts": ("facts", []), "no-facts": ("nofacts", []),
+                "no-length-penalty": ("facts", ["--length_penalty", "0"]),
+                "no-correctness": ("facts", ["--correctness", "0"])}
+
+
+def plan(cfg):
+    """{run name: (argv, the runs it needs, file that exists when it is done)} for the chosen claims."""
+    runs, R = {}, lambda *p: os.path.join(cfg.out, *p)
+    steps = lambda n: ["--max_steps", str(cfg.steps or n)]
+    base = ["--world", cfg.world, "--device", cfg.device]
+
+    def add(name, script, argv, needs=(), done="", bench=None):
+        runs[name] = ([script, *argv, *base], list(needs), done or R(name, "DONE"))
+        if bench:  # score the run's final checkpoint on the held-out test split
+            runs[name + "/eval"] = (["eval.py", "--ckpt", R(name), "--out", R(name, "eval"), "--benchmarks", *bench,
+                                     "--limit", str(cfg.eval_limit), "--world", cfg.world, "--device", cfg.device],
+                                    [name], R(name, "eval", os.path.basename(name), "scores.json"))
+
+    all_bench = ("pope", "chair", "mmhal")
+    runs["sft/eval"] = (["eval.py", "--ckpt", cfg.sft, "--out", R("sft", "eval"), "--benchmarks", *all_bench,
+                         "--limit", str(cfg.eval_limit), "--world", cfg.world, "--device", cfg.device],
+                        [], R("sft", "eval", os.path.basename(os.path.normpath(cfg.sft)), "scores.json"))
+    tune = ["--init", cfg.sft, "--lr", "5e-4", "--warmup", "10", "--report", "false", "--eval_every", "0",
+            "--save_every", "100000", "--log_every", "25"]
+    for s in cfg.seeds:
+        seed = ["--seed", str(s)]
+        if "lrv" in cfg.claims:
+            for r in LRV_RATIOS:
+                n = f"lrv/neg{r}-s{s}"
+                add(n, "sft.py", [*tune, "--lrv", "true", "--neg_ratio", str(r), *steps(150), *seed, "--out", R(n)],
+                    bench=("pope", "chair"))
+        if "rlhf" in cfg.claims:
+            for facts in ("facts", "nofacts"):
+                n = f"rlhf/rm-{facts}-s{s}"
+                add(n, "reward.py", ["--init", cfg.sft, "--facts", str(facts == "facts").lower(), "--eval_prompt", "short",
+                                     *steps(150), "--eval_every", "0", "--save_every", "100000", *seed, "--out", R(n)],
+                    done=R(n, "report.json"))
+            for v, (rm, extra) in PPO_VARIANTS.items():
+                n = f"rlhf/ppo-{v}-s{s}"
+                add(n, "ppo.py", ["--init", cfg.sft, "--reward", R(f"rlhf/rm-{rm}-s{s}"), *steps(20), "--rollout_batch", "32",
+                                  "--minibatch_size", "16", "--lr", "2e-3", "--save_every", "100000", *extra, *seed,
+                                  "--out", R(n)],
+                    needs=[f"rlhf/rm-{rm}-s{s}"], bench=all_bench)
+        if "povid" in cfg.claims:
+            for stage in (1, 2):
+                n = f"povid/stage{stage}-s{s}"
+                add(n, "dpo.py", ["--init", cfg.sft, "--povid_stage", str(stage), *steps(100), "--eval_every", "0",
+                                  "--save_every", "100000", *seed, "--out", R(n)], bench=("pope", "chair"))
+        if "vigc" in cfg.claims:
+            g = f"vigc/vigc-s{s}"
+            add(g, "vigc.py", ["--init", cfg.sft, *steps(300), "--batch_size", "32", "--lr", "2e-3", "--generate", "120",
+                               "--save_every", "100000", *seed, "--out", R(g)], done=R(g, "report.json"))
+            for v, extra in (("original", ""), ("plus-vig", R(g, "vig_only.json")), ("plus-vigc", R(g, "vigc_data.json"))):
+                n = f"vigc/sft-{v}-s{s}"
+                data = os.path.join(cfg.world, "sft.json") + (f",{extra}:4" if extra else "")  # ~8% generated records
+                add(n, "sft.py", [*tune, "--data", data, "--image_folder", cfg.world, *steps(100), *seed, "--out", R(n)],
+                    needs=[g] if extra else [], bench=("pope", "chair"))
+    return runs
+
+
+def execute(runs, cfg):
+    """Run what is not done yet, --jobs at a time, each after the runs it needs; a failed run is
+    reported (its log named) and the runs that need it are skipped."""
+    todo = {k: v for k, v in runs.items() if not os.path.exists(v[2])}
+    running, failed, t0 = {}, set(), time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else None
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)", flush=True)
+    while todo or running:
+        for name in [k for k, v in todo.items() if any(n in failed for n in v[1])]:
+            failed.add(name)
+            del todo[name]
+            print(f"skip  {name}: a run it needs failed", flush=True)
+        ready = [k for k, v in todo.items() if not any(n in todo or n in running for n in v[1])]
+        while ready and len(running) < max(cfg.jobs, 1):
+            name = ready.pop(0)
+            argv, _, _ = todo.pop(name)
+            folder = os.path.join(cfg.out, name)  # a run that did not finish starts again from nothing
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+            log = os.path.join(cfg.out, name.replace("/eval", "") + ("-eval.log" if name.endswith("/eval") else ".log"))
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                running[name] = (subprocess.Popen([sys.executable, os.path.join(here, argv[0]), *argv[1:]], cwd=here,
+                                                  stdout=f, stderr=subprocess.STDOUT, env=env), log, time.time())
+            print(f"start {name}: python {' '.join(argv)}", flush=True)
+        time.sleep(0.2)
+        for name, (p, log, t) in list(running.items()):
+            if p.poll() is None:
+                continue
+            del running[name]
+            done = runs[name][2]
+            if p.returncode == 0 and done.endswith("DONE"):
+                open(done, "w").close()
+            if p.returncode != 0:
+                failed.add(name)
+            print(f"{'done ' if p.returncode == 0 else 'FAIL '} {name} in {time.time() - t:.0f}s"
+                  + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
+                  + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------- reading results
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def scores(cfg, name):
+    base = os.path.basename(os.path.normpath(cfg.sft)) if name == "sft" else os.path.basename(name)
+    return load(os.path.join(cfg.out, name, "eval", base, "scores.json"))
+
+
+def metric_rows(cfg, names):
+    """The headline numbers of each eval'd run."""
+    pick = {"POPE F1 random": ("pope", "random", "f1"), "POPE F1 popular": ("pope", "popular", "f1"),
+            "POPE F1 adversarial": ("pope", "adversarial", "f1"), "POPE yes-ratio": ("pope", "average", "yes_ratio"),
+            "POPE accuracy": ("pope", "average", "accuracy"),
+            "CHAIR_i": ("chair", "chair_i"), "CHAIR_s": ("chair", "chair_s"), "MMHal score": ("mmhal", "score"),
+            "MMHal halluc. rate": ("mmhal", "hallucination_rate"), "answer words": ("chair", "answer_words")}
+    out = {}
+    for n in names:
+        s = scores(cfg, n)
+        if s is None:
+            continue
+        row = {}
+        for k, keys in pick.items():
+            v = s
+            for key in keys:
+                v = v.get(key) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)):
+                row[k] = float(v)
+        out[n] = row
+    return out
+
+
+def mean_sd(xs):
+    xs = [x for x in xs or [] if x is not None and not math.isnan(x)]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def group(rows_by_run, variant_of):
+    """{variant: {metric: [values over seeds]}}."""
+    out = {}
+    for run, row in rows_by_run.items():
+        v = variant_of(run)
+        for k, x in row.items():
+            out.setdefault(v, {}).setdefault(k, []).append(x)
+    return out
+
+
+def fmt(xs, f=".3f"):
+    m, sd, n = mean_sd(xs or [])
+    return "-" if m is None else f"{m:{f}} ± {sd:{f}}" if n > 1 else f"{m:{f}}"
+
+
+def md_table(groups, metrics, order, fmts=None):
+    lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
+    for v in order:
+        if v in groups:
+            n = max(len(x) for x in groups[v].values())
+            lines.append(f"| {v} | " + " | ".join(fmt(groups[v].get(m), (fmts or {}).get(m, ".3f")) for m in metrics)
+                         + f" | {n} |")
+    return "\n".join(lines)
+
+
+def verdict(groups, a, b, metric, lower_better, claim):
+    """One sentence: does b improve on a in `metric` by more than the seeds' spread?"""
+    if a not in groups or b not in groups or metric not in groups[a] or metric not in groups[b]:
+        return f"- {claim}: not measured (runs missing)."
+    (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
+    better = mb < ma if lower_better else mb > ma
+    clear = abs(mb - ma) > max(sa, sb) and na > 1 and nb > 1
+    word = "held" if better and clear else "not shown (within the seed spread)" if better or not clear else "did not hold"
+    yes = mean_sd(groups[b].get("POPE yes-ratio"))[0]
+    caveat = (f" Caveat: {b} answers POPE with '{'yes' if yes > 0.5 else 'no'}' almost always (yes-ratio {yes:.3f}), "
+              "so its POPE numbers reflect a collapsed answer, not better seeing." if yes is not None and abs(yes - 0.5) > 0.45 else "")
+    return f"- {claim}: **{word}** here: {metric} {ma:.3f} ± {sa:.3f} ({a}) -> {mb:.3f} ± {sb:.3f} ({b}), {nb} seeds.{caveat}"
+
+
+# ----------------------------------------------------------------------------- plots (PIL, no extra dependency)
+COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193)]
+
+
+def bar_plot(path, title, groups, metrics, order):
+    """Grouped bars (mean over seeds) with a whisker of +- one standard deviation, a group per metric."""
+    order = [v for v in order if v in groups]
+    W, H, pad = 180 * len(metrics) + 120, 360, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 10), title, fill="black")
+    vals = [mean_sd(groups[v].get(m)) for m in metrics for v in order]
+    top = max([m + s for m, s, _ in vals if m is not None] + [1e-9]) * 1.15
+    y0, y1 = H - 60, 40
+    d.line([(pad, y0), (W - 20, y0)], fill="black")
+    for t in range(5):
+        y = y0 - (y0 - y1) * t / 4
+        d.text((5, y - 6), f"{top * t / 4:.2f}", fill="gray")
+    bw = 150 / max(len(order), 1)
+    for i, m in enumerate(metrics):
+        x = pad + 10 + i * 180
+        for j, v in enumerate(order):
+            mu, sd, _ = mean_sd(groups[v].get(m))
+            if mu is None:
+                continue
+            h = (y0 - y1) * mu / top
+            d.rectangle([x + j * bw, y0 - h, x + (j + 1) * bw - 3, y0], fill=COLOURS[j % len(COLOURS)])
+            cx, e = x + (j + 0.5) * bw - 1, (y0 - y1) * sd / top
+            d.line([(cx, y0 - h - e), (cx, y0 - h + e)], fill="black", width=2)
+        d.text((x, y0 + 8), m, fill="black")
+    for j, v in enumerate(order):
+        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=COLOURS[j % len(COLOURS)])
+        d.text((pad + j * 150 + 14, H - 27), v, fill="black")
+    img.save(path)
+
+
+def line_plot(path, title, curves, ylabel):
+    """curves: {label: [[y per step] per seed]} -> the mean over seeds per step, one line per label."""
+    W, H, pad = 640, 360, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 10), f"{title} ({ylabel}, mean over seeds)", fill="black")
+    means = {k: [statistics.fmean(c[i] for c in cs if i < len(c)) for i in range(max(map(len, cs)))]
+             for k, cs in curves.items() if cs and any(cs)}
+    ys = [y for m in means.values() for y in m]
+    if not ys:
+        img.save(path)
+        return
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1
+    n = max(map(len, means.values()))
+    y0, y1, x0, x1 = H - 60, 40, pad, W - 20
+    d.line([(x0, y0), (x1, y0)], fill="black")
+    for t in range(5):
+        d.text((5, y0 - (y0 - y1) * t / 4 - 6), f"{lo + (hi - lo) * t / 4:.1f}", fill="gray")
+    for j, (k, m) in enumerate(means.items()):
+        pts = [(x0 + (x1 - x0) * i / max(n - 1, 1), y0 - (y0 - y1) * (y - lo) / (hi - lo)) for i, y in enumerate(m)]
+        d.line(pts, fill=COLOURS[j % len(COLOURS)], width=2) if len(pts) > 1 else None
+        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=COLOURS[j % len(COLOURS)])
+        d.text((pad + j * 150 + 14, H - 27), k, fill="black")
+    d.text((x1 - 60, y0 + 5), f"step {n}", fill="gray")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------- the report
+def report(cfg, runs, minutes):
+    os.makedirs(cfg.plots, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(cfg.results)) or ".")
+    seed_of = lambda run: run.rsplit("-s", 1)[0]
+    base = metric_rows(cfg, ["sft"])
+    world = load(os.path.join(cfg.world, "world.json")) or {}
+    stats = world.get("stats", {})
+    md = ["# Results: the hallucination lab", "",
+          f"Generated by `python lab.py` ({', '.join(cfg.claims)}; seeds {', '.join(map(str, cfg.seeds))}) on "
+          f"{platform.machine()} / {os.cpu_count()} CPU cores / torch {__import__('torch').__version__}, "
+          f"{time.strftime('%Y-%m-%d')}; " + ("report rebuilt from the runs on disk" if minutes is None else
+          f"lab wall clock {minutes:.1f} min (runs already on disk are not repeated)") + ". Every number is measured on the Shapes world's "
+          f"held-out test split ({cfg.eval_limit} questions per benchmark and POPE split, oracle judge); "
+          "± is the standard deviation over seeds. Each run starts from the pipeline's SFT checkpoint "
+          f"`{cfg.sft}`.", "",
+          "## The world and the baseline", "",
+          f"World `{cfg.world}` (seed {world.get('seed')}, format {world.get('version')}): bias and difficulty settings "
+          f"`{json.dumps(world.get('params', {}))}`; measured co-occurrence stats `{json.dumps(stats)}`.", ""]
+    pope = {}
+    for split in ("random", "popular", "adversarial"):
+        p = os.path.join(cfg.world, f"pope_{split}.jsonl")
+        pope[split] = [(q["image"], q["text"]) for q in map(json.loads, open(p))] if os.path.exists(p) else []
+    if pope["popular"] and len(pope["popular"]) == len(pope["adversarial"]):
+        same = lambda a, b: sum(x == y for x, y in zip(pope[a], pope[b])) / len(pope[a])
+        md += [f"POPE's three splits share their questions to a large degree here (with {len(pope['random'])} questions "
+               f"each: popular = adversarial for {same('popular', 'adversarial'):.0%} of them, random = popular for "
+               f"{same('random', 'popular'):.0%}): with 6 shapes and 1-4 per image, few absent shapes are left to "
+               "choose from, so the splits differ less than on COCO's 80 categories.", ""]
+    if base:
+        b = base["sft"]
+        md += ["SFT baseline: " + ", ".join(f"{k} {v:.3f}" for k, v in b.items()) + ".", ""]
+    verdicts = []
+    if "lrv" in cfg.claims:
+        names = [n for n in runs if n.startswith("lrv/") and not n.endswith("/eval")]
+        g = group(metric_rows(cfg, names), lambda r: f"neg share {seed_of(r).split('neg')[1]}")
+        g.update(group(base, lambda r: "SFT (no LRV tuning)"))
+        order = ["SFT (no LRV tuning)"] + [f"neg share {r}" for r in LRV_RATIOS]
+        ms = ["POPE F1 random", "POPE F1 popular", "POPE F1 adversarial", "POPE accuracy", "POPE yes-ratio", "CHAIR_i"]
+        md += ["## LRV-Instruction: negative instructions", "", md_table(g, ms, order), "",
+               f"![LRV]({rel(os.path.join(cfg.plots, 'lrv.png'))})", ""]
+        bar_plot(os.path.join(cfg.plots, "lrv.png"), "LRV: POPE by negative-instruction share", g, ms, order)
+        verdicts += [verdict(g, "neg share 0.0", "neg share 0.5", "POPE F1 adversarial", False,
+                             "LRV (balanced negatives raise POPE F1 on the adversarial split)"),
+                     verdict(g, "neg share 0.0", "neg share 0.5", "POPE accuracy", False,
+                             "LRV (balanced negatives raise POPE accuracy, averaged over the splits)")]
+    if "rlhf" in cfg.claims:
+        rm = {}
+        for facts in ("facts", "nofacts"):
+            for s in cfg.seeds:
+                r = load(os.path.join(cfg.out, f"rlhf/rm-{facts}-s{s}", "report.json"))
+                if r and "val_accuracy" in r:
+                    rm.setdefault(f"RM {'with' if facts == 'facts' else 'without'} facts", {}).setdefault(
+                        "held-out pair accuracy", []).append(r["val_accuracy"])
+        names = [n for n in runs if n.startswith("rlhf/ppo-") and not n.endswith("/eval")]
+        g = group(metric_rows(cfg, names), lambda r: "PPO " + seed_of(r)[len("rlhf/ppo-"):])
+        g.update(group(base, lambda r: "SFT"))
+        order = ["SFT"] + [f"PPO {v}" for v in PPO_VARIANTS]
+        ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "MMHal score", "MMHal halluc. rate",
+              "answer words"]
+        curves, hall = {}, {}
+        for v in PPO_VARIANTS:
+            for s in cfg.seeds:
+                rows = [json.loads(line) for line in open(p)] if os.path.exists(
+                    p := os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}", "metrics.jsonl")) else []
+                rows = [r for r in rows if "length" in r]
+                curves.setdefault(v, []).append([r["length"] for r in rows])
+                hall.setdefault(v, []).append([100 * r.get("halluc_per_answer", 0) for r in rows])
+        md += ["## LLaVA-RLHF: factually augmented reward model and PPO", "",
+               md_table(rm, ["held-out pair accuracy"], ["RM with facts", "RM without facts"]), "",
+               md_table(g, ms, order, {"answer words": ".1f", "MMHal score": ".2f"}), "",
+               "Response length (tokens) and oracle hallucinations per 100 rollouts over PPO steps, mean over seeds:", "",
+               "| PPO variant | length first -> last step | hallucinations/100 first -> last step |", "|---|---|---|"]
+        for v in PPO_VARIANTS:
+            ends = lambda cs: [c for c in cs if c]
+            L, Hc = ends(curves.get(v, [])), ends(hall.get(v, []))
+            if L:
+                md.append(f"| {v} | {statistics.fmean(c[0] for c in L):.1f} -> {statistics.fmean(c[-1] for c in L):.1f} | "
+                          f"{statistics.fmean(c[0] for c in Hc):.0f} -> {statistics.fmean(c[-1] for c in Hc):.0f} |")
+        md += ["", f"![RLHF]({rel(os.path.join(cfg.plots, 'rlhf.png'))}) "
+               f"![PPO length]({rel(os.path.join(cfg.plots, 'rlhf_length.png'))})", ""]
+        bar_plot(os.path.join(cfg.plots, "rlhf.png"), "Fact-RLHF: PPO variants", g,
+                 ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "MMHal halluc. rate"], order)
+        line_plot(os.path.join(cfg.plots, "rlhf_length.png"), "PPO response length", curves, "tokens")
+        verdicts += [verdict(rm, "RM without facts", "RM with facts", "held-out pair accuracy", False,
+                             "Fact-RLHF (facts raise the reward model's held-out accuracy)"),
+                     verdict(g, "PPO no-facts", "PPO facts", "CHAIR_i", True,
+                             "Fact-RLHF (PPO against the fact-augmented RM hallucinates less than against the plain RM)"),
+                     verdict(g, "SFT", "PPO facts", "CHAIR_i", True, "RLHF (PPO lowers CHAIR_i from SFT)"),
+                     verdict(g, "PPO no-length-penalty", "PPO facts", "answer words", True,
+                             "length penalty (it keeps answers shorter)"),
+                     verdict(g, "PPO no-correctness", "PPO facts", "POPE F1 adversarial", False,
+                             "correctness term (it helps POPE-style yes/no answers)")]
+    if "povid" in cfg.claims:
+        names = [n for n in runs if n.startswith("povid/") and not n.endswith("/eval")]
+        g = group(metric_rows(cfg, names), lambda r: {"povid/stage1": "DPO (POVID stage 1)",
+                                                      "povid/stage2": "POVID stage 2"}[seed_of(r)])
+        g.update(group(base, lambda r: "SFT"))
+        order = ["SFT", "DPO (POVID stage 1)", "POVID stage 2"]
+        ms = ["CHAIR_i", "CHAIR_s", "POPE F1 random", "POPE F1 popular", "POPE F1 adversarial", "answer words"]
+        md += ["## POVID: DPO with AI-made dispreferred answers", "", md_table(g, ms, order, {"answer words": ".1f"}), "",
+               f"![POVID]({rel(os.path.join(cfg.plots, 'povid.png'))})", ""]
+        bar_plot(os.path.join(cfg.plots, "povid.png"), "POVID", g, ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial"], order)
+        verdicts += [verdict(g, "SFT", "DPO (POVID stage 1)", "CHAIR_i", True, "POVID stage 1 (DPO on injected pairs lowers CHAIR_i)"),
+                     verdict(g, "DPO (POVID stage 1)", "POVID stage 2", "CHAIR_i", True,
+                             "POVID stage 2 (noisy-image answers lower CHAIR_i further)")]
+    if "vigc" in cfg.claims:
+        gen = {}
+        for s in cfg.seeds:
+            r = load(os.path.join(cfg.out, f"vigc/vigc-s{s}", "report.json"))
+            for k, label in (("vig_only", "VIG only"), ("vic", "VIG + VIC")):
+                if r and k in r:
+                    for m, key in (("hallucinations / 100 answers", "hallucinations_per_100"),
+                                   ("answers with any", "answers_with_hallucination"),
+                                   ("sentences / answer", "sentences_per_answer")):
+                        gen.setdefault(label, {}).setdefault(m, []).append(r[k][key])
+            if r:
+                gen.setdefault("VIG only", {}).setdefault("parsed / generated", []).append(r["parsed"] / max(r["images"], 1))
+        names = [n for n in runs if n.startswith("vigc/sft-") and not n.endswith("/eval")]
+        g = group(metric_rows(cfg, names), lambda r: {"original": "SFT data only", "plus-vig": "+ VIG-only data",
+                                                      "plus-vigc": "+ VIGC data"}[seed_of(r)[len("vigc/sft-"):]])
+        order = ["SFT data only", "+ VIG-only data", "+ VIGC data"]
+        ms = ["POPE F1 random", "POPE F1 adversarial", "CHAIR_i", "CHAIR_s", "answer words"]
+        gms = ["hallucinations / 100 answers", "answers with any", "sentences / answer", "parsed / generated"]
+        md += ["## VIGC: instruction generation and correction", "",
+               md_table(gen, gms, ["VIG only", "VIG + VIC"], {"hallucinations / 100 answers": ".1f"}), "",
+               "Continued SFT from the baseline, same steps, with and without the generated data:", "",
+               md_table(g, ms, order, {"answer words": ".1f"}), "", f"![VIGC]({rel(os.path.join(cfg.plots, 'vigc.png'))})", ""]
+        bar_plot(os.path.join(cfg.plots, "vigc.png"), "VIGC: hallucinations per 100 generated answers", gen,
+                 ["hallucinations / 100 answers"], ["VIG only", "VIG + VIC"])
+        verdicts += [verdict(gen, "VIG only", "VIG + VIC", "hallucinations / 100 answers", True,
+                             "VIGC (iterative correction lowers hallucinations in generated answers)"),
+                     verdict(g, "SFT data only", "+ VIGC data", "CHAIR_i", True,
+                             "VIGC data (adding it to SFT lowers CHAIR_i)")]
+    md += ["## Verdicts", "", "A claim *held* when the mean moved the claimed way by more than the larger "
+           "seed standard deviation.", "", *verdicts, "", "## Commands", "",
+           "Every run, as run (each also wrote its log beside its folder in " f"`{cfg.out}`):", "", "```"]
+    md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]
+    with open(cfg.results, "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(verdicts))
+    print(f"wrote {cfg.results} and plots in {cfg.plots}")
+
+
+def main(cfg):
+    unknown = [c for c in cfg.claims if c not in ("lrv", "rlhf", "povid", "vigc")]
+    if unknown:
+        raise common.ConfigError(f"--claims: unknown '{unknown[0]}' (choose from lrv, rlhf, povid, vigc)")
+    if not os.path.isdir(cfg.sft):
+        raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (run python pipeline.py first, or pass --sft DIR)")
+    runs, t0 = plan(cfg), time.time()
+    failed = set() if cfg.report_only else execute(runs, cfg)
+    report(cfg, runs, None if cfg.report_only else (time.time() - t0) / 60)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(sorted(failed))}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    with common.user_errors():
+        main(cfg)

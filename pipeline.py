@@ -1,0 +1,112 @@
+"""The main job: every stage on the built-in Shapes world, then one comparison table.
+
+    python pipeline.py                       # SFT -> reward model -> PPO, DPO/POVID, VIGC -> eval (~15 min, 2 CPU cores)
+    python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck    # the smoke test the suite runs
+
+Each stage is the plain script (`python sft.py`, `python reward.py`, ...) with its defaults plus the
+step budget below, run as its own process exactly as a user would; each reads the previous stage's output.
+After SFT, the two independent lanes (reward model -> PPO, and DPO -> VIGC) run side by side, one
+thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of one with two.
+"""
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import common
+
+
+@dataclass
+class Config:
+    """Run the whole Shapes pipeline and print the comparison table."""
+    out: str = "ckpt"                     # root of the stage outputs: OUT/sft, OUT/rm, OUT/ppo, OUT/dpo, OUT/vigc
+    world: str = "data/shapes"            # the Shapes world (written on first use)
+    stages: tuple = ("sft", "rm", "ppo", "dpo", "vigc", "eval")  # stages to run (sft; rm->ppo beside dpo->vigc; eval)
+    steps: int = 0                        # > 0: every stage trains only this many steps (smoke test)
+    model: str = "shapes"                 # model preset for SFT from scratch (tiny for the smoke test)
+    eval_out: str = "runs/eval"           # where eval.py writes answers, scores and compare.md
+    eval_limit: int = 0                   # questions per benchmark (0: eval.py's Shapes defaults)
+    device: str = "cpu"                   # cpu or cuda
+    jobs: int = 2                         # lanes run side by side after SFT (1: strictly one stage at a time)
+
+
+# The 15-minute budget on 2 CPU cores: what the pipeline passes beyond each stage's defaults. The
+# reward model reads the same facts through the short evaluation turn (half the tokens of LLaVA-RLHF's
+# verbatim one, which stays reward.py's default for real runs).
+BUDGET = {"rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every", "50", "--save_every", "50"],
+          "ppo": ["--max_steps", "30", "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3", "--save_every", "10"],
+          "dpo": ["--max_steps", "150", "--eval_every", "75", "--save_every", "75"],
+          "vigc": ["--max_steps", "300", "--batch_size", "32", "--lr", "2e-3", "--generate", "100"]}
+
+
+def stage_commands(cfg):
+    o = lambda name: os.path.join(cfg.out, name)
+    common_flags = ["--world", cfg.world, "--device", cfg.device]
+    short = (lambda extra=(): ["--max_steps", str(cfg.steps), *extra]) if cfg.steps else (lambda extra=(): [])
+    budget = (lambda name: []) if cfg.steps else (lambda name: BUDGET.get(name, []))
+    return {
+        "sft": ["sft.py", "--out", o("sft"), "--model", cfg.model, *common_flags,
+                *short(["--report", "false", "--batch_size", "8"])],
+        "rm": ["reward.py", "--init", o("sft"), "--out", o("rm"), *common_flags, *budget("rm"),
+               *short(["--batch_size", "4", "--eval_prompt", "short"])],
+        "ppo": ["ppo.py", "--init", o("sft"), "--reward", o("rm"), "--out", o("ppo"), *common_flags, *budget("ppo"),
+                *short(["--rollout_batch", "4", "--minibatch_size", "4", "--max_new_tokens", "8"])],
+        "dpo": ["dpo.py", "--init", o("sft"), "--out", o("dpo"), *common_flags, *budget("dpo"),
+                *short(["--batch_size", "4"])],
+        "vigc": ["vigc.py", "--init", o("sft"), "--out", o("vigc"), *common_flags, *budget("vigc"),
+                 *short(["--batch_size", "4", "--generate", "4", "--max_new_tokens", "16"])],
+        "eval": ["eval.py", "--compare", o("sft"), o("ppo"), o("dpo"), "--out", cfg.eval_out, *common_flags,
+                 *(["--limit", str(cfg.eval_limit)] if cfg.eval_limit else [])],
+    }
+
+
+LANES = (("sft",), (("rm", "ppo"), ("dpo", "vigc")), ("eval",))  # steps in order; a tuple of lanes runs side by side
+
+
+def run_lane(names, commands, here, env, times):
+    """Run stages one after another; return (stage, exit code) of the first failure, or None."""
+    for name in names:
+        cmd = [sys.executable, os.path.join(here, commands[name][0]), *commands[name][1:]]
+        print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
+        t0 = time.time()
+        code = subprocess.run(cmd, cwd=here, env=env).returncode
+        times[name] = time.time() - t0
+        if code != 0:
+            return name, code
+    return None
+
+
+def main(cfg):
+    commands = stage_commands(cfg)
+    unknown = [s for s in cfg.stages if s not in commands]
+    if unknown:
+        raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {', '.join(commands)})")
+    here = os.path.dirname(os.path.abspath(__file__))
+    times, t_start = {}, time.time()
+    for step in LANES:
+        lanes = [[s for s in lane if s in cfg.stages] for lane in (step if isinstance(step[0], tuple) else (step,))]
+        lanes = [lane for lane in lanes if lane]
+        if cfg.jobs > 1 and len(lanes) > 1:  # side by side, one thread each, their output interleaved
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            with ThreadPoolExecutor(len(lanes)) as pool:
+                failed = [f for f in pool.map(lambda lane: run_lane(lane, commands, here, env, times), lanes) if f]
+        else:
+            failed = []
+            for lane in lanes:
+                failed = [f for f in [run_lane(lane, commands, here, None, times)] if f]
+                if failed:
+                    break
+        if failed:
+            name, code = failed[0]
+            print(f"error: stage '{name}' failed with exit code {code}; later stages not run", file=sys.stderr)
+            raise SystemExit(code)
+    print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+          + f" | wall clock {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    cfg = common.parse_config(Config)
+    with common.user_errors():
+        main(cfg)

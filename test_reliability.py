@@ -1,0 +1,610 @@
+"""Reliability guarantees, checked across every stage script on tiny configs (issue 9):
+
+1. bad input: one line naming the file, record and field, exit code 2, no traceback, and nothing already
+   written changed (every file under the run's --out, its inputs and the world are hashed before and after);
+2. kill and resume: SIGKILL in the middle of training and of a checkpoint write, then --resume, ends with
+   bitwise the weights of an uninterrupted run (sft, dpo, ppo; PPO's sampling generators included);
+3. DDP: `torchrun --nproc_per_node=2` (gloo) logs the losses of one process with the same global batch
+   (sft, dpo); PPO whitens its advantages with statistics gathered over every rank;
+4. numerical faults: a non-finite loss or gradient stops the run naming the step and the last good
+   checkpoint (which stays loadable), or skips the update with --skip_nonfinite true;
+5. checkpoints carry a format version and their run config; another version or format is refused in one line.
+
+RELIABILITY.md is generated from the BAD_INPUT table below (`python test_reliability.py --table`); a test
+checks that it is up to date."""
+import collections
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from conftest import HERE, run_cli, run_script
+
+PY = sys.executable
+GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt", "value": "Yes, there is a circle."}]
+IMG = "images/train/000000.png"  # an image of the Shapes world (relative to --image_folder WORLD)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and steadier on a shared machine, than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------
+# shared runs: the tiny world, a 3-step SFT run (conftest) and a 2-step reward model on it
+# ----------------------------------------------------------------------------------------
+
+def base_args(script, w, out):
+    """A valid, tiny command line for each script; a case appends what makes it bad (later flags win)."""
+    return {
+        "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--report", "false"],
+        "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4", "--eval_prompt", "short",
+                   "--eval_size", "4", "--save_every", "1"],
+        "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1", "--rollout_batch", "2",
+                "--minibatch_size", "2", "--max_new_tokens", "4"],
+        "dpo": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--eval_n", "4"],
+        "vigc": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--generate", "0"],
+        "eval": ["--ckpt", w.sft, "--world", w.world, "--benchmarks", "pope", "--limit", "2"],
+    }[script] + ["--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def w(tiny_world, tiny_sft, tmp_path_factory):
+    rm = str(tmp_path_factory.mktemp("rm") / "rm")
+    ns = types.SimpleNamespace(world=tiny_world, sft=tiny_sft, rm=rm)
+    code, _, err = run_cli("reward", base_args("reward", ns, rm))
+    assert code == 0, err
+    return ns
+
+
+# ----------------------------------------------------------------------------------------
+# 1. the bad-input matrix
+# ----------------------------------------------------------------------------------------
+
+class T:
+    """What a case builds in its own folder: bad data files and broken checkpoints."""
+
+    def __init__(self, w, root):
+        self.w, self.root = w, root
+
+    def file(self, name, content):
+        path = self.root / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        return str(path)
+
+    def records(self, src, n=3, **change):
+        """The first n records of a world file, images made absolute, `change` applied to record 0
+        (a value None deletes the field)."""
+        recs = json.load(open(os.path.join(self.w.world, src)))[:n]
+        for r in recs:
+            if "image" in r:
+                r["image"] = os.path.join(self.w.world, r["image"])
+        for k, v in change.items():
+            if v is None:
+                recs[0].pop(k, None)
+            else:
+                recs[0][k] = v
+        return recs
+
+    def ckpt(self, name, mutate):
+        """A copy of the SFT checkpoint, changed by mutate(dir)."""
+        from model import resolve_checkpoint
+        d = self.root / name
+        shutil.copytree(resolve_checkpoint(self.w.sft), d)
+        mutate(d)
+        return str(d)
+
+    def config_dir(self, name, cfg):
+        d = self.root / name
+        d.mkdir()
+        (d / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+        return str(d)
+
+
+def _truncate(d, name="model.safetensors"):
+    f = d / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _edit_config(**kv):
+    def mutate(d):
+        cfg = json.load(open(d / "config.json"))
+        cfg.update(kv)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return mutate
+
+
+def _edit_model(**kv):
+    def mutate(d):
+        cfg = json.load(open(d / "config.json"))
+        cfg["model"].update(kv)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return mutate
+
+
+def _newer_trainer_state(d):
+    from model import latest_checkpoint
+    f = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
+    state = torch.load(f, weights_only=False)
+    state["format_version"] = 99
+    torch.save(state, f)
+
+
+def _foreign_trainer_state(d):
+    from model import latest_checkpoint
+    torch.save({"epoch": 3, "weights": [1.0, 2.0]}, os.path.join(latest_checkpoint(str(d)), "trainer_state.pt"))
+
+
+def _other_vocab_rm(t):
+    """A reward-model checkpoint whose vocabulary differs from the policy's (another architecture)."""
+    from model import LLaVA, resolve_checkpoint
+    torch.manual_seed(0)
+    m = LLaVA.from_preset("tiny", vocab_size=1024, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    m.add_adapter("reward", 2, 2, 0.0, ("q", "v"))
+    m.add_head("reward")
+    d = t.root / "rm_other_vocab"
+    m.save_pretrained(d, extra_config={"run_config": {"facts": True}})
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(resolve_checkpoint(t.w.sft), f), d)
+    return str(d)
+
+
+Case = collections.namedtuple("Case", "script name what argv want out_from proc", defaults=("sft", False))
+C = Case
+# argv(w, t): flags appended to base_args; want: fragments the one error line must hold (file, record, field).
+BAD_INPUT = [
+    # -- sft.py: LLaVA instruct files (--data FILE --image_folder WORLD)
+    C("sft", "missing-image", "image file that does not exist",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": "images/none.png", "conversations": GOOD}]),
+                    "--image_folder", w.world], ("sft.json", "record 0 (id 'a')", "field 'image'", "file not found")),
+    C("sft", "corrupt-image", "image file that does not decode",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": t.file("broken.png", "not a png"),
+                                                    "conversations": GOOD}])],
+      ("sft.json", "record 0", "field 'image'", "cannot decode")),
+    C("sft", "bad-json", "file that is not valid JSON",
+      lambda w, t: ["--data", t.file("sft.json", '[{"id": "a", "image": ')], ("sft.json", "invalid JSON at line 1")),
+    C("sft", "no-conversations", "record without 'conversations'",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG}]), "--image_folder", w.world],
+      ("sft.json", "record 0", "field 'conversations'", "missing")),
+    C("sft", "value-not-string", "turn whose value is a number",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], {"from": "gpt", "value": 5}]}]),
+                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "turn 2: 'value' must be a string")),
+    C("sft", "not-alternating", "conversation with two human turns in a row",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], GOOD[0]]}]),
+                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "expected 'gpt'")),
+    C("sft", "empty-answer", "blank answer",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], {"from": "gpt", "value": " "}]}]),
+                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "turn 2: empty value")),
+    C("sft", "too-long", "every conversation longer than --max_len",
+      lambda w, t: ["--max_len", "8"], ("no training data left", "--max_len 8")),
+    C("sft", "unknown-flag", "unknown flag (a real `python sft.py` process)",
+      lambda w, t: ["--nope", "1"], ("sft.py", "unrecognized arguments: --nope 1"), proc=True),
+    C("sft", "flag-type", "integer flag given a word",
+      lambda w, t: ["--max_steps", "ten"], ("--max_steps", "expected int, got 'ten'")),
+    C("sft", "unwritable-out", "--out below a regular file (cannot be created)",
+      lambda w, t: ["--out", os.path.join(t.file("plain.txt", "x"), "run")], ("plain.txt", "output directory cannot be written")),
+    C("sft", "init-bert", "--init a checkpoint of another architecture (BERT)",
+      lambda w, t: ["--init", t.config_dir("bert", {"model_type": "bert", "hidden_size": 8})],
+      ("bert/config.json", "unsupported model_type 'bert'")),
+    C("sft", "init-config-list", "--init whose config.json is a list, not an object",
+      lambda w, t: ["--init", t.config_dir("listcfg", "[1, 2]")], ("listcfg/config.json", "expected a JSON object")),
+    C("sft", "init-truncated", "--init with a truncated model.safetensors",
+      lambda w, t: ["--init", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
+    C("sft", "init-newer-format", "--init written by a newer checkpoint format",
+      lambda w, t: ["--init", t.ckpt("newer", _edit_config(format_version=99))],
+      ("newer/config.json", "format_version 99 is newer")),
+    C("sft", "resume-other-config", "--resume with a different --lr",
+      lambda w, t: ["--resume", "true", "--batch_size", "8", "--lr", "0.5"],
+      ("checkpoint-000003", "--resume with a different config: field 'lr'", "now 0.5")),
+    C("sft", "resume-newer-state", "--resume from a trainer state of a newer format",
+      lambda w, t: (_newer_trainer_state(t.root / "out"), ["--resume", "true", "--batch_size", "8"])[1],
+      ("trainer_state.pt", "format_version 99 is newer")),
+    C("sft", "resume-foreign-state", "--resume from a trainer_state.pt that another program wrote",
+      lambda w, t: (_foreign_trainer_state(t.root / "out"), ["--resume", "true", "--batch_size", "8"])[1],
+      ("trainer_state.pt", "not a factalign trainer state")),
+    # -- reward.py: LLaVA-RLHF human preference files
+    C("reward", "preference-range", "preference 3 (must be 1 or 2)",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference=3, captions=["A circle."]))],
+      ("prefs.json", "record 0", "field 'preference'", "got 3")),
+    C("reward", "preference-type", "preference given as a string",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference="1", captions=["A circle."]))],
+      ("prefs.json", "record 0", "field 'preference'", "got '1'")),
+    C("reward", "no-captions", "no captions while --facts is on",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json"))],
+      ("prefs.json", "record 0", "field 'captions'", "--facts false")),
+    C("reward", "missing-output", "record without output_2",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", output_2=None, captions=["A circle."]))],
+      ("prefs.json", "record 0", "field 'output_2'")),
+    C("reward", "init-missing", "--init that does not exist",
+      lambda w, t: ["--init", str(t.root / "nowhere")], ("nowhere", "not found")),
+    C("reward", "flag-bool", "boolean flag given 'maybe'",
+      lambda w, t: ["--facts", "maybe"], ("--facts", "expected true or false, got 'maybe'")),
+    C("reward", "resume-other-config", "--resume with a different --center_coef",
+      lambda w, t: ["--resume", "true", "--center_coef", "0.5"], ("--resume with a different config: field 'center_coef'",),
+      out_from="rm"),
+    # -- ppo.py: LLaVA-RLHF RL prompts
+    C("ppo", "no-captions", "RL prompts without captions while the reward model uses facts (a real process)",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", captions=None))],
+      ("rl.json", "record 0", "field 'captions'", "Fact-RLHF facts need captions"), proc=True),
+    C("ppo", "caption-type", "caption_type 9 (must be 1-7)",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", caption_type=9))],
+      ("rl.json", "record 0", "field 'caption_type'", "got 9")),
+    C("ppo", "length-bonus-type", "length_bonus given as a word",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", length_bonus="long"))],
+      ("rl.json", "record 0", "field 'length_bonus'", "expected a number")),
+    C("ppo", "prompt-too-long", "every prompt longer than --max_prompt_len",
+      lambda w, t: ["--max_prompt_len", "4"], ("rl_prompts.json", "no prompt fits --max_prompt_len 4")),
+    C("ppo", "reward-not-rm", "--reward an SFT checkpoint (no reward head)",
+      lambda w, t: ["--reward", w.sft], ("config.json", "field 'run_config.facts' is missing")),
+    C("ppo", "reward-other-vocab", "--reward of another architecture (another vocabulary)",
+      lambda w, t: ["--reward", _other_vocab_rm(t)], ("rm_other_vocab", "(vocab 1024", "does not fit --init")),
+    C("ppo", "batch-sizes", "--rollout_batch not a multiple of --minibatch_size",
+      lambda w, t: ["--rollout_batch", "3"], ("--rollout_batch 3", "--minibatch_size 2")),
+    # -- dpo.py: POVID and LLaVA-RLHF preference pairs
+    C("dpo", "identical", "POVID pair whose chosen and rejected answers are identical",
+      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", rejected_conversations=t.records("povid_pairs.json")[0]["conversations"]))],
+      ("pairs.json", "record 0", "field 'rejected_conversations'", "identical")),
+    C("dpo", "preference-range", "LLaVA-RLHF pair with preference 0",
+      lambda w, t: ["--data", t.file("pairs.json", t.records("pref_pairs.json", preference=0))],
+      ("pairs.json", "record 0", "field 'preference'", "got 0")),
+    C("dpo", "missing-image", "pair whose image does not exist",
+      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", image="/nowhere/x.png"))],
+      ("pairs.json", "record 0", "field 'image'", "file not found: /nowhere/x.png")),
+    C("dpo", "not-a-list", "JSON file holding a string, not records",
+      lambda w, t: ["--data", t.file("pairs.json", '"hello"')], ("pairs.json", "expected a non-empty JSON list of records")),
+    C("dpo", "init-truncated", "--init with a truncated model.safetensors (a real process)",
+      lambda w, t: ["--init", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt"), proc=True),
+    C("dpo", "init-clip", "--init a CLIP checkpoint (another architecture)",
+      lambda w, t: ["--init", t.config_dir("clip", {"model_type": "clip_vision_model"})], ("clip", "a CLIP checkpoint alone is not a LLaVA")),
+    C("dpo", "init-other-format", "--init written by another tool's checkpoint format",
+      lambda w, t: ["--init", t.ckpt("other", _edit_config(format="other-tool", format_version=3))],
+      ("other/config.json", "format 'other-tool' version 3 is not a factalign checkpoint format")),
+    C("dpo", "bad-loss", "--loss not one of the choices",
+      lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo or ref_free")),
+    # -- vigc.py
+    C("vigc", "bad-json", "--data file that is not valid JSON",
+      lambda w, t: ["--data", t.file("vigc.json", "{"), "--image_folder", w.world], ("vigc.json", "invalid JSON")),
+    C("vigc", "wrong-type", "record whose image is a number",
+      lambda w, t: ["--data", t.file("vigc.json", [{"id": "a", "image": 7, "conversations": GOOD}]), "--image_folder", w.world],
+      ("vigc.json", "record 0", "field 'image'", "expected a string, got an integer")),
+    C("vigc", "images-nowhere", "--images that is neither a folder nor a list",
+      lambda w, t: ["--generate", "1", "--images", str(t.root / "nowhere")], ("--images", "nowhere", "not a folder or a file list")),
+    C("vigc", "gen-types", "--gen_types holding an unknown type",
+      lambda w, t: ["--gen_types", "poems"], ("--gen_types", "'poems' is not one of conv, desc, comp")),
+    C("vigc", "init-field-type", "--init whose config.json gives the model width as a word",
+      lambda w, t: ["--init", t.ckpt("wide", _edit_model(hidden="big"))],
+      ("wide/config.json", "field 'model.hidden'", "expected int, got 'big'")),
+    C("vigc", "init-not-json", "--init whose config.json is not JSON",
+      lambda w, t: ["--init", t.config_dir("broken", "{not json")], ("broken/config.json", "not valid JSON")),
+    # -- eval.py
+    C("eval", "pope-format", "POPE file in another format (an SFT file)",
+      lambda w, t: ["--pope_files", os.path.join(w.world, "sft.json")], ("sft.json", "record 0", "field 'question_id'", "missing")),
+    C("eval", "pope-label", "POPE line whose label is not yes/no",
+      lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps({"question_id": 1, "image": IMG, "text": "Is there a dog?",
+                                                                     "label": "maybe"}) + "\n"), "--image_folder", w.world],
+      ("pope.jsonl", "record 0", "field 'label'", "got 'maybe'")),
+    C("eval", "ckpt-config", "--ckpt whose config.json is not JSON (a real process)",
+      lambda w, t: ["--ckpt", t.config_dir("broken", "{not json")], ("broken/config.json", "cannot read the checkpoint config"),
+      proc=True),
+    C("eval", "ckpt-truncated", "--ckpt with a truncated model.safetensors",
+      lambda w, t: ["--ckpt", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
+    C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
+      lambda w, t: ["--benchmarks", "vqa"], ("--benchmarks", "unknown ['vqa']")),
+    C("eval", "flag-type", "float flag given a word",
+      lambda w, t: ["--temperature", "hot"], ("--temperature", "expected float, got 'hot'")),
+]
+
+
+def tree_hashes(*roots):
+    """{path: sha256} of every file under the given folders (what must not change)."""
+    out = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                with open(p, "rb") as f:
+                    out[p] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=[f"{c.script}-{c.name}" for c in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
+    out = tmp_path / "out"  # --out holds a finished run already: a failed run must leave it exactly as it was
+    shutil.copytree(w.rm if case.out_from == "rm" else w.sft, out)
+    argv = base_args(case.script, w, out) + case.argv(w, T(w, tmp_path))
+    before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
+    if case.proc:
+        code, _, err = run_script(f"{case.script}.py", argv, env={"OMP_NUM_THREADS": "1"})
+    else:
+        code, _, err = run_cli(case.script, argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for want in case.want:
+        assert want in lines[0], (want, lines[0])
+    assert tree_hashes(tmp_path, w.sft, w.rm, w.world) == before
+
+
+def test_the_matrix_covers_every_script():
+    assert len(BAD_INPUT) >= 25 and {c.script for c in BAD_INPUT} == {"sft", "reward", "ppo", "dpo", "vigc", "eval"}
+    assert len({(c.script, c.name) for c in BAD_INPUT}) == len(BAD_INPUT)
+
+
+def test_checkpoints_carry_format_version_and_run_config(w):
+    from model import FORMAT_NAME, FORMAT_VERSION, latest_checkpoint
+    ck = latest_checkpoint(w.rm)
+    cfg = json.load(open(os.path.join(ck, "config.json")))
+    state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
+    assert cfg["format"] == FORMAT_NAME and cfg["format_version"] == state["format_version"] == FORMAT_VERSION
+    assert json.loads(json.dumps(state["run_config"])) == cfg["run_config"]  # (tuples are lists in JSON)
+    assert cfg["run_config"]["center_coef"] == 1e-3 and cfg["run_config"]["max_steps"] == 2 and cfg["step"] == 2
+
+
+# ----------------------------------------------------------------------------------------
+# RELIABILITY.md, generated from the table
+# ----------------------------------------------------------------------------------------
+
+def reliability_md():
+    rows = [f"| `{c.script}.py` | {c.what} (`{c.script}-{c.name}`) | {' ... '.join(f'`{x}`' for x in c.want)} |"
+            for c in BAD_INPUT]
+    return "\n".join([
+        "# Reliability", "",
+        "Generated by `python test_reliability.py --table` from the tests in `test_reliability.py`; do not edit by hand.", "",
+        "Every stage script turns a user's mistake into one line on stderr (`error: FILE: record N: field 'F': what`),",
+        "exit code 2 and no traceback, before anything is written: every file already under `--out`, the inputs and the",
+        "Shapes world are hashed before and after each case and must not change (each case's `--out` already holds a",
+        "finished run). Cases marked \"a real process\" run `python SCRIPT.py`; the others run the same entry point",
+        "in-process (conftest.run_cli). Training runs also guarantee:", "",
+        "- **kill and resume**: a run killed with SIGKILL (during a step or while a checkpoint is being written) and",
+        "  restarted with `--resume true` ends with bitwise the weights of an uninterrupted run (sft, dpo, ppo; PPO's",
+        "  sampling generators included). Checkpoints are written to `.tmp-checkpoint-*` and renamed; old ones are",
+        "  renamed away before they are deleted; `--resume` removes leftovers and ignores `checkpoint-N/` without `config.json`.",
+        "- **DDP**: `torchrun --nproc_per_node=2` (gloo on CPU) logs the losses of one process with the same global",
+        "  batch (sft, dpo, within 1e-5); PPO whitens advantages with statistics over every rank.",
+        "- **non-finite loss or gradient**: the run stops with `step N: non-finite ...; Last good checkpoint: ...`",
+        "  (exit 2; that checkpoint loads and resumes), or skips the update with `--skip_nonfinite true`",
+        "  (sft, reward, ppo, dpo, vigc). Tests inject the fault with `FACTALIGN_FAULT_STEP=N` (common.py).",
+        "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run config; a newer or",
+        "  foreign format is refused in one line.", "",
+        f"## Bad-input cases ({len(BAD_INPUT)})", "",
+        "| script | case | the error line contains |", "|---|---|---|", *rows, ""])
+
+
+def test_reliability_md_is_up_to_date():
+    path = os.path.join(HERE, "RELIABILITY.md")
+    assert os.path.exists(path) and open(path).read() == reliability_md(), \
+        "RELIABILITY.md is stale: run `python test_reliability.py --table`"
+
+
+if __name__ == "__main__" and "--table" in sys.argv:
+    with open(os.path.join(HERE, "RELIABILITY.md"), "w") as f:
+        f.write(reliability_md())
+    print(f"wrote RELIABILITY.md ({len(BAD_INPUT)} bad-input cases)")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. kill and resume: SIGKILL during training and during a checkpoint write, then --resume
+# ----------------------------------------------------------------------------------------
+
+def kill_mid_run(script, argv, out, during_write):
+    """Run `python script.py argv` and SIGKILL it: during_write, while it writes a checkpoint after
+    checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once checkpoint-2
+    is complete, in the middle of step 3. Returns whether a checkpoint write was caught."""
+    log = open(f"{out}.stderr", "w+")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *argv], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    caught, deadline = False, time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        names = os.listdir(out) if os.path.isdir(out) else []
+        done = [int(n[11:]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit()]
+        if done and during_write and any(n.startswith(".tmp-checkpoint-") for n in names):
+            caught = True
+            break
+        if done and max(done) >= 2 and not any(n.startswith(".tmp-checkpoint-") for n in names):
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.seek(0)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way (exit {proc.returncode}): {log.read()[-2000:]}"
+    log.close()
+    return caught
+
+
+def leave_debris(out):
+    """What a kill can leave besides complete checkpoints, made sure of: a half-written temp checkpoint, a
+    checkpoint-N directory without its completion marker (config.json), both at the step after the last one,
+    and a metrics line cut short."""
+    from model import latest_checkpoint
+    last = latest_checkpoint(out)
+    assert last is not None
+    nxt = int(last[-6:]) + 1
+    if not any(n.startswith(".tmp-checkpoint-") for n in os.listdir(out)):
+        tmp = os.path.join(out, f".tmp-checkpoint-{nxt:06d}-999999")
+        shutil.copytree(last, tmp)
+        os.remove(os.path.join(tmp, "config.json"))
+    partial = os.path.join(out, f"checkpoint-{nxt:06d}")
+    if not os.path.exists(partial):
+        os.mkdir(partial)
+        with open(os.path.join(last, "trainer_state.pt"), "rb") as f:
+            open(os.path.join(partial, "trainer_state.pt"), "wb").write(f.read()[:1000])
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 99, "lo')
+    return last
+
+
+def final_tensors(out):
+    """Every tensor of the newest checkpoint: its safetensors files and the tensors in trainer_state's extra."""
+    from safetensors.torch import load_file
+    from model import latest_checkpoint
+    ck = latest_checkpoint(out)
+    got = {f"{f}:{k}": v for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")
+           for k, v in load_file(os.path.join(ck, f)).items()}
+    extra = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)["extra"]
+    for k, v in extra.items():
+        for i, x in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(x, torch.Tensor):
+                got[f"extra:{k}:{i}"] = x
+    return ck, got
+
+
+def kill_resume_equals_straight(script, argv, tmp_path, during_write=True):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    code, _, err = run_cli(script, argv + ["--out", str(straight)])
+    assert code == 0, err
+    caught = kill_mid_run(script, argv + ["--out", str(killed)], str(killed), during_write)
+    last = leave_debris(str(killed))
+    code, stdout, err = run_cli(script, argv + ["--out", str(killed), "--resume", "true"])
+    assert code == 0, err
+    assert f"resumed from {last}" in stdout
+    assert not [n for n in os.listdir(killed) if n.startswith(".tmp-")]  # the debris is gone
+    assert all(os.path.exists(killed / n / "config.json") for n in os.listdir(killed) if n.startswith("checkpoint-"))
+    assert metric_rows(killed)[-1]["step"] == 5  # the cut line was dropped, the resumed run's lines follow
+    (ca, a), (cb, b) = final_tensors(str(straight)), final_tensors(str(killed))
+    assert os.path.basename(ca) == os.path.basename(cb) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    return caught
+
+
+STEPS = ["--max_steps", "5", "--save_every", "1", "--log_every", "1"]
+
+
+def test_sft_killed_then_resumed_is_bitwise(w, tmp_path):
+    kill_resume_equals_straight("sft", base_args("sft", w, "x")[:-2] + STEPS, tmp_path, during_write=False)
+
+
+def test_dpo_killed_then_resumed_is_bitwise(w, tmp_path):  # POVID stage 2: the noise generator is resumed too
+    kill_resume_equals_straight("dpo", base_args("dpo", w, "x")[:-2] + STEPS + ["--povid_stage", "2"], tmp_path)
+
+
+def test_ppo_killed_then_resumed_is_bitwise(w, tmp_path):  # sampling generators, value adapter and head included
+    kill_resume_equals_straight("ppo", base_args("ppo", w, "x")[:-2] + STEPS, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. DDP: torchrun --nproc_per_node=2 (gloo) == one process with the same global batch
+# ----------------------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric_rows(out):
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def torchrun_equals_one_process(script, argv, tmp_path, keys):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, stdout, err = run_cli(script, argv + ["--out", one])
+    assert code == 0 and "1 process(es)" in stdout, err
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        os.path.join(HERE, f"{script}.py"), *argv, "--out", two], capture_output=True, text=True,
+                       timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
+    a, b = metric_rows(one), metric_rows(two)
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= 2
+    compared = 0
+    for x, y in zip(a, b):
+        for k in keys:
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+                compared += 1
+    assert compared >= 2 * len(keys) - 1
+
+
+def test_sft_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
+    torchrun_equals_one_process("sft", base_args("sft", w, "x")[:-2] + ["--max_steps", "2", "--batch_size", "8",
+                                                                         "--log_every", "1"],
+                                tmp_path, ["loss", "grad_norm", "val_loss"])
+
+
+def test_dpo_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
+    torchrun_equals_one_process("dpo", base_args("dpo", w, "x")[:-2] + ["--max_steps", "2", "--log_every", "1",
+                                                                         "--povid_stage", "2"],
+                                tmp_path, ["loss", "rewards/margins", "noisy/rewards/margins", "grad_norm",
+                                           "val_reward_accuracy"])
+
+
+def _whiten_rank(rank, port, x, mask, q):
+    import common
+    import ppo
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    d = common.setup_dist("cpu")
+    half = slice(2 * rank, 2 * rank + 2)
+    q.put((rank, ppo.whiten(x[half], mask[half], d).tolist()))
+    common.cleanup_dist()
+
+
+def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
+    """PPO under 2 processes (torchrun itself: test_rlhf.test_ppo_under_torchrun_two_processes): each rank
+    whitens its half of the rollout batch with the mean and std gathered over both halves."""
+    import multiprocessing
+    import common
+    import ppo
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g) * 3 + torch.tensor([[0.0], [0.0], [5.0], [5.0]])  # ranks differ in mean
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    want = ppo.whiten(x, mask, common.Dist())
+    ctx, port = multiprocessing.get_context("fork"), free_port()
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_whiten_rank, args=(r, port, x, mask, q)) for r in range(2)]
+    for p in ps:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in ps)
+    for p in ps:
+        p.join(60)
+    assert [p.exitcode for p in ps] == [0, 0]
+    assert torch.allclose(torch.tensor(got[0] + got[1]), want, atol=1e-6)
+    assert not torch.allclose(torch.tensor(got[1]), ppo.whiten(x[2:], mask[2:], common.Dist()), atol=1e-3)  # not per rank
+
+
+# ----------------------------------------------------------------------------------------
+# 4. numerical faults: stop naming the step and the last good checkpoint, or skip the update
+# ----------------------------------------------------------------------------------------
+
+def checkpoint_tensors(ck):
+    """The trained tensors a checkpoint holds: its safetensors files, and PPO's adapters in trainer_state."""
+    from safetensors.torch import load_file
+    got = {f"{f}:{k}": v for f in sorted(os.listdir(ck)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(ck, f)).items()}
+    extra = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)["extra"]
+    got.update({f"extra:{k}:{i}": x for k in ("policy", "value", "value_head") for i, x in enumerate(extra.get(k, []))})
+    return got
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc"])
+def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(script, w, tmp_path, monkeypatch):
+    from model import LLaVA
+    out = str(tmp_path / "run")
+    argv = base_args(script, w, out) + ["--max_steps", "2", "--save_every", "1", "--log_every", "1"]
+    if script == "ppo":
+        argv += ["--export", "adapter"]  # the last checkpoint stays comparable with the first (policy adapter)
+    monkeypatch.setenv("FACTALIGN_FAULT_STEP", "2")  # common._injected_fault: the gradient of step 2 is NaN
+    code, _, err = run_cli(script, argv)
+    good = os.path.join(out, "checkpoint-000001")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"step 2: non-finite {'gradient' if script == 'ppo' else 'loss'}; stopped. Last good checkpoint: {good}" in err
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000001"]
+    LLaVA.from_pretrained(good)  # the last good checkpoint loads
+    # the way out the message names: resume, skipping the bad update (a skipped step changes no weight)
+    code, stdout, err = run_cli(script, argv + ["--resume", "true", "--skip_nonfinite", "true"])
+    assert code == 0, err
+    assert f"resumed from {good}" in stdout and "warning: step 2: non-finite loss or gradient; update skipped" in stdout
+    a, b = checkpoint_tensors(good), checkpoint_tensors(os.path.join(out, "checkpoint-000002"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    row = [r for r in metric_rows(out) if r["step"] == 2 and "grad_norm" in r][-1]
+    assert row["grad_norm"] != row["grad_norm"]  # NaN: logged as skipped
