@@ -137,7 +137,7 @@ def execute(runs, cfg):
             log = os.path.join(cfg.out, name.replace("/eval", "") + ("-eval.log" if name.endswith("/eval") else ".log"))
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as f:
-                running[name] = (subprocess.Popen([sys.executable, os.path.join(here, argv[0]), *argv[1:]], cwd=here,
+                running[name] = (subprocess.Popen([sys.executable, os.path.join(here, argv[0]), *argv[1:]],
                                                   stdout=f, stderr=subprocess.STDOUT, env=env), log, time.time())
             print(f"start {name}: python {' '.join(argv)}", flush=True)
         time.sleep(0.2)

@@ -71,7 +71,7 @@ def run_lane(names, commands, here, env, times):
         cmd = [sys.executable, os.path.join(here, commands[name][0]), *commands[name][1:]]
         print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
         t0 = time.time()
-        code = subprocess.run(cmd, cwd=here, env=env).returncode
+        code = subprocess.run(cmd, env=env).returncode  # in the caller's folder: its relative paths hold
         times[name] = time.time() - t0
         if code != 0:
             return name, code
