@@ -17,6 +17,15 @@ torch.set_num_threads(2)
 TINY_WORLD = dict(n_train=60, n_val=12, n_test=36, n_unlabeled=12, n_pref=40, n_povid=40, n_rl=40)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (and a loaded machine punishes spinning ones); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     import shapes

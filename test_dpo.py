@@ -20,13 +20,7 @@ from data import IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, 
 from model import LLaVA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a loaded machine punishes spinning ones); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt
 IMG = "images/train/000000.png"  # an image of the Shapes world (relative to --image_folder WORLD)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and steadier on a shared machine, than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 # ----------------------------------------------------------------------------------------
