@@ -1,7 +1,7 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
 test split (images, and object combinations, that no training run saw).
 
-    python pipeline.py && python lab.py       # the four claims x 3 seeds, ~45 min on 2 CPU cores
+    python pipeline.py && python lab.py       # the four claims x 3 seeds, ~30 min on 2 CPU cores
     python lab.py --claims lrv povid --seeds 0 1 2 3 4
     python lab.py --report_only true          # rebuild RESULTS.md and the plots from the runs on disk
 
@@ -52,7 +52,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the runs
-# Step budgets: long enough for each method to move the model, short enough for ~45 min in all.
+# Step budgets: long enough for each method to move the model, short enough for ~30 min in all.
 LRV_RATIOS = (0.0, 0.25, 0.5)
 PPO_VARIANTS = {"facts": ("facts", []), "no-facts": ("nofacts", []),
                 "no-length-penalty": ("facts", ["--length_penalty", "0"]),
@@ -65,17 +65,18 @@ def plan(cfg):
     steps = lambda n: ["--max_steps", str(cfg.steps or n)]
     base = ["--world", cfg.world, "--device", cfg.device]
 
+    def add_eval(name, ckpt, bench, needs=()):  # score a checkpoint on the held-out test split -> NAME/eval
+        runs[name + "/eval"] = (["eval.py", "--ckpt", ckpt, "--out", R(name, "eval"), "--benchmarks", *bench,
+                                 "--limit", str(cfg.eval_limit), *base], list(needs),
+                                R(name, "eval", os.path.basename(os.path.normpath(ckpt)), "scores.json"))
+
     def add(name, script, argv, needs=(), done="", bench=None):
         runs[name] = ([script, *argv, *base], list(needs), done or R(name, "DONE"))
-        if bench:  # score the run's final checkpoint on the held-out test split
-            runs[name + "/eval"] = (["eval.py", "--ckpt", R(name), "--out", R(name, "eval"), "--benchmarks", *bench,
-                                     "--limit", str(cfg.eval_limit), "--world", cfg.world, "--device", cfg.device],
-                                    [name], R(name, "eval", os.path.basename(name), "scores.json"))
+        if bench:  # its final checkpoint
+            add_eval(name, R(name), bench, [name])
 
     all_bench = ("pope", "chair", "mmhal")
-    runs["sft/eval"] = (["eval.py", "--ckpt", cfg.sft, "--out", R("sft", "eval"), "--benchmarks", *all_bench,
-                         "--limit", str(cfg.eval_limit), "--world", cfg.world, "--device", cfg.device],
-                        [], R("sft", "eval", os.path.basename(os.path.normpath(cfg.sft)), "scores.json"))
+    add_eval("sft", cfg.sft, all_bench)
     tune = ["--init", cfg.sft, "--lr", "5e-4", "--warmup", "10", "--report", "false", "--eval_every", "0",
             "--save_every", "100000", "--log_every", "25"]
     for s in cfg.seeds:
@@ -165,13 +166,8 @@ def load(path):
         return None
 
 
-def scores(cfg, name):
-    base = os.path.basename(os.path.normpath(cfg.sft)) if name == "sft" else os.path.basename(name)
-    return load(os.path.join(cfg.out, name, "eval", base, "scores.json"))
-
-
-def metric_rows(cfg, names):
-    """The headline numbers of each eval'd run."""
+def metric_rows(runs, names):
+    """The headline numbers of each eval'd run (from the scores.json its eval run wrote)."""
     pick = {"POPE F1 random": ("pope", "random", "f1"), "POPE F1 popular": ("pope", "popular", "f1"),
             "POPE F1 adversarial": ("pope", "adversarial", "f1"), "POPE yes-ratio": ("pope", "average", "yes_ratio"),
             "POPE accuracy": ("pope", "average", "accuracy"),
@@ -179,7 +175,7 @@ def metric_rows(cfg, names):
             "MMHal halluc. rate": ("mmhal", "hallucination_rate"), "answer words": ("chair", "answer_words")}
     out = {}
     for n in names:
-        s = scores(cfg, n)
+        s = load(runs[n + "/eval"][2]) if n + "/eval" in runs else None
         if s is None:
             continue
         row = {}
@@ -308,7 +304,7 @@ def report(cfg, runs, minutes):
     os.makedirs(cfg.plots, exist_ok=True)
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(cfg.results)) or ".")
     seed_of = lambda run: run.rsplit("-s", 1)[0]
-    base = metric_rows(cfg, ["sft"])
+    base = metric_rows(runs, ["sft"])
     world = load(os.path.join(cfg.world, "world.json")) or {}
     stats = world.get("stats", {})
     md = ["# Results: the hallucination lab", "",
@@ -338,7 +334,7 @@ def report(cfg, runs, minutes):
     verdicts = []
     if "lrv" in cfg.claims:
         names = [n for n in runs if n.startswith("lrv/") and not n.endswith("/eval")]
-        g = group(metric_rows(cfg, names), lambda r: f"neg share {seed_of(r).split('neg')[1]}")
+        g = group(metric_rows(runs, names), lambda r: f"neg share {seed_of(r).split('neg')[1]}")
         g.update(group(base, lambda r: "SFT (no LRV tuning)"))
         order = ["SFT (no LRV tuning)"] + [f"neg share {r}" for r in LRV_RATIOS]
         ms = ["POPE F1 random", "POPE F1 popular", "POPE F1 adversarial", "POPE accuracy", "POPE yes-ratio", "CHAIR_i"]
@@ -358,7 +354,7 @@ def report(cfg, runs, minutes):
                     rm.setdefault(f"RM {'with' if facts == 'facts' else 'without'} facts", {}).setdefault(
                         "held-out pair accuracy", []).append(r["val_accuracy"])
         names = [n for n in runs if n.startswith("rlhf/ppo-") and not n.endswith("/eval")]
-        g = group(metric_rows(cfg, names), lambda r: "PPO " + seed_of(r)[len("rlhf/ppo-"):])
+        g = group(metric_rows(runs, names), lambda r: "PPO " + seed_of(r)[len("rlhf/ppo-"):])
         g.update(group(base, lambda r: "SFT"))
         order = ["SFT"] + [f"PPO {v}" for v in PPO_VARIANTS]
         ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "MMHal score", "MMHal halluc. rate",
@@ -398,7 +394,7 @@ def report(cfg, runs, minutes):
                              "correctness term (it helps POPE-style yes/no answers)")]
     if "povid" in cfg.claims:
         names = [n for n in runs if n.startswith("povid/") and not n.endswith("/eval")]
-        g = group(metric_rows(cfg, names), lambda r: {"povid/stage1": "DPO (POVID stage 1)",
+        g = group(metric_rows(runs, names), lambda r: {"povid/stage1": "DPO (POVID stage 1)",
                                                       "povid/stage2": "POVID stage 2"}[seed_of(r)])
         g.update(group(base, lambda r: "SFT"))
         order = ["SFT", "DPO (POVID stage 1)", "POVID stage 2"]
@@ -422,7 +418,7 @@ def report(cfg, runs, minutes):
             if r:
                 gen.setdefault("VIG only", {}).setdefault("parsed / generated", []).append(r["parsed"] / max(r["images"], 1))
         names = [n for n in runs if n.startswith("vigc/sft-") and not n.endswith("/eval")]
-        g = group(metric_rows(cfg, names), lambda r: {"original": "SFT data only", "plus-vig": "+ VIG-only data",
+        g = group(metric_rows(runs, names), lambda r: {"original": "SFT data only", "plus-vig": "+ VIG-only data",
                                                       "plus-vigc": "+ VIGC data"}[seed_of(r)[len("vigc/sft-"):]])
         order = ["SFT data only", "+ VIG-only data", "+ VIGC data"]
         ms = ["POPE F1 random", "POPE F1 adversarial", "CHAIR_i", "CHAIR_s", "answer words"]

@@ -114,7 +114,7 @@ VIG_START = "Question:"
 
 
 def vig_target(q, a):
-    return f"Question: {q} Answer: {a}"  # VIGC's VIG_PROMPTS " Question: {q} Answer: {a}"
+    return f"{VIG_START} {q} Answer: {a}"  # VIGC's VIG_PROMPTS " Question: {q} Answer: {a}"
 
 
 def parse_vig(text):
