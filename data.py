@@ -34,8 +34,10 @@ def render(turns, template="vicuna_v1"):
 
     "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that ends
     with a human turn ends with "ASSISTANT:" (a prompt to generate from)."""
+    if template == "plain":  # LLaVA's stage-1 alignment (conv_llava_plain, preprocess_plain)
+        return render_plain(turns)
     if template not in SYSTEM:
-        raise ValueError(f"unknown template '{template}' (choose from {', '.join(SYSTEM)})")
+        raise ValueError(f"unknown template '{template}' (choose from {', '.join(SYSTEM)}, plain)")
     text, spans = SYSTEM[template] + " ", []
     for t in turns:
         if t["from"] == "human":
@@ -48,6 +50,15 @@ def render(turns, template="vicuna_v1"):
     if turns and turns[-1]["from"] == "human":
         text += "ASSISTANT:"
     return text, spans
+
+
+def render_plain(turns):
+    """LLaVA's feature-alignment format: "<image>{caption}\n", the human text dropped, the caption
+    and its "\n" learned (no system prompt, no roles, no </s>). One human + one gpt turn."""
+    if len(turns) != 2 or turns[0]["from"] != "human" or IMAGE not in turns[0]["value"]:
+        raise ValueError("the plain template takes one human turn with <image> and one answer")
+    text = IMAGE + turns[1]["value"] + "\n"
+    return text, [(len(IMAGE), len(text))]
 
 
 # ----------------------------------------------------------------------------------------

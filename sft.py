@@ -1,11 +1,21 @@
 """Supervised fine-tuning of a LLaVA: LLaVA-SFT+ (LLaVA-RLHF, arXiv 2309.14525, Sec. 3) and LRV
 robust instruction tuning with negative instructions (arXiv 2306.14565).
 
-    python sft.py                                   # Shapes world, `shapes` preset, from scratch
+    python sft.py                                   # Shapes world, `shapes` preset, from scratch (both stages)
     python sft.py --lrv true --neg_ratio 0.5        # LRV: half of the extra instructions are negative
     python sft.py --blank_images true --out ckpt/sft_blank   # control: can it answer without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
         --image_folder coco/ --lora_r 64 --lr 2e-4 --max_len 2048 --device cuda --dtype bf16
+
+LLaVA's two stages (arXiv 2304.08485, Sec. 4.2): stage 1, feature alignment, learns image -> caption
+in the 'plain' template ("<image>{caption}\n": no system prompt, no question); stage 2 tunes on
+instruction conversations with fresh optimizer moments. Real models run them as two commands
+(stage 1: --data captions.json --template plain --train_vision false --train_lm false; stage 2:
+--init of its output). On Shapes, from scratch, one run does both: the first --align_steps steps
+align on the world's align.json (per image a description in reading order and an inventory in
+shape order, ~50 tokens each). Measured on 2 cores: instruction tuning alone for the same time
+learns to read colours but not shapes (descriptions right 0.02, counts 0.53); stage 1 teaches
+shapes in ~1000 cheap steps, and the inventory teaches the search that counting needs.
 
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
@@ -39,7 +49,9 @@ class Config:
     lrv: bool = False                     # Shapes: add LRV's single-turn instruction set (positives + negatives)
     neg_ratio: float = 0.5                # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
     blank_images: bool = False            # control run: every image replaced by a blank one
-    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
+    template: str = "vicuna_v1"           # conversation template: vicuna_v1, llava_v1, or plain (stage-1 captions)
+    align_steps: int = 1000               # Shapes from scratch: the first N steps are stage-1 alignment (at most half of max_steps; 0: none)
+    align_batch_size: int = 32            # sequences per alignment step (a description is ~1/4 of a conversation)
     max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
     lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model
     lora_alpha: int = 16                  # LoRA alpha (scale alpha / r)
@@ -56,7 +68,7 @@ class Config:
     warmup: int = 50                      # linear warmup steps
     weight_decay: float = 0.0             # AdamW weight decay on matrices
     grad_clip: float = 1.0                # gradient norm clip (0: off)
-    max_steps: int = 1500                 # optimizer steps
+    max_steps: int = 2000                 # optimizer steps (alignment + instruction tuning)
     eval_every: int = 500                 # validation loss every N steps (0: only at the end)
     eval_batches: int = 4                 # validation batches per evaluation
     save_every: int = 500                 # checkpoint every N steps (and at the end)
@@ -106,11 +118,11 @@ def load_records(cfg):
 class Tokenized:
     """Conversations tokenized once up front (so drops are counted before training), images on demand."""
 
-    def __init__(self, records, tokenizer, model_config, cfg, images):
+    def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
         self.items, self.dropped = [], 0
         for r in records:
             t = tokenize_conversation(tokenizer, r["conversations"], model_config.image_token_id,
-                                      model_config.num_image_tokens, cfg.max_len, cfg.template)
+                                      model_config.num_image_tokens, cfg.max_len, template or cfg.template)
             if t is None:
                 self.dropped += 1
                 continue
@@ -161,6 +173,11 @@ def main(cfg):
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations that do not fit "
               f"--max_len {cfg.max_len} with at least part of the first answer")
+    align = None  # stage 1 on Shapes: image -> description pairs, plain template
+    if cfg.data == "shapes" and not cfg.init and cfg.align_steps > 0:  # a fresh model; --resume keeps the rule
+        align = Tokenized(read_any_conversations(os.path.join(cfg.world, "align.json"), cfg.world),
+                          tokenizer, model.config, cfg, images, template="plain")
+    align_steps = min(cfg.align_steps, cfg.max_steps // 2) if align else 0
     if len(train) == 0:
         raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} conversations do not fit "
                                  f"--max_len {cfg.max_len}, {len(skipped)} bad records skipped")
@@ -173,21 +190,28 @@ def main(cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
         n_train = sum(p.numel() for p in trainable)
-        print(f"{len(train)} training conversations, {len(val)} validation | model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        stages = f"{align_steps} alignment + {cfg.max_steps - align_steps} instruction steps | " if align else ""
+        print(f"{stages}{len(train)} training conversations, {len(val)} validation | model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params, {n_train / 1e6:.2f}M trainable | {d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.device == "cuda")
     model.train()
     t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
-        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        # stage 1 (alignment) then stage 2 (instructions), each with its own warmup and cosine decay
+        stage1 = step < align_steps
+        if step == align_steps > 0:
+            opt.state.clear()  # stage 2 starts with fresh Adam moments, as LLaVA's second run does
+        dataset, batch_size = (align, cfg.align_batch_size) if stage1 else (train, cfg.batch_size)
+        first, length = (0, align_steps) if stage1 else (align_steps, cfg.max_steps - align_steps)
+        lr = common.cosine_lr(step - first, length, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         common.set_lr(opt, lr)
-        idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
-        n_global = common.all_reduce_sum(train.n_labels[idx].sum().float(), d).clamp(min=1)
+        idx = common.batch_indices(step, len(dataset), batch_size, cfg.seed, d.rank, d.world)
+        n_global = common.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)
         loss_sum = torch.zeros(())
         micro = [idx[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for chunk in micro:
-            batch = common.to_device(collate([train[i] for i in chunk], tokenizer.pad_token_id), d.device)
+            batch = common.to_device(collate([dataset[i] for i in chunk], tokenizer.pad_token_id), d.device)
             with autocast:
                 loss = common.lm_loss(model, batch, n_global)
             loss.backward()
@@ -197,7 +221,8 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0
-            log.log(done, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
+            stage = {"stage": 1 if stage1 else 2} if align else {}
+            log.log(done, **stage, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
             t0, tokens = time.time(), 0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):

@@ -27,7 +27,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -49,7 +49,7 @@ SYSTEM_PROMPTS = [
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4
 QUESTION_TYPES = ["describe", "yesno", "count", "color", "relation", "mc"]
-VIGC_TYPE = {"describe": "detailed description", "mc": "complex reasoning", "yesno": "conversation",
+VIGC_TYPE = {"describe": "detailed description", "inventory": "detailed description", "mc": "complex reasoning", "yesno": "conversation",
              "count": "conversation", "color": "conversation", "relation": "conversation"}
 VIGC_INSTRUCTIONS = {
     "conversation": ["Ask a short question about the image and answer it.", "Generate a question and answer about the objects in the image."],
@@ -152,6 +152,19 @@ def describe(objs):
     return " ".join([head] + [f"{cap(pos_phrase(o['position']))} there is {a(noun_phrase(o))}." for o in objs])
 
 
+def inventory(objs):
+    """Every shape in a fixed order with its count and cells ("There are no circles. There are two
+    squares: at the top and on the left. ..."): a checklist caption. Reading order teaches what is in
+    each cell; this order makes the model look for each shape, the search that yes/no and counting
+    questions need (without it the 6-minute model could describe shapes but not answer about them)."""
+    out = []
+    for shape in SHAPES:
+        found = [o for o in objs if o["name"] == shape]
+        where = ": " + join_and(pos_phrase(o["position"]) for o in found) if found else ""
+        out.append(f"{cap(there_are(len(found), shape))}{where}.")
+    return " ".join(out)
+
+
 def relation(x, y):
     """'above and to the left of' from grid cells (rows for above/below, columns for left/right)."""
     rels = [r for r, ok in [("above", x["row"] < y["row"]), ("below", x["row"] > y["row"]),
@@ -180,6 +193,12 @@ def q_describe(objs, rng):
     q = _pick(rng, ["Describe the image in detail.", "What do you see in this image?",
                     "List every object in the image.", "Give a detailed description of the image."])
     return q, describe(objs), describe(objs)
+
+
+def q_inventory(objs, rng):
+    q = _pick(rng, ["How many of each shape are there?", "Count each kind of shape in the image.",
+                    "Which shapes are in the image, and where?"])
+    return q, inventory(objs), inventory(objs)
 
 
 def q_yesno(objs, rng, label):
@@ -585,13 +604,15 @@ def _conv(q, ans):
 
 
 def sft_records(split_imgs, rng, prefix):
-    """Multi-turn conversations: a detailed description (grounding needs it in the mix) and 3-5
+    """Multi-turn conversations: a detailed description or the shape inventory (grounding needs them
+    in the mix; the inventory carries stage 1's shape search over to this template) and 3-5
     questions, in random order, so that every question type is also learned as the first turn."""
     out, bal = [], Balancer()
     for img in split_imgs:
         objs, seen = img["objects"], set()
-        q, ans, _ = q_describe(objs, rng)
-        turns = [(q, ans, "describe")]
+        kind = _pick(rng, ["describe", "inventory"])
+        q, ans, _ = (q_describe if kind == "describe" else q_inventory)(objs, rng)
+        turns = [(q, ans, kind)]
         want = int(rng.integers(3, 6))
         for _ in range(4 * want):
             if len(turns) > want:
@@ -612,6 +633,15 @@ def sft_records(split_imgs, rng, prefix):
         out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"], "conversations": conv,
                     "qtypes": [t[2] for t in turns]})
     return out
+
+
+def align_records(split_imgs):
+    """LLaVA stage-1 (feature alignment) pairs, in LLaVA-Pretrain's format: two captions per image, the
+    description in reading order and the inventory in shape order. The plain template keeps only the
+    image and the caption."""
+    return [{"id": f"align_{kind}_{img['index']:06d}", "image": img["file_name"],
+             "conversations": _conv("Describe the image in detail.", caption(img["objects"]))}
+            for img in split_imgs for kind, caption in (("describe", describe), ("inventory", inventory))]
 
 
 def heldout_records(imgs, rng):
@@ -944,6 +974,7 @@ def _fill(out, seed, p):
     _dump({"info": ann["info"], "images": ann["images"],
            "annotations": [{"image_id": i, "id": 5 * (i - 1) + j + 1, "caption": c} for i, cs in caps.items() for j, c in enumerate(cs)]},
           os.path.join(out, "captions.json"))
+    _dump(align_records(split["train"]), os.path.join(out, "align.json"))
     _dump(sft_records(split["train"], rngs[5], "sft"), os.path.join(out, "sft.json"))
     _dump(sft_records(split["val"], rngs[5], "sftval"), os.path.join(out, "sft_val.json"))
     for qt, recs in heldout_records(split["test"], rngs[6]).items():

@@ -569,6 +569,21 @@ def test_labels_match_llava_preprocess(tiny_world):
         assert sum(1 for t in labels if t == tok.eos_token_id) == sum(t["from"] == "gpt" for t in turns)
 
 
+def test_plain_template_matches_llava_preprocess_plain(tiny_world):
+    """LLaVA's stage-1 format (preprocess_plain): "<image>" + caption + "\n", the human text dropped,
+    everything after the image learned."""
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    turns = [{"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": "A red circle."}]
+    assert data.render(turns, "plain") == ("<image>A red circle.\n", [(7, 21)])
+    got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9, template="plain")
+    ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
+    caption = tok("A red circle.\n").input_ids[1:]  # the chunk after <image>, without BOS
+    ref_ids = [tok.bos_token_id] + [4] * 9 + caption
+    assert ids == ref_ids and labels == [-100] * 10 + caption
+    with pytest.raises(ValueError):
+        data.render(CONV, "plain")  # one caption per image
+
+
 def test_train_on_last_and_truncation(tiny_world):
     tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     last = data.tokenize_conversation(tok, CONV, 4, 9, train_on="last")
@@ -671,7 +686,7 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     lines = [json.loads(l) for l in open(os.path.join(tiny_sft, "metrics.jsonl"))]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
     # resume: the 3-step run continued to 5 steps equals an uninterrupted 5-step run, bitwise
-    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--report", "false", "--save_every", "3"]
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--align_steps", "1", "--report", "false", "--save_every", "3"]
     out = str(tmp_path / "resumed")
     shutil.copytree(tiny_sft, out)
     code, stdout, err = run_cli("sft", args + ["--max_steps", "5", "--out", out, "--resume", "true"])
@@ -682,6 +697,24 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     a = LLaVA.from_pretrained(out).state_dict()
     b = LLaVA.from_pretrained(str(tmp_path / "straight")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path):
+    """A fresh model on Shapes: stage 1 (plain-template captions from align.json) then stage 2
+    (instruction conversations), each with its own warmup; a model given by --init skips stage 1."""
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_batch_size", "8", "--warmup", "2",
+            "--report", "false", "--log_every", "1", "--eval_every", "0"]
+    out = str(tmp_path / "two")
+    code, stdout, err = run_cli("sft", args + ["--max_steps", "4", "--align_steps", "2", "--out", out])
+    assert code == 0, err
+    assert "2 alignment + 2 instruction steps" in stdout
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    assert [l["stage"] for l in lines] == [1, 1, 2, 2]
+    assert [l["lr"] for l in lines][::2] == [lines[0]["lr"]] * 2 and lines[1]["lr"] > lines[0]["lr"]  # warmup restarts
+    code, stdout, err = run_cli("sft", args + ["--max_steps", "2", "--init", tiny_sft, "--out", str(tmp_path / "init")])
+    assert code == 0, err
+    assert "alignment" not in stdout
+    assert all("stage" not in json.loads(l) for l in open(tmp_path / "init" / "metrics.jsonl"))
 
 
 def test_sft_lora_and_file_data(tiny_world, tmp_path):

@@ -43,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 def base_args(script, w, out):
     """A valid, tiny command line for each script; a case appends what makes it bad (later flags win)."""
     return {
-        "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--report", "false"],
+        "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--align_steps", "1",
+                "--report", "false"],
         "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4", "--eval_prompt", "short",
                    "--eval_size", "4", "--save_every", "1"],
         "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1", "--rollout_batch", "2",

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import shapes
+import data
 from data import DataError
 from data import ddpm_noise, inject_hallucination, lrv_negatives
 
@@ -149,7 +150,7 @@ def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
     texts = []
-    for f in ["sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
+    for f in ["align.json", "sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
         for rec in json.load(open(worlds / "a" / f)):
             texts += [(t["value"], by[rec["image"]]) for t in rec["conversations"] if t["from"] == "gpt"]
     texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
@@ -160,6 +161,28 @@ def test_generated_text_is_clean(worlds):
     assert len(cap["annotations"]) == 5 * len(cap["images"])
     bad = [(t, shapes.oracle(t, o)) for t, o in texts if shapes.oracle(t, o)["num_hallucinations"]]
     assert not bad, bad[:3]
+
+
+def test_alignment_captions(worlds):
+    """align.json: a description and an inventory per train image; the inventory names every shape,
+    with the right count and, for shapes that are there, every cell."""
+    w = shapes.load_world(str(worlds / "a"))
+    recs = json.load(open(worlds / "a" / "align.json"))
+    train = [f for f in w["by_file"] if "/train/" in f]
+    assert sorted(r["image"] for r in recs) == sorted(train * 2)
+    inventories = [r for r in recs if r["id"].startswith("align_inventory")]
+    assert len(inventories) == len(train)
+    for r in inventories:
+        objs, text = w["by_file"][r["image"]], r["conversations"][1]["value"]
+        assert data.render(r["conversations"], "plain")[0] == "<image>" + text + "\n"
+        said = {m["name"]: m for m in shapes.oracle(text, objs)["mentions"]}
+        assert set(said) == set(shapes.SHAPES)
+        for name in shapes.SHAPES:
+            n = sum(o["name"] == name for o in objs)
+            assert said[name]["negated"] == (n == 0) and (n == 0 or said[name]["count"] == n), (text, name)
+            for o in objs:
+                if o["name"] == name:
+                    assert data.pos_phrase(o["position"]) in text.split(". ")[shapes.SHAPES.index(name)]
 
 
 def test_generators_judged_by_oracle():
@@ -237,7 +260,9 @@ def test_pope(worlds):
 def test_task_file_formats(worlds):
     d = worlds / "a"
     sft = json.load(open(d / "sft.json"))
-    assert len(sft) == 40 and all(r["conversations"][0]["value"].startswith("<image>\n") and "describe" in r["qtypes"] for r in sft)
+    assert len(sft) == 40 and all(r["conversations"][0]["value"].startswith("<image>\n") and
+               len({"describe", "inventory"} & set(r["qtypes"])) == 1 for r in sft)
+    assert {"describe", "inventory"} <= {q for r in sft for q in r["qtypes"]}
     assert len({r["qtypes"][0] for r in sft}) > 2  # every question type also comes first
     assert all(4 <= len(r["conversations"]) // 2 <= 6 for r in sft)
     for qt in shapes.QUESTION_TYPES:
