@@ -227,7 +227,8 @@ def verdict(groups, a, b, metric, lower_better, claim):
         return f"- {claim}: not measured (runs missing)."
     (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
     better = mb < ma if lower_better else mb > ma
-    clear = abs(mb - ma) > max(sa, sb) and na > 1 and nb > 1
+    # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other side judge
+    clear = abs(mb - ma) > max(sa, sb) and max(na, nb) > 1
     word = "held" if better and clear else "not shown (within the seed spread)" if better or not clear else "did not hold"
     yes = mean_sd(groups[b].get("POPE yes-ratio"))[0]
     caveat = (f" Caveat: {b} answers POPE with '{'yes' if yes > 0.5 else 'no'}' almost always (yes-ratio {yes:.3f}), "

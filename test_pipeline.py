@@ -41,6 +41,11 @@ def test_lab_statistics_and_verdicts():
     assert "did not hold" in lab.verdict(g, "b", "a", "CHAIR_i", True, "x")
     assert "not shown" in lab.verdict(g, "a", "c", "CHAIR_i", True, "x")  # better mean, inside the spread
     assert "not measured" in lab.verdict(g, "a", "missing", "CHAIR_i", True, "x")
+    g["sft"] = {"CHAIR_i": [0.05]}  # a baseline measured once: the other side's seeds give the spread
+    assert "did not hold" in lab.verdict(g, "sft", "b", "CHAIR_i", True, "x")
+    assert "**held**" in lab.verdict(g, "sft", "b", "CHAIR_i", False, "x")
+    g["one"] = {"CHAIR_i": [0.01]}
+    assert "not shown" in lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")  # one run each: no spread to judge by
 
 
 def test_lab_plots_draw(tmp_path):
