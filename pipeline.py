@@ -1,6 +1,6 @@
 """The main job: every stage on the built-in Shapes world, then one comparison table.
 
-    python pipeline.py                       # SFT -> reward model -> PPO, DPO/POVID, VIGC -> eval (~15 min, 2 CPU cores)
+    python pipeline.py                       # SFT -> reward model -> PPO, DPO/POVID, VIGC -> eval (~11 min, 2 CPU cores)
     python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck    # the smoke test the suite runs
 
 Each stage is the plain script (`python sft.py`, `python reward.py`, ...) with its defaults plus the
