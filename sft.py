@@ -120,9 +120,12 @@ class Tokenized:
 
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
         self.items, self.dropped = [], 0
-        for r in records:
-            t = tokenize_conversation(tokenizer, r["conversations"], model_config.image_token_id,
-                                      model_config.num_image_tokens, cfg.max_len, template or cfg.template)
+        for i, r in enumerate(records):
+            try:
+                t = tokenize_conversation(tokenizer, r["conversations"], model_config.image_token_id,
+                                          model_config.num_image_tokens, cfg.max_len, template or cfg.template)
+            except ValueError as e:  # e.g. a multi-turn conversation under --template plain
+                raise common.ConfigError(f"--template {template or cfg.template}: record {r.get('id', i)}: {e}") from None
             if t is None:
                 self.dropped += 1
                 continue

@@ -686,7 +686,8 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     lines = [json.loads(l) for l in open(os.path.join(tiny_sft, "metrics.jsonl"))]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
     # resume: the 3-step run continued to 5 steps equals an uninterrupted 5-step run, bitwise
-    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--align_steps", "1", "--report", "false", "--save_every", "3"]
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--align_steps", "1", "--report", "false",
+            "--save_every", "3"]
     out = str(tmp_path / "resumed")
     shutil.copytree(tiny_sft, out)
     code, stdout, err = run_cli("sft", args + ["--max_steps", "5", "--out", out, "--resume", "true"])
@@ -715,6 +716,9 @@ def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path)
     assert code == 0, err
     assert "alignment" not in stdout
     assert all("stage" not in json.loads(l) for l in open(tmp_path / "init" / "metrics.jsonl"))
+    code, _, err = run_cli("sft", args + ["--max_steps", "2", "--template", "plain", "--out", str(tmp_path / "plain")])
+    assert code == 2 and len(err.strip().splitlines()) == 1  # multi-turn conversations under the caption template
+    assert "--template plain: record sft_000000" in err and "one human turn" in err
 
 
 def test_sft_lora_and_file_data(tiny_world, tmp_path):
