@@ -712,6 +712,8 @@ def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path)
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
     assert [l["stage"] for l in lines] == [1, 1, 2, 2]
     assert [l["lr"] for l in lines][::2] == [lines[0]["lr"]] * 2 and lines[1]["lr"] > lines[0]["lr"]  # warmup restarts
+    state = torch.load(os.path.join(out, "checkpoint-000004", "trainer_state.pt"), weights_only=False)
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {2.0}  # fresh Adam moments at stage 2
     code, stdout, err = run_cli("sft", args + ["--max_steps", "2", "--init", tiny_sft, "--out", str(tmp_path / "init")])
     assert code == 0, err
     assert "alignment" not in stdout
