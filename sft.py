@@ -50,7 +50,7 @@ class Config:
     neg_ratio: float = 0.5                # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
     blank_images: bool = False            # control run: every image replaced by a blank one
     template: str = "vicuna_v1"           # conversation template: vicuna_v1, llava_v1, or plain (stage-1 captions)
-    align_steps: int = 1000               # Shapes from scratch: the first N steps are stage-1 alignment (at most half of max_steps; 0: none)
+    align_steps: int = 1000               # Shapes from scratch: first N steps align (stage 1; <= max_steps // 2; 0: none)
     align_batch_size: int = 32            # sequences per alignment step (a description is ~1/4 of a conversation)
     max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
     lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model
@@ -194,8 +194,9 @@ def main(cfg):
     if d.main:
         n_train = sum(p.numel() for p in trainable)
         stages = f"{align_steps} alignment + {cfg.max_steps - align_steps} instruction steps | " if align else ""
-        print(f"{stages}{len(train)} training conversations, {len(val)} validation | model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"params, {n_train / 1e6:.2f}M trainable | {d.world} process(es)")
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"{stages}{len(train)} training conversations, {len(val)} validation | model {n_all / 1e6:.2f}M params, "
+              f"{n_train / 1e6:.2f}M trainable | {d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.device == "cuda")
     model.train()

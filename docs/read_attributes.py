@@ -7,7 +7,6 @@ there is a large red circle. ...") is fed in the chat template; at every shape, 
 the model's most likely next token is compared with the true one. Chance is about 1/6 for shape and
 colour and 1/2 for size; --blank feeds blank images (what the text alone predicts).
 """
-import json
 import os
 import sys
 
@@ -29,12 +28,10 @@ def attribute_of(piece):
 def main(ckpt, world="data/shapes", blank=False, n=200):
     model, tok = common.load_model_and_tokenizer(ckpt)
     model.eval()
-    ann = json.load(open(os.path.join(world, "annotations.json")))
-    objects = shapes.objects_from_coco(ann)
     cache, items = ImageCache(model.config.image_size), []
-    for img in [i for i in ann["images"] if i["split"] == "val"][:n]:
+    for img in [i for i in shapes.load_world(world)["images"] if i["split"] == "val"][:n]:
         turns = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
-                 {"from": "gpt", "value": shapes.describe(objects[img["id"]])}]
+                 {"from": "gpt", "value": shapes.describe(img["objects"])}]
         item = tokenize_conversation(tok, turns, model.config.image_token_id, model.config.num_image_tokens)
         unit = cache.unit(os.path.join(world, img["file_name"]))
         item["pixel_values"] = normalize(torch.zeros_like(unit) if blank else unit)
