@@ -96,6 +96,19 @@ def _converter(tp):
     raise TypeError(f"unsupported config field type {tp}")
 
 
+def seed_suffix(cfg, config_class, fields):
+    """A world seed N > 0 moves each of `fields` still at its default to 'NAME-seedN' (data/shapes ->
+    data/shapes-seed1), so that worlds of two seeds and the runs on them never share a folder."""
+    if not cfg.world_seed:
+        return cfg
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    for name in fields:
+        if getattr(cfg, name) == defaults[name]:
+            root, ext = os.path.splitext(getattr(cfg, name))
+            setattr(cfg, name, f"{root}-seed{cfg.world_seed}{ext}")
+    return cfg
+
+
 def parse_config(cls, argv=None, prog=None):
     """`--field value` for every field of the dataclass `cls`; types are checked and unknown
     flags are an error. Help text comes from the comment after each field."""

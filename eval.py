@@ -40,7 +40,7 @@ from data import IMAGE, DataError, ImageCache, load_json, read_any_conversations
 from model import CheckpointError, resolve_checkpoint
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
-SHAPES_LIMITS = {"pope": 200, "chair": 100, "mmhal": 96, "gavie": 60}  # defaults on Shapes (< 1 min on 2 cores)
+SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}  # Shapes: the whole test split (0), GAVIE 60
 POPE_SPLITS = ("random", "popular", "adversarial")
 MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
 
@@ -54,7 +54,7 @@ class Config:
     benchmarks: tuple = BENCHMARKS        # any of pope, chair, mmhal, gavie
     world: str = "data/shapes"            # Shapes world used when no file is given (written on first use)
     world_seed: int = 0                   # seed of a Shapes world written on first use
-    limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: POPE 200, CHAIR 100, MMHal 96, GAVIE 60)
+    limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: all but GAVIE 60)
     image_folder: str = ""                # images of the given files (default: beside each file; MMHal: its images/)
     pope_files: tuple = ()                # POPE JSON-lines files; split from a 'category' field or the file name
     pope_suffix: str = ""                 # appended to POPE questions, '\n' = newline (LLaVA-1.5/-RLHF: '\nAnswer the question using a single word or phrase.')

@@ -4,6 +4,7 @@ test split (images, and object combinations, that no training run saw).
     python pipeline.py && python lab.py       # the four claims x 3 seeds, ~35-40 min on 2 CPU cores
     python lab.py --claims lrv povid --seeds 0 1 2 3 4
     python lab.py --report_only true          # rebuild RESULTS.md and the plots from the runs on disk
+    python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
 
 Every experiment starts from the same SFT checkpoint (--sft, the pipeline's ckpt/sft), is repeated
 over --seeds (seed of data order, LoRA init, sampling and noise), and is scored by eval.py with the
@@ -39,6 +40,7 @@ class Config:
     """Run the ablations over several seeds and write RESULTS.md with tables and plots."""
     sft: str = "ckpt/sft"                 # the SFT checkpoint every experiment starts from (python pipeline.py writes it)
     world: str = "data/shapes"            # the Shapes world the SFT model was trained on
+    world_seed: int = 0                   # seed of that world; N > 0 moves the defaults of --sft, --world, --out, --results, --plots to NAME-seedN
     out: str = "runs/lab"                 # one folder per run (checkpoints, logs, eval scores)
     results: str = "RESULTS.md"           # the report: tables, verdicts, commands, machine
     plots: str = "docs/lab"               # PNG plots, one per claim
@@ -46,7 +48,7 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)    # seeds per configuration (mean and spread over them)
     jobs: int = 2                         # runs side by side, one thread each
     steps: int = 0                        # > 0: every run trains only this many steps (smoke test)
-    eval_limit: int = 200                 # eval questions per benchmark and POPE split (eval is cheap: ~10 s a run)
+    eval_limit: int = 0                   # eval questions per benchmark and POPE split (0: the whole test split)
     report_only: bool = False             # only rebuild RESULTS.md and the plots from finished runs
     device: str = "cpu"                   # cpu or cuda
 
@@ -63,7 +65,7 @@ def plan(cfg):
     """{run name: (argv, the runs it needs, file that exists when it is done)} for the chosen claims."""
     runs, R = {}, lambda *p: os.path.join(cfg.out, *p)
     steps = lambda n: ["--max_steps", str(cfg.steps or n)]
-    base = ["--world", cfg.world, "--device", cfg.device]
+    base = ["--world", cfg.world, "--world_seed", str(cfg.world_seed), "--device", cfg.device]
 
     def add_eval(name, ckpt, bench, needs=()):  # score a checkpoint on the held-out test split -> NAME/eval
         runs[name + "/eval"] = (["eval.py", "--ckpt", ckpt, "--out", R(name, "eval"), "--benchmarks", *bench,
@@ -185,6 +187,8 @@ def metric_rows(runs, names):
                 v = v.get(key) if isinstance(v, dict) else None
             if isinstance(v, (int, float)):
                 row[k] = float(v)
+        if "POPE yes-ratio" in row:  # LRV's and POPE's reading: a calibrated model says yes half the time
+            row["POPE |yes-ratio - 0.5|"] = abs(row["POPE yes-ratio"] - 0.5)
         out[n] = row
     return out
 
@@ -313,7 +317,7 @@ def report(cfg, runs, minutes):
           f"{platform.machine()} / {os.cpu_count()} CPU cores / torch {__import__('torch').__version__}, "
           f"{time.strftime('%Y-%m-%d')}; " + ("report rebuilt from the runs on disk" if minutes is None else
           f"lab wall clock {minutes:.1f} min (runs already on disk are not repeated)") + ". Every number is measured on the Shapes world's "
-          f"held-out test split ({cfg.eval_limit} questions per benchmark and POPE split, oracle judge); "
+          f"held-out test split ({cfg.eval_limit or 'all'} questions per benchmark and POPE split, oracle judge); "
           "± is the standard deviation over seeds. Each run starts from the pipeline's SFT checkpoint "
           f"`{cfg.sft}`.", "",
           "## The world and the baseline", "",
@@ -344,6 +348,8 @@ def report(cfg, runs, minutes):
         bar_plot(os.path.join(cfg.plots, "lrv.png"), "LRV: POPE by negative-instruction share", g, ms, order)
         verdicts += [verdict(g, "neg share 0.0", "neg share 0.5", "POPE F1 adversarial", False,
                              "LRV (balanced negatives raise POPE F1 on the adversarial split)"),
+                     verdict(g, "neg share 0.0", "neg share 0.5", "POPE |yes-ratio - 0.5|", True,
+                             "LRV (balanced negatives move the yes-ratio toward 0.5)"),
                      verdict(g, "neg share 0.0", "neg share 0.5", "POPE accuracy", False,
                              "LRV (balanced negatives raise POPE accuracy, averaged over the splits)")]
     if "rlhf" in cfg.claims:
@@ -351,9 +357,11 @@ def report(cfg, runs, minutes):
         for facts in ("facts", "nofacts"):
             for s in cfg.seeds:
                 r = load(os.path.join(cfg.out, f"rlhf/rm-{facts}-s{s}", "report.json"))
-                if r and "val_accuracy" in r:
-                    rm.setdefault(f"RM {'with' if facts == 'facts' else 'without'} facts", {}).setdefault(
-                        "held-out pair accuracy", []).append(r["val_accuracy"])
+                for key, metric in (("val_accuracy", "held-out pair accuracy"),
+                                    ("val_accuracy_partner", "on pairs naming a co-occurring partner")):
+                    if r and key in r:
+                        rm.setdefault(f"RM {'with' if facts == 'facts' else 'without'} facts", {}).setdefault(
+                            metric, []).append(r[key])
         names = [n for n in runs if n.startswith("rlhf/ppo-") and not n.endswith("/eval")]
         g = group(metric_rows(runs, names), lambda r: "PPO " + seed_of(r)[len("rlhf/ppo-"):])
         g.update(group(base, lambda r: "SFT"))
@@ -369,7 +377,8 @@ def report(cfg, runs, minutes):
                 curves.setdefault(v, []).append([r["length"] for r in rows])
                 hall.setdefault(v, []).append([100 * r.get("halluc_per_answer", 0) for r in rows])
         md += ["## LLaVA-RLHF: factually augmented reward model and PPO", "",
-               md_table(rm, ["held-out pair accuracy"], ["RM with facts", "RM without facts"]), "",
+               md_table(rm, ["held-out pair accuracy", "on pairs naming a co-occurring partner"],
+                        ["RM with facts", "RM without facts"]), "",
                md_table(g, ms, order, {"answer words": ".1f", "MMHal score": ".2f"}), "",
                "Response length (tokens) and oracle hallucinations per 100 rollouts over PPO steps, mean over seeds:", "",
                "| PPO variant | length first -> last step | hallucinations/100 first -> last step |", "|---|---|---|"]
@@ -386,9 +395,17 @@ def report(cfg, runs, minutes):
         line_plot(os.path.join(cfg.plots, "rlhf_length.png"), "PPO response length", curves, "tokens")
         verdicts += [verdict(rm, "RM without facts", "RM with facts", "held-out pair accuracy", False,
                              "Fact-RLHF (facts raise the reward model's held-out accuracy)"),
+                     verdict(rm, "RM without facts", "RM with facts", "on pairs naming a co-occurring partner",
+                             False, "Fact-RLHF (facts help most where the rejected answer names the partner)"),
                      verdict(g, "PPO no-facts", "PPO facts", "CHAIR_i", True,
                              "Fact-RLHF (PPO against the fact-augmented RM hallucinates less than against the plain RM)"),
                      verdict(g, "SFT", "PPO facts", "CHAIR_i", True, "RLHF (PPO lowers CHAIR_i from SFT)"),
+                     verdict(g, "SFT", "PPO facts", "POPE F1 adversarial", False,
+                             "RLHF (PPO raises POPE F1 on the adversarial split)"),
+                     verdict(g, "SFT", "PPO facts", "POPE |yes-ratio - 0.5|", True,
+                             "RLHF (PPO moves the yes-ratio toward 0.5)"),
+                     verdict(g, "PPO facts", "PPO no-facts", "answer words", False,
+                             "reward hacking (PPO against the plain RM grows answers more)"),
                      verdict(g, "PPO no-length-penalty", "PPO facts", "answer words", True,
                              "length penalty (it keeps answers shorter)"),
                      verdict(g, "PPO no-correctness", "PPO facts", "POPE F1 adversarial", False,
@@ -432,6 +449,8 @@ def report(cfg, runs, minutes):
                  ["hallucinations / 100 answers"], ["VIG only", "VIG + VIC"])
         verdicts += [verdict(gen, "VIG only", "VIG + VIC", "hallucinations / 100 answers", True,
                              "VIGC (iterative correction lowers hallucinations in generated answers)"),
+                     verdict(g, "+ VIG-only data", "+ VIGC data", "CHAIR_i", True,
+                             "VIGC data (SFT plus VIGC data beats SFT plus VIG-only data on CHAIR_i)"),
                      verdict(g, "SFT data only", "+ VIGC data", "CHAIR_i", True,
                              "VIGC data (adding it to SFT lowers CHAIR_i)")]
     md += ["## Verdicts", "", "A claim *held* when the mean moved the claimed way by more than the larger "
@@ -445,6 +464,9 @@ def report(cfg, runs, minutes):
 
 
 def main(cfg):
+    if cfg.world_seed and cfg.sft == Config.sft:  # python pipeline.py --world_seed N writes ckpt-seedN/sft
+        cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
+    common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
     unknown = [c for c in cfg.claims if c not in ("lrv", "rlhf", "povid", "vigc")]
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' (choose from lrv, rlhf, povid, vigc)")

@@ -1,11 +1,12 @@
 """The main job: every stage on the built-in Shapes world, then one comparison table.
 
-    python pipeline.py                       # SFT -> reward model -> PPO, DPO/POVID, VIGC -> eval (~11 min, 2 CPU cores)
+    python pipeline.py                       # SFT -> LRV, reward model -> PPO, DPO/POVID, VIGC -> eval (2 CPU cores)
     python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck    # the smoke test the suite runs
+    python pipeline.py --world_seed 1        # another world: data/shapes-seed1, ckpt-seed1, runs/eval-seed1
 
 Each stage is the plain script (`python sft.py`, `python reward.py`, ...) with its defaults plus the
 step budget below, run as its own process exactly as a user would; each reads the previous stage's output.
-After SFT, the two independent lanes (reward model -> PPO, and DPO -> VIGC) run side by side, one
+After SFT, the two independent lanes (LRV -> reward model -> PPO, and DPO -> VIGC) run side by side, one
 thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of one with two.
 """
 import os
@@ -21,9 +22,10 @@ import common
 @dataclass
 class Config:
     """Run the whole Shapes pipeline and print the comparison table."""
-    out: str = "ckpt"                     # root of the stage outputs: OUT/sft, OUT/rm, OUT/ppo, OUT/dpo, OUT/vigc
+    out: str = "ckpt"                     # root of the stage outputs: OUT/sft, OUT/lrv, OUT/rm, OUT/ppo, OUT/dpo, OUT/vigc
     world: str = "data/shapes"            # the Shapes world (written on first use)
-    stages: tuple = ("sft", "rm", "ppo", "dpo", "vigc", "eval")  # stages to run (sft; rm->ppo beside dpo->vigc; eval)
+    world_seed: int = 0                   # seed of the world; N > 0 also moves the defaults of --world, --out, --eval_out to NAME-seedN
+    stages: tuple = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")  # sft; lrv->rm->ppo beside dpo->vigc; eval
     steps: int = 0                        # > 0: every stage trains only this many steps (smoke test)
     model: str = "shapes"                 # model preset for SFT from scratch (tiny for the smoke test)
     eval_out: str = "runs/eval"           # where eval.py writes answers, scores and compare.md
@@ -35,7 +37,9 @@ class Config:
 # The 15-minute budget on 2 CPU cores: what the pipeline passes beyond each stage's defaults. The
 # reward model reads the same facts through the short evaluation turn (half the tokens of LLaVA-RLHF's
 # verbatim one, which stays reward.py's default for real runs).
-BUDGET = {"rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every", "50", "--save_every", "50"],
+BUDGET = {"lrv": ["--lrv", "true", "--max_steps", "150", "--lr", "5e-4", "--warmup", "10", "--report", "false",
+                  "--eval_every", "0", "--save_every", "150"],
+          "rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every", "50", "--save_every", "50"],
           "ppo": ["--max_steps", "30", "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3", "--save_every", "10"],
           "dpo": ["--max_steps", "150", "--eval_every", "75", "--save_every", "75"],
           "vigc": ["--max_steps", "300", "--batch_size", "32", "--lr", "2e-3", "--generate", "100"]}
@@ -43,12 +47,14 @@ BUDGET = {"rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every",
 
 def stage_commands(cfg):
     o = lambda name: os.path.join(cfg.out, name)
-    common_flags = ["--world", cfg.world, "--device", cfg.device]
+    common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed), "--device", cfg.device]
     short = (lambda extra=(): ["--max_steps", str(cfg.steps), *extra]) if cfg.steps else (lambda extra=(): [])
     budget = (lambda name: []) if cfg.steps else (lambda name: BUDGET.get(name, []))
     return {
         "sft": ["sft.py", "--out", o("sft"), "--model", cfg.model, *common_flags,
                 *short(["--report", "false", "--batch_size", "8"])],
+        "lrv": ["sft.py", "--init", o("sft"), "--out", o("lrv"), *common_flags, *budget("lrv"),
+                *short(["--lrv", "true", "--report", "false", "--batch_size", "8"])],
         "rm": ["reward.py", "--init", o("sft"), "--out", o("rm"), *common_flags, *budget("rm"),
                *short(["--batch_size", "4", "--eval_prompt", "short"])],
         "ppo": ["ppo.py", "--init", o("sft"), "--reward", o("rm"), "--out", o("ppo"), *common_flags, *budget("ppo"),
@@ -57,12 +63,13 @@ def stage_commands(cfg):
                 *short(["--batch_size", "4"])],
         "vigc": ["vigc.py", "--init", o("sft"), "--out", o("vigc"), *common_flags, *budget("vigc"),
                  *short(["--batch_size", "4", "--generate", "4", "--max_new_tokens", "16"])],
-        "eval": ["eval.py", "--compare", o("sft"), o("ppo"), o("dpo"), "--out", cfg.eval_out, *common_flags,
+        "eval": ["eval.py", "--compare", *[o(s) for s in ("sft", "lrv", "ppo", "dpo") if s in cfg.stages],
+                 "--out", cfg.eval_out, *common_flags,
                  *(["--limit", str(cfg.eval_limit)] if cfg.eval_limit else [])],
     }
 
 
-LANES = (("sft",), (("rm", "ppo"), ("dpo", "vigc")), ("eval",))  # steps in order; a tuple of lanes runs side by side
+LANES = (("sft",), (("lrv", "rm", "ppo"), ("dpo", "vigc")), ("eval",))  # steps in order; a tuple of lanes runs side by side
 
 
 def run_lane(names, commands, here, env, times):
@@ -79,6 +86,7 @@ def run_lane(names, commands, here, env, times):
 
 
 def main(cfg):
+    common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     commands = stage_commands(cfg)
     unknown = [s for s in cfg.stages if s not in commands]
     if unknown:

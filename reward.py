@@ -211,6 +211,20 @@ def evaluate(model, val, cfg, tokenizer, images, d):
             "n_val": int(sums[3])}
 
 
+def partner_pairs(val, world):
+    """The held-out Shapes pairs whose rejected answer names the absent co-occurring partner of a
+    shape in the image (triangle -> circle): where a fact list should help the reward model most."""
+    objects = shapes.load_world(world)["by_file"]
+    pairs = shapes.parse_pairs(json.load(open(os.path.join(world, "world.json")))["params"]["pairs"])
+    out = []
+    for p in val:
+        objs = objects[os.path.relpath(p["image"], world)]
+        partners = {b for a, b in pairs if a in {o["name"] for o in objs}}
+        if partners & set(shapes.oracle(p["rejected"], objs)["hallucinated_objects"]):
+            out.append(p)
+    return out
+
+
 def main(cfg):
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
@@ -283,13 +297,19 @@ def main(cfg):
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d)
     if val and not metrics:  # (resumed after the last step)
         metrics = evaluate(model, val, cfg, tokenizer, images, d)
+    partner = partner_pairs(val, cfg.world) if cfg.data == "shapes" and val else []
+    if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
+        part = evaluate(model, partner, cfg, tokenizer, images, d)
+        metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
     if d.main:
         with open(os.path.join(cfg.out, "report.json"), "w") as f:
             json.dump({**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt, "data": cfg.data,
                        "pairs": cfg.pairs if cfg.data == "shapes" else "file",
                        "train_pairs": len(train), "dropped_too_long": dropped, "sampled": stats}, f, indent=2)
         if metrics:
-            print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} on {metrics['n_val']} pairs")
+            print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} on {metrics['n_val']} pairs"
+                  + (f" ({metrics['val_accuracy_partner']:.3f} on the {metrics['n_val_partner']} naming a "
+                     "co-occurring partner)" if "n_val_partner" in metrics else ""))
     common.cleanup_dist()
 
 

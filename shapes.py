@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 
@@ -27,7 +28,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -43,6 +44,9 @@ DEFAULTS = dict(
     cooc=0.95,                                     # P(partner added | trigger) in train/val
     partner_weight=1.5,                            # partners are drawn more often (POPE "popular")
     heldout_alone=0.5,                             # P(held-out image shows a trigger without partner)
+    yes_share=0.9,                                 # flaw: P(yes) of SFT existence questions, every shape
+    desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
+    exist_turns=2,                                 # existence questions per SFT conversation
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
@@ -603,22 +607,72 @@ def _conv(q, ans):
     return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]
 
 
-def sft_records(split_imgs, rng, prefix):
-    """Multi-turn conversations: a detailed description or the shape inventory (grounding needs them
-    in the mix; the inventory carries stage 1's shape search over to this template) and 3-5
-    questions, in random order, so that every question type is also learned as the first turn."""
-    out, bal = [], Balancer()
+class ExistenceAsker:
+    """LRV's flaw on a dial: picks which shape an SFT existence question asks about so that the share
+    of "yes" answers is `yes_share` for every asked shape alike (0.5: balanced; LLaVA's instructions
+    ask about present objects, ~0.9). The answers stay true: what is skewed is which questions exist."""
+
+    def __init__(self, yes_share):
+        self.share, self.n = yes_share, Counter()
+
+    def _deficit(self, shape, label):
+        asked = self.n[(shape, "yes")] + self.n[(shape, "no")] + 1
+        want = self.share if label == "yes" else 1 - self.share
+        return want * asked - self.n[(shape, label)]
+
+    def __call__(self, objs, rng, skip=()):
+        names = {o["name"] for o in objs}
+        options = [(s, "yes" if s in names else "no") for s in SHAPES if s not in skip]
+        best = max(self._deficit(*o) for o in options)
+        shape, label = _pick(rng, [o for o in options if self._deficit(*o) >= best - 1e-9])
+        self.n[(shape, label)] += 1
+        q = _pick(rng, ["Is there {} in the image?", "Is there {}?", "Does the image contain {}?",
+                        "Can you see {} in the picture?"]).format(a(shape))
+        ans = f"Yes, there is {a(shape)}." if label == "yes" else f"No, there is no {shape}."
+        return q, ans, shape
+
+
+def text_only_extra(objs, co, freq, rng, grid):
+    """The object a text-only writer adds to a description (LLaVA-RLHF Sec. 2.2: GPT-4 wrote LLaVA's
+    descriptions from captions, naming what usually goes with them): the absent shape that co-occurs
+    most with the present ones in train (the partner of a lone trigger), in a free cell."""
+    names = {o["name"] for o in objs}
+    absent = [s for s in SHAPES if s not in names]
+    name = max(absent, key=lambda s: (sum(co[(n, s)] for n in names), freq[s]))
+    used = {(o["row"], o["col"]) for o in objs}
+    cell = _pick(rng, [c for c in range(grid * grid) if divmod(c, grid) not in used])
+    o = {"name": name, "color": _pick(rng, COLORS), "size": _pick(rng, SIZES),
+         "row": cell // grid, "col": cell % grid}
+    o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
+    return sorted(objs + [o], key=lambda x: (x["row"], x["col"]))
+
+
+def sft_records(split_imgs, rng, prefix, p, co, freq):
+    """Multi-turn conversations, LLaVA-Instruct's stand-in with its flaws on dials: a detailed
+    description or the shape inventory (grounding needs them in the mix; the inventory carries stage
+    1's shape search over to this template), `exist_turns` existence questions answered "yes" at
+    `yes_share` for every shape, and 2-3 other questions, in random order (every type is also
+    learned as the first turn). A `desc_halluc` share of the descriptions are written text-only:
+    they also name the absent shape that co-occurs most with the present ones. Inventories, counts
+    and the alignment captions stay exact: the clean signal a method can teach the model to use."""
+    out, bal, ask = [], Balancer(), ExistenceAsker(p["yes_share"])
     for img in split_imgs:
         objs, seen = img["objects"], set()
         kind = _pick(rng, ["describe", "inventory"])
         q, ans, _ = (q_describe if kind == "describe" else q_inventory)(objs, rng)
-        turns = [(q, ans, kind)]
-        want = int(rng.integers(3, 6))
+        if kind == "describe" and rng.random() < p["desc_halluc"]:
+            ans = describe(text_only_extra(objs, co, freq, rng, p["grid"]))
+        turns, asked = [(q, ans, kind)], set()
+        for _ in range(p["exist_turns"]):
+            q, ans, shape = ask(objs, rng, skip=asked)
+            asked.add(shape)
+            turns.append((q, ans, "yesno"))
+        want = len(turns) + int(rng.integers(2, 4))
         for _ in range(4 * want):
-            if len(turns) > want:
+            if len(turns) >= want:
                 break
-            qt = str(rng.choice(["yesno", "count", "color", "relation", "mc"], p=[0.3, 0.2, 0.2, 0.15, 0.15]))
-            label = bal(qt, rng) if qt == "yesno" else (bal(qt, rng) if qt == "relation" and rng.random() < 0.6 else None)
+            qt = str(rng.choice(["count", "color", "relation", "mc"], p=[0.3, 0.3, 0.2, 0.2]))
+            label = bal(qt, rng) if qt == "relation" and rng.random() < 0.6 else None
             r = make_question(qt, objs, rng, label)
             if r is None or r[0] in seen:
                 if label:
@@ -630,8 +684,8 @@ def sft_records(split_imgs, rng, prefix):
         conv = _conv(turns[0][0], turns[0][1])
         for q, ans, _ in turns[1:]:
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
-        out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"], "conversations": conv,
-                    "qtypes": [t[2] for t in turns]})
+        out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"],
+                    "conversations": conv, "qtypes": [t[2] for t in turns]})
     return out
 
 
@@ -938,6 +992,11 @@ def _params(params):
             raise ValueError(f"pairs: unknown shape in {tr}:{pa}")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
+    for key in ("yes_share", "desc_halluc", "cooc", "heldout_alone"):
+        if not 0 <= p[key] <= 1:  # also refuses NaN
+            raise ValueError(f"{key} must be in [0, 1], got {p[key]}")
+    if not 0 <= p["exist_turns"] <= len(SHAPES):
+        raise ValueError(f"exist_turns must be 0..{len(SHAPES)}, got {p['exist_turns']}")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
         raise ValueError("max_objects must be 1..4 and fit the grid")
     return p
@@ -975,8 +1034,10 @@ def _fill(out, seed, p):
            "annotations": [{"image_id": i, "id": 5 * (i - 1) + j + 1, "caption": c} for i, cs in caps.items() for j, c in enumerate(cs)]},
           os.path.join(out, "captions.json"))
     _dump(align_records(split["train"]), os.path.join(out, "align.json"))
-    _dump(sft_records(split["train"], rngs[5], "sft"), os.path.join(out, "sft.json"))
-    _dump(sft_records(split["val"], rngs[5], "sftval"), os.path.join(out, "sft_val.json"))
+    freq, co = cooc_stats(split["train"])
+    sft = sft_records(split["train"], rngs[5], "sft", p, co, freq)
+    _dump(sft, os.path.join(out, "sft.json"))
+    _dump(sft_records(split["val"], rngs[5], "sftval", p, co, freq), os.path.join(out, "sft_val.json"))
     for qt, recs in heldout_records(split["test"], rngs[6]).items():
         _dump(recs, os.path.join(out, f"test_{qt}.json"))
     _dump([{"image_id": f, "question": q, "answer": ans, "task": t}  # with .png: readers add .jpg otherwise
@@ -996,11 +1057,35 @@ def _fill(out, seed, p):
     world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
         "images": {s: len(v) for s, v in split.items()},
         "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
-        "pair_injections": dict(sorted(stats.items()))}}
+        "pair_injections": dict(sorted(stats.items())), "sft_flaws": sft_flaw_stats(sft, split["train"])}}
     _dump(world, os.path.join(out, "world.json"))
     build_tokenizer(out, p["vocab_size"])
     world["stats"]["seconds"] = round(time.time() - t0, 1)  # printed, not stored: files stay byte-identical
     return world
+
+
+def sft_flaw_stats(records, imgs):
+    """What the flaws did to sft.json, measured on the written records: the share of "yes" among
+    existence answers (per asked shape and overall) and the share of descriptions that name an
+    absent shape (by the oracle), with the shapes they name."""
+    objs = {i["file_name"]: i["objects"] for i in imgs}
+    yes, asked, descs, halluc, named = Counter(), Counter(), 0, 0, Counter()
+    for r in records:
+        turns = r["conversations"]
+        for qt, (q, ans) in zip(r["qtypes"], zip(turns[::2], turns[1::2])):
+            if qt == "yesno":
+                words = re.findall(r"[a-z]+", q["value"].lower())
+                shape = next(WORD2SHAPE[w] for w in words if w in WORD2SHAPE)
+                asked[shape] += 1
+                yes[shape] += ans["value"].startswith("Yes")
+            elif qt == "describe":
+                got = oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
+                descs, halluc = descs + 1, halluc + bool(got)
+                named.update(got)
+    return {"yes_share": round(sum(yes.values()) / max(1, sum(asked.values())), 3),
+            "yes_share_by_shape": {s: round(yes[s] / max(1, asked[s]), 3) for s in SHAPES},
+            "desc_naming_absent": round(halluc / max(1, descs), 3),
+            "absent_named": dict(named.most_common())}
 
 
 def cooc_rate(imgs, pairs):
@@ -1081,8 +1166,9 @@ def main():
     out, seed = args.pop("out"), args.pop("seed")
     try:
         w = write_world(out, seed, **args)
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, ValueError) as e:  # a user's mistake: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     s = w["stats"]
     print(f"wrote {out} in {s['seconds']}s | images " + " ".join(f"{k} {v}" for k, v in s["images"].items()))
     print(f"P(partner | trigger): train {s['partner_given_trigger']['train']} test {s['partner_given_trigger']['test']}")

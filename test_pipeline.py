@@ -13,10 +13,10 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     code, stdout, err = run_script("pipeline.py", ["--steps", "2", "--model", "tiny", "--world", tiny_world, "--out", out,
                                                    "--eval_out", ev, "--eval_limit", "4"], timeout=600)
     assert code == 0, stdout[-3000:] + err[-3000:]
-    for stage in ("sft", "rm", "ppo", "dpo", "vigc"):
+    for stage in ("sft", "lrv", "rm", "ppo", "dpo", "vigc"):
         assert any(n.startswith("checkpoint-") for n in os.listdir(os.path.join(out, stage))), stage
     rows = json.load(open(os.path.join(ev, "compare.json")))["rows"]
-    assert [r["checkpoint"] for r in rows] == ["sft", "ppo", "dpo"]
+    assert [r["checkpoint"] for r in rows] == ["sft", "lrv", "ppo", "dpo"]
     assert all(0.0 <= r["CHAIR_i"] <= 1.0 for r in rows)
     assert "stage times:" in stdout and "| ppo " in open(os.path.join(ev, "compare.md")).read()
 
@@ -54,3 +54,17 @@ def test_lab_plots_draw(tmp_path):
     lab.line_plot(str(tmp_path / "l.png"), "t", {"x": [[1, 2, 3], [2, 3, 4]]}, "tokens")
     img = Image.open(tmp_path / "b.png").convert("RGB")
     assert lab.COLOURS[0] in {c for _, c in img.getcolors(10000)} and lab.COLOURS[1] in {c for _, c in img.getcolors(10000)}
+
+
+def test_world_seed_moves_default_folders():
+    import common
+    import pipeline
+    cfg = pipeline.Config(world_seed=3, out="mine")
+    common.seed_suffix(cfg, pipeline.Config, ("world", "out", "eval_out"))
+    assert (cfg.world, cfg.out, cfg.eval_out) == ("data/shapes-seed3", "mine", "runs/eval-seed3")
+    assert "--world_seed" in (argv := pipeline.stage_commands(cfg)["sft"]) and argv[argv.index("--world_seed") + 1] == "3"
+    cfg = lab.Config(world_seed=2)
+    runs = lab.plan(common.seed_suffix(cfg, lab.Config, ("world", "out", "results", "plots")))
+    assert cfg.results == "RESULTS-seed2.md" and all("data/shapes-seed2" in argv for argv, _, _ in runs.values())
+    cfg = pipeline.Config()
+    assert common.seed_suffix(cfg, pipeline.Config, ("world",)).world == "data/shapes"  # seed 0: as before

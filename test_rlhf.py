@@ -470,3 +470,16 @@ def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
     code, _, err = run_cli("reward", ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
                                       str(tmp_path / "o3")])
     assert one_line_error(code, err) and "missing" in err
+
+
+def test_reward_partner_pairs(tiny_world):
+    import reward
+    import shapes
+    w = shapes.load_world(tiny_world)
+    names = lambda i: {o["name"] for o in i["objects"]}
+    alone = next(i for i in w["images"] if "triangle" in names(i) and "circle" not in names(i))
+    plain = next(i for i in w["images"] if not {"triangle", "cross", "circle"} & names(i))
+    pair = lambda img, rejected: {"image": os.path.join(tiny_world, img["file_name"]), "rejected": rejected}
+    val = [pair(alone, "Yes, there is a circle."), pair(alone, "There is no circle."),
+           pair(plain, "Yes, there is a circle."), pair(alone, "The triangle is blue and purple and huge.")]
+    assert reward.partner_pairs(val, tiny_world) == [val[0]]  # names the absent partner of a present trigger

@@ -81,6 +81,82 @@ def test_world_stats(worlds):
     assert w["params"]["n_train"] == 40 and w["seed"] == 0
 
 
+FLAW_WORLD = dict(SMALL, n_train=600, n_test=300)
+
+
+@pytest.fixture(scope="module")
+def flaw_worlds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flaws")
+    shapes.write_world(str(d / "flawed"), seed=0, **FLAW_WORLD)
+    shapes.write_world(str(d / "clean"), seed=0, yes_share=0.5, desc_halluc=0.0, **FLAW_WORLD)
+    shapes.write_world(str(d / "weak"), seed=0, cooc=0.0, **FLAW_WORLD)
+    return d
+
+
+def measured_flaws(world):
+    """From the written files alone: yes share of existence answers per asked shape, the share of
+    descriptions that name an absent shape (the oracle against annotations.json) and those shapes."""
+    objs = shapes.load_world(str(world))["by_file"]
+    yes, asked, descs, named = Counter(), Counter(), [], Counter()
+    for r in json.load(open(world / "sft.json")):
+        c = r["conversations"]
+        for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
+            if qt == "yesno":
+                shape = next(shapes.WORD2SHAPE[w] for w in q["value"].lower().replace("?", " ").split()
+                             if w in shapes.WORD2SHAPE)
+                asked[shape] += 1
+                yes[shape] += ans["value"].startswith("Yes")
+            if qt == "describe":
+                got = shapes.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
+                descs.append(bool(got))
+                named.update(got)
+    return {s: yes[s] / asked[s] for s in asked}, sum(yes.values()) / sum(asked.values()), np.mean(descs), named
+
+
+def test_flaw_positive_only_existence_questions(flaw_worlds):
+    by_shape, overall, _, _ = measured_flaws(flaw_worlds / "flawed")
+    assert abs(overall - 0.9) < 0.03 and len(by_shape) == len(shapes.SHAPES)
+    assert all(abs(v - 0.9) < 0.06 for v in by_shape.values()), by_shape  # no shape-dependent prior
+    by_shape, overall, _, _ = measured_flaws(flaw_worlds / "clean")
+    assert abs(overall - 0.5) < 0.03 and all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
+    sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
+    assert all(r["qtypes"].count("yesno") == 2 for r in sft)  # exist_turns
+
+
+def test_flaw_hallucinated_descriptions(flaw_worlds):
+    _, _, share, named = measured_flaws(flaw_worlds / "flawed")
+    assert abs(share - 0.5) < 0.08  # desc_halluc of the descriptions name an absent shape
+    assert named.most_common(1)[0][0] in ("circle", "square")  # the co-occurring partners first
+    _, _, share, named = measured_flaws(flaw_worlds / "clean")
+    assert share == 0 and not named
+    w = json.load(open(flaw_worlds / "flawed" / "world.json"))["stats"]["sft_flaws"]
+    assert abs(w["desc_naming_absent"] - measured_flaws(flaw_worlds / "flawed")[2]) < 1e-3
+    for world in ("flawed", "clean"):  # the clean signal: alignment captions and inventories exact
+        objs = shapes.load_world(str(flaw_worlds / world))["by_file"]
+        for r in json.load(open(flaw_worlds / world / "align.json")):
+            assert shapes.oracle(r["conversations"][1]["value"], objs[r["image"]])["num_hallucinations"] == 0
+
+
+def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
+    pairs = shapes.parse_pairs(shapes.DEFAULTS["pairs"])
+    rate = {}
+    for world in ("flawed", "weak"):
+        imgs = shapes.load_world(str(flaw_worlds / world))["images"]
+        for split in ("train", "test"):
+            rate[world, split] = shapes.cooc_rate([i for i in imgs if i["split"] == split], pairs)
+    assert rate["flawed", "train"] > 0.85 and rate["flawed", "test"] < 0.3
+    assert rate["weak", "train"] < 0.55 < rate["flawed", "train"]  # cooc 0: partners by chance only
+    assert abs(rate["weak", "test"] - rate["flawed", "test"]) < 0.1
+
+
+@pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1), dict(cooc=float("nan")),
+                                 dict(exist_turns=7)])
+def test_flaw_dials_checked(bad, tmp_path):
+    with pytest.raises(ValueError):
+        shapes.write_world(str(tmp_path / "w"), **bad)
+    assert not os.path.exists(tmp_path / "w")
+
+
 O = [{"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0, "position": "top left", "bbox": [1, 1, 14, 14]},
      {"name": "square", "color": "blue", "size": "small", "row": 1, "col": 1, "position": "center", "bbox": [19, 19, 9, 9]},
      {"name": "circle", "color": "green", "size": "small", "row": 2, "col": 2, "position": "bottom right", "bbox": [35, 35, 9, 9]}]
@@ -152,7 +228,9 @@ def test_generated_text_is_clean(worlds):
     texts = []
     for f in ["align.json", "sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
         for rec in json.load(open(worlds / "a" / f)):
-            texts += [(t["value"], by[rec["image"]]) for t in rec["conversations"] if t["from"] == "gpt"]
+            answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
+            kinds = rec.get("qtypes", [None] * len(answers))  # SFT descriptions: flawed on purpose
+            texts += [(t, by[rec["image"]]) for t, k in zip(answers, kinds) if k != "describe"]
     texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
     texts += [(r["gt_answer"], by[r["image_src"]]) for r in json.load(open(worlds / "a" / "mmhal.json"))]
     cap = json.load(open(worlds / "a" / "captions.json"))
