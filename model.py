@@ -6,6 +6,7 @@ KV cache, hand-written LoRA with named adapters, scalar heads, and checkpoint im
 
 No transformers import here: weights load by explicit key mapping (see `_canonical_key`).
 """
+import copy
 import json
 import math
 import os
@@ -1263,7 +1264,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
     state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
-    image_id, vocab = _export_image_token(model, tok, state)
+    image_id, vocab, tok = _export_image_token(model, tok, state)
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
     dtype = str(vdt).replace("torch.", "")
@@ -1319,7 +1320,7 @@ def _saved_tokenizer(model):
 
 
 def _export_image_token(model, tok, state):
-    """(image token id, vocab size) of the export. An id < 0 (original LLaVA's -200, which transformers
+    """(image token id, vocab size, tokenizer) of the export. An id < 0 (original LLaVA's -200, which transformers
     cannot embed) becomes the tokenizer's <image> id, or a new token: then the embedding and lm_head
     grow by the rows it needs, set to the mean row (its logit is the mean logit: never the argmax)."""
     c = model.config
@@ -1328,9 +1329,10 @@ def _export_image_token(model, tok, state):
     if image_id >= 0:
         if tok is not None and have != image_id:
             raise ValueError(f"the tokenizer's <image> id is {have} but the model's image_token_id is {image_id}")
-        return image_id, vocab
+        return image_id, vocab, tok
     if have is None and tok is not None:
         from tokenizers import AddedToken
+        tok = copy.deepcopy(tok)  # the caller's tokenizer stays as it was
         tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
         have = tok.convert_tokens_to_ids("<image>")
     image_id = have if have is not None else vocab
@@ -1339,7 +1341,7 @@ def _export_image_token(model, tok, state):
     for k in keys if grow else []:
         w = state[k]
         state[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)])
-    return image_id, vocab + grow
+    return image_id, vocab + grow, tok
 
 
 def chat_template(template="vicuna_v1"):
