@@ -207,6 +207,7 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
     the same thing (same image, its question a prefix of ours), else the files do not belong together."""
     labels = {_split_of(f): (f, read_pope(f, check_images=False)) for f in label_files}
     recs = load_json(path)
+    recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
     if not isinstance(recs, list):
         raise DataError(path, message="expected JSON lines of {question_id, image, text, category}")
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
@@ -395,6 +396,7 @@ class Answerer:
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
+            recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
             if not isinstance(recs, list):
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
             self.memo["llava"] = {}

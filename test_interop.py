@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from data import IMAGE, normalize, preprocess_image, render, tokenize_conversation
+from data import IMAGE, preprocess_image, render, tokenize_conversation
 from model import LLaVA, ModelConfig
 from test_all import IMAGE_ID, IMG, _rewrite_keys, _to_original_llava, hf_llava, inputs, randomize_adapter, tiny_model
 
@@ -285,7 +285,6 @@ def test_preprocess_image_takes_any_pil_mode_as_llava_does(mode):
     got = preprocess_image(img, 28)
     assert got.shape == (3, 28, 28) and torch.isfinite(got).all()
     torch.testing.assert_close(got, preprocess_image(img.convert("RGB"), 28), atol=0, rtol=0)
-    assert normalize  # (imported for the pixel path used above)
 
 
 def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tiny_sft, tmp_path):
@@ -311,3 +310,43 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
     with torch.no_grad():
         out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, item["input_ids"].numel():]
     assert torch.equal(out, ours)
+
+
+# ----------------------------------------------------------------------------------------
+# LLaVA-1.5's POPE files (the real ones: realdata_check.py)
+# ----------------------------------------------------------------------------------------
+
+def test_llava_pope_test_file_labels_by_order_and_llava_answers(tmp_path):
+    from conftest import run_cli
+
+    def jsonl(name, rows):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return str(tmp_path / name)
+    suffix = "\nAnswer the question using a single word or phrase."
+    asks = [("a.jpg", "dog", "yes"), ("a.jpg", "cat", "no"), ("b.jpg", "car", "yes"), ("b.jpg", "bus", "no")]
+    labels = {c: jsonl(f"coco_pope_{c}.json", [{"question_id": i, "image": im, "text": f"Is there a {o} in the image?",
+                                                 "label": lab} for i, (im, o, lab) in enumerate(asks)])
+              for c in ("random", "adversarial")}
+    questions = [{"question_id": 10 * k + i, "image": im, "text": f"Is there a {o} in the image?" + suffix, "category": c}
+                 for k, c in enumerate(("adversarial", "random")) for i, (im, o, _) in enumerate(asks)]
+    qfile = jsonl("llava_pope_test.jsonl", questions)
+    said = {"adversarial": ["Yes", "Yes", "No", "No"], "random": ["Yes", "No", "Yes", "No"]}
+    answers = jsonl("answers.jsonl", [{"question_id": q["question_id"], "prompt": q["text"],
+                                       "text": said[q["category"]][q["question_id"] % 10]} for q in questions])
+    argv = ["--rescore", "true", "--benchmarks", "pope", "--out", str(tmp_path / "out"), "--pope_files", qfile,
+            "--pope_labels", labels["random"], labels["adversarial"], "--llava_answers", answers]
+    code, _, err = run_cli("eval", argv)
+    assert code == 0, err
+    scores = json.load(open(tmp_path / "out" / "sft" / "scores.json"))["pope"]
+    assert scores["random"]["f1"] == 1.0 and scores["random"]["n"] == 4
+    assert (scores["adversarial"]["tp"], scores["adversarial"]["fp"], scores["adversarial"]["fn"]) == (1, 1, 1)
+    # a label file of other questions: one line naming the question file and record, exit 2
+    swapped = jsonl("coco_pope_adversarial_other.json", [{"question_id": 0, "image": "a.jpg",
+                                                          "text": "Is there a cat in the image?", "label": "no"}] * 4)
+    code, _, err = run_cli("eval", argv[:9] + [labels["random"], swapped] + argv[11:])
+    assert code == 2 and "llava_pope_test.jsonl: record 0 (id 0): field 'text'" in err
+    # an answers file for other questions
+    other = jsonl("other_answers.jsonl", [{"question_id": 0, "prompt": "Describe the image.", "text": "Yes"}])
+    code, _, err = run_cli("eval", argv[:-1] + [other])
+    assert code == 2 and "other_answers.jsonl: record 0 (id '0'): field 'prompt'" in err
