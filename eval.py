@@ -60,7 +60,7 @@ class Config:
     limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: POPE 200, CHAIR 100, MMHal 96, GAVIE 60)
     image_folder: str = ""                # images of the given files (default: beside each file; MMHal: its images/)
     pope_files: tuple = ()                # POPE JSON-lines files; split from a 'category' field or the file name
-    pope_labels: tuple = ()               # label files for question files without labels (LLaVA-1.5's llava_pope_test.jsonl): coco_pope_{random,popular,adversarial}.json(l)
+    pope_labels: tuple = ()               # labels for a file without them (llava_pope_test.jsonl): coco_pope_<split>.json
     pope_suffix: str = ""                 # appended to POPE questions, '\n' = newline (LLaVA-1.5/-RLHF: '\nAnswer the question using a single word or phrase.')
     chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
     chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
@@ -78,7 +78,7 @@ class Config:
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
     rescore: bool = False                 # score the answers on disk; never load a model or generate
-    llava_answers: str = ""               # with --rescore: a LLaVA answers file ({"question_id", "prompt", "text"}) to score instead of OUT/NAME/answers_*
+    llava_answers: str = ""               # --rescore: score a LLaVA answers file {question_id, prompt, text}
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)
     pope_max_new_tokens: int = 16         # longest POPE answer (only its first sentence counts)

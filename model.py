@@ -1337,7 +1337,8 @@ def _export_image_token(model, tok, state):
         have = tok.convert_tokens_to_ids("<image>")
     image_id = have if have is not None else vocab
     grow = max(0, image_id + 1 - vocab)
-    keys = ["language_model.model.embed_tokens.weight"] + ([] if c.tie_embeddings else ["language_model.lm_head.weight"])
+    keys = ["language_model.model.embed_tokens.weight"]
+    keys += [] if c.tie_embeddings else ["language_model.lm_head.weight"]
     for k in keys if grow else []:
         w = state[k]
         state[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)])

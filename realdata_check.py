@@ -199,7 +199,8 @@ def test_flickr30k_excerpt_converts():
                                       check_images=False)
     assert [r["id"] for r in recs] == ["flickr30k_1000092795", "flickr30k_10002456"]
     assert all(len(r["captions"]) == 5 for r in recs)
-    assert recs[0]["captions"][0] == "Two young guys with shaggy hair look at their hands while hanging out in the yard."
+    first = "Two young guys with shaggy hair look at their hands while hanging out in the yard."
+    assert recs[0]["captions"][0] == first
     assert recs[1]["image"] == "/f30k/10002456.jpg"
 
 
@@ -208,8 +209,9 @@ def test_flickr30k_excerpt_converts():
 # ----------------------------------------------------------------------------------------
 
 def test_reconstructed_llava_rlhf_and_mmhal_layouts_read():
+    captions = real("reconstructed", "image_to_caption_layout.json")
     pref = read_llava_rlhf_preference(real("reconstructed", "llava_rlhf_preference_layout.json"), "/coco",
-                                      check_images=False, captions_path=real("reconstructed", "image_to_caption_layout.json"))
+                                      check_images=False, captions_path=captions)
     assert pref[0]["chosen"] == "A dog on grass." and pref[0]["rejected"] == "Two cats on a sofa."
     assert pref[0]["captions"] == ["A dog standing on the grass."]
     rl = read_rl_prompts(real("reconstructed", "ppo_prompts_layout.json"), "/coco", check_images=False,

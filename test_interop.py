@@ -154,7 +154,8 @@ def llama_tokenizer(legacy):
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    bpe.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(CORPUS * 3, trainer)
     learned = json.loads(bpe.to_str())["model"]
     tok = LlamaTokenizer(vocab=learned["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
                                                          for m in learned["merges"]], legacy=legacy)
@@ -328,7 +329,8 @@ def test_llava_pope_test_file_labels_by_order_and_llava_answers(tmp_path):
     labels = {c: jsonl(f"coco_pope_{c}.json", [{"question_id": i, "image": im, "text": f"Is there a {o} in the image?",
                                                  "label": lab} for i, (im, o, lab) in enumerate(asks)])
               for c in ("random", "adversarial")}
-    questions = [{"question_id": 10 * k + i, "image": im, "text": f"Is there a {o} in the image?" + suffix, "category": c}
+    questions = [{"question_id": 10 * k + i, "image": im, "text": f"Is there a {o} in the image?" + suffix,
+                  "category": c}
                  for k, c in enumerate(("adversarial", "random")) for i, (im, o, _) in enumerate(asks)]
     qfile = jsonl("llava_pope_test.jsonl", questions)
     said = {"adversarial": ["Yes", "Yes", "No", "No"], "random": ["Yes", "No", "Yes", "No"]}
