@@ -66,18 +66,31 @@ def render_plain(turns):
 # ----------------------------------------------------------------------------------------
 
 def _tokenize_with_offsets(tokenizer, text):
-    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does:
-    split at '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id
-    (None) where '<image>' was."""
+    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does: split at
+    '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id (None) where
+    '<image>' was. A chunk after '<image>' is tokenized as it reads after a special token (behind BOS,
+    which is then dropped), so it gets what transformers' LlavaProcessor gives the same text: legacy
+    Llama tokenizers prepend '▁' there (as LLaVA's sentencepiece chunks do), tokenizers whose
+    pre-tokenizer adds '▁' only at the start of the text do not ('\nWhat', not '▁\nWhat')."""
     chunks = text.split(IMAGE)
     ids, offsets, base = [], [], 0
+    bos = tokenizer.bos_token
     for i, chunk in enumerate(chunks):
         if i > 0:
             ids.append(None)
             offsets.append((base - len(IMAGE), base))
-        enc = tokenizer(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
+        shift = 0
+        if i > 0 and bos:
+            enc = tokenizer(bos + chunk, add_special_tokens=False, return_offsets_mapping=True)
+            if enc["input_ids"][:1] == [tokenizer.bos_token_id]:  # BOS is split off as a special token
+                enc = {k: v[1:] for k, v in enc.items()}
+                shift = len(bos)
+            else:
+                enc = None
+        if i == 0 or not bos or enc is None:
+            enc = tokenizer(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
         ids += enc["input_ids"]
-        offsets += [(a + base, b + base) for a, b in enc["offset_mapping"]]
+        offsets += [(a + base - shift, b + base - shift) for a, b in enc["offset_mapping"]]
         base += len(chunk) + len(IMAGE)
     return ids, offsets
 
@@ -175,7 +188,9 @@ def normalize(unit):
 
 
 def preprocess_image(img, size):
-    return normalize(image_to_unit(img, size))
+    """A PIL image of any mode -> (3, size, size) CLIP-normalised pixels. Other modes are converted to
+    RGB first, as LLaVA does (`Image.open(f).convert('RGB')`: alpha dropped, palette and grey expanded)."""
+    return normalize(image_to_unit(img if img.mode == "RGB" else img.convert("RGB"), size))
 
 
 class ImageCache:

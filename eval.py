@@ -15,6 +15,9 @@ Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
       needs, "source"}, appended batch by batch: a run that stops keeps its answers, the next run
       generates only the missing ones (a stored line counts when its prompt and source, i.e. checkpoint
       files and decoding settings, are the same). --rescore true: score what is there, no model.
+      --rescore true --llava_answers FILE scores a LLaVA answers file instead; LLaVA-1.5's POPE:
+      --pope_files llava_pope_test.jsonl --pope_labels coco_pope_random.json coco_pope_popular.json
+      coco_pope_adversarial.json (labels paired by order within each category, as LLaVA's eval_pope.py).
   OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply"}, reused for the same key
   OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
 References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
@@ -57,6 +60,7 @@ class Config:
     limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: all but GAVIE 60)
     image_folder: str = ""                # images of the given files (default: beside each file; MMHal: its images/)
     pope_files: tuple = ()                # POPE JSON-lines files; split from a 'category' field or the file name
+    pope_labels: tuple = ()               # labels for a file without them (llava_pope_test.jsonl): coco_pope_<split>.json
     pope_suffix: str = ""                 # appended to POPE questions, '\n' = newline (LLaVA-1.5/-RLHF: '\nAnswer the question using a single word or phrase.')
     chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
     chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
@@ -74,6 +78,7 @@ class Config:
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
     rescore: bool = False                 # score the answers on disk; never load a model or generate
+    llava_answers: str = ""               # --rescore: score a LLaVA answers file {question_id, prompt, text}
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)
     pope_max_new_tokens: int = 16         # longest POPE answer (only its first sentence counts)
@@ -171,17 +176,72 @@ def _shapes_question(r, path, world, **extra):
 
 def pope_questions(cfg, world):
     """{split: questions}; the split comes from a 'category' field (LLaVA-1.5's llava_pope_test.jsonl)
-    or from the file name (coco_pope_adversarial.jsonl)."""
+    or from the file name (coco_pope_adversarial.jsonl). A question file without labels takes them
+    from --pope_labels. --rescore needs no images."""
     files = cfg.pope_files or [os.path.join(world[0], f"pope_{s}.jsonl") for s in POPE_SPLITS]
     splits = {}
     for path in files:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        split = next((s for s in POPE_SPLITS if s in stem), stem)
-        for r in read_pope(path, (cfg.image_folder or None) if cfg.pope_files else world[0]):
-            splits.setdefault(str(r.get("category") or split), []).append(
+        folder = (cfg.image_folder or None) if cfg.pope_files else world[0]
+        first = load_json(path)
+        first = first[0] if isinstance(first, list) and first else first
+        if cfg.pope_labels and isinstance(first, dict) and "label" not in first:
+            recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=not cfg.rescore)
+        else:
+            recs = read_pope(path, folder, check_images=not cfg.rescore)
+        for r in recs:
+            splits.setdefault(str(r.get("category") or _split_of(path)), []).append(
                 {"id": str(r["question_id"]), "image": r["image"], "file": path, "label": r["label"],
                  "prompt": r["text"] + cfg.pope_suffix.replace("\\n", "\n")})
     return splits
+
+
+def _split_of(path):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return next((s for s in POPE_SPLITS if s in stem), stem)
+
+
+def read_llava_pope_test(path, label_files, image_folder=None, check_images=True):
+    """LLaVA-1.5's llava_pope_test.jsonl ({"question_id", "image", "text", "category"}, no labels), each
+    question labelled from its category's file (coco_pope_<category>.json(l)): the k-th question of a
+    category takes the k-th label there, the pairing of LLaVA's eval_pope.py. Each label record must ask
+    the same thing (same image, its question a prefix of ours), else the files do not belong together."""
+    labels = {_split_of(f): (f, read_pope(f, check_images=False)) for f in label_files}
+    recs = load_json(path)
+    recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
+    if not isinstance(recs, list):
+        raise DataError(path, message="expected JSON lines of {question_id, image, text, category}")
+    folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
+    seen, out = {}, []
+    for i, r in enumerate(recs):
+        where = f"{i} (id {r.get('question_id')!r})" if isinstance(r, dict) else str(i)
+        if not isinstance(r, dict):
+            raise DataError(path, where, None, "expected a JSON object")
+        for key in ("image", "text", "category"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise DataError(path, where, key, "missing or not a non-empty string")
+        if not isinstance(r.get("question_id"), (int, str)) or isinstance(r.get("question_id"), bool):
+            raise DataError(path, where, "question_id", "missing or not an integer or string")
+        if r["category"] not in labels:
+            raise DataError(path, where, "category", f"'{r['category']}' has no label file in --pope_labels "
+                                                     f"(have: {', '.join(labels) or 'none'})")
+        file, recs_of = labels[r["category"]]
+        k = seen[r["category"]] = seen.get(r["category"], -1) + 1
+        if k >= len(recs_of):
+            raise DataError(path, where, "category", f"more '{r['category']}' questions than the {len(recs_of)} "
+                                                     f"labels in {file}")
+        lab = recs_of[k]
+        if os.path.basename(lab["image"]) != os.path.basename(r["image"]) or not r["text"].startswith(lab["text"]):
+            raise DataError(path, where, "text", f"does not ask what record {k} of {file} asks "
+                                                 f"({lab['text']!r} about {os.path.basename(lab['image'])})")
+        image = r["image"] if os.path.isabs(r["image"]) else os.path.join(folder, r["image"])
+        if check_images and not os.path.isfile(image):
+            raise DataError(path, where, "image", f"file not found: {image}")
+        out.append(dict(r, image=image, label=lab["label"]))
+    for cat, (file, recs_of) in labels.items():
+        if seen.get(cat, -1) + 1 != len(recs_of):
+            raise DataError(file, message=f"{len(recs_of)} labels but {seen.get(cat, -1) + 1} '{cat}' questions "
+                                          f"in {path} (LLaVA's eval_pope.py pairs them by order)")
+    return out
 
 
 def chair_questions(cfg, world):
@@ -310,6 +370,8 @@ class Answerer:
         """{id: line} for the questions answered: a stored line with the same prompt and source (the same
         checkpoint files and decoding; --rescore: any), else a new one."""
         cfg, src = self.cfg, self.source and f"{self.source} max_new_tokens={max_new_tokens}"
+        if cfg.rescore and cfg.llava_answers:
+            return self.llava_answers(qs)
         stored = {(str(r.get("id")), r.get("prompt")): r for r in read_jsonl(path) if src is None or r.get("source") == src}
         done = {q["id"]: stored[q["id"], q["prompt"]] for q in qs if (q["id"], q["prompt"]) in stored}
         todo = [q for q in qs if q["id"] not in done]
@@ -326,6 +388,31 @@ class Answerer:
                     f.write(json.dumps(line) + "\n")
                     done[q["id"]] = line
                 f.flush()  # each batch is on disk before the next starts
+        return done
+
+    def llava_answers(self, qs):
+        """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt", "text"}),
+        matched by question_id; its prompt must be the question's (else it answers other questions)."""
+        path = self.cfg.llava_answers
+        if "llava" not in self.memo:
+            recs = load_json(path)
+            recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
+            if not isinstance(recs, list):
+                raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
+            self.memo["llava"] = {}
+            for i, r in enumerate(recs):
+                if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "question_id" not in r:
+                    raise DataError(path, i, "text", "expected {\"question_id\", \"prompt\", \"text\"}")
+                self.memo["llava"][str(r["question_id"])] = (i, r)
+        done = {}
+        for q in qs:
+            if q["id"] in self.memo["llava"]:
+                i, r = self.memo["llava"][q["id"]]
+                if r.get("prompt") is not None and r["prompt"].strip() != q["prompt"].strip():
+                    raise DataError(path, f"{i} (id {q['id']!r})", "prompt", f"is not the question in {q['file']} "
+                                                                           f"({q['prompt'][:60]!r})")
+                done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
+        print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
         return done
 
 

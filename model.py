@@ -6,9 +6,11 @@ KV cache, hand-written LoRA with named adapters, scalar heads, and checkpoint im
 
 No transformers import here: weights load by explicit key mapping (see `_canonical_key`).
 """
+import copy
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -651,10 +653,16 @@ class LLaVA(nn.Module):
     def save_pretrained(self, path, base=None, extra_config=None):
         save_checkpoint_files(self, path, base=base, extra_config=extra_config)
 
-    def load_adapters(self, path):
+    def load_adapters(self, path, name="default"):
         """Add the LoRA adapters and heads saved in another checkpoint of this same base (PPO puts the
-        reward model's adapter and head next to the policy's on one copy of the base weights)."""
+        reward model's adapter and head next to the policy's on one copy of the base weights), or a PEFT
+        LoRA adapter directory trained on this base (added as adapter `name`, not made active)."""
         path = resolve_checkpoint(str(path))
+        if is_peft_dir(path):
+            if name in self.adapters:
+                raise CheckpointError(f"{path}: adapter '{name}' exists already in this model")
+            load_peft_adapter(self, path, name)
+            return
         cfg = _read_json(os.path.join(path, "config.json"))
         if cfg.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
@@ -665,11 +673,11 @@ class LLaVA(nn.Module):
         _load_adapters(self, path, cfg, None, only_new=True)
         self.set_adapter(active)
 
-    def export_hf(self, path):
-        export_llava_hf(self, path)
+    def export_hf(self, path, tokenizer=None, template="vicuna_v1"):
+        export_llava_hf(self, path, tokenizer, template)
 
-    def export_peft(self, path, adapter):
-        export_peft_adapter(self, path, adapter)
+    def export_peft(self, path, adapter, base=None):
+        export_peft_adapter(self, path, adapter, base)
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -950,6 +958,11 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT)."""
     path = resolve_checkpoint(str(path))
+    if is_peft_dir(path):  # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
+        model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
+        load_peft_adapter(model, path, "default")
+        model.set_adapter("default")
+        return model
     layout = detect_layout(path)
     cfg = _read_json(os.path.join(path, "config.json"))
     src = TensorSource()
@@ -1221,8 +1234,13 @@ def _load_adapters(model, path, cfg, device, only_new=False):
         model.set_adapter(cfg.get("active_adapter"))
 
 
-def export_llava_hf(model, path):
-    """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub layout).
+def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
+    """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub layout),
+    with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat template for
+    `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our tokenization does.
+    `tokenizer` defaults to the one saved beside the weights this model was loaded from. An image token
+    id < 0 (original LLaVA's -200) becomes a real id: the tokenizer's <image>, or a new token with a new
+    embedding row (the mean row, as llava-hf's conversion does).
     A 'linear' projector is written as linear_1 + identity activation + an identity linear_2 (exact);
     CLIP layers after the selected one are never used by LLaVA, so they are written as zeros."""
     c = model.config
@@ -1245,12 +1263,14 @@ def export_llava_hf(model, path):
         state[pre + "mlp.fc2.weight"], state[pre + "mlp.fc2.bias"] = torch.zeros(h, m, dtype=vdt), torch.zeros(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
+    tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
+    image_id, vocab, tok = _export_image_token(model, tok, state)
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
     dtype = str(vdt).replace("torch.", "")
     hf = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "image_token_index": c.image_token_id, "image_seq_length": c.num_image_tokens,
+        "image_token_index": image_id, "image_seq_length": c.num_image_tokens,
         "vision_feature_layer": c.vision_select_layer,
         "vision_feature_select_strategy": "default" if c.vision_select_feature == "patch" else "full",
         "projector_hidden_act": "gelu" if c.projector == "mlp2x_gelu" else "linear",
@@ -1261,7 +1281,7 @@ def export_llava_hf(model, path):
                           "num_attention_heads": c.vision_heads, "image_size": c.image_size,
                           "patch_size": c.patch_size, "layer_norm_eps": c.vision_eps, "hidden_act": "quick_gelu",
                           "projection_dim": c.vision_hidden},
-        "text_config": {"model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden,
+        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.hidden,
                         "intermediate_size": c.intermediate, "num_hidden_layers": c.layers,
                         "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
                         "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta,
@@ -1272,11 +1292,116 @@ def export_llava_hf(model, path):
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+    if tok is None:
+        print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
+              f"(AutoProcessor needs export_hf(path, tokenizer))", flush=True)
+        return
+    tok.save_pretrained(path)
+    _write_processor(model, path, template)
 
 
-def export_peft_adapter(model, path, adapter):
-    """A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), keyed by the
-    module names of transformers' LlavaForConditionalGeneration (transformers >= 4.52 / 5)."""
+
+# LLaVA's image preprocessing (data.CLIP_MEAN / CLIP_STD; pad to square with the mean colour, bicubic)
+IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "do_resize": True,
+                   "resample": 3, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+                   "do_normalize": True, "do_convert_rgb": True,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def _saved_tokenizer(model):
+    """The tokenizer saved beside the weights the model was loaded from (our checkpoints and llava-hf
+    directories hold one), or None."""
+    path = getattr(model, "source_path", None)
+    if not path or not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer  # tokenizer files only; weights never go through transformers
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _export_image_token(model, tok, state):
+    """(image token id, vocab size, tokenizer) of the export. An id < 0 (original LLaVA's -200, which transformers
+    cannot embed) becomes the tokenizer's <image> id, or a new token: then the embedding and lm_head
+    grow by the rows it needs, set to the mean row (its logit is the mean logit: never the argmax)."""
+    c = model.config
+    image_id, vocab = c.image_token_id, c.vocab_size
+    have = tok.convert_tokens_to_ids("<image>") if tok is not None and "<image>" in tok.get_vocab() else None
+    if image_id >= 0:
+        if tok is not None and have != image_id:
+            raise ValueError(f"the tokenizer's <image> id is {have} but the model's image_token_id is {image_id}")
+        return image_id, vocab, tok
+    if have is None and tok is not None:
+        from tokenizers import AddedToken
+        tok = copy.deepcopy(tok)  # the caller's tokenizer stays as it was
+        tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        have = tok.convert_tokens_to_ids("<image>")
+    image_id = have if have is not None else vocab
+    grow = max(0, image_id + 1 - vocab)
+    keys = ["language_model.model.embed_tokens.weight"]
+    keys += [] if c.tie_embeddings else ["language_model.lm_head.weight"]
+    for k in keys if grow else []:
+        w = state[k]
+        state[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)])
+    return image_id, vocab + grow, tok
+
+
+def chat_template(template="vicuna_v1"):
+    """A Jinja chat template that renders messages exactly as data.render does for `template`:
+    "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:" (image items become
+    "<image>\n" before the text, as our prompts put them)."""
+    from data import EOS_TEXT, SYSTEM  # the template text lives with the tokenization it must match
+    if template not in SYSTEM:
+        raise ValueError(f"no chat template for '{template}' (choose from {', '.join(SYSTEM)})")
+    return ("{{- " + json.dumps(SYSTEM[template] + " ") + " -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+            "{%- else -%}{%- set text = namespace(s='') -%}"
+            "{%- for item in message['content'] if item['type'] == 'image' -%}"
+            "{%- set text.s = text.s + '<image>\\n' -%}{%- endfor -%}"
+            "{%- for item in message['content'] if item['type'] == 'text' -%}"
+            "{%- set text.s = text.s + item['text'] -%}{%- endfor -%}"
+            "{%- set text = text.s -%}{%- endif -%}"
+            "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
+            "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + " + json.dumps(EOS_TEXT) + " -}}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}")
+
+
+def _write_processor(model, path, template):
+    """preprocessor_config.json (LLaVA's pad-to-square), processor_config.json (LlavaProcessor: patch
+    size, feature strategy; one CLS token that 'default' drops) and chat_template.jinja."""
+    c = model.config
+    pre = dict(IMAGE_PROCESSOR, size={"shortest_edge": c.image_size},
+               crop_size={"height": c.image_size, "width": c.image_size})
+    proc = {"processor_class": "LlavaProcessor", "patch_size": c.patch_size, "num_additional_image_tokens": 1,
+            "vision_feature_select_strategy": "default" if c.vision_select_feature == "patch" else "full",
+            "image_token": "<image>"}
+    for name, obj in (("preprocessor_config.json", pre), ("processor_config.json", proc)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(chat_template(template))
+    cfg_path = os.path.join(path, "tokenizer_config.json")  # AutoProcessor reads processor_class here too
+    tcfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    with open(cfg_path, "w") as f:
+        json.dump(dict(tcfg, processor_class="LlavaProcessor"), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), both ways
+# ----------------------------------------------------------------------------------------
+
+PEFT_LM_TARGETS = r".*language_model\..*\.({})"  # PEFT full-matches a string target against module names
+
+
+def export_peft_adapter(model, path, adapter, base=None):
+    """A LoRA adapter in PEFT's format, keyed by the module names of transformers'
+    LlavaForConditionalGeneration (transformers >= 4.52 / 5), targeting the language model only (a
+    regex: bare names like 'q_proj' would also put LoRA on CLIP's q/k/v). `base` is the directory
+    transformers loads the base model from (an export_hf directory); default: the llava-hf directory
+    this model was loaded from, else `path/base`, written here with export_hf. The config names
+    LlavaForConditionalGeneration (PEFT's auto_mapping), so peft.AutoPeftModel.from_pretrained(path)
+    loads base and adapter on its own."""
     if adapter not in model.adapters:
         raise ValueError(f"no adapter '{adapter}'")
     a = model.adapters[adapter]
@@ -1289,10 +1414,120 @@ def export_peft_adapter(model, path, adapter):
                 state[key + ".lora_A.weight"] = ad.A[s].detach()
                 state[key + ".lora_B.weight"] = ad.B[s].detach()
     os.makedirs(path, exist_ok=True)
+    if base is None:
+        src = getattr(model, "source_path", None)
+        if src and not is_peft_dir(src) and detect_layout(src) == "llava-hf":
+            base = src
+        else:
+            base = os.path.join(path, "base")
+            export_llava_hf(model, base)
     _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": a["r"], "lora_alpha": a["alpha"],
-           "lora_dropout": a["dropout"], "target_modules": [f"{t}_proj" for t in a["targets"]], "bias": "none",
+    targets = "|".join(f"{t}_proj" for t in a["targets"])
+    cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
+           "lora_dropout": a["dropout"], "target_modules": PEFT_LM_TARGETS.format(targets), "bias": "none",
            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-           "use_dora": False, "modules_to_save": None, "base_model_name_or_path": None}
+           "use_dora": False, "modules_to_save": None, "base_model_name_or_path": os.path.abspath(str(base)),
+           "auto_mapping": {"base_model_class": "LlavaForConditionalGeneration",
+                            "parent_library": "transformers.models.llava.modeling_llava"}}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def is_peft_dir(path):
+    """A PEFT adapter directory (adapter_config.json, no model config.json)."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+        not os.path.exists(os.path.join(path, "config.json"))
+
+
+def peft_base_dir(path):
+    """The local base directory a PEFT adapter names (as written, else relative to the adapter)."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    base = _read_json(cfg_path).get("base_model_name_or_path")
+    for cand in (base, os.path.join(path, str(base))) if isinstance(base, str) and base else ():
+        if os.path.isdir(cand):
+            return cand
+    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local directory; "
+                          f"load the base model, then model.load_adapters({path!r})")
+
+
+def load_peft_adapter(model, path, name):
+    """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA keys).
+    LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on the vision
+    tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A) with a one-line
+    notice: our adapters live on the language model, so those modules have no adapter to hold it."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    cfg = _read_json(cfg_path)
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} (only LORA is read)")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+        if cfg.get(field):
+            raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA only)")
+    for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"):
+        if cfg.get(field):
+            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported ('none')")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive integer and a number")
+    files = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if os.path.exists(os.path.join(path, f))]
+    if not files:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors (or adapter_model.bin)")
+    file = os.path.join(path, files[0])
+    try:  # adapters are small: read whole
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read the adapter weights (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    text, merged = {}, []
+    ours = {parts[0]: n for n, parts in _our_targets(model.config).items() if len(parts) == 1}
+    params = dict(model.named_parameters())
+    for key in sorted(state):
+        if key.endswith(".lora_B.weight"):
+            continue
+        if not key.endswith(".lora_A.weight"):
+            raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA or saved modules "
+                                  f"are not supported)")
+        module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        if key.replace("lora_A", "lora_B") not in state:
+            raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
+        A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()
+        part, pname = _canonical_key(module + ".weight")
+        m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight", pname or "")
+        if part == "text" and m and m[3] in LORA_TARGETS and int(m[1]) < model.config.layers:
+            text[int(m[1]), m[3]] = (key, A, B)
+            continue
+        if part == "vision" and pname.startswith("encoder.layers.") and \
+                int(pname.split(".")[2]) >= model.config.vision_layers_run:
+            continue  # a CLIP layer after the selected one: never run
+        if (part, pname) not in ours or (part == "projector" and model.config.projector == "linear"):
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this model")
+        w = params[ours[part, pname]]
+        if tuple(w.shape) != (B.shape[0], A.shape[1]):
+            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' is {tuple(w.shape)}")
+        with torch.no_grad():
+            w += (alpha / r * B @ A).to(w.dtype)  # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3)
+        merged.append(module)
+    if merged:
+        print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules merged into the "
+              f"base weights (factalign's adapters hold language-model LoRA only)", flush=True)
+    if not text:
+        return
+    targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
+    model.add_adapter(name, r, alpha, float(cfg.get("lora_dropout") or 0.0), targets)
+    with torch.no_grad():
+        for i, lin in model.lora_linears():
+            ad = lin.lora[name] if name in lin.lora else None
+            for s in ad.A if ad is not None else ():
+                if (i, s) not in text:
+                    continue  # a layer PEFT left out (layers_to_transform): B stays 0, no change
+                key, A, B = text[i, s]
+                if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
+                    raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / {tuple(B.shape)} but the "
+                                          f"model expects {tuple(ad.A[s].shape)} / {tuple(ad.B[s].shape)}")
+                ad.A[s].copy_(A)
+                ad.B[s].copy_(B)

@@ -522,13 +522,13 @@ def test_template_strings_are_llavas():
 def llava_reference_preprocess(tok, turns, legacy):
     """LLaVA's preprocess_v1 (llava/train/train.py) written out from its definition: tokenizer_image_token
     over the whole prompt (chunks around <image> tokenized separately, IMAGE_TOKEN_INDEX between them),
-    then per round (split at '</s>') the instruction part up to 'ASSISTANT: ' is masked."""
+    then per round (split at '</s>') the instruction part up to 'ASSISTANT: ' is masked. The text after
+    <image> is tokenized as transformers' LlavaProcessor tokenizes it (the whole text, <image> a special
+    token), so an exported model sees what training saw; with a legacy Llama tokenizer this is exactly
+    tokenizer_image_token's split-and-tokenize (a '▁' after <image>), with the Shapes tokenizer ('▁' only
+    at the start of a text) it is '\nIs', not '▁\nIs'."""
     def tokenizer_image_token(prompt):
-        chunks = [tok(c).input_ids for c in prompt.split("<image>")]
-        ids = chunks[0]
-        for c in chunks[1:]:
-            ids = ids + [-200] + c[1:]  # later chunks lose their BOS
-        return ids
+        return [-200 if t == tok.convert_tokens_to_ids("<image>") else t for t in tok(prompt).input_ids]
     prompt = data.render(turns)[0]
     ids = tokenizer_image_token(prompt)
     target = list(ids)
@@ -577,7 +577,7 @@ def test_plain_template_matches_llava_preprocess_plain(tiny_world):
     assert data.render(turns, "plain") == ("<image>A red circle.\n", [(7, 21)])
     got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9, template="plain")
     ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
-    caption = tok("A red circle.\n").input_ids[1:]  # the chunk after <image>, without BOS
+    caption = tok("<image>A red circle.\n").input_ids[2:]  # after BOS and <image>, as LlavaProcessor
     ref_ids = [tok.bos_token_id] + [4] * 9 + caption
     assert ids == ref_ids and labels == [-100] * 10 + caption
     with pytest.raises(ValueError):

@@ -1,0 +1,354 @@
+"""Round trips with the tools users already have: PEFT adapters both ways (peft itself is the
+reference for its format), an export that AutoProcessor + LlavaForConditionalGeneration use as our
+generate does, the same tokens after <image> in training, our generation and LlavaProcessor (legacy and
+non-legacy Llama tokenizers), original LLaVA's image token -200 on export, any PIL image mode."""
+import json
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+
+from data import IMAGE, preprocess_image, render, tokenize_conversation
+from model import LLaVA, ModelConfig
+from test_all import IMAGE_ID, IMG, _rewrite_keys, _to_original_llava, hf_llava, inputs, randomize_adapter, tiny_model
+
+ATOL = 1e-4
+LM_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def peft_logits(pm, pixels, ids):
+    with torch.no_grad():
+        return pm(pixel_values=pixels, input_ids=ids).logits
+
+
+@pytest.fixture
+def caught():
+    """Python warnings and transformers/peft log records of WARNING and above, as one list of strings."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+    handler = Keep(level=logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("transformers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        yield records
+        records += [str(x.message) for x in w]
+    for lg in loggers:
+        lg.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT: ours -> peft
+# ----------------------------------------------------------------------------------------
+
+def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught):
+    from peft import AutoPeftModel, PeftModel
+    from transformers import LlavaForConditionalGeneration
+    m = tiny_model()
+    m.add_adapter("policy", r=4, alpha=16, targets=LM_TARGETS)
+    randomize_adapter(m, "policy", 4)
+    m.export_hf(tmp_path / "hf")
+    m.export_peft(tmp_path / "peft", "policy", base=tmp_path / "hf")
+    cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "hf")
+    pixels, ids = inputs()
+    with torch.no_grad(), m.use_adapter("policy"):
+        ours = m(pixels, ids)
+    caught.clear()
+    pm = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"), tmp_path / "peft")
+    pm.eval()
+    assert not [w for w in caught if "adapter" in w.lower() or "missing" in w.lower()], caught
+    lora = {n for n, _ in pm.named_modules() if n.endswith(".lora_A")}
+    assert lora and all(".language_model." in n for n in lora)  # no LoRA on CLIP's q/k/v
+    assert len(lora) == 2 * 7  # 2 decoder layers x 7 projections
+    torch.testing.assert_close(peft_logits(pm, pixels, ids), ours, atol=ATOL, rtol=0)
+    trainable = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
+                                          tmp_path / "peft", is_trainable=True)
+    names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert names and all(".language_model." in n and ".lora_" in n for n in names)
+    # no base given: the adapter carries its own base (path/base) and AutoPeftModel needs nothing else
+    m.export_peft(tmp_path / "alone", "policy")
+    auto = AutoPeftModel.from_pretrained(str(tmp_path / "alone")).eval()
+    torch.testing.assert_close(peft_logits(auto, pixels, ids), ours, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT: peft -> ours
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def peft_elsewhere(tmp_path_factory):
+    """A llava-hf base saved by transformers and a PEFT LoRA trained on it with bare target names, so
+    PEFT also put LoRA on CLIP's q/k/v and on the projector's linear_1 (as users' adapters do)."""
+    from peft import LoraConfig, get_peft_model
+    root = tmp_path_factory.mktemp("peft")
+    base = hf_llava()
+    base.save_pretrained(root / "base")
+    from transformers import LlavaForConditionalGeneration
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=[f"{t}_proj" for t in LM_TARGETS] + ["linear_1"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(root / "adapter")
+    return pm, root
+
+
+def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere, capsys):
+    pm, root = peft_elsewhere
+    cfg = json.load(open(root / "adapter" / "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == str(root / "base")
+    pixels, ids = inputs(seed=3)
+    ref = peft_logits(pm, pixels, ids)
+    with pm.disable_adapter():
+        base_ref = peft_logits(pm, pixels, ids)
+    assert (ref - base_ref).abs().max() > 1e-2  # the adapter matters
+    ours = LLaVA.from_pretrained(root / "adapter").eval()  # --init takes the same path
+    assert ours.active_adapter == "default" and ours.adapters["default"]["targets"] == list(LM_TARGETS)
+    notice = capsys.readouterr().out
+    assert "merged into the base weights" in notice and len(notice.strip().splitlines()) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+    other = LLaVA.from_pretrained(root / "base").eval()
+    other.load_adapters(root / "adapter", name="elsewhere")
+    assert other.active_adapter is None
+    with torch.no_grad(), other.use_adapter("elsewhere"):
+        torch.testing.assert_close(other(pixels, ids), ref, atol=ATOL, rtol=0)
+
+
+def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_path):
+    from model import CheckpointError
+    _, root = peft_elsewhere
+    d = tmp_path / "hubbase"
+    d.mkdir()
+    cfg = json.load(open(root / "adapter" / "adapter_config.json"))
+    json.dump(dict(cfg, base_model_name_or_path="llava-hf/llava-1.5-7b-hf"), open(d / "adapter_config.json", "w"))
+    with pytest.raises(CheckpointError, match="base_model_name_or_path.*not a local directory") as e:
+        LLaVA.from_pretrained(d)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# tokenizers of both kinds; the export's processor
+# ----------------------------------------------------------------------------------------
+
+CORPUS = ["A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions. USER: What color is the circle? ASSISTANT: The "
+          "circle is red.</s>", "\nWhat is in the image? There is a red circle and a blue square.", "Is there a cat?"]
+
+
+def llama_tokenizer(legacy):
+    """transformers' own LlamaTokenizer, legacy (a '▁' before every piece after a special token, as
+    LLaVA's Vicuna tokenizers) or not ('▁' only at the start: transformers 5's default), on a small BPE
+    with byte fallback; <image> and <pad> special tokens as llava-hf's tokenizers have them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, LlamaTokenizer
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(CORPUS * 3, trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    tok = LlamaTokenizer(vocab=learned["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                         for m in learned["merges"]], legacy=legacy)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False), AddedToken("<pad>", special=True)],
+                   special_tokens=True)
+    tok.pad_token = "<pad>"
+    return tok
+
+
+def model_for(tok, seed=0):
+    torch.manual_seed(seed)
+    m = LLaVA(ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64, vision_layers=3,
+                          vision_heads=4, vocab_size=len(tok), hidden=32, intermediate=72, layers=2, heads=4,
+                          kv_heads=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+    tok = llama_tokenizer(legacy)
+    m = model_for(tok)
+    m.export_hf(tmp_path / "hf", tok)
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    n_img = m.config.num_image_tokens
+    image = Image.new("RGB", (30, 20), (200, 30, 30))
+    question, answer = "What color is the circle?", "The circle is red."
+    train = tokenize_conversation(tok, [{"from": "human", "value": IMAGE + "\n" + question},
+                                        {"from": "gpt", "value": answer}], m.config.image_token_id, n_img)
+    prompt = tokenize_conversation(tok, [{"from": "human", "value": IMAGE + "\n" + question}],
+                                   m.config.image_token_id, n_img)
+    text, _ = render([{"from": "human", "value": IMAGE + "\n" + question}, {"from": "gpt", "value": answer}])
+    theirs = proc(images=image, text=text, return_tensors="pt")["input_ids"][0]
+    assert torch.equal(train["input_ids"], theirs)  # training == the exported processor
+    assert torch.equal(prompt["input_ids"], train["input_ids"][:len(prompt["input_ids"])])  # generation == training
+    first_after = int((train["input_ids"] == m.config.image_token_id).nonzero()[0]) + n_img
+    after = tok.convert_ids_to_tokens(int(train["input_ids"][first_after]))
+    assert after.startswith("▁") == legacy, after  # legacy: '▁\nWhat' (as LLaVA's own); else '\nWhat' / '<0x0A>'
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_export_autoprocessor_generates_what_we_generate(legacy, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import common
+    tok = llama_tokenizer(legacy)
+    m = model_for(tok, seed=1)
+    m.export_hf(tmp_path / "hf", tok, template="vicuna_v1")
+    for f in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+        assert os.path.exists(tmp_path / "hf" / f), f
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image = Image.effect_mandelbrot((40, 26), (-2, -1, 1, 1), 50).convert("RGB")
+    question = "What is in the image?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    turns = [{"from": "human", "value": IMAGE + "\n" + question}]
+    assert text == render(turns)[0]
+    two = messages + [{"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Where?"}]
+    assert proc.apply_chat_template(two, add_generation_prompt=True) == render(
+        turns + [{"from": "gpt", "value": "A red circle."}, {"from": "human", "value": "Where?"}])[0]
+    batch = proc(images=image, text=text, return_tensors="pt")
+    pixels = preprocess_image(image, IMG)
+    torch.testing.assert_close(batch["pixel_values"][0], pixels, atol=1e-5, rtol=0)
+    item = common.prompt_item(tok, m, turns, None)
+    assert torch.equal(batch["input_ids"][0], item["input_ids"])
+    ours = m.generate(pixels[None], item["input_ids"][None], max_new_tokens=12, eos_token_id=-1).tokens[0]
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, item["input_ids"].numel():]
+    assert torch.equal(out, ours)
+    assert len(set(ours.tolist())) > 1  # not a degenerate repeat
+
+
+def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+    hf = hf_llava()
+    hf.save_pretrained(tmp_path / "hf")
+    hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+               mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch", mm_use_im_start_end=False, image_aspect_ratio="pad",
+               mm_vision_tower=str(tmp_path / "clip"))
+    _rewrite_keys(tmp_path / "hf", tmp_path / "orig", lambda k: _to_original_llava(k), config=cfg)
+    clip = CLIPVisionModel(hf_cfg_vision := hf.config.vision_config)
+    assert hf_cfg_vision.image_size == IMG
+    clip.save_pretrained(tmp_path / "clip")
+    ours = LLaVA.from_pretrained(tmp_path / "orig").eval()
+    assert ours.config.image_token_id == -200
+    ours.export_hf(tmp_path / "export")
+    exported = json.load(open(tmp_path / "export" / "config.json"))
+    new_id = exported["image_token_index"]
+    assert new_id >= 0 and exported["text_config"]["vocab_size"] == new_id + 1 == 101
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    pixels, ids = inputs()
+    with torch.no_grad():
+        got = theirs(pixel_values=pixels, input_ids=ids.masked_fill(ids == IMAGE_ID, new_id)).logits
+        want = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
+    torch.testing.assert_close(got[..., :100], want, atol=ATOL, rtol=0)
+    assert bool((got[..., 100] < got[..., :100].max(-1).values).all())  # the new row is never the argmax
+    # with a tokenizer that lacks <image>: the token is added to it, with the id the config names
+    from transformers import AutoTokenizer, LlamaTokenizer
+    vocab = {t: i for t, i in llama_tokenizer(legacy=True).get_vocab().items() if i < 90}
+    plain = LlamaTokenizer(vocab=vocab, merges=[], legacy=True)
+    assert len(plain) == 90 and "<image>" not in plain.get_vocab()
+    ours.export_hf(tmp_path / "export_tok", plain)
+    assert len(plain) == 90  # the caller's tokenizer is left as it was
+    back = AutoTokenizer.from_pretrained(tmp_path / "export_tok")
+    again = json.load(open(tmp_path / "export_tok" / "config.json"))
+    assert back.convert_tokens_to_ids("<image>") == again["image_token_index"] == 90
+    assert again["text_config"]["vocab_size"] == 100  # id 90 < 100 rows: nothing to grow
+
+
+# ----------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "CMYK", "I;16", "1"])
+def test_preprocess_image_takes_any_pil_mode_as_llava_does(mode):
+    from PIL import Image
+    rgb = Image.effect_mandelbrot((30, 18), (-2, -1, 1, 1), 40).convert("RGB")
+    img = rgb.convert(mode)
+    got = preprocess_image(img, 28)
+    assert got.shape == (3, 28, 28) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, preprocess_image(img.convert("RGB"), 28), atol=0, rtol=0)
+
+
+def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tiny_sft, tmp_path):
+    """A model trained here (the Shapes tokenizer: '▁' only at the start) exported with no tokenizer
+    argument: the checkpoint's own is written, and transformers generates what we generate."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import common
+    m, tok = common.load_model_and_tokenizer(tiny_sft)
+    m.eval().export_hf(tmp_path / "hf")
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image = Image.effect_mandelbrot((48, 48), (-2, -1, 1, 1), 30).convert("RGB")
+    turns = [{"from": "human", "value": IMAGE + "\nIs there a red circle?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                  {"type": "text", "text": "Is there a red circle?"}]}],
+                                    add_generation_prompt=True)
+    batch = proc(images=image, text=text, return_tensors="pt")
+    item = common.prompt_item(tok, m, turns, None)
+    assert torch.equal(batch["input_ids"][0], item["input_ids"])
+    pixels = preprocess_image(image, m.config.image_size)
+    ours = m.generate(pixels[None], item["input_ids"][None], max_new_tokens=8, eos_token_id=-1).tokens[0]
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, item["input_ids"].numel():]
+    assert torch.equal(out, ours)
+
+
+# ----------------------------------------------------------------------------------------
+# LLaVA-1.5's POPE files (the real ones: realdata_check.py)
+# ----------------------------------------------------------------------------------------
+
+def test_llava_pope_test_file_labels_by_order_and_llava_answers(tmp_path):
+    from conftest import run_cli
+
+    def jsonl(name, rows):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return str(tmp_path / name)
+    suffix = "\nAnswer the question using a single word or phrase."
+    asks = [("a.jpg", "dog", "yes"), ("a.jpg", "cat", "no"), ("b.jpg", "car", "yes"), ("b.jpg", "bus", "no")]
+    labels = {c: jsonl(f"coco_pope_{c}.json", [{"question_id": i, "image": im, "text": f"Is there a {o} in the image?",
+                                                 "label": lab} for i, (im, o, lab) in enumerate(asks)])
+              for c in ("random", "adversarial")}
+    questions = [{"question_id": 10 * k + i, "image": im, "text": f"Is there a {o} in the image?" + suffix,
+                  "category": c}
+                 for k, c in enumerate(("adversarial", "random")) for i, (im, o, _) in enumerate(asks)]
+    qfile = jsonl("llava_pope_test.jsonl", questions)
+    said = {"adversarial": ["Yes", "Yes", "No", "No"], "random": ["Yes", "No", "Yes", "No"]}
+    answers = jsonl("answers.jsonl", [{"question_id": q["question_id"], "prompt": q["text"],
+                                       "text": said[q["category"]][q["question_id"] % 10]} for q in questions])
+    argv = ["--rescore", "true", "--benchmarks", "pope", "--out", str(tmp_path / "out"), "--pope_files", qfile,
+            "--pope_labels", labels["random"], labels["adversarial"], "--llava_answers", answers]
+    code, _, err = run_cli("eval", argv)
+    assert code == 0, err
+    scores = json.load(open(tmp_path / "out" / "sft" / "scores.json"))["pope"]
+    assert scores["random"]["f1"] == 1.0 and scores["random"]["n"] == 4
+    assert (scores["adversarial"]["tp"], scores["adversarial"]["fp"], scores["adversarial"]["fn"]) == (1, 1, 1)
+    # a label file of other questions: one line naming the question file and record, exit 2
+    swapped = jsonl("coco_pope_adversarial_other.json", [{"question_id": 0, "image": "a.jpg",
+                                                          "text": "Is there a cat in the image?", "label": "no"}] * 4)
+    code, _, err = run_cli("eval", argv[:9] + [labels["random"], swapped] + argv[11:])
+    assert code == 2 and "llava_pope_test.jsonl: record 0 (id 0): field 'text'" in err
+    # an answers file for other questions
+    other = jsonl("other_answers.jsonl", [{"question_id": 0, "prompt": "Describe the image.", "text": "Yes"}])
+    code, _, err = run_cli("eval", argv[:-1] + [other])
+    assert code == 2 and "other_answers.jsonl: record 0 (id '0'): field 'prompt'" in err
