@@ -642,10 +642,26 @@ def ddpm_noise(image01, t=500, generator=None, num_steps=1000):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps on a [0,1] image tensor (C,H,W) or (B,C,H,W),
     betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5, abar = cumprod(1 - betas).
     t is 0-based (t=500 is abar[500], as POVID's alphas_bar_sqrt[t] with noise_step 500).
-    Not clamped: POVID feeds the raw tensor on (its ToPILImage cast does no clamping either), and
-    clamping would change the noise statistics that the image encoder sees."""
+    Not clamped: the raw tensor (values outside [0, 1]); povid_noisy_image makes POVID's 8-bit image of it."""
     betas = torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5
     abar = torch.cumprod(1 - betas, dim=0)[t]
     device = generator.device if generator is not None else image01.device
     eps = torch.randn(image01.shape, generator=generator, device=device, dtype=torch.float32).to(image01.device)
     return abar.sqrt() * image01 + (1 - abar).sqrt() * eps.to(image01.dtype)
+
+
+def to_pil_bytes(image01):
+    """torchvision's ToPILImage on a float tensor, (C,H,W) -> (H,W,C) uint8: `pic.mul(255).byte()`. The
+    float -> uint8 cast truncates toward zero and wraps modulo 256 (it does not clip): 1.2 -> 50, -0.5 -> 129."""
+    return torch.remainder(torch.trunc(image01.float() * 255), 256).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def povid_noisy_image(img, size, t=500, generator=None):
+    """POVID stage 2's noised image, as train_dpo_inherent.py (LazySupervisedDataset.__getitem__) makes it:
+    ToTensor of the image at its original size, the DDPM step (ddpm_noise), ToPILImage (8-bit, values
+    outside [0, 1] wrap around: 33-47% of the pixels at t = 500), and only then LLaVA's preprocessing: pad
+    to a square with the clean CLIP-mean colour, resize, normalise. Returns CLIP-normalised (3, size, size)."""
+    from PIL import Image
+    unit = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    noisy = Image.fromarray(to_pil_bytes(ddpm_noise(unit, t, generator)))
+    return normalize(image_to_unit(noisy, size))
