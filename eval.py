@@ -61,6 +61,7 @@ class Config:
     chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
     chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
     chair_captions: str = ""              # optional COCO captions file: objects its captions name count as present
+    chair_counting: str = "reference"     # CHAIR: 'reference' (chair.py: every mention, its word rules) or 'ours' (once each)
     chair_prompt: str = "Please describe this image in detail."  # CHAIR prompt for COCO images
     mmhal_file: str = ""                  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
     gavie_file: str = ""                  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test questions)
@@ -223,7 +224,7 @@ def _image_file(folder, name, file, record, field):
 def coco_chair_questions(cfg):
     if not cfg.chair_synonyms or not cfg.image_folder:
         raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder (the COCO images)")
-    syn = load_synonyms(cfg.chair_synonyms)
+    syn = load_synonyms(cfg.chair_synonyms, cfg.chair_counting)
     path = cfg.chair_instances
     ann = load_json(path)
     if not isinstance(ann, dict):
@@ -238,7 +239,7 @@ def coco_chair_questions(cfg):
         caps = load_json(cfg.chair_captions)
         for c in caps.get("annotations", []) if isinstance(caps, dict) else []:
             if c.get("image_id") in present:
-                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn))
+                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting))
     return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt, "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
             for i, img in enumerate(imgs)]
@@ -373,14 +374,20 @@ def pope_metrics(preds, labels):
 
 
 # ----------------------------------------------------------------------------------------
-# CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions. Shapes: the
-# oracle (shapes.chair_counts; 'no circle' is not a mention). COCO: plain word matching: lower-case
-# letter runs, simple plurals singularised to a known object word, 2-word synonyms first ('hot dog'),
-# 'baby/adult/passenger X' is X, 'toilet seat' is a toilet; present objects = the instance categories
-# (+ objects named by --chair_captions, which the reference also adds). Like the reference, no negation
-# handling ('no dog' mentions a dog). Unlike it, a category counts once per description (it counts
-# every repeated word). Synonym file = CHAIR's data/synonyms.txt: one line per COCO category,
-# comma-separated, the canonical category name first: "person, girl, boy, man, woman, ...".
+# CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions.
+# --chair_counting reference (default; what published CHAIR numbers used): chair.py's procedure. Every
+# mention counts, repeated or negated ("a dog chases a dog" is 2 mentions, "no dog" is 1). COCO: the
+# caption lower-cased, tokenized (nltk.word_tokenize there; words, digits and hyphenated words here),
+# each token singularized with pattern.en's rules (so 'glasses' -> 'glas', and 'bus' -> 'bu', which is
+# then no object word: as in chair.py), its fixed two-word list merged ('hot dog', 'baby bird' -> bird,
+# 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and every remaining word that
+# is a synonyms.txt entry mapped to its category. synonyms.txt is read as chair.py reads it: each line
+# stripped and split at ", " (an entry written with a leading space, as ' motor bike', never matches).
+# Shapes: every shape noun the oracle reads (shapes.oracle mentions; it skips questions).
+# --chair_counting ours: a category once per description, 'no circle' is not a mention on Shapes, and
+# plurals singularised only to known object words ('bus' stays a bus); kept because it does not reward
+# or punish repetition and negation, but it is not the metric the papers report.
+# Present objects = the instance categories (+ objects named by --chair_captions, as chair.py adds).
 # ----------------------------------------------------------------------------------------
 
 IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
@@ -388,16 +395,86 @@ IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "ch
 QUALIFIERS = {"baby", "adult", "passenger"}  # 'baby elephant' is an elephant, not a person (as CHAIR's rules)
 PAIR_TO_WORD = {"toilet seat": "toilet", "bow tie": "tie"}
 
+# chair.py's two-word rules: {pair: the word it is read as}
+CHAIR_DOUBLE_WORDS = {w: w for w in (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
+    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
+    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
+    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track")}
+for _w in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"):
+    CHAIR_DOUBLE_WORDS.update({f"baby {_w}": _w, f"adult {_w}": _w})
+CHAIR_DOUBLE_WORDS.update({"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
+                           "toilet seat": "toilet", "wine glas": "wine glass"})
 
-def load_synonyms(path):
-    """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py)."""
+# pattern.en singularize (the version chair.py imports), the parts that English captions reach: a word
+# that ends a listed uninflected/uncountable word stays; '-ies' words of the ie list lose the 's';
+# irregular endings; then the first matching suffix rule.
+_UNCHANGED = (
+    "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn high-jinks "
+    "proceedings whiting britches eland homework rabies wildebeest carp elk innings salmon chassis flounder "
+    "jackanapes scissors christmas gallows mackerel series clippers georgia measles shears cod graffiti mews "
+    "species contretemps mumps swine corps news swiss advice equipment happiness luggage software bread fruit "
+    "information mathematics progress understanding butter furniture ketchup mayonnaise research water cheese "
+    "garbage knowledge meat rice electricity gravel love mustard sand").split()
+_IE = ("alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie indie "
+       "oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie laddie pixie techie bombie "
+       "groupie laramie quickie ^tie collie hankie lingerie reverie toughie cookie hippie meanie rookie "
+       "valkyrie").split()  # '^pie' and '^tie' are literal strings there: 'ties' -> 'ty'
+_IRREGULAR_END = {
+    "atlantes": "atlas", "atlases": "atlas", "axes": "axe", "beeves": "beef", "brethren": "brother",
+    "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris", "feet": "foot",
+    "ganglia": "ganglion", "geese": "goose", "genera": "genus", "genii": "genie", "graffiti": "graffito",
+    "helves": "helve", "kine": "cow", "leaves": "leaf", "loaves": "loaf", "men": "man", "mongooses": "mongoose",
+    "monies": "money", "moves": "move", "mythoi": "mythos", "numena": "numen", "occipita": "occiput",
+    "octopodes": "octopus", "opera": "opus", "opuses": "opus", "our": "my", "oxen": "ox", "penes": "penis",
+    "penises": "penis", "people": "person", "sexes": "sex", "soliloquies": "soliloquy", "teeth": "tooth",
+    "testes": "testis", "trilbys": "trilby", "turves": "turf", "zoa": "zoon"}
+_SUFFIX_RULES = [(re.compile(a), b) for a, b in (
+    (r"(.)ae$", r"\1a"), (r"(.)itis$", r"\1itis"), (r"(.)eaux$", r"\1eau"), (r"(quiz)zes$", r"\1"),
+    (r"(matr)ices$", r"\1ix"), (r"(ap|vert|ind)ices$", r"\1ex"), (r"^(ox)en", r"\1"), (r"(alias|status)es$", r"\1"),
+    (r"([octop|vir])i$", r"\1us"), (r"(cris|ax|test)es$", r"\1is"), (r"(shoe)s$", r"\1"), (r"(o)es$", r"\1"),
+    (r"(bus)es$", r"\1"), (r"([m|l])ice$", r"\1ouse"), (r"(x|ch|ss|sh)es$", r"\1"), (r"(m)ovies$", r"\1ovie"),
+    (r"(.)ombies$", r"\1ombie"), (r"(s)eries$", r"\1eries"), (r"([^aeiouy]|qu)ies$", r"\1y"),
+    (r"([aeo]l)ves$", r"\1f"), (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"),
+    (r"([nlw]i)ves$", r"\1fe"), (r"([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"), (r"(sive)s$", r"\1"),
+    (r"(tive)s$", r"\1"), (r"(hive)s$", r"\1"), (r"([^f])ves$", r"\1fe"), (r"(^analy)ses$", r"\1sis"),
+    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1sis"), (r"(.)opses$", r"\1opsis"),
+    (r"(.)yses$", r"\1ysis"), (r"(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
+    (r"(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"), (r"(.)oses$", r"\1osis"),
+    (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""))]
+
+
+def singularize_like_pattern(word):
+    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glasses' -> 'glas', 'bus' -> 'bu')."""
+    if any(x.endswith(word) for x in _UNCHANGED):
+        return word
+    if any(word.endswith(x + "s") for x in _IE):
+        return word
+    for end, single in _IRREGULAR_END.items():
+        if word.endswith(end):
+            return word[:len(word) - len(end)] + single
+    for rule, repl in _SUFFIX_RULES:
+        m = rule.search(word)
+        if m:
+            for k, group in enumerate(m.groups(), 1):  # an optional group that did not take part reads as ''
+                repl = repl.replace(f"\\{k}", "") if group is None else repl
+            return rule.sub(repl, word)
+    return word
+
+
+def load_synonyms(path, counting="reference"):
+    """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py).
+    reference: entries exactly as chair.py splits them (", "); ours: split at commas, spaces normalised."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
     syn = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
-            syn.update({w: words[0] for w in words})
+            if counting == "reference":
+                words = [w for w in line.strip().split(", ") if w]
+            else:
+                words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
+            syn.update({w: words[0] for w in words} if words else {})
     if not syn:
         raise DataError(path, message="no synonyms (expected lines 'category, synonym, synonym, ...')")
     return syn
@@ -415,8 +492,19 @@ def singular(word, vocab):
     return next((c for c in cands if c in vocab), word)
 
 
-def coco_objects(text, syn):
-    """Distinct canonical COCO objects a caption names, in order."""
+def coco_objects(text, syn, counting="reference"):
+    """The canonical COCO objects a caption names, in order: every mention (reference, chair.py's
+    caption_to_words) or each category once (ours)."""
+    if counting == "reference":
+        words = [singularize_like_pattern(w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())]
+        merged, i = [], 0
+        while i < len(words):
+            pair = " ".join(words[i:i + 2])
+            merged.append(CHAIR_DOUBLE_WORDS.get(pair, words[i]))
+            i += 2 if pair in CHAIR_DOUBLE_WORDS else 1
+        if "toilet" in merged and "seat" in merged:  # 'the seat of the toilet' is no chair
+            merged = [w for w in merged if w != "seat"]
+        return [syn[w] for w in merged if w in syn]
     vocab = {w for phrase in syn for w in phrase.split()}
     toks = [singular(w, vocab) for w in re.findall(r"[a-z]+", text.lower())]
     found, i = [], 0
@@ -432,11 +520,15 @@ def coco_objects(text, syn):
     return list(dict.fromkeys(found))
 
 
-def chair_counts(q, text):
-    """(object categories mentioned, how many are not in the image) for one description."""
-    if "syn" not in q:
-        return shapes.chair_counts(text, q["objects"])
-    objs = coco_objects(text, q["syn"])
+def chair_counts(q, text, counting="reference"):
+    """(object mentions, how many name an object that is not in the image) for one description."""
+    if "syn" not in q:  # Shapes: the oracle reads the shape nouns
+        if counting == "ours":
+            return shapes.chair_counts(text, q["objects"])
+        present = {o["name"] for o in q["objects"]}
+        names = [m["name"] for m in shapes.oracle(text, q["objects"])["mentions"] if m["name"]]
+        return len(names), sum(n not in present for n in names)
+    objs = coco_objects(text, q["syn"], counting)
     return len(objs), sum(o not in q["objects"] for o in objs)
 
 
@@ -783,7 +875,7 @@ def evaluate(cfg, ckpt, name, bench, judges):
         qs = bench["chair"]
         lines = ans.answers("chair", qs, os.path.join(out, "answers_chair.jsonl"), cfg.max_new_tokens)
         texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
-        scores["chair"] = chair_metrics([chair_counts(q, t) for q, t in texts], [len(t.split()) for _, t in texts])
+        scores["chair"] = chair_metrics([chair_counts(q, t, cfg.chair_counting) for q, t in texts], [len(t.split()) for _, t in texts])
     for b, metrics, keep in (("mmhal", mmhal_metrics, ("question_type",)), ("gavie", gavie_metrics, ("qtype",))):
         if b in bench:
             lines = ans.answers(b, bench[b], os.path.join(out, f"answers_{b}.jsonl"), cfg.max_new_tokens, keep)
@@ -839,6 +931,8 @@ def main(cfg):
         raise common.ConfigError(f"--judge {cfg.judge}: choose oracle, openai or local")
     if cfg.batch_size < 1 or cfg.temperature < 0:
         raise common.ConfigError("--batch_size must be >= 1 and --temperature >= 0")
+    if cfg.chair_counting not in ("reference", "ours"):
+        raise common.ConfigError(f"--chair_counting {cfg.chair_counting}: choose reference or ours")
     ckpts = list(cfg.compare) or [cfg.ckpt]
     for c in ckpts if not cfg.rescore else []:  # fail before any work on a checkpoint that cannot load
         if not os.path.isdir(c):

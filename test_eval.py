@@ -82,11 +82,38 @@ def test_pope_parser_follows_the_reference(answer, want):
 def test_chair_on_shapes_via_the_oracle():
     captions = ["A red circle and a blue triangle.",              # 2 mentions, 0 hallucinated
                 "A red disc and a blue square.",                  # disc = circle; square is not there: 2, 1
-                "There is no square. A doughnut is at the top."]  # 'no square' is no mention; doughnut = ring: 1, 1
+                "There is no square. A doughnut is at the top.",  # chair.py counts 'no square' too; doughnut = ring
+                "A red circle and a red circle."]                 # chair.py counts the repeat: 2, 0
     counts = [E.chair_counts({"objects": OBJECTS}, c) for c in captions]
-    assert counts == [(2, 0), (2, 1), (1, 1)]
+    assert counts == [(2, 0), (2, 1), (2, 2), (2, 0)]
     m = E.chair_metrics(counts, [len(c.split()) for c in captions])
-    assert m["chair_i"] == pytest.approx(2 / 5) and m["chair_s"] == pytest.approx(2 / 3)
+    assert m["chair_i"] == pytest.approx(3 / 8) and m["chair_s"] == pytest.approx(2 / 4)
+    ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]  # once each, negations skipped
+    assert ours == [(2, 0), (2, 1), (1, 1), (1, 0)]
+
+
+def test_chair_reference_counting_on_coco_by_hand(tmp_path):
+    """chair.py's caption_to_words by hand: lower-case, tokenize, singularize (pattern.en), merge its two-word
+    list, drop 'seat' beside 'toilet', keep synonyms.txt entries (split at ', ' exactly)."""
+    (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\nwine glass\n"
+                                           "elephant\ntoilet\nchair, seat\nbus, minibus\nmotorcycle,  motor bike, moped\n")
+    syn = E.load_synonyms(str(tmp_path / "synonyms.txt"))
+    assert " motor bike" in syn and "motor bike" not in syn  # chair.py's split keeps the leading space
+    text = "A dog chases a dog past a bus and two men near a toilet seat; a baby elephant, wine glasses and a motor bike."
+    # dog, dog (both count); bus -> 'bu' (pattern), no object; men -> man -> person; toilet (its seat dropped);
+    # 'baby elephant' -> elephant; 'wine glasses' -> 'wine glass'; 'motor bike' merged but no entry matches it
+    assert E.coco_objects(text, syn) == ["dog", "dog", "person", "toilet", "elephant", "wine glass"]
+    q = {"syn": syn, "objects": {"dog", "toilet"}}
+    assert E.chair_counts(q, text) == (6, 3)
+    assert E.chair_counts(q, "A hot dog and two puppies.") == (2, 1)  # hot dog (absent), puppy -> dog
+    m = E.chair_metrics([(6, 3), (2, 1)], [1, 1])
+    assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
+    ours = E.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")  # once each; bus, motor bike read as objects
+    assert E.coco_objects(text, ours, "ours") == ["dog", "bus", "person", "toilet", "elephant", "wine glass", "motorcycle"]
+    words = {"glasses": "glass", "glass": "glas", "bus": "bu", "buses": "bus", "people": "person", "women": "woman",
+             "knives": "knife", "puppies": "puppy", "benches": "bench", "ties": "ty", "cookies": "cookies",
+             "skis": "ski", "mice": "mouse", "sheep": "sheep", "scissors": "scissors"}
+    assert {w: E.singularize_like_pattern(w) for w in words} == words
 
 
 def test_chair_coco_word_matcher(tmp_path):
@@ -102,17 +129,17 @@ def test_chair_coco_word_matcher(tmp_path):
     for f in ("a.jpg", "b.jpg"):
         (tmp_path / f).write_bytes(b"not decoded here")
     cfg = E.Config(chair_instances=str(tmp_path / "instances.json"), chair_synonyms=str(tmp_path / "synonyms.txt"),
-                   image_folder=str(tmp_path))
+                   image_folder=str(tmp_path), chair_counting="ours")
     q7, q9 = E.coco_chair_questions(cfg)
     assert (q7["id"], q7["objects"], q9["objects"]) == ("7", {"person", "dog"}, {"dining table", "wine glass"})
     syn = q7["syn"]
     # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person counted once
-    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn) == ["person", "dog", "hot dog"]
+    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn, "ours") == ["person", "dog", "hot dog"]
     # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining table
-    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn) == ["elephant", "dining table", "wine glass"]
-    assert E.coco_objects("A toilet seat.", syn) == ["toilet"]  # not a chair
-    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand."),       # 3 mentions, 1 hallucinated
-              E.chair_counts(q9, "A baby elephant near a table with wine glasses.")]        # 3 mentions, 1 hallucinated
+    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn, "ours") == ["elephant", "dining table", "wine glass"]
+    assert E.coco_objects("A toilet seat.", syn, "ours") == ["toilet"]  # not a chair
+    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),       # 3 mentions, 1 hallucinated
+              E.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]        # 3 mentions, 1 hallucinated
     assert counts == [(3, 1), (3, 1)]
     m = E.chair_metrics(counts, [1, 1])
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
