@@ -74,6 +74,7 @@ class Config:
     judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
+    mmhal_rating: str = "reference"       # MMHal replies without exactly one rating: 'reference' (score 0) or 'ours' (left out)
     rescore: bool = False                 # score the answers on disk; never load a model or generate
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)
@@ -634,11 +635,16 @@ def gavie_prompt(q, answer):
     return GAVIE_PROMPT.format(boxes=boxes, question=q["prompt"], answer=answer)
 
 
-def parse_rating(reply):
-    """The one value k of 'rating: k' (case-insensitive, k in 0-6), or None when there are zero or
-    several values. The same value repeated counts once, as in eval_gpt4.py (which scores a reply
-    without exactly one value as 0; we flag it, count it and leave it out: score_unparsed_as_0)."""
-    found = {int(k) for k in re.findall(r"rating:\s*([0-6])(?!\d)", str(reply).lower())}
+def parse_rating(reply, rule="reference"):
+    """The one rating 0-6 a judge reply gives, or None when it gives none or several different ones.
+    reference (eval_gpt_mmhal.py): the k in 0..6 for which the text 'rating: k' occurs in the lower-cased
+    reply ('Rating:5' is none, 'Rating: 60' reads as 6). ours: 'rating:' then any spaces and one digit
+    0-6 not followed by another digit. Either way the same value repeated counts once."""
+    text = str(reply).lower()
+    if rule == "reference":
+        found = {k for k in range(7) if f"rating: {k}" in text}
+    else:
+        found = {int(k) for k in re.findall(r"rating:\s*([0-6])(?!\d)", text)}
     return found.pop() if len(found) == 1 else None
 
 
@@ -658,18 +664,21 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def mmhal_metrics(qs, replies):
-    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt4.py)."""
-    ratings = {q["id"]: parse_rating(replies[q["id"]]) for q in qs if q["id"] in replies}
-    bad = [i for i, k in ratings.items() if k is None]
-    ratings = {i: k for i, k in ratings.items() if k is not None}
+def mmhal_metrics(qs, replies, rule="reference"):
+    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt_mmhal.py).
+    A reply without exactly one rating (`unparsed`) scores 0 and so counts as a hallucination, as the
+    reference scores it (rule 'reference'); with rule 'ours' it is left out of every mean and counted
+    (a judge's format slip is not the model's hallucination; `score_unparsed_as_0` gives the other view)."""
+    parsed = {q["id"]: parse_rating(replies[q["id"]], rule) for q in qs if q["id"] in replies}
+    bad = [i for i, k in parsed.items() if k is None]
+    as_0 = {i: 0 if k is None else k for i, k in parsed.items()}
+    ratings = as_0 if rule == "reference" else {i: k for i, k in parsed.items() if k is not None}
     vals = list(ratings.values())
     types = list(MMHAL_TYPES) + sorted({q["question_type"] for q in qs} - set(MMHAL_TYPES))
     per_type = {t: _mean([ratings[q["id"]] for q in qs if q["question_type"] == t and q["id"] in ratings]) for t in types}
     return {"score": _mean(vals), "hallucination_rate": _mean([float(v < 3) for v in vals]),
             "per_type": {t: v for t, v in per_type.items() if v is not None}, "n": len(vals),
-            "unparsed": len(bad), "unparsed_ids": bad[:20],
-            "score_unparsed_as_0": sum(vals) / (len(vals) + len(bad)) if vals or bad else None}
+            "unparsed": len(bad), "unparsed_ids": bad[:20], "score_unparsed_as_0": _mean(list(as_0.values()))}
 
 
 def gavie_metrics(qs, replies):
@@ -876,14 +885,16 @@ def evaluate(cfg, ckpt, name, bench, judges):
         lines = ans.answers("chair", qs, os.path.join(out, "answers_chair.jsonl"), cfg.max_new_tokens)
         texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
         scores["chair"] = chair_metrics([chair_counts(q, t, cfg.chair_counting) for q, t in texts], [len(t.split()) for _, t in texts])
-    for b, metrics, keep in (("mmhal", mmhal_metrics, ("question_type",)), ("gavie", gavie_metrics, ("qtype",))):
+    for b, keep in (("mmhal", ("question_type",)), ("gavie", ("qtype",))):
         if b in bench:
             lines = ans.answers(b, bench[b], os.path.join(out, f"answers_{b}.jsonl"), cfg.max_new_tokens, keep)
             replies = judge_replies(b, bench[b], lines, os.path.join(out, f"judge_{b}.jsonl"), judges, cfg, name)
-            scores[b] = metrics(bench[b], replies)
+            scores[b] = mmhal_metrics(bench[b], replies, cfg.mmhal_rating) if b == "mmhal" else \
+                gavie_metrics(bench[b], replies)
             if scores[b]["unparsed"]:
+                how = "scored 0" if b == "mmhal" and cfg.mmhal_rating == "reference" else "excluded"
                 print(f"warning: {name} {b}: {scores[b]['unparsed']} judge replies without a valid score "
-                      f"(excluded; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
+                      f"({how}; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
     write_json(scores, os.path.join(out, "scores.json"))
     return scores
 
@@ -931,6 +942,8 @@ def main(cfg):
         raise common.ConfigError(f"--judge {cfg.judge}: choose oracle, openai or local")
     if cfg.batch_size < 1 or cfg.temperature < 0:
         raise common.ConfigError("--batch_size must be >= 1 and --temperature >= 0")
+    if cfg.mmhal_rating not in ("reference", "ours"):
+        raise common.ConfigError(f"--mmhal_rating {cfg.mmhal_rating}: choose reference or ours")
     if cfg.chair_counting not in ("reference", "ours"):
         raise common.ConfigError(f"--chair_counting {cfg.chair_counting}: choose reference or ours")
     ckpts = list(cfg.compare) or [cfg.ckpt]

@@ -148,18 +148,27 @@ def test_chair_coco_word_matcher(tmp_path):
 # ----------------------------------------------------------------------------------------------- MMHal, GAVIE, oracle
 
 def test_rating_parsers():
-    assert E.parse_rating("The answer looks fine.") is None                       # zero ratings
-    assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative") == 4
-    assert E.parse_rating("RATING: 2") == 2
-    assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3") is None       # two ratings: flagged
-    assert E.parse_rating("Rating: 5. Final rating: 5") == 5                      # one value (as the reference)
-    assert E.parse_rating("Rating: 7") is None and E.parse_rating("Rating: 60") is None
+    for rule in ("reference", "ours"):
+        assert E.parse_rating("The answer looks fine.", rule) is None                 # zero ratings
+        assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative", rule) == 4
+        assert E.parse_rating("RATING: 2", rule) == 2
+        assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None  # two ratings
+        assert E.parse_rating("Rating: 5. Final rating: 5", rule) == 5                # one value
+        assert E.parse_rating("Rating: 7", rule) is None
+    # eval_gpt_mmhal.py tests the text 'rating: k' for k = 0..6: 'rating: 60' holds 'rating: 6', 'rating:5' none
+    assert E.parse_rating("Rating: 60") == 6 and E.parse_rating("Rating: 60", "ours") is None
+    assert E.parse_rating("Rating:5") is None and E.parse_rating("Rating:5", "ours") == 5
     assert E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok") == {"relevancy": 8.0, "accuracy": 6.0}
     assert E.parse_gavie("Relevancy: 8") is None and E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
     assert E.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
     q = [{"id": str(i), "question_type": t} for i, t in enumerate(["attribute", "attribute", "counting", "other"])]
-    m = E.mmhal_metrics(q, {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"})
-    # rated 6, 2, 4: mean 4, one of three below 3; the unparsable reply is counted and left out
+    replies = {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"}
+    m = E.mmhal_metrics(q, replies)
+    # the reference: ratings 6, 2, 4 and 0 for the unreadable reply: mean 3, two of four below 3
+    assert m["score"] == pytest.approx(3.0) and m["hallucination_rate"] == pytest.approx(2 / 4) and m["n"] == 4
+    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0, "other": 0.0} and m["unparsed_ids"] == ["3"]
+    m = E.mmhal_metrics(q, replies, "ours")
+    # ours: rated 6, 2, 4: mean 4, one of three below 3; the unreadable reply is counted and left out
     assert m["score"] == pytest.approx(4.0) and m["hallucination_rate"] == pytest.approx(1 / 3)
     assert m["per_type"] == {"attribute": 4.0, "counting": 4.0} and (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
     assert m["score_unparsed_as_0"] == pytest.approx(3.0)
@@ -301,7 +310,7 @@ def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):
     base = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_backoff", "0.01")
     FakeAPI.script = [(200, "I cannot rate this.")] * 4  # garbage replies: counted and flagged, not a crash
     scores = run_cli(env, out, *base, "--judge_url", api)["m0"]["mmhal"]
-    assert scores["unparsed"] == 4 and scores["n"] == 0 and scores["score"] is None
+    assert scores["unparsed"] == 4 and scores["n"] == 4 and scores["score"] == 0  # the reference scores them 0
     answers = open(out / "m0" / "answers_mmhal.jsonl").read()
     os.remove(out / "m0" / "judge_mmhal.jsonl")
     capsys.readouterr()
