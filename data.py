@@ -276,19 +276,52 @@ def eval_question(captions, rng, wording="llava-rlhf"):
 
 
 def reward_item(tokenizer, model_config, prompt, response, captions, rng, template="vicuna_v1", max_len=1024,
-                wording="llava-rlhf"):
+                wording="llava-rlhf", space=False):
     """Token ids the reward model reads: the conversation, the response, the evaluation turn and the start
     of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that answer as a
     finished turn and drops the final '</s>' token, so the score sits on the last prompt token. None when
-    longer than max_len (never cut: the score position would move)."""
-    turns = list(prompt) + [{"from": "gpt", "value": response},
-                            {"from": "human", "value": eval_question(captions, rng, wording)},
-                            {"from": "gpt", "value": EVAL_ANSWER}]
+    longer than max_len (never cut: the score position would move).
+    space=True: '...{response}</s> USER: Please evaluate...', verbatim LLaVA-RLHF (it appends
+    ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters is that
+    reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
+    turns = list(prompt) + [{"from": "gpt", "value": response}]
+    if space:
+        text = render(turns, template)[0] + " " + eval_turn(captions, rng, wording)
+        ids = torch.tensor([i if i is not None else model_config.image_token_id
+                            for i in _tokenize_with_offsets(tokenizer, text)[0]], dtype=torch.long)
+        ids = _expand_image(ids, model_config)
+        return None if len(ids) > max_len else {"input_ids": ids}
+    turns += [{"from": "human", "value": eval_question(captions, rng, wording)}, {"from": "gpt", "value": EVAL_ANSWER}]
     t = tokenize_conversation(tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
                               max_len=1 << 30, template=template)
     ids = t["input_ids"]
     if int(ids[-1]) == tokenizer.eos_token_id:
         ids = ids[:-1]
+    return None if len(ids) > max_len else {"input_ids": ids}
+
+
+def eval_turn(captions, rng, wording="llava-rlhf"):
+    """The evaluation turn as LLaVA-RLHF's reward prompt file writes it (no leading space, no final '</s>')."""
+    return f"USER: {eval_question(captions, rng, wording)} ASSISTANT: {EVAL_ANSWER}"
+
+
+def _expand_image(ids, model_config):
+    """One image placeholder id -> num_image_tokens copies (tokenize_conversation's image expansion)."""
+    at = (ids == model_config.image_token_id).nonzero()[:, 0].tolist()
+    if not at:
+        return ids
+    img = torch.full((model_config.num_image_tokens,), model_config.image_token_id, dtype=torch.long)
+    return torch.cat([ids[:at[0]], img, ids[at[0] + 1:]])
+
+
+def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max_len=1 << 30, wording="llava-rlhf",
+                         space=True):
+    """LLaVA-RLHF's PPO input to the reward model (ppo_trainer.py rollout): the prompt's token ids, the
+    sampled response ids as they are ('</s>' only when it was sampled; never decoded and re-tokenized), then
+    the evaluation turn tokenized on its own without special tokens (' USER: Please evaluate ... is')."""
+    tail = (" " if space else "") + eval_turn(captions, rng, wording)
+    turn = torch.tensor(tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.cat([prompt_ids.cpu(), response_ids.cpu(), turn])
     return None if len(ids) > max_len else {"input_ids": ids}
 
 
