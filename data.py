@@ -93,6 +93,10 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
     text, spans = render(turns, template)
     if train_on == "last":
         spans = spans[-1:]
+    # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2) learns every
+    # token after "ASSISTANT:", so also a lone '▁' for the space when the answer starts with a digit, a
+    # newline or a character that has no merged '▁X' piece: the separating space belongs to the answer.
+    spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
     raw, offsets = _tokenize_with_offsets(tokenizer, text)
     ids, labels = [], []
     for tok, (a, b) in zip(raw, offsets):
