@@ -22,6 +22,7 @@ evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pop
 Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh, Eval/model_vqa.py and MMHal-Bench-eval/eval_gpt4.py,
 LisaAnne/Hallucination utils/chair.py, FuxiaoLiu/LRV-Instruction Evaluation/evaluate.py.
 """
+import hashlib
 import http.client
 import json
 import math
@@ -74,6 +75,7 @@ class Config:
     judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
+    judge_prompt: tuple = ()              # mmhal=FILE and/or gavie=FILE: the official judge prompt with named placeholders
     mmhal_rating: str = "reference"       # MMHal replies without exactly one rating: 'reference' (score 0) or 'ours' (left out)
     rescore: bool = False                 # score the answers on disk; never load a model or generate
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
@@ -630,9 +632,58 @@ def mmhal_prompt(q, answer):
 
 
 def gavie_prompt(q, answer):
-    boxes = "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
-                      for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
-    return GAVIE_PROMPT.format(boxes=boxes, question=q["prompt"], answer=answer)
+    return GAVIE_PROMPT.format(boxes=gavie_boxes(q), question=q["prompt"], answer=answer)
+
+
+def gavie_boxes(q):
+    return "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
+                     for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
+
+
+# --judge_prompt: a user's copy of the official prompt (MMHal-Bench's eval_gpt_mmhal.py `template`, LRV's
+# Evaluation/evaluate.py lines) with named placeholders; only these are filled, every other brace stays.
+PLACEHOLDERS = {"mmhal": ("image_content", "question", "gt_answer", "answer"), "gavie": ("boxes", "question", "answer")}
+
+
+def load_judge_prompts(entries):
+    """{'mmhal' | 'gavie': template text} from --judge_prompt BENCH=FILE entries; each template must hold
+    {question} and {answer} and no placeholder of the other benchmark."""
+    out = {}
+    for entry in entries:
+        bench, sep, path = str(entry).partition("=")
+        if not sep or bench not in PLACEHOLDERS:
+            raise common.ConfigError(f"--judge_prompt {entry}: expected mmhal=FILE or gavie=FILE")
+        if not os.path.isfile(path):
+            raise DataError(path, message="file not found (--judge_prompt)")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        used = set(re.findall(r"\{(\w+)\}", text)) & {n for names in PLACEHOLDERS.values() for n in names}
+        missing = [n for n in ("question", "answer") if n not in used]
+        foreign = sorted(used - set(PLACEHOLDERS[bench]))
+        if missing or foreign:
+            raise DataError(path, message=f"a {bench} judge prompt needs {{question}} and {{answer}} and may hold "
+                                          f"{', '.join('{' + n + '}' for n in PLACEHOLDERS[bench])}"
+                                          f"{'; missing ' + ', '.join(missing) if missing else ''}"
+                                          f"{'; not for ' + bench + ': ' + ', '.join(foreign) if foreign else ''}")
+        out[bench] = text
+    return out
+
+
+def fill_judge_prompt(template, bench, q, answer):
+    """The template with its named placeholders filled from the record (MMHal: image contents joined
+    with ', ' as eval_gpt_mmhal.py joins them; GAVIE: one box per line)."""
+    values = {"question": q["prompt"], "answer": answer}
+    if bench == "mmhal":
+        values.update(image_content=", ".join(q["image_content"]), gt_answer=q["gt"])
+    else:
+        values.update(boxes=gavie_boxes(q))
+    return re.sub(r"\{(" + "|".join(PLACEHOLDERS[bench]) + r")\}", lambda m: values[m.group(1)], template)
+
+
+def judge_prompt(bench, q, answer, templates):
+    if bench in templates:
+        return fill_judge_prompt(templates[bench], bench, q, answer)
+    return (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
 
 
 def parse_rating(reply, rule="reference"):
@@ -649,11 +700,15 @@ def parse_rating(reply, rule="reference"):
 
 
 def parse_gavie(reply):
-    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (each exactly one value in
-    0-10; the format our prompt asks for), or None."""
-    out = {}
+    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt asks
+    for), or from LRV's official output format ('Relevancy:\\nscore of the answer1: x\\nreason: ...');
+    each exactly one value in 0-10, else None."""
+    text, out = str(reply).lower(), {}
     for key in ("relevancy", "accuracy"):
-        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", str(reply).lower())}
+        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", text)}
+        section = re.search(rf"\b{key}\s*:(.*?)(?=\b(?:relevancy|accuracy)\s*:|$)", text, re.S)
+        if not found and section:
+            found = {float(v) for v in re.findall(r"score of the answer\s*1\s*:\s*(\d+(?:\.\d+)?)", section.group(1))}
         if len(found) != 1 or not 0 <= min(found) <= 10:
             return None
         out[key] = found.pop()
@@ -846,18 +901,21 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are appended."""
     if "judge" not in judges:  # made once per run, on first use (a local judge loads a model)
         judges["judge"] = make_judge(cfg)
-    judge = judges["judge"]
+    judge, templates = judges["judge"], judges.get("templates", {})
+    jname = judge.name  # a user's prompt template is part of who judged: another template, other replies
+    if bench in templates:
+        jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
     cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "") for r in read_jsonl(path)}
-    todo = [q for q in qs if q["id"] in lines and (q["id"], judge.name, lines[q["id"]]["answer"]) not in cache]
+    todo = [q for q in qs if q["id"] in lines and (q["id"], jname, lines[q["id"]]["answer"]) not in cache]
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=judge.name != "oracle"):
             answer = lines[q["id"]]["answer"]
-            prompt = (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
+            prompt = judge_prompt(bench, q, answer, templates)
             reply = judge(prompt, dict(q, answer=answer, bench=bench))
-            f.write(json.dumps({"id": q["id"], "judge": judge.name, "answer": answer, "reply": reply}) + "\n")
+            f.write(json.dumps({"id": q["id"], "judge": jname, "answer": answer, "reply": reply}) + "\n")
             f.flush()
-            cache[(q["id"], judge.name, answer)] = reply
-    return {q["id"]: cache[(q["id"], judge.name, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
+            cache[(q["id"], jname, answer)] = reply
+    return {q["id"]: cache[(q["id"], jname, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
 
 
 # ----------------------------------------------------------------------------------------
@@ -958,7 +1016,7 @@ def main(cfg):
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({type(e).__name__}: {e})")
     common.ensure_writable(cfg.out)
     bench = load_benchmarks(cfg)
-    judges, rows = {}, {}
+    judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
     for ckpt, name in zip(ckpts, run_names(ckpts)):
         t0 = time.time()
         rows[name] = evaluate(cfg, ckpt, name, bench, judges)

@@ -15,6 +15,7 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import common
 import eval as E  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -246,6 +247,49 @@ def test_openai_judge_retries_and_parses(api):
     FakeAPI.script = [(400, "bad request")]
     with pytest.raises(E.JudgeError, match="HTTP 400"):  # not retried
         E.make_judge(cfg)("x", {})
+
+
+MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n### Image Contents\n{image_content}\n\n### Question\n{question}\n\n"
+                  "### Standard Human-Generated Answer\n{gt_answer}\n\n### LMM Response to Evaluate\n{answer}\n")
+GAVIE_TEMPLATE = "bounding box:\n{boxes}\n\nHere is the instruction for the image:\n{question}\n\nAnswer1: {answer}\n"
+
+
+def test_judge_prompt_files_fill_their_placeholders(tmp_path):
+    (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    (tmp_path / "gavie.txt").write_text(GAVIE_TEMPLATE)
+    t = E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"gavie={tmp_path / 'gavie.txt'}"))
+    q = {"prompt": "What color is the circle?", "gt": "The circle is red.", "image_content": ["Circle", "Triangle"],
+         "boxes": [("large red circle", [1, 17, 14, 14]), ("small blue triangle", [35, 3, 9, 8])]}
+    assert E.judge_prompt("mmhal", q, "It is {blue}.", t) == (  # eval_gpt_mmhal.py joins the contents with ', '
+        'Judge it. Reply as {"rating": k}.\n### Image Contents\nCircle, Triangle\n\n### Question\nWhat color is the '
+        "circle?\n\n### Standard Human-Generated Answer\nThe circle is red.\n\n### LMM Response to Evaluate\n"
+        "It is {blue}.\n")  # other braces, in the template or the answer, stay as they are
+    assert E.judge_prompt("gavie", q, "Red.", t) == (
+        "bounding box:\nlarge red circle X:1 Y:17 Width:14 Height:14\nsmall blue triangle X:35 Y:3 Width:9 Height:8"
+        "\n\nHere is the instruction for the image:\nWhat color is the circle?\n\nAnswer1: Red.\n")
+    assert E.judge_prompt("mmhal", q, "Red.", {}) == E.mmhal_prompt(q, "Red.")  # no file: ours
+    (tmp_path / "bad.txt").write_text("{question} {boxes} {answer}")
+    with pytest.raises(E.DataError, match="not for mmhal: boxes"):
+        E.load_judge_prompts((f"mmhal={tmp_path / 'bad.txt'}",))
+    (tmp_path / "noanswer.txt").write_text("{question}")
+    with pytest.raises(E.DataError, match="missing answer"):
+        E.load_judge_prompts((f"gavie={tmp_path / 'noanswer.txt'}",))
+    with pytest.raises(common.ConfigError):
+        E.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
+    # LRV's official output format is read too
+    official = "Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\nAccuracy:\nscore of the answer1: 6\nreason: no."
+    assert E.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
+
+
+def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
+    (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    out = env["root"] / "judge_prompt"
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_url", api,
+            "--judge_key", "k", "--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}")
+    sent = [b["messages"][0]["content"] for _, _, b in FakeAPI.bodies]
+    assert len(sent) == 4 and all(p.startswith("Judge it. Reply as {") and "### Question" in p for p in sent)
+    assert all(r["judge"].startswith("openai:") and "|prompt:" in r["judge"]
+               for r in map(json.loads, open(out / "m0" / "judge_mmhal.jsonl")))
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
