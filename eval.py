@@ -4,11 +4,12 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline
     python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo     # one Markdown table: OUT/compare.md (+ .json)
     python eval.py --ckpt llava-v1.5-7b --device cuda --benchmarks pope --image_folder coco/val2014 \
         --pope_files coco_pope_random.jsonl,coco_pope_popular.jsonl,coco_pope_adversarial.jsonl \
-        --pope_suffix '\nAnswer the question using a single word or phrase.'
+        --pope_suffix '\nAnswer the question using a single word or phrase.' --template llava_v1 --pope_max_new_tokens 64
     python eval.py --ckpt DIR --benchmarks chair --chair_instances instances_val2014.json \
         --chair_synonyms synonyms.txt --image_folder coco/val2014 --limit 500 --max_new_tokens 512
     python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json --judge openai \
-        --judge_model gpt-4-0314 --max_new_tokens 1024          # key: --judge_key or $OPENAI_API_KEY
+        --judge_model gpt-4-0314 --max_new_tokens 1024 --template llava_v1 --judge_prompt mmhal=mmhal_judge.txt
+        # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's (Eval/model_vqa*.py)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer", + what scoring

@@ -11,7 +11,8 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     python ppo.py --reward ckpt/rm_plain --out ckpt/ppo_plain   # plain RLHF: the RM's --facts false is read from it
     torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm --data llava_ppo50k-aokvqa12k-vqa10k.json \
         --captions image_to_caption.json --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 \
-        --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16
+        --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16 \
+        --stop_at_question true --rm_input tokens --rm_prompt_space true --correct_rule prefix --reward_scale 10
 
 Per rollout, for response token k of a sequence whose last real token is T (length L = T + 1):
     kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)  or  (r - 1) - log r, r = p_ref / p (k3)
