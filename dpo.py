@@ -53,7 +53,7 @@ class Config:
     label_smoothing: float = 0.0          # cdpo: assumed probability eps that a preference is flipped (0 < eps < 0.5)
     povid_stage: int = 1                  # 1: DPO on the given pairs; 2: POVID, half the loss against noisy-image answers
     noise_t: int = 500                    # POVID: diffusion step of the image noise (0..999; POVID uses 500)
-    noise_on: str = "original"            # POVID: 'original' (POVID: original-size image, 8-bit, then padded) or 'resized'
+    noise_on: str = "original"            # POVID: 'original' (POVID's: noised at full size, 8-bit) or 'resized'
     noisy_tokens: str = "own"             # POVID: 'own' (POVID's code: policy and reference each score their own argmax) or 'policy'
     lora_r: int = 16                      # LoRA rank on the language model (0: full fine-tune, reference log-probs cached)
     lora_alpha: int = 32                  # LoRA alpha (scale alpha / r)

@@ -63,7 +63,7 @@ class Config:
     chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
     chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
     chair_captions: str = ""              # optional COCO captions file: objects its captions name count as present
-    chair_counting: str = "reference"     # CHAIR: 'reference' (chair.py: every mention, its word rules) or 'ours' (once each)
+    chair_counting: str = "reference"     # CHAIR: 'reference' (chair.py: every mention) or 'ours' (once each)
     chair_prompt: str = "Please describe this image in detail."  # CHAIR prompt for COCO images
     mmhal_file: str = ""                  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
     gavie_file: str = ""                  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test questions)
@@ -76,8 +76,8 @@ class Config:
     judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
-    judge_prompt: tuple = ()              # mmhal=FILE and/or gavie=FILE: the official judge prompt with named placeholders
-    mmhal_rating: str = "reference"       # MMHal replies without exactly one rating: 'reference' (score 0) or 'ours' (left out)
+    judge_prompt: tuple = ()              # mmhal=FILE / gavie=FILE: official judge prompt, named placeholders
+    mmhal_rating: str = "reference"       # MMHal reply without one rating: 'reference' (scores 0) or 'ours' (left out)
     rescore: bool = False                 # score the answers on disk; never load a model or generate
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)

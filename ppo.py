@@ -97,9 +97,9 @@ class Config:
     length_penalty: float = -2.0          # x length_bonus x tokens / max_new_tokens (< 0: penalty; LLaVA-RLHF: -10)
     no_eos_penalty: float = -8.0          # added to the score of a response without EOS (LLaVA-RLHF: -8)
     stop_at_question: bool = False        # LLaVA-RLHF: cut each response at a '?' token (no EOS left: the penalty)
-    rm_input: str = "text"                # 'text' (decode, re-tokenize, always '</s>') or 'tokens' (LLaVA-RLHF: sampled ids)
-    rm_prompt_space: bool = False         # '</s> USER: Please evaluate' (LLaVA-RLHF, its released RM) vs our '</s>USER:'
-    correct_rule: str = "word"            # Yes/No bonus: 'word' ('No' as a whole word) or 'prefix' (LLaVA-RLHF: startswith)
+    rm_input: str = "text"                # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
+    rm_prompt_space: bool = False         # '</s> USER: Please evaluate' (LLaVA-RLHF's RM) instead of '</s>USER:'
+    correct_rule: str = "word"            # Yes/No bonus: 'word' (whole word) or 'prefix' (LLaVA-RLHF: startswith)
     max_steps: int = 40                   # PPO steps (rollout + update)
     log_every: int = 1                    # a log line every N steps
     oracle_every: int = 1                 # Shapes: oracle hallucination rate of the rollouts every N steps (0: off)

@@ -5,8 +5,8 @@ import torch
 
 from model import LLaVA
 
-IMG, VOCAB, IMAGE_ID = 28, 40, 39
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread  # a small vocabulary: EOS and repeated tokens come up often
+IMG, VOCAB, IMAGE_ID = 28, 40, 39  # a small vocabulary: EOS and repeated tokens come up often
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,7 @@ def build_examples(records, instructions, cfg):
             out.append({"image": r["image"], "question": rng.choice(instructions[t]), "prefix": "", "target": vig_target(q, a)})
             q, a = rng.choice(pairs)
             s = sentences(a) or [a]
-            k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0  # the answer so far: k sentences; target: the rest
+            k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0  # answer so far: k sentences; target: rest
             out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]), "target": " ".join(s[k:])})
     n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
     out += [{"image": r["image"], "conversations": r["conversations"]} for r in rng.choices(records, k=n_sft)]
