@@ -106,6 +106,10 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
     text, spans = render(turns, template)
     if train_on == "last":
         spans = spans[-1:]
+    # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2) learns every
+    # token after "ASSISTANT:", so also a lone '▁' for the space when the answer starts with a digit, a
+    # newline or a character that has no merged '▁X' piece: the separating space belongs to the answer.
+    spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
     raw, offsets = _tokenize_with_offsets(tokenizer, text)
     ids, labels = [], []
     for tok, (a, b) in zip(raw, offsets):
@@ -291,19 +295,52 @@ def eval_question(captions, rng, wording="llava-rlhf"):
 
 
 def reward_item(tokenizer, model_config, prompt, response, captions, rng, template="vicuna_v1", max_len=1024,
-                wording="llava-rlhf"):
+                wording="llava-rlhf", space=False):
     """Token ids the reward model reads: the conversation, the response, the evaluation turn and the start
     of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that answer as a
     finished turn and drops the final '</s>' token, so the score sits on the last prompt token. None when
-    longer than max_len (never cut: the score position would move)."""
-    turns = list(prompt) + [{"from": "gpt", "value": response},
-                            {"from": "human", "value": eval_question(captions, rng, wording)},
-                            {"from": "gpt", "value": EVAL_ANSWER}]
+    longer than max_len (never cut: the score position would move).
+    space=True: '...{response}</s> USER: Please evaluate...', verbatim LLaVA-RLHF (it appends
+    ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters is that
+    reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
+    turns = list(prompt) + [{"from": "gpt", "value": response}]
+    if space:
+        text = render(turns, template)[0] + " " + eval_turn(captions, rng, wording)
+        ids = torch.tensor([i if i is not None else model_config.image_token_id
+                            for i in _tokenize_with_offsets(tokenizer, text)[0]], dtype=torch.long)
+        ids = _expand_image(ids, model_config)
+        return None if len(ids) > max_len else {"input_ids": ids}
+    turns += [{"from": "human", "value": eval_question(captions, rng, wording)}, {"from": "gpt", "value": EVAL_ANSWER}]
     t = tokenize_conversation(tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
                               max_len=1 << 30, template=template)
     ids = t["input_ids"]
     if int(ids[-1]) == tokenizer.eos_token_id:
         ids = ids[:-1]
+    return None if len(ids) > max_len else {"input_ids": ids}
+
+
+def eval_turn(captions, rng, wording="llava-rlhf"):
+    """The evaluation turn as LLaVA-RLHF's reward prompt file writes it (no leading space, no final '</s>')."""
+    return f"USER: {eval_question(captions, rng, wording)} ASSISTANT: {EVAL_ANSWER}"
+
+
+def _expand_image(ids, model_config):
+    """One image placeholder id -> num_image_tokens copies (tokenize_conversation's image expansion)."""
+    at = (ids == model_config.image_token_id).nonzero()[:, 0].tolist()
+    if not at:
+        return ids
+    img = torch.full((model_config.num_image_tokens,), model_config.image_token_id, dtype=torch.long)
+    return torch.cat([ids[:at[0]], img, ids[at[0] + 1:]])
+
+
+def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max_len=1 << 30, wording="llava-rlhf",
+                         space=True):
+    """LLaVA-RLHF's PPO input to the reward model (ppo_trainer.py rollout): the prompt's token ids, the
+    sampled response ids as they are ('</s>' only when it was sampled; never decoded and re-tokenized), then
+    the evaluation turn tokenized on its own without special tokens (' USER: Please evaluate ... is')."""
+    tail = (" " if space else "") + eval_turn(captions, rng, wording)
+    turn = torch.tensor(tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.cat([prompt_ids.cpu(), response_ids.cpu(), turn])
     return None if len(ids) > max_len else {"input_ids": ids}
 
 
@@ -657,10 +694,26 @@ def ddpm_noise(image01, t=500, generator=None, num_steps=1000):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps on a [0,1] image tensor (C,H,W) or (B,C,H,W),
     betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5, abar = cumprod(1 - betas).
     t is 0-based (t=500 is abar[500], as POVID's alphas_bar_sqrt[t] with noise_step 500).
-    Not clamped: POVID feeds the raw tensor on (its ToPILImage cast does no clamping either), and
-    clamping would change the noise statistics that the image encoder sees."""
+    Not clamped: the raw tensor (values outside [0, 1]); povid_noisy_image makes POVID's 8-bit image of it."""
     betas = torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5
     abar = torch.cumprod(1 - betas, dim=0)[t]
     device = generator.device if generator is not None else image01.device
     eps = torch.randn(image01.shape, generator=generator, device=device, dtype=torch.float32).to(image01.device)
     return abar.sqrt() * image01 + (1 - abar).sqrt() * eps.to(image01.dtype)
+
+
+def to_pil_bytes(image01):
+    """torchvision's ToPILImage on a float tensor, (C,H,W) -> (H,W,C) uint8: `pic.mul(255).byte()`. The
+    float -> uint8 cast truncates toward zero and wraps modulo 256 (it does not clip): 1.2 -> 50, -0.5 -> 129."""
+    return torch.remainder(torch.trunc(image01.float() * 255), 256).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def povid_noisy_image(img, size, t=500, generator=None):
+    """POVID stage 2's noised image, as train_dpo_inherent.py (LazySupervisedDataset.__getitem__) makes it:
+    ToTensor of the image at its original size, the DDPM step (ddpm_noise), ToPILImage (8-bit, values
+    outside [0, 1] wrap around: 33-47% of the pixels at t = 500), and only then LLaVA's preprocessing: pad
+    to a square with the clean CLIP-mean colour, resize, normalise. Returns CLIP-normalised (3, size, size)."""
+    from PIL import Image
+    unit = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    noisy = Image.fromarray(to_pil_bytes(ddpm_noise(unit, t, generator)))
+    return normalize(image_to_unit(noisy, size))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import common
 import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json, normalize,
-                  read_llava_rlhf_preference, read_povid, tokenize_conversation)
+                  load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid, tokenize_conversation)
 from model import base_weights_dir, resolve_checkpoint
 
 
@@ -53,6 +53,7 @@ class Config:
     label_smoothing: float = 0.0          # cdpo: assumed probability eps that a preference is flipped (0 < eps < 0.5)
     povid_stage: int = 1                  # 1: DPO on the given pairs; 2: POVID, half the loss against noisy-image answers
     noise_t: int = 500                    # POVID: diffusion step of the image noise (0..999; POVID uses 500)
+    noise_on: str = "original"            # POVID: 'original' (POVID's: noised at full size, 8-bit) or 'resized'
     noisy_tokens: str = "own"             # POVID: 'own' (POVID's code: policy and reference each score their own argmax) or 'policy'
     lora_r: int = 16                      # LoRA rank on the language model (0: full fine-tune, reference log-probs cached)
     lora_alpha: int = 32                  # LoRA alpha (scale alpha / r)
@@ -89,6 +90,7 @@ def check_config(cfg):
             (cfg.loss != "cdpo" and cfg.label_smoothing != 0, "--label_smoothing is used by --loss cdpo only"),
             (cfg.povid_stage not in (1, 2), f"--povid_stage {cfg.povid_stage}: must be 1 or 2"),
             (not 0 <= cfg.noise_t < 1000, f"--noise_t {cfg.noise_t}: must be 0..999"),
+            (cfg.noise_on not in ("original", "resized"), f"--noise_on {cfg.noise_on}: choose original or resized"),
             (cfg.noisy_tokens not in ("own", "policy"), f"--noisy_tokens {cfg.noisy_tokens}: choose own or policy"),
             (cfg.format not in ("auto", "povid", "llava_rlhf"), f"--format {cfg.format}: choose auto, povid or llava_rlhf"),
             (cfg.povid_stage == 2 and cfg.lora_r == 0 and cfg.loss != "ref_free",
@@ -176,14 +178,22 @@ class Pairs:
         b = collate([self.items[i][0] for i in idx] + [self.items[i][1] for i in idx], self.pad)
         b["units"] = torch.stack([self.images.unit(self.items[i][2]) for i in idx])  # [0, 1] pixels
         b["pixel_values"] = normalize(b["units"])
+        b["image_paths"] = [self.items[i][2] for i in idx]
         return b
 
 
-def noisy_pixels(units, seeds, t):
-    """POVID's distorted images: the DDPM forward step on the [0,1] image (data.ddpm_noise), one seed per
-    pair, then CLIP normalisation. (POVID noises the original-size image before resizing; ours is noised
-    at the encoder size, the same thing for Shapes.)"""
-    return normalize(torch.stack([ddpm_noise(u, t, torch.Generator().manual_seed(int(s))) for u, s in zip(units, seeds)]))
+def noisy_pixels(units, seeds, t, paths=None):
+    """POVID's distorted images, one seed per pair. With `paths` (--noise_on original, the default) as POVID
+    makes them (data.povid_noisy_image): the DDPM step on the original-size [0,1] image, cast to 8 bits
+    (values outside [0, 1] wrap around), then padded with the clean mean colour, resized and normalised.
+    Without (--noise_on resized): the DDPM step on the padded, resized [0,1] tensor, CLIP-normalised as
+    floats; kept because it is the noise the paper describes (a Gaussian step, no wrap-around artefacts,
+    no clean padding for the model to read), but POVID's numbers were made with the other."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if paths is not None:
+        size = units.shape[-1]
+        return torch.stack([povid_noisy_image(load_image(p), size, t, g) for p, g in zip(paths, gens)])
+    return normalize(torch.stack([ddpm_noise(u, t, g) for u, g in zip(units, gens)]))
 
 
 # -- forward passes ----------------------------------------------------------------------------------
@@ -371,7 +381,8 @@ def main(cfg):
         step_loss = torch.zeros(())
         for pos in (list(range(i, len(idx), cfg.grad_accum)) for i in range(cfg.grad_accum)):
             b = train.batch([idx[p] for p in pos])
-            npix = noisy_pixels(b["units"], seeds[pos], cfg.noise_t).to(d.device) if seeds is not None else None
+            paths = b["image_paths"] if cfg.noise_on == "original" else None
+            npix = noisy_pixels(b["units"], seeds[pos], cfg.noise_t, paths).to(d.device) if seeds is not None else None
             with autocast:
                 losses, m = pair_losses(model, common.to_device(b, d.device), cfg,
                                         ref["train"][[idx[p] for p in pos]].to(d.device) if ref else None, npix)

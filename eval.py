@@ -4,11 +4,12 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline
     python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo     # one Markdown table: OUT/compare.md (+ .json)
     python eval.py --ckpt llava-v1.5-7b --device cuda --benchmarks pope --image_folder coco/val2014 \
         --pope_files coco_pope_random.jsonl,coco_pope_popular.jsonl,coco_pope_adversarial.jsonl \
-        --pope_suffix '\nAnswer the question using a single word or phrase.'
+        --pope_suffix '\nAnswer the question using a single word or phrase.' --template llava_v1 --pope_max_new_tokens 64
     python eval.py --ckpt DIR --benchmarks chair --chair_instances instances_val2014.json \
         --chair_synonyms synonyms.txt --image_folder coco/val2014 --limit 500 --max_new_tokens 512
     python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json --judge openai \
-        --judge_model gpt-4-0314 --max_new_tokens 1024          # key: --judge_key or $OPENAI_API_KEY
+        --judge_model gpt-4-0314 --max_new_tokens 1024 --template llava_v1 --judge_prompt mmhal=mmhal_judge.txt
+        # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's (Eval/model_vqa*.py)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer", + what scoring
@@ -25,6 +26,7 @@ evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pop
 Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh, Eval/model_vqa.py and MMHal-Bench-eval/eval_gpt4.py,
 LisaAnne/Hallucination utils/chair.py, FuxiaoLiu/LRV-Instruction Evaluation/evaluate.py.
 """
+import hashlib
 import http.client
 import json
 import math
@@ -65,6 +67,7 @@ class Config:
     chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
     chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
     chair_captions: str = ""              # optional COCO captions file: objects its captions name count as present
+    chair_counting: str = "reference"     # CHAIR: 'reference' (chair.py: every mention) or 'ours' (once each)
     chair_prompt: str = "Please describe this image in detail."  # CHAIR prompt for COCO images
     mmhal_file: str = ""                  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
     gavie_file: str = ""                  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test questions)
@@ -77,6 +80,8 @@ class Config:
     judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
     judge_timeout: float = 120.0          # seconds per HTTP request
     judge_max_tokens: int = 512           # longest judge reply
+    judge_prompt: tuple = ()              # mmhal=FILE / gavie=FILE: official judge prompt, named placeholders
+    mmhal_rating: str = "reference"       # MMHal reply without one rating: 'reference' (scores 0) or 'ours' (left out)
     rescore: bool = False                 # score the answers on disk; never load a model or generate
     llava_answers: str = ""               # --rescore: score a LLaVA answers file {question_id, prompt, text}
     batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
@@ -283,7 +288,7 @@ def _image_file(folder, name, file, record, field):
 def coco_chair_questions(cfg):
     if not cfg.chair_synonyms or not cfg.image_folder:
         raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder (the COCO images)")
-    syn = load_synonyms(cfg.chair_synonyms)
+    syn = load_synonyms(cfg.chair_synonyms, cfg.chair_counting)
     path = cfg.chair_instances
     ann = load_json(path)
     if not isinstance(ann, dict):
@@ -298,7 +303,7 @@ def coco_chair_questions(cfg):
         caps = load_json(cfg.chair_captions)
         for c in caps.get("annotations", []) if isinstance(caps, dict) else []:
             if c.get("image_id") in present:
-                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn))
+                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting))
     return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt, "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
             for i, img in enumerate(imgs)]
@@ -460,14 +465,20 @@ def pope_metrics(preds, labels):
 
 
 # ----------------------------------------------------------------------------------------
-# CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions. Shapes: the
-# oracle (shapes.chair_counts; 'no circle' is not a mention). COCO: plain word matching: lower-case
-# letter runs, simple plurals singularised to a known object word, 2-word synonyms first ('hot dog'),
-# 'baby/adult/passenger X' is X, 'toilet seat' is a toilet; present objects = the instance categories
-# (+ objects named by --chair_captions, which the reference also adds). Like the reference, no negation
-# handling ('no dog' mentions a dog). Unlike it, a category counts once per description (it counts
-# every repeated word). Synonym file = CHAIR's data/synonyms.txt: one line per COCO category,
-# comma-separated, the canonical category name first: "person, girl, boy, man, woman, ...".
+# CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions.
+# --chair_counting reference (default; what published CHAIR numbers used): chair.py's procedure. Every
+# mention counts, repeated or negated ("a dog chases a dog" is 2 mentions, "no dog" is 1). COCO: the
+# caption lower-cased, tokenized (nltk.word_tokenize there; words, digits and hyphenated words here),
+# each token singularized with pattern.en's rules (so 'glasses' -> 'glas', and 'bus' -> 'bu', which is
+# then no object word: as in chair.py), its fixed two-word list merged ('hot dog', 'baby bird' -> bird,
+# 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and every remaining word that
+# is a synonyms.txt entry mapped to its category. synonyms.txt is read as chair.py reads it: each line
+# stripped and split at ", " (an entry written with a leading space, as ' motor bike', never matches).
+# Shapes: every shape noun the oracle reads (shapes.oracle mentions; it skips questions).
+# --chair_counting ours: a category once per description, 'no circle' is not a mention on Shapes, and
+# plurals singularised only to known object words ('bus' stays a bus); kept because it does not reward
+# or punish repetition and negation, but it is not the metric the papers report.
+# Present objects = the instance categories (+ objects named by --chair_captions, as chair.py adds).
 # ----------------------------------------------------------------------------------------
 
 IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
@@ -475,16 +486,86 @@ IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "ch
 QUALIFIERS = {"baby", "adult", "passenger"}  # 'baby elephant' is an elephant, not a person (as CHAIR's rules)
 PAIR_TO_WORD = {"toilet seat": "toilet", "bow tie": "tie"}
 
+# chair.py's two-word rules: {pair: the word it is read as}
+CHAIR_DOUBLE_WORDS = {w: w for w in (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
+    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
+    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
+    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track")}
+for _w in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"):
+    CHAIR_DOUBLE_WORDS.update({f"baby {_w}": _w, f"adult {_w}": _w})
+CHAIR_DOUBLE_WORDS.update({"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
+                           "toilet seat": "toilet", "wine glas": "wine glass"})
 
-def load_synonyms(path):
-    """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py)."""
+# pattern.en singularize (the version chair.py imports), the parts that English captions reach: a word
+# that ends a listed uninflected/uncountable word stays; '-ies' words of the ie list lose the 's';
+# irregular endings; then the first matching suffix rule.
+_UNCHANGED = (
+    "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn high-jinks "
+    "proceedings whiting britches eland homework rabies wildebeest carp elk innings salmon chassis flounder "
+    "jackanapes scissors christmas gallows mackerel series clippers georgia measles shears cod graffiti mews "
+    "species contretemps mumps swine corps news swiss advice equipment happiness luggage software bread fruit "
+    "information mathematics progress understanding butter furniture ketchup mayonnaise research water cheese "
+    "garbage knowledge meat rice electricity gravel love mustard sand").split()
+_IE = ("alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie indie "
+       "oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie laddie pixie techie bombie "
+       "groupie laramie quickie ^tie collie hankie lingerie reverie toughie cookie hippie meanie rookie "
+       "valkyrie").split()  # '^pie' and '^tie' are literal strings there: 'ties' -> 'ty'
+_IRREGULAR_END = {
+    "atlantes": "atlas", "atlases": "atlas", "axes": "axe", "beeves": "beef", "brethren": "brother",
+    "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris", "feet": "foot",
+    "ganglia": "ganglion", "geese": "goose", "genera": "genus", "genii": "genie", "graffiti": "graffito",
+    "helves": "helve", "kine": "cow", "leaves": "leaf", "loaves": "loaf", "men": "man", "mongooses": "mongoose",
+    "monies": "money", "moves": "move", "mythoi": "mythos", "numena": "numen", "occipita": "occiput",
+    "octopodes": "octopus", "opera": "opus", "opuses": "opus", "our": "my", "oxen": "ox", "penes": "penis",
+    "penises": "penis", "people": "person", "sexes": "sex", "soliloquies": "soliloquy", "teeth": "tooth",
+    "testes": "testis", "trilbys": "trilby", "turves": "turf", "zoa": "zoon"}
+_SUFFIX_RULES = [(re.compile(a), b) for a, b in (
+    (r"(.)ae$", r"\1a"), (r"(.)itis$", r"\1itis"), (r"(.)eaux$", r"\1eau"), (r"(quiz)zes$", r"\1"),
+    (r"(matr)ices$", r"\1ix"), (r"(ap|vert|ind)ices$", r"\1ex"), (r"^(ox)en", r"\1"), (r"(alias|status)es$", r"\1"),
+    (r"([octop|vir])i$", r"\1us"), (r"(cris|ax|test)es$", r"\1is"), (r"(shoe)s$", r"\1"), (r"(o)es$", r"\1"),
+    (r"(bus)es$", r"\1"), (r"([m|l])ice$", r"\1ouse"), (r"(x|ch|ss|sh)es$", r"\1"), (r"(m)ovies$", r"\1ovie"),
+    (r"(.)ombies$", r"\1ombie"), (r"(s)eries$", r"\1eries"), (r"([^aeiouy]|qu)ies$", r"\1y"),
+    (r"([aeo]l)ves$", r"\1f"), (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"),
+    (r"([nlw]i)ves$", r"\1fe"), (r"([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"), (r"(sive)s$", r"\1"),
+    (r"(tive)s$", r"\1"), (r"(hive)s$", r"\1"), (r"([^f])ves$", r"\1fe"), (r"(^analy)ses$", r"\1sis"),
+    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1sis"), (r"(.)opses$", r"\1opsis"),
+    (r"(.)yses$", r"\1ysis"), (r"(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
+    (r"(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"), (r"(.)oses$", r"\1osis"),
+    (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""))]
+
+
+def singularize_like_pattern(word):
+    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glasses' -> 'glas', 'bus' -> 'bu')."""
+    if any(x.endswith(word) for x in _UNCHANGED):
+        return word
+    if any(word.endswith(x + "s") for x in _IE):
+        return word
+    for end, single in _IRREGULAR_END.items():
+        if word.endswith(end):
+            return word[:len(word) - len(end)] + single
+    for rule, repl in _SUFFIX_RULES:
+        m = rule.search(word)
+        if m:
+            for k, group in enumerate(m.groups(), 1):  # an optional group that did not take part reads as ''
+                repl = repl.replace(f"\\{k}", "") if group is None else repl
+            return rule.sub(repl, word)
+    return word
+
+
+def load_synonyms(path, counting="reference"):
+    """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py).
+    reference: entries exactly as chair.py splits them (", "); ours: split at commas, spaces normalised."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
     syn = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
-            syn.update({w: words[0] for w in words})
+            if counting == "reference":
+                words = [w for w in line.strip().split(", ") if w]
+            else:
+                words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
+            syn.update({w: words[0] for w in words} if words else {})
     if not syn:
         raise DataError(path, message="no synonyms (expected lines 'category, synonym, synonym, ...')")
     return syn
@@ -502,8 +583,19 @@ def singular(word, vocab):
     return next((c for c in cands if c in vocab), word)
 
 
-def coco_objects(text, syn):
-    """Distinct canonical COCO objects a caption names, in order."""
+def coco_objects(text, syn, counting="reference"):
+    """The canonical COCO objects a caption names, in order: every mention (reference, chair.py's
+    caption_to_words) or each category once (ours)."""
+    if counting == "reference":
+        words = [singularize_like_pattern(w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())]
+        merged, i = [], 0
+        while i < len(words):
+            pair = " ".join(words[i:i + 2])
+            merged.append(CHAIR_DOUBLE_WORDS.get(pair, words[i]))
+            i += 2 if pair in CHAIR_DOUBLE_WORDS else 1
+        if "toilet" in merged and "seat" in merged:  # 'the seat of the toilet' is no chair
+            merged = [w for w in merged if w != "seat"]
+        return [syn[w] for w in merged if w in syn]
     vocab = {w for phrase in syn for w in phrase.split()}
     toks = [singular(w, vocab) for w in re.findall(r"[a-z]+", text.lower())]
     found, i = [], 0
@@ -519,11 +611,15 @@ def coco_objects(text, syn):
     return list(dict.fromkeys(found))
 
 
-def chair_counts(q, text):
-    """(object categories mentioned, how many are not in the image) for one description."""
-    if "syn" not in q:
-        return shapes.chair_counts(text, q["objects"])
-    objs = coco_objects(text, q["syn"])
+def chair_counts(q, text, counting="reference"):
+    """(object mentions, how many name an object that is not in the image) for one description."""
+    if "syn" not in q:  # Shapes: the oracle reads the shape nouns
+        if counting == "ours":
+            return shapes.chair_counts(text, q["objects"])
+        present = {o["name"] for o in q["objects"]}
+        names = [m["name"] for m in shapes.oracle(text, q["objects"])["mentions"] if m["name"]]
+        return len(names), sum(n not in present for n in names)
+    objs = coco_objects(text, q["syn"], counting)
     return len(objs), sum(o not in q["objects"] for o in objs)
 
 
@@ -624,25 +720,83 @@ def mmhal_prompt(q, answer):
 
 
 def gavie_prompt(q, answer):
-    boxes = "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
-                      for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
-    return GAVIE_PROMPT.format(boxes=boxes, question=q["prompt"], answer=answer)
+    return GAVIE_PROMPT.format(boxes=gavie_boxes(q), question=q["prompt"], answer=answer)
 
 
-def parse_rating(reply):
-    """The one value k of 'rating: k' (case-insensitive, k in 0-6), or None when there are zero or
-    several values. The same value repeated counts once, as in eval_gpt4.py (which scores a reply
-    without exactly one value as 0; we flag it, count it and leave it out: score_unparsed_as_0)."""
-    found = {int(k) for k in re.findall(r"rating:\s*([0-6])(?!\d)", str(reply).lower())}
+def gavie_boxes(q):
+    return "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
+                     for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
+
+
+# --judge_prompt: a user's copy of the official prompt (MMHal-Bench's eval_gpt_mmhal.py `template`, LRV's
+# Evaluation/evaluate.py lines) with named placeholders; only these are filled, every other brace stays.
+PLACEHOLDERS = {"mmhal": ("image_content", "question", "gt_answer", "answer"), "gavie": ("boxes", "question", "answer")}
+
+
+def load_judge_prompts(entries):
+    """{'mmhal' | 'gavie': template text} from --judge_prompt BENCH=FILE entries; each template must hold
+    {question} and {answer} and no placeholder of the other benchmark."""
+    out = {}
+    for entry in entries:
+        bench, sep, path = str(entry).partition("=")
+        if not sep or bench not in PLACEHOLDERS:
+            raise common.ConfigError(f"--judge_prompt {entry}: expected mmhal=FILE or gavie=FILE")
+        if not os.path.isfile(path):
+            raise DataError(path, message="file not found (--judge_prompt)")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        used = set(re.findall(r"\{(\w+)\}", text)) & {n for names in PLACEHOLDERS.values() for n in names}
+        missing = [n for n in ("question", "answer") if n not in used]
+        foreign = sorted(used - set(PLACEHOLDERS[bench]))
+        if missing or foreign:
+            raise DataError(path, message=f"a {bench} judge prompt needs {{question}} and {{answer}} and may hold "
+                                          f"{', '.join('{' + n + '}' for n in PLACEHOLDERS[bench])}"
+                                          f"{'; missing ' + ', '.join(missing) if missing else ''}"
+                                          f"{'; not for ' + bench + ': ' + ', '.join(foreign) if foreign else ''}")
+        out[bench] = text
+    return out
+
+
+def fill_judge_prompt(template, bench, q, answer):
+    """The template with its named placeholders filled from the record (MMHal: image contents joined
+    with ', ' as eval_gpt_mmhal.py joins them; GAVIE: one box per line)."""
+    values = {"question": q["prompt"], "answer": answer}
+    if bench == "mmhal":
+        values.update(image_content=", ".join(q["image_content"]), gt_answer=q["gt"])
+    else:
+        values.update(boxes=gavie_boxes(q))
+    return re.sub(r"\{(" + "|".join(PLACEHOLDERS[bench]) + r")\}", lambda m: values[m.group(1)], template)
+
+
+def judge_prompt(bench, q, answer, templates):
+    if bench in templates:
+        return fill_judge_prompt(templates[bench], bench, q, answer)
+    return (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
+
+
+def parse_rating(reply, rule="reference"):
+    """The one rating 0-6 a judge reply gives, or None when it gives none or several different ones.
+    reference (eval_gpt_mmhal.py): the k in 0..6 for which the text 'rating: k' occurs in the lower-cased
+    reply ('Rating:5' is none, 'Rating: 60' reads as 6). ours: 'rating:' then any spaces and one digit
+    0-6 not followed by another digit. Either way the same value repeated counts once."""
+    text = str(reply).lower()
+    if rule == "reference":
+        found = {k for k in range(7) if f"rating: {k}" in text}
+    else:
+        found = {int(k) for k in re.findall(r"rating:\s*([0-6])(?!\d)", text)}
     return found.pop() if len(found) == 1 else None
 
 
 def parse_gavie(reply):
-    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (each exactly one value in
-    0-10; the format our prompt asks for), or None."""
-    out = {}
+    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt asks
+    for), or from LRV's official output format ('Relevancy:\\nscore of the answer1: x\\nreason: ...');
+    each exactly one value in 0-10, else None."""
+    text, out = str(reply).lower(), {}
     for key in ("relevancy", "accuracy"):
-        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", str(reply).lower())}
+        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", text)}
+        section = re.search(rf"\b{key}\s*:(.*?)(?=\b(?:relevancy|accuracy)\s*:|$)", text, re.S)
+        if not found and section:
+            found = {float(v) for v in re.findall(r"score of the answer\s*1\s*:\s*(\d+(?:\.\d+)?)", section.group(1))}
         if len(found) != 1 or not 0 <= min(found) <= 10:
             return None
         out[key] = found.pop()
@@ -653,18 +807,21 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def mmhal_metrics(qs, replies):
-    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt4.py)."""
-    ratings = {q["id"]: parse_rating(replies[q["id"]]) for q in qs if q["id"] in replies}
-    bad = [i for i, k in ratings.items() if k is None]
-    ratings = {i: k for i, k in ratings.items() if k is not None}
+def mmhal_metrics(qs, replies, rule="reference"):
+    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt_mmhal.py).
+    A reply without exactly one rating (`unparsed`) scores 0 and so counts as a hallucination, as the
+    reference scores it (rule 'reference'); with rule 'ours' it is left out of every mean and counted
+    (a judge's format slip is not the model's hallucination; `score_unparsed_as_0` gives the other view)."""
+    parsed = {q["id"]: parse_rating(replies[q["id"]], rule) for q in qs if q["id"] in replies}
+    bad = [i for i, k in parsed.items() if k is None]
+    as_0 = {i: 0 if k is None else k for i, k in parsed.items()}
+    ratings = as_0 if rule == "reference" else {i: k for i, k in parsed.items() if k is not None}
     vals = list(ratings.values())
     types = list(MMHAL_TYPES) + sorted({q["question_type"] for q in qs} - set(MMHAL_TYPES))
     per_type = {t: _mean([ratings[q["id"]] for q in qs if q["question_type"] == t and q["id"] in ratings]) for t in types}
     return {"score": _mean(vals), "hallucination_rate": _mean([float(v < 3) for v in vals]),
             "per_type": {t: v for t, v in per_type.items() if v is not None}, "n": len(vals),
-            "unparsed": len(bad), "unparsed_ids": bad[:20],
-            "score_unparsed_as_0": sum(vals) / (len(vals) + len(bad)) if vals or bad else None}
+            "unparsed": len(bad), "unparsed_ids": bad[:20], "score_unparsed_as_0": _mean(list(as_0.values()))}
 
 
 def gavie_metrics(qs, replies):
@@ -832,18 +989,21 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are appended."""
     if "judge" not in judges:  # made once per run, on first use (a local judge loads a model)
         judges["judge"] = make_judge(cfg)
-    judge = judges["judge"]
+    judge, templates = judges["judge"], judges.get("templates", {})
+    jname = judge.name  # a user's prompt template is part of who judged: another template, other replies
+    if bench in templates:
+        jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
     cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "") for r in read_jsonl(path)}
-    todo = [q for q in qs if q["id"] in lines and (q["id"], judge.name, lines[q["id"]]["answer"]) not in cache]
+    todo = [q for q in qs if q["id"] in lines and (q["id"], jname, lines[q["id"]]["answer"]) not in cache]
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=judge.name != "oracle"):
             answer = lines[q["id"]]["answer"]
-            prompt = (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
+            prompt = judge_prompt(bench, q, answer, templates)
             reply = judge(prompt, dict(q, answer=answer, bench=bench))
-            f.write(json.dumps({"id": q["id"], "judge": judge.name, "answer": answer, "reply": reply}) + "\n")
+            f.write(json.dumps({"id": q["id"], "judge": jname, "answer": answer, "reply": reply}) + "\n")
             f.flush()
-            cache[(q["id"], judge.name, answer)] = reply
-    return {q["id"]: cache[(q["id"], judge.name, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
+            cache[(q["id"], jname, answer)] = reply
+    return {q["id"]: cache[(q["id"], jname, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
 
 
 # ----------------------------------------------------------------------------------------
@@ -870,15 +1030,17 @@ def evaluate(cfg, ckpt, name, bench, judges):
         qs = bench["chair"]
         lines = ans.answers("chair", qs, os.path.join(out, "answers_chair.jsonl"), cfg.max_new_tokens)
         texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
-        scores["chair"] = chair_metrics([chair_counts(q, t) for q, t in texts], [len(t.split()) for _, t in texts])
-    for b, metrics, keep in (("mmhal", mmhal_metrics, ("question_type",)), ("gavie", gavie_metrics, ("qtype",))):
+        scores["chair"] = chair_metrics([chair_counts(q, t, cfg.chair_counting) for q, t in texts], [len(t.split()) for _, t in texts])
+    for b, keep in (("mmhal", ("question_type",)), ("gavie", ("qtype",))):
         if b in bench:
             lines = ans.answers(b, bench[b], os.path.join(out, f"answers_{b}.jsonl"), cfg.max_new_tokens, keep)
             replies = judge_replies(b, bench[b], lines, os.path.join(out, f"judge_{b}.jsonl"), judges, cfg, name)
-            scores[b] = metrics(bench[b], replies)
+            scores[b] = mmhal_metrics(bench[b], replies, cfg.mmhal_rating) if b == "mmhal" else \
+                gavie_metrics(bench[b], replies)
             if scores[b]["unparsed"]:
+                how = "scored 0" if b == "mmhal" and cfg.mmhal_rating == "reference" else "excluded"
                 print(f"warning: {name} {b}: {scores[b]['unparsed']} judge replies without a valid score "
-                      f"(excluded; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
+                      f"({how}; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
     write_json(scores, os.path.join(out, "scores.json"))
     return scores
 
@@ -926,6 +1088,10 @@ def main(cfg):
         raise common.ConfigError(f"--judge {cfg.judge}: choose oracle, openai or local")
     if cfg.batch_size < 1 or cfg.temperature < 0:
         raise common.ConfigError("--batch_size must be >= 1 and --temperature >= 0")
+    if cfg.mmhal_rating not in ("reference", "ours"):
+        raise common.ConfigError(f"--mmhal_rating {cfg.mmhal_rating}: choose reference or ours")
+    if cfg.chair_counting not in ("reference", "ours"):
+        raise common.ConfigError(f"--chair_counting {cfg.chair_counting}: choose reference or ours")
     ckpts = list(cfg.compare) or [cfg.ckpt]
     for c in ckpts if not cfg.rescore else []:  # fail before any work on a checkpoint that cannot load
         if not os.path.isdir(c):
@@ -938,7 +1104,7 @@ def main(cfg):
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({type(e).__name__}: {e})")
     common.ensure_writable(cfg.out)
     bench = load_benchmarks(cfg)
-    judges, rows = {}, {}
+    judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
     for ckpt, name in zip(ckpts, run_names(ckpts)):
         t0 = time.time()
         rows[name] = evaluate(cfg, ckpt, name, bench, judges)

@@ -498,13 +498,18 @@ class LLaVA(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, pad_token_id=None, generator=None, return_logprobs=False, image_features=None):
+                 eos_token_id=None, pad_token_id=None, generator=None, return_logprobs=False, image_features=None,
+                 num_beams=1, length_penalty=1.0):
         """Batched decoding with a KV cache. Prompts are left-padded (attention_mask 0 on pads).
         temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when given, so
-        a run can be resumed with the same random stream. Returns GenerateOutput."""
+        a run can be resumed with the same random stream. num_beams > 1: beam search (see beam_search).
+        Returns GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
+        if num_beams > 1:
+            return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos, pad,
+                                    image_features, length_penalty)
         B, T = input_ids.shape
         dev = input_ids.device
         mask = None  # no padding (the usual case): no mask at all, SDPA's causal / unmasked kernels
@@ -538,6 +543,80 @@ class LLaVA(nn.Module):
                               position_ids=next_pos + i, cache=cache)
             logits = self.logits(h[:, -1]).float()
         return GenerateOutput(tokens, logps, lengths, done)
+
+    @torch.no_grad()
+    def beam_search(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos, pad,
+                    image_features=None, length_penalty=1.0):
+        """Beam search as transformers' GenerationMixin._beam_search with its defaults (early_stopping False,
+        no sampling, one returned sequence). Per step, over K beams x vocab: keep the 2K best running
+        sums of log-probs; those ending in EOS (or at the length limit) that rank in the top K become
+        finished hypotheses scored sum / generated_length ** length_penalty, the best K finished kept;
+        the best K not ending become the next beams. Stops when every continuation ends, or when K
+        hypotheses are finished and the best running sum / current length cannot beat the worst of them.
+        Returns the best finished hypothesis per prompt (logprobs None)."""
+        c, K = self.config, num_beams
+        B, T = input_ids.shape
+        dev, N = input_ids.device, max_new_tokens
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        feats = None if image_features is None else image_features.repeat_interleave(K, 0)
+        ids = input_ids.repeat_interleave(K, 0)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):  # beams of a prompt share its mask
+            mask = torch.ones(B * K, T + N, dtype=torch.long, device=dev)
+            mask[:, :T] = attention_mask.repeat_interleave(K, 0)
+        x = self.embed(ids, None, feats)
+        cache = KVCache(c, B * K, T + N, dev, x.dtype)
+        h = self.backbone(x, None if mask is None else mask[:, :T], cache=cache)
+        logits = self.logits(h[:, -1]).float()
+        next_pos = torch.full((B * K, 1), T, device=dev) if mask is None else mask[:, :T].sum(-1, keepdim=True)
+        n_keep = 2 * K  # transformers: max(2, 1 + number of EOS ids) * num_beams
+        top_k_mask = torch.arange(n_keep, device=dev) < K
+        big = -1.0e9
+        run_tokens = torch.full((B, K, N), pad, dtype=torch.long, device=dev)
+        run_scores = torch.zeros(B, K, device=dev)
+        run_scores[:, 1:] = big  # at first every beam is the prompt: only beam 0 may expand
+        fin_tokens = torch.full((B, K, N), pad, dtype=torch.long, device=dev)
+        fin_scores = torch.full((B, K), big, device=dev)
+        fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        offset = torch.arange(B, device=dev)[:, None] * K
+        take = lambda t, idx: t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+        for i in range(N):
+            V = logits.shape[-1]
+            total = (torch.log_softmax(logits, -1).view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
+            top_lp, top_idx = total.topk(n_keep)
+            src, tok = top_idx // V, top_idx % V
+            cand = take(run_tokens, src).clone()
+            cand[:, :, i] = tok
+            ends = (tok == eos) | (i == N - 1)  # EOS, or the length limit: both finish a hypothesis
+            live = top_lp + ends.float() * big
+            nxt = live.topk(K).indices
+            run_tokens, run_scores, run_src = take(cand, nxt), take(live, nxt), take(src, nxt)
+            new = top_lp / (i + 1) ** length_penalty  # generated length, the EOS included
+            just = ends & top_k_mask[None]
+            new = new + (~improvable).float() * big + (~just).float() * big
+            merged = torch.cat([fin_scores, new], 1).topk(K).indices
+            fin_tokens = take(torch.cat([fin_tokens, cand], 1), merged)
+            fin_scores = take(torch.cat([fin_scores, new], 1), merged)
+            fin_done = take(torch.cat([fin_done, just], 1), merged)
+            best_running = run_scores[:, :1] / (i + 1) ** length_penalty
+            worst_done = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, big))
+            improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+            if bool(ends.all()) or not bool(improvable.any()):
+                break
+            rows = (run_src + offset).view(-1)  # each new beam continues the cache of the beam it came from
+            for layer in range(c.layers):
+                cache.k[layer], cache.v[layer] = cache.k[layer][rows], cache.v[layer][rows]
+            h = self.backbone(self.language_model.embed_tokens(run_tokens[:, :, i].reshape(-1, 1)),
+                              None if mask is None else mask[:, :T + i + 1], position_ids=next_pos + i, cache=cache)
+            logits = self.logits(h[:, -1]).float()
+        tokens = fin_tokens[:, 0]
+        is_eos = tokens == eos
+        finished = is_eos.any(-1)
+        lengths = torch.where(finished, is_eos.float().argmax(-1) + 1, torch.full_like(finished, N, dtype=torch.long))
+        tokens = tokens.masked_fill(torch.arange(N, device=dev)[None] >= lengths[:, None], pad)
+        return GenerateOutput(tokens, None, lengths, finished)
 
     # -- LoRA adapters and heads --------------------------------------------------------
 

@@ -11,7 +11,8 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     python ppo.py --reward ckpt/rm_plain --out ckpt/ppo_plain   # plain RLHF: the RM's --facts false is read from it
     torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm --data llava_ppo50k-aokvqa12k-vqa10k.json \
         --captions image_to_caption.json --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 \
-        --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16
+        --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16 \
+        --stop_at_question true --rm_input tokens --rm_prompt_space true --correct_rule prefix --reward_scale 10
 
 Per rollout, for response token k of a sequence whose last real token is T (length L = T + 1):
     kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)  or  (r - 1) - log r, r = p_ref / p (k3)
@@ -23,6 +24,17 @@ Per rollout, for response token k of a sequence whose last real token is T (leng
     L_pi     = mean_k max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)),   ratio = exp(logp_new - logp_old)
     L_V      = mean_k 0.5 max((V_new - R)^2, (V_old + clip(V_new - V_old, -vf_clip, vf_clip) - R)^2)
     loss     = L_pi + vf_coef * L_V        (means over the response tokens of the global minibatch)
+
+Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in README sets them):
+  --stop_at_question true   each response is cut at a '?' token, which drops its EOS (-8 penalty);
+  --rm_input tokens         the RM reads the sampled ids, '</s>' only when sampled (ours re-tokenizes text);
+  --rm_prompt_space true    '</s> USER: Please evaluate...' as its reward prompt file is joined;
+  --correct_rule prefix     the Yes/No bonus tests startswith('No'), so 'None ...' earns it;
+  --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off.
+Not offered: LLaVA-RLHF whitens the advantages over every response column, the padding after EOS
+included, and trains the value head there too (its masks cover the whole response length). Ours whitens
+and trains on real response tokens only (EOS included): padding is no decision the policy made, and
+statistics over it depend on how long the batch's longest response happens to be.
 """
 import json
 import os
@@ -37,7 +49,8 @@ import torch.distributed as dist
 
 import common
 import shapes
-from data import DataError, ImageCache, collate, normalize, read_rl_prompts, reward_item, tokenize_conversation
+from data import (DataError, ImageCache, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
+                  tokenize_conversation)
 from model import base_weights_dir, resolve_checkpoint
 
 
@@ -83,6 +96,10 @@ class Config:
     correctness: float = 2.0              # x bonus: right letter (types 2-5) 1; type 6 'No' .5, 'Yes' -.5 (LLaVA-RLHF: 2)
     length_penalty: float = -2.0          # x length_bonus x tokens / max_new_tokens (< 0: penalty; LLaVA-RLHF: -10)
     no_eos_penalty: float = -8.0          # added to the score of a response without EOS (LLaVA-RLHF: -8)
+    stop_at_question: bool = False        # LLaVA-RLHF: cut each response at a '?' token (no EOS left: the penalty)
+    rm_input: str = "text"                # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
+    rm_prompt_space: bool = False         # '</s> USER: Please evaluate' (LLaVA-RLHF's RM) instead of '</s>USER:'
+    correct_rule: str = "word"            # Yes/No bonus: 'word' (whole word) or 'prefix' (LLaVA-RLHF: startswith)
     max_steps: int = 40                   # PPO steps (rollout + update)
     log_every: int = 1                    # a log line every N steps
     oracle_every: int = 1                 # Shapes: oracle hallucination rate of the rollouts every N steps (0: off)
@@ -96,22 +113,54 @@ class Config:
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
 
 
-def correctness(response, caption_type):
+def correctness(response, caption_type, rule="word"):
     """(bonus, correct) for LLaVA-RLHF's symbolic reward (ppo_trainer.py rollout). caption_type 2-5: the answer
     is A-D; bonus 1 when the response starts with 'B.' or states 'correct option is B.'. 6: the answer is No;
     +0.5 for a response starting with No, -0.5 for Yes. 7 (answer Yes): no bonus (LLaVA-RLHF: "for now, we do
-    not give symbolic award"), but correctness is still measured. 1 (general): (0, None)."""
+    not give symbolic award"), but correctness is still measured. 1 (general): (0, None).
+    rule 'prefix' is LLaVA-RLHF's test, startswith('No') / startswith('Yes'), so 'Nothing is there' and 'None'
+    earn the No bonus; 'word' (ours) needs 'No' / 'Yes' as a whole word, which is what the bonus means."""
     s = response.strip()
     if 2 <= caption_type <= 5:
         letter = "ABCD"[caption_type - 2]
         ok = s.startswith(letter + ".") or f"correct option is {letter}." in s
         return float(ok), ok
     if caption_type in (6, 7):
-        yes, no = re.match(r"Yes\b", s) is not None, re.match(r"No\b", s) is not None
+        if rule == "prefix":
+            yes, no = s.startswith("Yes"), s.startswith("No")
+        else:
+            yes, no = re.match(r"Yes\b", s) is not None, re.match(r"No\b", s) is not None
         if caption_type == 7:
             return 0.0, yes
         return 0.5 if no else -0.5 if yes else 0.0, no
     return 0.0, None
+
+
+def question_stop_ids(tokenizer):
+    """LLaVA-RLHF's extra stop tokens: tok('?')[0] (LLaMA: 1577, '▁?') and tok('\\n?')[-1] (29973, '?'),
+    in that order. We take the last token of each (the same ids on LLaMA; a tokenizer that splits '?' into
+    '▁' + '?', as the Shapes one, would otherwise stop at every lone '▁')."""
+    ids = [tokenizer("?", add_special_tokens=False)["input_ids"][-1], tokenizer("\n?")["input_ids"][-1]]
+    return list(dict.fromkeys(ids))
+
+
+def cut_at_stop_tokens(tokens, lengths, eos_id, pad_id, stop_ids):
+    """LLaVA-RLHF's truncate_after_eos_with_padding on sampled responses (B, K) with `lengths` (EOS included):
+    the end is the first EOS, overridden by the first occurrence of each stop id in turn (so the last stop id
+    found wins), the token at the end kept and everything after it padded. Cut at a '?', a response has no EOS
+    left: it gets the no-EOS penalty. Returns (tokens, lengths, finished)."""
+    tokens, lengths = tokens.clone(), lengths.clone()
+    for i in range(len(tokens)):
+        row = tokens[i, :int(lengths[i])].tolist()
+        end = row.index(eos_id) if eos_id in row else None
+        for t in stop_ids:
+            end = row.index(t) if t in row else end
+        if end is not None:
+            tokens[i, end + 1:] = pad_id
+            lengths[i] = end + 1
+    finished = torch.tensor([int(lengths[i]) > 0 and int(tokens[i, int(lengths[i]) - 1]) == eos_id
+                             for i in range(len(tokens))], device=tokens.device)
+    return tokens, lengths, finished
 
 
 def kl_penalty(logp, ref_logp, estimator="k1", clamp=True):
@@ -336,6 +385,9 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         return g.tokens, g.lengths, g.finished
     with policy.use_adapter("policy"):
         tokens, lengths, finished = batched(sample, n, mb)
+    if cfg.stop_at_question:
+        tokens, lengths, finished = cut_at_stop_tokens(tokens, lengths, tokenizer.eos_token_id,
+                                                       tokenizer.pad_token_id, question_stop_ids(tokenizer))
     # a sampled image placeholder cannot be fed back (it marks image-feature slots): read it as <unk>
     tokens[tokens == policy.config.image_token_id] = tokenizer.unk_token_id if tokenizer.unk_token_id is not None \
         else tokenizer.pad_token_id
@@ -351,16 +403,21 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         values = batched(lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P), n, mb) * rmask
     texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip() for i in range(n)]
     facts, wording, template = rm
-    items = [reward_item(tokenizer, critic.config, p["prompt"], t, p["captions"] if facts else None,
-                         random.Random(f"{key}-{i}"), template, 1 << 30, wording)
-             for i, (p, t) in enumerate(zip(prompts, texts))]
+    if cfg.rm_input == "tokens":  # LLaVA-RLHF: the sampled ids, '</s>' only where it was sampled
+        items = [reward_item_from_ids(tokenizer, p["input_ids"], tokens[i, :lengths[i]], p["captions"] if facts
+                                      else None, random.Random(f"{key}-{i}"), 1 << 30, wording, cfg.rm_prompt_space)
+                 for i, p in enumerate(prompts)]
+    else:  # ours: the text decoded, stripped and rendered again as a finished turn (always '</s>')
+        items = [reward_item(tokenizer, critic.config, p["prompt"], t, p["captions"] if facts else None,
+                             random.Random(f"{key}-{i}"), template, 1 << 30, wording, cfg.rm_prompt_space)
+                 for i, (p, t) in enumerate(zip(prompts, texts))]
 
     def rm_score(s):
         rb = common.to_device(collate(items[s], tokenizer.pad_token_id, side="right"), dev)
         return common.score_sequences(critic, "reward", rb["input_ids"], rb["attention_mask"], cfeats[s]).float()
     with critic.use_adapter("reward"):
         score = batched(rm_score, n, mb)
-    bonus, correct = zip(*(correctness(t, p["caption_type"]) for t, p in zip(texts, prompts)))
+    bonus, correct = zip(*(correctness(t, p["caption_type"], cfg.correct_rule) for t, p in zip(texts, prompts)))
     length_bonus = torch.tensor([p["length_bonus"] for p in prompts], device=dev)
     total = sequence_reward(score, torch.tensor(bonus, device=dev), length_bonus, lengths, finished, cfg)
     rewards, kl, rmask = shape_rewards(total, logp, ref_logp, lengths, kl_coef, cfg.kl_estimator, cfg.kl_clamp)
@@ -428,6 +485,8 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     for flag, ok, want in (("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
                            ("export", cfg.export in ("merged", "adapter"), "merged or adapter"),
+                           ("rm_input", cfg.rm_input in ("text", "tokens"), "text or tokens"),
+                           ("correct_rule", cfg.correct_rule in ("word", "prefix"), "word or prefix"),
                            ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")

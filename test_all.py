@@ -554,7 +554,8 @@ def llava_reference_preprocess(tok, turns, legacy):
 def test_labels_match_llava_preprocess(tiny_world):
     tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     legacy = len(tok("USER: x").input_ids) == len(tok("</s>USER: x").input_ids) - 1
-    for turns in (CONV, CONV[:2]):
+    digits = [CONV[0], {"from": "gpt", "value": "3 circles."}, CONV[2], {"from": "gpt", "value": "\n(A) two."}]
+    for turns in (CONV, CONV[:2], digits):  # answers that start with a digit, a newline, a '(': a lone '▁' first
         got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9, max_len=4096)
         ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
         first = ids.index(4)
@@ -565,7 +566,9 @@ def test_labels_match_llava_preprocess(tiny_world):
         assert ids == ref_ids
         assert labels == ref_labels
         learned = tok.decode([t for t in labels if t != -100])
-        assert "circle." in learned and "USER" not in learned and "ASSISTANT" not in learned
+        assert "circle" in learned and "USER" not in learned and "ASSISTANT" not in learned
+        after = ids.index(tok.convert_tokens_to_ids("▁ASSISTANT:")) + 1  # LLaVA learns the token after 'ASSISTANT:'
+        assert labels[after] == ids[after] and (turns is not digits or tok.convert_ids_to_tokens(ids[after]) == "▁")
         assert sum(1 for t in labels if t == tok.eos_token_id) == sum(t["from"] == "gpt" for t in turns)
 
 

@@ -16,7 +16,8 @@ from conftest import HERE, run_cli, run_script
 import common
 import dpo
 import shapes
-from data import IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize, tokenize_conversation
+from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize,
+                  povid_noisy_image, to_pil_bytes, tokenize_conversation)
 from model import LLaVA
 
 
@@ -222,6 +223,40 @@ def test_ddpm_noise_matches_the_closed_form():
     got = dpo.noisy_pixels(units, [5, 6], 500)
     want = torch.stack([normalize(ddpm_noise(u, 500, torch.Generator().manual_seed(s))) for u, s in zip(units, [5, 6])])
     assert torch.equal(got, want) and not torch.equal(got, dpo.noisy_pixels(units, [5, 7], 500))
+
+
+def test_povid_noisy_image_is_noised_at_original_size_cast_to_8_bits_then_padded(tmp_path):
+    """POVID train_dpo_inherent.py by hand: ToTensor, x_t = sqrt(abar) x + sqrt(1 - abar) eps,
+    ToPILImage (mul(255).byte(): truncate toward zero, wrap modulo 256), expand2square with the clean
+    CLIP-mean colour, then resize (none here: the padded side is the encoder size) and normalise."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high: padded to 4 x 4, rows 1-2
+    img = Image.fromarray(pixels)
+    got = povid_noisy_image(img, 4, 500, torch.Generator().manual_seed(3))
+    eps = torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(3))  # the same draw, same shape
+    betas = [1 / (1 + math.exp(-(-6 + 12 * i / 999))) * (5e-3 - 1e-5) + 1e-5 for i in range(1000)]
+    abar = math.prod(1 - b for b in betas[:501])
+    wrapped = 0
+    for c in range(3):
+        fill = int(CLIP_MEAN[c] * 255)  # padding rows 0 and 3 stay clean
+        for x in range(4):
+            for y in (0, 3):
+                assert abs(float(got[c, y, x]) - (fill / 255 - CLIP_MEAN[c]) / CLIP_STD[c]) < 1e-5
+            for y in (1, 2):
+                v = math.sqrt(abar) * pixels[y - 1, x, c] / 255 + math.sqrt(1 - abar) * float(eps[c, y - 1, x])
+                byte = int(math.trunc(v * 255)) % 256  # 1.2 -> 306 -> 50: wraps, no clipping
+                wrapped += not 0 <= v * 255 < 256
+                assert abs(float(got[c, y, x]) - (byte / 255 - CLIP_MEAN[c]) / CLIP_STD[c]) < 1e-5, (c, y, x)
+    assert wrapped > 0  # the example does exercise the wrap-around
+    noisy = ddpm_noise(torch.rand(3, 64, 64), 500, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.from_numpy(to_pil_bytes(noisy)), (noisy * 255).byte().permute(1, 2, 0))  # torch's cast
+    share = float(((noisy < 0) | (noisy * 255 >= 256)).float().mean())
+    assert 0.3 < share < 0.5, share  # about 40% of the pixels of a uniform image wrap at t = 500
+    path = str(tmp_path / "im.png")  # dpo.noisy_pixels with paths (--noise_on original) is this image
+    img.save(path)
+    units = torch.zeros(1, 3, 4, 4)
+    assert torch.equal(dpo.noisy_pixels(units, [3], 500, [path]), got[None])
 
 
 def test_injected_answers_are_hallucinations_per_the_oracle(env):

@@ -15,6 +15,7 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import common
 import eval as E  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -82,11 +83,38 @@ def test_pope_parser_follows_the_reference(answer, want):
 def test_chair_on_shapes_via_the_oracle():
     captions = ["A red circle and a blue triangle.",              # 2 mentions, 0 hallucinated
                 "A red disc and a blue square.",                  # disc = circle; square is not there: 2, 1
-                "There is no square. A doughnut is at the top."]  # 'no square' is no mention; doughnut = ring: 1, 1
+                "There is no square. A doughnut is at the top.",  # chair.py counts 'no square' too; doughnut = ring
+                "A red circle and a red circle."]                 # chair.py counts the repeat: 2, 0
     counts = [E.chair_counts({"objects": OBJECTS}, c) for c in captions]
-    assert counts == [(2, 0), (2, 1), (1, 1)]
+    assert counts == [(2, 0), (2, 1), (2, 2), (2, 0)]
     m = E.chair_metrics(counts, [len(c.split()) for c in captions])
-    assert m["chair_i"] == pytest.approx(2 / 5) and m["chair_s"] == pytest.approx(2 / 3)
+    assert m["chair_i"] == pytest.approx(3 / 8) and m["chair_s"] == pytest.approx(2 / 4)
+    ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]  # once each, negations skipped
+    assert ours == [(2, 0), (2, 1), (1, 1), (1, 0)]
+
+
+def test_chair_reference_counting_on_coco_by_hand(tmp_path):
+    """chair.py's caption_to_words by hand: lower-case, tokenize, singularize (pattern.en), merge its two-word
+    list, drop 'seat' beside 'toilet', keep synonyms.txt entries (split at ', ' exactly)."""
+    (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\nwine glass\n"
+                                           "elephant\ntoilet\nchair, seat\nbus, minibus\nmotorcycle,  motor bike, moped\n")
+    syn = E.load_synonyms(str(tmp_path / "synonyms.txt"))
+    assert " motor bike" in syn and "motor bike" not in syn  # chair.py's split keeps the leading space
+    text = "A dog chases a dog past a bus and two men near a toilet seat; a baby elephant, wine glasses and a motor bike."
+    # dog, dog (both count); bus -> 'bu' (pattern), no object; men -> man -> person; toilet (its seat dropped);
+    # 'baby elephant' -> elephant; 'wine glasses' -> 'wine glass'; 'motor bike' merged but no entry matches it
+    assert E.coco_objects(text, syn) == ["dog", "dog", "person", "toilet", "elephant", "wine glass"]
+    q = {"syn": syn, "objects": {"dog", "toilet"}}
+    assert E.chair_counts(q, text) == (6, 3)
+    assert E.chair_counts(q, "A hot dog and two puppies.") == (2, 1)  # hot dog (absent), puppy -> dog
+    m = E.chair_metrics([(6, 3), (2, 1)], [1, 1])
+    assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
+    ours = E.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")  # once each; bus, motor bike read as objects
+    assert E.coco_objects(text, ours, "ours") == ["dog", "bus", "person", "toilet", "elephant", "wine glass", "motorcycle"]
+    words = {"glasses": "glass", "glass": "glas", "bus": "bu", "buses": "bus", "people": "person", "women": "woman",
+             "knives": "knife", "puppies": "puppy", "benches": "bench", "ties": "ty", "cookies": "cookies",
+             "skis": "ski", "mice": "mouse", "sheep": "sheep", "scissors": "scissors"}
+    assert {w: E.singularize_like_pattern(w) for w in words} == words
 
 
 def test_chair_coco_word_matcher(tmp_path):
@@ -102,17 +130,17 @@ def test_chair_coco_word_matcher(tmp_path):
     for f in ("a.jpg", "b.jpg"):
         (tmp_path / f).write_bytes(b"not decoded here")
     cfg = E.Config(chair_instances=str(tmp_path / "instances.json"), chair_synonyms=str(tmp_path / "synonyms.txt"),
-                   image_folder=str(tmp_path))
+                   image_folder=str(tmp_path), chair_counting="ours")
     q7, q9 = E.coco_chair_questions(cfg)
     assert (q7["id"], q7["objects"], q9["objects"]) == ("7", {"person", "dog"}, {"dining table", "wine glass"})
     syn = q7["syn"]
     # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person counted once
-    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn) == ["person", "dog", "hot dog"]
+    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn, "ours") == ["person", "dog", "hot dog"]
     # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining table
-    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn) == ["elephant", "dining table", "wine glass"]
-    assert E.coco_objects("A toilet seat.", syn) == ["toilet"]  # not a chair
-    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand."),       # 3 mentions, 1 hallucinated
-              E.chair_counts(q9, "A baby elephant near a table with wine glasses.")]        # 3 mentions, 1 hallucinated
+    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn, "ours") == ["elephant", "dining table", "wine glass"]
+    assert E.coco_objects("A toilet seat.", syn, "ours") == ["toilet"]  # not a chair
+    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),       # 3 mentions, 1 hallucinated
+              E.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]        # 3 mentions, 1 hallucinated
     assert counts == [(3, 1), (3, 1)]
     m = E.chair_metrics(counts, [1, 1])
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
@@ -121,18 +149,27 @@ def test_chair_coco_word_matcher(tmp_path):
 # ----------------------------------------------------------------------------------------------- MMHal, GAVIE, oracle
 
 def test_rating_parsers():
-    assert E.parse_rating("The answer looks fine.") is None                       # zero ratings
-    assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative") == 4
-    assert E.parse_rating("RATING: 2") == 2
-    assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3") is None       # two ratings: flagged
-    assert E.parse_rating("Rating: 5. Final rating: 5") == 5                      # one value (as the reference)
-    assert E.parse_rating("Rating: 7") is None and E.parse_rating("Rating: 60") is None
+    for rule in ("reference", "ours"):
+        assert E.parse_rating("The answer looks fine.", rule) is None                 # zero ratings
+        assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative", rule) == 4
+        assert E.parse_rating("RATING: 2", rule) == 2
+        assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None  # two ratings
+        assert E.parse_rating("Rating: 5. Final rating: 5", rule) == 5                # one value
+        assert E.parse_rating("Rating: 7", rule) is None
+    # eval_gpt_mmhal.py tests the text 'rating: k' for k = 0..6: 'rating: 60' holds 'rating: 6', 'rating:5' none
+    assert E.parse_rating("Rating: 60") == 6 and E.parse_rating("Rating: 60", "ours") is None
+    assert E.parse_rating("Rating:5") is None and E.parse_rating("Rating:5", "ours") == 5
     assert E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok") == {"relevancy": 8.0, "accuracy": 6.0}
     assert E.parse_gavie("Relevancy: 8") is None and E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
     assert E.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
     q = [{"id": str(i), "question_type": t} for i, t in enumerate(["attribute", "attribute", "counting", "other"])]
-    m = E.mmhal_metrics(q, {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"})
-    # rated 6, 2, 4: mean 4, one of three below 3; the unparsable reply is counted and left out
+    replies = {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"}
+    m = E.mmhal_metrics(q, replies)
+    # the reference: ratings 6, 2, 4 and 0 for the unreadable reply: mean 3, two of four below 3
+    assert m["score"] == pytest.approx(3.0) and m["hallucination_rate"] == pytest.approx(2 / 4) and m["n"] == 4
+    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0, "other": 0.0} and m["unparsed_ids"] == ["3"]
+    m = E.mmhal_metrics(q, replies, "ours")
+    # ours: rated 6, 2, 4: mean 4, one of three below 3; the unreadable reply is counted and left out
     assert m["score"] == pytest.approx(4.0) and m["hallucination_rate"] == pytest.approx(1 / 3)
     assert m["per_type"] == {"attribute": 4.0, "counting": 4.0} and (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
     assert m["score_unparsed_as_0"] == pytest.approx(3.0)
@@ -212,6 +249,49 @@ def test_openai_judge_retries_and_parses(api):
         E.make_judge(cfg)("x", {})
 
 
+MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n### Image Contents\n{image_content}\n\n### Question\n{question}\n\n"
+                  "### Standard Human-Generated Answer\n{gt_answer}\n\n### LMM Response to Evaluate\n{answer}\n")
+GAVIE_TEMPLATE = "bounding box:\n{boxes}\n\nHere is the instruction for the image:\n{question}\n\nAnswer1: {answer}\n"
+
+
+def test_judge_prompt_files_fill_their_placeholders(tmp_path):
+    (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    (tmp_path / "gavie.txt").write_text(GAVIE_TEMPLATE)
+    t = E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"gavie={tmp_path / 'gavie.txt'}"))
+    q = {"prompt": "What color is the circle?", "gt": "The circle is red.", "image_content": ["Circle", "Triangle"],
+         "boxes": [("large red circle", [1, 17, 14, 14]), ("small blue triangle", [35, 3, 9, 8])]}
+    assert E.judge_prompt("mmhal", q, "It is {blue}.", t) == (  # eval_gpt_mmhal.py joins the contents with ', '
+        'Judge it. Reply as {"rating": k}.\n### Image Contents\nCircle, Triangle\n\n### Question\nWhat color is the '
+        "circle?\n\n### Standard Human-Generated Answer\nThe circle is red.\n\n### LMM Response to Evaluate\n"
+        "It is {blue}.\n")  # other braces, in the template or the answer, stay as they are
+    assert E.judge_prompt("gavie", q, "Red.", t) == (
+        "bounding box:\nlarge red circle X:1 Y:17 Width:14 Height:14\nsmall blue triangle X:35 Y:3 Width:9 Height:8"
+        "\n\nHere is the instruction for the image:\nWhat color is the circle?\n\nAnswer1: Red.\n")
+    assert E.judge_prompt("mmhal", q, "Red.", {}) == E.mmhal_prompt(q, "Red.")  # no file: ours
+    (tmp_path / "bad.txt").write_text("{question} {boxes} {answer}")
+    with pytest.raises(E.DataError, match="not for mmhal: boxes"):
+        E.load_judge_prompts((f"mmhal={tmp_path / 'bad.txt'}",))
+    (tmp_path / "noanswer.txt").write_text("{question}")
+    with pytest.raises(E.DataError, match="missing answer"):
+        E.load_judge_prompts((f"gavie={tmp_path / 'noanswer.txt'}",))
+    with pytest.raises(common.ConfigError):
+        E.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
+    # LRV's official output format is read too
+    official = "Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\nAccuracy:\nscore of the answer1: 6\nreason: no."
+    assert E.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
+
+
+def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
+    (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    out = env["root"] / "judge_prompt"
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_url", api,
+            "--judge_key", "k", "--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}")
+    sent = [b["messages"][0]["content"] for _, _, b in FakeAPI.bodies]
+    assert len(sent) == 4 and all(p.startswith("Judge it. Reply as {") and "### Question" in p for p in sent)
+    assert all(r["judge"].startswith("openai:") and "|prompt:" in r["judge"]
+               for r in map(json.loads, open(out / "m0" / "judge_mmhal.jsonl")))
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 def test_cli_run_reuse_and_compare(env, capsys):
@@ -274,7 +354,7 @@ def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):
     base = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_backoff", "0.01")
     FakeAPI.script = [(200, "I cannot rate this.")] * 4  # garbage replies: counted and flagged, not a crash
     scores = run_cli(env, out, *base, "--judge_url", api)["m0"]["mmhal"]
-    assert scores["unparsed"] == 4 and scores["n"] == 0 and scores["score"] is None
+    assert scores["unparsed"] == 4 and scores["n"] == 4 and scores["score"] == 0  # the reference scores them 0
     answers = open(out / "m0" / "answers_mmhal.jsonl").read()
     os.remove(out / "m0" / "judge_mmhal.jsonl")
     capsys.readouterr()

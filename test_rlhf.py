@@ -210,6 +210,59 @@ def test_correctness_table(text, ctype, bonus, correct):
     assert ppo.correctness(text, ctype) == (bonus, correct)
 
 
+@pytest.mark.parametrize("text,ctype,bonus,correct", [
+    ("Nothing like that.", 6, 0.5, True),      # LLaVA-RLHF's startswith('No'): 'Nothing' earns the No bonus
+    ("None.", 6, 0.5, True),
+    ("Yesterday it was there.", 6, -0.5, False),
+    ("No, there is no ring.", 6, 0.5, True),
+    ("Nothing here.", 7, 0.0, False),
+    ("B. The circle is red.", 3, 1.0, True),
+])
+def test_correctness_prefix_rule_is_llava_rlhfs(text, ctype, bonus, correct):
+    assert ppo.correctness(text, ctype, "prefix") == (bonus, correct)
+
+
+def test_cut_at_question_tokens_as_llava_rlhf_truncates():
+    """truncate_after_eos_with_padding by hand: end = first EOS, then overridden by the first occurrence of
+    each extra stop id in turn (the last one found wins); the end token kept, the rest padded."""
+    eos, pad, q1, q2 = 2, 0, 7, 9  # q1 = tok('?')[0], q2 = tok('\n?')[-1]
+    tokens = torch.tensor([[5, q1, 6, eos, pad], [5, q2, q1, eos, pad], [5, 6, eos, pad, pad], [5, 6, 6, 6, 6],
+                           [q1, 6, 6, 6, 6]])
+    lengths = torch.tensor([4, 4, 3, 5, 5])
+    got, n, fin = ppo.cut_at_stop_tokens(tokens, lengths, eos, pad, [q1, q2])
+    assert got.tolist() == [[5, q1, 0, 0, 0], [5, q2, 0, 0, 0], [5, 6, eos, 0, 0], [5, 6, 6, 6, 6], [q1, 0, 0, 0, 0]]
+    assert n.tolist() == [2, 2, 3, 5, 1] and fin.tolist() == [False, False, True, False, False]
+    cfg = ppo.Config(correctness=0.0, length_penalty=0.0)  # a cut response has no EOS: the -8 penalty
+    assert ppo.sequence_reward(torch.zeros(5), torch.zeros(5), torch.zeros(5), n, fin, cfg).tolist() == \
+        [-8.0, -8.0, 0.0, -8.0, -8.0]
+
+
+def test_reward_model_reads_sampled_ids_and_the_spaced_prompt(tiny_world):
+    """--rm_input tokens: prompt ids + the sampled ids as they are ('</s>' only when sampled) + the evaluation
+    turn tokenized alone without special tokens, ' USER: Please evaluate ...' (LLaVA-RLHF ppo_trainer.py)."""
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    assert [tok.convert_ids_to_tokens(i) for i in ppo.question_stop_ids(tok)] == ["?"]  # '?' alone, not '▁'
+
+    prompt_ids, resp = torch.tensor([1, 4, 4, 11, 12]), torch.tensor([20, 21])
+    caps = ["A red circle.", "One circle."]
+    tail = " USER: " + data.eval_question(caps, random.Random(3)) + " ASSISTANT: " + data.EVAL_ANSWER
+    want = [1, 4, 4, 11, 12, 20, 21] + tok(tail, add_special_tokens=False)["input_ids"]
+    got = data.reward_item_from_ids(tok, prompt_ids, resp, caps, random.Random(3))["input_ids"]
+    assert got.tolist() == want and tok.eos_token_id not in got.tolist()  # no EOS sampled: none added
+    with_eos = data.reward_item_from_ids(tok, prompt_ids, torch.tensor([20, tok.eos_token_id]), caps, random.Random(3))
+    assert with_eos["input_ids"].tolist()[6] == tok.eos_token_id
+    # the text path with the space: the rendered conversation + ' ' + the turn, one string, one tokenization
+    m = tiny()
+    prompt = [{"from": "human", "value": "<image>\nDescribe the image."}]
+    text = data.render(prompt + [{"from": "gpt", "value": "A red circle."}])[0] + tail
+    head, rest = text.split("<image>")
+    want = tok(head)["input_ids"] + [4] * m.config.num_image_tokens + tok(rest, add_special_tokens=False)["input_ids"]
+    spaced = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3), space=True)
+    assert spaced["input_ids"].tolist() == want and "</s> USER: Please evaluate" in text
+    plain = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3))
+    assert plain["input_ids"].tolist() != want  # ours: '</s>USER:'
+
+
 def fixed_rollout(m, B=4, P=16, K=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     n_img = m.config.num_image_tokens
@@ -467,6 +520,12 @@ def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
                                         "--image_folder", tiny_world, "--out", str(tmp_path / "o4"), "--max_steps", "1",
                                         "--rollout_batch", "2", "--minibatch_size", "2", "--max_new_tokens", "4"])
     assert code == 0 and "facts False" in stdout, err
+    # LLaVA-RLHF's details all on (the real-data recipe's flags) run end to end with a fact-augmented RM
+    code, stdout, err = run_cli("ppo", ["--init", sft, "--reward", rm, "--world", tiny_world, "--out", str(tmp_path / "o5"),
+                                        "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
+                                        "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
+                                        "--rm_prompt_space", "true", "--correct_rule", "prefix", "--reward_scale", "10"])
+    assert code == 0, err
     code, _, err = run_cli("reward", ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
                                       str(tmp_path / "o3")])
     assert one_line_error(code, err) and "missing" in err

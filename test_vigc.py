@@ -106,6 +106,57 @@ def test_correction_stops_at_eos_and_at_the_step_limit(monkeypatch):
     assert vigc.correct(None, None, ["a"], [None], cfg)[0] == ["More. More. More. More. Words."]
 
 
+def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_steps(monkeypatch):
+    """VIGC llava_150k_gen.py by hand: each step continues 'Question: q Answer: <kept>' of the job's
+    instruction by beam search and keeps the text up to the first '.' (none: nothing), 4 steps, EOS or not."""
+    script, calls = [], []
+
+    def fake(model, tokenizer, items, cfg, temperature, generator=None, num_beams=1):
+        calls.append((items, temperature, num_beams))
+        return script.pop(0)
+    monkeypatch.setattr(vigc, "prompt", lambda tokenizer, model, q, prefix, unit, cfg: (q, prefix))
+    monkeypatch.setattr(vigc, "generate_texts", fake)
+    cfg = vigc.Config(vic_mode="reference")
+    jobs = [{"instruction": "Ask about the image.", "q": "What is there?", "unit": None},
+            {"instruction": "Describe it.", "q": "Describe the image.", "unit": None}]
+    script[:] = [[("A red circle. It is big", True), ("Two shapes", False)],
+                 [("It is big. Yes", True), ("A square. And", True)],
+                 [("no period here", True), ("A ring.", True)],
+                 [("Done. More", True), ("", True)]]
+    answers, steps = vigc.correct_reference(None, None, jobs, cfg)
+    assert answers == ["A red circle. It is big. Done.", "A square. A ring."] and steps == [4, 4] and not script
+    assert [c[0][0] for c in calls] == [("Ask about the image.", "Question: What is there? Answer:"),
+                                        ("Ask about the image.", "Question: What is there? Answer: A red circle."),
+                                        ("Ask about the image.", "Question: What is there? Answer: A red circle. It is big."),
+                                        ("Ask about the image.", "Question: What is there? Answer: A red circle. It is big.")]
+    assert all(t == 0.0 and b == 5 for _, t, b in calls)  # greedy beam search, 5 beams
+    examples = vigc.build_examples([{"image": "x.png", "conversations": [], "pairs": [
+        ("What is there?", "A red circle. It is big. It is on the left.", "conversation")]}],
+        {"conversation": ["Ask."]}, vigc.Config(vic_mode="reference", sft_share=0))
+    vic = [e for e in examples if e["question"] == "What is there?"]
+    assert vic == [{"image": "x.png", "question": "What is there?", "prefix": "",  # question -> the full answer
+                    "target": "A red circle. It is big. It is on the left."}]
+
+
+def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path, monkeypatch):
+    beams = []
+    real = vigc.generate_texts
+
+    def spy(*args, **kw):
+        beams.append(args[6] if len(args) > 6 else kw.get("num_beams", 1))
+        return real(*args, **kw)
+    monkeypatch.setattr(vigc, "generate_texts", spy)
+    monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))  # an untrained model's VIG
+    out = str(tmp_path / "ref")
+    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+                                         "--generate", "3", "--max_new_tokens", "6", "--out", out, "--vic_mode", "reference",
+                                         "--answer_length", "2", "--num_beams", "3"])
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["vic_mode"] == "reference" and report["images"] == report["parsed"] == 3
+    assert report["correction_steps_per_answer"] == 2 and beams == [1, 3, 3]  # VIG sampled, 2 beam-search steps
+
+
 def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     out = str(tmp_path / "vigc")
     code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "8",

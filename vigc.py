@@ -29,6 +29,13 @@ are dropped and counted. VIC then
 answers q again: generate, keep the first sentence, write the kept sentences back into the assistant turn,
 repeat until the model ends right after the kept sentence (EOS) or --max_correction_steps. On Shapes,
 shapes.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
+--vic_mode reference follows VIGC's code instead (vigc/tasks/llava_150k_gen.py with gen_style vig,
+generate_llava_qa_conv.yaml): VIC learns question -> the full answer (no answer-so-far prefix), and the
+correction continues the VIG turn itself, 'Question: q Answer: s_1 .. s_k', for exactly --answer_length
+steps (4) by beam search (--num_beams 5, model.generate), keeping at each step the text up to its first
+'.' (nothing when there is none), never stopping at EOS. Ours (the default) follows the paper's text:
+VIC learns q + the first k sentences -> the rest, and corrects from the question alone, greedily,
+until EOS or --max_correction_steps.
 Note: VIGC's iterative Q-Former re-reads the image conditioned on the text so far. LLaVA's image features
 do not depend on the text, so with greedy decoding the loop equals one greedy answer up to sentence
 re-tokenization: what changes the answer here is that VIC re-answers the question from the image, without
@@ -87,7 +94,10 @@ class Config:
     gen_types: tuple = ("conv", "desc", "comp")  # instruction types to generate, one drawn per image
     temperature: float = 0.7              # VIG sampling temperature (0: greedy)
     vic_temperature: float = 0.0          # VIC decoding temperature (0: greedy, as VIGC's beam search is deterministic)
-    max_correction_steps: int = 6         # VIC steps, one sentence each (VIGC's answer_length)
+    max_correction_steps: int = 6         # VIC steps, one sentence each (--vic_mode ours; stops earlier at EOS)
+    vic_mode: str = "ours"                # 'ours' (the paper's text) or 'reference' (VIGC's code); see the docstring
+    answer_length: int = 4                # --vic_mode reference: correction steps, always all (VIGC's answer_length: 4)
+    num_beams: int = 5                    # --vic_mode reference: beams of each correction step (VIGC: 5)
     last_infer_all: bool = False          # VIGC option: keep the whole generation at the last step, not one sentence
     max_new_tokens: int = 96              # new tokens per generation call
     gen_batch_size: int = 32              # prompts per generation batch
@@ -105,7 +115,7 @@ INSTRUCTIONS = {  # for --data files (the Shapes world ships its own in vigc_ins
                           "Ask an in-depth reasoning question about the image and answer it.",
                           "Pose a question about the image that requires careful reasoning, then answer it."]}
 GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature", "max_correction_steps",
-              "last_infer_all", "max_new_tokens", "gen_batch_size")  # change freely on --resume
+              "last_infer_all", "max_new_tokens", "gen_batch_size", "answer_length", "num_beams")  # change freely on --resume
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
 
@@ -204,7 +214,7 @@ def build_examples(records, instructions, cfg):
             out.append({"image": r["image"], "question": rng.choice(instructions[t]), "prefix": "", "target": vig_target(q, a)})
             q, a = rng.choice(pairs)
             s = sentences(a) or [a]
-            k = rng.randrange(len(s))  # the answer so far: the first k sentences; the target: the rest
+            k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0  # answer so far: k sentences; target: rest
             out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]), "target": " ".join(s[k:])})
     n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
     out += [{"image": r["image"], "conversations": r["conversations"]} for r in rng.choices(records, k=n_sft)]
@@ -230,8 +240,8 @@ def prompt(tokenizer, model, question, prefix, unit, cfg):
     return item
 
 
-def generate_texts(model, tokenizer, items, cfg, temperature, generator=None):
-    """(text cut at EOS, finished) per prompt item, in left-padded batches."""
+def generate_texts(model, tokenizer, items, cfg, temperature, generator=None, num_beams=1):
+    """(text cut at EOS, finished) per prompt item, in left-padded batches (num_beams > 1: beam search)."""
     was_training, out = model.training, []
     model.eval()
     dev = next(model.parameters()).device
@@ -239,7 +249,7 @@ def generate_texts(model, tokenizer, items, cfg, temperature, generator=None):
         b = collate(items[s:s + cfg.gen_batch_size], tokenizer.pad_token_id, side="left")
         g = model.generate(b["pixel_values"].to(dev), b["input_ids"].to(dev), b["attention_mask"].to(dev),
                            max_new_tokens=cfg.max_new_tokens, temperature=temperature, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator)
+                           pad_token_id=tokenizer.pad_token_id, generator=generator, num_beams=num_beams)
         for i in range(len(g.lengths)):
             text = tokenizer.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
             out.append((text, bool(g.finished[i])))
@@ -269,6 +279,21 @@ def correct(model, tokenizer, questions, units, cfg, generator=None):
                 still.append(i)
         active = still
     return [" ".join(k) for k in kept], steps
+
+
+def correct_reference(model, tokenizer, jobs, cfg):
+    """VIC as VIGC's code runs it (llava_150k_gen.py, _update with gen_style 'vig'): step k continues the VIG
+    turn 'Question: q Answer: a_1 .. a_k-1' of the job's own instruction by beam search and keeps the text
+    up to the first '.' of the continuation (with no '.', nothing); exactly --answer_length steps, EOS or not.
+    Returns (answers, steps)."""
+    kept = ["" for _ in jobs]
+    for _ in range(cfg.answer_length):
+        items = [prompt(tokenizer, model, j["instruction"], f"{VIG_START} {j['q']} Answer: {a}".strip(), j["unit"], cfg)
+                 for j, a in zip(jobs, kept)]
+        outs = generate_texts(model, tokenizer, items, cfg, 0.0, None, cfg.num_beams)
+        kept = [f"{a} {text.split('.')[0].strip() + '.' if '.' in text else ''}".strip()
+                for a, (text, _) in zip(kept, outs)]
+    return kept, [cfg.answer_length] * len(jobs)
 
 
 def image_list(cfg):
@@ -306,7 +331,10 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
                                             for j in jobs], cfg, cfg.temperature, gen)
     ok = [dict(j, q=qa[0], vig=qa[1]) for j, (text, _) in zip(jobs, vig) for qa in [parse_vig(f"{VIG_START} {text}")] if qa]
     t_vig = time.time() - t0
-    answers, steps = correct(model, tokenizer, [j["q"] for j in ok], [j["unit"] for j in ok], cfg)
+    if cfg.vic_mode == "reference":
+        answers, steps = correct_reference(model, tokenizer, ok, cfg)
+    else:
+        answers, steps = correct(model, tokenizer, [j["q"] for j in ok], [j["unit"] for j in ok], cfg)
     for j, a in zip(ok, answers):
         j["vic"] = a
     for name, key in (("vig_only.json", "vig"), ("vigc_data.json", "vic")):
@@ -316,7 +344,7 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
             json.dump(recs, f, indent=1)
         os.replace(os.path.join(cfg.out, f".{name}.tmp"), os.path.join(cfg.out, name))
     n_empty = sum(not a for a in answers)
-    report = {"images": len(jobs), "parsed": len(ok), "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
+    report = {"vic_mode": cfg.vic_mode, "images": len(jobs), "parsed": len(ok), "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
               "correction_steps_per_answer": round(sum(steps) / max(len(steps), 1), 2),
               "seconds": {"vig": round(t_vig, 1), "vic": round(time.time() - t0 - t_vig, 1)}}
     print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer ({len(jobs) - len(ok)} dropped) | VIC: "
@@ -362,6 +390,9 @@ def oracle_report(world, ok):
 def main(cfg):
     if not 0 <= cfg.sft_share < 1:
         raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 1)")
+    if cfg.vic_mode not in ("ours", "reference") or cfg.num_beams < 1 or cfg.answer_length < 1:
+        raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), --num_beams {cfg.num_beams} and "
+                                 f"--answer_length {cfg.answer_length} (each >= 1)")
     if not cfg.init and cfg.data != "shapes":
         raise common.ConfigError("--data FILE needs --init (a checkpoint with its tokenizer)")
     if cfg.init and not os.path.exists(cfg.init):
