@@ -287,7 +287,7 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), vision_lr_ratio=1.0):
     """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not. The vision
     tower and projector may run at vision_lr_ratio x lr (set_lr keeps the ratio)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in resharded(model).named_parameters() if p.requires_grad]  # (FSDP: the shards)
     if not named:
         raise ConfigError("nothing to train: no parameter requires grad")
     groups = []
@@ -583,15 +583,22 @@ def shard_model(model, d, bf16=False):
     units = list(model.vision_tower.encoder.layers) + list(model.language_model.layers) + list(model.heads.values())
     for unit in units:  # (a scalar head too: score_sequences calls it outside forward())
         fully_shard(unit, mesh=mesh, mp_policy=mp)
-    # the root frees its gathered weights after each forward too (FSDP's default keeps them until backward):
-    # an evaluation pass under no_grad must not leave whole tensors where the optimizer and the
-    # checkpoint expect the shards
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # the root keeps its gathered weights from forward to backward (FSDP's default; so encode_images and
+    # logits, called inside forward too, do not free them mid-forward). After a no_grad pass nothing frees
+    # them: resharded() puts the shards back before the optimizer or a checkpoint looks at the parameters.
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     for unit in units + [model]:  # SUM, not FSDP's default mean: our losses are divided by global counts already
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
     for name in ("encode_images", "logits"):  # called outside forward(): they too must all-gather the root
         register_fsdp_forward_method(model, name)
+    return model
+
+
+def resharded(model):
+    """The model with its root's shards registered again (FSDP; a plain model as it is)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
     return model
 
 
@@ -624,7 +631,7 @@ def restore(model, opt, path, state, d):
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from --init, as at the start
-    model_sd, optim_sd = get_state_dict(model, opt, options=trained)
+    model_sd, optim_sd = get_state_dict(resharded(model), opt, options=trained)
     both = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
@@ -643,7 +650,7 @@ def gather_full_model(model, d, device="cpu"):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from model import LLaVA
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(resharded(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
     with torch.device("meta"):  # the same modules, no memory: load_state_dict(assign=True) fills them
@@ -676,6 +683,7 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
+    resharded(model)
     trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights: --init has them (LoRA: the whole base)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=trained)
