@@ -958,7 +958,7 @@ def fsdp_bench(cfg):
         if d.main:
             print(f"fsdp {mode}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.3f}B trained, {d.world} processes | "
                   f"step {statistics.median(times):.3f}s | peak {max(peaks) / 2**30:.2f} GiB per process", flush=True)
-        del model, opt
+        model = opt = None  # free the first mode's shards before the next one
     if d.main:
         common.ensure_writable(cfg.out)
         with open(os.path.join(cfg.out, "bench_fsdp.json"), "w") as f:

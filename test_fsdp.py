@@ -176,7 +176,7 @@ def test_dpo_full_finetune_fsdp_equals_one_process(tiny_sft, tiny_world, tmp_pat
     argv = ["--init", tiny_sft, "--world", tiny_world, "--lora_r", "0", "--max_steps", "3", "--batch_size", "8",
             "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--eval_n", "12"]
     two = torchrun("dpo.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
-    code, stdout, err = run_cli("dpo", argv + ["--out", str(tmp_path / "one")])
+    code, _, err = run_cli("dpo", argv + ["--out", str(tmp_path / "one")])
     assert code == 0, err
     assert "2 process(es)" in finish(two)
     same_metrics(tmp_path / "one", tmp_path / "two", ["loss", "rewards/margins", "logps/chosen", "grad_norm",
