@@ -316,7 +316,8 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg, {"noise": noise_gen}) if cfg.resume else (None, None)
     init_dir = resolve_checkpoint(cfg.init)
     sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
-    model, tokenizer = common.load_model_and_tokenizer(init_dir if sharded else resume_path or init_dir, vision_tower=cfg.vision_tower,
+    model, tokenizer = common.load_model_and_tokenizer(init_dir if sharded else resume_path or init_dir,
+                                                       vision_tower=cfg.vision_tower,
                                                        tokenizer_dir=tok_dir, device=d.device)
     if resume_path is not None and not sharded:  # the frozen base the adapters sit on, as the checkpoint names it
         b = json.load(open(os.path.join(resume_path, "config.json"))).get("base")

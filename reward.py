@@ -228,7 +228,8 @@ def main(cfg):
     if cfg.data == "shapes":
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
     sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
-    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, tokenizer_dir=tok_dir, device=d.device)
+    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init,
+                                                       tokenizer_dir=tok_dir, device=d.device)
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters {sorted(model.adapters)}; "

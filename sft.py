@@ -163,7 +163,8 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     model, tokenizer = common.load_model_and_tokenizer(
-        cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init, cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
+        cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init,  # FSDP: shards later
+        cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
         d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

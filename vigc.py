@@ -386,7 +386,8 @@ def main(cfg):
     train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
     sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
-    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, cfg.model, cfg.vision_tower, tok_dir, d.device)
+    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, cfg.model,
+                                                       cfg.vision_tower, tok_dir, d.device)
     if cfg.lora_r > 0:
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
