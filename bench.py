@@ -106,6 +106,7 @@ class Config:
     hf_load: str = "auto"                 # transformers model: 'export' (export_hf + from_pretrained), 'copy' (weights copied in memory), auto: export on cpu
     seed: int = 0                         # seed of weights and inputs
     quick: bool = False                   # tiny config, 1 repetition: a smoke test of every section (flags given still win)
+    fsdp: bool = False                    # instead: FSDP2 training step time and peak memory per process (under torchrun)
 
 
 QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,
@@ -814,6 +815,8 @@ def main(cfg):
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
         raise common.ConfigError("--dtype: auto, fp32 or bf16; --hf_load: auto, export or copy")
+    if cfg.fsdp:
+        return fsdp_bench(cfg)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -903,6 +906,65 @@ def run(cfg):
         print(f"error: sections failed: {', '.join(failed)} (tracebacks above; the report has the rest)", file=sys.stderr)
         raise SystemExit(1)
     return r
+
+
+def fsdp_bench(cfg):
+    """--fsdp: one sharded training step (common.shard_model, as sft.py --fsdp true runs it) for each of
+    --train_modes (full: language model + projector, CLIP frozen; lora), median step time and peak memory
+    per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device cuda --model llava-7b`: bf16
+    compute, fp32 master weights and AdamW moments sharded 8 ways. --batch rows per process. No
+    transformers comparison. Writes OUT/bench_fsdp.json."""
+    d = common.setup_dist(cfg.device, fsdp=True)
+    bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"
+    c = model_config(cfg)
+    out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16, "config": dataclasses.asdict(cfg),
+           "model_config": dataclasses.asdict(c)}
+    for mode in cfg.train_modes:
+        model = build_ours(c, d.device, torch.float32, cfg.seed).train()  # fp32 master weights, sharded below
+        if mode == "lora":
+            model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha)
+            model.set_adapter("sft")
+            model.set_trainable(adapters=["sft"])
+        else:
+            model.set_trainable(projector=True, language=True)
+        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        common.shard_model(model, d, bf16=bf16)
+        opt = common.make_optimizer(model, cfg.lr)
+        g = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)
+        batch = train_batch(c, cfg.batch, cfg.seq, cfg.answer, g, d.device)
+        n_global = common.all_reduce_sum(torch.tensor(float(cfg.batch * cfg.answer), device=d.device), d)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = common.lm_loss(model, batch, n_global)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        times = []
+        for i in range(cfg.warmup + cfg.reps):
+            dt = timed(step, d.device)[0]
+            if i >= cfg.warmup:
+                times.append(dt)
+        peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else _rss()
+        peaks = common.all_gather_cat(torch.tensor([float(peak)], device=d.device), d).tolist()
+        out[mode] = {"params": n_all, "trainable": n_train, "step_s": statistics.median(times), "times": times,
+                     "tokens_per_s": cfg.batch * cfg.seq * d.world / statistics.median(times),
+                     "peak_bytes_per_process": peaks, "peak_kind": "cuda max_memory_allocated"
+                     if d.device.type == "cuda" else "resident set size"}
+        if d.main:
+            print(f"fsdp {mode}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.3f}B trained, {d.world} processes | "
+                  f"step {statistics.median(times):.3f}s | peak {max(peaks) / 2**30:.2f} GiB per process", flush=True)
+        model = opt = None  # free the first mode's shards before the next one
+    if d.main:
+        common.ensure_writable(cfg.out)
+        with open(os.path.join(cfg.out, "bench_fsdp.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    common.cleanup_dist()
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What every training script shares: dataclass config -> command line, torchrun/DDP setup,
-seeding, AdamW + cosine schedule, logging, atomic checkpoints and --resume, clean errors."""
+"""What every training script shares: dataclass config -> command line, torchrun setup (replicated
+data parallelism, or FSDP2 sharding with --fsdp), seeding, AdamW + cosine schedule, logging, atomic
+checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import shutil
 import sys
 import time
 import typing
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -158,27 +160,45 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    fsdp: bool = False  # parameters, gradients and optimizer state sharded over the ranks (FSDP2)
 
     @property
     def main(self):
         return self.rank == 0
 
 
-def setup_dist(device="cpu"):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one."""
+def setup_dist(device="cpu", fsdp=False):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp a
+    one-rank process group, so the sharded code path is the same at any world size)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if device == "cuda" else "gloo"
     if world == 1:
-        return Dist(device=torch.device(device))
+        if fsdp:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Dist(device=torch.device(device), fsdp=fsdp)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
+    dist.init_process_group(backend)
+    return Dist(rank, world, local, dev, fsdp)
+
+
+def check_world(script, fsdp, **batch_sizes):
+    """Before any process group: the global batch sizes must split evenly over the torchrun processes
+    (every rank runs the same number of forward passes, which FSDP's collectives need)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp and script == "ppo.py":
+        raise ConfigError("ppo.py --fsdp: not supported; PPO trains LoRA adapters on one frozen base that its four "
+                          "roles share, replicated on every process (see README, 'Sharded training')")
+    for flag, size in batch_sizes.items():
+        if size % world:
+            raise ConfigError(f"--{flag} {size} does not split over the {world} processes (torchrun "
+                              f"--nproc_per_node {world}): use a multiple of {world}")
 
 
 def cleanup_dist():
@@ -205,10 +225,14 @@ def all_gather_cat(t, d):
 
 
 def sync_grads(params, d):
-    """Sum gradients across ranks (explicit data parallelism: one all-reduce per parameter after
-    backward). Our losses are normalised by global counts (tokens or pairs in the global batch), so
-    the per-rank gradients add up to the single-process gradient exactly; the model stays unwrapped."""
-    if d.world == 1:
+    """Sum gradients across ranks (explicit data parallelism: one flat all-reduce after backward). Our
+    losses are normalised by global counts (tokens or pairs in the global batch), so the per-rank
+    gradients add up to the single-process gradient exactly. Why not DistributedDataParallel: PPO calls
+    one shared base under four roles (policy, reference, reward, value adapters) several times per step
+    and DPO runs the model twice (policy, then adapters off), which DDP's one-forward-one-backward
+    bucket hooks do not follow; the trainable set here is LoRA (small), so one flat all-reduce costs
+    little. Under FSDP the gradients come back reduce-scattered already (shard_model)."""
+    if d.world == 1 or d.fsdp:
         return
     for p in params:  # every rank must all-reduce the same tensors, also after an empty micro-batch
         if p.grad is None:
@@ -276,7 +300,7 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), vision_lr_ratio=1.0):
     """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not. The vision
     tower and projector may run at vision_lr_ratio x lr (set_lr keeps the ratio)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in resharded(model).named_parameters() if p.requires_grad]  # (FSDP: the shards)
     if not named:
         raise ConfigError("nothing to train: no parameter requires grad")
     groups = []
@@ -309,6 +333,8 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
     last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+        norm = norm.full_tensor()
     bad_loss = loss is not None and not math.isfinite(float(loss))
     if bad_loss or not torch.isfinite(norm):
         if skip_nonfinite:
@@ -327,10 +353,16 @@ def _injected_fault(params, step):
     at = os.environ.get("FACTALIGN_FAULT_STEP")
     if at and int(at) == step + 1:
         for p in params:
-            if p.grad is not None:
-                p.grad.view(-1)[0] = float("nan")
+            g = _local(p.grad) if p.grad is not None else None
+            if g is not None and g.numel():
+                g.view(-1)[0] = float("nan")
                 return True
     return False
+
+
+def _local(t):
+    """This rank's shard of a DTensor (FSDP parameters and gradients); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
@@ -407,7 +439,7 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 # ----------------------------------------------------------------------------------------
 
 RESUME_FREE_FIELDS = {"resume", "out", "log_every", "save_every", "eval_every", "max_steps",
-                      "skip_nonfinite"}  # do not change the math (skip_nonfinite: the way out of a stopped run)
+                      "skip_nonfinite", "save_full"}  # do not change the math (skip_nonfinite: the way out of a stopped run)
 
 
 def ensure_writable(out_dir):
@@ -442,15 +474,18 @@ def set_rng_state(state, generators=None):
 
 
 def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=None, base=None, generators=None,
-                    extra_state=None, keep=2, d=None):
+                    extra_state=None, keep=2, d=None, full=None):
     """Write OUT/checkpoint-{step}: model files (+ tokenizer) and trainer_state.pt (optimizer, step,
     RNG, run config). Written into a temp dir and renamed; older checkpoints beyond `keep` removed.
-    Only the main process writes; all processes wait for it."""
+    Replicated: only the main process writes; all processes wait for it. Under FSDP see _save_sharded."""
+    if d is not None and d.fsdp:
+        return _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, generators, extra_state,
+                             keep, d, full)
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     if d is None or d.main:
         tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        cfg = dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else dict(run_config)
+        cfg = _config_dict(run_config)
         # base is stored relative to the checkpoint, so a moved ckpt/ tree keeps working
         model.save_pretrained(tmp, base=base, extra_config={"step": step, "run_config": cfg})
         if tokenizer is not None:
@@ -459,17 +494,26 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "rng": rng_state(generators), "extra": extra_state or {}}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
-            _discard(final)
-        os.rename(tmp, final)
-        old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
-                     and os.path.exists(os.path.join(out_dir, n, "config.json")))  # keep counts complete ones
-        for n in old[:-keep] if keep > 0 else []:
-            _discard(os.path.join(out_dir, n))
+        _commit(tmp, final, out_dir, keep)
     if d is not None and d.world > 1:
         dist.barrier()
     return final
+
+
+def _config_dict(run_config):
+    return dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else dict(run_config)
+
+
+def _commit(tmp, final, out_dir, keep):
+    """fsync the temp dir, rename it to its final name (the one atomic step), drop old checkpoints."""
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
+        _discard(final)
+    os.rename(tmp, final)
+    old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
+                 and os.path.exists(os.path.join(out_dir, n, "config.json")))  # keep counts complete ones
+    for n in old[:-keep] if keep > 0 else []:
+        _discard(os.path.join(out_dir, n))
 
 
 def _discard(path):
@@ -481,9 +525,10 @@ def _discard(path):
 
 
 def _fsync_dir(path):
-    for n in os.listdir(path):
-        with open(os.path.join(path, n), "rb") as f:
-            os.fsync(f.fileno())
+    for folder, _, names in os.walk(path):  # (FSDP checkpoints hold a shards/ folder)
+        for n in names:
+            with open(os.path.join(folder, n), "rb") as f:
+                os.fsync(f.fileno())
 
 
 def load_resume(out_dir, run_config, generators=None):
@@ -523,6 +568,162 @@ def _newer(version):
 
 def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+# ----------------------------------------------------------------------------------------
+# FSDP2 (--fsdp true): full-parameter training that does not fit one GPU. Each CLIP layer, each
+# decoder layer and the root (embeddings, projector, final norm, lm_head, scalar heads) is one unit;
+# its parameters, gradients and AdamW moments live 1/world on each rank, and its whole weights are
+# all-gathered just before it runs and freed after it (forward and backward), as DeepSpeed ZeRO-3,
+# which LLaVA's own recipe uses. Checkpoints: each rank writes its shards (torch.distributed.checkpoint)
+# into the temp dir that is renamed as a whole; the final one also holds the whole model.
+# ----------------------------------------------------------------------------------------
+
+SHARDS = "shards"  # the torch.distributed.checkpoint folder inside an FSDP checkpoint-N/
+
+# our callers never modify a model output in place, which is all this warning is about
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def shard_model(model, d, bf16=False):
+    """fully_shard each vision and decoder layer, then the root. Call after adapters, heads and
+    set_trainable, before make_optimizer (the optimizer must see the sharded parameters). bf16 (GPU):
+    compute in bf16 on all-gathered copies, fp32 master weights and optimizer state, fp32 reduce-scatter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    units = list(model.vision_tower.encoder.layers) + list(model.language_model.layers) + list(model.heads.values())
+    for unit in units:  # (a scalar head too: score_sequences calls it outside forward())
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    # the root keeps its gathered weights from forward to backward (FSDP's default; so encode_images and
+    # logits, called inside forward too, do not free them mid-forward). After a no_grad pass nothing frees
+    # them: resharded() puts the shards back before the optimizer or a checkpoint looks at the parameters.
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for unit in units + [model]:  # SUM, not FSDP's default mean: our losses are divided by global counts already
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+    for name in ("encode_images", "logits"):  # called outside forward(): they too must all-gather the root
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def resharded(model):
+    """The model with its root's shards registered again (FSDP; a plain model as it is)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return model
+
+
+def rank_chunks(n, batch_size, d):
+    """This rank's share of range(n) (rank::world) in chunks of batch_size, each with whether it counts.
+    Under FSDP every forward pass all-gathers weights, so every rank must run as many as the others: a
+    rank with fewer chunks runs its first one again and discards the result (counts False)."""
+    mine = list(range(n))[d.rank::d.world]
+    chunks = [(mine[s:s + batch_size], True) for s in range(0, len(mine), batch_size)]
+    if d.fsdp and n:
+        most = math.ceil(math.ceil(n / d.world) / batch_size)  # rank 0 holds ceil(n / world) items
+        chunks += [(chunks[0][0] if chunks else [0], False)] * (most - len(chunks))
+    return chunks
+
+
+def sharded_resume(resume_path, d):
+    """Whether --resume loads FSDP shards: then the model is built from --init (or fresh) as at the start,
+    sharded, and restore() loads the shards into it. (A final LoRA-merged model has no shards: loaded whole.)"""
+    return bool(resume_path) and d.fsdp and os.path.isdir(os.path.join(resume_path, SHARDS))
+
+
+def restore(model, opt, path, state, d):
+    """Continue where the checkpoint being resumed left off: the optimizer state; under FSDP also the
+    model's and optimizer's shards and this rank's random streams (building the model drew from them)."""
+    if not sharded_resume(path, d):
+        if state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from --init, as at the start
+    model_sd, optim_sd = get_state_dict(resharded(model), opt, options=trained)
+    both = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:  # e.g. another model size
+        raise CheckpointError(f"{path}/{SHARDS}: cannot load the FSDP shards into this model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"], options=trained)
+    rng = os.path.join(path, f"rng-rank{d.rank}.pt")  # (absent when resumed on more ranks: rank 0's)
+    set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
+
+
+def gather_full_model(model, d, device="cpu"):
+    """The whole model, unsharded, on `device` of rank 0 (None on the others); every rank must call it.
+    Adapters, heads and the active adapter as in the sharded model. For the LoRA merge, generation and
+    the consolidated checkpoint that LLaVA.from_pretrained, --init and export_hf read."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from model import LLaVA
+    full = get_model_state_dict(resharded(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None
+    with torch.device("meta"):  # the same modules, no memory: load_state_dict(assign=True) fills them
+        plain = LLaVA(model.config)
+        for name, a in model.adapters.items():
+            plain.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"])
+        for name in model.heads:
+            plain.add_head(name)
+    plain.load_state_dict(full, assign=True)
+    plain.set_adapter(model.active_adapter)
+    return plain.to(device)
+
+
+def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, generators, extra_state, keep, d,
+                  full):
+    """FSDP checkpoint-N/: shards/ (each rank's part of the model and AdamW state, torch.distributed.checkpoint),
+    rng-rank{r}.pt, config.json, trainer_state.pt, tokenizer; with `full` (default: the run's last step, or
+    every save with --save_full) also the whole model as model/adapters.safetensors. All written into one
+    temp dir that rank 0 renames once every rank is done: a kill at any moment leaves no half checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from model import FORMAT_NAME
+    cfg = _config_dict(run_config)
+    if full is None:
+        full = step == cfg.get("max_steps") or bool(cfg.get("save_full"))
+    final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-fsdp")  # one name all ranks know
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    resharded(model)
+    trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights: --init has them (LoRA: the whole base)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=trained)
+    else:
+        model_sd, optim_sd = get_model_state_dict(model, options=trained), {}
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
+    torch.save(rng_state(generators), os.path.join(tmp, f"rng-rank{d.rank}.pt"))
+    plain = gather_full_model(model, d) if full else None
+    dist.barrier()  # every rank's files are in tmp
+    if d.main:
+        extra = {"step": step, "run_config": cfg, "fsdp_shards": SHARDS}
+        if plain is not None:  # the whole model, as a replicated run writes it
+            plain.save_pretrained(tmp, base=base, extra_config=extra)
+        else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
+            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(model.config),
+                    "adapters": model.adapters, "heads": sorted(model.heads), "active_adapter": model.active_adapter,
+                    "base": os.path.relpath(os.path.abspath(base), os.path.abspath(final)) if base else None, **extra}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"format_version": FORMAT_VERSION, "step": step, "run_config": cfg, "optimizer": None,
+                    "rng": rng_state(generators), "extra": extra_state or {}, "fsdp_world": d.world},
+                   os.path.join(tmp, "trainer_state.pt"))
+        _commit(tmp, final, out_dir, keep)
+    dist.barrier()
+    return final
 
 
 # ----------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ class Config:
     skip_bad: bool = False                # skip bad records with a count (default: stop before training)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
+    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
 
 
 def check_config(cfg):
@@ -285,11 +287,11 @@ def fingerprint(cfg, init_dir, *datasets):
 def reference_table(model, ds, cfg, d):
     """(N, 2) summed answer log-probs [chosen, rejected] of every pair under `model` (ranks share the work)."""
     out = torch.zeros(len(ds), 2)
-    mine = list(range(len(ds)))[d.rank::d.world]
-    for s in range(0, len(mine), cfg.batch_size):
-        b = common.to_device(ds.batch(mine[s:s + cfg.batch_size]), d.device)
+    for chunk, counts in common.rank_chunks(len(ds), cfg.batch_size, d):
+        b = common.to_device(ds.batch(chunk), d.device)
         c, r, _, _ = answer_logps(model, b, model.encode_images(b["pixel_values"]))
-        out[mine[s:s + cfg.batch_size]] = torch.stack([c, r], 1).float().cpu()
+        if counts:
+            out[chunk] = torch.stack([c, r], 1).float().cpu()
     return common.all_reduce_sum(out, d)
 
 
@@ -312,7 +314,8 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
 
 def main(cfg):
     check_config(cfg)
-    d = common.setup_dist(cfg.device)
+    common.check_world("dpo.py", cfg.fsdp, batch_size=cfg.batch_size)
+    d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     if d.main:
         common.ensure_writable(cfg.out)
@@ -322,9 +325,11 @@ def main(cfg):
     noise_gen = torch.Generator().manual_seed(cfg.seed)  # POVID noise seeds: the same on every rank, saved in checkpoints
     resume_path, state = common.load_resume(cfg.out, cfg, {"noise": noise_gen}) if cfg.resume else (None, None)
     init_dir = resolve_checkpoint(cfg.init)
-    model, tokenizer = common.load_model_and_tokenizer(resume_path or init_dir, vision_tower=cfg.vision_tower,
+    sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
+    model, tokenizer = common.load_model_and_tokenizer(init_dir if sharded else resume_path or init_dir,
+                                                       vision_tower=cfg.vision_tower,
                                                        tokenizer_dir=tok_dir, device=d.device)
-    if resume_path is not None:  # the frozen base the adapters sit on, as the checkpoint names it
+    if resume_path is not None and not sharded:  # the frozen base the adapters sit on, as the checkpoint names it
         b = json.load(open(os.path.join(resume_path, "config.json"))).get("base")
         base = os.path.normpath(os.path.join(resume_path, b)) if b else None
     else:
@@ -341,9 +346,11 @@ def main(cfg):
         model.set_trainable(adapters=["dpo"])
     else:
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
-    if cfg.dtype == "bf16" and cfg.device == "cuda":
+    if cfg.dtype == "bf16" and cfg.device == "cuda" and not cfg.fsdp:  # (FSDP: fp32 master weights, bf16 compute)
         model.cast_base(torch.bfloat16)
     model.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.fsdp:
+        common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
     train = Pairs(train_recs, tokenizer, model.config, cfg, images)
     val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
@@ -353,12 +360,12 @@ def main(cfg):
         raise common.ConfigError("no training pairs left (all records were dropped or skipped)")
     ref = None
     if cfg.lora_r == 0 and cfg.loss != "ref_free":  # on --resume the init model is loaded again only if the cache is gone
-        ref = cached_reference(cfg, d, init_dir, train, val, lambda: model if resume_path is None else
+        ref = cached_reference(cfg, d, init_dir, train, val, lambda: model if resume_path is None or sharded else
                                common.load_model_and_tokenizer(init_dir, "", cfg.vision_tower, tok_dir, d.device)[0])
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        common.restore(model, opt, resume_path, state, d)
         start = state["step"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
@@ -410,12 +417,13 @@ def main(cfg):
 def evaluate(model, val, cfg, d, ref=None):
     """Held-out reward accuracy: the share of pairs whose chosen answer gets the larger implicit reward."""
     model.eval()
-    mine, tot = list(range(len(val)))[d.rank::d.world], torch.zeros(3)
-    for s in range(0, len(mine), cfg.batch_size):
-        chunk = mine[s:s + cfg.batch_size]
+    tot = torch.zeros(3)
+    for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
         _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
                            ref[chunk].to(d.device) if ref is not None else None)
-        tot += torch.stack([m["rewards/accuracies"].sum(), m["rewards/margins"].sum(), torch.tensor(float(len(chunk)))]).cpu()
+        if counts:
+            tot += torch.stack([m["rewards/accuracies"].sum(), m["rewards/margins"].sum(),
+                                torch.tensor(float(len(chunk)))]).cpu()
     model.train()
     tot = common.all_reduce_sum(tot, d)
     return {"val_reward_accuracy": float(tot[0] / tot[2]), "val_reward_margin": float(tot[1] / tot[2])}

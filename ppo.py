@@ -110,6 +110,7 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and heads stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder during updates
     resume: bool = False                  # continue from the newest checkpoint in --out
+    fsdp: bool = False                    # not supported: the four roles share one frozen base, replicated (README)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
 
 
@@ -481,6 +482,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
 
 
 def main(cfg):
+    common.check_world("ppo.py", cfg.fsdp)
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
     for flag, ok, want in (("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),

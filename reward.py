@@ -70,6 +70,8 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder
     resume: bool = False                  # continue from the newest checkpoint in --out
+    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
+    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
 
 
@@ -196,13 +198,13 @@ def evaluate(model, val, cfg, tokenizer, images, d):
     """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption order."""
     model.eval()
     sums = torch.zeros(4)  # correct, loss, margin, count
-    idx = list(range(len(val)))[d.rank::d.world]
-    for s in range(0, len(idx), cfg.batch_size):
-        b, _ = pair_batch(val, idx[s:s + cfg.batch_size], cfg, tokenizer, model, images, f"val-{cfg.seed}")
+    for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
+        b, _ = pair_batch(val, chunk, cfg, tokenizer, model, images, f"val-{cfg.seed}")
         if b is None:
             continue
         rc, rr = forward_pairs(model, b, d.device)
-        sums += torch.tensor([float((rc > rr).sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum()),
+        if counts:
+            sums += torch.tensor([float((rc > rr).sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum()),
                               len(rc)])
     sums = common.all_reduce_sum(sums, d)
     model.train()
@@ -226,7 +228,8 @@ def partner_pairs(val, world):
 
 
 def main(cfg):
-    d = common.setup_dist(cfg.device)
+    common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
+    d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     if d.main:
         common.ensure_writable(cfg.out)
@@ -238,12 +241,14 @@ def main(cfg):
         raise common.ConfigError(f"--pairs must be 'injected' or 'sampled', got '{cfg.pairs}'")
     if cfg.data == "shapes":
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
-    model, tokenizer = common.load_model_and_tokenizer(resume_path or cfg.init, tokenizer_dir=tok_dir, device=d.device)
+    sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
+    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init,
+                                                       tokenizer_dir=tok_dir, device=d.device)
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters {sorted(model.adapters)}; "
                                  f"merge them into the base first (sft.py does at the end)")
-    if cfg.dtype == "bf16" and cfg.device == "cuda":
+    if cfg.dtype == "bf16" and cfg.device == "cuda" and not cfg.fsdp:  # (FSDP: fp32 master weights, bf16 compute)
         model.cast_base(torch.bfloat16)
     train, val, stats = load_pairs(cfg, d, model, tokenizer)  # sampled pairs come from the SFT model itself
     if "reward" not in model.adapters:
@@ -253,12 +258,14 @@ def main(cfg):
     model.set_adapter("reward")
     model.set_trainable(adapters=["reward"], heads=["reward"])
     model.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.fsdp:
+        common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train:
         raise common.ConfigError("no training pairs left (all were dropped)")
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        common.restore(model, opt, resume_path, state, d)
         start = state["step"]
         print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]

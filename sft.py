@@ -80,6 +80,8 @@ class Config:
     skip_bad: bool = False                # skip bad records with a count (default: stop before training)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
+    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     report: bool = True                   # Shapes: held-out accuracy per question type after training
     report_n: int = 100                   # questions per type in the report
 
@@ -146,7 +148,10 @@ class Tokenized:
 
 
 def main(cfg):
-    d = common.setup_dist(cfg.device)
+    aligning = cfg.data == "shapes" and not cfg.init and cfg.align_steps > 0
+    common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **({"align_batch_size": cfg.align_batch_size}
+                                                                        if aligning else {}))
+    d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     if d.main:
         common.ensure_writable(cfg.out)
@@ -158,7 +163,8 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     model, tokenizer = common.load_model_and_tokenizer(
-        resume_path or cfg.init, cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
+        cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init,  # FSDP: shards later
+        cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
         d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
@@ -167,9 +173,11 @@ def main(cfg):
         model.set_trainable(adapters=["sft"], vision=cfg.train_vision, projector=cfg.train_projector)
     else:
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=cfg.train_lm)
-    if dtype is not None:
+    if dtype is not None and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
         model.cast_base(dtype)
     model.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.fsdp:
+        common.shard_model(model, d, bf16=dtype is not None)
     images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
     train = Tokenized(train_records, tokenizer, model.config, cfg, images)
     val = Tokenized(val_records, tokenizer, model.config, cfg, images)
@@ -187,7 +195,7 @@ def main(cfg):
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        common.restore(model, opt, resume_path, state, d)
         start = state["step"]
         print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -233,6 +241,8 @@ def main(cfg):
             log.log(done, val_loss=validation_loss(model, val, cfg, tokenizer, d))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
+    if cfg.fsdp:  # the LoRA merge and the report need the whole model: rank 0 gathers it
+        model = common.gather_full_model(model, d, d.device)
     if cfg.lora_r > 0 and d.main:  # the SFT model later stages start from: adapter merged into the base
         model.merge_adapter("sft")
         common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
@@ -245,13 +255,13 @@ def main(cfg):
 def validation_loss(model, val, cfg, tokenizer, d):
     model.eval()
     n = min(len(val), cfg.eval_batches * cfg.batch_size)
-    idx = list(range(n))[d.rank::d.world]
     total, count = torch.zeros(()), torch.zeros(())
-    for s in range(0, len(idx), cfg.batch_size):
-        chunk = idx[s:s + cfg.batch_size]
+    for chunk, counts in common.rank_chunks(n, cfg.batch_size, d):
         batch = common.to_device(collate([val[i] for i in chunk], tokenizer.pad_token_id), d.device)
-        total += common.lm_loss(model, batch, 1.0).float().cpu()
-        count += val.n_labels[chunk].sum()
+        loss = common.lm_loss(model, batch, 1.0).float().cpu()
+        if counts:
+            total += loss
+            count += val.n_labels[chunk].sum()
     model.train()
     return float(common.all_reduce_sum(total, d) / common.all_reduce_sum(count, d).clamp(min=1))
 

@@ -89,6 +89,8 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
+    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     generate: int = 200                   # images to generate instruction data for (0: none)
     images: str = ""                      # real data: a folder of images or a file listing one path per line (Shapes: the unlabeled split)
     gen_types: tuple = ("conv", "desc", "comp")  # instruction types to generate, one drawn per image
@@ -397,7 +399,8 @@ def main(cfg):
         raise common.ConfigError("--data FILE needs --init (a checkpoint with its tokenizer)")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found (train the SFT model first: python sft.py)")
-    d = common.setup_dist(cfg.device)
+    common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
+    d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     if d.main:
         common.ensure_writable(cfg.out)
@@ -413,7 +416,9 @@ def main(cfg):
     # generation flags do not change the trained weights: free to change on --resume
     train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
-    model, tokenizer = common.load_model_and_tokenizer(resume_path or cfg.init, cfg.model, cfg.vision_tower, tok_dir, d.device)
+    sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
+    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, cfg.model,
+                                                       cfg.vision_tower, tok_dir, d.device)
     if cfg.lora_r > 0:
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
@@ -422,8 +427,10 @@ def main(cfg):
     else:
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
     bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
-    if bf16:
+    if bf16 and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
         model.cast_base(torch.bfloat16)
+    if cfg.fsdp:
+        common.shard_model(model, d, bf16=bf16)
     images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
     train = build_examples(records, instructions, cfg)
     if len(train) == 0:
@@ -431,8 +438,7 @@ def main(cfg):
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        if state["optimizer"] is not None:  # (the final LoRA-merged checkpoint has none)
-            opt.load_state_dict(state["optimizer"])
+        common.restore(model, opt, resume_path, state, d)  # (the final LoRA-merged checkpoint has no optimizer)
         start = state["step"]
         print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -473,7 +479,9 @@ def main(cfg):
             common.save_checkpoint(model, cfg.out, done, train_cfg, opt, tokenizer, d=d)
     if dropped and d.main:
         print(f"warning: {dropped} drawn examples did not fit --max_len {cfg.max_len} and were left out of their batch")
-    if cfg.lora_r > 0:
+    if cfg.fsdp:  # the LoRA merge and generation need the whole model: rank 0 gathers it
+        model = common.gather_full_model(model, d, d.device)
+    if cfg.lora_r > 0 and model is not None:
         model.merge_adapter("vigc")  # generation and later stages use the merged weights
         if d.main and cfg.max_steps > start:
             common.save_checkpoint(model, cfg.out, cfg.max_steps, train_cfg, None, tokenizer)

@@ -1,0 +1,197 @@
+"""FSDP2 (--fsdp true) on CPU: gloo, the tiny preset, `torchrun --nproc_per_node 2` subprocesses.
+
+- sft and dpo: the 2-process sharded run logs the losses of one plain process within 1e-5, and its
+  consolidated final checkpoint holds the weights of the 1-process checkpoint within 1e-5;
+- each rank's shard files hold about half of the parameters and of the AdamW moments (read from the
+  torch.distributed.checkpoint metadata, not assumed);
+- a 2-process run killed with SIGKILL mid-run (all processes at once) and resumed with --resume true
+  ends bitwise where the uninterrupted run ends;
+- --fsdp where it cannot work is one line and exit 2.
+torchrun subprocesses cost seconds each, so one uninterrupted sft run serves three checks.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import HERE, run_cli
+
+STEPS = 6  # align 1 + instruct 5; checkpoints at 2, 4, 6 (the kill lands after 2: Adam moments in flight)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, argv, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.join(HERE, script), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def descendants(pid):
+    """Process ids below pid (torchrun's workers run in sessions of their own: killpg misses them)."""
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        up = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == up]
+        out += kids
+        todo += kids
+    return out
+
+
+def finish(proc):
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def rows(out):
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def same_metrics(one, two, keys):
+    a, b = rows(one), rows(two)
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= 3
+    compared = 0
+    for x, y in zip(a, b):
+        for k in keys:
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+                compared += 1
+    assert compared >= len(a)
+
+
+def same_weights(ck_one, ck_two, exact=False):
+    for f in ("model.safetensors", "adapters.safetensors"):
+        if not os.path.exists(os.path.join(ck_one, f)):
+            continue
+        a, b = load_file(os.path.join(ck_one, f)), load_file(os.path.join(ck_two, f))
+        assert a.keys() == b.keys() and a
+        for k in a:
+            ok = torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k], atol=1e-5, rtol=0)
+            assert ok, (f, k, float((a[k] - b[k]).abs().max()))
+
+
+def per_rank_elements(ck):
+    """Elements of model weights and of AdamW moments in each rank's shard file, from the
+    torch.distributed.checkpoint metadata (which file holds which chunk of which tensor)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(os.path.join(ck, "shards")).read_metadata()
+    held = {}
+    for index, info in meta.storage_data.items():
+        tensor = meta.state_dict_metadata[index.fqn]
+        if not hasattr(tensor, "chunks"):  # pickled bytes (optimizer param groups)
+            continue
+        chunk = next(c for c in tensor.chunks if tuple(c.offsets) == tuple(index.offset))
+        kind = "model" if index.fqn.startswith("model.") else "moments" if "exp_avg" in index.fqn else "other"
+        held.setdefault(kind, {}).setdefault(info.relative_path, 0)
+        held[kind][info.relative_path] += chunk.sizes.numel()
+    return held
+
+
+def sft_args(world, out, *extra):
+    return ["--model", "tiny", "--world", world, "--max_steps", str(STEPS), "--align_steps", "1",
+            "--align_batch_size", "8", "--batch_size", "8", "--report", "false", "--log_every", "1",
+            "--eval_every", "3", "--save_every", "2", "--out", str(out), *extra]
+
+
+def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_sigkill(tiny_world, tmp_path):
+    from model import LLaVA
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    straight = torchrun("sft.py", sft_args(tiny_world, two, "--fsdp", "true"))
+    # the same run, killed (every process at once, SIGKILL) once checkpoint 2 is complete
+    victim = torchrun("sft.py", sft_args(tiny_world, killed, "--fsdp", "true"))
+    deadline = time.time() + 240
+    while victim.poll() is None and time.time() < deadline:
+        if os.path.exists(killed / "checkpoint-000002" / "config.json"):
+            break
+        time.sleep(0.005)
+    for pid in [victim.pid] + descendants(victim.pid):  # the launcher and its workers, at once
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = victim.communicate()[0]
+    assert victim.returncode == -signal.SIGKILL, f"not killed mid-run (exit {victim.returncode}): {log[-2000:]}"
+    assert not os.path.exists(killed / f"checkpoint-{STEPS:06d}")
+    code, stdout, err = run_cli("sft", sft_args(tiny_world, one))  # one plain process, meanwhile
+    assert code == 0 and "1 process(es)" in stdout, err
+    assert "2 process(es)" in finish(straight)
+    resumed = finish(torchrun("sft.py", sft_args(tiny_world, killed, "--fsdp", "true", "--resume", "true")))
+    assert "resumed from" in resumed
+    final = f"checkpoint-{STEPS:06d}"
+
+    # 1. the losses of one process, and the same final weights (consolidated from the shards)
+    same_metrics(one, two, ["loss", "grad_norm", "val_loss"])
+    same_weights(one / final, two / final)
+    assert LLaVA.from_pretrained(str(two / final)).config.hidden == 32  # the consolidated model loads as usual
+    assert not os.path.exists(two / "checkpoint-000004" / "model.safetensors")  # sharded only, by default
+
+    # 2. each rank holds about half of the weights and of the AdamW moments, measured from its shard file
+    n_params = sum(t.numel() for t in load_file(str(two / final / "model.safetensors")).values())
+    held = per_rank_elements(two / final)
+    for kind, total in (("model", n_params), ("moments", 2 * n_params)):  # full fine-tune: all trained
+        assert sorted(held[kind]) == ["__0_0.distcp", "__1_0.distcp"], held
+        assert sum(held[kind].values()) == total, (kind, held[kind], total)
+        for rank_file, n in held[kind].items():
+            assert 0.4 <= n / total <= 0.6, (kind, rank_file, n, total)
+
+    # 3. killed and resumed == uninterrupted, bitwise (weights, last loss, the shards' AdamW moments)
+    same_weights(two / final, killed / final, exact=True)
+    assert rows(killed)[-2]["loss"] == rows(two)[-2]["loss"]
+    import torch.distributed.checkpoint as dcp
+    a, b = ({}, {})
+    for path, into in ((two / final / "shards", a), (killed / final / "shards", b)):
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+        into.update({k: torch.empty(m.size) for k, m in meta.state_dict_metadata.items() if "exp_avg" in k})
+        with warnings.catch_warnings():  # (a plain read, in this process)
+            warnings.simplefilter("ignore")
+            dcp.load(into, checkpoint_id=str(path), no_dist=True)
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_full_finetune_fsdp_equals_one_process(tiny_sft, tiny_world, tmp_path):
+    """Full fine-tune DPO: the reference log-probs are computed by the sharded model itself (cached)."""
+    argv = ["--init", tiny_sft, "--world", tiny_world, "--lora_r", "0", "--max_steps", "3", "--batch_size", "8",
+            "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--eval_n", "12"]
+    two = torchrun("dpo.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
+    code, _, err = run_cli("dpo", argv + ["--out", str(tmp_path / "one")])
+    assert code == 0, err
+    assert "2 process(es)" in finish(two)
+    same_metrics(tmp_path / "one", tmp_path / "two", ["loss", "rewards/margins", "logps/chosen", "grad_norm",
+                                                      "val_reward_accuracy", "val_reward_margin"])
+    same_weights(tmp_path / "one/checkpoint-000003", tmp_path / "two/checkpoint-000003")
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_fsdp_where_it_cannot_work_is_one_line_and_exit_2(script, tiny_world, tiny_sft, tmp_path, monkeypatch):
+    code, _, err = run_cli("ppo", ["--fsdp", "true", "--out", str(tmp_path / "ppo")])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "ppo.py --fsdp: not supported" in err, err
+    # what torchrun --nproc_per_node 2 sets; the check comes before any process group or file
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--world", tiny_world, "--fsdp", "true", "--batch_size", "3", "--out", str(tmp_path / script)]
+    code, _, err = run_cli(script, argv + (["--init", tiny_sft] if script == "dpo" else ["--model", "tiny"]))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--batch_size 3 does not split over the 2 processes" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / script)
