@@ -203,6 +203,7 @@ def check_world(script, fsdp, **batch_sizes):
 
 def cleanup_dist():
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before gloo's threads are torn down
         dist.destroy_process_group()
 
 
