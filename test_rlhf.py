@@ -256,7 +256,8 @@ def test_reward_model_reads_sampled_ids_and_the_spaced_prompt(tiny_world):
     prompt = [{"from": "human", "value": "<image>\nDescribe the image."}]
     text = data.render(prompt + [{"from": "gpt", "value": "A red circle."}])[0] + tail
     head, rest = text.split("<image>")
-    want = tok(head)["input_ids"] + [4] * m.config.num_image_tokens + tok(rest, add_special_tokens=False)["input_ids"]
+    after_image = tok(tok.bos_token + rest, add_special_tokens=False)["input_ids"][1:]  # as after a special token
+    want = tok(head)["input_ids"] + [4] * m.config.num_image_tokens + after_image
     spaced = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3), space=True)
     assert spaced["input_ids"].tolist() == want and "</s> USER: Please evaluate" in text
     plain = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3))
