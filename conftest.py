@@ -67,3 +67,16 @@ def run_script(script, argv, timeout=300, env=None):
     r = subprocess.run([sys.executable, os.path.join(HERE, script)] + list(argv), capture_output=True, text=True,
                        timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
     return r.returncode, r.stdout, r.stderr
+
+
+def assert_same_metrics(a, b, keys, min_rows):
+    """Two runs' metrics.jsonl rows: the same steps (at least min_rows) and every `keys` value within
+    1e-5 (relative above 1); returns how many values were compared."""
+    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= min_rows
+    compared = 0
+    for x, y in zip(a, b):
+        for k in keys:
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+                compared += 1
+    return compared

@@ -26,7 +26,7 @@ import types
 import pytest
 import torch
 
-from conftest import HERE, run_cli, run_script
+from conftest import HERE, assert_same_metrics, run_cli, run_script
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt", "value": "Yes, there is a circle."}]
@@ -510,14 +510,7 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
                         os.path.join(HERE, f"{script}.py"), *argv, "--out", two], capture_output=True, text=True,
                        timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
-    a, b = metric_rows(one), metric_rows(two)
-    assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= 2
-    compared = 0
-    for x, y in zip(a, b):
-        for k in keys:
-            if k in x:
-                assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
-                compared += 1
+    compared = assert_same_metrics(metric_rows(one), metric_rows(two), keys, min_rows=2)
     assert compared >= 2 * len(keys) - 1
 
 
