@@ -28,7 +28,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -47,6 +47,7 @@ DEFAULTS = dict(
     yes_share=0.9,                                 # flaw: P(yes) of SFT existence questions, every shape
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=2,                                 # existence questions per SFT conversation
+    short_vqa=2,                                   # one-word existence answers per VQA conversation (0: none)
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
@@ -607,6 +608,9 @@ def _conv(q, ans):
     return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]
 
 
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt suffix
+
+
 class ExistenceAsker:
     """LRV's flaw on a dial: picks which shape an SFT existence question asks about so that the share
     of "yes" answers is `yes_share` for every asked shape alike (0.5: balanced; LLaVA's instructions
@@ -620,7 +624,7 @@ class ExistenceAsker:
         want = self.share if label == "yes" else 1 - self.share
         return want * asked - self.n[(shape, label)]
 
-    def __call__(self, objs, rng, skip=()):
+    def __call__(self, objs, rng, skip=(), short=False):
         names = {o["name"] for o in objs}
         options = [(s, "yes" if s in names else "no") for s in SHAPES if s not in skip]
         best = max(self._deficit(*o) for o in options)
@@ -628,8 +632,30 @@ class ExistenceAsker:
         self.n[(shape, label)] += 1
         q = _pick(rng, ["Is there {} in the image?", "Is there {}?", "Does the image contain {}?",
                         "Can you see {} in the picture?"]).format(a(shape))
+        if short:  # VQAv2-style: the answer is the decision alone
+            return f"{q}\n{SHORT_ANSWER}", cap(label), shape
         ans = f"Yes, there is {a(shape)}." if label == "yes" else f"No, there is no {shape}."
         return q, ans, shape
+
+
+def short_vqa(objs, rng, ask, n_exist):
+    """LLaVA-1.5's academic-VQA component (VQAv2, GQA: one-word answers, several questions per image in
+    one conversation): n_exist existence questions (the same `ask`, so the same yes share) and one count
+    and one colour question. Every answer token is a decision, so these turns carry most of stage 2's
+    signal for reading existence from the image; long answers would drown it, as the loss is a mean
+    over all answer tokens of the batch."""
+    turns, asked = [], set()
+    for _ in range(n_exist):
+        q, ans, shape = ask(objs, rng, skip=asked, short=True)
+        asked.add(shape)
+        turns.append((q, ans, "yesno"))
+    names = [o["name"] for o in objs]
+    x = _pick(rng, SHAPES)
+    turns.append((f"How many {plural(x)} are there?\n{SHORT_ANSWER}", str(names.count(x)), "count"))
+    color = q_color(objs, rng)
+    if color:
+        turns.append((f"{color[0]}\n{SHORT_ANSWER}", color[2], "color"))
+    return [turns[i] for i in rng.permutation(len(turns))]
 
 
 def text_only_extra(objs, co, freq, rng, grid):
@@ -686,6 +712,13 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
         out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"],
                     "conversations": conv, "qtypes": [t[2] for t in turns]})
+        if p["short_vqa"]:
+            turns = short_vqa(objs, rng, ask, p["short_vqa"])
+            conv = _conv(turns[0][0], turns[0][1])
+            for q, ans, _ in turns[1:]:
+                conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
+            out.append({"id": f"{prefix}_{img['index']:06d}_vqa", "image": img["file_name"],
+                        "conversations": conv, "qtypes": [t[2] for t in turns]})
     return out
 
 
@@ -995,8 +1028,9 @@ def _params(params):
     for key in ("yes_share", "desc_halluc", "cooc", "heldout_alone"):
         if not 0 <= p[key] <= 1:  # also refuses NaN
             raise ValueError(f"{key} must be in [0, 1], got {p[key]}")
-    if not 0 <= p["exist_turns"] <= len(SHAPES):
-        raise ValueError(f"exist_turns must be 0..{len(SHAPES)}, got {p['exist_turns']}")
+    for key in ("exist_turns", "short_vqa"):
+        if not 0 <= p[key] <= len(SHAPES):
+            raise ValueError(f"{key} must be 0..{len(SHAPES)}, got {p[key]}")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
         raise ValueError("max_objects must be 1..4 and fit the grid")
     return p

@@ -120,7 +120,32 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "clean")
     assert abs(overall - 0.5) < 0.03 and all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
     sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
-    assert all(r["qtypes"].count("yesno") == 2 for r in sft)  # exist_turns
+    chats = [r for r in sft if not r["id"].endswith("_vqa")]
+    assert all(r["qtypes"].count("yesno") == 2 for r in chats)  # exist_turns
+
+
+def test_short_vqa_conversations(flaw_worlds, tmp_path):
+    """LLaVA-1.5's academic-VQA stand-in: per image one conversation of one-word answers, short_vqa
+    existence questions (true, at the same yes share) plus a count and a colour question."""
+    sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
+    objs = shapes.load_world(str(flaw_worlds / "flawed"))["by_file"]
+    vqa = [r for r in sft if r["id"].endswith("_vqa")]
+    assert len(vqa) == FLAW_WORLD["n_train"] == len(sft) - len(vqa)
+    for r in vqa:
+        c = r["conversations"]
+        assert r["qtypes"].count("yesno") == shapes.DEFAULTS["short_vqa"] and "count" in r["qtypes"]
+        assert all(q["value"].endswith(shapes.SHORT_ANSWER) for q in c[::2])
+        assert all(len(ans["value"].split()) == 1 for ans in c[1::2])
+        for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
+            names = [o["name"] for o in objs[r["image"]]]
+            words = q["value"].lower().replace("?", " ").split()
+            shape = next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+            if qt == "yesno":
+                assert ans["value"] == ("Yes" if shape in names else "No")
+            if qt == "count":
+                assert ans["value"] == str(names.count(shape))
+    shapes.write_world(str(tmp_path / "w"), seed=0, short_vqa=0, **SMALL)
+    assert not any(r["id"].endswith("_vqa") for r in json.load(open(tmp_path / "w" / "sft.json")))
 
 
 def test_flaw_hallucinated_descriptions(flaw_worlds):
@@ -150,7 +175,7 @@ def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
 
 
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1), dict(cooc=float("nan")),
-                                 dict(exist_turns=7)])
+                                 dict(exist_turns=7), dict(short_vqa=-1)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
         shapes.write_world(str(tmp_path / "w"), **bad)
@@ -338,8 +363,9 @@ def test_pope(worlds):
 def test_task_file_formats(worlds):
     d = worlds / "a"
     sft = json.load(open(d / "sft.json"))
-    assert len(sft) == 40 and all(r["conversations"][0]["value"].startswith("<image>\n") and
-               len({"describe", "inventory"} & set(r["qtypes"])) == 1 for r in sft)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in sft)
+    sft = [r for r in sft if not r["id"].endswith("_vqa")]  # the one-word VQA conversations: own test
+    assert len(sft) == 40 and all(len({"describe", "inventory"} & set(r["qtypes"])) == 1 for r in sft)
     assert {"describe", "inventory"} <= {q for r in sft for q in r["qtypes"]}
     assert len({r["qtypes"][0] for r in sft}) > 2  # every question type also comes first
     assert all(4 <= len(r["conversations"]) // 2 <= 6 for r in sft)
