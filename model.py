@@ -368,7 +368,7 @@ class Attention(nn.Module):
         self.qkv_proj = LoRALinear(c.hidden, {"q": q, "k": kv, "v": kv})  # HF q/k/v stacked
         self.o_proj = LoRALinear(q, {"o": c.hidden})
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
         c, (B, T, _) = self.c, x.shape
         q, k, v = self.qkv_proj(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
         q = apply_rope(q.view(B, T, c.heads, c.head_dim).transpose(1, 2), cos, sin)
@@ -380,7 +380,11 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, start:start + T] = v
             k, v = cache.k[layer_idx][:, :, :start + T], cache.v[layer_idx][:, :, :start + T]
         gqa = c.heads != c.kv_heads
-        if mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
+        if seq_lens is not None:  # packed sequences: causal attention within each one, never across
+            parts = zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
+            y = torch.cat([F.scaled_dot_product_attention(a, b, d, is_causal=True, enable_gqa=gqa)
+                           for a, b, d in parts], 2)
+        elif mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -427,8 +431,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, seq_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
@@ -540,10 +544,17 @@ class LLaVA(nn.Module):
         # a padding query would see no key at all (NaN in SDPA): let it see itself; its output is ignored
         return (k_pos <= q_pos) & (key_ok | (k_pos == q_pos))
 
-    def backbone(self, x, attention_mask=None, position_ids=None, cache=None):
-        """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states."""
+    def backbone(self, x, attention_mask=None, position_ids=None, cache=None, seq_lens=None):
+        """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states.
+        seq_lens: x is one row of sequences packed end to end (these lengths), each attending to itself
+        only, with its own positions from 0: the outputs of the padded batch, without the padding."""
         c, (B, T, _) = self.config, x.shape
         past = cache.length if cache is not None else 0
+        if seq_lens is not None:
+            if B != 1 or sum(seq_lens) != T or attention_mask is not None or cache is not None:
+                raise ValueError(f"packed input: one row of sum(seq_lens) = {sum(seq_lens)} tokens, no mask or "
+                                 f"cache (got {B} x {T})")
+            position_ids = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
@@ -553,9 +564,9 @@ class LLaVA(nn.Module):
         mask = self._attention_mask(attention_mask, T, past, x.device)
         for i, layer in enumerate(self.language_model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, seq_lens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, seq_lens)
         if cache is not None:
             cache.length += T
         return self.language_model.norm(x)
@@ -565,13 +576,14 @@ class LLaVA(nn.Module):
         return F.linear(hidden, w)
 
     def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None, return_hidden=False,
-                image_features=None):
+                image_features=None, seq_lens=None):
         """Logits (B, T, vocab), or the last hidden states (B, T, hidden) with return_hidden=True.
-        input_ids holds config.image_token_id num_image_tokens times per image."""
+        input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids is
+        one row of sequences packed end to end (data.pack), see backbone."""
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the fused causal path
-        h = self.backbone(x, attention_mask, position_ids)
+        h = self.backbone(x, attention_mask, position_ids, seq_lens=seq_lens)
         return h if return_hidden else self.logits(h)
 
     # -- generation ---------------------------------------------------------------------
