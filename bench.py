@@ -31,6 +31,8 @@ Sections
   ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value heads):
             rollout of `ppo_prompts` prompts (sampling, T=1), policy and reference log-probs, values, RM score,
             shaped rewards, GAE, whitening, then one epoch of ppo.ppo_update.
+  rollout   a PPO rollout's shape at --rollout_model (shapes): greedy decoding of --rollout_batch x
+            --rollout_new_tokens against transformers, then a PPO iteration of that size (rollout, update apart).
   roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the four PPO roles
             on one shared base (1 model + 3 adapters + 2 heads) against four separate models.
   util      hardware limits measured here: the median rate of a large square matmul in the run's dtype (FLOP/s)
