@@ -31,6 +31,8 @@ Sections
   ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value heads):
             rollout of `ppo_prompts` prompts (sampling, T=1), policy and reference log-probs, values, RM score,
             shaped rewards, GAE, whitening, then one epoch of ppo.ppo_update.
+  rollout   a PPO rollout's shape at --rollout_model (shapes): greedy decoding of --rollout_batch x
+            --rollout_new_tokens against transformers, then a PPO iteration of that size (rollout, update apart).
   roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the four PPO roles
             on one shared base (1 model + 3 adapters + 2 heads) against four separate models.
   util      hardware limits measured here: the median rate of a large square matmul in the run's dtype (FLOP/s)
@@ -99,6 +101,10 @@ class Config:
     ppo_prompts: int = 8                  # prompts per PPO rollout
     ppo_new_tokens: int = 32              # sampled response tokens per prompt
     roles_model: str = "bench"            # preset at which the PPO role memory is allocated for real
+    rollout_model: str = "shapes"         # preset of the rollout comparison (a PPO rollout's shape; '': skipped)
+    rollout_batch: int = 64               # rollout comparison: sequences decoded at once (ppo.py's rollout_batch)
+    rollout_new_tokens: int = 48          # rollout comparison: new tokens per sequence (ppo.py's max_new_tokens)
+    compile_decode: bool = False          # also time ours with the compiled decode step (generate(compile=True))
     warmup: int = 1                       # untimed repetitions first
     reps: int = 3                         # timed repetitions (medians reported)
     matmul_n: int = 0                     # side of the square matmul for the peak (0: 2048 cpu, 8192 cuda)
@@ -111,7 +117,8 @@ class Config:
 
 QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,
              gen_batches=(1, 2), new_tokens=6, prompt_text=4, dpo_pairs=2, ppo_prompts=2, ppo_new_tokens=4,
-             roles_model="tiny", warmup=1, reps=1, matmul_n=256, copy_mib=8)
+             roles_model="tiny", rollout_model="tiny", rollout_batch=4, rollout_new_tokens=4, warmup=1, reps=1,
+             matmul_n=256, copy_mib=8)
 
 
 class BenchError(AssertionError):
@@ -529,21 +536,23 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
     out["train"] = rows
 
 
-def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out):
-    """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1 token: prefill)."""
+def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="generate", batches=None, N=None):
+    """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1 token: prefill).
+    --compile_decode: ours with the compiled decode step too ('ours_compiled'; its compilation untimed)."""
     rows = {}
-    for B in cfg.gen_batches:
+    for B in batches or cfg.gen_batches:
         ids, pix = prompt_ids(c, B, cfg.prompt_text, torch.Generator().manual_seed(4 + B), dev)
         P = ids.shape[1]
 
-        def ours_gen(n):
-            return lambda: ours.generate(pix, ids, None, max_new_tokens=n, eos_token_id=-1).tokens
+        def ours_gen(n, compile=False):
+            kw = {"compile": True} if compile else {}
+            return lambda: ours.generate(pix, ids, None, max_new_tokens=n, eos_token_id=-1, **kw).tokens
 
         def theirs_gen(n):  # min_new_tokens = max_new_tokens and no EOS: exactly n tokens, as ours
             return lambda: theirs.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
                                            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                                            pad_token_id=c.pad_token_id)[:, P:]
-        N = cfg.new_tokens
+        N = N or cfg.new_tokens
         with torch.no_grad():
             a, t = ours_gen(N)(), theirs_gen(N)()
         same = a.shape == t.shape and torch.equal(a, t)
@@ -551,10 +560,17 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out):
         if not same:
             print(f"warning: greedy tokens differ at batch {B} from new token {first} (near-tied logits round "
                   f"differently); timings still compare the same amount of work", file=sys.stderr)
+        fns = lambda n: {"ours": ours_gen(n), "transformers": theirs_gen(n),
+                         **({"ours_compiled": ours_gen(n, True)} if cfg.compile_decode else {})}
+        compile_s = None
+        if cfg.compile_decode:
+            compile_s = timed(fns(N)["ours_compiled"], dev)[0] + timed(fns(1)["ours_compiled"], dev)[0]
+            same = same and torch.equal(fns(N)["ours_compiled"](), a)
         with torch.no_grad():  # the comparison above was the first warm-up round
-            full = race({"ours": ours_gen(N), "transformers": theirs_gen(N)}, cfg, dev, warmup=max(cfg.warmup - 1, 0))
-            pre = race({"ours": ours_gen(1), "transformers": theirs_gen(1)}, cfg, dev, measure_memory=False)
-        row = dict(prompt_tokens=P, new_tokens=N, same_tokens=same, first_difference=first)
+            full = race(fns(N), cfg, dev, warmup=max(cfg.warmup - 1, 0))
+            pre = race(fns(1), cfg, dev, measure_memory=False)
+        row = dict(prompt_tokens=P, new_tokens=N, same_tokens=same, first_difference=first,
+                   ours_compiled_first_calls_s=compile_s)
         step_bytes = decode_bytes(c, B, P + N / 2, elem)
         for k in full:
             row[f"{k}_s"] = full[k][0]
@@ -566,7 +582,7 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out):
         row["ratio_tok_s"] = row["ours_tok_s"] / row["transformers_tok_s"]
         row["decode_bytes_per_step"] = step_bytes
         rows[str(B)] = row
-    out["generate"] = rows
+    out[key] = rows
 
 
 def dpo_section(ours, c, cfg, dev, autocast, out):
@@ -640,9 +656,13 @@ def add_roles(m, r, alpha):
     return m
 
 
-def ppo_section(ours, c, cfg, dev, tmp, out):
-    """One PPO iteration: rollout of `ppo_prompts` prompts, then one epoch of ppo.ppo_update (one minibatch)."""
-    add_roles(ours, cfg.lora_r, cfg.lora_alpha)
+def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens=None, lora=None, minibatch=None,
+                epochs=1):
+    """One PPO iteration: rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1), then `epochs`
+    epochs of ppo.ppo_update in minibatches of `minibatch` (default: all prompts, one update); rollout and
+    update timed apart. `lora` = (r, alpha) of the three adapters (default --lora_r, --lora_alpha)."""
+    prompts, new_tokens = prompts or cfg.ppo_prompts, new_tokens or cfg.ppo_new_tokens
+    add_roles(ours, *(lora or (cfg.lora_r, cfg.lora_alpha)))
     with torch.no_grad():  # a reward model that is not constant
         g = torch.Generator(device=dev).manual_seed(6)
         for p in [p for _, lin in ours.lora_linears() for p in lin.lora["reward"].B.values()] + [ours.heads["reward"].weight]:
@@ -651,15 +671,15 @@ def ppo_section(ours, c, cfg, dev, tmp, out):
     pol = ours.adapter_parameters("policy")
     val = ours.adapter_parameters("value") + list(ours.heads["value"].parameters())
     opt = torch.optim.AdamW([{"params": pol}, {"params": val}], lr=cfg.lr)
-    ids, pix = prompt_ids(c, cfg.ppo_prompts, cfg.prompt_text, torch.Generator().manual_seed(7), dev)
-    pcfg = SimpleNamespace(minibatch_size=cfg.ppo_prompts, ppo_epochs=1, micro_batch=0, temperature=1.0, clip=0.2,
-                           vf_clip=0.2, vf_coef=0.1, grad_clip=1.0, out=tmp, seed=cfg.seed)
+    ids, pix = prompt_ids(c, prompts, cfg.prompt_text, torch.Generator().manual_seed(7), dev)
+    pcfg = SimpleNamespace(minibatch_size=minibatch or prompts, ppo_epochs=epochs, micro_batch=0, temperature=1.0,
+                           clip=0.2, vf_clip=0.2, vf_coef=0.1, grad_clip=1.0, out=tmp, seed=cfg.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     parts = []
 
     def iteration():
         t0 = time.perf_counter()
-        ro, adv, returns = ppo_rollout(ours, ids, pix, cfg.ppo_new_tokens, gen)
+        ro, adv, returns = ppo_rollout(ours, ids, pix, new_tokens, gen)
         sync(dev)
         t1 = time.perf_counter()
         ppo.ppo_update(ours, ours, ro, adv, returns, opt, pol + val, pcfg, common.Dist(device=dev), 0)
@@ -667,15 +687,42 @@ def ppo_section(ours, c, cfg, dev, tmp, out):
         parts.append((t1 - t0, time.perf_counter() - t1))
     res = race({"ppo": iteration}, cfg, dev)["ppo"]
     timed_parts = parts[cfg.warmup:cfg.warmup + cfg.reps]
-    out["ppo"] = dict(prompts=cfg.ppo_prompts, new_tokens=cfg.ppo_new_tokens, s=res[0], times=res[1], peak_bytes=res[2],
-                      rollout_s=statistics.median(p[0] for p in timed_parts),
-                      update_s=statistics.median(p[1] for p in timed_parts))
+    out[key] = dict(prompts=prompts, new_tokens=new_tokens, s=res[0], times=res[1], peak_bytes=res[2],
+                    lora_r=(lora or (cfg.lora_r,))[0], minibatch=pcfg.minibatch_size, epochs=epochs,
+                    rollout_s=statistics.median(p[0] for p in timed_parts),
+                    update_s=statistics.median(p[1] for p in timed_parts))
     for name in ("policy", "reward", "value"):
         ours.delete_adapter(name)
     for name in ("reward", "value"):
         del ours.heads[name]
     ours.set_trainable()
     ours.eval()
+
+
+def rollout_section(cfg, dev, dtype, tmp, out):
+    """A PPO rollout's shape at --rollout_model (the Shapes demo by default): greedy decoding of --rollout_batch
+    sequences x --rollout_new_tokens against transformers (after the same logit parity check), then one PPO
+    iteration of that size with ppo.py's defaults (policy LoRA r 16, minibatches of half the batch, 2 epochs),
+    rollout and update timed apart."""
+    c = model_config(cfg, cfg.rollout_model)
+    ours = build_ours(c, dev, dtype, cfg.seed)
+    ours.add_adapter("sft", cfg.lora_r, cfg.lora_alpha)
+    theirs = build_theirs(ours, dev, dtype, "export" if dev.type == "cpu" else "copy", tmp)
+    ours.set_trainable()
+    for p in theirs.parameters():
+        p.requires_grad_(False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
+    parity = {}
+    check_parity(ours, theirs, c, dev, dtype == torch.float32, autocast, parity)
+    generate_section(ours, theirs, c, cfg, dev, torch.finfo(dtype).bits // 8, out["hardware"]["bandwidth"], out,
+                     key="rollout", batches=(cfg.rollout_batch,), N=cfg.rollout_new_tokens)
+    out["rollout_parity"] = parity
+    out["rollout_model"] = cfg.rollout_model
+    del theirs
+    gc.collect()
+    ours.delete_adapter("sft")
+    ppo_section(ours, c, cfg, dev, tmp, out, key="rollout_ppo", prompts=cfg.rollout_batch,
+                new_tokens=cfg.rollout_new_tokens, lora=(16, 16), minibatch=max(cfg.rollout_batch // 2, 1), epochs=2)
 
 
 def build_plain(c, dev, dtype):
@@ -760,14 +807,8 @@ def markdown(r):
                      f"{x['transformers_s']:.3f} ({min(x['transformers_times']):.3f}) | "
                      f"**{x['ratio']:.2f}** | {100 * x['ours_mfu']:.1f}% | {100 * x['transformers_mfu']:.1f}% | "
                      f"{_mb(x['ours_peak_bytes'])} | {_mb(x['transformers_peak_bytes'])} |")
-    lines += ["", f"## Greedy generation, {r['config']['new_tokens']} new tokens, KV cache", "",
-              "| batch | ours tok/s | transformers tok/s | ours/transformers | decode ms/step ours | transformers | "
-              "bandwidth use ours | transformers | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
-    for B, x in r["generate"].items():
-        lines.append(f"| {B} | {x['ours_tok_s']:.1f} | {x['transformers_tok_s']:.1f} | **{x['ratio_tok_s']:.2f}** | "
-                     f"{x['ours_decode_ms']:.2f} | {x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
-                     f"{100 * x['transformers_bw_util']:.0f}% | "
-                     f"{'yes' if x['same_tokens'] else 'NO (from token %s)' % x['first_difference']} |")
+    lines += ["", f"## Greedy generation, {r['config']['new_tokens']} new tokens, KV cache", ""]
+    lines += generation_table(r["generate"])
     d, p, ro = r["dpo"], r["ppo"], r["roles"]
     lines += ["", "## Preference and RL steps (ours)", "", "| step | s | peak MiB |", "|---|---|---|"]
     lines.append(f"| DPO step: failed: {d['error']} | | |" if "error" in d else
@@ -776,6 +817,17 @@ def markdown(r):
     lines.append(f"| PPO iteration: failed: {p['error']} | | |" if "error" in p else
                  f"| PPO iteration, {p['prompts']} prompts x {p['new_tokens']} sampled tokens (rollout "
                  f"{p['rollout_s']:.3f} s + one update epoch {p['update_s']:.3f} s) | {p['s']:.3f} | {_mb(p['peak_bytes'])} |")
+    if "rollout" in r:
+        x, q = r["rollout"], r.get("rollout_ppo", {})
+        lines += ["", f"## A PPO rollout's shape: `{r['config']['rollout_model']}` preset, greedy, "
+                      f"{r['config']['rollout_new_tokens']} new tokens, KV cache", ""]
+        lines += [f"failed: {x['error']}"] if "error" in x else generation_table(x)
+        if "error" in q:
+            lines += ["", f"PPO iteration failed: {q['error']}"]
+        elif q:
+            lines += ["", f"PPO iteration at `{r['config']['rollout_model']}`, {q['prompts']} prompts x {q['new_tokens']} "
+                          f"sampled tokens, LoRA r {q['lora_r']}, {q['epochs']} epochs of minibatches of {q['minibatch']}: "
+                          f"**{q['s']:.3f} s** = rollout {q['rollout_s']:.3f} s + update {q['update_s']:.3f} s."]
     lines += ["", "## PPO roles (policy, reference, reward, value): memory of parameters + buffers", ""]
     if "error" in ro:
         return "\n".join(lines + [f"failed: {ro['error']}", ""])
@@ -791,6 +843,26 @@ def markdown(r):
               "FLOPs for both). Bandwidth use = bytes read per decode step (weights + KV cache) x steps/s / measured "
               "copy bandwidth.", ""]
     return "\n".join(lines)
+
+
+def generation_table(rows):
+    """Markdown rows of a generation comparison (ours compiled too when it was timed)."""
+    comp = any("ours_compiled_s" in x for x in rows.values())
+    head = ("| batch | ours tok/s | transformers tok/s | ours/transformers | decode ms/step ours | transformers | "
+            "bandwidth use ours | transformers | same tokens |")
+    if comp:
+        head += " compiled tok/s | compiled decode ms/step | compiled first calls s |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for B, x in rows.items():
+        line = (f"| {B} | {x['ours_tok_s']:.1f} | {x['transformers_tok_s']:.1f} | **{x['ratio_tok_s']:.2f}** | "
+                f"{x['ours_decode_ms']:.2f} | {x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
+                f"{100 * x['transformers_bw_util']:.0f}% | "
+                f"{'yes' if x['same_tokens'] else 'NO (from token %s)' % x['first_difference']} |")
+        if comp:
+            line += (f" {x['ours_compiled_tok_s']:.1f} | {x['ours_compiled_decode_ms']:.2f} | "
+                     f"{x['ours_compiled_first_calls_s']:.1f} |")
+        lines.append(line)
+    return lines
 
 
 def run_section(name, r, fn, *args):
@@ -809,8 +881,8 @@ def main(cfg):
     if cfg.quick:  # the tiny config, except for the fields given other values on the command line
         default = Config()
         cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)})
-    if cfg.model not in PRESETS or cfg.roles_model not in PRESETS:
-        raise common.ConfigError(f"--model/--roles_model: choose from {', '.join(PRESETS)}")
+    if cfg.model not in PRESETS or cfg.roles_model not in PRESETS or cfg.rollout_model not in (*PRESETS, ""):
+        raise common.ConfigError(f"--model/--roles_model/--rollout_model: choose from {', '.join(PRESETS)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
@@ -878,6 +950,11 @@ def run(cfg):
         del ours
         gc.collect()
     failed += run_section("roles", r, roles_section, cfg, c, dev, dtype, r)
+    if cfg.rollout_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            failed += run_section("rollout", r, rollout_section, cfg, dev, dtype, tmp, r)
+        if "rollout" in r and "error" not in r["rollout"]:
+            print("rollout: " + ", ".join(f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["rollout"].items()), flush=True)
     h = r["hardware"]  # what this machine can really do: the better of the two measurements (a shared machine)
     h["matmul_flops_start"], h["bandwidth_start"] = h["matmul_flops"], h["bandwidth"]
     h["matmul_flops_end"], h["bandwidth_end"] = matmul_peak(n, dtype, dev), copy_bandwidth(mib, dev)
@@ -887,8 +964,10 @@ def run(cfg):
             for k in ("ours", "transformers"):
                 if f"{k}_s" in x:
                     x[f"{k}_mfu"] = x["flops"] / x[f"{k}_s"] / h["matmul_flops"]
-        for x in r["generate"].values():
-            for k in ("ours", "transformers"):
+        for x in [*r["generate"].values(), *r.get("rollout", {}).values()]:
+            if not isinstance(x, dict) or "decode_bytes_per_step" not in x:
+                continue
+            for k in [k for k in ("ours", "transformers", "ours_compiled") if f"{k}_decode_ms" in x]:
                 x[f"{k}_bw_util"] = x["decode_bytes_per_step"] / (x[f"{k}_decode_ms"] / 1e3) / h["bandwidth"]
     r["load_after"], r["wall_s"] = machine_load(), time.time() - t_start
     if dev.type == "cuda":

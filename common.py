@@ -825,8 +825,9 @@ def lm_loss(model, batch, n_global):
     """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
     labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
     Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad:
-    no padding mask is passed and SDPA takes its fused causal path."""
-    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
+    no padding mask is passed and SDPA takes its fused causal path. A packed batch (data.pack) has no
+    padding at all: its seq_lens make attention stay within each sequence."""
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True, seq_lens=batch.get("seq_lens"))
     from data import IGNORE
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE

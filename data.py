@@ -262,6 +262,25 @@ def collate(items, pad_id, side="right"):
     return out
 
 
+def pack(items):
+    """The items of collate() as one row, end to end, with no padding: {'input_ids', 'labels',
+    'attention_mask'} of shape (1, total), 'pixel_values' stacked in order, and 'seq_lens'. The model
+    runs attention within each sequence (model.backbone), so every logit, label and loss is the one of
+    the right-padded batch. A sequence's first label must be IGNORE (it holds BOS / the prompt): the
+    last token of one sequence then predicts nothing in the next."""
+    for x in items:
+        if "labels" in x and int(x["labels"][0]) != IGNORE:
+            raise ValueError("pack: a sequence whose first token carries a label")
+    out = {"input_ids": torch.cat([x["input_ids"] for x in items])[None],
+           "seq_lens": [len(x["input_ids"]) for x in items]}
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    if "labels" in items[0]:
+        out["labels"] = torch.cat([x["labels"] for x in items])[None]
+    pix = [x["pixel_values"] for x in items if x.get("pixel_values") is not None]
+    out["pixel_values"] = torch.stack(pix) if pix else None
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # The Fact-RLHF evaluation turn the reward model reads (reward.py and ppo.py); LLaVA-RLHF
 # RLHF/prompts/fact_rlhf_reward_prompt.txt and data_utils/constants.py FACTUAL_PROMPT, verbatim.

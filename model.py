@@ -146,6 +146,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
         self.lora = nn.ModuleDict()
         self.active = None
+        self.fused_lora = None  # (A, B, scale) of the active adapter while decoding (fuse_lora)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -159,6 +160,32 @@ class LoRALinear(nn.Module):
         parts = [u[names.index(n)] @ adapter.B[n].t() if n in adapter.A else xd.new_zeros(*xd.shape[:-1], size)
                  for n, size in self.slices.items()]
         return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(y.dtype)
+
+    def fuse_lora(self):
+        """For decoding, the active adapter as two matrices: A of every targeted slice stacked, and B
+        block-diagonal (zero rows for untargeted slices), so W x + s B A x is two matmuls, not one per
+        slice. The same products as forward (plus exact zeros). None when forward must run instead
+        (no adapter, or dropout active)."""
+        self.fused_lora = None
+        adapter = self.lora[self.active] if self.active in self.lora else None
+        if adapter is None or (adapter.training and not isinstance(adapter.dropout, nn.Identity)):
+            return
+        names = [n for n in self.slices if n in adapter.A]
+        r = adapter.A[names[0]].shape[0]
+        B = adapter.B[names[0]].new_zeros(sum(self.slices.values()), r * len(names))
+        for n in names:
+            a, b = self.slice_range(n)
+            j = names.index(n)
+            B[a:b, j * r:(j + 1) * r] = adapter.B[n]
+        self.fused_lora = (torch.cat([adapter.A[n] for n in names]).detach(), B.detach(), adapter.scale)
+
+    def decode(self, x):
+        fused = self.fused_lora
+        if fused is None:
+            return self(x)
+        A, B, scale = fused
+        y = F.linear(x, self.weight, self.bias)
+        return y + ((x.to(torch.float32) @ A.t() * scale) @ B.t()).to(y.dtype)
 
     def slice_range(self, name):
         start = 0
@@ -295,13 +322,42 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (B, kv_heads, max_len, head_dim) per layer."""
+    """Preallocated keys/values for incremental decoding: (B, kv_heads, max_len, head_dim) per layer.
+    Zero-filled: the static decode step attends over all max_len slots with the unwritten ones masked
+    (weight exactly 0), and 0 * garbage could be NaN."""
 
     def __init__(self, c, batch, max_len, device, dtype):
         shape = (batch, c.kv_heads, max_len, c.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.layers)]
         self.length = 0  # positions filled so far (advanced by the model after each forward)
+
+
+class DecodeState:
+    """Everything the one-token decode step reads or writes, made once per generate call, so that a step
+    allocates no positions, masks or cache and every tensor keeps its shape (what torch.compile and CUDA
+    graphs need). Step i writes its key/value into cache slot prompt_len + i and attends over all slots:
+    key_bias is 0 on real keys written so far, -inf on padding and on slots not written yet."""
+
+    def __init__(self, c, cache, prompt_mask, prompt_len, max_new_tokens, dtype):
+        k0 = cache.k[0]
+        B, dev = k0.shape[0], k0.device
+        self.cache = cache
+        self.key_bias = torch.full((B, 1, 1, k0.shape[2]), float("-inf"), device=dev)  # fp32, as the scores
+        if prompt_mask is None:
+            self.key_bias[..., :prompt_len] = 0
+            first = torch.full((B, 1), prompt_len, device=dev)
+        else:  # left padding: pads stay masked; a row's first new token sits after its real tokens
+            self.key_bias[..., :prompt_len].masked_fill_(prompt_mask.bool()[:, None, None], 0)
+            first = prompt_mask.sum(-1, keepdim=True)
+        positions = first + torch.arange(max_new_tokens, device=dev)  # (B, N) RoPE positions, made once
+        self.cos, self.sin = rope_cos_sin(c, positions, dtype)          # (B, 1, N, head_dim)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)        # i, advanced in place
+        self.slot = torch.full((1,), prompt_len, dtype=torch.long, device=dev)  # prompt_len + i
+
+    def advance(self):
+        self.step += 1
+        self.slot += 1
 
 
 class Attention(nn.Module):
@@ -312,7 +368,7 @@ class Attention(nn.Module):
         self.qkv_proj = LoRALinear(c.hidden, {"q": q, "k": kv, "v": kv})  # HF q/k/v stacked
         self.o_proj = LoRALinear(q, {"o": c.hidden})
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
         c, (B, T, _) = self.c, x.shape
         q, k, v = self.qkv_proj(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
         q = apply_rope(q.view(B, T, c.heads, c.head_dim).transpose(1, 2), cos, sin)
@@ -324,11 +380,31 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, start:start + T] = v
             k, v = cache.k[layer_idx][:, :, :start + T], cache.v[layer_idx][:, :, :start + T]
         gqa = c.heads != c.kv_heads
-        if mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
+        if seq_lens is not None:  # packed sequences: causal attention within each one, never across
+            parts = zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
+            y = torch.cat([F.scaled_dot_product_attention(a, b, d, is_causal=True, enable_gqa=gqa)
+                           for a, b, d in parts], 2)
+        elif mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+        """One new token per row (x: B, 1, hidden): its key/value written into `slot` of the static
+        cache, attention over every slot with key_bias as the mask. Query head h reads key/value head
+        h // (heads / kv_heads), as SDPA's enable_gqa. softmax(q k^T / sqrt(d) + bias) v in fp32."""
+        c, B = self.c, x.shape[0]
+        q, k, v = self.qkv_proj.decode(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
+                                                 c.kv_heads * c.head_dim], -1)
+        q = apply_rope(q.view(B, 1, c.heads, c.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2))
+        q = q.reshape(B, c.kv_heads, c.heads // c.kv_heads, c.head_dim)  # query heads grouped by kv head
+        scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + key_bias
+        y = torch.softmax(scores, -1).to(v_cache.dtype) @ v_cache     # (B, kv_heads, group, head_dim)
+        return self.o_proj.decode(y.reshape(B, 1, -1))
 
 
 class MLP(nn.Module):
@@ -342,6 +418,10 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
+    def decode(self, x):
+        gate, up = self.gate_up_proj.decode(x).split(self.inter, dim=-1)
+        return self.down_proj.decode(F.silu(gate) * up)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, c):
@@ -351,9 +431,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, seq_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, key_bias)
+        return x + self.mlp.decode(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -460,10 +544,17 @@ class LLaVA(nn.Module):
         # a padding query would see no key at all (NaN in SDPA): let it see itself; its output is ignored
         return (k_pos <= q_pos) & (key_ok | (k_pos == q_pos))
 
-    def backbone(self, x, attention_mask=None, position_ids=None, cache=None):
-        """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states."""
+    def backbone(self, x, attention_mask=None, position_ids=None, cache=None, seq_lens=None):
+        """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states.
+        seq_lens: x is one row of sequences packed end to end (these lengths), each attending to itself
+        only, with its own positions from 0: the outputs of the padded batch, without the padding."""
         c, (B, T, _) = self.config, x.shape
         past = cache.length if cache is not None else 0
+        if seq_lens is not None:
+            if B != 1 or sum(seq_lens) != T or attention_mask is not None or cache is not None:
+                raise ValueError(f"packed input: one row of sum(seq_lens) = {sum(seq_lens)} tokens, no mask or "
+                                 f"cache (got {B} x {T})")
+            position_ids = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
@@ -473,9 +564,9 @@ class LLaVA(nn.Module):
         mask = self._attention_mask(attention_mask, T, past, x.device)
         for i, layer in enumerate(self.language_model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, seq_lens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, seq_lens)
         if cache is not None:
             cache.length += T
         return self.language_model.norm(x)
@@ -485,13 +576,14 @@ class LLaVA(nn.Module):
         return F.linear(hidden, w)
 
     def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None, return_hidden=False,
-                image_features=None):
+                image_features=None, seq_lens=None):
         """Logits (B, T, vocab), or the last hidden states (B, T, hidden) with return_hidden=True.
-        input_ids holds config.image_token_id num_image_tokens times per image."""
+        input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids is
+        one row of sequences packed end to end (data.pack), see backbone."""
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the fused causal path
-        h = self.backbone(x, attention_mask, position_ids)
+        h = self.backbone(x, attention_mask, position_ids, seq_lens=seq_lens)
         return h if return_hidden else self.logits(h)
 
     # -- generation ---------------------------------------------------------------------
@@ -499,11 +591,12 @@ class LLaVA(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  eos_token_id=None, pad_token_id=None, generator=None, return_logprobs=False, image_features=None,
-                 num_beams=1, length_penalty=1.0):
-        """Batched decoding with a KV cache. Prompts are left-padded (attention_mask 0 on pads).
+                 num_beams=1, length_penalty=1.0, compile=False):
+        """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on pads).
         temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when given, so
         a run can be resumed with the same random stream. num_beams > 1: beam search (see beam_search).
-        Returns GenerateOutput."""
+        compile=True runs the one-token step through torch.compile (inductor on CPU; CUDA graphs on
+        GPU): compiled once per shape, worth it only for long runs. Returns GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
@@ -512,37 +605,60 @@ class LLaVA(nn.Module):
                                     image_features, length_penalty)
         B, T = input_ids.shape
         dev = input_ids.device
-        mask = None  # no padding (the usual case): no mask at all, SDPA's causal / unmasked kernels
+        prompt_mask = None  # no padding (the usual case): SDPA's causal kernel for the prompt
         if attention_mask is not None and not bool(attention_mask.all()):
-            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=dev)
-            mask[:, :T] = attention_mask
+            prompt_mask = attention_mask
         x = self.embed(input_ids, pixel_values, image_features)
         cache = KVCache(c, B, T + max_new_tokens, dev, x.dtype)
-        h = self.backbone(x, None if mask is None else mask[:, :T], cache=cache)
+        h = self.backbone(x, prompt_mask, cache=cache)  # prefill: the prompt in one pass
         logits = self.logits(h[:, -1]).float()
-        next_pos = torch.full((B, 1), T, device=dev) if mask is None else mask[:, :T].sum(-1, keepdim=True)
+        state = DecodeState(c, cache, prompt_mask, T, max_new_tokens, x.dtype)
+        step = compiled_decode_step() if compile else LLaVA.decode_step
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         logps = torch.zeros(B, max_new_tokens, device=dev) if return_logprobs else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-        for i in range(max_new_tokens):
-            if temperature <= 0 and not return_logprobs:
-                tok, lp = logits.argmax(-1), None  # greedy: no log_softmax over the vocabulary
-            else:
-                tok, lp = sample_token(logits, temperature, top_p, generator)
-            tok = tok.masked_fill(done, pad)
-            tokens[:, i] = tok
-            if return_logprobs:
-                logps[:, i] = lp.masked_fill(done, 0.0)
-            newly = (tok == eos) & ~done
-            lengths = torch.where(newly, i + 1, lengths)
-            done |= newly
-            if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):  # no EOS (-1): no sync per token
-                break
-            h = self.backbone(self.language_model.embed_tokens(tok[:, None]), None if mask is None else mask[:, :T + i + 1],
-                              position_ids=next_pos + i, cache=cache)
-            logits = self.logits(h[:, -1]).float()
+        with self.fused_lora(not compile):  # compiled: inductor fuses the plain LoRA path itself
+            for i in range(max_new_tokens):
+                if temperature <= 0 and not return_logprobs:
+                    tok, lp = logits.argmax(-1), None  # greedy: no log_softmax over the vocabulary
+                else:
+                    tok, lp = sample_token(logits, temperature, top_p, generator)
+                tok.masked_fill_(done, pad)
+                tokens[:, i] = tok
+                if return_logprobs:
+                    logps[:, i] = lp.masked_fill_(done, 0.0)
+                newly = (tok == eos) & ~done
+                lengths.masked_fill_(newly, i + 1)
+                done |= newly
+                if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):  # no EOS (-1): no sync per token
+                    break
+                logits = step(self, tok, state)
+                state.advance()
         return GenerateOutput(tokens, logps, lengths, done)
+
+    def decode_step(self, tokens, state):
+        """fp32 logits (B, vocab) for one new token per row (tokens: B), reading and writing the static
+        cache of `state` (a DecodeState): nothing is allocated but activations, no shape changes."""
+        state.key_bias.index_fill_(-1, state.slot, 0.0)  # the new token's key is visible from this step on
+        cos, sin = state.cos.index_select(2, state.step), state.sin.index_select(2, state.step)
+        x = self.language_model.embed_tokens(tokens[:, None])
+        for i, layer in enumerate(self.language_model.layers):
+            x = layer.decode(x, cos, sin, state.cache.k[i], state.cache.v[i], state.slot, state.key_bias)
+        return self.logits(self.language_model.norm(x)[:, 0]).float()
+
+    @contextmanager
+    def fused_lora(self, on=True):
+        """While decoding: the active adapter of every adapted linear as two matrices (LoRALinear.fuse_lora),
+        made once per generate call from the current weights."""
+        linears = [lin for _, lin in self.lora_linears()]
+        try:
+            for lin in linears if on else ():
+                lin.fuse_lora()
+            yield
+        finally:
+            for lin in linears:
+                lin.fused_lora = None
 
     @torch.no_grad()
     def beam_search(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos, pad,
@@ -757,6 +873,18 @@ class LLaVA(nn.Module):
 
     def export_peft(self, path, adapter, base=None):
         export_peft_adapter(self, path, adapter, base)
+
+
+_COMPILED_DECODE = []
+
+
+def compiled_decode_step():
+    """LLaVA.decode_step through torch.compile, made on first use (inductor on CPU; on CUDA with
+    mode='reduce-overhead', i.e. CUDA graphs). Static shapes: a new batch size or length compiles again."""
+    if not _COMPILED_DECODE:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))
+    return _COMPILED_DECODE[0]
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):

@@ -1,0 +1,106 @@
+"""The static decode path of model.generate (issue 19): its tokens and log-probabilities equal a reference
+that recomputes the whole sequence at every step without any cache (greedy, and sampled from the same seed),
+on a left-padded batch, with grouped-query attention and an active LoRA adapter (the fused decode matrices);
+and positions, masks and the cache are made once per call, not once per token."""
+import pytest
+import torch
+
+import model as model_lib
+from model import LLaVA, sample_token
+
+
+def tiny_model(lora=True):
+    torch.manual_seed(0)
+    # heads 4, kv_heads 2: GQA; the image id outside the vocabulary, so that no sampled token is one
+    m = LLaVA.from_preset("tiny", image_token_id=4000, pad_token_id=510).eval()
+    if lora:
+        m.add_adapter("policy", r=4, alpha=8)
+        with torch.no_grad():  # B != 0, so that the adapter changes every output
+            for _, lin in m.lora_linears():
+                for b in lin.lora["policy"].B.values():
+                    b.normal_(0, 0.5)
+        m.set_adapter("policy")
+    return m
+
+
+def left_padded_prompts(m, lengths=(4, 9, 6), seed=0):
+    c, g = m.config, torch.Generator().manual_seed(seed)
+    T = 1 + c.num_image_tokens + max(lengths)
+    ids = torch.full((len(lengths), T), c.pad_token_id)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        row = torch.cat([torch.tensor([c.bos_token_id]), torch.full((c.num_image_tokens,), c.image_token_id),
+                         torch.randint(3, 500, (n,), generator=g)])
+        ids[i, T - len(row):], mask[i, T - len(row):] = row, 1
+    pixels = torch.randn(len(lengths), 3, c.image_size, c.image_size, generator=g)
+    return pixels, ids, mask
+
+
+@torch.no_grad()
+def reference(m, pixels, ids, mask, n, temperature, top_p, generator):
+    """Today's semantics without a cache: the whole sequence through forward() at every step, the next token
+    from sample_token (the same random draws as generate), EOS disabled."""
+    tokens, logps = [], []
+    for _ in range(n):
+        seq = torch.cat([ids] + [t[:, None] for t in tokens], 1)
+        full_mask = torch.cat([mask, torch.ones(len(ids), len(tokens), dtype=torch.long)], 1)
+        logits = m(pixels, seq, full_mask)[:, -1].float()
+        tok, lp = sample_token(logits, temperature, top_p, generator)
+        tokens.append(tok)
+        logps.append(lp)
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_static_decode_equals_uncached_reference(one_thread, lora, temperature, top_p):
+    m = tiny_model(lora)
+    pixels, ids, mask = left_padded_prompts(m)
+    n = 10
+    out = m.generate(pixels, ids, mask, max_new_tokens=n, temperature=temperature, top_p=top_p, eos_token_id=-1,
+                     generator=torch.Generator().manual_seed(5), return_logprobs=True)
+    ref_tokens, ref_logps = reference(m, pixels, ids, mask, n, temperature, top_p, torch.Generator().manual_seed(5))
+    assert torch.equal(out.tokens, ref_tokens)
+    torch.testing.assert_close(out.logprobs, ref_logps, atol=2e-5, rtol=0)
+    if temperature > 0:  # sampling really happened: not the greedy tokens
+        assert not torch.equal(out.tokens, m.generate(pixels, ids, mask, max_new_tokens=n, eos_token_id=-1).tokens)
+
+
+def test_fused_lora_matrices_are_cleared_and_follow_the_weights(one_thread):
+    m = tiny_model(lora=True)
+    pixels, ids, mask = left_padded_prompts(m)
+    before = m.generate(pixels, ids, mask, max_new_tokens=6, eos_token_id=-1).tokens
+    assert all(lin.fused_lora is None for _, lin in m.lora_linears())  # nothing stale left behind
+    with torch.no_grad():  # an optimizer step between two rollouts: the next generate must see it
+        for _, lin in m.lora_linears():
+            for b in lin.lora["policy"].B.values():
+                b.mul_(-3.0)
+    after = m.generate(pixels, ids, mask, max_new_tokens=6, eos_token_id=-1)
+    ref, _ = reference(m, pixels, ids, mask, 6, 0.0, 1.0, None)
+    assert torch.equal(after.tokens, ref) and not torch.equal(after.tokens, before)
+
+
+def test_positions_masks_and_cache_are_made_once_per_call(one_thread, monkeypatch):
+    m = tiny_model(lora=False)
+    pixels, ids, mask = left_padded_prompts(m)
+    calls = {"rope": 0, "mask": 0, "cache": 0}
+    rope, attn_mask, cache = model_lib.rope_cos_sin, LLaVA._attention_mask, model_lib.KVCache
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(model_lib, "rope_cos_sin", counting("rope", rope))
+    monkeypatch.setattr(LLaVA, "_attention_mask", counting("mask", attn_mask))
+    monkeypatch.setattr(model_lib, "KVCache", counting("cache", cache))
+    ptrs = []
+    step = LLaVA.decode_step
+
+    def watched(self, tokens, state):  # the same storage every step: nothing reallocated
+        ptrs.append((state.key_bias.data_ptr(), state.cache.k[0].data_ptr(), state.cos.data_ptr()))
+        return step(self, tokens, state)
+    monkeypatch.setattr(LLaVA, "decode_step", watched)
+    m.generate(pixels, ids, mask, max_new_tokens=12, eos_token_id=-1)
+    assert calls == {"rope": 2, "mask": 1, "cache": 1}  # prefill + the decode tables; not once per token
+    assert len(ptrs) == 11 and len(set(ptrs)) == 1
