@@ -32,6 +32,10 @@ class Config:
     eval_limit: int = 0                   # questions per benchmark (0: eval.py's Shapes defaults)
     device: str = "cpu"                   # cpu or cuda
     jobs: int = 2                         # lanes run side by side after SFT (1: strictly one stage at a time)
+    # allowed values (common.parse_config refuses others in one line)
+    RANGES = dict(world_seed="[0, inf)", stages=("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval"), steps="[0, inf)",
+                  model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"), eval_limit="[0, inf)",
+                  device=("cpu", "cuda"), jobs="[1, inf)")
 
 
 # The 15-minute budget on 2 CPU cores: what the pipeline passes beyond each stage's defaults. The
