@@ -595,7 +595,8 @@ def claim_out(cfg, d, inits=()):
         raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run without "
                           "--resume to start fresh)")
     for init in inits:  # --overwrite would move the checkpoint this run starts from away
-        inside = os.path.realpath(init or "/").startswith(os.path.realpath(out) + os.sep)
+        real, out_real = os.path.realpath(init or "/"), os.path.realpath(out)
+        inside = real == out_real or real.startswith(out_real + os.sep)
         if overwrite and init and inside:
             raise ConfigError(f"--init {init} lies inside --out {out}, which --overwrite true moves aside; "
                               "copy it elsewhere or choose another --out")
@@ -940,6 +941,9 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
         tokenizer = load_tokenizer(tok_dir)
         model = LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=dtype)
+        if len(tokenizer) > model.config.vocab_size:  # a token id beyond the embedding would fail mid-run
+            raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more than the "
+                                  f"{model.config.vocab_size} embedding rows of the model in {path}")
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")

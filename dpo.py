@@ -85,7 +85,7 @@ class Config:
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(format=("auto", "povid", "llava_rlhf"), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
-                  max_len="[16, inf)", loss=("sigmoid", "ipo", "cdpo", "ref_free"), beta="(0, inf)",
+                  max_len="[1, inf)", loss=("sigmoid", "ipo", "cdpo", "ref_free"), beta="(0, inf)",
                   label_smoothing="[0, 0.5)", povid_stage="[1, 2]", noise_t="[0, 999]",
                   noise_on=("original", "resized"), noisy_tokens=("own", "policy"), lora_r="[0, inf)",
                   lora_alpha="[1, inf)", lora_dropout="[0, 1)", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),

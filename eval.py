@@ -102,7 +102,7 @@ class Config:
                   judge_timeout="(0, inf)", judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
                   temperature="[0, inf)", top_p="(0, 1]", seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
-                  max_len="[16, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
+                  max_len="[1, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 class JudgeError(Exception):

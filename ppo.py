@@ -114,14 +114,15 @@ class Config:
     fsdp: bool = False                    # not supported: the four roles share one frozen base, replicated (README)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
-    RANGES = dict(world_seed="[0, inf)", max_prompt_len="[16, inf)", max_new_tokens="[1, inf)",
+    RANGES = dict(world_seed="[0, inf)", max_prompt_len="[1, inf)", max_new_tokens="[1, inf)",
                   temperature="(0, inf)", rollout_batch="[1, inf)", minibatch_size="[1, inf)", ppo_epochs="[1, inf)",
                   micro_batch="[0, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
                   lora_targets=("q", "k", "v", "o", "gate", "up", "down"), lr="(0, inf)", value_lr="[0, inf)",
                   warmup="[0, inf)", min_lr_ratio="[0, 1]", weight_decay="[0, inf)", grad_clip="[0, inf)",
                   kl_coef="[0, inf)", kl_estimator=("k1", "k3"), target_kl="[0, inf)", kl_horizon="[1, inf)",
                   gamma="[0, 1]", lam="[0, 1]", clip="(0, inf)", vf_clip="(0, inf)", vf_coef="[0, inf)",
-                  reward_scale="(0, inf)", rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
+                  reward_scale="(0, inf)", correctness="(-inf, inf)", length_penalty="(-inf, inf)",
+                  no_eos_penalty="(-inf, inf)", rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
                   max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)", save_every="[1, inf)",
                   export=("merged", "adapter"), seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 

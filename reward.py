@@ -77,7 +77,7 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(eval_size="[1, inf)", pairs=("injected", "sampled"), n_sampled="[1, inf)",
                   sample_temperature="[0, inf)", sample_max_new_tokens="[1, inf)", world_seed="[0, inf)",
-                  eval_prompt=("llava-rlhf", "short"), template=("vicuna_v1", "llava_v1"), max_len="[16, inf)",
+                  eval_prompt=("llava-rlhf", "short"), template=("vicuna_v1", "llava_v1"), max_len="[1, inf)",
                   lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
                   lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)", lr="(0, inf)",
                   min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",

@@ -89,7 +89,7 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)",
                   neg_ratio="[0, 1]", template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
-                  align_batch_size="[1, inf)", max_len="[16, inf)", lora_r="[0, inf)", lora_alpha="[1, inf)",
+                  align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)", lora_alpha="[1, inf)",
                   lora_dropout="[0, 1)", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
                   batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", vision_lr_ratio="[0, inf)",
                   min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",

@@ -108,7 +108,7 @@ class Config:
     gen_batch_size: int = 32              # prompts per generation batch
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
-                  max_len="[16, inf)", sft_share="[0, 1)", lora_r="[0, inf)", lora_alpha="[1, inf)",
+                  max_len="[1, inf)", sft_share="[0, 1)", lora_r="[0, inf)", lora_alpha="[1, inf)",
                   batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", min_lr_ratio="[0, 1]",
                   warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", max_steps="[0, inf)",
                   save_every="[1, inf)", log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
@@ -423,7 +423,7 @@ def main(cfg):
     imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
-    if cfg.data != "shapes" and imgs:  # every image decodes, before any step
+    if cfg.images and imgs:  # every image a user lists decodes, before any step
         check_images([{"id": name, "image": path} for name, path in imgs], cfg.images, field="images")
     # generation flags do not change the trained weights: free to change on --resume
     train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
