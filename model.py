@@ -65,7 +65,7 @@ class ModelConfig:
         for name in ("vision_eps", "rms_eps", "rope_theta"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got {getattr(self, name)!r}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # (negative: none, as some LLaMA configs say)
+        for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row a caller never looks up)
             if isinstance(getattr(self, name), int) and getattr(self, name) >= self.vocab_size:
                 raise CheckpointError(f"config: field '{name}': {getattr(self, name)} is beyond the {self.vocab_size} "
                                       "embedding rows (vocab_size)")

@@ -42,8 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 def base_args(script, w, out):
     """A valid, tiny command line for each script; a case appends what makes it bad (later flags replace
-    earlier ones: conftest.merge_flags). Training stages get --overwrite true: each case's --out holds a
-    finished run, which a failed run must neither move nor change."""
+    earlier ones: conftest.merge_flags)."""
     if script in ("shapes", "pipeline"):
         return ["--out", str(out)]
     return {
@@ -56,7 +55,7 @@ def base_args(script, w, out):
         "dpo": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--eval_n", "4"],
         "vigc": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--generate", "0"],
         "eval": ["--ckpt", w.sft, "--world", w.world, "--benchmarks", "pope", "--limit", "2"],
-    }[script] + ["--out", str(out)] + (["--overwrite", "true"] if script != "eval" else [])
+    }[script] + ["--out", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +567,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     out = tmp_path / "out"  # --out holds a finished run already: a failed run must leave it exactly as it was
     shutil.copytree(w.rm if case.out_from == "rm" else w.sft, out)
     t = T(w, tmp_path)
-    argv = base_args(case.script, w, out) + case.argv(w, t)
+    overwrite = ["--overwrite", "true"] if case.script in ("sft", "reward", "ppo", "dpo", "vigc") else []
+    argv = base_args(case.script, w, out) + overwrite + case.argv(w, t)  # (a failed run moves nothing aside)
     argv = argv if case.strict else merge_flags(argv)  # (strict: the repeated flags are the case)
     before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
     if case.proc:
@@ -760,7 +760,7 @@ def kill_mid_run(script, argv, out, during_write):
     checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once checkpoint-2
     is complete, in the middle of step 3. Returns whether a checkpoint write was caught."""
     log = open(f"{out}.stderr", "w+")  # a file, not a pipe: a full pipe would stall the run
-    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *argv], cwd=HERE, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *merge_flags(argv)], cwd=HERE, stdout=subprocess.DEVNULL,
                             stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
     caught, deadline = False, time.time() + 240
     while proc.poll() is None and time.time() < deadline:
@@ -870,7 +870,7 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
     code, stdout, err = run_cli(script, argv + ["--out", one])
     assert code == 0 and "1 process(es)" in stdout, err
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        os.path.join(HERE, f"{script}.py"), *argv, "--out", two], capture_output=True, text=True,
+                        os.path.join(HERE, f"{script}.py"), *merge_flags(argv), "--out", two], capture_output=True, text=True,
                        timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
     compared = assert_same_metrics(metric_rows(one), metric_rows(two), keys, min_rows=2)
