@@ -645,7 +645,9 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(w.sft, out)
     before = {os.path.relpath(p, out): h for p, h in tree_hashes(out).items()}
-    code, stdout, err = run_cli("sft", base_args("sft", w, out))
+    code, _, err = run_cli("sft", base_args("sft", w, out))
+    assert code == 2 and "holds a run" in err
+    code, stdout, err = run_cli("sft", base_args("sft", w, out) + ["--overwrite", "true"])
     assert code == 0, err
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
     assert len(aside) == 1 and f"is now {aside[0]}" in stdout
