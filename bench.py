@@ -113,6 +113,14 @@ class Config:
     seed: int = 0                         # seed of weights and inputs
     quick: bool = False                   # tiny config, 1 repetition: a smoke test of every section (flags given still win)
     fsdp: bool = False                    # instead: FSDP2 training step time and peak memory per process (under torchrun)
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(device=("cpu", "cuda"), dtype=("auto", "fp32", "bf16"), model=("tiny", "shapes", "bench", "llava-7b",
+                  "llava-13b"), image_size="[0, inf)", layers="[0, inf)", threads="[0, inf)", batch="[1, inf)",
+                  seq="[2, inf)", answer="[1, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)", lr="(0, inf)",
+                  train_modes=("lora", "full"), gen_batches="[1, inf)", new_tokens="[1, inf)", prompt_text="[1, inf)",
+                  dpo_pairs="[1, inf)", ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)", roles_model=("tiny", "shapes",
+                  "bench", "llava-7b", "llava-13b"), warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)",
+                  copy_mib="[0, inf)", hf_load=("auto", "export", "copy"), seed="[0, inf)")
 
 
 QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,

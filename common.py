@@ -48,6 +48,8 @@ def user_errors(*extra):
     into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback."""
     try:
         yield
+    except UnicodeDecodeError as e:  # (readers name the file; this is the last resort)
+        fail(f"bytes that are not UTF-8 at offset {e.start}: {e.reason}")
     except USER_ERRORS + tuple(extra) as e:
         fail(str(e))
     except PermissionError as e:
@@ -58,6 +60,8 @@ def user_errors(*extra):
         if getattr(e, "filename", None):
             fail(f"{e.filename}: {e.strerror}")
         raise
+    finally:
+        release_locks()
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,11 +116,14 @@ def seed_suffix(cfg, config_class, fields):
 
 
 def parse_config(cls, argv=None, prog=None):
-    """`--field value` for every field of the dataclass `cls`; types are checked and unknown
-    flags are an error. Help text comes from the comment after each field."""
+    """`--field value` for every field of the dataclass `cls`; types are checked, unknown or repeated
+    flags are an error, and every value is checked against `cls.RANGES` (check_ranges). Help text comes
+    from the comment after each field."""
+    prog = prog or os.path.basename(sys.argv[0])
+    _refuse_repeats(cls, sys.argv[1:] if argv is None else argv, prog)
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
-    parser = _Parser(prog=prog or os.path.basename(sys.argv[0]), description=(cls.__doc__ or "").strip(),
+    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(),
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -132,7 +139,66 @@ def parse_config(cls, argv=None, prog=None):
         v = args[f.name]
         if isinstance(v, list):
             args[f.name] = tuple(x for part in v for x in part)
-    return cls(**args)
+    cfg = cls(**args)
+    try:
+        check_ranges(cfg)
+    except ConfigError as e:
+        fail(f"{prog}: {e}")
+    return cfg
+
+
+def _refuse_repeats(cls, argv, prog):
+    """A flag given twice is a mistake (argparse would keep the last one without a word)."""
+    names, seen = {f.name for f in dataclasses.fields(cls)}, set()
+    for token in argv:
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name in names:
+            if name in seen:
+                fail(f"{prog}: --{name} is given twice (give each flag once)")
+            seen.add(name)
+
+
+def _interval(rule):
+    """'[0, 1]', '(0, inf)', '[1, inf)' -> (lo, hi, lo_closed, hi_closed)."""
+    lo, hi = (x.strip() for x in rule[1:-1].split(","))
+    return float(lo), float(hi), rule[0] == "[", rule[-1] == "]"
+
+
+def check_value(flag, value, rule):
+    """One value against its rule; returns what is wrong (None: fine). Rules: an interval in maths notation
+    ('[1, inf)', '(0, 1]'; inf only when the bracket is closed) or a tuple of allowed choices (for a tuple
+    field: of each item). A float must be finite unless its interval holds inf; None passes (Optional)."""
+    if value is None or rule is None:
+        return None
+    if isinstance(rule, tuple):
+        items = value if isinstance(value, tuple) else (value,)
+        bad = [x for x in items if x not in rule]
+        if not bad:
+            return None
+        names = ", ".join(map(str, rule[:-1])) + f" or {rule[-1]}" if len(rule) > 1 else str(rule[0])
+        if isinstance(value, tuple):
+            return f"--{flag}: {bad[0]!r} is not one of {', '.join(map(str, rule))}"
+        return f"--{flag} {value}: choose {names}"
+    lo, hi, lo_closed, hi_closed = _interval(rule)
+    for x in value if isinstance(value, tuple) else (value,):
+        if isinstance(x, float) and math.isnan(x):
+            return f"--{flag} {x}: must be a number in {rule}"
+        if isinstance(x, float) and math.isinf(x) and not (hi_closed and x == hi or lo_closed and x == lo):
+            return f"--{flag} {x}: must be a finite number in {rule}"
+        if x < lo or x > hi or (x == lo and not lo_closed) or (x == hi and not hi_closed):
+            return f"--{flag} {x}: must be in {rule}"
+    return None
+
+
+def check_ranges(cfg):
+    """Every field against the rule its Config declares in RANGES (floats without a rule: finite)."""
+    rules = getattr(cfg, "RANGES", {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        rule = rules.get(f.name, "(-inf, inf)" if isinstance(value, float) else None)
+        problem = check_value(f.name, value, rule)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _field_comments(cls):
@@ -439,7 +505,7 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 # a half checkpoint); --init OUT and --resume read the newest complete one
 # ----------------------------------------------------------------------------------------
 
-RESUME_FREE_FIELDS = {"resume", "out", "log_every", "save_every", "eval_every", "max_steps",
+RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "max_steps",
                       "skip_nonfinite", "save_full"}  # do not change the math (skip_nonfinite: the way out of a stopped run)
 
 
@@ -453,6 +519,135 @@ def ensure_writable(out_dir):
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{out_dir}: output directory cannot be written ({e.strerror})")
+
+
+# ----------------------------------------------------------------------------------------
+# one writer per run directory, and no run replaced by accident: claim_out() before anything is
+# read or written (lock, refusals), start_writing() once the inputs are checked (move aside, run.json)
+# ----------------------------------------------------------------------------------------
+
+LOCK = ".lock"  # in --out: flock'ed by the process writing there, holds its pid
+RUN_FILE = "run.json"  # in --out: sha256 of the data files the run started on (--resume compares)
+_locks = {}  # real path of a locked --out -> the open lock file
+
+
+def lock_out(out_dir):
+    """Hold an exclusive flock on OUT/.lock for as long as this process lives (or release_locks()); a
+    second writer fails in one line naming the holder's pid. Taking it again in one process is a no-op."""
+    import fcntl
+    key = os.path.realpath(out_dir)
+    if key in _locks:
+        return
+    f = open(os.path.join(out_dir, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"{out_dir}: another process (pid {holder}) is writing there; wait for it to end "
+                          "or choose another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _locks[key] = f
+
+
+def release_locks():
+    for f in _locks.values():
+        f.close()  # (closing the file drops the flock)
+    _locks.clear()
+
+
+def holds_run(out_dir):
+    """What in OUT shows that a run wrote there (checkpoints, their temp dirs, metrics)."""
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    return [n for n in names if n.startswith(("checkpoint-", ".tmp-checkpoint-")) or n == "metrics.jsonl"]
+
+
+def file_digests(paths):
+    """{path: sha256 hex} of the data files that exist (a missing one is the reader's error to report)."""
+    import hashlib
+    out = {}
+    for p in paths:
+        if p and os.path.isfile(p):
+            with open(p, "rb") as f:
+                out[os.path.abspath(p)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def claim_out(cfg, d, inits=()):
+    """Before anything is read or written (main process): --out writable and locked; a run already there
+    is continued only with --resume true (which needs a checkpoint) and replaced only with --overwrite true."""
+    if not d.main:
+        return
+    out, resume, overwrite = cfg.out, cfg.resume, getattr(cfg, "overwrite", False)
+    if resume and overwrite:
+        raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or replace it)")
+    ensure_writable(out)
+    lock_out(out)
+    found = holds_run(out)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"{out}: holds a run ({', '.join(found[:3])}); pass --resume true to continue it, "
+                          "--overwrite true to move it aside and start again, or another --out")
+    if resume and latest_checkpoint(out) is None:
+        raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run without "
+                          "--resume to start fresh)")
+    for init in inits:  # --overwrite would move the checkpoint this run starts from away
+        real, out_real = os.path.realpath(init or "/"), os.path.realpath(out)
+        inside = real == out_real or real.startswith(out_real + os.sep)
+        if overwrite and init and inside:
+            raise ConfigError(f"--init {init} lies inside --out {out}, which --overwrite true moves aside; "
+                              "copy it elsewhere or choose another --out")
+
+
+def start_writing(cfg, d, data_files=()):
+    """Once the inputs are checked, just before the first write (main process). --resume: the data files
+    must be those the run started on (sha256 in OUT/run.json). --overwrite true: a run already in --out is
+    moved aside in one rename (kept, never deleted). A fresh run records its data files' digests."""
+    if not d.main:
+        return
+    out = cfg.out
+    digests = file_digests(data_files)
+    run_file = os.path.join(out, RUN_FILE)
+    if cfg.resume and os.path.exists(run_file):
+        try:
+            was = json.load(open(run_file))["data"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's data files")
+        for path in sorted(set(was) | set(digests)):
+            if was.get(path) != digests.get(path):
+                how = "is not part of it now" if path not in digests else "was not part of it" if path not in was \
+                    else "changed since the run started (sha256 differs)"
+                raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with the data the run "
+                                  f"started on, or start a new run")
+    if getattr(cfg, "overwrite", False) and holds_run(out):
+        aside = f"{os.path.normpath(out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        old_lock = _locks.pop(os.path.realpath(out))
+        os.rename(out, aside)  # the one atomic step: the old run is whole under its new name
+        os.makedirs(out)
+        lock_out(out)
+        old_lock.close()
+        print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no longer needed)")
+    if not cfg.resume:
+        tmp = os.path.join(out, f".{RUN_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"data": digests}, f, indent=2)
+        os.replace(tmp, run_file)
+
+
+def data_specs(value):
+    """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as a whole
+    (so a path may hold ':'); otherwise what follows its last ':' is x."""
+    out = []
+    for item in value.split(","):
+        if os.path.exists(item) or ":" not in item:
+            out.append((item, ""))
+        else:
+            path, _, x = item.rpartition(":")
+            out.append((path, x))
+    return out
 
 
 def rng_state(generators=None):
@@ -746,6 +941,9 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
         tokenizer = load_tokenizer(tok_dir)
         model = LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=dtype)
+        if len(tokenizer) > model.config.vocab_size:  # a token id beyond the embedding would fail mid-run
+            raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more than the "
+                                  f"{model.config.vocab_size} embedding rows of the model in {path}")
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -44,14 +44,30 @@ def tiny_sft(tmp_path_factory, tiny_world):
     return out
 
 
-def run_cli(module, argv):
+def merge_flags(argv):
+    """A command line with each flag once: a later `--flag values` replaces an earlier one (tests extend
+    shared base command lines; the real command line refuses a repeated flag, see test_reliability)."""
+    groups = {}
+    for token in argv:
+        if token.startswith("--"):
+            name = token.split("=", 1)[0]
+            groups.pop(name, None)
+            groups[name] = [token]
+        else:
+            groups[next(reversed(groups))].append(token)
+    return [t for g in groups.values() for t in g]
+
+
+def run_cli(module, argv, strict=False):
     """Run a stage script's main() in this process as its __main__ block would: parse flags, run,
-    turn user errors into one line + exit 2. Returns (exit code, stdout, stderr)."""
+    turn user errors into one line + exit 2. Returns (exit code, stdout, stderr). Later flags replace
+    earlier ones (merge_flags) unless strict."""
     import common
     from data import DataError
     mod = importlib.import_module(module)
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    argv = list(argv) if strict else merge_flags(argv)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             cfg = common.parse_config(mod.Config, argv, prog=f"{module}.py")

@@ -80,8 +80,19 @@ class Config:
     skip_bad: bool = False                # skip bad records with a count (default: stop before training)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(format=("auto", "povid", "llava_rlhf"), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
+                  max_len="[1, inf)", loss=("sigmoid", "ipo", "cdpo", "ref_free"), beta="(0, inf)",
+                  label_smoothing="[0, 0.5)", povid_stage="[1, 2]", noise_t="[0, 999]",
+                  noise_on=("original", "resized"), noisy_tokens=("own", "policy"), lora_r="[0, inf)",
+                  lora_alpha="[1, inf)", lora_dropout="[0, 1)", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", min_lr_ratio="[0, 1]",
+                  warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", max_steps="[1, inf)",
+                  eval_every="[0, inf)", eval_n="[1, inf)", save_every="[1, inf)", log_every="[1, inf)",
+                  seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def check_config(cfg):
@@ -317,8 +328,7 @@ def main(cfg):
     common.check_world("dpo.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
-    if d.main:
-        common.ensure_writable(cfg.out)
+    common.claim_out(cfg, d, inits=[cfg.init])
     train_recs, val_recs, skipped, tok_dir = load_pairs(cfg, d)
     if skipped and d.main:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
@@ -358,6 +368,8 @@ def main(cfg):
         print(f"warning: dropped {train.dropped} of {len(train_recs)} pairs longer than --max_len {cfg.max_len}")
     if len(train) == 0:
         raise common.ConfigError("no training pairs left (all records were dropped or skipped)")
+    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.val_data]
+    common.start_writing(cfg, d, data_files)
     ref = None
     if cfg.lora_r == 0 and cfg.loss != "ref_free":  # on --resume the init model is loaded again only if the cache is gone
         ref = cached_reference(cfg, d, init_dir, train, val, lambda: model if resume_path is None or sharded else

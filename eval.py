@@ -41,7 +41,8 @@ import torch
 
 import common
 import shapes
-from data import IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope
+from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope,
+                  read_text)
 from model import CheckpointError, resolve_checkpoint
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
@@ -95,6 +96,13 @@ class Config:
     vision_tower: str = ""                # local CLIP directory when the checkpoint lacks the CLIP weights
     device: str = "cpu"                   # cpu or cuda
     dtype: str = "fp32"                   # fp32, or bf16 (cuda)
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(benchmarks=BENCHMARKS, world_seed="[0, inf)", limit="[0, inf)", chair_counting=("reference", "ours"),
+                  judge=("oracle", "openai", "local"), judge_retries="[0, inf)", judge_backoff="[0, inf)",
+                  judge_timeout="(0, inf)", judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
+                  batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
+                  temperature="[0, inf)", top_p="(0, 1]", seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
+                  max_len="[1, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 class JudgeError(Exception):
@@ -110,8 +118,7 @@ def read_jsonl(path):
     and the file rewritten without it, so the next append starts on a clean line."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     good, bad = [], 0
     for line in filter(str.strip, text.splitlines()):
         try:
@@ -382,6 +389,9 @@ class Answerer:
         todo = [q for q in qs if q["id"] not in done]
         print(f"{self.name} {bench}: reused {len(done)} answers, {'missing' if cfg.rescore else 'generating'} {len(todo)}",
               flush=True)
+        if cfg.rescore and qs and not done:  # (scores of nothing would read as a model that is always wrong)
+            raise DataError(path, message=f"--rescore: none of the {len(qs)} {bench} questions has an answer "
+                                          "here; answer them first (run without --rescore)")
         if not todo or cfg.rescore:
             return done
         self._load()
@@ -418,6 +428,8 @@ class Answerer:
                                                                            f"({q['prompt'][:60]!r})")
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
+        if qs and not done:
+            raise DataError(path, message=f"no answer matches one of the {len(qs)} questions (by question_id)")
         return done
 
 
@@ -559,13 +571,12 @@ def load_synonyms(path, counting="reference"):
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
     syn = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if counting == "reference":
-                words = [w for w in line.strip().split(", ") if w]
-            else:
-                words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
-            syn.update({w: words[0] for w in words} if words else {})
+    for line in read_text(path).splitlines():
+        if counting == "reference":
+            words = [w for w in line.strip().split(", ") if w]
+        else:
+            words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
+        syn.update({w: words[0] for w in words} if words else {})
     if not syn:
         raise DataError(path, message="no synonyms (expected lines 'category, synonym, synonym, ...')")
     return syn
@@ -743,8 +754,7 @@ def load_judge_prompts(entries):
             raise common.ConfigError(f"--judge_prompt {entry}: expected mmhal=FILE or gavie=FILE")
         if not os.path.isfile(path):
             raise DataError(path, message="file not found (--judge_prompt)")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path)
         used = set(re.findall(r"\{(\w+)\}", text)) & {n for names in PLACEHOLDERS.values() for n in names}
         missing = [n for n in ("question", "answer") if n not in used]
         foreign = sorted(used - set(PLACEHOLDERS[bench]))
@@ -1103,6 +1113,7 @@ def main(cfg):
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({type(e).__name__}: {e})")
     common.ensure_writable(cfg.out)
+    common.lock_out(cfg.out)  # one writer: two evals appending to one answers file would interleave
     bench = load_benchmarks(cfg)
     judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
     for ckpt, name in zip(ckpts, run_names(ckpts)):

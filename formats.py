@@ -12,6 +12,7 @@ Conventions shared by every reader and converter:
   returned as full paths. check_images=True checks that the file exists; decoding is checked at load time.
 """
 import json
+import math
 import os
 import random
 import re
@@ -52,12 +53,22 @@ def _bad(field, message):
     return DataError(None, None, field, message)
 
 
+def read_text(path):
+    """A text file's contents; bytes that are not UTF-8 are a DataError naming the file and the byte offset
+    (a UTF-8 byte order mark is dropped)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, message=f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} ({e.reason})") from None
+
+
 def load_json(path):
     """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if not text.strip():
         raise DataError(path, message="file is empty")
     try:
@@ -140,6 +151,16 @@ def _typed(r, key, kind, optional=False, default=None):
     if isinstance(v, str) and not v.strip():
         raise _bad(key, "empty")
     return v
+
+
+def _number(r, key, default=None):
+    """r[key] as a finite float (JSON allows NaN and Infinity literals; a loss would not survive them)."""
+    v = default if r.get(key) is None else r[key]
+    if type(v) not in (int, float):
+        raise _bad(key, f"expected a number, got {v!r}")
+    if not math.isfinite(v):
+        raise _bad(key, f"expected a finite number, got {v!r}")
+    return float(v)
 
 
 def _strlist(r, key, optional=False):
@@ -352,9 +373,7 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
         if type(ct) is not int or not 1 <= ct <= 7:
             raise _bad("caption_type", f"must be an integer 1-7 (1 general, 2-5 answer A-D, 6 answer No, "
                                        f"7 answer Yes), got {ct!r}")
-        lb = 1.0 if r.get("length_bonus") is None else r["length_bonus"]
-        if type(lb) not in (int, float):
-            raise _bad("length_bonus", f"expected a number, got {lb!r}")
+        lb = _number(r, "length_bonus", 1.0)
         key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
         return {"id": r.get("id"), "image": image, "prompt": conv[:1] if first_turn_only else _prompt(conv),
                 "captions": _captions(r, caption_map, key, need_captions), "caption_type": ct,
@@ -517,14 +536,13 @@ def _detok(s):
 def _flickr_token_file(path):
     """results_20130124.token lines "1000092795.jpg#0<TAB>caption" -> [{"filename", "sentences"}]."""
     groups = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = re.match(r"^([^#\t]+)#\d+\t(.+)$", line.rstrip("\n"))
-            if not m or not m.group(2).strip():
-                raise DataError(path, message=f"line {n}: expected 'image.jpg#N<TAB>caption'")
-            groups.setdefault(m.group(1).strip(), []).append({"raw": _detok(m.group(2))})
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.match(r"^([^#\t]+)#\d+\t(.+)$", line)
+        if not m or not m.group(2).strip():
+            raise DataError(path, message=f"line {n}: expected 'image.jpg#N<TAB>caption'")
+        groups.setdefault(m.group(1).strip(), []).append({"raw": _detok(m.group(2))})
     return [{"filename": k, "sentences": v} for k, v in groups.items()]
 
 
@@ -535,8 +553,7 @@ def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_
     (records of other splits are left out; split=None keeps all) and the original token file."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
-    with open(path, encoding="utf-8") as f:
-        is_json = f.read(4096).lstrip().startswith("{")
+    is_json = read_text(path).lstrip().startswith("{")
     items = _records(path, "images") if is_json else _flickr_token_file(path)
     rng = random.Random(seed)
 

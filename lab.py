@@ -51,6 +51,9 @@ class Config:
     eval_limit: int = 0                   # eval questions per benchmark and POPE split (0: the whole test split)
     report_only: bool = False             # only rebuild RESULTS.md and the plots from finished runs
     device: str = "cpu"                   # cpu or cuda
+    # allowed values (common.parse_config refuses others in one line)
+    RANGES = dict(world_seed="[0, inf)", claims=("lrv", "rlhf", "povid", "vigc"), seeds="[0, inf)", jobs="[1, inf)",
+                  steps="[0, inf)", eval_limit="[0, inf)", device=("cpu", "cuda"))
 
 
 # ----------------------------------------------------------------------------- the runs

@@ -58,6 +58,17 @@ class ModelConfig:
     eos_token_id: int = 2                 # </s>
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "vision_hidden", "vision_intermediate", "vision_layers", "vision_heads",
+                     "vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "max_position"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CheckpointError(f"config: field '{name}': must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("vision_eps", "rms_eps", "rope_theta"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row a caller never looks up)
+            if isinstance(getattr(self, name), int) and getattr(self, name) >= self.vocab_size:
+                raise CheckpointError(f"config: field '{name}': {getattr(self, name)} is beyond the {self.vocab_size} "
+                                      "embedding rows (vocab_size)")
         if self.head_dim == 0:
             self.head_dim = self.hidden // self.heads
         if self.projector not in ("linear", "mlp2x_gelu"):
@@ -1187,7 +1198,10 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         for k, v in cfg["model"].items():  # (an int is a fine float)
             if type(v) is not known[k] and not (known[k] is float and type(v) is int) and known[k] is not type(None):
                 raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected {known[k].__name__}, got {v!r}")
-        config = ModelConfig(**cfg["model"])
+        try:
+            config = ModelConfig(**cfg["model"])
+        except CheckpointError as e:  # "config: field ...": name the file
+            raise CheckpointError(f"{path}/{e}") from None
         weights_dir = base_weights_dir(path)
         src.add_dir(weights_dir)
     elif layout == "llava-hf":

@@ -32,6 +32,11 @@ class Config:
     eval_limit: int = 0                   # questions per benchmark (0: eval.py's Shapes defaults)
     device: str = "cpu"                   # cpu or cuda
     jobs: int = 2                         # lanes run side by side after SFT (1: strictly one stage at a time)
+    overwrite: bool = False               # stages whose --out holds a run move it aside (kept) and run again
+    # allowed values (common.parse_config refuses others in one line)
+    RANGES = dict(world_seed="[0, inf)", stages=("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval"), steps="[0, inf)",
+                  model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"), eval_limit="[0, inf)",
+                  device=("cpu", "cuda"), jobs="[1, inf)")
 
 
 # The 15-minute budget on 2 CPU cores: what the pipeline passes beyond each stage's defaults. The
@@ -88,6 +93,8 @@ def run_lane(names, commands, here, env, times):
 def main(cfg):
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     commands = stage_commands(cfg)
+    if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)
+        commands = {k: v + (["--overwrite", "true"] if k != "eval" else []) for k, v in commands.items()}
     unknown = [s for s in cfg.stages if s not in commands]
     if unknown:
         raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {', '.join(commands)})")

@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 import common
 import shapes
-from data import (DataError, ImageCache, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
+from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
                   tokenize_conversation)
 from model import base_weights_dir, resolve_checkpoint
 
@@ -110,8 +110,21 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and heads stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder during updates
     resume: bool = False                  # continue from the newest checkpoint in --out
+    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # not supported: the four roles share one frozen base, replicated (README)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(world_seed="[0, inf)", max_prompt_len="[1, inf)", max_new_tokens="[1, inf)",
+                  temperature="(0, inf)", rollout_batch="[1, inf)", minibatch_size="[1, inf)", ppo_epochs="[1, inf)",
+                  micro_batch="[0, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
+                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), lr="(0, inf)", value_lr="[0, inf)",
+                  warmup="[0, inf)", min_lr_ratio="[0, 1]", weight_decay="[0, inf)", grad_clip="[0, inf)",
+                  kl_coef="[0, inf)", kl_estimator=("k1", "k3"), target_kl="[0, inf)", kl_horizon="[1, inf)",
+                  gamma="[0, 1]", lam="[0, 1]", clip="(0, inf)", vf_clip="(0, inf)", vf_coef="[0, inf)",
+                  reward_scale="(0, inf)", correctness="(-inf, inf)", length_penalty="(-inf, inf)",
+                  no_eos_penalty="(-inf, inf)", rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
+                  max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)", save_every="[1, inf)",
+                  export=("merged", "adapter"), seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def correctness(response, caption_type, rule="word"):
@@ -304,6 +317,8 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
     path = os.path.join(cfg.world, "rl_prompts.json") if cfg.data == "shapes" else cfg.data
     folder = cfg.world if cfg.data == "shapes" else (cfg.image_folder or None)
     recs = read_rl_prompts(path, folder, captions_path=cfg.captions or None, need_captions=need_captions)
+    if cfg.data != "shapes":  # every image decodes, before any step
+        check_images(recs, path)
     c, out = model.config, []
     for r in recs:
         t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens, 1 << 30, template)
@@ -495,8 +510,7 @@ def main(cfg):
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --minibatch_size "
                                  f"{cfg.minibatch_size}, which must be a multiple of the {d.world} processes")
-    if d.main:
-        common.ensure_writable(cfg.out)
+    common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
     tok_dir = ""
     if cfg.data == "shapes":
         tok_dir = os.path.join(shapes.ensure_world(cfg.world, seed=cfg.world_seed), "tokenizer")
@@ -506,6 +520,8 @@ def main(cfg):
     policy, critic, tokenizer = build_roles(cfg, d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     objects = shapes.load_world(cfg.world)["by_file"] if cfg.data == "shapes" and cfg.oracle_every else None
+    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.captions]
+    common.start_writing(cfg, d, data_files)
     pol_params = policy.adapter_parameters("policy")
     val_params = critic.adapter_parameters("value") + list(critic.heads["value"].parameters())
     params = pol_params + val_params  # one AdamW, two parameter groups (policy lr, value lr)

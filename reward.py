@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import common
 import shapes
-from data import DataError, ImageCache, collate, normalize, read_llava_rlhf_preference, reward_item
+from data import DataError, ImageCache, check_images, collate, normalize, read_llava_rlhf_preference, reward_item
 from model import resolve_checkpoint
 
 
@@ -70,9 +70,19 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
     grad_checkpoint: bool = False         # activation checkpointing in the decoder
     resume: bool = False                  # continue from the newest checkpoint in --out
+    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(eval_size="[1, inf)", pairs=("injected", "sampled"), n_sampled="[1, inf)",
+                  sample_temperature="[0, inf)", sample_max_new_tokens="[1, inf)", world_seed="[0, inf)",
+                  eval_prompt=("llava-rlhf", "short"), template=("vicuna_v1", "llava_v1"), max_len="[1, inf)",
+                  lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
+                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)", lr="(0, inf)",
+                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",
+                  center_coef="[0, inf)", max_steps="[1, inf)", eval_every="[0, inf)", save_every="[1, inf)",
+                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
@@ -93,10 +103,11 @@ def load_pairs(cfg, d, model, tokenizer):
     if cfg.data != "shapes":
         recs = read_llava_rlhf_preference(cfg.data, cfg.image_folder or None, captions_path=cfg.captions or None,
                                           need_captions=cfg.facts)
+        check_images(recs, cfg.data)  # every image decodes, before any step
         if cfg.val_data:
             val = read_llava_rlhf_preference(cfg.val_data, cfg.image_folder or None,
                                              captions_path=cfg.captions or None, need_captions=cfg.facts)
-            return recs, val[:cfg.eval_size], stats
+            return recs, check_images(val[:cfg.eval_size], cfg.val_data)[0], stats
         perm = torch.randperm(len(recs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_val = min(cfg.eval_size, len(recs) // 10)  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
         return [recs[i] for i in perm[n_val:]], [recs[i] for i in perm[:n_val]], stats
@@ -112,9 +123,6 @@ def load_pairs(cfg, d, model, tokenizer):
         objects = shapes.load_world(world)["by_file"]
         out[0], stats["train"] = sample_pairs(cfg, d, model, tokenizer, out[0][:cfg.n_sampled], objects, world, 0)
         out[1], stats["val"] = sample_pairs(cfg, d, model, tokenizer, out[1], objects, world, 1)
-        if d.main:
-            with open(os.path.join(cfg.out, "sampled_pairs.json"), "w") as f:
-                json.dump({"train": out[0], "val": out[1], "stats": stats}, f, indent=1)
     return out[0], out[1], stats
 
 
@@ -231,8 +239,7 @@ def main(cfg):
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
-    if d.main:
-        common.ensure_writable(cfg.out)
+    common.claim_out(cfg, d, inits=[cfg.init])
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     tok_dir = os.path.join(cfg.world, "tokenizer") if cfg.data == "shapes" else ""
     if cfg.eval_prompt not in ("llava-rlhf", "short"):
@@ -262,6 +269,11 @@ def main(cfg):
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train:
         raise common.ConfigError("no training pairs left (all were dropped)")
+    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.val_data, cfg.captions]
+    common.start_writing(cfg, d, data_files)
+    if cfg.pairs == "sampled" and d.main:
+        with open(os.path.join(cfg.out, "sampled_pairs.json"), "w") as f:
+            json.dump({"train": train, "val": val, "stats": stats}, f, indent=1)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:

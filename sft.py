@@ -29,6 +29,7 @@ import torch
 
 import common
 import shapes
+from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, pack,
                   read_any_conversations, tokenize_conversation)
 
@@ -81,10 +82,21 @@ class Config:
     skip_bad: bool = False                # skip bad records with a count (default: stop before training)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     report: bool = True                   # Shapes: held-out accuracy per question type after training
     report_n: int = 100                   # questions per type in the report
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)",
+                  neg_ratio="[0, 1]", template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
+                  align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)", lora_alpha="[1, inf)",
+                  lora_dropout="[0, 1)", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", vision_lr_ratio="[0, inf)",
+                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",
+                  max_steps="[1, inf)", eval_every="[0, inf)", eval_batches="[1, inf)", save_every="[1, inf)",
+                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"),
+                  report_n="[1, inf)")
 
 
 def load_records(cfg):
@@ -99,12 +111,13 @@ def load_records(cfg):
         val = read_any_conversations(os.path.join(world, "sft_val.json"), world)
         return train, val, skipped
     train = []
-    for spec in cfg.data.split(","):
-        path, _, weight = spec.partition(":")
+    for path, weight in common.data_specs(cfg.data):
         try:
             w = float(weight) if weight else 1.0
-        except ValueError:
-            raise common.ConfigError(f"--data: weight '{weight}' of {path} is not a number")
+        except ValueError:  # not a weight: the ':' belongs to the path
+            path, w = f"{path}:{weight}", 1.0
+        if not 0 < w < float("inf"):
+            raise common.ConfigError(f"--data: weight '{weight}' of {path} must be a finite number > 0")
         got = read_any_conversations(path, cfg.image_folder or None, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
         skipped += bad
@@ -154,8 +167,7 @@ def main(cfg):
                                                                         if aligning else {}))
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
-    if d.main:
-        common.ensure_writable(cfg.out)
+    common.claim_out(cfg, d, inits=[cfg.init])
     if cfg.data == "shapes" or not (cfg.init or cfg.tokenizer or cfg.resume):  # the world (and its tokenizer)
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     train_records, val_records, skipped = load_records(cfg)
@@ -193,6 +205,9 @@ def main(cfg):
     if len(train) == 0:
         raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} conversations do not fit "
                                  f"--max_len {cfg.max_len}, {len(skipped)} bad records skipped")
+    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else \
+        [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
+    common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:

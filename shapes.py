@@ -11,12 +11,10 @@ named cells: top left, top, top right, left, center, right, bottom left, bottom,
 
     python shapes.py --out data/shapes --seed 0      # writes a world (same seed -> same bytes)
 """
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 
@@ -49,6 +47,11 @@ DEFAULTS = dict(
     exist_turns=2,                                 # existence questions per SFT conversation
     short_vqa=2,                                   # one-word existence answers per VQA conversation (0: none)
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
+# allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
+RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
+              n_test="[1, inf)", n_unlabeled="[1, inf)", cooc="[0, 1]", partner_weight="(0, 100]",
+              heldout_alone="[0, 1]", yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
+              neg_ratio="[0, 1]", n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
@@ -1020,9 +1023,15 @@ def _params(params):
     if unknown:
         raise TypeError(f"unknown world parameters: {sorted(unknown)}")
     p = dict(DEFAULTS, **params)
-    for tr, pa in parse_pairs(p["pairs"]):
-        if tr not in SHAPES or pa not in SHAPES:
-            raise ValueError(f"pairs: unknown shape in {tr}:{pa}")
+    from common import check_value
+    for key, rule in RANGES.items():
+        problem = check_value(key, p[key], rule)
+        if problem:
+            raise ValueError(problem)
+    for pair in parse_pairs(p["pairs"]):
+        if len(pair) != 2 or pair[0] not in SHAPES or pair[1] not in SHAPES:
+            raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes {', '.join(SHAPES)}; "
+                             f"got {':'.join(pair)!r}")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     for key in ("yes_share", "desc_halluc", "cooc", "heldout_alone"):
@@ -1129,21 +1138,50 @@ def cooc_rate(imgs, pairs):
 
 
 def _is_ours(path):
-    return not os.path.exists(path) or not os.listdir(path) or os.path.exists(os.path.join(path, "world.json"))
+    return not os.path.exists(path) or not os.listdir(path) or _fingerprint(path) is not None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _clean_leftovers(out_dir):
+    """The temp folders (OUT.tmpPID, OUT.oldPID) of a write_world whose process is gone (killed mid-write)."""
+    parent, base = os.path.split(out_dir)
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)(\d+)", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            print(f"removed {os.path.join(parent, name)}, left by a world write that did not finish")
 
 
 def write_world(out_dir, seed=0, **params):
-    """Write a world to out_dir (replacing a world already there; refusing any other non-empty
-    directory). Written to a temp dir first and renamed, so a crash never leaves half a world."""
+    """Write a world to out_dir (replacing a world already there; refusing any other non-empty directory,
+    one whose world.json does not read, and one holding files a world does not). Written to a temp dir
+    first and renamed, so a crash never leaves half a world; a killed write's temp dir goes on the next."""
     p = _params(params)
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(out_dir, message="exists and is not a folder: choose another --out")
     if not _is_ours(out_dir):
-        raise DataError(out_dir, message="exists, is not empty and holds no world.json: refusing to overwrite")
+        raise DataError(out_dir, message="is not empty and holds no readable world.json: refusing to replace it "
+                                         "(choose another folder, or empty this one)")
+    _clean_leftovers(out_dir)
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         world = _fill(tmp, seed, p)
+        foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)) - {".lock"}) if os.path.isdir(out_dir) else []
+        if foreign:
+            raise DataError(out_dir, message=f"holds {foreign[0]}, which is not part of a world: refusing to replace "
+                                             "the folder (move it out first)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1162,7 +1200,7 @@ def _fingerprint(path):
     try:
         w = json.load(open(os.path.join(path, "world.json")))
         return w["version"], w["seed"], w["params"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -1181,28 +1219,47 @@ def world_captions(world):
 
 
 def ensure_world(out_dir="data/shapes", seed=0, **params):
-    """The world in out_dir for (seed, params), written on first use and reused after. With no params
-    given, any current-format world of that seed is reused whatever its sizes (e.g. a small test world)."""
-    fp = _fingerprint(out_dir)
-    same = fp is not None and fp[:2] == (FORMAT_VERSION, seed) and (not params or fp[2] == _params(params))
-    if not same or not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+    """The world in out_dir for (seed, params), written on first use (no folder, or an empty one) and reused
+    after. With no params given, any current-format world of that seed is reused whatever its sizes (e.g. a
+    small test world). A stage never rewrites a world: any other folder is a one-line error saying what to do."""
+    if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         write_world(out_dir, seed, **params)
+        return out_dir
+    how = f"pass another --world, or delete {out_dir} and it is written again"
+    if not os.path.isdir(out_dir):
+        raise DataError(out_dir, message="--world is a file, not a folder: pass another --world")
+    try:
+        w = json.load(open(os.path.join(out_dir, "world.json")))
+        version, was_seed, was_params = w["version"], w["seed"], w["params"]
+    except FileNotFoundError:
+        raise DataError(out_dir, message=f"holds no world.json (not a Shapes world): {how}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(os.path.join(out_dir, "world.json"), message=f"cannot be read ({type(e).__name__}), so this "
+                                                                     f"world cannot be checked: {how}") from None
+    if version != FORMAT_VERSION:
+        raise DataError(out_dir, message=f"holds a world of format version {version}; this code reads version "
+                                         f"{FORMAT_VERSION}: {how}")
+    if was_seed != seed:
+        raise DataError(out_dir, message=f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}")
+    if params and was_params != _params(params):
+        differ = sorted(k for k in DEFAULTS if was_params.get(k) != _params(params)[k])
+        raise DataError(out_dir, message=f"holds a world with other parameters ({', '.join(differ)}): {how}")
+    if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+        raise DataError(out_dir, message=f"holds a world without its tokenizer/ folder: {how}")
     return out_dir
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Write a Shapes world (same seed -> byte-identical files).")
-    ap.add_argument("--out", default="data/shapes")
-    ap.add_argument("--seed", type=int, default=0)
-    for k, v in DEFAULTS.items():
-        ap.add_argument(f"--{k}", type=type(v), default=v)
-    args = vars(ap.parse_args())
+def main(argv=None):
+    import dataclasses
+
+    import common
+    fields = [("out", str, "data/shapes"), ("seed", int, 0)] + [(k, type(v), v) for k, v in DEFAULTS.items()]
+    Config = dataclasses.make_dataclass("Config", fields, namespace={  # --KEY for every DEFAULTS key
+        "__doc__": "Write a Shapes world (same seed -> byte-identical files).", "RANGES": dict(RANGES, seed="[0, inf)")})
+    args = dataclasses.asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed = args.pop("out"), args.pop("seed")
-    try:
+    with common.user_errors(DataError, ValueError):  # a user's mistake: one line, exit code 2
         w = write_world(out, seed, **args)
-    except (DataError, ValueError) as e:  # a user's mistake: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
     s = w["stats"]
     print(f"wrote {out} in {s['seconds']}s | images " + " ".join(f"{k} {v}" for k, v in s["images"].items()))
     print(f"P(partner | trigger): train {s['partner_given_trigger']['train']} test {s['partner_given_trigger']['test']}")

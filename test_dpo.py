@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HERE, run_cli, run_script
+from conftest import HERE, merge_flags, run_cli, run_script
 
 import common
 import dpo
@@ -297,17 +297,19 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     with torch.no_grad():
         c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
     assert len(first) == 1 and torch.allclose(table["train"], torch.stack([c, r], 1), atol=1e-4)  # the init's log-probs
-    assert "reusing" in cli(*args(env, out, *full))
-    assert len(os.listdir(out)) == 3  # the cache, checkpoint-000001, metrics.jsonl
+    assert "reusing" in cli(*args(env, out, *full, "--resume", "true", "--max_steps", "2"))  # the same run goes on
+    assert len([f for f in os.listdir(out) if f.startswith("ref_logps-")]) == 1
     recs = json.load(open(env["train"]))
     recs[0]["conversations"][1]["value"] += " Nothing else."
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(recs))
-    assert "computed" in cli(*args(env, out, *full, "--data", changed))
+    os.mkdir(tmp_path / "other")
+    shutil.copy(out / first[0], tmp_path / "other" / first[0])  # another run's cache, keyed by what it was made of
+    assert "computed" in cli(*args(env, tmp_path / "other", *full, "--data", changed))
     weights = os.path.join(env["init"], "model.safetensors")  # a rewritten checkpoint (new mtime): a new cache too
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10 ** 9))
-    assert "computed" in cli(*args(env, out, *full))
-    assert len([f for f in os.listdir(out) if f.startswith("ref_logps-")]) == 3
+    assert "computed" in cli(*args(env, out, *full, "--overwrite", "true"))  # (the old run is moved aside)
+    assert len([f for f in os.listdir(tmp_path / "other") if f.startswith("ref_logps-")]) == 2
 
 
 def _rows(out):
@@ -318,7 +320,7 @@ def _rows(out):
 def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
     root = tmp_path
     stage2 = ["--povid_stage", "2", "--max_steps", "4", "--save_every", "2"]
-    proc = subprocess.Popen([sys.executable, "dpo.py", *args(env, root / "stage2", *stage2)], cwd=HERE,
+    proc = subprocess.Popen([sys.executable, "dpo.py", *merge_flags(args(env, root / "stage2", *stage2))], cwd=HERE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # a real `python dpo.py`; meanwhile the same entry point in-process:
     losses = {"sigmoid": [], "ipo": ["--loss", "ipo"], "cdpo": ["--loss", "cdpo", "--label_smoothing", "0.1"],
@@ -414,6 +416,6 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
                          (["--loss", "cdpo"], "label_smoothing"), (["--train_projector", "true"], "adapters off")):
         code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
-    code, _, err = run_script("dpo.py", args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json")),
+    code, _, err = run_script("dpo.py", merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json"))),
                               env={"OMP_NUM_THREADS": "1"})
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -17,6 +17,7 @@ sys.path.insert(0, HERE)
 
 import common
 import eval as E  # noqa: E402
+from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
 
@@ -44,8 +45,8 @@ def env(tmp_path_factory, tiny_world):
     return {"root": root, "world": tiny_world, "ckpts": ckpts}
 
 
-def run_cli(env, out, *args):
-    return E.cli(["--world", env["world"], "--out", str(out), *FAST, *args])
+def run_cli(env, out, *args):  # (later flags replace earlier ones: conftest.merge_flags)
+    return E.cli(merge_flags(["--world", env["world"], "--out", str(out), *FAST, *args]))
 
 
 def lines(path):
@@ -383,6 +384,6 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            E.cli(["--ckpt", a, "--world", env["world"], "--out", str(tmp_path / "o"), *FAST, *extra])
+            E.cli(merge_flags(["--ckpt", a, "--world", env["world"], "--out", str(tmp_path / "o"), *FAST, *extra]))
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and want in err, (extra, err)

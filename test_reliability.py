@@ -26,7 +26,7 @@ import types
 import pytest
 import torch
 
-from conftest import HERE, assert_same_metrics, run_cli, run_script
+from conftest import HERE, assert_same_metrics, merge_flags, run_cli, run_script
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt", "value": "Yes, there is a circle."}]
@@ -41,7 +41,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 # ----------------------------------------------------------------------------------------
 
 def base_args(script, w, out):
-    """A valid, tiny command line for each script; a case appends what makes it bad (later flags win)."""
+    """A valid, tiny command line for each script; a case appends what makes it bad (later flags replace
+    earlier ones: conftest.merge_flags)."""
+    if script in ("shapes", "pipeline"):
+        return ["--out", str(out)]
     return {
         "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--align_steps", "1",
                 "--report", "false"],
@@ -72,7 +75,7 @@ class T:
     """What a case builds in its own folder: bad data files and broken checkpoints."""
 
     def __init__(self, w, root):
-        self.w, self.root = w, root
+        self.w, self.root, self.keep = w, root, []
 
     def file(self, name, content):
         path = self.root / name
@@ -106,6 +109,51 @@ class T:
         d.mkdir()
         (d / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
         return str(d)
+
+
+def _png_that_does_not_decode(path, size=48):
+    """A PNG whose chunks and checksums are all valid (Image.verify() passes) but whose pixel data ends
+    early: only decoding finds out."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+                + chunk(b"IEND", b""))
+    return str(path)
+
+
+def _held_lock(t, pid="4242"):
+    """Another process's lock on the case's --out (an open file description of our own: flock conflicts)."""
+    import fcntl
+    f = open(t.root / "out" / ".lock", "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.seek(0)
+    f.truncate()
+    f.write(pid)
+    f.flush()
+    t.keep.append(f)  # held until the case ends
+    return []
+
+
+def _world_copy(t, change):
+    """A copy of the tiny world, changed by change(dir), with a file of the user's own in it."""
+    d = t.root / "world"
+    shutil.copytree(t.w.world, d)
+    (d / "my_notes.txt").write_text("mine")
+    change(d)
+    return str(d)
+
+
+def _not_utf8(t, name, good):
+    """A copy of `good` (text) with a byte that is not UTF-8 in the middle (offset len(good) // 2)."""
+    raw = good.encode()
+    path = t.root / name
+    path.write_bytes(raw[:len(raw) // 2] + b"\xff" + raw[len(raw) // 2:])
+    return str(path)
 
 
 def _truncate(d, name="model.safetensors"):
@@ -156,7 +204,7 @@ def _other_vocab_rm(t):
     return str(d)
 
 
-Case = collections.namedtuple("Case", "script name what argv want out_from proc", defaults=("sft", False))
+Case = collections.namedtuple("Case", "script name what argv want out_from proc strict", defaults=("sft", False, False))
 C = Case
 # argv(w, t): flags appended to base_args; want: fragments the one error line must hold (file, record, field).
 BAD_INPUT = [
@@ -201,13 +249,13 @@ BAD_INPUT = [
       lambda w, t: ["--init", t.ckpt("newer", _edit_config(format_version=99))],
       ("newer/config.json", "format_version 99 is newer")),
     C("sft", "resume-other-config", "--resume with a different --lr",
-      lambda w, t: ["--resume", "true", "--batch_size", "8", "--lr", "0.5"],
+      lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--lr", "0.5"],
       ("checkpoint-000003", "--resume with a different config: field 'lr'", "now 0.5")),
     C("sft", "resume-newer-state", "--resume from a trainer state of a newer format",
-      lambda w, t: (_newer_trainer_state(t.root / "out"), ["--resume", "true", "--batch_size", "8"])[1],
+      lambda w, t: (_newer_trainer_state(t.root / "out"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("trainer_state.pt", "format_version 99 is newer")),
     C("sft", "resume-foreign-state", "--resume from a trainer_state.pt that another program wrote",
-      lambda w, t: (_foreign_trainer_state(t.root / "out"), ["--resume", "true", "--batch_size", "8"])[1],
+      lambda w, t: (_foreign_trainer_state(t.root / "out"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("trainer_state.pt", "not a factalign trainer state")),
     # -- reward.py: LLaVA-RLHF human preference files
     C("reward", "preference-range", "preference 3 (must be 1 or 2)",
@@ -227,7 +275,7 @@ BAD_INPUT = [
     C("reward", "flag-bool", "boolean flag given 'maybe'",
       lambda w, t: ["--facts", "maybe"], ("--facts", "expected true or false, got 'maybe'")),
     C("reward", "resume-other-config", "--resume with a different --center_coef",
-      lambda w, t: ["--resume", "true", "--center_coef", "0.5"], ("--resume with a different config: field 'center_coef'",),
+      lambda w, t: ["--resume", "true", "--overwrite", "false", "--center_coef", "0.5"], ("--resume with a different config: field 'center_coef'",),
       out_from="rm"),
     # -- ppo.py: LLaVA-RLHF RL prompts
     C("ppo", "no-captions", "RL prompts without captions while the reward model uses facts (a real process)",
@@ -296,18 +344,218 @@ BAD_INPUT = [
     C("eval", "ckpt-truncated", "--ckpt with a truncated model.safetensors",
       lambda w, t: ["--ckpt", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
     C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
-      lambda w, t: ["--benchmarks", "vqa"], ("--benchmarks", "unknown ['vqa']")),
+      lambda w, t: ["--benchmarks", "vqa"], ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie")),
     C("eval", "flag-type", "float flag given a word",
       lambda w, t: ["--temperature", "hot"], ("--temperature", "expected float, got 'hot'")),
 ]
 
 
+def _flag(script, flag, value, want):
+    """A flag outside its declared range (the script's Config.RANGES): refused before anything runs."""
+    return C(script, f"range-{flag}-{value}", f"--{flag} {value} (outside its range)", lambda w, t: [f"--{flag}", value],
+             (f"--{flag}", *want))
+
+
+def _sft_file(t, name="sft.json", image=None):
+    return t.file(name, [{"id": "a", "image": image or os.path.join(t.w.world, IMG), "conversations": GOOD}])
+
+
+def _bad_answers(t):
+    """eval's answers files for the SFT checkpoint (OUT/sft/answers_pope_SPLIT.jsonl), each with a non-UTF-8 byte."""
+    os.makedirs(t.root / "out" / "sft", exist_ok=True)
+    for split in ("random", "popular", "adversarial"):
+        _not_utf8(t, f"out/sft/answers_pope_{split}.jsonl", json.dumps({"id": "1", "prompt": "Is it?", "answer": "Yes"}))
+    return []
+
+
+GOOD_JSON = json.dumps([{"id": "a", "image": IMG, "conversations": GOOD}])
+RANGE = "must be in [1, inf)"
+BAD_INPUT += [
+    # -- every flag against the range its Config declares (issue 21)
+    *[_flag("sft", f, v, want) for f, v, want in [
+        ("batch_size", "0", ("0", RANGE)), ("grad_accum", "0", ("0", RANGE)), ("lr", "-1", ("-1.0", "(0, inf)")),
+        ("lr", "nan", ("nan", "must be a number in (0, inf)")), ("lr", "inf", ("inf", "must be a finite number")),
+        ("max_steps", "-5", ("-5", RANGE)), ("lora_r", "-1", ("-1", "must be in [0, inf)")),
+        ("log_every", "0", ("0", RANGE)), ("save_every", "0", ("0", RANGE)),
+        ("neg_ratio", "-0.5", ("-0.5", "must be in [0, 1]")), ("dtype", "fp16", ("fp16", "choose fp32 or bf16")),
+        ("device", "gpu", ("gpu", "choose cpu or cuda")), ("lora_targets", "qq", ("'qq' is not one of q, k, v",)),
+        ("model", "huge", ("huge", "choose tiny, shapes")), ("template", "chatml", ("chatml", "choose vicuna_v1")),
+        ("world_seed", "-1", ("-1", "must be in [0, inf)")), ("lora_dropout", "1.0", ("1.0", "must be in [0, 1)"))]],
+    *[_flag("reward", f, v, want) for f, v, want in [
+        ("eval_size", "-1", ("-1", RANGE)), ("batch_size", "0", ("0", RANGE)), ("lora_r", "0", ("0", RANGE)),
+        ("center_coef", "nan", ("nan", "must be a number")), ("pairs", "random", ("random", "choose injected or sampled")),
+        ("eval_prompt", "long", ("long", "choose llava-rlhf or short")), ("max_len", "0", ("0", RANGE))]],
+    *[_flag("ppo", f, v, want) for f, v, want in [
+        ("minibatch_size", "0", ("0", RANGE)), ("ppo_epochs", "0", ("0", RANGE)), ("kl_horizon", "0", ("0", RANGE)),
+        ("max_new_tokens", "0", ("0", RANGE)), ("temperature", "nan", ("nan", "must be a number in (0, inf)")),
+        ("temperature", "0", ("0.0", "must be in (0, inf)")), ("gamma", "1.5", ("1.5", "must be in [0, 1]")),
+        ("export", "zip", ("zip", "choose merged or adapter")), ("kl_estimator", "k2", ("k2", "choose k1 or k3")),
+        ("rollout_batch", "0", ("0", RANGE)), ("value_lr", "-1", ("-1.0", "must be in [0, inf)"))]],
+    *[_flag("dpo", f, v, want) for f, v, want in [
+        ("eval_n", "-1", ("-1", RANGE)), ("beta", "0", ("0.0", "must be in (0, inf)")),
+        ("label_smoothing", "0.7", ("0.7", "must be in [0, 0.5)")), ("noise_t", "1000", ("1000", "must be in [0, 999]")),
+        ("povid_stage", "3", ("3", "must be in [1, 2]")), ("batch_size", "0", ("0", RANGE)),
+        ("noise_on", "blurred", ("blurred", "choose original or resized"))]],
+    *[_flag("vigc", f, v, want) for f, v, want in [
+        ("max_new_tokens", "0", ("0", RANGE)), ("num_beams", "0", ("0", RANGE)), ("vic_mode", "mine", ("mine", "choose")),
+        ("sft_share", "1.0", ("1.0", "must be in [0, 1)")), ("temperature", "-1", ("-1.0", "must be in [0, inf)")),
+        ("gen_batch_size", "0", ("0", RANGE)), ("max_steps", "-1", ("-1", "must be in [0, inf)"))]],
+    *[_flag("eval", f, v, want) for f, v, want in [
+        ("limit", "-1", ("-1", "must be in [0, inf)")), ("temperature", "nan", ("nan", "must be a number")),
+        ("top_p", "0", ("0.0", "must be in (0, 1]")), ("max_new_tokens", "0", ("0", RANGE)),
+        ("judge", "me", ("me", "choose oracle, openai or local")), ("batch_size", "0", ("0", RANGE))]],
+    *[_flag("pipeline", f, v, want) for f, v, want in [
+        ("steps", "-1", ("-1", "must be in [0, inf)")), ("jobs", "0", ("0", RANGE)),
+        ("stages", "rlhf", ("'rlhf' is not one of sft",)), ("model", "huge", ("huge", "choose"))]],
+    *[_flag("shapes", f, v, want) for f, v, want in [
+        ("grid", "0", ("0", "must be in [1, 16]")), ("n_train", "0", ("0", RANGE)),
+        ("vocab_size", "10", ("10", "must be in [512, 65536]")), ("cooc", "2.0", ("2.0", "must be in [0, 1]")),
+        ("partner_weight", "nan", ("nan", "must be a number")), ("pairs", "circle", ("expected TRIGGER:PARTNER", "'circle'"))]],
+    C("shapes", "out-is-file", "--out that is a file", lambda w, t: ["--out", t.file("plain.txt", "x"), "--n_train", "2"],
+      ("plain.txt", "exists and is not a folder")),
+    C("shapes", "out-unreadable-world", "--out whose world.json does not parse (with a file of the user's in it)",
+      lambda w, t: ["--out", _world_copy(t, lambda d: (d / "world.json").write_text("{"))],
+      ("world", "holds no readable world.json: refusing to replace it")),
+    C("sft", "repeated-flag", "a flag given twice (a real process; argparse would keep the last)",
+      lambda w, t: ["--max_steps", "2", "--max_steps", "3"], ("sft.py: --max_steps is given twice",), proc=True, strict=True),
+    C("pipeline", "repeated-flag", "a flag given twice",
+      lambda w, t: ["--steps", "2", "--steps", "3"], ("pipeline.py: --steps is given twice",), strict=True),
+    C("dpo", "repeated-flag", "a flag given twice, the second time as --flag=value",
+      lambda w, t: ["--beta", "0.2", "--beta=0.3"], ("dpo.py: --beta is given twice",), strict=True),
+    # -- --data weights and paths
+    *[C("sft", f"weight-{x}", f"--data FILE:{x}", lambda w, t, x=x: ["--data", _sft_file(t) + ":" + x],
+        ("--data: weight", f"'{x}'", "must be a finite number > 0")) for x in ("0", "-1", "nan", "inf")],
+    C("sft", "path-with-colon", "--data path holding ':' that does not exist (named whole)",
+      lambda w, t: ["--data", str(t.root / "a:b.json")], ("a:b.json", "file not found")),
+    # -- images that pass verify() but do not decode, before any step, naming file, record and field
+    C("sft", "png-no-pixels", "PNG with valid checksums whose pixels do not decode",
+      lambda w, t: ["--data", _sft_file(t, image=_png_that_does_not_decode(t.root / "x.png"))],
+      ("sft.json", "record 0 (id 'a')", "field 'image'", "cannot decode image")),
+    C("reward", "png-no-pixels", "preference pair whose PNG does not decode",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", n=1, captions=["A circle."],
+                                                            image=_png_that_does_not_decode(t.root / "x.png")))],
+      ("prefs.json", "record 0", "field 'image'", "cannot decode image")),
+    C("ppo", "png-no-pixels", "RL prompt whose PNG does not decode",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", image=_png_that_does_not_decode(t.root / "x.png")))],
+      ("rl.json", "record 0", "field 'image'", "cannot decode image")),
+    C("dpo", "png-no-pixels", "POVID pair whose PNG does not decode",
+      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", image=_png_that_does_not_decode(t.root / "x.png")))],
+      ("pairs.json", "record 0", "field 'image'", "cannot decode image")),
+    C("vigc", "png-no-pixels", "--data record whose PNG does not decode",
+      lambda w, t: ["--data", _sft_file(t, "vigc.json", _png_that_does_not_decode(t.root / "x.png"))],
+      ("vigc.json", "record 0", "field 'image'", "cannot decode image")),
+    C("vigc", "images-png-no-pixels", "--images list naming a PNG that does not decode",
+      lambda w, t: ["--generate", "1", "--images", t.file("list.txt", _png_that_does_not_decode(t.root / "x.png") + "\n")],
+      ("list.txt", "record 0", "field 'images'", "cannot decode image")),
+    # -- numbers in records: NaN and Infinity are valid JSON to Python, not to a loss
+    C("ppo", "length-bonus-nan", "length_bonus NaN", lambda w, t: ["--data", t.file("rl.json", t.records(
+        "rl_prompts.json", length_bonus=float("nan")))], ("rl.json", "record 0", "field 'length_bonus'", "finite number, got nan")),
+    C("ppo", "length-bonus-inf", "length_bonus Infinity", lambda w, t: ["--data", t.file("rl.json", t.records(
+        "rl_prompts.json", length_bonus=float("inf")))], ("rl.json", "record 0", "field 'length_bonus'", "finite number, got inf")),
+    C("ppo", "caption-type-nan", "caption_type NaN", lambda w, t: ["--data", t.file("rl.json", t.records(
+        "rl_prompts.json", caption_type=float("nan")))], ("rl.json", "record 0", "field 'caption_type'", "got nan")),
+    C("reward", "preference-nan", "preference NaN", lambda w, t: ["--data", t.file("prefs.json", t.records(
+        "pref_pairs.json", preference=float("nan"), captions=["A circle."]))], ("prefs.json", "record 0", "field 'preference'", "got nan")),
+    C("dpo", "preference-inf", "preference Infinity", lambda w, t: ["--data", t.file("pairs.json", t.records(
+        "pref_pairs.json", preference=float("inf")))], ("pairs.json", "record 0", "field 'preference'", "got inf")),
+    C("eval", "label-nan", "POPE label NaN", lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps(
+        {"question_id": 1, "image": IMG, "text": "Is there a dog?", "label": float("nan")})), "--image_folder", w.world],
+      ("pope.jsonl", "record 0", "field 'label'", "expected a string")),
+    # -- bytes that are not UTF-8: the file and the byte offset
+    C("sft", "not-utf8", "--data file with a byte that is not UTF-8",
+      lambda w, t: ["--data", _not_utf8(t, "sft.json", GOOD_JSON), "--image_folder", w.world],
+      ("sft.json", "not UTF-8 text: byte 0xff at offset", str(len(GOOD_JSON) // 2))),
+    C("reward", "captions-not-utf8", "--captions file with a byte that is not UTF-8",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json")),
+                    "--captions", _not_utf8(t, "caps.json", json.dumps({IMG: ["A circle."]}))], ("caps.json", "not UTF-8 text")),
+    C("ppo", "not-utf8", "RL prompt file with a byte that is not UTF-8",
+      lambda w, t: ["--data", _not_utf8(t, "rl.json", json.dumps(t.records("rl_prompts.json")))], ("rl.json", "not UTF-8 text")),
+    C("dpo", "not-utf8", "pair file with a byte that is not UTF-8",
+      lambda w, t: ["--data", _not_utf8(t, "pairs.json", json.dumps(t.records("povid_pairs.json")))], ("pairs.json", "not UTF-8 text")),
+    C("vigc", "images-not-utf8", "--images list with a byte that is not UTF-8",
+      lambda w, t: ["--generate", "1", "--images", _not_utf8(t, "list.txt", os.path.join(w.world, IMG) + "\n")],
+      ("list.txt", "not UTF-8 text")),
+    C("vigc", "data-not-utf8", "--data file with a byte that is not UTF-8",
+      lambda w, t: ["--data", _not_utf8(t, "vigc.json", GOOD_JSON), "--image_folder", w.world], ("vigc.json", "not UTF-8 text")),
+    C("eval", "pope-not-utf8", "POPE file with a byte that is not UTF-8",
+      lambda w, t: ["--pope_files", _not_utf8(t, "pope.jsonl", json.dumps({"question_id": 1, "image": IMG, "text": "Is it?",
+                                                                           "label": "yes"})), "--image_folder", w.world],
+      ("pope.jsonl", "not UTF-8 text")),
+    C("eval", "llava-answers-not-utf8", "--rescore --llava_answers file with a byte that is not UTF-8",
+      lambda w, t: ["--rescore", "true", "--llava_answers", _not_utf8(t, "answers.jsonl", json.dumps(
+          {"question_id": 1, "prompt": "Is it?", "text": "Yes"}))], ("answers.jsonl", "not UTF-8 text")),
+    C("eval", "answers-not-utf8", "an answers file already in --out with a byte that is not UTF-8",
+      lambda w, t: _bad_answers(t), ("answers_pope_", "not UTF-8 text")),
+    C("eval", "rescore-nothing", "--rescore true with no answers on disk (would score F1 0)",
+      lambda w, t: ["--rescore", "true"], ("answers_pope_", "--rescore: none of the", "has an answer here")),
+    # -- run directories: never replaced by accident, one writer at a time, resume only what is there
+    C("sft", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
+      lambda w, t: ["--overwrite", "false"], ("out", "holds a run (checkpoint-", "--resume true", "--overwrite true")),
+    C("reward", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
+      lambda w, t: ["--overwrite", "false"], ("holds a run", "--resume true"), out_from="rm"),
+    C("ppo", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
+      lambda w, t: ["--overwrite", "false"], ("holds a run",)),
+    C("dpo", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
+      lambda w, t: ["--overwrite", "false"], ("holds a run",)),
+    C("vigc", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
+      lambda w, t: ["--overwrite", "false"], ("holds a run",)),
+    C("sft", "resume-and-overwrite", "--resume true and --overwrite true together",
+      lambda w, t: ["--resume", "true"], ("--resume true and --overwrite true: choose one",)),
+    C("sft", "resume-nothing", "--resume true on an empty --out",
+      lambda w, t: ["--out", str(t.root / "fresh"), "--resume", "true", "--overwrite", "false"],
+      ("fresh", "--resume true, but there is no checkpoint to resume from")),
+    C("dpo", "resume-nothing", "--resume true on an empty --out",
+      lambda w, t: ["--out", str(t.root / "fresh"), "--resume", "true", "--overwrite", "false"],
+      ("fresh", "no checkpoint to resume from")),
+    C("sft", "second-writer", "another process holds --out's lock",
+      lambda w, t: _held_lock(t), ("out", "another process (pid 4242) is writing there")),
+    C("ppo", "second-writer", "another process holds --out's lock",
+      lambda w, t: _held_lock(t, "777"), ("another process (pid 777) is writing there",)),
+    C("eval", "second-writer", "another eval holds --out's lock",
+      lambda w, t: _held_lock(t, "778"), ("another process (pid 778) is writing there",)),
+    C("sft", "resume-other-data", "--resume when a data file changed since the run started",
+      lambda w, t: (t.file("out/run.json", {"data": {os.path.join(w.world, "world.json"): "0" * 64}}),
+                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+      ("world.json", "--resume on other data", "changed since the run started")),
+    C("sft", "resume-run-json", "--resume with an unreadable run.json",
+      lambda w, t: (t.file("out/run.json", "{"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+      ("run.json", "cannot read")),
+    C("sft", "overwrite-own-init", "--overwrite true with --init inside --out (it would move its own start away)",
+      lambda w, t: ["--init", str(t.root / "out")], ("lies inside --out", "--overwrite true moves aside")),
+    # -- worlds: a stage never rewrites one
+    C("sft", "world-other-seed", "--world_seed 1 against the seed-0 world",
+      lambda w, t: ["--world_seed", "1"], ("holds the world of seed 0, not --world_seed 1", "pass another --world")),
+    C("dpo", "world-other-seed", "--world_seed 2 against the seed-0 world",
+      lambda w, t: ["--world_seed", "2"], ("holds the world of seed 0, not --world_seed 2",)),
+    C("sft", "world-json-unreadable", "a world whose world.json does not parse (a file of the user's in it)",
+      lambda w, t: ["--world", _world_copy(t, lambda d: (d / "world.json").write_text("{"))],
+      ("world/world.json", "cannot be read", "delete")),
+    C("sft", "world-not-a-world", "--world a folder of the user's (no world.json)",
+      lambda w, t: ["--world", os.path.dirname((os.makedirs(t.root / "mine"), t.file("mine/notes.txt", "mine"))[1])], ("mine", "holds no world.json")),
+    C("sft", "world-old-version", "a world of another format version",
+      lambda w, t: ["--world", _world_copy(t, lambda d: (d / "world.json").write_text(json.dumps(
+          dict(json.load(open(d / "world.json")), version=1))))], ("world", "format version 1")),
+    C("sft", "world-no-tokenizer", "a world without its tokenizer",
+      lambda w, t: ["--world", _world_copy(t, lambda d: shutil.rmtree(d / "tokenizer"))], ("world", "without its tokenizer")),
+    C("sft", "world-is-file", "--world that is a file", lambda w, t: ["--world", t.file("w.txt", "x")],
+      ("w.txt", "--world is a file")),
+    # -- checkpoints whose config cannot work
+    C("sft", "init-kv-heads-0", "--init whose config says kv_heads 0",
+      lambda w, t: ["--init", t.ckpt("kv0", _edit_model(kv_heads=0))], ("kv0", "field 'kv_heads'", "positive integer")),
+    C("eval", "ckpt-eos-beyond-vocab", "--ckpt whose eos_token_id is beyond the embedding",
+      lambda w, t: ["--ckpt", t.ckpt("eos", _edit_model(eos_token_id=99999))], ("eos", "field 'eos_token_id'", "beyond")),
+]
+
+
 def tree_hashes(*roots):
-    """{path: sha256} of every file under the given folders (what must not change)."""
+    """{path: sha256} of every file under the given folders (what must not change); a run directory's .lock
+    is left out (it holds the pid of the last process that wrote there, by design)."""
     out = {}
     for root in roots:
         for dirpath, _, names in os.walk(root):
             for n in names:
+                if n == ".lock":
+                    continue
                 p = os.path.join(dirpath, n)
                 with open(p, "rb") as f:
                     out[p] = hashlib.sha256(f.read()).hexdigest()
@@ -318,12 +566,19 @@ def tree_hashes(*roots):
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     out = tmp_path / "out"  # --out holds a finished run already: a failed run must leave it exactly as it was
     shutil.copytree(w.rm if case.out_from == "rm" else w.sft, out)
-    argv = base_args(case.script, w, out) + case.argv(w, T(w, tmp_path))
+    t = T(w, tmp_path)
+    overwrite = ["--overwrite", "true"] if case.script in ("sft", "reward", "ppo", "dpo", "vigc") else []
+    argv = base_args(case.script, w, out) + overwrite + case.argv(w, t)  # (a failed run moves nothing aside)
+    argv = argv if case.strict else merge_flags(argv)  # (strict: the repeated flags are the case)
     before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
     if case.proc:
         code, _, err = run_script(f"{case.script}.py", argv, env={"OMP_NUM_THREADS": "1"})
+    elif case.script == "shapes":  # (no Config at module level: its main parses argv itself)
+        code, _, err = run_main(shapes_main, argv)
     else:
-        code, _, err = run_cli(case.script, argv)
+        code, _, err = run_cli(case.script, argv, strict=True)
+    for f in t.keep:
+        f.close()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for want in case.want:
@@ -331,9 +586,106 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     assert tree_hashes(tmp_path, w.sft, w.rm, w.world) == before
 
 
+def run_main(main, argv):
+    """(exit code, stdout, stderr) of main(argv) in this process."""
+    import contextlib
+    import io
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def shapes_main(argv):
+    import shapes
+    shapes.main(argv)
+
+
 def test_the_matrix_covers_every_script():
-    assert len(BAD_INPUT) >= 25 and {c.script for c in BAD_INPUT} == {"sft", "reward", "ppo", "dpo", "vigc", "eval"}
+    assert len(BAD_INPUT) >= 100
+    assert {c.script for c in BAD_INPUT} == {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline"}
     assert len({(c.script, c.name) for c in BAD_INPUT}) == len(BAD_INPUT)
+
+
+def test_every_number_flag_declares_its_range():
+    """Every int/float field (and tuple of them) of every script's Config has a rule in RANGES, and every rule
+    names a field; the rules parse (shapes.py: every DEFAULTS key but the pairs string)."""
+    import dataclasses
+    import importlib
+    import common
+    import shapes
+    for name in ("sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline", "lab", "bench"):
+        cfg = importlib.import_module(name).Config()
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        numbers = [k for k, v in fields.items() if not isinstance(v, (bool, str)) and
+                   all(isinstance(x, (int, float)) for x in (v if isinstance(v, tuple) and v else [v]))]
+        assert not [k for k in numbers if k not in cfg.RANGES], name
+        assert set(cfg.RANGES) <= set(fields), name
+        common.check_ranges(cfg)  # the defaults are in range
+    assert set(shapes.RANGES) == set(shapes.DEFAULTS) - {"pairs"}
+    shapes._params({})
+
+
+def test_range_rules():
+    import common
+    assert common.check_value("x", 0.5, "[0, 1]") is None and common.check_value("x", 1, "[0, 1)") == "--x 1: must be in [0, 1)"
+    assert common.check_value("x", float("inf"), "[0, inf]") is None
+    assert "finite" in common.check_value("x", float("inf"), "[0, inf)")
+    assert "must be a number" in common.check_value("x", float("nan"), "(-inf, inf)")
+    assert common.check_value("x", ("a", "b"), ("a", "b", "c")) is None and common.check_value("x", None, "[1, 2]") is None
+    assert common.check_value("d", "gpu", ("cpu", "cuda")) == "--d gpu: choose cpu or cuda"
+
+
+def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
+    """--overwrite true: the finished run in --out is renamed (one step) to OUT.replaced-*, byte for byte, and
+    a new run starts in --out; without a flag the same command line is refused (the matrix's run-exists)."""
+    out = tmp_path / "out"
+    shutil.copytree(w.sft, out)
+    before = {os.path.relpath(p, out): h for p, h in tree_hashes(out).items()}
+    code, _, err = run_cli("sft", base_args("sft", w, out))
+    assert code == 2 and "holds a run" in err
+    code, stdout, err = run_cli("sft", base_args("sft", w, out) + ["--overwrite", "true"])
+    assert code == 0, err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
+    assert len(aside) == 1 and f"is now {aside[0]}" in stdout
+    assert {os.path.relpath(p, aside[0]): h for p, h in tree_hashes(aside[0]).items()} == before
+    assert os.path.exists(out / "checkpoint-000001" / "config.json") and not os.path.exists(out / "checkpoint-000003")
+    assert [r["step"] for r in metric_rows(out)] == [1, 1]  # this run's lines only (loss, then val_loss)
+    assert json.load(open(out / "run.json"))["data"] == {os.path.join(w.world, "world.json"): hashlib.sha256(
+        open(os.path.join(w.world, "world.json"), "rb").read()).hexdigest()}
+
+
+def test_lock_is_released_and_names_its_holder(w, tmp_path):
+    """The lock lives as long as the run: after a run (ok or failed) in this process the next one gets it; while a
+    process holds it, its pid is in OUT/.lock."""
+    import common
+    out = tmp_path / "out"
+    code, _, err = run_cli("sft", base_args("sft", w, out) + ["--data", str(tmp_path / "none.json")])
+    assert code == 2 and "file not found" in err and not common._locks  # failed after taking it: released
+    common.lock_out(str(out))
+    assert open(out / ".lock").read().strip() == str(os.getpid())
+    common.release_locks()
+    code, _, err = run_cli("sft", base_args("sft", w, out))
+    assert code == 0 and not common._locks, err
+
+
+def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
+    """shapes.py killed mid-write leaves OUT.tmpPID; the next write removes it (its process is gone), not
+    another live writer's."""
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    leftover, live = tmp_path / f"w.tmp{dead.pid}", tmp_path / f"w.tmp{os.getppid()}"  # (our parent: alive)
+    for d in (leftover, live):
+        d.mkdir()
+        (d / "half.png").write_bytes(b"x")
+    code, stdout, err = run_main(shapes_main, ["--out", str(tmp_path / "w"), "--n_train", "4", "--n_val", "2", "--n_test",
+                                               "2", "--n_unlabeled", "2", "--n_pref", "4", "--n_povid", "4", "--n_rl", "4"])
+    assert code == 0, err
+    assert not leftover.exists() and f"removed {leftover}" in stdout
+    assert os.path.exists(tmp_path / "w" / "world.json") and live.exists()
 
 
 def test_checkpoints_carry_format_version_and_run_config(w):
@@ -371,7 +723,20 @@ def reliability_md():
         "  (exit 2; that checkpoint loads and resumes), or skips the update with `--skip_nonfinite true`",
         "  (sft, reward, ppo, dpo, vigc). Tests inject the fault with `FACTALIGN_FAULT_STEP=N` (common.py).",
         "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run config; a newer or",
-        "  foreign format is refused in one line.", "",
+        "  foreign format is refused in one line.",
+        "- **ranges**: every flag of every script (shapes.py and pipeline.py included) is checked against the rule",
+        "  its Config declares in `RANGES` (an interval such as `[1, inf)`, or the allowed choices); floats must be",
+        "  finite; a flag given twice is an error. Numbers in records (`length_bonus`, `preference`, `caption_type`)",
+        "  must be finite, and a file that is not UTF-8 is named with the byte offset.",
+        "- **run directories**: a stage refuses an `--out` that holds a run unless `--resume true` (which needs a",
+        "  checkpoint, and the data files the run started on: their sha256 is in `OUT/run.json`) or `--overwrite",
+        "  true` (the old run is renamed to `OUT.replaced-*` in one step once the inputs are checked, and kept). A",
+        "  process writing to `--out` holds a flock on `OUT/.lock`, which holds its pid; a second writer is refused.",
+        "- **worlds**: a stage never rewrites a Shapes world; another seed, parameters or format version, or a",
+        "  `world.json` that does not read, is one line naming the folder. shapes.py refuses to replace a folder",
+        "  holding files a world does not have, and removes the temp folder of a write that was killed.",
+        "- **images** are decoded (not only verified) before the first step by every stage that reads image files",
+        "  given by the user (`--data`, `--images`).", "",
         f"## Bad-input cases ({len(BAD_INPUT)})", "",
         "| script | case | the error line contains |", "|---|---|---|", *rows, ""])
 
@@ -397,7 +762,7 @@ def kill_mid_run(script, argv, out, during_write):
     checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once checkpoint-2
     is complete, in the middle of step 3. Returns whether a checkpoint write was caught."""
     log = open(f"{out}.stderr", "w+")  # a file, not a pipe: a full pipe would stall the run
-    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *argv], cwd=HERE, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *merge_flags(argv)], cwd=HERE, stdout=subprocess.DEVNULL,
                             stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
     caught, deadline = False, time.time() + 240
     while proc.poll() is None and time.time() < deadline:
@@ -507,7 +872,7 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
     code, stdout, err = run_cli(script, argv + ["--out", one])
     assert code == 0 and "1 process(es)" in stdout, err
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        os.path.join(HERE, f"{script}.py"), *argv, "--out", two], capture_output=True, text=True,
+                        os.path.join(HERE, f"{script}.py"), *merge_flags(argv), "--out", two], capture_output=True, text=True,
                        timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
     compared = assert_same_metrics(metric_rows(one), metric_rows(two), keys, min_rows=2)

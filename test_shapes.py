@@ -431,7 +431,16 @@ def test_ensure_world(tmp_path):
     t = os.path.getmtime(os.path.join(d, "annotations.json"))
     shapes.ensure_world(d, seed=0, **tiny)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t  # reused
-    shapes.ensure_world(d, seed=0, **dict(tiny, n_train=7))
+    with pytest.raises(DataError, match="holds a world with other parameters \\(n_train\\)"):  # never rewritten
+        shapes.ensure_world(d, seed=0, **dict(tiny, n_train=7))
+    with pytest.raises(DataError, match="holds the world of seed 0, not --world_seed 1"):
+        shapes.ensure_world(d, seed=1)
+    assert os.path.getmtime(os.path.join(d, "annotations.json")) == t
+    shapes.write_world(d, seed=0, **dict(tiny, n_train=7))  # shapes.py itself replaces a world
+    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7 and not [f for f in os.listdir(tmp_path) if f != "w"]
+    open(os.path.join(d, "my_notes.txt"), "w").write("mine")  # a file a world does not have: not replaced
+    with pytest.raises(DataError, match="holds my_notes.txt, which is not part of a world"):
+        shapes.write_world(d, seed=0, **tiny)
     assert len(os.listdir(os.path.join(d, "images", "train"))) == 7 and not [f for f in os.listdir(tmp_path) if f != "w"]
     other = tmp_path / "mine"
     other.mkdir()

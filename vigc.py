@@ -53,7 +53,9 @@ import torch
 
 import common
 import shapes
-from data import IGNORE, DataError, ImageCache, collate, load_json, normalize, read_any_conversations, tokenize_conversation
+from model import PRESETS
+from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, read_any_conversations,
+                  read_text, tokenize_conversation)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Config:
     dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU)
     skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False                  # continue from the newest checkpoint in --out
+    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     generate: int = 200                   # images to generate instruction data for (0: none)
@@ -103,6 +106,16 @@ class Config:
     last_infer_all: bool = False          # VIGC option: keep the whole generation at the last step, not one sentence
     max_new_tokens: int = 96              # new tokens per generation call
     gen_batch_size: int = 32              # prompts per generation batch
+    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
+    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
+                  max_len="[1, inf)", sft_share="[0, 1)", lora_r="[0, inf)", lora_alpha="[1, inf)",
+                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", min_lr_ratio="[0, 1]",
+                  warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", max_steps="[0, inf)",
+                  save_every="[1, inf)", log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
+                  dtype=("fp32", "bf16"), generate="[0, inf)", gen_types=("conv", "desc", "comp"),
+                  temperature="[0, inf)", vic_temperature="[0, inf)", max_correction_steps="[1, inf)",
+                  vic_mode=("ours", "reference"), answer_length="[1, inf)", num_beams="[1, inf)",
+                  max_new_tokens="[1, inf)", gen_batch_size="[1, inf)")
 
 
 TYPES = {"conv": "conversation", "desc": "detailed description", "comp": "complex reasoning"}
@@ -184,8 +197,7 @@ def load_records(cfg):
         qmap = info["qtype_to_type"]
     else:
         specs, instr, tok_dir, qmap = [], INSTRUCTIONS, "", shapes.VIGC_TYPE
-        for spec in cfg.data.split(","):
-            path, _, t = spec.partition(":")
+        for path, t in common.data_specs(cfg.data):
             if t and t not in TYPES:
                 raise common.ConfigError(f"--data: type '{t}' of {path} is not one of {', '.join(TYPES)}")
             specs.append((path, TYPES.get(t)))
@@ -193,6 +205,8 @@ def load_records(cfg):
     for path, kind in specs:
         raw = load_json(path)
         recs = read_any_conversations(path, world if cfg.data == "shapes" else cfg.image_folder or None)
+        if cfg.data != "shapes":  # every image decodes, before any step
+            check_images(recs, path)
         for j, r in enumerate(recs):
             qtypes = raw[j].get("qtypes") if isinstance(raw, list) and len(raw) == len(recs) else None
             conv = r["conversations"]
@@ -309,7 +323,7 @@ def image_list(cfg):
         paths = [os.path.join(cfg.images, n) for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
     elif os.path.isfile(cfg.images):
         folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
-        paths = [os.path.join(folder, ln.strip()) for ln in open(cfg.images) if ln.strip()]
+        paths = [os.path.join(folder, ln.strip()) for ln in read_text(cfg.images).splitlines() if ln.strip()]
     else:
         raise common.ConfigError(f"--images '{cfg.images}': not a folder or a file list (needed with --data FILE)")
     return [(os.path.abspath(p), p) for p in paths]
@@ -402,17 +416,15 @@ def main(cfg):
     common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
-    if d.main:
-        common.ensure_writable(cfg.out)
+    common.claim_out(cfg, d, inits=[cfg.init])
     if cfg.data == "shapes":
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     records, instructions, tok_dir = load_records(cfg)
-    bad = [t for t in cfg.gen_types if t not in TYPES]
-    if bad:
-        raise common.ConfigError(f"--gen_types: '{bad[0]}' is not one of {', '.join(TYPES)}")
     imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
+    if cfg.images and imgs:  # every image a user lists decodes, before any step
+        check_images([{"id": name, "image": path} for name, path in imgs], cfg.images, field="images")
     # generation flags do not change the trained weights: free to change on --resume
     train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
@@ -435,6 +447,9 @@ def main(cfg):
     train = build_examples(records, instructions, cfg)
     if len(train) == 0:
         raise common.ConfigError("no training examples (no record has an image and a question/answer pair)")
+    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else \
+        [p for p, _ in common.data_specs(cfg.data)] + ([cfg.images] if os.path.isfile(cfg.images) else [])
+    common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
