@@ -68,9 +68,9 @@ class Config:
     vision_lr_ratio: float = 0.1          # vision tower + projector lr = this x lr (at 1.0 Shapes features blow up and the LM ignores the image)
     min_lr_ratio: float = 0.1             # final learning rate / peak
     warmup: int = 50                      # linear warmup steps
-    weight_decay: float = 0.0             # AdamW weight decay on matrices
+    weight_decay: float = 0.1             # AdamW weight decay on matrices (Shapes: 0.1 helps stage 2 find existence)
     grad_clip: float = 1.0                # gradient norm clip (0: off)
-    max_steps: int = 2000                 # optimizer steps (alignment + instruction tuning)
+    max_steps: int = 3000                 # optimizer steps (alignment + instruction tuning; Shapes: 1000 + 2000)
     eval_every: int = 500                 # validation loss every N steps (0: only at the end)
     eval_batches: int = 4                 # validation batches per evaluation
     save_every: int = 500                 # checkpoint every N steps (and at the end)

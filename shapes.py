@@ -45,12 +45,13 @@ DEFAULTS = dict(
     yes_share=0.9,                                 # flaw: P(yes) of SFT existence questions, every shape
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=2,                                 # existence questions per SFT conversation
-    short_vqa=2,                                   # one-word existence answers per VQA conversation (0: none)
+    short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
 RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
               n_test="[1, inf)", n_unlabeled="[1, inf)", cooc="[0, 1]", partner_weight="(0, 100]",
               heldout_alone="[0, 1]", yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
+              short_vqa="[0, 6]",
               neg_ratio="[0, 1]", n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",

@@ -125,15 +125,17 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
 
 
 def test_short_vqa_conversations(flaw_worlds, tmp_path):
-    """LLaVA-1.5's academic-VQA stand-in: per image one conversation of one-word answers, short_vqa
-    existence questions (true, at the same yes share) plus a count and a colour question."""
-    sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
-    objs = shapes.load_world(str(flaw_worlds / "flawed"))["by_file"]
+    """LLaVA-1.5's academic-VQA stand-in (off by default): per image one conversation of one-word
+    answers, short_vqa existence questions (true, at the same yes share) plus a count and a colour."""
+    assert not any(r["id"].endswith("_vqa") for r in json.load(open(flaw_worlds / "flawed" / "sft.json")))
+    shapes.write_world(str(tmp_path / "w"), seed=0, short_vqa=2, **FLAW_WORLD)
+    sft = json.load(open(tmp_path / "w" / "sft.json"))
+    objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
     vqa = [r for r in sft if r["id"].endswith("_vqa")]
     assert len(vqa) == FLAW_WORLD["n_train"] == len(sft) - len(vqa)
     for r in vqa:
         c = r["conversations"]
-        assert r["qtypes"].count("yesno") == shapes.DEFAULTS["short_vqa"] and "count" in r["qtypes"]
+        assert r["qtypes"].count("yesno") == 2 and "count" in r["qtypes"]
         assert all(q["value"].endswith(shapes.SHORT_ANSWER) for q in c[::2])
         assert all(len(ans["value"].split()) == 1 for ans in c[1::2])
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
@@ -144,8 +146,9 @@ def test_short_vqa_conversations(flaw_worlds, tmp_path):
                 assert ans["value"] == ("Yes" if shape in names else "No")
             if qt == "count":
                 assert ans["value"] == str(names.count(shape))
-    shapes.write_world(str(tmp_path / "w"), seed=0, short_vqa=0, **SMALL)
-    assert not any(r["id"].endswith("_vqa") for r in json.load(open(tmp_path / "w" / "sft.json")))
+    yes = [ans["value"] == "Yes" for r in vqa for qt, ans in zip(r["qtypes"], r["conversations"][1::2])
+           if qt == "yesno"]
+    assert abs(np.mean(yes) - shapes.DEFAULTS["yes_share"]) < 0.03  # the same flaw
 
 
 def test_flaw_hallucinated_descriptions(flaw_worlds):
