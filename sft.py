@@ -5,7 +5,7 @@ robust instruction tuning with negative instructions (arXiv 2306.14565).
     python sft.py --lrv true --neg_ratio 0.5        # LRV: half of the extra instructions are negative
     python sft.py --blank_images true --out ckpt/sft_blank   # control: can it answer without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
-        --image_folder coco/ --lora_r 64 --lr 2e-4 --max_len 2048 --device cuda --dtype bf16
+        --image_folder coco/ --lora_r 64 --lr 2e-4 --weight_decay 0 --max_len 2048 --device cuda --dtype bf16
 
 LLaVA's two stages (arXiv 2304.08485, Sec. 4.2): stage 1, feature alignment, learns image -> caption
 in the 'plain' template ("<image>{caption}\n": no system prompt, no question); stage 2 tunes on
@@ -15,7 +15,9 @@ instruction conversations with fresh optimizer moments. Real models run them as 
 align on the world's align.json (per image a description in reading order and an inventory in
 shape order, ~50 tokens each). Measured on 2 cores: instruction tuning alone for the same time
 learns to read colours but not shapes (descriptions right 0.02, counts 0.53); stage 1 teaches
-shapes in ~1000 cheap steps, and the inventory teaches the search that counting needs.
+shapes in ~1000 cheap steps, and the inventory teaches the search that counting needs. Answering
+"Is there a circle?" from the image comes late in stage 2 and suddenly: after 1000 instruction steps
+POPE accuracy is chance, after 2000 with weight decay 0.1 it is 0.91 (flaws off; README).
 
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
