@@ -120,7 +120,9 @@ class Config:
                   train_modes=("lora", "full"), gen_batches="[1, inf)", new_tokens="[1, inf)", prompt_text="[1, inf)",
                   dpo_pairs="[1, inf)", ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)", roles_model=("tiny", "shapes",
                   "bench", "llava-7b", "llava-13b"), warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)",
-                  copy_mib="[0, inf)", hf_load=("auto", "export", "copy"), seed="[0, inf)")
+                  copy_mib="[0, inf)", hf_load=("auto", "export", "copy"), seed="[0, inf)",
+                  rollout_model=("", "tiny", "shapes", "bench", "llava-7b", "llava-13b"), rollout_batch="[1, inf)",
+                  rollout_new_tokens="[1, inf)")
 
 
 QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,
