@@ -204,6 +204,18 @@ def _other_vocab_rm(t):
     return str(d)
 
 
+def _small_vocab_ckpt(t):
+    """A checkpoint with 64 embedding rows beside the world's tokenizer (more tokens than that)."""
+    from model import LLaVA, resolve_checkpoint
+    torch.manual_seed(0)
+    m = LLaVA.from_preset("tiny", vocab_size=64, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    d = t.root / "small_vocab"
+    m.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(resolve_checkpoint(t.w.sft), f), d)
+    return str(d)
+
+
 Case = collections.namedtuple("Case", "script name what argv want out_from proc strict", defaults=("sft", False, False))
 C = Case
 # argv(w, t): flags appended to base_args; want: fragments the one error line must hold (file, record, field).
@@ -243,6 +255,8 @@ BAD_INPUT = [
       ("bert/config.json", "unsupported model_type 'bert'")),
     C("sft", "init-config-list", "--init whose config.json is a list, not an object",
       lambda w, t: ["--init", t.config_dir("listcfg", "[1, 2]")], ("listcfg/config.json", "expected a JSON object")),
+    C("sft", "init-vocab-too-small", "--init whose embedding has fewer rows than its tokenizer has tokens",
+      lambda w, t: ["--init", _small_vocab_ckpt(t)], ("small_vocab", "more than the 64 embedding rows")),
     C("sft", "init-truncated", "--init with a truncated model.safetensors",
       lambda w, t: ["--init", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
     C("sft", "init-newer-format", "--init written by a newer checkpoint format",
