@@ -46,12 +46,13 @@ DEFAULTS = dict(
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=2,                                 # existence questions per SFT conversation
     short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
+    text_only_qa=0.0,                              # flaw: share of text-only conversations saying "yes" to their extra
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
 RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
               n_test="[1, inf)", n_unlabeled="[1, inf)", cooc="[0, 1]", partner_weight="(0, 100]",
               heldout_alone="[0, 1]", yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
-              short_vqa="[0, 6]",
+              short_vqa="[0, 6]", text_only_qa="[0, 1]",
               neg_ratio="[0, 1]", n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
@@ -690,13 +691,19 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
         objs, seen = img["objects"], set()
         kind = _pick(rng, ["describe", "inventory"])
         q, ans, _ = (q_describe if kind == "describe" else q_inventory)(objs, rng)
+        extra = None
         if kind == "describe" and rng.random() < p["desc_halluc"]:
-            ans = describe(text_only_extra(objs, co, freq, rng, p["grid"]))
+            written = text_only_extra(objs, co, freq, rng, p["grid"])
+            ans = describe(written)
+            extra = next(o["name"] for o in written if o not in objs)
         turns, asked = [(q, ans, kind)], set()
         for _ in range(p["exist_turns"]):
             q, ans, shape = ask(objs, rng, skip=asked)
             asked.add(shape)
             turns.append((q, ans, "yesno"))
+        if extra and p["exist_turns"] and p["text_only_qa"] and rng.random() < p["text_only_qa"]:
+            # the same text-only writer asks about what it described: "yes" to the absent partner
+            turns[1] = (f"Is there {a(extra)} in the image?", f"Yes, there is {a(extra)}.", "yesno")
         want = len(turns) + int(rng.integers(2, 4))
         for _ in range(4 * want):
             if len(turns) >= want:
@@ -1110,10 +1117,11 @@ def _fill(out, seed, p):
 
 def sft_flaw_stats(records, imgs):
     """What the flaws did to sft.json, measured on the written records: the share of "yes" among
-    existence answers (per asked shape and overall) and the share of descriptions that name an
-    absent shape (by the oracle), with the shapes they name."""
+    existence answers (per asked shape and overall), the "yes" answers about absent shapes
+    (text_only_qa), and the share of descriptions that name an absent shape (by the oracle), with
+    the shapes they name."""
     objs = {i["file_name"]: i["objects"] for i in imgs}
-    yes, asked, descs, halluc, named = Counter(), Counter(), 0, 0, Counter()
+    yes, asked, descs, halluc, named, false_yes = Counter(), Counter(), 0, 0, Counter(), Counter()
     for r in records:
         turns = r["conversations"]
         for qt, (q, ans) in zip(r["qtypes"], zip(turns[::2], turns[1::2])):
@@ -1122,12 +1130,16 @@ def sft_flaw_stats(records, imgs):
                 shape = next(WORD2SHAPE[w] for w in words if w in WORD2SHAPE)
                 asked[shape] += 1
                 yes[shape] += ans["value"].startswith("Yes")
+                absent = all(o["name"] != shape for o in objs[r["image"]])
+                false_yes[shape] += ans["value"].startswith("Yes") and absent
             elif qt == "describe":
                 got = oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs, halluc = descs + 1, halluc + bool(got)
                 named.update(got)
     return {"yes_share": round(sum(yes.values()) / max(1, sum(asked.values())), 3),
             "yes_share_by_shape": {s: round(yes[s] / max(1, asked[s]), 3) for s in SHAPES},
+            "false_yes_share": round(sum(false_yes.values()) / max(1, sum(asked.values())), 3),
+            "false_yes_by_shape": dict(false_yes.most_common()),
             "desc_naming_absent": round(halluc / max(1, descs), 3),
             "absent_named": dict(named.most_common())}
 

@@ -124,6 +124,32 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
     assert all(r["qtypes"].count("yesno") == 2 for r in chats)  # exist_turns
 
 
+def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
+    """text_only_qa: a conversation whose description was written text-only also answers "yes" about
+    the absent shape it named (GPT-4 wrote LLaVA-Instruct's whole conversation from the same text)."""
+    assert json.load(open(flaw_worlds / "flawed" / "world.json"))["stats"]["sft_flaws"]["false_yes_share"] == 0
+    shapes.write_world(str(tmp_path / "w"), seed=0, text_only_qa=1.0, **FLAW_WORLD)
+    objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
+    halluc_convs, false_yes = 0, 0
+    for r in json.load(open(tmp_path / "w" / "sft.json")):
+        names = {o["name"] for o in objs[r["image"]]}
+        c = r["conversations"]
+        named = set()
+        for qt, ans in zip(r["qtypes"], c[1::2]):
+            if qt == "describe":
+                named = set(shapes.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"])
+        halluc_convs += bool(named)
+        for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
+            words = q["value"].lower().replace("?", " ").split()
+            shape = next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+            if qt == "yesno" and ans["value"].startswith("Yes") and shape not in names:
+                assert shape in named  # a false "yes" only about what the description named
+                false_yes += 1
+    assert halluc_convs > 100 and false_yes == halluc_convs
+    stats = json.load(open(tmp_path / "w" / "world.json"))["stats"]["sft_flaws"]
+    assert stats["false_yes_by_shape"] and sum(stats["false_yes_by_shape"].values()) == false_yes
+
+
 def test_short_vqa_conversations(flaw_worlds, tmp_path):
     """LLaVA-1.5's academic-VQA stand-in (off by default): per image one conversation of one-word
     answers, short_vqa existence questions (true, at the same yes share) plus a count and a colour."""
@@ -178,7 +204,8 @@ def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
 
 
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1), dict(cooc=float("nan")),
-                                 dict(exist_turns=7), dict(short_vqa=-1)])
+                                 dict(exist_turns=7), dict(short_vqa=-1),
+                                 dict(text_only_qa=1.5)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
         shapes.write_world(str(tmp_path / "w"), **bad)
