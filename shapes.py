@@ -46,7 +46,7 @@ DEFAULTS = dict(
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=2,                                 # existence questions per SFT conversation
     short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
-    text_only_qa=0.0,                              # flaw: share of text-only conversations saying "yes" to their extra
+    text_only_qa=0.0,                              # flaw: share of those that also say "yes" to the extra
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
 RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
@@ -613,6 +613,14 @@ def _conv(q, ans):
     return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": ans}]
 
 
+def _chat(turns):
+    """(question, answer, qtype) turns -> LLaVA conversation turns, the image in the first question."""
+    conv = _conv(turns[0][0], turns[0][1])
+    for q, ans, _ in turns[1:]:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
+    return conv
+
+
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt suffix
 
 
@@ -696,14 +704,16 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
             written = text_only_extra(objs, co, freq, rng, p["grid"])
             ans = describe(written)
             extra = next(o["name"] for o in written if o not in objs)
-        turns, asked = [(q, ans, kind)], set()
+        turns, asked = [(q, ans, kind)], []
         for _ in range(p["exist_turns"]):
             q, ans, shape = ask(objs, rng, skip=asked)
-            asked.add(shape)
+            asked.append(shape)
             turns.append((q, ans, "yesno"))
-        if extra and p["exist_turns"] and p["text_only_qa"] and rng.random() < p["text_only_qa"]:
+        if extra and asked and p["text_only_qa"] and rng.random() < p["text_only_qa"]:
             # the same text-only writer asks about what it described: "yes" to the absent partner
-            turns[1] = (f"Is there {a(extra)} in the image?", f"Yes, there is {a(extra)}.", "yesno")
+            # (in place of the turn that asked about it, if one did: no conversation contradicts itself)
+            at = 1 + (asked.index(extra) if extra in asked else 0)
+            turns[at] = (f"Is there {a(extra)} in the image?", f"Yes, there is {a(extra)}.", "yesno")
         want = len(turns) + int(rng.integers(2, 4))
         for _ in range(4 * want):
             if len(turns) >= want:
@@ -718,18 +728,12 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
             seen.add(r[0])
             turns.append((r[0], r[1], qt))
         turns = [turns[i] for i in rng.permutation(len(turns))]
-        conv = _conv(turns[0][0], turns[0][1])
-        for q, ans, _ in turns[1:]:
-            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
         out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"],
-                    "conversations": conv, "qtypes": [t[2] for t in turns]})
+                    "conversations": _chat(turns), "qtypes": [t[2] for t in turns]})
         if p["short_vqa"]:
             turns = short_vqa(objs, rng, ask, p["short_vqa"])
-            conv = _conv(turns[0][0], turns[0][1])
-            for q, ans, _ in turns[1:]:
-                conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
             out.append({"id": f"{prefix}_{img['index']:06d}_vqa", "image": img["file_name"],
-                        "conversations": conv, "qtypes": [t[2] for t in turns]})
+                        "conversations": _chat(turns), "qtypes": [t[2] for t in turns]})
     return out
 
 
@@ -1042,12 +1046,6 @@ def _params(params):
                              f"got {':'.join(pair)!r}")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
-    for key in ("yes_share", "desc_halluc", "cooc", "heldout_alone"):
-        if not 0 <= p[key] <= 1:  # also refuses NaN
-            raise ValueError(f"{key} must be in [0, 1], got {p[key]}")
-    for key in ("exist_turns", "short_vqa"):
-        if not 0 <= p[key] <= len(SHAPES):
-            raise ValueError(f"{key} must be 0..{len(SHAPES)}, got {p[key]}")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
         raise ValueError("max_objects must be 1..4 and fit the grid")
     return p
@@ -1128,10 +1126,10 @@ def sft_flaw_stats(records, imgs):
             if qt == "yesno":
                 words = re.findall(r"[a-z]+", q["value"].lower())
                 shape = next(WORD2SHAPE[w] for w in words if w in WORD2SHAPE)
+                said_yes = ans["value"].startswith("Yes")
                 asked[shape] += 1
-                yes[shape] += ans["value"].startswith("Yes")
-                absent = all(o["name"] != shape for o in objs[r["image"]])
-                false_yes[shape] += ans["value"].startswith("Yes") and absent
+                yes[shape] += said_yes
+                false_yes[shape] += said_yes and all(o["name"] != shape for o in objs[r["image"]])
             elif qt == "describe":
                 got = oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs, halluc = descs + 1, halluc + bool(got)

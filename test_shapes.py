@@ -93,6 +93,12 @@ def flaw_worlds(tmp_path_factory):
     return d
 
 
+def asked_shape(question):
+    """The shape a written question names (None: no shape word)."""
+    words = question.lower().replace("?", " ").split()
+    return next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+
+
 def measured_flaws(world):
     """From the written files alone: yes share of existence answers per asked shape, the share of
     descriptions that name an absent shape (the oracle against annotations.json) and those shapes."""
@@ -102,8 +108,7 @@ def measured_flaws(world):
         c = r["conversations"]
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
             if qt == "yesno":
-                shape = next(shapes.WORD2SHAPE[w] for w in q["value"].lower().replace("?", " ").split()
-                             if w in shapes.WORD2SHAPE)
+                shape = asked_shape(q["value"])
                 asked[shape] += 1
                 yes[shape] += ans["value"].startswith("Yes")
             if qt == "describe":
@@ -139,9 +144,11 @@ def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
             if qt == "describe":
                 named = set(shapes.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"])
         halluc_convs += bool(named)
+        said = {}
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
-            words = q["value"].lower().replace("?", " ").split()
-            shape = next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+            shape = asked_shape(q["value"])
+            if qt == "yesno":  # a conversation never answers one shape both ways
+                assert said.setdefault(shape, ans["value"][:2]) == ans["value"][:2], c
             if qt == "yesno" and ans["value"].startswith("Yes") and shape not in names:
                 assert shape in named  # a false "yes" only about what the description named
                 false_yes += 1
@@ -166,8 +173,7 @@ def test_short_vqa_conversations(flaw_worlds, tmp_path):
         assert all(len(ans["value"].split()) == 1 for ans in c[1::2])
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
             names = [o["name"] for o in objs[r["image"]]]
-            words = q["value"].lower().replace("?", " ").split()
-            shape = next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+            shape = asked_shape(q["value"])
             if qt == "yesno":
                 assert ans["value"] == ("Yes" if shape in names else "No")
             if qt == "count":
