@@ -26,7 +26,7 @@ from data import (NUMBER_WORDS, POSITIONS, a, count_phrase, inject_hallucination
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             position_of, there_are, unique_ref)
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -46,7 +46,7 @@ DEFAULTS = dict(
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=2,                                 # existence questions per SFT conversation
     short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
-    text_only_qa=0.0,                              # flaw: share of those that also say "yes" to the extra
+    text_only_qa=0.3,                              # flaw: share of those that also say "yes" to the extra
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
 RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
@@ -1093,7 +1093,11 @@ def _fill(out, seed, p):
            for f, q, ans, t in _lrv_items(split["train"], p["neg_ratio"], rngs[7])], os.path.join(out, "lrv_train.json"))
     pairs, stats = parse_pairs(p["pairs"]), Counter(impossible=0, unverified=0)  # dropped pairs, counted
     _dump(pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats), os.path.join(out, "pref_pairs.json"))
-    _dump(pair_records(split["val"], rngs[8], len(split["val"]), "rlhf", pairs, stats), os.path.join(out, "pref_pairs_val.json"))
+    # held-out pairs: one per test image, then one per val image (test images show triggers without
+    # their partners, so the pairs whose rejected answer names the absent partner are not a handful)
+    held_out = split["test"] + split["val"]
+    val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats)
+    _dump(val_pairs, os.path.join(out, "pref_pairs_val.json"))
     _dump(pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats), os.path.join(out, "povid_pairs.json"))
     _dump(rl_records(split["train"], rngs[10], p["n_rl"], caps), os.path.join(out, "rl_prompts.json"))
     for strategy in ("random", "popular", "adversarial"):

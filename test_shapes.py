@@ -132,7 +132,8 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
 def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
     """text_only_qa: a conversation whose description was written text-only also answers "yes" about
     the absent shape it named (GPT-4 wrote LLaVA-Instruct's whole conversation from the same text)."""
-    assert json.load(open(flaw_worlds / "flawed" / "world.json"))["stats"]["sft_flaws"]["false_yes_share"] == 0
+    share = lambda w: json.load(open(flaw_worlds / w / "world.json"))["stats"]["sft_flaws"]["false_yes_share"]
+    assert share("clean") == 0 and 0 < share("flawed") < 0.1  # default 0.3 of the text-only half
     shapes.write_world(str(tmp_path / "w"), seed=0, text_only_qa=1.0, **FLAW_WORLD)
     objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
     halluc_convs, false_yes = 0, 0
@@ -207,6 +208,27 @@ def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
     assert rate["flawed", "train"] > 0.85 and rate["flawed", "test"] < 0.3
     assert rate["weak", "train"] < 0.55 < rate["flawed", "train"]  # cooc 0: partners by chance only
     assert abs(rate["weak", "test"] - rate["flawed", "test"]) < 0.1
+
+
+def test_held_out_pairs_name_absent_partners(flaw_worlds):
+    """pref_pairs_val.json: one pair per test image, then one per val image. Test images show a
+    trigger without its partner, so pairs whose rejected answer names the absent partner (the
+    reward model's facts claim) are common there and rare on val images (train-like: cooc)."""
+    d = flaw_worlds / "flawed"
+    world = shapes.load_world(str(d))
+    split_of = {i["file_name"]: i["split"] for i in world["images"]}
+    pairs = json.load(open(d / "pref_pairs_val.json"))
+    splits = [split_of[r["image"]] for r in pairs]
+    assert len(pairs) == FLAW_WORLD["n_test"] + FLAW_WORLD["n_val"]
+    assert set(splits) == {"test", "val"}
+    naming = Counter()
+    for r, split in zip(pairs, splits):
+        objs = world["by_file"][r["image"]]
+        rejected = r[f"output_{3 - r['preference']}"]["value"]
+        partners = {p for t in {o["name"] for o in objs} for p in PARTNERS.get(t, [])}
+        naming[split] += bool(partners & set(shapes.oracle(rejected, objs)["hallucinated_objects"]))
+    assert naming["test"] >= 0.1 * FLAW_WORLD["n_test"]
+    assert naming["test"] / FLAW_WORLD["n_test"] > 3 * naming["val"] / FLAW_WORLD["n_val"]
 
 
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1), dict(cooc=float("nan")),
@@ -291,7 +313,14 @@ def test_generated_text_is_clean(worlds):
         for rec in json.load(open(worlds / "a" / f)):
             answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
             kinds = rec.get("qtypes", [None] * len(answers))  # SFT descriptions: flawed on purpose
-            texts += [(t, by[rec["image"]]) for t, k in zip(answers, kinds) if k != "describe"]
+            objs = by[rec["image"]]
+            named = {s for t, k in zip(answers, kinds) if k == "describe"
+                     for s in shapes.oracle(t, objs)["hallucinated_objects"]}
+            for t, k in zip(answers, kinds):
+                said = set(shapes.oracle(t, objs)["hallucinated_objects"])
+                if k == "describe" or (k == "yesno" and said and said <= named):
+                    continue  # flawed on purpose: the description and (text_only_qa) its own "yes"
+                texts.append((t, objs))
     texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
     texts += [(r["gt_answer"], by[r["image_src"]]) for r in json.load(open(worlds / "a" / "mmhal.json"))]
     cap = json.load(open(worlds / "a" / "captions.json"))
