@@ -71,10 +71,11 @@ import torch.nn as nn
 
 import common
 import dpo
+import checkpoint
 import model as model_lib
 import ppo
 from data import IGNORE
-from model import LLaVA, PRESETS, ModelConfig, _canonical_key
+from model import LLaVA, PRESETS, ModelConfig
 
 
 @dataclass
@@ -291,27 +292,27 @@ def build_ours(c, dev, dtype, seed):
 
 
 def build_theirs(ours, dev, dtype, how, tmp):
-    """transformers' LlavaForConditionalGeneration with our weights: 'export' = ours.export_hf(dir) then
+    """transformers' LlavaForConditionalGeneration with our weights: 'export' = checkpoint.export_llava_hf(ours, dir) then
     from_pretrained(dir); 'copy' = built from export_hf's config.json on the device, weights copied in memory
     (no 2 x 14 GB round trip through the disk for a 7B model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     path = os.path.join(tmp, "hf")
     if how == "export":
-        ours.export_hf(path)
+        checkpoint.export_llava_hf(ours, path)
         return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
     captured = {}  # export_hf's hub-layout tensors (views of ours) and its config.json, no weight file written
-    save = model_lib._save_safetensors
-    model_lib._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
+    save = checkpoint._save_safetensors
+    checkpoint._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
     try:
-        ours.export_hf(path)
+        checkpoint.export_llava_hf(ours, path)
     finally:
-        model_lib._save_safetensors = save
+        checkpoint._save_safetensors = save
     with torch.device(dev):
         theirs = LlavaForConditionalGeneration._from_config(LlavaConfig.from_pretrained(path), dtype=dtype)
-    ours_by_name = {_canonical_key(k): v for k, v in captured.items()}
+    ours_by_name = {checkpoint._canonical_key(k): v for k, v in captured.items()}
     state, missing = {}, []
     for k in theirs.state_dict():
-        v = ours_by_name.get(_canonical_key(k))
+        v = ours_by_name.get(checkpoint._canonical_key(k))
         if v is None:
             missing.append(k)
         else:

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import FORMAT_VERSION, CheckpointError, latest_checkpoint
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, latest_checkpoint, load_checkpoint,
+                        resolve_checkpoint, save_checkpoint_files)
+from model import CheckpointError, LLaVA
 
 # ----------------------------------------------------------------------------------------
 # errors users cause: one line, exit code 2, no traceback
@@ -683,7 +685,7 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
         shutil.rmtree(tmp, ignore_errors=True)
         cfg = _config_dict(run_config)
         # base is stored relative to the checkpoint, so a moved ckpt/ tree keeps working
-        model.save_pretrained(tmp, base=base, extra_config={"step": step, "run_config": cfg})
+        save_checkpoint_files(model, tmp, base=base, extra_config={"step": step, "run_config": cfg})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
@@ -855,10 +857,9 @@ def restore(model, opt, path, state, d):
 def gather_full_model(model, d, device="cpu"):
     """The whole model, unsharded, on `device` of rank 0 (None on the others); every rank must call it.
     Adapters, heads and the active adapter as in the sharded model. For the LoRA merge, generation and
-    the consolidated checkpoint that LLaVA.from_pretrained, --init and export_hf read."""
+    the consolidated checkpoint that load_checkpoint, --init and export_llava_hf read."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from model import LLaVA
     full = get_model_state_dict(resharded(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return None
@@ -882,7 +883,6 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    from model import FORMAT_NAME
     cfg = _config_dict(run_config)
     if full is None:
         full = step == cfg.get("max_steps") or bool(cfg.get("save_full"))
@@ -905,7 +905,7 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
     if d.main:
         extra = {"step": step, "run_config": cfg, "fsdp_shards": SHARDS}
         if plain is not None:  # the whole model, as a replicated run writes it
-            plain.save_pretrained(tmp, base=base, extra_config=extra)
+            save_checkpoint_files(plain, tmp, base=base, extra_config=extra)
         else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
             meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(model.config),
                     "adapters": model.adapters, "heads": sorted(model.heads), "active_adapter": model.active_adapter,
@@ -932,7 +932,6 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir`. The tokenizer
     comes from the checkpoint directory (or tokenizer_dir when the checkpoint has none)."""
     from data import load_tokenizer
-    from model import LLaVA, resolve_checkpoint
     if init:
         path = resolve_checkpoint(init)
         tok_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) or \
@@ -940,7 +939,7 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if not tok_dir:
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
         tokenizer = load_tokenizer(tok_dir)
-        model = LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=dtype)
+        model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
         if len(tokenizer) > model.config.vocab_size:  # a token id beyond the embedding would fail mid-run
             raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more than the "
                                   f"{model.config.vocab_size} embedding rows of the model in {path}")

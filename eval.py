@@ -43,7 +43,8 @@ import common
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope,
                   read_text)
-from model import CheckpointError, resolve_checkpoint
+from checkpoint import resolve_checkpoint
+from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
 SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}  # Shapes: the whole test split (0), GAVIE 60

@@ -51,7 +51,7 @@ import common
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
                   tokenize_conversation)
-from model import base_weights_dir, resolve_checkpoint
+from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
 @dataclass
@@ -284,7 +284,7 @@ def build_roles(cfg, d, tok_dir=""):
     rm_dir = resolve_checkpoint(cfg.reward)
     if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
         critic = policy
-        critic.load_adapters(rm_dir)
+        load_adapters(critic, rm_dir)
     else:
         critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir, device=d.device)
         a, b = policy.config, critic.config

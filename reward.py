@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import common
 import shapes
 from data import DataError, ImageCache, check_images, collate, normalize, read_llava_rlhf_preference, reward_item
-from model import resolve_checkpoint
+from checkpoint import resolve_checkpoint
 
 
 @dataclass

@@ -13,7 +13,9 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from model import LLaVA, ModelConfig, CheckpointError, load_checkpoint  # noqa: E402
+from checkpoint import (export_llava_hf, export_peft_adapter, load_checkpoint,  # noqa: E402
+                        save_checkpoint_files)
+from model import CheckpointError, LLaVA, ModelConfig  # noqa: E402
 
 ATOL = 1e-4
 IMG = 28          # tiny CLIP: 28 px / 14 px patches -> 4 patch tokens
@@ -86,7 +88,7 @@ def test_clip_encoder_matches_transformers(tmp_path):
     clip = CLIPVisionModel(hf_vision_config()).eval()
     clip.save_pretrained(tmp_path / "clip")
     LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
-    ours = LLaVA.from_pretrained(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
     assert len(ours.vision_tower.encoder.layers) == 2  # the last CLIP layer is never built
     pixels = torch.randn(3, 3, IMG, IMG)
     with torch.no_grad():
@@ -104,7 +106,7 @@ def test_decoder_matches_llama_with_gqa_and_padding(tmp_path):
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     llama.save_pretrained(tmp_path / "llama")
     CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
-    ours = LLaVA.from_pretrained(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
     assert ours.config.kv_heads == 2 and ours.config.heads == 4
     ids = torch.randint(3, VOCAB - 1, (2, 9))
     mask = torch.ones_like(ids)
@@ -122,7 +124,7 @@ def test_decoder_matches_llama_with_gqa_and_padding(tmp_path):
 @pytest.mark.parametrize("projector", ["gelu", "linear"])
 def test_llava_matches_transformers(hf_dirs, projector):
     hf, path = hf_dirs[projector]
-    ours = LLaVA.from_pretrained(path).eval()
+    ours = load_checkpoint(path).eval()
     assert ours.config.projector == ("mlp2x_gelu" if projector == "gelu" else "linear")
     assert ours.config.num_image_tokens == 4 and ours.config.image_token_id == IMAGE_ID
     pixels, ids = inputs()
@@ -165,7 +167,7 @@ def test_llava_hub_and_in_memory_layouts_load(hf_dirs, tmp_path):
         keys = _rewrite_keys(path, tmp_path / name, fn)
         if name == "hub":
             assert any(k.startswith("vision_tower.vision_model.") for k in keys)
-        ours = LLaVA.from_pretrained(tmp_path / name).eval()
+        ours = load_checkpoint(tmp_path / name).eval()
         torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
 
 
@@ -173,8 +175,8 @@ def test_llava_hub_and_in_memory_layouts_load(hf_dirs, tmp_path):
 def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
     from transformers import LlavaForConditionalGeneration
     _, path = hf_dirs[projector]
-    ours = LLaVA.from_pretrained(path).eval()
-    ours.export_hf(tmp_path / "export")
+    ours = load_checkpoint(path).eval()
+    export_llava_hf(ours, tmp_path / "export")
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     pixels, ids = inputs(seed=5)
     torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL, rtol=0)
@@ -183,7 +185,7 @@ def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
                               vision_heads=4, projector="linear" if projector == "linear" else "mlp2x_gelu",
                               vocab_size=VOCAB, hidden=32, intermediate=72, layers=2, heads=4, kv_heads=2,
                               image_token_id=IMAGE_ID, pad_token_id=0)).eval()
-    fresh.export_hf(tmp_path / "fresh")
+    export_llava_hf(fresh, tmp_path / "fresh")
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "fresh").eval()
     torch.testing.assert_close(hf_logits(theirs, pixels, ids), fresh(pixels, ids), atol=ATOL, rtol=0)
 
@@ -222,7 +224,7 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision)
     clip.save_pretrained(tmp_path / "clip")
     if with_vision:  # the weights must then come from the LLaVA checkpoint, only the config from the CLIP dir
         os.remove(tmp_path / "clip" / "model.safetensors")
-    ours = LLaVA.from_pretrained(tmp_path / "orig").eval()
+    ours = load_checkpoint(tmp_path / "orig").eval()
     assert ours.config.image_token_id == -200  # LLaVA's IMAGE_TOKEN_INDEX
     pixels, ids = inputs()
     ref = hf_logits(hf, pixels, ids)
@@ -235,8 +237,8 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
     CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
     with pytest.raises(CheckpointError, match="CLIP"):
-        LLaVA.from_pretrained(tmp_path / "llama")
-    ours = LLaVA.from_pretrained(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
+        load_checkpoint(tmp_path / "llama")
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
     assert ours.projector.linear_1.weight.shape == (32, 32) and ours.projector.linear_1.weight.std() > 0
 
 
@@ -254,7 +256,7 @@ def greedy_without_cache(model, pixels, ids, n):
 
 def test_greedy_cache_equals_no_cache_and_transformers(hf_dirs):
     hf, path = hf_dirs["gelu"]
-    ours = LLaVA.from_pretrained(path).eval()
+    ours = load_checkpoint(path).eval()
     pixels, ids = inputs(batch=1)
     n = 10
     cached = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=-1).tokens
@@ -266,7 +268,7 @@ def test_greedy_cache_equals_no_cache_and_transformers(hf_dirs):
 
 def test_left_padded_batch_equals_one_by_one(hf_dirs):
     _, path = hf_dirs["gelu"]
-    ours = LLaVA.from_pretrained(path).eval()
+    ours = load_checkpoint(path).eval()
     pixels, _ = inputs(batch=3)
     prompts = [inputs(batch=1, text=t, seed=t)[1][0] for t in (3, 8, 5)]
     T = max(len(p) for p in prompts)
@@ -284,7 +286,7 @@ def test_left_padded_batch_equals_one_by_one(hf_dirs):
 
 def test_generate_stops_at_eos_and_returns_logprobs(hf_dirs):
     _, path = hf_dirs["gelu"]
-    ours = LLaVA.from_pretrained(path).eval()
+    ours = load_checkpoint(path).eval()
     pixels, ids = inputs(batch=2)
     free = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=-1)
     seq = free.tokens[0].tolist()
@@ -301,7 +303,7 @@ def test_generate_stops_at_eos_and_returns_logprobs(hf_dirs):
 
 def test_sampling_is_reproducible_with_a_generator_and_top_p(hf_dirs):
     _, path = hf_dirs["gelu"]
-    ours = LLaVA.from_pretrained(path).eval()
+    ours = load_checkpoint(path).eval()
     pixels, ids = inputs(batch=2)
     a = ours.generate(pixels, ids, max_new_tokens=6, temperature=1.0, top_p=0.9,
                       generator=torch.Generator().manual_seed(3), eos_token_id=-1)
@@ -410,8 +412,8 @@ def test_peft_export_applies_in_transformers(tmp_path):
     m = tiny_model()
     m.add_adapter("policy", r=4, alpha=16, targets=("q", "k", "v", "o", "gate", "up", "down"))
     randomize_adapter(m, "policy", 4)
-    m.export_hf(tmp_path / "hf")
-    m.export_peft(tmp_path / "peft", "policy")
+    export_llava_hf(m, tmp_path / "hf")
+    export_peft_adapter(m, tmp_path / "peft", "policy")
     cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
     state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -441,23 +443,23 @@ def test_checkpoint_round_trip_is_exact_with_adapters_and_heads(tmp_path):
     with torch.no_grad():
         m.heads["reward"].weight.normal_()
     m.set_adapter("reward")
-    m.save_pretrained(tmp_path / "ck")
-    back = LLaVA.from_pretrained(tmp_path / "ck").eval()
+    save_checkpoint_files(m, tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck").eval()
     assert back.active_adapter == "reward" and "reward" in back.heads
     for (n1, p1), (n2, p2) in zip(m.state_dict().items(), back.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     # an adapter-only checkpoint that points at its base
-    m.save_pretrained(tmp_path / "base_only")
-    m.save_pretrained(tmp_path / "adapter_only", base=tmp_path / "base_only")
+    save_checkpoint_files(m, tmp_path / "base_only")
+    save_checkpoint_files(m, tmp_path / "adapter_only", base=tmp_path / "base_only")
     assert not os.path.exists(tmp_path / "adapter_only" / "model.safetensors")
-    again = LLaVA.from_pretrained(tmp_path / "adapter_only").eval()
+    again = load_checkpoint(tmp_path / "adapter_only").eval()
     pixels, ids = inputs()
     with torch.no_grad():
         assert torch.equal(again(pixels, ids), m(pixels, ids))
 
 
 def test_checkpoint_of_another_shape_names_key_and_shapes(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "a")
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
     cfg = json.load(open(tmp_path / "a" / "config.json"))
     cfg["model"]["intermediate"] = 80
     json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
@@ -469,7 +471,7 @@ def test_checkpoint_of_another_shape_names_key_and_shapes(tmp_path):
 
 
 def test_truncated_or_missing_weights_give_clear_errors(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "a")
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
     f = tmp_path / "a" / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
@@ -484,11 +486,11 @@ def test_truncated_or_missing_weights_give_clear_errors(tmp_path):
 
 def test_checkpoint_cli_errors_are_one_line(tmp_path):
     """Through a script: a bad checkpoint ends with one line and exit code 2, not a traceback."""
-    tiny_model().save_pretrained(tmp_path / "a")
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
     f = tmp_path / "a" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom model import LLaVA\n"
-            "with user_errors():\n    LLaVA.from_pretrained(%r)\n") % (HERE, str(tmp_path / "a"))
+    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom checkpoint import load_checkpoint\n"
+            "with user_errors():\n    load_checkpoint(%r)\n") % (HERE, str(tmp_path / "a"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
@@ -681,10 +683,10 @@ def test_model_presets_have_real_sizes():
 # ----------------------------------------------------------------------------------------
 
 def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tiny_sft, tmp_path):
-    from model import latest_checkpoint
+    from checkpoint import latest_checkpoint
     ck = latest_checkpoint(tiny_sft)
     assert ck.endswith("checkpoint-000003")
-    m = LLaVA.from_pretrained(tiny_sft)  # a run dir resolves to its newest checkpoint
+    m = load_checkpoint(tiny_sft)  # a run dir resolves to its newest checkpoint
     assert os.path.exists(os.path.join(ck, "tokenizer.json")) and os.path.exists(os.path.join(ck, "trainer_state.pt"))
     lines = [json.loads(l) for l in open(os.path.join(tiny_sft, "metrics.jsonl"))]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3]
@@ -698,8 +700,8 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     assert "resumed from" in stdout and "at step 3" in stdout
     code, _, err = run_cli("sft", args + ["--max_steps", "5", "--out", str(tmp_path / "straight")])
     assert code == 0, err
-    a = LLaVA.from_pretrained(out).state_dict()
-    b = LLaVA.from_pretrained(str(tmp_path / "straight")).state_dict()
+    a = load_checkpoint(out).state_dict()
+    b = load_checkpoint(str(tmp_path / "straight")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -732,7 +734,7 @@ def test_sft_lora_and_file_data(tiny_world, tmp_path):
                                         "--image_folder", tiny_world, "--max_steps", "2", "--batch_size", "4",
                                         "--lora_r", "4", "--out", out, "--report", "false", "--world", tiny_world])
     assert code == 0, err
-    m = LLaVA.from_pretrained(out)
+    m = load_checkpoint(out)
     assert not m.adapters  # the SFT adapter is merged into the weights that later stages start from
 
 

@@ -18,7 +18,7 @@ import dpo
 import shapes
 from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize,
                   povid_noisy_image, to_pil_bytes, tokenize_conversation)
-from model import LLaVA
+from checkpoint import load_checkpoint, save_checkpoint_files
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
@@ -39,7 +39,7 @@ def env(tiny_world, tmp_path_factory):
             json.dump(recs, f)
     torch.manual_seed(0)
     model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
-    model.save_pretrained(str(root / "init"))
+    save_checkpoint_files(model, str(root / "init"))
     tok.save_pretrained(str(root / "init"))
     return dict(world=tiny_world, init=str(root / "init"), tok=tok, **files)
 
@@ -55,7 +55,7 @@ def pairs(env, model, n=4, cfg=None):
 
 
 def lora_model(env, randomise=True):
-    model = LLaVA.from_pretrained(env["init"])
+    model = load_checkpoint(env["init"])
     model.add_adapter("dpo", 4, 8)
     model.set_adapter("dpo")
     if randomise:  # B = 0 would make the adapter a no-op
@@ -92,7 +92,7 @@ def test_losses_match_hand_arithmetic():
 # ----------------------------------------------------------------------------------------- log-probs
 
 def test_reference_pass_is_the_base_model_with_adapters_off(env):
-    model, fresh = lora_model(env), LLaVA.from_pretrained(env["init"])
+    model, fresh = lora_model(env), load_checkpoint(env["init"])
     ds = pairs(env, model)
     b = ds.batch(range(len(ds)))
     cfg = dpo.Config()
@@ -291,7 +291,7 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     assert "computed" in cli(*args(env, out, *full))
     first = [f for f in os.listdir(out) if f.startswith("ref_logps-")]
     table = torch.load(out / first[0])
-    model = LLaVA.from_pretrained(env["init"])
+    model = load_checkpoint(env["init"])
     ds = pairs(env, model, n=100)
     b = ds.batch(range(len(ds)))
     with torch.no_grad():
@@ -338,7 +338,7 @@ def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     train_rows, _ = _rows(root / "stage2")
     assert len(train_rows) == 4 and "noisy/rewards/margins" in train_rows[-1] and "noisy/logps/rejected" in train_rows[-1]
-    policy = LLaVA.from_pretrained(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
+    policy = load_checkpoint(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
     last = root / "stage2" / "checkpoint-000004"
     assert policy.active_adapter == "dpo" and json.load(open(last / "config.json"))["base"]
     assert not os.path.exists(last / "model.safetensors") and os.path.exists(root / "full/checkpoint-000002/model.safetensors")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+from checkpoint import save_checkpoint_files
 import vigc
 from conftest import run_cli, run_script
 from data import IGNORE
@@ -18,7 +19,7 @@ def tiny_ckpt(tmp_path_factory, tiny_world):
     torch.manual_seed(0)
     model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
     out = str(tmp_path_factory.mktemp("tiny") / "ckpt")
-    model.save_pretrained(out)
+    save_checkpoint_files(model, out)
     tok.save_pretrained(out)
     return out
 
