@@ -382,7 +382,7 @@ def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max
 #   objects = [{"name": "circle", "color": "red" or None, "size": "large" or None, "bbox": [x, y, w, h],
 #               "row": r or None, "col": c or None, "position": "top left" or None}]
 # (plain COCO instances have only name and bbox) and a numpy Generator `rng`, so the same seed
-# gives the same text. On the Shapes world every answer they write is checked by shapes.oracle.
+# gives the same text. On the Shapes world every answer they write is checked by oracle.oracle.
 # ----------------------------------------------------------------------------------------
 
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
                   tokenize_conversation)
@@ -490,7 +491,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
            "length": g(ro["lengths"]).mean(), "no_eos": g(~ro["finished"]).mean(), "correct": right[typed].mean(),
            "entropy": g(ro["entropy"])[m].mean(), "explained_var": 1 - (R - V).var() / R.var()}
     if objects is not None:  # the exact oracle: is reward hacking turning into hallucination?
-        h = g(torch.tensor([shapes.oracle(t, objects[os.path.relpath(p["image"], cfg.world)])["num_hallucinations"]
+        h = g(torch.tensor([oracle.oracle(t, objects[os.path.relpath(p["image"], cfg.world)])["num_hallucinations"]
                             for t, p in zip(ro["texts"], prompts)], device=dev))
         out["halluc_rate"], out["halluc_per_answer"] = (h > 0).float().mean(), h.mean()
     return {k: float(v) for k, v in out.items()}

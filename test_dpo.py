@@ -15,6 +15,7 @@ from conftest import HERE, merge_flags, run_cli, run_script
 
 import common
 import dpo
+import oracle
 import shapes
 from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize,
                   povid_noisy_image, to_pil_bytes, tokenize_conversation)
@@ -263,8 +264,8 @@ def test_injected_answers_are_hallucinations_per_the_oracle(env):
     w = shapes.load_world(env["world"])
     for r in json.load(open(env["train"])):  # the pairs DPO trains on
         objs = w["by_file"][os.path.relpath(r["image"], env["world"])]
-        assert shapes.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
-        assert shapes.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
+        assert oracle.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
+        assert oracle.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
     rng, seen = np.random.default_rng(1), set()
     for k, img in enumerate(w["images"][:24]):  # fresh injections of every kind
         qa = shapes.make_question(shapes.QUESTION_TYPES[k % 6], img["objects"], rng, "yes" if k % 2 else "no")
@@ -273,7 +274,7 @@ def test_injected_answers_are_hallucinations_per_the_oracle(env):
                                               {"triangle": ["circle"], "cross": ["square"]}, list(shapes.COLORS))
             if got:
                 seen.add(kind)
-                assert shapes.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
+                assert oracle.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
     assert seen == {"object", "attribute", "relation"}
 
 
