@@ -275,15 +275,6 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(t, d):
-    """Mean of a tensor over ranks (identity in a single process)."""
-    if d.world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= d.world
-    return t
-
-
 def all_gather_cat(t, d):
     """Concatenate equally-shaped tensors from all ranks along dim 0."""
     if d.world == 1:
@@ -991,20 +982,6 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
             out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
-
-
-def sequence_logprobs(model, batch, average=False):
-    """Sum (or mean) over the labelled tokens of log p(token | prefix): the answer log-likelihood
-    that DPO and PPO use. Image, prompt and pad tokens carry label -100 and count for nothing.
-    Returns (B,) values and the (B,) number of labelled tokens."""
-    from data import IGNORE
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
-    n = mask.sum(-1)
-    total = logp.sum(-1)
-    return (total / n.clamp(min=1) if average else total), n
 
 
 def to_device(batch, device):

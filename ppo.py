@@ -243,7 +243,7 @@ def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
 
 def response_logprobs(model, feats, seq, mask, prompt_len, temperature):
     """log p(token) under softmax(logits / T) and the entropy, for the response tokens seq[:, prompt_len:]:
-    the logits at position j predict token j + 1 (the shift of common.sequence_logprobs)."""
+    the logits at position j predict token j + 1."""
     h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
     logp_all = torch.log_softmax(model.logits(h).float() / temperature, -1)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None])[..., 0]

@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import DataError
-from data import (POSITIONS, a, count_phrase, inject_hallucination, join_and,
+from data import (POSITIONS, _pick, a, count_phrase, inject_hallucination, join_and,
                             list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                             there_are, unique_ref)
+from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
 FORMAT_VERSION = 7
@@ -67,11 +68,6 @@ VIGC_INSTRUCTIONS = {
 
 def cap(s):
     return s[:1].upper() + s[1:]
-
-
-def _pick(rng, items):
-    items = list(items)
-    return items[int(rng.integers(len(items)))]
 
 
 def parse_pairs(pairs):
@@ -733,10 +729,7 @@ def objects_from_coco(ann, file="annotations.json"):
 def load_world(world_dir):
     """{'info', 'images': [image dict + 'objects' + 'index'], 'by_file': {file_name: objects}}."""
     path = os.path.join(world_dir, "annotations.json")
-    try:
-        ann = json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise DataError(path, message=f"cannot read: {e}") from None
+    ann = load_json(path)
     objs = objects_from_coco(ann, path)
     imgs = [dict(img, objects=objs[img["id"]], index=int(os.path.splitext(os.path.basename(img["file_name"]))[0]))
             for img in ann["images"]]
@@ -930,11 +923,7 @@ def _fingerprint(path):
 
 def world_captions(world):
     """{image path as written in the world's files: [5 captions]} from the COCO-style captions.json."""
-    path = os.path.join(world, "captions.json")
-    try:
-        cap = json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise DataError(path, message=f"cannot read: {e}") from None
+    cap = load_json(os.path.join(world, "captions.json"))
     files = {img["id"]: img["file_name"] for img in cap["images"]}
     out = {}
     for ann in cap["annotations"]:

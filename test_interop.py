@@ -13,7 +13,8 @@ import torch
 from data import IMAGE, preprocess_image, render, tokenize_conversation
 from checkpoint import export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint
 from model import LLaVA, ModelConfig
-from test_all import IMAGE_ID, IMG, _rewrite_keys, _to_original_llava, hf_llava, inputs, randomize_adapter, tiny_model
+from test_checkpoint import _rewrite_keys, _to_original_llava
+from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
 
 ATOL = 1e-4
 LM_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

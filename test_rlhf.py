@@ -295,6 +295,7 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
     ro, adv = fixed_rollout(m)
     returns = torch.randn_like(adv) * ro["rmask"]
     twin = copy.deepcopy(m)
+    frozen_before = {n: p.detach().clone() for n, p in frozen_weights(m).items()}
     params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(m.heads["value"].parameters())
     opt = torch.optim.AdamW(params, lr=1e-2)
     cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, out="/nonexistent")
@@ -309,8 +310,17 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
         after_logp, _ = ppo.response_logprobs(m, ro["feats"], ro["seq"], ro["mask"], ro["P"], 1.0)
     assert (adv * after_logp * ro["rmask"]).sum() > before
     assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10  # one minibatch, one epoch: still on-policy
-    # the reference (no adapter) and the reward adapter did not move
+    # the reference (the base, no adapter) and the reward adapter did not move
+    frozen_after = frozen_weights(m)
+    assert frozen_after.keys() == frozen_before.keys() and len(frozen_after) > 20
+    assert all(torch.equal(frozen_after[n], frozen_before[n]) for n in frozen_before)
     assert all(p.grad is None for p in m.adapter_parameters("reward"))
+
+
+def frozen_weights(m):
+    """The weights PPO must leave alone: every base weight and the reward adapter."""
+    return {n: p for n, p in m.named_parameters()
+            if (".lora." not in n and not n.startswith("heads.")) or ".lora.reward." in n}
 
 
 def test_rollout_logprobs_match_the_sampling_logprobs():
