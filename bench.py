@@ -29,8 +29,9 @@ Sections
   dpo       ours: one DPO step (dpo.pair_losses: chosen + rejected rows in one pass, LoRA policy, the reference
             = the same model with adapters off) on `dpo_pairs` pairs, backward, AdamW.
   ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value heads):
-            rollout of `ppo_prompts` prompts (sampling, T=1), policy and reference log-probs, values, RM score,
-            shaped rewards, GAE, whitening, then one epoch of ppo.ppo_update.
+            ppo.rollout of `ppo_prompts` prompts (random images read from PNG files, sampling at T=1,
+            policy and reference log-probs, values, RM score of the sampled ids + evaluation turn, shaped
+            rewards; a word-per-id tokenizer), GAE, whitening, then one epoch of ppo.ppo_update.
   rollout   a PPO rollout's shape at --rollout_model (shapes): greedy decoding of --rollout_batch x
             --rollout_new_tokens against transformers, then a PPO iteration of that size (rollout, update apart).
   roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the four PPO roles
@@ -68,13 +69,14 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+from PIL import Image
 
+import checkpoint
 import common
 import dpo
-import checkpoint
 import model as model_lib
 import ppo
-from data import IGNORE
+from data import IGNORE, ImageCache
 from model import LLaVA, PRESETS, ModelConfig
 
 
@@ -627,34 +629,33 @@ def dpo_section(ours, c, cfg, dev, autocast, out):
     out["dpo"] = dict(pairs=cfg.dpo_pairs, rows=2 * cfg.dpo_pairs, seq=cfg.seq, s=res[0], times=res[1], peak_bytes=res[2])
 
 
-@torch.no_grad()
-def ppo_rollout(m, ids, pix, n_new, gen, kl_coef=0.1):
-    """ppo.rollout without text: sample (T = 1) with the policy adapter, log-probs of the policy and of the
-    reference (no adapter), values (value adapter + head), RM score of prompt + response (reward adapter + head,
-    on the token sequence itself: no evaluation turn is appended), shaped rewards, GAE and whitening."""
-    c, d = m.config, common.Dist(device=ids.device)
-    m.eval()
-    feats = m.encode_images(pix)
-    with m.use_adapter("policy"):
-        g = m.generate(None, ids, None, n_new, temperature=1.0, generator=gen, image_features=feats)
-    tokens = g.tokens.masked_fill(g.tokens == c.image_token_id, c.pad_token_id)  # as ppo.rollout: no image token back
-    P, seq = ids.shape[1], torch.cat([ids, tokens], 1)
-    rmask = torch.arange(n_new, device=ids.device)[None] < g.lengths[:, None]
-    mask = torch.cat([torch.ones_like(ids), rmask.long()], 1)
-    with m.use_adapter("policy"):
-        logp, _ = ppo.response_logprobs(m, feats, seq, mask, P, 1.0)
-    with m.no_adapter():
-        ref_logp, _ = ppo.response_logprobs(m, feats, seq, mask, P, 1.0)
-    with m.use_adapter("value"):
-        values = ppo.response_values(m, feats, seq, mask, P) * rmask
-    with m.use_adapter("reward"):
-        score = common.score_sequences(m, "reward", seq, mask, feats).float()
-    score = score - 8.0 * (~g.finished).float()  # the no-EOS penalty; the text-based terms need a tokenizer
-    rewards, kl, rmask = ppo.shape_rewards(score, logp, ref_logp, g.lengths, kl_coef)
-    adv, returns = ppo.gae(rewards, values, 1.0, 1.0)
-    adv = ppo.whiten(adv, rmask.float(), d)
-    ro = dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values, rmask=rmask.float())
-    return ro, adv, returns
+def word_tokenizer(c):
+    """A tokenizer with one made-up word per id of the model's vocabulary ('w7' is id 7) and the
+    model's special ids: what ppo.rollout needs on random weights (it decodes the samples and
+    tokenizes the reward model's evaluation turn, whose English words all read as <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    special = {0: "<unk>", c.bos_token_id: "<s>", c.eos_token_id: "</s>", c.pad_token_id: "<pad>"}
+    vocab = {special.get(i, f"w{i}"): i for i in range(c.vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def rollout_prompts(ids, image_size, folder, g):
+    """ppo.rollout's prompt records for these prompt ids: each with a random image written as a
+    PNG (the rollout reads images from files), no captions, a general question (type 1: no
+    correctness term) and length_bonus 1."""
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for i, row in enumerate(ids.cpu()):
+        path = os.path.join(folder, f"{i:04d}.png")
+        pixels = torch.randint(0, 256, (image_size, image_size, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(path)
+        records.append({"input_ids": row, "image": path, "prompt": None, "captions": None,
+                        "caption_type": 1, "length_bonus": 1.0})
+    return records
 
 
 def add_roles(m, r, alpha):
@@ -669,7 +670,7 @@ def add_roles(m, r, alpha):
 
 def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens=None, lora=None, minibatch=None,
                 epochs=1):
-    """One PPO iteration: rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1), then `epochs`
+    """One PPO iteration: ppo.rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1), then `epochs`
     epochs of ppo.ppo_update in minibatches of `minibatch` (default: all prompts, one update); rollout and
     update timed apart. `lora` = (r, alpha) of the three adapters (default --lora_r, --lora_alpha)."""
     prompts, new_tokens = prompts or cfg.ppo_prompts, new_tokens or cfg.ppo_new_tokens
@@ -682,18 +683,25 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     pol = ours.adapter_parameters("policy")
     val = ours.adapter_parameters("value") + list(ours.heads["value"].parameters())
     opt = torch.optim.AdamW([{"params": pol}, {"params": val}], lr=cfg.lr)
-    ids, pix = prompt_ids(c, prompts, cfg.prompt_text, torch.Generator().manual_seed(7), dev)
-    pcfg = SimpleNamespace(minibatch_size=minibatch or prompts, ppo_epochs=epochs, micro_batch=0, temperature=1.0,
-                           clip=0.2, vf_clip=0.2, vf_coef=0.1, grad_clip=1.0, out=tmp, seed=cfg.seed)
+    g = torch.Generator().manual_seed(7)
+    ids, _ = prompt_ids(c, prompts, cfg.prompt_text, g, dev)
+    records = rollout_prompts(ids, c.image_size, os.path.join(tmp, f"{key}_images"), g)
+    tokenizer, images = word_tokenizer(c), ImageCache(c.image_size)
+    pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts, ppo_epochs=epochs,
+                      rm_input="tokens", out=tmp, seed=cfg.seed)  # ppo.py's defaults otherwise
+    rm = (False, "llava-rlhf", "vicuna_v1")  # (facts, wording, template): a reward model without facts
+    d = common.Dist(device=dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     parts = []
 
     def iteration():
         t0 = time.perf_counter()
-        ro, adv, returns = ppo_rollout(ours, ids, pix, new_tokens, gen)
+        ro = ppo.rollout(ours, ours, tokenizer, records, images, pcfg, rm, pcfg.kl_coef, gen, key)
+        adv, returns = ppo.gae(ro["rewards"] * pcfg.reward_scale, ro["values"], pcfg.gamma, pcfg.lam)
+        adv = ppo.whiten(adv, ro["rmask"], d)
         sync(dev)
         t1 = time.perf_counter()
-        ppo.ppo_update(ours, ours, ro, adv, returns, opt, pol + val, pcfg, common.Dist(device=dev), 0)
+        ppo.ppo_update(ours, ours, ro, adv, returns, opt, pol + val, pcfg, d, 0)
         sync(dev)
         parts.append((t1 - t0, time.perf_counter() - t1))
     res = race({"ppo": iteration}, cfg, dev)["ppo"]
