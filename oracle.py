@@ -13,27 +13,37 @@ from data import NUMBER_WORDS, POSITIONS, plural, position_of
 # The world's words. shapes.py draws these shapes in these colours (test_oracle checks both lists).
 SYNONYMS = {"circle": ["circle", "disc", "disk", "dot"], "square": ["square", "box", "block"],
             "triangle": ["triangle"], "cross": ["cross", "plus"], "diamond": ["diamond", "rhombus"],
-            "ring": ["ring", "donut", "doughnut", "hoop"]}  # surface words per category (CHAIR uses it)
+            "ring": ["ring", "donut", "doughnut", "hoop"]}
+# (SYNONYMS: the surface words per category; CHAIR counts them)
 COLORS = ("red", "green", "blue", "yellow", "purple", "white")
 
 WORD2SHAPE = {w: k for k, ws in SYNONYMS.items() for w0 in ws for w in (w0, plural(w0))}
-GENERIC = {w: "object" for w0 in ["object", "shape", "item", "thing", "figure"] for w in (w0, plural(w0))}
-SIZE_WORDS = {"large": "large", "big": "large", "small": "small", "little": "small", "tiny": "small"}
-NUMS = {**{w: i for i, w in enumerate(NUMBER_WORDS) if i}, **{str(i): i for i in range(100)}, "single": 1}
-DETS = {"a", "an", "the", "any", "some", "this", "that", "these", "those", "no", "colorful", "colored",
-        "coloured", "other", "another", "more", "only", "exactly", "just"}
+GENERIC_NOUNS = ["object", "shape", "item", "thing", "figure"]
+GENERIC = {w: "object" for w0 in GENERIC_NOUNS for w in (w0, plural(w0))}
+SIZE_WORDS = {"large": "large", "big": "large", "small": "small", "little": "small",
+              "tiny": "small"}
+NUMS = {**{w: i for i, w in enumerate(NUMBER_WORDS) if i},
+        **{str(i): i for i in range(100)},
+        "single": 1}
+DETS = {"a", "an", "the", "any", "some", "this", "that", "these", "those", "no", "colorful",
+        "colored", "coloured", "other", "another", "more", "only", "exactly", "just"}
 NEGATORS = {"not", "no", "never", "without", "nor", "isn't", "aren't", "wasn't", "weren't", "don't",
             "doesn't", "didn't", "can't", "cannot", "couldn't", "won't"}
-NEG_SKIP = {"is", "are", "was", "were", "be", "there", "see", "find", "spot", "notice", "observe", "seem",
-            "seems", "to", "appear", "appears", "i", "we", "you", "can", "could", "do", "does", "really"}
-COPULA = {"is", "are", "was", "were", "be", "located", "placed", "positioned", "situated", "sits", "lies",
-          "appears", "seems", "looks", "also", "both", "all", "each", "colored", "drawn", "shown"}
+NEG_SKIP = {"is", "are", "was", "were", "be", "there", "see", "find", "spot", "notice", "observe",
+            "seem", "seems", "to", "appear", "appears", "i", "we", "you", "can", "could", "do",
+            "does", "really"}
+COPULA = {"is", "are", "was", "were", "be", "located", "placed", "positioned", "situated", "sits",
+          "lies", "appears", "seems", "looks", "also", "both", "all", "each", "colored", "drawn",
+          "shown"}
 RELATIONS = [(["to", "the", "left", "of"], "left"), (["to", "the", "right", "of"], "right"),
              (["on", "the", "left", "of"], "left"), (["on", "the", "right", "of"], "right"),
-             (["left", "of"], "left"), (["right", "of"], "right"), (["above"], "above"), (["over"], "above"),
-             (["below"], "below"), (["under"], "below"), (["beneath"], "below"), (["underneath"], "below")]
+             (["left", "of"], "left"), (["right", "of"], "right"),
+             (["above"], "above"), (["over"], "above"),
+             (["below"], "below"), (["under"], "below"), (["beneath"], "below"),
+             (["underneath"], "below")]
 ROW_WORDS, COL_WORDS = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}, {"left": 0, "right": 2}
 MID_WORDS = {"middle", "center", "centre", "central"}
+CLAUSE_BREAK = r"[,;:]|\b(?:but|while|whereas|however|although|though|instead|except)\b"
 REL_TEST = {"left": lambda x, y: x["col"] < y["col"], "right": lambda x, y: x["col"] > y["col"],
             "above": lambda x, y: x["row"] < y["row"], "below": lambda x, y: x["row"] > y["row"]}
 
@@ -46,7 +56,9 @@ def _match_relation(toks, j):
             break
         rels.append(hit[1])
         k += len(hit[0])
-        if not (k < len(toks) - 1 and toks[k] == "and" and any(toks[k + 1:k + 1 + len(p)] == p for p, _ in RELATIONS)):
+        another = k < len(toks) - 1 and toks[k] == "and" and \
+            any(toks[k + 1:k + 1 + len(p)] == p for p, _ in RELATIONS)
+        if not another:  # 'above and to the left of': one more relation follows
             break
         k += 1
     return (rels, k) if rels else None
@@ -76,11 +88,13 @@ def _parse_clause(toks, mentions, relations):
     for k, t in enumerate(toks):
         if t in WORD2SHAPE or t in GENERIC:
             s = k
-            while s > 0 and (toks[s - 1] in DETS or toks[s - 1] in COLORS or toks[s - 1] in SIZE_WORDS or toks[s - 1] in NUMS):
+            while s > 0 and any(toks[s - 1] in words for words in (DETS, COLORS, SIZE_WORDS, NUMS)):
                 s -= 1
             nps.append((s, k))
-    lead = _match_position(toks, 0) if len(toks) > 1 else None  # "At the top left there is a red circle"
-    if lead and nps and all(t in ("there", "is", "are", "lies", "sits", "we", "see", "can", "you") or t in DETS
+    # "At the top left there is a red circle"
+    lead = _match_position(toks, 0) if len(toks) > 1 else None
+    filler = ("there", "is", "are", "lies", "sits", "we", "see", "can", "you")
+    if lead and nps and all(t in filler or t in DETS
                             for t in toks[lead[1]:nps[0][0]]):
         lead = lead[0]
     else:
@@ -88,11 +102,13 @@ def _parse_clause(toks, mentions, relations):
     idx = []
     for s, k in nps:
         mods = toks[s:k]
+        is_plural = toks[k] != WORD2SHAPE.get(toks[k], GENERIC.get(toks[k]))  # not its own singular
         m = {"name": WORD2SHAPE.get(toks[k]), "colors": [w for w in mods if w in COLORS],
-             "sizes": [SIZE_WORDS[w] for w in mods if w in SIZE_WORDS], "count": None, "position": None,
+             "sizes": [SIZE_WORDS[w] for w in mods if w in SIZE_WORDS],
+             "count": None, "position": None,
              "not_colors": [], "not_sizes": [], "not_positions": [], "all": [],
              "negated": "no" in mods, "other": any(w in ("other", "another", "more") for w in mods),
-             "plural": toks[k] != WORD2SHAPE.get(toks[k], GENERIC.get(toks[k])) or s > 0 and toks[s - 1] == "all"}
+             "plural": is_plural or s > 0 and toks[s - 1] == "all"}
         m["count"] = next((NUMS[w] for w in mods if w in NUMS), None)
         j, back = s - 1, 0  # "there is not a circle", "I can't see any circle"
         while j >= 0 and back < 4 and toks[j] not in NEGATORS and toks[j] in NEG_SKIP:
@@ -117,7 +133,8 @@ def _parse_clause(toks, mentions, relations):
             if rel:
                 later = [i for i, (s2, _) in enumerate(nps) if s2 >= rel[1]]
                 if later:
-                    relations.append({"a": idx[n], "rels": rel[0], "b": idx[later[0]], "negated": neg})
+                    relations.append({"a": idx[n], "rels": rel[0], "b": idx[later[0]],
+                                      "negated": neg})
                 break
             pos = _match_position(toks, j) if j + 1 < len(toks) else None
             if pos:
@@ -138,7 +155,8 @@ def _parse_clause(toks, mentions, relations):
                 else:
                     m[("not_" if neg else "") + key + "s"].append(v)
                 j += 1
-            elif cop and t in ("present", "visible", "there", "here", "seen") or t in ("absent", "missing"):
+            elif cop and t in ("present", "visible", "there", "here", "seen") or \
+                    t in ("absent", "missing"):
                 m["negated"] |= neg or t in ("absent", "missing")
                 j += 1
             elif cop and t == "and":
@@ -177,27 +195,30 @@ def oracle(text, objects):
     before it give color, size, a count (number words / digits / 'single'; 'a'/'the' are no count)
     and negation ('no circle', 'there is not a circle', "I can't see any circle"); the words after
     it give predicates: 'is red', 'is not red', 'is large', 'at/in/on the <position>',
-    'is (not) present', relations 'is (above|below|to the left of|to the right of)( and ...) <noun>'.
+    'is (not) present', relations
+    'is (above|below|to the left of|to the right of)( and ...) <noun>'.
 
     Returns a dict:
-      mentions: every shape mention with its attributes and 'error' (None, 'object', 'color', 'size',
-        'position', 'count', 'false_negative');
+      mentions: every shape mention with its attributes and 'error' (None, 'object', 'color',
+        'size', 'position', 'count', 'false_negative');
       hallucinated_objects: shape names mentioned positively but absent (unique, in order);
       hallucinated_attributes: claims about present shapes (or generic objects) with a wrong color,
         size, position or count, e.g. 'circle color=blue', 'object count=3' (unique strings);
-      hallucinated_relations: false relation claims between present objects, e.g. 'circle left square';
+      hallucinated_relations: false relation claims between present objects, e.g.
+        'circle left square';
       false_negatives: claimed absences of present things ('No, there is no circle' with a circle);
       num_mentions: distinct shape categories mentioned positively (CHAIR's object words);
       num_hallucinated_objects = len(hallucinated_objects);
       num_hallucinations = objects + attributes + relations + false negatives.
-    A relation is only checked when both ends are present and fit their attributes (no double count).
+    A relation is only checked when both ends are present and fit their attributes (no double
+    count).
     'The circle is red' with two circles is true if some circle is red; 'is not red' is wrong only
     if every such circle is red. Junk text gives empty lists, never an exception."""
     mentions, relations = [], []
     for sent in re.findall(r"[^.!?\n]+[.!?]*", str(text or "")):
         if sent.rstrip().endswith("?"):
             continue
-        for clause in re.split(r"[,;:]|\b(?:but|while|whereas|however|although|though|instead|except)\b", sent.lower()):
+        for clause in re.split(CLAUSE_BREAK, sent.lower()):
             _parse_clause(re.findall(r"[a-z]+(?:'[a-z]+)?|\d+", clause), mentions, relations)
     halluc_obj, attrs, fnegs = [], [], []
     for m in mentions:
@@ -216,7 +237,8 @@ def oracle(text, objects):
         elif err:
             m["error"] = err
             val = {"color": m["colors"], "size": m["sizes"], "position": [m["position"]]}[err]
-            attrs.append(f"{_label(m) if err == 'position' else m['name'] or 'object'} {err}={' '.join(val)}")
+            what = _label(m) if err == "position" else m["name"] or "object"
+            attrs.append(f"{what} {err}={' '.join(val)}")
         else:
             for key, vals in (("color", m["not_colors"]), ("size", m["not_sizes"])):
                 for v in vals:
@@ -238,7 +260,8 @@ def oracle(text, objects):
         ma, mb = mentions[r["a"]], mentions[r["b"]]
         A, B = _candidates(ma, objects)[0], _candidates(mb, objects)[0]
         if r["rels"] != ["is"]:
-            A, B = [o for o in A if o.get("row") is not None], [o for o in B if o.get("row") is not None]
+            A = [o for o in A if o.get("row") is not None]  # placed objects only
+            B = [o for o in B if o.get("row") is not None]
         if ma["negated"] or mb["negated"] or ma["error"] or mb["error"] or not A or not B:
             continue
         if r["rels"] == ["is"]:  # identity: every (plural) or some (singular) such object is a B
@@ -249,16 +272,18 @@ def oracle(text, objects):
         pairs = [(x, y) for x in A for y in B if x is not y]
         holds = [all(REL_TEST[k](x, y) for k in r["rels"]) for x, y in pairs]
         if pairs and (all(holds) if r["negated"] else not any(holds)):
-            bad_rel.append(f"{_label(ma)} {'not ' if r['negated'] else ''}{'+'.join(r['rels'])} {_label(mb)}")
+            said = ("not " if r["negated"] else "") + "+".join(r["rels"])
+            bad_rel.append(f"{_label(ma)} {said} {_label(mb)}")
     uniq = lambda xs: list(dict.fromkeys(xs))
-    out = {"mentions": [{k: m[k] for k in ("name", "colors", "sizes", "count", "position", "negated", "error")}
-                        for m in mentions if m["name"]],
+    shown = ("name", "colors", "sizes", "count", "position", "negated", "error")
+    out = {"mentions": [{k: m[k] for k in shown} for m in mentions if m["name"]],
            "hallucinated_objects": uniq(halluc_obj), "hallucinated_attributes": uniq(attrs),
            "hallucinated_relations": uniq(bad_rel), "false_negatives": uniq(fnegs)}
     out["num_mentions"] = len(uniq(m["name"] for m in mentions if m["name"] and not m["negated"]))
     out["num_hallucinated_objects"] = len(out["hallucinated_objects"])
-    out["num_hallucinations"] = sum(len(out[k]) for k in ("hallucinated_objects", "hallucinated_attributes",
-                                                          "hallucinated_relations", "false_negatives"))
+    claims = ("hallucinated_objects", "hallucinated_attributes", "hallucinated_relations",
+              "false_negatives")
+    out["num_hallucinations"] = sum(len(out[k]) for k in claims)
     return out
 
 
@@ -284,16 +309,24 @@ def score_answer(qtype, text, answer_key):
     if qtype == "count":
         rest = re.sub(r"^\W*(yes|no)\b\W*", "", low)
         m = re.search(r"\b(no|zero|" + "|".join(NUMBER_WORDS[1:]) + r"|\d+)\b", rest)
-        n = None if not m else 0 if m.group(1) in ("no", "zero") else NUMS.get(m.group(1)) or int(m.group(1))
+        if not m:
+            return False  # (int(answer_key) is never None)
+        word = m.group(1)
+        n = 0 if word in ("no", "zero") else NUMS.get(word) or int(word)
         return n == int(answer_key)
     if qtype == "color":
-        m = re.search(r"\b(?:is|are)\s+(" + "|".join(COLORS) + r")\b", low) or re.search(r"\b(" + "|".join(COLORS) + r")\b", low)
+        colors = "|".join(COLORS)
+        m = re.search(r"\b(?:is|are)\s+(" + colors + r")\b", low) or \
+            re.search(r"\b(" + colors + r")\b", low)
         return bool(m) and m.group(1) == answer_key
     if qtype == "mc":
-        m = re.search(r"correct option is\s*\(?([A-D])\b", text) or re.match(r"\W*\(?([A-D])(?:[.:)]|\s|$)", text)
+        m = re.search(r"correct option is\s*\(?([A-D])\b", text) or \
+            re.match(r"\W*\(?([A-D])(?:[.:)]|\s|$)", text)
         return bool(m) and m.group(1) == answer_key
     if qtype == "describe":  # the same set of described objects (size, color, shape, position)
-        key = lambda t: sorted((m["name"], tuple(m["sizes"]), tuple(m["colors"]), m["position"] or "")
-                               for m in oracle(t, [])["mentions"] if not m["negated"])
-        return key(text) == key(answer_key)
+        def described(t):
+            mentions = oracle(t, [])["mentions"]
+            return sorted((m["name"], tuple(m["sizes"]), tuple(m["colors"]), m["position"] or "")
+                          for m in mentions if not m["negated"])
+        return described(text) == described(answer_key)
     raise ValueError(f"unknown question type {qtype}")

@@ -5,7 +5,7 @@ import pytest
 import oracle
 import shapes
 
-O = [{"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0,
+OBJECTS = [{"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0,
       "position": "top left", "bbox": [1, 1, 14, 14]},
      {"name": "square", "color": "blue", "size": "small", "row": 1, "col": 1,
       "position": "center", "bbox": [19, 19, 9, 9]},
@@ -50,7 +50,7 @@ def test_the_oracle_reads_the_worlds_words():
     ("Is there a triangle? No.", {}),
 ])
 def test_oracle(text, keys):
-    r = oracle.oracle(text, O)
+    r = oracle.oracle(text, OBJECTS)
     for k in CLAIM_LISTS:
         assert r[k] == keys.get(k, []), (k, r[k])
     assert r["num_hallucinations"] == sum(len(v) for v in keys.values())
@@ -61,7 +61,7 @@ def test_oracle(text, keys):
                                   "To the left of above below and", "3 4 5 6 99999999999"])
 def test_oracle_junk(junk):
     """Text without a shape word claims nothing: no mention, no hallucination, no exception."""
-    r = oracle.oracle(junk, O)
+    r = oracle.oracle(junk, OBJECTS)
     assert r["mentions"] == [] and r["num_mentions"] == 0
     assert all(r[k] == [] for k in CLAIM_LISTS)
     assert r["num_hallucinations"] == 0 and r["num_hallucinated_objects"] == 0
@@ -69,18 +69,18 @@ def test_oracle_junk(junk):
 
 def test_oracle_junk_repeating_a_present_shape():
     """500 bare mentions of a shape that is there: 500 mentions of one category, nothing false."""
-    r = oracle.oracle("circle " * 500, O)
+    r = oracle.oracle("circle " * 500, OBJECTS)
     assert len(r["mentions"]) == 500 and {m["name"] for m in r["mentions"]} == {"circle"}
     assert r["num_mentions"] == 1 and r["num_hallucinations"] == 0
-    absent = oracle.oracle("diamond " * 500, O)  # and of one that is not: one hallucinated object
+    absent = oracle.oracle("diamond " * 500, OBJECTS)  # and of one that is not: one hallucinated object
     assert absent["hallucinated_objects"] == ["diamond"] and absent["num_hallucinations"] == 1
 
 
 def test_chair_counts():
     text = "A red circle and a triangle next to a diamond and another triangle."
-    assert oracle.chair_counts(text, O) == (3, 2)
-    assert oracle.chair_counts("There is no triangle. Two circles and a box.", O) == (2, 0)
-    assert oracle.chair_counts("", O) == (0, 0)
+    assert oracle.chair_counts(text, OBJECTS) == (3, 2)
+    assert oracle.chair_counts("There is no triangle. Two circles and a box.", OBJECTS) == (2, 0)
+    assert oracle.chair_counts("", OBJECTS) == (0, 0)
 
 
 def test_score_answer():
@@ -95,7 +95,7 @@ def test_score_answer():
     assert score("relation", "No, the circle is above the square.", "no")
     assert score("mc", "The circle is red. So the correct option is B.", "B")
     assert score("mc", "B. circle", "B") and not score("mc", "A", "B")
-    key = shapes.describe(O)
+    key = shapes.describe(OBJECTS)
     assert score("describe", key, key)
     assert not score("describe", key.replace("green", "blue"), key)
     with pytest.raises(ValueError):
