@@ -32,25 +32,31 @@ FORMAT_NAME, FORMAT_VERSION = "factalign", 1
 # always write the llava-hf hub layout (unfused), so any tool that reads llava-hf reads ours.
 
 def _canonical_key(key):
-    """Map a checkpoint key from any supported layout to (part, name):
-    part in {'vision', 'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""
+    """Map a checkpoint key from any supported layout to (part, name): part in {'vision',
+    'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""
     k = key
     for p in ("model.vision_tower.vision_tower.", "model.vision_tower.", "model.language_model.",
               "model.multi_modal_projector."):
         if k.startswith(p):  # transformers 5 in-memory names / original LLaVA's nested tower
-            k = k[len("model."):] if p != "model.vision_tower.vision_tower." else "vision_tower." + k[len(p):]
+            if p == "model.vision_tower.vision_tower.":
+                k = "vision_tower." + k[len(p):]
+            else:
+                k = k[len("model."):]
             break
     if k.startswith("vision_tower."):
         k = k[len("vision_tower."):]
     if k.startswith("vision_model."):
         return "vision", k[len("vision_model."):]
     if k.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):
-        return "vision", k  # transformers 5 save_pretrained: vision_tower.embeddings.* (no vision_model.)
+        # transformers 5 save_pretrained: vision_tower.embeddings.* (no vision_model.)
+        return "vision", k
     if k.startswith("multi_modal_projector."):
         return "projector", k[len("multi_modal_projector."):]
-    if k.startswith("model.mm_projector."):  # original LLaVA: Linear, or Sequential(Linear, GELU, Linear)
+    # original LLaVA: Linear, or Sequential(Linear, GELU, Linear)
+    if k.startswith("model.mm_projector."):
         rest = k[len("model.mm_projector."):]
-        rest = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2], "linear_1.") + rest.split(".")[-1]
+        linear = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2], "linear_1.")
+        rest = linear + rest.split(".")[-1]
         return "projector", rest
     if k.startswith("language_model.lm_head.") or k.startswith("lm_head."):
         return "lm_head", k.split("lm_head.", 1)[1]
@@ -66,27 +72,31 @@ def _canonical_key(key):
 
 
 def _our_targets(c):
-    """Our parameter name -> list of (part, canonical name) it is made of (several: stacked in order)."""
+    """Our parameter name -> list of (part, canonical name) it is made of (several: stacked in
+    order)."""
     t = {}
     t["vision_tower.embeddings.class_embedding"] = [("vision", "embeddings.class_embedding")]
-    t["vision_tower.embeddings.patch_embedding.weight"] = [("vision", "embeddings.patch_embedding.weight")]
-    t["vision_tower.embeddings.position_embedding.weight"] = [("vision", "embeddings.position_embedding.weight")]
+    for e in ("patch_embedding.weight", "position_embedding.weight"):
+        t[f"vision_tower.embeddings.{e}"] = [("vision", f"embeddings.{e}")]
     for w in ("weight", "bias"):
         t[f"vision_tower.pre_layrnorm.{w}"] = [("vision", f"pre_layrnorm.{w}")]
     for i in range(c.vision_layers_run):
         for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                   "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
             for w in ("weight", "bias"):
-                t[f"vision_tower.encoder.layers.{i}.{m}.{w}"] = [("vision", f"encoder.layers.{i}.{m}.{w}")]
+                name = f"encoder.layers.{i}.{m}.{w}"
+                t[f"vision_tower.{name}"] = [("vision", name)]
     for lin in ("linear_1", "linear_2") if c.projector == "mlp2x_gelu" else ("linear_1",):
         for w in ("weight", "bias"):
             t[f"projector.{lin}.{w}"] = [("projector", f"{lin}.{w}")]
     t["language_model.embed_tokens.weight"] = [("text", "embed_tokens.weight")]
     for i in range(c.layers):
         p = f"layers.{i}."
-        t[f"language_model.{p}self_attn.qkv_proj.weight"] = [("text", p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        qkv = [("text", p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        t[f"language_model.{p}self_attn.qkv_proj.weight"] = qkv
         t[f"language_model.{p}self_attn.o_proj.weight"] = [("text", p + "self_attn.o_proj.weight")]
-        t[f"language_model.{p}mlp.gate_up_proj.weight"] = [("text", p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+        gate_up = [("text", p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+        t[f"language_model.{p}mlp.gate_up_proj.weight"] = gate_up
         t[f"language_model.{p}mlp.down_proj.weight"] = [("text", p + "mlp.down_proj.weight")]
         for n in ("input_layernorm", "post_attention_layernorm"):
             t[f"language_model.{p}{n}.weight"] = [("text", p + f"{n}.weight")]
@@ -115,7 +125,8 @@ class TensorSource:
                 if part is None or (only_parts and part not in only_parts):
                     continue
                 if part == "unknown":
-                    raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another architecture?)")
+                    raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another "
+                                          "architecture?)")
                 self.where[(part, name)] = (f, key)
         return files
 
@@ -129,7 +140,8 @@ class TensorSource:
                     from safetensors import safe_open
                     self.handles[f] = safe_open(f, framework="pt", device="cpu")
                 else:
-                    self.handles[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+                    self.handles[f] = torch.load(f, map_location="cpu", mmap=True,
+                                                 weights_only=True)
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -144,12 +156,15 @@ class TensorSource:
         try:
             return h.get_tensor(key) if f.endswith(".safetensors") else h[key]
         except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor '{key}' (truncated or corrupt file?): {e}")
+            raise CheckpointError(f"{f}: cannot read tensor '{key}' (truncated or corrupt file?): "
+                                  f"{e}")
 
     def shape(self, part, name):
         f, key = self.where[(part, name)]
         h = self._handle(f)
-        return tuple(h.get_slice(key).get_shape()) if f.endswith(".safetensors") else tuple(h[key].shape)
+        if f.endswith(".safetensors"):
+            return tuple(h.get_slice(key).get_shape())
+        return tuple(h[key].shape)
 
     def key(self, part, name):
         f, key = self.where[(part, name)]
@@ -160,11 +175,13 @@ def _weight_files(path):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
     names = sorted(os.listdir(path))
-    st = [n for n in names if n.endswith(".safetensors") and n not in ("adapters.safetensors", "adapter_model.safetensors")]
+    adapter_files = ("adapters.safetensors", "adapter_model.safetensors")
+    st = [n for n in names if n.endswith(".safetensors") and n not in adapter_files]
     pt = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
     files = st or pt
     if not files:
-        raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors or pytorch_model*.bin)")
+        raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
+                              "or pytorch_model*.bin)")
     return [os.path.join(path, n) for n in files]
 
 
@@ -189,14 +206,19 @@ def _get(d, key, default):
 def _text_fields(t):
     """LLaMA config fields -> ours, with transformers' LlamaConfig defaults for absent fields
     (hub configs list only what differs from those defaults)."""
-    if t.get("rope_scaling") not in (None, {}) and t["rope_scaling"].get("rope_type", t["rope_scaling"].get("type")) not in (None, "default"):
+    scaling = t.get("rope_scaling")
+    scaling_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if scaling not in (None, {}) and scaling_type not in (None, "default"):
         raise CheckpointError(f"config: rope_scaling {t['rope_scaling']} is not supported")
     heads = _get(t, "num_attention_heads", 32)
     hidden = _get(t, "hidden_size", 4096)
     rope = t.get("rope_parameters") or {}
-    return dict(vocab_size=_get(t, "vocab_size", 32000), hidden=hidden, intermediate=_get(t, "intermediate_size", 11008),
-                layers=_get(t, "num_hidden_layers", 32), heads=heads, kv_heads=_get(t, "num_key_value_heads", heads),
-                head_dim=_get(t, "head_dim", hidden // heads), rms_eps=_get(t, "rms_norm_eps", 1e-6),
+    return dict(vocab_size=_get(t, "vocab_size", 32000), hidden=hidden,
+                intermediate=_get(t, "intermediate_size", 11008),
+                layers=_get(t, "num_hidden_layers", 32), heads=heads,
+                kv_heads=_get(t, "num_key_value_heads", heads),
+                head_dim=_get(t, "head_dim", hidden // heads),
+                rms_eps=_get(t, "rms_norm_eps", 1e-6),
                 rope_theta=_get(rope, "rope_theta", _get(t, "rope_theta", 10000.0)),
                 max_position=_get(t, "max_position_embeddings", 2048),
                 tie_embeddings=bool(_get(t, "tie_word_embeddings", False)),
@@ -206,28 +228,36 @@ def _text_fields(t):
 def _vision_fields(v):
     """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields."""
     if _get(v, "hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"config: vision hidden_act '{v['hidden_act']}' is not supported (quick_gelu)")
+        raise CheckpointError(f"config: vision hidden_act '{v['hidden_act']}' is not supported "
+                              "(quick_gelu)")
     return dict(image_size=_get(v, "image_size", 224), patch_size=_get(v, "patch_size", 32),
-                vision_hidden=_get(v, "hidden_size", 768), vision_intermediate=_get(v, "intermediate_size", 3072),
-                vision_layers=_get(v, "num_hidden_layers", 12), vision_heads=_get(v, "num_attention_heads", 12),
+                vision_hidden=_get(v, "hidden_size", 768),
+                vision_intermediate=_get(v, "intermediate_size", 3072),
+                vision_layers=_get(v, "num_hidden_layers", 12),
+                vision_heads=_get(v, "num_attention_heads", 12),
                 vision_eps=_get(v, "layer_norm_eps", 1e-5))
 
 
 def _vision_fields_from_weights(src):
-    """Infer the CLIP config from tensor shapes (heads assumed 64-wide, true of OpenAI's CLIP ViTs)."""
+    """Infer the CLIP config from tensor shapes (heads assumed 64-wide, true of OpenAI's CLIP ViTs).
+    """
     hidden, _, p, _ = src.shape("vision", "embeddings.patch_embedding.weight")
     n_pos = src.shape("vision", "embeddings.position_embedding.weight")[0]
-    layers = 1 + max(int(n.split(".")[2]) for (part, n) in src.where if part == "vision" and n.startswith("encoder.layers."))
+    vision = [n for part, n in src.where if part == "vision"]
+    layer_keys = [n for n in vision if n.startswith("encoder.layers.")]
+    layers = 1 + max(int(n.split(".")[2]) for n in layer_keys)
     if hidden % 64:
-        raise CheckpointError(f"{src.key('vision', 'embeddings.patch_embedding.weight')}: cannot infer the CLIP "
-                              f"head count for width {hidden}; pass the CLIP directory (--vision_tower DIR)")
+        where = src.key("vision", "embeddings.patch_embedding.weight")
+        raise CheckpointError(f"{where}: cannot infer the CLIP head count for width {hidden}; "
+                              "pass the CLIP directory (--vision_tower DIR)")
     return dict(image_size=int(round(math.sqrt(n_pos - 1))) * p, patch_size=p, vision_hidden=hidden,
                 vision_intermediate=src.shape("vision", "encoder.layers.0.mlp.fc1.weight")[0],
                 vision_layers=layers, vision_heads=hidden // 64)
 
 
 def detect_layout(path):
-    """'factalign' | 'llava-hf' | 'llava' (original LLaVA / LLaVA-RLHF) | 'llama' | 'clip' | 'run' (a run dir)."""
+    """'factalign' | 'llava-hf' | 'llava' (original LLaVA / LLaVA-RLHF) | 'llama' | 'clip' | 'run'
+    (a run dir)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -239,7 +269,8 @@ def detect_layout(path):
     if cfg.get("format") == FORMAT_NAME:
         return "factalign"
     if "format_version" in cfg:  # written by a checkpoint format that is not this one
-        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version {cfg['format_version']!r} is not a "
+        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version "
+                              f"{cfg['format_version']!r} is not a "
                               f"{FORMAT_NAME} checkpoint format this code reads")
     mt = cfg.get("model_type", "")
     if mt == "llava" and "text_config" in cfg:
@@ -250,7 +281,8 @@ def detect_layout(path):
         return "llama"
     if mt in ("clip", "clip_vision_model"):
         return "clip"
-    raise CheckpointError(f"{cfg_path}: unsupported model_type '{mt}' (expected a LLaVA, LLaMA or CLIP checkpoint)")
+    raise CheckpointError(f"{cfg_path}: unsupported model_type '{mt}' (expected a LLaVA, LLaMA or "
+                          "CLIP checkpoint)")
 
 
 def latest_checkpoint(run_dir):
@@ -272,10 +304,12 @@ def resolve_checkpoint(path):
 
 
 def _resolve_clip_dir(name, checkpoint):
-    """A local CLIP directory: as named, or beside the checkpoint (config names like 'openai/clip-vit-large-patch14-336')."""
+    """A local CLIP directory: as named, or beside the checkpoint (config names like
+    'openai/clip-vit-large-patch14-336')."""
     if not name:
         return None
-    for cand in (name, os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(name))):
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(name))
+    for cand in (name, beside):
         if os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
             return cand
     return None
@@ -286,7 +320,8 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT)."""
     path = resolve_checkpoint(str(path))
-    if is_peft_dir(path):  # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
+    # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
+    if is_peft_dir(path):
         model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
         load_peft_adapter(model, path, "default")
         model.set_adapter("default")
@@ -297,17 +332,21 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     fresh_projector = False
     if layout == "factalign":
         if cfg.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}/config.json: format_version {cfg['format_version']} is newer than this "
-                                  f"code reads ({FORMAT_VERSION}); update factalign")
+            raise CheckpointError(f"{path}/config.json: format_version {cfg['format_version']} "
+                                  f"is newer than this code reads ({FORMAT_VERSION}); "
+                                  "update factalign")
         if not isinstance(cfg.get("model"), dict):
             raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
         known = {f.name: type(f.default) for f in fields(ModelConfig)}
         unknown = set(cfg["model"]) - set(known)
         if unknown:
-            raise CheckpointError(f"{path}/config.json: field 'model': unknown fields {sorted(unknown)}")
+            raise CheckpointError(f"{path}/config.json: field 'model': unknown fields "
+                                  f"{sorted(unknown)}")
         for k, v in cfg["model"].items():  # (an int is a fine float)
-            if type(v) is not known[k] and not (known[k] is float and type(v) is int) and known[k] is not type(None):
-                raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected {known[k].__name__}, got {v!r}")
+            int_as_float = known[k] is float and type(v) is int
+            if type(v) is not known[k] and not int_as_float and known[k] is not type(None):
+                raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected "
+                                      f"{known[k].__name__}, got {v!r}")
         try:
             config = ModelConfig(**cfg["model"])
         except CheckpointError as e:  # "config: field ...": name the file
@@ -319,26 +358,31 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
         layer = _get(cfg, "vision_feature_layer", -2)
         if not isinstance(layer, int):
-            raise CheckpointError(f"{path}/config.json: vision_feature_layer {layer}: only one layer is supported")
+            raise CheckpointError(f"{path}/config.json: vision_feature_layer {layer}: only one "
+                                  "layer is supported")
         act = _get(cfg, "projector_hidden_act", "gelu")
         if act not in ("gelu", "linear"):
-            raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not supported (gelu, linear)")
+            raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not "
+                                  "supported (gelu, linear)")
         tf = _text_fields(cfg.get("text_config") or {})
         image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        pad = _get(cfg, "pad_token_id", _get(cfg.get("text_config") or {}, "pad_token_id", tf["vocab_size"] - 1))
-        config = ModelConfig(**vf, **tf, vision_select_layer=layer,
-                             vision_select_feature="patch" if strategy == "default" else "cls_patch",
-                             projector="mlp2x_gelu" if act == "gelu" else "linear", image_token_id=image_id,
-                             pad_token_id=pad)
+        text_pad = _get(cfg.get("text_config") or {}, "pad_token_id", tf["vocab_size"] - 1)
+        pad = _get(cfg, "pad_token_id", text_pad)
+        feature = "patch" if strategy == "default" else "cls_patch"
+        projector = "mlp2x_gelu" if act == "gelu" else "linear"
+        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+                             projector=projector, image_token_id=image_id, pad_token_id=pad)
         src.add_dir(path)
-        if act == "linear":  # our export of a one-layer projector: linear_2 is the identity; fold it back
+        # our export of a one-layer projector: linear_2 is the identity; fold it back
+        if act == "linear":
             src = _FoldedLinearProjector(src)
     elif layout in ("llava", "llama"):
         tf = _text_fields(cfg)
         src.add_dir(path)
         has_vision = any(p == "vision" for p, _ in src.where)
         clip_dir = _resolve_clip_dir(vision_tower or cfg.get("mm_vision_tower"), path)
-        if clip_dir is not None:  # the CLIP config (and, when absent here, its weights) from the CLIP dir
+        # the CLIP config (and, when absent here, its weights) from the CLIP dir
+        if clip_dir is not None:
             clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
             vf = _vision_fields(clip_cfg.get("vision_config", clip_cfg))
             if vision_tower or not has_vision:
@@ -347,20 +391,23 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         elif has_vision:
             vf = _vision_fields_from_weights(src)
         else:
-            raise CheckpointError(f"{path}: the CLIP weights are not in this checkpoint; pass the local CLIP "
-                                  f"directory (--vision_tower DIR; config names '{cfg.get('mm_vision_tower')}')")
+            raise CheckpointError(f"{path}: the CLIP weights are not in this checkpoint; pass the "
+                                  "local CLIP directory (--vision_tower DIR; config names "
+                                  f"'{cfg.get('mm_vision_tower')}')")
         if _get(cfg, "mm_use_im_start_end", False):
             raise CheckpointError(f"{path}/config.json: mm_use_im_start_end true is not supported")
         feature = _get(cfg, "mm_vision_select_feature", "patch")
         projector = _get(cfg, "mm_projector_type", "linear")
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
         pad = _get(cfg, "pad_token_id", 0)  # LLaVA pads with <unk> (id 0)
-        config = ModelConfig(**vf, **tf, vision_select_layer=_get(cfg, "mm_vision_select_layer", -2),
-                             vision_select_feature=feature, projector=projector,
-                             image_token_id=-200, pad_token_id=pad)  # -200: LLaVA's IMAGE_TOKEN_INDEX
+        layer = _get(cfg, "mm_vision_select_layer", -2)
+        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+                             projector=projector,
+                             image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
+                             pad_token_id=pad)
     elif layout == "clip":
-        raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or LLaVA directory "
-                              f"and this one as the vision tower")
+        raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or "
+                              "LLaVA directory and this one as the vision tower")
     else:  # unreachable: resolve_checkpoint handled run dirs
         raise CheckpointError(f"{path}: no checkpoint found")
     model = _materialize(config, src, dtype, device, fresh_projector)
@@ -385,7 +432,9 @@ class _FoldedLinearProjector:
             w2 = self.src.get("projector", "linear_2.weight").float()
             if name.endswith("weight"):
                 return w2 @ self.src.get("projector", "linear_1.weight").float()
-            return w2 @ self.src.get("projector", "linear_1.bias").float() + self.src.get("projector", "linear_2.bias").float()
+            b1 = self.src.get("projector", "linear_1.bias").float()
+            b2 = self.src.get("projector", "linear_2.bias").float()
+            return w2 @ b1 + b2
         return self.src.get(part, name)
 
     def shape(self, part, name):
@@ -417,7 +466,8 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
             continue
         if part == "lm_head" and config.tie_embeddings:
             continue
-        raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected key)")
+        raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected "
+                              "key)")
     params = dict(model.named_parameters())
     for our_name, parts in targets.items():
         p = params[our_name]
@@ -431,16 +481,19 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
             for part, name in parts:
                 if not src.has(part, name):
                     raise CheckpointError(f"checkpoint is missing key for '{part}' weight '{name}' "
-                                          f"(expected by the config; another architecture or a partial file?)")
+                                          "(expected by the config; another architecture or a "
+                                          "partial file?)")
             expected = _split_shapes(our_name, p.shape, config, len(parts))
             tensors = []
             for (part, name), shp in zip(parts, expected):
                 got = tuple(src.shape(part, name))
                 if got != tuple(shp):
-                    raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config expects {tuple(shp)}")
+                    raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config "
+                                          f"expects {tuple(shp)}")
                 tensors.append(src.get(part, name))
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
-        t = t.to(dtype=dtype or (t.dtype if t.is_floating_point() else torch.float32), device=device or "cpu")
+        keep = t.dtype if t.is_floating_point() else torch.float32
+        t = t.to(dtype=dtype or keep, device=device or "cpu")
         _set_param(model, our_name, t)
     return model
 
@@ -449,7 +502,8 @@ def _split_shapes(our_name, shape, c, n):
     if n == 1:
         return [shape]
     if "qkv_proj" in our_name:
-        return [(c.heads * c.head_dim, c.hidden), (c.kv_heads * c.head_dim, c.hidden), (c.kv_heads * c.head_dim, c.hidden)]
+        q_rows, kv_rows = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        return [(q_rows, c.hidden), (kv_rows, c.hidden), (kv_rows, c.hidden)]
     return [(c.intermediate, c.hidden), (c.intermediate, c.hidden)]  # gate_up
 
 
@@ -463,7 +517,8 @@ def _base_dir(path, base):
     cand = base if os.path.isabs(base) else os.path.normpath(os.path.join(path, base))
     cand = resolve_checkpoint(cand)
     if not os.path.isdir(cand):
-        raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint '{base}' not found")
+        raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint '{base}' not "
+                              "found")
     return cand
 
 
@@ -502,17 +557,18 @@ def _module_of(slice_name):
 
 
 def save_checkpoint_files(model, path, base=None, extra_config=None):
-    """Write config.json, model.safetensors (unless `base` names a checkpoint holding the frozen base
-    weights) and adapters.safetensors (LoRA + heads) into the directory `path`. Callers that need
-    atomicity write into a temp directory and rename (common.save_checkpoint does)."""
+    """Write config.json, model.safetensors (unless `base` names a checkpoint holding the frozen
+    base weights) and adapters.safetensors (LoRA + heads) into the directory `path`. Callers that
+    need atomicity write into a temp directory and rename (common.save_checkpoint does)."""
     os.makedirs(path, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
-           "adapters": model.adapters, "heads": sorted(model.heads), "active_adapter": model.active_adapter,
-           "base": None}
+           "adapters": model.adapters, "heads": sorted(model.heads),
+           "active_adapter": model.active_adapter, "base": None}
     if base is not None:
         cfg["base"] = os.path.relpath(os.path.abspath(base), os.path.abspath(path))
     else:
-        _save_safetensors(dict(canonical_state(model)), os.path.join(path, "model.safetensors"), {"format": "pt"})
+        weights = dict(canonical_state(model))
+        _save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})
     state = _adapter_state(model)
     if state:
         _save_safetensors(state, os.path.join(path, "adapters.safetensors"), {"format": "pt"})
@@ -550,14 +606,16 @@ def _load_adapters(model, path, cfg, device, only_new=False):
         model.add_head(name)
     own = _adapter_state(model)
     if only_new:  # keep the model's own adapters/heads as they are
-        own = {k: v for k, v in own.items() if k.split(".")[1] in set(cfg.get("adapters", {})) | set(cfg.get("heads", []))}
+        new = set(cfg.get("adapters", {})) | set(cfg.get("heads", []))
+        own = {k: v for k, v in own.items() if k.split(".")[1] in new}
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{file}: key '{missing[0]}' is missing")
     with torch.no_grad():
         for k, t in own.items():
             if tuple(state[k].shape) != tuple(t.shape):
-                raise CheckpointError(f"{file}: key '{k}' has shape {tuple(state[k].shape)} but the config expects {tuple(t.shape)}")
+                raise CheckpointError(f"{file}: key '{k}' has shape {tuple(state[k].shape)} but "
+                                      f"the config expects {tuple(t.shape)}")
             t.copy_(state[k])
     if device:
         model.to(device)
@@ -590,14 +648,15 @@ def load_adapters(model, path, name="default"):
 
 
 def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
-    """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub layout),
-    with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat template for
-    `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our tokenization does.
-    `tokenizer` defaults to the one saved beside the weights this model was loaded from. An image token
-    id < 0 (original LLaVA's -200) becomes a real id: the tokenizer's <image>, or a new token with a new
-    embedding row (the mean row, as llava-hf's conversion does).
-    A 'linear' projector is written as linear_1 + identity activation + an identity linear_2 (exact);
-    CLIP layers after the selected one are never used by LLaVA, so they are written as zeros."""
+    """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub
+    layout), with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat
+    template for `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our
+    tokenization does. `tokenizer` defaults to the one saved beside the weights this model was
+    loaded from. An image token id < 0 (original LLaVA's -200) becomes a real id: the tokenizer's
+    <image>, or a new token with a new embedding row (the mean row, as llava-hf's conversion does).
+    A 'linear' projector is written as linear_1 + identity activation + an identity linear_2
+    (exact); CLIP layers after the selected one are never used by LLaVA, so they are written as
+    zeros."""
     c = model.config
     state = dict(canonical_state(model))
     if c.projector == "linear":
@@ -614,8 +673,10 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
         for n in ("layer_norm1", "layer_norm2"):
             state[pre + f"{n}.weight"] = torch.ones(h, dtype=vdt)
             state[pre + f"{n}.bias"] = torch.zeros(h, dtype=vdt)
-        state[pre + "mlp.fc1.weight"], state[pre + "mlp.fc1.bias"] = torch.zeros(m, h, dtype=vdt), torch.zeros(m, dtype=vdt)
-        state[pre + "mlp.fc2.weight"], state[pre + "mlp.fc2.bias"] = torch.zeros(h, m, dtype=vdt), torch.zeros(h, dtype=vdt)
+        state[pre + "mlp.fc1.weight"] = torch.zeros(m, h, dtype=vdt)
+        state[pre + "mlp.fc1.bias"] = torch.zeros(m, dtype=vdt)
+        state[pre + "mlp.fc2.weight"] = torch.zeros(h, m, dtype=vdt)
+        state[pre + "mlp.fc2.bias"] = torch.zeros(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
@@ -623,67 +684,84 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
     dtype = str(vdt).replace("torch.", "")
+    vision_config = {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
+                     "intermediate_size": c.vision_intermediate,
+                     "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
+                     "image_size": c.image_size, "patch_size": c.patch_size,
+                     "layer_norm_eps": c.vision_eps, "hidden_act": "quick_gelu",
+                     "projection_dim": c.vision_hidden}
+    text_config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.hidden,
+                   "intermediate_size": c.intermediate, "num_hidden_layers": c.layers,
+                   "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
+                   "head_dim": c.head_dim, "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta,
+                   "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+                   "max_position_embeddings": c.max_position,
+                   "tie_word_embeddings": c.tie_embeddings,
+                   "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+                   "pad_token_id": c.pad_token_id, "hidden_act": "silu"}
     hf = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": image_id, "image_seq_length": c.num_image_tokens,
         "vision_feature_layer": c.vision_select_layer,
-        "vision_feature_select_strategy": "default" if c.vision_select_feature == "patch" else "full",
+        "vision_feature_select_strategy": _feature_strategy(c),
         "projector_hidden_act": "gelu" if c.projector == "mlp2x_gelu" else "linear",
-        "multimodal_projector_bias": True, "pad_token_id": c.pad_token_id, "tie_word_embeddings": c.tie_embeddings,
+        "multimodal_projector_bias": True, "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": dtype,
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
-                          "intermediate_size": c.vision_intermediate, "num_hidden_layers": c.vision_layers,
-                          "num_attention_heads": c.vision_heads, "image_size": c.image_size,
-                          "patch_size": c.patch_size, "layer_norm_eps": c.vision_eps, "hidden_act": "quick_gelu",
-                          "projection_dim": c.vision_hidden},
-        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.hidden,
-                        "intermediate_size": c.intermediate, "num_hidden_layers": c.layers,
-                        "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
-                        "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta,
-                        "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
-                        "max_position_embeddings": c.max_position, "tie_word_embeddings": c.tie_embeddings,
-                        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-                        "pad_token_id": c.pad_token_id, "hidden_act": "silu"},
+        "vision_config": vision_config,
+        "text_config": text_config,
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tok is None:
         print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
-              f"(AutoProcessor needs export_hf(path, tokenizer))", flush=True)
+              f"(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
     tok.save_pretrained(path)
     _write_processor(model, path, template)
 
 
 
-# LLaVA's image preprocessing (data.CLIP_MEAN / CLIP_STD; pad to square with the mean colour, bicubic)
-IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "do_resize": True,
-                   "resample": 3, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+def _feature_strategy(c):
+    """transformers' vision_feature_select_strategy: 'default' drops the CLS feature."""
+    return "default" if c.vision_select_feature == "patch" else "full"
+
+
+# LLaVA's image preprocessing (data.CLIP_MEAN / CLIP_STD; pad to square with the mean colour,
+# bicubic)
+IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True,
+                   "do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True,
+                   "rescale_factor": 1 / 255,
                    "do_normalize": True, "do_convert_rgb": True,
                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
 def _saved_tokenizer(model):
-    """The tokenizer saved beside the weights the model was loaded from (our checkpoints and llava-hf
-    directories hold one), or None."""
+    """The tokenizer saved beside the weights the model was loaded from (our checkpoints and
+    llava-hf directories hold one), or None."""
     path = getattr(model, "source_path", None)
-    if not path or not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    files = ("tokenizer.json", "tokenizer.model")
+    if not path or not any(os.path.exists(os.path.join(path, f)) for f in files):
         return None
-    from transformers import AutoTokenizer  # tokenizer files only; weights never go through transformers
+    # tokenizer files only; weights never go through transformers
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _export_image_token(model, tok, state):
-    """(image token id, vocab size, tokenizer) of the export. An id < 0 (original LLaVA's -200, which transformers
-    cannot embed) becomes the tokenizer's <image> id, or a new token: then the embedding and lm_head
-    grow by the rows it needs, set to the mean row (its logit is the mean logit: never the argmax)."""
+    """(image token id, vocab size, tokenizer) of the export. An id < 0 (original LLaVA's -200,
+    which transformers cannot embed) becomes the tokenizer's <image> id, or a new token: then the
+    embedding and lm_head grow by the rows it needs, set to the mean row (its logit is the mean
+    logit: never the argmax)."""
     c = model.config
     image_id, vocab = c.image_token_id, c.vocab_size
-    have = tok.convert_tokens_to_ids("<image>") if tok is not None and "<image>" in tok.get_vocab() else None
+    has_image_token = tok is not None and "<image>" in tok.get_vocab()
+    have = tok.convert_tokens_to_ids("<image>") if has_image_token else None
     if image_id >= 0:
         if tok is not None and have != image_id:
-            raise ValueError(f"the tokenizer's <image> id is {have} but the model's image_token_id is {image_id}")
+            raise ValueError(f"the tokenizer's <image> id is {have} but the model's image_token_id "
+                             f"is {image_id}")
         return image_id, vocab, tok
     if have is None and tok is not None:
         from tokenizers import AddedToken
@@ -717,26 +795,29 @@ def chat_template(template="vicuna_v1"):
             "{%- set text.s = text.s + item['text'] -%}{%- endfor -%}"
             "{%- set text = text.s -%}{%- endif -%}"
             "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
-            "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + " + json.dumps(EOS_TEXT) + " -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- 'ASSISTANT: ' + text + " + json.dumps(EOS_TEXT) + " -}}"
             "{%- endif -%}{%- endfor -%}"
             "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}")
 
 
 def _write_processor(model, path, template):
-    """preprocessor_config.json (LLaVA's pad-to-square), processor_config.json (LlavaProcessor: patch
-    size, feature strategy; one CLS token that 'default' drops) and chat_template.jinja."""
+    """preprocessor_config.json (LLaVA's pad-to-square), processor_config.json (LlavaProcessor:
+    patch size, feature strategy; one CLS token that 'default' drops) and chat_template.jinja."""
     c = model.config
     pre = dict(IMAGE_PROCESSOR, size={"shortest_edge": c.image_size},
                crop_size={"height": c.image_size, "width": c.image_size})
-    proc = {"processor_class": "LlavaProcessor", "patch_size": c.patch_size, "num_additional_image_tokens": 1,
-            "vision_feature_select_strategy": "default" if c.vision_select_feature == "patch" else "full",
+    proc = {"processor_class": "LlavaProcessor", "patch_size": c.patch_size,
+            "num_additional_image_tokens": 1,
+            "vision_feature_select_strategy": _feature_strategy(c),
             "image_token": "<image>"}
     for name, obj in (("preprocessor_config.json", pre), ("processor_config.json", proc)):
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
         f.write(chat_template(template))
-    cfg_path = os.path.join(path, "tokenizer_config.json")  # AutoProcessor reads processor_class here too
+    # AutoProcessor reads processor_class here too
+    cfg_path = os.path.join(path, "tokenizer_config.json")
     tcfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
     with open(cfg_path, "w") as f:
         json.dump(dict(tcfg, processor_class="LlavaProcessor"), f, indent=2)
@@ -746,17 +827,18 @@ def _write_processor(model, path, template):
 # PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), both ways
 # ----------------------------------------------------------------------------------------
 
-PEFT_LM_TARGETS = r".*language_model\..*\.({})"  # PEFT full-matches a string target against module names
+# PEFT full-matches a string target against module names
+PEFT_LM_TARGETS = r".*language_model\..*\.({})"
 
 
 def export_peft_adapter(model, path, adapter, base=None):
     """A LoRA adapter in PEFT's format, keyed by the module names of transformers'
     LlavaForConditionalGeneration (transformers >= 4.52 / 5), targeting the language model only (a
     regex: bare names like 'q_proj' would also put LoRA on CLIP's q/k/v). `base` is the directory
-    transformers loads the base model from (an export_hf directory); default: the llava-hf directory
-    this model was loaded from, else `path/base`, written here with export_hf. The config names
-    LlavaForConditionalGeneration (PEFT's auto_mapping), so peft.AutoPeftModel.from_pretrained(path)
-    loads base and adapter on its own."""
+    transformers loads the base model from (an export_llava_hf directory); default: the llava-hf
+    directory this model was loaded from, else `path/base`, written here with export_llava_hf. The
+    config names LlavaForConditionalGeneration (PEFT's auto_mapping), so
+    peft.AutoPeftModel.from_pretrained(path) loads base and adapter on its own."""
     if adapter not in model.adapters:
         raise ValueError(f"no adapter '{adapter}'")
     a = model.adapters[adapter]
@@ -779,9 +861,10 @@ def export_peft_adapter(model, path, adapter, base=None):
     _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
     targets = "|".join(f"{t}_proj" for t in a["targets"])
     cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
-           "lora_dropout": a["dropout"], "target_modules": PEFT_LM_TARGETS.format(targets), "bias": "none",
-           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-           "use_dora": False, "modules_to_save": None, "base_model_name_or_path": os.path.abspath(str(base)),
+           "lora_dropout": a["dropout"], "target_modules": PEFT_LM_TARGETS.format(targets),
+           "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+           "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+           "modules_to_save": None, "base_model_name_or_path": os.path.abspath(str(base)),
            "auto_mapping": {"base_model_class": "LlavaForConditionalGeneration",
                             "parent_library": "transformers.models.llava.modeling_llava"}}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
@@ -801,31 +884,38 @@ def peft_base_dir(path):
     for cand in (base, os.path.join(path, str(base))) if isinstance(base, str) and base else ():
         if os.path.isdir(cand):
             return cand
-    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local directory; "
-                          f"load the base model, then model.load_adapters({path!r})")
+    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local "
+                          f"directory; load the base model, then load_adapters(model, {path!r})")
 
 
 def load_peft_adapter(model, path, name):
-    """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA keys).
-    LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on the vision
-    tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A) with a one-line
-    notice: our adapters live on the language model, so those modules have no adapter to hold it."""
+    """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA
+    keys). LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on
+    the vision tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A)
+    with a one-line notice: our adapters live on the language model, so those modules have no
+    adapter to hold it."""
     cfg_path = os.path.join(path, "adapter_config.json")
     cfg = _read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} (only LORA is read)")
+        raise CheckpointError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} (only LORA "
+                              "is read)")
     for field in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
         if cfg.get(field):
-            raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA only)")
+            raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA "
+                                  "only)")
     for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"):
         if cfg.get(field):
-            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported (plain LoRA only)")
+            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported "
+                                  "(plain LoRA only)")
     if cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported ('none')")
+        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported "
+                              "('none')")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive integer and a number")
-    files = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if os.path.exists(os.path.join(path, f))]
+        raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive "
+                              "integer and a number")
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    files = [f for f in names if os.path.exists(os.path.join(path, f))]
     if not files:
         raise CheckpointError(f"{path}: no adapter_model.safetensors (or adapter_model.bin)")
     file = os.path.join(path, files[0])
@@ -845,8 +935,8 @@ def load_peft_adapter(model, path, name):
         if key.endswith(".lora_B.weight"):
             continue
         if not key.endswith(".lora_A.weight"):
-            raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA or saved modules "
-                                  f"are not supported)")
+            raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
+                                  "or saved modules are not supported)")
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
         if key.replace("lora_A", "lora_B") not in state:
             raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
@@ -859,17 +949,21 @@ def load_peft_adapter(model, path, name):
         if part == "vision" and pname.startswith("encoder.layers.") and \
                 int(pname.split(".")[2]) >= model.config.vision_layers_run:
             continue  # a CLIP layer after the selected one: never run
-        if (part, pname) not in ours or (part == "projector" and model.config.projector == "linear"):
-            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this model")
+        one_linear = part == "projector" and model.config.projector == "linear"
+        if (part, pname) not in ours or one_linear:
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
+                                  "model")
         w = params[ours[part, pname]]
         if tuple(w.shape) != (B.shape[0], A.shape[1]):
-            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' is {tuple(w.shape)}")
+            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' "
+                                  f"is {tuple(w.shape)}")
         with torch.no_grad():
             w += (alpha / r * B @ A).to(w.dtype)  # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3)
         merged.append(module)
     if merged:
-        print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules merged into the "
-              f"base weights (factalign's adapters hold language-model LoRA only)", flush=True)
+        print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
+              "merged into the base weights (factalign's adapters hold language-model LoRA only)",
+              flush=True)
     if not text:
         return
     targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
@@ -882,7 +976,9 @@ def load_peft_adapter(model, path, name):
                     continue  # a layer PEFT left out (layers_to_transform): B stays 0, no change
                 key, A, B = text[i, s]
                 if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
-                    raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / {tuple(B.shape)} but the "
-                                          f"model expects {tuple(ad.A[s].shape)} / {tuple(ad.B[s].shape)}")
+                    raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
+                                          f"{tuple(B.shape)} but the "
+                                          f"model expects {tuple(ad.A[s].shape)} / "
+                                          f"{tuple(ad.B[s].shape)}")
                 ad.A[s].copy_(A)
                 ad.B[s].copy_(B)

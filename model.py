@@ -27,13 +27,13 @@ class ModelConfig:
     patch_size: int = 14                  # ViT patch size (224/14 -> 256 tokens, 336/14 -> 576)
     vision_hidden: int = 1024             # CLIP width
     vision_intermediate: int = 4096       # CLIP MLP width
-    vision_layers: int = 24               # layers in the CLIP checkpoint (only those up to the selected one are built)
+    vision_layers: int = 24               # CLIP layers in the checkpoint (built: to the selected)
     vision_heads: int = 16                # CLIP attention heads
-    vision_select_layer: int = -2         # hidden_states index LLaVA reads (-2: output of the second-to-last layer)
+    vision_select_layer: int = -2         # hidden_states index LLaVA reads (-2: second-to-last)
     vision_select_feature: str = "patch"  # 'patch' drops CLS (LLaVA default), 'cls_patch' keeps it
     vision_eps: float = 1e-5              # CLIP LayerNorm epsilon
     # projector
-    projector: str = "mlp2x_gelu"         # 'linear' (LLaVA-1, LLaVA-RLHF) or 'mlp2x_gelu' (LLaVA-1.5)
+    projector: str = "mlp2x_gelu"         # 'linear' (LLaVA-1, LLaVA-RLHF), 'mlp2x_gelu' (LLaVA-1.5)
     # language model (LLaMA / Vicuna)
     vocab_size: int = 32064               # embedding rows
     hidden: int = 4096                    # model width
@@ -47,31 +47,41 @@ class ModelConfig:
     max_position: int = 4096              # longest sequence the model is meant for
     tie_embeddings: bool = False          # lm_head shares embed_tokens
     # special token ids
-    image_token_id: int = 32000           # id that marks image-feature positions (llava-hf: <image>; original LLaVA: -200)
+    image_token_id: int = 32000           # marks image-feature slots (llava-hf <image>; LLaVA -200)
     pad_token_id: int = 32001             # padding id
     bos_token_id: int = 1                 # <s>
     eos_token_id: int = 2                 # </s>
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "vision_hidden", "vision_intermediate", "vision_layers", "vision_heads",
-                     "vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "max_position"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise CheckpointError(f"config: field '{name}': must be a positive integer, got {getattr(self, name)!r}")
+        sizes = ("image_size", "patch_size", "vision_hidden", "vision_intermediate",
+                 "vision_layers", "vision_heads", "vocab_size", "hidden", "intermediate", "layers",
+                 "heads", "kv_heads", "max_position")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"config: field '{name}': must be a positive integer, "
+                                      f"got {value!r}")
         for name in ("vision_eps", "rms_eps", "rope_theta"):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got {getattr(self, name)!r}")
-        for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row a caller never looks up)
-            if isinstance(getattr(self, name), int) and getattr(self, name) >= self.vocab_size:
-                raise CheckpointError(f"config: field '{name}': {getattr(self, name)} is beyond the {self.vocab_size} "
-                                      "embedding rows (vocab_size)")
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise CheckpointError(f"config: field '{name}': must be a finite number > 0, "
+                                      f"got {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row no one looks up)
+            value = getattr(self, name)
+            if isinstance(value, int) and value >= self.vocab_size:
+                raise CheckpointError(f"config: field '{name}': {value} is beyond the "
+                                      f"{self.vocab_size} embedding rows (vocab_size)")
         if self.head_dim == 0:
             self.head_dim = self.hidden // self.heads
         if self.projector not in ("linear", "mlp2x_gelu"):
-            raise CheckpointError(f"config: field 'projector': unknown projector '{self.projector}' (linear or mlp2x_gelu)")
+            raise CheckpointError(f"config: field 'projector': unknown projector "
+                                  f"'{self.projector}' (linear or mlp2x_gelu)")
         if self.vision_select_feature not in ("patch", "cls_patch"):
-            raise CheckpointError(f"config: field 'vision_select_feature': '{self.vision_select_feature}' (patch or cls_patch)")
+            raise CheckpointError(f"config: field 'vision_select_feature': "
+                                  f"'{self.vision_select_feature}' (patch or cls_patch)")
         if self.heads % self.kv_heads:
-            raise CheckpointError(f"config: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+            raise CheckpointError(f"config: heads {self.heads} is not a multiple of "
+                                  f"kv_heads {self.kv_heads}")
 
     @property
     def num_patches(self):
@@ -87,23 +97,25 @@ class ModelConfig:
         s = self.vision_select_layer
         n = self.vision_layers + 1 + s if s < 0 else s
         if not 0 <= n <= self.vision_layers:
-            raise CheckpointError(f"config: vision_select_layer {s} is out of range for {self.vision_layers} layers")
+            raise CheckpointError(f"config: vision_select_layer {s} is out of range for "
+                                  f"{self.vision_layers} layers")
         return n
 
 
 PRESETS = {
     # tests: milliseconds per step
-    "tiny": dict(image_size=48, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=2,
-                 vision_heads=2, projector="mlp2x_gelu", vocab_size=512, hidden=32, intermediate=64, layers=2,
-                 heads=4, kv_heads=2, max_position=512),
+    "tiny": dict(image_size=48, patch_size=16, vision_hidden=32, vision_intermediate=64,
+                 vision_layers=2, vision_heads=2, projector="mlp2x_gelu", vocab_size=512, hidden=32,
+                 intermediate=64, layers=2, heads=4, kv_heads=2, max_position=512),
     # the CPU demo on the Shapes world: 16 px patches aligned with the 3x3 grid cells
-    "shapes": dict(image_size=48, patch_size=16, vision_hidden=128, vision_intermediate=512, vision_layers=3,
-                   vision_heads=4, projector="mlp2x_gelu", vocab_size=512, hidden=128, intermediate=384, layers=3,
-                   heads=4, kv_heads=4, max_position=512, rope_theta=1e6),
+    "shapes": dict(image_size=48, patch_size=16, vision_hidden=128, vision_intermediate=512,
+                   vision_layers=3, vision_heads=4, projector="mlp2x_gelu", vocab_size=512,
+                   hidden=128, intermediate=384, layers=3, heads=4, kv_heads=4, max_position=512,
+                   rope_theta=1e6),
     # benchmarks on a CPU: big enough that matmuls dominate
-    "bench": dict(image_size=112, patch_size=14, vision_hidden=256, vision_intermediate=1024, vision_layers=3,
-                  vision_heads=4, projector="mlp2x_gelu", vocab_size=32064, hidden=512, intermediate=1408, layers=4,
-                  heads=8, kv_heads=8, max_position=1024),
+    "bench": dict(image_size=112, patch_size=14, vision_hidden=256, vision_intermediate=1024,
+                  vision_layers=3, vision_heads=4, projector="mlp2x_gelu", vocab_size=32064,
+                  hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=8, max_position=1024),
     # real dimensions (random weights), for benchmarks: CLIP ViT-L/14-336 + Vicuna-7B / 13B
     "llava-7b": dict(),
     "llava-13b": dict(hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40),
@@ -136,7 +148,8 @@ class LoRAAdapter(nn.Module):
             a = torch.empty(r, in_features, dtype=torch.float32)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear / PEFT initialise A
             self.A[name] = nn.Parameter(a)
-            self.B[name] = nn.Parameter(torch.zeros(size, r, dtype=torch.float32))  # B = 0: a new adapter changes nothing
+            # B = 0: a new adapter changes nothing
+            self.B[name] = nn.Parameter(torch.zeros(size, r, dtype=torch.float32))
 
 
 class LoRALinear(nn.Module):
@@ -162,16 +175,22 @@ class LoRALinear(nn.Module):
         xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
         names = [n for n in self.slices if n in adapter.A]
         A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
-        u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)  # A x for every slice in one matmul, scaled
-        parts = [u[names.index(n)] @ adapter.B[n].t() if n in adapter.A else xd.new_zeros(*xd.shape[:-1], size)
-                 for n, size in self.slices.items()]
-        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(y.dtype)
+        # A x for every slice in one matmul, scaled
+        u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)
+        parts = []
+        for n, size in self.slices.items():  # untargeted slices (e.g. k of q,k,v) add zeros
+            if n in adapter.A:
+                parts.append(u[names.index(n)] @ adapter.B[n].t())
+            else:
+                parts.append(xd.new_zeros(*xd.shape[:-1], size))
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y + delta.to(y.dtype)
 
     def fuse_lora(self):
-        """For decoding, the active adapter as two matrices: A of every targeted slice stacked, and B
-        block-diagonal (zero rows for untargeted slices), so W x + s B A x is two matmuls, not one per
-        slice. The same products as forward (plus exact zeros). None when forward must run instead
-        (no adapter, or dropout active)."""
+        """For decoding, the active adapter as two matrices: A of every targeted slice stacked,
+        and B block-diagonal (zero rows for untargeted slices), so W x + s B A x is two matmuls,
+        not one per slice. The same products as forward (plus exact zeros). None when forward
+        must run instead (no adapter, or dropout active)."""
         self.fused_lora = None
         adapter = self.lora[self.active] if self.active in self.lora else None
         if adapter is None or (adapter.training and not isinstance(adapter.dropout, nn.Identity)):
@@ -183,7 +202,8 @@ class LoRALinear(nn.Module):
             a, b = self.slice_range(n)
             j = names.index(n)
             B[a:b, j * r:(j + 1) * r] = adapter.B[n]
-        self.fused_lora = (torch.cat([adapter.A[n] for n in names]).detach(), B.detach(), adapter.scale)
+        A = torch.cat([adapter.A[n] for n in names])
+        self.fused_lora = (A.detach(), B.detach(), adapter.scale)
 
     def decode(self, x):
         fused = self.fused_lora
@@ -217,7 +237,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        heads = (p(x).view(B, T, self.heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (h.transpose(1, 2) for h in heads)
         y = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -250,11 +271,13 @@ class CLIPEmbeddings(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(c.vision_hidden))
-        self.patch_embedding = nn.Conv2d(3, c.vision_hidden, c.patch_size, stride=c.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, c.vision_hidden, c.patch_size, stride=c.patch_size,
+                                         bias=False)
         self.position_embedding = _embedding(c.num_patches + 1, c.vision_hidden)
 
     def forward(self, pixels):
-        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        grid = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, h, w)
+        patches = grid.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(pixels.shape[0], 1, -1).to(patches.dtype)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
@@ -317,10 +340,13 @@ def rope_cos_sin(c, position_ids, dtype):
     """cos and signed sin, (B, 1, T, head_dim), for RoPE at the given positions (computed in fp32).
     rotate_half(x) = cat(-x2, x1) = roll(x, head_dim/2) * [-1.., +1..]: the sign is folded into sin
     here, once per forward, so that apply_rope needs no negation and no cat."""
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=position_ids.device).float() / c.head_dim))
+    even = torch.arange(0, c.head_dim, 2, device=position_ids.device).float()
+    inv_freq = 1.0 / (c.rope_theta ** (even / c.head_dim))
     freqs = position_ids.float()[..., None] * inv_freq
     cos, sin = freqs.cos(), freqs.sin()
-    return torch.cat([cos, cos], -1).to(dtype)[:, None], torch.cat([-sin, sin], -1).to(dtype)[:, None]
+    cos_full = torch.cat([cos, cos], -1).to(dtype)[:, None]
+    signed_sin = torch.cat([-sin, sin], -1).to(dtype)[:, None]
+    return cos_full, signed_sin
 
 
 def apply_rope(x, cos, sin):
@@ -328,9 +354,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (B, kv_heads, max_len, head_dim) per layer.
-    Zero-filled: the static decode step attends over all max_len slots with the unwritten ones masked
-    (weight exactly 0), and 0 * garbage could be NaN."""
+    """Preallocated keys/values for incremental decoding: (B, kv_heads, max_len, head_dim) per
+    layer. Zero-filled: the static decode step attends over all max_len slots with the unwritten
+    ones masked (weight exactly 0), and 0 * garbage could be NaN."""
 
     def __init__(self, c, batch, max_len, device, dtype):
         shape = (batch, c.kv_heads, max_len, c.head_dim)
@@ -340,23 +366,26 @@ class KVCache:
 
 
 class DecodeState:
-    """Everything the one-token decode step reads or writes, made once per generate call, so that a step
-    allocates no positions, masks or cache and every tensor keeps its shape (what torch.compile and CUDA
-    graphs need). Step i writes its key/value into cache slot prompt_len + i and attends over all slots:
-    key_bias is 0 on real keys written so far, -inf on padding and on slots not written yet."""
+    """Everything the one-token decode step reads or writes, made once per generate call, so that a
+    step allocates no positions, masks or cache and every tensor keeps its shape (what torch.compile
+    and CUDA graphs need). Step i writes its key/value into cache slot prompt_len + i and attends
+    over all slots: key_bias is 0 on real keys written so far, -inf on padding and on slots not
+    written yet."""
 
     def __init__(self, c, cache, prompt_mask, prompt_len, max_new_tokens, dtype):
         k0 = cache.k[0]
         B, dev = k0.shape[0], k0.device
         self.cache = cache
-        self.key_bias = torch.full((B, 1, 1, k0.shape[2]), float("-inf"), device=dev)  # fp32, as the scores
+        # fp32, as the scores
+        self.key_bias = torch.full((B, 1, 1, k0.shape[2]), float("-inf"), device=dev)
         if prompt_mask is None:
             self.key_bias[..., :prompt_len] = 0
             first = torch.full((B, 1), prompt_len, device=dev)
         else:  # left padding: pads stay masked; a row's first new token sits after its real tokens
             self.key_bias[..., :prompt_len].masked_fill_(prompt_mask.bool()[:, None, None], 0)
             first = prompt_mask.sum(-1, keepdim=True)
-        positions = first + torch.arange(max_new_tokens, device=dev)  # (B, N) RoPE positions, made once
+        # (B, N) RoPE positions, made once
+        positions = first + torch.arange(max_new_tokens, device=dev)
         self.cos, self.sin = rope_cos_sin(c, positions, dtype)          # (B, 1, N, head_dim)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)        # i, advanced in place
         self.slot = torch.full((1,), prompt_len, dtype=torch.long, device=dev)  # prompt_len + i
@@ -376,7 +405,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
         c, (B, T, _) = self.c, x.shape
-        q, k, v = self.qkv_proj(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
+        q_size, kv_size = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
         q = apply_rope(q.view(B, T, c.heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
@@ -390,7 +420,8 @@ class Attention(nn.Module):
             parts = zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
             y = torch.cat([F.scaled_dot_product_attention(a, b, d, is_causal=True, enable_gqa=gqa)
                            for a, b, d in parts], 2)
-        elif mask is None:  # no padding: the fast causal kernel (one new query sees every cached key: no mask)
+        # no padding: the fast causal kernel (one new query sees every cached key: no mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -398,8 +429,9 @@ class Attention(nn.Module):
 
     def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
         """One new token per row (x: B, 1, hidden): its key/value written into `slot` of the static
-        cache, attention over every slot with key_bias as the mask. Query head h reads key/value head
-        h // (heads / kv_heads), as SDPA's enable_gqa. softmax(q k^T / sqrt(d) + bias) v in fp32."""
+        cache, attention over every slot with key_bias as the mask. Query head h reads key/value
+        head h // (heads / kv_heads), as SDPA's enable_gqa. softmax(q k^T / sqrt(d) + bias) v in
+        fp32."""
         c, B = self.c, x.shape[0]
         q, k, v = self.qkv_proj.decode(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
                                                  c.kv_heads * c.head_dim], -1)
@@ -407,9 +439,11 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2))
-        q = q.reshape(B, c.kv_heads, c.heads // c.kv_heads, c.head_dim)  # query heads grouped by kv head
+        # query heads grouped by kv head
+        q = q.reshape(B, c.kv_heads, c.heads // c.kv_heads, c.head_dim)
         scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + key_bias
-        y = torch.softmax(scores, -1).to(v_cache.dtype) @ v_cache     # (B, kv_heads, group, head_dim)
+        # (B, kv_heads, group, head_dim)
+        y = torch.softmax(scores, -1).to(v_cache.dtype) @ v_cache
         return self.o_proj.decode(y.reshape(B, 1, -1))
 
 
@@ -417,7 +451,8 @@ class MLP(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.inter = c.intermediate
-        self.gate_up_proj = LoRALinear(c.hidden, {"gate": c.intermediate, "up": c.intermediate})  # HF gate/up stacked
+        # HF gate/up stacked
+        self.gate_up_proj = LoRALinear(c.hidden, {"gate": c.intermediate, "up": c.intermediate})
         self.down_proj = LoRALinear(c.intermediate, {"down": c.hidden})
 
     def forward(self, x):
@@ -442,7 +477,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot, key_bias)
+        h = self.input_layernorm(x)
+        x = x + self.self_attn.decode(h, cos, sin, k_cache, v_cache, slot, key_bias)
         return x + self.mlp.decode(self.post_attention_layernorm(x))
 
 
@@ -469,7 +505,8 @@ class ScalarHead(nn.Module):
 @dataclass
 class GenerateOutput:
     tokens: torch.Tensor    # (B, L) new tokens; after EOS: pad
-    logprobs: torch.Tensor  # (B, L) log p(token) under the sampling temperature (0 after EOS), or None
+    # (B, L) log p(token) under the sampling temperature (0 after EOS), or None
+    logprobs: torch.Tensor
     lengths: torch.Tensor   # (B,) new tokens up to and including EOS
     finished: torch.Tensor  # (B,) True where EOS was produced
 
@@ -505,14 +542,16 @@ class LLaVA(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, CLIPEmbeddings):
             nn.init.normal_(m.class_embedding, std=0.02)
-            # std 1 (CLIP's own init uses 0.02): trained from scratch on Shapes, positions must stand out
-            # against the patch content at pre_layrnorm, or "where" is lost and per-cell colours blur.
+            # std 1 (CLIP's own init uses 0.02): trained from scratch on Shapes, positions must
+            # stand out against the patch content at pre_layrnorm, or "where" is lost and
+            # per-cell colours blur.
             nn.init.normal_(m.position_embedding.weight, std=1.0)
 
     @classmethod
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
-            raise CheckpointError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
+            choices = ", ".join(PRESETS)
+            raise CheckpointError(f"unknown model preset '{name}' (choose from {choices})")
         return cls(ModelConfig(**{**PRESETS[name], **overrides}))
 
     # -- forward ------------------------------------------------------------------------
@@ -534,8 +573,9 @@ class LLaVA(nn.Module):
                 raise ValueError("input_ids hold image tokens but no pixel_values were given")
             image_features = self.encode_images(pixel_values)
         if image_features.shape[0] * image_features.shape[1] != n_img:
-            raise ValueError(f"{n_img} image tokens in input_ids, but {image_features.shape[0]} images x "
-                             f"{image_features.shape[1]} features")
+            n_images, n_features = image_features.shape[:2]
+            raise ValueError(f"{n_img} image tokens in input_ids, but {n_images} images x "
+                             f"{n_features} features")
         return x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
 
     def _attention_mask(self, attention_mask, T, past, device):
@@ -547,19 +587,21 @@ class LLaVA(nn.Module):
         key_ok = attention_mask.bool()[:, None, None, :past + T]
         q_pos = torch.arange(past, past + T, device=device)[:, None]
         k_pos = torch.arange(past + T, device=device)[None, :]
-        # a padding query would see no key at all (NaN in SDPA): let it see itself; its output is ignored
+        # a padding query would see no key at all (NaN in SDPA): let it see itself; its output is
+        # ignored
         return (k_pos <= q_pos) & (key_ok | (k_pos == q_pos))
 
     def backbone(self, x, attention_mask=None, position_ids=None, cache=None, seq_lens=None):
         """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states.
-        seq_lens: x is one row of sequences packed end to end (these lengths), each attending to itself
-        only, with its own positions from 0: the outputs of the padded batch, without the padding."""
+        seq_lens: x is one row of sequences packed end to end (these lengths), each attending to
+        itself only, with its own positions from 0: the outputs of the padded batch, without the
+        padding."""
         c, (B, T, _) = self.config, x.shape
         past = cache.length if cache is not None else 0
         if seq_lens is not None:
             if B != 1 or sum(seq_lens) != T or attention_mask is not None or cache is not None:
-                raise ValueError(f"packed input: one row of sum(seq_lens) = {sum(seq_lens)} tokens, no mask or "
-                                 f"cache (got {B} x {T})")
+                raise ValueError(f"packed input: one row of sum(seq_lens) = {sum(seq_lens)} "
+                                 f"tokens, no mask or cache (got {B} x {T})")
             position_ids = torch.cat([torch.arange(n, device=x.device) for n in seq_lens])[None]
         if position_ids is None:
             if attention_mask is None:
@@ -570,7 +612,8 @@ class LLaVA(nn.Module):
         mask = self._attention_mask(attention_mask, T, past, x.device)
         for i, layer in enumerate(self.language_model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, seq_lens, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, seq_lens,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, seq_lens)
         if cache is not None:
@@ -581,11 +624,11 @@ class LLaVA(nn.Module):
         w = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None, return_hidden=False,
-                image_features=None, seq_lens=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None,
+                return_hidden=False, image_features=None, seq_lens=None):
         """Logits (B, T, vocab), or the last hidden states (B, T, hidden) with return_hidden=True.
-        input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids is
-        one row of sequences packed end to end (data.pack), see backbone."""
+        input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids
+        is one row of sequences packed end to end (data.pack), see backbone."""
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the fused causal path
@@ -595,20 +638,22 @@ class LLaVA(nn.Module):
     # -- generation ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, pad_token_id=None, generator=None, return_logprobs=False, image_features=None,
-                 num_beams=1, length_penalty=1.0, compile=False):
-        """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on pads).
-        temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when given, so
-        a run can be resumed with the same random stream. num_beams > 1: beam search (see beam_search).
-        compile=True runs the one-token step through torch.compile (inductor on CPU; CUDA graphs on
-        GPU): compiled once per shape, worth it only for long runs. Returns GenerateOutput."""
+    def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None,
+                 return_logprobs=False, image_features=None, num_beams=1, length_penalty=1.0,
+                 compile=False):
+        """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on
+        pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when
+        given, so a run can be resumed with the same random stream. num_beams > 1: beam search (see
+        beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
+        CUDA graphs on GPU): compiled once per shape, worth it only for long runs. Returns
+        GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
         if num_beams > 1:
-            return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos, pad,
-                                    image_features, length_penalty)
+            return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens,
+                                    num_beams, eos, pad, image_features, length_penalty)
         B, T = input_ids.shape
         dev = input_ids.device
         prompt_mask = None  # no padding (the usual case): SDPA's causal kernel for the prompt
@@ -637,26 +682,30 @@ class LLaVA(nn.Module):
                 newly = (tok == eos) & ~done
                 lengths.masked_fill_(newly, i + 1)
                 done |= newly
-                if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):  # no EOS (-1): no sync per token
+                # no EOS (-1): no sync per token
+                if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):
                     break
                 logits = step(self, tok, state)
                 state.advance()
         return GenerateOutput(tokens, logps, lengths, done)
 
     def decode_step(self, tokens, state):
-        """fp32 logits (B, vocab) for one new token per row (tokens: B), reading and writing the static
-        cache of `state` (a DecodeState): nothing is allocated but activations, no shape changes."""
-        state.key_bias.index_fill_(-1, state.slot, 0.0)  # the new token's key is visible from this step on
+        """fp32 logits (B, vocab) for one new token per row (tokens: B), reading and writing the
+        static cache of `state` (a DecodeState): nothing is allocated but activations, no shape
+        changes."""
+        # the new token's key is visible from this step on
+        state.key_bias.index_fill_(-1, state.slot, 0.0)
         cos, sin = state.cos.index_select(2, state.step), state.sin.index_select(2, state.step)
         x = self.language_model.embed_tokens(tokens[:, None])
         for i, layer in enumerate(self.language_model.layers):
-            x = layer.decode(x, cos, sin, state.cache.k[i], state.cache.v[i], state.slot, state.key_bias)
+            k_cache, v_cache = state.cache.k[i], state.cache.v[i]
+            x = layer.decode(x, cos, sin, k_cache, v_cache, state.slot, state.key_bias)
         return self.logits(self.language_model.norm(x)[:, 0]).float()
 
     @contextmanager
     def fused_lora(self, on=True):
-        """While decoding: the active adapter of every adapted linear as two matrices (LoRALinear.fuse_lora),
-        made once per generate call from the current weights."""
+        """While decoding: the active adapter of every adapted linear as two matrices
+        (LoRALinear.fuse_lora), made once per generate call from the current weights."""
         linears = [lin for _, lin in self.lora_linears()]
         try:
             for lin in linears if on else ():
@@ -667,15 +716,16 @@ class LLaVA(nn.Module):
                 lin.fused_lora = None
 
     @torch.no_grad()
-    def beam_search(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos, pad,
-                    image_features=None, length_penalty=1.0):
-        """Beam search as transformers' GenerationMixin._beam_search with its defaults (early_stopping False,
-        no sampling, one returned sequence). Per step, over K beams x vocab: keep the 2K best running
-        sums of log-probs; those ending in EOS (or at the length limit) that rank in the top K become
-        finished hypotheses scored sum / generated_length ** length_penalty, the best K finished kept;
-        the best K not ending become the next beams. Stops when every continuation ends, or when K
-        hypotheses are finished and the best running sum / current length cannot beat the worst of them.
-        Returns the best finished hypothesis per prompt (logprobs None)."""
+    def beam_search(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos,
+                    pad, image_features=None, length_penalty=1.0):
+        """Beam search as transformers' GenerationMixin._beam_search with its defaults
+        (early_stopping False, no sampling, one returned sequence). Per step, over K beams x vocab:
+        keep the 2K best running sums of log-probs; those ending in EOS (or at the length limit)
+        that rank in the top K become finished hypotheses scored sum / generated_length **
+        length_penalty, the best K finished kept; the best K not ending become the next beams. Stops
+        when every continuation ends, or when K hypotheses are finished and the best running sum /
+        current length cannot beat the worst of them. Returns the best finished hypothesis per
+        prompt (logprobs None)."""
         c, K = self.config, num_beams
         B, T = input_ids.shape
         dev, N = input_ids.device, max_new_tokens
@@ -684,14 +734,18 @@ class LLaVA(nn.Module):
         feats = None if image_features is None else image_features.repeat_interleave(K, 0)
         ids = input_ids.repeat_interleave(K, 0)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):  # beams of a prompt share its mask
+        # beams of a prompt share its mask
+        if attention_mask is not None and not bool(attention_mask.all()):
             mask = torch.ones(B * K, T + N, dtype=torch.long, device=dev)
             mask[:, :T] = attention_mask.repeat_interleave(K, 0)
         x = self.embed(ids, None, feats)
         cache = KVCache(c, B * K, T + N, dev, x.dtype)
         h = self.backbone(x, None if mask is None else mask[:, :T], cache=cache)
         logits = self.logits(h[:, -1]).float()
-        next_pos = torch.full((B * K, 1), T, device=dev) if mask is None else mask[:, :T].sum(-1, keepdim=True)
+        if mask is None:
+            next_pos = torch.full((B * K, 1), T, device=dev)
+        else:  # left padding: the next position is the number of real prompt tokens
+            next_pos = mask[:, :T].sum(-1, keepdim=True)
         n_keep = 2 * K  # transformers: max(2, 1 + number of EOS ids) * num_beams
         top_k_mask = torch.arange(n_keep, device=dev) < K
         big = -1.0e9
@@ -703,10 +757,14 @@ class LLaVA(nn.Module):
         fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
         improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
         offset = torch.arange(B, device=dev)[:, None] * K
-        take = lambda t, idx: t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+
+        def take(t, idx):  # t[b, idx[b, j]] for every b, j, whatever t's trailing dims
+            trailing = [1] * (t.dim() - 2)
+            return t.gather(1, idx.view(*idx.shape, *trailing).expand(*idx.shape, *t.shape[2:]))
         for i in range(N):
             V = logits.shape[-1]
-            total = (torch.log_softmax(logits, -1).view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
+            logp = torch.log_softmax(logits, -1).view(B, K, V)
+            total = (logp + run_scores[:, :, None]).view(B, K * V)
             top_lp, top_idx = total.topk(n_keep)
             src, tok = top_idx // V, top_idx % V
             cand = take(run_tokens, src).clone()
@@ -723,20 +781,24 @@ class LLaVA(nn.Module):
             fin_scores = take(torch.cat([fin_scores, new], 1), merged)
             fin_done = take(torch.cat([fin_done, just], 1), merged)
             best_running = run_scores[:, :1] / (i + 1) ** length_penalty
-            worst_done = torch.where(fin_done, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, big))
+            worst = fin_scores.min(1, keepdim=True).values
+            worst_done = torch.where(fin_done, worst, torch.full_like(fin_scores, big))
             improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
             if bool(ends.all()) or not bool(improvable.any()):
                 break
-            rows = (run_src + offset).view(-1)  # each new beam continues the cache of the beam it came from
+            # each new beam continues the cache of the beam it came from
+            rows = (run_src + offset).view(-1)
             for layer in range(c.layers):
                 cache.k[layer], cache.v[layer] = cache.k[layer][rows], cache.v[layer][rows]
-            h = self.backbone(self.language_model.embed_tokens(run_tokens[:, :, i].reshape(-1, 1)),
-                              None if mask is None else mask[:, :T + i + 1], position_ids=next_pos + i, cache=cache)
+            x = self.language_model.embed_tokens(run_tokens[:, :, i].reshape(-1, 1))
+            step_mask = None if mask is None else mask[:, :T + i + 1]
+            h = self.backbone(x, step_mask, position_ids=next_pos + i, cache=cache)
             logits = self.logits(h[:, -1]).float()
         tokens = fin_tokens[:, 0]
         is_eos = tokens == eos
         finished = is_eos.any(-1)
-        lengths = torch.where(finished, is_eos.float().argmax(-1) + 1, torch.full_like(finished, N, dtype=torch.long))
+        to_eos = is_eos.float().argmax(-1) + 1
+        lengths = torch.where(finished, to_eos, torch.full_like(finished, N, dtype=torch.long))
         tokens = tokens.masked_fill(torch.arange(N, device=dev)[None] >= lengths[:, None], pad)
         return GenerateOutput(tokens, None, lengths, finished)
 
@@ -745,11 +807,13 @@ class LLaVA(nn.Module):
     def lora_linears(self):
         """(layer index, LoRALinear) for every adapted linear of the decoder."""
         for i, layer in enumerate(self.language_model.layers):
-            for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 yield i, lin
 
     def add_adapter(self, name, r=64, alpha=16, dropout=0.0, targets=LORA_TARGETS):
-        """A new LoRA adapter (A kaiming-uniform, B zero) on the chosen projections (q,k,v,o,gate,up,down)."""
+        """A new LoRA adapter (A kaiming-uniform, B zero) on the chosen projections
+        (q,k,v,o,gate,up,down)."""
         targets = tuple(t.removesuffix("_proj") for t in targets)
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad:
@@ -759,7 +823,8 @@ class LLaVA(nn.Module):
         for _, lin in self.lora_linears():
             chosen = {s: size for s, size in lin.slices.items() if s in targets}
             if chosen:
-                lin.lora[name] = LoRAAdapter(lin.weight.shape[1], chosen, r, alpha, dropout).to(lin.weight.device)
+                adapter = LoRAAdapter(lin.weight.shape[1], chosen, r, alpha, dropout)
+                lin.lora[name] = adapter.to(lin.weight.device)
         self.adapters[name] = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
         return name
 
@@ -781,11 +846,13 @@ class LLaVA(nn.Module):
             self.set_adapter(previous)
 
     def no_adapter(self):
-        """Context in which no adapter is active: the reference policy, with no second copy of the weights."""
+        """Context in which no adapter is active: the reference policy, with no second copy of the
+        weights."""
         return self.use_adapter(None)
 
     def copy_adapter(self, src, dst):
-        """A new adapter `dst` initialised from `src` (PPO's value model starts from the reward adapter)."""
+        """A new adapter `dst` initialised from `src` (PPO's value model starts from the reward
+        adapter)."""
         cfg = self.adapters[src]
         self.add_adapter(dst, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
         with torch.no_grad():
@@ -818,10 +885,12 @@ class LLaVA(nn.Module):
         return self.heads[name]
 
     def adapter_parameters(self, name):
-        return [p for _, lin in self.lora_linears() if name in lin.lora for p in lin.lora[name].parameters()]
+        adapted = [lin for _, lin in self.lora_linears() if name in lin.lora]
+        return [p for lin in adapted for p in lin.lora[name].parameters()]
 
     def set_trainable(self, adapters=(), heads=(), vision=False, projector=False, language=False):
-        """requires_grad only on what trains: the named adapters and heads, and optionally whole parts."""
+        """requires_grad only on what trains: the named adapters and heads, and optionally whole
+        parts."""
         for p in self.parameters():
             p.requires_grad_(False)
         for part, on in ((self.vision_tower, vision), (self.projector, projector)):
@@ -829,7 +898,8 @@ class LLaVA(nn.Module):
                 p.requires_grad_(on)
         if language:
             for n, p in self.named_parameters():
-                if (n.startswith("language_model.") or n.startswith("lm_head.")) and ".lora." not in n:
+                in_language = n.startswith("language_model.") or n.startswith("lm_head.")
+                if in_language and ".lora." not in n:
                     p.requires_grad_(True)
         for a in adapters:
             for p in self.adapter_parameters(a):
@@ -851,7 +921,8 @@ _COMPILED_DECODE = []
 
 def compiled_decode_step():
     """LLaVA.decode_step through torch.compile, made on first use (inductor on CPU; on CUDA with
-    mode='reduce-overhead', i.e. CUDA graphs). Static shapes: a new batch size or length compiles again."""
+    mode='reduce-overhead', i.e. CUDA graphs). Static shapes: a new batch size or length compiles
+    again."""
     if not _COMPILED_DECODE:
         mode = "reduce-overhead" if torch.cuda.is_available() else None
         _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))

@@ -42,12 +42,14 @@ def test_llava_hub_and_in_memory_layouts_load(hf_dirs, tmp_path):
     pixels, ids = inputs()
     ref = hf_logits(hf, pixels, ids)
 
-    def hub(k):  # the hub layout: vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.*
+    # the hub layout: vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.*
+    def hub(k):
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
             return "vision_tower.vision_model." + k[len("vision_tower."):]
         return k
 
-    def in_memory(k):  # transformers 5 module names: model.language_model.*, model.vision_tower.*, lm_head.*
+    # transformers 5 module names: model.language_model.*, model.vision_tower.*, lm_head.*
+    def in_memory(k):
         if k.startswith("language_model.model."):
             return "model.language_model." + k[len("language_model.model."):]
         if k.startswith("language_model.lm_head."):
@@ -70,15 +72,19 @@ def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
     export_llava_hf(ours, tmp_path / "export")
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     pixels, ids = inputs(seed=5)
-    torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
+                               rtol=0)
     # and a model of ours made from scratch (not loaded) exports too
-    fresh = LLaVA(ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64, vision_layers=3,
-                              vision_heads=4, projector="linear" if projector == "linear" else "mlp2x_gelu",
-                              vocab_size=VOCAB, hidden=32, intermediate=72, layers=2, heads=4, kv_heads=2,
-                              image_token_id=IMAGE_ID, pad_token_id=0)).eval()
+    ours_projector = "linear" if projector == "linear" else "mlp2x_gelu"
+    config = ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64,
+                         vision_layers=3, vision_heads=4, projector=ours_projector,
+                         vocab_size=VOCAB, hidden=32, intermediate=72, layers=2, heads=4,
+                         kv_heads=2, image_token_id=IMAGE_ID, pad_token_id=0)
+    fresh = LLaVA(config).eval()
     export_llava_hf(fresh, tmp_path / "fresh")
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "fresh").eval()
-    torch.testing.assert_close(hf_logits(theirs, pixels, ids), fresh(pixels, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), fresh(pixels, ids), atol=ATOL,
+                               rtol=0)
 
 
 def _to_original_llava(k, keep_vision=True):
@@ -107,13 +113,14 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision)
     hf_cfg = json.load(open(os.path.join(path, "config.json")))
     cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
                mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-               mm_vision_select_feature="patch", mm_use_im_start_end=False, image_aspect_ratio="pad",
-               mm_vision_tower=str(tmp_path / "clip"))
+               mm_vision_select_feature="patch", mm_use_im_start_end=False,
+               image_aspect_ratio="pad", mm_vision_tower=str(tmp_path / "clip"))
     _rewrite_keys(path, tmp_path / "orig", lambda k: _to_original_llava(k, with_vision), config=cfg)
     clip = CLIPVisionModel(hf_vision_config())
     clip.load_state_dict(hf.model.vision_tower.state_dict())
     clip.save_pretrained(tmp_path / "clip")
-    if with_vision:  # the weights must then come from the LLaVA checkpoint, only the config from the CLIP dir
+    # the weights must then come from the LLaVA checkpoint, only the config from the CLIP dir
+    if with_vision:
         os.remove(tmp_path / "clip" / "model.safetensors")
     ours = load_checkpoint(tmp_path / "orig").eval()
     assert ours.config.image_token_id == -200  # LLaVA's IMAGE_TOKEN_INDEX
@@ -130,7 +137,8 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     with pytest.raises(CheckpointError, match="CLIP"):
         load_checkpoint(tmp_path / "llama")
     ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
-    assert ours.projector.linear_1.weight.shape == (32, 32) and ours.projector.linear_1.weight.std() > 0
+    fresh = ours.projector.linear_1.weight
+    assert fresh.shape == (32, 32) and fresh.std() > 0
 
 
 def test_peft_export_applies_in_transformers(tmp_path):
@@ -195,7 +203,8 @@ def test_checkpoint_of_another_shape_names_key_and_shapes(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path / "a")
     msg = str(e.value)
-    assert "model.safetensors" in msg and "gate_proj.weight" in msg and "(72, 32)" in msg and "(80, 32)" in msg
+    assert "model.safetensors" in msg and "gate_proj.weight" in msg
+    assert "(72, 32)" in msg and "(80, 32)" in msg
     assert "\n" not in msg
 
 
@@ -218,7 +227,8 @@ def test_checkpoint_cli_errors_are_one_line(tmp_path):
     save_checkpoint_files(tiny_model(), tmp_path / "a")
     f = tmp_path / "a" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom checkpoint import load_checkpoint\n"
+    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom checkpoint "
+            "import load_checkpoint\n"
             "with user_errors():\n    load_checkpoint(%r)\n") % (HERE, str(tmp_path / "a"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2

@@ -21,22 +21,25 @@ IMAGE_ID = 99
 
 def hf_vision_config():
     from transformers import CLIPVisionConfig
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=IMG, patch_size=14, projection_dim=16, layer_norm_eps=1e-5)
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, image_size=IMG, patch_size=14, projection_dim=16,
+                            layer_norm_eps=1e-5)
 
 
 def hf_text_config(kv_heads=2):
     from transformers import LlamaConfig
-    return LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=kv_heads, vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=256,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+                       rms_norm_eps=1e-5, max_position_embeddings=256, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
 
 
 def hf_llava(projector="gelu", seed=0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=hf_vision_config(), text_config=hf_text_config(), image_token_index=IMAGE_ID,
-                      projector_hidden_act=projector, vision_feature_layer=-2,
+    cfg = LlavaConfig(vision_config=hf_vision_config(), text_config=hf_text_config(),
+                      image_token_index=IMAGE_ID, projector_hidden_act=projector,
+                      vision_feature_layer=-2,
                       vision_feature_select_strategy="default", image_seq_length=4, pad_token_id=0)
     m = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random weights big enough that errors would show
@@ -65,7 +68,8 @@ def inputs(batch=2, text=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, IMG, IMG, generator=g)
     ids = torch.randint(3, VOCAB - 1, (batch, text), generator=g)
-    ids = torch.cat([ids[:, :1], torch.full((batch, 4), IMAGE_ID), ids[:, 1:]], 1)  # bos-ish, 4 image tokens, text
+    # bos-ish, 4 image tokens, text
+    ids = torch.cat([ids[:, :1], torch.full((batch, 4), IMAGE_ID), ids[:, 1:]], 1)
     return pixels, ids
 
 
@@ -146,8 +150,8 @@ def test_greedy_cache_equals_no_cache_and_transformers(hf_dirs):
     n = 10
     cached = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=-1).tokens
     assert torch.equal(cached, greedy_without_cache(ours, pixels, ids, n))
-    ref = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, min_new_tokens=n)[:, ids.shape[1]:]
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, min_new_tokens=n)[:, ids.shape[1]:]
     assert torch.equal(cached, ref)
 
 
@@ -162,9 +166,10 @@ def test_left_padded_batch_equals_one_by_one(hf_dirs):
     for i, p in enumerate(prompts):
         ids[i, T - len(p):] = p
         mask[i, T - len(p):] = 1
-    batch = ours.generate(pixels, ids, mask, max_new_tokens=8, eos_token_id=-1, return_logprobs=True)
+    settings = dict(max_new_tokens=8, eos_token_id=-1, return_logprobs=True)
+    batch = ours.generate(pixels, ids, mask, **settings)
     for i, p in enumerate(prompts):
-        one = ours.generate(pixels[i:i + 1], p[None], max_new_tokens=8, eos_token_id=-1, return_logprobs=True)
+        one = ours.generate(pixels[i:i + 1], p[None], **settings)
         assert torch.equal(batch.tokens[i], one.tokens[0])
         torch.testing.assert_close(batch.logprobs[i], one.logprobs[0], atol=1e-5, rtol=0)
 
@@ -175,12 +180,15 @@ def test_generate_stops_at_eos_and_returns_logprobs(hf_dirs):
     pixels, ids = inputs(batch=2)
     free = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=-1)
     seq = free.tokens[0].tolist()
-    j = next(j for j in range(1, 6) if seq[j] not in seq[:j])  # pretend row 0's first new-token value there is EOS
-    out = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=seq[j], pad_token_id=0, return_logprobs=True)
+    # pretend row 0's first new-token value there is EOS
+    j = next(j for j in range(1, 6) if seq[j] not in seq[:j])
+    out = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=seq[j], pad_token_id=0,
+                        return_logprobs=True)
     assert out.lengths[0] == j + 1 and out.finished[0]
     assert torch.all(out.tokens[0, j + 1:] == 0) and torch.all(out.logprobs[0, j + 1:] == 0)
     # log-probs are those of the full forward pass at the sampled tokens
-    full = torch.log_softmax(ours(pixels[:1], torch.cat([ids[:1], out.tokens[:1, :j + 1]], 1)).float(), -1)
+    prompt_and_answer = torch.cat([ids[:1], out.tokens[:1, :j + 1]], 1)
+    full = torch.log_softmax(ours(pixels[:1], prompt_and_answer).float(), -1)
     T = ids.shape[1]
     ref = full[0, T - 1:T + j].gather(-1, out.tokens[0, :j + 1, None])[:, 0]
     torch.testing.assert_close(out.logprobs[0, :j + 1], ref, atol=1e-5, rtol=0)
@@ -207,9 +215,9 @@ def test_sampling_is_reproducible_with_a_generator_and_top_p(hf_dirs):
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = dict(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64, vision_layers=3,
-               vision_heads=4, vocab_size=VOCAB, hidden=32, intermediate=72, layers=2, heads=4, kv_heads=2,
-               image_token_id=IMAGE_ID, pad_token_id=0)
+    cfg = dict(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64,
+               vision_layers=3, vision_heads=4, vocab_size=VOCAB, hidden=32, intermediate=72,
+               layers=2, heads=4, kv_heads=2, image_token_id=IMAGE_ID, pad_token_id=0)
     cfg.update(kw)
     return LLaVA(ModelConfig(**cfg)).eval()
 
@@ -228,7 +236,8 @@ def test_lora_fresh_merge_none_and_isolation():
         base = m(pixels, ids)
         m.add_adapter("a", r=4, alpha=8)
         m.set_adapter("a")
-        torch.testing.assert_close(m(pixels, ids), base, atol=0, rtol=0)  # B = 0: a fresh adapter changes nothing
+        # B = 0: a fresh adapter changes nothing
+        torch.testing.assert_close(m(pixels, ids), base, atol=0, rtol=0)
         randomize_adapter(m, "a", 1)
         with_a = m(pixels, ids)
         assert (with_a - base).abs().max() > 1e-3
@@ -257,7 +266,7 @@ def test_lora_only_adapter_parameters_get_gradients():
     h = m(pixels, ids, return_hidden=True)
     (m.logits(h).logsumexp(-1).mean() + m.heads["value"](h).mean()).backward()
     for n, p in m.named_parameters():
-        trainable = ".lora.policy." in n or n.startswith("heads.value") or n.startswith("projector.")
+        trainable = ".lora.policy." in n or n.startswith(("heads.value", "projector."))
         assert p.requires_grad == trainable, n
         if not trainable:
             assert p.grad is None, n

@@ -72,7 +72,8 @@ def test_oracle_junk_repeating_a_present_shape():
     r = oracle.oracle("circle " * 500, OBJECTS)
     assert len(r["mentions"]) == 500 and {m["name"] for m in r["mentions"]} == {"circle"}
     assert r["num_mentions"] == 1 and r["num_hallucinations"] == 0
-    absent = oracle.oracle("diamond " * 500, OBJECTS)  # and of one that is not: one hallucinated object
+    # and of one that is not there: one hallucinated object
+    absent = oracle.oracle("diamond " * 500, OBJECTS)
     assert absent["hallucinated_objects"] == ["diamond"] and absent["num_hallucinations"] == 1
 
 
