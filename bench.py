@@ -82,7 +82,8 @@ from model import LLaVA, PRESETS, ModelConfig
 
 @dataclass
 class Config:
-    """Speed and memory against transformers' LlavaForConditionalGeneration (same weights, same inputs)."""
+    """Speed and memory against transformers' LlavaForConditionalGeneration (same weights, same
+    inputs)."""
     out: str = "runs/bench"               # where bench.md and bench.json are written
     device: str = "cpu"                   # cpu or cuda
     dtype: str = "auto"                   # auto (fp32 on cpu, bf16 on cuda), fp32 or bf16
@@ -161,7 +162,8 @@ def _rss():
 
 
 def _trim():
-    """Give freed heap memory back to the OS (glibc keeps it for reuse), so that RSS follows live memory."""
+    """Give freed heap memory back to the OS (glibc keeps it for reuse), so that RSS follows live
+    memory."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -170,8 +172,9 @@ def _trim():
 
 
 class PeakMemory:
-    """Peak memory above the level at entry. GPU: torch.cuda.max_memory_allocated. CPU: the resident set size
-    (/proc/self/statm) polled every millisecond by a thread, after returning freed heap memory to the OS."""
+    """Peak memory above the level at entry. GPU: torch.cuda.max_memory_allocated. CPU: the resident
+    set size (/proc/self/statm) polled every millisecond by a thread, after returning freed heap
+    memory to the OS."""
 
     def __init__(self, dev):
         self.dev, self.peak = dev, 0
@@ -206,9 +209,10 @@ class PeakMemory:
 
 
 def race(fns, cfg, dev, measure_memory=True, warmup=None):
-    """Run the callables of `fns` (name -> fn) alternately, the order flipped every repetition, `warmup`
-    untimed rounds then `reps` timed ones; then one more round each for peak memory (kept apart from the
-    timed rounds: returning memory to the OS costs page faults). Returns {name: (median s, [times], peak bytes)}."""
+    """Run the callables of `fns` (name -> fn) alternately, the order flipped every repetition,
+    `warmup` untimed rounds then `reps` timed ones; then one more round each for peak memory (kept
+    apart from the timed rounds: returning memory to the OS costs page faults). Returns {name:
+    (median s, [times], peak bytes)}."""
     warmup = cfg.warmup if warmup is None else warmup
     times = {k: [] for k in fns}
     for i in range(warmup + cfg.reps):
@@ -235,7 +239,8 @@ def matmul_peak(n, dtype, dev, reps=7):
 
 
 def copy_bandwidth(mib, dev, reps=7):
-    """Bytes/s of copying a large tensor (read + write counted), median of `reps` after one warm-up."""
+    """Bytes/s of copying a large tensor (read + write counted), median of `reps` after one warm-up.
+    """
     x = torch.ones(mib * 2 ** 20 // 4, device=dev)
     y = torch.empty_like(x)
     ts = [timed(lambda: y.copy_(x), dev)[0] for _ in range(reps + 1)][1:]
@@ -272,14 +277,16 @@ def model_config(cfg, preset=None):
         if cfg.layers:
             over["layers"] = cfg.layers
     c = ModelConfig(**{**PRESETS[preset], **over})
-    if c.image_token_id >= c.vocab_size or c.pad_token_id >= c.vocab_size:  # e.g. 'tiny': ids inside the vocabulary
+    # e.g. 'tiny': ids inside the vocabulary
+    if c.image_token_id >= c.vocab_size or c.pad_token_id >= c.vocab_size:
         c = dataclasses.replace(c, image_token_id=c.vocab_size - 1, pad_token_id=c.vocab_size - 2)
     return c
 
 
 def build_ours(c, dev, dtype, seed):
-    """Our model with random weights, built directly on the device in the run's dtype (LoRA and heads stay fp32).
-    The rows of lm_head for the image and pad tokens are zeroed: greedy decoding never emits them."""
+    """Our model with random weights, built directly on the device in the run's dtype (LoRA and
+    heads stay fp32). The rows of lm_head for the image and pad tokens are zeroed: greedy decoding
+    never emits them."""
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -294,15 +301,17 @@ def build_ours(c, dev, dtype, seed):
 
 
 def build_theirs(ours, dev, dtype, how, tmp):
-    """transformers' LlavaForConditionalGeneration with our weights: 'export' = checkpoint.export_llava_hf(ours, dir) then
-    from_pretrained(dir); 'copy' = built from export_hf's config.json on the device, weights copied in memory
-    (no 2 x 14 GB round trip through the disk for a 7B model)."""
+    """transformers' LlavaForConditionalGeneration with our weights: 'export' =
+    checkpoint.export_llava_hf(ours, dir) then from_pretrained(dir); 'copy' = built from export_hf's
+    config.json on the device, weights copied in memory (no 2 x 14 GB round trip through the disk
+    for a 7B model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     path = os.path.join(tmp, "hf")
     if how == "export":
         checkpoint.export_llava_hf(ours, path)
         return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
-    captured = {}  # export_hf's hub-layout tensors (views of ours) and its config.json, no weight file written
+    # export_hf's hub-layout tensors (views of ours) and its config.json, no weight file written
+    captured = {}
     save = checkpoint._save_safetensors
     checkpoint._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
     try:
@@ -319,7 +328,8 @@ def build_theirs(ours, dev, dtype, how, tmp):
             missing.append(k)
         else:
             state[k] = v
-    missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]  # buffers, not weights
+    # buffers, not weights
+    missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]
     if missing:
         raise BenchError(f"transformers' model has weights our export does not write: {missing[:5]}")
     theirs.load_state_dict(state, strict=False)
@@ -327,7 +337,8 @@ def build_theirs(ours, dev, dtype, how, tmp):
 
 
 class HFLoRA(nn.Module):
-    """A transformers Linear plus our LoRA math: W x + (alpha/r) B A x, A and B fp32 (as model.LoRALinear)."""
+    """A transformers Linear plus our LoRA math: W x + (alpha/r) B A x, A and B fp32 (as
+    model.LoRALinear)."""
 
     def __init__(self, base, A, B, scale):
         super().__init__()
@@ -344,7 +355,8 @@ def hf_layers(theirs):
 
 
 def wrap_lora(theirs, ours, adapter):
-    """Put our adapter's A, B on transformers' q/k/v/o/gate/up/down modules. Returns an undo function."""
+    """Put our adapter's A, B on transformers' q/k/v/o/gate/up/down modules. Returns an undo
+    function."""
     undo = []
     for i, lin in ours.lora_linears():
         ad = lin.lora[adapter]
@@ -383,8 +395,8 @@ def train_batch(c, B, T, answer, g, dev):
     """B rows of T tokens: bos, image tokens, text; the last `answer` tokens carry labels."""
     text = T - 1 - c.num_image_tokens
     if text < answer + 1:
-        raise common.ConfigError(f"--seq {T} leaves {text} text tokens after {c.num_image_tokens} image tokens; "
-                                 f"need more than --answer {answer}")
+        raise common.ConfigError(f"--seq {T} leaves {text} text tokens after {c.num_image_tokens} "
+                                 f"image tokens; need more than --answer {answer}")
     ids, pix = prompt_ids(c, B, text, g, dev)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -answer:] = ids[:, -answer:]
@@ -421,15 +433,16 @@ def train_flops(c, B, T, labelled, full, r):
 
 
 def decode_bytes(c, B, context, elem):
-    """Bytes read by one decode step: the decoder's and lm_head's weights, the norms, and the KV cache."""
+    """Bytes read by one decode step: the decoder's and lm_head's weights, the norms, and the KV
+    cache."""
     n = matmul_params(c)
     weights = (n["decoder"] + n["lm_head"] + (2 * c.layers + 1) * c.hidden) * elem
     return weights + 2 * c.layers * c.kv_heads * c.head_dim * context * B * elem
 
 
 def allocated_bytes(models):
-    """Bytes of parameters + buffers of `models`, each storage counted once (by device and data_ptr; on the
-    meta device, where nothing is allocated, by tensor identity)."""
+    """Bytes of parameters + buffers of `models`, each storage counted once (by device and data_ptr;
+    on the meta device, where nothing is allocated, by tensor identity)."""
     seen = {}
     for m in models:
         for t in list(m.parameters()) + list(m.buffers()):
@@ -446,8 +459,9 @@ def allocated_bytes(models):
 # ----------------------------------------------------------------------------------------
 
 def check_parity(ours, theirs, c, dev, exact, autocast, out):
-    """The same logits from both models before anything is timed: the base, then with the LoRA adapter 'sft'
-    (its B drawn at random so that it changes the output) on ours and the hand-written wrapper on theirs."""
+    """The same logits from both models before anything is timed: the base, then with the LoRA
+    adapter 'sft' (its B drawn at random so that it changes the output) on ours and the hand-written
+    wrapper on theirs."""
     ids, pix = prompt_ids(c, 2, 8, torch.Generator().manual_seed(1), dev)
 
     def max_diff(what):
@@ -459,7 +473,8 @@ def check_parity(ours, theirs, c, dev, exact, autocast, out):
         # weight mapping gives differences of the size of the logits themselves): 5% of the logit range
         limit = 1e-4 if exact else 0.05 * a.abs().max().item()
         if not d <= limit:  # also catches NaN
-            raise BenchError(f"{what}: logits differ, max |ours - transformers| = {d:.3g} > {limit:.3g}")
+            raise BenchError(f"{what}: logits differ, max |ours - transformers| = {d:.3g} > "
+                             f"{limit:.3g}")
         return d, limit
     out["parity_max_abs_diff"], out["parity_tolerance"] = max_diff("base model")
     with torch.no_grad():
@@ -476,7 +491,8 @@ def check_parity(ours, theirs, c, dev, exact, autocast, out):
 
 
 def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
-    """One AdamW step, LoRA and full fine-tune, ours against transformers (same batch, same loss)."""
+    """One AdamW step, LoRA and full fine-tune, ours against transformers (same batch, same loss).
+    """
     b = train_batch(c, cfg.batch, cfg.seq, cfg.answer, torch.Generator().manual_seed(3), dev)
     n_lab = int((b["labels"][:, 1:] != IGNORE).sum())
 
@@ -500,13 +516,16 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
     for mode in cfg.train_modes:
         if mode not in ("lora", "full"):
             raise common.ConfigError(f"--train_modes {mode}: choose lora and/or full")
-        if mode == "full":  # gradients + AdamW's two states, in the parameters' dtype, for both models
+        # gradients + AdamW's two states, in the parameters' dtype, for both models
+        if mode == "full":
             need = 2 * 3 * sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
                                if n.startswith(("language_model.", "lm_head.", "projector.")) and ".lora." not in n)
             if need > 0.9 * free_bytes(dev):
-                print(f"note: full fine-tune skipped: its gradients and optimizer states for both models need "
-                      f"{need / 2 ** 30:.0f} GiB, {free_bytes(dev) / 2 ** 30:.0f} GiB free", file=sys.stderr)
-                rows["full"] = {"skipped": f"needs {need / 2 ** 30:.0f} GiB for gradients and optimizer states"}
+                print("note: full fine-tune skipped: its gradients and optimizer states for both "
+                      f"models need {need / 2 ** 30:.0f} GiB, {free_bytes(dev) / 2 ** 30:.0f} GiB "
+                      "free", file=sys.stderr)
+                rows["full"] = {"skipped": f"needs {need / 2 ** 30:.0f} GiB for gradients and "
+                                           "optimizer states"}
                 continue
         restore = lambda: None
         if mode == "lora":
@@ -523,7 +542,8 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
         n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
         n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
         if n_ours != n_theirs:
-            raise BenchError(f"{mode}: {n_ours} trainable parameters in ours, {n_theirs} in transformers'")
+            raise BenchError(f"{mode}: {n_ours} trainable parameters in ours, {n_theirs} in "
+                             "transformers'")
         ours.train(), theirs.train()
         with torch.no_grad():
             lo, lt = float(ours_loss()), float(theirs_loss())
@@ -550,8 +570,9 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
 
 
 def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="generate", batches=None, N=None):
-    """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1 token: prefill).
-    --compile_decode: ours with the compiled decode step too ('ours_compiled'; its compilation untimed)."""
+    """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1
+    token: prefill). --compile_decode: ours with the compiled decode step too ('ours_compiled'; its
+    compilation untimed)."""
     rows = {}
     for B in batches or cfg.gen_batches:
         ids, pix = prompt_ids(c, B, cfg.prompt_text, torch.Generator().manual_seed(4 + B), dev)
@@ -571,7 +592,8 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
         same = a.shape == t.shape and torch.equal(a, t)
         first = None if same else int((a != t).any(0).nonzero()[0]) if a.shape == t.shape else 0
         if not same:
-            print(f"warning: greedy tokens differ at batch {B} from new token {first} (near-tied logits round "
+            print(f"warning: greedy tokens differ at batch {B} from new token {first} (near-tied "
+                  "logits round "
                   f"differently); timings still compare the same amount of work", file=sys.stderr)
         fns = lambda n: {"ours": ours_gen(n), "transformers": theirs_gen(n),
                          **({"ours_compiled": ours_gen(n, True)} if cfg.compile_decode else {})}
@@ -599,7 +621,8 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
 
 
 def dpo_section(ours, c, cfg, dev, autocast, out):
-    """One DPO step (dpo.pair_losses: chosen and rejected rows in one pass, reference = adapters off)."""
+    """One DPO step (dpo.pair_losses: chosen and rejected rows in one pass, reference = adapters
+    off)."""
     g = torch.Generator().manual_seed(5)
     chosen = train_batch(c, cfg.dpo_pairs, cfg.seq, cfg.answer, g, dev)
     rejected = chosen["input_ids"].clone()
@@ -659,7 +682,8 @@ def rollout_prompts(ids, image_size, folder, g):
 
 
 def add_roles(m, r, alpha):
-    """PPO's four roles on one base: 'policy', 'reward' (+ head), 'value' (a copy of 'reward', + head)."""
+    """PPO's four roles on one base: 'policy', 'reward' (+ head), 'value' (a copy of 'reward', +
+    head)."""
     m.add_adapter("policy", r, alpha)
     m.add_adapter("reward", r, alpha)
     m.add_head("reward")
@@ -670,9 +694,10 @@ def add_roles(m, r, alpha):
 
 def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens=None, lora=None, minibatch=None,
                 epochs=1):
-    """One PPO iteration: ppo.rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1), then `epochs`
-    epochs of ppo.ppo_update in minibatches of `minibatch` (default: all prompts, one update); rollout and
-    update timed apart. `lora` = (r, alpha) of the three adapters (default --lora_r, --lora_alpha)."""
+    """One PPO iteration: ppo.rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1),
+    then `epochs` epochs of ppo.ppo_update in minibatches of `minibatch` (default: all prompts, one
+    update); rollout and update timed apart. `lora` = (r, alpha) of the three adapters (default
+    --lora_r, --lora_alpha)."""
     prompts, new_tokens = prompts or cfg.ppo_prompts, new_tokens or cfg.ppo_new_tokens
     add_roles(ours, *(lora or (cfg.lora_r, cfg.lora_alpha)))
     with torch.no_grad():  # a reward model that is not constant
@@ -689,7 +714,8 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     tokenizer, images = word_tokenizer(c), ImageCache(c.image_size)
     pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts, ppo_epochs=epochs,
                       rm_input="tokens", out=tmp, seed=cfg.seed)  # ppo.py's defaults otherwise
-    rm = (False, "llava-rlhf", "vicuna_v1")  # (facts, wording, template): a reward model without facts
+    # (facts, wording, template): a reward model without facts
+    rm = (False, "llava-rlhf", "vicuna_v1")
     d = common.Dist(device=dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     parts = []
@@ -719,10 +745,10 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
 
 
 def rollout_section(cfg, dev, dtype, tmp, out):
-    """A PPO rollout's shape at --rollout_model (the Shapes demo by default): greedy decoding of --rollout_batch
-    sequences x --rollout_new_tokens against transformers (after the same logit parity check), then one PPO
-    iteration of that size with ppo.py's defaults (policy LoRA r 16, minibatches of half the batch, 2 epochs),
-    rollout and update timed apart."""
+    """A PPO rollout's shape at --rollout_model (the Shapes demo by default): greedy decoding of
+    --rollout_batch sequences x --rollout_new_tokens against transformers (after the same logit
+    parity check), then one PPO iteration of that size with ppo.py's defaults (policy LoRA r 16,
+    minibatches of half the batch, 2 epochs), rollout and update timed apart."""
     c = model_config(cfg, cfg.rollout_model)
     ours = build_ours(c, dev, dtype, cfg.seed)
     ours.add_adapter("sft", cfg.lora_r, cfg.lora_alpha)
@@ -755,9 +781,9 @@ def build_plain(c, dev, dtype):
 
 
 def roles_section(cfg, c_main, dev, dtype, out):
-    """Memory of PPO's four roles: one base with 3 adapters + 2 heads, against 4 separate models. Allocated for
-    real at `roles_model` (bytes of unique storages, and the process's memory growth), and counted on the meta
-    device at the benchmarked model's shape."""
+    """Memory of PPO's four roles: one base with 3 adapters + 2 heads, against 4 separate models.
+    Allocated for real at `roles_model` (bytes of unique storages, and the process's memory growth),
+    and counted on the meta device at the benchmarked model's shape."""
     def shared(c, d):
         return [add_roles(build_plain(c, d, dtype), cfg.lora_r, cfg.lora_alpha)]
 
@@ -806,36 +832,42 @@ def _mb(b):
 def markdown(r):
     h, t = r["hardware"], r["train"]
     lines = [f"# factalign bench: {r['config']['model']} on {r['device_name']}", "",
-             f"{r['date']} | torch {r['torch']} | transformers {r['transformers']} | {r['dtype']} | "
-             f"{r['threads']} threads (OMP_NUM_THREADS={r['omp_num_threads']}) | load average {r['load_before']} "
-             f"before, {r['load_after']} after | {r['wall_s']:.0f} s", "",
-             f"Parity before timing: max |logits ours - transformers| {r['parity_max_abs_diff']:.2e} (base), "
-             f"{r['parity_lora_max_abs_diff']:.2e} (LoRA); tolerance {r['parity_tolerance']:.1e}.", "",
-             f"Hardware measured here: matmul {h['matmul_flops'] / 1e9:.1f} GFLOP/s ({h['matmul_n']}^3, {r['dtype']}), "
-             f"copy {h['bandwidth'] / 1e9:.1f} GB/s (the better of a measurement at the start and one at the end).", "",
+             f"{r['date']} | torch {r['torch']} | transformers {r['transformers']} | {r['dtype']} "
+             f"| {r['threads']} threads (OMP_NUM_THREADS={r['omp_num_threads']}) | load average "
+             f"{r['load_before']} before, {r['load_after']} after | {r['wall_s']:.0f} s", "",
+             "Parity before timing: max |logits ours - transformers| "
+             f"{r['parity_max_abs_diff']:.2e} (base), {r['parity_lora_max_abs_diff']:.2e} (LoRA); "
+             f"tolerance {r['parity_tolerance']:.1e}.", "",
+             f"Hardware measured here: matmul {h['matmul_flops'] / 1e9:.1f} GFLOP/s "
+             f"({h['matmul_n']}^3, {r['dtype']}), copy {h['bandwidth'] / 1e9:.1f} GB/s (the better "
+             "of a measurement at the start and one at the end).", "",
              "## Training step (forward + backward + AdamW): median s (min s)",
-             "", f"{r['config']['batch']} x {r['config']['seq']} tokens ({r['model_config']['num_image_tokens']} image "
-                 f"tokens per row), {r['config']['answer']} labelled per row, LoRA r {r['config']['lora_r']}.", "",
-             "| step | ours s | transformers s | ours/transformers | MFU ours | MFU transformers | peak MiB ours | peak MiB transformers |",
+             "", f"{r['config']['batch']} x {r['config']['seq']} tokens "
+                 f"({r['model_config']['num_image_tokens']} image tokens per row), "
+                 f"{r['config']['answer']} labelled per row, LoRA r {r['config']['lora_r']}.", "",
+             "| step | ours s | transformers s | ours/transformers | MFU ours | MFU transformers | "
+             "peak MiB ours | peak MiB transformers |",
              "|---|---|---|---|---|---|---|---|"]
     for mode, x in t.items():
         if "skipped" in x:
             lines.append(f"| {mode} | skipped: {x['skipped']} | | | | | | |")
             continue
-        lines.append(f"| {mode} ({x['trainable'] / 1e6:.2f}M trainable) | {x['ours_s']:.3f} ({min(x['ours_times']):.3f}) | "
-                     f"{x['transformers_s']:.3f} ({min(x['transformers_times']):.3f}) | "
-                     f"**{x['ratio']:.2f}** | {100 * x['ours_mfu']:.1f}% | {100 * x['transformers_mfu']:.1f}% | "
+        lines.append(f"| {mode} ({x['trainable'] / 1e6:.2f}M trainable) | {x['ours_s']:.3f} "
+                     f"({min(x['ours_times']):.3f}) | {x['transformers_s']:.3f} "
+                     f"({min(x['transformers_times']):.3f}) | **{x['ratio']:.2f}** | "
+                     f"{100 * x['ours_mfu']:.1f}% | {100 * x['transformers_mfu']:.1f}% | "
                      f"{_mb(x['ours_peak_bytes'])} | {_mb(x['transformers_peak_bytes'])} |")
     lines += ["", f"## Greedy generation, {r['config']['new_tokens']} new tokens, KV cache", ""]
     lines += generation_table(r["generate"])
     d, p, ro = r["dpo"], r["ppo"], r["roles"]
     lines += ["", "## Preference and RL steps (ours)", "", "| step | s | peak MiB |", "|---|---|---|"]
     lines.append(f"| DPO step: failed: {d['error']} | | |" if "error" in d else
-                 f"| DPO step, {d['pairs']} pairs ({d['rows']} x {d['seq']} tokens), LoRA, reference = adapters off | "
-                 f"{d['s']:.3f} | {_mb(d['peak_bytes'])} |")
+                 f"| DPO step, {d['pairs']} pairs ({d['rows']} x {d['seq']} tokens), LoRA, "
+                 f"reference = adapters off | {d['s']:.3f} | {_mb(d['peak_bytes'])} |")
     lines.append(f"| PPO iteration: failed: {p['error']} | | |" if "error" in p else
-                 f"| PPO iteration, {p['prompts']} prompts x {p['new_tokens']} sampled tokens (rollout "
-                 f"{p['rollout_s']:.3f} s + one update epoch {p['update_s']:.3f} s) | {p['s']:.3f} | {_mb(p['peak_bytes'])} |")
+                 f"| PPO iteration, {p['prompts']} prompts x {p['new_tokens']} sampled tokens "
+                 f"(rollout {p['rollout_s']:.3f} s + one update epoch {p['update_s']:.3f} s) | "
+                 f"{p['s']:.3f} | {_mb(p['peak_bytes'])} |")
     if "rollout" in r:
         x, q = r["rollout"], r.get("rollout_ppo", {})
         lines += ["", f"## A PPO rollout's shape: `{r['config']['rollout_model']}` preset, greedy, "
@@ -844,37 +876,40 @@ def markdown(r):
         if "error" in q:
             lines += ["", f"PPO iteration failed: {q['error']}"]
         elif q:
-            lines += ["", f"PPO iteration at `{r['config']['rollout_model']}`, {q['prompts']} prompts x {q['new_tokens']} "
-                          f"sampled tokens, LoRA r {q['lora_r']}, {q['epochs']} epochs of minibatches of {q['minibatch']}: "
-                          f"**{q['s']:.3f} s** = rollout {q['rollout_s']:.3f} s + update {q['update_s']:.3f} s."]
+            lines += ["", f"PPO iteration at `{r['config']['rollout_model']}`, {q['prompts']} "
+                          f"prompts x {q['new_tokens']} sampled tokens, LoRA r {q['lora_r']}, "
+                          f"{q['epochs']} epochs of minibatches of {q['minibatch']}: "
+                          f"**{q['s']:.3f} s** = rollout {q['rollout_s']:.3f} s + update "
+                          f"{q['update_s']:.3f} s."]
     lines += ["", "## PPO roles (policy, reference, reward, value): memory of parameters + buffers", ""]
     if "error" in ro:
         return "\n".join(lines + [f"failed: {ro['error']}", ""])
     lines += ["| arrangement | one base, 3 adapters + 2 heads | four models | ratio |", "|---|---|---|---|"]
     a, m = ro["allocated"], ro["counted"]
-    lines += [f"| allocated on {r['device']} at `{a['model']}` (unique storages) | {_mb(a['shared_bytes'])} MiB | "
-              f"{_mb(a['four_bytes'])} MiB | **{a['ratio']:.3f}** |",
+    lines += [f"| allocated on {r['device']} at `{a['model']}` (unique storages) | "
+              f"{_mb(a['shared_bytes'])} MiB | {_mb(a['four_bytes'])} MiB | **{a['ratio']:.3f}** |",
               f"| process memory growth at `{a['model']}` | {_mb(a['shared_process_bytes'])} MiB | "
               f"{_mb(a['four_process_bytes'])} MiB | {a['process_ratio']:.3f} |",
-              f"| counted at `{m['model']}` (meta device) | {_mb(m['shared_bytes'])} MiB | {_mb(m['four_bytes'])} MiB | "
-              f"{m['ratio']:.3f} |", "",
-              "MFU = model FLOPs / step time / measured matmul peak (FLOPs formula in bench.py's docstring; the same "
-              "FLOPs for both). Bandwidth use = bytes read per decode step (weights + KV cache) x steps/s / measured "
-              "copy bandwidth.", ""]
+              f"| counted at `{m['model']}` (meta device) | {_mb(m['shared_bytes'])} MiB | "
+              f"{_mb(m['four_bytes'])} MiB | {m['ratio']:.3f} |", "",
+              "MFU = model FLOPs / step time / measured matmul peak (FLOPs formula in bench.py's "
+              "docstring; the same FLOPs for both). Bandwidth use = bytes read per decode step "
+              "(weights + KV cache) x steps/s / measured copy bandwidth.", ""]
     return "\n".join(lines)
 
 
 def generation_table(rows):
     """Markdown rows of a generation comparison (ours compiled too when it was timed)."""
     comp = any("ours_compiled_s" in x for x in rows.values())
-    head = ("| batch | ours tok/s | transformers tok/s | ours/transformers | decode ms/step ours | transformers | "
-            "bandwidth use ours | transformers | same tokens |")
+    head = ("| batch | ours tok/s | transformers tok/s | ours/transformers | decode ms/step ours | "
+            "transformers | bandwidth use ours | transformers | same tokens |")
     if comp:
         head += " compiled tok/s | compiled decode ms/step | compiled first calls s |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for B, x in rows.items():
-        line = (f"| {B} | {x['ours_tok_s']:.1f} | {x['transformers_tok_s']:.1f} | **{x['ratio_tok_s']:.2f}** | "
-                f"{x['ours_decode_ms']:.2f} | {x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
+        line = (f"| {B} | {x['ours_tok_s']:.1f} | {x['transformers_tok_s']:.1f} | "
+                f"**{x['ratio_tok_s']:.2f}** | {x['ours_decode_ms']:.2f} | "
+                f"{x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
                 f"{100 * x['transformers_bw_util']:.0f}% | "
                 f"{'yes' if x['same_tokens'] else 'NO (from token %s)' % x['first_difference']} |")
         if comp:
@@ -885,8 +920,9 @@ def generation_table(rows):
 
 
 def run_section(name, r, fn, *args):
-    """Run one of the ours-only sections; a failure there (a bug in a stage script, out of memory) is recorded in
-    the report instead of losing the comparison measured so far. Returns [name] when it failed."""
+    """Run one of the ours-only sections; a failure there (a bug in a stage script, out of memory)
+    is recorded in the report instead of losing the comparison measured so far. Returns [name] when
+    it failed."""
     try:
         fn(*args)
         return []
@@ -901,7 +937,8 @@ def main(cfg):
         default = Config()
         cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)})
     if cfg.model not in PRESETS or cfg.roles_model not in PRESETS or cfg.rollout_model not in (*PRESETS, ""):
-        raise common.ConfigError(f"--model/--roles_model/--rollout_model: choose from {', '.join(PRESETS)}")
+        raise common.ConfigError("--model/--roles_model/--rollout_model: choose from "
+                                 f"{', '.join(PRESETS)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
@@ -943,7 +980,8 @@ def run(cfg):
     n = cfg.matmul_n or (8192 if dev.type == "cuda" else 2048)
     mib = cfg.copy_mib or (2048 if dev.type == "cuda" else 256)
     r["hardware"] = {"matmul_n": n, "matmul_flops": matmul_peak(n, dtype, dev), "copy_mib": mib,
-                     "bandwidth": copy_bandwidth(mib, dev)}  # measured again at the end; the better of the two is kept
+                     # measured again at the end; the better of the two is kept
+                     "bandwidth": copy_bandwidth(mib, dev)}
     c = model_config(cfg)
     r["model_config"] = {**dataclasses.asdict(c), "num_image_tokens": c.num_image_tokens}
     ours = build_ours(c, dev, dtype, cfg.seed)
@@ -956,7 +994,8 @@ def run(cfg):
         for p in theirs.parameters():
             p.requires_grad_(False)
         check_parity(ours, theirs, c, dev, exact, autocast, r)
-        print(f"parity: max |diff| {r['parity_max_abs_diff']:.2e} base, {r['parity_lora_max_abs_diff']:.2e} LoRA", flush=True)
+        print(f"parity: max |diff| {r['parity_max_abs_diff']:.2e} base, "
+              f"{r['parity_lora_max_abs_diff']:.2e} LoRA", flush=True)
         train_section(ours, theirs, c, cfg, dev, exact, autocast, r["hardware"]["matmul_flops"], r)
         print("train: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in r["train"].items() if "ratio" in v), flush=True)
         generate_section(ours, theirs, c, cfg, dev, torch.finfo(dtype).bits // 8, r["hardware"]["bandwidth"], r)
@@ -974,7 +1013,8 @@ def run(cfg):
             failed += run_section("rollout", r, rollout_section, cfg, dev, dtype, tmp, r)
         if "rollout" in r and "error" not in r["rollout"]:
             print("rollout: " + ", ".join(f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["rollout"].items()), flush=True)
-    h = r["hardware"]  # what this machine can really do: the better of the two measurements (a shared machine)
+    # what this machine can really do: the better of the two measurements (a shared machine)
+    h = r["hardware"]
     h["matmul_flops_start"], h["bandwidth_start"] = h["matmul_flops"], h["bandwidth"]
     h["matmul_flops_end"], h["bandwidth_end"] = matmul_peak(n, dtype, dev), copy_bandwidth(mib, dev)
     if h["matmul_flops_end"] > h["matmul_flops"] or h["bandwidth_end"] > h["bandwidth"]:
@@ -1001,24 +1041,26 @@ def run(cfg):
     with open(os.path.join(cfg.out, "bench.json"), "w") as f:
         json.dump(r, f, indent=2)
     if failed:
-        print(f"error: sections failed: {', '.join(failed)} (tracebacks above; the report has the rest)", file=sys.stderr)
+        print(f"error: sections failed: {', '.join(failed)} (tracebacks above; the report has the "
+              "rest)", file=sys.stderr)
         raise SystemExit(1)
     return r
 
 
 def fsdp_bench(cfg):
-    """--fsdp: one sharded training step (common.shard_model, as sft.py --fsdp true runs it) for each of
-    --train_modes (full: language model + projector, CLIP frozen; lora), median step time and peak memory
-    per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device cuda --model llava-7b`: bf16
-    compute, fp32 master weights and AdamW moments sharded 8 ways. --batch rows per process. No
-    transformers comparison. Writes OUT/bench_fsdp.json."""
+    """--fsdp: one sharded training step (common.shard_model, as sft.py --fsdp true runs it) for
+    each of --train_modes (full: language model + projector, CLIP frozen; lora), median step time
+    and peak memory per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device cuda
+    --model llava-7b`: bf16 compute, fp32 master weights and AdamW moments sharded 8 ways. --batch
+    rows per process. No transformers comparison. Writes OUT/bench_fsdp.json."""
     d = common.setup_dist(cfg.device, fsdp=True)
     bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"
     c = model_config(cfg)
     out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16, "config": dataclasses.asdict(cfg),
            "model_config": dataclasses.asdict(c)}
     for mode in cfg.train_modes:
-        model = build_ours(c, d.device, torch.float32, cfg.seed).train()  # fp32 master weights, sharded below
+        # fp32 master weights, sharded below
+        model = build_ours(c, d.device, torch.float32, cfg.seed).train()
         if mode == "lora":
             model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha)
             model.set_adapter("sft")
@@ -1054,8 +1096,9 @@ def fsdp_bench(cfg):
                      "peak_bytes_per_process": peaks, "peak_kind": "cuda max_memory_allocated"
                      if d.device.type == "cuda" else "resident set size"}
         if d.main:
-            print(f"fsdp {mode}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.3f}B trained, {d.world} processes | "
-                  f"step {statistics.median(times):.3f}s | peak {max(peaks) / 2**30:.2f} GiB per process", flush=True)
+            print(f"fsdp {mode}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.3f}B trained, "
+                  f"{d.world} processes | step {statistics.median(times):.3f}s | peak "
+                  f"{max(peaks) / 2**30:.2f} GiB per process", flush=True)
         model = opt = None  # free the first mode's shards before the next one
     if d.main:
         common.ensure_writable(cfg.out)

@@ -248,8 +248,8 @@ def _vision_fields_from_weights(src):
     layers = 1 + max(int(n.split(".")[2]) for n in layer_keys)
     if hidden % 64:
         where = src.key("vision", "embeddings.patch_embedding.weight")
-        raise CheckpointError(f"{where}: cannot infer the CLIP head count for width {hidden}; "
-                              "pass the CLIP directory (--vision_tower DIR)")
+        raise CheckpointError(f"{where}: cannot infer the CLIP head count for width {hidden}; pass "
+                              "the CLIP directory (--vision_tower DIR)")
     return dict(image_size=int(round(math.sqrt(n_pos - 1))) * p, patch_size=p, vision_hidden=hidden,
                 vision_intermediate=src.shape("vision", "encoder.layers.0.mlp.fc1.weight")[0],
                 vision_layers=layers, vision_heads=hidden // 64)
@@ -270,8 +270,8 @@ def detect_layout(path):
         return "factalign"
     if "format_version" in cfg:  # written by a checkpoint format that is not this one
         raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version "
-                              f"{cfg['format_version']!r} is not a "
-                              f"{FORMAT_NAME} checkpoint format this code reads")
+                              f"{cfg['format_version']!r} is not a {FORMAT_NAME} checkpoint format "
+                              "this code reads")
     mt = cfg.get("model_type", "")
     if mt == "llava" and "text_config" in cfg:
         return "llava-hf"
@@ -715,7 +715,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
         json.dump(hf, f, indent=2)
     if tok is None:
         print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
-              f"(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
+              "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
     tok.save_pretrained(path)
     _write_processor(model, path, template)
@@ -977,8 +977,7 @@ def load_peft_adapter(model, path, name):
                 key, A, B = text[i, s]
                 if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
                     raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
-                                          f"{tuple(B.shape)} but the "
-                                          f"model expects {tuple(ad.A[s].shape)} / "
-                                          f"{tuple(ad.B[s].shape)}")
+                                          f"{tuple(B.shape)} but the model expects "
+                                          f"{tuple(ad.A[s].shape)} / {tuple(ad.B[s].shape)}")
                 ad.A[s].copy_(A)
                 ad.B[s].copy_(B)

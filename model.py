@@ -59,13 +59,13 @@ class ModelConfig:
         for name in sizes:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise CheckpointError(f"config: field '{name}': must be a positive integer, "
-                                      f"got {value!r}")
+                raise CheckpointError(f"config: field '{name}': must be a positive integer, got "
+                                      f"{value!r}")
         for name in ("vision_eps", "rms_eps", "rope_theta"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):
-                raise CheckpointError(f"config: field '{name}': must be a finite number > 0, "
-                                      f"got {value!r}")
+                raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got "
+                                      f"{value!r}")
         for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row no one looks up)
             value = getattr(self, name)
             if isinstance(value, int) and value >= self.vocab_size:
@@ -74,14 +74,14 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden // self.heads
         if self.projector not in ("linear", "mlp2x_gelu"):
-            raise CheckpointError(f"config: field 'projector': unknown projector "
+            raise CheckpointError("config: field 'projector': unknown projector "
                                   f"'{self.projector}' (linear or mlp2x_gelu)")
         if self.vision_select_feature not in ("patch", "cls_patch"):
-            raise CheckpointError(f"config: field 'vision_select_feature': "
+            raise CheckpointError("config: field 'vision_select_feature': "
                                   f"'{self.vision_select_feature}' (patch or cls_patch)")
         if self.heads % self.kv_heads:
-            raise CheckpointError(f"config: heads {self.heads} is not a multiple of "
-                                  f"kv_heads {self.kv_heads}")
+            raise CheckpointError(f"config: heads {self.heads} is not a multiple of kv_heads "
+                                  f"{self.kv_heads}")
 
     @property
     def num_patches(self):

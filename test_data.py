@@ -9,10 +9,10 @@ import torch
 import data
 
 
-SYS_V = ("A chat between a curious user and an artificial intelligence assistant. "
-         "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-SYS_L = ("A chat between a curious human and an artificial intelligence assistant. "
-         "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYS_V = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+         "gives helpful, detailed, and polite answers to the user's questions.")
+SYS_L = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+         "gives helpful, detailed, and polite answers to the human's questions.")
 CONV = [{"from": "human", "value": "<image>\nIs there a circle?"},
         {"from": "gpt", "value": "Yes, there is a circle."},
         {"from": "human", "value": "How many squares are there?"},
