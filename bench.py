@@ -1,54 +1,71 @@
-"""Speed and memory of our LLaVA against transformers' LlavaForConditionalGeneration built from the same
-weights, in one process, the two alternated, medians over repetitions after a warm-up (issue 8).
+"""Speed and memory of our LLaVA against transformers' LlavaForConditionalGeneration built from
+the same weights, in one process, the two alternated, medians over repetitions after a warm-up
+(issue 8).
 
-    OMP_NUM_THREADS=2 python bench.py --device cpu             # bench preset (112 px: 64 image tokens), ~3 min
-    python bench.py --device cuda --model llava-7b --out runs/bench-gpu   # Vicuna-7B + CLIP-L shapes, random, bf16
-    python bench.py --quick true                               # tiny config, 1 repetition (the test suite)
+    OMP_NUM_THREADS=2 python bench.py --device cpu   # bench preset (112 px, 64 image tokens), 3 min
+    python bench.py --device cuda --model llava-7b --out runs/bench-gpu
+                                                     # Vicuna-7B + CLIP-L shapes, random, bf16
+    python bench.py --quick true                     # tiny config, 1 repetition (the test suite)
 
-On a shared CPU, OMP threads spin at barriers while another process holds their core: with load above the
-core count, OMP_NUM_THREADS=1 gives stable numbers, 2 threads do not. The report records threads and load.
-On a GPU the full fine-tune comparison is skipped when two fully trained copies cannot fit (7B on 80 GB).
+On a shared CPU, OMP threads spin at barriers while another process holds their core: with load
+above the core count, OMP_NUM_THREADS=1 gives stable numbers, 2 threads do not. The report records
+threads and load. On a GPU the full fine-tune comparison is skipped when two fully trained copies
+cannot fit (7B on 80 GB).
 
-Writes OUT/bench.md (the tables below, printed too) and OUT/bench.json (every number, with device, versions,
-date, threads, machine load and config). Before anything is timed, both models must give the same logits
-(fp32: max |diff| <= 1e-4, or this script raises), with and without LoRA, and the same training loss.
+Writes OUT/bench.md (the tables below, printed too) and OUT/bench.json (every number, with device,
+versions, date, threads, machine load and config). Before anything is timed, both models must give
+the same logits (fp32: max |diff| <= 1e-4, or this script raises), with and without LoRA, and the
+same training loss.
 
 Sections
-  train     one optimizer step (forward + backward + AdamW) on B x T tokens (image tokens included, labels on the
-            last `answer` tokens of each row, loss = mean token CE over the labels):
-              lora   ours: LoRA adapter on q,k,v,o,gate,up,down of the frozen base; transformers: the same frozen
-                     base with a hand-written LoRA wrapper on its q/k/v/o/gate/up/down Linear modules (W x + s B A x,
-                     A and B copied from ours: the same math, fp32 LoRA)
+  train     one optimizer step (forward + backward + AdamW) on B x T tokens (image tokens included,
+            labels on the last `answer` tokens of each row, loss = mean token CE over the labels):
+              lora   ours: LoRA adapter on q,k,v,o,gate,up,down of the frozen base; transformers:
+                     the same frozen base with a hand-written LoRA wrapper on its
+                     q/k/v/o/gate/up/down Linear modules (W x + s B A x, A and B copied from ours:
+                     the same math, fp32 LoRA)
               full   language model + projector trained, CLIP frozen, both sides
-            transformers runs as a user would: `model(..., labels=labels, use_cache=False).loss`, which computes
-            the logits at every position; ours (common.lm_loss) only at the labelled ones.
-  generate  greedy decoding with the KV cache, `new_tokens` tokens (EOS disabled), batch 1 and 8: ours
-            `model.generate`, theirs `generate(do_sample=False, min_new_tokens=max_new_tokens)`; the tokens are
-            compared first (a warning if they differ). tok/s = B * new_tokens / time of the whole call (prefill
-            included); decode ms/step = (time(new_tokens) - time(1 token)) / (new_tokens - 1).
-  dpo       ours: one DPO step (dpo.pair_losses: chosen + rejected rows in one pass, LoRA policy, the reference
-            = the same model with adapters off) on `dpo_pairs` pairs, backward, AdamW.
-  ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value heads):
-            ppo.rollout of `ppo_prompts` prompts (random images read from PNG files, sampling at T=1,
-            policy and reference log-probs, values, RM score of the sampled ids + evaluation turn, shaped
-            rewards; a word-per-id tokenizer), GAE, whitening, then one epoch of ppo.ppo_update.
+            transformers runs as a user would: `model(..., labels=labels, use_cache=False).loss`,
+            which computes the logits at every position; ours (common.lm_loss) only at the
+            labelled ones.
+  generate  greedy decoding with the KV cache, `new_tokens` tokens (EOS disabled), batch 1 and 8:
+            ours `model.generate`, theirs
+            `generate(do_sample=False, min_new_tokens=max_new_tokens)`; the tokens are compared
+            first (a warning if they differ). tok/s = B * new_tokens / time
+            of the whole call (prefill included); decode ms/step = (time(new_tokens) - time(1
+            token)) / (new_tokens - 1).
+  dpo       ours: one DPO step (dpo.pair_losses: chosen + rejected rows in one pass, LoRA policy,
+            the reference = the same model with adapters off) on `dpo_pairs` pairs, backward, AdamW.
+  ppo       ours: one PPO iteration on one shared base (policy/reward/value adapters, reward/value
+            heads): ppo.rollout of `ppo_prompts` prompts (random images read from PNG files,
+            sampling at T=1, policy and reference log-probs, values, RM score of the sampled ids +
+            evaluation turn, shaped rewards; a word-per-id tokenizer), GAE, whitening, then one
+            epoch of ppo.ppo_update.
   rollout   a PPO rollout's shape at --rollout_model (shapes): greedy decoding of --rollout_batch x
-            --rollout_new_tokens against transformers, then a PPO iteration of that size (rollout, update apart).
-  roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the four PPO roles
-            on one shared base (1 model + 3 adapters + 2 heads) against four separate models.
-  util      hardware limits measured here: the median rate of a large square matmul in the run's dtype (FLOP/s)
-            and of a large tensor copy (bytes/s, read + write counted).
+            --rollout_new_tokens against transformers, then a PPO iteration of that size (rollout,
+            update apart).
+  roles     bytes of parameters + buffers actually allocated (unique storages, by data_ptr) for the
+            four PPO roles on one shared base (1 model + 3 adapters + 2 heads) against four
+            separate models.
+  util      hardware limits measured here: the median rate of a large square matmul in the run's
+            dtype (FLOP/s) and of a large tensor copy (bytes/s, read + write counted).
 
-FLOPs of one training step (N_x = parameters in the matmuls of part x; tokens = B*T; d_q = heads*head_dim):
-    (4 + 2*full) * N_decoder * tokens          forward 2, input gradients 2, weight gradients 2 (full only)
+FLOPs of one training step (N_x = parameters in the matmuls of part x; tokens = B*T;
+d_q = heads*head_dim):
+    (4 + 2*full) * N_decoder * tokens          forward 2, input gradients 2, weight gradients 2
+                                               (full only)
   + 6 * N_lora * tokens                        (LoRA only)
-  + 12 * layers * d_q * T * tokens             attention scores and values, fwd + bwd, T x T counted in full
-  + (4 + 2*full) * N_lm_head * labelled        the model's loss needs logits at the labelled positions only
-  + (2 + 2*full) * N_projector * image_tokens  forward; weight gradients when trained (CLIP is frozen)
-  + 2 * N_clip * vision_tokens + 4 * clip_layers * clip_hidden * T_img * vision_tokens   (forward only)
+  + 12 * layers * d_q * T * tokens             attention scores and values, fwd + bwd, T x T
+                                               counted in full
+  + (4 + 2*full) * N_lm_head * labelled        the model's loss needs logits at the labelled
+                                               positions only
+  + (2 + 2*full) * N_projector * image_tokens  forward; weight gradients when trained (CLIP frozen)
+  + 2 * N_clip * vision_tokens
+  + 4 * clip_layers * clip_hidden * T_img * vision_tokens   (forward only)
   MFU = FLOPs / step time / measured matmul peak (the same FLOPs for both implementations).
-Bytes of one decode step = decoder + final norm + lm_head weights, plus K and V of every layer over the
-context (mean context over the decode); bandwidth use = bytes/step * steps/s / measured copy bandwidth.
+Bytes of one decode step = decoder + final norm + lm_head weights, plus K and V of every layer over
+the context (mean context over the decode); bandwidth use = bytes/step * steps/s / measured copy
+bandwidth.
 """
 import copy
 import ctypes
@@ -88,7 +105,7 @@ class Config:
     device: str = "cpu"                   # cpu or cuda
     dtype: str = "auto"                   # auto (fp32 on cpu, bf16 on cuda), fp32 or bf16
     model: str = "bench"                  # model preset (tiny, bench, llava-7b, llava-13b)
-    image_size: int = 0                   # image size override (0: the preset's; bench: 112 px / 14 -> 64 image tokens)
+    image_size: int = 0                   # 0: the preset's (bench: 112 px / 14 -> 64 image tokens)
     layers: int = 0                       # decoder layers override (0: the preset's)
     threads: int = 0                      # torch threads (0: as OMP_NUM_THREADS / torch's default)
     batch: int = 8                        # training rows per step
@@ -96,42 +113,46 @@ class Config:
     answer: int = 64                      # labelled (answer) tokens at the end of each row
     lora_r: int = 64                      # LoRA rank (LLaVA-RLHF: 64)
     lora_alpha: int = 16                  # LoRA alpha
-    lr: float = 1e-5                      # AdamW learning rate (small: the weights barely move over the repetitions)
-    train_modes: tuple[str, ...] = ("lora", "full")  # training steps to compare (full is skipped where two fully trained copies cannot fit)
+    lr: float = 1e-5                      # AdamW lr (small: weights barely move over repetitions)
+    train_modes: tuple[str, ...] = ("lora", "full")  # steps compared (full needs 2 copies)
     gen_batches: tuple[int, ...] = (1, 8)  # generation batch sizes
     new_tokens: int = 64                  # generated tokens per sequence
     prompt_text: int = 32                 # text tokens after the image in a generation prompt
     dpo_pairs: int = 4                    # preference pairs per DPO step (2x rows of `seq` tokens)
     ppo_prompts: int = 8                  # prompts per PPO rollout
     ppo_new_tokens: int = 32              # sampled response tokens per prompt
-    roles_model: str = "bench"            # preset at which the PPO role memory is allocated for real
-    rollout_model: str = "shapes"         # preset of the rollout comparison (a PPO rollout's shape; '': skipped)
-    rollout_batch: int = 64               # rollout comparison: sequences decoded at once (ppo.py's rollout_batch)
-    rollout_new_tokens: int = 48          # rollout comparison: new tokens per sequence (ppo.py's max_new_tokens)
-    compile_decode: bool = False          # also time ours with the compiled decode step (generate(compile=True))
+    roles_model: str = "bench"            # preset at which the PPO roles are allocated for real
+    rollout_model: str = "shapes"         # preset of the rollout comparison ('': skipped)
+    rollout_batch: int = 64               # sequences decoded at once (ppo.py's rollout_batch)
+    rollout_new_tokens: int = 48          # new tokens per sequence (ppo.py's max_new_tokens)
+    compile_decode: bool = False          # also time ours with generate(compile=True)
     warmup: int = 1                       # untimed repetitions first
     reps: int = 3                         # timed repetitions (medians reported)
-    matmul_n: int = 0                     # side of the square matmul for the peak (0: 2048 cpu, 8192 cuda)
+    matmul_n: int = 0                     # square matmul side for the peak (0: 2048 cpu, 8192 cuda)
     copy_mib: int = 0                     # MiB copied for the bandwidth (0: 256 cpu, 2048 cuda)
-    hf_load: str = "auto"                 # transformers model: 'export' (export_hf + from_pretrained), 'copy' (weights copied in memory), auto: export on cpu
+    hf_load: str = "auto"                 # export (via disk), copy (in memory), auto (cpu: export)
     seed: int = 0                         # seed of weights and inputs
-    quick: bool = False                   # tiny config, 1 repetition: a smoke test of every section (flags given still win)
-    fsdp: bool = False                    # instead: FSDP2 training step time and peak memory per process (under torchrun)
-    # allowed values (common.parse_config refuses others in one line; any float must also be finite)
-    RANGES = dict(device=("cpu", "cuda"), dtype=("auto", "fp32", "bf16"), model=("tiny", "shapes", "bench", "llava-7b",
-                  "llava-13b"), image_size="[0, inf)", layers="[0, inf)", threads="[0, inf)", batch="[1, inf)",
-                  seq="[2, inf)", answer="[1, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)", lr="(0, inf)",
-                  train_modes=("lora", "full"), gen_batches="[1, inf)", new_tokens="[1, inf)", prompt_text="[1, inf)",
-                  dpo_pairs="[1, inf)", ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)", roles_model=("tiny", "shapes",
-                  "bench", "llava-7b", "llava-13b"), warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)",
-                  copy_mib="[0, inf)", hf_load=("auto", "export", "copy"), seed="[0, inf)",
-                  rollout_model=("", "tiny", "shapes", "bench", "llava-7b", "llava-13b"), rollout_batch="[1, inf)",
-                  rollout_new_tokens="[1, inf)")
+    quick: bool = False                   # tiny config, 1 repetition: smoke test (given flags win)
+    fsdp: bool = False                    # instead: FSDP2 step time and peak memory (torchrun)
+    # allowed values (common.parse_config refuses others in one line; a float must be finite)
+    RANGES = dict(device=("cpu", "cuda"), dtype=("auto", "fp32", "bf16"),
+                  model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"),
+                  image_size="[0, inf)", layers="[0, inf)", threads="[0, inf)", batch="[1, inf)",
+                  seq="[2, inf)", answer="[1, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)",
+                  lr="(0, inf)", train_modes=("lora", "full"), gen_batches="[1, inf)",
+                  new_tokens="[1, inf)", prompt_text="[1, inf)", dpo_pairs="[1, inf)",
+                  ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)",
+                  roles_model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"),
+                  warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)", copy_mib="[0, inf)",
+                  hf_load=("auto", "export", "copy"), seed="[0, inf)",
+                  rollout_model=("", "tiny", "shapes", "bench", "llava-7b", "llava-13b"),
+                  rollout_batch="[1, inf)", rollout_new_tokens="[1, inf)")
 
 
-QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4, lora_alpha=8,
-             gen_batches=(1, 2), new_tokens=6, prompt_text=4, dpo_pairs=2, ppo_prompts=2, ppo_new_tokens=4,
-             roles_model="tiny", rollout_model="tiny", rollout_batch=4, rollout_new_tokens=4, warmup=1, reps=1,
+QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4,
+             lora_alpha=8, gen_batches=(1, 2), new_tokens=6, prompt_text=4, dpo_pairs=2,
+             ppo_prompts=2, ppo_new_tokens=4, roles_model="tiny", rollout_model="tiny",
+             rollout_batch=4, rollout_new_tokens=4, warmup=1, reps=1,
              matmul_n=256, copy_mib=8)
 
 
@@ -252,7 +273,8 @@ def free_bytes(dev):
         return torch.cuda.mem_get_info(dev)[0]
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+            available = next(line for line in f if line.startswith("MemAvailable"))
+            return int(available.split()[1]) * 1024
     except (OSError, StopIteration):
         return float("inf")
 
@@ -319,7 +341,8 @@ def build_theirs(ours, dev, dtype, how, tmp):
     finally:
         checkpoint._save_safetensors = save
     with torch.device(dev):
-        theirs = LlavaForConditionalGeneration._from_config(LlavaConfig.from_pretrained(path), dtype=dtype)
+        config = LlavaConfig.from_pretrained(path)
+        theirs = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     ours_by_name = {checkpoint._canonical_key(k): v for k, v in captured.items()}
     state, missing = {}, []
     for k in theirs.state_dict():
@@ -331,7 +354,8 @@ def build_theirs(ours, dev, dtype, how, tmp):
     # buffers, not weights
     missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]
     if missing:
-        raise BenchError(f"transformers' model has weights our export does not write: {missing[:5]}")
+        raise BenchError("transformers' model has weights our export does not write: "
+                         f"{missing[:5]}")
     theirs.load_state_dict(state, strict=False)
     return theirs.eval()
 
@@ -385,8 +409,9 @@ def text_ids(c, shape, g, dev):
 
 def prompt_ids(c, B, text, g, dev):
     """[bos, image tokens, text] for B rows, and their images."""
-    ids = torch.cat([torch.full((B, 1), c.bos_token_id), torch.full((B, c.num_image_tokens), c.image_token_id),
-                     text_ids(c, (B, text), g, "cpu")], 1).to(dev)
+    bos = torch.full((B, 1), c.bos_token_id)
+    image = torch.full((B, c.num_image_tokens), c.image_token_id)
+    ids = torch.cat([bos, image, text_ids(c, (B, text), g, "cpu")], 1).to(dev)
     pix = torch.randn(B, 3, c.image_size, c.image_size, generator=g).to(dev)
     return ids, pix
 
@@ -400,7 +425,8 @@ def train_batch(c, B, T, answer, g, dev):
     ids, pix = prompt_ids(c, B, text, g, dev)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -answer:] = ids[:, -answer:]
-    return {"input_ids": ids, "labels": labels, "pixel_values": pix, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids, "labels": labels, "pixel_values": pix,
+            "attention_mask": torch.ones_like(ids)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,11 +438,16 @@ def matmul_params(c, r=0, targets=model_lib.LORA_TARGETS):
     q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
     vh = c.vision_hidden
     io = {"q": (c.hidden, q), "k": (c.hidden, kv), "v": (c.hidden, kv), "o": (q, c.hidden),
-          "gate": (c.hidden, c.intermediate), "up": (c.hidden, c.intermediate), "down": (c.intermediate, c.hidden)}
-    return dict(decoder=c.layers * sum(i * o for i, o in io.values()), lm_head=c.hidden * c.vocab_size,
+          "gate": (c.hidden, c.intermediate), "up": (c.hidden, c.intermediate),
+          "down": (c.intermediate, c.hidden)}
+    second_linear = c.hidden * c.hidden if c.projector == "mlp2x_gelu" else 0
+    clip_layer = 4 * vh * vh + 2 * vh * c.vision_intermediate  # q, k, v, out + fc1, fc2
+    patch_embedding = 3 * c.patch_size ** 2 * vh
+    return dict(decoder=c.layers * sum(i * o for i, o in io.values()),
+                lm_head=c.hidden * c.vocab_size,
                 lora=c.layers * r * sum(i + o for s, (i, o) in io.items() if s in targets),
-                projector=vh * c.hidden + (c.hidden * c.hidden if c.projector == "mlp2x_gelu" else 0),
-                clip=c.vision_layers_run * (4 * vh * vh + 2 * vh * c.vision_intermediate) + 3 * c.patch_size ** 2 * vh)
+                projector=vh * c.hidden + second_linear,
+                clip=c.vision_layers_run * clip_layer + patch_embedding)
 
 
 def train_flops(c, B, T, labelled, full, r):
@@ -469,8 +500,9 @@ def check_parity(ours, theirs, c, dev, exact, autocast, out):
             a = ours(pix, ids).float()
             b = theirs(pixel_values=pix, input_ids=ids).logits.float()
         d = (a - b).abs().max().item()
-        # fp32: 1e-4. bf16: the two round differently at every layer, so only a gross error is caught (a wrong
-        # weight mapping gives differences of the size of the logits themselves): 5% of the logit range
+        # fp32: 1e-4. bf16: the two round differently at every layer, so only a gross error is
+        # caught (a wrong weight mapping gives differences of the size of the logits themselves):
+        # 5% of the logit range
         limit = 1e-4 if exact else 0.05 * a.abs().max().item()
         if not d <= limit:  # also catches NaN
             raise BenchError(f"{what}: logits differ, max |ours - transformers| = {d:.3g} > "
@@ -501,9 +533,11 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
             return common.lm_loss(ours, b, n_lab)
 
     def theirs_loss():
-        with autocast:  # as a user would: labels in, mean CE out (logits at every position); no KV cache in training
-            return theirs(pixel_values=b["pixel_values"], input_ids=b["input_ids"], labels=b["labels"],
-                          use_cache=False).loss
+        # as a user would: labels in, mean CE out (logits at every position); no KV cache in
+        # training
+        with autocast:
+            return theirs(pixel_values=b["pixel_values"], input_ids=b["input_ids"],
+                          labels=b["labels"], use_cache=False).loss
 
     def step(loss_fn, opt):
         def run():
@@ -518,8 +552,10 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
             raise common.ConfigError(f"--train_modes {mode}: choose lora and/or full")
         # gradients + AdamW's two states, in the parameters' dtype, for both models
         if mode == "full":
-            need = 2 * 3 * sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
-                               if n.startswith(("language_model.", "lm_head.", "projector.")) and ".lora." not in n)
+            trained = [p for n, p in ours.named_parameters()
+                       if n.startswith(("language_model.", "lm_head.", "projector."))
+                       and ".lora." not in n]
+            need = 2 * 3 * sum(p.numel() * p.element_size() for p in trained)
             if need > 0.9 * free_bytes(dev):
                 print("note: full fine-tune skipped: its gradients and optimizer states for both "
                       f"models need {need / 2 ** 30:.0f} GiB, {free_bytes(dev) / 2 ** 30:.0f} GiB "
@@ -538,7 +574,8 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
             ours.set_adapter(None)
             ours.set_trainable(projector=True, language=True)
             for n, p in theirs.named_parameters():
-                p.requires_grad_(n.startswith(("model.language_model.", "lm_head.", "model.multi_modal_projector.")))
+                trained = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
+                p.requires_grad_(n.startswith(trained))
         n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
         n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
         if n_ours != n_theirs:
@@ -549,16 +586,18 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
             lo, lt = float(ours_loss()), float(theirs_loss())
         if not abs(lo - lt) <= (1e-4 if exact else 0.05 * abs(lo)):
             raise BenchError(f"{mode}: training loss differs: ours {lo:.6g}, transformers {lt:.6g}")
-        opts = {"ours": common.make_optimizer(ours, cfg.lr), "transformers": common.make_optimizer(theirs, cfg.lr)}
-        res = race({"ours": step(ours_loss, opts["ours"]), "transformers": step(theirs_loss, opts["transformers"])},
-                   cfg, dev)
+        steps = {"ours": step(ours_loss, common.make_optimizer(ours, cfg.lr)),
+                 "transformers": step(theirs_loss, common.make_optimizer(theirs, cfg.lr))}
+        res = race(steps, cfg, dev)
         flops = train_flops(c, cfg.batch, cfg.seq, n_lab, mode == "full", cfg.lora_r)
-        rows[mode] = dict(trainable=n_ours, loss_ours=lo, loss_transformers=lt, flops=flops, tokens=cfg.batch * cfg.seq,
-                          **{f"{k}_s": v[0] for k, v in res.items()}, **{f"{k}_times": v[1] for k, v in res.items()},
+        rows[mode] = dict(trainable=n_ours, loss_ours=lo, loss_transformers=lt, flops=flops,
+                          tokens=cfg.batch * cfg.seq,
+                          **{f"{k}_s": v[0] for k, v in res.items()},
+                          **{f"{k}_times": v[1] for k, v in res.items()},
                           **{f"{k}_peak_bytes": v[2] for k, v in res.items()},
                           **{f"{k}_mfu": flops / v[0] / peak_flops for k, v in res.items()})
         rows[mode]["ratio"] = rows[mode]["ours_s"] / rows[mode]["transformers_s"]
-        del opts
+        del steps  # and with them the optimizers' states
         restore()
         ours.set_adapter(None)
         ours.set_trainable()
@@ -569,7 +608,8 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
     out["train"] = rows
 
 
-def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="generate", batches=None, N=None):
+def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="generate", batches=None,
+                     N=None):
     """Greedy decoding with the KV cache: tokens compared first, then timed (whole call, and 1
     token: prefill). --compile_decode: ours with the compiled decode step too ('ours_compiled'; its
     compilation untimed)."""
@@ -580,12 +620,14 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
 
         def ours_gen(n, compile=False):
             kw = {"compile": True} if compile else {}
-            return lambda: ours.generate(pix, ids, None, max_new_tokens=n, eos_token_id=-1, **kw).tokens
+            return lambda: ours.generate(pix, ids, None, max_new_tokens=n, eos_token_id=-1,
+                                         **kw).tokens
 
         def theirs_gen(n):  # min_new_tokens = max_new_tokens and no EOS: exactly n tokens, as ours
-            return lambda: theirs.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
-                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                           pad_token_id=c.pad_token_id)[:, P:]
+            mask = torch.ones_like(ids)
+            return lambda: theirs.generate(input_ids=ids, pixel_values=pix, attention_mask=mask,
+                                           max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                           eos_token_id=None, pad_token_id=c.pad_token_id)[:, P:]
         N = N or cfg.new_tokens
         with torch.no_grad():
             a, t = ours_gen(N)(), theirs_gen(N)()
@@ -599,7 +641,9 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
                          **({"ours_compiled": ours_gen(n, True)} if cfg.compile_decode else {})}
         compile_s = None
         if cfg.compile_decode:
-            compile_s = timed(fns(N)["ours_compiled"], dev)[0] + timed(fns(1)["ours_compiled"], dev)[0]
+            compile_n = timed(fns(N)["ours_compiled"], dev)[0]
+            compile_1 = timed(fns(1)["ours_compiled"], dev)[0]
+            compile_s = compile_n + compile_1
             same = same and torch.equal(fns(N)["ours_compiled"](), a)
         with torch.no_grad():  # the comparison above was the first warm-up round
             full = race(fns(N), cfg, dev, warmup=max(cfg.warmup - 1, 0))
@@ -629,10 +673,11 @@ def dpo_section(ours, c, cfg, dev, autocast, out):
     rejected[:, -cfg.answer:] = text_ids(c, (cfg.dpo_pairs, cfg.answer), g, dev)
     lab_r = torch.full_like(rejected, IGNORE)
     lab_r[:, -cfg.answer:] = rejected[:, -cfg.answer:]
-    b = {"input_ids": torch.cat([chosen["input_ids"], rejected]), "labels": torch.cat([chosen["labels"], lab_r]),
+    b = {"input_ids": torch.cat([chosen["input_ids"], rejected]),
+         "labels": torch.cat([chosen["labels"], lab_r]),
          "pixel_values": chosen["pixel_values"]}
-    dcfg = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, train_vision=False, train_projector=False,
-                           noisy_tokens="own")
+    dcfg = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, train_vision=False,
+                           train_projector=False, noisy_tokens="own")
     ours.add_adapter("dpo", cfg.lora_r, cfg.lora_alpha)
     ours.set_adapter("dpo")
     ours.set_trainable(adapters=["dpo"])
@@ -649,7 +694,8 @@ def dpo_section(ours, c, cfg, dev, autocast, out):
     ours.eval()
     ours.delete_adapter("dpo")
     ours.set_trainable()
-    out["dpo"] = dict(pairs=cfg.dpo_pairs, rows=2 * cfg.dpo_pairs, seq=cfg.seq, s=res[0], times=res[1], peak_bytes=res[2])
+    out["dpo"] = dict(pairs=cfg.dpo_pairs, rows=2 * cfg.dpo_pairs, seq=cfg.seq, s=res[0],
+                      times=res[1], peak_bytes=res[2])
 
 
 def word_tokenizer(c):
@@ -692,8 +738,8 @@ def add_roles(m, r, alpha):
     return m
 
 
-def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens=None, lora=None, minibatch=None,
-                epochs=1):
+def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens=None, lora=None,
+                minibatch=None, epochs=1):
     """One PPO iteration: ppo.rollout of `prompts` prompts (default --ppo_prompts; sampled, T = 1),
     then `epochs` epochs of ppo.ppo_update in minibatches of `minibatch` (default: all prompts, one
     update); rollout and update timed apart. `lora` = (r, alpha) of the three adapters (default
@@ -702,7 +748,8 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     add_roles(ours, *(lora or (cfg.lora_r, cfg.lora_alpha)))
     with torch.no_grad():  # a reward model that is not constant
         g = torch.Generator(device=dev).manual_seed(6)
-        for p in [p for _, lin in ours.lora_linears() for p in lin.lora["reward"].B.values()] + [ours.heads["reward"].weight]:
+        reward_b = [p for _, lin in ours.lora_linears() for p in lin.lora["reward"].B.values()]
+        for p in reward_b + [ours.heads["reward"].weight]:
             p.normal_(0, 0.02, generator=g)
     ours.set_trainable(adapters=["policy", "value"], heads=["value"])
     pol = ours.adapter_parameters("policy")
@@ -712,8 +759,9 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     ids, _ = prompt_ids(c, prompts, cfg.prompt_text, g, dev)
     records = rollout_prompts(ids, c.image_size, os.path.join(tmp, f"{key}_images"), g)
     tokenizer, images = word_tokenizer(c), ImageCache(c.image_size)
-    pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts, ppo_epochs=epochs,
-                      rm_input="tokens", out=tmp, seed=cfg.seed)  # ppo.py's defaults otherwise
+    pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts,
+                      ppo_epochs=epochs, rm_input="tokens", out=tmp,
+                      seed=cfg.seed)  # ppo.py's defaults otherwise
     # (facts, wording, template): a reward model without facts
     rm = (False, "llava-rlhf", "vicuna_v1")
     d = common.Dist(device=dev)
@@ -723,7 +771,8 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     def iteration():
         t0 = time.perf_counter()
         ro = ppo.rollout(ours, ours, tokenizer, records, images, pcfg, rm, pcfg.kl_coef, gen, key)
-        adv, returns = ppo.gae(ro["rewards"] * pcfg.reward_scale, ro["values"], pcfg.gamma, pcfg.lam)
+        rewards = ro["rewards"] * pcfg.reward_scale
+        adv, returns = ppo.gae(rewards, ro["values"], pcfg.gamma, pcfg.lam)
         adv = ppo.whiten(adv, ro["rmask"], d)
         sync(dev)
         t1 = time.perf_counter()
@@ -732,8 +781,9 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
         parts.append((t1 - t0, time.perf_counter() - t1))
     res = race({"ppo": iteration}, cfg, dev)["ppo"]
     timed_parts = parts[cfg.warmup:cfg.warmup + cfg.reps]
-    out[key] = dict(prompts=prompts, new_tokens=new_tokens, s=res[0], times=res[1], peak_bytes=res[2],
-                    lora_r=(lora or (cfg.lora_r,))[0], minibatch=pcfg.minibatch_size, epochs=epochs,
+    out[key] = dict(prompts=prompts, new_tokens=new_tokens, s=res[0], times=res[1],
+                    peak_bytes=res[2], lora_r=(lora or (cfg.lora_r,))[0],
+                    minibatch=pcfg.minibatch_size, epochs=epochs,
                     rollout_s=statistics.median(p[0] for p in timed_parts),
                     update_s=statistics.median(p[1] for p in timed_parts))
     for name in ("policy", "reward", "value"):
@@ -756,10 +806,11 @@ def rollout_section(cfg, dev, dtype, tmp, out):
     ours.set_trainable()
     for p in theirs.parameters():
         p.requires_grad_(False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
+    autocast = bf16_autocast(dev, dtype)
     parity = {}
     check_parity(ours, theirs, c, dev, dtype == torch.float32, autocast, parity)
-    generate_section(ours, theirs, c, cfg, dev, torch.finfo(dtype).bits // 8, out["hardware"]["bandwidth"], out,
+    elem = torch.finfo(dtype).bits // 8
+    generate_section(ours, theirs, c, cfg, dev, elem, out["hardware"]["bandwidth"], out,
                      key="rollout", batches=(cfg.rollout_batch,), N=cfg.rollout_new_tokens)
     out["rollout_parity"] = parity
     out["rollout_model"] = cfg.rollout_model
@@ -767,7 +818,8 @@ def rollout_section(cfg, dev, dtype, tmp, out):
     gc.collect()
     ours.delete_adapter("sft")
     ppo_section(ours, c, cfg, dev, tmp, out, key="rollout_ppo", prompts=cfg.rollout_batch,
-                new_tokens=cfg.rollout_new_tokens, lora=(16, 16), minibatch=max(cfg.rollout_batch // 2, 1), epochs=2)
+                new_tokens=cfg.rollout_new_tokens, lora=(16, 16),
+                minibatch=max(cfg.rollout_batch // 2, 1), epochs=2)
 
 
 def build_plain(c, dev, dtype):
@@ -789,7 +841,8 @@ def roles_section(cfg, c_main, dev, dtype, out):
 
     def four(c, d):
         base = build_plain(c, d, dtype)
-        policy, reference, reward, value = base, copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+        policy = base
+        reference, reward, value = (copy.deepcopy(base) for _ in range(3))
         policy.add_adapter("policy", cfg.lora_r, cfg.lora_alpha)
         reward.add_adapter("reward", cfg.lora_r, cfg.lora_alpha)
         reward.add_head("reward")
@@ -860,7 +913,8 @@ def markdown(r):
     lines += ["", f"## Greedy generation, {r['config']['new_tokens']} new tokens, KV cache", ""]
     lines += generation_table(r["generate"])
     d, p, ro = r["dpo"], r["ppo"], r["roles"]
-    lines += ["", "## Preference and RL steps (ours)", "", "| step | s | peak MiB |", "|---|---|---|"]
+    lines += ["", "## Preference and RL steps (ours)", "",
+              "| step | s | peak MiB |", "|---|---|---|"]
     lines.append(f"| DPO step: failed: {d['error']} | | |" if "error" in d else
                  f"| DPO step, {d['pairs']} pairs ({d['rows']} x {d['seq']} tokens), LoRA, "
                  f"reference = adapters off | {d['s']:.3f} | {_mb(d['peak_bytes'])} |")
@@ -881,10 +935,12 @@ def markdown(r):
                           f"{q['epochs']} epochs of minibatches of {q['minibatch']}: "
                           f"**{q['s']:.3f} s** = rollout {q['rollout_s']:.3f} s + update "
                           f"{q['update_s']:.3f} s."]
-    lines += ["", "## PPO roles (policy, reference, reward, value): memory of parameters + buffers", ""]
+    lines += ["",
+              "## PPO roles (policy, reference, reward, value): memory of parameters + buffers", ""]
     if "error" in ro:
         return "\n".join(lines + [f"failed: {ro['error']}", ""])
-    lines += ["| arrangement | one base, 3 adapters + 2 heads | four models | ratio |", "|---|---|---|---|"]
+    lines += ["| arrangement | one base, 3 adapters + 2 heads | four models | ratio |",
+              "|---|---|---|---|"]
     a, m = ro["allocated"], ro["counted"]
     lines += [f"| allocated on {r['device']} at `{a['model']}` (unique storages) | "
               f"{_mb(a['shared_bytes'])} MiB | {_mb(a['four_bytes'])} MiB | **{a['ratio']:.3f}** |",
@@ -935,8 +991,10 @@ def run_section(name, r, fn, *args):
 def main(cfg):
     if cfg.quick:  # the tiny config, except for the fields given other values on the command line
         default = Config()
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)})
-    if cfg.model not in PRESETS or cfg.roles_model not in PRESETS or cfg.rollout_model not in (*PRESETS, ""):
+        untouched = {k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)}
+        cfg = dataclasses.replace(cfg, **untouched)
+    presets_ok = cfg.model in PRESETS and cfg.roles_model in PRESETS
+    if not presets_ok or cfg.rollout_model not in (*PRESETS, ""):
         raise common.ConfigError("--model/--roles_model/--rollout_model: choose from "
                                  f"{', '.join(PRESETS)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -954,28 +1012,46 @@ def main(cfg):
         torch.set_num_threads(threads)  # in-process callers (the tests) keep their own setting
 
 
+def device_name(dev):
+    """The GPU's name, or the CPU's model name (/proc/cpuinfo; else what platform knows)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    if dev.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                model_line = next(line for line in f if line.startswith("model name"))
+            name = model_line.split(":", 1)[1].strip()
+        except (OSError, StopIteration):
+            pass
+    return name
+
+
+def bf16_autocast(dev, dtype):
+    """bf16 autocast on CUDA when the run computes in bf16; a context doing nothing otherwise."""
+    on = dev.type == "cuda" and dtype == torch.bfloat16
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
+
 def run(cfg):
     from transformers import __version__ as tf_version
     from transformers.utils import logging as tf_logging
     tf_logging.set_verbosity_error()
     tf_logging.disable_progress_bar()
     dev = torch.device(cfg.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    auto_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype, auto_dtype)
     exact = dtype == torch.float32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
+    autocast = bf16_autocast(dev, dtype)
     common.ensure_writable(cfg.out)
     t_start = time.time()
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": cfg.device,
-         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+         "device_name": device_name(dev),
          "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": tf_version,
-         "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+         "python": platform.python_version(), "dtype": str(dtype).replace("torch.", ""),
+         "threads": torch.get_num_threads(),
          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_before": machine_load(),
          "config": dataclasses.asdict(cfg)}
-    if dev.type == "cpu":
-        try:
-            r["device_name"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
     torch.manual_seed(cfg.seed)
     n = cfg.matmul_n or (8192 if dev.type == "cuda" else 2048)
     mib = cfg.copy_mib or (2048 if dev.type == "cuda" else 256)
@@ -997,9 +1073,12 @@ def run(cfg):
         print(f"parity: max |diff| {r['parity_max_abs_diff']:.2e} base, "
               f"{r['parity_lora_max_abs_diff']:.2e} LoRA", flush=True)
         train_section(ours, theirs, c, cfg, dev, exact, autocast, r["hardware"]["matmul_flops"], r)
-        print("train: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in r["train"].items() if "ratio" in v), flush=True)
-        generate_section(ours, theirs, c, cfg, dev, torch.finfo(dtype).bits // 8, r["hardware"]["bandwidth"], r)
-        print("generate: " + ", ".join(f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["generate"].items()), flush=True)
+        ratios = [f"{k} {v['ratio']:.2f}" for k, v in r["train"].items() if "ratio" in v]
+        print("train: " + ", ".join(ratios), flush=True)
+        elem = torch.finfo(dtype).bits // 8
+        generate_section(ours, theirs, c, cfg, dev, elem, r["hardware"]["bandwidth"], r)
+        ratios = [f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["generate"].items()]
+        print("generate: " + ", ".join(ratios), flush=True)
         del theirs
         gc.collect()
         ours.delete_adapter("sft")
@@ -1012,13 +1091,15 @@ def run(cfg):
         with tempfile.TemporaryDirectory() as tmp:
             failed += run_section("rollout", r, rollout_section, cfg, dev, dtype, tmp, r)
         if "rollout" in r and "error" not in r["rollout"]:
-            print("rollout: " + ", ".join(f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["rollout"].items()), flush=True)
+            ratios = [f"b{k} {v['ratio_tok_s']:.2f}" for k, v in r["rollout"].items()]
+            print("rollout: " + ", ".join(ratios), flush=True)
     # what this machine can really do: the better of the two measurements (a shared machine)
     h = r["hardware"]
     h["matmul_flops_start"], h["bandwidth_start"] = h["matmul_flops"], h["bandwidth"]
     h["matmul_flops_end"], h["bandwidth_end"] = matmul_peak(n, dtype, dev), copy_bandwidth(mib, dev)
     if h["matmul_flops_end"] > h["matmul_flops"] or h["bandwidth_end"] > h["bandwidth"]:
-        h["matmul_flops"], h["bandwidth"] = max(h["matmul_flops"], h["matmul_flops_end"]), max(h["bandwidth"], h["bandwidth_end"])
+        h["matmul_flops"] = max(h["matmul_flops"], h["matmul_flops_end"])
+        h["bandwidth"] = max(h["bandwidth"], h["bandwidth_end"])
         for x in r["train"].values():  # utilisation against the better peak
             for k in ("ours", "transformers"):
                 if f"{k}_s" in x:
@@ -1026,8 +1107,10 @@ def run(cfg):
         for x in [*r["generate"].values(), *r.get("rollout", {}).values()]:
             if not isinstance(x, dict) or "decode_bytes_per_step" not in x:
                 continue
-            for k in [k for k in ("ours", "transformers", "ours_compiled") if f"{k}_decode_ms" in x]:
-                x[f"{k}_bw_util"] = x["decode_bytes_per_step"] / (x[f"{k}_decode_ms"] / 1e3) / h["bandwidth"]
+            for k in ("ours", "transformers", "ours_compiled"):
+                if f"{k}_decode_ms" in x:
+                    steps_per_s = 1e3 / x[f"{k}_decode_ms"]
+                    x[f"{k}_bw_util"] = x["decode_bytes_per_step"] * steps_per_s / h["bandwidth"]
     r["load_after"], r["wall_s"] = machine_load(), time.time() - t_start
     if dev.type == "cuda":
         r["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(dev)
@@ -1056,8 +1139,8 @@ def fsdp_bench(cfg):
     d = common.setup_dist(cfg.device, fsdp=True)
     bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"
     c = model_config(cfg)
-    out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16, "config": dataclasses.asdict(cfg),
-           "model_config": dataclasses.asdict(c)}
+    out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16,
+           "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(c)}
     for mode in cfg.train_modes:
         # fp32 master weights, sharded below
         model = build_ours(c, d.device, torch.float32, cfg.seed).train()
@@ -1073,7 +1156,8 @@ def fsdp_bench(cfg):
         opt = common.make_optimizer(model, cfg.lr)
         g = torch.Generator(device=d.device).manual_seed(cfg.seed + d.rank)
         batch = train_batch(c, cfg.batch, cfg.seq, cfg.answer, g, d.device)
-        n_global = common.all_reduce_sum(torch.tensor(float(cfg.batch * cfg.answer), device=d.device), d)
+        local_labels = torch.tensor(float(cfg.batch * cfg.answer), device=d.device)
+        n_global = common.all_reduce_sum(local_labels, d)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -1091,7 +1175,8 @@ def fsdp_bench(cfg):
                 times.append(dt)
         peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else _rss()
         peaks = common.all_gather_cat(torch.tensor([float(peak)], device=d.device), d).tolist()
-        out[mode] = {"params": n_all, "trainable": n_train, "step_s": statistics.median(times), "times": times,
+        out[mode] = {"params": n_all, "trainable": n_train, "step_s": statistics.median(times),
+                     "times": times,
                      "tokens_per_s": cfg.batch * cfg.seq * d.world / statistics.median(times),
                      "peak_bytes_per_process": peaks, "peak_kind": "cuda max_memory_allocated"
                      if d.device.type == "cuda" else "resident set size"}
