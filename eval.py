@@ -466,10 +466,10 @@ def pope_yes_no(text):
 def pope_metrics(preds, labels):
     """'yes' is the positive class: accuracy, precision TP/(TP+FP), recall TP/(TP+FN), F1, yes-ratio
     (TP+FP)/N. A zero denominator gives 0 (the reference divides by zero)."""
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(preds, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
-    fn = sum(p == "no" and l == "yes" for p, l in zip(preds, labels))
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
     n = max(len(labels), 1)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

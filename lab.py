@@ -442,9 +442,11 @@ def rlhf_section(cfg, runs, base):
         L = [c for c in curves.get(v, []) if c]
         H = [c for c in hall.get(v, []) if c]
         if L:
-            first_len, last_len = statistics.fmean(c[0] for c in L), statistics.fmean(c[-1] for c in L)
+            first_len = statistics.fmean(c[0] for c in L)
+            last_len = statistics.fmean(c[-1] for c in L)
             first_h, last_h = statistics.fmean(c[0] for c in H), statistics.fmean(c[-1] for c in H)
-            md.append(f"| {v} | {first_len:.1f} -> {last_len:.1f} | {first_h:.0f} -> {last_h:.0f} |")
+            lengths = f"{first_len:.1f} -> {last_len:.1f}"
+            md.append(f"| {v} | {lengths} | {first_h:.0f} -> {last_h:.0f} |")
     md += ["", plot_link(cfg, "RLHF", "rlhf.png") + " "
            + plot_link(cfg, "PPO length", "rlhf_length.png"), ""]
     bar_plot(plot_path(cfg, "rlhf.png"), "Fact-RLHF: PPO variants", g,
@@ -473,7 +475,8 @@ def rlhf_section(cfg, runs, base):
 
 
 def povid_section(cfg, runs, base):
-    """POVID: DPO on injected pairs (stage 1), plus noisy-image answers (stage 2). -> (md, verdicts)"""
+    """POVID: DPO on injected pairs (stage 1), plus noisy-image answers (stage 2).
+    -> (md, verdicts)"""
     label = {"povid/stage1": "DPO (POVID stage 1)", "povid/stage2": "POVID stage 2"}
     g = group(metric_rows(runs, trained_runs(runs, "povid/")), lambda r: label[setting(r)])
     g.update(group(base, lambda r: "SFT"))
@@ -481,7 +484,8 @@ def povid_section(cfg, runs, base):
     ms = ["CHAIR_i", "CHAIR_s", "POPE F1 random", "POPE F1 popular", "POPE F1 adversarial",
           "answer words"]
     md = ["## POVID: DPO with AI-made dispreferred answers", "",
-          md_table(g, ms, order, {"answer words": ".1f"}), "", plot_link(cfg, "POVID", "povid.png"), ""]
+          md_table(g, ms, order, {"answer words": ".1f"}), "",
+          plot_link(cfg, "POVID", "povid.png"), ""]
     bar_plot(plot_path(cfg, "povid.png"), "POVID", g, ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial"],
              order)
     verdicts = [
@@ -522,9 +526,11 @@ def vigc_section(cfg, runs, base):
     gms = ["hallucinations / 100 answers", "answers with any", "sentences / answer",
            "parsed / generated"]
     md = ["## VIGC: instruction generation and correction", "",
-          md_table(gen, gms, ["VIG only", "VIG + VIC"], {"hallucinations / 100 answers": ".1f"}), "",
+          md_table(gen, gms, ["VIG only", "VIG + VIC"], {"hallucinations / 100 answers": ".1f"}),
+          "",
           "Continued SFT from the baseline, same steps, with and without the generated data:", "",
-          md_table(g, ms, order, {"answer words": ".1f"}), "", plot_link(cfg, "VIGC", "vigc.png"), ""]
+          md_table(g, ms, order, {"answer words": ".1f"}), "",
+          plot_link(cfg, "VIGC", "vigc.png"), ""]
     bar_plot(plot_path(cfg, "vigc.png"), "VIGC: hallucinations per 100 generated answers", gen,
              ["hallucinations / 100 answers"], ["VIG only", "VIG + VIC"])
     verdicts = [
@@ -544,7 +550,8 @@ def report(cfg, runs, minutes):
     base = metric_rows(runs, ["sft"])
     md = intro_section(cfg, minutes) + pope_overlap_section(cfg)
     if base:
-        md += ["SFT baseline: " + ", ".join(f"{k} {v:.3f}" for k, v in base["sft"].items()) + ".", ""]
+        numbers = ", ".join(f"{k} {v:.3f}" for k, v in base["sft"].items())
+        md += ["SFT baseline: " + numbers + ".", ""]
     verdicts = []
     for claim, section in (("lrv", lrv_section), ("rlhf", rlhf_section), ("povid", povid_section),
                            ("vigc", vigc_section)):
@@ -554,7 +561,8 @@ def report(cfg, runs, minutes):
             verdicts += said
     md += ["## Verdicts", "", "A claim *held* when the mean moved the claimed way by more than the "
            "larger seed standard deviation.", "", *verdicts, "", "## Commands", "",
-           f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "", "```"]
+           f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "",
+           "```"]
     md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]
     with open(cfg.results, "w") as f:
         f.write("\n".join(md))

@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import common
+import common  # noqa: E402
 import eval as E  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402

@@ -163,7 +163,7 @@ def test_gae_equals_a_naive_loop():
         V = values[b].tolist()[:n] + [0.0]
         deltas = [rewards[b, t].item() + gamma * V[t + 1] - V[t] for t in range(n)]
         for t in range(n):
-            want = sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t))
+            want = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
             assert adv[b, t].item() == pytest.approx(want, abs=1e-5)
             assert ret[b, t].item() == pytest.approx(want + V[t], abs=1e-5)
         assert adv[b, n:].abs().sum() == 0
@@ -457,7 +457,7 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
     straight = str(tmp_path / "straight")
     code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", straight])
     assert code == 0, err
-    lines = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+    lines = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
     for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac",
               "entropy", "explained_var", "halluc_rate", "rollout_s", "update_s"):
         assert k in lines[-1], k
@@ -478,7 +478,7 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
             for o in (straight, resumed))
     for k in ("policy", "value", "value_head"):
         assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
-    last = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))][-1]
+    last = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))][-1]
     assert last["score"] == lines[-1]["score"] and last["pg_loss"] == lines[-1]["pg_loss"]
     with torch.no_grad():  # the adapter export and the merged export are the same policy
         b = load_checkpoint(resumed).eval()

@@ -164,7 +164,7 @@ def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
                                          "--generate", "4", "--max_new_tokens", "16", "--out", out, "--log_every", "1"])
     assert code == 0, err
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
-    assert [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["images"] == 4 and report["parsed"] + report["dropped_unparsed"] == 4
     assert "hallucinations_per_100" in report["vic"] and "hallucinations_per_100" in report["vig_only"]
