@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import FORMAT_VERSION, CheckpointError, latest_checkpoint
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, latest_checkpoint, load_checkpoint,
+                        resolve_checkpoint, save_checkpoint_files)
+from model import CheckpointError, LLaVA
 
 # ----------------------------------------------------------------------------------------
 # errors users cause: one line, exit code 2, no traceback
@@ -103,8 +105,8 @@ def _converter(tp):
 
 
 def seed_suffix(cfg, config_class, fields):
-    """A world seed N > 0 moves each of `fields` still at its default to 'NAME-seedN' (data/shapes ->
-    data/shapes-seed1), so that worlds of two seeds and the runs on them never share a folder."""
+    """A world seed N > 0 moves each of `fields` still at its default to 'NAME-seedN' (data/shapes
+    -> data/shapes-seed1), so that worlds of two seeds and the runs on them never share a folder."""
     if not cfg.world_seed:
         return cfg
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
@@ -116,9 +118,9 @@ def seed_suffix(cfg, config_class, fields):
 
 
 def parse_config(cls, argv=None, prog=None):
-    """`--field value` for every field of the dataclass `cls`; types are checked, unknown or repeated
-    flags are an error, and every value is checked against `cls.RANGES` (check_ranges). Help text comes
-    from the comment after each field."""
+    """`--field value` for every field of the dataclass `cls`; types are checked, unknown or
+    repeated flags are an error, and every value is checked against `cls.RANGES` (check_ranges).
+    Help text comes from the comment after each field."""
     prog = prog or os.path.basename(sys.argv[0])
     _refuse_repeats(cls, sys.argv[1:] if argv is None else argv, prog)
     hints = typing.get_type_hints(cls)
@@ -165,9 +167,10 @@ def _interval(rule):
 
 
 def check_value(flag, value, rule):
-    """One value against its rule; returns what is wrong (None: fine). Rules: an interval in maths notation
-    ('[1, inf)', '(0, 1]'; inf only when the bracket is closed) or a tuple of allowed choices (for a tuple
-    field: of each item). A float must be finite unless its interval holds inf; None passes (Optional)."""
+    """One value against its rule; returns what is wrong (None: fine). Rules: an interval in maths
+    notation ('[1, inf)', '(0, 1]'; inf only when the bracket is closed) or a tuple of allowed
+    choices (for a tuple field: of each item). A float must be finite unless its interval holds inf;
+    None passes (Optional)."""
     if value is None or rule is None:
         return None
     if isinstance(rule, tuple):
@@ -175,7 +178,10 @@ def check_value(flag, value, rule):
         bad = [x for x in items if x not in rule]
         if not bad:
             return None
-        names = ", ".join(map(str, rule[:-1])) + f" or {rule[-1]}" if len(rule) > 1 else str(rule[0])
+        if len(rule) > 1:
+            names = ", ".join(map(str, rule[:-1])) + f" or {rule[-1]}"
+        else:
+            names = str(rule[0])
         if isinstance(value, tuple):
             return f"--{flag}: {bad[0]!r} is not one of {', '.join(map(str, rule))}"
         return f"--{flag} {value}: choose {names}"
@@ -183,7 +189,8 @@ def check_value(flag, value, rule):
     for x in value if isinstance(value, tuple) else (value,):
         if isinstance(x, float) and math.isnan(x):
             return f"--{flag} {x}: must be a number in {rule}"
-        if isinstance(x, float) and math.isinf(x) and not (hi_closed and x == hi or lo_closed and x == lo):
+        closed_end = hi_closed and x == hi or lo_closed and x == lo  # e.g. inf in "[0, inf]"
+        if isinstance(x, float) and math.isinf(x) and not closed_end:
             return f"--{flag} {x}: must be a finite number in {rule}"
         if x < lo or x > hi or (x == lo and not lo_closed) or (x == hi and not hi_closed):
             return f"--{flag} {x}: must be in {rule}"
@@ -191,7 +198,8 @@ def check_value(flag, value, rule):
 
 
 def check_ranges(cfg):
-    """Every field against the rule its Config declares in RANGES (floats without a rule: finite)."""
+    """Every field against the rule its Config declares in RANGES (floats without a rule: finite).
+    """
     rules = getattr(cfg, "RANGES", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -234,8 +242,8 @@ class Dist:
 
 
 def setup_dist(device="cpu", fsdp=False):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp a
-    one-rank process group, so the sharded code path is the same at any world size)."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp
+    a one-rank process group, so the sharded code path is the same at any world size)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -255,31 +263,23 @@ def setup_dist(device="cpu", fsdp=False):
 
 
 def check_world(script, fsdp, **batch_sizes):
-    """Before any process group: the global batch sizes must split evenly over the torchrun processes
-    (every rank runs the same number of forward passes, which FSDP's collectives need)."""
+    """Before any process group: the global batch sizes must split evenly over the torchrun
+    processes (every rank runs the same number of forward passes, which FSDP's collectives need)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp and script == "ppo.py":
-        raise ConfigError("ppo.py --fsdp: not supported; PPO trains LoRA adapters on one frozen base that its four "
-                          "roles share, replicated on every process (see README, 'Sharded training')")
+        raise ConfigError("ppo.py --fsdp: not supported; PPO trains LoRA adapters on one frozen "
+                          "base that its four roles share, replicated on every process (see "
+                          "README, 'Sharded training')")
     for flag, size in batch_sizes.items():
         if size % world:
-            raise ConfigError(f"--{flag} {size} does not split over the {world} processes (torchrun "
-                              f"--nproc_per_node {world}): use a multiple of {world}")
+            raise ConfigError(f"--{flag} {size} does not split over the {world} processes "
+                              f"(torchrun --nproc_per_node {world}): use a multiple of {world}")
 
 
 def cleanup_dist():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before gloo's threads are torn down
         dist.destroy_process_group()
-
-
-def all_reduce_mean(t, d):
-    """Mean of a tensor over ranks (identity in a single process)."""
-    if d.world > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= d.world
-    return t
 
 
 def all_gather_cat(t, d):
@@ -292,13 +292,14 @@ def all_gather_cat(t, d):
 
 
 def sync_grads(params, d):
-    """Sum gradients across ranks (explicit data parallelism: one flat all-reduce after backward). Our
-    losses are normalised by global counts (tokens or pairs in the global batch), so the per-rank
-    gradients add up to the single-process gradient exactly. Why not DistributedDataParallel: PPO calls
-    one shared base under four roles (policy, reference, reward, value adapters) several times per step
-    and DPO runs the model twice (policy, then adapters off), which DDP's one-forward-one-backward
-    bucket hooks do not follow; the trainable set here is LoRA (small), so one flat all-reduce costs
-    little. Under FSDP the gradients come back reduce-scattered already (shard_model)."""
+    """Sum gradients across ranks (explicit data parallelism: one flat all-reduce after backward).
+    Our losses are normalised by global counts (tokens or pairs in the global batch), so the
+    per-rank gradients add up to the single-process gradient exactly. Why not
+    DistributedDataParallel: PPO calls one shared base under four roles (policy, reference, reward,
+    value adapters) several times per step and DPO runs the model twice (policy, then adapters off),
+    which DDP's one-forward-one-backward bucket hooks do not follow; the trainable set here is LoRA
+    (small), so one flat all-reduce costs little. Under FSDP the gradients come back
+    reduce-scattered already (shard_model)."""
     if d.world == 1 or d.fsdp:
         return
     for p in params:  # every rank must all-reduce the same tensors, also after an empty micro-batch
@@ -365,19 +366,22 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
 # ----------------------------------------------------------------------------------------
 
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), vision_lr_ratio=1.0):
-    """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not. The vision
-    tower and projector may run at vision_lr_ratio x lr (set_lr keeps the ratio)."""
-    named = [(n, p) for n, p in resharded(model).named_parameters() if p.requires_grad]  # (FSDP: the shards)
+    """AdamW over trainable parameters; matrices decay, biases/norms/1-D parameters do not. The
+    vision tower and projector may run at vision_lr_ratio x lr (set_lr keeps the ratio)."""
+    # (FSDP: the shards)
+    named = [(n, p) for n, p in resharded(model).named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("nothing to train: no parameter requires grad")
     groups = []
     for is_vision in (False, True):
-        part = [(n, p) for n, p in named if n.startswith(("vision_tower.", "projector.")) == is_vision]
+        part = [(n, p) for n, p in named
+                if n.startswith(("vision_tower.", "projector.")) == is_vision]
         scale = vision_lr_ratio if is_vision else 1.0
         for decay in (True, False):
             ps = [p for _, p in part if (p.dim() >= 2) == decay]
             if ps:
-                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
+                groups.append({"params": ps, "weight_decay": weight_decay if decay else 0.0,
+                               "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
@@ -395,9 +399,9 @@ def set_lr(optimizer, lr):
 
 
 def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=None):
-    """Clip the gradient norm. A non-finite loss or gradient stops the run naming the step (numbered as
-    the log lines and checkpoints number them: the update after checkpoint-N is step N + 1) and the
-    last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update."""
+    """Clip the gradient norm. A non-finite loss or gradient stops the run naming the step (numbered
+    as the log lines and checkpoints number them: the update after checkpoint-N is step N + 1) and
+    the last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shards
@@ -409,14 +413,16 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
                 p.grad = None
             return None
         last = latest_checkpoint(out_dir) or "none yet"
-        raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; stopped. Last good "
-                             f"checkpoint: {last} (resume with --resume, or pass --skip_nonfinite true)")
+        raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; "
+                             f"stopped. Last good checkpoint: {last} (resume with --resume, or "
+                             "pass --skip_nonfinite true)")
     return float(norm)
 
 
 def _injected_fault(params, step):
-    """Test hook, off unless set: FACTALIGN_FAULT_STEP=N makes the gradient of update step N (1-based, as
-    logged) NaN, as an overflow would, so the tests can reach the non-finite guard in every stage."""
+    """Test hook, off unless set: FACTALIGN_FAULT_STEP=N makes the gradient of update step N
+    (1-based, as logged) NaN, as an overflow would, so the tests can reach the non-finite guard in
+    every stage."""
     at = os.environ.get("FACTALIGN_FAULT_STEP")
     if at and int(at) == step + 1:
         for p in params:
@@ -435,17 +441,20 @@ def _local(t):
 def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     """One update, the same in every stage: sum the gradients over ranks, clip, check that loss and
     gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
-    comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the step."""
+    comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the
+    step."""
     if _injected_fault(params, step) and loss is not None:
         loss = loss * float("nan")
     sync_grads(params, d)
     if loss is not None and reduce:
         loss = all_reduce_sum(loss, d)
-    norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, getattr(cfg, "skip_nonfinite", False), loss)
+    skip_nonfinite = getattr(cfg, "skip_nonfinite", False)
+    norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, skip_nonfinite, loss)
     if norm is not None:
         opt.step()
     elif d.main:
-        print(f"warning: step {step + 1}: non-finite loss or gradient; update skipped (--skip_nonfinite)", flush=True)
+        print(f"warning: step {step + 1}: non-finite loss or gradient; update skipped "
+              "(--skip_nonfinite)", flush=True)
     opt.zero_grad(set_to_none=True)
     return loss, norm
 
@@ -461,7 +470,8 @@ class Logger:
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
-        if enabled and os.path.exists(self.path):  # a run killed mid-line: drop the cut line before appending
+        # a run killed mid-line: drop the cut line before appending
+        if enabled and os.path.exists(self.path):
             with open(self.path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
@@ -470,11 +480,14 @@ class Logger:
     def log(self, step, **metrics):
         if not self.enabled:
             return
-        metrics = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()}
-        parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()] + [f"{time.time() - self.t0:.1f}s"]
-        print(" | ".join(parts), flush=True)
+        numbers = (torch.Tensor, np.floating)
+        metrics = {k: (float(v) if isinstance(v, numbers) else v) for k, v in metrics.items()}
+        elapsed = time.time() - self.t0
+        parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
+        print(" | ".join(parts + [f"{elapsed:.1f}s"]), flush=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time() - self.t0, 3), **metrics}) + "\n")
+            row = {"step": step, "time": round(elapsed, 3), **metrics}
+            f.write(json.dumps(row) + "\n")
 
 
 def _fmt(v):
@@ -484,8 +497,10 @@ def _fmt(v):
 
 
 def progress(iterable, total=None, desc="", enabled=True, every=1.0):
-    """A minimal progress bar on stderr (no dependency): count, rate and ETA, redrawn each second."""
-    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    """A minimal progress bar on stderr (no dependency): count, rate and ETA, redrawn each second.
+    """
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     t0 = last = time.time()
     i = 0
     for i, x in enumerate(iterable, 1):
@@ -495,7 +510,8 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
             last = now
             rate = i / max(now - t0, 1e-9)
             eta = f" eta {int((total - i) / rate)}s" if total else ""
-            print(f"\r{desc} {i}/{total or '?'} {rate:.1f}/s{eta}   ", end="", file=sys.stderr, flush=True)
+            line = f"\r{desc} {i}/{total or '?'} {rate:.1f}/s{eta}   "
+            print(line, end="", file=sys.stderr, flush=True)
     if enabled and i:
         print(file=sys.stderr, flush=True)
 
@@ -505,8 +521,10 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 # a half checkpoint); --init OUT and --resume read the newest complete one
 # ----------------------------------------------------------------------------------------
 
-RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "max_steps",
-                      "skip_nonfinite", "save_full"}  # do not change the math (skip_nonfinite: the way out of a stopped run)
+RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every",
+                      "max_steps",
+                      # do not change the math (skip_nonfinite: the way out of a stopped run)
+                      "skip_nonfinite", "save_full"}
 
 
 def ensure_writable(out_dir):
@@ -523,7 +541,8 @@ def ensure_writable(out_dir):
 
 # ----------------------------------------------------------------------------------------
 # one writer per run directory, and no run replaced by accident: claim_out() before anything is
-# read or written (lock, refusals), start_writing() once the inputs are checked (move aside, run.json)
+# read or written (lock, refusals), start_writing() once the inputs are checked (move aside,
+# run.json)
 # ----------------------------------------------------------------------------------------
 
 LOCK = ".lock"  # in --out: flock'ed by the process writing there, holds its pid
@@ -532,8 +551,9 @@ _locks = {}  # real path of a locked --out -> the open lock file
 
 
 def lock_out(out_dir):
-    """Hold an exclusive flock on OUT/.lock for as long as this process lives (or release_locks()); a
-    second writer fails in one line naming the holder's pid. Taking it again in one process is a no-op."""
+    """Hold an exclusive flock on OUT/.lock for as long as this process lives (or release_locks());
+    a second writer fails in one line naming the holder's pid. Taking it again in one process is a
+    no-op."""
     import fcntl
     key = os.path.realpath(out_dir)
     if key in _locks:
@@ -545,8 +565,8 @@ def lock_out(out_dir):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise ConfigError(f"{out_dir}: another process (pid {holder}) is writing there; wait for it to end "
-                          "or choose another --out")
+        raise ConfigError(f"{out_dir}: another process (pid {holder}) is writing there; wait for "
+                          "it to end or choose another --out")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -563,11 +583,13 @@ def release_locks():
 def holds_run(out_dir):
     """What in OUT shows that a run wrote there (checkpoints, their temp dirs, metrics)."""
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    return [n for n in names if n.startswith(("checkpoint-", ".tmp-checkpoint-")) or n == "metrics.jsonl"]
+    prefixes = ("checkpoint-", ".tmp-checkpoint-")
+    return [n for n in names if n.startswith(prefixes) or n == "metrics.jsonl"]
 
 
 def file_digests(paths):
-    """{path: sha256 hex} of the data files that exist (a missing one is the reader's error to report)."""
+    """{path: sha256 hex} of the data files that exist (a missing one is the reader's error to
+    report)."""
     import hashlib
     out = {}
     for p in paths:
@@ -578,34 +600,38 @@ def file_digests(paths):
 
 
 def claim_out(cfg, d, inits=()):
-    """Before anything is read or written (main process): --out writable and locked; a run already there
-    is continued only with --resume true (which needs a checkpoint) and replaced only with --overwrite true."""
+    """Before anything is read or written (main process): --out writable and locked; a run already
+    there is continued only with --resume true (which needs a checkpoint) and replaced only with
+    --overwrite true."""
     if not d.main:
         return
     out, resume, overwrite = cfg.out, cfg.resume, getattr(cfg, "overwrite", False)
     if resume and overwrite:
-        raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or replace it)")
+        raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or "
+                          "replace it)")
     ensure_writable(out)
     lock_out(out)
     found = holds_run(out)
     if found and not resume and not overwrite:
-        raise ConfigError(f"{out}: holds a run ({', '.join(found[:3])}); pass --resume true to continue it, "
-                          "--overwrite true to move it aside and start again, or another --out")
+        raise ConfigError(f"{out}: holds a run ({', '.join(found[:3])}); pass --resume true to "
+                          "continue it, --overwrite true to move it aside and start again, or "
+                          "another --out")
     if resume and latest_checkpoint(out) is None:
-        raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run without "
-                          "--resume to start fresh)")
+        raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run "
+                          "without --resume to start fresh)")
     for init in inits:  # --overwrite would move the checkpoint this run starts from away
         real, out_real = os.path.realpath(init or "/"), os.path.realpath(out)
         inside = real == out_real or real.startswith(out_real + os.sep)
         if overwrite and init and inside:
-            raise ConfigError(f"--init {init} lies inside --out {out}, which --overwrite true moves aside; "
-                              "copy it elsewhere or choose another --out")
+            raise ConfigError(f"--init {init} lies inside --out {out}, which --overwrite true "
+                              "moves aside; copy it elsewhere or choose another --out")
 
 
 def start_writing(cfg, d, data_files=()):
-    """Once the inputs are checked, just before the first write (main process). --resume: the data files
-    must be those the run started on (sha256 in OUT/run.json). --overwrite true: a run already in --out is
-    moved aside in one rename (kept, never deleted). A fresh run records its data files' digests."""
+    """Once the inputs are checked, just before the first write (main process). --resume: the data
+    files must be those the run started on (sha256 in OUT/run.json). --overwrite true: a run already
+    in --out is moved aside in one rename (kept, never deleted). A fresh run records its data files'
+    digests."""
     if not d.main:
         return
     out = cfg.out
@@ -615,13 +641,18 @@ def start_writing(cfg, d, data_files=()):
         try:
             was = json.load(open(run_file))["data"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's data files")
+            raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
+                              "data files")
         for path in sorted(set(was) | set(digests)):
             if was.get(path) != digests.get(path):
-                how = "is not part of it now" if path not in digests else "was not part of it" if path not in was \
-                    else "changed since the run started (sha256 differs)"
-                raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with the data the run "
-                                  f"started on, or start a new run")
+                if path not in digests:
+                    how = "is not part of it now"
+                elif path not in was:
+                    how = "was not part of it"
+                else:
+                    how = "changed since the run started (sha256 differs)"
+                raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with "
+                                  "the data the run started on, or start a new run")
     if getattr(cfg, "overwrite", False) and holds_run(out):
         aside = f"{os.path.normpath(out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         old_lock = _locks.pop(os.path.realpath(out))
@@ -629,7 +660,8 @@ def start_writing(cfg, d, data_files=()):
         os.makedirs(out)
         lock_out(out)
         old_lock.close()
-        print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no longer needed)")
+        print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no "
+              "longer needed)")
     if not cfg.resume:
         tmp = os.path.join(out, f".{RUN_FILE}.tmp")
         with open(tmp, "w") as f:
@@ -638,8 +670,8 @@ def start_writing(cfg, d, data_files=()):
 
 
 def data_specs(value):
-    """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as a whole
-    (so a path may hold ':'); otherwise what follows its last ':' is x."""
+    """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as
+    a whole (so a path may hold ':'); otherwise what follows its last ':' is x."""
     out = []
     for item in value.split(","):
         if os.path.exists(item) or ":" not in item:
@@ -651,7 +683,8 @@ def data_specs(value):
 
 
 def rng_state(generators=None):
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state["generators"] = {k: g.get_state() for k, g in (generators or {}).items()}
@@ -669,21 +702,22 @@ def set_rng_state(state, generators=None):
             g.set_state(state["generators"][k])
 
 
-def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=None, base=None, generators=None,
-                    extra_state=None, keep=2, d=None, full=None):
+def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=None, base=None,
+                    generators=None, extra_state=None, keep=2, d=None, full=None):
     """Write OUT/checkpoint-{step}: model files (+ tokenizer) and trainer_state.pt (optimizer, step,
     RNG, run config). Written into a temp dir and renamed; older checkpoints beyond `keep` removed.
-    Replicated: only the main process writes; all processes wait for it. Under FSDP see _save_sharded."""
+    Replicated: only the main process writes; all processes wait for it. Under FSDP see
+    _save_sharded."""
     if d is not None and d.fsdp:
-        return _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, generators, extra_state,
-                             keep, d, full)
+        return _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base,
+                             generators, extra_state, keep, d, full)
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     if d is None or d.main:
         tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         cfg = _config_dict(run_config)
         # base is stored relative to the checkpoint, so a moved ckpt/ tree keeps working
-        model.save_pretrained(tmp, base=base, extra_config={"step": step, "run_config": cfg})
+        save_checkpoint_files(model, tmp, base=base, extra_config={"step": step, "run_config": cfg})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
@@ -697,25 +731,31 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
 
 
 def _config_dict(run_config):
-    return dataclasses.asdict(run_config) if dataclasses.is_dataclass(run_config) else dict(run_config)
+    if dataclasses.is_dataclass(run_config):
+        return dataclasses.asdict(run_config)
+    return dict(run_config)
 
 
 def _commit(tmp, final, out_dir, keep):
-    """fsync the temp dir, rename it to its final name (the one atomic step), drop old checkpoints."""
+    """fsync the temp dir, rename it to its final name (the one atomic step), drop old checkpoints.
+    """
     _fsync_dir(tmp)
     if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
         _discard(final)
     os.rename(tmp, final)
     old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
-                 and os.path.exists(os.path.join(out_dir, n, "config.json")))  # keep counts complete ones
+                 # keep counts complete ones
+                 and os.path.exists(os.path.join(out_dir, n, "config.json")))
     for n in old[:-keep] if keep > 0 else []:
         _discard(os.path.join(out_dir, n))
 
 
 def _discard(path):
-    """Delete a checkpoint directory after renaming it to a temp name (one atomic step): a kill during
-    the deletion never leaves a checkpoint-N that looks complete (has config.json) but is not."""
-    trash = os.path.join(os.path.dirname(path), f".tmp-checkpoint-discard-{os.path.basename(path)}-{os.getpid()}")
+    """Delete a checkpoint directory after renaming it to a temp name (one atomic step): a kill
+    during the deletion never leaves a checkpoint-N that looks complete (has config.json) but is
+    not."""
+    trash_name = f".tmp-checkpoint-discard-{os.path.basename(path)}-{os.getpid()}"
+    trash = os.path.join(os.path.dirname(path), trash_name)
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -731,8 +771,10 @@ def load_resume(out_dir, run_config, generators=None):
     """The newest checkpoint in OUT and its trainer state, after checking that the run config is the
     same (except fields that do not change the math). Restores RNG states. None if there is none."""
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        incomplete = n.startswith("checkpoint-") and not os.path.exists(os.path.join(out_dir, n, "config.json"))
-        if n.startswith(".tmp-checkpoint-") or incomplete:  # a checkpoint whose writing (or deletion) was cut off
+        has_config = os.path.exists(os.path.join(out_dir, n, "config.json"))
+        incomplete = n.startswith("checkpoint-") and not has_config
+        # a checkpoint whose writing (or deletion) was cut off
+        if n.startswith(".tmp-checkpoint-") or incomplete:
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
     path = latest_checkpoint(out_dir)
     if path is None:
@@ -742,14 +784,18 @@ def load_resume(out_dir, run_config, generators=None):
         state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})")
-    if not isinstance(state, dict) or not {"format_version", "step", "run_config", "rng"} <= set(state):
-        raise CheckpointError(f"{file}: not a factalign trainer state (expected format_version, step, run_config, rng)")
+    needed = {"format_version", "step", "run_config", "rng"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise CheckpointError(f"{file}: not a factalign trainer state (expected format_version, "
+                              "step, run_config, rng)")
     if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {state['format_version']!r} "
-                              f"{'is newer than' if _newer(state['format_version']) else 'differs from'} the "
-                              f"{FORMAT_VERSION} this code reads; resume with the factalign version that wrote it")
+        relation = "is newer than" if _newer(state["format_version"]) else "differs from"
+        raise CheckpointError(f"{file}: format_version {state['format_version']!r} {relation} "
+                              f"the {FORMAT_VERSION} this code reads; resume with the factalign "
+                              "version that wrote it")
     now = dataclasses.asdict(run_config)
-    diff = [k for k in now if k not in RESUME_FREE_FIELDS and _norm(now[k]) != _norm(state["run_config"].get(k))]
+    was = state["run_config"]
+    diff = [k for k in now if k not in RESUME_FREE_FIELDS and _norm(now[k]) != _norm(was.get(k))]
     if diff:
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
@@ -771,8 +817,9 @@ def _norm(v):
 # decoder layer and the root (embeddings, projector, final norm, lm_head, scalar heads) is one unit;
 # its parameters, gradients and AdamW moments live 1/world on each rank, and its whole weights are
 # all-gathered just before it runs and freed after it (forward and backward), as DeepSpeed ZeRO-3,
-# which LLaVA's own recipe uses. Checkpoints: each rank writes its shards (torch.distributed.checkpoint)
-# into the temp dir that is renamed as a whole; the final one also holds the whole model.
+# which LLaVA's own recipe uses. Checkpoints: each rank writes its shards
+# (torch.distributed.checkpoint) into the temp dir that is renamed as a whole; the final one also
+# holds the whole model.
 # ----------------------------------------------------------------------------------------
 
 SHARDS = "shards"  # the torch.distributed.checkpoint folder inside an FSDP checkpoint-N/
@@ -783,23 +830,32 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 def shard_model(model, d, bf16=False):
     """fully_shard each vision and decoder layer, then the root. Call after adapters, heads and
-    set_trainable, before make_optimizer (the optimizer must see the sharded parameters). bf16 (GPU):
-    compute in bf16 on all-gathered copies, fp32 master weights and optimizer state, fp32 reduce-scatter."""
+    set_trainable, before make_optimizer (the optimizer must see the sharded parameters). bf16
+    (GPU): compute in bf16 on all-gathered copies, fp32 master weights and optimizer state, fp32
+    reduce-scatter."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     mesh = init_device_mesh(d.device.type, (d.world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    units = list(model.vision_tower.encoder.layers) + list(model.language_model.layers) + list(model.heads.values())
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    units = (list(model.vision_tower.encoder.layers) + list(model.language_model.layers)
+             + list(model.heads.values()))
     for unit in units:  # (a scalar head too: score_sequences calls it outside forward())
         fully_shard(unit, mesh=mesh, mp_policy=mp)
-    # the root keeps its gathered weights from forward to backward (FSDP's default; so encode_images and
-    # logits, called inside forward too, do not free them mid-forward). After a no_grad pass nothing frees
-    # them: resharded() puts the shards back before the optimizer or a checkpoint looks at the parameters.
+    # the root keeps its gathered weights from forward to backward (FSDP's default; so
+    # encode_images and logits, called inside forward too, do not free them mid-forward). After a
+    # no_grad pass nothing frees them: resharded() puts the shards back before the optimizer or a
+    # checkpoint looks at the parameters.
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    for unit in units + [model]:  # SUM, not FSDP's default mean: our losses are divided by global counts already
+    # SUM, not FSDP's default mean: our losses are divided by global counts already
+    for unit in units + [model]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
-    for name in ("encode_images", "logits"):  # called outside forward(): they too must all-gather the root
+    # called outside forward(): they too must all-gather the root
+    for name in ("encode_images", "logits"):
         register_fsdp_forward_method(model, name)
     return model
 
@@ -812,9 +868,10 @@ def resharded(model):
 
 
 def rank_chunks(n, batch_size, d):
-    """This rank's share of range(n) (rank::world) in chunks of batch_size, each with whether it counts.
-    Under FSDP every forward pass all-gathers weights, so every rank must run as many as the others: a
-    rank with fewer chunks runs its first one again and discards the result (counts False)."""
+    """This rank's share of range(n) (rank::world) in chunks of batch_size, each with whether it
+    counts. Under FSDP every forward pass all-gathers weights, so every rank must run as many as the
+    others: a rank with fewer chunks runs its first one again and discards the result (counts
+    False)."""
     mine = list(range(n))[d.rank::d.world]
     chunks = [(mine[s:s + batch_size], True) for s in range(0, len(mine), batch_size)]
     if d.fsdp and n:
@@ -824,45 +881,54 @@ def rank_chunks(n, batch_size, d):
 
 
 def sharded_resume(resume_path, d):
-    """Whether --resume loads FSDP shards: then the model is built from --init (or fresh) as at the start,
-    sharded, and restore() loads the shards into it. (A final LoRA-merged model has no shards: loaded whole.)"""
+    """Whether --resume loads FSDP shards: then the model is built from --init (or fresh) as at the
+    start, sharded, and restore() loads the shards into it. (A final LoRA-merged model has no
+    shards: loaded whole.)"""
     return bool(resume_path) and d.fsdp and os.path.isdir(os.path.join(resume_path, SHARDS))
 
 
 def restore(model, opt, path, state, d):
-    """Continue where the checkpoint being resumed left off: the optimizer state; under FSDP also the
-    model's and optimizer's shards and this rank's random streams (building the model drew from them)."""
+    """Continue where the checkpoint being resumed left off: the optimizer state; under FSDP also
+    the model's and optimizer's shards and this rank's random streams (building the model drew from
+    them)."""
     if not sharded_resume(path, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from --init, as at the start
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+    # frozen weights come from --init, as at the start
+    trained = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(resharded(model), opt, options=trained)
     both = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
-    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:  # e.g. another model size
+    # e.g. another model size
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
         raise CheckpointError(f"{path}/{SHARDS}: cannot load the FSDP shards into this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"], options=trained)
-    rng = os.path.join(path, f"rng-rank{d.rank}.pt")  # (absent when resumed on more ranks: rank 0's)
+    set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"],
+                   options=trained)
+    # (absent when resumed on more ranks: rank 0's)
+    rng = os.path.join(path, f"rng-rank{d.rank}.pt")
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
 
 
 def gather_full_model(model, d, device="cpu"):
-    """The whole model, unsharded, on `device` of rank 0 (None on the others); every rank must call it.
-    Adapters, heads and the active adapter as in the sharded model. For the LoRA merge, generation and
-    the consolidated checkpoint that LLaVA.from_pretrained, --init and export_hf read."""
+    """The whole model, unsharded, on `device` of rank 0 (None on the others); every rank must call
+    it. Adapters, heads and the active adapter as in the sharded model. For the LoRA merge,
+    generation and the consolidated checkpoint that load_checkpoint, --init and export_llava_hf
+    read."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from model import LLaVA
-    full = get_model_state_dict(resharded(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(resharded(model), options=whole)
     if not d.main:
         return None
-    with torch.device("meta"):  # the same modules, no memory: load_state_dict(assign=True) fills them
+    # the same modules, no memory: load_state_dict(assign=True) fills them
+    with torch.device("meta"):
         plain = LLaVA(model.config)
         for name, a in model.adapters.items():
             plain.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"])
@@ -873,16 +939,17 @@ def gather_full_model(model, d, device="cpu"):
     return plain.to(device)
 
 
-def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, generators, extra_state, keep, d,
-                  full):
-    """FSDP checkpoint-N/: shards/ (each rank's part of the model and AdamW state, torch.distributed.checkpoint),
-    rng-rank{r}.pt, config.json, trainer_state.pt, tokenizer; with `full` (default: the run's last step, or
-    every save with --save_full) also the whole model as model/adapters.safetensors. All written into one
-    temp dir that rank 0 renames once every rank is done: a kill at any moment leaves no half checkpoint."""
+def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, generators,
+                  extra_state, keep, d, full):
+    """FSDP checkpoint-N/: shards/ (each rank's part of the model and AdamW state,
+    torch.distributed.checkpoint), rng-rank{r}.pt, config.json, trainer_state.pt, tokenizer; with
+    `full` (default: the run's last step, or every save with --save_full) also the whole model as
+    model/adapters.safetensors. All written into one temp dir that rank 0 renames once every rank is
+    done: a kill at any moment leaves no half checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
 
-    from model import FORMAT_NAME
     cfg = _config_dict(run_config)
     if full is None:
         full = step == cfg.get("max_steps") or bool(cfg.get("save_full"))
@@ -893,7 +960,8 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
         os.makedirs(tmp)
     dist.barrier()
     resharded(model)
-    trained = StateDictOptions(ignore_frozen_params=True)  # frozen weights: --init has them (LoRA: the whole base)
+    # frozen weights: --init has them (LoRA: the whole base)
+    trained = StateDictOptions(ignore_frozen_params=True)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=trained)
     else:
@@ -905,18 +973,23 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
     if d.main:
         extra = {"step": step, "run_config": cfg, "fsdp_shards": SHARDS}
         if plain is not None:  # the whole model, as a replicated run writes it
-            plain.save_pretrained(tmp, base=base, extra_config=extra)
+            save_checkpoint_files(plain, tmp, base=base, extra_config=extra)
         else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
-            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(model.config),
-                    "adapters": model.adapters, "heads": sorted(model.heads), "active_adapter": model.active_adapter,
-                    "base": os.path.relpath(os.path.abspath(base), os.path.abspath(final)) if base else None, **extra}
+            base_rel = None
+            if base:
+                base_rel = os.path.relpath(os.path.abspath(base), os.path.abspath(final))
+            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    "model": dataclasses.asdict(model.config), "adapters": model.adapters,
+                    "heads": sorted(model.heads), "active_adapter": model.active_adapter,
+                    "base": base_rel, **extra}
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(meta, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save({"format_version": FORMAT_VERSION, "step": step, "run_config": cfg, "optimizer": None,
-                    "rng": rng_state(generators), "extra": extra_state or {}, "fsdp_world": d.world},
-                   os.path.join(tmp, "trainer_state.pt"))
+        trainer_state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
+                         "optimizer": None, "rng": rng_state(generators),
+                         "extra": extra_state or {}, "fsdp_world": d.world}
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         _commit(tmp, final, out_dir, keep)
     dist.barrier()
     return final
@@ -926,13 +999,12 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
 # models, tokenizers and the computations several stages share
 # ----------------------------------------------------------------------------------------
 
-def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="", device="cpu",
-                             dtype=None):
+def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
+                             device="cpu", dtype=None):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir`. The tokenizer
     comes from the checkpoint directory (or tokenizer_dir when the checkpoint has none)."""
     from data import load_tokenizer
-    from model import LLaVA, resolve_checkpoint
     if init:
         path = resolve_checkpoint(init)
         tok_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) or \
@@ -940,16 +1012,20 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if not tok_dir:
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
         tokenizer = load_tokenizer(tok_dir)
-        model = LLaVA.from_pretrained(path, vision_tower=vision_tower or None, dtype=dtype)
-        if len(tokenizer) > model.config.vocab_size:  # a token id beyond the embedding would fail mid-run
-            raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more than the "
-                                  f"{model.config.vocab_size} embedding rows of the model in {path}")
+        model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
+        # a token id beyond the embedding would fail mid-run
+        if len(tokenizer) > model.config.vocab_size:
+            raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more "
+                                  f"than the {model.config.vocab_size} embedding rows of the model "
+                                  f"in {path}")
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")
         vocab = -(-len(tokenizer) // 64) * 64  # rounded up: friendlier matmul shapes
-        model = LLaVA.from_preset(preset, vocab_size=vocab, image_token_id=image_id if image_id is not None else -200,
-                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        model = LLaVA.from_preset(preset, vocab_size=vocab,
+                                  image_token_id=image_id if image_id is not None else -200,
+                                  pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
         if dtype is not None:
             model = model.to(dtype)
@@ -960,7 +1036,8 @@ def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", 
     """Tokenized generation prompt (turns end with a human turn) with its normalised image."""
     from data import normalize, tokenize_conversation
     c = model.config
-    item = tokenize_conversation(tokenizer, turns, c.image_token_id, c.num_image_tokens, max_len, template)
+    item = tokenize_conversation(tokenizer, turns, c.image_token_id, c.num_image_tokens, max_len,
+                                 template)
     if item is None:
         return None
     if image_unit is not None:
@@ -969,8 +1046,8 @@ def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", 
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                     generator=None, desc="generate", show=True):
+def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0,
+                     top_p=1.0, generator=None, desc="generate", show=True):
     """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache.
     Returns the decoded answer texts (cut at EOS)."""
     from data import collate
@@ -983,8 +1060,9 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
         chunk = items[start:start + batch_size]
         b = collate(chunk, tokenizer.pad_token_id, side="left")
         pix = b["pixel_values"].to(dev) if b["pixel_values"] is not None else None
-        g = model.generate(pix, b["input_ids"].to(dev), b["attention_mask"].to(dev), max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+        ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+        g = model.generate(pix, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, generator=generator)
         for i in range(len(chunk)):
             n = int(g.lengths[i])
@@ -992,20 +1070,6 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
             out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
-
-
-def sequence_logprobs(model, batch, average=False):
-    """Sum (or mean) over the labelled tokens of log p(token | prefix): the answer log-likelihood
-    that DPO and PPO use. Image, prompt and pad tokens carry label -100 and count for nothing.
-    Returns (B,) values and the (B,) number of labelled tokens."""
-    from data import IGNORE
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
-    n = mask.sum(-1)
-    total = logp.sum(-1)
-    return (total / n.clamp(min=1) if average else total), n
 
 
 def to_device(batch, device):
@@ -1020,12 +1084,13 @@ def score_sequences(model, head, input_ids, attention_mask, image_features):
 
 
 def lm_loss(model, batch, n_global):
-    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only on
-    labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
-    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad:
-    no padding mask is passed and SDPA takes its fused causal path. A packed batch (data.pack) has no
+    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only
+    on labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
+    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad: no
+    padding mask is passed and SDPA takes its fused causal path. A packed batch (data.pack) has no
     padding at all: its seq_lens make attention stay within each sequence."""
-    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True, seq_lens=batch.get("seq_lens"))
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True,
+              seq_lens=batch.get("seq_lens"))
     from data import IGNORE
     labels = batch["labels"][:, 1:]
     sel = labels != IGNORE

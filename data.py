@@ -123,7 +123,7 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
         labels.append(tok if learned else IGNORE)
     if len(ids) > max_len:
         image_end = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
-        first_label = next((i for i, l in enumerate(labels) if l != IGNORE), None)
+        first_label = next((i for i, label in enumerate(labels) if label != IGNORE), None)
         if image_end > max_len or (first_label is not None and first_label >= max_len) or \
                 (first_label is None and turns[-1]["from"] == "gpt"):
             return None
@@ -382,7 +382,7 @@ def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max
 #   objects = [{"name": "circle", "color": "red" or None, "size": "large" or None, "bbox": [x, y, w, h],
 #               "row": r or None, "col": c or None, "position": "top left" or None}]
 # (plain COCO instances have only name and bbox) and a numpy Generator `rng`, so the same seed
-# gives the same text. On the Shapes world every answer they write is checked by shapes.oracle.
+# gives the same text. On the Shapes world every answer they write is checked by oracle.oracle.
 # ----------------------------------------------------------------------------------------
 
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]

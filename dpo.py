@@ -31,7 +31,7 @@ import common
 import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json, normalize,
                   load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid, tokenize_conversation)
-from model import base_weights_dir, resolve_checkpoint
+from checkpoint import base_weights_dir, resolve_checkpoint
 
 
 @dataclass

@@ -40,10 +40,12 @@ from dataclasses import dataclass
 import torch
 
 import common
+import oracle
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope,
                   read_text)
-from model import CheckpointError, resolve_checkpoint
+from checkpoint import resolve_checkpoint
+from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
 SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}  # Shapes: the whole test split (0), GAVIE 60
@@ -464,10 +466,10 @@ def pope_yes_no(text):
 def pope_metrics(preds, labels):
     """'yes' is the positive class: accuracy, precision TP/(TP+FP), recall TP/(TP+FN), F1, yes-ratio
     (TP+FP)/N. A zero denominator gives 0 (the reference divides by zero)."""
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(preds, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
-    fn = sum(p == "no" and l == "yes" for p, l in zip(preds, labels))
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
     n = max(len(labels), 1)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -486,7 +488,7 @@ def pope_metrics(preds, labels):
 # 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and every remaining word that
 # is a synonyms.txt entry mapped to its category. synonyms.txt is read as chair.py reads it: each line
 # stripped and split at ", " (an entry written with a leading space, as ' motor bike', never matches).
-# Shapes: every shape noun the oracle reads (shapes.oracle mentions; it skips questions).
+# Shapes: every shape noun the oracle reads (oracle.oracle mentions; it skips questions).
 # --chair_counting ours: a category once per description, 'no circle' is not a mention on Shapes, and
 # plurals singularised only to known object words ('bus' stays a bus); kept because it does not reward
 # or punish repetition and negation, but it is not the metric the papers report.
@@ -626,9 +628,9 @@ def chair_counts(q, text, counting="reference"):
     """(object mentions, how many name an object that is not in the image) for one description."""
     if "syn" not in q:  # Shapes: the oracle reads the shape nouns
         if counting == "ours":
-            return shapes.chair_counts(text, q["objects"])
+            return oracle.chair_counts(text, q["objects"])
         present = {o["name"] for o in q["objects"]}
-        names = [m["name"] for m in shapes.oracle(text, q["objects"])["mentions"] if m["name"]]
+        names = [m["name"] for m in oracle.oracle(text, q["objects"])["mentions"] if m["name"]]
         return len(names), sum(n not in present for n in names)
     objs = coco_objects(text, q["syn"], counting)
     return len(objs), sum(o not in q["objects"] for o in objs)
@@ -854,8 +856,8 @@ def facts(text):
     """The checkable words of a Shapes answer: shapes (canonical), colors, sizes, numbers, positions."""
     out = set()
     for w in re.findall(r"[a-z]+|\d+", str(text).lower()):
-        v = shapes.WORD2SHAPE.get(w) or (w if w in shapes.COLORS else None) or shapes.SIZE_WORDS.get(w) or \
-            (str(shapes.NUMS[w]) if w in shapes.NUMS else None) or POSITION_WORDS.get(w)
+        v = oracle.WORD2SHAPE.get(w) or (w if w in oracle.COLORS else None) or oracle.SIZE_WORDS.get(w) or \
+            (str(oracle.NUMS[w]) if w in oracle.NUMS else None) or POSITION_WORDS.get(w)
         if v:
             out.add(v)
     return out
@@ -867,8 +869,8 @@ def yes_no(text):
 
 
 def _errors(answer, q):
-    """shapes.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground truth's."""
-    r = shapes.oracle(answer, q["objects"])
+    """oracle.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground truth's."""
+    r = oracle.oracle(answer, q["objects"])
     errs = r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
     if q.get("gt") and yes_no(q["gt"]) and yes_no(answer) and yes_no(answer) != yes_no(q["gt"]):
         errs.append(f"answered {yes_no(answer)}")
@@ -876,7 +878,7 @@ def _errors(answer, q):
 
 
 def oracle_mmhal(q, answer):
-    """Deterministic MMHal rubric. hallucination: shapes.oracle finds a false claim, or the yes/no verdict
+    """Deterministic MMHal rubric. hallucination: oracle.oracle finds a false claim, or the yes/no verdict
     is opposite to the standard answer's. informative: the share of the standard answer's facts (shape,
     color, size, number, position words; its yes/no) that the answer states: all = very, some =
     somewhat, none = not. 6 = very informative, no hallucination, and it correctly names more shapes
@@ -886,7 +888,7 @@ def oracle_mmhal(q, answer):
     got = facts(answer) | ({yes_no(answer)} - {None})
     cover = len(want & got) / len(want) if want else float(bool(got))
     level = "very" if cover >= 1 else "somewhat" if cover > 0 else "not"
-    extra = r["num_mentions"] > shapes.oracle(q["gt"], q["objects"])["num_mentions"]
+    extra = r["num_mentions"] > oracle.oracle(q["gt"], q["objects"])["num_mentions"]
     scale = {"very": 2, "somewhat": 1, "not": 0} if errs else {"very": 6 if extra else 5, "somewhat": 4, "not": 3}
     rating = scale[level]
     return (f"Analysis: {len(errs)} hallucination(s){' (' + '; '.join(errs) + ')' if errs else ''}; "
@@ -907,7 +909,7 @@ def oracle_gavie(q, answer):
     elif q["qtype"] == "count" or qq.startswith("how many"):
         ok = any(f.isdigit() for f in said) or re.search(r"\b(no|zero|none)\b", low)
     elif q["qtype"] == "color":
-        ok = bool(said & set(shapes.COLORS))
+        ok = bool(said & set(oracle.COLORS))
     elif q["qtype"] == "mc":
         ok = re.search(r"option is\s*\(?[A-D]\b", answer) or re.match(r"\W*\(?[A-D](?:[.:)]|\s|$)", answer)
     elif qq.startswith("where") or q["qtype"] == "relation":

@@ -2,14 +2,16 @@
 (data.py re-exports them; they live here so that data.py stays readable in one sitting.)
 
 Conventions shared by every reader and converter:
-- A file is a JSON list of records or JSON lines (one record per line); both are accepted everywhere.
+- A file is a JSON list of records or JSON lines (one record per line); both are accepted
+  everywhere.
 - Every problem raises DataError(file, record, field, message); record is the index i of data[i]
   (0-based, JSON lines: the i-th non-blank line), plus its id when it has one: "3 (id 'abc')".
 - on_error="raise" (default) returns a list of normalised dicts. on_error="skip" drops bad records
   and returns (records, skipped), skipped being the one-line error messages. A file that is missing
   or does not parse always raises.
 - Image paths are relative to image_folder (default: the data file's folder) or absolute; they are
-  returned as full paths. check_images=True checks that the file exists; decoding is checked at load time.
+  returned as full paths. check_images=True checks that the file exists; decoding is checked at
+  load time.
 """
 import json
 import math
@@ -33,20 +35,27 @@ class DataError(Exception):
 
 
 IMAGE = "<image>"
-ROLES = {"human": "human", "gpt": "gpt", "user": "human", "assistant": "gpt"}  # user/assistant: cheap to accept
+# user/assistant: cheap to accept
+ROLES = {"human": "human", "gpt": "gpt", "user": "human", "assistant": "gpt"}
 JSON_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "list": "a list",
               "dict": "an object", "bool": "a boolean", "NoneType": "null"}
-# LLaVA's brief-description instructions (LLaVA paper, arXiv 2304.08485, Table 8); Flickr30k prompts pick one.
+# LLaVA's brief-description instructions (LLaVA paper, arXiv 2304.08485, Table 8); Flickr30k
+# prompts pick one.
 BRIEF_PROMPTS = [
     "Describe the image concisely.", "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
-    "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
-    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the "
+                                                              "image.",
+    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation "
+                                                                   "of the image provided.",
+    "Present a compact description of the photo's key features.", "Relay a brief, clear account of "
+                                                                  "the picture shown.",
+    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of "
+                                                        "the picture.",
     "Create a compact narrative representing the image presented."]
-MC_DIRECT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's multiple-choice suffix
+# LLaVA-1.5's multiple-choice suffix
+MC_DIRECT = "Answer with the option's letter from the given choices directly."
 
-# ----------------------------------------------------------------------------- file and field helpers
+# -------------------------------------------------------------------------- file and field helpers
 
 def _bad(field, message):
     # record-level problem; _each() adds the file and the record
@@ -54,14 +63,15 @@ def _bad(field, message):
 
 
 def read_text(path):
-    """A text file's contents; bytes that are not UTF-8 are a DataError naming the file and the byte offset
-    (a UTF-8 byte order mark is dropped)."""
+    """A text file's contents; bytes that are not UTF-8 are a DataError naming the file and the byte
+    offset (a UTF-8 byte order mark is dropped)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(path, message=f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} ({e.reason})") from None
+        raise DataError(path, message=f"not UTF-8 text: byte {raw[e.start]:#04x} at offset "
+                                      f"{e.start} ({e.reason})") from None
 
 
 def load_json(path):
@@ -77,48 +87,58 @@ def load_json(path):
         whole = e
     lines = text.splitlines()
     try:  # JSON lines if the first non-blank line is a JSON value by itself
-        json.loads(next(l for l in lines if l.strip()))
+        json.loads(next(line for line in lines if line.strip()))
     except json.JSONDecodeError:
-        raise DataError(path, message=f"invalid JSON at line {whole.lineno} column {whole.colno}: {whole.msg}") from None
+        raise DataError(path, message=f"invalid JSON at line {whole.lineno} column {whole.colno}: "
+                                      f"{whole.msg}") from None
     out = []
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(path, message=f"line {n}: invalid JSON (JSON lines file): {e.msg} at column {e.colno}") from None
+                raise DataError(path, message=f"line {n}: invalid JSON (JSON lines file): {e.msg} "
+                                              f"at column {e.colno}") from None
     return out
 
 
 def _records(path, wrapper=None):
-    """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper."""
+    """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper.
+    """
     obj = load_json(path)
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
     elif isinstance(obj, dict) and wrapper is None:
         obj = [obj]  # a JSON lines file with a single line
     if not isinstance(obj, list):
-        want = f"a JSON list of records or {{'{wrapper}': [...]}}" if wrapper else "a JSON list of records (or JSON lines)"
-        raise DataError(path, message=f"expected {want}, got {JSON_NAMES.get(type(obj).__name__, 'something else')}")
+        if wrapper:
+            want = f"a JSON list of records or {{'{wrapper}': [...]}}"
+        else:
+            want = "a JSON list of records (or JSON lines)"
+        raise DataError(path, message=f"expected {want}, got "
+                                      f"{JSON_NAMES.get(type(obj).__name__, 'something else')}")
     return obj
 
 
 def _label(i, r):
     for k in ("id", "question_id", "filename"):
-        if isinstance(r, dict) and isinstance(r.get(k), (str, int)) and not isinstance(r.get(k), bool):
+        value = r.get(k) if isinstance(r, dict) else None
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
             return f"{i} (id {r[k]!r})"
     return str(i)
 
 
 def _each(path, items, fn, on_error):
-    """Apply fn to every record; wrap its errors with the file and record. Returns (records, skipped)."""
+    """Apply fn to every record; wrap its errors with the file and record. Returns (records,
+    skipped)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out, skipped = [], []
     for i, r in enumerate(items):
         try:
             if not isinstance(r, dict):
-                raise _bad(None, f"expected a JSON object, got {JSON_NAMES.get(type(r).__name__, type(r).__name__)}")
+                raise _bad(None, "expected a JSON object, got "
+                                 f"{JSON_NAMES.get(type(r).__name__, type(r).__name__)}")
             v = fn(r)
             if v is not None:  # None: left out on purpose (e.g. another split)
                 out.append(v)
@@ -147,14 +167,16 @@ def _typed(r, key, kind, optional=False, default=None):
     v, kinds = _field(r, key), kind if isinstance(kind, tuple) else (kind,)
     if isinstance(v, bool) or not isinstance(v, kinds):
         names = " or ".join(JSON_NAMES[k.__name__] for k in kinds)
-        raise _bad(key, f"expected {names}, got {JSON_NAMES.get(type(v).__name__, type(v).__name__)}")
+        raise _bad(key, f"expected {names}, got "
+                        f"{JSON_NAMES.get(type(v).__name__, type(v).__name__)}")
     if isinstance(v, str) and not v.strip():
         raise _bad(key, "empty")
     return v
 
 
 def _number(r, key, default=None):
-    """r[key] as a finite float (JSON allows NaN and Infinity literals; a loss would not survive them)."""
+    """r[key] as a finite float (JSON allows NaN and Infinity literals; a loss would not survive
+    them)."""
     v = default if r.get(key) is None else r[key]
     if type(v) not in (int, float):
         raise _bad(key, f"expected a number, got {v!r}")
@@ -187,7 +209,7 @@ def _image(r, folder, check_images, optional=False):
 def _folder(path, image_folder):
     return image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
 
-# ----------------------------------------------------------------------------- conversations
+# ----------------------------------------------------------------------------------- conversations
 
 def conversation(turns, has_image, field="conversations", end="gpt"):
     """Validate and normalise LLaVA turns [{"from": "human"|"gpt", "value": str}, ...].
@@ -237,7 +259,7 @@ def _prompt(conv):
     # the turns a model answers: everything before a final gpt turn
     return conv[:-1] if conv[-1]["from"] == "gpt" else conv
 
-# ----------------------------------------------------------------------------- LLaVA instruct and LRV
+# -------------------------------------------------------------------------- LLaVA instruct and LRV
 
 def _llava_fn(folder, check_images):
     def fn(r):
@@ -251,8 +273,10 @@ def _lrv_fn(folder, check_images):
     def fn(r):
         image_id = str(_typed(r, "image_id", (str, int))).strip()
         q, a = _typed(r, "question", str), _typed(r, "answer", str)
-        name = image_id if os.path.splitext(image_id)[1] else image_id + ".jpg"  # Visual Genome <image_id>.jpg
-        return {"id": f"lrv_{image_id}_{r['_index']}", "image": image_path(folder, name, check_images, "image_id"),
+        # Visual Genome <image_id>.jpg
+        name = image_id if os.path.splitext(image_id)[1] else image_id + ".jpg"
+        image = image_path(folder, name, check_images, "image_id")
+        return {"id": f"lrv_{image_id}_{r['_index']}", "image": image,
                 "task": r.get("task"), "conversations": [
                     {"from": "human", "value": IMAGE + "\n" + q.replace(IMAGE, "").strip()},
                     {"from": "gpt", "value": a.strip()}]}
@@ -265,32 +289,42 @@ def _indexed(items):
 
 
 def read_llava(path, image_folder=None, check_images=True, on_error="raise"):
-    """LLaVA instruct: [{"id", "image" (absent for text-only), "conversations": [{"from", "value"}]}]
-    -> {"id", "image": path|None, "conversations": [{"from": "human"|"gpt", "value"}]}."""
-    out, skipped = _each(path, _records(path), _llava_fn(_folder(path, image_folder), check_images), on_error)
+    """LLaVA instruct: [{"id", "image" (absent for text-only), "conversations": [{"from",
+    "value"}]}] -> {"id", "image": path|None, "conversations": [{"from": "human"|"gpt", "value"}]}.
+    """
+    to_record = _llava_fn(_folder(path, image_folder), check_images)
+    out, skipped = _each(path, _records(path), to_record, on_error)
     return _ret(out, skipped, on_error)
 
 
 def read_lrv(path, image_folder=None, check_images=True, on_error="raise"):
-    """LRV-Instruction: {"annotations": [{"image_id": "2392588", "question", "answer", "task"}]} (the
-    published filter_cap.json wrapper) or a plain list -> single-turn LLaVA records with "task" kept.
-    Images are Visual Genome <image_id>.jpg in image_folder (an id with an extension is used as given)."""
+    """LRV-Instruction: {"annotations": [{"image_id": "2392588", "question", "answer", "task"}]}
+    (the published filter_cap.json wrapper) or a plain list -> single-turn LLaVA records with "task"
+    kept. Images are Visual Genome <image_id>.jpg in image_folder (an id with an extension is used
+    as given)."""
     items = _indexed(_records(path, "annotations"))
     out, skipped = _each(path, items, _lrv_fn(_folder(path, image_folder), check_images), on_error)
     return _ret(out, skipped, on_error)
 
 
-def read_any_conversations(path, image_folder=None, fmt="auto", check_images=True, on_error="raise"):
-    """LLaVA instruct or LRV-Instruction (fmt "llava" | "lrv" | "auto": by the first record's fields)
-    -> LLaVA instruct records."""
+def read_any_conversations(path, image_folder=None, fmt="auto", check_images=True,
+                           on_error="raise"):
+    """LLaVA instruct or LRV-Instruction (fmt "llava" | "lrv" | "auto": by the first record's
+    fields) -> LLaVA instruct records."""
     items = _records(path, "annotations")
     if not items:
         return _ret([], [], on_error)
     if fmt == "auto":
         first = items[0] if items and isinstance(items[0], dict) else {}
-        fmt = "llava" if "conversations" in first else "lrv" if {"image_id", "question"} <= set(first) else None
+        if "conversations" in first:
+            fmt = "llava"
+        elif {"image_id", "question"} <= set(first):
+            fmt = "lrv"
+        else:
+            fmt = None
         if fmt is None:
-            raise DataError(path, _label(0, first), "conversations", "missing (expected LLaVA instruct "
+            raise DataError(path, _label(0, first), "conversations", "missing (expected LLaVA "
+                                                                     "instruct "
                             "'conversations', or LRV-Instruction 'image_id', 'question', 'answer')")
     if fmt not in ("llava", "lrv"):
         raise ValueError(f"fmt must be 'auto', 'llava' or 'lrv', got {fmt!r}")
@@ -298,10 +332,11 @@ def read_any_conversations(path, image_folder=None, fmt="auto", check_images=Tru
     out, skipped = _each(path, items if fmt == "llava" else _indexed(items), fn, on_error)
     return _ret(out, skipped, on_error)
 
-# ----------------------------------------------------------------------------- preference and RL data
+# -------------------------------------------------------------------------- preference and RL data
 
 def load_caption_map(path):
-    """LLaVA-RLHF's image_to_caption.json: {"000000123456.jpg": [captions], "aok_000000123456.jpg": [rationales]}."""
+    """LLaVA-RLHF's image_to_caption.json: {"000000123456.jpg": [captions], "aok_000000123456.jpg":
+    [rationales]}."""
     obj = load_json(path)
     if not isinstance(obj, dict):
         raise DataError(path, message="expected an object {image file name: [captions]}")
@@ -316,21 +351,24 @@ def _captions(r, caption_map, key, need):
         r = {"captions": caption_map[key]}
     caps = _strlist(r, "captions", optional=True)
     if need and not caps:
-        where = f" (none inline, none under {key!r} in the captions file)" if caption_map is not None else ""
-        raise _bad("captions", f"no captions{where}: Fact-RLHF facts need captions; add them, "
-                               "pass a captions file, or pass --facts false")
+        where = ""
+        if caption_map is not None:
+            where = f" (none inline, none under {key!r} in the captions file)"
+        raise _bad("captions", f"no captions{where}: Fact-RLHF facts need captions; add them, pass "
+                               "a captions file, or pass --facts false")
     return caps
 
 
 def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_error="raise",
                                captions_path=None, need_captions=False):
     """LLaVA-RLHF human preference: [{"id", "image", "conversations", "output_1": {"value"},
-    "output_2": {"value"}, "preference": 1|2}]. The published conversations end with the gpt turn that
-    the outputs replace (a file ending with the human turn is accepted too). preference 1 = output_1
-    is better. Captions (facts) come from an inline "captions" list or from captions_path keyed by
-    the record's "image" as written (as LLaVA-RLHF's reward model does).
-    -> {"id", "image", "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}."""
-    folder, caption_map = _folder(path, image_folder), load_caption_map(captions_path) if captions_path else None
+    "output_2": {"value"}, "preference": 1|2}]. The published conversations end with the gpt turn
+    that the outputs replace (a file ending with the human turn is accepted too). preference 1 =
+    output_1 is better. Captions (facts) come from an inline "captions" list or from captions_path
+    keyed by the record's "image" as written (as LLaVA-RLHF's reward model does). -> {"id", "image",
+    "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}."""
+    folder = _folder(path, image_folder)
+    caption_map = load_caption_map(captions_path) if captions_path else None
 
     def output(r, key):
         o = _typed(r, key, dict)
@@ -355,27 +393,29 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
     return _ret(out, skipped, on_error)
 
 
-def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise", captions_path=None,
-                    need_captions=True, first_turn_only=True):
-    """LLaVA-RLHF RL prompts: [{"id", "image", "conversations", "caption_type", "length_bonus"}] plus
-    captions inline ("captions": [...]) or from captions_path (image_to_caption.json, keyed by the
-    image file name, "aok_" + name for caption_type 2-5, as LLaVA-RLHF's PPO trainer does).
-    caption_type defaults to 1 and length_bonus to 1.0 (LLaVA-RLHF's defaults). first_turn_only keeps
-    only the first human turn (LLaVA-RLHF keeps conversations[:2] and drops the answer); otherwise
-    the prompt is every turn before a final gpt turn.
-    -> {"id", "image", "prompt": [turns ending with human], "captions", "caption_type", "length_bonus"}."""
-    folder, caption_map = _folder(path, image_folder), load_caption_map(captions_path) if captions_path else None
+def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise",
+                    captions_path=None, need_captions=True, first_turn_only=True):
+    """LLaVA-RLHF RL prompts: [{"id", "image", "conversations", "caption_type", "length_bonus"}]
+    plus captions inline ("captions": [...]) or from captions_path (image_to_caption.json, keyed by
+    the image file name, "aok_" + name for caption_type 2-5, as LLaVA-RLHF's PPO trainer does).
+    caption_type defaults to 1 and length_bonus to 1.0 (LLaVA-RLHF's defaults). first_turn_only
+    keeps only the first human turn (LLaVA-RLHF keeps conversations[:2] and drops the answer);
+    otherwise the prompt is every turn before a final gpt turn. -> {"id", "image", "prompt": [turns
+    ending with human], "captions", "caption_type", "length_bonus"}."""
+    folder = _folder(path, image_folder)
+    caption_map = load_caption_map(captions_path) if captions_path else None
 
     def fn(r):
         image = _image(r, folder, check_images)
         conv = conversation(_field(r, "conversations"), True, end=None)
         ct = 1 if r.get("caption_type") is None else r["caption_type"]  # null = absent
         if type(ct) is not int or not 1 <= ct <= 7:
-            raise _bad("caption_type", f"must be an integer 1-7 (1 general, 2-5 answer A-D, 6 answer No, "
-                                       f"7 answer Yes), got {ct!r}")
+            raise _bad("caption_type", "must be an integer 1-7 (1 general, 2-5 answer A-D, 6 "
+                                       f"answer No, 7 answer Yes), got {ct!r}")
         lb = _number(r, "length_bonus", 1.0)
         key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
-        return {"id": r.get("id"), "image": image, "prompt": conv[:1] if first_turn_only else _prompt(conv),
+        prompt = conv[:1] if first_turn_only else _prompt(conv)
+        return {"id": r.get("id"), "image": image, "prompt": prompt,
                 "captions": _captions(r, caption_map, key, need_captions), "caption_type": ct,
                 "length_bonus": float(lb)}
 
@@ -392,18 +432,20 @@ def read_povid(path, image_folder=None, check_images=True, on_error="raise"):
     def fn(r):
         image = _image(r, folder, check_images, optional=True)
         conv = conversation(_field(r, "conversations"), image is not None)
-        rej = conversation(_field(r, "rejected_conversations"), image is not None, "rejected_conversations")
+        rej = conversation(_field(r, "rejected_conversations"), image is not None,
+                           "rejected_conversations")
         if conv[:-1] != rej[:-1]:
             raise _bad("rejected_conversations", "prompt turns differ from 'conversations'")
         chosen, rejected = conv[-1]["value"].strip(), rej[-1]["value"].strip()
         if chosen == rejected:
             raise _bad("rejected_conversations", "chosen and rejected are identical")
-        return {"id": r.get("id"), "image": image, "prompt": conv[:-1], "chosen": chosen, "rejected": rejected}
+        return {"id": r.get("id"), "image": image, "prompt": conv[:-1], "chosen": chosen,
+                "rejected": rejected}
 
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)
 
-# ----------------------------------------------------------------------------- benchmarks
+# -------------------------------------------------------------------------------------- benchmarks
 
 def read_pope(path, image_folder=None, check_images=True, on_error="raise"):
     """POPE (JSON lines): {"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
@@ -424,11 +466,13 @@ def read_pope(path, image_folder=None, check_images=True, on_error="raise"):
 
 
 def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
-    """MMHal-Bench response_template.json: [{"question_type", "question_topic", "image_id", "image_src"
-    (an URL), "image_content": [...], "question", "gt_answer", "model_answer"}] -> the same dicts plus
-    "image" = image_folder/<basename of image_src> (default image_folder: "images" beside the file, the
-    layout of the published data set). model_answer may be absent or empty (the template)."""
-    folder = image_folder if image_folder is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    """MMHal-Bench response_template.json: [{"question_type", "question_topic", "image_id",
+    "image_src" (an URL), "image_content": [...], "question", "gt_answer", "model_answer"}] -> the
+    same dicts plus "image" = image_folder/<basename of image_src> (default image_folder: "images"
+    beside the file, the layout of the published data set). model_answer may be absent or empty (the
+    template)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    folder = image_folder if image_folder is not None else beside
 
     def fn(r):
         for k in ("question_type", "question_topic", "question", "gt_answer"):
@@ -444,7 +488,7 @@ def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)
 
-# ----------------------------------------------------------------------------- LLaVA-SFT+ converters
+# --------------------------------------------------------------------------- LLaVA-SFT+ converters
 
 def _sentence(s):
     s = s.strip()
@@ -455,15 +499,17 @@ def _sentence(s):
 def vqav2_to_conversations(questions_path, annotations_path, image_folder,
                            image_pattern="COCO_train2014_{image_id:012d}.jpg", yes_no_only=True,
                            max_rounds=None, check_images=True, on_error="raise"):
-    """VQA-v2 {"questions": [{"image_id", "question", "question_id"}]} + {"annotations": [{"question_id",
-    "image_id", "answer_type", "multiple_choice_answer", "answers"}]} -> one multi-round LLaVA record per
-    image (questions in file order, at most max_rounds; None = all), answers "Yes." / "No." (other
-    answers: the multiple_choice_answer capitalised, with a full stop). caption_type is 7/6 when the
-    first answer is Yes/No, else 1 (LLaVA-RLHF's PPO uses the first round only)."""
+    """VQA-v2 {"questions": [{"image_id", "question", "question_id"}]} + {"annotations":
+    [{"question_id", "image_id", "answer_type", "multiple_choice_answer", "answers"}]} -> one
+    multi-round LLaVA record per image (questions in file order, at most max_rounds; None = all),
+    answers "Yes." / "No." (other answers: the multiple_choice_answer capitalised, with a full
+    stop). caption_type is 7/6 when the first answer is Yes/No, else 1 (LLaVA-RLHF's PPO uses the
+    first round only)."""
     def ann_fn(a):
         return (_typed(a, "question_id", int), _typed(a, "answer_type", str),
                 _typed(a, "multiple_choice_answer", str).strip())
-    anns, skipped = _each(annotations_path, _records(annotations_path, "annotations"), ann_fn, on_error)
+    annotations = _records(annotations_path, "annotations")
+    anns, skipped = _each(annotations_path, annotations, ann_fn, on_error)
     by_qid = {qid: (atype, ans) for qid, atype, ans in anns}
 
     def q_fn(q):
@@ -471,7 +517,8 @@ def vqav2_to_conversations(questions_path, annotations_path, image_folder,
         text = _typed(q, "question", str).strip()
         if qid not in by_qid:
             raise _bad("question_id", f"no annotation in {annotations_path}")
-        image = image_path(image_folder, image_pattern.format(image_id=image_id), check_images, "image_id")
+        name = image_pattern.format(image_id=image_id)
+        image = image_path(image_folder, name, check_images, "image_id")
         return image_id, image, text, by_qid[qid]
     qs, skipped_q = _each(questions_path, _records(questions_path, "questions"), q_fn, on_error)
 
@@ -487,21 +534,22 @@ def vqav2_to_conversations(questions_path, annotations_path, image_folder,
     for image_id, (image, pairs) in groups.items():
         conv = []
         for k, (q, a) in enumerate(pairs):
-            conv += [{"from": "human", "value": (IMAGE + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            question = (IMAGE + "\n" if k == 0 else "") + q
+            conv += [{"from": "human", "value": question}, {"from": "gpt", "value": a}]
         first = pairs[0][1]
         out.append({"id": f"vqav2_{image_id}", "image": image, "conversations": conv,
                     "caption_type": {"Yes.": 7, "No.": 6}.get(first, 1)})
     return _ret(out, skipped + skipped_q, on_error)
 
 
-def aokvqa_to_conversations(path, image_folder, image_pattern="{image_id:012d}.jpg", cot=True, seed=0,
-                            check_images=True, on_error="raise"):
-    """A-OKVQA [{"question_id", "image_id", "question", "choices", "correct_choice_idx", "direct_answers",
-    "rationales"}] -> single-turn LLaVA records. Human: "<image>\\n{question}\\nA. {c0}\\nB. {c1}..."
-    (cot=False adds LLaVA-1.5's "Answer with the option's letter from the given choices directly.").
-    Answer: cot=True one rationale (seeded pick) + " So the correct option is B." (the phrase LLaVA-RLHF's
-    PPO correctness bonus looks for); cot=False just "B". The rationales are kept as "captions" (Fact-RLHF
-    facts) and "caption_type" is 2-5 for answer A-D."""
+def aokvqa_to_conversations(path, image_folder, image_pattern="{image_id:012d}.jpg", cot=True,
+                            seed=0, check_images=True, on_error="raise"):
+    """A-OKVQA [{"question_id", "image_id", "question", "choices", "correct_choice_idx",
+    "direct_answers", "rationales"}] -> single-turn LLaVA records. Human: "<image>\\n{question}\\nA.
+    {c0}\\nB. {c1}..." (cot=False adds LLaVA-1.5's "Answer with the option's letter from the given
+    choices directly."). Answer: cot=True one rationale (seeded pick) + " So the correct option is
+    B." (the phrase LLaVA-RLHF's PPO correctness bonus looks for); cot=False just "B". The
+    rationales are kept as "captions" (Fact-RLHF facts) and "caption_type" is 2-5 for answer A-D."""
     rng = random.Random(seed)
 
     def fn(r):
@@ -515,14 +563,20 @@ def aokvqa_to_conversations(path, image_folder, image_pattern="{image_id:012d}.j
         rationales = _strlist(r, "rationales", optional=not cot)
         if cot and not rationales:
             raise _bad("rationales", "empty; cot=True needs a rationale")
-        image = image_path(image_folder, image_pattern.format(image_id=image_id), check_images, "image_id")
+        name = image_pattern.format(image_id=image_id)
+        image = image_path(image_folder, name, check_images, "image_id")
         letter = chr(ord("A") + idx)
-        human = f"{IMAGE}\n{question}\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+        options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
+        human = f"{IMAGE}\n{question}\n" + options
         human += "" if cot else "\n" + MC_DIRECT
-        answer = f"{_sentence(rng.choice(rationales))} So the correct option is {letter}." if cot else letter
+        if cot:
+            answer = f"{_sentence(rng.choice(rationales))} So the correct option is {letter}."
+        else:
+            answer = letter
         return {"id": f"aokvqa_{qid}", "image": image, "captions": rationales,
                 "caption_type": 2 + idx if idx < 4 else 1,
-                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+                "conversations": [{"from": "human", "value": human},
+                                  {"from": "gpt", "value": answer}]}
 
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)
@@ -534,7 +588,8 @@ def _detok(s):
 
 
 def _flickr_token_file(path):
-    """results_20130124.token lines "1000092795.jpg#0<TAB>caption" -> [{"filename", "sentences"}]."""
+    """results_20130124.token lines "1000092795.jpg#0<TAB>caption" -> [{"filename", "sentences"}].
+    """
     groups = {}
     for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
@@ -546,11 +601,13 @@ def _flickr_token_file(path):
     return [{"filename": k, "sentences": v} for k, v in groups.items()]
 
 
-def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_images=True, on_error="raise"):
+def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_images=True,
+                               on_error="raise"):
     """Flickr30k captions -> description records: human "<image>\\n" + a brief-description prompt
-    (seeded pick from BRIEF_PROMPTS), gpt = one caption (seeded pick); all captions kept as "captions".
-    Accepts the Karpathy split JSON {"images": [{"filename", "sentences": [{"raw"}], "split"}]}
-    (records of other splits are left out; split=None keeps all) and the original token file."""
+    (seeded pick from BRIEF_PROMPTS), gpt = one caption (seeded pick); all captions kept as
+    "captions". Accepts the Karpathy split JSON {"images": [{"filename", "sentences": [{"raw"}],
+    "split"}]} (records of other splits are left out; split=None keeps all) and the original token
+    file."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
     is_json = read_text(path).lstrip().startswith("{")
@@ -562,13 +619,17 @@ def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_
             return None
         name = _typed(r, "filename", str)
         sents = _typed(r, "sentences", list)
-        if not sents or not all(isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip() for s in sents):
+        def is_caption(s):
+            return isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()
+        if not sents or not all(is_caption(s) for s in sents):
             raise _bad("sentences", "expected a non-empty list of {\"raw\": caption}")
         caps = [_sentence(s["raw"]) for s in sents]
         image = image_path(image_folder, name, check_images, "filename")
         prompt, caption = rng.choice(BRIEF_PROMPTS), rng.choice(caps)
-        return {"id": f"flickr30k_{os.path.splitext(os.path.basename(name))[0]}", "image": image, "captions": caps,
-                "conversations": [{"from": "human", "value": f"{IMAGE}\n{prompt}"}, {"from": "gpt", "value": caption}]}
+        stem = os.path.splitext(os.path.basename(name))[0]
+        return {"id": f"flickr30k_{stem}", "image": image, "captions": caps,
+                "conversations": [{"from": "human", "value": f"{IMAGE}\n{prompt}"},
+                                  {"from": "gpt", "value": caption}]}
 
     out, skipped = _each(path, items, fn, on_error)
     return _ret(out, skipped, on_error)

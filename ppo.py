@@ -48,10 +48,11 @@ import torch
 import torch.distributed as dist
 
 import common
+import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
                   tokenize_conversation)
-from model import base_weights_dir, resolve_checkpoint
+from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
 @dataclass
@@ -242,7 +243,7 @@ def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
 
 def response_logprobs(model, feats, seq, mask, prompt_len, temperature):
     """log p(token) under softmax(logits / T) and the entropy, for the response tokens seq[:, prompt_len:]:
-    the logits at position j predict token j + 1 (the shift of common.sequence_logprobs)."""
+    the logits at position j predict token j + 1."""
     h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
     logp_all = torch.log_softmax(model.logits(h).float() / temperature, -1)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None])[..., 0]
@@ -284,7 +285,7 @@ def build_roles(cfg, d, tok_dir=""):
     rm_dir = resolve_checkpoint(cfg.reward)
     if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
         critic = policy
-        critic.load_adapters(rm_dir)
+        load_adapters(critic, rm_dir)
     else:
         critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir, device=d.device)
         a, b = policy.config, critic.config
@@ -490,7 +491,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
            "length": g(ro["lengths"]).mean(), "no_eos": g(~ro["finished"]).mean(), "correct": right[typed].mean(),
            "entropy": g(ro["entropy"])[m].mean(), "explained_var": 1 - (R - V).var() / R.var()}
     if objects is not None:  # the exact oracle: is reward hacking turning into hallucination?
-        h = g(torch.tensor([shapes.oracle(t, objects[os.path.relpath(p["image"], cfg.world)])["num_hallucinations"]
+        h = g(torch.tensor([oracle.oracle(t, objects[os.path.relpath(p["image"], cfg.world)])["num_hallucinations"]
                             for t, p in zip(ro["texts"], prompts)], device=dev))
         out["halluc_rate"], out["halluc_per_answer"] = (h > 0).float().mean(), h.mean()
     return {k: float(v) for k, v in out.items()}

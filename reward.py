@@ -25,9 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import oracle
 import shapes
 from data import DataError, ImageCache, check_images, collate, normalize, read_llava_rlhf_preference, reward_item
-from model import resolve_checkpoint
+from checkpoint import resolve_checkpoint
 
 
 @dataclass
@@ -156,7 +157,7 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
             stats["empty"] += 1
             continue
         objs = objects[os.path.relpath(r["image"], world)]
-        ha, hb = (shapes.oracle(x, objs)["num_hallucinations"] for x in (a, b))
+        ha, hb = (oracle.oracle(x, objs)["num_hallucinations"] for x in (a, b))
         if ha == hb:
             stats["ties"] += 1
             continue
@@ -230,7 +231,7 @@ def partner_pairs(val, world):
     for p in val:
         objs = objects[os.path.relpath(p["image"], world)]
         partners = {b for a, b in pairs if a in {o["name"] for o in objs}}
-        if partners & set(shapes.oracle(p["rejected"], objs)["hallucinated_objects"]):
+        if partners & set(oracle.oracle(p["rejected"], objs)["hallucinated_objects"]):
             out.append(p)
     return out
 

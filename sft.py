@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import oracle
 import shapes
 from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, pack,
@@ -305,7 +306,7 @@ def report(model, tokenizer, cfg):
             items.append(common.prompt_item(tokenizer, model, r["conversations"][:1],
                                             torch.zeros_like(unit) if cfg.blank_images else unit, cfg.template))
         answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48, desc=f"report {qtype}")
-        acc = sum(shapes.score_answer(qtype, a, k) for a, k in zip(answers, keys)) / max(len(keys), 1)
+        acc = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys)) / max(len(keys), 1)
         rows[qtype] = round(acc, 3)
     line = " | ".join(f"{k} {v:.2f}" for k, v in rows.items())
     print(f"held-out accuracy ({'blank images' if cfg.blank_images else 'real images'}): {line}")

@@ -3,6 +3,7 @@ random weights, and by hand on a model whose next-token table is fixed."""
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from model import LLaVA
 
 IMG, VOCAB, IMAGE_ID = 28, 40, 39  # a small vocabulary: EOS and repeated tokens come up often
@@ -27,7 +28,7 @@ def pair(tmp_path_factory):
             p.normal_(0, 0.3) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("beam") / "hf"
     hf.save_pretrained(path)
-    return hf, LLaVA.from_pretrained(str(path)).eval()
+    return hf, load_checkpoint(str(path)).eval()
 
 
 def prompts(batch, seed):

@@ -15,10 +15,11 @@ from conftest import HERE, merge_flags, run_cli, run_script
 
 import common
 import dpo
+import oracle
 import shapes
 from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize,
                   povid_noisy_image, to_pil_bytes, tokenize_conversation)
-from model import LLaVA
+from checkpoint import load_checkpoint, save_checkpoint_files
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
@@ -39,7 +40,7 @@ def env(tiny_world, tmp_path_factory):
             json.dump(recs, f)
     torch.manual_seed(0)
     model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
-    model.save_pretrained(str(root / "init"))
+    save_checkpoint_files(model, str(root / "init"))
     tok.save_pretrained(str(root / "init"))
     return dict(world=tiny_world, init=str(root / "init"), tok=tok, **files)
 
@@ -55,7 +56,7 @@ def pairs(env, model, n=4, cfg=None):
 
 
 def lora_model(env, randomise=True):
-    model = LLaVA.from_pretrained(env["init"])
+    model = load_checkpoint(env["init"])
     model.add_adapter("dpo", 4, 8)
     model.set_adapter("dpo")
     if randomise:  # B = 0 would make the adapter a no-op
@@ -92,7 +93,7 @@ def test_losses_match_hand_arithmetic():
 # ----------------------------------------------------------------------------------------- log-probs
 
 def test_reference_pass_is_the_base_model_with_adapters_off(env):
-    model, fresh = lora_model(env), LLaVA.from_pretrained(env["init"])
+    model, fresh = lora_model(env), load_checkpoint(env["init"])
     ds = pairs(env, model)
     b = ds.batch(range(len(ds)))
     cfg = dpo.Config()
@@ -160,6 +161,17 @@ def test_summed_logprobs_count_answer_tokens_only(env):
     assert torch.equal(a, b_)
 
 
+def answer_logprob_reference(model, batch):
+    """Sum over the labelled tokens of log p(token | prefix), from the full logits of one plain
+    forward pass with pixels: the reference dpo.answer_logps must equal."""
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    labels = batch["labels"][:, 1:]
+    labelled = labels != IGNORE
+    token_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (token_logp * labelled).sum(-1)
+
+
 def test_concatenated_pass_with_shared_features_equals_two_passes(env):
     model = lora_model(env)
     ds = pairs(env, model)
@@ -170,7 +182,7 @@ def test_concatenated_pass_with_shared_features_equals_two_passes(env):
         for k, want in ((0, c), (1, r)):  # each side alone, its own padding, pixels through the model
             sep = collate([ds.items[i][k] for i in idx], env["tok"].pad_token_id)
             sep["pixel_values"] = b["pixel_values"]
-            got, _ = common.sequence_logprobs(model, sep)
+            got = answer_logprob_reference(model, sep)
             assert torch.allclose(got, want, atol=1e-4), (k, got, want)
         ipo_c, _, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]), average=True)
     n = (b["labels"][:len(idx), 1:] != IGNORE).sum(-1)
@@ -263,8 +275,8 @@ def test_injected_answers_are_hallucinations_per_the_oracle(env):
     w = shapes.load_world(env["world"])
     for r in json.load(open(env["train"])):  # the pairs DPO trains on
         objs = w["by_file"][os.path.relpath(r["image"], env["world"])]
-        assert shapes.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
-        assert shapes.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
+        assert oracle.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
+        assert oracle.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
     rng, seen = np.random.default_rng(1), set()
     for k, img in enumerate(w["images"][:24]):  # fresh injections of every kind
         qa = shapes.make_question(shapes.QUESTION_TYPES[k % 6], img["objects"], rng, "yes" if k % 2 else "no")
@@ -273,7 +285,7 @@ def test_injected_answers_are_hallucinations_per_the_oracle(env):
                                               {"triangle": ["circle"], "cross": ["square"]}, list(shapes.COLORS))
             if got:
                 seen.add(kind)
-                assert shapes.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
+                assert oracle.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
     assert seen == {"object", "attribute", "relation"}
 
 
@@ -291,7 +303,7 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     assert "computed" in cli(*args(env, out, *full))
     first = [f for f in os.listdir(out) if f.startswith("ref_logps-")]
     table = torch.load(out / first[0])
-    model = LLaVA.from_pretrained(env["init"])
+    model = load_checkpoint(env["init"])
     ds = pairs(env, model, n=100)
     b = ds.batch(range(len(ds)))
     with torch.no_grad():
@@ -338,7 +350,7 @@ def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
     assert proc.returncode == 0, output[-3000:]
     train_rows, _ = _rows(root / "stage2")
     assert len(train_rows) == 4 and "noisy/rewards/margins" in train_rows[-1] and "noisy/logps/rejected" in train_rows[-1]
-    policy = LLaVA.from_pretrained(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
+    policy = load_checkpoint(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
     last = root / "stage2" / "checkpoint-000004"
     assert policy.active_adapter == "dpo" and json.load(open(last / "config.json"))["base"]
     assert not os.path.exists(last / "model.safetensors") and os.path.exists(root / "full/checkpoint-000002/model.safetensors")

@@ -15,10 +15,11 @@ torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import common
+import common  # noqa: E402
 import eval as E  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
+from checkpoint import save_checkpoint_files  # noqa: E402
 from model import LLaVA  # noqa: E402
 
 CIRCLE = {"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0, "position": "left", "bbox": [1, 17, 14, 14]}
@@ -39,7 +40,7 @@ def env(tmp_path_factory, tiny_world):
         torch.manual_seed(seed)
         m = LLaVA.from_preset("tiny", vocab_size=-(-len(tok) // 64) * 64, image_token_id=4, pad_token_id=3,
                               bos_token_id=1, eos_token_id=2)
-        m.save_pretrained(str(root / "ckpt" / sub))
+        save_checkpoint_files(m, str(root / "ckpt" / sub))
         tok.save_pretrained(str(root / "ckpt" / sub))
         ckpts.append(str(root / "ckpt" / sub.split("/")[0]))
     return {"root": root, "world": tiny_world, "ckpts": ckpts}

@@ -110,7 +110,7 @@ def sft_args(world, out, *extra):
 
 
 def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_sigkill(tiny_world, tmp_path):
-    from model import LLaVA
+    from checkpoint import load_checkpoint
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     straight = torchrun("sft.py", sft_args(tiny_world, two, "--fsdp", "true"))
     # the same run, killed (every process at once, SIGKILL) once checkpoint 2 is complete
@@ -138,7 +138,7 @@ def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_si
     # 1. the losses of one process, and the same final weights (consolidated from the shards)
     same_metrics(one, two, ["loss", "grad_norm", "val_loss"])
     same_weights(one / final, two / final)
-    assert LLaVA.from_pretrained(str(two / final)).config.hidden == 32  # the consolidated model loads as usual
+    assert load_checkpoint(str(two / final)).config.hidden == 32  # the consolidated model loads as usual
     assert not os.path.exists(two / "checkpoint-000004" / "model.safetensors")  # sharded only, by default
 
     # 2. each rank holds about half of the weights and of the AdamW moments, measured from its shard file

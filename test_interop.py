@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from data import IMAGE, preprocess_image, render, tokenize_conversation
+from checkpoint import export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint
 from model import LLaVA, ModelConfig
-from test_all import IMAGE_ID, IMG, _rewrite_keys, _to_original_llava, hf_llava, inputs, randomize_adapter, tiny_model
+from test_checkpoint import _rewrite_keys, _to_original_llava
+from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
 
 ATOL = 1e-4
 LM_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -53,8 +55,8 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
     m = tiny_model()
     m.add_adapter("policy", r=4, alpha=16, targets=LM_TARGETS)
     randomize_adapter(m, "policy", 4)
-    m.export_hf(tmp_path / "hf")
-    m.export_peft(tmp_path / "peft", "policy", base=tmp_path / "hf")
+    export_llava_hf(m, tmp_path / "hf")
+    export_peft_adapter(m, tmp_path / "peft", "policy", base=tmp_path / "hf")
     cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     assert cfg["base_model_name_or_path"] == str(tmp_path / "hf")
     pixels, ids = inputs()
@@ -73,7 +75,7 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
     names = [n for n, p in trainable.named_parameters() if p.requires_grad]
     assert names and all(".language_model." in n and ".lora_" in n for n in names)
     # no base given: the adapter carries its own base (path/base) and AutoPeftModel needs nothing else
-    m.export_peft(tmp_path / "alone", "policy")
+    export_peft_adapter(m, tmp_path / "alone", "policy")
     auto = AutoPeftModel.from_pretrained(str(tmp_path / "alone")).eval()
     torch.testing.assert_close(peft_logits(auto, pixels, ids), ours, atol=ATOL, rtol=0)
 
@@ -111,14 +113,14 @@ def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere,
     with pm.disable_adapter():
         base_ref = peft_logits(pm, pixels, ids)
     assert (ref - base_ref).abs().max() > 1e-2  # the adapter matters
-    ours = LLaVA.from_pretrained(root / "adapter").eval()  # --init takes the same path
+    ours = load_checkpoint(root / "adapter").eval()  # --init takes the same path
     assert ours.active_adapter == "default" and ours.adapters["default"]["targets"] == list(LM_TARGETS)
     notice = capsys.readouterr().out
     assert "merged into the base weights" in notice and len(notice.strip().splitlines()) == 1
     with torch.no_grad():
         torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
-    other = LLaVA.from_pretrained(root / "base").eval()
-    other.load_adapters(root / "adapter", name="elsewhere")
+    other = load_checkpoint(root / "base").eval()
+    load_adapters(other, root / "adapter", name="elsewhere")
     assert other.active_adapter is None
     with torch.no_grad(), other.use_adapter("elsewhere"):
         torch.testing.assert_close(other(pixels, ids), ref, atol=ATOL, rtol=0)
@@ -132,7 +134,7 @@ def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_
     cfg = json.load(open(root / "adapter" / "adapter_config.json"))
     json.dump(dict(cfg, base_model_name_or_path="llava-hf/llava-1.5-7b-hf"), open(d / "adapter_config.json", "w"))
     with pytest.raises(CheckpointError, match="base_model_name_or_path.*not a local directory") as e:
-        LLaVA.from_pretrained(d)
+        load_checkpoint(d)
     assert "\n" not in str(e.value)
 
 
@@ -184,7 +186,7 @@ def test_token_after_image_agrees_in_training_generation_and_llava_processor(leg
     from transformers import AutoProcessor
     tok = llama_tokenizer(legacy)
     m = model_for(tok)
-    m.export_hf(tmp_path / "hf", tok)
+    export_llava_hf(m, tmp_path / "hf", tok)
     proc = AutoProcessor.from_pretrained(tmp_path / "hf")
     n_img = m.config.num_image_tokens
     image = Image.new("RGB", (30, 20), (200, 30, 30))
@@ -209,7 +211,7 @@ def test_export_autoprocessor_generates_what_we_generate(legacy, tmp_path):
     import common
     tok = llama_tokenizer(legacy)
     m = model_for(tok, seed=1)
-    m.export_hf(tmp_path / "hf", tok, template="vicuna_v1")
+    export_llava_hf(m, tmp_path / "hf", tok, template="vicuna_v1")
     for f in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
         assert os.path.exists(tmp_path / "hf" / f), f
     proc = AutoProcessor.from_pretrained(tmp_path / "hf")
@@ -248,9 +250,9 @@ def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
     clip = CLIPVisionModel(hf_cfg_vision := hf.config.vision_config)
     assert hf_cfg_vision.image_size == IMG
     clip.save_pretrained(tmp_path / "clip")
-    ours = LLaVA.from_pretrained(tmp_path / "orig").eval()
+    ours = load_checkpoint(tmp_path / "orig").eval()
     assert ours.config.image_token_id == -200
-    ours.export_hf(tmp_path / "export")
+    export_llava_hf(ours, tmp_path / "export")
     exported = json.load(open(tmp_path / "export" / "config.json"))
     new_id = exported["image_token_index"]
     assert new_id >= 0 and exported["text_config"]["vocab_size"] == new_id + 1 == 101
@@ -266,7 +268,7 @@ def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
     vocab = {t: i for t, i in llama_tokenizer(legacy=True).get_vocab().items() if i < 90}
     plain = LlamaTokenizer(vocab=vocab, merges=[], legacy=True)
     assert len(plain) == 90 and "<image>" not in plain.get_vocab()
-    ours.export_hf(tmp_path / "export_tok", plain)
+    export_llava_hf(ours, tmp_path / "export_tok", plain)
     assert len(plain) == 90  # the caller's tokenizer is left as it was
     back = AutoTokenizer.from_pretrained(tmp_path / "export_tok")
     again = json.load(open(tmp_path / "export_tok" / "config.json"))
@@ -295,7 +297,7 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     import common
     m, tok = common.load_model_and_tokenizer(tiny_sft)
-    m.eval().export_hf(tmp_path / "hf")
+    export_llava_hf(m.eval(), tmp_path / "hf")
     proc = AutoProcessor.from_pretrained(tmp_path / "hf")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     image = Image.effect_mandelbrot((48, 48), (-2, -1, 1, 1), 30).convert("RGB")

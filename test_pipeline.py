@@ -1,6 +1,7 @@
 """The main job and the lab, end to end at two steps per stage on the tiny world; the lab's statistics."""
 import json
 import os
+import zlib
 
 from PIL import Image
 
@@ -52,8 +53,18 @@ def test_lab_plots_draw(tmp_path):
     g = {"x": {"m1": [1.0, 2.0], "m2": [0.5]}, "y": {"m1": [3.0, 3.5]}}
     lab.bar_plot(str(tmp_path / "b.png"), "t", g, ["m1", "m2"], ["x", "y"])
     lab.line_plot(str(tmp_path / "l.png"), "t", {"x": [[1, 2, 3], [2, 3, 4]]}, "tokens")
-    img = Image.open(tmp_path / "b.png").convert("RGB")
-    assert lab.COLOURS[0] in {c for _, c in img.getcolors(10000)} and lab.COLOURS[1] in {c for _, c in img.getcolors(10000)}
+    bars = Image.open(tmp_path / "b.png")
+    assert bars.format == "PNG" and min(bars.size) >= 100
+    colours = {c for _, c in bars.convert("RGB").getcolors(10000)}
+    assert lab.COLOURS[0] in colours and lab.COLOURS[1] in colours  # one colour per group
+    line = Image.open(tmp_path / "l.png")
+    assert line.format == "PNG" and line.size == (640, 360)
+    line = line.convert("RGB")
+    # the mean over seeds, 1.5 2.5 3.5, runs from the bottom left of the plot area (x 50, y 300)
+    # through its centre to the top right (x 620, y 40)
+    for x, y in ((50, 300), (335, 170), (619, 41)):
+        assert line.getpixel((x, y)) == lab.COLOURS[0], (x, y)
+    assert line.getpixel((335, 100)) == (255, 255, 255)  # above the line: background
 
 
 def test_world_seed_moves_default_folders():
@@ -68,3 +79,74 @@ def test_world_seed_moves_default_folders():
     assert cfg.results == "RESULTS-seed2.md" and all("data/shapes-seed2" in argv for argv, _, _ in runs.values())
     cfg = pipeline.Config()
     assert common.seed_suffix(cfg, pipeline.Config, ("world",)).world == "data/shapes"  # seed 0: as before
+
+
+def fake_lab(root):
+    """A lab's inputs for every claim and two seeds, as the runs would have left them on disk: a
+    world.json and POPE files, each eval run's scores.json, the reward models' and VIGC's
+    report.json, PPO's metrics.jsonl. Numbers are made up; the facts reward model is clearly
+    better than the plain one, everything else varies with the run's name."""
+    world = root / "world"
+    world.mkdir()
+    with open(world / "world.json", "w") as f:
+        json.dump({"seed": 0, "version": 7, "params": {"cooc": 0.95}, "stats": {"images": 2}}, f)
+    questions = {"random": ["a", "b", "c", "d"], "popular": ["a", "x", "c", "d"],
+                 "adversarial": ["a", "x", "c", "y"]}
+    for split, texts in questions.items():
+        with open(world / f"pope_{split}.jsonl", "w") as f:
+            f.writelines(json.dumps({"image": f"{k}.png", "text": t}) + "\n" for k, t in enumerate(texts))
+    cfg = lab.Config(sft=str(root / "sft"), world=str(world), out=str(root / "runs"), seeds=(0, 1),
+                     results=str(root / "RESULTS.md"), plots=str(root / "plots"))
+    runs = lab.plan(cfg)
+
+    def made_up(name, k):  # a number in [0, 1) per run name and field
+        return zlib.crc32(f"{name}:{k}".encode()) % 1000 / 1000
+
+    for name, (_, _, done) in runs.items():
+        os.makedirs(os.path.dirname(done), exist_ok=True)
+        if name.endswith("/eval"):
+            pope = {s: {"f1": made_up(name, s)} for s in ("random", "popular", "adversarial")}
+            pope["average"] = {"yes_ratio": made_up(name, "yes"), "accuracy": made_up(name, "acc")}
+            chair = {"chair_i": made_up(name, "ci"), "chair_s": made_up(name, "cs"),
+                     "answer_words": 30 * made_up(name, "w")}
+            mmhal = {"score": 6 * made_up(name, "ms"), "hallucination_rate": made_up(name, "mh")}
+            with open(done, "w") as f:
+                json.dump({"pope": pope, "chair": chair, "mmhal": mmhal}, f)
+        elif name.startswith("rlhf/rm-"):
+            seed = int(name.rsplit("-s", 1)[1])
+            accuracy = (0.8 if "-facts-" in name else 0.6) + 0.01 * seed
+            with open(done, "w") as f:
+                json.dump({"val_accuracy": accuracy, "val_accuracy_partner": accuracy - 0.1}, f)
+        elif name.startswith("rlhf/ppo-"):
+            with open(os.path.join(os.path.dirname(done), "metrics.jsonl"), "w") as f:
+                for step in range(3):
+                    row = {"step": step, "length": 10 + step * made_up(name, "l"),
+                           "halluc_per_answer": made_up(name, step)}
+                    f.write(json.dumps(row) + "\n")
+        elif name.startswith("vigc/vigc-"):
+            answers = {k: {"hallucinations_per_100": 100 * made_up(name, k),
+                           "answers_with_hallucination": made_up(name, k + "a"),
+                           "sentences_per_answer": 3 * made_up(name, k + "s")} for k in ("vig_only", "vic")}
+            with open(done, "w") as f:
+                json.dump({**answers, "parsed": 100, "images": 120}, f)
+    return cfg, runs
+
+
+def test_lab_report_of_every_claim(tmp_path, capsys):
+    cfg, runs = fake_lab(tmp_path)
+    lab.report(cfg, runs, 12.5)
+    text = open(cfg.results).read()
+    for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF", "## POVID",
+                    "## VIGC", "## Verdicts", "## Commands"):
+        assert text.count(section) == 1, section
+    assert "lab wall clock 12.5 min" in text and "seeds 0, 1" in text
+    assert "popular = adversarial for 75% of them, random = popular for 75%" in text
+    held = "- Fact-RLHF (facts raise the reward model's held-out accuracy): **held** here"
+    assert held in text and "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | 2 |" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == 3 + 9 + 2 + 3  # LRV, RLHF, POVID, VIGC
+    assert capsys.readouterr().out.splitlines()[:len(verdicts)] == verdicts
+    assert text.count("python ") >= len(runs)
+    for plot in ("lrv", "rlhf", "rlhf_length", "povid", "vigc"):
+        image = Image.open(os.path.join(cfg.plots, plot + ".png"))
+        assert image.format == "PNG" and min(image.size) >= 100, plot

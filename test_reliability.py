@@ -98,7 +98,7 @@ class T:
 
     def ckpt(self, name, mutate):
         """A copy of the SFT checkpoint, changed by mutate(dir)."""
-        from model import resolve_checkpoint
+        from checkpoint import resolve_checkpoint
         d = self.root / name
         shutil.copytree(resolve_checkpoint(self.w.sft), d)
         mutate(d)
@@ -178,7 +178,7 @@ def _edit_model(**kv):
 
 
 def _newer_trainer_state(d):
-    from model import latest_checkpoint
+    from checkpoint import latest_checkpoint
     f = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
     state = torch.load(f, weights_only=False)
     state["format_version"] = 99
@@ -186,19 +186,20 @@ def _newer_trainer_state(d):
 
 
 def _foreign_trainer_state(d):
-    from model import latest_checkpoint
+    from checkpoint import latest_checkpoint
     torch.save({"epoch": 3, "weights": [1.0, 2.0]}, os.path.join(latest_checkpoint(str(d)), "trainer_state.pt"))
 
 
 def _other_vocab_rm(t):
     """A reward-model checkpoint whose vocabulary differs from the policy's (another architecture)."""
-    from model import LLaVA, resolve_checkpoint
+    from checkpoint import resolve_checkpoint, save_checkpoint_files
+    from model import LLaVA
     torch.manual_seed(0)
     m = LLaVA.from_preset("tiny", vocab_size=1024, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
     m.add_adapter("reward", 2, 2, 0.0, ("q", "v"))
     m.add_head("reward")
     d = t.root / "rm_other_vocab"
-    m.save_pretrained(d, extra_config={"run_config": {"facts": True}})
+    save_checkpoint_files(m, d, extra_config={"run_config": {"facts": True}})
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(resolve_checkpoint(t.w.sft), f), d)
     return str(d)
@@ -206,11 +207,12 @@ def _other_vocab_rm(t):
 
 def _small_vocab_ckpt(t):
     """A checkpoint with 64 embedding rows beside the world's tokenizer (more tokens than that)."""
-    from model import LLaVA, resolve_checkpoint
+    from checkpoint import resolve_checkpoint, save_checkpoint_files
+    from model import LLaVA
     torch.manual_seed(0)
     m = LLaVA.from_preset("tiny", vocab_size=64, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
     d = t.root / "small_vocab"
-    m.save_pretrained(d)
+    save_checkpoint_files(m, d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(resolve_checkpoint(t.w.sft), f), d)
     return str(d)
@@ -703,7 +705,7 @@ def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
 
 
 def test_checkpoints_carry_format_version_and_run_config(w):
-    from model import FORMAT_NAME, FORMAT_VERSION, latest_checkpoint
+    from checkpoint import FORMAT_NAME, FORMAT_VERSION, latest_checkpoint
     ck = latest_checkpoint(w.rm)
     cfg = json.load(open(os.path.join(ck, "config.json")))
     state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
@@ -800,7 +802,7 @@ def leave_debris(out):
     """What a kill can leave besides complete checkpoints, made sure of: a half-written temp checkpoint, a
     checkpoint-N directory without its completion marker (config.json), both at the step after the last one,
     and a metrics line cut short."""
-    from model import latest_checkpoint
+    from checkpoint import latest_checkpoint
     last = latest_checkpoint(out)
     assert last is not None
     nxt = int(last[-6:]) + 1
@@ -821,7 +823,7 @@ def leave_debris(out):
 def final_tensors(out):
     """Every tensor of the newest checkpoint: its safetensors files and the tensors in trainer_state's extra."""
     from safetensors.torch import load_file
-    from model import latest_checkpoint
+    from checkpoint import latest_checkpoint
     ck = latest_checkpoint(out)
     got = {f"{f}:{k}": v for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")
            for k, v in load_file(os.path.join(ck, f)).items()}
@@ -955,7 +957,7 @@ def checkpoint_tensors(ck):
 
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc"])
 def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(script, w, tmp_path, monkeypatch):
-    from model import LLaVA
+    from checkpoint import load_checkpoint
     out = str(tmp_path / "run")
     argv = base_args(script, w, out) + ["--max_steps", "2", "--save_every", "1", "--log_every", "1"]
     if script == "ppo":
@@ -966,7 +968,7 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"step 2: non-finite {'gradient' if script == 'ppo' else 'loss'}; stopped. Last good checkpoint: {good}" in err
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000001"]
-    LLaVA.from_pretrained(good)  # the last good checkpoint loads
+    load_checkpoint(good)  # the last good checkpoint loads
     # the way out the message names: resume, skipping the bad update (a skipped step changes no weight)
     code, stdout, err = run_cli(script, argv + ["--resume", "true", "--skip_nonfinite", "true"])
     assert code == 0, err

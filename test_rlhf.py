@@ -20,7 +20,8 @@ import data
 import ppo
 import reward
 from data import load_tokenizer
-from model import LLaVA, resolve_checkpoint
+from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint_files
+from model import LLaVA
 
 ONE = common.Dist()  # a world of one process
 
@@ -162,7 +163,7 @@ def test_gae_equals_a_naive_loop():
         V = values[b].tolist()[:n] + [0.0]
         deltas = [rewards[b, t].item() + gamma * V[t + 1] - V[t] for t in range(n)]
         for t in range(n):
-            want = sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t))
+            want = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
             assert adv[b, t].item() == pytest.approx(want, abs=1e-5)
             assert ret[b, t].item() == pytest.approx(want + V[t], abs=1e-5)
         assert adv[b, n:].abs().sum() == 0
@@ -294,6 +295,7 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
     ro, adv = fixed_rollout(m)
     returns = torch.randn_like(adv) * ro["rmask"]
     twin = copy.deepcopy(m)
+    frozen_before = {n: p.detach().clone() for n, p in frozen_weights(m).items()}
     params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(m.heads["value"].parameters())
     opt = torch.optim.AdamW(params, lr=1e-2)
     cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, out="/nonexistent")
@@ -308,8 +310,17 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
         after_logp, _ = ppo.response_logprobs(m, ro["feats"], ro["seq"], ro["mask"], ro["P"], 1.0)
     assert (adv * after_logp * ro["rmask"]).sum() > before
     assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10  # one minibatch, one epoch: still on-policy
-    # the reference (no adapter) and the reward adapter did not move
+    # the reference (the base, no adapter) and the reward adapter did not move
+    frozen_after = frozen_weights(m)
+    assert frozen_after.keys() == frozen_before.keys() and len(frozen_after) > 20
+    assert all(torch.equal(frozen_after[n], frozen_before[n]) for n in frozen_before)
     assert all(p.grad is None for p in m.adapter_parameters("reward"))
+
+
+def frozen_weights(m):
+    """The weights PPO must leave alone: every base weight and the reward adapter."""
+    return {n: p for n, p in m.named_parameters()
+            if (".lora." not in n and not n.startswith("heads.")) or ".lora.reward." in n}
 
 
 def test_rollout_logprobs_match_the_sampling_logprobs():
@@ -342,13 +353,13 @@ def base_storages(*models):
 
 def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
     if vocab is None:
-        m = LLaVA.from_pretrained(sft_dir)
+        m = load_checkpoint(sft_dir)
     else:
         m = tiny(vocab=vocab)
     m.add_adapter("reward", 4, 8)
     m.add_head("reward")
     m.set_adapter("reward")
-    m.save_pretrained(out, base=resolve_checkpoint(sft_dir) if shared else None,
+    save_checkpoint_files(m, out, base=resolve_checkpoint(sft_dir) if shared else None,
                       extra_config={"run_config": {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1"}})
     shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer.json"), out)
     shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer_config.json"), out)
@@ -356,7 +367,7 @@ def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
 
 
 def test_roles_share_one_base_when_the_reward_model_was_trained_on_it(sft, tmp_path):
-    n_base = len(base_storages(LLaVA.from_pretrained(sft)))
+    n_base = len(base_storages(load_checkpoint(sft)))
     cfg = ppo.Config(init=sft, reward=make_rm(sft, tmp_path / "rm"))
     policy, critic, _ = ppo.build_roles(cfg, ONE)
     assert policy is critic and len(base_storages(policy, critic)) == n_base
@@ -380,7 +391,7 @@ def test_roles_share_one_base_when_the_reward_model_was_trained_on_it(sft, tmp_p
 def sft(tmp_path_factory, tiny_world):
     """A random `tiny` model saved as the SFT checkpoint (the RLHF stages only need its format)."""
     out = tmp_path_factory.mktemp("sft") / "sft"
-    tiny().save_pretrained(out)
+    save_checkpoint_files(tiny(), out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_world, "tokenizer", f), out)
     return str(out)
@@ -405,7 +416,7 @@ def test_reward_cli_injected_pairs(tiny_rm, sft):
     assert set(cfg["adapters"]) == {"reward"} and cfg["heads"] == ["reward"] and cfg["run_config"]["facts"] is True
     rep = json.load(open(os.path.join(out, "report.json")))
     assert 0 <= rep["val_accuracy"] <= 1 and rep["n_val"] > 0 and "held-out pairwise accuracy" in stdout
-    m = LLaVA.from_pretrained(out)
+    m = load_checkpoint(out)
     assert m.active_adapter == "reward" and "reward" in m.heads
 
 
@@ -417,7 +428,7 @@ def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):
     assert run_cli("reward", args + ["--max_steps", "2", "--out", resumed])[0] == 0
     code, stdout, err = run_cli("reward", args + ["--max_steps", "3", "--out", resumed, "--resume", "true"])
     assert code == 0 and "at step 2" in stdout, err
-    a, b = LLaVA.from_pretrained(straight).state_dict(), LLaVA.from_pretrained(resumed).state_dict()
+    a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -446,17 +457,17 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
     straight = str(tmp_path / "straight")
     code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", straight])
     assert code == 0, err
-    lines = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+    lines = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
     for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac",
               "entropy", "explained_var", "halluc_rate", "rollout_s", "update_s"):
         assert k in lines[-1], k
-    m = LLaVA.from_pretrained(straight)
+    m = load_checkpoint(straight)
     assert not m.adapters and not m.heads  # merged export: the policy alone, full weights
     resumed = str(tmp_path / "resumed")
     args += ["--export", "adapter"]
     code, _, err = run_cli("ppo", args + ["--max_steps", "1", "--out", resumed])
     assert code == 0, err
-    a = LLaVA.from_pretrained(resumed)  # adapter export: base = the SFT checkpoint, only the policy adapter
+    a = load_checkpoint(resumed)  # adapter export: base = the SFT checkpoint, only the policy adapter
     assert set(a.adapters) == {"policy"} and a.active_adapter == "policy" and not a.heads
     assert not os.path.exists(os.path.join(resolve_checkpoint(resumed), "model.safetensors"))
     code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", resumed, "--resume", "true"])
@@ -467,10 +478,10 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
             for o in (straight, resumed))
     for k in ("policy", "value", "value_head"):
         assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
-    last = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))][-1]
+    last = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))][-1]
     assert last["score"] == lines[-1]["score"] and last["pg_loss"] == lines[-1]["pg_loss"]
     with torch.no_grad():  # the adapter export and the merged export are the same policy
-        b = LLaVA.from_pretrained(resumed).eval()
+        b = load_checkpoint(resumed).eval()
         ids = torch.randint(5, 900, (1, 20))
         ids[0, 2:2 + m.config.num_image_tokens] = m.config.image_token_id
         pix = torch.randn(1, 3, 48, 48)
@@ -492,7 +503,7 @@ def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    assert LLaVA.from_pretrained(out) is not None
+    assert load_checkpoint(out) is not None
 
 
 def one_line_error(code, err):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import oracle
 import shapes
 import data
 from data import DataError
@@ -76,9 +77,38 @@ def test_cooc_bias_present_in_train_broken_in_test():
 
 
 def test_world_stats(worlds):
-    w = json.load(open(worlds / "a" / "world.json"))
-    assert w["stats"]["partner_given_trigger"]["train"] > w["stats"]["partner_given_trigger"]["test"]
+    """world.json's stats equal what the written files say, recomputed here from the files."""
+    root = worlds / "a"
+    w = json.load(open(root / "world.json"))
+    stats = w["stats"]
     assert w["params"]["n_train"] == 40 and w["seed"] == 0
+    ann = json.load(open(root / "annotations.json"))
+    per_split = dict(Counter(img["split"] for img in ann["images"]))
+    png_files = {s: len(os.listdir(root / "images" / s)) for s in per_split}
+    assert stats["images"] == per_split == png_files
+    assert per_split == {"train": 40, "val": 10, "test": 40, "unlabeled": 8}
+    pairs = [p.split(":") for p in w["params"]["pairs"].split(",")]
+    for split in ("train", "test"):
+        partner_there = []
+        for img in shapes.load_world(str(root))["images"]:
+            names = {o["name"] for o in img["objects"]}
+            if img["split"] == split:
+                partner_there += [p in names for t, p in pairs if t in names]
+        rate = sum(partner_there) / len(partner_there)
+        assert stats["partner_given_trigger"][split] == round(rate, 3)
+    assert stats["partner_given_trigger"]["train"] > stats["partner_given_trigger"]["test"]
+    pair_files = ("pref_pairs.json", "pref_pairs_val.json", "povid_pairs.json")
+    written_pairs = sum(len(json.load(open(root / f))) for f in pair_files)
+    dropped = ("impossible", "unverified")
+    kept = sum(n for kind, n in stats["pair_injections"].items() if kind not in dropped)
+    assert kept == written_pairs
+    yes_by_shape, yes_share, desc_share, named = measured_flaws(root)
+    flaws = stats["sft_flaws"]
+    assert flaws["yes_share"] == round(yes_share, 3)
+    by_shape = {s: round(yes_by_shape.get(s, 0.0), 3) for s in shapes.SHAPES}
+    assert flaws["yes_share_by_shape"] == by_shape
+    assert flaws["desc_naming_absent"] == round(float(desc_share), 3)
+    assert flaws["absent_named"] == dict(named)
 
 
 FLAW_WORLD = dict(SMALL, n_train=600, n_test=300)
@@ -96,7 +126,7 @@ def flaw_worlds(tmp_path_factory):
 def asked_shape(question):
     """The shape a written question names (None: no shape word)."""
     words = question.lower().replace("?", " ").split()
-    return next((shapes.WORD2SHAPE[w] for w in words if w in shapes.WORD2SHAPE), None)
+    return next((oracle.WORD2SHAPE[w] for w in words if w in oracle.WORD2SHAPE), None)
 
 
 def measured_flaws(world):
@@ -112,7 +142,7 @@ def measured_flaws(world):
                 asked[shape] += 1
                 yes[shape] += ans["value"].startswith("Yes")
             if qt == "describe":
-                got = shapes.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
+                got = oracle.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs.append(bool(got))
                 named.update(got)
     return {s: yes[s] / asked[s] for s in asked}, sum(yes.values()) / sum(asked.values()), np.mean(descs), named
@@ -143,7 +173,7 @@ def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
         named = set()
         for qt, ans in zip(r["qtypes"], c[1::2]):
             if qt == "describe":
-                named = set(shapes.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"])
+                named = set(oracle.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"])
         halluc_convs += bool(named)
         said = {}
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
@@ -195,7 +225,7 @@ def test_flaw_hallucinated_descriptions(flaw_worlds):
     for world in ("flawed", "clean"):  # the clean signal: alignment captions and inventories exact
         objs = shapes.load_world(str(flaw_worlds / world))["by_file"]
         for r in json.load(open(flaw_worlds / world / "align.json")):
-            assert shapes.oracle(r["conversations"][1]["value"], objs[r["image"]])["num_hallucinations"] == 0
+            assert oracle.oracle(r["conversations"][1]["value"], objs[r["image"]])["num_hallucinations"] == 0
 
 
 def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
@@ -240,71 +270,6 @@ def test_flaw_dials_checked(bad, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-O = [{"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0, "position": "top left", "bbox": [1, 1, 14, 14]},
-     {"name": "square", "color": "blue", "size": "small", "row": 1, "col": 1, "position": "center", "bbox": [19, 19, 9, 9]},
-     {"name": "circle", "color": "green", "size": "small", "row": 2, "col": 2, "position": "bottom right", "bbox": [35, 35, 9, 9]}]
-
-
-@pytest.mark.parametrize("text,keys", [
-    ("There are three objects. A large red circle is at the top left. A small blue square is in the center. "
-     "A small green circle is at the bottom right.", {}),
-    ("A large red circle is at the top left. There is also a triangle.", {"hallucinated_objects": ["triangle"]}),
-    ("The square is red.", {"hallucinated_attributes": ["square color=red"]}),
-    ("A large red circle is at the bottom.", {"hallucinated_attributes": ["large red circle position=bottom"]}),
-    ("No, there is no circle.", {"false_negatives": ["circle"]}),
-    ("No, there is no triangle.", {}),
-    ("Yes, there is a circle.", {}),
-    ("Yes, there is a diamond.", {"hallucinated_objects": ["diamond"]}),
-    ("There are two circles.", {}),
-    ("There are three circles.", {"hallucinated_attributes": ["circle count=3"]}),
-    ("There is one square. There are no diamonds.", {}),
-    ("There are no squares.", {"false_negatives": ["square"]}),
-    ("There is no blue square.", {"false_negatives": ["blue square"]}),
-    ("There is no red square, and I can't see any triangle.", {}),
-    ("The circle is to the left of the square.", {}),
-    ("The square is above and to the left of the green circle.", {}),
-    ("The square is to the left of the red circle.", {"hallucinated_relations": ["square left red circle"]}),
-    ("The circle is red, not blue.", {}),
-    ("All circles are red.", {"hallucinated_attributes": ["circle all color=red"]}),
-    ("The object at the top left is a small blue square.", {"hallucinated_relations": ["object is small blue square"]}),
-    ("Is there a triangle? No.", {}),
-])
-def test_oracle(text, keys):
-    r = shapes.oracle(text, O)
-    for k in ("hallucinated_objects", "hallucinated_attributes", "hallucinated_relations", "false_negatives"):
-        assert r[k] == keys.get(k, []), (k, r[k])
-    assert r["num_hallucinations"] == sum(len(v) for v in keys.values())
-
-
-@pytest.mark.parametrize("junk", ["", None, "asdf ,,, ???", "no no no not never", "circle " * 500, "\x00\u2603 日本 <image></s>",
-                                  "the the the of of is are", "To the left of above below and", "3 4 5 6 99999999999"])
-def test_oracle_junk(junk):
-    r = shapes.oracle(junk, O)
-    assert r["num_hallucinations"] >= 0 and isinstance(r["mentions"], list)
-
-
-def test_chair_counts():
-    assert shapes.chair_counts("A red circle and a triangle next to a diamond and another triangle.", O) == (3, 2)
-    assert shapes.chair_counts("There is no triangle. Two circles and a box.", O) == (2, 0)
-    assert shapes.chair_counts("", O) == (0, 0)
-
-
-def test_score_answer():
-    assert shapes.score_answer("yesno", "Yes, there is a circle.", "yes")
-    assert not shapes.score_answer("yesno", "No, there is no circle.", "yes")
-    assert shapes.score_answer("count", "There are two circles.", 2)
-    assert shapes.score_answer("count", "No, there are no circles.", 0)
-    assert shapes.score_answer("count", "There is one circle.", 1) and not shapes.score_answer("count", "junk", 1)
-    assert shapes.score_answer("color", "The large circle is red.", "red")
-    assert not shapes.score_answer("color", "The circle is blue.", "red")
-    assert shapes.score_answer("relation", "No, the circle is above the square.", "no")
-    assert shapes.score_answer("mc", "The circle is red. So the correct option is B.", "B")
-    assert shapes.score_answer("mc", "B. circle", "B") and not shapes.score_answer("mc", "A", "B")
-    key = shapes.describe(O)
-    assert shapes.score_answer("describe", key, key)
-    assert not shapes.score_answer("describe", key.replace("green", "blue"), key)
-
-
 def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
@@ -327,7 +292,7 @@ def test_generated_text_is_clean(worlds):
     fname = {i["id"]: i["file_name"] for i in cap["images"]}
     texts += [(c["caption"], by[fname[c["image_id"]]]) for c in cap["annotations"]]
     assert len(cap["annotations"]) == 5 * len(cap["images"])
-    bad = [(t, shapes.oracle(t, o)) for t, o in texts if shapes.oracle(t, o)["num_hallucinations"]]
+    bad = [(t, oracle.oracle(t, o)) for t, o in texts if oracle.oracle(t, o)["num_hallucinations"]]
     assert not bad, bad[:3]
 
 
@@ -343,7 +308,7 @@ def test_alignment_captions(worlds):
     for r in inventories:
         objs, text = w["by_file"][r["image"]], r["conversations"][1]["value"]
         assert data.render(r["conversations"], "plain")[0] == "<image>" + text + "\n"
-        said = {m["name"]: m for m in shapes.oracle(text, objs)["mentions"]}
+        said = {m["name"]: m for m in oracle.oracle(text, objs)["mentions"]}
         assert set(said) == set(shapes.SHAPES)
         for name in shapes.SHAPES:
             n = sum(o["name"] == name for o in objs)
@@ -361,7 +326,7 @@ def test_generators_judged_by_oracle():
         negs = lrv_negatives(objs, rng, shapes.SHAPES, list(shapes.COLORS))
         assert negs and {t for _, _, t in negs} <= {"negative", "negative_existent"}
         for q, ans, _ in negs:
-            assert shapes.oracle(ans, objs)["num_hallucinations"] == 0, (q, ans, objs)
+            assert oracle.oracle(ans, objs)["num_hallucinations"] == 0, (q, ans, objs)
         for qt in shapes.QUESTION_TYPES:
             r = shapes.make_question(qt, objs, rng, "yes" if rng.random() < 0.5 else "no")
             for kind in ("object", "attribute", "relation", None):
@@ -370,7 +335,7 @@ def test_generators_judged_by_oracle():
                 if out:
                     n_inj[out[1]] += 1
                     assert out[1] == (kind or out[1])
-                    assert shapes.oracle(out[0], objs)["num_hallucinations"] > 0, (r[1], out)
+                    assert oracle.oracle(out[0], objs)["num_hallucinations"] > 0, (r[1], out)
     assert min(n_inj.values()) > 50
 
 
@@ -437,7 +402,7 @@ def test_task_file_formats(worlds):
     for qt in shapes.QUESTION_TYPES:
         recs = json.load(open(d / f"test_{qt}.json"))
         assert recs and all("answer_key" in r for r in recs)
-        assert all(shapes.score_answer(qt, r["conversations"][1]["value"], r["answer_key"]) for r in recs)
+        assert all(oracle.score_answer(qt, r["conversations"][1]["value"], r["answer_key"]) for r in recs)
     for qt in ("yesno", "relation"):
         yn = Counter(r["answer_key"] for r in json.load(open(d / f"test_{qt}.json")))
         assert abs(yn["yes"] - yn["no"]) <= 1

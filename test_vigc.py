@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+from checkpoint import save_checkpoint_files
 import vigc
 from conftest import run_cli, run_script
 from data import IGNORE
@@ -18,7 +19,7 @@ def tiny_ckpt(tmp_path_factory, tiny_world):
     torch.manual_seed(0)
     model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
     out = str(tmp_path_factory.mktemp("tiny") / "ckpt")
-    model.save_pretrained(out)
+    save_checkpoint_files(model, out)
     tok.save_pretrained(out)
     return out
 
@@ -163,7 +164,7 @@ def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
                                          "--generate", "4", "--max_new_tokens", "16", "--out", out, "--log_every", "1"])
     assert code == 0, err
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
-    assert [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["images"] == 4 and report["parsed"] + report["dropped_unparsed"] == 4
     assert "hallucinations_per_100" in report["vic"] and "hallucinations_per_100" in report["vig_only"]

@@ -28,7 +28,7 @@ turn started with "Question:", at --temperature from a seeded torch.Generator; o
 are dropped and counted. VIC then
 answers q again: generate, keep the first sentence, write the kept sentences back into the assistant turn,
 repeat until the model ends right after the kept sentence (EOS) or --max_correction_steps. On Shapes,
-shapes.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
+oracle.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
 --vic_mode reference follows VIGC's code instead (vigc/tasks/llava_150k_gen.py with gen_style vig,
 generate_llava_qa_conv.yaml): VIC learns question -> the full answer (no answer-so-far prefix), and the
 correction continues the VIG turn itself, 'Question: q Answer: s_1 .. s_k', for exactly --answer_length
@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import oracle
 import shapes
 from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, read_any_conversations,
@@ -373,13 +374,13 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
 
 
 def oracle_report(world, ok):
-    """shapes.oracle on the VIG-only and the VIC answers to the same questions: hallucinated objects,
+    """oracle.oracle on the VIG-only and the VIC answers to the same questions: hallucinated objects,
     attributes, relations and false negatives per 100 answers, plus three examples."""
     objs = shapes.load_world(world)["by_file"]
     errors = lambda r: r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
     out, res = {}, {}
     for key in ("vig", "vic"):
-        res[key] = [shapes.oracle(j[key], objs[j["image"]]) for j in ok]
+        res[key] = [oracle.oracle(j[key], objs[j["image"]]) for j in ok]
         per100 = lambda field, t=None: round(100 * sum(r[field] for j, r in zip(ok, res[key]) if t in (None, j["type"]))
                                              / max(sum(t in (None, j["type"]) for j in ok), 1), 1)
         out[key] = {"hallucinations_per_100": per100("num_hallucinations"),

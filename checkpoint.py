@@ -1,0 +1,983 @@
+"""Checkpoints: every directory layout a LLaVA comes in, read and written by explicit key maps.
+
+    ours (config.json + model.safetensors [or a `base` pointer] + adapters.safetensors)
+    llava-hf (the hub layout and every layout transformers writes)
+    original LLaVA / LLaVA-RLHF (CLIP weights often in a separate directory)
+    a bare LLaMA + a CLIP directory (a fresh projector: the start of LLaVA's own recipe)
+    PEFT LoRA adapters, both ways
+
+load_checkpoint(path) builds a model.LLaVA from any of them; save_checkpoint_files writes ours;
+export_llava_hf and export_peft_adapter write what transformers and PEFT load. No transformers
+import for weights: they load by explicit key mapping (see `_canonical_key`).
+"""
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import asdict, fields
+
+import torch
+import torch.nn as nn
+
+from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig
+
+FORMAT_NAME, FORMAT_VERSION = "factalign", 1
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: key mapping between our modules and every layout users have
+# ----------------------------------------------------------------------------------------
+# Our names mirror HF's except that q/k/v and gate/up are stored fused in memory. On disk we
+# always write the llava-hf hub layout (unfused), so any tool that reads llava-hf reads ours.
+
+def _canonical_key(key):
+    """Map a checkpoint key from any supported layout to (part, name): part in {'vision',
+    'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""
+    k = key
+    for p in ("model.vision_tower.vision_tower.", "model.vision_tower.", "model.language_model.",
+              "model.multi_modal_projector."):
+        if k.startswith(p):  # transformers 5 in-memory names / original LLaVA's nested tower
+            if p == "model.vision_tower.vision_tower.":
+                k = "vision_tower." + k[len(p):]
+            else:
+                k = k[len("model."):]
+            break
+    if k.startswith("vision_tower."):
+        k = k[len("vision_tower."):]
+    if k.startswith("vision_model."):
+        return "vision", k[len("vision_model."):]
+    if k.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):
+        # transformers 5 save_pretrained: vision_tower.embeddings.* (no vision_model.)
+        return "vision", k
+    if k.startswith("multi_modal_projector."):
+        return "projector", k[len("multi_modal_projector."):]
+    # original LLaVA: Linear, or Sequential(Linear, GELU, Linear)
+    if k.startswith("model.mm_projector."):
+        rest = k[len("model.mm_projector."):]
+        linear = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2], "linear_1.")
+        rest = linear + rest.split(".")[-1]
+        return "projector", rest
+    if k.startswith("language_model.lm_head.") or k.startswith("lm_head."):
+        return "lm_head", k.split("lm_head.", 1)[1]
+    if k.startswith("language_model.model."):
+        return "text", k[len("language_model.model."):]
+    if k.startswith("language_model."):
+        return "text", k[len("language_model."):]
+    if k.startswith("model."):
+        return "text", k[len("model."):]
+    if k.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+        return None, None  # the text half of a full CLIPModel
+    return "unknown", key
+
+
+def _our_targets(c):
+    """Our parameter name -> list of (part, canonical name) it is made of (several: stacked in
+    order)."""
+    t = {}
+    t["vision_tower.embeddings.class_embedding"] = [("vision", "embeddings.class_embedding")]
+    for e in ("patch_embedding.weight", "position_embedding.weight"):
+        t[f"vision_tower.embeddings.{e}"] = [("vision", f"embeddings.{e}")]
+    for w in ("weight", "bias"):
+        t[f"vision_tower.pre_layrnorm.{w}"] = [("vision", f"pre_layrnorm.{w}")]
+    for i in range(c.vision_layers_run):
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                  "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+            for w in ("weight", "bias"):
+                name = f"encoder.layers.{i}.{m}.{w}"
+                t[f"vision_tower.{name}"] = [("vision", name)]
+    for lin in ("linear_1", "linear_2") if c.projector == "mlp2x_gelu" else ("linear_1",):
+        for w in ("weight", "bias"):
+            t[f"projector.{lin}.{w}"] = [("projector", f"{lin}.{w}")]
+    t["language_model.embed_tokens.weight"] = [("text", "embed_tokens.weight")]
+    for i in range(c.layers):
+        p = f"layers.{i}."
+        qkv = [("text", p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        t[f"language_model.{p}self_attn.qkv_proj.weight"] = qkv
+        t[f"language_model.{p}self_attn.o_proj.weight"] = [("text", p + "self_attn.o_proj.weight")]
+        gate_up = [("text", p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+        t[f"language_model.{p}mlp.gate_up_proj.weight"] = gate_up
+        t[f"language_model.{p}mlp.down_proj.weight"] = [("text", p + "mlp.down_proj.weight")]
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            t[f"language_model.{p}{n}.weight"] = [("text", p + f"{n}.weight")]
+    t["language_model.norm.weight"] = [("text", "norm.weight")]
+    if not c.tie_embeddings:
+        t["lm_head.weight"] = [("lm_head", "weight")]
+    return t
+
+
+HUB_PREFIX = {"vision": "vision_tower.vision_model.", "projector": "multi_modal_projector.",
+              "text": "language_model.model.", "lm_head": "language_model.lm_head."}
+
+
+class TensorSource:
+    """Lazy access to the tensors of one or more weight files, by canonical (part, name)."""
+
+    def __init__(self):
+        self.where = {}   # (part, name) -> (file, original key)
+        self.handles = {}
+
+    def add_dir(self, path, only_parts=None):
+        files = _weight_files(path)
+        for f in files:
+            for key in self._keys(f):
+                part, name = _canonical_key(key)
+                if part is None or (only_parts and part not in only_parts):
+                    continue
+                if part == "unknown":
+                    raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another "
+                                          "architecture?)")
+                self.where[(part, name)] = (f, key)
+        return files
+
+    def _keys(self, f):
+        return list(self._handle(f).keys())
+
+    def _handle(self, f):
+        if f not in self.handles:
+            try:
+                if f.endswith(".safetensors"):
+                    from safetensors import safe_open
+                    self.handles[f] = safe_open(f, framework="pt", device="cpu")
+                else:
+                    self.handles[f] = torch.load(f, map_location="cpu", mmap=True,
+                                                 weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return self.handles[f]
+
+    def has(self, part, name):
+        return (part, name) in self.where
+
+    def get(self, part, name):
+        f, key = self.where[(part, name)]
+        h = self._handle(f)
+        try:
+            return h.get_tensor(key) if f.endswith(".safetensors") else h[key]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor '{key}' (truncated or corrupt file?): "
+                                  f"{e}")
+
+    def shape(self, part, name):
+        f, key = self.where[(part, name)]
+        h = self._handle(f)
+        if f.endswith(".safetensors"):
+            return tuple(h.get_slice(key).get_shape())
+        return tuple(h[key].shape)
+
+    def key(self, part, name):
+        f, key = self.where[(part, name)]
+        return f"{f}: key '{key}'"
+
+
+def _weight_files(path):
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    names = sorted(os.listdir(path))
+    adapter_files = ("adapters.safetensors", "adapter_model.safetensors")
+    st = [n for n in names if n.endswith(".safetensors") and n not in adapter_files]
+    pt = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    files = st or pt
+    if not files:
+        raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
+                              "or pytorch_model*.bin)")
+    return [os.path.join(path, n) for n in files]
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})")
+    if not isinstance(obj, dict):  # every checkpoint JSON file we read is an object
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _get(d, key, default):
+    v = d.get(key)
+    return default if v is None else v
+
+
+def _text_fields(t):
+    """LLaMA config fields -> ours, with transformers' LlamaConfig defaults for absent fields
+    (hub configs list only what differs from those defaults)."""
+    scaling = t.get("rope_scaling")
+    scaling_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if scaling not in (None, {}) and scaling_type not in (None, "default"):
+        raise CheckpointError(f"config: rope_scaling {t['rope_scaling']} is not supported")
+    heads = _get(t, "num_attention_heads", 32)
+    hidden = _get(t, "hidden_size", 4096)
+    rope = t.get("rope_parameters") or {}
+    return dict(vocab_size=_get(t, "vocab_size", 32000), hidden=hidden,
+                intermediate=_get(t, "intermediate_size", 11008),
+                layers=_get(t, "num_hidden_layers", 32), heads=heads,
+                kv_heads=_get(t, "num_key_value_heads", heads),
+                head_dim=_get(t, "head_dim", hidden // heads),
+                rms_eps=_get(t, "rms_norm_eps", 1e-6),
+                rope_theta=_get(rope, "rope_theta", _get(t, "rope_theta", 10000.0)),
+                max_position=_get(t, "max_position_embeddings", 2048),
+                tie_embeddings=bool(_get(t, "tie_word_embeddings", False)),
+                bos_token_id=_get(t, "bos_token_id", 1), eos_token_id=_get(t, "eos_token_id", 2))
+
+
+def _vision_fields(v):
+    """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields."""
+    if _get(v, "hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"config: vision hidden_act '{v['hidden_act']}' is not supported "
+                              "(quick_gelu)")
+    return dict(image_size=_get(v, "image_size", 224), patch_size=_get(v, "patch_size", 32),
+                vision_hidden=_get(v, "hidden_size", 768),
+                vision_intermediate=_get(v, "intermediate_size", 3072),
+                vision_layers=_get(v, "num_hidden_layers", 12),
+                vision_heads=_get(v, "num_attention_heads", 12),
+                vision_eps=_get(v, "layer_norm_eps", 1e-5))
+
+
+def _vision_fields_from_weights(src):
+    """Infer the CLIP config from tensor shapes (heads assumed 64-wide, true of OpenAI's CLIP ViTs).
+    """
+    hidden, _, p, _ = src.shape("vision", "embeddings.patch_embedding.weight")
+    n_pos = src.shape("vision", "embeddings.position_embedding.weight")[0]
+    vision = [n for part, n in src.where if part == "vision"]
+    layer_keys = [n for n in vision if n.startswith("encoder.layers.")]
+    layers = 1 + max(int(n.split(".")[2]) for n in layer_keys)
+    if hidden % 64:
+        where = src.key("vision", "embeddings.patch_embedding.weight")
+        raise CheckpointError(f"{where}: cannot infer the CLIP head count for width {hidden}; pass "
+                              "the CLIP directory (--vision_tower DIR)")
+    return dict(image_size=int(round(math.sqrt(n_pos - 1))) * p, patch_size=p, vision_hidden=hidden,
+                vision_intermediate=src.shape("vision", "encoder.layers.0.mlp.fc1.weight")[0],
+                vision_layers=layers, vision_heads=hidden // 64)
+
+
+def detect_layout(path):
+    """'factalign' | 'llava-hf' | 'llava' (original LLaVA / LLaVA-RLHF) | 'llama' | 'clip' | 'run'
+    (a run dir)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not os.path.exists(cfg_path):
+        if os.path.isdir(path) and latest_checkpoint(path):
+            return "run"
+        raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
+    cfg = _read_json(cfg_path)
+    if cfg.get("format") == FORMAT_NAME:
+        return "factalign"
+    if "format_version" in cfg:  # written by a checkpoint format that is not this one
+        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version "
+                              f"{cfg['format_version']!r} is not a {FORMAT_NAME} checkpoint format "
+                              "this code reads")
+    mt = cfg.get("model_type", "")
+    if mt == "llava" and "text_config" in cfg:
+        return "llava-hf"
+    if "mm_vision_tower" in cfg or "mm_hidden_size" in cfg or mt in ("llava", "llava_llama"):
+        return "llava"
+    if mt == "llama":
+        return "llama"
+    if mt in ("clip", "clip_vision_model"):
+        return "clip"
+    raise CheckpointError(f"{cfg_path}: unsupported model_type '{mt}' (expected a LLaVA, LLaMA or "
+                          "CLIP checkpoint)")
+
+
+def latest_checkpoint(run_dir):
+    """The newest complete checkpoint-N directory in a run directory (temp dirs are ignored)."""
+    if not os.path.isdir(run_dir):
+        return None
+    steps = [n for n in os.listdir(run_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
+             and os.path.exists(os.path.join(run_dir, n, "config.json"))]
+    return os.path.join(run_dir, max(steps, key=lambda n: int(n[11:]))) if steps else None
+
+
+def resolve_checkpoint(path):
+    """A checkpoint directory, or a run directory -> its latest checkpoint."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        latest = latest_checkpoint(path)
+        if latest:
+            return latest
+    return path
+
+
+def _resolve_clip_dir(name, checkpoint):
+    """A local CLIP directory: as named, or beside the checkpoint (config names like
+    'openai/clip-vit-large-patch14-336')."""
+    if not name:
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(name))
+    for cand in (name, beside):
+        if os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
+            return cand
+    return None
+
+
+def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=True):
+    """Load a LLaVA from any supported directory layout (see detect_layout). `vision_tower` names a
+    CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
+    then the projector is freshly initialised: the starting point of SFT)."""
+    path = resolve_checkpoint(str(path))
+    # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
+    if is_peft_dir(path):
+        model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
+        load_peft_adapter(model, path, "default")
+        model.set_adapter("default")
+        return model
+    layout = detect_layout(path)
+    cfg = _read_json(os.path.join(path, "config.json"))
+    src = TensorSource()
+    fresh_projector = False
+    if layout == "factalign":
+        if cfg.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path}/config.json: format_version {cfg['format_version']} "
+                                  f"is newer than this code reads ({FORMAT_VERSION}); "
+                                  "update factalign")
+        if not isinstance(cfg.get("model"), dict):
+            raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
+        known = {f.name: type(f.default) for f in fields(ModelConfig)}
+        unknown = set(cfg["model"]) - set(known)
+        if unknown:
+            raise CheckpointError(f"{path}/config.json: field 'model': unknown fields "
+                                  f"{sorted(unknown)}")
+        for k, v in cfg["model"].items():  # (an int is a fine float)
+            int_as_float = known[k] is float and type(v) is int
+            if type(v) is not known[k] and not int_as_float and known[k] is not type(None):
+                raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected "
+                                      f"{known[k].__name__}, got {v!r}")
+        try:
+            config = ModelConfig(**cfg["model"])
+        except CheckpointError as e:  # "config: field ...": name the file
+            raise CheckpointError(f"{path}/{e}") from None
+        weights_dir = base_weights_dir(path)
+        src.add_dir(weights_dir)
+    elif layout == "llava-hf":
+        vf = _vision_fields(cfg.get("vision_config") or {})
+        strategy = _get(cfg, "vision_feature_select_strategy", "default")
+        layer = _get(cfg, "vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise CheckpointError(f"{path}/config.json: vision_feature_layer {layer}: only one "
+                                  "layer is supported")
+        act = _get(cfg, "projector_hidden_act", "gelu")
+        if act not in ("gelu", "linear"):
+            raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not "
+                                  "supported (gelu, linear)")
+        tf = _text_fields(cfg.get("text_config") or {})
+        image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+        text_pad = _get(cfg.get("text_config") or {}, "pad_token_id", tf["vocab_size"] - 1)
+        pad = _get(cfg, "pad_token_id", text_pad)
+        feature = "patch" if strategy == "default" else "cls_patch"
+        projector = "mlp2x_gelu" if act == "gelu" else "linear"
+        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+                             projector=projector, image_token_id=image_id, pad_token_id=pad)
+        src.add_dir(path)
+        # our export of a one-layer projector: linear_2 is the identity; fold it back
+        if act == "linear":
+            src = _FoldedLinearProjector(src)
+    elif layout in ("llava", "llama"):
+        tf = _text_fields(cfg)
+        src.add_dir(path)
+        has_vision = any(p == "vision" for p, _ in src.where)
+        clip_dir = _resolve_clip_dir(vision_tower or cfg.get("mm_vision_tower"), path)
+        # the CLIP config (and, when absent here, its weights) from the CLIP dir
+        if clip_dir is not None:
+            clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
+            vf = _vision_fields(clip_cfg.get("vision_config", clip_cfg))
+            if vision_tower or not has_vision:
+                src.where = {k: v for k, v in src.where.items() if k[0] != "vision"}
+                src.add_dir(clip_dir, only_parts={"vision"})
+        elif has_vision:
+            vf = _vision_fields_from_weights(src)
+        else:
+            raise CheckpointError(f"{path}: the CLIP weights are not in this checkpoint; pass the "
+                                  "local CLIP directory (--vision_tower DIR; config names "
+                                  f"'{cfg.get('mm_vision_tower')}')")
+        if _get(cfg, "mm_use_im_start_end", False):
+            raise CheckpointError(f"{path}/config.json: mm_use_im_start_end true is not supported")
+        feature = _get(cfg, "mm_vision_select_feature", "patch")
+        projector = _get(cfg, "mm_projector_type", "linear")
+        fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
+        pad = _get(cfg, "pad_token_id", 0)  # LLaVA pads with <unk> (id 0)
+        layer = _get(cfg, "mm_vision_select_layer", -2)
+        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+                             projector=projector,
+                             image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
+                             pad_token_id=pad)
+    elif layout == "clip":
+        raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or "
+                              "LLaVA directory and this one as the vision tower")
+    else:  # unreachable: resolve_checkpoint handled run dirs
+        raise CheckpointError(f"{path}: no checkpoint found")
+    model = _materialize(config, src, dtype, device, fresh_projector)
+    if layout == "factalign" and adapters:
+        _load_adapters(model, path, cfg, device)
+    model.source_path = path
+    return model
+
+
+class _FoldedLinearProjector:
+    """Presents a llava-hf 'linear' projector (linear_1, identity act, linear_2) as one linear:
+    W = W2 W1, b = W2 b1 + b2 (exact when linear_2 is the identity our export writes)."""
+
+    def __init__(self, src):
+        self.src, self.where = src, src.where
+
+    def has(self, part, name):
+        return self.src.has(part, name)
+
+    def get(self, part, name):
+        if part == "projector" and name.startswith("linear_1."):
+            w2 = self.src.get("projector", "linear_2.weight").float()
+            if name.endswith("weight"):
+                return w2 @ self.src.get("projector", "linear_1.weight").float()
+            b1 = self.src.get("projector", "linear_1.bias").float()
+            b2 = self.src.get("projector", "linear_2.bias").float()
+            return w2 @ b1 + b2
+        return self.src.get(part, name)
+
+    def shape(self, part, name):
+        if part == "projector" and name.startswith("linear_1."):
+            return tuple(self.get(part, name).shape)
+        return self.src.shape(part, name)
+
+    def key(self, part, name):
+        return self.src.key(part, name)
+
+
+def _materialize(config, src, dtype, device, fresh_projector=False):
+    """Build the model on the meta device, then fill each parameter from the source one tensor at
+    a time (no second full copy of the weights in RAM)."""
+    with torch.device("meta"):
+        model = LLaVA(config)
+    targets = _our_targets(config)
+    wanted = {pn for parts in targets.values() for pn in parts}
+    unused_ok = ("post_layernorm.",)
+    for part, name in src.where:
+        if (part, name) in wanted or part is None:
+            continue
+        if part == "vision" and (name.startswith(unused_ok) or name.startswith("encoder.layers.") or
+                                 name.startswith("embeddings.position_ids")):
+            continue  # layers after the selected one, post_layernorm: never used by LLaVA
+        if part == "text" and "rotary_emb" in name:
+            continue
+        if part == "projector" and name.startswith("linear_2.") and config.projector == "linear":
+            continue
+        if part == "lm_head" and config.tie_embeddings:
+            continue
+        raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected "
+                              "key)")
+    params = dict(model.named_parameters())
+    for our_name, parts in targets.items():
+        p = params[our_name]
+        if our_name.startswith("projector.") and fresh_projector:
+            t = torch.empty(p.shape)
+            if our_name.endswith("weight"):
+                nn.init.normal_(t, std=0.02)
+            else:
+                nn.init.zeros_(t)
+        else:
+            for part, name in parts:
+                if not src.has(part, name):
+                    raise CheckpointError(f"checkpoint is missing key for '{part}' weight '{name}' "
+                                          "(expected by the config; another architecture or a "
+                                          "partial file?)")
+            expected = _split_shapes(our_name, p.shape, config, len(parts))
+            tensors = []
+            for (part, name), shp in zip(parts, expected):
+                got = tuple(src.shape(part, name))
+                if got != tuple(shp):
+                    raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config "
+                                          f"expects {tuple(shp)}")
+                tensors.append(src.get(part, name))
+            t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+        keep = t.dtype if t.is_floating_point() else torch.float32
+        t = t.to(dtype=dtype or keep, device=device or "cpu")
+        _set_param(model, our_name, t)
+    return model
+
+
+def _split_shapes(our_name, shape, c, n):
+    if n == 1:
+        return [shape]
+    if "qkv_proj" in our_name:
+        q_rows, kv_rows = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        return [(q_rows, c.hidden), (kv_rows, c.hidden), (kv_rows, c.hidden)]
+    return [(c.intermediate, c.hidden), (c.intermediate, c.hidden)]  # gate_up
+
+
+def _set_param(model, name, tensor):
+    mod_name, _, pname = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    mod._parameters[pname] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+
+def _base_dir(path, base):
+    cand = base if os.path.isabs(base) else os.path.normpath(os.path.join(path, base))
+    cand = resolve_checkpoint(cand)
+    if not os.path.isdir(cand):
+        raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint '{base}' not "
+                              "found")
+    return cand
+
+
+def canonical_state(model):
+    """Yield (hub-layout key, tensor) for every base weight, q/k/v and gate/up unfused."""
+    c = model.config
+    params = dict(model.named_parameters())
+    for our_name, parts in _our_targets(c).items():
+        t = params[our_name].detach()
+        sizes = [s[0] for s in _split_shapes(our_name, t.shape, c, len(parts))]
+        for (part, name), piece in zip(parts, t.split(sizes, 0) if len(parts) > 1 else [t]):
+            yield HUB_PREFIX[part] + name, piece
+
+
+def _save_safetensors(tensors, file, metadata=None):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, file, metadata=metadata)
+
+
+def _adapter_state(model):
+    state = {}
+    for i, lin in model.lora_linears():
+        for name, ad in lin.lora.items():
+            for s in ad.A:
+                key = f"adapter.{name}.layers.{i}.{_module_of(s)}.{s}_proj"
+                state[key + ".lora_A.weight"] = ad.A[s].detach()
+                state[key + ".lora_B.weight"] = ad.B[s].detach()
+    for name, head in model.heads.items():
+        state[f"head.{name}.weight"] = head.weight.detach()
+        state[f"head.{name}.bias"] = head.bias.detach()
+    return state
+
+
+def _module_of(slice_name):
+    return "self_attn" if slice_name in ("q", "k", "v", "o") else "mlp"
+
+
+def save_checkpoint_files(model, path, base=None, extra_config=None):
+    """Write config.json, model.safetensors (unless `base` names a checkpoint holding the frozen
+    base weights) and adapters.safetensors (LoRA + heads) into the directory `path`. Callers that
+    need atomicity write into a temp directory and rename (common.save_checkpoint does)."""
+    os.makedirs(path, exist_ok=True)
+    cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
+           "adapters": model.adapters, "heads": sorted(model.heads),
+           "active_adapter": model.active_adapter, "base": None}
+    if base is not None:
+        cfg["base"] = os.path.relpath(os.path.abspath(base), os.path.abspath(path))
+    else:
+        weights = dict(canonical_state(model))
+        _save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})
+    state = _adapter_state(model)
+    if state:
+        _save_safetensors(state, os.path.join(path, "adapters.safetensors"), {"format": "pt"})
+    if extra_config:
+        cfg.update(extra_config)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def base_weights_dir(path):
+    """The directory that holds a checkpoint's base weights (following 'base' pointers), as a real
+    path: two checkpoints with the same answer share one frozen base."""
+    path = resolve_checkpoint(str(path))
+    if detect_layout(path) == "factalign":
+        cfg = _read_json(os.path.join(path, "config.json"))
+        if cfg.get("base") is not None:
+            return base_weights_dir(_base_dir(path, cfg["base"]))
+    return os.path.realpath(path)
+
+
+def _load_adapters(model, path, cfg, device, only_new=False):
+    file = os.path.join(path, "adapters.safetensors")
+    if not cfg.get("adapters") and not cfg.get("heads"):
+        return
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file}: file not found (config.json lists adapters/heads)")
+    try:
+        from safetensors.torch import load_file
+        state = load_file(file)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read safetensors (truncated or corrupt?): {e}")
+    for name, a in cfg.get("adapters", {}).items():
+        model.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"])
+    for name in cfg.get("heads", []):
+        model.add_head(name)
+    own = _adapter_state(model)
+    if only_new:  # keep the model's own adapters/heads as they are
+        new = set(cfg.get("adapters", {})) | set(cfg.get("heads", []))
+        own = {k: v for k, v in own.items() if k.split(".")[1] in new}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(f"{file}: key '{missing[0]}' is missing")
+    with torch.no_grad():
+        for k, t in own.items():
+            if tuple(state[k].shape) != tuple(t.shape):
+                raise CheckpointError(f"{file}: key '{k}' has shape {tuple(state[k].shape)} but "
+                                      f"the config expects {tuple(t.shape)}")
+            t.copy_(state[k])
+    if device:
+        model.to(device)
+    if not only_new:
+        model.set_adapter(cfg.get("active_adapter"))
+
+
+
+def load_adapters(model, path, name="default"):
+    """Add the LoRA adapters and heads saved in another checkpoint of this same base (PPO puts the
+    reward model's adapter and head next to the policy's on one copy of the base weights), or a
+    PEFT LoRA adapter directory trained on this base (added as adapter `name`, not made active)."""
+    path = resolve_checkpoint(str(path))
+    if is_peft_dir(path):
+        if name in model.adapters:
+            raise CheckpointError(f"{path}: adapter '{name}' exists already in this model")
+        load_peft_adapter(model, path, name)
+        return
+    cfg = _read_json(os.path.join(path, "config.json"))
+    if cfg.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
+    adapter_clash = set(cfg.get("adapters", {})) & set(model.adapters)
+    head_clash = set(cfg.get("heads", [])) & set(model.heads)
+    clash = sorted(adapter_clash | head_clash)
+    if clash:
+        raise CheckpointError(f"{path}: adapter/head '{clash[0]}' exists already in this model")
+    active = model.active_adapter
+    _load_adapters(model, path, cfg, None, only_new=True)
+    model.set_adapter(active)
+
+
+def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
+    """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub
+    layout), with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat
+    template for `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our
+    tokenization does. `tokenizer` defaults to the one saved beside the weights this model was
+    loaded from. An image token id < 0 (original LLaVA's -200) becomes a real id: the tokenizer's
+    <image>, or a new token with a new embedding row (the mean row, as llava-hf's conversion does).
+    A 'linear' projector is written as linear_1 + identity activation + an identity linear_2
+    (exact); CLIP layers after the selected one are never used by LLaVA, so they are written as
+    zeros."""
+    c = model.config
+    state = dict(canonical_state(model))
+    if c.projector == "linear":
+        dev = state["multi_modal_projector.linear_1.weight"]
+        state["multi_modal_projector.linear_2.weight"] = torch.eye(c.hidden, dtype=dev.dtype)
+        state["multi_modal_projector.linear_2.bias"] = torch.zeros(c.hidden, dtype=dev.dtype)
+    vdt = state["vision_tower.vision_model.pre_layrnorm.weight"].dtype
+    h, m = c.vision_hidden, c.vision_intermediate
+    for i in range(c.vision_layers_run, c.vision_layers):
+        pre = f"vision_tower.vision_model.encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            state[pre + f"self_attn.{n}.weight"] = torch.zeros(h, h, dtype=vdt)
+            state[pre + f"self_attn.{n}.bias"] = torch.zeros(h, dtype=vdt)
+        for n in ("layer_norm1", "layer_norm2"):
+            state[pre + f"{n}.weight"] = torch.ones(h, dtype=vdt)
+            state[pre + f"{n}.bias"] = torch.zeros(h, dtype=vdt)
+        state[pre + "mlp.fc1.weight"] = torch.zeros(m, h, dtype=vdt)
+        state[pre + "mlp.fc1.bias"] = torch.zeros(m, dtype=vdt)
+        state[pre + "mlp.fc2.weight"] = torch.zeros(h, m, dtype=vdt)
+        state[pre + "mlp.fc2.bias"] = torch.zeros(h, dtype=vdt)
+    state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
+    state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
+    tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
+    image_id, vocab, tok = _export_image_token(model, tok, state)
+    os.makedirs(path, exist_ok=True)
+    _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
+    dtype = str(vdt).replace("torch.", "")
+    vision_config = {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
+                     "intermediate_size": c.vision_intermediate,
+                     "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
+                     "image_size": c.image_size, "patch_size": c.patch_size,
+                     "layer_norm_eps": c.vision_eps, "hidden_act": "quick_gelu",
+                     "projection_dim": c.vision_hidden}
+    text_config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": c.hidden,
+                   "intermediate_size": c.intermediate, "num_hidden_layers": c.layers,
+                   "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
+                   "head_dim": c.head_dim, "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta,
+                   "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+                   "max_position_embeddings": c.max_position,
+                   "tie_word_embeddings": c.tie_embeddings,
+                   "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+                   "pad_token_id": c.pad_token_id, "hidden_act": "silu"}
+    hf = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": image_id, "image_seq_length": c.num_image_tokens,
+        "vision_feature_layer": c.vision_select_layer,
+        "vision_feature_select_strategy": _feature_strategy(c),
+        "projector_hidden_act": "gelu" if c.projector == "mlp2x_gelu" else "linear",
+        "multimodal_projector_bias": True, "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": dtype,
+        "vision_config": vision_config,
+        "text_config": text_config,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tok is None:
+        print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
+              "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
+        return
+    tok.save_pretrained(path)
+    _write_processor(model, path, template)
+
+
+
+def _feature_strategy(c):
+    """transformers' vision_feature_select_strategy: 'default' drops the CLS feature."""
+    return "default" if c.vision_select_feature == "patch" else "full"
+
+
+# LLaVA's image preprocessing (data.CLIP_MEAN / CLIP_STD; pad to square with the mean colour,
+# bicubic)
+IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True,
+                   "do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True,
+                   "rescale_factor": 1 / 255,
+                   "do_normalize": True, "do_convert_rgb": True,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def _saved_tokenizer(model):
+    """The tokenizer saved beside the weights the model was loaded from (our checkpoints and
+    llava-hf directories hold one), or None."""
+    path = getattr(model, "source_path", None)
+    files = ("tokenizer.json", "tokenizer.model")
+    if not path or not any(os.path.exists(os.path.join(path, f)) for f in files):
+        return None
+    # tokenizer files only; weights never go through transformers
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _export_image_token(model, tok, state):
+    """(image token id, vocab size, tokenizer) of the export. An id < 0 (original LLaVA's -200,
+    which transformers cannot embed) becomes the tokenizer's <image> id, or a new token: then the
+    embedding and lm_head grow by the rows it needs, set to the mean row (its logit is the mean
+    logit: never the argmax)."""
+    c = model.config
+    image_id, vocab = c.image_token_id, c.vocab_size
+    has_image_token = tok is not None and "<image>" in tok.get_vocab()
+    have = tok.convert_tokens_to_ids("<image>") if has_image_token else None
+    if image_id >= 0:
+        if tok is not None and have != image_id:
+            raise ValueError(f"the tokenizer's <image> id is {have} but the model's image_token_id "
+                             f"is {image_id}")
+        return image_id, vocab, tok
+    if have is None and tok is not None:
+        from tokenizers import AddedToken
+        tok = copy.deepcopy(tok)  # the caller's tokenizer stays as it was
+        tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        have = tok.convert_tokens_to_ids("<image>")
+    image_id = have if have is not None else vocab
+    grow = max(0, image_id + 1 - vocab)
+    keys = ["language_model.model.embed_tokens.weight"]
+    keys += [] if c.tie_embeddings else ["language_model.lm_head.weight"]
+    for k in keys if grow else []:
+        w = state[k]
+        state[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)])
+    return image_id, vocab + grow, tok
+
+
+def chat_template(template="vicuna_v1"):
+    """A Jinja chat template that renders messages exactly as data.render does for `template`:
+    "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:" (image items become
+    "<image>\n" before the text, as our prompts put them)."""
+    from data import EOS_TEXT, SYSTEM  # the template text lives with the tokenization it must match
+    if template not in SYSTEM:
+        raise ValueError(f"no chat template for '{template}' (choose from {', '.join(SYSTEM)})")
+    return ("{{- " + json.dumps(SYSTEM[template] + " ") + " -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+            "{%- else -%}{%- set text = namespace(s='') -%}"
+            "{%- for item in message['content'] if item['type'] == 'image' -%}"
+            "{%- set text.s = text.s + '<image>\\n' -%}{%- endfor -%}"
+            "{%- for item in message['content'] if item['type'] == 'text' -%}"
+            "{%- set text.s = text.s + item['text'] -%}{%- endfor -%}"
+            "{%- set text = text.s -%}{%- endif -%}"
+            "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- 'ASSISTANT: ' + text + " + json.dumps(EOS_TEXT) + " -}}"
+            "{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}")
+
+
+def _write_processor(model, path, template):
+    """preprocessor_config.json (LLaVA's pad-to-square), processor_config.json (LlavaProcessor:
+    patch size, feature strategy; one CLS token that 'default' drops) and chat_template.jinja."""
+    c = model.config
+    pre = dict(IMAGE_PROCESSOR, size={"shortest_edge": c.image_size},
+               crop_size={"height": c.image_size, "width": c.image_size})
+    proc = {"processor_class": "LlavaProcessor", "patch_size": c.patch_size,
+            "num_additional_image_tokens": 1,
+            "vision_feature_select_strategy": _feature_strategy(c),
+            "image_token": "<image>"}
+    for name, obj in (("preprocessor_config.json", pre), ("processor_config.json", proc)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(chat_template(template))
+    # AutoProcessor reads processor_class here too
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    tcfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    with open(cfg_path, "w") as f:
+        json.dump(dict(tcfg, processor_class="LlavaProcessor"), f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), both ways
+# ----------------------------------------------------------------------------------------
+
+# PEFT full-matches a string target against module names
+PEFT_LM_TARGETS = r".*language_model\..*\.({})"
+
+
+def export_peft_adapter(model, path, adapter, base=None):
+    """A LoRA adapter in PEFT's format, keyed by the module names of transformers'
+    LlavaForConditionalGeneration (transformers >= 4.52 / 5), targeting the language model only (a
+    regex: bare names like 'q_proj' would also put LoRA on CLIP's q/k/v). `base` is the directory
+    transformers loads the base model from (an export_llava_hf directory); default: the llava-hf
+    directory this model was loaded from, else `path/base`, written here with export_llava_hf. The
+    config names LlavaForConditionalGeneration (PEFT's auto_mapping), so
+    peft.AutoPeftModel.from_pretrained(path) loads base and adapter on its own."""
+    if adapter not in model.adapters:
+        raise ValueError(f"no adapter '{adapter}'")
+    a = model.adapters[adapter]
+    state = {}
+    for i, lin in model.lora_linears():
+        if adapter in lin.lora:
+            ad = lin.lora[adapter]
+            for s in ad.A:
+                key = f"base_model.model.model.language_model.layers.{i}.{_module_of(s)}.{s}_proj"
+                state[key + ".lora_A.weight"] = ad.A[s].detach()
+                state[key + ".lora_B.weight"] = ad.B[s].detach()
+    os.makedirs(path, exist_ok=True)
+    if base is None:
+        src = getattr(model, "source_path", None)
+        if src and not is_peft_dir(src) and detect_layout(src) == "llava-hf":
+            base = src
+        else:
+            base = os.path.join(path, "base")
+            export_llava_hf(model, base)
+    _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
+    targets = "|".join(f"{t}_proj" for t in a["targets"])
+    cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
+           "lora_dropout": a["dropout"], "target_modules": PEFT_LM_TARGETS.format(targets),
+           "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+           "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+           "modules_to_save": None, "base_model_name_or_path": os.path.abspath(str(base)),
+           "auto_mapping": {"base_model_class": "LlavaForConditionalGeneration",
+                            "parent_library": "transformers.models.llava.modeling_llava"}}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def is_peft_dir(path):
+    """A PEFT adapter directory (adapter_config.json, no model config.json)."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+        not os.path.exists(os.path.join(path, "config.json"))
+
+
+def peft_base_dir(path):
+    """The local base directory a PEFT adapter names (as written, else relative to the adapter)."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    base = _read_json(cfg_path).get("base_model_name_or_path")
+    for cand in (base, os.path.join(path, str(base))) if isinstance(base, str) and base else ():
+        if os.path.isdir(cand):
+            return cand
+    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local "
+                          f"directory; load the base model, then load_adapters(model, {path!r})")
+
+
+def load_peft_adapter(model, path, name):
+    """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA
+    keys). LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on
+    the vision tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A)
+    with a one-line notice: our adapters live on the language model, so those modules have no
+    adapter to hold it."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    cfg = _read_json(cfg_path)
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} (only LORA "
+                              "is read)")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+        if cfg.get(field):
+            raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA "
+                                  "only)")
+    for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"):
+        if cfg.get(field):
+            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported "
+                                  "(plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported "
+                              "('none')")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive "
+                              "integer and a number")
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    files = [f for f in names if os.path.exists(os.path.join(path, f))]
+    if not files:
+        raise CheckpointError(f"{path}: no adapter_model.safetensors (or adapter_model.bin)")
+    file = os.path.join(path, files[0])
+    try:  # adapters are small: read whole
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read the adapter weights (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    text, merged = {}, []
+    ours = {parts[0]: n for n, parts in _our_targets(model.config).items() if len(parts) == 1}
+    params = dict(model.named_parameters())
+    for key in sorted(state):
+        if key.endswith(".lora_B.weight"):
+            continue
+        if not key.endswith(".lora_A.weight"):
+            raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
+                                  "or saved modules are not supported)")
+        module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        if key.replace("lora_A", "lora_B") not in state:
+            raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
+        A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()
+        part, pname = _canonical_key(module + ".weight")
+        m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight", pname or "")
+        if part == "text" and m and m[3] in LORA_TARGETS and int(m[1]) < model.config.layers:
+            text[int(m[1]), m[3]] = (key, A, B)
+            continue
+        if part == "vision" and pname.startswith("encoder.layers.") and \
+                int(pname.split(".")[2]) >= model.config.vision_layers_run:
+            continue  # a CLIP layer after the selected one: never run
+        one_linear = part == "projector" and model.config.projector == "linear"
+        if (part, pname) not in ours or one_linear:
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
+                                  "model")
+        w = params[ours[part, pname]]
+        if tuple(w.shape) != (B.shape[0], A.shape[1]):
+            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' "
+                                  f"is {tuple(w.shape)}")
+        with torch.no_grad():
+            w += (alpha / r * B @ A).to(w.dtype)  # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3)
+        merged.append(module)
+    if merged:
+        print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
+              "merged into the base weights (factalign's adapters hold language-model LoRA only)",
+              flush=True)
+    if not text:
+        return
+    targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
+    model.add_adapter(name, r, alpha, float(cfg.get("lora_dropout") or 0.0), targets)
+    with torch.no_grad():
+        for i, lin in model.lora_linears():
+            ad = lin.lora[name] if name in lin.lora else None
+            for s in ad.A if ad is not None else ():
+                if (i, s) not in text:
+                    continue  # a layer PEFT left out (layers_to_transform): B stays 0, no change
+                key, A, B = text[i, s]
+                if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
+                    raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
+                                          f"{tuple(B.shape)} but the model expects "
+                                          f"{tuple(ad.A[s].shape)} / {tuple(ad.B[s].shape)}")
+                ad.A[s].copy_(A)
+                ad.B[s].copy_(B)

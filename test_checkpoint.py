@@ -1,0 +1,236 @@
+"""Checkpoints (checkpoint.py): every layout loads and matches transformers, exports load in
+transformers and PEFT, our own format round-trips exactly, bad files give one clear line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import (export_llava_hf, export_peft_adapter, load_checkpoint,
+                        save_checkpoint_files)
+from model import CheckpointError, LLaVA, ModelConfig
+from test_model import (ATOL, IMAGE_ID, IMG, VOCAB, hf_logits, hf_text_config, hf_vision_config,
+                        inputs, randomize_adapter, tiny_model, write_hf_dirs)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    return write_hf_dirs(tmp_path_factory)
+
+
+def _rewrite_keys(src_dir, dst_dir, rename, config=None):
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst_dir, exist_ok=True)
+    state = load_file(os.path.join(src_dir, "model.safetensors"))
+    new = {}
+    for k, v in state.items():
+        nk = rename(k)
+        if nk is not None:
+            new[nk] = v
+    save_file(new, os.path.join(dst_dir, "model.safetensors"))
+    cfg = json.load(open(os.path.join(src_dir, "config.json"))) if config is None else config
+    json.dump(cfg, open(os.path.join(dst_dir, "config.json"), "w"))
+    return new
+
+
+def test_llava_hub_and_in_memory_layouts_load(hf_dirs, tmp_path):
+    hf, path = hf_dirs["gelu"]
+    pixels, ids = inputs()
+    ref = hf_logits(hf, pixels, ids)
+
+    # the hub layout: vision_tower.vision_model.*, language_model.model.*, language_model.lm_head.*
+    def hub(k):
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + k[len("vision_tower."):]
+        return k
+
+    # transformers 5 module names: model.language_model.*, model.vision_tower.*, lm_head.*
+    def in_memory(k):
+        if k.startswith("language_model.model."):
+            return "model.language_model." + k[len("language_model.model."):]
+        if k.startswith("language_model.lm_head."):
+            return "lm_head." + k[len("language_model.lm_head."):]
+        return "model." + k
+
+    for name, fn in (("hub", hub), ("mem", in_memory)):
+        keys = _rewrite_keys(path, tmp_path / name, fn)
+        if name == "hub":
+            assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+        ours = load_checkpoint(tmp_path / name).eval()
+        torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("projector", ["gelu", "linear"])
+def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
+    from transformers import LlavaForConditionalGeneration
+    _, path = hf_dirs[projector]
+    ours = load_checkpoint(path).eval()
+    export_llava_hf(ours, tmp_path / "export")
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    pixels, ids = inputs(seed=5)
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
+                               rtol=0)
+    # and a model of ours made from scratch (not loaded) exports too
+    ours_projector = "linear" if projector == "linear" else "mlp2x_gelu"
+    config = ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64,
+                         vision_layers=3, vision_heads=4, projector=ours_projector,
+                         vocab_size=VOCAB, hidden=32, intermediate=72, layers=2, heads=4,
+                         kv_heads=2, image_token_id=IMAGE_ID, pad_token_id=0)
+    fresh = LLaVA(config).eval()
+    export_llava_hf(fresh, tmp_path / "fresh")
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "fresh").eval()
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), fresh(pixels, ids), atol=ATOL,
+                               rtol=0)
+
+
+def _to_original_llava(k, keep_vision=True):
+    """llava-hf key -> original LLaVA (LlavaLlamaForCausalLM) key."""
+    if k.startswith("vision_tower."):
+        if not keep_vision:
+            return None
+        rest = k[len("vision_tower."):]
+        rest = rest if rest.startswith("vision_model.") else "vision_model." + rest
+        return "model.vision_tower.vision_tower." + rest
+    if k.startswith("multi_modal_projector.linear_1."):
+        return "model.mm_projector.0." + k.rsplit(".", 1)[1]
+    if k.startswith("multi_modal_projector.linear_2."):
+        return "model.mm_projector.2." + k.rsplit(".", 1)[1]
+    if k.startswith("language_model.model."):
+        return "model." + k[len("language_model.model."):]
+    if k.startswith("language_model.lm_head."):
+        return "lm_head." + k.rsplit(".", 1)[1]
+    raise AssertionError(k)
+
+
+@pytest.mark.parametrize("with_vision", [True, False])
+def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision):
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+               mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch", mm_use_im_start_end=False,
+               image_aspect_ratio="pad", mm_vision_tower=str(tmp_path / "clip"))
+    _rewrite_keys(path, tmp_path / "orig", lambda k: _to_original_llava(k, with_vision), config=cfg)
+    clip = CLIPVisionModel(hf_vision_config())
+    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
+    # the weights must then come from the LLaVA checkpoint, only the config from the CLIP dir
+    if with_vision:
+        os.remove(tmp_path / "clip" / "model.safetensors")
+    ours = load_checkpoint(tmp_path / "orig").eval()
+    assert ours.config.image_token_id == -200  # LLaVA's IMAGE_TOKEN_INDEX
+    pixels, ids = inputs()
+    ref = hf_logits(hf, pixels, ids)
+    got = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="CLIP"):
+        load_checkpoint(tmp_path / "llama")
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
+    fresh = ours.projector.linear_1.weight
+    assert fresh.shape == (32, 32) and fresh.std() > 0
+
+
+def test_peft_export_applies_in_transformers(tmp_path):
+    """The PEFT adapter's keys name real modules of LlavaForConditionalGeneration, and merging
+    W += (alpha/r) B A there reproduces our adapter's logits."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+    m = tiny_model()
+    m.add_adapter("policy", r=4, alpha=16, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    randomize_adapter(m, "policy", 4)
+    export_llava_hf(m, tmp_path / "hf")
+    export_peft_adapter(m, tmp_path / "peft", "policy")
+    cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    modules = dict(hf.named_modules())
+    with torch.no_grad():
+        for k in state:
+            if k.endswith("lora_A.weight"):
+                mod = modules[k[len("base_model.model."):-len(".lora_A.weight")]]
+                B = state[k.replace("lora_A", "lora_B")]
+                mod.weight += cfg["lora_alpha"] / cfg["r"] * B @ state[k]
+    m.set_adapter("policy")
+    pixels, ids = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf, pixels, ids), m(pixels, ids), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_is_exact_with_adapters_and_heads(tmp_path):
+    m = tiny_model()
+    m.add_adapter("reward", r=4, alpha=8)
+    randomize_adapter(m, "reward", 5)
+    m.add_head("reward")
+    with torch.no_grad():
+        m.heads["reward"].weight.normal_()
+    m.set_adapter("reward")
+    save_checkpoint_files(m, tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck").eval()
+    assert back.active_adapter == "reward" and "reward" in back.heads
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    # an adapter-only checkpoint that points at its base
+    save_checkpoint_files(m, tmp_path / "base_only")
+    save_checkpoint_files(m, tmp_path / "adapter_only", base=tmp_path / "base_only")
+    assert not os.path.exists(tmp_path / "adapter_only" / "model.safetensors")
+    again = load_checkpoint(tmp_path / "adapter_only").eval()
+    pixels, ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(again(pixels, ids), m(pixels, ids))
+
+
+def test_checkpoint_of_another_shape_names_key_and_shapes(tmp_path):
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
+    cfg = json.load(open(tmp_path / "a" / "config.json"))
+    cfg["model"]["intermediate"] = 80
+    json.dump(cfg, open(tmp_path / "a" / "config.json", "w"))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "a")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "gate_proj.weight" in msg
+    assert "(72, 32)" in msg and "(80, 32)" in msg
+    assert "\n" not in msg
+
+
+def test_truncated_or_missing_weights_give_clear_errors(tmp_path):
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
+    f = tmp_path / "a" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*(truncated|corrupt)"):
+        load_checkpoint(tmp_path / "a")
+    f.unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        load_checkpoint(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_checkpoint_cli_errors_are_one_line(tmp_path):
+    """Through a script: a bad checkpoint ends with one line and exit code 2, not a traceback."""
+    save_checkpoint_files(tiny_model(), tmp_path / "a")
+    f = tmp_path / "a" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom checkpoint "
+            "import load_checkpoint\n"
+            "with user_errors():\n    load_checkpoint(%r)\n") % (HERE, str(tmp_path / "a"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,53 @@
+"""common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
+import dataclasses
+
+import pytest
+import torch
+
+import common
+from model import LLaVA
+
+
+@dataclasses.dataclass
+class _Flags:
+    lr: float = 0.1            # learning rate
+    facts: bool = True         # use facts
+    targets: tuple = ("q", "v")  # targets
+    name: str = "x"            # a name
+
+
+def test_parse_config_types_and_errors(capsys):
+    c = common.parse_config(_Flags, ["--lr", "2e-3", "--facts", "false", "--targets", "q,k", "o"])
+    assert c == _Flags(lr=2e-3, facts=False, targets=("q", "k", "o"), name="x")
+    for argv, needle in ((["--lr", "fast"], "expected float"),
+                         (["--nope", "1"], "unrecognized arguments"),
+                         (["--facts", "maybe"], "expected true or false")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_config(_Flags, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cosine_schedule_and_batch_order():
+    assert common.cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert common.cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert common.cosine_lr(100, 100, 1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert common.cosine_lr(55, 100, 1.0, warmup=10) == pytest.approx(0.5)
+    one = common.batch_indices(7, 50, 8, seed=3)
+    rank0 = common.batch_indices(7, 50, 8, seed=3, rank=0, world=2)
+    rank1 = common.batch_indices(7, 50, 8, seed=3, rank=1, world=2)
+    two = rank0 + rank1
+    assert one == two and len(set(one)) == 8
+    epoch = [i for s in range(6) for i in common.batch_indices(s, 50, 8, seed=3)]
+    assert len(set(epoch)) == 48  # no repeats inside an epoch
+
+
+def test_model_presets_have_real_sizes():
+    with torch.device("meta"):
+        for name, billions in (("llava-7b", 7.06), ("llava-13b", 13.35)):
+            m = LLaVA.from_preset(name)
+            n = sum(p.numel() for p in m.parameters()) / 1e9
+            # CLIP-L/14-336 (last layer never built) + Vicuna
+            assert abs(n - billions) < 0.05, (name, n)
+            assert m.config.num_image_tokens == 576

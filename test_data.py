@@ -1,0 +1,161 @@
+"""Data: the conversation templates, tokenization with label masking against LLaVA's own
+preprocess, truncation, image preprocessing against CLIPImageProcessor, collation."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+SYS_V = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+         "gives helpful, detailed, and polite answers to the user's questions.")
+SYS_L = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+         "gives helpful, detailed, and polite answers to the human's questions.")
+CONV = [{"from": "human", "value": "<image>\nIs there a circle?"},
+        {"from": "gpt", "value": "Yes, there is a circle."},
+        {"from": "human", "value": "How many squares are there?"},
+        {"from": "gpt", "value": "There are two squares."}]
+
+
+def test_template_strings_are_llavas():
+    text, spans = data.render(CONV, "vicuna_v1")
+    assert text == (SYS_V + " USER: <image>\nIs there a circle? "
+                     "ASSISTANT: Yes, there is a circle.</s>"
+                     "USER: How many squares are there? ASSISTANT: There are two squares.</s>")
+    answers = ["Yes, there is a circle.</s>", "There are two squares.</s>"]
+    assert [text[a:b] for a, b in spans] == answers
+    first_prompt = SYS_L + " USER: <image>\nIs there a circle? ASSISTANT:"
+    assert data.render(CONV[:1], "llava_v1")[0] == first_prompt
+    assert data.render(CONV[:3])[0].endswith("</s>USER: How many squares are there? ASSISTANT:")
+
+
+def llava_reference_preprocess(tok, turns, legacy):
+    """LLaVA's preprocess_v1 (llava/train/train.py) written out from its definition:
+    tokenizer_image_token over the whole prompt (chunks around <image> tokenized separately,
+    IMAGE_TOKEN_INDEX between them), then per round (split at '</s>') the instruction part up to
+    'ASSISTANT: ' is masked. The text after <image> is tokenized as transformers' LlavaProcessor
+    tokenizes it (the whole text, <image> a special token), so an exported model sees what training
+    saw; with a legacy Llama tokenizer this is exactly tokenizer_image_token's split-and-tokenize (a
+    '▁' after <image>), with the Shapes tokenizer ('▁' only at the start of a text) it is '\nIs',
+    not '▁\nIs'."""
+    def tokenizer_image_token(prompt):
+        image_id = tok.convert_tokens_to_ids("<image>")
+        return [-200 if t == image_id else t for t in tok(prompt).input_ids]
+    prompt = data.render(turns)[0]
+    ids = tokenizer_image_token(prompt)
+    target = list(ids)
+    sep = " ASSISTANT: "
+    cur = 1
+    target[:1] = [-100]
+    for i, rou in enumerate(prompt.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        parts[0] += sep
+        round_len = len(tokenizer_image_token(rou))
+        instruction_len = len(tokenizer_image_token(parts[0])) - 2
+        if i != 0 and not legacy:  # LLaVA's fix for tokenizers that add no prefix space after </s>
+            round_len -= 1
+            instruction_len -= 1
+        target[cur:cur + instruction_len] = [-100] * instruction_len
+        cur += round_len
+    target[cur:] = [-100] * (len(target) - cur)
+    return ids, target
+
+
+def test_labels_match_llava_preprocess(tiny_world):
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    legacy = len(tok("USER: x").input_ids) == len(tok("</s>USER: x").input_ids) - 1
+    digits = [CONV[0], {"from": "gpt", "value": "3 circles."},
+              CONV[2], {"from": "gpt", "value": "\n(A) two."}]
+    # answers that start with a digit, a newline, a '(': a lone '▁' first
+    for turns in (CONV, CONV[:2], digits):
+        got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9,
+                                         max_len=4096)
+        ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
+        first = ids.index(4)
+        assert ids[first:first + 9] == [4] * 9 and labels[first:first + 9] == [-100] * 9
+        ids = ids[:first] + [-200] + ids[first + 9:]  # LLaVA keeps one placeholder
+        labels = labels[:first] + [-100] + labels[first + 9:]
+        ref_ids, ref_labels = llava_reference_preprocess(tok, turns, legacy)
+        assert ids == ref_ids
+        assert labels == ref_labels
+        learned = tok.decode([t for t in labels if t != -100])
+        assert "circle" in learned and "USER" not in learned and "ASSISTANT" not in learned
+        # LLaVA learns the token after 'ASSISTANT:'
+        after = ids.index(tok.convert_tokens_to_ids("▁ASSISTANT:")) + 1
+        assert labels[after] == ids[after]
+        if turns is digits:
+            assert tok.convert_ids_to_tokens(ids[after]) == "▁"
+        n_answers = sum(t["from"] == "gpt" for t in turns)
+        assert sum(1 for t in labels if t == tok.eos_token_id) == n_answers
+
+
+def test_plain_template_matches_llava_preprocess_plain(tiny_world):
+    """LLaVA's stage-1 format (preprocess_plain): "<image>" + caption + "\n", the human text
+    dropped, everything after the image learned."""
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    turns = [{"from": "human", "value": "Describe the image.\n<image>"},
+             {"from": "gpt", "value": "A red circle."}]
+    assert data.render(turns, "plain") == ("<image>A red circle.\n", [(7, 21)])
+    got = data.tokenize_conversation(tok, turns, image_token_id=4, num_image_tokens=9,
+                                     template="plain")
+    ids, labels = got["input_ids"].tolist(), got["labels"].tolist()
+    # after BOS and <image>, as LlavaProcessor
+    caption = tok("<image>A red circle.\n").input_ids[2:]
+    ref_ids = [tok.bos_token_id] + [4] * 9 + caption
+    assert ids == ref_ids and labels == [-100] * 10 + caption
+    with pytest.raises(ValueError):
+        data.render(CONV, "plain")  # one caption per image
+
+
+def test_train_on_last_and_truncation(tiny_world):
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    last = data.tokenize_conversation(tok, CONV, 4, 9, train_on="last")
+    learned = tok.decode([t for t in last["labels"].tolist() if t != -100])
+    assert "two squares" in learned and "circle" not in learned
+    full = data.tokenize_conversation(tok, CONV, 4, 9)
+    n = len(full["input_ids"])
+    first_label = next(i for i, label in enumerate(full["labels"].tolist()) if label != -100)
+    cut = data.tokenize_conversation(tok, CONV, 4, 9, max_len=first_label + 2)
+    assert len(cut["input_ids"]) == first_label + 2
+    assert torch.equal(cut["input_ids"], full["input_ids"][:first_label + 2])
+    # no answer token left: dropped
+    assert data.tokenize_conversation(tok, CONV, 4, 9, max_len=first_label) is None
+    # would cut the image tokens
+    assert data.tokenize_conversation(tok, CONV, 4, 9, max_len=5) is None
+    assert n > first_label + 2
+
+
+def test_image_preprocessing_matches_clip_processor():
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # not square: padded
+    ours = data.preprocess_image(img, 42)
+    ref_proc = CLIPImageProcessorPil(size={"shortest_edge": 42},
+                                     crop_size={"height": 42, "width": 42})
+    ref = ref_proc(data.expand_to_square(img), return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == (3, 42, 42)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    padded = data.expand_to_square(img)
+    mean_colour = tuple(int(m * 255) for m in data.CLIP_MEAN)
+    assert padded.size == (50, 50) and padded.getpixel((0, 0)) == mean_colour
+    # centred: 10 rows of padding on top
+    assert padded.getpixel((25, 10 + 15)) == img.getpixel((25, 15))
+
+
+def test_collate_pads_right_for_training_and_left_for_generation():
+    a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
+         "pixel_values": torch.ones(3, 2, 2)}
+    b = {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}
+    r = data.collate([a, b], pad_id=3)
+    assert r["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert r["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert r["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert r["pixel_values"].shape == (1, 3, 2, 2)
+    left = data.collate([a, b], pad_id=3, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]

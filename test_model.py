@@ -1,0 +1,298 @@
+"""The network against transformers (the reference implementation): CLIP, LLaMA with
+grouped-query attention and padding, LLaVA logits, generation with and without the KV cache,
+LoRA adapters. Tiny random models; the helpers here serve test_checkpoint.py and test_interop.py."""
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from model import LLaVA, ModelConfig
+
+torch.set_num_threads(2)
+
+ATOL = 1e-4
+IMG = 28          # tiny CLIP: 28 px / 14 px patches -> 4 patch tokens
+VOCAB = 100
+IMAGE_ID = 99
+
+
+# ----------------------------------------------------------------------------------------
+# reference models from transformers, written with save_pretrained
+# ----------------------------------------------------------------------------------------
+
+def hf_vision_config():
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, image_size=IMG, patch_size=14, projection_dim=16,
+                            layer_norm_eps=1e-5)
+
+
+def hf_text_config(kv_heads=2):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+                       rms_norm_eps=1e-5, max_position_embeddings=256, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+
+
+def hf_llava(projector="gelu", seed=0):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=hf_vision_config(), text_config=hf_text_config(),
+                      image_token_index=IMAGE_ID, projector_hidden_act=projector,
+                      vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", image_seq_length=4, pad_token_id=0)
+    m = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random weights big enough that errors would show
+        for p in m.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return m
+
+
+def write_hf_dirs(tmp_path_factory):
+    """llava-hf directories (both projectors) written by transformers' own save_pretrained."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for proj in ("gelu", "linear"):
+        m = hf_llava(proj)
+        m.save_pretrained(root / proj)
+        out[proj] = (m, str(root / proj))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    return write_hf_dirs(tmp_path_factory)
+
+
+def inputs(batch=2, text=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, IMG, IMG, generator=g)
+    ids = torch.randint(3, VOCAB - 1, (batch, text), generator=g)
+    # bos-ish, 4 image tokens, text
+    ids = torch.cat([ids[:, :1], torch.full((batch, 4), IMAGE_ID), ids[:, 1:]], 1)
+    return pixels, ids
+
+
+def hf_logits(m, pixels, ids, mask=None):
+    with torch.no_grad():
+        return m(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+
+
+# ----------------------------------------------------------------------------------------
+# model parity
+# ----------------------------------------------------------------------------------------
+
+def test_clip_encoder_matches_transformers(tmp_path):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(hf_vision_config()).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
+    assert len(ours.vision_tower.encoder.layers) == 2  # the last CLIP layer is never built
+    pixels = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = ours.vision_tower(pixels)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_decoder_matches_llama_with_gqa_and_padding(tmp_path):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(hf_text_config(kv_heads=2)).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    llama.save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
+    assert ours.config.kv_heads == 2 and ours.config.heads == 4
+    ids = torch.randint(3, VOCAB - 1, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        ref = llama(input_ids=ids).logits
+        got = ours(None, ids)
+        ref_pad = llama(input_ids=ids, attention_mask=mask).logits
+        got_pad = ours(None, ids, attention_mask=mask)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_pad[1, 3:], ref_pad[1, 3:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_pad[0], ref_pad[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("projector", ["gelu", "linear"])
+def test_llava_matches_transformers(hf_dirs, projector):
+    hf, path = hf_dirs[projector]
+    ours = load_checkpoint(path).eval()
+    assert ours.config.projector == ("mlp2x_gelu" if projector == "gelu" else "linear")
+    assert ours.config.num_image_tokens == 4 and ours.config.image_token_id == IMAGE_ID
+    pixels, ids = inputs()
+    torch.testing.assert_close(ours(pixels, ids), hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------
+
+def greedy_without_cache(model, pixels, ids, n):
+    out = ids
+    for _ in range(n):
+        nxt = model(pixels, out)[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], 1)
+    return out[:, ids.shape[1]:]
+
+
+def test_greedy_cache_equals_no_cache_and_transformers(hf_dirs):
+    hf, path = hf_dirs["gelu"]
+    ours = load_checkpoint(path).eval()
+    pixels, ids = inputs(batch=1)
+    n = 10
+    cached = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=-1).tokens
+    assert torch.equal(cached, greedy_without_cache(ours, pixels, ids, n))
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, min_new_tokens=n)[:, ids.shape[1]:]
+    assert torch.equal(cached, ref)
+
+
+def test_left_padded_batch_equals_one_by_one(hf_dirs):
+    _, path = hf_dirs["gelu"]
+    ours = load_checkpoint(path).eval()
+    pixels, _ = inputs(batch=3)
+    prompts = [inputs(batch=1, text=t, seed=t)[1][0] for t in (3, 8, 5)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = p
+        mask[i, T - len(p):] = 1
+    settings = dict(max_new_tokens=8, eos_token_id=-1, return_logprobs=True)
+    batch = ours.generate(pixels, ids, mask, **settings)
+    for i, p in enumerate(prompts):
+        one = ours.generate(pixels[i:i + 1], p[None], **settings)
+        assert torch.equal(batch.tokens[i], one.tokens[0])
+        torch.testing.assert_close(batch.logprobs[i], one.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_generate_stops_at_eos_and_returns_logprobs(hf_dirs):
+    _, path = hf_dirs["gelu"]
+    ours = load_checkpoint(path).eval()
+    pixels, ids = inputs(batch=2)
+    free = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=-1)
+    seq = free.tokens[0].tolist()
+    # pretend row 0's first new-token value there is EOS
+    j = next(j for j in range(1, 6) if seq[j] not in seq[:j])
+    out = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=seq[j], pad_token_id=0,
+                        return_logprobs=True)
+    assert out.lengths[0] == j + 1 and out.finished[0]
+    assert torch.all(out.tokens[0, j + 1:] == 0) and torch.all(out.logprobs[0, j + 1:] == 0)
+    # log-probs are those of the full forward pass at the sampled tokens
+    prompt_and_answer = torch.cat([ids[:1], out.tokens[:1, :j + 1]], 1)
+    full = torch.log_softmax(ours(pixels[:1], prompt_and_answer).float(), -1)
+    T = ids.shape[1]
+    ref = full[0, T - 1:T + j].gather(-1, out.tokens[0, :j + 1, None])[:, 0]
+    torch.testing.assert_close(out.logprobs[0, :j + 1], ref, atol=1e-5, rtol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_top_p(hf_dirs):
+    _, path = hf_dirs["gelu"]
+    ours = load_checkpoint(path).eval()
+    pixels, ids = inputs(batch=2)
+    a = ours.generate(pixels, ids, max_new_tokens=6, temperature=1.0, top_p=0.9,
+                      generator=torch.Generator().manual_seed(3), eos_token_id=-1)
+    b = ours.generate(pixels, ids, max_new_tokens=6, temperature=1.0, top_p=0.9,
+                      generator=torch.Generator().manual_seed(3), eos_token_id=-1)
+    assert torch.equal(a.tokens, b.tokens)
+    tiny_p = ours.generate(pixels, ids, max_new_tokens=6, temperature=1.0, top_p=1e-6,
+                           generator=torch.Generator().manual_seed(3), eos_token_id=-1)
+    greedy = ours.generate(pixels, ids, max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(tiny_p.tokens, greedy.tokens)  # top-p -> 0 keeps only the argmax
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64,
+               vision_layers=3, vision_heads=4, vocab_size=VOCAB, hidden=32, intermediate=72,
+               layers=2, heads=4, kv_heads=2, image_token_id=IMAGE_ID, pad_token_id=0)
+    cfg.update(kw)
+    return LLaVA(ModelConfig(**cfg)).eval()
+
+
+def randomize_adapter(model, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_lora_fresh_merge_none_and_isolation():
+    m = tiny_model()
+    pixels, ids = inputs()
+    with torch.no_grad():
+        base = m(pixels, ids)
+        m.add_adapter("a", r=4, alpha=8)
+        m.set_adapter("a")
+        # B = 0: a fresh adapter changes nothing
+        torch.testing.assert_close(m(pixels, ids), base, atol=0, rtol=0)
+        randomize_adapter(m, "a", 1)
+        with_a = m(pixels, ids)
+        assert (with_a - base).abs().max() > 1e-3
+        with m.no_adapter():
+            torch.testing.assert_close(m(pixels, ids), base, atol=0, rtol=0)
+        m.add_adapter("b", r=2, alpha=2, targets=("q", "v"))
+        randomize_adapter(m, "b", 2)
+        m.set_adapter("b")
+        with_b = m(pixels, ids)
+        m.set_adapter("a")
+        torch.testing.assert_close(m(pixels, ids), with_a, atol=0, rtol=0)  # b does not leak into a
+        m.merge_adapter("a")
+        m.set_adapter(None)
+        torch.testing.assert_close(m(pixels, ids), with_a, atol=1e-5, rtol=0)
+        m.set_adapter("b")  # b still applies on top of the (now merged) base
+        assert (m(pixels, ids) - with_b).abs().max() > 1e-4
+
+
+def test_lora_only_adapter_parameters_get_gradients():
+    m = tiny_model().train()
+    m.add_adapter("policy", r=4, alpha=8)
+    m.add_head("value")
+    m.set_adapter("policy")
+    m.set_trainable(adapters=["policy"], heads=["value"], projector=True)
+    pixels, ids = inputs()
+    h = m(pixels, ids, return_hidden=True)
+    (m.logits(h).logsumexp(-1).mean() + m.heads["value"](h).mean()).backward()
+    for n, p in m.named_parameters():
+        trainable = ".lora.policy." in n or n.startswith(("heads.value", "projector."))
+        assert p.requires_grad == trainable, n
+        if not trainable:
+            assert p.grad is None, n
+    assert all(p.grad is not None for p in m.adapter_parameters("policy"))
+    assert all(p.dtype == torch.float32 for p in m.adapter_parameters("policy"))
+
+
+def test_lora_fp32_on_bf16_base_and_checkpointing_grads_match():
+    m = tiny_model()
+    m.add_adapter("a", r=4, alpha=8)
+    randomize_adapter(m, "a", 3)
+    m.set_adapter("a")
+    m.set_trainable(adapters=["a"])
+    pixels, ids = inputs()
+    grads = []
+    for ckpt in (False, True):
+        m.train()
+        m.gradient_checkpointing = ckpt
+        for p in m.parameters():
+            p.grad = None
+        m(pixels, ids).float().pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in m.adapter_parameters("a")])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+    m.eval().cast_base(torch.bfloat16)
+    assert m.language_model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in m.adapter_parameters("a"))
+    with torch.no_grad():
+        assert torch.isfinite(m(pixels, ids)).all()

@@ -1,0 +1,116 @@
+"""sft.py end to end on the tiny world: checkpoints that load, --resume, alignment first,
+LoRA and file data, bad input ending in one line and exit code 2."""
+import json
+import os
+import shutil
+
+import torch
+
+from checkpoint import latest_checkpoint, load_checkpoint
+from conftest import run_cli
+
+
+def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tiny_sft, tmp_path):
+    ck = latest_checkpoint(tiny_sft)
+    assert ck.endswith("checkpoint-000003")
+    load_checkpoint(tiny_sft)  # a run dir resolves to its newest checkpoint
+    assert os.path.exists(os.path.join(ck, "tokenizer.json"))
+    assert os.path.exists(os.path.join(ck, "trainer_state.pt"))
+    rows = [json.loads(line) for line in open(os.path.join(tiny_sft, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    # resume: the 3-step run continued to 5 steps equals an uninterrupted 5-step run, bitwise
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--align_steps", "1",
+            "--report", "false", "--save_every", "3"]
+    out = str(tmp_path / "resumed")
+    shutil.copytree(tiny_sft, out)
+    resume = ["--max_steps", "5", "--out", out, "--resume", "true"]
+    code, stdout, err = run_cli("sft", args + resume)
+    assert code == 0, err
+    assert "resumed from" in stdout and "at step 3" in stdout
+    code, _, err = run_cli("sft", args + ["--max_steps", "5", "--out", str(tmp_path / "straight")])
+    assert code == 0, err
+    a = load_checkpoint(out).state_dict()
+    b = load_checkpoint(str(tmp_path / "straight")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path):
+    """A fresh model on Shapes: stage 1 (plain-template captions from align.json) then stage 2
+    (instruction conversations), each with its own warmup; a model given by --init skips stage 1."""
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4",
+            "--align_batch_size", "8", "--warmup", "2", "--report", "false", "--log_every", "1",
+            "--eval_every", "0"]
+    out = str(tmp_path / "two")
+    code, stdout, err = run_cli("sft", args + ["--max_steps", "4", "--align_steps", "2",
+                                               "--out", out])
+    assert code == 0, err
+    assert "2 alignment + 2 instruction steps" in stdout
+    metrics = open(os.path.join(out, "metrics.jsonl"))
+    rows = [json.loads(line) for line in metrics if '"loss"' in line]
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    # warmup restarts
+    lrs = [r["lr"] for r in rows]
+    assert lrs[::2] == [lrs[0]] * 2 and lrs[1] > lrs[0]
+    state_file = os.path.join(out, "checkpoint-000004", "trainer_state.pt")
+    state = torch.load(state_file, weights_only=False)
+    # fresh Adam moments at stage 2
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {2.0}
+    init = ["--max_steps", "2", "--init", tiny_sft, "--out", str(tmp_path / "init")]
+    code, stdout, err = run_cli("sft", args + init)
+    assert code == 0, err
+    assert "alignment" not in stdout
+    init_rows = [json.loads(line) for line in open(tmp_path / "init" / "metrics.jsonl")]
+    assert all("stage" not in r for r in init_rows)
+    plain = ["--max_steps", "2", "--template", "plain", "--out", str(tmp_path / "plain")]
+    code, _, err = run_cli("sft", args + plain)
+    # multi-turn conversations under the caption template
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--template plain: record sft_000000" in err and "one human turn" in err
+
+
+def test_sft_lora_and_file_data(tiny_world, tmp_path):
+    out = str(tmp_path / "lora")
+    argv = ["--model", "tiny", "--data", os.path.join(tiny_world, "sft.json"),
+            "--image_folder", tiny_world, "--max_steps", "2", "--batch_size", "4", "--lora_r", "4",
+            "--out", out, "--report", "false", "--world", tiny_world]
+    code, stdout, err = run_cli("sft", argv)
+    assert code == 0, err
+    m = load_checkpoint(out)
+    assert not m.adapters  # the SFT adapter is merged into the weights that later stages start from
+
+
+def _write(path, obj):
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_sft_bad_input_one_line_exit_2(tiny_world, tmp_path):
+    img = os.path.join(tiny_world, "images", "train", "000000.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good_conv = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Yes."}]
+    empty_answer = [good_conv[0], {"from": "gpt", "value": " "}]
+    cases = {
+        "missing image": ([{"id": "a", "image": "nope.png", "conversations": good_conv}],
+                          "field 'image'"),
+        "undecodable image": ([{"id": "a", "image": str(broken), "conversations": good_conv}],
+                              "cannot decode"),
+        "bad json": ("[{\"id\": ", "invalid JSON"),
+        "no conversations": ([{"id": "a", "image": img}], "field 'conversations'"),
+        "not alternating": ([{"id": "a", "image": img, "conversations": good_conv[:1] * 2}],
+                            "expected 'gpt'"),
+        "empty answer": ([{"id": "a", "image": img, "conversations": empty_answer}], "empty"),
+        "image tag text-only": ([{"id": "a", "conversations": good_conv}], "<image>"),
+    }
+    for name, (content, needle) in cases.items():
+        f = _write(tmp_path / "data.json", content)
+        out = tmp_path / "out"
+        code, _, err = run_cli("sft", ["--model", "tiny", "--data", f, "--max_steps", "1",
+                                       "--out", str(out), "--report", "false",
+                                       "--image_folder", str(tmp_path)])
+        assert code == 2, name
+        assert len(err.strip().splitlines()) == 1, (name, err)
+        assert needle in err and "data.json" in err, (name, err)
+        # stopped before training
+        assert not any(n.startswith("checkpoint-") for n in os.listdir(out)), name
