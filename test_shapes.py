@@ -256,7 +256,7 @@ def test_held_out_pairs_name_absent_partners(flaw_worlds):
         objs = world["by_file"][r["image"]]
         rejected = r[f"output_{3 - r['preference']}"]["value"]
         partners = {p for t in {o["name"] for o in objs} for p in PARTNERS.get(t, [])}
-        naming[split] += bool(partners & set(shapes.oracle(rejected, objs)["hallucinated_objects"]))
+        naming[split] += bool(partners & set(oracle.oracle(rejected, objs)["hallucinated_objects"]))
     assert naming["test"] >= 0.1 * FLAW_WORLD["n_test"]
     assert naming["test"] / FLAW_WORLD["n_test"] > 3 * naming["val"] / FLAW_WORLD["n_val"]
 
@@ -280,9 +280,9 @@ def test_generated_text_is_clean(worlds):
             kinds = rec.get("qtypes", [None] * len(answers))  # SFT descriptions: flawed on purpose
             objs = by[rec["image"]]
             named = {s for t, k in zip(answers, kinds) if k == "describe"
-                     for s in shapes.oracle(t, objs)["hallucinated_objects"]}
+                     for s in oracle.oracle(t, objs)["hallucinated_objects"]}
             for t, k in zip(answers, kinds):
-                said = set(shapes.oracle(t, objs)["hallucinated_objects"])
+                said = set(oracle.oracle(t, objs)["hallucinated_objects"])
                 if k == "describe" or (k == "yesno" and said and said <= named):
                     continue  # flawed on purpose: the description and (text_only_qa) its own "yes"
                 texts.append((t, objs))
