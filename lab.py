@@ -348,7 +348,9 @@ def intro_section(cfg, minutes):
             "## The world and the baseline", "",
             f"World `{cfg.world}` (seed {world.get('seed')}, format {world.get('version')}): bias "
             f"and difficulty settings `{json.dumps(world.get('params', {}))}`; measured "
-            f"co-occurrence stats `{json.dumps(world.get('stats', {}))}`.", ""]
+            f"co-occurrence stats `{json.dumps(world.get('stats', {}))}`.", "",
+            "How the SFT baseline was calibrated (world seeds 0-2, the flaws-off controls, the "
+            "issue's targets met and not met) is in README.md, section \"The Shapes world\".", ""]
 
 
 def pope_overlap_section(cfg):
