@@ -140,6 +140,15 @@ def _held_lock(t, pid="4242"):
     return []
 
 
+def _run_on_changed_sft_json(w, t):
+    """OUT/run.json of a run on the world's files (those sft.py reads from a fresh model), sft.json
+    since changed (another digest)."""
+    read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
+    t.file("out/run.json", {"data": dict(digests, **{read[0]: "0" * 64})})
+    return ["--resume", "true", "--overwrite", "false", "--batch_size", "8"]
+
+
 def _world_copy(t, change):
     """A copy of the tiny world, changed by change(dir), with a file of the user's own in it."""
     d = t.root / "world"
@@ -529,9 +538,7 @@ BAD_INPUT += [
     C("eval", "second-writer", "another eval holds --out's lock",
       lambda w, t: _held_lock(t, "778"), ("another process (pid 778) is writing there",)),
     C("sft", "resume-other-data", "--resume when a data file changed since the run started",
-      lambda w, t: (t.file("out/run.json", {"data": {os.path.join(w.world, "world.json"): "0" * 64}}),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
-      ("world.json", "--resume on other data", "changed since the run started")),
+      _run_on_changed_sft_json, ("sft.json", "--resume on other data", "changed since the run started")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
       lambda w, t: (t.file("out/run.json", "{"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("run.json", "cannot read")),

@@ -318,7 +318,8 @@ def image_list(cfg):
         paths = [os.path.join(cfg.images, n) for n in files]
         return [(os.path.abspath(p), p) for p in paths]
     if not os.path.isfile(cfg.images):
-        raise common.ConfigError(f"--images '{cfg.images}': not a folder or a file list")
+        why = "not a folder or a file list (with your own --data, pass --images or --generate 0)"
+        raise common.ConfigError(f"--images '{cfg.images}': {why}")
     folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
     names = [ln.strip() for ln in read_text(cfg.images).splitlines() if ln.strip()]
     return [(n, os.path.join(folder, n)) for n in names]
