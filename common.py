@@ -338,6 +338,25 @@ def on_main_first(d, fn):
     return out
 
 
+WORLD = "{world}"  # in a path flag: the folder --world names: the Shapes world
+
+
+def world_paths(cfg, reads=("data",), companions=()):
+    """cfg with '{world}' in its path flags replaced by --world, and those of the flags it reads
+    that named it (the stage writes the world first when one does). The `companions` of --data (its
+    validation file, captions, ...) keep a world default only while --data is in the world: a
+    user's --data brings its own, so there they drop to '' (none)."""
+    data_in_world = WORLD in cfg.data
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    values = {k: v for k, v in values.items() if isinstance(v, str)}
+    for f in companions:
+        if WORLD in values[f] and not data_in_world:
+            values[f] = ""
+    named = [f for f in reads + companions if WORLD in values[f]]
+    paths = {f: v.replace(WORLD, cfg.world) for f, v in values.items()}
+    return dataclasses.replace(cfg, **paths), named
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -419,20 +438,6 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
     return float(norm)
 
 
-def _injected_fault(params, step):
-    """Test hook, off unless set: FACTALIGN_FAULT_STEP=N makes the gradient of update step N
-    (1-based, as logged) NaN, as an overflow would, so the tests can reach the non-finite guard in
-    every stage."""
-    at = os.environ.get("FACTALIGN_FAULT_STEP")
-    if at and int(at) == step + 1:
-        for p in params:
-            g = _local(p.grad) if p.grad is not None else None
-            if g is not None and g.numel():
-                g.view(-1)[0] = float("nan")
-                return True
-    return False
-
-
 def _local(t):
     """This rank's shard of a DTensor (FSDP parameters and gradients); a plain tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -443,8 +448,6 @@ def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
     comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the
     step."""
-    if _injected_fault(params, step) and loss is not None:
-        loss = loss * float("nan")
     sync_grads(params, d)
     if loss is not None and reduce:
         loss = all_reduce_sum(loss, d)
@@ -1046,15 +1049,27 @@ def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", 
 
 
 @torch.no_grad()
+def oracle_errors(result):
+    """Every false claim in an oracle.oracle result, in one list: the hallucinated objects,
+    attributes and relations and the claimed absences of present things (the terms of its
+    num_hallucinations)."""
+    kinds = ("hallucinated_objects", "hallucinated_attributes", "hallucinated_relations",
+             "false_negatives")
+    return [claim for kind in kinds for claim in result[kind]]
+
+
 def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0,
-                     top_p=1.0, generator=None, desc="generate", show=True):
-    """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache.
-    Returns the decoded answer texts (cut at EOS)."""
+                     top_p=1.0, generator=None, desc="generate", show=True, num_beams=1,
+                     return_finished=False):
+    """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache
+    (num_beams > 1: beam search). Returns the decoded answer texts (cut at EOS), and with
+    return_finished whether each one ended with EOS."""
     from data import collate
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     out = []
+    finished = []
     batches = range(0, len(items), batch_size)
     for start in progress(batches, total=len(batches), desc=desc, enabled=show):
         chunk = items[start:start + batch_size]
@@ -1063,13 +1078,15 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
         ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         g = model.generate(pix, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator)
+                           pad_token_id=tokenizer.pad_token_id, generator=generator,
+                           num_beams=num_beams)
         for i in range(len(chunk)):
             n = int(g.lengths[i])
             toks = g.tokens[i, :n].tolist()
             out.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+            finished.append(bool(g.finished[i]))
     model.train(was_training)
-    return out
+    return (out, finished) if return_finished else out
 
 
 def to_device(batch, device):

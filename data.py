@@ -199,11 +199,14 @@ def preprocess_image(img, size):
 
 
 class ImageCache:
-    """Decoded, resized [0,1] image tensors by path (the Shapes images are tiny; real data sets
-    pass capacity=0 to decode every time)."""
+    """Decoded, resized [0,1] image tensors by path, the first ones that fit in `budget_mb`
+    (default: a whole Shapes world at its small image size; a few thousand images at 336 px; the
+    rest are decoded every time)."""
 
-    def __init__(self, size, capacity=50000):
-        self.size, self.capacity, self.store = size, capacity, {}
+    def __init__(self, size, budget_mb=2048):
+        image_bytes = 3 * size * size * 4  # float32 channels x pixels
+        self.size, self.store = size, {}
+        self.capacity = budget_mb * 2**20 // image_bytes
 
     def unit(self, path, file=None, record=None):
         if path in self.store:

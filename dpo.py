@@ -40,11 +40,11 @@ class Config:
     out: str = "ckpt/dpo"                 # run directory: checkpoint-N/, metrics.jsonl, ref_logps-<hash>.pt
     init: str = "ckpt/sft"                # checkpoint to start from; it is also the reference policy
     vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
-    data: str = "shapes"                  # 'shapes' (the world's povid_pairs.json) or a POVID / LLaVA-RLHF preference file
+    data: str = "{world}/povid_pairs.json"  # a POVID or LLaVA-RLHF preference file
     format: str = "auto"                  # auto (by fields), povid (rejected_conversations) or llava_rlhf (output_1/2, preference)
-    val_data: str = ""                    # held-out pairs for reward accuracy (default: Shapes pref_pairs_val.json; none for files)
+    val_data: str = "{world}/pref_pairs_val.json"  # held-out pairs: reward accuracy (empty: none)
     image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
-    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
     world_seed: int = 0                   # seed of the Shapes world
     template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
     max_len: int = 512                    # longest tokenized sequence (longer pairs are dropped, counted)
@@ -156,17 +156,12 @@ def read_pairs(path, fmt, image_folder, on_error):
     return [r for r in recs if r.get("image")], skipped + bad
 
 
-def load_pairs(cfg, d=None):
-    """Training and validation pairs, the skipped-record lines, and a tokenizer dir for fresh models."""
+def load_pairs(cfg):
+    """Training and validation pairs, and the skipped-record lines."""
     on_error = "skip" if cfg.skip_bad else "raise"
-    if cfg.data == "shapes":
-        world = common.on_main_first(d or common.Dist(), lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))  # rank 0 writes it, once
-        train, skipped = read_pairs(os.path.join(world, "povid_pairs.json"), "povid", world, on_error)
-        val, _ = read_pairs(os.path.join(world, "pref_pairs_val.json"), "llava_rlhf", world, on_error)
-        return train, val, skipped, os.path.join(world, "tokenizer")
     train, skipped = read_pairs(cfg.data, cfg.format, cfg.image_folder, on_error)
     val, bad = read_pairs(cfg.val_data, "auto", cfg.image_folder, on_error) if cfg.val_data else ([], [])
-    return train, val, skipped + bad, ""
+    return train, val, skipped + bad
 
 
 class Pairs:
@@ -325,11 +320,15 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
 
 def main(cfg):
     check_config(cfg)
+    cfg, named = common.world_paths(cfg, companions=("val_data",))
     common.check_world("dpo.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
-    train_recs, val_recs, skipped, tok_dir = load_pairs(cfg, d)
+    if named:  # rank 0 writes the Shapes world once (if missing), the others wait
+        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
+    train_recs, val_recs, skipped = load_pairs(cfg)
     if skipped and d.main:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     noise_gen = torch.Generator().manual_seed(cfg.seed)  # POVID noise seeds: the same on every rank, saved in checkpoints
@@ -361,14 +360,14 @@ def main(cfg):
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
-    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    images = ImageCache(model.config.image_size)
     train = Pairs(train_recs, tokenizer, model.config, cfg, images)
     val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {len(train_recs)} pairs longer than --max_len {cfg.max_len}")
     if len(train) == 0:
         raise common.ConfigError("no training pairs left (all records were dropped or skipped)")
-    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.val_data]
+    data_files = [cfg.data, cfg.val_data]
     common.start_writing(cfg, d, data_files)
     ref = None
     if cfg.lora_r == 0 and cfg.loss != "ref_free":  # on --resume the init model is loaded again only if the cache is gone

@@ -871,7 +871,7 @@ def yes_no(text):
 def _errors(answer, q):
     """oracle.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground truth's."""
     r = oracle.oracle(answer, q["objects"])
-    errs = r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
+    errs = common.oracle_errors(r)
     if q.get("gt") and yes_no(q["gt"]) and yes_no(answer) and yes_no(answer) != yes_no(q["gt"]):
         errs.append(f"answered {yes_no(answer)}")
     return r, errs

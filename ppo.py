@@ -61,10 +61,10 @@ class Config:
     out: str = "ckpt/ppo"                 # run directory: checkpoint-N/ (each one the policy alone) and metrics.jsonl
     init: str = "ckpt/sft"                # the SFT checkpoint: policy start, reference, frozen base
     reward: str = "ckpt/rm"               # reward.py checkpoint ('reward' adapter + head; its facts setting is used)
-    data: str = "shapes"                  # 'shapes', or a LLaVA-RLHF RL prompt file
-    captions: str = ""                    # LLaVA-RLHF image_to_caption.json for --data FILE (when the RM uses facts)
+    data: str = "{world}/rl_prompts.json"  # LLaVA-RLHF RL prompts (the world's: captions inline)
+    captions: str = ""                    # LLaVA-RLHF image_to_caption.json (facts --data lacks)
     image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
-    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
     world_seed: int = 0                   # seed of the Shapes world
     max_prompt_len: int = 256             # longest prompt in tokens, image included (longer: dropped and counted)
     max_new_tokens: int = 48              # response length limit (LLaVA-RLHF: 896)
@@ -103,7 +103,7 @@ class Config:
     correct_rule: str = "word"            # Yes/No bonus: 'word' (whole word) or 'prefix' (LLaVA-RLHF: startswith)
     max_steps: int = 40                   # PPO steps (rollout + update)
     log_every: int = 1                    # a log line every N steps
-    oracle_every: int = 1                 # Shapes: oracle hallucination rate of the rollouts every N steps (0: off)
+    oracle_every: int = 1                 # world's --data: oracle hallucination rate every N steps
     save_every: int = 20                  # checkpoint every N steps (and at the end)
     export: str = "merged"                # final policy: 'merged' (full weights) or 'adapter' (LoRA, base = --init)
     seed: int = 0                         # seed for prompt order, sampling and minibatches
@@ -315,11 +315,10 @@ def build_roles(cfg, d, tok_dir=""):
 
 def load_prompts(cfg, need_captions, tokenizer, model, template):
     """RL prompts (LLaVA-RLHF format) tokenized for generation; too-long ones dropped and counted."""
-    path = os.path.join(cfg.world, "rl_prompts.json") if cfg.data == "shapes" else cfg.data
-    folder = cfg.world if cfg.data == "shapes" else (cfg.image_folder or None)
-    recs = read_rl_prompts(path, folder, captions_path=cfg.captions or None, need_captions=need_captions)
-    if cfg.data != "shapes":  # every image decodes, before any step
-        check_images(recs, path)
+    path = cfg.data
+    recs = read_rl_prompts(path, cfg.image_folder or None, captions_path=cfg.captions or None,
+                           need_captions=need_captions)
+    check_images(recs, path)  # every image decodes, before any step
     c, out = model.config, []
     for r in recs:
         t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens, 1 << 30, template)
@@ -498,6 +497,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
 
 
 def main(cfg):
+    cfg, named = common.world_paths(cfg, companions=("captions",))
     common.check_world("ppo.py", cfg.fsdp)
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
@@ -512,16 +512,17 @@ def main(cfg):
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --minibatch_size "
                                  f"{cfg.minibatch_size}, which must be a multiple of the {d.world} processes")
     common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
-    tok_dir = ""
-    if cfg.data == "shapes":
-        tok_dir = os.path.join(shapes.ensure_world(cfg.world, seed=cfg.world_seed), "tokenizer")
+    if named:  # the Shapes world, written once if missing
+        shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)  # rollout sampling stream
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
     policy, critic, tokenizer = build_roles(cfg, d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
-    objects = shapes.load_world(cfg.world)["by_file"] if cfg.data == "shapes" and cfg.oracle_every else None
-    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.captions]
+    oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
+    objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
+    data_files = [cfg.data, cfg.captions]
     common.start_writing(cfg, d, data_files)
     pol_params = policy.adapter_parameters("policy")
     val_params = critic.adapter_parameters("value") + list(critic.heads["value"].parameters())
@@ -538,7 +539,7 @@ def main(cfg):
         print(f"{len(prompts)} RL prompts ({dropped} too long) | reward {cfg.reward}: facts {rm[0]}, "
               f"{'one shared base' if shared else 'a separate frozen model'} | "
               f"{sum(p.numel() for p in params) / 1e6:.3f}M trainable | {d.world} process(es)")
-    images = ImageCache(policy.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    images = ImageCache(policy.config.image_size)
     log, base = common.Logger(cfg.out, d.main), resolve_checkpoint(cfg.init)
     for step in range(start, cfg.max_steps):
         lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio)

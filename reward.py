@@ -9,6 +9,17 @@ adapter 'reward' and a scalar head 'reward' read at the last token of an evaluat
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
         --lr 2e-5 --batch_size 32 --max_steps 300 --device cuda --dtype bf16
 
+The scored sequence (data.reward_item; ppo.py scores its rollouts with the same one, so it lives in
+data.py beside the template): the conversation, the response, then an evaluation turn
+    USER: Please evaluate the quality of your last response. There are several dimensions ... (the
+          criteria: accurate, helpful, natural, concise) {facts}
+    ASSISTANT: Following your definitions, the quality score of my last response is
+and the score is read at its last token. With --facts, {facts} says the response should be fully
+supported by the image's captions, listed one '  - caption' a line in a shuffled order (Fact-RLHF);
+without, it is empty. The wording is LLaVA-RLHF's fact_rlhf_reward_prompt.txt verbatim (data.py:
+EVAL_QUESTION, FACTS_INTRO, EVAL_ANSWER, eval_question); --eval_prompt short keeps the facts and
+says the rest in half the tokens.
+
 Loss (InstructGPT Eq. 1, as LLaVA-RLHF's RewardModelTrainer.compute_loss writes it):
     L = mean_pairs[-log sigmoid(r_chosen - r_rejected)] + 1e-3 * |mean_pairs(r_chosen + r_rejected)|
 The second term keeps the scores centred at 0 (the pairwise loss alone ignores their offset).
@@ -36,16 +47,16 @@ class Config:
     """Fact-RLHF reward model: LoRA + scalar head on the SFT model, trained on preference pairs."""
     out: str = "ckpt/rm"                  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
     init: str = "ckpt/sft"                # the SFT checkpoint (its weights stay frozen; the RM is saved with base= it)
-    data: str = "shapes"                  # 'shapes', or a LLaVA-RLHF human-preference file
-    captions: str = ""                    # LLaVA-RLHF image_to_caption.json (facts for --data FILE records)
+    data: str = "{world}/pref_pairs.json"  # a LLaVA-RLHF human-preference file ({world}: --world)
+    captions: str = "{world}/image_to_caption.json"  # LLaVA-RLHF facts file (read with --facts)
     image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
-    val_data: str = ""                    # held-out preference file (Shapes: its val split; files: split off --data)
+    val_data: str = "{world}/pref_pairs_val.json"  # held-out pairs (empty: split off --data)
     eval_size: int = 500                  # held-out pairs used, at most (LLaVA-RLHF splits 500 off its data)
-    pairs: str = "injected"               # Shapes: 'injected' (truth vs injected hallucination) | 'sampled' (oracle-ranked)
+    pairs: str = "injected"               # 'injected' (the file's) or 'sampled' (oracle-ranked)
     n_sampled: int = 1000                 # --pairs sampled: prompts to sample two answers for (ties dropped, counted)
     sample_temperature: float = 0.7       # --pairs sampled: sampling temperature
     sample_max_new_tokens: int = 64       # --pairs sampled: answer length limit
-    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
     world_seed: int = 0                   # seed of the Shapes world
     facts: bool = True                    # Fact-RLHF: the evaluation turn lists the image captions (false: plain RLHF)
     eval_prompt: str = "llava-rlhf"       # evaluation turn: 'llava-rlhf' (verbatim) | 'short' (same facts, half the tokens)
@@ -101,30 +112,24 @@ def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
 def load_pairs(cfg, d, model, tokenizer):
     """(train, val, stats): pairs {prompt, chosen, rejected, captions, image} and counts of what was dropped."""
     stats = {}
-    if cfg.data != "shapes":
-        recs = read_llava_rlhf_preference(cfg.data, cfg.image_folder or None, captions_path=cfg.captions or None,
-                                          need_captions=cfg.facts)
-        check_images(recs, cfg.data)  # every image decodes, before any step
-        if cfg.val_data:
-            val = read_llava_rlhf_preference(cfg.val_data, cfg.image_folder or None,
-                                             captions_path=cfg.captions or None, need_captions=cfg.facts)
-            return recs, check_images(val[:cfg.eval_size], cfg.val_data)[0], stats
-        perm = torch.randperm(len(recs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = min(cfg.eval_size, len(recs) // 10)  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
-        return [recs[i] for i in perm[n_val:]], [recs[i] for i in perm[:n_val]], stats
-    world = cfg.world
-    caps = shapes.world_captions(world)
-    out = []
-    for name in ("pref_pairs.json", "pref_pairs_val.json"):
-        recs = read_llava_rlhf_preference(os.path.join(world, name), world)[:cfg.eval_size if "val" in name else None]
-        for r in recs:
-            r["captions"] = caps[os.path.relpath(r["image"], world)]
-        out.append(recs)
+    captions = cfg.captions if cfg.facts else None
+    folder = cfg.image_folder or None
+    read = lambda path: read_llava_rlhf_preference(path, folder, captions_path=captions or None,
+                                                   need_captions=cfg.facts)
+    train = check_images(read(cfg.data), cfg.data)[0]  # every image decodes, before any step
+    if cfg.val_data:
+        val = check_images(read(cfg.val_data)[:cfg.eval_size], cfg.val_data)[0]
+    else:  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        perm = torch.randperm(len(train), generator=g).tolist()
+        n_val = min(cfg.eval_size, len(train) // 10)
+        train, val = [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
     if cfg.pairs == "sampled":
-        objects = shapes.load_world(world)["by_file"]
-        out[0], stats["train"] = sample_pairs(cfg, d, model, tokenizer, out[0][:cfg.n_sampled], objects, world, 0)
-        out[1], stats["val"] = sample_pairs(cfg, d, model, tokenizer, out[1], objects, world, 1)
-    return out[0], out[1], stats
+        objects = shapes.load_world(cfg.world)["by_file"]
+        train = train[:cfg.n_sampled]
+        train, stats["train"] = sample_pairs(cfg, d, model, tokenizer, train, objects, cfg.world, 0)
+        val, stats["val"] = sample_pairs(cfg, d, model, tokenizer, val, objects, cfg.world, 1)
+    return train, val, stats
 
 
 @torch.no_grad()
@@ -156,7 +161,10 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
         if not a or not b:
             stats["empty"] += 1
             continue
-        objs = objects[os.path.relpath(r["image"], world)]
+        objs = objects.get(os.path.relpath(r["image"], world))
+        if objs is None:
+            why = "the oracle that ranks the samples reads the world's annotations"
+            raise common.ConfigError(f"--pairs sampled: {r['image']} is not in {world} ({why})")
         ha, hb = (oracle.oracle(x, objs)["num_hallucinations"] for x in (a, b))
         if ha == hb:
             stats["ties"] += 1
@@ -237,18 +245,20 @@ def partner_pairs(val, world):
 
 
 def main(cfg):
+    companions = ("val_data", "captions") if cfg.facts else ("val_data",)
+    cfg, named = common.world_paths(cfg, companions=companions)
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
-    tok_dir = os.path.join(cfg.world, "tokenizer") if cfg.data == "shapes" else ""
+    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     if cfg.eval_prompt not in ("llava-rlhf", "short"):
         raise common.ConfigError(f"--eval_prompt must be 'llava-rlhf' or 'short', got '{cfg.eval_prompt}'")
     if cfg.pairs not in ("injected", "sampled"):
         raise common.ConfigError(f"--pairs must be 'injected' or 'sampled', got '{cfg.pairs}'")
-    if cfg.data == "shapes":
-        shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+    if named or cfg.pairs == "sampled":  # rank 0 writes the world (if missing), the others wait
+        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
     model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init,
                                                        tokenizer_dir=tok_dir, device=d.device)
@@ -270,7 +280,7 @@ def main(cfg):
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train:
         raise common.ConfigError("no training pairs left (all were dropped)")
-    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else [cfg.data, cfg.val_data, cfg.captions]
+    data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
     common.start_writing(cfg, d, data_files)
     if cfg.pairs == "sampled" and d.main:
         with open(os.path.join(cfg.out, "sampled_pairs.json"), "w") as f:
@@ -282,7 +292,7 @@ def main(cfg):
         start = state["step"]
         print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    images = ImageCache(model.config.image_size)
     if d.main:
         extra = f" | sampled: {stats}" if stats else ""
         print(f"{len(train)} training pairs, {len(val)} held-out | facts {cfg.facts} | "
@@ -317,14 +327,14 @@ def main(cfg):
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d)
     if val and not metrics:  # (resumed after the last step)
         metrics = evaluate(model, val, cfg, tokenizer, images, d)
-    partner = partner_pairs(val, cfg.world) if cfg.data == "shapes" and val else []
+    partner = partner_pairs(val, cfg.world) if "val_data" in named else []
     if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
         part = evaluate(model, partner, cfg, tokenizer, images, d)
         metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
     if d.main:
         with open(os.path.join(cfg.out, "report.json"), "w") as f:
             json.dump({**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt, "data": cfg.data,
-                       "pairs": cfg.pairs if cfg.data == "shapes" else "file",
+                       "pairs": cfg.pairs,
                        "train_pairs": len(train), "dropped_too_long": dropped, "sampled": stats}, f, indent=2)
         if metrics:
             print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} on {metrics['n_val']} pairs"

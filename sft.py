@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import common
 import oracle
@@ -43,18 +44,19 @@ class Config:
     out: str = "ckpt/sft"                 # run directory: checkpoint-N/ subdirectories and metrics.jsonl
     init: str = ""                        # checkpoint to start from (ours, llava-hf, original LLaVA, or a LLaMA dir); empty: fresh --model
     vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
-    tokenizer: str = ""                   # tokenizer directory for a fresh --model (default: the Shapes world's)
+    tokenizer: str = "{world}/tokenizer"  # tokenizer directory for a fresh --model
     model: str = "shapes"                 # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
-    data: str = "shapes"                  # 'shapes', or FILE[:weight],FILE[:weight] (LLaVA instruct or LRV files)
+    data: str = "{world}/sft.json"        # FILE[:weight],FILE[:weight] (LLaVA instruct or LRV)
     image_folder: str = ""                # folder image paths are relative to (default: each data file's folder)
-    val_data: str = ""                    # validation file (default: the Shapes val split; none for files)
-    world: str = "data/shapes"            # where the Shapes world is written on first use and reused
+    val_data: str = "{world}/sft_val.json"  # validation file (empty: none)
+    align_data: str = "{world}/align.json"  # fresh --model: stage-1 captions, plain template
+    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
     world_seed: int = 0                   # seed of the Shapes world
-    lrv: bool = False                     # Shapes: add LRV's single-turn instruction set (positives + negatives)
+    lrv: bool = False                     # add the world's LRV single-turn set (with negatives)
     neg_ratio: float = 0.5                # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
     blank_images: bool = False            # control run: every image replaced by a blank one
     template: str = "vicuna_v1"           # conversation template: vicuna_v1, llava_v1, or plain (stage-1 captions)
-    align_steps: int = 1000               # Shapes from scratch: first N steps align (stage 1; <= max_steps // 2; 0: none)
+    align_steps: int = 1000               # fresh --model: first N steps align (<= max_steps // 2)
     align_batch_size: int = 32            # sequences per alignment step (a description is ~1/4 of a conversation)
     max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
     lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model
@@ -88,7 +90,7 @@ class Config:
     overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
-    report: bool = True                   # Shapes: held-out accuracy per question type after training
+    report: bool = True                   # world's --data: held-out accuracy per question type
     report_n: int = 100                   # questions per type in the report
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)",
@@ -103,32 +105,30 @@ class Config:
 
 
 def load_records(cfg):
-    """Training and validation conversations (LLaVA instruct records) and what was skipped."""
+    """Training and validation conversations (LLaVA instruct records) and what was skipped. --lrv
+    adds the world's LRV file at --neg_ratio (shapes.lrv_file writes it on first use for --seed)."""
     on_error = "skip" if cfg.skip_bad else "raise"
-    skipped = []
-    if cfg.data == "shapes":
-        world = cfg.world
-        train = read_any_conversations(os.path.join(world, "sft.json"), world)
-        if cfg.lrv:  # LRV: single-turn instructions, neg_ratio of them negative
-            train = train + shapes.lrv_mix(world, cfg.neg_ratio, seed=cfg.seed)
-        val = read_any_conversations(os.path.join(world, "sft_val.json"), world)
-        return train, val, skipped
-    train = []
-    for path, weight in common.data_specs(cfg.data):
+    folder = cfg.image_folder or None
+    specs = [(path, weight, folder) for path, weight in common.data_specs(cfg.data)]
+    if cfg.lrv:  # LRV: single-turn instructions, neg_ratio of them negative; images in the world
+        specs.append((shapes.lrv_file(cfg.world, cfg.neg_ratio, cfg.seed), "", cfg.world))
+    train, skipped = [], []
+    for path, weight, image_folder in specs:
         try:
             w = float(weight) if weight else 1.0
         except ValueError:  # not a weight: the ':' belongs to the path
             path, w = f"{path}:{weight}", 1.0
         if not 0 < w < float("inf"):
             raise common.ConfigError(f"--data: weight '{weight}' of {path} must be a finite number > 0")
-        got = read_any_conversations(path, cfg.image_folder or None, on_error=on_error)
+        got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
         skipped += bad
         recs, bad = check_images(recs, path, on_error)
         skipped += bad
         g = torch.Generator().manual_seed(cfg.seed)  # weight w: round(w * n) records, repeated or subsampled
         n = round(w * len(recs))
-        idx = torch.cat([torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))])[:n]
+        copies = [torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))]
+        idx = torch.arange(n) if n == len(recs) else torch.cat(copies)[:n]  # weight 1: as it is
         train += [recs[i] for i in idx.tolist()]
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
     return train, val, skipped
@@ -165,13 +165,17 @@ class Tokenized:
 
 
 def main(cfg):
-    aligning = cfg.data == "shapes" and not cfg.init and cfg.align_steps > 0
+    fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
+    reads = ("data", "tokenizer") if fresh else ("data",)
+    companions = ("val_data", "align_data") if fresh else ("val_data",)
+    cfg, named = common.world_paths(cfg, reads, companions)
+    aligning = bool(cfg.align_data) and not cfg.init and cfg.align_steps > 0
     common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **({"align_batch_size": cfg.align_batch_size}
                                                                         if aligning else {}))
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
-    if cfg.data == "shapes" or not (cfg.init or cfg.tokenizer or cfg.resume):  # the world (and its tokenizer)
+    if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     train_records, val_records, skipped = load_records(cfg)
     if skipped:
@@ -180,8 +184,7 @@ def main(cfg):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     model, tokenizer = common.load_model_and_tokenizer(
         cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init,  # FSDP: shards later
-        cfg.model, cfg.vision_tower, cfg.tokenizer or os.path.join(cfg.world, "tokenizer"),
-        d.device)
+        cfg.model, cfg.vision_tower, cfg.tokenizer, d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:
@@ -194,22 +197,22 @@ def main(cfg):
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=dtype is not None)
-    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    images = ImageCache(model.config.image_size)
     train = Tokenized(train_records, tokenizer, model.config, cfg, images)
     val = Tokenized(val_records, tokenizer, model.config, cfg, images)
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations that do not fit "
               f"--max_len {cfg.max_len} with at least part of the first answer")
-    align = None  # stage 1 on Shapes: image -> description pairs, plain template
-    if cfg.data == "shapes" and not cfg.init and cfg.align_steps > 0:  # a fresh model; --resume keeps the rule
-        align = Tokenized(read_any_conversations(os.path.join(cfg.world, "align.json"), cfg.world),
-                          tokenizer, model.config, cfg, images, template="plain")
+    align = None  # stage 1: image -> caption pairs, plain template
+    if aligning:  # a fresh model; --resume keeps the rule
+        align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
+        align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
     align_steps = min(cfg.align_steps, cfg.max_steps // 2) if align else 0
     if len(train) == 0:
         raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} conversations do not fit "
                                  f"--max_len {cfg.max_len}, {len(skipped)} bad records skipped")
-    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else \
-        [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
+    data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
+    data_files += [cfg.align_data] if aligning else []
     common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
@@ -244,7 +247,7 @@ def main(cfg):
         for chunk in micro:
             batch = common.to_device(make_batch([dataset[i] for i in chunk], tokenizer, cfg), d.device)
             with autocast:
-                loss = common.lm_loss(model, batch, n_global)
+                loss = lm_loss(model, batch, n_global)
             loss.backward()
             loss_sum += loss.detach().float().cpu()
             tokens += int(batch["attention_mask"].sum())
@@ -265,9 +268,23 @@ def main(cfg):
     if cfg.lora_r > 0 and d.main:  # the SFT model later stages start from: adapter merged into the base
         model.merge_adapter("sft")
         common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
-    if cfg.data == "shapes" and cfg.report and d.main:
+    if "data" in named and cfg.report and d.main:  # the world's held-out questions, scored exactly
         report(model, tokenizer, cfg)
     common.cleanup_dist()
+
+
+def lm_loss(model, batch, n_global):
+    """LLaVA Eq. 3: -sum of log p(answer token | tokens before it, image) / n_global, the answer
+    tokens of the global batch. The head runs only on labelled positions: with a 32k vocabulary
+    the (B, T, V) logits would dominate memory. Right padding needs no mask (causal attention keeps
+    real tokens off the pads); a packed batch's seq_lens keep attention within each sequence."""
+    seq_lens = batch.get("seq_lens")
+    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True,
+              seq_lens=seq_lens)
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    answer = labels != IGNORE
+    logits = model.logits(h[:, :-1][answer]).float()
+    return F.cross_entropy(logits, labels[answer], reduction="sum") / n_global
 
 
 def make_batch(items, tokenizer, cfg):
@@ -283,7 +300,7 @@ def validation_loss(model, val, cfg, tokenizer, d):
     total, count = torch.zeros(()), torch.zeros(())
     for chunk, counts in common.rank_chunks(n, cfg.batch_size, d):
         batch = common.to_device(make_batch([val[i] for i in chunk], tokenizer, cfg), d.device)
-        loss = common.lm_loss(model, batch, 1.0).float().cpu()
+        loss = lm_loss(model, batch, 1.0).float().cpu()
         if counts:
             total += loss
             count += val.n_labels[chunk].sum()

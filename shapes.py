@@ -28,7 +28,7 @@ from data import (POSITIONS, _pick, a, count_phrase, inject_hallucination, join_
 from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9  # 8: text_only_qa 0.3, held-out pairs; 9: image_to_caption.json, vigc_images.txt, lrv/
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -819,8 +819,37 @@ def _fill(out, seed, p):
         "pair_injections": dict(sorted(stats.items())), "sft_flaws": sft_flaw_stats(sft, split["train"])}}
     _dump(world, os.path.join(out, "world.json"))
     build_tokenizer(out, p["vocab_size"])
+    write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
     world["stats"]["seconds"] = round(time.time() - t0, 1)  # printed, not stored: files stay byte-identical
     return world
+
+
+def write_stage_inputs(out, neg_ratio):
+    """The rest of what the stages read, in public formats, from the files already written:
+    image_to_caption.json (LLaVA-RLHF's facts file, keyed by the image as the preference files
+    write it), vigc_images.txt (the unlabeled images VIGC generates for, one path a line) and
+    the LRV set at the world's --neg_ratio (lrv_file)."""
+    _dump(world_captions(out), os.path.join(out, "image_to_caption.json"))
+    unlabeled = json.load(open(os.path.join(out, "vigc_instructions.json")))["unlabeled"]
+    with open(os.path.join(out, "vigc_images.txt"), "w") as f:
+        f.writelines(x["image"] + "\n" for x in unlabeled)
+    lrv_file(out, neg_ratio, 0)
+
+
+def lrv_file(world_dir, neg_ratio, seed):
+    """WORLD/lrv/neg{neg_ratio}-seed{seed}.json: lrv_mix's records as a LLaVA instruct file (image
+    paths relative to the world, the image folder to read it with), written on first use; parallel
+    runs asking for the same one write it atomically."""
+    path = os.path.join(world_dir, "lrv", f"neg{neg_ratio}-seed{seed}.json")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    recs = lrv_mix(world_dir, neg_ratio, seed)
+    recs = [dict(r, image=os.path.relpath(r["image"], world_dir)) for r in recs]
+    tmp = f"{path}.tmp{os.getpid()}"
+    _dump(recs, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def sft_flaw_stats(records, imgs):

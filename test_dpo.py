@@ -51,7 +51,7 @@ def args(env, out, *extra):
 
 
 def pairs(env, model, n=4, cfg=None):
-    recs, _, _, _ = dpo.load_pairs(cfg or dpo.Config(data=env["train"]))
+    recs, _, _ = dpo.load_pairs(cfg or dpo.Config(data=env["train"], val_data=""))
     return dpo.Pairs(recs[:n], env["tok"], model.config, cfg or dpo.Config(), ImageCache(model.config.image_size))
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import common
+import sft
 from conftest import assert_same_metrics, run_cli
 from data import IGNORE, collate, pack
 from model import LLaVA
@@ -30,7 +30,7 @@ def items(m, lengths, seed=0):
 def loss_and_grads(m, batch):
     m.zero_grad(set_to_none=True)
     n = (batch["labels"][:, 1:] != IGNORE).sum()
-    loss = common.lm_loss(m, batch, n)
+    loss = sft.lm_loss(m, batch, n)
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
 
@@ -53,8 +53,28 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(one_thread, checkpoint
         torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-6, rtol=1e-4, msg=k)
     # attention really stays within a sequence: without seq_lens the same row gives another loss
     with torch.no_grad():
-        leaky = common.lm_loss(m, {k: v for k, v in packed.items() if k != "seq_lens"}, 1)
+        leaky = sft.lm_loss(m, {k: v for k, v in packed.items() if k != "seq_lens"}, 1)
     assert abs(float(leaky) - float(loss_b) * int((packed["labels"][:, 1:] != IGNORE).sum())) > 1e-3
+
+
+def test_sft_loss_by_hand():
+    """sft.lm_loss = -sum over answer tokens of log p(token | the tokens before it) / n_global: a stub
+    model whose logits at position t are a fixed table row, the arithmetic written out."""
+    table = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])  # logits at t = 0, 1, 2
+
+    class Stub(torch.nn.Module):
+        def forward(self, pixel_values, input_ids, attention_mask, return_hidden, seq_lens):
+            return table[None]  # "hidden states" (1, 3, 3), the head below is the identity
+
+        def logits(self, h):
+            return h
+    batch = {"pixel_values": None, "input_ids": torch.tensor([[0, 1, 2]]),
+             "labels": torch.tensor([[IGNORE, IGNORE, 2]])}  # one answer token: 2, predicted at t = 1
+    want = -torch.log_softmax(table[1], -1)[2] / 4  # n_global 4: the global batch's answer tokens
+    torch.testing.assert_close(sft.lm_loss(Stub(), batch, 4), want)
+    batch["labels"] = torch.tensor([[IGNORE, 1, 2]])  # two: token 1 at t = 0, token 2 at t = 1
+    want = -(torch.log_softmax(table[0], -1)[1] + torch.log_softmax(table[1], -1)[2]) / 2
+    torch.testing.assert_close(sft.lm_loss(Stub(), batch, 2), want)
 
 
 def test_pack_refuses_a_label_on_the_first_token():

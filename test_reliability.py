@@ -26,6 +26,7 @@ import types
 import pytest
 import torch
 
+import common
 from conftest import HERE, assert_same_metrics, merge_flags, run_cli, run_script
 
 PY = sys.executable
@@ -137,6 +138,15 @@ def _held_lock(t, pid="4242"):
     f.flush()
     t.keep.append(f)  # held until the case ends
     return []
+
+
+def _run_on_changed_sft_json(w, t):
+    """OUT/run.json of a run on the world's files (those sft.py reads from a fresh model), sft.json
+    since changed (another digest)."""
+    read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
+    t.file("out/run.json", {"data": dict(digests, **{read[0]: "0" * 64})})
+    return ["--resume", "true", "--overwrite", "false", "--batch_size", "8"]
 
 
 def _world_copy(t, change):
@@ -530,9 +540,7 @@ BAD_INPUT += [
     C("eval", "second-writer", "another eval holds --out's lock",
       lambda w, t: _held_lock(t, "778"), ("another process (pid 778) is writing there",)),
     C("sft", "resume-other-data", "--resume when a data file changed since the run started",
-      lambda w, t: (t.file("out/run.json", {"data": {os.path.join(w.world, "world.json"): "0" * 64}}),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
-      ("world.json", "--resume on other data", "changed since the run started")),
+      _run_on_changed_sft_json, ("sft.json", "--resume on other data", "changed since the run started")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
       lambda w, t: (t.file("out/run.json", "{"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("run.json", "cannot read")),
@@ -670,8 +678,9 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     assert {os.path.relpath(p, aside[0]): h for p, h in tree_hashes(aside[0]).items()} == before
     assert os.path.exists(out / "checkpoint-000001" / "config.json") and not os.path.exists(out / "checkpoint-000003")
     assert [r["step"] for r in metric_rows(out)] == [1, 1]  # this run's lines only (loss, then val_loss)
-    assert json.load(open(out / "run.json"))["data"] == {os.path.join(w.world, "world.json"): hashlib.sha256(
-        open(os.path.join(w.world, "world.json"), "rb").read()).hexdigest()}
+    read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
+    assert json.load(open(out / "run.json"))["data"] == digests  # the world's files it read
 
 
 def test_lock_is_released_and_names_its_holder(w, tmp_path):
@@ -737,7 +746,8 @@ def reliability_md():
         "  batch (sft, dpo, within 1e-5); PPO whitens advantages with statistics over every rank.",
         "- **non-finite loss or gradient**: the run stops with `step N: non-finite ...; Last good checkpoint: ...`",
         "  (exit 2; that checkpoint loads and resumes), or skips the update with `--skip_nonfinite true`",
-        "  (sft, reward, ppo, dpo, vigc). Tests inject the fault with `FACTALIGN_FAULT_STEP=N` (common.py).",
+        "  (sft, reward, ppo, dpo, vigc). Tests inject the fault by patching "
+        "`common.optimizer_step`.",
         "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run config; a newer or",
         "  foreign format is refused in one line.",
         "- **ranges**: every flag of every script (shapes.py and pipeline.py included) is checked against the rule",
@@ -955,6 +965,18 @@ def checkpoint_tensors(ck):
     return got
 
 
+def fault_at(n, optimizer_step):
+    """optimizer_step with the gradient of update step n (1-based, as logged) made NaN, as an
+    overflow would, and the loss with it: every stage's updates reach the non-finite guard."""
+    def step_with_fault(opt, params, d, step, cfg, loss=None, reduce=True):
+        if step + 1 == n:
+            grad = next(p.grad for p in params if p.grad is not None and p.grad.numel())
+            common._local(grad).view(-1)[0] = float("nan")
+            loss = None if loss is None else loss * float("nan")
+        return optimizer_step(opt, params, d, step, cfg, loss, reduce)
+    return step_with_fault
+
+
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc"])
 def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(script, w, tmp_path, monkeypatch):
     from checkpoint import load_checkpoint
@@ -962,7 +984,7 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     argv = base_args(script, w, out) + ["--max_steps", "2", "--save_every", "1", "--log_every", "1"]
     if script == "ppo":
         argv += ["--export", "adapter"]  # the last checkpoint stays comparable with the first (policy adapter)
-    monkeypatch.setenv("FACTALIGN_FAULT_STEP", "2")  # common._injected_fault: the gradient of step 2 is NaN
+    monkeypatch.setattr(common, "optimizer_step", fault_at(2, common.optimizer_step))
     code, _, err = run_cli(script, argv)
     good = os.path.join(out, "checkpoint-000001")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -52,6 +52,17 @@ def test_vic_example_learns_only_the_rest_and_prompt_is_its_prefix(tiny_ckpt):
     assert tok.decode(plain["input_ids"][plain["labels"] != IGNORE].tolist(), skip_special_tokens=True).strip() == prefix + " " + rest
 
 
+def scripted(fn):
+    """common.generate_answers (vigc generates through it) answering from
+    fn(items, temperature, num_beams): a list of (text, finished)."""
+    def fake(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0, *args,
+             num_beams=1, return_finished=False, **kw):
+        out = fn(items, temperature, num_beams)
+        texts, finished = [t for t, _ in out], [f for _, f in out]
+        return (texts, finished) if return_finished else texts
+    return fake
+
+
 def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch):
     from data import ImageCache
     model, tok = common.load_model_and_tokenizer(tiny_ckpt)
@@ -60,7 +71,7 @@ def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch
              for i in range(3)]
     questions = ["Is there a circle?", "How many squares are there?", "Describe the image in detail."]
     prompts, outputs = [], []
-    real_prompt, real_generate = vigc.prompt, vigc.generate_texts
+    real_prompt, real_generate = vigc.prompt, common.generate_answers
 
     def spy_prompt(tokenizer, model, question, prefix, unit, cfg):
         item = real_prompt(tokenizer, model, question, prefix, unit, cfg)
@@ -69,10 +80,10 @@ def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch
 
     def spy_generate(*args, **kw):
         out = real_generate(*args, **kw)
-        outputs.extend(out)
+        outputs.extend(zip(*out))  # (texts, finished): vigc.correct asks for both
         return out
     monkeypatch.setattr(vigc, "prompt", spy_prompt)
-    monkeypatch.setattr(vigc, "generate_texts", spy_generate)
+    monkeypatch.setattr(common, "generate_answers", spy_generate)
     answers, steps = vigc.correct(model, tok, questions, units, cfg, torch.Generator().manual_seed(0))
     assert len(prompts) == len(outputs) == sum(steps) and max(steps) == 3
     kept = {q: [] for q in questions}
@@ -90,12 +101,12 @@ def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch
 def test_correction_stops_at_eos_and_at_the_step_limit(monkeypatch):
     script = []  # one list of (text, finished) per call, for the active items in order
 
-    def fake(model, tokenizer, items, cfg, temperature, generator=None):
+    def fake(items, temperature, num_beams):
         out = script.pop(0)
         assert len(out) == len(items)
         return out
     monkeypatch.setattr(vigc, "prompt", lambda tokenizer, model, q, prefix, unit, cfg: (q, prefix))
-    monkeypatch.setattr(vigc, "generate_texts", fake)
+    monkeypatch.setattr(common, "generate_answers", scripted(fake))
     cfg = vigc.Config(max_correction_steps=4)
     script[:] = [[("One. Two.", False), ("Alpha.", True), ("", True)], [("Two. Three.", True)], [("Three.", True)]]
     answers, steps = vigc.correct(None, None, ["a", "b", "c"], [None] * 3, cfg)
@@ -112,11 +123,11 @@ def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_s
     instruction by beam search and keeps the text up to the first '.' (none: nothing), 4 steps, EOS or not."""
     script, calls = [], []
 
-    def fake(model, tokenizer, items, cfg, temperature, generator=None, num_beams=1):
+    def fake(items, temperature, num_beams):
         calls.append((items, temperature, num_beams))
         return script.pop(0)
     monkeypatch.setattr(vigc, "prompt", lambda tokenizer, model, q, prefix, unit, cfg: (q, prefix))
-    monkeypatch.setattr(vigc, "generate_texts", fake)
+    monkeypatch.setattr(common, "generate_answers", scripted(fake))
     cfg = vigc.Config(vic_mode="reference")
     jobs = [{"instruction": "Ask about the image.", "q": "What is there?", "unit": None},
             {"instruction": "Describe it.", "q": "Describe the image.", "unit": None}]
@@ -141,12 +152,12 @@ def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_s
 
 def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path, monkeypatch):
     beams = []
-    real = vigc.generate_texts
+    real = common.generate_answers
 
     def spy(*args, **kw):
-        beams.append(args[6] if len(args) > 6 else kw.get("num_beams", 1))
+        beams.append(kw.get("num_beams", 1))
         return real(*args, **kw)
-    monkeypatch.setattr(vigc, "generate_texts", spy)
+    monkeypatch.setattr(common, "generate_answers", spy)
     monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))  # an untrained model's VIG
     out = str(tmp_path / "ref")
     code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
@@ -179,10 +190,10 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
     broken ones, and the file is LLaVA instruct data that formats.read_llava and sft.py accept."""
     n_vig = [0]
 
-    def fake(model, tokenizer, items, cfg, temperature, generator=None):
+    def fake(items, temperature, num_beams):
         out = []
         for it in items:
-            text = tokenizer.decode(it["input_ids"].tolist(), skip_special_tokens=True)
+            text = tok.decode(it["input_ids"].tolist(), skip_special_tokens=True)
             if "Generate" in text or "Ask" in text:  # a VIG prompt (the world's type instructions)
                 assert text.rstrip().endswith("ASSISTANT: Question:")  # the answer starts with its marker
                 n_vig[0] += 1
@@ -193,7 +204,8 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
             else:
                 out.append(("It is in the center.", True))
         return out
-    monkeypatch.setattr(vigc, "generate_texts", fake)
+    tok = common.load_model_and_tokenizer(tiny_ckpt)[1]
+    monkeypatch.setattr(common, "generate_answers", scripted(fake))
     out = str(tmp_path / "gen")
     code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "0", "--generate", "6",
                                          "--out", out])

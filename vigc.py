@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import common
 import oracle
@@ -66,9 +67,11 @@ class Config:
     init: str = "ckpt/sft"                # checkpoint to start from (ours, llava-hf, original LLaVA); empty: fresh --model
     vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
     model: str = "shapes"                 # preset for a fresh model when --init is empty (tests: tiny)
-    data: str = "shapes"                  # 'shapes', or FILE[:conv|desc|comp],... (LLaVA instruct/LRV; no type: qtypes field, else conv)
+    tokenizer: str = "{world}/tokenizer"  # tokenizer directory for a fresh --model
+    data: str = "{world}/sft.json"        # FILE[:conv|desc|comp],... (LLaVA instruct or LRV)
+    instructions: str = "{world}/vigc_instructions.json"  # VIG {type: [phrasings]} (empty: ours)
     image_folder: str = ""                # folder image paths in --data are relative to (default: each file's folder)
-    world: str = "data/shapes"            # the Shapes world (written on first use)
+    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
     world_seed: int = 0                   # seed of the Shapes world
     template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
     max_len: int = 512                    # longest training sequence (longer ones are cut, never in the image)
@@ -96,7 +99,7 @@ class Config:
     fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
     save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
     generate: int = 200                   # images to generate instruction data for (0: none)
-    images: str = ""                      # real data: a folder of images or a file listing one path per line (Shapes: the unlabeled split)
+    images: str = "{world}/vigc_images.txt"  # images to generate for: a folder, or a list file
     gen_types: tuple = ("conv", "desc", "comp")  # instruction types to generate, one drawn per image
     temperature: float = 0.7              # VIG sampling temperature (0: greedy)
     vic_temperature: float = 0.0          # VIC decoding temperature (0: greedy, as VIGC's beam search is deterministic)
@@ -120,7 +123,7 @@ class Config:
 
 
 TYPES = {"conv": "conversation", "desc": "detailed description", "comp": "complex reasoning"}
-INSTRUCTIONS = {  # for --data files (the Shapes world ships its own in vigc_instructions.json); our wording
+INSTRUCTIONS = {  # --instructions '' (the world has its own: vigc_instructions.json); our wording
     "conversation": ["Generate a question about the content of the image and then answer it.",
                      "Ask a question about the image and give its answer.",
                      "Come up with a question related to the image and answer it."],
@@ -187,35 +190,41 @@ def encode(tokenizer, mc, question, prefix="", target=None, max_len=2048, templa
 # -------------------- training data: VIG + VIC examples from question/answer pairs, plus SFT
 
 
+def load_instructions(path):
+    """{type: [phrasings]} from a VIGC instructions file (the world's vigc_instructions.json),
+    or ours."""
+    if not path:
+        return INSTRUCTIONS
+    info = load_json(path)
+    missing = [t for t in TYPES.values() if not isinstance(info, dict) or t not in info]
+    if missing:
+        raise DataError(path, None, missing[0], "missing: expected {type: [instruction phrasings]}")
+    return {t: info[t] for t in TYPES.values()}
+
+
 def load_records(cfg):
-    """Image records {'image', 'conversations', 'pairs': [(q, a, type)]}, the instructions per type,
-    and the tokenizer directory of the Shapes world (or '')."""
-    if cfg.data == "shapes":
-        world = cfg.world
-        path = os.path.join(world, "sft.json")
-        info = load_json(os.path.join(world, "vigc_instructions.json"))
-        specs, instr, tok_dir = [(path, None)], {t: info[t] for t in TYPES.values()}, os.path.join(world, "tokenizer")
-        qmap = info["qtype_to_type"]
-    else:
-        specs, instr, tok_dir, qmap = [], INSTRUCTIONS, "", shapes.VIGC_TYPE
-        for path, t in common.data_specs(cfg.data):
-            if t and t not in TYPES:
-                raise common.ConfigError(f"--data: type '{t}' of {path} is not one of {', '.join(TYPES)}")
-            specs.append((path, TYPES.get(t)))
+    """Image records {'image', 'conversations', 'pairs': [(q, a, type)]} from the --data files. A
+    pair's type: the file's, else its record's qtypes (the world's) mapped, else conversation."""
+    specs = []
+    for path, t in common.data_specs(cfg.data):
+        if t and t not in TYPES:
+            kinds = ", ".join(TYPES)
+            raise common.ConfigError(f"--data: type '{t}' of {path} is not one of {kinds}")
+        specs.append((path, TYPES.get(t)))
     records = []
     for path, kind in specs:
         raw = load_json(path)
-        recs = read_any_conversations(path, world if cfg.data == "shapes" else cfg.image_folder or None)
-        if cfg.data != "shapes":  # every image decodes, before any step
-            check_images(recs, path)
+        recs = read_any_conversations(path, cfg.image_folder or None)
+        check_images(recs, path)  # every image decodes, before any step
         for j, r in enumerate(recs):
             qtypes = raw[j].get("qtypes") if isinstance(raw, list) and len(raw) == len(recs) else None
             conv = r["conversations"]
+            types = [shapes.VIGC_TYPE.get(q, "conversation") for q in qtypes] if qtypes else []
             pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
-                      kind or (qmap.get(qtypes[i // 2], "conversation") if qtypes else "conversation"))
+                      kind or (types[i // 2] if types else "conversation"))
                      for i in range(0, len(conv) - 1, 2)]
             records.append({"image": r["image"], "conversations": conv, "pairs": pairs if r["image"] else []})
-    return records, instr, tok_dir
+    return records
 
 
 def build_examples(records, instructions, cfg):
@@ -257,23 +266,6 @@ def prompt(tokenizer, model, question, prefix, unit, cfg):
     return item
 
 
-def generate_texts(model, tokenizer, items, cfg, temperature, generator=None, num_beams=1):
-    """(text cut at EOS, finished) per prompt item, in left-padded batches (num_beams > 1: beam search)."""
-    was_training, out = model.training, []
-    model.eval()
-    dev = next(model.parameters()).device
-    for s in range(0, len(items), cfg.gen_batch_size):
-        b = collate(items[s:s + cfg.gen_batch_size], tokenizer.pad_token_id, side="left")
-        g = model.generate(b["pixel_values"].to(dev), b["input_ids"].to(dev), b["attention_mask"].to(dev),
-                           max_new_tokens=cfg.max_new_tokens, temperature=temperature, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator, num_beams=num_beams)
-        for i in range(len(g.lengths)):
-            text = tokenizer.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
-            out.append((text, bool(g.finished[i])))
-    model.train(was_training)
-    return out
-
-
 def correct(model, tokenizer, questions, units, cfg, generator=None):
     """VIC: answer each question one sentence at a time. Step k generates from 'q ASSISTANT: s_1 .. s_k-1'
     and keeps the first sentence s_k of what comes back; an item is done when the model ends right
@@ -283,9 +275,12 @@ def correct(model, tokenizer, questions, units, cfg, generator=None):
         if not active:
             break
         items = [prompt(tokenizer, model, questions[i], " ".join(kept[i]), units[i], cfg) for i in active]
-        outs = generate_texts(model, tokenizer, items, cfg, cfg.vic_temperature, generator)
+        texts, ended = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
+                                               cfg.max_new_tokens, cfg.vic_temperature,
+                                               generator=generator, show=False,
+                                               return_finished=True)
         still = []
-        for i, (text, finished) in zip(active, outs):
+        for i, text, finished in zip(active, texts, ended):
             steps[i] += 1
             s = sentences(text)
             if not s:
@@ -307,34 +302,36 @@ def correct_reference(model, tokenizer, jobs, cfg):
     for _ in range(cfg.answer_length):
         items = [prompt(tokenizer, model, j["instruction"], f"{VIG_START} {j['q']} Answer: {a}".strip(), j["unit"], cfg)
                  for j, a in zip(jobs, kept)]
-        outs = generate_texts(model, tokenizer, items, cfg, 0.0, None, cfg.num_beams)
+        texts = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
+                                        cfg.max_new_tokens, show=False, num_beams=cfg.num_beams)
         kept = [f"{a} {text.split('.')[0].strip() + '.' if '.' in text else ''}".strip()
-                for a, (text, _) in zip(kept, outs)]
+                for a, text in zip(kept, texts)]
     return kept, [cfg.answer_length] * len(jobs)
 
 
 def image_list(cfg):
-    """(name written to the output, path) of the images to generate for: the Shapes unlabeled split
-    (names relative to the world), or --images (a folder, or a file with one path per line; absolute)."""
-    if cfg.data == "shapes" and not cfg.images:
-        unlabeled = load_json(os.path.join(cfg.world, "vigc_instructions.json"))["unlabeled"]
-        return [(x["image"], os.path.join(cfg.world, x["image"])) for x in unlabeled]
+    """(name written to the output, path) of the images to generate for: --images, a folder (names
+    absolute) or a file with one path a line (names as listed: relative to its folder or
+    --image_folder, as the world's vigc_images.txt lists its unlabeled split)."""
     if os.path.isdir(cfg.images):
         exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-        paths = [os.path.join(cfg.images, n) for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
-    elif os.path.isfile(cfg.images):
-        folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
-        paths = [os.path.join(folder, ln.strip()) for ln in read_text(cfg.images).splitlines() if ln.strip()]
-    else:
-        raise common.ConfigError(f"--images '{cfg.images}': not a folder or a file list (needed with --data FILE)")
-    return [(os.path.abspath(p), p) for p in paths]
+        files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
+        paths = [os.path.join(cfg.images, n) for n in files]
+        return [(os.path.abspath(p), p) for p in paths]
+    if not os.path.isfile(cfg.images):
+        why = "not a folder or a file list (with your own --data, pass --images or --generate 0)"
+        raise common.ConfigError(f"--images '{cfg.images}': {why}")
+    folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
+    names = [ln.strip() for ln in read_text(cfg.images).splitlines() if ln.strip()]
+    return [(n, os.path.join(folder, n)) for n in names]
 
 
-def generate_data(model, tokenizer, cfg, imgs, instructions):
+def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     """VIG then VIC for --generate images (cycling through the list); writes OUT/vigc_data.json (VIC
-    answers), OUT/vig_only.json (VIG answers, same questions) and OUT/report.json. Returns the report."""
+    answers), OUT/vig_only.json (VIG answers, same questions) and OUT/report.json, with the oracle's
+    counts when the images are the world's. Returns the report."""
     t0, rng, gen = time.time(), random.Random(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed)
-    cache = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    cache = ImageCache(model.config.image_size)
     jobs = []
     for i in range(cfg.generate):
         name, path = imgs[i % len(imgs)]
@@ -344,9 +341,11 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
     # The answer is started with its format marker "Question:" (given, as VIC is given the answer so far):
     # a marker is not content, and a tokenizer without a "▁Question" token (the Shapes one) splits off a
     # lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does), so it is never learned.
-    vig = generate_texts(model, tokenizer, [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg)
-                                            for j in jobs], cfg, cfg.temperature, gen)
-    ok = [dict(j, q=qa[0], vig=qa[1]) for j, (text, _) in zip(jobs, vig) for qa in [parse_vig(f"{VIG_START} {text}")] if qa]
+    items = [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg) for j in jobs]
+    vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size, cfg.max_new_tokens,
+                                  cfg.temperature, generator=gen, show=False)
+    parsed = [parse_vig(f"{VIG_START} {text}") for text in vig]
+    ok = [dict(j, q=qa[0], vig=qa[1]) for j, qa in zip(jobs, parsed) if qa]
     t_vig = time.time() - t0
     if cfg.vic_mode == "reference":
         answers, steps = correct_reference(model, tokenizer, ok, cfg)
@@ -366,7 +365,7 @@ def generate_data(model, tokenizer, cfg, imgs, instructions):
               "seconds": {"vig": round(t_vig, 1), "vic": round(time.time() - t0 - t_vig, 1)}}
     print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer ({len(jobs) - len(ok)} dropped) | VIC: "
           f"{report['correction_steps_per_answer']} steps per answer, {n_empty} empty answers dropped | {report['seconds']}")
-    if cfg.data == "shapes" and not cfg.images:
+    if oracle:
         report.update(oracle_report(cfg.world, ok))
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -377,7 +376,6 @@ def oracle_report(world, ok):
     """oracle.oracle on the VIG-only and the VIC answers to the same questions: hallucinated objects,
     attributes, relations and false negatives per 100 answers, plus three examples."""
     objs = shapes.load_world(world)["by_file"]
-    errors = lambda r: r["hallucinated_objects"] + r["hallucinated_attributes"] + r["hallucinated_relations"] + r["false_negatives"]
     out, res = {}, {}
     for key in ("vig", "vic"):
         res[key] = [oracle.oracle(j[key], objs[j["image"]]) for j in ok]
@@ -392,9 +390,13 @@ def oracle_report(world, ok):
         print(f"{'VIG only' if key == 'vig' else 'VIC':8s}: {r['hallucinations_per_100']} hallucinations and "
               f"{r['hallucinated_objects_per_100']} hallucinated objects per 100 answers ({r['answers_with_hallucination']:.0%} "
               f"of answers with any, {r['sentences_per_answer']} sentences each) | by type {r['hallucinations_per_100_by_type']}")
-    out["samples"] = [{"image": j["image"], "type": j["type"], "truth": shapes.describe(objs[j["image"]]), "question": j["q"],
-                       "vig_answer": j["vig"], "vig_errors": errors(rv), "vic_answer": j["vic"], "vic_errors": errors(rc)}
-                      for j, rv, rc in list(zip(ok, res["vig"], res["vic"]))[:3]]
+    out["samples"] = []
+    for j, rv, rc in list(zip(ok, res["vig"], res["vic"]))[:3]:
+        truth = shapes.describe(objs[j["image"]])
+        sample = {"image": j["image"], "type": j["type"], "truth": truth, "question": j["q"]}
+        sample.update(vig_answer=j["vig"], vig_errors=common.oracle_errors(rv))
+        sample.update(vic_answer=j["vic"], vic_errors=common.oracle_errors(rc))
+        out["samples"].append(sample)
     for s in out["samples"]:
         print(f"--- {s['image']} ({s['type']}); truth: {s['truth']}\n  Q: {s['question']}\n  VIG: {s['vig_answer']}  "
               f"errors {s['vig_errors']}\n  VIC: {s['vic_answer']}  errors {s['vic_errors']}")
@@ -405,33 +407,33 @@ def oracle_report(world, ok):
 
 
 def main(cfg):
+    reads = ("data", "tokenizer") if not cfg.init else ("data",)  # a fresh model reads a tokenizer
+    cfg, named = common.world_paths(cfg, reads, companions=("instructions", "images"))
     if not 0 <= cfg.sft_share < 1:
         raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 1)")
     if cfg.vic_mode not in ("ours", "reference") or cfg.num_beams < 1 or cfg.answer_length < 1:
         raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), --num_beams {cfg.num_beams} and "
                                  f"--answer_length {cfg.answer_length} (each >= 1)")
-    if not cfg.init and cfg.data != "shapes":
-        raise common.ConfigError("--data FILE needs --init (a checkpoint with its tokenizer)")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found (train the SFT model first: python sft.py)")
     common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
-    if cfg.data == "shapes":
+    if named:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
-    records, instructions, tok_dir = load_records(cfg)
+    records, instructions = load_records(cfg), load_instructions(cfg.instructions)
     imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
-    if cfg.images and imgs:  # every image a user lists decodes, before any step
+    if imgs:  # every image listed decodes, before any step
         check_images([{"id": name, "image": path} for name, path in imgs], cfg.images, field="images")
     # generation flags do not change the trained weights: free to change on --resume
     train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
     sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
     model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, cfg.model,
-                                                       cfg.vision_tower, tok_dir, d.device)
+                                                       cfg.vision_tower, cfg.tokenizer, d.device)
     if cfg.lora_r > 0:
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
@@ -444,12 +446,12 @@ def main(cfg):
         model.cast_base(torch.bfloat16)
     if cfg.fsdp:
         common.shard_model(model, d, bf16=bf16)
-    images = ImageCache(model.config.image_size, capacity=50000 if cfg.data == "shapes" else 0)
+    images = ImageCache(model.config.image_size)
     train = build_examples(records, instructions, cfg)
     if len(train) == 0:
         raise common.ConfigError("no training examples (no record has an image and a question/answer pair)")
-    data_files = [os.path.join(cfg.world, "world.json")] if cfg.data == "shapes" else \
-        [p for p, _ in common.data_specs(cfg.data)] + ([cfg.images] if os.path.isfile(cfg.images) else [])
+    data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
+    data_files += [cfg.images] if os.path.isfile(cfg.images) else []
     common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
@@ -479,8 +481,12 @@ def main(cfg):
             if not chunk:
                 continue
             batch = common.to_device(collate(chunk, tokenizer.pad_token_id), d.device)
-            with autocast:
-                loss = common.lm_loss(model, batch, n_global)
+            with autocast:  # sft.py's loss: answer-token cross-entropy / global answer tokens
+                h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
+                labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+                answer = labels != IGNORE
+                logits = model.logits(h[:, :-1][answer]).float()
+                loss = F.cross_entropy(logits, labels[answer], reduction="sum") / n_global
             loss.backward()
             loss_sum += loss.detach().float().cpu()
             tokens += int(batch["attention_mask"].sum())
@@ -502,7 +508,7 @@ def main(cfg):
         if d.main and cfg.max_steps > start:
             common.save_checkpoint(model, cfg.out, cfg.max_steps, train_cfg, None, tokenizer)
     if cfg.generate > 0 and d.main:
-        generate_data(model, tokenizer, cfg, imgs, instructions)
+        generate_data(model, tokenizer, cfg, imgs, instructions, oracle="images" in named)
     common.cleanup_dist()
 
 

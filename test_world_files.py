@@ -1,0 +1,119 @@
+"""The Shapes world as files: every stage reads its default data through the public readers, and
+gets the same records, in the same order, that it built from the world in memory before (each test
+writes the old road's code out as it was, on the world's own functions)."""
+import json
+import os
+import types
+
+import common
+import dpo
+import ppo
+import reward
+import sft
+import shapes
+import vigc
+from data import load_json, load_tokenizer, read_any_conversations
+from data import read_llava_rlhf_preference, read_rl_prompts
+
+
+def resolved(module, world, **flags):
+    """A stage's Config: its defaults, --world WORLD and flags, '{world}' resolved as main does."""
+    cfg = module.Config(world=world, **flags)
+    return common.world_paths(cfg)[0]
+
+
+def same_conversations(a, b):
+    key = lambda r: (r["id"], r["image"], r["conversations"])
+    return [key(r) for r in a] == [key(r) for r in b]
+
+
+def test_world_paths_resolve_and_drop_companions_of_a_users_data():
+    reads, companions = ("data", "tokenizer"), ("val_data", "align_data")
+    got, named = common.world_paths(sft.Config(world="/w"), reads, companions)
+    paths = (got.data, got.val_data, got.align_data, got.tokenizer)
+    assert paths == ("/w/sft.json", "/w/sft_val.json", "/w/align.json", "/w/tokenizer")
+    assert named == ["data", "tokenizer", "val_data", "align_data"]
+    mine = sft.Config(world="/w", data="mine.json")  # a user's data brings its own validation set
+    got, named = common.world_paths(mine, reads, companions)
+    paths = (got.data, got.val_data, got.align_data, got.tokenizer)
+    assert paths == ("mine.json", "", "", "/w/tokenizer") and named == ["tokenizer"]
+    checkpoint = sft.Config(world="/w", data="mine.json", init="ck")
+    got, named = common.world_paths(checkpoint, companions=("val_data",))
+    assert named == [] and got.tokenizer == "/w/tokenizer"  # resolved (a fallback), not read
+
+
+def test_world_writes_the_stage_inputs_in_public_formats(tiny_world):
+    captions = load_json(os.path.join(tiny_world, "image_to_caption.json"))
+    assert captions == shapes.world_captions(tiny_world)  # LLaVA-RLHF's {image: [captions]}
+    info = load_json(os.path.join(tiny_world, "vigc_instructions.json"))
+    listed = open(os.path.join(tiny_world, "vigc_images.txt")).read().splitlines()
+    assert listed == [x["image"] for x in info["unlabeled"]] and len(listed) == 12
+    default = shapes.lrv_file(tiny_world, shapes.DEFAULTS["neg_ratio"], 0)
+    assert os.path.dirname(default) == os.path.join(tiny_world, "lrv")  # written with the world
+    world = json.load(open(os.path.join(tiny_world, "world.json")))
+    assert world["version"] == shapes.FORMAT_VERSION
+
+
+def test_sft_reads_the_world_files_as_it_built_them(tiny_world):
+    cfg = resolved(sft, tiny_world, lrv=True, neg_ratio=0.25, seed=3)
+    train, val, skipped = sft.load_records(cfg)
+    read = lambda name: read_any_conversations(os.path.join(tiny_world, name), tiny_world)
+    old_train = read("sft.json") + shapes.lrv_mix(tiny_world, 0.25, seed=3)
+    assert same_conversations(train, old_train) and not skipped
+    assert same_conversations(val, read("sft_val.json"))
+    assert os.path.exists(os.path.join(tiny_world, "lrv", "neg0.25-seed3.json"))  # on first use
+    aligned = read_any_conversations(cfg.align_data, cfg.image_folder or None)
+    assert same_conversations(aligned, read("align.json"))
+
+
+def test_reward_reads_the_world_files_as_it_built_them(tiny_world):
+    cfg = resolved(reward, tiny_world, eval_size=5)
+    train, val, stats = reward.load_pairs(cfg, None, None, None)
+    caps = shapes.world_captions(tiny_world)
+    old = []
+    for name, n in (("pref_pairs.json", None), ("pref_pairs_val.json", cfg.eval_size)):
+        recs = read_llava_rlhf_preference(os.path.join(tiny_world, name), tiny_world)[:n]
+        for r in recs:
+            r["captions"] = caps[os.path.relpath(r["image"], tiny_world)]
+        old.append(recs)
+    assert train == old[0] and val == old[1] and len(val) == 5 and stats == {}
+
+
+def test_dpo_reads_the_world_files_as_it_built_them(tiny_world):
+    train, val, skipped = dpo.load_pairs(resolved(dpo, tiny_world))
+    read = lambda f, fmt: dpo.read_pairs(os.path.join(tiny_world, f), fmt, tiny_world, "raise")
+    old_train, _ = read("povid_pairs.json", "povid")
+    old_val, _ = read("pref_pairs_val.json", "llava_rlhf")
+    assert train == old_train and val == old_val and not skipped
+
+
+def test_ppo_reads_the_world_files_as_it_built_them(tiny_world):
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    config = types.SimpleNamespace(image_token_id=4, num_image_tokens=4)
+    cfg = resolved(ppo, tiny_world)
+    model = types.SimpleNamespace(config=config)
+    prompts, dropped = ppo.load_prompts(cfg, True, tok, model, "vicuna_v1")
+    path = os.path.join(tiny_world, "rl_prompts.json")
+    old = read_rl_prompts(path, tiny_world, need_captions=True)
+    assert [{k: v for k, v in p.items() if k != "input_ids"} for p in prompts] == old
+    assert dropped == 0
+
+
+def test_vigc_reads_the_world_files_as_it_built_them(tiny_world):
+    cfg = resolved(vigc, tiny_world)
+    records, instructions = vigc.load_records(cfg), vigc.load_instructions(cfg.instructions)
+    info = load_json(os.path.join(tiny_world, "vigc_instructions.json"))
+    assert instructions == {t: info[t] for t in vigc.TYPES.values()}
+    old = []
+    path = os.path.join(tiny_world, "sft.json")
+    raw = load_json(path)
+    for j, r in enumerate(read_any_conversations(path, tiny_world)):
+        conv, qtypes = r["conversations"], raw[j].get("qtypes")
+        kind = lambda i: info["qtype_to_type"].get(qtypes[i // 2], "conversation")
+        pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
+                  kind(i) if qtypes else "conversation") for i in range(0, len(conv) - 1, 2)]
+        pairs = pairs if r["image"] else []
+        old.append({"image": r["image"], "conversations": conv, "pairs": pairs})
+    assert records == old
+    unlabeled = [(x["image"], os.path.join(tiny_world, x["image"])) for x in info["unlabeled"]]
+    assert vigc.image_list(cfg) == unlabeled
