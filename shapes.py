@@ -28,7 +28,9 @@ from data import (POSITIONS, _pick, a, count_phrase, inject_hallucination, join_
 from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
-FORMAT_VERSION = 9  # 8: text_only_qa 0.3, held-out pairs; 9: image_to_caption.json, vigc_images.txt, lrv/
+# 8: text_only_qa 0.3 by default, held-out pairs from test images;
+# 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/
+FORMAT_VERSION = 9
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
