@@ -273,7 +273,7 @@ def test_flaw_dials_checked(bad, tmp_path):
 def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
-    texts = []
+    texts, on_purpose = [], Counter()
     for f in ["align.json", "sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
         for rec in json.load(open(worlds / "a" / f)):
             answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
@@ -283,8 +283,11 @@ def test_generated_text_is_clean(worlds):
                      for s in oracle.oracle(t, objs)["hallucinated_objects"]}
             for t, k in zip(answers, kinds):
                 said = set(oracle.oracle(t, objs)["hallucinated_objects"])
-                if k == "describe" or (k == "yesno" and said and said <= named):
-                    continue  # flawed on purpose: the description and (text_only_qa) its own "yes"
+                if k == "describe":
+                    continue  # flawed on purpose
+                if k == "yesno" and said and said <= named:  # text_only_qa: the description's "yes"
+                    on_purpose[f] += 1
+                    continue
                 texts.append((t, objs))
     texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
     texts += [(r["gt_answer"], by[r["image_src"]]) for r in json.load(open(worlds / "a" / "mmhal.json"))]
@@ -292,6 +295,8 @@ def test_generated_text_is_clean(worlds):
     fname = {i["id"]: i["file_name"] for i in cap["images"]}
     texts += [(c["caption"], by[fname[c["image_id"]]]) for c in cap["annotations"]]
     assert len(cap["annotations"]) == 5 * len(cap["images"])
+    stats = json.load(open(worlds / "a" / "world.json"))["stats"]["sft_flaws"]
+    assert on_purpose["sft.json"] == sum(stats["false_yes_by_shape"].values())  # no other false "yes"
     bad = [(t, oracle.oracle(t, o)) for t, o in texts if oracle.oracle(t, o)["num_hallucinations"]]
     assert not bad, bad[:3]
 
