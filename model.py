@@ -915,6 +915,37 @@ class LLaVA(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
+    # -- the public model API (DESIGN.md) -------------------------------------------------------
+    # Checkpoint layouts live in checkpoint.py, which imports this module: these methods import it
+    # when called. The stages call checkpoint.* directly; outside tools keep the familiar names.
+
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, adapters=True):
+        """Any supported layout (ours, llava-hf, original LLaVA, CLIP + LLaMA, PEFT adapter dir)."""
+        import checkpoint
+        return checkpoint.load_checkpoint(path, vision_tower=vision_tower, dtype=dtype,
+                                          device=device, adapters=adapters)
+
+    def save_pretrained(self, path, base=None, extra_config=None):
+        """Our checkpoint layout: config.json, model.safetensors or adapters.safetensors."""
+        import checkpoint
+        checkpoint.save_checkpoint_files(self, path, base=base, extra_config=extra_config)
+
+    def load_adapters(self, path, name="default"):
+        """The adapters and heads of another checkpoint of this base, or a PEFT LoRA directory."""
+        import checkpoint
+        checkpoint.load_adapters(self, path, name=name)
+
+    def export_hf(self, path, tokenizer=None, template="vicuna_v1"):
+        """A directory transformers' LlavaForConditionalGeneration.from_pretrained loads."""
+        import checkpoint
+        checkpoint.export_llava_hf(self, path, tokenizer=tokenizer, template=template)
+
+    def export_peft(self, path, adapter, base=None):
+        """Adapter `adapter` as a PEFT LoRA directory (peft.PeftModel.from_pretrained loads it)."""
+        import checkpoint
+        checkpoint.export_peft_adapter(self, path, adapter, base=base)
+
 
 _COMPILED_DECODE = []
 

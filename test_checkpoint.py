@@ -234,3 +234,33 @@ def test_checkpoint_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_public_model_api_of_design_md(hf_dirs, tmp_path):
+    """DESIGN.md's public API on the model class: LLaVA.from_pretrained (any layout),
+    save_pretrained, load_adapters, export_hf and export_peft give what checkpoint.* gives."""
+    from transformers import LlavaForConditionalGeneration
+    _, hf_path = hf_dirs["gelu"]
+    pixels, ids = inputs(seed=3)
+    ours = LLaVA.from_pretrained(hf_path).eval()
+    torch.testing.assert_close(ours(pixels, ids), load_checkpoint(hf_path).eval()(pixels, ids),
+                               atol=0, rtol=0)
+    ours.add_adapter("policy", r=4, alpha=8)
+    randomize_adapter(ours, "policy", 7)
+    ours.set_adapter("policy")
+    ours.save_pretrained(tmp_path / "ck")
+    back = LLaVA.from_pretrained(tmp_path / "ck").eval()
+    with torch.no_grad():
+        assert torch.equal(back(pixels, ids), ours(pixels, ids))
+    ours.export_hf(tmp_path / "hf")  # the base weights; the adapter goes out as PEFT below
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad(), ours.no_adapter():
+        torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
+                                   rtol=0)
+    ours.export_peft(tmp_path / "peft", "policy")
+    assert os.path.exists(tmp_path / "peft" / "adapter_model.safetensors")
+    fresh = LLaVA.from_pretrained(hf_path).eval()
+    fresh.load_adapters(tmp_path / "peft", name="policy")
+    fresh.set_adapter("policy")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(pixels, ids), ours(pixels, ids), atol=ATOL, rtol=0)
