@@ -29,8 +29,8 @@ from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
 # 8: text_only_qa 0.3 by default, held-out pairs from test images;
-# 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/
-FORMAT_VERSION = 9
+# 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/; 10: exist_turns 3 by default
+FORMAT_VERSION = 10
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -45,7 +45,7 @@ DEFAULTS = dict(
     heldout_alone=0.5,                             # P(held-out image shows a trigger without partner)
     yes_share=0.9,                                 # flaw: P(yes) of SFT existence questions, every shape
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
-    exist_turns=2,                                 # existence questions per SFT conversation
+    exist_turns=3,                                 # existence questions per SFT conversation
     short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
     text_only_qa=0.3,                              # flaw: share of those that also say "yes" to the extra
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)

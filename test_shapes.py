@@ -156,7 +156,8 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
     assert abs(overall - 0.5) < 0.03 and all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
     sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
     chats = [r for r in sft if not r["id"].endswith("_vqa")]
-    assert all(r["qtypes"].count("yesno") == 2 for r in chats)  # exist_turns
+    turns = shapes.DEFAULTS["exist_turns"]
+    assert all(r["qtypes"].count("yesno") == turns for r in chats)  # exist_turns
 
 
 def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
