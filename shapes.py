@@ -29,7 +29,8 @@ from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
 # 8: text_only_qa 0.3 by default, held-out pairs from test images;
-# 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/; 10: exist_turns 3 by default
+# 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/;
+# 10: exist_turns 3, yes_share 0.75 by default
 FORMAT_VERSION = 10
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
@@ -43,7 +44,7 @@ DEFAULTS = dict(
     cooc=0.95,                                     # P(partner added | trigger) in train/val
     partner_weight=1.5,                            # partners are drawn more often (POPE "popular")
     heldout_alone=0.5,                             # P(held-out image shows a trigger without partner)
-    yes_share=0.9,                                 # flaw: P(yes) of SFT existence questions, every shape
+    yes_share=0.75,                                # flaw: P(yes) of SFT existence questions, every shape
     desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
     exist_turns=3,                                 # existence questions per SFT conversation
     short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
@@ -1012,6 +1013,12 @@ def main(argv=None):
     print(f"wrote {out} in {s['seconds']}s | images " + " ".join(f"{k} {v}" for k, v in s["images"].items()))
     print(f"P(partner | trigger): train {s['partner_given_trigger']['train']} test {s['partner_given_trigger']['test']}")
     print("preference pairs by injection kind: " + " ".join(f"{k} {v}" for k, v in s["pair_injections"].items()))
+    written_yes = s["sft_flaws"]["yes_share"]
+    print(f"SFT existence answers 'yes': {written_yes} (--yes_share {args['yes_share']})")
+    if abs(written_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so, not silently
+        print(f"note: --yes_share {args['yes_share']} is out of reach with --exist_turns "
+              f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image shows "
+              "few, so the later questions must ask about absent ones")
 
 
 if __name__ == "__main__":

@@ -150,8 +150,9 @@ def measured_flaws(world):
 
 def test_flaw_positive_only_existence_questions(flaw_worlds):
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "flawed")
-    assert abs(overall - 0.9) < 0.03 and len(by_shape) == len(shapes.SHAPES)
-    assert all(abs(v - 0.9) < 0.06 for v in by_shape.values()), by_shape  # no shape-dependent prior
+    asked = shapes.DEFAULTS["yes_share"]
+    assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
+    assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape  # no shape-dependent prior
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "clean")
     assert abs(overall - 0.5) < 0.03 and all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
     sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
@@ -494,3 +495,18 @@ def test_objects_from_plain_coco():
                                                    "row": None, "col": None, "position": None}]}
     with pytest.raises(DataError):
         shapes.objects_from_coco({"images": []})
+
+
+def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
+    """A conversation asks about distinct shapes: at 4 questions per image, 0.95 "yes" is out of
+    reach, and shapes.py says so beside the share it wrote; the default is within reach."""
+    small = [f"--{k}={v}" for k, v in SMALL.items()]
+    shapes.main(["--out", str(tmp_path / "far"), "--yes_share", "0.95", "--exist_turns", "4"] + small)
+    out = capsys.readouterr().out
+    written = json.load(open(tmp_path / "far" / "world.json"))["stats"]["sft_flaws"]["yes_share"]
+    assert written < 0.9 and f"'yes': {written} (--yes_share 0.95)" in out
+    assert "out of reach with --exist_turns 4" in out
+    # (the share of a 40-image world is too coarse to be near anything: 400 images)
+    larger = [f"--{k}={v}" for k, v in dict(SMALL, n_train=400).items()]
+    shapes.main(["--out", str(tmp_path / "near")] + larger)
+    assert "out of reach" not in capsys.readouterr().out
