@@ -193,10 +193,10 @@ def main(cfg):
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
-    model, tokenizer = common.load_model_and_tokenizer(
-        # FSDP: shards later
-        cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init,
-        cfg.model, cfg.vision_tower, cfg.tokenizer, d.device)
+    # FSDP: built from --init, the shards later
+    load_from = cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init
+    model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
+                                                       cfg.tokenizer, d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:
