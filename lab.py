@@ -1,9 +1,9 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
 test split (images, and object combinations, that no training run saw).
 
-    python pipeline.py && python lab.py       # the four claims x 3 seeds, ~35-40 min on 2 CPU cores
+    python pipeline.py && python lab.py  # the four claims x 3 seeds, ~35-40 min on 2 CPU cores
     python lab.py --claims lrv povid --seeds 0 1 2 3 4
-    python lab.py --report_only true          # rebuild RESULTS.md and the plots from the runs on disk
+    python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
 
 Every experiment starts from the same SFT checkpoint (--sft, the pipeline's ckpt/sft), is repeated
@@ -12,10 +12,13 @@ exact oracle. A run is a plain stage command (`python dpo.py ...`) in its own pr
 them run side by side with one thread each; a run whose output exists is not repeated, so an
 interrupted lab continues where it stopped. What each claim compares:
 
-  lrv    LRV-Instruction: fine-tune on the LRV instruction set with negative share 0 / 0.25 / 0.5 -> POPE
-  rlhf   LLaVA-RLHF: reward model with / without facts (held-out pair accuracy); PPO against each, and
-         PPO without the length penalty / without the correctness term -> CHAIR, POPE, MMHal, length
-  povid  POVID: SFT vs DPO on injected pairs (stage 1) vs stage 2 (+ noisy-image answers) -> CHAIR, POPE
+  lrv    LRV-Instruction: fine-tune on the LRV instruction set with negative share 0 / 0.25 / 0.5
+         -> POPE
+  rlhf   LLaVA-RLHF: reward model with / without facts (held-out pair accuracy); PPO against
+         each, and PPO without the length penalty / without the correctness term -> CHAIR, POPE,
+         MMHal, length
+  povid  POVID: SFT vs DPO on injected pairs (stage 1) vs stage 2 (+ noisy-image answers)
+         -> CHAIR, POPE
   vigc   VIGC: hallucinations per 100 generated answers, VIG only vs VIG + VIC; SFT on original data
          alone vs + VIG-only data vs + VIGC data (same steps) -> POPE, CHAIR
 """
@@ -38,22 +41,22 @@ import common
 @dataclass
 class Config:
     """Run the ablations over several seeds and write RESULTS.md with tables and plots."""
-    sft: str = "ckpt/sft"                 # the SFT checkpoint every experiment starts from (python pipeline.py writes it)
-    world: str = "data/shapes"            # the Shapes world the SFT model was trained on
-    world_seed: int = 0                   # seed of that world; N > 0 moves the defaults of --sft, --world, --out, --results, --plots to NAME-seedN
-    out: str = "runs/lab"                 # one folder per run (checkpoints, logs, eval scores)
-    results: str = "RESULTS.md"           # the report: tables, verdicts, commands, machine
-    plots: str = "docs/lab"               # PNG plots, one per claim
+    sft: str = "ckpt/sft"  # the SFT checkpoint every experiment starts from (pipeline.py writes it)
+    world: str = "data/shapes"  # the Shapes world the SFT model was trained on
+    world_seed: int = 0  # seed of that world; N > 0 moves every path option's default to NAME-seedN
+    out: str = "runs/lab"  # one folder per run (checkpoints, logs, eval scores)
+    results: str = "RESULTS.md"  # the report: tables, verdicts, commands, machine
+    plots: str = "docs/lab"  # PNG plots, one per claim
     claims: tuple = ("lrv", "rlhf", "povid", "vigc")  # which claims to run
-    seeds: tuple[int, ...] = (0, 1, 2)    # seeds per configuration (mean and spread over them)
-    jobs: int = 2                         # runs side by side, one thread each
-    steps: int = 0                        # > 0: every run trains only this many steps (smoke test)
-    eval_limit: int = 0                   # eval questions per benchmark and POPE split (0: the whole test split)
-    report_only: bool = False             # only rebuild RESULTS.md and the plots from finished runs
-    device: str = "cpu"                   # cpu or cuda
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds per configuration (mean and spread over them)
+    jobs: int = 2  # runs side by side, one thread each
+    steps: int = 0  # > 0: every run trains only this many steps (smoke test)
+    eval_limit: int = 0  # eval questions per benchmark and POPE split (0: the whole test split)
+    report_only: bool = False  # only rebuild RESULTS.md and the plots from finished runs
+    device: str = "cpu"  # cpu or cuda
     # allowed values (common.parse_config refuses others in one line)
-    RANGES = dict(world_seed="[0, inf)", claims=("lrv", "rlhf", "povid", "vigc"), seeds="[0, inf)", jobs="[1, inf)",
-                  steps="[0, inf)", eval_limit="[0, inf)", device=("cpu", "cuda"))
+    RANGES = dict(world_seed="[0, inf)", claims=("lrv", "rlhf", "povid", "vigc"), seeds="[0, inf)",
+                  jobs="[1, inf)", steps="[0, inf)", eval_limit="[0, inf)", device=("cpu", "cuda"))
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -65,15 +68,18 @@ PPO_VARIANTS = {"facts": ("facts", []), "no-facts": ("nofacts", []),
 
 
 def plan(cfg):
-    """{run name: (argv, the runs it needs, file that exists when it is done)} for the chosen claims."""
+    """{run name: (argv, the runs it needs, file that exists when it is done)} for the chosen
+    claims."""
     runs, R = {}, lambda *p: os.path.join(cfg.out, *p)
     steps = lambda n: ["--max_steps", str(cfg.steps or n)]
     base = ["--world", cfg.world, "--world_seed", str(cfg.world_seed), "--device", cfg.device]
 
-    def add_eval(name, ckpt, bench, needs=()):  # score a checkpoint on the held-out test split -> NAME/eval
-        runs[name + "/eval"] = (["eval.py", "--ckpt", ckpt, "--out", R(name, "eval"), "--benchmarks", *bench,
-                                 "--limit", str(cfg.eval_limit), *base], list(needs),
-                                R(name, "eval", os.path.basename(os.path.normpath(ckpt)), "scores.json"))
+    # score a checkpoint on the held-out test split -> NAME/eval
+    def add_eval(name, ckpt, bench, needs=()):
+        argv = ["eval.py", "--ckpt", ckpt, "--out", R(name, "eval"), "--benchmarks", *bench,
+                "--limit", str(cfg.eval_limit), *base]
+        ckpt_name = os.path.basename(os.path.normpath(ckpt))
+        runs[name + "/eval"] = (argv, list(needs), R(name, "eval", ckpt_name, "scores.json"))
 
     def add(name, script, argv, needs=(), done="", bench=None):
         runs[name] = ([script, *argv, *base], list(needs), done or R(name, "DONE"))
@@ -82,41 +88,51 @@ def plan(cfg):
 
     all_bench = ("pope", "chair", "mmhal")
     add_eval("sft", cfg.sft, all_bench)
-    tune = ["--init", cfg.sft, "--lr", "5e-4", "--warmup", "10", "--report", "false", "--eval_every", "0",
-            "--save_every", "100000", "--log_every", "25"]
+    tune = ["--init", cfg.sft, "--lr", "5e-4", "--warmup", "10", "--report", "false",
+            "--eval_every", "0", "--save_every", "100000", "--log_every", "25"]
     for s in cfg.seeds:
         seed = ["--seed", str(s)]
         if "lrv" in cfg.claims:
             for r in LRV_RATIOS:
                 n = f"lrv/neg{r}-s{s}"
-                add(n, "sft.py", [*tune, "--lrv", "true", "--neg_ratio", str(r), *steps(150), *seed, "--out", R(n)],
-                    bench=("pope", "chair"))
+                argv = [*tune, "--lrv", "true", "--neg_ratio", str(r), *steps(150), *seed,
+                        "--out", R(n)]
+                add(n, "sft.py", argv, bench=("pope", "chair"))
         if "rlhf" in cfg.claims:
             for facts in ("facts", "nofacts"):
                 n = f"rlhf/rm-{facts}-s{s}"
-                add(n, "reward.py", ["--init", cfg.sft, "--facts", str(facts == "facts").lower(), "--eval_prompt", "short",
-                                     *steps(150), "--eval_every", "0", "--save_every", "100000", *seed, "--out", R(n)],
-                    done=R(n, "report.json"))
+                has_facts = str(facts == "facts").lower()
+                argv = ["--init", cfg.sft, "--facts", has_facts, "--eval_prompt", "short",
+                        *steps(150), "--eval_every", "0", "--save_every", "100000", *seed,
+                        "--out", R(n)]
+                add(n, "reward.py", argv, done=R(n, "report.json"))
             for v, (rm, extra) in PPO_VARIANTS.items():
                 n = f"rlhf/ppo-{v}-s{s}"
-                add(n, "ppo.py", ["--init", cfg.sft, "--reward", R(f"rlhf/rm-{rm}-s{s}"), *steps(20), "--rollout_batch", "32",
-                                  "--minibatch_size", "16", "--lr", "2e-3", "--save_every", "100000", *extra, *seed,
-                                  "--out", R(n)],
-                    needs=[f"rlhf/rm-{rm}-s{s}"], bench=all_bench)
+                rm_run = f"rlhf/rm-{rm}-s{s}"
+                argv = ["--init", cfg.sft, "--reward", R(rm_run), *steps(20),
+                        "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3",
+                        "--save_every", "100000", *extra, *seed, "--out", R(n)]
+                add(n, "ppo.py", argv, needs=[rm_run], bench=all_bench)
         if "povid" in cfg.claims:
             for stage in (1, 2):
                 n = f"povid/stage{stage}-s{s}"
-                add(n, "dpo.py", ["--init", cfg.sft, "--povid_stage", str(stage), *steps(100), "--eval_every", "0",
-                                  "--save_every", "100000", *seed, "--out", R(n)], bench=("pope", "chair"))
+                argv = ["--init", cfg.sft, "--povid_stage", str(stage), *steps(100),
+                        "--eval_every", "0", "--save_every", "100000", *seed, "--out", R(n)]
+                add(n, "dpo.py", argv, bench=("pope", "chair"))
         if "vigc" in cfg.claims:
             g = f"vigc/vigc-s{s}"
-            add(g, "vigc.py", ["--init", cfg.sft, *steps(300), "--batch_size", "32", "--lr", "2e-3", "--generate", "120",
-                               "--save_every", "100000", *seed, "--out", R(g)], done=R(g, "report.json"))
-            for v, extra in (("original", ""), ("plus-vig", R(g, "vig_only.json")), ("plus-vigc", R(g, "vigc_data.json"))):
+            argv = ["--init", cfg.sft, *steps(300), "--batch_size", "32", "--lr", "2e-3",
+                    "--generate", "120", "--save_every", "100000", *seed, "--out", R(g)]
+            add(g, "vigc.py", argv, done=R(g, "report.json"))
+            variants = (("original", ""), ("plus-vig", R(g, "vig_only.json")),
+                        ("plus-vigc", R(g, "vigc_data.json")))
+            for v, extra in variants:
                 n = f"vigc/sft-{v}-s{s}"
-                data = os.path.join(cfg.world, "sft.json") + (f",{extra}:4" if extra else "")  # ~8% generated records
-                add(n, "sft.py", [*tune, "--data", data, "--image_folder", cfg.world, *steps(100), *seed, "--out", R(n)],
-                    needs=[g] if extra else [], bench=("pope", "chair"))
+                # ~8% generated records
+                data = os.path.join(cfg.world, "sft.json") + (f",{extra}:4" if extra else "")
+                argv = [*tune, "--data", data, "--image_folder", cfg.world, *steps(100), *seed,
+                        "--out", R(n)]
+                add(n, "sft.py", argv, needs=[g] if extra else [], bench=("pope", "chair"))
     return runs
 
 
@@ -127,7 +143,9 @@ def execute(runs, cfg):
     running, failed, t0 = {}, set(), time.time()
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else None
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)", flush=True)
+    n_done = len(runs) - len(todo)
+    print(f"{n_done} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)",
+          flush=True)
     while todo or running:
         for name in [k for k, v in todo.items() if any(n in failed for n in v[1])]:
             failed.add(name)
@@ -137,14 +155,17 @@ def execute(runs, cfg):
         while ready and len(running) < max(cfg.jobs, 1):
             name = ready.pop(0)
             argv, _, _ = todo.pop(name)
-            folder = os.path.join(cfg.out, name)  # a run that did not finish starts again from nothing
+            # a run that did not finish starts again from nothing
+            folder = os.path.join(cfg.out, name)
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
-            log = os.path.join(cfg.out, name.replace("/eval", "") + ("-eval.log" if name.endswith("/eval") else ".log"))
+            log_suffix = "-eval.log" if name.endswith("/eval") else ".log"
+            log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)
             os.makedirs(os.path.dirname(log), exist_ok=True)
+            cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
             with open(log, "w") as f:
-                running[name] = (subprocess.Popen([sys.executable, os.path.join(here, argv[0]), *argv[1:]],
-                                                  stdout=f, stderr=subprocess.STDOUT, env=env), log, time.time())
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[name] = (proc, log, time.time())
             print(f"start {name}: python {' '.join(argv)}", flush=True)
         time.sleep(0.2)
         for name, (p, log, t) in list(running.items()):
@@ -173,11 +194,16 @@ def load(path):
 
 def metric_rows(runs, names):
     """The headline numbers of each eval'd run (from the scores.json its eval run wrote)."""
-    pick = {"POPE F1 random": ("pope", "random", "f1"), "POPE F1 popular": ("pope", "popular", "f1"),
-            "POPE F1 adversarial": ("pope", "adversarial", "f1"), "POPE yes-ratio": ("pope", "average", "yes_ratio"),
+    pick = {"POPE F1 random": ("pope", "random", "f1"),
+            "POPE F1 popular": ("pope", "popular", "f1"),
+            "POPE F1 adversarial": ("pope", "adversarial", "f1"),
+            "POPE yes-ratio": ("pope", "average", "yes_ratio"),
             "POPE accuracy": ("pope", "average", "accuracy"),
-            "CHAIR_i": ("chair", "chair_i"), "CHAIR_s": ("chair", "chair_s"), "MMHal score": ("mmhal", "score"),
-            "MMHal halluc. rate": ("mmhal", "hallucination_rate"), "answer words": ("chair", "answer_words")}
+            "CHAIR_i": ("chair", "chair_i"),
+            "CHAIR_s": ("chair", "chair_s"),
+            "MMHal score": ("mmhal", "score"),
+            "MMHal halluc. rate": ("mmhal", "hallucination_rate"),
+            "answer words": ("chair", "answer_words")}
     out = {}
     for n in names:
         s = load(runs[n + "/eval"][2]) if n + "/eval" in runs else None
@@ -190,7 +216,8 @@ def metric_rows(runs, names):
                 v = v.get(key) if isinstance(v, dict) else None
             if isinstance(v, (int, float)):
                 row[k] = float(v)
-        if "POPE yes-ratio" in row:  # LRV's and POPE's reading: a calibrated model says yes half the time
+        # LRV's and POPE's reading: a calibrated model says yes half the time
+        if "POPE yes-ratio" in row:
             row["POPE |yes-ratio - 0.5|"] = abs(row["POPE yes-ratio"] - 0.5)
         out[n] = row
     return out
@@ -223,8 +250,8 @@ def md_table(groups, metrics, order, fmts=None):
     for v in order:
         if v in groups:
             n = max(len(x) for x in groups[v].values())
-            lines.append(f"| {v} | " + " | ".join(fmt(groups[v].get(m), (fmts or {}).get(m, ".3f")) for m in metrics)
-                         + f" | {n} |")
+            cells = [fmt(groups[v].get(m), (fmts or {}).get(m, ".3f")) for m in metrics]
+            lines.append(f"| {v} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
 
 
@@ -234,21 +261,35 @@ def verdict(groups, a, b, metric, lower_better, claim):
         return f"- {claim}: not measured (runs missing)."
     (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
     better = mb < ma if lower_better else mb > ma
-    # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other side judge
+    # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other
+    # side judge
     clear = abs(mb - ma) > max(sa, sb) and max(na, nb) > 1
-    word = "held" if better and clear else "not shown (within the seed spread)" if better or not clear else "did not hold"
+    if better and clear:
+        word = "held"
+    elif better or not clear:
+        word = "not shown (within the seed spread)"
+    else:
+        word = "did not hold"
     yes = mean_sd(groups[b].get("POPE yes-ratio"))[0]
-    caveat = (f" Caveat: {b} answers POPE with '{'yes' if yes > 0.5 else 'no'}' almost always (yes-ratio {yes:.3f}), "
-              "so its POPE numbers reflect a collapsed answer, not better seeing." if yes is not None and abs(yes - 0.5) > 0.45 else "")
-    return f"- {claim}: **{word}** here: {metric} {ma:.3f} ± {sa:.3f} ({a}) -> {mb:.3f} ± {sb:.3f} ({b}), {nb} seeds.{caveat}"
+    caveat = ""
+    if yes is not None and abs(yes - 0.5) > 0.45:
+        answer = "yes" if yes > 0.5 else "no"
+        caveat = (f" Caveat: {b} answers POPE with '{answer}' almost always (yes-ratio {yes:.3f}), "
+                  "so its POPE numbers reflect a collapsed answer, not better seeing.")
+    before = f"{ma:.3f} ± {sa:.3f} ({a})"
+    after = f"{mb:.3f} ± {sb:.3f} ({b})"
+    return f"- {claim}: **{word}** here: {metric} {before} -> {after}, {nb} seeds.{caveat}"
 
 
-# ----------------------------------------------------------------------------- plots (PIL, no extra dependency)
-COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193)]
+# ----------------------------------------------------------------------------- plots
+# (PIL, no extra dependency)
+COLOURS = [(66, 133, 244), (219, 68, 55), (244, 180, 0),
+           (15, 157, 88), (171, 71, 188), (0, 172, 193)]
 
 
 def bar_plot(path, title, groups, metrics, order):
-    """Grouped bars (mean over seeds) with a whisker of +- one standard deviation, a group per metric."""
+    """Grouped bars (mean over seeds) with a whisker of +- one standard deviation, a group per
+    metric."""
     order = [v for v in order if v in groups]
     W, H, pad = 180 * len(metrics) + 120, 360, 50
     img = Image.new("RGB", (W, H), "white")
@@ -269,18 +310,21 @@ def bar_plot(path, title, groups, metrics, order):
             if mu is None:
                 continue
             h = (y0 - y1) * mu / top
-            d.rectangle([x + j * bw, y0 - h, x + (j + 1) * bw - 3, y0], fill=COLOURS[j % len(COLOURS)])
+            colour = COLOURS[j % len(COLOURS)]
+            d.rectangle([x + j * bw, y0 - h, x + (j + 1) * bw - 3, y0], fill=colour)
             cx, e = x + (j + 0.5) * bw - 1, (y0 - y1) * sd / top
             d.line([(cx, y0 - h - e), (cx, y0 - h + e)], fill="black", width=2)
         d.text((x, y0 + 8), m, fill="black")
     for j, v in enumerate(order):
-        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=COLOURS[j % len(COLOURS)])
+        colour = COLOURS[j % len(COLOURS)]
+        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=colour)
         d.text((pad + j * 150 + 14, H - 27), v, fill="black")
     img.save(path)
 
 
 def line_plot(path, title, curves, ylabel):
-    """curves: {label: [[y per step] per seed]} -> the mean over seeds per step, one line per label."""
+    """curves: {label: [[y per step] per seed]} -> the mean over seeds per step, one line per
+    label."""
     W, H, pad = 640, 360, 50
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -298,10 +342,13 @@ def line_plot(path, title, curves, ylabel):
     d.line([(x0, y0), (x1, y0)], fill="black")
     for t in range(5):
         d.text((5, y0 - (y0 - y1) * t / 4 - 6), f"{lo + (hi - lo) * t / 4:.1f}", fill="gray")
+    x_of = lambda i: x0 + (x1 - x0) * i / max(n - 1, 1)  # step index -> pixel
+    y_of = lambda y: y0 - (y0 - y1) * (y - lo) / (hi - lo)  # value -> pixel
     for j, (k, m) in enumerate(means.items()):
-        pts = [(x0 + (x1 - x0) * i / max(n - 1, 1), y0 - (y0 - y1) * (y - lo) / (hi - lo)) for i, y in enumerate(m)]
-        d.line(pts, fill=COLOURS[j % len(COLOURS)], width=2) if len(pts) > 1 else None
-        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=COLOURS[j % len(COLOURS)])
+        pts = [(x_of(i), y_of(y)) for i, y in enumerate(m)]
+        colour = COLOURS[j % len(COLOURS)]
+        d.line(pts, fill=colour, width=2) if len(pts) > 1 else None
+        d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=colour)
         d.text((pad + j * 150 + 14, H - 27), k, fill="black")
     d.text((x1 - 60, y0 + 5), f"step {n}", fill="gray")
     img.save(path)
@@ -573,19 +620,23 @@ def report(cfg, runs, minutes):
 
 
 def main(cfg):
-    if cfg.world_seed and cfg.sft == Config.sft:  # python pipeline.py --world_seed N writes ckpt-seedN/sft
+    # python pipeline.py --world_seed N writes ckpt-seedN/sft
+    if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
     unknown = [c for c in cfg.claims if c not in ("lrv", "rlhf", "povid", "vigc")]
     if unknown:
-        raise common.ConfigError(f"--claims: unknown '{unknown[0]}' (choose from lrv, rlhf, povid, vigc)")
+        raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
+                                 "(choose from lrv, rlhf, povid, vigc)")
     if not os.path.isdir(cfg.sft):
-        raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (run python pipeline.py first, or pass --sft DIR)")
+        raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
+                                 "(run python pipeline.py first, or pass --sft DIR)")
     runs, t0 = plan(cfg), time.time()
     failed = set() if cfg.report_only else execute(runs, cfg)
     report(cfg, runs, None if cfg.report_only else (time.time() - t0) / 60)
     if failed:
-        print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(sorted(failed))}", file=sys.stderr)
+        names = ", ".join(sorted(failed))
+        print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -1,13 +1,14 @@
 """The main job: every stage on the built-in Shapes world, then one comparison table.
 
-    python pipeline.py                       # SFT -> LRV, reward model -> PPO, DPO/POVID, VIGC -> eval (2 CPU cores)
-    python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck    # the smoke test the suite runs
-    python pipeline.py --world_seed 1        # another world: data/shapes-seed1, ckpt-seed1, runs/eval-seed1
+    python pipeline.py                # SFT -> LRV, RM -> PPO, DPO/POVID, VIGC -> eval (2 CPU cores)
+    python pipeline.py --world_seed 1 # other world: data/shapes-seed1, ckpt-seed1, runs/eval-seed1
+    python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck  # the suite's smoke test
 
 Each stage is the plain script (`python sft.py`, `python reward.py`, ...) with its defaults plus the
-step budget below, run as its own process exactly as a user would; each reads the previous stage's output.
-After SFT, the two independent lanes (LRV -> reward model -> PPO, and DPO -> VIGC) run side by side, one
-thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of one with two.
+step budget below, run as its own process exactly as a user would; each reads the previous stage's
+output. After SFT, the two independent lanes (LRV -> reward model -> PPO, and DPO -> VIGC) run side
+by side, one thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of
+one with two.
 """
 import os
 import subprocess
@@ -19,42 +20,56 @@ from dataclasses import dataclass
 import common
 
 
+STAGES = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")
+
+
 @dataclass
 class Config:
     """Run the whole Shapes pipeline and print the comparison table."""
-    out: str = "ckpt"                     # root of the stage outputs: OUT/sft, OUT/lrv, OUT/rm, OUT/ppo, OUT/dpo, OUT/vigc
-    world: str = "data/shapes"            # the Shapes world (written on first use)
-    world_seed: int = 0                   # seed of the world; N > 0 also moves the defaults of --world, --out, --eval_out to NAME-seedN
-    stages: tuple = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")  # sft; lrv->rm->ppo beside dpo->vigc; eval
-    steps: int = 0                        # > 0: every stage trains only this many steps (smoke test)
-    model: str = "shapes"                 # model preset for SFT from scratch (tiny for the smoke test)
-    eval_out: str = "runs/eval"           # where eval.py writes answers, scores and compare.md
-    eval_limit: int = 0                   # questions per benchmark (0: eval.py's Shapes defaults)
-    device: str = "cpu"                   # cpu or cuda
-    jobs: int = 2                         # lanes run side by side after SFT (1: strictly one stage at a time)
-    overwrite: bool = False               # stages whose --out holds a run move it aside (kept) and run again
+    out: str = "ckpt"  # root of the stage outputs: OUT/sft, lrv, rm, ppo, dpo, vigc
+    world: str = "data/shapes"  # the Shapes world (written on first use)
+    world_seed: int = 0  # world seed; N > 0 moves --world, --out, --eval_out defaults to NAME-seedN
+    stages: tuple = STAGES  # sft; lrv->rm->ppo beside dpo->vigc; eval
+    steps: int = 0  # > 0: every stage trains only this many steps (smoke test)
+    model: str = "shapes"  # model preset for SFT from scratch (tiny for the smoke test)
+    eval_out: str = "runs/eval"  # where eval.py writes answers, scores and compare.md
+    eval_limit: int = 0  # questions per benchmark (0: eval.py's Shapes defaults)
+    device: str = "cpu"  # cpu or cuda
+    jobs: int = 2  # lanes run side by side after SFT (1: strictly one stage at a time)
+    overwrite: bool = False  # stages whose --out holds a run move it aside (kept) and run again
     # allowed values (common.parse_config refuses others in one line)
-    RANGES = dict(world_seed="[0, inf)", stages=("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval"), steps="[0, inf)",
+    RANGES = dict(world_seed="[0, inf)", stages=STAGES, steps="[0, inf)",
                   model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"), eval_limit="[0, inf)",
                   device=("cpu", "cuda"), jobs="[1, inf)")
 
 
 # The 15-minute budget on 2 CPU cores: what the pipeline passes beyond each stage's defaults. The
-# reward model reads the same facts through the short evaluation turn (half the tokens of LLaVA-RLHF's
-# verbatim one, which stays reward.py's default for real runs).
-BUDGET = {"lrv": ["--lrv", "true", "--max_steps", "150", "--lr", "5e-4", "--warmup", "10", "--report", "false",
-                  "--eval_every", "0", "--save_every", "150"],
-          "rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every", "50", "--save_every", "50"],
-          "ppo": ["--max_steps", "30", "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3", "--save_every", "10"],
-          "dpo": ["--max_steps", "150", "--eval_every", "75", "--save_every", "75"],
-          "vigc": ["--max_steps", "300", "--batch_size", "32", "--lr", "2e-3", "--generate", "100"]}
+# reward model reads the same facts through the short evaluation turn (half the tokens of
+# LLaVA-RLHF's verbatim one, which stays reward.py's default for real runs).
+BUDGET = {
+    "lrv": ["--lrv", "true", "--max_steps", "150", "--lr", "5e-4", "--warmup", "10",
+            "--report", "false", "--eval_every", "0", "--save_every", "150"],
+    "rm": ["--eval_prompt", "short", "--max_steps", "150", "--eval_every", "50",
+           "--save_every", "50"],
+    "ppo": ["--max_steps", "30", "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3",
+            "--save_every", "10"],
+    "dpo": ["--max_steps", "150", "--eval_every", "75", "--save_every", "75"],
+    "vigc": ["--max_steps", "300", "--batch_size", "32", "--lr", "2e-3", "--generate", "100"],
+}
 
 
 def stage_commands(cfg):
     o = lambda name: os.path.join(cfg.out, name)
-    common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed), "--device", cfg.device]
-    short = (lambda extra=(): ["--max_steps", str(cfg.steps), *extra]) if cfg.steps else (lambda extra=(): [])
-    budget = (lambda name: []) if cfg.steps else (lambda name: BUDGET.get(name, []))
+    common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed),
+                    "--device", cfg.device]
+    if cfg.steps:  # smoke test: the step count and small extras instead of BUDGET
+        short = lambda extra=(): ["--max_steps", str(cfg.steps), *extra]
+        budget = lambda name: []
+    else:
+        short = lambda extra=(): []
+        budget = lambda name: BUDGET.get(name, [])
+    compared = [o(s) for s in ("sft", "lrv", "ppo", "dpo") if s in cfg.stages]
+    eval_limit = ["--limit", str(cfg.eval_limit)] if cfg.eval_limit else []
     return {
         "sft": ["sft.py", "--out", o("sft"), "--model", cfg.model, *common_flags,
                 *short(["--report", "false", "--batch_size", "8"])],
@@ -62,19 +77,20 @@ def stage_commands(cfg):
                 *short(["--lrv", "true", "--report", "false", "--batch_size", "8"])],
         "rm": ["reward.py", "--init", o("sft"), "--out", o("rm"), *common_flags, *budget("rm"),
                *short(["--batch_size", "4", "--eval_prompt", "short"])],
-        "ppo": ["ppo.py", "--init", o("sft"), "--reward", o("rm"), "--out", o("ppo"), *common_flags, *budget("ppo"),
+        "ppo": ["ppo.py", "--init", o("sft"), "--reward", o("rm"), "--out", o("ppo"),
+                *common_flags, *budget("ppo"),
                 *short(["--rollout_batch", "4", "--minibatch_size", "4", "--max_new_tokens", "8"])],
         "dpo": ["dpo.py", "--init", o("sft"), "--out", o("dpo"), *common_flags, *budget("dpo"),
                 *short(["--batch_size", "4"])],
         "vigc": ["vigc.py", "--init", o("sft"), "--out", o("vigc"), *common_flags, *budget("vigc"),
                  *short(["--batch_size", "4", "--generate", "4", "--max_new_tokens", "16"])],
-        "eval": ["eval.py", "--compare", *[o(s) for s in ("sft", "lrv", "ppo", "dpo") if s in cfg.stages],
-                 "--out", cfg.eval_out, *common_flags,
-                 *(["--limit", str(cfg.eval_limit)] if cfg.eval_limit else [])],
+        "eval": ["eval.py", "--compare", *compared, "--out", cfg.eval_out, *common_flags,
+                 *eval_limit],
     }
 
 
-LANES = (("sft",), (("lrv", "rm", "ppo"), ("dpo", "vigc")), ("eval",))  # steps in order; a tuple of lanes runs side by side
+# steps in order; a tuple of lanes runs side by side
+LANES = (("sft",), (("lrv", "rm", "ppo"), ("dpo", "vigc")), ("eval",))
 
 
 def run_lane(names, commands, here, env, times):
@@ -83,7 +99,8 @@ def run_lane(names, commands, here, env, times):
         cmd = [sys.executable, os.path.join(here, commands[name][0]), *commands[name][1:]]
         print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
         t0 = time.time()
-        code = subprocess.run(cmd, env=env).returncode  # in the caller's folder: its relative paths hold
+        # in the caller's folder: its relative paths hold
+        code = subprocess.run(cmd, env=env).returncode
         times[name] = time.time() - t0
         if code != 0:
             return name, code
@@ -94,19 +111,24 @@ def main(cfg):
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     commands = stage_commands(cfg)
     if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)
-        commands = {k: v + (["--overwrite", "true"] if k != "eval" else []) for k, v in commands.items()}
+        overwrite = ["--overwrite", "true"]
+        commands = {k: v + (overwrite if k != "eval" else []) for k, v in commands.items()}
     unknown = [s for s in cfg.stages if s not in commands]
     if unknown:
-        raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {', '.join(commands)})")
+        choices = ", ".join(commands)
+        raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {choices})")
     here = os.path.dirname(os.path.abspath(__file__))
     times, t_start = {}, time.time()
     for step in LANES:
-        lanes = [[s for s in lane if s in cfg.stages] for lane in (step if isinstance(step[0], tuple) else (step,))]
+        step_lanes = step if isinstance(step[0], tuple) else (step,)
+        lanes = [[s for s in lane if s in cfg.stages] for lane in step_lanes]
         lanes = [lane for lane in lanes if lane]
-        if cfg.jobs > 1 and len(lanes) > 1:  # side by side, one thread each, their output interleaved
+        # side by side, one thread each, their output interleaved
+        if cfg.jobs > 1 and len(lanes) > 1:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            run_one = lambda lane: run_lane(lane, commands, here, env, times)
             with ThreadPoolExecutor(len(lanes)) as pool:
-                failed = [f for f in pool.map(lambda lane: run_lane(lane, commands, here, env, times), lanes) if f]
+                failed = [f for f in pool.map(run_one, lanes) if f]
         else:
             failed = []
             for lane in lanes:
@@ -115,7 +137,8 @@ def main(cfg):
                     break
         if failed:
             name, code = failed[0]
-            print(f"error: stage '{name}' failed with exit code {code}; later stages not run", file=sys.stderr)
+            print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
+                  file=sys.stderr)
             raise SystemExit(code)
     print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" | wall clock {(time.time() - t_start) / 60:.1f} min")

@@ -6,35 +6,41 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     reward     base + 'reward' LoRA + 'reward' head (loaded from --reward)          frozen
     value      base + 'value' LoRA (a copy of 'reward') + 'value' head (zeros)      trained
 
-    python ppo.py                                       # Shapes RL prompts, ckpt/sft policy, ckpt/rm reward
+    python ppo.py  # Shapes RL prompts, ckpt/sft policy, ckpt/rm reward
     torchrun --nproc_per_node=2 ppo.py --reward ckpt/rm
-    python ppo.py --reward ckpt/rm_plain --out ckpt/ppo_plain   # plain RLHF: the RM's --facts false is read from it
-    torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm --data llava_ppo50k-aokvqa12k-vqa10k.json \
-        --captions image_to_caption.json --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 \
+    python ppo.py --reward ckpt/rm_plain --out ckpt/ppo_plain  # plain RLHF: the RM's --facts false
+    torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm \
+        --data llava_ppo50k-aokvqa12k-vqa10k.json --captions image_to_caption.json \
+        --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 \
         --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16 \
-        --stop_at_question true --rm_input tokens --rm_prompt_space true --correct_rule prefix --reward_scale 10
+        --stop_at_question true --rm_input tokens --rm_prompt_space true --correct_rule prefix \
+        --reward_scale 10
 
 Per rollout, for response token k of a sequence whose last real token is T (length L = T + 1):
-    kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)  or  (r - 1) - log r, r = p_ref / p (k3)
-    s        = RM score + correctness * bonus(caption_type) + length_penalty * length_bonus * L / max_new_tokens
-               + no_eos_penalty * [no EOS]
+    kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)
+               or (r - 1) - log r, r = p_ref / p (k3)
+    s        = RM score + correctness * bonus(caption_type)
+               + length_penalty * length_bonus * L / max_new_tokens + no_eos_penalty * [no EOS]
     r_k      = -kl_coef * kl_k + [k == T] * s
-    delta_k  = r_k + gamma V_{k+1} - V_k  (V after T is 0),   A_k = sum_l (gamma lam)^l delta_{k+l},   R_k = A_k + V_k
+    delta_k  = r_k + gamma V_{k+1} - V_k  (V after T is 0)
+    A_k      = sum_l (gamma lam)^l delta_{k+l},   R_k = A_k + V_k
     A       <- (A - mean) / (std + 1e-8) over all response tokens of the global batch
-    L_pi     = mean_k max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)),   ratio = exp(logp_new - logp_old)
+    L_pi     = mean_k max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)),
+               ratio = exp(logp_new - logp_old)
     L_V      = mean_k 0.5 max((V_new - R)^2, (V_old + clip(V_new - V_old, -vf_clip, vf_clip) - R)^2)
     loss     = L_pi + vf_coef * L_V        (means over the response tokens of the global minibatch)
 
 Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in README sets them):
   --stop_at_question true   each response is cut at a '?' token, which drops its EOS (-8 penalty);
-  --rm_input tokens         the RM reads the sampled ids, '</s>' only when sampled (ours re-tokenizes text);
+  --rm_input tokens         the RM reads the sampled ids, '</s>' only when sampled (ours
+                            re-tokenizes the text);
   --rm_prompt_space true    '</s> USER: Please evaluate...' as its reward prompt file is joined;
   --correct_rule prefix     the Yes/No bonus tests startswith('No'), so 'None ...' earns it;
   --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off.
 Not offered: LLaVA-RLHF whitens the advantages over every response column, the padding after EOS
-included, and trains the value head there too (its masks cover the whole response length). Ours whitens
-and trains on real response tokens only (EOS included): padding is no decision the policy made, and
-statistics over it depend on how long the batch's longest response happens to be.
+included, and trains the value head there too (its masks cover the whole response length). Ours
+whitens and trains on real response tokens only (EOS included): padding is no decision the policy
+made, and statistics over it depend on how long the batch's longest response happens to be.
 """
 import json
 import os
@@ -50,91 +56,99 @@ import torch.distributed as dist
 import common
 import oracle
 import shapes
-from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts, reward_item, reward_item_from_ids,
-                  tokenize_conversation)
+from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
+                  reward_item, reward_item_from_ids, tokenize_conversation)
 from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
 @dataclass
 class Config:
-    """Fact-RLHF PPO: policy and value LoRA adapters on the SFT model, rewarded by a reward.py checkpoint."""
-    out: str = "ckpt/ppo"                 # run directory: checkpoint-N/ (each one the policy alone) and metrics.jsonl
-    init: str = "ckpt/sft"                # the SFT checkpoint: policy start, reference, frozen base
-    reward: str = "ckpt/rm"               # reward.py checkpoint ('reward' adapter + head; its facts setting is used)
+    """Fact-RLHF PPO: policy and value LoRA adapters on the SFT model, rewarded by a reward.py
+    checkpoint."""
+    out: str = "ckpt/ppo"  # run directory: checkpoint-N/ (each the policy alone) and metrics.jsonl
+    init: str = "ckpt/sft"  # the SFT checkpoint: policy start, reference, frozen base
+    reward: str = "ckpt/rm"  # reward.py checkpoint ('reward' adapter + head; its --facts is used)
     data: str = "{world}/rl_prompts.json"  # LLaVA-RLHF RL prompts (the world's: captions inline)
-    captions: str = ""                    # LLaVA-RLHF image_to_caption.json (facts --data lacks)
-    image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
-    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
-    world_seed: int = 0                   # seed of the Shapes world
-    max_prompt_len: int = 256             # longest prompt in tokens, image included (longer: dropped and counted)
-    max_new_tokens: int = 48              # response length limit (LLaVA-RLHF: 896)
-    temperature: float = 1.0              # sampling temperature of rollouts and of the log-probs (logits / T)
-    rollout_batch: int = 64               # prompts per PPO step (global; LLaVA-RLHF: 512)
-    minibatch_size: int = 32              # sequences per optimizer step (global; LLaVA-RLHF: 256)
-    ppo_epochs: int = 2                   # passes over each rollout batch (LLaVA-RLHF: 2)
-    micro_batch: int = 0                  # sequences per forward pass per process (0: whole batch; LLaVA-RLHF: 16)
-    lora_r: int = 16                      # policy LoRA rank (LLaVA-RLHF: 64; the value LoRA copies the RM's)
-    lora_alpha: int = 16                  # policy LoRA alpha
-    lora_dropout: float = 0.0             # policy LoRA dropout
-    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get the policy LoRA
-    lr: float = 5e-4                      # peak learning rate of the policy adapter (LLaVA-RLHF: 3e-5 on 7B/13B)
-    value_lr: float = 1e-3                # lr of the value adapter and head (0: --lr, as LLaVA-RLHF's one optimizer)
-    warmup: int = 5                       # linear warmup steps (LLaVA-RLHF: 5)
-    min_lr_ratio: float = 0.0             # final lr / peak of the cosine schedule (LLaVA-RLHF: cosine to 0)
-    weight_decay: float = 0.0             # AdamW weight decay on matrices
-    grad_clip: float = 1.0                # gradient norm clip over policy + value (LLaVA-RLHF: 1.0)
-    kl_coef: float = 0.1                  # per-token KL penalty coefficient (LLaVA-RLHF scripts: 0.1)
-    kl_estimator: str = "k1"              # 'k1': logp - logp_ref (LLaVA-RLHF); 'k3': (r - 1) - log r, r = p_ref / p
-    kl_clamp: bool = True                 # k1 clamped at >= 0 per token, as LLaVA-RLHF
-    target_kl: float = 0.0                # > 0: adapt kl_coef toward this KL per sequence (Ziegler et al.; TRL)
-    kl_horizon: int = 10000               # adaptive controller horizon (sequences)
-    gamma: float = 1.0                    # discount
-    lam: float = 1.0                      # GAE lambda (LLaVA-RLHF: 1.0; TRL: 0.95)
-    clip: float = 0.2                     # policy ratio clip
-    vf_clip: float = 0.2                  # value clip around the rollout's values
-    vf_coef: float = 0.1                  # value loss coefficient
-    reward_scale: float = 1.0             # shaped rewards x this before GAE (LLaVA-RLHF with whiten_rewards off: 10)
-    correctness: float = 2.0              # x bonus: right letter (types 2-5) 1; type 6 'No' .5, 'Yes' -.5 (LLaVA-RLHF: 2)
-    length_penalty: float = -2.0          # x length_bonus x tokens / max_new_tokens (< 0: penalty; LLaVA-RLHF: -10)
-    no_eos_penalty: float = -8.0          # added to the score of a response without EOS (LLaVA-RLHF: -8)
-    stop_at_question: bool = False        # LLaVA-RLHF: cut each response at a '?' token (no EOS left: the penalty)
-    rm_input: str = "text"                # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
-    rm_prompt_space: bool = False         # '</s> USER: Please evaluate' (LLaVA-RLHF's RM) instead of '</s>USER:'
-    correct_rule: str = "word"            # Yes/No bonus: 'word' (whole word) or 'prefix' (LLaVA-RLHF: startswith)
-    max_steps: int = 40                   # PPO steps (rollout + update)
-    log_every: int = 1                    # a log line every N steps
-    oracle_every: int = 1                 # world's --data: oracle hallucination rate every N steps
-    save_every: int = 20                  # checkpoint every N steps (and at the end)
-    export: str = "merged"                # final policy: 'merged' (full weights) or 'adapter' (LoRA, base = --init)
-    seed: int = 0                         # seed for prompt order, sampling and minibatches
-    device: str = "cpu"                   # cpu or cuda
-    dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and heads stay fp32)
-    grad_checkpoint: bool = False         # activation checkpointing in the decoder during updates
-    resume: bool = False                  # continue from the newest checkpoint in --out
-    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
-    fsdp: bool = False                    # not supported: the four roles share one frozen base, replicated (README)
-    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    captions: str = ""  # LLaVA-RLHF image_to_caption.json (facts --data lacks)
+    image_folder: str = ""  # folder image paths are relative to (default: the data file's folder)
+    world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
+    world_seed: int = 0  # seed of the Shapes world
+    max_prompt_len: int = 256  # longest prompt in tokens, image included (longer: dropped, counted)
+    max_new_tokens: int = 48  # response length limit (LLaVA-RLHF: 896)
+    temperature: float = 1.0  # sampling temperature of rollouts and of the log-probs (logits / T)
+    rollout_batch: int = 64  # prompts per PPO step (global; LLaVA-RLHF: 512)
+    minibatch_size: int = 32  # sequences per optimizer step (global; LLaVA-RLHF: 256)
+    ppo_epochs: int = 2  # passes over each rollout batch (LLaVA-RLHF: 2)
+    micro_batch: int = 0  # sequences per forward pass per process (0: whole batch; LLaVA-RLHF: 16)
+    lora_r: int = 16  # policy LoRA rank (LLaVA-RLHF: 64; the value LoRA copies the RM's)
+    lora_alpha: int = 16  # policy LoRA alpha
+    lora_dropout: float = 0.0  # policy LoRA dropout
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # policy LoRA's projections
+    lr: float = 5e-4  # peak learning rate of the policy adapter (LLaVA-RLHF: 3e-5 on 7B/13B)
+    value_lr: float = 1e-3  # value adapter and head lr (0: --lr, as LLaVA-RLHF's one optimizer)
+    warmup: int = 5  # linear warmup steps (LLaVA-RLHF: 5)
+    min_lr_ratio: float = 0.0  # final lr / peak of the cosine schedule (LLaVA-RLHF: cosine to 0)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # gradient norm clip over policy + value (LLaVA-RLHF: 1.0)
+    kl_coef: float = 0.1  # per-token KL penalty coefficient (LLaVA-RLHF scripts: 0.1)
+    kl_estimator: str = "k1"  # 'k1': logp - logp_ref (LLaVA-RLHF); 'k3': r - 1 - log r, r = p_ref/p
+    kl_clamp: bool = True  # k1 clamped at >= 0 per token, as LLaVA-RLHF
+    target_kl: float = 0.0  # > 0: adapt kl_coef toward this KL per sequence (Ziegler et al.; TRL)
+    kl_horizon: int = 10000  # adaptive controller horizon (sequences)
+    gamma: float = 1.0  # discount
+    lam: float = 1.0  # GAE lambda (LLaVA-RLHF: 1.0; TRL: 0.95)
+    clip: float = 0.2  # policy ratio clip
+    vf_clip: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # value loss coefficient
+    reward_scale: float = 1.0  # shaped rewards x this before GAE (LLaVA-RLHF, no whitening: 10)
+    # bonus (correctness()): right letter (caption types 2-5) 1; type 6: 'No' +0.5, 'Yes' -0.5
+    correctness: float = 2.0  # x bonus: right letter 1; type 6 No .5, Yes -.5 (LLaVA-RLHF: 2)
+    length_penalty: float = -2.0  # x length_bonus x tokens / max_new_tokens (LLaVA-RLHF: -10)
+    no_eos_penalty: float = -8.0  # added to the score of a response without EOS (LLaVA-RLHF: -8)
+    stop_at_question: bool = False  # LLaVA-RLHF: cut a response at '?' (no EOS left: the penalty)
+    rm_input: str = "text"  # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
+    rm_prompt_space: bool = False  # '</s> USER: Please evaluate' (LLaVA-RLHF's RM), not '</s>USER:'
+    correct_rule: str = "word"  # Yes/No bonus test: 'word' (whole word) or 'prefix' (LLaVA-RLHF)
+    max_steps: int = 40  # PPO steps (rollout + update)
+    log_every: int = 1  # a log line every N steps
+    oracle_every: int = 1  # world's --data: oracle hallucination rate every N steps
+    save_every: int = 20  # checkpoint every N steps (and at the end)
+    export: str = "merged"  # final policy: 'merged' (full weights) or 'adapter' (LoRA on --init)
+    seed: int = 0  # seed for prompt order, sampling and minibatches
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "fp32"  # fp32, or bf16 (base weights in bf16 on GPU; LoRA and heads stay fp32)
+    grad_checkpoint: bool = False  # activation checkpointing in the decoder during updates
+    resume: bool = False  # continue from the newest checkpoint in --out
+    overwrite: bool = False  # a run already in --out is moved aside (kept) and a new one starts
+    fsdp: bool = False  # not supported: the four roles share one frozen base, replicated (README)
+    skip_nonfinite: bool = False  # skip a step with a non-finite loss/gradient instead of stopping
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(world_seed="[0, inf)", max_prompt_len="[1, inf)", max_new_tokens="[1, inf)",
-                  temperature="(0, inf)", rollout_batch="[1, inf)", minibatch_size="[1, inf)", ppo_epochs="[1, inf)",
-                  micro_batch="[0, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
-                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), lr="(0, inf)", value_lr="[0, inf)",
-                  warmup="[0, inf)", min_lr_ratio="[0, 1]", weight_decay="[0, inf)", grad_clip="[0, inf)",
-                  kl_coef="[0, inf)", kl_estimator=("k1", "k3"), target_kl="[0, inf)", kl_horizon="[1, inf)",
-                  gamma="[0, 1]", lam="[0, 1]", clip="(0, inf)", vf_clip="(0, inf)", vf_coef="[0, inf)",
-                  reward_scale="(0, inf)", correctness="(-inf, inf)", length_penalty="(-inf, inf)",
-                  no_eos_penalty="(-inf, inf)", rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
-                  max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)", save_every="[1, inf)",
-                  export=("merged", "adapter"), seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
+                  temperature="(0, inf)", rollout_batch="[1, inf)", minibatch_size="[1, inf)",
+                  ppo_epochs="[1, inf)", micro_batch="[0, inf)", lora_r="[1, inf)",
+                  lora_alpha="[1, inf)", lora_dropout="[0, 1)",
+                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), lr="(0, inf)",
+                  value_lr="[0, inf)", warmup="[0, inf)", min_lr_ratio="[0, 1]",
+                  weight_decay="[0, inf)", grad_clip="[0, inf)", kl_coef="[0, inf)",
+                  kl_estimator=("k1", "k3"), target_kl="[0, inf)", kl_horizon="[1, inf)",
+                  gamma="[0, 1]", lam="[0, 1]", clip="(0, inf)", vf_clip="(0, inf)",
+                  vf_coef="[0, inf)", reward_scale="(0, inf)", correctness="(-inf, inf)",
+                  length_penalty="(-inf, inf)", no_eos_penalty="(-inf, inf)",
+                  rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
+                  max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)",
+                  save_every="[1, inf)", export=("merged", "adapter"), seed="[0, inf)",
+                  device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def correctness(response, caption_type, rule="word"):
-    """(bonus, correct) for LLaVA-RLHF's symbolic reward (ppo_trainer.py rollout). caption_type 2-5: the answer
-    is A-D; bonus 1 when the response starts with 'B.' or states 'correct option is B.'. 6: the answer is No;
-    +0.5 for a response starting with No, -0.5 for Yes. 7 (answer Yes): no bonus (LLaVA-RLHF: "for now, we do
-    not give symbolic award"), but correctness is still measured. 1 (general): (0, None).
-    rule 'prefix' is LLaVA-RLHF's test, startswith('No') / startswith('Yes'), so 'Nothing is there' and 'None'
-    earn the No bonus; 'word' (ours) needs 'No' / 'Yes' as a whole word, which is what the bonus means."""
+    """(bonus, correct) for LLaVA-RLHF's symbolic reward (ppo_trainer.py rollout). caption_type 2-5:
+    the answer is A-D; bonus 1 when the response starts with 'B.' or states 'correct option is B.'.
+    6: the answer is No; +0.5 for a response starting with No, -0.5 for Yes. 7 (answer Yes): no
+    bonus (LLaVA-RLHF: "for now, we do not give symbolic award"), but correctness is still measured.
+    1 (general): (0, None).
+    rule 'prefix' is LLaVA-RLHF's test, startswith('No') / startswith('Yes'), so 'Nothing is there'
+    and 'None' earn the No bonus; 'word' (ours) needs 'No' / 'Yes' as a whole word, which is what
+    the bonus means."""
     s = response.strip()
     if 2 <= caption_type <= 5:
         letter = "ABCD"[caption_type - 2]
@@ -152,18 +166,20 @@ def correctness(response, caption_type, rule="word"):
 
 
 def question_stop_ids(tokenizer):
-    """LLaVA-RLHF's extra stop tokens: tok('?')[0] (LLaMA: 1577, '▁?') and tok('\\n?')[-1] (29973, '?'),
-    in that order. We take the last token of each (the same ids on LLaMA; a tokenizer that splits '?' into
-    '▁' + '?', as the Shapes one, would otherwise stop at every lone '▁')."""
-    ids = [tokenizer("?", add_special_tokens=False)["input_ids"][-1], tokenizer("\n?")["input_ids"][-1]]
-    return list(dict.fromkeys(ids))
+    """LLaVA-RLHF's extra stop tokens: tok('?')[0] (LLaMA: 1577, '▁?') and tok('\\n?')[-1] (29973,
+    '?'), in that order. We take the last token of each (the same ids on LLaMA; a tokenizer that
+    splits '?' into '▁' + '?', as the Shapes one, would otherwise stop at every lone '▁')."""
+    question = tokenizer("?", add_special_tokens=False)["input_ids"][-1]
+    newline_question = tokenizer("\n?")["input_ids"][-1]
+    return list(dict.fromkeys([question, newline_question]))
 
 
 def cut_at_stop_tokens(tokens, lengths, eos_id, pad_id, stop_ids):
-    """LLaVA-RLHF's truncate_after_eos_with_padding on sampled responses (B, K) with `lengths` (EOS included):
-    the end is the first EOS, overridden by the first occurrence of each stop id in turn (so the last stop id
-    found wins), the token at the end kept and everything after it padded. Cut at a '?', a response has no EOS
-    left: it gets the no-EOS penalty. Returns (tokens, lengths, finished)."""
+    """LLaVA-RLHF's truncate_after_eos_with_padding on sampled responses (B, K) with `lengths` (EOS
+    included): the end is the first EOS, overridden by the first occurrence of each stop id in turn
+    (so the last stop id found wins), the token at the end kept and everything after it padded. Cut
+    at a '?', a response has no EOS left: it gets the no-EOS penalty. Returns (tokens, lengths,
+    finished)."""
     tokens, lengths = tokens.clone(), lengths.clone()
     for i in range(len(tokens)):
         row = tokens[i, :int(lengths[i])].tolist()
@@ -179,7 +195,8 @@ def cut_at_stop_tokens(tokens, lengths, eos_id, pad_id, stop_ids):
 
 
 def kl_penalty(logp, ref_logp, estimator="k1", clamp=True):
-    """Per-token KL(pi || pi_ref) estimate from the sampled token's log-probs (Schulman's k1 / k3)."""
+    """Per-token KL(pi || pi_ref) estimate from the sampled token's log-probs (Schulman's k1 /
+    k3)."""
     if estimator == "k1":
         kl = logp - ref_logp
         return kl.clamp(min=0.0) if clamp else kl
@@ -188,15 +205,18 @@ def kl_penalty(logp, ref_logp, estimator="k1", clamp=True):
 
 
 def sequence_reward(score, bonus, length_bonus, lengths, finished, cfg):
-    """The score added at a response's last token: RM score + correctness term + length term (LLaVA-RLHF's
-    length_bonus_score * length_bonus * tokens / response_len; tokens include the EOS) + no-EOS penalty."""
-    return (score + cfg.correctness * bonus + cfg.length_penalty * length_bonus * lengths.float() / cfg.max_new_tokens
-            + cfg.no_eos_penalty * (~finished).float())
+    """The score added at a response's last token: RM score + correctness term + length term
+    (LLaVA-RLHF's length_bonus_score * length_bonus * tokens / response_len; tokens include the EOS)
+    + no-EOS penalty."""
+    length_term = cfg.length_penalty * length_bonus * lengths.float() / cfg.max_new_tokens
+    no_eos_term = cfg.no_eos_penalty * (~finished).float()
+    return score + cfg.correctness * bonus + length_term + no_eos_term
 
 
 def shape_rewards(score, logp, ref_logp, lengths, kl_coef, estimator="k1", clamp=True):
-    """Per-token rewards r_k = -kl_coef * kl_k, plus the sequence score at the last real token (index
-    length - 1: found by the length, never by searching for pad, which may equal eos). (B, K) each."""
+    """Per-token rewards r_k = -kl_coef * kl_k, plus the sequence score at the last real token
+    (index length - 1: found by the length, never by searching for pad, which may equal eos). (B, K)
+    each."""
     mask = torch.arange(logp.shape[1], device=logp.device)[None] < lengths[:, None]
     kl = kl_penalty(logp, ref_logp, estimator, clamp) * mask
     rewards = -kl_coef * kl
@@ -205,8 +225,9 @@ def shape_rewards(score, logp, ref_logp, lengths, kl_coef, estimator="k1", clamp
 
 
 def gae(rewards, values, gamma, lam):
-    """Generalized advantage estimation (Schulman et al. 2016, Eq. 16). rewards and values are zero after
-    each sequence's last token, so V after the end is 0 (terminal). Returns (advantages, returns)."""
+    """Generalized advantage estimation (Schulman et al. 2016, Eq. 16). rewards and values are zero
+    after each sequence's last token, so V after the end is 0 (terminal). Returns (advantages,
+    returns)."""
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
     for k in reversed(range(rewards.shape[1])):
@@ -218,23 +239,27 @@ def gae(rewards, values, gamma, lam):
 
 
 def whiten(x, mask, d, eps=1e-8):
-    """(x - mean) / (std + eps), mean and (biased) std over the masked entries of the whole global batch."""
+    """(x - mean) / (std + eps), mean and (biased) std over the masked entries of the whole global
+    batch."""
     xs = common.all_gather_cat(x, d)[common.all_gather_cat(mask, d).bool()]
     return (x - xs.mean()) / (xs.std(unbiased=False) + eps) * mask
 
 
 def policy_loss(logp, old_logp, adv, mask, clip, n_tokens):
-    """PPO clipped surrogate (Schulman et al. 2017, Eq. 7), summed over tokens / tokens in the global minibatch."""
+    """PPO clipped surrogate (Schulman et al. 2017, Eq. 7), summed over tokens / tokens in the
+    global minibatch."""
     ratio = torch.exp(logp - old_logp)
     pg1, pg2 = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = (torch.maximum(pg1, pg2) * mask).sum() / n_tokens
     stats = {"clipfrac": ((pg2 > pg1).float() * mask).sum() / n_tokens,
-             "approx_kl": (0.5 * (logp - old_logp) ** 2 * mask).sum() / n_tokens}  # LLaVA-RLHF's approxkl
+             # LLaVA-RLHF's approxkl
+             "approx_kl": (0.5 * (logp - old_logp) ** 2 * mask).sum() / n_tokens}
     return loss, stats
 
 
 def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
-    """Clipped value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2), summed / global tokens."""
+    """Clipped value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2), summed / global
+    tokens."""
     clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
     l1, l2 = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * (torch.maximum(l1, l2) * mask).sum() / n_tokens
@@ -242,8 +267,8 @@ def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
 
 
 def response_logprobs(model, feats, seq, mask, prompt_len, temperature):
-    """log p(token) under softmax(logits / T) and the entropy, for the response tokens seq[:, prompt_len:]:
-    the logits at position j predict token j + 1."""
+    """log p(token) under softmax(logits / T) and the entropy, for the response tokens
+    seq[:, prompt_len:]: the logits at position j predict token j + 1."""
     h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
     logp_all = torch.log_softmax(model.logits(h).float() / temperature, -1)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None])[..., 0]
@@ -251,8 +276,8 @@ def response_logprobs(model, feats, seq, mask, prompt_len, temperature):
 
 
 def response_values(model, feats, seq, mask, prompt_len):
-    """V_k for response token k: the value head on the hidden state that predicts token k (LLaVA-RLHF's
-    AutoregressiveValue alignment)."""
+    """V_k for response token k: the value head on the hidden state that predicts token k
+    (LLaVA-RLHF's AutoregressiveValue alignment)."""
     h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
     return model.heads["value"](h)
 
@@ -262,47 +287,58 @@ def response_values(model, feats, seq, mask, prompt_len):
 # ----------------------------------------------------------------------------------------
 
 def reward_settings(rm_dir):
-    """The RM's own run settings (facts, wording, template): PPO scores exactly as the RM was trained."""
+    """The RM's own run settings (facts, wording, template): PPO scores exactly as the RM was
+    trained."""
     path = os.path.join(rm_dir, "config.json")
     if not os.path.isfile(path):
-        raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there (python reward.py writes one)")
+        raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there "
+                                 "(python reward.py writes one)")
     with open(path) as f:
         rc = json.load(f).get("run_config") or {}
     if "facts" not in rc:
-        raise common.ConfigError(f"{path}: field 'run_config.facts' is missing (not a reward.py checkpoint?)")
+        raise common.ConfigError(f"{path}: field 'run_config.facts' is missing "
+                                 "(not a reward.py checkpoint?)")
     return rc["facts"], rc.get("eval_prompt", "llava-rlhf"), rc.get("template", "vicuna_v1")
 
 
 def build_roles(cfg, d, tok_dir=""):
-    """(policy model, critic model, tokenizer). When the RM was trained on the policy's base weights the two
-    are ONE model (four adapters on one frozen base); otherwise the RM is a second, frozen model, and the value
-    adapter lives on it (as LLaVA-RLHF's value model lives on the RM backbone). Token ids and image tokens
-    must agree: the RM and the value model read the policy's sequences."""
-    policy, tokenizer = common.load_model_and_tokenizer(cfg.init, tokenizer_dir=tok_dir, device=d.device)
+    """(policy model, critic model, tokenizer). When the RM was trained on the policy's base weights
+    the two are ONE model (four adapters on one frozen base); otherwise the RM is a second, frozen
+    model, and the value adapter lives on it (as LLaVA-RLHF's value model lives on the RM backbone).
+    Token ids and image tokens must agree: the RM and the value model read the policy's
+    sequences."""
+    policy, tokenizer = common.load_model_and_tokenizer(cfg.init, tokenizer_dir=tok_dir,
+                                                        device=d.device)
     if policy.adapters:
-        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters {sorted(policy.adapters)}; "
-                                 f"merge them first")
+        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
+                                 f"{sorted(policy.adapters)}; merge them first")
     rm_dir = resolve_checkpoint(cfg.reward)
     if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
         critic = policy
         load_adapters(critic, rm_dir)
     else:
-        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir, device=d.device)
+        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir,
+                                                         device=d.device)
         a, b = policy.config, critic.config
-        key = lambda c: (c.vocab_size, c.image_token_id, c.num_image_tokens, c.image_size, c.eos_token_id,
-                         c.pad_token_id)
+        key = lambda c: (c.vocab_size, c.image_token_id, c.num_image_tokens, c.image_size,
+                         c.eos_token_id, c.pad_token_id)
         if key(a) != key(b) or rm_tok.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(
-                f"--reward {rm_dir} (vocab {b.vocab_size}, hidden {b.hidden}, {b.num_image_tokens} image tokens of "
-                f"{b.image_size}px) does not fit --init {resolve_checkpoint(cfg.init)} (vocab {a.vocab_size}, hidden "
-                f"{a.hidden}, {a.num_image_tokens} image tokens of {a.image_size}px): the reward and value models "
-                f"must read the policy's tokens and images (train the RM on this SFT checkpoint)")
+                f"--reward {rm_dir} (vocab {b.vocab_size}, hidden {b.hidden}, "
+                f"{b.num_image_tokens} image tokens of {b.image_size}px) does not fit "
+                f"--init {resolve_checkpoint(cfg.init)} (vocab {a.vocab_size}, "
+                f"hidden {a.hidden}, {a.num_image_tokens} image tokens of {a.image_size}px): "
+                f"the reward and value models must read the policy's tokens and images "
+                f"(train the RM on this SFT checkpoint)")
     if "reward" not in critic.adapters or "reward" not in critic.heads:
-        raise common.ConfigError(f"--reward {rm_dir}: no 'reward' adapter and head (not a reward.py checkpoint?)")
+        raise common.ConfigError(f"--reward {rm_dir}: no 'reward' adapter and head "
+                                 "(not a reward.py checkpoint?)")
     policy.add_adapter("policy", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    critic.copy_adapter("reward", "value")  # value model initialised from the reward model (init_value_with_reward)
+    # value model initialised from the reward model (init_value_with_reward)
+    critic.copy_adapter("reward", "value")
     critic.add_head("value")                # new head, zero-initialised: V = 0 at the start
-    critic.set_trainable(adapters=["value"] + (["policy"] if critic is policy else []), heads=["value"])
+    trained = ["value"] + (["policy"] if critic is policy else [])
+    critic.set_trainable(adapters=trained, heads=["value"])
     if critic is not policy:
         policy.set_trainable(adapters=["policy"])
     if cfg.dtype == "bf16" and cfg.device == "cuda":
@@ -314,14 +350,16 @@ def build_roles(cfg, d, tok_dir=""):
 
 
 def load_prompts(cfg, need_captions, tokenizer, model, template):
-    """RL prompts (LLaVA-RLHF format) tokenized for generation; too-long ones dropped and counted."""
+    """RL prompts (LLaVA-RLHF format) tokenized for generation; too-long ones dropped and
+    counted."""
     path = cfg.data
     recs = read_rl_prompts(path, cfg.image_folder or None, captions_path=cfg.captions or None,
                            need_captions=need_captions)
     check_images(recs, path)  # every image decodes, before any step
     c, out = model.config, []
     for r in recs:
-        t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens, 1 << 30, template)
+        t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens,
+                                  1 << 30, template)
         if len(t["input_ids"]) <= cfg.max_prompt_len:
             out.append(dict(r, input_ids=t["input_ids"]))
     if not out:
@@ -331,10 +369,13 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
 
 @contextmanager
 def policy_only(model):
-    """While saving: hide every other adapter and head, so a checkpoint is the policy alone ('policy' active)."""
+    """While saving: hide every other adapter and head, so a checkpoint is the policy alone
+    ('policy' active)."""
     others = [n for n in model.adapters if n != "policy"]
-    loras = [(lin, n, lin.lora.pop(n)) for _, lin in model.lora_linears() for n in others if n in lin.lora]
-    adapters, heads = {n: model.adapters.pop(n) for n in others}, {n: model.heads.pop(n) for n in list(model.heads)}
+    loras = [(lin, n, lin.lora.pop(n))
+             for _, lin in model.lora_linears() for n in others if n in lin.lora]
+    adapters = {n: model.adapters.pop(n) for n in others}
+    heads = {n: model.heads.pop(n) for n in list(model.heads)}
     active = model.active_adapter
     model.set_adapter("policy")
     try:
@@ -348,16 +389,18 @@ def policy_only(model):
 
 
 def trainer_extra(policy, critic, kl_coef, gen, d):
-    """What --resume needs besides the optimizer: both trained adapters, the value head, kl_coef and every
-    rank's rollout generator state (collective: call on all ranks)."""
+    """What --resume needs besides the optimizer: both trained adapters, the value head, kl_coef and
+    every rank's rollout generator state (collective: call on all ranks)."""
     states = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(states, gen.get_state())
     else:
         states = [gen.get_state()]
     grab = lambda ps: [p.detach().cpu().clone() for p in ps]
-    return {"policy": grab(policy.adapter_parameters("policy")), "value": grab(critic.adapter_parameters("value")),
-            "value_head": grab(critic.heads["value"].parameters()), "kl_coef": kl_coef, "generators": states}
+    return {"policy": grab(policy.adapter_parameters("policy")),
+            "value": grab(critic.adapter_parameters("value")),
+            "value_head": grab(critic.heads["value"].parameters()),
+            "kl_coef": kl_coef, "generators": states}
 
 
 def restore_extra(extra, policy, critic, gen, d):
@@ -367,7 +410,8 @@ def restore_extra(extra, policy, critic, gen, d):
                        (list(critic.heads["value"].parameters()), extra["value_head"])):
             for p, t in zip(ps, ts, strict=True):
                 p.copy_(t)
-    if len(extra["generators"]) == d.world:  # bitwise resume; another world size continues from fresh streams
+    # bitwise resume; another world size continues from fresh streams
+    if len(extra["generators"]) == d.world:
         gen.set_state(extra["generators"][d.rank])
     return extra["kl_coef"]
 
@@ -377,36 +421,46 @@ def restore_extra(extra, policy, critic, gen, d):
 # ----------------------------------------------------------------------------------------
 
 def batched(fn, n, size):
-    """fn(slice) over consecutive slices of at most `size` rows (0: all at once), outputs concatenated."""
+    """fn(slice) over consecutive slices of at most `size` rows (0: all at once), outputs
+    concatenated."""
     outs = [fn(slice(s, s + (size or n))) for s in range(0, n, size or n)]
-    return tuple(torch.cat(o) for o in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(o) for o in zip(*outs))
+    return torch.cat(outs)
 
 
 @torch.no_grad()
 def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key):
-    """Sample responses with the KV cache, score them, and compute log-probs, values and shaped rewards."""
+    """Sample responses with the KV cache, score them, and compute log-probs, values and shaped
+    rewards."""
     policy.eval()
     critic.eval()
     dev, n, mb = next(policy.parameters()).device, len(prompts), cfg.micro_batch
-    b = collate([{"input_ids": p["input_ids"], "pixel_values": normalize(images.unit(p["image"]))} for p in prompts],
-                tokenizer.pad_token_id, side="left")  # left padding: every response starts at column P
+    rows = [{"input_ids": p["input_ids"], "pixel_values": normalize(images.unit(p["image"]))}
+            for p in prompts]
+    # left padding: every response starts at column P
+    b = collate(rows, tokenizer.pad_token_id, side="left")
     ids, pmask, pix = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["pixel_values"].to(dev)
-    feats = batched(lambda s: policy.encode_images(pix[s]), n, mb)  # frozen tower: once, for every role and epoch
+    # frozen tower: once, for every role and epoch
+    feats = batched(lambda s: policy.encode_images(pix[s]), n, mb)
     cfeats = feats if critic is policy else batched(lambda s: critic.encode_images(pix[s]), n, mb)
 
     def sample(s):
-        g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature, generator=gen,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            image_features=feats[s])
+        g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
+                            generator=gen, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, image_features=feats[s])
         return g.tokens, g.lengths, g.finished
     with policy.use_adapter("policy"):
         tokens, lengths, finished = batched(sample, n, mb)
     if cfg.stop_at_question:
+        stop_ids = question_stop_ids(tokenizer)
         tokens, lengths, finished = cut_at_stop_tokens(tokens, lengths, tokenizer.eos_token_id,
-                                                       tokenizer.pad_token_id, question_stop_ids(tokenizer))
-    # a sampled image placeholder cannot be fed back (it marks image-feature slots): read it as <unk>
-    tokens[tokens == policy.config.image_token_id] = tokenizer.unk_token_id if tokenizer.unk_token_id is not None \
-        else tokenizer.pad_token_id
+                                                       tokenizer.pad_token_id, stop_ids)
+    # a sampled image placeholder cannot be fed back (it marks image-feature slots): read it as
+    # <unk> (or pad, for a tokenizer without one)
+    unk_id = tokenizer.unk_token_id
+    stand_in = unk_id if unk_id is not None else tokenizer.pad_token_id
+    tokens[tokens == policy.config.image_token_id] = stand_in
     P, seq = ids.shape[1], torch.cat([ids, tokens], 1)
     rmask = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
     mask = torch.cat([pmask, rmask.long()], 1)
@@ -415,39 +469,50 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         logp, entropy = batched(logprobs, n, mb)
     with policy.no_adapter():  # the reference policy: the same base, no adapter
         ref_logp, _ = batched(logprobs, n, mb)
+    value_of = lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P)
     with critic.use_adapter("value"):
-        values = batched(lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P), n, mb) * rmask
-    texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip() for i in range(n)]
+        values = batched(value_of, n, mb) * rmask
+    texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
+             for i in range(n)]
     facts, wording, template = rm
     if cfg.rm_input == "tokens":  # LLaVA-RLHF: the sampled ids, '</s>' only where it was sampled
-        items = [reward_item_from_ids(tokenizer, p["input_ids"], tokens[i, :lengths[i]], p["captions"] if facts
-                                      else None, random.Random(f"{key}-{i}"), 1 << 30, wording, cfg.rm_prompt_space)
+        items = [reward_item_from_ids(tokenizer, p["input_ids"], tokens[i, :lengths[i]],
+                                      p["captions"] if facts else None,
+                                      random.Random(f"{key}-{i}"), 1 << 30, wording,
+                                      cfg.rm_prompt_space)
                  for i, p in enumerate(prompts)]
     else:  # ours: the text decoded, stripped and rendered again as a finished turn (always '</s>')
-        items = [reward_item(tokenizer, critic.config, p["prompt"], t, p["captions"] if facts else None,
-                             random.Random(f"{key}-{i}"), template, 1 << 30, wording, cfg.rm_prompt_space)
+        items = [reward_item(tokenizer, critic.config, p["prompt"], t,
+                             p["captions"] if facts else None, random.Random(f"{key}-{i}"),
+                             template, 1 << 30, wording, cfg.rm_prompt_space)
                  for i, (p, t) in enumerate(zip(prompts, texts))]
 
     def rm_score(s):
         rb = common.to_device(collate(items[s], tokenizer.pad_token_id, side="right"), dev)
-        return common.score_sequences(critic, "reward", rb["input_ids"], rb["attention_mask"], cfeats[s]).float()
+        return common.score_sequences(critic, "reward", rb["input_ids"], rb["attention_mask"],
+                                      cfeats[s]).float()
     with critic.use_adapter("reward"):
         score = batched(rm_score, n, mb)
-    bonus, correct = zip(*(correctness(t, p["caption_type"], cfg.correct_rule) for t, p in zip(texts, prompts)))
+    checks = [correctness(t, p["caption_type"], cfg.correct_rule) for t, p in zip(texts, prompts)]
+    bonus, correct = zip(*checks)
     length_bonus = torch.tensor([p["length_bonus"] for p in prompts], device=dev)
-    total = sequence_reward(score, torch.tensor(bonus, device=dev), length_bonus, lengths, finished, cfg)
-    rewards, kl, rmask = shape_rewards(total, logp, ref_logp, lengths, kl_coef, cfg.kl_estimator, cfg.kl_clamp)
-    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=cfeats, logp=logp, values=values, rewards=rewards,
-                kl=kl, rmask=rmask.float(), entropy=entropy, score=score, lengths=lengths, finished=finished,
-                correct=list(correct), texts=texts)
+    bonuses = torch.tensor(bonus, device=dev)
+    total = sequence_reward(score, bonuses, length_bonus, lengths, finished, cfg)
+    rewards, kl, rmask = shape_rewards(total, logp, ref_logp, lengths, kl_coef, cfg.kl_estimator,
+                                       cfg.kl_clamp)
+    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=cfeats, logp=logp, values=values,
+                rewards=rewards, kl=kl, rmask=rmask.float(), entropy=entropy, score=score,
+                lengths=lengths, finished=finished, correct=list(correct), texts=texts)
 
 
 def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
-    """ppo_epochs passes over the rollout in shuffled minibatches (micro-batches accumulate); gradients summed
-    over ranks, every loss normalised by the response tokens of the global minibatch. Returns mean stats."""
+    """ppo_epochs passes over the rollout in shuffled minibatches (micro-batches accumulate);
+    gradients summed over ranks, every loss normalised by the response tokens of the global
+    minibatch. Returns mean stats."""
     policy.train()
     critic.train()
     n_local, mb = len(ro["seq"]), cfg.minibatch_size // d.world
+    dev = ro["seq"].device
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     sums, n_updates = {}, 0
     for _ in range(cfg.ppo_epochs):
@@ -458,41 +523,54 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 i = perm[j:min(j + (cfg.micro_batch or mb), s + mb)]
                 m = ro["rmask"][i]
                 with policy.use_adapter("policy"):
-                    logp, _ = response_logprobs(policy, ro["feats"][i], ro["seq"][i], ro["mask"][i], ro["P"],
-                                                cfg.temperature)
+                    logp, _ = response_logprobs(policy, ro["feats"][i], ro["seq"][i], ro["mask"][i],
+                                                ro["P"], cfg.temperature)
                 pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
                 pg.backward()  # policy and value graphs one after the other: lower peak memory
                 with critic.use_adapter("value"):
-                    v = response_values(critic, ro["cfeats"][i], ro["seq"][i], ro["mask"][i], ro["P"])
+                    v = response_values(critic, ro["cfeats"][i], ro["seq"][i], ro["mask"][i],
+                                        ro["P"])
                 vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok)
                 (cfg.vf_coef * vf).backward()
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()
             _, norm = common.optimizer_step(opt, params, d, step, cfg)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.tensor(  # NaN: a skipped update (--skip_nonfinite)
-                norm if norm is not None else float("nan"), device=ro["seq"].device)
+            # NaN: a skipped update (--skip_nonfinite)
+            grad_norm = torch.tensor(norm if norm is not None else float("nan"), device=dev)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             n_updates += 1
     keys = sorted(sums)
     tot = common.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu(), d)
-    return {k: float(v) / n_updates / (d.world if k == "grad_norm" else 1) for k, v in zip(keys, tot)}
+    return {k: float(v) / n_updates / (d.world if k == "grad_norm" else 1)
+            for k, v in zip(keys, tot)}
 
 
 def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
-    """Means over the global rollout batch (gathered from every rank): score, KL, reward, length, correctness,
-    entropy, explained variance of the values, and on Shapes the oracle's hallucination rate."""
+    """Means over the global rollout batch (gathered from every rank): score, KL, reward, length,
+    correctness, entropy, explained variance of the values, and on Shapes the oracle's hallucination
+    rate."""
     dev = ro["score"].device
     g = lambda x: common.all_gather_cat(x.float(), d)
     m = g(ro["rmask"]).bool()
     typed = g(torch.tensor([c is not None for c in ro["correct"]], device=dev)).bool()
     right = g(torch.tensor([bool(c) for c in ro["correct"]], device=dev))
     R, V = g(returns)[m], g(ro["values"])[m]
-    out = {"score": g(ro["score"]).mean(), "kl": g(ro["kl"].sum(1)).mean(), "reward": g(ro["rewards"].sum(1)).mean(),
-           "length": g(ro["lengths"]).mean(), "no_eos": g(~ro["finished"]).mean(), "correct": right[typed].mean(),
-           "entropy": g(ro["entropy"])[m].mean(), "explained_var": 1 - (R - V).var() / R.var()}
+    out = {"score": g(ro["score"]).mean(),
+           "kl": g(ro["kl"].sum(1)).mean(),
+           "reward": g(ro["rewards"].sum(1)).mean(),
+           "length": g(ro["lengths"]).mean(),
+           "no_eos": g(~ro["finished"]).mean(),
+           "correct": right[typed].mean(),
+           "entropy": g(ro["entropy"])[m].mean(),
+           "explained_var": 1 - (R - V).var() / R.var()}
     if objects is not None:  # the exact oracle: is reward hacking turning into hallucination?
-        h = g(torch.tensor([oracle.oracle(t, objects[os.path.relpath(p["image"], cfg.world)])["num_hallucinations"]
-                            for t, p in zip(ro["texts"], prompts)], device=dev))
-        out["halluc_rate"], out["halluc_per_answer"] = (h > 0).float().mean(), h.mean()
+        counts = []
+        for t, p in zip(ro["texts"], prompts):
+            truth = objects[os.path.relpath(p["image"], cfg.world)]
+            counts.append(oracle.oracle(t, truth)["num_hallucinations"])
+        h = g(torch.tensor(counts, device=dev))
+        out["halluc_rate"] = (h > 0).float().mean()
+        out["halluc_per_answer"] = h.mean()
     return {k: float(v) for k, v in out.items()}
 
 
@@ -501,21 +579,24 @@ def main(cfg):
     common.check_world("ppo.py", cfg.fsdp)
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
-    for flag, ok, want in (("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
-                           ("export", cfg.export in ("merged", "adapter"), "merged or adapter"),
-                           ("rm_input", cfg.rm_input in ("text", "tokens"), "text or tokens"),
-                           ("correct_rule", cfg.correct_rule in ("word", "prefix"), "word or prefix"),
-                           ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)")):
+    for flag, ok, want in (
+            ("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
+            ("export", cfg.export in ("merged", "adapter"), "merged or adapter"),
+            ("rm_input", cfg.rm_input in ("text", "tokens"), "text or tokens"),
+            ("correct_rule", cfg.correct_rule in ("word", "prefix"), "word or prefix"),
+            ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:
-        raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of --minibatch_size "
-                                 f"{cfg.minibatch_size}, which must be a multiple of the {d.world} processes")
+        raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of "
+                                 f"--minibatch_size {cfg.minibatch_size}, which must be a multiple "
+                                 f"of the {d.world} processes")
     common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
     if named:  # the Shapes world, written once if missing
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
     tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
-    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)  # rollout sampling stream
+    # rollout sampling stream
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
     policy, critic, tokenizer = build_roles(cfg, d, tok_dir)
@@ -527,7 +608,8 @@ def main(cfg):
     pol_params = policy.adapter_parameters("policy")
     val_params = critic.adapter_parameters("value") + list(critic.heads["value"].parameters())
     params = pol_params + val_params  # one AdamW, two parameter groups (policy lr, value lr)
-    opt = torch.optim.AdamW([{"params": pol_params}, {"params": val_params}], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": pol_params}, {"params": val_params}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, kl_coef = 0, cfg.kl_coef
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -536,18 +618,21 @@ def main(cfg):
         print(f"resumed from {resume_path} at step {start}")
     shared = critic is policy
     if d.main:
-        print(f"{len(prompts)} RL prompts ({dropped} too long) | reward {cfg.reward}: facts {rm[0]}, "
-              f"{'one shared base' if shared else 'a separate frozen model'} | "
-              f"{sum(p.numel() for p in params) / 1e6:.3f}M trainable | {d.world} process(es)")
+        roles = "one shared base" if shared else "a separate frozen model"
+        n_train = sum(p.numel() for p in params)
+        print(f"{len(prompts)} RL prompts ({dropped} too long) | reward {cfg.reward}: "
+              f"facts {rm[0]}, {roles} | {n_train / 1e6:.3f}M trainable | {d.world} process(es)")
     images = ImageCache(policy.config.image_size)
     log, base = common.Logger(cfg.out, d.main), resolve_checkpoint(cfg.init)
     for step in range(start, cfg.max_steps):
         lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio)
-        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.lr * lr_mult, (cfg.value_lr or cfg.lr) * lr_mult
+        opt.param_groups[0]["lr"] = cfg.lr * lr_mult
+        opt.param_groups[1]["lr"] = (cfg.value_lr or cfg.lr) * lr_mult
         idx = common.batch_indices(step, len(prompts), cfg.rollout_batch, cfg.seed, d.rank, d.world)
         batch = [prompts[i] for i in idx]
+        rollout_key = f"{cfg.seed}-{step}-{d.rank}"
         t0 = time.time()
-        ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen, f"{cfg.seed}-{step}-{d.rank}")
+        ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen, rollout_key)
         adv, returns = gae(ro["rewards"] * cfg.reward_scale, ro["values"], cfg.gamma, cfg.lam)
         adv = whiten(adv, ro["rmask"], d)
         t1 = time.time()
@@ -556,17 +641,21 @@ def main(cfg):
         done = step + 1
         show = objects is not None and done % cfg.oracle_every == 0
         stats = rollout_stats(ro, returns, cfg, d, objects if show else None, batch)
-        if cfg.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): e = clip(KL / target - 1, +-0.2)
+        # adaptive KL controller (Ziegler et al. 2019): e = clip(KL / target - 1, +-0.2)
+        if cfg.target_kl > 0:
             e = min(max(stats["kl"] / cfg.target_kl - 1.0, -0.2), 0.2)
             kl_coef *= 1.0 + e * cfg.rollout_batch / cfg.kl_horizon
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log.log(done, **stats, **upd, kl_coef=kl_coef, lr=opt.param_groups[0]["lr"], rollout_s=t1 - t0,
-                    update_s=t2 - t1)
+            log.log(done, **stats, **upd, kl_coef=kl_coef, lr=opt.param_groups[0]["lr"],
+                    rollout_s=t1 - t0, update_s=t2 - t1)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             extra = trainer_extra(policy, critic, kl_coef, gen, d)
-            with policy_only(policy):  # base = the SFT checkpoint; reward/value adapters live in trainer_state
-                common.save_checkpoint(policy, cfg.out, done, cfg, opt, tokenizer, base=base, extra_state=extra, d=d)
-    if cfg.export == "merged":  # the final checkpoint becomes the policy merged into the base (full weights)
+            # base = the SFT checkpoint; reward/value adapters live in trainer_state
+            with policy_only(policy):
+                common.save_checkpoint(policy, cfg.out, done, cfg, opt, tokenizer, base=base,
+                                       extra_state=extra, d=d)
+    # the final checkpoint becomes the policy merged into the base (full weights)
+    if cfg.export == "merged":
         extra = trainer_extra(policy, critic, kl_coef, gen, d)
         if d.main:
             for n in [a for a in policy.adapters if a != "policy"]:
@@ -574,7 +663,8 @@ def main(cfg):
             for n in list(policy.heads):
                 del policy.heads[n]
             policy.merge_adapter("policy")
-            path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, cfg, opt, tokenizer, extra_state=extra)
+            path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, cfg, opt, tokenizer,
+                                          extra_state=extra)
             print(f"exported the merged policy to {path}")
     common.cleanup_dist()
 

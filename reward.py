@@ -1,10 +1,10 @@
-"""Reward model for Fact-RLHF (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.2-2.3): the SFT model with a LoRA
-adapter 'reward' and a scalar head 'reward' read at the last token of an evaluation turn that, with
---facts, lists the image's captions (Factually Augmented RLHF).
+"""Reward model for Fact-RLHF (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.2-2.3): the SFT model with a
+LoRA adapter 'reward' and a scalar head 'reward' read at the last token of an evaluation turn that,
+with --facts, lists the image's captions (Factually Augmented RLHF).
 
-    python reward.py                                  # Shapes: ground truth vs injected hallucination
-    python reward.py --pairs sampled                  # two SFT samples per prompt, ranked by the exact oracle
-    python reward.py --facts false --out ckpt/rm_plain   # ablation: the plain RLHF reward model
+    python reward.py  # Shapes: ground truth vs injected hallucination
+    python reward.py --pairs sampled  # two SFT samples per prompt, ranked by the exact oracle
+    python reward.py --facts false --out ckpt/rm_plain  # ablation: the plain RLHF reward model
     torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
         --lr 2e-5 --batch_size 32 --max_steps 300 --device cuda --dtype bf16
@@ -38,69 +38,74 @@ import torch.nn.functional as F
 import common
 import oracle
 import shapes
-from data import DataError, ImageCache, check_images, collate, normalize, read_llava_rlhf_preference, reward_item
+from data import (DataError, ImageCache, check_images, collate, normalize,
+                  read_llava_rlhf_preference, reward_item)
 from checkpoint import resolve_checkpoint
 
 
 @dataclass
 class Config:
     """Fact-RLHF reward model: LoRA + scalar head on the SFT model, trained on preference pairs."""
-    out: str = "ckpt/rm"                  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
-    init: str = "ckpt/sft"                # the SFT checkpoint (its weights stay frozen; the RM is saved with base= it)
+    out: str = "ckpt/rm"  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
+    init: str = "ckpt/sft"  # the SFT checkpoint (frozen; the RM checkpoint is saved with base= it)
     data: str = "{world}/pref_pairs.json"  # a LLaVA-RLHF human-preference file ({world}: --world)
     captions: str = "{world}/image_to_caption.json"  # LLaVA-RLHF facts file (read with --facts)
-    image_folder: str = ""                # folder image paths are relative to (default: the data file's folder)
+    image_folder: str = ""  # folder image paths are relative to (default: the data file's folder)
     val_data: str = "{world}/pref_pairs_val.json"  # held-out pairs (empty: split off --data)
-    eval_size: int = 500                  # held-out pairs used, at most (LLaVA-RLHF splits 500 off its data)
-    pairs: str = "injected"               # 'injected' (the file's) or 'sampled' (oracle-ranked)
-    n_sampled: int = 1000                 # --pairs sampled: prompts to sample two answers for (ties dropped, counted)
-    sample_temperature: float = 0.7       # --pairs sampled: sampling temperature
-    sample_max_new_tokens: int = 64       # --pairs sampled: answer length limit
-    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
-    world_seed: int = 0                   # seed of the Shapes world
-    facts: bool = True                    # Fact-RLHF: the evaluation turn lists the image captions (false: plain RLHF)
-    eval_prompt: str = "llava-rlhf"       # evaluation turn: 'llava-rlhf' (verbatim) | 'short' (same facts, half the tokens)
-    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
-    max_len: int = 1024                   # longest scored sequence (pairs that do not fit are dropped and counted)
-    lora_r: int = 16                      # LoRA rank (LLaVA-RLHF: 64 on 7B/13B; 16 suits the 128-wide shapes preset)
-    lora_alpha: int = 16                  # LoRA alpha (LLaVA-RLHF: 16)
-    lora_dropout: float = 0.0             # LoRA dropout (LLaVA-RLHF: 0)
+    eval_size: int = 500  # held-out pairs used, at most (LLaVA-RLHF splits 500 off its data)
+    pairs: str = "injected"  # 'injected' (the file's) or 'sampled' (oracle-ranked)
+    n_sampled: int = 1000  # --pairs sampled: prompts to answer twice (ties dropped, counted)
+    sample_temperature: float = 0.7  # --pairs sampled: sampling temperature
+    sample_max_new_tokens: int = 64  # --pairs sampled: answer length limit
+    world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
+    world_seed: int = 0  # seed of the Shapes world
+    facts: bool = True  # Fact-RLHF: evaluation turn lists the image captions (false: plain RLHF)
+    # the wording of the evaluation turn:
+    eval_prompt: str = "llava-rlhf"  # 'llava-rlhf' (verbatim) | 'short' (same facts, half as long)
+    template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 1024  # longest scored sequence (pairs that do not fit are dropped and counted)
+    lora_r: int = 16  # LoRA rank (LLaVA-RLHF: 64 on 7B/13B; 16 suits the 128-wide shapes preset)
+    lora_alpha: int = 16  # LoRA alpha (LLaVA-RLHF: 16)
+    lora_dropout: float = 0.0  # LoRA dropout (LLaVA-RLHF: 0)
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
-    batch_size: int = 16                  # pairs per optimizer step (global; LLaVA-RLHF: 4 x 8 GPUs = 32)
-    lr: float = 1e-3                      # peak learning rate (LLaVA-RLHF: 2e-5 on 13B)
-    min_lr_ratio: float = 1.0             # final lr / peak (1.0: constant after warmup, as LLaVA-RLHF)
-    warmup: int = 10                      # linear warmup steps
-    weight_decay: float = 0.0             # AdamW weight decay on matrices
-    grad_clip: float = 1.0                # gradient norm clip (0: off)
-    center_coef: float = 1e-3             # coefficient of |mean(r_chosen + r_rejected)|
-    max_steps: int = 150                  # optimizer steps
-    eval_every: int = 50                  # held-out accuracy every N steps (and at the end)
-    save_every: int = 50                  # checkpoint every N steps (and at the end)
-    log_every: int = 10                   # a log line every N steps
-    seed: int = 0                         # seed for data order, caption shuffling and sampling
-    device: str = "cpu"                   # cpu or cuda
-    dtype: str = "fp32"                   # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
-    grad_checkpoint: bool = False         # activation checkpointing in the decoder
-    resume: bool = False                  # continue from the newest checkpoint in --out
-    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
-    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
-    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
-    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
+    batch_size: int = 16  # pairs per optimizer step (global; LLaVA-RLHF: 4 x 8 GPUs = 32)
+    lr: float = 1e-3  # peak learning rate (LLaVA-RLHF: 2e-5 on 13B)
+    min_lr_ratio: float = 1.0  # final lr / peak (1.0: constant after warmup, as LLaVA-RLHF)
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # gradient norm clip (0: off)
+    center_coef: float = 1e-3  # coefficient of |mean(r_chosen + r_rejected)|
+    max_steps: int = 150  # optimizer steps
+    eval_every: int = 50  # held-out accuracy every N steps (and at the end)
+    save_every: int = 50  # checkpoint every N steps (and at the end)
+    log_every: int = 10  # a log line every N steps
+    seed: int = 0  # seed for data order, caption shuffling and sampling
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "fp32"  # fp32, or bf16 (base weights in bf16 on GPU; LoRA and head stay fp32)
+    grad_checkpoint: bool = False  # activation checkpointing in the decoder
+    resume: bool = False  # continue from the newest checkpoint in --out
+    overwrite: bool = False  # a run already in --out is moved aside (kept) and a new one starts
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2; README)
+    save_full: bool = False  # --fsdp: whole model in every checkpoint (default: only in the last)
+    skip_nonfinite: bool = False  # skip a step with a non-finite loss/gradient instead of stopping
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(eval_size="[1, inf)", pairs=("injected", "sampled"), n_sampled="[1, inf)",
-                  sample_temperature="[0, inf)", sample_max_new_tokens="[1, inf)", world_seed="[0, inf)",
-                  eval_prompt=("llava-rlhf", "short"), template=("vicuna_v1", "llava_v1"), max_len="[1, inf)",
-                  lora_r="[1, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
-                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)", lr="(0, inf)",
-                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",
-                  center_coef="[0, inf)", max_steps="[1, inf)", eval_every="[0, inf)", save_every="[1, inf)",
-                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
+                  sample_temperature="[0, inf)", sample_max_new_tokens="[1, inf)",
+                  world_seed="[0, inf)", eval_prompt=("llava-rlhf", "short"),
+                  template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", lora_r="[1, inf)",
+                  lora_alpha="[1, inf)", lora_dropout="[0, 1)",
+                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)",
+                  lr="(0, inf)", min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
+                  grad_clip="[0, inf)", center_coef="[0, inf)", max_steps="[1, inf)",
+                  eval_every="[0, inf)", save_every="[1, inf)", log_every="[1, inf)",
+                  seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
-    """Returns (surrogate loss whose gradients summed over ranks are those of L, value of L). Pairwise term
-    summed and divided by the global pair count. The centring term |m|, m = global mean of r_c + r_r, is not
-    a sum over ranks; its gradient sign(m) dm/dtheta is: each rank adds sign(m) * sum_local / n_global."""
+    """Returns (surrogate loss whose gradients summed over ranks are those of L, value of L).
+    Pairwise term summed and divided by the global pair count. The centring term |m|, m = global
+    mean of r_c + r_r, is not a sum over ranks; its gradient sign(m) dm/dtheta is: each rank adds
+    sign(m) * sum_local / n_global."""
     pair = -F.logsigmoid(r_chosen - r_rejected).sum() / n_global
     local = (r_chosen + r_rejected).sum() / n_global
     m = common.all_reduce_sum(local.detach(), d)
@@ -110,7 +115,8 @@ def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
 
 
 def load_pairs(cfg, d, model, tokenizer):
-    """(train, val, stats): pairs {prompt, chosen, rejected, captions, image} and counts of what was dropped."""
+    """(train, val, stats): pairs {prompt, chosen, rejected, captions, image} and counts of what was
+    dropped."""
     stats = {}
     captions = cfg.captions if cfg.facts else None
     folder = cfg.image_folder or None
@@ -134,22 +140,26 @@ def load_pairs(cfg, d, model, tokenizer):
 
 @torch.no_grad()
 def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64):
-    """LLaVA-RLHF's human preference collection with an exact annotator: two answers per prompt sampled from
-    the SFT model, the one with fewer oracle-counted hallucinations is chosen; ties are dropped and counted.
-    Fixed batches with their own seeded generator, spread over ranks: the same pairs at any world size."""
+    """LLaVA-RLHF's human preference collection with an exact annotator: two answers per prompt
+    sampled from the SFT model, the one with fewer oracle-counted hallucinations is chosen; ties are
+    dropped and counted. Fixed batches with their own seeded generator, spread over ranks: the same
+    pairs at any world size."""
     images = ImageCache(model.config.image_size)
     model.eval()
     items = []
     for r in recs:
-        it = common.prompt_item(tokenizer, model, r["prompt"], images.unit(r["image"]), cfg.template)
+        unit = images.unit(r["image"])
+        it = common.prompt_item(tokenizer, model, r["prompt"], unit, cfg.template)
         items += [it, it]  # two samples per prompt
     mine = {}
     for b in range(d.rank, -(-len(items) // batch), d.world):
         g = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + split * 10007 + b)
-        with model.no_adapter():  # the SFT policy (also when resuming a run whose RM adapter is loaded)
-            mine[b] = common.generate_answers(model, tokenizer, items[b * batch:(b + 1) * batch], batch,
-                                              cfg.sample_max_new_tokens, cfg.sample_temperature, generator=g,
-                                              show=False)
+        # the SFT policy (also when resuming a run whose RM adapter is loaded)
+        with model.no_adapter():
+            chunk = items[b * batch:(b + 1) * batch]
+            mine[b] = common.generate_answers(model, tokenizer, chunk, batch,
+                                              cfg.sample_max_new_tokens, cfg.sample_temperature,
+                                              generator=g, show=False)
     if d.world > 1:
         parts = [None] * d.world
         dist.all_gather_object(parts, mine)
@@ -176,14 +186,16 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
 
 
 def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
-    """Chosen and rejected of each pair tokenized (same shuffled captions for both) and collated into one
-    right-padded batch [chosen..., rejected...], with one normalised image per pair."""
+    """Chosen and rejected of each pair tokenized (same shuffled captions for both) and collated
+    into one right-padded batch [chosen..., rejected...], with one normalised image per pair."""
     chosen, rejected, pix, dropped = [], [], [], 0
     for i in idx:
         p = pairs[i]
         caps = p["captions"] if cfg.facts else None
-        items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps, random.Random(f"{rng_key}-{i}"),
-                             cfg.template, cfg.max_len, cfg.eval_prompt) for k in ("chosen", "rejected")]
+        items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps,
+                             random.Random(f"{rng_key}-{i}"), cfg.template, cfg.max_len,
+                             cfg.eval_prompt)
+                 for k in ("chosen", "rejected")]
         if items[0] is None or items[1] is None:
             dropped += 1
             continue
@@ -199,7 +211,8 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
 
 
 def forward_pairs(model, b, device):
-    """(r_chosen, r_rejected): image features computed once per pair (the tower is frozen) and reused."""
+    """(r_chosen, r_rejected): image features computed once per pair (the tower is frozen) and
+    reused."""
     b = common.to_device(b, device)
     feats = None
     if b["pixel_values"] is not None:
@@ -212,7 +225,8 @@ def forward_pairs(model, b, device):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, tokenizer, images, d):
-    """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption order."""
+    """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption
+    order."""
     model.eval()
     sums = torch.zeros(4)  # correct, loss, margin, count
     for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
@@ -221,20 +235,23 @@ def evaluate(model, val, cfg, tokenizer, images, d):
             continue
         rc, rr = forward_pairs(model, b, d.device)
         if counts:
-            sums += torch.tensor([float((rc > rr).sum()), float(-F.logsigmoid(rc - rr).sum()), float((rc - rr).sum()),
-                              len(rc)])
+            correct = float((rc > rr).sum())
+            loss = float(-F.logsigmoid(rc - rr).sum())
+            margin = float((rc - rr).sum())
+            sums += torch.tensor([correct, loss, margin, len(rc)])
     sums = common.all_reduce_sum(sums, d)
     model.train()
     n = max(float(sums[3]), 1.0)
-    return {"val_accuracy": float(sums[0]) / n, "val_loss": float(sums[1]) / n, "val_margin": float(sums[2]) / n,
-            "n_val": int(sums[3])}
+    return {"val_accuracy": float(sums[0]) / n, "val_loss": float(sums[1]) / n,
+            "val_margin": float(sums[2]) / n, "n_val": int(sums[3])}
 
 
 def partner_pairs(val, world):
     """The held-out Shapes pairs whose rejected answer names the absent co-occurring partner of a
     shape in the image (triangle -> circle): where a fact list should help the reward model most."""
     objects = shapes.load_world(world)["by_file"]
-    pairs = shapes.parse_pairs(json.load(open(os.path.join(world, "world.json")))["params"]["pairs"])
+    params = json.load(open(os.path.join(world, "world.json")))["params"]
+    pairs = shapes.parse_pairs(params["pairs"])
     out = []
     for p in val:
         objs = objects[os.path.relpath(p["image"], world)]
@@ -254,25 +271,32 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     if cfg.eval_prompt not in ("llava-rlhf", "short"):
-        raise common.ConfigError(f"--eval_prompt must be 'llava-rlhf' or 'short', got '{cfg.eval_prompt}'")
+        raise common.ConfigError("--eval_prompt must be 'llava-rlhf' or 'short', "
+                                 f"got '{cfg.eval_prompt}'")
     if cfg.pairs not in ("injected", "sampled"):
         raise common.ConfigError(f"--pairs must be 'injected' or 'sampled', got '{cfg.pairs}'")
     if named or cfg.pairs == "sampled":  # rank 0 writes the world (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
-    sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
-    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init,
-                                                       tokenizer_dir=tok_dir, device=d.device)
+    # FSDP: built from --init as at the start, then the shards
+    sharded = common.sharded_resume(resume_path, d)
+    load_from = cfg.init if sharded else resume_path or cfg.init
+    model, tokenizer = common.load_model_and_tokenizer(load_from, tokenizer_dir=tok_dir,
+                                                       device=d.device)
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
-        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters {sorted(model.adapters)}; "
+        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
+                                 f"{sorted(model.adapters)}; "
                                  f"merge them into the base first (sft.py does at the end)")
-    if cfg.dtype == "bf16" and cfg.device == "cuda" and not cfg.fsdp:  # (FSDP: fp32 master weights, bf16 compute)
+    # (FSDP: fp32 master weights, bf16 compute)
+    if cfg.dtype == "bf16" and cfg.device == "cuda" and not cfg.fsdp:
         model.cast_base(torch.bfloat16)
-    train, val, stats = load_pairs(cfg, d, model, tokenizer)  # sampled pairs come from the SFT model itself
+    # sampled pairs come from the SFT model itself
+    train, val, stats = load_pairs(cfg, d, model, tokenizer)
     if "reward" not in model.adapters:
         model.add_adapter("reward", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         head = model.add_head("reward")
-        torch.nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))  # as LLaVA-RLHF's nn.Linear head (bias 0)
+        # as LLaVA-RLHF's nn.Linear head (bias 0)
+        torch.nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))
     model.set_adapter("reward")
     model.set_trainable(adapters=["reward"], heads=["reward"])
     model.gradient_checkpointing = cfg.grad_checkpoint
@@ -295,8 +319,9 @@ def main(cfg):
     images = ImageCache(model.config.image_size)
     if d.main:
         extra = f" | sampled: {stats}" if stats else ""
+        n_train = sum(p.numel() for p in trainable)
         print(f"{len(train)} training pairs, {len(val)} held-out | facts {cfg.facts} | "
-              f"{sum(p.numel() for p in trainable) / 1e6:.3f}M trainable | {d.world} process(es){extra}")
+              f"{n_train / 1e6:.3f}M trainable | {d.world} process(es){extra}")
     log = common.Logger(cfg.out, d.main)
     model.train()
     t0, dropped, acc_sum, n_sum, metrics = time.time(), 0, 0.0, 0, {}
@@ -306,19 +331,26 @@ def main(cfg):
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
         b, drop = pair_batch(train, idx, cfg, tokenizer, model, images, f"{cfg.seed}-{step}")
         dropped += drop
-        n_global = common.all_reduce_sum(torch.tensor(0.0 if b is None else b["input_ids"].shape[0] / 2), d)
-        rc, rr = forward_pairs(model, b, d.device) if b is not None else (torch.zeros(0), torch.zeros(0))
+        n_local = 0.0 if b is None else b["input_ids"].shape[0] / 2
+        n_global = common.all_reduce_sum(torch.tensor(n_local), d)
+        if b is not None:
+            rc, rr = forward_pairs(model, b, d.device)
+        else:
+            rc, rr = torch.zeros(0), torch.zeros(0)
         loss, value = preference_loss(rc, rr, n_global.clamp(min=1), cfg.center_coef, d)
         if loss.requires_grad:  # (a rank whose pairs were all too long still joins the all-reduces)
             loss.backward()
         acc_sum += float((rc > rr).sum())
         n_sum += float(n_global)
-        _, norm = common.optimizer_step(opt, trainable, d, step, cfg, value, reduce=False)  # value is global already
+        # value is global already
+        _, norm = common.optimizer_step(opt, trainable, d, step, cfg, value, reduce=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             acc = float(common.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
-            log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=norm if norm is not None else float("nan"),
-                    dropped=dropped, pairs_per_s=round(n_sum / max(time.time() - t0, 1e-9), 1))
+            grad_norm = norm if norm is not None else float("nan")
+            pairs_per_s = round(n_sum / max(time.time() - t0, 1e-9), 1)
+            log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=grad_norm,
+                    dropped=dropped, pairs_per_s=pairs_per_s)
             t0, acc_sum, n_sum = time.time(), 0.0, 0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             metrics = evaluate(model, val, cfg, tokenizer, images, d)
@@ -333,13 +365,17 @@ def main(cfg):
         metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
     if d.main:
         with open(os.path.join(cfg.out, "report.json"), "w") as f:
-            json.dump({**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt, "data": cfg.data,
-                       "pairs": cfg.pairs,
-                       "train_pairs": len(train), "dropped_too_long": dropped, "sampled": stats}, f, indent=2)
+            report = {**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt,
+                      "data": cfg.data, "pairs": cfg.pairs, "train_pairs": len(train),
+                      "dropped_too_long": dropped, "sampled": stats}
+            json.dump(report, f, indent=2)
         if metrics:
-            print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} on {metrics['n_val']} pairs"
-                  + (f" ({metrics['val_accuracy_partner']:.3f} on the {metrics['n_val_partner']} naming a "
-                     "co-occurring partner)" if "n_val_partner" in metrics else ""))
+            partner_note = ""
+            if "n_val_partner" in metrics:
+                partner_note = (f" ({metrics['val_accuracy_partner']:.3f} on the "
+                                f"{metrics['n_val_partner']} naming a co-occurring partner)")
+            print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} "
+                  f"on {metrics['n_val']} pairs{partner_note}")
     common.cleanup_dist()
 
 

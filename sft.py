@@ -1,11 +1,12 @@
 """Supervised fine-tuning of a LLaVA: LLaVA-SFT+ (LLaVA-RLHF, arXiv 2309.14525, Sec. 3) and LRV
 robust instruction tuning with negative instructions (arXiv 2306.14565).
 
-    python sft.py                                   # Shapes world, `shapes` preset, from scratch (both stages)
-    python sft.py --lrv true --neg_ratio 0.5        # LRV: half of the extra instructions are negative
-    python sft.py --blank_images true --out ckpt/sft_blank   # control: can it answer without seeing?
+    python sft.py  # Shapes world, `shapes` preset, from scratch (both stages)
+    python sft.py --lrv true --neg_ratio 0.5  # LRV: half of the extra instructions are negative
+    python sft.py --blank_images true --out ckpt/sft_blank  # control: answers without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
-        --image_folder coco/ --lora_r 64 --lr 2e-4 --weight_decay 0 --max_len 2048 --device cuda --dtype bf16
+        --image_folder coco/ --lora_r 64 --lr 2e-4 --weight_decay 0 --max_len 2048 \
+        --device cuda --dtype bf16
 
 LLaVA's two stages (arXiv 2304.08485, Sec. 4.2): stage 1, feature alignment, learns image -> caption
 in the 'plain' template ("<image>{caption}\n": no system prompt, no question); stage 2 tunes on
@@ -41,66 +42,69 @@ from data import (IGNORE, DataError, ImageCache, check_images, collate, load_jso
 @dataclass
 class Config:
     """Supervised fine-tuning (LLaVA-SFT+ / LRV robust instruction tuning)."""
-    out: str = "ckpt/sft"                 # run directory: checkpoint-N/ subdirectories and metrics.jsonl
-    init: str = ""                        # checkpoint to start from (ours, llava-hf, original LLaVA, or a LLaMA dir); empty: fresh --model
-    vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
+    out: str = "ckpt/sft"  # run directory: checkpoint-N/ subdirectories and metrics.jsonl
+    init: str = ""  # checkpoint (ours, llava-hf, original LLaVA, LLaMA dir); empty: a fresh --model
+    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
     tokenizer: str = "{world}/tokenizer"  # tokenizer directory for a fresh --model
-    model: str = "shapes"                 # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
-    data: str = "{world}/sft.json"        # FILE[:weight],FILE[:weight] (LLaVA instruct or LRV)
-    image_folder: str = ""                # folder image paths are relative to (default: each data file's folder)
+    model: str = "shapes"  # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
+    data: str = "{world}/sft.json"  # FILE[:weight],FILE[:weight] (LLaVA instruct or LRV)
+    image_folder: str = ""  # folder image paths are relative to (default: each data file's folder)
     val_data: str = "{world}/sft_val.json"  # validation file (empty: none)
     align_data: str = "{world}/align.json"  # fresh --model: stage-1 captions, plain template
-    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
-    world_seed: int = 0                   # seed of the Shapes world
-    lrv: bool = False                     # add the world's LRV single-turn set (with negatives)
-    neg_ratio: float = 0.5                # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
-    blank_images: bool = False            # control run: every image replaced by a blank one
-    template: str = "vicuna_v1"           # conversation template: vicuna_v1, llava_v1, or plain (stage-1 captions)
-    align_steps: int = 1000               # fresh --model: first N steps align (<= max_steps // 2)
-    align_batch_size: int = 32            # sequences per alignment step (a description is ~1/4 of a conversation)
-    max_len: int = 512                    # longest tokenized sequence (longer ones are cut, never in the image)
-    lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model
-    lora_alpha: int = 16                  # LoRA alpha (scale alpha / r)
-    lora_dropout: float = 0.05            # LoRA dropout
+    world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
+    world_seed: int = 0  # seed of the Shapes world
+    lrv: bool = False  # add the world's LRV single-turn set (with negatives)
+    neg_ratio: float = 0.5  # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
+    blank_images: bool = False  # control run: every image replaced by a blank one
+    template: str = "vicuna_v1"  # template: vicuna_v1, llava_v1, or plain (stage-1 captions)
+    align_steps: int = 1000  # fresh --model: first N steps align (<= max_steps // 2)
+    align_batch_size: int = 32  # sequences per stage-1 step (a description: ~1/4 of a conversation)
+    max_len: int = 512  # longest tokenized sequence (longer ones are cut, never in the image)
+    lora_r: int = 0  # 0: full fine-tune; > 0: LoRA rank on the language model
+    lora_alpha: int = 16  # LoRA alpha (scale alpha / r)
+    lora_dropout: float = 0.05  # LoRA dropout
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
-    train_vision: bool = True             # train the CLIP tower (from scratch on Shapes; freeze for real CLIP)
-    train_projector: bool = True          # train the projector
-    train_lm: bool = True                 # train the language model weights (full fine-tune only)
-    batch_size: int = 16                  # sequences per optimizer step (global, over all processes)
-    pack: bool = True                     # micro-batches packed end to end, attention within each sequence (no padding; same loss)
-    grad_accum: int = 1                   # micro-batches per step on each process
-    lr: float = 2e-3                      # peak learning rate
-    vision_lr_ratio: float = 0.1          # vision tower + projector lr = this x lr (at 1.0 Shapes features blow up and the LM ignores the image)
-    min_lr_ratio: float = 0.1             # final learning rate / peak
-    warmup: int = 50                      # linear warmup steps
-    weight_decay: float = 0.1             # AdamW weight decay on matrices (Shapes: 0.1 helps stage 2 find existence)
-    grad_clip: float = 1.0                # gradient norm clip (0: off)
-    max_steps: int = 3000                 # optimizer steps (alignment + instruction tuning; Shapes: 1000 + 2000)
-    eval_every: int = 500                 # validation loss every N steps (0: only at the end)
-    eval_batches: int = 4                 # validation batches per evaluation
-    save_every: int = 500                 # checkpoint every N steps (and at the end)
-    log_every: int = 50                   # a log line every N steps
-    seed: int = 0                         # seed for init, data order and dropout
-    device: str = "cpu"                   # cpu or cuda
-    dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU; LoRA weights stay fp32)
-    grad_checkpoint: bool = False         # activation checkpointing in the decoder
-    skip_bad: bool = False                # skip bad records with a count (default: stop before training)
-    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
-    resume: bool = False                  # continue from the newest checkpoint in --out
-    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
-    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
-    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
-    report: bool = True                   # world's --data: held-out accuracy per question type
-    report_n: int = 100                   # questions per type in the report
+    train_vision: bool = True  # train the CLIP tower (from scratch on Shapes; freeze for real CLIP)
+    train_projector: bool = True  # train the projector
+    train_lm: bool = True  # train the language model weights (full fine-tune only)
+    batch_size: int = 16  # sequences per optimizer step (global, over all processes)
+    pack: bool = True  # pack micro-batches (attention within each sequence; no padding; same loss)
+    grad_accum: int = 1  # micro-batches per step on each process
+    lr: float = 2e-3  # peak learning rate
+    # (at 1.0 the Shapes features blow up and the language model ignores the image)
+    vision_lr_ratio: float = 0.1  # CLIP + projector lr = this x lr (at 1.0 Shapes features blow up)
+    min_lr_ratio: float = 0.1  # final learning rate / peak
+    warmup: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (Shapes: 0.1 helps stage 2 find existence)
+    grad_clip: float = 1.0  # gradient norm clip (0: off)
+    max_steps: int = 3000  # optimizer steps (alignment + instruction tuning; Shapes: 1000 + 2000)
+    eval_every: int = 500  # validation loss every N steps (0: only at the end)
+    eval_batches: int = 4  # validation batches per evaluation
+    save_every: int = 500  # checkpoint every N steps (and at the end)
+    log_every: int = 50  # a log line every N steps
+    seed: int = 0  # seed for init, data order and dropout
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "fp32"  # fp32, or bf16 (autocast on GPU; LoRA weights stay fp32)
+    grad_checkpoint: bool = False  # activation checkpointing in the decoder
+    skip_bad: bool = False  # skip bad records with a count (default: stop before training)
+    skip_nonfinite: bool = False  # skip a step with a non-finite loss/gradient instead of stopping
+    resume: bool = False  # continue from the newest checkpoint in --out
+    overwrite: bool = False  # a run already in --out is moved aside (kept) and a new one starts
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2; README)
+    save_full: bool = False  # --fsdp: whole model in every checkpoint (default: only in the last)
+    report: bool = True  # world's --data: held-out accuracy per question type
+    report_n: int = 100  # questions per type in the report
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
-    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)",
-                  neg_ratio="[0, 1]", template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
-                  align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)", lora_alpha="[1, inf)",
-                  lora_dropout="[0, 1)", lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
-                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", vision_lr_ratio="[0, inf)",
-                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)",
-                  max_steps="[1, inf)", eval_every="[0, inf)", eval_batches="[1, inf)", save_every="[1, inf)",
-                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"),
+    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", neg_ratio="[0, 1]",
+                  template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
+                  align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)",
+                  lora_alpha="[1, inf)", lora_dropout="[0, 1)",
+                  lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)",
+                  grad_accum="[1, inf)", lr="(0, inf)", vision_lr_ratio="[0, inf)",
+                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
+                  grad_clip="[0, inf)", max_steps="[1, inf)", eval_every="[0, inf)",
+                  eval_batches="[1, inf)", save_every="[1, inf)", log_every="[1, inf)",
+                  seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"),
                   report_n="[1, inf)")
 
 
@@ -119,13 +123,15 @@ def load_records(cfg):
         except ValueError:  # not a weight: the ':' belongs to the path
             path, w = f"{path}:{weight}", 1.0
         if not 0 < w < float("inf"):
-            raise common.ConfigError(f"--data: weight '{weight}' of {path} must be a finite number > 0")
+            raise common.ConfigError(f"--data: weight '{weight}' of {path} "
+                                     "must be a finite number > 0")
         got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
         skipped += bad
         recs, bad = check_images(recs, path, on_error)
         skipped += bad
-        g = torch.Generator().manual_seed(cfg.seed)  # weight w: round(w * n) records, repeated or subsampled
+        # weight w: round(w * n) records, repeated or subsampled
+        g = torch.Generator().manual_seed(cfg.seed)
         n = round(w * len(recs))
         copies = [torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))]
         idx = torch.arange(n) if n == len(recs) else torch.cat(copies)[:n]  # weight 1: as it is
@@ -135,16 +141,21 @@ def load_records(cfg):
 
 
 class Tokenized:
-    """Conversations tokenized once up front (so drops are counted before training), images on demand."""
+    """Conversations tokenized once up front (so drops are counted before training), images on
+    demand."""
 
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
         self.items, self.dropped = [], 0
+        template = template or cfg.template
+        image_token_id = model_config.image_token_id
+        n_image_tokens = model_config.num_image_tokens
         for i, r in enumerate(records):
             try:
-                t = tokenize_conversation(tokenizer, r["conversations"], model_config.image_token_id,
-                                          model_config.num_image_tokens, cfg.max_len, template or cfg.template)
+                t = tokenize_conversation(tokenizer, r["conversations"], image_token_id,
+                                          n_image_tokens, cfg.max_len, template)
             except ValueError as e:  # e.g. a multi-turn conversation under --template plain
-                raise common.ConfigError(f"--template {template or cfg.template}: record {r.get('id', i)}: {e}") from None
+                message = f"--template {template}: record {r.get('id', i)}: {e}"
+                raise common.ConfigError(message) from None
             if t is None:
                 self.dropped += 1
                 continue
@@ -170,8 +181,8 @@ def main(cfg):
     companions = ("val_data", "align_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
     aligning = bool(cfg.align_data) and not cfg.init and cfg.align_steps > 0
-    common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **({"align_batch_size": cfg.align_batch_size}
-                                                                        if aligning else {}))
+    align_sizes = {"align_batch_size": cfg.align_batch_size} if aligning else {}
+    common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **align_sizes)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
@@ -182,16 +193,19 @@ def main(cfg):
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
-    model, tokenizer = common.load_model_and_tokenizer(
-        cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init,  # FSDP: shards later
-        cfg.model, cfg.vision_tower, cfg.tokenizer, d.device)
+    # FSDP: built from --init, the shards later
+    load_from = cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init
+    model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
+                                                       cfg.tokenizer, d.device)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:
         model.set_adapter("sft")
-        model.set_trainable(adapters=["sft"], vision=cfg.train_vision, projector=cfg.train_projector)
+        model.set_trainable(adapters=["sft"], vision=cfg.train_vision,
+                            projector=cfg.train_projector)
     else:
-        model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=cfg.train_lm)
+        model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector,
+                            language=cfg.train_lm)
     if dtype is not None and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
         model.cast_base(dtype)
     model.gradient_checkpointing = cfg.grad_checkpoint
@@ -201,20 +215,22 @@ def main(cfg):
     train = Tokenized(train_records, tokenizer, model.config, cfg, images)
     val = Tokenized(val_records, tokenizer, model.config, cfg, images)
     if train.dropped and d.main:
-        print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations that do not fit "
-              f"--max_len {cfg.max_len} with at least part of the first answer")
+        print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations "
+              f"that do not fit --max_len {cfg.max_len} with at least part of the first answer")
     align = None  # stage 1: image -> caption pairs, plain template
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
     align_steps = min(cfg.align_steps, cfg.max_steps // 2) if align else 0
     if len(train) == 0:
-        raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} conversations do not fit "
-                                 f"--max_len {cfg.max_len}, {len(skipped)} bad records skipped")
+        raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} "
+                                 f"conversations do not fit --max_len {cfg.max_len}, "
+                                 f"{len(skipped)} bad records skipped")
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
     common.start_writing(cfg, d, data_files)
-    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay, vision_lr_ratio=cfg.vision_lr_ratio)
+    opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay,
+                                vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:
         common.restore(model, opt, resume_path, state, d)
@@ -223,12 +239,15 @@ def main(cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
         n_train = sum(p.numel() for p in trainable)
-        stages = f"{align_steps} alignment + {cfg.max_steps - align_steps} instruction steps | " if align else ""
+        n_instruct = cfg.max_steps - align_steps
+        stages = f"{align_steps} alignment + {n_instruct} instruction steps | " if align else ""
         n_all = sum(p.numel() for p in model.parameters())
-        print(f"{stages}{len(train)} training conversations, {len(val)} validation | model {n_all / 1e6:.2f}M params, "
-              f"{n_train / 1e6:.2f}M trainable | {d.world} process(es)")
+        print(f"{stages}{len(train)} training conversations, {len(val)} validation | "
+              f"model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
+              f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.device == "cuda")
+    use_bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     model.train()
     t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
@@ -245,7 +264,8 @@ def main(cfg):
         loss_sum = torch.zeros(())
         micro = [idx[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for chunk in micro:
-            batch = common.to_device(make_batch([dataset[i] for i in chunk], tokenizer, cfg), d.device)
+            examples = [dataset[i] for i in chunk]
+            batch = common.to_device(make_batch(examples, tokenizer, cfg), d.device)
             with autocast:
                 loss = lm_loss(model, batch, n_global)
             loss.backward()
@@ -256,7 +276,8 @@ def main(cfg):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0
             stage = {"stage": 1 if stage1 else 2} if align else {}
-            log.log(done, **stage, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
+            grad_norm = norm if norm is not None else float("nan")
+            log.log(done, **stage, loss=float(loss_all), lr=lr, grad_norm=grad_norm,
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
             t0, tokens = time.time(), 0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
@@ -265,7 +286,8 @@ def main(cfg):
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
     if cfg.fsdp:  # the LoRA merge and the report need the whole model: rank 0 gathers it
         model = common.gather_full_model(model, d, d.device)
-    if cfg.lora_r > 0 and d.main:  # the SFT model later stages start from: adapter merged into the base
+    # the SFT model later stages start from: adapter merged into the base
+    if cfg.lora_r > 0 and d.main:
         model.merge_adapter("sft")
         common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
     if "data" in named and cfg.report and d.main:  # the world's held-out questions, scored exactly
@@ -309,7 +331,8 @@ def validation_loss(model, val, cfg, tokenizer, d):
 
 
 def report(model, tokenizer, cfg):
-    """Held-out accuracy per question type on the Shapes test split (greedy answers, exact scoring)."""
+    """Held-out accuracy per question type on the Shapes test split (greedy answers, exact
+    scoring)."""
     world = cfg.world
     images = ImageCache(model.config.image_size)
     rows = {}
@@ -320,10 +343,14 @@ def report(model, tokenizer, cfg):
         items = []
         for r in recs:
             unit = images.unit(r["image"])
-            items.append(common.prompt_item(tokenizer, model, r["conversations"][:1],
-                                            torch.zeros_like(unit) if cfg.blank_images else unit, cfg.template))
-        answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48, desc=f"report {qtype}")
-        acc = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys)) / max(len(keys), 1)
+            if cfg.blank_images:
+                unit = torch.zeros_like(unit)
+            first_turn = r["conversations"][:1]
+            items.append(common.prompt_item(tokenizer, model, first_turn, unit, cfg.template))
+        answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48,
+                                          desc=f"report {qtype}")
+        n_right = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys))
+        acc = n_right / max(len(keys), 1)
         rows[qtype] = round(acc, 3)
     line = " | ".join(f"{k} {v:.2f}" for k, v in rows.items())
     print(f"held-out accuracy ({'blank images' if cfg.blank_images else 'real images'}): {line}")

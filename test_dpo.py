@@ -17,18 +17,21 @@ import common
 import dpo
 import oracle
 import shapes
-from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise, inject_hallucination, normalize,
-                  povid_noisy_image, to_pil_bytes, tokenize_conversation)
+from data import (CLIP_MEAN, CLIP_STD, IGNORE, ImageCache, collate, ddpm_noise,
+                  inject_hallucination, normalize, povid_noisy_image, to_pil_bytes,
+                  tokenize_conversation)
 from checkpoint import load_checkpoint, save_checkpoint_files
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
+# conftest: tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def env(tiny_world, tmp_path_factory):
-    """Small pair files from the session's Shapes world (image paths absolute, so their size does not depend on
-    the world's) and a tiny `init` checkpoint built in-process (random weights, the world's tokenizer)."""
+    """Small pair files from the session's Shapes world (image paths absolute, so their size does
+    not depend on the world's) and a tiny `init` checkpoint built in-process (random weights, the
+    world's tokenizer)."""
     root = tmp_path_factory.mktemp("dpo")
     files = {}
     for name, src, n in (("train", "povid_pairs.json", 24), ("val", "pref_pairs_val.json", 8)):
@@ -39,20 +42,23 @@ def env(tiny_world, tmp_path_factory):
         with open(files[name], "w") as f:
             json.dump(recs, f)
     torch.manual_seed(0)
-    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
+    tok_dir = os.path.join(tiny_world, "tokenizer")
+    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=tok_dir)
     save_checkpoint_files(model, str(root / "init"))
     tok.save_pretrained(str(root / "init"))
     return dict(world=tiny_world, init=str(root / "init"), tok=tok, **files)
 
 
 def args(env, out, *extra):
-    return ["--init", env["init"], "--out", str(out), "--data", env["train"], "--val_data", env["val"],
-            "--batch_size", "4", "--max_steps", "2", "--log_every", "1", "--eval_n", "4", *extra]
+    return ["--init", env["init"], "--out", str(out), "--data", env["train"], "--val_data",
+            env["val"], "--batch_size", "4", "--max_steps", "2", "--log_every", "1", "--eval_n",
+            "4", *extra]
 
 
 def pairs(env, model, n=4, cfg=None):
     recs, _, _ = dpo.load_pairs(cfg or dpo.Config(data=env["train"], val_data=""))
-    return dpo.Pairs(recs[:n], env["tok"], model.config, cfg or dpo.Config(), ImageCache(model.config.image_size))
+    images = ImageCache(model.config.image_size)
+    return dpo.Pairs(recs[:n], env["tok"], model.config, cfg or dpo.Config(), images)
 
 
 def lora_model(env, randomise=True):
@@ -66,22 +72,27 @@ def lora_model(env, randomise=True):
     return model
 
 
-# ----------------------------------------------------------------------------------------- losses by hand
+# ----------------------------------------------------------------------------------- losses by hand
 
 def test_losses_match_hand_arithmetic():
     # pi_c -10, pi_r -12, ref_c -11, ref_r -11.5, beta 0.1:
     # h = (-10 - -11) - (-12 - -11.5) = 1 - (-0.5) = 1.5 ; beta h = 0.15
-    # sigmoid: -log sig(0.15) = log(1 + e^-0.15) ; cdpo eps 0.2: 0.8 log(1 + e^-0.15) + 0.2 log(1 + e^0.15)
-    # ipo: (1.5 - 1/(2*0.1))^2 = (1.5 - 5)^2 = 12.25 ; ref_free: h = -10 - -12 = 2 -> log(1 + e^-0.2)
+    # sigmoid: -log sig(0.15) = log(1 + e^-0.15)
+    # cdpo eps 0.2: 0.8 log(1 + e^-0.15) + 0.2 log(1 + e^0.15)
+    # ipo: (1.5 - 1/(2*0.1))^2 = (1.5 - 5)^2 = 12.25
+    # ref_free: h = -10 - -12 = 2 -> log(1 + e^-0.2)
     # rewards: chosen 0.1 * (-10 - -11) = 0.1, rejected 0.1 * (-12 - -11.5) = -0.05
     t = lambda *v: torch.tensor(v, dtype=torch.float64)
     pc, pr, rc, rr = t(-10.0, -3.0), t(-12.0, -1.0), t(-11.0, -3.0), t(-11.5, -1.0)
     want = {"sigmoid": [math.log(1 + math.exp(-0.15)), math.log(2)],
-            "cdpo": [0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)), math.log(2)],
+            "cdpo": [0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)),
+                     math.log(2)],
             "ipo": [12.25, 25.0],
-            "ref_free": [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.2))]}  # pair 2: h = -3 - -1 = -2
+            # pair 2: h = -3 - -1 = -2
+            "ref_free": [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.2))]}
     for loss, w in want.items():
-        losses, r_c, r_r = dpo.preference_loss(pc, pr, rc, rr, 0.1, loss, 0.2 if loss == "cdpo" else 0.0)
+        eps = 0.2 if loss == "cdpo" else 0.0
+        losses, r_c, r_r = dpo.preference_loss(pc, pr, rc, rr, 0.1, loss, eps)
         assert torch.allclose(losses, t(*w), atol=1e-12), loss
         if loss != "ref_free":
             assert torch.allclose(r_c, t(0.1, 0.0)) and torch.allclose(r_r, t(-0.05, 0.0))
@@ -90,7 +101,7 @@ def test_losses_match_hand_arithmetic():
     assert (pc.grad < 0).all()
 
 
-# ----------------------------------------------------------------------------------------- log-probs
+# ---------------------------------------------------------------------------------------- log-probs
 
 def test_reference_pass_is_the_base_model_with_adapters_off(env):
     model, fresh = lora_model(env), load_checkpoint(env["init"])
@@ -104,15 +115,17 @@ def test_reference_pass_is_the_base_model_with_adapters_off(env):
         on = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
         _, m = dpo.pair_losses(model, b, cfg)  # the training path: rewards = beta * (policy - base)
     assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
-    assert not torch.allclose(on[0], want[0], atol=1e-3)  # the randomised adapter does change the policy
+    # the randomised adapter does change the policy
+    assert not torch.allclose(on[0], want[0], atol=1e-3)
     assert torch.allclose(m["rewards/chosen"], 0.1 * (on[0] - want[0]), atol=1e-5)
     assert torch.allclose(m["rewards/rejected"], 0.1 * (on[1] - want[1]), atol=1e-5)
 
 
 def _item(env, model, prompt, answer):
     c = model.config
-    full = tokenize_conversation(env["tok"], prompt + [{"from": "gpt", "value": answer}], c.image_token_id,
-                                 c.num_image_tokens, train_on="last")
+    turns = prompt + [{"from": "gpt", "value": answer}]
+    full = tokenize_conversation(env["tok"], turns, c.image_token_id, c.num_image_tokens,
+                                 train_on="last")
     only_prompt = tokenize_conversation(env["tok"], prompt, c.image_token_id, c.num_image_tokens)
     return full, len(only_prompt["input_ids"])
 
@@ -120,10 +133,13 @@ def _item(env, model, prompt, answer):
 def test_summed_logprobs_count_answer_tokens_only(env):
     model = lora_model(env)
     prompts = [[{"from": "human", "value": "<image>\nIs there a square?"}],
-               [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red circle."},
+               [{"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": "A red circle."},
                 {"from": "human", "value": "How many circles are there?"}]]
-    items, P = zip(*[_item(env, model, p, a) for p, a in zip(prompts, ["Yes, there is a square.", "There is one circle."])])
-    for it, p in zip(items, P):  # labels on exactly the final answer: not the image, the prompt or the earlier answer
+    answers = ["Yes, there is a square.", "There is one circle."]
+    items, P = zip(*[_item(env, model, p, a) for p, a in zip(prompts, answers)])
+    # labels on exactly the final answer: not the image, the prompt or the earlier answer
+    for it, p in zip(items, P):
         assert (it["labels"][:p] == IGNORE).all() and (it["labels"][p:] != IGNORE).all()
     pix = normalize(torch.rand(1, 3, 48, 48)).expand(2, -1, -1, -1)
     b = collate(list(items) * 2, env["tok"].pad_token_id)  # 2 'pairs': chosen == rejected here
@@ -134,16 +150,20 @@ def test_summed_logprobs_count_answer_tokens_only(env):
         ids, lp = it["input_ids"], torch.log_softmax(logits[i], -1)
         hand = sum(float(lp[t - 1, ids[t]]) for t in range(p, len(ids)))
         assert abs(float(c[i]) - hand) < 1e-3 and abs(float(r[i]) - hand) < 1e-3
-    wide = collate(list(items) * 2, env["tok"].pad_token_id)  # more right padding, junk ids on the pads
+    # more right padding, junk ids on the pads
+    wide = collate(list(items) * 2, env["tok"].pad_token_id)
     T = wide["input_ids"].shape[1]
+    fill = {"input_ids": 7, "attention_mask": 0, "labels": IGNORE}
     for k in ("input_ids", "attention_mask", "labels"):
-        wide[k] = torch.cat([wide[k], torch.full((4, 7), {"input_ids": 7, "attention_mask": 0, "labels": IGNORE}[k])], 1)
-    wide["input_ids"][wide["attention_mask"] == 0] = torch.randint(5, 50, (int((wide["attention_mask"] == 0).sum()),))
+        wide[k] = torch.cat([wide[k], torch.full((4, 7), fill[k])], 1)
+    pads = wide["attention_mask"] == 0
+    wide["input_ids"][pads] = torch.randint(5, 50, (int(pads.sum()),))
     with torch.no_grad():
         c2, _, _, _ = dpo.answer_logps(model, wide, model.encode_images(pix[:1]).expand(2, -1, -1))
     assert wide["input_ids"].shape[1] == T + 7 and torch.allclose(c, c2, atol=1e-5)
 
-    class PositionOnly(torch.nn.Module):  # logits depend on the position only: prompt/image tokens cannot matter
+    # logits depend on the position only: prompt/image tokens cannot matter
+    class PositionOnly(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.table, self.head = torch.randn(256, 8), torch.randn(model.config.vocab_size, 8)
@@ -179,12 +199,14 @@ def test_concatenated_pass_with_shared_features_equals_two_passes(env):
     b = ds.batch(idx)
     with torch.no_grad():
         c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
-        for k, want in ((0, c), (1, r)):  # each side alone, its own padding, pixels through the model
+        # each side alone, its own padding, pixels through the model
+        for k, want in ((0, c), (1, r)):
             sep = collate([ds.items[i][k] for i in idx], env["tok"].pad_token_id)
             sep["pixel_values"] = b["pixel_values"]
             got = answer_logprob_reference(model, sep)
             assert torch.allclose(got, want, atol=1e-4), (k, got, want)
-        ipo_c, _, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]), average=True)
+        feats = model.encode_images(b["pixel_values"])
+        ipo_c, _, _, _ = dpo.answer_logps(model, b, feats, average=True)
     n = (b["labels"][:len(idx), 1:] != IGNORE).sum(-1)
     assert torch.allclose(ipo_c, c / n, atol=1e-5)  # IPO: the mean over answer tokens
 
@@ -211,18 +233,23 @@ def test_povid_noisy_rejection_is_the_noisy_argmax_scored_under_the_clean_image(
     b = ds.batch([0, 1])
     npix = dpo.noisy_pixels(b["units"], [1, 2], 500)
     with torch.no_grad():
-        c, _, n, tokens = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]), noisy=model.encode_images(npix))
-        chosen = {k: b[k][:2] for k in ("input_ids", "attention_mask", "labels")}  # the batch's chosen rows
-        clean = torch.log_softmax(model(b["pixel_values"], chosen["input_ids"], chosen["attention_mask"]), -1)
+        feats = model.encode_images(b["pixel_values"])
+        c, _, n, tokens = dpo.answer_logps(model, b, feats, noisy=model.encode_images(npix))
+        # the batch's chosen rows
+        chosen = {k: b[k][:2] for k in ("input_ids", "attention_mask", "labels")}
+        logits = model(b["pixel_values"], chosen["input_ids"], chosen["attention_mask"])
+        clean = torch.log_softmax(logits, -1)
         noisy = model(npix, chosen["input_ids"], chosen["attention_mask"])
     for i in range(2):
-        pos = (chosen["labels"][i, 1:] != IGNORE).nonzero()[:, 0]  # positions predicting the chosen answer
+        # positions predicting the chosen answer
+        pos = (chosen["labels"][i, 1:] != IGNORE).nonzero()[:, 0]
         arg = noisy[i, pos].argmax(-1)
         assert abs(float(n[i]) - float(clean[i, pos].gather(-1, arg[:, None]).sum())) < 1e-3
-    assert len(tokens) == int((b["labels"][:2, 1:] != IGNORE).sum()) and float(n.sum()) != float(c.sum())
+    assert len(tokens) == int((b["labels"][:2, 1:] != IGNORE).sum())
+    assert float(n.sum()) != float(c.sum())
 
 
-# ----------------------------------------------------------------------------------------- POVID data
+# --------------------------------------------------------------------------------------- POVID data
 
 def test_ddpm_noise_matches_the_closed_form():
     betas = [1 / (1 + math.exp(-(-6 + 12 * i / 999))) * (5e-3 - 1e-5) + 1e-5 for i in range(1000)]
@@ -231,22 +258,27 @@ def test_ddpm_noise_matches_the_closed_form():
     x = ddpm_noise(x0, 500, torch.Generator().manual_seed(0))
     assert abs(float(x.mean()) - math.sqrt(abar) * 0.3) < 3e-3  # E[x_t] = sqrt(abar) x0
     assert abs(float(x.var()) - (1 - abar)) < 5e-3  # Var[x_t] = 1 - abar
-    units = torch.rand(2, 3, 48, 48)  # dpo: noise in [0,1] space, then CLIP normalisation; one seed per pair
+    # dpo: noise in [0,1] space, then CLIP normalisation; one seed per pair
+    units = torch.rand(2, 3, 48, 48)
     got = dpo.noisy_pixels(units, [5, 6], 500)
-    want = torch.stack([normalize(ddpm_noise(u, 500, torch.Generator().manual_seed(s))) for u, s in zip(units, [5, 6])])
+    want = torch.stack([normalize(ddpm_noise(u, 500, torch.Generator().manual_seed(s)))
+                        for u, s in zip(units, [5, 6])])
     assert torch.equal(got, want) and not torch.equal(got, dpo.noisy_pixels(units, [5, 7], 500))
 
 
 def test_povid_noisy_image_is_noised_at_original_size_cast_to_8_bits_then_padded(tmp_path):
     """POVID train_dpo_inherent.py by hand: ToTensor, x_t = sqrt(abar) x + sqrt(1 - abar) eps,
-    ToPILImage (mul(255).byte(): truncate toward zero, wrap modulo 256), expand2square with the clean
-    CLIP-mean colour, then resize (none here: the padded side is the encoder size) and normalise."""
+    ToPILImage (mul(255).byte(): truncate toward zero, wrap modulo 256), expand2square with the
+    clean CLIP-mean colour, then resize (none here: the padded side is the encoder size) and
+    normalise."""
     from PIL import Image
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high: padded to 4 x 4, rows 1-2
+    # 4 wide, 2 high: padded to 4 x 4, rows 1-2
+    pixels = rng.integers(0, 256, (2, 4, 3), dtype=np.uint8)
     img = Image.fromarray(pixels)
     got = povid_noisy_image(img, 4, 500, torch.Generator().manual_seed(3))
-    eps = torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(3))  # the same draw, same shape
+    # the same draw, same shape
+    eps = torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(3))
     betas = [1 / (1 + math.exp(-(-6 + 12 * i / 999))) * (5e-3 - 1e-5) + 1e-5 for i in range(1000)]
     abar = math.prod(1 - b for b in betas[:501])
     wrapped = 0
@@ -256,16 +288,21 @@ def test_povid_noisy_image_is_noised_at_original_size_cast_to_8_bits_then_padded
             for y in (0, 3):
                 assert abs(float(got[c, y, x]) - (fill / 255 - CLIP_MEAN[c]) / CLIP_STD[c]) < 1e-5
             for y in (1, 2):
-                v = math.sqrt(abar) * pixels[y - 1, x, c] / 255 + math.sqrt(1 - abar) * float(eps[c, y - 1, x])
+                signal = math.sqrt(abar) * pixels[y - 1, x, c] / 255
+                noise = math.sqrt(1 - abar) * float(eps[c, y - 1, x])
+                v = signal + noise
                 byte = int(math.trunc(v * 255)) % 256  # 1.2 -> 306 -> 50: wraps, no clipping
                 wrapped += not 0 <= v * 255 < 256
-                assert abs(float(got[c, y, x]) - (byte / 255 - CLIP_MEAN[c]) / CLIP_STD[c]) < 1e-5, (c, y, x)
+                want = (byte / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
+                assert abs(float(got[c, y, x]) - want) < 1e-5, (c, y, x)
     assert wrapped > 0  # the example does exercise the wrap-around
     noisy = ddpm_noise(torch.rand(3, 64, 64), 500, torch.Generator().manual_seed(0))
-    assert torch.equal(torch.from_numpy(to_pil_bytes(noisy)), (noisy * 255).byte().permute(1, 2, 0))  # torch's cast
+    # torch's cast
+    assert torch.equal(torch.from_numpy(to_pil_bytes(noisy)), (noisy * 255).byte().permute(1, 2, 0))
     share = float(((noisy < 0) | (noisy * 255 >= 256)).float().mean())
     assert 0.3 < share < 0.5, share  # about 40% of the pixels of a uniform image wrap at t = 500
-    path = str(tmp_path / "im.png")  # dpo.noisy_pixels with paths (--noise_on original) is this image
+    # dpo.noisy_pixels with paths (--noise_on original) is this image
+    path = str(tmp_path / "im.png")
     img.save(path)
     units = torch.zeros(1, 3, 4, 4)
     assert torch.equal(dpo.noisy_pixels(units, [3], 500, [path]), got[None])
@@ -276,20 +313,23 @@ def test_injected_answers_are_hallucinations_per_the_oracle(env):
     for r in json.load(open(env["train"])):  # the pairs DPO trains on
         objs = w["by_file"][os.path.relpath(r["image"], env["world"])]
         assert oracle.oracle(r["conversations"][1]["value"], objs)["num_hallucinations"] == 0
-        assert oracle.oracle(r["rejected_conversations"][1]["value"], objs)["num_hallucinations"] > 0
+        rejected = r["rejected_conversations"][1]["value"]
+        assert oracle.oracle(rejected, objs)["num_hallucinations"] > 0
     rng, seen = np.random.default_rng(1), set()
+    partners = {"triangle": ["circle"], "cross": ["square"]}
     for k, img in enumerate(w["images"][:24]):  # fresh injections of every kind
-        qa = shapes.make_question(shapes.QUESTION_TYPES[k % 6], img["objects"], rng, "yes" if k % 2 else "no")
+        answer = "yes" if k % 2 else "no"
+        qa = shapes.make_question(shapes.QUESTION_TYPES[k % 6], img["objects"], rng, answer)
         for kind in ("object", "attribute", "relation"):
             got = qa and inject_hallucination(qa[1], img["objects"], rng, kind, shapes.SHAPES,
-                                              {"triangle": ["circle"], "cross": ["square"]}, list(shapes.COLORS))
+                                              partners, list(shapes.COLORS))
             if got:
                 seen.add(kind)
                 assert oracle.oracle(got[0], img["objects"])["num_hallucinations"] > 0, (qa, got)
     assert seen == {"object", "attribute", "relation"}
 
 
-# ----------------------------------------------------------------------------------------- reference cache
+# ---------------------------------------------------------------------------------- reference cache
 
 def cli(*argv):
     code, out, err = run_cli("dpo", [str(a) for a in argv])
@@ -308,19 +348,24 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     b = ds.batch(range(len(ds)))
     with torch.no_grad():
         c, r, _, _ = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
-    assert len(first) == 1 and torch.allclose(table["train"], torch.stack([c, r], 1), atol=1e-4)  # the init's log-probs
-    assert "reusing" in cli(*args(env, out, *full, "--resume", "true", "--max_steps", "2"))  # the same run goes on
+    # the init's log-probs
+    assert len(first) == 1 and torch.allclose(table["train"], torch.stack([c, r], 1), atol=1e-4)
+    # the same run goes on
+    assert "reusing" in cli(*args(env, out, *full, "--resume", "true", "--max_steps", "2"))
     assert len([f for f in os.listdir(out) if f.startswith("ref_logps-")]) == 1
     recs = json.load(open(env["train"]))
     recs[0]["conversations"][1]["value"] += " Nothing else."
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(recs))
     os.mkdir(tmp_path / "other")
-    shutil.copy(out / first[0], tmp_path / "other" / first[0])  # another run's cache, keyed by what it was made of
+    # another run's cache, keyed by what it was made of
+    shutil.copy(out / first[0], tmp_path / "other" / first[0])
     assert "computed" in cli(*args(env, tmp_path / "other", *full, "--data", changed))
-    weights = os.path.join(env["init"], "model.safetensors")  # a rewritten checkpoint (new mtime): a new cache too
+    # a rewritten checkpoint (new mtime): a new cache too
+    weights = os.path.join(env["init"], "model.safetensors")
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10 ** 9))
-    assert "computed" in cli(*args(env, out, *full, "--overwrite", "true"))  # (the old run is moved aside)
+    # (the old run is moved aside)
+    assert "computed" in cli(*args(env, out, *full, "--overwrite", "true"))
     assert len([f for f in os.listdir(tmp_path / "other") if f.startswith("ref_logps-")]) == 2
 
 
@@ -332,40 +377,49 @@ def _rows(out):
 def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
     root = tmp_path
     stage2 = ["--povid_stage", "2", "--max_steps", "4", "--save_every", "2"]
-    proc = subprocess.Popen([sys.executable, "dpo.py", *merge_flags(args(env, root / "stage2", *stage2))], cwd=HERE,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # a real `python dpo.py`; meanwhile the same entry point in-process:
-    losses = {"sigmoid": [], "ipo": ["--loss", "ipo"], "cdpo": ["--loss", "cdpo", "--label_smoothing", "0.1"],
+    # a real `python dpo.py`; meanwhile the same entry point in-process:
+    stage2_argv = merge_flags(args(env, root / "stage2", *stage2))
+    proc = subprocess.Popen([sys.executable, "dpo.py", *stage2_argv], cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    losses = {"sigmoid": [], "ipo": ["--loss", "ipo"],
+              "cdpo": ["--loss", "cdpo", "--label_smoothing", "0.1"],
               "ref_free": ["--loss", "ref_free"], "full": ["--lora_r", "0", "--loss", "ipo"]}
     for name, flags in losses.items():
         cli(*args(env, root / name, *flags))
         train_rows, val_rows = _rows(root / name)
         assert len(train_rows) == 2 and math.isfinite(train_rows[-1]["loss"]) and val_rows, name
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                    "logps/rejected"):
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected"):
             assert key in train_rows[-1], (name, key)
-    assert abs(_rows(root / "sigmoid")[0][0]["loss"] - math.log(2)) < 1e-6  # step 1: policy == reference
+    # step 1: policy == reference
+    assert abs(_rows(root / "sigmoid")[0][0]["loss"] - math.log(2)) < 1e-6
     assert abs(_rows(root / "ipo")[0][0]["loss"] - 25.0) < 1e-4  # (0 - 1/(2*0.1))^2
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
     train_rows, _ = _rows(root / "stage2")
-    assert len(train_rows) == 4 and "noisy/rewards/margins" in train_rows[-1] and "noisy/logps/rejected" in train_rows[-1]
-    policy = load_checkpoint(str(root / "stage2"))  # the final policy: the 'dpo' adapter on the init's base
+    assert len(train_rows) == 4
+    assert "noisy/rewards/margins" in train_rows[-1] and "noisy/logps/rejected" in train_rows[-1]
+    # the final policy: the 'dpo' adapter on the init's base
+    policy = load_checkpoint(str(root / "stage2"))
     last = root / "stage2" / "checkpoint-000004"
     assert policy.active_adapter == "dpo" and json.load(open(last / "config.json"))["base"]
-    assert not os.path.exists(last / "model.safetensors") and os.path.exists(root / "full/checkpoint-000002/model.safetensors")
-    # --resume: continue stage 2 from its step-2 checkpoint in a new run dir: bitwise the same weights
+    assert not os.path.exists(last / "model.safetensors")
+    assert os.path.exists(root / "full/checkpoint-000002/model.safetensors")
+    # --resume from stage 2's step-2 checkpoint, in a new run dir: bitwise the same weights
     shutil.copytree(root / "stage2" / "checkpoint-000002", root / "resumed" / "checkpoint-000002")
     assert "resumed from" in cli(*args(env, root / "resumed", *stage2, "--resume", "true"))
     from safetensors.torch import load_file
-    a, b = load_file(str(last / "adapters.safetensors")), load_file(str(root / "resumed/checkpoint-000004/adapters.safetensors"))
+    a = load_file(str(last / "adapters.safetensors"))
+    b = load_file(str(root / "resumed/checkpoint-000004/adapters.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(root / "resumed")[0][-1]["loss"] == train_rows[-1]["loss"]
 
 
 def _ddp_worker(rank, port, argv):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     code, _, err = run_cli("dpo", argv)
     if code:
         print(err, file=sys.stderr)
@@ -380,13 +434,14 @@ def free_port():
 
 
 def test_ddp_two_processes_equal_one(env, tmp_path):
-    """What `torchrun --nproc_per_node=2` does (env:// rendezvous, gloo), with forked workers (no new
-    interpreter): gradients summed over ranks, losses normalised by the global pair count == one process."""
+    """What `torchrun --nproc_per_node=2` does (env:// rendezvous, gloo), with forked workers (no
+    new interpreter): gradients summed over ranks, losses normalised by the global pair count == one
+    process."""
     import multiprocessing
     cli(*args(env, tmp_path / "one", "--povid_stage", "2"))
     ctx, port = multiprocessing.get_context("fork"), free_port()
-    ps = [ctx.Process(target=_ddp_worker, args=(r, port, args(env, tmp_path / "two", "--povid_stage", "2")))
-          for r in range(2)]
+    argv = args(env, tmp_path / "two", "--povid_stage", "2")
+    ps = [ctx.Process(target=_ddp_worker, args=(r, port, argv)) for r in range(2)]
     for p in ps:
         p.start()
     for p in ps:
@@ -405,29 +460,38 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
     img = os.path.join(env["world"], "images/train/000000.png")
     q = {"from": "human", "value": "<image>\nIs there a square?"}
     conv = lambda a, qq=q: [qq, {"from": "gpt", "value": a}]  # noqa: E731
+    other_q = {"from": "human", "value": "<image>\nIs there a ring?"}
     cases = {
-        "identical": ({"id": "a", "image": img, "conversations": conv("Yes."), "rejected_conversations": conv("Yes.")},
-                      "identical"),
-        "empty": ({"id": "b", "image": img, "conversations": conv(""), "rejected_conversations": conv("No.")}, "empty"),
-        "preference": ({"id": "c", "image": img, "conversations": conv("Yes."), "output_1": {"value": "Yes."},
-                        "output_2": {"value": "No."}, "preference": 3}, "preference"),
+        "identical": ({"id": "a", "image": img, "conversations": conv("Yes."),
+                       "rejected_conversations": conv("Yes.")}, "identical"),
+        "empty": ({"id": "b", "image": img, "conversations": conv(""),
+                   "rejected_conversations": conv("No.")}, "empty"),
+        "preference": ({"id": "c", "image": img, "conversations": conv("Yes."),
+                        "output_1": {"value": "Yes."}, "output_2": {"value": "No."},
+                        "preference": 3}, "preference"),
         "prompt": ({"id": "d", "image": img, "conversations": conv("Yes."),
-                    "rejected_conversations": conv("No.", {"from": "human", "value": "<image>\nIs there a ring?"})},
+                    "rejected_conversations": conv("No.", other_q)},
                    "prompt turns differ"),
     }
     good = json.load(open(env["train"]))[:3]
     for name, (rec, words) in cases.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(good[:1] + [rec]))
-        code, _, err = run_cli("dpo", args(env, tmp_path / name, "--data", str(tmp_path / f"{name}.json")))
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "record 1" in err and words in err, (name, err)
+        data = str(tmp_path / f"{name}.json")
+        code, _, err = run_cli("dpo", args(env, tmp_path / name, "--data", data))
+        assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+        assert "record 1" in err and words in err, (name, err)
         assert not os.path.exists(tmp_path / name / "metrics.jsonl")  # stopped before training
-    (tmp_path / "mixed.json").write_text(json.dumps(good + [cases["identical"][0], cases["prompt"][0]]))
-    assert "skipped 2 bad records" in cli(*args(env, tmp_path / "skip", "--data", tmp_path / "mixed.json",
-                                                "--skip_bad", "true", "--max_steps", "1"))
-    for flags, words in ((["--loss", "hinge"], "--loss"), (["--povid_stage", "2", "--lora_r", "0"], "lora_r"),
-                         (["--loss", "cdpo"], "label_smoothing"), (["--train_projector", "true"], "adapters off")):
+    mixed = good + [cases["identical"][0], cases["prompt"][0]]
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    skip = args(env, tmp_path / "skip", "--data", tmp_path / "mixed.json", "--skip_bad", "true",
+                "--max_steps", "1")
+    assert "skipped 2 bad records" in cli(*skip)
+    for flags, words in ((["--loss", "hinge"], "--loss"),
+                         (["--povid_stage", "2", "--lora_r", "0"], "lora_r"),
+                         (["--loss", "cdpo"], "label_smoothing"),
+                         (["--train_projector", "true"], "adapters off")):
         code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
-    code, _, err = run_script("dpo.py", merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json"))),
-                              env={"OMP_NUM_THREADS": "1"})
+    argv = merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json")))
+    code, _, err = run_script("dpo.py", argv, env={"OMP_NUM_THREADS": "1"})
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -1,4 +1,5 @@
-"""The main job and the lab, end to end at two steps per stage on the tiny world; the lab's statistics."""
+"""The main job and the lab, end to end at two steps per stage on the tiny world; the lab's
+statistics."""
 import json
 import os
 import zlib
@@ -11,8 +12,9 @@ from conftest import run_script
 
 def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     out, ev = str(tmp_path / "ckpt"), str(tmp_path / "eval")
-    code, stdout, err = run_script("pipeline.py", ["--steps", "2", "--model", "tiny", "--world", tiny_world, "--out", out,
-                                                   "--eval_out", ev, "--eval_limit", "4"], timeout=600)
+    argv = ["--steps", "2", "--model", "tiny", "--world", tiny_world, "--out", out,
+            "--eval_out", ev, "--eval_limit", "4"]
+    code, stdout, err = run_script("pipeline.py", argv, timeout=600)
     assert code == 0, stdout[-3000:] + err[-3000:]
     for stage in ("sft", "lrv", "rm", "ppo", "dpo", "vigc"):
         assert any(n.startswith("checkpoint-") for n in os.listdir(os.path.join(out, stage))), stage
@@ -22,31 +24,40 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     assert "stage times:" in stdout and "| ppo " in open(os.path.join(ev, "compare.md")).read()
 
     # the lab, one claim, one seed, from the pipeline's SFT checkpoint
-    runs, results, plots = str(tmp_path / "lab"), str(tmp_path / "RESULTS.md"), str(tmp_path / "plots")
-    argv = ["--sft", os.path.join(out, "sft"), "--world", tiny_world, "--claims", "povid", "--seeds", "0", "--steps", "2",
-            "--eval_limit", "4", "--out", runs, "--results", results, "--plots", plots]
+    runs = str(tmp_path / "lab")
+    results = str(tmp_path / "RESULTS.md")
+    plots = str(tmp_path / "plots")
+    argv = ["--sft", os.path.join(out, "sft"), "--world", tiny_world, "--claims", "povid",
+            "--seeds", "0", "--steps", "2", "--eval_limit", "4",
+            "--out", runs, "--results", results, "--plots", plots]
     code, stdout, err = run_script("lab.py", argv, timeout=600)
     assert code == 0, stdout[-3000:] + err[-3000:]
     text = open(results).read()
     assert "## POVID" in text and "| POVID stage 2 |" in text and "python dpo.py" in text
     assert Image.open(os.path.join(plots, "povid.png")).size[0] > 100
-    code, stdout, _ = run_script("lab.py", argv, timeout=120)  # everything on disk: nothing runs again
+    # everything on disk: nothing runs again
+    code, stdout, _ = run_script("lab.py", argv, timeout=120)
     assert code == 0 and "0 to go" in stdout
 
 
 def test_lab_statistics_and_verdicts():
     assert lab.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
     assert lab.fmt([0.5, 0.7]) == "0.600 ± 0.141"
-    g = {"a": {"CHAIR_i": [0.30, 0.32, 0.31]}, "b": {"CHAIR_i": [0.20, 0.21, 0.19]}, "c": {"CHAIR_i": [0.29, 0.40, 0.20]}}
+    g = {"a": {"CHAIR_i": [0.30, 0.32, 0.31]},
+         "b": {"CHAIR_i": [0.20, 0.21, 0.19]},
+         "c": {"CHAIR_i": [0.29, 0.40, 0.20]}}
     assert "**held**" in lab.verdict(g, "a", "b", "CHAIR_i", True, "x")
     assert "did not hold" in lab.verdict(g, "b", "a", "CHAIR_i", True, "x")
-    assert "not shown" in lab.verdict(g, "a", "c", "CHAIR_i", True, "x")  # better mean, inside the spread
+    # better mean, inside the spread
+    assert "not shown" in lab.verdict(g, "a", "c", "CHAIR_i", True, "x")
     assert "not measured" in lab.verdict(g, "a", "missing", "CHAIR_i", True, "x")
-    g["sft"] = {"CHAIR_i": [0.05]}  # a baseline measured once: the other side's seeds give the spread
+    # a baseline measured once: the other side's seeds give the spread
+    g["sft"] = {"CHAIR_i": [0.05]}
     assert "did not hold" in lab.verdict(g, "sft", "b", "CHAIR_i", True, "x")
     assert "**held**" in lab.verdict(g, "sft", "b", "CHAIR_i", False, "x")
     g["one"] = {"CHAIR_i": [0.01]}
-    assert "not shown" in lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")  # one run each: no spread to judge by
+    # one run each: no spread to judge by
+    assert "not shown" in lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")
 
 
 def test_lab_plots_draw(tmp_path):
@@ -73,12 +84,15 @@ def test_world_seed_moves_default_folders():
     cfg = pipeline.Config(world_seed=3, out="mine")
     common.seed_suffix(cfg, pipeline.Config, ("world", "out", "eval_out"))
     assert (cfg.world, cfg.out, cfg.eval_out) == ("data/shapes-seed3", "mine", "runs/eval-seed3")
-    assert "--world_seed" in (argv := pipeline.stage_commands(cfg)["sft"]) and argv[argv.index("--world_seed") + 1] == "3"
+    argv = pipeline.stage_commands(cfg)["sft"]
+    assert "--world_seed" in argv and argv[argv.index("--world_seed") + 1] == "3"
     cfg = lab.Config(world_seed=2)
     runs = lab.plan(common.seed_suffix(cfg, lab.Config, ("world", "out", "results", "plots")))
-    assert cfg.results == "RESULTS-seed2.md" and all("data/shapes-seed2" in argv for argv, _, _ in runs.values())
+    assert cfg.results == "RESULTS-seed2.md"
+    assert all("data/shapes-seed2" in argv for argv, _, _ in runs.values())
     cfg = pipeline.Config()
-    assert common.seed_suffix(cfg, pipeline.Config, ("world",)).world == "data/shapes"  # seed 0: as before
+    # seed 0: as before
+    assert common.seed_suffix(cfg, pipeline.Config, ("world",)).world == "data/shapes"
 
 
 def fake_lab(root):
@@ -94,7 +108,8 @@ def fake_lab(root):
                  "adversarial": ["a", "x", "c", "y"]}
     for split, texts in questions.items():
         with open(world / f"pope_{split}.jsonl", "w") as f:
-            f.writelines(json.dumps({"image": f"{k}.png", "text": t}) + "\n" for k, t in enumerate(texts))
+            records = [{"image": f"{k}.png", "text": t} for k, t in enumerate(texts)]
+            f.writelines(json.dumps(r) + "\n" for r in records)
     cfg = lab.Config(sft=str(root / "sft"), world=str(world), out=str(root / "runs"), seeds=(0, 1),
                      results=str(root / "RESULTS.md"), plots=str(root / "plots"))
     runs = lab.plan(cfg)
@@ -126,7 +141,8 @@ def fake_lab(root):
         elif name.startswith("vigc/vigc-"):
             answers = {k: {"hallucinations_per_100": 100 * made_up(name, k),
                            "answers_with_hallucination": made_up(name, k + "a"),
-                           "sentences_per_answer": 3 * made_up(name, k + "s")} for k in ("vig_only", "vic")}
+                           "sentences_per_answer": 3 * made_up(name, k + "s")}
+                       for k in ("vig_only", "vic")}
             with open(done, "w") as f:
                 json.dump({**answers, "parsed": 100, "images": 120}, f)
     return cfg, runs
@@ -136,8 +152,8 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     cfg, runs = fake_lab(tmp_path)
     lab.report(cfg, runs, 12.5)
     text = open(cfg.results).read()
-    for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF", "## POVID",
-                    "## VIGC", "## Verdicts", "## Commands"):
+    for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF",
+                    "## POVID", "## VIGC", "## Verdicts", "## Commands"):
         assert text.count(section) == 1, section
     assert "lab wall clock 12.5 min" in text and "seeds 0, 1" in text
     assert "popular = adversarial for 75% of them, random = popular for 75%" in text

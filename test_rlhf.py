@@ -1,5 +1,6 @@
 """Tests for the Fact-RLHF stages: reward.py (reward model) and ppo.py (PPO). Hand-computed math on
-made-up numbers, tiny models built in-process, and short CLI runs on the tiny Shapes world (conftest.py)."""
+made-up numbers, tiny models built in-process, and short CLI runs on the tiny Shapes world
+(conftest.py)."""
 import copy
 import json
 import math
@@ -28,7 +29,8 @@ ONE = common.Dist()  # a world of one process
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models: one intra-op thread is faster, and far steadier on a shared machine, than two."""
+    """Tiny models: one intra-op thread is faster, and far steadier on a shared machine, than
+    two."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,33 +54,38 @@ def test_preference_loss_hand_computed():
     assert torch.allclose(rc.grad, exact_c.grad) and torch.allclose(rr.grad, exact_r.grad)
 
 
-LLAVA_RLHF_FACT_PROMPT = (  # RLHF/prompts/fact_rlhf_reward_prompt.txt with {factual_prompt} filled as ppo_trainer.py does
-    "USER: Please evaluate the quality of your last response. There are several dimensions you should consider in "
-    "your evaluation:\n\n1. Accurate: The AI should provide factual and accurate information from the image, and "
-    "refrain from making statements that are not supported by the image or inconsistent with the image. "
-    "{factual_prompt}\n2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, "
-    "while grounding the response in the image.\n3. Language Natural: The AI should employ language that flows "
-    "smoothly and is free from repetitive or awkward constructs.\n4. Concise: The AI should efficiently address the "
-    "task or answer the question, communicating the necessary information with brevity and clarity.\n\nA good "
-    "response should be accurate, helpful, language natural, and concise. ASSISTANT: Following your definitions, "
-    "the quality score of my last response is")
+# RLHF/prompts/fact_rlhf_reward_prompt.txt with {factual_prompt} filled as ppo_trainer.py does
+LLAVA_RLHF_FACT_PROMPT = (
+    "USER: Please evaluate the quality of your last response. There are several dimensions you "
+    "should consider in your evaluation:\n\n1. Accurate: The AI should provide factual and "
+    "accurate information from the image, and refrain from making statements that are not "
+    "supported by the image or inconsistent with the image. {factual_prompt}\n2. Helpful: The "
+    "AI\u2019s response should precisely serve the user's needs and interests, while grounding the "
+    "response in the image.\n3. Language Natural: The AI should employ language that flows "
+    "smoothly and is free from repetitive or awkward constructs.\n4. Concise: The AI should "
+    "efficiently address the task or answer the question, communicating the necessary information "
+    "with brevity and clarity.\n\nA good response should be accurate, helpful, language natural, "
+    "and concise. ASSISTANT: Following your definitions, the quality score of my last response is")
 
 
 def test_eval_turn_is_llava_rlhfs_wording():
     caps = ["A red circle.", "Two squares.", "A blue ring at the top."]
     order = list(caps)
     random.Random(7).shuffle(order)
-    factual = "Specifically, the AI's response should be fully supported by the combination of the following captions:\n"
+    factual = ("Specifically, the AI's response should be fully supported by the combination of "
+               "the following captions:\n")
     factual += "".join(f"  - {c}\n" for c in order)
     got = "USER: " + data.eval_question(caps, random.Random(7)) + " ASSISTANT: " + data.EVAL_ANSWER
     assert got == LLAVA_RLHF_FACT_PROMPT.format(factual_prompt=factual)
-    plain = LLAVA_RLHF_FACT_PROMPT.replace(" {factual_prompt}", "")  # RLHF/prompts/reward_prompt.txt
+    # RLHF/prompts/reward_prompt.txt
+    plain = LLAVA_RLHF_FACT_PROMPT.replace(" {factual_prompt}", "")
     assert "USER: " + data.eval_question(None, None) + " ASSISTANT: " + data.EVAL_ANSWER == plain
 
 
 def tiny(vocab=960, seed=0):
     torch.manual_seed(seed)
-    return LLaVA.from_preset("tiny", vocab_size=vocab, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2).eval()
+    return LLaVA.from_preset("tiny", vocab_size=vocab, image_token_id=4, pad_token_id=3,
+                             bos_token_id=1, eos_token_id=2).eval()
 
 
 def test_fact_prompt_holds_captions_and_response_and_score_is_at_last_prompt_token(tiny_world):
@@ -93,8 +100,10 @@ def test_fact_prompt_holds_captions_and_response_and_score_is_at_last_prompt_tok
     ids = item["input_ids"]
     text = tok.decode([t for t in ids.tolist() if t != 4])
     assert response in text and all(c in text for c in caps)
-    assert text.rstrip().endswith("the quality score of my last response is") and int(ids[-1]) != tok.eos_token_id
-    plain = tok.decode(data.reward_item(tok, m.config, prompt, response, None, None)["input_ids"].tolist())
+    assert text.rstrip().endswith("the quality score of my last response is")
+    assert int(ids[-1]) != tok.eos_token_id
+    plain_ids = data.reward_item(tok, m.config, prompt, response, None, None)["input_ids"]
+    plain = tok.decode(plain_ids.tolist())
     assert not any(c in plain for c in caps) and response in plain
     # the score is the head on the hidden state of the last prompt token, whatever follows it
     feats = torch.randn(2, m.config.num_image_tokens, m.config.hidden)
@@ -102,24 +111,31 @@ def test_fact_prompt_holds_captions_and_response_and_score_is_at_last_prompt_tok
     from data import collate
     b = collate([{"input_ids": ids}, {"input_ids": longer}], tok.pad_token_id)
     with m.use_adapter("reward"), torch.no_grad():
-        s = common.score_sequences(m, "reward", b["input_ids"], b["attention_mask"], feats[:1].expand(2, -1, -1))
+        both = feats[:1].expand(2, -1, -1)
+        s = common.score_sequences(m, "reward", b["input_ids"], b["attention_mask"], both)
         h = m(None, longer[None], return_hidden=True, image_features=feats[:1])
     assert torch.allclose(s[0], m.heads["reward"](h[0, len(ids) - 1]), atol=1e-5)
-    assert torch.allclose(s[1], m.heads["reward"](h[0, -1]), atol=1e-5) and not torch.allclose(s[0], s[1])
+    assert torch.allclose(s[1], m.heads["reward"](h[0, -1]), atol=1e-5)
+    assert not torch.allclose(s[0], s[1])
 
 
 def test_sampled_pairs_are_ranked_by_the_oracle_and_ties_dropped(tiny_world, monkeypatch):
     import shapes
     from data import read_llava_rlhf_preference
     recs = read_llava_rlhf_preference(os.path.join(tiny_world, "pref_pairs.json"), tiny_world)[:3]
-    truth, fake = [r["chosen"] for r in recs], [r["rejected"] for r in recs]  # ground truth, injected hallucination
-    answers = [truth[0], fake[0], fake[1], truth[1], truth[2], truth[2]]  # two samples per prompt; the third ties
-    monkeypatch.setattr(common, "generate_answers", lambda model, tok, items, *a, **k: answers[:len(items)])
+    # ground truth, injected hallucination
+    truth, fake = [r["chosen"] for r in recs], [r["rejected"] for r in recs]
+    # two samples per prompt; the third ties
+    answers = [truth[0], fake[0], fake[1], truth[1], truth[2], truth[2]]
+    fake_generate = lambda model, tok, items, *a, **k: answers[:len(items)]
+    monkeypatch.setattr(common, "generate_answers", fake_generate)
     tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
-    pairs, stats = reward.sample_pairs(reward.Config(), ONE, tiny(), tok, recs, shapes.load_world(tiny_world)["by_file"],
+    objects = shapes.load_world(tiny_world)["by_file"]
+    pairs, stats = reward.sample_pairs(reward.Config(), ONE, tiny(), tok, recs, objects,
                                        tiny_world, 0)
     assert stats == {"prompts": 3, "ties": 1, "empty": 0, "pairs": 2}
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(truth[0], fake[0]), (truth[1], fake[1])]
+    want = [(truth[0], fake[0]), (truth[1], fake[1])]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == want
     assert all(p["hallucinations"][0] == 0 < p["hallucinations"][1] for p in pairs)
 
 
@@ -139,7 +155,8 @@ def test_reward_shaping_hand_computed_with_pad_equal_to_eos():
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     assert torch.allclose(r, torch.tensor([[-0.05, 0.0, 2.0, 0.0], [0.0, -1.0, 0.0, 0.0]]))
     first_pad = (tokens == pad).float().argmax(1)
-    assert (first_pad - 1).tolist() == [1, 0] != (lengths - 1).tolist()  # searching for pad would miss the EOS token
+    # searching for pad would miss the EOS token
+    assert (first_pad - 1).tolist() == [1, 0] != (lengths - 1).tolist()
     _, kl3, _ = ppo.shape_rewards(score, logp, ref, lengths, 0.1, estimator="k3")
     lr = ref - logp  # log(p_ref / p)
     want = (lr.exp() - 1 - lr) * mask
@@ -147,8 +164,8 @@ def test_reward_shaping_hand_computed_with_pad_equal_to_eos():
     _, kl_raw, _ = ppo.shape_rewards(score, logp, ref, lengths, 0.1, clamp=False)
     assert float(kl_raw[0, 1]) == -1.0
     cfg = ppo.Config(correctness=2.0, length_penalty=-10.0, no_eos_penalty=-8.0, max_new_tokens=4)
-    total = ppo.sequence_reward(torch.tensor([1.0, 1.0]), torch.tensor([1.0, -0.5]), torch.tensor([1.0, 0.0]),
-                                lengths, torch.tensor([True, False]), cfg)
+    total = ppo.sequence_reward(torch.tensor([1.0, 1.0]), torch.tensor([1.0, -0.5]),
+                                torch.tensor([1.0, 0.0]), lengths, torch.tensor([True, False]), cfg)
     assert torch.allclose(total, torch.tensor([1 + 2 - 10 * 3 / 4, 1 - 1 - 8.0]))
 
 
@@ -186,8 +203,11 @@ def test_clipped_policy_and_value_losses_hand_computed():
     # ratio 1.5, A 1: max(-1.5, -1.2) = -1.2; ratio 0.5, A -1: max(0.5, 0.8) = 0.8; ratio 1, A 2: -2
     assert float(loss) == pytest.approx((-1.2 + 0.8 - 2.0) / 3)
     assert float(st["clipfrac"]) == pytest.approx(2 / 3)
-    assert float(st["approx_kl"]) == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
-    v, v_old, ret = torch.tensor([1.0, 0.0, 9.0]), torch.tensor([0.5, 0.0, 0.0]), torch.tensor([2.0, -1.0, 0.0])
+    want_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3
+    assert float(st["approx_kl"]) == pytest.approx(want_kl)
+    v = torch.tensor([1.0, 0.0, 9.0])
+    v_old = torch.tensor([0.5, 0.0, 0.0])
+    ret = torch.tensor([2.0, -1.0, 0.0])
     vl, vst = ppo.value_loss(v, v_old, ret, torch.tensor([1.0, 1.0, 0.0]), 0.2, torch.tensor(2.0))
     # token 1: V clipped to 0.7, max((1-2)^2, (0.7-2)^2) = 1.69; token 2: 1; token 3 masked
     assert float(vl) == pytest.approx(0.5 * (1.69 + 1.0) / 2)
@@ -212,7 +232,8 @@ def test_correctness_table(text, ctype, bonus, correct):
 
 
 @pytest.mark.parametrize("text,ctype,bonus,correct", [
-    ("Nothing like that.", 6, 0.5, True),      # LLaVA-RLHF's startswith('No'): 'Nothing' earns the No bonus
+    # LLaVA-RLHF's startswith('No'): 'Nothing' earns the No bonus
+    ("Nothing like that.", 6, 0.5, True),
     ("None.", 6, 0.5, True),
     ("Yesterday it was there.", 6, -0.5, False),
     ("No, there is no ring.", 6, 0.5, True),
@@ -224,42 +245,53 @@ def test_correctness_prefix_rule_is_llava_rlhfs(text, ctype, bonus, correct):
 
 
 def test_cut_at_question_tokens_as_llava_rlhf_truncates():
-    """truncate_after_eos_with_padding by hand: end = first EOS, then overridden by the first occurrence of
-    each extra stop id in turn (the last one found wins); the end token kept, the rest padded."""
+    """truncate_after_eos_with_padding by hand: end = first EOS, then overridden by the first
+    occurrence of each extra stop id in turn (the last one found wins); the end token kept, the rest
+    padded."""
     eos, pad, q1, q2 = 2, 0, 7, 9  # q1 = tok('?')[0], q2 = tok('\n?')[-1]
-    tokens = torch.tensor([[5, q1, 6, eos, pad], [5, q2, q1, eos, pad], [5, 6, eos, pad, pad], [5, 6, 6, 6, 6],
-                           [q1, 6, 6, 6, 6]])
+    tokens = torch.tensor([[5, q1, 6, eos, pad], [5, q2, q1, eos, pad], [5, 6, eos, pad, pad],
+                           [5, 6, 6, 6, 6], [q1, 6, 6, 6, 6]])
     lengths = torch.tensor([4, 4, 3, 5, 5])
     got, n, fin = ppo.cut_at_stop_tokens(tokens, lengths, eos, pad, [q1, q2])
-    assert got.tolist() == [[5, q1, 0, 0, 0], [5, q2, 0, 0, 0], [5, 6, eos, 0, 0], [5, 6, 6, 6, 6], [q1, 0, 0, 0, 0]]
+    assert got.tolist() == [[5, q1, 0, 0, 0], [5, q2, 0, 0, 0], [5, 6, eos, 0, 0],
+                            [5, 6, 6, 6, 6], [q1, 0, 0, 0, 0]]
     assert n.tolist() == [2, 2, 3, 5, 1] and fin.tolist() == [False, False, True, False, False]
-    cfg = ppo.Config(correctness=0.0, length_penalty=0.0)  # a cut response has no EOS: the -8 penalty
-    assert ppo.sequence_reward(torch.zeros(5), torch.zeros(5), torch.zeros(5), n, fin, cfg).tolist() == \
-        [-8.0, -8.0, 0.0, -8.0, -8.0]
+    # a cut response has no EOS: the -8 penalty
+    cfg = ppo.Config(correctness=0.0, length_penalty=0.0)
+    total = ppo.sequence_reward(torch.zeros(5), torch.zeros(5), torch.zeros(5), n, fin, cfg)
+    assert total.tolist() == [-8.0, -8.0, 0.0, -8.0, -8.0]
 
 
 def test_reward_model_reads_sampled_ids_and_the_spaced_prompt(tiny_world):
-    """--rm_input tokens: prompt ids + the sampled ids as they are ('</s>' only when sampled) + the evaluation
-    turn tokenized alone without special tokens, ' USER: Please evaluate ...' (LLaVA-RLHF ppo_trainer.py)."""
+    """--rm_input tokens: prompt ids + the sampled ids as they are ('</s>' only when sampled) + the
+    evaluation turn tokenized alone without special tokens, ' USER: Please evaluate ...' (LLaVA-RLHF
+    ppo_trainer.py)."""
     tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
-    assert [tok.convert_ids_to_tokens(i) for i in ppo.question_stop_ids(tok)] == ["?"]  # '?' alone, not '▁'
+    # '?' alone, not '▁'
+    assert [tok.convert_ids_to_tokens(i) for i in ppo.question_stop_ids(tok)] == ["?"]
 
     prompt_ids, resp = torch.tensor([1, 4, 4, 11, 12]), torch.tensor([20, 21])
     caps = ["A red circle.", "One circle."]
-    tail = " USER: " + data.eval_question(caps, random.Random(3)) + " ASSISTANT: " + data.EVAL_ANSWER
+    question = data.eval_question(caps, random.Random(3))
+    tail = " USER: " + question + " ASSISTANT: " + data.EVAL_ANSWER
     want = [1, 4, 4, 11, 12, 20, 21] + tok(tail, add_special_tokens=False)["input_ids"]
     got = data.reward_item_from_ids(tok, prompt_ids, resp, caps, random.Random(3))["input_ids"]
-    assert got.tolist() == want and tok.eos_token_id not in got.tolist()  # no EOS sampled: none added
-    with_eos = data.reward_item_from_ids(tok, prompt_ids, torch.tensor([20, tok.eos_token_id]), caps, random.Random(3))
+    # no EOS sampled: none added
+    assert got.tolist() == want and tok.eos_token_id not in got.tolist()
+    eos_resp = torch.tensor([20, tok.eos_token_id])
+    with_eos = data.reward_item_from_ids(tok, prompt_ids, eos_resp, caps, random.Random(3))
     assert with_eos["input_ids"].tolist()[6] == tok.eos_token_id
-    # the text path with the space: the rendered conversation + ' ' + the turn, one string, one tokenization
+    # the text path with the space: the rendered conversation + ' ' + the turn, one string, one
+    # tokenization
     m = tiny()
     prompt = [{"from": "human", "value": "<image>\nDescribe the image."}]
     text = data.render(prompt + [{"from": "gpt", "value": "A red circle."}])[0] + tail
     head, rest = text.split("<image>")
-    after_image = tok(tok.bos_token + rest, add_special_tokens=False)["input_ids"][1:]  # as after a special token
+    # as after a special token
+    after_image = tok(tok.bos_token + rest, add_special_tokens=False)["input_ids"][1:]
     want = tok(head)["input_ids"] + [4] * m.config.num_image_tokens + after_image
-    spaced = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3), space=True)
+    spaced = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3),
+                              space=True)
     assert spaced["input_ids"].tolist() == want and "</s> USER: Please evaluate" in text
     plain = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3))
     assert plain["input_ids"].tolist() != want  # ours: '</s>USER:'
@@ -282,7 +314,9 @@ def fixed_rollout(m, B=4, P=16, K=5, seed=0):
     with torch.no_grad(), m.use_adapter("value"):
         values = ppo.response_values(m, feats, seq, mask, P) * rmask
     adv = torch.randn(B, K, generator=g) * rmask
-    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values, rmask=rmask), adv
+    ro = dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values,
+              rmask=rmask)
+    return ro, adv
 
 
 def test_one_ppo_update_raises_the_advantage_weighted_logprob():
@@ -296,20 +330,25 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
     returns = torch.randn_like(adv) * ro["rmask"]
     twin = copy.deepcopy(m)
     frozen_before = {n: p.detach().clone() for n, p in frozen_weights(m).items()}
-    params = m.adapter_parameters("policy") + m.adapter_parameters("value") + list(m.heads["value"].parameters())
+    params = (m.adapter_parameters("policy") + m.adapter_parameters("value")
+              + list(m.heads["value"].parameters()))
     opt = torch.optim.AdamW(params, lr=1e-2)
     cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, out="/nonexistent")
     before = (adv * ro["logp"] * ro["rmask"]).sum()
     stats = ppo.ppo_update(m, m, ro, adv, returns, opt, params, cfg, ONE, 0)
-    # micro-batches of 2 accumulate to the same update (losses are normalised by the minibatch's token count)
-    tparams = twin.adapter_parameters("policy") + twin.adapter_parameters("value") + list(twin.heads["value"].parameters())
-    ppo.ppo_update(twin, twin, ro, adv, returns, torch.optim.AdamW(tparams, lr=1e-2), tparams,
-                   ppo.Config(ppo_epochs=1, minibatch_size=4, micro_batch=2, out="/nonexistent"), ONE, 0)
+    # micro-batches of 2 accumulate to the same update (losses are normalised by the minibatch's
+    # token count)
+    tparams = (twin.adapter_parameters("policy") + twin.adapter_parameters("value")
+               + list(twin.heads["value"].parameters()))
+    twin_opt = torch.optim.AdamW(tparams, lr=1e-2)
+    twin_cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, micro_batch=2, out="/nonexistent")
+    ppo.ppo_update(twin, twin, ro, adv, returns, twin_opt, tparams, twin_cfg, ONE, 0)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params, tparams))
     with torch.no_grad(), m.use_adapter("policy"):
         after_logp, _ = ppo.response_logprobs(m, ro["feats"], ro["seq"], ro["mask"], ro["P"], 1.0)
     assert (adv * after_logp * ro["rmask"]).sum() > before
-    assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10  # one minibatch, one epoch: still on-policy
+    # one minibatch, one epoch: still on-policy
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] < 1e-10
     # the reference (the base, no adapter) and the reward adapter did not move
     frozen_after = frozen_weights(m)
     assert frozen_after.keys() == frozen_before.keys() and len(frozen_after) > 20
@@ -324,7 +363,8 @@ def frozen_weights(m):
 
 
 def test_rollout_logprobs_match_the_sampling_logprobs():
-    """Left-padded prompt + right-padded response recomputed in one forward gives generate's own log-probs."""
+    """Left-padded prompt + right-padded response recomputed in one forward gives generate's own
+    log-probs."""
     m = tiny()
     B, P = 3, 12
     g = torch.Generator().manual_seed(1)
@@ -333,8 +373,8 @@ def test_rollout_logprobs_match_the_sampling_logprobs():
     pmask = torch.ones(B, P, dtype=torch.long)
     pmask[1, :2] = 0
     feats = torch.randn(B, m.config.num_image_tokens, m.config.hidden, generator=g)
-    out = m.generate(None, ids, pmask, max_new_tokens=6, temperature=0.7, eos_token_id=2, pad_token_id=3,
-                     generator=g, return_logprobs=True, image_features=feats)
+    out = m.generate(None, ids, pmask, max_new_tokens=6, temperature=0.7, eos_token_id=2,
+                     pad_token_id=3, generator=g, return_logprobs=True, image_features=feats)
     rmask = torch.arange(6)[None] < out.lengths[:, None]
     with torch.no_grad():
         logp, _ = ppo.response_logprobs(m, feats, torch.cat([ids, out.tokens], 1),
@@ -359,8 +399,9 @@ def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
     m.add_adapter("reward", 4, 8)
     m.add_head("reward")
     m.set_adapter("reward")
+    run_config = {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1"}
     save_checkpoint_files(m, out, base=resolve_checkpoint(sft_dir) if shared else None,
-                      extra_config={"run_config": {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1"}})
+                          extra_config={"run_config": run_config})
     shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer.json"), out)
     shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer_config.json"), out)
     return str(out)
@@ -371,12 +412,15 @@ def test_roles_share_one_base_when_the_reward_model_was_trained_on_it(sft, tmp_p
     cfg = ppo.Config(init=sft, reward=make_rm(sft, tmp_path / "rm"))
     policy, critic, _ = ppo.build_roles(cfg, ONE)
     assert policy is critic and len(base_storages(policy, critic)) == n_base
-    assert set(policy.adapters) == {"policy", "reward", "value"} and set(policy.heads) == {"reward", "value"}
-    assert all(torch.equal(a, b) for a, b in zip(policy.adapter_parameters("reward"), policy.adapter_parameters("value")))
+    assert set(policy.adapters) == {"policy", "reward", "value"}
+    assert set(policy.heads) == {"reward", "value"}
+    reward_and_value = zip(policy.adapter_parameters("reward"), policy.adapter_parameters("value"))
+    assert all(torch.equal(a, b) for a, b in reward_and_value)
     assert float(policy.heads["value"].weight.detach().abs().sum()) == 0
     trainable = {id(p) for p in policy.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in policy.adapter_parameters("policy") + policy.adapter_parameters("value")
-                         + list(policy.heads["value"].parameters())}
+    trained = (policy.adapter_parameters("policy") + policy.adapter_parameters("value")
+               + list(policy.heads["value"].parameters()))
+    assert trainable == {id(p) for p in trained}
     cfg = ppo.Config(init=sft, reward=make_rm(sft, tmp_path / "rm_full", shared=False))
     policy, critic, _ = ppo.build_roles(cfg, ONE)
     assert policy is not critic and len(base_storages(policy, critic)) == 2 * n_base
@@ -400,9 +444,9 @@ def sft(tmp_path_factory, tiny_world):
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory, tiny_world, sft):
     out = str(tmp_path_factory.mktemp("rm") / "rm")
-    code, stdout, err = run_cli("reward", ["--init", sft, "--world", tiny_world, "--max_steps", "2",
-                                           "--batch_size", "4", "--out", out, "--eval_prompt", "short", "--log_every", "1",
-                                           "--eval_size", "8"])
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "2", "--batch_size", "4",
+            "--out", out, "--eval_prompt", "short", "--log_every", "1", "--eval_size", "8"]
+    code, stdout, err = run_cli("reward", argv)
     assert code == 0, err
     return out, stdout
 
@@ -411,22 +455,27 @@ def test_reward_cli_injected_pairs(tiny_rm, sft):
     out, stdout = tiny_rm
     ck = resolve_checkpoint(out)
     cfg = json.load(open(os.path.join(ck, "config.json")))
-    assert not os.path.exists(os.path.join(ck, "model.safetensors"))  # adapter + head only, base = the SFT checkpoint
-    assert os.path.realpath(os.path.join(ck, cfg["base"])) == os.path.realpath(resolve_checkpoint(sft))
-    assert set(cfg["adapters"]) == {"reward"} and cfg["heads"] == ["reward"] and cfg["run_config"]["facts"] is True
+    # adapter + head only, base = the SFT checkpoint
+    assert not os.path.exists(os.path.join(ck, "model.safetensors"))
+    base = os.path.realpath(os.path.join(ck, cfg["base"]))
+    assert base == os.path.realpath(resolve_checkpoint(sft))
+    assert set(cfg["adapters"]) == {"reward"} and cfg["heads"] == ["reward"]
+    assert cfg["run_config"]["facts"] is True
     rep = json.load(open(os.path.join(out, "report.json")))
-    assert 0 <= rep["val_accuracy"] <= 1 and rep["n_val"] > 0 and "held-out pairwise accuracy" in stdout
+    assert 0 <= rep["val_accuracy"] <= 1 and rep["n_val"] > 0
+    assert "held-out pairwise accuracy" in stdout
     m = load_checkpoint(out)
     assert m.active_adapter == "reward" and "reward" in m.heads
 
 
 def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):
-    args = ["--init", sft, "--world", tiny_world, "--batch_size", "4", "--eval_prompt", "short", "--eval_size", "4",
-            "--save_every", "1"]
+    args = ["--init", sft, "--world", tiny_world, "--batch_size", "4", "--eval_prompt", "short",
+            "--eval_size", "4", "--save_every", "1"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert run_cli("reward", args + ["--max_steps", "3", "--out", straight])[0] == 0
     assert run_cli("reward", args + ["--max_steps", "2", "--out", resumed])[0] == 0
-    code, stdout, err = run_cli("reward", args + ["--max_steps", "3", "--out", resumed, "--resume", "true"])
+    resume = ["--max_steps", "3", "--out", resumed, "--resume", "true"]
+    code, stdout, err = run_cli("reward", args + resume)
     assert code == 0 and "at step 2" in stdout, err
     a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -434,32 +483,37 @@ def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):
 
 def test_reward_cli_sampled_pairs(tiny_world, sft, tmp_path):
     out = str(tmp_path / "rm_sampled")
-    code, stdout, err = run_cli("reward", ["--init", sft, "--world", tiny_world, "--pairs", "sampled",
-                                           "--n_sampled", "16", "--sample_max_new_tokens", "8", "--max_steps", "1",
-                                           "--batch_size", "2", "--out", out, "--eval_prompt", "short", "--facts", "false",
-                                           "--eval_size", "4"])
+    argv = ["--init", sft, "--world", tiny_world, "--pairs", "sampled",
+            "--n_sampled", "16", "--sample_max_new_tokens", "8", "--max_steps", "1",
+            "--batch_size", "2", "--out", out, "--eval_prompt", "short", "--facts", "false",
+            "--eval_size", "4"]
+    code, stdout, err = run_cli("reward", argv)
     assert code in (0, 2), err
     got = json.load(open(os.path.join(out, "sampled_pairs.json")))
     st = got["stats"]["train"]
     assert st["prompts"] == 16 and st["pairs"] + st["ties"] + st["empty"] == 16
     for p in got["train"]:
         assert p["hallucinations"][0] < p["hallucinations"][1] and p["chosen"] != p["rejected"]
-    if code == 2:  # a random 3-step SFT model may tie on every prompt: that is a clean, one-line error
+    # a random 3-step SFT model may tie on every prompt: that is a clean, one-line error
+    if code == 2:
         assert "no training pairs" in err and len(err.strip().splitlines()) == 1
 
 
-PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens", "6", "--log_every", "1"]
+PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens", "6",
+            "--log_every", "1"]
 
 
-def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world, tmp_path):
+def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
+                                                                  tmp_path):
     rm = tiny_rm[0]
     args = ["--init", sft, "--reward", rm, "--world", tiny_world] + PPO_ARGS
     straight = str(tmp_path / "straight")
     code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", straight])
     assert code == 0, err
     lines = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-    for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac",
-              "entropy", "explained_var", "halluc_rate", "rollout_s", "update_s"):
+    for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl",
+              "clipfrac", "vf_clipfrac", "entropy", "explained_var", "halluc_rate", "rollout_s",
+              "update_s"):
         assert k in lines[-1], k
     m = load_checkpoint(straight)
     assert not m.adapters and not m.heads  # merged export: the policy alone, full weights
@@ -467,15 +521,21 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
     args += ["--export", "adapter"]
     code, _, err = run_cli("ppo", args + ["--max_steps", "1", "--out", resumed])
     assert code == 0, err
-    a = load_checkpoint(resumed)  # adapter export: base = the SFT checkpoint, only the policy adapter
+    # adapter export: base = the SFT checkpoint, only the policy adapter
+    a = load_checkpoint(resumed)
     assert set(a.adapters) == {"policy"} and a.active_adapter == "policy" and not a.heads
     assert not os.path.exists(os.path.join(resolve_checkpoint(resumed), "model.safetensors"))
-    code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", resumed, "--resume", "true"])
+    resume = ["--max_steps", "2", "--out", resumed, "--resume", "true"]
+    code, stdout, err = run_cli("ppo", args + resume)
     assert code == 0, err
     assert "at step 1" in stdout
     # bitwise: the resumed run's trained tensors and rollouts equal the uninterrupted run's
-    x, y = (torch.load(os.path.join(resolve_checkpoint(o), "trainer_state.pt"), weights_only=False)["extra"]
-            for o in (straight, resumed))
+
+    def extra_state(run):
+        path = os.path.join(resolve_checkpoint(run), "trainer_state.pt")
+        return torch.load(path, weights_only=False)["extra"]
+    x = extra_state(straight)
+    y = extra_state(resumed)
     for k in ("policy", "value", "value_head"):
         assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
     last = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))][-1]
@@ -496,9 +556,10 @@ def free_port():
 
 def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(HERE, "ppo.py"), "--init", sft, "--reward", tiny_rm[0], "--world", tiny_world,
-           "--max_steps", "1", "--out", out] + PPO_ARGS
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", os.path.join(HERE, "ppo.py"), "--init", sft,
+           "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "1", "--out", out]
+    cmd += PPO_ARGS
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -513,33 +574,40 @@ def one_line_error(code, err):
 
 def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
     bad_rm = make_rm(sft, tmp_path / "rm_other_vocab", shared=False, vocab=1024)
-    code, _, err = run_cli("ppo", ["--init", sft, "--reward", bad_rm, "--world", tiny_world, "--out",
-                                   str(tmp_path / "o1")])
+    argv = ["--init", sft, "--reward", bad_rm, "--world", tiny_world, "--out", str(tmp_path / "o1")]
+    code, _, err = run_cli("ppo", argv)
     assert one_line_error(code, err) and "rm_other_vocab" in err and resolve_checkpoint(sft) in err
     rm = make_rm(sft, tmp_path / "rm")
     recs = json.load(open(os.path.join(tiny_world, "rl_prompts.json")))[:3]
     no_caps = [{k: v for k, v in r.items() if k != "captions"} for r in recs]
     bad_type = [dict(r, caption_type=9) for r in recs]
-    for name, content, want in (("nocaps.json", no_caps, "captions"), ("badtype.json", bad_type, "caption_type")):
+    for name, content, want in (("nocaps.json", no_caps, "captions"),
+                                ("badtype.json", bad_type, "caption_type")):
         path = tmp_path / name
         json.dump(content, open(path, "w"))
-        code, _, err = run_cli("ppo", ["--init", sft, "--reward", rm, "--data", str(path), "--image_folder",
-                                       tiny_world, "--out", str(tmp_path / "o2")])
+        argv = ["--init", sft, "--reward", rm, "--data", str(path), "--image_folder", tiny_world,
+                "--out", str(tmp_path / "o2")]
+        code, _, err = run_cli("ppo", argv)
         assert one_line_error(code, err) and want in err and name in err, err
-    # a plain-RLHF reward model (trained with --facts false) needs no captions: PPO follows the RM's setting
+    # a plain-RLHF reward model (trained with --facts false) needs no captions: PPO follows the
+    # RM's setting
     plain = make_rm(sft, tmp_path / "rm_plain", facts=False)
-    code, stdout, err = run_cli("ppo", ["--init", sft, "--reward", plain, "--data", str(tmp_path / "nocaps.json"),
-                                        "--image_folder", tiny_world, "--out", str(tmp_path / "o4"), "--max_steps", "1",
-                                        "--rollout_batch", "2", "--minibatch_size", "2", "--max_new_tokens", "4"])
+    argv = ["--init", sft, "--reward", plain, "--data", str(tmp_path / "nocaps.json"),
+            "--image_folder", tiny_world, "--out", str(tmp_path / "o4"), "--max_steps", "1",
+            "--rollout_batch", "2", "--minibatch_size", "2", "--max_new_tokens", "4"]
+    code, stdout, err = run_cli("ppo", argv)
     assert code == 0 and "facts False" in stdout, err
-    # LLaVA-RLHF's details all on (the real-data recipe's flags) run end to end with a fact-augmented RM
-    code, stdout, err = run_cli("ppo", ["--init", sft, "--reward", rm, "--world", tiny_world, "--out", str(tmp_path / "o5"),
-                                        "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
-                                        "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
-                                        "--rm_prompt_space", "true", "--correct_rule", "prefix", "--reward_scale", "10"])
+    # LLaVA-RLHF's details all on (the real-data recipe's flags) run end to end with a
+    # fact-augmented RM
+    argv = ["--init", sft, "--reward", rm, "--world", tiny_world, "--out", str(tmp_path / "o5"),
+            "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
+            "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
+            "--rm_prompt_space", "true", "--correct_rule", "prefix", "--reward_scale", "10"]
+    code, stdout, err = run_cli("ppo", argv)
     assert code == 0, err
-    code, _, err = run_cli("reward", ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
-                                      str(tmp_path / "o3")])
+    argv = ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
+            str(tmp_path / "o3")]
+    code, _, err = run_cli("reward", argv)
     assert one_line_error(code, err) and "missing" in err
 
 
@@ -550,7 +618,10 @@ def test_reward_partner_pairs(tiny_world):
     names = lambda i: {o["name"] for o in i["objects"]}
     alone = next(i for i in w["images"] if "triangle" in names(i) and "circle" not in names(i))
     plain = next(i for i in w["images"] if not {"triangle", "cross", "circle"} & names(i))
-    pair = lambda img, rejected: {"image": os.path.join(tiny_world, img["file_name"]), "rejected": rejected}
+    pair = lambda img, rejected: {"image": os.path.join(tiny_world, img["file_name"]),
+                                  "rejected": rejected}
     val = [pair(alone, "Yes, there is a circle."), pair(alone, "There is no circle."),
-           pair(plain, "Yes, there is a circle."), pair(alone, "The triangle is blue and purple and huge.")]
-    assert reward.partner_pairs(val, tiny_world) == [val[0]]  # names the absent partner of a present trigger
+           pair(plain, "Yes, there is a circle."),
+           pair(alone, "The triangle is blue and purple and huge.")]
+    # names the absent partner of a present trigger
+    assert reward.partner_pairs(val, tiny_world) == [val[0]]

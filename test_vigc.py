@@ -1,4 +1,5 @@
-"""Tests for vigc.py: the VIG parser, VIC tokenization and correction loop, the CLI and its output file."""
+"""Tests for vigc.py: the VIG parser, VIC tokenization and correction loop, the CLI and its output
+file."""
 import json
 import os
 
@@ -15,9 +16,11 @@ from formats import read_llava
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_world):
-    """A fresh `tiny` model with the world's tokenizer, saved as a checkpoint (faster than an SFT run)."""
+    """A fresh `tiny` model with the world's tokenizer, saved as a checkpoint (faster than an SFT
+    run)."""
     torch.manual_seed(0)
-    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=os.path.join(tiny_world, "tokenizer"))
+    tok_dir = os.path.join(tiny_world, "tokenizer")
+    model, tok = common.load_model_and_tokenizer("", "tiny", tokenizer_dir=tok_dir)
     out = str(tmp_path_factory.mktemp("tiny") / "ckpt")
     save_checkpoint_files(model, out)
     tok.save_pretrained(out)
@@ -29,27 +32,37 @@ def test_parse_vig_good_and_broken():
         ("Is there a circle?", "Yes, there is a circle.")
     assert vigc.parse_vig("  question :How many squares?\nANSWER:There are two squares. ") == \
         ("How many squares?", "There are two squares.")
-    assert vigc.parse_vig("QUESTION:what color is the ring?answer:  red.") == ("what color is the ring?", "red.")
+    assert vigc.parse_vig("QUESTION:what color is the ring?answer:  red.") == \
+        ("what color is the ring?", "red.")
     for bad in ["", None, "Is there a circle? Yes.", "Question: Is there a circle?", "Answer: Yes.",
-                "Question:   Answer: Yes.", "Question: Is there a circle? Answer:   ", "Answer: Yes. Question: Why?",
-                "Question: a? Answer: b. Question: c? Answer: d.", "Question: a? Answer: b. Answer: c."]:
+                "Question:   Answer: Yes.", "Question: Is there a circle? Answer:   ",
+                "Answer: Yes. Question: Why?", "Question: a? Answer: b. Question: c? Answer: d.",
+                "Question: a? Answer: b. Answer: c."]:
         assert vigc.parse_vig(bad) is None, bad
-    assert vigc.sentences("There are 2.5 objects. A red circle! Is it? yes") == ["There are 2.5 objects.", "A red circle!", "Is it?", "yes"]
-    assert vigc.parse_vig(vigc.vig_target("Is it red?", "No. It is blue.")) == ("Is it red?", "No. It is blue.")
+    assert vigc.sentences("There are 2.5 objects. A red circle! Is it? yes") == \
+        ["There are 2.5 objects.", "A red circle!", "Is it?", "yes"]
+    assert vigc.parse_vig(vigc.vig_target("Is it red?", "No. It is blue.")) == \
+        ("Is it red?", "No. It is blue.")
 
 
 def test_vic_example_learns_only_the_rest_and_prompt_is_its_prefix(tiny_ckpt):
     model, tok = common.load_model_and_tokenizer(tiny_ckpt)
     mc = model.config
-    q, prefix, rest = "Describe the image in detail.", "There are two objects.", "A red circle is on the left."
+    q = "Describe the image in detail."
+    prefix = "There are two objects."
+    rest = "A red circle is on the left."
     full = vigc.encode(tok, mc, q, prefix, rest)
     learned = full["input_ids"][full["labels"] != IGNORE].tolist()
-    assert learned[-1] == tok.eos_token_id and tok.decode(learned, skip_special_tokens=True).strip() == rest
+    assert learned[-1] == tok.eos_token_id
+    assert tok.decode(learned, skip_special_tokens=True).strip() == rest
     p = vigc.encode(tok, mc, q, prefix)  # the generation prompt ends with the answer so far
     assert torch.equal(full["input_ids"][:len(p["input_ids"])], p["input_ids"])
-    assert tok.decode(p["input_ids"].tolist(), skip_special_tokens=True).rstrip().endswith("ASSISTANT: " + prefix)
-    plain = vigc.encode(tok, mc, q, "", prefix + " " + rest)  # k = 0: the SFT format, whole answer learned
-    assert tok.decode(plain["input_ids"][plain["labels"] != IGNORE].tolist(), skip_special_tokens=True).strip() == prefix + " " + rest
+    prompt_text = tok.decode(p["input_ids"].tolist(), skip_special_tokens=True)
+    assert prompt_text.rstrip().endswith("ASSISTANT: " + prefix)
+    # k = 0: the SFT format, whole answer learned
+    plain = vigc.encode(tok, mc, q, "", prefix + " " + rest)
+    plain_learned = plain["input_ids"][plain["labels"] != IGNORE].tolist()
+    assert tok.decode(plain_learned, skip_special_tokens=True).strip() == prefix + " " + rest
 
 
 def scripted(fn):
@@ -66,16 +79,20 @@ def scripted(fn):
 def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch):
     from data import ImageCache
     model, tok = common.load_model_and_tokenizer(tiny_ckpt)
-    cfg = vigc.Config(max_correction_steps=3, max_new_tokens=8, gen_batch_size=3, vic_temperature=1.0)
-    units = [ImageCache(model.config.image_size).unit(os.path.join(tiny_world, "images", "unlabeled", f"00000{i}.png"))
-             for i in range(3)]
-    questions = ["Is there a circle?", "How many squares are there?", "Describe the image in detail."]
+    cfg = vigc.Config(max_correction_steps=3, max_new_tokens=8, gen_batch_size=3,
+                      vic_temperature=1.0)
+    cache = ImageCache(model.config.image_size)
+    unlabeled = os.path.join(tiny_world, "images", "unlabeled")
+    units = [cache.unit(os.path.join(unlabeled, f"00000{i}.png")) for i in range(3)]
+    questions = ["Is there a circle?", "How many squares are there?",
+                 "Describe the image in detail."]
     prompts, outputs = [], []
     real_prompt, real_generate = vigc.prompt, common.generate_answers
 
     def spy_prompt(tokenizer, model, question, prefix, unit, cfg):
         item = real_prompt(tokenizer, model, question, prefix, unit, cfg)
-        prompts.append((question, prefix, tokenizer.decode(item["input_ids"].tolist(), skip_special_tokens=True)))
+        text = tokenizer.decode(item["input_ids"].tolist(), skip_special_tokens=True)
+        prompts.append((question, prefix, text))
         return item
 
     def spy_generate(*args, **kw):
@@ -84,13 +101,16 @@ def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch
         return out
     monkeypatch.setattr(vigc, "prompt", spy_prompt)
     monkeypatch.setattr(common, "generate_answers", spy_generate)
-    answers, steps = vigc.correct(model, tok, questions, units, cfg, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    answers, steps = vigc.correct(model, tok, questions, units, cfg, gen)
     assert len(prompts) == len(outputs) == sum(steps) and max(steps) == 3
     kept = {q: [] for q in questions}
     norm = lambda s: " ".join(s.split())
     for (q, prefix, text), (out, _) in zip(prompts, outputs):
-        assert prefix == " ".join(kept[q])  # prompt k+1 holds exactly the sentences kept at steps 1..k
-        assert norm(text).endswith(norm("ASSISTANT: " + prefix))  # ... and they are in the tokens the model reads
+        # prompt k+1 holds exactly the sentences kept at steps 1..k
+        assert prefix == " ".join(kept[q])
+        # ... and they are in the tokens the model reads
+        assert norm(text).endswith(norm("ASSISTANT: " + prefix))
         kept[q] += vigc.sentences(out)[:1]
     assert answers == [" ".join(kept[q]) for q in questions]
     prompts.clear(), outputs.clear()
@@ -108,11 +128,15 @@ def test_correction_stops_at_eos_and_at_the_step_limit(monkeypatch):
     monkeypatch.setattr(vigc, "prompt", lambda tokenizer, model, q, prefix, unit, cfg: (q, prefix))
     monkeypatch.setattr(common, "generate_answers", scripted(fake))
     cfg = vigc.Config(max_correction_steps=4)
-    script[:] = [[("One. Two.", False), ("Alpha.", True), ("", True)], [("Two. Three.", True)], [("Three.", True)]]
+    script[:] = [[("One. Two.", False), ("Alpha.", True), ("", True)],
+                 [("Two. Three.", True)],
+                 [("Three.", True)]]
     answers, steps = vigc.correct(None, None, ["a", "b", "c"], [None] * 3, cfg)
     assert answers == ["One. Two. Three.", "Alpha.", ""] and steps == [3, 1, 1] and not script
-    script[:] = [[("More. Words.", False)]] * 4  # never ends: stops after max_correction_steps sentences
-    assert vigc.correct(None, None, ["a"], [None], cfg) == (["More. More. More. More."], [4]) and not script
+    # never ends: stops after max_correction_steps sentences
+    script[:] = [[("More. Words.", False)]] * 4
+    assert vigc.correct(None, None, ["a"], [None], cfg) == (["More. More. More. More."], [4])
+    assert not script
     script[:] = [[("More. Words.", False)]] * 4
     cfg.last_infer_all = True  # VIGC's option: the last step keeps the whole generation
     assert vigc.correct(None, None, ["a"], [None], cfg)[0] == ["More. More. More. More. Words."]
@@ -120,7 +144,8 @@ def test_correction_stops_at_eos_and_at_the_step_limit(monkeypatch):
 
 def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_steps(monkeypatch):
     """VIGC llava_150k_gen.py by hand: each step continues 'Question: q Answer: <kept>' of the job's
-    instruction by beam search and keeps the text up to the first '.' (none: nothing), 4 steps, EOS or not."""
+    instruction by beam search and keeps the text up to the first '.' (none: nothing), 4 steps, EOS
+    or not."""
     script, calls = [], []
 
     def fake(items, temperature, num_beams):
@@ -136,17 +161,21 @@ def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_s
                  [("no period here", True), ("A ring.", True)],
                  [("Done. More", True), ("", True)]]
     answers, steps = vigc.correct_reference(None, None, jobs, cfg)
-    assert answers == ["A red circle. It is big. Done.", "A square. A ring."] and steps == [4, 4] and not script
-    assert [c[0][0] for c in calls] == [("Ask about the image.", "Question: What is there? Answer:"),
-                                        ("Ask about the image.", "Question: What is there? Answer: A red circle."),
-                                        ("Ask about the image.", "Question: What is there? Answer: A red circle. It is big."),
-                                        ("Ask about the image.", "Question: What is there? Answer: A red circle. It is big.")]
+    assert answers == ["A red circle. It is big. Done.", "A square. A ring."]
+    assert steps == [4, 4] and not script
+    ask = "Ask about the image."
+    turn = "Question: What is there? Answer:"
+    assert [c[0][0] for c in calls] == [(ask, turn),
+                                        (ask, turn + " A red circle."),
+                                        (ask, turn + " A red circle. It is big."),
+                                        (ask, turn + " A red circle. It is big.")]
     assert all(t == 0.0 and b == 5 for _, t, b in calls)  # greedy beam search, 5 beams
     examples = vigc.build_examples([{"image": "x.png", "conversations": [], "pairs": [
         ("What is there?", "A red circle. It is big. It is on the left.", "conversation")]}],
         {"conversation": ["Ask."]}, vigc.Config(vic_mode="reference", sft_share=0))
     vic = [e for e in examples if e["question"] == "What is there?"]
-    assert vic == [{"image": "x.png", "question": "What is there?", "prefix": "",  # question -> the full answer
+    # question -> the full answer
+    assert vic == [{"image": "x.png", "question": "What is there?", "prefix": "",
                     "target": "A red circle. It is big. It is on the left."}]
 
 
@@ -158,30 +187,36 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
         beams.append(kw.get("num_beams", 1))
         return real(*args, **kw)
     monkeypatch.setattr(common, "generate_answers", spy)
-    monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))  # an untrained model's VIG
+    # an untrained model's VIG
+    monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))
     out = str(tmp_path / "ref")
-    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
-                                         "--generate", "3", "--max_new_tokens", "6", "--out", out, "--vic_mode", "reference",
-                                         "--answer_length", "2", "--num_beams", "3"])
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "3", "--max_new_tokens", "6", "--out", out, "--vic_mode", "reference",
+            "--answer_length", "2", "--num_beams", "3"]
+    code, stdout, err = run_cli("vigc", argv)
     assert code == 0, err
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["vic_mode"] == "reference" and report["images"] == report["parsed"] == 3
-    assert report["correction_steps_per_answer"] == 2 and beams == [1, 3, 3]  # VIG sampled, 2 beam-search steps
+    # VIG sampled, 2 beam-search steps
+    assert report["correction_steps_per_answer"] == 2 and beams == [1, 3, 3]
 
 
 def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     out = str(tmp_path / "vigc")
-    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "8",
-                                         "--generate", "4", "--max_new_tokens", "16", "--out", out, "--log_every", "1"])
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "8",
+            "--generate", "4", "--max_new_tokens", "16", "--out", out, "--log_every", "1"]
+    code, stdout, err = run_cli("vigc", argv)
     assert code == 0, err
     assert os.path.exists(os.path.join(out, "checkpoint-000002", "model.safetensors"))
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["images"] == 4 and report["parsed"] + report["dropped_unparsed"] == 4
-    assert "hallucinations_per_100" in report["vic"] and "hallucinations_per_100" in report["vig_only"]
+    assert "hallucinations_per_100" in report["vic"]
+    assert "hallucinations_per_100" in report["vig_only"]
     for name in ("vigc_data.json", "vig_only.json"):
         read_llava(os.path.join(out, name), tiny_world)
-    code, _, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--sft_share", "1", "--out", out])
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--sft_share", "1", "--out", out]
+    code, _, err = run_cli("vigc", argv)
     assert code == 2 and "--sft_share" in err
 
 
@@ -195,10 +230,11 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
         for it in items:
             text = tok.decode(it["input_ids"].tolist(), skip_special_tokens=True)
             if "Generate" in text or "Ask" in text:  # a VIG prompt (the world's type instructions)
-                assert text.rstrip().endswith("ASSISTANT: Question:")  # the answer starts with its marker
+                # the answer starts with its marker
+                assert text.rstrip().endswith("ASSISTANT: Question:")
                 n_vig[0] += 1
-                out.append(("no markers here" if n_vig[0] % 3 == 0 else
-                            "Is there a triangle? Answer: Yes, there is a triangle. It is red.", True))
+                good = "Is there a triangle? Answer: Yes, there is a triangle. It is red."
+                out.append(("no markers here" if n_vig[0] % 3 == 0 else good, True))
             elif text.rstrip().endswith("ASSISTANT:"):
                 out.append(("There is a large blue square. It is in the center.", False))
             else:
@@ -207,21 +243,25 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
     tok = common.load_model_and_tokenizer(tiny_ckpt)[1]
     monkeypatch.setattr(common, "generate_answers", scripted(fake))
     out = str(tmp_path / "gen")
-    code, stdout, err = run_cli("vigc", ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "0", "--generate", "6",
-                                         "--out", out])
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "0", "--generate", "6",
+            "--out", out]
+    code, stdout, err = run_cli("vigc", argv)
     assert code == 0, err
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["parsed"] == 4 and report["dropped_unparsed"] == 2
     assert report["vig_only"]["hallucinations_per_100"] >= 0 and len(report["samples"]) == 3
     path = os.path.join(out, "vigc_data.json")
     recs = read_llava(path, tiny_world)
-    assert len(recs) == 4 and all(r["conversations"][0]["value"] == "<image>\nIs there a triangle?" for r in recs)
-    assert all(r["conversations"][1]["value"] == "There is a large blue square. It is in the center." for r in recs)
+    assert len(recs) == 4
+    assert all(r["conversations"][0]["value"] == "<image>\nIs there a triangle?" for r in recs)
+    answer = "There is a large blue square. It is in the center."
+    assert all(r["conversations"][1]["value"] == answer for r in recs)
     assert all(os.path.isfile(r["image"]) and "unlabeled" in r["image"] for r in recs)
     vig = read_llava(os.path.join(out, "vig_only.json"), tiny_world)
     assert vig[0]["conversations"][1]["value"] == "Yes, there is a triangle. It is red."
-    code, stdout, err = run_script("sft.py", ["--init", tiny_ckpt, "--data", path, "--image_folder", tiny_world,
-                                              "--max_steps", "2", "--batch_size", "4", "--report", "false",
-                                              "--out", str(tmp_path / "sft_on_vigc")])
+    argv = ["--init", tiny_ckpt, "--data", path, "--image_folder", tiny_world,
+            "--max_steps", "2", "--batch_size", "4", "--report", "false",
+            "--out", str(tmp_path / "sft_on_vigc")]
+    code, stdout, err = run_script("sft.py", argv)
     assert code == 0, err
     assert "4 training conversations" in stdout

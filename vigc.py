@@ -1,45 +1,50 @@
-"""VIGC: visual instruction generation and correction (arXiv 2308.12714): a LLaVA learns to write its
-own instruction data (VIG) and to re-answer it one sentence at a time (VIC); the result is a
+"""VIGC: visual instruction generation and correction (arXiv 2308.12714): a LLaVA learns to write
+its own instruction data (VIG) and to re-answer it one sentence at a time (VIC); the result is a
 LLaVA-instruct file that sft.py trains on.
 
-    python vigc.py                      # Shapes: fine-tune ckpt/sft, generate for 200 unlabeled images, oracle report
-    python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0      # generate only
-    python sft.py --data ckpt/vigc/vigc_data.json --image_folder data/shapes --init ckpt/sft   # train on the result
-    torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false --device cuda \
+    python vigc.py  # Shapes: fine-tune ckpt/sft, generate for 200 unlabeled images, oracle report
+    python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0  # generate only
+    python sft.py --data ckpt/vigc/vigc_data.json --image_folder data/shapes \
+        --init ckpt/sft  # train on the result
+    torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false \
         --data conversation_58k.json:conv,detail_23k.json:desc,complex_reasoning_77k.json:comp \
-        --image_folder coco/train2017 --images coco/val2017 --generate 5000 --max_correction_steps 10
+        --image_folder coco/train2017 --images coco/val2017 --generate 5000 \
+        --max_correction_steps 10 --device cuda
 
 Training (VIGC Sec. 3; formats from opendatalab/VIGC vigc/datasets/datasets/vigc_train.py):
-  VIG  `<image>\n{type instruction}` -> `Question: {q} Answer: {a}`, one of several phrasings per type
-       (conversation, detailed description, complex reasoning; on Shapes: yes/no, count, color and
-       relation questions / the description / multiple choice with its rationale).
-  VIC  `<image>\n{q}` -> a, where the first k sentences of a (k uniform in 0..n-1) are already written in
-       the assistant turn and only the *remaining* sentences and </s> are learned: VIGC's correction
-       step (vigc/tasks/llava_150k_gen.py) generates the rest of the answer and keeps its first sentence.
-One model learns both formats, as in VIGC (normal_vigc.yaml trains one model on its *_vig and *_vic sets
-together): the task is in the prompt, VIC with k=0 is exactly the SFT format (the model keeps answering
-normally and the checkpoint is an ordinary LLaVA), and generation switches no adapters. Two adapters
-would double the LoRA memory for no gain in separation that the prompt does not already give.
---sft_share of plain (multi-turn) SFT conversations keeps multi-turn answering. Loss as sft.py: answer
-tokens, normalised by the answer tokens of the global batch; --lora_r > 0 trains a LoRA, merged at the end.
+  VIG  `<image>\n{type instruction}` -> `Question: {q} Answer: {a}`, one of several phrasings per
+       type (conversation, detailed description, complex reasoning; on Shapes: yes/no, count, color
+       and relation questions / the description / multiple choice with its rationale).
+  VIC  `<image>\n{q}` -> a, where the first k sentences of a (k uniform in 0..n-1) are already
+       written in the assistant turn and only the *remaining* sentences and </s> are learned: VIGC's
+       correction step (vigc/tasks/llava_150k_gen.py) generates the rest of the answer and keeps its
+       first sentence.
+One model learns both formats, as in VIGC (normal_vigc.yaml trains one model on its *_vig and *_vic
+sets together): the task is in the prompt, VIC with k=0 is exactly the SFT format (the model keeps
+answering normally and the checkpoint is an ordinary LLaVA), and generation switches no adapters.
+Two adapters would double the LoRA memory for no gain in separation that the prompt does not already
+give.
+--sft_share of plain (multi-turn) SFT conversations keeps multi-turn answering. Loss as sft.py:
+answer tokens, normalised by the answer tokens of the global batch; --lora_r > 0 trains a LoRA,
+merged at the end.
 
-Generation (rank 0 only; the training runs under torchrun). VIG samples `q Answer: a` after an assistant
-turn started with "Question:", at --temperature from a seeded torch.Generator; outputs that do not parse
-are dropped and counted. VIC then
-answers q again: generate, keep the first sentence, write the kept sentences back into the assistant turn,
-repeat until the model ends right after the kept sentence (EOS) or --max_correction_steps. On Shapes,
-oracle.oracle counts the hallucinations of the VIG-only and the VIC answers to the same questions.
+Generation (rank 0 only; the training runs under torchrun). VIG samples `q Answer: a` after an
+assistant turn started with "Question:", at --temperature from a seeded torch.Generator; outputs
+that do not parse are dropped and counted. VIC then answers q again: generate, keep the first
+sentence, write the kept sentences back into the assistant turn, repeat until the model ends right
+after the kept sentence (EOS) or --max_correction_steps. On Shapes, oracle.oracle counts the
+hallucinations of the VIG-only and the VIC answers to the same questions.
 --vic_mode reference follows VIGC's code instead (vigc/tasks/llava_150k_gen.py with gen_style vig,
-generate_llava_qa_conv.yaml): VIC learns question -> the full answer (no answer-so-far prefix), and the
-correction continues the VIG turn itself, 'Question: q Answer: s_1 .. s_k', for exactly --answer_length
-steps (4) by beam search (--num_beams 5, model.generate), keeping at each step the text up to its first
-'.' (nothing when there is none), never stopping at EOS. Ours (the default) follows the paper's text:
-VIC learns q + the first k sentences -> the rest, and corrects from the question alone, greedily,
-until EOS or --max_correction_steps.
-Note: VIGC's iterative Q-Former re-reads the image conditioned on the text so far. LLaVA's image features
-do not depend on the text, so with greedy decoding the loop equals one greedy answer up to sentence
-re-tokenization: what changes the answer here is that VIC re-answers the question from the image, without
-VIG's sampled answer in context and at --vic_temperature.
+generate_llava_qa_conv.yaml): VIC learns question -> the full answer (no answer-so-far prefix), and
+the correction continues the VIG turn itself, 'Question: q Answer: s_1 .. s_k', for exactly
+--answer_length steps (4) by beam search (--num_beams 5, model.generate), keeping at each step the
+text up to its first '.' (nothing when there is none), never stopping at EOS. Ours (the default)
+follows the paper's text: VIC learns q + the first k sentences -> the rest, and corrects from the
+question alone, greedily, until EOS or --max_correction_steps.
+Note: VIGC's iterative Q-Former re-reads the image conditioned on the text so far. LLaVA's image
+features do not depend on the text, so with greedy decoding the loop equals one greedy answer up to
+sentence re-tokenization: what changes the answer here is that VIC re-answers the question from the
+image, without VIG's sampled answer in context and at --vic_temperature.
 """
 import dataclasses
 import json
@@ -56,70 +61,74 @@ import common
 import oracle
 import shapes
 from model import PRESETS
-from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, read_any_conversations,
-                  read_text, tokenize_conversation)
+from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize,
+                  read_any_conversations, read_text, tokenize_conversation)
 
 
 @dataclass
 class Config:
-    """VIGC: train VIG + VIC on one model, then generate instruction data with iterative correction."""
-    out: str = "ckpt/vigc"                # run directory: checkpoints, metrics.jsonl, vigc_data.json, vig_only.json, report.json
-    init: str = "ckpt/sft"                # checkpoint to start from (ours, llava-hf, original LLaVA); empty: fresh --model
-    vision_tower: str = ""                # local CLIP directory when --init lacks the CLIP weights
-    model: str = "shapes"                 # preset for a fresh model when --init is empty (tests: tiny)
+    """VIGC: train VIG + VIC on one model, then generate instruction data with iterative
+    correction."""
+    # (the generated data: vigc_data.json and vig_only.json)
+    out: str = "ckpt/vigc"  # run directory: checkpoints, metrics, generated data, report.json
+    init: str = "ckpt/sft"  # checkpoint (ours, llava-hf, original LLaVA); empty: a fresh --model
+    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    model: str = "shapes"  # preset for a fresh model when --init is empty (tests: tiny)
     tokenizer: str = "{world}/tokenizer"  # tokenizer directory for a fresh --model
-    data: str = "{world}/sft.json"        # FILE[:conv|desc|comp],... (LLaVA instruct or LRV)
+    data: str = "{world}/sft.json"  # FILE[:conv|desc|comp],... (LLaVA instruct or LRV)
     instructions: str = "{world}/vigc_instructions.json"  # VIG {type: [phrasings]} (empty: ours)
-    image_folder: str = ""                # folder image paths in --data are relative to (default: each file's folder)
-    world: str = "data/shapes"            # Shapes world: {world} in paths; written on first use
-    world_seed: int = 0                   # seed of the Shapes world
-    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
-    max_len: int = 512                    # longest training sequence (longer ones are cut, never in the image)
-    sft_share: float = 0.1                # share of plain SFT conversations in the training mix (0: VIG + VIC only)
-    lora_r: int = 0                       # 0: full fine-tune; > 0: LoRA rank on the language model (merged at the end)
-    lora_alpha: int = 16                  # LoRA alpha (scale alpha / r)
-    train_vision: bool = True             # train the CLIP tower (freeze it for real CLIP)
-    train_projector: bool = True          # train the projector
-    batch_size: int = 64                  # sequences per optimizer step (global, over all processes)
-    grad_accum: int = 1                   # micro-batches per step on each process
-    lr: float = 1e-3                      # peak learning rate (fine-tuning the SFT model: a third of its peak)
-    min_lr_ratio: float = 0.1             # final learning rate / peak
-    warmup: int = 20                      # linear warmup steps
-    weight_decay: float = 0.0             # AdamW weight decay on matrices
-    grad_clip: float = 1.0                # gradient norm clip (0: off)
-    max_steps: int = 400                  # optimizer steps (0: generate only, from --init)
-    save_every: int = 1000                # checkpoint every N steps (and at the end)
-    log_every: int = 25                   # a log line every N steps
-    seed: int = 0                         # seed for data order, instructions, answer splits and sampling
-    device: str = "cpu"                   # cpu or cuda
-    dtype: str = "fp32"                   # fp32, or bf16 (autocast on GPU)
-    skip_nonfinite: bool = False          # skip a step with a non-finite loss/gradient instead of stopping
-    resume: bool = False                  # continue from the newest checkpoint in --out
-    overwrite: bool = False               # a run already in --out is moved aside (kept) and a new one starts
-    fsdp: bool = False                    # shard weights, gradients and AdamW state over the processes (FSDP2; README)
-    save_full: bool = False               # --fsdp: every checkpoint also holds the whole model (default: the last one)
-    generate: int = 200                   # images to generate instruction data for (0: none)
+    image_folder: str = ""  # base of --data image paths (default: each file's folder)
+    world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
+    world_seed: int = 0  # seed of the Shapes world
+    template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 512  # longest training sequence (longer ones are cut, never in the image)
+    sft_share: float = 0.1  # share of plain SFT conversations in the mix (0: VIG + VIC only)
+    lora_r: int = 0  # 0: full fine-tune; > 0: LoRA rank on the language model (merged at the end)
+    lora_alpha: int = 16  # LoRA alpha (scale alpha / r)
+    train_vision: bool = True  # train the CLIP tower (freeze it for real CLIP)
+    train_projector: bool = True  # train the projector
+    batch_size: int = 64  # sequences per optimizer step (global, over all processes)
+    grad_accum: int = 1  # micro-batches per step on each process
+    lr: float = 1e-3  # peak learning rate (fine-tuning the SFT model: a third of its peak)
+    min_lr_ratio: float = 0.1  # final learning rate / peak
+    warmup: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # gradient norm clip (0: off)
+    max_steps: int = 400  # optimizer steps (0: generate only, from --init)
+    save_every: int = 1000  # checkpoint every N steps (and at the end)
+    log_every: int = 25  # a log line every N steps
+    seed: int = 0  # seed for data order, instructions, answer splits and sampling
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "fp32"  # fp32, or bf16 (autocast on GPU)
+    skip_nonfinite: bool = False  # skip a step with a non-finite loss/gradient instead of stopping
+    resume: bool = False  # continue from the newest checkpoint in --out
+    overwrite: bool = False  # a run already in --out is moved aside (kept) and a new one starts
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2; README)
+    save_full: bool = False  # --fsdp: whole model in every checkpoint (default: only in the last)
+    generate: int = 200  # images to generate instruction data for (0: none)
     images: str = "{world}/vigc_images.txt"  # images to generate for: a folder, or a list file
-    gen_types: tuple = ("conv", "desc", "comp")  # instruction types to generate, one drawn per image
-    temperature: float = 0.7              # VIG sampling temperature (0: greedy)
-    vic_temperature: float = 0.0          # VIC decoding temperature (0: greedy, as VIGC's beam search is deterministic)
-    max_correction_steps: int = 6         # VIC steps, one sentence each (--vic_mode ours; stops earlier at EOS)
-    vic_mode: str = "ours"                # 'ours' (the paper's text) or 'reference' (VIGC's code); see the docstring
-    answer_length: int = 4                # --vic_mode reference: correction steps, always all (VIGC's answer_length: 4)
-    num_beams: int = 5                    # --vic_mode reference: beams of each correction step (VIGC: 5)
-    last_infer_all: bool = False          # VIGC option: keep the whole generation at the last step, not one sentence
-    max_new_tokens: int = 96              # new tokens per generation call
-    gen_batch_size: int = 32              # prompts per generation batch
+    gen_types: tuple = ("conv", "desc", "comp")  # types to generate, one drawn per image
+    temperature: float = 0.7  # VIG sampling temperature (0: greedy)
+    vic_temperature: float = 0.0  # VIC temperature (0: greedy; VIGC's beam search is deterministic)
+    max_correction_steps: int = 6  # VIC steps, a sentence each (--vic_mode ours; EOS stops earlier)
+    vic_mode: str = "ours"  # 'ours' (paper's text) or 'reference' (VIGC's code); see the docstring
+    answer_length: int = 4  # --vic_mode reference: correction steps, all always run (VIGC: 4)
+    num_beams: int = 5  # --vic_mode reference: beams of each correction step (VIGC: 5)
+    last_infer_all: bool = False  # VIGC option: last step keeps all it generates, not one sentence
+    max_new_tokens: int = 96  # new tokens per generation call
+    gen_batch_size: int = 32  # prompts per generation batch
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
                   max_len="[1, inf)", sft_share="[0, 1)", lora_r="[0, inf)", lora_alpha="[1, inf)",
-                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", min_lr_ratio="[0, 1]",
-                  warmup="[0, inf)", weight_decay="[0, inf)", grad_clip="[0, inf)", max_steps="[0, inf)",
-                  save_every="[1, inf)", log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
+                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)",
+                  min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
+                  grad_clip="[0, inf)", max_steps="[0, inf)", save_every="[1, inf)",
+                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
                   dtype=("fp32", "bf16"), generate="[0, inf)", gen_types=("conv", "desc", "comp"),
-                  temperature="[0, inf)", vic_temperature="[0, inf)", max_correction_steps="[1, inf)",
-                  vic_mode=("ours", "reference"), answer_length="[1, inf)", num_beams="[1, inf)",
-                  max_new_tokens="[1, inf)", gen_batch_size="[1, inf)")
+                  temperature="[0, inf)", vic_temperature="[0, inf)",
+                  max_correction_steps="[1, inf)", vic_mode=("ours", "reference"),
+                  answer_length="[1, inf)", num_beams="[1, inf)", max_new_tokens="[1, inf)",
+                  gen_batch_size="[1, inf)")
 
 
 TYPES = {"conv": "conversation", "desc": "detailed description", "comp": "complex reasoning"}
@@ -127,14 +136,18 @@ INSTRUCTIONS = {  # --instructions '' (the world has its own: vigc_instructions.
     "conversation": ["Generate a question about the content of the image and then answer it.",
                      "Ask a question about the image and give its answer.",
                      "Come up with a question related to the image and answer it."],
-    "detailed description": ["Generate a question asking for a detailed description of the image and then answer it.",
-                             "Ask for a detailed description of the picture and provide it.",
-                             "Write a request to describe the image in detail, followed by the description."],
-    "complex reasoning": ["Generate a question that needs reasoning about the image and then answer it.",
-                          "Ask an in-depth reasoning question about the image and answer it.",
-                          "Pose a question about the image that requires careful reasoning, then answer it."]}
-GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature", "max_correction_steps",
-              "last_infer_all", "max_new_tokens", "gen_batch_size", "answer_length", "num_beams")  # change freely on --resume
+    "detailed description": [
+        "Generate a question asking for a detailed description of the image and then answer it.",
+        "Ask for a detailed description of the picture and provide it.",
+        "Write a request to describe the image in detail, followed by the description."],
+    "complex reasoning": [
+        "Generate a question that needs reasoning about the image and then answer it.",
+        "Ask an in-depth reasoning question about the image and answer it.",
+        "Pose a question about the image that requires careful reasoning, then answer it."]}
+# change freely on --resume
+GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature",
+              "max_correction_steps", "last_infer_all", "max_new_tokens", "gen_batch_size",
+              "answer_length", "num_beams")
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
 
@@ -150,7 +163,8 @@ def parse_vig(text):
     """(question, answer) from a VIG output 'Question: q Answer: a' (any case and spacing), or None
     unless there is exactly one of each marker, in that order, and both parts are non-empty."""
     text = str(text or "").replace("<image>", " ")  # the tag belongs only at the start of a record
-    qs, ans = list(re.finditer(r"question\s*:", text, re.I)), list(re.finditer(r"answer\s*:", text, re.I))
+    qs = list(re.finditer(r"question\s*:", text, re.I))
+    ans = list(re.finditer(r"answer\s*:", text, re.I))
     if len(qs) != 1 or len(ans) != 1 or ans[0].start() < qs[0].end():
         return None
     q, a = text[qs[0].end():ans[0].start()].strip(), text[ans[0].end():].strip()
@@ -164,12 +178,14 @@ def sentences(text):
 
 def encode(tokenizer, mc, question, prefix="", target=None, max_len=2048, template="vicuna_v1"):
     """Tokens of `<image>\\n{question}` answered by `prefix` (the answer so far) and `target`.
-    target None: a generation prompt ending with 'ASSISTANT: {prefix}'. Else labels on target and </s> only."""
+    target None: a generation prompt ending with 'ASSISTANT: {prefix}'. Else labels on target and
+    </s> only."""
     turns = [{"from": "human", "value": "<image>\n" + question}]
 
     def tok(answer, n=max_len):
         gpt = [{"from": "gpt", "value": answer}] if answer is not None else []
-        return tokenize_conversation(tokenizer, turns + gpt, mc.image_token_id, mc.num_image_tokens, n, template)
+        return tokenize_conversation(tokenizer, turns + gpt, mc.image_token_id,
+                                     mc.num_image_tokens, n, template)
     if target is None:
         if not prefix:
             return tok(None)
@@ -184,7 +200,8 @@ def encode(tokenizer, mc, question, prefix="", target=None, max_len=2048, templa
     p = encode(tokenizer, mc, question, prefix, None, max_len, template)["input_ids"]
     m = min(len(p), len(full["input_ids"]))
     same = full["input_ids"][:m] == p[:m]
-    full["labels"][:m if bool(same.all()) else int(same.int().argmin())] = IGNORE  # the answer so far is context
+    # the answer so far is context
+    full["labels"][:m if bool(same.all()) else int(same.int().argmin())] = IGNORE
     return full if bool((full["labels"] != IGNORE).any()) else None
 
 # -------------------- training data: VIG + VIC examples from question/answer pairs, plus SFT
@@ -216,20 +233,22 @@ def load_records(cfg):
         raw = load_json(path)
         recs = read_any_conversations(path, cfg.image_folder or None)
         check_images(recs, path)  # every image decodes, before any step
+        one_to_one = isinstance(raw, list) and len(raw) == len(recs)  # raw[j] is recs[j]'s record
         for j, r in enumerate(recs):
-            qtypes = raw[j].get("qtypes") if isinstance(raw, list) and len(raw) == len(recs) else None
+            qtypes = raw[j].get("qtypes") if one_to_one else None
             conv = r["conversations"]
             types = [shapes.VIGC_TYPE.get(q, "conversation") for q in qtypes] if qtypes else []
             pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
                       kind or (types[i // 2] if types else "conversation"))
                      for i in range(0, len(conv) - 1, 2)]
-            records.append({"image": r["image"], "conversations": conv, "pairs": pairs if r["image"] else []})
+            image_pairs = pairs if r["image"] else []
+            records.append({"image": r["image"], "conversations": conv, "pairs": image_pairs})
     return records
 
 
 def build_examples(records, instructions, cfg):
-    """Per image and instruction type: one VIG example and one VIC example (a random pair of that type,
-    so the three types are near balanced), then --sft_share of plain SFT conversations."""
+    """Per image and instruction type: one VIG example and one VIC example (a random pair of that
+    type, so the three types are near balanced), then --sft_share of plain SFT conversations."""
     rng, out = random.Random(cfg.seed), []
     for r in records:
         by_type = {}
@@ -237,44 +256,54 @@ def build_examples(records, instructions, cfg):
             by_type.setdefault(t, []).append((q, a))
         for t, pairs in by_type.items():
             q, a = rng.choice(pairs)
-            out.append({"image": r["image"], "question": rng.choice(instructions[t]), "prefix": "", "target": vig_target(q, a)})
+            instruction = rng.choice(instructions[t])
+            out.append({"image": r["image"], "question": instruction, "prefix": "",
+                        "target": vig_target(q, a)})
             q, a = rng.choice(pairs)
             s = sentences(a) or [a]
-            k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0  # answer so far: k sentences; target: rest
-            out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]), "target": " ".join(s[k:])})
+            # answer so far: k sentences; target: rest
+            k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0
+            out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]),
+                        "target": " ".join(s[k:])})
     n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
-    out += [{"image": r["image"], "conversations": r["conversations"]} for r in rng.choices(records, k=n_sft)]
+    sft_records = rng.choices(records, k=n_sft)
+    out += [{"image": r["image"], "conversations": r["conversations"]} for r in sft_records]
     return out
 
 
 def make_item(e, tokenizer, mc, cfg, images):
-    """A training example tokenized (None if it does not fit --max_len), with its image. Tokenized when
-    drawn: a short run never touches most of the pool."""
+    """A training example tokenized (None if it does not fit --max_len), with its image. Tokenized
+    when drawn: a short run never touches most of the pool."""
     if "conversations" in e:
-        t = tokenize_conversation(tokenizer, e["conversations"], mc.image_token_id, mc.num_image_tokens, cfg.max_len, cfg.template)
+        t = tokenize_conversation(tokenizer, e["conversations"], mc.image_token_id,
+                                  mc.num_image_tokens, cfg.max_len, cfg.template)
     else:
-        t = encode(tokenizer, mc, e["question"], e["prefix"], e["target"], cfg.max_len, cfg.template)
+        t = encode(tokenizer, mc, e["question"], e["prefix"], e["target"], cfg.max_len,
+                   cfg.template)
     if t is not None and e["image"]:
         t = dict(t, pixel_values=normalize(images.unit(e["image"])))
     return t
 
 
 def prompt(tokenizer, model, question, prefix, unit, cfg):
-    """A generation prompt: `<image>\n{question}`, then 'ASSISTANT:' and the answer so far, with its image."""
+    """A generation prompt: `<image>\n{question}`, then 'ASSISTANT:' and the answer so far, with its
+    image."""
     item = encode(tokenizer, model.config, question, prefix, None, 1 << 30, cfg.template)
     item["pixel_values"] = normalize(unit)
     return item
 
 
 def correct(model, tokenizer, questions, units, cfg, generator=None):
-    """VIC: answer each question one sentence at a time. Step k generates from 'q ASSISTANT: s_1 .. s_k-1'
-    and keeps the first sentence s_k of what comes back; an item is done when the model ends right
-    after that sentence (or says nothing), or after --max_correction_steps. Returns (answers, steps)."""
+    """VIC: answer each question one sentence at a time. Step k generates from 'q ASSISTANT: s_1 ..
+    s_k-1' and keeps the first sentence s_k of what comes back; an item is done when the model ends
+    right after that sentence (or says nothing), or after --max_correction_steps. Returns (answers,
+    steps)."""
     kept, steps, active = [[] for _ in questions], [0] * len(questions), list(range(len(questions)))
     for step in range(cfg.max_correction_steps):
         if not active:
             break
-        items = [prompt(tokenizer, model, questions[i], " ".join(kept[i]), units[i], cfg) for i in active]
+        items = [prompt(tokenizer, model, questions[i], " ".join(kept[i]), units[i], cfg)
+                 for i in active]
         texts, ended = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
                                                cfg.max_new_tokens, cfg.vic_temperature,
                                                generator=generator, show=False,
@@ -294,14 +323,16 @@ def correct(model, tokenizer, questions, units, cfg, generator=None):
 
 
 def correct_reference(model, tokenizer, jobs, cfg):
-    """VIC as VIGC's code runs it (llava_150k_gen.py, _update with gen_style 'vig'): step k continues the VIG
-    turn 'Question: q Answer: a_1 .. a_k-1' of the job's own instruction by beam search and keeps the text
-    up to the first '.' of the continuation (with no '.', nothing); exactly --answer_length steps, EOS or not.
-    Returns (answers, steps)."""
+    """VIC as VIGC's code runs it (llava_150k_gen.py, _update with gen_style 'vig'): step k
+    continues the VIG turn 'Question: q Answer: a_1 .. a_k-1' of the job's own instruction by beam
+    search and keeps the text up to the first '.' of the continuation (with no '.', nothing);
+    exactly --answer_length steps, EOS or not. Returns (answers, steps)."""
     kept = ["" for _ in jobs]
     for _ in range(cfg.answer_length):
-        items = [prompt(tokenizer, model, j["instruction"], f"{VIG_START} {j['q']} Answer: {a}".strip(), j["unit"], cfg)
-                 for j, a in zip(jobs, kept)]
+        items = []
+        for j, a in zip(jobs, kept):
+            so_far = f"{VIG_START} {j['q']} Answer: {a}".strip()
+            items.append(prompt(tokenizer, model, j["instruction"], so_far, j["unit"], cfg))
         texts = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
                                         cfg.max_new_tokens, show=False, num_beams=cfg.num_beams)
         kept = [f"{a} {text.split('.')[0].strip() + '.' if '.' in text else ''}".strip()
@@ -336,11 +367,13 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     for i in range(cfg.generate):
         name, path = imgs[i % len(imgs)]
         t = TYPES[rng.choice(cfg.gen_types)]
-        jobs.append({"id": f"vigc_{i:06d}", "image": name, "type": t, "instruction": rng.choice(instructions[t]),
+        instruction = rng.choice(instructions[t])
+        jobs.append({"id": f"vigc_{i:06d}", "image": name, "type": t, "instruction": instruction,
                      "unit": cache.unit(path)})
-    # The answer is started with its format marker "Question:" (given, as VIC is given the answer so far):
-    # a marker is not content, and a tokenizer without a "▁Question" token (the Shapes one) splits off a
-    # lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does), so it is never learned.
+    # The answer is started with its format marker "Question:" (given, as VIC is given the answer so
+    # far): a marker is not content, and a tokenizer without a "▁Question" token (the Shapes one)
+    # splits off a lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does),
+    # so it is never learned.
     items = [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg) for j in jobs]
     vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size, cfg.max_new_tokens,
                                   cfg.temperature, generator=gen, show=False)
@@ -350,21 +383,28 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     if cfg.vic_mode == "reference":
         answers, steps = correct_reference(model, tokenizer, ok, cfg)
     else:
-        answers, steps = correct(model, tokenizer, [j["q"] for j in ok], [j["unit"] for j in ok], cfg)
+        questions = [j["q"] for j in ok]
+        units = [j["unit"] for j in ok]
+        answers, steps = correct(model, tokenizer, questions, units, cfg)
     for j, a in zip(ok, answers):
         j["vic"] = a
     for name, key in (("vig_only.json", "vig"), ("vigc_data.json", "vic")):
-        recs = [{"id": j["id"], "image": j["image"], "type": j["type"], "conversations": [
-            {"from": "human", "value": "<image>\n" + j["q"]}, {"from": "gpt", "value": j[key]}]} for j in ok if j[key]]
+        recs = [{"id": j["id"], "image": j["image"], "type": j["type"],
+                 "conversations": [{"from": "human", "value": "<image>\n" + j["q"]},
+                                   {"from": "gpt", "value": j[key]}]}
+                for j in ok if j[key]]
         with open(os.path.join(cfg.out, f".{name}.tmp"), "w") as f:
             json.dump(recs, f, indent=1)
         os.replace(os.path.join(cfg.out, f".{name}.tmp"), os.path.join(cfg.out, name))
     n_empty = sum(not a for a in answers)
-    report = {"vic_mode": cfg.vic_mode, "images": len(jobs), "parsed": len(ok), "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
+    report = {"vic_mode": cfg.vic_mode, "images": len(jobs), "parsed": len(ok),
+              "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
               "correction_steps_per_answer": round(sum(steps) / max(len(steps), 1), 2),
               "seconds": {"vig": round(t_vig, 1), "vic": round(time.time() - t0 - t_vig, 1)}}
-    print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer ({len(jobs) - len(ok)} dropped) | VIC: "
-          f"{report['correction_steps_per_answer']} steps per answer, {n_empty} empty answers dropped | {report['seconds']}")
+    n_dropped = len(jobs) - len(ok)
+    print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer "
+          f"({n_dropped} dropped) | VIC: {report['correction_steps_per_answer']} steps per answer, "
+          f"{n_empty} empty answers dropped | {report['seconds']}")
     if oracle:
         report.update(oracle_report(cfg.world, ok))
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
@@ -373,23 +413,32 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
 
 
 def oracle_report(world, ok):
-    """oracle.oracle on the VIG-only and the VIC answers to the same questions: hallucinated objects,
-    attributes, relations and false negatives per 100 answers, plus three examples."""
+    """oracle.oracle on the VIG-only and the VIC answers to the same questions: hallucinated
+    objects, attributes, relations and false negatives per 100 answers, plus three examples."""
     objs = shapes.load_world(world)["by_file"]
     out, res = {}, {}
     for key in ("vig", "vic"):
         res[key] = [oracle.oracle(j[key], objs[j["image"]]) for j in ok]
-        per100 = lambda field, t=None: round(100 * sum(r[field] for j, r in zip(ok, res[key]) if t in (None, j["type"]))
-                                             / max(sum(t in (None, j["type"]) for j in ok), 1), 1)
+
+        def per100(field, t=None):  # per 100 answers (of type t when given)
+            rows = [r for j, r in zip(ok, res[key]) if t in (None, j["type"])]
+            return round(100 * sum(r[field] for r in rows) / max(len(rows), 1), 1)
+        n_ok = max(len(ok), 1)
+        with_any = sum(r["num_hallucinations"] > 0 for r in res[key])
+        n_sentences = sum(len(sentences(j[key])) for j in ok)
+        by_type = {t: per100("num_hallucinations", t) for t in TYPES.values()}
         out[key] = {"hallucinations_per_100": per100("num_hallucinations"),
                     "hallucinated_objects_per_100": per100("num_hallucinated_objects"),
-                    "answers_with_hallucination": round(sum(r["num_hallucinations"] > 0 for r in res[key]) / max(len(ok), 1), 3),
-                    "sentences_per_answer": round(sum(len(sentences(j[key])) for j in ok) / max(len(ok), 1), 2),
-                    "hallucinations_per_100_by_type": {t: per100("num_hallucinations", t) for t in TYPES.values()}}
+                    "answers_with_hallucination": round(with_any / n_ok, 3),
+                    "sentences_per_answer": round(n_sentences / n_ok, 2),
+                    "hallucinations_per_100_by_type": by_type}
         r = out[key]
-        print(f"{'VIG only' if key == 'vig' else 'VIC':8s}: {r['hallucinations_per_100']} hallucinations and "
-              f"{r['hallucinated_objects_per_100']} hallucinated objects per 100 answers ({r['answers_with_hallucination']:.0%} "
-              f"of answers with any, {r['sentences_per_answer']} sentences each) | by type {r['hallucinations_per_100_by_type']}")
+        label = "VIG only" if key == "vig" else "VIC"
+        print(f"{label:8s}: {r['hallucinations_per_100']} hallucinations and "
+              f"{r['hallucinated_objects_per_100']} hallucinated objects per 100 answers "
+              f"({r['answers_with_hallucination']:.0%} of answers with any, "
+              f"{r['sentences_per_answer']} sentences each) | "
+              f"by type {r['hallucinations_per_100_by_type']}")
     out["samples"] = []
     for j, rv, rc in list(zip(ok, res["vig"], res["vic"]))[:3]:
         truth = shapes.describe(objs[j["image"]])
@@ -398,8 +447,9 @@ def oracle_report(world, ok):
         sample.update(vic_answer=j["vic"], vic_errors=common.oracle_errors(rc))
         out["samples"].append(sample)
     for s in out["samples"]:
-        print(f"--- {s['image']} ({s['type']}); truth: {s['truth']}\n  Q: {s['question']}\n  VIG: {s['vig_answer']}  "
-              f"errors {s['vig_errors']}\n  VIC: {s['vic_answer']}  errors {s['vic_errors']}")
+        print(f"--- {s['image']} ({s['type']}); truth: {s['truth']}\n  Q: {s['question']}\n"
+              f"  VIG: {s['vig_answer']}  errors {s['vig_errors']}\n"
+              f"  VIC: {s['vic_answer']}  errors {s['vic_errors']}")
     return {"vig_only": out["vig"], "vic": out["vic"], "samples": out["samples"]}
 
 
@@ -412,10 +462,12 @@ def main(cfg):
     if not 0 <= cfg.sft_share < 1:
         raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 1)")
     if cfg.vic_mode not in ("ours", "reference") or cfg.num_beams < 1 or cfg.answer_length < 1:
-        raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), --num_beams {cfg.num_beams} and "
+        raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), "
+                                 f"--num_beams {cfg.num_beams} and "
                                  f"--answer_length {cfg.answer_length} (each >= 1)")
     if cfg.init and not os.path.exists(cfg.init):
-        raise common.ConfigError(f"--init {cfg.init}: not found (train the SFT model first: python sft.py)")
+        raise common.ConfigError(f"--init {cfg.init}: not found "
+                                 "(train the SFT model first: python sft.py)")
     common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
@@ -427,18 +479,23 @@ def main(cfg):
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
     if imgs:  # every image listed decodes, before any step
-        check_images([{"id": name, "image": path} for name, path in imgs], cfg.images, field="images")
+        image_records = [{"id": name, "image": path} for name, path in imgs]
+        check_images(image_records, cfg.images, field="images")
     # generation flags do not change the trained weights: free to change on --resume
-    train_cfg = dataclasses.replace(cfg, **{k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS})
+    gen_defaults = {k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS}
+    train_cfg = dataclasses.replace(cfg, **gen_defaults)
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
-    sharded = common.sharded_resume(resume_path, d)  # FSDP: built from --init as at the start, then the shards
-    model, tokenizer = common.load_model_and_tokenizer(cfg.init if sharded else resume_path or cfg.init, cfg.model,
-                                                       cfg.vision_tower, cfg.tokenizer, d.device)
+    # FSDP: built from --init as at the start, then the shards
+    sharded = common.sharded_resume(resume_path, d)
+    load_from = cfg.init if sharded else resume_path or cfg.init
+    model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
+                                                       cfg.tokenizer, d.device)
     if cfg.lora_r > 0:
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
         model.set_adapter("vigc")
-        model.set_trainable(adapters=["vigc"], vision=cfg.train_vision, projector=cfg.train_projector)
+        model.set_trainable(adapters=["vigc"], vision=cfg.train_vision,
+                            projector=cfg.train_projector)
     else:
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
     bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
@@ -449,21 +506,25 @@ def main(cfg):
     images = ImageCache(model.config.image_size)
     train = build_examples(records, instructions, cfg)
     if len(train) == 0:
-        raise common.ConfigError("no training examples (no record has an image and a question/answer pair)")
+        raise common.ConfigError("no training examples "
+                                 "(no record has an image and a question/answer pair)")
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     data_files += [cfg.images] if os.path.isfile(cfg.images) else []
     common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        common.restore(model, opt, resume_path, state, d)  # (the final LoRA-merged checkpoint has no optimizer)
+        # (the final LoRA-merged checkpoint has no optimizer)
+        common.restore(model, opt, resume_path, state, d)
         start = state["step"]
         print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
-        print(f"{len(train)} training examples (VIG + VIC + {cfg.sft_share:.0%} SFT) from {len(records)} records | model "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
-              f"trainable | {d.world} process(es)")
+        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in trainable)
+        print(f"{len(train)} training examples (VIG + VIC + {cfg.sft_share:.0%} SFT) "
+              f"from {len(records)} records | model {n_all / 1e6:.2f}M params, "
+              f"{n_train / 1e6:.2f}M trainable | {d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     model.train()
@@ -472,7 +533,8 @@ def main(cfg):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
-        items = [x for x in (make_item(train[i], tokenizer, model.config, cfg, images) for i in idx) if x is not None]
+        drawn = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
+        items = [x for x in drawn if x is not None]
         dropped += len(idx) - len(items)  # too long for --max_len with any answer token left
         n_local = sum(int((x["labels"] != IGNORE).sum()) for x in items)
         n_global = common.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
@@ -494,13 +556,15 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0
-            log.log(done, loss=float(loss_all), lr=lr, grad_norm=norm if norm is not None else float("nan"),
+            grad_norm = norm if norm is not None else float("nan")
+            log.log(done, loss=float(loss_all), lr=lr, grad_norm=grad_norm,
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
             t0, tokens = time.time(), 0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_checkpoint(model, cfg.out, done, train_cfg, opt, tokenizer, d=d)
     if dropped and d.main:
-        print(f"warning: {dropped} drawn examples did not fit --max_len {cfg.max_len} and were left out of their batch")
+        print(f"warning: {dropped} drawn examples did not fit --max_len {cfg.max_len} "
+              "and were left out of their batch")
     if cfg.fsdp:  # the LoRA merge and generation need the whole model: rank 0 gathers it
         model = common.gather_full_model(model, d, d.device)
     if cfg.lora_r > 0 and model is not None:
