@@ -1,5 +1,6 @@
 """Shared pytest fixtures: one tiny Shapes world and one tiny SFT checkpoint per test session,
-and an in-process CLI runner (the same code path as `python stage.py ...`, minus interpreter start-up)."""
+and an in-process CLI runner (the same code path as `python stage.py ...`, minus interpreter
+start-up)."""
 import contextlib
 import importlib
 import io
@@ -19,7 +20,8 @@ TINY_WORLD = dict(n_train=60, n_val=12, n_test=36, n_unlabeled=12, n_pref=40, n_
 
 @pytest.fixture
 def one_thread():
-    """Tiny models run fastest on one intra-op thread (and a loaded machine punishes spinning ones); restored after."""
+    """Tiny models run fastest on one intra-op thread (and a loaded machine punishes spinning ones);
+    restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -38,15 +40,17 @@ def tiny_world(tmp_path_factory):
 def tiny_sft(tmp_path_factory, tiny_world):
     """A `tiny`-preset SFT run directory (3 steps) on the tiny world."""
     out = str(tmp_path_factory.mktemp("sft") / "sft")
-    code, _, err = run_cli("sft", ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "8",
-                                   "--align_steps", "1", "--out", out, "--report", "false", "--log_every", "1"])
+    argv = ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "8",
+            "--align_steps", "1", "--out", out, "--report", "false", "--log_every", "1"]
+    code, _, err = run_cli("sft", argv)
     assert code == 0, err
     return out
 
 
 def merge_flags(argv):
-    """A command line with each flag once: a later `--flag values` replaces an earlier one (tests extend
-    shared base command lines; the real command line refuses a repeated flag, see test_reliability)."""
+    """A command line with each flag once: a later `--flag values` replaces an earlier one (tests
+    extend shared base command lines; the real command line refuses a repeated flag, see
+    test_reliability)."""
     groups = {}
     for token in argv:
         if token.startswith("--"):
@@ -60,8 +64,8 @@ def merge_flags(argv):
 
 def run_cli(module, argv, strict=False):
     """Run a stage script's main() in this process as its __main__ block would: parse flags, run,
-    turn user errors into one line + exit 2. Returns (exit code, stdout, stderr). Later flags replace
-    earlier ones (merge_flags) unless strict."""
+    turn user errors into one line + exit 2. Returns (exit code, stdout, stderr). Later flags
+    replace earlier ones (merge_flags) unless strict."""
     import common
     from data import DataError
     mod = importlib.import_module(module)
@@ -79,15 +83,17 @@ def run_cli(module, argv, strict=False):
 
 
 def run_script(script, argv, timeout=300, env=None):
-    """A real subprocess (`python script.py ...`) for the checks that need a process of their own."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, script)] + list(argv), capture_output=True, text=True,
-                       timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
+    """A real subprocess (`python script.py ...`) for the checks that need a process of their
+    own."""
+    command = [sys.executable, os.path.join(HERE, script)] + list(argv)
+    r = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                       env={**os.environ, **(env or {})})
     return r.returncode, r.stdout, r.stderr
 
 
 def assert_same_metrics(a, b, keys, min_rows):
-    """Two runs' metrics.jsonl rows: the same steps (at least min_rows) and every `keys` value within
-    1e-5 (relative above 1); returns how many values were compared."""
+    """Two runs' metrics.jsonl rows: the same steps (at least min_rows) and every `keys` value
+    within 1e-5 (relative above 1); returns how many values were compared."""
     assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= min_rows
     compared = 0
     for x, y in zip(a, b):

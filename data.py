@@ -9,10 +9,12 @@ import re
 import numpy as np
 import torch
 
-from formats import DataError, IMAGE, read_text  # noqa: F401  (DataError: one-line user errors, see formats.py)
-from formats import (read_llava, read_lrv, read_any_conversations, read_llava_rlhf_preference,  # noqa: F401
-                     read_rl_prompts, read_povid, read_pope, read_mmhal, load_json, vqav2_to_conversations,
-                     aokvqa_to_conversations, flickr30k_to_conversations)
+# DataError: one-line user errors, see formats.py
+from formats import DataError, IMAGE, read_text  # noqa: F401
+from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
+                     read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
+                     read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
+                     flickr30k_to_conversations)
 
 IGNORE = -100  # label of tokens that are not learned
 
@@ -21,10 +23,14 @@ IGNORE = -100  # label of tokens that are not learned
 # ----------------------------------------------------------------------------------------
 
 SYSTEM = {
-    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
-                "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    "llava_v1": (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
 }
 ROLE = {"human": "USER", "gpt": "ASSISTANT"}
 EOS_TEXT = "</s>"
@@ -33,8 +39,8 @@ EOS_TEXT = "</s>"
 def render(turns, template="vicuna_v1"):
     """The prompt string and the character spans of each assistant answer (its '</s>' included).
 
-    "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that ends
-    with a human turn ends with "ASSISTANT:" (a prompt to generate from)."""
+    "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that
+    ends with a human turn ends with "ASSISTANT:" (a prompt to generate from)."""
     if template == "plain":  # LLaVA's stage-1 alignment (conv_llava_plain, preprocess_plain)
         return render_plain(turns)
     if template not in SYSTEM:
@@ -67,10 +73,11 @@ def render_plain(turns):
 # ----------------------------------------------------------------------------------------
 
 def _tokenize_with_offsets(tokenizer, text):
-    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does: split at
-    '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id (None) where
-    '<image>' was. A chunk after '<image>' is tokenized as it reads after a special token (behind BOS,
-    which is then dropped), so it gets what transformers' LlavaProcessor gives the same text: legacy
+    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does: split
+    at '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id (None)
+    where '<image>' was. A chunk after '<image>' is tokenized as it reads after a special token
+    (behind BOS, which is then dropped), so it gets what transformers' LlavaProcessor gives the
+    same text: legacy
     Llama tokenizers prepend '▁' there (as LLaVA's sentencepiece chunks do), tokenizers whose
     pre-tokenizer adds '▁' only at the start of the text do not ('\nWhat', not '▁\nWhat')."""
     chunks = text.split(IMAGE)
@@ -83,7 +90,8 @@ def _tokenize_with_offsets(tokenizer, text):
         shift = 0
         if i > 0 and bos:
             enc = tokenizer(bos + chunk, add_special_tokens=False, return_offsets_mapping=True)
-            if enc["input_ids"][:1] == [tokenizer.bos_token_id]:  # BOS is split off as a special token
+            # BOS is split off as a special token
+            if enc["input_ids"][:1] == [tokenizer.bos_token_id]:
                 enc = {k: v[1:] for k, v in enc.items()}
                 shift = len(bos)
             else:
@@ -96,8 +104,8 @@ def _tokenize_with_offsets(tokenizer, text):
     return ids, offsets
 
 
-def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, max_len=2048, template="vicuna_v1",
-                          train_on="all"):
+def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, max_len=2048,
+                          template="vicuna_v1", train_on="all"):
     """Token ids and labels for a conversation. Only assistant answers and their '</s>' carry labels
     (train_on='all': every answer; 'last': only the final answer, as DPO and reward scoring need).
     '<image>' becomes num_image_tokens copies of image_token_id. If the text is longer than max_len
@@ -107,9 +115,10 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
     text, spans = render(turns, template)
     if train_on == "last":
         spans = spans[-1:]
-    # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2) learns every
-    # token after "ASSISTANT:", so also a lone '▁' for the space when the answer starts with a digit, a
-    # newline or a character that has no merged '▁X' piece: the separating space belongs to the answer.
+    # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2)
+    # learns every token after "ASSISTANT:", so also a lone '▁' for the space when the answer starts
+    # with a digit, a newline or a character that has no merged '▁X' piece: the separating space
+    # belongs to the answer.
     spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
     raw, offsets = _tokenize_with_offsets(tokenizer, text)
     ids, labels = [], []
@@ -128,7 +137,9 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
                 (first_label is None and turns[-1]["from"] == "gpt"):
             return None
         ids, labels = ids[:max_len], labels[:max_len]
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    label_ids = torch.tensor(labels, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": label_ids}
 
 
 def load_tokenizer(path):
@@ -137,8 +148,9 @@ def load_tokenizer(path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise DataError(path, message=f"cannot load a tokenizer from this directory ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''})")
+        first_line = str(e).splitlines()[0] if str(e) else ''
+        why = f"{type(e).__name__}: {first_line}"
+        raise DataError(path, message=f"cannot load a tokenizer from this directory ({why})")
     if tok.pad_token_id is None:  # LLaVA pads with <unk> when the tokenizer has no pad token
         tok.pad_token = tok.unk_token
     return tok
@@ -153,7 +165,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(path, file=None, record=None):
-    """An RGB PIL image; a file that is missing or will not decode is a DataError naming the record."""
+    """An RGB PIL image; a file that is missing or will not decode is a DataError naming the
+    record."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -161,7 +174,8 @@ def load_image(path, file=None, record=None):
     except FileNotFoundError:
         raise DataError(file or path, record, "image", f"file not found: {path}")
     except Exception as e:
-        raise DataError(file or path, record, "image", f"cannot decode image {path} ({type(e).__name__})")
+        message = f"cannot decode image {path} ({type(e).__name__})"
+        raise DataError(file or path, record, "image", message)
 
 
 def expand_to_square(img, fill=tuple(int(m * 255) for m in CLIP_MEAN)):
@@ -193,8 +207,9 @@ def normalize(unit):
 
 
 def preprocess_image(img, size):
-    """A PIL image of any mode -> (3, size, size) CLIP-normalised pixels. Other modes are converted to
-    RGB first, as LLaVA does (`Image.open(f).convert('RGB')`: alpha dropped, palette and grey expanded)."""
+    """A PIL image of any mode -> (3, size, size) CLIP-normalised pixels. Other modes are converted
+    to RGB first, as LLaVA does (`Image.open(f).convert('RGB')`: alpha dropped, palette and grey
+    expanded)."""
     return normalize(image_to_unit(img if img.mode == "RGB" else img.convert("RGB"), size))
 
 
@@ -218,20 +233,23 @@ class ImageCache:
 
 
 def _decodes(path):
-    """None if the image decodes to its last pixel, else why not (verify() alone reads no pixel data)."""
+    """None if the image decodes to its last pixel, else why not (verify() alone reads no pixel
+    data)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
         return None
-    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, zlib.error...)
+    # PIL raises many kinds (OSError, SyntaxError, ValueError, zlib.error...)
+    except Exception as e:
         return f"{type(e).__name__}: {str(e)[:80]}"
 
 
 def check_images(records, file, on_error="raise", field="image"):
-    """Decode every record's image once before training starts (threads: decoding mostly releases the
-    GIL), so a broken file stops the run (or is skipped and counted) naming the data file, record and
-    field before any step, never in the middle. Returns (good records, skipped lines)."""
+    """Decode every record's image once before training starts (threads: decoding mostly releases
+    the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,
+    record and field before any step, never in the middle. Returns (good records, skipped
+    lines)."""
     from concurrent.futures import ThreadPoolExecutor
     paths = sorted({r["image"] for r in records if r.get("image")})
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -279,10 +297,10 @@ def collate(items, pad_id, side="right"):
 
 def pack(items):
     """The items of collate() as one row, end to end, with no padding: {'input_ids', 'labels',
-    'attention_mask'} of shape (1, total), 'pixel_values' stacked in order, and 'seq_lens'. The model
-    runs attention within each sequence (model.backbone), so every logit, label and loss is the one of
-    the right-padded batch. A sequence's first label must be IGNORE (it holds BOS / the prompt): the
-    last token of one sequence then predicts nothing in the next."""
+    'attention_mask'} of shape (1, total), 'pixel_values' stacked in order, and 'seq_lens'. The
+    model runs attention within each sequence (model.backbone), so every logit, label and loss is
+    the one of the right-padded batch. A sequence's first label must be IGNORE (it holds BOS / the
+    prompt): the last token of one sequence then predicts nothing in the next."""
     for x in items:
         if "labels" in x and int(x["labels"][0]) != IGNORE:
             raise ValueError("pack: a sequence whose first token carries a label")
@@ -302,24 +320,29 @@ def pack(items):
 # ----------------------------------------------------------------------------------------
 
 EVAL_QUESTION = (
-    "Please evaluate the quality of your last response. There are several dimensions you should consider in your "
-    "evaluation:\n\n1. Accurate: The AI should provide factual and accurate information from the image, and refrain "
-    "from making statements that are not supported by the image or inconsistent with the image.{facts}\n"
-    "2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, while grounding the "
-    "response in the image.\n3. Language Natural: The AI should employ language that flows smoothly and is free from "
-    "repetitive or awkward constructs.\n4. Concise: The AI should efficiently address the task or answer the question, "
-    "communicating the necessary information with brevity and clarity.\n\nA good response should be accurate, "
-    "helpful, language natural, and concise.")
-EVAL_QUESTION_SHORT = ("Please evaluate the quality of your last response: it should be accurate, helpful, natural and "
-                       "concise.{facts}")  # --eval_prompt short: half the tokens (CPU runs on Shapes)
-FACTS_INTRO = (" Specifically, the AI's response should be fully supported by the combination of the following "
-               "captions:\n")
+    "Please evaluate the quality of your last response. "
+    "There are several dimensions you should consider in your evaluation:\n\n"
+    "1. Accurate: The AI should provide factual and accurate information from the image, "
+    "and refrain from making statements that are not supported by the image "
+    "or inconsistent with the image.{facts}\n"
+    "2. Helpful: The AI\u2019s response should precisely serve the user's needs and interests, "
+    "while grounding the response in the image.\n"
+    "3. Language Natural: The AI should employ language that flows smoothly "
+    "and is free from repetitive or awkward constructs.\n"
+    "4. Concise: The AI should efficiently address the task or answer the question, "
+    "communicating the necessary information with brevity and clarity.\n\n"
+    "A good response should be accurate, helpful, language natural, and concise.")
+# --eval_prompt short: half the tokens (CPU runs on Shapes)
+EVAL_QUESTION_SHORT = ("Please evaluate the quality of your last response: "
+                       "it should be accurate, helpful, natural and concise.{facts}")
+FACTS_INTRO = (" Specifically, the AI's response should be fully supported by "
+               "the combination of the following captions:\n")
 EVAL_ANSWER = "Following your definitions, the quality score of my last response is"
 
 
 def eval_question(captions, rng, wording="llava-rlhf"):
-    """The evaluation turn; with captions (Fact-RLHF) they are shuffled by `rng` and listed one per line
-    as '  - caption' (LLaVA-RLHF: FACTUAL_PROMPT + one '  - {caption}\\n' per caption)."""
+    """The evaluation turn; with captions (Fact-RLHF) they are shuffled by `rng` and listed one per
+    line as '  - caption' (LLaVA-RLHF: FACTUAL_PROMPT + one '  - {caption}\\n' per caption)."""
     question = {"llava-rlhf": EVAL_QUESTION, "short": EVAL_QUESTION_SHORT}[wording]
     if captions is None:
         return question.format(facts="")
@@ -328,15 +351,15 @@ def eval_question(captions, rng, wording="llava-rlhf"):
     return question.format(facts=FACTS_INTRO + "".join(f"  - {c}\n" for c in caps))
 
 
-def reward_item(tokenizer, model_config, prompt, response, captions, rng, template="vicuna_v1", max_len=1024,
-                wording="llava-rlhf", space=False):
-    """Token ids the reward model reads: the conversation, the response, the evaluation turn and the start
-    of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that answer as a
-    finished turn and drops the final '</s>' token, so the score sits on the last prompt token. None when
-    longer than max_len (never cut: the score position would move).
+def reward_item(tokenizer, model_config, prompt, response, captions, rng, template="vicuna_v1",
+                max_len=1024, wording="llava-rlhf", space=False):
+    """Token ids the reward model reads: the conversation, the response, the evaluation turn and the
+    start of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that
+    answer as a finished turn and drops the final '</s>' token, so the score sits on the last prompt
+    token. None when longer than max_len (never cut: the score position would move).
     space=True: '...{response}</s> USER: Please evaluate...', verbatim LLaVA-RLHF (it appends
-    ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters is that
-    reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
+    ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters
+    is that reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
     turns = list(prompt) + [{"from": "gpt", "value": response}]
     if space:
         text = render(turns, template)[0] + " " + eval_turn(captions, rng, wording)
@@ -344,9 +367,10 @@ def reward_item(tokenizer, model_config, prompt, response, captions, rng, templa
                             for i in _tokenize_with_offsets(tokenizer, text)[0]], dtype=torch.long)
         ids = _expand_image(ids, model_config)
         return None if len(ids) > max_len else {"input_ids": ids}
-    turns += [{"from": "human", "value": eval_question(captions, rng, wording)}, {"from": "gpt", "value": EVAL_ANSWER}]
-    t = tokenize_conversation(tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
-                              max_len=1 << 30, template=template)
+    question = eval_question(captions, rng, wording)
+    turns += [{"from": "human", "value": question}, {"from": "gpt", "value": EVAL_ANSWER}]
+    t = tokenize_conversation(tokenizer, turns, model_config.image_token_id,
+                              model_config.num_image_tokens, max_len=1 << 30, template=template)
     ids = t["input_ids"]
     if int(ids[-1]) == tokenizer.eos_token_id:
         ids = ids[:-1]
@@ -354,24 +378,28 @@ def reward_item(tokenizer, model_config, prompt, response, captions, rng, templa
 
 
 def eval_turn(captions, rng, wording="llava-rlhf"):
-    """The evaluation turn as LLaVA-RLHF's reward prompt file writes it (no leading space, no final '</s>')."""
+    """The evaluation turn as LLaVA-RLHF's reward prompt file writes it (no leading space, no final
+    '</s>')."""
     return f"USER: {eval_question(captions, rng, wording)} ASSISTANT: {EVAL_ANSWER}"
 
 
 def _expand_image(ids, model_config):
-    """One image placeholder id -> num_image_tokens copies (tokenize_conversation's image expansion)."""
+    """One image placeholder id -> num_image_tokens copies (tokenize_conversation's image
+    expansion)."""
     at = (ids == model_config.image_token_id).nonzero()[:, 0].tolist()
     if not at:
         return ids
-    img = torch.full((model_config.num_image_tokens,), model_config.image_token_id, dtype=torch.long)
+    n_image = model_config.num_image_tokens
+    img = torch.full((n_image,), model_config.image_token_id, dtype=torch.long)
     return torch.cat([ids[:at[0]], img, ids[at[0] + 1:]])
 
 
-def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max_len=1 << 30, wording="llava-rlhf",
-                         space=True):
-    """LLaVA-RLHF's PPO input to the reward model (ppo_trainer.py rollout): the prompt's token ids, the
-    sampled response ids as they are ('</s>' only when it was sampled; never decoded and re-tokenized), then
-    the evaluation turn tokenized on its own without special tokens (' USER: Please evaluate ... is')."""
+def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max_len=1 << 30,
+                         wording="llava-rlhf", space=True):
+    """LLaVA-RLHF's PPO input to the reward model (ppo_trainer.py rollout): the prompt's token ids,
+    the sampled response ids as they are ('</s>' only when it was sampled; never decoded and
+    re-tokenized), then the evaluation turn tokenized on its own without special tokens
+    (' USER: Please evaluate ... is')."""
     tail = (" " if space else "") + eval_turn(captions, rng, wording)
     turn = torch.tensor(tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)
     ids = torch.cat([prompt_ids.cpu(), response_ids.cpu(), turn])
@@ -382,17 +410,21 @@ def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max
 # generators from object annotations: LRV negative instructions, POVID hallucination
 # injection, POVID diffusion noise (and the English helpers they share with shapes.py).
 # They take normalised object lists,
-#   objects = [{"name": "circle", "color": "red" or None, "size": "large" or None, "bbox": [x, y, w, h],
-#               "row": r or None, "col": c or None, "position": "top left" or None}]
+#   objects = [{"name": "circle", "color": "red" or None, "size": "large" or None,
+#               "bbox": [x, y, w, h], "row": r or None, "col": c or None,
+#               "position": "top left" or None}]
 # (plain COCO instances have only name and bbox) and a numpy Generator `rng`, so the same seed
 # gives the same text. On the Shapes world every answer they write is checked by oracle.oracle.
 # ----------------------------------------------------------------------------------------
 
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 SIZES = ("small", "large")
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis",
-                     "scissors": "scissors", "broccoli": "broccoli", "man": "men", "woman": "women", "child": "children"}
+POSITIONS = ("top left", "top", "top right",
+             "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep",
+                     "skis": "skis", "scissors": "scissors", "broccoli": "broccoli", "man": "men",
+                     "woman": "women", "child": "children"}
 
 # -----------------------------------------------------------------------------
 # English helpers (shared with shapes.py so there is one spelling of everything)
@@ -447,7 +479,8 @@ def position_of(o):
 
 
 def pos_phrase(position):
-    return {"left": "on the left", "right": "on the right", "center": "in the center"}.get(position, f"at the {position}")
+    phrases = {"left": "on the left", "right": "on the right", "center": "in the center"}
+    return phrases.get(position, f"at the {position}")
 
 
 def noun_phrase(o, size=True, color=True):
@@ -472,8 +505,11 @@ def _pick(rng, items):
 
 
 def _matching(objects, name=None, color=None, size=None, position=None):
-    return [o for o in objects if (name is None or o["name"] == name) and (color is None or o.get("color") == color)
-            and (size is None or o.get("size") == size) and (position is None or position_of(o) == position)]
+    return [o for o in objects
+            if (name is None or o["name"] == name)
+            and (color is None or o.get("color") == color)
+            and (size is None or o.get("size") == size)
+            and (position is None or position_of(o) == position)]
 
 
 def unique_ref(o, objects, use=("size", "color")):
@@ -503,33 +539,46 @@ def lrv_negatives(objects, rng, all_names, colors=None):
     out = []
     names = [o["name"] for o in objects]
     absent = [n for n in all_names if n not in names]
-    shows = f"The image shows {list_objects(objects)}." if objects else "The image shows no objects."
+    if objects:
+        shows = f"The image shows {list_objects(objects)}."
+    else:
+        shows = "The image shows no objects."
     if absent:  # nonexistent object
         x = _pick(rng, absent)
-        q = _pick(rng, [f"Is there {a(x)} in the image?", f"Describe the {x} in the image.",
-                        f"Where is the {x} in the image?"] + ([f"What color is the {x}?"] if colors else []))
+        questions = [f"Is there {a(x)} in the image?", f"Describe the {x} in the image.",
+                     f"Where is the {x} in the image?"]
+        if colors:
+            questions.append(f"What color is the {x}?")
+        q = _pick(rng, questions)
         ans = f"There is no {x} in the image. {shows}"
-        out.append((q, "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans, "negative"))
+        reply = "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans
+        out.append((q, reply, "negative"))
     if colors and objects and objects[0].get("color"):
         o = _pick(rng, objects)
         wrong = [c for c in colors if not _matching(objects, o["name"], c)]
         if wrong:  # a color that no object of this shape has
             c = _pick(rng, wrong)
-            q = _pick(rng, [f"Is there {a(c + ' ' + o['name'])} in the image?", f"Describe the {c} {o['name']}."])
-            ans = f"There is no {c} {o['name']} in the image. The image shows {list_objects(_matching(objects, o['name']))}."
-            out.append((q, "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans, "negative"))
+            q = _pick(rng, [f"Is there {a(c + ' ' + o['name'])} in the image?",
+                            f"Describe the {c} {o['name']}."])
+            same_shape = list_objects(_matching(objects, o['name']))
+            ans = f"There is no {c} {o['name']} in the image. The image shows {same_shape}."
+            reply = "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans
+            out.append((q, reply, "negative"))
         pos = position_of(o)
         free = [p for p in POSITIONS if pos and not _matching(objects, o["name"], position=p)]
         if free:  # the object, somewhere it is not
             p = _pick(rng, free)
-            q = _pick(rng, [f"What color is the {o['name']} {pos_phrase(p)}?", f"Describe the {o['name']} {pos_phrase(p)}."])
-            ans = f"There is no {o['name']} {pos_phrase(p)}. {a(noun_phrase(o)).capitalize()} is {pos_phrase(pos)}."
+            q = _pick(rng, [f"What color is the {o['name']} {pos_phrase(p)}?",
+                            f"Describe the {o['name']} {pos_phrase(p)}."])
+            the_object = a(noun_phrase(o)).capitalize()
+            ans = f"There is no {o['name']} {pos_phrase(p)}. {the_object} is {pos_phrase(pos)}."
             out.append((q, ans, "negative"))
         ref = unique_ref(o, objects, use=("size",))
         wrong = [c for c in colors if ref and c != o["color"]]
         if wrong:  # existent object, wrong color
             c = _pick(rng, wrong)
-            q = _pick(rng, [f"Is the {ref} {c}?", f"Why is the {ref} {c}?", f"The {ref} is {c}. Where is it?"])
+            q = _pick(rng, [f"Is the {ref} {c}?", f"Why is the {ref} {c}?",
+                            f"The {ref} is {c}. Where is it?"])
             ans = f"The {ref} is {o['color']}, not {c}."
             out.append((q, "No, t" + ans[1:] if q.startswith("Is ") else ans, "negative_existent"))
         ref = unique_ref(o, objects, use=("color",))
@@ -542,10 +591,14 @@ def lrv_negatives(objects, rng, all_names, colors=None):
         x = _pick(rng, sorted(set(names)))
         n = names.count(x)
         m = _pick(rng, [k for k in range(1, n + 3) if k != n])
-        q = _pick(rng, [f"Are there {count_phrase(m, x)} in the image?" if m > 1 else f"Is there only one {x} in the image?",
-                        f"Describe the {count_phrase(m, x)} in the image."])
+        if m > 1:
+            yes_no = f"Are there {count_phrase(m, x)} in the image?"
+        else:
+            yes_no = f"Is there only one {x} in the image?"
+        q = _pick(rng, [yes_no, f"Describe the {count_phrase(m, x)} in the image."])
         ans = f"{there_are(n, x).capitalize()} in the image, not {number_word(m)}."
-        out.append((q, "No, t" + ans[1:] if q.startswith(("Is ", "Are ")) else ans, "negative_existent"))
+        reply = "No, t" + ans[1:] if q.startswith(("Is ", "Are ")) else ans
+        out.append((q, reply, "negative_existent"))
     order = rng.permutation(len(out))
     return [out[i] for i in order]
 
@@ -555,7 +608,8 @@ def lrv_negatives(objects, rng, all_names, colors=None):
 
 SENT = re.compile(r"[^.!?]+[.!?]*")
 NEG = re.compile(r"\b(no|not|none|without)\b|n't\b", re.I)
-REL_FLIP = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+REL_FLIP = {"to the left of": "to the right of", "to the right of": "to the left of",
+            "above": "below", "below": "above"}
 
 
 def _word(name):
@@ -564,7 +618,8 @@ def _word(name):
 
 def _names_re(names):
     """Alternation of names and their plurals, longest first (so 'crosses' wins over 'cross')."""
-    return "|".join(sorted({re.escape(w) for n in names for w in (n, plural(n))}, key=len, reverse=True)) or "\0"
+    words = {re.escape(w) for n in names for w in (n, plural(n))}
+    return "|".join(sorted(words, key=len, reverse=True)) or "\0"
 
 
 def _base(word, names):
@@ -572,7 +627,10 @@ def _base(word, names):
 
 
 def _fix_articles(text):
-    return re.sub(r"\b([Aa])n? (\w)", lambda m: m.group(1) + ("n " if m.group(2).lower() in "aeiou" else " ") + m.group(2), text)
+    def fixed(m):
+        n = "n " if m.group(2).lower() in "aeiou" else " "
+        return m.group(1) + n + m.group(2)
+    return re.sub(r"\b([Aa])n? (\w)", fixed, text)
 
 
 def _np_at(sentence, start, names):
@@ -601,11 +659,15 @@ def _inject_object(answer, objects, rng, all_names, cooc_partners, colors):
     absent = [n for n in (all_names or []) if n not in names]
     partners = [p for n in names for p in (cooc_partners or {}).get(n, []) if p in absent]
     cands = partners or absent
-    m = re.search(r"\b(No, t|T)here (?:is|are) no ((?:\w+ )*?)(" + _names_re(all_names or []) + r")\b", answer)
-    if m and _base(m.group(3), all_names) not in names:  # "No, there is no X" (true) -> "Yes, there is a X"
+    denial = r"\b(No, t|T)here (?:is|are) no ((?:\w+ )*?)(" + _names_re(all_names or []) + r")\b"
+    m = re.search(denial, answer)
+    # "No, there is no X" (true) -> "Yes, there is a X"
+    if m and _base(m.group(3), all_names) not in names:
         head = "Yes, t" if m.group(1) == "No, t" else "T"
-        return answer[:m.start()] + head + f"here is {a(m.group(2) + _base(m.group(3), all_names))}" + answer[m.end():]
-    m = re.match(r"Yes, there (?:is|are) (?:an?|\w+) ((?:\w+ )*?)(" + _names_re(names) + r")\b", answer)
+        claim = f"here is {a(m.group(2) + _base(m.group(3), all_names))}"
+        return answer[:m.start()] + head + claim + answer[m.end():]
+    affirmation = r"Yes, there (?:is|are) (?:an?|\w+) ((?:\w+ )*?)(" + _names_re(names) + r")\b"
+    m = re.match(affirmation, answer)
     if m:  # "Yes, there is a X" (true) -> "No, there is no X": denies a present object
         return f"No, there is no {m.group(1)}{_base(m.group(2), names)}" + answer[m.end():]
     if not cands:
@@ -614,11 +676,13 @@ def _inject_object(answer, objects, rng, all_names, cooc_partners, colors):
     present = [n for n in names if _word(n).search(answer)]
     if present and not NEG.search(answer) and rng.random() < 0.5:  # replace a present object by x
         old = _pick(rng, present)
-        return _fix_articles(_word(old).sub(lambda w: x if w.group(1) == old else plural(x), answer))
+        swapped = _word(old).sub(lambda w: x if w.group(1) == old else plural(x), answer)
+        return _fix_articles(swapped)
     o = _pick(rng, objects) if objects else {}
     color = _pick(rng, colors) if colors and o.get("color") else None
     where = position_of(o) and pos_phrase(_pick(rng, POSITIONS))
-    added = " ".join(w for w in ["There is also", a(" ".join(filter(None, [color, x]))), where or "in the image"] if w)
+    new_object = a(" ".join(filter(None, [color, x])))
+    added = " ".join(w for w in ["There is also", new_object, where or "in the image"] if w)
     return answer.rstrip() + " " + added + "."
 
 
@@ -630,19 +694,23 @@ def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
         if NEG.search(sent):
             continue  # a swapped word inside a negation can stay true
         words = (colors or []) + (list(SIZES) if any(o.get("size") for o in objects) else [])
-        for m in re.finditer(r"\b(" + "|".join(map(re.escape, words)) + r")\b", sent) if words else []:
+        word_re = r"\b(" + "|".join(map(re.escape, words)) + r")\b"
+        for m in re.finditer(word_re, sent) if words else []:
             np_ = _np_at(sent, m.start(), names)
             if np_ is None:
                 continue
             name, mods = np_
             w = m.group(1)
             if w in SIZES:
-                other = [z for z in SIZES if z != w and not _filter_by_words(objects, name, [z] + mods, colors)]
+                other = [z for z in SIZES
+                         if z != w and not _filter_by_words(objects, name, [z] + mods, colors)]
             else:
-                other = [c for c in colors if c != w and c not in sent and not _matching(objects, name, c)]
+                other = [c for c in colors
+                         if c != w and c not in sent and not _matching(objects, name, c)]
             if other:
                 edits.append((off + m.start(), off + m.end(), _pick(rng, other)))
-        pat = r"\b(?:([Tt]here) (?:is|are) )?(" + "|".join(NUMBER_WORDS[1:]) + r") ((?:\w+ ){0,2}?)(\w+)\b"
+        numbers = "|".join(NUMBER_WORDS[1:])
+        pat = r"\b(?:([Tt]here) (?:is|are) )?(" + numbers + r") ((?:\w+ ){0,2}?)(\w+)\b"
         for m in re.finditer(pat, sent):
             noun = m.group(4)
             base = next((n for n in names + ["object", "shape"] if noun in (n, plural(n))), None)
@@ -652,7 +720,8 @@ def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
             k = _pick(rng, [j for j in range(1, max(n + 3, 5)) if j != n])
             noun_k = base if k == 1 else plural(base)
             head = f"{m.group(1)} {'is' if k == 1 else 'are'} " if m.group(1) else ""
-            edits.append((off + m.start(), off + m.end(), f"{head}{number_word(k)} {m.group(3)}{noun_k}"))
+            new = f"{head}{number_word(k)} {m.group(3)}{noun_k}"
+            edits.append((off + m.start(), off + m.end(), new))
     if not edits:
         return None
     i, j, new = edits[int(rng.integers(len(edits)))]
@@ -661,14 +730,16 @@ def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
 
 def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
     names = sorted({o["name"] for o in objects})
-    grid = bool(objects) and objects[0].get("row") is not None  # without one (plain COCO) flips are unverified
+    # without one (plain COCO) flips are unverified
+    grid = bool(objects) and objects[0].get("row") is not None
     edits = []
     for s in SENT.finditer(answer):
         sent, off = s.group(0), s.start()
         if NEG.search(sent) and not sent.startswith("No, the"):
             continue
         for m in re.finditer(r"\b(to the left of|to the right of|above|below)\b", sent):
-            a_np, b_np = _np_at(sent[:m.start()], m.start(), names), _np_at(sent[m.end():], 0, names)
+            a_np = _np_at(sent[:m.start()], m.start(), names)
+            b_np = _np_at(sent[m.end():], 0, names)
             if a_np is None or b_np is None or not grid:
                 if not grid:
                     edits.append((off + m.start(), off + m.end(), REL_FLIP[m.group(1)]))
@@ -676,22 +747,30 @@ def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
             A = _filter_by_words(objects, a_np[0], a_np[1], colors)
             B = _filter_by_words(objects, b_np[0], b_np[1], colors)
             new = REL_FLIP[m.group(1)]
-            key = {"to the left of": ("col", -1), "to the right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}[new]
+            keys = {"to the left of": ("col", -1), "to the right of": ("col", 1),
+                    "above": ("row", -1), "below": ("row", 1)}
+            key = keys[new]
             holds = any(x is not y and (x[key[0]] - y[key[0]]) * key[1] > 0 for x in A for y in B)
             if A and B and not holds:  # the flipped relation is false for every pair
                 edits.append((off + m.start(), off + m.end(), new))
-        for m in re.finditer(r"\b(at|in|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b",
-                             sent, re.IGNORECASE):
+        places = "top left|top right|bottom left|bottom right|top|bottom|left|right|center"
+        for m in re.finditer(r"\b(at|in|on) the (" + places + r")\b", sent, re.IGNORECASE):
             # "A red circle is at the top left." or "At the top left there is a red circle."
             first = not sent[:m.start()].strip()
-            np_ = _np_at(sent[m.end():], 0, names) if first else _np_at(sent[:m.start()], m.start(), names)
+            if first:
+                np_ = _np_at(sent[m.end():], 0, names)
+            else:
+                np_ = _np_at(sent[:m.start()], m.start(), names)
             if np_ is None or not grid:
                 continue
             cand = _filter_by_words(objects, np_[0], np_[1], colors)
-            free = [p for p in POSITIONS if p != m.group(2).lower() and not any(position_of(o) == p for o in cand)]
+            free = [p for p in POSITIONS
+                    if p != m.group(2).lower() and not any(position_of(o) == p for o in cand)]
             if cand and free:
                 new = pos_phrase(_pick(rng, free))
-                edits.append((off + m.start(), off + m.end(), new[:1].upper() + new[1:] if first else new))
+                if first:
+                    new = new[:1].upper() + new[1:]
+                edits.append((off + m.start(), off + m.end(), new))
     if not edits:
         return None
     i, j, new = edits[int(rng.integers(len(edits)))]
@@ -701,7 +780,8 @@ def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
 INJECTORS = {"object": _inject_object, "attribute": _inject_attribute, "relation": _inject_relation}
 
 
-def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_partners=None, colors=None):
+def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_partners=None,
+                         colors=None):
     """POVID-style dispreferred answer: returns (new_answer, kind) or None when `kind` (or, with
     kind=None, every kind tried in random order) is impossible for this answer.
 
@@ -715,7 +795,8 @@ def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_p
     """
     kinds = [kind] if kind else [str(k) for k in rng.permutation(list(INJECTORS))]
     for k in kinds:
-        new = INJECTORS[k](answer, objects, rng, all_names, cooc_partners, list(colors) if colors else None)
+        color_list = list(colors) if colors else None
+        new = INJECTORS[k](answer, objects, rng, all_names, cooc_partners, color_list)
         if new is not None and new != answer:
             return new, k
     return None
@@ -725,28 +806,33 @@ def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_p
 
 
 def ddpm_noise(image01, t=500, generator=None, num_steps=1000):
-    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps on a [0,1] image tensor (C,H,W) or (B,C,H,W),
-    betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5, abar = cumprod(1 - betas).
-    t is 0-based (t=500 is abar[500], as POVID's alphas_bar_sqrt[t] with noise_step 500).
-    Not clamped: the raw tensor (values outside [0, 1]); povid_noisy_image makes POVID's 8-bit image of it."""
+    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps on a [0,1] image tensor (C,H,W) or
+    (B,C,H,W), betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5,
+    abar = cumprod(1 - betas). t is 0-based (t=500 is abar[500], as POVID's alphas_bar_sqrt[t] with
+    noise_step 500). Not clamped: the raw tensor (values outside [0, 1]); povid_noisy_image makes
+    POVID's 8-bit image of it."""
     betas = torch.sigmoid(torch.linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5
     abar = torch.cumprod(1 - betas, dim=0)[t]
     device = generator.device if generator is not None else image01.device
-    eps = torch.randn(image01.shape, generator=generator, device=device, dtype=torch.float32).to(image01.device)
+    eps = torch.randn(image01.shape, generator=generator, device=device, dtype=torch.float32)
+    eps = eps.to(image01.device)
     return abar.sqrt() * image01 + (1 - abar).sqrt() * eps.to(image01.dtype)
 
 
 def to_pil_bytes(image01):
-    """torchvision's ToPILImage on a float tensor, (C,H,W) -> (H,W,C) uint8: `pic.mul(255).byte()`. The
-    float -> uint8 cast truncates toward zero and wraps modulo 256 (it does not clip): 1.2 -> 50, -0.5 -> 129."""
-    return torch.remainder(torch.trunc(image01.float() * 255), 256).to(torch.uint8).permute(1, 2, 0).numpy()
+    """torchvision's ToPILImage on a float tensor, (C,H,W) -> (H,W,C) uint8: `pic.mul(255).byte()`.
+    The float -> uint8 cast truncates toward zero and wraps modulo 256 (it does not clip):
+    1.2 -> 50, -0.5 -> 129."""
+    wrapped = torch.remainder(torch.trunc(image01.float() * 255), 256)
+    return wrapped.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def povid_noisy_image(img, size, t=500, generator=None):
-    """POVID stage 2's noised image, as train_dpo_inherent.py (LazySupervisedDataset.__getitem__) makes it:
-    ToTensor of the image at its original size, the DDPM step (ddpm_noise), ToPILImage (8-bit, values
-    outside [0, 1] wrap around: 33-47% of the pixels at t = 500), and only then LLaVA's preprocessing: pad
-    to a square with the clean CLIP-mean colour, resize, normalise. Returns CLIP-normalised (3, size, size)."""
+    """POVID stage 2's noised image, as train_dpo_inherent.py (LazySupervisedDataset.__getitem__)
+    makes it: ToTensor of the image at its original size, the DDPM step (ddpm_noise), ToPILImage
+    (8-bit, values outside [0, 1] wrap around: 33-47% of the pixels at t = 500), and only then
+    LLaVA's preprocessing: pad to a square with the clean CLIP-mean colour, resize, normalise.
+    Returns CLIP-normalised (3, size, size)."""
     from PIL import Image
     unit = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     noisy = Image.fromarray(to_pil_bytes(ddpm_noise(unit, t, generator)))

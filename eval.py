@@ -1,30 +1,37 @@
 r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline.
 
-    python eval.py                                          # ckpt/sft, Shapes world, all four, oracle judge
-    python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo     # one Markdown table: OUT/compare.md (+ .json)
-    python eval.py --ckpt llava-v1.5-7b --device cuda --benchmarks pope --image_folder coco/val2014 \
+    python eval.py  # ckpt/sft, Shapes world, all four, oracle judge
+    python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo  # one Markdown table: OUT/compare.md, .json
+    python eval.py --ckpt llava-v1.5-7b --device cuda --benchmarks pope \
+        --image_folder coco/val2014 \
         --pope_files coco_pope_random.jsonl,coco_pope_popular.jsonl,coco_pope_adversarial.jsonl \
-        --pope_suffix '\nAnswer the question using a single word or phrase.' --template llava_v1 --pope_max_new_tokens 64
+        --pope_suffix '\nAnswer the question using a single word or phrase.' --template llava_v1 \
+        --pope_max_new_tokens 64
     python eval.py --ckpt DIR --benchmarks chair --chair_instances instances_val2014.json \
         --chair_synonyms synonyms.txt --image_folder coco/val2014 --limit 500 --max_new_tokens 512
-    python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json --judge openai \
-        --judge_model gpt-4-0314 --max_new_tokens 1024 --template llava_v1 --judge_prompt mmhal=mmhal_judge.txt
-        # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's (Eval/model_vqa*.py)
+    python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json \
+        --judge openai --judge_model gpt-4-0314 --max_new_tokens 1024 --template llava_v1 \
+        --judge_prompt mmhal=mmhal_judge.txt
+        # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's
+        # (Eval/model_vqa*.py)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
-  OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer", + what scoring
-      needs, "source"}, appended batch by batch: a run that stops keeps its answers, the next run
-      generates only the missing ones (a stored line counts when its prompt and source, i.e. checkpoint
-      files and decoding settings, are the same). --rescore true: score what is there, no model.
-      --rescore true --llava_answers FILE scores a LLaVA answers file instead; LLaVA-1.5's POPE:
-      --pope_files llava_pope_test.jsonl --pope_labels coco_pope_random.json coco_pope_popular.json
-      coco_pope_adversarial.json (labels paired by order within each category, as LLaVA's eval_pope.py).
-  OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply"}, reused for the same key
+  OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer",
+      + what scoring needs, "source"}, appended batch by batch: a run that stops keeps its answers,
+      the next run generates only the missing ones (a stored line counts when its prompt and
+      source, i.e. checkpoint files and decoding settings, are the same). --rescore true: score
+      what is there, no model. --rescore true --llava_answers FILE scores a LLaVA answers file
+      instead; LLaVA-1.5's POPE: --pope_files llava_pope_test.jsonl --pope_labels
+      coco_pope_random.json coco_pope_popular.json coco_pope_adversarial.json (labels paired by
+      order within each category, as LLaVA's eval_pope.py).
+  OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply"}, reused for the
+                                 same key
   OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
 References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
-evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh, llava-rlhf/LLaVA-RLHF
-Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh, Eval/model_vqa.py and MMHal-Bench-eval/eval_gpt4.py,
-LisaAnne/Hallucination utils/chair.py, FuxiaoLiu/LRV-Instruction Evaluation/evaluate.py.
+evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh,
+llava-rlhf/LLaVA-RLHF Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh,
+Eval/model_vqa.py and MMHal-Bench-eval/eval_gpt4.py, LisaAnne/Hallucination utils/chair.py,
+FuxiaoLiu/LRV-Instruction Evaluation/evaluate.py.
 """
 import hashlib
 import http.client
@@ -42,73 +49,79 @@ import torch
 import common
 import oracle
 import shapes
-from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal, read_pope,
-                  read_text)
+from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
+                  read_pope, read_text)
 from checkpoint import resolve_checkpoint
 from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
-SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}  # Shapes: the whole test split (0), GAVIE 60
+# Shapes: the whole test split (0), GAVIE 60
+SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}
 POPE_SPLITS = ("random", "popular", "adversarial")
-MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
+MMHAL_TYPES = ("attribute", "adversarial", "comparison", "counting",
+               "relation", "environment", "holistic", "other")
 
 
 @dataclass
 class Config:
     """Evaluate checkpoints on POPE, CHAIR, MMHal-Bench and GAVIE (Shapes world by default)."""
-    ckpt: str = "ckpt/sft"                # checkpoint (or run directory: its newest checkpoint) to evaluate
-    compare: tuple = ()                   # several checkpoints on the same questions -> OUT/compare.md and .json
-    out: str = "runs/eval"                # one subfolder per checkpoint: answers, judge replies, scores.json
-    benchmarks: tuple = BENCHMARKS        # any of pope, chair, mmhal, gavie
-    world: str = "data/shapes"            # Shapes world used when no file is given (written on first use)
-    world_seed: int = 0                   # seed of a Shapes world written on first use
-    limit: int = 0                        # questions per benchmark and POPE split (0: all of a file; Shapes: all but GAVIE 60)
-    image_folder: str = ""                # images of the given files (default: beside each file; MMHal: its images/)
-    pope_files: tuple = ()                # POPE JSON-lines files; split from a 'category' field or the file name
-    pope_labels: tuple = ()               # labels for a file without them (llava_pope_test.jsonl): coco_pope_<split>.json
-    pope_suffix: str = ""                 # appended to POPE questions, '\n' = newline (LLaVA-1.5/-RLHF: '\nAnswer the question using a single word or phrase.')
-    chair_instances: str = ""             # COCO instances file (instances_val2014.json): CHAIR on its first --limit images
-    chair_synonyms: str = ""              # CHAIR synonyms.txt: a line per category, comma-separated, canonical name first
-    chair_captions: str = ""              # optional COCO captions file: objects its captions name count as present
-    chair_counting: str = "reference"     # CHAIR: 'reference' (chair.py: every mention) or 'ours' (once each)
+    ckpt: str = "ckpt/sft"  # checkpoint (or run directory: its newest checkpoint) to evaluate
+    compare: tuple = ()  # several checkpoints on the same questions -> OUT/compare.md and .json
+    out: str = "runs/eval"  # one subfolder per checkpoint: answers, judge replies, scores.json
+    benchmarks: tuple = BENCHMARKS  # any of pope, chair, mmhal, gavie
+    world: str = "data/shapes"  # Shapes world used when no file is given (written on first use)
+    world_seed: int = 0  # seed of a Shapes world written on first use
+    limit: int = 0  # questions per benchmark and POPE split (0: all; Shapes: all but GAVIE 60)
+    image_folder: str = ""  # images of the given files (default: beside each file; MMHal: images/)
+    pope_files: tuple = ()  # POPE JSON-lines files; split from a 'category' field or the file name
+    pope_labels: tuple = ()  # label files (coco_pope_<split>.json) for a file without labels
+    # LLaVA-1.5/-RLHF: --pope_suffix '\nAnswer the question using a single word or phrase.'
+    pope_suffix: str = ""  # appended to POPE questions; '\n': newline (LLaVA's: eval.py docstring)
+    chair_instances: str = ""  # COCO instances_val2014.json: CHAIR on its first --limit images
+    chair_synonyms: str = ""  # CHAIR synonyms.txt: a comma-separated line per category, name first
+    chair_captions: str = ""  # optional COCO captions: objects its captions name count as present
+    chair_counting: str = "reference"  # 'reference' (chair.py: every mention) or 'ours' (once each)
     chair_prompt: str = "Please describe this image in detail."  # CHAIR prompt for COCO images
-    mmhal_file: str = ""                  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
-    gavie_file: str = ""                  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test questions)
-    gavie_annotations: str = ""           # {image_id: [{"caption", "bbox": [x, y, w, h]}]} for --gavie_file
-    judge: str = "oracle"                 # MMHal/GAVIE judge: oracle (Shapes only), openai, local
-    judge_model: str = "gpt-4-0314"       # openai: model name (MMHal-Bench's default); local: a causal LM directory
+    mmhal_file: str = ""  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
+    gavie_file: str = ""  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test)
+    gavie_annotations: str = ""  # {image_id: [{"caption", "bbox": [x, y, w, h]}]} for --gavie_file
+    judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
+    judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder
     judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
-    judge_key: str = ""                   # API key (default: $OPENAI_API_KEY)
-    judge_retries: int = 5                # retries on 429, 5xx and connection errors
-    judge_backoff: float = 2.0            # seconds before the first retry, doubled each time
-    judge_timeout: float = 120.0          # seconds per HTTP request
-    judge_max_tokens: int = 512           # longest judge reply
-    judge_prompt: tuple = ()              # mmhal=FILE / gavie=FILE: official judge prompt, named placeholders
-    mmhal_rating: str = "reference"       # MMHal reply without one rating: 'reference' (scores 0) or 'ours' (left out)
-    rescore: bool = False                 # score the answers on disk; never load a model or generate
-    llava_answers: str = ""               # --rescore: score a LLaVA answers file {question_id, prompt, text}
-    batch_size: int = 128                 # questions per generation batch (real 7B models on one GPU: about 8-16)
-    max_new_tokens: int = 64              # longest description / MMHal / GAVIE answer (real models: 512; LLaVA-RLHF: 1024)
-    pope_max_new_tokens: int = 16         # longest POPE answer (only its first sentence counts)
-    temperature: float = 0.0              # 0: greedy
-    top_p: float = 1.0                    # nucleus sampling when temperature > 0
-    seed: int = 0                         # sampling seed
-    template: str = "vicuna_v1"           # conversation template: vicuna_v1 or llava_v1
-    max_len: int = 2048                   # longest prompt in tokens
-    vision_tower: str = ""                # local CLIP directory when the checkpoint lacks the CLIP weights
-    device: str = "cpu"                   # cpu or cuda
-    dtype: str = "fp32"                   # fp32, or bf16 (cuda)
+    judge_key: str = ""  # API key (default: $OPENAI_API_KEY)
+    judge_retries: int = 5  # retries on 429, 5xx and connection errors
+    judge_backoff: float = 2.0  # seconds before the first retry, doubled each time
+    judge_timeout: float = 120.0  # seconds per HTTP request
+    judge_max_tokens: int = 512  # longest judge reply
+    judge_prompt: tuple = ()  # mmhal=FILE / gavie=FILE: official judge prompt, named placeholders
+    mmhal_rating: str = "reference"  # no single rating: 'reference' scores 0, 'ours' leaves it out
+    rescore: bool = False  # score the answers on disk; never load a model or generate
+    llava_answers: str = ""  # --rescore: score a LLaVA answers file {question_id, prompt, text}
+    batch_size: int = 128  # questions per generation batch (real 7B models on one GPU: about 8-16)
+    max_new_tokens: int = 64  # longest description/MMHal/GAVIE answer (real 512; LLaVA-RLHF 1024)
+    pope_max_new_tokens: int = 16  # longest POPE answer (only its first sentence counts)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # sampling seed
+    template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
+    max_len: int = 2048  # longest prompt in tokens
+    vision_tower: str = ""  # local CLIP directory when the checkpoint lacks the CLIP weights
+    device: str = "cpu"  # cpu or cuda
+    dtype: str = "fp32"  # fp32, or bf16 (cuda)
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
-    RANGES = dict(benchmarks=BENCHMARKS, world_seed="[0, inf)", limit="[0, inf)", chair_counting=("reference", "ours"),
-                  judge=("oracle", "openai", "local"), judge_retries="[0, inf)", judge_backoff="[0, inf)",
-                  judge_timeout="(0, inf)", judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
+    RANGES = dict(benchmarks=BENCHMARKS, world_seed="[0, inf)", limit="[0, inf)",
+                  chair_counting=("reference", "ours"), judge=("oracle", "openai", "local"),
+                  judge_retries="[0, inf)", judge_backoff="[0, inf)", judge_timeout="(0, inf)",
+                  judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
-                  temperature="[0, inf)", top_p="(0, 1]", seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
-                  max_len="[1, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
+                  temperature="[0, inf)", top_p="(0, 1]", seed="[0, inf)",
+                  template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", device=("cpu", "cuda"),
+                  dtype=("fp32", "bf16"))
 
 
 class JudgeError(Exception):
-    """A judge that cannot be reached or loaded (one line, exit 2; answers and replies so far are kept)."""
+    """A judge that cannot be reached or loaded (one line, exit 2; answers and replies so far are
+    kept)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,16 +165,20 @@ def load_benchmarks(cfg):
     """All questions, read and checked (images exist) before any model is loaded."""
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
-    on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances, "mmhal": not cfg.mmhal_file,
-                 "gavie": not cfg.gavie_file}
-    if cfg.judge == "oracle" and any(not on_shapes[b] for b in ("mmhal", "gavie") if b in cfg.benchmarks):
-        raise common.ConfigError("--judge oracle knows only the Shapes world; pass --judge openai or --judge local")
+    on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances,
+                 "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file}
+    judged = [b for b in ("mmhal", "gavie") if b in cfg.benchmarks]
+    if cfg.judge == "oracle" and any(not on_shapes[b] for b in judged):
+        raise common.ConfigError("--judge oracle knows only the Shapes world; "
+                                 "pass --judge openai or --judge local")
     world = None
     if any(on_shapes[b] for b in cfg.benchmarks):
-        if not os.path.exists(os.path.join(cfg.world, "world.json")):  # an existing world is used as it is
+        # an existing world is used as it is
+        if not os.path.exists(os.path.join(cfg.world, "world.json")):
             shapes.ensure_world(cfg.world, seed=cfg.world_seed)
         world = (cfg.world, shapes.load_world(cfg.world)["by_file"])
-    make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions, "gavie": gavie_questions}
+    make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions,
+            "gavie": gavie_questions}
     out = {}
     for b in cfg.benchmarks:
         qs = make[b](cfg, world)
@@ -177,21 +194,23 @@ def _take(qs, cfg, bench, on_shapes):
     ids = [q["id"] for q in qs]
     if len(set(ids)) < len(ids):
         q = next(q for i, q in enumerate(qs) if q["id"] in ids[:i])
-        raise DataError(q["file"], q["id"], None, "duplicate question id (answers are stored by id)")
+        message = "duplicate question id (answers are stored by id)"
+        raise DataError(q["file"], q["id"], None, message)
     return qs
 
 
 def _shapes_question(r, path, world, **extra):
-    """A question from a Shapes test file (LLaVA layout), with the image's objects from the annotation."""
+    """A question from a Shapes test file (LLaVA layout), with the image's objects from the
+    annotation."""
     prompt = r["conversations"][0]["value"].replace(IMAGE, "").strip()
     return {"id": r["id"], "image": r["image"], "file": path, "prompt": prompt,
             "objects": world[1][os.path.relpath(r["image"], world[0])], **extra}
 
 
 def pope_questions(cfg, world):
-    """{split: questions}; the split comes from a 'category' field (LLaVA-1.5's llava_pope_test.jsonl)
-    or from the file name (coco_pope_adversarial.jsonl). A question file without labels takes them
-    from --pope_labels. --rescore needs no images."""
+    """{split: questions}; the split comes from a 'category' field (LLaVA-1.5's
+    llava_pope_test.jsonl) or from the file name (coco_pope_adversarial.jsonl). A question file
+    without labels takes them from --pope_labels. --rescore needs no images."""
     files = cfg.pope_files or [os.path.join(world[0], f"pope_{s}.jsonl") for s in POPE_SPLITS]
     splits = {}
     for path in files:
@@ -202,10 +221,12 @@ def pope_questions(cfg, world):
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=not cfg.rescore)
         else:
             recs = read_pope(path, folder, check_images=not cfg.rescore)
+        suffix = cfg.pope_suffix.replace("\\n", "\n")
         for r in recs:
-            splits.setdefault(str(r.get("category") or _split_of(path)), []).append(
-                {"id": str(r["question_id"]), "image": r["image"], "file": path, "label": r["label"],
-                 "prompt": r["text"] + cfg.pope_suffix.replace("\\n", "\n")})
+            split = str(r.get("category") or _split_of(path))
+            question = {"id": str(r["question_id"]), "image": r["image"], "file": path,
+                        "label": r["label"], "prompt": r["text"] + suffix}
+            splits.setdefault(split, []).append(question)
     return splits
 
 
@@ -215,10 +236,11 @@ def _split_of(path):
 
 
 def read_llava_pope_test(path, label_files, image_folder=None, check_images=True):
-    """LLaVA-1.5's llava_pope_test.jsonl ({"question_id", "image", "text", "category"}, no labels), each
-    question labelled from its category's file (coco_pope_<category>.json(l)): the k-th question of a
-    category takes the k-th label there, the pairing of LLaVA's eval_pope.py. Each label record must ask
-    the same thing (same image, its question a prefix of ours), else the files do not belong together."""
+    """LLaVA-1.5's llava_pope_test.jsonl ({"question_id", "image", "text", "category"}, no labels),
+    each question labelled from its category's file (coco_pope_<category>.json(l)): the k-th
+    question of a category takes the k-th label there, the pairing of LLaVA's eval_pope.py. Each
+    label record must ask the same thing (same image, its question a prefix of ours), else the files
+    do not belong together."""
     labels = {_split_of(f): (f, read_pope(f, check_images=False)) for f in label_files}
     recs = load_json(path)
     recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
@@ -233,28 +255,35 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
         for key in ("image", "text", "category"):
             if not isinstance(r.get(key), str) or not r[key].strip():
                 raise DataError(path, where, key, "missing or not a non-empty string")
-        if not isinstance(r.get("question_id"), (int, str)) or isinstance(r.get("question_id"), bool):
+        qid = r.get("question_id")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
             raise DataError(path, where, "question_id", "missing or not an integer or string")
         if r["category"] not in labels:
-            raise DataError(path, where, "category", f"'{r['category']}' has no label file in --pope_labels "
-                                                     f"(have: {', '.join(labels) or 'none'})")
+            message = (f"'{r['category']}' has no label file in --pope_labels "
+                       f"(have: {', '.join(labels) or 'none'})")
+            raise DataError(path, where, "category", message)
         file, recs_of = labels[r["category"]]
         k = seen[r["category"]] = seen.get(r["category"], -1) + 1
         if k >= len(recs_of):
-            raise DataError(path, where, "category", f"more '{r['category']}' questions than the {len(recs_of)} "
-                                                     f"labels in {file}")
+            message = (f"more '{r['category']}' questions than the {len(recs_of)} "
+                       f"labels in {file}")
+            raise DataError(path, where, "category", message)
         lab = recs_of[k]
-        if os.path.basename(lab["image"]) != os.path.basename(r["image"]) or not r["text"].startswith(lab["text"]):
-            raise DataError(path, where, "text", f"does not ask what record {k} of {file} asks "
-                                                 f"({lab['text']!r} about {os.path.basename(lab['image'])})")
+        same_image = os.path.basename(lab["image"]) == os.path.basename(r["image"])
+        if not same_image or not r["text"].startswith(lab["text"]):
+            message = (f"does not ask what record {k} of {file} asks "
+                       f"({lab['text']!r} about {os.path.basename(lab['image'])})")
+            raise DataError(path, where, "text", message)
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(folder, r["image"])
         if check_images and not os.path.isfile(image):
             raise DataError(path, where, "image", f"file not found: {image}")
         out.append(dict(r, image=image, label=lab["label"]))
     for cat, (file, recs_of) in labels.items():
         if seen.get(cat, -1) + 1 != len(recs_of):
-            raise DataError(file, message=f"{len(recs_of)} labels but {seen.get(cat, -1) + 1} '{cat}' questions "
-                                          f"in {path} (LLaVA's eval_pope.py pairs them by order)")
+            n_questions = seen.get(cat, -1) + 1
+            message = (f"{len(recs_of)} labels but {n_questions} '{cat}' questions "
+                       f"in {path} (LLaVA's eval_pope.py pairs them by order)")
+            raise DataError(file, message=message)
     return out
 
 
@@ -266,19 +295,28 @@ def chair_questions(cfg, world):
 
 
 def mmhal_questions(cfg, world):
-    """MMHal-Bench records; on Shapes the images are world/images/test and the objects are known."""
+    """MMHal-Bench records; on Shapes the images are world/images/test and the objects are
+    known."""
     path = cfg.mmhal_file or os.path.join(world[0], "mmhal.json")
-    recs = read_mmhal(path, (cfg.image_folder or None) if cfg.mmhal_file else os.path.join(world[0], "images", "test"))
-    return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"], "question_type": r["question_type"],
+    if cfg.mmhal_file:
+        folder = cfg.image_folder or None
+    else:
+        folder = os.path.join(world[0], "images", "test")
+    recs = read_mmhal(path, folder)
+    return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
+             "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
-             "objects": None if cfg.mmhal_file else world[1][r["image_src"]]} for i, r in enumerate(recs)]
+             "objects": None if cfg.mmhal_file else world[1][r["image_src"]]}
+            for i, r in enumerate(recs)]
 
 
 def gavie_questions(cfg, world):
-    """Shapes: an equal share of each held-out question type (test_<type>.json), boxes from the annotation."""
+    """Shapes: an equal share of each held-out question type (test_<type>.json), boxes from the
+    annotation."""
     if cfg.gavie_file:
         return lrv_gavie_questions(cfg)
-    per, qs = math.ceil((cfg.limit or SHAPES_LIMITS["gavie"]) / len(shapes.QUESTION_TYPES)), []
+    per = math.ceil((cfg.limit or SHAPES_LIMITS["gavie"]) / len(shapes.QUESTION_TYPES))
+    qs = []
     for qt in shapes.QUESTION_TYPES:
         path = os.path.join(world[0], f"test_{qt}.json")
         for r in read_any_conversations(path, world[0])[:per]:
@@ -296,15 +334,18 @@ def _image_file(folder, name, file, record, field):
 
 def coco_chair_questions(cfg):
     if not cfg.chair_synonyms or not cfg.image_folder:
-        raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder (the COCO images)")
+        raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder "
+                                 "(the COCO images)")
     syn = load_synonyms(cfg.chair_synonyms, cfg.chair_counting)
     path = cfg.chair_instances
     ann = load_json(path)
     if not isinstance(ann, dict):
-        raise DataError(path, message="not a COCO instances file (expected an object with images, annotations, categories)")
+        raise DataError(path, message="not a COCO instances file "
+                                      "(expected an object with images, annotations, categories)")
     objects = shapes.objects_from_coco(ann, path)  # {image_id: [{"name", "bbox", ...}]}
     for name in {o["name"] for objs in objects.values() for o in objs}:
-        syn.setdefault(name.lower(), name.lower())  # a category the synonym file lacks stands for itself
+        # a category the synonym file lacks stands for itself
+        syn.setdefault(name.lower(), name.lower())
     n = cfg.limit or len(ann["images"])
     imgs = ann["images"][:n]
     present = {img["id"]: {syn[o["name"].lower()] for o in objects[img["id"]]} for img in imgs}
@@ -312,30 +353,36 @@ def coco_chair_questions(cfg):
         caps = load_json(cfg.chair_captions)
         for c in caps.get("annotations", []) if isinstance(caps, dict) else []:
             if c.get("image_id") in present:
-                present[c["image_id"]].update(coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting))
-    return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt, "objects": present[img["id"]], "syn": syn,
+                named = coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting)
+                present[c["image_id"]].update(named)
+    return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt,
+             "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
             for i, img in enumerate(imgs)]
 
 
 def lrv_gavie_questions(cfg):
-    path, folder = cfg.gavie_file, cfg.image_folder or os.path.dirname(os.path.abspath(cfg.gavie_file))
+    path = cfg.gavie_file
+    folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.gavie_file))
     items = load_json(path)
     boxes = load_json(cfg.gavie_annotations) if cfg.gavie_annotations else None
     if not isinstance(items, list) or not isinstance(boxes, dict):
-        raise DataError(path, message="expected a list of {image_id, question}, and --gavie_annotations "
-                                      "{image_id: [{caption, bbox}]}")
+        raise DataError(path, message="expected a list of {image_id, question}, "
+                                      "and --gavie_annotations {image_id: [{caption, bbox}]}")
     qs = []
     for i, r in enumerate(items):
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or r.get("image_id") is None:
+        has_question = isinstance(r, dict) and isinstance(r.get("question"), str)
+        if not has_question or r.get("image_id") is None:
             raise DataError(path, i, "question", "expected {\"image_id\", \"question\"}")
         iid = str(r["image_id"])
         if not isinstance(boxes.get(iid), list):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
         name = iid if os.path.splitext(iid)[1] else iid + ".jpg"  # Visual Genome <image_id>.jpg
-        qs.append({"id": str(i), "file": path, "prompt": r["question"], "gt": None, "qtype": None, "objects": None,
-                   "image": _image_file(folder, name, path, i, "image_id"),
-                   "boxes": [(b.get("caption") or b.get("name") or "object", b.get("bbox", [])) for b in boxes[iid]]})
+        image_boxes = [(b.get("caption") or b.get("name") or "object", b.get("bbox", []))
+                       for b in boxes[iid]]
+        qs.append({"id": str(i), "file": path, "prompt": r["question"], "gt": None, "qtype": None,
+                   "objects": None, "image": _image_file(folder, name, path, i, "image_id"),
+                   "boxes": image_boxes})
     return qs
 
 
@@ -344,72 +391,95 @@ def lrv_gavie_questions(cfg):
 # ----------------------------------------------------------------------------------------
 
 class Answerer:
-    """One checkpoint's answers: reused from its answers files when there, else generated and appended."""
+    """One checkpoint's answers: reused from its answers files when there, else generated and
+    appended."""
 
     def __init__(self, cfg, ckpt, name):
-        self.cfg, self.ckpt, self.name, self.model, self.memo, self.last = cfg, ckpt, name, None, {}, (None, None)
+        self.cfg = cfg
+        self.ckpt = ckpt
+        self.name = name
+        self.model = None
+        self.memo = {}
+        self.last = (None, None)
         self.source = None if cfg.rescore else source(cfg, ckpt)
 
     def _load(self):
         if self.model is None:
             cfg = self.cfg
             dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
-            self.model, self.tok = common.load_model_and_tokenizer(self.ckpt, vision_tower=cfg.vision_tower,
-                                                                   device=cfg.device, dtype=dtype)
-            self.images = ImageCache(self.model.config.image_size, 20000 if self.model.config.image_size <= 64 else 0)
+            self.model, self.tok = common.load_model_and_tokenizer(
+                self.ckpt, vision_tower=cfg.vision_tower, device=cfg.device, dtype=dtype)
+            image_size = self.model.config.image_size
+            self.images = ImageCache(image_size, 20000 if image_size <= 64 else 0)
             self.gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
 
     def _item(self, q):
         turns = [{"from": "human", "value": IMAGE + "\n" + q["prompt"]}]
         if self.last[0] != q["image"]:  # POPE asks about one image several times in a row
             self.last = (q["image"], self.images.unit(q["image"], q["file"], q["id"]))
-        item = common.prompt_item(self.tok, self.model, turns, self.last[1], self.cfg.template, self.cfg.max_len)
+        item = common.prompt_item(self.tok, self.model, turns, self.last[1], self.cfg.template,
+                                  self.cfg.max_len)
         if item is None:
-            raise DataError(q["file"], q["id"], None, f"the prompt does not fit --max_len {self.cfg.max_len}")
+            message = f"the prompt does not fit --max_len {self.cfg.max_len}"
+            raise DataError(q["file"], q["id"], None, message)
         return item
 
     def _generate(self, qs, max_new_tokens):
         cfg = self.cfg
         if cfg.temperature > 0:
-            return common.generate_answers(self.model, self.tok, [self._item(q) for q in qs], len(qs), max_new_tokens,
+            items = [self._item(q) for q in qs]
+            return common.generate_answers(self.model, self.tok, items, len(qs), max_new_tokens,
                                            cfg.temperature, cfg.top_p, self.gen, show=False)
-        keys = [(q["image"], q["prompt"], max_new_tokens) for q in qs]  # greedy: same prompt, same answer (POPE
-        new = {k: q for k, q in zip(keys, qs) if k not in self.memo}    # splits share their 'yes' questions)
-        texts = common.generate_answers(self.model, self.tok, [self._item(q) for q in new.values()], len(new),
-                                        max_new_tokens, show=False) if new else []
+        # greedy: same prompt, same answer (POPE splits share their 'yes' questions)
+        keys = [(q["image"], q["prompt"], max_new_tokens) for q in qs]
+        new = {k: q for k, q in zip(keys, qs) if k not in self.memo}
+        texts = []
+        if new:
+            items = [self._item(q) for q in new.values()]
+            texts = common.generate_answers(self.model, self.tok, items, len(new), max_new_tokens,
+                                            show=False)
         self.memo.update(zip(new, texts))
         return [self.memo[k] for k in keys]
 
     def answers(self, bench, qs, path, max_new_tokens, keep=()):
-        """{id: line} for the questions answered: a stored line with the same prompt and source (the same
-        checkpoint files and decoding; --rescore: any), else a new one."""
-        cfg, src = self.cfg, self.source and f"{self.source} max_new_tokens={max_new_tokens}"
+        """{id: line} for the questions answered: a stored line with the same prompt and source (the
+        same checkpoint files and decoding; --rescore: any), else a new one."""
+        cfg = self.cfg
+        src = self.source and f"{self.source} max_new_tokens={max_new_tokens}"
         if cfg.rescore and cfg.llava_answers:
             return self.llava_answers(qs)
-        stored = {(str(r.get("id")), r.get("prompt")): r for r in read_jsonl(path) if src is None or r.get("source") == src}
-        done = {q["id"]: stored[q["id"], q["prompt"]] for q in qs if (q["id"], q["prompt"]) in stored}
+        stored = {(str(r.get("id")), r.get("prompt")): r
+                  for r in read_jsonl(path) if src is None or r.get("source") == src}
+        done = {q["id"]: stored[q["id"], q["prompt"]]
+                for q in qs if (q["id"], q["prompt"]) in stored}
         todo = [q for q in qs if q["id"] not in done]
-        print(f"{self.name} {bench}: reused {len(done)} answers, {'missing' if cfg.rescore else 'generating'} {len(todo)}",
-              flush=True)
-        if cfg.rescore and qs and not done:  # (scores of nothing would read as a model that is always wrong)
-            raise DataError(path, message=f"--rescore: none of the {len(qs)} {bench} questions has an answer "
-                                          "here; answer them first (run without --rescore)")
+        doing = "missing" if cfg.rescore else "generating"
+        print(f"{self.name} {bench}: reused {len(done)} answers, {doing} {len(todo)}", flush=True)
+        # (scores of nothing would read as a model that is always wrong)
+        if cfg.rescore and qs and not done:
+            raise DataError(path, message=f"--rescore: none of the {len(qs)} {bench} questions "
+                                          "has an answer here; answer them first "
+                                          "(run without --rescore)")
         if not todo or cfg.rescore:
             return done
         self._load()
         with open(path, "a", encoding="utf-8") as f:
-            for s in common.progress(range(0, len(todo), cfg.batch_size), desc=f"{self.name} {bench}"):
+            starts = range(0, len(todo), cfg.batch_size)
+            for s in common.progress(starts, desc=f"{self.name} {bench}"):
                 chunk = todo[s:s + cfg.batch_size]
                 for q, answer in zip(chunk, self._generate(chunk, max_new_tokens)):
-                    line = {"id": q["id"], "prompt": q["prompt"], "answer": answer, **{x: q[x] for x in keep}, "source": src}
+                    kept = {x: q[x] for x in keep}
+                    line = {"id": q["id"], "prompt": q["prompt"], "answer": answer, **kept,
+                            "source": src}
                     f.write(json.dumps(line) + "\n")
                     done[q["id"]] = line
                 f.flush()  # each batch is on disk before the next starts
         return done
 
     def llava_answers(self, qs):
-        """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt", "text"}),
-        matched by question_id; its prompt must be the question's (else it answers other questions)."""
+        """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
+        "text"}), matched by question_id; its prompt must be the question's (else it answers other
+        questions)."""
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
@@ -418,29 +488,35 @@ class Answerer:
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
             self.memo["llava"] = {}
             for i, r in enumerate(recs):
-                if not isinstance(r, dict) or not isinstance(r.get("text"), str) or "question_id" not in r:
-                    raise DataError(path, i, "text", "expected {\"question_id\", \"prompt\", \"text\"}")
+                has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
+                if not has_text or "question_id" not in r:
+                    message = "expected {\"question_id\", \"prompt\", \"text\"}"
+                    raise DataError(path, i, "text", message)
                 self.memo["llava"][str(r["question_id"])] = (i, r)
         done = {}
         for q in qs:
             if q["id"] in self.memo["llava"]:
                 i, r = self.memo["llava"][q["id"]]
                 if r.get("prompt") is not None and r["prompt"].strip() != q["prompt"].strip():
-                    raise DataError(path, f"{i} (id {q['id']!r})", "prompt", f"is not the question in {q['file']} "
-                                                                           f"({q['prompt'][:60]!r})")
+                    message = f"is not the question in {q['file']} ({q['prompt'][:60]!r})"
+                    raise DataError(path, f"{i} (id {q['id']!r})", "prompt", message)
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
         if qs and not done:
-            raise DataError(path, message=f"no answer matches one of the {len(qs)} questions (by question_id)")
+            message = f"no answer matches one of the {len(qs)} questions (by question_id)"
+            raise DataError(path, message=message)
         return done
 
 
 def source(cfg, ckpt):
-    """What an answer depends on besides its prompt: the checkpoint's files (path and newest mtime) and
-    the decoding settings. Answers from another source are kept in the file but not reused."""
+    """What an answer depends on besides its prompt: the checkpoint's files (path and newest mtime)
+    and the decoding settings. Answers from another source are kept in the file but not reused."""
     path = os.path.abspath(resolve_checkpoint(ckpt))
     stamp = max((os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)), default=0)
-    decoding = "greedy" if cfg.temperature == 0 else f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}"
+    if cfg.temperature == 0:
+        decoding = "greedy"
+    else:
+        decoding = f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}"
     return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {decoding}"
 
 
@@ -448,17 +524,18 @@ def source(cfg, ckpt):
 # POPE
 # ----------------------------------------------------------------------------------------
 
-# POPE (Li et al. 2023, arXiv 2305.10355): yes/no questions about objects, 50% present; the negatives
-# are drawn at random, among the most frequent objects (popular) or among the objects that co-occur most
-# with the present ones (adversarial). Prompt: "<image>\n" + question + --pope_suffix. LLaVA-1.5
-# (llava_pope_test.jsonl questions) and LLaVA-RLHF (Eval/eval_scripts/eval_pope.sh, --test-prompt) both
-# append "\nAnswer the question using a single word or phrase."; the Shapes model was trained without
-# it, so the default is empty.
+# POPE (Li et al. 2023, arXiv 2305.10355): yes/no questions about objects, 50% present; the
+# negatives are drawn at random, among the most frequent objects (popular) or among the objects that
+# co-occur most with the present ones (adversarial). Prompt: "<image>\n" + question + --pope_suffix.
+# LLaVA-1.5 (llava_pope_test.jsonl questions) and LLaVA-RLHF (Eval/eval_scripts/eval_pope.sh,
+# --test-prompt) both append "\nAnswer the question using a single word or phrase."; the Shapes
+# model was trained without it, so the default is empty.
 
 def pope_yes_no(text):
     """The reference parser (RUCAIBox/POPE evaluate.py = LLaVA eval_pope.py = LLaVA-RLHF
-    summarize_eval_pope.py): keep the text before the first '.', delete ',', split at ' '; 'no' if a word
-    is exactly 'No', 'not' or 'no', else 'yes'. So 'Not really', 'NO' and 'No!' are 'yes', as there."""
+    summarize_eval_pope.py): keep the text before the first '.', delete ',', split at ' '; 'no' if a
+    word is exactly 'No', 'not' or 'no', else 'yes'. So 'Not really', 'NO' and 'No!' are 'yes', as
+    there."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if "No" in words or "not" in words or "no" in words else "yes"
 
@@ -480,77 +557,89 @@ def pope_metrics(preds, labels):
 
 # ----------------------------------------------------------------------------------------
 # CHAIR (Rohrbach et al. 2018, LisaAnne/Hallucination utils/chair.py) over descriptions.
-# --chair_counting reference (default; what published CHAIR numbers used): chair.py's procedure. Every
-# mention counts, repeated or negated ("a dog chases a dog" is 2 mentions, "no dog" is 1). COCO: the
-# caption lower-cased, tokenized (nltk.word_tokenize there; words, digits and hyphenated words here),
-# each token singularized with pattern.en's rules (so 'glasses' -> 'glas', and 'bus' -> 'bu', which is
-# then no object word: as in chair.py), its fixed two-word list merged ('hot dog', 'baby bird' -> bird,
-# 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and every remaining word that
-# is a synonyms.txt entry mapped to its category. synonyms.txt is read as chair.py reads it: each line
-# stripped and split at ", " (an entry written with a leading space, as ' motor bike', never matches).
-# Shapes: every shape noun the oracle reads (oracle.oracle mentions; it skips questions).
-# --chair_counting ours: a category once per description, 'no circle' is not a mention on Shapes, and
-# plurals singularised only to known object words ('bus' stays a bus); kept because it does not reward
-# or punish repetition and negation, but it is not the metric the papers report.
-# Present objects = the instance categories (+ objects named by --chair_captions, as chair.py adds).
+# --chair_counting reference (default; what published CHAIR numbers used): chair.py's procedure.
+# Every mention counts, repeated or negated ("a dog chases a dog" is 2 mentions, "no dog" is 1).
+# COCO: the caption lower-cased, tokenized (nltk.word_tokenize there; words, digits and hyphenated
+# words here), each token singularized with pattern.en's rules (so 'glasses' -> 'glas', and 'bus'
+# -> 'bu', which is then no object word: as in chair.py), its fixed two-word list merged ('hot dog',
+# 'baby bird' -> bird, 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and
+# every remaining word that is a synonyms.txt entry mapped to its category. synonyms.txt is read as
+# chair.py reads it: each line stripped and split at ", " (an entry written with a leading space, as
+# ' motor bike', never matches). Shapes: every shape noun the oracle reads (oracle.oracle mentions;
+# it skips questions).
+# --chair_counting ours: a category once per description, 'no circle' is not a mention on Shapes,
+# and plurals singularised only to known object words ('bus' stays a bus); kept because it does not
+# reward or punish repetition and negation, but it is not the metric the papers report.
+# Present objects = the instance categories (+ objects named by --chair_captions, as chair.py
+# adds).
 # ----------------------------------------------------------------------------------------
 
-IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-             "geese": "goose", "feet": "foot", "teeth": "tooth", "knives": "knife", "leaves": "leaf", "shelves": "shelf"}
-QUALIFIERS = {"baby", "adult", "passenger"}  # 'baby elephant' is an elephant, not a person (as CHAIR's rules)
+IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child",
+             "mice": "mouse", "geese": "goose", "feet": "foot", "teeth": "tooth", "knives": "knife",
+             "leaves": "leaf", "shelves": "shelf"}
+# 'baby elephant' is an elephant, not a person (as CHAIR's rules)
+QUALIFIERS = {"baby", "adult", "passenger"}
 PAIR_TO_WORD = {"toilet seat": "toilet", "bow tie": "tie"}
 
 # chair.py's two-word rules: {pair: the word it is read as}
 CHAIR_DOUBLE_WORDS = {w: w for w in (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
-    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
-    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
-    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track")}
-for _w in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub"):
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
+    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
+    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
+    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
+    "stove top oven", "home plate", "train track")}
+for _w in ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
+           "animal", "cub"):
     CHAIR_DOUBLE_WORDS.update({f"baby {_w}": _w, f"adult {_w}": _w})
 CHAIR_DOUBLE_WORDS.update({"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
                            "toilet seat": "toilet", "wine glas": "wine glass"})
 
-# pattern.en singularize (the version chair.py imports), the parts that English captions reach: a word
-# that ends a listed uninflected/uncountable word stays; '-ies' words of the ie list lose the 's';
-# irregular endings; then the first matching suffix rule.
+# pattern.en singularize (the version chair.py imports), the parts that English captions reach: a
+# word that ends a listed uninflected/uncountable word stays; '-ies' words of the ie list lose the
+# 's'; irregular endings; then the first matching suffix rule.
 _UNCHANGED = (
-    "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn high-jinks "
-    "proceedings whiting britches eland homework rabies wildebeest carp elk innings salmon chassis flounder "
-    "jackanapes scissors christmas gallows mackerel series clippers georgia measles shears cod graffiti mews "
-    "species contretemps mumps swine corps news swiss advice equipment happiness luggage software bread fruit "
-    "information mathematics progress understanding butter furniture ketchup mayonnaise research water cheese "
-    "garbage knowledge meat rice electricity gravel love mustard sand").split()
-_IE = ("alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie indie "
-       "oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie laddie pixie techie bombie "
-       "groupie laramie quickie ^tie collie hankie lingerie reverie toughie cookie hippie meanie rookie "
-       "valkyrie").split()  # '^pie' and '^tie' are literal strings there: 'ties' -> 'ty'
+    "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn "
+    "high-jinks proceedings whiting britches eland homework rabies wildebeest carp elk innings "
+    "salmon chassis flounder jackanapes scissors christmas gallows mackerel series clippers "
+    "georgia measles shears cod graffiti mews species contretemps mumps swine corps news swiss "
+    "advice equipment happiness luggage software bread fruit information mathematics progress "
+    "understanding butter furniture ketchup mayonnaise research water cheese garbage knowledge "
+    "meat rice electricity gravel love mustard sand").split()
+# '^pie' and '^tie' are literal strings there: 'ties' -> 'ty'
+_IE = (
+    "alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie "
+    "eyrie indie oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie "
+    "laddie pixie techie bombie groupie laramie quickie ^tie collie hankie lingerie reverie "
+    "toughie cookie hippie meanie rookie valkyrie").split()
 _IRREGULAR_END = {
     "atlantes": "atlas", "atlases": "atlas", "axes": "axe", "beeves": "beef", "brethren": "brother",
-    "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris", "feet": "foot",
-    "ganglia": "ganglion", "geese": "goose", "genera": "genus", "genii": "genie", "graffiti": "graffito",
-    "helves": "helve", "kine": "cow", "leaves": "leaf", "loaves": "loaf", "men": "man", "mongooses": "mongoose",
-    "monies": "money", "moves": "move", "mythoi": "mythos", "numena": "numen", "occipita": "occiput",
-    "octopodes": "octopus", "opera": "opus", "opuses": "opus", "our": "my", "oxen": "ox", "penes": "penis",
-    "penises": "penis", "people": "person", "sexes": "sex", "soliloquies": "soliloquy", "teeth": "tooth",
+    "children": "child", "corpora": "corpus", "corpuses": "corpus", "ephemerides": "ephemeris",
+    "feet": "foot", "ganglia": "ganglion", "geese": "goose", "genera": "genus", "genii": "genie",
+    "graffiti": "graffito", "helves": "helve", "kine": "cow", "leaves": "leaf", "loaves": "loaf",
+    "men": "man", "mongooses": "mongoose", "monies": "money", "moves": "move", "mythoi": "mythos",
+    "numena": "numen", "occipita": "occiput", "octopodes": "octopus", "opera": "opus",
+    "opuses": "opus", "our": "my", "oxen": "ox", "penes": "penis", "penises": "penis",
+    "people": "person", "sexes": "sex", "soliloquies": "soliloquy", "teeth": "tooth",
     "testes": "testis", "trilbys": "trilby", "turves": "turf", "zoa": "zoon"}
 _SUFFIX_RULES = [(re.compile(a), b) for a, b in (
     (r"(.)ae$", r"\1a"), (r"(.)itis$", r"\1itis"), (r"(.)eaux$", r"\1eau"), (r"(quiz)zes$", r"\1"),
-    (r"(matr)ices$", r"\1ix"), (r"(ap|vert|ind)ices$", r"\1ex"), (r"^(ox)en", r"\1"), (r"(alias|status)es$", r"\1"),
-    (r"([octop|vir])i$", r"\1us"), (r"(cris|ax|test)es$", r"\1is"), (r"(shoe)s$", r"\1"), (r"(o)es$", r"\1"),
-    (r"(bus)es$", r"\1"), (r"([m|l])ice$", r"\1ouse"), (r"(x|ch|ss|sh)es$", r"\1"), (r"(m)ovies$", r"\1ovie"),
-    (r"(.)ombies$", r"\1ombie"), (r"(s)eries$", r"\1eries"), (r"([^aeiouy]|qu)ies$", r"\1y"),
-    (r"([aeo]l)ves$", r"\1f"), (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"),
-    (r"([nlw]i)ves$", r"\1fe"), (r"([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"), (r"(sive)s$", r"\1"),
-    (r"(tive)s$", r"\1"), (r"(hive)s$", r"\1"), (r"([^f])ves$", r"\1fe"), (r"(^analy)ses$", r"\1sis"),
-    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1sis"), (r"(.)opses$", r"\1opsis"),
-    (r"(.)yses$", r"\1ysis"), (r"(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
-    (r"(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"), (r"(.)oses$", r"\1osis"),
-    (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""))]
+    (r"(matr)ices$", r"\1ix"), (r"(ap|vert|ind)ices$", r"\1ex"), (r"^(ox)en", r"\1"),
+    (r"(alias|status)es$", r"\1"), (r"([octop|vir])i$", r"\1us"), (r"(cris|ax|test)es$", r"\1is"),
+    (r"(shoe)s$", r"\1"), (r"(o)es$", r"\1"), (r"(bus)es$", r"\1"), (r"([m|l])ice$", r"\1ouse"),
+    (r"(x|ch|ss|sh)es$", r"\1"), (r"(m)ovies$", r"\1ovie"), (r"(.)ombies$", r"\1ombie"),
+    (r"(s)eries$", r"\1eries"), (r"([^aeiouy]|qu)ies$", r"\1y"), (r"([aeo]l)ves$", r"\1f"),
+    (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"), (r"([nlw]i)ves$", r"\1fe"),
+    (r"([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"), (r"(sive)s$", r"\1"), (r"(tive)s$", r"\1"),
+    (r"(hive)s$", r"\1"), (r"([^f])ves$", r"\1fe"), (r"(^analy)ses$", r"\1sis"),
+    (r"((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1sis"),
+    (r"(.)opses$", r"\1opsis"), (r"(.)yses$", r"\1ysis"), (r"(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
+    (r"(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"),
+    (r"(.)oses$", r"\1osis"), (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""))]
 
 
 def singularize_like_pattern(word):
-    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glasses' -> 'glas', 'bus' -> 'bu')."""
+    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glasses' -> 'glas',
+    'bus' -> 'bu')."""
     if any(x.endswith(word) for x in _UNCHANGED):
         return word
     if any(word.endswith(x + "s") for x in _IE):
@@ -561,7 +650,8 @@ def singularize_like_pattern(word):
     for rule, repl in _SUFFIX_RULES:
         m = rule.search(word)
         if m:
-            for k, group in enumerate(m.groups(), 1):  # an optional group that did not take part reads as ''
+            # an optional group that did not take part reads as ''
+            for k, group in enumerate(m.groups(), 1):
                 repl = repl.replace(f"\\{k}", "") if group is None else repl
             return rule.sub(repl, word)
     return word
@@ -569,7 +659,8 @@ def singularize_like_pattern(word):
 
 def load_synonyms(path, counting="reference"):
     """CHAIR synonyms.txt -> {word or phrase: canonical category} (later lines win, as in chair.py).
-    reference: entries exactly as chair.py splits them (", "); ours: split at commas, spaces normalised."""
+    reference: entries exactly as chair.py splits them (", "); ours: split at commas, spaces
+    normalised."""
     if not os.path.isfile(path):
         raise DataError(path, message="file not found")
     syn = {}
@@ -580,7 +671,8 @@ def load_synonyms(path, counting="reference"):
             words = [" ".join(w.lower().split()) for w in line.split(",") if w.strip()]
         syn.update({w: words[0] for w in words} if words else {})
     if not syn:
-        raise DataError(path, message="no synonyms (expected lines 'category, synonym, synonym, ...')")
+        message = "no synonyms (expected lines 'category, synonym, synonym, ...')"
+        raise DataError(path, message=message)
     return syn
 
 
@@ -600,7 +692,8 @@ def coco_objects(text, syn, counting="reference"):
     """The canonical COCO objects a caption names, in order: every mention (reference, chair.py's
     caption_to_words) or each category once (ours)."""
     if counting == "reference":
-        words = [singularize_like_pattern(w) for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())]
+        tokens = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())
+        words = [singularize_like_pattern(w) for w in tokens]
         merged, i = [], 0
         while i < len(words):
             pair = " ".join(words[i:i + 2])
@@ -618,7 +711,8 @@ def coco_objects(text, syn, counting="reference"):
             found.append(syn[pair] if pair in syn else syn[PAIR_TO_WORD[pair]])
             i += 2
             continue
-        if toks[i] in syn and not (toks[i] in QUALIFIERS and i + 1 < len(toks) and toks[i + 1] in syn):
+        qualifies_next = toks[i] in QUALIFIERS and i + 1 < len(toks) and toks[i + 1] in syn
+        if toks[i] in syn and not qualifies_next:
             found.append(syn[toks[i]])
         i += 1
     return list(dict.fromkeys(found))
@@ -647,14 +741,19 @@ def chair_metrics(counts, n_words):
 
 
 # ----------------------------------------------------------------------------------------
-# MMHal-Bench (LLaVA-RLHF, arXiv 2309.14525, MMHal-Bench-eval/eval_gpt4.py): 96 questions of 8 types; a
-# judge reads the image contents, the question, the standard answer and the response, explains, then
-# rates 0-6. GAVIE (LRV-Instruction, arXiv 2306.14565, Evaluation/evaluate.py): a judge reads the object
-# annotations (boxes), the instruction and the answer and scores relevancy and accuracy 0-10. The
-# templates below follow their structure in our own words.
+# MMHal-Bench (LLaVA-RLHF, arXiv 2309.14525, MMHal-Bench-eval/eval_gpt4.py): 96 questions of 8
+# types; a judge reads the image contents, the question, the standard answer and the response,
+# explains, then rates 0-6. GAVIE (LRV-Instruction, arXiv 2306.14565, Evaluation/evaluate.py): a
+# judge reads the object annotations (boxes), the instruction and the answer and scores relevancy
+# and accuracy 0-10. The templates below follow their structure in our own words.
 # ----------------------------------------------------------------------------------------
 
-MMHAL_PROMPT = """You are an impartial and objective judge. Evaluate the response that a Large Multimodal Model (LMM) gave to a user's question about an image. Base your evaluation on two things: how informative the response is, and whether it contains hallucination. Here, hallucination means that the response states something that is neither present in nor implied by the image or the conversation: a false claim about an object, its attributes, number or position, an action, an emotion, or any other detail the image does not support.
+MMHAL_PROMPT = """You are an impartial and objective judge. Evaluate the response that a Large \
+Multimodal Model (LMM) gave to a user's question about an image. Base your evaluation on two \
+things: how informative the response is, and whether it contains hallucination. Here, \
+hallucination means that the response states something that is neither present in nor implied by \
+the image or the conversation: a false claim about an object, its attributes, number or position, \
+an action, an emotion, or any other detail the image does not support.
 
 Some examples:
 
@@ -670,19 +769,27 @@ Some examples:
 - Image Contents: Bicycle, Person, Street
 - Question: What is the person doing?
 - Standard Human-Generated Answer: A man is riding a bicycle down a city street.
-- LMM Response to Evaluate: The person is cycling along a street, perhaps commuting; cycling is a healthy way to get around a city.
-- Analysis: Every claim about the image is supported; the extra reasoning is general and invents nothing about the image.
+- LMM Response to Evaluate: The person is cycling along a street, perhaps commuting; cycling is a \
+healthy way to get around a city.
+- Analysis: Every claim about the image is supported; the extra reasoning is general and invents \
+nothing about the image.
 - Hallucination: No.
 
 ### Example 3:
 - Image Contents: Building, Sign, Person
 - Question: In which city was this photo taken?
-- Standard Human-Generated Answer: The sign reads "Welcome to Boston", so the photo was taken in Boston.
+- Standard Human-Generated Answer: The sign reads "Welcome to Boston", so the photo was taken in \
+Boston.
 - LMM Response to Evaluate: It is a city street with a sign, but I cannot tell which city it is.
-- Analysis: The response does not fully answer the question, but it makes no false claim. Expressing uncertainty, or leaving out details that the standard answer has, is not hallucination.
+- Analysis: The response does not fully answer the question, but it makes no false claim. \
+Expressing uncertainty, or leaving out details that the standard answer has, is not hallucination.
 - Hallucination: No.
 
-With these examples in mind, evaluate whether the response below is informative and whether it contains hallucination, by comparing it with the image contents, the question and the standard human-generated answer. The standard answer is factual but may be brief and may not mention every object or attribute in the image, so be careful before calling a claim false. Detailed analysis or reasoning in the response is a good thing as long as it makes no false claim.
+With these examples in mind, evaluate whether the response below is informative and whether it \
+contains hallucination, by comparing it with the image contents, the question and the standard \
+human-generated answer. The standard answer is factual but may be brief and may not mention every \
+object or attribute in the image, so be careful before calling a claim false. Detailed analysis or \
+reasoning in the response is a good thing as long as it makes no false claim.
 
 First give a short explanation. Then rate the response by choosing exactly one of these options:
 - Rating: 6, very informative with good analysis or reasoning, no hallucination
@@ -706,7 +813,9 @@ First give a short explanation. Then rate the response by choosing exactly one o
 {answer}
 """
 
-GAVIE_PROMPT = """You are a careful teacher. You cannot see the image, but you are given its annotations: each line is an object with its bounding box, the top-left corner (X, Y) and the size (Width, Height) in pixels. Strongly overlapping boxes may be the same object.
+GAVIE_PROMPT = """You are a careful teacher. You cannot see the image, but you are given its \
+annotations: each line is an object with its bounding box, the top-left corner (X, Y) and the size \
+(Width, Height) in pixels. Strongly overlapping boxes may be the same object.
 
 Objects in the image:
 {boxes}
@@ -719,7 +828,8 @@ Answer to grade:
 
 Score the answer from 0 to 10 on two criteria:
 1. Relevancy: does the answer directly follow the instruction?
-2. Accuracy: is the answer correct about the image content (no objects, attributes, numbers or positions that the annotations contradict)?
+2. Accuracy: is the answer correct about the image content (no objects, attributes, numbers or \
+positions that the annotations contradict)?
 
 Reply in exactly this format:
 Relevancy: <score 0-10>
@@ -729,7 +839,8 @@ Reason: <one or two sentences>
 
 
 def mmhal_prompt(q, answer):
-    return MMHAL_PROMPT.format(contents=", ".join(q["image_content"]), question=q["prompt"], gt=q["gt"], answer=answer)
+    contents = ", ".join(q["image_content"])
+    return MMHAL_PROMPT.format(contents=contents, question=q["prompt"], gt=q["gt"], answer=answer)
 
 
 def gavie_prompt(q, answer):
@@ -737,18 +848,22 @@ def gavie_prompt(q, answer):
 
 
 def gavie_boxes(q):
-    return "\n".join(f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
-                     for name, b in q["boxes"])  # (LRV's script writes Width again as Height; we write the height)
+    # (LRV's script writes Width again as Height; we write the height)
+    lines = [f"{name} X:{b[0]} Y:{b[1]} Width:{b[2]} Height:{b[3]}" if len(b) == 4 else name
+             for name, b in q["boxes"]]
+    return "\n".join(lines)
 
 
-# --judge_prompt: a user's copy of the official prompt (MMHal-Bench's eval_gpt_mmhal.py `template`, LRV's
-# Evaluation/evaluate.py lines) with named placeholders; only these are filled, every other brace stays.
-PLACEHOLDERS = {"mmhal": ("image_content", "question", "gt_answer", "answer"), "gavie": ("boxes", "question", "answer")}
+# --judge_prompt: a user's copy of the official prompt (MMHal-Bench's eval_gpt_mmhal.py `template`,
+# LRV's Evaluation/evaluate.py lines) with named placeholders; only these are filled, every other
+# brace stays.
+PLACEHOLDERS = {"mmhal": ("image_content", "question", "gt_answer", "answer"),
+                "gavie": ("boxes", "question", "answer")}
 
 
 def load_judge_prompts(entries):
-    """{'mmhal' | 'gavie': template text} from --judge_prompt BENCH=FILE entries; each template must hold
-    {question} and {answer} and no placeholder of the other benchmark."""
+    """{'mmhal' | 'gavie': template text} from --judge_prompt BENCH=FILE entries; each template must
+    hold {question} and {answer} and no placeholder of the other benchmark."""
     out = {}
     for entry in entries:
         bench, sep, path = str(entry).partition("=")
@@ -757,27 +872,31 @@ def load_judge_prompts(entries):
         if not os.path.isfile(path):
             raise DataError(path, message="file not found (--judge_prompt)")
         text = read_text(path)
-        used = set(re.findall(r"\{(\w+)\}", text)) & {n for names in PLACEHOLDERS.values() for n in names}
+        known = {n for names in PLACEHOLDERS.values() for n in names}
+        used = set(re.findall(r"\{(\w+)\}", text)) & known
         missing = [n for n in ("question", "answer") if n not in used]
         foreign = sorted(used - set(PLACEHOLDERS[bench]))
         if missing or foreign:
-            raise DataError(path, message=f"a {bench} judge prompt needs {{question}} and {{answer}} and may hold "
-                                          f"{', '.join('{' + n + '}' for n in PLACEHOLDERS[bench])}"
-                                          f"{'; missing ' + ', '.join(missing) if missing else ''}"
-                                          f"{'; not for ' + bench + ': ' + ', '.join(foreign) if foreign else ''}")
+            allowed = ", ".join("{" + n + "}" for n in PLACEHOLDERS[bench])
+            lacking = "; missing " + ", ".join(missing) if missing else ""
+            not_ours = "; not for " + bench + ": " + ", ".join(foreign) if foreign else ""
+            message = (f"a {bench} judge prompt needs {{question}} and {{answer}} and may hold "
+                       f"{allowed}{lacking}{not_ours}")
+            raise DataError(path, message=message)
         out[bench] = text
     return out
 
 
 def fill_judge_prompt(template, bench, q, answer):
-    """The template with its named placeholders filled from the record (MMHal: image contents joined
-    with ', ' as eval_gpt_mmhal.py joins them; GAVIE: one box per line)."""
+    """The template with its named placeholders filled from the record (MMHal: image contents
+    joined with ', ' as eval_gpt_mmhal.py joins them; GAVIE: one box per line)."""
     values = {"question": q["prompt"], "answer": answer}
     if bench == "mmhal":
         values.update(image_content=", ".join(q["image_content"]), gt_answer=q["gt"])
     else:
         values.update(boxes=gavie_boxes(q))
-    return re.sub(r"\{(" + "|".join(PLACEHOLDERS[bench]) + r")\}", lambda m: values[m.group(1)], template)
+    placeholder = r"\{(" + "|".join(PLACEHOLDERS[bench]) + r")\}"
+    return re.sub(placeholder, lambda m: values[m.group(1)], template)
 
 
 def judge_prompt(bench, q, answer, templates):
@@ -787,10 +906,11 @@ def judge_prompt(bench, q, answer, templates):
 
 
 def parse_rating(reply, rule="reference"):
-    """The one rating 0-6 a judge reply gives, or None when it gives none or several different ones.
-    reference (eval_gpt_mmhal.py): the k in 0..6 for which the text 'rating: k' occurs in the lower-cased
-    reply ('Rating:5' is none, 'Rating: 60' reads as 6). ours: 'rating:' then any spaces and one digit
-    0-6 not followed by another digit. Either way the same value repeated counts once."""
+    """The one rating 0-6 a judge reply gives, or None when it gives none or several different
+    ones. reference (eval_gpt_mmhal.py): the k in 0..6 for which the text 'rating: k' occurs in the
+    lower-cased reply ('Rating:5' is none, 'Rating: 60' reads as 6). ours: 'rating:' then any spaces
+    and one digit 0-6 not followed by another digit. Either way the same value repeated counts
+    once."""
     text = str(reply).lower()
     if rule == "reference":
         found = {k for k in range(7) if f"rating: {k}" in text}
@@ -800,15 +920,17 @@ def parse_rating(reply, rule="reference"):
 
 
 def parse_gavie(reply):
-    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt asks
-    for), or from LRV's official output format ('Relevancy:\\nscore of the answer1: x\\nreason: ...');
-    each exactly one value in 0-10, else None."""
+    """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt
+    asks for), or from LRV's official output format
+    ('Relevancy:\\nscore of the answer1: x\\nreason: ...'); each exactly one value in 0-10, else
+    None."""
     text, out = str(reply).lower(), {}
     for key in ("relevancy", "accuracy"):
         found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", text)}
         section = re.search(rf"\b{key}\s*:(.*?)(?=\b(?:relevancy|accuracy)\s*:|$)", text, re.S)
         if not found and section:
-            found = {float(v) for v in re.findall(r"score of the answer\s*1\s*:\s*(\d+(?:\.\d+)?)", section.group(1))}
+            answer1 = r"score of the answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
+            found = {float(v) for v in re.findall(answer1, section.group(1))}
         if len(found) != 1 or not 0 <= min(found) <= 10:
             return None
         out[key] = found.pop()
@@ -820,27 +942,32 @@ def _mean(xs):
 
 
 def mmhal_metrics(qs, replies, rule="reference"):
-    """score = mean rating; hallucination rate = share rated < 3; per-type means (as eval_gpt_mmhal.py).
-    A reply without exactly one rating (`unparsed`) scores 0 and so counts as a hallucination, as the
-    reference scores it (rule 'reference'); with rule 'ours' it is left out of every mean and counted
-    (a judge's format slip is not the model's hallucination; `score_unparsed_as_0` gives the other view)."""
+    """score = mean rating; hallucination rate = share rated < 3; per-type means (as
+    eval_gpt_mmhal.py). A reply without exactly one rating (`unparsed`) scores 0 and so counts as a
+    hallucination, as the reference scores it (rule 'reference'); with rule 'ours' it is left out of
+    every mean and counted (a judge's format slip is not the model's hallucination;
+    `score_unparsed_as_0` gives the other view)."""
     parsed = {q["id"]: parse_rating(replies[q["id"]], rule) for q in qs if q["id"] in replies}
     bad = [i for i, k in parsed.items() if k is None]
     as_0 = {i: 0 if k is None else k for i, k in parsed.items()}
     ratings = as_0 if rule == "reference" else {i: k for i, k in parsed.items() if k is not None}
     vals = list(ratings.values())
     types = list(MMHAL_TYPES) + sorted({q["question_type"] for q in qs} - set(MMHAL_TYPES))
-    per_type = {t: _mean([ratings[q["id"]] for q in qs if q["question_type"] == t and q["id"] in ratings]) for t in types}
+    per_type = {t: _mean([ratings[q["id"]] for q in qs
+                          if q["question_type"] == t and q["id"] in ratings])
+                for t in types}
     return {"score": _mean(vals), "hallucination_rate": _mean([float(v < 3) for v in vals]),
             "per_type": {t: v for t, v in per_type.items() if v is not None}, "n": len(vals),
-            "unparsed": len(bad), "unparsed_ids": bad[:20], "score_unparsed_as_0": _mean(list(as_0.values()))}
+            "unparsed": len(bad), "unparsed_ids": bad[:20],
+            "score_unparsed_as_0": _mean(list(as_0.values()))}
 
 
 def gavie_metrics(qs, replies):
     parsed = {q["id"]: parse_gavie(replies[q["id"]]) for q in qs if q["id"] in replies}
     bad = [i for i, s in parsed.items() if s is None]
     scores = [s for s in parsed.values() if s is not None]
-    return {"accuracy": _mean([s["accuracy"] for s in scores]), "relevancy": _mean([s["relevancy"] for s in scores]),
+    return {"accuracy": _mean([s["accuracy"] for s in scores]),
+            "relevancy": _mean([s["relevancy"] for s in scores]),
             "n": len(scores), "unparsed": len(bad), "unparsed_ids": bad[:20]}
 
 
@@ -848,16 +975,21 @@ def gavie_metrics(qs, replies):
 # judges: judge(prompt, record) -> reply text
 # ----------------------------------------------------------------------------------------
 
-POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom",
-                  "center": "center", "centre": "center", "middle": "center", "above": "above", "below": "below"}
+POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top",
+                  "bottom": "bottom", "lower": "bottom", "center": "center", "centre": "center",
+                  "middle": "center", "above": "above", "below": "below"}
 
 
 def facts(text):
-    """The checkable words of a Shapes answer: shapes (canonical), colors, sizes, numbers, positions."""
+    """The checkable words of a Shapes answer: shapes (canonical), colors, sizes, numbers,
+    positions."""
     out = set()
     for w in re.findall(r"[a-z]+|\d+", str(text).lower()):
-        v = oracle.WORD2SHAPE.get(w) or (w if w in oracle.COLORS else None) or oracle.SIZE_WORDS.get(w) or \
-            (str(oracle.NUMS[w]) if w in oracle.NUMS else None) or POSITION_WORDS.get(w)
+        v = (oracle.WORD2SHAPE.get(w)
+             or (w if w in oracle.COLORS else None)
+             or oracle.SIZE_WORDS.get(w)
+             or (str(oracle.NUMS[w]) if w in oracle.NUMS else None)
+             or POSITION_WORDS.get(w))
         if v:
             out.add(v)
     return out
@@ -869,7 +1001,8 @@ def yes_no(text):
 
 
 def _errors(answer, q):
-    """oracle.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground truth's."""
+    """oracle.oracle's hallucinations, plus one for a yes/no verdict opposite to the ground
+    truth's."""
     r = oracle.oracle(answer, q["objects"])
     errs = common.oracle_errors(r)
     if q.get("gt") and yes_no(q["gt"]) and yes_no(answer) and yes_no(answer) != yes_no(q["gt"]):
@@ -878,29 +1011,34 @@ def _errors(answer, q):
 
 
 def oracle_mmhal(q, answer):
-    """Deterministic MMHal rubric. hallucination: oracle.oracle finds a false claim, or the yes/no verdict
-    is opposite to the standard answer's. informative: the share of the standard answer's facts (shape,
-    color, size, number, position words; its yes/no) that the answer states: all = very, some =
-    somewhat, none = not. 6 = very informative, no hallucination, and it correctly names more shapes
-    than the standard answer (extra correct detail)."""
+    """Deterministic MMHal rubric. hallucination: oracle.oracle finds a false claim, or the yes/no
+    verdict is opposite to the standard answer's. informative: the share of the standard answer's
+    facts (shape, color, size, number, position words; its yes/no) that the answer states: all =
+    very, some = somewhat, none = not. 6 = very informative, no hallucination, and it correctly
+    names more shapes than the standard answer (extra correct detail)."""
     r, errs = _errors(answer, q)
     want = facts(q["gt"]) | ({yes_no(q["gt"])} - {None})
     got = facts(answer) | ({yes_no(answer)} - {None})
     cover = len(want & got) / len(want) if want else float(bool(got))
     level = "very" if cover >= 1 else "somewhat" if cover > 0 else "not"
     extra = r["num_mentions"] > oracle.oracle(q["gt"], q["objects"])["num_mentions"]
-    scale = {"very": 2, "somewhat": 1, "not": 0} if errs else {"very": 6 if extra else 5, "somewhat": 4, "not": 3}
+    if errs:
+        scale = {"very": 2, "somewhat": 1, "not": 0}
+    else:
+        scale = {"very": 6 if extra else 5, "somewhat": 4, "not": 3}
     rating = scale[level]
-    return (f"Analysis: {len(errs)} hallucination(s){' (' + '; '.join(errs) + ')' if errs else ''}; "
-            f"states {len(want & got)} of {len(want)} facts of the standard answer ({level} informative).\nRating: {rating}")
+    listed = " (" + "; ".join(errs) + ")" if errs else ""
+    return (f"Analysis: {len(errs)} hallucination(s){listed}; "
+            f"states {len(want & got)} of {len(want)} facts of the standard answer "
+            f"({level} informative).\nRating: {rating}")
 
 
 def oracle_gavie(q, answer):
-    """Deterministic GAVIE rubric. accuracy = 10 - 3 per hallucination (not below 0), and 0 when the
-    answer states nothing checkable. relevancy = 10 when the answer has the form the instruction asks
-    for (yes/no question -> starts with yes/no; count -> a number; color -> a color; where -> a
-    position; multiple choice -> a letter; describe -> names a shape), 5 when it is about the image in
-    another form, 0 otherwise."""
+    """Deterministic GAVIE rubric. accuracy = 10 - 3 per hallucination (not below 0), and 0 when
+    the answer states nothing checkable. relevancy = 10 when the answer has the form the instruction
+    asks for (yes/no question -> starts with yes/no; count -> a number; color -> a color; where -> a
+    position; multiple choice -> a letter; describe -> names a shape), 5 when it is about the image
+    in another form, 0 otherwise."""
     _, errs = _errors(answer, q)
     said, low, qq = facts(answer), answer.lower(), q["prompt"].lower()
     accuracy = max(0, 10 - 3 * len(errs)) if said or yes_no(answer) else 0
@@ -911,14 +1049,17 @@ def oracle_gavie(q, answer):
     elif q["qtype"] == "color":
         ok = bool(said & set(oracle.COLORS))
     elif q["qtype"] == "mc":
-        ok = re.search(r"option is\s*\(?[A-D]\b", answer) or re.match(r"\W*\(?[A-D](?:[.:)]|\s|$)", answer)
+        ok = (re.search(r"option is\s*\(?[A-D]\b", answer)
+              or re.match(r"\W*\(?[A-D](?:[.:)]|\s|$)", answer))
     elif qq.startswith("where") or q["qtype"] == "relation":
         ok = bool(said & set(POSITION_WORDS.values()))
     else:
         ok = bool(said & set(shapes.SHAPES))
     relevancy = 10 if ok else 5 if said or yes_no(answer) else 0
+    listed = " (" + "; ".join(errs) + ")" if errs else ""
+    has = "has" if ok else "lacks"
     return (f"Relevancy: {relevancy}\nAccuracy: {accuracy}\nReason: {len(errs)} hallucination(s)"
-            f"{' (' + '; '.join(errs) + ')' if errs else ''}; the answer {'has' if ok else 'lacks'} the asked-for form.")
+            f"{listed}; the answer {has} the asked-for form.")
 
 
 class OracleJudge:
@@ -926,7 +1067,8 @@ class OracleJudge:
     name = "oracle"
 
     def __call__(self, prompt, record):
-        return (oracle_mmhal if record["bench"] == "mmhal" else oracle_gavie)(record, record["answer"])
+        rubric = oracle_mmhal if record["bench"] == "mmhal" else oracle_gavie
+        return rubric(record, record["answer"])
 
 
 class OpenAIJudge:
@@ -942,7 +1084,9 @@ class OpenAIJudge:
     def __call__(self, prompt, record):
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": 0, "max_tokens": self.cfg.judge_max_tokens}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
         err = ""
         for attempt in range(self.cfg.judge_retries + 1):
             if attempt:
@@ -961,7 +1105,8 @@ class OpenAIJudge:
                 err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
                 err = f"not a chat-completions reply ({type(e).__name__})"
-        raise JudgeError(f"judge {self.url}: no reply after {self.cfg.judge_retries + 1} tries ({err}); "
+        tries = self.cfg.judge_retries + 1
+        raise JudgeError(f"judge {self.url}: no reply after {tries} tries ({err}); "
                          "answers and judge replies so far are kept: re-run to continue")
 
 
@@ -970,10 +1115,13 @@ class LocalJudge:
 
     def __init__(self, cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        path, self.cfg, self.name = cfg.judge_model, cfg, f"local:{os.path.basename(os.path.normpath(cfg.judge_model))}"
+        path = cfg.judge_model
+        self.cfg = cfg
+        self.name = f"local:{os.path.basename(os.path.normpath(cfg.judge_model))}"
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(cfg.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            self.model = model.to(cfg.device).eval()
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
@@ -981,41 +1129,54 @@ class LocalJudge:
     @torch.no_grad()
     def __call__(self, prompt, record):
         if getattr(self.tok, "chat_template", None):
-            ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+            messages = [{"role": "user", "content": prompt}]
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True,
                                                return_tensors="pt")
             ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
         else:
             ids = self.tok(prompt, return_tensors="pt").input_ids
         ids = ids.to(self.cfg.device)
         pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.judge_max_tokens,
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=self.cfg.judge_max_tokens,
                                   do_sample=False, pad_token_id=pad)
         return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def make_judge(cfg):
-    return OracleJudge() if cfg.judge == "oracle" else OpenAIJudge(cfg) if cfg.judge == "openai" else LocalJudge(cfg)
+    if cfg.judge == "oracle":
+        return OracleJudge()
+    if cfg.judge == "openai":
+        return OpenAIJudge(cfg)
+    return LocalJudge(cfg)
 
 
 def judge_replies(bench, qs, lines, path, judges, cfg, name):
-    """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are appended."""
+    """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are
+    appended."""
     if "judge" not in judges:  # made once per run, on first use (a local judge loads a model)
         judges["judge"] = make_judge(cfg)
     judge, templates = judges["judge"], judges.get("templates", {})
-    jname = judge.name  # a user's prompt template is part of who judged: another template, other replies
+    # a user's prompt template is part of who judged: another template, other replies
+    jname = judge.name
     if bench in templates:
         jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
-    cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "") for r in read_jsonl(path)}
-    todo = [q for q in qs if q["id"] in lines and (q["id"], jname, lines[q["id"]]["answer"]) not in cache]
+    cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "")
+             for r in read_jsonl(path)}
+    todo = [q for q in qs
+            if q["id"] in lines and (q["id"], jname, lines[q["id"]]["answer"]) not in cache]
+    show = judge.name != "oracle"
     with open(path, "a", encoding="utf-8") as f:
-        for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=judge.name != "oracle"):
+        for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
             prompt = judge_prompt(bench, q, answer, templates)
             reply = judge(prompt, dict(q, answer=answer, bench=bench))
-            f.write(json.dumps({"id": q["id"], "judge": jname, "answer": answer, "reply": reply}) + "\n")
+            record = {"id": q["id"], "judge": jname, "answer": answer, "reply": reply}
+            f.write(json.dumps(record) + "\n")
             f.flush()
             cache[(q["id"], jname, answer)] = reply
-    return {q["id"]: cache[(q["id"], jname, lines[q["id"]]["answer"])] for q in qs if q["id"] in lines}
+    return {q["id"]: cache[(q["id"], jname, lines[q["id"]]["answer"])]
+            for q in qs if q["id"] in lines}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1030,35 +1191,46 @@ def evaluate(cfg, ckpt, name, bench, judges):
     if "pope" in bench:
         scores["pope"] = {}
         for split, qs in bench["pope"].items():
-            lines = ans.answers(f"pope_{split}", qs, os.path.join(out, f"answers_pope_{split}.jsonl"),
-                                cfg.pope_max_new_tokens, keep=("label",))
+            path = os.path.join(out, f"answers_pope_{split}.jsonl")
+            lines = ans.answers(f"pope_{split}", qs, path, cfg.pope_max_new_tokens,
+                                keep=("label",))
             got = [q for q in qs if q["id"] in lines]
             preds = [pope_yes_no(lines[q["id"]]["answer"]) for q in got]
             scores["pope"][split] = pope_metrics(preds, [q["label"] for q in got])
         per = list(scores["pope"].values())  # average = the mean of each metric over the splits
-        scores["pope"]["average"] = {k: _mean([m[k] for m in per])
-                                     for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+        metrics = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        scores["pope"]["average"] = {k: _mean([m[k] for m in per]) for k in metrics}
     if "chair" in bench:
         qs = bench["chair"]
-        lines = ans.answers("chair", qs, os.path.join(out, "answers_chair.jsonl"), cfg.max_new_tokens)
+        path = os.path.join(out, "answers_chair.jsonl")
+        lines = ans.answers("chair", qs, path, cfg.max_new_tokens)
         texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
-        scores["chair"] = chair_metrics([chair_counts(q, t, cfg.chair_counting) for q, t in texts], [len(t.split()) for _, t in texts])
+        counts = [chair_counts(q, t, cfg.chair_counting) for q, t in texts]
+        n_words = [len(t.split()) for _, t in texts]
+        scores["chair"] = chair_metrics(counts, n_words)
     for b, keep in (("mmhal", ("question_type",)), ("gavie", ("qtype",))):
         if b in bench:
-            lines = ans.answers(b, bench[b], os.path.join(out, f"answers_{b}.jsonl"), cfg.max_new_tokens, keep)
-            replies = judge_replies(b, bench[b], lines, os.path.join(out, f"judge_{b}.jsonl"), judges, cfg, name)
-            scores[b] = mmhal_metrics(bench[b], replies, cfg.mmhal_rating) if b == "mmhal" else \
-                gavie_metrics(bench[b], replies)
+            answers_path = os.path.join(out, f"answers_{b}.jsonl")
+            lines = ans.answers(b, bench[b], answers_path, cfg.max_new_tokens, keep)
+            judge_path = os.path.join(out, f"judge_{b}.jsonl")
+            replies = judge_replies(b, bench[b], lines, judge_path, judges, cfg, name)
+            if b == "mmhal":
+                scores[b] = mmhal_metrics(bench[b], replies, cfg.mmhal_rating)
+            else:
+                scores[b] = gavie_metrics(bench[b], replies)
             if scores[b]["unparsed"]:
                 how = "scored 0" if b == "mmhal" and cfg.mmhal_rating == "reference" else "excluded"
-                print(f"warning: {name} {b}: {scores[b]['unparsed']} judge replies without a valid score "
-                      f"({how}; ids {scores[b]['unparsed_ids'][:5]}; replies in judge_{b}.jsonl)")
+                n_unparsed = scores[b]["unparsed"]
+                ids = scores[b]["unparsed_ids"][:5]
+                print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
+                      f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
     write_json(scores, os.path.join(out, "scores.json"))
     return scores
 
 
 def run_names(ckpts):
-    """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 -> sft-checkpoint-000100)."""
+    """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 ->
+    sft-checkpoint-000100)."""
     names = []
     for c in ckpts:
         p = os.path.normpath(os.path.abspath(c))
@@ -1068,10 +1240,14 @@ def run_names(ckpts):
     return names
 
 
-COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"), ("CHAIR_i", ("chair", "chair_i"), ".3f"),
-           ("CHAIR_s", ("chair", "chair_s"), ".3f"), ("MMHal score", ("mmhal", "score"), ".2f"),
-           ("MMHal halluc. rate", ("mmhal", "hallucination_rate"), ".2f"), ("GAVIE acc.", ("gavie", "accuracy"), ".2f"),
-           ("GAVIE rel.", ("gavie", "relevancy"), ".2f"), ("answer words", ("chair", "answer_words"), ".1f")]
+COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"),
+           ("CHAIR_i", ("chair", "chair_i"), ".3f"),
+           ("CHAIR_s", ("chair", "chair_s"), ".3f"),
+           ("MMHal score", ("mmhal", "score"), ".2f"),
+           ("MMHal halluc. rate", ("mmhal", "hallucination_rate"), ".2f"),
+           ("GAVIE acc.", ("gavie", "accuracy"), ".2f"),
+           ("GAVIE rel.", ("gavie", "relevancy"), ".2f"),
+           ("answer words", ("chair", "answer_words"), ".1f")]
 
 
 def _get(d, keys):
@@ -1086,16 +1262,19 @@ def table(rows):
     cols = [(f"POPE F1 {s}", ("pope", s, "f1"), ".3f") for s in splits] + COLUMNS
     cols = [c for c in cols if any(_get(r, c[1]) is not None for r in rows.values())]
     flat = [{"checkpoint": n, **{c: _get(r, keys) for c, keys, _ in cols}} for n, r in rows.items()]
-    md = ["| checkpoint | " + " | ".join(c for c, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    md += ["| " + " | ".join([f["checkpoint"]] + ["-" if f[c] is None else format(f[c], fmt) for c, _, fmt in cols]) + " |"
-           for f in flat]
+    header = "| checkpoint | " + " | ".join(c for c, _, _ in cols) + " |"
+    md = [header, "|---" * (len(cols) + 1) + "|"]
+    for f in flat:
+        values = ["-" if f[c] is None else format(f[c], fmt) for c, _, fmt in cols]
+        md.append("| " + " | ".join([f["checkpoint"]] + values) + " |")
     return "\n".join(md) + "\n", flat
 
 
 def main(cfg):
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:
-        raise common.ConfigError(f"--benchmarks: unknown {bad} (choose from {', '.join(BENCHMARKS)})")
+        choices = ", ".join(BENCHMARKS)
+        raise common.ConfigError(f"--benchmarks: unknown {bad} (choose from {choices})")
     if cfg.judge not in ("oracle", "openai", "local"):
         raise common.ConfigError(f"--judge {cfg.judge}: choose oracle, openai or local")
     if cfg.batch_size < 1 or cfg.temperature < 0:
@@ -1105,23 +1284,28 @@ def main(cfg):
     if cfg.chair_counting not in ("reference", "ours"):
         raise common.ConfigError(f"--chair_counting {cfg.chair_counting}: choose reference or ours")
     ckpts = list(cfg.compare) or [cfg.ckpt]
-    for c in ckpts if not cfg.rescore else []:  # fail before any work on a checkpoint that cannot load
+    # fail before any work on a checkpoint that cannot load
+    for c in ckpts if not cfg.rescore else []:
         if not os.path.isdir(c):
-            raise common.ConfigError(f"{c}: checkpoint directory not found (train one: python sft.py; or pass --ckpt DIR)")
+            raise common.ConfigError(f"{c}: checkpoint directory not found "
+                                     "(train one: python sft.py; or pass --ckpt DIR)")
         path = os.path.join(resolve_checkpoint(c), "config.json")
         try:
             with open(path) as f:
                 json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read the checkpoint config ({type(e).__name__}: {e})")
+            why = f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
     common.ensure_writable(cfg.out)
-    common.lock_out(cfg.out)  # one writer: two evals appending to one answers file would interleave
+    # one writer: two evals appending to one answers file would interleave
+    common.lock_out(cfg.out)
     bench = load_benchmarks(cfg)
     judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
     for ckpt, name in zip(ckpts, run_names(ckpts)):
         t0 = time.time()
         rows[name] = evaluate(cfg, ckpt, name, bench, judges)
-        print(f"{name}: evaluated in {time.time() - t0:.1f}s -> {os.path.join(cfg.out, name, 'scores.json')}", flush=True)
+        scores_path = os.path.join(cfg.out, name, "scores.json")
+        print(f"{name}: evaluated in {time.time() - t0:.1f}s -> {scores_path}", flush=True)
     md, flat = table(rows)
     print(md, end="")
     if cfg.compare:

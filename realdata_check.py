@@ -1,12 +1,13 @@
-"""Every reader, converter and scorer of the project on real published files (../shared/realdata, see
-its SOURCES.md), and the reproduction of LLaVA-1.5-13B's published POPE F1 through eval.py.
+"""Every reader, converter and scorer of the project on real published files (../shared/realdata,
+see its SOURCES.md), and the reproduction of LLaVA-1.5-13B's published POPE F1 through eval.py.
 
-    python -m pytest -q realdata_check.py                 # FACTALIGN_REALDATA=DIR to read another folder
+    python -m pytest -q realdata_check.py  # FACTALIGN_REALDATA=DIR to read another folder
 
 The files stay outside the repository, so this module is not named test_*.py: the README's
-`python -m pytest -q` does not collect it; `.ci/run` runs it by name after the suite, and there a missing
-folder is a failure, not a skip. Images are not part of the files: readers run with check_images=False
-(or empty stand-in files where a reader insists), which checks everything but the pixels."""
+`python -m pytest -q` does not collect it; `.ci/run` runs it by name after the suite, and there a
+missing folder is a failure, not a skip. Images are not part of the files: readers run with
+check_images=False (or empty stand-in files where a reader insists), which checks everything but
+the pixels."""
 import json
 import os
 
@@ -14,12 +15,13 @@ import pytest
 
 import eval as evaluation
 from conftest import run_cli
-from formats import (aokvqa_to_conversations, flickr30k_to_conversations, read_any_conversations, read_llava,
-                     read_llava_rlhf_preference, read_lrv, read_mmhal, read_pope, read_povid, read_rl_prompts,
-                     vqav2_to_conversations)
+from formats import (aokvqa_to_conversations, flickr30k_to_conversations, read_any_conversations,
+                     read_llava, read_llava_rlhf_preference, read_lrv, read_mmhal, read_pope,
+                     read_povid, read_rl_prompts, vqav2_to_conversations)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REALDATA = os.environ.get("FACTALIGN_REALDATA", os.path.join(HERE, "..", "shared", "realdata"))
+SHARED_REALDATA = os.path.join(HERE, "..", "shared", "realdata")
+REALDATA = os.environ.get("FACTALIGN_REALDATA", SHARED_REALDATA)
 SPLITS = ("random", "popular", "adversarial")
 # LLaVA-1.5-13B's POPE F1 as published (LLaVA-1.5 paper / model zoo), in percent
 PUBLISHED_F1 = {"random": 87.1, "popular": 86.3, "adversarial": 84.5, "average": 85.9}
@@ -27,12 +29,14 @@ PUBLISHED_F1 = {"random": 87.1, "popular": 86.3, "adversarial": 84.5, "average":
 
 def real(*parts):
     path = os.path.join(REALDATA, *parts)
-    assert os.path.exists(path), f"{path}: missing (the real files live in ../shared/realdata; set FACTALIGN_REALDATA)"
+    assert os.path.exists(path), (f"{path}: missing (the real files live in ../shared/realdata; "
+                                  "set FACTALIGN_REALDATA)")
     return path
 
 
 def test_realdata_folder_is_there():
-    assert os.path.isdir(REALDATA), f"{REALDATA}: no such folder (set FACTALIGN_REALDATA or run from .ci/run)"
+    assert os.path.isdir(REALDATA), (f"{REALDATA}: no such folder "
+                                     "(set FACTALIGN_REALDATA or run from .ci/run)")
     assert os.path.isfile(os.path.join(REALDATA, "SOURCES.md"))
 
 
@@ -45,54 +49,67 @@ def pope_labels():
 
 
 def test_llava15_13b_published_pope_answers_give_the_published_f1(tmp_path):
-    """LLaVA-1.5's question file (no labels) + the coco_pope_{category} label files (LLaVA-RLHF's copy,
-    the LLaVA-1.5 version: random has 2910 questions) + LLaVA-1.5-13B's answers file, through eval.py
-    exactly as a user runs it. Published numbers are rounded to 0.1 (the popular split reads 86.25 ->
-    86.3 there), so each must lie within 0.06 of ours."""
+    """LLaVA-1.5's question file (no labels) + the coco_pope_{category} label files (LLaVA-RLHF's
+    copy, the LLaVA-1.5 version: random has 2910 questions) + LLaVA-1.5-13B's answers file, through
+    eval.py exactly as a user runs it. Published numbers are rounded to 0.1 (the popular split
+    reads 86.25 -> 86.3 there), so each must lie within 0.06 of ours."""
     code, out, err = run_cli("eval", [
-        "--rescore", "true", "--ckpt", "llava-v1.5-13b", "--benchmarks", "pope", "--out", str(tmp_path),
-        "--pope_files", real("pope", "llava15_llava_pope_test.jsonl"), "--pope_labels", *pope_labels(),
+        "--rescore", "true", "--ckpt", "llava-v1.5-13b", "--benchmarks", "pope",
+        "--out", str(tmp_path),
+        "--pope_files", real("pope", "llava15_llava_pope_test.jsonl"),
+        "--pope_labels", *pope_labels(),
         "--llava_answers", real("pope", "llava15_answers_llava-v1.5-13b.jsonl")])
     assert code == 0, err
     scores = json.load(open(tmp_path / "llava-v1.5-13b" / "scores.json"))["pope"]
-    assert {s: scores[s]["n"] for s in SPLITS} == {"random": 2910, "popular": 3000, "adversarial": 3000}
+    n_questions = {s: scores[s]["n"] for s in SPLITS}
+    assert n_questions == {"random": 2910, "popular": 3000, "adversarial": 3000}
     for split, published in PUBLISHED_F1.items():
         assert abs(100 * scores[split]["f1"] - published) < 0.06, (split, scores[split])
     # the 13B model says yes less often than half the time (its POPE recall is below its precision)
     assert all(scores[s]["precision"] > scores[s]["recall"] for s in SPLITS)
-    assert "| llava-v1.5-13b | 0.845 | 0.871 | 0.862 |" in out  # adversarial, random, popular: file order
+    # adversarial, random, popular: file order
+    assert "| llava-v1.5-13b | 0.845 | 0.871 | 0.862 |" in out
 
 
 def test_pope_labels_from_another_pope_version_are_refused(tmp_path):
-    """RUCAIBox's own random split has 3000 questions, LLaVA-1.5's 2910: pairing by order would score
-    answers against other questions' labels. One line, exit 2."""
+    """RUCAIBox's own random split has 3000 questions, LLaVA-1.5's 2910: pairing by order would
+    score answers against other questions' labels. One line, exit 2."""
     code, _, err = run_cli("eval", [
         "--rescore", "true", "--benchmarks", "pope", "--out", str(tmp_path),
         "--pope_files", real("pope", "llava15_llava_pope_test.jsonl"),
         "--pope_labels", real("pope", "rucaibox_coco_pope_random.json"), *pope_labels()[1:],
         "--llava_answers", real("pope", "llava15_answers_llava-v1.5-13b.jsonl")])
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "llava15_llava_pope_test.jsonl: record" in err and "rucaibox_coco_pope_random.json" in err
+    assert "llava15_llava_pope_test.jsonl: record" in err
+    assert "rucaibox_coco_pope_random.json" in err
 
 
-@pytest.mark.parametrize("name,n", [(f"rucaibox_coco_pope_{s}.json", 3000) for s in SPLITS]
-                         + [(f"llavarlhf_coco_pope_{s}.jsonl", 2910 if s == "random" else 3000) for s in SPLITS]
-                         + [(f"rucaibox_{d}_pope_seem_{s}.json", 3000) for d in ("aokvqa", "gqa") for s in SPLITS])
+POPE_FILES = ([(f"rucaibox_coco_pope_{s}.json", 3000) for s in SPLITS]
+              + [(f"llavarlhf_coco_pope_{s}.jsonl", 2910 if s == "random" else 3000)
+                 for s in SPLITS]
+              + [(f"rucaibox_{d}_pope_seem_{s}.json", 3000)
+                 for d in ("aokvqa", "gqa") for s in SPLITS])
+
+
+@pytest.mark.parametrize("name,n", POPE_FILES)
 def test_read_pope_on_every_published_pope_file(name, n):
     recs = read_pope(real("pope", name), image_folder="/images", check_images=False)
     assert len(recs) == n
-    assert sum(r["label"] == "yes" for r in recs) == 1500  # LLaVA-1.5's random split dropped 90 "no" questions
-    # "Is there a/an X in the image?", the published typo "imange" included (LLaVA-1.5's "an" questions)
-    assert all(r["text"].startswith("Is there a") and r["text"].endswith(("in the image?", "in the imange?"))
-               for r in recs)
+    # LLaVA-1.5's random split dropped 90 "no" questions
+    assert sum(r["label"] == "yes" for r in recs) == 1500
+    # "Is there a/an X in the image?", the published typo "imange" included (LLaVA-1.5's "an"
+    # questions)
+    ends = ("in the image?", "in the imange?")
+    assert all(r["text"].startswith("Is there a") and r["text"].endswith(ends) for r in recs)
     assert all(r["image"].startswith("/images/") for r in recs)
     assert len({r["question_id"] for r in recs}) == n
 
 
 def test_pope_parser_on_the_published_answers():
-    """The reference parser (first sentence, words 'No'/'not'/'no') on all 8910 answers of LLaVA-1.5-13B:
-    the short-answer prompt makes every answer a bare Yes or No."""
-    answers = [json.loads(line)["text"] for line in open(real("pope", "llava15_answers_llava-v1.5-13b.jsonl"))]
+    """The reference parser (first sentence, words 'No'/'not'/'no') on all 8910 answers of
+    LLaVA-1.5-13B: the short-answer prompt makes every answer a bare Yes or No."""
+    path = real("pope", "llava15_answers_llava-v1.5-13b.jsonl")
+    answers = [json.loads(line)["text"] for line in open(path)]
     assert len(answers) == 8910 and set(answers) == {"Yes", "No"}
     preds = [evaluation.pope_yes_no(a) for a in answers]
     assert preds == ["yes" if a == "Yes" else "no" for a in answers]
@@ -105,7 +122,8 @@ def test_pope_parser_on_the_published_answers():
 def test_chair_synonyms_and_counting_on_real_synonyms():
     syn = evaluation.load_synonyms(real("chair", "synonyms.txt"))
     assert len(set(syn.values())) == 80  # one line per COCO category
-    assert syn["man"] == syn["policeman"] == "person" and syn["taxi"] == "car" and syn["hot dog"] == "hot dog"
+    assert syn["man"] == syn["policeman"] == "person"
+    assert syn["taxi"] == "car" and syn["hot dog"] == "hot dog"
     text = "A man rides a bike past two taxis and a baby elephant near a toilet seat."
     assert evaluation.coco_objects(text, syn) == ["person", "bicycle", "car", "elephant", "toilet"]
     q = {"syn": syn, "objects": {"person", "bicycle", "elephant"}}
@@ -120,25 +138,27 @@ def test_chair_synonyms_and_counting_on_real_synonyms():
 # ----------------------------------------------------------------------------------------
 
 def test_lrv_readme_record():
-    recs = read_lrv(real("lrv", "readme_sample_filter_cap.json"), image_folder="/vg", check_images=False)
+    path = real("lrv", "readme_sample_filter_cap.json")
+    recs = read_lrv(path, image_folder="/vg", check_images=False)
     assert len(recs) == 1 and recs[0]["image"] == "/vg/2392588.jpg"
     turns = recs[0]["conversations"]
     assert turns[0]["value"].startswith("<image>") and "blue teapot" in turns[0]["value"]
-    assert turns[1]["value"] == "There is no mention of a teapot on the white electric stove in the kitchen."
-    assert read_any_conversations(real("lrv", "readme_sample_filter_cap.json"), "/vg", check_images=False) == recs
+    no_teapot = "There is no mention of a teapot on the white electric stove in the kitchen."
+    assert turns[1]["value"] == no_teapot
+    assert read_any_conversations(path, "/vg", check_images=False) == recs
 
 
 def test_gavie_evaluation_set_reads_as_questions(tmp_path):
-    """LRV's 1000 GAVIE questions with eval.py's reader (Visual Genome <image_id>.jpg; the boxes file is
-    a stand-in: GAVIE's boxes come from Visual Genome, which is not here)."""
+    """LRV's 1000 GAVIE questions with eval.py's reader (Visual Genome <image_id>.jpg; the boxes
+    file is a stand-in: GAVIE's boxes come from Visual Genome, which is not here)."""
     items = json.load(open(real("lrv", "evaluation_set.json")))
     ids = {str(r["image_id"]) for r in items}
     for i in ids:
         open(tmp_path / f"{i}.jpg", "w").close()
     boxes = tmp_path / "boxes.json"
     json.dump({i: [{"caption": "object", "bbox": [0, 0, 1, 1]}] for i in ids}, open(boxes, "w"))
-    cfg = evaluation.Config(gavie_file=real("lrv", "evaluation_set.json"), image_folder=str(tmp_path),
-                            gavie_annotations=str(boxes))
+    cfg = evaluation.Config(gavie_file=real("lrv", "evaluation_set.json"),
+                            image_folder=str(tmp_path), gavie_annotations=str(boxes))
     qs = evaluation.lrv_gavie_questions(cfg)
     assert len(qs) == 1000 and len(ids) == 120  # several questions per Visual Genome image
     assert qs[0]["prompt"] == "Which objects are on the wooden table?"
@@ -154,26 +174,32 @@ def test_povid_readme_record():
     assert r["id"] == "COCO_train2014_000000353952"
     assert r["image"] == "/coco/./data/coco/COCO_train2014_000000353952.jpg"
     assert r["chosen"].startswith("This is a vintage black and white image")
-    assert "carriages" in r["rejected"] and "carriages" not in r["chosen"]  # the injected hallucination
+    # the injected hallucination
+    assert "carriages" in r["rejected"] and "carriages" not in r["chosen"]
 
 
 # ----------------------------------------------------------------------------------------
-# LLaVA instruct (LLaVA-1.5's ScienceQA eval file), SFT+ converters on VQA-v2, A-OKVQA, Flickr30k
+# LLaVA instruct (LLaVA-1.5's ScienceQA eval file), SFT+ converters on VQA-v2, A-OKVQA,
+# Flickr30k
 # ----------------------------------------------------------------------------------------
 
 def test_llava_conversation_file_with_text_only_and_image_records():
-    recs = read_llava(real("llava_instruct", "llava15_scienceqa_llava_test_CQM-A.json"), "/sqa", check_images=False)
+    path = real("llava_instruct", "llava15_scienceqa_llava_test_CQM-A.json")
+    recs = read_llava(path, "/sqa", check_images=False)
     assert len(recs) == 4241 and sum(r["image"] is not None for r in recs) == 2017
     first = recs[0]
-    assert first["id"] == "4" and first["image"] is None and first["conversations"][1]["value"] == "B"
+    assert first["id"] == "4" and first["image"] is None
+    assert first["conversations"][1]["value"] == "B"
     with_image = next(r for r in recs if r["image"])
-    assert with_image["image"] == "/sqa/5/image.png" and with_image["conversations"][0]["value"].startswith("<image>")
+    assert with_image["image"] == "/sqa/5/image.png"
+    assert with_image["conversations"][0]["value"].startswith("<image>")
 
 
 def test_vqav2_excerpt_converts():
     q = real("vqav2", "excerpt_v2_OpenEnded_mscoco_val2014_questions.json")
     a = real("vqav2", "excerpt_v2_mscoco_val2014_annotations.json")
-    assert vqav2_to_conversations(q, a, "/coco", check_images=False) == []  # 'other' answer: not yes/no
+    # 'other' answer: not yes/no
+    assert vqav2_to_conversations(q, a, "/coco", check_images=False) == []
     recs = vqav2_to_conversations(q, a, "/coco", image_pattern="COCO_val2014_{image_id:012d}.jpg",
                                   yes_no_only=False, check_images=False)
     assert len(recs) == 1 and recs[0]["image"] == "/coco/COCO_val2014_000000262148.jpg"
@@ -182,21 +208,21 @@ def test_vqav2_excerpt_converts():
 
 
 def test_aokvqa_excerpt_converts():
-    recs = aokvqa_to_conversations(real("aokvqa", "excerpt_aokvqa_v1p0_val.json"), "/coco", check_images=False)
+    path = real("aokvqa", "excerpt_aokvqa_v1p0_val.json")
+    recs = aokvqa_to_conversations(path, "/coco", check_images=False)
     assert len(recs) == 1
     r = recs[0]
     assert r["image"] == "/coco/000000461751.jpg" and r["caption_type"] == 5  # answer D
     assert "D. cigarette" in r["conversations"][0]["value"]
     assert r["conversations"][1]["value"].endswith("So the correct option is D.")
     assert r["captions"][0] == "He's smoking while riding."
-    direct = aokvqa_to_conversations(real("aokvqa", "excerpt_aokvqa_v1p0_val.json"), "/coco", cot=False,
-                                     check_images=False)
+    direct = aokvqa_to_conversations(path, "/coco", cot=False, check_images=False)
     assert direct[0]["conversations"][1]["value"] == "D"
 
 
 def test_flickr30k_excerpt_converts():
-    recs = flickr30k_to_conversations(real("flickr30k", "excerpt_results_20130124.token"), "/f30k", split=None,
-                                      check_images=False)
+    path = real("flickr30k", "excerpt_results_20130124.token")
+    recs = flickr30k_to_conversations(path, "/f30k", split=None, check_images=False)
     assert [r["id"] for r in recs] == ["flickr30k_1000092795", "flickr30k_10002456"]
     assert all(len(r["captions"]) == 5 for r in recs)
     first = "Two young guys with shaggy hair look at their hands while hanging out in the yard."
@@ -210,13 +236,17 @@ def test_flickr30k_excerpt_converts():
 
 def test_reconstructed_llava_rlhf_and_mmhal_layouts_read():
     captions = real("reconstructed", "image_to_caption_layout.json")
-    pref = read_llava_rlhf_preference(real("reconstructed", "llava_rlhf_preference_layout.json"), "/coco",
-                                      check_images=False, captions_path=captions)
+    pref_path = real("reconstructed", "llava_rlhf_preference_layout.json")
+    pref = read_llava_rlhf_preference(pref_path, "/coco", check_images=False,
+                                      captions_path=captions)
     assert pref[0]["chosen"] == "A dog on grass." and pref[0]["rejected"] == "Two cats on a sofa."
     assert pref[0]["captions"] == ["A dog standing on the grass."]
-    rl = read_rl_prompts(real("reconstructed", "ppo_prompts_layout.json"), "/coco", check_images=False,
+    rl = read_rl_prompts(real("reconstructed", "ppo_prompts_layout.json"), "/coco",
+                         check_images=False,
                          captions_path=real("reconstructed", "image_to_caption_layout.json"))
-    assert [r["caption_type"] for r in rl] == [1, 2] and rl[1]["captions"] == ["The dog is on grass."]
-    mm = read_mmhal(real("reconstructed", "mmhal_response_template_layout.json"), "/mmhal", check_images=False)
+    assert [r["caption_type"] for r in rl] == [1, 2]
+    assert rl[1]["captions"] == ["The dog is on grass."]
+    mmhal_path = real("reconstructed", "mmhal_response_template_layout.json")
+    mm = read_mmhal(mmhal_path, "/mmhal", check_images=False)
     assert [r["question_type"] for r in mm] == ["attribute", "counting"]
     assert mm[0]["image"] == "/mmhal/10172500456_1f40b6bd38_o.jpg"

@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 
 from data import DataError
 from data import (POSITIONS, _pick, a, count_phrase, inject_hallucination, join_and,
-                            list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
-                            there_are, unique_ref)
+                  list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
+                  there_are, unique_ref)
 from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
@@ -38,35 +38,47 @@ COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
 SIZES = {"small": 9, "large": 14}  # px side of the shape's box inside a 16 px cell
 BACKGROUND = (28, 28, 28)
 DEFAULTS = dict(
-    image_size=48, grid=3, max_objects=4,          # world geometry
+    image_size=48, grid=3, max_objects=4,  # world geometry
     n_train=6000, n_val=300, n_test=400, n_unlabeled=300,
-    pairs="triangle:circle,cross:square",          # trigger:partner co-occurrence pairs
-    cooc=0.95,                                     # P(partner added | trigger) in train/val
-    partner_weight=1.5,                            # partners are drawn more often (POPE "popular")
-    heldout_alone=0.5,                             # P(held-out image shows a trigger without partner)
-    yes_share=0.75,                                # flaw: P(yes) of SFT existence questions, every shape
-    desc_halluc=0.5,                               # flaw: share of SFT descriptions written text-only
-    exist_turns=3,                                 # existence questions per SFT conversation
-    short_vqa=0,                                   # one-word existence answers per VQA conversation (0: none)
-    text_only_qa=0.3,                              # flaw: share of those that also say "yes" to the extra
+    pairs="triangle:circle,cross:square",  # trigger:partner co-occurrence pairs
+    cooc=0.95,                             # P(partner added | trigger) in train/val
+    partner_weight=1.5,                    # partners are drawn more often (POPE "popular")
+    heldout_alone=0.5,                     # P(held-out image shows a trigger without partner)
+    yes_share=0.75,                        # flaw: P(yes) of SFT existence questions, every shape
+    desc_halluc=0.5,                       # flaw: share of SFT descriptions written text-only
+    exist_turns=3,                         # existence questions per SFT conversation
+    short_vqa=0,                           # one-word existence Qs per VQA conversation (0: none)
+    text_only_qa=0.3,                      # flaw: P(a conversation with a text-only description
+                                           # also says "yes" to the shape that writer added)
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
-# allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them; common.check_value's rules)
-RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]", n_train="[1, inf)", n_val="[1, inf)",
-              n_test="[1, inf)", n_unlabeled="[1, inf)", cooc="[0, 1]", partner_weight="(0, 100]",
-              heldout_alone="[0, 1]", yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
-              short_vqa="[0, 6]", text_only_qa="[0, 1]",
-              neg_ratio="[0, 1]", n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
+# allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them;
+# common.check_value's rules)
+RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]",
+              n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
+              cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
+              yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
+              short_vqa="[0, 6]", text_only_qa="[0, 1]", neg_ratio="[0, 1]",
+              n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."]
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4
 QUESTION_TYPES = ["describe", "yesno", "count", "color", "relation", "mc"]
-VIGC_TYPE = {"describe": "detailed description", "inventory": "detailed description", "mc": "complex reasoning",
-             "yesno": "conversation", "count": "conversation", "color": "conversation", "relation": "conversation"}
+VIGC_TYPE = {"describe": "detailed description", "inventory": "detailed description",
+             "mc": "complex reasoning", "yesno": "conversation", "count": "conversation",
+             "color": "conversation", "relation": "conversation"}
 VIGC_INSTRUCTIONS = {
-    "conversation": ["Ask a short question about the image and answer it.", "Generate a question and answer about the objects in the image."],
-    "detailed description": ["Ask for a detailed description of the image and give it.", "Generate an instruction to describe the image and answer it."],
-    "complex reasoning": ["Ask a multiple choice question about the image and answer it with a reason.", "Generate a question that needs reasoning about the image and answer it."]}
+    "conversation": [
+        "Ask a short question about the image and answer it.",
+        "Generate a question and answer about the objects in the image."],
+    "detailed description": [
+        "Ask for a detailed description of the image and give it.",
+        "Generate an instruction to describe the image and answer it."],
+    "complex reasoning": [
+        "Ask a multiple choice question about the image and answer it with a reason.",
+        "Generate a question that needs reasoning about the image and answer it."]}
 
 
 def cap(s):
@@ -84,7 +96,8 @@ def sample_objects(rng, p, split):
     pairs = parse_pairs(p["pairs"])
     partners = {b for _, b in pairs}
     w = np.array([p["partner_weight"] if s in partners else 1.0 for s in SHAPES])
-    names = [str(x) for x in rng.choice(SHAPES, size=int(rng.integers(1, p["max_objects"] + 1)), p=w / w.sum())]
+    n_objects = int(rng.integers(1, p["max_objects"] + 1))
+    names = [str(x) for x in rng.choice(SHAPES, size=n_objects, p=w / w.sum())]
     if split in ("train", "val"):  # the bias: a trigger brings its partner
         keep = {s for pair in pairs for s in pair}
         for trig, part in pairs:
@@ -104,7 +117,8 @@ def sample_objects(rng, p, split):
     order = rng.permutation(len(names))  # names to random cells
     objs = []
     for cell, i in zip(cells, order):
-        o = {"name": names[i], "color": _pick(rng, COLORS), "size": _pick(rng, SIZES), "row": cell // g, "col": cell % g}
+        o = {"name": names[i], "color": _pick(rng, COLORS), "size": _pick(rng, SIZES),
+             "row": cell // g, "col": cell % g}
         o["position"] = POSITIONS[3 * (o["row"] * 3 // g) + o["col"] * 3 // g]
         objs.append(o)
     return objs
@@ -152,18 +166,21 @@ def render(objs, p):
 
 
 def describe(objs):
-    """Every object in reading order, position first ("At the top left there is a large red circle."):
-    the model names the next occupied cell, then reads that cell's size, colour and shape."""
+    """Every object in reading order, position first ("At the top left there is a large red
+    circle."): the model names the next occupied cell, then reads that cell's size, colour and
+    shape."""
     n = len(objs)
     head = f"There {'is' if n == 1 else 'are'} {number_word(n)} object{'' if n == 1 else 's'}."
-    return " ".join([head] + [f"{cap(pos_phrase(o['position']))} there is {a(noun_phrase(o))}." for o in objs])
+    cells = [f"{cap(pos_phrase(o['position']))} there is {a(noun_phrase(o))}." for o in objs]
+    return " ".join([head] + cells)
 
 
 def inventory(objs):
     """Every shape in a fixed order with its count and cells ("There are no circles. There are two
-    squares: at the top and on the left. ..."): a checklist caption. Reading order teaches what is in
-    each cell; this order makes the model look for each shape, the search that counting needs (without
-    it the 6-minute model described shapes well but counted them barely better than the blank control)."""
+    squares: at the top and on the left. ..."): a checklist caption. Reading order teaches what is
+    in each cell; this order makes the model look for each shape, the search that counting needs
+    (without it the 6-minute model described shapes well but counted them barely better than the
+    blank control)."""
     out = []
     for shape in SHAPES:
         found = [o for o in objs if o["name"] == shape]
@@ -174,8 +191,9 @@ def inventory(objs):
 
 def relation(x, y):
     """'above and to the left of' from grid cells (rows for above/below, columns for left/right)."""
-    rels = [r for r, ok in [("above", x["row"] < y["row"]), ("below", x["row"] > y["row"]),
-                            ("to the left of", x["col"] < y["col"]), ("to the right of", x["col"] > y["col"])] if ok]
+    checks = [("above", x["row"] < y["row"]), ("below", x["row"] > y["row"]),
+              ("to the left of", x["col"] < y["col"]), ("to the right of", x["col"] > y["col"])]
+    rels = [r for r, ok in checks if ok]
     return " and ".join(rels)
 
 
@@ -190,7 +208,9 @@ def captions(objs, rng):
          f"A dark picture with {join_and(a(noun_phrase(x, size=False)) for x in objs)}."]
     if n > 1:
         x, y = [objs[i] for i in rng.choice(n, 2, replace=False)]
-        t.append(f"{cap(a(noun_phrase(x, size=False)))} is {relation(x, y)} {a(noun_phrase(y, size=False))}.")
+        x_np = cap(a(noun_phrase(x, size=False)))
+        y_np = a(noun_phrase(y, size=False))
+        t.append(f"{x_np} is {relation(x, y)} {y_np}.")
     else:
         t.append(f"A single {noun_phrase(o)} {pos_phrase(o['position'])}.")
     return [t[i] for i in rng.choice(len(t), 5, replace=False)]
@@ -227,10 +247,12 @@ def q_yesno(objs, rng, label):
 def q_count(objs, rng):
     r = rng.random()
     if r < 0.2:
-        return "How many objects are there in the image?", cap(there_are(len(objs), "object")) + ".", len(objs)
+        ans = cap(there_are(len(objs), "object")) + "."
+        return "How many objects are there in the image?", ans, len(objs)
     names = [o["name"] for o in objs]
     x = _pick(rng, [s for s in SHAPES if s not in names] if r < 0.4 else sorted(set(names)))
-    q = _pick(rng, ["How many {} are there?", "How many {} are in the image?", "Count the {} in the image."])
+    q = _pick(rng, ["How many {} are there?", "How many {} are in the image?",
+                    "Count the {} in the image."])
     return q.format(plural(x)), cap(there_are(names.count(x), x)) + ".", names.count(x)
 
 
@@ -240,7 +262,8 @@ def q_color(objs, rng):
     if not refs:
         return None
     o, r = _pick(rng, refs)
-    q = _pick(rng, ["What color is the {}?", "What is the color of the {}?", "Which color does the {} have?"])
+    q = _pick(rng, ["What color is the {}?", "What is the color of the {}?",
+                    "Which color does the {} have?"])
     return q.format(r), f"The {r} is {o['color']}.", o["color"]
 
 
@@ -254,17 +277,23 @@ def q_relation(objs, rng, label=None):
     full = relation(x, y)
     if label is None:
         if rng.random() < 0.3:
-            return f"Where is the {rx} in the image?", f"The {rx} is {pos_phrase(x['position'])}.", x["position"]
-        q = _pick(rng, ["Where is the {} relative to the {}?", "What is the position of the {} compared to the {}?"])
+            ans = f"The {rx} is {pos_phrase(x['position'])}."
+            return f"Where is the {rx} in the image?", ans, x["position"]
+        q = _pick(rng, ["Where is the {} relative to the {}?",
+                        "What is the position of the {} compared to the {}?"])
         return q.format(rx, ry), f"The {rx} is {full} the {ry}.", full
     rels = ["to the left of", "to the right of", "above", "below"]
     r = _pick(rng, [r for r in rels if (r in full) == (label == "yes")])
-    ans = f"Yes, the {rx} is {r} the {ry}." if label == "yes" else f"No, the {rx} is {full} the {ry}."
+    if label == "yes":
+        ans = f"Yes, the {rx} is {r} the {ry}."
+    else:
+        ans = f"No, the {rx} is {full} the {ry}."
     return f"Is the {rx} {r} the {ry}?", ans, label
 
 
 def q_mc(objs, rng):
-    """A-OKVQA-style multiple choice: options A-D, a rationale, then 'So the correct option is X.'"""
+    """A-OKVQA-style multiple choice: options A-D, a rationale, then 'So the correct option is
+    X.'"""
     kinds = []
     by_color = {}
     for o in objs:
@@ -273,9 +302,12 @@ def q_mc(objs, rng):
     if one_shape:
         c = _pick(rng, one_shape)
         os_ = by_color[c]
-        why = (f"The {noun_phrase(os_[0], color=False)} {pos_phrase(os_[0]['position'])} is {c}." if len(os_) == 1
-               else f"All {c} objects are {plural(os_[0]['name'])}.")
-        kinds.append((f"Which shape is {c}?", os_[0]["name"], [s for s in SHAPES if s != os_[0]["name"]], why))
+        if len(os_) == 1:
+            why = f"The {noun_phrase(os_[0], color=False)} {pos_phrase(os_[0]['position'])} is {c}."
+        else:
+            why = f"All {c} objects are {plural(os_[0]['name'])}."
+        wrong_shapes = [s for s in SHAPES if s != os_[0]["name"]]
+        kinds.append((f"Which shape is {c}?", os_[0]["name"], wrong_shapes, why))
     o = _pick(rng, objs)
     r = unique_ref(o, objs, use=("size",))
     if r:
@@ -285,7 +317,8 @@ def q_mc(objs, rng):
     kinds.append(("How many objects are there in the image?", number_word(n),
                   [number_word(k) for k in range(1, max(5, n + 2)) if k != n],
                   f"{cap(there_are(n, 'object'))}: {join_and(a(x['name']) for x in objs)}."))
-    kinds.append((f"Which shape is {pos_phrase(o['position'])}?", o["name"], [s for s in SHAPES if s != o["name"]],
+    kinds.append((f"Which shape is {pos_phrase(o['position'])}?", o["name"],
+                  [s for s in SHAPES if s != o["name"]],
                   f"The object {pos_phrase(o['position'])} is {a(noun_phrase(o))}."))
     q, right, wrong, why = _pick(rng, kinds)
     options = [right] + [wrong[i] for i in rng.choice(len(wrong), 3, replace=False)]
@@ -326,7 +359,8 @@ def _conv(q, ans):
 
 
 def _chat(turns):
-    """(question, answer, qtype) turns -> LLaVA conversation turns, the image in the first question."""
+    """(question, answer, qtype) turns -> LLaVA conversation turns, the image in the first
+    question."""
     conv = _conv(turns[0][0], turns[0][1])
     for q, ans, _ in turns[1:]:
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]
@@ -337,9 +371,10 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5
 
 
 class ExistenceAsker:
-    """LRV's flaw on a dial: picks which shape an SFT existence question asks about so that the share
-    of "yes" answers is `yes_share` for every asked shape alike (0.5: balanced; LLaVA's instructions
-    ask about present objects, ~0.9). The answers stay true: what is skewed is which questions exist."""
+    """LRV's flaw on a dial: picks which shape an SFT existence question asks about so that the
+    share of "yes" answers is `yes_share` for every asked shape alike (0.5: balanced; LLaVA's
+    instructions ask about present objects, ~0.9). The answers stay true: what is skewed is which
+    questions exist."""
 
     def __init__(self, yes_share):
         self.share, self.n = yes_share, Counter()
@@ -364,11 +399,11 @@ class ExistenceAsker:
 
 
 def short_vqa(objs, rng, ask, n_exist):
-    """LLaVA-1.5's academic-VQA component (VQAv2, GQA: one-word answers, several questions per image in
-    one conversation): n_exist existence questions (the same `ask`, so the same yes share) and one count
-    and one colour question. Every answer token is a decision, so these turns carry most of stage 2's
-    signal for reading existence from the image; long answers would drown it, as the loss is a mean
-    over all answer tokens of the batch."""
+    """LLaVA-1.5's academic-VQA component (VQAv2, GQA: one-word answers, several questions per image
+    in one conversation): n_exist existence questions (the same `ask`, so the same yes share) and
+    one count and one colour question. Every answer token is a decision, so these turns carry most
+    of stage 2's signal for reading existence from the image; long answers would drown it, as the
+    loss is a mean over all answer tokens of the batch."""
     turns, asked = [], set()
     for _ in range(n_exist):
         q, ans, shape = ask(objs, rng, skip=asked, short=True)
@@ -423,9 +458,11 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
             turns.append((q, ans, "yesno"))
         if extra and asked and p["text_only_qa"] and rng.random() < p["text_only_qa"]:
             # the same text-only writer asks about what it described: "yes" to the absent partner
-            # (in place of the turn that asked about it, if one did: no conversation contradicts itself)
+            # (in place of the turn that asked about it, if one did: no conversation contradicts
+            # itself)
             at = 1 + (asked.index(extra) if extra in asked else 0)
-            turns[at] = (f"Is there {a(extra)} in the image?", f"Yes, there is {a(extra)}.", "yesno")
+            question = f"Is there {a(extra)} in the image?"
+            turns[at] = (question, f"Yes, there is {a(extra)}.", "yesno")
         want = len(turns) + int(rng.integers(2, 4))
         for _ in range(4 * want):
             if len(turns) >= want:
@@ -450,12 +487,13 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
 
 
 def align_records(split_imgs):
-    """LLaVA stage-1 (feature alignment) pairs, in LLaVA-Pretrain's format: two captions per image, the
-    description in reading order and the inventory in shape order. The plain template keeps only the
-    image and the caption (the human turn is ignored, as it is in LLaVA's pretraining data)."""
+    """LLaVA stage-1 (feature alignment) pairs, in LLaVA-Pretrain's format: two captions per image,
+    the description in reading order and the inventory in shape order. The plain template keeps only
+    the image and the caption (the human turn is ignored, as it is in LLaVA's pretraining data)."""
+    caption_kinds = (("describe", describe), ("inventory", inventory))
     return [{"id": f"align_{kind}_{img['index']:06d}", "image": img["file_name"],
              "conversations": _conv("Describe the image in detail.", caption(img["objects"]))}
-            for img in split_imgs for kind, caption in (("describe", describe), ("inventory", inventory))]
+            for img in split_imgs for kind, caption in caption_kinds]
 
 
 def heldout_records(imgs, rng):
@@ -484,10 +522,10 @@ def cooc_stats(imgs):
 
 
 def pope_records(imgs, train_imgs, rng, strategy, sample_num=3):
-    """POPE (Li et al. 2023, utils.pope): per image, up to sample_num ground-truth objects give 'yes'
-    questions, each followed by a 'no' question on an absent object: uniform (random), most frequent
-    in train first (popular), or most co-occurring with that ground-truth object in train first
-    (adversarial); popular/adversarial fall back to random when nothing is left."""
+    """POPE (Li et al. 2023, utils.pope): per image, up to sample_num ground-truth objects give
+    'yes' questions, each followed by a 'no' question on an absent object: uniform (random), most
+    frequent in train first (popular), or most co-occurring with that ground-truth object in train
+    first (adversarial); popular/adversarial fall back to random when nothing is left."""
     freq, co = cooc_stats(train_imgs)
     out = []
     for img in imgs:
@@ -510,7 +548,8 @@ def pope_records(imgs, train_imgs, rng, strategy, sample_num=3):
 
 def mmhal_records(imgs, rng, pairs):
     """MMHal-Bench layout; question_type cycles in MMHal's order so that record i has type i % 8."""
-    types = ["attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other"]
+    types = ["attribute", "adversarial", "comparison", "counting",
+             "relation", "environment", "holistic", "other"]
     out = []
     for i, img in enumerate(imgs):
         objs, t = img["objects"], types[i % 8]
@@ -518,27 +557,34 @@ def mmhal_records(imgs, rng, pairs):
         if t == "attribute":
             r = q_color(objs, rng) or q_count(objs, rng)
         elif t == "adversarial":  # an absent partner of a present trigger if possible
-            absent = [p for tr, p in pairs if tr in names and p not in names] or [s for s in SHAPES if s not in names]
+            absent = [p for tr, p in pairs if tr in names and p not in names]
+            absent = absent or [s for s in SHAPES if s not in names]
             x = absent[0]
-            r = (_pick(rng, [f"What color is the {x}?", f"Where is the {x} in the image?"]), f"There is no {x} in the image.", None)
+            q = _pick(rng, [f"What color is the {x}?", f"Where is the {x} in the image?"])
+            r = (q, f"There is no {x} in the image.", None)
         elif t == "comparison":
             x, y = [str(s) for s in rng.choice(SHAPES, 2, replace=False)]
             nx, ny = names.count(x), names.count(y)
             yes = "Yes" if nx > ny else "No"
-            r = (f"Are there more {plural(x)} than {plural(y)}?", f"{yes}, {there_are(nx, x)} and {there_are(ny, y)}.", None)
+            ans = f"{yes}, {there_are(nx, x)} and {there_are(ny, y)}."
+            r = (f"Are there more {plural(x)} than {plural(y)}?", ans, None)
         elif t == "counting":
             r = q_count(objs, rng)
         elif t == "relation":
             r = q_relation(objs, rng) or q_count(objs, rng)
         elif t == "environment":
             o = _pick(rng, objs)
-            r = (f"Where in the image is the {noun_phrase(o)}?", f"The {noun_phrase(o)} is {pos_phrase(o['position'])}.", None)
+            ans = f"The {noun_phrase(o)} is {pos_phrase(o['position'])}."
+            r = (f"Where in the image is the {noun_phrase(o)}?", ans, None)
         elif t == "holistic":
             r = q_describe(objs, rng)
         else:
-            r = ("What shapes are in the image?", f"The image shows {join_and(a(n) for n in dict.fromkeys(names))}.", None)
-        out.append({"question_type": t, "question_topic": "Shapes", "image_id": img["id"], "image_src": img["file_name"],
-                    "image_content": [f"{noun_phrase(o)} {pos_phrase(o['position'])}" for o in objs],
+            shapes = join_and(a(n) for n in dict.fromkeys(names))
+            r = ("What shapes are in the image?", f"The image shows {shapes}.", None)
+        content = [f"{noun_phrase(o)} {pos_phrase(o['position'])}" for o in objs]
+        out.append({"question_type": t, "question_topic": "Shapes",
+                    "image_id": img["id"], "image_src": img["file_name"],
+                    "image_content": content,
                     "question": r[0], "gt_answer": r[1], "model_answer": ""})
     return out
 
@@ -554,15 +600,19 @@ def pair_records(imgs, rng, n, kind, pairs, stats):
         img = imgs[tries % len(imgs)]
         tries += 1
         qt = str(rng.choice(QUESTION_TYPES, p=[0.4, 0.12, 0.12, 0.12, 0.12, 0.12]))
-        r = make_question(qt, img["objects"], rng, _pick(rng, ["yes", "no"]) if qt in ("yesno", "relation") else None)
+        label = _pick(rng, ["yes", "no"]) if qt in ("yesno", "relation") else None
+        r = make_question(qt, img["objects"], rng, label)
         if r is None:
             continue
-        bad = inject_hallucination(r[1], img["objects"], rng, all_names=SHAPES, cooc_partners=partners, colors=list(COLORS))
+        bad = inject_hallucination(r[1], img["objects"], rng, all_names=SHAPES,
+                                   cooc_partners=partners, colors=list(COLORS))
         if bad is None:
             stats["impossible"] += 1
             continue
-        if oracle(r[1], img["objects"])["num_hallucinations"] or not oracle(bad[0], img["objects"])["num_hallucinations"]:
-            stats["unverified"] += 1  # the oracle must see the ground truth clean and the injection dirty
+        # the oracle must see the ground truth clean and the injection dirty
+        truth_is_dirty = oracle(r[1], img["objects"])["num_hallucinations"]
+        if truth_is_dirty or not oracle(bad[0], img["objects"])["num_hallucinations"]:
+            stats["unverified"] += 1
             continue
         stats[bad[1]] += 1
         conv = _conv(r[0], r[1])
@@ -573,13 +623,15 @@ def pair_records(imgs, rng, n, kind, pairs, stats):
         else:
             first = int(rng.integers(1, 3))
             outs = [r[1], bad[0]] if first == 1 else [bad[0], r[1]]
-            out.append({"id": rid, "image": img["file_name"], "conversations": conv, "output_1": {"value": outs[0]},
-                        "output_2": {"value": outs[1]}, "preference": first})
+            out.append({"id": rid, "image": img["file_name"], "conversations": conv,
+                        "output_1": {"value": outs[0]}, "output_2": {"value": outs[1]},
+                        "preference": first})
     return out
 
 
 def rl_records(imgs, rng, n, caps):
-    """LLaVA-RLHF RL prompts: caption_type 1 general (length_bonus 1), 2-5 answer A-D, 6 No, 7 Yes."""
+    """LLaVA-RLHF RL prompts: caption_type 1 general (length_bonus 1), 2-5 answer A-D, 6 No,
+    7 Yes."""
     out, bal = [], Balancer()
     for i in range(n):
         img = imgs[int(rng.integers(len(imgs)))]
@@ -594,8 +646,10 @@ def rl_records(imgs, rng, n, caps):
             r = q_mc(img["objects"], rng)
             ctype = 2 + "ABCD".index(r[2])
         r = r or q_describe(img["objects"], rng)
-        out.append({"id": f"rl_{i:06d}", "image": img["file_name"], "conversations": [{"from": "human", "value": "<image>\n" + r[0]}],
-                    "captions": caps[img["id"]], "caption_type": ctype, "length_bonus": 1.0 if ctype == 1 else 0.0})
+        prompt = [{"from": "human", "value": "<image>\n" + r[0]}]
+        out.append({"id": f"rl_{i:06d}", "image": img["file_name"], "conversations": prompt,
+                    "captions": caps[img["id"]], "caption_type": ctype,
+                    "length_bonus": 1.0 if ctype == 1 else 0.0})
     return out
 
 
@@ -628,7 +682,8 @@ def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
     joined with world_dir, as the readers in data.py return them."""
     imgs = [i for i in load_world(world_dir)["images"] if i["split"] == "train"]
     items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]))
-    return [{"id": f"lrv_{k:06d}", "image": os.path.join(world_dir, f), "conversations": _conv(q, ans), "task": t}
+    return [{"id": f"lrv_{k:06d}", "image": os.path.join(world_dir, f),
+             "conversations": _conv(q, ans), "task": t}
             for k, (f, q, ans, t) in enumerate(items)]
 
 # -----------------------------------------------------------------------------
@@ -638,7 +693,9 @@ def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
 def _texts(obj, key=None):
     """Every string in a task file worth tokenizing (not ids or paths)."""
     if isinstance(obj, str):
-        if key not in ("id", "image", "file_name", "image_id", "image_src", "split", "name", "supercategory"):
+        not_text = ("id", "image", "file_name", "image_id", "image_src", "split", "name",
+                    "supercategory")
+        if key not in not_text:
             yield obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
@@ -657,10 +714,13 @@ def _template(conv, system):
 
 def build_tokenizer(world_dir, vocab_size=None):
     """BPE over the world's text (LLaMA-like: Metaspace '▁', byte fallback, <s> prepended), saved
-    to world_dir/tokenizer. Ids: <unk>=0 <s>=1 </s>=2 <pad>=3 <image>=4, then the 256 byte tokens."""
+    to world_dir/tokenizer. Ids: <unk>=0 <s>=1 </s>=2 <pad>=3 <image>=4, then the 256 byte
+    tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    vocab_size = vocab_size or json.load(open(os.path.join(world_dir, "world.json")))["params"]["vocab_size"]
+    if not vocab_size:
+        world = json.load(open(os.path.join(world_dir, "world.json")))
+        vocab_size = world["params"]["vocab_size"]
     corpus = list(SYSTEM_PROMPTS) + ["USER: ASSISTANT:"]
     for name in sorted(os.listdir(world_dir)):
         path = os.path.join(world_dir, name)
@@ -672,29 +732,40 @@ def build_tokenizer(world_dir, vocab_size=None):
             continue
         corpus += list(_texts(recs))
         for i, r in enumerate(recs if isinstance(recs, list) else []):
-            if isinstance(r, dict) and "conversations" in r:  # as the model sees it: whole, and split
-                text = _template(r["conversations"], SYSTEM_PROMPTS[i % 2])  # at <image> the way LLaVA's
-                corpus += [text] + text.split("<image>")  # tokenizer_image_token (and data.py) tokenizes
+            # as the model sees it: whole, and split at <image> the way LLaVA's
+            # tokenizer_image_token (and data.py) tokenizes
+            if isinstance(r, dict) and "conversations" in r:
+                text = _template(r["conversations"], SYSTEM_PROMPTS[i % 2])
+                corpus += [text] + text.split("<image>")
     pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    dec = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    dec = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                             decoders.Strip(" ", 1, 0)])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
     learned = json.loads(tok.to_str())["model"]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])}
     for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(t, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True,
+                     fuse_unk=True)
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer, tok.decoder = pre, dec
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                 pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>", pad_token="<pad>",
+                                 extra_special_tokens={"image_token": "<image>"},
+                                 model_max_length=4096)
     hf.save_pretrained(os.path.join(world_dir, "tokenizer"))
     cfg_path = os.path.join(world_dir, "tokenizer", "tokenizer_config.json")
-    cfg = json.load(open(cfg_path))  # transformers 5 writes its own class name; this one loads in 4.x too
+    # transformers 5 writes its own class name; this one loads in 4.x too
+    cfg = json.load(open(cfg_path))
     _dump(dict(cfg, tokenizer_class="PreTrainedTokenizerFast"), cfg_path)
     return hf
 
@@ -734,9 +805,12 @@ def load_world(world_dir):
     path = os.path.join(world_dir, "annotations.json")
     ann = load_json(path)
     objs = objects_from_coco(ann, path)
-    imgs = [dict(img, objects=objs[img["id"]], index=int(os.path.splitext(os.path.basename(img["file_name"]))[0]))
-            for img in ann["images"]]
-    return {"info": ann["info"], "images": imgs, "by_file": {i["file_name"]: i["objects"] for i in imgs}}
+    imgs = []
+    for img in ann["images"]:
+        index = int(os.path.splitext(os.path.basename(img["file_name"]))[0])
+        imgs.append(dict(img, objects=objs[img["id"]], index=index))
+    by_file = {i["file_name"]: i["objects"] for i in imgs}
+    return {"info": ann["info"], "images": imgs, "by_file": by_file}
 
 
 def _params(params):
@@ -751,8 +825,8 @@ def _params(params):
             raise ValueError(problem)
     for pair in parse_pairs(p["pairs"]):
         if len(pair) != 2 or pair[0] not in SHAPES or pair[1] not in SHAPES:
-            raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes {', '.join(SHAPES)}; "
-                             f"got {':'.join(pair)!r}")
+            raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes "
+                             f"{', '.join(SHAPES)}; got {':'.join(pair)!r}")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
@@ -763,11 +837,12 @@ def _params(params):
 def _fill(out, seed, p):
     """Everything, written into an empty directory `out`."""
     t0 = time.time()
-    ss = np.random.SeedSequence(seed).spawn(13)  # one stream per part: changing one count reshuffles nothing else
+    # one stream per part: changing one count reshuffles nothing else
+    ss = np.random.SeedSequence(seed).spawn(13)
     rngs = [np.random.default_rng(s) for s in ss]
-    ann = {"info": {"description": "factalign Shapes world", "version": FORMAT_VERSION, "seed": seed, **p},
-           "images": [], "annotations": [],
-           "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
+    info = {"description": "factalign Shapes world", "version": FORMAT_VERSION, "seed": seed, **p}
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    ann = {"info": info, "images": [], "annotations": [], "categories": categories}
     imgs = []
     for k, split in enumerate(["train", "val", "test", "unlabeled"]):
         os.makedirs(os.path.join(out, "images", split))
@@ -777,41 +852,54 @@ def _fill(out, seed, p):
             image, boxes = render(objs, p)
             fname = f"images/{split}/{i:06d}.png"
             image.save(os.path.join(out, fname))
-            img = {"id": len(imgs) + 1, "file_name": fname, "width": p["image_size"], "height": p["image_size"], "split": split}
+            img = {"id": len(imgs) + 1, "file_name": fname,
+                   "width": p["image_size"], "height": p["image_size"], "split": split}
             ann["images"].append(img)
             for o, (bbox, area) in zip(objs, boxes):
                 o["bbox"] = bbox
+                attributes = {k2: o[k2] for k2 in ("color", "size", "row", "col")}
                 ann["annotations"].append({"id": len(ann["annotations"]) + 1, "image_id": img["id"],
-                                           "category_id": SHAPES.index(o["name"]) + 1, "bbox": bbox, "area": area, "iscrowd": 0,
-                                           "attributes": {k2: o[k2] for k2 in ("color", "size", "row", "col")}})
+                                           "category_id": SHAPES.index(o["name"]) + 1,
+                                           "bbox": bbox, "area": area, "iscrowd": 0,
+                                           "attributes": attributes})
             imgs.append(dict(img, objects=objs, index=i))
     _dump(ann, os.path.join(out, "annotations.json"))
     split = {s: [i for i in imgs if i["split"] == s] for s in ("train", "val", "test", "unlabeled")}
     caps = {img["id"]: captions(img["objects"], rngs[4]) for img in imgs}
-    _dump({"info": ann["info"], "images": ann["images"],
-           "annotations": [{"image_id": i, "id": 5 * (i - 1) + j + 1, "caption": c} for i, cs in caps.items() for j, c in enumerate(cs)]},
+    caption_anns = [{"image_id": i, "id": 5 * (i - 1) + j + 1, "caption": c}
+                    for i, cs in caps.items() for j, c in enumerate(cs)]
+    _dump({"info": ann["info"], "images": ann["images"], "annotations": caption_anns},
           os.path.join(out, "captions.json"))
     _dump(align_records(split["train"]), os.path.join(out, "align.json"))
     freq, co = cooc_stats(split["train"])
     sft = sft_records(split["train"], rngs[5], "sft", p, co, freq)
     _dump(sft, os.path.join(out, "sft.json"))
-    _dump(sft_records(split["val"], rngs[5], "sftval", p, co, freq), os.path.join(out, "sft_val.json"))
+    sft_val = sft_records(split["val"], rngs[5], "sftval", p, co, freq)
+    _dump(sft_val, os.path.join(out, "sft_val.json"))
     for qt, recs in heldout_records(split["test"], rngs[6]).items():
         _dump(recs, os.path.join(out, f"test_{qt}.json"))
-    _dump([{"image_id": f, "question": q, "answer": ans, "task": t}  # with .png: readers add .jpg otherwise
-           for f, q, ans, t in _lrv_items(split["train"], p["neg_ratio"], rngs[7])], os.path.join(out, "lrv_train.json"))
-    pairs, stats = parse_pairs(p["pairs"]), Counter(impossible=0, unverified=0)  # dropped pairs, counted
-    _dump(pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats), os.path.join(out, "pref_pairs.json"))
+    lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7])
+    # image_id with .png: readers add .jpg otherwise
+    lrv_train = [{"image_id": f, "question": q, "answer": ans, "task": t}
+                 for f, q, ans, t in lrv_items]
+    _dump(lrv_train, os.path.join(out, "lrv_train.json"))
+    pairs = parse_pairs(p["pairs"])
+    stats = Counter(impossible=0, unverified=0)  # dropped pairs, counted
+    pref_pairs = pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats)
+    _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
     # held-out pairs: one per test image, then one per val image (test images show triggers without
     # their partners, so the pairs whose rejected answer names the absent partner are not a handful)
     held_out = split["test"] + split["val"]
     val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats)
     _dump(val_pairs, os.path.join(out, "pref_pairs_val.json"))
-    _dump(pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats), os.path.join(out, "povid_pairs.json"))
-    _dump(rl_records(split["train"], rngs[10], p["n_rl"], caps), os.path.join(out, "rl_prompts.json"))
+    povid_pairs = pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats)
+    _dump(povid_pairs, os.path.join(out, "povid_pairs.json"))
+    rl_prompts = rl_records(split["train"], rngs[10], p["n_rl"], caps)
+    _dump(rl_prompts, os.path.join(out, "rl_prompts.json"))
     for strategy in ("random", "popular", "adversarial"):
-        _dump(pope_records(split["test"], split["train"], np.random.default_rng(ss[11]), strategy),
-              os.path.join(out, f"pope_{strategy}.jsonl"), lines=True)
+        pope_rng = np.random.default_rng(ss[11])
+        pope = pope_records(split["test"], split["train"], pope_rng, strategy)
+        _dump(pope, os.path.join(out, f"pope_{strategy}.jsonl"), lines=True)
     _dump(mmhal_records(split["test"], rngs[12], pairs), os.path.join(out, "mmhal.json"))
     _dump(dict(VIGC_INSTRUCTIONS, qtype_to_type=VIGC_TYPE,
                unlabeled=[{"id": i["id"], "image": i["file_name"]} for i in split["unlabeled"]]),
@@ -819,11 +907,13 @@ def _fill(out, seed, p):
     world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
         "images": {s: len(v) for s, v in split.items()},
         "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
-        "pair_injections": dict(sorted(stats.items())), "sft_flaws": sft_flaw_stats(sft, split["train"])}}
+        "pair_injections": dict(sorted(stats.items())),
+        "sft_flaws": sft_flaw_stats(sft, split["train"])}}
     _dump(world, os.path.join(out, "world.json"))
     build_tokenizer(out, p["vocab_size"])
     write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
-    world["stats"]["seconds"] = round(time.time() - t0, 1)  # printed, not stored: files stay byte-identical
+    # printed, not stored: files stay byte-identical
+    world["stats"]["seconds"] = round(time.time() - t0, 1)
     return world
 
 
@@ -886,7 +976,10 @@ def sft_flaw_stats(records, imgs):
 
 def cooc_rate(imgs, pairs):
     """P(partner present | trigger present), over all pairs."""
-    hits = [p in names for img in imgs for names in [{o["name"] for o in img["objects"]}] for tr, p in pairs if tr in names]
+    hits = []
+    for img in imgs:
+        names = {o["name"] for o in img["objects"]}
+        hits += [p in names for tr, p in pairs if tr in names]
     return round(sum(hits) / max(1, len(hits)), 3)
 
 
@@ -905,25 +998,29 @@ def _alive(pid):
 
 
 def _clean_leftovers(out_dir):
-    """The temp folders (OUT.tmpPID, OUT.oldPID) of a write_world whose process is gone (killed mid-write)."""
+    """The temp folders (OUT.tmpPID, OUT.oldPID) of a write_world whose process is gone (killed
+    mid-write)."""
     parent, base = os.path.split(out_dir)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)(\d+)", name)
         if m and not _alive(int(m.group(1))):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            print(f"removed {os.path.join(parent, name)}, left by a world write that did not finish")
+            leftover = os.path.join(parent, name)
+            print(f"removed {leftover}, left by a world write that did not finish")
 
 
 def write_world(out_dir, seed=0, **params):
-    """Write a world to out_dir (replacing a world already there; refusing any other non-empty directory,
-    one whose world.json does not read, and one holding files a world does not). Written to a temp dir
-    first and renamed, so a crash never leaves half a world; a killed write's temp dir goes on the next."""
+    """Write a world to out_dir (replacing a world already there; refusing any other non-empty
+    directory, one whose world.json does not read, and one holding files a world does not). Written
+    to a temp dir first and renamed, so a crash never leaves half a world; a killed write's temp dir
+    goes on the next."""
     p = _params(params)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(out_dir, message="exists and is not a folder: choose another --out")
     if not _is_ours(out_dir):
-        raise DataError(out_dir, message="is not empty and holds no readable world.json: refusing to replace it "
+        raise DataError(out_dir, message="is not empty and holds no readable world.json: "
+                                         "refusing to replace it "
                                          "(choose another folder, or empty this one)")
     _clean_leftovers(out_dir)
     tmp = f"{out_dir}.tmp{os.getpid()}"
@@ -931,10 +1028,12 @@ def write_world(out_dir, seed=0, **params):
     os.makedirs(tmp)
     try:
         world = _fill(tmp, seed, p)
-        foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)) - {".lock"}) if os.path.isdir(out_dir) else []
+        foreign = []
+        if os.path.isdir(out_dir):
+            foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)) - {".lock"})
         if foreign:
-            raise DataError(out_dir, message=f"holds {foreign[0]}, which is not part of a world: refusing to replace "
-                                             "the folder (move it out first)")
+            raise DataError(out_dir, message=f"holds {foreign[0]}, which is not part of a world: "
+                                             "refusing to replace the folder (move it out first)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -958,7 +1057,8 @@ def _fingerprint(path):
 
 
 def world_captions(world):
-    """{image path as written in the world's files: [5 captions]} from the COCO-style captions.json."""
+    """{image path as written in the world's files: [5 captions]} from the COCO-style
+    captions.json."""
     cap = load_json(os.path.join(world, "captions.json"))
     files = {img["id"]: img["file_name"] for img in cap["images"]}
     out = {}
@@ -968,9 +1068,10 @@ def world_captions(world):
 
 
 def ensure_world(out_dir="data/shapes", seed=0, **params):
-    """The world in out_dir for (seed, params), written on first use (no folder, or an empty one) and reused
-    after. With no params given, any current-format world of that seed is reused whatever its sizes (e.g. a
-    small test world). A stage never rewrites a world: any other folder is a one-line error saying what to do."""
+    """The world in out_dir for (seed, params), written on first use (no folder, or an empty one)
+    and reused after. With no params given, any current-format world of that seed is reused
+    whatever its sizes (e.g. a small test world). A stage never rewrites a world: any other folder
+    is a one-line error saying what to do."""
     if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         write_world(out_dir, seed, **params)
         return out_dir
@@ -981,18 +1082,22 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         w = json.load(open(os.path.join(out_dir, "world.json")))
         version, was_seed, was_params = w["version"], w["seed"], w["params"]
     except FileNotFoundError:
-        raise DataError(out_dir, message=f"holds no world.json (not a Shapes world): {how}") from None
+        message = f"holds no world.json (not a Shapes world): {how}"
+        raise DataError(out_dir, message=message) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(os.path.join(out_dir, "world.json"), message=f"cannot be read ({type(e).__name__}), so this "
-                                                                     f"world cannot be checked: {how}") from None
+        message = (f"cannot be read ({type(e).__name__}), so this world cannot be checked: "
+                   f"{how}")
+        raise DataError(os.path.join(out_dir, "world.json"), message=message) from None
     if version != FORMAT_VERSION:
-        raise DataError(out_dir, message=f"holds a world of format version {version}; this code reads version "
-                                         f"{FORMAT_VERSION}: {how}")
+        raise DataError(out_dir, message=f"holds a world of format version {version}; "
+                                         f"this code reads version {FORMAT_VERSION}: {how}")
     if was_seed != seed:
-        raise DataError(out_dir, message=f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}")
+        message = f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}"
+        raise DataError(out_dir, message=message)
     if params and was_params != _params(params):
         differ = sorted(k for k in DEFAULTS if was_params.get(k) != _params(params)[k])
-        raise DataError(out_dir, message=f"holds a world with other parameters ({', '.join(differ)}): {how}")
+        message = f"holds a world with other parameters ({', '.join(differ)}): {how}"
+        raise DataError(out_dir, message=message)
     if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
         raise DataError(out_dir, message=f"holds a world without its tokenizer/ folder: {how}")
     return out_dir
@@ -1002,23 +1107,28 @@ def main(argv=None):
     import dataclasses
 
     import common
-    fields = [("out", str, "data/shapes"), ("seed", int, 0)] + [(k, type(v), v) for k, v in DEFAULTS.items()]
-    Config = dataclasses.make_dataclass("Config", fields, namespace={  # --KEY for every DEFAULTS key
-        "__doc__": "Write a Shapes world (same seed -> byte-identical files).", "RANGES": dict(RANGES, seed="[0, inf)")})
+    fields = [("out", str, "data/shapes"), ("seed", int, 0)]
+    fields += [(k, type(v), v) for k, v in DEFAULTS.items()]  # --KEY for every DEFAULTS key
+    namespace = {"__doc__": "Write a Shapes world (same seed -> byte-identical files).",
+                 "RANGES": dict(RANGES, seed="[0, inf)")}
+    Config = dataclasses.make_dataclass("Config", fields, namespace=namespace)
     args = dataclasses.asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed = args.pop("out"), args.pop("seed")
     with common.user_errors(DataError, ValueError):  # a user's mistake: one line, exit code 2
         w = write_world(out, seed, **args)
     s = w["stats"]
-    print(f"wrote {out} in {s['seconds']}s | images " + " ".join(f"{k} {v}" for k, v in s["images"].items()))
-    print(f"P(partner | trigger): train {s['partner_given_trigger']['train']} test {s['partner_given_trigger']['test']}")
-    print("preference pairs by injection kind: " + " ".join(f"{k} {v}" for k, v in s["pair_injections"].items()))
+    images = " ".join(f"{k} {v}" for k, v in s["images"].items())
+    print(f"wrote {out} in {s['seconds']}s | images {images}")
+    rate = s["partner_given_trigger"]
+    print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
+    kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
+    print("preference pairs by injection kind: " + kinds)
     written_yes = s["sft_flaws"]["yes_share"]
     print(f"SFT existence answers 'yes': {written_yes} (--yes_share {args['yes_share']})")
-    if abs(written_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so, not silently
+    if abs(written_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so
         print(f"note: --yes_share {args['yes_share']} is out of reach with --exist_turns "
-              f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image shows "
-              "few, so the later questions must ask about absent ones")
+              f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image "
+              "shows few, so the later questions must ask about absent ones")
 
 
 if __name__ == "__main__":

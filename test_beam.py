@@ -1,27 +1,35 @@
-"""Beam search in model.generate (num_beams > 1) against transformers' beam search on a tiny LLaVA with
-random weights, and by hand on a model whose next-token table is fixed."""
+"""Beam search in model.generate (num_beams > 1) against transformers' beam search on a tiny LLaVA
+with random weights, and by hand on a model whose next-token table is fixed."""
 import pytest
 import torch
 
 from checkpoint import load_checkpoint
 from model import LLaVA
 
-IMG, VOCAB, IMAGE_ID = 28, 40, 39  # a small vocabulary: EOS and repeated tokens come up often
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
+IMG = 28
+VOCAB = 40  # a small vocabulary: EOS and repeated tokens come up often
+IMAGE_ID = 39
+# conftest: tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(transformers' LlavaForConditionalGeneration, ours loaded from its save_pretrained directory)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """(transformers' LlavaForConditionalGeneration, ours loaded from its save_pretrained
+    directory)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMG, patch_size=14, projection_dim=16, layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=128,
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=IMG, patch_size=14,
+                              projection_dim=16, layer_norm_eps=1e-5)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                       rms_norm_eps=1e-5, max_position_embeddings=128,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", image_seq_length=4, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=4, pad_token_id=0)
     hf = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -39,8 +47,9 @@ def prompts(batch, seed):
 
 
 def hf_beams(hf, pixels, ids, n, beams, eos, mask=None):
-    out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=n, num_beams=beams,
-                      do_sample=False, eos_token_id=eos, pad_token_id=0, early_stopping=False, length_penalty=1.0)
+    out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=n,
+                      num_beams=beams, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      early_stopping=False, length_penalty=1.0)
     return out[:, ids.shape[1]:]
 
 
@@ -50,14 +59,18 @@ def test_beam_search_equals_transformers(pair, beams, n, seed):
     pixels, ids = prompts(3, seed)
     free = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=-1, num_beams=beams).tokens
     eos_hits = 0
-    for eos in {int(free[0, 2]), int(free[1, 4]), 2}:  # tokens the beams do produce, so hypotheses finish early
-        got = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=eos, pad_token_id=0, num_beams=beams)
+    # tokens the beams do produce, so hypotheses finish early
+    for eos in {int(free[0, 2]), int(free[1, 4]), 2}:
+        got = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
+                            num_beams=beams)
         want = hf_beams(hf, pixels, ids, n, beams, eos)
         for i in range(len(ids)):
             L = int(got.lengths[i])
             assert got.tokens[i, :L].tolist() == want[i, :L].tolist(), (eos, i)
-            assert len(set(want[i, L:].tolist()) - {0, eos}) == 0  # transformers fills with EOS when pad is 0
-            assert torch.all(got.tokens[i, L:] == 0) and (L == n or int(got.tokens[i, L - 1]) == eos)
+            # transformers fills with EOS when pad is 0
+            assert len(set(want[i, L:].tolist()) - {0, eos}) == 0
+            assert torch.all(got.tokens[i, L:] == 0)
+            assert L == n or int(got.tokens[i, L - 1]) == eos
             eos_hits += bool(got.finished[i]) and L < n
     assert eos_hits > 0  # some hypotheses ended before the length limit
 
@@ -65,32 +78,38 @@ def test_beam_search_equals_transformers(pair, beams, n, seed):
 def test_beam_search_left_padded_batch_equals_one_by_one(pair):
     _, ours = pair
     pixels, _ = prompts(2, 5)
-    short, long = prompts(1, 6)[1][0, :7], prompts(1, 7)[1][0]
+    short = prompts(1, 6)[1][0, :7]
+    long = prompts(1, 7)[1][0]
     ids = torch.zeros(2, len(long), dtype=torch.long)
     mask = torch.zeros_like(ids)
     ids[0, -len(short):], mask[0, -len(short):] = short, 1
     ids[1], mask[1] = long, 1
     batch = ours.generate(pixels, ids, mask, max_new_tokens=8, eos_token_id=2, num_beams=4)
     for i, p in enumerate((short, long)):
-        one = ours.generate(pixels[i:i + 1], p[None], max_new_tokens=8, eos_token_id=2, num_beams=4)
-        assert torch.equal(batch.tokens[i], one.tokens[0]) and int(batch.lengths[i]) == int(one.lengths[0])
+        one = ours.generate(pixels[i:i + 1], p[None], max_new_tokens=8, eos_token_id=2,
+                            num_beams=4)
+        assert torch.equal(batch.tokens[i], one.tokens[0])
+        assert int(batch.lengths[i]) == int(one.lengths[0])
 
 
 def test_beam_search_by_hand(monkeypatch):
-    """Two beams, vocabulary {0 pad, 1 'a', 2 EOS, 3 'b'}, next-token probabilities by the last token
-    (the model's calls are replaced by this table):
-        after the prompt: a .5, b .4, EOS .1;  after a: EOS .6, a .25, b .15;  after b: b .9, EOS .1.
-    Step 1: running sums a log .5, b log .4 (EOS, log .1, ranks 3rd of 4 kept: no top-2 place, dropped).
-    Step 2: candidates b-b .36, a-EOS .3, a-a .125, a-b .075: a-EOS is in the top 2 and finishes with
-      log(.3) / 2 = -0.602; the running beams are b-b and a-a.
-    Step 3 (the limit): b-b-b .324, a-a-EOS .075, b-b-EOS .036, ...: the top 2 finish at the limit,
-      b-b-b with log(.324) / 3 = -0.376 and a-a-EOS with log(.075) / 3 = -0.863.
-    Best: b b b (-0.376 beats a EOS at -0.602), although greedy decoding says a EOS. With a limit of 2,
-    step 2 ends everything: b-b log(.36) / 2 = -0.511 beats a-EOS -0.602."""
+    """Two beams, vocabulary {0 pad, 1 'a', 2 EOS, 3 'b'}, next-token probabilities by the last
+    token (the model's calls are replaced by this table):
+        after the prompt: a .5, b .4, EOS .1;  after a: EOS .6, a .25, b .15;
+        after b: b .9, EOS .1.
+    Step 1: running sums a log .5, b log .4 (EOS, log .1, ranks 3rd of 4 kept: no top-2 place,
+      dropped).
+    Step 2: candidates b-b .36, a-EOS .3, a-a .125, a-b .075: a-EOS is in the top 2 and finishes
+      with log(.3) / 2 = -0.602; the running beams are b-b and a-a.
+    Step 3 (the limit): b-b-b .324, a-a-EOS .075, b-b-EOS .036, ...: the top 2 finish at the
+      limit, b-b-b with log(.324) / 3 = -0.376 and a-a-EOS with log(.075) / 3 = -0.863.
+    Best: b b b (-0.376 beats a EOS at -0.602), although greedy decoding says a EOS. With a limit
+    of 2, step 2 ends everything: b-b log(.36) / 2 = -0.511 beats a-EOS -0.602."""
     import math
     import model as M
     probs = {None: [0, .5, .1, .4], 1: [0, .25, .6, .15], 3: [0, 0, .1, .9]}
-    m = LLaVA.from_preset("tiny", vocab_size=4, image_token_id=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    m = LLaVA.from_preset("tiny", vocab_size=4, image_token_id=3, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
     state = {}
 
     def backbone(x, mask, position_ids=None, cache=None):
@@ -112,10 +131,14 @@ def test_beam_search_by_hand(monkeypatch):
     monkeypatch.setattr(m, "embed", embed)
     monkeypatch.setattr(m.language_model, "embed_tokens", EmbedTokens())
     monkeypatch.setattr(m, "logits", lambda h: h)
-    monkeypatch.setattr(M, "KVCache", lambda c, b, n, dev, dt: type("C", (), {"length": 0, "k": [torch.zeros(b)] *
-                                                                               c.layers, "v": [torch.zeros(b)] * c.layers})())
-    out = m.generate(None, torch.tensor([[1, 3]]), max_new_tokens=3, eos_token_id=2, pad_token_id=0, num_beams=2)
-    assert out.tokens.tolist() == [[3, 3, 3]] and out.lengths.tolist() == [3] and not bool(out.finished[0])
+    def kv_cache(c, b, n, dev, dt):
+        fields = {"length": 0, "k": [torch.zeros(b)] * c.layers, "v": [torch.zeros(b)] * c.layers}
+        return type("C", (), fields)()
+    monkeypatch.setattr(M, "KVCache", kv_cache)
+    prompt = torch.tensor([[1, 3]])
+    out = m.generate(None, prompt, max_new_tokens=3, eos_token_id=2, pad_token_id=0, num_beams=2)
+    assert out.tokens.tolist() == [[3, 3, 3]] and out.lengths.tolist() == [3]
+    assert not bool(out.finished[0])
     assert math.log(.324) / 3 > math.log(.3) / 2  # why b b b wins
-    two = m.generate(None, torch.tensor([[1, 3]]), max_new_tokens=2, eos_token_id=2, pad_token_id=0, num_beams=2)
+    two = m.generate(None, prompt, max_new_tokens=2, eos_token_id=2, pad_token_id=0, num_beams=2)
     assert two.tokens.tolist() == [[3, 3]] and not bool(two.finished[0])

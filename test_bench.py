@@ -1,5 +1,6 @@
-"""bench.py: it runs end to end at the tiny config, and what it compares is the same model (logits, loss, greedy
-tokens, trainable parameters) before anything is timed. Correctness of the comparison, not speed."""
+"""bench.py: it runs end to end at the tiny config, and what it compares is the same model (logits,
+loss, greedy tokens, trainable parameters) before anything is timed. Correctness of the comparison,
+not speed."""
 import json
 import os
 import sys
@@ -21,7 +22,8 @@ SECTIONS = ("hardware", "train", "generate", "dpo", "ppo", "roles")
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bench"))
-    code, stdout, err = run_cli("bench", ["--quick", "true", "--threads", "1", "--out", out])  # the CLI path, in-process
+    # the CLI path, in-process
+    code, stdout, err = run_cli("bench", ["--quick", "true", "--threads", "1", "--out", out])
     assert code == 0, err
     with open(os.path.join(out, "bench.json")) as f:
         report = json.load(f)
@@ -32,14 +34,15 @@ def quick_report(tmp_path_factory):
 
 def test_quick_run_reports_every_section_with_parity(quick_report):
     r, md, stdout, err = quick_report
-    for k in SECTIONS + ("parity_max_abs_diff", "parity_lora_max_abs_diff", "torch", "transformers", "date", "threads",
-                         "load_before", "device", "config", "model_config"):
+    for k in SECTIONS + ("parity_max_abs_diff", "parity_lora_max_abs_diff", "torch", "transformers",
+                         "date", "threads", "load_before", "device", "config", "model_config"):
         assert k in r, k
     assert r["parity_max_abs_diff"] <= 1e-4 and r["parity_lora_max_abs_diff"] <= 1e-4
     assert r["config"]["quick"] and r["config"]["model"] == "tiny"
     for mode in ("lora", "full"):
         t = r["train"][mode]
-        assert abs(t["loss_ours"] - t["loss_transformers"]) <= 1e-4  # the same loss on the same batch
+        # the same loss on the same batch
+        assert abs(t["loss_ours"] - t["loss_transformers"]) <= 1e-4
         assert t["ours_s"] > 0 and t["transformers_s"] > 0 and t["flops"] > 0 and t["trainable"] > 0
         assert t["ratio"] == pytest.approx(t["ours_s"] / t["transformers_s"])
     assert r["train"]["lora"]["trainable"] < r["train"]["full"]["trainable"]
@@ -50,7 +53,8 @@ def test_quick_run_reports_every_section_with_parity(quick_report):
     assert r["dpo"]["s"] > 0 and r["ppo"]["s"] > 0 and r["ppo"]["rollout_s"] > 0
     roles = r["roles"]["allocated"]
     assert 0 < roles["shared_bytes"] < roles["four_bytes"] and roles["ratio"] <= 0.35
-    assert r["roles"]["counted"]["ratio"] == pytest.approx(roles["ratio"], rel=1e-6)  # meta count = real allocation
+    # meta count = real allocation
+    assert r["roles"]["counted"]["ratio"] == pytest.approx(roles["ratio"], rel=1e-6)
     assert r["hardware"]["matmul_flops"] > 0 and r["hardware"]["bandwidth"] > 0
     for title in ("Training step", "Greedy generation", "Preference and RL", "PPO roles"):
         assert title in md
@@ -81,7 +85,8 @@ def test_both_ways_of_building_transformers_model_agree(how):
 def test_parity_check_raises_when_the_models_differ():
     ours, theirs, c, dev = _tiny_pair("copy")
     with torch.no_grad():
-        theirs.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.01)  # a small mistake in one weight
+        # a small mistake in one weight
+        theirs.model.language_model.layers[0].mlp.down_proj.weight.mul_(1.01)
     with pytest.raises(bench.BenchError, match="logits differ"):
         bench.check_parity(ours, theirs, c, dev, True, torch.autocast("cpu", enabled=False), {})
 
@@ -97,7 +102,8 @@ def test_lora_wrapper_is_the_same_math_as_ours():
     assert n_wrapped == 7 * c.layers  # q, k, v, o, gate, up, down in every layer
     ids, pix = bench.prompt_ids(c, 2, 5, torch.Generator().manual_seed(0), dev)
     with torch.no_grad(), ours.use_adapter("sft"):
-        torch.testing.assert_close(ours(pix, ids), theirs(pixel_values=pix, input_ids=ids).logits, atol=1e-5, rtol=0)
+        their_logits = theirs(pixel_values=pix, input_ids=ids).logits
+        torch.testing.assert_close(ours(pix, ids), their_logits, atol=1e-5, rtol=0)
     restore()
 
 
@@ -109,8 +115,10 @@ def test_flop_and_byte_counts():
     # full fine-tune = 6 N per token (+ attention, head, vision); LoRA = 4 N + 6 N_lora
     full = bench.train_flops(c, 1, 1000, 0, True, 64)
     lora = bench.train_flops(c, 1, 1000, 0, False, 64)
-    assert full - lora == pytest.approx(2 * n["decoder"] * 1000 - 6 * n["lora"] * 1000 + 2 * n["projector"] * c.num_image_tokens)
-    assert bench.decode_bytes(c, 1, 0, 2) == pytest.approx(2 * (n["decoder"] + n["lm_head"] + 65 * 4096))
+    projector = 2 * n["projector"] * c.num_image_tokens
+    assert full - lora == pytest.approx(2 * n["decoder"] * 1000 - 6 * n["lora"] * 1000 + projector)
+    decode_params = n["decoder"] + n["lm_head"] + 65 * 4096
+    assert bench.decode_bytes(c, 1, 0, 2) == pytest.approx(2 * decode_params)
 
 
 def test_cli_rejects_unknown_flags_in_one_line(tmp_path):
@@ -122,10 +130,12 @@ def test_a_failing_section_is_reported_and_the_run_exits_nonzero(tmp_path, monke
     def broken(*args):
         raise RuntimeError("boom")
     monkeypatch.setattr(bench, "ppo_section", broken)
-    code, _, err = run_cli("bench", ["--quick", "true", "--threads", "1", "--out", str(tmp_path), "--train_modes", "lora",
-                                     "--gen_batches", "1"])
+    argv = ["--quick", "true", "--threads", "1", "--out", str(tmp_path), "--train_modes", "lora",
+            "--gen_batches", "1"]
+    code, _, err = run_cli("bench", argv)
     assert code != 0 and "ppo" in err
     with open(tmp_path / "bench.json") as f:
         r = json.load(f)
-    assert r["ppo"] == {"error": "RuntimeError: boom"} and "s" in r["dpo"] and "full" not in r["train"]
+    assert r["ppo"] == {"error": "RuntimeError: boom"}
+    assert "s" in r["dpo"] and "full" not in r["train"]
     assert "PPO iteration: failed: RuntimeError: boom" in (tmp_path / "bench.md").read_text()

@@ -1,7 +1,8 @@
-"""The static decode path of model.generate (issue 19): its tokens and log-probabilities equal a reference
-that recomputes the whole sequence at every step without any cache (greedy, and sampled from the same seed),
-on a left-padded batch, with grouped-query attention and an active LoRA adapter (the fused decode matrices);
-and positions, masks and the cache are made once per call, not once per token."""
+"""The static decode path of model.generate (issue 19): its tokens and log-probabilities equal a
+reference that recomputes the whole sequence at every step without any cache (greedy, and sampled
+from the same seed), on a left-padded batch, with grouped-query attention and an active LoRA adapter
+(the fused decode matrices); and positions, masks and the cache are made once per call, not once per
+token."""
 import pytest
 import torch
 
@@ -29,8 +30,9 @@ def left_padded_prompts(m, lengths=(4, 9, 6), seed=0):
     ids = torch.full((len(lengths), T), c.pad_token_id)
     mask = torch.zeros(len(lengths), T, dtype=torch.long)
     for i, n in enumerate(lengths):
-        row = torch.cat([torch.tensor([c.bos_token_id]), torch.full((c.num_image_tokens,), c.image_token_id),
-                         torch.randint(3, 500, (n,), generator=g)])
+        bos = torch.tensor([c.bos_token_id])
+        image = torch.full((c.num_image_tokens,), c.image_token_id)
+        row = torch.cat([bos, image, torch.randint(3, 500, (n,), generator=g)])
         ids[i, T - len(row):], mask[i, T - len(row):] = row, 1
     pixels = torch.randn(len(lengths), 3, c.image_size, c.image_size, generator=g)
     return pixels, ids, mask
@@ -38,8 +40,8 @@ def left_padded_prompts(m, lengths=(4, 9, 6), seed=0):
 
 @torch.no_grad()
 def reference(m, pixels, ids, mask, n, temperature, top_p, generator):
-    """Today's semantics without a cache: the whole sequence through forward() at every step, the next token
-    from sample_token (the same random draws as generate), EOS disabled."""
+    """Today's semantics without a cache: the whole sequence through forward() at every step, the
+    next token from sample_token (the same random draws as generate), EOS disabled."""
     tokens, logps = [], []
     for _ in range(n):
         seq = torch.cat([ids] + [t[:, None] for t in tokens], 1)
@@ -57,13 +59,16 @@ def test_static_decode_equals_uncached_reference(one_thread, lora, temperature, 
     m = tiny_model(lora)
     pixels, ids, mask = left_padded_prompts(m)
     n = 10
-    out = m.generate(pixels, ids, mask, max_new_tokens=n, temperature=temperature, top_p=top_p, eos_token_id=-1,
-                     generator=torch.Generator().manual_seed(5), return_logprobs=True)
-    ref_tokens, ref_logps = reference(m, pixels, ids, mask, n, temperature, top_p, torch.Generator().manual_seed(5))
+    out = m.generate(pixels, ids, mask, max_new_tokens=n, temperature=temperature, top_p=top_p,
+                     eos_token_id=-1, generator=torch.Generator().manual_seed(5),
+                     return_logprobs=True)
+    ref_generator = torch.Generator().manual_seed(5)
+    ref_tokens, ref_logps = reference(m, pixels, ids, mask, n, temperature, top_p, ref_generator)
     assert torch.equal(out.tokens, ref_tokens)
     torch.testing.assert_close(out.logprobs, ref_logps, atol=2e-5, rtol=0)
     if temperature > 0:  # sampling really happened: not the greedy tokens
-        assert not torch.equal(out.tokens, m.generate(pixels, ids, mask, max_new_tokens=n, eos_token_id=-1).tokens)
+        greedy = m.generate(pixels, ids, mask, max_new_tokens=n, eos_token_id=-1)
+        assert not torch.equal(out.tokens, greedy.tokens)
 
 
 def test_fused_lora_matrices_are_cleared_and_follow_the_weights(one_thread):
@@ -102,5 +107,6 @@ def test_positions_masks_and_cache_are_made_once_per_call(one_thread, monkeypatc
         return step(self, tokens, state)
     monkeypatch.setattr(LLaVA, "decode_step", watched)
     m.generate(pixels, ids, mask, max_new_tokens=12, eos_token_id=-1)
-    assert calls == {"rope": 2, "mask": 1, "cache": 1}  # prefill + the decode tables; not once per token
+    # prefill + the decode tables; not once per token
+    assert calls == {"rope": 2, "mask": 1, "cache": 1}
     assert len(ptrs) == 11 and len(set(ptrs)) == 1

@@ -22,9 +22,10 @@ from data import load_tokenizer  # noqa: E402
 from checkpoint import save_checkpoint_files  # noqa: E402
 from model import LLaVA  # noqa: E402
 
-CIRCLE = {"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0, "position": "left", "bbox": [1, 17, 14, 14]}
-TRIANGLE = {"name": "triangle", "color": "blue", "size": "small", "row": 0, "col": 2, "position": "top right",
-            "bbox": [35, 3, 9, 9]}
+CIRCLE = {"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0, "position": "left",
+          "bbox": [1, 17, 14, 14]}
+TRIANGLE = {"name": "triangle", "color": "blue", "size": "small", "row": 0, "col": 2,
+            "position": "top right", "bbox": [35, 3, 9, 9]}
 OBJECTS = [CIRCLE, TRIANGLE]
 FAST = ["--limit", "4", "--max_new_tokens", "6", "--pope_max_new_tokens", "3", "--batch_size", "8"]
 
@@ -38,7 +39,8 @@ def env(tmp_path_factory, tiny_world):
     ckpts = []
     for seed, sub in ((0, "m0"), (1, "m1/checkpoint-000001")):
         torch.manual_seed(seed)
-        m = LLaVA.from_preset("tiny", vocab_size=-(-len(tok) // 64) * 64, image_token_id=4, pad_token_id=3,
+        vocab_size = -(-len(tok) // 64) * 64
+        m = LLaVA.from_preset("tiny", vocab_size=vocab_size, image_token_id=4, pad_token_id=3,
                               bos_token_id=1, eos_token_id=2)
         save_checkpoint_files(m, str(root / "ckpt" / sub))
         tok.save_pretrained(str(root / "ckpt" / sub))
@@ -54,7 +56,7 @@ def lines(path):
     return [json.loads(x) for x in open(path)]
 
 
-# ----------------------------------------------------------------------------------------------- POPE
+# ----------------------------------------------------------------------------------------- POPE
 
 def test_pope_metrics_hand_computed():
     # 10 questions, 6 'yes' labels: TP 4, FN 2, FP 1, TN 3.
@@ -67,63 +69,83 @@ def test_pope_metrics_hand_computed():
     assert m["accuracy"] == pytest.approx(0.7) and m["precision"] == pytest.approx(0.8)
     assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(8 / 11)
     assert m["yes_ratio"] == pytest.approx(0.5)
-    assert E.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # no 'yes' at all: 0, not a crash
+    # no 'yes' at all: 0, not a crash
+    assert E.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0
 
 
 @pytest.mark.parametrize("answer, want", [
-    ("No, there is not a dog in the image.", "no"), ("There is no dog", "no"), ("Yes.", "yes"), ("yes", "yes"),
-    ("No", "no"), ("no.", "no"), ("It is not there.", "no"),
+    ("No, there is not a dog in the image.", "no"), ("There is no dog", "no"), ("Yes.", "yes"),
+    ("yes", "yes"), ("No", "no"), ("no.", "no"), ("It is not there.", "no"),
     ("Yes, there is a dog. There is no cat.", "yes"),  # only the first sentence counts
-    ("Not really", "yes"), ("NO", "yes"), ("No!", "yes"),  # the reference matches exactly 'No', 'not', 'no'
+    # the reference matches exactly 'No', 'not', 'no'
+    ("Not really", "yes"), ("NO", "yes"), ("No!", "yes"),
     ("I don't know", "yes"), ("", "yes"), ("Nope", "yes")])
 def test_pope_parser_follows_the_reference(answer, want):
     assert E.pope_yes_no(answer) == want
 
 
-# ----------------------------------------------------------------------------------------------- CHAIR
+# ---------------------------------------------------------------------------------------- CHAIR
 
 def test_chair_on_shapes_via_the_oracle():
-    captions = ["A red circle and a blue triangle.",              # 2 mentions, 0 hallucinated
-                "A red disc and a blue square.",                  # disc = circle; square is not there: 2, 1
-                "There is no square. A doughnut is at the top.",  # chair.py counts 'no square' too; doughnut = ring
-                "A red circle and a red circle."]                 # chair.py counts the repeat: 2, 0
+    captions = [
+        # 2 mentions, 0 hallucinated
+        "A red circle and a blue triangle.",
+        # disc = circle; square is not there: 2, 1
+        "A red disc and a blue square.",
+        # chair.py counts 'no square' too; doughnut = ring
+        "There is no square. A doughnut is at the top.",
+        # chair.py counts the repeat: 2, 0
+        "A red circle and a red circle."]
     counts = [E.chair_counts({"objects": OBJECTS}, c) for c in captions]
     assert counts == [(2, 0), (2, 1), (2, 2), (2, 0)]
     m = E.chair_metrics(counts, [len(c.split()) for c in captions])
     assert m["chair_i"] == pytest.approx(3 / 8) and m["chair_s"] == pytest.approx(2 / 4)
-    ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]  # once each, negations skipped
+    # once each, negations skipped
+    ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]
     assert ours == [(2, 0), (2, 1), (1, 1), (1, 0)]
 
 
 def test_chair_reference_counting_on_coco_by_hand(tmp_path):
-    """chair.py's caption_to_words by hand: lower-case, tokenize, singularize (pattern.en), merge its two-word
-    list, drop 'seat' beside 'toilet', keep synonyms.txt entries (split at ', ' exactly)."""
-    (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\nwine glass\n"
-                                           "elephant\ntoilet\nchair, seat\nbus, minibus\nmotorcycle,  motor bike, moped\n")
+    """chair.py's caption_to_words by hand: lower-case, tokenize, singularize (pattern.en), merge
+    its two-word list, drop 'seat' beside 'toilet', keep synonyms.txt entries (split at ', '
+    exactly)."""
+    (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\n"
+                                           "wine glass\nelephant\ntoilet\nchair, seat\n"
+                                           "bus, minibus\nmotorcycle,  motor bike, moped\n")
     syn = E.load_synonyms(str(tmp_path / "synonyms.txt"))
-    assert " motor bike" in syn and "motor bike" not in syn  # chair.py's split keeps the leading space
-    text = "A dog chases a dog past a bus and two men near a toilet seat; a baby elephant, wine glasses and a motor bike."
-    # dog, dog (both count); bus -> 'bu' (pattern), no object; men -> man -> person; toilet (its seat dropped);
-    # 'baby elephant' -> elephant; 'wine glasses' -> 'wine glass'; 'motor bike' merged but no entry matches it
+    # chair.py's split keeps the leading space
+    assert " motor bike" in syn and "motor bike" not in syn
+    text = ("A dog chases a dog past a bus and two men near a toilet seat; a baby elephant, "
+            "wine glasses and a motor bike.")
+    # dog, dog (both count); bus -> 'bu' (pattern), no object; men -> man -> person; toilet (its
+    # seat dropped); 'baby elephant' -> elephant; 'wine glasses' -> 'wine glass'; 'motor bike'
+    # merged but no entry matches it
     assert E.coco_objects(text, syn) == ["dog", "dog", "person", "toilet", "elephant", "wine glass"]
     q = {"syn": syn, "objects": {"dog", "toilet"}}
     assert E.chair_counts(q, text) == (6, 3)
-    assert E.chair_counts(q, "A hot dog and two puppies.") == (2, 1)  # hot dog (absent), puppy -> dog
+    # hot dog (absent), puppy -> dog
+    assert E.chair_counts(q, "A hot dog and two puppies.") == (2, 1)
     m = E.chair_metrics([(6, 3), (2, 1)], [1, 1])
     assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
-    ours = E.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")  # once each; bus, motor bike read as objects
-    assert E.coco_objects(text, ours, "ours") == ["dog", "bus", "person", "toilet", "elephant", "wine glass", "motorcycle"]
-    words = {"glasses": "glass", "glass": "glas", "bus": "bu", "buses": "bus", "people": "person", "women": "woman",
-             "knives": "knife", "puppies": "puppy", "benches": "bench", "ties": "ty", "cookies": "cookies",
-             "skis": "ski", "mice": "mouse", "sheep": "sheep", "scissors": "scissors"}
+    # once each; bus, motor bike read as objects
+    ours = E.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")
+    assert E.coco_objects(text, ours, "ours") == ["dog", "bus", "person", "toilet", "elephant",
+                                                  "wine glass", "motorcycle"]
+    words = {"glasses": "glass", "glass": "glas", "bus": "bu", "buses": "bus", "people": "person",
+             "women": "woman", "knives": "knife", "puppies": "puppy", "benches": "bench",
+             "ties": "ty", "cookies": "cookies", "skis": "ski", "mice": "mouse", "sheep": "sheep",
+             "scissors": "scissors"}
     assert {w: E.singularize_like_pattern(w) for w in words} == words
 
 
 def test_chair_coco_word_matcher(tmp_path):
     (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\n"
-                                           "dining table, table\nwine glass\nelephant\ntoilet\nchair, seat\n")
-    cats = [{"id": i + 1, "name": n} for i, n in enumerate(["person", "dog", "dining table", "wine glass", "toilet"])]
-    ann = {"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}], "categories": cats,
+                                           "dining table, table\nwine glass\nelephant\ntoilet\n"
+                                           "chair, seat\n")
+    names = ["person", "dog", "dining table", "wine glass", "toilet"]
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    ann = {"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}],
+           "categories": cats,
            "annotations": [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 1, 1]},
                            {"image_id": 7, "category_id": 2, "bbox": [0, 0, 1, 1]},
                            {"image_id": 9, "category_id": 3, "bbox": [0, 0, 1, 1]},
@@ -131,70 +153,91 @@ def test_chair_coco_word_matcher(tmp_path):
     (tmp_path / "instances.json").write_text(json.dumps(ann))
     for f in ("a.jpg", "b.jpg"):
         (tmp_path / f).write_bytes(b"not decoded here")
-    cfg = E.Config(chair_instances=str(tmp_path / "instances.json"), chair_synonyms=str(tmp_path / "synonyms.txt"),
+    cfg = E.Config(chair_instances=str(tmp_path / "instances.json"),
+                   chair_synonyms=str(tmp_path / "synonyms.txt"),
                    image_folder=str(tmp_path), chair_counting="ours")
     q7, q9 = E.coco_chair_questions(cfg)
-    assert (q7["id"], q7["objects"], q9["objects"]) == ("7", {"person", "dog"}, {"dining table", "wine glass"})
+    assert (q7["id"], q7["objects"]) == ("7", {"person", "dog"})
+    assert q9["objects"] == {"dining table", "wine glass"}
     syn = q7["syn"]
-    # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person counted once
-    assert E.coco_objects("Two men and a woman walk their puppies past hot dogs.", syn, "ours") == ["person", "dog", "hot dog"]
-    # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining table
-    assert E.coco_objects("A baby elephant near a table with wine glasses.", syn, "ours") == ["elephant", "dining table", "wine glass"]
+    # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person
+    # counted once
+    walk = "Two men and a woman walk their puppies past hot dogs."
+    assert E.coco_objects(walk, syn, "ours") == ["person", "dog", "hot dog"]
+    # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining
+    # table
+    elephant = "A baby elephant near a table with wine glasses."
+    assert E.coco_objects(elephant, syn, "ours") == ["elephant", "dining table", "wine glass"]
     assert E.coco_objects("A toilet seat.", syn, "ours") == ["toilet"]  # not a chair
-    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),       # 3 mentions, 1 hallucinated
-              E.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]        # 3 mentions, 1 hallucinated
+    # 3 mentions, 1 hallucinated each
+    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),
+              E.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]
     assert counts == [(3, 1), (3, 1)]
     m = E.chair_metrics(counts, [1, 1])
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
 
 
-# ----------------------------------------------------------------------------------------------- MMHal, GAVIE, oracle
+# ---------------------------------------------------------------------------- MMHal, GAVIE, oracle
 
 def test_rating_parsers():
     for rule in ("reference", "ours"):
-        assert E.parse_rating("The answer looks fine.", rule) is None                 # zero ratings
+        assert E.parse_rating("The answer looks fine.", rule) is None  # zero ratings
         assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative", rule) == 4
         assert E.parse_rating("RATING: 2", rule) == 2
-        assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None  # two ratings
-        assert E.parse_rating("Rating: 5. Final rating: 5", rule) == 5                # one value
+        # two ratings
+        assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None
+        assert E.parse_rating("Rating: 5. Final rating: 5", rule) == 5  # one value
         assert E.parse_rating("Rating: 7", rule) is None
-    # eval_gpt_mmhal.py tests the text 'rating: k' for k = 0..6: 'rating: 60' holds 'rating: 6', 'rating:5' none
+    # eval_gpt_mmhal.py tests the text 'rating: k' for k = 0..6: 'rating: 60' holds 'rating: 6',
+    # 'rating:5' none
     assert E.parse_rating("Rating: 60") == 6 and E.parse_rating("Rating: 60", "ours") is None
     assert E.parse_rating("Rating:5") is None and E.parse_rating("Rating:5", "ours") == 5
-    assert E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok") == {"relevancy": 8.0, "accuracy": 6.0}
-    assert E.parse_gavie("Relevancy: 8") is None and E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
+    parsed = E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok")
+    assert parsed == {"relevancy": 8.0, "accuracy": 6.0}
+    assert E.parse_gavie("Relevancy: 8") is None
+    assert E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
     assert E.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
-    q = [{"id": str(i), "question_type": t} for i, t in enumerate(["attribute", "attribute", "counting", "other"])]
+    types = ["attribute", "attribute", "counting", "other"]
+    q = [{"id": str(i), "question_type": t} for i, t in enumerate(types)]
     replies = {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"}
     m = E.mmhal_metrics(q, replies)
     # the reference: ratings 6, 2, 4 and 0 for the unreadable reply: mean 3, two of four below 3
-    assert m["score"] == pytest.approx(3.0) and m["hallucination_rate"] == pytest.approx(2 / 4) and m["n"] == 4
-    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0, "other": 0.0} and m["unparsed_ids"] == ["3"]
+    assert m["score"] == pytest.approx(3.0) and m["hallucination_rate"] == pytest.approx(2 / 4)
+    assert m["n"] == 4
+    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0, "other": 0.0}
+    assert m["unparsed_ids"] == ["3"]
     m = E.mmhal_metrics(q, replies, "ours")
-    # ours: rated 6, 2, 4: mean 4, one of three below 3; the unreadable reply is counted and left out
+    # ours: rated 6, 2, 4: mean 4, one of three below 3; the unreadable reply is counted and left
+    # out
     assert m["score"] == pytest.approx(4.0) and m["hallucination_rate"] == pytest.approx(1 / 3)
-    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0} and (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
+    assert m["per_type"] == {"attribute": 4.0, "counting": 4.0}
+    assert (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
     assert m["score_unparsed_as_0"] == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize("answer, rating", [
-    ("The circle is red.", 5),                                                 # true, all facts of the gt
-    ("The circle is red. There is also a small blue triangle at the top right.", 6),  # and more true detail
-    ("I am not sure.", 3),                                                     # truthful, not informative
-    ("The circle is blue.", 1),                                                # wrong color
-    ("There is a green square.", 0)])                                          # hallucinated object
+    ("The circle is red.", 5),  # true, all facts of the gt
+    # and more true detail
+    ("The circle is red. There is also a small blue triangle at the top right.", 6),
+    ("I am not sure.", 3),  # truthful, not informative
+    ("The circle is blue.", 1),  # wrong color
+    ("There is a green square.", 0)])  # hallucinated object
 def test_oracle_judge_mmhal(answer, rating):
     q = {"gt": "The circle is red.", "objects": OBJECTS, "prompt": "What color is the circle?",
          "question_type": "attribute", "image_content": ["large red circle on the left"]}
     reply = E.OracleJudge()(E.mmhal_prompt(q, answer), dict(q, answer=answer, bench="mmhal"))
     assert E.parse_rating(reply) == rating
-    assert "What color is the circle?" in E.mmhal_prompt(q, answer) and "Rating: 0, not informative" in E.MMHAL_PROMPT
+    assert "What color is the circle?" in E.mmhal_prompt(q, answer)
+    assert "Rating: 0, not informative" in E.MMHAL_PROMPT
 
 
 def test_oracle_judge_gavie():
-    q = {"gt": "Yes, there is a circle.", "objects": OBJECTS, "prompt": "Is there a circle in the image?",
-         "qtype": "yesno", "boxes": [("large red circle", [1, 17, 14, 14])]}
-    judge = lambda a: E.parse_gavie(E.OracleJudge()(E.gavie_prompt(q, a), dict(q, answer=a, bench="gavie")))
+    q = {"gt": "Yes, there is a circle.", "objects": OBJECTS,
+         "prompt": "Is there a circle in the image?", "qtype": "yesno",
+         "boxes": [("large red circle", [1, 17, 14, 14])]}
+    def judge(a):
+        reply = E.OracleJudge()(E.gavie_prompt(q, a), dict(q, answer=a, bench="gavie"))
+        return E.parse_gavie(reply)
     assert judge("Yes, there is a circle.") == {"relevancy": 10, "accuracy": 10}
     assert judge("No.") == {"relevancy": 10, "accuracy": 7}          # right form, wrong verdict
     assert judge("There is a square.") == {"relevancy": 5, "accuracy": 7}
@@ -202,17 +245,19 @@ def test_oracle_judge_gavie():
     assert "large red circle X:1 Y:17 Width:14 Height:14" in E.gavie_prompt(q, "x")
 
 
-# ----------------------------------------------------------------------------------------------- the HTTP judge
+# ---------------------------------------------------------------------------------- the HTTP judge
 
 class FakeAPI(http.server.BaseHTTPRequestHandler):
-    """Answers POST /v1/chat/completions from a script of (status, content) pairs; records the bodies."""
+    """Answers POST /v1/chat/completions from a script of (status, content) pairs; records the
+    bodies."""
     script, bodies = [], []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeAPI.bodies.append((self.path, self.headers.get("Authorization"), body))
         status, content = FakeAPI.script.pop(0) if FakeAPI.script else (200, "Fine.\nRating: 5")
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -226,7 +271,8 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def api():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     FakeAPI.script, FakeAPI.bodies = [], []
     try:
@@ -238,37 +284,49 @@ def api():
 
 def test_openai_judge_retries_and_parses(api):
     FakeAPI.script = [(500, "overloaded"), (200, "The response is accurate.\nRating: 5")]
-    cfg = E.Config(judge="openai", judge_url=api, judge_model="judge-x", judge_key="sk-test", judge_retries=2,
-                   judge_backoff=0.01, judge_timeout=5)
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="judge-x", judge_key="sk-test",
+                   judge_retries=2, judge_backoff=0.01, judge_timeout=5)
     reply = E.make_judge(cfg)("PROMPT TEXT", {})
-    assert E.parse_rating(reply) == 5 and len(FakeAPI.bodies) == 2  # a 500, then the retry succeeded
+    # a 500, then the retry succeeded
+    assert E.parse_rating(reply) == 5 and len(FakeAPI.bodies) == 2
     path, auth, body = FakeAPI.bodies[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
-    assert body["model"] == "judge-x" and body["messages"] == [{"role": "user", "content": "PROMPT TEXT"}]
+    assert body["model"] == "judge-x"
+    assert body["messages"] == [{"role": "user", "content": "PROMPT TEXT"}]
     assert body["temperature"] == 0 and body["max_tokens"] == 512
     FakeAPI.script = [(400, "bad request")]
     with pytest.raises(E.JudgeError, match="HTTP 400"):  # not retried
         E.make_judge(cfg)("x", {})
 
 
-MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n### Image Contents\n{image_content}\n\n### Question\n{question}\n\n"
-                  "### Standard Human-Generated Answer\n{gt_answer}\n\n### LMM Response to Evaluate\n{answer}\n")
-GAVIE_TEMPLATE = "bounding box:\n{boxes}\n\nHere is the instruction for the image:\n{question}\n\nAnswer1: {answer}\n"
+MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
+                  "### Image Contents\n{image_content}\n\n"
+                  "### Question\n{question}\n\n"
+                  "### Standard Human-Generated Answer\n{gt_answer}\n\n"
+                  "### LMM Response to Evaluate\n{answer}\n")
+GAVIE_TEMPLATE = ("bounding box:\n{boxes}\n\n"
+                  "Here is the instruction for the image:\n{question}\n\n"
+                  "Answer1: {answer}\n")
 
 
 def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
     (tmp_path / "gavie.txt").write_text(GAVIE_TEMPLATE)
     t = E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"gavie={tmp_path / 'gavie.txt'}"))
-    q = {"prompt": "What color is the circle?", "gt": "The circle is red.", "image_content": ["Circle", "Triangle"],
+    q = {"prompt": "What color is the circle?", "gt": "The circle is red.",
+         "image_content": ["Circle", "Triangle"],
          "boxes": [("large red circle", [1, 17, 14, 14]), ("small blue triangle", [35, 3, 9, 8])]}
-    assert E.judge_prompt("mmhal", q, "It is {blue}.", t) == (  # eval_gpt_mmhal.py joins the contents with ', '
-        'Judge it. Reply as {"rating": k}.\n### Image Contents\nCircle, Triangle\n\n### Question\nWhat color is the '
-        "circle?\n\n### Standard Human-Generated Answer\nThe circle is red.\n\n### LMM Response to Evaluate\n"
-        "It is {blue}.\n")  # other braces, in the template or the answer, stay as they are
+    # eval_gpt_mmhal.py joins the contents with ', '; other braces, in the template or the answer,
+    # stay as they are
+    assert E.judge_prompt("mmhal", q, "It is {blue}.", t) == (
+        'Judge it. Reply as {"rating": k}.\n### Image Contents\nCircle, Triangle\n\n'
+        "### Question\nWhat color is the circle?\n\n"
+        "### Standard Human-Generated Answer\nThe circle is red.\n\n"
+        "### LMM Response to Evaluate\nIt is {blue}.\n")
     assert E.judge_prompt("gavie", q, "Red.", t) == (
-        "bounding box:\nlarge red circle X:1 Y:17 Width:14 Height:14\nsmall blue triangle X:35 Y:3 Width:9 Height:8"
-        "\n\nHere is the instruction for the image:\nWhat color is the circle?\n\nAnswer1: Red.\n")
+        "bounding box:\nlarge red circle X:1 Y:17 Width:14 Height:14\n"
+        "small blue triangle X:35 Y:3 Width:9 Height:8\n\n"
+        "Here is the instruction for the image:\nWhat color is the circle?\n\nAnswer1: Red.\n")
     assert E.judge_prompt("mmhal", q, "Red.", {}) == E.mmhal_prompt(q, "Red.")  # no file: ours
     (tmp_path / "bad.txt").write_text("{question} {boxes} {answer}")
     with pytest.raises(E.DataError, match="not for mmhal: boxes"):
@@ -279,22 +337,25 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     with pytest.raises(common.ConfigError):
         E.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
     # LRV's official output format is read too
-    official = "Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\nAccuracy:\nscore of the answer1: 6\nreason: no."
+    official = ("Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\n"
+                "Accuracy:\nscore of the answer1: 6\nreason: no.")
     assert E.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
     (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
     out = env["root"] / "judge_prompt"
-    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_url", api,
-            "--judge_key", "k", "--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}")
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai",
+            "--judge_url", api, "--judge_key", "k",
+            "--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}")
     sent = [b["messages"][0]["content"] for _, _, b in FakeAPI.bodies]
-    assert len(sent) == 4 and all(p.startswith("Judge it. Reply as {") and "### Question" in p for p in sent)
+    assert len(sent) == 4
+    assert all(p.startswith("Judge it. Reply as {") and "### Question" in p for p in sent)
     assert all(r["judge"].startswith("openai:") and "|prompt:" in r["judge"]
                for r in map(json.loads, open(out / "m0" / "judge_mmhal.jsonl")))
 
 
-# ----------------------------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------------------------------------ the CLI
 
 def test_cli_run_reuse_and_compare(env, capsys):
     a, b = env["ckpts"]
@@ -302,30 +363,39 @@ def test_cli_run_reuse_and_compare(env, capsys):
     run_cli(env, out, "--ckpt", a)  # E.cli: what `python eval.py` runs, in-process
     d = out / "m0"
     files = sorted(os.listdir(d))
-    assert files == ["answers_chair.jsonl", "answers_gavie.jsonl", "answers_mmhal.jsonl", "answers_pope_adversarial.jsonl",
-                     "answers_pope_popular.jsonl", "answers_pope_random.jsonl", "judge_gavie.jsonl", "judge_mmhal.jsonl",
+    assert files == ["answers_chair.jsonl", "answers_gavie.jsonl", "answers_mmhal.jsonl",
+                     "answers_pope_adversarial.jsonl", "answers_pope_popular.jsonl",
+                     "answers_pope_random.jsonl", "judge_gavie.jsonl", "judge_mmhal.jsonl",
                      "scores.json"]
     scores = json.load(open(d / "scores.json"))
-    assert set(scores["pope"]) == {"random", "popular", "adversarial", "average"} and scores["pope"]["random"]["n"] == 4
+    assert set(scores["pope"]) == {"random", "popular", "adversarial", "average"}
+    assert scores["pope"]["random"]["n"] == 4
     assert scores["chair"]["n"] == 4 and scores["mmhal"]["n"] == 4 and scores["gavie"]["n"] == 4
     line = lines(d / "answers_pope_random.jsonl")[0]
-    assert set(line) == {"id", "prompt", "answer", "label", "source"} and line["prompt"] == "Is there a circle in the image?"
+    assert set(line) == {"id", "prompt", "answer", "label", "source"}
+    assert line["prompt"] == "Is there a circle in the image?"
     assert 0 <= scores["mmhal"]["score"] <= 6
 
-    # the second run, as a subprocess: every answer and judge reply reused, nothing generated or judged again
+    # the second run, as a subprocess: every answer and judge reply reused, nothing generated or
+    # judged again
     before = {f: open(d / f, "rb").read() for f in files if f.startswith(("answers", "judge"))}
-    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", a, "--world", env["world"],
-                        "--out", str(out), *FAST], capture_output=True, text=True, cwd=HERE, timeout=300)
+    command = [sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", a, "--world", env["world"],
+               "--out", str(out), *FAST]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("generating 0") == 6 and "reused 4 answers" in r.stdout and "| m0 |" in r.stdout
+    assert r.stdout.count("generating 0") == 6 and "reused 4 answers" in r.stdout
+    assert "| m0 |" in r.stdout
     assert {f: open(d / f, "rb").read() for f in before} == before
     assert json.load(open(d / "scores.json")) == scores
-    gone = str(env["root"] / "gone" / "m0")  # --rescore: scores from the files alone, no checkpoint needed
-    assert run_cli(env, out, "--ckpt", gone, "--rescore", "true")["m0"]["mmhal"] == scores["mmhal"]
+    # --rescore: scores from the files alone, no checkpoint needed
+    gone = str(env["root"] / "gone" / "m0")
+    rescored = run_cli(env, out, "--ckpt", gone, "--rescore", "true")
+    assert rescored["m0"]["mmhal"] == scores["mmhal"]
 
     rows = run_cli(env, out, "--compare", a, b)  # m0 reused, m1 generated
     md = open(out / "compare.md").read()
-    assert md.startswith("| checkpoint | POPE F1 random | POPE F1 popular | POPE F1 adversarial | yes-ratio | CHAIR_i")
+    assert md.startswith("| checkpoint | POPE F1 random | POPE F1 popular | POPE F1 adversarial "
+                         "| yes-ratio | CHAIR_i")
     assert "| m0 |" in md and "| m1 |" in md and set(rows) == {"m0", "m1"}
     assert [r["checkpoint"] for r in json.load(open(out / "compare.json"))["rows"]] == ["m0", "m1"]
 
@@ -337,7 +407,8 @@ def test_resume_after_an_interrupted_answers_file(env, capsys):
     path = out / "m0" / "answers_chair.jsonl"
     full = lines(path)
     text = open(path).read()
-    cut = text.index("\n", len(text) // 2) + 20  # stop half-way through a line, as a crash would
+    # stop half-way through a line, as a crash would
+    cut = text.index("\n", len(text) // 2) + 20
     open(path, "w").write(text[:cut])
     kept = len(text[:cut].splitlines()) - 1
     capsys.readouterr()
@@ -345,18 +416,24 @@ def test_resume_after_an_interrupted_answers_file(env, capsys):
     assert f"reused {kept} answers, generating {12 - kept}" in capsys.readouterr().out
     again = lines(path)
     assert sorted(x["id"] for x in again) == sorted(x["id"] for x in full) and len(again) == 12
-    assert {x["id"]: x["answer"] for x in again} == {x["id"]: x["answer"] for x in full}  # greedy: same answers
+    # greedy: same answers
+    assert {x["id"]: x["answer"] for x in again} == {x["id"]: x["answer"] for x in full}
     capsys.readouterr()
-    run_cli(env, out, *args, "--temperature", "0.7")  # other decoding settings: a new source, nothing reused
-    assert "reused 0 answers, generating 12" in capsys.readouterr().out and len(lines(path)) == 24
+    # other decoding settings: a new source, nothing reused
+    run_cli(env, out, *args, "--temperature", "0.7")
+    assert "reused 0 answers, generating 12" in capsys.readouterr().out
+    assert len(lines(path)) == 24
 
 
 def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):
     out = env["root"] / "judge"
-    base = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai", "--judge_backoff", "0.01")
-    FakeAPI.script = [(200, "I cannot rate this.")] * 4  # garbage replies: counted and flagged, not a crash
+    base = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai",
+            "--judge_backoff", "0.01")
+    # garbage replies: counted and flagged, not a crash
+    FakeAPI.script = [(200, "I cannot rate this.")] * 4
     scores = run_cli(env, out, *base, "--judge_url", api)["m0"]["mmhal"]
-    assert scores["unparsed"] == 4 and scores["n"] == 4 and scores["score"] == 0  # the reference scores them 0
+    # the reference scores them 0
+    assert scores["unparsed"] == 4 and scores["n"] == 4 and scores["score"] == 0
     answers = open(out / "m0" / "answers_mmhal.jsonl").read()
     os.remove(out / "m0" / "judge_mmhal.jsonl")
     capsys.readouterr()
@@ -372,19 +449,24 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
     bad_ckpt = tmp_path / "broken"
     bad_ckpt.mkdir()
     (bad_ckpt / "config.json").write_text("{not json")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(bad_ckpt), "--world", env["world"],
-                        "--out", str(tmp_path / "o"), *FAST], capture_output=True, text=True, cwd=HERE, timeout=300)
+    command = [sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", str(bad_ckpt),
+               "--world", env["world"], "--out", str(tmp_path / "o"), *FAST]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "broken" in r.stderr
     pope = os.path.join(env["world"], "pope_random.jsonl")
-    cases = [(["--pope_files", pope, "--image_folder", str(tmp_path / "nowhere")], "nowhere"),           # missing folder
-             (["--pope_files", os.path.join(env["world"], "sft.json")], "field 'question_id'"),          # wrong format
+    cases = [(["--pope_files", pope, "--image_folder", str(tmp_path / "nowhere")],
+              "nowhere"),  # missing folder
+             (["--pope_files", os.path.join(env["world"], "sft.json")],
+              "field 'question_id'"),  # wrong format
              (["--mmhal_file", os.path.join(env["world"], "pope_random.jsonl"), "--judge", "openai",
                "--judge_url", "http://127.0.0.1:9/v1"], "field 'question_type'"),
              (["--ckpt", str(tmp_path / "missing")], "missing")]
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            E.cli(merge_flags(["--ckpt", a, "--world", env["world"], "--out", str(tmp_path / "o"), *FAST, *extra]))
+            E.cli(merge_flags(["--ckpt", a, "--world", env["world"], "--out", str(tmp_path / "o"),
+                               *FAST, *extra]))
         err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and want in err, (extra, err)
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        assert want in err, (extra, err)

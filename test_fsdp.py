@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from conftest import HERE, assert_same_metrics, run_cli
 
-STEPS = 6  # align 1 + instruct 5; checkpoints at 2, 4, 6 (the kill lands after 2: Adam moments in flight)
+# align 1 + instruct 5; checkpoints at 2, 4, 6 (the kill lands after 2: Adam moments in flight)
+STEPS = 6
 
 
 def free_port():
@@ -34,15 +35,16 @@ def free_port():
 
 
 def torchrun(script, argv, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(HERE, script), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", os.path.join(HERE, script), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def descendants(pid):
-    """Process ids below pid (torchrun's workers run in sessions of their own: killpg misses them)."""
+    """Process ids below pid (torchrun's workers run in sessions of their own: killpg misses
+    them)."""
     parent = {}
     for p in os.listdir("/proc"):
         if p.isdigit():
@@ -97,7 +99,12 @@ def per_rank_elements(ck):
         if not hasattr(tensor, "chunks"):  # pickled bytes (optimizer param groups)
             continue
         chunk = next(c for c in tensor.chunks if tuple(c.offsets) == tuple(index.offset))
-        kind = "model" if index.fqn.startswith("model.") else "moments" if "exp_avg" in index.fqn else "other"
+        if index.fqn.startswith("model."):
+            kind = "model"
+        elif "exp_avg" in index.fqn:
+            kind = "moments"
+        else:
+            kind = "other"
         held.setdefault(kind, {}).setdefault(info.relative_path, 0)
         held[kind][info.relative_path] += chunk.sizes.numel()
     return held
@@ -109,7 +116,8 @@ def sft_args(world, out, *extra):
             "--eval_every", "3", "--save_every", "2", "--out", str(out), *extra]
 
 
-def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_sigkill(tiny_world, tmp_path):
+def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_sigkill(
+        tiny_world, tmp_path):
     from checkpoint import load_checkpoint
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     straight = torchrun("sft.py", sft_args(tiny_world, two, "--fsdp", "true"))
@@ -126,38 +134,47 @@ def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_si
         except ProcessLookupError:
             pass
     log = victim.communicate()[0]
-    assert victim.returncode == -signal.SIGKILL, f"not killed mid-run (exit {victim.returncode}): {log[-2000:]}"
+    assert victim.returncode == -signal.SIGKILL, (
+        f"not killed mid-run (exit {victim.returncode}): {log[-2000:]}")
     assert not os.path.exists(killed / f"checkpoint-{STEPS:06d}")
     code, stdout, err = run_cli("sft", sft_args(tiny_world, one))  # one plain process, meanwhile
     assert code == 0 and "1 process(es)" in stdout, err
     assert "2 process(es)" in finish(straight)
-    resumed = finish(torchrun("sft.py", sft_args(tiny_world, killed, "--fsdp", "true", "--resume", "true")))
+    resume_args = sft_args(tiny_world, killed, "--fsdp", "true", "--resume", "true")
+    resumed = finish(torchrun("sft.py", resume_args))
     assert "resumed from" in resumed
     final = f"checkpoint-{STEPS:06d}"
 
     # 1. the losses of one process, and the same final weights (consolidated from the shards)
     same_metrics(one, two, ["loss", "grad_norm", "val_loss"])
     same_weights(one / final, two / final)
-    assert load_checkpoint(str(two / final)).config.hidden == 32  # the consolidated model loads as usual
-    assert not os.path.exists(two / "checkpoint-000004" / "model.safetensors")  # sharded only, by default
+    # the consolidated model loads as usual
+    assert load_checkpoint(str(two / final)).config.hidden == 32
+    # sharded only, by default
+    assert not os.path.exists(two / "checkpoint-000004" / "model.safetensors")
 
-    # 2. each rank holds about half of the weights and of the AdamW moments, measured from its shard file
+    # 2. each rank holds about half of the weights and of the AdamW moments, measured from its shard
+    # file
     n_params = sum(t.numel() for t in load_file(str(two / final / "model.safetensors")).values())
     held = per_rank_elements(two / final)
-    for kind, total in (("model", n_params), ("moments", 2 * n_params)):  # full fine-tune: all trained
+    # full fine-tune: all trained
+    for kind, total in (("model", n_params), ("moments", 2 * n_params)):
         assert sorted(held[kind]) == ["__0_0.distcp", "__1_0.distcp"], held
         assert sum(held[kind].values()) == total, (kind, held[kind], total)
         for rank_file, n in held[kind].items():
             assert 0.4 <= n / total <= 0.6, (kind, rank_file, n, total)
 
-    # 3. killed and resumed == uninterrupted, bitwise (weights, last loss, the shards' AdamW moments)
+    # 3. killed and resumed == uninterrupted, bitwise (weights, last loss, the shards' AdamW
+    # moments)
     same_weights(two / final, killed / final, exact=True)
     assert rows(killed)[-2]["loss"] == rows(two)[-2]["loss"]
     import torch.distributed.checkpoint as dcp
     a, b = ({}, {})
     for path, into in ((two / final / "shards", a), (killed / final / "shards", b)):
         meta = dcp.FileSystemReader(str(path)).read_metadata()
-        into.update({k: torch.empty(m.size) for k, m in meta.state_dict_metadata.items() if "exp_avg" in k})
+        moments = {k: torch.empty(m.size)
+                   for k, m in meta.state_dict_metadata.items() if "exp_avg" in k}
+        into.update(moments)
         with warnings.catch_warnings():  # (a plain read, in this process)
             warnings.simplefilter("ignore")
             dcp.load(into, checkpoint_id=str(path), no_dist=True)
@@ -165,26 +182,33 @@ def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_si
 
 
 def test_dpo_full_finetune_fsdp_equals_one_process(tiny_sft, tiny_world, tmp_path):
-    """Full fine-tune DPO: the reference log-probs are computed by the sharded model itself (cached)."""
-    argv = ["--init", tiny_sft, "--world", tiny_world, "--lora_r", "0", "--max_steps", "3", "--batch_size", "8",
-            "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--eval_n", "12"]
+    """Full fine-tune DPO: the reference log-probs are computed by the sharded model itself
+    (cached)."""
+    argv = ["--init", tiny_sft, "--world", tiny_world, "--lora_r", "0", "--max_steps", "3",
+            "--batch_size", "8", "--log_every", "1", "--eval_every", "3", "--save_every", "3",
+            "--eval_n", "12"]
     two = torchrun("dpo.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
     code, _, err = run_cli("dpo", argv + ["--out", str(tmp_path / "one")])
     assert code == 0, err
     assert "2 process(es)" in finish(two)
-    same_metrics(tmp_path / "one", tmp_path / "two", ["loss", "rewards/margins", "logps/chosen", "grad_norm",
-                                                      "val_reward_accuracy", "val_reward_margin"])
+    keys = ["loss", "rewards/margins", "logps/chosen", "grad_norm", "val_reward_accuracy",
+            "val_reward_margin"]
+    same_metrics(tmp_path / "one", tmp_path / "two", keys)
     same_weights(tmp_path / "one/checkpoint-000003", tmp_path / "two/checkpoint-000003")
 
 
 @pytest.mark.parametrize("script", ["sft", "dpo"])
-def test_fsdp_where_it_cannot_work_is_one_line_and_exit_2(script, tiny_world, tiny_sft, tmp_path, monkeypatch):
+def test_fsdp_where_it_cannot_work_is_one_line_and_exit_2(script, tiny_world, tiny_sft, tmp_path,
+                                                          monkeypatch):
     code, _, err = run_cli("ppo", ["--fsdp", "true", "--out", str(tmp_path / "ppo")])
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "ppo.py --fsdp: not supported" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "ppo.py --fsdp: not supported" in err, err
     # what torchrun --nproc_per_node 2 sets; the check comes before any process group or file
     monkeypatch.setenv("WORLD_SIZE", "2")
-    argv = ["--world", tiny_world, "--fsdp", "true", "--batch_size", "3", "--out", str(tmp_path / script)]
-    code, _, err = run_cli(script, argv + (["--init", tiny_sft] if script == "dpo" else ["--model", "tiny"]))
+    argv = ["--world", tiny_world, "--fsdp", "true", "--batch_size", "3",
+            "--out", str(tmp_path / script)]
+    model_args = ["--init", tiny_sft] if script == "dpo" else ["--model", "tiny"]
+    code, _, err = run_cli(script, argv + model_args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--batch_size 3 does not split over the 2 processes" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / script)

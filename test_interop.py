@@ -1,7 +1,8 @@
 """Round trips with the tools users already have: PEFT adapters both ways (peft itself is the
 reference for its format), an export that AutoProcessor + LlavaForConditionalGeneration use as our
-generate does, the same tokens after <image> in training, our generation and LlavaProcessor (legacy and
-non-legacy Llama tokenizers), original LLaVA's image token -200 on export, any PIL image mode."""
+generate does, the same tokens after <image> in training, our generation and LlavaProcessor (legacy
+and non-legacy Llama tokenizers), original LLaVA's image token -200 on export, any PIL image
+mode."""
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ def peft_logits(pm, pixels, ids):
 
 @pytest.fixture
 def caught():
-    """Python warnings and transformers/peft log records of WARNING and above, as one list of strings."""
+    """Python warnings and transformers/peft log records of WARNING and above, as one list of
+    strings."""
     records = []
 
     class Keep(logging.Handler):
@@ -63,18 +65,20 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
     with torch.no_grad(), m.use_adapter("policy"):
         ours = m(pixels, ids)
     caught.clear()
-    pm = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"), tmp_path / "peft")
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    pm = PeftModel.from_pretrained(base, tmp_path / "peft")
     pm.eval()
     assert not [w for w in caught if "adapter" in w.lower() or "missing" in w.lower()], caught
     lora = {n for n, _ in pm.named_modules() if n.endswith(".lora_A")}
     assert lora and all(".language_model." in n for n in lora)  # no LoRA on CLIP's q/k/v
     assert len(lora) == 2 * 7  # 2 decoder layers x 7 projections
     torch.testing.assert_close(peft_logits(pm, pixels, ids), ours, atol=ATOL, rtol=0)
-    trainable = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
-                                          tmp_path / "peft", is_trainable=True)
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    trainable = PeftModel.from_pretrained(base, tmp_path / "peft", is_trainable=True)
     names = [n for n, p in trainable.named_parameters() if p.requires_grad]
     assert names and all(".language_model." in n and ".lora_" in n for n in names)
-    # no base given: the adapter carries its own base (path/base) and AutoPeftModel needs nothing else
+    # no base given: the adapter carries its own base (path/base) and AutoPeftModel needs nothing
+    # else
     export_peft_adapter(m, tmp_path / "alone", "policy")
     auto = AutoPeftModel.from_pretrained(str(tmp_path / "alone")).eval()
     torch.testing.assert_close(peft_logits(auto, pixels, ids), ours, atol=ATOL, rtol=0)
@@ -86,15 +90,17 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
 
 @pytest.fixture(scope="module")
 def peft_elsewhere(tmp_path_factory):
-    """A llava-hf base saved by transformers and a PEFT LoRA trained on it with bare target names, so
-    PEFT also put LoRA on CLIP's q/k/v and on the projector's linear_1 (as users' adapters do)."""
+    """A llava-hf base saved by transformers and a PEFT LoRA trained on it with bare target names,
+    so PEFT also put LoRA on CLIP's q/k/v and on the projector's linear_1 (as users' adapters
+    do)."""
     from peft import LoraConfig, get_peft_model
     root = tmp_path_factory.mktemp("peft")
     base = hf_llava()
     base.save_pretrained(root / "base")
     from transformers import LlavaForConditionalGeneration
+    targets = [f"{t}_proj" for t in LM_TARGETS] + ["linear_1"]
     pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"),
-                        LoraConfig(r=4, lora_alpha=8, target_modules=[f"{t}_proj" for t in LM_TARGETS] + ["linear_1"]))
+                        LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -114,7 +120,8 @@ def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere,
         base_ref = peft_logits(pm, pixels, ids)
     assert (ref - base_ref).abs().max() > 1e-2  # the adapter matters
     ours = load_checkpoint(root / "adapter").eval()  # --init takes the same path
-    assert ours.active_adapter == "default" and ours.adapters["default"]["targets"] == list(LM_TARGETS)
+    assert ours.active_adapter == "default"
+    assert ours.adapters["default"]["targets"] == list(LM_TARGETS)
     notice = capsys.readouterr().out
     assert "merged into the base weights" in notice and len(notice.strip().splitlines()) == 1
     with torch.no_grad():
@@ -132,8 +139,10 @@ def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_
     d = tmp_path / "hubbase"
     d.mkdir()
     cfg = json.load(open(root / "adapter" / "adapter_config.json"))
-    json.dump(dict(cfg, base_model_name_or_path="llava-hf/llava-1.5-7b-hf"), open(d / "adapter_config.json", "w"))
-    with pytest.raises(CheckpointError, match="base_model_name_or_path.*not a local directory") as e:
+    hub_cfg = dict(cfg, base_model_name_or_path="llava-hf/llava-1.5-7b-hf")
+    json.dump(hub_cfg, open(d / "adapter_config.json", "w"))
+    no_base = "base_model_name_or_path.*not a local directory"
+    with pytest.raises(CheckpointError, match=no_base) as e:
         load_checkpoint(d)
     assert "\n" not in str(e.value)
 
@@ -142,15 +151,18 @@ def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_
 # tokenizers of both kinds; the export's processor
 # ----------------------------------------------------------------------------------------
 
-CORPUS = ["A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions. USER: What color is the circle? ASSISTANT: The "
-          "circle is red.</s>", "\nWhat is in the image? There is a red circle and a blue square.", "Is there a cat?"]
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: What color is the circle? ASSISTANT: The circle is red.</s>",
+    "\nWhat is in the image? There is a red circle and a blue square.",
+    "Is there a cat?"]
 
 
 def llama_tokenizer(legacy):
     """transformers' own LlamaTokenizer, legacy (a '▁' before every piece after a special token, as
-    LLaVA's Vicuna tokenizers) or not ('▁' only at the start: transformers 5's default), on a small BPE
-    with byte fallback; <image> and <pad> special tokens as llava-hf's tokenizers have them."""
+    LLaVA's Vicuna tokenizers) or not ('▁' only at the start: transformers 5's default), on a small
+    BPE with byte fallback; <image> and <pad> special tokens as llava-hf's tokenizers have them."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, LlamaTokenizer
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -159,9 +171,10 @@ def llama_tokenizer(legacy):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
     bpe.train_from_iterator(CORPUS * 3, trainer)
     learned = json.loads(bpe.to_str())["model"]
-    tok = LlamaTokenizer(vocab=learned["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                         for m in learned["merges"]], legacy=legacy)
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False), AddedToken("<pad>", special=True)],
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = LlamaTokenizer(vocab=learned["vocab"], merges=merges, legacy=legacy)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False),
+                    AddedToken("<pad>", special=True)],
                    special_tokens=True)
     tok.pad_token = "<pad>"
     return tok
@@ -169,9 +182,10 @@ def llama_tokenizer(legacy):
 
 def model_for(tok, seed=0):
     torch.manual_seed(seed)
-    m = LLaVA(ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64, vision_layers=3,
-                          vision_heads=4, vocab_size=len(tok), hidden=32, intermediate=72, layers=2, heads=4,
-                          kv_heads=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+    m = LLaVA(ModelConfig(image_size=IMG, patch_size=14, vision_hidden=32, vision_intermediate=64,
+                          vision_layers=3, vision_heads=4, vocab_size=len(tok), hidden=32,
+                          intermediate=72, layers=2, heads=4, kv_heads=2,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"),
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id)).eval()
     with torch.no_grad():
@@ -191,17 +205,19 @@ def test_token_after_image_agrees_in_training_generation_and_llava_processor(leg
     n_img = m.config.num_image_tokens
     image = Image.new("RGB", (30, 20), (200, 30, 30))
     question, answer = "What color is the circle?", "The circle is red."
-    train = tokenize_conversation(tok, [{"from": "human", "value": IMAGE + "\n" + question},
-                                        {"from": "gpt", "value": answer}], m.config.image_token_id, n_img)
-    prompt = tokenize_conversation(tok, [{"from": "human", "value": IMAGE + "\n" + question}],
-                                   m.config.image_token_id, n_img)
-    text, _ = render([{"from": "human", "value": IMAGE + "\n" + question}, {"from": "gpt", "value": answer}])
+    asked = {"from": "human", "value": IMAGE + "\n" + question}
+    answered = {"from": "gpt", "value": answer}
+    train = tokenize_conversation(tok, [asked, answered], m.config.image_token_id, n_img)
+    prompt = tokenize_conversation(tok, [asked], m.config.image_token_id, n_img)
+    text, _ = render([asked, answered])
     theirs = proc(images=image, text=text, return_tensors="pt")["input_ids"][0]
     assert torch.equal(train["input_ids"], theirs)  # training == the exported processor
-    assert torch.equal(prompt["input_ids"], train["input_ids"][:len(prompt["input_ids"])])  # generation == training
+    # generation == training
+    assert torch.equal(prompt["input_ids"], train["input_ids"][:len(prompt["input_ids"])])
     first_after = int((train["input_ids"] == m.config.image_token_id).nonzero()[0]) + n_img
     after = tok.convert_ids_to_tokens(int(train["input_ids"][first_after]))
-    assert after.startswith("▁") == legacy, after  # legacy: '▁\nWhat' (as LLaVA's own); else '\nWhat' / '<0x0A>'
+    # legacy: '▁\nWhat' (as LLaVA's own); else '\nWhat' / '<0x0A>'
+    assert after.startswith("▁") == legacy, after
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -212,27 +228,33 @@ def test_export_autoprocessor_generates_what_we_generate(legacy, tmp_path):
     tok = llama_tokenizer(legacy)
     m = model_for(tok, seed=1)
     export_llava_hf(m, tmp_path / "hf", tok, template="vicuna_v1")
-    for f in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.jinja"):
+    for f in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+              "chat_template.jinja"):
         assert os.path.exists(tmp_path / "hf" / f), f
     proc = AutoProcessor.from_pretrained(tmp_path / "hf")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     image = Image.effect_mandelbrot((40, 26), (-2, -1, 1, 1), 50).convert("RGB")
     question = "What is in the image?"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    messages = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = proc.apply_chat_template(messages, add_generation_prompt=True)
     turns = [{"from": "human", "value": IMAGE + "\n" + question}]
     assert text == render(turns)[0]
-    two = messages + [{"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Where?"}]
-    assert proc.apply_chat_template(two, add_generation_prompt=True) == render(
-        turns + [{"from": "gpt", "value": "A red circle."}, {"from": "human", "value": "Where?"}])[0]
+    two = messages + [{"role": "assistant", "content": "A red circle."},
+                      {"role": "user", "content": "Where?"}]
+    two_turns = turns + [{"from": "gpt", "value": "A red circle."},
+                         {"from": "human", "value": "Where?"}]
+    assert proc.apply_chat_template(two, add_generation_prompt=True) == render(two_turns)[0]
     batch = proc(images=image, text=text, return_tensors="pt")
     pixels = preprocess_image(image, IMG)
     torch.testing.assert_close(batch["pixel_values"][0], pixels, atol=1e-5, rtol=0)
     item = common.prompt_item(tok, m, turns, None)
     assert torch.equal(batch["input_ids"][0], item["input_ids"])
-    ours = m.generate(pixels[None], item["input_ids"][None], max_new_tokens=12, eos_token_id=-1).tokens[0]
+    prompt_ids = item["input_ids"]
+    ours = m.generate(pixels[None], prompt_ids[None], max_new_tokens=12, eos_token_id=-1).tokens[0]
     with torch.no_grad():
-        out = hf.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, item["input_ids"].numel():]
+        out = hf.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        out = out[0, prompt_ids.numel():]
     assert torch.equal(out, ours)
     assert len(set(ours.tolist())) > 1  # not a degenerate repeat
 
@@ -244,8 +266,8 @@ def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
     hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
     cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
                mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-               mm_vision_select_feature="patch", mm_use_im_start_end=False, image_aspect_ratio="pad",
-               mm_vision_tower=str(tmp_path / "clip"))
+               mm_vision_select_feature="patch", mm_use_im_start_end=False,
+               image_aspect_ratio="pad", mm_vision_tower=str(tmp_path / "clip"))
     _rewrite_keys(tmp_path / "hf", tmp_path / "orig", lambda k: _to_original_llava(k), config=cfg)
     clip = CLIPVisionModel(hf_cfg_vision := hf.config.vision_config)
     assert hf_cfg_vision.image_size == IMG
@@ -262,7 +284,8 @@ def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
         got = theirs(pixel_values=pixels, input_ids=ids.masked_fill(ids == IMAGE_ID, new_id)).logits
         want = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
     torch.testing.assert_close(got[..., :100], want, atol=ATOL, rtol=0)
-    assert bool((got[..., 100] < got[..., :100].max(-1).values).all())  # the new row is never the argmax
+    # the new row is never the argmax
+    assert bool((got[..., 100] < got[..., :100].max(-1).values).all())
     # with a tokenizer that lacks <image>: the token is added to it, with the id the config names
     from transformers import AutoTokenizer, LlamaTokenizer
     vocab = {t: i for t, i in llama_tokenizer(legacy=True).get_vocab().items() if i < 90}
@@ -291,8 +314,9 @@ def test_preprocess_image_takes_any_pil_mode_as_llava_does(mode):
 
 
 def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tiny_sft, tmp_path):
-    """A model trained here (the Shapes tokenizer: '▁' only at the start) exported with no tokenizer
-    argument: the checkpoint's own is written, and transformers generates what we generate."""
+    """A model trained here (the Shapes tokenizer: '▁' only at the start) exported with no
+    tokenizer argument: the checkpoint's own is written, and transformers generates what we
+    generate."""
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     import common
@@ -302,16 +326,18 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     image = Image.effect_mandelbrot((48, 48), (-2, -1, 1, 1), 30).convert("RGB")
     turns = [{"from": "human", "value": IMAGE + "\nIs there a red circle?"}]
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                  {"type": "text", "text": "Is there a red circle?"}]}],
+    content = [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}],
                                     add_generation_prompt=True)
     batch = proc(images=image, text=text, return_tensors="pt")
     item = common.prompt_item(tok, m, turns, None)
     assert torch.equal(batch["input_ids"][0], item["input_ids"])
     pixels = preprocess_image(image, m.config.image_size)
-    ours = m.generate(pixels[None], item["input_ids"][None], max_new_tokens=8, eos_token_id=-1).tokens[0]
+    prompt_ids = item["input_ids"]
+    ours = m.generate(pixels[None], prompt_ids[None], max_new_tokens=8, eos_token_id=-1).tokens[0]
     with torch.no_grad():
-        out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, item["input_ids"].numel():]
+        out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        out = out[0, prompt_ids.numel():]
     assert torch.equal(out, ours)
 
 
@@ -327,30 +353,39 @@ def test_llava_pope_test_file_labels_by_order_and_llava_answers(tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return str(tmp_path / name)
     suffix = "\nAnswer the question using a single word or phrase."
-    asks = [("a.jpg", "dog", "yes"), ("a.jpg", "cat", "no"), ("b.jpg", "car", "yes"), ("b.jpg", "bus", "no")]
-    labels = {c: jsonl(f"coco_pope_{c}.json", [{"question_id": i, "image": im, "text": f"Is there a {o} in the image?",
-                                                 "label": lab} for i, (im, o, lab) in enumerate(asks)])
-              for c in ("random", "adversarial")}
-    questions = [{"question_id": 10 * k + i, "image": im, "text": f"Is there a {o} in the image?" + suffix,
-                  "category": c}
-                 for k, c in enumerate(("adversarial", "random")) for i, (im, o, _) in enumerate(asks)]
+    asks = [("a.jpg", "dog", "yes"), ("a.jpg", "cat", "no"), ("b.jpg", "car", "yes"),
+            ("b.jpg", "bus", "no")]
+    label_rows = [{"question_id": i, "image": im, "text": f"Is there a {o} in the image?",
+                   "label": lab}
+                  for i, (im, o, lab) in enumerate(asks)]
+    labels = {c: jsonl(f"coco_pope_{c}.json", label_rows) for c in ("random", "adversarial")}
+    questions = [{"question_id": 10 * k + i, "image": im,
+                  "text": f"Is there a {o} in the image?" + suffix, "category": c}
+                 for k, c in enumerate(("adversarial", "random"))
+                 for i, (im, o, _) in enumerate(asks)]
     qfile = jsonl("llava_pope_test.jsonl", questions)
     said = {"adversarial": ["Yes", "Yes", "No", "No"], "random": ["Yes", "No", "Yes", "No"]}
-    answers = jsonl("answers.jsonl", [{"question_id": q["question_id"], "prompt": q["text"],
-                                       "text": said[q["category"]][q["question_id"] % 10]} for q in questions])
-    argv = ["--rescore", "true", "--benchmarks", "pope", "--out", str(tmp_path / "out"), "--pope_files", qfile,
+    answer_rows = [{"question_id": q["question_id"], "prompt": q["text"],
+                    "text": said[q["category"]][q["question_id"] % 10]}
+                   for q in questions]
+    answers = jsonl("answers.jsonl", answer_rows)
+    argv = ["--rescore", "true", "--benchmarks", "pope", "--out", str(tmp_path / "out"),
+            "--pope_files", qfile,
             "--pope_labels", labels["random"], labels["adversarial"], "--llava_answers", answers]
     code, _, err = run_cli("eval", argv)
     assert code == 0, err
     scores = json.load(open(tmp_path / "out" / "sft" / "scores.json"))["pope"]
     assert scores["random"]["f1"] == 1.0 and scores["random"]["n"] == 4
-    assert (scores["adversarial"]["tp"], scores["adversarial"]["fp"], scores["adversarial"]["fn"]) == (1, 1, 1)
+    adversarial = scores["adversarial"]
+    assert (adversarial["tp"], adversarial["fp"], adversarial["fn"]) == (1, 1, 1)
     # a label file of other questions: one line naming the question file and record, exit 2
-    swapped = jsonl("coco_pope_adversarial_other.json", [{"question_id": 0, "image": "a.jpg",
-                                                          "text": "Is there a cat in the image?", "label": "no"}] * 4)
+    other_question = {"question_id": 0, "image": "a.jpg", "text": "Is there a cat in the image?",
+                      "label": "no"}
+    swapped = jsonl("coco_pope_adversarial_other.json", [other_question] * 4)
     code, _, err = run_cli("eval", argv[:9] + [labels["random"], swapped] + argv[11:])
     assert code == 2 and "llava_pope_test.jsonl: record 0 (id 0): field 'text'" in err
     # an answers file for other questions
-    other = jsonl("other_answers.jsonl", [{"question_id": 0, "prompt": "Describe the image.", "text": "Yes"}])
+    other_answer = {"question_id": 0, "prompt": "Describe the image.", "text": "Yes"}
+    other = jsonl("other_answers.jsonl", [other_answer])
     code, _, err = run_cli("eval", argv[:-1] + [other])
     assert code == 2 and "other_answers.jsonl: record 0 (id '0'): field 'prompt'" in err

@@ -1,6 +1,7 @@
-"""SFT without padding (issue 19): sequences packed end to end in one row, attention within each one
-(data.pack + model.backbone(seq_lens)). The loss and every gradient equal those of the right-padded batch
-of the same sequences, and a short sft.py run gives the same losses packed and padded."""
+"""SFT without padding (issue 19): sequences packed end to end in one row, attention within each
+one (data.pack + model.backbone(seq_lens)). The loss and every gradient equal those of the
+right-padded batch of the same sequences, and a short sft.py run gives the same losses packed and
+padded."""
 import json
 import os
 
@@ -14,12 +15,14 @@ from model import LLaVA
 
 
 def items(m, lengths, seed=0):
-    """Conversations of the given text lengths: BOS, image tokens, text; labels on the last half of the text."""
+    """Conversations of the given text lengths: BOS, image tokens, text; labels on the last half of
+    the text."""
     c, g = m.config, torch.Generator().manual_seed(seed)
     out = []
     for n in lengths:
-        ids = torch.cat([torch.tensor([c.bos_token_id]), torch.full((c.num_image_tokens,), c.image_token_id),
-                         torch.randint(3, 500, (n,), generator=g)])
+        bos = torch.tensor([c.bos_token_id])
+        image = torch.full((c.num_image_tokens,), c.image_token_id)
+        ids = torch.cat([bos, image, torch.randint(3, 500, (n,), generator=g)])
         labels = torch.full_like(ids, IGNORE)
         labels[-(n // 2):] = ids[-(n // 2):]
         out.append({"input_ids": ids, "labels": labels,
@@ -38,13 +41,15 @@ def loss_and_grads(m, batch):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_batch_gives_the_padded_loss_and_gradients(one_thread, checkpointing):
     torch.manual_seed(0)
-    m = LLaVA.from_preset("tiny", image_token_id=4000, pad_token_id=0).train()  # GQA: heads 4, kv_heads 2
+    # GQA: heads 4, kv_heads 2
+    m = LLaVA.from_preset("tiny", image_token_id=4000, pad_token_id=0).train()
     m.gradient_checkpointing = checkpointing
     batch = items(m, [5, 17, 9, 30])
     padded = collate(batch, 0)
     packed = pack(batch)
     assert packed["input_ids"].shape == (1, sum(len(x["input_ids"]) for x in batch))
-    assert int(padded["attention_mask"].sum()) == packed["input_ids"].shape[1] < padded["input_ids"].numel()
+    packed_len = packed["input_ids"].shape[1]
+    assert int(padded["attention_mask"].sum()) == packed_len < padded["input_ids"].numel()
     loss_a, grads_a = loss_and_grads(m, padded)
     loss_b, grads_b = loss_and_grads(m, packed)
     torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-5)
@@ -58,9 +63,10 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(one_thread, checkpoint
 
 
 def test_sft_loss_by_hand():
-    """sft.lm_loss = -sum over answer tokens of log p(token | the tokens before it) / n_global: a stub
-    model whose logits at position t are a fixed table row, the arithmetic written out."""
-    table = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])  # logits at t = 0, 1, 2
+    """sft.lm_loss = -sum over answer tokens of log p(token | the tokens before it) / n_global: a
+    stub model whose logits at position t are a fixed table row, the arithmetic written out."""
+    # logits at t = 0, 1, 2
+    table = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
 
     class Stub(torch.nn.Module):
         def forward(self, pixel_values, input_ids, attention_mask, return_hidden, seq_lens):
@@ -68,8 +74,9 @@ def test_sft_loss_by_hand():
 
         def logits(self, h):
             return h
+    # one answer token: 2, predicted at t = 1
     batch = {"pixel_values": None, "input_ids": torch.tensor([[0, 1, 2]]),
-             "labels": torch.tensor([[IGNORE, IGNORE, 2]])}  # one answer token: 2, predicted at t = 1
+             "labels": torch.tensor([[IGNORE, IGNORE, 2]])}
     want = -torch.log_softmax(table[1], -1)[2] / 4  # n_global 4: the global batch's answer tokens
     torch.testing.assert_close(sft.lm_loss(Stub(), batch, 4), want)
     batch["labels"] = torch.tensor([[IGNORE, 1, 2]])  # two: token 1 at t = 0, token 2 at t = 1
@@ -86,8 +93,9 @@ def test_pack_refuses_a_label_on_the_first_token():
 
 
 def test_sft_packed_and_padded_runs_have_the_same_losses(one_thread, tiny_world, tmp_path):
-    args = ["--model", "tiny", "--world", tiny_world, "--max_steps", "4", "--align_steps", "2", "--batch_size", "8",
-            "--grad_accum", "2", "--report", "false", "--log_every", "1", "--eval_every", "2", "--save_every", "4"]
+    args = ["--model", "tiny", "--world", tiny_world, "--max_steps", "4", "--align_steps", "2",
+            "--batch_size", "8", "--grad_accum", "2", "--report", "false", "--log_every", "1",
+            "--eval_every", "2", "--save_every", "4"]
     runs = []
     for flag in ("true", "false"):
         out = str(tmp_path / flag)

@@ -6,8 +6,8 @@ from PIL import Image
 
 from data import DataError
 from formats import (BRIEF_PROMPTS, aokvqa_to_conversations, flickr30k_to_conversations,
-                                read_any_conversations, read_llava, read_llava_rlhf_preference, read_lrv,
-                                read_mmhal, read_pope, read_povid, read_rl_prompts, vqav2_to_conversations)
+                     read_any_conversations, read_llava, read_llava_rlhf_preference, read_lrv,
+                     read_mmhal, read_pope, read_povid, read_rl_prompts, vqav2_to_conversations)
 
 
 def png(folder, name):
@@ -17,7 +17,10 @@ def png(folder, name):
 
 
 def write(path, obj, jsonl=False):
-    path.write_text("\n".join(json.dumps(r) for r in obj) + "\n" if jsonl else json.dumps(obj, indent=1))
+    if jsonl:
+        path.write_text("\n".join(json.dumps(r) for r in obj) + "\n")
+    else:
+        path.write_text(json.dumps(obj, indent=1))
     return str(path)
 
 
@@ -36,7 +39,8 @@ def turns(*values):
 @pytest.fixture
 def llava(tmp_path):
     img = png(tmp_path / "img", "a.png")
-    recs = [{"id": "a", "image": "a.png", "conversations": turns("What is this?\n<image>", "A red square.", "Sure?", "Yes.")},
+    recs = [{"id": "a", "image": "a.png",
+             "conversations": turns("What is this?\n<image>", "A red square.", "Sure?", "Yes.")},
             {"id": "t", "conversations": turns("Say hi.", "Hi.")},
             {"id": "n", "image": "a.png", "conversations": turns("Color?", "Red.")}]
     return tmp_path, img, recs
@@ -45,11 +49,13 @@ def llava(tmp_path):
 def test_llava_good_and_image_normalisation(llava):
     tmp, img, recs = llava
     out = read_llava(write(tmp / "d.json", recs), image_folder=str(tmp / "img"))
-    assert out[0] == {"id": "a", "image": img, "conversations": turns("<image>\nWhat is this?", "A red square.", "Sure?", "Yes.")}
+    want = turns("<image>\nWhat is this?", "A red square.", "Sure?", "Yes.")
+    assert out[0] == {"id": "a", "image": img, "conversations": want}
     assert out[1] == {"id": "t", "image": None, "conversations": turns("Say hi.", "Hi.")}
     assert out[2]["conversations"][0]["value"] == "<image>\nColor?"  # missing tag added
     # JSON lines, user/assistant roles, absolute image path, default folder = the data file's folder
-    rec = {"id": "u", "image": img, "conversations": [{"from": "user", "value": "<image> Hi"}, {"from": "assistant", "value": "Ho"}]}
+    rec = {"id": "u", "image": img, "conversations": [{"from": "user", "value": "<image> Hi"},
+                                                       {"from": "assistant", "value": "Ho"}]}
     assert read_llava(write(tmp / "d.jsonl", [rec], jsonl=True)) == [
         {"id": "u", "image": img, "conversations": turns("<image>\nHi", "Ho")}]
 
@@ -58,15 +64,19 @@ def test_llava_good_and_image_normalisation(llava):
     (None, "a.png", "field 'conversations': missing"),
     ("hello", "a.png", "field 'conversations': expected a non-empty list of turns"),
     ([], "a.png", "field 'conversations': expected a non-empty list of turns"),
-    (turns("Q?", "A.")[:1] + turns("Q2?"), "a.png", "field 'conversations': turn 2 is from 'human', expected 'gpt'"),
+    (turns("Q?", "A.")[:1] + turns("Q2?"), "a.png",
+     "field 'conversations': turn 2 is from 'human', expected 'gpt'"),
     ([{"from": "gpt", "value": "A."}], "a.png", "turn 1 is from 'gpt', expected 'human'"),
     (turns("Q?", "   "), "a.png", "field 'conversations': turn 2: empty value"),
     (turns("Q?", "A.", "Q2?"), "a.png", "ends with a 'human' turn"),
-    ([{"from": "bot", "value": "x"}], "a.png", "turn 1: 'from' is 'bot', expected 'human' or 'gpt'"),
+    ([{"from": "bot", "value": "x"}], "a.png",
+     "turn 1: 'from' is 'bot', expected 'human' or 'gpt'"),
     ([{"from": "human", "value": 3}], "a.png", "turn 1: 'value' must be a string"),
-    (turns("<image>\nQ?", "A."), None, "field 'conversations': '<image>' in a record without an 'image'"),
+    (turns("<image>\nQ?", "A."), None,
+     "field 'conversations': '<image>' in a record without an 'image'"),
     (turns("<image>Q?<image>", "A."), "a.png", "'<image>' appears 2 times"),
-    (turns("Q?", "A.", "<image> Q2?", "B."), "a.png", "'<image>' is in turn 3, expected it in the first human turn"),
+    (turns("Q?", "A.", "<image> Q2?", "B."), "a.png",
+     "'<image>' is in turn 3, expected it in the first human turn"),
     (turns("Q?", "A."), "missing.png", "field 'image': file not found: "),
     (turns("Q?", "A."), 7, "field 'image': expected a string, got an integer"),
 ])
@@ -84,7 +94,8 @@ def test_llava_errors(llava, conv, image, expect):
 
 
 def test_file_errors(tmp_path):
-    assert error(read_llava, str(tmp_path / "nope.json")) == f"{tmp_path / 'nope.json'}: file not found"
+    missing = tmp_path / "nope.json"
+    assert error(read_llava, str(missing)) == f"{missing}: file not found"
     p = tmp_path / "bad.json"
     p.write_text('[\n {"id": 1},\n {"id": 2,,}\n]')
     assert error(read_llava, str(p)).startswith(f"{p}: invalid JSON at line 3 column")
@@ -102,47 +113,58 @@ def test_file_errors(tmp_path):
 def test_skip_mode(llava):
     tmp, _, recs = llava
     recs = recs[:1] + [{"id": "bad", "conversations": turns("Q?", "")}] + recs[1:]
-    out, skipped = read_llava(write(tmp / "d.json", recs), image_folder=str(tmp / "img"), on_error="skip")
+    out, skipped = read_llava(write(tmp / "d.json", recs), image_folder=str(tmp / "img"),
+                              on_error="skip")
     assert [r["id"] for r in out] == ["a", "t", "n"]
-    assert len(skipped) == 1 and "record 1 (id 'bad'): field 'conversations': turn 2: empty value" in skipped[0]
+    assert len(skipped) == 1
+    assert "record 1 (id 'bad'): field 'conversations': turn 2: empty value" in skipped[0]
     with pytest.raises(ValueError):
         read_llava(write(tmp / "d.json", recs), on_error="ignore")
 
 
-# ----------------------------------------------------------------------------- LRV and auto-detection
+# ------------------------------------------------------------------------ LRV and auto-detection
 
 def test_lrv(tmp_path):
     img = png(tmp_path / "vg", "2392588.jpg")
     png(tmp_path / "vg", "7.png")
-    recs = [{"image_id": "2392588", "question": "Can you see a blue teapot?", "answer": "There is no teapot.", "task": "negative"},
+    recs = [{"image_id": "2392588", "question": "Can you see a blue teapot?",
+             "answer": "There is no teapot.", "task": "negative"},
             {"image_id": "7.png", "question": "What color?", "answer": "Red."}]
-    out = read_lrv(write(tmp_path / "lrv.json", {"annotations": recs}), image_folder=str(tmp_path / "vg"))
+    vg = str(tmp_path / "vg")
+    out = read_lrv(write(tmp_path / "lrv.json", {"annotations": recs}), image_folder=vg)
+    want = turns("<image>\nCan you see a blue teapot?", "There is no teapot.")
     assert out[0] == {"id": "lrv_2392588_0", "image": img, "task": "negative",
-                      "conversations": turns("<image>\nCan you see a blue teapot?", "There is no teapot.")}
+                      "conversations": want}
     assert out[1]["image"] == str(tmp_path / "vg" / "7.png") and out[1]["task"] is None
-    assert read_lrv(write(tmp_path / "l2.json", [dict(recs[0], image_id=2392588)]), str(tmp_path / "vg"))[0]["image"] == img
+    int_id = write(tmp_path / "l2.json", [dict(recs[0], image_id=2392588)])
+    assert read_lrv(int_id, vg)[0]["image"] == img
     path = write(tmp_path / "l3.json", [{"image_id": "2392588", "question": "Q?"}])
-    assert error(read_lrv, path, str(tmp_path / "vg")) == f"{path}: record 0: field 'answer': missing"
+    assert error(read_lrv, path, vg) == f"{path}: record 0: field 'answer': missing"
     path = write(tmp_path / "l4.json", [dict(recs[0], image_id="999")])
-    assert f"{path}: record 0: field 'image_id': file not found: " in error(read_lrv, path, str(tmp_path / "vg"))
+    msg = error(read_lrv, path, str(tmp_path / "vg"))
+    assert f"{path}: record 0: field 'image_id': file not found: " in msg
 
 
 def test_read_any_conversations(tmp_path, llava):
     tmp, _, recs = llava
     png(tmp / "img", "5.jpg")
     a = read_any_conversations(write(tmp / "l.json", recs), str(tmp / "img"))
-    b = read_any_conversations(write(tmp / "r.json", [{"image_id": "5", "question": "Q?", "answer": "A."}]), str(tmp / "img"))
-    assert a[0]["conversations"][0]["value"].startswith("<image>\n") and b[0]["conversations"] == turns("<image>\nQ?", "A.")
+    lrv = write(tmp / "r.json", [{"image_id": "5", "question": "Q?", "answer": "A."}])
+    b = read_any_conversations(lrv, str(tmp / "img"))
+    assert a[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert b[0]["conversations"] == turns("<image>\nQ?", "A.")
     path = write(tmp / "x.json", [{"foo": 1}])
-    assert error(read_any_conversations, path) == f"{path}: record 0: field 'conversations': missing (expected LLaVA " \
-        "instruct 'conversations', or LRV-Instruction 'image_id', 'question', 'answer')"
+    assert error(read_any_conversations, path) == (
+        f"{path}: record 0: field 'conversations': missing (expected LLaVA "
+        "instruct 'conversations', or LRV-Instruction 'image_id', 'question', 'answer')")
 
 
-# ----------------------------------------------------------------------------- preference, RL prompts, POVID
+# ---------------------------------------------------------------- preference, RL prompts, POVID
 
 def pref(**kw):
     r = {"id": "p1", "image": "a.png", "conversations": turns("<image>\nWhat is it?", "old answer"),
-         "output_1": {"value": "A red square."}, "output_2": {"value": "A blue dog."}, "preference": 1}
+         "output_1": {"value": "A red square."}, "output_2": {"value": "A blue dog."},
+         "preference": 1}
     r.update(kw)
     return r
 
@@ -152,18 +174,22 @@ def test_preference_good(tmp_path):
     caps = write(tmp_path / "caps.json", {"a.png": ["A red square.", "Red."]})
     recs = [pref(), pref(id="p2", preference=2, conversations=turns("What is it?")),
             pref(id="p3", conversations=[turns("Hi", "Yo", "What is it?", "x")])]
-    out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs), captions_path=caps, need_captions=True)
-    assert out[0] == {"id": "p1", "image": img, "prompt": turns("<image>\nWhat is it?"), "chosen": "A red square.",
-                      "rejected": "A blue dog.", "captions": ["A red square.", "Red."]}
+    out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs), captions_path=caps,
+                                     need_captions=True)
+    assert out[0] == {"id": "p1", "image": img, "prompt": turns("<image>\nWhat is it?"),
+                      "chosen": "A red square.", "rejected": "A blue dog.",
+                      "captions": ["A red square.", "Red."]}
     assert out[1]["chosen"] == "A blue dog." and out[1]["prompt"] == turns("<image>\nWhat is it?")
     assert out[2]["prompt"] == turns("<image>\nHi", "Yo", "What is it?")
 
 
 @pytest.mark.parametrize("kw,expect", [
     ({"preference": 3}, "field 'preference': must be the integer 1 or 2 (a JSON number), got 3"),
-    ({"preference": "1"}, "field 'preference': must be the integer 1 or 2 (a JSON number), got '1'"),
+    ({"preference": "1"},
+     "field 'preference': must be the integer 1 or 2 (a JSON number), got '1'"),
     ({"preference": None}, "field 'preference': missing"),
-    ({"output_2": {"value": "A red square. "}}, "field 'output_2': chosen and rejected are identical"),
+    ({"output_2": {"value": "A red square. "}},
+     "field 'output_2': chosen and rejected are identical"),
     ({"output_1": {"value": ""}}, "field 'output_1': expected {\"value\": non-empty string}"),
     ({"output_1": "text"}, "field 'output_1': expected an object, got a string"),
 ])
@@ -176,11 +202,13 @@ def test_preference_errors(tmp_path, kw, expect):
 def test_preference_needs_captions(tmp_path):
     png(tmp_path, "a.png")
     path = write(tmp_path / "p.json", [pref()])
-    assert "field 'captions': no captions" in error(read_llava_rlhf_preference, path, need_captions=True)
+    msg = error(read_llava_rlhf_preference, path, need_captions=True)
+    assert "field 'captions': no captions" in msg
 
 
 def rl(**kw):
-    r = {"id": "r1", "image": "000000000042.jpg", "conversations": turns("<image>\nWhich one? A. x B. y", "B", "More?", "No."),
+    r = {"id": "r1", "image": "000000000042.jpg",
+         "conversations": turns("<image>\nWhich one? A. x B. y", "B", "More?", "No."),
          "captions": ["A cat on a mat."], "caption_type": 3, "length_bonus": -0.5}
     r.update(kw)
     return r
@@ -191,24 +219,30 @@ def test_rl_prompts(tmp_path):
     out = read_rl_prompts(write(tmp_path / "rl.json", [rl()]))
     assert out == [{"id": "r1", "image": img, "prompt": turns("<image>\nWhich one? A. x B. y"),
                     "captions": ["A cat on a mat."], "caption_type": 3, "length_bonus": -0.5}]
-    out = read_rl_prompts(write(tmp_path / "rl.json", [rl(caption_type=None, length_bonus=None)]), first_turn_only=False)
-    assert out[0]["caption_type"] == 1 and out[0]["length_bonus"] == 1.0 and len(out[0]["prompt"]) == 3
+    defaults = write(tmp_path / "rl.json", [rl(caption_type=None, length_bonus=None)])
+    out = read_rl_prompts(defaults, first_turn_only=False)
+    assert out[0]["caption_type"] == 1 and out[0]["length_bonus"] == 1.0
+    assert len(out[0]["prompt"]) == 3
     # captions from LLaVA-RLHF's image_to_caption.json: "aok_" prefix for caption_type 2-5
-    caps = write(tmp_path / "caps.json", {"000000000042.jpg": ["general"], "aok_000000000042.jpg": ["rationale"]})
+    caps = write(tmp_path / "caps.json", {"000000000042.jpg": ["general"],
+                                          "aok_000000000042.jpg": ["rationale"]})
     recs = [rl(captions=None), rl(id="r2", captions=None, caption_type=6)]
     out = read_rl_prompts(write(tmp_path / "rl.json", recs), captions_path=caps)
     assert [r["captions"] for r in out] == [["rationale"], ["general"]]
     # no captions: error when facts need them, [] otherwise
     path = write(tmp_path / "rl.json", [rl(captions=None)])
     msg = error(read_rl_prompts, path)
-    assert msg.startswith(f"{path}: record 0 (id 'r1'): field 'captions': no captions") and "--facts false" in msg
+    assert msg.startswith(f"{path}: record 0 (id 'r1'): field 'captions': no captions")
+    assert "--facts false" in msg
     assert read_rl_prompts(path, need_captions=False)[0]["captions"] == []
     path = write(tmp_path / "rl.json", [rl(captions=[])])
     assert "field 'captions': no captions" in error(read_rl_prompts, path)
 
 
 @pytest.mark.parametrize("kw,expect", [
-    ({"caption_type": 9}, "field 'caption_type': must be an integer 1-7 (1 general, 2-5 answer A-D, 6 answer No, 7 answer Yes), got 9"),
+    ({"caption_type": 9},
+     "field 'caption_type': must be an integer 1-7 "
+     "(1 general, 2-5 answer A-D, 6 answer No, 7 answer Yes), got 9"),
     ({"caption_type": "2"}, "field 'caption_type': must be an integer 1-7"),
     ({"length_bonus": "big"}, "field 'length_bonus': expected a number, got 'big'"),
     ({"captions": ["ok", ""]}, "field 'captions': expected a list of non-empty strings"),
@@ -223,36 +257,46 @@ def test_rl_prompt_errors(tmp_path, kw, expect):
 
 def test_povid(tmp_path):
     img = png(tmp_path, "a.png")
-    good = {"id": "v", "image": "a.png", "conversations": turns("Describe.<image>", "A red square."),
+    good = {"id": "v", "image": "a.png",
+            "conversations": turns("Describe.<image>", "A red square."),
             "rejected_conversations": turns("<image>\nDescribe.", "A red square and a dog.")}
     assert read_povid(write(tmp_path / "v.json", [good])) == [
         {"id": "v", "image": img, "prompt": turns("<image>\nDescribe."), "chosen": "A red square.",
          "rejected": "A red square and a dog."}]
     for kw, expect in [
-        ({"rejected_conversations": turns("<image>\nDescribe it.", "x")}, "field 'rejected_conversations': prompt turns differ from 'conversations'"),
-        ({"rejected_conversations": turns("<image>\nDescribe.", "A red square.")}, "field 'rejected_conversations': chosen and rejected are identical"),
-        ({"rejected_conversations": turns("<image>\nDescribe.")}, "field 'rejected_conversations': ends with a 'human' turn"),
+        ({"rejected_conversations": turns("<image>\nDescribe it.", "x")},
+         "field 'rejected_conversations': prompt turns differ from 'conversations'"),
+        ({"rejected_conversations": turns("<image>\nDescribe.", "A red square.")},
+         "field 'rejected_conversations': chosen and rejected are identical"),
+        ({"rejected_conversations": turns("<image>\nDescribe.")},
+         "field 'rejected_conversations': ends with a 'human' turn"),
         ({"rejected_conversations": None}, "field 'rejected_conversations': missing"),
     ]:
         path = write(tmp_path / "v.json", [dict(good, **kw)])
         assert error(read_povid, path).startswith(f"{path}: record 0 (id 'v'): {expect}")
 
 
-# ----------------------------------------------------------------------------- POPE and MMHal-Bench
+# ------------------------------------------------------------------------- POPE and MMHal-Bench
 
 def test_pope(tmp_path):
     img = png(tmp_path / "val2014", "COCO_val2014_000000310196.jpg")
-    recs = [{"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?", "label": "yes"},
-            {"question_id": 2, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a car in the image?", "label": "No "}]
+    image = "COCO_val2014_000000310196.jpg"
+    recs = [{"question_id": 1, "image": image, "text": "Is there a snowboard in the image?",
+             "label": "yes"},
+            {"question_id": 2, "image": image, "text": "Is there a car in the image?",
+             "label": "No "}]
+    folder = str(tmp_path / "val2014")
     for jsonl in (True, False):
-        out = read_pope(write(tmp_path / "pope.jsonl", recs, jsonl=jsonl), image_folder=str(tmp_path / "val2014"))
+        out = read_pope(write(tmp_path / "pope.jsonl", recs, jsonl=jsonl), image_folder=folder)
         assert out == [dict(recs[0], image=img), dict(recs[1], image=img, label="no")]
-    path = write(tmp_path / "pope.jsonl", recs + [dict(recs[0], question_id=3, label="maybe")], jsonl=True)
-    assert error(read_pope, path, str(tmp_path / "val2014")) == f"{path}: record 2 (id 3): field 'label': must be 'yes' or 'no', got 'maybe'"
-    out, skipped = read_pope(path, str(tmp_path / "val2014"), on_error="skip")
+    maybe = dict(recs[0], question_id=3, label="maybe")
+    path = write(tmp_path / "pope.jsonl", recs + [maybe], jsonl=True)
+    assert error(read_pope, path, folder) == (
+        f"{path}: record 2 (id 3): field 'label': must be 'yes' or 'no', got 'maybe'")
+    out, skipped = read_pope(path, folder, on_error="skip")
     assert len(out) == 2 and len(skipped) == 1
     path = write(tmp_path / "pope.jsonl", [dict(recs[0], text="")], jsonl=True)
-    assert error(read_pope, path, str(tmp_path / "val2014")) == f"{path}: record 0 (id 1): field 'text': empty"
+    assert error(read_pope, path, folder) == f"{path}: record 0 (id 1): field 'text': empty"
 
 
 def mmhal_rec(**kw):
@@ -265,17 +309,20 @@ def mmhal_rec(**kw):
 
 def test_mmhal(tmp_path):
     img = png(tmp_path / "images", "ebfc_o.jpg")
-    out = read_mmhal(write(tmp_path / "response_template.json", [mmhal_rec(), mmhal_rec(model_answer=None)]))
+    recs = [mmhal_rec(), mmhal_rec(model_answer=None)]
+    out = read_mmhal(write(tmp_path / "response_template.json", recs))
     assert out[0] == dict(mmhal_rec(), image=img) and out[1]["model_answer"] == ""
-    for kw, expect in [({"image_src": "https://x/y/missing.jpg"}, "record 0: field 'image_src': file not found: "),
-                       ({"image_content": "Cat"}, "record 0: field 'image_content': expected a list, got a string"),
+    for kw, expect in [({"image_src": "https://x/y/missing.jpg"},
+                        "record 0: field 'image_src': file not found: "),
+                       ({"image_content": "Cat"},
+                        "record 0: field 'image_content': expected a list, got a string"),
                        ({"gt_answer": None}, "record 0: field 'gt_answer': missing"),
                        ({"model_answer": 5}, "record 0: field 'model_answer': expected a string")]:
         path = write(tmp_path / "response_template.json", [mmhal_rec(**kw)])
         assert error(read_mmhal, path).startswith(f"{path}: {expect}")
 
 
-# ----------------------------------------------------------------------------- converters
+# ----------------------------------------------------------------------------------- converters
 
 def test_vqav2(tmp_path):
     png(tmp_path, "COCO_train2014_000000000009.jpg")
@@ -285,33 +332,43 @@ def test_vqav2(tmp_path):
                         {"image_id": 9, "question": "What is it?", "question_id": 91},
                         {"image_id": 9, "question": "Is it a dog?", "question_id": 92},
                         {"image_id": 25, "question": "Is it day?", "question_id": 251}]}
-    ans = lambda qid, t, a: {"question_id": qid, "image_id": 0, "answer_type": t, "multiple_choice_answer": a, "answers": []}
-    an = {"annotations": [ans(90, "yes/no", "yes"), ans(91, "other", "square"), ans(92, "yes/no", "no"),
-                          ans(250, "number", "2"), ans(251, "yes/no", "no")]}
+    def ans(qid, t, a):
+        return {"question_id": qid, "image_id": 0, "answer_type": t, "multiple_choice_answer": a,
+                "answers": []}
+    an = {"annotations": [ans(90, "yes/no", "yes"), ans(91, "other", "square"),
+                          ans(92, "yes/no", "no"), ans(250, "number", "2"),
+                          ans(251, "yes/no", "no")]}
     qp, ap = write(tmp_path / "q.json", qs), write(tmp_path / "a.json", an)
     out = vqav2_to_conversations(qp, ap, str(tmp_path))
-    assert out == [{"id": "vqav2_9", "image": str(tmp_path / "COCO_train2014_000000000009.jpg"), "caption_type": 7,
+    assert out == [{"id": "vqav2_9", "image": str(tmp_path / "COCO_train2014_000000000009.jpg"),
+                    "caption_type": 7,
                     "conversations": turns("<image>\nIs it red?", "Yes.", "Is it a dog?", "No.")},
-                   {"id": "vqav2_25", "image": str(tmp_path / "COCO_train2014_000000000025.jpg"), "caption_type": 6,
+                   {"id": "vqav2_25", "image": str(tmp_path / "COCO_train2014_000000000025.jpg"),
+                    "caption_type": 6,
                     "conversations": turns("<image>\nIs it day?", "No.")}]
     out = vqav2_to_conversations(qp, ap, str(tmp_path), yes_no_only=False, max_rounds=2)
     assert out[0]["conversations"] == turns("<image>\nIs it red?", "Yes.", "What is it?", "Square.")
-    assert out[1]["conversations"] == turns("<image>\nHow many?", "2.", "Is it day?", "No.") and out[1]["caption_type"] == 1
+    assert out[1]["conversations"] == turns("<image>\nHow many?", "2.", "Is it day?", "No.")
+    assert out[1]["caption_type"] == 1
     an["annotations"].pop(0)
     ap = write(tmp_path / "a.json", an)
-    assert error(vqav2_to_conversations, qp, ap, str(tmp_path)) == f"{qp}: record 0 (id 90): field 'question_id': no annotation in {ap}"
+    assert error(vqav2_to_conversations, qp, ap, str(tmp_path)) == (
+        f"{qp}: record 0 (id 90): field 'question_id': no annotation in {ap}")
     out, skipped = vqav2_to_conversations(qp, ap, str(tmp_path), on_error="skip")
     assert len(skipped) == 1 and out[0]["conversations"] == turns("<image>\nIs it a dog?", "No.")
     an["annotations"][0]["multiple_choice_answer"] = 3
     ap = write(tmp_path / "a.json", an)
-    assert error(vqav2_to_conversations, qp, ap, str(tmp_path)) == \
-        f"{ap}: record 0 (id 91): field 'multiple_choice_answer': expected a string, got an integer"
+    assert error(vqav2_to_conversations, qp, ap, str(tmp_path)) == (
+        f"{ap}: record 0 (id 91): field 'multiple_choice_answer': "
+        "expected a string, got an integer")
 
 
 def aok(**kw):
-    r = {"question_id": "22MexNkBPpdZGX6sxbxVBH", "image_id": 299207, "question": "What is the man by the bags awaiting?",
+    r = {"question_id": "22MexNkBPpdZGX6sxbxVBH", "image_id": 299207,
+         "question": "What is the man by the bags awaiting?",
          "choices": ["skateboarder", "train", "delivery", "cab"], "correct_choice_idx": 3,
-         "direct_answers": ["ride", "cab"], "rationales": ["A train would not be on the street", "he is waiting for a cab."]}
+         "direct_answers": ["ride", "cab"],
+         "rationales": ["A train would not be on the street", "he is waiting for a cab."]}
     r.update(kw)
     return r
 
@@ -319,46 +376,63 @@ def aok(**kw):
 def test_aokvqa(tmp_path):
     img = png(tmp_path, "000000299207.jpg")
     path = write(tmp_path / "aok.json", [aok(rationales=["He has bags and stands at the curb"])])
-    q = "<image>\nWhat is the man by the bags awaiting?\nA. skateboarder\nB. train\nC. delivery\nD. cab"
+    q = ("<image>\nWhat is the man by the bags awaiting?"
+         "\nA. skateboarder\nB. train\nC. delivery\nD. cab")
     assert aokvqa_to_conversations(path, str(tmp_path)) == [
-        {"id": "aokvqa_22MexNkBPpdZGX6sxbxVBH", "image": img, "captions": ["He has bags and stands at the curb"],
-         "caption_type": 5, "conversations": turns(q, "He has bags and stands at the curb. So the correct option is D.")}]
+        {"id": "aokvqa_22MexNkBPpdZGX6sxbxVBH", "image": img,
+         "captions": ["He has bags and stands at the curb"], "caption_type": 5,
+         "conversations": turns(q, "He has bags and stands at the curb. "
+                                   "So the correct option is D.")}]
     out = aokvqa_to_conversations(path, str(tmp_path), cot=False)
-    assert out[0]["conversations"] == turns(q + "\nAnswer with the option's letter from the given choices directly.", "D")
+    direct = q + "\nAnswer with the option's letter from the given choices directly."
+    assert out[0]["conversations"] == turns(direct, "D")
     # seeded: same seed -> same rationale pick
     path = write(tmp_path / "aok.json", [aok(question_id=str(i)) for i in range(8)])
-    runs = [[r["conversations"][1]["value"] for r in aokvqa_to_conversations(path, str(tmp_path), seed=s)] for s in (1, 1, 2)]
+    runs = [[r["conversations"][1]["value"]
+             for r in aokvqa_to_conversations(path, str(tmp_path), seed=s)]
+            for s in (1, 1, 2)]
     assert runs[0] == runs[1] and all(a.endswith("So the correct option is D.") for a in runs[0])
-    for kw, expect in [({"correct_choice_idx": 4}, "field 'correct_choice_idx': 4 is out of range for 4 choices"),
+    for kw, expect in [({"correct_choice_idx": 4},
+                        "field 'correct_choice_idx': 4 is out of range for 4 choices"),
                        ({"correct_choice_idx": None}, "field 'correct_choice_idx': missing"),
-                       ({"rationales": []}, "field 'rationales': empty; cot=True needs a rationale"),
+                       ({"rationales": []},
+                        "field 'rationales': empty; cot=True needs a rationale"),
                        ({"choices": "abc"}, "field 'choices': expected a list, got a string")]:
         path = write(tmp_path / "aok.json", [aok(**kw)])
-        assert error(aokvqa_to_conversations, path, str(tmp_path)) == f"{path}: record 0 (id '22MexNkBPpdZGX6sxbxVBH'): {expect}"
+        assert error(aokvqa_to_conversations, path, str(tmp_path)) == (
+            f"{path}: record 0 (id '22MexNkBPpdZGX6sxbxVBH'): {expect}")
 
 
 def test_flickr30k(tmp_path):
     img = png(tmp_path, "1000092795.jpg")
     png(tmp_path, "10002456.jpg")
-    karpathy = {"images": [{"filename": "1000092795.jpg", "split": "train", "sentences": [{"raw": "Two young guys look at their hands."}]},
-                           {"filename": "10002456.jpg", "split": "test", "sentences": [{"raw": "a man"}]}]}
-    out = flickr30k_to_conversations(write(tmp_path / "dataset_flickr30k.json", karpathy), str(tmp_path))
+    karpathy = {"images": [{"filename": "1000092795.jpg", "split": "train",
+                            "sentences": [{"raw": "Two young guys look at their hands."}]},
+                           {"filename": "10002456.jpg", "split": "test",
+                            "sentences": [{"raw": "a man"}]}]}
+    karpathy_file = write(tmp_path / "dataset_flickr30k.json", karpathy)
+    out = flickr30k_to_conversations(karpathy_file, str(tmp_path))
     assert len(out) == 1 and out[0]["id"] == "flickr30k_1000092795" and out[0]["image"] == img
     assert out[0]["captions"] == ["Two young guys look at their hands."]
     (h, g) = out[0]["conversations"]
-    assert h["from"] == "human" and h["value"].startswith("<image>\n") and h["value"][8:] in BRIEF_PROMPTS
+    assert h["from"] == "human" and h["value"].startswith("<image>\n")
+    assert h["value"][8:] in BRIEF_PROMPTS
     assert g == {"from": "gpt", "value": "Two young guys look at their hands."}
-    assert len(flickr30k_to_conversations(str(tmp_path / "dataset_flickr30k.json"), str(tmp_path), split=None)) == 2
+    assert len(flickr30k_to_conversations(karpathy_file, str(tmp_path), split=None)) == 2
     tok = tmp_path / "results_20130124.token"
     tok.write_text("1000092795.jpg#0\tTwo young guys with shaggy hair look at their hands .\n"
-                   "1000092795.jpg#1\ta man 's hat is red , and blue .\n10002456.jpg#0\tA dog runs\n")
+                   "1000092795.jpg#1\ta man 's hat is red , and blue .\n"
+                   "10002456.jpg#0\tA dog runs\n")
     a = flickr30k_to_conversations(str(tok), str(tmp_path), seed=3)
     assert a == flickr30k_to_conversations(str(tok), str(tmp_path), seed=3)  # deterministic
-    assert a[0]["captions"] == ["Two young guys with shaggy hair look at their hands.", "A man's hat is red, and blue."]
+    assert a[0]["captions"] == ["Two young guys with shaggy hair look at their hands.",
+                                "A man's hat is red, and blue."]
     assert a[1]["conversations"][1]["value"] == "A dog runs." and a[1]["id"] == "flickr30k_10002456"
     tok.write_text("1000092795.jpg#0\tok\nbroken line\n")
-    assert error(flickr30k_to_conversations, str(tok), str(tmp_path)) == f"{tok}: line 2: expected 'image.jpg#N<TAB>caption'"
+    assert error(flickr30k_to_conversations, str(tok), str(tmp_path)) == (
+        f"{tok}: line 2: expected 'image.jpg#N<TAB>caption'")
     karpathy["images"][0]["sentences"] = []
     path = write(tmp_path / "k.json", karpathy)
-    assert error(flickr30k_to_conversations, path, str(tmp_path)) == \
-        f"{path}: record 0 (id '1000092795.jpg'): field 'sentences': expected a non-empty list of {{\"raw\": caption}}"
+    assert error(flickr30k_to_conversations, path, str(tmp_path)) == (
+        f"{path}: record 0 (id '1000092795.jpg'): field 'sentences': "
+        f"expected a non-empty list of {{\"raw\": caption}}")

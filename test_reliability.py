@@ -1,17 +1,20 @@
 """Reliability guarantees, checked across every stage script on tiny configs (issue 9):
 
-1. bad input: one line naming the file, record and field, exit code 2, no traceback, and nothing already
-   written changed (every file under the run's --out, its inputs and the world are hashed before and after);
-2. kill and resume: SIGKILL in the middle of training and of a checkpoint write, then --resume, ends with
-   bitwise the weights of an uninterrupted run (sft, dpo, ppo; PPO's sampling generators included);
-3. DDP: `torchrun --nproc_per_node=2` (gloo) logs the losses of one process with the same global batch
-   (sft, dpo); PPO whitens its advantages with statistics gathered over every rank;
+1. bad input: one line naming the file, record and field, exit code 2, no traceback, and nothing
+   already written changed (every file under the run's --out, its inputs and the world are hashed
+   before and after);
+2. kill and resume: SIGKILL in the middle of training and of a checkpoint write, then --resume,
+   ends with bitwise the weights of an uninterrupted run (sft, dpo, ppo; PPO's sampling generators
+   included);
+3. DDP: `torchrun --nproc_per_node=2` (gloo) logs the losses of one process with the same global
+   batch (sft, dpo); PPO whitens its advantages with statistics gathered over every rank;
 4. numerical faults: a non-finite loss or gradient stops the run naming the step and the last good
    checkpoint (which stays loadable), or skips the update with --skip_nonfinite true;
-5. checkpoints carry a format version and their run config; another version or format is refused in one line.
+5. checkpoints carry a format version and their run config; another version or format is refused
+   in one line.
 
-RELIABILITY.md is generated from the BAD_INPUT table below (`python test_reliability.py --table`); a test
-checks that it is up to date."""
+RELIABILITY.md is generated from the BAD_INPUT table below (`python test_reliability.py --table`);
+a test checks that it is up to date."""
 import collections
 import hashlib
 import json
@@ -30,11 +33,13 @@ import common
 from conftest import HERE, assert_same_metrics, merge_flags, run_cli, run_script
 
 PY = sys.executable
-GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"}, {"from": "gpt", "value": "Yes, there is a circle."}]
+GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"},
+        {"from": "gpt", "value": "Yes, there is a circle."}]
 IMG = "images/train/000000.png"  # an image of the Shapes world (relative to --image_folder WORLD)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
+# conftest: tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,19 +47,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 # ----------------------------------------------------------------------------------------
 
 def base_args(script, w, out):
-    """A valid, tiny command line for each script; a case appends what makes it bad (later flags replace
-    earlier ones: conftest.merge_flags)."""
+    """A valid, tiny command line for each script; a case appends what makes it bad (later flags
+    replace earlier ones: conftest.merge_flags)."""
     if script in ("shapes", "pipeline"):
         return ["--out", str(out)]
     return {
-        "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--align_steps", "1",
-                "--report", "false"],
-        "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4", "--eval_prompt", "short",
-                   "--eval_size", "4", "--save_every", "1"],
-        "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1", "--rollout_batch", "2",
-                "--minibatch_size", "2", "--max_new_tokens", "4"],
-        "dpo": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--eval_n", "4"],
-        "vigc": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4", "--generate", "0"],
+        "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4",
+                "--align_steps", "1", "--report", "false"],
+        "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4",
+                   "--eval_prompt", "short", "--eval_size", "4", "--save_every", "1"],
+        "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1",
+                "--rollout_batch", "2", "--minibatch_size", "2", "--max_new_tokens", "4"],
+        "dpo": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4",
+                "--eval_n", "4"],
+        "vigc": ["--init", w.sft, "--world", w.world, "--max_steps", "1", "--batch_size", "4",
+                 "--generate", "0"],
         "eval": ["--ckpt", w.sft, "--world", w.world, "--benchmarks", "pope", "--limit", "2"],
     }[script] + ["--out", str(out)]
 
@@ -113,22 +120,24 @@ class T:
 
 
 def _png_that_does_not_decode(path, size=48):
-    """A PNG whose chunks and checksums are all valid (Image.verify() passes) but whose pixel data ends
-    early: only decoding finds out."""
+    """A PNG whose chunks and checksums are all valid (Image.verify() passes) but whose pixel data
+    ends early: only decoding finds out."""
     import struct
     import zlib
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        checksum = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + checksum
     header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
-                + chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
     return str(path)
 
 
 def _held_lock(t, pid="4242"):
-    """Another process's lock on the case's --out (an open file description of our own: flock conflicts)."""
+    """Another process's lock on the case's --out (an open file description of our own: flock
+    conflicts)."""
     import fcntl
     f = open(t.root / "out" / ".lock", "a+")
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,7 +168,8 @@ def _world_copy(t, change):
 
 
 def _not_utf8(t, name, good):
-    """A copy of `good` (text) with a byte that is not UTF-8 in the middle (offset len(good) // 2)."""
+    """A copy of `good` (text) with a byte that is not UTF-8 in the middle (offset
+    len(good) // 2)."""
     raw = good.encode()
     path = t.root / name
     path.write_bytes(raw[:len(raw) // 2] + b"\xff" + raw[len(raw) // 2:])
@@ -197,15 +207,18 @@ def _newer_trainer_state(d):
 
 def _foreign_trainer_state(d):
     from checkpoint import latest_checkpoint
-    torch.save({"epoch": 3, "weights": [1.0, 2.0]}, os.path.join(latest_checkpoint(str(d)), "trainer_state.pt"))
+    path = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
+    torch.save({"epoch": 3, "weights": [1.0, 2.0]}, path)
 
 
 def _other_vocab_rm(t):
-    """A reward-model checkpoint whose vocabulary differs from the policy's (another architecture)."""
+    """A reward-model checkpoint whose vocabulary differs from the policy's (another
+    architecture)."""
     from checkpoint import resolve_checkpoint, save_checkpoint_files
     from model import LLaVA
     torch.manual_seed(0)
-    m = LLaVA.from_preset("tiny", vocab_size=1024, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    m = LLaVA.from_preset("tiny", vocab_size=1024, image_token_id=4, pad_token_id=3, bos_token_id=1,
+                          eos_token_id=2)
     m.add_adapter("reward", 2, 2, 0.0, ("q", "v"))
     m.add_head("reward")
     d = t.root / "rm_other_vocab"
@@ -220,7 +233,8 @@ def _small_vocab_ckpt(t):
     from checkpoint import resolve_checkpoint, save_checkpoint_files
     from model import LLaVA
     torch.manual_seed(0)
-    m = LLaVA.from_preset("tiny", vocab_size=64, image_token_id=4, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    m = LLaVA.from_preset("tiny", vocab_size=64, image_token_id=4, pad_token_id=3, bos_token_id=1,
+                          eos_token_id=2)
     d = t.root / "small_vocab"
     save_checkpoint_files(m, d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -228,32 +242,48 @@ def _small_vocab_ckpt(t):
     return str(d)
 
 
-Case = collections.namedtuple("Case", "script name what argv want out_from proc strict", defaults=("sft", False, False))
+Case = collections.namedtuple("Case", "script name what argv want out_from proc strict",
+                              defaults=("sft", False, False))
 C = Case
-# argv(w, t): flags appended to base_args; want: fragments the one error line must hold (file, record, field).
+# argv(w, t): flags appended to base_args; want: fragments the one error line must hold (file,
+# record, field).
 BAD_INPUT = [
     # -- sft.py: LLaVA instruct files (--data FILE --image_folder WORLD)
     C("sft", "missing-image", "image file that does not exist",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": "images/none.png", "conversations": GOOD}]),
-                    "--image_folder", w.world], ("sft.json", "record 0 (id 'a')", "field 'image'", "file not found")),
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": "images/none.png",
+                                                    "conversations": GOOD}]),
+                    "--image_folder", w.world],
+      ("sft.json", "record 0 (id 'a')", "field 'image'", "file not found")),
     C("sft", "corrupt-image", "image file that does not decode",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": t.file("broken.png", "not a png"),
-                                                    "conversations": GOOD}])],
+      lambda w, t: ["--data",
+                    t.file("sft.json", [{"id": "a", "image": t.file("broken.png", "not a png"),
+                                         "conversations": GOOD}])],
       ("sft.json", "record 0", "field 'image'", "cannot decode")),
     C("sft", "bad-json", "file that is not valid JSON",
-      lambda w, t: ["--data", t.file("sft.json", '[{"id": "a", "image": ')], ("sft.json", "invalid JSON at line 1")),
+      lambda w, t: ["--data", t.file("sft.json", '[{"id": "a", "image": ')],
+      ("sft.json", "invalid JSON at line 1")),
     C("sft", "no-conversations", "record without 'conversations'",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG}]), "--image_folder", w.world],
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG}]),
+                    "--image_folder", w.world],
       ("sft.json", "record 0", "field 'conversations'", "missing")),
     C("sft", "value-not-string", "turn whose value is a number",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], {"from": "gpt", "value": 5}]}]),
-                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "turn 2: 'value' must be a string")),
+      lambda w, t: ["--data",
+                    t.file("sft.json", [{"id": "a", "image": IMG,
+                                         "conversations": [GOOD[0], {"from": "gpt", "value": 5}]}]),
+                    "--image_folder", w.world],
+      ("sft.json", "record 0", "field 'conversations'", "turn 2: 'value' must be a string")),
     C("sft", "not-alternating", "conversation with two human turns in a row",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], GOOD[0]]}]),
-                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "expected 'gpt'")),
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG,
+                                                    "conversations": [GOOD[0], GOOD[0]]}]),
+                    "--image_folder", w.world],
+      ("sft.json", "record 0", "field 'conversations'", "expected 'gpt'")),
     C("sft", "empty-answer", "blank answer",
-      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG, "conversations": [GOOD[0], {"from": "gpt", "value": " "}]}]),
-                    "--image_folder", w.world], ("sft.json", "record 0", "field 'conversations'", "turn 2: empty value")),
+      lambda w, t: ["--data",
+                    t.file("sft.json", [{"id": "a", "image": IMG,
+                                         "conversations": [GOOD[0],
+                                                           {"from": "gpt", "value": " "}]}]),
+                    "--image_folder", w.world],
+      ("sft.json", "record 0", "field 'conversations'", "turn 2: empty value")),
     C("sft", "too-long", "every conversation longer than --max_len",
       lambda w, t: ["--max_len", "8"], ("no training data left", "--max_len 8")),
     C("sft", "unknown-flag", "unknown flag (a real `python sft.py` process)",
@@ -261,16 +291,21 @@ BAD_INPUT = [
     C("sft", "flag-type", "integer flag given a word",
       lambda w, t: ["--max_steps", "ten"], ("--max_steps", "expected int, got 'ten'")),
     C("sft", "unwritable-out", "--out below a regular file (cannot be created)",
-      lambda w, t: ["--out", os.path.join(t.file("plain.txt", "x"), "run")], ("plain.txt", "output directory cannot be written")),
+      lambda w, t: ["--out", os.path.join(t.file("plain.txt", "x"), "run")],
+      ("plain.txt", "output directory cannot be written")),
     C("sft", "init-bert", "--init a checkpoint of another architecture (BERT)",
       lambda w, t: ["--init", t.config_dir("bert", {"model_type": "bert", "hidden_size": 8})],
       ("bert/config.json", "unsupported model_type 'bert'")),
     C("sft", "init-config-list", "--init whose config.json is a list, not an object",
-      lambda w, t: ["--init", t.config_dir("listcfg", "[1, 2]")], ("listcfg/config.json", "expected a JSON object")),
-    C("sft", "init-vocab-too-small", "--init whose embedding has fewer rows than its tokenizer has tokens",
-      lambda w, t: ["--init", _small_vocab_ckpt(t)], ("small_vocab", "more than the 64 embedding rows")),
+      lambda w, t: ["--init", t.config_dir("listcfg", "[1, 2]")],
+      ("listcfg/config.json", "expected a JSON object")),
+    C("sft", "init-vocab-too-small",
+      "--init whose embedding has fewer rows than its tokenizer has tokens",
+      lambda w, t: ["--init", _small_vocab_ckpt(t)],
+      ("small_vocab", "more than the 64 embedding rows")),
     C("sft", "init-truncated", "--init with a truncated model.safetensors",
-      lambda w, t: ["--init", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
+      lambda w, t: ["--init", t.ckpt("cut", _truncate)],
+      ("cut/model.safetensors", "truncated or corrupt")),
     C("sft", "init-newer-format", "--init written by a newer checkpoint format",
       lambda w, t: ["--init", t.ckpt("newer", _edit_config(format_version=99))],
       ("newer/config.json", "format_version 99 is newer")),
@@ -278,33 +313,40 @@ BAD_INPUT = [
       lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--lr", "0.5"],
       ("checkpoint-000003", "--resume with a different config: field 'lr'", "now 0.5")),
     C("sft", "resume-newer-state", "--resume from a trainer state of a newer format",
-      lambda w, t: (_newer_trainer_state(t.root / "out"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+      lambda w, t: (_newer_trainer_state(t.root / "out"),
+                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("trainer_state.pt", "format_version 99 is newer")),
     C("sft", "resume-foreign-state", "--resume from a trainer_state.pt that another program wrote",
-      lambda w, t: (_foreign_trainer_state(t.root / "out"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+      lambda w, t: (_foreign_trainer_state(t.root / "out"),
+                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("trainer_state.pt", "not a factalign trainer state")),
     # -- reward.py: LLaVA-RLHF human preference files
     C("reward", "preference-range", "preference 3 (must be 1 or 2)",
-      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference=3, captions=["A circle."]))],
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference=3,
+                                                             captions=["A circle."]))],
       ("prefs.json", "record 0", "field 'preference'", "got 3")),
     C("reward", "preference-type", "preference given as a string",
-      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference="1", captions=["A circle."]))],
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference="1",
+                                                             captions=["A circle."]))],
       ("prefs.json", "record 0", "field 'preference'", "got '1'")),
     C("reward", "no-captions", "no captions while --facts is on",
       lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json"))],
       ("prefs.json", "record 0", "field 'captions'", "--facts false")),
     C("reward", "missing-output", "record without output_2",
-      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", output_2=None, captions=["A circle."]))],
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", output_2=None,
+                                                             captions=["A circle."]))],
       ("prefs.json", "record 0", "field 'output_2'")),
     C("reward", "init-missing", "--init that does not exist",
       lambda w, t: ["--init", str(t.root / "nowhere")], ("nowhere", "not found")),
     C("reward", "flag-bool", "boolean flag given 'maybe'",
       lambda w, t: ["--facts", "maybe"], ("--facts", "expected true or false, got 'maybe'")),
     C("reward", "resume-other-config", "--resume with a different --center_coef",
-      lambda w, t: ["--resume", "true", "--overwrite", "false", "--center_coef", "0.5"], ("--resume with a different config: field 'center_coef'",),
+      lambda w, t: ["--resume", "true", "--overwrite", "false", "--center_coef", "0.5"],
+      ("--resume with a different config: field 'center_coef'",),
       out_from="rm"),
     # -- ppo.py: LLaVA-RLHF RL prompts
-    C("ppo", "no-captions", "RL prompts without captions while the reward model uses facts (a real process)",
+    C("ppo", "no-captions",
+      "RL prompts without captions while the reward model uses facts (a real process)",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", captions=None))],
       ("rl.json", "record 0", "field 'captions'", "Fact-RLHF facts need captions"), proc=True),
     C("ppo", "caption-type", "caption_type 9 (must be 1-7)",
@@ -314,29 +356,37 @@ BAD_INPUT = [
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", length_bonus="long"))],
       ("rl.json", "record 0", "field 'length_bonus'", "expected a number")),
     C("ppo", "prompt-too-long", "every prompt longer than --max_prompt_len",
-      lambda w, t: ["--max_prompt_len", "4"], ("rl_prompts.json", "no prompt fits --max_prompt_len 4")),
+      lambda w, t: ["--max_prompt_len", "4"],
+      ("rl_prompts.json", "no prompt fits --max_prompt_len 4")),
     C("ppo", "reward-not-rm", "--reward an SFT checkpoint (no reward head)",
       lambda w, t: ["--reward", w.sft], ("config.json", "field 'run_config.facts' is missing")),
     C("ppo", "reward-other-vocab", "--reward of another architecture (another vocabulary)",
-      lambda w, t: ["--reward", _other_vocab_rm(t)], ("rm_other_vocab", "(vocab 1024", "does not fit --init")),
+      lambda w, t: ["--reward", _other_vocab_rm(t)],
+      ("rm_other_vocab", "(vocab 1024", "does not fit --init")),
     C("ppo", "batch-sizes", "--rollout_batch not a multiple of --minibatch_size",
       lambda w, t: ["--rollout_batch", "3"], ("--rollout_batch 3", "--minibatch_size 2")),
     # -- dpo.py: POVID and LLaVA-RLHF preference pairs
     C("dpo", "identical", "POVID pair whose chosen and rejected answers are identical",
-      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", rejected_conversations=t.records("povid_pairs.json")[0]["conversations"]))],
+      lambda w, t: ["--data", t.file("pairs.json", t.records(
+          "povid_pairs.json",
+          rejected_conversations=t.records("povid_pairs.json")[0]["conversations"]))],
       ("pairs.json", "record 0", "field 'rejected_conversations'", "identical")),
     C("dpo", "preference-range", "LLaVA-RLHF pair with preference 0",
       lambda w, t: ["--data", t.file("pairs.json", t.records("pref_pairs.json", preference=0))],
       ("pairs.json", "record 0", "field 'preference'", "got 0")),
     C("dpo", "missing-image", "pair whose image does not exist",
-      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", image="/nowhere/x.png"))],
+      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json",
+                                                             image="/nowhere/x.png"))],
       ("pairs.json", "record 0", "field 'image'", "file not found: /nowhere/x.png")),
     C("dpo", "not-a-list", "JSON file holding a string, not records",
-      lambda w, t: ["--data", t.file("pairs.json", '"hello"')], ("pairs.json", "expected a non-empty JSON list of records")),
+      lambda w, t: ["--data", t.file("pairs.json", '"hello"')],
+      ("pairs.json", "expected a non-empty JSON list of records")),
     C("dpo", "init-truncated", "--init with a truncated model.safetensors (a real process)",
-      lambda w, t: ["--init", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt"), proc=True),
+      lambda w, t: ["--init", t.ckpt("cut", _truncate)],
+      ("cut/model.safetensors", "truncated or corrupt"), proc=True),
     C("dpo", "init-clip", "--init a CLIP checkpoint (another architecture)",
-      lambda w, t: ["--init", t.config_dir("clip", {"model_type": "clip_vision_model"})], ("clip", "a CLIP checkpoint alone is not a LLaVA")),
+      lambda w, t: ["--init", t.config_dir("clip", {"model_type": "clip_vision_model"})],
+      ("clip", "a CLIP checkpoint alone is not a LLaVA")),
     C("dpo", "init-other-format", "--init written by another tool's checkpoint format",
       lambda w, t: ["--init", t.ckpt("other", _edit_config(format="other-tool", format_version=3))],
       ("other/config.json", "format 'other-tool' version 3 is not a factalign checkpoint format")),
@@ -344,53 +394,69 @@ BAD_INPUT = [
       lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo or ref_free")),
     # -- vigc.py
     C("vigc", "bad-json", "--data file that is not valid JSON",
-      lambda w, t: ["--data", t.file("vigc.json", "{"), "--image_folder", w.world], ("vigc.json", "invalid JSON")),
+      lambda w, t: ["--data", t.file("vigc.json", "{"), "--image_folder", w.world],
+      ("vigc.json", "invalid JSON")),
     C("vigc", "wrong-type", "record whose image is a number",
-      lambda w, t: ["--data", t.file("vigc.json", [{"id": "a", "image": 7, "conversations": GOOD}]), "--image_folder", w.world],
+      lambda w, t: ["--data", t.file("vigc.json", [{"id": "a", "image": 7, "conversations": GOOD}]),
+                    "--image_folder", w.world],
       ("vigc.json", "record 0", "field 'image'", "expected a string, got an integer")),
     C("vigc", "images-nowhere", "--images that is neither a folder nor a list",
-      lambda w, t: ["--generate", "1", "--images", str(t.root / "nowhere")], ("--images", "nowhere", "not a folder or a file list")),
+      lambda w, t: ["--generate", "1", "--images", str(t.root / "nowhere")],
+      ("--images", "nowhere", "not a folder or a file list")),
     C("vigc", "gen-types", "--gen_types holding an unknown type",
-      lambda w, t: ["--gen_types", "poems"], ("--gen_types", "'poems' is not one of conv, desc, comp")),
+      lambda w, t: ["--gen_types", "poems"],
+      ("--gen_types", "'poems' is not one of conv, desc, comp")),
     C("vigc", "init-field-type", "--init whose config.json gives the model width as a word",
       lambda w, t: ["--init", t.ckpt("wide", _edit_model(hidden="big"))],
       ("wide/config.json", "field 'model.hidden'", "expected int, got 'big'")),
     C("vigc", "init-not-json", "--init whose config.json is not JSON",
-      lambda w, t: ["--init", t.config_dir("broken", "{not json")], ("broken/config.json", "not valid JSON")),
+      lambda w, t: ["--init", t.config_dir("broken", "{not json")],
+      ("broken/config.json", "not valid JSON")),
     # -- eval.py
     C("eval", "pope-format", "POPE file in another format (an SFT file)",
-      lambda w, t: ["--pope_files", os.path.join(w.world, "sft.json")], ("sft.json", "record 0", "field 'question_id'", "missing")),
+      lambda w, t: ["--pope_files", os.path.join(w.world, "sft.json")],
+      ("sft.json", "record 0", "field 'question_id'", "missing")),
     C("eval", "pope-label", "POPE line whose label is not yes/no",
-      lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps({"question_id": 1, "image": IMG, "text": "Is there a dog?",
-                                                                     "label": "maybe"}) + "\n"), "--image_folder", w.world],
+      lambda w, t: ["--pope_files", t.file("pope.jsonl",
+                                           json.dumps({"question_id": 1, "image": IMG,
+                                                       "text": "Is there a dog?",
+                                                       "label": "maybe"}) + "\n"),
+                    "--image_folder", w.world],
       ("pope.jsonl", "record 0", "field 'label'", "got 'maybe'")),
     C("eval", "ckpt-config", "--ckpt whose config.json is not JSON (a real process)",
-      lambda w, t: ["--ckpt", t.config_dir("broken", "{not json")], ("broken/config.json", "cannot read the checkpoint config"),
+      lambda w, t: ["--ckpt", t.config_dir("broken", "{not json")],
+      ("broken/config.json", "cannot read the checkpoint config"),
       proc=True),
     C("eval", "ckpt-truncated", "--ckpt with a truncated model.safetensors",
-      lambda w, t: ["--ckpt", t.ckpt("cut", _truncate)], ("cut/model.safetensors", "truncated or corrupt")),
+      lambda w, t: ["--ckpt", t.ckpt("cut", _truncate)],
+      ("cut/model.safetensors", "truncated or corrupt")),
     C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
-      lambda w, t: ["--benchmarks", "vqa"], ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie")),
+      lambda w, t: ["--benchmarks", "vqa"],
+      ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie")),
     C("eval", "flag-type", "float flag given a word",
       lambda w, t: ["--temperature", "hot"], ("--temperature", "expected float, got 'hot'")),
 ]
 
 
 def _flag(script, flag, value, want):
-    """A flag outside its declared range (the script's Config.RANGES): refused before anything runs."""
-    return C(script, f"range-{flag}-{value}", f"--{flag} {value} (outside its range)", lambda w, t: [f"--{flag}", value],
-             (f"--{flag}", *want))
+    """A flag outside its declared range (the script's Config.RANGES): refused before anything
+    runs."""
+    return C(script, f"range-{flag}-{value}", f"--{flag} {value} (outside its range)",
+             lambda w, t: [f"--{flag}", value], (f"--{flag}", *want))
 
 
 def _sft_file(t, name="sft.json", image=None):
-    return t.file(name, [{"id": "a", "image": image or os.path.join(t.w.world, IMG), "conversations": GOOD}])
+    image = image or os.path.join(t.w.world, IMG)
+    return t.file(name, [{"id": "a", "image": image, "conversations": GOOD}])
 
 
 def _bad_answers(t):
-    """eval's answers files for the SFT checkpoint (OUT/sft/answers_pope_SPLIT.jsonl), each with a non-UTF-8 byte."""
+    """eval's answers files for the SFT checkpoint (OUT/sft/answers_pope_SPLIT.jsonl), each with a
+    non-UTF-8 byte."""
     os.makedirs(t.root / "out" / "sft", exist_ok=True)
+    line = json.dumps({"id": "1", "prompt": "Is it?", "answer": "Yes"})
     for split in ("random", "popular", "adversarial"):
-        _not_utf8(t, f"out/sft/answers_pope_{split}.jsonl", json.dumps({"id": "1", "prompt": "Is it?", "answer": "Yes"}))
+        _not_utf8(t, f"out/sft/answers_pope_{split}.jsonl", line)
     return []
 
 
@@ -399,58 +465,85 @@ RANGE = "must be in [1, inf)"
 BAD_INPUT += [
     # -- every flag against the range its Config declares (issue 21)
     *[_flag("sft", f, v, want) for f, v, want in [
-        ("batch_size", "0", ("0", RANGE)), ("grad_accum", "0", ("0", RANGE)), ("lr", "-1", ("-1.0", "(0, inf)")),
-        ("lr", "nan", ("nan", "must be a number in (0, inf)")), ("lr", "inf", ("inf", "must be a finite number")),
+        ("batch_size", "0", ("0", RANGE)), ("grad_accum", "0", ("0", RANGE)),
+        ("lr", "-1", ("-1.0", "(0, inf)")),
+        ("lr", "nan", ("nan", "must be a number in (0, inf)")),
+        ("lr", "inf", ("inf", "must be a finite number")),
         ("max_steps", "-5", ("-5", RANGE)), ("lora_r", "-1", ("-1", "must be in [0, inf)")),
         ("log_every", "0", ("0", RANGE)), ("save_every", "0", ("0", RANGE)),
-        ("neg_ratio", "-0.5", ("-0.5", "must be in [0, 1]")), ("dtype", "fp16", ("fp16", "choose fp32 or bf16")),
-        ("device", "gpu", ("gpu", "choose cpu or cuda")), ("lora_targets", "qq", ("'qq' is not one of q, k, v",)),
-        ("model", "huge", ("huge", "choose tiny, shapes")), ("template", "chatml", ("chatml", "choose vicuna_v1")),
-        ("world_seed", "-1", ("-1", "must be in [0, inf)")), ("lora_dropout", "1.0", ("1.0", "must be in [0, 1)"))]],
+        ("neg_ratio", "-0.5", ("-0.5", "must be in [0, 1]")),
+        ("dtype", "fp16", ("fp16", "choose fp32 or bf16")),
+        ("device", "gpu", ("gpu", "choose cpu or cuda")),
+        ("lora_targets", "qq", ("'qq' is not one of q, k, v",)),
+        ("model", "huge", ("huge", "choose tiny, shapes")),
+        ("template", "chatml", ("chatml", "choose vicuna_v1")),
+        ("world_seed", "-1", ("-1", "must be in [0, inf)")),
+        ("lora_dropout", "1.0", ("1.0", "must be in [0, 1)"))]],
     *[_flag("reward", f, v, want) for f, v, want in [
-        ("eval_size", "-1", ("-1", RANGE)), ("batch_size", "0", ("0", RANGE)), ("lora_r", "0", ("0", RANGE)),
-        ("center_coef", "nan", ("nan", "must be a number")), ("pairs", "random", ("random", "choose injected or sampled")),
-        ("eval_prompt", "long", ("long", "choose llava-rlhf or short")), ("max_len", "0", ("0", RANGE))]],
+        ("eval_size", "-1", ("-1", RANGE)), ("batch_size", "0", ("0", RANGE)),
+        ("lora_r", "0", ("0", RANGE)),
+        ("center_coef", "nan", ("nan", "must be a number")),
+        ("pairs", "random", ("random", "choose injected or sampled")),
+        ("eval_prompt", "long", ("long", "choose llava-rlhf or short")),
+        ("max_len", "0", ("0", RANGE))]],
     *[_flag("ppo", f, v, want) for f, v, want in [
-        ("minibatch_size", "0", ("0", RANGE)), ("ppo_epochs", "0", ("0", RANGE)), ("kl_horizon", "0", ("0", RANGE)),
-        ("max_new_tokens", "0", ("0", RANGE)), ("temperature", "nan", ("nan", "must be a number in (0, inf)")),
-        ("temperature", "0", ("0.0", "must be in (0, inf)")), ("gamma", "1.5", ("1.5", "must be in [0, 1]")),
-        ("export", "zip", ("zip", "choose merged or adapter")), ("kl_estimator", "k2", ("k2", "choose k1 or k3")),
+        ("minibatch_size", "0", ("0", RANGE)), ("ppo_epochs", "0", ("0", RANGE)),
+        ("kl_horizon", "0", ("0", RANGE)),
+        ("max_new_tokens", "0", ("0", RANGE)),
+        ("temperature", "nan", ("nan", "must be a number in (0, inf)")),
+        ("temperature", "0", ("0.0", "must be in (0, inf)")),
+        ("gamma", "1.5", ("1.5", "must be in [0, 1]")),
+        ("export", "zip", ("zip", "choose merged or adapter")),
+        ("kl_estimator", "k2", ("k2", "choose k1 or k3")),
         ("rollout_batch", "0", ("0", RANGE)), ("value_lr", "-1", ("-1.0", "must be in [0, inf)"))]],
     *[_flag("dpo", f, v, want) for f, v, want in [
         ("eval_n", "-1", ("-1", RANGE)), ("beta", "0", ("0.0", "must be in (0, inf)")),
-        ("label_smoothing", "0.7", ("0.7", "must be in [0, 0.5)")), ("noise_t", "1000", ("1000", "must be in [0, 999]")),
+        ("label_smoothing", "0.7", ("0.7", "must be in [0, 0.5)")),
+        ("noise_t", "1000", ("1000", "must be in [0, 999]")),
         ("povid_stage", "3", ("3", "must be in [1, 2]")), ("batch_size", "0", ("0", RANGE)),
         ("noise_on", "blurred", ("blurred", "choose original or resized"))]],
     *[_flag("vigc", f, v, want) for f, v, want in [
-        ("max_new_tokens", "0", ("0", RANGE)), ("num_beams", "0", ("0", RANGE)), ("vic_mode", "mine", ("mine", "choose")),
-        ("sft_share", "1.0", ("1.0", "must be in [0, 1)")), ("temperature", "-1", ("-1.0", "must be in [0, inf)")),
+        ("max_new_tokens", "0", ("0", RANGE)), ("num_beams", "0", ("0", RANGE)),
+        ("vic_mode", "mine", ("mine", "choose")),
+        ("sft_share", "1.0", ("1.0", "must be in [0, 1)")),
+        ("temperature", "-1", ("-1.0", "must be in [0, inf)")),
         ("gen_batch_size", "0", ("0", RANGE)), ("max_steps", "-1", ("-1", "must be in [0, inf)"))]],
     *[_flag("eval", f, v, want) for f, v, want in [
-        ("limit", "-1", ("-1", "must be in [0, inf)")), ("temperature", "nan", ("nan", "must be a number")),
+        ("limit", "-1", ("-1", "must be in [0, inf)")),
+        ("temperature", "nan", ("nan", "must be a number")),
         ("top_p", "0", ("0.0", "must be in (0, 1]")), ("max_new_tokens", "0", ("0", RANGE)),
-        ("judge", "me", ("me", "choose oracle, openai or local")), ("batch_size", "0", ("0", RANGE))]],
+        ("judge", "me", ("me", "choose oracle, openai or local")),
+        ("batch_size", "0", ("0", RANGE))]],
     *[_flag("pipeline", f, v, want) for f, v, want in [
         ("steps", "-1", ("-1", "must be in [0, inf)")), ("jobs", "0", ("0", RANGE)),
         ("stages", "rlhf", ("'rlhf' is not one of sft",)), ("model", "huge", ("huge", "choose"))]],
     *[_flag("shapes", f, v, want) for f, v, want in [
         ("grid", "0", ("0", "must be in [1, 16]")), ("n_train", "0", ("0", RANGE)),
-        ("vocab_size", "10", ("10", "must be in [512, 65536]")), ("cooc", "2.0", ("2.0", "must be in [0, 1]")),
-        ("partner_weight", "nan", ("nan", "must be a number")), ("pairs", "circle", ("expected TRIGGER:PARTNER", "'circle'"))]],
-    C("shapes", "out-is-file", "--out that is a file", lambda w, t: ["--out", t.file("plain.txt", "x"), "--n_train", "2"],
+        ("vocab_size", "10", ("10", "must be in [512, 65536]")),
+        ("cooc", "2.0", ("2.0", "must be in [0, 1]")),
+        ("partner_weight", "nan", ("nan", "must be a number")),
+        ("pairs", "circle", ("expected TRIGGER:PARTNER", "'circle'"))]],
+    C("shapes", "out-is-file", "--out that is a file",
+      lambda w, t: ["--out", t.file("plain.txt", "x"), "--n_train", "2"],
       ("plain.txt", "exists and is not a folder")),
-    C("shapes", "out-unreadable-world", "--out whose world.json does not parse (with a file of the user's in it)",
+    C("shapes", "out-unreadable-world",
+      "--out whose world.json does not parse (with a file of the user's in it)",
       lambda w, t: ["--out", _world_copy(t, lambda d: (d / "world.json").write_text("{"))],
       ("world", "holds no readable world.json: refusing to replace it")),
     C("sft", "repeated-flag", "a flag given twice (a real process; argparse would keep the last)",
-      lambda w, t: ["--max_steps", "2", "--max_steps", "3"], ("sft.py: --max_steps is given twice",), proc=True, strict=True),
+      lambda w, t: ["--max_steps", "2", "--max_steps", "3"],
+      ("sft.py: --max_steps is given twice",), proc=True, strict=True),
     C("pipeline", "repeated-flag", "a flag given twice",
-      lambda w, t: ["--steps", "2", "--steps", "3"], ("pipeline.py: --steps is given twice",), strict=True),
+      lambda w, t: ["--steps", "2", "--steps", "3"], ("pipeline.py: --steps is given twice",),
+      strict=True),
     C("dpo", "repeated-flag", "a flag given twice, the second time as --flag=value",
-      lambda w, t: ["--beta", "0.2", "--beta=0.3"], ("dpo.py: --beta is given twice",), strict=True),
+      lambda w, t: ["--beta", "0.2", "--beta=0.3"], ("dpo.py: --beta is given twice",),
+      strict=True),
     # -- --data weights and paths
-    *[C("sft", f"weight-{x}", f"--data FILE:{x}", lambda w, t, x=x: ["--data", _sft_file(t) + ":" + x],
-        ("--data: weight", f"'{x}'", "must be a finite number > 0")) for x in ("0", "-1", "nan", "inf")],
+    *[C("sft", f"weight-{x}", f"--data FILE:{x}",
+        lambda w, t, x=x: ["--data", _sft_file(t) + ":" + x],
+        ("--data: weight", f"'{x}'", "must be a finite number > 0"))
+      for x in ("0", "-1", "nan", "inf")],
     C("sft", "path-with-colon", "--data path holding ':' that does not exist (named whole)",
       lambda w, t: ["--data", str(t.root / "a:b.json")], ("a:b.json", "file not found")),
     # -- images that pass verify() but do not decode, before any step, naming file, record and field
@@ -458,34 +551,52 @@ BAD_INPUT += [
       lambda w, t: ["--data", _sft_file(t, image=_png_that_does_not_decode(t.root / "x.png"))],
       ("sft.json", "record 0 (id 'a')", "field 'image'", "cannot decode image")),
     C("reward", "png-no-pixels", "preference pair whose PNG does not decode",
-      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", n=1, captions=["A circle."],
-                                                            image=_png_that_does_not_decode(t.root / "x.png")))],
+      lambda w, t: ["--data", t.file("prefs.json", t.records(
+          "pref_pairs.json", n=1, captions=["A circle."],
+          image=_png_that_does_not_decode(t.root / "x.png")))],
       ("prefs.json", "record 0", "field 'image'", "cannot decode image")),
     C("ppo", "png-no-pixels", "RL prompt whose PNG does not decode",
-      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", image=_png_that_does_not_decode(t.root / "x.png")))],
+      lambda w, t: ["--data", t.file("rl.json", t.records(
+          "rl_prompts.json", image=_png_that_does_not_decode(t.root / "x.png")))],
       ("rl.json", "record 0", "field 'image'", "cannot decode image")),
     C("dpo", "png-no-pixels", "POVID pair whose PNG does not decode",
-      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", image=_png_that_does_not_decode(t.root / "x.png")))],
+      lambda w, t: ["--data", t.file("pairs.json", t.records(
+          "povid_pairs.json", image=_png_that_does_not_decode(t.root / "x.png")))],
       ("pairs.json", "record 0", "field 'image'", "cannot decode image")),
     C("vigc", "png-no-pixels", "--data record whose PNG does not decode",
-      lambda w, t: ["--data", _sft_file(t, "vigc.json", _png_that_does_not_decode(t.root / "x.png"))],
+      lambda w, t: ["--data",
+                    _sft_file(t, "vigc.json", _png_that_does_not_decode(t.root / "x.png"))],
       ("vigc.json", "record 0", "field 'image'", "cannot decode image")),
     C("vigc", "images-png-no-pixels", "--images list naming a PNG that does not decode",
-      lambda w, t: ["--generate", "1", "--images", t.file("list.txt", _png_that_does_not_decode(t.root / "x.png") + "\n")],
+      lambda w, t: ["--generate", "1",
+                    "--images", t.file("list.txt",
+                                       _png_that_does_not_decode(t.root / "x.png") + "\n")],
       ("list.txt", "record 0", "field 'images'", "cannot decode image")),
     # -- numbers in records: NaN and Infinity are valid JSON to Python, not to a loss
-    C("ppo", "length-bonus-nan", "length_bonus NaN", lambda w, t: ["--data", t.file("rl.json", t.records(
-        "rl_prompts.json", length_bonus=float("nan")))], ("rl.json", "record 0", "field 'length_bonus'", "finite number, got nan")),
-    C("ppo", "length-bonus-inf", "length_bonus Infinity", lambda w, t: ["--data", t.file("rl.json", t.records(
-        "rl_prompts.json", length_bonus=float("inf")))], ("rl.json", "record 0", "field 'length_bonus'", "finite number, got inf")),
-    C("ppo", "caption-type-nan", "caption_type NaN", lambda w, t: ["--data", t.file("rl.json", t.records(
-        "rl_prompts.json", caption_type=float("nan")))], ("rl.json", "record 0", "field 'caption_type'", "got nan")),
-    C("reward", "preference-nan", "preference NaN", lambda w, t: ["--data", t.file("prefs.json", t.records(
-        "pref_pairs.json", preference=float("nan"), captions=["A circle."]))], ("prefs.json", "record 0", "field 'preference'", "got nan")),
-    C("dpo", "preference-inf", "preference Infinity", lambda w, t: ["--data", t.file("pairs.json", t.records(
-        "pref_pairs.json", preference=float("inf")))], ("pairs.json", "record 0", "field 'preference'", "got inf")),
-    C("eval", "label-nan", "POPE label NaN", lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps(
-        {"question_id": 1, "image": IMG, "text": "Is there a dog?", "label": float("nan")})), "--image_folder", w.world],
+    C("ppo", "length-bonus-nan", "length_bonus NaN",
+      lambda w, t: ["--data", t.file("rl.json", t.records(
+          "rl_prompts.json", length_bonus=float("nan")))],
+      ("rl.json", "record 0", "field 'length_bonus'", "finite number, got nan")),
+    C("ppo", "length-bonus-inf", "length_bonus Infinity",
+      lambda w, t: ["--data", t.file("rl.json", t.records(
+          "rl_prompts.json", length_bonus=float("inf")))],
+      ("rl.json", "record 0", "field 'length_bonus'", "finite number, got inf")),
+    C("ppo", "caption-type-nan", "caption_type NaN",
+      lambda w, t: ["--data", t.file("rl.json", t.records(
+          "rl_prompts.json", caption_type=float("nan")))],
+      ("rl.json", "record 0", "field 'caption_type'", "got nan")),
+    C("reward", "preference-nan", "preference NaN",
+      lambda w, t: ["--data", t.file("prefs.json", t.records(
+          "pref_pairs.json", preference=float("nan"), captions=["A circle."]))],
+      ("prefs.json", "record 0", "field 'preference'", "got nan")),
+    C("dpo", "preference-inf", "preference Infinity",
+      lambda w, t: ["--data", t.file("pairs.json", t.records(
+          "pref_pairs.json", preference=float("inf")))],
+      ("pairs.json", "record 0", "field 'preference'", "got inf")),
+    C("eval", "label-nan", "POPE label NaN",
+      lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps(
+          {"question_id": 1, "image": IMG, "text": "Is there a dog?", "label": float("nan")})),
+          "--image_folder", w.world],
       ("pope.jsonl", "record 0", "field 'label'", "expected a string")),
     # -- bytes that are not UTF-8: the file and the byte offset
     C("sft", "not-utf8", "--data file with a byte that is not UTF-8",
@@ -493,30 +604,44 @@ BAD_INPUT += [
       ("sft.json", "not UTF-8 text: byte 0xff at offset", str(len(GOOD_JSON) // 2))),
     C("reward", "captions-not-utf8", "--captions file with a byte that is not UTF-8",
       lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json")),
-                    "--captions", _not_utf8(t, "caps.json", json.dumps({IMG: ["A circle."]}))], ("caps.json", "not UTF-8 text")),
+                    "--captions", _not_utf8(t, "caps.json", json.dumps({IMG: ["A circle."]}))],
+      ("caps.json", "not UTF-8 text")),
     C("ppo", "not-utf8", "RL prompt file with a byte that is not UTF-8",
-      lambda w, t: ["--data", _not_utf8(t, "rl.json", json.dumps(t.records("rl_prompts.json")))], ("rl.json", "not UTF-8 text")),
+      lambda w, t: ["--data", _not_utf8(t, "rl.json", json.dumps(t.records("rl_prompts.json")))],
+      ("rl.json", "not UTF-8 text")),
     C("dpo", "not-utf8", "pair file with a byte that is not UTF-8",
-      lambda w, t: ["--data", _not_utf8(t, "pairs.json", json.dumps(t.records("povid_pairs.json")))], ("pairs.json", "not UTF-8 text")),
+      lambda w, t: ["--data",
+                    _not_utf8(t, "pairs.json", json.dumps(t.records("povid_pairs.json")))],
+      ("pairs.json", "not UTF-8 text")),
     C("vigc", "images-not-utf8", "--images list with a byte that is not UTF-8",
-      lambda w, t: ["--generate", "1", "--images", _not_utf8(t, "list.txt", os.path.join(w.world, IMG) + "\n")],
+      lambda w, t: ["--generate", "1",
+                    "--images", _not_utf8(t, "list.txt", os.path.join(w.world, IMG) + "\n")],
       ("list.txt", "not UTF-8 text")),
     C("vigc", "data-not-utf8", "--data file with a byte that is not UTF-8",
-      lambda w, t: ["--data", _not_utf8(t, "vigc.json", GOOD_JSON), "--image_folder", w.world], ("vigc.json", "not UTF-8 text")),
+      lambda w, t: ["--data", _not_utf8(t, "vigc.json", GOOD_JSON), "--image_folder", w.world],
+      ("vigc.json", "not UTF-8 text")),
     C("eval", "pope-not-utf8", "POPE file with a byte that is not UTF-8",
-      lambda w, t: ["--pope_files", _not_utf8(t, "pope.jsonl", json.dumps({"question_id": 1, "image": IMG, "text": "Is it?",
-                                                                           "label": "yes"})), "--image_folder", w.world],
+      lambda w, t: ["--pope_files", _not_utf8(t, "pope.jsonl",
+                                              json.dumps({"question_id": 1, "image": IMG,
+                                                          "text": "Is it?", "label": "yes"})),
+                    "--image_folder", w.world],
       ("pope.jsonl", "not UTF-8 text")),
-    C("eval", "llava-answers-not-utf8", "--rescore --llava_answers file with a byte that is not UTF-8",
-      lambda w, t: ["--rescore", "true", "--llava_answers", _not_utf8(t, "answers.jsonl", json.dumps(
-          {"question_id": 1, "prompt": "Is it?", "text": "Yes"}))], ("answers.jsonl", "not UTF-8 text")),
+    C("eval", "llava-answers-not-utf8",
+      "--rescore --llava_answers file with a byte that is not UTF-8",
+      lambda w, t: ["--rescore", "true",
+                    "--llava_answers", _not_utf8(t, "answers.jsonl", json.dumps(
+                        {"question_id": 1, "prompt": "Is it?", "text": "Yes"}))],
+      ("answers.jsonl", "not UTF-8 text")),
     C("eval", "answers-not-utf8", "an answers file already in --out with a byte that is not UTF-8",
       lambda w, t: _bad_answers(t), ("answers_pope_", "not UTF-8 text")),
     C("eval", "rescore-nothing", "--rescore true with no answers on disk (would score F1 0)",
-      lambda w, t: ["--rescore", "true"], ("answers_pope_", "--rescore: none of the", "has an answer here")),
-    # -- run directories: never replaced by accident, one writer at a time, resume only what is there
+      lambda w, t: ["--rescore", "true"],
+      ("answers_pope_", "--rescore: none of the", "has an answer here")),
+    # -- run directories: never replaced by accident, one writer at a time, resume only what is
+    # there
     C("sft", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
-      lambda w, t: ["--overwrite", "false"], ("out", "holds a run (checkpoint-", "--resume true", "--overwrite true")),
+      lambda w, t: ["--overwrite", "false"],
+      ("out", "holds a run (checkpoint-", "--resume true", "--overwrite true")),
     C("reward", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
       lambda w, t: ["--overwrite", "false"], ("holds a run", "--resume true"), out_from="rm"),
     C("ppo", "run-exists", "--out holding a finished run, neither --resume nor --overwrite",
@@ -540,40 +665,54 @@ BAD_INPUT += [
     C("eval", "second-writer", "another eval holds --out's lock",
       lambda w, t: _held_lock(t, "778"), ("another process (pid 778) is writing there",)),
     C("sft", "resume-other-data", "--resume when a data file changed since the run started",
-      _run_on_changed_sft_json, ("sft.json", "--resume on other data", "changed since the run started")),
+      _run_on_changed_sft_json,
+      ("sft.json", "--resume on other data", "changed since the run started")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
-      lambda w, t: (t.file("out/run.json", "{"), ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+      lambda w, t: (t.file("out/run.json", "{"),
+                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
       ("run.json", "cannot read")),
-    C("sft", "overwrite-own-init", "--overwrite true with --init inside --out (it would move its own start away)",
-      lambda w, t: ["--init", str(t.root / "out")], ("lies inside --out", "--overwrite true moves aside")),
+    C("sft", "overwrite-own-init",
+      "--overwrite true with --init inside --out (it would move its own start away)",
+      lambda w, t: ["--init", str(t.root / "out")],
+      ("lies inside --out", "--overwrite true moves aside")),
     # -- worlds: a stage never rewrites one
     C("sft", "world-other-seed", "--world_seed 1 against the seed-0 world",
-      lambda w, t: ["--world_seed", "1"], ("holds the world of seed 0, not --world_seed 1", "pass another --world")),
+      lambda w, t: ["--world_seed", "1"],
+      ("holds the world of seed 0, not --world_seed 1", "pass another --world")),
     C("dpo", "world-other-seed", "--world_seed 2 against the seed-0 world",
       lambda w, t: ["--world_seed", "2"], ("holds the world of seed 0, not --world_seed 2",)),
-    C("sft", "world-json-unreadable", "a world whose world.json does not parse (a file of the user's in it)",
+    C("sft", "world-json-unreadable",
+      "a world whose world.json does not parse (a file of the user's in it)",
       lambda w, t: ["--world", _world_copy(t, lambda d: (d / "world.json").write_text("{"))],
       ("world/world.json", "cannot be read", "delete")),
     C("sft", "world-not-a-world", "--world a folder of the user's (no world.json)",
-      lambda w, t: ["--world", os.path.dirname((os.makedirs(t.root / "mine"), t.file("mine/notes.txt", "mine"))[1])], ("mine", "holds no world.json")),
+      lambda w, t: ["--world", os.path.dirname((os.makedirs(t.root / "mine"),
+                                                t.file("mine/notes.txt", "mine"))[1])],
+      ("mine", "holds no world.json")),
     C("sft", "world-old-version", "a world of another format version",
       lambda w, t: ["--world", _world_copy(t, lambda d: (d / "world.json").write_text(json.dumps(
-          dict(json.load(open(d / "world.json")), version=1))))], ("world", "format version 1")),
+          dict(json.load(open(d / "world.json")), version=1))))],
+      ("world", "format version 1")),
     C("sft", "world-no-tokenizer", "a world without its tokenizer",
-      lambda w, t: ["--world", _world_copy(t, lambda d: shutil.rmtree(d / "tokenizer"))], ("world", "without its tokenizer")),
-    C("sft", "world-is-file", "--world that is a file", lambda w, t: ["--world", t.file("w.txt", "x")],
+      lambda w, t: ["--world", _world_copy(t, lambda d: shutil.rmtree(d / "tokenizer"))],
+      ("world", "without its tokenizer")),
+    C("sft", "world-is-file", "--world that is a file",
+      lambda w, t: ["--world", t.file("w.txt", "x")],
       ("w.txt", "--world is a file")),
     # -- checkpoints whose config cannot work
     C("sft", "init-kv-heads-0", "--init whose config says kv_heads 0",
-      lambda w, t: ["--init", t.ckpt("kv0", _edit_model(kv_heads=0))], ("kv0", "field 'kv_heads'", "positive integer")),
+      lambda w, t: ["--init", t.ckpt("kv0", _edit_model(kv_heads=0))],
+      ("kv0", "field 'kv_heads'", "positive integer")),
     C("eval", "ckpt-eos-beyond-vocab", "--ckpt whose eos_token_id is beyond the embedding",
-      lambda w, t: ["--ckpt", t.ckpt("eos", _edit_model(eos_token_id=99999))], ("eos", "field 'eos_token_id'", "beyond")),
+      lambda w, t: ["--ckpt", t.ckpt("eos", _edit_model(eos_token_id=99999))],
+      ("eos", "field 'eos_token_id'", "beyond")),
 ]
 
 
 def tree_hashes(*roots):
-    """{path: sha256} of every file under the given folders (what must not change); a run directory's .lock
-    is left out (it holds the pid of the last process that wrote there, by design)."""
+    """{path: sha256} of every file under the given folders (what must not change); a run
+    directory's .lock is left out (it holds the pid of the last process that wrote there, by
+    design)."""
     out = {}
     for root in roots:
         for dirpath, _, names in os.walk(root):
@@ -588,11 +727,14 @@ def tree_hashes(*roots):
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=[f"{c.script}-{c.name}" for c in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
-    out = tmp_path / "out"  # --out holds a finished run already: a failed run must leave it exactly as it was
+    # --out holds a finished run already: a failed run must leave it exactly as it was
+    out = tmp_path / "out"
     shutil.copytree(w.rm if case.out_from == "rm" else w.sft, out)
     t = T(w, tmp_path)
-    overwrite = ["--overwrite", "true"] if case.script in ("sft", "reward", "ppo", "dpo", "vigc") else []
-    argv = base_args(case.script, w, out) + overwrite + case.argv(w, t)  # (a failed run moves nothing aside)
+    trains = case.script in ("sft", "reward", "ppo", "dpo", "vigc")
+    overwrite = ["--overwrite", "true"] if trains else []
+    # (a failed run moves nothing aside)
+    argv = base_args(case.script, w, out) + overwrite + case.argv(w, t)
     argv = argv if case.strict else merge_flags(argv)  # (strict: the repeated flags are the case)
     before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
     if case.proc:
@@ -604,7 +746,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     for f in t.keep:
         f.close()
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
     for want in case.want:
         assert want in lines[0], (want, lines[0])
     assert tree_hashes(tmp_path, w.sft, w.rm, w.world) == before
@@ -630,13 +773,15 @@ def shapes_main(argv):
 
 def test_the_matrix_covers_every_script():
     assert len(BAD_INPUT) >= 100
-    assert {c.script for c in BAD_INPUT} == {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline"}
+    scripts = {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline"}
+    assert {c.script for c in BAD_INPUT} == scripts
     assert len({(c.script, c.name) for c in BAD_INPUT}) == len(BAD_INPUT)
 
 
 def test_every_number_flag_declares_its_range():
-    """Every int/float field (and tuple of them) of every script's Config has a rule in RANGES, and every rule
-    names a field; the rules parse (shapes.py: every DEFAULTS key but the pairs string)."""
+    """Every int/float field (and tuple of them) of every script's Config has a rule in RANGES, and
+    every rule names a field; the rules parse (shapes.py: every DEFAULTS key but the pairs
+    string)."""
     import dataclasses
     import importlib
     import common
@@ -644,8 +789,10 @@ def test_every_number_flag_declares_its_range():
     for name in ("sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline", "lab", "bench"):
         cfg = importlib.import_module(name).Config()
         fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        numbers = [k for k, v in fields.items() if not isinstance(v, (bool, str)) and
-                   all(isinstance(x, (int, float)) for x in (v if isinstance(v, tuple) and v else [v]))]
+        numbers = [k for k, v in fields.items()
+                   if not isinstance(v, (bool, str))
+                   and all(isinstance(x, (int, float))
+                           for x in (v if isinstance(v, tuple) and v else [v]))]
         assert not [k for k in numbers if k not in cfg.RANGES], name
         assert set(cfg.RANGES) <= set(fields), name
         common.check_ranges(cfg)  # the defaults are in range
@@ -655,17 +802,20 @@ def test_every_number_flag_declares_its_range():
 
 def test_range_rules():
     import common
-    assert common.check_value("x", 0.5, "[0, 1]") is None and common.check_value("x", 1, "[0, 1)") == "--x 1: must be in [0, 1)"
+    assert common.check_value("x", 0.5, "[0, 1]") is None
+    assert common.check_value("x", 1, "[0, 1)") == "--x 1: must be in [0, 1)"
     assert common.check_value("x", float("inf"), "[0, inf]") is None
     assert "finite" in common.check_value("x", float("inf"), "[0, inf)")
     assert "must be a number" in common.check_value("x", float("nan"), "(-inf, inf)")
-    assert common.check_value("x", ("a", "b"), ("a", "b", "c")) is None and common.check_value("x", None, "[1, 2]") is None
+    assert common.check_value("x", ("a", "b"), ("a", "b", "c")) is None
+    assert common.check_value("x", None, "[1, 2]") is None
     assert common.check_value("d", "gpu", ("cpu", "cuda")) == "--d gpu: choose cpu or cuda"
 
 
 def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
-    """--overwrite true: the finished run in --out is renamed (one step) to OUT.replaced-*, byte for byte, and
-    a new run starts in --out; without a flag the same command line is refused (the matrix's run-exists)."""
+    """--overwrite true: the finished run in --out is renamed (one step) to OUT.replaced-*, byte for
+    byte, and a new run starts in --out; without a flag the same command line is refused (the
+    matrix's run-exists)."""
     out = tmp_path / "out"
     shutil.copytree(w.sft, out)
     before = {os.path.relpath(p, out): h for p, h in tree_hashes(out).items()}
@@ -676,20 +826,24 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
     assert len(aside) == 1 and f"is now {aside[0]}" in stdout
     assert {os.path.relpath(p, aside[0]): h for p, h in tree_hashes(aside[0]).items()} == before
-    assert os.path.exists(out / "checkpoint-000001" / "config.json") and not os.path.exists(out / "checkpoint-000003")
-    assert [r["step"] for r in metric_rows(out)] == [1, 1]  # this run's lines only (loss, then val_loss)
+    assert os.path.exists(out / "checkpoint-000001" / "config.json")
+    assert not os.path.exists(out / "checkpoint-000003")
+    # this run's lines only (loss, then val_loss)
+    assert [r["step"] for r in metric_rows(out)] == [1, 1]
     read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
     digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
     assert json.load(open(out / "run.json"))["data"] == digests  # the world's files it read
 
 
 def test_lock_is_released_and_names_its_holder(w, tmp_path):
-    """The lock lives as long as the run: after a run (ok or failed) in this process the next one gets it; while a
-    process holds it, its pid is in OUT/.lock."""
+    """The lock lives as long as the run: after a run (ok or failed) in this process the next one
+    gets it; while a process holds it, its pid is in OUT/.lock."""
     import common
     out = tmp_path / "out"
-    code, _, err = run_cli("sft", base_args("sft", w, out) + ["--data", str(tmp_path / "none.json")])
-    assert code == 2 and "file not found" in err and not common._locks  # failed after taking it: released
+    missing_data = ["--data", str(tmp_path / "none.json")]
+    code, _, err = run_cli("sft", base_args("sft", w, out) + missing_data)
+    # failed after taking it: released
+    assert code == 2 and "file not found" in err and not common._locks
     common.lock_out(str(out))
     assert open(out / ".lock").read().strip() == str(os.getpid())
     common.release_locks()
@@ -698,16 +852,18 @@ def test_lock_is_released_and_names_its_holder(w, tmp_path):
 
 
 def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
-    """shapes.py killed mid-write leaves OUT.tmpPID; the next write removes it (its process is gone), not
-    another live writer's."""
+    """shapes.py killed mid-write leaves OUT.tmpPID; the next write removes it (its process is
+    gone), not another live writer's."""
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
-    leftover, live = tmp_path / f"w.tmp{dead.pid}", tmp_path / f"w.tmp{os.getppid()}"  # (our parent: alive)
+    leftover = tmp_path / f"w.tmp{dead.pid}"
+    live = tmp_path / f"w.tmp{os.getppid()}"  # (our parent: alive)
     for d in (leftover, live):
         d.mkdir()
         (d / "half.png").write_bytes(b"x")
-    code, stdout, err = run_main(shapes_main, ["--out", str(tmp_path / "w"), "--n_train", "4", "--n_val", "2", "--n_test",
-                                               "2", "--n_unlabeled", "2", "--n_pref", "4", "--n_povid", "4", "--n_rl", "4"])
+    argv = ["--out", str(tmp_path / "w"), "--n_train", "4", "--n_val", "2", "--n_test", "2",
+            "--n_unlabeled", "2", "--n_pref", "4", "--n_povid", "4", "--n_rl", "4"]
+    code, stdout, err = run_main(shapes_main, argv)
     assert code == 0, err
     assert not leftover.exists() and f"removed {leftover}" in stdout
     assert os.path.exists(tmp_path / "w" / "world.json") and live.exists()
@@ -718,9 +874,12 @@ def test_checkpoints_carry_format_version_and_run_config(w):
     ck = latest_checkpoint(w.rm)
     cfg = json.load(open(os.path.join(ck, "config.json")))
     state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
-    assert cfg["format"] == FORMAT_NAME and cfg["format_version"] == state["format_version"] == FORMAT_VERSION
-    assert json.loads(json.dumps(state["run_config"])) == cfg["run_config"]  # (tuples are lists in JSON)
-    assert cfg["run_config"]["center_coef"] == 1e-3 and cfg["run_config"]["max_steps"] == 2 and cfg["step"] == 2
+    assert cfg["format"] == FORMAT_NAME
+    assert cfg["format_version"] == state["format_version"] == FORMAT_VERSION
+    # (tuples are lists in JSON)
+    assert json.loads(json.dumps(state["run_config"])) == cfg["run_config"]
+    assert cfg["run_config"]["center_coef"] == 1e-3 and cfg["run_config"]["max_steps"] == 2
+    assert cfg["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------
@@ -728,40 +887,66 @@ def test_checkpoints_carry_format_version_and_run_config(w):
 # ----------------------------------------------------------------------------------------
 
 def reliability_md():
-    rows = [f"| `{c.script}.py` | {c.what} (`{c.script}-{c.name}`) | {' ... '.join(f'`{x}`' for x in c.want)} |"
-            for c in BAD_INPUT]
+    rows = []
+    for c in BAD_INPUT:
+        wants = " ... ".join(f"`{x}`" for x in c.want)
+        rows.append(f"| `{c.script}.py` | {c.what} (`{c.script}-{c.name}`) | {wants} |")
     return "\n".join([
         "# Reliability", "",
-        "Generated by `python test_reliability.py --table` from the tests in `test_reliability.py`; do not edit by hand.", "",
-        "Every stage script turns a user's mistake into one line on stderr (`error: FILE: record N: field 'F': what`),",
-        "exit code 2 and no traceback, before anything is written: every file already under `--out`, the inputs and the",
-        "Shapes world are hashed before and after each case and must not change (each case's `--out` already holds a",
-        "finished run). Cases marked \"a real process\" run `python SCRIPT.py`; the others run the same entry point",
+        "Generated by `python test_reliability.py --table` from the tests in "
+        "`test_reliability.py`; do not edit by hand.", "",
+        "Every stage script turns a user's mistake into one line on stderr "
+        "(`error: FILE: record N: field 'F': what`),",
+        "exit code 2 and no traceback, before anything is written: every file already under "
+        "`--out`, the inputs and the",
+        "Shapes world are hashed before and after each case and must not change "
+        "(each case's `--out` already holds a",
+        "finished run). Cases marked \"a real process\" run `python SCRIPT.py`; "
+        "the others run the same entry point",
         "in-process (conftest.run_cli). Training runs also guarantee:", "",
-        "- **kill and resume**: a run killed with SIGKILL (during a step or while a checkpoint is being written) and",
-        "  restarted with `--resume true` ends with bitwise the weights of an uninterrupted run (sft, dpo, ppo; PPO's",
-        "  sampling generators included). Checkpoints are written to `.tmp-checkpoint-*` and renamed; old ones are",
-        "  renamed away before they are deleted; `--resume` removes leftovers and ignores `checkpoint-N/` without `config.json`.",
-        "- **DDP**: `torchrun --nproc_per_node=2` (gloo on CPU) logs the losses of one process with the same global",
+        "- **kill and resume**: a run killed with SIGKILL "
+        "(during a step or while a checkpoint is being written) and",
+        "  restarted with `--resume true` ends with bitwise the weights of an uninterrupted run "
+        "(sft, dpo, ppo; PPO's",
+        "  sampling generators included). Checkpoints are written to `.tmp-checkpoint-*` "
+        "and renamed; old ones are",
+        "  renamed away before they are deleted; `--resume` removes leftovers and ignores "
+        "`checkpoint-N/` without `config.json`.",
+        "- **DDP**: `torchrun --nproc_per_node=2` (gloo on CPU) logs the losses of one process "
+        "with the same global",
         "  batch (sft, dpo, within 1e-5); PPO whitens advantages with statistics over every rank.",
-        "- **non-finite loss or gradient**: the run stops with `step N: non-finite ...; Last good checkpoint: ...`",
-        "  (exit 2; that checkpoint loads and resumes), or skips the update with `--skip_nonfinite true`",
+        "- **non-finite loss or gradient**: the run stops with "
+        "`step N: non-finite ...; Last good checkpoint: ...`",
+        "  (exit 2; that checkpoint loads and resumes), or skips the update with "
+        "`--skip_nonfinite true`",
         "  (sft, reward, ppo, dpo, vigc). Tests inject the fault by patching "
         "`common.optimizer_step`.",
-        "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run config; a newer or",
+        "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run "
+        "config; a newer or",
         "  foreign format is refused in one line.",
-        "- **ranges**: every flag of every script (shapes.py and pipeline.py included) is checked against the rule",
-        "  its Config declares in `RANGES` (an interval such as `[1, inf)`, or the allowed choices); floats must be",
-        "  finite; a flag given twice is an error. Numbers in records (`length_bonus`, `preference`, `caption_type`)",
+        "- **ranges**: every flag of every script (shapes.py and pipeline.py included) is checked "
+        "against the rule",
+        "  its Config declares in `RANGES` (an interval such as `[1, inf)`, or the allowed "
+        "choices); floats must be",
+        "  finite; a flag given twice is an error. Numbers in records "
+        "(`length_bonus`, `preference`, `caption_type`)",
         "  must be finite, and a file that is not UTF-8 is named with the byte offset.",
-        "- **run directories**: a stage refuses an `--out` that holds a run unless `--resume true` (which needs a",
-        "  checkpoint, and the data files the run started on: their sha256 is in `OUT/run.json`) or `--overwrite",
-        "  true` (the old run is renamed to `OUT.replaced-*` in one step once the inputs are checked, and kept). A",
-        "  process writing to `--out` holds a flock on `OUT/.lock`, which holds its pid; a second writer is refused.",
-        "- **worlds**: a stage never rewrites a Shapes world; another seed, parameters or format version, or a",
-        "  `world.json` that does not read, is one line naming the folder. shapes.py refuses to replace a folder",
-        "  holding files a world does not have, and removes the temp folder of a write that was killed.",
-        "- **images** are decoded (not only verified) before the first step by every stage that reads image files",
+        "- **run directories**: a stage refuses an `--out` that holds a run unless "
+        "`--resume true` (which needs a",
+        "  checkpoint, and the data files the run started on: their sha256 is in "
+        "`OUT/run.json`) or `--overwrite",
+        "  true` (the old run is renamed to `OUT.replaced-*` in one step once the inputs are "
+        "checked, and kept). A",
+        "  process writing to `--out` holds a flock on `OUT/.lock`, which holds its pid; "
+        "a second writer is refused.",
+        "- **worlds**: a stage never rewrites a Shapes world; another seed, parameters or "
+        "format version, or a",
+        "  `world.json` that does not read, is one line naming the folder. shapes.py refuses "
+        "to replace a folder",
+        "  holding files a world does not have, and removes the temp folder of a write that "
+        "was killed.",
+        "- **images** are decoded (not only verified) before the first step by every stage "
+        "that reads image files",
         "  given by the user (`--data`, `--images`).", "",
         f"## Bad-input cases ({len(BAD_INPUT)})", "",
         "| script | case | the error line contains |", "|---|---|---|", *rows, ""])
@@ -785,11 +970,13 @@ if __name__ == "__main__" and "--table" in sys.argv:
 
 def kill_mid_run(script, argv, out, during_write):
     """Run `python script.py argv` and SIGKILL it: during_write, while it writes a checkpoint after
-    checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once checkpoint-2
-    is complete, in the middle of step 3. Returns whether a checkpoint write was caught."""
+    checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once
+    checkpoint-2 is complete, in the middle of step 3. Returns whether a checkpoint write was
+    caught."""
     log = open(f"{out}.stderr", "w+")  # a file, not a pipe: a full pipe would stall the run
-    proc = subprocess.Popen([PY, os.path.join(HERE, f"{script}.py"), *merge_flags(argv)], cwd=HERE, stdout=subprocess.DEVNULL,
-                            stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [PY, os.path.join(HERE, f"{script}.py"), *merge_flags(argv)]
+    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     caught, deadline = False, time.time() + 240
     while proc.poll() is None and time.time() < deadline:
         names = os.listdir(out) if os.path.isdir(out) else []
@@ -803,15 +990,16 @@ def kill_mid_run(script, argv, out, during_write):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     log.seek(0)
-    assert proc.returncode == -signal.SIGKILL, f"the run was not killed mid-way (exit {proc.returncode}): {log.read()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run was not killed mid-way (exit {proc.returncode}): {log.read()[-2000:]}")
     log.close()
     return caught
 
 
 def leave_debris(out):
-    """What a kill can leave besides complete checkpoints, made sure of: a half-written temp checkpoint, a
-    checkpoint-N directory without its completion marker (config.json), both at the step after the last one,
-    and a metrics line cut short."""
+    """What a kill can leave besides complete checkpoints, made sure of: a half-written temp
+    checkpoint, a checkpoint-N directory without its completion marker (config.json), both at the
+    step after the last one, and a metrics line cut short."""
     from checkpoint import latest_checkpoint
     last = latest_checkpoint(out)
     assert last is not None
@@ -831,7 +1019,8 @@ def leave_debris(out):
 
 
 def final_tensors(out):
-    """Every tensor of the newest checkpoint: its safetensors files and the tensors in trainer_state's extra."""
+    """Every tensor of the newest checkpoint: its safetensors files and the tensors in
+    trainer_state's extra."""
     from safetensors.torch import load_file
     from checkpoint import latest_checkpoint
     ck = latest_checkpoint(out)
@@ -855,8 +1044,10 @@ def kill_resume_equals_straight(script, argv, tmp_path, during_write=True):
     assert code == 0, err
     assert f"resumed from {last}" in stdout
     assert not [n for n in os.listdir(killed) if n.startswith(".tmp-")]  # the debris is gone
-    assert all(os.path.exists(killed / n / "config.json") for n in os.listdir(killed) if n.startswith("checkpoint-"))
-    assert metric_rows(killed)[-1]["step"] == 5  # the cut line was dropped, the resumed run's lines follow
+    checkpoints = [n for n in os.listdir(killed) if n.startswith("checkpoint-")]
+    assert all(os.path.exists(killed / n / "config.json") for n in checkpoints)
+    # the cut line was dropped, the resumed run's lines follow
+    assert metric_rows(killed)[-1]["step"] == 5
     (ca, a), (cb, b) = final_tensors(str(straight)), final_tensors(str(killed))
     assert os.path.basename(ca) == os.path.basename(cb) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -867,14 +1058,18 @@ STEPS = ["--max_steps", "5", "--save_every", "1", "--log_every", "1"]
 
 
 def test_sft_killed_then_resumed_is_bitwise(w, tmp_path):
-    kill_resume_equals_straight("sft", base_args("sft", w, "x")[:-2] + STEPS, tmp_path, during_write=False)
+    argv = base_args("sft", w, "x")[:-2] + STEPS
+    kill_resume_equals_straight("sft", argv, tmp_path, during_write=False)
 
 
-def test_dpo_killed_then_resumed_is_bitwise(w, tmp_path):  # POVID stage 2: the noise generator is resumed too
-    kill_resume_equals_straight("dpo", base_args("dpo", w, "x")[:-2] + STEPS + ["--povid_stage", "2"], tmp_path)
+# POVID stage 2: the noise generator is resumed too
+def test_dpo_killed_then_resumed_is_bitwise(w, tmp_path):
+    argv = base_args("dpo", w, "x")[:-2] + STEPS + ["--povid_stage", "2"]
+    kill_resume_equals_straight("dpo", argv, tmp_path)
 
 
-def test_ppo_killed_then_resumed_is_bitwise(w, tmp_path):  # sampling generators, value adapter and head included
+# sampling generators, value adapter and head included
+def test_ppo_killed_then_resumed_is_bitwise(w, tmp_path):
     kill_resume_equals_straight("ppo", base_args("ppo", w, "x")[:-2] + STEPS, tmp_path)
 
 
@@ -897,32 +1092,35 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     code, stdout, err = run_cli(script, argv + ["--out", one])
     assert code == 0 and "1 process(es)" in stdout, err
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        os.path.join(HERE, f"{script}.py"), *merge_flags(argv), "--out", two], capture_output=True, text=True,
-                       timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}",
+               os.path.join(HERE, f"{script}.py"), *merge_flags(argv), "--out", two]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
     compared = assert_same_metrics(metric_rows(one), metric_rows(two), keys, min_rows=2)
     assert compared >= 2 * len(keys) - 1
 
 
 def test_sft_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
-    torchrun_equals_one_process("sft", base_args("sft", w, "x")[:-2] + ["--max_steps", "2", "--batch_size", "8",
-                                                                         "--log_every", "1"],
-                                tmp_path, ["loss", "grad_norm", "val_loss"])
+    argv = base_args("sft", w, "x")[:-2] + ["--max_steps", "2", "--batch_size", "8",
+                                            "--log_every", "1"]
+    torchrun_equals_one_process("sft", argv, tmp_path, ["loss", "grad_norm", "val_loss"])
 
 
 def test_dpo_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
-    torchrun_equals_one_process("dpo", base_args("dpo", w, "x")[:-2] + ["--max_steps", "2", "--log_every", "1",
-                                                                         "--povid_stage", "2"],
-                                tmp_path, ["loss", "rewards/margins", "noisy/rewards/margins", "grad_norm",
-                                           "val_reward_accuracy"])
+    argv = base_args("dpo", w, "x")[:-2] + ["--max_steps", "2", "--log_every", "1",
+                                            "--povid_stage", "2"]
+    keys = ["loss", "rewards/margins", "noisy/rewards/margins", "grad_norm", "val_reward_accuracy"]
+    torchrun_equals_one_process("dpo", argv, tmp_path, keys)
 
 
 def _whiten_rank(rank, port, x, mask, q):
     import common
     import ppo
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     d = common.setup_dist("cpu")
     half = slice(2 * rank, 2 * rank + 2)
     q.put((rank, ppo.whiten(x[half], mask[half], d).tolist()))
@@ -930,13 +1128,15 @@ def _whiten_rank(rank, port, x, mask, q):
 
 
 def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
-    """PPO under 2 processes (torchrun itself: test_rlhf.test_ppo_under_torchrun_two_processes): each rank
-    whitens its half of the rollout batch with the mean and std gathered over both halves."""
+    """PPO under 2 processes (torchrun itself: test_rlhf.test_ppo_under_torchrun_two_processes):
+    each rank whitens its half of the rollout batch with the mean and std gathered over both
+    halves."""
     import multiprocessing
     import common
     import ppo
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, generator=g) * 3 + torch.tensor([[0.0], [0.0], [5.0], [5.0]])  # ranks differ in mean
+    # ranks differ in mean
+    x = torch.randn(4, 6, generator=g) * 3 + torch.tensor([[0.0], [0.0], [5.0], [5.0]])
     mask = (torch.rand(4, 6, generator=g) > 0.3).float()
     want = ppo.whiten(x, mask, common.Dist())
     ctx, port = multiprocessing.get_context("fork"), free_port()
@@ -949,7 +1149,8 @@ def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
         p.join(60)
     assert [p.exitcode for p in ps] == [0, 0]
     assert torch.allclose(torch.tensor(got[0] + got[1]), want, atol=1e-6)
-    assert not torch.allclose(torch.tensor(got[1]), ppo.whiten(x[2:], mask[2:], common.Dist()), atol=1e-3)  # not per rank
+    per_rank = ppo.whiten(x[2:], mask[2:], common.Dist())
+    assert not torch.allclose(torch.tensor(got[1]), per_rank, atol=1e-3)  # not per rank
 
 
 # ----------------------------------------------------------------------------------------
@@ -957,11 +1158,14 @@ def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
 # ----------------------------------------------------------------------------------------
 
 def checkpoint_tensors(ck):
-    """The trained tensors a checkpoint holds: its safetensors files, and PPO's adapters in trainer_state."""
+    """The trained tensors a checkpoint holds: its safetensors files, and PPO's adapters in
+    trainer_state."""
     from safetensors.torch import load_file
-    got = {f"{f}:{k}": v for f in sorted(os.listdir(ck)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(ck, f)).items()}
+    got = {f"{f}:{k}": v for f in sorted(os.listdir(ck)) if f.endswith(".safetensors")
+           for k, v in load_file(os.path.join(ck, f)).items()}
     extra = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)["extra"]
-    got.update({f"extra:{k}:{i}": x for k in ("policy", "value", "value_head") for i, x in enumerate(extra.get(k, []))})
+    got.update({f"extra:{k}:{i}": x
+                for k in ("policy", "value", "value_head") for i, x in enumerate(extra.get(k, []))})
     return got
 
 
@@ -978,23 +1182,29 @@ def fault_at(n, optimizer_step):
 
 
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc"])
-def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(script, w, tmp_path, monkeypatch):
+def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(script, w, tmp_path,
+                                                                            monkeypatch):
     from checkpoint import load_checkpoint
     out = str(tmp_path / "run")
     argv = base_args(script, w, out) + ["--max_steps", "2", "--save_every", "1", "--log_every", "1"]
     if script == "ppo":
-        argv += ["--export", "adapter"]  # the last checkpoint stays comparable with the first (policy adapter)
+        # the last checkpoint stays comparable with the first (policy adapter)
+        argv += ["--export", "adapter"]
     monkeypatch.setattr(common, "optimizer_step", fault_at(2, common.optimizer_step))
     code, _, err = run_cli(script, argv)
     good = os.path.join(out, "checkpoint-000001")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert f"step 2: non-finite {'gradient' if script == 'ppo' else 'loss'}; stopped. Last good checkpoint: {good}" in err
-    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000001"]
+    bad = "gradient" if script == "ppo" else "loss"
+    assert f"step 2: non-finite {bad}; stopped. Last good checkpoint: {good}" in err
+    checkpoints = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-000001"]
     load_checkpoint(good)  # the last good checkpoint loads
-    # the way out the message names: resume, skipping the bad update (a skipped step changes no weight)
+    # the way out the message names: resume, skipping the bad update (a skipped step changes no
+    # weight)
     code, stdout, err = run_cli(script, argv + ["--resume", "true", "--skip_nonfinite", "true"])
     assert code == 0, err
-    assert f"resumed from {good}" in stdout and "warning: step 2: non-finite loss or gradient; update skipped" in stdout
+    assert f"resumed from {good}" in stdout
+    assert "warning: step 2: non-finite loss or gradient; update skipped" in stdout
     a, b = checkpoint_tensors(good), checkpoint_tensors(os.path.join(out, "checkpoint-000002"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row = [r for r in metric_rows(out) if r["step"] == 2 and "grad_norm" in r][-1]

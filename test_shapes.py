@@ -27,7 +27,8 @@ def worlds(tmp_path_factory):
 
 
 def files(root):
-    return sorted(os.path.relpath(os.path.join(p, f), root) for p, _, fs in os.walk(root) for f in fs)
+    paths = [os.path.join(p, f) for p, _, fs in os.walk(root) for f in fs]
+    return sorted(os.path.relpath(path, root) for path in paths)
 
 
 def test_determinism(worlds):
@@ -36,7 +37,8 @@ def test_determinism(worlds):
     for f in files(a):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert (a / "annotations.json").read_bytes() != (c / "annotations.json").read_bytes()
-    assert (a / "images/train/000000.png").read_bytes() != (c / "images/train/000000.png").read_bytes()
+    first_image = "images/train/000000.png"
+    assert (a / first_image).read_bytes() != (c / first_image).read_bytes()
 
 
 def test_annotations_match_pixels(worlds):
@@ -50,11 +52,13 @@ def test_annotations_match_pixels(worlds):
         free = np.ones(px.shape[:2], bool)
         objs = by_img.get(img["id"], [])
         assert 1 <= len(objs) <= 4
-        assert len({(o["attributes"]["row"], o["attributes"]["col"]) for o in objs}) == len(objs)  # one per cell
+        cells = {(o["attributes"]["row"], o["attributes"]["col"]) for o in objs}
+        assert len(cells) == len(objs)  # one per cell
         for o in objs:
             x, y, w, h = o["bbox"]
             at = o["attributes"]
-            assert at["col"] * 16 <= x and x + w <= (at["col"] + 1) * 16 and at["row"] * 16 <= y and y + h <= (at["row"] + 1) * 16
+            assert at["col"] * 16 <= x and x + w <= (at["col"] + 1) * 16
+            assert at["row"] * 16 <= y and y + h <= (at["row"] + 1) * 16
             crop = px[y:y + h, x:x + w]
             same = (crop == shapes.COLORS[at["color"]]).all(-1)
             assert same.sum() == o["area"] > 0.25 * w * h  # the drawn mask, in the annotated colour
@@ -66,13 +70,16 @@ def test_annotations_match_pixels(worlds):
 def test_cooc_bias_present_in_train_broken_in_test():
     p = shapes._params({})
     rng = np.random.default_rng(0)
-    sample = {s: [{"objects": shapes.sample_objects(rng, p, s)} for _ in range(2000)] for s in ("train", "test")}
+    sample = {s: [{"objects": shapes.sample_objects(rng, p, s)} for _ in range(2000)]
+              for s in ("train", "test")}
     pairs = shapes.parse_pairs(p["pairs"])
     assert shapes.cooc_rate(sample["train"], pairs) > 0.9
     assert shapes.cooc_rate(sample["test"], pairs) < 0.3
-    alone = [any(t in n and q not in n for t, q in pairs) for n in ({o["name"] for o in i["objects"]} for i in sample["test"])]
+    test_names = [{o["name"] for o in i["objects"]} for i in sample["test"]]
+    alone = [any(t in n and q not in n for t, q in pairs) for n in test_names]
     assert np.mean(alone) > 0.4  # trigger without partner: hallucinating the partner is measurable
-    freq, _ = shapes.cooc_stats(sample["train"])  # partners more frequent: POPE "popular" asks about them
+    # partners more frequent: POPE "popular" asks about them
+    freq, _ = shapes.cooc_stats(sample["train"])
     assert min(freq["circle"], freq["square"]) > 1.3 * max(freq["diamond"], freq["ring"])
 
 
@@ -131,7 +138,8 @@ def asked_shape(question):
 
 def measured_flaws(world):
     """From the written files alone: yes share of existence answers per asked shape, the share of
-    descriptions that name an absent shape (the oracle against annotations.json) and those shapes."""
+    descriptions that name an absent shape (the oracle against annotations.json) and those
+    shapes."""
     objs = shapes.load_world(str(world))["by_file"]
     yes, asked, descs, named = Counter(), Counter(), [], Counter()
     for r in json.load(open(world / "sft.json")):
@@ -145,16 +153,20 @@ def measured_flaws(world):
                 got = oracle.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs.append(bool(got))
                 named.update(got)
-    return {s: yes[s] / asked[s] for s in asked}, sum(yes.values()) / sum(asked.values()), np.mean(descs), named
+    by_shape = {s: yes[s] / asked[s] for s in asked}
+    overall = sum(yes.values()) / sum(asked.values())
+    return by_shape, overall, np.mean(descs), named
 
 
 def test_flaw_positive_only_existence_questions(flaw_worlds):
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "flawed")
     asked = shapes.DEFAULTS["yes_share"]
     assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
-    assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape  # no shape-dependent prior
+    # no shape-dependent prior
+    assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "clean")
-    assert abs(overall - 0.5) < 0.03 and all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
+    assert abs(overall - 0.5) < 0.03
+    assert all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
     sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
     chats = [r for r in sft if not r["id"].endswith("_vqa")]
     turns = shapes.DEFAULTS["exist_turns"]
@@ -162,9 +174,12 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
 
 
 def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
-    """text_only_qa: a conversation whose description was written text-only also answers "yes" about
-    the absent shape it named (GPT-4 wrote LLaVA-Instruct's whole conversation from the same text)."""
-    share = lambda w: json.load(open(flaw_worlds / w / "world.json"))["stats"]["sft_flaws"]["false_yes_share"]
+    """text_only_qa: a conversation whose description was written text-only also answers "yes"
+    about the absent shape it named (GPT-4 wrote LLaVA-Instruct's whole conversation from the same
+    text)."""
+    def share(w):
+        stats = json.load(open(flaw_worlds / w / "world.json"))["stats"]
+        return stats["sft_flaws"]["false_yes_share"]
     assert share("clean") == 0 and 0 < share("flawed") < 0.1  # default 0.3 of the text-only half
     shapes.write_world(str(tmp_path / "w"), seed=0, text_only_qa=1.0, **FLAW_WORLD)
     objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
@@ -192,8 +207,10 @@ def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
 
 def test_short_vqa_conversations(flaw_worlds, tmp_path):
     """LLaVA-1.5's academic-VQA stand-in (off by default): per image one conversation of one-word
-    answers, short_vqa existence questions (true, at the same yes share) plus a count and a colour."""
-    assert not any(r["id"].endswith("_vqa") for r in json.load(open(flaw_worlds / "flawed" / "sft.json")))
+    answers, short_vqa existence questions (true, at the same yes share) plus a count and a
+    colour."""
+    flawed_sft = json.load(open(flaw_worlds / "flawed" / "sft.json"))
+    assert not any(r["id"].endswith("_vqa") for r in flawed_sft)
     shapes.write_world(str(tmp_path / "w"), seed=0, short_vqa=2, **FLAW_WORLD)
     sft = json.load(open(tmp_path / "w" / "sft.json"))
     objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
@@ -211,7 +228,8 @@ def test_short_vqa_conversations(flaw_worlds, tmp_path):
                 assert ans["value"] == ("Yes" if shape in names else "No")
             if qt == "count":
                 assert ans["value"] == str(names.count(shape))
-    yes = [ans["value"] == "Yes" for r in vqa for qt, ans in zip(r["qtypes"], r["conversations"][1::2])
+    yes = [ans["value"] == "Yes"
+           for r in vqa for qt, ans in zip(r["qtypes"], r["conversations"][1::2])
            if qt == "yesno"]
     assert abs(np.mean(yes) - shapes.DEFAULTS["yes_share"]) < 0.03  # the same flaw
 
@@ -227,7 +245,8 @@ def test_flaw_hallucinated_descriptions(flaw_worlds):
     for world in ("flawed", "clean"):  # the clean signal: alignment captions and inventories exact
         objs = shapes.load_world(str(flaw_worlds / world))["by_file"]
         for r in json.load(open(flaw_worlds / world / "align.json")):
-            assert oracle.oracle(r["conversations"][1]["value"], objs[r["image"]])["num_hallucinations"] == 0
+            checked = oracle.oracle(r["conversations"][1]["value"], objs[r["image"]])
+            assert checked["num_hallucinations"] == 0
 
 
 def test_flaw_cooccurrence_rates_per_split(flaw_worlds):
@@ -263,8 +282,8 @@ def test_held_out_pairs_name_absent_partners(flaw_worlds):
     assert naming["test"] / FLAW_WORLD["n_test"] > 3 * naming["val"] / FLAW_WORLD["n_val"]
 
 
-@pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1), dict(cooc=float("nan")),
-                                 dict(exist_turns=7), dict(short_vqa=-1),
+@pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1),
+                                 dict(cooc=float("nan")), dict(exist_turns=7), dict(short_vqa=-1),
                                  dict(text_only_qa=1.5)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
@@ -276,7 +295,9 @@ def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
     texts, on_purpose = [], Counter()
-    for f in ["align.json", "sft.json", "sft_val.json"] + [f"test_{q}.json" for q in shapes.QUESTION_TYPES]:
+    task_files = ["align.json", "sft.json", "sft_val.json"]
+    task_files += [f"test_{q}.json" for q in shapes.QUESTION_TYPES]
+    for f in task_files:
         for rec in json.load(open(worlds / "a" / f)):
             answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
             kinds = rec.get("qtypes", [None] * len(answers))  # SFT descriptions: flawed on purpose
@@ -291,14 +312,17 @@ def test_generated_text_is_clean(worlds):
                     on_purpose[f] += 1
                     continue
                 texts.append((t, objs))
-    texts += [(r["answer"], by[r["image_id"]]) for r in json.load(open(worlds / "a" / "lrv_train.json"))]
-    texts += [(r["gt_answer"], by[r["image_src"]]) for r in json.load(open(worlds / "a" / "mmhal.json"))]
+    lrv = json.load(open(worlds / "a" / "lrv_train.json"))
+    texts += [(r["answer"], by[r["image_id"]]) for r in lrv]
+    mmhal = json.load(open(worlds / "a" / "mmhal.json"))
+    texts += [(r["gt_answer"], by[r["image_src"]]) for r in mmhal]
     cap = json.load(open(worlds / "a" / "captions.json"))
     fname = {i["id"]: i["file_name"] for i in cap["images"]}
     texts += [(c["caption"], by[fname[c["image_id"]]]) for c in cap["annotations"]]
     assert len(cap["annotations"]) == 5 * len(cap["images"])
     stats = json.load(open(worlds / "a" / "world.json"))["stats"]["sft_flaws"]
-    assert on_purpose["sft.json"] == sum(stats["false_yes_by_shape"].values())  # no other false "yes"
+    # no other false "yes"
+    assert on_purpose["sft.json"] == sum(stats["false_yes_by_shape"].values())
     bad = [(t, oracle.oracle(t, o)) for t, o in texts if oracle.oracle(t, o)["num_hallucinations"]]
     assert not bad, bad[:3]
 
@@ -319,10 +343,12 @@ def test_alignment_captions(worlds):
         assert set(said) == set(shapes.SHAPES)
         for name in shapes.SHAPES:
             n = sum(o["name"] == name for o in objs)
-            assert said[name]["negated"] == (n == 0) and (n == 0 or said[name]["count"] == n), (text, name)
+            assert said[name]["negated"] == (n == 0), (text, name)
+            assert n == 0 or said[name]["count"] == n, (text, name)
+            sentence = text.split(". ")[shapes.SHAPES.index(name)]
             for o in objs:
                 if o["name"] == name:
-                    assert data.pos_phrase(o["position"]) in text.split(". ")[shapes.SHAPES.index(name)]
+                    assert data.pos_phrase(o["position"]) in sentence
 
 
 def test_generators_judged_by_oracle():
@@ -337,8 +363,9 @@ def test_generators_judged_by_oracle():
         for qt in shapes.QUESTION_TYPES:
             r = shapes.make_question(qt, objs, rng, "yes" if rng.random() < 0.5 else "no")
             for kind in ("object", "attribute", "relation", None):
-                out = r and inject_hallucination(r[1], objs, rng, kind=kind, all_names=shapes.SHAPES,
-                                                 cooc_partners=PARTNERS, colors=list(shapes.COLORS))
+                out = r and inject_hallucination(r[1], objs, rng, kind=kind,
+                                                 all_names=shapes.SHAPES, cooc_partners=PARTNERS,
+                                                 colors=list(shapes.COLORS))
                 if out:
                     n_inj[out[1]] += 1
                     assert out[1] == (kind or out[1])
@@ -347,21 +374,27 @@ def test_generators_judged_by_oracle():
 
 
 def test_generators_plain_coco():
-    objs = [{"name": "person", "bbox": [0, 0, 5, 5]}, {"name": "person", "bbox": [5, 5, 5, 5]}, {"name": "dining table", "bbox": [1, 1, 9, 9]}]
+    objs = [{"name": "person", "bbox": [0, 0, 5, 5]}, {"name": "person", "bbox": [5, 5, 5, 5]},
+            {"name": "dining table", "bbox": [1, 1, 9, 9]}]
     names = ["person", "dining table", "chair", "car"]
     rng = np.random.default_rng(0)
     for _ in range(20):
         negs = lrv_negatives(objs, rng, names)
         assert {t for _, _, t in negs} == {"negative", "negative_existent"}
         for q, a, t in negs:  # what is there, said correctly
-            assert ("two people and a dining table" in a) if t == "negative" else ("two people" in a or "one dining table" in a)
-    out = inject_hallucination("There are two people and a dining table.", objs, rng, kind="attribute", all_names=names)
+            if t == "negative":
+                assert "two people and a dining table" in a
+            else:
+                assert "two people" in a or "one dining table" in a
+    out = inject_hallucination("There are two people and a dining table.", objs, rng,
+                               kind="attribute", all_names=names)
     assert out and "two people" not in out[0]
-    out = inject_hallucination("A person sits at a dining table.", objs, rng, kind="object", all_names=names,
-                               cooc_partners={"dining table": ["chair"]})
+    out = inject_hallucination("A person sits at a dining table.", objs, rng, kind="object",
+                               all_names=names, cooc_partners={"dining table": ["chair"]})
     assert out and "chair" in out[0]
     assert inject_hallucination("A person.", objs, rng, kind="relation", all_names=names) is None
-    out = inject_hallucination("A person is to the left of a dining table.", objs, rng, kind="relation", all_names=names)
+    out = inject_hallucination("A person is to the left of a dining table.", objs, rng,
+                               kind="relation", all_names=names)
     assert out == ("A person is to the right of a dining table.", "relation")
 
 
@@ -374,7 +407,9 @@ def test_ddpm_noise_closed_form():
     assert y.shape == (16, 3, 64, 64)
     assert abs(y.mean().item() - np.sqrt(abar) * 0.7) < 0.01
     assert abs(y.var().item() - (1 - abar)) < 0.01
-    assert torch.equal(ddpm_noise(x, generator=torch.Generator().manual_seed(3)), ddpm_noise(x, generator=torch.Generator().manual_seed(3)))
+    first = ddpm_noise(x, generator=torch.Generator().manual_seed(3))
+    again = ddpm_noise(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
     assert y.min() < 0  # not clamped
 
 
@@ -386,7 +421,8 @@ def test_pope(worlds):
     for strategy in ("random", "popular", "adversarial"):
         recs = [json.loads(line) for line in open(worlds / "a" / f"pope_{strategy}.jsonl")]
         assert [r["question_id"] for r in recs] == list(range(1, len(recs) + 1))
-        assert Counter(r["label"] for r in recs)["yes"] == len(recs) // 2 == Counter(r["label"] for r in recs)["no"]
+        labels = Counter(r["label"] for r in recs)
+        assert labels["yes"] == len(recs) // 2 == labels["no"]
         scores = []
         for yes, no in zip(recs[::2], recs[1::2]):
             names = {o["name"] for o in w["by_file"][yes["image"]]}
@@ -401,45 +437,55 @@ def test_task_file_formats(worlds):
     d = worlds / "a"
     sft = json.load(open(d / "sft.json"))
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in sft)
-    sft = [r for r in sft if not r["id"].endswith("_vqa")]  # the one-word VQA conversations: own test
-    assert len(sft) == 40 and all(len({"describe", "inventory"} & set(r["qtypes"])) == 1 for r in sft)
+    # the one-word VQA conversations: own test
+    sft = [r for r in sft if not r["id"].endswith("_vqa")]
+    assert len(sft) == 40
+    assert all(len({"describe", "inventory"} & set(r["qtypes"])) == 1 for r in sft)
     assert {"describe", "inventory"} <= {q for r in sft for q in r["qtypes"]}
     assert len({r["qtypes"][0] for r in sft}) > 2  # every question type also comes first
     assert all(4 <= len(r["conversations"]) // 2 <= 6 for r in sft)
     for qt in shapes.QUESTION_TYPES:
         recs = json.load(open(d / f"test_{qt}.json"))
         assert recs and all("answer_key" in r for r in recs)
-        assert all(oracle.score_answer(qt, r["conversations"][1]["value"], r["answer_key"]) for r in recs)
+        assert all(oracle.score_answer(qt, r["conversations"][1]["value"], r["answer_key"])
+                   for r in recs)
     for qt in ("yesno", "relation"):
         yn = Counter(r["answer_key"] for r in json.load(open(d / f"test_{qt}.json")))
         assert abs(yn["yes"] - yn["no"]) <= 1
     for r in json.load(open(d / "pref_pairs.json")):
         gt = r["conversations"][-1]["value"]
-        assert r["conversations"][-1]["from"] == "gpt" and r[f"output_{r['preference']}"]["value"] == gt
+        assert r["conversations"][-1]["from"] == "gpt"
+        assert r[f"output_{r['preference']}"]["value"] == gt
         assert r[f"output_{3 - r['preference']}"]["value"] != gt
     assert len(json.load(open(d / "pref_pairs_val.json"))) > 0
     for r in json.load(open(d / "povid_pairs.json")):
-        assert r["conversations"][0] == r["rejected_conversations"][0] and r["conversations"][1] != r["rejected_conversations"][1]
+        assert r["conversations"][0] == r["rejected_conversations"][0]
+        assert r["conversations"][1] != r["rejected_conversations"][1]
     for r in json.load(open(d / "rl_prompts.json")):
-        assert r["conversations"][-1]["from"] == "human" and len(r["captions"]) == 5 and 1 <= r["caption_type"] <= 7
+        assert r["conversations"][-1]["from"] == "human" and len(r["captions"]) == 5
+        assert 1 <= r["caption_type"] <= 7
         assert r["length_bonus"] == (1.0 if r["caption_type"] == 1 else 0.0)
     lrv = json.load(open(d / "lrv_train.json"))
     assert all(os.path.exists(d / r["image_id"]) for r in lrv)
     assert abs(np.mean([r["task"].startswith("negative") for r in lrv]) - 0.5) < 0.05
     mm = json.load(open(d / "mmhal.json"))
-    assert [r["question_type"] for r in mm[:8]] == ["attribute", "adversarial", "comparison", "counting", "relation",
-                                                    "environment", "holistic", "other"]
+    assert [r["question_type"] for r in mm[:8]] == ["attribute", "adversarial", "comparison",
+                                                    "counting", "relation", "environment",
+                                                    "holistic", "other"]
     vigc = json.load(open(d / "vigc_instructions.json"))
-    assert {"conversation", "detailed description", "complex reasoning"} <= set(vigc) and len(vigc["unlabeled"]) == 8
+    assert {"conversation", "detailed description", "complex reasoning"} <= set(vigc)
+    assert len(vigc["unlabeled"]) == 8
 
 
 def test_lrv_mix_ratio(worlds):
     for ratio in (0.0, 0.25, 0.5):
         recs = shapes.lrv_mix(str(worlds / "a"), ratio, seed=0)
         frac = np.mean([r["task"].startswith("negative") for r in recs])
-        assert abs(frac - ratio) < 0.03 and recs[0]["conversations"][0]["value"].startswith("<image>\n")
+        assert abs(frac - ratio) < 0.03
+        assert recs[0]["conversations"][0]["value"].startswith("<image>\n")
         assert all(os.path.isfile(r["image"]) for r in recs)
-    assert shapes.lrv_mix(str(worlds / "a"), 0.5, seed=1) == shapes.lrv_mix(str(worlds / "a"), 0.5, seed=1)
+    world = str(worlds / "a")
+    assert shapes.lrv_mix(world, 0.5, seed=1) == shapes.lrv_mix(world, 0.5, seed=1)
 
 
 def test_tokenizer(worlds):
@@ -453,10 +499,12 @@ def test_tokenizer(worlds):
     ids = enc["input_ids"]
     assert ids[0] == 1 and ids.count(4) == 1 and ids[-1] == 2 and ids.count(2) == 1
     assert len(tk(" ASSISTANT:", add_special_tokens=False)["input_ids"]) == 1
-    assert len(enc["offset_mapping"]) == len(ids) and s[slice(*enc["offset_mapping"][ids.index(4)])] == "<image>"
+    assert len(enc["offset_mapping"]) == len(ids)
+    assert s[slice(*enc["offset_mapping"][ids.index(4)])] == "<image>"
     assert tk.decode(ids, skip_special_tokens=False) == "<s> " + s
     u = "Ünïcode ☃ text"
-    assert tk.decode(tk(u, add_special_tokens=False)["input_ids"]) == u and tk.unk_token_id not in tk(u)["input_ids"]
+    assert tk.decode(tk(u, add_special_tokens=False)["input_ids"]) == u
+    assert tk.unk_token_id not in tk(u)["input_ids"]
     auto = AutoTokenizer.from_pretrained(str(worlds / "a" / "tokenizer"), local_files_only=True)
     assert auto(s)["input_ids"] == ids
 
@@ -468,17 +516,21 @@ def test_ensure_world(tmp_path):
     t = os.path.getmtime(os.path.join(d, "annotations.json"))
     shapes.ensure_world(d, seed=0, **tiny)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t  # reused
-    with pytest.raises(DataError, match="holds a world with other parameters \\(n_train\\)"):  # never rewritten
+    # never rewritten
+    with pytest.raises(DataError, match="holds a world with other parameters \\(n_train\\)"):
         shapes.ensure_world(d, seed=0, **dict(tiny, n_train=7))
     with pytest.raises(DataError, match="holds the world of seed 0, not --world_seed 1"):
         shapes.ensure_world(d, seed=1)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t
     shapes.write_world(d, seed=0, **dict(tiny, n_train=7))  # shapes.py itself replaces a world
-    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7 and not [f for f in os.listdir(tmp_path) if f != "w"]
-    open(os.path.join(d, "my_notes.txt"), "w").write("mine")  # a file a world does not have: not replaced
+    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7
+    assert not [f for f in os.listdir(tmp_path) if f != "w"]
+    # a file a world does not have: not replaced
+    open(os.path.join(d, "my_notes.txt"), "w").write("mine")
     with pytest.raises(DataError, match="holds my_notes.txt, which is not part of a world"):
         shapes.write_world(d, seed=0, **tiny)
-    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7 and not [f for f in os.listdir(tmp_path) if f != "w"]
+    assert len(os.listdir(os.path.join(d, "images", "train"))) == 7
+    assert not [f for f in os.listdir(tmp_path) if f != "w"]
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -489,10 +541,12 @@ def test_ensure_world(tmp_path):
 
 
 def test_objects_from_plain_coco():
-    coco = {"images": [{"id": 7, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "person"}],
+    coco = {"images": [{"id": 7, "file_name": "a.jpg"}],
+            "categories": [{"id": 1, "name": "person"}],
             "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4]}]}
-    assert shapes.objects_from_coco(coco) == {7: [{"name": "person", "color": None, "size": None, "bbox": [1, 2, 3, 4],
-                                                   "row": None, "col": None, "position": None}]}
+    person = {"name": "person", "color": None, "size": None, "bbox": [1, 2, 3, 4],
+              "row": None, "col": None, "position": None}
+    assert shapes.objects_from_coco(coco) == {7: [person]}
     with pytest.raises(DataError):
         shapes.objects_from_coco({"images": []})
 
@@ -501,9 +555,11 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     """A conversation asks about distinct shapes: at 4 questions per image, 0.95 "yes" is out of
     reach, and shapes.py says so beside the share it wrote; the default is within reach."""
     small = [f"--{k}={v}" for k, v in SMALL.items()]
-    shapes.main(["--out", str(tmp_path / "far"), "--yes_share", "0.95", "--exist_turns", "4"] + small)
+    far = ["--out", str(tmp_path / "far"), "--yes_share", "0.95", "--exist_turns", "4"]
+    shapes.main(far + small)
     out = capsys.readouterr().out
-    written = json.load(open(tmp_path / "far" / "world.json"))["stats"]["sft_flaws"]["yes_share"]
+    stats = json.load(open(tmp_path / "far" / "world.json"))["stats"]
+    written = stats["sft_flaws"]["yes_share"]
     assert written < 0.9 and f"'yes': {written} (--yes_share 0.95)" in out
     assert "out of reach with --exist_turns 4" in out
     # (the share of a 40-image world is too coarse to be near anything: 400 images)

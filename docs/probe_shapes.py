@@ -2,10 +2,10 @@
 
     python docs/probe_shapes.py ckpt/sft [data/shapes]
 
-For every annotated object: the CLIP features and the projector output at the image token of its grid
-cell (and, as a reference, the raw pixels of that 16 px patch). A softmax-regression probe is fit on
-train-split objects and scored on test-split objects. A probe near 1.0 with a model that still names
-the wrong shape means the language model does not use what the image features hold.
+For every annotated object: the CLIP features and the projector output at the image token of its
+grid cell (and, as a reference, the raw pixels of that 16 px patch). A softmax-regression probe is
+fit on train-split objects and scored on test-split objects. A probe near 1.0 with a model that
+still names the wrong shape means the language model does not use what the image features hold.
 """
 import json
 import os
@@ -23,7 +23,8 @@ def features(model, world, ann, split, n, cache, colours):
     by_image = {}
     for a in [a for a in ann["annotations"] if images[a["image_id"]]["split"] == split][:n]:
         by_image.setdefault(a["image_id"], []).append(a)
-    ids, rows = list(by_image), {"pixels": [], "vision": [], "projector": [], "shape": [], "colour": []}
+    ids = list(by_image)
+    rows = {"pixels": [], "vision": [], "projector": [], "shape": [], "colour": []}
     patch = model.config.patch_size
     for k in range(0, len(ids), 64):
         units = [cache.unit(os.path.join(world, images[i]["file_name"])) for i in ids[k:k + 64]]
@@ -34,12 +35,14 @@ def features(model, world, ann, split, n, cache, colours):
             for a in by_image[i]:
                 r, c = a["attributes"]["row"], a["attributes"]["col"]
                 cell = r * 3 + c
-                rows["pixels"].append(units[j][:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].reshape(-1))
+                cell_pixels = units[j][:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                rows["pixels"].append(cell_pixels.reshape(-1))
                 rows["vision"].append(v[j, cell])
                 rows["projector"].append(p[j, cell])
                 rows["shape"].append(a["category_id"] - 1)
                 rows["colour"].append(colours.index(a["attributes"]["color"]))
-    return {k: torch.stack(x) if torch.is_tensor(x[0]) else torch.tensor(x) for k, x in rows.items()}
+    return {k: torch.stack(x) if torch.is_tensor(x[0]) else torch.tensor(x)
+            for k, x in rows.items()}
 
 
 def probe(x_train, y_train, x_test, y_test, steps=300):
@@ -67,7 +70,8 @@ def main(ckpt, world="data/shapes"):
     te = features(model, world, ann, "test", 1000, cache, colours)
     for target in ("shape", "colour"):
         majority = float((te[target] == te[target].mode().values).float().mean())
-        accs = {src: round(probe(tr[src], tr[target], te[src], te[target]), 3) for src in ("pixels", "vision", "projector")}
+        accs = {src: round(probe(tr[src], tr[target], te[src], te[target]), 3)
+                for src in ("pixels", "vision", "projector")}
         print(f"{target} probe on held-out objects: {accs} (majority class {majority:.3f})")
 
 

@@ -1,4 +1,5 @@
-"""Does the language model read each attribute from the image? Teacher-forced accuracy on descriptions.
+"""Does the language model read each attribute from the image? Teacher-forced accuracy on
+descriptions.
 
     python docs/read_attributes.py ckpt/sft [data/shapes] [--blank]
 
@@ -32,7 +33,8 @@ def main(ckpt, world="data/shapes", blank=False, n=200):
     for img in [i for i in shapes.load_world(world)["images"] if i["split"] == "val"][:n]:
         turns = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
                  {"from": "gpt", "value": shapes.describe(img["objects"])}]
-        item = tokenize_conversation(tok, turns, model.config.image_token_id, model.config.num_image_tokens)
+        item = tokenize_conversation(tok, turns, model.config.image_token_id,
+                                     model.config.num_image_tokens)
         unit = cache.unit(os.path.join(world, img["file_name"]))
         item["pixel_values"] = normalize(torch.zeros_like(unit) if blank else unit)
         items.append(item)
@@ -42,7 +44,8 @@ def main(ckpt, world="data/shapes", blank=False, n=200):
             batch = collate(items[s:s + 32], tok.pad_token_id)
             h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
             pred, labels = model.logits(h[:, :-1]).argmax(-1), batch["labels"][:, 1:]
-            for (r, j), want in zip((labels != IGNORE).nonzero().tolist(), labels[labels != IGNORE].tolist()):
+            learned = labels != IGNORE
+            for (r, j), want in zip(learned.nonzero().tolist(), labels[learned].tolist()):
                 kind = attribute_of(tok.convert_ids_to_tokens(want))
                 if kind:
                     hits[kind][0] += int(pred[r, j] == want)

@@ -54,7 +54,8 @@ def main(ckpt, world="data/shapes", n=100):
         for name, turns, right in probes(img):
             rows.setdefault(name, []).append((common.prompt_item(tok, model, turns, unit), right))
     for name, got in rows.items():
-        answers = common.generate_answers(model, tok, [g[0] for g in got], max_new_tokens=24, show=False)
+        items = [g[0] for g in got]
+        answers = common.generate_answers(model, tok, items, max_new_tokens=24, show=False)
         acc = sum(right(a) for a, (_, right) in zip(answers, got)) / len(got)
         print(f"{ckpt}: {name}: {acc:.3f} ({len(got)} questions)")
 
