@@ -390,8 +390,8 @@ def intro_section(cfg, minutes):
             f"seeds {', '.join(map(str, cfg.seeds))}) on {machine}, {time.strftime('%Y-%m-%d')}; "
             + duration + ". Every number is measured on the Shapes world's held-out test split "
             f"({questions} questions per benchmark and POPE split, oracle judge); "
-            "± is the standard deviation over seeds. Each run starts from the pipeline's SFT "
-            f"checkpoint `{cfg.sft}`.", "",
+            "± is the standard deviation over seeds. Each run starts from the SFT checkpoint "
+            f"`{cfg.sft}` (--sft).", "",
             "## The world and the baseline", "",
             f"World `{cfg.world}` (seed {world.get('seed')}, format {world.get('version')}): bias "
             f"and difficulty settings `{json.dumps(world.get('params', {}))}`; measured "
