@@ -400,8 +400,9 @@ class ExistenceAsker:
 
 def short_vqa(objs, rng, ask, n_exist):
     """LLaVA-1.5's academic-VQA component (VQAv2, GQA: one-word answers, several questions per image
-    in one conversation): n_exist existence questions (the same `ask`, so the same yes share) and
-    one count and one colour question. Every answer token is a decision, so these turns carry most
+    in one conversation): n_exist existence questions (`ask`: an asker of their own, so that they
+    keep the yes share, not make up for the chat conversations') and one count and one colour
+    question. Every answer token is a decision, so these turns carry most
     of stage 2's signal for reading existence from the image; long answers would drown it, as the
     loss is a mean over all answer tokens of the batch."""
     turns, asked = [], set()
@@ -442,6 +443,7 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
     they also name the absent shape that co-occurs most with the present ones. Inventories, counts
     and the alignment captions stay exact: the clean signal a method can teach the model to use."""
     out, bal, ask = [], Balancer(), ExistenceAsker(p["yes_share"])
+    vqa_ask = ExistenceAsker(p["yes_share"])  # its own balance: the VQA turns at the same share
     for img in split_imgs:
         objs, seen = img["objects"], set()
         kind = _pick(rng, ["describe", "inventory"])
@@ -480,7 +482,7 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
         out.append({"id": f"{prefix}_{img['index']:06d}", "image": img["file_name"],
                     "conversations": _chat(turns), "qtypes": [t[2] for t in turns]})
         if p["short_vqa"]:
-            turns = short_vqa(objs, rng, ask, p["short_vqa"])
+            turns = short_vqa(objs, rng, vqa_ask, p["short_vqa"])
             out.append({"id": f"{prefix}_{img['index']:06d}_vqa", "image": img["file_name"],
                         "conversations": _chat(turns), "qtypes": [t[2] for t in turns]})
     return out
