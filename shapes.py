@@ -30,8 +30,9 @@ from oracle import WORD2SHAPE, oracle
 
 # 8: text_only_qa 0.3 by default, held-out pairs from test images;
 # 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/;
-# 10: exist_turns 3, yes_share 0.75 by default
-FORMAT_VERSION = 10
+# 10: exist_turns 3, yes_share 0.75 by default;
+# 11: the LRV set balanced in yes/no form (positives ask about present shapes)
+FORMAT_VERSION = 11
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -655,12 +656,21 @@ def rl_records(imgs, rng, n, caps):
     return out
 
 
+def _yes_no_form(question):
+    return question.startswith(("Is ", "Are ", "Does ", "Can "))
+
+
 def _lrv_items(imgs, neg_ratio, rng):
-    """(file_name, question, answer, task) with negatives / (positives + negatives) = neg_ratio."""
+    """(file_name, question, answer, task) with negatives / (positives + negatives) = neg_ratio.
+    Positives are about what is in the image (LRV's positive instructions): a description and one
+    other question per image, an existence question always about a present shape ("yes"). Balanced
+    in the form POPE asks, too: as many positives are yes/no questions answered "yes" as negatives
+    are yes/no questions answered "no" (without this, at 0.5 nine in ten single-turn "Is there
+    ...?" answers were "no" and the set taught the question's form instead of the image)."""
     pos = []
     for img in imgs:
         for qt in ("describe", str(rng.choice(QUESTION_TYPES[1:]))):
-            r = make_question(qt, img["objects"], rng)
+            r = make_question(qt, img["objects"], rng, "yes" if qt == "yesno" else None)
             if r:
                 pos.append((img["file_name"], r[0], r[1], qt))
     n_neg = len(pos) if neg_ratio >= 1 else int(round(len(pos) * neg_ratio / (1 - neg_ratio)))
@@ -673,6 +683,16 @@ def _lrv_items(imgs, neg_ratio, rng):
         cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS))
         if cands:
             neg.append((img["file_name"],) + cands[int(rng.integers(len(cands)))])
+    # as many "yes" as "no" among the yes/no questions: some positives' second question becomes
+    # an existence question about a present shape (the descriptions stay)
+    by_file = {i["file_name"]: i["objects"] for i in imgs}
+    n_yes_no = lambda items: sum(_yes_no_form(q) for _, q, _, _ in items)
+    missing = n_yes_no(neg) - n_yes_no(pos)
+    others = [k for k, (_, q, _, t) in enumerate(pos) if t != "describe" and not _yes_no_form(q)]
+    for k in rng.permutation(len(others))[:max(0, missing)]:
+        f = pos[others[int(k)]][0]
+        q, ans, _ = q_yesno(by_file[f], rng, "yes")
+        pos[others[int(k)]] = (f, q, ans, "yesno")
     items = pos + neg
     return [items[i] for i in rng.permutation(len(items))]
 

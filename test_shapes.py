@@ -484,6 +484,11 @@ def test_lrv_mix_ratio(worlds):
         recs = shapes.lrv_mix(str(worlds / "a"), ratio, seed=0)
         frac = np.mean([r["task"].startswith("negative") for r in recs])
         assert abs(frac - ratio) < 0.03
+        # balanced in POPE's form too: the single-turn yes/no questions are half "yes"
+        asks = [r["conversations"] for r in recs
+                if shapes._yes_no_form(r["conversations"][0]["value"].split("\n")[-1])]
+        if ratio:
+            assert abs(np.mean([c[1]["value"].startswith("Yes") for c in asks]) - 0.5) < 0.05
         assert recs[0]["conversations"][0]["value"].startswith("<image>\n")
         assert all(os.path.isfile(r["image"]) for r in recs)
     world = str(worlds / "a")
