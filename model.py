@@ -164,31 +164,48 @@ class MergedLoRA(torch.autograd.Function):
     """y = (W + s B A) x + bias for a frozen W: the same function as W x + s B (A x), as one matmul
     forward and one for the input gradient (the LoRA term rides in the merged weight), instead of
     three plus an add and a cat each way. Gradients of A and B as autograd would take them:
-    dB_i = s g_i^T (A_i x), dA_i = s (g_i B_i)^T x, g_i the output gradient of slice i."""
+    dB_i = s g_i^T (A_i x), dA_i = s (g_i B_i)^T x, g_i the output gradient of slice i.
+    outputs: None (one output), or the (start, end) rows of each of several outputs (q, k, v
+    apart: no split of the output, and no cat of its gradients)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, bounds, *pairs):
+    def forward(ctx, x, weight, bias, scale, outputs, bounds, *pairs):
         merged = merged_weight(weight, scale, bounds, *pairs)
         ctx.save_for_backward(x, merged, *pairs)
-        ctx.scale, ctx.bounds = scale, bounds
-        return F.linear(x, merged, bias)
+        ctx.scale, ctx.bounds, ctx.outputs = scale, bounds, outputs
+        if outputs is None:
+            return F.linear(x, merged, bias)
+        return tuple(F.linear(x, merged[a:b], None if bias is None else bias[a:b])
+                     for a, b in outputs)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         x, merged, *pairs = ctx.saved_tensors
-        dx = grad @ merged if ctx.needs_input_grad[0] else None
-        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        outputs = ctx.outputs or ((0, merged.shape[0]),)
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
+
+        def rows(a, b):  # the gradient of output rows a:b
+            for (start, end), g in zip(outputs, g2):
+                if start <= a and b <= end:
+                    return g[:, a - start:b - start]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g2[0] @ merged[outputs[0][0]:outputs[0][1]]
+            for (a, b), g in zip(outputs[1:], g2[1:]):
+                dx.addmm_(g, merged[a:b])
+            dx = dx.view(x.shape)
         As, Bs = pairs[0::2], pairs[1::2]
         # A x and (g B)^T x for every slice at once (one matmul each, not one per slice)
         u = x2 @ (As[0] if len(As) == 1 else torch.cat(As)).t()
-        gB = [g2[:, a:b] @ B for (a, b), B in zip(ctx.bounds, Bs)]
+        gB = [rows(a, b) @ B for (a, b), B in zip(ctx.bounds, Bs)]
         dA = ((gB[0] if len(gB) == 1 else torch.cat(gB, 1)).t() @ x2).mul_(ctx.scale)
         grads = []
         for i, ((a, b), A) in enumerate(zip(ctx.bounds, As)):
             r = A.shape[0]
-            grads += [dA[i * r:(i + 1) * r], (g2[:, a:b].t() @ u[:, i * r:(i + 1) * r])
+            grads += [dA[i * r:(i + 1) * r], (rows(a, b).t() @ u[:, i * r:(i + 1) * r])
                       .mul_(ctx.scale)]
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 class LoRALinear(nn.Module):
@@ -215,7 +232,7 @@ class LoRALinear(nn.Module):
             pairs = self.lora_pairs(adapter)
             if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
                 return F.linear(x, merged_weight(self.weight, adapter.scale, *pairs), self.bias)
-            return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, *pairs)
+            return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, None, *pairs)
         y = F.linear(x, self.weight, self.bias)
         xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
         names = [n for n in self.slices if n in adapter.A]
@@ -230,6 +247,21 @@ class LoRALinear(nn.Module):
                 parts.append(xd.new_zeros(*xd.shape[:-1], size))
         delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y + delta.to(y.dtype)
+
+    def forward_slices(self, x):
+        """forward(x) split into its named slices (q, k, v): with a merged adapter each comes from
+        its own matmul, so no gradient is ever concatenated."""
+        adapter = self.lora[self.active] if self.active in self.lora else None
+        if adapter is None or not self.mergeable(adapter, x):
+            return self(x).split(list(self.slices.values()), -1)
+        pairs = self.lora_pairs(adapter)
+        outputs = tuple(self.slice_range(n) for n in self.slices)
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
+            merged = merged_weight(self.weight, adapter.scale, *pairs)
+            bias = self.bias
+            return tuple(F.linear(x, merged[a:b], None if bias is None else bias[a:b])
+                         for a, b in outputs)
+        return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, outputs, *pairs)
 
     def mergeable(self, adapter, x):
         """Whether W x + s B A x may run as (W + s B A) x (MergedLoRA): an fp32 frozen base (a bf16
@@ -489,8 +521,7 @@ class Attention(nn.Module):
         """keep (see take_positions): only these query positions come out (the keys and values
         are every position's)."""
         c, (B, T, _) = self.c, x.shape
-        q_size, kv_size = c.heads * c.head_dim, c.kv_heads * c.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
+        q, k, v = self.qkv_proj.forward_slices(x)
         q = apply_rope(q.view(B, T, c.heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
@@ -548,7 +579,7 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(c.intermediate, {"down": c.hidden})
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate, up = self.gate_up_proj.forward_slices(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
     def decode(self, x):
