@@ -503,10 +503,12 @@ class DecodeState:
         self.cos, self.sin = rope_cos_sin(c, positions, dtype)          # (B, 1, N, head_dim)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)        # i, advanced in place
         self.slot = torch.full((1,), prompt_len, dtype=torch.long, device=dev)  # prompt_len + i
+        self.written = prompt_len  # slots written before this step (a number, for eager steps)
 
     def advance(self):
         self.step += 1
         self.slot += 1
+        self.written += 1
 
 
 class Attention(nn.Module):
@@ -550,11 +552,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias, n=None):
         """One new token per row (x: B, 1, hidden): its key/value written into `slot` of the static
-        cache, attention over every slot with key_bias as the mask. Query head h reads key/value
-        head h // (heads / kv_heads), as SDPA's enable_gqa. softmax(q k^T / sqrt(d) + bias) v in
-        fp32."""
+        cache, attention over every slot (or the first n) with key_bias as the mask. Query head h
+        reads key/value head h // (heads / kv_heads), as SDPA's enable_gqa.
+        softmax(q k^T / sqrt(d) + bias) v in fp32."""
         c, B = self.c, x.shape[0]
         q, k, v = self.qkv_proj.decode(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
                                                  c.kv_heads * c.head_dim], -1)
@@ -562,6 +564,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2))
+        if n is not None:
+            k_cache, v_cache, key_bias = k_cache[:, :, :n], v_cache[:, :, :n], key_bias[..., :n]
         # query heads grouped by kv head
         q = q.reshape(B, c.kv_heads, c.heads // c.kv_heads, c.head_dim)
         scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + key_bias
@@ -600,9 +604,9 @@ class DecoderLayer(nn.Module):
         x = (x if keep is None else take_positions(x, keep, 1)) + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias, n=None):
         h = self.input_layernorm(x)
-        x = x + self.self_attn.decode(h, cos, sin, k_cache, v_cache, slot, key_bias)
+        x = x + self.self_attn.decode(h, cos, sin, k_cache, v_cache, slot, key_bias, n)
         return x + self.mlp.decode(self.post_attention_layernorm(x))
 
 
@@ -727,8 +731,8 @@ class LLaVA(nn.Module):
         output projection and MLP for them alone (every earlier position still gives its key and
         value): the same numbers as the full pass, indexed, for less work."""
         c, (B, T, _) = self.config, x.shape
-        if keep is not None and (seq_lens is not None or cache is not None):
-            raise ValueError("keep: not with packed input or a KV cache")
+        if keep is not None and (seq_lens is not None or (cache is not None and cache.length)):
+            raise ValueError("keep: not with packed input or a KV cache already filled")
         past = cache.length if cache is not None else 0
         if seq_lens is not None:
             if B != 1 or sum(seq_lens) != T or attention_mask is not None or cache is not None:
@@ -797,7 +801,9 @@ class LLaVA(nn.Module):
             prompt_mask = attention_mask
         x = self.embed(input_ids, pixel_values, image_features)
         cache = KVCache(c, B, T + max_new_tokens, dev, x.dtype)
-        h = self.backbone(x, prompt_mask, cache=cache)  # prefill: the prompt in one pass
+        # prefill: the prompt in one pass, the last layer's queries and MLP at the last position
+        # alone (every position's key and value go to the cache)
+        h = self.backbone(x, prompt_mask, cache=cache, keep=slice(T - 1, T))
         logits = self.logits(h[:, -1]).float()
         state = DecodeState(c, cache, prompt_mask, T, max_new_tokens, x.dtype)
         step = compiled_decode_step() if compile else LLaVA.decode_step
@@ -837,9 +843,12 @@ class LLaVA(nn.Module):
         state.key_bias.index_fill_(-1, state.slot, 0.0)
         cos, sin = state.cos.index_select(2, state.step), state.sin.index_select(2, state.step)
         x = self.language_model.embed_tokens(tokens[:, None])
+        # eager: attention reads the slots written so far (the rest weigh exactly 0); compiled:
+        # every slot, so that shapes never change
+        n = None if torch.compiler.is_compiling() else state.written + 1
         for i, layer in enumerate(self.language_model.layers):
             k_cache, v_cache = state.cache.k[i], state.cache.v[i]
-            x = layer.decode(x, cos, sin, k_cache, v_cache, state.slot, state.key_bias)
+            x = layer.decode(x, cos, sin, k_cache, v_cache, state.slot, state.key_bias, n)
         return self.logits(self.language_model.norm(x)[:, 0]).float()
 
     @contextmanager
