@@ -600,7 +600,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None, keep=None):
-        y = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, seq_lens, keep)
+        h = self.input_layernorm(x)
+        y = self.self_attn(h, cos, sin, mask, cache, layer_idx, seq_lens, keep)
+        # keep: the residual stream at the kept positions alone from here on
         x = (x if keep is None else take_positions(x, keep, 1)) + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
