@@ -426,6 +426,24 @@ class Projector(nn.Module):
 # LLaMA decoder
 # ----------------------------------------------------------------------------------------
 
+class FrozenRMSNorm(torch.autograd.Function):
+    """weight * x / rms(x) (fp32) with a frozen weight, and its input gradient in four passes
+    over x rather than autograd's ten: dx = r (w g - x r^2 mean(w g x)), r = 1 / rms(x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (x * r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        wg = grad * weight
+        dot = (wg * x).mean(-1, keepdim=True)
+        return r * (wg - x * (r * r * dot)), None, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -433,6 +451,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and x.requires_grad and not self.weight.requires_grad:
+            return FrozenRMSNorm.apply(x, self.weight, self.eps)  # LoRA training
         if x.dtype == torch.float32:  # the same formula as below, as one fused op
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()  # statistics in fp32, as LLaMA
