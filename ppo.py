@@ -433,8 +433,8 @@ def batched(fn, n, size):
 
 @torch.no_grad()
 def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key):
-    """Sample responses with the KV cache, score them, and compute log-probs, values and shaped
-    rewards."""
+    """Sample responses with the KV cache (the policy's log-probs and entropies come with the
+    samples), score them, and compute the reference's log-probs, values and shaped rewards."""
     policy.eval()
     critic.eval()
     dev, n, mb = next(policy.parameters()).device, len(prompts), cfg.micro_batch
