@@ -166,12 +166,13 @@ class MergedLoRA(torch.autograd.Function):
     three plus an add and a cat each way. Gradients of A and B as autograd would take them:
     dB_i = s g_i^T (A_i x), dA_i = s (g_i B_i)^T x, g_i the output gradient of slice i.
     outputs: None (one output), or the (start, end) rows of each of several outputs (q, k, v
-    apart: no split of the output, and no cat of its gradients)."""
+    apart: no split of the output, and no cat of its gradients). The merged weight is made again
+    in backward rather than saved: a saved copy per layer would double a large model's weights."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, outputs, bounds, *pairs):
         merged = merged_weight(weight, scale, bounds, *pairs)
-        ctx.save_for_backward(x, merged, *pairs)
+        ctx.save_for_backward(x, weight, *pairs)
         ctx.scale, ctx.bounds, ctx.outputs = scale, bounds, outputs
         if outputs is None:
             return F.linear(x, merged, bias)
@@ -180,7 +181,8 @@ class MergedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, merged, *pairs = ctx.saved_tensors
+        x, weight, *pairs = ctx.saved_tensors
+        merged = merged_weight(weight, ctx.scale, ctx.bounds, *pairs)
         outputs = ctx.outputs or ((0, merged.shape[0]),)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
