@@ -1095,9 +1095,10 @@ def to_device(batch, device):
 
 def score_sequences(model, head, input_ids, attention_mask, image_features):
     """Scalar score per right-padded sequence: head(hidden state at the last real token)."""
-    h = model(None, input_ids, attention_mask, return_hidden=True, image_features=image_features)
-    last = attention_mask.sum(1) - 1
-    return model.heads[head](h[torch.arange(len(h), device=h.device), last])
+    last = attention_mask.sum(1, keepdim=True) - 1
+    h = model(None, input_ids, attention_mask, return_hidden=True, image_features=image_features,
+              keep=last)  # the last layer runs for the scored position alone
+    return model.heads[head](h[:, 0])
 
 
 def lm_loss(model, batch, n_global):

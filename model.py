@@ -152,6 +152,64 @@ class LoRAAdapter(nn.Module):
             self.B[name] = nn.Parameter(torch.zeros(size, r, dtype=torch.float32))
 
 
+def merged_weight(weight, scale, bounds, *pairs):
+    """W + s B A, slice by slice (rows a:b of W get s B_i A_i): a new tensor, W is untouched."""
+    merged = weight.detach().clone()
+    for (a, b), A, B in zip(bounds, pairs[0::2], pairs[1::2]):
+        merged[a:b].addmm_(B.detach(), A.detach(), alpha=scale)
+    return merged
+
+
+class MergedLoRA(torch.autograd.Function):
+    """y = (W + s B A) x + bias for a frozen W: the same function as W x + s B (A x), as one matmul
+    forward and one for the input gradient (the LoRA term rides in the merged weight), instead of
+    three plus an add and a cat each way. Gradients of A and B as autograd would take them:
+    dB_i = s g_i^T (A_i x), dA_i = s (g_i B_i)^T x, g_i the output gradient of slice i.
+    outputs: None (one output), or the (start, end) rows of each of several outputs (q, k, v
+    apart: no split of the output, and no cat of its gradients). The merged weight is made again
+    in backward rather than saved: a saved copy per layer would double a large model's weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, outputs, bounds, *pairs):
+        merged = merged_weight(weight, scale, bounds, *pairs)
+        ctx.save_for_backward(x, weight, *pairs)
+        ctx.scale, ctx.bounds, ctx.outputs = scale, bounds, outputs
+        if outputs is None:
+            return F.linear(x, merged, bias)
+        return tuple(F.linear(x, merged[a:b], None if bias is None else bias[a:b])
+                     for a, b in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight, *pairs = ctx.saved_tensors
+        merged = merged_weight(weight, ctx.scale, ctx.bounds, *pairs)
+        outputs = ctx.outputs or ((0, merged.shape[0]),)
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
+
+        def rows(a, b):  # the gradient of output rows a:b
+            for (start, end), g in zip(outputs, g2):
+                if start <= a and b <= end:
+                    return g[:, a - start:b - start]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g2[0] @ merged[outputs[0][0]:outputs[0][1]]
+            for (a, b), g in zip(outputs[1:], g2[1:]):
+                dx.addmm_(g, merged[a:b])
+            dx = dx.view(x.shape)
+        As, Bs = pairs[0::2], pairs[1::2]
+        # A x and (g B)^T x for every slice at once (one matmul each, not one per slice)
+        u = x2 @ (As[0] if len(As) == 1 else torch.cat(As)).t()
+        gB = [rows(a, b) @ B for (a, b), B in zip(ctx.bounds, Bs)]
+        dA = ((gB[0] if len(gB) == 1 else torch.cat(gB, 1)).t() @ x2).mul_(ctx.scale)
+        grads = []
+        for i, ((a, b), A) in enumerate(zip(ctx.bounds, As)):
+            r = A.shape[0]
+            grads += [dA[i * r:(i + 1) * r], (rows(a, b).t() @ u[:, i * r:(i + 1) * r])
+                      .mul_(ctx.scale)]
+        return (dx, None, None, None, None, None, *grads)
+
+
 class LoRALinear(nn.Module):
     """A linear layer whose output is the concatenation of named slices (a fused q|k|v or
     gate|up projection stores the HF matrices stacked). Adapters may target any subset of
@@ -165,13 +223,19 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
         self.lora = nn.ModuleDict()
         self.active = None
-        self.fused_lora = None  # (A, B, scale) of the active adapter while decoding (fuse_lora)
+        # while decoding (fuse_lora): (merged weight,), or (A, B, scale) on a bf16 base
+        self.fused_lora = None
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         adapter = self.lora[self.active] if self.active in self.lora else None
         if adapter is None:
-            return y
+            return F.linear(x, self.weight, self.bias)
+        if self.mergeable(adapter, x):
+            pairs = self.lora_pairs(adapter)
+            if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
+                return F.linear(x, merged_weight(self.weight, adapter.scale, *pairs), self.bias)
+            return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, None, *pairs)
+        y = F.linear(x, self.weight, self.bias)
         xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
         names = [n for n in self.slices if n in adapter.A]
         A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
@@ -186,14 +250,52 @@ class LoRALinear(nn.Module):
         delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y + delta.to(y.dtype)
 
+    def forward_slices(self, x):
+        """forward(x) split into its named slices (q, k, v): with a merged adapter each comes from
+        its own matmul, so no gradient is ever concatenated."""
+        adapter = self.lora[self.active] if self.active in self.lora else None
+        if adapter is None or not self.mergeable(adapter, x):
+            return self(x).split(list(self.slices.values()), -1)
+        pairs = self.lora_pairs(adapter)
+        outputs = tuple(self.slice_range(n) for n in self.slices)
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
+            merged = merged_weight(self.weight, adapter.scale, *pairs)
+            bias = self.bias
+            return tuple(F.linear(x, merged[a:b], None if bias is None else bias[a:b])
+                         for a, b in outputs)
+        return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, outputs, *pairs)
+
+    def mergeable(self, adapter, x):
+        """Whether W x + s B A x may run as (W + s B A) x (MergedLoRA): an fp32 frozen base (a bf16
+        base would round the LoRA term away) and no dropout between x and A."""
+        no_dropout = isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training
+        frozen = not self.weight.requires_grad and (self.bias is None or
+                                                    not self.bias.requires_grad)
+        return (no_dropout and frozen and self.weight.dtype == torch.float32
+                and x.dtype == torch.float32)
+
+    def lora_pairs(self, adapter):
+        """(slice bounds, A_1, B_1, A_2, B_2, ...) of the slices the adapter targets."""
+        names = [n for n in self.slices if n in adapter.A]
+        pairs = [tuple(self.slice_range(n) for n in names)]
+        for n in names:
+            pairs += [adapter.A[n], adapter.B[n]]
+        return pairs
+
     def fuse_lora(self):
-        """For decoding, the active adapter as two matrices: A of every targeted slice stacked,
-        and B block-diagonal (zero rows for untargeted slices), so W x + s B A x is two matmuls,
-        not one per slice. The same products as forward (plus exact zeros). None when forward
-        must run instead (no adapter, or dropout active)."""
+        """For decoding, the active adapter merged into the weight once per generate call
+        (merged_weight, as forward), so a step is one matmul per linear; on a bf16 base, where
+        it cannot merge, two matrices: A of every targeted slice stacked, and B block-diagonal
+        (zero rows for untargeted slices), so W x + s B A x is two matmuls, not one per slice.
+        None when forward must run instead (no adapter, or dropout active)."""
         self.fused_lora = None
         adapter = self.lora[self.active] if self.active in self.lora else None
         if adapter is None or (adapter.training and not isinstance(adapter.dropout, nn.Identity)):
+            return
+        if self.weight.dtype == torch.float32:
+            with torch.no_grad():
+                merged = merged_weight(self.weight, adapter.scale, *self.lora_pairs(adapter))
+            self.fused_lora = (merged,)
             return
         names = [n for n in self.slices if n in adapter.A]
         r = adapter.A[names[0]].shape[0]
@@ -209,6 +311,8 @@ class LoRALinear(nn.Module):
         fused = self.fused_lora
         if fused is None:
             return self(x)
+        if len(fused) == 1:
+            return F.linear(x, fused[0], self.bias)
         A, B, scale = fused
         y = F.linear(x, self.weight, self.bias)
         return y + ((x.to(torch.float32) @ A.t() * scale) @ B.t()).to(y.dtype)
@@ -324,6 +428,24 @@ class Projector(nn.Module):
 # LLaMA decoder
 # ----------------------------------------------------------------------------------------
 
+class FrozenRMSNorm(torch.autograd.Function):
+    """weight * x / rms(x) (fp32) with a frozen weight, and its input gradient in four passes
+    over x rather than autograd's ten: dx = r (w g - x r^2 mean(w g x)), r = 1 / rms(x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (x * r)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        wg = grad * weight
+        dot = (wg * x).mean(-1, keepdim=True)
+        return r * (wg - x * (r * r * dot)), None, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -331,6 +453,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and x.requires_grad and not self.weight.requires_grad:
+            return FrozenRMSNorm.apply(x, self.weight, self.eps)  # LoRA training
+        if x.dtype == torch.float32:  # the same formula as below, as one fused op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()  # statistics in fp32, as LLaMA
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -347,6 +473,16 @@ def rope_cos_sin(c, position_ids, dtype):
     cos_full = torch.cat([cos, cos], -1).to(dtype)[:, None]
     signed_sin = torch.cat([-sin, sin], -1).to(dtype)[:, None]
     return cos_full, signed_sin
+
+
+def take_positions(t, keep, dim):
+    """The positions `keep` of t along its time axis `dim`: a slice (the same columns in every
+    row), or a (B, K) tensor of column indices per row."""
+    if isinstance(keep, slice):
+        return t[(slice(None),) * dim + (keep,)]
+    shape = (keep.shape[0],) + (1,) * (dim - 1) + (keep.shape[1],) + (1,) * (t.dim() - dim - 1)
+    size = t.shape[:dim] + keep.shape[1:] + t.shape[dim + 1:]
+    return t.gather(dim, keep.view(shape).expand(size))
 
 
 def apply_rope(x, cos, sin):
@@ -389,10 +525,12 @@ class DecodeState:
         self.cos, self.sin = rope_cos_sin(c, positions, dtype)          # (B, 1, N, head_dim)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)        # i, advanced in place
         self.slot = torch.full((1,), prompt_len, dtype=torch.long, device=dev)  # prompt_len + i
+        self.written = prompt_len  # slots written before this step (a number, for eager steps)
 
     def advance(self):
         self.step += 1
         self.slot += 1
+        self.written += 1
 
 
 class Attention(nn.Module):
@@ -403,10 +541,11 @@ class Attention(nn.Module):
         self.qkv_proj = LoRALinear(c.hidden, {"q": q, "k": kv, "v": kv})  # HF q/k/v stacked
         self.o_proj = LoRALinear(q, {"o": c.hidden})
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None, keep=None):
+        """keep (see take_positions): only these query positions come out (the keys and values
+        are every position's)."""
         c, (B, T, _) = self.c, x.shape
-        q_size, kv_size = c.heads * c.head_dim, c.kv_heads * c.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
+        q, k, v = self.qkv_proj.forward_slices(x)
         q = apply_rope(q.view(B, T, c.heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
@@ -416,6 +555,14 @@ class Attention(nn.Module):
             cache.v[layer_idx][:, :, start:start + T] = v
             k, v = cache.k[layer_idx][:, :, :start + T], cache.v[layer_idx][:, :, :start + T]
         gqa = c.heads != c.kv_heads
+        if keep is not None:  # the kept queries, each seeing the keys its row of the mask allows
+            q = take_positions(q, keep, 2)
+            if mask is None:
+                cols = torch.arange(T, device=x.device)
+                rows = cols[keep][None] if isinstance(keep, slice) else keep
+                mask = (cols <= rows[..., None])[:, None]
+            else:
+                mask = take_positions(mask.expand(B, -1, -1, -1), keep, 2)
         if seq_lens is not None:  # packed sequences: causal attention within each one, never across
             parts = zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
             y = torch.cat([F.scaled_dot_product_attention(a, b, d, is_causal=True, enable_gqa=gqa)
@@ -425,13 +572,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias, n=None):
         """One new token per row (x: B, 1, hidden): its key/value written into `slot` of the static
-        cache, attention over every slot with key_bias as the mask. Query head h reads key/value
-        head h // (heads / kv_heads), as SDPA's enable_gqa. softmax(q k^T / sqrt(d) + bias) v in
-        fp32."""
+        cache, attention over every slot (or the first n) with key_bias as the mask. Query head h
+        reads key/value head h // (heads / kv_heads), as SDPA's enable_gqa.
+        softmax(q k^T / sqrt(d) + bias) v in fp32."""
         c, B = self.c, x.shape[0]
         q, k, v = self.qkv_proj.decode(x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
                                                  c.kv_heads * c.head_dim], -1)
@@ -439,6 +586,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         k_cache.index_copy_(2, slot, k)
         v_cache.index_copy_(2, slot, v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2))
+        if n is not None:
+            k_cache, v_cache, key_bias = k_cache[:, :, :n], v_cache[:, :, :n], key_bias[..., :n]
         # query heads grouped by kv head
         q = q.reshape(B, c.kv_heads, c.heads // c.kv_heads, c.head_dim)
         scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + key_bias
@@ -456,7 +605,7 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(c.intermediate, {"down": c.hidden})
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate, up = self.gate_up_proj.forward_slices(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
     def decode(self, x):
@@ -472,13 +621,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden, c.rms_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, seq_lens)
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, seq_lens=None, keep=None):
+        h = self.input_layernorm(x)
+        y = self.self_attn(h, cos, sin, mask, cache, layer_idx, seq_lens, keep)
+        # keep: the residual stream at the kept positions alone from here on
+        x = (x if keep is None else take_positions(x, keep, 1)) + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias):
+    def decode(self, x, cos, sin, k_cache, v_cache, slot, key_bias, n=None):
         h = self.input_layernorm(x)
-        x = x + self.self_attn.decode(h, cos, sin, k_cache, v_cache, slot, key_bias)
+        x = x + self.self_attn.decode(h, cos, sin, k_cache, v_cache, slot, key_bias, n)
         return x + self.mlp.decode(self.post_attention_layernorm(x))
 
 
@@ -509,6 +661,8 @@ class GenerateOutput:
     logprobs: torch.Tensor
     lengths: torch.Tensor   # (B,) new tokens up to and including EOS
     finished: torch.Tensor  # (B,) True where EOS was produced
+    # (B, L) entropy of softmax(logits / temperature) at each new token (0 after EOS), or None
+    entropy: torch.Tensor = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -591,12 +745,18 @@ class LLaVA(nn.Module):
         # ignored
         return (k_pos <= q_pos) & (key_ok | (k_pos == q_pos))
 
-    def backbone(self, x, attention_mask=None, position_ids=None, cache=None, seq_lens=None):
+    def backbone(self, x, attention_mask=None, position_ids=None, cache=None, seq_lens=None,
+                 keep=None):
         """Run the decoder on embeddings x (B, T, hidden); returns the final normed hidden states.
         seq_lens: x is one row of sequences packed end to end (these lengths), each attending to
         itself only, with its own positions from 0: the outputs of the padded batch, without the
-        padding."""
+        padding. keep (a slice of columns, or a (B, K) tensor of column indices per row): only the
+        hidden states at these positions are returned, and the last layer computes its queries,
+        output projection and MLP for them alone (every earlier position still gives its key and
+        value): the same numbers as the full pass, indexed, for less work."""
         c, (B, T, _) = self.config, x.shape
+        if keep is not None and (seq_lens is not None or (cache is not None and cache.length)):
+            raise ValueError("keep: not with packed input or a KV cache already filled")
         past = cache.length if cache is not None else 0
         if seq_lens is not None:
             if B != 1 or sum(seq_lens) != T or attention_mask is not None or cache is not None:
@@ -610,12 +770,14 @@ class LLaVA(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
         cos, sin = rope_cos_sin(c, position_ids, x.dtype)
         mask = self._attention_mask(attention_mask, T, past, x.device)
+        last = len(self.language_model.layers) - 1
         for i, layer in enumerate(self.language_model.layers):
+            layer_keep = keep if i == last else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, seq_lens,
-                                                      use_reentrant=False)
+                                                      layer_keep, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, seq_lens)
+                x = layer(x, cos, sin, mask, cache, i, seq_lens, layer_keep)
         if cache is not None:
             cache.length += T
         return self.language_model.norm(x)
@@ -625,14 +787,15 @@ class LLaVA(nn.Module):
         return F.linear(hidden, w)
 
     def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None,
-                return_hidden=False, image_features=None, seq_lens=None):
+                return_hidden=False, image_features=None, seq_lens=None, keep=None):
         """Logits (B, T, vocab), or the last hidden states (B, T, hidden) with return_hidden=True.
         input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids
-        is one row of sequences packed end to end (data.pack), see backbone."""
+        is one row of sequences packed end to end (data.pack); keep: only these positions come out
+        (B, K, ...), computed with less work; both: see backbone."""
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the fused causal path
-        h = self.backbone(x, attention_mask, position_ids, seq_lens=seq_lens)
+        h = self.backbone(x, attention_mask, position_ids, seq_lens=seq_lens, keep=keep)
         return h if return_hidden else self.logits(h)
 
     # -- generation ---------------------------------------------------------------------
@@ -641,13 +804,14 @@ class LLaVA(nn.Module):
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64,
                  temperature=0.0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None,
                  return_logprobs=False, image_features=None, num_beams=1, length_penalty=1.0,
-                 compile=False):
+                 compile=False, return_entropy=False):
         """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on
         pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when
         given, so a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
-        CUDA graphs on GPU): compiled once per shape, worth it only for long runs. Returns
-        GenerateOutput."""
+        CUDA graphs on GPU): compiled once per shape, worth it only for long runs. return_entropy:
+        also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
+        needs from its policy, without a second pass). Returns GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
@@ -661,18 +825,24 @@ class LLaVA(nn.Module):
             prompt_mask = attention_mask
         x = self.embed(input_ids, pixel_values, image_features)
         cache = KVCache(c, B, T + max_new_tokens, dev, x.dtype)
-        h = self.backbone(x, prompt_mask, cache=cache)  # prefill: the prompt in one pass
+        # prefill: the prompt in one pass, the last layer's queries and MLP at the last position
+        # alone (every position's key and value go to the cache)
+        h = self.backbone(x, prompt_mask, cache=cache, keep=slice(T - 1, T))
         logits = self.logits(h[:, -1]).float()
         state = DecodeState(c, cache, prompt_mask, T, max_new_tokens, x.dtype)
         step = compiled_decode_step() if compile else LLaVA.decode_step
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         logps = torch.zeros(B, max_new_tokens, device=dev) if return_logprobs else None
+        entropy = torch.zeros(B, max_new_tokens, device=dev) if return_entropy else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
         with self.fused_lora(not compile):  # compiled: inductor fuses the plain LoRA path itself
             for i in range(max_new_tokens):
-                if temperature <= 0 and not return_logprobs:
+                if temperature <= 0 and not (return_logprobs or return_entropy):
                     tok, lp = logits.argmax(-1), None  # greedy: no log_softmax over the vocabulary
+                elif return_entropy:
+                    tok, lp, ent = sample_token(logits, temperature, top_p, generator, True)
+                    entropy[:, i] = ent.masked_fill_(done, 0.0)
                 else:
                     tok, lp = sample_token(logits, temperature, top_p, generator)
                 tok.masked_fill_(done, pad)
@@ -687,7 +857,7 @@ class LLaVA(nn.Module):
                     break
                 logits = step(self, tok, state)
                 state.advance()
-        return GenerateOutput(tokens, logps, lengths, done)
+        return GenerateOutput(tokens, logps, lengths, done, entropy)
 
     def decode_step(self, tokens, state):
         """fp32 logits (B, vocab) for one new token per row (tokens: B), reading and writing the
@@ -697,9 +867,12 @@ class LLaVA(nn.Module):
         state.key_bias.index_fill_(-1, state.slot, 0.0)
         cos, sin = state.cos.index_select(2, state.step), state.sin.index_select(2, state.step)
         x = self.language_model.embed_tokens(tokens[:, None])
+        # eager: attention reads the slots written so far (the rest weigh exactly 0); compiled:
+        # every slot, so that shapes never change
+        n = None if torch.compiler.is_compiling() else state.written + 1
         for i, layer in enumerate(self.language_model.layers):
             k_cache, v_cache = state.cache.k[i], state.cache.v[i]
-            x = layer.decode(x, cos, sin, k_cache, v_cache, state.slot, state.key_bias)
+            x = layer.decode(x, cos, sin, k_cache, v_cache, state.slot, state.key_bias, n)
         return self.logits(self.language_model.norm(x)[:, 0]).float()
 
     @contextmanager
@@ -960,18 +1133,23 @@ def compiled_decode_step():
     return _COMPILED_DECODE[0]
 
 
-def sample_token(logits, temperature=0.0, top_p=1.0, generator=None):
+def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entropy=False):
     """Next token from (B, vocab) fp32 logits, and its log-prob under softmax(logits / temperature)
-    (the untruncated distribution, which is what PPO's ratios use)."""
+    (the untruncated distribution, which is what PPO's ratios use); with_entropy: and that
+    distribution's entropy, -sum p log p (temperature 0: of softmax(logits))."""
     if temperature <= 0:
         tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(-1, tok[:, None])[:, 0]
+        return (tok, lp, -(logp.exp() * logp).sum(-1)) if with_entropy else (tok, lp)
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
+    entropy = -(probs * logp).sum(-1) if with_entropy else None
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
         sorted_p, idx = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+    lp = logp.gather(-1, tok[:, None])[:, 0]
+    return (tok, lp, entropy) if with_entropy else (tok, lp)

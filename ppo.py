@@ -266,19 +266,21 @@ def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
     return loss, {"vf_clipfrac": ((l2 > l1).float() * mask).sum() / n_tokens}
 
 
-def response_logprobs(model, feats, seq, mask, prompt_len, temperature):
-    """log p(token) under softmax(logits / T) and the entropy, for the response tokens
-    seq[:, prompt_len:]: the logits at position j predict token j + 1."""
-    h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
+def response_logprobs(model, feats, seq, mask, prompt_len, temperature, entropy=True):
+    """log p(token) under softmax(logits / T) and the entropy (None unless `entropy`), for the
+    response tokens seq[:, prompt_len:]: the logits at position j predict token j + 1."""
+    h = model(None, seq, mask, return_hidden=True, image_features=feats,
+              keep=slice(prompt_len - 1, -1))
     logp_all = torch.log_softmax(model.logits(h).float() / temperature, -1)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None])[..., 0]
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1) if entropy else None
 
 
 def response_values(model, feats, seq, mask, prompt_len):
     """V_k for response token k: the value head on the hidden state that predicts token k
     (LLaVA-RLHF's AutoregressiveValue alignment)."""
-    h = model(None, seq, mask, return_hidden=True, image_features=feats)[:, prompt_len - 1:-1]
+    h = model(None, seq, mask, return_hidden=True, image_features=feats,
+              keep=slice(prompt_len - 1, -1))
     return model.heads["value"](h)
 
 
@@ -431,8 +433,8 @@ def batched(fn, n, size):
 
 @torch.no_grad()
 def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key):
-    """Sample responses with the KV cache, score them, and compute log-probs, values and shaped
-    rewards."""
+    """Sample responses with the KV cache (the policy's log-probs and entropies come with the
+    samples), score them, and compute the reference's log-probs, values and shaped rewards."""
     policy.eval()
     critic.eval()
     dev, n, mb = next(policy.parameters()).device, len(prompts), cfg.micro_batch
@@ -448,10 +450,11 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     def sample(s):
         g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
                             generator=gen, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, image_features=feats[s])
-        return g.tokens, g.lengths, g.finished
+                            pad_token_id=tokenizer.pad_token_id, image_features=feats[s],
+                            return_logprobs=True, return_entropy=True)
+        return g.tokens, g.lengths, g.finished, g.logprobs, g.entropy
     with policy.use_adapter("policy"):
-        tokens, lengths, finished = batched(sample, n, mb)
+        tokens, lengths, finished, logp, entropy = batched(sample, n, mb)
     if cfg.stop_at_question:
         stop_ids = question_stop_ids(tokenizer)
         tokens, lengths, finished = cut_at_stop_tokens(tokens, lengths, tokenizer.eos_token_id,
@@ -460,13 +463,22 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     # <unk> (or pad, for a tokenizer without one)
     unk_id = tokenizer.unk_token_id
     stand_in = unk_id if unk_id is not None else tokenizer.pad_token_id
-    tokens[tokens == policy.config.image_token_id] = stand_in
+    replaced = tokens == policy.config.image_token_id
+    tokens[replaced] = stand_in
     P, seq = ids.shape[1], torch.cat([ids, tokens], 1)
     rmask = torch.arange(tokens.shape[1], device=dev)[None] < lengths[:, None]
     mask = torch.cat([pmask, rmask.long()], 1)
     logprobs = lambda s: response_logprobs(policy, feats[s], seq[s], mask[s], P, cfg.temperature)
-    with policy.use_adapter("policy"):
-        logp, entropy = batched(logprobs, n, mb)
+    # the policy's log-probs and entropies are the sampler's: the same function of the same
+    # tokens as a pass over the whole sequence (up to float rounding), so there is no such pass;
+    # past a response's end (EOS, or a cut at a stop token) every use masks them: zeros there.
+    # A row whose tokens were changed after sampling (an image placeholder read as <unk>) gets
+    # the pass, as the sampler never saw what the other roles will read.
+    logp, entropy = logp.masked_fill(~rmask, 0.0), entropy.masked_fill(~rmask, 0.0)
+    redo = (replaced & rmask).any(1).nonzero()[:, 0]
+    if len(redo):
+        with policy.use_adapter("policy"):
+            logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)
     with policy.no_adapter():  # the reference policy: the same base, no adapter
         ref_logp, _ = batched(logprobs, n, mb)
     value_of = lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P)
@@ -524,7 +536,7 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 m = ro["rmask"][i]
                 with policy.use_adapter("policy"):
                     logp, _ = response_logprobs(policy, ro["feats"][i], ro["seq"][i], ro["mask"][i],
-                                                ro["P"], cfg.temperature)
+                                                ro["P"], cfg.temperature, entropy=False)
                 pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
                 pg.backward()  # policy and value graphs one after the other: lower peak memory
                 with critic.use_adapter("value"):
