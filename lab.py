@@ -109,8 +109,9 @@ def plan(cfg):
             for v, (rm, extra) in PPO_VARIANTS.items():
                 n = f"rlhf/ppo-{v}-s{s}"
                 rm_run = f"rlhf/rm-{rm}-s{s}"
-                argv = ["--init", cfg.sft, "--reward", R(rm_run), *steps(20),
-                        "--rollout_batch", "32", "--minibatch_size", "16", "--lr", "2e-3",
+                # the main job's PPO budget (pipeline.BUDGET): 30 steps at ppo.py's own lr
+                argv = ["--init", cfg.sft, "--reward", R(rm_run), *steps(30),
+                        "--rollout_batch", "32", "--minibatch_size", "16",
                         "--save_every", "100000", *extra, *seed, "--out", R(n)]
                 add(n, "ppo.py", argv, needs=[rm_run], bench=all_bench)
         if "povid" in cfg.claims:
