@@ -197,6 +197,8 @@ class MergedLoRA(torch.autograd.Function):
             for (a, b), g in zip(outputs[1:], g2[1:]):
                 dx.addmm_(g, merged[a:b])
             dx = dx.view(x.shape)
+        if not any(ctx.needs_input_grad[6:]):  # a frozen adapter: the input gradient alone
+            return (dx, None, None, None, None, None, *[None] * len(pairs))
         As, Bs = pairs[0::2], pairs[1::2]
         # A x and (g B)^T x for every slice at once (one matmul each, not one per slice)
         u = x2 @ (As[0] if len(As) == 1 else torch.cat(As)).t()
@@ -231,10 +233,8 @@ class LoRALinear(nn.Module):
         if adapter is None:
             return F.linear(x, self.weight, self.bias)
         if self.mergeable(adapter, x):
-            pairs = self.lora_pairs(adapter)
-            if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
-                return F.linear(x, merged_weight(self.weight, adapter.scale, *pairs), self.bias)
-            return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, None, *pairs)
+            return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, None,
+                                    *self.lora_pairs(adapter))
         y = F.linear(x, self.weight, self.bias)
         xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
         names = [n for n in self.slices if n in adapter.A]
@@ -256,14 +256,9 @@ class LoRALinear(nn.Module):
         adapter = self.lora[self.active] if self.active in self.lora else None
         if adapter is None or not self.mergeable(adapter, x):
             return self(x).split(list(self.slices.values()), -1)
-        pairs = self.lora_pairs(adapter)
         outputs = tuple(self.slice_range(n) for n in self.slices)
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in pairs[1:]):
-            merged = merged_weight(self.weight, adapter.scale, *pairs)
-            bias = self.bias
-            return tuple(F.linear(x, merged[a:b], None if bias is None else bias[a:b])
-                         for a, b in outputs)
-        return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, outputs, *pairs)
+        return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, outputs,
+                                *self.lora_pairs(adapter))
 
     def mergeable(self, adapter, x):
         """Whether W x + s B A x may run as (W + s B A) x (MergedLoRA): an fp32 frozen base (a bf16

@@ -62,6 +62,20 @@ def test_merged_lora_equals_the_plain_lora_path(slices, targets, split):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_lora_with_a_frozen_adapter_gives_the_input_gradient_alone():
+    lin, adapter = lora_linear({"q": 8, "k": 4, "v": 4}, ("q", "v"))
+    adapter.requires_grad_(False)  # e.g. the reward adapter read while the policy trains
+    x = torch.randn(2, 5, 7, requires_grad=True)
+    g = torch.randn(2, 5, 16)
+    lin(x).backward(g)
+    merged = lin.weight.detach().clone()
+    for name in ("q", "v"):
+        a, b = lin.slice_range(name)
+        merged[a:b] += adapter.scale * adapter.B[name] @ adapter.A[name]
+    torch.testing.assert_close(x.grad, g @ merged, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in adapter.parameters())
+
+
 def test_a_new_adapter_merges_to_the_base_weight_exactly():
     lin, adapter = lora_linear({"q": 8, "k": 4, "v": 4}, ("q", "k", "v"))
     with torch.no_grad():
