@@ -88,15 +88,16 @@ def plan(cfg):
 
     all_bench = ("pope", "chair", "mmhal")
     add_eval("sft", cfg.sft, all_bench)
-    tune = ["--init", cfg.sft, "--lr", "5e-4", "--warmup", "10", "--report", "false",
+    tune = ["--init", cfg.sft, "--warmup", "10", "--report", "false",
             "--eval_every", "0", "--save_every", "100000", "--log_every", "25"]
     for s in cfg.seeds:
         seed = ["--seed", str(s)]
         if "lrv" in cfg.claims:
             for r in LRV_RATIOS:
                 n = f"lrv/neg{r}-s{s}"
-                argv = [*tune, "--lrv", "true", "--neg_ratio", str(r), *steps(150), *seed,
-                        "--out", R(n)]
+                # the main job's LRV budget (pipeline.BUDGET): 600 steps at 1e-3
+                argv = [*tune, "--lrv", "true", "--neg_ratio", str(r), *steps(600), "--lr", "1e-3",
+                        *seed, "--out", R(n)]
                 add(n, "sft.py", argv, bench=("pope", "chair"))
         if "rlhf" in cfg.claims:
             for facts in ("facts", "nofacts"):
@@ -131,8 +132,8 @@ def plan(cfg):
                 n = f"vigc/sft-{v}-s{s}"
                 # ~8% generated records
                 data = os.path.join(cfg.world, "sft.json") + (f",{extra}:4" if extra else "")
-                argv = [*tune, "--data", data, "--image_folder", cfg.world, *steps(100), *seed,
-                        "--out", R(n)]
+                argv = [*tune, "--lr", "5e-4", "--data", data, "--image_folder", cfg.world,
+                        *steps(100), *seed, "--out", R(n)]
                 add(n, "sft.py", argv, needs=[g] if extra else [], bench=("pope", "chair"))
     return runs
 
