@@ -24,6 +24,12 @@ def tiny_model(lora=True):
     return m
 
 
+def pack_everything(monkeypatch):
+    """model.prepack for every matrix and batch of the tiny model, not only where it pays."""
+    monkeypatch.setattr(model_lib, "PACK_MIN_ROWS", 2)
+    monkeypatch.setattr(model_lib, "PACK_MIN_NUMEL", 0)
+
+
 def left_padded_prompts(m, lengths=(4, 9, 6), seed=0):
     c, g = m.config, torch.Generator().manual_seed(seed)
     T = 1 + c.num_image_tokens + max(lengths)
@@ -53,9 +59,13 @@ def reference(m, pixels, ids, mask, n, temperature, top_p, generator):
     return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_static_decode_equals_uncached_reference(one_thread, lora, temperature, top_p):
+def test_static_decode_equals_uncached_reference(one_thread, monkeypatch, packed, lora,
+                                                 temperature, top_p):
+    if packed:  # the tiny model's matrices prepacked for oneDNN too (model.prepack)
+        pack_everything(monkeypatch)
     m = tiny_model(lora)
     pixels, ids, mask = left_padded_prompts(m)
     n = 10
@@ -110,3 +120,35 @@ def test_positions_masks_and_cache_are_made_once_per_call(one_thread, monkeypatc
     # prefill + the decode tables; not once per token
     assert calls == {"rope": 2, "mask": 1, "cache": 1}
     assert len(ptrs) == 11 and len(set(ptrs)) == 1
+
+
+def test_decode_weights_are_prepacked_for_a_batch_and_cleared(one_thread, monkeypatch):
+    """On an fp32 CPU model a batch decodes with every decoder matrix (adapter merged in) and the
+    lm_head prepacked for oneDNN (model.prepack); one row keeps F.linear on the merged weight;
+    nothing stays packed after the call. (The tests above check the packed tokens and log-probs.)"""
+    pack_everything(monkeypatch)
+    m = tiny_model(lora=True)
+    pixels, ids, mask = left_padded_prompts(m)
+    seen, step = [], LLaVA.decode_step
+
+    def watched(self, tokens, state):
+        kinds = {lin.fused_lora[0] for _, lin in self.lora_linears()}
+        seen.append((len(tokens), self.packed_head is not None, kinds))
+        return step(self, tokens, state)
+    monkeypatch.setattr(LLaVA, "decode_step", watched)
+    m.generate(pixels, ids, mask, max_new_tokens=3, eos_token_id=-1)
+    m.generate(pixels[:1], ids[:1], mask[:1], max_new_tokens=3, eos_token_id=-1)
+    assert seen[0] == (3, True, {"packed"}) and seen[-1] == (1, False, {"merged"})
+    assert m.packed_head is None and all(lin.fused_lora is None for _, lin in m.lora_linears())
+
+
+def test_prepack_only_where_it_pays():
+    """At the default thresholds: a large matrix at 8 rows is packed (and gives F.linear's output
+    up to rounding); 2 rows, or a small matrix, keep F.linear."""
+    big, small = torch.randn(1024, 512), torch.randn(384, 128)
+    x = torch.randn(8, 1, 512)
+    packed = model_lib.prepack(big, 8)
+    torch.testing.assert_close(model_lib.packed_linear(x, packed, None), x @ big.t(),
+                               atol=1e-4, rtol=1e-5)
+    assert model_lib.prepack(big, 2) is None and model_lib.prepack(small, 64) is None
+    assert model_lib.prepack(big.bfloat16(), 8) is None
