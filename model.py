@@ -213,6 +213,7 @@ class MergedLoRA(torch.autograd.Function):
 
 
 PACK_MIN_ROWS, PACK_MIN_NUMEL = 4, 1 << 19  # where prepack pays (below)
+PACK_MAX_TOTAL = 1 << 28  # entries packed per generate call at most (1 GiB of fp32 copies)
 
 
 def prepack(weight, rows):
@@ -309,9 +310,9 @@ class LoRALinear(nn.Module):
         (merged_weight, as forward), so a step is one matmul per linear; on a bf16 base, where
         it cannot merge, two matrices: A of every targeted slice stacked, and B block-diagonal
         (zero rows for untargeted slices), so W x + s B A x is two matmuls, not one per slice.
-        rows >= 2 on an fp32 CPU weight: that one matrix (merged, or the base alone) prepacked
-        for oneDNN (prepack). None when forward must run instead (dropout active, or no adapter
-        and nothing to pack)."""
+        On an fp32 CPU weight where prepack pays for `rows` rows: that one matrix (merged, or the
+        base alone) prepacked for oneDNN. None when forward must run instead (dropout active, or
+        no adapter and nothing to pack)."""
         self.fused_lora = None
         adapter = self.lora[self.active] if self.active in self.lora else None
         if adapter is not None and adapter.training and not isinstance(adapter.dropout,
@@ -916,13 +917,19 @@ class LLaVA(nn.Module):
     @contextmanager
     def fused_lora(self, on=True, rows=0):
         """While decoding: the active adapter of every adapted linear merged into its weight
-        (LoRALinear.fuse_lora), and with rows >= 2 every decoder matrix and the lm_head
-        prepacked for that many rows, made once per generate call from the current weights."""
+        (LoRALinear.fuse_lora), and the lm_head and decoder matrices prepacked for `rows` rows
+        where that pays (prepack), made once per generate call from the current weights. The
+        packed copies are extra memory: at most PACK_MAX_TOTAL entries in all, lm_head first."""
         linears = [lin for _, lin in self.lora_linears()]
         try:
+            left = PACK_MAX_TOTAL
+            head = self.head_weight()
+            self.packed_head = prepack(head, rows) if on and head.numel() <= left else None
+            left -= head.numel() if self.packed_head is not None else 0
             for lin in linears if on else ():
-                lin.fuse_lora(rows)
-            self.packed_head = prepack(self.head_weight(), rows) if on else None
+                lin.fuse_lora(rows if lin.weight.numel() <= left else 0)
+                if lin.fused_lora is not None and lin.fused_lora[0] == "packed":
+                    left -= lin.weight.numel()
             yield
         finally:
             for lin in linears:

@@ -152,3 +152,17 @@ def test_prepack_only_where_it_pays():
                                atol=1e-4, rtol=1e-5)
     assert model_lib.prepack(big, 2) is None and model_lib.prepack(small, 64) is None
     assert model_lib.prepack(big.bfloat16(), 8) is None
+
+
+def test_packed_copies_stay_within_their_memory_cap(one_thread, monkeypatch):
+    """PACK_MAX_TOTAL bounds the extra memory of the packed copies: the lm_head first, then the
+    decoder matrices in order while they fit; the rest decode as before (merged weight)."""
+    pack_everything(monkeypatch)
+    m = tiny_model(lora=True)
+    head = m.head_weight().numel()
+    first = next(m.lora_linears())[1].weight.numel()
+    monkeypatch.setattr(model_lib, "PACK_MAX_TOTAL", head + first)
+    with m.fused_lora(rows=3):
+        kinds = [lin.fused_lora[0] for _, lin in m.lora_linears()]
+        assert m.packed_head is not None
+    assert kinds[0] == "packed" and set(kinds[1:]) == {"merged"}
