@@ -312,22 +312,23 @@ class LoRALinear(nn.Module):
         (zero rows for untargeted slices), so W x + s B A x is two matmuls, not one per slice.
         On an fp32 CPU weight where prepack pays for `rows` rows: that one matrix (merged, or the
         base alone) prepacked for oneDNN. None when forward must run instead (dropout active, or
-        no adapter and nothing to pack)."""
+        no adapter and nothing to pack). Returns the number of entries packed (0: none)."""
         self.fused_lora = None
         adapter = self.lora[self.active] if self.active in self.lora else None
-        if adapter is not None and adapter.training and not isinstance(adapter.dropout,
-                                                                       nn.Identity):
-            return
+        dropout_on = adapter is not None and not isinstance(adapter.dropout, nn.Identity)
+        if dropout_on and adapter.training:
+            return 0
         if adapter is None or self.weight.dtype == torch.float32:
             with torch.no_grad():
-                merged = (self.weight if adapter is None else
+                weight = (self.weight if adapter is None else
                           merged_weight(self.weight, adapter.scale, *self.lora_pairs(adapter)))
-            packed = prepack(merged, rows)
+            packed = prepack(weight, rows)
             if packed is not None:
                 self.fused_lora = ("packed", packed)
-            elif adapter is not None:
-                self.fused_lora = ("merged", merged)
-            return
+                return weight.numel()
+            if adapter is not None:
+                self.fused_lora = ("merged", weight)
+            return 0
         names = [n for n in self.slices if n in adapter.A]
         r = adapter.A[names[0]].shape[0]
         B = adapter.B[names[0]].new_zeros(sum(self.slices.values()), r * len(names))
@@ -337,6 +338,7 @@ class LoRALinear(nn.Module):
             B[a:b, j * r:(j + 1) * r] = adapter.B[n]
         A = torch.cat([adapter.A[n] for n in names])
         self.fused_lora = ("two", A.detach(), B.detach(), adapter.scale)
+        return 0
 
     def decode(self, x):
         if self.fused_lora is None:
@@ -927,9 +929,7 @@ class LLaVA(nn.Module):
             self.packed_head = prepack(head, rows) if on and head.numel() <= left else None
             left -= head.numel() if self.packed_head is not None else 0
             for lin in linears if on else ():
-                lin.fuse_lora(rows if lin.weight.numel() <= left else 0)
-                if lin.fused_lora is not None and lin.fused_lora[0] == "packed":
-                    left -= lin.weight.numel()
+                left -= lin.fuse_lora(rows if lin.weight.numel() <= left else 0)
             yield
         finally:
             for lin in linears:
