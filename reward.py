@@ -5,6 +5,7 @@ with --facts, lists the image's captions (Factually Augmented RLHF).
     python reward.py  # Shapes: ground truth vs injected hallucination
     python reward.py --pairs sampled  # two SFT samples per prompt, ranked by the exact oracle
     python reward.py --facts false --out ckpt/rm_plain  # ablation: the plain RLHF reward model
+    python reward.py --blank_images true --out ckpt/rm_blank  # control: facts read without images?
     torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
         --lr 2e-5 --batch_size 32 --max_steps 300 --device cuda --dtype bf16
@@ -60,6 +61,7 @@ class Config:
     world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
     world_seed: int = 0  # seed of the Shapes world
     facts: bool = True  # Fact-RLHF: evaluation turn lists the image captions (false: plain RLHF)
+    blank_images: bool = False  # control run: every image black (do the facts get read without it?)
     # the wording of the evaluation turn:
     eval_prompt: str = "llava-rlhf"  # 'llava-rlhf' (verbatim) | 'short' (same facts, half as long)
     template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
@@ -202,7 +204,8 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
         chosen.append(items[0])
         rejected.append(items[1])
         if p.get("image"):
-            pix.append(normalize(images.unit(p["image"])))
+            unit = images.unit(p["image"])
+            pix.append(normalize(torch.zeros_like(unit) if cfg.blank_images else unit))
     if not chosen:
         return None, dropped
     b = collate(chosen + rejected, tokenizer.pad_token_id, side="right")
@@ -258,6 +261,18 @@ def partner_pairs(val, world):
         partners = {b for a, b in pairs if a in {o["name"] for o in objs}}
         if partners & set(oracle.oracle(p["rejected"], objs)["hallucinated_objects"]):
             out.append(p)
+    return out
+
+
+def other_image_facts(val):
+    """The held-out pairs with each pair's captions taken from the next pair of another image (a
+    control: an RM that reads its facts should lose accuracy; one that ignores them should not)."""
+    out = []
+    for i, p in enumerate(val):
+        j = next((j % len(val) for j in range(i + 1, i + len(val))
+                  if val[j % len(val)]["image"] != p["image"]), None)
+        if j is not None:
+            out.append(dict(p, captions=val[j]["captions"]))
     return out
 
 
@@ -363,6 +378,9 @@ def main(cfg):
     if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
         part = evaluate(model, partner, cfg, tokenizer, images, d)
         metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
+    if cfg.facts and val:
+        other = evaluate(model, other_image_facts(val), cfg, tokenizer, images, d)
+        metrics.update(val_accuracy_other_facts=other["val_accuracy"])
     if d.main:
         with open(os.path.join(cfg.out, "report.json"), "w") as f:
             report = {**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt,
@@ -376,6 +394,9 @@ def main(cfg):
                                 f"{metrics['n_val_partner']} naming a co-occurring partner)")
             print(f"held-out pairwise accuracy {metrics['val_accuracy']:.3f} "
                   f"on {metrics['n_val']} pairs{partner_note}")
+            if "val_accuracy_other_facts" in metrics:
+                print(f"with another image's captions as the facts: "
+                      f"{metrics['val_accuracy_other_facts']:.3f} (how much the facts are read)")
     common.cleanup_dist()
 
 

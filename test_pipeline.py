@@ -130,8 +130,11 @@ def fake_lab(root):
         elif name.startswith("rlhf/rm-"):
             seed = int(name.rsplit("-s", 1)[1])
             accuracy = (0.8 if "-facts-" in name else 0.6) + 0.01 * seed
+            rep = {"val_accuracy": accuracy, "val_accuracy_partner": accuracy - 0.1}
+            if "-facts-" in name:  # the control: another image's captions
+                rep["val_accuracy_other_facts"] = accuracy - 0.2
             with open(done, "w") as f:
-                json.dump({"val_accuracy": accuracy, "val_accuracy_partner": accuracy - 0.1}, f)
+                json.dump(rep, f)
         elif name.startswith("rlhf/ppo-"):
             with open(os.path.join(os.path.dirname(done), "metrics.jsonl"), "w") as f:
                 for step in range(3):
@@ -158,7 +161,9 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     assert "lab wall clock 12.5 min" in text and "seeds 0, 1" in text
     assert "popular = adversarial for 75% of them, random = popular for 75%" in text
     held = "- Fact-RLHF (facts raise the reward model's held-out accuracy): **held** here"
-    assert held in text and "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | 2 |" in text
+    assert held in text
+    assert "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | 0.605 ± 0.007 | 2 |" in text
+    assert "| RM without facts | 0.605 ± 0.007 | 0.505 ± 0.007 | - | 2 |" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ")]
     assert len(verdicts) == 3 + 9 + 2 + 3  # LRV, RLHF, POVID, VIGC
     assert capsys.readouterr().out.splitlines()[:len(verdicts)] == verdicts
@@ -166,3 +171,7 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     for plot in ("lrv", "rlhf", "rlhf_length", "povid", "vigc"):
         image = Image.open(os.path.join(cfg.plots, plot + ".png"))
         assert image.format == "PNG" and min(image.size) >= 100, plot
+    # a report rebuilt from the runs on disk keeps the last run's wall clock
+    lab.report(cfg, runs, None)
+    text = open(cfg.results).read()
+    assert "lab wall clock 12.5 min on " in text and "this report rebuilt from the runs" in text

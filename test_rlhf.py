@@ -464,6 +464,8 @@ def test_reward_cli_injected_pairs(tiny_rm, sft):
     rep = json.load(open(os.path.join(out, "report.json")))
     assert 0 <= rep["val_accuracy"] <= 1 and rep["n_val"] > 0
     assert "held-out pairwise accuracy" in stdout
+    # the facts control: the same pairs with another image's captions
+    assert 0 <= rep["val_accuracy_other_facts"] <= 1 and "another image's captions" in stdout
     m = load_checkpoint(out)
     assert m.active_adapter == "reward" and "reward" in m.heads
 
@@ -625,3 +627,34 @@ def test_reward_partner_pairs(tiny_world):
            pair(alone, "The triangle is blue and purple and huge.")]
     # names the absent partner of a present trigger
     assert reward.partner_pairs(val, tiny_world) == [val[0]]
+
+
+def test_reward_other_image_facts():
+    import reward
+    val = [{"image": img, "captions": [f"caption of {img}"], "chosen": str(k)}
+           for k, img in enumerate(["a", "a", "b", "a", "c"])]
+    other = reward.other_image_facts(val)
+    assert [p["chosen"] for p in other] == ["0", "1", "2", "3", "4"]
+    # every pair keeps its own image and answers, and reads another image's captions
+    assert all(p["image"] != p["captions"][0][len("caption of "):] for p in other)
+    assert [p["captions"][0][-1] for p in other] == ["b", "b", "a", "c", "a"]
+    # one image only: no other captions to take
+    assert reward.other_image_facts(val[:2]) == []
+
+
+def test_reward_blank_images(tiny_world, sft):
+    model = load_checkpoint(sft)
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    pairs = json.load(open(os.path.join(tiny_world, "pref_pairs_val.json")))[:2]
+    pairs = [dict(p, image=os.path.join(tiny_world, p["image"]),
+                  prompt=p["conversations"][:1], chosen=p["output_1"]["value"],
+                  rejected=p["output_2"]["value"]) for p in pairs]
+    images = data.ImageCache(model.config.image_size)
+    pix = {}
+    for blank in (False, True):
+        cfg = reward.Config(facts=False, eval_prompt="short", blank_images=blank)
+        b, _ = reward.pair_batch(pairs, [0, 1], cfg, tok, model, images, "k")
+        pix[blank] = b["pixel_values"]
+    black = data.normalize(torch.zeros_like(images.unit(pairs[0]["image"])))
+    assert all(torch.equal(x, black) for x in pix[True])
+    assert not torch.equal(pix[False][0], black) and not torch.equal(pix[False][0], pix[False][1])
