@@ -1,7 +1,7 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
 test split (images, and object combinations, that no training run saw).
 
-    python pipeline.py && python lab.py  # the four claims x 3 seeds, ~45 min on 2 CPU cores
+    python pipeline.py && python lab.py  # the four claims x 3 seeds, ~40 min on 2 CPU cores
     python lab.py --claims lrv povid --seeds 0 1 2 3 4
     python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
@@ -60,7 +60,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the runs
-# Step budgets: long enough for each method to move the model, short enough for ~45 min in all.
+# Step budgets: long enough for each method to move the model, short enough for ~40 min in all.
 LRV_RATIOS = (0.0, 0.25, 0.5)
 PPO_VARIANTS = {"facts": ("facts", []), "no-facts": ("nofacts", []),
                 "no-length-penalty": ("facts", ["--length_penalty", "0"]),
