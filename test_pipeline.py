@@ -78,6 +78,20 @@ def test_lab_plots_draw(tmp_path):
     assert line.getpixel((335, 100)) == (255, 255, 255)  # above the line: background
 
 
+def test_lab_plan_seeds():
+    cfg = lab.Config()
+    runs = lab.plan(cfg)
+    seeds_of = lambda prefix: {int(n.rsplit("-s", 1)[1].split("/")[0])
+                               for n in runs if n.startswith(prefix)}
+    # five seeds for the cheap claims, the first three for RLHF (its reward models are the cost)
+    assert seeds_of("lrv/") == seeds_of("povid/") == seeds_of("vigc/") == {0, 1, 2, 3, 4}
+    assert seeds_of("rlhf/") == {0, 1, 2}
+    cfg = lab.Config(seeds=(7, 3), rlhf_seeds=1, claims=("rlhf",))
+    runs = lab.plan(cfg)
+    assert seeds_of("rlhf/") == {7}
+    assert "RLHF on seeds 7" in lab.intro_section(cfg, None)[2]
+
+
 def test_world_seed_moves_default_folders():
     import common
     import pipeline
