@@ -388,7 +388,7 @@ def plot_link(cfg, label, file):
     return f"![{label}]({os.path.relpath(plot_path(cfg, file), results_dir)})"
 
 
-def intro_section(cfg, minutes):
+def intro_section(cfg, minutes, ran=None, n_runs=None):
     """Title, what ran where and for how long, the world and its settings."""
     world = load(os.path.join(cfg.world, "world.json")) or {}
     machine = (f"{platform.machine()} / {os.cpu_count()} CPU cores / "
@@ -396,11 +396,15 @@ def intro_section(cfg, minutes):
     clock = os.path.join(cfg.out, "wall_clock.json")  # the last run's, for --report_only
     if minutes is not None:
         with open(clock, "w") as f:
-            json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d")}, f)
+            json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"),
+                       "ran": ran, "runs": n_runs}, f)
     last = load(clock)
     if isinstance(last, dict) and isinstance(last.get("minutes"), (int, float)):
-        duration = (f"lab wall clock {last['minutes']:.1f} min on {last.get('date', '?')} (runs "
-                    "already on disk are not repeated)")
+        duration = f"lab wall clock {last['minutes']:.1f} min on {last.get('date', '?')}"
+        if last.get("ran") is not None and last.get("ran") == last.get("runs"):
+            duration += f" for all {last['runs']} runs"
+        elif last.get("ran") is not None:
+            duration += f" for the {last['ran']} of {last['runs']} runs not already on disk"
     else:
         duration = "lab wall clock not recorded"
     if minutes is None:
@@ -624,12 +628,12 @@ def vigc_section(cfg, runs, base):
     return md, verdicts
 
 
-def report(cfg, runs, minutes):
+def report(cfg, runs, minutes, ran=None):
     """RESULTS.md: the world and the SFT baseline, one section (tables, plots) per claim, the
     verdicts, and every command as run."""
     os.makedirs(cfg.plots, exist_ok=True)
     base = metric_rows(runs, ["sft"])
-    md = intro_section(cfg, minutes) + pope_overlap_section(cfg)
+    md = intro_section(cfg, minutes, ran, len(runs)) + pope_overlap_section(cfg)
     if base:
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in base["sft"].items())
         md += ["SFT baseline: " + numbers + ".", ""]
@@ -664,8 +668,9 @@ def main(cfg):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
     runs, t0 = plan(cfg), time.time()
+    ran = sum(not os.path.exists(done) for _, _, done in runs.values())
     failed = set() if cfg.report_only else execute(runs, cfg)
-    report(cfg, runs, None if cfg.report_only else (time.time() - t0) / 60)
+    report(cfg, runs, None if cfg.report_only else (time.time() - t0) / 60, ran)
     if failed:
         names = ", ".join(sorted(failed))
         print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)

@@ -2,6 +2,7 @@
 statistics."""
 import json
 import os
+import time
 import zlib
 
 from PIL import Image
@@ -167,8 +168,9 @@ def fake_lab(root):
 
 def test_lab_report_of_every_claim(tmp_path, capsys):
     cfg, runs = fake_lab(tmp_path)
-    lab.report(cfg, runs, 12.5)
+    lab.report(cfg, runs, 12.5, 3)
     text = open(cfg.results).read()
+    assert f"for the 3 of {len(runs)} runs not already on disk" in text
     for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF",
                     "## POVID", "## VIGC", "## Verdicts", "## Commands"):
         assert text.count(section) == 1, section
@@ -189,3 +191,8 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     lab.report(cfg, runs, None)
     text = open(cfg.results).read()
     assert "lab wall clock 12.5 min on " in text and "this report rebuilt from the runs" in text
+    assert f"for the 3 of {len(runs)} runs" in text
+    lab.report(cfg, runs, 40.0, len(runs))
+    today = time.strftime("%Y-%m-%d")
+    text = open(cfg.results).read()
+    assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
