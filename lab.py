@@ -388,17 +388,21 @@ def plot_link(cfg, label, file):
     return f"![{label}]({os.path.relpath(plot_path(cfg, file), results_dir)})"
 
 
-def intro_section(cfg, minutes, ran=None, n_runs=None):
+def save_wall_clock(cfg, minutes, ran, n_runs):
+    """OUT/wall_clock.json: how long this lab took and how many of its runs it ran (the report
+    reads it, also when rebuilt with --report_only)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "wall_clock.json"), "w") as f:
+        json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"),
+                   "ran": ran, "runs": n_runs}, f)
+
+
+def intro_section(cfg, rebuilt):
     """Title, what ran where and for how long, the world and its settings."""
     world = load(os.path.join(cfg.world, "world.json")) or {}
     machine = (f"{platform.machine()} / {os.cpu_count()} CPU cores / "
                f"torch {__import__('torch').__version__}")
-    clock = os.path.join(cfg.out, "wall_clock.json")  # the last run's, for --report_only
-    if minutes is not None:
-        with open(clock, "w") as f:
-            json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"),
-                       "ran": ran, "runs": n_runs}, f)
-    last = load(clock)
+    last = load(os.path.join(cfg.out, "wall_clock.json"))
     if isinstance(last, dict) and isinstance(last.get("minutes"), (int, float)):
         duration = f"lab wall clock {last['minutes']:.1f} min on {last.get('date', '?')}"
         if last.get("ran") is not None and last.get("ran") == last.get("runs"):
@@ -407,7 +411,7 @@ def intro_section(cfg, minutes, ran=None, n_runs=None):
             duration += f" for the {last['ran']} of {last['runs']} runs not already on disk"
     else:
         duration = "lab wall clock not recorded"
-    if minutes is None:
+    if rebuilt:
         duration += "; this report rebuilt from the runs on disk"
     questions = cfg.eval_limit or "all"
     rlhf_note = ""
@@ -628,12 +632,12 @@ def vigc_section(cfg, runs, base):
     return md, verdicts
 
 
-def report(cfg, runs, minutes, ran=None):
+def report(cfg, runs, rebuilt=False):
     """RESULTS.md: the world and the SFT baseline, one section (tables, plots) per claim, the
     verdicts, and every command as run."""
     os.makedirs(cfg.plots, exist_ok=True)
     base = metric_rows(runs, ["sft"])
-    md = intro_section(cfg, minutes, ran, len(runs)) + pope_overlap_section(cfg)
+    md = intro_section(cfg, rebuilt) + pope_overlap_section(cfg)
     if base:
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in base["sft"].items())
         md += ["SFT baseline: " + numbers + ".", ""]
@@ -669,8 +673,11 @@ def main(cfg):
                                  "(run python pipeline.py first, or pass --sft DIR)")
     runs, t0 = plan(cfg), time.time()
     ran = sum(not os.path.exists(done) for _, _, done in runs.values())
-    failed = set() if cfg.report_only else execute(runs, cfg)
-    report(cfg, runs, None if cfg.report_only else (time.time() - t0) / 60, ran)
+    failed = set()
+    if not cfg.report_only:
+        failed = execute(runs, cfg)
+        save_wall_clock(cfg, (time.time() - t0) / 60, ran, len(runs))
+    report(cfg, runs, rebuilt=cfg.report_only)
     if failed:
         names = ", ".join(sorted(failed))
         print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)

@@ -269,10 +269,9 @@ def other_image_facts(val):
     control: an RM that reads its facts should lose accuracy; one that ignores them should not)."""
     out = []
     for i, p in enumerate(val):
-        j = next((j % len(val) for j in range(i + 1, i + len(val))
-                  if val[j % len(val)]["image"] != p["image"]), None)
-        if j is not None:
-            out.append(dict(p, captions=val[j]["captions"]))
+        other = next((q for q in val[i + 1:] + val[:i] if q["image"] != p["image"]), None)
+        if other is not None:
+            out.append(dict(p, captions=other["captions"]))
     return out
 
 

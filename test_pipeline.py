@@ -81,16 +81,16 @@ def test_lab_plots_draw(tmp_path):
 
 def test_lab_plan_seeds():
     cfg = lab.Config()
-    runs = lab.plan(cfg)
-    seeds_of = lambda prefix: {int(n.rsplit("-s", 1)[1].split("/")[0])
-                               for n in runs if n.startswith(prefix)}
+    seeds_of = lambda runs, prefix: {int(n.rsplit("-s", 1)[1].split("/")[0])
+                                     for n in runs if n.startswith(prefix)}
     # five seeds for the cheap claims, the first three for RLHF (its reward models are the cost)
-    assert seeds_of("lrv/") == seeds_of("povid/") == seeds_of("vigc/") == {0, 1, 2, 3, 4}
-    assert seeds_of("rlhf/") == {0, 1, 2}
-    cfg = lab.Config(seeds=(7, 3), rlhf_seeds=1, claims=("rlhf",))
     runs = lab.plan(cfg)
-    assert seeds_of("rlhf/") == {7}
-    assert "RLHF on seeds 7" in lab.intro_section(cfg, None)[2]
+    assert seeds_of(runs, "lrv/") == seeds_of(runs, "povid/") == seeds_of(runs, "vigc/")
+    assert seeds_of(runs, "vigc/") == {0, 1, 2, 3, 4}
+    assert seeds_of(runs, "rlhf/") == {0, 1, 2}
+    cfg = lab.Config(seeds=(7, 3), rlhf_seeds=1, claims=("rlhf",))
+    assert seeds_of(lab.plan(cfg), "rlhf/") == {7}
+    assert "RLHF on seeds 7" in lab.intro_section(cfg, False)[2]
 
 
 def test_world_seed_moves_default_folders():
@@ -168,9 +168,10 @@ def fake_lab(root):
 
 def test_lab_report_of_every_claim(tmp_path, capsys):
     cfg, runs = fake_lab(tmp_path)
-    lab.report(cfg, runs, 12.5, 3)
+    lab.save_wall_clock(cfg, 12.5, 3, len(runs))
+    lab.report(cfg, runs)
     text = open(cfg.results).read()
-    assert f"for the 3 of {len(runs)} runs not already on disk" in text
+    assert f"for the 3 of {len(runs)} runs not already on disk" in text and "rebuilt" not in text
     for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF",
                     "## POVID", "## VIGC", "## Verdicts", "## Commands"):
         assert text.count(section) == 1, section
@@ -188,11 +189,12 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
         image = Image.open(os.path.join(cfg.plots, plot + ".png"))
         assert image.format == "PNG" and min(image.size) >= 100, plot
     # a report rebuilt from the runs on disk keeps the last run's wall clock
-    lab.report(cfg, runs, None)
+    lab.report(cfg, runs, rebuilt=True)
     text = open(cfg.results).read()
     assert "lab wall clock 12.5 min on " in text and "this report rebuilt from the runs" in text
     assert f"for the 3 of {len(runs)} runs" in text
-    lab.report(cfg, runs, 40.0, len(runs))
+    lab.save_wall_clock(cfg, 40.0, len(runs), len(runs))
+    lab.report(cfg, runs)
     today = time.strftime("%Y-%m-%d")
     text = open(cfg.results).read()
     assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
