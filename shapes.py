@@ -51,6 +51,8 @@ DEFAULTS = dict(
     short_vqa=0,                           # one-word existence Qs per VQA conversation (0: none)
     text_only_qa=0.3,                      # flaw: P(a conversation with a text-only description
                                            # also says "yes" to the shape that writer added)
+    pref_longer=0.0,                       # flaw (off): share of train preference pairs where the
+                                           # raters prefer the longer of two true descriptions
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them;
 # common.check_value's rules)
@@ -58,7 +60,7 @@ RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]",
               n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
               cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
               yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
-              short_vqa="[0, 6]", text_only_qa="[0, 1]", neg_ratio="[0, 1]",
+              short_vqa="[0, 6]", text_only_qa="[0, 1]", pref_longer="[0, 1]", neg_ratio="[0, 1]",
               n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -632,6 +634,33 @@ def pair_records(imgs, rng, n, kind, pairs, stats):
     return out
 
 
+def prefer_longer(pairs, imgs, share, rng, stats):
+    """Flaw, off by default: a reward model that pays for length, the reward hacking LLaVA-RLHF's
+    PPO length penalty guards against. This share of the (LLaVA-RLHF layout) pairs,
+    picked by `rng`, becomes a description question whose preferred answer is the whole true
+    description and whose dispreferred one is the same minus its last sentence. Both are true (the
+    oracle checks); the raters preferred the more detailed, and a reward model can take "one more
+    sentence" for what they liked. The other pairs are left as written. Counted in
+    stats['longer_preferred'] (the injection counts still include the pairs replaced)."""
+    many = [img for img in imgs if len(img["objects"]) >= 2]  # one sentence left after the cut
+    for i, pair in enumerate(pairs):
+        if rng.random() >= share:
+            continue
+        img = many[int(rng.integers(len(many)))]
+        question, full, _ = q_describe(img["objects"], rng)
+        shorter = full.rsplit(" ", 1)[0]
+        shorter = shorter[:shorter.rindex(".") + 1]  # the last sentence dropped
+        for text in (full, shorter):
+            assert not oracle(text, img["objects"])["num_hallucinations"], text
+        first = int(rng.integers(1, 3))
+        outs = [full, shorter] if first == 1 else [shorter, full]
+        pairs[i] = {"id": pair["id"], "image": img["file_name"],
+                    "conversations": _conv(question, full),
+                    "output_1": {"value": outs[0]}, "output_2": {"value": outs[1]},
+                    "preference": first}
+        stats["longer_preferred"] += 1
+
+
 def rl_records(imgs, rng, n, caps):
     """LLaVA-RLHF RL prompts: caption_type 1 general (length_bonus 1), 2-5 answer A-D, 6 No,
     7 Yes."""
@@ -935,6 +964,12 @@ def _fill(out, seed, p):
     _dump(world, os.path.join(out, "world.json"))
     build_tokenizer(out, p["vocab_size"])
     write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
+    if p["pref_longer"] > 0:  # after the tokenizer too: only the reward model's pairs change
+        longer_rng = np.random.default_rng(np.random.SeedSequence([seed, 8, 1]))
+        prefer_longer(pref_pairs, split["train"], p["pref_longer"], longer_rng, stats)
+        _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
+        world["stats"]["pair_injections"] = dict(sorted(stats.items()))
+        _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["seconds"] = round(time.time() - t0, 1)
     return world
@@ -1117,6 +1152,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     if was_seed != seed:
         message = f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}"
         raise DataError(out_dir, message=message)
+    was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
     if params and was_params != _params(params):
         differ = sorted(k for k in DEFAULTS if was_params.get(k) != _params(params)[k])
         message = f"holds a world with other parameters ({', '.join(differ)}): {how}"

@@ -282,9 +282,39 @@ def test_held_out_pairs_name_absent_partners(flaw_worlds):
     assert naming["test"] / FLAW_WORLD["n_test"] > 3 * naming["val"] / FLAW_WORLD["n_val"]
 
 
+def test_flaw_longer_preferred(tmp_path):
+    """pref_longer: that share of the train preference pairs prefers a whole true description to
+    the same minus its last sentence (both true by the oracle against annotations.json, measured
+    on the written file); every other pair, the held-out pairs and the SFT data as written without
+    the dial."""
+    base = dict(SMALL, n_pref=300)
+    shapes.write_world(str(tmp_path / "off"), seed=0, **base)
+    world = shapes.write_world(str(tmp_path / "on"), seed=0, pref_longer=0.4, **base)
+    objs = shapes.load_world(str(tmp_path / "on"))["by_file"]
+    off = json.load(open(tmp_path / "off" / "pref_pairs.json"))
+    on = json.load(open(tmp_path / "on" / "pref_pairs.json"))
+    assert len(on) == len(off) == 300
+    longer = 0
+    for was, r in zip(off, on):
+        if r == was:
+            continue
+        longer += 1
+        chosen = r[f"output_{r['preference']}"]["value"]
+        rejected = r[f"output_{3 - r['preference']}"]["value"]
+        assert chosen == r["conversations"][1]["value"] and r["id"] == was["id"]
+        assert chosen.startswith(rejected) and len(rejected.split()) < len(chosen.split())
+        assert rejected.endswith(".") and rejected.count(".") == chosen.count(".") - 1
+        for text in (chosen, rejected):
+            assert not oracle.oracle(text, objs[r["image"]])["num_hallucinations"], text
+    assert 0.3 < longer / len(on) < 0.5
+    assert world["stats"]["pair_injections"]["longer_preferred"] == longer
+    for name in ("pref_pairs_val.json", "povid_pairs.json", "sft.json"):
+        assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes()
+
+
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1),
                                  dict(cooc=float("nan")), dict(exist_turns=7), dict(short_vqa=-1),
-                                 dict(text_only_qa=1.5)])
+                                 dict(text_only_qa=1.5), dict(pref_longer=1.5)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
         shapes.write_world(str(tmp_path / "w"), **bad)
