@@ -643,6 +643,8 @@ def prefer_longer(pairs, imgs, share, rng, stats):
     sentence" for what they liked. The other pairs are left as written. Counted in
     stats['longer_preferred'] (the injection counts still include the pairs replaced)."""
     many = [img for img in imgs if len(img["objects"]) >= 2]  # one sentence left after the cut
+    if not many:
+        raise ValueError("--pref_longer: no train image shows two or more objects to describe")
     for i, pair in enumerate(pairs):
         if rng.random() >= share:
             continue
@@ -883,6 +885,9 @@ def _params(params):
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
         raise ValueError("max_objects must be 1..4 and fit the grid")
+    if p["pref_longer"] > 0 and p["max_objects"] < 2:
+        raise ValueError("--pref_longer cuts a sentence from descriptions of two or more objects: "
+                         "it needs --max_objects >= 2")
     return p
 
 

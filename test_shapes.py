@@ -314,7 +314,8 @@ def test_flaw_longer_preferred(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1),
                                  dict(cooc=float("nan")), dict(exist_turns=7), dict(short_vqa=-1),
-                                 dict(text_only_qa=1.5), dict(pref_longer=1.5)])
+                                 dict(text_only_qa=1.5), dict(pref_longer=1.5),
+                                 dict(pref_longer=0.5, max_objects=1)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
         shapes.write_world(str(tmp_path / "w"), **bad)

@@ -56,7 +56,10 @@ def profile_update():
         adv, ret = ppo.gae(ro["rewards"] * cfg.reward_scale, ro["values"], cfg.gamma, cfg.lam)
         adv = ppo.whiten(adv, ro["rmask"], d)
         t1 = time.perf_counter()
-        with torch.profiler.profile(enabled=i == 3) as prof:
+        if i == 3:
+            with torch.profiler.profile() as prof:
+                ppo.ppo_update(model, model, ro, adv, ret, opt, pol + val, cfg, d, 0)
+        else:
             ppo.ppo_update(model, model, ro, adv, ret, opt, pol + val, cfg, d, 0)
         print(f"iteration {i}: rollout {t1 - t0:.3f} s, update {time.perf_counter() - t1:.3f} s"
               + (" (profiled)" if i == 3 else ""))
