@@ -307,8 +307,10 @@ def test_flaw_longer_preferred(tmp_path):
         for text in (chosen, rejected):
             assert not oracle.oracle(text, objs[r["image"]])["num_hallucinations"], text
     assert 0.3 < longer / len(on) < 0.5
+    assert {r["preference"] for r in on if r not in off} == {1, 2}  # either side, as the others
     assert world["stats"]["pair_injections"]["longer_preferred"] == longer
-    for name in ("pref_pairs_val.json", "povid_pairs.json", "sft.json"):
+    # built after the tokenizer: a world's SFT checkpoints stay valid with the dial on
+    for name in ("pref_pairs_val.json", "povid_pairs.json", "sft.json", "tokenizer/tokenizer.json"):
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes()
 
 
@@ -554,6 +556,14 @@ def test_ensure_world(tmp_path):
     t = os.path.getmtime(os.path.join(d, "annotations.json"))
     shapes.ensure_world(d, seed=0, **tiny)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t  # reused
+    # a world written before a parameter existed wrote that parameter's default: still the same
+    meta = json.load(open(os.path.join(d, "world.json")))
+    del meta["params"]["pref_longer"]
+    json.dump(meta, open(os.path.join(d, "world.json"), "w"))
+    shapes.ensure_world(d, seed=0, **tiny)
+    with pytest.raises(DataError, match="holds a world with other parameters \\(pref_longer\\)"):
+        shapes.ensure_world(d, seed=0, **dict(tiny, pref_longer=0.5))
+    assert os.path.getmtime(os.path.join(d, "annotations.json")) == t
     # never rewritten
     with pytest.raises(DataError, match="holds a world with other parameters \\(n_train\\)"):
         shapes.ensure_world(d, seed=0, **dict(tiny, n_train=7))

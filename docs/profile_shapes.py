@@ -105,4 +105,7 @@ if __name__ == "__main__":
         print(f"usage: {sys.argv[0]} [update|decode|compile|cpp], got {what!r}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    profile_update() if what == "update" else time_decode(what)
+    if what == "update":
+        profile_update()
+    else:
+        time_decode(what)
