@@ -405,10 +405,11 @@ def intro_section(cfg, rebuilt):
     last = load(os.path.join(cfg.out, "wall_clock.json"))
     if isinstance(last, dict) and isinstance(last.get("minutes"), (int, float)):
         duration = f"lab wall clock {last['minutes']:.1f} min on {last.get('date', '?')}"
-        if last.get("ran") is not None and last.get("ran") == last.get("runs"):
-            duration += f" for all {last['runs']} runs"
-        elif last.get("ran") is not None:
-            duration += f" for the {last['ran']} of {last['runs']} runs not already on disk"
+        ran, total = last.get("ran"), last.get("runs")
+        if ran is not None and ran == total:
+            duration += f" for all {total} runs"
+        elif ran is not None:
+            duration += f" for the {ran} of {total} runs not already on disk"
     else:
         duration = "lab wall clock not recorded"
     if rebuilt:
@@ -672,9 +673,9 @@ def main(cfg):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
     runs, t0 = plan(cfg), time.time()
-    ran = sum(not os.path.exists(done) for _, _, done in runs.values())
     failed = set()
     if not cfg.report_only:
+        ran = sum(not os.path.exists(done) for _, _, done in runs.values())
         failed = execute(runs, cfg)
         save_wall_clock(cfg, (time.time() - t0) / 60, ran, len(runs))
     report(cfg, runs, rebuilt=cfg.report_only)

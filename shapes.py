@@ -961,20 +961,18 @@ def _fill(out, seed, p):
     _dump(dict(VIGC_INSTRUCTIONS, qtype_to_type=VIGC_TYPE,
                unlabeled=[{"id": i["id"], "image": i["file_name"]} for i in split["unlabeled"]]),
           os.path.join(out, "vigc_instructions.json"))
-    world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
-        "images": {s: len(v) for s, v in split.items()},
-        "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
-        "pair_injections": dict(sorted(stats.items())),
-        "sft_flaws": sft_flaw_stats(sft, split["train"])}}
-    _dump(world, os.path.join(out, "world.json"))
     build_tokenizer(out, p["vocab_size"])
     write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
     if p["pref_longer"] > 0:  # after the tokenizer too: only the reward model's pairs change
         longer_rng = np.random.default_rng(np.random.SeedSequence([seed, 8, 1]))
         prefer_longer(pref_pairs, split["train"], p["pref_longer"], longer_rng, stats)
         _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
-        world["stats"]["pair_injections"] = dict(sorted(stats.items()))
-        _dump(world, os.path.join(out, "world.json"))
+    world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
+        "images": {s: len(v) for s, v in split.items()},
+        "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
+        "pair_injections": dict(sorted(stats.items())),
+        "sft_flaws": sft_flaw_stats(sft, split["train"])}}
+    _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["seconds"] = round(time.time() - t0, 1)
     return world
@@ -1159,7 +1157,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         raise DataError(out_dir, message=message)
     was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
     if params and was_params != _params(params):
-        differ = sorted(k for k in DEFAULTS if was_params.get(k) != _params(params)[k])
+        differ = sorted(k for k in DEFAULTS if was_params[k] != _params(params)[k])
         message = f"holds a world with other parameters ({', '.join(differ)}): {how}"
         raise DataError(out_dir, message=message)
     if not os.path.isdir(os.path.join(out_dir, "tokenizer")):

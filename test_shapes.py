@@ -294,11 +294,12 @@ def test_flaw_longer_preferred(tmp_path):
     off = json.load(open(tmp_path / "off" / "pref_pairs.json"))
     on = json.load(open(tmp_path / "on" / "pref_pairs.json"))
     assert len(on) == len(off) == 300
-    longer = 0
+    longer, sides = 0, set()
     for was, r in zip(off, on):
         if r == was:
             continue
         longer += 1
+        sides.add(r["preference"])
         chosen = r[f"output_{r['preference']}"]["value"]
         rejected = r[f"output_{3 - r['preference']}"]["value"]
         assert chosen == r["conversations"][1]["value"] and r["id"] == was["id"]
@@ -307,7 +308,7 @@ def test_flaw_longer_preferred(tmp_path):
         for text in (chosen, rejected):
             assert not oracle.oracle(text, objs[r["image"]])["num_hallucinations"], text
     assert 0.3 < longer / len(on) < 0.5
-    assert {r["preference"] for r in on if r not in off} == {1, 2}  # either side, as the others
+    assert sides == {1, 2}  # the longer answer on either side, as the injected pairs
     assert world["stats"]["pair_injections"]["longer_preferred"] == longer
     # built after the tokenizer: a world's SFT checkpoints stay valid with the dial on
     for name in ("pref_pairs_val.json", "povid_pairs.json", "sft.json", "tokenizer/tokenizer.json"):
