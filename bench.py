@@ -1198,3 +1198,4 @@ if __name__ == "__main__":
     cfg = common.parse_config(Config, prog="bench.py")
     with common.user_errors():
         main(cfg)
+    common.end_process()

@@ -17,6 +17,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+# imported before any process group exists: its functions take group.WORLD as a default argument,
+# evaluated at import. Imported later (AdamW does, through torch._dynamo), they hold the group past
+# destroy_process_group, and gloo's threads then race the interpreter's exit (SIGABRT).
+import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, latest_checkpoint, load_checkpoint,
@@ -241,6 +245,9 @@ class Dist:
         return self.rank == 0
 
 
+_made_process_group = False  # set by setup_dist; end_process reads it
+
+
 def setup_dist(device="cpu", fsdp=False):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp
     a one-rank process group, so the sharded code path is the same at any world size)."""
@@ -248,9 +255,11 @@ def setup_dist(device="cpu", fsdp=False):
         raise ConfigError("--device cuda: no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if device == "cuda" else "gloo"
+    global _made_process_group
     if world == 1:
         if fsdp:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            _made_process_group = True
         return Dist(device=torch.device(device), fsdp=fsdp)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
@@ -259,6 +268,7 @@ def setup_dist(device="cpu", fsdp=False):
     else:
         dev = torch.device("cpu")
     dist.init_process_group(backend)
+    _made_process_group = True
     return Dist(rank, world, local, dev, fsdp)
 
 
@@ -280,6 +290,19 @@ def cleanup_dist():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before gloo's threads are torn down
         dist.destroy_process_group()
+
+
+def end_process():
+    """A script's last call after a run that made a process group (torchrun, or --fsdp): exit at
+    once, skipping the interpreter's teardown. Under FSDP torch's DTensor caches keep the device
+    mesh, and with it the gloo group and its threads, alive past destroy_process_group; one of
+    those threads that needs the GIL while the interpreter shuts down aborts the process (SIGABRT,
+    exit code -6, after every file is written). Every file is closed by now; stdout and stderr
+    are flushed here."""
+    if _made_process_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def all_gather_cat(t, d):

@@ -543,3 +543,4 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     cli()
+    common.end_process()

@@ -403,3 +403,4 @@ if __name__ == "__main__":
     cfg = common.parse_config(Config)
     with common.user_errors(DataError):
         main(cfg)
+    common.end_process()

@@ -915,6 +915,19 @@ def reliability_md():
         "- **DDP**: `torchrun --nproc_per_node=2` (gloo on CPU) logs the losses of one process "
         "with the same global",
         "  batch (sft, dpo, within 1e-5); PPO whitens advantages with statistics over every rank.",
+        "- **exit under torchrun / --fsdp**: `cleanup_dist` waits for every rank and destroys "
+        "the process group;",
+        "  gloo's threads stop there. (`torch.distributed.nn.functional` is imported before any "
+        "group exists: its",
+        "  default arguments, imported later through AdamW's `torch._dynamo`, held the group and "
+        "its threads past",
+        "  `destroy_process_group`; one that needs the GIL during the interpreter's teardown "
+        "aborts the process:",
+        "  the likely cause of a rank's SIGABRT seen once on CI (not reproduced in 75 runs of the "
+        "two torchrun",
+        "  tests here). Under FSDP torch's DTensor caches still hold the group, so the scripts end "
+        "with",
+        "  `common.end_process()`: flush stdout and stderr, then `os._exit(0)`.",
         "- **non-finite loss or gradient**: the run stops with "
         "`step N: non-finite ...; Last good checkpoint: ...`",
         "  (exit 2; that checkpoint loads and resumes), or skips the update with "
@@ -1100,6 +1113,51 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
     assert r.returncode == 0 and "2 process(es)" in r.stdout, r.stderr[-3000:]
     compared = assert_same_metrics(metric_rows(one), metric_rows(two), keys, min_rows=2)
     assert compared >= 2 * len(keys) - 1
+
+
+GLOO_THREADS_AFTER_CLEANUP = """
+import glob, common, torch
+d = common.setup_dist("cpu", fsdp=True)  # a gloo process group, as under torchrun
+torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])  # every stage builds one after setup_dist
+common.cleanup_dist()
+names = [open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")]
+print(sum(name.startswith(("gloo", "pt_gloo")) for name in names))
+"""
+
+
+def test_cleanup_dist_stops_the_gloo_threads():
+    """A process group still alive after cleanup_dist keeps gloo's threads running into the
+    interpreter's exit, where one that needs the GIL aborts the process (the likely cause of a
+    SIGABRT seen once under torchrun on CI). AdamW imports torch._dynamo, which imports
+    torch.distributed.nn.functional, whose default arguments hold the group they find."""
+    r = subprocess.run([PY, "-c", GLOO_THREADS_AFTER_CLEANUP], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "0", r.stdout
+
+
+END_PROCESS = """
+import sys, common, torch
+if sys.argv[1] == "fsdp":  # a sharded module: torch's DTensor caches keep the group alive
+    d = common.setup_dist("cpu", fsdp=True)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    fully_shard(torch.nn.Linear(4, 4), mesh=init_device_mesh("cpu", (1,)))
+    common.cleanup_dist()
+print("written", end="")  # stdout is a pipe here: block-buffered until flushed
+common.end_process()
+print(" and after")
+"""
+
+
+@pytest.mark.parametrize("mode, tail", [("fsdp", "written"), ("plain", "written and after")])
+def test_end_process_exits_at_once_after_a_process_group(mode, tail):
+    """After a run that made a process group, the script's last call exits with code 0 and its
+    output flushed, without the interpreter's teardown; without one it is a no-op."""
+    r = subprocess.run([PY, "-c", END_PROCESS, mode], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == tail
 
 
 def test_sft_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
