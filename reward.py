@@ -267,9 +267,10 @@ def partner_pairs(val, world):
 def other_image_facts(val):
     """The held-out pairs with each pair's captions taken from the next pair of another image (a
     control: an RM that reads its facts should lose accuracy; one that ignores them should not)."""
-    out = []
+    out, n = [], len(val)
     for i, p in enumerate(val):
-        other = next((q for q in val[i + 1:] + val[:i] if q["image"] != p["image"]), None)
+        after = (val[(i + k) % n] for k in range(1, n))  # the next pairs, wrapping round, no copy
+        other = next((q for q in after if q["image"] != p["image"]), None)
         if other is not None:
             out.append(dict(p, captions=other["captions"]))
     return out
