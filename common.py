@@ -251,11 +251,11 @@ _made_process_group = False  # set by setup_dist; end_process reads it
 def setup_dist(device="cpu", fsdp=False):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp
     a one-rank process group, so the sharded code path is the same at any world size)."""
+    global _made_process_group
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if device == "cuda" else "gloo"
-    global _made_process_group
     if world == 1:
         if fsdp:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
