@@ -1156,8 +1156,9 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         message = f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}"
         raise DataError(out_dir, message=message)
     was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
-    if params and was_params != _params(params):
-        differ = sorted(k for k in DEFAULTS if was_params[k] != _params(params)[k])
+    wanted = _params(params) if params else was_params
+    if wanted != was_params:
+        differ = sorted(k for k in DEFAULTS if was_params[k] != wanted[k])
         message = f"holds a world with other parameters ({', '.join(differ)}): {how}"
         raise DataError(out_dir, message=message)
     if not os.path.isdir(os.path.join(out_dir, "tokenizer")):

@@ -11,6 +11,7 @@ decode: greedy decoding of 64 x 48 tokens, eager; ms per decode step (whole call
     cpp: with inductor's C++ wrapper too. Each prints its first-call (compilation) time.
 Issue 19's README paragraph "Where the two unmet targets stand" quotes these.
 """
+import contextlib
 import os
 import sys
 import tempfile
@@ -56,14 +57,12 @@ def profile_update():
         adv, ret = ppo.gae(ro["rewards"] * cfg.reward_scale, ro["values"], cfg.gamma, cfg.lam)
         adv = ppo.whiten(adv, ro["rmask"], d)
         t1 = time.perf_counter()
-        if i == 3:
-            with torch.profiler.profile() as prof:
-                ppo.ppo_update(model, model, ro, adv, ret, opt, pol + val, cfg, d, 0)
-        else:
+        profiler = torch.profiler.profile() if i == 3 else contextlib.nullcontext()
+        with profiler:
             ppo.ppo_update(model, model, ro, adv, ret, opt, pol + val, cfg, d, 0)
         print(f"iteration {i}: rollout {t1 - t0:.3f} s, update {time.perf_counter() - t1:.3f} s"
               + (" (profiled)" if i == 3 else ""))
-    table = prof.key_averages()
+    table = profiler.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=20))
     mm = [e for e in table if e.key == "aten::mm"]
     if mm:
