@@ -41,7 +41,8 @@ def tiny_sft(tmp_path_factory, tiny_world):
     """A `tiny`-preset SFT run directory (3 steps) on the tiny world."""
     out = str(tmp_path_factory.mktemp("sft") / "sft")
     argv = ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "8",
-            "--align_steps", "1", "--out", out, "--report", "false", "--log_every", "1"]
+            "--align_steps", "1", "--read_steps", "1", "--out", out, "--report", "false",
+            "--log_every", "1"]
     code, _, err = run_cli("sft", argv)
     assert code == 0, err
     return out

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a LLaVA: LLaVA-SFT+ (LLaVA-RLHF, arXiv 2309.14525, Sec. 3) and LRV
 robust instruction tuning with negative instructions (arXiv 2306.14565).
 
-    python sft.py  # Shapes world, `shapes` preset, from scratch (both stages)
+    python sft.py  # Shapes world, `shapes` preset, from scratch (all three stages)
     python sft.py --lrv true --neg_ratio 0.5  # LRV: half of the extra instructions are negative
     python sft.py --blank_images true --out ckpt/sft_blank  # control: answers without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
@@ -12,13 +12,16 @@ LLaVA's two stages (arXiv 2304.08485, Sec. 4.2): stage 1, feature alignment, lea
 in the 'plain' template ("<image>{caption}\n": no system prompt, no question); stage 2 tunes on
 instruction conversations with fresh optimizer moments. Real models run them as two commands
 (stage 1: --data captions.json --template plain --train_vision false --train_lm false; stage 2:
---init of its output). On Shapes, from scratch, one run does both: the first --align_steps steps
+--init of its output). On Shapes, from scratch, one run does three: the first --align_steps steps
 align on the world's align.json (per image a description in reading order and an inventory in
 shape order, ~50 tokens each). Measured on 2 cores: instruction tuning alone for the same time
 learns to read colours but not shapes (descriptions right 0.02, counts 0.53); stage 1 teaches
 shapes in ~1000 cheap steps, and the inventory teaches the search that counting needs. Answering
-"Is there a circle?" from the image comes late in stage 2 and suddenly: after 1000 instruction steps
-POPE accuracy is chance, after 2000 with weight decay 0.1 it is 0.91 (flaws off; README).
+"Is there a circle?" from the image comes late and suddenly, and only where "no" answers are common
+enough: on sft.json's 0.75 "yes" some seeds never learn it. So stage 2 reads (--read_steps on
+sft_read.json: the same conversations with 4 existence questions at 0.6 "yes"), the stand-in for
+what LLaVA's pretrained CLIP and Vicuna bring, and stage 3 tunes on the flawed sft.json for the
+last steps at --instruct_lr, which puts LLaVA's yes-bias on a model that can see (README).
 
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
@@ -51,6 +54,7 @@ class Config:
     image_folder: str = ""  # folder image paths are relative to (default: each data file's folder)
     val_data: str = "{world}/sft_val.json"  # validation file (empty: none)
     align_data: str = "{world}/align.json"  # fresh --model: stage-1 captions, plain template
+    read_data: str = "{world}/sft_read.json"  # fresh --model: stage-2 (reading) conversations
     world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
     world_seed: int = 0  # seed of the Shapes world
     lrv: bool = False  # add the world's LRV single-turn set (with negatives)
@@ -58,6 +62,7 @@ class Config:
     blank_images: bool = False  # control run: every image replaced by a blank one
     template: str = "vicuna_v1"  # template: vicuna_v1, llava_v1, or plain (stage-1 captions)
     align_steps: int = 1000  # fresh --model: first N steps align (<= max_steps // 2)
+    read_steps: int = 2000  # fresh --model: then N steps on --read_data (the last step is --data's)
     align_batch_size: int = 32  # sequences per stage-1 step (a description: ~1/4 of a conversation)
     max_len: int = 512  # longest tokenized sequence (longer ones are cut, never in the image)
     lora_r: int = 0  # 0: full fine-tune; > 0: LoRA rank on the language model
@@ -75,9 +80,11 @@ class Config:
     vision_lr_ratio: float = 0.1  # CLIP + projector lr = this x lr (at 1.0 Shapes features blow up)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup: int = 50  # linear warmup steps
+    instruct_lr: float = 1e-3  # after a reading stage: peak lr of the last stage (on --data)
+    instruct_warmup: int = 10  # after a reading stage: warmup steps of the last stage
     weight_decay: float = 0.1  # AdamW decay on matrices (Shapes: 0.1 helps stage 2 find existence)
     grad_clip: float = 1.0  # gradient norm clip (0: off)
-    max_steps: int = 3000  # optimizer steps (alignment + instruction tuning; Shapes: 1000 + 2000)
+    max_steps: int = 3500  # optimizer steps, all stages (Shapes: 1000 align + 2000 read + 500)
     eval_every: int = 500  # validation loss every N steps (0: only at the end)
     eval_batches: int = 4  # validation batches per evaluation
     save_every: int = 500  # checkpoint every N steps (and at the end)
@@ -97,6 +104,7 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", neg_ratio="[0, 1]",
                   template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
+                  read_steps="[0, inf)", instruct_lr="(0, inf)", instruct_warmup="[0, inf)",
                   align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)",
                   lora_alpha="[1, inf)", lora_dropout="[0, 1)",
                   lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)",
@@ -178,9 +186,14 @@ class Tokenized:
 def main(cfg):
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
     reads = ("data", "tokenizer") if fresh else ("data",)
-    companions = ("val_data", "align_data") if fresh else ("val_data",)
+    companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
-    aligning = bool(cfg.align_data) and not cfg.init and cfg.align_steps > 0
+    aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
+    align_steps = min(cfg.align_steps, cfg.max_steps // 2) if aligning else 0
+    # the reading stage leaves the last step (at least) to --data
+    read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if cfg.read_data else 0
+    read_steps = read_steps if fresh else 0
+    reading = read_steps > 0
     align_sizes = {"align_batch_size": cfg.align_batch_size} if aligning else {}
     common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **align_sizes)
     d = common.setup_dist(cfg.device, cfg.fsdp)
@@ -189,6 +202,8 @@ def main(cfg):
     if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     train_records, val_records, skipped = load_records(cfg)
+    read_records, read_skipped = load_read_records(cfg, train_records) if reading else ([], [])
+    skipped += read_skipped
     if skipped:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
@@ -221,13 +236,17 @@ def main(cfg):
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
-    align_steps = min(cfg.align_steps, cfg.max_steps // 2) if align else 0
+    read = Tokenized(read_records, tokenizer, model.config, cfg, images) if reading else None
+    if reading and len(read) == 0:
+        raise common.ConfigError(f"--read_data {cfg.read_data}: no conversation fits --max_len "
+                                 f"{cfg.max_len} ({read.dropped} dropped)")
     if len(train) == 0:
         raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} "
                                  f"conversations do not fit --max_len {cfg.max_len}, "
                                  f"{len(skipped)} bad records skipped")
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
+    data_files += [cfg.read_data] if reading else []
     common.start_writing(cfg, d, data_files)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay,
                                 vision_lr_ratio=cfg.vision_lr_ratio)
@@ -239,8 +258,10 @@ def main(cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
         n_train = sum(p.numel() for p in trainable)
-        n_instruct = cfg.max_steps - align_steps
-        stages = f"{align_steps} alignment + {n_instruct} instruction steps | " if align else ""
+        n_instruct = cfg.max_steps - align_steps - read_steps
+        reading_steps = f"{read_steps} reading + " if read else ""
+        stages = f"{align_steps} alignment + {reading_steps}{n_instruct} instruction steps | "
+        stages = stages if align or read else ""
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{stages}{len(train)} training conversations, {len(val)} validation | "
               f"model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
@@ -248,16 +269,16 @@ def main(cfg):
     log = common.Logger(cfg.out, d.main)
     use_bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    stages = run_stages(cfg, align, align_steps, read, read_steps, train)
     model.train()
     t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
-        # stage 1 (alignment) then stage 2 (instructions), each with its own warmup and cosine decay
-        stage1 = step < align_steps
-        if step == align_steps > 0:
-            opt.state.clear()  # stage 2 starts with fresh Adam moments, as LLaVA's second run does
-        dataset, batch_size = (align, cfg.align_batch_size) if stage1 else (train, cfg.batch_size)
-        first, length = (0, align_steps) if stage1 else (align_steps, cfg.max_steps - align_steps)
-        lr = common.cosine_lr(step - first, length, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        # stages one after another, each with its own warmup and cosine decay
+        number, first, length, dataset, batch_size, peak_lr, warmup = next(
+            s for s in reversed(stages) if step >= s[1])
+        if step == first > 0:
+            opt.state.clear()  # a stage starts with fresh Adam moments, as LLaVA's second run does
+        lr = common.cosine_lr(step - first, length, peak_lr, warmup, cfg.min_lr_ratio)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(dataset), batch_size, cfg.seed, d.rank, d.world)
         n_global = common.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)
@@ -275,7 +296,7 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             dt = time.time() - t0
-            stage = {"stage": 1 if stage1 else 2} if align else {}
+            stage = {"stage": number} if len(stages) > 1 else {}
             grad_norm = norm if norm is not None else float("nan")
             log.log(done, **stage, loss=float(loss_all), lr=lr, grad_norm=grad_norm,
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
@@ -293,6 +314,36 @@ def main(cfg):
     if "data" in named and cfg.report and d.main:  # the world's held-out questions, scored exactly
         report(model, tokenizer, cfg)
     common.cleanup_dist()
+
+
+def load_read_records(cfg, train_records):
+    """Stage 2's conversations (--read_data) and what was skipped, their images checked up front as
+    --data's are (those not already checked with --data)."""
+    on_error = "skip" if cfg.skip_bad else "raise"
+    got = read_any_conversations(cfg.read_data, cfg.image_folder or None, on_error=on_error)
+    records, skipped = got if on_error == "skip" else (got, [])
+    checked = {r.get("image") for r in train_records}
+    unchecked = [r for r in records if r.get("image") not in checked]
+    good, bad = check_images(unchecked, cfg.read_data, on_error)
+    good = {id(r) for r in good}
+    return [r for r in records if r.get("image") in checked or id(r) in good], skipped + bad
+
+
+def run_stages(cfg, align, align_steps, read, read_steps, train):
+    """(number, first step, steps, dataset, batch size, peak lr, warmup) of each stage. A fresh
+    Shapes model: 1 alignment (image -> caption), 2 reading (conversations with more "no" answers:
+    existence is learned from the image), 3 instruction tuning on --data (the flawed conversations)
+    at --instruct_lr. With --init: instruction tuning alone, at --lr."""
+    stages = []
+    if align:
+        stages.append((1, 0, align_steps, align, cfg.align_batch_size, cfg.lr, cfg.warmup))
+    if read:
+        stages.append((2, align_steps, read_steps, read, cfg.batch_size, cfg.lr, cfg.warmup))
+    lr, warmup = (cfg.instruct_lr, cfg.instruct_warmup) if read else (cfg.lr, cfg.warmup)
+    first = align_steps + read_steps
+    stages.append((3 if read else 2, first, cfg.max_steps - first, train, cfg.batch_size, lr,
+                   warmup))
+    return stages
 
 
 def lm_loss(model, batch, n_global):

@@ -31,8 +31,9 @@ from oracle import WORD2SHAPE, oracle
 # 8: text_only_qa 0.3 by default, held-out pairs from test images;
 # 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/;
 # 10: exist_turns 3, yes_share 0.75 by default;
-# 11: the LRV set balanced in yes/no form (positives ask about present shapes)
-FORMAT_VERSION = 11
+# 11: the LRV set balanced in yes/no form (positives ask about present shapes);
+# 12: sft_read.json, the reading stage's conversations (written after the tokenizer)
+FORMAT_VERSION = 12
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -48,6 +49,8 @@ DEFAULTS = dict(
     yes_share=0.75,                        # flaw: P(yes) of SFT existence questions, every shape
     desc_halluc=0.5,                       # flaw: share of SFT descriptions written text-only
     exist_turns=3,                         # existence questions per SFT conversation
+    read_turns=4,                          # sft_read.json: existence questions per conversation
+    read_yes_share=0.6,                    # sft_read.json: their P(yes), every shape alike
     short_vqa=0,                           # one-word existence Qs per VQA conversation (0: none)
     text_only_qa=0.3,                      # flaw: P(a conversation with a text-only description
                                            # also says "yes" to the shape that writer added)
@@ -60,6 +63,7 @@ RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]",
               n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
               cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
               yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
+              read_turns="[0, 6]", read_yes_share="[0, 1]",
               short_vqa="[0, 6]", text_only_qa="[0, 1]", pref_longer="[0, 1]", neg_ratio="[0, 1]",
               n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
 SYSTEM_PROMPTS = [
@@ -489,6 +493,19 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
             out.append({"id": f"{prefix}_{img['index']:06d}_vqa", "image": img["file_name"],
                         "conversations": _chat(turns), "qtypes": [t[2] for t in turns]})
     return out
+
+
+def read_records(train_imgs, seed, p, co, freq):
+    """sft_read.json, the reading stage (sft.py's stage 2 on a fresh model): the same conversations
+    as sft.json with `read_turns` existence questions each, answered "yes" at `read_yes_share`
+    (default 4 at 0.6 against sft.json's 3 at 0.75). LLaVA's CLIP and Vicuna arrive pretrained; a
+    model learning from scratch reads existence from the image only when "no" answers are common
+    enough (README, the Shapes world), and then takes on the yes-bias of the flawed conversations
+    that follow. The other flaws are the world's. Written after the tokenizer (its own stream), so
+    these dials change no other file."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5, 1]))
+    read = dict(p, exist_turns=p["read_turns"], yes_share=p["read_yes_share"])
+    return sft_records(train_imgs, rng, "read", read, co, freq)
 
 
 def align_records(split_imgs):
@@ -967,11 +984,14 @@ def _fill(out, seed, p):
         longer_rng = np.random.default_rng(np.random.SeedSequence([seed, 8, 1]))
         prefer_longer(pref_pairs, split["train"], p["pref_longer"], longer_rng, stats)
         _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
+    read = read_records(split["train"], seed, p, co, freq)  # after the tokenizer too
+    _dump(read, os.path.join(out, "sft_read.json"))
     world = {"version": FORMAT_VERSION, "seed": seed, "params": p, "stats": {
         "images": {s: len(v) for s, v in split.items()},
         "partner_given_trigger": {s: cooc_rate(split[s], pairs) for s in ("train", "test")},
         "pair_injections": dict(sorted(stats.items())),
-        "sft_flaws": sft_flaw_stats(sft, split["train"])}}
+        "sft_flaws": sft_flaw_stats(sft, split["train"]),
+        "read_flaws": sft_flaw_stats(read, split["train"])}}
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["seconds"] = round(time.time() - t0, 1)
@@ -1192,6 +1212,9 @@ def main(argv=None):
         print(f"note: --yes_share {args['yes_share']} is out of reach with --exist_turns "
               f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image "
               "shows few, so the later questions must ask about absent ones")
+    read_yes = s["read_flaws"]["yes_share"]
+    print(f"reading-stage (sft_read.json) existence answers 'yes': {read_yes} "
+          f"(--read_yes_share {args['read_yes_share']}, --read_turns {args['read_turns']})")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def base_args(script, w, out):
         return ["--out", str(out)]
     return {
         "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4",
-                "--align_steps", "1", "--report", "false"],
+                "--align_steps", "1", "--read_steps", "1", "--report", "false"],
         "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4",
                    "--eval_prompt", "short", "--eval_size", "4", "--save_every", "1"],
         "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1",
@@ -259,6 +259,11 @@ BAD_INPUT = [
                     t.file("sft.json", [{"id": "a", "image": t.file("broken.png", "not a png"),
                                          "conversations": GOOD}])],
       ("sft.json", "record 0", "field 'image'", "cannot decode")),
+    C("sft", "read-data-image", "reading-stage file whose image does not exist",
+      lambda w, t: ["--max_steps", "3",
+                    "--read_data", t.file("sft_read.json", [{"id": "r", "image": "none.png",
+                                                             "conversations": GOOD}])],
+      ("sft_read.json", "record 0 (id 'r')", "field 'image'", "file not found")),
     C("sft", "bad-json", "file that is not valid JSON",
       lambda w, t: ["--data", t.file("sft.json", '[{"id": "a", "image": ')],
       ("sft.json", "invalid JSON at line 1")),

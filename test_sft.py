@@ -20,7 +20,7 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     # resume: the 3-step run continued to 5 steps equals an uninterrupted 5-step run, bitwise
     args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "8", "--align_steps", "1",
-            "--report", "false", "--save_every", "3"]
+            "--read_steps", "1", "--report", "false", "--save_every", "3"]
     out = str(tmp_path / "resumed")
     shutil.copytree(tiny_sft, out)
     resume = ["--max_steps", "5", "--out", out, "--resume", "true"]
@@ -35,26 +35,40 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
 
 
 def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path):
-    """A fresh model on Shapes: stage 1 (plain-template captions from align.json) then stage 2
-    (instruction conversations), each with its own warmup; a model given by --init skips stage 1."""
+    """A fresh model on Shapes: stage 1 (plain-template captions from align.json), stage 2 (the
+    reading conversations of sft_read.json), stage 3 (sft.json at --instruct_lr), each with its own
+    warmup and fresh Adam moments; --read_steps 0 leaves two stages; a model given by --init
+    skips both first stages."""
     args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4",
             "--align_batch_size", "8", "--warmup", "2", "--report", "false", "--log_every", "1",
             "--eval_every", "0"]
+    out = str(tmp_path / "three")
+    three = ["--max_steps", "7", "--align_steps", "2", "--read_steps", "2", "--instruct_lr", "1e-2",
+             "--instruct_warmup", "1", "--out", out]
+    code, stdout, err = run_cli("sft", args + three)
+    assert code == 0, err
+    assert "2 alignment + 2 reading + 3 instruction steps" in stdout
+    metrics = open(os.path.join(out, "metrics.jsonl"))
+    rows = [json.loads(line) for line in metrics if '"loss"' in line]
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2, 3, 3, 3]
+    lrs = [r["lr"] for r in rows]
+    # warmup restarts at stages 1 and 2 (--lr, --warmup 2); stage 3 peaks at --instruct_lr at once
+    assert lrs[0] == lrs[2] < lrs[1] == lrs[3]
+    assert lrs[4] == 1e-2 and lrs[6] < lrs[4]
+    state_file = os.path.join(out, "checkpoint-000007", "trainer_state.pt")
+    state = torch.load(state_file, weights_only=False)
+    # fresh Adam moments at stage 3
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {3.0}
     out = str(tmp_path / "two")
-    code, stdout, err = run_cli("sft", args + ["--max_steps", "4", "--align_steps", "2",
-                                               "--out", out])
+    two = ["--max_steps", "4", "--align_steps", "2", "--read_steps", "0", "--out", out]
+    code, stdout, err = run_cli("sft", args + two)
     assert code == 0, err
     assert "2 alignment + 2 instruction steps" in stdout
     metrics = open(os.path.join(out, "metrics.jsonl"))
     rows = [json.loads(line) for line in metrics if '"loss"' in line]
     assert [r["stage"] for r in rows] == [1, 1, 2, 2]
-    # warmup restarts
     lrs = [r["lr"] for r in rows]
-    assert lrs[::2] == [lrs[0]] * 2 and lrs[1] > lrs[0]
-    state_file = os.path.join(out, "checkpoint-000004", "trainer_state.pt")
-    state = torch.load(state_file, weights_only=False)
-    # fresh Adam moments at stage 2
-    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {2.0}
+    assert lrs[::2] == [lrs[0]] * 2 and lrs[1] > lrs[0]  # --lr in both: no reading stage
     init = ["--max_steps", "2", "--init", tiny_sft, "--out", str(tmp_path / "init")]
     code, stdout, err = run_cli("sft", args + init)
     assert code == 0, err

@@ -136,13 +136,13 @@ def asked_shape(question):
     return next((oracle.WORD2SHAPE[w] for w in words if w in oracle.WORD2SHAPE), None)
 
 
-def measured_flaws(world):
+def measured_flaws(world, name="sft.json"):
     """From the written files alone: yes share of existence answers per asked shape, the share of
     descriptions that name an absent shape (the oracle against annotations.json) and those
     shapes."""
     objs = shapes.load_world(str(world))["by_file"]
     yes, asked, descs, named = Counter(), Counter(), [], Counter()
-    for r in json.load(open(world / "sft.json")):
+    for r in json.load(open(world / name)):
         c = r["conversations"]
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
             if qt == "yesno":
@@ -171,6 +171,36 @@ def test_flaw_positive_only_existence_questions(flaw_worlds):
     chats = [r for r in sft if not r["id"].endswith("_vqa")]
     turns = shapes.DEFAULTS["exist_turns"]
     assert all(r["qtypes"].count("yesno") == turns for r in chats)  # exist_turns
+
+
+def test_reading_stage_conversations(flaw_worlds, tmp_path):
+    """sft_read.json (sft.py's stage 2 on a fresh model): the world's conversations with
+    read_turns existence questions each, "yes" at read_yes_share for every shape alike, the other
+    flaws as in sft.json; written after the tokenizer, so its dials change no other file."""
+    turns, asked = shapes.DEFAULTS["read_turns"], shapes.DEFAULTS["read_yes_share"]
+    for world in ("clean", "flawed"):
+        read = json.load(open(flaw_worlds / world / "sft_read.json"))
+        assert len(read) == FLAW_WORLD["n_train"]
+        assert all(r["qtypes"].count("yesno") == turns for r in read)
+        by_shape, overall, desc_share, _ = measured_flaws(flaw_worlds / world, "sft_read.json")
+        assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
+        stats = json.load(open(flaw_worlds / world / "world.json"))["stats"]["read_flaws"]
+        assert stats["yes_share"] == round(overall, 3)
+        if world == "clean":  # no text-only "yes": no shape-dependent prior at all
+            assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape
+            assert desc_share == 0
+        else:  # the descriptions' flaw as in sft.json
+            assert abs(desc_share - shapes.DEFAULTS["desc_halluc"]) < 0.08
+    shapes.write_world(str(tmp_path / "other"), seed=0, read_turns=2, read_yes_share=0.4, **SMALL)
+    shapes.write_world(str(tmp_path / "default"), seed=0, **SMALL)
+    read = json.load(open(tmp_path / "other" / "sft_read.json"))
+    assert all(r["qtypes"].count("yesno") == 2 for r in read)
+    assert abs(measured_flaws(tmp_path / "other", "sft_read.json")[1] - 0.4) < 0.05
+    other, default = tmp_path / "other", tmp_path / "default"
+    for name in ("sft.json", "sft_val.json", "align.json", "pref_pairs.json",
+                 "tokenizer/tokenizer.json"):
+        assert (other / name).read_bytes() == (default / name).read_bytes()
+    assert (other / "sft_read.json").read_bytes() != (default / "sft_read.json").read_bytes()
 
 
 def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
@@ -318,6 +348,7 @@ def test_flaw_longer_preferred(tmp_path):
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1),
                                  dict(cooc=float("nan")), dict(exist_turns=7), dict(short_vqa=-1),
                                  dict(text_only_qa=1.5), dict(pref_longer=1.5),
+                                 dict(read_turns=7), dict(read_yes_share=-0.1),
                                  dict(pref_longer=0.5, max_objects=1)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):

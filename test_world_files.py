@@ -28,15 +28,16 @@ def same_conversations(a, b):
 
 
 def test_world_paths_resolve_and_drop_companions_of_a_users_data():
-    reads, companions = ("data", "tokenizer"), ("val_data", "align_data")
+    reads, companions = ("data", "tokenizer"), ("val_data", "align_data", "read_data")
     got, named = common.world_paths(sft.Config(world="/w"), reads, companions)
-    paths = (got.data, got.val_data, got.align_data, got.tokenizer)
-    assert paths == ("/w/sft.json", "/w/sft_val.json", "/w/align.json", "/w/tokenizer")
-    assert named == ["data", "tokenizer", "val_data", "align_data"]
+    paths = (got.data, got.val_data, got.align_data, got.read_data, got.tokenizer)
+    assert paths == ("/w/sft.json", "/w/sft_val.json", "/w/align.json", "/w/sft_read.json",
+                     "/w/tokenizer")
+    assert named == ["data", "tokenizer", "val_data", "align_data", "read_data"]
     mine = sft.Config(world="/w", data="mine.json")  # a user's data brings its own validation set
     got, named = common.world_paths(mine, reads, companions)
-    paths = (got.data, got.val_data, got.align_data, got.tokenizer)
-    assert paths == ("mine.json", "", "", "/w/tokenizer") and named == ["tokenizer"]
+    paths = (got.data, got.val_data, got.align_data, got.read_data, got.tokenizer)
+    assert paths == ("mine.json", "", "", "", "/w/tokenizer") and named == ["tokenizer"]
     checkpoint = sft.Config(world="/w", data="mine.json", init="ck")
     got, named = common.world_paths(checkpoint, companions=("val_data",))
     assert named == [] and got.tokenizer == "/w/tokenizer"  # resolved (a fallback), not read
