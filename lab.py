@@ -10,7 +10,8 @@ Every experiment starts from the same SFT checkpoint (--sft, the pipeline's ckpt
 over --seeds (seed of data order, LoRA init, sampling and noise; the RLHF claim over the first
 --rlhf_seeds of them), and is scored by eval.py with the exact oracle. A run is a plain stage
 command (`python dpo.py ...`) in its own process; --jobs of them run side by side with one thread
-each; a run whose output exists is not repeated, so an interrupted lab continues where it stopped.
+each; a run whose output exists is not repeated, so an interrupted lab continues where it stopped
+(OUT/lab.json ties OUT to one SFT checkpoint and world: a lab from another refuses it).
 What each claim compares:
 
   lrv    LRV-Instruction: fine-tune on the LRV instruction set with negative share 0 / 0.25 / 0.5
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 import common
+from checkpoint import latest_checkpoint
 
 
 @dataclass
@@ -660,6 +662,33 @@ def report(cfg, runs, rebuilt=False):
     print(f"wrote {cfg.results} and plots in {cfg.plots}")
 
 
+def check_out_matches(cfg):
+    """A run on disk is reused, so --out must hold runs from this --sft on this --world only:
+    OUT/lab.json records the sha256 of the SFT checkpoint's files and of the world's world.json,
+    and a lab from another SFT (a new pipeline run) or world refuses OUT instead of mixing its runs
+    with theirs. An OUT from before lab.json existed is taken as it is."""
+    ckpt = latest_checkpoint(cfg.sft) or cfg.sft
+    files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt)
+                   if f.endswith((".safetensors", ".bin", "config.json")))
+    world = [os.path.join(cfg.world, "world.json")]
+    stamp = {"sft": {os.path.basename(p): h for p, h in common.file_digests(files).items()},
+             "world": list(common.file_digests(world).values())}
+    path = os.path.join(cfg.out, "lab.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            was = json.load(f)
+        if was != stamp:
+            other_sft = was.get("sft") != stamp["sft"]
+            other = f"SFT checkpoint than --sft {cfg.sft}" if other_sft else \
+                f"world than --world {cfg.world}"
+            raise common.ConfigError(f"--out {cfg.out}: holds runs from another {other} "
+                                     f"(recorded in {path}): move it aside or pass another --out")
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(stamp, f, indent=1)
+
+
 def main(cfg):
     # python pipeline.py --world_seed N writes ckpt-seedN/sft
     if cfg.world_seed and cfg.sft == Config.sft:
@@ -672,6 +701,7 @@ def main(cfg):
     if not os.path.isdir(cfg.sft):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
+    check_out_matches(cfg)
     runs, t0 = plan(cfg), time.time()
     failed = set()
     if not cfg.report_only:

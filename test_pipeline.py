@@ -39,6 +39,12 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     # everything on disk: nothing runs again
     code, stdout, _ = run_script("lab.py", argv, timeout=120)
     assert code == 0 and "0 to go" in stdout
+    # from another SFT checkpoint: its runs are not these (lab.json), so --out is refused
+    other = argv[:1] + [os.path.join(out, "lrv")] + argv[2:]
+    code, stdout, err = run_script("lab.py", other, timeout=120)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {runs}: holds runs from another SFT checkpoint" in err and "lab.json" in err
+    assert "start" not in stdout
 
 
 def test_lab_statistics_and_verdicts():
