@@ -245,13 +245,13 @@ def _decodes(path):
         return f"{type(e).__name__}: {str(e)[:80]}"
 
 
-def check_images(records, file, on_error="raise", field="image"):
+def check_images(records, file, on_error="raise", field="image", decoded=()):
     """Decode every record's image once before training starts (threads: decoding mostly releases
     the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,
-    record and field before any step, never in the middle. Returns (good records, skipped
-    lines)."""
+    record and field before any step, never in the middle; `decoded`: paths already checked (with
+    another file of the run), not decoded again. Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
-    paths = sorted({r["image"] for r in records if r.get("image")})
+    paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         broken = {p: why for p, why in zip(paths, pool.map(_decodes, paths)) if why}
     good, skipped = [], []

@@ -191,8 +191,8 @@ def main(cfg):
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps = min(cfg.align_steps, cfg.max_steps // 2) if aligning else 0
     # the reading stage leaves the last step (at least) to --data
-    read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if cfg.read_data else 0
-    read_steps = read_steps if fresh else 0
+    reads_data = bool(cfg.read_data) and fresh
+    read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if reads_data else 0
     reading = read_steps > 0
     align_sizes = {"align_batch_size": cfg.align_batch_size} if aligning else {}
     common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **align_sizes)
@@ -260,10 +260,10 @@ def main(cfg):
         n_train = sum(p.numel() for p in trainable)
         n_instruct = cfg.max_steps - align_steps - read_steps
         reading_steps = f"{read_steps} reading + " if read else ""
-        stages = f"{align_steps} alignment + {reading_steps}{n_instruct} instruction steps | "
-        stages = stages if align or read else ""
+        split = f"{align_steps} alignment + {reading_steps}{n_instruct} instruction steps | "
+        split = split if align or read else ""
         n_all = sum(p.numel() for p in model.parameters())
-        print(f"{stages}{len(train)} training conversations, {len(val)} validation | "
+        print(f"{split}{len(train)} training conversations, {len(val)} validation | "
               f"model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
               f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
@@ -323,10 +323,8 @@ def load_read_records(cfg, train_records):
     got = read_any_conversations(cfg.read_data, cfg.image_folder or None, on_error=on_error)
     records, skipped = got if on_error == "skip" else (got, [])
     checked = {r.get("image") for r in train_records}
-    unchecked = [r for r in records if r.get("image") not in checked]
-    good, bad = check_images(unchecked, cfg.read_data, on_error)
-    good = {id(r) for r in good}
-    return [r for r in records if r.get("image") in checked or id(r) in good], skipped + bad
+    records, bad = check_images(records, cfg.read_data, on_error, decoded=checked)
+    return records, skipped + bad
 
 
 def run_stages(cfg, align, align_steps, read, read_steps, train):

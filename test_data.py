@@ -159,3 +159,19 @@ def test_collate_pads_right_for_training_and_left_for_generation():
     left = data.collate([a, b], pad_id=3, side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_check_images_names_a_broken_file_and_skips_the_decoded(tmp_path):
+    """A file that does not decode stops (or is skipped) naming file, record and field; a path in
+    `decoded` (checked with another file of the run) is not decoded again."""
+    broken = str(tmp_path / "broken.png")
+    open(broken, "w").write("not a png")
+    recs = [{"id": "a", "image": broken}, {"id": "b"}]
+    try:
+        data.check_images(recs, "read.json")
+        raise AssertionError("a broken image passed")
+    except data.DataError as e:
+        assert "read.json" in str(e) and "record 0 (id 'a')" in str(e) and "cannot decode" in str(e)
+    good, skipped = data.check_images(recs, "read.json", on_error="skip")
+    assert good == recs[1:] and len(skipped) == 1
+    assert data.check_images(recs, "read.json", decoded={broken}) == (recs, [])
