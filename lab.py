@@ -675,8 +675,12 @@ def check_out_matches(cfg):
              "world": list(common.file_digests(world).values())}
     path = os.path.join(cfg.out, "lab.json")
     if os.path.exists(path):
-        with open(path) as f:
-            was = json.load(f)
+        try:
+            with open(path) as f:
+                was = json.load(f)
+        except (OSError, ValueError) as e:
+            raise common.ConfigError(f"{path}: cannot read ({type(e).__name__}); it ties --out to "
+                                     "one SFT checkpoint and world: move --out aside")
         if was != stamp:
             other_sft = was.get("sft") != stamp["sft"]
             other = f"SFT checkpoint than --sft {cfg.sft}" if other_sft else \
@@ -685,8 +689,10 @@ def check_out_matches(cfg):
                                      f"(recorded in {path}): move it aside or pass another --out")
         return
     os.makedirs(cfg.out, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(stamp, f, indent=1)
+    os.replace(tmp, path)  # whole or absent: a lab killed here leaves no half-written stamp
 
 
 def main(cfg):

@@ -167,11 +167,10 @@ def test_check_images_names_a_broken_file_and_skips_the_decoded(tmp_path):
     broken = str(tmp_path / "broken.png")
     open(broken, "w").write("not a png")
     recs = [{"id": "a", "image": broken}, {"id": "b"}]
-    try:
+    with pytest.raises(data.DataError) as e:
         data.check_images(recs, "read.json")
-        raise AssertionError("a broken image passed")
-    except data.DataError as e:
-        assert "read.json" in str(e) and "record 0 (id 'a')" in str(e) and "cannot decode" in str(e)
+    assert "read.json" in str(e.value) and "record 0 (id 'a')" in str(e.value)
+    assert "cannot decode" in str(e.value)
     good, skipped = data.check_images(recs, "read.json", on_error="skip")
     assert good == recs[1:] and len(skipped) == 1
     assert data.check_images(recs, "read.json", decoded={broken}) == (recs, [])

@@ -45,6 +45,12 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--out {runs}: holds runs from another SFT checkpoint" in err and "lab.json" in err
     assert "start" not in stdout
+    # a damaged lab.json: one line naming it, nothing run
+    with open(os.path.join(runs, "lab.json"), "w") as f:
+        f.write("{")
+    code, stdout, err = run_script("lab.py", argv, timeout=120)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{os.path.join(runs, 'lab.json')}: cannot read" in err and "start" not in stdout
 
 
 def test_lab_statistics_and_verdicts():
