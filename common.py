@@ -145,12 +145,25 @@ def parse_config(cls, argv=None, prog=None):
         v = args[f.name]
         if isinstance(v, list):
             args[f.name] = tuple(x for part in v for x in part)
+            _check_list_flag(f, args[f.name], prog)
     cfg = cls(**args)
     try:
         check_ranges(cfg)
     except ConfigError as e:
         fail(f"{prog}: {e}")
     return cfg
+
+
+def _check_list_flag(field, values, prog):
+    """A list flag given with no values (`--seeds` alone, `--seeds ,`) where the default has some
+    would run nothing and still rewrite the outputs (lab.py's RESULTS.md); an item given twice
+    is a typo, not a weight."""
+    if not values and field.default:
+        fail(f"{prog}: --{field.name}: give at least one value (default: "
+             f"{' '.join(map(str, field.default))})")
+    repeated = [x for i, x in enumerate(values) if x in values[:i]]
+    if repeated:
+        fail(f"{prog}: --{field.name}: {repeated[0]} is given twice (give each value once)")
 
 
 def _refuse_repeats(cls, argv, prog):

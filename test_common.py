@@ -1,5 +1,8 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,12 +24,27 @@ def test_parse_config_types_and_errors(capsys):
     assert c == _Flags(lr=2e-3, facts=False, targets=("q", "k", "o"), name="x")
     for argv, needle in ((["--lr", "fast"], "expected float"),
                          (["--nope", "1"], "unrecognized arguments"),
-                         (["--facts", "maybe"], "expected true or false")):
+                         (["--facts", "maybe"], "expected true or false"),
+                         (["--targets"], "--targets: give at least one value (default: q v)"),
+                         (["--targets", ","], "--targets: give at least one value"),
+                         (["--targets", "q,k", "q"], "--targets: q is given twice")):
         with pytest.raises(SystemExit) as e:
             common.parse_config(_Flags, argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
+
+
+def test_empty_list_flag_leaves_the_lab_report_alone(tmp_path):
+    """`lab.py --seeds` with no seeds used to run nothing and rewrite RESULTS.md as all missing."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("the last lab")
+    lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.py")
+    p = subprocess.run([sys.executable, lab, "--seeds", "--results", str(results),
+                        "--out", str(tmp_path / "runs")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: lab.py: --seeds: give at least one value (default: 0 1 2 3 4)"]
+    assert results.read_text() == "the last lab" and not (tmp_path / "runs").exists()
 
 
 def test_cosine_schedule_and_batch_order():
