@@ -1148,6 +1148,22 @@ def world_captions(world):
     return out
 
 
+def _check_stored_params(out_dir, params):
+    """A world.json edited by hand is refused as shapes.py refuses the same flag: stages read its
+    params (the partner pairs, the vocabulary size), and a bad one would fail deep inside them."""
+    file = os.path.join(out_dir, "world.json")
+    allowed = {str: (str,), int: (int,), float: (int, float)}
+    for key, default in DEFAULTS.items():
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, allowed[type(default)]):
+            kind = {str: "a string", int: "an integer", float: "a number"}[type(default)]
+            raise DataError(file, field=f"params.{key}", message=f"{value!r} is not {kind}")
+    try:
+        _params({k: params[k] for k in DEFAULTS})
+    except ValueError as e:
+        raise DataError(file, field="params", message=str(e)) from None
+
+
 def ensure_world(out_dir="data/shapes", seed=0, **params):
     """The world in out_dir for (seed, params), written on first use (no folder, or an empty one)
     and reused after. With no params given, any current-format world of that seed is reused
@@ -1176,6 +1192,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         message = f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}"
         raise DataError(out_dir, message=message)
     was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
+    _check_stored_params(out_dir, was_params)
     wanted = _params(params) if params else was_params
     if wanted != was_params:
         differ = sorted(k for k in DEFAULTS if was_params[k] != wanted[k])

@@ -1,6 +1,7 @@
 """Tests for the Shapes world (shapes.py) and the generators in data.py."""
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -602,6 +603,18 @@ def test_ensure_world(tmp_path):
     with pytest.raises(DataError, match="holds the world of seed 0, not --world_seed 1"):
         shapes.ensure_world(d, seed=1)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t
+    # a world.json edited by hand: its params are held to shapes.py's own rules, in one line
+    kept = json.load(open(os.path.join(d, "world.json")))
+    for key, value, needle in (("yes_share", 2, "field 'params': --yes_share 2: must be in"),
+                               ("yes_share", "abc", "field 'params.yes_share': 'abc' is not a"),
+                               ("n_train", 6.5, "field 'params.n_train': 6.5 is not an integer"),
+                               ("pairs", "circle", "field 'params': --pairs circle: expected")):
+        edited = dict(kept, params=dict(kept["params"], **{key: value}))
+        json.dump(edited, open(os.path.join(d, "world.json"), "w"))
+        with pytest.raises(DataError, match=re.escape(needle)) as e:
+            shapes.ensure_world(d, seed=0)
+        assert str(e.value).startswith(os.path.join(d, "world.json"))
+    json.dump(kept, open(os.path.join(d, "world.json"), "w"))
     shapes.write_world(d, seed=0, **dict(tiny, n_train=7))  # shapes.py itself replaces a world
     assert len(os.listdir(os.path.join(d, "images", "train"))) == 7
     assert not [f for f in os.listdir(tmp_path) if f != "w"]
