@@ -315,17 +315,18 @@ def read_any_conversations(path, image_folder=None, fmt="auto", check_images=Tru
     if not items:
         return _ret([], [], on_error)
     if fmt == "auto":
-        first = items[0] if items and isinstance(items[0], dict) else {}
+        first = items[0]
+        if not isinstance(first, dict):
+            kind = JSON_NAMES.get(type(first).__name__, type(first).__name__)
+            raise DataError(path, 0, message=f"expected an object, got {kind}")
         if "conversations" in first:
             fmt = "llava"
         elif {"image_id", "question"} <= set(first):
             fmt = "lrv"
         else:
-            fmt = None
-        if fmt is None:
-            raise DataError(path, _label(0, first), "conversations", "missing (expected LLaVA "
-                                                                     "instruct "
-                            "'conversations', or LRV-Instruction 'image_id', 'question', 'answer')")
+            raise DataError(path, _label(0, first), "conversations",
+                            "missing (expected LLaVA instruct 'conversations', or "
+                            "LRV-Instruction 'image_id', 'question', 'answer')")
     if fmt not in ("llava", "lrv"):
         raise ValueError(f"fmt must be 'auto', 'llava' or 'lrv', got {fmt!r}")
     fn = (_llava_fn if fmt == "llava" else _lrv_fn)(_folder(path, image_folder), check_images)
