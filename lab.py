@@ -392,11 +392,16 @@ def plot_link(cfg, label, file):
 
 def save_wall_clock(cfg, minutes, ran, n_runs):
     """OUT/wall_clock.json: how long this lab took and how many of its runs it ran (the report
-    reads it, also when rebuilt with --report_only)."""
+    reads it, also when rebuilt with --report_only). A lab that found every run on disk ran
+    nothing: the last record stands, not a 0-minute one."""
+    if ran == 0:
+        return
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "wall_clock.json"), "w") as f:
+    path = os.path.join(cfg.out, "wall_clock.json")
+    with open(path + ".tmp", "w") as f:
         json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"),
                    "ran": ran, "runs": n_runs}, f)
+    os.replace(path + ".tmp", path)
 
 
 def intro_section(cfg, rebuilt):
@@ -709,12 +714,12 @@ def main(cfg):
                                  "(run python pipeline.py first, or pass --sft DIR)")
     check_out_matches(cfg)
     runs, t0 = plan(cfg), time.time()
-    failed = set()
+    failed, ran = set(), 0
     if not cfg.report_only:
         ran = sum(not os.path.exists(done) for _, _, done in runs.values())
         failed = execute(runs, cfg)
         save_wall_clock(cfg, (time.time() - t0) / 60, ran, len(runs))
-    report(cfg, runs, rebuilt=cfg.report_only)
+    report(cfg, runs, rebuilt=ran == 0)
     if failed:
         names = ", ".join(sorted(failed))
         print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)

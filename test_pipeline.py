@@ -210,3 +210,7 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     today = time.strftime("%Y-%m-%d")
     text = open(cfg.results).read()
     assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
+    lab.save_wall_clock(cfg, 0.01, 0, len(runs))  # a rerun that found every run done: kept
+    lab.report(cfg, runs, rebuilt=True)
+    text = open(cfg.results).read()
+    assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
