@@ -1191,6 +1191,9 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     if was_seed != seed:
         message = f"holds the world of seed {was_seed}, not --world_seed {seed}: {how}"
         raise DataError(out_dir, message=message)
+    if not isinstance(was_params, dict):
+        raise DataError(os.path.join(out_dir, "world.json"), field="params",
+                        message="expected an object of world parameters")
     was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
     _check_stored_params(out_dir, was_params)
     wanted = _params(params) if params else was_params

@@ -608,8 +608,9 @@ def test_ensure_world(tmp_path):
     for key, value, needle in (("yes_share", 2, "field 'params': --yes_share 2: must be in"),
                                ("yes_share", "abc", "field 'params.yes_share': 'abc' is not a"),
                                ("n_train", 6.5, "field 'params.n_train': 6.5 is not an integer"),
-                               ("pairs", "circle", "field 'params': --pairs circle: expected")):
-        edited = dict(kept, params=dict(kept["params"], **{key: value}))
+                               ("pairs", "circle", "field 'params': --pairs circle: expected"),
+                               (None, [1], "field 'params': expected an object")):
+        edited = dict(kept, params=dict(kept["params"], **{key: value}) if key else value)
         json.dump(edited, open(os.path.join(d, "world.json"), "w"))
         with pytest.raises(DataError, match=re.escape(needle)) as e:
             shapes.ensure_world(d, seed=0)
