@@ -275,6 +275,8 @@ def verdict(groups, a, b, metric, lower_better, claim):
     if a not in groups or b not in groups or metric not in groups[a] or metric not in groups[b]:
         return f"- {claim}: not measured (runs missing)."
     (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
+    if ma is None or mb is None:  # every run of a side lacks the number (e.g. a NaN score)
+        return f"- {claim}: not measured ({metric} missing from the runs)."
     better = mb < ma if lower_better else mb > ma
     # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other
     # side judge

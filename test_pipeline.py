@@ -71,6 +71,8 @@ def test_lab_statistics_and_verdicts():
     g["one"] = {"CHAIR_i": [0.01]}
     # one run each: no spread to judge by
     assert "not shown" in lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")
+    g["nan"] = {"CHAIR_i": [float("nan"), None]}  # every run of a side without the number
+    assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
 
 
 def test_lab_plots_draw(tmp_path):
