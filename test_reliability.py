@@ -167,6 +167,15 @@ def _world_copy(t, change):
     return str(d)
 
 
+def _edit_world_param(key, value):
+    """A change for _world_copy: world.json's params[key] set to value (a hand edit)."""
+    def change(d):
+        meta = json.loads((d / "world.json").read_text())
+        meta["params"][key] = value
+        (d / "world.json").write_text(json.dumps(meta))
+    return change
+
+
 def _not_utf8(t, name, good):
     """A copy of `good` (text) with a byte that is not UTF-8 in the middle (offset
     len(good) // 2)."""
@@ -547,6 +556,15 @@ BAD_INPUT += [
     C("dpo", "repeated-flag", "a flag given twice, the second time as --flag=value",
       lambda w, t: ["--beta", "0.2", "--beta=0.3"], ("dpo.py: --beta is given twice",),
       strict=True),
+    C("pipeline", "empty-list-flag", "a list flag with no value (it would run no stage)",
+      lambda w, t: ["--stages"], ("pipeline.py: --stages: give at least one value",),
+      strict=True),
+    C("sft", "list-value-twice", "a list flag with one value twice",
+      lambda w, t: ["--lora_r", "4", "--lora_targets", "q,v,q"],
+      ("sft.py: --lora_targets: q is given twice",), strict=True),
+    C("sft", "world-json-edited", "a world.json whose params were edited out of range",
+      lambda w, t: ["--world", _world_copy(t, _edit_world_param("yes_share", 1.5))],
+      ("world.json", "field 'params'", "--yes_share 1.5: must be in [0, 1]")),
     # -- --data weights and paths
     *[C("sft", f"weight-{x}", f"--data FILE:{x}",
         lambda w, t, x=x: ["--data", _sft_file(t) + ":" + x],
@@ -949,9 +967,13 @@ def reliability_md():
         "against the rule",
         "  its Config declares in `RANGES` (an interval such as `[1, inf)`, or the allowed "
         "choices); floats must be",
-        "  finite; a flag given twice is an error. Numbers in records "
+        "  finite; a flag given twice is an error, and so is a list flag given with no value "
+        "(where its default",
+        "  has some) or with one value twice. Numbers in records "
         "(`length_bonus`, `preference`, `caption_type`)",
-        "  must be finite, and a file that is not UTF-8 is named with the byte offset.",
+        "  must be finite, and a file that is not UTF-8 is named with the byte offset. A "
+        "Shapes world's `world.json`",
+        "  is held to shapes.py's own rules when a stage opens the world.",
         "- **run directories**: a stage refuses an `--out` that holds a run unless "
         "`--resume true` (which needs a",
         "  checkpoint, and the data files the run started on: their sha256 is in "
