@@ -158,9 +158,11 @@ def _check_list_flag(field, values, prog):
     """A list flag given with no values (`--seeds` alone, `--seeds ,`) where the default has some
     would run nothing and still rewrite the outputs (lab.py's RESULTS.md); an item given twice
     is a typo, not a weight."""
-    if not values and field.default:
+    no_default = field.default is dataclasses.MISSING
+    default = field.default_factory() if no_default else field.default
+    if not values and default:
         fail(f"{prog}: --{field.name}: give at least one value (default: "
-             f"{' '.join(map(str, field.default))})")
+             f"{' '.join(map(str, default))})")
     repeated = [x for i, x in enumerate(values) if x in values[:i]]
     if repeated:
         fail(f"{prog}: --{field.name}: {repeated[0]} is given twice (give each value once)")
