@@ -216,12 +216,19 @@ def check_value(flag, value, rule):
     return None
 
 
+# flags that name where a script reads its world or checkpoint, or writes: never empty
+PATH_FLAGS = ("out", "world", "results", "plots", "eval_out", "ckpt", "sft", "reward")
+
+
 def check_ranges(cfg):
     """Every field against the rule its Config declares in RANGES (floats without a rule: finite).
     """
     rules = getattr(cfg, "RANGES", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f.name in PATH_FLAGS and isinstance(value, str) and not value.strip():
+            raise ConfigError(f"--{f.name} {value!r}: give a path (an empty one would mean the "
+                              "current folder)")
         rule = rules.get(f.name, "(-inf, inf)" if isinstance(value, float) else None)
         problem = check_value(f.name, value, rule)
         if problem:

@@ -40,6 +40,10 @@ def test_empty_list_flag_leaves_the_lab_report_alone(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("the last lab")
     lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.py")
+    p = subprocess.run([sys.executable, lab, "--out", "", "--results", str(results)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "lab.py: --out '': give a path" in p.stderr
+    assert "Traceback" not in p.stderr and results.read_text() == "the last lab"
     p = subprocess.run([sys.executable, lab, "--seeds", "--results", str(results),
                         "--out", str(tmp_path / "runs")], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [

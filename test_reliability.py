@@ -559,6 +559,8 @@ BAD_INPUT += [
     C("pipeline", "empty-list-flag", "a list flag with no value (it would run no stage)",
       lambda w, t: ["--stages"], ("pipeline.py: --stages: give at least one value",),
       strict=True),
+    C("shapes", "empty-out", "--out '' (an empty path: the current folder)",
+      lambda w, t: ["--out", ""], ("shapes.py: --out '': give a path",)),
     C("sft", "list-value-twice", "a list flag with one value twice",
       lambda w, t: ["--lora_r", "4", "--lora_targets", "q,v,q"],
       ("sft.py: --lora_targets: q is given twice",), strict=True),
