@@ -221,8 +221,8 @@ PATH_FLAGS = ("out", "world", "results", "plots", "eval_out", "ckpt", "sft", "re
 
 
 def check_ranges(cfg):
-    """Every field against the rule its Config declares in RANGES (floats without a rule: finite).
-    """
+    """Every field against the rule its Config declares in RANGES (floats without a rule: finite);
+    a PATH_FLAGS field must not be empty."""
     rules = getattr(cfg, "RANGES", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

@@ -35,8 +35,9 @@ def test_parse_config_types_and_errors(capsys):
         assert needle in err and len(err.splitlines()) == 1
 
 
-def test_empty_list_flag_leaves_the_lab_report_alone(tmp_path):
-    """`lab.py --seeds` with no seeds used to run nothing and rewrite RESULTS.md as all missing."""
+def test_lab_refuses_empty_flags_and_leaves_its_report_alone(tmp_path):
+    """`lab.py --seeds` with no seeds used to run nothing and rewrite RESULTS.md as all missing;
+    `lab.py --out ''` ended in a traceback."""
     results = tmp_path / "RESULTS.md"
     results.write_text("the last lab")
     lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.py")
