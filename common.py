@@ -675,6 +675,14 @@ def claim_out(cfg, d, inits=()):
                               "moves aside; copy it elsewhere or choose another --out")
 
 
+def write_json(obj, path, indent=1):
+    """path holds the whole of obj or what it held before: written to path.tmp, then renamed (a
+    process killed while writing leaves no half file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
 def start_writing(cfg, d, data_files=()):
     """Once the inputs are checked, just before the first write (main process). --resume: the data
     files must be those the run started on (sha256 in OUT/run.json). --overwrite true: a run already
@@ -711,10 +719,7 @@ def start_writing(cfg, d, data_files=()):
         print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no "
               "longer needed)")
     if not cfg.resume:
-        tmp = os.path.join(out, f".{RUN_FILE}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"data": digests}, f, indent=2)
-        os.replace(tmp, run_file)
+        write_json({"data": digests}, run_file, indent=2)
 
 
 def data_specs(value):

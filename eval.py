@@ -151,12 +151,6 @@ def read_jsonl(path):
     return good
 
 
-def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 # ----------------------------------------------------------------------------------------
 # benchmark questions: {"id", "image", "prompt", "file", + what scoring needs}
 # ----------------------------------------------------------------------------------------
@@ -1224,7 +1218,7 @@ def evaluate(cfg, ckpt, name, bench, judges):
                 ids = scores[b]["unparsed_ids"][:5]
                 print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
                       f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
-    write_json(scores, os.path.join(out, "scores.json"))
+    common.write_json(scores, os.path.join(out, "scores.json"))
     return scores
 
 
@@ -1311,7 +1305,7 @@ def main(cfg):
     if cfg.compare:
         with open(os.path.join(cfg.out, "compare.md"), "w") as f:
             f.write(md)
-        write_json({"rows": flat, "scores": rows}, os.path.join(cfg.out, "compare.json"))
+        common.write_json({"rows": flat, "scores": rows}, os.path.join(cfg.out, "compare.json"))
     return rows
 
 

@@ -399,11 +399,9 @@ def save_wall_clock(cfg, minutes, ran, n_runs):
     if ran == 0:
         return
     os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, "wall_clock.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"),
-                   "ran": ran, "runs": n_runs}, f)
-    os.replace(path + ".tmp", path)
+    record = {"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "ran": ran,
+              "runs": n_runs}
+    common.write_json(record, os.path.join(cfg.out, "wall_clock.json"), indent=None)
 
 
 def intro_section(cfg, rebuilt):
@@ -696,10 +694,7 @@ def check_out_matches(cfg):
                                      f"(recorded in {path}): move it aside or pass another --out")
         return
     os.makedirs(cfg.out, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(stamp, f, indent=1)
-    os.replace(tmp, path)  # whole or absent: a lab killed here leaves no half-written stamp
+    common.write_json(stamp, path)  # whole or absent: a lab killed here leaves no half stamp
 
 
 def main(cfg):

@@ -1152,11 +1152,11 @@ def _check_stored_params(out_dir, params):
     """A world.json edited by hand is refused as shapes.py refuses the same flag: stages read its
     params (the partner pairs, the vocabulary size), and a bad one would fail deep inside them."""
     file = os.path.join(out_dir, "world.json")
-    allowed = {str: (str,), int: (int,), float: (int, float)}
+    allowed = {str: ((str,), "a string"), int: ((int,), "an integer"),
+               float: ((int, float), "a number")}
     for key, default in DEFAULTS.items():
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, allowed[type(default)]):
-            kind = {str: "a string", int: "an integer", float: "a number"}[type(default)]
+        value, (kinds, kind) = params[key], allowed[type(default)]
+        if isinstance(value, bool) or not isinstance(value, kinds):
             raise DataError(file, field=f"params.{key}", message=f"{value!r} is not {kind}")
     try:
         _params({k: params[k] for k in DEFAULTS})

@@ -282,7 +282,7 @@ BAD_INPUT = [
       ("sft.json", "record 0", "field 'conversations'", "missing")),
     C("sft", "record-not-object", "a record that is a number, not an object",
       lambda w, t: ["--data", t.file("sft.json", [1, 2])],
-      ("sft.json", "record 0", "expected an object, got an integer")),
+      ("sft.json", "record 0", "expected a JSON object, got an integer")),
     C("sft", "value-not-string", "turn whose value is a number",
       lambda w, t: ["--data",
                     t.file("sft.json", [{"id": "a", "image": IMG,
