@@ -33,12 +33,15 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
 import common
 from checkpoint import latest_checkpoint
+
+
+CLAIMS = ("lrv", "rlhf", "povid", "vigc")
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Config:
     out: str = "runs/lab"  # one folder per run (checkpoints, logs, eval scores)
     results: str = "RESULTS.md"  # the report: tables, verdicts, commands, machine
     plots: str = "docs/lab"  # PNG plots, one per claim
-    claims: tuple = ("lrv", "rlhf", "povid", "vigc")  # which claims to run
+    # which claims to run (the report also shows every other claim whose runs are all on disk)
+    claims: tuple = CLAIMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds per configuration (mean and spread over them)
     # the RLHF claim runs on the first N seeds only: per seed its two 1000-step reward models take
     # ~13 min of one core, the whole of the other three claims ~10
@@ -61,7 +65,7 @@ class Config:
     report_only: bool = False  # only rebuild RESULTS.md and the plots from finished runs
     device: str = "cpu"  # cpu or cuda
     # allowed values (common.parse_config refuses others in one line)
-    RANGES = dict(world_seed="[0, inf)", claims=("lrv", "rlhf", "povid", "vigc"), seeds="[0, inf)",
+    RANGES = dict(world_seed="[0, inf)", claims=CLAIMS, seeds="[0, inf)",
                   rlhf_seeds="[1, inf)", jobs="[1, inf)", steps="[0, inf)", eval_limit="[0, inf)",
                   device=("cpu", "cuda"))
 
@@ -400,7 +404,7 @@ def save_wall_clock(cfg, minutes, ran, n_runs):
         return
     os.makedirs(cfg.out, exist_ok=True)
     record = {"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "ran": ran,
-              "runs": n_runs}
+              "runs": n_runs, "claims": list(cfg.claims)}
     common.write_json(record, os.path.join(cfg.out, "wall_clock.json"), indent=None)
 
 
@@ -417,6 +421,8 @@ def intro_section(cfg, rebuilt):
             duration += f" for all {total} runs"
         elif ran is not None:
             duration += f" for the {ran} of {total} runs not already on disk"
+        if isinstance(last.get("claims"), list) and tuple(last["claims"]) != tuple(cfg.claims):
+            duration += f" (a lab of {', '.join(map(str, last['claims']))} only)"
     else:
         duration = "lab wall clock not recorded"
     if rebuilt:
@@ -640,6 +646,15 @@ def vigc_section(cfg, runs, base):
     return md, verdicts
 
 
+def reported_claims(cfg):
+    """The claims RESULTS.md covers: the ones asked for, and every other one whose runs for these
+    seeds are all on disk (`--claims lrv` keeps the other claims' tables, not only its own)."""
+    def on_disk(claim):
+        runs = plan(replace(cfg, claims=(claim,))).values()
+        return all(os.path.exists(done) for _, _, done in runs)
+    return tuple(c for c in CLAIMS if c in cfg.claims or on_disk(c))
+
+
 def report(cfg, runs, rebuilt=False):
     """RESULTS.md: the world and the SFT baseline, one section (tables, plots) per claim, the
     verdicts, and every command as run."""
@@ -702,7 +717,7 @@ def main(cfg):
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
-    unknown = [c for c in cfg.claims if c not in ("lrv", "rlhf", "povid", "vigc")]
+    unknown = [c for c in cfg.claims if c not in CLAIMS]
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
                                  "(choose from lrv, rlhf, povid, vigc)")
@@ -716,7 +731,8 @@ def main(cfg):
         ran = sum(not os.path.exists(done) for _, _, done in runs.values())
         failed = execute(runs, cfg)
         save_wall_clock(cfg, (time.time() - t0) / 60, ran, len(runs))
-    report(cfg, runs, rebuilt=ran == 0)
+    shown = replace(cfg, claims=reported_claims(cfg))
+    report(shown, plan(shown), rebuilt=ran == 0)
     if failed:
         names = ", ".join(sorted(failed))
         print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)

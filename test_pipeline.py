@@ -177,6 +177,8 @@ def fake_lab(root):
                        for k in ("vig_only", "vic")}
             with open(done, "w") as f:
                 json.dump({**answers, "parsed": 100, "images": 120}, f)
+        if not os.path.exists(done):  # the lab's DONE marker of a finished run
+            open(done, "w").close()
     return cfg, runs
 
 
@@ -216,3 +218,21 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     lab.report(cfg, runs, rebuilt=True)
     text = open(cfg.results).read()
     assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
+
+
+def test_lab_subset_keeps_the_other_claims(tmp_path):
+    """`lab.py --claims lrv` reports every claim whose runs are all on disk, not only lrv, and says
+    which claims its wall clock covers."""
+    full, runs = fake_lab(tmp_path)
+    cfg = lab.replace(full, claims=("lrv",))
+    assert lab.reported_claims(cfg) == ("lrv", "rlhf", "povid", "vigc")
+    os.remove(runs["povid/stage2-s1/eval"][2])  # one POVID run missing: POVID is not reported
+    assert lab.reported_claims(cfg) == ("lrv", "rlhf", "vigc")
+    assert lab.reported_claims(lab.replace(full, claims=("povid",))) == lab.CLAIMS
+    lab.save_wall_clock(cfg, 7.5, 30, 30)
+    shown = lab.replace(cfg, claims=lab.reported_claims(cfg))
+    lab.report(shown, lab.plan(shown))
+    text = open(cfg.results).read()
+    assert "## LRV-Instruction" in text and "## LLaVA-RLHF" in text and "## VIGC" in text
+    assert "## POVID" not in text
+    assert "lab wall clock 7.5 min" in text and "(a lab of lrv only)" in text
