@@ -32,8 +32,9 @@ from oracle import WORD2SHAPE, oracle
 # 9: the stage inputs image_to_caption.json, vigc_images.txt, lrv/;
 # 10: exist_turns 3, yes_share 0.75 by default;
 # 11: the LRV set balanced in yes/no form (positives ask about present shapes);
-# 12: sft_read.json, the reading stage's conversations (written after the tokenizer)
-FORMAT_VERSION = 12
+# 12: sft_read.json, the reading stage's conversations (written after the tokenizer);
+# 13: text_only_qa 1.0 by default
+FORMAT_VERSION = 13
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -52,7 +53,7 @@ DEFAULTS = dict(
     read_turns=4,                          # sft_read.json: existence questions per conversation
     read_yes_share=0.6,                    # sft_read.json: their P(yes), every shape alike
     short_vqa=0,                           # one-word existence Qs per VQA conversation (0: none)
-    text_only_qa=0.3,                      # flaw: P(a conversation with a text-only description
+    text_only_qa=1.0,                      # flaw: P(a conversation with a text-only description
                                            # also says "yes" to the shape that writer added)
     pref_longer=0.0,                       # flaw (off): share of train preference pairs where the
                                            # raters prefer the longer of two true descriptions

@@ -137,34 +137,49 @@ def asked_shape(question):
     return next((oracle.WORD2SHAPE[w] for w in words if w in oracle.WORD2SHAPE), None)
 
 
-def measured_flaws(world, name="sft.json"):
+def measured_flaws(world, name="sft.json", asker_only=False):
     """From the written files alone: yes share of existence answers per asked shape, the share of
     descriptions that name an absent shape (the oracle against annotations.json) and those
-    shapes."""
+    shapes. asker_only: leave out the text-only writer's false "yes" (text_only_qa), so that the
+    shares are the asker's (yes_share), and also return those false "yes" per shape."""
     objs = shapes.load_world(str(world))["by_file"]
-    yes, asked, descs, named = Counter(), Counter(), [], Counter()
+    yes, asked, false_yes, descs, named = Counter(), Counter(), Counter(), [], Counter()
     for r in json.load(open(world / name)):
         c = r["conversations"]
+        present = {o["name"] for o in objs[r["image"]]}
         for qt, q, ans in zip(r["qtypes"], c[::2], c[1::2]):
             if qt == "yesno":
                 shape = asked_shape(q["value"])
+                said_yes = ans["value"].startswith("Yes")
+                if asker_only and said_yes and shape not in present:
+                    false_yes[shape] += 1
+                    continue
                 asked[shape] += 1
-                yes[shape] += ans["value"].startswith("Yes")
+                yes[shape] += said_yes
             if qt == "describe":
                 got = oracle.oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs.append(bool(got))
                 named.update(got)
     by_shape = {s: yes[s] / asked[s] for s in asked}
     overall = sum(yes.values()) / sum(asked.values())
+    if asker_only:
+        return by_shape, overall, {s: false_yes[s] / asked[s] for s in asked}
     return by_shape, overall, np.mean(descs), named
 
 
+def no_shape_prior(by_shape, share, displaced):
+    """Every asked shape's "yes" share is the asker's `share` (within sampling noise), except that
+    the text-only writer's "yes" about a shape took the place of that shape's own "no" question
+    where one was asked: its share may be higher by that many answers, never lower."""
+    return all(share - 0.06 < v < share + 0.06 + displaced[s] for s, v in by_shape.items())
+
+
 def test_flaw_positive_only_existence_questions(flaw_worlds):
-    by_shape, overall, _, _ = measured_flaws(flaw_worlds / "flawed")
+    by_shape, overall, displaced = measured_flaws(flaw_worlds / "flawed", asker_only=True)
     asked = shapes.DEFAULTS["yes_share"]
     assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
-    # no shape-dependent prior
-    assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape
+    # no shape-dependent prior but the text-only writer's
+    assert no_shape_prior(by_shape, asked, displaced), (by_shape, displaced)
     by_shape, overall, _, _ = measured_flaws(flaw_worlds / "clean")
     assert abs(overall - 0.5) < 0.03
     assert all(abs(v - 0.5) < 0.06 for v in by_shape.values()), by_shape
@@ -184,9 +199,11 @@ def test_reading_stage_conversations(flaw_worlds, tmp_path):
         assert len(read) == FLAW_WORLD["n_train"]
         assert all(r["qtypes"].count("yesno") == turns for r in read)
         by_shape, overall, desc_share, _ = measured_flaws(flaw_worlds / world, "sft_read.json")
-        assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
         stats = json.load(open(flaw_worlds / world / "world.json"))["stats"]["read_flaws"]
         assert stats["yes_share"] == round(overall, 3)
+        by_shape, overall, displaced = measured_flaws(flaw_worlds / world, "sft_read.json", True)
+        assert abs(overall - asked) < 0.03 and len(by_shape) == len(shapes.SHAPES)
+        assert no_shape_prior(by_shape, asked, displaced), (by_shape, displaced)
         if world == "clean":  # no text-only "yes": no shape-dependent prior at all
             assert all(abs(v - asked) < 0.06 for v in by_shape.values()), by_shape
             assert desc_share == 0
@@ -196,7 +213,7 @@ def test_reading_stage_conversations(flaw_worlds, tmp_path):
     shapes.write_world(str(tmp_path / "default"), seed=0, **SMALL)
     read = json.load(open(tmp_path / "other" / "sft_read.json"))
     assert all(r["qtypes"].count("yesno") == 2 for r in read)
-    assert abs(measured_flaws(tmp_path / "other", "sft_read.json")[1] - 0.4) < 0.05
+    assert abs(measured_flaws(tmp_path / "other", "sft_read.json", True)[1] - 0.4) < 0.05
     other, default = tmp_path / "other", tmp_path / "default"
     for name in ("sft.json", "sft_val.json", "align.json", "pref_pairs.json",
                  "tokenizer/tokenizer.json"):
@@ -211,11 +228,11 @@ def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
     def share(w):
         stats = json.load(open(flaw_worlds / w / "world.json"))["stats"]
         return stats["sft_flaws"]["false_yes_share"]
-    assert share("clean") == 0 and 0 < share("flawed") < 0.1  # default 0.3 of the text-only half
-    shapes.write_world(str(tmp_path / "w"), seed=0, text_only_qa=1.0, **FLAW_WORLD)
-    objs = shapes.load_world(str(tmp_path / "w"))["by_file"]
+    assert share("clean") == 0 and 0 < share("flawed") < 0.15  # one answer in 3 of a quarter
+    world = flaw_worlds / "flawed"  # the default, 1.0: every text-only conversation
+    objs = shapes.load_world(str(world))["by_file"]
     halluc_convs, false_yes = 0, 0
-    for r in json.load(open(tmp_path / "w" / "sft.json")):
+    for r in json.load(open(world / "sft.json")):
         names = {o["name"] for o in objs[r["image"]]}
         c = r["conversations"]
         named = set()
@@ -232,8 +249,11 @@ def test_flaw_text_only_conversations(flaw_worlds, tmp_path):
                 assert shape in named  # a false "yes" only about what the description named
                 false_yes += 1
     assert halluc_convs > 100 and false_yes == halluc_convs
-    stats = json.load(open(tmp_path / "w" / "world.json"))["stats"]["sft_flaws"]
+    stats = json.load(open(world / "world.json"))["stats"]["sft_flaws"]
     assert stats["false_yes_by_shape"] and sum(stats["false_yes_by_shape"].values()) == false_yes
+    shapes.write_world(str(tmp_path / "w"), seed=0, text_only_qa=0.3, **FLAW_WORLD)
+    stats = json.load(open(tmp_path / "w" / "world.json"))["stats"]["sft_flaws"]
+    assert 0 < stats["false_yes_share"] < 0.5 * share("flawed")  # about 0.3 of them
 
 
 def test_short_vqa_conversations(flaw_worlds, tmp_path):
