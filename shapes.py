@@ -1227,9 +1227,12 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
-    written_yes = s["sft_flaws"]["yes_share"]
-    print(f"SFT existence answers 'yes': {written_yes} (--yes_share {args['yes_share']})")
-    if abs(written_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so
+    written_yes, false_yes = s["sft_flaws"]["yes_share"], s["sft_flaws"]["false_yes_share"]
+    # the asker's share, without the text-only writer's false "yes" (text_only_qa) on top
+    asked_yes = round((written_yes - false_yes) / max(1e-9, 1 - false_yes), 3)
+    print(f"SFT existence answers 'yes': {written_yes} (the asker's {asked_yes}, --yes_share "
+          f"{args['yes_share']}; the text-only writer's false 'yes' {false_yes})")
+    if abs(asked_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so
         print(f"note: --yes_share {args['yes_share']} is out of reach with --exist_turns "
               f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image "
               "shows few, so the later questions must ask about absent ones")

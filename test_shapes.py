@@ -674,9 +674,15 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     out = capsys.readouterr().out
     stats = json.load(open(tmp_path / "far" / "world.json"))["stats"]
     written = stats["sft_flaws"]["yes_share"]
-    assert written < 0.9 and f"'yes': {written} (--yes_share 0.95)" in out
+    assert written < 0.9 and f"'yes': {written} (the asker's " in out and "yes_share 0.95;" in out
     assert "out of reach with --exist_turns 4" in out
     # (the share of a 40-image world is too coarse to be near anything: 400 images)
     larger = [f"--{k}={v}" for k, v in dict(SMALL, n_train=400).items()]
     shapes.main(["--out", str(tmp_path / "near")] + larger)
     assert "out of reach" not in capsys.readouterr().out
+    # the text-only writer's "yes" is not the asker's: at 0.5 the file says "yes" more often (0.56)
+    # and the asker still reached 0.5
+    shapes.main(["--out", str(tmp_path / "half"), "--yes_share", "0.5"] + larger)
+    out = capsys.readouterr().out
+    written = json.load(open(tmp_path / "half" / "world.json"))["stats"]["sft_flaws"]["yes_share"]
+    assert written > 0.53 and "out of reach" not in out
