@@ -1144,10 +1144,16 @@ def to_device(batch, device):
 
 
 def score_sequences(model, head, input_ids, attention_mask, image_features):
-    """Scalar score per right-padded sequence: head(hidden state at the last real token)."""
-    last = attention_mask.sum(1, keepdim=True) - 1
-    h = model(None, input_ids, attention_mask, return_hidden=True, image_features=image_features,
-              keep=last)  # the last layer runs for the scored position alone
+    """Scalar score per right-padded sequence: head(hidden state at the last real token). Every pad
+    comes after the real tokens, so the causal mask alone keeps a real token from seeing one and
+    positions count from 0 as they do unpadded: no padding mask goes in (SDPA's fused causal path,
+    not a (B, 1, T, T) mask), the same scores."""
+    lengths = attention_mask.sum(1, keepdim=True)
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), cols < lengths):
+        raise ValueError("score_sequences: the batch must be right-padded")
+    h = model(None, input_ids, None, return_hidden=True, image_features=image_features,
+              keep=lengths - 1)  # the last layer runs for the scored position alone
     return model.heads[head](h[:, 0])
 
 

@@ -117,6 +117,10 @@ def test_fact_prompt_holds_captions_and_response_and_score_is_at_last_prompt_tok
     assert torch.allclose(s[0], m.heads["reward"](h[0, len(ids) - 1]), atol=1e-5)
     assert torch.allclose(s[1], m.heads["reward"](h[0, -1]), atol=1e-5)
     assert not torch.allclose(s[0], s[1])
+    # no padding mask goes into the model, so a left-padded batch would be scored wrongly: refused
+    left = collate([{"input_ids": ids}, {"input_ids": longer}], tok.pad_token_id, side="left")
+    with pytest.raises(ValueError, match="right-padded"):
+        common.score_sequences(m, "reward", left["input_ids"], left["attention_mask"], both)
 
 
 def test_sampled_pairs_are_ranked_by_the_oracle_and_ties_dropped(tiny_world, monkeypatch):
