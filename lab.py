@@ -421,8 +421,9 @@ def intro_section(cfg, rebuilt):
             duration += f" for all {total} runs"
         elif ran is not None:
             duration += f" for the {ran} of {total} runs not already on disk"
-        if isinstance(last.get("claims"), list) and tuple(last["claims"]) != tuple(cfg.claims):
-            duration += f" (a lab of {', '.join(map(str, last['claims']))} only)"
+        timed = last.get("claims")
+        if isinstance(timed, list) and set(timed) < set(cfg.claims):  # others were on disk
+            duration += f" (a lab of {', '.join(c for c in CLAIMS if c in timed)} only)"
     else:
         duration = "lab wall clock not recorded"
     if rebuilt:
@@ -683,16 +684,19 @@ def report(cfg, runs, rebuilt=False):
 
 
 def check_out_matches(cfg):
-    """A run on disk is reused, so --out must hold runs from this --sft on this --world only:
-    OUT/lab.json records the sha256 of the SFT checkpoint's files and of the world's world.json,
-    and a lab from another SFT (a new pipeline run) or world refuses OUT instead of mixing its runs
-    with theirs. An OUT from before lab.json existed is taken as it is."""
+    """A run on disk is reused, so --out must hold runs from this --sft on this --world, made with
+    this --steps and --eval_limit, only: OUT/lab.json records the sha256 of the SFT checkpoint's
+    files and of the world's world.json, and those two flags; a lab from another SFT (a new
+    pipeline run), world or budget refuses OUT instead of mixing its runs with theirs (the report
+    prints every command with today's flags). An OUT from before lab.json existed is taken as it
+    is, and a lab.json from before it recorded the flags is taken as made with today's."""
     ckpt = latest_checkpoint(cfg.sft) or cfg.sft
     files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt)
                    if f.endswith((".safetensors", ".bin", "config.json")))
     world = [os.path.join(cfg.world, "world.json")]
     stamp = {"sft": {os.path.basename(p): h for p, h in common.file_digests(files).items()},
-             "world": list(common.file_digests(world).values())}
+             "world": list(common.file_digests(world).values()),
+             "flags": {"steps": cfg.steps, "eval_limit": cfg.eval_limit}}
     path = os.path.join(cfg.out, "lab.json")
     if os.path.exists(path):
         try:
@@ -701,6 +705,14 @@ def check_out_matches(cfg):
         except (OSError, ValueError) as e:
             raise common.ConfigError(f"{path}: cannot read ({type(e).__name__}); it ties --out to "
                                      "one SFT checkpoint and world: move --out aside")
+        if not isinstance(was, dict):
+            raise common.ConfigError(f"{path}: not a JSON object; it ties --out to one SFT "
+                                     "checkpoint and world: move --out aside")
+        was.setdefault("flags", stamp["flags"])
+        if was.get("flags") != stamp["flags"]:
+            made = " ".join(f"--{k} {v}" for k, v in sorted(dict(was["flags"]).items()))
+            raise common.ConfigError(f"--out {cfg.out}: holds runs made with {made} (recorded in "
+                                     f"{path}): move it aside or pass another --out")
         if was != stamp:
             other_sft = was.get("sft") != stamp["sft"]
             other = f"SFT checkpoint than --sft {cfg.sft}" if other_sft else \

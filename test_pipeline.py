@@ -39,6 +39,11 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     # everything on disk: nothing runs again
     code, stdout, _ = run_script("lab.py", argv, timeout=120)
     assert code == 0 and "0 to go" in stdout
+    # the same runs at another budget would be reported with these flags: refused, nothing run
+    longer = [a if a != "4" else "8" for a in argv]  # --eval_limit 8
+    code, stdout, err = run_script("lab.py", longer, timeout=120)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds runs made with --eval_limit 4 --steps 2" in err and "start" not in stdout
     # from another SFT checkpoint: its runs are not these (lab.json), so --out is refused
     other = argv[:1] + [os.path.join(out, "lrv")] + argv[2:]
     code, stdout, err = run_script("lab.py", other, timeout=120)
@@ -230,9 +235,14 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     assert lab.reported_claims(cfg) == ("lrv", "rlhf", "vigc")
     assert lab.reported_claims(lab.replace(full, claims=("povid",))) == lab.CLAIMS
     lab.save_wall_clock(cfg, 7.5, 30, 30)
-    shown = lab.replace(cfg, claims=lab.reported_claims(cfg))
-    lab.report(shown, lab.plan(shown))
+    os.makedirs(cfg.sft)
+    lab.main(lab.replace(cfg, report_only=True))  # `python lab.py --claims lrv --report_only true`
     text = open(cfg.results).read()
     assert "## LRV-Instruction" in text and "## LLaVA-RLHF" in text and "## VIGC" in text
     assert "## POVID" not in text
     assert "lab wall clock 7.5 min" in text and "(a lab of lrv only)" in text
+    # a lab that timed every claim it reports, in whatever order they were asked for: no note
+    lab.save_wall_clock(lab.replace(cfg, claims=("vigc", "rlhf", "lrv")), 9.0, 30, 30)
+    lab.main(lab.replace(cfg, report_only=True))
+    text = open(cfg.results).read()
+    assert "lab wall clock 9.0 min" in text and "a lab of" not in text
