@@ -1,7 +1,7 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
 test split (images, and object combinations, that no training run saw).
 
-    python pipeline.py && python lab.py  # the four claims x 5 seeds (RLHF 3), ~50 min, 2 CPU cores
+    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): ~1 h, 2 Xeon cores (README)
     python lab.py --claims lrv povid --seeds 0 1 2
     python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
@@ -57,7 +57,7 @@ class Config:
     claims: tuple = CLAIMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds per configuration (mean and spread over them)
     # the RLHF claim runs on the first N seeds only: per seed its two 1000-step reward models take
-    # ~13 min of one core, the whole of the other three claims ~10
+    # ~13 min of one Xeon core (~34 of an AVX2-only AMD EPYC's), the other three claims ~10 (~25)
     rlhf_seeds: int = 3
     jobs: int = 2  # runs side by side, one thread each
     steps: int = 0  # > 0: every run trains only this many steps (smoke test)
