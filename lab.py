@@ -709,8 +709,11 @@ def check_out_matches(cfg):
             raise common.ConfigError(f"{path}: not a JSON object; it ties --out to one SFT "
                                      "checkpoint and world: move --out aside")
         was.setdefault("flags", stamp["flags"])
-        if was.get("flags") != stamp["flags"]:
-            made = " ".join(f"--{k} {v}" for k, v in sorted(dict(was["flags"]).items()))
+        if not isinstance(was["flags"], dict):
+            raise common.ConfigError(f"{path}: 'flags' is not a JSON object; it ties --out to "
+                                     "one budget: move --out aside")
+        if was["flags"] != stamp["flags"]:
+            made = " ".join(f"--{k} {v}" for k, v in sorted(was["flags"].items()))
             raise common.ConfigError(f"--out {cfg.out}: holds runs made with {made} (recorded in "
                                      f"{path}): move it aside or pass another --out")
         if was != stamp:

@@ -5,6 +5,7 @@ import os
 import time
 import zlib
 
+import pytest
 from PIL import Image
 
 import lab
@@ -56,6 +57,24 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     code, stdout, err = run_script("lab.py", argv, timeout=120)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{os.path.join(runs, 'lab.json')}: cannot read" in err and "start" not in stdout
+
+
+def test_lab_json_from_before_the_flags_is_taken_and_a_damaged_one_refused(tmp_path):
+    """OUT/lab.json without 'flags' (written before they were recorded) is accepted as made with
+    today's --steps and --eval_limit; one whose 'flags' is not an object is one clear line."""
+    world, sft, out = tmp_path / "world", tmp_path / "sft", tmp_path / "runs"
+    for d in (world, sft, out):
+        d.mkdir()
+    (world / "world.json").write_text("{}")
+    cfg = lab.Config(sft=str(sft), world=str(world), out=str(out))
+    lab.check_out_matches(cfg)  # writes lab.json
+    stamp = json.load(open(out / "lab.json"))
+    del stamp["flags"]
+    (out / "lab.json").write_text(json.dumps(stamp))
+    lab.check_out_matches(cfg)
+    (out / "lab.json").write_text(json.dumps(dict(stamp, flags="steps 2")))
+    with pytest.raises(lab.common.ConfigError, match="'flags' is not a JSON object"):
+        lab.check_out_matches(cfg)
 
 
 def test_lab_statistics_and_verdicts():
