@@ -685,7 +685,7 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     # and the asker still reached 0.5
     shapes.main(["--out", str(tmp_path / "half"), "--yes_share", "0.5"] + larger)
     out = capsys.readouterr().out
-    written = json.load(open(tmp_path / "half" / "world.json"))["stats"]["sft_flaws"]["yes_share"]
-    assert written > 0.53 and "out of reach" not in out
-    read = json.load(open(tmp_path / "half" / "world.json"))["stats"]["read_flaws"]
+    stats = json.load(open(tmp_path / "half" / "world.json"))["stats"]
+    assert stats["sft_flaws"]["yes_share"] > 0.53 and "out of reach" not in out
+    read = stats["read_flaws"]
     assert f"(sft_read.json) existence answers 'yes': {read['yes_share']} (the asker's " in out
