@@ -155,10 +155,43 @@ def plan(cfg):
     return runs
 
 
+# minutes of one core per run at the lab's step budgets (AMD EPYC, 1 thread; a Xeon takes about
+# half): only their ratios matter, to start the longest chains of work first
+MINUTES = {"reward.py --facts true": 23, "reward.py": 13, "vigc.py": 6, "sft.py --lrv": 3.5,
+           "dpo.py": 2.7, "sft.py": 2, "ppo.py": 1.7, "eval.py": 0.4}
+
+
+def minutes(argv):
+    """The MINUTES entry of a run's command: its script, with the flag that changes its cost."""
+    script, flags = argv[0], " ".join(argv[1:])
+    for kind, m in MINUTES.items():
+        if kind.startswith(script) and (kind == script or kind[len(script) + 1:] in flags):
+            return m
+    return 1.0
+
+
+def chain_minutes(runs):
+    """{run: its minutes plus the longest chain of runs that need it}. Started in that order, a
+    2-core lab keeps both cores busy to the end; in plan order the last reward model or VIGC
+    generation starts late and the runs behind it finish on one core."""
+    chain = {}
+
+    def walk(name):
+        if name not in chain:
+            after = [walk(k) for k, v in runs.items() if name in v[1]]
+            chain[name] = minutes(runs[name][0]) + max(after, default=0.0)
+        return chain[name]
+
+    for name in runs:
+        walk(name)
+    return chain
+
+
 def execute(runs, cfg):
     """Run what is not done yet, --jobs at a time, each after the runs it needs; a failed run is
     reported (its log named) and the runs that need it are skipped."""
     todo = {k: v for k, v in runs.items() if not os.path.exists(v[2])}
+    chain = chain_minutes(runs)
     running, failed, t0 = {}, set(), time.time()
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else None
@@ -171,6 +204,7 @@ def execute(runs, cfg):
             del todo[name]
             print(f"skip  {name}: a run it needs failed", flush=True)
         ready = [k for k, v in todo.items() if not any(n in todo or n in running for n in v[1])]
+        ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
         while ready and len(running) < max(cfg.jobs, 1):
             name = ready.pop(0)
             argv, _, _ = todo.pop(name)

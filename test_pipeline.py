@@ -131,6 +131,40 @@ def test_lab_plan_seeds():
     assert "RLHF on seeds 7" in lab.intro_section(cfg, False)[2]
 
 
+def lab_makespan(runs, priority, jobs=2):
+    """Minutes a lab takes on `jobs` cores when every run takes lab.minutes and ready runs start
+    in `priority` order (an event simulation of lab.execute's loop)."""
+    todo, running, now, done = dict(runs), {}, 0.0, set()
+    while todo or running:
+        ready = [k for k, v in todo.items() if all(n in done for n in v[1])]
+        for name in sorted(ready, key=priority)[:jobs - len(running)]:
+            running[name] = now + lab.minutes(todo.pop(name)[0])
+        name = min(running, key=running.get)
+        now = running.pop(name)
+        done.add(name)
+    return now
+
+
+def test_lab_starts_the_longest_chain_first():
+    runs = lab.plan(lab.Config(seeds=(0, 1, 2)))
+    # every run of the lab has its own cost entry; none falls back to the 1-minute guess
+    costs = {n: lab.minutes(v[0]) for n, v in runs.items()}
+    assert costs["rlhf/rm-facts-s0"] == 23 and costs["rlhf/rm-nofacts-s0"] == 13
+    assert costs["lrv/neg0.5-s1"] == 3.5 and costs["vigc/sft-plus-vig-s2"] == 2
+    assert costs["vigc/vigc-s0"] == 6 and costs["povid/stage2-s0/eval"] == 0.4
+    assert set(lab.MINUTES.values()) == set(costs.values())
+    chain = lab.chain_minutes(runs)
+    assert chain["rlhf/rm-facts-s0"] == pytest.approx(23 + 1.7 + 0.4)  # a PPO run, its eval
+    assert chain["vigc/vigc-s1"] == pytest.approx(6 + 2 + 0.4)
+    # on 2 cores the longest chain first ends within half a minute of the bound (all the work
+    # split evenly); plan order leaves one core idle longer, behind the last runs it starts
+    order = list(runs)
+    in_plan_order = lab_makespan(runs, order.index)
+    longest_first = lab_makespan(runs, lambda k: -chain[k])
+    bound = sum(costs.values()) / 2
+    assert longest_first - bound <= 0.5 < in_plan_order - bound
+
+
 def test_world_seed_moves_default_folders():
     import common
     import pipeline
