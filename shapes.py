@@ -430,12 +430,16 @@ def short_vqa(objs, rng, ask, n_exist):
 def text_only_extra(objs, co, freq, rng, grid):
     """The object a text-only writer adds to a description (LLaVA-RLHF Sec. 2.2: GPT-4 wrote LLaVA's
     descriptions from captions, naming what usually goes with them): the absent shape that co-occurs
-    most with the present ones in train (the partner of a lone trigger), in a free cell."""
+    most with the present ones in train (the partner of a lone trigger), in a free cell. None when
+    every cell is taken (--max_objects equal to grid * grid): the description stays exact."""
     names = {o["name"] for o in objs}
     absent = [s for s in SHAPES if s not in names]
     name = max(absent, key=lambda s: (sum(co[(n, s)] for n in names), freq[s]))
     used = {(o["row"], o["col"]) for o in objs}
-    cell = _pick(rng, [c for c in range(grid * grid) if divmod(c, grid) not in used])
+    free = [c for c in range(grid * grid) if divmod(c, grid) not in used]
+    if not free:
+        return None
+    cell = _pick(rng, free)
     o = {"name": name, "color": _pick(rng, COLORS), "size": _pick(rng, SIZES),
          "row": cell // grid, "col": cell % grid}
     o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
@@ -459,8 +463,9 @@ def sft_records(split_imgs, rng, prefix, p, co, freq):
         extra = None
         if kind == "describe" and rng.random() < p["desc_halluc"]:
             written = text_only_extra(objs, co, freq, rng, p["grid"])
-            ans = describe(written)
-            extra = next(o["name"] for o in written if o not in objs)
+            if written:
+                ans = describe(written)
+                extra = next(o["name"] for o in written if o not in objs)
         turns, asked = [(q, ans, kind)], []
         for _ in range(p["exist_turns"]):
             q, ans, shape = ask(objs, rng, skip=asked)
@@ -899,6 +904,13 @@ def _params(params):
         if len(pair) != 2 or pair[0] not in SHAPES or pair[1] not in SHAPES:
             raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes "
                              f"{', '.join(SHAPES)}; got {':'.join(pair)!r}")
+        if pair[0] == pair[1]:
+            raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} pairs a shape with "
+                             "itself; a trigger brings a different shape")
+    if not parse_pairs(p["pairs"]):
+        raise ValueError(f"--pairs {p['pairs']!r}: give at least one TRIGGER:PARTNER pair (the "
+                         "co-occurrence the benchmarks' adversarial splits ask about); --cooc 0 "
+                         "turns the bias off")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
@@ -1237,18 +1249,34 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
-    written_yes, false_yes = s["sft_flaws"]["yes_share"], s["sft_flaws"]["false_yes_share"]
-    asked_yes = asker_yes_share(s["sft_flaws"])
-    print(f"SFT existence answers 'yes': {written_yes} (the asker's {asked_yes}, --yes_share "
-          f"{args['yes_share']}; the text-only writer's false 'yes' {false_yes})")
-    if abs(asked_yes - args["yes_share"]) > 0.03:  # the asker cannot reach it: say so
-        print(f"note: --yes_share {args['yes_share']} is out of reach with --exist_turns "
-              f"{args['exist_turns']}: one conversation asks about distinct shapes, and an image "
-              "shows few, so the later questions must ask about absent ones")
-    read = s["read_flaws"]
-    print(f"reading-stage (sft_read.json) existence answers 'yes': {read['yes_share']} (the "
-          f"asker's {asker_yes_share(read)}, --read_yes_share {args['read_yes_share']}, "
-          f"--read_turns {args['read_turns']})")
+    for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args):
+        print(line)
+    read = "reading-stage (sft_read.json)"
+    for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
+        print(line)
+
+
+def existence_lines(flaws, stage, share_flag, turns_flag, args):
+    """What shapes.py says about one stage's existence answers: the share written, the asker's,
+    and a note when the asker could not reach the flag's share."""
+    turns, target = args[turns_flag], args[share_flag]
+    if turns == 0:
+        return [f"{stage}: no existence questions (--{turns_flag} 0)"]
+    asked = asker_yes_share(flaws)
+    line = (f"{stage} existence answers 'yes': {flaws['yes_share']} (the asker's {asked}, "
+            f"--{share_flag} {target}, --{turns_flag} {turns}")
+    if stage == "SFT":
+        line += f"; the text-only writer's false 'yes' {flaws['false_yes_share']}"
+    lines = [line + ")"]
+    if abs(asked - target) > 0.03:  # the asker cannot reach it: say why
+        # one conversation asks about distinct shapes and an image shows 1..max_objects of six
+        why = ("an image shows few of the six shapes, so the later questions must ask about "
+               "absent ones") if asked < target else ("an image can show most of the six shapes, "
+                                                     "so the later questions must ask about "
+                                                     "present ones")
+        lines.append(f"note: --{share_flag} {target} is out of reach with --{turns_flag} {turns}:"
+                     f" one conversation asks about distinct shapes; {why}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -378,6 +378,26 @@ def test_flaw_dials_checked(bad, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path):
+    """--max_objects equal to grid * grid: the text-only writer cannot add a shape to a full
+    picture, so those descriptions stay exact; the others still name the absent partner."""
+    w = shapes.write_world(str(tmp_path / "w"), image_size=32, grid=2, max_objects=4,
+                           desc_halluc=1.0, **dict(SMALL, n_train=200))
+    by = shapes.load_world(str(tmp_path / "w"))["by_file"]
+    full = named = 0
+    for rec in json.load(open(tmp_path / "w" / "sft.json")):
+        if "describe" not in rec["qtypes"]:
+            continue
+        answer = rec["conversations"][2 * rec["qtypes"].index("describe") + 1]["value"]
+        objs = by[rec["image"]]
+        wrong = oracle.oracle(answer, objs)["hallucinated_objects"]
+        full += len(objs) == 4
+        assert not (wrong and len(objs) == 4), (answer, objs)
+        named += bool(wrong)
+    assert full > 0 and named > 0
+    assert w["stats"]["sft_flaws"]["desc_naming_absent"] < 1.0
+
+
 def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
@@ -675,8 +695,20 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     out = capsys.readouterr().out
     stats = json.load(open(tmp_path / "far" / "world.json"))["stats"]
     written = stats["sft_flaws"]["yes_share"]
-    assert written < 0.9 and f"'yes': {written} (the asker's " in out and "yes_share 0.95;" in out
-    assert "out of reach with --exist_turns 4" in out
+    assert written < 0.9 and f"'yes': {written} (the asker's " in out
+    assert "--yes_share 0.95, --exist_turns 4;" in out
+    assert "out of reach with --exist_turns 4" in out and "must ask about absent ones" in out
+    # at 0 the direction turns: an image of 4 shapes leaves 2 absent for 3 distinct questions
+    shapes.main(["--out", str(tmp_path / "none"), "--yes_share", "0"] + small)
+    out = capsys.readouterr().out
+    assert "--yes_share 0.0 is out of reach" in out and "must ask about present ones" in out
+    # no existence questions: said so, not a share of nothing
+    shapes.main(["--out", str(tmp_path / "zero"), "--exist_turns", "0", "--read_turns", "0"]
+                + small)
+    out = capsys.readouterr().out
+    assert "SFT: no existence questions (--exist_turns 0)" in out
+    assert "(sft_read.json): no existence questions (--read_turns 0)" in out
+    assert "out of reach" not in out and "'yes'" not in out
     # (the share of a 40-image world is too coarse to be near anything: 400 images)
     larger = [f"--{k}={v}" for k, v in dict(SMALL, n_train=400).items()]
     shapes.main(["--out", str(tmp_path / "near")] + larger)
