@@ -267,6 +267,7 @@ def detect_layout(path):
         raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT_NAME:
+        _check_own_config(cfg_path, cfg)
         return "factalign"
     if "format_version" in cfg:  # written by a checkpoint format that is not this one
         raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version "
@@ -283,6 +284,35 @@ def detect_layout(path):
         return "clip"
     raise CheckpointError(f"{cfg_path}: unsupported model_type '{mt}' (expected a LLaVA, LLaMA or "
                           "CLIP checkpoint)")
+
+
+def _check_own_config(cfg_path, cfg):
+    """The fields of our config.json that loading reads beside 'model' (checked in
+    load_checkpoint): a hand edit or another tool's file would fail deep inside the loader."""
+    def bad(field, want):
+        raise CheckpointError(f"{cfg_path}: field '{field}': expected {want}, got "
+                              f"{cfg.get(field)!r:.60}")
+    version = cfg.get("format_version", 0)
+    if type(version) is not int:
+        bad("format_version", "an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version} is newer than this code reads "
+                              f"({FORMAT_VERSION}); update factalign")
+    if cfg.get("base") is not None and not isinstance(cfg["base"], str):
+        bad("base", "a path (string)")
+    adapters, heads = cfg.get("adapters") or {}, cfg.get("heads") or []
+    if not isinstance(adapters, dict):
+        bad("adapters", "an object {name: {r, alpha, dropout, targets}}")
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        bad("heads", "a list of head names")
+    for name, a in adapters.items():
+        ok = isinstance(a, dict) and type(a.get("r")) is int and a["r"] > 0 \
+            and type(a.get("alpha")) in (int, float) and type(a.get("dropout")) in (int, float) \
+            and isinstance(a.get("targets"), list) and all(isinstance(t, str) for t in a["targets"])
+        if not ok:
+            want = '{"r": int > 0, "alpha", "dropout": numbers, "targets": [names]}'
+            raise CheckpointError(f"{cfg_path}: field 'adapters.{name}': expected {want}, got "
+                                  f"{a!r:.60}")
 
 
 def latest_checkpoint(run_dir):
@@ -330,11 +360,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     cfg = _read_json(os.path.join(path, "config.json"))
     src = TensorSource()
     fresh_projector = False
-    if layout == "factalign":
-        if cfg.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}/config.json: format_version {cfg['format_version']} "
-                                  f"is newer than this code reads ({FORMAT_VERSION}); "
-                                  "update factalign")
+    if layout == "factalign":  # (detect_layout checked format_version, base, adapters, heads)
         if not isinstance(cfg.get("model"), dict):
             raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
         known = {f.name: type(f.default) for f in fields(ModelConfig)}
@@ -637,6 +663,7 @@ def load_adapters(model, path, name="default"):
     cfg = _read_json(os.path.join(path, "config.json"))
     if cfg.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
+    _check_own_config(os.path.join(path, "config.json"), cfg)
     adapter_clash = set(cfg.get("adapters", {})) & set(model.adapters)
     head_clash = set(cfg.get("heads", [])) & set(model.heads)
     clash = sorted(adapter_clash | head_clash)

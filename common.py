@@ -23,8 +23,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
-from checkpoint import (FORMAT_NAME, FORMAT_VERSION, latest_checkpoint, load_checkpoint,
-                        resolve_checkpoint, save_checkpoint_files)
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
+                        latest_checkpoint, load_checkpoint, resolve_checkpoint,
+                        save_checkpoint_files)
 from model import CheckpointError, LLaVA
 
 # ----------------------------------------------------------------------------------------
@@ -727,6 +728,8 @@ def data_specs(value):
     a whole (so a path may hold ':'); otherwise what follows its last ':' is x."""
     out = []
     for item in value.split(","):
+        if not item.strip():  # ('' would read as the file '', "file not found" naming nothing)
+            raise ConfigError(f"--data {value!r}: an empty file name (give FILE[:x],FILE[:x])")
         if os.path.exists(item) or ":" not in item:
             out.append((item, ""))
         else:
@@ -1060,6 +1063,8 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
     from data import load_tokenizer
     if init:
         path = resolve_checkpoint(init)
+        if not is_peft_dir(path):  # a config.json that cannot work is named before the tokenizer
+            detect_layout(path)  # (which reads it too, and would take the blame)
         tok_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) or \
             os.path.exists(os.path.join(path, "tokenizer.json")) else tokenizer_dir
         if not tok_dir:

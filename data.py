@@ -148,6 +148,8 @@ def load_tokenizer(path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
+        if not os.path.exists(path):  # (transformers calls it an invalid hub repo id)
+            raise DataError(path, message="tokenizer directory not found") from None
         first_line = str(e).splitlines()[0] if str(e) else ''
         why = f"{type(e).__name__}: {first_line}"
         raise DataError(path, message=f"cannot load a tokenizer from this directory ({why})")

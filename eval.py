@@ -1277,6 +1277,12 @@ def main(cfg):
         raise common.ConfigError(f"--mmhal_rating {cfg.mmhal_rating}: choose reference or ours")
     if cfg.chair_counting not in ("reference", "ours"):
         raise common.ConfigError(f"--chair_counting {cfg.chair_counting}: choose reference or ours")
+    # a flag read only beside another would be ignored without a word (the Shapes files scored)
+    for flag, needs in (("pope_labels", "pope_files"), ("chair_synonyms", "chair_instances"),
+                        ("chair_captions", "chair_instances"), ("gavie_annotations", "gavie_file"),
+                        ("llava_answers", "rescore true")):
+        if getattr(cfg, flag) and not getattr(cfg, needs.split()[0]):
+            raise common.ConfigError(f"--{flag} is read only with --{needs}, which is not given")
     ckpts = list(cfg.compare) or [cfg.ckpt]
     # fail before any work on a checkpoint that cannot load
     for c in ckpts if not cfg.rescore else []:

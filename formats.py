@@ -82,6 +82,13 @@ def load_json(path):
     if not text.strip():
         raise DataError(path, message="file is empty")
     try:
+        return _parse_json(path, text)
+    except RecursionError:  # nested deeper than Python's stack (a damaged file: '[[[[...')
+        raise DataError(path, message="invalid JSON: nested too deeply to read") from None
+
+
+def _parse_json(path, text):
+    try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         whole = e

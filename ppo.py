@@ -295,12 +295,26 @@ def reward_settings(rm_dir):
     if not os.path.isfile(path):
         raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there "
                                  "(python reward.py writes one)")
-    with open(path) as f:
-        rc = json.load(f).get("run_config") or {}
-    if "facts" not in rc:
+    try:
+        with open(path) as f:
+            rc = json.load(f)
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise common.ConfigError(f"{path}: cannot read the reward model's config "
+                                 f"({type(e).__name__}: {e})")
+    rc = rc.get("run_config") if isinstance(rc, dict) else None
+    if not isinstance(rc, dict) or "facts" not in rc:
         raise common.ConfigError(f"{path}: field 'run_config.facts' is missing "
                                  "(not a reward.py checkpoint?)")
-    return rc["facts"], rc.get("eval_prompt", "llava-rlhf"), rc.get("template", "vicuna_v1")
+    if not isinstance(rc["facts"], bool):  # ("false" would read as facts on)
+        raise common.ConfigError(f"{path}: field 'run_config.facts': expected true or false, got "
+                                 f"{rc['facts']!r:.40}")
+    wording, template = rc.get("eval_prompt", "llava-rlhf"), rc.get("template", "vicuna_v1")
+    for key, value, allowed in (("eval_prompt", wording, ("llava-rlhf", "short")),
+                                ("template", template, ("vicuna_v1", "llava_v1"))):
+        if value not in allowed:  # (a KeyError at the first reward otherwise)
+            raise common.ConfigError(f"{path}: field 'run_config.{key}': expected "
+                                     f"{' or '.join(allowed)}, got {value!r:.40}")
+    return rc["facts"], wording, template
 
 
 def build_roles(cfg, d, tok_dir=""):
@@ -357,6 +371,8 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
     path = cfg.data
     recs = read_rl_prompts(path, cfg.image_folder or None, captions_path=cfg.captions or None,
                            need_captions=need_captions)
+    if not recs:  # (not "no prompt fits --max_prompt_len": there is none)
+        raise DataError(path, message="no records: expected a non-empty JSON list of RL prompts")
     check_images(recs, path)  # every image decodes, before any step
     c, out = model.config, []
     for r in recs:

@@ -213,6 +213,15 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
     return b, dropped
 
 
+def fits(p, cfg, tokenizer, model_config):
+    """Whether pair_batch keeps pair p: its chosen and rejected both fit --max_len (the captions'
+    order, shuffled there, hardly changes the length)."""
+    caps = p["captions"] if cfg.facts else None
+    return all(reward_item(tokenizer, model_config, p["prompt"], p[k], caps, random.Random(0),
+                           cfg.template, cfg.max_len, cfg.eval_prompt) is not None
+               for k in ("chosen", "rejected"))
+
+
 def forward_pairs(model, b, device):
     """(r_chosen, r_rejected): image features computed once per pair (the tower is frozen) and
     reused."""
@@ -319,6 +328,10 @@ def main(cfg):
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train:
         raise common.ConfigError("no training pairs left (all were dropped)")
+    # pair_batch drops a pair that does not fit; with none that fits the run would train on nothing
+    if not any(fits(p, cfg, tokenizer, model.config) for p in train):
+        raise common.ConfigError(f"{cfg.data}: no pair fits --max_len {cfg.max_len} (chosen and "
+                                 f"rejected, {len(train)} pairs): raise --max_len")
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
     common.start_writing(cfg, d, data_files)
     if cfg.pairs == "sampled" and d.main:

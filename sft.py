@@ -135,6 +135,9 @@ def load_records(cfg):
                                      "must be a finite number > 0")
         got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
+        if not recs and not bad:  # (not "0 of 0 conversations do not fit --max_len")
+            raise DataError(path, message="no records: expected a non-empty JSON list of "
+                                          "conversations")
         skipped += bad
         recs, bad = check_images(recs, path, on_error)
         skipped += bad

@@ -739,6 +739,75 @@ BAD_INPUT += [
 ]
 
 
+
+def _rm_copy(t, name, **change):
+    """A copy of the reward model's checkpoint (its 'base' made absolute: the copy lives elsewhere),
+    with `change` applied to its config.json."""
+    from checkpoint import resolve_checkpoint
+    src = resolve_checkpoint(t.w.rm)
+    d = t.root / name
+    shutil.copytree(src, d)
+    cfg = json.load(open(d / "config.json"))
+    cfg["base"] = os.path.normpath(os.path.join(src, cfg["base"]))
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+BAD_INPUT += [
+    # -- checkpoint config.json fields beside 'model', as a hand edit or another tool leaves them
+    C("ppo", "reward-adapter-field", "--reward whose config.json gives the adapter rank as a word",
+      lambda w, t: ["--reward", _rm_copy(t, "rank", adapters={"reward": {
+          "r": "x", "alpha": 16, "dropout": 0.0, "targets": ["q"]}})],
+      ("rank/config.json", "field 'adapters.reward'", "'r': 'x'")),
+    C("ppo", "reward-adapters-list", "--reward whose config.json lists adapters as a list",
+      lambda w, t: ["--reward", _rm_copy(t, "alist", adapters=["reward"])],
+      ("alist/config.json", "field 'adapters'", "expected an object")),
+    C("ppo", "reward-base-type", "--reward whose config.json 'base' is a number",
+      lambda w, t: ["--reward", _rm_copy(t, "base", base=5)],
+      ("base/config.json", "field 'base'", "expected a path (string), got 5")),
+    C("ppo", "reward-facts-type", "--reward whose run_config.facts is a string",
+      lambda w, t: ["--reward", _rm_copy(t, "facts", run_config={"facts": "yes"})],
+      ("facts/config.json", "field 'run_config.facts'", "expected true or false, got 'yes'")),
+    C("ppo", "reward-config-not-json", "--reward whose config.json is not JSON",
+      lambda w, t: ["--reward", t.config_dir("broken", "{not json")],
+      ("broken/config.json", "cannot read the reward model's config")),
+    C("reward", "init-format-version-type", "--init whose format_version is a string",
+      lambda w, t: ["--init", t.ckpt("fv", _edit_config(format_version="x"))],
+      ("fv/config.json", "field 'format_version'", "expected an integer, got 'x'")),
+    C("reward", "init-config-null", "--init (with its tokenizer) whose config.json is null",
+      lambda w, t: ["--init", t.ckpt("null", lambda d: (d / "config.json").write_text("null"))],
+      ("null/config.json", "expected a JSON object")),
+    # -- data that leaves nothing to train on, or that no reader can take
+    C("reward", "too-long", "no pair fits --max_len (it trained on nothing, exit 0)",
+      lambda w, t: ["--max_len", "8"], ("pref_pairs.json", "no pair fits --max_len 8")),
+    C("ppo", "no-records", "RL prompt file holding an empty list",
+      lambda w, t: ["--data", t.file("rl.json", [])], ("rl.json", "no records")),
+    C("sft", "no-records", "--data file holding an empty list",
+      lambda w, t: ["--data", t.file("sft.json", [])], ("sft.json", "no records")),
+    C("sft", "json-too-deep", "--data file nested deeper than Python's stack",
+      lambda w, t: ["--data", t.file("sft.json", "[" * 100000)],
+      ("sft.json", "invalid JSON: nested too deeply")),
+    C("sft", "data-empty-name", "--data '' (named nothing: ': file not found')",
+      lambda w, t: ["--data", ""], ("--data ''", "an empty file name")),
+    C("sft", "tokenizer-missing", "--tokenizer that does not exist (a fresh --model)",
+      lambda w, t: ["--tokenizer", str(t.root / "nowhere")],
+      ("nowhere", "tokenizer directory not found")),
+    C("vigc", "instructions-not-strings", "--instructions whose phrasings are numbers",
+      lambda w, t: ["--instructions", t.file("ins.json", dict(json.load(open(os.path.join(
+          w.world, "vigc_instructions.json"))), conversation=[1, 2]))],
+      ("ins.json", "field 'conversation'", "non-empty list of instruction strings")),
+    C("vigc", "nothing-to-do", "--max_steps 0 and --generate 0 (--overwrite moved the run aside)",
+      lambda w, t: ["--max_steps", "0", "--generate", "0"], ("nothing to do",)),
+    # -- flags read only beside another: ignored without a word
+    C("eval", "labels-without-files", "--pope_labels without --pope_files",
+      lambda w, t: ["--pope_labels", t.file("labels.json", [])],
+      ("--pope_labels is read only with --pope_files",)),
+    C("eval", "llava-answers-without-rescore", "--llava_answers without --rescore true",
+      lambda w, t: ["--llava_answers", t.file("answers.jsonl", "{}")],
+      ("--llava_answers is read only with --rescore true",)),
+]
+
 def tree_hashes(*roots):
     """{path: sha256} of every file under the given folders (what must not change); a run
     directory's .lock is left out (it holds the pid of the last process that wrote there, by

@@ -216,6 +216,11 @@ def load_instructions(path):
     missing = [t for t in TYPES.values() if not isinstance(info, dict) or t not in info]
     if missing:
         raise DataError(path, None, missing[0], "missing: expected {type: [instruction phrasings]}")
+    for t in TYPES.values():  # (a string would be drawn from letter by letter)
+        if not isinstance(info[t], list) or not info[t] or \
+                not all(isinstance(x, str) and x.strip() for x in info[t]):
+            raise DataError(path, None, t, "expected a non-empty list of instruction strings, "
+                                           f"got {info[t]!r:.60}")
     return {t: info[t] for t in TYPES.values()}
 
 
@@ -468,6 +473,9 @@ def main(cfg):
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found "
                                  "(train the SFT model first: python sft.py)")
+    if cfg.max_steps == 0 and cfg.generate == 0:  # (--overwrite would move a run aside for it)
+        raise common.ConfigError("--max_steps 0 and --generate 0: nothing to do (train, generate, "
+                                 "or both)")
     common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
