@@ -1,13 +1,11 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
+from conftest import run_cli
 from model import LLaVA
 
 
@@ -40,14 +38,12 @@ def test_lab_refuses_empty_flags_and_leaves_its_report_alone(tmp_path):
     `lab.py --out ''` ended in a traceback."""
     results = tmp_path / "RESULTS.md"
     results.write_text("the last lab")
-    lab = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.py")
-    p = subprocess.run([sys.executable, lab, "--out", "", "--results", str(results)],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and "lab.py: --out '': give a path" in p.stderr
-    assert "Traceback" not in p.stderr and results.read_text() == "the last lab"
-    p = subprocess.run([sys.executable, lab, "--seeds", "--results", str(results),
-                        "--out", str(tmp_path / "runs")], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+    code, _, err = run_cli("lab", ["--out", "", "--results", str(results)], strict=True)
+    assert code == 2 and "lab.py: --out '': give a path" in err
+    assert "Traceback" not in err and results.read_text() == "the last lab"
+    argv = ["--seeds", "--results", str(results), "--out", str(tmp_path / "runs")]
+    code, _, err = run_cli("lab", argv, strict=True)
+    assert code == 2 and err.strip().splitlines() == [
         "error: lab.py: --seeds: give at least one value (default: 0 1 2 3 4)"]
     assert results.read_text() == "the last lab" and not (tmp_path / "runs").exists()
 

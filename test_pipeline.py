@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import lab
-from conftest import run_script
+from conftest import run_cli, run_script
 
 
 def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
@@ -37,24 +37,25 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     text = open(results).read()
     assert "## POVID" in text and "| POVID stage 2 |" in text and "python dpo.py" in text
     assert Image.open(os.path.join(plots, "povid.png")).size[0] > 100
-    # everything on disk: nothing runs again
-    code, stdout, _ = run_script("lab.py", argv, timeout=120)
+    # everything on disk: nothing runs again (the checks below run lab.main in this process, as
+    # its __main__ block would: they start no run, so a new interpreter would only cost time)
+    code, stdout, _ = run_cli("lab", argv, strict=True)
     assert code == 0 and "0 to go" in stdout
     # the same runs at another budget would be reported with these flags: refused, nothing run
     longer = [a if a != "4" else "8" for a in argv]  # --eval_limit 8
-    code, stdout, err = run_script("lab.py", longer, timeout=120)
+    code, stdout, err = run_cli("lab", longer, strict=True)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "holds runs made with --eval_limit 4 --steps 2" in err and "start" not in stdout
     # from another SFT checkpoint: its runs are not these (lab.json), so --out is refused
     other = argv[:1] + [os.path.join(out, "lrv")] + argv[2:]
-    code, stdout, err = run_script("lab.py", other, timeout=120)
+    code, stdout, err = run_cli("lab", other, strict=True)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"--out {runs}: holds runs from another SFT checkpoint" in err and "lab.json" in err
     assert "start" not in stdout
     # a damaged lab.json: one line naming it, nothing run
     with open(os.path.join(runs, "lab.json"), "w") as f:
         f.write("{")
-    code, stdout, err = run_script("lab.py", argv, timeout=120)
+    code, stdout, err = run_cli("lab", argv, strict=True)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{os.path.join(runs, 'lab.json')}: cannot read" in err and "start" not in stdout
 

@@ -126,7 +126,7 @@ def test_sft_bad_input_one_line_exit_2(tiny_world, tmp_path):
         out = tmp_path / "out"
         code, _, err = run_cli("sft", ["--model", "tiny", "--data", f, "--max_steps", "1",
                                        "--out", str(out), "--report", "false",
-                                       "--image_folder", str(tmp_path)])
+                                       "--image_folder", str(tmp_path), "--world", tiny_world])
         assert code == 2, name
         assert len(err.strip().splitlines()) == 1, (name, err)
         assert needle in err and "data.json" in err, (name, err)
