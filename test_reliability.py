@@ -739,7 +739,6 @@ BAD_INPUT += [
 ]
 
 
-
 def _rm_copy(t, name, **change):
     """A copy of the reward model's checkpoint (its 'base' made absolute: the copy lives elsewhere),
     with `change` applied to its config.json."""
@@ -807,6 +806,7 @@ BAD_INPUT += [
       lambda w, t: ["--llava_answers", t.file("answers.jsonl", "{}")],
       ("--llava_answers is read only with --rescore true",)),
 ]
+
 
 def tree_hashes(*roots):
     """{path: sha256} of every file under the given folders (what must not change); a run
