@@ -300,7 +300,7 @@ def _check_own_config(cfg_path, cfg):
                               f"({FORMAT_VERSION}); update factalign")
     if cfg.get("base") is not None and not isinstance(cfg["base"], str):
         bad("base", "a path (string)")
-    adapters, heads = cfg.get("adapters") or {}, cfg.get("heads") or []
+    adapters, heads = cfg.get("adapters", {}), cfg.get("heads", [])
     if not isinstance(adapters, dict):
         bad("adapters", "an object {name: {r, alpha, dropout, targets}}")
     if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
@@ -313,6 +313,8 @@ def _check_own_config(cfg_path, cfg):
             want = '{"r": int > 0, "alpha", "dropout": numbers, "targets": [names]}'
             raise CheckpointError(f"{cfg_path}: field 'adapters.{name}': expected {want}, got "
                                   f"{a!r:.60}")
+    if cfg.get("active_adapter") is not None and cfg["active_adapter"] not in adapters:
+        bad("active_adapter", f"null or one of the adapters {sorted(adapters)}")
 
 
 def latest_checkpoint(run_dir):

@@ -157,7 +157,7 @@ def plan(cfg):
 
 # minutes of one core per run at the lab's step budgets (AMD EPYC, 1 thread; a Xeon takes about
 # half): only their ratios matter, to start the longest chains of work first
-MINUTES = {"reward.py --facts true": 23, "reward.py": 13, "vigc.py": 6, "sft.py --lrv": 3.5,
+MINUTES = {"reward.py --facts true": 23, "reward.py": 13, "vigc.py": 6, "sft.py --lrv true": 3.5,
            "dpo.py": 2.7, "sft.py": 2, "ppo.py": 1.7, "eval.py": 0.4}
 
 

@@ -124,7 +124,7 @@ def load_records(cfg):
     specs = [(path, weight, folder) for path, weight in common.data_specs(cfg.data)]
     if cfg.lrv:  # LRV: single-turn instructions, neg_ratio of them negative; images in the world
         specs.append((shapes.lrv_file(cfg.world, cfg.neg_ratio, cfg.seed), "", cfg.world))
-    train, skipped = [], []
+    train, skipped, empty = [], [], []
     for path, weight, image_folder in specs:
         try:
             w = float(weight) if weight else 1.0
@@ -135,9 +135,8 @@ def load_records(cfg):
                                      "must be a finite number > 0")
         got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
-        if not recs and not bad:  # (not "0 of 0 conversations do not fit --max_len")
-            raise DataError(path, message="no records: expected a non-empty JSON list of "
-                                          "conversations")
+        if not recs and not bad:
+            empty.append(path)
         skipped += bad
         recs, bad = check_images(recs, path, on_error)
         skipped += bad
@@ -147,6 +146,11 @@ def load_records(cfg):
         copies = [torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))]
         idx = torch.arange(n) if n == len(recs) else torch.cat(copies)[:n]  # weight 1: as it is
         train += [recs[i] for i in idx.tolist()]
+    # every file empty: say so (not "0 of 0 conversations do not fit --max_len"); an empty file
+    # beside others adds nothing (VIGC's generated files can be empty after a weak run)
+    if len(empty) == len(specs):
+        raise DataError(empty[0], message="no records: expected a non-empty JSON list of "
+                                          "conversations")
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
     return train, val, skipped
 

@@ -115,7 +115,7 @@ def sample_objects(rng, p, split):
                     names.append(part)
                 elif free:
                     names[_pick(rng, free)] = part
-    elif rng.random() < p["heldout_alone"]:  # held out: a trigger without its partner
+    elif pairs and rng.random() < p["heldout_alone"]:  # held out: a trigger without its partner
         trig, part = pairs[int(rng.integers(len(pairs)))]
         if trig not in names:
             names[int(rng.integers(len(names)))] = trig
@@ -907,10 +907,6 @@ def _params(params):
         if pair[0] == pair[1]:
             raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} pairs a shape with "
                              "itself; a trigger brings a different shape")
-    if not parse_pairs(p["pairs"]):
-        raise ValueError(f"--pairs {p['pairs']!r}: give at least one TRIGGER:PARTNER pair (the "
-                         "co-occurrence the benchmarks' adversarial splits ask about); --cooc 0 "
-                         "turns the bias off")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):

@@ -166,6 +166,35 @@ def test_lab_starts_the_longest_chain_first():
     assert longest_first - bound <= 0.5 < in_plan_order - bound
 
 
+def test_lab_execute_starts_the_longest_chains_first(tmp_path, monkeypatch):
+    """lab.execute itself, each run's process stubbed to end at once: the facts reward models (the
+    longest chains: 23 minutes and a PPO run behind each) start first, then the plain ones; in plan
+    order the SFT eval and the LRV runs went first."""
+    started = []
+
+    class Ended:  # a process that has already exited 0
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            started.append(tuple(cmd[2:]))
+            os.makedirs(cmd[cmd.index("--out") + 1], exist_ok=True)  # where the run would write
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(lab.subprocess, "Popen", Ended)
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    cfg = lab.Config(seeds=(0, 1, 2), out=str(tmp_path))
+    runs = lab.plan(cfg)
+    assert lab.execute(runs, cfg) == set()
+    name_of = {tuple(v[0][1:]): k for k, v in runs.items()}
+    order = [name_of[a] for a in started]
+    assert sorted(order) == sorted(runs)  # every run once
+    assert order[:3] == [f"rlhf/rm-facts-s{s}" for s in (0, 1, 2)]
+    assert order[3:6] == [f"rlhf/rm-nofacts-s{s}" for s in (0, 1, 2)]
+    assert list(runs)[0] == "sft/eval"
+
+
 def test_world_seed_moves_default_folders():
     import common
     import pipeline

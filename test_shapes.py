@@ -378,6 +378,16 @@ def test_flaw_dials_checked(bad, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_world_without_pairs_is_written_and_a_self_pair_refused(tmp_path):
+    """--pairs '': no trigger, no partner, no held-out trigger alone (it crashed on the empty list
+    when --heldout_alone > 0); a shape paired with itself is refused."""
+    w = shapes.write_world(str(tmp_path / "w"), pairs="", **SMALL)
+    assert w["params"]["pairs"] == "" and (tmp_path / "w" / "sft.json").exists()
+    with pytest.raises(ValueError, match="pairs a shape with itself"):
+        shapes.write_world(str(tmp_path / "self"), pairs="circle:circle", **SMALL)
+    assert not (tmp_path / "self").exists()
+
+
 def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path):
     """--max_objects equal to grid * grid: the text-only writer cannot add a shape to a full
     picture, so those descriptions stay exact; the others still name the absent partner."""
