@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
                         latest_checkpoint, load_checkpoint, resolve_checkpoint,
                         save_checkpoint_files)
+from formats import DataError
 from model import CheckpointError, LLaVA
 
 # ----------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class NonFiniteError(Exception):
     """A non-finite loss or gradient."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteError)
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteError, DataError)
 
 
 def fail(message):
@@ -655,6 +656,9 @@ def claim_out(cfg, d, inits=()):
     if not d.main:
         return
     out, resume, overwrite = cfg.out, cfg.resume, getattr(cfg, "overwrite", False)
+    for init in inits:  # before the out folder or a world is written (both cost time to undo)
+        if init and not os.path.isdir(init):
+            raise ConfigError(f"{init}: checkpoint directory not found")
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or "
                           "replace it)")

@@ -68,7 +68,6 @@ def run_cli(module, argv, strict=False):
     turn user errors into one line + exit 2. Returns (exit code, stdout, stderr). Later flags
     replace earlier ones (merge_flags) unless strict."""
     import common
-    from data import DataError
     mod = importlib.import_module(module)
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -76,7 +75,7 @@ def run_cli(module, argv, strict=False):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             cfg = common.parse_config(mod.Config, argv, prog=f"{module}.py")
-            with common.user_errors(DataError):
+            with common.user_errors():
                 mod.main(cfg)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1

@@ -174,15 +174,11 @@ def read_pairs(path, fmt, image_folder, on_error):
                                            "'output_1'/'output_2'/'preference' (LLaVA-RLHF); "
                                            "or pass --format")
     reader = read_povid if fmt == "povid" else read_llava_rlhf_preference
-    got = reader(path, image_folder or None, on_error=on_error)
+    # text-only pairs are not supported: a record without an image is bad data
+    got = reader(path, image_folder or None, on_error=on_error, image_required=True)
     recs, skipped = got if on_error == "skip" else (got, [])
     recs, bad = check_images(recs, path, on_error)
-    for r in [r for r in recs if not r.get("image")]:  # text-only pairs are not supported
-        err = DataError(path, f"id {r.get('id')!r}", "image", "missing: every pair needs an image")
-        if on_error == "raise":
-            raise err
-        bad.append(str(err))
-    return [r for r in recs if r.get("image")], skipped + bad
+    return recs, skipped + bad
 
 
 def load_pairs(cfg):
@@ -537,7 +533,7 @@ def evaluate(model, val, cfg, d, ref=None):
 
 def cli(argv=None):
     cfg = common.parse_config(Config, argv, prog="dpo.py")
-    with common.user_errors(DataError):
+    with common.user_errors():
         main(cfg)
 
 

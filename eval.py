@@ -457,17 +457,15 @@ class Answerer:
         if not todo or cfg.rescore:
             return done
         self._load()
-        with open(path, "a", encoding="utf-8") as f:
-            starts = range(0, len(todo), cfg.batch_size)
-            for s in common.progress(starts, desc=f"{self.name} {bench}"):
-                chunk = todo[s:s + cfg.batch_size]
-                for q, answer in zip(chunk, self._generate(chunk, max_new_tokens)):
-                    kept = {x: q[x] for x in keep}
-                    line = {"id": q["id"], "prompt": q["prompt"], "answer": answer, **kept,
-                            "source": src}
-                    f.write(json.dumps(line) + "\n")
-                    done[q["id"]] = line
-                f.flush()  # each batch is on disk before the next starts
+        starts = range(0, len(todo), cfg.batch_size)
+        for s in common.progress(starts, desc=f"{self.name} {bench}"):
+            chunk = todo[s:s + cfg.batch_size]
+            texts = self._generate(chunk, max_new_tokens)  # (a prompt too long: fails, writes none)
+            lines = [{"id": q["id"], "prompt": q["prompt"], "answer": answer,
+                      **{x: q[x] for x in keep}, "source": src} for q, answer in zip(chunk, texts)]
+            with open(path, "a", encoding="utf-8") as f:  # each batch on disk before the next
+                f.writelines(json.dumps(line) + "\n" for line in lines)
+            done.update((line["id"], line) for line in lines)
         return done
 
     def llava_answers(self, qs):
@@ -1317,7 +1315,7 @@ def main(cfg):
 
 def cli(argv=None):
     cfg = common.parse_config(Config, argv, prog="eval.py")
-    with common.user_errors(DataError, JudgeError):
+    with common.user_errors(JudgeError):
         return main(cfg)
 
 

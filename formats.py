@@ -365,13 +365,14 @@ def _captions(r, caption_map, key, need):
 
 
 def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_error="raise",
-                               captions_path=None, need_captions=False):
+                               captions_path=None, need_captions=False, image_required=False):
     """LLaVA-RLHF human preference: [{"id", "image", "conversations", "output_1": {"value"},
     "output_2": {"value"}, "preference": 1|2}]. The published conversations end with the gpt turn
     that the outputs replace (a file ending with the human turn is accepted too). preference 1 =
     output_1 is better. Captions (facts) come from an inline "captions" list or from captions_path
     keyed by the record's "image" as written (as LLaVA-RLHF's reward model does). -> {"id", "image",
-    "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}."""
+    "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}. image_required:
+    a record without "image" is bad data (text-only otherwise)."""
     folder = _folder(path, image_folder)
     caption_map = load_caption_map(captions_path) if captions_path else None
 
@@ -382,7 +383,7 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         return o["value"].strip()
 
     def fn(r):
-        image = _image(r, folder, check_images, optional=True)
+        image = _image(r, folder, check_images, optional=not image_required)
         prompt = _prompt(conversation(_field(r, "conversations"), image is not None, end=None))
         outs = [output(r, "output_1"), output(r, "output_2")]
         p = _field(r, "preference")
@@ -428,14 +429,15 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
     return _ret(out, skipped, on_error)
 
 
-def read_povid(path, image_folder=None, check_images=True, on_error="raise"):
+def read_povid(path, image_folder=None, check_images=True, on_error="raise", image_required=False):
     """POVID preference: [{"id", "image", "conversations", "rejected_conversations"}], both ending
     with the gpt answer and sharing the turns before it (POVID's train_dpo.py builds the prompt from
-    the first human turn of "conversations"). -> {"id", "image", "prompt", "chosen", "rejected"}."""
+    the first human turn of "conversations"). -> {"id", "image", "prompt", "chosen", "rejected"}.
+    image_required: a record without "image" is bad data (text-only otherwise)."""
     folder = _folder(path, image_folder)
 
     def fn(r):
-        image = _image(r, folder, check_images, optional=True)
+        image = _image(r, folder, check_images, optional=not image_required)
         conv = conversation(_field(r, "conversations"), image is not None)
         rej = conversation(_field(r, "rejected_conversations"), image is not None,
                            "rejected_conversations")

@@ -542,18 +542,24 @@ def reward_model_groups(cfg):
     return rm
 
 
+# what the PPO table follows over steps (ppo.py's metrics.jsonl): key -> (column, scale)
+PPO_CURVES = {"length": ("length (tokens)", 1), "halluc_per_answer": ("hallucinations/100", 100),
+              "kl": ("KL from SFT (nats/answer)", 1), "score": ("RM score", 1)}
+
+
 def ppo_curves(cfg):
-    """Per PPO variant, per seed: response length and oracle hallucinations per 100 rollouts,
-    step by step (from the run's metrics.jsonl)."""
-    lengths, halluc = {}, {}
+    """{metric: {PPO variant: [per seed: value at each logged step]}} from each run's
+    metrics.jsonl (the PPO_CURVES metrics)."""
+    curves = {key: {} for key in PPO_CURVES}
     for v in PPO_VARIANTS:
         for s in rlhf_seeds(cfg):
             p = os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}", "metrics.jsonl")
             rows = [json.loads(line) for line in open(p)] if os.path.exists(p) else []
             rows = [r for r in rows if "length" in r]
-            lengths.setdefault(v, []).append([r["length"] for r in rows])
-            halluc.setdefault(v, []).append([100 * r.get("halluc_per_answer", 0) for r in rows])
-    return lengths, halluc
+            for key, (_, scale) in PPO_CURVES.items():
+                curve = [scale * r[key] for r in rows if key in r]
+                curves[key].setdefault(v, []).append(curve)
+    return curves
 
 
 def rlhf_section(cfg, runs, base):
@@ -565,31 +571,34 @@ def rlhf_section(cfg, runs, base):
     order = ["SFT"] + [f"PPO {v}" for v in PPO_VARIANTS]
     ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "MMHal score",
           "MMHal halluc. rate", "answer words"]
-    curves, hall = ppo_curves(cfg)
+    curves = ppo_curves(cfg)
     rm_metrics = ["held-out pair accuracy", "on pairs naming a co-occurring partner", OTHER_FACTS]
     md = ["## LLaVA-RLHF: factually augmented reward model and PPO", "",
           md_table(rm, rm_metrics, ["RM with facts", "RM without facts"]), "",
           f"'{OTHER_FACTS}': the facts RM scored on the same held-out pairs with the captions "
           "of another image; as accurate as with its own means it does not read its facts.", "",
           md_table(g, ms, order, {"answer words": ".1f", "MMHal score": ".2f"}), "",
-          "Response length (tokens) and oracle hallucinations per 100 rollouts over PPO steps, "
-          "mean over seeds:", "",
-          "| PPO variant | length first -> last step | hallucinations/100 first -> last step |",
-          "|---|---|---|"]
+          "PPO's rollouts, first -> last step, mean over seeds: response length, the oracle's "
+          "hallucinations per 100 rollouts, the KL from the SFT policy (what the KL penalty "
+          "charges), and the reward model's score (each RM has its own scale):", "",
+          "| PPO variant | " + " | ".join(c for c, _ in PPO_CURVES.values()) + " |",
+          "|---|" + "---|" * len(PPO_CURVES)]
     for v in PPO_VARIANTS:
-        L = [c for c in curves.get(v, []) if c]
-        H = [c for c in hall.get(v, []) if c]
-        if L:
-            first_len = statistics.fmean(c[0] for c in L)
-            last_len = statistics.fmean(c[-1] for c in L)
-            first_h, last_h = statistics.fmean(c[0] for c in H), statistics.fmean(c[-1] for c in H)
-            lengths = f"{first_len:.1f} -> {last_len:.1f}"
-            md.append(f"| {v} | {lengths} | {first_h:.0f} -> {last_h:.0f} |")
+        cells = []
+        for key in PPO_CURVES:
+            runs_v = [c for c in curves[key].get(v, []) if c]
+            first = statistics.fmean(c[0] for c in runs_v) if runs_v else None
+            last = statistics.fmean(c[-1] for c in runs_v) if runs_v else None
+            digits = 0 if key == "halluc_per_answer" else 1 if key == "length" else 2
+            cells.append("-" if first is None else f"{first:.{digits}f} -> {last:.{digits}f}")
+        if cells[0] != "-":
+            md.append(f"| {v} | " + " | ".join(cells) + " |")
     md += ["", plot_link(cfg, "RLHF", "rlhf.png") + " "
            + plot_link(cfg, "PPO length", "rlhf_length.png"), ""]
     bar_plot(plot_path(cfg, "rlhf.png"), "Fact-RLHF: PPO variants", g,
              ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "MMHal halluc. rate"], order)
-    line_plot(plot_path(cfg, "rlhf_length.png"), "PPO response length", curves, "tokens")
+    line_plot(plot_path(cfg, "rlhf_length.png"), "PPO response length", curves["length"],
+              "tokens")
     verdicts = [
         verdict(rm, "RM without facts", "RM with facts", "held-out pair accuracy", False,
                 "Fact-RLHF (facts raise the reward model's held-out accuracy)"),

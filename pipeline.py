@@ -143,8 +143,11 @@ def main(cfg):
                     break
         if failed:
             name, code = failed[0]
-            print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
-                  file=sys.stderr)
+            # exit code 2: the stage printed its one line naming the bad input (and the '=== name'
+            # header above it says which stage); a second line would only repeat it
+            if code != 2:
+                print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
+                      file=sys.stderr)
             raise SystemExit(code)
     print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" | wall clock {(time.time() - t_start) / 60:.1f} min")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import common
 import oracle
 import shapes
-from data import (DataError, ImageCache, check_images, collate, normalize,
+from data import (ImageCache, check_images, collate, normalize,
                   read_llava_rlhf_preference, reward_item)
 from checkpoint import resolve_checkpoint
 
@@ -415,6 +415,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.user_errors(DataError):
+    with common.user_errors():
         main(cfg)
     common.end_process()

@@ -417,6 +417,6 @@ def report(model, tokenizer, cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.user_errors(DataError):
+    with common.user_errors():
         main(cfg)
     common.end_process()

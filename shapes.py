@@ -1236,7 +1236,7 @@ def main(argv=None):
     Config = dataclasses.make_dataclass("Config", fields, namespace=namespace)
     args = dataclasses.asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed = args.pop("out"), args.pop("seed")
-    with common.user_errors(DataError, ValueError):  # a user's mistake: one line, exit code 2
+    with common.user_errors(ValueError):  # a user's mistake: one line, exit code 2
         w = write_world(out, seed, **args)
     s = w["stats"]
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
@@ -1245,23 +1245,26 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
-    for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args):
+    sft_lines = existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
+                                text_only_writer=True)
+    for line in sft_lines:
         print(line)
     read = "reading-stage (sft_read.json)"
     for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
         print(line)
 
 
-def existence_lines(flaws, stage, share_flag, turns_flag, args):
+def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):
     """What shapes.py says about one stage's existence answers: the share written, the asker's,
-    and a note when the asker could not reach the flag's share."""
+    and a note when the asker could not reach the flag's share. text_only_writer: the stage's
+    descriptions may be written text-only (sft.json), whose false "yes" answers are shown."""
     turns, target = args[turns_flag], args[share_flag]
     if turns == 0:
         return [f"{stage}: no existence questions (--{turns_flag} 0)"]
     asked = asker_yes_share(flaws)
     line = (f"{stage} existence answers 'yes': {flaws['yes_share']} (the asker's {asked}, "
             f"--{share_flag} {target}, --{turns_flag} {turns}")
-    if stage == "SFT":
+    if text_only_writer:
         line += f"; the text-only writer's false 'yes' {flaws['false_yes_share']}"
     lines = [line + ")"]
     if abs(asked - target) > 0.03:  # the asker cannot reach it: say why

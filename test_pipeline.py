@@ -256,7 +256,8 @@ def fake_lab(root):
             with open(os.path.join(os.path.dirname(done), "metrics.jsonl"), "w") as f:
                 for step in range(3):
                     row = {"step": step, "length": 10 + step * made_up(name, "l"),
-                           "halluc_per_answer": made_up(name, step)}
+                           "halluc_per_answer": made_up(name, step), "kl": 0.5 * step,
+                           "score": 1.0 + step}
                     f.write(json.dumps(row) + "\n")
         elif name.startswith("vigc/vigc-"):
             answers = {k: {"hallucinations_per_100": 100 * made_up(name, k),
@@ -287,6 +288,9 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     assert "| RM without facts | 0.605 ± 0.007 | 0.505 ± 0.007 | - | 2 |" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ")]
     assert len(verdicts) == 3 + 9 + 2 + 3  # LRV, RLHF, POVID, VIGC
+    # PPO's rollouts over steps: each variant's KL from SFT and RM score, first -> last step
+    assert "| KL from SFT (nats/answer) | RM score |" in text
+    assert "| no-facts | " in text and "| 0.00 -> 1.00 | 1.00 -> 3.00 |" in text
     assert capsys.readouterr().out.splitlines()[:len(verdicts)] == verdicts
     assert text.count("python ") >= len(runs)
     for plot in ("lrv", "rlhf", "rlhf_length", "povid", "vigc"):

@@ -586,6 +586,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.user_errors(DataError):
+    with common.user_errors():
         main(cfg)
     common.end_process()
