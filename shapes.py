@@ -1245,9 +1245,8 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
-    sft_lines = existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
-                                text_only_writer=True)
-    for line in sft_lines:
+    for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
+                                text_only_writer=True):
         print(line)
     read = "reading-stage (sft_read.json)"
     for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
