@@ -542,9 +542,10 @@ def reward_model_groups(cfg):
     return rm
 
 
-# what the PPO table follows over steps (ppo.py's metrics.jsonl): key -> (column, scale)
-PPO_CURVES = {"length": ("length (tokens)", 1), "halluc_per_answer": ("hallucinations/100", 100),
-              "kl": ("KL from SFT (nats/answer)", 1), "score": ("RM score", 1)}
+# what the PPO table follows over steps (ppo.py's metrics.jsonl): key -> (column, scale, format)
+PPO_CURVES = {"length": ("length (tokens)", 1, ".1f"),
+              "halluc_per_answer": ("hallucinations/100", 100, ".0f"),
+              "kl": ("KL from SFT (nats/answer)", 1, ".2f"), "score": ("RM score", 1, ".2f")}
 
 
 def ppo_curves(cfg):
@@ -556,7 +557,7 @@ def ppo_curves(cfg):
             p = os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}", "metrics.jsonl")
             rows = [json.loads(line) for line in open(p)] if os.path.exists(p) else []
             rows = [r for r in rows if "length" in r]
-            for key, (_, scale) in PPO_CURVES.items():
+            for key, (_, scale, _) in PPO_CURVES.items():
                 curve = [scale * r[key] for r in rows if key in r]
                 curves[key].setdefault(v, []).append(curve)
     return curves
@@ -581,16 +582,18 @@ def rlhf_section(cfg, runs, base):
           "PPO's rollouts, first -> last step, mean over seeds: response length, the oracle's "
           "hallucinations per 100 rollouts, the KL from the SFT policy (what the KL penalty "
           "charges), and the reward model's score (each RM has its own scale):", "",
-          "| PPO variant | " + " | ".join(c for c, _ in PPO_CURVES.values()) + " |",
+          "| PPO variant | " + " | ".join(c for c, _, _ in PPO_CURVES.values()) + " |",
           "|---|" + "---|" * len(PPO_CURVES)]
     for v in PPO_VARIANTS:
         cells = []
-        for key in PPO_CURVES:
+        for key, (_, _, fmt) in PPO_CURVES.items():
             runs_v = [c for c in curves[key].get(v, []) if c]
-            first = statistics.fmean(c[0] for c in runs_v) if runs_v else None
-            last = statistics.fmean(c[-1] for c in runs_v) if runs_v else None
-            digits = 0 if key == "halluc_per_answer" else 1 if key == "length" else 2
-            cells.append("-" if first is None else f"{first:.{digits}f} -> {last:.{digits}f}")
+            if not runs_v:
+                cells.append("-")
+                continue
+            first = statistics.fmean(c[0] for c in runs_v)
+            last = statistics.fmean(c[-1] for c in runs_v)
+            cells.append(f"{first:{fmt}} -> {last:{fmt}}")
         if cells[0] != "-":
             md.append(f"| {v} | " + " | ".join(cells) + " |")
     md += ["", plot_link(cfg, "RLHF", "rlhf.png") + " "

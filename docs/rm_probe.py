@@ -45,11 +45,15 @@ def answers(run, questions, by_file):
     return out
 
 
-def score(rm_dir, rows, captions):
+def load_rm(rm_dir):
+    """(model, tokenizer, its run settings: facts, wording, template), loaded once per RM."""
     rm_dir = resolve_checkpoint(rm_dir)
-    facts, wording, template = reward_settings(rm_dir)
     model, tok = common.load_model_and_tokenizer(rm_dir)
-    model.eval()
+    return model.eval(), tok, reward_settings(rm_dir)
+
+
+def score(rm, rows, captions):
+    model, tok, (facts, wording, template) = rm
     images = ImageCache(model.config.image_size)
     out = []
     with torch.no_grad(), model.use_adapter("reward"):
@@ -92,10 +96,10 @@ def main():
     for s in seeds:
         print(f"=== seed {s}")
         for rm in ("facts", "nofacts"):
-            rm_dir = os.path.join(lab, f"rlhf/rm-{rm}-s{s}")
+            reward_model = load_rm(os.path.join(lab, f"rlhf/rm-{rm}-s{s}"))
             line = [f"RM {rm:7s}"]
             for p in ["sft", f"rlhf/ppo-facts-s{s}", f"rlhf/ppo-no-facts-s{s}"]:
-                sc = score(rm_dir, rows[p], captions)
+                sc = score(reward_model, rows[p], captions)
                 h = [r["halluc"] for r in rows[p]]
                 clean = [x for x, k in zip(sc, h) if k == 0]
                 bad = [x for x, k in zip(sc, h) if k > 0]
