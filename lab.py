@@ -187,12 +187,13 @@ def chain_minutes(runs):
     return chain
 
 
-def execute(runs, cfg):
+def execute(runs, cfg, finished=lambda n: None):
     """Run what is not done yet, --jobs at a time, each after the runs it needs; a failed run is
-    reported (its log named) and the runs that need it are skipped."""
+    reported (its log named) and the runs that need it are skipped. finished(n) is called each
+    time a run ends well, n the number that have."""
     todo = {k: v for k, v in runs.items() if not os.path.exists(v[2])}
     chain = chain_minutes(runs)
-    running, failed, t0 = {}, set(), time.time()
+    running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else None
     n_done = len(runs) - len(todo)
@@ -230,6 +231,9 @@ def execute(runs, cfg):
                 open(done, "w").close()
             if p.returncode != 0:
                 failed.add(name)
+            else:
+                n_ok += 1
+                finished(n_ok)
             print(f"{'done ' if p.returncode == 0 else 'FAIL '} {name} in {time.time() - t:.0f}s"
                   + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
                   + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
@@ -430,16 +434,50 @@ def plot_link(cfg, label, file):
     return f"![{label}]({os.path.relpath(plot_path(cfg, file), results_dir)})"
 
 
-def save_wall_clock(cfg, minutes, ran, n_runs):
-    """OUT/wall_clock.json: how long this lab took and how many of its runs it ran (the report
-    reads it, also when rebuilt with --report_only). A lab that found every run on disk ran
-    nothing: the last record stands, not a 0-minute one."""
-    if ran == 0:
-        return
+def save_wall_clock(cfg, started, minutes, ran, n_runs):
+    """OUT/wall_clock.json: each invocation of the lab that finished a run, with its minutes up to
+    its last finished run (a lab killed mid-run starts those runs again, so time spent on them is
+    not the lab's), how many runs it finished, and the claims it was asked for. Called after every
+    finished run: an interrupted lab keeps its time, and a resumed one adds to it."""
+    path = os.path.join(cfg.out, "wall_clock.json")
+    before = [entry for entry in wall_clock_entries(load(path)) if entry.get("start") != started]
+    entry = {"start": started, "date": started[:10], "minutes": round(minutes, 1), "ran": ran,
+             "runs": n_runs, "claims": list(cfg.claims)}
     os.makedirs(cfg.out, exist_ok=True)
-    record = {"minutes": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "ran": ran,
-              "runs": n_runs, "claims": list(cfg.claims)}
-    common.write_json(record, os.path.join(cfg.out, "wall_clock.json"), indent=None)
+    common.write_json({"invocations": before + [entry]}, path, indent=None)
+
+
+def wall_clock_entries(record):
+    """The invocations in a wall_clock.json (one written before invocations were kept is one)."""
+    if isinstance(record, dict) and isinstance(record.get("minutes"), (int, float)):
+        return [record]
+    entries = record.get("invocations") if isinstance(record, dict) else None
+    if not isinstance(entries, list):
+        return []
+    timed = lambda e: isinstance(e, dict) and isinstance(e.get("minutes"), (int, float))
+    return [e for e in entries if timed(e)]
+
+
+def wall_clock_text(cfg):
+    """'lab wall clock M min on DATE for ...': every invocation's minutes added up."""
+    entries = wall_clock_entries(load(os.path.join(cfg.out, "wall_clock.json")))
+    if not entries:
+        return "lab wall clock not recorded"
+    dates = sorted({str(e.get("date", "?")) for e in entries})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    text = f"lab wall clock {sum(e['minutes'] for e in entries):.1f} min on {when}"
+    ran, total = sum(e.get("ran") or 0 for e in entries), entries[-1].get("runs")
+    if total is not None and ran >= total:  # (a run that was done again counts twice)
+        text += f" for all {total} runs"
+    elif total is not None:
+        text += f" for the {ran} of {total} runs not already on disk"
+    if len(entries) > 1:
+        parts = " + ".join(f"{e['minutes']:.1f}" for e in entries)
+        text += f" in {len(entries)} invocations ({parts} min)"
+    timed = {c for e in entries if isinstance(e.get("claims"), list) for c in e["claims"]}
+    if timed and timed < set(cfg.claims):  # the other claims' runs were on disk
+        text += f" (a lab of {', '.join(c for c in CLAIMS if c in timed)} only)"
+    return text
 
 
 def intro_section(cfg, rebuilt):
@@ -447,19 +485,7 @@ def intro_section(cfg, rebuilt):
     world = load(os.path.join(cfg.world, "world.json")) or {}
     machine = (f"{platform.machine()} / {os.cpu_count()} CPU cores / "
                f"torch {__import__('torch').__version__}")
-    last = load(os.path.join(cfg.out, "wall_clock.json"))
-    if isinstance(last, dict) and isinstance(last.get("minutes"), (int, float)):
-        duration = f"lab wall clock {last['minutes']:.1f} min on {last.get('date', '?')}"
-        ran, total = last.get("ran"), last.get("runs")
-        if ran is not None and ran == total:
-            duration += f" for all {total} runs"
-        elif ran is not None:
-            duration += f" for the {ran} of {total} runs not already on disk"
-        timed = last.get("claims")
-        if isinstance(timed, list) and set(timed) < set(cfg.claims):  # others were on disk
-            duration += f" (a lab of {', '.join(c for c in CLAIMS if c in timed)} only)"
-    else:
-        duration = "lab wall clock not recorded"
+    duration = wall_clock_text(cfg)
     if rebuilt:
         duration += "; this report rebuilt from the runs on disk"
     questions = cfg.eval_limit or "all"
@@ -787,11 +813,12 @@ def main(cfg):
                                  "(run python pipeline.py first, or pass --sft DIR)")
     check_out_matches(cfg)
     runs, t0 = plan(cfg), time.time()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0
     if not cfg.report_only:
         ran = sum(not os.path.exists(done) for _, _, done in runs.values())
-        failed = execute(runs, cfg)
-        save_wall_clock(cfg, (time.time() - t0) / 60, ran, len(runs))
+        clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
+        failed = execute(runs, cfg, clock)
     shown = replace(cfg, claims=reported_claims(cfg))
     report(shown, plan(shown), rebuilt=ran == 0)
     if failed:

@@ -2,12 +2,12 @@
 statistics."""
 import json
 import os
-import time
 import zlib
 
 import pytest
 from PIL import Image
 
+import common
 import lab
 from conftest import run_cli, run_script
 
@@ -186,7 +186,9 @@ def test_lab_execute_starts_the_longest_chains_first(tmp_path, monkeypatch):
     monkeypatch.setattr(lab.time, "sleep", lambda s: None)
     cfg = lab.Config(seeds=(0, 1, 2), out=str(tmp_path))
     runs = lab.plan(cfg)
-    assert lab.execute(runs, cfg) == set()
+    finished = []  # execute reports each run that ended well, as it ends (the wall clock's record)
+    assert lab.execute(runs, cfg, finished.append) == set()
+    assert finished == list(range(1, len(runs) + 1))
     name_of = {tuple(v[0][1:]): k for k, v in runs.items()}
     order = [name_of[a] for a in started]
     assert sorted(order) == sorted(runs)  # every run once
@@ -196,7 +198,6 @@ def test_lab_execute_starts_the_longest_chains_first(tmp_path, monkeypatch):
 
 
 def test_world_seed_moves_default_folders():
-    import common
     import pipeline
     cfg = pipeline.Config(world_seed=3, out="mine")
     common.seed_suffix(cfg, pipeline.Config, ("world", "out", "eval_out"))
@@ -273,7 +274,7 @@ def fake_lab(root):
 
 def test_lab_report_of_every_claim(tmp_path, capsys):
     cfg, runs = fake_lab(tmp_path)
-    lab.save_wall_clock(cfg, 12.5, 3, len(runs))
+    lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 12.5, 3, len(runs))
     lab.report(cfg, runs)
     text = open(cfg.results).read()
     assert f"for the 3 of {len(runs)} runs not already on disk" in text and "rebuilt" not in text
@@ -301,15 +302,23 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     text = open(cfg.results).read()
     assert "lab wall clock 12.5 min on " in text and "this report rebuilt from the runs" in text
     assert f"for the 3 of {len(runs)} runs" in text
-    lab.save_wall_clock(cfg, 40.0, len(runs), len(runs))
+    # the same invocation, later: its record is replaced, not added to
+    lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 40.0, len(runs), len(runs))
     lab.report(cfg, runs)
-    today = time.strftime("%Y-%m-%d")
     text = open(cfg.results).read()
-    assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
-    lab.save_wall_clock(cfg, 0.01, 0, len(runs))  # a rerun that found every run done: kept
+    assert f"lab wall clock 40.0 min on 2026-12-01 for all {len(runs)} runs." in text
+    # a second invocation (a lab stopped, then resumed): the minutes add up, each one shown
+    lab.save_wall_clock(cfg, "2026-12-02T09:00:00", 20.0, 5, len(runs))
     lab.report(cfg, runs, rebuilt=True)
     text = open(cfg.results).read()
-    assert f"lab wall clock 40.0 min on {today} for all {len(runs)} runs" in text
+    assert (f"lab wall clock 60.0 min on 2026-12-01 to 2026-12-02 for all {len(runs)} runs in 2 "
+            "invocations (40.0 + 20.0 min); this report rebuilt") in text
+    # a wall_clock.json from before invocations were kept is read as one
+    common.write_json({"minutes": 52.0, "date": "2026-11-30", "ran": 80, "runs": 82,
+                       "claims": list(lab.CLAIMS)}, os.path.join(cfg.out, "wall_clock.json"))
+    lab.report(cfg, runs)
+    text = open(cfg.results).read()
+    assert "lab wall clock 52.0 min on 2026-11-30 for the 80 of 82 runs not already on" in text
 
 
 def test_lab_subset_keeps_the_other_claims(tmp_path):
@@ -321,15 +330,16 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     os.remove(runs["povid/stage2-s1/eval"][2])  # one POVID run missing: POVID is not reported
     assert lab.reported_claims(cfg) == ("lrv", "rlhf", "vigc")
     assert lab.reported_claims(lab.replace(full, claims=("povid",))) == lab.CLAIMS
-    lab.save_wall_clock(cfg, 7.5, 30, 30)
+    lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 7.5, 30, 30)
     os.makedirs(cfg.sft)
     lab.main(lab.replace(cfg, report_only=True))  # `python lab.py --claims lrv --report_only true`
     text = open(cfg.results).read()
     assert "## LRV-Instruction" in text and "## LLaVA-RLHF" in text and "## VIGC" in text
     assert "## POVID" not in text
     assert "lab wall clock 7.5 min" in text and "(a lab of lrv only)" in text
-    # a lab that timed every claim it reports, in whatever order they were asked for: no note
-    lab.save_wall_clock(lab.replace(cfg, claims=("vigc", "rlhf", "lrv")), 9.0, 30, 30)
+    # invocations that together timed every claim reported, in whatever order: no note
+    lab.save_wall_clock(lab.replace(cfg, claims=("vigc", "rlhf")), "2026-12-01T11:00:00", 9.0, 30,
+                        30)
     lab.main(lab.replace(cfg, report_only=True))
     text = open(cfg.results).read()
-    assert "lab wall clock 9.0 min" in text and "a lab of" not in text
+    assert "lab wall clock 16.5 min" in text and "a lab of" not in text
