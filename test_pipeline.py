@@ -283,6 +283,14 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
         assert text.count(section) == 1, section
     assert "lab wall clock 12.5 min" in text and "seeds 0, 1" in text
     assert "popular = adversarial for 75% of them, random = popular for 75%" in text
+    # the SFT baseline beside the anchor papers' published models
+    sft = json.load(open(runs["sft/eval"][2]))
+    shapes_row = (f"| Shapes SFT baseline | this lab (oracle, held-out test split) | "
+                  f"{sft['pope']['random']['f1']:.3f} | ")
+    assert shapes_row in text and f"| {sft['mmhal']['score']:.2f} |" in text
+    llava = "| POPE paper (Li et al., EMNLP 2023), Table 3 | 0.686 | 0.677 | 0.670 | 0.973 |"
+    assert llava in text
+    assert "| LLaVA-RLHF 13B | LLaVA-RLHF paper, POPE and MMHal-Bench tables |" in text
     held = "- Fact-RLHF (facts raise the reward model's held-out accuracy): **held** here"
     assert held in text
     assert "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | 0.605 ± 0.007 | 2 |" in text
