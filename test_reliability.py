@@ -927,6 +927,15 @@ BAD_INPUT += [
       lambda w, t: ["--benchmarks", "chair", "--world", _world_copy(t, _edit_annotations(
           _drop_test_images))],
       ("annotations.json", "no image 'images/test/", "edited by hand")),
+    C("vigc", "qtypes-short", "a record of the world's layout with fewer qtypes than questions",
+      lambda w, t: ["--data", t.file("vigc.json", [{
+          "id": "a", "image": os.path.join(w.world, IMG), "qtypes": ["yesno"],
+          "conversations": GOOD + [{"from": "human", "value": "Is there a square?"},
+                                   {"from": "gpt", "value": "No."}]}])],
+      ("vigc.json", "record 0 (id 'a')", "field 'qtypes'", "a list of 2 question types")),
+    C("dpo", "no-records-format-given", "--format povid and a file holding an empty list",
+      lambda w, t: ["--format", "povid", "--data", t.file("pairs.json", [])],
+      ("pairs.json", "no training pairs left (0 read")),
 ]
 
 
