@@ -513,6 +513,8 @@ class Answerer:
                 if not has_text or "question_id" not in r:
                     message = "expected {\"question_id\", \"prompt\", \"text\"}"
                     raise DataError(path, i, "text", message)
+                if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
+                    raise DataError(path, i, "prompt", f"expected a string, got {r['prompt']!r}")
                 self.memo["llava"][str(r["question_id"])] = (i, r)
         done = {}
         for q in qs:

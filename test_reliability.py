@@ -936,6 +936,10 @@ BAD_INPUT += [
     C("dpo", "no-records-format-given", "--format povid and a file holding an empty list",
       lambda w, t: ["--format", "povid", "--data", t.file("pairs.json", [])],
       ("pairs.json", "no training pairs left (0 read")),
+    C("eval", "llava-answers-prompt-number", "--rescore --llava_answers whose prompt is a number",
+      lambda w, t: ["--rescore", "true", "--llava_answers", t.file("answers.jsonl", json.dumps(
+          {"question_id": 1, "prompt": 5, "text": "Yes"}))],
+      ("answers.jsonl", "record 0", "field 'prompt'", "expected a string, got 5")),
 ]
 
 
