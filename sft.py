@@ -244,12 +244,13 @@ def main(cfg):
     align = None  # stage 1: image -> caption pairs, plain template
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
-        align_records = check_images(align_records, cfg.align_data)[0]  # before any step
-        if not align_records:
+        if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
+            align_records = check_images(align_records, cfg.align_data)[0]  # before any step
+        if align_steps and not align_records:
             raise DataError(cfg.align_data, message="no records: expected a non-empty JSON list "
                                                     "of captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
-        if len(align) == 0:  # (a stage of no data: no step would know its batch)
+        if align_steps and len(align) == 0:  # (a stage of no data: no step knows its batch)
             raise common.ConfigError(f"--align_data {cfg.align_data}: no caption fits --max_len "
                                      f"{cfg.max_len} ({align.dropped} dropped)")
     read = Tokenized(read_records, tokenizer, model.config, cfg, images) if reading else None
