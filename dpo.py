@@ -434,7 +434,9 @@ def main(cfg):
         print(f"warning: dropped {train.dropped} of {len(train_recs)} pairs longer than "
               f"--max_len {cfg.max_len}")
     if len(train) == 0:
-        raise common.ConfigError("no training pairs left (all records were dropped or skipped)")
+        raise common.ConfigError(f"{cfg.data}: no training pairs left ({len(train_recs)} read, "
+                                 f"{train.dropped} longer than --max_len {cfg.max_len}, "
+                                 f"{len(skipped)} bad records skipped)")
     data_files = [cfg.data, cfg.val_data]
     common.start_writing(cfg, d, data_files)
     ref = None

@@ -215,6 +215,7 @@ def pope_questions(cfg, world):
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=not cfg.rescore)
         else:
             recs = read_pope(path, folder, check_images=not cfg.rescore)
+        _some(recs, path)
         suffix = cfg.pope_suffix.replace("\\n", "\n")
         for r in recs:
             split = str(r.get("category") or _split_of(path))
@@ -222,6 +223,14 @@ def pope_questions(cfg, world):
                         "label": r["label"], "prompt": r["text"] + suffix}
             splits.setdefault(split, []).append(question)
     return splits
+
+
+def _some(recs, path):
+    """recs, unless a question file holds none: a benchmark of no question scores nothing (and
+    CHAIR would read 0.0, a perfect score)."""
+    if not recs:
+        raise DataError(path, message="no records: expected a non-empty list of questions")
+    return recs
 
 
 def _split_of(path):
@@ -285,7 +294,8 @@ def chair_questions(cfg, world):
     if cfg.chair_instances:
         return coco_chair_questions(cfg)
     path = os.path.join(world[0], "test_describe.json")
-    return [_shapes_question(r, path, world) for r in read_any_conversations(path, world[0])]
+    recs = _some(read_any_conversations(path, world[0]), path)
+    return [_shapes_question(r, path, world) for r in recs]
 
 
 def mmhal_questions(cfg, world):
@@ -296,7 +306,7 @@ def mmhal_questions(cfg, world):
         folder = cfg.image_folder or None
     else:
         folder = os.path.join(world[0], "images", "test")
-    recs = read_mmhal(path, folder)
+    recs = _some(read_mmhal(path, folder), path)
     return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
@@ -313,7 +323,7 @@ def gavie_questions(cfg, world):
     qs = []
     for qt in shapes.QUESTION_TYPES:
         path = os.path.join(world[0], f"test_{qt}.json")
-        for r in read_any_conversations(path, world[0])[:per]:
+        for r in _some(read_any_conversations(path, world[0]), path)[:per]:
             q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
             qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
     return qs
@@ -340,12 +350,21 @@ def coco_chair_questions(cfg):
     for name in {o["name"] for objs in objects.values() for o in objs}:
         # a category the synonym file lacks stands for itself
         syn.setdefault(name.lower(), name.lower())
+    if not ann["images"]:  # (CHAIR of no image would read 0.0, a perfect score)
+        raise DataError(path, field="images", message="no images to describe")
     n = cfg.limit or len(ann["images"])
     imgs = ann["images"][:n]
     present = {img["id"]: {syn[o["name"].lower()] for o in objects[img["id"]]} for img in imgs}
     if cfg.chair_captions:  # CHAIR also takes the objects that the reference captions name
         caps = load_json(cfg.chair_captions)
-        for c in caps.get("annotations", []) if isinstance(caps, dict) else []:
+        if not isinstance(caps, dict) or not isinstance(caps.get("annotations"), list):
+            raise DataError(cfg.chair_captions, field="annotations", message="expected a COCO "
+                            "captions file ({\"annotations\": [{\"image_id\", \"caption\"}]})")
+        for i, c in enumerate(caps["annotations"]):
+            iid = c.get("image_id") if isinstance(c, dict) else None
+            if not isinstance(iid, (int, str)) or not isinstance(c.get("caption"), str):
+                raise DataError(cfg.chair_captions, i, "annotations",
+                                "expected {\"image_id\", \"caption\": string}")
             if c.get("image_id") in present:
                 named = coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting)
                 present[c["image_id"]].update(named)
@@ -363,14 +382,24 @@ def lrv_gavie_questions(cfg):
     if not isinstance(items, list) or not isinstance(boxes, dict):
         raise DataError(path, message="expected a list of {image_id, question}, "
                                       "and --gavie_annotations {image_id: [{caption, bbox}]}")
+    if not items:
+        raise DataError(path, message="no records: expected a non-empty list of "
+                                      "{image_id, question}")
     qs = []
     for i, r in enumerate(items):
         has_question = isinstance(r, dict) and isinstance(r.get("question"), str)
-        if not has_question or r.get("image_id") is None:
+        if not has_question or not r["question"].strip() or r.get("image_id") is None:
             raise DataError(path, i, "question", "expected {\"image_id\", \"question\"}")
         iid = str(r["image_id"])
         if not isinstance(boxes.get(iid), list):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
+        for j, b in enumerate(boxes[iid]):  # the judge prompt lists them after the answers
+            bbox = b.get("bbox", []) if isinstance(b, dict) else None
+            names = [b.get(k) for k in ("caption", "name")] if isinstance(b, dict) else [1]
+            if not isinstance(bbox, list) or any(x is not None and not isinstance(x, str)
+                                                 for x in names):
+                raise DataError(cfg.gavie_annotations, f"{iid!r} box {j}", None,
+                                "expected {\"caption\": string, \"bbox\": [x, y, w, h]}")
         name = iid if os.path.splitext(iid)[1] else iid + ".jpg"  # Visual Genome <image_id>.jpg
         image_boxes = [(b.get("caption") or b.get("name") or "object", b.get("bbox", []))
                        for b in boxes[iid]]
@@ -484,6 +513,8 @@ class Answerer:
                 if not has_text or "question_id" not in r:
                     message = "expected {\"question_id\", \"prompt\", \"text\"}"
                     raise DataError(path, i, "text", message)
+                if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
+                    raise DataError(path, i, "prompt", f"expected a string, got {r['prompt']!r}")
                 self.memo["llava"][str(r["question_id"])] = (i, r)
         done = {}
         for q in qs:

@@ -82,9 +82,46 @@ def load_json(path):
     if not text.strip():
         raise DataError(path, message="file is empty")
     try:
-        return _parse_json(path, text)
+        obj = _parse_json(path, text)
+        # JSON may escape half of a UTF-16 pair ("\ud800"): valid JSON, not text (a tokenizer
+        # fails on it mid-run); only a file with such escapes is walked
+        if SURROGATE.search(text):
+            _check_surrogates(path, obj)
+        return obj
     except RecursionError:  # nested deeper than Python's stack (a damaged file: '[[[[...')
         raise DataError(path, message="invalid JSON: nested too deeply to read") from None
+    except ValueError as e:  # (not JSONDecodeError) an integer past Python's 4300-digit limit
+        raise DataError(path, message=f"invalid JSON: {str(e).split(':')[0]}") from None
+
+
+SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(path, obj):
+    """A DataError naming the record and field of the first string (or key) that is not text."""
+    def bad(x):
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return []
+            return None
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+        for k, v in items:
+            where = bad(k) if isinstance(k, str) else None
+            where = where if where is not None else bad(v)
+            if where is not None:
+                return [k] + where
+        return None
+    where = bad(obj)
+    if where is None:
+        return
+    message = "a string holding half of a UTF-16 surrogate pair (a lone \\udXXX escape): not text"
+    def name(keys):  # (a key may be the bad string: printed escaped)
+        return ".".join(str(k) for k in keys).encode("utf-8", "backslashreplace").decode() or None
+    if isinstance(obj, list):
+        raise DataError(path, _label(where[0], obj[where[0]]), name(where[1:]), message)
+    raise DataError(path, None, name(where), message)
 
 
 def _parse_json(path, text):
@@ -187,9 +224,13 @@ def _number(r, key, default=None):
     v = default if r.get(key) is None else r[key]
     if type(v) not in (int, float):
         raise _bad(key, f"expected a number, got {v!r}")
-    if not math.isfinite(v):
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond a float's range (JSON sets no limit)
+        raise _bad(key, f"expected a finite number, got an integer of {len(str(v))} digits")
+    if not math.isfinite(f):
         raise _bad(key, f"expected a finite number, got {v!r}")
-    return float(v)
+    return f
 
 
 def _strlist(r, key, optional=False):

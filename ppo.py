@@ -631,6 +631,8 @@ def main(cfg):
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
+    for p in prompts if oracle else []:  # every prompt's objects, before a step (a hand edit)
+        objects[os.path.relpath(p["image"], cfg.world)]
     data_files = [cfg.data, cfg.captions]
     common.start_writing(cfg, d, data_files)
     pol_params = policy.adapter_parameters("policy")

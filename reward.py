@@ -327,7 +327,8 @@ def main(cfg):
     if cfg.fsdp:
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train:
-        raise common.ConfigError("no training pairs left (all were dropped)")
+        raise common.ConfigError(f"{cfg.data}: no training pairs left (no record, or every one "
+                                 "held out or dropped)")
     # pair_batch drops a pair that does not fit; with none that fits the run would train on nothing
     if not any(fits(p, cfg, tokenizer, model.config) for p in train):
         raise common.ConfigError(f"{cfg.data}: no pair fits --max_len {cfg.max_len} (chosen and "

@@ -152,6 +152,8 @@ def load_records(cfg):
         raise DataError(empty[0], message="no records: expected a non-empty JSON list of "
                                           "conversations")
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
+    # validation images decode too, before any step (not at the first evaluation)
+    val = check_images(val, cfg.val_data, decoded={r.get("image") for r in train})[0]
     return train, val, skipped
 
 
@@ -242,8 +244,19 @@ def main(cfg):
     align = None  # stage 1: image -> caption pairs, plain template
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
+        if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
+            align_records = check_images(align_records, cfg.align_data)[0]  # before any step
+        if align_steps and not align_records:
+            raise DataError(cfg.align_data, message="no records: expected a non-empty JSON list "
+                                                    "of captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
+        if align_steps and len(align) == 0:  # (a stage of no data: no step knows its batch)
+            raise common.ConfigError(f"--align_data {cfg.align_data}: no caption fits --max_len "
+                                     f"{cfg.max_len} ({align.dropped} dropped)")
     read = Tokenized(read_records, tokenizer, model.config, cfg, images) if reading else None
+    if reading and not read_records:
+        raise DataError(cfg.read_data, message="no records: expected a non-empty JSON list of "
+                                               "conversations")
     if reading and len(read) == 0:
         raise common.ConfigError(f"--read_data {cfg.read_data}: no conversation fits --max_len "
                                  f"{cfg.max_len} ({read.dropped} dropped)")

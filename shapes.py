@@ -860,20 +860,54 @@ def _dump(obj, path, lines=False):
 
 def objects_from_coco(ann, file="annotations.json"):
     """{image_id: [objects]} from a Shapes annotation dict or a real COCO instances file (where
-    color/size/row/col/position are None)."""
-    try:
-        cats = {c["id"]: c["name"] for c in ann["categories"]}
-        grid = ann.get("info", {}).get("grid", 3)
-        out = {img["id"]: [] for img in ann["images"]}
-        for x in ann["annotations"]:
-            at = x.get("attributes") or {}
-            o = {"name": cats[x["category_id"]], "color": at.get("color"), "size": at.get("size"),
-                 "bbox": x["bbox"], "row": at.get("row"), "col": at.get("col"), "position": None}
-            if o["row"] is not None:
-                o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
-            out.setdefault(x["image_id"], []).append(o)
-    except (KeyError, TypeError) as e:
-        raise DataError(file, message=f"not a COCO annotation file: missing {e}") from None
+    color/size/row/col/position are None). A record of the wrong shape (a hand edit, another
+    format) is a DataError naming the list, the record and the field."""
+    def need(ok, part, i, field, want):
+        if not ok:
+            raise DataError(file, f"{part}[{i}]", field, f"expected {want}")
+
+    def is_id(v):  # (ids are dictionary keys: a list or an object cannot be one)
+        return isinstance(v, (int, str)) and not isinstance(v, bool)
+    if not isinstance(ann, dict):
+        raise DataError(file, message="not a COCO annotation file: expected an object with "
+                                      "images, annotations, categories")
+    for part in ("images", "annotations", "categories"):
+        if not isinstance(ann.get(part), list):
+            raise DataError(file, None, part, "not a COCO annotation file: expected a list")
+    info = ann.get("info") if isinstance(ann.get("info"), dict) else {}
+    grid = info.get("grid", 3)
+    need(type(grid) is int and grid > 0, "info", 0, "grid", "a positive integer")
+    cats = {}
+    for i, c in enumerate(ann["categories"]):
+        need(isinstance(c, dict) and is_id(c.get("id")), "categories", i, "id", "an id")
+        need(isinstance(c.get("name"), str) and c["name"].strip(), "categories", i, "name",
+             "a non-empty string")
+        cats[c["id"]] = c["name"]
+    out = {}
+    for i, img in enumerate(ann["images"]):
+        need(isinstance(img, dict) and is_id(img.get("id")), "images", i, "id", "an id")
+        need(isinstance(img.get("file_name"), str) and img["file_name"].strip(), "images", i,
+             "file_name", "a non-empty string")
+        out[img["id"]] = []
+    for i, x in enumerate(ann["annotations"]):
+        need(isinstance(x, dict) and is_id(x.get("image_id")), "annotations", i, "image_id",
+             "an id")
+        need(is_id(x.get("category_id")) and x["category_id"] in cats, "annotations", i,
+             "category_id", "the id of one of the categories")
+        bbox = x.get("bbox")
+        need(isinstance(bbox, list) and len(bbox) == 4
+             and all(type(v) in (int, float) for v in bbox), "annotations", i, "bbox",
+             "[x, y, width, height]")
+        at = x.get("attributes") or {}
+        need(isinstance(at, dict), "annotations", i, "attributes", "an object")
+        o = {"name": cats[x["category_id"]], "color": at.get("color"), "size": at.get("size"),
+             "bbox": bbox, "row": at.get("row"), "col": at.get("col"), "position": None}
+        if o["row"] is not None or o["col"] is not None:  # a Shapes grid cell
+            for k in ("row", "col"):
+                need(type(o[k]) is int and 0 <= o[k] < grid, "annotations", i, f"attributes.{k}",
+                     f"an integer in [0, {grid}) (info.grid {grid})")
+            o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
+        out.setdefault(x["image_id"], []).append(o)
     return out
 
 
@@ -882,12 +916,28 @@ def load_world(world_dir):
     path = os.path.join(world_dir, "annotations.json")
     ann = load_json(path)
     objs = objects_from_coco(ann, path)
+    if not isinstance(ann.get("info"), dict):
+        raise DataError(path, field="info", message="expected an object (the world's info)")
     imgs = []
-    for img in ann["images"]:
-        index = int(os.path.splitext(os.path.basename(img["file_name"]))[0])
-        imgs.append(dict(img, objects=objs[img["id"]], index=index))
-    by_file = {i["file_name"]: i["objects"] for i in imgs}
+    for i, img in enumerate(ann["images"]):
+        stem = os.path.splitext(os.path.basename(img["file_name"]))[0]
+        if not (stem.isascii() and stem.isdigit()):  # NNNNNN.png: the index is its number
+            raise DataError(path, f"images[{i}]", "file_name",
+                            f"expected images/SPLIT/NNNNNN.png, got {img['file_name']!r}")
+        imgs.append(dict(img, objects=objs[img["id"]], index=int(stem)))
+    by_file = ByFile({i["file_name"]: i["objects"] for i in imgs})
+    by_file.path = path
     return {"info": ann["info"], "images": imgs, "by_file": by_file}
+
+
+class ByFile(dict):
+    """{file_name: objects}; an image that the other files of a (hand-edited) world name but the
+    annotations lack is a DataError, not a KeyError deep inside a stage."""
+    path = "annotations.json"
+
+    def __missing__(self, key):
+        raise DataError(self.path, None, "images", f"no image {key!r}, which a file of the world "
+                                                   "names (edited by hand?)")
 
 
 def _params(params):

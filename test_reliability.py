@@ -831,6 +831,118 @@ BAD_INPUT += [
 ]
 
 
+def _edit_annotations(change):
+    """A change for _world_copy: annotations.json changed by change(ann) (a hand edit)."""
+    def edit(d):
+        ann = json.loads((d / "annotations.json").read_text())
+        change(ann)
+        (d / "annotations.json").write_text(json.dumps(ann))
+    return edit
+
+
+def _drop_test_images(ann):
+    ann["images"] = [i for i in ann["images"] if "/test/" not in i["file_name"]]
+
+
+COCO = {"images": [{"id": 1, "file_name": "000000.png"}],
+        "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 9, 9]}],
+        "categories": [{"id": 1, "name": "circle"}]}
+
+
+def _chair_flags(w, t, instances, captions=None):
+    """eval.py on COCO-style CHAIR files (the world's train images stand in for COCO's)."""
+    flags = ["--benchmarks", "chair", "--chair_instances", t.file("instances.json", instances),
+             "--chair_synonyms", t.file("synonyms.txt", "circle, ring\n"),
+             "--image_folder", os.path.join(w.world, "images", "train")]
+    return flags + (["--chair_captions", t.file("captions.json", captions)] if captions else [])
+
+
+def _gavie_flags(w, t, boxes):
+    """eval.py on an LRV GAVIE file with its annotations (a judge that is never reached)."""
+    return ["--benchmarks", "gavie", "--judge", "openai", "--judge_url", "http://127.0.0.1:9",
+            "--gavie_file", t.file("gavie.json", [{"image_id": "000000.png", "question": "What?"}]),
+            "--gavie_annotations", t.file("boxes.json", {"000000.png": boxes}),
+            "--image_folder", os.path.join(w.world, "images", "train")]
+
+
+BAD_INPUT += [
+    # -- JSON that parses but is not data: numbers and strings past what Python or a tokenizer takes
+    C("sft", "json-huge-integer", "--data holding an integer of 5000 digits (Python's limit: 4300)",
+      lambda w, t: ["--data", t.file("sft.json", '[{"id": 1' + "0" * 5000 + "}]")],
+      ("sft.json", "invalid JSON", "Exceeds the limit (4300 digits)")),
+    C("sft", "lone-surrogate", "an answer holding a lone UTF-16 surrogate escape ('\\ud800')",
+      lambda w, t: ["--data", t.file("sft.json", GOOD_JSON.replace("Yes,", "\\ud800")),
+                    "--image_folder", w.world],
+      ("sft.json", "record 0 (id 'a')", "field 'conversations.1.value'", "surrogate")),
+    C("ppo", "length-bonus-huge-int", "length_bonus an integer beyond a float (1 and 400 zeros)",
+      lambda w, t: ["--data", t.file("rl.json", json.dumps(t.records(
+          "rl_prompts.json", length_bonus="HUGE")).replace('"HUGE"', "1" + "0" * 400))],
+      ("rl.json", "record 0", "field 'length_bonus'", "an integer of 401 digits")),
+    # -- every image a stage reads decodes before the first step (and before --overwrite)
+    C("sft", "val-png-no-pixels", "--val_data naming a PNG that does not decode",
+      lambda w, t: ["--val_data", _sft_file(t, "val.json", _png_that_does_not_decode(
+          t.root / "x.png"))],
+      ("val.json", "record 0 (id 'a')", "field 'image'", "cannot decode image")),
+    C("sft", "align-png-no-pixels", "--align_data naming a PNG that does not decode",
+      lambda w, t: ["--max_steps", "4", "--align_data", _sft_file(
+          t, "align.json", _png_that_does_not_decode(t.root / "x.png"))],
+      ("align.json", "record 0 (id 'a')", "field 'image'", "cannot decode image")),
+    C("sft", "align-no-records", "--align_data holding an empty list (a stage of no data)",
+      lambda w, t: ["--max_steps", "4", "--align_data", t.file("align.json", [])],
+      ("align.json", "no records")),
+    # -- eval's public formats: records of the wrong shape, and files of no question
+    C("eval", "pope-no-records", "a POPE file holding an empty list (it would score nothing)",
+      lambda w, t: ["--pope_files", t.file("pope.json", [])], ("pope.json", "no records")),
+    C("eval", "chair-no-file-name", "COCO instances whose image has no file_name",
+      lambda w, t: _chair_flags(w, t, dict(COCO, images=[{"id": 1}])),
+      ("instances.json", "record images[0]", "field 'file_name'", "non-empty string")),
+    C("eval", "chair-annotation-not-object", "COCO instances whose annotation is a number",
+      lambda w, t: _chair_flags(w, t, dict(COCO, annotations=[5])),
+      ("instances.json", "record annotations[0]", "field 'image_id'")),
+    C("eval", "chair-no-images", "COCO instances with no image (CHAIR would read 0.0)",
+      lambda w, t: _chair_flags(w, t, dict(COCO, images=[])),
+      ("instances.json", "field 'images'", "no images")),
+    C("eval", "chair-captions-not-objects", "--chair_captions whose captions are numbers",
+      lambda w, t: _chair_flags(w, t, COCO, {"annotations": [1]}),
+      ("captions.json", "record 0", "field 'annotations'", "\"caption\": string")),
+    C("eval", "gavie-box-not-object", "GAVIE annotations whose box is a string",
+      lambda w, t: _gavie_flags(w, t, ["a circle"]),
+      ("boxes.json", "record '000000.png' box 0", "\"bbox\": [x, y, w, h]")),
+    C("eval", "gavie-bbox-number", "GAVIE annotations whose bbox is a number (read after answers)",
+      lambda w, t: _gavie_flags(w, t, [{"caption": "a circle", "bbox": 5}]),
+      ("boxes.json", "record '000000.png' box 0", "\"bbox\": [x, y, w, h]")),
+    # -- a Shapes world's annotations.json edited by hand
+    C("eval", "world-annotation-row", "annotations.json with an object's row beyond the grid",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(
+          lambda a: a["annotations"][0]["attributes"].update(row=99)))],
+      ("annotations.json", "record annotations[0]", "field 'attributes.row'", "[0, 3)")),
+    C("eval", "world-annotation-file-name", "annotations.json with an image renamed to a word",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(
+          lambda a: a["images"][0].update(file_name="images/train/abc.png")))],
+      ("annotations.json", "record images[0]", "field 'file_name'", "'images/train/abc.png'")),
+    C("eval", "world-annotation-no-info", "annotations.json without its info",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(lambda a: a.pop("info")))],
+      ("annotations.json", "field 'info'", "expected an object")),
+    C("eval", "world-annotation-image-gone", "annotations.json lacking the test images",
+      lambda w, t: ["--benchmarks", "chair", "--world", _world_copy(t, _edit_annotations(
+          _drop_test_images))],
+      ("annotations.json", "no image 'images/test/", "edited by hand")),
+    C("vigc", "qtypes-short", "a record of the world's layout with fewer qtypes than questions",
+      lambda w, t: ["--data", t.file("vigc.json", [{
+          "id": "a", "image": os.path.join(w.world, IMG), "qtypes": ["yesno"],
+          "conversations": GOOD + [{"from": "human", "value": "Is there a square?"},
+                                   {"from": "gpt", "value": "No."}]}])],
+      ("vigc.json", "record 0 (id 'a')", "field 'qtypes'", "a list of 2 question types")),
+    C("dpo", "no-records-format-given", "--format povid and a file holding an empty list",
+      lambda w, t: ["--format", "povid", "--data", t.file("pairs.json", [])],
+      ("pairs.json", "no training pairs left (0 read")),
+    C("eval", "llava-answers-prompt-number", "--rescore --llava_answers whose prompt is a number",
+      lambda w, t: ["--rescore", "true", "--llava_answers", t.file("answers.jsonl", json.dumps(
+          {"question_id": 1, "prompt": 5, "text": "Yes"}))],
+      ("answers.jsonl", "record 0", "field 'prompt'", "expected a string, got 5")),
+]
+
+
 def tree_hashes(*roots):
     """{path: sha256} of every file under the given folders (what must not change); a run
     directory's .lock is left out (it holds the pid of the last process that wrote there, by

@@ -242,6 +242,12 @@ def load_records(cfg):
         for j, r in enumerate(recs):
             qtypes = raw[j].get("qtypes") if one_to_one else None
             conv = r["conversations"]
+            # (the world's field: a question type for each question/answer pair)
+            if qtypes is not None and (not isinstance(qtypes, list) or len(qtypes) != len(conv) // 2
+                                       or not all(isinstance(q, str) for q in qtypes)):
+                raise DataError(path, f"{j} (id {r['id']!r})" if r.get("id") else j, "qtypes",
+                                f"expected a list of {len(conv) // 2} question types (strings), "
+                                f"one per question/answer pair, got {qtypes!r:.60}")
             types = [shapes.VIGC_TYPE.get(q, "conversation") for q in qtypes] if qtypes else []
             pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
                       kind or (types[i // 2] if types else "conversation"))
