@@ -53,6 +53,8 @@ def base_args(script, w, out):
         return ["--out", str(out)]
     if script == "lab":
         return ["--sft", w.sft, "--world", w.world, "--out", str(out)]
+    if script == "bench":
+        return ["--quick", "true", "--out", str(out)]
     return {
         "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4",
                 "--align_steps", "1", "--read_steps", "1", "--report", "false"],
@@ -921,6 +923,8 @@ BAD_INPUT += [
       lambda w, t: ["--report_only", "true", "--results", t.file("RESULTS.md", "# finished"),
                     "--plots", str(t.root / "plots")],
       ("--out", "no finished run to report", "RESULTS.md")),
+    C("bench", "image-size-below-patch", "--image_size smaller than the preset's patch size",
+      lambda w, t: ["--image_size", "7"], ("--image_size 7", "patch size 16")),
 ]
 
 
@@ -997,7 +1001,8 @@ def shapes_main(argv):
 
 def test_the_matrix_covers_every_script():
     assert len(BAD_INPUT) >= 100
-    scripts = {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline", "lab"}
+    scripts = {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline", "lab",
+               "bench"}
     assert {c.script for c in BAD_INPUT} == scripts
     assert len({(c.script, c.name) for c in BAD_INPUT}) == len(BAD_INPUT)
 
