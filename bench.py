@@ -998,6 +998,10 @@ def main(cfg):
     if not presets_ok or cfg.rollout_model not in (*PRESETS, ""):
         raise common.ConfigError("--model/--roles_model/--rollout_model: choose from "
                                  f"{', '.join(PRESETS)}")
+    patch = PRESETS[cfg.model].get("patch_size", ModelConfig.patch_size)
+    if 0 < cfg.image_size < patch:  # (no patch: a conv2d error deep in the first forward pass)
+        raise common.ConfigError(f"--image_size {cfg.image_size}: smaller than the {cfg.model} "
+                                 f"preset's patch size {patch} (at least one patch per image)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):

@@ -182,6 +182,18 @@ def _weight_files(path):
     if not files:
         raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
                               "or pytorch_model*.bin)")
+    # a shard the index lists but the folder lacks (an interrupted download) would otherwise show
+    # up as a missing key, far from its cause
+    index = os.path.join(path, "model.safetensors.index.json" if st else
+                         "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: field 'weight_map': expected an object {{key: file}}")
+        absent = sorted({str(f) for f in weight_map.values()} - set(names))
+        if absent:
+            raise CheckpointError(f"{index}: lists the shard '{absent[0]}', which is not in {path} "
+                                  "(an incomplete copy or download?)")
     return [os.path.join(path, n) for n in files]
 
 
@@ -306,11 +318,17 @@ def _check_own_config(cfg_path, cfg):
     if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
         bad("heads", "a list of head names")
     for name, a in adapters.items():
+        # (a dropout outside [0, 1) or an unknown target: a ValueError inside the model; a NaN
+        # alpha: a non-finite gradient at step 1, far from its cause)
         ok = isinstance(a, dict) and type(a.get("r")) is int and a["r"] > 0 \
-            and type(a.get("alpha")) in (int, float) and type(a.get("dropout")) in (int, float) \
-            and isinstance(a.get("targets"), list) and all(isinstance(t, str) for t in a["targets"])
+            and type(a.get("alpha")) in (int, float) and math.isfinite(a["alpha"]) \
+            and type(a.get("dropout")) in (int, float) and 0 <= a["dropout"] < 1 \
+            and isinstance(a.get("targets"), list) \
+            and all(isinstance(t, str) and t.removesuffix("_proj") in LORA_TARGETS
+                    for t in a["targets"])
         if not ok:
-            want = '{"r": int > 0, "alpha", "dropout": numbers, "targets": [names]}'
+            want = ('{"r": int > 0, "alpha": finite, "dropout": in [0, 1), "targets": some of '
+                    f'{", ".join(LORA_TARGETS)}}}')
             raise CheckpointError(f"{cfg_path}: field 'adapters.{name}': expected {want}, got "
                                   f"{a!r:.60}")
     if cfg.get("active_adapter") is not None and cfg["active_adapter"] not in adapters:
@@ -508,9 +526,10 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         else:
             for part, name in parts:
                 if not src.has(part, name):
-                    raise CheckpointError(f"checkpoint is missing key for '{part}' weight '{name}' "
-                                          "(expected by the config; another architecture or a "
-                                          "partial file?)")
+                    where = sorted({os.path.dirname(f) for f, _ in src.where.values()})
+                    raise CheckpointError(f"{', '.join(where) or 'checkpoint'}: no weight for "
+                                          f"'{part}' '{name}' (expected by the config; another "
+                                          "architecture or a partial file?)")
             expected = _split_shapes(our_name, p.shape, config, len(parts))
             tensors = []
             for (part, name), shp in zip(parts, expected):
@@ -606,14 +625,17 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
         json.dump(cfg, f, indent=2)
 
 
-def base_weights_dir(path):
+def base_weights_dir(path, _seen=()):
     """The directory that holds a checkpoint's base weights (following 'base' pointers), as a real
     path: two checkpoints with the same answer share one frozen base."""
     path = resolve_checkpoint(str(path))
     if detect_layout(path) == "factalign":
         cfg = _read_json(os.path.join(path, "config.json"))
         if cfg.get("base") is not None:
-            return base_weights_dir(_base_dir(path, cfg["base"]))
+            if os.path.realpath(path) in _seen:  # ("base": "." would recurse without end)
+                raise CheckpointError(f"{path}/config.json: field 'base': {cfg['base']!r} leads "
+                                      "back to this checkpoint (a loop of base pointers)")
+            return base_weights_dir(_base_dir(path, cfg["base"]), _seen + (os.path.realpath(path),))
     return os.path.realpath(path)
 
 
@@ -639,6 +661,13 @@ def _load_adapters(model, path, cfg, device, only_new=False):
     missing = sorted(set(own) - set(state))
     if missing:
         raise CheckpointError(f"{file}: key '{missing[0]}' is missing")
+    # LoRA weights on a projection the config's targets leave out would be dropped without a word
+    # (the model would not be the one trained)
+    names = set(cfg.get("adapters", {})) | set(cfg.get("heads", []))
+    extra = sorted(k for k in state if k.split(".")[1] in names and k not in own)
+    if extra:
+        raise CheckpointError(f"{file}: key '{extra[0]}' does not fit config.json (field "
+                              f"'adapters': {cfg.get('adapters')!r:.80})")
     with torch.no_grad():
         for k, t in own.items():
             if tuple(state[k].shape) != tuple(t.shape):
@@ -943,6 +972,10 @@ def load_peft_adapter(model, path, name):
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive "
                               "integer and a number")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:  # (a ValueError in nn.Dropout)
+        raise CheckpointError(f"{cfg_path}: field 'lora_dropout': expected a number in [0, 1), "
+                              f"got {dropout!r:.40}")
     names = ("adapter_model.safetensors", "adapter_model.bin")
     files = [f for f in names if os.path.exists(os.path.join(path, f))]
     if not files:
@@ -962,6 +995,9 @@ def load_peft_adapter(model, path, name):
     params = dict(model.named_parameters())
     for key in sorted(state):
         if key.endswith(".lora_B.weight"):
+            if key.replace("lora_B", "lora_A") not in state:  # (else dropped without a word)
+                raise CheckpointError(f"{file}: key '{key.replace('lora_B', 'lora_A')}' is "
+                                      "missing")
             continue
         if not key.endswith(".lora_A.weight"):
             raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
@@ -996,7 +1032,7 @@ def load_peft_adapter(model, path, name):
     if not text:
         return
     targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
-    model.add_adapter(name, r, alpha, float(cfg.get("lora_dropout") or 0.0), targets)
+    model.add_adapter(name, r, alpha, float(dropout), targets)
     with torch.no_grad():
         for i, lin in model.lora_linears():
             ad = lin.lora[name] if name in lin.lora else None

@@ -24,7 +24,7 @@ import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
-                        latest_checkpoint, load_checkpoint, resolve_checkpoint,
+                        latest_checkpoint, load_checkpoint, peft_base_dir, resolve_checkpoint,
                         save_checkpoint_files)
 from formats import DataError
 from model import CheckpointError, LLaVA
@@ -1069,8 +1069,11 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         path = resolve_checkpoint(init)
         if not is_peft_dir(path):  # a config.json that cannot work is named before the tokenizer
             detect_layout(path)  # (which reads it too, and would take the blame)
-        tok_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) or \
-            os.path.exists(os.path.join(path, "tokenizer.json")) else tokenizer_dir
+        has_tok = lambda p: any(os.path.exists(os.path.join(p, f))
+                                for f in ("tokenizer_config.json", "tokenizer.json"))
+        # a PEFT adapter is often saved without a tokenizer: its base's is the model's own
+        base = peft_base_dir(path) if is_peft_dir(path) and not has_tok(path) else None
+        tok_dir = path if has_tok(path) else base if base and has_tok(base) else tokenizer_dir
         if not tok_dir:
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
         tokenizer = load_tokenizer(tok_dir)
@@ -1080,6 +1083,15 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more "
                                   f"than the {model.config.vocab_size} embedding rows of the model "
                                   f"in {path}")
+        # an image id the tokenizer gives to text (not its '<image>') would make that text fill
+        # image slots: "N image tokens in input_ids, but ..." at the first batch
+        image_id = model.config.image_token_id
+        text_token = tokenizer.convert_ids_to_tokens(image_id) \
+            if 0 <= image_id < len(tokenizer) else None
+        if text_token not in (None, "<image>"):
+            raise CheckpointError(f"{path}: the model's image_token_id {image_id} is the token "
+                                  f"{text_token!r} of the tokenizer in {tok_dir}, not '<image>' "
+                                  "(config.json and tokenizer do not belong together)")
     else:
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -51,7 +51,7 @@ import oracle
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
-from checkpoint import resolve_checkpoint
+from checkpoint import is_peft_dir, resolve_checkpoint
 from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
@@ -1318,7 +1318,10 @@ def main(cfg):
         if not os.path.isdir(c):
             raise common.ConfigError(f"{c}: checkpoint directory not found "
                                      "(train one: python sft.py; or pass --ckpt DIR)")
-        path = os.path.join(resolve_checkpoint(c), "config.json")
+        # (a PEFT adapter folder has no config.json: its adapter_config.json names the base)
+        ckpt_dir = resolve_checkpoint(c)
+        path = os.path.join(ckpt_dir, "adapter_config.json" if is_peft_dir(ckpt_dir) else
+                            "config.json")
         try:
             with open(path) as f:
                 json.load(f)

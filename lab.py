@@ -851,6 +851,13 @@ def main(cfg):
     if not os.path.isdir(cfg.sft):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
+    # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
+    # replace --results with a report of nothing
+    every = plan(replace(cfg, claims=CLAIMS)).values()
+    if cfg.report_only and not any(os.path.exists(done) for _, _, done in every):
+        raise common.ConfigError(f"--out {cfg.out}: no finished run to report (--report_only "
+                                 f"true would replace {cfg.results} with an empty report); check "
+                                 "--out and --seeds")
     check_out_matches(cfg)
     runs, t0 = plan(cfg), time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -71,6 +71,10 @@ class ModelConfig:
             if isinstance(value, int) and value >= self.vocab_size:
                 raise CheckpointError(f"config: field '{name}': {value} is beyond the "
                                       f"{self.vocab_size} embedding rows (vocab_size)")
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:  # (a negative one: a torch
+            # error deep in the model's construction)
+            raise CheckpointError(f"config: field 'head_dim': must be 0 (hidden // heads) or a "
+                                  f"positive integer, got {self.head_dim!r}")
         if self.head_dim == 0:
             self.head_dim = self.hidden // self.heads
         if self.projector not in ("linear", "mlp2x_gelu"):
@@ -82,6 +86,7 @@ class ModelConfig:
         if self.heads % self.kv_heads:
             raise CheckpointError(f"config: heads {self.heads} is not a multiple of kv_heads "
                                   f"{self.kv_heads}")
+        self.vision_layers_run  # checked here, where the loader names the file (not mid-load)
 
     @property
     def num_patches(self):
@@ -97,7 +102,7 @@ class ModelConfig:
         s = self.vision_select_layer
         n = self.vision_layers + 1 + s if s < 0 else s
         if not 0 <= n <= self.vision_layers:
-            raise CheckpointError(f"config: vision_select_layer {s} is out of range for "
+            raise CheckpointError(f"config: field 'vision_select_layer': {s} is out of range for "
                                   f"{self.vision_layers} layers")
         return n
 

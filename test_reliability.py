@@ -51,6 +51,10 @@ def base_args(script, w, out):
     replace earlier ones: conftest.merge_flags)."""
     if script in ("shapes", "pipeline"):
         return ["--out", str(out)]
+    if script == "lab":
+        return ["--sft", w.sft, "--world", w.world, "--out", str(out)]
+    if script == "bench":
+        return ["--quick", "true", "--out", str(out)]
     return {
         "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4",
                 "--align_steps", "1", "--read_steps", "1", "--report", "false"],
@@ -943,6 +947,99 @@ BAD_INPUT += [
 ]
 
 
+def _drop_shard(d):
+    """model.safetensors split into two shards beside their index, the second shard gone (an
+    interrupted download)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(state)
+    shard = {k: f"model-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors"
+             for i, k in enumerate(keys)}
+    save_file({k: state[k] for k in keys[:len(keys) // 2]},
+              str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}))
+
+
+def _rm_adapter(t, name, **change):
+    """A copy of the reward model whose config.json entry for its 'reward' adapter has `change`."""
+    from checkpoint import resolve_checkpoint
+    cfg = json.load(open(os.path.join(resolve_checkpoint(t.w.rm), "config.json")))
+    return _rm_copy(t, name, adapters={"reward": dict(cfg["adapters"]["reward"], **change)})
+
+
+def _peft(t, name, config=(), weights=None):
+    """A PEFT LoRA adapter folder (no tokenizer, as PEFT saves one) on an llava-hf export of the SFT
+    checkpoint, its adapter_config.json updated with `config`, weights(state dict) applied."""
+    from checkpoint import export_llava_hf, export_peft_adapter, load_checkpoint
+    from safetensors.torch import load_file, save_file
+    base, d = t.root / "hf", t.root / name
+    export_llava_hf(load_checkpoint(t.w.sft), base)
+    m = load_checkpoint(base)
+    m.add_adapter("default", 2, 4, 0.0, ("q", "v"))
+    export_peft_adapter(m, d, "default", base=base)
+    cfg = json.load(open(d / "adapter_config.json"))
+    (d / "adapter_config.json").write_text(json.dumps(dict(cfg, **dict(config))))
+    if weights:
+        state = load_file(str(d / "adapter_model.safetensors"))
+        weights(state)
+        save_file(state, str(d / "adapter_model.safetensors"))
+    return str(d)
+
+
+def _drop_first_lora_a(state):
+    del state[min(k for k in state if k.endswith(".lora_A.weight"))]
+
+
+BAD_INPUT += [
+    # -- checkpoints whose config.json does not fit their weights or tokenizer (a traceback, a
+    # message naming no file, or a model silently not the one trained before these checks)
+    C("sft", "init-head-dim-negative", "--init whose config.json says head_dim -1",
+      lambda w, t: ["--init", t.ckpt("hd", _edit_model(head_dim=-1))],
+      ("hd/config", "field 'head_dim'", "got -1")),
+    C("vigc", "init-select-layer", "--init whose vision_select_layer is beyond its CLIP layers",
+      lambda w, t: ["--init", t.ckpt("far", _edit_model(vision_select_layer=50))],
+      ("far/config", "field 'vision_select_layer'", "50 is out of range")),
+    C("eval", "ckpt-image-token-is-text",
+      "--ckpt whose image_token_id is a text token of its tokenizer ('<s>': text in image slots)",
+      lambda w, t: ["--ckpt", t.ckpt("img", _edit_model(image_token_id=1))],
+      ("img", "image_token_id 1", "'<s>'", "not '<image>'")),
+    C("eval", "ckpt-more-layers", "--ckpt whose config.json says more layers than its weights hold",
+      lambda w, t: ["--ckpt", t.ckpt("deep", _edit_model(layers=3))],
+      ("deep", "no weight for 'text' 'layers.2.")),
+    C("dpo", "init-shard-missing", "--init whose index lists a shard that is not there",
+      lambda w, t: ["--init", t.ckpt("shards", _drop_shard)],
+      ("shards/model.safetensors.index.json", "'model-00002-of-00002.safetensors'", "is not in")),
+    C("ppo", "reward-base-loop", "--reward whose 'base' points at itself ('.')",
+      lambda w, t: ["--reward", _rm_copy(t, "loop", base=".")],
+      ("loop/config.json", "field 'base'", "loop of base pointers")),
+    C("ppo", "reward-adapter-dropout", "--reward whose adapter dropout is 5",
+      lambda w, t: ["--reward", _rm_adapter(t, "drop", dropout=5.0)],
+      ("drop/config.json", "field 'adapters.reward'", "'dropout': 5.0")),
+    C("ppo", "reward-adapter-target", "--reward whose adapter targets 'zz'",
+      lambda w, t: ["--reward", _rm_adapter(t, "zz", targets=["zz"])],
+      ("zz/config.json", "field 'adapters.reward'", "some of q, k, v")),
+    C("ppo", "reward-adapter-fewer-targets",
+      "--reward whose config.json lists fewer LoRA targets than adapters.safetensors holds",
+      lambda w, t: ["--reward", _rm_adapter(t, "few", targets=["q"])],
+      ("few/adapters.safetensors", "does not fit config.json")),
+    C("sft", "init-peft-dropout", "--init a PEFT adapter whose lora_dropout is 5",
+      lambda w, t: ["--init", _peft(t, "pd", config={"lora_dropout": 5.0})],
+      ("pd/adapter_config.json", "field 'lora_dropout'", "got 5.0")),
+    C("dpo", "init-peft-b-without-a", "--init a PEFT adapter holding a lora_B without its lora_A",
+      lambda w, t: ["--init", _peft(t, "pa", weights=_drop_first_lora_a)],
+      ("pa/adapter_model.safetensors", "lora_A.weight' is missing")),
+    # -- flags
+    C("lab", "report-only-nothing",
+      "--report_only true on an --out without finished runs (it would replace --results)",
+      lambda w, t: ["--report_only", "true", "--results", t.file("RESULTS.md", "# finished"),
+                    "--plots", str(t.root / "plots")],
+      ("--out", "no finished run to report", "RESULTS.md")),
+    C("bench", "image-size-below-patch", "--image_size smaller than the preset's patch size",
+      lambda w, t: ["--image_size", "7"], ("--image_size 7", "patch size 16")),
+]
+
+
 def tree_hashes(*roots):
     """{path: sha256} of every file under the given folders (what must not change); a run
     directory's .lock is left out (it holds the pid of the last process that wrote there, by
@@ -987,6 +1084,15 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     assert tree_hashes(tmp_path, w.sft, w.rm, w.world) == before
 
 
+def test_eval_takes_a_peft_adapter_folder(w, tmp_path):
+    """--ckpt a PEFT adapter folder (what --init takes): eval reads it, with its base's tokenizer
+    (it refused the folder for having no config.json)."""
+    t = T(w, tmp_path)
+    argv = base_args("eval", w, tmp_path / "out") + ["--ckpt", _peft(t, "peft")]
+    code, _, err = run_cli("eval", argv)
+    assert code == 0, err
+
+
 def run_main(main, argv):
     """(exit code, stdout, stderr) of main(argv) in this process."""
     import contextlib
@@ -1007,7 +1113,8 @@ def shapes_main(argv):
 
 def test_the_matrix_covers_every_script():
     assert len(BAD_INPUT) >= 100
-    scripts = {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline"}
+    scripts = {"sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline", "lab",
+               "bench"}
     assert {c.script for c in BAD_INPUT} == scripts
     assert len({(c.script, c.name) for c in BAD_INPUT}) == len(BAD_INPUT)
 
