@@ -851,6 +851,9 @@ def main(cfg):
     if not os.path.isdir(cfg.sft):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
+    for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise common.ConfigError(f"{flag} {path}: exists and is not a folder")
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
     every = plan(replace(cfg, claims=CLAIMS)).values()

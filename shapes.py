@@ -957,6 +957,10 @@ def _params(params):
         if pair[0] == pair[1]:
             raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} pairs a shape with "
                              "itself; a trigger brings a different shape")
+    pairs = parse_pairs(p["pairs"])
+    twice = [pair for i, pair in enumerate(pairs) if pair in pairs[:i]]
+    if twice:  # (it would count double where a held-out image picks the pair to leave alone)
+        raise ValueError(f"--pairs {p['pairs']}: {':'.join(twice[0])!r} given twice")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
