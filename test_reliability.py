@@ -1032,7 +1032,8 @@ BAD_INPUT += [
       ("pa/adapter_model.safetensors", "lora_A.weight' is missing")),
     # -- flags
     C("lab", "plots-is-file", "--plots naming a file (the plots go into a folder)",
-      lambda w, t: ["--plots", t.file("plots.png", "x")],
+      # (--report_only: without the check the case fails at once, instead of running a lab)
+      lambda w, t: ["--report_only", "true", "--plots", t.file("plots.png", "x")],
       ("--plots", "plots.png", "exists and is not a folder")),
     C("lab", "report-only-nothing",
       "--report_only true on an --out without finished runs (it would replace --results)",
