@@ -631,7 +631,9 @@ def main(cfg):
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
-    for p in prompts if oracle else []:  # every prompt's objects, before a step (a hand edit)
+    # look every prompt's image up now: one that hand-edited annotations lack is a DataError
+    # here (ByFile), not a failure at the first step that scores it
+    for p in prompts if oracle else []:
         objects[os.path.relpath(p["image"], cfg.world)]
     data_files = [cfg.data, cfg.captions]
     common.start_writing(cfg, d, data_files)
