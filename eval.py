@@ -215,7 +215,7 @@ def pope_questions(cfg, world):
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=not cfg.rescore)
         else:
             recs = read_pope(path, folder, check_images=not cfg.rescore)
-        _some(recs, path)
+        _nonempty(recs, path)
         suffix = cfg.pope_suffix.replace("\\n", "\n")
         for r in recs:
             split = str(r.get("category") or _split_of(path))
@@ -225,7 +225,7 @@ def pope_questions(cfg, world):
     return splits
 
 
-def _some(recs, path):
+def _nonempty(recs, path):
     """recs, unless a question file holds none: a benchmark of no question scores nothing (and
     CHAIR would read 0.0, a perfect score)."""
     if not recs:
@@ -294,7 +294,7 @@ def chair_questions(cfg, world):
     if cfg.chair_instances:
         return coco_chair_questions(cfg)
     path = os.path.join(world[0], "test_describe.json")
-    recs = _some(read_any_conversations(path, world[0]), path)
+    recs = _nonempty(read_any_conversations(path, world[0]), path)
     return [_shapes_question(r, path, world) for r in recs]
 
 
@@ -306,7 +306,7 @@ def mmhal_questions(cfg, world):
         folder = cfg.image_folder or None
     else:
         folder = os.path.join(world[0], "images", "test")
-    recs = _some(read_mmhal(path, folder), path)
+    recs = _nonempty(read_mmhal(path, folder), path)
     return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
@@ -323,7 +323,7 @@ def gavie_questions(cfg, world):
     qs = []
     for qt in shapes.QUESTION_TYPES:
         path = os.path.join(world[0], f"test_{qt}.json")
-        for r in _some(read_any_conversations(path, world[0]), path)[:per]:
+        for r in _nonempty(read_any_conversations(path, world[0]), path)[:per]:
             q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
             qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
     return qs

@@ -245,7 +245,8 @@ def main(cfg):
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
         if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
-            align_records = check_images(align_records, cfg.align_data)[0]  # before any step
+            checked = {r.get("image") for r in train_records}  # (decoded with --data already)
+            align_records = check_images(align_records, cfg.align_data, decoded=checked)[0]
         if align_steps and not align_records:
             raise DataError(cfg.align_data, message="no records: expected a non-empty JSON list "
                                                     "of captions")
