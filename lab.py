@@ -728,9 +728,10 @@ def reported_claims(cfg):
     return tuple(c for c in CLAIMS if c in cfg.claims or on_disk(c))
 
 
-# The anchor papers' models as published, on COCO (POPE) and MMHal-Bench, checked against each
-# paper's table on 2026-12-03: (model, where, POPE F1 random / popular / adversarial, POPE yes-ratio
-# averaged over the splits, MMHal score, MMHal hallucination rate); None: not in that table.
+# The anchor papers' models as published, on COCO (POPE) and MMHal-Bench, checked on 2026-12-03
+# against the POPE and LLaVA-1.5 papers' tables, and LLaVA-RLHF's through two transcriptions that
+# agree: (model, where, POPE F1 random / popular / adversarial, POPE yes-ratio averaged over the
+# splits, MMHal score, MMHal hallucination rate); None: not in that table.
 ANCHORS = [
     ("LLaVA-7B", "POPE paper (Li et al., EMNLP 2023), Table 3",
      (0.6865, 0.6772, 0.6698), (0.9537 + 0.9737 + 0.9910) / 3, None, None),
