@@ -365,9 +365,8 @@ def coco_chair_questions(cfg):
             if not isinstance(iid, (int, str)) or not isinstance(c.get("caption"), str):
                 raise DataError(cfg.chair_captions, i, "annotations",
                                 "expected {\"image_id\", \"caption\": string}")
-            if c.get("image_id") in present:
-                named = coco_objects(str(c.get("caption", "")), syn, cfg.chair_counting)
-                present[c["image_id"]].update(named)
+            if iid in present:
+                present[iid].update(coco_objects(c["caption"], syn, cfg.chair_counting))
     return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt,
              "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
@@ -394,10 +393,9 @@ def lrv_gavie_questions(cfg):
         if not isinstance(boxes.get(iid), list):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
         for j, b in enumerate(boxes[iid]):  # the judge prompt lists them after the answers
-            bbox = b.get("bbox", []) if isinstance(b, dict) else None
-            names = [b.get(k) for k in ("caption", "name")] if isinstance(b, dict) else [1]
-            if not isinstance(bbox, list) or any(x is not None and not isinstance(x, str)
-                                                 for x in names):
+            ok = isinstance(b, dict) and isinstance(b.get("bbox", []), list) \
+                and all(isinstance(b.get(k), (str, type(None))) for k in ("caption", "name"))
+            if not ok:
                 raise DataError(cfg.gavie_annotations, f"{iid!r} box {j}", None,
                                 "expected {\"caption\": string, \"bbox\": [x, y, w, h]}")
         name = iid if os.path.splitext(iid)[1] else iid + ".jpg"  # Visual Genome <image_id>.jpg

@@ -108,7 +108,7 @@ def _check_surrogates(path, obj):
             return None
         items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
         for k, v in items:
-            where = bad(k) if isinstance(k, str) else None
+            where = bad(k)  # (an int or list index: None)
             where = where if where is not None else bad(v)
             if where is not None:
                 return [k] + where

@@ -753,8 +753,8 @@ def anchor_section(base):
     head = ("| model | source | POPE F1 random | POPE F1 popular | POPE F1 adversarial | "
             "POPE yes-ratio | MMHal score | MMHal halluc. rate |")
     lines = [head, "|---" * 8 + "|"]
-    f1 = tuple(base.get(f"POPE F1 {s}") for s in ("random", "popular", "adversarial"))
-    rows = [("Shapes SFT baseline", "this lab (oracle, held-out test split)", f1,
+    shapes_f1 = tuple(base.get(f"POPE F1 {s}") for s in ("random", "popular", "adversarial"))
+    rows = [("Shapes SFT baseline", "this lab (oracle, held-out test split)", shapes_f1,
              base.get("POPE yes-ratio"), base.get("MMHal score"), base.get("MMHal halluc. rate"))]
     for model, source, f1, yes, score, rate in rows + ANCHORS:
         cells = [cell(x, ".3f") for x in (f1 or (None,) * 3)]
@@ -857,8 +857,8 @@ def main(cfg):
             raise common.ConfigError(f"{flag} {path}: exists and is not a folder")
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
-    every = plan(replace(cfg, claims=CLAIMS)).values()
-    if cfg.report_only and not any(os.path.exists(done) for _, _, done in every):
+    if cfg.report_only and not any(os.path.exists(done) for _, _, done in
+                                   plan(replace(cfg, claims=CLAIMS)).values()):
         raise common.ConfigError(f"--out {cfg.out}: no finished run to report (--report_only "
                                  f"true would replace {cfg.results} with an empty report); check "
                                  "--out and --seeds")

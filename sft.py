@@ -247,17 +247,14 @@ def main(cfg):
         if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
             checked = {r.get("image") for r in train_records}  # (decoded with --data already)
             align_records = check_images(align_records, cfg.align_data, decoded=checked)[0]
-        if align_steps and not align_records:
-            raise DataError(cfg.align_data, message="no records: expected a non-empty JSON list "
-                                                    "of captions")
+            if not align_records:
+                raise DataError(cfg.align_data, message="no records: expected a non-empty JSON "
+                                                        "list of captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
         if align_steps and len(align) == 0:  # (a stage of no data: no step knows its batch)
             raise common.ConfigError(f"--align_data {cfg.align_data}: no caption fits --max_len "
                                      f"{cfg.max_len} ({align.dropped} dropped)")
     read = Tokenized(read_records, tokenizer, model.config, cfg, images) if reading else None
-    if reading and not read_records:
-        raise DataError(cfg.read_data, message="no records: expected a non-empty JSON list of "
-                                               "conversations")
     if reading and len(read) == 0:
         raise common.ConfigError(f"--read_data {cfg.read_data}: no conversation fits --max_len "
                                  f"{cfg.max_len} ({read.dropped} dropped)")
@@ -345,6 +342,9 @@ def load_read_records(cfg, train_records):
     records, skipped = got if on_error == "skip" else (got, [])
     checked = {r.get("image") for r in train_records}
     records, bad = check_images(records, cfg.read_data, on_error, decoded=checked)
+    if not records:
+        raise DataError(cfg.read_data, message="no records: expected a non-empty JSON list of "
+                                               "conversations")
     return records, skipped + bad
 
 

@@ -925,15 +925,16 @@ def load_world(world_dir):
             raise DataError(path, f"images[{i}]", "file_name",
                             f"expected images/SPLIT/NNNNNN.png, got {img['file_name']!r}")
         imgs.append(dict(img, objects=objs[img["id"]], index=int(stem)))
-    by_file = ByFile({i["file_name"]: i["objects"] for i in imgs})
-    by_file.path = path
+    by_file = ByFile(path, {i["file_name"]: i["objects"] for i in imgs})
     return {"info": ann["info"], "images": imgs, "by_file": by_file}
 
 
 class ByFile(dict):
     """{file_name: objects}; an image that the other files of a (hand-edited) world name but the
     annotations lack is a DataError, not a KeyError deep inside a stage."""
-    path = "annotations.json"
+    def __init__(self, path, objects_by_file):
+        super().__init__(objects_by_file)
+        self.path = path
 
     def __missing__(self, key):
         raise DataError(self.path, None, "images", f"no image {key!r}, which a file of the world "
@@ -950,17 +951,16 @@ def _params(params):
         problem = check_value(key, p[key], rule)
         if problem:
             raise ValueError(problem)
-    for pair in parse_pairs(p["pairs"]):
+    pairs = parse_pairs(p["pairs"])
+    for i, pair in enumerate(pairs):
         if len(pair) != 2 or pair[0] not in SHAPES or pair[1] not in SHAPES:
             raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes "
                              f"{', '.join(SHAPES)}; got {':'.join(pair)!r}")
         if pair[0] == pair[1]:
             raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} pairs a shape with "
                              "itself; a trigger brings a different shape")
-    pairs = parse_pairs(p["pairs"])
-    twice = [pair for i, pair in enumerate(pairs) if pair in pairs[:i]]
-    if twice:  # (it would count double where a held-out image picks the pair to leave alone)
-        raise ValueError(f"--pairs {p['pairs']}: {':'.join(twice[0])!r} given twice")
+        if pair in pairs[:i]:  # (it would count double where a held-out image picks a pair)
+            raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} given twice")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
         raise ValueError("image_size must be grid * cell with cells of at least 15 px")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
