@@ -946,6 +946,25 @@ def peft_base_dir(path):
                           f"directory; load the base model, then load_adapters(model, {path!r})")
 
 
+def _peft_names_rule(names, field, cfg_path, absent):
+    """PEFT's match of a module name against target_modules or exclude_modules
+    (peft.tuners.tuners_utils.check_target_module_exists): a string full-matches as a regex, a list
+    matches a name or its last dotted parts; None (and 'all-linear', expanded by PEFT from the
+    model): `absent`. (layers_to_transform is not applied: weights it leaves out pass.)"""
+    if names is None or names == [] or names == "all-linear":
+        return lambda module: absent
+    if isinstance(names, str):
+        try:
+            rule = re.compile(names)
+        except re.error as e:
+            raise CheckpointError(f"{cfg_path}: field '{field}': not a regex ({e})")
+        return lambda module: rule.fullmatch(module) is not None
+    if isinstance(names, list) and all(isinstance(t, str) for t in names):
+        return lambda module: any(module == t or module.endswith("." + t) for t in names)
+    raise CheckpointError(f"{cfg_path}: field '{field}': expected a regex string or a list of "
+                          f"module names, got {names!r:.60}")
+
+
 def load_peft_adapter(model, path, name):
     """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA
     keys). LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on
@@ -976,6 +995,8 @@ def load_peft_adapter(model, path, name):
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:  # (a ValueError in nn.Dropout)
         raise CheckpointError(f"{cfg_path}: field 'lora_dropout': expected a number in [0, 1), "
                               f"got {dropout!r:.40}")
+    targeted = _peft_names_rule(cfg.get("target_modules"), "target_modules", cfg_path, True)
+    excluded = _peft_names_rule(cfg.get("exclude_modules"), "exclude_modules", cfg_path, False)
     names = ("adapter_model.safetensors", "adapter_model.bin")
     files = [f for f in names if os.path.exists(os.path.join(path, f))]
     if not files:
@@ -1003,6 +1024,11 @@ def load_peft_adapter(model, path, name):
             raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
                                   "or saved modules are not supported)")
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        if excluded(module) or not targeted(module):  # PEFT: no LoRA there, its weights dropped
+            field = "exclude_modules" if excluded(module) else "target_modules"
+            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.80} leaves out "
+                                  f"'{module}', which {os.path.basename(file)} holds LoRA "
+                                  "weights for")
         if key.replace("lora_A", "lora_B") not in state:
             raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
         A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()

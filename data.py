@@ -247,6 +247,14 @@ def _decodes(path):
         return f"{type(e).__name__}: {str(e)[:80]}"
 
 
+def require_records(records, file, what):
+    """records, or a DataError naming file when it holds none: a stage of no data has no step to
+    take, and a validation file of none would report nothing without saying so."""
+    if not records:
+        raise DataError(file, message=f"no records: expected a non-empty JSON list of {what}")
+    return records
+
+
 def check_images(records, file, on_error="raise", field="image", decoded=()):
     """Decode every record's image once before training starts (threads: decoding mostly releases
     the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,

@@ -57,7 +57,7 @@ import common
 import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
-                  reward_item, reward_item_from_ids, tokenize_conversation)
+                  require_records, reward_item, reward_item_from_ids, tokenize_conversation)
 from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
@@ -371,9 +371,14 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
     path = cfg.data
     recs = read_rl_prompts(path, cfg.image_folder or None, captions_path=cfg.captions or None,
                            need_captions=need_captions)
-    if not recs:  # (not "no prompt fits --max_prompt_len": there is none)
-        raise DataError(path, message="no records: expected a non-empty JSON list of RL prompts")
+    require_records(recs, path, "RL prompts")  # (not "no prompt fits --max_prompt_len")
     check_images(recs, path)  # every image decodes, before any step
+    for i, r in enumerate(recs):  # a length term past float32 would stop the run mid-way
+        term = torch.tensor(cfg.length_penalty * r["length_bonus"], dtype=torch.float32)
+        if not torch.isfinite(term):
+            raise DataError(path, f"{i} (id {r.get('id')!r})", "length_bonus",
+                            f"{r['length_bonus']:g} x --length_penalty {cfg.length_penalty:g} "
+                            "overflows a float32 reward")
     c, out = model.config, []
     for r in recs:
         t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens,

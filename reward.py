@@ -40,7 +40,7 @@ import common
 import oracle
 import shapes
 from data import (ImageCache, check_images, collate, normalize,
-                  read_llava_rlhf_preference, reward_item)
+                  read_llava_rlhf_preference, require_records, reward_item)
 from checkpoint import resolve_checkpoint
 
 
@@ -126,7 +126,8 @@ def load_pairs(cfg, d, model, tokenizer):
                                                    need_captions=cfg.facts)
     train = check_images(read(cfg.data), cfg.data)[0]  # every image decodes, before any step
     if cfg.val_data:
-        val = check_images(read(cfg.val_data)[:cfg.eval_size], cfg.val_data)[0]
+        val = require_records(read(cfg.val_data), cfg.val_data, "preference pairs")
+        val = check_images(val[:cfg.eval_size], cfg.val_data)[0]
     else:  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
         g = torch.Generator().manual_seed(cfg.seed)
         perm = torch.randperm(len(train), generator=g).tolist()

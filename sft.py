@@ -38,8 +38,8 @@ import common
 import oracle
 import shapes
 from model import PRESETS
-from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, pack,
-                  read_any_conversations, tokenize_conversation)
+from data import (IGNORE, ImageCache, check_images, collate, load_json, normalize, pack,
+                  read_any_conversations, require_records, tokenize_conversation)
 
 
 @dataclass
@@ -149,9 +149,10 @@ def load_records(cfg):
     # every file empty: say so (not "0 of 0 conversations do not fit --max_len"); an empty file
     # beside others adds nothing (VIGC's generated files can be empty after a weak run)
     if len(empty) == len(specs):
-        raise DataError(empty[0], message="no records: expected a non-empty JSON list of "
-                                          "conversations")
+        require_records([], empty[0], "conversations")
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
+    if cfg.val_data:  # (a file of none would validate nothing without saying so)
+        require_records(val, cfg.val_data, "conversations")
     # validation images decode too, before any step (not at the first evaluation)
     val = check_images(val, cfg.val_data, decoded={r.get("image") for r in train})[0]
     return train, val, skipped
@@ -247,9 +248,7 @@ def main(cfg):
         if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
             checked = {r.get("image") for r in train_records}  # (decoded with --data already)
             align_records = check_images(align_records, cfg.align_data, decoded=checked)[0]
-            if not align_records:
-                raise DataError(cfg.align_data, message="no records: expected a non-empty JSON "
-                                                        "list of captions")
+            require_records(align_records, cfg.align_data, "captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
         if align_steps and len(align) == 0:  # (a stage of no data: no step knows its batch)
             raise common.ConfigError(f"--align_data {cfg.align_data}: no caption fits --max_len "
@@ -342,10 +341,7 @@ def load_read_records(cfg, train_records):
     records, skipped = got if on_error == "skip" else (got, [])
     checked = {r.get("image") for r in train_records}
     records, bad = check_images(records, cfg.read_data, on_error, decoded=checked)
-    if not records:
-        raise DataError(cfg.read_data, message="no records: expected a non-empty JSON list of "
-                                               "conversations")
-    return records, skipped + bad
+    return require_records(records, cfg.read_data, "conversations"), skipped + bad
 
 
 def run_stages(cfg, align, align_steps, read, read_steps, train):

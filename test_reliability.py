@@ -883,6 +883,9 @@ BAD_INPUT += [
       lambda w, t: ["--data", t.file("rl.json", json.dumps(t.records(
           "rl_prompts.json", length_bonus="HUGE")).replace('"HUGE"', "1" + "0" * 400))],
       ("rl.json", "record 0", "field 'length_bonus'", "an integer of 401 digits")),
+    C("ppo", "length-bonus-huge-float", "length_bonus 1e308: finite, but not times the penalty",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", length_bonus=1e308))],
+      ("rl.json", "record 0", "field 'length_bonus'", "overflows a float32 reward")),
     # -- every image a stage reads decodes before the first step (and before --overwrite)
     C("sft", "val-png-no-pixels", "--val_data naming a PNG that does not decode",
       lambda w, t: ["--val_data", _sft_file(t, "val.json", _png_that_does_not_decode(
@@ -895,6 +898,17 @@ BAD_INPUT += [
     C("sft", "align-no-records", "--align_data holding an empty list (a stage of no data)",
       lambda w, t: ["--max_steps", "4", "--align_data", t.file("align.json", [])],
       ("align.json", "no records")),
+    C("sft", "val-no-records", "--val_data holding an empty list (it would validate nothing)",
+      lambda w, t: ["--val_data", t.file("val.json", [])], ("val.json", "no records")),
+    C("reward", "val-no-records", "--val_data holding an empty list (no held-out accuracy)",
+      lambda w, t: ["--val_data", t.file("val.json", [])], ("val.json", "no records")),
+    # -- --resume in a run folder another stage wrote (it named a field that differs)
+    C("reward", "resume-sft-run", "--resume where sft.py's run is (another stage's config)",
+      lambda w, t: ["--resume", "true", "--overwrite", "false"],
+      ("checkpoint-000003", "--resume", "another stage", "has no field")),
+    C("dpo", "resume-reward-run", "--resume where reward.py's run is (another stage's config)",
+      lambda w, t: ["--resume", "true", "--overwrite", "false"],
+      ("--resume", "another stage", "has no field"), out_from="rm"),
     # -- eval's public formats: records of the wrong shape, and files of no question
     C("eval", "pope-no-records", "a POPE file holding an empty list (it would score nothing)",
       lambda w, t: ["--pope_files", t.file("pope.json", [])], ("pope.json", "no records")),
@@ -1030,6 +1044,15 @@ BAD_INPUT += [
     C("dpo", "init-peft-b-without-a", "--init a PEFT adapter holding a lora_B without its lora_A",
       lambda w, t: ["--init", _peft(t, "pa", weights=_drop_first_lora_a)],
       ("pa/adapter_model.safetensors", "lora_A.weight' is missing")),
+    C("sft", "peft-targets-leave-out", "PEFT adapter whose target_modules leave out its v_proj",
+      lambda w, t: ["--init", _peft(t, "pt", config={"target_modules": ["q_proj"]})],
+      ("pt/adapter_config.json", "field 'target_modules'", "leaves out", "v_proj")),
+    C("sft", "peft-excluded-module", "PEFT adapter whose exclude_modules name a module it holds",
+      lambda w, t: ["--init", _peft(t, "px", config={"exclude_modules": ["v_proj"]})],
+      ("px/adapter_config.json", "field 'exclude_modules'", "leaves out", "v_proj")),
+    C("sft", "peft-targets-bad-regex", "PEFT adapter whose target_modules is not a regex",
+      lambda w, t: ["--init", _peft(t, "pr", config={"target_modules": "(q_proj"})],
+      ("pr/adapter_config.json", "field 'target_modules'", "not a regex")),
     # -- flags
     C("lab", "plots-is-file", "--plots naming a file (the plots go into a folder)",
       # (--report_only: without the check the case fails at once, instead of running a lab)
