@@ -951,7 +951,7 @@ def _peft_names_rule(names, field, cfg_path, absent):
     (peft.tuners.tuners_utils.check_target_module_exists): a string full-matches as a regex, a list
     matches a name or its last dotted parts; None (and 'all-linear', expanded by PEFT from the
     model): `absent`. (layers_to_transform is not applied: weights it leaves out pass.)"""
-    if names is None or names == [] or names == "all-linear":
+    if names is None or names == [] or str(names).lower() == "all-linear":
         return lambda module: absent
     if isinstance(names, str):
         try:
@@ -963,6 +963,23 @@ def _peft_names_rule(names, field, cfg_path, absent):
         return lambda module: any(module == t or module.endswith("." + t) for t in names)
     raise CheckpointError(f"{cfg_path}: field '{field}': expected a regex string or a list of "
                           f"module names, got {names!r:.60}")
+
+
+# llava-hf module prefixes before transformers 4.52 and after
+LLAVA_HF_RENAMES = (("language_model.model.", "model.language_model."),
+                    ("language_model.lm_head", "lm_head"),
+                    ("vision_tower.", "model.vision_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def _llava_hf_layouts(module):
+    """A module name as written, and in the other llava-hf layout if it is in one."""
+    for old, new in LLAVA_HF_RENAMES:
+        if module.startswith(old):
+            return [module, new + module[len(old):]]
+        if module.startswith(new):
+            return [module, old + module[len(new):]]
+    return [module]
 
 
 def load_peft_adapter(model, path, name):
@@ -1024,8 +1041,11 @@ def load_peft_adapter(model, path, name):
             raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
                                   "or saved modules are not supported)")
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
-        if excluded(module) or not targeted(module):  # PEFT: no LoRA there, its weights dropped
-            field = "exclude_modules" if excluded(module) else "target_modules"
+        # PEFT gives a module it does not target no LoRA and drops its weights; PEFT may rename
+        # llava-hf keys between layouts before matching, so a name passes in either layout
+        names = _llava_hf_layouts(module)
+        if not any(targeted(n) and not excluded(n) for n in names):
+            field = "exclude_modules" if any(map(excluded, names)) else "target_modules"
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.80} leaves out "
                                   f"'{module}', which {os.path.basename(file)} holds LoRA "
                                   "weights for")

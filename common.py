@@ -859,10 +859,11 @@ def load_resume(out_dir, run_config, generators=None):
     # differs would name one of them, which says nothing about what went wrong)
     absent = [k for k in now if k not in RESUME_FREE_FIELDS and k not in was]
     if absent:
-        raise ConfigError(f"{path}: --resume: this run's config has no field "
-                          f"{', '.join(map(repr, absent[:3]))}{', ...' if len(absent) > 3 else ''}"
-                          " of this script's: another stage (or an older version) wrote it; "
-                          "resume it with that stage, or pass another --out")
+        fields = ", ".join(map(repr, absent[:3])) + (", ..." if len(absent) > 3 else "")
+        raise ConfigError(f"{path}: --resume: this run's config lacks this script's field"
+                          f"{'s' if len(absent) > 1 else ''} {fields}: another stage or an older "
+                          "factalign wrote it; resume with the stage and version that wrote it, "
+                          "or pass another --out")
     diff = [k for k in now if k not in RESUME_FREE_FIELDS and _norm(now[k]) != _norm(was.get(k))]
     if diff:
         k = diff[0]

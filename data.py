@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # DataError: one-line user errors, see formats.py
-from formats import DataError, IMAGE, read_text  # noqa: F401
+from formats import DataError, IMAGE, read_text, record_label  # noqa: F401
 from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
                      read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
                      read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
@@ -267,7 +267,7 @@ def check_images(records, file, on_error="raise", field="image", decoded=()):
     good, skipped = [], []
     for i, r in enumerate(records):
         if r.get("image") in broken:
-            err = DataError(file, f"{i} (id {r.get('id')!r})", field,
+            err = DataError(file, record_label(i, r), field,
                             f"cannot decode image {r['image']} ({broken[r['image']]})")
             if on_error == "raise":
                 raise err

@@ -120,7 +120,7 @@ def _check_surrogates(path, obj):
     def name(keys):  # (a key may be the bad string: printed escaped)
         return ".".join(str(k) for k in keys).encode("utf-8", "backslashreplace").decode() or None
     if isinstance(obj, list):
-        raise DataError(path, _label(where[0], obj[where[0]]), name(where[1:]), message)
+        raise DataError(path, record_label(where[0], obj[where[0]]), name(where[1:]), message)
     raise DataError(path, None, name(where), message)
 
 
@@ -164,7 +164,7 @@ def _records(path, wrapper=None):
     return obj
 
 
-def _label(i, r):
+def record_label(i, r):
     for k in ("id", "question_id", "filename"):
         value = r.get(k) if isinstance(r, dict) else None
         if isinstance(value, (str, int)) and not isinstance(value, bool):
@@ -187,7 +187,7 @@ def _each(path, items, fn, on_error):
             if v is not None:  # None: left out on purpose (e.g. another split)
                 out.append(v)
         except DataError as e:
-            err = DataError(path, _label(i, r), e.field, e.message)
+            err = DataError(path, record_label(i, r), e.field, e.message)
             if on_error == "raise":
                 raise err from None
             skipped.append(str(err))
@@ -369,7 +369,7 @@ def read_any_conversations(path, image_folder=None, fmt="auto", check_images=Tru
         elif {"image_id", "question"} <= set(first):
             fmt = "lrv"
         else:
-            raise DataError(path, _label(0, first), "conversations",
+            raise DataError(path, record_label(0, first), "conversations",
                             "missing (expected LLaVA instruct 'conversations', or "
                             "LRV-Instruction 'image_id', 'question', 'answer')")
     if fmt not in ("llava", "lrv"):

@@ -57,7 +57,8 @@ import common
 import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
-                  require_records, reward_item, reward_item_from_ids, tokenize_conversation)
+                  record_label, require_records, reward_item, reward_item_from_ids,
+                  tokenize_conversation)
 from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
@@ -373,12 +374,18 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
                            need_captions=need_captions)
     require_records(recs, path, "RL prompts")  # (not "no prompt fits --max_prompt_len")
     check_images(recs, path)  # every image decodes, before any step
-    for i, r in enumerate(recs):  # a length term past float32 would stop the run mid-way
-        term = torch.tensor(cfg.length_penalty * r["length_bonus"], dtype=torch.float32)
-        if not torch.isfinite(term):
-            raise DataError(path, f"{i} (id {r.get('id')!r})", "length_bonus",
-                            f"{r['length_bonus']:g} x --length_penalty {cfg.length_penalty:g} "
-                            "overflows a float32 reward")
+    # the length term as sequence_reward computes it, at its longest: past float32 it would stop
+    # the run at the first step's non-finite guard
+    longest = lambda bonus: cfg.length_penalty * bonus * float(cfg.max_new_tokens)
+    if not torch.isfinite(longest(torch.tensor(1.0))):
+        raise common.ConfigError(f"--length_penalty {cfg.length_penalty:g}: x --max_new_tokens "
+                                 f"{cfg.max_new_tokens} overflows a float32 reward")
+    for i, r in enumerate(recs):
+        bonus = torch.tensor(r["length_bonus"], dtype=torch.float32)
+        if not (torch.isfinite(bonus) and torch.isfinite(longest(bonus))):
+            raise DataError(path, record_label(i, r), "length_bonus",
+                            f"{r['length_bonus']:g} x --length_penalty {cfg.length_penalty:g} x "
+                            f"--max_new_tokens {cfg.max_new_tokens} overflows a float32 reward")
     c, out = model.config, []
     for r in recs:
         t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens,

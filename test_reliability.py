@@ -886,6 +886,16 @@ BAD_INPUT += [
     C("ppo", "length-bonus-huge-float", "length_bonus 1e308: finite, but not times the penalty",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", length_bonus=1e308))],
       ("rl.json", "record 0", "field 'length_bonus'", "overflows a float32 reward")),
+    C("ppo", "length-bonus-times-length", "length_bonus 1e38: a float32, but not x the length",
+      lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", length_bonus=1e38))],
+      ("rl.json", "record 0", "field 'length_bonus'", "overflows a float32 reward")),
+    C("ppo", "length-bonus-no-penalty", "length_bonus 1e39 with --length_penalty 0 (0 x inf)",
+      lambda w, t: ["--length_penalty", "0", "--data", t.file(
+          "rl.json", t.records("rl_prompts.json", length_bonus=1e39))],
+      ("rl.json", "record 0", "field 'length_bonus'", "overflows a float32 reward")),
+    C("ppo", "length-penalty-huge", "--length_penalty 1e39 (no float32 reward holds it)",
+      lambda w, t: ["--length_penalty", "1e39"],
+      ("--length_penalty 1e+39: x --max_new_tokens", "overflows")),
     # -- every image a stage reads decodes before the first step (and before --overwrite)
     C("sft", "val-png-no-pixels", "--val_data naming a PNG that does not decode",
       lambda w, t: ["--val_data", _sft_file(t, "val.json", _png_that_does_not_decode(
@@ -905,10 +915,10 @@ BAD_INPUT += [
     # -- --resume in a run folder another stage wrote (it named a field that differs)
     C("reward", "resume-sft-run", "--resume where sft.py's run is (another stage's config)",
       lambda w, t: ["--resume", "true", "--overwrite", "false"],
-      ("checkpoint-000003", "--resume", "another stage", "has no field")),
+      ("checkpoint-000003", "--resume", "another stage", "lacks this script's fields")),
     C("dpo", "resume-reward-run", "--resume where reward.py's run is (another stage's config)",
       lambda w, t: ["--resume", "true", "--overwrite", "false"],
-      ("--resume", "another stage", "has no field"), out_from="rm"),
+      ("--resume", "another stage", "lacks this script's fields"), out_from="rm"),
     # -- eval's public formats: records of the wrong shape, and files of no question
     C("eval", "pope-no-records", "a POPE file holding an empty list (it would score nothing)",
       lambda w, t: ["--pope_files", t.file("pope.json", [])], ("pope.json", "no records")),
@@ -1119,6 +1129,21 @@ def test_eval_takes_a_peft_adapter_folder(w, tmp_path):
     argv = base_args("eval", w, tmp_path / "out") + ["--ckpt", _peft(t, "peft")]
     code, _, err = run_cli("eval", argv)
     assert code == 0, err
+
+
+def test_peft_target_rules_pass_what_peft_loads(w, tmp_path):
+    """target_modules as PEFT writes them load: 'all-linear' in any case, bare names, and a regex
+    written for either llava-hf layout (PEFT may rename the keys before matching)."""
+    from checkpoint import load_checkpoint, load_peft_adapter
+    t = T(w, tmp_path)
+    layers = r"language_model\.{}layers\.\d+\.self_attn\.(q|v)_proj"
+    for name, targets in [("al", "ALL-LINEAR"), ("bare", ["q_proj", "v_proj"]),
+                          ("new", "model\\." + layers.format("")),
+                          ("old", layers.format("model\\."))]:
+        d = _peft(t, name, config={"target_modules": targets})
+        m = load_checkpoint(t.root / "hf")
+        load_peft_adapter(m, d, "default")
+        assert m.adapters["default"]["targets"] == ["q", "v"], name
 
 
 def run_main(main, argv):
