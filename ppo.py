@@ -376,7 +376,8 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
     check_images(recs, path)  # every image decodes, before any step
     # the length term as sequence_reward computes it, at its longest: past float32 it would stop
     # the run at the first step's non-finite guard
-    longest = lambda bonus: cfg.length_penalty * bonus * float(cfg.max_new_tokens)
+    def longest(bonus):  # float32, as the rollout's tensors are
+        return cfg.length_penalty * bonus * float(cfg.max_new_tokens)
     if not torch.isfinite(longest(torch.tensor(1.0))):
         raise common.ConfigError(f"--length_penalty {cfg.length_penalty:g}: x --max_new_tokens "
                                  f"{cfg.max_new_tokens} overflows a float32 reward")

@@ -149,7 +149,7 @@ def load_records(cfg):
     # every file empty: say so (not "0 of 0 conversations do not fit --max_len"); an empty file
     # beside others adds nothing (VIGC's generated files can be empty after a weak run)
     if len(empty) == len(specs):
-        require_records([], empty[0], "conversations")
+        require_records(train, empty[0], "conversations")  # (train is empty)
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
     if cfg.val_data:  # (a file of none would validate nothing without saying so)
         require_records(val, cfg.val_data, "conversations")
