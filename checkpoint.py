@@ -1043,9 +1043,9 @@ def load_peft_adapter(model, path, name):
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
         # PEFT gives a module it does not target no LoRA and drops its weights; PEFT may rename
         # llava-hf keys between layouts before matching, so a name passes in either layout
-        names = _llava_hf_layouts(module)
-        if not any(targeted(n) and not excluded(n) for n in names):
-            field = "exclude_modules" if any(map(excluded, names)) else "target_modules"
+        layouts = _llava_hf_layouts(module)
+        if not any(targeted(n) and not excluded(n) for n in layouts):
+            field = "exclude_modules" if any(map(excluded, layouts)) else "target_modules"
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.80} leaves out "
                                   f"'{module}', which {os.path.basename(file)} holds LoRA "
                                   "weights for")
