@@ -73,35 +73,54 @@ def render_plain(turns):
 # ----------------------------------------------------------------------------------------
 
 def _tokenize_with_offsets(tokenizer, text):
-    """ids and char offsets, tokenizing the text the way LLaVA's tokenizer_image_token does: split
-    at '<image>', each chunk tokenized on its own (the first with BOS), one placeholder id (None)
-    where '<image>' was. A chunk after '<image>' is tokenized as it reads after a special token
-    (behind BOS, which is then dropped), so it gets what transformers' LlavaProcessor gives the
-    same text: legacy
-    Llama tokenizers prepend '▁' there (as LLaVA's sentencepiece chunks do), tokenizers whose
-    pre-tokenizer adds '▁' only at the start of the text do not ('\nWhat', not '▁\nWhat')."""
-    chunks = text.split(IMAGE)
-    ids, offsets, base = [], [], 0
-    bos = tokenizer.bos_token
-    for i, chunk in enumerate(chunks):
-        if i > 0:
+    """ids and char offsets of one text (_tokenize_many_with_offsets)."""
+    return _tokenize_many_with_offsets(tokenizer, [text])[0]
+
+
+def _tokenize_many_with_offsets(tokenizer, texts):
+    """(ids, char offsets as an (n, 2) array) of each text, tokenized the way LLaVA's
+    tokenizer_image_token does: split at '<image>', each chunk tokenized on its own (the first with
+    BOS), one placeholder id (None) where '<image>' was. A chunk after '<image>' is tokenized as it
+    reads after a special token (behind BOS, which is then dropped), so it gets what transformers'
+    LlavaProcessor gives the same text: legacy Llama tokenizers prepend '▁' there (as LLaVA's
+    sentencepiece chunks do), tokenizers whose pre-tokenizer adds '▁' only at the start of the text
+    do not ('\nWhat', not '▁\nWhat'). All chunks go to the tokenizer in two batch calls (a fast
+    tokenizer encodes each text of a batch alone: the ids of one call per chunk; the per-call
+    overhead was most of sft.py's start-up)."""
+    bos = tokenizer.bos_token or ""
+    chunks = [text.split(IMAGE) for text in texts]
+    firsts = [c[0] for c in chunks]
+    rests = [bos + chunk for c in chunks for chunk in c[1:]]
+    first_enc = _encode_batch(tokenizer, firsts, add_special_tokens=True)
+    rest_enc = iter(_encode_batch(tokenizer, rests, add_special_tokens=False))
+    out = []
+    for text_chunks, (first_ids, first_offsets) in zip(chunks, first_enc):
+        ids, offsets = list(first_ids), [np.asarray(first_offsets, dtype=np.int64).reshape(-1, 2)]
+        base = len(text_chunks[0]) + len(IMAGE)
+        for chunk in text_chunks[1:]:
             ids.append(None)
-            offsets.append((base - len(IMAGE), base))
-        shift = 0
-        if i > 0 and bos:
-            enc = tokenizer(bos + chunk, add_special_tokens=False, return_offsets_mapping=True)
-            # BOS is split off as a special token
-            if enc["input_ids"][:1] == [tokenizer.bos_token_id]:
-                enc = {k: v[1:] for k, v in enc.items()}
-                shift = len(bos)
-            else:
-                enc = None
-        if i == 0 or not bos or enc is None:
-            enc = tokenizer(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
-        ids += enc["input_ids"]
-        offsets += [(a + base - shift, b + base - shift) for a, b in enc["offset_mapping"]]
-        base += len(chunk) + len(IMAGE)
-    return ids, offsets
+            offsets.append(np.array([[base - len(IMAGE), base]], dtype=np.int64))
+            chunk_ids, chunk_offsets = next(rest_enc)
+            shift = len(bos)
+            if bos and chunk_ids[:1] == [tokenizer.bos_token_id]:  # BOS split off: drop it
+                chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+            elif bos:  # BOS did not split off: the chunk alone
+                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                chunk_ids, chunk_offsets, shift = enc["input_ids"], enc["offset_mapping"], 0
+            ids += chunk_ids
+            chunk_offsets = np.asarray(chunk_offsets, dtype=np.int64).reshape(-1, 2)
+            offsets.append(chunk_offsets + (base - shift))
+            base += len(chunk) + len(IMAGE)
+        out.append((ids, np.concatenate(offsets)))
+    return out
+
+
+def _encode_batch(tokenizer, texts, add_special_tokens):
+    """[(ids, char offsets)] of each text, in one call of the tokenizer."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
 def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, max_len=2048,
@@ -112,7 +131,39 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
     it is cut at the end; never inside the image tokens, and at least part of the first learned
     answer must survive, else None is returned (the caller counts the drop).
     A conversation ending with a human turn gives a generation prompt (no labels learned)."""
-    text, spans = render(turns, template)
+    return tokenize_conversations(tokenizer, [turns], image_token_id, num_image_tokens, max_len,
+                                  template, train_on)[0]
+
+
+# conversations per batch call: the tokenizer's Python lists of ids and offsets for LLaVA's 665k
+# conversations at once would take tens of GB; the tensors made from them take a few
+TOKENIZE_CHUNK = 1024
+
+
+def tokenize_conversations(tokenizer, conversations, image_token_id, num_image_tokens,
+                           max_len=2048, template="vicuna_v1", train_on="all"):
+    """tokenize_conversation of each conversation (a list of turn lists), the texts tokenized
+    together (the same ids and labels as one call each, a few times faster). A conversation the
+    template cannot render raises render's ValueError, its .index the conversation's."""
+    rendered = []
+    for i, turns in enumerate(conversations):
+        try:
+            rendered.append(render(turns, template))
+        except ValueError as e:
+            e.index = i
+            raise
+    out = []
+    for at in range(0, len(rendered), TOKENIZE_CHUNK):
+        part = slice(at, at + TOKENIZE_CHUNK)
+        tokenized = _tokenize_many_with_offsets(tokenizer, [text for text, _ in rendered[part]])
+        out += [_label(turns, text, spans, raw, offsets, image_token_id, num_image_tokens, max_len,
+                       train_on) for turns, (text, spans), (raw, offsets)
+                in zip(conversations[part], rendered[part], tokenized)]
+    return out
+
+
+def _label(turns, text, spans, raw, offsets, image_token_id, num_image_tokens, max_len, train_on):
+    """tokenize_conversation's ids and labels from the text's tokens (or None: see there)."""
     if train_on == "last":
         spans = spans[-1:]
     # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2)
@@ -120,26 +171,27 @@ def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, ma
     # with a digit, a newline or a character that has no merged '▁X' piece: the separating space
     # belongs to the answer.
     spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
-    raw, offsets = _tokenize_with_offsets(tokenizer, text)
-    ids, labels = [], []
-    for tok, (a, b) in zip(raw, offsets):
-        if tok is None:  # the image placeholder
-            ids += [image_token_id] * num_image_tokens
-            labels += [IGNORE] * num_image_tokens
-            continue
-        learned = b > a and any(a < e and b > s for s, e in spans)
-        ids.append(tok)
-        labels.append(tok if learned else IGNORE)
+    # a token is learned when it covers a character (b > a) inside an answer span
+    a, b = offsets.T
+    starts, ends = np.asarray(spans, dtype=np.int64).reshape(-1, 2).T
+    learned = (b > a) & ((a[:, None] < ends) & (b[:, None] > starts)).any(axis=1)
+    image = np.array([t is None for t in raw], dtype=bool)
+    tokens = np.array([image_token_id if t is None else t for t in raw], dtype=np.int64)
+    # the image placeholder -> num_image_tokens copies of image_token_id, never learned
+    copies = np.where(image, num_image_tokens, 1)
+    ids = np.repeat(tokens, copies)
+    labels = np.repeat(np.where(learned & ~image, tokens, IGNORE), copies)
     if len(ids) > max_len:
-        image_end = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
-        first_label = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+        image_at = np.flatnonzero(ids == image_token_id)
+        image_end = int(image_at[-1]) + 1 if len(image_at) else 0
+        label_at = np.flatnonzero(labels != IGNORE)
+        first_label = int(label_at[0]) if len(label_at) else None
         if image_end > max_len or (first_label is not None and first_label >= max_len) or \
                 (first_label is None and turns[-1]["from"] == "gpt"):
             return None
         ids, labels = ids[:max_len], labels[:max_len]
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    label_ids = torch.tensor(labels, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": label_ids}
+    return {"input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def load_tokenizer(path):

@@ -35,7 +35,7 @@ import common
 import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json,
                   normalize, load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid,
-                  tokenize_conversation)
+                  tokenize_conversations)
 from checkpoint import base_weights_dir, resolve_checkpoint
 
 
@@ -199,13 +199,11 @@ class Pairs:
     def __init__(self, records, tokenizer, mc, cfg, images):
         self.items, self.dropped, self.images, self.pad = [], 0, images, tokenizer.pad_token_id
 
-        def tokenize(r, answer):
-            turns = r["prompt"] + [{"from": "gpt", "value": answer}]
-            return tokenize_conversation(tokenizer, turns, mc.image_token_id, mc.num_image_tokens,
-                                         cfg.max_len, cfg.template, train_on="last")
-        for r in records:
-            c = tokenize(r, r["chosen"])
-            rj = tokenize(r, r["rejected"])
+        convs = [r["prompt"] + [{"from": "gpt", "value": r[k]}]
+                 for r in records for k in ("chosen", "rejected")]
+        t = tokenize_conversations(tokenizer, convs, mc.image_token_id, mc.num_image_tokens,
+                                   cfg.max_len, cfg.template, train_on="last")
+        for r, c, rj in zip(records, t[0::2], t[1::2]):
             if c is None or rj is None:
                 self.dropped += 1
             else:

@@ -58,7 +58,7 @@ import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
-                  tokenize_conversation)
+                  tokenize_conversations)
 from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
 
 
@@ -388,9 +388,9 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
                             f"{r['length_bonus']:g} x --length_penalty {cfg.length_penalty:g} x "
                             f"--max_new_tokens {cfg.max_new_tokens} overflows a float32 reward")
     c, out = model.config, []
-    for r in recs:
-        t = tokenize_conversation(tokenizer, r["prompt"], c.image_token_id, c.num_image_tokens,
-                                  1 << 30, template)
+    tokenized = tokenize_conversations(tokenizer, [r["prompt"] for r in recs], c.image_token_id,
+                                       c.num_image_tokens, 1 << 30, template)
+    for r, t in zip(recs, tokenized):
         if len(t["input_ids"]) <= cfg.max_prompt_len:
             out.append(dict(r, input_ids=t["input_ids"]))
     if not out:

@@ -39,7 +39,7 @@ import oracle
 import shapes
 from model import PRESETS
 from data import (IGNORE, ImageCache, check_images, collate, load_json, normalize, pack,
-                  read_any_conversations, require_records, tokenize_conversation)
+                  read_any_conversations, require_records, tokenize_conversations)
 
 
 @dataclass
@@ -165,15 +165,16 @@ class Tokenized:
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
         self.items, self.dropped = [], 0
         template = template or cfg.template
-        image_token_id = model_config.image_token_id
-        n_image_tokens = model_config.num_image_tokens
-        for i, r in enumerate(records):
-            try:
-                t = tokenize_conversation(tokenizer, r["conversations"], image_token_id,
-                                          n_image_tokens, cfg.max_len, template)
-            except ValueError as e:  # e.g. a multi-turn conversation under --template plain
-                message = f"--template {template}: record {r.get('id', i)}: {e}"
-                raise common.ConfigError(message) from None
+        try:
+            tokenized = tokenize_conversations(tokenizer, [r["conversations"] for r in records],
+                                               model_config.image_token_id,
+                                               model_config.num_image_tokens, cfg.max_len, template)
+        except ValueError as e:  # e.g. a multi-turn conversation under --template plain
+            at = getattr(e, "index", None)  # (render's errors name the conversation)
+            record = f": record {records[at].get('id', at)}" if at is not None else ""
+            message = f"--template {template}{record}: {e}"
+            raise common.ConfigError(message) from None
+        for r, t in zip(records, tokenized):
             if t is None:
                 self.dropped += 1
                 continue

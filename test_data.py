@@ -129,6 +129,80 @@ def test_train_on_last_and_truncation(tiny_world):
     assert n > first_label + 2
 
 
+def per_chunk_reference(tok, turns, max_len, template, train_on):
+    """tokenize_conversation as it was before batching: one tokenizer call per chunk, each token's
+    label from its character span."""
+    text, spans = data.render(turns, template)
+    spans = spans[-1:] if train_on == "last" else spans
+    spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
+    ids, labels, base = [], [], 0
+    for i, chunk in enumerate(text.split(data.IMAGE)):
+        if i > 0:
+            ids, labels = ids + [4] * 9, labels + [-100] * 9
+        enc, shift = None, 0
+        if i > 0 and tok.bos_token:
+            enc = tok(tok.bos_token + chunk, add_special_tokens=False, return_offsets_mapping=True)
+            enc = {k: v[1:] for k, v in enc.items()} \
+                if enc["input_ids"][:1] == [tok.bos_token_id] else None
+            shift = len(tok.bos_token) if enc else 0
+        enc = enc or tok(chunk, add_special_tokens=(i == 0), return_offsets_mapping=True)
+        for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            a, b = a + base - shift, b + base - shift
+            ids.append(t)
+            labels.append(t if b > a and any(a < e and b > s for s, e in spans) else -100)
+        base += len(chunk) + len(data.IMAGE)
+    if len(ids) > max_len:
+        first_label = next((i for i, x in enumerate(labels) if x != -100), None)
+        image_end = max((i + 1 for i, t in enumerate(ids) if t == 4), default=0)
+        no_answer = first_label is None and turns[-1]["from"] == "gpt"
+        if image_end > max_len or no_answer or (first_label or 0) >= max_len:
+            return None
+        ids, labels = ids[:max_len], labels[:max_len]
+    return ids, labels
+
+
+def test_batched_tokenization_equals_one_call_per_chunk(tiny_world, monkeypatch):
+    """tokenize_conversations sends every chunk of every text to the tokenizer in two batch calls:
+    the same ids, labels and drops as one call per chunk, with BOS (Shapes, Llama legacy or not),
+    without BOS, with a BOS that does not split off, for texts with 0, 1 and 2 images, cut or
+    dropped at max_len, in batches of 4 (the six conversations split over two)."""
+    import json
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from test_interop import llama_tokenizer
+    shapes_tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    spec = json.loads(shapes_tok.backend_tokenizer.to_str())
+    spec["post_processor"] = None  # no BOS added
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                     eos_token="</s>", unk_token="<unk>")
+    odd_bos = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    odd_bos.bos_token = "Is"  # not one token: "Is" + chunk does not start with its id
+    two_images = [{"from": "human", "value": "<image>\nLeft. <image> Right: same?"},
+                  {"from": "gpt", "value": "Yes."}]
+    no_image = [{"from": "human", "value": "Is there a circle?"},
+                {"from": "gpt", "value": "7 circles."}]
+    prompt = [{"from": "human", "value": "<image>\nDescribe."}]
+    convs = [CONV, CONV[:2], two_images, no_image, prompt, CONV[:3]]
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 4)
+    for tok in (shapes_tok, llama_tokenizer(True), llama_tokenizer(False), no_bos, odd_bos):
+        for max_len, train_on in ((4096, "all"), (4096, "last"), (30, "all"), (50, "all"),
+                                  (64, "last"), (80, "all")):
+            got = data.tokenize_conversations(tok, convs, 4, 9, max_len, "vicuna_v1", train_on)
+            assert len(got) == len(convs)
+            for turns, g in zip(convs, got):
+                ref = per_chunk_reference(tok, turns, max_len, "vicuna_v1", train_on)
+                assert (g is None) == (ref is None), (tok.bos_token, turns)
+                if g is not None:
+                    assert g["input_ids"].tolist() == ref[0] and g["labels"].tolist() == ref[1]
+    plain = [[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle."}]]
+    got = data.tokenize_conversations(shapes_tok, plain * 3, 4, 9, 4096, "plain")
+    assert got[2]["input_ids"].tolist() == per_chunk_reference(shapes_tok, plain[0], 4096, "plain",
+                                                               "all")[0]
+    with pytest.raises(ValueError) as e:  # the conversation the template cannot render is named
+        data.tokenize_conversations(shapes_tok, plain + [CONV], 4, 9, 4096, "plain")
+    assert e.value.index == 1
+
+
 def test_image_preprocessing_matches_clip_processor():
     from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
