@@ -280,20 +280,47 @@ def metric_rows(runs, names):
     return out
 
 
+def measured(x):
+    return x is not None and not math.isnan(x)
+
+
 def mean_sd(xs):
-    xs = [x for x in xs or [] if x is not None and not math.isnan(x)]
+    xs = [x for x in xs or [] if measured(x)]
     if not xs:
         return None, None, 0
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+class BySeed(list):
+    """A metric's values over seeds (a list: mean_sd and the tables read it as one) that keeps each
+    value's seed, so that a verdict can also compare two variants seed by seed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seeds = []
+
+    def add(self, seed, x):
+        self.append(x)
+        self.seeds.append(seed)
+
+
+def add_value(groups, variant, metric, seed, x):
+    """groups[variant][metric] gets x, measured with seed (None: the one SFT baseline)."""
+    groups.setdefault(variant, {}).setdefault(metric, BySeed()).add(seed, x)
+
+
+def run_seed(run):
+    """The seed in a run's name ('lrv/neg0.5-s1' -> 1); None for one without ('sft')."""
+    tail = run.rsplit("-s", 1)[1:]
+    return int(tail[0]) if tail and tail[0].isdigit() else None
+
+
 def group(rows_by_run, variant_of):
-    """{variant: {metric: [values over seeds]}}."""
+    """{variant: {metric: values over seeds (BySeed)}}."""
     out = {}
     for run, row in rows_by_run.items():
-        v = variant_of(run)
         for k, x in row.items():
-            out.setdefault(v, {}).setdefault(k, []).append(x)
+            add_value(out, variant_of(run), k, run_seed(run), x)
     return out
 
 
@@ -337,7 +364,27 @@ def verdict(groups, a, b, metric, lower_better, claim):
                   "so its POPE numbers reflect a collapsed answer, not better seeing.")
     before = f"{ma:.3f} ± {sa:.3f} ({a})"
     after = f"{mb:.3f} ± {sb:.3f} ({b})"
-    return f"- {claim}: **{word}** here: {metric} {before} -> {after}, {nb} seeds.{caveat}"
+    paired = paired_text(groups[a][metric], groups[b][metric], lower_better)
+    return (f"- {claim}: **{word}** here: {metric} {before} -> {after}, {nb} seeds.{paired}"
+            f"{caveat}")
+
+
+def paired_text(xs, ys, lower_better):
+    """Beside the verdict (which it does not change): ys - xs seed by seed, where both sides were
+    run with the same seeds (not against the one SFT baseline). The rule above compares the two
+    means against the larger spread; a difference that goes the claimed way on every seed can
+    still be "not shown" by it."""
+    x_at = dict(zip(getattr(xs, "seeds", []), xs))
+    pairs = [(x_at[s], y) for s, y in zip(getattr(ys, "seeds", []), ys)
+             if s is not None and s in x_at]
+    pairs = [(x, y) for x, y in pairs if measured(x) and measured(y)]
+    if len(pairs) < 2:
+        return ""
+    diffs = [y - x for x, y in pairs]
+    claimed = sum(d < 0 if lower_better else d > 0 for d in diffs)
+    mean, sd, n = mean_sd(diffs)
+    return (f" Paired by seed: the claimed way on {claimed} of {n} (difference {mean:+.3f} ± "
+            f"{sd:.3f}).")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -564,7 +611,7 @@ def reward_model_groups(cfg):
                                 ("val_accuracy_partner", "on pairs naming a co-occurring partner"),
                                 ("val_accuracy_other_facts", OTHER_FACTS)):
                 if r and key in r:
-                    rm.setdefault(label, {}).setdefault(metric, []).append(r[key])
+                    add_value(rm, label, metric, s, r[key])
     return rm
 
 
@@ -683,10 +730,9 @@ def vigc_generation_groups(cfg):
         for k, label in (("vig_only", "VIG only"), ("vic", "VIG + VIC")):
             if r and k in r:
                 for m, key in metrics:
-                    gen.setdefault(label, {}).setdefault(m, []).append(r[k][key])
+                    add_value(gen, label, m, s, r[k][key])
         if r:
-            parsed = r["parsed"] / max(r["images"], 1)
-            gen.setdefault("VIG only", {}).setdefault("parsed / generated", []).append(parsed)
+            add_value(gen, "VIG only", "parsed / generated", s, r["parsed"] / max(r["images"], 1))
     return gen
 
 
@@ -786,7 +832,11 @@ def report(cfg, runs, rebuilt=False):
             md += lines
             verdicts += said
     md += ["## Verdicts", "", "A claim *held* when the mean moved the claimed way by more than the "
-           "larger seed standard deviation.", "", *verdicts, "", "## Commands", "",
+           "larger seed standard deviation. Where both sides ran the same seeds, 'paired by seed' "
+           "counts the seeds on which the claimed side did better, and gives the mean and "
+           "standard deviation of the seed-by-seed differences (second minus first); it does "
+           "not change the verdict, whose rule was fixed before the first lab ran.", "",
+           *verdicts, "", "## Commands", "",
            f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "",
            "```"]
     md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]

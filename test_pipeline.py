@@ -100,6 +100,31 @@ def test_lab_statistics_and_verdicts():
     assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
 
 
+def test_lab_verdict_pairs_seeds_beside_the_rule():
+    """Where both sides ran the same seeds, the verdict line adds the seed-by-seed differences
+    (the claimed way on k of n); the verdict word stays the unpaired rule's. Not against the one
+    SFT baseline, and only over the seeds both sides have."""
+    rows = {"lrv/neg0.0-s0": {"F1": 0.70}, "lrv/neg0.0-s1": {"F1": 0.80},
+            "lrv/neg0.0-s2": {"F1": 0.60}, "lrv/neg0.5-s0": {"F1": 0.72},
+            "lrv/neg0.5-s1": {"F1": 0.81}, "lrv/neg0.5-s2": {"F1": 0.61},
+            "lrv/neg0.5-s3": {"F1": 0.10}, "sft": {"F1": 0.5}}
+    g = lab.group(rows, lambda r: lab.setting(r))
+    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    # the means differ by less than the spread (seed 3 has no neg0.0 run to pair with)
+    assert "not shown" in line
+    assert "Paired by seed: the claimed way on 3 of 3 (difference +0.013 ± 0.006)." in line
+    assert "the claimed way on 0 of 3" in lab.verdict(g, "lrv/neg0.5", "lrv/neg0.0", "F1",
+                                                       False, "x")
+    assert "Paired" not in lab.verdict(g, "sft", "lrv/neg0.5", "F1", False, "x")
+    g["lrv/neg0.5"]["F1"][1] = float("nan")  # a seed without the number is left out
+    assert "on 2 of 2" in lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    rm = {}
+    for s, (a, b) in enumerate([(0.8, 0.7), (0.9, 0.8)]):
+        lab.add_value(rm, "with", "acc", s, a)
+        lab.add_value(rm, "without", "acc", s, b)
+    assert "on 2 of 2 (difference +0.100" in lab.verdict(rm, "without", "with", "acc", False, "x")
+
+
 def test_lab_plots_draw(tmp_path):
     g = {"x": {"m1": [1.0, 2.0], "m2": [0.5]}, "y": {"m1": [3.0, 3.5]}}
     lab.bar_plot(str(tmp_path / "b.png"), "t", g, ["m1", "m2"], ["x", "y"])
