@@ -511,6 +511,8 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         if part == "projector" and name.startswith("linear_2.") and config.projector == "linear":
             continue
         if part == "lm_head" and config.tie_embeddings:
+            # as transformers: with tie_word_embeddings the head is embed_tokens, and a saved
+            # lm_head.weight (some exports write both) is not read, even where it differs
             continue
         raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected "
                               "key)")
@@ -950,7 +952,7 @@ def _peft_names_rule(names, field, cfg_path, absent):
     """PEFT's match of a module name against target_modules or exclude_modules
     (peft.tuners.tuners_utils.check_target_module_exists): a string full-matches as a regex, a list
     matches a name or its last dotted parts; None (and 'all-linear', expanded by PEFT from the
-    model): `absent`. (layers_to_transform is not applied: weights it leaves out pass.)"""
+    model): `absent`."""
     if names is None or names == [] or str(names).lower() == "all-linear":
         return lambda module: absent
     if isinstance(names, str):
@@ -963,6 +965,66 @@ def _peft_names_rule(names, field, cfg_path, absent):
         return lambda module: any(module == t or module.endswith("." + t) for t in names)
     raise CheckpointError(f"{cfg_path}: field '{field}': expected a regex string or a list of "
                           f"module names, got {names!r:.60}")
+
+
+def _peft_layer_rule(cfg, cfg_path):
+    """PEFT's layers_to_transform (with layers_pattern): module name -> whether its layer index
+    (the first number after a layers_pattern part, or after any part) is one listed, or the name
+    is listed whole in target_modules; None where no layers are given. PEFT's LoraConfig refuses
+    them beside a target_modules string (a regex, or 'all-linear'), and layers_pattern alone."""
+    layers, patterns = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    targets = cfg.get("target_modules")
+    for field in ("layers_to_transform", "layers_pattern"):
+        if isinstance(targets, str) and cfg.get(field) is not None:
+            raise CheckpointError(f"{cfg_path}: field '{field}': PEFT refuses it beside a "
+                                  f"target_modules string ({targets!r:.60})")
+    if patterns and layers is None:
+        raise CheckpointError(f"{cfg_path}: field 'layers_pattern': PEFT refuses it without "
+                              "layers_to_transform")
+    if layers is None or layers == []:
+        return None
+    one = type(layers) is int
+    if not one and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise CheckpointError(f"{cfg_path}: field 'layers_to_transform': expected a layer index "
+                              f"or a list of them, got {layers!r:.60}")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if patterns and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise CheckpointError(f"{cfg_path}: field 'layers_pattern': expected a name or a list of "
+                              f"names, got {patterns!r:.60}")
+    try:  # the first numbered part: a MoE expert index after the layer's is not the layer
+        rules = [re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in patterns] if patterns \
+            else [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+    except re.error as e:
+        raise CheckpointError(f"{cfg_path}: field 'layers_pattern': not a regex ({e})")
+    listed = targets or []
+
+    def in_layers(module):
+        if module in listed:
+            return True
+        match = next((m for m in (r.match(module) for r in rules) if m), None)
+        if match is None:
+            return False
+        i = int(match["idx"])
+        return i == layers if one else i in layers
+    return in_layers
+
+
+def _peft_left_out_by(cfg, cfg_path):
+    """PEFT's choice of the modules an adapter gives LoRA (check_target_module_exists): module
+    name -> None where PEFT targets it, else the config field that leaves it out."""
+    targeted = _peft_names_rule(cfg.get("target_modules"), "target_modules", cfg_path, True)
+    excluded = _peft_names_rule(cfg.get("exclude_modules"), "exclude_modules", cfg_path, False)
+    in_layers = _peft_layer_rule(cfg, cfg_path)
+
+    def left_out_by(module):
+        if excluded(module):
+            return "exclude_modules"
+        if not targeted(module):
+            return "target_modules"
+        if in_layers is not None and not in_layers(module):
+            return "layers_to_transform"
+        return None
+    return left_out_by
 
 
 # llava-hf module prefixes before transformers 4.52 and after
@@ -1012,8 +1074,7 @@ def load_peft_adapter(model, path, name):
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:  # (a ValueError in nn.Dropout)
         raise CheckpointError(f"{cfg_path}: field 'lora_dropout': expected a number in [0, 1), "
                               f"got {dropout!r:.40}")
-    targeted = _peft_names_rule(cfg.get("target_modules"), "target_modules", cfg_path, True)
-    excluded = _peft_names_rule(cfg.get("exclude_modules"), "exclude_modules", cfg_path, False)
+    left_out_by = _peft_left_out_by(cfg, cfg_path)
     names = ("adapter_model.safetensors", "adapter_model.bin")
     files = [f for f in names if os.path.exists(os.path.join(path, f))]
     if not files:
@@ -1043,9 +1104,10 @@ def load_peft_adapter(model, path, name):
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
         # PEFT gives a module it does not target no LoRA and drops its weights; PEFT may rename
         # llava-hf keys between layouts before matching, so a name passes in either layout
-        layouts = _llava_hf_layouts(module)
-        if not any(targeted(n) and not excluded(n) for n in layouts):
-            field = "exclude_modules" if any(map(excluded, layouts)) else "target_modules"
+        reasons = [left_out_by(n) for n in _llava_hf_layouts(module)]
+        if None not in reasons:
+            field = next(f for f in ("exclude_modules", "layers_to_transform", "target_modules")
+                         if f in reasons)
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.80} leaves out "
                                   f"'{module}', which {os.path.basename(file)} holds LoRA "
                                   "weights for")

@@ -172,6 +172,60 @@ def test_peft_export_applies_in_transformers(tmp_path):
 # checkpoints
 # ----------------------------------------------------------------------------------------
 
+def test_peft_target_rule_agrees_with_peft():
+    """checkpoint._peft_left_out_by decides as PEFT's check_target_module_exists which modules an
+    adapter config gives LoRA (a module it leaves out: PEFT drops its saved weights, so loading
+    refuses them): target_modules as a regex or a list, exclude_modules, layers_to_transform as an
+    index or a list, layers_pattern as a name or a list, an MoE expert index after the layer's."""
+    from types import SimpleNamespace
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from checkpoint import _peft_left_out_by
+    modules = [f"{p}.layers.{i}.{kind}" for p in ("model.language_model", "language_model.model")
+               for i in (0, 1, 2, 11) for kind in ("self_attn.q_proj", "self_attn.v_proj",
+                                                   "mlp.down_proj", "mlp.experts.1.up_proj")]
+    modules += ["model.vision_tower.vision_model.encoder.layers.1.self_attn.q_proj",
+                "model.multi_modal_projector.linear_1", "lm_head", "q_proj"]
+    configs = [dict(target_modules=["q_proj", "v_proj"]),
+               dict(target_modules=r".*language_model.*\.(q|v)_proj"),
+               dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[0, 2]),
+               dict(target_modules=["q_proj", "down_proj"], layers_to_transform=1),
+               dict(target_modules=["q_proj"], layers_to_transform=[11], layers_pattern="layers"),
+               dict(target_modules=["q_proj"], layers_to_transform=[1],
+                    layers_pattern=["blocks", "layers"]),
+               dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="blocks"),
+               dict(target_modules=["lm_head", "q_proj"], layers_to_transform=[2]),
+               dict(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"],
+                    layers_to_transform=[0, 1]),
+               dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[]),
+               dict(target_modules=["q_proj"], exclude_modules=r".*layers\.0\..*")]
+    for cfg in configs:
+        ours = _peft_left_out_by(cfg, "adapter_config.json")
+        ns = SimpleNamespace(**{k: None for k in ("exclude_modules", "layers_to_transform",
+                                                  "layers_pattern", "modules_to_save",
+                                                  "target_parameters")})
+        vars(ns).update(cfg)
+        for m in modules:
+            assert (ours(m) is None) == bool(check_target_module_exists(ns, m)), (cfg, m)
+    why = _peft_left_out_by(configs[2], "a.json")
+    assert why("model.language_model.layers.1.self_attn.q_proj") == "layers_to_transform"
+    assert why("model.language_model.layers.1.self_attn.v_proj") == "target_modules"
+    for bad, field in ((dict(layers_to_transform="0"), "layers_to_transform"),
+                       (dict(layers_to_transform=[0], layers_pattern=3), "layers_pattern"),
+                       (dict(layers_to_transform=[0], layers_pattern="(l"), "layers_pattern"),
+                       (dict(layers_pattern="layers"), "layers_pattern"),
+                       (dict(target_modules="all-linear", layers_to_transform=[0]),
+                        "layers_to_transform"),
+                       (dict(target_modules=".*q_proj", layers_pattern="layers"),
+                        "layers_pattern")):
+        with pytest.raises(CheckpointError, match=f"a.json: field '{field}'"):
+            _peft_left_out_by(dict(dict(target_modules=["q_proj"]), **bad), "a.json")
+    from peft import LoraConfig  # PEFT refuses the last three too
+    for bad in (dict(layers_pattern="layers"), dict(target_modules="all-linear",
+                                                      layers_to_transform=[0])):
+        with pytest.raises(ValueError):
+            LoraConfig(**dict(dict(target_modules=["q_proj"]), **bad))
+
+
 def test_checkpoint_round_trip_is_exact_with_adapters_and_heads(tmp_path):
     m = tiny_model()
     m.add_adapter("reward", r=4, alpha=8)

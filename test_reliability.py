@@ -1060,6 +1060,11 @@ BAD_INPUT += [
     C("sft", "peft-excluded-module", "PEFT adapter whose exclude_modules name a module it holds",
       lambda w, t: ["--init", _peft(t, "px", config={"exclude_modules": ["v_proj"]})],
       ("px/adapter_config.json", "field 'exclude_modules'", "leaves out", "v_proj")),
+    C("sft", "peft-layer-left-out",
+      "PEFT adapter whose layers_to_transform leaves out a layer it holds LoRA weights for",
+      lambda w, t: ["--init", _peft(t, "pl", config={"target_modules": ["q_proj", "v_proj"],
+                                                     "layers_to_transform": [0]})],
+      ("pl/adapter_config.json", "field 'layers_to_transform'", "leaves out", "layers.1.")),
     C("sft", "peft-targets-bad-regex", "PEFT adapter whose target_modules is not a regex",
       lambda w, t: ["--init", _peft(t, "pr", config={"target_modules": "(q_proj"})],
       ("pr/adapter_config.json", "field 'target_modules'", "not a regex")),
@@ -1133,7 +1138,8 @@ def test_eval_takes_a_peft_adapter_folder(w, tmp_path):
 
 def test_peft_target_rules_pass_what_peft_loads(w, tmp_path):
     """target_modules as PEFT writes them load: 'all-linear' in any case, bare names, and a regex
-    written for either llava-hf layout (PEFT may rename the keys before matching)."""
+    written for either llava-hf layout (PEFT may rename the keys before matching); an adapter on
+    the layers layers_to_transform lists."""
     from checkpoint import load_checkpoint, load_peft_adapter
     t = T(w, tmp_path)
     layers = r"language_model\.{}layers\.\d+\.self_attn\.(q|v)_proj"
@@ -1144,6 +1150,22 @@ def test_peft_target_rules_pass_what_peft_loads(w, tmp_path):
         m = load_checkpoint(t.root / "hf")
         load_peft_adapter(m, d, "default")
         assert m.adapters["default"]["targets"] == ["q", "v"], name
+    # layers_to_transform [0]: PEFT trains and saves LoRA on layer 0 alone; the others load as 0
+    first = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0],
+             "layers_pattern": "layers"}
+    d = _peft(t, "first", config=first, weights=_only_layer_0)
+    m = load_checkpoint(t.root / "hf")
+    load_peft_adapter(m, d, "default")
+    B = {i: lin.lora["default"].B["q"] for i, lin in m.lora_linears() if "default" in lin.lora}
+    assert B[0].abs().sum() > 0 and all(b.abs().sum() == 0 for i, b in B.items() if i > 0)
+
+
+def _only_layer_0(state):
+    """LoRA on layer 0 alone, its B not zero."""
+    for k in [k for k in state if ".layers.0." not in k]:
+        del state[k]
+    for k in [k for k in state if "lora_B" in k]:
+        state[k] = torch.ones_like(state[k])
 
 
 def run_main(main, argv):
