@@ -951,10 +951,13 @@ def peft_base_dir(path):
 def _peft_names_rule(names, field, cfg_path, absent):
     """PEFT's match of a module name against target_modules or exclude_modules
     (peft.tuners.tuners_utils.check_target_module_exists): a string full-matches as a regex, a list
-    matches a name or its last dotted parts; None (and 'all-linear', expanded by PEFT from the
-    model): `absent`."""
-    if names is None or names == [] or str(names).lower() == "all-linear":
+    matches a name or its last dotted parts (an empty list none); 'all-linear' every linear but
+    the output head (lm_head, which PEFT leaves out of it); None (PEFT's defaults per model
+    type): `absent`."""
+    if names is None:
         return lambda module: absent
+    if str(names).lower() == "all-linear":
+        return lambda module: module.split(".")[-1] != "lm_head"
     if isinstance(names, str):
         try:
             rule = re.compile(names)
@@ -987,7 +990,7 @@ def _peft_layer_rule(cfg, cfg_path):
     if not one and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
         raise CheckpointError(f"{cfg_path}: field 'layers_to_transform': expected a layer index "
                               f"or a list of them, got {layers!r:.60}")
-    patterns = [patterns] if isinstance(patterns, str) else patterns
+    patterns = ([patterns] if patterns else None) if isinstance(patterns, str) else patterns
     if patterns and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
         raise CheckpointError(f"{cfg_path}: field 'layers_pattern': expected a name or a list of "
                               f"names, got {patterns!r:.60}")
@@ -996,13 +999,15 @@ def _peft_layer_rule(cfg, cfg_path):
             else [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
     except re.error as e:
         raise CheckpointError(f"{cfg_path}: field 'layers_pattern': not a regex ({e})")
-    listed = targets or []
+    # a name listed whole skips the layer check; PEFT first condenses a list of 20 or more names
+    # to their shortest distinguishing suffixes, after which (about always) none is listed whole
+    listed = targets if targets and len(targets) < 20 else []
 
     def in_layers(module):
         if module in listed:
             return True
         match = next((m for m in (r.match(module) for r in rules) if m), None)
-        if match is None:
+        if match is None or match["idx"] is None:  # ('a|b' can match without the index)
             return False
         i = int(match["idx"])
         return i == layers if one else i in layers

@@ -145,20 +145,20 @@ def tokenize_conversations(tokenizer, conversations, image_token_id, num_image_t
     """tokenize_conversation of each conversation (a list of turn lists), the texts tokenized
     together (the same ids and labels as one call each, a few times faster). A conversation the
     template cannot render raises render's ValueError, its .index the conversation's."""
-    rendered = []
-    for i, turns in enumerate(conversations):
-        try:
-            rendered.append(render(turns, template))
-        except ValueError as e:
-            e.index = i
-            raise
     out = []
-    for at in range(0, len(rendered), TOKENIZE_CHUNK):
-        part = slice(at, at + TOKENIZE_CHUNK)
-        tokenized = _tokenize_many_with_offsets(tokenizer, [text for text, _ in rendered[part]])
+    for at in range(0, len(conversations), TOKENIZE_CHUNK):
+        part = conversations[at:at + TOKENIZE_CHUNK]
+        rendered = []
+        for i, turns in enumerate(part):
+            try:
+                rendered.append(render(turns, template))
+            except ValueError as e:
+                e.index = at + i
+                raise
+        tokenized = _tokenize_many_with_offsets(tokenizer, [text for text, _ in rendered])
         out += [_label(turns, text, spans, raw, offsets, image_token_id, num_image_tokens, max_len,
-                       train_on) for turns, (text, spans), (raw, offsets)
-                in zip(conversations[part], rendered[part], tokenized)]
+                       train_on)
+                for turns, (text, spans), (raw, offsets) in zip(part, rendered, tokenized)]
     return out
 
 

@@ -197,7 +197,12 @@ def test_peft_target_rule_agrees_with_peft():
                dict(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"],
                     layers_to_transform=[0, 1]),
                dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[]),
-               dict(target_modules=["q_proj"], exclude_modules=r".*layers\.0\..*")]
+               dict(target_modules=["q_proj"], exclude_modules=r".*layers\.0\..*"),
+               dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=""),
+               dict(target_modules=["q_proj"], layers_to_transform=[1],
+                    layers_pattern="layers|blocks"),
+               dict(target_modules=[], layers_to_transform=[1]),
+               dict(target_modules=[])]
     for cfg in configs:
         ours = _peft_left_out_by(cfg, "adapter_config.json")
         ns = SimpleNamespace(**{k: None for k in ("exclude_modules", "layers_to_transform",
@@ -206,6 +211,26 @@ def test_peft_target_rule_agrees_with_peft():
         vars(ns).update(cfg)
         for m in modules:
             assert (ours(m) is None) == bool(check_target_module_exists(ns, m)), (cfg, m)
+    # a list of 20+ whole names: get_peft_model condenses it to suffixes before matching, so the
+    # layer check applies to them (below 20 a name listed whole skips it)
+    from peft import LoraConfig, get_peft_model
+    for n_layers in (8, 12):
+        toy = torch.nn.Module()
+        toy.model = torch.nn.Module()
+        toy.model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(n_layers))
+        for layer in toy.model.layers:
+            layer.q_proj, layer.v_proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        names = [f"model.layers.{i}.{p}" for i in range(n_layers) for p in ("q_proj", "v_proj")]
+        cfg = dict(target_modules=names, layers_to_transform=[1])
+        peft_model = get_peft_model(toy, LoraConfig(r=2, **cfg))
+        with_lora = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                     if hasattr(m, "lora_A")}
+        ours = _peft_left_out_by(cfg, "adapter_config.json")
+        assert {n for n in names if ours(n) is None} == with_lora, n_layers
+    # 'all-linear' (which PEFT expands from the model, without its output head)
+    all_linear = _peft_left_out_by(dict(target_modules="ALL-linear"), "a.json")
+    assert all_linear("lm_head") == all_linear("language_model.lm_head") == "target_modules"
+    assert all_linear("model.multi_modal_projector.linear_1") is None
     why = _peft_left_out_by(configs[2], "a.json")
     assert why("model.language_model.layers.1.self_attn.q_proj") == "layers_to_transform"
     assert why("model.language_model.layers.1.self_attn.v_proj") == "target_modules"

@@ -199,8 +199,8 @@ def test_batched_tokenization_equals_one_call_per_chunk(tiny_world, monkeypatch)
     assert got[2]["input_ids"].tolist() == per_chunk_reference(shapes_tok, plain[0], 4096, "plain",
                                                                "all")[0]
     with pytest.raises(ValueError) as e:  # the conversation the template cannot render is named
-        data.tokenize_conversations(shapes_tok, plain + [CONV], 4, 9, 4096, "plain")
-    assert e.value.index == 1
+        data.tokenize_conversations(shapes_tok, plain * 5 + [CONV], 4, 9, 4096, "plain")
+    assert e.value.index == 5  # (in the second batch of 4)
 
 
 def test_image_preprocessing_matches_clip_processor():
