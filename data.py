@@ -143,7 +143,7 @@ TOKENIZE_CHUNK = 1024
 def tokenize_conversations(tokenizer, conversations, image_token_id, num_image_tokens,
                            max_len=2048, template="vicuna_v1", train_on="all"):
     """tokenize_conversation of each conversation (a list of turn lists), the texts tokenized
-    together (the same ids and labels as one call each, a few times faster). A conversation the
+    together (the same ids and labels as one call each, about twice as fast). A conversation the
     template cannot render raises render's ValueError, its .index the conversation's."""
     out = []
     for at in range(0, len(conversations), TOKENIZE_CHUNK):
