@@ -83,9 +83,9 @@ def _tokenize_many_with_offsets(tokenizer, texts):
     BOS), one placeholder id (None) where '<image>' was. A chunk after '<image>' is tokenized as it
     reads after a special token (behind BOS, which is then dropped), so it gets what transformers'
     LlavaProcessor gives the same text: legacy Llama tokenizers prepend '▁' there (as LLaVA's
-    sentencepiece chunks do), tokenizers whose pre-tokenizer adds '▁' only at the start of the text
-    do not ('\nWhat', not '▁\nWhat'). All chunks go to the tokenizer in two batch calls (a fast
-    tokenizer encodes each text of a batch alone: the ids of one call per chunk; the per-call
+    sentencepiece chunks do), tokenizers whose pre-tokenizer adds '▁' only at the start of the
+    text do not ('\nWhat', not '▁\nWhat'). All chunks go to the tokenizer in two batch calls (a
+    fast tokenizer encodes each text of a batch alone: the ids of one call per chunk; the per-call
     overhead was most of sft.py's start-up)."""
     bos = tokenizer.bos_token or ""
     chunks = [text.split(IMAGE) for text in texts]

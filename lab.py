@@ -312,7 +312,7 @@ def add_value(groups, variant, metric, seed, x):
 def run_seed(run):
     """The seed in a run's name ('lrv/neg0.5-s1' -> 1); None for one without ('sft')."""
     tail = run.rsplit("-s", 1)[1:]
-    return int(tail[0]) if tail and tail[0].isdigit() else None
+    return int(tail[0]) if tail and tail[0].isdecimal() else None
 
 
 def group(rows_by_run, variant_of):
