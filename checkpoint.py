@@ -325,14 +325,21 @@ def _check_own_config(cfg_path, cfg):
             and type(a.get("dropout")) in (int, float) and 0 <= a["dropout"] < 1 \
             and isinstance(a.get("targets"), list) \
             and all(isinstance(t, str) and t.removesuffix("_proj") in LORA_TARGETS
-                    for t in a["targets"])
+                    for t in a["targets"]) and _layer_lists(a.get("layers", {}))
         if not ok:
             want = ('{"r": int > 0, "alpha": finite, "dropout": in [0, 1), "targets": some of '
-                    f'{", ".join(LORA_TARGETS)}}}')
+                    f'{", ".join(LORA_TARGETS)}, optional "layers": {{target: [int >= 0]}}}}')
             raise CheckpointError(f"{cfg_path}: field 'adapters.{name}': expected {want}, got "
                                   f"{a!r:.60}")
     if cfg.get("active_adapter") is not None and cfg["active_adapter"] not in adapters:
         bad("active_adapter", f"null or one of the adapters {sorted(adapters)}")
+
+
+def _layer_lists(layers):
+    """An adapter's optional 'layers' field: {target: [layer index >= 0, ...]}."""
+    return isinstance(layers, dict) and all(
+        isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)
+        for ids in layers.values())
 
 
 def latest_checkpoint(run_dir):
@@ -653,7 +660,11 @@ def _load_adapters(model, path, cfg, device, only_new=False):
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read safetensors (truncated or corrupt?): {e}")
     for name, a in cfg.get("adapters", {}).items():
-        model.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"])
+        try:  # (layers the model does not have, or of a projection the adapter does not target)
+            model.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"],
+                              a.get("layers"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}/config.json: field 'adapters.{name}': {e}")
     for name in cfg.get("heads", []):
         model.add_head(name)
     own = _adapter_state(model)
@@ -919,9 +930,8 @@ def export_peft_adapter(model, path, adapter, base=None):
             base = os.path.join(path, "base")
             export_llava_hf(model, base)
     _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
-    targets = "|".join(f"{t}_proj" for t in a["targets"])
     cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
-           "lora_dropout": a["dropout"], "target_modules": PEFT_LM_TARGETS.format(targets),
+           "lora_dropout": a["dropout"], "target_modules": _peft_target_regex(a),
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
            "init_lora_weights": True, "use_rslora": False, "use_dora": False,
            "modules_to_save": None, "base_model_name_or_path": os.path.abspath(str(base)),
@@ -929,6 +939,22 @@ def export_peft_adapter(model, path, adapter, base=None):
                             "parent_library": "transformers.models.llava.modeling_llava"}}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def _peft_target_regex(adapter):
+    """PEFT's target_modules for one of our adapters: its projections of the language model, on
+    every layer, or on the layers it has (a group per set of projections sharing their layers)."""
+    targets = adapter["targets"]
+    if adapter.get("layers") is None:
+        return PEFT_LM_TARGETS.format("|".join(f"{t}_proj" for t in targets))
+    by_layers = {}
+    for t in targets:
+        ids = tuple(adapter["layers"].get(t, ()))
+        if ids:
+            by_layers.setdefault(ids, []).append(f"{t}_proj")
+    groups = [f"(?:{'|'.join(map(str, ids))})\\.[a-z_]+\\.(?:{'|'.join(projections)})"
+              for ids, projections in by_layers.items()]
+    return rf".*language_model\..*layers\.(?:{'|'.join(groups)})"
 
 
 def is_peft_dir(path):
@@ -1145,13 +1171,15 @@ def load_peft_adapter(model, path, name):
     if not text:
         return
     targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
-    model.add_adapter(name, r, alpha, float(dropout), targets)
+    # LoRA where the file holds it (PEFT saves every module it targets): layers_to_transform, or a
+    # target regex naming layers, leaves the other layers without an adapter, as in PEFT
+    layers = {t: sorted(i for i, s in text if s == t) for t in targets}
+    every = all(len(ids) == model.config.layers for ids in layers.values())
+    model.add_adapter(name, r, alpha, float(dropout), targets, None if every else layers)
     with torch.no_grad():
         for i, lin in model.lora_linears():
             ad = lin.lora[name] if name in lin.lora else None
             for s in ad.A if ad is not None else ():
-                if (i, s) not in text:
-                    continue  # a layer PEFT left out (layers_to_transform): B stays 0, no change
                 key, A, B = text[i, s]
                 if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
                     raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "

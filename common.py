@@ -1000,7 +1000,7 @@ def gather_full_model(model, d, device="cpu"):
     with torch.device("meta"):
         plain = LLaVA(model.config)
         for name, a in model.adapters.items():
-            plain.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"])
+            plain.add_adapter(name, a["r"], a["alpha"], a["dropout"], a["targets"], a.get("layers"))
         for name in model.heads:
             plain.add_head(name)
     plain.load_state_dict(full, assign=True)

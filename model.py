@@ -1037,21 +1037,34 @@ class LLaVA(nn.Module):
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 yield i, lin
 
-    def add_adapter(self, name, r=64, alpha=16, dropout=0.0, targets=LORA_TARGETS):
+    def add_adapter(self, name, r=64, alpha=16, dropout=0.0, targets=LORA_TARGETS, layers=None):
         """A new LoRA adapter (A kaiming-uniform, B zero) on the chosen projections
-        (q,k,v,o,gate,up,down)."""
+        (q,k,v,o,gate,up,down) of every decoder layer, or, with `layers` ({target: [layer
+        index, ...]}), of those layers only (a PEFT adapter's layers_to_transform)."""
         targets = tuple(t.removesuffix("_proj") for t in targets)
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (choose from {', '.join(LORA_TARGETS)})")
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already")
-        for _, lin in self.lora_linears():
-            chosen = {s: size for s, size in lin.slices.items() if s in targets}
+        n = self.config.layers
+        if layers is not None:
+            layers = {t.removesuffix("_proj"): sorted(set(ids)) for t, ids in layers.items()}
+            outside = [t for t in layers if t not in targets]
+            if outside:
+                raise ValueError(f"layers given for {outside[0]!r}, which is not a target")
+            wrong = [i for ids in layers.values() for i in ids if not 0 <= i < n]
+            if wrong:
+                raise ValueError(f"layer {wrong[0]} does not exist (this model has {n} layers)")
+        for i, lin in self.lora_linears():
+            chosen = {s: size for s, size in lin.slices.items() if s in targets
+                      and (layers is None or i in layers.get(s, ()))}
             if chosen:
                 adapter = LoRAAdapter(lin.weight.shape[1], chosen, r, alpha, dropout)
                 lin.lora[name] = adapter.to(lin.weight.device)
         self.adapters[name] = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+        if layers is not None:
+            self.adapters[name]["layers"] = layers
         return name
 
     def set_adapter(self, name):
@@ -1080,7 +1093,8 @@ class LLaVA(nn.Module):
         """A new adapter `dst` initialised from `src` (PPO's value model starts from the reward
         adapter)."""
         cfg = self.adapters[src]
-        self.add_adapter(dst, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+        self.add_adapter(dst, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"],
+                         cfg.get("layers"))
         with torch.no_grad():
             for _, lin in self.lora_linears():
                 if src in lin.lora:

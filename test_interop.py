@@ -133,6 +133,49 @@ def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere,
         torch.testing.assert_close(other(pixels, ids), ref, atol=ATOL, rtol=0)
 
 
+def test_peft_adapter_on_some_layers_stays_on_them(tmp_path, caught):
+    """layers_to_transform: PEFT puts LoRA on the listed layers only; so do we, through our own
+    checkpoint and back out to PEFT (before, every layer got an adapter, zero B on the others,
+    which further training and the export spread to layers the config left out)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+    from checkpoint import save_checkpoint_files
+    hf_llava().save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        layers_to_transform=[1], layers_pattern="layers")
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"), config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    pixels, ids = inputs(seed=4)
+    ref = peft_logits(pm, pixels, ids)
+    ours = load_checkpoint(tmp_path / "adapter").eval()
+    where = {(i, s) for i, lin in ours.lora_linears() if "default" in lin.lora
+             for s in lin.lora["default"].A}
+    assert where == {(1, "q"), (1, "v"), (1, "down")}
+    assert len(ours.adapter_parameters("default")) == 2 * 3  # what training would update
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+    save_checkpoint_files(ours, tmp_path / "ours")
+    again = load_checkpoint(tmp_path / "ours").eval()
+    assert again.adapters["default"]["layers"] == {"q": [1], "v": [1], "down": [1]}
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels, ids), ref, atol=ATOL, rtol=0)
+    export_llava_hf(again, tmp_path / "hf")
+    export_peft_adapter(again, tmp_path / "out", "default", base=tmp_path / "hf")
+    caught.clear()
+    back = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "hf"), tmp_path / "out").eval()
+    assert not [w for w in caught if "adapter" in w.lower() or "missing" in w.lower()], caught
+    lora = {n.split("language_model.")[1] for n, _ in back.named_modules() if n.endswith(".lora_A")}
+    assert lora == {"layers.1.self_attn.q_proj.lora_A", "layers.1.self_attn.v_proj.lora_A",
+                    "layers.1.mlp.down_proj.lora_A"}
+    torch.testing.assert_close(peft_logits(back, pixels, ids), ref, atol=ATOL, rtol=0)
+
+
 def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_path):
     from model import CheckpointError
     _, root = peft_elsewhere

@@ -1048,6 +1048,16 @@ BAD_INPUT += [
       "--reward whose config.json lists fewer LoRA targets than adapters.safetensors holds",
       lambda w, t: ["--reward", _rm_adapter(t, "few", targets=["q"])],
       ("few/adapters.safetensors", "does not fit config.json")),
+    C("ppo", "reward-adapter-layers-type", "--reward whose adapter 'layers' is a word",
+      lambda w, t: ["--reward", _rm_adapter(t, "lword", layers="all")],
+      ("lword/config.json", "field 'adapters.reward'", '"layers": {target: [int >= 0]}')),
+    C("ppo", "reward-adapter-layer-missing", "--reward whose adapter names a layer past the last",
+      lambda w, t: ["--reward", _rm_adapter(t, "l99", layers={"q": [0, 99]})],
+      ("l99/config.json", "field 'adapters.reward'", "layer 99 does not exist")),
+    C("ppo", "reward-adapter-fewer-layers",
+      "--reward whose config.json gives its adapter fewer layers than adapters.safetensors holds",
+      lambda w, t: ["--reward", _rm_adapter(t, "fewl", layers={"q": [0], "v": [0]})],
+      ("fewl/adapters.safetensors", "does not fit config.json")),
     C("sft", "init-peft-dropout", "--init a PEFT adapter whose lora_dropout is 5",
       lambda w, t: ["--init", _peft(t, "pd", config={"lora_dropout": 5.0})],
       ("pd/adapter_config.json", "field 'lora_dropout'", "got 5.0")),
@@ -1150,14 +1160,15 @@ def test_peft_target_rules_pass_what_peft_loads(w, tmp_path):
         m = load_checkpoint(t.root / "hf")
         load_peft_adapter(m, d, "default")
         assert m.adapters["default"]["targets"] == ["q", "v"], name
-    # layers_to_transform [0]: PEFT trains and saves LoRA on layer 0 alone; the others load as 0
+    # layers_to_transform [0]: PEFT trains and saves LoRA on layer 0 alone; ours has it there only
     first = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0],
              "layers_pattern": "layers"}
     d = _peft(t, "first", config=first, weights=_only_layer_0)
     m = load_checkpoint(t.root / "hf")
     load_peft_adapter(m, d, "default")
     B = {i: lin.lora["default"].B["q"] for i, lin in m.lora_linears() if "default" in lin.lora}
-    assert B[0].abs().sum() > 0 and all(b.abs().sum() == 0 for i, b in B.items() if i > 0)
+    assert list(B) == [0] and B[0].abs().sum() > 0
+    assert m.adapters["default"]["layers"] == {"q": [0], "v": [0]}
 
 
 def _only_layer_0(state):
