@@ -93,21 +93,28 @@ def peft_elsewhere(tmp_path_factory):
     """A llava-hf base saved by transformers and a PEFT LoRA trained on it with bare target names,
     so PEFT also put LoRA on CLIP's q/k/v and on the projector's linear_1 (as users' adapters
     do)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     root = tmp_path_factory.mktemp("peft")
     base = hf_llava()
     base.save_pretrained(root / "base")
-    from transformers import LlavaForConditionalGeneration
     targets = [f"{t}_proj" for t in LM_TARGETS] + ["linear_1"]
-    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"),
-                        LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    pm = trained_peft(root, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    return pm, root
+
+
+def trained_peft(root, config):
+    """get_peft_model(config) on root/base, its LoRA weights random (B not zero), saved to
+    root/adapter."""
+    from peft import get_peft_model
+    from transformers import LlavaForConditionalGeneration
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(root / "base"), config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     pm.eval().save_pretrained(root / "adapter")
-    return pm, root
+    return pm
 
 
 def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere, capsys):
@@ -137,19 +144,13 @@ def test_peft_adapter_on_some_layers_stays_on_them(tmp_path, caught):
     """layers_to_transform: PEFT puts LoRA on the listed layers only; so do we, through our own
     checkpoint and back out to PEFT (before, every layer got an adapter, zero B on the others,
     which further training and the export spread to layers the config left out)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
     from transformers import LlavaForConditionalGeneration
     from checkpoint import save_checkpoint_files
     hf_llava().save_pretrained(tmp_path / "base")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                         layers_to_transform=[1], layers_pattern="layers")
-    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"), config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.eval().save_pretrained(tmp_path / "adapter")
+    pm = trained_peft(tmp_path, config)
     pixels, ids = inputs(seed=4)
     ref = peft_logits(pm, pixels, ids)
     ours = load_checkpoint(tmp_path / "adapter").eval()
