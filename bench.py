@@ -144,7 +144,7 @@ class Config:
                   ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)",
                   roles_model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"),
                   warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)", copy_mib="[0, inf)",
-                  hf_load=("auto", "export", "copy"), seed="[0, inf)",
+                  hf_load=("auto", "export", "copy"), seed=common.SEED_RANGE,
                   rollout_model=("", "tiny", "shapes", "bench", "llava-7b", "llava-13b"),
                   rollout_batch="[1, inf)", rollout_new_tokens="[1, inf)")
 

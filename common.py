@@ -34,6 +34,10 @@ from model import CheckpointError, LLaVA
 # ----------------------------------------------------------------------------------------
 
 
+# a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
+SEED_RANGE = "[0, 4294967295]"
+
+
 class ConfigError(Exception):
     """A flag value or combination that cannot work."""
 
@@ -296,9 +300,10 @@ def setup_dist(device="cpu", fsdp=False):
     return Dist(rank, world, local, dev, fsdp)
 
 
-def check_world(script, fsdp, **batch_sizes):
+def check_world(script, fsdp, grad_accum=1, **batch_sizes):
     """Before any process group: the global batch sizes must split evenly over the torchrun
-    processes (every rank runs the same number of forward passes, which FSDP's collectives need)."""
+    processes (every rank runs the same number of forward passes, which FSDP's collectives need),
+    and into --grad_accum micro-batches of at least one sequence each."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp and script == "ppo.py":
         raise ConfigError("ppo.py --fsdp: not supported; PPO trains LoRA adapters on one frozen "
@@ -308,6 +313,10 @@ def check_world(script, fsdp, **batch_sizes):
         if size % world:
             raise ConfigError(f"--{flag} {size} does not split over the {world} processes "
                               f"(torchrun --nproc_per_node {world}): use a multiple of {world}")
+        if grad_accum > size // world:  # (an empty micro-batch)
+            raise ConfigError(f"--grad_accum {grad_accum}: more micro-batches than the "
+                              f"{size // world} sequences per process of --{flag} {size} "
+                              f"(allowed: 1 to {size // world})")
 
 
 def cleanup_dist():
@@ -419,8 +428,9 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g)
     idx = perm[(i * batch_size) % n:][:batch_size]
-    if len(idx) < batch_size:  # n < batch_size: wrap around
-        idx = torch.cat([idx, perm[:batch_size - len(idx)]])
+    if len(idx) < batch_size:  # n < batch_size: wrap around, as often as the batch needs
+        laps = -(-(batch_size - len(idx)) // n)
+        idx = torch.cat([idx, perm.repeat(laps)[:batch_size - len(idx)]])
     if batch_size % world:
         raise ConfigError(f"batch size {batch_size} is not divisible by the {world} processes")
     per = batch_size // world
@@ -575,6 +585,22 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
                       "max_steps",
                       # do not change the math (skip_nonfinite: the way out of a stopped run)
                       "skip_nonfinite", "save_full"}
+
+
+def check_output_path(flag, path, folder=True):
+    """Before any work: `flag` PATH can be written at the end of a long run: a folder (or, with
+    folder=False, a file) that is not the other kind, under an existing ancestor that is a folder
+    this process may write (the folders between are made when it writes)."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        kind = "is not a folder" if folder else "is a folder, not a file"
+        raise ConfigError(f"{flag} {path}: exists and {kind}")
+    parent = os.path.abspath(path if folder else os.path.dirname(path) or ".")
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {parent} cannot be written")
 
 
 def ensure_writable(out_dir):
@@ -869,6 +895,10 @@ def load_resume(out_dir, run_config, generators=None):
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
                           f"{state['run_config'].get(k)!r}, now {now[k]!r}")
+    max_steps = now.get("max_steps")
+    if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
+        raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
+                          f"{max_steps}; give --max_steps {state['step']} or more")
     set_rng_state(state["rng"], generators)
     return path, state
 

@@ -205,8 +205,11 @@ def load_tokenizer(path):
         first_line = str(e).splitlines()[0] if str(e) else ''
         why = f"{type(e).__name__}: {first_line}"
         raise DataError(path, message=f"cannot load a tokenizer from this directory ({why})")
+    if tok.eos_token_id is None:  # (answers end with it: training learns it, decoding stops at it)
+        raise DataError(path, message="the tokenizer has no eos token (is tokenizer_config.json "
+                                      "missing, or without 'eos_token'?)")
     if tok.pad_token_id is None:  # LLaVA pads with <unk> when the tokenizer has no pad token
-        tok.pad_token = tok.unk_token
+        tok.pad_token = tok.unk_token if tok.unk_token_id is not None else tok.eos_token
     return tok
 
 

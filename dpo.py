@@ -101,7 +101,7 @@ class Config:
                   grad_accum="[1, inf)", lr="(0, inf)", min_lr_ratio="[0, 1]", warmup="[0, inf)",
                   weight_decay="[0, inf)", grad_clip="[0, inf)", max_steps="[1, inf)",
                   eval_every="[0, inf)", eval_n="[1, inf)", save_every="[1, inf)",
-                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
+                  log_every="[1, inf)", seed=common.SEED_RANGE, device=("cpu", "cuda"),
                   dtype=("fp32", "bf16"))
 
 
@@ -376,7 +376,7 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
 def main(cfg):
     check_config(cfg)
     cfg, named = common.world_paths(cfg, companions=("val_data",))
-    common.check_world("dpo.py", cfg.fsdp, batch_size=cfg.batch_size)
+    common.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])

@@ -51,6 +51,7 @@ import oracle
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
+from formats import TAG_IN_TEXT, record_label
 from checkpoint import is_peft_dir, resolve_checkpoint
 from model import CheckpointError
 
@@ -114,7 +115,7 @@ class Config:
                   judge_retries="[0, inf)", judge_backoff="[0, inf)", judge_timeout="(0, inf)",
                   judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
-                  temperature="[0, inf)", top_p="(0, 1]", seed="[0, inf)",
+                  temperature="[0, inf)", top_p="(0, 1]", seed=common.SEED_RANGE,
                   template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", device=("cpu", "cuda"),
                   dtype=("fp32", "bf16"))
 
@@ -217,8 +218,14 @@ def pope_questions(cfg, world):
             recs = read_pope(path, folder, check_images=not cfg.rescore)
         _nonempty(recs, path)
         suffix = cfg.pope_suffix.replace("\\n", "\n")
-        for r in recs:
-            split = str(r.get("category") or _split_of(path))
+        for i, r in enumerate(recs):
+            split = r.get("category")
+            if split in (None, ""):
+                split = _split_of(path)
+            elif not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9_-]+", split)):
+                message = ("expected a split name (letters, digits, '_', '-'; LLaVA's: random, "
+                           f"popular, adversarial), got {split!r:.40}")  # (a file name part)
+                raise DataError(path, record_label(i, r), "category", message)
             question = {"id": str(r["question_id"]), "image": r["image"], "file": path,
                         "label": r["label"], "prompt": r["text"] + suffix}
             splits.setdefault(split, []).append(question)
@@ -261,6 +268,8 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
         qid = r.get("question_id")
         if not isinstance(qid, (int, str)) or isinstance(qid, bool):
             raise DataError(path, where, "question_id", "missing or not an integer or string")
+        if IMAGE in r["text"]:
+            raise DataError(path, where, "text", TAG_IN_TEXT)
         if r["category"] not in labels:
             message = (f"'{r['category']}' has no label file in --pope_labels "
                        f"(have: {', '.join(labels) or 'none'})")
@@ -389,6 +398,8 @@ def lrv_gavie_questions(cfg):
         has_question = isinstance(r, dict) and isinstance(r.get("question"), str)
         if not has_question or not r["question"].strip() or r.get("image_id") is None:
             raise DataError(path, i, "question", "expected {\"image_id\", \"question\"}")
+        if IMAGE in r["question"]:
+            raise DataError(path, i, "question", TAG_IN_TEXT)
         iid = str(r["image_id"])
         if not isinstance(boxes.get(iid), list):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
@@ -1310,6 +1321,9 @@ def main(cfg):
                         ("llava_answers", "rescore true")):
         if getattr(cfg, flag) and not getattr(cfg, needs.split()[0]):
             raise common.ConfigError(f"--{flag} is read only with --{needs}, which is not given")
+    for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
+        if IMAGE in getattr(cfg, flag):
+            raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")
     ckpts = list(cfg.compare) or [cfg.ckpt]
     # fail before any work on a checkpoint that cannot load
     for c in ckpts if not cfg.rescore else []:

@@ -218,6 +218,18 @@ def _typed(r, key, kind, optional=False, default=None):
     return v
 
 
+# a free text (a question, an answer, a prompt) is put after the image: a tag in it would be a
+# second image placeholder with no image (the model refuses the count after loading, far from here)
+TAG_IN_TEXT = "'<image>' in a text placed after the image (the image goes in once, first)"
+
+
+def no_image_tag(text, field):
+    """text, unless it holds '<image>' (a DataError for `field` of the record)."""
+    if IMAGE in text:
+        raise _bad(field, TAG_IN_TEXT)
+    return text
+
+
 def _number(r, key, default=None):
     """r[key] as a finite float (JSON allows NaN and Infinity literals; a loss would not survive
     them)."""
@@ -421,7 +433,7 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         o = _typed(r, key, dict)
         if not isinstance(o.get("value"), str) or not o["value"].strip():
             raise _bad(key, "expected {\"value\": non-empty string}")
-        return o["value"].strip()
+        return no_image_tag(o["value"].strip(), key)
 
     def fn(r):
         image = _image(r, folder, check_images, optional=not image_required)
@@ -504,6 +516,7 @@ def read_pope(path, image_folder=None, check_images=True, on_error="raise"):
     def fn(r):
         _typed(r, "question_id", (int, str))
         image, text = _image(r, folder, check_images), _typed(r, "text", str)
+        no_image_tag(text, "text")
         label = _typed(r, "label", str).strip().lower()
         if label not in ("yes", "no"):
             raise _bad("label", f"must be 'yes' or 'no', got {r['label']!r}")
@@ -525,6 +538,7 @@ def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
     def fn(r):
         for k in ("question_type", "question_topic", "question", "gt_answer"):
             _typed(r, k, str)
+        no_image_tag(r["question"], "question")
         _typed(r, "image_id", (str, int))
         content = _strlist(r, "image_content")
         if not isinstance(r.get("model_answer") or "", str):

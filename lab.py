@@ -65,7 +65,7 @@ class Config:
     report_only: bool = False  # only rebuild RESULTS.md and the plots from finished runs
     device: str = "cpu"  # cpu or cuda
     # allowed values (common.parse_config refuses others in one line)
-    RANGES = dict(world_seed="[0, inf)", claims=CLAIMS, seeds="[0, inf)",
+    RANGES = dict(world_seed="[0, inf)", claims=CLAIMS, seeds=common.SEED_RANGE,
                   rlhf_seeds="[1, inf)", jobs="[1, inf)", steps="[0, inf)", eval_limit="[0, inf)",
                   device=("cpu", "cuda"))
 
@@ -840,6 +840,7 @@ def report(cfg, runs, rebuilt=False):
            f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "",
            "```"]
     md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]
+    os.makedirs(os.path.dirname(cfg.results) or ".", exist_ok=True)
     with open(cfg.results, "w") as f:
         f.write("\n".join(md))
     print("\n".join(verdicts))
@@ -903,8 +904,8 @@ def main(cfg):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
                                  "(run python pipeline.py first, or pass --sft DIR)")
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise common.ConfigError(f"{flag} {path}: exists and is not a folder")
+        common.check_output_path(flag, path)
+    common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
     if cfg.report_only and not any(os.path.exists(done) for _, _, done in

@@ -123,6 +123,11 @@ def main(cfg):
     if unknown:
         choices = ", ".join(commands)
         raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {choices})")
+    # an output the last stage writes, checked before the first trains
+    outputs = [("--out", cfg.out), ("--world", cfg.world)]
+    outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []
+    for flag, path in outputs:
+        common.check_output_path(flag, path)
     here = os.path.dirname(os.path.abspath(__file__))
     times, t_start = {}, time.time()
     for step in LANES:

@@ -137,7 +137,7 @@ class Config:
                   length_penalty="(-inf, inf)", no_eos_penalty="(-inf, inf)",
                   rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
                   max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)",
-                  save_every="[1, inf)", export=("merged", "adapter"), seed="[0, inf)",
+                  save_every="[1, inf)", export=("merged", "adapter"), seed=common.SEED_RANGE,
                   device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 

@@ -100,7 +100,7 @@ class Config:
                   lr="(0, inf)", min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
                   grad_clip="[0, inf)", center_coef="[0, inf)", max_steps="[1, inf)",
                   eval_every="[0, inf)", save_every="[1, inf)", log_every="[1, inf)",
-                  seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"))
+                  seed=common.SEED_RANGE, device=("cpu", "cuda"), dtype=("fp32", "bf16"))
 
 
 def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):

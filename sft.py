@@ -112,7 +112,7 @@ class Config:
                   min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
                   grad_clip="[0, inf)", max_steps="[1, inf)", eval_every="[0, inf)",
                   eval_batches="[1, inf)", save_every="[1, inf)", log_every="[1, inf)",
-                  seed="[0, inf)", device=("cpu", "cuda"), dtype=("fp32", "bf16"),
+                  seed=common.SEED_RANGE, device=("cpu", "cuda"), dtype=("fp32", "bf16"),
                   report_n="[1, inf)")
 
 
@@ -143,6 +143,10 @@ def load_records(cfg):
         # weight w: round(w * n) records, repeated or subsampled
         g = torch.Generator().manual_seed(cfg.seed)
         n = round(w * len(recs))
+        if recs and n == 0:  # (a file given, none of it trained on)
+            raise common.ConfigError(f"--data: weight '{weight}' of {path} keeps 0 of its "
+                                     f"{len(recs)} records (round(weight x {len(recs)}); use more "
+                                     f"than {0.5 / len(recs):.3g})")
         copies = [torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))]
         idx = torch.arange(n) if n == len(recs) else torch.cat(copies)[:n]  # weight 1: as it is
         train += [recs[i] for i in idx.tolist()]
@@ -206,7 +210,7 @@ def main(cfg):
     read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if reads_data else 0
     reading = read_steps > 0
     align_sizes = {"align_batch_size": cfg.align_batch_size} if aligning else {}
-    common.check_world("sft.py", cfg.fsdp, batch_size=cfg.batch_size, **align_sizes)
+    common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])

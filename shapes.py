@@ -962,9 +962,12 @@ def _params(params):
         if pair in pairs[:i]:  # (it would count double where a held-out image picks a pair)
             raise ValueError(f"--pairs {p['pairs']}: {':'.join(pair)!r} given twice")
     if p["image_size"] % p["grid"] or p["image_size"] // p["grid"] < SIZES["large"] + 1:
-        raise ValueError("image_size must be grid * cell with cells of at least 15 px")
+        raise ValueError(f"--image_size {p['image_size']} --grid {p['grid']}: the image must be "
+                         f"grid x cell with cells of at least {SIZES['large'] + 1} px (e.g. "
+                         f"--image_size {p['grid'] * (SIZES['large'] + 1)})")
     if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
-        raise ValueError("max_objects must be 1..4 and fit the grid")
+        raise ValueError(f"--max_objects {p['max_objects']} --grid {p['grid']}: max_objects must "
+                         f"be 1 to {min(p['grid'] ** 2, 4)} (at most 4, and one object per cell)")
     if p["pref_longer"] > 0 and p["max_objects"] < 2:
         raise ValueError("--pref_longer cuts a sentence from descriptions of two or more objects: "
                          "it needs --max_objects >= 2")

@@ -60,6 +60,10 @@ def test_cosine_schedule_and_batch_order():
     assert one == two and len(set(one)) == 8
     epoch = [i for s in range(6) for i in common.batch_indices(s, 50, 8, seed=3)]
     assert len(set(epoch)) == 48  # no repeats inside an epoch
+    # a batch larger than the data wraps around as often as it needs: every item 4 or 5 times
+    big = common.batch_indices(0, 6, 27, seed=3)
+    assert len(big) == 27 and sorted({big.count(i) for i in range(6)}) == [4, 5]
+    assert common.batch_indices(0, 6, 9, seed=3)[:6] == big[:6]  # (one lap more: as before)
 
 
 def test_model_presets_have_real_sizes():

@@ -317,7 +317,9 @@ def test_mmhal(tmp_path):
                        ({"image_content": "Cat"},
                         "record 0: field 'image_content': expected a list, got a string"),
                        ({"gt_answer": None}, "record 0: field 'gt_answer': missing"),
-                       ({"model_answer": 5}, "record 0: field 'model_answer': expected a string")]:
+                       ({"model_answer": 5}, "record 0: field 'model_answer': expected a string"),
+                       ({"question": "<image>\nWhat color?"},  # (a second placeholder, no image)
+                        "record 0: field 'question': '<image>' in a text placed after the image")]:
         path = write(tmp_path / "response_template.json", [mmhal_rec(**kw)])
         assert error(read_mmhal, path).startswith(f"{path}: {expect}")
 

@@ -159,7 +159,7 @@ def _run_on_changed_sft_json(w, t):
     read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
     digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
     t.file("out/run.json", {"data": dict(digests, **{read[0]: "0" * 64})})
-    return ["--resume", "true", "--overwrite", "false", "--batch_size", "8"]
+    return ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--max_steps", "3"]
 
 
 def _world_copy(t, change):
@@ -719,7 +719,8 @@ BAD_INPUT += [
       ("sft.json", "--resume on other data", "changed since the run started")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
       lambda w, t: (t.file("out/run.json", "{"),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8",
+                     "--max_steps", "3"])[1],
       ("run.json", "cannot read")),
     C("sft", "overwrite-own-init",
       "--overwrite true with --init inside --out (it would move its own start away)",
@@ -1090,6 +1091,76 @@ BAD_INPUT += [
       ("--out", "no finished run to report", "RESULTS.md")),
     C("bench", "image-size-below-patch", "--image_size smaller than the preset's patch size",
       lambda w, t: ["--image_size", "7"], ("--image_size 7", "patch size 16")),
+]
+
+
+def _pope(t, **change):
+    """--pope_files: one POPE line (an image of the world) with `change` applied."""
+    line = dict({"question_id": 1, "image": IMG, "text": "Is there a circle?", "label": "yes"},
+                **change)
+    return ["--pope_files", t.file("pope.jsonl", json.dumps(line) + "\n"),
+            "--image_folder", t.w.world]
+
+
+BAD_INPUT += [
+    # -- found by a bad-input hunt (2026-12-03): each failed before its fix (a traceback, exit 1,
+    # or a wrong result without a word)
+    # '<image>' in a text put after the image: a second placeholder, no image (a traceback in the
+    # model after loading, or at the first step)
+    C("eval", "pope-text-image-tag", "a POPE question holding '<image>'",
+      lambda w, t: _pope(t, text="<image>\nIs there a circle?"),
+      ("pope.jsonl", "record 0", "field 'text'", "'<image>' in a text")),
+    C("eval", "pope-suffix-image-tag", "--pope_suffix holding '<image>'",
+      lambda w, t: ["--pope_suffix", " <image>"], ("--pope_suffix ' <image>'", "'<image>'")),
+    C("reward", "output-image-tag", "a preference answer holding '<image>'",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", n=4, output_1={
+          "value": "<image> yes"}))],
+      ("prefs.json", "record 0", "field 'output_1'", "'<image>' in a text")),
+    C("dpo", "output-image-tag", "a preference answer holding '<image>'",
+      lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", n=4, output_2={
+          "value": "No. <image>"}))],
+      ("prefs.json", "record 0", "field 'output_2'", "'<image>' in a text")),
+    C("vigc", "instructions-image-tag", "--instructions with a phrasing holding '<image>'",
+      lambda w, t: ["--instructions", t.file("ins.json", dict(json.load(open(os.path.join(
+          w.world, "vigc_instructions.json"))), conversation=["<image>\nAsk about it."]))],
+      ("ins.json", "field 'conversation'", "'<image>' in a text")),
+    # flags whose values the run could not use
+    C("sft", "grad-accum-over-batch", "--grad_accum above the batch (empty micro-batches)",
+      lambda w, t: ["--grad_accum", "8"], ("--grad_accum 8", "--batch_size 4", "1 to 4")),
+    C("dpo", "grad-accum-over-batch", "--grad_accum above the batch (empty micro-batches)",
+      lambda w, t: ["--grad_accum", "5"], ("--grad_accum 5", "--batch_size 4")),
+    C("sft", "seed-over-32-bits", "--seed 2^32 (numpy's seed takes 32 bits)",
+      lambda w, t: ["--seed", "4294967296"], ("--seed 4294967296", "[0, 4294967295]")),
+    C("eval", "seed-over-64-bits", "--seed past a 64-bit integer",
+      lambda w, t: ["--seed", "99999999999999999999"], ("--seed 99999999999999999999",)),
+    C("sft", "data-weight-keeps-none", "--data FILE:0.0001 (round(weight x records) = 0)",
+      lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":0.0001"],
+      ("--data", "sft.json", "keeps 0 of its")),
+    C("eval", "ckpt-tokenizer-without-config", "--ckpt whose tokenizer_config.json is gone",
+      lambda w, t: ["--ckpt", t.ckpt("notok", lambda d: (d / "tokenizer_config.json").unlink())],
+      ("notok", "no eos token", "tokenizer_config.json")),
+    C("eval", "pope-category-not-a-name", "a POPE line whose category is a list",
+      lambda w, t: _pope(t, category=["x"]),
+      ("pope.jsonl", "record 0", "field 'category'", "expected a split name")),
+    C("eval", "pope-category-path", "a POPE line whose category is a path (answers file name)",
+      lambda w, t: _pope(t, category="coco/random"),
+      ("pope.jsonl", "record 0", "field 'category'", "'coco/random'")),
+    C("sft", "resume-past-max-steps", "--resume with --max_steps below the run's step",
+      lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8",
+                    "--max_steps", "2"],
+      ("checkpoint-000003", "at step 3, past --max_steps 2")),
+    # outputs written last, checked first
+    C("pipeline", "eval-out-is-file", "--eval_out naming a file (checked before SFT trains)",
+      lambda w, t: ["--eval_out", t.file("scores.txt", "x"), "--world", w.world, "--stages",
+                    "sft,eval", "--steps", "2", "--model", "tiny", "--eval_limit", "2"],
+      ("--eval_out", "scores.txt", "exists and is not a folder")),
+    C("lab", "results-is-folder", "--results naming a folder (checked before any run)",
+      lambda w, t: ["--report_only", "true", "--results", str(t.root),
+                    "--plots", str(t.root / "plots")],
+      ("--results", "is a folder, not a file")),
+    C("shapes", "cells-too-small", "--image_size 16 --grid 16 (cells of 1 px)",
+      lambda w, t: ["--image_size", "16", "--grid", "16"],
+      ("--image_size 16 --grid 16", "cells of at least")),
 ]
 
 

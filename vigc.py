@@ -63,6 +63,7 @@ import shapes
 from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize,
                   read_any_conversations, read_text, tokenize_conversation)
+from formats import IMAGE, TAG_IN_TEXT
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Config:
                   batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)",
                   min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
                   grad_clip="[0, inf)", max_steps="[0, inf)", save_every="[1, inf)",
-                  log_every="[1, inf)", seed="[0, inf)", device=("cpu", "cuda"),
+                  log_every="[1, inf)", seed=common.SEED_RANGE, device=("cpu", "cuda"),
                   dtype=("fp32", "bf16"), generate="[0, inf)", gen_types=("conv", "desc", "comp"),
                   temperature="[0, inf)", vic_temperature="[0, inf)",
                   max_correction_steps="[1, inf)", vic_mode=("ours", "reference"),
@@ -221,6 +222,9 @@ def load_instructions(path):
                 not all(isinstance(x, str) and x.strip() for x in info[t]):
             raise DataError(path, None, t, "expected a non-empty list of instruction strings, "
                                            f"got {info[t]!r:.60}")
+        tagged = next((x for x in info[t] if IMAGE in x), None)
+        if tagged is not None:  # (the image is placed first, once; a phrasing is put after it)
+            raise DataError(path, None, t, f"{TAG_IN_TEXT}: {tagged!r:.60}")
     return {t: info[t] for t in TYPES.values()}
 
 
@@ -482,7 +486,7 @@ def main(cfg):
     if cfg.max_steps == 0 and cfg.generate == 0:  # (--overwrite would move a run aside for it)
         raise common.ConfigError("--max_steps 0 and --generate 0: nothing to do (train, generate, "
                                  "or both)")
-    common.check_world("vigc.py", cfg.fsdp, batch_size=cfg.batch_size)
+    common.check_world("vigc.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
