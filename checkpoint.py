@@ -11,6 +11,7 @@ export_llava_hf and export_peft_adapter write what transformers and PEFT load. N
 import for weights: they load by explicit key mapping (see `_canonical_key`).
 """
 import copy
+import hashlib
 import json
 import math
 import os
@@ -312,6 +313,8 @@ def _check_own_config(cfg_path, cfg):
                               f"({FORMAT_VERSION}); update factalign")
     if cfg.get("base") is not None and not isinstance(cfg["base"], str):
         bad("base", "a path (string)")
+    if cfg.get("base_fingerprint") is not None and not isinstance(cfg["base_fingerprint"], str):
+        bad("base_fingerprint", "a string (written with 'base')")
     adapters, heads = cfg.get("adapters", {}), cfg.get("heads", [])
     if not isinstance(adapters, dict):
         bad("adapters", "an object {name: {r, alpha, dropout, targets}}")
@@ -405,6 +408,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         except CheckpointError as e:  # "config: field ...": name the file
             raise CheckpointError(f"{path}/{e}") from None
         weights_dir = base_weights_dir(path)
+        _check_base_fingerprint(path, cfg)
         src.add_dir(weights_dir)
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
@@ -622,6 +626,7 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
            "active_adapter": model.active_adapter, "base": None}
     if base is not None:
         cfg["base"] = os.path.relpath(os.path.abspath(base), os.path.abspath(path))
+        cfg["base_fingerprint"] = base_fingerprint(base_weights_dir(base))
     else:
         weights = dict(canonical_state(model))
         _save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})
@@ -632,6 +637,34 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
         cfg.update(extra_config)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def base_fingerprint(weights_dir):
+    """Which weights a base folder holds, cheaply: each weight file's name and size and a sha256 of
+    its first and last MiB (any retraining changes both). An adapter records its base's, so a base
+    retrained or replaced under the same path is found (the adapter would run on other weights)."""
+    h = hashlib.sha256()
+    for f in _weight_files(weights_dir):
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size};".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:32]
+
+
+def _check_base_fingerprint(path, cfg):
+    """The base a checkpoint's adapters were trained on is still the one its 'base' points to."""
+    saved = cfg.get("base_fingerprint")
+    if saved is None:  # (written before 2026-12-03, or not an adapter-only checkpoint)
+        return
+    if saved != base_fingerprint(base_weights_dir(path)):
+        raise CheckpointError(f"{path}/config.json: field 'base': {cfg['base']!r} holds other "
+                              "weights than this checkpoint was trained on (retrained or replaced "
+                              "since; its 'base_fingerprint' differs): point 'base' at the model "
+                              "it was trained on")
 
 
 def base_weights_dir(path, _seen=()):
@@ -708,6 +741,7 @@ def load_adapters(model, path, name="default"):
     if cfg.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
     _check_own_config(os.path.join(path, "config.json"), cfg)
+    _check_base_fingerprint(path, cfg)
     adapter_clash = set(cfg.get("adapters", {})) & set(model.adapters)
     head_clash = set(cfg.get("heads", [])) & set(model.heads)
     clash = sorted(adapter_clash | head_clash)

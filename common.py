@@ -132,7 +132,8 @@ def parse_config(cls, argv=None, prog=None):
     repeated flags are an error, and every value is checked against `cls.RANGES` (check_ranges).
     Help text comes from the comment after each field."""
     prog = prog or os.path.basename(sys.argv[0])
-    _refuse_repeats(cls, sys.argv[1:] if argv is None else argv, prog)
+    argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
+    _refuse_repeats(cls, argv, prog)
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(),
@@ -158,6 +159,26 @@ def parse_config(cls, argv=None, prog=None):
     except ConfigError as e:
         fail(f"{prog}: {e}")
     return cfg
+
+
+def _join_negative_values(argv):
+    """'--flag -1e-1' -> '--flag=-1e-1': argparse before Python 3.13 reads a negative number in
+    scientific notation (or -inf) as an option name and says the flag has no value."""
+    out, i = [], 0
+    while i < len(argv):
+        token, value = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
+        if token.startswith("--") and "=" not in token and value.startswith("-"):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:
+                out.append(f"{token}={value}")
+                i += 2
+                continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def _check_list_flag(field, values, prog):

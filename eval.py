@@ -524,7 +524,12 @@ class Answerer:
                     raise DataError(path, i, "text", message)
                 if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
                     raise DataError(path, i, "prompt", f"expected a string, got {r['prompt']!r}")
-                self.memo["llava"][str(r["question_id"])] = (i, r)
+                qid = str(r["question_id"])
+                if qid in self.memo["llava"]:  # (the last answer would win without a word)
+                    first = self.memo["llava"][qid][0]
+                    raise DataError(path, f"{i} (id {r['question_id']!r})", "question_id",
+                                    f"given twice (first at record {first})")
+                self.memo["llava"][qid] = (i, r)
         done = {}
         for q in qs:
             if q["id"] in self.memo["llava"]:
@@ -1268,7 +1273,12 @@ def run_names(ckpts):
         p = os.path.normpath(os.path.abspath(c))
         n = os.path.basename(p)
         n = f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
-        names.append(n if n not in names else f"{n}-{len(names)}")
+        k = len(names)
+        name = n if n not in names else f"{n}-{k}"
+        while name in names:  # (a/sft-2, b/sft, c/sft: the third is not sft-2 again)
+            k += 1
+            name = f"{n}-{k}"
+        names.append(name)
     return names
 
 
@@ -1324,6 +1334,9 @@ def main(cfg):
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")
+    if cfg.compare and cfg.ckpt != Config.ckpt:  # (it would be ignored without a word)
+        raise common.ConfigError(f"--ckpt {cfg.ckpt} is not read with --compare (list every "
+                                 "checkpoint in --compare)")
     ckpts = list(cfg.compare) or [cfg.ckpt]
     # fail before any work on a checkpoint that cannot load
     for c in ckpts if not cfg.rescore else []:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageDraw
 
 import common
-from checkpoint import latest_checkpoint
+from checkpoint import latest_checkpoint, resolve_checkpoint
 
 
 CLAIMS = ("lrv", "rlhf", "povid", "vigc")
@@ -900,9 +900,10 @@ def main(cfg):
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
                                  "(choose from lrv, rlhf, povid, vigc)")
-    if not os.path.isdir(cfg.sft):
-        raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found "
-                                 "(run python pipeline.py first, or pass --sft DIR)")
+    sft_config = os.path.join(resolve_checkpoint(cfg.sft), "config.json")
+    if not os.path.isdir(cfg.sft) or not os.path.isfile(sft_config):  # (every run would fail)
+        raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (no config.json; run "
+                                 "python pipeline.py first, or pass --sft DIR)")
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
         common.check_output_path(flag, path)
     common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)

@@ -64,6 +64,14 @@ BUDGET = {
 }
 
 
+def compared_models(cfg):
+    """What eval compares: the models these --stages train, else (--stages eval alone, after a
+    run) those under --out already."""
+    models = [os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")]
+    trained = [m for m, s in zip(models, ("sft", "lrv", "ppo", "dpo")) if s in cfg.stages]
+    return trained or [m for m in models if os.path.isdir(m)]
+
+
 def stage_commands(cfg):
     o = lambda name: os.path.join(cfg.out, name)
     common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed),
@@ -74,7 +82,7 @@ def stage_commands(cfg):
     else:
         short = lambda extra=(): []
         budget = lambda name: BUDGET.get(name, [])
-    compared = [o(s) for s in ("sft", "lrv", "ppo", "dpo") if s in cfg.stages]
+    compared = compared_models(cfg)
     eval_limit = ["--limit", str(cfg.eval_limit)] if cfg.eval_limit else []
     return {
         "sft": ["sft.py", "--out", o("sft"), "--model", cfg.model, *common_flags,
@@ -123,6 +131,9 @@ def main(cfg):
     if unknown:
         choices = ", ".join(commands)
         raise common.ConfigError(f"--stages: unknown stage '{unknown[0]}' (choose from {choices})")
+    if "eval" in cfg.stages and not compared_models(cfg):  # (eval would read its own default)
+        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: eval compares the models of "
+                                 f"sft, lrv, ppo or dpo, and none is given or in --out {cfg.out}")
     # an output the last stage writes, checked before the first trains
     outputs = [("--out", cfg.out), ("--world", cfg.world)]
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []

@@ -74,3 +74,12 @@ def test_model_presets_have_real_sizes():
             # CLIP-L/14-336 (last layer never built) + Vicuna
             assert abs(n - billions) < 0.05, (name, n)
             assert m.config.num_image_tokens == 576
+
+
+def test_negative_flag_values_in_scientific_notation():
+    """'--length_penalty -1e-1' (argparse before Python 3.13 takes '-1e-1' for an option and
+    said the flag had no value); '--flag=value' and plain negatives as before."""
+    import ppo
+    argv = ["--length_penalty", "-1e-1", "--correctness=-2", "--no_eos_penalty", "-3"]
+    cfg = common.parse_config(ppo.Config, argv)
+    assert (cfg.length_penalty, cfg.correctness, cfg.no_eos_penalty) == (-0.1, -2.0, -3.0)

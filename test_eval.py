@@ -470,3 +470,11 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
         assert want in err, (extra, err)
+
+
+def test_run_names_are_unique():
+    """--compare a/sft-2 b/sft c/sft: three folders (the third was named sft-2 again, writing
+    into the first's folder: one row of the table lost); names already in use keep theirs."""
+    assert E.run_names(["a/sft-2", "b/sft", "c/sft"]) == ["sft-2", "sft", "sft-3"]
+    assert E.run_names(["a/sft", "b/sft"]) == ["sft", "sft-1"]
+    assert E.run_names(["ckpt/sft/checkpoint-000100"]) == ["sft-checkpoint-000100"]

@@ -1094,6 +1094,15 @@ BAD_INPUT += [
 ]
 
 
+def _retrained(d):
+    """A checkpoint copy whose weights changed in place (a rerun of its stage under the same
+    path)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(d / "model.safetensors"))
+    state = {k: v + 0.01 for k, v in state.items()}
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _pope(t, **change):
     """--pope_files: one POPE line (an image of the world) with `change` applied."""
     line = dict({"question_id": 1, "image": IMG, "text": "Is there a circle?", "label": "yes"},
@@ -1149,6 +1158,23 @@ BAD_INPUT += [
       lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8",
                     "--max_steps", "2"],
       ("checkpoint-000003", "at step 3, past --max_steps 2")),
+    C("ppo", "reward-base-retrained", "--reward whose base was retrained since (same path)",
+      lambda w, t: ["--reward", _rm_copy(t, "rmb", base=t.ckpt("sft2", _retrained))],
+      ("rmb/config.json", "field 'base'", "other weights than this checkpoint was trained on")),
+    C("eval", "llava-answers-id-twice", "--llava_answers giving one question_id twice",
+      lambda w, t: ["--rescore", "true", "--llava_answers", t.file("ans.jsonl", "".join(
+          json.dumps({"question_id": i, "prompt": "", "text": "Yes"}) + "\n" for i in (1, 2, 1)))],
+      ("ans.jsonl", "record 2 (id 1)", "field 'question_id'", "given twice")),
+    C("eval", "ckpt-beside-compare", "--ckpt beside --compare (it was ignored without a word)",
+      lambda w, t: ["--ckpt", str(t.root / "nowhere"), "--compare", w.sft],
+      ("--ckpt", "nowhere", "is not read with --compare")),
+    C("lab", "sft-not-a-checkpoint", "--sft a folder without a checkpoint (--results was replaced)",
+      lambda w, t: ["--sft", str(t.root / "notes"), "--results", t.file("RES.md", "# mine")] if
+      (t.root / "notes").mkdir() is None else [],
+      ("--sft", "notes", "checkpoint not found")),
+    C("pipeline", "eval-compares-nothing", "--stages eval with no model trained or on disk",
+      lambda w, t: ["--stages", "eval", "--world", w.world, "--out", str(t.root / "empty")],
+      ("--stages eval", "none is given or in --out")),
     # outputs written last, checked first
     C("pipeline", "eval-out-is-file", "--eval_out naming a file (checked before SFT trains)",
       lambda w, t: ["--eval_out", t.file("scores.txt", "x"), "--world", w.world, "--stages",
