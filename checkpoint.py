@@ -216,26 +216,53 @@ def _get(d, key, default):
     return default if v is None else v
 
 
-def _text_fields(t):
+def _typed_get(d, key, default, kind, prefix=""):
+    """_get, the value checked to be an integer (kind int) or a number (kind float): a hand edit
+    ("32") or a list (Llama 3's eos ids) would fail far from the file."""
+    v = _get(d, key, default)
+    if type(v) is not int and not (kind is float and type(v) is float):
+        want = "an integer" if kind is int else "a number"
+        raise CheckpointError(f"config: field '{prefix}{key}': expected {want}, got {v!r:.40}")
+    return v
+
+
+def _text_fields(t, prefix=""):
     """LLaMA config fields -> ours, with transformers' LlamaConfig defaults for absent fields
-    (hub configs list only what differs from those defaults)."""
+    (hub configs list only what differs from those defaults). prefix: where t is in the file."""
     scaling = t.get("rope_scaling")
     scaling_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if scaling not in (None, {}) and scaling_type not in (None, "default"):
         raise CheckpointError(f"config: rope_scaling {t['rope_scaling']} is not supported")
-    heads = _get(t, "num_attention_heads", 32)
-    hidden = _get(t, "hidden_size", 4096)
+    get = lambda key, default, kind=int: _typed_get(t, key, default, kind, prefix)
+    heads = get("num_attention_heads", 32)
+    hidden = get("hidden_size", 4096)
     rope = t.get("rope_parameters") or {}
-    return dict(vocab_size=_get(t, "vocab_size", 32000), hidden=hidden,
-                intermediate=_get(t, "intermediate_size", 11008),
-                layers=_get(t, "num_hidden_layers", 32), heads=heads,
-                kv_heads=_get(t, "num_key_value_heads", heads),
-                head_dim=_get(t, "head_dim", hidden // heads),
-                rms_eps=_get(t, "rms_norm_eps", 1e-6),
-                rope_theta=_get(rope, "rope_theta", _get(t, "rope_theta", 10000.0)),
-                max_position=_get(t, "max_position_embeddings", 2048),
+    theta = _typed_get(rope, "rope_theta", get("rope_theta", 10000.0, float), float,
+                       prefix + "rope_parameters.")
+    return dict(vocab_size=get("vocab_size", 32000), hidden=hidden,
+                intermediate=get("intermediate_size", 11008),
+                layers=get("num_hidden_layers", 32), heads=heads,
+                kv_heads=get("num_key_value_heads", heads),
+                head_dim=get("head_dim", hidden // heads if heads else 0),
+                rms_eps=get("rms_norm_eps", 1e-6, float), rope_theta=theta,
+                max_position=get("max_position_embeddings", 2048),
                 tie_embeddings=bool(_get(t, "tie_word_embeddings", False)),
-                bos_token_id=_get(t, "bos_token_id", 1), eos_token_id=_get(t, "eos_token_id", 2))
+                bos_token_id=get("bos_token_id", 1), eos_token_id=get("eos_token_id", 2))
+
+
+# original LLaVA's mm_vision_select_feature and mm_projector_type values this model has
+FEATURES = ("patch", "cls_patch")
+PROJECTORS = ("linear", "mlp2x_gelu")
+
+
+def _from_file(path, make):
+    """make(), its "config: ..." errors naming the checkpoint's config.json."""
+    try:
+        return make()
+    except CheckpointError as e:
+        if str(e).startswith("config:"):
+            raise CheckpointError(f"{path}/config.json{str(e)[len('config'):]}") from None
+        raise
 
 
 def _vision_fields(v):
@@ -421,20 +448,24 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         if act not in ("gelu", "linear"):
             raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not "
                                   "supported (gelu, linear)")
-        tf = _text_fields(cfg.get("text_config") or {})
+        if strategy not in ("default", "full"):  # (any other word read as 'full' before)
+            raise CheckpointError(f"{path}/config.json: field 'vision_feature_select_strategy': "
+                                  f"{strategy!r} (default or full)")
+        tf = _from_file(path, lambda: _text_fields(cfg.get("text_config") or {}, "text_config."))
         image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
         text_pad = _get(cfg.get("text_config") or {}, "pad_token_id", tf["vocab_size"] - 1)
         pad = _get(cfg, "pad_token_id", text_pad)
         feature = "patch" if strategy == "default" else "cls_patch"
         projector = "mlp2x_gelu" if act == "gelu" else "linear"
-        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
-                             projector=projector, image_token_id=image_id, pad_token_id=pad)
+        config = _from_file(path, lambda: ModelConfig(
+            **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+            projector=projector, image_token_id=image_id, pad_token_id=pad))
         src.add_dir(path)
         # our export of a one-layer projector: linear_2 is the identity; fold it back
         if act == "linear":
             src = _FoldedLinearProjector(src)
     elif layout in ("llava", "llama"):
-        tf = _text_fields(cfg)
+        tf = _from_file(path, lambda: _text_fields(cfg))
         src.add_dir(path)
         has_vision = any(p == "vision" for p, _ in src.where)
         clip_dir = _resolve_clip_dir(vision_tower or cfg.get("mm_vision_tower"), path)
@@ -458,10 +489,15 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
         pad = _get(cfg, "pad_token_id", 0)  # LLaVA pads with <unk> (id 0)
         layer = _get(cfg, "mm_vision_select_layer", -2)
-        config = ModelConfig(**vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
-                             projector=projector,
-                             image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
-                             pad_token_id=pad)
+        for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
+                                      ("mm_projector_type", projector, PROJECTORS)):
+            if value not in allowed:  # (named as our ModelConfig names it, not as the file)
+                raise CheckpointError(f"{path}/config.json: field '{field}': {value!r} is not "
+                                      f"supported ({', '.join(allowed)})")
+        config = _from_file(path, lambda: ModelConfig(
+            **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
+            projector=projector, image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
+            pad_token_id=pad))
     elif layout == "clip":
         raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or "
                               "LLaVA directory and this one as the vision tower")

@@ -1136,8 +1136,10 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         tok_dir = path if has_tok(path) else base if base and has_tok(base) else tokenizer_dir
         if not tok_dir:
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
-        tokenizer = load_tokenizer(tok_dir)
+        # the model first: transformers' tokenizer classes read config.json too, and a value
+        # there they refuse would be blamed on the tokenizer, without the field's value
         model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
+        tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:
             raise CheckpointError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens, more "

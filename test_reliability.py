@@ -1103,6 +1103,18 @@ def _retrained(d):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _hf_edit(t, name, edit):
+    """An llava-hf export of the SFT checkpoint (no tokenizer: the world's is used), its
+    config.json changed by edit(cfg)."""
+    from checkpoint import export_llava_hf, load_checkpoint
+    d = t.root / name
+    export_llava_hf(load_checkpoint(t.w.sft), d)
+    cfg = json.load(open(d / "config.json"))
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return ["--init", str(d), "--align_steps", "0", "--read_steps", "0"]
+
+
 def _pope(t, **change):
     """--pope_files: one POPE line (an image of the world) with `change` applied."""
     line = dict({"question_id": 1, "image": IMG, "text": "Is there a circle?", "label": "yes"},
@@ -1175,6 +1187,24 @@ BAD_INPUT += [
     C("pipeline", "eval-compares-nothing", "--stages eval with no model trained or on disk",
       lambda w, t: ["--stages", "eval", "--world", w.world, "--out", str(t.root / "empty")],
       ("--stages eval", "none is given or in --out")),
+    # llava-hf config.json values as hand edits and other models leave them
+    C("sft", "init-hf-hidden-string", "--init llava-hf whose text_config.hidden_size is '32'",
+      lambda w, t: _hf_edit(t, "hid", lambda c: c["text_config"].update(hidden_size="32")),
+      ("hid/config.json", "field 'text_config.hidden_size'", "expected an integer, got '32'")),
+    C("sft", "init-hf-eos-list", "--init llava-hf whose eos_token_id is a list (as Llama 3's)",
+      lambda w, t: _hf_edit(t, "eos", lambda c: c["text_config"].update(eos_token_id=[2, 3])),
+      ("eos/config.json", "field 'text_config.eos_token_id'", "expected an integer")),
+    C("sft", "init-hf-select-strategy", "--init llava-hf whose feature strategy is 'patch'",
+      lambda w, t: _hf_edit(t, "strat", lambda c: c.update(vision_feature_select_strategy="patch")),
+      ("strat/config.json", "field 'vision_feature_select_strategy'", "(default or full)")),
+    C("sft", "init-hf-kv-heads", "--init llava-hf whose heads are not a multiple of its kv heads",
+      lambda w, t: _hf_edit(t, "kvh", lambda c: c["text_config"].update(num_key_value_heads=3)),
+      ("kvh/config.json", "not a multiple of kv_heads 3")),
+    C("ppo", "reward-scale-huge", "--reward_scale 1e39 (past float32: a non-finite first step)",
+      lambda w, t: ["--reward_scale", "1e39"], ("--reward_scale 1e+39", "overflows a float32")),
+    C("ppo", "no-eos-penalty-huge", "--no_eos_penalty -1e38 x --reward_scale 10 (past float32)",
+      lambda w, t: ["--no_eos_penalty", "-1e38", "--reward_scale", "10"],
+      ("--no_eos_penalty -1e+38 x --reward_scale 10", "overflows a float32")),
     # outputs written last, checked first
     C("pipeline", "eval-out-is-file", "--eval_out naming a file (checked before SFT trains)",
       lambda w, t: ["--eval_out", t.file("scores.txt", "x"), "--world", w.world, "--stages",
