@@ -901,7 +901,8 @@ def main(cfg):
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
                                  "(choose from lrv, rlhf, povid, vigc)")
     sft_config = os.path.join(resolve_checkpoint(cfg.sft), "config.json")
-    if not os.path.isdir(cfg.sft) or not os.path.isfile(sft_config):  # (every run would fail)
+    trains = not cfg.report_only  # (every run would fail, then the report replaces --results)
+    if not os.path.isdir(cfg.sft) or (trains and not os.path.isfile(sft_config)):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (no config.json; run "
                                  "python pipeline.py first, or pass --sft DIR)")
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
