@@ -131,7 +131,8 @@ def load_pairs(cfg, d, model, tokenizer):
     else:  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
         g = torch.Generator().manual_seed(cfg.seed)
         perm = torch.randperm(len(train), generator=g).tolist()
-        n_val = min(cfg.eval_size, len(train) // 10)
+        # (at least one pair of a small file: under 10 pairs it held out none, and said nothing)
+        n_val = min(cfg.eval_size, max(len(train) // 10, 1 if len(train) > 1 else 0))
         train, val = [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
     if cfg.pairs == "sampled":
         objects = shapes.load_world(cfg.world)["by_file"]

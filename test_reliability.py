@@ -1825,3 +1825,17 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row = [r for r in metric_rows(out) if r["step"] == 2 and "grad_norm" in r][-1]
     assert row["grad_norm"] != row["grad_norm"]  # NaN: logged as skipped
+
+
+def test_reward_holds_out_a_pair_of_a_small_file(w, tmp_path):
+    """--val_data '' splits the held-out pairs off --data (LLaVA-RLHF: 500); a file of under 10
+    pairs held out none and trained without a held-out accuracy, saying nothing."""
+    t = T(w, tmp_path)
+    data = t.file("prefs.json", t.records("pref_pairs.json", n=4))
+    argv = base_args("reward", w, tmp_path / "rm") + ["--data", data, "--val_data", "",
+                                                      "--facts", "false"]
+    code, out, err = run_cli("reward", merge_flags(argv))
+    assert code == 0, err
+    assert "3 training pairs, 1 held-out" in out
+    metrics = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
+    assert any("val_accuracy" in m for m in metrics)
