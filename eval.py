@@ -1173,6 +1173,13 @@ class LocalJudge:
         else:
             ids = self.tok(prompt, return_tensors="pt").input_ids
         ids = ids.to(self.cfg.device)
+        c = self.model.config  # (past its positions: an IndexError deep inside the model)
+        positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        if positions and ids.shape[1] + self.cfg.judge_max_tokens > positions:
+            raise JudgeError(f"{self.cfg.judge_model}: the judge prompt for {record['bench']} "
+                             f"question {record['id']!r} is {ids.shape[1]} tokens; with "
+                             f"--judge_max_tokens {self.cfg.judge_max_tokens} that passes the "
+                             f"model's {positions} positions (a judge with a longer context?)")
         pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=self.cfg.judge_max_tokens,

@@ -478,3 +478,20 @@ def test_run_names_are_unique():
     assert E.run_names(["a/sft-2", "b/sft", "c/sft"]) == ["sft-2", "sft", "sft-3"]
     assert E.run_names(["a/sft", "b/sft"]) == ["sft", "sft-1"]
     assert E.run_names(["ckpt/sft/checkpoint-000100"]) == ["sft-checkpoint-000100"]
+
+
+def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
+    """--judge local with a model whose positions the prompt plus --judge_max_tokens pass: a
+    JudgeError naming the question and the numbers (it was an IndexError inside the model)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tok = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "tokenizer"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    judge = E.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
+                                  judge_max_tokens=4))
+    assert isinstance(judge("Is there a circle?", {"bench": "mmhal", "id": "0"}), str)
+    with pytest.raises(E.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
+                                           r"--judge_max_tokens 4 that passes the model's 32"):
+        judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
