@@ -491,7 +491,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         layer = _get(cfg, "mm_vision_select_layer", -2)
         for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
                                       ("mm_projector_type", projector, PROJECTORS)):
-            if value not in allowed:  # (named as our ModelConfig names it, not as the file)
+            if value not in allowed:  # (named as the file names it; ModelConfig has its own names)
                 raise CheckpointError(f"{path}/config.json: field '{field}': {value!r} is not "
                                       f"supported ({', '.join(allowed)})")
         config = _from_file(path, lambda: ModelConfig(

@@ -449,7 +449,7 @@ def batch_indices(step, n, batch_size, seed, rank=0, world=1):
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g)
     idx = perm[(i * batch_size) % n:][:batch_size]
-    if len(idx) < batch_size:  # n < batch_size: wrap around, as often as the batch needs
+    if len(idx) < batch_size and n:  # n < batch_size: wrap around, as often as it needs
         laps = -(-(batch_size - len(idx)) // n)
         idx = torch.cat([idx, perm.repeat(laps)[:batch_size - len(idx)]])
     if batch_size % world:
