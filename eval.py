@@ -369,6 +369,7 @@ def coco_chair_questions(cfg):
         if not isinstance(caps, dict) or not isinstance(caps.get("annotations"), list):
             raise DataError(cfg.chair_captions, field="annotations", message="expected a COCO "
                             "captions file ({\"annotations\": [{\"image_id\", \"caption\"}]})")
+        matched = 0
         for i, c in enumerate(caps["annotations"]):
             iid = c.get("image_id") if isinstance(c, dict) else None
             if not isinstance(iid, (int, str)) or not isinstance(c.get("caption"), str):
@@ -376,6 +377,11 @@ def coco_chair_questions(cfg):
                                 "expected {\"image_id\", \"caption\": string}")
             if iid in present:
                 present[iid].update(coco_objects(c["caption"], syn, cfg.chair_counting))
+                matched += 1
+        if not matched:  # (CHAIR would run without the captions' objects, saying nothing)
+            message = (f"no caption's image_id is one of the {len(imgs)} images scored from "
+                       f"{path} (e.g. {imgs[0]['id']!r}): captions of another split?")
+            raise DataError(cfg.chair_captions, field="annotations", message=message)
     return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt,
              "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}

@@ -1205,6 +1205,9 @@ BAD_INPUT += [
     C("ppo", "no-eos-penalty-huge", "--no_eos_penalty -1e38 x --reward_scale 10 (past float32)",
       lambda w, t: ["--no_eos_penalty", "-1e38", "--reward_scale", "10"],
       ("--no_eos_penalty -1e+38 x --reward_scale 10", "overflows a float32")),
+    C("eval", "chair-captions-other-images", "--chair_captions of no scored image (ids as strings)",
+      lambda w, t: _chair_flags(w, t, COCO, {"annotations": [{"image_id": "1", "caption": "A."}]}),
+      ("captions.json", "field 'annotations'", "no caption's image_id is one of the 1 images")),
     # outputs written last, checked first
     C("pipeline", "eval-out-is-file", "--eval_out naming a file (checked before SFT trains)",
       lambda w, t: ["--eval_out", t.file("scores.txt", "x"), "--world", w.world, "--stages",
