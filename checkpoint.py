@@ -355,7 +355,7 @@ def _check_own_config(cfg_path, cfg):
             and type(a.get("dropout")) in (int, float) and 0 <= a["dropout"] < 1 \
             and isinstance(a.get("targets"), list) \
             and all(isinstance(t, str) and t.removesuffix("_proj") in LORA_TARGETS
-                    for t in a["targets"]) and _layer_lists(a.get("layers", {}))
+                    for t in a["targets"]) and _layer_lists(a.get("layers"))
         if not ok:
             want = ('{"r": int > 0, "alpha": finite, "dropout": in [0, 1), "targets": some of '
                     f'{", ".join(LORA_TARGETS)}, optional "layers": {{target: [int >= 0]}}}}')
@@ -366,8 +366,9 @@ def _check_own_config(cfg_path, cfg):
 
 
 def _layer_lists(layers):
-    """An adapter's optional 'layers' field: {target: [layer index >= 0, ...]}."""
-    return isinstance(layers, dict) and all(
+    """An adapter's optional 'layers' field: {target: [layer index >= 0, ...]} (null: every
+    layer)."""
+    return layers is None or isinstance(layers, dict) and all(
         isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)
         for ids in layers.values())
 
