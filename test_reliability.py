@@ -863,10 +863,11 @@ def _chair_flags(w, t, instances, captions=None):
     return flags + (["--chair_captions", t.file("captions.json", captions)] if captions else [])
 
 
-def _gavie_flags(w, t, boxes):
+def _gavie_flags(w, t, boxes, question="What?"):
     """eval.py on an LRV GAVIE file with its annotations (a judge that is never reached)."""
     return ["--benchmarks", "gavie", "--judge", "openai", "--judge_url", "http://127.0.0.1:9",
-            "--gavie_file", t.file("gavie.json", [{"image_id": "000000.png", "question": "What?"}]),
+            "--gavie_file", t.file("gavie.json", [{"image_id": "000000.png",
+                                                     "question": question}]),
             "--gavie_annotations", t.file("boxes.json", {"000000.png": boxes}),
             "--image_folder", os.path.join(w.world, "images", "train")]
 
@@ -1131,6 +1132,10 @@ BAD_INPUT += [
     C("eval", "pope-text-image-tag", "a POPE question holding '<image>'",
       lambda w, t: _pope(t, text="<image>\nIs there a circle?"),
       ("pope.jsonl", "record 0", "field 'text'", "'<image>' in a text")),
+    C("eval", "gavie-question-image-tag", "an LRV GAVIE question holding '<image>'",
+      lambda w, t: _gavie_flags(w, t, [{"caption": "a circle", "bbox": [0, 0, 9, 9]}],
+                                question="<image>\nWhat is there?"),
+      ("gavie.json", "record 0", "field 'question'", "'<image>' in a text")),
     C("eval", "pope-suffix-image-tag", "--pope_suffix holding '<image>'",
       lambda w, t: ["--pope_suffix", " <image>"], ("--pope_suffix ' <image>'", "'<image>'")),
     C("reward", "output-image-tag", "a preference answer holding '<image>'",
