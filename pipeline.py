@@ -67,9 +67,9 @@ BUDGET = {
 def compared_models(cfg):
     """What eval compares: the models these --stages train, else (--stages eval alone, after a
     run) those under --out already."""
-    models = [os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")]
-    trained = [m for m, s in zip(models, ("sft", "lrv", "ppo", "dpo")) if s in cfg.stages]
-    return trained or [m for m in models if os.path.isdir(m)]
+    models = {s: os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")}
+    trained = [m for s, m in models.items() if s in cfg.stages]
+    return trained or [m for m in models.values() if os.path.isdir(m)]
 
 
 def stage_commands(cfg):

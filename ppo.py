@@ -378,12 +378,13 @@ def load_prompts(cfg, need_captions, tokenizer, model, template):
     # the run at the first step's non-finite guard
     def longest(bonus):  # float32, as the rollout's tensors are
         return cfg.length_penalty * bonus * float(cfg.max_new_tokens)
-    for flag in ("reward_scale", "correctness", "no_eos_penalty"):  # (times --reward_scale)
-        value = getattr(cfg, flag) * (cfg.reward_scale if flag != "reward_scale" else 1.0)
-        if not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
-            scaled = f" x --reward_scale {cfg.reward_scale:g}" if flag != "reward_scale" else ""
-            raise common.ConfigError(f"--{flag} {getattr(cfg, flag):g}{scaled} overflows a "
-                                     "float32 reward")
+    scaled = f" x --reward_scale {cfg.reward_scale:g}"  # (the terms are scaled before GAE)
+    for flag, factor, times in (("reward_scale", 1.0, ""),
+                                ("correctness", cfg.reward_scale, scaled),
+                                ("no_eos_penalty", cfg.reward_scale, scaled)):
+        value = getattr(cfg, flag)
+        if not torch.isfinite(torch.tensor(value * factor, dtype=torch.float32)):
+            raise common.ConfigError(f"--{flag} {value:g}{times} overflows a float32 reward")
     if not torch.isfinite(longest(torch.tensor(1.0))):
         raise common.ConfigError(f"--length_penalty {cfg.length_penalty:g}: x --max_new_tokens "
                                  f"{cfg.max_new_tokens} overflows a float32 reward")
