@@ -255,14 +255,18 @@ FEATURES = ("patch", "cls_patch")
 PROJECTORS = ("linear", "mlp2x_gelu")
 
 
-def _from_file(path, make):
-    """make(), its "config: ..." errors naming the checkpoint's config.json."""
+def _from_file(path, make, names=()):
+    """make(), its "config: ..." errors naming the checkpoint's config.json, and a field by the
+    file's name for it (names: pairs of (ours, the file's))."""
     try:
         return make()
     except CheckpointError as e:
-        if str(e).startswith("config:"):
-            raise CheckpointError(f"{path}/config.json{str(e)[len('config'):]}") from None
-        raise
+        msg = str(e)
+        if not msg.startswith("config:"):
+            raise
+        for ours, theirs in names:
+            msg = msg.replace(f"field '{ours}'", f"field '{theirs}'")
+        raise CheckpointError(f"{path}/config.json{msg[len('config'):]}") from None
 
 
 def _vision_fields(v):
@@ -408,6 +412,10 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT)."""
     path = resolve_checkpoint(str(path))
+    if vision_tower and _resolve_clip_dir(vision_tower, path) is None:  # (was passed over unread)
+        raise CheckpointError(f"--vision_tower {vision_tower}: not a CLIP directory (no "
+                              "config.json in it, nor in a folder of its name beside the "
+                              "checkpoint)")
     # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
     if is_peft_dir(path):
         model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
@@ -428,7 +436,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
                                   f"{sorted(unknown)}")
         for k, v in cfg["model"].items():  # (an int is a fine float)
             int_as_float = known[k] is float and type(v) is int
-            if type(v) is not known[k] and not int_as_float and known[k] is not type(None):
+            layer_list = k == "vision_select_layer" and type(v) is list  # (ModelConfig checks it)
+            if (type(v) is not known[k] and not int_as_float and not layer_list
+                    and known[k] is not type(None)):
                 raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected "
                                       f"{known[k].__name__}, got {v!r}")
         try:
@@ -441,10 +451,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
-        layer = _get(cfg, "vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise CheckpointError(f"{path}/config.json: vision_feature_layer {layer}: only one "
-                                  "layer is supported")
+        layer = _get(cfg, "vision_feature_layer", -2)  # (a list: ModelConfig checks it)
         act = _get(cfg, "projector_hidden_act", "gelu")
         if act not in ("gelu", "linear"):
             raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not "
@@ -460,7 +467,8 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         projector = "mlp2x_gelu" if act == "gelu" else "linear"
         config = _from_file(path, lambda: ModelConfig(
             **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
-            projector=projector, image_token_id=image_id, pad_token_id=pad))
+            projector=projector, image_token_id=image_id, pad_token_id=pad),
+            names=[("vision_select_layer", "vision_feature_layer")])
         src.add_dir(path)
         # our export of a one-layer projector: linear_2 is the identity; fold it back
         if act == "linear":
@@ -490,6 +498,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
         pad = _get(cfg, "pad_token_id", 0)  # LLaVA pads with <unk> (id 0)
         layer = _get(cfg, "mm_vision_select_layer", -2)
+        if type(layer) is not int:  # (LLaVA indexes hidden_states with it: one layer)
+            raise CheckpointError(f"{path}/config.json: field 'mm_vision_select_layer': expected "
+                                  f"an integer, got {layer!r:.40}")
         for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
                                       ("mm_projector_type", projector, PROJECTORS)):
             if value not in allowed:  # (named as the file names it; ModelConfig has its own names)
@@ -498,7 +509,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         config = _from_file(path, lambda: ModelConfig(
             **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
             projector=projector, image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
-            pad_token_id=pad))
+            pad_token_id=pad), names=[("vision_select_layer", "mm_vision_select_layer")])
     elif layout == "clip":
         raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or "
                               "LLaVA directory and this one as the vision tower")

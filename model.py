@@ -29,7 +29,8 @@ class ModelConfig:
     vision_intermediate: int = 4096       # CLIP MLP width
     vision_layers: int = 24               # CLIP layers in the checkpoint (built: to the selected)
     vision_heads: int = 16                # CLIP attention heads
-    vision_select_layer: int = -2         # hidden_states index LLaVA reads (-2: second-to-last)
+    vision_select_layer: int = -2         # hidden_states index LLaVA reads (-2: second-to-last);
+    # a list (llava-hf's vision_feature_layer [-2, -5]): those layers' features side by side
     vision_select_feature: str = "patch"  # 'patch' drops CLS (LLaVA default), 'cls_patch' keeps it
     vision_eps: float = 1e-5              # CLIP LayerNorm epsilon
     # projector
@@ -86,6 +87,12 @@ class ModelConfig:
         if self.heads % self.kv_heads:
             raise CheckpointError(f"config: heads {self.heads} is not a multiple of kv_heads "
                                   f"{self.kv_heads}")
+        s = self.vision_select_layer  # (a bool is an int to Python, not a layer)
+        one = type(s) is int
+        if not one and not (isinstance(s, (list, tuple)) and s and all(type(x) is int for x in s)):
+            raise CheckpointError("config: field 'vision_select_layer': an integer or a non-empty "
+                                  f"list of integers, got {s!r:.40}")
+        self.vision_select_layer = s if one else list(s)
         self.vision_layers_run  # checked here, where the loader names the file (not mid-load)
 
     @property
@@ -97,14 +104,25 @@ class ModelConfig:
         return self.num_patches + (self.vision_select_feature == "cls_patch")
 
     @property
-    def vision_layers_run(self):
-        # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k
+    def vision_select_indexes(self):
+        """The hidden_states read, counted from 0: hidden_states[0] is the embedding output (after
+        pre_layrnorm), hidden_states[k] the output of layer k."""
         s = self.vision_select_layer
-        n = self.vision_layers + 1 + s if s < 0 else s
-        if not 0 <= n <= self.vision_layers:
-            raise CheckpointError(f"config: field 'vision_select_layer': {s} is out of range for "
-                                  f"{self.vision_layers} layers")
-        return n
+        picks = [s] if type(s) is int else s
+        out = [self.vision_layers + 1 + p if p < 0 else p for p in picks]
+        for p, n in zip(picks, out):
+            if not 0 <= n <= self.vision_layers:
+                raise CheckpointError(f"config: field 'vision_select_layer': {p} is out of range "
+                                      f"for {self.vision_layers} layers")
+        return out
+
+    @property
+    def vision_layers_run(self):
+        return max(self.vision_select_indexes)  # later layers are never built
+
+    @property
+    def vision_feature_dim(self):
+        return self.vision_hidden * len(self.vision_select_indexes)  # the projector's input width
 
 
 PRESETS = {
@@ -433,7 +451,8 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPVision(nn.Module):
-    """CLIP ViT returning hidden_states[select_layer] without CLS; later layers are never built."""
+    """CLIP ViT returning hidden_states[select_layer] (several: side by side) without CLS; later
+    layers are never built."""
 
     def __init__(self, c):
         super().__init__()
@@ -444,8 +463,14 @@ class CLIPVision(nn.Module):
 
     def forward(self, pixels):
         x = self.pre_layrnorm(self.embeddings(pixels))
-        for layer in self.encoder.layers:
+        picks = self.c.vision_select_indexes
+        states = {0: x}
+        for k, layer in enumerate(self.encoder.layers, 1):
             x = layer(x)
+            if k in picks:
+                states[k] = x
+        # several layers: their features side by side (transformers' LlavaModel concatenates)
+        x = torch.cat([states[k] for k in picks], dim=-1) if len(picks) > 1 else states[picks[0]]
         return x[:, 1:] if self.c.vision_select_feature == "patch" else x
 
 
@@ -453,7 +478,7 @@ class Projector(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.kind = c.projector
-        self.linear_1 = nn.Linear(c.vision_hidden, c.hidden)
+        self.linear_1 = nn.Linear(c.vision_feature_dim, c.hidden)
         if c.projector == "mlp2x_gelu":
             self.linear_2 = nn.Linear(c.hidden, c.hidden)
 

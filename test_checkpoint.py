@@ -128,6 +128,14 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision)
     ref = hf_logits(hf, pixels, ids)
     got = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    # LLaVA reads one CLIP layer (llava-hf's list of layers is not its field); a vision tower
+    # that is not a CLIP directory is refused, not passed over
+    with pytest.raises(CheckpointError, match="not a CLIP directory"):
+        load_checkpoint(tmp_path / "orig", vision_tower=str(tmp_path / "clip" / "config.json"))
+    edited = dict(cfg, mm_vision_select_layer=[-2])
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match="'mm_vision_select_layer': expected an integer"):
+        load_checkpoint(tmp_path / "orig")
 
 
 def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):

@@ -4,7 +4,7 @@ LoRA adapters. Tiny random models; the helpers here serve test_checkpoint.py and
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import export_llava_hf, load_checkpoint
 from model import LLaVA, ModelConfig
 
 torch.set_num_threads(2)
@@ -34,13 +34,14 @@ def hf_text_config(kv_heads=2):
                        bos_token_id=1, eos_token_id=2)
 
 
-def hf_llava(projector="gelu", seed=0):
+def hf_llava(projector="gelu", seed=0, feature_layer=-2, strategy="default"):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
     cfg = LlavaConfig(vision_config=hf_vision_config(), text_config=hf_text_config(),
                       image_token_index=IMAGE_ID, projector_hidden_act=projector,
-                      vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", image_seq_length=4, pad_token_id=0)
+                      vision_feature_layer=feature_layer,
+                      vision_feature_select_strategy=strategy,
+                      image_seq_length=4 + (strategy == "full"), pad_token_id=0)
     m = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random weights big enough that errors would show
         for p in m.parameters():
@@ -129,6 +130,33 @@ def test_llava_matches_transformers(hf_dirs, projector):
     assert ours.config.num_image_tokens == 4 and ours.config.image_token_id == IMAGE_ID
     pixels, ids = inputs()
     torch.testing.assert_close(ours(pixels, ids), hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layers,strategy", [([-3, -1], "default"), ([0, -2], "full"),
+                                             ([-2], "default")])
+def test_several_vision_feature_layers_match_transformers(tmp_path, layers, strategy):
+    """llava-hf's vision_feature_layer as a list: those CLIP layers' features side by side (the
+    projector's input is as many times wider); loaded, saved as ours and exported, same logits."""
+    from transformers import LlavaForConditionalGeneration
+    hf = hf_llava(feature_layer=layers, strategy=strategy)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_checkpoint(tmp_path / "hf").eval()
+    assert ours.config.vision_select_layer == layers
+    assert ours.projector.linear_1.in_features == 32 * len(layers)
+    assert len(ours.vision_tower.encoder.layers) == max(3 + 1 + k if k < 0 else k for k in layers)
+    pixels, ids = inputs(seed=3)
+    if strategy == "full":  # one more image token: the CLS feature is kept
+        ids = torch.cat([ids[:, :1], torch.full((2, 1), IMAGE_ID), ids[:, 1:]], 1)
+    ref = hf_logits(hf, pixels, ids)
+    torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    again = load_checkpoint(tmp_path / "ours").eval()
+    assert again.config.vision_select_layer == layers
+    torch.testing.assert_close(again(pixels, ids), ref, atol=ATOL, rtol=0)
+    export_llava_hf(again, tmp_path / "export")
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    assert theirs.config.vision_feature_layer == layers
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), ref, atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------
