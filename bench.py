@@ -763,8 +763,8 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts,
                       ppo_epochs=epochs, rm_input="tokens", out=tmp,
                       seed=cfg.seed)  # ppo.py's defaults otherwise
-    # (facts, wording, template): a reward model without facts
-    rm = (False, "llava-rlhf", "vicuna_v1")
+    # (facts, wording, template, prompt_space): a reward model without facts
+    rm = (False, "llava-rlhf", "vicuna_v1", False)
     d = common.Dist(device=dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     parts = []

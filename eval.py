@@ -603,7 +603,7 @@ def pope_metrics(preds, labels):
 # --chair_counting reference (default; what published CHAIR numbers used): chair.py's procedure.
 # Every mention counts, repeated or negated ("a dog chases a dog" is 2 mentions, "no dog" is 1).
 # COCO: the caption lower-cased, tokenized (nltk.word_tokenize there; words, digits and hyphenated
-# words here), each token singularized with pattern.en's rules (so 'glasses' -> 'glas', and 'bus'
+# words here), each token singularized with pattern.en's rules (so 'glass' -> 'glas', and 'bus'
 # -> 'bu', which is then no object word: as in chair.py), its fixed two-word list merged ('hot dog',
 # 'baby bird' -> bird, 'wine glas' -> wine glass, ...), 'seat' dropped when 'toilet' is there, and
 # every remaining word that is a synonyms.txt entry mapped to its category. synonyms.txt is read as
@@ -681,7 +681,7 @@ _SUFFIX_RULES = [(re.compile(a), b) for a, b in (
 
 
 def singularize_like_pattern(word):
-    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glasses' -> 'glas',
+    """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glass' -> 'glas',
     'bus' -> 'bu')."""
     if any(x.endswith(word) for x in _UNCHANGED):
         return word
@@ -964,15 +964,15 @@ def parse_rating(reply, rule="reference"):
 
 def parse_gavie(reply):
     """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt
-    asks for), or from LRV's official output format
-    ('Relevancy:\\nscore of the answer1: x\\nreason: ...'); each exactly one value in 0-10, else
-    None."""
+    asks for), or from LRV's official output formats ('Relevancy:\\nscore of the answer1: x\\n
+    reason: ...', as evaluate.py asks; 'score of answer1: x', as prompts/GAVIE.txt asks); each
+    exactly one value in 0-10, else None."""
     text, out = str(reply).lower(), {}
     for key in ("relevancy", "accuracy"):
         found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", text)}
         section = re.search(rf"\b{key}\s*:(.*?)(?=\b(?:relevancy|accuracy)\s*:|$)", text, re.S)
         if not found and section:
-            answer1 = r"score of the answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
+            answer1 = r"score of (?:the )?answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
             found = {float(v) for v in re.findall(answer1, section.group(1))}
         if len(found) != 1 or not 0 <= min(found) <= 10:
             return None

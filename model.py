@@ -874,20 +874,26 @@ class LLaVA(nn.Module):
     def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=64,
                  temperature=0.0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None,
                  return_logprobs=False, image_features=None, num_beams=1, length_penalty=1.0,
-                 compile=False, return_entropy=False):
+                 compile=False, return_entropy=False, repetition_penalty=1.0):
         """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on
         pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when
         given, so a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
         CUDA graphs on GPU): compiled once per shape, worth it only for long runs. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
-        needs from its policy, without a second pass). Returns GenerateOutput."""
+        needs from its policy, without a second pass). repetition_penalty p != 1: each token
+        generated so far has its logit (beam search: log-prob) divided by p where positive,
+        multiplied where negative, before temperature and top-p (transformers'
+        RepetitionPenaltyLogitsProcessor as generate(inputs_embeds=...) applies it, which is how
+        VIGC's LAVIS model calls it: the prompt's tokens are not penalised). Returns
+        GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
         if num_beams > 1:
             return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens,
-                                    num_beams, eos, pad, image_features, length_penalty)
+                                    num_beams, eos, pad, image_features, length_penalty,
+                                    repetition_penalty)
         B, T = input_ids.shape
         dev = input_ids.device
         prompt_mask = None  # no padding (the usual case): SDPA's causal kernel for the prompt
@@ -909,6 +915,8 @@ class LLaVA(nn.Module):
         # compiled: inductor fuses the plain LoRA path itself
         with self.fused_lora(not compile, rows=B):
             for i in range(max_new_tokens):
+                if repetition_penalty != 1.0:
+                    logits = penalize_repeats(logits, tokens[:, :i], repetition_penalty)
                 if temperature <= 0 and not (return_logprobs or return_entropy):
                     tok, lp = logits.argmax(-1), None  # greedy: no log_softmax over the vocabulary
                 elif return_entropy:
@@ -968,7 +976,7 @@ class LLaVA(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams, eos,
-                    pad, image_features=None, length_penalty=1.0):
+                    pad, image_features=None, length_penalty=1.0, repetition_penalty=1.0):
         """Beam search as transformers' GenerationMixin._beam_search with its defaults
         (early_stopping False, no sampling, one returned sequence). Per step, over K beams x vocab:
         keep the 2K best running sums of log-probs; those ending in EOS (or at the length limit)
@@ -1014,7 +1022,10 @@ class LLaVA(nn.Module):
             return t.gather(1, idx.view(*idx.shape, *trailing).expand(*idx.shape, *t.shape[2:]))
         for i in range(N):
             V = logits.shape[-1]
-            logp = torch.log_softmax(logits, -1).view(B, K, V)
+            logp = torch.log_softmax(logits, -1)
+            if repetition_penalty != 1.0:  # (transformers: on the log-probs, in beam search)
+                logp = penalize_repeats(logp, run_tokens.view(B * K, N)[:, :i], repetition_penalty)
+            logp = logp.view(B, K, V)
             total = (logp + run_scores[:, :, None]).view(B, K * V)
             top_lp, top_idx = total.topk(n_keep)
             src, tok = top_idx // V, top_idx % V
@@ -1223,6 +1234,16 @@ def compiled_decode_step():
         mode = "reduce-overhead" if torch.cuda.is_available() else None
         _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))
     return _COMPILED_DECODE[0]
+
+
+def penalize_repeats(scores, seen, penalty):
+    """scores (rows, vocab) with each row's `seen` tokens (rows, n) made less likely: a positive
+    score divided by `penalty`, a negative one multiplied (CTRL, arXiv 1909.05858; transformers'
+    RepetitionPenaltyLogitsProcessor). A token seen twice is penalised once."""
+    if seen.shape[1] == 0:
+        return scores
+    s = scores.gather(1, seen)
+    return scores.scatter(1, seen, torch.where(s < 0, s * penalty, s / penalty))
 
 
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entropy=False):

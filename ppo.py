@@ -11,10 +11,10 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     python ppo.py --reward ckpt/rm_plain --out ckpt/ppo_plain  # plain RLHF: the RM's --facts false
     torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm \
         --data llava_ppo50k-aokvqa12k-vqa10k.json --captions image_to_caption.json \
-        --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 \
-        --max_new_tokens 896 --lora_r 64 --lr 3e-5 --length_penalty -10 --device cuda --dtype bf16 \
-        --stop_at_question true --rm_input tokens --rm_prompt_space true --correct_rule prefix \
-        --reward_scale 10
+        --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 --max_steps 562 \
+        --max_prompt_len 703 --max_new_tokens 896 --lora_r 64 --lr 3e-5 --value_lr 0 \
+        --length_penalty -10 --device cuda --dtype bf16 \
+        --stop_at_question true --rm_input tokens --correct_rule prefix --reward_scale 10
 
 Per rollout, for response token k of a sequence whose last real token is T (length L = T + 1):
     kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)
@@ -34,7 +34,8 @@ Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in REA
   --stop_at_question true   each response is cut at a '?' token, which drops its EOS (-8 penalty);
   --rm_input tokens         the RM reads the sampled ids, '</s>' only when sampled (ours
                             re-tokenizes the text);
-  --rm_prompt_space true    '</s> USER: Please evaluate...' as its reward prompt file is joined;
+  (reward.py --prompt_space true: '</s> USER: Please evaluate...' as its reward prompt file is
+                            joined; PPO reads the RM's setting from its checkpoint)
   --correct_rule prefix     the Yes/No bonus tests startswith('No'), so 'None ...' earns it;
   --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off.
 Not offered: LLaVA-RLHF whitens the advantages over every response column, the padding after EOS
@@ -108,7 +109,6 @@ class Config:
     no_eos_penalty: float = -8.0  # added to the score of a response without EOS (LLaVA-RLHF: -8)
     stop_at_question: bool = False  # LLaVA-RLHF: cut a response at '?' (no EOS left: the penalty)
     rm_input: str = "text"  # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
-    rm_prompt_space: bool = False  # '</s> USER: Please evaluate' (LLaVA-RLHF's RM), not '</s>USER:'
     correct_rule: str = "word"  # Yes/No bonus test: 'word' (whole word) or 'prefix' (LLaVA-RLHF)
     max_steps: int = 40  # PPO steps (rollout + update)
     log_every: int = 1  # a log line every N steps
@@ -290,8 +290,8 @@ def response_values(model, feats, seq, mask, prompt_len):
 # ----------------------------------------------------------------------------------------
 
 def reward_settings(rm_dir):
-    """The RM's own run settings (facts, wording, template): PPO scores exactly as the RM was
-    trained."""
+    """The RM's own run settings (facts, wording, template, prompt_space): PPO scores exactly as
+    the RM was trained."""
     path = os.path.join(rm_dir, "config.json")
     if not os.path.isfile(path):
         raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there "
@@ -310,12 +310,16 @@ def reward_settings(rm_dir):
         raise common.ConfigError(f"{path}: field 'run_config.facts': expected true or false, got "
                                  f"{rc['facts']!r:.40}")
     wording, template = rc.get("eval_prompt", "llava-rlhf"), rc.get("template", "vicuna_v1")
+    space = rc.get("prompt_space", False)  # (absent: a reward model from before the flag)
     for key, value, allowed in (("eval_prompt", wording, ("llava-rlhf", "short")),
-                                ("template", template, ("vicuna_v1", "llava_v1"))):
-        if value not in allowed:  # (a KeyError at the first reward otherwise)
-            raise common.ConfigError(f"{path}: field 'run_config.{key}': expected "
-                                     f"{' or '.join(allowed)}, got {value!r:.40}")
-    return rc["facts"], wording, template
+                                ("template", template, ("vicuna_v1", "llava_v1")),
+                                ("prompt_space", space, (True, False))):
+        if value not in allowed or type(value) is int:  # (a KeyError at the first reward otherwise;
+            # 1 == True, but it is not the flag's value)
+            want = " or ".join(json.dumps(a) if type(a) is bool else a for a in allowed)
+            raise common.ConfigError(f"{path}: field 'run_config.{key}': expected {want}, got "
+                                     f"{value!r:.40}")
+    return rc["facts"], wording, template, space
 
 
 def build_roles(cfg, d, tok_dir=""):
@@ -522,17 +526,16 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         values = batched(value_of, n, mb) * rmask
     texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
              for i in range(n)]
-    facts, wording, template = rm
+    facts, wording, template, space = rm
     if cfg.rm_input == "tokens":  # LLaVA-RLHF: the sampled ids, '</s>' only where it was sampled
         items = [reward_item_from_ids(tokenizer, p["input_ids"], tokens[i, :lengths[i]],
                                       p["captions"] if facts else None,
-                                      random.Random(f"{key}-{i}"), 1 << 30, wording,
-                                      cfg.rm_prompt_space)
+                                      random.Random(f"{key}-{i}"), 1 << 30, wording, space)
                  for i, p in enumerate(prompts)]
     else:  # ours: the text decoded, stripped and rendered again as a finished turn (always '</s>')
         items = [reward_item(tokenizer, critic.config, p["prompt"], t,
                              p["captions"] if facts else None, random.Random(f"{key}-{i}"),
-                             template, 1 << 30, wording, cfg.rm_prompt_space)
+                             template, 1 << 30, wording, space)
                  for i, (p, t) in enumerate(zip(prompts, texts))]
 
     def rm_score(s):

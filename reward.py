@@ -8,7 +8,8 @@ with --facts, lists the image's captions (Factually Augmented RLHF).
     python reward.py --blank_images true --out ckpt/rm_blank  # control: facts read without images?
     torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
-        --lr 2e-5 --batch_size 32 --max_steps 300 --device cuda --dtype bf16
+        --lr 2e-5 --batch_size 32 --max_steps 200 --grad_clip 0.3 --max_len 2623 \
+        --prompt_space true --device cuda --dtype bf16  # LLaVA-RLHF's settings (README)
 
 The scored sequence (data.reward_item; ppo.py scores its rollouts with the same one, so it lives in
 data.py beside the template): the conversation, the response, then an evaluation turn
@@ -65,6 +66,9 @@ class Config:
     # the wording of the evaluation turn:
     eval_prompt: str = "llava-rlhf"  # 'llava-rlhf' (verbatim) | 'short' (same facts, half as long)
     template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
+    # '...</s> USER: Please evaluate' as LLaVA-RLHF joins its reward prompt (false: our template's
+    # '</s>USER:'); recorded in the checkpoint, and ppo.py scores the same way
+    prompt_space: bool = False
     max_len: int = 1024  # longest scored sequence (pairs that do not fit are dropped and counted)
     lora_r: int = 16  # LoRA rank (LLaVA-RLHF: 64 on 7B/13B; 16 suits the 128-wide shapes preset)
     lora_alpha: int = 16  # LoRA alpha (LLaVA-RLHF: 16)
@@ -198,7 +202,7 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
         caps = p["captions"] if cfg.facts else None
         items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps,
                              random.Random(f"{rng_key}-{i}"), cfg.template, cfg.max_len,
-                             cfg.eval_prompt)
+                             cfg.eval_prompt, cfg.prompt_space)
                  for k in ("chosen", "rejected")]
         if items[0] is None or items[1] is None:
             dropped += 1
@@ -220,7 +224,7 @@ def fits(p, cfg, tokenizer, model_config):
     order, shuffled there, hardly changes the length)."""
     caps = p["captions"] if cfg.facts else None
     return all(reward_item(tokenizer, model_config, p["prompt"], p[k], caps, random.Random(0),
-                           cfg.template, cfg.max_len, cfg.eval_prompt) is not None
+                           cfg.template, cfg.max_len, cfg.eval_prompt, cfg.prompt_space) is not None
                for k in ("chosen", "rejected"))
 
 

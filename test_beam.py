@@ -142,3 +142,29 @@ def test_beam_search_by_hand(monkeypatch):
     assert math.log(.324) / 3 > math.log(.3) / 2  # why b b b wins
     two = m.generate(None, prompt, max_new_tokens=2, eos_token_id=2, pad_token_id=0, num_beams=2)
     assert two.tokens.tolist() == [[3, 3]] and not bool(two.finished[0])
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")
+@pytest.mark.parametrize("beams", [1, 4])
+def test_repetition_penalty_equals_transformers_from_embeddings(pair, beams):
+    """repetition_penalty as transformers applies it when generate starts from inputs_embeds (how
+    VIGC's LAVIS model calls it): only the tokens generated so far are penalised; on logits when
+    greedy, on log-probs in beam search."""
+    hf, ours = pair
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, IMAGE_ID, (3, 6), generator=g)
+    n = 14
+    plain = ours.generate(None, ids, max_new_tokens=n, eos_token_id=-1, num_beams=beams).tokens
+    got = ours.generate(None, ids, max_new_tokens=n, eos_token_id=-1, num_beams=beams,
+                        repetition_penalty=1.5).tokens
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(ids)
+        want = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False,
+                           repetition_penalty=1.5, eos_token_id=None, pad_token_id=0,
+                           early_stopping=False, length_penalty=1.0)
+    assert want.shape[1] == n  # (from embeddings, transformers returns the new tokens only)
+    assert got.tolist() == want.tolist()
+    assert not torch.equal(got, plain)  # the penalty changed what was generated
+    repeats = lambda t: sum(len(r) - len(set(r)) for r in t.tolist())
+    assert repeats(got) < repeats(plain)

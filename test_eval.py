@@ -340,6 +340,10 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     official = ("Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\n"
                 "Accuracy:\nscore of the answer1: 6\nreason: no.")
     assert E.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
+    # and the format LRV's prompts/GAVIE.txt asks for ('score of answer1:')
+    gavie_txt = ("Accuracy:\nscore of answer1: 7\nreason: fine.\n\n"
+                 "Relevancy:\nscore of answer1: 9\nreason: on topic.")
+    assert E.parse_gavie(gavie_txt) == {"relevancy": 9.0, "accuracy": 7.0}
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):

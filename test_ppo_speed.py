@@ -164,7 +164,7 @@ def rollout_setup(tmp_path, plant_image_token):
         m.generate = planted
     with torch.no_grad():
         ro = ppo.rollout(m, m, bench.word_tokenizer(c), records, ImageCache(c.image_size), pcfg,
-                         (False, "llava-rlhf", "vicuna_v1"), 0.1,
+                         (False, "llava-rlhf", "vicuna_v1", False), 0.1,
                          torch.Generator().manual_seed(0), "k")
         with m.use_adapter("policy"):
             logp, entropy = ppo.response_logprobs(m, ro["feats"], ro["seq"], ro["mask"], ro["P"],

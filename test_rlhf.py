@@ -395,7 +395,7 @@ def base_storages(*models):
             if ".lora." not in n and not n.startswith("heads.")}
 
 
-def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
+def make_rm(sft_dir, out, shared=True, vocab=None, facts=True, prompt_space=False):
     if vocab is None:
         m = load_checkpoint(sft_dir)
     else:
@@ -403,7 +403,8 @@ def make_rm(sft_dir, out, shared=True, vocab=None, facts=True):
     m.add_adapter("reward", 4, 8)
     m.add_head("reward")
     m.set_adapter("reward")
-    run_config = {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1"}
+    run_config = {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1",
+                  "prompt_space": prompt_space}
     save_checkpoint_files(m, out, base=resolve_checkpoint(sft_dir) if shared else None,
                           extra_config={"run_config": run_config})
     shutil.copy(os.path.join(resolve_checkpoint(sft_dir), "tokenizer.json"), out)
@@ -604,17 +605,47 @@ def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
     code, stdout, err = run_cli("ppo", argv)
     assert code == 0 and "facts False" in stdout, err
     # LLaVA-RLHF's details all on (the real-data recipe's flags) run end to end with a
-    # fact-augmented RM
-    argv = ["--init", sft, "--reward", rm, "--world", tiny_world, "--out", str(tmp_path / "o5"),
+    # fact-augmented RM that was trained on its spaced reward prompt
+    spaced = make_rm(sft, tmp_path / "rm_spaced", prompt_space=True)
+    argv = ["--init", sft, "--reward", spaced, "--world", tiny_world, "--out", str(tmp_path / "o5"),
             "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
             "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
-            "--rm_prompt_space", "true", "--correct_rule", "prefix", "--reward_scale", "10"]
+            "--correct_rule", "prefix", "--reward_scale", "10"]
     code, stdout, err = run_cli("ppo", argv)
     assert code == 0, err
+    cfg_path = os.path.join(spaced, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["run_config"]["prompt_space"] = 1  # (a hand edit: 1 is not true)
+    json.dump(cfg, open(cfg_path, "w"))
+    code, _, err = run_cli("ppo", [str(tmp_path / "o6") if a.endswith("o5") else a for a in argv])
+    assert one_line_error(code, err) and "field 'run_config.prompt_space'" in err, err
     argv = ["--init", str(tmp_path / "missing"), "--world", tiny_world, "--out",
             str(tmp_path / "o3")]
     code, _, err = run_cli("reward", argv)
     assert one_line_error(code, err) and "missing" in err
+
+
+def test_reward_model_and_ppo_score_one_prompt_spacing(sft, tiny_world, tmp_path):
+    """reward.py --prompt_space true trains on '...</s> USER: Please evaluate' (LLaVA-RLHF's
+    reward prompt joined with a space), records it, and PPO scores its rollouts the same way (it
+    trained on '</s>USER:' whatever PPO was told, before)."""
+    out = str(tmp_path / "rm")
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "2",
+            "--eval_prompt", "short", "--eval_size", "2", "--prompt_space", "true", "--out", out]
+    code, _, err = run_cli("reward", argv)
+    assert code == 0, err
+    assert ppo.reward_settings(resolve_checkpoint(out))[3] is True
+    m = load_checkpoint(sft)
+    tok = load_tokenizer(resolve_checkpoint(sft))
+    pair = {"prompt": [{"from": "human", "value": "<image>\nWhat is there?"}],
+            "chosen": "A red circle.", "rejected": "A blue cross.", "captions": ["A red circle."],
+            "image": None}
+    cfg = reward.Config(eval_prompt="short", prompt_space=True)
+    batch, _ = reward.pair_batch([pair], [0], cfg, tok, m, None, "k")
+    want = data.reward_item(tok, m.config, pair["prompt"], "A red circle.", ["A red circle."],
+                            random.Random("k-0"), space=True, wording="short")["input_ids"]
+    assert batch["input_ids"][0, :len(want)].tolist() == want.tolist()
+    assert "</s> USER: Please evaluate" in tok.decode(want.tolist())
 
 
 def test_reward_partner_pairs(tiny_world):

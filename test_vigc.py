@@ -184,7 +184,7 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     real = common.generate_answers
 
     def spy(*args, **kw):
-        beams.append(kw.get("num_beams", 1))
+        beams.append((kw.get("num_beams", 1), kw.get("repetition_penalty", 1.0)))
         return real(*args, **kw)
     monkeypatch.setattr(common, "generate_answers", spy)
     # an untrained model's VIG
@@ -197,8 +197,9 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     assert code == 0, err
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["vic_mode"] == "reference" and report["images"] == report["parsed"] == 3
-    # VIG sampled, 2 beam-search steps
-    assert report["correction_steps_per_answer"] == 2 and beams == [1, 3, 3]
+    # VIG and 2 correction steps: each a beam search with LAVIS's repetition penalty (VIGC's
+    # valid_step)
+    assert report["correction_steps_per_answer"] == 2 and beams == [(3, 1.5)] * 3
 
 
 def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):

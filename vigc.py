@@ -38,7 +38,9 @@ hallucinations of the VIG-only and the VIC answers to the same questions.
 generate_llava_qa_conv.yaml): VIC learns question -> the full answer (no answer-so-far prefix), and
 the correction continues the VIG turn itself, 'Question: q Answer: s_1 .. s_k', for exactly
 --answer_length steps (4) by beam search (--num_beams 5, model.generate), keeping at each step the
-text up to its first '.' (nothing when there is none), never stopping at EOS. Ours (the default)
+text up to its first '.' (nothing when there is none), never stopping at EOS. Every call, VIG's too,
+is that beam search with LAVIS's generate defaults (--repetition_penalty 1.5 on the tokens
+generated so far; length penalty 1). Ours (the default)
 follows the paper's text: VIC learns q + the first k sentences -> the rest, and corrects from the
 question alone, greedily, until EOS or --max_correction_steps.
 Note: VIGC's iterative Q-Former re-reads the image conditioned on the text so far. LLaVA's image
@@ -114,7 +116,8 @@ class Config:
     max_correction_steps: int = 6  # VIC steps, a sentence each (--vic_mode ours; EOS stops earlier)
     vic_mode: str = "ours"  # 'ours' (paper's text) or 'reference' (VIGC's code); see the docstring
     answer_length: int = 4  # --vic_mode reference: correction steps, all always run (VIGC: 4)
-    num_beams: int = 5  # --vic_mode reference: beams of each correction step (VIGC: 5)
+    num_beams: int = 5  # --vic_mode reference: beams of VIG and each correction step (VIGC: 5)
+    repetition_penalty: float = 1.5  # --vic_mode reference: of every generate call (LAVIS: 1.5)
     last_infer_all: bool = False  # VIGC option: last step keeps all it generates, not one sentence
     max_new_tokens: int = 96  # new tokens per generation call
     gen_batch_size: int = 32  # prompts per generation batch
@@ -129,7 +132,7 @@ class Config:
                   temperature="[0, inf)", vic_temperature="[0, inf)",
                   max_correction_steps="[1, inf)", vic_mode=("ours", "reference"),
                   answer_length="[1, inf)", num_beams="[1, inf)", max_new_tokens="[1, inf)",
-                  gen_batch_size="[1, inf)")
+                  gen_batch_size="[1, inf)", repetition_penalty="(0, inf)")
 
 
 TYPES = {"conv": "conversation", "desc": "detailed description", "comp": "complex reasoning"}
@@ -148,7 +151,7 @@ INSTRUCTIONS = {  # --instructions '' (the world has its own: vigc_instructions.
 # change freely on --resume
 GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature",
               "max_correction_steps", "last_infer_all", "max_new_tokens", "gen_batch_size",
-              "answer_length", "num_beams")
+              "answer_length", "num_beams", "repetition_penalty")
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
 
@@ -349,7 +352,8 @@ def correct_reference(model, tokenizer, jobs, cfg):
             so_far = f"{VIG_START} {j['q']} Answer: {a}".strip()
             items.append(prompt(tokenizer, model, j["instruction"], so_far, j["unit"], cfg))
         texts = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
-                                        cfg.max_new_tokens, show=False, num_beams=cfg.num_beams)
+                                        cfg.max_new_tokens, show=False, num_beams=cfg.num_beams,
+                                        repetition_penalty=cfg.repetition_penalty)
         kept = [f"{a} {text.split('.')[0].strip() + '.' if '.' in text else ''}".strip()
                 for a, text in zip(kept, texts)]
     return kept, [cfg.answer_length] * len(jobs)
@@ -390,8 +394,14 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     # splits off a lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does),
     # so it is never learned.
     items = [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg) for j in jobs]
-    vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size, cfg.max_new_tokens,
-                                  cfg.temperature, generator=gen, show=False)
+    if cfg.vic_mode == "reference":  # VIGC's valid_step: VIG is its first beam-search step
+        vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
+                                      cfg.max_new_tokens, show=False, num_beams=cfg.num_beams,
+                                      repetition_penalty=cfg.repetition_penalty)
+    else:
+        vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
+                                      cfg.max_new_tokens, cfg.temperature, generator=gen,
+                                      show=False)
     parsed = [parse_vig(f"{VIG_START} {text}") for text in vig]
     ok = [dict(j, q=qa[0], vig=qa[1]) for j, qa in zip(jobs, parsed) if qa]
     t_vig = time.time() - t0

@@ -48,7 +48,7 @@ def profile_update():
     tokenizer, images = bench.word_tokenizer(c), ImageCache(c.image_size)
     cfg = ppo.Config(max_new_tokens=NEW_TOKENS, minibatch_size=BATCH // 2, ppo_epochs=2,
                      rm_input="tokens", out=tmp, seed=0)
-    rm = (False, "llava-rlhf", "vicuna_v1")  # (facts, wording, template): no facts
+    rm = (False, "llava-rlhf", "vicuna_v1", False)  # (facts, wording, template, space): no facts
     d = common.Dist(device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for i in range(4):  # three warm iterations, then one profiled

@@ -46,14 +46,15 @@ def answers(run, questions, by_file):
 
 
 def load_rm(rm_dir):
-    """(model, tokenizer, its run settings: facts, wording, template), loaded once per RM."""
+    """(model, tokenizer, its run settings: facts, wording, template, prompt_space), loaded once
+    per RM."""
     rm_dir = resolve_checkpoint(rm_dir)
     model, tok = common.load_model_and_tokenizer(rm_dir)
     return model.eval(), tok, reward_settings(rm_dir)
 
 
 def score(rm, rows, captions):
-    model, tok, (facts, wording, template) = rm
+    model, tok, (facts, wording, template, space) = rm
     images = ImageCache(model.config.image_size)
     out = []
     with torch.no_grad(), model.use_adapter("reward"):
@@ -62,7 +63,8 @@ def score(rm, rows, captions):
             items = [reward_item(tok, model.config, [{"from": "human", "value": r["prompt"]}],
                                  r["answer"],
                                  captions[r["image"]] if facts else None,
-                                 random.Random(f"probe-{s + i}"), template, 1 << 30, wording)
+                                 random.Random(f"probe-{s + i}"), template, 1 << 30, wording,
+                                 space)
                      for i, r in enumerate(chunk)]
             b = collate(items, tok.pad_token_id, side="right")
             pix = torch.stack([normalize(images.unit(os.path.join(world, r["image"])))
