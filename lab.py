@@ -19,7 +19,8 @@ What each claim compares:
   rlhf   LLaVA-RLHF: reward model with / without facts (held-out pair accuracy); PPO against
          each, and PPO without the length penalty / without the correctness term -> CHAIR, POPE,
          MMHal, length
-  povid  POVID: SFT vs DPO on injected pairs (stage 1) vs stage 2 (+ noisy-image answers)
+  povid  POVID: SFT vs DPO on injected pairs (stage 1) vs stage 2 (from stage 1, + noisy-image
+         answers)
          -> CHAIR, POPE
   vigc   VIGC: hallucinations per 100 generated answers, VIG only vs VIG + VIC; SFT on original data
          alone vs + VIG-only data vs + VIGC data (same steps) -> POPE, CHAIR
@@ -135,9 +136,13 @@ def plan(cfg):
         if "povid" in cfg.claims:
             for stage in (1, 2):
                 n = f"povid/stage{stage}-s{s}"
-                argv = ["--init", cfg.sft, "--povid_stage", str(stage), *steps(100),
+                # stage 2 goes on from stage 1, its policy and reference (POVID's run_povid.sh
+                # starts from POVID_stage_one_merged)
+                first = f"povid/stage1-s{s}"
+                init, needs = (cfg.sft, []) if stage == 1 else (R(first), [first])
+                argv = ["--init", init, "--povid_stage", str(stage), *steps(100),
                         "--eval_every", "0", "--save_every", "100000", *seed, "--out", R(n)]
-                add(n, "dpo.py", argv, bench=("pope", "chair"))
+                add(n, "dpo.py", argv, needs=needs, bench=("pope", "chair"))
         if "vigc" in cfg.claims:
             g = f"vigc/vigc-s{s}"
             argv = ["--init", cfg.sft, *steps(300), "--batch_size", "32", "--lr", "2e-3",

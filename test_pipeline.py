@@ -36,6 +36,9 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     assert code == 0, stdout[-3000:] + err[-3000:]
     text = open(results).read()
     assert "## POVID" in text and "| POVID stage 2 |" in text and "python dpo.py" in text
+    # stage 2 goes on from stage 1 (POVID's run_povid.sh), not from the SFT
+    stage1 = os.path.join(runs, "povid", "stage1-s0")
+    assert f"--init {stage1} --povid_stage 2" in text, text
     assert Image.open(os.path.join(plots, "povid.png")).size[0] > 100
     # everything on disk: nothing runs again (the checks below run lab.main in this process, as
     # its __main__ block would: they start no run, so a new interpreter would only cost time)
