@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -192,11 +193,50 @@ def chain_minutes(runs):
     return chain
 
 
+def run_record(cfg, name):
+    """Where a finished run's command is kept (in its folder, so a rerun removes it)."""
+    return os.path.join(cfg.out, name, "lab_run.json")
+
+
+def portable(cfg, argv):
+    """argv with the --out, --sft and --world folders written {out}, {sft}, {world}: runs moved
+    with their lab to other folders keep matching their commands."""
+    folders = sorted([("{out}", cfg.out), ("{sft}", cfg.sft), ("{world}", cfg.world)],
+                     key=lambda kv: -len(kv[1]))
+    out = []
+    for a in argv:
+        for key, folder in folders:  # (a whole path or its start, in a list of paths too)
+            a = re.sub(rf"(^|,){re.escape(folder)}(?=$|/|,|:)", lambda m: m.group(1) + key, a)
+        out.append(a)
+    return out
+
+
+def stale_runs(runs, cfg):
+    """Runs on disk made with another command than today's plan gives them (a lab whose recipe
+    changed since: their lab_run.json says so), and every run that needs one of them. A run
+    finished before commands were recorded has no record and is kept."""
+    stale = set()
+    for name, (argv, _, done) in runs.items():
+        record = load(run_record(cfg, name)) if os.path.exists(done) else None
+        if isinstance(record, dict) and record.get("command") != portable(cfg, argv):
+            stale.add(name)
+    while True:
+        after = {k for k, v in runs.items() if k not in stale and stale.intersection(v[1])}
+        if not after:
+            return stale
+        stale |= after
+
+
 def execute(runs, cfg, finished=lambda n: None):
-    """Run what is not done yet, --jobs at a time, each after the runs it needs; a failed run is
-    reported (its log named) and the runs that need it are skipped. finished(n) is called each
-    time a run ends well, n the number that have."""
-    todo = {k: v for k, v in runs.items() if not os.path.exists(v[2])}
+    """Run what is not done yet, or was made with another command (stale_runs), --jobs at a time,
+    each after the runs it needs; a failed run is reported (its log named) and the runs that need
+    it are skipped. finished(n) is called each time a run ends well, n the number that have."""
+    stale = stale_runs(runs, cfg)
+    if stale:
+        first = ", ".join(sorted(stale)[:3]) + (", ..." if len(stale) > 3 else "")
+        print(f"{len(stale)} run(s) made with another command than today's, or after one that "
+              f"was, run again ({first})", flush=True)
+    todo = {k: v for k, v in runs.items() if not os.path.exists(v[2]) or k in stale}
     chain = chain_minutes(runs)
     running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
@@ -232,6 +272,10 @@ def execute(runs, cfg, finished=lambda n: None):
                 continue
             del running[name]
             done = runs[name][2]
+            if p.returncode == 0:
+                record = run_record(cfg, name)
+                os.makedirs(os.path.dirname(record), exist_ok=True)
+                common.write_json({"command": portable(cfg, runs[name][0])}, record)
             if p.returncode == 0 and done.endswith("DONE"):
                 open(done, "w").close()
             if p.returncode != 0:
@@ -921,11 +965,19 @@ def main(cfg):
                                  f"true would replace {cfg.results} with an empty report); check "
                                  "--out and --seeds")
     check_out_matches(cfg)
+    if cfg.report_only:  # (a report of runs today's lab would not make)
+        stale = sorted(stale_runs(plan(replace(cfg, claims=CLAIMS)), cfg))
+        if stale:
+            raise common.ConfigError(f"--out {cfg.out}: {len(stale)} run(s) were made with "
+                                     f"another command than today's lab gives them ({stale[0]}: "
+                                     f"{run_record(cfg, stale[0])}); run lab.py without "
+                                     "--report_only to run them again")
     runs, t0 = plan(cfg), time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0
     if not cfg.report_only:
-        ran = sum(not os.path.exists(done) for _, _, done in runs.values())
+        stale = stale_runs(runs, cfg)
+        ran = sum(not os.path.exists(v[2]) or k in stale for k, v in runs.items())
         clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
         failed = execute(runs, cfg, clock)
     shown = replace(cfg, claims=reported_claims(cfg))

@@ -44,6 +44,26 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     # its __main__ block would: they start no run, so a new interpreter would only cost time)
     code, stdout, _ = run_cli("lab", argv, strict=True)
     assert code == 0 and "0 to go" in stdout
+    # every finished run keeps its command, folders written {out}, {sft}, {world}; one whose
+    # recipe changed since (as if stage 1 had trained 7 steps) is stale, with each run after it
+    cfg = lab.Config(sft=os.path.join(out, "sft"), world=tiny_world, claims=("povid",), seeds=(0,),
+                     steps=2, eval_limit=4, out=runs)
+    planned = lab.plan(cfg)
+    assert lab.stale_runs(planned, cfg) == set()
+    record = lab.run_record(cfg, "povid/stage2-s0")
+    assert "{out}/povid/stage1-s0" in json.load(open(record))["command"]
+    record = lab.run_record(cfg, "povid/stage1-s0")
+    kept = open(record).read()
+    json.dump({"command": [a if a != "2" else "7" for a in json.loads(kept)["command"]]},
+              open(record, "w"))
+    assert lab.stale_runs(planned, cfg) == {"povid/stage1-s0", "povid/stage1-s0/eval",
+                                            "povid/stage2-s0", "povid/stage2-s0/eval"}
+    code, stdout, err = run_cli("lab", argv + ["--report_only", "true"], strict=True)
+    assert code == 2 and "4 run(s) were made with another command" in err, err
+    assert "povid/stage1-s0" in err and "start" not in stdout
+    os.remove(record)  # a run finished before commands were recorded is kept
+    assert lab.stale_runs(planned, cfg) == set()
+    open(record, "w").write(kept)
     # the same runs at another budget would be reported with these flags: refused, nothing run
     longer = [a if a != "4" else "8" for a in argv]  # --eval_limit 8
     code, stdout, err = run_cli("lab", longer, strict=True)
