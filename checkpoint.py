@@ -173,29 +173,38 @@ class TensorSource:
 
 
 def _weight_files(path):
+    """The files transformers' from_pretrained reads: model.safetensors when there, else the
+    shards its index lists, else every *.safetensors (shards without an index); pytorch_model*.bin
+    alike when there is no safetensors file. Another file beside them (a variant, an optimizer's
+    tensors, a stale copy) is not read. Adapters' files are never base weights."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
     names = sorted(os.listdir(path))
     adapter_files = ("adapters.safetensors", "adapter_model.safetensors")
-    st = [n for n in names if n.endswith(".safetensors") and n not in adapter_files]
-    pt = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
-    files = st or pt
-    if not files:
-        raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
-                              "or pytorch_model*.bin)")
-    # a shard the index lists but the folder lacks (an interrupted download) would otherwise show
-    # up as a missing key, far from its cause
-    index = os.path.join(path, "model.safetensors.index.json" if st else
-                         "pytorch_model.bin.index.json")
-    if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: field 'weight_map': expected an object {{key: file}}")
-        absent = sorted({str(f) for f in weight_map.values()} - set(names))
-        if absent:
-            raise CheckpointError(f"{index}: lists the shard '{absent[0]}', which is not in {path} "
-                                  "(an incomplete copy or download?)")
-    return [os.path.join(path, n) for n in files]
+    kinds = (("model.safetensors", lambda n: n.endswith(".safetensors") and n not in adapter_files),
+             ("pytorch_model.bin", lambda n: n.startswith("pytorch_model") and n.endswith(".bin")))
+    for single, is_weights in kinds:
+        files = [n for n in names if is_weights(n)]
+        if not files:
+            continue
+        if single in files:
+            return [os.path.join(path, single)]
+        index = os.path.join(path, single + ".index.json")
+        if os.path.exists(index):
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: field 'weight_map': expected an object "
+                                      "{key: file}")
+            files = sorted({str(f) for f in weight_map.values()})
+            # (an interrupted download would otherwise show up as a missing key, far from its
+            # cause)
+            absent = [f for f in files if f not in names]
+            if absent:
+                raise CheckpointError(f"{index}: lists the shard '{absent[0]}', which is not in "
+                                      f"{path} (an incomplete copy or download?)")
+        return [os.path.join(path, n) for n in files]
+    raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
+                          "or pytorch_model*.bin)")
 
 
 def _read_json(path):

@@ -87,6 +87,37 @@ def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
                                rtol=0)
 
 
+@pytest.mark.parametrize("beside", ["model.safetensors", "model.fp16.safetensors"])
+def test_weight_files_are_the_ones_transformers_reads(hf_dirs, tmp_path, beside):
+    """Shards and their index, and beside them another full copy with other values: a stale
+    model.safetensors (transformers reads it, not the shards) or a variant file (transformers
+    reads the shards). Ours reads the same files: the same logits as transformers' load."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "shards"
+    shutil.copytree(path, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(state)
+    where = {k: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    for f in set(where.values()):
+        save_file({k: state[k] for k in keys if where[k] == f}, str(d / f), {"format": "pt"})
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": size}, "weight_map": where}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: v * 0.5 for k, v in state.items()}, str(d / beside), {"format": "pt"})
+    theirs = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    ours = load_checkpoint(d).eval()
+    pixels, ids = inputs(seed=8)
+    ref = hf_logits(theirs, pixels, ids)
+    torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+    halved = beside == "model.safetensors"  # (so the two cases read different weights)
+    head = next(k for k in state if k.endswith("lm_head.weight"))
+    assert torch.equal(theirs.lm_head.weight, state[head] * (0.5 if halved else 1))
+
+
 def _to_original_llava(k, keep_vision=True):
     """llava-hf key -> original LLaVA (LlavaLlamaForCausalLM) key."""
     if k.startswith("vision_tower."):
