@@ -435,6 +435,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     cfg = _read_json(os.path.join(path, "config.json"))
     src = TensorSource()
     fresh_projector = False
+    clip_from = None  # the CLIP directory the vision weights come from, when not from path's files
     if layout == "factalign":  # (detect_layout checked format_version, base, adapters, heads)
         if not isinstance(cfg.get("model"), dict):
             raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
@@ -457,6 +458,11 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         weights_dir = base_weights_dir(path)
         _check_base_fingerprint(path, cfg)
         src.add_dir(weights_dir)
+        has_vision = any(p == "vision" for p, _ in src.where)
+        clip_from = _clip_for_base(path, vision_tower, required=not has_vision)
+        if clip_from is not None:  # (a base without CLIP weights, as LLaVA's released ones)
+            src.where = {k: v for k, v in src.where.items() if k[0] != "vision"}
+            src.add_dir(clip_from, only_parts={"vision"})
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
@@ -494,6 +500,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             if vision_tower or not has_vision:
                 src.where = {k: v for k, v in src.where.items() if k[0] != "vision"}
                 src.add_dir(clip_dir, only_parts={"vision"})
+                clip_from = clip_dir
         elif has_vision:
             vf = _vision_fields_from_weights(src)
         else:
@@ -528,7 +535,43 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     if layout == "factalign" and adapters:
         _load_adapters(model, path, cfg, device)
     model.source_path = path
+    # an adapter checkpoint saved on this model records it (save_checkpoint_files)
+    model.clip_dir = None if clip_from is None else os.path.realpath(clip_from)
     return model
+
+
+def _clip_for_base(path, vision_tower, required):
+    """The CLIP directory of our checkpoint at path: --vision_tower; else the 'vision_tower' that
+    it, or a checkpoint on its way to the base, recorded when saved; else, when its base holds no
+    CLIP weights (required; LLaVA's released checkpoints name theirs, e.g.
+    'openai/clip-vit-large-patch14-336'), the base's mm_vision_tower (as named, or a folder of its
+    name beside the base). None: the base's own CLIP weights."""
+    if vision_tower:
+        return _resolve_clip_dir(vision_tower, path)  # (load_checkpoint checked that it is one)
+    here = path  # (base_weights_dir has refused loops of base pointers)
+    while detect_layout(here) == "factalign":
+        cfg = _read_json(os.path.join(here, "config.json"))
+        recorded = cfg.get("vision_tower")
+        if recorded is not None:
+            found = os.path.normpath(os.path.join(here, str(recorded)))  # (an absolute one stays)
+            if not (isinstance(recorded, str) and os.path.isfile(os.path.join(found,
+                                                                               "config.json"))):
+                raise CheckpointError(f"{here}/config.json: field 'vision_tower': no CLIP "
+                                      f"directory at {recorded!r:.80} (moved? pass --vision_tower "
+                                      "DIR)")
+            return found
+        if cfg.get("base") is None:
+            break
+        here = _base_dir(here, cfg["base"])
+    if not required:
+        return None
+    name = _read_json(os.path.join(here, "config.json")).get("mm_vision_tower")
+    found = _resolve_clip_dir(name, here) if isinstance(name, str) else None
+    if found is None:
+        named = f"; it names {name!r:.80}" if name else ""
+        raise CheckpointError(f"{path}: its base {here} holds no CLIP weights: pass the CLIP "
+                              f"directory it was trained with (--vision_tower DIR{named})")
+    return found
 
 
 class _FoldedLinearProjector:
@@ -684,6 +727,9 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
     if base is not None:
         cfg["base"] = os.path.relpath(os.path.abspath(base), os.path.abspath(path))
         cfg["base_fingerprint"] = base_fingerprint(base_weights_dir(base))
+        clip = getattr(model, "clip_dir", None)
+        if clip is not None:  # the CLIP weights are not the base's: where they came from
+            cfg["vision_tower"] = os.path.relpath(clip, os.path.abspath(path))
     else:
         weights = dict(canonical_state(model))
         _save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})

@@ -169,6 +169,59 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision)
         load_checkpoint(tmp_path / "orig")
 
 
+def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
+    """LLaVA's released checkpoints hold no CLIP weights (config.json names the tower). An adapter
+    checkpoint saved on one (SFT+ with LoRA) records the CLIP directory it was loaded with, so it,
+    and a checkpoint on it, load again without --vision_tower (before, even with it: 'no weight
+    for vision')."""
+    import shutil
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+               mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch", mm_use_im_start_end=False,
+               image_aspect_ratio="pad", mm_vision_tower="openai/clip-tiny")
+    _rewrite_keys(path, tmp_path / "llava", lambda k: _to_original_llava(k, False), config=cfg)
+    clip = CLIPVisionModel(hf_vision_config())
+    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clips" / "tiny")
+    pixels, ids = inputs()
+    ids = ids.masked_fill(ids == IMAGE_ID, -200)
+    ref = hf_logits(hf, pixels, ids.masked_fill(ids == -200, IMAGE_ID))
+    with pytest.raises(CheckpointError, match="vision_tower DIR; config names 'openai/clip-tiny'"):
+        load_checkpoint(tmp_path / "llava")
+    m = load_checkpoint(tmp_path / "llava", vision_tower=str(tmp_path / "clips" / "tiny")).eval()
+    m.add_adapter("default", 4, 8)
+    m.set_adapter("default")
+    save_checkpoint_files(m, tmp_path / "sft", base=tmp_path / "llava")
+    assert json.load(open(tmp_path / "sft" / "config.json"))["vision_tower"] == "../clips/tiny"
+    again = load_checkpoint(tmp_path / "sft").eval()
+    torch.testing.assert_close(again(pixels, ids), ref, atol=ATOL, rtol=0)
+    # a reward model on it (base: the SFT checkpoint) records it too, and finds it through its base
+    again.add_adapter("reward", 4, 8)
+    save_checkpoint_files(again, tmp_path / "rm", base=tmp_path / "sft")
+    cfg_rm = json.load(open(tmp_path / "rm" / "config.json"))
+    del cfg_rm["vision_tower"]
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(cfg_rm))
+    torch.testing.assert_close(load_checkpoint(tmp_path / "rm").eval()(pixels, ids), ref,
+                               atol=ATOL, rtol=0)
+    # the CLIP folder moved: one line naming the field
+    shutil.move(tmp_path / "clips", tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="sft/config.json: field 'vision_tower'"):
+        load_checkpoint(tmp_path / "sft")
+    # ... or found beside the base by the name LLaVA's config gives it, when nothing is recorded
+    shutil.copytree(tmp_path / "elsewhere" / "tiny", tmp_path / "clip-tiny")
+    cfg_sft = json.load(open(tmp_path / "sft" / "config.json"))
+    del cfg_sft["vision_tower"]
+    (tmp_path / "sft" / "config.json").write_text(json.dumps(cfg_sft))
+    torch.testing.assert_close(load_checkpoint(tmp_path / "sft").eval()(pixels, ids), ref,
+                               atol=ATOL, rtol=0)
+    shutil.rmtree(tmp_path / "clip-tiny")
+    with pytest.raises(CheckpointError, match="holds no CLIP weights.*'openai/clip-tiny'"):
+        load_checkpoint(tmp_path / "sft")
+
+
 def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     from transformers import CLIPVisionModel, LlamaForCausalLM
     LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
