@@ -69,6 +69,7 @@ class Config:
     checkpoint."""
     out: str = "ckpt/ppo"  # run directory: checkpoint-N/ (each the policy alone) and metrics.jsonl
     init: str = "ckpt/sft"  # the SFT checkpoint: policy start, reference, frozen base
+    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
     reward: str = "ckpt/rm"  # reward.py checkpoint ('reward' adapter + head; its --facts is used)
     data: str = "{world}/rl_prompts.json"  # LLaVA-RLHF RL prompts (the world's: captions inline)
     captions: str = ""  # LLaVA-RLHF image_to_caption.json (facts --data lacks)
@@ -328,8 +329,8 @@ def build_roles(cfg, d, tok_dir=""):
     model, and the value adapter lives on it (as LLaVA-RLHF's value model lives on the RM backbone).
     Token ids and image tokens must agree: the RM and the value model read the policy's
     sequences."""
-    policy, tokenizer = common.load_model_and_tokenizer(cfg.init, tokenizer_dir=tok_dir,
-                                                        device=d.device)
+    policy, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
+                                                        tokenizer_dir=tok_dir, device=d.device)
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
                                  f"{sorted(policy.adapters)}; merge them first")

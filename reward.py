@@ -50,6 +50,7 @@ class Config:
     """Fact-RLHF reward model: LoRA + scalar head on the SFT model, trained on preference pairs."""
     out: str = "ckpt/rm"  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
     init: str = "ckpt/sft"  # the SFT checkpoint (frozen; the RM checkpoint is saved with base= it)
+    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
     data: str = "{world}/pref_pairs.json"  # a LLaVA-RLHF human-preference file ({world}: --world)
     captions: str = "{world}/image_to_caption.json"  # LLaVA-RLHF facts file (read with --facts)
     image_folder: str = ""  # folder image paths are relative to (default: the data file's folder)
@@ -310,8 +311,8 @@ def main(cfg):
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
-    model, tokenizer = common.load_model_and_tokenizer(load_from, tokenizer_dir=tok_dir,
-                                                       device=d.device)
+    model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
+                                                       tokenizer_dir=tok_dir, device=d.device)
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "

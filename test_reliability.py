@@ -1214,6 +1214,13 @@ BAD_INPUT += [
     C("sft", "vision-tower-not-clip", "--vision_tower naming a file (was passed over unread)",
       lambda w, t: ["--init", w.sft, "--vision_tower", t.file("clip.txt", "x")],
       ("--vision_tower", "clip.txt", "not a CLIP directory")),
+    # reward.py and ppo.py take --vision_tower too (an --init without CLIP weights had no way in)
+    C("reward", "vision-tower-not-clip", "--vision_tower naming a file",
+      lambda w, t: ["--vision_tower", t.file("clip.txt", "x")],
+      ("--vision_tower", "clip.txt", "not a CLIP directory")),
+    C("ppo", "vision-tower-not-clip", "--vision_tower naming a file",
+      lambda w, t: ["--vision_tower", t.file("clip.txt", "x")],
+      ("--vision_tower", "clip.txt", "not a CLIP directory")),
     C("ppo", "reward-scale-huge", "--reward_scale 1e39 (past float32: a non-finite first step)",
       lambda w, t: ["--reward_scale", "1e39"], ("--reward_scale 1e+39", "overflows a float32")),
     C("ppo", "no-eos-penalty-huge", "--no_eos_penalty -1e38 x --reward_scale 10 (past float32)",
