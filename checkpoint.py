@@ -421,16 +421,16 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT)."""
     path = resolve_checkpoint(str(path))
-    if vision_tower and _resolve_clip_dir(vision_tower, path) is None:  # (was passed over unread)
-        raise CheckpointError(f"--vision_tower {vision_tower}: not a CLIP directory (no "
-                              "config.json in it, nor in a folder of its name beside the "
-                              "checkpoint)")
     # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
     if is_peft_dir(path):
         model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
         load_peft_adapter(model, path, "default")
         model.set_adapter("default")
         return model
+    if vision_tower and _resolve_clip_dir(vision_tower, path) is None:  # (was passed over unread)
+        raise CheckpointError(f"--vision_tower {vision_tower}: not a CLIP directory (no "
+                              "config.json in it, nor in a folder of its name beside the "
+                              "checkpoint)")
     layout = detect_layout(path)
     cfg = _read_json(os.path.join(path, "config.json"))
     src = TensorSource()
@@ -541,17 +541,18 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
 
 
 def _clip_for_base(path, vision_tower, required):
-    """The CLIP directory of our checkpoint at path: --vision_tower; else the 'vision_tower' that
-    it, or a checkpoint on its way to the base, recorded when saved; else, when its base holds no
-    CLIP weights (required; LLaVA's released checkpoints name theirs, e.g.
+    """The CLIP directory of our checkpoint at path when its vision weights are not its base's: the
+    'vision_tower' that it, or a checkpoint on its way to the base, recorded when saved, or, when
+    the base holds no CLIP weights (required; LLaVA's released checkpoints name theirs, e.g.
     'openai/clip-vit-large-patch14-336'), the base's mm_vision_tower (as named, or a folder of its
-    name beside the base). None: the base's own CLIP weights."""
-    if vision_tower:
-        return _resolve_clip_dir(vision_tower, path)  # (load_checkpoint checked that it is one)
+    name beside the base). --vision_tower comes before either; with a base that holds CLIP weights
+    and no record it is not read (the flag is for an --init without them). None: the base's own."""
     here = path  # (base_weights_dir has refused loops of base pointers)
     while detect_layout(here) == "factalign":
         cfg = _read_json(os.path.join(here, "config.json"))
         recorded = cfg.get("vision_tower")
+        if recorded is not None and vision_tower:
+            return _resolve_clip_dir(vision_tower, path)  # (load_checkpoint checked it is one)
         if recorded is not None:
             found = os.path.normpath(os.path.join(here, str(recorded)))  # (an absolute one stays)
             if not (isinstance(recorded, str) and os.path.isfile(os.path.join(found,
@@ -565,6 +566,8 @@ def _clip_for_base(path, vision_tower, required):
         here = _base_dir(here, cfg["base"])
     if not required:
         return None
+    if vision_tower:
+        return _resolve_clip_dir(vision_tower, path)
     name = _read_json(os.path.join(here, "config.json")).get("mm_vision_tower")
     found = _resolve_clip_dir(name, here) if isinstance(name, str) else None
     if found is None:

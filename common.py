@@ -606,6 +606,10 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
                       "max_steps",
                       # do not change the math (skip_nonfinite: the way out of a stopped run)
                       "skip_nonfinite", "save_full"}
+# fields a stage gained after runs were started without them: such a run's config reads as having
+# this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
+# with every generation flag at its default)
+ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5}
 
 
 def check_output_path(flag, path, folder=True):
@@ -901,7 +905,10 @@ def load_resume(out_dir, run_config, generators=None):
                               f"the {FORMAT_VERSION} this code reads; resume with the factalign "
                               "version that wrote it")
     now = dataclasses.asdict(run_config)
-    was = state["run_config"]
+    was = dict(state["run_config"])
+    for k, v in ADDED_FIELDS.items():
+        if k in now and k not in was:
+            was[k] = v
     # fields this script has that the run's config lacks: another stage wrote it (a field that
     # differs would name one of them, which says nothing about what went wrong)
     absent = [k for k in now if k not in RESUME_FREE_FIELDS and k not in was]
@@ -915,7 +922,7 @@ def load_resume(out_dir, run_config, generators=None):
     if diff:
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
-                          f"{state['run_config'].get(k)!r}, now {now[k]!r}")
+                          f"{was.get(k)!r}, now {now[k]!r}")
     max_steps = now.get("max_steps")
     if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
         raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
@@ -1056,6 +1063,7 @@ def gather_full_model(model, d, device="cpu"):
             plain.add_head(name)
     plain.load_state_dict(full, assign=True)
     plain.set_adapter(model.active_adapter)
+    plain.clip_dir = getattr(model, "clip_dir", None)  # (save_checkpoint_files records it)
     return plain.to(device)
 
 
@@ -1102,6 +1110,9 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
                     "model": dataclasses.asdict(model.config), "adapters": model.adapters,
                     "heads": sorted(model.heads), "active_adapter": model.active_adapter,
                     "base": base_rel, **extra}
+            clip = getattr(model, "clip_dir", None)
+            if base and clip:  # as save_checkpoint_files records it
+                meta["vision_tower"] = os.path.relpath(clip, os.path.abspath(final))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(meta, f, indent=2)
         if tokenizer is not None:

@@ -201,27 +201,32 @@ def run_record(cfg, name):
 def portable(cfg, argv):
     """argv with the --out, --sft and --world folders written {out}, {sft}, {world}: runs moved
     with their lab to other folders keep matching their commands."""
-    folders = sorted([("{out}", cfg.out), ("{sft}", cfg.sft), ("{world}", cfg.world)],
-                     key=lambda kv: -len(kv[1]))
+    folders = [("{out}", cfg.out), ("{sft}", cfg.sft), ("{world}", cfg.world)]
+    folders = sorted(((k, os.path.normpath(f)) for k, f in folders), key=lambda kv: -len(kv[1]))
     out = []
-    for a in argv:
+    for i, a in enumerate(argv):
+        if a == "--device" or (i and argv[i - 1] == "--device"):  # (where it ran: not the recipe)
+            continue
         for key, folder in folders:  # (a whole path or its start, in a list of paths too)
             a = re.sub(rf"(^|,){re.escape(folder)}(?=$|/|,|:)", lambda m: m.group(1) + key, a)
-        out.append(a)
+        out.append(re.sub(r"(\{(?:out|sft|world)\})/(?=$|,|:)", r"\1", a))  # ('ckpt/sft/')
     return out
 
 
 def stale_runs(runs, cfg):
     """Runs on disk made with another command than today's plan gives them (a lab whose recipe
-    changed since: their lab_run.json says so), and every run that needs one of them. A run
-    finished before commands were recorded has no record and is kept."""
+    changed since: their lab_run.json says so), and every run on disk that needs one of them or
+    one that is not done (removed, or cut off while it ran again). A run finished before commands
+    were recorded has no record and is kept."""
+    missing = {k for k, v in runs.items() if not os.path.exists(v[2])}
     stale = set()
     for name, (argv, _, done) in runs.items():
-        record = load(run_record(cfg, name)) if os.path.exists(done) else None
+        record = None if name in missing else load(run_record(cfg, name))
         if isinstance(record, dict) and record.get("command") != portable(cfg, argv):
             stale.add(name)
     while True:
-        after = {k for k, v in runs.items() if k not in stale and stale.intersection(v[1])}
+        after = {k for k, v in runs.items()
+                 if k not in stale | missing and (stale | missing).intersection(v[1])}
         if not after:
             return stale
         stale |= after
@@ -945,6 +950,9 @@ def main(cfg):
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
+    # one spelling of each folder in the commands ('runs/lab/' is 'runs/lab')
+    cfg = replace(cfg, out=os.path.normpath(cfg.out), sft=os.path.normpath(cfg.sft),
+                  world=os.path.normpath(cfg.world))
     unknown = [c for c in cfg.claims if c not in CLAIMS]
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "

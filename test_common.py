@@ -83,3 +83,29 @@ def test_negative_flag_values_in_scientific_notation():
     argv = ["--length_penalty", "-1e-1", "--correctness=-2", "--no_eos_penalty", "-3"]
     cfg = common.parse_config(ppo.Config, argv)
     assert (cfg.length_penalty, cfg.correctness, cfg.no_eos_penalty) == (-0.1, -2.0, -3.0)
+
+
+def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
+    """A run whose config predates a field (common.ADDED_FIELDS: reward.py's prompt_space and
+    vision_tower) resumes as long as the field keeps the value that means what the stage did
+    before; another value is a different config, named."""
+    import os
+    import reward
+    cfg = reward.Config(out=str(tmp_path))
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("prompt_space", "vision_tower")}
+    ckpt = tmp_path / "checkpoint-000003"
+    os.makedirs(ckpt)
+    (ckpt / "config.json").write_text("{}")
+    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
+                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    path, state = common.load_resume(str(tmp_path), cfg)
+    assert path == str(ckpt) and state["step"] == 3
+    with pytest.raises(common.ConfigError, match="field 'prompt_space' was False, now True"):
+        common.load_resume(str(tmp_path), dataclasses.replace(cfg, prompt_space=True))
+    # a field no stage gained since: still another stage's run
+    del old["facts"]
+    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
+                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    with pytest.raises(common.ConfigError, match="lacks this script's field 'facts'"):
+        common.load_resume(str(tmp_path), cfg)

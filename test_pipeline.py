@@ -1,5 +1,6 @@
 """The main job and the lab, end to end at two steps per stage on the tiny world; the lab's
 statistics."""
+import dataclasses
 import json
 import os
 import zlib
@@ -64,6 +65,16 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     os.remove(record)  # a run finished before commands were recorded is kept
     assert lab.stale_runs(planned, cfg) == set()
     open(record, "w").write(kept)
+    # stage 1 gone (removed, or cut off while it ran again): what was made from it is stale too
+    done = os.path.join(runs, "povid", "stage1-s0", "DONE")
+    os.rename(done, done + ".away")
+    assert lab.stale_runs(planned, cfg) == {"povid/stage1-s0/eval", "povid/stage2-s0",
+                                            "povid/stage2-s0/eval"}
+    os.rename(done + ".away", done)
+    # the folders spelled otherwise, or another --device: the same recipe
+    sft_slash = os.path.join(out, "sft") + "/"
+    same = dataclasses.replace(cfg, out=runs + "/", sft=sft_slash, device="cuda")
+    assert lab.stale_runs(lab.plan(same), same) == set()
     # the same runs at another budget would be reported with these flags: refused, nothing run
     longer = [a if a != "4" else "8" for a in argv]  # --eval_limit 8
     code, stdout, err = run_cli("lab", longer, strict=True)

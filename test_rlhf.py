@@ -579,7 +579,7 @@ def one_line_error(code, err):
     return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
 
 
-def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
+def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path, monkeypatch):
     bad_rm = make_rm(sft, tmp_path / "rm_other_vocab", shared=False, vocab=1024)
     argv = ["--init", sft, "--reward", bad_rm, "--world", tiny_world, "--out", str(tmp_path / "o1")]
     code, _, err = run_cli("ppo", argv)
@@ -611,8 +611,17 @@ def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path):
             "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
             "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
             "--correct_rule", "prefix", "--reward_scale", "10"]
+    scored = []  # every sequence PPO gives the RM: the spaced evaluation turn, as it trained
+
+    def spy(tokenizer, *args):
+        item = data.reward_item_from_ids(tokenizer, *args)
+        scored.append((args[-1], tokenizer.decode(item["input_ids"].tolist())))
+        return item
+    monkeypatch.setattr(ppo, "reward_item_from_ids", spy)
     code, stdout, err = run_cli("ppo", argv)
     assert code == 0, err
+    assert len(scored) == 2 and all(space for space, _ in scored), scored
+    assert all(" USER: Please evaluate" in text for _, text in scored), scored
     cfg_path = os.path.join(spaced, "config.json")
     cfg = json.load(open(cfg_path))
     cfg["run_config"]["prompt_space"] = 1  # (a hand edit: 1 is not true)
