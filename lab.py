@@ -977,9 +977,9 @@ def main(cfg):
         stale = sorted(stale_runs(plan(replace(cfg, claims=CLAIMS)), cfg))
         if stale:
             raise common.ConfigError(f"--out {cfg.out}: {len(stale)} run(s) were made with "
-                                     f"another command than today's lab gives them ({stale[0]}: "
-                                     f"{run_record(cfg, stale[0])}); run lab.py without "
-                                     "--report_only to run them again")
+                                     "another command than today's lab gives them, or from a run "
+                                     f"no longer done ({stale[0]}: {run_record(cfg, stale[0])}); "
+                                     "run lab.py without --report_only to run them again")
     runs, t0 = plan(cfg), time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0
