@@ -131,6 +131,11 @@ class TensorSource:
                 self.where[(part, name)] = (f, key)
         return files
 
+    def vision_from(self, clip_dir):
+        """The CLIP weights from clip_dir instead of any read so far."""
+        self.where = {k: v for k, v in self.where.items() if k[0] != "vision"}
+        self.add_dir(clip_dir, only_parts={"vision"})
+
     def _keys(self, f):
         return list(self._handle(f).keys())
 
@@ -461,8 +466,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         has_vision = any(p == "vision" for p, _ in src.where)
         clip_from = _clip_for_base(path, vision_tower, required=not has_vision)
         if clip_from is not None:  # (a base without CLIP weights, as LLaVA's released ones)
-            src.where = {k: v for k, v in src.where.items() if k[0] != "vision"}
-            src.add_dir(clip_from, only_parts={"vision"})
+            src.vision_from(clip_from)
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
@@ -498,8 +502,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
             vf = _vision_fields(clip_cfg.get("vision_config", clip_cfg))
             if vision_tower or not has_vision:
-                src.where = {k: v for k, v in src.where.items() if k[0] != "vision"}
-                src.add_dir(clip_dir, only_parts={"vision"})
+                src.vision_from(clip_dir)
                 clip_from = clip_dir
         elif has_vision:
             vf = _vision_fields_from_weights(src)
@@ -547,27 +550,23 @@ def _clip_for_base(path, vision_tower, required):
     'openai/clip-vit-large-patch14-336'), the base's mm_vision_tower (as named, or a folder of its
     name beside the base). --vision_tower comes before either; with a base that holds CLIP weights
     and no record it is not read (the flag is for an --init without them). None: the base's own."""
-    here = path  # (base_weights_dir has refused loops of base pointers)
+    here, recorded = path, None  # (base_weights_dir has refused loops of base pointers)
     while detect_layout(here) == "factalign":
         cfg = _read_json(os.path.join(here, "config.json"))
         recorded = cfg.get("vision_tower")
-        if recorded is not None and vision_tower:
-            return _resolve_clip_dir(vision_tower, path)  # (load_checkpoint checked it is one)
-        if recorded is not None:
-            found = os.path.normpath(os.path.join(here, str(recorded)))  # (an absolute one stays)
-            if not (isinstance(recorded, str) and os.path.isfile(os.path.join(found,
-                                                                               "config.json"))):
-                raise CheckpointError(f"{here}/config.json: field 'vision_tower': no CLIP "
-                                      f"directory at {recorded!r:.80} (moved? pass --vision_tower "
-                                      "DIR)")
-            return found
-        if cfg.get("base") is None:
+        if recorded is not None or cfg.get("base") is None:
             break
         here = _base_dir(here, cfg["base"])
-    if not required:
+    if recorded is None and not required:
         return None
     if vision_tower:
-        return _resolve_clip_dir(vision_tower, path)
+        return _resolve_clip_dir(vision_tower, path)  # (load_checkpoint checked that it is one)
+    if recorded is not None:
+        found = os.path.normpath(os.path.join(here, str(recorded)))  # (an absolute one stays)
+        if not (isinstance(recorded, str) and os.path.isfile(os.path.join(found, "config.json"))):
+            raise CheckpointError(f"{here}/config.json: field 'vision_tower': no CLIP directory at "
+                                  f"{recorded!r:.80} (moved? pass --vision_tower DIR)")
+        return found
     name = _read_json(os.path.join(here, "config.json")).get("mm_vision_tower")
     found = _resolve_clip_dir(name, here) if isinstance(name, str) else None
     if found is None:

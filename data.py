@@ -167,9 +167,9 @@ def _label(turns, text, spans, raw, offsets, image_token_id, num_image_tokens, m
     if train_on == "last":
         spans = spans[-1:]
     # LLaVA's mask (train.py preprocess_v1: instruction_len = len(tok("... ASSISTANT: ")) - 2)
-    # learns every token after "ASSISTANT:", so also a lone '▁' for the space when the answer starts
-    # with a digit, a newline or a character that has no merged '▁X' piece: the separating space
-    # belongs to the answer.
+    # learns every token after "ASSISTANT:", so also a lone '▁' for the space when the answer
+    # starts with a digit, a newline or a character that has no merged '▁X' piece: the separating
+    # space belongs to the answer.
     spans = [(s - 1 if s > 0 and text[s - 1] == " " else s, e) for s, e in spans]
     # a token is learned when it covers a character (b > a) inside an answer span
     a, b = offsets.T

@@ -340,6 +340,11 @@ def correct(model, tokenizer, questions, units, cfg, generator=None):
     return [" ".join(k) for k in kept], steps
 
 
+def reference_decoding(cfg):
+    """How --vic_mode reference decodes every call: beam search with LAVIS's generate defaults."""
+    return dict(num_beams=cfg.num_beams, repetition_penalty=cfg.repetition_penalty)
+
+
 def correct_reference(model, tokenizer, jobs, cfg):
     """VIC as VIGC's code runs it (llava_150k_gen.py, _update with gen_style 'vig'): step k
     continues the VIG turn 'Question: q Answer: a_1 .. a_k-1' of the job's own instruction by beam
@@ -352,8 +357,7 @@ def correct_reference(model, tokenizer, jobs, cfg):
             so_far = f"{VIG_START} {j['q']} Answer: {a}".strip()
             items.append(prompt(tokenizer, model, j["instruction"], so_far, j["unit"], cfg))
         texts = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
-                                        cfg.max_new_tokens, show=False, num_beams=cfg.num_beams,
-                                        repetition_penalty=cfg.repetition_penalty)
+                                        cfg.max_new_tokens, show=False, **reference_decoding(cfg))
         kept = [f"{a} {text.split('.')[0].strip() + '.' if '.' in text else ''}".strip()
                 for a, text in zip(kept, texts)]
     return kept, [cfg.answer_length] * len(jobs)
@@ -394,14 +398,11 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     # splits off a lone "▁" that the label mask counts as part of "ASSISTANT: " (as LLaVA's does),
     # so it is never learned.
     items = [prompt(tokenizer, model, j["instruction"], VIG_START, j["unit"], cfg) for j in jobs]
-    if cfg.vic_mode == "reference":  # VIGC's valid_step: VIG is its first beam-search step
-        vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
-                                      cfg.max_new_tokens, show=False, num_beams=cfg.num_beams,
-                                      repetition_penalty=cfg.repetition_penalty)
-    else:
-        vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size,
-                                      cfg.max_new_tokens, cfg.temperature, generator=gen,
-                                      show=False)
+    # VIGC's valid_step: VIG is its first beam-search step; ours samples it
+    how = reference_decoding(cfg) if cfg.vic_mode == "reference" else \
+        dict(temperature=cfg.temperature, generator=gen)
+    vig = common.generate_answers(model, tokenizer, items, cfg.gen_batch_size, cfg.max_new_tokens,
+                                  show=False, **how)
     parsed = [parse_vig(f"{VIG_START} {text}") for text in vig]
     ok = [dict(j, q=qa[0], vig=qa[1]) for j, qa in zip(jobs, parsed) if qa]
     t_vig = time.time() - t0
