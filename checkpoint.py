@@ -269,6 +269,13 @@ FEATURES = ("patch", "cls_patch")
 PROJECTORS = ("linear", "mlp2x_gelu")
 
 
+def _pad_id(d, default, prefix=""):
+    """d's pad_token_id, an integer; a negative one (LLaMA-1 era configs write -1 for 'none')
+    is the default, as an absent one: generate feeds the pad id of finished rows back in."""
+    pad = _typed_get(d, "pad_token_id", default, int, prefix)
+    return default if pad < 0 else pad
+
+
 def _from_file(path, make, names=()):
     """make(), its "config: ..." errors naming the checkpoint's config.json, and a field by the
     file's name for it (names: pairs of (ours, the file's))."""
@@ -480,8 +487,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
                                   f"{strategy!r} (default or full)")
         tf = _from_file(path, lambda: _text_fields(cfg.get("text_config") or {}, "text_config."))
         image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        text_pad = _get(cfg.get("text_config") or {}, "pad_token_id", tf["vocab_size"] - 1)
-        pad = _get(cfg, "pad_token_id", text_pad)
+        text = cfg.get("text_config") or {}
+        text_pad = _from_file(path, lambda: _pad_id(text, tf["vocab_size"] - 1, "text_config."))
+        pad = _from_file(path, lambda: _pad_id(cfg, text_pad))
         feature = "patch" if strategy == "default" else "cls_patch"
         projector = "mlp2x_gelu" if act == "gelu" else "linear"
         config = _from_file(path, lambda: ModelConfig(
@@ -515,7 +523,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         feature = _get(cfg, "mm_vision_select_feature", "patch")
         projector = _get(cfg, "mm_projector_type", "linear")
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
-        pad = _get(cfg, "pad_token_id", 0)  # LLaVA pads with <unk> (id 0)
+        pad = _from_file(path, lambda: _pad_id(cfg, 0))  # LLaVA pads with <unk> (id 0)
         layer = _get(cfg, "mm_vision_select_layer", -2)
         if type(layer) is not int:  # (LLaVA indexes hidden_states with it: one layer)
             raise CheckpointError(f"{path}/config.json: field 'mm_vision_select_layer': expected "

@@ -233,6 +233,33 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     assert fresh.shape == (32, 32) and fresh.std() > 0
 
 
+def test_llama_one_pad_id_minus_one_is_llavas_unk(tmp_path):
+    """LLaMA-1 era configs write pad_token_id -1 for 'none'. It was taken as the pad id, which
+    generate feeds back in for the rows that have finished: an index error once one row ended
+    before another. It is LLaVA's <unk> (0) now; a pad id that is not an integer is refused."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    cfg = json.load(open(tmp_path / "llama" / "config.json"))
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(cfg, pad_token_id=-1)))
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip")).eval()
+    assert ours.config.pad_token_id == 0
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, IMG, IMG)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    first = ours.generate(pixels, ids, max_new_tokens=1, eos_token_id=-1).tokens[:, 0]
+    if first[0] == first[1]:  # (row 1 must go on after row 0 ends)
+        ids[1, -1] = (ids[1, -1] + 1) % VOCAB
+        first = ours.generate(pixels, ids, max_new_tokens=1, eos_token_id=-1).tokens[:, 0]
+    assert first[0] != first[1]
+    out = ours.generate(pixels, ids, max_new_tokens=4, eos_token_id=int(first[0]))
+    assert out.lengths[0] == 1 and out.tokens[0, 1:].eq(0).all()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(cfg, pad_token_id="0")))
+    with pytest.raises(CheckpointError, match="llama/config.json: field 'pad_token_id': expected "
+                                              "an integer"):
+        load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
+
+
 def test_peft_export_applies_in_transformers(tmp_path):
     """The PEFT adapter's keys name real modules of LlavaForConditionalGeneration, and merging
     W += (alpha/r) B A there reproduces our adapter's logits."""
