@@ -217,12 +217,15 @@ def stale_runs(runs, cfg):
     """Runs on disk made with another command than today's plan gives them (a lab whose recipe
     changed since: their lab_run.json says so), and every run on disk that needs one of them or
     one that is not done (removed, or cut off while it ran again). A run finished before commands
-    were recorded has no record and is kept."""
+    were recorded has no record: it is kept unless its checkpoint says it went on from another
+    --init (POVID's stage 2 started from the SFT until 2026-12-03)."""
     missing = {k for k, v in runs.items() if not os.path.exists(v[2])}
     stale = set()
     for name, (argv, _, done) in runs.items():
         record = None if name in missing else load(run_record(cfg, name))
         if isinstance(record, dict) and record.get("command") != portable(cfg, argv):
+            stale.add(name)
+        if record is None and name not in missing and from_another_init(cfg, name, argv):
             stale.add(name)
     while True:
         after = {k for k, v in runs.items()
@@ -230,6 +233,20 @@ def stale_runs(runs, cfg):
         if not after:
             return stale
         stale |= after
+
+
+def from_another_init(cfg, name, argv):
+    """Whether the run's last checkpoint records an --init that names another checkpoint than
+    argv's (one that no longer exists, as in a moved folder, is not judged)."""
+    if "--init" not in argv:
+        return False
+    latest = latest_checkpoint(os.path.join(cfg.out, name))
+    made = load(os.path.join(latest, "config.json")) if latest else None
+    init = made.get("run_config", {}).get("init") if isinstance(made, dict) else None
+    if not isinstance(init, str) or not os.path.exists(init):
+        return False
+    same = lambda path: os.path.realpath(resolve_checkpoint(path))
+    return same(init) != same(argv[argv.index("--init") + 1])
 
 
 def execute(runs, cfg, finished=lambda n: None):

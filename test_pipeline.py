@@ -65,6 +65,22 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     os.remove(record)  # a run finished before commands were recorded is kept
     assert lab.stale_runs(planned, cfg) == set()
     open(record, "w").write(kept)
+    # ... unless its checkpoint says it went on from another --init: an unrecorded stage 2 from
+    # before it was chained (POVID's stage 2 started from the SFT until 2026-12-03)
+    record = lab.run_record(cfg, "povid/stage2-s0")
+    kept2 = open(record).read()
+    os.remove(record)
+    assert lab.stale_runs(planned, cfg) == set()
+    made = os.path.join(lab.latest_checkpoint(os.path.join(runs, "povid", "stage2-s0")),
+                        "config.json")
+    config = json.load(open(made))
+    config["run_config"]["init"] = os.path.join(out, "sft")
+    json.dump(config, open(made, "w"))
+    assert lab.stale_runs(planned, cfg) == {"povid/stage2-s0", "povid/stage2-s0/eval"}
+    config["run_config"]["init"] = stage1 + "/"
+    json.dump(config, open(made, "w"))
+    assert lab.stale_runs(planned, cfg) == set()
+    open(record, "w").write(kept2)
     # stage 1 gone (removed, or cut off while it ran again): what was made from it is stale too
     done = os.path.join(runs, "povid", "stage1-s0", "DONE")
     os.rename(done, done + ".away")
