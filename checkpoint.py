@@ -5,6 +5,7 @@
     original LLaVA / LLaVA-RLHF (CLIP weights often in a separate directory)
     a bare LLaMA + a CLIP directory (a fresh projector: the start of LLaVA's own recipe)
     PEFT LoRA adapters, both ways
+    LLaVA-RLHF reward models (its LoRA + reward_head: load_llava_rlhf_reward)
 
 load_checkpoint(path) builds a model.LLaVA from any of them; save_checkpoint_files writes ours;
 export_llava_hf and export_peft_adapter write what transformers and PEFT load. No transformers
@@ -1121,6 +1122,58 @@ def peft_base_dir(path):
                           f"directory; load the base model, then load_adapters(model, {path!r})")
 
 
+def llava_rlhf_reward_parts(path):
+    """(PEFT adapter directory, head file) of a LLaVA-RLHF reward model: the checkpoint-N folder its
+    finetune_lora_rm.py saves (SavePeftModelCallback): the backbone's LoRA in adapter_model/ (in
+    adapter_model/lora_default/, PEFT's folder for an adapter not named 'default'), and
+    torch.save(reward_head.state_dict()) as reward_head. Looked up as its
+    load_4bit_reward_model_for_inference does."""
+    head = os.path.join(path, "reward_head")
+    if not os.path.isfile(head):
+        raise CheckpointError(f"{path}: no reward_head file (not a LLaVA-RLHF reward model "
+                              "checkpoint: checkpoint-N/ of its finetune_lora_rm.py)")
+    adapter = path
+    for sub in ("adapter_model", "lora_default"):
+        if os.path.isdir(os.path.join(adapter, sub)):
+            adapter = os.path.join(adapter, sub)
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise CheckpointError(f"{adapter}: no adapter_config.json (the reward model's LoRA, saved "
+                              "beside its reward_head)")
+    return adapter, head
+
+
+def load_llava_rlhf_reward(model, path, name="reward"):
+    """Add a LLaVA-RLHF reward model trained on this model's base: its LoRA as adapter `name` and
+    its reward_head (nn.Linear(hidden, 1)) as head `name`. Its score is RewardModel.forward's:
+    reward_head(the last hidden state, after the final norm, at the last token), which is what
+    common.score_sequences reads with head `name`."""
+    adapter, file = llava_rlhf_reward_parts(path)
+    if name in model.adapters or name in model.heads:
+        raise CheckpointError(f"{path}: adapter/head '{name}' exists already in this model")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read the reward head (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    shapes = {"weight": (1, model.config.hidden), "bias": (1,)}
+    if not isinstance(state, dict) or sorted(state) != sorted(shapes):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file}: expected nn.Linear(hidden, 1)'s state dict (weight, bias), "
+                              f"got {keys!r:.80}")
+    for key, shape in shapes.items():
+        got = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else None
+        if got != shape:
+            raise CheckpointError(f"{file}: key '{key}': expected shape {shape} (hidden "
+                                  f"{model.config.hidden}), got {got}")
+    load_peft_adapter(model, adapter, name, merge=False)
+    if name not in model.adapters:
+        raise CheckpointError(f"{adapter}: no LoRA weights on the language model")
+    head = model.add_head(name)
+    with torch.no_grad():
+        head.weight.copy_(state["weight"].float())
+        head.bias.copy_(state["bias"].float())
+
+
 def _peft_names_rule(names, field, cfg_path, absent):
     """PEFT's match of a module name against target_modules or exclude_modules
     (peft.tuners.tuners_utils.check_target_module_exists): a string full-matches as a regex, a list
@@ -1222,12 +1275,13 @@ def _llava_hf_layouts(module):
     return [module]
 
 
-def load_peft_adapter(model, path, name):
+def load_peft_adapter(model, path, name, merge=True):
     """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA
     keys). LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on
     the vision tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A)
     with a one-line notice: our adapters live on the language model, so those modules have no
-    adapter to hold it."""
+    adapter to hold it. merge=False: such LoRA is refused (an adapter checkpoint, which keeps no
+    base weights, would lose it)."""
     cfg_path = os.path.join(path, "adapter_config.json")
     cfg = _read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
@@ -1301,6 +1355,9 @@ def load_peft_adapter(model, path, name):
                 int(pname.split(".")[2]) >= model.config.vision_layers_run:
             continue  # a CLIP layer after the selected one: never run
         one_linear = part == "projector" and model.config.projector == "linear"
+        if not merge:
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' (not the language "
+                                  "model) cannot be kept beside base weights that are not saved")
         if (part, pname) not in ours or one_linear:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
                                   "model")

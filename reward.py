@@ -10,6 +10,9 @@ with --facts, lists the image's captions (Factually Augmented RLHF).
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
         --lr 2e-5 --batch_size 32 --max_steps 200 --grad_clip 0.3 --max_len 2623 \
         --prompt_space true --device cuda --dtype bf16  # LLaVA-RLHF's settings (README)
+    python reward.py --init LLaVA-RLHF-13b-v1.5-336/sft_model \
+        --import_llava_rlhf LLaVA-Fact-RM-13b-v1.5-336-lora-padding/checkpoint-200 --out ckpt/rm
+        # LLaVA-RLHF's own reward model, untrained further, as a checkpoint ppo.py --reward reads
 
 The scored sequence (data.reward_item; ppo.py scores its rollouts with the same one, so it lives in
 data.py beside the template): the conversation, the response, then an evaluation turn
@@ -31,7 +34,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,7 @@ import oracle
 import shapes
 from data import (ImageCache, check_images, collate, normalize,
                   read_llava_rlhf_preference, require_records, reward_item)
-from checkpoint import resolve_checkpoint
+from checkpoint import load_llava_rlhf_reward, llava_rlhf_reward_parts, resolve_checkpoint
 
 
 @dataclass
@@ -51,6 +54,9 @@ class Config:
     out: str = "ckpt/rm"  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
     init: str = "ckpt/sft"  # the SFT checkpoint (frozen; the RM checkpoint is saved with base= it)
     vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    # a LLaVA-RLHF reward model (its checkpoint-N/: adapter_model/ + reward_head) trained on --init:
+    # written as this script's checkpoint, scored as LLaVA-RLHF scores; no training, no data read
+    import_llava_rlhf: str = ""
     data: str = "{world}/pref_pairs.json"  # a LLaVA-RLHF human-preference file ({world}: --world)
     captions: str = "{world}/image_to_caption.json"  # LLaVA-RLHF facts file (read with --facts)
     image_folder: str = ""  # folder image paths are relative to (default: the data file's folder)
@@ -292,7 +298,40 @@ def other_image_facts(val):
     return out
 
 
+def import_llava_rlhf(cfg):
+    """LLaVA-RLHF's reward model as a checkpoint of this script: its LoRA and reward_head become
+    adapter and head 'reward' on --init, the run config records how it scores (its reward prompt
+    joined with a space, as its data_utils joins it; --facts, --eval_prompt and --template as
+    given: their defaults are its Fact-RLHF reward model's), and ppo.py --reward reads it."""
+    for flag, on in (("--resume", cfg.resume), ("--fsdp", cfg.fsdp)):
+        if on:
+            raise common.ConfigError(f"{flag} true: --import_llava_rlhf trains nothing")
+    if not os.path.isdir(cfg.import_llava_rlhf):
+        raise common.ConfigError(f"--import_llava_rlhf {cfg.import_llava_rlhf}: directory not "
+                                 "found")
+    llava_rlhf_reward_parts(cfg.import_llava_rlhf)  # (its files are there: before --out is made)
+    cfg = replace(cfg, prompt_space=True)
+    d = common.setup_dist(cfg.device, False)
+    common.claim_out(cfg, d, inits=[cfg.init])
+    model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
+                                                       device=d.device)
+    if model.adapters:
+        raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
+                                 f"{sorted(model.adapters)}; the reward model's base has none")
+    load_llava_rlhf_reward(model, cfg.import_llava_rlhf, "reward")
+    model.set_adapter("reward")
+    common.start_writing(cfg, d)
+    base = resolve_checkpoint(cfg.init)  # (the RM checkpoint points here for its frozen weights)
+    common.save_checkpoint(model, cfg.out, 0, cfg, None, tokenizer, base=base, d=d)
+    print(f"{cfg.import_llava_rlhf} -> {cfg.out}: LoRA r {model.adapters['reward']['r']} and "
+          f"reward head on {cfg.init} | facts {cfg.facts}, {cfg.eval_prompt} wording, "
+          f"{cfg.template}, prompt joined with a space")
+    common.cleanup_dist()
+
+
 def main(cfg):
+    if cfg.import_llava_rlhf:
+        return import_llava_rlhf(cfg)
     companions = ("val_data", "captions") if cfg.facts else ("val_data",)
     cfg, named = common.world_paths(cfg, companions=companions)
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)

@@ -11,8 +11,11 @@ import warnings
 import pytest
 import torch
 
+import common
+
 from data import IMAGE, preprocess_image, render, tokenize_conversation
-from checkpoint import export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint
+from checkpoint import (export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint,
+                        resolve_checkpoint)
 from model import LLaVA, ModelConfig
 from test_checkpoint import _rewrite_keys, _to_original_llava
 from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
@@ -383,6 +386,85 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
         out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         out = out[0, prompt_ids.numel():]
     assert torch.equal(out, ours)
+
+
+# ----------------------------------------------------------------------------------------
+# LLaVA-RLHF's reward model -> ours (reward.py --import_llava_rlhf, then ppo.py --reward)
+# ----------------------------------------------------------------------------------------
+
+def llava_rlhf_reward_model(base_dir, root):
+    """A reward model saved as LLaVA-RLHF's finetune_lora_rm.py saves one (checkpoint-N/:
+    backbone.save_pretrained(adapter_model) of a PEFT model whose adapter is 'lora_default', and
+    torch.save(reward_head.state_dict(), reward_head) in bf16), on the language model of base_dir
+    (LlavaLlamaForCausalLM names: model.layers.N...). Returns (the PEFT model, head, folder)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+    m = load_checkpoint(base_dir).eval()
+    export_llava_hf(m, root / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(root / "hf")
+    llama = LlamaForCausalLM(hf.config.text_config)
+    llama.model.load_state_dict(hf.model.language_model.state_dict())
+    llama.lm_head.load_state_dict(hf.lm_head.state_dict())
+    config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_modules=[f"{t}_proj" for t in LM_TARGETS])
+    pm = get_peft_model(llama, config, adapter_name="lora_default")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder = root / "LLaVA-Fact-RM" / "checkpoint-200"
+    pm.eval().save_pretrained(folder / "adapter_model", safe_serialization=False)
+    head = torch.nn.Linear(m.config.hidden, 1).to(torch.bfloat16)
+    torch.save(head.state_dict(), folder / "reward_head")
+    return pm, head.float(), folder
+
+
+def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_world, tmp_path):
+    """LLaVA-RLHF's reward = reward_head(hidden_states[-1][:, -1]) of its LoRA'd backbone
+    (RewardModel.forward); imported, our RM checkpoint scores the same, and ppo.py reads it with
+    LLaVA-RLHF's prompt settings. (Before: no way to use its reward weights at all.)"""
+    import ppo
+    from conftest import run_cli
+    pm, head, folder = llava_rlhf_reward_model(tiny_sft, tmp_path)
+    assert (folder / "adapter_model" / "lora_default" / "adapter_model.bin").exists()
+    rows = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51, 52]]
+    with torch.no_grad():
+        ref = torch.stack([head(pm(torch.tensor([r]), output_hidden_states=True)
+                                .hidden_states[-1][0, -1]).squeeze() for r in rows])
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    out = tmp_path / "rm"
+    code, stdout, err = run_cli("reward", ["--init", tiny_sft, "--import_llava_rlhf", str(folder),
+                                           "--out", str(out)])
+    assert code == 0, err
+    ckpt = resolve_checkpoint(str(out))
+    assert ppo.reward_settings(ckpt) == (True, "llava-rlhf", "vicuna_v1", True)
+    ours = load_checkpoint(ckpt).eval()
+    assert ours.adapters["reward"]["r"] == 4 and "reward" in ours.heads
+    with torch.no_grad(), ours.use_adapter("reward"):
+        got = common.score_sequences(ours, "reward", ids, mask, None)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert (ref - head(torch.zeros(1, ours.config.hidden)).squeeze()).abs().max() > 1e-2
+    # PPO against it (on the policy's own base: one model, four adapters)
+    ppo_args = ["--init", tiny_sft, "--reward", str(out), "--world", tiny_world, "--max_steps",
+                "1", "--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens", "6",
+                "--out", str(tmp_path / "ppo")]
+    code, stdout, err = run_cli("ppo", ppo_args)
+    assert code == 0 and "step 1 |" in stdout, err
+    # a head that is not nn.Linear(hidden, 1), or no adapter beside it: one line, nothing written
+    torch.save({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, folder / "reward_head")
+    code, _, err = run_cli("reward", ["--init", tiny_sft, "--import_llava_rlhf", str(folder),
+                                      "--out", str(tmp_path / "rm2")])
+    assert code == 2 and "reward_head: key 'weight': expected shape (1, " in err, err
+    assert set(os.listdir(tmp_path / "rm2")) <= {".lock"}  # (the lock: its last writer's pid)
+    os.remove(folder / "reward_head")
+    code, _, err = run_cli("reward", ["--init", tiny_sft, "--import_llava_rlhf", str(folder),
+                                      "--out", str(tmp_path / "rm3")])
+    assert code == 2 and f"{folder}: no reward_head file" in err, err
+    assert not (tmp_path / "rm3").exists()
 
 
 # ----------------------------------------------------------------------------------------

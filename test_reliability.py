@@ -491,7 +491,29 @@ def _bad_answers(t):
 
 GOOD_JSON = json.dumps([{"id": "a", "image": IMG, "conversations": GOOD}])
 RANGE = "must be in [1, inf)"
+def _llava_rlhf_rm(t, name, head=True, width=7):
+    """A folder laid out as LLaVA-RLHF's reward-model checkpoint-N/ (adapter_model/ + reward_head),
+    its head nn.Linear(width, 1) (the Shapes SFT model is wider), or no head at all."""
+    d = t.root / name
+    (d / "adapter_model").mkdir(parents=True)
+    (d / "adapter_model" / "adapter_config.json").write_text("{}")
+    if head:
+        torch.save({"weight": torch.zeros(1, width), "bias": torch.zeros(1)}, d / "reward_head")
+    return str(d)
+
+
 BAD_INPUT += [
+    C("reward", "import-not-a-reward-model",
+      "--import_llava_rlhf a folder without LLaVA-RLHF's reward_head",
+      lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "nohead", head=False)],
+      ("nohead: no reward_head file", "finetune_lora_rm.py")),
+    C("reward", "import-head-width",
+      "--import_llava_rlhf whose reward_head is narrower than --init's hidden size",
+      lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "narrow")],
+      ("narrow/reward_head", "key 'weight': expected shape (1, ", "got (1, 7)")),
+    C("reward", "import-resume", "--import_llava_rlhf with --resume true (it trains nothing)",
+      lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "rs"), "--resume", "true"],
+      ("--resume true: --import_llava_rlhf trains nothing",)),
     # -- every flag against the range its Config declares (issue 21)
     *[_flag("sft", f, v, want) for f, v, want in [
         ("batch_size", "0", ("0", RANGE)), ("grad_accum", "0", ("0", RANGE)),
