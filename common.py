@@ -710,6 +710,11 @@ def claim_out(cfg, d, inits=()):
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
             raise ConfigError(f"{init}: checkpoint directory not found")
+    out_real = os.path.realpath(out)
+    world = getattr(cfg, "world", "")
+    if world and os.path.realpath(world) == out_real:  # (and --overwrite would move it away)
+        raise ConfigError(f"--out {out} is the --world folder: the run would be written among the "
+                          "world's files; choose another --out")
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or "
                           "replace it)")
@@ -723,12 +728,15 @@ def claim_out(cfg, d, inits=()):
     if resume and latest_checkpoint(out) is None:
         raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run "
                           "without --resume to start fresh)")
-    for init in inits:  # --overwrite would move the checkpoint this run starts from away
-        real, out_real = os.path.realpath(init or "/"), os.path.realpath(out)
-        inside = real == out_real or real.startswith(out_real + os.sep)
-        if overwrite and init and inside:
-            raise ConfigError(f"--init {init} lies inside --out {out}, which --overwrite true "
-                              "moves aside; copy it elsewhere or choose another --out")
+    for f in dataclasses.fields(cfg) if overwrite else ():  # --overwrite would move the inputs
+        # of this run away (the checkpoint it starts from, its world or data files)
+        path = getattr(cfg, f.name)
+        if f.name == "out" or not isinstance(path, str) or not path or not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        if real == out_real or real.startswith(out_real + os.sep):
+            raise ConfigError(f"--{f.name} {path} lies inside --out {out}, which --overwrite "
+                              "true moves aside; copy it elsewhere or choose another --out")
 
 
 def write_json(obj, path, indent=1):

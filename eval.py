@@ -486,8 +486,18 @@ class Answerer:
         src = self.source and f"{self.source} max_new_tokens={max_new_tokens}"
         if cfg.rescore and cfg.llava_answers:
             return self.llava_answers(qs)
-        stored = {(str(r.get("id")), r.get("prompt")): r
-                  for r in read_jsonl(path) if src is None or r.get("source") == src}
+        stored = {}  # (id, prompt) -> line; --rescore: from any source, the last line written
+        for i, r in enumerate(read_jsonl(path)):
+            if src is not None and r.get("source") != src:
+                continue
+            key = (str(r.get("id")), r.get("prompt"))
+            if not isinstance(r.get("answer"), str):  # (a hand edit: a traceback when scored)
+                raise DataError(path, f"{i} (id {key[0]!r:.40})", "answer",
+                                f"expected a string, got {r.get('answer')!r:.40}")
+            if key in stored and stored[key].get("source") == r.get("source"):
+                raise DataError(path, f"{i} (id {key[0]!r:.40})", "id", "answered twice for "
+                                "the same prompt by the same model (which answer counts?)")
+            stored[key] = r
         done = {q["id"]: stored[q["id"], q["prompt"]]
                 for q in qs if (q["id"], q["prompt"]) in stored}
         todo = [q for q in qs if q["id"] not in done]
@@ -910,8 +920,10 @@ def load_judge_prompts(entries):
     out = {}
     for entry in entries:
         bench, sep, path = str(entry).partition("=")
-        if not sep or bench not in PLACEHOLDERS:
+        if not sep or bench not in PLACEHOLDERS or not path:
             raise common.ConfigError(f"--judge_prompt {entry}: expected mmhal=FILE or gavie=FILE")
+        if bench in out:  # (the first was passed over without a word)
+            raise common.ConfigError(f"--judge_prompt: {bench}= given twice; one file each")
         if not os.path.isfile(path):
             raise DataError(path, message="file not found (--judge_prompt)")
         text = read_text(path)

@@ -87,6 +87,9 @@ class ModelConfig:
         if self.heads % self.kv_heads:
             raise CheckpointError(f"config: heads {self.heads} is not a multiple of kv_heads "
                                   f"{self.kv_heads}")
+        if self.vision_hidden % self.vision_heads:  # (CLIP's head width is hidden / heads)
+            raise CheckpointError(f"config: field 'vision_heads': {self.vision_heads} does not "
+                                  f"divide vision_hidden {self.vision_hidden}")
         s = self.vision_select_layer  # (a bool is an int to Python, not a layer)
         one = type(s) is int
         if not one and not (isinstance(s, (list, tuple)) and s and all(type(x) is int for x in s)):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import common
 import oracle
 import shapes
-from data import (ImageCache, check_images, collate, normalize,
+from data import (DataError, ImageCache, check_images, collate, normalize,
                   read_llava_rlhf_preference, require_records, reward_item)
 from checkpoint import load_llava_rlhf_reward, llava_rlhf_reward_parts, resolve_checkpoint
 
@@ -163,6 +163,9 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
     model.eval()
     items = []
     for r in recs:
+        if not r.get("image"):  # (a text-only pair: no image to answer about, none to rank by)
+            raise DataError(cfg.data, f"id {r.get('id')!r:.40}", "image", "missing: --pairs "
+                            "sampled asks about the image and ranks by its annotations")
         unit = images.unit(r["image"])
         it = common.prompt_item(tokenizer, model, r["prompt"], unit, cfg.template)
         items += [it, it]  # two samples per prompt
@@ -279,7 +282,12 @@ def partner_pairs(val, world):
     pairs = shapes.parse_pairs(params["pairs"])
     out = []
     for p in val:
-        objs = objects[os.path.relpath(p["image"], world)]
+        # (a text-only pair, or an image from outside the world: no annotated objects to
+        # hallucinate a partner of; it counts in the accuracy over all pairs only)
+        rel = os.path.relpath(p["image"], world) if p.get("image") else None
+        if rel not in objects:
+            continue
+        objs = objects[rel]
         partners = {b for a, b in pairs if a in {o["name"] for o in objs}}
         if partners & set(oracle.oracle(p["rejected"], objs)["hallucinated_objects"]):
             out.append(p)

@@ -60,7 +60,7 @@ DEFAULTS = dict(
     neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
 # allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them;
 # common.check_value's rules)
-RANGES = dict(image_size="[16, 1024]", grid="[1, 16]", max_objects="[1, 4]",
+RANGES = dict(image_size="[16, 1024]", grid="[2, 16]", max_objects="[2, 4]",
               n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
               cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
               yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
@@ -902,6 +902,9 @@ def objects_from_coco(ann, file="annotations.json"):
         need(isinstance(at, dict), "annotations", i, "attributes", "an object")
         o = {"name": cats[x["category_id"]], "color": at.get("color"), "size": at.get("size"),
              "bbox": bbox, "row": at.get("row"), "col": at.get("col"), "position": None}
+        for k, known in (("color", COLORS), ("size", SIZES)):  # (None: a COCO file has none)
+            need(o[k] is None or (isinstance(o[k], str) and o[k] in known), "annotations", i,
+                 f"attributes.{k}", "one of " + ", ".join(known))
         if o["row"] is not None or o["col"] is not None:  # a Shapes grid cell
             for k in ("row", "col"):
                 need(type(o[k]) is int and 0 <= o[k] < grid, "annotations", i, f"attributes.{k}",
@@ -924,6 +927,13 @@ def load_world(world_dir):
         if not (stem.isascii() and stem.isdigit()):  # NNNNNN.png: the index is its number
             raise DataError(path, f"images[{i}]", "file_name",
                             f"expected images/SPLIT/NNNNNN.png, got {img['file_name']!r}")
+        if img.get("split") not in ("train", "val", "test", "unlabeled"):
+            raise DataError(path, f"images[{i}]", "split", "expected train, val, test or "
+                            f"unlabeled, got {img.get('split')!r:.40}")
+        for o in objs[img["id"]]:  # (the world's own annotations place every object in a cell)
+            if o["row"] is None:
+                raise DataError(path, f"images[{i}]", "attributes.row", "an object of this "
+                                "image has no grid cell (attributes row and col)")
         imgs.append(dict(img, objects=objs[img["id"]], index=int(stem)))
     by_file = ByFile(path, {i["file_name"]: i["objects"] for i in imgs})
     return {"info": ann["info"], "images": imgs, "by_file": by_file}
@@ -965,12 +975,10 @@ def _params(params):
         raise ValueError(f"--image_size {p['image_size']} --grid {p['grid']}: the image must be "
                          f"grid x cell with cells of at least {SIZES['large'] + 1} px (e.g. "
                          f"--image_size {p['grid'] * (SIZES['large'] + 1)})")
-    if not 1 <= p["max_objects"] <= min(p["grid"] ** 2, 4):
+    if not p["max_objects"] <= min(p["grid"] ** 2, 4):  # (at least 2: RANGES; relation
+        # questions, co-occurrence and the partner flaws need two objects in an image)
         raise ValueError(f"--max_objects {p['max_objects']} --grid {p['grid']}: max_objects must "
-                         f"be 1 to {min(p['grid'] ** 2, 4)} (at most 4, and one object per cell)")
-    if p["pref_longer"] > 0 and p["max_objects"] < 2:
-        raise ValueError("--pref_longer cuts a sentence from descriptions of two or more objects: "
-                         "it needs --max_objects >= 2")
+                         f"be 2 to {min(p['grid'] ** 2, 4)} (at most 4, and one object per cell)")
     return p
 
 

@@ -336,6 +336,11 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
         E.load_judge_prompts((f"gavie={tmp_path / 'noanswer.txt'}",))
     with pytest.raises(common.ConfigError):
         E.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
+    # no file named (was 'error: : file not found'), or one benchmark twice (the first ignored)
+    with pytest.raises(common.ConfigError, match="--judge_prompt mmhal=: expected mmhal=FILE"):
+        E.load_judge_prompts(("mmhal=",))
+    with pytest.raises(common.ConfigError, match="mmhal= given twice"):
+        E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"mmhal={tmp_path / 'bad.txt'}"))
     # LRV's official output format is read too
     official = ("Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\n"
                 "Accuracy:\nscore of the answer1: 6\nreason: no.")
@@ -427,6 +432,28 @@ def test_resume_after_an_interrupted_answers_file(env, capsys):
     run_cli(env, out, *args, "--temperature", "0.7")
     assert "reused 0 answers, generating 12" in capsys.readouterr().out
     assert len(lines(path)) == 24
+
+
+def test_an_edited_answers_file_is_one_line_naming_the_record(env):
+    """A reused answer that is not a string (a hand edit) was a traceback when scored; one question
+    answered twice by the same model let the last line count without a word."""
+    from conftest import run_cli as run_stage
+    out = env["root"] / "edited"
+    args = ["--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--world", env["world"],
+            "--out", str(out), *FAST]
+    assert run_stage("eval", args)[0] == 0
+    path = out / "m0" / "answers_pope_random.jsonl"
+    rows = lines(path)
+    first = rows[0]["id"]
+    for edited, want in (([dict(rows[0], answer=5)] + rows[1:], "field 'answer': expected a "
+                          "string, got 5"),
+                         (rows + [dict(rows[0], answer="No.")], "field 'id': answered twice")):
+        text = "".join(json.dumps(r) + "\n" for r in edited)
+        path.write_text(text)
+        code, _, err = run_stage("eval", args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "answers_pope_random.jsonl: record " in err and f"(id '{first}')" in err, err
+        assert want in err and path.read_text() == text
 
 
 def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):

@@ -357,6 +357,13 @@ BAD_INPUT = [
       lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", output_2=None,
                                                              captions=["A circle."]))],
       ("prefs.json", "record 0", "field 'output_2'")),
+    C("reward", "sampled-text-only", "--pairs sampled with a text-only pair (no file or record "
+      "was named)",
+      lambda w, t: ["--pairs", "sampled", "--n_sampled", "3", "--facts", "false", "--data",
+                    t.file("prefs.json", t.records("pref_pairs.json", image=None, conversations=[
+                        {"from": "human", "value": "Is there a circle?"},
+                        {"from": "gpt", "value": "Yes."}]))],
+      ("prefs.json", "record id 'rlhf_000000'", "field 'image'", "missing: --pairs sampled")),
     C("reward", "init-missing", "--init that does not exist",
       lambda w, t: ["--init", str(t.root / "nowhere")], ("nowhere", "not found")),
     C("reward", "flag-bool", "boolean flag given 'maybe'",
@@ -422,6 +429,9 @@ BAD_INPUT = [
     C("dpo", "bad-loss", "--loss not one of the choices",
       lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo or ref_free")),
     # -- vigc.py
+    C("vigc", "max-len-nothing-fits", "--max_len 8: no training example fits (it trained on "
+      "nothing and exited 0)",
+      lambda w, t: ["--max_len", "8"], ("--max_len 8: none of the", "training examples fits")),
     C("vigc", "bad-json", "--data file that is not valid JSON",
       lambda w, t: ["--data", t.file("vigc.json", "{"), "--image_folder", w.world],
       ("vigc.json", "invalid JSON")),
@@ -569,7 +579,8 @@ BAD_INPUT += [
         ("steps", "-1", ("-1", "must be in [0, inf)")), ("jobs", "0", ("0", RANGE)),
         ("stages", "rlhf", ("'rlhf' is not one of sft",)), ("model", "huge", ("huge", "choose"))]],
     *[_flag("shapes", f, v, want) for f, v, want in [
-        ("grid", "0", ("0", "must be in [1, 16]")), ("n_train", "0", ("0", RANGE)),
+        ("grid", "0", ("0", "must be in [2, 16]")), ("n_train", "0", ("0", RANGE)),
+        ("max_objects", "1", ("1", "must be in [2, 4]")),  # (no relation questions were written)
         ("vocab_size", "10", ("10", "must be in [512, 65536]")),
         ("cooc", "2.0", ("2.0", "must be in [0, 1]")),
         ("partner_weight", "nan", ("nan", "must be a number")),
@@ -748,6 +759,14 @@ BAD_INPUT += [
       "--overwrite true with --init inside --out (it would move its own start away)",
       lambda w, t: ["--init", str(t.root / "out")],
       ("lies inside --out", "--overwrite true moves aside")),
+    C("sft", "out-is-world", "--out the --world folder (the run was written among its files, and "
+      "--overwrite true moved the whole world aside)",
+      lambda w, t: (lambda d: ["--world", d, "--out", d])(_world_copy(t, lambda d: None)),
+      ("is the --world folder", "choose another --out")),
+    C("dpo", "overwrite-world-inside-out",
+      "--overwrite true with --world inside --out (it would move the world away)",
+      lambda w, t: ["--world", shutil.copytree(w.world, t.root / "out" / "world").as_posix()],
+      ("out/world/", "lies inside --out", "--overwrite true moves aside")),
     # -- worlds: a stage never rewrites one
     C("sft", "world-other-seed", "--world_seed 1 against the seed-0 world",
       lambda w, t: ["--world_seed", "1"],
@@ -969,6 +988,19 @@ BAD_INPUT += [
       lambda w, t: ["--world", _world_copy(t, _edit_annotations(
           lambda a: a["annotations"][0]["attributes"].update(row=99)))],
       ("annotations.json", "record annotations[0]", "field 'attributes.row'", "[0, 3)")),
+    C("eval", "world-annotation-color", "annotations.json with an object's colour a number "
+      "(a traceback where GAVIE writes its noun phrase)",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(
+          lambda a: a["annotations"][0]["attributes"].update(color=5)))],
+      ("annotations.json", "record annotations[0]", "field 'attributes.color'", "one of red")),
+    C("eval", "world-annotation-no-cell", "annotations.json with an object's attributes removed",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(
+          lambda a: a["annotations"][0].pop("attributes")))],
+      ("annotations.json", "field 'attributes.row'", "no grid cell")),
+    C("eval", "world-annotation-split", "annotations.json with an image's split removed",
+      lambda w, t: ["--world", _world_copy(t, _edit_annotations(
+          lambda a: a["images"][0].pop("split")))],
+      ("annotations.json", "record images[0]", "field 'split'", "got None")),
     C("eval", "world-annotation-file-name", "annotations.json with an image renamed to a word",
       lambda w, t: ["--world", _world_copy(t, _edit_annotations(
           lambda a: a["images"][0].update(file_name="images/train/abc.png")))],
@@ -1053,6 +1085,10 @@ BAD_INPUT += [
       "--ckpt whose image_token_id is a text token of its tokenizer ('<s>': text in image slots)",
       lambda w, t: ["--ckpt", t.ckpt("img", _edit_model(image_token_id=1))],
       ("img", "image_token_id 1", "'<s>'", "not '<image>'")),
+    C("sft", "init-vision-heads", "--init whose vision_heads (3) does not divide vision_hidden "
+      "(a shape error mid-run, after run.json was written)",
+      lambda w, t: ["--init", t.ckpt("vh", _edit_model(vision_heads=3))],
+      ("vh/config: field 'vision_heads': 3 does not divide vision_hidden",)),
     C("eval", "ckpt-more-layers", "--ckpt whose config.json says more layers than its weights hold",
       lambda w, t: ["--ckpt", t.ckpt("deep", _edit_model(layers=3))],
       ("deep", "no weight for 'text' 'layers.2.")),

@@ -671,6 +671,10 @@ def test_reward_partner_pairs(tiny_world):
            pair(alone, "The triangle is blue and purple and huge.")]
     # names the absent partner of a present trigger
     assert reward.partner_pairs(val, tiny_world) == [val[0]]
+    # a text-only pair, or an image from outside the world, has no objects to look up: left out
+    # (a traceback, or a line blaming annotations.json, after the reward model had trained)
+    outside = dict(val[0], image=os.path.join(os.path.dirname(tiny_world), "elsewhere.png"))
+    assert reward.partner_pairs([dict(val[0], image=None), outside] + val, tiny_world) == [val[0]]
 
 
 def test_reward_other_image_facts():

@@ -537,6 +537,11 @@ def main(cfg):
     if len(train) == 0:
         raise common.ConfigError("no training examples "
                                  "(no record has an image and a question/answer pair)")
+    # (drawn examples that do not fit are left out: with none that fits, steps train on nothing;
+    # the first that fits ends the search)
+    if not any(make_item(dict(e, image=""), tokenizer, model.config, cfg, images) for e in train):
+        raise common.ConfigError(f"--max_len {cfg.max_len}: none of the {len(train)} training "
+                                 "examples fits; raise it")
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     data_files += [cfg.images] if os.path.isfile(cfg.images) else []
     common.start_writing(cfg, d, data_files)
