@@ -161,10 +161,14 @@ class TensorSource:
         f, key = self.where[(part, name)]
         h = self._handle(f)
         try:
-            return h.get_tensor(key) if f.endswith(".safetensors") else h[key]
+            t = h.get_tensor(key) if f.endswith(".safetensors") else h[key]
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor '{key}' (truncated or corrupt file?): "
                                   f"{e}")
+        if not t.is_floating_point():  # (integers would be read as weights without a word)
+            raise CheckpointError(f"{f}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')}: "
+                                  "weights are floating-point")
+        return t
 
     def shape(self, part, name):
         f, key = self.where[(part, name)]
@@ -590,7 +594,10 @@ class _FoldedLinearProjector:
     W = W2 W1, b = W2 b1 + b2 (exact when linear_2 is the identity our export writes)."""
 
     def __init__(self, src):
-        self.src, self.where = src, src.where
+        self.src = src
+        # (linear_2 is read through linear_1: not a key left over)
+        self.where = {k: v for k, v in src.where.items()
+                      if not (k[0] == "projector" and k[1].startswith("linear_2."))}
 
     def has(self, part, name):
         return self.src.has(part, name)
@@ -629,8 +636,6 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                                  name.startswith("embeddings.position_ids")):
             continue  # layers after the selected one, post_layernorm: never used by LLaVA
         if part == "text" and "rotary_emb" in name:
-            continue
-        if part == "projector" and name.startswith("linear_2.") and config.projector == "linear":
             continue
         if part == "lm_head" and config.tie_embeddings:
             # as transformers: with tie_word_embeddings the head is embed_tokens, and a saved

@@ -210,6 +210,16 @@ def _edit_model(**kv):
     return mutate
 
 
+def _int_weights(d):
+    """model.safetensors with its first F32 tensor relabelled I32 in the header (same bytes)."""
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"dtype":"F32"', b'"dtype":"I32"', 1)
+    assert len(header) == n and header != raw[8:8 + n]
+    f.write_bytes(raw[:8] + header + raw[8 + n:])
+
+
 def _newer_trainer_state(d):
     from checkpoint import latest_checkpoint
     f = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
@@ -1089,6 +1099,15 @@ BAD_INPUT += [
       "(a shape error mid-run, after run.json was written)",
       lambda w, t: ["--init", t.ckpt("vh", _edit_model(vision_heads=3))],
       ("vh/config: field 'vision_heads': 3 does not divide vision_hidden",)),
+    C("eval", "ckpt-projector-one-layer",
+      "--ckpt whose config.json says a linear projector over two-layer weights (the second layer "
+      "was left out without a word)",
+      lambda w, t: ["--ckpt", t.ckpt("lin", _edit_model(projector="linear"))],
+      ("lin/model.safetensors", "linear_2", "unexpected key")),
+    C("eval", "ckpt-int-weights", "--ckpt whose weight file labels a tensor I32 (integers were "
+      "read as weights)",
+      lambda w, t: ["--ckpt", t.ckpt("ints", _int_weights)],
+      ("ints/model.safetensors", "is int32", "weights are floating-point")),
     C("eval", "ckpt-more-layers", "--ckpt whose config.json says more layers than its weights hold",
       lambda w, t: ["--ckpt", t.ckpt("deep", _edit_model(layers=3))],
       ("deep", "no weight for 'text' 'layers.2.")),
