@@ -1002,6 +1002,7 @@ def main(cfg):
     if 0 < cfg.image_size < patch:  # (no patch: a conv2d error deep in the first forward pass)
         raise common.ConfigError(f"--image_size {cfg.image_size}: smaller than the {cfg.model} "
                                  f"preset's patch size {patch} (at least one patch per image)")
+    check_positions(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
@@ -1015,6 +1016,26 @@ def main(cfg):
         return run(cfg)
     finally:
         torch.set_num_threads(threads)  # in-process callers (the tests) keep their own setting
+
+
+def check_positions(cfg):
+    """Every sequence a section builds fits its preset's positions (a longer one ran for minutes
+    and then failed deep in RoPE)."""
+    def prompt_and(c, new):  # bos, image tokens, --prompt_text, then the generated tokens
+        return 1 + c.num_image_tokens + cfg.prompt_text + new
+    c = model_config(cfg)
+    sizes = [("--seq", cfg.seq, cfg.model, c),
+             ("--prompt_text + --new_tokens", prompt_and(c, cfg.new_tokens), cfg.model, c),
+             ("--prompt_text + --ppo_new_tokens", prompt_and(c, cfg.ppo_new_tokens), cfg.model, c)]
+    if cfg.rollout_model:
+        r = model_config(cfg, cfg.rollout_model)
+        sizes.append(("--prompt_text + --rollout_new_tokens",
+                      prompt_and(r, cfg.rollout_new_tokens), cfg.rollout_model, r))
+    for flags, n, preset, c in sizes:
+        if n > c.max_position:
+            raise common.ConfigError(f"{flags}: {n} positions (with the bos and "
+                                     f"{c.num_image_tokens} image tokens) are more than the "
+                                     f"{preset} preset's {c.max_position}")
 
 
 def device_name(dev):

@@ -1169,6 +1169,10 @@ BAD_INPUT += [
       ("--out", "no finished run to report", "RESULTS.md")),
     C("bench", "image-size-below-patch", "--image_size smaller than the preset's patch size",
       lambda w, t: ["--image_size", "7"], ("--image_size 7", "patch size 16")),
+    C("bench", "prompt-past-positions", "--prompt_text 100000 (past the tiny preset's positions: "
+      "it ran for minutes, then failed)",
+      lambda w, t: ["--prompt_text", "100000"],
+      ("--prompt_text + --new_tokens", "are more than the tiny preset's")),
 ]
 
 
