@@ -667,6 +667,9 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                     raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config "
                                           f"expects {tuple(shp)}")
                 tensors.append(src.get(part, name))
+                if not bool(torch.isfinite(tensors[-1]).all()):  # (a model of NaNs answers ''
+                    # to everything, and POPE reads that as 'yes': scores without a word)
+                    raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
         keep = t.dtype if t.is_floating_point() else torch.float32
         t = t.to(dtype=dtype or keep, device=device or "cpu")

@@ -220,6 +220,15 @@ def _int_weights(d):
     f.write_bytes(raw[:8] + header + raw[8 + n:])
 
 
+def _nan_weights(d):
+    """model.safetensors with one tensor filled with NaN."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(d / "model.safetensors"))
+    key = next(k for k in sorted(state) if k.endswith("embed_tokens.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(d / "model.safetensors"), {"format": "pt"})
+
+
 def _newer_trainer_state(d):
     from checkpoint import latest_checkpoint
     f = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
@@ -1108,6 +1117,10 @@ BAD_INPUT += [
       "read as weights)",
       lambda w, t: ["--ckpt", t.ckpt("ints", _int_weights)],
       ("ints/model.safetensors", "is int32", "weights are floating-point")),
+    C("eval", "ckpt-nan-weights", "--ckpt whose embeddings are NaN (every answer '', which POPE "
+      "reads as 'yes': F1 0.667 without a word)",
+      lambda w, t: ["--ckpt", t.ckpt("nan", _nan_weights)],
+      ("nan/model.safetensors", "embed_tokens.weight", "holds NaN or infinite values")),
     C("eval", "ckpt-more-layers", "--ckpt whose config.json says more layers than its weights hold",
       lambda w, t: ["--ckpt", t.ckpt("deep", _edit_model(layers=3))],
       ("deep", "no weight for 'text' 'layers.2.")),
