@@ -333,7 +333,8 @@ def build_roles(cfg, d, tok_dir=""):
                                                         tokenizer_dir=tok_dir, device=d.device)
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
-                                 f"{sorted(policy.adapters)}; merge them first")
+                                 f"{sorted(policy.adapters)}; merge them first (README: "
+                                 "'a LoRA policy start')")
     rm_dir = resolve_checkpoint(cfg.reward)
     if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
         critic = policy
