@@ -671,8 +671,7 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                     # to everything, and POPE reads that as 'yes': scores without a word)
                     raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
-        keep = t.dtype if t.is_floating_point() else torch.float32
-        t = t.to(dtype=dtype or keep, device=device or "cpu")
+        t = t.to(dtype=dtype or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
         _set_param(model, our_name, t)
     return model
 
