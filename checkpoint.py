@@ -479,6 +479,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         clip_from = _clip_for_base(path, vision_tower, required=not has_vision)
         if clip_from is not None:  # (a base without CLIP weights, as LLaVA's released ones)
             src.vision_from(clip_from)
+        elif vision_tower:  # (it was passed over without a word)
+            print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
+                  "it was trained with", flush=True)
     elif layout == "llava-hf":
         vf = _vision_fields(cfg.get("vision_config") or {})
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
@@ -562,7 +565,8 @@ def _clip_for_base(path, vision_tower, required):
     the base holds no CLIP weights (required; LLaVA's released checkpoints name theirs, e.g.
     'openai/clip-vit-large-patch14-336'), the base's mm_vision_tower (as named, or a folder of its
     name beside the base). --vision_tower comes before either; with a base that holds CLIP weights
-    and no record it is not read (the flag is for an --init without them). None: the base's own."""
+    and no record it is not read (the flag is for an --init without them; load_checkpoint says so
+    in a note). None: the base's own."""
     here, recorded = path, None  # (base_weights_dir has refused loops of base pointers)
     while detect_layout(here) == "factalign":
         cfg = _read_json(os.path.join(here, "config.json"))

@@ -222,6 +222,22 @@ def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
         load_checkpoint(tmp_path / "sft")
 
 
+def test_vision_tower_beside_a_checkpoint_holding_clip_is_named_not_read(tmp_path, capsys):
+    """Our checkpoint holding its (trained) CLIP weights keeps them under --vision_tower (the flag
+    is for a base without them); it was passed over without a word, now a one-line note says so."""
+    from transformers import CLIPVisionModel
+    m = tiny_model(seed=3)
+    save_checkpoint_files(m, tmp_path / "ours")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    capsys.readouterr()
+    got = load_checkpoint(tmp_path / "ours", vision_tower=str(tmp_path / "clip"))
+    note = capsys.readouterr().out.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith(f"note: --vision_tower {tmp_path / 'clip'} not "
+                                                 "read"), note
+    for a, b in zip(got.vision_tower.parameters(), m.vision_tower.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     from transformers import CLIPVisionModel, LlamaForCausalLM
     LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
