@@ -609,7 +609,8 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
 # fields a stage gained after runs were started without them: such a run's config reads as having
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default)
-ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5}
+ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5,
+                "policy_lora": ""}
 
 
 def check_output_path(flag, path, folder=True):

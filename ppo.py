@@ -3,6 +3,8 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
 
     policy     base + 'policy' LoRA (new, B = 0: starts as the SFT model)          trained
     reference  base with no adapter                                                 frozen
+    (--policy_lora, LLaVA-RLHF's recipe: 'policy' starts as that LoRA and 'reference' is a frozen
+     copy of it)
     reward     base + 'reward' LoRA + 'reward' head (loaded from --reward)          frozen
     value      base + 'value' LoRA (a copy of 'reward') + 'value' head (zeros)      trained
 
@@ -60,7 +62,7 @@ import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
-from checkpoint import base_weights_dir, load_adapters, resolve_checkpoint
+from checkpoint import base_weights_dir, is_peft_dir, load_adapters, resolve_checkpoint
 
 
 @dataclass
@@ -70,6 +72,9 @@ class Config:
     out: str = "ckpt/ppo"  # run directory: checkpoint-N/ (each the policy alone) and metrics.jsonl
     init: str = "ckpt/sft"  # the SFT checkpoint: policy start, reference, frozen base
     vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    # a PEFT LoRA on --init (LLaVA-RLHF's RL-INIT lora_default): the policy starts as it and trains
+    # it further (--lora_* unused), the reference is it, frozen; empty: a new LoRA, reference --init
+    policy_lora: str = ""
     reward: str = "ckpt/rm"  # reward.py checkpoint ('reward' adapter + head; its --facts is used)
     data: str = "{world}/rl_prompts.json"  # LLaVA-RLHF RL prompts (the world's: captions inline)
     captions: str = ""  # LLaVA-RLHF image_to_caption.json (facts --data lacks)
@@ -333,8 +338,9 @@ def build_roles(cfg, d, tok_dir=""):
                                                         tokenizer_dir=tok_dir, device=d.device)
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
-                                 f"{sorted(policy.adapters)}; merge them first (README: "
-                                 "'a LoRA policy start')")
+                                 f"{sorted(policy.adapters)}: pass its base as --init and "
+                                 "a PEFT LoRA as --policy_lora, or merge them first (README: "
+                                 "'A LoRA policy start')")
     rm_dir = resolve_checkpoint(cfg.reward)
     if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
         critic = policy
@@ -356,7 +362,15 @@ def build_roles(cfg, d, tok_dir=""):
     if "reward" not in critic.adapters or "reward" not in critic.heads:
         raise common.ConfigError(f"--reward {rm_dir}: no 'reward' adapter and head "
                                  "(not a reward.py checkpoint?)")
-    policy.add_adapter("policy", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.policy_lora:  # (LLaVA-RLHF: PeftModel.from_pretrained(sft_model, RL-INIT) for both)
+        if not is_peft_dir(cfg.policy_lora):
+            raise common.ConfigError(f"--policy_lora {cfg.policy_lora}: not a PEFT adapter folder "
+                                     "(adapter_config.json, no config.json)")
+        load_adapters(policy, cfg.policy_lora, "policy")
+        policy.copy_adapter("policy", "reference")
+    else:
+        policy.add_adapter("policy", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                           cfg.lora_targets)
     # value model initialised from the reward model (init_value_with_reward)
     critic.copy_adapter("reward", "value")
     critic.add_head("value")                # new head, zero-initialised: V = 0 at the start
@@ -473,6 +487,14 @@ def batched(fn, n, size):
     return torch.cat(outs)
 
 
+def reference(policy):
+    """The reference policy: the same base with no adapter, or with the frozen copy of the
+    --policy_lora the policy started from."""
+    if "reference" in policy.adapters:
+        return policy.use_adapter("reference")
+    return policy.no_adapter()
+
+
 @torch.no_grad()
 def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key):
     """Sample responses with the KV cache (the policy's log-probs and entropies come with the
@@ -521,7 +543,7 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     if len(redo):
         with policy.use_adapter("policy"):
             logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)
-    with policy.no_adapter():  # the reference policy: the same base, no adapter
+    with reference(policy):
         ref_logp, _ = batched(logprobs, n, mb)
     value_of = lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P)
     with critic.use_adapter("value"):

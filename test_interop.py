@@ -392,11 +392,11 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
 # LLaVA-RLHF's reward model -> ours (reward.py --import_llava_rlhf, then ppo.py --reward)
 # ----------------------------------------------------------------------------------------
 
-def llava_rlhf_reward_model(base_dir, root):
-    """A reward model saved as LLaVA-RLHF's finetune_lora_rm.py saves one (checkpoint-N/:
-    backbone.save_pretrained(adapter_model) of a PEFT model whose adapter is 'lora_default', and
-    torch.save(reward_head.state_dict(), reward_head) in bf16), on the language model of base_dir
-    (LlavaLlamaForCausalLM names: model.layers.N...). Returns (the PEFT model, head, folder)."""
+def llava_rlhf_lora(base_dir, root, folder, seed=0):
+    """A LoRA saved as LLaVA-RLHF saves its adapters: save_pretrained(folder) of a PEFT model whose
+    adapter is 'lora_default' (so in folder/lora_default/, as .bin), on the language model of
+    base_dir (LlavaLlamaForCausalLM names: model.layers.N...), B not zero. Returns the PEFT
+    model."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
     m = load_checkpoint(base_dir).eval()
@@ -408,14 +408,22 @@ def llava_rlhf_reward_model(base_dir, root):
     config = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=[f"{t}_proj" for t in LM_TARGETS])
     pm = get_peft_model(llama, config, adapter_name="lora_default")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(folder, safe_serialization=False)
+    return pm
+
+
+def llava_rlhf_reward_model(base_dir, root):
+    """A reward model saved as LLaVA-RLHF's finetune_lora_rm.py saves one (checkpoint-N/: the
+    backbone's LoRA in adapter_model/ (llava_rlhf_lora), and torch.save(reward_head.state_dict(),
+    reward_head) in bf16). Returns (the PEFT model, head, folder)."""
     folder = root / "LLaVA-Fact-RM" / "checkpoint-200"
-    pm.eval().save_pretrained(folder / "adapter_model", safe_serialization=False)
-    head = torch.nn.Linear(m.config.hidden, 1).to(torch.bfloat16)
+    pm = llava_rlhf_lora(base_dir, root, folder / "adapter_model")
+    head = torch.nn.Linear(pm.config.hidden_size, 1).to(torch.bfloat16)
     torch.save(head.state_dict(), folder / "reward_head")
     return pm, head.float(), folder
 
@@ -454,6 +462,31 @@ def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_wo
                 "--out", str(tmp_path / "ppo")]
     code, stdout, err = run_cli("ppo", ppo_args)
     assert code == 0 and "step 1 |" in stdout, err
+    # ... from LLaVA-RLHF's RL-INIT LoRA (--policy_lora): the policy starts as it and the
+    # reference is it, so the first rollout's KL is 0 although the LoRA moves the model
+    init = tmp_path / "LLaVA-RL-INIT" / "lora_default"
+    llava_rlhf_lora(tiny_sft, tmp_path / "init_hf", init.parent, seed=1)
+    with_init = load_checkpoint(tiny_sft).eval()
+    load_adapters(with_init, str(init), "init")
+    with torch.no_grad():
+        base_logits = with_init(None, ids)
+        with with_init.use_adapter("init"):
+            assert (with_init(None, ids) - base_logits).abs().max() > 1e-2
+    init_args = ppo_args + ["--policy_lora", str(init), "--max_steps", "2", "--export", "adapter"]
+    code, stdout, err = run_cli("ppo", init_args + ["--out", str(tmp_path / "ppo_init")])
+    assert code == 0, err
+    first = json.loads(open(tmp_path / "ppo_init" / "metrics.jsonl").readline())
+    assert first["step"] == 1 and abs(first["kl"]) < 1e-4, first
+    # stopped after step 1 and resumed: the same policy at step 2 (the reference is rebuilt from
+    # the LoRA, the trained policy from the checkpoint)
+    half = init_args + ["--out", str(tmp_path / "ppo_half")]
+    assert run_cli("ppo", half + ["--max_steps", "1"])[0] == 0
+    code, _, err = run_cli("ppo", half + ["--resume", "true"])
+    assert code == 0, err
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(resolve_checkpoint(str(tmp_path / r)), "adapters.safetensors"))
+            for r in ("ppo_init", "ppo_half"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a head that is not nn.Linear(hidden, 1), or no adapter beside it: one line, nothing written
     torch.save({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, folder / "reward_head")
     code, _, err = run_cli("reward", ["--init", tiny_sft, "--import_llava_rlhf", str(folder),

@@ -1127,6 +1127,8 @@ BAD_INPUT += [
     C("dpo", "init-shard-missing", "--init whose index lists a shard that is not there",
       lambda w, t: ["--init", t.ckpt("shards", _drop_shard)],
       ("shards/model.safetensors.index.json", "'model-00002-of-00002.safetensors'", "is not in")),
+    C("ppo", "policy-lora-not-peft", "--policy_lora a checkpoint of ours, not a PEFT adapter",
+      lambda w, t: ["--policy_lora", w.sft], ("--policy_lora", "not a PEFT adapter folder")),
     C("ppo", "reward-base-loop", "--reward whose 'base' points at itself ('.')",
       lambda w, t: ["--reward", _rm_copy(t, "loop", base=".")],
       ("loop/config.json", "field 'base'", "loop of base pointers")),
