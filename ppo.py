@@ -4,7 +4,8 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     policy     base + 'policy' LoRA (new, B = 0: starts as the SFT model)          trained
     reference  base with no adapter                                                 frozen
     (--policy_lora, LLaVA-RLHF's recipe: 'policy' starts as that LoRA and 'reference' is a frozen
-     copy of it)
+     copy of it. A reward model on another base is a second model; it may read images at another
+     size, each prompt then expanded to its own image tokens: critic_ids)
     reward     base + 'reward' LoRA + 'reward' head (loaded from --reward)          frozen
     value      base + 'value' LoRA (a copy of 'reward') + 'value' head (zeros)      trained
 
@@ -349,16 +350,15 @@ def build_roles(cfg, d, tok_dir=""):
         critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir,
                                                          device=d.device)
         a, b = policy.config, critic.config
-        key = lambda c: (c.vocab_size, c.image_token_id, c.num_image_tokens, c.image_size,
-                         c.eos_token_id, c.pad_token_id)
+        # (the image size may differ: the critic sees each image at its own, as LLaVA-RLHF's 7B
+        # policy at 224 px and its 13B reward model at 336 px do)
+        key = lambda c: (c.vocab_size, c.image_token_id, c.eos_token_id, c.pad_token_id)
         if key(a) != key(b) or rm_tok.get_vocab() != tokenizer.get_vocab():
             raise common.ConfigError(
-                f"--reward {rm_dir} (vocab {b.vocab_size}, hidden {b.hidden}, "
-                f"{b.num_image_tokens} image tokens of {b.image_size}px) does not fit "
+                f"--reward {rm_dir} (vocab {b.vocab_size}, hidden {b.hidden}) does not fit "
                 f"--init {resolve_checkpoint(cfg.init)} (vocab {a.vocab_size}, "
-                f"hidden {a.hidden}, {a.num_image_tokens} image tokens of {a.image_size}px): "
-                f"the reward and value models must read the policy's tokens and images "
-                f"(train the RM on this SFT checkpoint)")
+                f"hidden {a.hidden}): the reward and value models must read the policy's tokens "
+                f"(train the RM on a model with this tokenizer)")
     if "reward" not in critic.adapters or "reward" not in critic.heads:
         raise common.ConfigError(f"--reward {rm_dir}: no 'reward' adapter and head "
                                  "(not a reward.py checkpoint?)")
@@ -495,21 +495,50 @@ def reference(policy):
     return policy.no_adapter()
 
 
+def critic_ids(ids, policy, critic):
+    """A prompt's ids with the critic's image tokens in place of the policy's (a reward model at
+    another image size: LLaVA-RLHF expands its one image placeholder inside each model)."""
+    a, b = policy.config, critic.config
+    at = (ids == a.image_token_id).nonzero()[:, 0]
+    if a.num_image_tokens == b.num_image_tokens or not len(at):
+        return ids
+    image = torch.full((b.num_image_tokens,), b.image_token_id, dtype=ids.dtype)
+    return torch.cat([ids[:int(at[0])], image, ids[int(at[0]) + a.num_image_tokens:]])
+
+
+def prompt_batch(prompts, ids_of, images, pad_id, dev):
+    """Left-padded prompt ids, their mask and the images: every response starts at column P."""
+    rows = [{"input_ids": ids_of(p), "pixel_values": normalize(images.unit(p["image"]))}
+            for p in prompts]
+    b = collate(rows, pad_id, side="left")
+    return b["input_ids"].to(dev), b["attention_mask"].to(dev), b["pixel_values"].to(dev)
+
+
 @torch.no_grad()
-def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key):
+def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, key,
+            critic_images=None):
     """Sample responses with the KV cache (the policy's log-probs and entropies come with the
-    samples), score them, and compute the reference's log-probs, values and shaped rewards."""
+    samples), score them, and compute the reference's log-probs, values and shaped rewards.
+    critic_images: the critic's ImageCache when it reads images at another size than the policy
+    (default: a new one)."""
     policy.eval()
     critic.eval()
     dev, n, mb = next(policy.parameters()).device, len(prompts), cfg.micro_batch
-    rows = [{"input_ids": p["input_ids"], "pixel_values": normalize(images.unit(p["image"]))}
-            for p in prompts]
-    # left padding: every response starts at column P
-    b = collate(rows, tokenizer.pad_token_id, side="left")
-    ids, pmask, pix = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["pixel_values"].to(dev)
+    pad = tokenizer.pad_token_id
+    ids, pmask, pix = prompt_batch(prompts, lambda p: p["input_ids"], images, pad, dev)
     # frozen tower: once, for every role and epoch
     feats = batched(lambda s: policy.encode_images(pix[s]), n, mb)
-    cfeats = feats if critic is policy else batched(lambda s: critic.encode_images(pix[s]), n, mb)
+    a, c = policy.config, critic.config
+    same_view = (a.image_size, a.num_image_tokens) == (c.image_size, c.num_image_tokens)
+    if critic is policy:
+        cfeats = feats
+    elif same_view:
+        cfeats = batched(lambda s: critic.encode_images(pix[s]), n, mb)
+    else:  # the critic's own prompt ids (its image tokens) and images (its size)
+        critic_images = critic_images or ImageCache(critic.config.image_size)
+        cids, cpmask, cpix = prompt_batch(
+            prompts, lambda p: critic_ids(p["input_ids"], policy, critic), critic_images, pad, dev)
+        cfeats = batched(lambda s: critic.encode_images(cpix[s]), n, mb)
 
     def sample(s):
         g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
@@ -545,14 +574,20 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
             logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)
     with reference(policy):
         ref_logp, _ = batched(logprobs, n, mb)
-    value_of = lambda s: response_values(critic, cfeats[s], seq[s], mask[s], P)
+    if critic is policy or same_view:
+        cseq, cmask, cP = seq, mask, P
+    else:
+        cseq, cmask, cP = torch.cat([cids, tokens], 1), torch.cat([cpmask, rmask.long()], 1), \
+            cids.shape[1]
+    value_of = lambda s: response_values(critic, cfeats[s], cseq[s], cmask[s], cP)
     with critic.use_adapter("value"):
         values = batched(value_of, n, mb) * rmask
     texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True).strip()
              for i in range(n)]
     facts, wording, template, space = rm
     if cfg.rm_input == "tokens":  # LLaVA-RLHF: the sampled ids, '</s>' only where it was sampled
-        items = [reward_item_from_ids(tokenizer, p["input_ids"], tokens[i, :lengths[i]],
+        items = [reward_item_from_ids(tokenizer, critic_ids(p["input_ids"], policy, critic),
+                                      tokens[i, :lengths[i]],
                                       p["captions"] if facts else None,
                                       random.Random(f"{key}-{i}"), 1 << 30, wording, space)
                  for i, p in enumerate(prompts)]
@@ -575,7 +610,8 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     total = sequence_reward(score, bonuses, length_bonus, lengths, finished, cfg)
     rewards, kl, rmask = shape_rewards(total, logp, ref_logp, lengths, kl_coef, cfg.kl_estimator,
                                        cfg.kl_clamp)
-    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=cfeats, logp=logp, values=values,
+    return dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=cfeats, cseq=cseq, cmask=cmask,
+                cP=cP, logp=logp, values=values,
                 rewards=rewards, kl=kl, rmask=rmask.float(), entropy=entropy, score=score,
                 lengths=lengths, finished=finished, correct=list(correct), texts=texts)
 
@@ -603,8 +639,8 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
                 pg.backward()  # policy and value graphs one after the other: lower peak memory
                 with critic.use_adapter("value"):
-                    v = response_values(critic, ro["cfeats"][i], ro["seq"][i], ro["mask"][i],
-                                        ro["P"])
+                    v = response_values(critic, ro["cfeats"][i], ro["cseq"][i],
+                                        ro["cmask"][i], ro["cP"])
                 vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok)
                 (cfg.vf_coef * vf).backward()
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
@@ -702,6 +738,7 @@ def main(cfg):
         print(f"{len(prompts)} RL prompts ({dropped} too long) | reward {cfg.reward}: "
               f"facts {rm[0]}, {roles} | {n_train / 1e6:.3f}M trainable | {d.world} process(es)")
     images = ImageCache(policy.config.image_size)
+    critic_images = ImageCache(critic.config.image_size)  # (used when it reads another size)
     log, base = common.Logger(cfg.out, d.main), resolve_checkpoint(cfg.init)
     for step in range(start, cfg.max_steps):
         lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio)
@@ -711,7 +748,8 @@ def main(cfg):
         batch = [prompts[i] for i in idx]
         rollout_key = f"{cfg.seed}-{step}-{d.rank}"
         t0 = time.time()
-        ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen, rollout_key)
+        ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen, rollout_key,
+                     critic_images)
         adv, returns = gae(ro["rewards"] * cfg.reward_scale, ro["values"], cfg.gamma, cfg.lam)
         adv = whiten(adv, ro["rmask"], d)
         t1 = time.time()

@@ -318,7 +318,8 @@ def fixed_rollout(m, B=4, P=16, K=5, seed=0):
     with torch.no_grad(), m.use_adapter("value"):
         values = ppo.response_values(m, feats, seq, mask, P) * rmask
     adv = torch.randn(B, K, generator=g) * rmask
-    ro = dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, logp=logp, values=values,
+    ro = dict(seq=seq, mask=mask, P=P, feats=feats, cfeats=feats, cseq=seq, cmask=mask, cP=P,
+              logp=logp, values=values,
               rmask=rmask)
     return ro, adv
 
@@ -430,6 +431,54 @@ def test_roles_share_one_base_when_the_reward_model_was_trained_on_it(sft, tmp_p
     policy, critic, _ = ppo.build_roles(cfg, ONE)
     assert policy is not critic and len(base_storages(policy, critic)) == 2 * n_base
     assert set(policy.adapters) == {"policy"} and set(critic.adapters) == {"reward", "value"}
+
+
+def test_a_reward_model_at_another_image_size_reads_its_own_view(sft, tiny_world, tmp_path):
+    """LLaVA-RLHF's 7B policy (224 px) is rewarded by its 13B reward model (336 px): each model
+    expands the one image placeholder to its own image tokens and sees the image at its own size.
+    Refused before ('must read the policy's tokens and images'). Row 0's score and values are
+    checked against the critic run on that prompt tokenized for it, unpadded."""
+    rm_model = LLaVA.from_preset("tiny", vocab_size=960, image_token_id=4, pad_token_id=3,
+                                 bos_token_id=1, eos_token_id=2, image_size=32).eval()
+    rm_model.add_adapter("reward", 4, 8)
+    torch.nn.init.normal_(rm_model.add_head("reward").weight, std=0.5)
+    rm_dir = tmp_path / "rm32"
+    run_config = {"facts": True, "eval_prompt": "short", "template": "vicuna_v1",
+                  "prompt_space": True}
+    save_checkpoint_files(rm_model, rm_dir, extra_config={"run_config": run_config})
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_world, "tokenizer", f), rm_dir)
+    cfg = ppo.Config(init=sft, reward=str(rm_dir), data=os.path.join(tiny_world, "rl_prompts.json"),
+                     max_new_tokens=6, rm_input="tokens", out=str(tmp_path / "unused"))
+    policy, critic, tok = ppo.build_roles(cfg, ONE)
+    assert (policy.config.num_image_tokens, critic.config.num_image_tokens) == (9, 4)
+    rm = ppo.reward_settings(str(rm_dir))
+    prompts = ppo.load_prompts(cfg, True, tok, policy, "vicuna_v1")[0][:3]
+    ro = ppo.rollout(policy, critic, tok, prompts, data.ImageCache(48), cfg, rm, 0.1,
+                     torch.Generator().manual_seed(0), "k")
+    p, n = prompts[0], int(ro["lengths"][0])
+    mc = critic.config
+    ids = data.tokenize_conversations(tok, [p["prompt"]], mc.image_token_id, mc.num_image_tokens,
+                                      1 << 30, "vicuna_v1")[0]["input_ids"]
+    assert torch.equal(ppo.critic_ids(p["input_ids"], policy, critic), ids)
+    response = ro["seq"][0, ro["P"]:ro["P"] + n]
+    with torch.no_grad():
+        feats = critic.encode_images(data.normalize(data.ImageCache(32).unit(p["image"]))[None])
+        item = data.reward_item_from_ids(tok, ids, response, p["captions"], random.Random("k-0"),
+                                         1 << 30, "short", True)["input_ids"]
+        with critic.use_adapter("reward"):
+            score = common.score_sequences(critic, "reward", item[None],
+                                           torch.ones_like(item)[None], feats)
+        seq = torch.cat([ids, ro["seq"][0, ro["P"]:]])[None]
+        with critic.use_adapter("value"):
+            values = ppo.response_values(critic, feats, seq, torch.ones_like(seq), len(ids))
+    torch.testing.assert_close(ro["score"][0], score[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro["values"][0, :n], values[0, :n], atol=1e-5, rtol=0)
+    # and a PPO step with it
+    argv = ["--init", sft, "--reward", str(rm_dir), "--world", tiny_world, "--max_steps", "1",
+            "--out", str(tmp_path / "ppo")] + PPO_ARGS
+    code, _, err = run_cli("ppo", argv)
+    assert code == 0, err
 
 
 # ----------------------------------------------------------------------------------------
