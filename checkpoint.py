@@ -1123,14 +1123,25 @@ def is_peft_dir(path):
 
 
 def peft_base_dir(path):
-    """The local base directory a PEFT adapter names (as written, else relative to the adapter)."""
+    """The local base directory a PEFT adapter names: as written, else relative to the adapter,
+    else a folder of its last name beside the adapter folder or beside its parent (a released
+    pair moved off the machine it was trained on, as LLaVA-RLHF's sft_model/ beside
+    rlhf_lora_adapter_model/, whose config names the training machine's path; the CLIP tower is
+    found beside a LLaVA the same way)."""
     cfg_path = os.path.join(path, "adapter_config.json")
     base = _read_json(cfg_path).get("base_model_name_or_path")
-    for cand in (base, os.path.join(path, str(base))) if isinstance(base, str) and base else ():
-        if os.path.isdir(cand):
+    candidates = []
+    if isinstance(base, str) and base:
+        name, here = os.path.basename(os.path.normpath(base)), os.path.abspath(path)
+        candidates = [base, os.path.join(path, base)]
+        for folder in (here, os.path.dirname(here)):  # beside the adapter, beside its parent
+            candidates.append(os.path.join(os.path.dirname(folder), name))
+    for cand in candidates:
+        if os.path.isdir(cand) and os.path.realpath(cand) != os.path.realpath(path):
             return cand
     raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local "
-                          f"directory; load the base model, then load_adapters(model, {path!r})")
+                          "directory, nor a folder of its name beside the adapter; put the base "
+                          f"there, or load it, then load_adapters(model, {path!r})")
 
 
 def llava_rlhf_reward_parts(path):

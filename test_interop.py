@@ -194,6 +194,27 @@ def test_peft_adapter_without_local_base_is_one_clear_error(peft_elsewhere, tmp_
     assert "\n" not in str(e.value)
 
 
+def test_peft_adapter_finds_its_base_beside_it_when_moved(peft_elsewhere, tmp_path):
+    """A released base + adapter pair whose adapter_config.json names the training machine's path
+    (LLaVA-RLHF's sft_model/ and rlhf_lora_adapter_model/): the base is the folder of that name
+    beside the adapter folder, or beside its parent (an adapter in lora_default/); before, only
+    an edit of the file loaded it."""
+    import shutil
+    pm, root = peft_elsewhere
+    pixels, ids = inputs(seed=3)
+    ref = peft_logits(pm, pixels, ids)
+    cfg = json.load(open(root / "adapter" / "adapter_config.json"))
+    release = tmp_path / "LLaVA-RLHF-7b"
+    shutil.copytree(root / "base", release / "sft_model")
+    for adapter in (release / "rlhf_lora_adapter_model", release / "rl" / "lora_default"):
+        shutil.copytree(root / "adapter", adapter)
+        moved = dict(cfg, base_model_name_or_path="/shared/their/models/LLaVA-RLHF-7b/sft_model")
+        (adapter / "adapter_config.json").write_text(json.dumps(moved))
+        with torch.no_grad():
+            torch.testing.assert_close(load_checkpoint(adapter).eval()(pixels, ids), ref,
+                                       atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # tokenizers of both kinds; the export's processor
 # ----------------------------------------------------------------------------------------
