@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import common
-
 from data import IMAGE, preprocess_image, render, tokenize_conversation
 from checkpoint import (export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint,
                         resolve_checkpoint)
@@ -452,7 +451,8 @@ def llava_rlhf_reward_model(base_dir, root):
 def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_world, tmp_path):
     """LLaVA-RLHF's reward = reward_head(hidden_states[-1][:, -1]) of its LoRA'd backbone
     (RewardModel.forward); imported, our RM checkpoint scores the same, and ppo.py reads it with
-    LLaVA-RLHF's prompt settings. (Before: no way to use its reward weights at all.)"""
+    LLaVA-RLHF's prompt settings, here from LLaVA-RLHF's kind of policy start (--policy_lora).
+    (Before: no way to use its reward weights at all, nor to start PPO from a LoRA.)"""
     import ppo
     from conftest import run_cli
     pm, head, folder = llava_rlhf_reward_model(tiny_sft, tmp_path)
