@@ -242,7 +242,8 @@ def from_another_init(cfg, name, argv):
         return False
     latest = latest_checkpoint(os.path.join(cfg.out, name))
     made = load(os.path.join(latest, "config.json")) if latest else None
-    init = made.get("run_config", {}).get("init") if isinstance(made, dict) else None
+    recorded = made.get("run_config") if isinstance(made, dict) else None
+    init = recorded.get("init") if isinstance(recorded, dict) else None
     if not isinstance(init, str) or not os.path.exists(init):
         return False
     same = lambda path: os.path.realpath(resolve_checkpoint(path))
