@@ -529,16 +529,15 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     # frozen tower: once, for every role and epoch
     feats = batched(lambda s: policy.encode_images(pix[s]), n, mb)
     a, c = policy.config, critic.config
-    same_view = (a.image_size, a.num_image_tokens) == (c.image_size, c.num_image_tokens)
-    if critic is policy:
-        cfeats = feats
-    elif same_view:
-        cfeats = batched(lambda s: critic.encode_images(pix[s]), n, mb)
-    else:  # the critic's own prompt ids (its image tokens) and images (its size)
-        critic_images = critic_images or ImageCache(critic.config.image_size)
+    own_view = (a.image_size, a.num_image_tokens) != (c.image_size, c.num_image_tokens)
+    if own_view:  # the critic's own prompt ids (its image tokens) and images (its size)
+        critic_images = critic_images or ImageCache(c.image_size)
         cids, cpmask, cpix = prompt_batch(
             prompts, lambda p: critic_ids(p["input_ids"], policy, critic), critic_images, pad, dev)
         cfeats = batched(lambda s: critic.encode_images(cpix[s]), n, mb)
+    else:
+        cfeats = feats if critic is policy else batched(lambda s: critic.encode_images(pix[s]),
+                                                        n, mb)
 
     def sample(s):
         g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
@@ -574,9 +573,8 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
             logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)
     with reference(policy):
         ref_logp, _ = batched(logprobs, n, mb)
-    if critic is policy or same_view:
-        cseq, cmask, cP = seq, mask, P
-    else:
+    cseq, cmask, cP = seq, mask, P
+    if own_view:
         cseq, cmask, cP = torch.cat([cids, tokens], 1), torch.cat([cpmask, rmask.long()], 1), \
             cids.shape[1]
     value_of = lambda s: response_values(critic, cfeats[s], cseq[s], cmask[s], cP)
