@@ -482,10 +482,12 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), vision_lr_ra
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
-def cosine_lr(step, max_steps, lr, warmup=0, min_ratio=0.0):
-    """Linear warmup over `warmup` steps, then cosine decay to min_ratio * lr at max_steps."""
+def cosine_lr(step, max_steps, lr, warmup=0, min_ratio=0.0, from_zero=False):
+    """Linear warmup over `warmup` steps, then cosine decay to min_ratio * lr at max_steps. Step s
+    (from 0) of the warmup runs at lr (s + 1) / warmup, or (from_zero) at lr s / warmup, as
+    transformers' schedulers: their first update has rate 0."""
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * (step + (0 if from_zero else 1)) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -610,7 +612,7 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default)
 ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5,
-                "policy_lora": ""}
+                "policy_lora": "", "warmup_from_zero": False, "caption_shuffle": "pair"}
 
 
 def check_output_path(flag, path, folder=True):

@@ -1,5 +1,5 @@
 """Preference optimisation of a LLaVA: DPO (arXiv 2305.18290), IPO (arXiv 2310.12036), conservative
-DPO (label smoothing), reference-free DPO, and POVID (arXiv 2402.11411).
+DPO (label smoothing), robust DPO, reference-free DPO, and POVID (arXiv 2402.11411).
 
     python dpo.py  # Shapes: ground truth vs injected hallucination, from ckpt/sft
     python dpo.py --povid_stage 2 --init ckpt/dpo --out ckpt/povid  # POVID stage 2 from stage 1
@@ -13,6 +13,8 @@ prompt and pad positions carry label -100 and count for nothing. With
 h = (logp_c - ref_c) - (logp_r - ref_r):
     sigmoid   -log sigmoid(beta h)                                    DPO, Eq. 7
     cdpo      -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   cDPO (label smoothing eps)
+    rdpo      (-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
+                                                   rDPO (arXiv 2403.00409; TRL's 'robust')
     ipo       (h - 1/(2 beta))^2, logp averaged over the answer tokens  IPO, Eq. 17
     ref_free  sigmoid with ref_c = ref_r = 0
 POVID stage 2: 0.5 L(chosen, injected) + 0.5 L(chosen, answer under a noised image); see
@@ -53,9 +55,9 @@ class Config:
     world_seed: int = 0  # seed of the Shapes world
     template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
     max_len: int = 512  # longest tokenized sequence (longer pairs are dropped, counted)
-    loss: str = "sigmoid"  # sigmoid (DPO), ipo, cdpo (label smoothing) or ref_free
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo, cdpo (label smoothing), rdpo (robust) or ref_free
     beta: float = 0.1  # KL strength: temperature of sigmoid/cdpo; IPO's target margin is 1/(2 beta)
-    label_smoothing: float = 0.0  # cdpo: assumed chance eps of a flipped preference (0 < eps < 0.5)
+    label_smoothing: float = 0.0  # cdpo/rdpo: assumed chance eps of a flipped preference (0, 0.5)
     povid_stage: int = 1  # 1: DPO on the pairs; 2: POVID, half the loss against noisy-image answers
     noise_t: int = 500  # POVID: diffusion step of the image noise (0..999; POVID uses 500)
     noise_on: str = "original"  # POVID: 'original' (POVID's: noised full-size, 8-bit) or 'resized'
@@ -73,6 +75,7 @@ class Config:
     lr: float = 2e-4  # peak learning rate (Shapes, 1e-3: CHAIR_i 0.11 -> 0.50)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup: int = 20  # linear warmup steps
+    warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # gradient norm clip (0: off)
     max_steps: int = 300  # optimizer steps
@@ -93,7 +96,7 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(format=("auto", "povid", "llava_rlhf"), world_seed="[0, inf)",
                   template=("vicuna_v1", "llava_v1"), max_len="[1, inf)",
-                  loss=("sigmoid", "ipo", "cdpo", "ref_free"), beta="(0, inf)",
+                  loss=("sigmoid", "ipo", "cdpo", "rdpo", "ref_free"), beta="(0, inf)",
                   label_smoothing="[0, 0.5)", povid_stage="[1, 2]", noise_t="[0, 999]",
                   noise_on=("original", "resized"), noisy_tokens=("own", "policy"),
                   lora_r="[0, inf)", lora_alpha="[1, inf)", lora_dropout="[0, 1)",
@@ -107,13 +110,13 @@ class Config:
 
 def check_config(cfg):
     for wrong, message in (
-            (cfg.loss not in ("sigmoid", "ipo", "cdpo", "ref_free"),
-             f"--loss {cfg.loss}: choose sigmoid, ipo, cdpo or ref_free"),
+            (cfg.loss not in ("sigmoid", "ipo", "cdpo", "rdpo", "ref_free"),
+             f"--loss {cfg.loss}: choose sigmoid, ipo, cdpo, rdpo or ref_free"),
             (cfg.beta <= 0, f"--beta {cfg.beta}: must be > 0"),
-            (cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5,
-             "--loss cdpo needs --label_smoothing in (0, 0.5)"),
-            (cfg.loss != "cdpo" and cfg.label_smoothing != 0,
-             "--label_smoothing is used by --loss cdpo only"),
+            (cfg.loss in ("cdpo", "rdpo") and not 0 < cfg.label_smoothing < 0.5,
+             f"--loss {cfg.loss} needs --label_smoothing in (0, 0.5)"),
+            (cfg.loss not in ("cdpo", "rdpo") and cfg.label_smoothing != 0,
+             "--label_smoothing is used by --loss cdpo and rdpo only"),
             (cfg.povid_stage not in (1, 2), f"--povid_stage {cfg.povid_stage}: must be 1 or 2"),
             (not 0 <= cfg.noise_t < 1000, f"--noise_t {cfg.noise_t}: must be 0..999"),
             (cfg.noise_on not in ("original", "resized"),
@@ -146,6 +149,11 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smooth
         log_p_right = F.logsigmoid(beta * h)
         log_p_flipped = F.logsigmoid(-beta * h)
         losses = -(1 - label_smoothing) * log_p_right - label_smoothing * log_p_flipped
+    elif loss == "rdpo":  # robust DPO: unbiased, its mean over eps-flipped labels is DPO's loss
+        log_p_right = F.logsigmoid(beta * h)
+        log_p_flipped = F.logsigmoid(-beta * h)
+        eps = label_smoothing
+        losses = (-(1 - eps) * log_p_right + eps * log_p_flipped) / (1 - 2 * eps)
     else:
         losses = -F.logsigmoid(beta * h)  # DPO, Eq. 7 of arXiv 2305.18290
     return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
@@ -467,7 +475,8 @@ def main(cfg):
     sums, t0, last_log = {}, time.time(), start
     model.train()
     for step in range(start, cfg.max_steps):
-        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
+                              cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
         # fresh noise every step: a seed per pair of the global batch, drawn alike on every rank (so

@@ -96,6 +96,7 @@ class Config:
     lr: float = 5e-4  # peak learning rate of the policy adapter (LLaVA-RLHF: 3e-5 on 7B/13B)
     value_lr: float = 1e-3  # value adapter and head lr (0: --lr, as LLaVA-RLHF's one optimizer)
     warmup: int = 5  # linear warmup steps (LLaVA-RLHF: 5)
+    warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     min_lr_ratio: float = 0.0  # final lr / peak of the cosine schedule (LLaVA-RLHF: cosine to 0)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # gradient norm clip over policy + value (LLaVA-RLHF: 1.0)
@@ -739,7 +740,8 @@ def main(cfg):
     critic_images = ImageCache(critic.config.image_size)  # (used when it reads another size)
     log, base = common.Logger(cfg.out, d.main), resolve_checkpoint(cfg.init)
     for step in range(start, cfg.max_steps):
-        lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio)
+        lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio,
+                                   cfg.warmup_from_zero)
         opt.param_groups[0]["lr"] = cfg.lr * lr_mult
         opt.param_groups[1]["lr"] = (cfg.value_lr or cfg.lr) * lr_mult
         idx = common.batch_indices(step, len(prompts), cfg.rollout_batch, cfg.seed, d.rank, d.world)

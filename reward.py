@@ -69,6 +69,7 @@ class Config:
     world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
     world_seed: int = 0  # seed of the Shapes world
     facts: bool = True  # Fact-RLHF: evaluation turn lists the image captions (false: plain RLHF)
+    caption_shuffle: str = "pair"  # facts shuffled once per pair, or per answer (LLaVA-RLHF)
     blank_images: bool = False  # control run: every image black (do the facts get read without it?)
     # the wording of the evaluation turn:
     eval_prompt: str = "llava-rlhf"  # 'llava-rlhf' (verbatim) | 'short' (same facts, half as long)
@@ -85,6 +86,7 @@ class Config:
     lr: float = 1e-3  # peak learning rate (LLaVA-RLHF: 2e-5 on 13B)
     min_lr_ratio: float = 1.0  # final lr / peak (1.0: constant after warmup, as LLaVA-RLHF)
     warmup: int = 10  # linear warmup steps
+    warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # gradient norm clip (0: off)
     center_coef: float = 1e-3  # coefficient of |mean(r_chosen + r_rejected)|
@@ -104,7 +106,8 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(eval_size="[1, inf)", pairs=("injected", "sampled"), n_sampled="[1, inf)",
                   sample_temperature="[0, inf)", sample_max_new_tokens="[1, inf)",
-                  world_seed="[0, inf)", eval_prompt=("llava-rlhf", "short"),
+                  world_seed="[0, inf)", caption_shuffle=("pair", "answer"),
+                  eval_prompt=("llava-rlhf", "short"),
                   template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", lora_r="[1, inf)",
                   lora_alpha="[1, inf)", lora_dropout="[0, 1)",
                   lora_targets=("q", "k", "v", "o", "gate", "up", "down"), batch_size="[1, inf)",
@@ -204,15 +207,18 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
 
 
 def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
-    """Chosen and rejected of each pair tokenized (same shuffled captions for both) and collated
-    into one right-padded batch [chosen..., rejected...], with one normalised image per pair."""
+    """Chosen and rejected of each pair tokenized and collated into one right-padded batch
+    [chosen..., rejected...], with one normalised image per pair. --caption_shuffle pair: both
+    answers read the captions in one shuffled order (the pair differs in its answer only); answer:
+    each answer's captions shuffled on their own, as LLaVA-RLHF's reward-model data does."""
     chosen, rejected, pix, dropped = [], [], [], 0
     for i in idx:
         p = pairs[i]
         caps = p["captions"] if cfg.facts else None
+        own = cfg.caption_shuffle == "answer"
         items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps,
-                             random.Random(f"{rng_key}-{i}"), cfg.template, cfg.max_len,
-                             cfg.eval_prompt, cfg.prompt_space)
+                             random.Random(f"{rng_key}-{i}" + (f"-{k}" if own else "")),
+                             cfg.template, cfg.max_len, cfg.eval_prompt, cfg.prompt_space)
                  for k in ("chosen", "rejected")]
         if items[0] is None or items[1] is None:
             dropped += 1
@@ -409,7 +415,8 @@ def main(cfg):
     model.train()
     t0, dropped, acc_sum, n_sum, metrics = time.time(), 0, 0.0, 0, {}
     for step in range(start, cfg.max_steps):
-        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
+                              cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
         b, drop = pair_batch(train, idx, cfg, tokenizer, model, images, f"{cfg.seed}-{step}")

@@ -82,6 +82,7 @@ class Config:
     warmup: int = 50  # linear warmup steps
     instruct_lr: float = 1e-3  # after a reading stage: peak lr of the last stage (on --data)
     instruct_warmup: int = 10  # after a reading stage: warmup steps of the last stage
+    warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     weight_decay: float = 0.1  # AdamW decay on matrices (Shapes: 0.1 helps stage 2 find existence)
     grad_clip: float = 1.0  # gradient norm clip (0: off)
     max_steps: int = 3500  # optimizer steps, all stages (Shapes: 1000 align + 2000 read + 500)
@@ -300,7 +301,8 @@ def main(cfg):
             s for s in reversed(stages) if step >= s[1])
         if step == first > 0:
             opt.state.clear()  # a stage starts with fresh Adam moments, as LLaVA's second run does
-        lr = common.cosine_lr(step - first, length, peak_lr, warmup, cfg.min_lr_ratio)
+        lr = common.cosine_lr(step - first, length, peak_lr, warmup, cfg.min_lr_ratio,
+                              cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(dataset), batch_size, cfg.seed, d.rank, d.world)
         n_global = common.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)

@@ -33,6 +33,30 @@ def test_parse_config_types_and_errors(capsys):
         assert needle in err and len(err.splitlines()) == 1
 
 
+def test_warmup_from_zero_is_transformers_schedule_step_for_step():
+    """--warmup_from_zero true: the rate each optimizer step runs at equals transformers' cosine,
+    cosine-with-min-lr and constant-with-warmup schedulers (LLaVA's SFT, TRL, LLaVA-RLHF), stepped
+    after each update as their trainers do; without it, step s of the warmup runs at (s+1)/W."""
+    from transformers import optimization as hf
+    lr, total, warmup = 2e-3, 30, 7
+    cases = ((0.0, lambda o: hf.get_cosine_schedule_with_warmup(o, warmup, total)),
+             (0.1, lambda o: hf.get_cosine_with_min_lr_schedule_with_warmup(
+                 o, warmup, total, min_lr_rate=0.1)),
+             (1.0, lambda o: hf.get_constant_schedule_with_warmup(o, warmup)))
+    for min_ratio, make in cases:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = make(opt)
+        for step in range(total):
+            theirs = opt.param_groups[0]["lr"]  # the rate this update runs at
+            opt.step()
+            sched.step()
+            ours = common.cosine_lr(step, total, lr, warmup, min_ratio, from_zero=True)
+            assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15), (min_ratio, step)
+            ours_default = common.cosine_lr(step, total, lr, warmup, min_ratio)
+            shift = lr / warmup if step < warmup else 0.0
+            assert ours_default == pytest.approx(theirs + shift, rel=1e-12), (min_ratio, step)
+
+
 def test_lab_refuses_empty_flags_and_leaves_its_report_alone(tmp_path):
     """`lab.py --seeds` with no seeds used to run nothing and rewrite RESULTS.md as all missing;
     `lab.py --out ''` ended in a traceback."""
@@ -53,6 +77,7 @@ def test_cosine_schedule_and_batch_order():
     assert common.cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
     assert common.cosine_lr(100, 100, 1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
     assert common.cosine_lr(55, 100, 1.0, warmup=10) == pytest.approx(0.5)
+    assert common.cosine_lr(0, 100, 1.0, warmup=10, from_zero=True) == 0.0
     one = common.batch_indices(7, 50, 8, seed=3)
     rank0 = common.batch_indices(7, 50, 8, seed=3, rank=0, world=2)
     rank1 = common.batch_indices(7, 50, 8, seed=3, rank=1, world=2)

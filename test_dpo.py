@@ -79,6 +79,7 @@ def test_losses_match_hand_arithmetic():
     # h = (-10 - -11) - (-12 - -11.5) = 1 - (-0.5) = 1.5 ; beta h = 0.15
     # sigmoid: -log sig(0.15) = log(1 + e^-0.15)
     # cdpo eps 0.2: 0.8 log(1 + e^-0.15) + 0.2 log(1 + e^0.15)
+    # rdpo eps 0.2: (0.8 log(1 + e^-0.15) - 0.2 log(1 + e^0.15)) / 0.6
     # ipo: (1.5 - 1/(2*0.1))^2 = (1.5 - 5)^2 = 12.25
     # ref_free: h = -10 - -12 = 2 -> log(1 + e^-0.2)
     # rewards: chosen 0.1 * (-10 - -11) = 0.1, rejected 0.1 * (-12 - -11.5) = -0.05
@@ -87,11 +88,13 @@ def test_losses_match_hand_arithmetic():
     want = {"sigmoid": [math.log(1 + math.exp(-0.15)), math.log(2)],
             "cdpo": [0.8 * math.log(1 + math.exp(-0.15)) + 0.2 * math.log(1 + math.exp(0.15)),
                      math.log(2)],
+            "rdpo": [(0.8 * math.log(1 + math.exp(-0.15)) - 0.2 * math.log(1 + math.exp(0.15)))
+                     / 0.6, math.log(2)],
             "ipo": [12.25, 25.0],
             # pair 2: h = -3 - -1 = -2
             "ref_free": [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.2))]}
     for loss, w in want.items():
-        eps = 0.2 if loss == "cdpo" else 0.0
+        eps = 0.2 if loss in ("cdpo", "rdpo") else 0.0
         losses, r_c, r_r = dpo.preference_loss(pc, pr, rc, rr, 0.1, loss, eps)
         assert torch.allclose(losses, t(*w), atol=1e-12), loss
         if loss != "ref_free":
@@ -99,6 +102,20 @@ def test_losses_match_hand_arithmetic():
     pc.requires_grad_(True)  # the gradient raises the chosen log-prob
     dpo.preference_loss(pc, pr, rc, rr, 0.1)[0].sum().backward()
     assert (pc.grad < 0).all()
+
+
+def test_robust_dpo_is_unbiased_under_flipped_labels():
+    # rDPO's point (arXiv 2403.00409): with each label flipped with chance eps, its expected loss
+    # is DPO's on the true labels; cDPO's is not. A flip swaps chosen and rejected (h -> -h).
+    h = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    eps = 0.3
+    dpo_loss = dpo.preference_loss(h, zero, zero, zero, 1.0)[0]
+    for loss, unbiased in (("rdpo", True), ("cdpo", False)):
+        right = dpo.preference_loss(h, zero, zero, zero, 1.0, loss, eps)[0]
+        flipped = dpo.preference_loss(-h, zero, zero, zero, 1.0, loss, eps)[0]
+        expected = (1 - eps) * right + eps * flipped
+        assert torch.allclose(expected, dpo_loss, atol=1e-12) == unbiased, loss
 
 
 # ---------------------------------------------------------------------------------------- log-probs
@@ -384,6 +401,7 @@ def test_cli_every_loss_both_povid_stages_and_resume(env, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     losses = {"sigmoid": [], "ipo": ["--loss", "ipo"],
               "cdpo": ["--loss", "cdpo", "--label_smoothing", "0.1"],
+              "rdpo": ["--loss", "rdpo", "--label_smoothing", "0.1"],
               "ref_free": ["--loss", "ref_free"], "full": ["--lora_r", "0", "--loss", "ipo"]}
     for name, flags in losses.items():
         cli(*args(env, root / name, *flags))
@@ -489,6 +507,7 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
     for flags, words in ((["--loss", "hinge"], "--loss"),
                          (["--povid_stage", "2", "--lora_r", "0"], "lora_r"),
                          (["--loss", "cdpo"], "label_smoothing"),
+                         (["--loss", "rdpo"], "label_smoothing"),
                          (["--train_projector", "true"], "adapters off")):
         code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err

@@ -446,7 +446,7 @@ BAD_INPUT = [
       lambda w, t: ["--init", t.ckpt("other", _edit_config(format="other-tool", format_version=3))],
       ("other/config.json", "format 'other-tool' version 3 is not a factalign checkpoint format")),
     C("dpo", "bad-loss", "--loss not one of the choices",
-      lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo or ref_free")),
+      lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo, rdpo or ref_free")),
     # -- vigc.py
     C("vigc", "max-len-nothing-fits", "--max_len 8: no training example fits (it trained on "
       "nothing and exited 0)",
@@ -1554,6 +1554,21 @@ def test_checkpoints_carry_format_version_and_run_config(w):
     assert json.loads(json.dumps(state["run_config"])) == cfg["run_config"]
     assert cfg["run_config"]["center_coef"] == 1e-3 and cfg["run_config"]["max_steps"] == 2
     assert cfg["step"] == 2
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc"])
+def test_every_stage_takes_warmup_from_zero(script, w, tmp_path, monkeypatch):
+    """--warmup_from_zero true reaches each stage's schedule: its first update runs at rate 0
+    (transformers' warmup); common.cosine_lr itself is compared with transformers in
+    test_common."""
+    rates = []
+    schedule = common.cosine_lr
+    monkeypatch.setattr(common, "cosine_lr",
+                        lambda *a, **k: rates.append(schedule(*a, **k)) or rates[-1])
+    argv = base_args(script, w, tmp_path / "run") + ["--warmup", "3", "--warmup_from_zero", "true"]
+    code, _, err = run_cli(script, argv)
+    assert code == 0, err
+    assert rates and rates[0] == 0.0, rates
 
 
 # ----------------------------------------------------------------------------------------

@@ -706,6 +706,32 @@ def test_reward_model_and_ppo_score_one_prompt_spacing(sft, tiny_world, tmp_path
     assert "</s> USER: Please evaluate" in tok.decode(want.tolist())
 
 
+def test_reward_caption_shuffle_per_pair_or_per_answer(sft):
+    """--caption_shuffle pair: chosen and rejected read their captions in one order; answer: each
+    answer its own order, as LLaVA-RLHF's reward-model data shuffles them (a permutation each,
+    the same for the same key: a resumed run draws them again)."""
+    m = load_checkpoint(sft)
+    tok = load_tokenizer(resolve_checkpoint(sft))
+    caps = ["A red circle.", "A blue square.", "A green cross.", "A small star."]
+    pair = {"prompt": [{"from": "human", "value": "What is there?"}], "chosen": "A red circle.",
+            "rejected": "A blue cross.", "captions": caps, "image": None}
+    n = 12
+
+    def orders(shuffle):
+        cfg = reward.Config(eval_prompt="short", caption_shuffle=shuffle)
+        b, _ = reward.pair_batch([pair] * n, range(n), cfg, tok, m, None, "k")
+        text = [tok.decode(row[row != tok.pad_token_id].tolist()) for row in b["input_ids"]]
+        order = [sorted(caps, key=lambda c: t.index(f"- {c}")) for t in text]
+        return order[:n], order[n:]
+
+    chosen, rejected = orders("pair")
+    assert chosen == rejected and len({tuple(o) for o in chosen}) > 1
+    chosen, rejected = orders("answer")
+    assert chosen != rejected and sorted(caps) == sorted(rejected[0])
+    assert sum(c != r for c, r in zip(chosen, rejected)) >= n // 2
+    assert orders("answer") == (chosen, rejected)
+
+
 def test_reward_partner_pairs(tiny_world):
     import reward
     import shapes

@@ -95,6 +95,7 @@ class Config:
     lr: float = 1e-3  # peak learning rate (fine-tuning the SFT model: a third of its peak)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup: int = 20  # linear warmup steps
+    warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # gradient norm clip (0: off)
     max_steps: int = 400  # optimizer steps (0: generate only, from --init)
@@ -564,7 +565,8 @@ def main(cfg):
     model.train()
     t0, tokens, dropped = time.time(), 0, 0
     for step in range(start, cfg.max_steps):
-        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
+                              cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
         drawn = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
