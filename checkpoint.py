@@ -806,6 +806,20 @@ def base_weights_dir(path, _seen=()):
     return os.path.realpath(path)
 
 
+def refuse_scalar_model(path):
+    """A checkpoint that scores instead of answering (our reward model: its active adapter is
+    read through a scalar head of the same name) passed where a policy is wanted: one line.
+    Generating from it runs the reward LoRA as if it were a policy, without a word."""
+    if is_peft_dir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return
+    cfg = _read_json(os.path.join(path, "config.json"))
+    active, heads = cfg.get("active_adapter"), cfg.get("heads")
+    if isinstance(heads, list) and active is not None and active in heads:
+        raise CheckpointError(f"{path}/config.json: a scalar model (adapter and head "
+                              f"'{active}', as reward.py saves a reward model), not a policy: "
+                              "pass the SFT checkpoint (or another policy)")
+
+
 def _load_adapters(model, path, cfg, device, only_new=False):
     file = os.path.join(path, "adapters.safetensors")
     if not cfg.get("adapters") and not cfg.get("heads"):
@@ -844,6 +858,8 @@ def _load_adapters(model, path, cfg, device, only_new=False):
             if tuple(state[k].shape) != tuple(t.shape):
                 raise CheckpointError(f"{file}: key '{k}' has shape {tuple(state[k].shape)} but "
                                       f"the config expects {tuple(t.shape)}")
+            if not bool(torch.isfinite(state[k]).all()):
+                raise CheckpointError(f"{file}: key '{k}' holds NaN or infinite values")
             t.copy_(state[k])
     if device:
         model.to(device)
@@ -1187,6 +1203,8 @@ def load_llava_rlhf_reward(model, path, name="reward"):
         if got != shape:
             raise CheckpointError(f"{file}: key '{key}': expected shape {shape} (hidden "
                                   f"{model.config.hidden}), got {got}")
+        if not bool(torch.isfinite(state[key]).all()):
+            raise CheckpointError(f"{file}: key '{key}' holds NaN or infinite values")
     load_peft_adapter(model, adapter, name, merge=False)
     if name not in model.adapters:
         raise CheckpointError(f"{adapter}: no LoRA weights on the language model")
@@ -1321,9 +1339,11 @@ def load_peft_adapter(model, path, name, merge=True):
         raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported "
                               "('none')")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    # (JSON true is an int to Python; Infinity and NaN parse: a model of NaNs answers '')
+    if type(r) is not int or r < 1 or type(alpha) not in (int, float) \
+            or not math.isfinite(alpha):
         raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive "
-                              "integer and a number")
+                              f"integer and a finite number, got {r!r:.20} and {alpha!r:.20}")
     dropout = cfg.get("lora_dropout") or 0.0
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:  # (a ValueError in nn.Dropout)
         raise CheckpointError(f"{cfg_path}: field 'lora_dropout': expected a number in [0, 1), "
@@ -1368,6 +1388,9 @@ def load_peft_adapter(model, path, name, merge=True):
         if key.replace("lora_A", "lora_B") not in state:
             raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
         A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()
+        for k, t in ((key, A), (key.replace("lora_A", "lora_B"), B)):
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{file}: key '{k}' holds NaN or infinite values")
         part, pname = _canonical_key(module + ".weight")
         m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight", pname or "")
         if part == "text" and m and m[3] in LORA_TARGETS and int(m[1]) < model.config.layers:

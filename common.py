@@ -24,8 +24,8 @@ import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
-                        latest_checkpoint, load_checkpoint, peft_base_dir, resolve_checkpoint,
-                        save_checkpoint_files)
+                        latest_checkpoint, load_checkpoint, peft_base_dir, refuse_scalar_model,
+                        resolve_checkpoint, save_checkpoint_files)
 from formats import DataError
 from model import CheckpointError, LLaVA
 
@@ -715,9 +715,13 @@ def claim_out(cfg, d, inits=()):
             raise ConfigError(f"{init}: checkpoint directory not found")
     out_real = os.path.realpath(out)
     world = getattr(cfg, "world", "")
-    if world and os.path.realpath(world) == out_real:  # (and --overwrite would move it away)
+    world_real = os.path.realpath(world) if world else None
+    if world_real == out_real:  # (and --overwrite would move it away)
         raise ConfigError(f"--out {out} is the --world folder: the run would be written among the "
                           "world's files; choose another --out")
+    if world_real and out_real.startswith(world_real + os.sep):
+        raise ConfigError(f"--out {out} lies inside the --world folder {world}: the run would be "
+                          "written among the world's files; choose another --out")
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or "
                           "replace it)")
@@ -1142,15 +1146,18 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
 # ----------------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
-                             device="cpu", dtype=None):
+                             device="cpu", dtype=None, policy=True):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir`. The tokenizer
-    comes from the checkpoint directory (or tokenizer_dir when the checkpoint has none)."""
+    comes from the checkpoint directory (or tokenizer_dir when the checkpoint has none). policy:
+    a reward model is refused (policy=False: a reward model is what is wanted)."""
     from data import load_tokenizer
     if init:
         path = resolve_checkpoint(init)
         if not is_peft_dir(path):  # a config.json that cannot work is named before the tokenizer
             detect_layout(path)  # (which reads it too, and would take the blame)
+        if policy:
+            refuse_scalar_model(path)
         has_tok = lambda p: any(os.path.exists(os.path.join(p, f))
                                 for f in ("tokenizer_config.json", "tokenizer.json"))
         # a PEFT adapter is often saved without a tokenizer: its base's is the model's own

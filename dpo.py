@@ -206,6 +206,7 @@ class Pairs:
 
     def __init__(self, records, tokenizer, mc, cfg, images):
         self.items, self.dropped, self.images, self.pad = [], 0, images, tokenizer.pad_token_id
+        self.tied = 0  # pairs whose chosen and rejected are the same tokens once cut at max_len
 
         convs = [r["prompt"] + [{"from": "gpt", "value": r[k]}]
                  for r in records for k in ("chosen", "rejected")]
@@ -214,6 +215,8 @@ class Pairs:
         for r, c, rj in zip(records, t[0::2], t[1::2]):
             if c is None or rj is None:
                 self.dropped += 1
+            elif torch.equal(c["input_ids"], rj["input_ids"]):  # (no preference left to learn)
+                self.tied += 1
             else:
                 self.items.append((c, rj, r["image"]))
 
@@ -436,13 +439,20 @@ def main(cfg):
     images = ImageCache(model.config.image_size)
     train = Pairs(train_recs, tokenizer, model.config, cfg, images)
     val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
-    if train.dropped and d.main:
-        print(f"warning: dropped {train.dropped} of {len(train_recs)} pairs longer than "
-              f"--max_len {cfg.max_len}")
+    if (train.dropped or train.tied) and d.main:
+        print(f"warning: dropped {train.dropped + train.tied} of {len(train_recs)} pairs: "
+              f"{train.dropped} longer than --max_len {cfg.max_len}, {train.tied} whose chosen "
+              "and rejected are the same once cut there")
     if len(train) == 0:
         raise common.ConfigError(f"{cfg.data}: no training pairs left ({len(train_recs)} read, "
                                  f"{train.dropped} longer than --max_len {cfg.max_len}, "
-                                 f"{len(skipped)} bad records skipped)")
+                                 f"{train.tied} the same once cut there, {len(skipped)} bad "
+                                 "records skipped)")
+    if val_recs and len(val) == 0:  # (the held-out rewards were logged as 0 over no pair)
+        raise common.ConfigError(f"{cfg.val_data}: no validation pair left "
+                                 f"({len(val_recs[:cfg.eval_n])} read, {val.dropped} longer than "
+                                 f"--max_len {cfg.max_len}, {val.tied} whose chosen and rejected "
+                                 "are the same once cut there)")
     data_files = [cfg.data, cfg.val_data]
     common.start_writing(cfg, d, data_files)
     ref = None

@@ -52,7 +52,7 @@ import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
 from formats import TAG_IN_TEXT, record_label
-from checkpoint import is_peft_dir, resolve_checkpoint
+from checkpoint import is_peft_dir, refuse_scalar_model, resolve_checkpoint
 from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
@@ -166,6 +166,14 @@ def load_benchmarks(cfg):
     if cfg.judge == "oracle" and any(not on_shapes[b] for b in judged):
         raise common.ConfigError("--judge oracle knows only the Shapes world; "
                                  "pass --judge openai or --judge local")
+    if judged and not cfg.rescore:  # a judge that cannot work, named before every answer is
+        # generated (it is made on first use, after them); --rescore reads stored replies
+        if cfg.judge == "openai" and not openai_key(cfg) and "api.openai.com" in cfg.judge_url:
+            raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
+        if cfg.judge == "local" and not os.path.isfile(os.path.join(cfg.judge_model,
+                                                                    "config.json")):
+            raise common.ConfigError(f"--judge_model {cfg.judge_model}: not a local model folder "
+                                     "(no config.json): --judge local reads a causal LM from disk")
     world = None
     if any(on_shapes[b] for b in cfg.benchmarks):
         # an existing world is used as it is
@@ -1126,13 +1134,17 @@ class OracleJudge:
         return rubric(record, record["answer"])
 
 
+def openai_key(cfg):
+    return cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
+
+
 class OpenAIJudge:
     """Any OpenAI-compatible chat-completions endpoint, standard library only."""
 
     def __init__(self, cfg):
         self.url = cfg.judge_url.rstrip("/") + "/chat/completions"
         self.model, self.cfg, self.name = cfg.judge_model, cfg, f"openai:{cfg.judge_model}"
-        self.key = cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
+        self.key = openai_key(cfg)
         if not self.key and "api.openai.com" in self.url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
 
@@ -1378,6 +1390,7 @@ def main(cfg):
         except (OSError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
+        refuse_scalar_model(ckpt_dir)  # (it would answer with its reward LoRA)
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

@@ -40,7 +40,8 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageDraw
 
 import common
-from checkpoint import latest_checkpoint, resolve_checkpoint
+import shapes
+from checkpoint import latest_checkpoint, refuse_scalar_model, resolve_checkpoint
 
 
 CLAIMS = ("lrv", "rlhf", "povid", "vigc")
@@ -980,6 +981,10 @@ def main(cfg):
     if not os.path.isdir(cfg.sft) or (trains and not os.path.isfile(sft_config)):
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (no config.json; run "
                                  "python pipeline.py first, or pass --sft DIR)")
+    if trains:  # (else every run fails, and the report of none replaces --results)
+        refuse_scalar_model(resolve_checkpoint(cfg.sft))
+        if os.path.exists(cfg.world):  # a world there is checked, never rewritten; none: written
+            shapes.ensure_world(cfg.world, seed=cfg.world_seed)
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
         common.check_output_path(flag, path)
     common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)

@@ -349,7 +349,7 @@ def build_roles(cfg, d, tok_dir=""):
         load_adapters(critic, rm_dir)
     else:
         critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir,
-                                                         device=d.device)
+                                                         device=d.device, policy=False)
         a, b = policy.config, critic.config
         # (the image size may differ: the critic sees each image at its own, as LLaVA-RLHF's 7B
         # policy at 224 px and its 13B reward model at 336 px do)
@@ -632,16 +632,17 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
             for j in range(s, s + mb, cfg.micro_batch or mb):
                 i = perm[j:min(j + (cfg.micro_batch or mb), s + mb)]
                 m = ro["rmask"][i]
+                # each backward inside its adapter: --grad_checkpoint recomputes the forward there
                 with policy.use_adapter("policy"):
                     logp, _ = response_logprobs(policy, ro["feats"][i], ro["seq"][i], ro["mask"][i],
                                                 ro["P"], cfg.temperature, entropy=False)
-                pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
-                pg.backward()  # policy and value graphs one after the other: lower peak memory
+                    pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
+                    pg.backward()  # policy and value graphs one after the other: lower peak memory
                 with critic.use_adapter("value"):
                     v = response_values(critic, ro["cfeats"][i], ro["cseq"][i],
                                         ro["cmask"][i], ro["cP"])
-                vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok)
-                (cfg.vf_coef * vf).backward()
+                    vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok)
+                    (cfg.vf_coef * vf).backward()
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()
             _, norm = common.optimizer_step(opt, params, d, step, cfg)

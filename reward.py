@@ -364,8 +364,10 @@ def main(cfg):
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
+    # (a resumed run loads its own reward model)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       tokenizer_dir=tok_dir, device=d.device)
+                                                       tokenizer_dir=tok_dir, device=d.device,
+                                                       policy=resume_path is None)
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
@@ -393,6 +395,11 @@ def main(cfg):
     if not any(fits(p, cfg, tokenizer, model.config) for p in train):
         raise common.ConfigError(f"{cfg.data}: no pair fits --max_len {cfg.max_len} (chosen and "
                                  f"rejected, {len(train)} pairs): raise --max_len")
+    # (and with no held-out pair that fits, accuracy 0 on 0 pairs was reported)
+    if val and not any(fits(p, cfg, tokenizer, model.config) for p in val):
+        where = cfg.val_data or f"{cfg.data} (its held-out pairs)"
+        raise common.ConfigError(f"{where}: no held-out pair fits --max_len {cfg.max_len} "
+                                 f"(chosen and rejected, {len(val)} pairs): raise --max_len")
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
     common.start_writing(cfg, d, data_files)
     if cfg.pairs == "sampled" and d.main:

@@ -503,6 +503,22 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
         assert want in err, (extra, err)
 
 
+def test_an_openai_judge_without_a_key_is_refused_before_any_answer(env, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Without a key the OpenAI judge was found wanting only when first asked: after every answer
+    of every benchmark had been generated (hours on a 7B model). --rescore reads stored replies
+    and needs none."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "mmhal", "--judge",
+                "openai")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines() == [
+        "error: --judge openai: set OPENAI_API_KEY or pass --judge_key"]
+    assert not out.exists() or not any(p.name.startswith("answers") for p in out.rglob("*"))
+
+
 def test_run_names_are_unique():
     """--compare a/sft-2 b/sft c/sft: three folders (the third was named sft-2 again, writing
     into the first's folder: one row of the table lost); names already in use keep theirs."""

@@ -162,6 +162,14 @@ def _run_on_changed_sft_json(w, t):
     return ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--max_steps", "3"]
 
 
+def _mine(t):
+    """A folder of the user's own (one notes file): not a Shapes world."""
+    d = t.root / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("hi")
+    return str(d)
+
+
 def _world_copy(t, change):
     """A copy of the tiny world, changed by change(dir), with a file of the user's own in it."""
     d = t.root / "world"
@@ -446,7 +454,8 @@ BAD_INPUT = [
       lambda w, t: ["--init", t.ckpt("other", _edit_config(format="other-tool", format_version=3))],
       ("other/config.json", "format 'other-tool' version 3 is not a factalign checkpoint format")),
     C("dpo", "bad-loss", "--loss not one of the choices",
-      lambda w, t: ["--loss", "hinge"], ("--loss hinge", "choose sigmoid, ipo, cdpo, rdpo or ref_free")),
+      lambda w, t: ["--loss", "hinge"],
+      ("--loss hinge", "choose sigmoid, ipo, cdpo, rdpo or ref_free")),
     # -- vigc.py
     C("vigc", "max-len-nothing-fits", "--max_len 8: no training example fits (it trained on "
       "nothing and exited 0)",
@@ -503,6 +512,16 @@ def _flag(script, flag, value, want):
              lambda w, t: [f"--{flag}", value], (f"--{flag}", *want))
 
 
+def _long_val_pairs(t):
+    """The world's held-out preference pairs, every answer 300 words, the two told apart by the
+    last: none fits --max_len 300 (DPO cuts a pair there: chosen and rejected are then the same)."""
+    recs = t.records("pref_pairs_val.json", n=4)
+    for k, r in enumerate(recs):
+        r["output_1"] = {"value": " ".join(["circle"] * 300) + f" a{k}"}
+        r["output_2"] = {"value": " ".join(["circle"] * 300) + f" b{k}"}
+    return t.file("val_long.json", recs)
+
+
 def _sft_file(t, name="sft.json", image=None):
     image = image or os.path.join(t.w.world, IMG)
     return t.file(name, [{"id": "a", "image": image, "conversations": GOOD}])
@@ -520,14 +539,20 @@ def _bad_answers(t):
 
 GOOD_JSON = json.dumps([{"id": "a", "image": IMG, "conversations": GOOD}])
 RANGE = "must be in [1, inf)"
-def _llava_rlhf_rm(t, name, head=True, width=7):
+def _llava_rlhf_rm(t, name, head=True, width=7, fill=0.0):
     """A folder laid out as LLaVA-RLHF's reward-model checkpoint-N/ (adapter_model/ + reward_head),
-    its head nn.Linear(width, 1) (the Shapes SFT model is wider), or no head at all."""
+    its head nn.Linear(width, 1) (the Shapes SFT model is wider; width None: as wide) filled with
+    `fill`, or no head at all."""
     d = t.root / name
     (d / "adapter_model").mkdir(parents=True)
     (d / "adapter_model" / "adapter_config.json").write_text("{}")
+    if width is None:
+        from checkpoint import resolve_checkpoint
+        width = json.load(open(os.path.join(resolve_checkpoint(t.w.sft), "config.json")))
+        width = width["model"]["hidden"]
     if head:
-        torch.save({"weight": torch.zeros(1, width), "bias": torch.zeros(1)}, d / "reward_head")
+        torch.save({"weight": torch.full((1, width), fill), "bias": torch.zeros(1)},
+                   d / "reward_head")
     return str(d)
 
 
@@ -540,6 +565,11 @@ BAD_INPUT += [
       "--import_llava_rlhf whose reward_head is narrower than --init's hidden size",
       lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "narrow")],
       ("narrow/reward_head", "key 'weight': expected shape (1, ", "got (1, 7)")),
+    C("reward", "import-head-nan", "--import_llava_rlhf whose reward_head holds NaN (imported, "
+      "then PPO stopped on a non-finite loss)",
+      lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "nanhead", width=None,
+                                                          fill=float("nan"))],
+      ("nanhead/reward_head", "key 'weight' holds NaN or infinite values")),
     C("reward", "import-resume", "--import_llava_rlhf with --resume true (it trains nothing)",
       lambda w, t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "rs"), "--resume", "true"],
       ("--resume true: --import_llava_rlhf trains nothing",)),
@@ -782,6 +812,11 @@ BAD_INPUT += [
       "--overwrite true moved the whole world aside)",
       lambda w, t: (lambda d: ["--world", d, "--out", d])(_world_copy(t, lambda d: None)),
       ("is the --world folder", "choose another --out")),
+    C("dpo", "out-inside-world", "--out a folder inside the --world folder (the run was written "
+      "among the world's files)",
+      lambda w, t: (lambda d: ["--world", d, "--out", os.path.join(d, "images", "run")])(
+          _world_copy(t, lambda d: None)),
+      ("lies inside the --world folder", "choose another --out")),
     C("dpo", "overwrite-world-inside-out",
       "--overwrite true with --world inside --out (it would move the world away)",
       lambda w, t: ["--world", shutil.copytree(w.world, t.root / "out" / "world").as_posix()],
@@ -1091,6 +1126,23 @@ def _drop_first_lora_a(state):
     del state[min(k for k in state if k.endswith(".lora_A.weight"))]
 
 
+def _nan_first_lora_b(state):
+    key = min(k for k in state if k.endswith(".lora_B.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+
+
+def _nan_rm_adapter(t, name):
+    """A copy of the reward model whose adapters.safetensors holds NaN in one LoRA matrix."""
+    from safetensors.torch import load_file, save_file
+    d = _rm_copy(t, name)
+    f = os.path.join(d, "adapters.safetensors")
+    state = load_file(f)
+    key = min(k for k in state if k.endswith(".lora_B.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, f)
+    return d
+
+
 BAD_INPUT += [
     # -- checkpoints whose config.json does not fit their weights or tokenizer (a traceback, a
     # message naming no file, or a model silently not the one trained before these checks)
@@ -1158,6 +1210,20 @@ BAD_INPUT += [
     C("dpo", "init-peft-b-without-a", "--init a PEFT adapter holding a lora_B without its lora_A",
       lambda w, t: ["--init", _peft(t, "pa", weights=_drop_first_lora_a)],
       ("pa/adapter_model.safetensors", "lora_A.weight' is missing")),
+    C("eval", "peft-nan-weights", "--ckpt a PEFT adapter holding NaN (every answer was '', which "
+      "scored CHAIR_i 0 and POPE F1 0.667)",
+      lambda w, t: ["--ckpt", _peft(t, "pn", weights=_nan_first_lora_b)],
+      ("pn/adapter_model.safetensors", "lora_B.weight' holds NaN or infinite values")),
+    C("eval", "peft-alpha-infinite", "--ckpt a PEFT adapter whose lora_alpha is Infinity",
+      lambda w, t: ["--ckpt", _peft(t, "pi", config={"lora_alpha": float("inf")})],
+      ("pi/adapter_config.json", "'lora_alpha'", "finite number", "inf")),
+    C("eval", "peft-rank-true", "--ckpt a PEFT adapter whose r is true (a traceback)",
+      lambda w, t: ["--ckpt", _peft(t, "pb", config={"r": True})],
+      ("pb/adapter_config.json", "fields 'r' and 'lora_alpha'", "got True")),
+    C("ppo", "reward-adapter-nan", "--reward whose adapters.safetensors holds NaN (step 1 stopped "
+      "on a non-finite loss, naming no file, after run.json was written)",
+      lambda w, t: ["--reward", _nan_rm_adapter(t, "rn")],
+      ("rn/adapters.safetensors", "holds NaN or infinite values")),
     C("sft", "peft-targets-leave-out", "PEFT adapter whose target_modules leave out its v_proj",
       lambda w, t: ["--init", _peft(t, "pt", config={"target_modules": ["q_proj"]})],
       ("pt/adapter_config.json", "field 'target_modules'", "leaves out", "v_proj")),
@@ -1285,6 +1351,39 @@ BAD_INPUT += [
       lambda w, t: ["--sft", str(t.root / "notes"), "--results", t.file("RES.md", "# mine")] if
       (t.root / "notes").mkdir() is None else [],
       ("--sft", "notes", "checkpoint not found")),
+    C("lab", "sft-reward-model", "--sft a reward model (its runs trained and answered with the "
+      "reward LoRA as the policy, and the lab reported verdicts on it)",
+      lambda w, t: ["--sft", w.rm, "--results", t.file("RES.md", "# mine")],
+      ("a scalar model", "not a policy")),
+    C("lab", "world-not-a-world", "--world a folder that is not a Shapes world (every run failed, "
+      "then the report of none replaced --results)",
+      lambda w, t: ["--world", _mine(t), "--results", t.file("RES.md", "# mine")],
+      ("mine", "holds no world.json")),
+    C("lab", "world-other-seed", "--world_seed 1 beside a world of seed 0 (every run failed, then "
+      "the report of none replaced --results)",
+      lambda w, t: ["--world_seed", "1", "--results", t.file("RES.md", "# mine"),
+                    "--plots", str(t.root / "plots")],
+      ("holds the world of seed 0, not --world_seed 1",)),
+    C("dpo", "val-none-fits", "--val_data whose pairs differ only past --max_len (cut there, "
+      "chosen and rejected were the same: rewards 0 over ties, exit 0)",
+      lambda w, t: ["--val_data", _long_val_pairs(t), "--max_len", "300"],
+      ("val_long.json: no validation pair left", "4 whose chosen and rejected are the same")),
+    C("reward", "val-none-fits", "--val_data whose pairs are all longer than --max_len (held-out "
+      "accuracy 0.000 on 0 pairs reported, exit 0)",
+      lambda w, t: ["--val_data", _long_val_pairs(t), "--max_len", "300", "--facts", "false"],
+      ("val_long.json: no held-out pair fits --max_len 300",)),
+    C("dpo", "init-reward-model", "--init a reward model (trained with the reward LoRA merged "
+      "into the policy, exit 0)",
+      lambda w, t: ["--init", w.rm], ("config.json: a scalar model", "'reward'", "not a policy")),
+    C("vigc", "init-reward-model", "--init a reward model (trained on it as a policy, exit 0)",
+      lambda w, t: ["--init", w.rm], ("config.json: a scalar model", "not a policy")),
+    C("eval", "judge-local-missing", "--judge local with a --judge_model folder that is not there "
+      "(found after every answer was generated and written)",
+      lambda w, t: ["--benchmarks", "pope", "mmhal", "--judge", "local", "--judge_model",
+                    str(t.root / "nowhere")],
+      ("--judge_model", "nowhere: not a local model folder")),
+    C("eval", "ckpt-reward-model", "--ckpt a reward model (answered with the reward LoRA, exit 0)",
+      lambda w, t: ["--ckpt", w.rm], ("config.json: a scalar model", "not a policy")),
     C("pipeline", "eval-compares-nothing", "--stages eval with no model trained or on disk",
       lambda w, t: ["--stages", "eval", "--world", w.world, "--out", str(t.root / "empty")],
       ("--stages eval", "none is given or in --out")),

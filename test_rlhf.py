@@ -559,6 +559,24 @@ PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens",
             "--log_every", "1"]
 
 
+def test_ppo_update_with_grad_checkpoint_equals_without(tiny_rm, sft, tiny_world, tmp_path):
+    """--grad_checkpoint true recomputes each layer's forward during backward; the policy and
+    value backward passes used to run after their adapter was switched off, so the recomputation
+    ran another model (torch.utils.checkpoint: 'a different number of tensors was saved')."""
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "1",
+            "--export", "adapter"] + PPO_ARGS
+    trained = {}
+    for flag in ("false", "true"):
+        out = str(tmp_path / flag)
+        code, _, err = run_cli("ppo", args + ["--out", out, "--grad_checkpoint", flag])
+        assert code == 0, err
+        path = os.path.join(resolve_checkpoint(out), "trainer_state.pt")
+        trained[flag] = torch.load(path, weights_only=False)["extra"]
+    for k in ("policy", "value", "value_head"):
+        for u, v in zip(trained["false"][k], trained["true"][k], strict=True):
+            assert torch.allclose(u, v, atol=1e-6), k
+
+
 def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
                                                                   tmp_path):
     rm = tiny_rm[0]
