@@ -323,14 +323,14 @@ def build_ours(c, dev, dtype, seed):
 
 
 def build_theirs(ours, dev, dtype, how, tmp):
-    """transformers' LlavaForConditionalGeneration with our weights: 'export' =
-    checkpoint.export_llava_hf(ours, dir) then from_pretrained(dir); 'copy' = built from
-    export_llava_hf's config.json on the device, weights copied in memory (no 2 x 14 GB round trip
-    through the disk for a 7B model)."""
+    """transformers' LlavaForConditionalGeneration with our base weights (LoRA goes on separately:
+    wrap_lora): 'export' = checkpoint.export_llava_hf(ours, dir) then from_pretrained(dir);
+    'copy' = built from export_llava_hf's config.json on the device, weights copied in memory (no
+    2 x 14 GB round trip through the disk for a 7B model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     path = os.path.join(tmp, "hf")
     if how == "export":
-        checkpoint.export_llava_hf(ours, path)
+        checkpoint.export_llava_hf(ours, path, merge=False)
         return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
     # export_llava_hf's hub-layout tensors (views of ours) and its config.json; no weight file
     # is written
@@ -338,7 +338,7 @@ def build_theirs(ours, dev, dtype, how, tmp):
     save = checkpoint._save_safetensors
     checkpoint._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
     try:
-        checkpoint.export_llava_hf(ours, path)
+        checkpoint.export_llava_hf(ours, path, merge=False)
     finally:
         checkpoint._save_safetensors = save
     with torch.device(dev):

@@ -704,12 +704,24 @@ def _base_dir(path, base):
     return cand
 
 
-def canonical_state(model):
-    """Yield (hub-layout key, tensor) for every base weight, q/k/v and gate/up unfused."""
+def canonical_state(model, merge_active=False):
+    """Yield (hub-layout key, tensor) for every base weight, q/k/v and gate/up unfused.
+    merge_active: the active adapter merged in (W + (alpha/r) B A, as model.merge_adapter
+    computes it), the model left as it is."""
     c = model.config
     params = dict(model.named_parameters())
+    merged = {}
+    for _, lin in model.lora_linears() if merge_active else ():
+        ad = lin.lora[model.active_adapter] if model.active_adapter in lin.lora else None
+        if ad is None:
+            continue
+        w = lin.weight.detach().clone()
+        for sl in ad.A:
+            a, b = lin.slice_range(sl)
+            w[a:b] += (ad.scale * ad.B[sl] @ ad.A[sl]).to(w.dtype)
+        merged[id(lin.weight)] = w
     for our_name, parts in _our_targets(c).items():
-        t = params[our_name].detach()
+        t = merged.get(id(params[our_name]), params[our_name]).detach()
         sizes = [s[0] for s in _split_shapes(our_name, t.shape, c, len(parts))]
         for (part, name), piece in zip(parts, t.split(sizes, 0) if len(parts) > 1 else [t]):
             yield HUB_PREFIX[part] + name, piece
@@ -893,7 +905,7 @@ def load_adapters(model, path, name="default"):
     model.set_adapter(active)
 
 
-def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
+def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=True):
     """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub
     layout), with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat
     template for `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our
@@ -902,9 +914,17 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1"):
     <image>, or a new token with a new embedding row (the mean row, as llava-hf's conversion does).
     A 'linear' projector is written as linear_1 + identity activation + an identity linear_2
     (exact); CLIP layers after the selected one are never used by LLaVA, so they are written as
-    zeros."""
+    zeros. merge: the active LoRA adapter is merged into the weights (the export answers as the
+    model does); merge=False writes the base alone (the base of export_peft_adapter). Other
+    adapters and scalar heads have no place in the format: left out, named in a note."""
     c = model.config
-    state = dict(canonical_state(model))
+    state = dict(canonical_state(model, merge_active=merge))
+    merged = model.active_adapter if merge else None
+    left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
+    if merged or left:
+        kept = f"adapter '{merged}' merged in" if merged else ""
+        gone = f"left out: {', '.join(left)} (adapters/heads)" if left else ""
+        print(f"note: {path}: {'; '.join(x for x in (kept, gone) if x)}", flush=True)
     if c.projector == "linear":
         dev = state["multi_modal_projector.linear_1.weight"]
         state["multi_modal_projector.linear_2.weight"] = torch.eye(c.hidden, dtype=dev.dtype)
@@ -1103,7 +1123,7 @@ def export_peft_adapter(model, path, adapter, base=None):
             base = src
         else:
             base = os.path.join(path, "base")
-            export_llava_hf(model, base)
+            export_llava_hf(model, base, merge=False)
     _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
     cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
            "lora_dropout": a["dropout"], "target_modules": _peft_target_regex(a),

@@ -1215,10 +1215,12 @@ class LLaVA(nn.Module):
         import checkpoint
         checkpoint.load_adapters(self, path, name=name)
 
-    def export_hf(self, path, tokenizer=None, template="vicuna_v1"):
-        """A directory transformers' LlavaForConditionalGeneration.from_pretrained loads."""
+    def export_hf(self, path, tokenizer=None, template="vicuna_v1", merge=True):
+        """A directory transformers' LlavaForConditionalGeneration.from_pretrained loads (the active
+        adapter merged in; merge=False: the base alone)."""
         import checkpoint
-        checkpoint.export_llava_hf(self, path, tokenizer=tokenizer, template=template)
+        checkpoint.export_llava_hf(self, path, tokenizer=tokenizer, template=template,
+                                   merge=merge)
 
     def export_peft(self, path, adapter, base=None):
         """Adapter `adapter` as a PEFT LoRA directory (peft.PeftModel.from_pretrained loads it)."""

@@ -466,9 +466,14 @@ def test_public_model_api_of_design_md(hf_dirs, tmp_path):
     back = LLaVA.from_pretrained(tmp_path / "ck").eval()
     with torch.no_grad():
         assert torch.equal(back(pixels, ids), ours(pixels, ids))
-    ours.export_hf(tmp_path / "hf")  # the base weights; the adapter goes out as PEFT below
+    ours.export_hf(tmp_path / "hf", merge=False)  # the base; the adapter goes out as PEFT below
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad(), ours.no_adapter():
+        torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
+                                   rtol=0)
+    ours.export_hf(tmp_path / "hf_merged")  # the model as it answers: the active adapter merged
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf_merged").eval()
+    with torch.no_grad():
         torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
                                    rtol=0)
     ours.export_peft(tmp_path / "peft", "policy")

@@ -53,6 +53,31 @@ def caught():
 # PEFT: ours -> peft
 # ----------------------------------------------------------------------------------------
 
+def test_llava_hf_export_merges_the_active_adapter(tmp_path):
+    """A model answering through a LoRA adapter (a DPO or SFT LoRA run) exports as it answers: the
+    adapter merged (it was left out without a word: the export was the base model); merge=False
+    writes the base alone. An adapter not in use is left out with a note."""
+    from transformers import LlavaForConditionalGeneration
+    m = tiny_model()
+    m.add_adapter("dpo", r=4, alpha=16, targets=LM_TARGETS)
+    randomize_adapter(m, "dpo", 4)
+    m.add_adapter("other", r=2, alpha=2, targets=("q",))
+    pixels, ids = inputs()
+    with torch.no_grad():
+        base = m(pixels, ids)
+        with m.use_adapter("dpo"):
+            tuned = m(pixels, ids)
+    assert (tuned - base).abs().max() > 1e-2
+    m.set_adapter("dpo")
+    for merge, want in ((True, tuned), (False, base)):
+        out = tmp_path / str(merge)
+        export_llava_hf(m, out, merge=merge)
+        hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+        torch.testing.assert_close(peft_logits(hf, pixels, ids), want, atol=ATOL, rtol=0)
+    assert m.active_adapter == "dpo" and set(m.adapters) == {"dpo", "other"}  # left as it was
+    torch.testing.assert_close(m(pixels, ids).detach(), tuned, atol=0, rtol=0)
+
+
 def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught):
     from peft import AutoPeftModel, PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -167,7 +192,7 @@ def test_peft_adapter_on_some_layers_stays_on_them(tmp_path, caught):
     assert again.adapters["default"]["layers"] == {"q": [1], "v": [1], "down": [1]}
     with torch.no_grad():
         torch.testing.assert_close(again(pixels, ids), ref, atol=ATOL, rtol=0)
-    export_llava_hf(again, tmp_path / "hf")
+    export_llava_hf(again, tmp_path / "hf", merge=False)  # (the base the adapter goes on)
     export_peft_adapter(again, tmp_path / "out", "default", base=tmp_path / "hf")
     caught.clear()
     back = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(
