@@ -873,7 +873,20 @@ def _commit(tmp, final, out_dir, keep):
                  # keep counts complete ones
                  and os.path.exists(os.path.join(out_dir, n, "config.json")))
     for n in old[:-keep] if keep > 0 else []:
-        _discard(os.path.join(out_dir, n))
+        if not _ended_a_run(os.path.join(out_dir, n)):
+            _discard(os.path.join(out_dir, n))
+
+
+def _ended_a_run(path):
+    """Whether a checkpoint was the last of a finished run (its step is its run's max_steps): a run
+    resumed for more steps keeps it, as other runs name it as their base (a reward model, a DPO
+    or --export adapter run from this SFT) and would no longer load."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        return cfg["step"] == cfg["run_config"]["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _discard(path):
@@ -1195,6 +1208,17 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if dtype is not None:
             model = model.to(dtype)
     return model.to(device), tokenizer
+
+
+def refuse_merged_resume(resume_path, model, adapter):
+    """--resume on a finished LoRA run: its last checkpoint holds the adapter merged into the base
+    and no optimizer state, so a run resumed there trained a fresh random adapter on top (unlike
+    the uninterrupted run); one line saying how to go on instead."""
+    if resume_path and adapter not in model.adapters:
+        raise ConfigError(f"{resume_path}: --resume true: this run finished and merged its "
+                          f"'{adapter}' adapter into the base here (no optimizer state kept), so "
+                          f"it cannot go on as the same run; start a new run with --init "
+                          f"{resume_path}")
 
 
 def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", max_len=2048):

@@ -802,8 +802,9 @@ def vigc_generation_groups(cfg):
         r = load(os.path.join(cfg.out, f"vigc/vigc-s{s}", "report.json"))
         for k, label in (("vig_only", "VIG only"), ("vic", "VIG + VIC")):
             if r and k in r:
-                for m, key in metrics:
-                    add_value(gen, label, m, s, r[k][key])
+                for m, key in metrics:  # (null: no generated answer parsed, nothing counted)
+                    if r[k][key] is not None:
+                        add_value(gen, label, m, s, r[k][key])
         if r:
             add_value(gen, "VIG only", "parsed / generated", s, r["parsed"] / max(r["images"], 1))
     return gen

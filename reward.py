@@ -359,6 +359,10 @@ def main(cfg):
                                  f"got '{cfg.eval_prompt}'")
     if cfg.pairs not in ("injected", "sampled"):
         raise common.ConfigError(f"--pairs must be 'injected' or 'sampled', got '{cfg.pairs}'")
+    if cfg.pairs == "sampled" and cfg.sample_temperature == 0:  # (then 'no training pairs')
+        raise common.ConfigError("--sample_temperature 0 with --pairs sampled: greedy decoding "
+                                 "answers a prompt the same way twice, so every pair is a tie; "
+                                 "pass a temperature > 0")
     if named or cfg.pairs == "sampled":  # rank 0 writes the world (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     # FSDP: built from --init as at the start, then the shards

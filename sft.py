@@ -228,6 +228,8 @@ def main(cfg):
     load_from = cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
+    if cfg.lora_r > 0 and not common.sharded_resume(resume_path, d):
+        common.refuse_merged_resume(resume_path, model, "sft")
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:

@@ -1368,6 +1368,10 @@ BAD_INPUT += [
       "chosen and rejected were the same: rewards 0 over ties, exit 0)",
       lambda w, t: ["--val_data", _long_val_pairs(t), "--max_len", "300"],
       ("val_long.json: no validation pair left", "4 whose chosen and rejected are the same")),
+    C("reward", "sampled-greedy", "--pairs sampled at --sample_temperature 0 (every pair a tie, "
+      "then 'no training pairs' blamed the data file)",
+      lambda w, t: ["--pairs", "sampled", "--sample_temperature", "0"],
+      ("--sample_temperature 0 with --pairs sampled", "every pair is a tie")),
     C("reward", "val-none-fits", "--val_data whose pairs are all longer than --max_len (held-out "
       "accuracy 0.000 on 0 pairs reported, exit 0)",
       lambda w, t: ["--val_data", _long_val_pairs(t), "--max_len", "300", "--facts", "false"],

@@ -27,10 +27,14 @@ def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tin
     out = str(tmp_path / "resumed")
     code, _, err = run_cli("sft", args + ["--max_steps", "3", "--out", out])
     assert code == 0, err
-    resume = ["--max_steps", "5", "--out", out, "--resume", "true"]
+    resume = ["--max_steps", "5", "--out", out, "--resume", "true", "--save_every", "1"]
     code, stdout, err = run_cli("sft", args + resume)
     assert code == 0, err
     assert "resumed from" in stdout and "at step 3" in stdout
+    # checkpoints 4 and 5 are the two kept, and 3 stays too: it ended the 3-step run, and later
+    # stages started from it name it as their base (it was deleted, and they no longer loaded)
+    names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-000003", "checkpoint-000004", "checkpoint-000005"]
     code, _, err = run_cli("sft", args + ["--max_steps", "5", "--out", str(tmp_path / "straight")])
     assert code == 0, err
     a = load_checkpoint(out).state_dict()
@@ -98,6 +102,13 @@ def test_sft_lora_and_file_data(tiny_world, tmp_path):
     assert code == 0, err
     m = load_checkpoint(out)
     assert not m.adapters  # the SFT adapter is merged into the weights that later stages start from
+    # --resume on the finished run: its last checkpoint holds the merged weights and no optimizer
+    # state; resuming there trained a fresh random adapter on top, unlike the straight run
+    before = sorted(os.listdir(out))
+    code, _, err = run_cli("sft", argv + ["--max_steps", "3", "--resume", "true"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "this run finished and merged its 'sft' adapter" in err and "--init" in err
+    assert sorted(os.listdir(out)) == before
 
 
 def _write(path, obj):

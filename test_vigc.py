@@ -266,3 +266,20 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
     code, stdout, err = run_script("sft.py", argv)
     assert code == 0, err
     assert "4 training conversations" in stdout
+
+
+def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
+    """A VIGC run where no generated output parsed reported 0.0 hallucinations per 100 answers (a
+    perfect score over no answer), and lab.py tabulated it; a type with no answer read 0.0 too."""
+    import shapes
+    report = vigc.oracle_report(tiny_world, [])
+    for key in ("vig_only", "vic"):
+        r = report[key]
+        assert r["hallucinations_per_100"] is None and r["answers_with_hallucination"] is None
+        assert r["sentences_per_answer"] is None
+        assert set(r["hallucinations_per_100_by_type"].values()) == {None}
+    image = sorted(shapes.load_world(tiny_world)["by_file"])[0]
+    one = {"image": image, "type": "conversation", "q": "What is there?",
+           "vig": "There is a purple ring.", "vic": "There is a purple ring."}
+    by_type = vigc.oracle_report(tiny_world, [one])["vic"]["hallucinations_per_100_by_type"]
+    assert by_type["conversation"] is not None and by_type["detailed description"] is None

@@ -447,20 +447,24 @@ def oracle_report(world, ok):
     for key in ("vig", "vic"):
         res[key] = [oracle.oracle(j[key], objs[j["image"]]) for j in ok]
 
+        # None where there is no answer to count (0.0 read as a model that never hallucinates)
         def per100(field, t=None):  # per 100 answers (of type t when given)
             rows = [r for j, r in zip(ok, res[key]) if t in (None, j["type"])]
-            return round(100 * sum(r[field] for r in rows) / max(len(rows), 1), 1)
-        n_ok = max(len(ok), 1)
+            return round(100 * sum(r[field] for r in rows) / len(rows), 1) if rows else None
+        n_ok = len(ok)
         with_any = sum(r["num_hallucinations"] > 0 for r in res[key])
         n_sentences = sum(len(sentences(j[key])) for j in ok)
         by_type = {t: per100("num_hallucinations", t) for t in TYPES.values()}
         out[key] = {"hallucinations_per_100": per100("num_hallucinations"),
                     "hallucinated_objects_per_100": per100("num_hallucinated_objects"),
-                    "answers_with_hallucination": round(with_any / n_ok, 3),
-                    "sentences_per_answer": round(n_sentences / n_ok, 2),
+                    "answers_with_hallucination": round(with_any / n_ok, 3) if ok else None,
+                    "sentences_per_answer": round(n_sentences / n_ok, 2) if ok else None,
                     "hallucinations_per_100_by_type": by_type}
         r = out[key]
         label = "VIG only" if key == "vig" else "VIC"
+        if not ok:
+            print(f"{label:8s}: no answer parsed, nothing to count (report.json: null)")
+            continue
         print(f"{label:8s}: {r['hallucinations_per_100']} hallucinations and "
               f"{r['hallucinated_objects_per_100']} hallucinated objects per 100 answers "
               f"({r['answers_with_hallucination']:.0%} of answers with any, "
@@ -521,6 +525,8 @@ def main(cfg):
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
     if cfg.lora_r > 0:
+        if not sharded:
+            common.refuse_merged_resume(resume_path, model, "vigc")
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
         model.set_adapter("vigc")
