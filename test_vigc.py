@@ -283,3 +283,16 @@ def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
            "vig": "There is a purple ring.", "vic": "There is a purple ring."}
     by_type = vigc.oracle_report(tiny_world, [one])["vic"]["hallucinations_per_100_by_type"]
     assert by_type["conversation"] is not None and by_type["detailed description"] is None
+
+
+def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
+    """Its last checkpoint holds the merged weights and no optimizer state: a resumed run trained
+    a fresh adapter on top of them, not what the uninterrupted run does."""
+    out = str(tmp_path / "vigc")
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "0", "--lora_r", "4", "--out", out]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0, err
+    code, _, err = run_cli("vigc", argv + ["--max_steps", "2", "--resume", "true"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "this run finished and merged its 'vigc' adapter" in err
