@@ -1049,6 +1049,9 @@ def restore(model, opt, path, state, d):
     if not sharded_resume(path, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
+        # load_resume set them, then building the model drew from them (a LoRA dropout mask
+        # after resume differed from the uninterrupted run's)
+        set_rng_state(state["rng"])
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -1064,8 +1067,10 @@ def restore(model, opt, path, state, d):
     except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
         raise CheckpointError(f"{path}/{SHARDS}: cannot load the FSDP shards into this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    # (strict=False: the frozen weights are not in the shards, by the option above; every trained
+    # one is, or dcp.load raised)
     set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"],
-                   options=trained)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     # (absent when resumed on more ranks: rank 0's)
     rng = os.path.join(path, f"rng-rank{d.rank}.pt")
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])

@@ -212,3 +212,23 @@ def test_fsdp_where_it_cannot_work_is_one_line_and_exit_2(script, tiny_world, ti
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--batch_size 3 does not split over the 2 processes" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / script)
+
+
+def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
+    """A sharded LoRA run (every base weight frozen, so not in the shards) resumed from a mid-run
+    checkpoint: loading the shards into the model failed on the frozen weights ('Missing key(s)
+    in state_dict'); it ends where the run that was not stopped ends."""
+    import shutil
+    argv = ["dpo.py", "--init", tiny_sft, "--world", tiny_world, "--max_steps", "4",
+            "--save_every", "2", "--batch_size", "4", "--eval_n", "4", "--fsdp", "true"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = subprocess.run([sys.executable, *argv, "--out", str(straight)], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-000004")  # as if killed after step 2's checkpoint
+    r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004")
