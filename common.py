@@ -1012,6 +1012,7 @@ def shard_model(model, d, bf16=False):
     # called outside forward(): they too must all-gather the root
     for name in ("encode_images", "logits"):
         register_fsdp_forward_method(model, name)
+    model.encode_every_batch = True  # (a text-only micro-batch on one rank: see LLaVA.embed)
     return model
 
 

@@ -750,6 +750,9 @@ class LLaVA(nn.Module):
         self.adapters = {}               # adapter name -> dict(r, alpha, dropout, targets)
         self.active_adapter = None
         self.gradient_checkpointing = False
+        # FSDP (common.shard_model): every rank must run the same collectives, so a micro-batch
+        # without an image runs the tower too (on a blank image, its features weighted 0)
+        self.encode_every_batch = False
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
 
@@ -789,6 +792,11 @@ class LLaVA(nn.Module):
         is_image = input_ids == c.image_token_id
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_img = int(is_image.sum())
+        if n_img == 0 and self.encode_every_batch and image_features is None:
+            # (LLaVA's own trainer gives a text-only record a zero image for the same reason)
+            dtype = next(self.vision_tower.parameters()).dtype
+            blank = torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=dtype)
+            return x + 0 * self.encode_images(blank).sum().to(x.dtype)
         if n_img == 0:
             return x
         if image_features is None:

@@ -232,3 +232,27 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004")
+
+
+def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp_path):
+    """Data mixing text-only and image records (LLaVA's mix665k, ScienceQA): a rank whose
+    micro-batch had no image skipped the tower while the other all-gathered its layers (gloo:
+    'Received data size doesn't match expected size', SIGABRT; NCCL would hang). The tower now
+    runs on every rank, its features weighted 0 where there is no image: the losses are those of
+    one plain process."""
+    recs = [r for r in json.load(open(os.path.join(tiny_world, "sft.json"))) if "image" in r][:8]
+    text_only = []
+    for r in recs:
+        turns = [dict(t, value=t["value"].replace("<image>\n", "").replace("\n<image>", ""))
+                 for t in r["conversations"]]
+        text_only.append({"id": r["id"] + "-text", "conversations": turns})
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([x for pair in zip(recs, text_only) for x in pair]))
+    argv = ["--init", tiny_sft, "--data", str(data), "--image_folder", tiny_world, "--world",
+            tiny_world, "--max_steps", "6", "--batch_size", "2", "--report", "false",
+            "--log_every", "1", "--eval_every", "0", "--save_every", "6", "--val_data", ""]
+    two = torchrun("sft.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
+    code, _, err = run_cli("sft", argv + ["--out", str(tmp_path / "one")])
+    assert code == 0, err
+    assert "2 process(es)" in finish(two)
+    same_metrics(tmp_path / "one", tmp_path / "two", ["loss"])
