@@ -170,10 +170,8 @@ def load_benchmarks(cfg):
         # generated (it is made on first use, after them); --rescore reads stored replies
         if cfg.judge == "openai" and not openai_key(cfg) and "api.openai.com" in cfg.judge_url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
-        if cfg.judge == "local" and not os.path.isfile(os.path.join(cfg.judge_model,
-                                                                    "config.json")):
-            raise common.ConfigError(f"--judge_model {cfg.judge_model}: not a local model folder "
-                                     "(no config.json): --judge local reads a causal LM from disk")
+        if cfg.judge == "local":
+            local_judge_config(cfg.judge_model)
     world = None
     if any(on_shapes[b] for b in cfg.benchmarks):
         # an existing world is used as it is
@@ -1132,6 +1130,19 @@ class OracleJudge:
     def __call__(self, prompt, record):
         rubric = oracle_mmhal if record["bench"] == "mmhal" else oracle_gavie
         return rubric(record, record["answer"])
+
+
+def local_judge_config(path):
+    """The judge's config.json, as LocalJudge finds it (a folder, or a model in the local cache;
+    never the network): read before any answer is generated."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the "
+                                 f"local cache): --judge local reads a causal LM from disk "
+                                 f"({first[:120]})")
 
 
 def openai_key(cfg):
