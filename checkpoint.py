@@ -710,16 +710,9 @@ def canonical_state(model, merge_active=False):
     computes it), the model left as it is."""
     c = model.config
     params = dict(model.named_parameters())
-    merged = {}
-    for _, lin in model.lora_linears() if merge_active else ():
-        ad = lin.lora[model.active_adapter] if model.active_adapter in lin.lora else None
-        if ad is None:
-            continue
-        w = lin.weight.detach().clone()
-        for sl in ad.A:
-            a, b = lin.slice_range(sl)
-            w[a:b] += (ad.scale * ad.B[sl] @ ad.A[sl]).to(w.dtype)
-        merged[id(lin.weight)] = w
+    merged = {id(lin.weight): lin.weight_with(model.active_adapter)
+              for _, lin in model.lora_linears()
+              if merge_active and model.active_adapter in lin.lora}
     for our_name, parts in _our_targets(c).items():
         t = merged.get(id(params[our_name]), params[our_name]).detach()
         sizes = [s[0] for s in _split_shapes(our_name, t.shape, c, len(parts))]

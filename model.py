@@ -378,6 +378,17 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         return y + ((x.to(torch.float32) @ A.t() * scale) @ B.t()).to(y.dtype)
 
+    @torch.no_grad()
+    def weight_with(self, name):
+        """W + (alpha/r) B A for adapter `name`, slice by slice: a new tensor, the layer untouched
+        (merge_adapter writes it in; export_llava_hf writes it out)."""
+        w = self.weight.detach().clone()
+        ad = self.lora[name]
+        for s in ad.A:
+            a, b = self.slice_range(s)
+            w[a:b] += (ad.scale * ad.B[s] @ ad.A[s]).to(w.dtype)
+        return w
+
     def slice_range(self, name):
         start = 0
         for n, size in self.slices.items():
@@ -1161,10 +1172,7 @@ class LLaVA(nn.Module):
         """W += (alpha/r) B A for every slice the adapter targets, then drop the adapter."""
         for _, lin in self.lora_linears():
             if name in lin.lora:
-                ad = lin.lora[name]
-                for s in ad.A:
-                    a, b = lin.slice_range(s)
-                    lin.weight[a:b] += (ad.scale * ad.B[s] @ ad.A[s]).to(lin.weight.dtype)
+                lin.weight.copy_(lin.weight_with(name))
         self.delete_adapter(name)
 
     def add_head(self, name):
