@@ -213,7 +213,7 @@ def pope_questions(cfg, world):
     llava_pope_test.jsonl) or from the file name (coco_pope_adversarial.jsonl). A question file
     without labels takes them from --pope_labels. --rescore needs no images."""
     files = cfg.pope_files or [os.path.join(world[0], f"pope_{s}.jsonl") for s in POPE_SPLITS]
-    splits = {}
+    splits, named_by = {}, {}  # named_by: split -> the file whose name gave it
     for path in files:
         folder = (cfg.image_folder or None) if cfg.pope_files else world[0]
         first = load_json(path)
@@ -228,6 +228,11 @@ def pope_questions(cfg, world):
             split = r.get("category")
             if split in (None, ""):
                 split = _split_of(path)
+                other = named_by.setdefault(split, path)
+                if other != path:  # (merged, then --limit cut the second file away unasked)
+                    raise common.ConfigError(f"--pope_files: {other} and {path} are both the "
+                                             f"'{split}' split (by their names); POPE scores one "
+                                             "file per split: evaluate them in separate runs")
             elif not (isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9_-]+", split)):
                 message = ("expected a split name (letters, digits, '_', '-'; LLaVA's: random, "
                            f"popular, adversarial), got {split!r:.40}")  # (a file name part)

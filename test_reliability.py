@@ -162,6 +162,11 @@ def _run_on_changed_sft_json(w, t):
     return ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--max_steps", "3"]
 
 
+def _copy(src, dst):
+    shutil.copy(src, dst)
+    return str(dst)
+
+
 def _mine(t):
     """A folder of the user's own (one notes file): not a Shapes world."""
     d = t.root / "mine"
@@ -1381,6 +1386,12 @@ BAD_INPUT += [
       lambda w, t: ["--init", w.rm], ("config.json: a scalar model", "'reward'", "not a policy")),
     C("vigc", "init-reward-model", "--init a reward model (trained on it as a policy, exit 0)",
       lambda w, t: ["--init", w.rm], ("config.json: a scalar model", "not a policy")),
+    C("eval", "pope-two-files-one-split", "--pope_files two files of one split (COCO's and "
+      "GQA's random: with --limit the second was cut away unasked, without it duplicate ids)",
+      lambda w, t: ["--pope_files", os.path.join(w.world, "pope_random.jsonl"),
+                    _copy(os.path.join(w.world, "pope_random.jsonl"), t.root / "gqa_random.jsonl"),
+                    "--image_folder", w.world, "--limit", "2"],
+      ("--pope_files:", "gqa_random.jsonl are both the 'random' split")),
     C("eval", "judge-local-missing", "--judge local with a --judge_model folder that is not there "
       "(found after every answer was generated and written)",
       lambda w, t: ["--benchmarks", "pope", "mmhal", "--judge", "local", "--judge_model",
