@@ -225,10 +225,11 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     # FSDP: built from --init, the shards later
-    load_from = cfg.init if common.sharded_resume(resume_path, d) else resume_path or cfg.init
+    sharded = common.sharded_resume(resume_path, d)
+    load_from = cfg.init if sharded else resume_path or cfg.init
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
-    if cfg.lora_r > 0 and not common.sharded_resume(resume_path, d):
+    if cfg.lora_r > 0 and not sharded:
         common.refuse_merged_resume(resume_path, model, "sft")
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
