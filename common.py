@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -263,17 +264,32 @@ def check_ranges(cfg):
 
 
 def _field_comments(cls):
-    """Field comments (`name: type = default  # comment`) from the class source, for --help."""
+    """Field comments from the class source, for --help: the one after a field (`name: type =
+    default  # comment`, with the comment lines indented below it that go on with it), else the
+    comment lines right above the field, at its indentation."""
     import inspect
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
     out = {}
-    for line in src.splitlines():
-        s = line.strip()
-        if ":" in s and "#" in s and not s.startswith("#"):
-            out[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+    for klass in reversed(cls.__mro__[:-1]):  # a subclass's comment replaces its base's
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above, last, last_indent = [], None, 0
+        for line in src.splitlines():
+            s, indent = line.strip(), len(line) - len(line.lstrip())
+            field = re.match(r"(\w+)\s*:[^=]*=", s)
+            if s.startswith("#") and last and indent > last_indent:  # goes on with `last`
+                out[last] += " " + s.lstrip("# ")
+            elif s.startswith("#"):
+                above.append(s.lstrip("# "))
+                last = None
+            elif field and "#" in s:
+                out[field.group(1)] = s.split("#", 1)[1].strip()
+                above, last, last_indent = [], field.group(1), indent
+            else:
+                if field and above:
+                    out[field.group(1)] = " ".join(above)
+                above, last = [], None
     return out
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,33 +41,46 @@ COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
 SIZES = {"small": 9, "large": 14}  # px side of the shape's box inside a 16 px cell
 BACKGROUND = (28, 28, 28)
-DEFAULTS = dict(
-    image_size=48, grid=3, max_objects=4,  # world geometry
-    n_train=6000, n_val=300, n_test=400, n_unlabeled=300,
-    pairs="triangle:circle,cross:square",  # trigger:partner co-occurrence pairs
-    cooc=0.95,                             # P(partner added | trigger) in train/val
-    partner_weight=1.5,                    # partners are drawn more often (POPE "popular")
-    heldout_alone=0.5,                     # P(held-out image shows a trigger without partner)
-    yes_share=0.75,                        # flaw: P(yes) of SFT existence questions, every shape
-    desc_halluc=0.5,                       # flaw: share of SFT descriptions written text-only
-    exist_turns=3,                         # existence questions per SFT conversation
-    read_turns=4,                          # sft_read.json: existence questions per conversation
-    read_yes_share=0.6,                    # sft_read.json: their P(yes), every shape alike
-    short_vqa=0,                           # one-word existence Qs per VQA conversation (0: none)
-    text_only_qa=1.0,                      # flaw: P(a conversation with a text-only description
-                                           # also says "yes" to the shape that writer added)
-    pref_longer=0.0,                       # flaw (off): share of train preference pairs where the
-                                           # raters prefer the longer of two true descriptions
-    neg_ratio=0.5, n_pref=3000, n_povid=3000, n_rl=2000, vocab_size=1024)
-# allowed values of DEFAULTS' keys (shapes.py --KEY and write_world check them;
-# common.check_value's rules)
-RANGES = dict(image_size="[16, 1024]", grid="[2, 16]", max_objects="[2, 4]",
-              n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
-              cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
-              yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
-              read_turns="[0, 6]", read_yes_share="[0, 1]",
-              short_vqa="[0, 6]", text_only_qa="[0, 1]", pref_longer="[0, 1]", neg_ratio="[0, 1]",
-              n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)", vocab_size="[512, 65536]")
+@dataclass
+class World:
+    """The world's parameters: `python shapes.py --KEY value`, write_world(out, seed, **params)."""
+    image_size: int = 48  # image side in pixels (a multiple of --grid)
+    grid: int = 3  # cells per side; objects sit one per cell
+    max_objects: int = 4  # objects per image: 1..max_objects
+    n_train: int = 6000  # train images (SFT, preference, RL data)
+    n_val: int = 300  # validation images
+    n_test: int = 400  # held-out test images (POPE, CHAIR, MMHal-style, GAVIE)
+    n_unlabeled: int = 300  # images VIGC writes new instruction data for
+    pairs: str = "triangle:circle,cross:square"  # trigger:partner co-occurrence pairs
+    cooc: float = 0.95  # P(partner added | trigger) in train/val
+    partner_weight: float = 1.5  # partners are drawn this much more often (POPE "popular")
+    heldout_alone: float = 0.5  # P(a held-out image shows a trigger without its partner)
+    yes_share: float = 0.75  # flaw: P(yes) of SFT existence questions, every shape alike
+    desc_halluc: float = 0.5  # flaw: share of SFT descriptions written text-only
+    exist_turns: int = 3  # existence questions per SFT conversation
+    read_turns: int = 4  # sft_read.json: existence questions per conversation
+    read_yes_share: float = 0.6  # sft_read.json: their P(yes), every shape alike
+    short_vqa: int = 0  # one-word existence questions per VQA conversation (0: none)
+    text_only_qa: float = 1.0  # flaw: P(yes, in its conversation, to what a text-only writer added)
+    pref_longer: float = 0.0  # flaw (off): share of train pairs preferring the longer true answer
+    neg_ratio: float = 0.5  # LRV set (lrv/): negatives / all instructions
+    n_pref: int = 3000  # reward-model preference pairs (from train images)
+    n_povid: int = 3000  # POVID preference pairs (from train images)
+    n_rl: int = 2000  # PPO prompts with captions (from train images)
+    vocab_size: int = 1024  # tokenizer vocabulary (BPE trained on the world's text)
+    # allowed values (shapes.py --KEY and write_world check them; common.check_value's rules)
+    RANGES = dict(image_size="[16, 1024]", grid="[2, 16]", max_objects="[2, 4]",
+                  n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
+                  cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
+                  yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
+                  read_turns="[0, 6]", read_yes_share="[0, 1]", short_vqa="[0, 6]",
+                  text_only_qa="[0, 1]", pref_longer="[0, 1]", neg_ratio="[0, 1]",
+                  n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)",
+                  vocab_size="[512, 65536]")
+
+
+DEFAULTS = asdict(World())
+RANGES = World.RANGES
 SYSTEM_PROMPTS = [
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
@@ -1290,16 +1304,17 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     return out_dir
 
 
-def main(argv=None):
-    import dataclasses
+@dataclass
+class Config(World):
+    """Write a Shapes world (same seed -> byte-identical files)."""
+    out: str = "data/shapes"  # folder to write the world to
+    seed: int = 0  # world seed
+    RANGES = dict(World.RANGES, seed="[0, inf)")
 
+
+def main(argv=None):
     import common
-    fields = [("out", str, "data/shapes"), ("seed", int, 0)]
-    fields += [(k, type(v), v) for k, v in DEFAULTS.items()]  # --KEY for every DEFAULTS key
-    namespace = {"__doc__": "Write a Shapes world (same seed -> byte-identical files).",
-                 "RANGES": dict(RANGES, seed="[0, inf)")}
-    Config = dataclasses.make_dataclass("Config", fields, namespace=namespace)
-    args = dataclasses.asdict(common.parse_config(Config, argv, prog="shapes.py"))
+    args = asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed = args.pop("out"), args.pop("seed")
     with common.user_errors(ValueError):  # a user's mistake: one line, exit code 2
         w = write_world(out, seed, **args)

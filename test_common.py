@@ -134,3 +134,21 @@ def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
                 "rng": common.rng_state()}, ckpt / "trainer_state.pt")
     with pytest.raises(common.ConfigError, match="lacks this script's field 'facts'"):
         common.load_resume(str(tmp_path), cfg)
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline",
+                                    "lab", "bench", "shapes"])
+def test_help_explains_every_flag(script, capsys):
+    """`python SCRIPT.py --help` gives every flag its one-line comment (shapes.py's world
+    parameters come from its World dataclass, which its Config extends)."""
+    import importlib
+    config = importlib.import_module(script).Config
+    with pytest.raises(SystemExit):
+        common.parse_config(config, ["--help"], prog=f"{script}.py")
+    text = "".join(capsys.readouterr().out.split())
+    comments = common._field_comments(config)
+    for field in dataclasses.fields(config):
+        assert comments.get(field.name, "").strip(), f"--{field.name} has no comment"
+        # the comment reaches --help (argparse re-wraps it, also after a hyphen: compare without
+        # whitespace)
+        assert "".join(comments[field.name].split()) in text, field.name
