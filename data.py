@@ -534,6 +534,13 @@ def join_and(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def cell_position(row, col, grid):
+    """The position word of a cell of a grid x grid picture (grid 2 or 3), by the third of the
+    picture its centre falls in: grid 3 names each cell, grid 2 its four corners."""
+    third = lambda i: min(2, (2 * i + 1) * 3 // (2 * grid))
+    return POSITIONS[3 * third(row) + third(col)]
+
+
 def position_of(o):
     """The position word of an object: its own, or from its 3x3 grid cell, or None (plain COCO)."""
     if o.get("position"):

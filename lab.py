@@ -423,7 +423,9 @@ def verdict(groups, a, b, metric, lower_better, claim):
     # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other
     # side judge
     clear = abs(mb - ma) > max(sa, sb) and max(na, nb) > 1
-    if better and clear:
+    if max(na, nb) == 1:
+        word = "not judged (one seed: no spread to judge the move by)"
+    elif better and clear:
         word = "held"
     elif better or not clear:
         word = "not shown (within the seed spread)"
@@ -435,8 +437,8 @@ def verdict(groups, a, b, metric, lower_better, claim):
         answer = "yes" if yes > 0.5 else "no"
         caveat = (f" Caveat: {b} answers POPE with '{answer}' almost always (yes-ratio {yes:.3f}), "
                   "so its POPE numbers reflect a collapsed answer, not better seeing.")
-    before = f"{ma:.3f} ± {sa:.3f} ({a})"
-    after = f"{mb:.3f} ± {sb:.3f} ({b})"
+    before = f"{fmt(groups[a][metric])} ({a})"
+    after = f"{fmt(groups[b][metric])} ({b})"
     paired = paired_text(groups[a][metric], groups[b][metric], lower_better)
     return (f"- {claim}: **{word}** here: {metric} {before} -> {after}, {nb} seeds.{paired}"
             f"{caveat}")

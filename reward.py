@@ -463,10 +463,15 @@ def main(cfg):
     partner = partner_pairs(val, cfg.world) if "val_data" in named else []
     if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
         part = evaluate(model, partner, cfg, tokenizer, images, d)
-        metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
-    if cfg.facts and val:
-        other = evaluate(model, other_image_facts(val), cfg, tokenizer, images, d)
-        metrics.update(val_accuracy_other_facts=other["val_accuracy"])
+        if part["n_val"]:  # (none scored: every such pair too long for --max_len)
+            metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
+    # a control: the facts of another image (none when every held-out pair shows one image)
+    shuffled = other_image_facts(val) if cfg.facts and val else []
+    if shuffled:
+        other = evaluate(model, shuffled, cfg, tokenizer, images, d)
+        if other["n_val"]:
+            metrics.update(val_accuracy_other_facts=other["val_accuracy"],
+                           n_val_other_facts=other["n_val"])
     if d.main:
         with open(os.path.join(cfg.out, "report.json"), "w") as f:
             report = {**metrics, "facts": cfg.facts, "eval_prompt": cfg.eval_prompt,

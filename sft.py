@@ -26,6 +26,7 @@ last steps at --instruct_lr, which puts LLaVA's yes-bias on a model that can see
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
 """
+import dataclasses
 import json
 import os
 import time
@@ -58,7 +59,7 @@ class Config:
     world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
     world_seed: int = 0  # seed of the Shapes world
     lrv: bool = False  # add the world's LRV single-turn set (with negatives)
-    neg_ratio: float = 0.5  # LRV: negatives / (positives + negatives) in that set (0.5 = balanced)
+    neg_ratio: float = -1.0  # LRV: negatives / all in that set (-1: the world's, 0.5 = balanced)
     blank_images: bool = False  # control run: every image replaced by a blank one
     template: str = "vicuna_v1"  # template: vicuna_v1, llava_v1, or plain (stage-1 captions)
     align_steps: int = 1000  # fresh --model: first N steps align (<= max_steps // 2)
@@ -103,7 +104,7 @@ class Config:
     report: bool = True  # world's --data: held-out accuracy per question type
     report_n: int = 100  # questions per type in the report
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
-    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", neg_ratio="[0, 1]",
+    RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", neg_ratio="[-1, 1]",
                   template=("vicuna_v1", "llava_v1", "plain"), align_steps="[0, inf)",
                   read_steps="[0, inf)", instruct_lr="(0, inf)", instruct_warmup="[0, inf)",
                   align_batch_size="[1, inf)", max_len="[1, inf)", lora_r="[0, inf)",
@@ -200,6 +201,9 @@ class Tokenized:
 
 
 def main(cfg):
+    if -1 < cfg.neg_ratio < 0:
+        raise common.ConfigError(f"--neg_ratio {cfg.neg_ratio}: give a share in [0, 1], or -1 "
+                                 "for the world's (shapes.py --neg_ratio)")
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
     reads = ("data", "tokenizer") if fresh else ("data",)
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
@@ -217,6 +221,10 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init])
     if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    if cfg.neg_ratio < 0:  # the world's own share (its lrv/ file for --seed 0); without --lrv,
+        # unused, and 0.5 when no world is read (the value runs recorded before -1 meant this)
+        world_ratio = shapes.load_params(cfg.world)["neg_ratio"] if named or cfg.lrv else 0.5
+        cfg = dataclasses.replace(cfg, neg_ratio=world_ratio)
     train_records, val_records, skipped = load_records(cfg)
     read_records, read_skipped = load_read_records(cfg, train_records) if reading else ([], [])
     skipped += read_skipped
@@ -426,9 +434,8 @@ def report(model, tokenizer, cfg):
         answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48,
                                           desc=f"report {qtype}")
         n_right = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys))
-        acc = n_right / max(len(keys), 1)
-        rows[qtype] = round(acc, 3)
-    line = " | ".join(f"{k} {v:.2f}" for k, v in rows.items())
+        rows[qtype] = round(n_right / len(keys), 3) if keys else None  # None: no questions
+    line = " | ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in rows.items())
     print(f"held-out accuracy ({'blank images' if cfg.blank_images else 'real images'}): {line}")
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(rows, f, indent=2)

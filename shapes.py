@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import DataError
-from data import (POSITIONS, _pick, a, count_phrase, inject_hallucination, join_and,
+from data import (_pick, a, cell_position, count_phrase, inject_hallucination, join_and,
                   list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
                   there_are, unique_ref)
 from formats import load_json
@@ -34,8 +34,10 @@ from oracle import WORD2SHAPE, oracle
 # 10: exist_turns 3, yes_share 0.75 by default;
 # 11: the LRV set balanced in yes/no form (positives ask about present shapes);
 # 12: sft_read.json, the reading stage's conversations (written after the tokenizer);
-# 13: text_only_qa 1.0 by default
-FORMAT_VERSION = 13
+# 13: text_only_qa 1.0 by default;
+# 14: grid 2's cells named by the corner they are in (13 named them top left, top, left, center),
+#     grid at most 3; a version-13 world of grid 3 has version 14's files and is read as one
+FORMAT_VERSION = 14
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "ring"]
 COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
@@ -44,8 +46,8 @@ BACKGROUND = (28, 28, 28)
 @dataclass
 class World:
     """The world's parameters: `python shapes.py --KEY value`, write_world(out, seed, **params)."""
-    image_size: int = 48  # image side in pixels (a multiple of --grid)
-    grid: int = 3  # cells per side; objects sit one per cell
+    image_size: int = 48  # image side in pixels: --grid cells of at least 15 px
+    grid: int = 3  # cells per side, one object per cell (3: each named; 2: the corners)
     max_objects: int = 4  # objects per image: 1..max_objects
     n_train: int = 6000  # train images (SFT, preference, RL data)
     n_val: int = 300  # validation images
@@ -68,8 +70,9 @@ class World:
     n_povid: int = 3000  # POVID preference pairs (from train images)
     n_rl: int = 2000  # PPO prompts with captions (from train images)
     vocab_size: int = 1024  # tokenizer vocabulary (BPE trained on the world's text)
-    # allowed values (shapes.py --KEY and write_world check them; common.check_value's rules)
-    RANGES = dict(image_size="[16, 1024]", grid="[2, 16]", max_objects="[2, 4]",
+    # allowed values (shapes.py --KEY and write_world check them; common.check_value's rules);
+    # grid at most 3: nine position words ("top left" ... "bottom right") name the cells
+    RANGES = dict(image_size="[30, 1024]", grid="[2, 3]", max_objects="[2, 4]",
                   n_train="[1, inf)", n_val="[1, inf)", n_test="[1, inf)", n_unlabeled="[1, inf)",
                   cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
                   yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
@@ -141,7 +144,7 @@ def sample_objects(rng, p, split):
     for cell, i in zip(cells, order):
         o = {"name": names[i], "color": _pick(rng, COLORS), "size": _pick(rng, SIZES),
              "row": cell // g, "col": cell % g}
-        o["position"] = POSITIONS[3 * (o["row"] * 3 // g) + o["col"] * 3 // g]
+        o["position"] = cell_position(o["row"], o["col"], g)
         objs.append(o)
     return objs
 
@@ -456,7 +459,7 @@ def text_only_extra(objs, co, freq, rng, grid):
     cell = _pick(rng, free)
     o = {"name": name, "color": _pick(rng, COLORS), "size": _pick(rng, SIZES),
          "row": cell // grid, "col": cell % grid}
-    o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
+    o["position"] = cell_position(o["row"], o["col"], grid)
     return sorted(objs + [o], key=lambda x: (x["row"], x["col"]))
 
 
@@ -923,7 +926,7 @@ def objects_from_coco(ann, file="annotations.json"):
             for k in ("row", "col"):
                 need(type(o[k]) is int and 0 <= o[k] < grid, "annotations", i, f"attributes.{k}",
                      f"an integer in [0, {grid}) (info.grid {grid})")
-            o["position"] = POSITIONS[3 * (o["row"] * 3 // grid) + o["col"] * 3 // grid]
+            o["position"] = cell_position(o["row"], o["col"], grid)
         out.setdefault(x["image_id"], []).append(o)
     return out
 
@@ -976,6 +979,9 @@ def _params(params):
         if problem:
             raise ValueError(problem)
     pairs = parse_pairs(p["pairs"])
+    if p["pairs"] and len(pairs) != len(p["pairs"].split(",")):  # ('' alone: no pairs at all)
+        raise ValueError(f"--pairs {p['pairs']}: an empty item (a stray comma?); expected "
+                         "TRIGGER:PARTNER,...")
     for i, pair in enumerate(pairs):
         if len(pair) != 2 or pair[0] not in SHAPES or pair[1] not in SHAPES:
             raise ValueError(f"--pairs {p['pairs']}: expected TRIGGER:PARTNER,... of the shapes "
@@ -1039,6 +1045,9 @@ def _fill(out, seed, p):
     sft_val = sft_records(split["val"], rngs[5], "sftval", p, co, freq)
     _dump(sft_val, os.path.join(out, "sft_val.json"))
     for qt, recs in heldout_records(split["test"], rngs[6]).items():
+        if not recs:  # (eval.py reads every type: it would stop at the end of a pipeline)
+            raise ValueError(f"--n_test {p['n_test']}: no test image allows a {qt} question "
+                             f"(test_{qt}.json would be empty); pass a larger --n_test")
         _dump(recs, os.path.join(out, f"test_{qt}.json"))
     lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7])
     # image_id with .png: readers add .jpg otherwise
@@ -1154,12 +1163,13 @@ def sft_flaw_stats(records, imgs):
 
 
 def cooc_rate(imgs, pairs):
-    """P(partner present | trigger present), over all pairs."""
+    """P(partner present | trigger present), over all pairs; None when no image shows a trigger
+    (or there are no --pairs)."""
     hits = []
     for img in imgs:
         names = {o["name"] for o in img["objects"]}
         hits += [p in names for tr, p in pairs if tr in names]
-    return round(sum(hits) / max(1, len(hits)), 3)
+    return round(sum(hits) / len(hits), 3) if hits else None
 
 
 def _is_ours(path):
@@ -1227,6 +1237,12 @@ def write_world(out_dir, seed=0, **params):
     return world
 
 
+def load_params(world_dir):
+    """The parameters a world was written with (a key added since: its default, which it wrote);
+    ensure_world has checked them."""
+    return dict(DEFAULTS, **json.load(open(os.path.join(world_dir, "world.json")))["params"])
+
+
 def _fingerprint(path):
     try:
         w = json.load(open(os.path.join(path, "world.json")))
@@ -1283,7 +1299,8 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         message = (f"cannot be read ({type(e).__name__}), so this world cannot be checked: "
                    f"{how}")
         raise DataError(os.path.join(out_dir, "world.json"), message=message) from None
-    if version != FORMAT_VERSION:
+    same_files = version == 13 and isinstance(was_params, dict) and was_params.get("grid") == 3
+    if version != FORMAT_VERSION and not same_files:
         raise DataError(out_dir, message=f"holds a world of format version {version}; "
                                          f"this code reads version {FORMAT_VERSION}: {how}")
     if was_seed != seed:
@@ -1292,7 +1309,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     if not isinstance(was_params, dict):
         raise DataError(os.path.join(out_dir, "world.json"), field="params",
                         message="expected an object of world parameters")
-    was_params = dict(DEFAULTS, **was_params)  # a key added since: its default, which it wrote
+    was_params = dict(DEFAULTS, **was_params)  # (as load_params)
     _check_stored_params(out_dir, was_params)
     wanted = _params(params) if params else was_params
     if wanted != was_params:
@@ -1321,7 +1338,8 @@ def main(argv=None):
     s = w["stats"]
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
     print(f"wrote {out} in {s['seconds']}s | images {images}")
-    rate = s["partner_given_trigger"]
+    rate = {k: "n/a (no image shows a trigger)" if v is None else v
+            for k, v in s["partner_given_trigger"].items()}
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
@@ -1338,11 +1356,14 @@ def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer
     and a note when the asker could not reach the flag's share. text_only_writer: the stage's
     descriptions may be written text-only (sft.json), whose false "yes" answers are shown."""
     turns, target = args[turns_flag], args[share_flag]
-    if turns == 0:
-        return [f"{stage}: no existence questions (--{turns_flag} 0)"]
+    # (the one-word VQA turns ask existence questions of their own, at the same share)
+    how_many = f"--{turns_flag} {turns}" + (f", --short_vqa {args['short_vqa']}"
+                                             if args["short_vqa"] else "")
+    if turns == 0 and not args["short_vqa"]:
+        return [f"{stage}: no existence questions ({how_many}, --short_vqa 0)"]
     asked = asker_yes_share(flaws)
     line = (f"{stage} existence answers 'yes': {flaws['yes_share']} (the asker's {asked}, "
-            f"--{share_flag} {target}, --{turns_flag} {turns}")
+            f"--{share_flag} {target}, {how_many}")
     if text_only_writer:
         line += f"; the text-only writer's false 'yes' {flaws['false_yes_share']}"
     lines = [line + ")"]
@@ -1352,7 +1373,7 @@ def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer
                "absent ones") if asked < target else ("an image can show most of the six shapes, "
                                                      "so the later questions must ask about "
                                                      "present ones")
-        lines.append(f"note: --{share_flag} {target} is out of reach with --{turns_flag} {turns}:"
+        lines.append(f"note: --{share_flag} {target} is out of reach with {how_many}:"
                      f" one conversation asks about distinct shapes; {why}")
     return lines
 

@@ -144,8 +144,9 @@ def test_lab_statistics_and_verdicts():
     assert "did not hold" in lab.verdict(g, "sft", "b", "CHAIR_i", True, "x")
     assert "**held**" in lab.verdict(g, "sft", "b", "CHAIR_i", False, "x")
     g["one"] = {"CHAIR_i": [0.01]}
-    # one run each: no spread to judge by
-    assert "not shown" in lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")
+    # one run each: no spread to judge by, and none printed as "± 0.000"
+    line = lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")
+    assert "not judged (one seed" in line and "0.050 (sft) -> 0.010 (one)" in line, line
     g["nan"] = {"CHAIR_i": [float("nan"), None]}  # every run of a side without the number
     assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
 

@@ -586,7 +586,8 @@ BAD_INPUT += [
         ("lr", "inf", ("inf", "must be a finite number")),
         ("max_steps", "-5", ("-5", RANGE)), ("lora_r", "-1", ("-1", "must be in [0, inf)")),
         ("log_every", "0", ("0", RANGE)), ("save_every", "0", ("0", RANGE)),
-        ("neg_ratio", "-0.5", ("-0.5", "must be in [0, 1]")),
+        ("neg_ratio", "-0.5", ("-0.5", "give a share in [0, 1], or -1 for the world's")),
+        ("neg_ratio", "1.5", ("1.5", "must be in [-1, 1]")),
         ("dtype", "fp16", ("fp16", "choose fp32 or bf16")),
         ("device", "gpu", ("gpu", "choose cpu or cuda")),
         ("lora_targets", "qq", ("'qq' is not one of q, k, v",)),
@@ -633,7 +634,7 @@ BAD_INPUT += [
         ("steps", "-1", ("-1", "must be in [0, inf)")), ("jobs", "0", ("0", RANGE)),
         ("stages", "rlhf", ("'rlhf' is not one of sft",)), ("model", "huge", ("huge", "choose"))]],
     *[_flag("shapes", f, v, want) for f, v, want in [
-        ("grid", "0", ("0", "must be in [2, 16]")), ("n_train", "0", ("0", RANGE)),
+        ("grid", "4", ("4", "must be in [2, 3]")), ("n_train", "0", ("0", RANGE)),
         ("max_objects", "1", ("1", "must be in [2, 4]")),  # (no relation questions were written)
         ("vocab_size", "10", ("10", "must be in [512, 65536]")),
         ("cooc", "2.0", ("2.0", "must be in [0, 1]")),
@@ -1448,9 +1449,16 @@ BAD_INPUT += [
       lambda w, t: ["--report_only", "true", "--results", str(t.root),
                     "--plots", str(t.root / "plots")],
       ("--results", "is a folder, not a file")),
-    C("shapes", "cells-too-small", "--image_size 16 --grid 16 (cells of 1 px)",
-      lambda w, t: ["--image_size", "16", "--grid", "16"],
-      ("--image_size 16 --grid 16", "cells of at least")),
+    C("shapes", "cells-too-small", "--image_size 33 --grid 3 (cells of 11 px)",
+      lambda w, t: ["--image_size", "33", "--grid", "3"],
+      ("--image_size 33 --grid 3", "cells of at least")),
+    C("shapes", "test-type-empty",
+      "--n_test 1 whose one image shows one object (no relation question; eval stopped at the end "
+      "of a pipeline)",
+      lambda w, t: ["--out", str(t.root / "new"), "--seed", "4", "--n_test", "1", "--n_train", "60",
+                    "--n_val", "20", "--n_unlabeled", "20", "--n_pref", "40", "--n_povid", "40",
+                    "--n_rl", "40"],
+      ("--n_test 1", "test_relation.json would be empty")),
 ]
 
 
@@ -1484,7 +1492,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
     if case.proc:
         code, _, err = run_script(f"{case.script}.py", argv, env={"OMP_NUM_THREADS": "1"})
-    elif case.script == "shapes":  # (no Config at module level: its main parses argv itself)
+    elif case.script == "shapes":  # (its main parses argv itself)
         code, _, err = run_main(shapes_main, argv)
     else:
         code, _, err = run_cli(case.script, argv, strict=True)

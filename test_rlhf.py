@@ -524,6 +524,22 @@ def test_reward_cli_injected_pairs(tiny_rm, sft):
     assert m.active_adapter == "reward" and "reward" in m.heads
 
 
+def test_reward_facts_control_needs_another_image(sft, tiny_world, tmp_path):
+    """Held-out pairs that all show one image have no other image's captions to swap in: the
+    control is left out of report.json (it was reported as accuracy 0.000 over no pairs)."""
+    one = json.load(open(os.path.join(tiny_world, "pref_pairs.json")))[0]
+    val = tmp_path / "one_image.json"
+    val.write_text(json.dumps([dict(one, id=f"{one['id']}-{k}") for k in range(2)]))
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--eval_prompt", "short", "--val_data", str(val), "--image_folder", tiny_world,
+            "--out", str(tmp_path / "rm")]
+    code, stdout, err = run_cli("reward", argv)
+    assert code == 0, err
+    rep = json.load(open(tmp_path / "rm" / "report.json"))
+    assert rep["n_val"] == 2 and "val_accuracy_other_facts" not in rep, rep
+    assert "another image's captions" not in stdout
+
+
 def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):
     args = ["--init", sft, "--world", tiny_world, "--batch_size", "4", "--eval_prompt", "short",
             "--eval_size", "4", "--save_every", "1"]

@@ -164,3 +164,42 @@ def test_lora_with_dropout_resumes_bitwise(tiny_world, tiny_sft, tmp_path):
     assert code == 0 and "at step 2" in stdout, err
     a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_says_none_for_a_type_without_questions(tiny_world, tiny_sft, tmp_path, capsys):
+    """A held-out type with no questions (a world edited by hand, or one written before shapes.py
+    refused it) is reported as null and 'n/a', not as accuracy 0.00."""
+    import shutil
+
+    import common
+    import sft
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    (world / "test_relation.json").write_text("[]")
+    model, tokenizer = common.load_model_and_tokenizer(tiny_sft)
+    cfg = sft.Config(world=str(world), out=str(tmp_path), report_n=2)
+    rows = sft.report(model, tokenizer, cfg)
+    assert rows["relation"] is None and isinstance(rows["count"], float), rows
+    assert json.load(open(tmp_path / "report.json"))["relation"] is None
+    assert "relation n/a" in capsys.readouterr().out
+
+
+def test_lrv_reads_the_worlds_neg_ratio_unless_given(tiny_sft, tmp_path):
+    """`sft.py --lrv true` takes the world's --neg_ratio (it took 0.5 whatever the world said, and
+    wrote a second LRV file beside the world's); --neg_ratio given: that share."""
+    import shapes
+    from conftest import TINY_WORLD
+    world = str(tmp_path / "w")
+    shapes.write_world(world, seed=0, neg_ratio=0.0, **TINY_WORLD)
+    args = ["--init", tiny_sft, "--world", world, "--lrv", "true", "--max_steps", "1",
+            "--batch_size", "4", "--report", "false"]
+    code, _, err = run_cli("sft", args + ["--out", str(tmp_path / "a")])
+    assert code == 0, err
+    assert os.listdir(os.path.join(world, "lrv")) == ["neg0.0-seed0.json"]
+    state = torch.load(os.path.join(latest_checkpoint(str(tmp_path / "a")), "trainer_state.pt"),
+                       weights_only=False)
+    assert state["run_config"]["neg_ratio"] == 0.0
+    code, _, err = run_cli("sft", args + ["--out", str(tmp_path / "b"), "--neg_ratio", "0.5"])
+    assert code == 0, err
+    assert sorted(os.listdir(os.path.join(world, "lrv"))) == ["neg0.0-seed0.json",
+                                                              "neg0.5-seed0.json"]

@@ -383,6 +383,11 @@ def test_world_without_pairs_is_written_and_a_self_pair_refused(tmp_path):
     when --heldout_alone > 0); a shape paired with itself is refused."""
     w = shapes.write_world(str(tmp_path / "w"), pairs="", **SMALL)
     assert w["params"]["pairs"] == "" and (tmp_path / "w" / "sft.json").exists()
+    # no rate of nothing: null where no image shows a trigger
+    assert w["stats"]["partner_given_trigger"] == {"train": None, "test": None}
+    for stray in (",", "triangle:circle,", ",triangle:circle", "triangle:circle,,cross:square"):
+        with pytest.raises(ValueError, match="an empty item"):
+            shapes.write_world(str(tmp_path / "stray"), pairs=stray, **SMALL)
     with pytest.raises(ValueError, match="pairs a shape with itself"):
         shapes.write_world(str(tmp_path / "self"), pairs="circle:circle", **SMALL)
     assert not (tmp_path / "self").exists()
@@ -406,6 +411,35 @@ def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path
         named += bool(wrong)
     assert full > 0 and named > 0
     assert w["stats"]["sft_flaws"]["desc_naming_absent"] < 1.0
+
+
+def test_every_cell_is_named_by_where_it_is(tmp_path):
+    """Position words follow the picture: on a 2 x 2 grid each cell is the corner it is in (world
+    format 13 named them top left, top, left and center, so the world and the oracle called the
+    bottom-right shape "in the center"); on the 3 x 3 grid each of the nine cells has its own."""
+    assert [data.cell_position(r, c, 2) for r in (0, 1) for c in (0, 1)] == [
+        "top left", "top right", "bottom left", "bottom right"]
+    assert [data.cell_position(r, c, 3) for r in range(3) for c in range(3)] == list(
+        data.POSITIONS)
+    shapes.write_world(str(tmp_path / "w"), image_size=32, grid=2, max_objects=4, **SMALL)
+    w = shapes.load_world(str(tmp_path / "w"))
+    seen = set()
+    for img in w["images"]:
+        for o in img["objects"]:
+            x0, y0 = o["bbox"][:2]  # the drawn shape's box, in pixels
+            vertical = "top" if y0 < 16 else "bottom"
+            assert o["position"] == f"{vertical} {'left' if x0 < 16 else 'right'}", o
+            seen.add(o["position"])
+    assert len(seen) == 4
+    for rec in json.load(open(tmp_path / "w" / "sft.json")):
+        for t in rec["conversations"]:
+            old_names = r"\b(in the center|at the top|at the bottom|on the left|on the right)[.,?]"
+            assert not re.search(old_names, t["value"]), t
+    describe = [r for r in json.load(open(tmp_path / "w" / "test_describe.json"))][0]
+    objs = w["by_file"][describe["image"]]
+    exact = " ".join(f"{shapes.cap(data.pos_phrase(o['position']))} there is "
+                     f"{data.a(data.noun_phrase(o))}." for o in objs)
+    assert oracle.oracle(exact, objs)["hallucinated_objects"] == [], exact
 
 
 def test_generated_text_is_clean(worlds):
@@ -654,8 +688,15 @@ def test_ensure_world(tmp_path):
     with pytest.raises(DataError, match="holds the world of seed 0, not --world_seed 1"):
         shapes.ensure_world(d, seed=1)
     assert os.path.getmtime(os.path.join(d, "annotations.json")) == t
-    # a world.json edited by hand: its params are held to shapes.py's own rules, in one line
+    # format 13 wrote the same files on the 3 x 3 grid: read; its 2 x 2 cells had other names
     kept = json.load(open(os.path.join(d, "world.json")))
+    json.dump(dict(kept, version=13), open(os.path.join(d, "world.json"), "w"))
+    shapes.ensure_world(d, seed=0)
+    two = dict(kept, version=13, params=dict(kept["params"], grid=2, image_size=32))
+    json.dump(two, open(os.path.join(d, "world.json"), "w"))
+    with pytest.raises(DataError, match="holds a world of format version 13; this code reads"):
+        shapes.ensure_world(d, seed=0)
+    # a world.json edited by hand: its params are held to shapes.py's own rules, in one line
     for key, value, needle in (("yes_share", 2, "field 'params': --yes_share 2: must be in"),
                                ("yes_share", "abc", "field 'params.yes_share': 'abc' is not a"),
                                ("n_train", 6.5, "field 'params.n_train': 6.5 is not an integer"),
@@ -716,9 +757,17 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     shapes.main(["--out", str(tmp_path / "zero"), "--exist_turns", "0", "--read_turns", "0"]
                 + small)
     out = capsys.readouterr().out
-    assert "SFT: no existence questions (--exist_turns 0)" in out
-    assert "(sft_read.json): no existence questions (--read_turns 0)" in out
+    assert "SFT: no existence questions (--exist_turns 0, --short_vqa 0)" in out
+    assert "(sft_read.json): no existence questions (--read_turns 0, --short_vqa 0)" in out
     assert "out of reach" not in out and "'yes'" not in out
+    # ... unless the one-word VQA turns ask them: their share is shown, not "none"
+    shapes.main(["--out", str(tmp_path / "vqa"), "--exist_turns", "0", "--read_turns", "0",
+                 "--short_vqa", "2"] + small)
+    out = capsys.readouterr().out
+    written = json.load(open(tmp_path / "vqa" / "world.json"))["stats"]["sft_flaws"]["yes_share"]
+    assert written > 0 and "no existence questions" not in out
+    assert f"SFT existence answers 'yes': {written} (" in out
+    assert "--exist_turns 0, --short_vqa 2" in out and "--read_turns 0, --short_vqa 2" in out
     # (the share of a 40-image world is too coarse to be near anything: 400 images)
     larger = [f"--{k}={v}" for k, v in dict(SMALL, n_train=400).items()]
     shapes.main(["--out", str(tmp_path / "near")] + larger)

@@ -202,6 +202,20 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     assert report["correction_steps_per_answer"] == 2 and beams == [(3, 1.5)] * 3
 
 
+def test_report_with_nothing_parsed_says_null_steps(tiny_world, tiny_ckpt, tmp_path,
+                                                    monkeypatch):
+    """No VIG output parsed: nothing was corrected, so no steps per answer (it read 0.0)."""
+    monkeypatch.setattr(vigc, "parse_vig", lambda text: None)
+    out = str(tmp_path / "none")
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "2", "--max_new_tokens", "4", "--out", out]
+    code, stdout, err = run_cli("vigc", argv)
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["parsed"] == 0 and report["correction_steps_per_answer"] is None, report
+    assert "VIC: nothing to correct" in stdout
+
+
 def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     out = str(tmp_path / "vigc")
     argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "8",

@@ -426,12 +426,14 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     n_empty = sum(not a for a in answers)
     report = {"vic_mode": cfg.vic_mode, "images": len(jobs), "parsed": len(ok),
               "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
-              "correction_steps_per_answer": round(sum(steps) / max(len(steps), 1), 2),
+              # (None: nothing parsed, so nothing was corrected)
+              "correction_steps_per_answer": round(sum(steps) / len(steps), 2) if steps else None,
               "seconds": {"vig": round(t_vig, 1), "vic": round(time.time() - t0 - t_vig, 1)}}
     n_dropped = len(jobs) - len(ok)
+    vic = (f"{report['correction_steps_per_answer']} steps per answer, {n_empty} empty answers "
+           "dropped") if ok else "nothing to correct"
     print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer "
-          f"({n_dropped} dropped) | VIC: {report['correction_steps_per_answer']} steps per answer, "
-          f"{n_empty} empty answers dropped | {report['seconds']}")
+          f"({n_dropped} dropped) | VIC: {vic} | {report['seconds']}")
     if oracle:
         report.update(oracle_report(cfg.world, ok))
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
