@@ -150,10 +150,10 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smooth
         log_p_flipped = F.logsigmoid(-beta * h)
         losses = -(1 - label_smoothing) * log_p_right - label_smoothing * log_p_flipped
     elif loss == "rdpo":  # robust DPO: unbiased, its mean over eps-flipped labels is DPO's loss
-        log_p_right = F.logsigmoid(beta * h)
-        log_p_flipped = F.logsigmoid(-beta * h)
+        # (-(1 - eps) log s(bh) + eps log s(-bh)) / (1 - 2 eps), with log s(-x) = log s(x) - x:
+        # the same value, without the cancellation that read 0 for log 2 near eps = 0.5
         eps = label_smoothing
-        losses = (-(1 - eps) * log_p_right + eps * log_p_flipped) / (1 - 2 * eps)
+        losses = -F.logsigmoid(beta * h) - eps / (1 - 2 * eps) * beta * h
     else:
         losses = -F.logsigmoid(beta * h)  # DPO, Eq. 7 of arXiv 2305.18290
     return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()

@@ -339,13 +339,22 @@ def gavie_questions(cfg, world):
     annotation."""
     if cfg.gavie_file:
         return lrv_gavie_questions(cfg)
-    per = math.ceil((cfg.limit or SHAPES_LIMITS["gavie"]) / len(shapes.QUESTION_TYPES))
-    qs = []
+    n = cfg.limit or SHAPES_LIMITS["gavie"]
+    per = math.ceil(n / len(shapes.QUESTION_TYPES))
+    by_type = []
     for qt in shapes.QUESTION_TYPES:
         path = os.path.join(world[0], f"test_{qt}.json")
-        for r in _nonempty(read_any_conversations(path, world[0]), path)[:per]:
-            q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
-            qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
+        recs = _nonempty(read_any_conversations(path, world[0]), path)[:per]
+        by_type.append([(path, qt, r) for r in recs])
+    # the first n taken a type at a time (round robin), then kept in type order: a --limit below
+    # the 6 types asks one of each of the first types, not several of the first (it asked 2
+    # descriptions, 2 yes/no, 2 counts and 1 colour question for --limit 7)
+    rounds = [group[k] for k in range(per) for group in by_type if k < len(group)]
+    chosen = {id(x) for x in rounds[:n]}
+    qs = []
+    for path, qt, r in (x for group in by_type for x in group if id(x) in chosen):
+        q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
+        qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
     return qs
 
 
@@ -796,9 +805,10 @@ def chair_counts(q, text, counting="reference"):
 
 def chair_metrics(counts, n_words):
     """CHAIR_i = hallucinated object mentions / object mentions; CHAIR_s = descriptions with a
-    hallucinated object / descriptions (Rohrbach et al., EMNLP 2018)."""
+    hallucinated object / descriptions (Rohrbach et al., EMNLP 2018). CHAIR_i is None without a
+    single mention (it read 0.0, a perfect score of nothing)."""
     mentions, halluc = sum(m for m, _ in counts), sum(h for _, h in counts)
-    return {"chair_i": halluc / mentions if mentions else 0.0,
+    return {"chair_i": halluc / mentions if mentions else None,
             "chair_s": sum(h > 0 for _, h in counts) / max(len(counts), 1),
             "n": len(counts), "mentions": mentions, "hallucinated": halluc,
             "answer_words": sum(n_words) / max(len(n_words), 1)}

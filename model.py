@@ -1267,6 +1267,17 @@ def penalize_repeats(scores, seen, penalty):
     return scores.scatter(1, seen, torch.where(s < 0, s * penalty, s / penalty))
 
 
+def tempered_log_softmax(logits, temperature):
+    """log softmax(logits / temperature), the row's largest logit taken out first: the same
+    function, and a tiny temperature (1e-40) no longer overflows to inf - inf = NaN."""
+    return torch.log_softmax((logits - logits.amax(-1, keepdim=True).detach()) / temperature, -1)
+
+
+def entropy_of(logp):
+    """-sum p log p over the last axis; a token of probability 0 (log p = -inf) adds 0."""
+    return -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+
+
 def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entropy=False):
     """Next token from (B, vocab) fp32 logits, and its log-prob under softmax(logits / temperature)
     (the untruncated distribution, which is what PPO's ratios use); with_entropy: and that
@@ -1275,10 +1286,10 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entrop
         tok = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1)
         lp = logp.gather(-1, tok[:, None])[:, 0]
-        return (tok, lp, -(logp.exp() * logp).sum(-1)) if with_entropy else (tok, lp)
-    logp = torch.log_softmax(logits / temperature, -1)
+        return (tok, lp, entropy_of(logp)) if with_entropy else (tok, lp)
+    logp = tempered_log_softmax(logits, temperature)
     probs = logp.exp()
-    entropy = -(probs * logp).sum(-1) if with_entropy else None
+    entropy = entropy_of(logp) if with_entropy else None
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
         sorted_p, idx = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p

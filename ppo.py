@@ -64,6 +64,7 @@ from data import (DataError, ImageCache, check_images, collate, normalize, read_
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
 from checkpoint import base_weights_dir, is_peft_dir, load_adapters, resolve_checkpoint
+from model import entropy_of, tempered_log_softmax
 
 
 @dataclass
@@ -280,9 +281,9 @@ def response_logprobs(model, feats, seq, mask, prompt_len, temperature, entropy=
     response tokens seq[:, prompt_len:]: the logits at position j predict token j + 1."""
     h = model(None, seq, mask, return_hidden=True, image_features=feats,
               keep=slice(prompt_len - 1, -1))
-    logp_all = torch.log_softmax(model.logits(h).float() / temperature, -1)
+    logp_all = tempered_log_softmax(model.logits(h).float(), temperature)
     logp = logp_all.gather(-1, seq[:, prompt_len:, None])[..., 0]
-    return logp, -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+    return logp, entropy_of(logp_all) if entropy else None
 
 
 def response_values(model, feats, seq, mask, prompt_len):
@@ -671,9 +672,10 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
            "reward": g(ro["rewards"].sum(1)).mean(),
            "length": g(ro["lengths"]).mean(),
            "no_eos": g(~ro["finished"]).mean(),
-           "correct": right[typed].mean(),
+           # (None: no prompt with a checkable answer; one return, or all equal)
+           "correct": right[typed].mean() if typed.any() else None,
            "entropy": g(ro["entropy"])[m].mean(),
-           "explained_var": 1 - (R - V).var() / R.var()}
+           "explained_var": 1 - (R - V).var() / R.var() if R.numel() > 1 and R.var() > 0 else None}
     if objects is not None:  # the exact oracle: is reward hacking turning into hallucination?
         counts = []
         for t, p in zip(ro["texts"], prompts):
@@ -682,7 +684,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
         h = g(torch.tensor(counts, device=dev))
         out["halluc_rate"] = (h > 0).float().mean()
         out["halluc_per_answer"] = h.mean()
-    return {k: float(v) for k, v in out.items()}
+    return {k: None if v is None else float(v) for k, v in out.items()}
 
 
 def main(cfg):
@@ -695,7 +697,12 @@ def main(cfg):
             ("export", cfg.export in ("merged", "adapter"), "merged or adapter"),
             ("rm_input", cfg.rm_input in ("text", "tokens"), "text or tokens"),
             ("correct_rule", cfg.correct_rule in ("word", "prefix"), "word or prefix"),
-            ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)")):
+            ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)"),
+            # the adaptive controller multiplies kl_coef by 1 + e * rollout_batch / kl_horizon,
+            # e in [-0.2, 0.2]: from 0 it never moves, and at or below 0 it turns negative
+            ("kl_coef", cfg.target_kl == 0 or cfg.kl_coef > 0, "> 0 with --target_kl > 0"),
+            ("kl_horizon", cfg.target_kl == 0 or cfg.kl_horizon > 0.2 * cfg.rollout_batch,
+             f"> 0.2 x --rollout_batch ({0.2 * cfg.rollout_batch:g}) with --target_kl > 0")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:

@@ -395,10 +395,13 @@ def main(cfg):
     if not train:
         raise common.ConfigError(f"{cfg.data}: no training pairs left (no record, or every one "
                                  "held out or dropped)")
-    # pair_batch drops a pair that does not fit; with none that fits the run would train on nothing
-    if not any(fits(p, cfg, tokenizer, model.config) for p in train):
+    # pairs that do not fit are left out here, counted (drawn into batches and dropped there, a
+    # step whose pairs all were dropped trained on nothing and logged loss 0)
+    kept = [p for p in train if fits(p, cfg, tokenizer, model.config)]
+    if not kept:
         raise common.ConfigError(f"{cfg.data}: no pair fits --max_len {cfg.max_len} (chosen and "
                                  f"rejected, {len(train)} pairs): raise --max_len")
+    too_long, train = len(train) - len(kept), kept
     # (and with no held-out pair that fits, accuracy 0 on 0 pairs was reported)
     if val and not any(fits(p, cfg, tokenizer, model.config) for p in val):
         where = cfg.val_data or f"{cfg.data} (its held-out pairs)"
@@ -420,11 +423,12 @@ def main(cfg):
     if d.main:
         extra = f" | sampled: {stats}" if stats else ""
         n_train = sum(p.numel() for p in trainable)
-        print(f"{len(train)} training pairs, {len(val)} held-out | facts {cfg.facts} | "
+        left_out = f" ({too_long} longer than --max_len left out)" if too_long else ""
+        print(f"{len(train)} training pairs{left_out}, {len(val)} held-out | facts {cfg.facts} | "
               f"{n_train / 1e6:.3f}M trainable | {d.world} process(es){extra}")
     log = common.Logger(cfg.out, d.main)
     model.train()
-    t0, dropped, acc_sum, n_sum, metrics = time.time(), 0, 0.0, 0, {}
+    t0, dropped, acc_sum, n_sum, metrics = time.time(), too_long, 0.0, 0, {}
     for step in range(start, cfg.max_steps):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
                               cfg.warmup_from_zero)

@@ -204,6 +204,9 @@ def main(cfg):
     if -1 < cfg.neg_ratio < 0:
         raise common.ConfigError(f"--neg_ratio {cfg.neg_ratio}: give a share in [0, 1], or -1 "
                                  "for the world's (shapes.py --neg_ratio)")
+    if cfg.lora_r == 0 and not (cfg.train_vision or cfg.train_projector or cfg.train_lm):
+        raise common.ConfigError("--lora_r 0 with --train_vision, --train_projector and --train_lm "
+                                 "false: nothing to train")
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
     reads = ("data", "tokenizer") if fresh else ("data",)
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
@@ -214,7 +217,8 @@ def main(cfg):
     reads_data = bool(cfg.read_data) and fresh
     read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if reads_data else 0
     reading = read_steps > 0
-    align_sizes = {"align_batch_size": cfg.align_batch_size} if aligning else {}
+    # (a stage that gets no step, as with --max_steps 1, has no batch to split)
+    align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
     common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
@@ -278,6 +282,11 @@ def main(cfg):
         raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} "
                                  f"conversations do not fit --max_len {cfg.max_len}, "
                                  f"{len(skipped)} bad records skipped")
+    if val_records and len(val) == 0:  # (validation left out without a word; reward and dpo
+        # refuse this too)
+        raise common.ConfigError(f"--val_data {cfg.val_data}: no conversation fits --max_len "
+                                 f"{cfg.max_len} ({val.dropped} dropped): raise --max_len, or "
+                                 "--val_data '' for none")
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
     data_files += [cfg.read_data] if reading else []

@@ -166,3 +166,17 @@ def test_packed_copies_stay_within_their_memory_cap(one_thread, monkeypatch):
         kinds = [lin.fused_lora[0] for _, lin in m.lora_linears()]
         assert m.packed_head is not None
     assert kinds[0] == "packed" and set(kinds[1:]) == {"merged"}
+
+
+def test_a_tiny_temperature_samples_the_top_token_without_nan():
+    """temperature 1e-40 is in every sampling flag's range (0, inf): logits / T overflowed to
+    inf - inf = NaN and torch.multinomial raised. The largest logit is taken out first (the same
+    distribution), so it samples the top token with log-prob 0 and entropy 0."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    tok, lp, ent = sample_token(logits, 1e-40, with_entropy=True)
+    assert tok.tolist() == [1, 0] and lp.tolist() == [0.0, 0.0] and ent.tolist() == [0.0, 0.0]
+    # at ordinary temperatures the same numbers as the plain formula
+    for t in (0.7, 1.0, 3.0):
+        logp = torch.log_softmax(logits / t, -1)
+        assert torch.allclose(model_lib.tempered_log_softmax(logits, t), logp, atol=1e-6)
+        assert torch.allclose(model_lib.entropy_of(logp), -(logp.exp() * logp).sum(-1))

@@ -103,6 +103,26 @@ def test_chair_on_shapes_via_the_oracle():
     # once each, negations skipped
     ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]
     assert ours == [(2, 0), (2, 1), (1, 1), (1, 0)]
+    # no object named at all: no CHAIR_i (it read 0.000, a perfect score of nothing); CHAIR_s is
+    # a share of descriptions, and none of them names an absent object
+    m = E.chair_metrics([(0, 0), (0, 0)], [2, 3])
+    assert m["chair_i"] is None and m["chair_s"] == 0.0 and m["mentions"] == 0
+
+
+def test_gavie_limit_takes_the_types_in_turn(tiny_world):
+    """GAVIE on Shapes asks each held-out type alike: a --limit under the six types asks one of
+    each of the first (it asked two of the first types and none of the last), and the default
+    60 asks 10 of each in type order, as before."""
+    import shapes
+    world = (tiny_world, shapes.load_world(tiny_world)["by_file"])
+    types = lambda qs: [q["qtype"] for q in qs]
+    qs = E.gavie_questions(E.Config(limit=4), world)
+    assert types(qs) == shapes.QUESTION_TYPES[:4]
+    qs = E.gavie_questions(E.Config(limit=8), world)
+    first_two = ("describe", "yesno")
+    assert types(qs) == [t for t in shapes.QUESTION_TYPES for _ in range(1 + (t in first_two))]
+    qs = E.gavie_questions(E.Config(), world)
+    assert types(qs) == [t for t in shapes.QUESTION_TYPES for _ in range(10)]
 
 
 def test_chair_reference_counting_on_coco_by_hand(tmp_path):

@@ -1013,6 +1013,23 @@ BAD_INPUT += [
       ("align.json", "no records")),
     C("sft", "val-no-records", "--val_data holding an empty list (it would validate nothing)",
       lambda w, t: ["--val_data", t.file("val.json", [])], ("val.json", "no records")),
+    C("sft", "val-none-fits", "--val_data none of whose conversations fits --max_len (it "
+      "validated nothing without a word)",
+      lambda w, t: ["--val_data", t.file("val.json", [{
+          "id": "long", "image": os.path.join(w.world, "images/val/000000.png"),
+          "conversations": [{"from": "human", "value": "<image>\n" + "Is it red? " * 400},
+                            {"from": "gpt", "value": "Yes."}]}])],
+      ("--val_data", "val.json", "no conversation fits --max_len 512")),
+    C("sft", "nothing-to-train", "--lora_r 0 with the tower, projector and LM frozen",
+      lambda w, t: ["--lora_r", "0", "--train_vision", "false", "--train_projector", "false",
+                    "--train_lm", "false"], ("--lora_r 0", "nothing to train")),
+    C("ppo", "kl-controller-from-zero", "--target_kl with --kl_coef 0 (the controller only "
+      "multiplies: it never moved)", lambda w, t: ["--target_kl", "0.1", "--kl_coef", "0"],
+      ("--kl_coef 0.0", "> 0 with --target_kl > 0")),
+    C("ppo", "kl-horizon-short", "--target_kl with --kl_horizon at most 0.2 x --rollout_batch "
+      "(kl_coef turned negative)", lambda w, t: ["--target_kl", "0.1", "--kl_horizon", "1",
+                                                 "--rollout_batch", "8", "--minibatch_size", "2"],
+      ("--kl_horizon 1", "> 0.2 x --rollout_batch (1.6)")),
     C("reward", "val-no-records", "--val_data holding an empty list (no held-out accuracy)",
       lambda w, t: ["--val_data", t.file("val.json", [])], ("val.json", "no records")),
     # -- --resume in a run folder another stage wrote (it named a field that differs)

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 import random
 import shutil
 import socket
@@ -538,6 +539,42 @@ def test_reward_facts_control_needs_another_image(sft, tiny_world, tmp_path):
     rep = json.load(open(tmp_path / "rm" / "report.json"))
     assert rep["n_val"] == 2 and "val_accuracy_other_facts" not in rep, rep
     assert "another image's captions" not in stdout
+
+
+def test_reward_trains_on_pairs_that_fit_every_step(sft, tiny_world, tmp_path):
+    """Pairs longer than --max_len are left out before training, counted: they were drawn into
+    batches and dropped there, and a step whose pairs all were dropped logged loss 0, grad_norm 0
+    and trained nothing (at --max_len 266, 5 of the tiny world's 40 pairs fit)."""
+    out = tmp_path / "rm"
+    argv = ["--init", sft, "--world", tiny_world, "--eval_prompt", "short", "--max_len", "266",
+            "--batch_size", "1", "--max_steps", "4", "--log_every", "1", "--out", str(out)]
+    code, stdout, err = run_cli("reward", argv)
+    assert code == 0, err
+    left_out = int(re.search(r"training pairs \((\d+) longer than --max_len left out\)",
+                             stdout).group(1))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert left_out > 0 and len(rows) == 4
+    assert all(r["grad_norm"] > 0 and r["dropped"] == left_out for r in rows), rows
+
+
+def test_ppo_metrics_over_nothing_are_null_and_the_file_strict_json(tiny_rm, sft, tiny_world,
+                                                                      tmp_path):
+    """One prompt, one new token: no variance of returns to explain, and (on a prompt without a
+    checkable answer) no correctness rate. They were NaN / -inf, written as bare NaN into
+    metrics.jsonl, which strict JSON readers refuse."""
+    out = tmp_path / "one"
+    argv = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--rollout_batch", "1",
+            "--minibatch_size", "1", "--max_new_tokens", "1", "--max_steps", "2", "--out",
+            str(out)]
+    code, _, err = run_cli("ppo", argv)
+    assert code == 0, err
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+    rows = [json.loads(x, parse_constant=strict) for x in open(out / "metrics.jsonl")]
+    rows = [r for r in rows if "explained_var" in r]
+    assert rows and all(r["explained_var"] is None for r in rows)
+    assert all(r["correct"] is None or 0 <= r["correct"] <= 1 for r in rows)
 
 
 def test_reward_resume_is_bitwise(sft, tiny_world, tmp_path):

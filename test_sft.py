@@ -203,3 +203,13 @@ def test_lrv_reads_the_worlds_neg_ratio_unless_given(tiny_sft, tmp_path):
     assert code == 0, err
     assert sorted(os.listdir(os.path.join(world, "lrv"))) == ["neg0.0-seed0.json",
                                                               "neg0.5-seed0.json"]
+
+
+def test_a_stage_without_steps_does_not_check_its_batch(tiny_world, tmp_path):
+    """--max_steps 1 leaves the alignment stage no step: its --align_batch_size is not split into
+    --grad_accum micro-batches, so it is not refused for that (it was)."""
+    argv = ["--model", "tiny", "--world", tiny_world, "--max_steps", "1", "--align_batch_size",
+            "1", "--grad_accum", "2", "--batch_size", "2", "--report", "false", "--out",
+            str(tmp_path / "one")]
+    code, _, err = run_cli("sft", argv)
+    assert code == 0, err

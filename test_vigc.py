@@ -202,6 +202,19 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     assert report["correction_steps_per_answer"] == 2 and beams == [(3, 1.5)] * 3
 
 
+def test_trains_on_examples_that_fit_every_step(tiny_world, tiny_ckpt, tmp_path):
+    """Examples with no answer token left at --max_len are left out before training, counted: a
+    step whose drawn examples all were dropped logged loss 0 and trained nothing."""
+    out = tmp_path / "fit"
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--generate", "0", "--max_len", "41",
+            "--batch_size", "1", "--max_steps", "3", "--log_every", "1", "--out", str(out)]
+    code, stdout, err = run_cli("vigc", argv)
+    assert code == 0, err
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert len(rows) == 3 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows), rows
+    assert "did not fit" in stdout  # (the count, as before)
+
+
 def test_report_with_nothing_parsed_says_null_steps(tiny_world, tiny_ckpt, tmp_path,
                                                     monkeypatch):
     """No VIG output parsed: nothing was corrected, so no steps per answer (it read 0.0)."""

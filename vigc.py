@@ -546,11 +546,13 @@ def main(cfg):
     if len(train) == 0:
         raise common.ConfigError("no training examples "
                                  "(no record has an image and a question/answer pair)")
-    # (drawn examples that do not fit are left out: with none that fits, steps train on nothing;
-    # the first that fits ends the search)
-    if not any(make_item(dict(e, image=""), tokenizer, model.config, cfg, images) for e in train):
+    # examples that do not fit are left out here, counted (drawn into batches and dropped there,
+    # a step whose examples all were dropped trained on nothing and logged loss 0)
+    kept = [e for e in train if make_item(dict(e, image=""), tokenizer, model.config, cfg, images)]
+    if not kept:
         raise common.ConfigError(f"--max_len {cfg.max_len}: none of the {len(train)} training "
                                  "examples fits; raise it")
+    too_long, train = len(train) - len(kept), kept
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     data_files += [cfg.images] if os.path.isfile(cfg.images) else []
     common.start_writing(cfg, d, data_files)
@@ -571,7 +573,7 @@ def main(cfg):
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     model.train()
-    t0, tokens, dropped = time.time(), 0, 0
+    t0, tokens, dropped = time.time(), 0, too_long
     for step in range(start, cfg.max_steps):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
                               cfg.warmup_from_zero)
