@@ -350,9 +350,9 @@ def gavie_questions(cfg, world):
     # the 6 types asks one of each of the first types, not several of the first (it asked 2
     # descriptions, 2 yes/no, 2 counts and 1 colour question for --limit 7)
     rounds = [group[k] for k in range(per) for group in by_type if k < len(group)]
-    chosen = {id(x) for x in rounds[:n]}
+    order = shapes.QUESTION_TYPES.index  # (a stable sort: each type's questions stay in order)
     qs = []
-    for path, qt, r in (x for group in by_type for x in group if id(x) in chosen):
+    for path, qt, r in sorted(rounds[:n], key=lambda x: order(x[1])):
         q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
         qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
     return qs

@@ -422,7 +422,7 @@ def verdict(groups, a, b, metric, lower_better, claim):
     better = mb < ma if lower_better else mb > ma
     # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other
     # side judge
-    clear = abs(mb - ma) > max(sa, sb) and max(na, nb) > 1
+    clear = abs(mb - ma) > max(sa, sb)
     if max(na, nb) == 1:
         word = "not judged (one seed: no spread to judge the move by)"
     elif better and clear:
