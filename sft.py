@@ -42,6 +42,9 @@ from model import PRESETS
 from data import (IGNORE, ImageCache, check_images, collate, load_json, normalize, pack,
                   read_any_conversations, require_records, tokenize_conversations)
 
+# --data's weights repeat records (references, tokenized once) up to this many in all
+MAX_TRAIN_RECORDS = 10_000_000
+
 
 @dataclass
 class Config:
@@ -149,6 +152,11 @@ def load_records(cfg):
             raise common.ConfigError(f"--data: weight '{weight}' of {path} keeps 0 of its "
                                      f"{len(recs)} records (round(weight x {len(recs)}); use more "
                                      f"than {0.5 / len(recs):.3g})")
+        if len(train) + n > MAX_TRAIN_RECORDS:  # (the copies would fill memory minutes in)
+            raise common.ConfigError(f"--data: weight '{weight}' of {path} makes {n:,} of its "
+                                     f"{len(recs)} records, {len(train) + n:,} in all: at most "
+                                     f"{MAX_TRAIN_RECORDS:,} (weights are proportions: scale "
+                                     "them down together)")
         copies = [torch.randperm(len(recs), generator=g) for _ in range(-(-n // max(len(recs), 1)))]
         idx = torch.arange(n) if n == len(recs) else torch.cat(copies)[:n]  # weight 1: as it is
         train += [recs[i] for i in idx.tolist()]
@@ -171,20 +179,27 @@ class Tokenized:
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
         self.items, self.dropped = [], 0
         template = template or cfg.template
+        # a --data weight > 1 repeats records (the same objects): each is tokenized once
+        first = {}
+        for r in records:
+            first.setdefault(id(r), r)
+        unique = list(first.values())
         try:
-            tokenized = tokenize_conversations(tokenizer, [r["conversations"] for r in records],
+            tokenized = tokenize_conversations(tokenizer, [r["conversations"] for r in unique],
                                                model_config.image_token_id,
                                                model_config.num_image_tokens, cfg.max_len, template)
         except ValueError as e:  # e.g. a multi-turn conversation under --template plain
             at = getattr(e, "index", None)  # (render's errors name the conversation)
-            record = f": record {records[at].get('id', at)}" if at is not None else ""
+            record = f": record {unique[at].get('id', at)}" if at is not None else ""
             message = f"--template {template}{record}: {e}"
             raise common.ConfigError(message) from None
-        for r, t in zip(records, tokenized):
-            if t is None:
+        item_of = {id(r): (t, r.get("image")) for r, t in zip(unique, tokenized)}
+        for r in records:
+            item = item_of[id(r)]
+            if item[0] is None:
                 self.dropped += 1
                 continue
-            self.items.append((t, r.get("image")))
+            self.items.append(item)
         self.images, self.blank = images, cfg.blank_images
         self.n_labels = torch.tensor([int((t["labels"] != IGNORE).sum()) for t, _ in self.items])
 

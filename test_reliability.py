@@ -621,7 +621,8 @@ BAD_INPUT += [
     *[_flag("vigc", f, v, want) for f, v, want in [
         ("max_new_tokens", "0", ("0", RANGE)), ("num_beams", "0", ("0", RANGE)),
         ("vic_mode", "mine", ("mine", "choose")),
-        ("sft_share", "1.0", ("1.0", "must be in [0, 1)")),
+        ("sft_share", "1.0", ("1.0", "must be in [0, 0.99]")),
+        ("sft_share", "0.99999", ("0.99999", "must be in [0, 0.99]")),
         ("temperature", "-1", ("-1.0", "must be in [0, inf)")),
         ("gen_batch_size", "0", ("0", RANGE)), ("max_steps", "-1", ("-1", "must be in [0, inf)"))]],
     *[_flag("eval", f, v, want) for f, v, want in [
@@ -1344,6 +1345,9 @@ BAD_INPUT += [
       lambda w, t: ["--seed", "4294967296"], ("--seed 4294967296", "[0, 4294967295]")),
     C("eval", "seed-over-64-bits", "--seed past a 64-bit integer",
       lambda w, t: ["--seed", "99999999999999999999"], ("--seed 99999999999999999999",)),
+    C("sft", "data-weight-fills-memory", "--data FILE:1e8 (1e8 copies: memory, minutes in)",
+      lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":1e8"],
+      ("--data: weight '1e8'", "sft.json", "at most 10,000,000")),
     C("sft", "data-weight-keeps-none", "--data FILE:0.0001 (round(weight x records) = 0)",
       lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":0.0001"],
       ("--data", "sft.json", "keeps 0 of its")),

@@ -5,6 +5,8 @@ import json
 import os
 import types
 
+import torch
+
 import common
 import dpo
 import ppo
@@ -12,6 +14,7 @@ import reward
 import sft
 import shapes
 import vigc
+from checkpoint import latest_checkpoint, load_checkpoint
 from data import load_json, load_tokenizer, read_any_conversations
 from data import read_llava_rlhf_preference, read_rl_prompts
 
@@ -118,3 +121,25 @@ def test_vigc_reads_the_world_files_as_it_built_them(tiny_world):
     assert records == old
     unlabeled = [(x["image"], os.path.join(tiny_world, x["image"])) for x in info["unlabeled"]]
     assert vigc.image_list(cfg) == unlabeled
+
+
+def test_a_data_weight_repeats_records_tokenized_once(tiny_world, tiny_sft, monkeypatch):
+    cfg = resolved(sft, tiny_world, data="{world}/sft.json:2.5", lrv=False)
+    train = sft.load_records(cfg)[0]
+    n = len(read_any_conversations(cfg.data.rsplit(":", 1)[0], tiny_world))
+    assert len(train) == round(2.5 * n) and len({id(r) for r in train}) == n  # references
+    tokenized_counts = []
+    tokenize = sft.tokenize_conversations
+
+    def counting(tokenizer, conversations, *args):
+        tokenized_counts.append(len(conversations))
+        return tokenize(tokenizer, conversations, *args)
+
+    monkeypatch.setattr(sft, "tokenize_conversations", counting)
+    model_config = load_checkpoint(latest_checkpoint(tiny_sft)).config
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    data = sft.Tokenized(train, tok, model_config, cfg, images=None)
+    assert tokenized_counts == [n] and len(data) == len(train) and data.dropped == 0
+    for r, (t, image) in zip(train, data.items):  # each as if tokenized alone
+        alone = sft.Tokenized([r], tok, model_config, cfg, images=None).items[0]
+        assert image == alone[1] and torch.equal(t["input_ids"], alone[0]["input_ids"])

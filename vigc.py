@@ -124,8 +124,9 @@ class Config:
     gen_batch_size: int = 32  # prompts per generation batch
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
-                  max_len="[1, inf)", sft_share="[0, 1)", lora_r="[0, inf)", lora_alpha="[1, inf)",
-                  batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)",
+                  max_len="[1, inf)", sft_share="[0, 0.99]", lora_r="[0, inf)",
+                  lora_alpha="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)",
+                  lr="(0, inf)",
                   min_lr_ratio="[0, 1]", warmup="[0, inf)", weight_decay="[0, inf)",
                   grad_clip="[0, inf)", max_steps="[0, inf)", save_every="[1, inf)",
                   log_every="[1, inf)", seed=common.SEED_RANGE, device=("cpu", "cuda"),
@@ -492,8 +493,8 @@ def oracle_report(world, ok):
 def main(cfg):
     reads = ("data", "tokenizer") if not cfg.init else ("data",)  # a fresh model reads a tokenizer
     cfg, named = common.world_paths(cfg, reads, companions=("instructions", "images"))
-    if not 0 <= cfg.sft_share < 1:
-        raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 1)")
+    if not 0 <= cfg.sft_share <= 0.99:  # (near 1, n / (1 - share) records would fill memory)
+        raise common.ConfigError(f"--sft_share {cfg.sft_share}: must be in [0, 0.99]")
     if cfg.vic_mode not in ("ours", "reference") or cfg.num_beams < 1 or cfg.answer_length < 1:
         raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), "
                                  f"--num_beams {cfg.num_beams} and "
