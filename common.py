@@ -1266,6 +1266,17 @@ def oracle_errors(result):
     return [claim for kind in kinds for claim in result[kind]]
 
 
+def check_new_tokens(model, cfg, *flags):
+    """Each --flag (a count of new tokens) within the model's positions: generate preallocates its
+    cache for prompt + new tokens, and 1e9 failed there with an allocation traceback."""
+    limit = model.config.max_position
+    for flag in flags:
+        n = getattr(cfg, flag)
+        if n > limit:
+            raise ConfigError(f"--{flag} {n}: more new tokens than the model's {limit} positions "
+                              "(max_position_embeddings in its config)")
+
+
 def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0,
                      top_p=1.0, generator=None, desc="generate", show=True, num_beams=1,
                      return_finished=False, repetition_penalty=1.0):

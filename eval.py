@@ -467,6 +467,7 @@ class Answerer:
             dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
             self.model, self.tok = common.load_model_and_tokenizer(
                 self.ckpt, vision_tower=cfg.vision_tower, device=cfg.device, dtype=dtype)
+            common.check_new_tokens(self.model, cfg, "max_new_tokens", "pope_max_new_tokens")
             image_size = self.model.config.image_size
             self.images = ImageCache(image_size, 20000 if image_size <= 64 else 0)
             self.gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)

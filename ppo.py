@@ -339,6 +339,7 @@ def build_roles(cfg, d, tok_dir=""):
     sequences."""
     policy, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
                                                         tokenizer_dir=tok_dir, device=d.device)
+    common.check_new_tokens(policy, cfg, "max_new_tokens")
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
                                  f"{sorted(policy.adapters)}: pass its base as --init and "

@@ -372,6 +372,8 @@ def main(cfg):
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
                                                        tokenizer_dir=tok_dir, device=d.device,
                                                        policy=resume_path is None)
+    if cfg.pairs == "sampled":
+        common.check_new_tokens(model, cfg, "sample_max_new_tokens")
     base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "

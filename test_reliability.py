@@ -1345,6 +1345,14 @@ BAD_INPUT += [
       lambda w, t: ["--seed", "4294967296"], ("--seed 4294967296", "[0, 4294967295]")),
     C("eval", "seed-over-64-bits", "--seed past a 64-bit integer",
       lambda w, t: ["--seed", "99999999999999999999"], ("--seed 99999999999999999999",)),
+    # -- new tokens past the model's positions (tiny: 512): generate's cache failed to allocate
+    *[C(script, f"new-tokens-{flag}", f"--{flag} 1e9 (a cache of 1e9 positions)",
+        lambda w, t, flag=flag, extra=extra: [*extra, f"--{flag}", "1000000000"],
+        (f"--{flag} 1000000000", "model's 512 positions"))
+      for script, flag, extra in (("eval", "max_new_tokens", ["--benchmarks", "chair"]),
+                                  ("eval", "pope_max_new_tokens", []),
+                                  ("vigc", "max_new_tokens", []), ("ppo", "max_new_tokens", []),
+                                  ("reward", "sample_max_new_tokens", ["--pairs", "sampled"]))],
     C("sft", "data-weight-fills-memory", "--data FILE:1e8 (1e8 copies: memory, minutes in)",
       lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":1e8"],
       ("--data: weight '1e8'", "sft.json", "at most 10,000,000")),

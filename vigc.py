@@ -527,6 +527,7 @@ def main(cfg):
     load_from = cfg.init if sharded else resume_path or cfg.init
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
+    common.check_new_tokens(model, cfg, "max_new_tokens")
     if cfg.lora_r > 0:
         if not sharded:
             common.refuse_merged_resume(resume_path, model, "vigc")
