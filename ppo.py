@@ -389,6 +389,23 @@ def build_roles(cfg, d, tok_dir=""):
     return policy, critic, tokenizer
 
 
+def check_policy_template(cfg, template):
+    """The policy's prompts are rendered with the reward model's template (LLaVA-RLHF uses one for
+    both): an SFT checkpoint of ours that recorded another one is refused, not re-prompted."""
+    path = os.path.join(resolve_checkpoint(cfg.init), "config.json")
+    try:
+        with open(path) as f:
+            rc = json.load(f).get("run_config")
+    except (OSError, ValueError, AttributeError):  # (not ours, or no config: load_checkpoint says)
+        return
+    sft_template = rc.get("template") if isinstance(rc, dict) else None
+    if sft_template is not None and sft_template != template:
+        raise common.ConfigError(f"--init {cfg.init}: trained with --template {sft_template}, "
+                                 f"but --reward {cfg.reward} with --template {template}: PPO "
+                                 "prompts the policy as its reward model was trained (train them "
+                                 "with one template)")
+
+
 def load_prompts(cfg, need_captions, tokenizer, model, template):
     """RL prompts (LLaVA-RLHF format) tokenized for generation; too-long ones dropped and
     counted."""
@@ -718,6 +735,7 @@ def main(cfg):
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
+    check_policy_template(cfg, rm[2])
     policy, critic, tokenizer = build_roles(cfg, d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
