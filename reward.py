@@ -394,6 +394,12 @@ def main(cfg):
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
+    if not train and stats:  # --pairs sampled: say how each prompt's two samples ended
+        counts = stats["train"]
+        raise common.ConfigError(f"--pairs sampled: no training pairs left: of {counts['prompts']} "
+                                 f"prompts, {counts['ties']} sampled two answers with as many "
+                                 f"hallucinations (ties) and {counts['empty']} an empty answer; "
+                                 "raise --sample_temperature or --n_sampled")
     if not train:
         raise common.ConfigError(f"{cfg.data}: no training pairs left (no record, or every one "
                                  "held out or dropped)")

@@ -1407,6 +1407,11 @@ BAD_INPUT += [
       "chosen and rejected were the same: rewards 0 over ties, exit 0)",
       lambda w, t: ["--val_data", _long_val_pairs(t), "--max_len", "300"],
       ("val_long.json: no validation pair left", "4 whose chosen and rejected are the same")),
+    C("reward", "sampled-near-greedy", "--pairs sampled at --sample_temperature 1e-8 (in range; "
+      "every pair a tie)",
+      lambda w, t: ["--pairs", "sampled", "--sample_temperature", "1e-8", "--n_sampled", "3"],
+      ("--pairs sampled: no training pairs left", "of 3 prompts", "(ties)",
+       "--sample_temperature")),
     C("reward", "sampled-greedy", "--pairs sampled at --sample_temperature 0 (every pair a tie, "
       "then 'no training pairs' blamed the data file)",
       lambda w, t: ["--pairs", "sampled", "--sample_temperature", "0"],
