@@ -1357,6 +1357,12 @@ BAD_INPUT += [
                                   ("eval", "pope_max_new_tokens", []),
                                   ("vigc", "max_new_tokens", []), ("ppo", "max_new_tokens", []),
                                   ("reward", "sample_max_new_tokens", ["--pairs", "sampled"]))],
+    # -- a decoding flag the chosen --vic_mode does not read
+    C("vigc", "unread-temperature", "--vic_mode reference with --temperature (ours' flag)",
+      lambda w, t: ["--vic_mode", "reference", "--temperature", "1.0"],
+      ("--temperature 1.0", "not read by --vic_mode reference")),
+    C("vigc", "unread-num-beams", "--vic_mode ours with --num_beams (reference's flag)",
+      lambda w, t: ["--num_beams", "3"], ("--num_beams 3", "not read by --vic_mode ours")),
     C("sft", "data-weight-fills-memory", "--data FILE:1e8 (1e8 copies: memory, minutes in)",
       lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":1e8"],
       ("--data: weight '1e8'", "sft.json", "at most 10,000,000")),

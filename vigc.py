@@ -499,6 +499,15 @@ def main(cfg):
         raise common.ConfigError(f"--vic_mode {cfg.vic_mode} (ours or reference), "
                                  f"--num_beams {cfg.num_beams} and "
                                  f"--answer_length {cfg.answer_length} (each >= 1)")
+    # a decoding flag of the other --vic_mode changed from its default would go unread
+    unread = dict(ours=("answer_length", "num_beams", "repetition_penalty"),
+                  reference=("temperature", "vic_temperature", "max_correction_steps",
+                             "last_infer_all"))[cfg.vic_mode]
+    for flag in unread:
+        if getattr(cfg, flag) != Config.__dataclass_fields__[flag].default:
+            raise common.ConfigError(f"--{flag} {getattr(cfg, flag)}: not read by --vic_mode "
+                                     f"{cfg.vic_mode} (README: VIGC's two modes); drop it or "
+                                     "change --vic_mode")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found "
                                  "(train the SFT model first: python sft.py)")
