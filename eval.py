@@ -17,15 +17,18 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer",
-      + what scoring needs, "source"}, appended batch by batch: a run that stops keeps its answers,
-      the next run generates only the missing ones (a stored line counts when its prompt and
-      source, i.e. checkpoint files and decoding settings, are the same). --rescore true: score
-      what is there, no model. --rescore true --llava_answers FILE scores a LLaVA answers file
+      + what scoring needs, "source", "image_digest"}, appended batch by batch: a run that stops
+      keeps its answers, the next run generates only the missing ones (a stored line counts when
+      its prompt, its image's bytes and its source, i.e. checkpoint files and decoding settings,
+      are the same). --rescore true: score what is there, no model (the lines of one source: the
+      one these flags write, else --ckpt's; scores.json names it in "answers_from"); --rescore
+      true --llava_answers FILE scores a LLaVA answers file
       instead; LLaVA-1.5's POPE: --pope_files llava_pope_test.jsonl --pope_labels
       coco_pope_random.json coco_pope_popular.json coco_pope_adversarial.json (labels paired by
       order within each category, as LLaVA's eval_pope.py).
-  OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply"}, reused for the
-                                 same key
+  OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply",
+                                 "prompt_digest"}, reused for the same judge (with its endpoint
+                                 and --judge_max_tokens) and the same prompt and image
   OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
 References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
 evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh,
@@ -459,7 +462,9 @@ class Answerer:
         self.model = None
         self.memo = {}
         self.last = (None, None)
-        self.source = None if cfg.rescore else source(cfg, ckpt)
+        self.source = source(cfg, ckpt) if not cfg.rescore or os.path.isdir(ckpt) else None
+        self.rescored_from = set()  # --rescore: the sources of the answers scored
+        self.digests = {}  # image file -> image_digest
 
     def _load(self):
         if self.model is None:
@@ -501,24 +506,44 @@ class Answerer:
         return [self.memo[k] for k in keys]
 
     def answers(self, bench, qs, path, max_new_tokens, keep=()):
-        """{id: line} for the questions answered: a stored line with the same prompt and source (the
-        same checkpoint files and decoding; --rescore: any), else a new one."""
+        """{id: line} for the questions answered: a stored line with the same prompt, image
+        (its bytes) and source (the same checkpoint files and decoding), else a new one.
+        --rescore: the lines of one source (this run's flags' where present), whose images are
+        the ones on disk (where they are there to compare)."""
         cfg = self.cfg
         src = self.source and f"{self.source} max_new_tokens={max_new_tokens}"
         if cfg.rescore and cfg.llava_answers:
             return self.llava_answers(qs)
-        stored = {}  # (id, prompt) -> line; --rescore: from any source, the last line written
+        for q in qs:  # (once per image file per run: POPE asks about each image many times)
+            if q["image"] not in self.digests:
+                self.digests[q["image"]] = image_digest(q["image"])
+        digests = {(q["id"], q["prompt"]): self.digests[q["image"]] for q in qs}
+        by_source, older = {}, {}  # source -> {(id, prompt) -> line}, lines without a digest
         for i, r in enumerate(read_jsonl(path)):
-            if src is not None and r.get("source") != src:
+            if not cfg.rescore and r.get("source") != src:
                 continue
             key = (str(r.get("id")), r.get("prompt"))
             if not isinstance(r.get("answer"), str):  # (a hand edit: a traceback when scored)
                 raise DataError(path, f"{i} (id {key[0]!r:.40})", "answer",
                                 f"expected a string, got {r.get('answer')!r:.40}")
-            if key in stored and stored[key].get("source") == r.get("source"):
+            # an answer about other pixels under this id and prompt (a rewritten world, another
+            # --image_folder) is stale; a line older than the digest: --rescore still reads it
+            want, got = digests.get(key), r.get("image_digest")
+            if got is None and want is not None:
+                if cfg.rescore:
+                    older.setdefault(r.get("source"), {})[key] = r
+                continue
+            if want is not None and got != want:
+                continue
+            stored = by_source.setdefault(r.get("source"), {})
+            if key in stored:
                 raise DataError(path, f"{i} (id {key[0]!r:.40})", "id", "answered twice for "
-                                "the same prompt by the same model (which answer counts?)")
+                                "the same prompt and image by the same model (which counts?)")
             stored[key] = r
+        for source, lines in older.items():  # (a digest-checked line wins)
+            by_source[source] = {**lines, **by_source.get(source, {})}
+        stored = self.one_source(by_source, src, path, bench) if cfg.rescore else \
+            by_source.get(src, {})
         done = {q["id"]: stored[q["id"], q["prompt"]]
                 for q in qs if (q["id"], q["prompt"]) in stored}
         todo = [q for q in qs if q["id"] not in done]
@@ -537,11 +562,35 @@ class Answerer:
             chunk = todo[s:s + cfg.batch_size]
             texts = self._generate(chunk, max_new_tokens)  # (a prompt too long: fails, writes none)
             lines = [{"id": q["id"], "prompt": q["prompt"], "answer": answer,
-                      **{x: q[x] for x in keep}, "source": src} for q, answer in zip(chunk, texts)]
+                      **{x: q[x] for x in keep}, "source": src,
+                      "image_digest": digests[q["id"], q["prompt"]]}
+                     for q, answer in zip(chunk, texts)]
             with open(path, "a", encoding="utf-8") as f:  # each batch on disk before the next
                 f.writelines(json.dumps(line) + "\n" for line in lines)
             done.update((line["id"], line) for line in lines)
         return done
+
+    def one_source(self, by_source, src, path, bench):
+        """--rescore: the stored answers of one run (several would mix runs, the last line
+        written winning): the only one; of several, the one these flags would write, else the
+        one this --ckpt wrote."""
+        used = [s for s, lines in by_source.items() if lines]
+        if len(used) > 1:
+            mine = [s for s in used if s == src] or [s for s in used if self.wrote(s)]
+            if len(mine) != 1:
+                raise DataError(path, message=f"--rescore: {bench} answers of {len(used)} runs "
+                                              f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
+                                              "the --ckpt and decoding flags of one")
+            used = mine
+        self.rescored_from.update(used)  # (scores.json names them beside --ckpt)
+        return by_source[used[0]] if used else {}
+
+    def wrote(self, source):
+        """Whether a source string (answers' 'source') is this --ckpt's: its path is --ckpt or
+        a checkpoint-N inside it."""
+        path = re.match(r"(.*)@\d+ ", source or "")
+        own = os.path.abspath(self.ckpt)
+        return bool(path) and (path[1] == own or path[1].startswith(own + os.sep))
 
     def llava_answers(self, qs):
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
@@ -580,6 +629,16 @@ class Answerer:
             message = f"no answer matches one of the {len(qs)} questions (by question_id)"
             raise DataError(path, message=message)
         return done
+
+
+def image_digest(path):
+    """A short hash of an image file's bytes (None where it is not there: --rescore needs no
+    images): what an answer is about besides its prompt."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def source(cfg, ckpt):
@@ -1170,7 +1229,9 @@ class OpenAIJudge:
 
     def __init__(self, cfg):
         self.url = cfg.judge_url.rstrip("/") + "/chat/completions"
-        self.model, self.cfg, self.name = cfg.judge_model, cfg, f"openai:{cfg.judge_model}"
+        self.model, self.cfg = cfg.judge_model, cfg
+        # who judged: the model at its endpoint, and how long a reply may be
+        self.name = f"openai:{cfg.judge_model}@{self.url}|max_tokens={cfg.judge_max_tokens}"
         self.key = openai_key(cfg)
         if not self.key and "api.openai.com" in self.url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
@@ -1211,7 +1272,7 @@ class LocalJudge:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = cfg.judge_model
         self.cfg = cfg
-        self.name = f"local:{os.path.basename(os.path.normpath(cfg.judge_model))}"
+        self.name = f"local:{os.path.abspath(path)}|max_tokens={cfg.judge_max_tokens}"
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -1253,8 +1314,9 @@ def make_judge(cfg):
 
 
 def judge_replies(bench, qs, lines, path, judges, cfg, name):
-    """{id: reply}; a reply already stored for (id, judge, answer) is reused, new ones are
-    appended."""
+    """{id: reply}; a reply already stored for (id, judge, prompt) is reused, new ones are
+    appended. The prompt's digest covers question, reference, answer and template, and the
+    image's bytes what the oracle reads beside them."""
     if "judge" not in judges:  # made once per run, on first use (a local judge loads a model)
         judges["judge"] = make_judge(cfg)
     judge, templates = judges["judge"], judges.get("templates", {})
@@ -1262,22 +1324,25 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     jname = judge.name
     if bench in templates:
         jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
-    cache = {(str(r.get("id")), r.get("judge"), r.get("answer")): r.get("reply", "")
+    cache = {(str(r.get("id")), r.get("judge"), r.get("prompt_digest")): r.get("reply", "")
              for r in read_jsonl(path)}
-    todo = [q for q in qs
-            if q["id"] in lines and (q["id"], jname, lines[q["id"]]["answer"]) not in cache]
+    asked = [q for q in qs if q["id"] in lines]
+    prompts = {q["id"]: judge_prompt(bench, q, lines[q["id"]]["answer"], templates) for q in asked}
+    pixels = {q["id"]: lines[q["id"]].get("image_digest") for q in asked}  # (the answer's)
+    digest = {q["id"]: hashlib.sha1(f"{prompts[q['id']]}|{pixels[q['id']]}".encode())
+              .hexdigest()[:16] for q in asked}
+    todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
-            prompt = judge_prompt(bench, q, answer, templates)
-            reply = judge(prompt, dict(q, answer=answer, bench=bench))
-            record = {"id": q["id"], "judge": jname, "answer": answer, "reply": reply}
+            reply = judge(prompts[q["id"]], dict(q, answer=answer, bench=bench))
+            record = {"id": q["id"], "judge": jname, "answer": answer, "reply": reply,
+                      "prompt_digest": digest[q["id"]]}
             f.write(json.dumps(record) + "\n")
             f.flush()
-            cache[(q["id"], jname, answer)] = reply
-    return {q["id"]: cache[(q["id"], jname, lines[q["id"]]["answer"])]
-            for q in qs if q["id"] in lines}
+            cache[(q["id"], jname, digest[q["id"]])] = reply
+    return {q["id"]: cache[(q["id"], jname, digest[q["id"]])] for q in asked}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1325,6 +1390,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
                 ids = scores[b]["unparsed_ids"][:5]
                 print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
                       f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
+    if ans.rescored_from:  # (--rescore: --ckpt names the folder; these wrote the answers)
+        scores["answers_from"] = sorted(ans.rescored_from, key=str)
     common.write_json(scores, os.path.join(out, "scores.json"))
     return scores
 

@@ -401,7 +401,7 @@ def test_cli_run_reuse_and_compare(env, capsys):
     assert scores["pope"]["random"]["n"] == 4
     assert scores["chair"]["n"] == 4 and scores["mmhal"]["n"] == 4 and scores["gavie"]["n"] == 4
     line = lines(d / "answers_pope_random.jsonl")[0]
-    assert set(line) == {"id", "prompt", "answer", "label", "source"}
+    assert set(line) == {"id", "prompt", "answer", "label", "source", "image_digest"}
     assert line["prompt"] == "Is there a circle in the image?"
     assert 0 <= scores["mmhal"]["score"] <= 6
 
@@ -452,6 +452,82 @@ def test_resume_after_an_interrupted_answers_file(env, capsys):
     run_cli(env, out, *args, "--temperature", "0.7")
     assert "reused 0 answers, generating 12" in capsys.readouterr().out
     assert len(lines(path)) == 24
+
+
+def test_answers_about_other_pixels_are_not_reused(env, capsys):
+    """An answer is about its image as much as its prompt: POPE asks the same questions under the
+    same ids in every world, so answers of a rewritten world (or another --image_folder) were
+    reused and scored against the new labels."""
+    import shutil
+    from PIL import Image, ImageOps
+    world = str(env["root"] / "repainted")
+    shutil.copytree(env["world"], world)
+    out = env["root"] / "pixels"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--world", world)
+    run_cli(env, out, *args)
+    capsys.readouterr()
+    run_cli(env, out, *args)
+    assert capsys.readouterr().out.count("reused 4 answers, generating 0") == 3
+    folder = os.path.join(world, "images", "test")
+    for name in os.listdir(folder):
+        image = Image.open(os.path.join(folder, name)).convert("RGB")
+        ImageOps.invert(image).save(os.path.join(folder, name))
+    run_cli(env, out, *args)
+    assert capsys.readouterr().out.count("reused 0 answers, generating 4") == 3
+    rows = lines(out / "m0" / "answers_pope_random.jsonl")
+    assert len(rows) == 8 and len({r["image_digest"] for r in rows}) > 1
+
+
+def test_rescore_reads_the_answers_of_one_run(env, capsys):
+    """--rescore took the last line written per question from any source: two runs' answers in
+    one file were scored as one."""
+    from conftest import run_cli as run_stage
+    out = env["root"] / "mixed"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope")
+    greedy = run_cli(env, out, *args)["m0"]
+    sampled = run_cli(env, out, *args, "--temperature", "1.0", "--limit", "2")["m0"]
+    again = run_cli(env, out, *args, "--rescore", "true")["m0"]  # these flags' answers
+    assert again["pope"] == greedy["pope"] and len(again["answers_from"]) == 1
+    assert "greedy" in again["answers_from"][0]
+    again = run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0", "--limit", "2")
+    assert again["m0"]["pope"] == sampled["pope"]
+    # a --ckpt that is gone: which run's answers count cannot be told
+    gone = str(env["root"] / "gone" / "m0")
+    argv = ["--ckpt", gone, "--benchmarks", "pope", "--world", env["world"], "--out", str(out),
+            *FAST, "--rescore", "true"]
+    code, _, err = run_stage("eval", argv)
+    assert code == 2 and "--rescore: pope_random answers of 2 runs here" in err, err
+
+
+def test_judge_replies_are_reused_only_for_the_same_prompt():
+    """Replies were keyed by (id, judge, answer): another question or reference under an id, or
+    a longer --judge_max_tokens, got the stored reply back."""
+    calls = []
+
+    class Judge:
+        name = "fake"
+
+        def __call__(self, prompt, record):
+            calls.append(prompt)
+            return "Rating: 3"
+
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "judge_mmhal.jsonl")
+    q = {"id": "0", "prompt": "What is red?", "gt": "A circle.", "image": "x.png",
+         "image_content": ["circle"], "qtype": "attribute"}
+    lines_ = {"0": {"answer": "A square.", "image_digest": "ab"}}
+    judges = {"judge": Judge(), "templates": {}}
+    cfg = E.Config()
+    for question in ("What is red?", "What is red?", "What is blue?"):
+        E.judge_replies("mmhal", [dict(q, prompt=question)], lines_, path, judges, cfg, "m0")
+    assert len(calls) == 2 and "blue" in calls[1]
+    E.judge_replies("mmhal", [q], {"0": dict(lines_["0"], image_digest="cd")}, path, judges, cfg,
+                    "m0")
+    assert len(calls) == 3  # the same words about another image
+    short = E.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1"))
+    long = E.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1",
+                                  judge_max_tokens=2048))
+    assert short.name != long.name
 
 
 def test_an_edited_answers_file_is_one_line_naming_the_record(env):
