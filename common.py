@@ -1052,6 +1052,24 @@ def rank_chunks(n, batch_size, d):
     return chunks
 
 
+def trained_base(resume_path, init):
+    """The checkpoint --init stands for in this run: on --resume, the base the run's adapters were
+    trained on (the resumed checkpoint's 'base'), not --init's newest checkpoint-N: a run folder
+    given as --init may have grown one since, and the adapters would move onto other weights."""
+    now = resolve_checkpoint(init)
+    if not resume_path:
+        return now
+    with open(os.path.join(resume_path, "config.json")) as f:
+        recorded = json.load(f).get("base")
+    if not recorded:  # (a merged, full model: no base)
+        return now
+    was = os.path.normpath(os.path.join(resume_path, recorded))
+    if os.path.realpath(was) != os.path.realpath(now):
+        print(f"note: --init {init} now holds {now}; resuming on {was}, the base this run was "
+              "trained on", flush=True)
+    return was
+
+
 def sharded_resume(resume_path, d):
     """Whether --resume loads FSDP shards: then the model is built from --init (or fresh) as at the
     start, sharded, and restore() loads the shards into it. (A final LoRA-merged model has no

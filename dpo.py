@@ -38,7 +38,7 @@ import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json,
                   normalize, load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid,
                   tokenize_conversations)
-from checkpoint import base_weights_dir, resolve_checkpoint
+from checkpoint import base_weights_dir
 
 
 @dataclass
@@ -403,7 +403,8 @@ def main(cfg):
         resume_path, state = common.load_resume(cfg.out, cfg, {"noise": noise_gen})
     else:
         resume_path, state = None, None
-    init_dir = resolve_checkpoint(cfg.init)
+    # (--resume of a LoRA run: the base its adapters were trained on)
+    init_dir = common.trained_base(resume_path, cfg.init)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = init_dir if sharded else resume_path or init_dir

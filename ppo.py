@@ -52,7 +52,7 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -736,7 +736,8 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
     check_policy_template(cfg, rm[2])
-    policy, critic, tokenizer = build_roles(cfg, d, tok_dir)
+    base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
+    policy, critic, tokenizer = build_roles(replace(cfg, init=base), d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
@@ -765,7 +766,7 @@ def main(cfg):
               f"facts {rm[0]}, {roles} | {n_train / 1e6:.3f}M trainable | {d.world} process(es)")
     images = ImageCache(policy.config.image_size)
     critic_images = ImageCache(critic.config.image_size)  # (used when it reads another size)
-    log, base = common.Logger(cfg.out, d.main), resolve_checkpoint(cfg.init)
+    log = common.Logger(cfg.out, d.main)
     for step in range(start, cfg.max_steps):
         lr_mult = common.cosine_lr(step, cfg.max_steps, 1.0, cfg.warmup, cfg.min_lr_ratio,
                                    cfg.warmup_from_zero)

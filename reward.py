@@ -367,14 +367,14 @@ def main(cfg):
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
-    load_from = cfg.init if sharded else resume_path or cfg.init
+    base = common.trained_base(resume_path, cfg.init)  # the RM points here for its frozen weights
+    load_from = base if sharded else resume_path or base
     # (a resumed run loads its own reward model)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
                                                        tokenizer_dir=tok_dir, device=d.device,
                                                        policy=resume_path is None)
     if cfg.pairs == "sampled":
         common.check_new_tokens(model, cfg, "sample_max_new_tokens")
-    base = resolve_checkpoint(cfg.init)  # the RM checkpoint points here for its frozen weights
     if resume_path is None and model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
                                  f"{sorted(model.adapters)}; "

@@ -852,3 +852,36 @@ def test_reward_blank_images(tiny_world, sft):
     black = data.normalize(torch.zeros_like(images.unit(pairs[0]["image"])))
     assert all(torch.equal(x, black) for x in pix[True])
     assert not torch.equal(pix[False][0], black) and not torch.equal(pix[False][0], pix[False][1])
+
+
+def test_resume_keeps_the_base_the_adapters_were_trained_on(sft, tiny_world, tmp_path):
+    """--init names an SFT run folder; resumed after that run grew a newer checkpoint-N, reward.py
+    pointed its new checkpoints at the newer one and ppo.py built its roles on it (the reward and
+    value adapters then sat on weights they were not trained on)."""
+    run = tmp_path / "sft_run"
+    shutil.copytree(sft, run / "checkpoint-000001")
+    rm, policy = str(tmp_path / "rm"), str(tmp_path / "ppo")
+    rm_args = ["--init", str(run), "--world", tiny_world, "--batch_size", "4", "--eval_prompt",
+               "short", "--eval_size", "4", "--save_every", "1", "--out", rm]
+    assert run_cli("reward", rm_args + ["--max_steps", "1"])[0] == 0
+    ppo_args = ["--init", str(run), "--reward", rm, "--world", tiny_world, "--save_every", "1",
+                "--export", "adapter", "--out", policy, *PPO_ARGS]
+    code, stdout, err = run_cli("ppo", ppo_args + ["--max_steps", "1"])
+    assert code == 0 and "one shared base" in stdout, err
+    newer = load_checkpoint(sft)  # the SFT run trained on: other weights
+    with torch.no_grad():
+        newer.language_model.embed_tokens.weight.mul_(1.5)
+    save_checkpoint_files(newer, run / "checkpoint-000002")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(sft, f), run / "checkpoint-000002")
+
+    def base_of(out, step):
+        path = os.path.join(out, f"checkpoint-{step:06d}")
+        recorded = json.load(open(os.path.join(path, "config.json")))["base"]
+        return os.path.basename(os.path.normpath(os.path.join(path, recorded)))
+    code, stdout, err = run_cli("reward", rm_args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 0 and "resuming on" in stdout, err
+    assert base_of(rm, 1) == base_of(rm, 2) == "checkpoint-000001"
+    code, stdout, err = run_cli("ppo", ppo_args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 0 and "one shared base" in stdout, err
+    assert base_of(policy, 2) == "checkpoint-000001"
