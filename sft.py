@@ -215,6 +215,17 @@ class Tokenized:
         return item
 
 
+def stage_steps(cfg, max_steps):
+    """(alignment steps, reading steps) of a fresh model's run of max_steps: --align_steps at
+    most half of them, then --read_steps leaving the last step (at least) to --data."""
+    fresh = not cfg.init
+    aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
+    align_steps = min(cfg.align_steps, max_steps // 2) if aligning else 0
+    reads_data = bool(cfg.read_data) and fresh
+    read_steps = min(cfg.read_steps, max_steps - align_steps - 1) if reads_data else 0
+    return align_steps, read_steps
+
+
 def main(cfg):
     if -1 < cfg.neg_ratio < 0:
         raise common.ConfigError(f"--neg_ratio {cfg.neg_ratio}: give a share in [0, 1], or -1 "
@@ -227,10 +238,7 @@ def main(cfg):
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
-    align_steps = min(cfg.align_steps, cfg.max_steps // 2) if aligning else 0
-    # the reading stage leaves the last step (at least) to --data
-    reads_data = bool(cfg.read_data) and fresh
-    read_steps = min(cfg.read_steps, cfg.max_steps - align_steps - 1) if reads_data else 0
+    align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0
     # (a stage that gets no step, as with --max_steps 1, has no batch to split)
     align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
@@ -250,6 +258,15 @@ def main(cfg):
     if skipped:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    planned = state and state["run_config"].get("max_steps")
+    if state and stage_steps(cfg, planned) != (align_steps, read_steps):
+        # (steps after the resumed one would run another stage than the run's plan said)
+        was = stage_steps(cfg, planned)
+        raise common.ConfigError(f"--max_steps {cfg.max_steps} on --resume: the stages would be "
+                                 f"{align_steps} alignment + {read_steps} reading steps, this run "
+                                 f"was planned with {was[0]} + {was[1]} (--max_steps {planned}); "
+                                 "resume with a --max_steps that keeps them, or pass another "
+                                 "--out")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     # FSDP: built from --init, the shards later
     sharded = common.sharded_resume(resume_path, d)

@@ -213,3 +213,16 @@ def test_a_stage_without_steps_does_not_check_its_batch(tiny_world, tmp_path):
             str(tmp_path / "one")]
     code, _, err = run_cli("sft", argv)
     assert code == 0, err
+
+
+def test_resume_refuses_a_max_steps_that_moves_the_stages(tiny_world, tmp_path):
+    """The stage boundaries come from --max_steps (alignment at most half, reading leaves the last
+    step to --data): a 2-step run resumed to 6 steps ran reading again after instruction tuning."""
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_steps", "2",
+            "--read_steps", "2", "--report", "false", "--save_every", "1", "--out",
+            str(tmp_path / "run")]
+    assert run_cli("sft", args + ["--max_steps", "2"])[0] == 0  # 1 alignment + 1 instruction
+    before = sorted(os.listdir(tmp_path / "run"))
+    code, _, err = run_cli("sft", args + ["--max_steps", "6", "--resume", "true"])
+    assert code == 2 and "--max_steps 6 on --resume" in err and "planned with 1 + 0" in err, err
+    assert sorted(os.listdir(tmp_path / "run")) == before
