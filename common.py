@@ -569,12 +569,25 @@ class Logger:
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.t0 = time.time()
-        # a run killed mid-line: drop the cut line before appending
+        # a run killed mid-line: drop the cut line before appending; killed between checkpoints:
+        # drop the rows of the steps after the newest one (resumed, they are run and logged again)
         if enabled and os.path.exists(self.path):
             with open(self.path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     f.truncate(data.rfind(b"\n") + 1)
+            newest = latest_checkpoint(out_dir)
+            self.keep_rows_up_to(int(os.path.basename(newest)[11:]) if newest else 0)
+
+    def keep_rows_up_to(self, step):
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _row_step(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def log(self, step, **metrics):
         if not self.enabled:
@@ -587,6 +600,15 @@ class Logger:
         with open(self.path, "a") as f:
             row = {"step": step, "time": round(elapsed, 3), **metrics}
             f.write(json.dumps(row) + "\n")
+
+
+def _row_step(line):
+    """A metrics.jsonl row's step (0 for a line that is not a row: kept as it is)."""
+    try:
+        step = json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return step if isinstance(step, (int, float)) else 0
 
 
 def _fmt(v):

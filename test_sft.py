@@ -226,3 +226,20 @@ def test_resume_refuses_a_max_steps_that_moves_the_stages(tiny_world, tmp_path):
     code, _, err = run_cli("sft", args + ["--max_steps", "6", "--resume", "true"])
     assert code == 2 and "--max_steps 6 on --resume" in err and "planned with 1 + 0" in err, err
     assert sorted(os.listdir(tmp_path / "run")) == before
+
+
+def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tiny_world, tmp_path):
+    """Rows of the steps after the newest checkpoint were kept, and the resumed run logged those
+    steps again: metrics.jsonl held step 3 twice (lab.py reads its rows in order)."""
+    import shutil
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_steps", "1",
+            "--read_steps", "1", "--report", "false", "--save_every", "2", "--log_every", "1",
+            "--max_steps", "3", "--out", str(out)]
+    assert run_cli("sft", args)[0] == 0
+    shutil.rmtree(out / "checkpoint-000003")  # killed after logging step 3, before its checkpoint
+    code, _, err = run_cli("sft", args + ["--resume", "true"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
