@@ -3,7 +3,8 @@ its own instruction data (VIG) and to re-answer it one sentence at a time (VIC);
 LLaVA-instruct file that sft.py trains on.
 
     python vigc.py  # Shapes: fine-tune ckpt/sft, generate for 200 unlabeled images, oracle report
-    python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0  # generate only
+    python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0 \
+        --out ckpt/vigc_gen  # generate only, with the trained model (a run folder of its own)
     python sft.py --data ckpt/vigc/vigc_data.json --image_folder data/shapes \
         --init ckpt/sft  # train on the result
     torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false \
