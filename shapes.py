@@ -1326,14 +1326,17 @@ class Config(World):
     """Write a Shapes world (same seed -> byte-identical files)."""
     out: str = "data/shapes"  # folder to write the world to
     seed: int = 0  # world seed
+    overwrite: bool = False  # replace a world of another seed, parameters or format in --out
     RANGES = dict(World.RANGES, seed="[0, inf)")
 
 
 def main(argv=None):
     import common
     args = asdict(common.parse_config(Config, argv, prog="shapes.py"))
-    out, seed = args.pop("out"), args.pop("seed")
+    out, seed, overwrite = args.pop("out"), args.pop("seed"), args.pop("overwrite")
     with common.user_errors(ValueError):  # a user's mistake: one line, exit code 2
+        if not overwrite:
+            refuse_another_world(out, seed, args)
         w = write_world(out, seed, **args)
     s = w["stats"]
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
@@ -1349,6 +1352,29 @@ def main(argv=None):
     read = "reading-stage (sft_read.json)"
     for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
         print(line)
+
+
+def refuse_another_world(out, seed, params):
+    """shapes.py writes over the same world (its files come out byte-identical), and over another
+    only with --overwrite: runs, answers and derived files made from the old one would stand on
+    a world that is not theirs."""
+    was = _fingerprint(out)
+    if was is None:  # (nothing readable there: write_world says what it refuses)
+        return
+    version, was_seed, was_params = was
+    now = json.loads(json.dumps(_params(params)))
+    changed = [k for k in now if not isinstance(was_params, dict) or was_params.get(k) != now[k]]
+    if version == FORMAT_VERSION and was_seed == seed and not changed:
+        return
+    if version != FORMAT_VERSION:
+        what = f"a world of format version {version}"
+    elif was_seed != seed:
+        what = f"the world of seed {was_seed}"
+    else:
+        k = changed[0]
+        what = f"a world with --{k} {was_params.get(k)} (now {now[k]})"
+    raise DataError(out, message=f"holds {what}: pass --overwrite true to replace it (what was "
+                                 "made from it would no longer match it)")
 
 
 def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):

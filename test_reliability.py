@@ -1709,6 +1709,26 @@ def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
     assert os.path.exists(tmp_path / "w" / "world.json") and live.exists()
 
 
+def test_shapes_replaces_another_world_only_with_overwrite(tmp_path):
+    """shapes.py wrote a world of another seed over one already there without a word: the runs
+    and answers made from the old one then stood on a world that was not theirs."""
+    out = tmp_path / "w"
+    sizes = dict(n_train=4, n_val=2, n_test=2, n_unlabeled=2, n_pref=4, n_povid=4, n_rl=4)
+    argv = lambda **change: ["--out", str(out)] + [x for k, v in dict(sizes, **change).items()
+                                                   for x in (f"--{k}", str(v))]
+    assert run_main(shapes_main, argv())[0] == 0
+    before = tree_hashes(out)
+    assert run_main(shapes_main, argv())[0] == 0  # the same world: written again, the same bytes
+    assert tree_hashes(out) == before
+    for change, want in (({"seed": 1}, "holds the world of seed 0"),
+                         ({"n_pref": 6}, "holds a world with --n_pref 4 (now 6)")):
+        code, _, err = run_main(shapes_main, argv(**change))
+        assert code == 2 and want in err and "--overwrite true" in err, err
+        assert tree_hashes(out) == before
+    code, _, err = run_main(shapes_main, argv(seed=1, overwrite="true"))
+    assert code == 0 and json.load(open(out / "world.json"))["seed"] == 1, err
+
+
 def test_checkpoints_carry_format_version_and_run_config(w):
     from checkpoint import FORMAT_NAME, FORMAT_VERSION, latest_checkpoint
     ck = latest_checkpoint(w.rm)
