@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import common
+from checkpoint import latest_checkpoint
 
 
 STAGES = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")
@@ -70,6 +71,24 @@ def compared_models(cfg):
     models = {s: os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")}
     trained = [m for s, m in models.items() if s in cfg.stages]
     return trained or [m for m in models.values() if os.path.isdir(m)]
+
+
+def refuse_stale_models(cfg, models):
+    """A model under --out older than the SFT checkpoint it would be compared with was trained
+    from an SFT run since replaced or extended (e.g. --stages sft --overwrite true, then --stages
+    eval): the table would set models of two SFT runs side by side."""
+    def written(run):  # (its newest checkpoint's config.json: written last)
+        ck = latest_checkpoint(run)
+        return os.path.getmtime(os.path.join(ck, "config.json")) if ck else None
+    sft = os.path.join(cfg.out, "sft")
+    sft_time = written(sft)
+    for m in models:
+        if sft_time is not None and m != sft and (written(m) or sft_time) < sft_time:
+            later = [s for s in STAGES if s not in ("sft", "eval")]
+            raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
+                                     f"{sft}'s newest checkpoint, from an SFT run since replaced "
+                                     f"or extended: run --stages {','.join(later)},eval again (or "
+                                     "the stages of the models you compare)")
 
 
 def stage_commands(cfg):
@@ -134,6 +153,8 @@ def main(cfg):
     if "eval" in cfg.stages and not compared_models(cfg):  # (eval would read its own default)
         raise common.ConfigError(f"--stages {','.join(cfg.stages)}: eval compares the models of "
                                  f"sft, lrv, ppo or dpo, and none is given or in --out {cfg.out}")
+    if "eval" in cfg.stages and "sft" not in cfg.stages:
+        refuse_stale_models(cfg, compared_models(cfg))
     # an output the last stage writes, checked before the first trains
     outputs = [("--out", cfg.out), ("--world", cfg.world)]
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []

@@ -427,3 +427,26 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     lab.main(lab.replace(cfg, report_only=True))
     text = open(cfg.results).read()
     assert "lab wall clock 16.5 min" in text and "a lab of" not in text
+
+
+def test_eval_alone_refuses_models_older_than_the_sft(tmp_path, tiny_world):
+    """--stages eval compared whatever was under --out: after --stages sft --overwrite true, the
+    new SFT stood beside LRV, PPO and DPO trained from the old one."""
+    import pipeline
+    out = tmp_path / "ckpt"
+    for i, stage in enumerate(("lrv", "dpo", "sft")):  # written in this order
+        ck = out / stage / "checkpoint-000001"
+        ck.mkdir(parents=True)
+        (ck / "config.json").write_text("{}")
+        os.utime(ck / "config.json", (1000 + i, 1000 + i))
+    cfg = pipeline.Config(out=str(out), stages=("eval",), world=tiny_world)
+    with pytest.raises(common.ConfigError, match="ckpt/lrv was trained before .*ckpt/sft's newest"):
+        pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+    for stage in ("lrv", "dpo"):  # trained again after it
+        os.utime(out / stage / "checkpoint-000001" / "config.json", (2000, 2000))
+    pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+    argv = ["--out", str(out), "--stages", "eval", "--world", tiny_world, "--eval_out",
+            str(tmp_path / "eval")]
+    os.utime(out / "dpo" / "checkpoint-000001" / "config.json", (10, 10))
+    code, _, err = run_cli("pipeline", argv)
+    assert code == 2 and "dpo was trained before" in err, err
