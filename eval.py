@@ -55,7 +55,8 @@ import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
 from formats import TAG_IN_TEXT, record_label
-from checkpoint import is_peft_dir, refuse_scalar_model, resolve_checkpoint
+from checkpoint import (base_weights_dir, is_peft_dir, peft_base_dir, refuse_scalar_model,
+                        resolve_checkpoint)
 from model import CheckpointError
 
 BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
@@ -642,15 +643,24 @@ def image_digest(path):
 
 
 def source(cfg, ckpt):
-    """What an answer depends on besides its prompt: the checkpoint's files (path and newest mtime)
-    and the decoding settings. Answers from another source are kept in the file but not reused."""
+    """What an answer depends on besides its prompt and image: the checkpoint's files (path and
+    newest mtime, over the base its adapters sit on too), the CLIP tower given, the device and
+    the decoding settings. Answers from another source are kept in the file but not reused."""
     path = os.path.abspath(resolve_checkpoint(ckpt))
-    stamp = max((os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)), default=0)
+    folders = [path]
+    try:  # an adapter checkpoint's answers change when its base is trained again
+        base = peft_base_dir(path) if is_peft_dir(path) else base_weights_dir(path)
+        folders += [base] if base and os.path.realpath(base) != os.path.realpath(path) else []
+    except (OSError, ValueError, CheckpointError):  # (loading names what is wrong with it)
+        pass
+    stamp = max((os.path.getmtime(os.path.join(d, f)) for d in folders for f in os.listdir(d)),
+                default=0)
     if cfg.temperature == 0:
         decoding = "greedy"
     else:
         decoding = f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}"
-    return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {decoding}"
+    tower = f" vision_tower={os.path.abspath(cfg.vision_tower)}" if cfg.vision_tower else ""
+    return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {cfg.device}{tower} {decoding}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import common  # noqa: E402
 import eval as E  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
-from checkpoint import save_checkpoint_files  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint_files  # noqa: E402
 from model import LLaVA  # noqa: E402
 
 CIRCLE = {"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0, "position": "left",
@@ -476,6 +476,30 @@ def test_answers_about_other_pixels_are_not_reused(env, capsys):
     assert capsys.readouterr().out.count("reused 0 answers, generating 4") == 3
     rows = lines(out / "m0" / "answers_pope_random.jsonl")
     assert len(rows) == 8 and len({r["image_digest"] for r in rows}) > 1
+
+
+def test_answers_of_an_adapter_checkpoint_follow_its_base(env, capsys):
+    """An adapter checkpoint's source hashed its own folder's mtimes alone: after its base was
+    trained again, its stored answers were reused (the model, never loaded, would have refused
+    the changed base)."""
+    import shutil
+    base = env["root"] / "adapter_base"
+    shutil.copytree(env["ckpts"][0], base)
+    m = load_checkpoint(str(base))
+    m.add_adapter("policy", 2, 4, 0.0)
+    adapter = env["root"] / "adapter_run"
+    save_checkpoint_files(m, str(adapter), base=str(base))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / f, adapter / f)
+    out = env["root"] / "adapter_eval"
+    args = ("--ckpt", str(adapter), "--benchmarks", "pope")
+    run_cli(env, out, *args)
+    capsys.readouterr()
+    later = os.path.getmtime(base / "config.json") + 10
+    for f in os.listdir(base):  # the base written again (same bytes: the mtime is what moves)
+        os.utime(base / f, (later, later))
+    run_cli(env, out, *args)
+    assert capsys.readouterr().out.count("reused 0 answers") == 3
 
 
 def test_rescore_reads_the_answers_of_one_run(env, capsys):
