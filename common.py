@@ -827,8 +827,10 @@ def start_writing(cfg, d, data_files=()):
         old_lock.close()
         print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no "
               "longer needed)")
-    if not cfg.resume:
-        write_json({"data": digests}, run_file, indent=2)
+    if not cfg.resume:  # (and the checkpoint --init stood for: --resume keeps to it)
+        init = getattr(cfg, "init", "")
+        record = {"init": os.path.abspath(resolve_checkpoint(init))} if init else {}
+        write_json({"data": digests, **record}, run_file, indent=2)
 
 
 def data_specs(value):
@@ -1076,19 +1078,26 @@ def rank_chunks(n, batch_size, d):
 
 def trained_base(resume_path, init):
     """The checkpoint --init stands for in this run: on --resume, the base the run's adapters were
-    trained on (the resumed checkpoint's 'base'), not --init's newest checkpoint-N: a run folder
-    given as --init may have grown one since, and the adapters would move onto other weights."""
+    trained on (the resumed checkpoint's 'base'; a full model: the --init run.json recorded), not
+    --init's newest checkpoint-N: a run folder given as --init may have grown one since, and the
+    adapters (a full DPO run: its reference) would move onto other weights."""
     now = resolve_checkpoint(init)
     if not resume_path:
         return now
     with open(os.path.join(resume_path, "config.json")) as f:
         recorded = json.load(f).get("base")
-    if not recorded:  # (a merged, full model: no base)
+    was = os.path.normpath(os.path.join(resume_path, recorded)) if recorded else None
+    if was is None:  # a full model: the --init its run started from (run.json; older runs: none)
+        try:
+            with open(os.path.join(os.path.dirname(resume_path), RUN_FILE)) as f:
+                was = json.load(f).get("init")
+        except (OSError, ValueError, AttributeError):
+            was = None
+    if not was:
         return now
-    was = os.path.normpath(os.path.join(resume_path, recorded))
     if os.path.realpath(was) != os.path.realpath(now):
-        print(f"note: --init {init} now holds {now}; resuming on {was}, the base this run was "
-              "trained on", flush=True)
+        print(f"note: --init {init} now holds {now}; resuming on {was}, what this run was "
+              "trained from", flush=True)
     return was
 
 

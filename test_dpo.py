@@ -514,3 +514,21 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
     argv = merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json")))
     code, _, err = run_script("dpo.py", argv, env={"OMP_NUM_THREADS": "1"})
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_full_finetune_resume_keeps_the_reference_it_started_from(env, tmp_path):
+    """--init an SFT run folder that grew a newer checkpoint-N: a resumed full fine-tune took the
+    newer one as its reference (a new cache computed from other weights)."""
+    run = tmp_path / "sft_run"
+    shutil.copytree(env["init"], run / "checkpoint-000001")
+    out = tmp_path / "full"
+    full = ["--init", run, "--lora_r", "0", "--max_steps", "1", "--eval_n", "2"]
+    assert "computed" in cli(*args(env, out, *full))
+    newer = load_checkpoint(env["init"])
+    with torch.no_grad():
+        newer.language_model.embed_tokens.weight.mul_(1.5)
+    save_checkpoint_files(newer, str(run / "checkpoint-000002"))
+    env["tok"].save_pretrained(str(run / "checkpoint-000002"))
+    stdout = cli(*args(env, out, *full, "--resume", "true", "--max_steps", "2"))
+    assert "reusing" in stdout and "what this run was trained from" in stdout
+    assert len([f for f in os.listdir(out) if f.startswith("ref_logps-")]) == 1
