@@ -539,6 +539,11 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# --skip_nonfinite: this many skipped updates in a row stop the run (every step skipped trained
+# nothing, and the run exited 0)
+MAX_SKIPPED_IN_A_ROW = 10
+
+
 def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     """One update, the same in every stage: sum the gradients over ranks, clip, check that loss and
     gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
@@ -549,8 +554,14 @@ def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
         loss = all_reduce_sum(loss, d)
     skip_nonfinite = getattr(cfg, "skip_nonfinite", False)
     norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, skip_nonfinite, loss)
+    opt.skipped_in_a_row = 0 if norm is not None else getattr(opt, "skipped_in_a_row", 0) + 1
     if norm is not None:
         opt.step()
+    elif opt.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # (the same on every rank: a global norm)
+        last = latest_checkpoint(cfg.out) or "none yet"
+        raise NonFiniteError(f"step {step + 1}: {MAX_SKIPPED_IN_A_ROW} updates in a row "
+                             "non-finite and skipped (--skip_nonfinite skips a bad batch; this is "
+                             f"the settings or the weights); stopped. Last good checkpoint: {last}")
     elif d.main:
         print(f"warning: step {step + 1}: non-finite loss or gradient; update skipped "
               "(--skip_nonfinite)", flush=True)

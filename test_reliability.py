@@ -1807,8 +1807,9 @@ def reliability_md():
         "`step N: non-finite ...; Last good checkpoint: ...`",
         "  (exit 2; that checkpoint loads and resumes), or skips the update with "
         "`--skip_nonfinite true`",
-        "  (sft, reward, ppo, dpo, vigc). Tests inject the fault by patching "
-        "`common.optimizer_step`.",
+        "  (sft, reward, ppo, dpo, vigc; 10 skipped in a row stop the run, exit 2). Tests inject "
+        "the fault by",
+        "  patching `common.optimizer_step`.",
         "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run "
         "config; a newer or",
         "  foreign format is refused in one line.",
@@ -2152,6 +2153,20 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row = [r for r in metric_rows(out) if r["step"] == 2 and "grad_norm" in r][-1]
     assert row["grad_norm"] != row["grad_norm"]  # NaN: logged as skipped
+
+
+def test_skip_nonfinite_stops_when_every_update_is_skipped(w, tmp_path, monkeypatch):
+    """--skip_nonfinite true with a setting that makes every step non-finite skipped each one and
+    exited 0, untrained."""
+    out = str(tmp_path / "run")
+    argv = base_args("sft", w, out) + ["--max_steps", "12", "--skip_nonfinite", "true"]
+    step = common.optimizer_step
+    for n in range(1, 13):  # every update's gradient NaN
+        step = fault_at(n, step)
+    monkeypatch.setattr(common, "optimizer_step", step)
+    code, stdout, err = run_cli("sft", argv)
+    assert code == 2 and "step 10: 10 updates in a row non-finite and skipped" in err, err
+    assert stdout.count("update skipped") == 9
 
 
 def test_reward_holds_out_a_pair_of_a_small_file(w, tmp_path):
