@@ -529,8 +529,8 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
             return None
         last = latest_checkpoint(out_dir) or "none yet"
         raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; "
-                             f"stopped. Last good checkpoint: {last} (resume with --resume, or "
-                             "pass --skip_nonfinite true)")
+                             f"stopped. Last good checkpoint: {last} (resume with --resume "
+                             "true, and --skip_nonfinite true to skip such steps)")
     return float(norm)
 
 

@@ -1,9 +1,9 @@
-"""Preference optimisation of a LLaVA: DPO (arXiv 2305.18290), IPO (arXiv 2310.12036), conservative
+r"""Preference optimisation of a LLaVA: DPO (arXiv 2305.18290), IPO (arXiv 2310.12036), conservative
 DPO (label smoothing), robust DPO, reference-free DPO, and POVID (arXiv 2402.11411).
 
     python dpo.py  # Shapes: ground truth vs injected hallucination, from ckpt/sft
     python dpo.py --povid_stage 2 --init ckpt/dpo --out ckpt/povid  # POVID stage 2 from stage 1
-    python dpo.py --loss ipo --beta 0.5  # IPO on length-normalised log-probs
+    python dpo.py --loss ipo --beta 0.5 --out ckpt/dpo_ipo  # IPO on length-normalised log-probs
     torchrun --nproc_per_node=8 dpo.py --init llava-v1.5-7b \
         --data POVID_preference_data_for_VLLMs.json --image_folder coco/ \
         --lora_r 128 --lora_alpha 256 --lr 1e-6 --device cuda --dtype bf16

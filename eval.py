@@ -1482,8 +1482,9 @@ def main(cfg):
     # fail before any work on a checkpoint that cannot load
     for c in ckpts if not cfg.rescore else []:
         if not os.path.isdir(c):
-            raise common.ConfigError(f"{c}: checkpoint directory not found "
-                                     "(train one: python sft.py; or pass --ckpt DIR)")
+            fix = "train it, or leave it out of --compare" if cfg.compare else \
+                "train one: python sft.py; or pass --ckpt DIR"
+            raise common.ConfigError(f"{c}: checkpoint directory not found ({fix})")
         # (a PEFT adapter folder has no config.json: its adapter_config.json names the base)
         ckpt_dir = resolve_checkpoint(c)
         path = os.path.join(ckpt_dir, "adapter_config.json" if is_peft_dir(ckpt_dir) else

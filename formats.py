@@ -404,7 +404,7 @@ def load_caption_map(path):
     return obj
 
 
-def _captions(r, caption_map, key, need):
+def _captions(r, caption_map, key, need, fix="pass --captions FILE, or --facts false"):
     if r.get("captions") is None and caption_map is not None and key in caption_map:
         r = {"captions": caption_map[key]}
     caps = _strlist(r, "captions", optional=True)
@@ -412,8 +412,8 @@ def _captions(r, caption_map, key, need):
         where = ""
         if caption_map is not None:
             where = f" (none inline, none under {key!r} in the captions file)"
-        raise _bad("captions", f"no captions{where}: Fact-RLHF facts need captions; add them, pass "
-                               "a captions file, or pass --facts false")
+        message = f"no captions{where}: Fact-RLHF facts need captions; add them, {fix}"
+        raise _bad("captions", message)
     return caps
 
 
@@ -452,6 +452,10 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
     return _ret(out, skipped, on_error)
 
 
+# (ppo.py reads facts or not from its --reward's checkpoint)
+RL_FIX = "pass --captions FILE, or a --reward trained with reward.py --facts false"
+
+
 def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise",
                     captions_path=None, need_captions=True, first_turn_only=True):
     """LLaVA-RLHF RL prompts: [{"id", "image", "conversations", "caption_type", "length_bonus"}]
@@ -475,7 +479,8 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
         key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
         prompt = conv[:1] if first_turn_only else _prompt(conv)
         return {"id": r.get("id"), "image": image, "prompt": prompt,
-                "captions": _captions(r, caption_map, key, need_captions), "caption_type": ct,
+                "captions": _captions(r, caption_map, key, need_captions, RL_FIX),
+                "caption_type": ct,
                 "length_bonus": float(lb)}
 
     out, skipped = _each(path, _records(path), fn, on_error)

@@ -982,8 +982,9 @@ def main(cfg):
     sft_config = os.path.join(resolve_checkpoint(cfg.sft), "config.json")
     trains = not cfg.report_only  # (every run would fail, then the report replaces --results)
     if not os.path.isdir(cfg.sft) or (trains and not os.path.isfile(sft_config)):
+        seed = f" --world_seed {cfg.world_seed}" if cfg.world_seed else ""
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (no config.json; run "
-                                 "python pipeline.py first, or pass --sft DIR)")
+                                 f"python pipeline.py{seed} first, or pass --sft DIR)")
     if trains:  # (else every run fails, and the report of none replaces --results)
         refuse_scalar_model(resolve_checkpoint(cfg.sft))
         if os.path.exists(cfg.world):  # a world there is checked, never rewritten; none: written

@@ -1,8 +1,9 @@
-"""The main job: every stage on the built-in Shapes world, then one comparison table.
+r"""The main job: every stage on the built-in Shapes world, then one comparison table.
 
     python pipeline.py                # SFT -> LRV, RM -> PPO, DPO/POVID, VIGC -> eval (2 CPU cores)
     python pipeline.py --world_seed 1 # other world: data/shapes-seed1, ckpt-seed1, runs/eval-seed1
-    python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck  # the suite's smoke test
+    python pipeline.py --steps 2 --model tiny --world /tmp/w --out /tmp/ck \
+        --eval_out /tmp/ev  # the suite's smoke test (all its outputs under /tmp)
 
 Each stage is the plain script (`python sft.py`, `python reward.py`, ...) with its defaults plus the
 step budget below, run as its own process exactly as a user would; each reads the previous stage's
@@ -155,6 +156,13 @@ def main(cfg):
                                  f"sft, lrv, ppo or dpo, and none is given or in --out {cfg.out}")
     if "eval" in cfg.stages and "sft" not in cfg.stages:
         refuse_stale_models(cfg, compared_models(cfg))
+    for stage in cfg.stages if not cfg.overwrite else ():  # (the stage's own hint names flags
+        # the pipeline does not take)
+        out = os.path.join(cfg.out, stage)
+        if stage != "eval" and common.holds_run(out):
+            raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {out} holds a run: pass "
+                                     "--overwrite true to train it again (the old run is moved "
+                                     f"aside, kept), or leave {stage} out of --stages to use it")
     # an output the last stage writes, checked before the first trains
     outputs = [("--out", cfg.out), ("--world", cfg.world)]
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []

@@ -1,4 +1,4 @@
-"""Fact-RLHF PPO (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.3; PPO: Schulman et al. 2017; RLHF recipe:
+r"""Fact-RLHF PPO (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.3; PPO: Schulman et al. 2017; RLHF recipe:
 Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through named LoRA adapters:
 
     policy     base + 'policy' LoRA (new, B = 0: starts as the SFT model)          trained

@@ -1,9 +1,9 @@
-"""Reward model for Fact-RLHF (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.2-2.3): the SFT model with a
+r"""Reward model for Fact-RLHF (LLaVA-RLHF, arXiv 2309.14525, Sec. 2.2-2.3): the SFT model with a
 LoRA adapter 'reward' and a scalar head 'reward' read at the last token of an evaluation turn that,
 with --facts, lists the image's captions (Factually Augmented RLHF).
 
     python reward.py  # Shapes: ground truth vs injected hallucination
-    python reward.py --pairs sampled  # two SFT samples per prompt, ranked by the exact oracle
+    python reward.py --pairs sampled --out ckpt/rm_sampled  # SFT samples ranked by the oracle
     python reward.py --facts false --out ckpt/rm_plain  # ablation: the plain RLHF reward model
     python reward.py --blank_images true --out ckpt/rm_blank  # control: facts read without images?
     torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
@@ -11,7 +11,8 @@ with --facts, lists the image's captions (Factually Augmented RLHF).
         --lr 2e-5 --batch_size 32 --max_steps 200 --grad_clip 0.3 --max_len 2623 \
         --prompt_space true --device cuda --dtype bf16  # LLaVA-RLHF's settings (README)
     python reward.py --init LLaVA-RLHF-13b-v1.5-336/sft_model \
-        --import_llava_rlhf LLaVA-Fact-RM-13b-v1.5-336-lora-padding/checkpoint-200 --out ckpt/rm
+        --import_llava_rlhf LLaVA-Fact-RM-13b-v1.5-336-lora-padding/checkpoint-200 \
+        --out ckpt/rm_llava_rlhf
         # LLaVA-RLHF's own reward model, untrained further, as a checkpoint ppo.py --reward reads
 
 The scored sequence (data.reward_item; ppo.py scores its rollouts with the same one, so it lives in

@@ -408,7 +408,12 @@ BAD_INPUT = [
     C("ppo", "no-captions",
       "RL prompts without captions while the reward model uses facts (a real process)",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", captions=None))],
-      ("rl.json", "record 0", "field 'captions'", "Fact-RLHF facts need captions"), proc=True),
+      ("rl.json", "record 0", "field 'captions'", "Fact-RLHF facts need captions",
+       "a --reward trained with reward.py --facts false"), proc=True),
+    C("eval", "compare-missing", "--compare naming a checkpoint that is not there (the hint named "
+      "--ckpt, which --compare refuses)",
+      lambda w, t: ["--ckpt", "ckpt/sft", "--compare", w.sft, str(t.root / "ppo")],  # (default)
+      ("ppo: checkpoint directory not found", "leave it out of --compare")),
     C("ppo", "caption-type", "caption_type 9 (must be 1-7)",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", caption_type=9))],
       ("rl.json", "record 0", "field 'caption_type'", "got 9")),
@@ -661,6 +666,11 @@ BAD_INPUT += [
       "a stage refusing its input (the stage's line only, not a second from the pipeline)",
       lambda w, t: ["--stages", "lrv", "--world", w.world, "--out", str(t.root / "no-ckpt")],
       ("no-ckpt/sft", "checkpoint directory not found"), proc=True),
+    C("pipeline", "stage-out-holds-a-run", "a stage whose --out holds a run (the stage's hint "
+      "named --resume, which the pipeline does not take)",
+      lambda w, t: ["--stages", "sft", "--world", w.world, "--out",
+                    str(shutil.copytree(w.sft, t.root / "ck" / "sft").parent)],
+      ("ck/sft holds a run", "--overwrite true", "leave sft out of --stages")),
     C("pipeline", "repeated-flag", "a flag given twice",
       lambda w, t: ["--steps", "2", "--steps", "3"], ("pipeline.py: --steps is given twice",),
       strict=True),

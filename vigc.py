@@ -1,4 +1,4 @@
-"""VIGC: visual instruction generation and correction (arXiv 2308.12714): a LLaVA learns to write
+r"""VIGC: visual instruction generation and correction (arXiv 2308.12714): a LLaVA learns to write
 its own instruction data (VIG) and to re-answer it one sentence at a time (VIC); the result is a
 LLaVA-instruct file that sft.py trains on.
 
@@ -6,7 +6,7 @@ LLaVA-instruct file that sft.py trains on.
     python vigc.py --init ckpt/vigc --max_steps 0 --generate 300 --temperature 1.0 \
         --out ckpt/vigc_gen  # generate only, with the trained model (a run folder of its own)
     python sft.py --data ckpt/vigc/vigc_data.json --image_folder data/shapes \
-        --init ckpt/sft  # train on the result
+        --init ckpt/sft --out ckpt/sft_vigc  # train on the result
     torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false \
         --data conversation_58k.json:conv,detail_23k.json:desc,complex_reasoning_77k.json:comp \
         --image_folder coco/train2017 --images coco/val2017 --generate 5000 \
@@ -511,7 +511,7 @@ def main(cfg):
                                      "change --vic_mode")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found "
-                                 "(train the SFT model first: python sft.py)")
+                                 "(train it first: python sft.py; a VIGC model: python vigc.py)")
     if cfg.max_steps == 0 and cfg.generate == 0:  # (--overwrite would move a run aside for it)
         raise common.ConfigError("--max_steps 0 and --generate 0: nothing to do (train, generate, "
                                  "or both)")
