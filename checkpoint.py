@@ -252,6 +252,26 @@ def _text_fields(t, prefix=""):
     scaling_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if scaling not in (None, {}) and scaling_type not in (None, "default"):
         raise CheckpointError(f"config: rope_scaling {t['rope_scaling']} is not supported")
+    # transformers 5 writes the scaling here (and rope_scaling: null)
+    params = t.get("rope_parameters")
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    if rope_type != "default":
+        raise CheckpointError(f"config: field '{prefix}rope_parameters.rope_type': {rope_type!r} "
+                              "is not supported (default RoPE only)")
+    # what the decoder computes: LLaMA's SiLU MLP (Gemma, Granite and Mistral's sliding window
+    # share its weight names but not its math: read, they would answer wrongly without a word)
+    act = t.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise CheckpointError(f"config: field '{prefix}hidden_act': {act!r} is not supported "
+                              "(LLaMA's silu only)")
+    kind = t.get("model_type", "llama")
+    if kind not in ("llama", "mistral", "llava", "llava_llama", "llava_mistral"):
+        raise CheckpointError(f"config: field '{prefix}model_type': {kind!r} is not supported "
+                              "(a LLaMA language model)")
+    window = t.get("sliding_window")
+    if isinstance(window, int) and window < t.get("max_position_embeddings", 2048):
+        raise CheckpointError(f"config: field '{prefix}sliding_window': {window} is not supported "
+                              "(attention over every earlier token only)")
     get = lambda key, default, kind=int: _typed_get(t, key, default, kind, prefix)
     heads = get("num_attention_heads", 32)
     hidden = get("hidden_size", 4096)
@@ -1348,6 +1368,17 @@ def load_peft_adapter(model, path, name, merge=True):
         if cfg.get(field):
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported "
                                   "(plain LoRA only)")
+    # a base PEFT rewrites from the weights at load (not converted when saved), LoRA from the
+    # invocation tokens on (aLoRA), layers reordered: read as plain LoRA, each answered wrongly
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
+        raise CheckpointError(f"{cfg_path}: field 'init_lora_weights': {init!r} is not supported "
+                              "(save it converted to plain LoRA: PEFT's "
+                              "path_initial_model_for_weight_conversion)")
+    for field in ("alora_invocation_tokens", "layer_replication"):
+        if cfg.get(field):
+            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.60} is not "
+                                  "supported (plain LoRA only)")
     if cfg.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported "
                               "('none')")

@@ -1461,6 +1461,26 @@ BAD_INPUT += [
     C("sft", "init-hf-hidden-string", "--init llava-hf whose text_config.hidden_size is '32'",
       lambda w, t: _hf_edit(t, "hid", lambda c: c["text_config"].update(hidden_size="32")),
       ("hid/config.json", "field 'text_config.hidden_size'", "expected an integer, got '32'")),
+    # a language model with LLaMA's weight names and other math (read, each answered wrongly)
+    *[C("sft", f"init-hf-{name}", f"--init llava-hf whose text_config has {what}",
+        lambda w, t, name=name, change=change: _hf_edit(t, name,
+                                                         lambda c: c["text_config"].update(change)),
+        (f"{name}/config.json", f"field 'text_config.{field}'", "is not supported"))
+      for name, what, change, field in (
+          ("ropelin", "rope_parameters of type linear (transformers 5)",
+           {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
+           "rope_parameters.rope_type"),
+          ("gelu", "hidden_act gelu", {"hidden_act": "gelu"}, "hidden_act"),
+          ("granite", "model_type granite", {"model_type": "granite"}, "model_type"),
+          ("window", "a sliding window of 4", {"model_type": "mistral", "sliding_window": 4},
+           "sliding_window"))],
+    *[C("sft", f"init-peft-{name}", f"--init a PEFT adapter with {field} {value!r}",
+        lambda w, t, name=name, field=field, value=value: [
+            "--init", _peft(t, name, config={field: value})],
+        (f"{name}/adapter_config.json", f"field '{field}'", "is not supported"))
+      for name, field, value in (("pissa", "init_lora_weights", "pissa"),
+                                 ("alora", "alora_invocation_tokens", [5, 6]),
+                                 ("repl", "layer_replication", [[1, 2], [0, 1]]))],
     C("sft", "init-hf-eos-list", "--init llava-hf whose eos_token_id is a list (as Llama 3's)",
       lambda w, t: _hf_edit(t, "eos", lambda c: c["text_config"].update(eos_token_id=[2, 3])),
       ("eos/config.json", "field 'text_config.eos_token_id'", "expected an integer")),
