@@ -462,7 +462,8 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     if is_peft_dir(path):
         model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
         load_peft_adapter(model, path, "default")
-        model.set_adapter("default")
+        if "default" in model.adapters:  # (LoRA only on CLIP or the projector: merged, no adapter)
+            model.set_adapter("default")
         return model
     if vision_tower and _resolve_clip_dir(vision_tower, path) is None:  # (was passed over unread)
         raise CheckpointError(f"--vision_tower {vision_tower}: not a CLIP directory (no "

@@ -167,6 +167,21 @@ def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere,
         torch.testing.assert_close(other(pixels, ids), ref, atol=ATOL, rtol=0)
 
 
+def test_peft_adapter_on_the_projector_alone_loads_merged(tmp_path):
+    """LoRA only outside the language model: merged into the base, no adapter left to activate
+    (load_checkpoint failed with a ValueError, 'no adapter default')."""
+    from peft import LoraConfig
+    hf_llava().save_pretrained(tmp_path / "base")
+    pm = trained_peft(tmp_path, LoraConfig(r=4, lora_alpha=8,
+                                           target_modules=["linear_1", "linear_2"]))
+    pixels, ids = inputs(seed=3)
+    ours = load_checkpoint(tmp_path / "adapter").eval()
+    assert ours.active_adapter is None and not ours.adapters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels, ids), peft_logits(pm, pixels, ids), atol=ATOL,
+                                   rtol=0)
+
+
 def test_peft_adapter_on_some_layers_stays_on_them(tmp_path, caught):
     """layers_to_transform: PEFT puts LoRA on the listed layers only; so do we, through our own
     checkpoint and back out to PEFT (before, every layer got an adapter, zero B on the others,
