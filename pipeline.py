@@ -84,7 +84,8 @@ def refuse_stale_models(cfg, models):
     sft = os.path.join(cfg.out, "sft")
     sft_time = written(sft)
     for m in models:
-        if sft_time is not None and m != sft and (written(m) or sft_time) < sft_time:
+        m_time = written(m) if m != sft else None
+        if sft_time is not None and m_time is not None and m_time < sft_time:
             later = [s for s in STAGES if s not in ("sft", "eval")]
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
                                      f"{sft}'s newest checkpoint, from an SFT run since replaced "

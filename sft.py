@@ -259,9 +259,9 @@ def main(cfg):
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     planned = state and state["run_config"].get("max_steps")
-    if state and stage_steps(cfg, planned) != (align_steps, read_steps):
+    was = stage_steps(cfg, planned) if state else (align_steps, read_steps)
+    if was != (align_steps, read_steps):
         # (steps after the resumed one would run another stage than the run's plan said)
-        was = stage_steps(cfg, planned)
         raise common.ConfigError(f"--max_steps {cfg.max_steps} on --resume: the stages would be "
                                  f"{align_steps} alignment + {read_steps} reading steps, this run "
                                  f"was planned with {was[0]} + {was[1]} (--max_steps {planned}); "
