@@ -389,10 +389,11 @@ def build_roles(cfg, d, tok_dir=""):
     return policy, critic, tokenizer
 
 
-def check_policy_template(cfg, template):
+def check_policy_template(cfg, init_dir, template):
     """The policy's prompts are rendered with the reward model's template (LLaVA-RLHF uses one for
-    both): an SFT checkpoint of ours that recorded another one is refused, not re-prompted."""
-    path = os.path.join(resolve_checkpoint(cfg.init), "config.json")
+    both): an SFT checkpoint of ours (init_dir) that recorded another one is refused, not
+    re-prompted."""
+    path = os.path.join(init_dir, "config.json")
     try:
         with open(path) as f:
             rc = json.load(f).get("run_config")
@@ -735,8 +736,8 @@ def main(cfg):
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
-    check_policy_template(cfg, rm[2])
     base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
+    check_policy_template(cfg, base, rm[2])
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts

@@ -180,10 +180,7 @@ class Tokenized:
         self.items, self.dropped = [], 0
         template = template or cfg.template
         # a --data weight > 1 repeats records (the same objects): each is tokenized once
-        first = {}
-        for r in records:
-            first.setdefault(id(r), r)
-        unique = list(first.values())
+        unique = list({id(r): r for r in records}.values())
         try:
             tokenized = tokenize_conversations(tokenizer, [r["conversations"] for r in unique],
                                                model_config.image_token_id,

@@ -1312,8 +1312,8 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     was_params = dict(DEFAULTS, **was_params)  # (as load_params)
     _check_stored_params(out_dir, was_params)
     wanted = _params(params) if params else was_params
-    if wanted != was_params:
-        differ = sorted(k for k in DEFAULTS if was_params[k] != wanted[k])
+    differ = _params_differ(was_params, wanted)
+    if differ:
         message = f"holds a world with other parameters ({', '.join(differ)}): {how}"
         raise DataError(out_dir, message=message)
     if not os.path.isdir(os.path.join(out_dir, "tokenizer")):
@@ -1354,6 +1354,11 @@ def main(argv=None):
         print(line)
 
 
+def _params_differ(was, now):
+    """The world parameters whose values differ between two parameter dicts, sorted."""
+    return sorted(k for k in DEFAULTS if was.get(k) != now[k])
+
+
 def refuse_another_world(out, seed, params):
     """shapes.py writes over the same world (its files come out byte-identical), and over another
     only with --overwrite: runs, answers and derived files made from the old one would stand on
@@ -1362,8 +1367,9 @@ def refuse_another_world(out, seed, params):
     if was is None:  # (nothing readable there: write_world says what it refuses)
         return
     version, was_seed, was_params = was
-    now = json.loads(json.dumps(_params(params)))
-    changed = [k for k in now if not isinstance(was_params, dict) or was_params.get(k) != now[k]]
+    was_params = dict(DEFAULTS, **was_params) if isinstance(was_params, dict) else {}
+    now = _params(params)
+    changed = _params_differ(was_params, now)
     if version == FORMAT_VERSION and was_seed == seed and not changed:
         return
     if version != FORMAT_VERSION:
