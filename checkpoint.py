@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 import torch.nn as nn
@@ -571,6 +571,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
                               "LLaVA directory and this one as the vision tower")
     else:  # unreachable: resolve_checkpoint handled run dirs
         raise CheckpointError(f"{path}: no checkpoint found")
+    if layout != "factalign":  # (ours records the tie as resolved when first loaded)
+        top_tie = layout == "llava-hf" and bool(_get(cfg, "tie_word_embeddings", False))
+        config = _tie_as_transformers(config, src, path, config.tie_embeddings or top_tie)
     model = _materialize(config, src, dtype, device, fresh_projector)
     if layout == "factalign" and adapters:
         _load_adapters(model, path, cfg, device)
@@ -646,6 +649,22 @@ class _FoldedLinearProjector:
         return self.src.key(part, name)
 
 
+def _tie_as_transformers(config, src, path, asked):
+    """The config with the head tied to the embeddings as transformers 5 ties it at load: when a
+    tie_word_embeddings flag asks (a llava-hf file's top-level or text_config one), unless the file
+    also holds an lm_head.weight that differs from the embeddings: then both are used as saved
+    (transformers warns and does not tie)."""
+    head, embed = ("lm_head", "weight"), ("text", "embed_tokens.weight")
+    if asked and src.has(*head) and src.has(*embed):
+        same = src.shape(*head) == src.shape(*embed) and torch.equal(src.get(*head),
+                                                                     src.get(*embed))
+        if not same:
+            print(f"note: {path}: tie_word_embeddings is true but lm_head.weight differs from "
+                  "embed_tokens: both read as saved (as transformers 5 loads it)", flush=True)
+            asked = False
+    return replace(config, tie_embeddings=bool(asked))
+
+
 def _materialize(config, src, dtype, device, fresh_projector=False):
     """Build the model on the meta device, then fill each parameter from the source one tensor at
     a time (no second full copy of the weights in RAM)."""
@@ -663,8 +682,8 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         if part == "text" and "rotary_emb" in name:
             continue
         if part == "lm_head" and config.tie_embeddings:
-            # as transformers: with tie_word_embeddings the head is embed_tokens, and a saved
-            # lm_head.weight (some exports write both) is not read, even where it differs
+            # tied: the head is embed_tokens, and a saved lm_head.weight (some exports write
+            # both) equals it (_tie_as_transformers unties a differing one)
             continue
         raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected "
                               "key)")
@@ -681,9 +700,11 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
             for part, name in parts:
                 if not src.has(part, name):
                     where = sorted({os.path.dirname(f) for f, _ in src.where.values()})
+                    why = ("tie_word_embeddings is false, so the head is its own weight"
+                           if part == "lm_head" else "expected by the config")
                     raise CheckpointError(f"{', '.join(where) or 'checkpoint'}: no weight for "
-                                          f"'{part}' '{name}' (expected by the config; another "
-                                          "architecture or a partial file?)")
+                                          f"'{part}' '{name}' ({why}; another architecture or a "
+                                          "partial file?)")
             expected = _split_shapes(our_name, p.shape, config, len(parts))
             tensors = []
             for (part, name), shp in zip(parts, expected):
@@ -902,7 +923,11 @@ def load_adapters(model, path, name="default"):
     if is_peft_dir(path):
         if name in model.adapters:
             raise CheckpointError(f"{path}: adapter '{name}' exists already in this model")
-        load_peft_adapter(model, path, name)
+        shared = sorted(set(model.adapters) | set(model.heads))
+        # merged into the one base, it would also change what those adapters and heads read
+        why = (f"would be merged into the base that {', '.join(shared)} share: merge this "
+               "adapter into the base first" if shared else None)
+        load_peft_adapter(model, path, name, no_merge=why)
         return
     cfg = _read_json(os.path.join(path, "config.json"))
     if cfg.get("format") != FORMAT_NAME:
@@ -1116,7 +1141,8 @@ def export_peft_adapter(model, path, adapter, base=None):
     LlavaForConditionalGeneration (transformers >= 4.52 / 5), targeting the language model only (a
     regex: bare names like 'q_proj' would also put LoRA on CLIP's q/k/v). `base` is the directory
     transformers loads the base model from (an export_llava_hf directory); default: the llava-hf
-    directory this model was loaded from, else `path/base`, written here with export_llava_hf. The
+    directory this model was loaded from while its base weights are unchanged (no merge, no base
+    training since), else `path/base`, written here with export_llava_hf. The
     config names LlavaForConditionalGeneration (PEFT's auto_mapping), so
     peft.AutoPeftModel.from_pretrained(path) loads base and adapter on its own."""
     if adapter not in model.adapters:
@@ -1133,7 +1159,8 @@ def export_peft_adapter(model, path, adapter, base=None):
     os.makedirs(path, exist_ok=True)
     if base is None:
         src = getattr(model, "source_path", None)
-        if src and not is_peft_dir(src) and detect_layout(src) == "llava-hf":
+        unchanged = not model.base_edited  # (a merge or training since loading: not src's)
+        if unchanged and src and not is_peft_dir(src) and detect_layout(src) == "llava-hf":
             base = src
         else:
             base = os.path.join(path, "base")
@@ -1239,7 +1266,8 @@ def load_llava_rlhf_reward(model, path, name="reward"):
                                   f"{model.config.hidden}), got {got}")
         if not bool(torch.isfinite(state[key]).all()):
             raise CheckpointError(f"{file}: key '{key}' holds NaN or infinite values")
-    load_peft_adapter(model, adapter, name, merge=False)
+    load_peft_adapter(model, adapter, name, no_merge="cannot be kept beside base weights that "
+                      "are not saved")
     if name not in model.adapters:
         raise CheckpointError(f"{adapter}: no LoRA weights on the language model")
     head = model.add_head(name)
@@ -1349,13 +1377,13 @@ def _llava_hf_layouts(module):
     return [module]
 
 
-def load_peft_adapter(model, path, name, merge=True):
+def load_peft_adapter(model, path, name, no_merge=None):
     """Read a PEFT LoRA adapter trained on this model's base (llava-hf in any key layout, or LLaMA
     keys). LoRA on q,k,v,o,gate,up,down of the language model becomes the adapter `name`; LoRA on
     the vision tower, the projector or lm_head is merged into the base weights (W += (alpha/r) B A)
     with a one-line notice: our adapters live on the language model, so those modules have no
-    adapter to hold it. merge=False: such LoRA is refused (an adapter checkpoint, which keeps no
-    base weights, would lose it)."""
+    adapter to hold it. no_merge (a reason, completing 'LoRA on X (not the language model) ...'):
+    such LoRA is refused instead. A refused adapter leaves the model as it was."""
     cfg_path = os.path.join(path, "adapter_config.json")
     cfg = _read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
@@ -1445,9 +1473,9 @@ def load_peft_adapter(model, path, name, merge=True):
                 int(pname.split(".")[2]) >= model.config.vision_layers_run:
             continue  # a CLIP layer after the selected one: never run
         one_linear = part == "projector" and model.config.projector == "linear"
-        if not merge:
+        if no_merge:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' (not the language "
-                                  "model) cannot be kept beside base weights that are not saved")
+                                  f"model) {no_merge}")
         if (part, pname) not in ours or one_linear:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
                                   "model")
@@ -1455,10 +1483,14 @@ def load_peft_adapter(model, path, name, merge=True):
         if tuple(w.shape) != (B.shape[0], A.shape[1]):
             raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' "
                                   f"is {tuple(w.shape)}")
-        with torch.no_grad():
+        merged.append((module, w, A, B))
+    _check_text_lora_shapes(model, text, r, file)
+    # the model changes only once every key has passed (a refusal leaves it as it was)
+    with torch.no_grad():
+        for _, w, A, B in merged:
             w += (alpha / r * B @ A).to(w.dtype)  # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3)
-        merged.append(module)
     if merged:
+        model.base_edited = True
         print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
               "merged into the base weights (factalign's adapters hold language-model LoRA only)",
               flush=True)
@@ -1474,10 +1506,16 @@ def load_peft_adapter(model, path, name, merge=True):
         for i, lin in model.lora_linears():
             ad = lin.lora[name] if name in lin.lora else None
             for s in ad.A if ad is not None else ():
-                key, A, B = text[i, s]
-                if A.shape != ad.A[s].shape or B.shape != ad.B[s].shape:
-                    raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
-                                          f"{tuple(B.shape)} but the model expects "
-                                          f"{tuple(ad.A[s].shape)} / {tuple(ad.B[s].shape)}")
+                _, A, B = text[i, s]
                 ad.A[s].copy_(A)
                 ad.B[s].copy_(B)
+
+
+def _check_text_lora_shapes(model, text, r, file):
+    """Each language-model LoRA pair fits its projection: A (r, in), B (out, r)."""
+    for (i, s), (key, A, B) in sorted(text.items()):
+        lin = next(lin for j, lin in model.lora_linears() if j == i and s in lin.slices)
+        want_a, want_b = (r, lin.weight.shape[1]), (lin.slices[s], r)
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
+                                  f"{tuple(B.shape)} but the model expects {want_a} / {want_b}")

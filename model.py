@@ -760,6 +760,9 @@ class LLaVA(nn.Module):
         self.heads = nn.ModuleDict()     # scalar heads by name ('reward', 'value')
         self.adapters = {}               # adapter name -> dict(r, alpha, dropout, targets)
         self.active_adapter = None
+        # base weights changed since loading (a merge, or a part set to train): they are no longer
+        # the files the model came from (export_peft_adapter then writes its own base)
+        self.base_edited = False
         self.gradient_checkpointing = False
         # FSDP (common.shard_model): every rank must run the same collectives, so a micro-batch
         # without an image runs the tower too (on a blank image, its features weighted 0)
@@ -1119,7 +1122,9 @@ class LLaVA(nn.Module):
                       and (layers is None or i in layers.get(s, ()))}
             if chosen:
                 adapter = LoRAAdapter(lin.weight.shape[1], chosen, r, alpha, dropout)
-                lin.lora[name] = adapter.to(lin.weight.device)
+                # (in the model's mode: a new module trains, so in an eval-mode model its dropout
+                # would draw at every call)
+                lin.lora[name] = adapter.to(lin.weight.device).train(lin.training)
         self.adapters[name] = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
         if layers is not None:
             self.adapters[name]["layers"] = layers
@@ -1170,6 +1175,7 @@ class LLaVA(nn.Module):
     @torch.no_grad()
     def merge_adapter(self, name):
         """W += (alpha/r) B A for every slice the adapter targets, then drop the adapter."""
+        self.base_edited = True
         for _, lin in self.lora_linears():
             if name in lin.lora:
                 lin.weight.copy_(lin.weight_with(name))
@@ -1188,6 +1194,7 @@ class LLaVA(nn.Module):
         parts."""
         for p in self.parameters():
             p.requires_grad_(False)
+        self.base_edited |= vision or projector or language
         for part, on in ((self.vision_tower, vision), (self.projector, projector)):
             for p in part.parameters():
                 p.requires_grad_(on)

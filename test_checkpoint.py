@@ -64,6 +64,53 @@ def test_llava_hub_and_in_memory_layouts_load(hf_dirs, tmp_path):
         torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("head", ["differs", "absent"])
+def test_tied_head_is_read_as_transformers_reads_it(hf_dirs, tmp_path, head):
+    """Each tie_word_embeddings flag (top level, text_config: true, false, absent) over a file whose
+    lm_head differs from the embeddings or is absent, loaded as transformers 5 loads it: a
+    differing head is used as saved whatever the flags (we tied it: logits ~6 away); an absent one
+    is the embeddings when either flag is true (a top-level flag was not read: refused) and
+    refused otherwise (transformers answers with a random head)."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    _, path = hf_dirs["gelu"]
+    pixels, ids = inputs()
+    config = json.load(open(os.path.join(path, "config.json")))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # (its untie warning and missing-key report)
+    try:
+        for top in (None, True, False):
+            for text in (None, True, False):
+                cfg = json.loads(json.dumps(config))
+                for where, flag in ((cfg, top), (cfg["text_config"], text)):
+                    where.pop("tie_word_embeddings", None)
+                    if flag is not None:
+                        where["tie_word_embeddings"] = flag
+                out = tmp_path / f"{top}-{text}"
+
+                def rewrite(k):
+                    if k == "language_model.lm_head.weight":
+                        return None if head == "absent" else k
+                    return k
+                state = _rewrite_keys(path, out, rewrite, cfg)
+                if head == "differs":
+                    from safetensors.torch import save_file
+                    state["language_model.lm_head.weight"] += 1.0
+                    save_file(state, out / "model.safetensors")
+                if head == "absent" and not (top or text):
+                    with pytest.raises(CheckpointError, match="tie_word_embeddings is false"):
+                        load_checkpoint(out)
+                    continue
+                ref = hf_logits(LlavaForConditionalGeneration.from_pretrained(out).eval(),
+                                pixels, ids)
+                ours = load_checkpoint(out).eval()
+                assert ours.config.tie_embeddings == (head == "absent"), (top, text)
+                with torch.no_grad():
+                    torch.testing.assert_close(ours(pixels, ids), ref, atol=ATOL, rtol=0)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 @pytest.mark.parametrize("projector", ["gelu", "linear"])
 def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
     from transformers import LlavaForConditionalGeneration

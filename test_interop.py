@@ -13,8 +13,8 @@ import torch
 
 import common
 from data import IMAGE, preprocess_image, render, tokenize_conversation
-from checkpoint import (export_llava_hf, export_peft_adapter, load_adapters, load_checkpoint,
-                        resolve_checkpoint)
+from checkpoint import (CheckpointError, export_llava_hf, export_peft_adapter, load_adapters,
+                        load_checkpoint, resolve_checkpoint)
 from model import LLaVA, ModelConfig
 from test_checkpoint import _rewrite_keys, _to_original_llava
 from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
@@ -179,6 +179,69 @@ def test_peft_adapter_on_the_projector_alone_loads_merged(tmp_path):
     assert ours.active_adapter is None and not ours.adapters
     with torch.no_grad():
         torch.testing.assert_close(ours(pixels, ids), peft_logits(pm, pixels, ids), atol=ATOL,
+                                   rtol=0)
+
+
+def test_load_adapters_refuses_to_merge_into_a_shared_base(peft_elsewhere):
+    """LoRA outside the language model, loaded beside other adapters (PPO's --policy_lora on the
+    reward model's base): merging it would change what the reward adapter reads, so it is
+    refused, and the model is left as it was."""
+    _, root = peft_elsewhere
+    model = load_checkpoint(root / "base").eval()
+    model.add_adapter("reward", r=2, alpha=2)
+    model.add_head("reward")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="reward share: merge this adapter into the base"):
+        load_adapters(model, root / "adapter", name="policy")
+    assert sorted(model.adapters) == ["reward"] and not model.base_edited
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("broken", ["language_model", "vision_tower"])
+def test_refused_peft_adapter_leaves_the_model_as_it_was(peft_elsewhere, tmp_path, broken):
+    """A key that fails (a LoRA pair of the wrong shape) is found before anything changes: the
+    projector's LoRA had been merged and, for a language-model key, a half-filled adapter
+    added, before the refusal."""
+    from safetensors.torch import load_file, save_file
+    _, root = peft_elsewhere
+    (tmp_path / "adapter").mkdir()
+    cfg = json.load(open(root / "adapter" / "adapter_config.json"))
+    json.dump(cfg, open(tmp_path / "adapter" / "adapter_config.json", "w"))
+    state = load_file(root / "adapter" / "adapter_model.safetensors")
+    key = min(k for k in state if broken in k and k.endswith("lora_B.weight"))  # (layer 0: run)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, tmp_path / "adapter" / "adapter_model.safetensors")
+    model = load_checkpoint(root / "base").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_adapters(model, tmp_path / "adapter", name="other")
+    assert not model.adapters and not model.base_edited
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_peft_export_after_a_merge_writes_the_merged_base(peft_elsewhere, tmp_path):
+    """export_peft_adapter names the llava-hf directory the model came from as the base only
+    while the base weights are unchanged: after merge_adapter it writes the merged base (it
+    named the unmerged directory, so PEFT answered with other weights)."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+    _, root = peft_elsewhere
+    model = load_checkpoint(root / "base").eval()
+    for name, seed in (("a", 1), ("b", 2)):
+        model.add_adapter(name, r=4, alpha=8)
+        randomize_adapter(model, name, seed)
+    model.merge_adapter("a")
+    export_peft_adapter(model, tmp_path / "out", "b")
+    cfg = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "out" / "base")
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "base")
+    pm = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    pixels, ids = inputs(seed=3)
+    model.set_adapter("b")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_logits(pm, pixels, ids), model(pixels, ids), atol=ATOL,
                                    rtol=0)
 
 

@@ -284,6 +284,22 @@ def test_lora_fresh_merge_none_and_isolation():
         assert (m(pixels, ids) - with_b).abs().max() > 1e-4
 
 
+def test_adapter_added_to_an_eval_model_has_no_dropout():
+    """A new adapter takes the model's mode: in an eval-mode model its dropout does not draw (it
+    did: a fresh module trains, so eval and loaded adapters answered differently each call)."""
+    m = tiny_model()
+    m.add_adapter("a", r=4, alpha=8, dropout=0.5)
+    m.copy_adapter("a", "b")
+    randomize_adapter(m, "b", 1)
+    pixels, ids = inputs()
+    m.set_adapter("b")
+    with torch.no_grad():
+        torch.testing.assert_close(m(pixels, ids), m(pixels, ids), atol=0, rtol=0)
+    m.train()
+    with torch.no_grad():
+        assert (m(pixels, ids) - m(pixels, ids)).abs().max() > 1e-4  # training: dropout draws
+
+
 def test_lora_only_adapter_parameters_get_gradients():
     m = tiny_model().train()
     m.add_adapter("policy", r=4, alpha=8)
