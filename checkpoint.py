@@ -549,6 +549,8 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
                                   f"'{cfg.get('mm_vision_tower')}')")
         if _get(cfg, "mm_use_im_start_end", False):
             raise CheckpointError(f"{path}/config.json: mm_use_im_start_end true is not supported")
+        if layout == "llava":
+            _check_aspect_ratio(path, cfg.get("image_aspect_ratio"))
         feature = _get(cfg, "mm_vision_select_feature", "patch")
         projector = _get(cfg, "mm_projector_type", "linear")
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
@@ -581,6 +583,20 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     # an adapter checkpoint saved on this model records it (save_checkpoint_files)
     model.clip_dir = None if clip_from is None else os.path.realpath(clip_from)
     return model
+
+
+def _check_aspect_ratio(path, aspect):
+    """Original LLaVA's image_aspect_ratio (its process_images): 'pad' is what this repository
+    does (pad to square, then resize); absent or 'square' (LLaVA-1.0) resizes and centre-crops,
+    answered here on padded images with a note; 'anyres' (LLaVA-NeXT's tiles) is refused."""
+    if aspect == "pad":
+        return
+    if aspect not in (None, "square"):
+        raise CheckpointError(f"{path}/config.json: field 'image_aspect_ratio': {aspect!r:.40} is "
+                              "not supported ('pad': LLaVA-1.5's pad to square)")
+    print(f"note: {path}/config.json: image_aspect_ratio {aspect or 'absent'} (LLaVA resizes and "
+          "centre-crops); images here are padded to square ('pad'), so on non-square images "
+          "answers can differ from LLaVA's", flush=True)
 
 
 def _clip_for_base(path, vision_tower, required):

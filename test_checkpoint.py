@@ -185,7 +185,7 @@ def _to_original_llava(k, keep_vision=True):
 
 
 @pytest.mark.parametrize("with_vision", [True, False])
-def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision):
+def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision, capsys):
     from transformers import CLIPVisionModel
     hf, path = hf_dirs["gelu"]
     hf_cfg = json.load(open(os.path.join(path, "config.json")))
@@ -214,6 +214,17 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision)
     (tmp_path / "orig" / "config.json").write_text(json.dumps(edited))
     with pytest.raises(CheckpointError, match="'mm_vision_select_layer': expected an integer"):
         load_checkpoint(tmp_path / "orig")
+    # LLaVA's process_images reads image_aspect_ratio (it was never read): LLaVA-NeXT's tiles are
+    # refused; LLaVA-1.0's resize and crop (the field absent) is named, as images here are padded
+    anyres = dict(cfg, image_aspect_ratio="anyres")
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(anyres))
+    with pytest.raises(CheckpointError, match="field 'image_aspect_ratio': 'anyres'"):
+        load_checkpoint(tmp_path / "orig")
+    capsys.readouterr()
+    del cfg["image_aspect_ratio"]
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
+    load_checkpoint(tmp_path / "orig")
+    assert "image_aspect_ratio absent" in capsys.readouterr().out
 
 
 def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
