@@ -1341,8 +1341,9 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
                      top_p=1.0, generator=None, desc="generate", show=True, num_beams=1,
                      return_finished=False, repetition_penalty=1.0):
     """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache
-    (num_beams > 1: beam search; repetition_penalty: model.generate's). Returns the decoded answer
-    texts (cut at EOS), and with return_finished whether each one ended with EOS."""
+    (num_beams > 1: beam search; repetition_penalty: model.generate's). generator: one, or a list
+    of one per item. Returns the decoded answer texts (cut at EOS), and with return_finished
+    whether each one ended with EOS."""
     from data import collate
     was_training = model.training
     model.eval()
@@ -1357,7 +1358,9 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
         ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         g = model.generate(pix, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, generator=generator,
+                           pad_token_id=tokenizer.pad_token_id,
+                           generator=generator[start:start + len(chunk)]
+                           if isinstance(generator, list) else generator,
                            num_beams=num_beams, repetition_penalty=repetition_penalty)
         for i in range(len(chunk)):
             n = int(g.lengths[i])

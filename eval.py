@@ -476,7 +476,6 @@ class Answerer:
             common.check_new_tokens(self.model, cfg, "max_new_tokens", "pope_max_new_tokens")
             image_size = self.model.config.image_size
             self.images = ImageCache(image_size, 20000 if image_size <= 64 else 0)
-            self.gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
 
     def _item(self, q):
         turns = [{"from": "human", "value": IMAGE + "\n" + q["prompt"]}]
@@ -494,7 +493,8 @@ class Answerer:
         if cfg.temperature > 0:
             items = [self._item(q) for q in qs]
             return common.generate_answers(self.model, self.tok, items, len(qs), max_new_tokens,
-                                           cfg.temperature, cfg.top_p, self.gen, show=False)
+                                           cfg.temperature, cfg.top_p, self._generators(qs),
+                                           show=False)
         # greedy: same prompt, same answer (POPE splits share their 'yes' questions)
         keys = [(q["image"], q["prompt"], max_new_tokens) for q in qs]
         new = {k: q for k, q in zip(keys, qs) if k not in self.memo}
@@ -505,6 +505,17 @@ class Answerer:
                                             show=False)
         self.memo.update(zip(new, texts))
         return [self.memo[k] for k in keys]
+
+    def _generators(self, qs):
+        """A sampling stream per question, seeded by --seed, its id and its prompt: its answer is
+        the one it gets in any batch and any run (a continued run draws what an uninterrupted one
+        would have; one stream for the run gave the questions left other samples)."""
+        gens = []
+        for q in qs:
+            key = f"{self.cfg.seed}\n{q['id']}\n{q['prompt']}".encode()
+            seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+            gens.append(torch.Generator(device=self.cfg.device).manual_seed(seed))
+        return gens
 
     def answers(self, bench, qs, path, max_new_tokens, keep=()):
         """{id: line} for the questions answered: a stored line with the same prompt, image
@@ -658,7 +669,8 @@ def source(cfg, ckpt):
     if cfg.temperature == 0:
         decoding = "greedy"
     else:
-        decoding = f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}"
+        # (per question: the streams of _generators; lines of the one run stream are not reused)
+        decoding = f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}/question"
     tower = f" vision_tower={os.path.abspath(cfg.vision_tower)}" if cfg.vision_tower else ""
     return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {cfg.device}{tower} {decoding}"
 

@@ -901,8 +901,9 @@ class LLaVA(nn.Module):
                  return_logprobs=False, image_features=None, num_beams=1, length_penalty=1.0,
                  compile=False, return_entropy=False, repetition_penalty=1.0):
         """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on
-        pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator) when
-        given, so a run can be resumed with the same random stream. num_beams > 1: beam search (see
+        pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator, or a
+        list of one per row: each row's tokens then depend on its own stream alone) when given, so
+        a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
         CUDA graphs on GPU): compiled once per shape, worth it only for long runs. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
@@ -1302,6 +1303,9 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entrop
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if isinstance(generator, (list, tuple)):  # a stream per row: a row's draws are its own
+        tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
     lp = logp.gather(-1, tok[:, None])[:, 0]
     return (tok, lp, entropy) if with_entropy else (tok, lp)

@@ -452,6 +452,15 @@ def test_resume_after_an_interrupted_answers_file(env, capsys):
     run_cli(env, out, *args, "--temperature", "0.7")
     assert "reused 0 answers, generating 12" in capsys.readouterr().out
     assert len(lines(path)) == 24
+    # sampled: a continued run draws what the uninterrupted one drew, in batches of any size (each
+    # question has its own stream; the answers left were drawn from the run's one stream's start)
+    sampled = {x["id"]: x["answer"] for x in lines(path)[12:]}
+    assert len(set(sampled.values())) > 1  # (sampling, not a model that says one thing)
+    text = open(path).read()
+    open(path, "w").write("".join(text.splitlines(True)[:12 + 5]))
+    run_cli(env, out, *args, "--temperature", "0.7", "--batch_size", "3")
+    assert "reused 5 answers, generating 7" in capsys.readouterr().out
+    assert {x["id"]: x["answer"] for x in lines(path)[12:]} == sampled
 
 
 def test_answers_about_other_pixels_are_not_reused(env, capsys):
