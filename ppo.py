@@ -721,7 +721,10 @@ def main(cfg):
             # e in [-0.2, 0.2]: from 0 it never moves, and at or below 0 it turns negative
             ("kl_coef", cfg.target_kl == 0 or cfg.kl_coef > 0, "> 0 with --target_kl > 0"),
             ("kl_horizon", cfg.target_kl == 0 or cfg.kl_horizon > 0.2 * cfg.rollout_batch,
-             f"> 0.2 x --rollout_batch ({0.2 * cfg.rollout_batch:g}) with --target_kl > 0")):
+             f"> 0.2 x --rollout_batch ({0.2 * cfg.rollout_batch:g}) with --target_kl > 0"),
+            # whitened over one response token, every advantage is 0: the policy would not move
+            ("max_new_tokens", cfg.rollout_batch > 1 or cfg.max_new_tokens > 1,
+             "> 1 with --rollout_batch 1 (advantages whitened over one token are 0)")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:

@@ -1045,6 +1045,10 @@ BAD_INPUT += [
       "(kl_coef turned negative)", lambda w, t: ["--target_kl", "0.1", "--kl_horizon", "1",
                                                  "--rollout_batch", "8", "--minibatch_size", "2"],
       ("--kl_horizon 1", "> 0.2 x --rollout_batch (1.6)")),
+    C("ppo", "one-token-rollout", "--rollout_batch 1 with --max_new_tokens 1 (advantages "
+      "whitened over one token are all 0: the policy never moved)",
+      lambda w, t: ["--rollout_batch", "1", "--minibatch_size", "1", "--max_new_tokens", "1"],
+      ("--max_new_tokens 1", "> 1 with --rollout_batch 1")),
     C("reward", "val-no-records", "--val_data holding an empty list (no held-out accuracy)",
       lambda w, t: ["--val_data", t.file("val.json", [])], ("val.json", "no records")),
     # -- --resume in a run folder another stage wrote (it named a field that differs)
