@@ -901,7 +901,8 @@ class LLaVA(nn.Module):
                  return_logprobs=False, image_features=None, num_beams=1, length_penalty=1.0,
                  compile=False, return_entropy=False, repetition_penalty=1.0):
         """Batched decoding with a static KV cache. Prompts are left-padded (attention_mask 0 on
-        pads). temperature 0 = greedy. Sampling draws from `generator` (a torch.Generator, or a
+        pads). temperature 0 = greedy. eos_token_id: one id or a list (any ends a row; < 0: none
+        does). Sampling draws from `generator` (a torch.Generator, or a
         list of one per row: each row's tokens then depend on its own stream alone) when given, so
         a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
@@ -915,6 +916,9 @@ class LLaVA(nn.Module):
         GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
+        # one id or several (transformers' eos_token_id list): any of them ends a row; < 0: none
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos],
+                           dtype=torch.long, device=input_ids.device)
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
         if num_beams > 1:
             return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens,
@@ -937,6 +941,7 @@ class LLaVA(nn.Module):
         logps = torch.zeros(B, max_new_tokens, device=dev) if return_logprobs else None
         entropy = torch.zeros(B, max_new_tokens, device=dev) if return_entropy else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        can_end = bool((eos >= 0).any())
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
         # compiled: inductor fuses the plain LoRA path itself
         with self.fused_lora(not compile, rows=B):
@@ -954,11 +959,11 @@ class LLaVA(nn.Module):
                 tokens[:, i] = tok
                 if return_logprobs:
                     logps[:, i] = lp.masked_fill_(done, 0.0)
-                newly = (tok == eos) & ~done
+                newly = (tok == eos if len(eos) == 1 else torch.isin(tok, eos)) & ~done
                 lengths.masked_fill_(newly, i + 1)
                 done |= newly
                 # no EOS (-1): no sync per token
-                if i == max_new_tokens - 1 or (eos >= 0 and bool(done.all())):
+                if i == max_new_tokens - 1 or (can_end and bool(done.all())):
                     break
                 logits = step(self, tok, state)
                 state.advance()
@@ -1010,7 +1015,7 @@ class LLaVA(nn.Module):
         length_penalty, the best K finished kept; the best K not ending become the next beams. Stops
         when every continuation ends, or when K hypotheses are finished and the best running sum /
         current length cannot beat the worst of them. Returns the best finished hypothesis per
-        prompt (logprobs None)."""
+        prompt (logprobs None). eos: a tensor of EOS ids."""
         c, K = self.config, num_beams
         B, T = input_ids.shape
         dev, N = input_ids.device, max_new_tokens
@@ -1031,7 +1036,7 @@ class LLaVA(nn.Module):
             next_pos = torch.full((B * K, 1), T, device=dev)
         else:  # left padding: the next position is the number of real prompt tokens
             next_pos = mask[:, :T].sum(-1, keepdim=True)
-        n_keep = 2 * K  # transformers: max(2, 1 + number of EOS ids) * num_beams
+        n_keep = max(2, 1 + len(eos)) * K  # (as transformers: a beam per EOS id may end)
         top_k_mask = torch.arange(n_keep, device=dev) < K
         big = -1.0e9
         run_tokens = torch.full((B, K, N), pad, dtype=torch.long, device=dev)
@@ -1057,7 +1062,7 @@ class LLaVA(nn.Module):
             src, tok = top_idx // V, top_idx % V
             cand = take(run_tokens, src).clone()
             cand[:, :, i] = tok
-            ends = (tok == eos) | (i == N - 1)  # EOS, or the length limit: both finish a hypothesis
+            ends = torch.isin(tok, eos) | (i == N - 1)  # EOS, or the length limit: both finish
             live = top_lp + ends.float() * big
             nxt = live.topk(K).indices
             run_tokens, run_scores, run_src = take(cand, nxt), take(live, nxt), take(src, nxt)
@@ -1083,7 +1088,7 @@ class LLaVA(nn.Module):
             h = self.backbone(x, step_mask, position_ids=next_pos + i, cache=cache)
             logits = self.logits(h[:, -1]).float()
         tokens = fin_tokens[:, 0]
-        is_eos = tokens == eos
+        is_eos = torch.isin(tokens, eos)
         finished = is_eos.any(-1)
         to_eos = is_eos.float().argmax(-1) + 1
         lengths = torch.where(finished, to_eos, torch.full_like(finished, N, dtype=torch.long))

@@ -75,6 +75,28 @@ def test_beam_search_equals_transformers(pair, beams, n, seed):
     assert eos_hits > 0  # some hypotheses ended before the length limit
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_several_eos_ids_end_as_in_transformers(pair, beams):
+    """eos_token_id as a list (transformers' generate takes one): any of them ends a row, greedy
+    and in beam search (whose candidates per step grow with the number of ids, as there). It
+    was a traceback ('bool value of Tensor' / a list compared with a tensor)."""
+    hf, ours = pair
+    pixels, ids = prompts(3, 4)
+    n = 10
+    free = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=-1, num_beams=beams).tokens
+    eos = [int(free[0, 3]), int(free[1, 1]), int(free[2, 6])]
+    got = ours.generate(pixels, ids, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
+                        num_beams=beams)
+    want = hf_beams(hf, pixels, ids, n, beams, eos)
+    ended = 0
+    for i in range(len(ids)):
+        L = int(got.lengths[i])
+        assert got.tokens[i, :L].tolist() == want[i, :L].tolist(), i
+        assert bool(got.finished[i]) == (int(got.tokens[i, L - 1]) in eos)
+        ended += bool(got.finished[i]) and L < n
+    assert ended >= 2  # rows ended on different ids of the list
+
+
 def test_beam_search_left_padded_batch_equals_one_by_one(pair):
     _, ours = pair
     pixels, _ = prompts(2, 5)
