@@ -1420,7 +1420,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
         raise CheckpointError(f"{cfg_path}: field 'init_lora_weights': {init!r} is not supported "
                               "(save it converted to plain LoRA: PEFT's "
                               "path_initial_model_for_weight_conversion)")
-    for field in ("alora_invocation_tokens", "layer_replication"):
+    for field in ("alora_invocation_tokens", "layer_replication", "target_parameters"):
         if cfg.get(field):
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.60} is not "
                                   "supported (plain LoRA only)")
@@ -1460,6 +1460,16 @@ def load_peft_adapter(model, path, name, no_merge=None):
             if key.replace("lora_B", "lora_A") not in state:  # (else dropped without a word)
                 raise CheckpointError(f"{file}: key '{key.replace('lora_B', 'lora_A')}' is "
                                       "missing")
+            continue
+        if key.endswith(".base_layer.weight"):  # (PEFT's save_embedding_layers, 'auto' with
+            # LoRA on lm_head: the head's own weight beside its LoRA, which PEFT loads back in)
+            module = key[:-len(".base_layer.weight")].removeprefix("base_model.model.")
+            own = params.get(ours.get(_canonical_key(module + ".weight")))
+            if own is None or own.shape != state[key].shape or \
+                    not torch.equal(own.detach().cpu().float(), state[key].float()):
+                raise CheckpointError(f"{file}: key '{key}': a copy of '{module}' that differs "
+                                      "from this model's (a resized or trained layer) is not "
+                                      "supported")
             continue
         if not key.endswith(".lora_A.weight"):
             raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "

@@ -245,6 +245,29 @@ def test_peft_export_after_a_merge_writes_the_merged_base(peft_elsewhere, tmp_pa
                                    rtol=0)
 
 
+def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
+    """LoRA on lm_head: PEFT also saves the head's own weight (save_embedding_layers 'auto'),
+    which was refused as 'not a LoRA A/B weight'. The same weight as the base's is passed over
+    (LoRA merged, as PEFT answers); another one (a resized or trained head) is refused."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+    hf_llava().save_pretrained(tmp_path / "base")
+    targets = [f"{t}_proj" for t in LM_TARGETS] + ["lm_head"]
+    pm = trained_peft(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    state = load_file(file)
+    assert "base_model.model.lm_head.base_layer.weight" in state
+    pixels, ids = inputs(seed=3)
+    ours = load_checkpoint(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels, ids), peft_logits(pm, pixels, ids), atol=ATOL,
+                                   rtol=0)
+    state["base_model.model.lm_head.base_layer.weight"] += 1.0
+    save_file(state, file, {"format": "pt"})
+    with pytest.raises(CheckpointError, match="a copy of 'lm_head' that differs"):
+        load_checkpoint(tmp_path / "adapter")
+
+
 def test_peft_adapter_on_some_layers_stays_on_them(tmp_path, caught):
     """layers_to_transform: PEFT puts LoRA on the listed layers only; so do we, through our own
     checkpoint and back out to PEFT (before, every layer got an adapter, zero B on the others,

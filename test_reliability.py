@@ -1484,7 +1484,8 @@ BAD_INPUT += [
         (f"{name}/adapter_config.json", f"field '{field}'", "is not supported"))
       for name, field, value in (("pissa", "init_lora_weights", "pissa"),
                                  ("alora", "alora_invocation_tokens", [5, 6]),
-                                 ("repl", "layer_replication", [[1, 2], [0, 1]]))],
+                                 ("repl", "layer_replication", [[1, 2], [0, 1]]),
+                                 ("params", "target_parameters", ["mlp.experts.gate_up_proj"]))],
     C("sft", "init-hf-eos-list", "--init llava-hf whose eos_token_id is a list (as Llama 3's)",
       lambda w, t: _hf_edit(t, "eos", lambda c: c["text_config"].update(eos_token_id=[2, 3])),
       ("eos/config.json", "field 'text_config.eos_token_id'", "expected an integer")),
