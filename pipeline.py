@@ -83,8 +83,9 @@ def refuse_stale_models(cfg, models):
         return os.path.getmtime(os.path.join(ck, "config.json")) if ck else None
     sft = os.path.join(cfg.out, "sft")
     sft_time = written(sft)
+    retrained = {os.path.join(cfg.out, s) for s in cfg.stages}  # (trained again before eval)
     for m in models:
-        m_time = written(m) if m != sft else None
+        m_time = written(m) if m != sft and m not in retrained else None
         if sft_time is not None and m_time is not None and m_time < sft_time:
             later = [s for s in STAGES if s not in ("sft", "eval")]
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "

@@ -442,6 +442,10 @@ def test_eval_alone_refuses_models_older_than_the_sft(tmp_path, tiny_world):
     cfg = pipeline.Config(out=str(out), stages=("eval",), world=tiny_world)
     with pytest.raises(common.ConfigError, match="ckpt/lrv was trained before .*ckpt/sft's newest"):
         pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+    # the command the refusal names: the stages it lists train those models again first (it
+    # refused itself: the old models were checked before the stages that replace them ran)
+    again = pipeline.Config(out=str(out), stages=("lrv", "dpo", "eval"), world=tiny_world)
+    pipeline.refuse_stale_models(again, pipeline.compared_models(again))
     for stage in ("lrv", "dpo"):  # trained again after it
         os.utime(out / stage / "checkpoint-000001" / "config.json", (2000, 2000))
     pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
