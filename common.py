@@ -786,13 +786,24 @@ def claim_out(cfg, d, inits=()):
                           "without --resume to start fresh)")
     for f in dataclasses.fields(cfg) if overwrite else ():  # --overwrite would move the inputs
         # of this run away (the checkpoint it starts from, its world or data files)
-        path = getattr(cfg, f.name)
-        if f.name == "out" or not isinstance(path, str) or not path or not os.path.exists(path):
+        value = getattr(cfg, f.name)
+        if f.name == "out" or not isinstance(value, str):
             continue
-        real = os.path.realpath(path)
-        if real == out_real or real.startswith(out_real + os.sep):
-            raise ConfigError(f"--{f.name} {path} lies inside --out {out}, which --overwrite "
-                              "true moves aside; copy it elsewhere or choose another --out")
+        for path in paths_in_flag(value):
+            real = os.path.realpath(path)
+            if real == out_real or real.startswith(out_real + os.sep):
+                named = "" if path == value else f" ({path})"
+                raise ConfigError(f"--{f.name} {value}{named} lies inside --out {out}, which "
+                                  "--overwrite true moves aside; copy it elsewhere or choose "
+                                  "another --out")
+
+
+def paths_in_flag(value):
+    """The existing paths a flag value names: itself, or the files of a list (`A,B`) whose items
+    may carry a weight or a role (`FILE:2`, `FILE:conv`) or a name (`mmhal=FILE`)."""
+    pieces = [value] + value.split(",")
+    pieces += [p.rsplit(":", 1)[0] for p in pieces] + [p.split("=", 1)[-1] for p in pieces]
+    return sorted({p for p in pieces if p and os.path.exists(p)})
 
 
 def write_json(obj, path, indent=1):

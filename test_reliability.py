@@ -825,6 +825,11 @@ BAD_INPUT += [
       "--overwrite true with --init inside --out (it would move its own start away)",
       lambda w, t: ["--init", str(t.root / "out")],
       ("lies inside --out", "--overwrite true moves aside")),
+    C("sft", "overwrite-weighted-data-inside-out",
+      "--overwrite true with a weighted --data file inside --out (FILE:2 was not seen as a path: "
+      "the file was moved aside and the new run recorded it)",
+      lambda w, t: ["--data", t.file("out/mine.json", t.records("sft.json", 2)) + ":2"],
+      ("mine.json:2 (", "lies inside --out", "--overwrite true moves aside")),
     C("sft", "out-is-world", "--out the --world folder (the run was written among its files, and "
       "--overwrite true moved the whole world aside)",
       lambda w, t: (lambda d: ["--world", d, "--out", d])(_world_copy(t, lambda d: None)),
