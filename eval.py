@@ -134,22 +134,27 @@ class JudgeError(Exception):
 # ----------------------------------------------------------------------------------------
 
 def read_jsonl(path):
-    """The records of a file we append to. A line that does not parse (a write cut short) is dropped
-    and the file rewritten without it, so the next append starts on a clean line."""
+    """The records of a file we append to. A last line without its newline that does not parse (a
+    write cut short) is dropped and the file rewritten without it, so the next append starts on a
+    clean line; any other line that is not a JSON object is an error (it was dropped too, and the
+    file rewritten: a hand edit lost answers and scores counted fewer)."""
     if not os.path.exists(path):
         return []
     text = read_text(path)
-    good, bad = [], 0
-    for line in filter(str.strip, text.splitlines()):
+    lines = [x for x in text.split("\n") if x.strip()]
+    cut = text and not text.endswith("\n")  # (the last line's write did not finish)
+    good = []
+    for i, line in enumerate(lines):
         try:
             r = json.loads(line)
         except ValueError:
             r = None
         if isinstance(r, dict):
             good.append(r)
-        else:
-            bad += 1
-    if bad or (text and not text.endswith("\n")):
+        elif not (cut and i == len(lines) - 1):
+            raise DataError(path, i, None, f"not a JSON object: {line.strip()!r:.60} (fix or "
+                                           "delete the line)")
+    if cut:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in good)
         os.replace(path + ".tmp", path)

@@ -547,6 +547,15 @@ def _bad_answers(t):
     return []
 
 
+def _answers_with_bad_line(t):
+    """An answers file for the SFT checkpoint whose second of three lines is not JSON (a hand
+    edit), the last line whole."""
+    os.makedirs(t.root / "out" / "sft", exist_ok=True)
+    line = json.dumps({"id": "1", "prompt": "Is it?", "answer": "Yes"})
+    t.file("out/sft/answers_pope_random.jsonl", f"{line}\n{{{line}\n{line}\n")
+    return ["--benchmarks", "pope"]
+
+
 GOOD_JSON = json.dumps([{"id": "a", "image": IMG, "conversations": GOOD}])
 RANGE = "must be in [1, inf)"
 def _llava_rlhf_rm(t, name, head=True, width=7, fill=0.0):
@@ -783,6 +792,10 @@ BAD_INPUT += [
       ("answers.jsonl", "not UTF-8 text")),
     C("eval", "answers-not-utf8", "an answers file already in --out with a byte that is not UTF-8",
       lambda w, t: _bad_answers(t), ("answers_pope_", "not UTF-8 text")),
+    C("eval", "answers-bad-middle-line", "an answers file already in --out with a line that is "
+      "not JSON before its last (it was dropped and the file rewritten: scores of fewer answers)",
+      lambda w, t: _answers_with_bad_line(t), ("answers_pope_random.jsonl", "record 1",
+                                               "not a JSON object")),
     C("eval", "rescore-nothing", "--rescore true with no answers on disk (would score F1 0)",
       lambda w, t: ["--rescore", "true"],
       ("answers_pope_", "--rescore: none of the", "has an answer here")),
