@@ -1506,9 +1506,11 @@ def load_peft_adapter(model, path, name, no_merge=None):
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
                                   "model")
         w = params[ours[part, pname]]
-        if tuple(w.shape) != (B.shape[0], A.shape[1]):
-            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} but '{module}' "
-                                  f"is {tuple(w.shape)}")
+        want_a, want_b = (r, w.shape[1]), (w.shape[0], r)  # (r: the config's, as PEFT builds it)
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            raise CheckpointError(f"{file}: key '{key}' has shape {tuple(A.shape)} / "
+                                  f"{tuple(B.shape)} but '{module}' is {tuple(w.shape)}, so r "
+                                  f"{r} expects {want_a} / {want_b}")
         merged.append((module, w, A, B))
     _check_text_lora_shapes(model, text, r, file)
     # the model changes only once every key has passed (a refusal leaves it as it was)

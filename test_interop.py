@@ -198,19 +198,26 @@ def test_load_adapters_refuses_to_merge_into_a_shared_base(peft_elsewhere):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("broken", ["language_model", "vision_tower"])
+@pytest.mark.parametrize("broken", ["language_model", "vision_tower", "projector rank"])
 def test_refused_peft_adapter_leaves_the_model_as_it_was(peft_elsewhere, tmp_path, broken):
     """A key that fails (a LoRA pair of the wrong shape) is found before anything changes: the
     projector's LoRA had been merged and, for a language-model key, a half-filled adapter
-    added, before the refusal."""
+    added, before the refusal. A projector pair of another rank than the config's r was merged
+    at the wrong scale (or was a traceback where A's and B's ranks differ)."""
     from safetensors.torch import load_file, save_file
     _, root = peft_elsewhere
     (tmp_path / "adapter").mkdir()
     cfg = json.load(open(root / "adapter" / "adapter_config.json"))
     json.dump(cfg, open(tmp_path / "adapter" / "adapter_config.json", "w"))
     state = load_file(root / "adapter" / "adapter_model.safetensors")
-    key = min(k for k in state if broken in k and k.endswith("lora_B.weight"))  # (layer 0: run)
-    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    if broken == "projector rank":
+        key = next(k for k in state if "projector" in k and k.endswith("lora_B.weight"))
+        state[key] = torch.ones(state[key].shape[0], state[key].shape[1] + 2)
+        a = key.replace("lora_B", "lora_A")
+        state[a] = torch.ones(state[a].shape[0] + 2, state[a].shape[1])
+    else:
+        key = min(k for k in state if broken in k and k.endswith("lora_B.weight"))  # (layer 0)
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     save_file(state, tmp_path / "adapter" / "adapter_model.safetensors")
     model = load_checkpoint(root / "base").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
