@@ -555,13 +555,21 @@ def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     skip_nonfinite = getattr(cfg, "skip_nonfinite", False)
     norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, skip_nonfinite, loss)
     opt.skipped_in_a_row = 0 if norm is not None else getattr(opt, "skipped_in_a_row", 0) + 1
+    opt.applied = getattr(opt, "applied", 0) + (norm is not None)  # (updates in this process)
+    opt.first_step = getattr(opt, "first_step", step)  # (> 0: resumed, updates came before)
+    # a run from step 0 to its last with no update applied at all: it would end with exit 0 and
+    # a final checkpoint equal to its start
+    nothing = norm is None and opt.applied == 0 and opt.first_step == 0 and \
+        step + 1 == cfg.max_steps
     if norm is not None:
         opt.step()
-    elif opt.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # (the same on every rank: a global norm)
+    elif opt.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW or nothing:  # (the same on every rank)
         last = latest_checkpoint(cfg.out) or "none yet"
-        raise NonFiniteError(f"step {step + 1}: {MAX_SKIPPED_IN_A_ROW} updates in a row "
-                             "non-finite and skipped (--skip_nonfinite skips a bad batch; this is "
-                             f"the settings or the weights); stopped. Last good checkpoint: {last}")
+        what = (f"{MAX_SKIPPED_IN_A_ROW} updates in a row" if not nothing else
+                "every update of this run")
+        raise NonFiniteError(f"step {step + 1}: {what} non-finite and skipped (--skip_nonfinite "
+                             "skips a bad batch; this is the settings or the weights); stopped. "
+                             f"Last good checkpoint: {last}")
     elif d.main:
         print(f"warning: step {step + 1}: non-finite loss or gradient; update skipped "
               "(--skip_nonfinite)", flush=True)
@@ -608,8 +616,10 @@ class Logger:
         elapsed = time.time() - self.t0
         parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
         print(" | ".join(parts + [f"{elapsed:.1f}s"]), flush=True)
-        with open(self.path, "a") as f:
-            row = {"step": step, "time": round(elapsed, 3), **metrics}
+        with open(self.path, "a") as f:  # (NaN and inf are not JSON: null)
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in metrics.items()}
+            row = {"step": step, "time": round(elapsed, 3), **finite}
             f.write(json.dumps(row) + "\n")
 
 

@@ -1860,8 +1860,8 @@ def reliability_md():
         "`step N: non-finite ...; Last good checkpoint: ...`",
         "  (exit 2; that checkpoint loads and resumes), or skips the update with "
         "`--skip_nonfinite true`",
-        "  (sft, reward, ppo, dpo, vigc; 10 skipped in a row stop the run, exit 2). Tests inject "
-        "the fault by",
+        "  (sft, reward, ppo, dpo, vigc; 10 skipped in a row, or a run whose every update was "
+        "skipped, stop it, exit 2). Tests inject the fault by",
         "  patching `common.optimizer_step`.",
         "- **formats**: `config.json` and `trainer_state.pt` carry `format_version` and the run "
         "config; a newer or",
@@ -2205,7 +2205,7 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     a, b = checkpoint_tensors(good), checkpoint_tensors(os.path.join(out, "checkpoint-000002"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     row = [r for r in metric_rows(out) if r["step"] == 2 and "grad_norm" in r][-1]
-    assert row["grad_norm"] != row["grad_norm"]  # NaN: logged as skipped
+    assert row["grad_norm"] is None  # skipped: null (NaN, written before, is not JSON)
 
 
 def test_skip_nonfinite_stops_when_every_update_is_skipped(w, tmp_path, monkeypatch):
@@ -2220,6 +2220,12 @@ def test_skip_nonfinite_stops_when_every_update_is_skipped(w, tmp_path, monkeypa
     code, stdout, err = run_cli("sft", argv)
     assert code == 2 and "step 10: 10 updates in a row non-finite and skipped" in err, err
     assert stdout.count("update skipped") == 9
+    # a run shorter than that: it ended with exit 0 and a last checkpoint equal to its start
+    short = str(tmp_path / "short")
+    code, stdout, err = run_cli("sft", base_args("sft", w, short) + [
+        "--max_steps", "3", "--skip_nonfinite", "true"])
+    assert code == 2 and "step 3: every update of this run non-finite and skipped" in err, err
+    assert not [n for n in os.listdir(short) if n.startswith("checkpoint-000003")]
 
 
 def test_reward_holds_out_a_pair_of_a_small_file(w, tmp_path):
