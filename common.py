@@ -808,6 +808,17 @@ def claim_out(cfg, d, inits=()):
                                   "another --out")
 
 
+def refuse_unread(cfg, flags, why):
+    """One line for a flag among `flags` changed from its default where it is not read (`why`
+    completes '--flag VALUE: not read ...'): it would be ignored without a word."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for flag in flags:
+        value = getattr(cfg, flag)
+        if value != defaults[flag]:
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise ConfigError(f"--{flag} {shown}: not read {why}")
+
+
 def paths_in_flag(value):
     """The existing paths a flag value names: itself, or the files of a list (`A,B`) whose items
     may carry a weight or a role (`FILE:2`, `FILE:conv`) or a name (`mmhal=FILE`)."""

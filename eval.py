@@ -1489,6 +1489,15 @@ def main(cfg):
                         ("llava_answers", "rescore true")):
         if getattr(cfg, flag) and not getattr(cfg, needs.split()[0]):
             raise common.ConfigError(f"--{flag} is read only with --{needs}, which is not given")
+    if not cfg.chair_instances:  # (Shapes CHAIR asks its own question)
+        common.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
+                             "asks its own question); drop it")
+    if cfg.judge == "oracle":  # (it reads the record)
+        common.refuse_unread(cfg, ["judge_prompt"], "by --judge oracle (it reads the Shapes "
+                             "record, not a prompt); drop it or choose another --judge")
+    if cfg.temperature == 0:
+        common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
+                             "sampling); drop it or sample with --temperature > 0")
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")

@@ -727,6 +727,9 @@ def main(cfg):
              "> 1 with --rollout_batch 1 (advantages whitened over one token are 0)")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")
+    if cfg.policy_lora:  # (the adapter's own rank, alpha, dropout and projections are used)
+        common.refuse_unread(cfg, ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+                             "with --policy_lora (the adapter's own are used); drop it")
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of "
                                  f"--minibatch_size {cfg.minibatch_size}, which must be a multiple "

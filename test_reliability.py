@@ -792,6 +792,17 @@ BAD_INPUT += [
       ("answers.jsonl", "not UTF-8 text")),
     C("eval", "answers-not-utf8", "an answers file already in --out with a byte that is not UTF-8",
       lambda w, t: _bad_answers(t), ("answers_pope_", "not UTF-8 text")),
+    C("ppo", "policy-lora-unread-rank", "--lora_r with --policy_lora (the adapter's own rank is "
+      "used; the flag was recorded in the run config as if it had been)",
+      lambda w, t: ["--policy_lora", str(t.root), "--lora_r", "64"],
+      ("--lora_r 64", "not read with --policy_lora")),
+    *[C("eval", f"unread-{flag}", f"--{flag} {value} {where} (accepted, never read)",
+        lambda w, t, flag=flag, value=value: [f"--{flag}", value],
+        (f"--{flag} {value}", f"not read {why}"))
+      for flag, value, where, why in (
+          ("chair_prompt", "Count them.", "on Shapes CHAIR", "without --chair_instances"),
+          ("judge_prompt", "mmhal=x.txt", "with the oracle judge", "by --judge oracle"),
+          ("top_p", "0.5", "with greedy decoding", "with --temperature 0"))],
     C("eval", "answers-bad-middle-line", "an answers file already in --out with a line that is "
       "not JSON before its last (it was dropped and the file rewritten: scores of fewer answers)",
       lambda w, t: _answers_with_bad_line(t), ("answers_pope_random.jsonl", "record 1",

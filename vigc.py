@@ -504,11 +504,8 @@ def main(cfg):
     unread = dict(ours=("answer_length", "num_beams", "repetition_penalty"),
                   reference=("temperature", "vic_temperature", "max_correction_steps",
                              "last_infer_all"))[cfg.vic_mode]
-    for flag in unread:
-        if getattr(cfg, flag) != Config.__dataclass_fields__[flag].default:
-            raise common.ConfigError(f"--{flag} {getattr(cfg, flag)}: not read by --vic_mode "
-                                     f"{cfg.vic_mode} (README: VIGC's two modes); drop it or "
-                                     "change --vic_mode")
+    common.refuse_unread(cfg, unread, f"by --vic_mode {cfg.vic_mode} (README: VIGC's two modes); "
+                         "drop it or change --vic_mode")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found "
                                  "(train it first: python sft.py; a VIGC model: python vigc.py)")
