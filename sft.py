@@ -234,6 +234,12 @@ def main(cfg):
     reads = ("data", "tokenizer") if fresh else ("data",)
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
+    for data_flag, steps_flag in (("align_data", "align_steps"), ("read_data", "read_steps")):
+        if fresh and not getattr(cfg, data_flag):  # (a --data outside the world brings none)
+            common.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
+                                 f"the world's --data); pass --{data_flag} FILE or drop it")
+    if not cfg.lrv:
+        common.refuse_unread(cfg, ["neg_ratio"], "without --lrv true; drop it")
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0

@@ -803,6 +803,12 @@ BAD_INPUT += [
           ("chair_prompt", "Count them.", "on Shapes CHAIR", "without --chair_instances"),
           ("judge_prompt", "mmhal=x.txt", "with the oracle judge", "by --judge oracle"),
           ("top_p", "0.5", "with greedy decoding", "with --temperature 0"))],
+    C("sft", "unread-align-steps", "--align_steps with a --data outside the world (the world's "
+      "alignment data is dropped with it: the stage never ran)",
+      lambda w, t: ["--data", t.file("mine.json", t.records("sft.json", 2)), "--align_steps",
+                    "1"], ("--align_steps 1", "not read without --align_data")),
+    C("sft", "unread-neg-ratio", "--neg_ratio without --lrv true (no negatives are mixed in)",
+      lambda w, t: ["--neg_ratio", "0.3"], ("--neg_ratio 0.3", "not read without --lrv true")),
     C("eval", "answers-bad-middle-line", "an answers file already in --out with a line that is "
       "not JSON before its last (it was dropped and the file rewritten: scores of fewer answers)",
       lambda w, t: _answers_with_bad_line(t), ("answers_pope_random.jsonl", "record 1",
