@@ -77,7 +77,8 @@ def read_text(path):
 def load_json(path):
     """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
     if not os.path.isfile(path):
-        raise DataError(path, message="file not found")
+        raise DataError(path, message="a folder, not a file" if os.path.isdir(path) else
+                        "file not found")
     text = read_text(path)
     if not text.strip():
         raise DataError(path, message="file is empty")

@@ -235,7 +235,8 @@ def main(cfg):
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
     for data_flag, steps_flag in (("align_data", "align_steps"), ("read_data", "read_steps")):
-        if fresh and not getattr(cfg, data_flag):  # (a --data outside the world brings none)
+        # (a --data outside the world brings none; 0 steps asks for what happens anyway)
+        if fresh and not getattr(cfg, data_flag) and getattr(cfg, steps_flag) > 0:
             common.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
                                  f"the world's --data); pass --{data_flag} FILE or drop it")
     if not cfg.lrv:

@@ -57,7 +57,7 @@ def base_args(script, w, out):
         return ["--quick", "true", "--out", str(out)]
     return {
         "sft": ["--model", "tiny", "--world", w.world, "--max_steps", "1", "--batch_size", "4",
-                "--align_steps", "1", "--read_steps", "1", "--report", "false"],
+                "--report", "false"],
         "reward": ["--init", w.sft, "--world", w.world, "--max_steps", "2", "--batch_size", "4",
                    "--eval_prompt", "short", "--eval_size", "4", "--save_every", "1"],
         "ppo": ["--init", w.sft, "--reward", w.rm, "--world", w.world, "--max_steps", "1",
@@ -153,13 +153,18 @@ def _held_lock(t, pid="4242"):
     return []
 
 
+# continuing the module's tiny SFT run (its config: the alignment and reading stages of 1 step)
+SFT_RESUME = ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--align_steps", "1",
+              "--read_steps", "1"]
+
+
 def _run_on_changed_sft_json(w, t):
     """OUT/run.json of a run on the world's files (those sft.py reads from a fresh model), sft.json
     since changed (another digest)."""
     read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
     digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
     t.file("out/run.json", {"data": dict(digests, **{read[0]: "0" * 64})})
-    return ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--max_steps", "3"]
+    return [*SFT_RESUME, "--max_steps", "3"]
 
 
 def _copy(src, dst):
@@ -363,15 +368,15 @@ BAD_INPUT = [
       lambda w, t: ["--init", t.ckpt("newer", _edit_config(format_version=99))],
       ("newer/config.json", "format_version 99 is newer")),
     C("sft", "resume-other-config", "--resume with a different --lr",
-      lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8", "--lr", "0.5"],
+      lambda w, t: [*SFT_RESUME, "--lr", "0.5"],
       ("checkpoint-000003", "--resume with a different config: field 'lr'", "now 0.5")),
     C("sft", "resume-newer-state", "--resume from a trainer state of a newer format",
       lambda w, t: (_newer_trainer_state(t.root / "out"),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+                    [*SFT_RESUME])[1],
       ("trainer_state.pt", "format_version 99 is newer")),
     C("sft", "resume-foreign-state", "--resume from a trainer_state.pt that another program wrote",
       lambda w, t: (_foreign_trainer_state(t.root / "out"),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8"])[1],
+                    [*SFT_RESUME])[1],
       ("trainer_state.pt", "not a factalign trainer state")),
     # -- reward.py: LLaVA-RLHF human preference files
     C("reward", "preference-range", "preference 3 (must be 1 or 2)",
@@ -807,6 +812,9 @@ BAD_INPUT += [
       "alignment data is dropped with it: the stage never ran)",
       lambda w, t: ["--data", t.file("mine.json", t.records("sft.json", 2)), "--align_steps",
                     "1"], ("--align_steps 1", "not read without --align_data")),
+    C("sft", "data-is-a-folder", "--data naming a folder (it said 'file not found')",
+      lambda w, t: ["--data", os.path.join(w.world, "images")],
+      ("images: a folder, not a file",)),
     C("sft", "unread-neg-ratio", "--neg_ratio without --lrv true (no negatives are mixed in)",
       lambda w, t: ["--neg_ratio", "0.3"], ("--neg_ratio 0.3", "not read without --lrv true")),
     C("eval", "answers-bad-middle-line", "an answers file already in --out with a line that is "
@@ -848,7 +856,7 @@ BAD_INPUT += [
       ("sft.json", "--resume on other data", "changed since the run started")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
       lambda w, t: (t.file("out/run.json", "{"),
-                    ["--resume", "true", "--overwrite", "false", "--batch_size", "8",
+                    [*SFT_RESUME,
                      "--max_steps", "3"])[1],
       ("run.json", "cannot read")),
     C("sft", "overwrite-own-init",
@@ -1428,7 +1436,7 @@ BAD_INPUT += [
       lambda w, t: _pope(t, category="coco/random"),
       ("pope.jsonl", "record 0", "field 'category'", "'coco/random'")),
     C("sft", "resume-past-max-steps", "--resume with --max_steps below the run's step",
-      lambda w, t: ["--resume", "true", "--overwrite", "false", "--batch_size", "8",
+      lambda w, t: [*SFT_RESUME,
                     "--max_steps", "2"],
       ("checkpoint-000003", "at step 3, past --max_steps 2")),
     C("ppo", "reward-base-retrained", "--reward whose base was retrained since (same path)",
