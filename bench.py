@@ -1031,6 +1031,11 @@ def check_positions(cfg):
         r = model_config(cfg, cfg.rollout_model)
         sizes.append(("--prompt_text + --rollout_new_tokens",
                       prompt_and(r, cfg.rollout_new_tokens), cfg.rollout_model, r))
+    text = cfg.seq - 1 - c.num_image_tokens  # (train_batch's rows: checked before any section)
+    if text < cfg.answer + 1:
+        raise common.ConfigError(f"--seq {cfg.seq} leaves {text} text tokens after "
+                                 f"{c.num_image_tokens} image tokens; need more than --answer "
+                                 f"{cfg.answer}")
     for flags, n, preset, c in sizes:
         if n > c.max_position:
             raise common.ConfigError(f"{flags}: {n} positions (with the bos and "

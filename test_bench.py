@@ -126,6 +126,15 @@ def test_cli_rejects_unknown_flags_in_one_line(tmp_path):
     assert code == 2 and err.count("\n") == 1 and "--nope" in err
 
 
+def test_a_sequence_with_no_room_for_the_answer_is_refused_before_any_section(tmp_path):
+    """--seq leaving no text for --answer was refused by the training section, after the export
+    and parity sections had run (minutes at a real preset)."""
+    code, stdout, err = run_cli("bench", ["--quick", "true", "--seq", "10", "--out",
+                                          str(tmp_path)])
+    assert code == 2 and "--seq 10 leaves 0 text tokens" in err, err
+    assert "parity" not in stdout, stdout
+
+
 def test_a_failing_section_is_reported_and_the_run_exits_nonzero(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("boom")

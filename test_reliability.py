@@ -1339,6 +1339,9 @@ BAD_INPUT += [
       "it ran for minutes, then failed)",
       lambda w, t: ["--prompt_text", "100000"],
       ("--prompt_text + --new_tokens", "are more than the tiny preset's")),
+    C("bench", "seq-below-answer", "--seq 10, no text left for --answer (refused only after the "
+      "export and parity sections had run)", lambda w, t: ["--seq", "10"],
+      ("--seq 10 leaves", "need more than --answer 8")),
 ]
 
 
