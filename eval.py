@@ -183,9 +183,9 @@ def load_benchmarks(cfg):
             local_judge_config(cfg.judge_model)
     world = None
     if any(on_shapes[b] for b in cfg.benchmarks):
-        # an existing world is used as it is
-        if not os.path.exists(os.path.join(cfg.world, "world.json")):
-            shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+        # written on first use, else checked as every stage checks it (another seed's world was
+        # scored as if it were --world_seed's)
+        shapes.ensure_world(cfg.world, seed=cfg.world_seed)
         world = (cfg.world, shapes.load_world(cfg.world)["by_file"])
     make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions,
             "gavie": gavie_questions}

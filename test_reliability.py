@@ -817,6 +817,9 @@ BAD_INPUT += [
       ("images: a folder, not a file",)),
     C("sft", "unread-neg-ratio", "--neg_ratio without --lrv true (no negatives are mixed in)",
       lambda w, t: ["--neg_ratio", "0.3"], ("--neg_ratio 0.3", "not read without --lrv true")),
+    C("eval", "world-other-seed", "--world_seed 5 against the seed-0 world (it scored the seed-0 "
+      "world's questions as seed 5's)", lambda w, t: ["--world_seed", "5"],
+      ("holds the world of seed 0, not --world_seed 5",)),
     C("eval", "answers-bad-middle-line", "an answers file already in --out with a line that is "
       "not JSON before its last (it was dropped and the file rewritten: scores of fewer answers)",
       lambda w, t: _answers_with_bad_line(t), ("answers_pope_random.jsonl", "record 1",
