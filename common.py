@@ -819,6 +819,21 @@ def refuse_unread(cfg, flags, why):
             raise ConfigError(f"--{flag} {shown}: not read {why}")
 
 
+def refuse_unread_shared(cfg):
+    """The stages' shared flags that another flag leaves unread: bf16 off the GPU, --save_full
+    without --fsdp, LoRA's shape with --lora_r 0 (a full fine-tune)."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if cfg.device != "cuda":
+        refuse_unread(cfg, ["dtype"], f"with --device {cfg.device} (bf16 runs on GPU only); "
+                      "drop it")
+    if "save_full" in names and not cfg.fsdp:
+        refuse_unread(cfg, ["save_full"], "without --fsdp (every checkpoint holds the whole "
+                      "model); drop it")
+    if "lora_r" in names and cfg.lora_r == 0:
+        lora = [f for f in ("lora_alpha", "lora_dropout", "lora_targets") if f in names]
+        refuse_unread(cfg, lora, "with --lora_r 0 (a full fine-tune); drop it")
+
+
 def paths_in_flag(value):
     """The existing paths a flag value names: itself, or the files of a list (`A,B`) whose items
     may carry a weight or a role (`FILE:2`, `FILE:conv`) or a name (`mmhal=FILE`)."""

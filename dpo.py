@@ -386,6 +386,13 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
 
 def main(cfg):
     check_config(cfg)
+    common.refuse_unread_shared(cfg)
+    if cfg.povid_stage == 1:
+        common.refuse_unread(cfg, ("noise_t", "noise_on", "noisy_tokens"), "with --povid_stage 1 "
+                             "(no noisy images: POVID's stage 2); drop it")
+    elif cfg.loss == "ref_free":
+        common.refuse_unread(cfg, ["noisy_tokens"], "with --loss ref_free (no reference is "
+                             "scored); drop it")
     cfg, named = common.world_paths(cfg, companions=("val_data",))
     common.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)

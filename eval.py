@@ -171,6 +171,10 @@ def load_benchmarks(cfg):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
     on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances,
                  "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file}
+    if all(on_shapes[b] for b in cfg.benchmarks):  # (the world's images are found by the world)
+        common.refuse_unread(cfg, ["image_folder"], "when every benchmark is the Shapes world's "
+                             "(no --pope_files, --chair_instances, --mmhal_file or --gavie_file); "
+                             "drop it")
     judged = [b for b in ("mmhal", "gavie") if b in cfg.benchmarks]
     if cfg.judge == "oracle" and any(not on_shapes[b] for b in judged):
         raise common.ConfigError("--judge oracle knows only the Shapes world; "
@@ -1470,6 +1474,17 @@ def table(rows):
     return "\n".join(md) + "\n", flat
 
 
+# each benchmark's own files and scoring flags (unread when it is not in --benchmarks;
+# the answer lengths are left to scripts that pass one set for every run), and the judge's
+BENCHMARK_FLAGS = {"pope": ("pope_files", "pope_labels", "pope_suffix"),
+                   "chair": ("chair_instances", "chair_synonyms", "chair_captions",
+                             "chair_counting", "chair_prompt"),
+                   "mmhal": ("mmhal_file", "mmhal_rating"),
+                   "gavie": ("gavie_file", "gavie_annotations")}
+JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries", "judge_backoff",
+               "judge_timeout", "judge_max_tokens", "judge_prompt")
+
+
 def main(cfg):
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:
@@ -1498,6 +1513,20 @@ def main(cfg):
     if cfg.temperature == 0:
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
+    common.refuse_unread_shared(cfg)
+    for bench, flags in BENCHMARK_FLAGS.items():  # (the questions of the others are not asked)
+        if bench not in cfg.benchmarks:
+            common.refuse_unread(cfg, flags, f"without {bench} in --benchmarks; add it or drop "
+                                 "the flag")
+    if not {"mmhal", "gavie"} & set(cfg.benchmarks):
+        common.refuse_unread(cfg, JUDGE_FLAGS, "without mmhal or gavie in --benchmarks (nothing "
+                             "is judged); drop it")
+    elif cfg.judge == "oracle":
+        common.refuse_unread(cfg, JUDGE_FLAGS[1:], "by --judge oracle (it reads the Shapes "
+                             "record); drop it or choose another --judge")
+    elif cfg.judge == "local":  # (a model folder: no API)
+        common.refuse_unread(cfg, JUDGE_FLAGS[2:-2], "by --judge local (a model folder, no API); "
+                             "drop it")
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")

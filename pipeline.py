@@ -144,6 +144,10 @@ def run_lane(names, commands, here, env, times):
 
 
 def main(cfg):
+    if "sft" not in cfg.stages:  # (the preset of the SFT from scratch)
+        common.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
+    if "eval" not in cfg.stages:
+        common.refuse_unread(cfg, ("eval_out", "eval_limit"), "without eval in --stages; drop it")
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     commands = stage_commands(cfg)
     if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)

@@ -707,7 +707,17 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
 
 
 def main(cfg):
+    given = cfg  # (as given: '{world}' paths unresolved, for refuse_unread's defaults)
+    common.refuse_unread_shared(cfg)
+    if cfg.target_kl == 0:
+        common.refuse_unread(cfg, ["kl_horizon"], "with --target_kl 0 (a fixed --kl_coef); drop it")
+    if cfg.kl_estimator == "k3":
+        common.refuse_unread(cfg, ["kl_clamp"], "with --kl_estimator k3 (k3 is >= 0 already); "
+                             "drop it")
     cfg, named = common.world_paths(cfg, companions=("captions",))
+    if "data" not in named:
+        common.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
+                             "counts with the world's annotations); drop it")
     common.check_world("ppo.py", cfg.fsdp)
     d = common.setup_dist(cfg.device)
     common.seed_everything(cfg.seed)
@@ -721,12 +731,12 @@ def main(cfg):
             # e in [-0.2, 0.2]: from 0 it never moves, and at or below 0 it turns negative
             ("kl_coef", cfg.target_kl == 0 or cfg.kl_coef > 0, "> 0 with --target_kl > 0"),
             ("kl_horizon", cfg.target_kl == 0 or cfg.kl_horizon > 0.2 * cfg.rollout_batch,
-             f"> 0.2 x --rollout_batch ({0.2 * cfg.rollout_batch:g}) with --target_kl > 0"),
-            # whitened over one response token, every advantage is 0: the policy would not move
-            ("max_new_tokens", cfg.rollout_batch > 1 or cfg.max_new_tokens > 1,
-             "> 1 with --rollout_batch 1 (advantages whitened over one token are 0)")):
+             f"> 0.2 x --rollout_batch ({0.2 * cfg.rollout_batch:g}) with --target_kl > 0")):
         if not ok:
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: expected {want}")
+    if cfg.rollout_batch == 1 and cfg.max_new_tokens == 1 and d.main:  # (the smallest smoke run)
+        print("note: --rollout_batch 1 with --max_new_tokens 1: advantages whitened over one "
+              "token are 0, so the policy does not move (the value model trains)", flush=True)
     if cfg.policy_lora:  # (the adapter's own rank, alpha, dropout and projections are used)
         common.refuse_unread(cfg, ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
                              "with --policy_lora (the adapter's own are used); drop it")
@@ -742,6 +752,9 @@ def main(cfg):
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
+    if not rm[0]:  # (the rollout hands the RM no facts)
+        common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
+                             "facts (--facts false); drop it")
     base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
     check_policy_template(cfg, base, rm[2])
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d, tok_dir)

@@ -35,7 +35,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -321,6 +321,12 @@ def import_llava_rlhf(cfg):
     for flag, on in (("--resume", cfg.resume), ("--fsdp", cfg.fsdp)):
         if on:
             raise common.ConfigError(f"{flag} true: --import_llava_rlhf trains nothing")
+    read = {"import_llava_rlhf", "init", "vision_tower", "out", "overwrite", "device", "facts",
+            "eval_prompt", "template", "prompt_space", "world", "world_seed"}  # (the world: the
+    # context flags every stage takes)
+    common.refuse_unread(cfg, [f.name for f in fields(cfg) if f.name not in read],
+                         "with --import_llava_rlhf (nothing is trained or read but its files); "
+                         "drop it")
     if not os.path.isdir(cfg.import_llava_rlhf):
         raise common.ConfigError(f"--import_llava_rlhf {cfg.import_llava_rlhf}: directory not "
                                  "found")
@@ -347,6 +353,12 @@ def import_llava_rlhf(cfg):
 def main(cfg):
     if cfg.import_llava_rlhf:
         return import_llava_rlhf(cfg)
+    common.refuse_unread_shared(cfg)
+    if not cfg.facts:  # (plain RLHF: the reward prompt names no facts)
+        common.refuse_unread(cfg, ("captions", "caption_shuffle"), "with --facts false; drop it")
+    if cfg.pairs == "injected":
+        common.refuse_unread(cfg, ("n_sampled", "sample_temperature", "sample_max_new_tokens"),
+                             "with --pairs injected (nothing is sampled); drop it")
     companions = ("val_data", "captions") if cfg.facts else ("val_data",)
     cfg, named = common.world_paths(cfg, companions=companions)
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)

@@ -231,6 +231,20 @@ def main(cfg):
         raise common.ConfigError("--lora_r 0 with --train_vision, --train_projector and --train_lm "
                                  "false: nothing to train")
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
+    common.refuse_unread_shared(cfg)
+    if not fresh:  # (a fresh model's preset and stages)
+        common.refuse_unread(cfg, ("model", "align_steps", "read_steps", "align_batch_size",
+                                   "align_data", "read_data", "instruct_lr", "instruct_warmup"),
+                             "with --init (the checkpoint's architecture, no alignment or reading "
+                             "stage); drop it")
+    else:
+        common.refuse_unread(cfg, ["vision_tower"], "without --init (a fresh --model builds its "
+                             "own CLIP tower); drop it")
+    if cfg.lora_r > 0:
+        common.refuse_unread(cfg, ["train_lm"], "with --lora_r > 0 (LoRA trains the language "
+                             "model); drop it")
+    if not cfg.report:
+        common.refuse_unread(cfg, ["report_n"], "with --report false; drop it")
     reads = ("data", "tokenizer") if fresh else ("data",)
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
@@ -244,6 +258,7 @@ def main(cfg):
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0
+
     # (a stage that gets no step, as with --max_steps 1, has no batch to split)
     align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
     common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)

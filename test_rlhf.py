@@ -566,8 +566,9 @@ def test_ppo_metrics_over_nothing_are_null_and_the_file_strict_json(tiny_rm, sft
     argv = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--rollout_batch", "1",
             "--minibatch_size", "1", "--max_new_tokens", "1", "--max_steps", "2", "--out",
             str(out)]
-    code, _, err = run_cli("ppo", argv)
+    code, stdout, err = run_cli("ppo", argv)
     assert code == 0, err
+    assert "advantages whitened over one token are 0" in stdout  # (said, not silent)
 
     def strict(token):
         raise ValueError(f"not JSON: {token}")

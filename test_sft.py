@@ -47,9 +47,9 @@ def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path)
     reading conversations of sft_read.json), stage 3 (sft.json at --instruct_lr), each with its own
     warmup and fresh Adam moments; --read_steps 0 leaves two stages; a model given by --init
     skips both first stages."""
-    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4",
-            "--align_batch_size", "8", "--warmup", "2", "--report", "false", "--log_every", "1",
-            "--eval_every", "0"]
+    shared = ["--world", tiny_world, "--batch_size", "4", "--warmup", "2", "--report", "false",
+              "--log_every", "1", "--eval_every", "0"]
+    args = ["--model", "tiny", "--align_batch_size", "8", *shared]  # (a fresh model's flags)
     out = str(tmp_path / "three")
     three = ["--max_steps", "7", "--align_steps", "2", "--read_steps", "2", "--instruct_lr", "1e-2",
              "--instruct_warmup", "1", "--out", out]
@@ -78,7 +78,7 @@ def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path)
     lrs = [r["lr"] for r in rows]
     assert lrs[::2] == [lrs[0]] * 2 and lrs[1] > lrs[0]  # --lr in both: no reading stage
     init = ["--max_steps", "2", "--init", tiny_sft, "--out", str(tmp_path / "init")]
-    code, stdout, err = run_cli("sft", args + init)
+    code, stdout, err = run_cli("sft", shared + init)
     assert code == 0, err
     assert "alignment" not in stdout
     init_rows = [json.loads(line) for line in open(tmp_path / "init" / "metrics.jsonl")]

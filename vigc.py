@@ -155,6 +155,11 @@ INSTRUCTIONS = {  # --instructions '' (the world has its own: vigc_instructions.
 GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature",
               "max_correction_steps", "last_infer_all", "max_new_tokens", "gen_batch_size",
               "answer_length", "num_beams", "repetition_penalty")
+# what --max_steps 0 leaves unread (the data and --max_len are still read: checked)
+TRAIN_FIELDS = ("sft_share", "lora_r", "lora_alpha", "train_vision", "train_projector",
+                "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "warmup_from_zero",
+                "weight_decay", "grad_clip", "save_every", "log_every", "skip_nonfinite",
+                "save_full")
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
 
@@ -492,6 +497,7 @@ def oracle_report(world, ok):
 
 
 def main(cfg):
+    given = cfg  # (as given: '{world}' paths unresolved, for refuse_unread's defaults)
     reads = ("data", "tokenizer") if not cfg.init else ("data",)  # a fresh model reads a tokenizer
     cfg, named = common.world_paths(cfg, reads, companions=("instructions", "images"))
     if not 0 <= cfg.sft_share <= 0.99:  # (near 1, n / (1 - share) records would fill memory)
@@ -512,6 +518,16 @@ def main(cfg):
     if cfg.max_steps == 0 and cfg.generate == 0:  # (--overwrite would move a run aside for it)
         raise common.ConfigError("--max_steps 0 and --generate 0: nothing to do (train, generate, "
                                  "or both)")
+    common.refuse_unread_shared(given)
+    if cfg.init:
+        common.refuse_unread(given, ["model"], "with --init (the checkpoint's architecture); "
+                             "drop it")
+    if cfg.generate == 0:  # (nothing is generated)
+        common.refuse_unread(given, [f for f in GEN_FIELDS if f != "generate"],
+                             "with --generate 0 (nothing is generated); drop it")
+    if cfg.max_steps == 0:  # (nothing is trained)
+        common.refuse_unread(given, TRAIN_FIELDS, "with --max_steps 0 (nothing is trained); "
+                             "drop it")
     common.check_world("vigc.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)
