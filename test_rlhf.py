@@ -613,6 +613,21 @@ PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens",
             "--log_every", "1"]
 
 
+def test_ppo_refuses_captions_its_reward_model_does_not_read(tiny_world, sft, tmp_path):
+    """A reward model trained with --facts false gets no captions in the rollout: a --captions
+    file given beside it was parsed and never used (the run looked like Fact-RLHF)."""
+    rm = str(tmp_path / "rm")
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "2",
+            "--eval_prompt", "short", "--eval_size", "4", "--facts", "false", "--out", rm]
+    code, _, err = run_cli("reward", argv)
+    assert code == 0, err
+    captions = os.path.join(tiny_world, "image_to_caption.json")
+    ppo = ["--init", sft, "--reward", rm, "--world", tiny_world, "--max_steps", "1",
+           "--captions", captions, "--out", str(tmp_path / "ppo")] + PPO_ARGS
+    code, _, err = run_cli("ppo", ppo)
+    assert code == 2 and f"--captions {captions}: not read with --reward {rm}" in err, err
+
+
 def test_ppo_update_with_grad_checkpoint_equals_without(tiny_rm, sft, tiny_world, tmp_path):
     """--grad_checkpoint true recomputes each layer's forward during backward; the policy and
     value backward passes used to run after their adapter was switched off, so the recomputation
