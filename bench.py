@@ -989,7 +989,16 @@ def run_section(name, r, fn, *args):
         return [name]
 
 
+# what --fsdp's one sharded training step does not read (the other sections' flags)
+FSDP_UNREAD = ("gen_batches", "new_tokens", "prompt_text", "dpo_pairs", "ppo_prompts",
+               "ppo_new_tokens", "roles_model", "rollout_model", "rollout_batch",
+               "rollout_new_tokens", "compile_decode", "matmul_n", "copy_mib", "hf_load")
+
+
 def main(cfg):
+    if cfg.fsdp:  # (as given: --quick fills in its own values below)
+        common.refuse_unread(cfg, FSDP_UNREAD, "with --fsdp true (one sharded training step "
+                             "alone); drop it")
     if cfg.quick:  # the tiny config, except for the fields given other values on the command line
         default = Config()
         untouched = {k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)}
@@ -1007,13 +1016,11 @@ def main(cfg):
         raise common.ConfigError("--device cuda: no CUDA device is available")
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
         raise common.ConfigError("--dtype: auto, fp32 or bf16; --hf_load: auto, export or copy")
-    if cfg.fsdp:
-        return fsdp_bench(cfg)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return run(cfg)
+        return fsdp_bench(cfg) if cfg.fsdp else run(cfg)
     finally:
         torch.set_num_threads(threads)  # in-process callers (the tests) keep their own setting
 

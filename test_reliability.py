@@ -869,6 +869,9 @@ BAD_INPUT += [
           ("eval", "shapes-image-folder", "--image_folder with every benchmark the world's",
            lambda t: ["--image_folder", str(t.root)], "--image_folder",
            "when every benchmark is the Shapes world's"),
+          ("bench", "fsdp-gen-batches", "--gen_batches with --fsdp true (its one sharded step "
+           "returns before the generation sections)", ("--fsdp", "true", "--gen_batches", "2"),
+           "--gen_batches 2", "with --fsdp true"),
           ("pipeline", "model-no-sft", "--model without sft in --stages",
            ("--stages", "dpo", "--model", "tiny"), "--model tiny", "without sft in --stages"),
           ("pipeline", "eval-limit-no-eval", "--eval_limit without eval in --stages",
