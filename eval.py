@@ -1507,9 +1507,6 @@ def main(cfg):
     if not cfg.chair_instances:  # (Shapes CHAIR asks its own question)
         common.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
                              "asks its own question); drop it")
-    if cfg.judge == "oracle":  # (it reads the record)
-        common.refuse_unread(cfg, ["judge_prompt"], "by --judge oracle (it reads the Shapes "
-                             "record, not a prompt); drop it or choose another --judge")
     if cfg.temperature == 0:
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")

@@ -258,7 +258,6 @@ def main(cfg):
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0
-
     # (a stage that gets no step, as with --max_steps 1, has no batch to split)
     align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
     common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)

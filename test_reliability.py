@@ -806,7 +806,8 @@ BAD_INPUT += [
         (f"--{flag} {value}", f"not read {why}"))
       for flag, value, where, why in (
           ("chair_prompt", "Count them.", "on Shapes CHAIR", "without --chair_instances"),
-          ("judge_prompt", "mmhal=x.txt", "with the oracle judge", "by --judge oracle"),
+          ("judge_prompt", "mmhal=x.txt", "with nothing judged (POPE alone)",
+           "without mmhal or gavie"),
           ("top_p", "0.5", "with greedy decoding", "with --temperature 0"))],
     C("sft", "unread-align-steps", "--align_steps with a --data outside the world (the world's "
       "alignment data is dropped with it: the stage never ran)",
@@ -863,6 +864,9 @@ BAD_INPUT += [
            ("--mmhal_file", "x.json"), "--mmhal_file x.json", "without mmhal in --benchmarks"),
           ("eval", "judge-nothing-judged", "--judge openai with POPE alone (nothing judged)",
            ("--judge", "openai"), "--judge openai", "without mmhal or gavie"),
+          ("eval", "oracle-judge-prompt", "--judge_prompt with the oracle judge (it reads the "
+           "record)", ("--benchmarks", "mmhal", "--judge_prompt", "mmhal=x.txt"),
+           "--judge_prompt mmhal=x.txt", "by --judge oracle"),
           ("eval", "local-judge-url", "--judge_url with --judge local (no API)",
            ("--benchmarks", "mmhal", "--judge", "local", "--judge_url", "http://x"),
            "--judge_url http://x", "by --judge local"),
