@@ -1929,7 +1929,11 @@ def reliability_md():
         "(each case's `--out` already holds a",
         "finished run). Cases marked \"a real process\" run `python SCRIPT.py`; "
         "the others run the same entry point",
-        "in-process (conftest.run_cli). Training runs also guarantee:", "",
+        "in-process (conftest.run_cli). A flag that another flag leaves unread (`sft.py --init` "
+        "with `--model`,",
+        "`eval.py --benchmarks pope` with `--mmhal_file`, ...) is such a mistake too: "
+        "`--FLAG VALUE: not read ...; drop it`",
+        "(`common.refuse_unread`). Training runs also guarantee:", "",
         "- **kill and resume**: a run killed with SIGKILL "
         "(during a step or while a checkpoint is being written) and",
         "  restarted with `--resume true` ends with bitwise the weights of an uninterrupted run "
