@@ -417,12 +417,18 @@ def prompt_ids(c, B, text, g, dev):
     return ids, pix
 
 
-def train_batch(c, B, T, answer, g, dev):
-    """B rows of T tokens: bos, image tokens, text; the last `answer` tokens carry labels."""
+def answer_room(c, T, answer):
+    """Text tokens of a row of T (after bos and the image tokens): more than `answer`."""
     text = T - 1 - c.num_image_tokens
     if text < answer + 1:
         raise common.ConfigError(f"--seq {T} leaves {text} text tokens after {c.num_image_tokens} "
                                  f"image tokens; need more than --answer {answer}")
+    return text
+
+
+def train_batch(c, B, T, answer, g, dev):
+    """B rows of T tokens: bos, image tokens, text; the last `answer` tokens carry labels."""
+    text = answer_room(c, T, answer)
     ids, pix = prompt_ids(c, B, text, g, dev)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -answer:] = ids[:, -answer:]
@@ -1038,11 +1044,7 @@ def check_positions(cfg):
         r = model_config(cfg, cfg.rollout_model)
         sizes.append(("--prompt_text + --rollout_new_tokens",
                       prompt_and(r, cfg.rollout_new_tokens), cfg.rollout_model, r))
-    text = cfg.seq - 1 - c.num_image_tokens  # (train_batch's rows: checked before any section)
-    if text < cfg.answer + 1:
-        raise common.ConfigError(f"--seq {cfg.seq} leaves {text} text tokens after "
-                                 f"{c.num_image_tokens} image tokens; need more than --answer "
-                                 f"{cfg.answer}")
+    answer_room(c, cfg.seq, cfg.answer)  # (train_batch's rows: checked before any section)
     for flags, n, preset, c in sizes:
         if n > c.max_position:
             raise common.ConfigError(f"{flags}: {n} positions (with the bos and "

@@ -1676,12 +1676,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, w, tmp_path):
     argv = base_args(case.script, w, out) + overwrite + case.argv(w, t)
     argv = argv if case.strict else merge_flags(argv)  # (strict: the repeated flags are the case)
     # the base command's flags that the case's own make unread (refused as such)
-    given, unread = {"sft": ("--init", ("--model",)),
-                     "reward": ("--import_llava_rlhf", ("--max_steps", "--batch_size",
-                                                        "--eval_size", "--save_every"))}.get(
-        case.script, ("", ()))
-    for flag in unread if given in argv else ():
-        if flag in argv:
+    for script, given, unread in (("sft", "--init", ("--model",)),
+                                  ("reward", "--import_llava_rlhf",
+                                   ("--max_steps", "--batch_size", "--eval_size", "--save_every"))):
+        for flag in unread if case.script == script and given in argv else ():
             i = argv.index(flag)
             argv = argv[:i] + argv[i + 2:]
     before = tree_hashes(tmp_path, w.sft, w.rm, w.world)
