@@ -1,4 +1,4 @@
-r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline.
+r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges that run offline.
 
     python eval.py  # ckpt/sft, Shapes world, all four, oracle judge
     python eval.py --compare ckpt/sft ckpt/ppo ckpt/dpo  # one Markdown table: OUT/compare.md, .json
@@ -14,6 +14,13 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench and GAVIE, with judges that run offline
         --judge_prompt mmhal=mmhal_judge.txt
         # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's
         # (Eval/model_vqa*.py)
+    python eval.py --ckpt DIR --benchmarks llava_bench --llava_bench_file qa90_questions.jsonl \
+        --llava_bench_answers qa90_gpt4_answer.jsonl --image_folder coco/val2014 \
+        --llava_bench_context caps_boxes_coco2014_val_80.jsonl --llava_bench_rule rule.json \
+        --judge openai --judge_model gpt-4-0314 --judge_max_tokens 1024 --max_new_tokens 1024 \
+        --template llava_v1
+        # LLaVA-RLHF's Eval/eval_scripts/eval_llava_bench.sh; no Shapes version (its score is a
+        # judge's preference between two answers, which the oracle cannot give)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer",
@@ -54,12 +61,15 @@ import oracle
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
-from formats import TAG_IN_TEXT, record_label
+from formats import (TAG_IN_TEXT, read_llava_bench, read_llava_bench_answers,
+                     read_llava_bench_context, record_label)
 from checkpoint import (base_weights_dir, is_peft_dir, peft_base_dir, refuse_scalar_model,
                         resolve_checkpoint)
 from model import CheckpointError
 
-BENCHMARKS = ("pope", "chair", "mmhal", "gavie")
+BENCHMARKS = ("pope", "chair", "mmhal", "gavie", "llava_bench")
+SHAPES_BENCHMARKS = BENCHMARKS[:4]  # the default: the ones the Shapes world has
+JUDGED = ("mmhal", "gavie", "llava_bench")
 # Shapes: the whole test split (0), GAVIE 60
 SHAPES_LIMITS = {"pope": 0, "chair": 0, "mmhal": 0, "gavie": 60}
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -73,7 +83,7 @@ class Config:
     ckpt: str = "ckpt/sft"  # checkpoint (or run directory: its newest checkpoint) to evaluate
     compare: tuple = ()  # several checkpoints on the same questions -> OUT/compare.md and .json
     out: str = "runs/eval"  # one subfolder per checkpoint: answers, judge replies, scores.json
-    benchmarks: tuple = BENCHMARKS  # any of pope, chair, mmhal, gavie
+    benchmarks: tuple = SHAPES_BENCHMARKS  # any of pope, chair, mmhal, gavie, llava_bench
     world: str = "data/shapes"  # Shapes world used when no file is given (written on first use)
     world_seed: int = 0  # seed of a Shapes world written on first use
     limit: int = 0  # questions per benchmark and POPE split (0: all; Shapes: all but GAVIE 60)
@@ -90,6 +100,10 @@ class Config:
     mmhal_file: str = ""  # MMHal-Bench response_template.json (empty: Shapes mmhal.json)
     gavie_file: str = ""  # LRV evaluation_set.json [{"image_id", "question"}] (empty: Shapes test)
     gavie_annotations: str = ""  # {image_id: [{"caption", "bbox": [x, y, w, h]}]} for --gavie_file
+    llava_bench_file: str = ""  # LLaVA-Bench questions: qa90_questions.jsonl (or the 30x3 file)
+    llava_bench_answers: str = ""  # its reference answers, qa90_gpt4_answer.jsonl (30x3: inline)
+    llava_bench_context: str = ""  # what the judge knows: caps_boxes_coco2014_val_80.jsonl
+    llava_bench_rule: str = ""  # LLaVA's table/rule.json (the judge's words; empty: ours)
     judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
     judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder
     judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
@@ -170,12 +184,12 @@ def load_benchmarks(cfg):
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
     on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances,
-                 "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file}
+                 "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file, "llava_bench": False}
     if all(on_shapes[b] for b in cfg.benchmarks):  # (the world's images are found by the world)
         common.refuse_unread(cfg, ["image_folder"], "when every benchmark is the Shapes world's "
                              "(no --pope_files, --chair_instances, --mmhal_file or --gavie_file); "
                              "drop it")
-    judged = [b for b in ("mmhal", "gavie") if b in cfg.benchmarks]
+    judged = [b for b in JUDGED if b in cfg.benchmarks]
     if cfg.judge == "oracle" and any(not on_shapes[b] for b in judged):
         raise common.ConfigError("--judge oracle knows only the Shapes world; "
                                  "pass --judge openai or --judge local")
@@ -192,7 +206,7 @@ def load_benchmarks(cfg):
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
         world = (cfg.world, shapes.load_world(cfg.world)["by_file"])
     make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions,
-            "gavie": gavie_questions}
+            "gavie": gavie_questions, "llava_bench": llava_bench_questions}
     out = {}
     for b in cfg.benchmarks:
         qs = make[b](cfg, world)
@@ -368,6 +382,48 @@ def gavie_questions(cfg, world):
     for path, qt, r in sorted(rounds[:n], key=lambda x: order(x[1])):
         q = _shapes_question(r, path, world, qtype=qt, gt=r["conversations"][1]["value"])
         qs.append(dict(q, boxes=[(shapes.noun_phrase(o), o["bbox"]) for o in q["objects"]]))
+    return qs
+
+
+def llava_bench_questions(cfg, world):
+    """LLaVA-Bench questions, each with its reference answer (inline in the 30x3 file, else from
+    --llava_bench_answers by question_id) and the judge's context for its image (by file name, or
+    by the COCO image id in it: the 30x3 file names COCO_val2014_000000525439.jpg what the context
+    file calls 000000525439.jpg)."""
+    path = cfg.llava_bench_file
+    recs = _nonempty(read_llava_bench(path, cfg.image_folder or None,
+                                      check_images=not cfg.rescore), path)
+    inline = recs[0]["reference"] is not None
+    if inline:
+        common.refuse_unread(cfg, ["llava_bench_answers"], f"with {path}, whose records hold "
+                             "their reference answers ('output'); drop it")
+    elif not cfg.llava_bench_answers:
+        raise common.ConfigError(f"--llava_bench_file {path} holds no reference answers: pass "
+                                 "--llava_bench_answers (qa90_gpt4_answer.jsonl)")
+    refs = {} if inline else read_llava_bench_answers(cfg.llava_bench_answers)
+    context = read_llava_bench_context(cfg.llava_bench_context)
+    rules = load_llava_bench_rules(cfg.llava_bench_rule)
+    by_number = {int(m[1]): text for name, text in context.items()
+                 if (m := re.search(r"(\d+)\.\w+$", name))}
+    qs = []
+    for i, r in enumerate(recs):
+        where = f"{i} (id {r['question_id']!r})"
+        name = os.path.basename(r["image"])
+        number = re.search(r"(\d+)\.\w+$", name)
+        ctx = context.get(name, by_number.get(int(number[1])) if number else None)
+        if ctx is None:
+            raise DataError(path, where, "image", f"{name} has no record in "
+                            f"{cfg.llava_bench_context} (the judge's captions and boxes)")
+        ref = r["reference"] if inline else refs.get(r["question_id"])
+        if ref is None:
+            raise DataError(path, where, "question_id", "has no reference answer in "
+                            f"{cfg.llava_bench_answers}")
+        rule = rules.get(f"llava_bench_{r['category']}", rules.get(None))
+        if rule is None:  # (eval_gpt_review_visual.py stops at it)
+            raise DataError(cfg.llava_bench_rule, f"llava_bench_{r['category']}", None,
+                            f"no rule for the category {r['category']!r} of {path} record {i}")
+        qs.append({"id": r["question_id"], "image": r["image"], "file": path, "prompt": r["text"],
+                   "category": r["category"], "reference": ref, "context": ctx, "rule": rule})
     return qs
 
 
@@ -1067,6 +1123,8 @@ def fill_judge_prompt(template, bench, q, answer):
 
 
 def judge_prompt(bench, q, answer, templates):
+    if bench == "llava_bench":
+        return llava_bench_prompt(q, answer)
     if bench in templates:
         return fill_judge_prompt(templates[bench], bench, q, answer)
     return (mmhal_prompt if bench == "mmhal" else gavie_prompt)(q, answer)
@@ -1136,6 +1194,96 @@ def gavie_metrics(qs, replies):
     return {"accuracy": _mean([s["accuracy"] for s in scores]),
             "relevancy": _mean([s["relevancy"] for s in scores]),
             "n": len(scores), "unparsed": len(bad), "unparsed_ids": bad[:20]}
+
+
+# ----------------------------------------------------------------------------------------
+# LLaVA-Bench (COCO; LLaVA, arXiv 2304.08485, and LLaVA-RLHF beside MMHal-Bench): a text-only
+# judge reads the image's captions and boxes, the question, a reference answer (GPT-4's, as
+# Assistant 1) and the model's (Assistant 2), and gives each 1-10 on its first line; the score is
+# the model's mean relative to the reference's, per category (conv, detail, complex) and over all.
+# The layout and the judge call are eval_gpt_review_visual.py's (its --max-tokens: 1024); the
+# default rule is ours, in our own words; --llava_bench_rule takes LLaVA's table/rule.json.
+# ----------------------------------------------------------------------------------------
+
+# the system line and temperature of LLaVA's judge call (eval_gpt_review_visual.py)
+LLAVA_BENCH_SYSTEM = ("You are a helpful and precise assistant for checking the quality of the "
+                      "answer.")
+LLAVA_BENCH_TEMPERATURE = 0.2
+LLAVA_BENCH_RULE = {"role": "Assistant", "prompt": (
+    "Two AI assistants answered the user's question above about an image. You cannot see the "
+    "image: the context describes it in a few sentences and lists its objects with their "
+    "bounding boxes. Rate each answer's helpfulness, relevance, accuracy and level of detail "
+    "with one overall score from 1 to 10, higher being better.\nOn the first line write only the "
+    "two scores, Assistant 1's and then Assistant 2's, separated by one space. From the next line "
+    "on, explain the scores without bias: neither the order of the answers nor their length may "
+    "sway you.")}
+
+
+RULE_KEYS = ("role", "prompt")
+
+
+def load_llava_bench_rules(path):
+    """{"llava_bench_<category>": {"role", "prompt"}} from LLaVA's rule.json (its other entries
+    are for other benchmarks); no file: {None: our rule}, for every category."""
+    if not path:
+        return {None: LLAVA_BENCH_RULE}
+    rules = load_json(path)
+    if not isinstance(rules, dict):
+        raise DataError(path, message="expected LLaVA's rule.json: {name: {\"role\", \"prompt\"}}")
+    out = {}
+    for name, rule in rules.items():
+        if not name.startswith("llava_bench_"):
+            continue
+        if not (isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in RULE_KEYS)):
+            raise DataError(path, repr(name), None, "expected {\"role\": string, "
+                                                    "\"prompt\": string}")
+        out[name] = {"role": rule["role"], "prompt": rule["prompt"]}
+    if not out:
+        raise DataError(path, message="no llava_bench_<category> rule (LLaVA's table/rule.json "
+                                      "has llava_bench_conv, _detail and _complex)")
+    return out
+
+
+def llava_bench_prompt(q, answer):
+    """What eval_gpt_review_visual.py sends: context, question, the two answers, the rule."""
+    role, rule = q["rule"]["role"], q["rule"]["prompt"]
+    return (f"[Context]\n{q['context']}\n\n[Question]\n{q['prompt']}\n\n"
+            f"[{role} 1]\n{q['reference']}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule}\n\n")
+
+
+def parse_llava_bench(reply):
+    """(reference's score, model's) read as eval_gpt_review_visual.py's parse_score reads a reply:
+    its first line, commas made spaces, split at single spaces into exactly two numbers; else None
+    (a value that is not finite too: the reference would average a NaN in)."""
+    parts = str(reply).split("\n")[0].replace(",", " ").split(" ")
+    try:
+        pair = tuple(float(x) for x in parts) if len(parts) == 2 else None
+    except ValueError:
+        return None
+    return pair if pair and all(math.isfinite(x) for x in pair) else None
+
+
+def llava_bench_metrics(qs, replies):
+    """Per category and over all (summarize_gpt_review.py): the mean of each score, a reply
+    without a pair counted as (-1, -1) as the reference counts it; relative = model / reference x
+    100 from the means rounded to 3 places, then to 1, as it prints them (scores x 10)."""
+    parsed = {q["id"]: parse_llava_bench(replies[q["id"]]) for q in qs if q["id"] in replies}
+    bad = [i for i, p in parsed.items() if p is None]
+    pairs = {i: p or (-1.0, -1.0) for i, p in parsed.items()}
+    groups = {"all": list(pairs.values())}
+    for q in qs:
+        if q["id"] in pairs:
+            groups.setdefault(q["category"], []).append(pairs[q["id"]])
+    out = {}
+    for name, group in groups.items():
+        if not group:  # (no answer judged)
+            continue
+        ref, model = (round(_mean([p[k] for p in group]), 3) for k in (0, 1))
+        relative = round(model / ref * 100, 1) if ref > 0 else None
+        out[name] = {"relative": relative, "reference": round(ref * 10, 1),
+                     "model": round(model * 10, 1), "n": len(group)}
+    return {**out, "unparsed": len(bad), "unparsed_ids": bad[:20]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1268,8 +1416,12 @@ class OpenAIJudge:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
 
     def __call__(self, prompt, record):
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": self.cfg.judge_max_tokens}).encode()
+        messages, temperature = [{"role": "user", "content": prompt}], 0
+        if record.get("bench") == "llava_bench":  # (LLaVA's call, as its scores were made)
+            messages = [{"role": "system", "content": LLAVA_BENCH_SYSTEM}] + messages
+            temperature = LLAVA_BENCH_TEMPERATURE
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
+                           "max_tokens": self.cfg.judge_max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -1405,18 +1557,19 @@ def evaluate(cfg, ckpt, name, bench, judges):
         counts = [chair_counts(q, t, cfg.chair_counting) for q, t in texts]
         n_words = [len(t.split()) for _, t in texts]
         scores["chair"] = chair_metrics(counts, n_words)
-    for b, keep in (("mmhal", ("question_type",)), ("gavie", ("qtype",))):
+    metrics = {"mmhal": lambda qs, r: mmhal_metrics(qs, r, cfg.mmhal_rating),
+               "gavie": gavie_metrics, "llava_bench": llava_bench_metrics}
+    keeps = {"mmhal": ("question_type",), "gavie": ("qtype",), "llava_bench": ("category",)}
+    for b in JUDGED:
         if b in bench:
             answers_path = os.path.join(out, f"answers_{b}.jsonl")
-            lines = ans.answers(b, bench[b], answers_path, cfg.max_new_tokens, keep)
+            lines = ans.answers(b, bench[b], answers_path, cfg.max_new_tokens, keeps[b])
             judge_path = os.path.join(out, f"judge_{b}.jsonl")
             replies = judge_replies(b, bench[b], lines, judge_path, judges, cfg, name)
-            if b == "mmhal":
-                scores[b] = mmhal_metrics(bench[b], replies, cfg.mmhal_rating)
-            else:
-                scores[b] = gavie_metrics(bench[b], replies)
+            scores[b] = metrics[b](bench[b], replies)
             if scores[b]["unparsed"]:
                 how = "scored 0" if b == "mmhal" and cfg.mmhal_rating == "reference" else "excluded"
+                how = "scored -1 -1, as LLaVA's summary does" if b == "llava_bench" else how
                 n_unparsed = scores[b]["unparsed"]
                 ids = scores[b]["unparsed_ids"][:5]
                 print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
@@ -1451,6 +1604,7 @@ COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"),
            ("MMHal halluc. rate", ("mmhal", "hallucination_rate"), ".2f"),
            ("GAVIE acc.", ("gavie", "accuracy"), ".2f"),
            ("GAVIE rel.", ("gavie", "relevancy"), ".2f"),
+           ("LLaVA-Bench", ("llava_bench", "all", "relative"), ".1f"),
            ("answer words", ("chair", "answer_words"), ".1f")]
 
 
@@ -1480,7 +1634,9 @@ BENCHMARK_FLAGS = {"pope": ("pope_files", "pope_labels", "pope_suffix"),
                    "chair": ("chair_instances", "chair_synonyms", "chair_captions",
                              "chair_counting", "chair_prompt"),
                    "mmhal": ("mmhal_file", "mmhal_rating"),
-                   "gavie": ("gavie_file", "gavie_annotations")}
+                   "gavie": ("gavie_file", "gavie_annotations"),
+                   "llava_bench": ("llava_bench_file", "llava_bench_answers",
+                                   "llava_bench_context", "llava_bench_rule")}
 JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries", "judge_backoff",
                "judge_timeout", "judge_max_tokens", "judge_prompt")
 
@@ -1511,19 +1667,27 @@ def main(cfg):
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
     common.refuse_unread_shared(cfg)
+    if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):
+        raise common.ConfigError("--benchmarks llava_bench needs --llava_bench_file (LLaVA's "
+                                 "qa90_questions.jsonl) and --llava_bench_context "
+                                 "(caps_boxes_coco2014_val_80.jsonl): it has no Shapes version")
     for bench, flags in BENCHMARK_FLAGS.items():  # (the questions of the others are not asked)
         if bench not in cfg.benchmarks:
             common.refuse_unread(cfg, flags, f"without {bench} in --benchmarks; add it or drop "
                                  "the flag")
-    if not {"mmhal", "gavie"} & set(cfg.benchmarks):
-        common.refuse_unread(cfg, JUDGE_FLAGS, "without mmhal or gavie in --benchmarks (nothing "
-                             "is judged); drop it")
+    if not set(JUDGED) & set(cfg.benchmarks):
+        common.refuse_unread(cfg, JUDGE_FLAGS, "without mmhal, gavie or llava_bench in "
+                             "--benchmarks (nothing is judged); drop it")
     elif cfg.judge == "oracle":
         common.refuse_unread(cfg, JUDGE_FLAGS[1:], "by --judge oracle (it reads the Shapes "
                              "record); drop it or choose another --judge")
     elif cfg.judge == "local":  # (a model folder: no API)
         common.refuse_unread(cfg, JUDGE_FLAGS[2:-2], "by --judge local (a model folder, no API); "
                              "drop it")
+    for entry in cfg.judge_prompt:  # (a prompt for a benchmark not asked is never read)
+        b = str(entry).partition("=")[0]
+        if b in PLACEHOLDERS and b not in cfg.benchmarks:
+            raise common.ConfigError(f"--judge_prompt {b}=...: {b} is not in --benchmarks")
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")

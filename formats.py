@@ -556,6 +556,75 @@ def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)
 
+def read_llava_bench(path, image_folder=None, check_images=True, on_error="raise"):
+    """LLaVA-Bench (COCO) questions, JSON lines in either published layout -> {"question_id" (a
+    string), "image" (full path), "text", "category", "reference" (GPT-4's answer, or None)}:
+    qa90_questions.jsonl {"question_id", "image", "text", "category"} (LLaVA's and LLaVA-RLHF's
+    Eval/llava; the reference answers are another file, qa90_gpt4_answer.jsonl), or the first
+    release's coco2014_val_gpt4_qa_30x3.jsonl {"id" (the image's), "image", "instruction",
+    "output" (the reference), "type"}, whose questions have no id of their own: a question's id is
+    its line number there."""
+    folder = _folder(path, image_folder)
+    items = _records(path)
+    first = items[0] if items and isinstance(items[0], dict) else {}
+    first_release = "instruction" in first and "text" not in first
+
+    def fn(r):
+        image = _image(r, folder, check_images)
+        if first_release:
+            text, category = _typed(r, "instruction", str), _typed(r, "type", str)
+            qid, reference = str(r["_index"]), _typed(r, "output", str)
+        else:
+            text, category = _typed(r, "text", str), _typed(r, "category", str)
+            qid, reference = str(_typed(r, "question_id", (int, str))), None
+        no_image_tag(text, "instruction" if first_release else "text")
+        # (as published: model_vqa.py asks the text as it is, the judge reads the answer so)
+        return {"question_id": qid, "image": image, "text": text, "category": category,
+                "reference": reference}
+
+    out, skipped = _each(path, _indexed(items) if first_release else items, fn, on_error)
+    return _ret(out, skipped, on_error)
+
+
+def read_llava_bench_answers(path):
+    """Reference answers of LLaVA-Bench (qa90_gpt4_answer.jsonl, JSON lines {"question_id",
+    "text", ...}) -> {question_id as a string: text}."""
+    out = {}
+
+    def fn(r):
+        qid = str(_typed(r, "question_id", (int, str)))
+        if qid in out:  # (the last one would win without a word)
+            raise _bad("question_id", "given twice")
+        out[qid] = _typed(r, "text", str)
+
+    _each(path, _records(path), fn, "raise")
+    return out
+
+
+def read_llava_bench_context(path):
+    """What LLaVA-Bench's judge knows of each image (caps_boxes_coco2014_val_80.jsonl: JSON lines
+    {"image", "captions": [..], "instances": [{"category", "bbox"}]}) -> {image file name: the
+    context text, captions one per line, a blank line, then a 'category: bbox' line per instance,
+    as eval_gpt_review_visual.py writes it}."""
+    out = {}
+
+    def fn(r):
+        name = os.path.basename(_typed(r, "image", str))
+        _strlist(r, "captions")  # (checked; written as they are, as the reference writes them)
+        instances = _typed(r, "instances", list)
+        boxes = []
+        for k, x in enumerate(instances):
+            ok = isinstance(x, dict) and isinstance(x.get("category"), str)
+            if not ok or not isinstance(x.get("bbox"), list):
+                raise _bad(f"instances.{k}", "expected {\"category\": string, \"bbox\": [..]}")
+            boxes.append(f"{x['category']}: {x['bbox']}")  # (Python's list repr, as LLaVA's)
+        if name in out:
+            raise _bad("image", f"{name} given twice")
+        out[name] = "\n".join(r["captions"]) + "\n\n" + "\n".join(boxes)
+
+    _each(path, _records(path), fn, "raise")
+    return out
+
 # --------------------------------------------------------------------------- LLaVA-SFT+ converters
 
 def _sentence(s):

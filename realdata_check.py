@@ -16,8 +16,8 @@ import pytest
 import eval as evaluation
 from conftest import run_cli
 from formats import (aokvqa_to_conversations, flickr30k_to_conversations, read_any_conversations,
-                     read_llava, read_llava_rlhf_preference, read_lrv, read_mmhal, read_pope,
-                     read_povid, read_rl_prompts, vqav2_to_conversations)
+                     read_llava, read_llava_bench, read_llava_rlhf_preference, read_lrv, read_mmhal,
+                     read_pope, read_povid, read_rl_prompts, vqav2_to_conversations)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_REALDATA = os.path.join(HERE, "..", "shared", "realdata")
@@ -194,6 +194,37 @@ def test_llava_conversation_file_with_text_only_and_image_records():
     with_image = next(r for r in recs if r["image"])
     assert with_image["image"] == "/sqa/5/image.png"
     assert with_image["conversations"][0]["value"].startswith("<image>")
+
+
+def test_llava_bench_question_files_in_both_published_layouts(tmp_path):
+    """LLaVA-RLHF's qa90_questions.jsonl (ids, no references) and LLaVA's first-release
+    coco2014_val_gpt4_qa_30x3.jsonl (GPT-4's answers inline, ids by line); eval matches the 30x3
+    file's COCO_val2014_ names to a context file keyed as caps_boxes_coco2014_val_80.jsonl keys
+    them."""
+    qa90 = read_llava_bench(real("llava_instruct", "llavarlhf_qa90_questions.jsonl"), "/coco",
+                            check_images=False)
+    assert [q["question_id"] for q in qa90] == [str(i) for i in range(90)]
+    assert [q["category"] for q in qa90[:3]] == ["conv", "detail", "complex"]
+    assert all(q["reference"] is None for q in qa90)
+    assert qa90[0]["image"] == "/coco/000000441147.jpg"
+    assert qa90[0]["text"] == "What is the color of the two suitcases in the image?"
+    path = real("llava_instruct", "llava_coco2014_val_gpt4_qa_30x3.jsonl")
+    first = read_llava_bench(path, "/coco", check_images=False)
+    assert [q["question_id"] for q in first] == [str(i) for i in range(90)]
+    assert sorted({q["category"] for q in first}) == ["complex", "conv", "detail"]
+    assert first[0]["reference"].startswith("The skateboard in the image is in an upside-down")
+    names = sorted({os.path.basename(q["image"])[len("COCO_val2014_"):] for q in first})
+    assert len(names) == 30
+    context = tmp_path / "caps_boxes.jsonl"
+    context.write_text("".join(json.dumps({"id": n[:-4], "image": n, "captions": [f"Image {n}."],
+                                           "instances": [{"category": "dog",
+                                                          "bbox": [0.1, 0.2, 0.3, 0.4]}]}) + "\n"
+                               for n in names))
+    cfg = evaluation.Config(rescore=True, llava_bench_file=path, image_folder="/",
+                            llava_bench_context=str(context))
+    qs = evaluation.llava_bench_questions(cfg, None)
+    assert len(qs) == 90 and qs[0]["context"] == ("Image 000000525439.jpg.\n\n"
+                                                  "dog: [0.1, 0.2, 0.3, 0.4]")
 
 
 def test_vqav2_excerpt_converts():

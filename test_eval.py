@@ -671,3 +671,157 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
     with pytest.raises(E.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
                                            r"--judge_max_tokens 4 that passes the model's 32"):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
+
+
+# ------------------------------------------------------------------------------------ LLaVA-Bench
+
+def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
+    """parse_score of eval_gpt_review_visual.py (first line, commas to spaces, exactly two parts
+    split at single spaces), and summarize_gpt_review.py's numbers: unparsed replies count as
+    (-1, -1); means rounded to 3 places, relative = model / reference x 100 rounded to 1."""
+    assert E.parse_llava_bench("8 9\nAssistant 2 is more detailed.") == (8.0, 9.0)
+    assert E.parse_llava_bench("7.5,8") == (7.5, 8.0)
+    for reply in ("8, 9", "8  9", "Scores: 8 9", "8\n9", "nan 9", "", "9"):
+        assert E.parse_llava_bench(reply) is None, reply
+    qs = [{"id": "0", "category": "conv"}, {"id": "1", "category": "conv"},
+          {"id": "2", "category": "detail"}, {"id": "3", "category": "complex"}]
+    replies = {"0": "6 8\nok", "1": "8 8", "2": "no scores here", "3": "7 3"}
+    got = E.llava_bench_metrics(qs, replies)
+    # all: reference (6 + 8 - 1 + 7) / 4 = 5.0, model (8 + 8 - 1 + 3) / 4 = 4.5
+    assert got["all"] == {"relative": 90.0, "reference": 50.0, "model": 45.0, "n": 4}
+    assert got["conv"] == {"relative": 114.3, "reference": 70.0, "model": 80.0, "n": 2}
+    assert got["detail"]["relative"] is None  # (-1 / -1 would read 100)
+    assert got["complex"]["relative"] == 42.9
+    assert got["unparsed"] == 1 and got["unparsed_ids"] == ["2"]
+    q = {"context": "A dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]", "prompt": "What is it?",
+         "reference": "A dog.", "rule": {"role": "Helper", "prompt": "Rate them."}}
+    assert E.llava_bench_prompt(q, "A cat.") == (
+        "[Context]\nA dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]\n\n[Question]\nWhat is it?\n\n"
+        "[Helper 1]\nA dog.\n\n[End of Helper 1]\n\n[Helper 2]\nA cat.\n\n[End of Helper 2]\n\n"
+        "[System]\nRate them.\n\n")
+
+
+def llava_bench_files(env, root, first_release=False):
+    """A LLaVA-Bench of 3 questions on 2 of the tiny world's test images: questions (qa90 layout,
+    or the 30x3 layout with its references inline and COCO-style image names), references,
+    context (caps_boxes layout) and a rule file (LLaVA's layout)."""
+    folder = os.path.join(env["world"], "images", "test")
+    images = sorted(os.listdir(folder))[:2]
+    os.makedirs(root, exist_ok=True)
+    rows = [(0, images[0], "What shape is on the left?", "conv"),
+            (1, images[0], "Describe the image in detail.", "detail"),
+            (2, images[1], "Why might the shapes be arranged so?", "complex")]
+    if first_release:  # (30x3: the image's id, not the question's; the file named COCO-style)
+        for _, image, _, _ in rows:
+            coco = os.path.join(root, f"COCO_val2014_{int(image.split('.')[0]):012d}.png")
+            if not os.path.exists(coco):
+                os.symlink(os.path.join(folder, image), coco)
+        questions = [{"id": image, "image": f"COCO_val2014_{int(image.split('.')[0]):012d}.png",
+                      "instruction": text, "output": f"Reference {i}.", "type": cat}
+                     for i, image, text, cat in rows]
+    else:
+        questions = [{"question_id": i, "image": image, "text": text, "category": cat}
+                     for i, image, text, cat in rows]
+    context = [{"id": image, "image": image, "captions": [f"Shapes {k}.", "Some shapes."],
+                "instances": [{"category": "circle", "bbox": [0.1, 0.2, 0.5, 0.6]}]}
+               for k, image in enumerate(images)]
+    rule = {"llava_bench_conv": {"role": "Assistant", "prompt": "Rate conv."},
+            "llava_bench_detail": {"role": "Assistant", "prompt": "Rate detail."},
+            "llava_bench_complex": {"role": "Assistant", "prompt": "Rate complex."},
+            "coding_general": {"role": "Assistant", "prompt": "Not ours."}}
+    files = {"questions": questions, "references": [{"question_id": i, "text": f"Reference {i}."}
+                                                    for i, _, _, _ in rows],
+             "context": context}
+    paths = {}
+    for name, recs in files.items():
+        paths[name] = os.path.join(root, f"{name}.jsonl")
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    paths["rule"] = os.path.join(root, "rule.json")
+    with open(paths["rule"], "w") as f:
+        json.dump(rule, f)
+    flags = ["--benchmarks", "llava_bench", "--llava_bench_file", paths["questions"],
+             "--llava_bench_context", paths["context"], "--llava_bench_rule", paths["rule"],
+             "--image_folder", str(root) if first_release else folder]
+    if not first_release:
+        flags += ["--llava_bench_answers", paths["references"]]
+    return paths, flags
+
+
+def test_llava_bench_answers_judged_and_scored(env, api, capsys):
+    """The model answers the three questions; the judge gets LLaVA's call (a system line,
+    temperature 0.2) with context, question, reference as Assistant 1 and the answer as Assistant
+    2, and the rule of the question's category; scores.json has the summary's numbers. A LLaVA
+    answers file is scored the same way with --rescore, and the 30x3 layout reads alike."""
+    paths, flags = llava_bench_files(env, env["root"] / "lb")
+    judge = ["--judge", "openai", "--judge_url", api, "--judge_key", "k"]
+    FakeAPI.script = [(200, "8 6\nok"), (200, "9 3\nok"), (200, "7 7\nok")]
+    out = env["root"] / "lb_runs"
+    scores = run_cli(env, out, "--ckpt", env["ckpts"][0], *flags, *judge)["m0"]["llava_bench"]
+    sent = [b for _, _, b in FakeAPI.bodies]
+    assert len(sent) == 3 and all(b["temperature"] == 0.2 for b in sent)
+    assert all(b["messages"][0] == {"role": "system", "content": E.LLAVA_BENCH_SYSTEM}
+               for b in sent)
+    answers = {r["id"]: r for r in lines(out / "m0" / "answers_llava_bench.jsonl")}
+    first = sent[0]["messages"][1]["content"]
+    assert first.startswith("[Context]\nShapes 0.\nSome shapes.\n\ncircle: [0.1, 0.2, 0.5, 0.6]"
+                            "\n\n[Question]\nWhat shape is on the left?\n\n[Assistant 1]\n"
+                            "Reference 0.\n\n[End of Assistant 1]\n\n[Assistant 2]\n")
+    assert first.endswith(f"\n{answers['0']['answer']}\n\n[End of Assistant 2]\n\n[System]\n"
+                          "Rate conv.\n\n")
+    assert "Rate complex." in sent[2]["messages"][1]["content"]
+    assert scores["all"] == {"relative": 66.7, "reference": 80.0, "model": 53.3, "n": 3}
+    assert scores["conv"]["relative"] == 75.0 and scores["detail"]["relative"] == 33.3
+    assert "| LLaVA-Bench |" in capsys.readouterr().out
+    # --rescore of a LLaVA answers file (model_vqa.py's layout), judged anew by another judge
+    llava = env["root"] / "lb" / "llava_answers.jsonl"
+    llava.write_text("".join(json.dumps({"question_id": int(i), "prompt": r["prompt"],
+                                         "text": "A circle.", "answer_id": "x", "model_id": "m"})
+                             + "\n" for i, r in answers.items()))
+    FakeAPI.script = [(200, "8 8")] * 3
+    rescored = run_cli(env, env["root"] / "lb_llava", "--ckpt", "llava", "--rescore", "true",
+                       "--llava_answers", str(llava), *flags, *judge)["llava"]["llava_bench"]
+    assert rescored["all"]["relative"] == 100.0
+    assert "A circle." in FakeAPI.bodies[-1][2]["messages"][1]["content"]
+    # the first release's file: references inline, ids by line, images matched by COCO id
+    paths30, flags30 = llava_bench_files(env, env["root"] / "lb30", first_release=True)
+    FakeAPI.script = [(200, "8 6\nok"), (200, "9 3\nok"), (200, "7 7\nok")]
+    scores30 = run_cli(env, env["root"] / "lb30_runs", "--ckpt", env["ckpts"][0], *flags30,
+                       *judge)["m0"]["llava_bench"]
+    assert scores30["all"] == scores["all"]
+
+
+def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
+    paths, flags = llava_bench_files(env, tmp_path / "lb")
+    ctx = [json.loads(x) for x in open(paths["context"])][:1]  # the second image has none
+    (tmp_path / "ctx1.jsonl").write_text(json.dumps(ctx[0]) + "\n")
+    (tmp_path / "refs.jsonl").write_text(json.dumps({"question_id": 0, "text": "R."}) + "\n")
+    (tmp_path / "rule.json").write_text(json.dumps({"llava_bench_conv": {"role": "A",
+                                                                        "prompt": "P"}}))
+    paths30, flags30 = llava_bench_files(env, tmp_path / "lb30", first_release=True)
+    (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    judge = ["--judge", "openai", "--judge_url", "http://127.0.0.1:9/v1", "--judge_key", "k"]
+    cases = [([], "--judge oracle knows only the Shapes world"),
+             (["--llava_bench_file", ""], "--benchmarks llava_bench needs --llava_bench_file"),
+             (["--llava_bench_answers", ""], "holds no reference answers: pass "
+                                             "--llava_bench_answers"),
+             (["--llava_bench_context", str(tmp_path / "ctx1.jsonl")],
+              "questions.jsonl: record 2 (id '2'): field 'image': "),
+             (["--llava_bench_answers", str(tmp_path / "refs.jsonl")],
+              "record 1 (id '1'): field 'question_id': has no reference answer"),
+             (["--llava_bench_rule", str(tmp_path / "rule.json")],
+              "rule.json: record llava_bench_detail: no rule for the category 'detail'"),
+             (flags30 + ["--llava_bench_answers", paths["references"]],
+              "references.jsonl: not read with"),
+             (["--benchmarks", "pope", "--llava_bench_file", paths["questions"]],
+              "questions.jsonl: not read without llava_bench in --benchmarks"),
+             (["--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}"],
+              "--judge_prompt mmhal=...: mmhal is not in --benchmarks")]
+    for extra, want in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_cli(env, tmp_path / "o", "--ckpt", env["ckpts"][0], *flags,
+                    *(judge if extra else []), *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        assert want in err, (extra, err)

@@ -514,7 +514,7 @@ BAD_INPUT = [
       ("cut/model.safetensors", "truncated or corrupt")),
     C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
       lambda w, t: ["--benchmarks", "vqa"],
-      ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie")),
+      ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie, llava_bench")),
     C("eval", "flag-type", "float flag given a word",
       lambda w, t: ["--temperature", "hot"], ("--temperature", "expected float, got 'hot'")),
 ]
@@ -807,7 +807,7 @@ BAD_INPUT += [
       for flag, value, where, why in (
           ("chair_prompt", "Count them.", "on Shapes CHAIR", "without --chair_instances"),
           ("judge_prompt", "mmhal=x.txt", "with nothing judged (POPE alone)",
-           "without mmhal or gavie"),
+           "without mmhal, gavie or llava_bench"),
           ("top_p", "0.5", "with greedy decoding", "with --temperature 0"))],
     C("sft", "unread-align-steps", "--align_steps with a --data outside the world (the world's "
       "alignment data is dropped with it: the stage never ran)",
@@ -863,7 +863,7 @@ BAD_INPUT += [
           ("eval", "other-bench-file", "--mmhal_file without mmhal in --benchmarks",
            ("--mmhal_file", "x.json"), "--mmhal_file x.json", "without mmhal in --benchmarks"),
           ("eval", "judge-nothing-judged", "--judge openai with POPE alone (nothing judged)",
-           ("--judge", "openai"), "--judge openai", "without mmhal or gavie"),
+           ("--judge", "openai"), "--judge openai", "without mmhal, gavie or llava_bench"),
           ("eval", "oracle-judge-prompt", "--judge_prompt with the oracle judge (it reads the "
            "record)", ("--benchmarks", "mmhal", "--judge_prompt", "mmhal=x.txt"),
            "--judge_prompt mmhal=x.txt", "by --judge oracle"),
@@ -1095,7 +1095,43 @@ def _gavie_flags(w, t, boxes, question="What?"):
             "--image_folder", os.path.join(w.world, "images", "train")]
 
 
+def _llava_bench_flags(w, t, context=None, references=None):
+    """eval.py on a LLaVA-Bench file (qa90 layout) of one question about a train image, with its
+    references and context (a judge that is never reached)."""
+    if context is None:
+        context = {"image": "000000.png", "captions": ["A circle."],
+                   "instances": [{"category": "circle", "bbox": [0.1, 0.1, 0.5, 0.5]}]}
+    if references is None:
+        references = {"question_id": 0, "text": "A circle."}
+    question = {"question_id": 0, "image": "000000.png", "text": "What is there?",
+                "category": "conv"}
+    return ["--benchmarks", "llava_bench", "--judge", "openai", "--judge_url", "http://127.0.0.1:9",
+            "--llava_bench_file", t.file("qa90.jsonl", json.dumps(question) + "\n"),
+            "--llava_bench_answers", t.file("answers.jsonl", json.dumps(references) + "\n"),
+            "--llava_bench_context", t.file("caps.jsonl", json.dumps(context) + "\n"),
+            "--image_folder", os.path.join(w.world, "images", "train")]
+
+
 BAD_INPUT += [
+    # -- LLaVA-Bench files
+    C("eval", "llava-bench-no-context", "LLaVA-Bench question whose image has no context record",
+      lambda w, t: _llava_bench_flags(w, t, context={"image": "other.png", "captions": ["A."],
+                                                      "instances": []}),
+      ("qa90.jsonl", "record 0 (id '0')", "field 'image'", "000000.png has no record in")),
+    C("eval", "llava-bench-context-box", "LLaVA-Bench context whose instance has no bbox",
+      lambda w, t: _llava_bench_flags(w, t, context={"image": "000000.png", "captions": ["A."],
+                                                      "instances": [{"category": "circle"}]}),
+      ("caps.jsonl", "record 0", "field 'instances.0'", "\"bbox\"")),
+    C("eval", "llava-bench-reference", "LLaVA-Bench reference answers of other question ids",
+      lambda w, t: _llava_bench_flags(w, t, references={"question_id": 7, "text": "A."}),
+      ("qa90.jsonl", "record 0 (id '0')", "field 'question_id'", "no reference answer")),
+    C("eval", "llava-bench-no-file", "--benchmarks llava_bench without its files",
+      lambda w, t: ["--benchmarks", "llava_bench"],
+      ("--benchmarks llava_bench needs --llava_bench_file", "no Shapes version")),
+    C("eval", "judge-prompt-unasked", "--judge_prompt for a benchmark not in --benchmarks",
+      lambda w, t: ["--benchmarks", "gavie", "--judge", "local", "--judge_model", w.world,
+                    "--judge_prompt", "mmhal=" + t.file("mmhal.txt", "{question} {answer}")],
+      ("--judge_prompt mmhal=...", "mmhal is not in --benchmarks")),
     # -- JSON that parses but is not data: numbers and strings past what Python or a tokenizer takes
     C("sft", "json-huge-integer", "--data holding an integer of 5000 digits (Python's limit: 4300)",
       lambda w, t: ["--data", t.file("sft.json", '[{"id": 1' + "0" * 5000 + "}]")],
