@@ -1142,9 +1142,7 @@ def trained_base(resume_path, init):
     now = resolve_checkpoint(init)
     if not resume_path:
         return now
-    with open(os.path.join(resume_path, "config.json")) as f:
-        recorded = json.load(f).get("base")
-    was = os.path.normpath(os.path.join(resume_path, recorded)) if recorded else None
+    was = recorded_base(resume_path)
     if was is None:  # a full model: the --init its run started from (run.json; older runs: none)
         try:
             with open(os.path.join(os.path.dirname(resume_path), RUN_FILE)) as f:
@@ -1157,6 +1155,14 @@ def trained_base(resume_path, init):
         print(f"note: --init {init} now holds {now}; resuming on {was}, what this run was "
               "trained from", flush=True)
     return was
+
+
+def recorded_base(ckpt_dir):
+    """The frozen base a checkpoint's adapters sit on, as its config.json names it (relative to
+    the checkpoint); None for a full model."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        recorded = json.load(f).get("base")
+    return os.path.normpath(os.path.join(ckpt_dir, recorded)) if recorded else None
 
 
 def sharded_resume(resume_path, d):

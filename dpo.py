@@ -419,8 +419,7 @@ def main(cfg):
                                                        tokenizer_dir=tok_dir, device=d.device)
     # the frozen base the adapters sit on, as the checkpoint names it
     if resume_path is not None and not sharded:
-        b = json.load(open(os.path.join(resume_path, "config.json"))).get("base")
-        base = os.path.normpath(os.path.join(resume_path, b)) if b else None
+        base = common.recorded_base(resume_path)
     else:
         merged = model.active_adapter is not None
         # e.g. POVID stage 2 from a LoRA stage-1 run: that policy, merged, is the reference

@@ -18,8 +18,8 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges tha
         --llava_bench_answers qa90_gpt4_answer.jsonl --image_folder coco/val2014 \
         --llava_bench_context caps_boxes_coco2014_val_80.jsonl --llava_bench_rule rule.json \
         --judge openai --judge_model gpt-4-0314 --judge_max_tokens 1024 --max_new_tokens 1024 \
-        --template llava_v1
-        # LLaVA-RLHF's Eval/eval_scripts/eval_llava_bench.sh; no Shapes version (its score is a
+        --template llava_v1 --temperature 0.2
+        # LLaVA-RLHF's Eval/eval_scripts/eval_llava_bench.sh (its model_vqa.py samples at 0.2); no Shapes version (its score is a
         # judge's preference between two answers, which the oracle cannot give)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
