@@ -816,6 +816,7 @@ def refuse_unread(cfg, flags, why):
         value = getattr(cfg, flag)
         if value != defaults[flag]:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            shown = str(value).lower() if isinstance(value, bool) else shown  # (as it is typed)
             raise ConfigError(f"--{flag} {shown}: not read {why}")
 
 

@@ -19,8 +19,9 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges tha
         --llava_bench_context caps_boxes_coco2014_val_80.jsonl --llava_bench_rule rule.json \
         --judge openai --judge_model gpt-4-0314 --judge_max_tokens 1024 --max_new_tokens 1024 \
         --template llava_v1 --temperature 0.2
-        # LLaVA-RLHF's Eval/eval_scripts/eval_llava_bench.sh (its model_vqa.py samples at 0.2); no Shapes version (its score is a
-        # judge's preference between two answers, which the oracle cannot give)
+        # LLaVA-RLHF's Eval/eval_scripts/eval_llava_bench.sh (its model_vqa.py samples at 0.2);
+        # no Shapes version (its score is a judge's preference between two answers, which the
+        # oracle cannot give)
 
 Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer",
@@ -37,6 +38,9 @@ Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
                                  "prompt_digest"}, reused for the same judge (with its endpoint
                                  and --judge_max_tokens) and the same prompt and image
   OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
+  OUT/NAME/export/               --export true: pope_<split>.jsonl and llava_bench.jsonl as LLaVA's
+                                 model_vqa.py writes answers, mmhal.json as MMHal-Bench's
+                                 eval_gpt4.py reads them (for the reference scorers)
 References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
 evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh,
 llava-rlhf/LLaVA-RLHF Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh,
@@ -116,6 +120,7 @@ class Config:
     mmhal_rating: str = "reference"  # no single rating: 'reference' scores 0, 'ours' leaves it out
     rescore: bool = False  # score the answers on disk; never load a model or generate
     llava_answers: str = ""  # --rescore: score a LLaVA answers file {question_id, prompt, text}
+    export: bool = False  # also write OUT/NAME/export/: the answers as reference scorers read them
     batch_size: int = 128  # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64  # longest description/MMHal/GAVIE answer (real 512; LLaVA-RLHF 1024)
     pope_max_new_tokens: int = 16  # longest POPE answer (only its first sentence counts)
@@ -265,7 +270,8 @@ def pope_questions(cfg, world):
                            f"popular, adversarial), got {split!r:.40}")  # (a file name part)
                 raise DataError(path, record_label(i, r), "category", message)
             question = {"id": str(r["question_id"]), "image": r["image"], "file": path,
-                        "label": r["label"], "prompt": r["text"] + suffix}
+                        "label": r["label"], "prompt": r["text"] + suffix,
+                        "question_id": r["question_id"], "text": r["text"]}
             splits.setdefault(split, []).append(question)
     return splits
 
@@ -357,7 +363,8 @@ def mmhal_questions(cfg, world):
     return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
-             "objects": None if cfg.mmhal_file else world[1][r["image_src"]]}
+             "objects": None if cfg.mmhal_file else world[1][r["image_src"]],
+             "record": {k: v for k, v in r.items() if k != "image"}}
             for i, r in enumerate(recs)]
 
 
@@ -414,7 +421,7 @@ def llava_bench_questions(cfg, world):
         if ctx is None:
             raise DataError(path, where, "image", f"{name} has no record in "
                             f"{cfg.llava_bench_context} (the judge's captions and boxes)")
-        ref = r["reference"] if inline else refs.get(r["question_id"])
+        ref = r["reference"] if inline else refs.get(str(r["question_id"]))
         if ref is None:
             raise DataError(path, where, "question_id", "has no reference answer in "
                             f"{cfg.llava_bench_answers}")
@@ -422,7 +429,8 @@ def llava_bench_questions(cfg, world):
         if rule is None:  # (eval_gpt_review_visual.py stops at it)
             raise DataError(cfg.llava_bench_rule, f"llava_bench_{r['category']}", None,
                             f"no rule for the category {r['category']!r} of {path} record {i}")
-        qs.append({"id": r["question_id"], "image": r["image"], "file": path, "prompt": r["text"],
+        qs.append({"id": str(r["question_id"]), "question_id": r["question_id"],
+                   "image": r["image"], "file": path, "prompt": r["text"],
                    "category": r["category"], "reference": ref, "context": ctx, "rule": rule})
     return qs
 
@@ -697,7 +705,9 @@ class Answerer:
         for q in qs:
             if q["id"] in self.memo["llava"]:
                 i, r = self.memo["llava"][q["id"]]
-                if r.get("prompt") is not None and r["prompt"].strip() != q["prompt"].strip():
+                # (LLaVA-RLHF's model_vqa.py records the question before its --test-prompt)
+                asked = {q["prompt"].strip(), q.get("text", q["prompt"]).strip()}
+                if r.get("prompt") is not None and r["prompt"].strip() not in asked:
                     message = f"is not the question in {q['file']} ({q['prompt'][:60]!r})"
                     raise DataError(path, f"{i} (id {q['id']!r})", "prompt", message)
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
@@ -1532,6 +1542,30 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
 # one checkpoint, several checkpoints
 # ----------------------------------------------------------------------------------------
 
+def export_answers(out, name, bench, qs, lines):
+    """--export true: OUT/NAME/export/<bench>.jsonl in the layout of LLaVA's model_vqa.py answers
+    ({"question_id" as the question file has it, "prompt": the question as the file asks it,
+    "text", "answer_id", "model_id", "metadata"}), what LLaVA's eval_pope.py and
+    eval_gpt_review_visual.py read; MMHal-Bench: export/mmhal.json, its response_template.json
+    records with model_answer filled, what its eval_gpt4.py reads. Rewritten whole each run."""
+    folder = os.path.join(out, "export")
+    os.makedirs(folder, exist_ok=True)
+    got = [q for q in qs if q["id"] in lines]
+    if bench == "mmhal":
+        records = [dict(q["record"], model_answer=lines[q["id"]]["answer"]) for q in got]
+        common.write_json(records, os.path.join(folder, "mmhal.json"))
+        return
+    path = os.path.join(folder, f"{bench}.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for q in got:
+            answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
+            line = {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),
+                    "text": lines[q["id"]]["answer"], "answer_id": answer_id, "model_id": name,
+                    "metadata": {}}
+            f.write(json.dumps(line) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def evaluate(cfg, ckpt, name, bench, judges):
     out = os.path.join(cfg.out, name)
     os.makedirs(out, exist_ok=True)
@@ -1543,6 +1577,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
             path = os.path.join(out, f"answers_pope_{split}.jsonl")
             lines = ans.answers(f"pope_{split}", qs, path, cfg.pope_max_new_tokens,
                                 keep=("label",))
+            if cfg.export:
+                export_answers(out, name, f"pope_{split}", qs, lines)
             got = [q for q in qs if q["id"] in lines]
             preds = [pope_yes_no(lines[q["id"]]["answer"]) for q in got]
             scores["pope"][split] = pope_metrics(preds, [q["label"] for q in got])
@@ -1564,6 +1600,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
         if b in bench:
             answers_path = os.path.join(out, f"answers_{b}.jsonl")
             lines = ans.answers(b, bench[b], answers_path, cfg.max_new_tokens, keeps[b])
+            if cfg.export and b != "gavie":
+                export_answers(out, name, b, bench[b], lines)
             judge_path = os.path.join(out, f"judge_{b}.jsonl")
             replies = judge_replies(b, bench[b], lines, judge_path, judges, cfg, name)
             scores[b] = metrics[b](bench[b], replies)
@@ -1663,6 +1701,9 @@ def main(cfg):
     if not cfg.chair_instances:  # (Shapes CHAIR asks its own question)
         common.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
                              "asks its own question); drop it")
+    if not {"pope", "mmhal", "llava_bench"} & set(cfg.benchmarks):
+        common.refuse_unread(cfg, ["export"], "without pope, mmhal or llava_bench in --benchmarks "
+                             "(CHAIR and GAVIE have no answer file of their reference); drop it")
     if cfg.temperature == 0:
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")

@@ -558,7 +558,8 @@ def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
 
 def read_llava_bench(path, image_folder=None, check_images=True, on_error="raise"):
     """LLaVA-Bench (COCO) questions, JSON lines in either published layout -> {"question_id" (a
-    string), "image" (full path), "text", "category", "reference" (GPT-4's answer, or None)}:
+    integer or string, as published), "image" (full path), "text", "category", "reference" (GPT-4's
+    answer, or None)}:
     qa90_questions.jsonl {"question_id", "image", "text", "category"} (LLaVA's and LLaVA-RLHF's
     Eval/llava; the reference answers are another file, qa90_gpt4_answer.jsonl), or the first
     release's coco2014_val_gpt4_qa_30x3.jsonl {"id" (the image's), "image", "instruction",
@@ -573,10 +574,10 @@ def read_llava_bench(path, image_folder=None, check_images=True, on_error="raise
         image = _image(r, folder, check_images)
         if first_release:
             text, category = _typed(r, "instruction", str), _typed(r, "type", str)
-            qid, reference = str(r["_index"]), _typed(r, "output", str)
+            qid, reference = r["_index"], _typed(r, "output", str)
         else:
             text, category = _typed(r, "text", str), _typed(r, "category", str)
-            qid, reference = str(_typed(r, "question_id", (int, str))), None
+            qid, reference = _typed(r, "question_id", (int, str)), None
         no_image_tag(text, "instruction" if first_release else "text")
         # (as published: model_vqa.py asks the text as it is, the judge reads the answer so)
         return {"question_id": qid, "image": image, "text": text, "category": category,

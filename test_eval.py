@@ -757,7 +757,8 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     judge = ["--judge", "openai", "--judge_url", api, "--judge_key", "k"]
     FakeAPI.script = [(200, "8 6\nok"), (200, "9 3\nok"), (200, "7 7\nok")]
     out = env["root"] / "lb_runs"
-    scores = run_cli(env, out, "--ckpt", env["ckpts"][0], *flags, *judge)["m0"]["llava_bench"]
+    scores = run_cli(env, out, "--ckpt", env["ckpts"][0], *flags, *judge,
+                     "--export", "true")["m0"]["llava_bench"]
     sent = [b for _, _, b in FakeAPI.bodies]
     assert len(sent) == 3 and all(b["temperature"] == 0.2 for b in sent)
     assert all(b["messages"][0] == {"role": "system", "content": E.LLAVA_BENCH_SYSTEM}
@@ -773,6 +774,12 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     assert scores["all"] == {"relative": 66.7, "reference": 80.0, "model": 53.3, "n": 3}
     assert scores["conv"]["relative"] == 75.0 and scores["detail"]["relative"] == 33.3
     assert "| LLaVA-Bench |" in capsys.readouterr().out
+    # --export: model_vqa.py's layout, the question ids as the question file has them
+    exported = lines(out / "m0" / "export" / "llava_bench.jsonl")
+    assert [r["question_id"] for r in exported] == [0, 1, 2]
+    assert exported[1]["prompt"] == "Describe the image in detail."
+    assert exported[1]["text"] == answers["1"]["answer"] and exported[1]["model_id"] == "m0"
+    assert len({r["answer_id"] for r in exported}) == 3
     # --rescore of a LLaVA answers file (model_vqa.py's layout), judged anew by another judge
     llava = env["root"] / "lb" / "llava_answers.jsonl"
     llava.write_text("".join(json.dumps({"question_id": int(i), "prompt": r["prompt"],
@@ -791,6 +798,33 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     assert scores30["all"] == scores["all"]
 
 
+def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path):
+    """--export true writes POPE answers as LLaVA's model_vqa.py does (the question before the
+    suffix, as LLaVA-RLHF's records it) and MMHal-Bench's response template with model_answer
+    filled; --rescore of the exported POPE file gives the same scores (a LLaVA answers file whose
+    prompt lacks --pope_suffix is the same question)."""
+    suffix = ["--pope_suffix", "\\nAnswer yes or no."]
+    out = tmp_path / "o"
+    rows = run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "mmhal",
+                   "--export", "true", *suffix)
+    export = out / "m0" / "export"
+    assert sorted(os.listdir(export)) == ["mmhal.json", "pope_adversarial.jsonl",
+                                          "pope_popular.jsonl", "pope_random.jsonl"]
+    questions = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))]
+    exported = lines(export / "pope_random.jsonl")
+    assert [r["question_id"] for r in exported] == [q["question_id"] for q in questions[:4]]
+    assert [r["prompt"] for r in exported] == [q["text"] for q in questions[:4]]
+    rescored = run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
+                       "pope", "--pope_files", os.path.join(env["world"], "pope_random.jsonl"),
+                       "--llava_answers", str(export / "pope_random.jsonl"), *suffix)
+    assert rescored["m0"]["pope"]["random"] == rows["m0"]["pope"]["random"]
+    mmhal = json.load(open(export / "mmhal.json"))
+    template = json.load(open(os.path.join(env["world"], "mmhal.json")))[:4]
+    answers = lines(out / "m0" / "answers_mmhal.jsonl")
+    assert [r["model_answer"] for r in mmhal] == [a["answer"] for a in answers]
+    assert [dict(r, model_answer="") for r in mmhal] == [dict(r, model_answer="") for r in template]
+
+
 def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
     paths, flags = llava_bench_files(env, tmp_path / "lb")
     ctx = [json.loads(x) for x in open(paths["context"])][:1]  # the second image has none
@@ -806,9 +840,9 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
              (["--llava_bench_answers", ""], "holds no reference answers: pass "
                                              "--llava_bench_answers"),
              (["--llava_bench_context", str(tmp_path / "ctx1.jsonl")],
-              "questions.jsonl: record 2 (id '2'): field 'image': "),
+              "questions.jsonl: record 2 (id 2): field 'image': "),
              (["--llava_bench_answers", str(tmp_path / "refs.jsonl")],
-              "record 1 (id '1'): field 'question_id': has no reference answer"),
+              "record 1 (id 1): field 'question_id': has no reference answer"),
              (["--llava_bench_rule", str(tmp_path / "rule.json")],
               "rule.json: record llava_bench_detail: no rule for the category 'detail'"),
              (flags30 + ["--llava_bench_answers", paths["references"]],
@@ -816,7 +850,9 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
              (["--benchmarks", "pope", "--llava_bench_file", paths["questions"]],
               "questions.jsonl: not read without llava_bench in --benchmarks"),
              (["--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}"],
-              "--judge_prompt mmhal=...: mmhal is not in --benchmarks")]
+              "--judge_prompt mmhal=...: mmhal is not in --benchmarks"),
+             (["--benchmarks", "chair", "--export", "true"],
+              "--export true: not read without pope, mmhal or llava_bench")]
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
