@@ -679,8 +679,8 @@ class Answerer:
 
     def llava_answers(self, qs):
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
-        "text"}), matched by question_id; its prompt must be the question's (else it answers other
-        questions)."""
+        "text"}), matched by question_id, or an MMHal-Bench one (model_vqa_mmhal.py's), matched by
+        position; its prompt must be the question's (else it answers other questions)."""
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
@@ -688,6 +688,9 @@ class Answerer:
             if not isinstance(recs, list):
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
             self.memo["llava"] = {}
+            first = recs[0] if recs and isinstance(recs[0], dict) else {}
+            if "model_answer" in first and "question" in first:  # LLaVA-RLHF's MMHal answers
+                recs = [mmhal_answer(path, i, r) for i, r in enumerate(recs)]
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
@@ -716,6 +719,18 @@ class Answerer:
             message = f"no answer matches one of the {len(qs)} questions (by question_id)"
             raise DataError(path, message=message)
         return done
+
+
+def mmhal_answer(path, i, r):
+    """A record of an MMHal-Bench answers file (model_vqa_mmhal.py's: the response template with
+    model_answer filled) as a LLaVA answer: its position is its question's id."""
+    answer = r.get("model_answer") if isinstance(r, dict) else None
+    if not isinstance(answer, str) or not answer.strip():
+        raise DataError(path, i, "model_answer", "missing or empty: the template, not answers "
+                                                 "(model_vqa_mmhal.py fills it)")
+    if not isinstance(r.get("question"), str):
+        raise DataError(path, i, "question", "expected a string")
+    return {"question_id": i, "prompt": r["question"], "text": answer}
 
 
 def image_digest(path):

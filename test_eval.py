@@ -798,7 +798,7 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     assert scores30["all"] == scores["all"]
 
 
-def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path):
+def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
     """--export true writes POPE answers as LLaVA's model_vqa.py does (the question before the
     suffix, as LLaVA-RLHF's records it) and MMHal-Bench's response template with model_answer
     filled; --rescore of the exported POPE file gives the same scores (a LLaVA answers file whose
@@ -823,6 +823,18 @@ def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path):
     answers = lines(out / "m0" / "answers_mmhal.jsonl")
     assert [r["model_answer"] for r in mmhal] == [a["answer"] for a in answers]
     assert [dict(r, model_answer="") for r in mmhal] == [dict(r, model_answer="") for r in template]
+    # an MMHal-Bench answers file (model_vqa_mmhal.py's, as exported) is scored as ours was
+    rescored = run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
+                       "mmhal", "--llava_answers", str(export / "mmhal.json"))
+    assert rescored["m0"]["mmhal"] == rows["m0"]["mmhal"]
+    (tmp_path / "template.json").write_text(json.dumps(template))  # (model_answer empty)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
+                "mmhal", "--llava_answers", str(tmp_path / "template.json"))
+    assert capsys.readouterr().err.endswith("template.json: record 0: field 'model_answer': "
+                                            "missing or empty: the template, not answers "
+                                            "(model_vqa_mmhal.py fills it)\n")
 
 
 def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
