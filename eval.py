@@ -224,11 +224,15 @@ def _take(qs, cfg, bench, on_shapes):
     """The first --limit questions (Shapes: SHAPES_LIMITS by default); ids must be unique."""
     n = cfg.limit or (SHAPES_LIMITS[bench] if on_shapes else 0)
     qs = qs[:n] if n else qs
-    ids = [q["id"] for q in qs]
-    if len(set(ids)) < len(ids):
-        q = next(q for i, q in enumerate(qs) if q["id"] in ids[:i])
-        message = "duplicate question id (answers are stored by id)"
-        raise DataError(q["file"], q["id"], None, message)
+    seen, counts = {}, {}  # id -> (file, its record number there); file -> questions so far
+    for q in qs:
+        k = counts[q["file"]] = counts.get(q["file"], -1) + 1  # (a file's questions in its order)
+        if q["id"] in seen:
+            file, first = seen[q["id"]]
+            where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
+            message = f"given twice (first at {where}; answers are stored by id)"
+            raise DataError(q["file"], f"{k} (id {q['id']!r})", "question_id", message)
+        seen[q["id"]] = (q["file"], k)
     return qs
 
 
@@ -410,17 +414,20 @@ def llava_bench_questions(cfg, world):
     refs = {} if inline else read_llava_bench_answers(cfg.llava_bench_answers)
     context = read_llava_bench_context(cfg.llava_bench_context)
     rules = load_llava_bench_rules(cfg.llava_bench_rule)
-    by_number = {int(m[1]): text for name, text in context.items()
-                 if (m := re.search(r"(\d+)\.\w+$", name))}
+    by_number = {}  # the image id in a name (its digits, leading zeros dropped) -> names
+    for name in context:
+        by_number.setdefault(coco_number(name), []).append(name)
     qs = []
     for i, r in enumerate(recs):
         where = f"{i} (id {r['question_id']!r})"
         name = os.path.basename(r["image"])
-        number = re.search(r"(\d+)\.\w+$", name)
-        ctx = context.get(name, by_number.get(int(number[1])) if number else None)
-        if ctx is None:
-            raise DataError(path, where, "image", f"{name} has no record in "
+        names = [name] if name in context else by_number.get(coco_number(name), [])
+        if len(names) != 1:
+            found = f"{len(names)} records ({', '.join(names[:3])}) by its image id" if names \
+                else "no record"
+            raise DataError(path, where, "image", f"{name} has {found} in "
                             f"{cfg.llava_bench_context} (the judge's captions and boxes)")
+        ctx = context[names[0]]
         ref = r["reference"] if inline else refs.get(str(r["question_id"]))
         if ref is None:
             raise DataError(path, where, "question_id", "has no reference answer in "
@@ -433,6 +440,13 @@ def llava_bench_questions(cfg, world):
                    "image": r["image"], "file": path, "prompt": r["text"],
                    "category": r["category"], "reference": ref, "context": ctx, "rule": rule})
     return qs
+
+
+def coco_number(name):
+    """The image id a file name ends in ('COCO_val2014_000000525439.jpg' and '000000525439.jpg':
+    '525439'), as digits (a name of 5000 digits is no integer Python converts); None without."""
+    m = re.search(r"(\d+)\.\w+$", name)
+    return m[1].lstrip("0") or "0" if m else None
 
 
 def _image_file(folder, name, file, record, field):
@@ -696,6 +710,8 @@ class Answerer:
                 if not has_text or "question_id" not in r:
                     message = "expected {\"question_id\", \"prompt\", \"text\"}"
                     raise DataError(path, i, "text", message)
+                if "image" in r:  # (its questions would be scored as the answers)
+                    raise DataError(path, i, "image", QUESTIONS_NOT_ANSWERS)
                 if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
                     raise DataError(path, i, "prompt", f"expected a string, got {r['prompt']!r}")
                 qid = str(r["question_id"])
@@ -719,6 +735,10 @@ class Answerer:
             message = f"no answer matches one of the {len(qs)} questions (by question_id)"
             raise DataError(path, message=message)
         return done
+
+
+QUESTIONS_NOT_ANSWERS = ("a question file's field: answers ({\"question_id\", \"prompt\", "
+                         "\"text\"}) have none; pass the answers")
 
 
 def mmhal_answer(path, i, r):
@@ -1296,19 +1316,21 @@ def llava_bench_metrics(qs, replies):
     parsed = {q["id"]: parse_llava_bench(replies[q["id"]]) for q in qs if q["id"] in replies}
     bad = [i for i, p in parsed.items() if p is None]
     pairs = {i: p or (-1.0, -1.0) for i, p in parsed.items()}
-    groups = {"all": list(pairs.values())}
+    per_category = {}
     for q in qs:
         if q["id"] in pairs:
-            groups.setdefault(q["category"], []).append(pairs[q["id"]])
-    out = {}
-    for name, group in groups.items():
-        if not group:  # (no answer judged)
-            continue
+            per_category.setdefault(q["category"], []).append(pairs[q["id"]])
+
+    def summary(group):
         ref, model = (round(_mean([p[k] for p in group]), 3) for k in (0, 1))
+        # (the reference prints 100.0 for a group of (-1, -1) pairs alone)
         relative = round(model / ref * 100, 1) if ref > 0 else None
-        out[name] = {"relative": relative, "reference": round(ref * 10, 1),
-                     "model": round(model * 10, 1), "n": len(group)}
-    return {**out, "unparsed": len(bad), "unparsed_ids": bad[:20]}
+        return {"relative": relative, "reference": round(ref * 10, 1),
+                "model": round(model * 10, 1), "n": len(group)}
+
+    overall = summary(list(pairs.values())) if pairs else {"relative": None, "n": 0}
+    return {**overall, "per_category": {c: summary(g) for c, g in per_category.items()},
+            "unparsed": len(bad), "unparsed_ids": bad[:20]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1657,7 +1679,7 @@ COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"),
            ("MMHal halluc. rate", ("mmhal", "hallucination_rate"), ".2f"),
            ("GAVIE acc.", ("gavie", "accuracy"), ".2f"),
            ("GAVIE rel.", ("gavie", "relevancy"), ".2f"),
-           ("LLaVA-Bench", ("llava_bench", "all", "relative"), ".1f"),
+           ("LLaVA-Bench", ("llava_bench", "relative"), ".1f"),
            ("answer words", ("chair", "answer_words"), ".1f")]
 
 
@@ -1671,7 +1693,8 @@ def table(rows):
     """One Markdown table, a row per checkpoint (and the same rows as dicts, for compare.json)."""
     splits = dict.fromkeys(s for r in rows.values() for s in r.get("pope", {}) if s != "average")
     cols = [(f"POPE F1 {s}", ("pope", s, "f1"), ".3f") for s in splits] + COLUMNS
-    cols = [c for c in cols if any(_get(r, c[1]) is not None for r in rows.values())]
+    # a column for each benchmark that ran (a null value shows '-')
+    cols = [c for c in cols if any(_get(r, c[1][:-1]) is not None for r in rows.values())]
     flat = [{"checkpoint": n, **{c: _get(r, keys) for c, keys, _ in cols}} for n, r in rows.items()]
     header = "| checkpoint | " + " | ".join(c for c, _, _ in cols) + " |"
     md = [header, "|---" * (len(cols) + 1) + "|"]
@@ -1747,6 +1770,9 @@ def main(cfg):
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")
+    if cfg.compare and cfg.llava_answers:  # (one file scored as several checkpoints)
+        raise common.ConfigError("--llava_answers scores one answers file: name it with --ckpt, "
+                                 "not --compare")
     if cfg.compare and cfg.ckpt != Config.ckpt:  # (it would be ignored without a word)
         raise common.ConfigError(f"--ckpt {cfg.ckpt} is not read with --compare (list every "
                                  "checkpoint in --compare)")

@@ -594,6 +594,9 @@ def read_llava_bench_answers(path):
 
     def fn(r):
         qid = str(_typed(r, "question_id", (int, str)))
+        if "image" in r:  # (the questions file: the judge would read the question as reference)
+            raise _bad("image", "a question file's field: the references (qa90_gpt4_answer.jsonl: "
+                                "{\"question_id\", \"text\"}) have none")
         if qid in out:  # (the last one would win without a word)
             raise _bad("question_id", "given twice")
         out[qid] = _typed(r, "text", str)

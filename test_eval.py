@@ -688,11 +688,26 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
     replies = {"0": "6 8\nok", "1": "8 8", "2": "no scores here", "3": "7 3"}
     got = E.llava_bench_metrics(qs, replies)
     # all: reference (6 + 8 - 1 + 7) / 4 = 5.0, model (8 + 8 - 1 + 3) / 4 = 4.5
-    assert got["all"] == {"relative": 90.0, "reference": 50.0, "model": 45.0, "n": 4}
-    assert got["conv"] == {"relative": 114.3, "reference": 70.0, "model": 80.0, "n": 2}
-    assert got["detail"]["relative"] is None  # (-1 / -1 would read 100)
-    assert got["complex"]["relative"] == 42.9
+    assert {k: got[k] for k in ("relative", "reference", "model", "n")} == {
+        "relative": 90.0, "reference": 50.0, "model": 45.0, "n": 4}
+    per = got["per_category"]
+    assert per["conv"] == {"relative": 114.3, "reference": 70.0, "model": 80.0, "n": 2}
+    assert per["detail"]["relative"] is None  # (-1 / -1 would read 100)
+    assert per["complex"]["relative"] == 42.9
     assert got["unparsed"] == 1 and got["unparsed_ids"] == ["2"]
+    # a category may be called anything, 'all' and 'unparsed' too: its numbers are its own
+    odd = [dict(q, category="all" if q["category"] == "conv" else "unparsed") for q in qs]
+    got = E.llava_bench_metrics(odd, replies)
+    assert got["n"] == 4 and got["per_category"]["all"]["n"] == 2 and got["unparsed"] == 1
+    assert got["per_category"]["unparsed"]["n"] == 2
+    # a benchmark whose every reply failed keeps its column, its value '-'
+    md, _ = E.table({"m": {"llava_bench": {"relative": None, "n": 3}}})
+    assert md.splitlines()[0] == "| checkpoint | LLaVA-Bench |"
+    assert md.splitlines()[2] == "| m | - |"
+    # the image id in a name, as digits (5000 of them are no int Python converts)
+    assert E.coco_number("COCO_val2014_000000525439.jpg") == E.coco_number("000000525439.jpg")
+    assert E.coco_number("1" * 5000 + ".jpg") == "1" * 5000 and E.coco_number("a.jpg") is None
+    assert E.coco_number("000.png") == "0"
     q = {"context": "A dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]", "prompt": "What is it?",
          "reference": "A dog.", "rule": {"role": "Helper", "prompt": "Rate them."}}
     assert E.llava_bench_prompt(q, "A cat.") == (
@@ -771,8 +786,10 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     assert first.endswith(f"\n{answers['0']['answer']}\n\n[End of Assistant 2]\n\n[System]\n"
                           "Rate conv.\n\n")
     assert "Rate complex." in sent[2]["messages"][1]["content"]
-    assert scores["all"] == {"relative": 66.7, "reference": 80.0, "model": 53.3, "n": 3}
-    assert scores["conv"]["relative"] == 75.0 and scores["detail"]["relative"] == 33.3
+    assert {k: scores[k] for k in ("relative", "reference", "model", "n")} == {
+        "relative": 66.7, "reference": 80.0, "model": 53.3, "n": 3}
+    per = scores["per_category"]
+    assert per["conv"]["relative"] == 75.0 and per["detail"]["relative"] == 33.3
     assert "| LLaVA-Bench |" in capsys.readouterr().out
     # --export: model_vqa.py's layout, the question ids as the question file has them
     exported = lines(out / "m0" / "export" / "llava_bench.jsonl")
@@ -788,14 +805,14 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     FakeAPI.script = [(200, "8 8")] * 3
     rescored = run_cli(env, env["root"] / "lb_llava", "--ckpt", "llava", "--rescore", "true",
                        "--llava_answers", str(llava), *flags, *judge)["llava"]["llava_bench"]
-    assert rescored["all"]["relative"] == 100.0
+    assert rescored["relative"] == 100.0
     assert "A circle." in FakeAPI.bodies[-1][2]["messages"][1]["content"]
     # the first release's file: references inline, ids by line, images matched by COCO id
     paths30, flags30 = llava_bench_files(env, env["root"] / "lb30", first_release=True)
     FakeAPI.script = [(200, "8 6\nok"), (200, "9 3\nok"), (200, "7 7\nok")]
     scores30 = run_cli(env, env["root"] / "lb30_runs", "--ckpt", env["ckpts"][0], *flags30,
                        *judge)["m0"]["llava_bench"]
-    assert scores30["all"] == scores["all"]
+    assert scores30 == scores
 
 
 def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
@@ -846,6 +863,13 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
                                                                         "prompt": "P"}}))
     paths30, flags30 = llava_bench_files(env, tmp_path / "lb30", first_release=True)
     (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
+    first = [json.loads(x) for x in open(paths30["questions"])][0]["image"]
+    number = first[len("COCO_val2014_"):-len(".png")].lstrip("0") or "0"
+    thumb = dict(ctx[0], image=f"thumb_{number}.png")  # (another picture, the same number)
+    (tmp_path / "ctx2.jsonl").write_text(open(paths30["context"]).read() + json.dumps(thumb) + "\n")
+    dup = [json.loads(x) for x in open(paths["questions"])]
+    dup[2]["question_id"] = dup[0]["question_id"]
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dup))
     judge = ["--judge", "openai", "--judge_url", "http://127.0.0.1:9/v1", "--judge_key", "k"]
     cases = [([], "--judge oracle knows only the Shapes world"),
              (["--llava_bench_file", ""], "--benchmarks llava_bench needs --llava_bench_file"),
@@ -864,7 +888,19 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
              (["--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}"],
               "--judge_prompt mmhal=...: mmhal is not in --benchmarks"),
              (["--benchmarks", "chair", "--export", "true"],
-              "--export true: not read without pope, mmhal or llava_bench")]
+              "--export true: not read without pope, mmhal or llava_bench"),
+             (flags30 + ["--llava_bench_context", str(tmp_path / "ctx2.jsonl"),
+                         "--llava_bench_answers", ""],
+              f"record 0 (id 0): field 'image': {first} has 2 records ("),
+             (["--llava_bench_file", str(tmp_path / "dup.jsonl")],
+              "dup.jsonl: record 2 (id '0'): field 'question_id': given twice (first at record "
+              "0 there"),
+             (["--llava_bench_answers", paths["questions"]],
+              "questions.jsonl: record 0 (id 0): field 'image': a question file's field"),
+             (["--rescore", "true", "--llava_answers", paths["questions"]],
+              "questions.jsonl: record 0: field 'image': a question file's field"),
+             (["--rescore", "true", "--llava_answers", paths["references"], "--compare", "a", "b"],
+              "--llava_answers scores one answers file: name it with --ckpt, not --compare")]
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
