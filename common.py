@@ -1158,6 +1158,20 @@ def trained_base(resume_path, init):
     return was
 
 
+def fold_init_adapters(model):
+    """A run started from a checkpoint with adapters trains the policy it holds: its active
+    adapter merged into the base (e.g. POVID stage 2 from a LoRA stage-1 run), every adapter
+    dropped; the run adds its own from its flags. (A new adapter beside it left it off: the bare
+    base was trained; one of the run's name was taken over with its old shape.) True when one
+    was merged."""
+    merged = model.active_adapter is not None
+    if merged:
+        model.merge_adapter(model.active_adapter)
+    for name in list(model.adapters):
+        model.delete_adapter(name)
+    return merged
+
+
 def recorded_base(ckpt_dir):
     """The frozen base a checkpoint's adapters sit on, as its config.json names it (relative to
     the checkpoint); None for a full model."""

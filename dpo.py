@@ -421,13 +421,9 @@ def main(cfg):
     if resume_path is not None and not sharded:
         base = common.recorded_base(resume_path)
     else:
-        merged = model.active_adapter is not None
         # e.g. POVID stage 2 from a LoRA stage-1 run: that policy, merged, is the reference
         # (as POVID)
-        if merged:
-            model.merge_adapter(model.active_adapter)
-        for name in list(model.adapters):
-            model.delete_adapter(name)
+        merged = common.fold_init_adapters(model)
         # LoRA checkpoints point at the init's weights
         base = init_dir if cfg.lora_r > 0 and not merged else None
         if cfg.lora_r > 0:

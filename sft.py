@@ -293,6 +293,8 @@ def main(cfg):
                                                        cfg.tokenizer, d.device)
     if cfg.lora_r > 0 and not sharded:
         common.refuse_merged_resume(resume_path, model, "sft")
+    if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)
+        common.fold_init_adapters(model)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:

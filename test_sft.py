@@ -243,3 +243,46 @@ def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tiny_world,
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_sft_and_vigc_from_an_adapter_checkpoint_train_the_policy_it_holds(tiny_world, tiny_sft,
+                                                                          tmp_path):
+    """An --init whose active adapter holds the policy (a DPO LoRA run, an intermediate LoRA SFT
+    checkpoint): with --lora_r > 0 the new adapter left it off, and the bare base was trained;
+    one named like the run's was taken over with its old shape. Now the policy is merged first:
+    at a learning rate of ~0 the result is the init's policy, with an adapter of the new shape."""
+    import shutil
+    from checkpoint import save_checkpoint_files
+    m = load_checkpoint(tiny_sft)
+    m.add_adapter("dpo", 2, 4, 0.0, ("q", "v"))  # (as a DPO LoRA run leaves it)
+    torch.manual_seed(0)
+    for _, lin in m.lora_linears():
+        for b in lin.lora["dpo"].B.values() if "dpo" in lin.lora else ():
+            b.data.normal_(0, 0.5)
+    m.set_adapter("dpo")
+    init = str(tmp_path / "init")
+    save_checkpoint_files(m, init)
+    ck = latest_checkpoint(tiny_sft)
+    for f in os.listdir(ck):
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(ck, f), init)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    m.eval()
+    with torch.no_grad():
+        policy = m(None, ids)
+        m.set_adapter(None)
+        bare = m(None, ids)
+    assert not torch.allclose(policy, bare, atol=1e-3)  # (the adapter matters)
+    common = ["--init", init, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+              "--lr", "1e-12", "--lora_r", "4"]
+    for script, extra in (("sft", ["--report", "false", "--lora_targets", "down"]),
+                          ("vigc", ["--generate", "0"])):
+        out = str(tmp_path / script)
+        code, _, err = run_cli(script, common + extra + ["--out", out])
+        assert code == 0, err
+        trained = load_checkpoint(out).eval()
+        with torch.no_grad():
+            logits = trained(None, ids)
+        assert torch.allclose(logits, policy, atol=1e-4), script
+        config = json.load(open(os.path.join(latest_checkpoint(out), "config.json")))
+        assert config["run_config"]["lora_r"] == 4

@@ -551,6 +551,8 @@ def main(cfg):
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
     common.check_new_tokens(model, cfg, "max_new_tokens")
+    if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)
+        common.fold_init_adapters(model)
     if cfg.lora_r > 0:
         if not sharded:
             common.refuse_merged_resume(resume_path, model, "vigc")
