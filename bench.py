@@ -1018,8 +1018,7 @@ def main(cfg):
         raise common.ConfigError(f"--image_size {cfg.image_size}: smaller than the {cfg.model} "
                                  f"preset's patch size {patch} (at least one patch per image)")
     check_positions(cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise common.ConfigError("--device cuda: no CUDA device is available")
+    common.check_device(cfg.device)
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
         raise common.ConfigError("--dtype: auto, fp32 or bf16; --hf_load: auto, export or copy")
     threads = torch.get_num_threads()

@@ -313,12 +313,18 @@ class Dist:
 _made_process_group = False  # set by setup_dist; end_process reads it
 
 
+def check_device(device):
+    """--device cuda where there is none: one line before any work (eval's model load, each of a
+    lab's runs failing after it, was where it showed)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+
+
 def setup_dist(device="cpu", fsdp=False):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp
     a one-rank process group, so the sharded code path is the same at any world size)."""
     global _made_process_group
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
+    check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if device == "cuda" else "gloo"
     if world == 1:

@@ -1746,6 +1746,8 @@ def main(cfg):
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
     common.refuse_unread_shared(cfg)
+    if not cfg.rescore:  # (--rescore loads no model)
+        common.check_device(cfg.device)
     if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):
         raise common.ConfigError("--benchmarks llava_bench needs --llava_bench_file (LLaVA's "
                                  "qa90_questions.jsonl) and --llava_bench_context "

@@ -975,6 +975,8 @@ def main(cfg):
     # one spelling of each folder in the commands ('runs/lab/' is 'runs/lab')
     cfg = replace(cfg, out=os.path.normpath(cfg.out), sft=os.path.normpath(cfg.sft),
                   world=os.path.normpath(cfg.world))
+    if not cfg.report_only:  # (every run would fail, and the report be written of none)
+        common.check_device(cfg.device)
     unknown = [c for c in cfg.claims if c not in CLAIMS]
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
@@ -1016,7 +1018,10 @@ def main(cfg):
         clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
         failed = execute(runs, cfg, clock)
     shown = replace(cfg, claims=reported_claims(cfg))
-    report(shown, plan(shown), rebuilt=ran == 0)
+    if failed and len(failed) >= ran:  # (a report then holds nothing new, maybe less than before)
+        print(f"no run ended well: {cfg.results} left as it was", flush=True)
+    else:
+        report(shown, plan(shown), rebuilt=ran == 0)
     if failed:
         names = ", ".join(sorted(failed))
         print(f"error: {len(failed)} run(s) failed or were skipped: {names}", file=sys.stderr)

@@ -149,6 +149,7 @@ def main(cfg):
     if "eval" not in cfg.stages:
         common.refuse_unread(cfg, ("eval_out", "eval_limit"), "without eval in --stages; drop it")
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
+    common.check_device(cfg.device)
     commands = stage_commands(cfg)
     if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)
         overwrite = ["--overwrite", "true"]

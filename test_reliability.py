@@ -1860,6 +1860,25 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     assert json.load(open(out / "run.json"))["data"] == digests  # the world's files it read
 
 
+def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkeypatch):
+    """--device cuda on a machine without CUDA: every script says so in one line before any work
+    (eval loaded the model and died in a traceback; a lab ran every run to its failure and then
+    wrote an empty report over --results; pipeline started its first stage)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("kept\n")
+    for script in ("sft", "reward", "ppo", "dpo", "vigc", "eval", "bench", "pipeline", "lab"):
+        out = tmp_path / script
+        argv = base_args(script, w, out) + ["--device", "cuda"]
+        if script == "lab":
+            argv += ["--results", str(results), "--plots", str(tmp_path / "plots")]
+        code, stdout, err = run_cli(script, argv)
+        assert code == 2 and err.strip() == "error: --device cuda: no CUDA device is available", \
+            (script, err)
+        assert not out.exists() or not any(out.iterdir()), script
+    assert results.read_text() == "kept\n"
+
+
 def test_lock_is_released_and_names_its_holder(w, tmp_path):
     """The lock lives as long as the run: after a run (ok or failed) in this process the next one
     gets it; while a process holds it, its pid is in OUT/.lock."""
