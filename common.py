@@ -533,10 +533,12 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
             for p in params:
                 p.grad = None
             return None
-        last = latest_checkpoint(out_dir) or "none yet"
+        last = latest_checkpoint(out_dir)
+        # (with none, --resume has nothing to go on from: start again)
+        again = "resume with --resume true" if last else "start again with --overwrite true"
         raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; "
-                             f"stopped. Last good checkpoint: {last} (resume with --resume "
-                             "true, and --skip_nonfinite true to skip such steps)")
+                             f"stopped. Last good checkpoint: {last or 'none yet'} ({again}, "
+                             "and --skip_nonfinite true to skip such steps)")
     return float(norm)
 
 
@@ -793,13 +795,20 @@ def claim_out(cfg, d, inits=()):
     ensure_writable(out)
     lock_out(out)
     found = holds_run(out)
+    resumable = latest_checkpoint(out) is not None
     if found and not resume and not overwrite:
-        raise ConfigError(f"{out}: holds a run ({', '.join(found[:3])}); pass --resume true to "
-                          "continue it, --overwrite true to move it aside and start again, or "
-                          "another --out")
-    if resume and latest_checkpoint(out) is None:
-        raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from (run "
-                          "without --resume to start fresh)")
+        what = ", ".join(found[:3])
+        if not resumable:  # (cut off before its first checkpoint: --resume has nothing)
+            raise ConfigError(f"{out}: holds a run stopped before its first checkpoint ({what}); "
+                              "pass --overwrite true to move it aside and start again, or "
+                              "another --out")
+        raise ConfigError(f"{out}: holds a run ({what}); pass --resume true to continue it, "
+                          "--overwrite true to move it aside and start again, or another --out")
+    if resume and not resumable:
+        fresh = "--overwrite true to move it aside and start again" if found else \
+            "run without --resume to start fresh"
+        raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from "
+                          f"({fresh})")
     for f in dataclasses.fields(cfg) if overwrite else ():  # --overwrite would move the inputs
         # of this run away (the checkpoint it starts from, its world or data files)
         value = getattr(cfg, f.name)

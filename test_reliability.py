@@ -909,6 +909,15 @@ BAD_INPUT += [
     C("dpo", "resume-nothing", "--resume true on an empty --out",
       lambda w, t: ["--out", str(t.root / "fresh"), "--resume", "true", "--overwrite", "false"],
       ("fresh", "no checkpoint to resume from")),
+    C("sft", "run-cut-before-checkpoint", "--out holding a run killed before its first "
+      "checkpoint, neither --resume nor --overwrite",
+      lambda w, t: ["--out", _cut_run(t), "--overwrite", "false"],
+      ("cut", "holds a run stopped before its first checkpoint (metrics.jsonl)",
+       "pass --overwrite true")),
+    C("dpo", "resume-cut-before-checkpoint", "--resume true on a run killed before its first "
+      "checkpoint",
+      lambda w, t: ["--out", _cut_run(t), "--resume", "true", "--overwrite", "false"],
+      ("cut", "no checkpoint to resume from (--overwrite true to move it aside")),
     C("sft", "second-writer", "another process holds --out's lock",
       lambda w, t: _held_lock(t), ("out", "another process (pid 4242) is writing there")),
     C("ppo", "second-writer", "another process holds --out's lock",
@@ -1093,6 +1102,14 @@ def _gavie_flags(w, t, boxes, question="What?"):
                                                      "question": question}]),
             "--gavie_annotations", t.file("boxes.json", {"000000.png": boxes}),
             "--image_folder", os.path.join(w.world, "images", "train")]
+
+
+def _cut_run(t):
+    """A run folder as a run killed before its first checkpoint leaves it: metrics alone."""
+    folder = t.root / "cut"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    return str(folder)
 
 
 def _llava_bench_flags(w, t, context=None, references=None):
