@@ -140,13 +140,14 @@ class Config:
                   image_size="[0, inf)", layers="[0, inf)", threads="[0, inf)", batch="[1, inf)",
                   seq="[2, inf)", answer="[1, inf)", lora_r="[1, inf)", lora_alpha="[1, inf)",
                   lr="(0, inf)", train_modes=("lora", "full"), gen_batches="[1, inf)",
-                  new_tokens="[1, inf)", prompt_text="[1, inf)", dpo_pairs="[1, inf)",
+                  # (decode ms/step is the time past the first token: 2 at least)
+                  new_tokens="[2, inf)", prompt_text="[1, inf)", dpo_pairs="[1, inf)",
                   ppo_prompts="[1, inf)", ppo_new_tokens="[1, inf)",
                   roles_model=("tiny", "shapes", "bench", "llava-7b", "llava-13b"),
                   warmup="[0, inf)", reps="[1, inf)", matmul_n="[0, inf)", copy_mib="[0, inf)",
                   hf_load=("auto", "export", "copy"), seed=common.SEED_RANGE,
                   rollout_model=("", "tiny", "shapes", "bench", "llava-7b", "llava-13b"),
-                  rollout_batch="[1, inf)", rollout_new_tokens="[1, inf)")
+                  rollout_batch="[1, inf)", rollout_new_tokens="[2, inf)")
 
 
 QUICK = dict(model="tiny", image_size=0, layers=0, batch=2, seq=32, answer=8, lora_r=4,

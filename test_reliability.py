@@ -515,6 +515,8 @@ BAD_INPUT = [
     C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
       lambda w, t: ["--benchmarks", "vqa"],
       ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie, llava_bench")),
+    C("bench", "new-tokens-1", "--new_tokens 1 (decode per step is the time past the first token)",
+      lambda w, t: ["--new_tokens", "1"], ("--new_tokens 1", "[2, inf)")),
     C("eval", "flag-type", "float flag given a word",
       lambda w, t: ["--temperature", "hot"], ("--temperature", "expected float, got 'hot'")),
 ]
