@@ -1187,6 +1187,28 @@ def fold_init_adapters(model):
     return merged
 
 
+def recorded_template(ckpt_dir):
+    """The --template a checkpoint of ours was trained with (its run_config), or None (not ours,
+    or no config: loading says what is wrong)."""
+    try:
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            rc = json.load(f).get("run_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rc.get("template") if isinstance(rc, dict) else None
+
+
+def note_template(flag, path, template):
+    """A note where a checkpoint of ours was trained with another --template than this run
+    prompts it with (its answers, rewards and log-probabilities are then of another prompt
+    format; sometimes meant, as LLaVA-RLHF evaluating with llava_v1)."""
+    trained = recorded_template(resolve_checkpoint(path))
+    if trained is not None and trained != template:
+        print(f"note: {flag} {path} was trained with --template {trained}; this run prompts it "
+              f"with --template {template} (pass --template {trained} to prompt it as trained)",
+              flush=True)
+
+
 def recorded_base(ckpt_dir):
     """The frozen base a checkpoint's adapters sit on, as its config.json names it (relative to
     the checkpoint); None for a full model."""

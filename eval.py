@@ -1796,6 +1796,7 @@ def main(cfg):
             why = f"{type(e).__name__}: {e}"
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
         refuse_scalar_model(ckpt_dir)  # (it would answer with its reward LoRA)
+        common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

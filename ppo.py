@@ -393,13 +393,7 @@ def check_policy_template(cfg, init_dir, template):
     """The policy's prompts are rendered with the reward model's template (LLaVA-RLHF uses one for
     both): an SFT checkpoint of ours (init_dir) that recorded another one is refused, not
     re-prompted."""
-    path = os.path.join(init_dir, "config.json")
-    try:
-        with open(path) as f:
-            rc = json.load(f).get("run_config")
-    except (OSError, ValueError, AttributeError):  # (not ours, or no config: load_checkpoint says)
-        return
-    sft_template = rc.get("template") if isinstance(rc, dict) else None
+    sft_template = common.recorded_template(init_dir)
     if sft_template is not None and sft_template != template:
         raise common.ConfigError(f"--init {cfg.init}: trained with --template {sft_template}, "
                                  f"but --reward {cfg.reward} with --template {template}: PPO "

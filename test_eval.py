@@ -909,3 +909,23 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
         assert want in err, (extra, err)
+
+
+def test_a_checkpoint_trained_with_another_template_gets_a_note(tiny_world, tiny_sft, tmp_path):
+    """eval, dpo, reward and vigc prompted a checkpoint of ours with another --template than it
+    was trained with, without a word (only PPO checks its pair); now a note says so."""
+    from conftest import run_cli as run_stage
+    base = ["--world", tiny_world, "--max_steps", "1", "--batch_size", "4"]
+    runs = {"eval": ["--ckpt", tiny_sft, "--world", tiny_world, "--benchmarks", "pope",
+                     "--limit", "2"],
+            "dpo": ["--init", tiny_sft, *base, "--eval_n", "4"],
+            "vigc": ["--init", tiny_sft, *base, "--generate", "0"],
+            "reward": ["--init", tiny_sft, *base, "--eval_prompt", "short", "--eval_size", "4"]}
+    for script, argv in runs.items():
+        for template, noted in (("vicuna_v1", False), ("llava_v1", True)):
+            out = str(tmp_path / f"{script}-{template}")
+            code, stdout, err = run_stage(script, argv + ["--out", out, "--template", template])
+            assert code == 0, err
+            note = ("was trained with --template vicuna_v1; this run prompts it with --template "
+                    "llava_v1")
+            assert (note in stdout) == noted, (script, template, stdout[-500:])

@@ -548,6 +548,7 @@ def main(cfg):
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
+    common.note_template("--init", cfg.init, cfg.template)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device)
     common.check_new_tokens(model, cfg, "max_new_tokens")
