@@ -1202,7 +1202,7 @@ def note_template(flag, path, template):
     """A note where a checkpoint of ours was trained with another --template than this run
     prompts it with (its answers, rewards and log-probabilities are then of another prompt
     format; sometimes meant, as LLaVA-RLHF evaluating with llava_v1)."""
-    trained = recorded_template(resolve_checkpoint(path))
+    trained = recorded_template(resolve_checkpoint(path)) if path else None  # ('': a fresh model)
     if trained is not None and trained != template:
         print(f"note: {flag} {path} was trained with --template {trained}; this run prompts it "
               f"with --template {template} (pass --template {trained} to prompt it as trained)",

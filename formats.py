@@ -556,12 +556,13 @@ def read_mmhal(path, image_folder=None, check_images=True, on_error="raise"):
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)
 
+
 def read_llava_bench(path, image_folder=None, check_images=True, on_error="raise"):
-    """LLaVA-Bench (COCO) questions, JSON lines in either published layout -> {"question_id" (a
-    integer or string, as published), "image" (full path), "text", "category", "reference" (GPT-4's
-    answer, or None)}:
-    qa90_questions.jsonl {"question_id", "image", "text", "category"} (LLaVA's and LLaVA-RLHF's
-    Eval/llava; the reference answers are another file, qa90_gpt4_answer.jsonl), or the first
+    """LLaVA-Bench (COCO) questions, JSON lines in either published layout -> {"question_id" (an
+    integer or string, as published), "image" (full path), "text", "category", "reference"
+    (GPT-4's answer, or None)}: qa90_questions.jsonl {"question_id", "image", "text", "category"}
+    (LLaVA's and LLaVA-RLHF's Eval/llava; the reference answers are another file,
+    qa90_gpt4_answer.jsonl), or the first
     release's coco2014_val_gpt4_qa_30x3.jsonl {"id" (the image's), "image", "instruction",
     "output" (the reference), "type"}, whose questions have no id of their own: a question's id is
     its line number there."""
