@@ -805,8 +805,8 @@ def claim_out(cfg, d, inits=()):
         raise ConfigError(f"{out}: holds a run ({what}); pass --resume true to continue it, "
                           "--overwrite true to move it aside and start again, or another --out")
     if resume and not resumable:
-        fresh = "--overwrite true to move it aside and start again" if found else \
-            "run without --resume to start fresh"
+        fresh = "drop --resume and pass --overwrite true to move it aside and start again" \
+            if found else "run without --resume to start fresh"
         raise ConfigError(f"{out}: --resume true, but there is no checkpoint to resume from "
                           f"({fresh})")
     for f in dataclasses.fields(cfg) if overwrite else ():  # --overwrite would move the inputs

@@ -412,7 +412,7 @@ def main(cfg):
         resume_path, state = None, None
     # (--resume of a LoRA run: the base its adapters were trained on)
     init_dir = common.trained_base(resume_path, cfg.init)
-    common.note_template("--init", init_dir, cfg.template)
+    common.note_template("--init", cfg.init, cfg.template)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = init_dir if sharded else resume_path or init_dir

@@ -15,7 +15,7 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges tha
         # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's
         # (Eval/model_vqa*.py)
     python eval.py --ckpt DIR --benchmarks llava_bench --llava_bench_file qa90_questions.jsonl \
-        --llava_bench_answers qa90_gpt4_answer.jsonl --image_folder coco/val2014 \
+        --llava_bench_answers qa90_gpt4_answer.jsonl --image_folder eval_image \
         --llava_bench_context caps_boxes_coco2014_val_80.jsonl --llava_bench_rule rule.json \
         --judge openai --judge_model gpt-4-0314 --judge_max_tokens 1024 --max_new_tokens 1024 \
         --template llava_v1 --temperature 0.2
@@ -65,8 +65,8 @@ import oracle
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
-from formats import (TAG_IN_TEXT, read_llava_bench, read_llava_bench_answers,
-                     read_llava_bench_context, record_label)
+from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
+                     read_llava_bench_answers, read_llava_bench_context, record_label)
 from checkpoint import (base_weights_dir, is_peft_dir, peft_base_dir, refuse_scalar_model,
                         resolve_checkpoint)
 from model import CheckpointError
@@ -107,7 +107,7 @@ class Config:
     llava_bench_file: str = ""  # LLaVA-Bench questions: qa90_questions.jsonl (or the 30x3 file)
     llava_bench_answers: str = ""  # its reference answers, qa90_gpt4_answer.jsonl (30x3: inline)
     llava_bench_context: str = ""  # what the judge knows: caps_boxes_coco2014_val_80.jsonl
-    llava_bench_rule: str = ""  # LLaVA's table/rule.json (the judge's words; empty: ours)
+    llava_bench_rule: str = ""  # LLaVA's table/rule.json (its conv/detail/complex; empty: ours)
     judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
     judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder
     judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
@@ -227,11 +227,13 @@ def _take(qs, cfg, bench, on_shapes):
     seen, counts = {}, {}  # id -> (file, its record number there); file -> questions so far
     for q in qs:
         k = counts[q["file"]] = counts.get(q["file"], -1) + 1  # (a file's questions in its order)
+        k = q.get("record", k)  # (a file of several POPE splits: its own numbering)
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
             message = f"given twice (first at {where}; answers are stored by id)"
-            raise DataError(q["file"], f"{k} (id {q['id']!r})", "question_id", message)
+            field = q.get("id_field", "id")
+            raise DataError(q["file"], f"{k} (id {q['id']!r})", field, message)
         seen[q["id"]] = (q["file"], k)
     return qs
 
@@ -275,7 +277,8 @@ def pope_questions(cfg, world):
                 raise DataError(path, record_label(i, r), "category", message)
             question = {"id": str(r["question_id"]), "image": r["image"], "file": path,
                         "label": r["label"], "prompt": r["text"] + suffix,
-                        "question_id": r["question_id"], "text": r["text"]}
+                        "question_id": r["question_id"], "text": r["text"], "record": i,
+                        "id_field": "question_id"}
             splits.setdefault(split, []).append(question)
     return splits
 
@@ -432,11 +435,9 @@ def llava_bench_questions(cfg, world):
         if ref is None:
             raise DataError(path, where, "question_id", "has no reference answer in "
                             f"{cfg.llava_bench_answers}")
-        rule = rules.get(f"llava_bench_{r['category']}", rules.get(None))
-        if rule is None:  # (eval_gpt_review_visual.py stops at it)
-            raise DataError(cfg.llava_bench_rule, f"llava_bench_{r['category']}", None,
-                            f"no rule for the category {r['category']!r} of {path} record {i}")
+        rule = llava_bench_rule(rules, r["category"], path, i, cfg.llava_bench_rule)
         qs.append({"id": str(r["question_id"]), "question_id": r["question_id"],
+                   "id_field": "question_id",
                    "image": r["image"], "file": path, "prompt": r["text"],
                    "category": r["category"], "reference": ref, "context": ctx, "rule": rule})
     return qs
@@ -494,6 +495,7 @@ def coco_chair_questions(cfg):
                        f"{path} (e.g. {imgs[0]['id']!r}): captions of another split?")
             raise DataError(cfg.chair_captions, field="annotations", message=message)
     return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt,
+             "record": i, "id_field": "images.id",
              "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
             for i, img in enumerate(imgs)]
@@ -735,10 +737,6 @@ class Answerer:
             message = f"no answer matches one of the {len(qs)} questions (by question_id)"
             raise DataError(path, message=message)
         return done
-
-
-QUESTIONS_NOT_ANSWERS = ("a question file's field: answers ({\"question_id\", \"prompt\", "
-                         "\"text\"}) have none; pass the answers")
 
 
 def mmhal_answer(path, i, r):
@@ -1268,25 +1266,28 @@ RULE_KEYS = ("role", "prompt")
 
 
 def load_llava_bench_rules(path):
-    """{"llava_bench_<category>": {"role", "prompt"}} from LLaVA's rule.json (its other entries
-    are for other benchmarks); no file: {None: our rule}, for every category."""
+    """{category: {"role", "prompt"}} from LLaVA's rule.json, read as eval_gpt_review_visual.py
+    reads it: the entry named by the question's category (conv, detail, complex: the words for
+    captions and boxes; its llava_bench_* entries are the in-the-wild benchmark's, and its coding,
+    math and default ones text-only reviews'); no file: {None: our rule}, for every category."""
     if not path:
         return {None: LLAVA_BENCH_RULE}
     rules = load_json(path)
     if not isinstance(rules, dict):
         raise DataError(path, message="expected LLaVA's rule.json: {name: {\"role\", \"prompt\"}}")
-    out = {}
-    for name, rule in rules.items():
-        if not name.startswith("llava_bench_"):
-            continue
-        if not (isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in RULE_KEYS)):
-            raise DataError(path, repr(name), None, "expected {\"role\": string, "
-                                                    "\"prompt\": string}")
-        out[name] = {"role": rule["role"], "prompt": rule["prompt"]}
-    if not out:
-        raise DataError(path, message="no llava_bench_<category> rule (LLaVA's table/rule.json "
-                                      "has llava_bench_conv, _detail and _complex)")
-    return out
+    return rules
+
+
+def llava_bench_rule(rules, category, path, i, rule_file):
+    """The rule for a question's category, checked where it is used (one line naming it)."""
+    rule = rules.get(category, rules.get(None))
+    if rule is None:  # (eval_gpt_review_visual.py stops at it)
+        raise DataError(rule_file, repr(category), None,
+                        f"no rule for the category {category!r} of {path} record {i}")
+    if not (isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in RULE_KEYS)):
+        raise DataError(rule_file, repr(category), None, "expected {\"role\": string, "
+                                                         "\"prompt\": string}")
+    return {"role": rule["role"], "prompt": rule["prompt"]}
 
 
 def llava_bench_prompt(q, answer):
@@ -1323,7 +1324,8 @@ def llava_bench_metrics(qs, replies):
 
     def summary(group):
         ref, model = (round(_mean([p[k] for p in group]), 3) for k in (0, 1))
-        # (the reference prints 100.0 for a group of (-1, -1) pairs alone)
+        # (a reference mean <= 0: only unparsed replies weigh, -1 each; the reference prints
+        # 100.0 for those alone, a ratio of negatives, or divides by 0)
         relative = round(model / ref * 100, 1) if ref > 0 else None
         return {"relative": relative, "reference": round(ref * 10, 1),
                 "model": round(model * 10, 1), "n": len(group)}
@@ -1746,7 +1748,7 @@ def main(cfg):
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
     common.refuse_unread_shared(cfg)
-    if not cfg.rescore:  # (--rescore loads no model)
+    if not cfg.rescore or cfg.judge == "local":  # (--rescore loads no model, but a local judge)
         common.check_device(cfg.device)
     if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):
         raise common.ConfigError("--benchmarks llava_bench needs --llava_bench_file (LLaVA's "

@@ -588,6 +588,11 @@ def read_llava_bench(path, image_folder=None, check_images=True, on_error="raise
     return _ret(out, skipped, on_error)
 
 
+# a questions file where answers were asked for (its questions would be read as the answers)
+QUESTIONS_NOT_ANSWERS = ("a question file's field: answer files ({\"question_id\", \"text\", ...}) "
+                         "have none; pass the answers")
+
+
 def read_llava_bench_answers(path):
     """Reference answers of LLaVA-Bench (qa90_gpt4_answer.jsonl, JSON lines {"question_id",
     "text", ...}) -> {question_id as a string: text}."""
@@ -596,8 +601,7 @@ def read_llava_bench_answers(path):
     def fn(r):
         qid = str(_typed(r, "question_id", (int, str)))
         if "image" in r:  # (the questions file: the judge would read the question as reference)
-            raise _bad("image", "a question file's field: the references (qa90_gpt4_answer.jsonl: "
-                                "{\"question_id\", \"text\"}) have none")
+            raise _bad("image", QUESTIONS_NOT_ANSWERS)
         if qid in out:  # (the last one would win without a word)
             raise _bad("question_id", "given twice")
         out[qid] = _typed(r, "text", str)

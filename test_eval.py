@@ -740,10 +740,13 @@ def llava_bench_files(env, root, first_release=False):
     context = [{"id": image, "image": image, "captions": [f"Shapes {k}.", "Some shapes."],
                 "instances": [{"category": "circle", "bbox": [0.1, 0.2, 0.5, 0.6]}]}
                for k, image in enumerate(images)]
-    rule = {"llava_bench_conv": {"role": "Assistant", "prompt": "Rate conv."},
-            "llava_bench_detail": {"role": "Assistant", "prompt": "Rate detail."},
-            "llava_bench_complex": {"role": "Assistant", "prompt": "Rate complex."},
-            "coding_general": {"role": "Assistant", "prompt": "Not ours."}}
+    # (LLaVA's rule.json: the visual review reads the bare categories; its llava_bench_* entries
+    # are the in-the-wild benchmark's)
+    rule = {"conv": {"role": "Assistant", "prompt": "Rate conv."},
+            "detail": {"role": "Assistant", "prompt": "Rate detail."},
+            "complex": {"role": "Assistant", "prompt": "Rate complex."},
+            "llava_bench_conv": {"role": "Assistant", "prompt": "Not ours."},
+            "coding": {"role": "Assistant", "prompt": "Not ours."}}
     files = {"questions": questions, "references": [{"question_id": i, "text": f"Reference {i}."}
                                                     for i, _, _, _ in rows],
              "context": context}
@@ -859,7 +862,7 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
     ctx = [json.loads(x) for x in open(paths["context"])][:1]  # the second image has none
     (tmp_path / "ctx1.jsonl").write_text(json.dumps(ctx[0]) + "\n")
     (tmp_path / "refs.jsonl").write_text(json.dumps({"question_id": 0, "text": "R."}) + "\n")
-    (tmp_path / "rule.json").write_text(json.dumps({"llava_bench_conv": {"role": "A",
+    (tmp_path / "rule.json").write_text(json.dumps({"conv": {"role": "A",
                                                                         "prompt": "P"}}))
     paths30, flags30 = llava_bench_files(env, tmp_path / "lb30", first_release=True)
     (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
@@ -867,6 +870,10 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
     number = first[len("COCO_val2014_"):-len(".png")].lstrip("0") or "0"
     thumb = dict(ctx[0], image=f"thumb_{number}.png")  # (another picture, the same number)
     (tmp_path / "ctx2.jsonl").write_text(open(paths30["context"]).read() + json.dumps(thumb) + "\n")
+    pope = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:4]
+    for k, r in enumerate(pope):  # (one file of two splits, as LLaVA-1.5's llava_pope_test.jsonl)
+        r.update(category="random" if k < 2 else "popular", question_id=k if k < 3 else 2)
+    (tmp_path / "pope_two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pope))
     dup = [json.loads(x) for x in open(paths["questions"])]
     dup[2]["question_id"] = dup[0]["question_id"]
     (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dup))
@@ -880,7 +887,7 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
              (["--llava_bench_answers", str(tmp_path / "refs.jsonl")],
               "record 1 (id 1): field 'question_id': has no reference answer"),
              (["--llava_bench_rule", str(tmp_path / "rule.json")],
-              "rule.json: record llava_bench_detail: no rule for the category 'detail'"),
+              "rule.json: record 'detail': no rule for the category 'detail'"),
              (flags30 + ["--llava_bench_answers", paths["references"]],
               "references.jsonl: not read with"),
              (["--benchmarks", "pope", "--llava_bench_file", paths["questions"]],
@@ -909,6 +916,14 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
         assert want in err, (extra, err)
+    # a duplicate id in the second split of a file holding two: its record in that file
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, tmp_path / "o", "--ckpt", env["ckpts"][0], "--benchmarks", "pope",
+                "--pope_files", str(tmp_path / "pope_two.jsonl"), "--image_folder", env["world"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().endswith(
+        "pope_two.jsonl: record 3 (id '2'): field 'question_id': given twice (first at record 2 "
+        "there; answers are stored by id)"), err
 
 
 def test_a_checkpoint_trained_with_another_template_gets_a_note(tiny_world, tiny_sft, tmp_path):

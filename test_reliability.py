@@ -919,7 +919,7 @@ BAD_INPUT += [
     C("dpo", "resume-cut-before-checkpoint", "--resume true on a run killed before its first "
       "checkpoint",
       lambda w, t: ["--out", _cut_run(t), "--resume", "true", "--overwrite", "false"],
-      ("cut", "no checkpoint to resume from (--overwrite true to move it aside")),
+      ("cut", "no checkpoint to resume from (drop --resume and pass --overwrite true")),
     C("sft", "second-writer", "another process holds --out's lock",
       lambda w, t: _held_lock(t), ("out", "another process (pid 4242) is writing there")),
     C("ppo", "second-writer", "another process holds --out's lock",
@@ -1896,6 +1896,12 @@ def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkey
             (script, err)
         assert not out.exists() or not any(out.iterdir()), script
     assert results.read_text() == "kept\n"
+    # --rescore loads no model to answer, but a local judge is one
+    argv = base_args("eval", w, tmp_path / "rescore") + [
+        "--rescore", "true", "--benchmarks", "mmhal", "--judge", "local", "--judge_model",
+        w.world, "--device", "cuda"]
+    code, _, err = run_cli("eval", argv)
+    assert code == 2 and err.strip() == "error: --device cuda: no CUDA device is available", err
 
 
 def test_lock_is_released_and_names_its_holder(w, tmp_path):
