@@ -371,7 +371,7 @@ def mmhal_questions(cfg, world):
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
              "objects": None if cfg.mmhal_file else world[1][r["image_src"]],
-             "record": {k: v for k, v in r.items() if k != "image"}}
+             "template": {k: v for k, v in r.items() if k != "image"}}
             for i, r in enumerate(recs)]
 
 
@@ -419,7 +419,8 @@ def llava_bench_questions(cfg, world):
     rules = load_llava_bench_rules(cfg.llava_bench_rule)
     by_number = {}  # the image id in a name (its digits, leading zeros dropped) -> names
     for name in context:
-        by_number.setdefault(coco_number(name), []).append(name)
+        if coco_number(name) is not None:  # (a name without digits matches only itself)
+            by_number.setdefault(coco_number(name), []).append(name)
     qs = []
     for i, r in enumerate(recs):
         where = f"{i} (id {r['question_id']!r})"
@@ -1262,9 +1263,6 @@ LLAVA_BENCH_RULE = {"role": "Assistant", "prompt": (
     "sway you.")}
 
 
-RULE_KEYS = ("role", "prompt")
-
-
 def load_llava_bench_rules(path):
     """{category: {"role", "prompt"}} from LLaVA's rule.json, read as eval_gpt_review_visual.py
     reads it: the entry named by the question's category (conv, detail, complex: the words for
@@ -1284,7 +1282,8 @@ def llava_bench_rule(rules, category, path, i, rule_file):
     if rule is None:  # (eval_gpt_review_visual.py stops at it)
         raise DataError(rule_file, repr(category), None,
                         f"no rule for the category {category!r} of {path} record {i}")
-    if not (isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in RULE_KEYS)):
+    texts = isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in ("role", "prompt"))
+    if not texts:
         raise DataError(rule_file, repr(category), None, "expected {\"role\": string, "
                                                          "\"prompt\": string}")
     return {"role": rule["role"], "prompt": rule["prompt"]}
@@ -1591,7 +1590,7 @@ def export_answers(out, name, bench, qs, lines):
     os.makedirs(folder, exist_ok=True)
     got = [q for q in qs if q["id"] in lines]
     if bench == "mmhal":
-        records = [dict(q["record"], model_answer=lines[q["id"]]["answer"]) for q in got]
+        records = [dict(q["template"], model_answer=lines[q["id"]]["answer"]) for q in got]
         common.write_json(records, os.path.join(folder, "mmhal.json"))
         return
     path = os.path.join(folder, f"{bench}.jsonl")

@@ -944,3 +944,18 @@ def test_a_checkpoint_trained_with_another_template_gets_a_note(tiny_world, tiny
             note = ("was trained with --template vicuna_v1; this run prompts it with --template "
                     "llava_v1")
             assert (note in stdout) == noted, (script, template, stdout[-500:])
+
+
+def test_llava_bench_names_without_digits_match_only_themselves(tmp_path):
+    """The COCO-id fallback is for names that end in digits: a question's 'cat.jpg' took the
+    context of another digitless 'dog.jpg' (both read as the same 'no number')."""
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 0, "image": "cat.jpg",
+                                                  "text": "What?", "category": "conv"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"question_id": 0, "text": "A cat."}) + "\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "dog.jpg", "captions": ["A dog."],
+                                                  "instances": []}) + "\n")
+    cfg = E.Config(rescore=True, llava_bench_file=str(tmp_path / "q.jsonl"),
+                   llava_bench_answers=str(tmp_path / "r.jsonl"),
+                   llava_bench_context=str(tmp_path / "c.jsonl"))
+    with pytest.raises(E.DataError, match="field 'image': cat.jpg has no record in"):
+        E.llava_bench_questions(cfg, None)
