@@ -14,6 +14,8 @@ import os
 import pytest
 
 import eval as evaluation
+import judges
+import metrics
 from conftest import run_cli
 from formats import (aokvqa_to_conversations, flickr30k_to_conversations, read_any_conversations,
                      read_llava, read_llava_bench, read_llava_rlhf_preference, read_lrv, read_mmhal,
@@ -112,7 +114,7 @@ def test_pope_parser_on_the_published_answers():
     path = real("pope", "llava15_answers_llava-v1.5-13b.jsonl")
     answers = [json.loads(line)["text"] for line in open(path)]
     assert len(answers) == 8910 and set(answers) == {"Yes", "No"}
-    preds = [evaluation.pope_yes_no(a) for a in answers]
+    preds = [metrics.pope_yes_no(a) for a in answers]
     assert preds == ["yes" if a == "Yes" else "no" for a in answers]
 
 
@@ -121,16 +123,16 @@ def test_pope_parser_on_the_published_answers():
 # ----------------------------------------------------------------------------------------
 
 def test_chair_synonyms_and_counting_on_real_synonyms():
-    syn = evaluation.load_synonyms(real("chair", "synonyms.txt"))
+    syn = metrics.load_synonyms(real("chair", "synonyms.txt"))
     assert len(set(syn.values())) == 80  # one line per COCO category
     assert syn["man"] == syn["policeman"] == "person"
     assert syn["taxi"] == "car" and syn["hot dog"] == "hot dog"
     text = "A man rides a bike past two taxis and a baby elephant near a toilet seat."
-    assert evaluation.coco_objects(text, syn) == ["person", "bicycle", "car", "elephant", "toilet"]
+    assert metrics.coco_objects(text, syn) == ["person", "bicycle", "car", "elephant", "toilet"]
     q = {"syn": syn, "objects": {"person", "bicycle", "elephant"}}
-    counts = [evaluation.chair_counts(q, text), evaluation.chair_counts(q, "A woman on a bicycle.")]
+    counts = [metrics.chair_counts(q, text), metrics.chair_counts(q, "A woman on a bicycle.")]
     assert counts == [(5, 2), (2, 0)]
-    m = evaluation.chair_metrics(counts, [len(text.split()), 4])
+    m = metrics.chair_metrics(counts, [len(text.split()), 4])
     assert m["chair_i"] == pytest.approx(2 / 7) and m["chair_s"] == 0.5
 
 
@@ -164,7 +166,7 @@ def test_gavie_evaluation_set_reads_as_questions(tmp_path):
     assert len(qs) == 1000 and len(ids) == 120  # several questions per Visual Genome image
     assert qs[0]["prompt"] == "Which objects are on the wooden table?"
     assert qs[0]["image"] == str(tmp_path / "2356371.jpg")
-    prompt = evaluation.gavie_prompt(qs[0], "A cup and a plate.")
+    prompt = judges.gavie_prompt(qs[0], "A cup and a plate.")
     assert "Which objects are on the wooden table?" in prompt and "A cup and a plate." in prompt
 
 

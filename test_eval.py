@@ -17,6 +17,8 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 import eval as E  # noqa: E402
+import judges  # noqa: E402
+import metrics  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint_files  # noqa: E402
@@ -64,13 +66,13 @@ def test_pope_metrics_hand_computed():
     # yes-ratio (TP+FP)/10 = 0.5
     labels = ["yes"] * 6 + ["no"] * 4
     preds = ["yes"] * 4 + ["no"] * 2 + ["yes"] + ["no"] * 3
-    m = E.pope_metrics(preds, labels)
+    m = metrics.pope_metrics(preds, labels)
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (4, 2, 1, 3)
     assert m["accuracy"] == pytest.approx(0.7) and m["precision"] == pytest.approx(0.8)
     assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(8 / 11)
     assert m["yes_ratio"] == pytest.approx(0.5)
     # no 'yes' at all: 0, not a crash
-    assert E.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0
+    assert metrics.pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0
 
 
 @pytest.mark.parametrize("answer, want", [
@@ -81,7 +83,7 @@ def test_pope_metrics_hand_computed():
     ("Not really", "yes"), ("NO", "yes"), ("No!", "yes"),
     ("I don't know", "yes"), ("", "yes"), ("Nope", "yes")])
 def test_pope_parser_follows_the_reference(answer, want):
-    assert E.pope_yes_no(answer) == want
+    assert metrics.pope_yes_no(answer) == want
 
 
 # ---------------------------------------------------------------------------------------- CHAIR
@@ -96,16 +98,16 @@ def test_chair_on_shapes_via_the_oracle():
         "There is no square. A doughnut is at the top.",
         # chair.py counts the repeat: 2, 0
         "A red circle and a red circle."]
-    counts = [E.chair_counts({"objects": OBJECTS}, c) for c in captions]
+    counts = [metrics.chair_counts({"objects": OBJECTS}, c) for c in captions]
     assert counts == [(2, 0), (2, 1), (2, 2), (2, 0)]
-    m = E.chair_metrics(counts, [len(c.split()) for c in captions])
+    m = metrics.chair_metrics(counts, [len(c.split()) for c in captions])
     assert m["chair_i"] == pytest.approx(3 / 8) and m["chair_s"] == pytest.approx(2 / 4)
     # once each, negations skipped
-    ours = [E.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]
+    ours = [metrics.chair_counts({"objects": OBJECTS}, c, "ours") for c in captions]
     assert ours == [(2, 0), (2, 1), (1, 1), (1, 0)]
     # no object named at all: no CHAIR_i (it read 0.000, a perfect score of nothing); CHAIR_s is
     # a share of descriptions, and none of them names an absent object
-    m = E.chair_metrics([(0, 0), (0, 0)], [2, 3])
+    m = metrics.chair_metrics([(0, 0), (0, 0)], [2, 3])
     assert m["chair_i"] is None and m["chair_s"] == 0.0 and m["mentions"] == 0
 
 
@@ -132,7 +134,7 @@ def test_chair_reference_counting_on_coco_by_hand(tmp_path):
     (tmp_path / "synonyms.txt").write_text("person, man, woman, people, baby\ndog, puppy\nhot dog\n"
                                            "wine glass\nelephant\ntoilet\nchair, seat\n"
                                            "bus, minibus\nmotorcycle,  motor bike, moped\n")
-    syn = E.load_synonyms(str(tmp_path / "synonyms.txt"))
+    syn = metrics.load_synonyms(str(tmp_path / "synonyms.txt"))
     # chair.py's split keeps the leading space
     assert " motor bike" in syn and "motor bike" not in syn
     text = ("A dog chases a dog past a bus and two men near a toilet seat; a baby elephant, "
@@ -140,22 +142,23 @@ def test_chair_reference_counting_on_coco_by_hand(tmp_path):
     # dog, dog (both count); bus -> 'bu' (pattern), no object; men -> man -> person; toilet (its
     # seat dropped); 'baby elephant' -> elephant; 'wine glasses' -> 'wine glass'; 'motor bike'
     # merged but no entry matches it
-    assert E.coco_objects(text, syn) == ["dog", "dog", "person", "toilet", "elephant", "wine glass"]
+    assert metrics.coco_objects(text, syn) == [
+        "dog", "dog", "person", "toilet", "elephant", "wine glass"]
     q = {"syn": syn, "objects": {"dog", "toilet"}}
-    assert E.chair_counts(q, text) == (6, 3)
+    assert metrics.chair_counts(q, text) == (6, 3)
     # hot dog (absent), puppy -> dog
-    assert E.chair_counts(q, "A hot dog and two puppies.") == (2, 1)
-    m = E.chair_metrics([(6, 3), (2, 1)], [1, 1])
+    assert metrics.chair_counts(q, "A hot dog and two puppies.") == (2, 1)
+    m = metrics.chair_metrics([(6, 3), (2, 1)], [1, 1])
     assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
     # once each; bus, motor bike read as objects
-    ours = E.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")
-    assert E.coco_objects(text, ours, "ours") == ["dog", "bus", "person", "toilet", "elephant",
-                                                  "wine glass", "motorcycle"]
+    ours = metrics.load_synonyms(str(tmp_path / "synonyms.txt"), "ours")
+    assert metrics.coco_objects(text, ours, "ours") == [
+        "dog", "bus", "person", "toilet", "elephant", "wine glass", "motorcycle"]
     words = {"glasses": "glass", "glass": "glas", "bus": "bu", "buses": "bus", "people": "person",
              "women": "woman", "knives": "knife", "puppies": "puppy", "benches": "bench",
              "ties": "ty", "cookies": "cookies", "skis": "ski", "mice": "mouse", "sheep": "sheep",
              "scissors": "scissors"}
-    assert {w: E.singularize_like_pattern(w) for w in words} == words
+    assert {w: metrics.singularize_like_pattern(w) for w in words} == words
 
 
 def test_chair_coco_word_matcher(tmp_path):
@@ -183,17 +186,17 @@ def test_chair_coco_word_matcher(tmp_path):
     # men -> man -> person, puppies -> puppy -> dog, 'hot dogs' -> hot dog (2 words first); person
     # counted once
     walk = "Two men and a woman walk their puppies past hot dogs."
-    assert E.coco_objects(walk, syn, "ours") == ["person", "dog", "hot dog"]
+    assert metrics.coco_objects(walk, syn, "ours") == ["person", "dog", "hot dog"]
     # 'baby elephant' is an elephant, not a person; 'wine glasses' -> wine glass; table -> dining
     # table
     elephant = "A baby elephant near a table with wine glasses."
-    assert E.coco_objects(elephant, syn, "ours") == ["elephant", "dining table", "wine glass"]
-    assert E.coco_objects("A toilet seat.", syn, "ours") == ["toilet"]  # not a chair
+    assert metrics.coco_objects(elephant, syn, "ours") == ["elephant", "dining table", "wine glass"]
+    assert metrics.coco_objects("A toilet seat.", syn, "ours") == ["toilet"]  # not a chair
     # 3 mentions, 1 hallucinated each
-    counts = [E.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),
-              E.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]
+    counts = [metrics.chair_counts(q7, "Two men walk their puppies past a hot dog stand.", "ours"),
+              metrics.chair_counts(q9, "A baby elephant near a table with wine glasses.", "ours")]
     assert counts == [(3, 1), (3, 1)]
-    m = E.chair_metrics(counts, [1, 1])
+    m = metrics.chair_metrics(counts, [1, 1])
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
 
 
@@ -201,32 +204,33 @@ def test_chair_coco_word_matcher(tmp_path):
 
 def test_rating_parsers():
     for rule in ("reference", "ours"):
-        assert E.parse_rating("The answer looks fine.", rule) is None  # zero ratings
-        assert E.parse_rating("Short explanation.\nRating: 4, somewhat informative", rule) == 4
-        assert E.parse_rating("RATING: 2", rule) == 2
+        assert judges.parse_rating("The answer looks fine.", rule) is None  # zero ratings
+        assert judges.parse_rating("Short explanation.\nRating: 4, somewhat informative", rule) == 4
+        assert judges.parse_rating("RATING: 2", rule) == 2
         # two ratings
-        assert E.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None
-        assert E.parse_rating("Rating: 5. Final rating: 5", rule) == 5  # one value
-        assert E.parse_rating("Rating: 7", rule) is None
+        assert judges.parse_rating("Rating: 5 ... on reflection, Rating: 3", rule) is None
+        assert judges.parse_rating("Rating: 5. Final rating: 5", rule) == 5  # one value
+        assert judges.parse_rating("Rating: 7", rule) is None
     # eval_gpt_mmhal.py tests the text 'rating: k' for k = 0..6: 'rating: 60' holds 'rating: 6',
     # 'rating:5' none
-    assert E.parse_rating("Rating: 60") == 6 and E.parse_rating("Rating: 60", "ours") is None
-    assert E.parse_rating("Rating:5") is None and E.parse_rating("Rating:5", "ours") == 5
-    parsed = E.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok")
+    assert judges.parse_rating("Rating: 60") == 6
+    assert judges.parse_rating("Rating: 60", "ours") is None
+    assert judges.parse_rating("Rating:5") is None and judges.parse_rating("Rating:5", "ours") == 5
+    parsed = judges.parse_gavie("Relevancy: 8\nAccuracy: 6\nReason: ok")
     assert parsed == {"relevancy": 8.0, "accuracy": 6.0}
-    assert E.parse_gavie("Relevancy: 8") is None
-    assert E.parse_gavie("Relevancy: 8 Accuracy: 11") is None
-    assert E.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
+    assert judges.parse_gavie("Relevancy: 8") is None
+    assert judges.parse_gavie("Relevancy: 8 Accuracy: 11") is None
+    assert judges.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
     types = ["attribute", "attribute", "counting", "other"]
     q = [{"id": str(i), "question_type": t} for i, t in enumerate(types)]
     replies = {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"}
-    m = E.mmhal_metrics(q, replies)
+    m = judges.mmhal_metrics(q, replies)
     # the reference: ratings 6, 2, 4 and 0 for the unreadable reply: mean 3, two of four below 3
     assert m["score"] == pytest.approx(3.0) and m["hallucination_rate"] == pytest.approx(2 / 4)
     assert m["n"] == 4
     assert m["per_type"] == {"attribute": 4.0, "counting": 4.0, "other": 0.0}
     assert m["unparsed_ids"] == ["3"]
-    m = E.mmhal_metrics(q, replies, "ours")
+    m = judges.mmhal_metrics(q, replies, "ours")
     # ours: rated 6, 2, 4: mean 4, one of three below 3; the unreadable reply is counted and left
     # out
     assert m["score"] == pytest.approx(4.0) and m["hallucination_rate"] == pytest.approx(1 / 3)
@@ -245,10 +249,11 @@ def test_rating_parsers():
 def test_oracle_judge_mmhal(answer, rating):
     q = {"gt": "The circle is red.", "objects": OBJECTS, "prompt": "What color is the circle?",
          "question_type": "attribute", "image_content": ["large red circle on the left"]}
-    reply = E.OracleJudge()(E.mmhal_prompt(q, answer), dict(q, answer=answer, bench="mmhal"))
-    assert E.parse_rating(reply) == rating
-    assert "What color is the circle?" in E.mmhal_prompt(q, answer)
-    assert "Rating: 0, not informative" in E.MMHAL_PROMPT
+    prompt = judges.mmhal_prompt(q, answer)
+    reply = judges.OracleJudge()(prompt, dict(q, answer=answer, bench="mmhal"))
+    assert judges.parse_rating(reply) == rating
+    assert "What color is the circle?" in judges.mmhal_prompt(q, answer)
+    assert "Rating: 0, not informative" in judges.MMHAL_PROMPT
 
 
 def test_oracle_judge_gavie():
@@ -256,13 +261,13 @@ def test_oracle_judge_gavie():
          "prompt": "Is there a circle in the image?", "qtype": "yesno",
          "boxes": [("large red circle", [1, 17, 14, 14])]}
     def judge(a):
-        reply = E.OracleJudge()(E.gavie_prompt(q, a), dict(q, answer=a, bench="gavie"))
-        return E.parse_gavie(reply)
+        reply = judges.OracleJudge()(judges.gavie_prompt(q, a), dict(q, answer=a, bench="gavie"))
+        return judges.parse_gavie(reply)
     assert judge("Yes, there is a circle.") == {"relevancy": 10, "accuracy": 10}
     assert judge("No.") == {"relevancy": 10, "accuracy": 7}          # right form, wrong verdict
     assert judge("There is a square.") == {"relevancy": 5, "accuracy": 7}
     assert judge("blah") == {"relevancy": 0, "accuracy": 0}
-    assert "large red circle X:1 Y:17 Width:14 Height:14" in E.gavie_prompt(q, "x")
+    assert "large red circle X:1 Y:17 Width:14 Height:14" in judges.gavie_prompt(q, "x")
 
 
 # ---------------------------------------------------------------------------------- the HTTP judge
@@ -306,17 +311,17 @@ def test_openai_judge_retries_and_parses(api):
     FakeAPI.script = [(500, "overloaded"), (200, "The response is accurate.\nRating: 5")]
     cfg = E.Config(judge="openai", judge_url=api, judge_model="judge-x", judge_key="sk-test",
                    judge_retries=2, judge_backoff=0.01, judge_timeout=5)
-    reply = E.make_judge(cfg)("PROMPT TEXT", {})
+    reply = judges.make_judge(cfg)("PROMPT TEXT", {})
     # a 500, then the retry succeeded
-    assert E.parse_rating(reply) == 5 and len(FakeAPI.bodies) == 2
+    assert judges.parse_rating(reply) == 5 and len(FakeAPI.bodies) == 2
     path, auth, body = FakeAPI.bodies[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
     assert body["model"] == "judge-x"
     assert body["messages"] == [{"role": "user", "content": "PROMPT TEXT"}]
     assert body["temperature"] == 0 and body["max_tokens"] == 512
     FakeAPI.script = [(400, "bad request")]
-    with pytest.raises(E.JudgeError, match="HTTP 400"):  # not retried
-        E.make_judge(cfg)("x", {})
+    with pytest.raises(judges.JudgeError, match="HTTP 400"):  # not retried
+        judges.make_judge(cfg)("x", {})
 
 
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
@@ -332,43 +337,46 @@ GAVIE_TEMPLATE = ("bounding box:\n{boxes}\n\n"
 def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     (tmp_path / "mmhal.txt").write_text(MMHAL_TEMPLATE)
     (tmp_path / "gavie.txt").write_text(GAVIE_TEMPLATE)
-    t = E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"gavie={tmp_path / 'gavie.txt'}"))
+    t = judges.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}",
+                                   f"gavie={tmp_path / 'gavie.txt'}"))
     q = {"prompt": "What color is the circle?", "gt": "The circle is red.",
          "image_content": ["Circle", "Triangle"],
          "boxes": [("large red circle", [1, 17, 14, 14]), ("small blue triangle", [35, 3, 9, 8])]}
     # eval_gpt_mmhal.py joins the contents with ', '; other braces, in the template or the answer,
     # stay as they are
-    assert E.judge_prompt("mmhal", q, "It is {blue}.", t) == (
+    assert judges.judge_prompt("mmhal", q, "It is {blue}.", t) == (
         'Judge it. Reply as {"rating": k}.\n### Image Contents\nCircle, Triangle\n\n'
         "### Question\nWhat color is the circle?\n\n"
         "### Standard Human-Generated Answer\nThe circle is red.\n\n"
         "### LMM Response to Evaluate\nIt is {blue}.\n")
-    assert E.judge_prompt("gavie", q, "Red.", t) == (
+    assert judges.judge_prompt("gavie", q, "Red.", t) == (
         "bounding box:\nlarge red circle X:1 Y:17 Width:14 Height:14\n"
         "small blue triangle X:35 Y:3 Width:9 Height:8\n\n"
         "Here is the instruction for the image:\nWhat color is the circle?\n\nAnswer1: Red.\n")
-    assert E.judge_prompt("mmhal", q, "Red.", {}) == E.mmhal_prompt(q, "Red.")  # no file: ours
+    # no file: ours
+    assert judges.judge_prompt("mmhal", q, "Red.", {}) == judges.mmhal_prompt(q, "Red.")
     (tmp_path / "bad.txt").write_text("{question} {boxes} {answer}")
     with pytest.raises(E.DataError, match="not for mmhal: boxes"):
-        E.load_judge_prompts((f"mmhal={tmp_path / 'bad.txt'}",))
+        judges.load_judge_prompts((f"mmhal={tmp_path / 'bad.txt'}",))
     (tmp_path / "noanswer.txt").write_text("{question}")
     with pytest.raises(E.DataError, match="missing answer"):
-        E.load_judge_prompts((f"gavie={tmp_path / 'noanswer.txt'}",))
+        judges.load_judge_prompts((f"gavie={tmp_path / 'noanswer.txt'}",))
     with pytest.raises(common.ConfigError):
-        E.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
+        judges.load_judge_prompts((str(tmp_path / "mmhal.txt"),))
     # no file named (was 'error: : file not found'), or one benchmark twice (the first ignored)
     with pytest.raises(common.ConfigError, match="--judge_prompt mmhal=: expected mmhal=FILE"):
-        E.load_judge_prompts(("mmhal=",))
+        judges.load_judge_prompts(("mmhal=",))
     with pytest.raises(common.ConfigError, match="mmhal= given twice"):
-        E.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}", f"mmhal={tmp_path / 'bad.txt'}"))
+        judges.load_judge_prompts((f"mmhal={tmp_path / 'mmhal.txt'}",
+                                   f"mmhal={tmp_path / 'bad.txt'}"))
     # LRV's official output format is read too
     official = ("Relevancy:\nscore of the answer1: 8\nreason: it follows.\n\n"
                 "Accuracy:\nscore of the answer1: 6\nreason: no.")
-    assert E.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
+    assert judges.parse_gavie(official) == {"relevancy": 8.0, "accuracy": 6.0}
     # and the format LRV's prompts/GAVIE.txt asks for ('score of answer1:')
     gavie_txt = ("Accuracy:\nscore of answer1: 7\nreason: fine.\n\n"
                  "Relevancy:\nscore of answer1: 9\nreason: on topic.")
-    assert E.parse_gavie(gavie_txt) == {"relevancy": 9.0, "accuracy": 7.0}
+    assert judges.parse_gavie(gavie_txt) == {"relevancy": 9.0, "accuracy": 7.0}
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
@@ -549,16 +557,18 @@ def test_judge_replies_are_reused_only_for_the_same_prompt():
     q = {"id": "0", "prompt": "What is red?", "gt": "A circle.", "image": "x.png",
          "image_content": ["circle"], "qtype": "attribute"}
     lines_ = {"0": {"answer": "A square.", "image_digest": "ab"}}
-    judges = {"judge": Judge(), "templates": {}}
+    judge_state = {"judge": Judge(), "templates": {}}
     cfg = E.Config()
     for question in ("What is red?", "What is red?", "What is blue?"):
-        E.judge_replies("mmhal", [dict(q, prompt=question)], lines_, path, judges, cfg, "m0")
+        E.judge_replies("mmhal", [dict(q, prompt=question)], lines_, path, judge_state, cfg,
+                        "m0")
     assert len(calls) == 2 and "blue" in calls[1]
-    E.judge_replies("mmhal", [q], {"0": dict(lines_["0"], image_digest="cd")}, path, judges, cfg,
+    E.judge_replies("mmhal", [q], {"0": dict(lines_["0"], image_digest="cd")}, path, judge_state,
+                    cfg,
                     "m0")
     assert len(calls) == 3  # the same words about another image
-    short = E.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1"))
-    long = E.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1",
+    short = judges.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1"))
+    long = judges.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1",
                                   judge_max_tokens=2048))
     assert short.name != long.name
 
@@ -665,10 +675,10 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1,
                                n_head=2)).save_pretrained(tmp_path / "judge")
     tok.save_pretrained(tmp_path / "judge")
-    judge = E.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
+    judge = judges.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
                                   judge_max_tokens=4))
     assert isinstance(judge("Is there a circle?", {"bench": "mmhal", "id": "0"}), str)
-    with pytest.raises(E.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
+    with pytest.raises(judges.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
                                            r"--judge_max_tokens 4 that passes the model's 32"):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
 
@@ -679,14 +689,14 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
     """parse_score of eval_gpt_review_visual.py (first line, commas to spaces, exactly two parts
     split at single spaces), and summarize_gpt_review.py's numbers: unparsed replies count as
     (-1, -1); means rounded to 3 places, relative = model / reference x 100 rounded to 1."""
-    assert E.parse_llava_bench("8 9\nAssistant 2 is more detailed.") == (8.0, 9.0)
-    assert E.parse_llava_bench("7.5,8") == (7.5, 8.0)
+    assert judges.parse_llava_bench("8 9\nAssistant 2 is more detailed.") == (8.0, 9.0)
+    assert judges.parse_llava_bench("7.5,8") == (7.5, 8.0)
     for reply in ("8, 9", "8  9", "Scores: 8 9", "8\n9", "nan 9", "", "9"):
-        assert E.parse_llava_bench(reply) is None, reply
+        assert judges.parse_llava_bench(reply) is None, reply
     qs = [{"id": "0", "category": "conv"}, {"id": "1", "category": "conv"},
           {"id": "2", "category": "detail"}, {"id": "3", "category": "complex"}]
     replies = {"0": "6 8\nok", "1": "8 8", "2": "no scores here", "3": "7 3"}
-    got = E.llava_bench_metrics(qs, replies)
+    got = judges.llava_bench_metrics(qs, replies)
     # all: reference (6 + 8 - 1 + 7) / 4 = 5.0, model (8 + 8 - 1 + 3) / 4 = 4.5
     assert {k: got[k] for k in ("relative", "reference", "model", "n")} == {
         "relative": 90.0, "reference": 50.0, "model": 45.0, "n": 4}
@@ -697,7 +707,7 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
     assert got["unparsed"] == 1 and got["unparsed_ids"] == ["2"]
     # a category may be called anything, 'all' and 'unparsed' too: its numbers are its own
     odd = [dict(q, category="all" if q["category"] == "conv" else "unparsed") for q in qs]
-    got = E.llava_bench_metrics(odd, replies)
+    got = judges.llava_bench_metrics(odd, replies)
     assert got["n"] == 4 and got["per_category"]["all"]["n"] == 2 and got["unparsed"] == 1
     assert got["per_category"]["unparsed"]["n"] == 2
     # a benchmark whose every reply failed keeps its column, its value '-'
@@ -710,7 +720,7 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
     assert E.coco_number("000.png") == "0"
     q = {"context": "A dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]", "prompt": "What is it?",
          "reference": "A dog.", "rule": {"role": "Helper", "prompt": "Rate them."}}
-    assert E.llava_bench_prompt(q, "A cat.") == (
+    assert judges.llava_bench_prompt(q, "A cat.") == (
         "[Context]\nA dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]\n\n[Question]\nWhat is it?\n\n"
         "[Helper 1]\nA dog.\n\n[End of Helper 1]\n\n[Helper 2]\nA cat.\n\n[End of Helper 2]\n\n"
         "[System]\nRate them.\n\n")
@@ -779,7 +789,7 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
                      "--export", "true")["m0"]["llava_bench"]
     sent = [b for _, _, b in FakeAPI.bodies]
     assert len(sent) == 3 and all(b["temperature"] == 0.2 for b in sent)
-    assert all(b["messages"][0] == {"role": "system", "content": E.LLAVA_BENCH_SYSTEM}
+    assert all(b["messages"][0] == {"role": "system", "content": judges.LLAVA_BENCH_SYSTEM}
                for b in sent)
     answers = {r["id"]: r for r in lines(out / "m0" / "answers_llava_bench.jsonl")}
     first = sent[0]["messages"][1]["content"]
