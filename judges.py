@@ -242,7 +242,7 @@ def mmhal_metrics(qs, replies, rule="reference"):
     vals = list(ratings.values())
     types = list(MMHAL_TYPES) + sorted({q["question_type"] for q in qs} - set(MMHAL_TYPES))
     per_type = {t: mean([ratings[q["id"]] for q in qs
-                          if q["question_type"] == t and q["id"] in ratings])
+                         if q["question_type"] == t and q["id"] in ratings])
                 for t in types}
     return {"score": mean(vals), "hallucination_rate": mean([float(v < 3) for v in vals]),
             "per_type": {t: v for t, v in per_type.items() if v is not None}, "n": len(vals),

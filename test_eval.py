@@ -569,7 +569,7 @@ def test_judge_replies_are_reused_only_for_the_same_prompt():
     assert len(calls) == 3  # the same words about another image
     short = judges.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1"))
     long = judges.OpenAIJudge(E.Config(judge="openai", judge_url="http://127.0.0.1:1/v1",
-                                  judge_max_tokens=2048))
+                                       judge_max_tokens=2048))
     assert short.name != long.name
 
 
@@ -676,10 +676,10 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
                                n_head=2)).save_pretrained(tmp_path / "judge")
     tok.save_pretrained(tmp_path / "judge")
     judge = judges.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
-                                  judge_max_tokens=4))
+                                       judge_max_tokens=4))
     assert isinstance(judge("Is there a circle?", {"bench": "mmhal", "id": "0"}), str)
     with pytest.raises(judges.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
-                                           r"--judge_max_tokens 4 that passes the model's 32"):
+                                                r"--judge_max_tokens 4 that passes the model's 32"):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
 
 
