@@ -531,15 +531,27 @@ class LocalJudge:
             first = str(e).splitlines()[0] if str(e) else ""
             raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
 
+    def chat_ids(self, messages):
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt")
+        return ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+
     @torch.no_grad()
     def __call__(self, prompt, record):
-        if getattr(self.tok, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True,
-                                               return_tensors="pt")
-            ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
-        else:
-            ids = self.tok(prompt, return_tensors="pt").input_ids
+        # LLaVA-Bench: LLaVA's system line, as its judge call sends it (greedy here: LLaVA's
+        # temperature 0.2 is --judge openai's; a local judge's replies reproduce exactly)
+        system = LLAVA_BENCH_SYSTEM if record.get("bench") == "llava_bench" else None
+        user = [{"role": "user", "content": prompt}]
+        if getattr(self.tok, "chat_template", None) and system:
+            try:
+                ids = self.chat_ids([{"role": "system", "content": system}] + user)
+            except Exception:  # (a template without a system role, e.g. Gemma's, raises)
+                ids = self.chat_ids([{"role": "user", "content": f"{system}\n\n{prompt}"}])
+        elif getattr(self.tok, "chat_template", None):
+            ids = self.chat_ids(user)
+        else:  # (a plain LM reads the system line as the text's first paragraph)
+            text = f"{system}\n\n{prompt}" if system else prompt
+            ids = self.tok(text, return_tensors="pt").input_ids
         ids = ids.to(self.cfg.device)
         c = self.model.config  # (past its positions: an IndexError deep inside the model)
         positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)

@@ -683,6 +683,46 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
 
 
+
+def test_local_judge_sends_llava_bench_system_line(tiny_world, tmp_path):
+    """LLaVA's judge call for LLaVA-Bench opens with its system line (eval_gpt_review_visual.py);
+    the local judge sent the user turn alone. Now: a system turn where the chat template has one,
+    the line folded into the user turn where the template refuses a system role, the first
+    paragraph of a plain LM's text; other benchmarks get the user turn alone."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tok = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "tokenizer"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=4096, n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(tmp_path / "judge")
+    cfg = E.Config(judge="local", judge_model=str(tmp_path / "judge"), judge_max_tokens=2)
+    roles = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                 "{% endif %}" + roles)
+    system = {"role": "system", "content": judges.LLAVA_BENCH_SYSTEM}
+    for template, want_bench in ((roles, [system, {"role": "user", "content": "Q"}]),
+                                 (no_system, [{"role": "user", "content":
+                                               judges.LLAVA_BENCH_SYSTEM + "\n\nQ"}])):
+        tok.chat_template = template
+        tok.save_pretrained(tmp_path / "judge")
+        judge = judges.LocalJudge(cfg)
+        seen, render = [], judge.tok.apply_chat_template
+        judge.tok.apply_chat_template = lambda m, **kw: (seen.append(m), render(m, **kw))[1]
+        judge("Q", {"bench": "llava_bench", "id": "0"})
+        judge("Q", {"bench": "mmhal", "id": "1"})
+        assert seen[-2] == want_bench, template
+        assert seen[-1] == [{"role": "user", "content": "Q"}]
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "plain")
+    judge = judges.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
+                                       judge_max_tokens=2))
+    judge.tok = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    sent, generate = [], judge.model.generate
+    judge.model.generate = lambda ids, **kw: (sent.append(ids[0].tolist()), generate(ids, **kw))[1]
+    judge("Q", {"bench": "llava_bench", "id": "0"})
+    judge("Q", {"bench": "mmhal", "id": "1"})
+    assert sent == [judge.tok(t).input_ids for t in (judges.LLAVA_BENCH_SYSTEM + "\n\nQ", "Q")]
+
+
 # ------------------------------------------------------------------------------------ LLaVA-Bench
 
 def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
