@@ -470,3 +470,42 @@ def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, ti
         lab.main(cfg)
     assert e.value.code == 1 and results.read_text() == "a good report\n"
     assert f"no run ended well: {results} left as it was" in capsys.readouterr().out
+
+
+def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, tiny_sft, capsys,
+                                                     tmp_path):
+    """Each run the lab plans (every claim, its real step budgets) is parsed by its script and
+    passes every check the script makes before it claims --out: its flags exist, are in range,
+    and none is refused as unread beside the others. The suite runs one claim's runs end to end
+    (test_pipeline_then_lab_two_steps); a refusal added to a script could break the others'
+    unseen until a lab of an hour or more stopped on it."""
+    import importlib
+
+    class Reached(Exception):
+        """The script got to the point where it writes --out: its up-front checks passed."""
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(common, "claim_out", reached)  # (the stages)
+    monkeypatch.setattr(common, "lock_out", reached)  # (eval.py)
+    cfg = lab.Config(sft=tiny_sft, world=tiny_world, out=str(tmp_path / "lab"), claims=lab.CLAIMS,
+                     seeds=(0,))
+    planned = lab.plan(cfg)
+    scripts = {argv[0] for argv, _, _ in planned.values()}
+    assert scripts == {"sft.py", "reward.py", "ppo.py", "dpo.py", "vigc.py", "eval.py"}
+    refused = []
+    for name, (argv, _, _) in planned.items():
+        module = importlib.import_module(argv[0][:-3])
+        if argv[0] == "eval.py":  # (eval finds its checkpoint first: the SFT's stands in)
+            argv = [tiny_sft if a == argv[argv.index("--ckpt") + 1] else a for a in argv]
+        try:
+            run_cfg = common.parse_config(module.Config, argv[1:], prog=argv[0])
+            module.main(run_cfg)
+        except Reached:
+            continue
+        except (SystemExit, common.ConfigError) as e:
+            refused.append(f"{name}: {e} {capsys.readouterr().err.strip()}")
+            continue
+        refused.append(f"{name} ran without claiming --out")
+    assert not refused, "\n".join(refused)
