@@ -40,7 +40,8 @@ Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
   OUT/NAME/export/               --export true: pope_<split>.jsonl and llava_bench.jsonl as LLaVA's
                                  model_vqa.py writes answers, mmhal.json as MMHal-Bench's
-                                 eval_gpt4.py reads them (for the reference scorers)
+                                 eval_gpt4.py reads them, chair.jsonl as the CHAIR scripts read
+                                 captions (for the reference scorers)
 References read for the definitions (each named again where it is implemented): RUCAIBox/POPE
 evaluate.py, haotian-liu/LLaVA llava/eval/eval_pope.py and scripts/v1_5/eval/pope.sh,
 llava-rlhf/LLaVA-RLHF Eval/summarize_eval_pope.py, Eval/eval_scripts/eval_pope.sh,
@@ -493,7 +494,7 @@ def coco_chair_questions(cfg):
             message = (f"no caption's image_id is one of the {len(imgs)} images scored from "
                        f"{path} (e.g. {imgs[0]['id']!r}): captions of another split?")
             raise DataError(cfg.chair_captions, field="annotations", message=message)
-    return [{"id": str(img["id"]), "file": path, "prompt": cfg.chair_prompt,
+    return [{"id": str(img["id"]), "image_id": img["id"], "file": path, "prompt": cfg.chair_prompt,
              "record": i, "id_field": "images.id",
              "objects": present[img["id"]], "syn": syn,
              "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
@@ -827,7 +828,12 @@ def export_answers(out, name, bench, qs, lines):
     ({"question_id" as the question file has it, "prompt": the question as the file asks it,
     "text", "answer_id", "model_id", "metadata"}), what LLaVA's eval_pope.py and
     eval_gpt_review_visual.py read; MMHal-Bench: export/mmhal.json, its response_template.json
-    records with model_answer filled, what its eval_gpt4.py reads. Rewritten whole each run."""
+    records with model_answer filled, what its eval_gpt4.py reads; CHAIR: export/chair.jsonl,
+    {"image_id" as the instances file has it, "caption"}, what the CHAIR scripts in use read
+    (CHAIR-metric-standalone's chair.py and its forks: --cap_file chair.jsonl --image_id_key
+    image_id --caption_key caption; LisaAnne/Hallucination's first chair.py also wants
+    coco-caption's BLEU to CIDEr per caption, which we do not compute). Rewritten whole each
+    run."""
     folder = os.path.join(out, "export")
     os.makedirs(folder, exist_ok=True)
     got = [q for q in qs if q["id"] in lines]
@@ -838,10 +844,13 @@ def export_answers(out, name, bench, qs, lines):
     path = os.path.join(folder, f"{bench}.jsonl")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for q in got:
-            answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
-            line = {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),
-                    "text": lines[q["id"]]["answer"], "answer_id": answer_id, "model_id": name,
-                    "metadata": {}}
+            answer = lines[q["id"]]["answer"]
+            if bench == "chair":  # (Shapes: the test file's record id)
+                line = {"image_id": q.get("image_id", q["id"]), "caption": answer}
+            else:
+                answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
+                line = {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),
+                        "text": answer, "answer_id": answer_id, "model_id": name, "metadata": {}}
             f.write(json.dumps(line) + "\n")
     os.replace(path + ".tmp", path)
 
@@ -869,6 +878,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
         qs = bench["chair"]
         path = os.path.join(out, "answers_chair.jsonl")
         lines = ans.answers("chair", qs, path, cfg.max_new_tokens)
+        if cfg.export:
+            export_answers(out, name, "chair", qs, lines)
         texts = [(q, lines[q["id"]]["answer"]) for q in qs if q["id"] in lines]
         counts = [chair_counts(q, t, cfg.chair_counting) for q, t in texts]
         n_words = [len(t.split()) for _, t in texts]
@@ -982,9 +993,9 @@ def main(cfg):
     if not cfg.chair_instances:  # (Shapes CHAIR asks its own question)
         common.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
                              "asks its own question); drop it")
-    if not {"pope", "mmhal", "llava_bench"} & set(cfg.benchmarks):
-        common.refuse_unread(cfg, ["export"], "without pope, mmhal or llava_bench in --benchmarks "
-                             "(CHAIR and GAVIE have no answer file of their reference); drop it")
+    if not {"pope", "chair", "mmhal", "llava_bench"} & set(cfg.benchmarks):
+        common.refuse_unread(cfg, ["export"], "without pope, chair, mmhal or llava_bench in "
+                             "--benchmarks (GAVIE has no answer file of its reference); drop it")
     if cfg.temperature == 0:
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")

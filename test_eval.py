@@ -18,6 +18,7 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 import eval as E  # noqa: E402
 import judges  # noqa: E402
+import shapes  # noqa: E402
 import metrics  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
@@ -198,6 +199,32 @@ def test_chair_coco_word_matcher(tmp_path):
     assert counts == [(3, 1), (3, 1)]
     m = metrics.chair_metrics(counts, [1, 1])
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
+
+
+
+def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
+    """--export true with CHAIR: export/chair.jsonl, one {"image_id", "caption"} per description,
+    the COCO image id as the instances file has it (an int), as CHAIR-metric-standalone's chair.py
+    reads captions (--image_id_key image_id --caption_key caption); CHAIR had no export. Run on
+    the world's own COCO-layout annotations (the COCO path) and on Shapes CHAIR."""
+    world = env["world"]
+    (tmp_path / "synonyms.txt").write_text("\n".join(shapes.SHAPES) + "\n")
+    coco = ["--benchmarks", "chair", "--chair_instances", os.path.join(world, "annotations.json"),
+            "--chair_synonyms", str(tmp_path / "synonyms.txt"), "--image_folder", world,
+            "--chair_prompt", "Describe the image.", "--limit", "3", "--export", "true"]
+    for name, argv in (("coco", coco), ("shapes", ["--benchmarks", "chair", "--export", "true"])):
+        out = tmp_path / name
+        run_cli(env, out, "--ckpt", env["ckpts"][0], *argv)
+        answers = lines(out / "m0" / "answers_chair.jsonl")
+        exported = lines(out / "m0" / "export" / "chair.jsonl")
+        assert [r["caption"] for r in exported] == [a["answer"] for a in answers], name
+        assert all(set(r) == {"image_id", "caption"} for r in exported)
+        if name == "coco":
+            images = json.load(open(os.path.join(world, "annotations.json")))["images"][:3]
+            assert [r["image_id"] for r in exported] == [img["id"] for img in images]
+            assert all(isinstance(r["image_id"], int) for r in exported)
+        else:
+            assert [r["image_id"] for r in exported] == [a["id"] for a in answers]
 
 
 # ---------------------------------------------------------------------------- MMHal, GAVIE, oracle
@@ -944,8 +971,8 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
               "questions.jsonl: not read without llava_bench in --benchmarks"),
              (["--judge_prompt", f"mmhal={tmp_path / 'mmhal.txt'}"],
               "--judge_prompt mmhal=...: mmhal is not in --benchmarks"),
-             (["--benchmarks", "chair", "--export", "true"],
-              "--export true: not read without pope, mmhal or llava_bench"),
+             (["--benchmarks", "gavie", "--export", "true"],
+              "--export true: not read without pope, chair, mmhal or llava_bench"),
              (flags30 + ["--llava_bench_context", str(tmp_path / "ctx2.jsonl"),
                          "--llava_bench_answers", ""],
               f"record 0 (id 0): field 'image': {first} has 2 records ("),
