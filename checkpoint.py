@@ -248,6 +248,10 @@ def _typed_get(d, key, default, kind, prefix=""):
 def _text_fields(t, prefix=""):
     """LLaMA config fields -> ours, with transformers' LlamaConfig defaults for absent fields
     (hub configs list only what differs from those defaults). prefix: where t is in the file."""
+    for key in ("rope_scaling", "rope_parameters"):  # (a hand edit: a string or a list)
+        if t.get(key) is not None and not isinstance(t[key], dict):
+            raise CheckpointError(f"config: field '{prefix}{key}': expected an object, got "
+                                  f"{t[key]!r:.40}")
     scaling = t.get("rope_scaling")
     scaling_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if scaling not in (None, {}) and scaling_type not in (None, "default"):
@@ -268,11 +272,17 @@ def _text_fields(t, prefix=""):
     if kind not in ("llama", "mistral", "llava", "llava_llama", "llava_mistral"):
         raise CheckpointError(f"config: field '{prefix}model_type': {kind!r} is not supported "
                               "(a LLaMA language model)")
-    window = t.get("sliding_window")
-    if isinstance(window, int) and window < t.get("max_position_embeddings", 2048):
-        raise CheckpointError(f"config: field '{prefix}sliding_window': {window} is not supported "
-                              "(attention over every earlier token only)")
     get = lambda key, default, kind=int: _typed_get(t, key, default, kind, prefix)
+    # Mistral's config class has a 4096-token window when the field is absent (null: none)
+    mistral = kind in ("mistral", "llava_mistral") and "sliding_window" not in t
+    window = 4096 if mistral else t.get("sliding_window")
+    if window is not None and type(window) is not int:
+        raise CheckpointError(f"config: field '{prefix}sliding_window': expected an integer or "
+                              f"null, got {window!r:.40}")
+    if window is not None and window < get("max_position_embeddings", 2048):
+        absent = " (absent: Mistral's default)" if mistral else ""
+        raise CheckpointError(f"config: field '{prefix}sliding_window': {window}{absent} is not "
+                              "supported (attention over every earlier token only)")
     heads = get("num_attention_heads", 32)
     hidden = get("hidden_size", 4096)
     rope = t.get("rope_parameters") or {}
@@ -315,22 +325,44 @@ def _from_file(path, make, names=()):
         raise CheckpointError(f"{path}/config.json{msg[len('config'):]}") from None
 
 
-def _vision_fields(v):
-    """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields."""
+# transformers' LlavaConfig without a vision_config: CLIP ViT-L/14 at 336 px (LLaVA-1.5's)
+LLAVA_DEFAULT_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "patch_size": 14,
+                        "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}
+
+
+def _vision_fields(v, prefix=""):
+    """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields. prefix:
+    where v is in the file."""
     if _get(v, "hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"config: vision hidden_act '{v['hidden_act']}' is not supported "
-                              "(quick_gelu)")
-    return dict(image_size=_get(v, "image_size", 224), patch_size=_get(v, "patch_size", 32),
-                vision_hidden=_get(v, "hidden_size", 768),
-                vision_intermediate=_get(v, "intermediate_size", 3072),
-                vision_layers=_get(v, "num_hidden_layers", 12),
-                vision_heads=_get(v, "num_attention_heads", 12),
-                vision_eps=_get(v, "layer_norm_eps", 1e-5))
+        raise CheckpointError(f"config: field '{prefix}hidden_act': {v['hidden_act']!r} is not "
+                              "supported (CLIP's quick_gelu only)")
+    get = lambda key, default, kind=int: _typed_get(v, key, default, kind, prefix)
+    return dict(image_size=get("image_size", 224), patch_size=get("patch_size", 32),
+                vision_hidden=get("hidden_size", 768),
+                vision_intermediate=get("intermediate_size", 3072),
+                vision_layers=get("num_hidden_layers", 12),
+                vision_heads=get("num_attention_heads", 12),
+                vision_eps=get("layer_norm_eps", 1e-5, float))
 
 
-def _vision_fields_from_weights(src):
-    """Infer the CLIP config from tensor shapes (heads assumed 64-wide, true of OpenAI's CLIP ViTs).
-    """
+def _sub_config(cfg, key):
+    """cfg[key], an object (absent or null: {})."""
+    sub = cfg.get(key)
+    if sub is not None and not isinstance(sub, dict):
+        raise CheckpointError(f"config: field '{key}': expected an object, got {sub!r:.40}")
+    return sub or {}
+
+
+def _vision_fields_from_weights(src, path, tower):
+    """Infer the CLIP config from tensor shapes: only for OpenAI's CLIP ViTs (config names
+    openai/clip-vit-...), whose heads are 64 wide and whose activation is quick_gelu. Other towers
+    (OpenCLIP's ViT-H has 80-wide heads and gelu) would load with the wrong heads without a word."""
+    name = str(tower or "")
+    if not (name.startswith("openai/") or os.path.basename(name).startswith("clip-vit-")):
+        raise CheckpointError(f"{path}: mm_vision_tower {name!r} is not on disk, and the CLIP "
+                              "weights here do not give its head count or activation (read "
+                              "from the weights for OpenAI's CLIP ViTs only); pass its directory "
+                              "(--vision_tower DIR)")
     hidden, _, p, _ = src.shape("vision", "embeddings.patch_embedding.weight")
     n_pos = src.shape("vision", "embeddings.position_embedding.weight")[0]
     vision = [n for part, n in src.where if part == "vision"]
@@ -354,6 +386,11 @@ def detect_layout(path):
     if not os.path.exists(cfg_path):
         if os.path.isdir(path) and latest_checkpoint(path):
             return "run"
+        adapters = sorted(n for n in os.listdir(path)
+                          if os.path.exists(os.path.join(path, n, "adapter_config.json")))
+        if adapters:  # (PEFT's save_pretrained of several adapters: one folder each)
+            raise CheckpointError(f"{path}: no config.json; it holds the PEFT adapters "
+                                  f"{', '.join(a + '/' for a in adapters)}: pass one of them")
         raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT_NAME:
@@ -504,7 +541,10 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
                   "it was trained with", flush=True)
     elif layout == "llava-hf":
-        vf = _vision_fields(cfg.get("vision_config") or {})
+        # (no vision_config: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own defaults)
+        vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
+                            if "vision_config" in cfg else LLAVA_DEFAULT_VISION)
+        vf = _from_file(path, lambda: _vision_fields(vision, "vision_config."))
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
         layer = _get(cfg, "vision_feature_layer", -2)  # (a list: ModelConfig checks it)
         act = _get(cfg, "projector_hidden_act", "gelu")
@@ -514,11 +554,27 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         if strategy not in ("default", "full"):  # (any other word read as 'full' before)
             raise CheckpointError(f"{path}/config.json: field 'vision_feature_select_strategy': "
                                   f"{strategy!r} (default or full)")
-        tf = _from_file(path, lambda: _text_fields(cfg.get("text_config") or {}, "text_config."))
-        image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
-        text = cfg.get("text_config") or {}
-        text_pad = _from_file(path, lambda: _pad_id(text, tf["vocab_size"] - 1, "text_config."))
+        text = _from_file(path, lambda: _sub_config(cfg, "text_config"))
+        tf = _from_file(path, lambda: _text_fields(text, "text_config."))
+        vocab = tf["vocab_size"]
+        id_key = "image_token_index" if "image_token_index" in cfg else "image_token_id"
+        image_id = cfg.get(id_key, 32000)  # (LlavaConfig's default)
+        if type(image_id) is not int:
+            raise CheckpointError(f"{path}/config.json: field '{id_key}': expected an integer, "
+                                  f"got {image_id!r:.40}")
+        if not 0 <= image_id < vocab:  # (transformers embeds it before it is replaced)
+            raise CheckpointError(f"{path}/config.json: field '{id_key}': {image_id} is not a "
+                                  f"token of the {vocab}-token vocabulary")
+        text_pad = _from_file(path, lambda: _pad_id(text, vocab - 1, "text_config."))
+        if text_pad >= vocab:  # (transformers' embedding refuses it as its padding index)
+            raise CheckpointError(f"{path}/config.json: field 'text_config.pad_token_id': "
+                                  f"{text_pad} is not a token of the {vocab}-token vocabulary")
         pad = _from_file(path, lambda: _pad_id(cfg, text_pad))
+        if pad >= vocab:  # (transformers reads the text model's own; an export would not load)
+            print(f"note: {path}/config.json: pad_token_id {pad} is not a token of the "
+                  f"{vocab}-token vocabulary; text_config's {text_pad} is used, as transformers "
+                  "does", flush=True)
+            pad = text_pad
         feature = "patch" if strategy == "default" else "cls_patch"
         projector = "mlp2x_gelu" if act == "gelu" else "linear"
         config = _from_file(path, lambda: ModelConfig(
@@ -537,12 +593,16 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         # the CLIP config (and, when absent here, its weights) from the CLIP dir
         if clip_dir is not None:
             clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
-            vf = _vision_fields(clip_cfg.get("vision_config", clip_cfg))
+            nested = "vision_config" in clip_cfg
+            vision = _from_file(clip_dir, lambda: _sub_config(clip_cfg, "vision_config")
+                                if nested else clip_cfg)
+            prefix = "vision_config." if nested else ""
+            vf = _from_file(clip_dir, lambda: _vision_fields(vision, prefix))
             if vision_tower or not has_vision:
                 src.vision_from(clip_dir)
                 clip_from = clip_dir
         elif has_vision:
-            vf = _vision_fields_from_weights(src)
+            vf = _vision_fields_from_weights(src, path, cfg.get("mm_vision_tower"))
         else:
             raise CheckpointError(f"{path}: the CLIP weights are not in this checkpoint; pass the "
                                   "local CLIP directory (--vision_tower DIR; config names "
@@ -1464,6 +1524,10 @@ def load_peft_adapter(model, path, name, no_merge=None):
         if key.endswith(".base_layer.weight"):  # (PEFT's save_embedding_layers, 'auto' with
             # LoRA on lm_head: the head's own weight beside its LoRA, which PEFT loads back in)
             module = key[:-len(".base_layer.weight")].removeprefix("base_model.model.")
+            if model.config.tie_embeddings and module.endswith("lm_head"):
+                raise CheckpointError(f"{file}: key '{key}': LoRA on the lm_head of a model "
+                                      "whose lm_head is its input embedding (tied) is not "
+                                      "supported")
             own = params.get(ours.get(_canonical_key(module + ".weight")))
             if own is None or own.shape != state[key].shape or \
                     not torch.equal(own.detach().cpu().float(), state[key].float()):

@@ -184,15 +184,20 @@ def _to_original_llava(k, keep_vision=True):
     raise AssertionError(k)
 
 
+def _original_llava_config(hf_cfg, tower):
+    """An original LLaVA (LlavaLlamaForCausalLM) config.json for the llava-hf config's model."""
+    return dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+                mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+                mm_vision_select_feature="patch", mm_use_im_start_end=False,
+                image_aspect_ratio="pad", mm_vision_tower=tower)
+
+
 @pytest.mark.parametrize("with_vision", [True, False])
 def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision, capsys):
     from transformers import CLIPVisionModel
     hf, path = hf_dirs["gelu"]
     hf_cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
-               mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-               mm_vision_select_feature="patch", mm_use_im_start_end=False,
-               image_aspect_ratio="pad", mm_vision_tower=str(tmp_path / "clip"))
+    cfg = _original_llava_config(hf_cfg, str(tmp_path / "clip"))
     _rewrite_keys(path, tmp_path / "orig", lambda k: _to_original_llava(k, with_vision), config=cfg)
     clip = CLIPVisionModel(hf_vision_config())
     clip.load_state_dict(hf.model.vision_tower.state_dict())
@@ -236,10 +241,7 @@ def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
     from transformers import CLIPVisionModel
     hf, path = hf_dirs["gelu"]
     hf_cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg = dict(hf_cfg["text_config"], architectures=["LlavaLlamaForCausalLM"], model_type="llava",
-               mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-               mm_vision_select_feature="patch", mm_use_im_start_end=False,
-               image_aspect_ratio="pad", mm_vision_tower="openai/clip-tiny")
+    cfg = _original_llava_config(hf_cfg, "openai/clip-tiny")
     _rewrite_keys(path, tmp_path / "llava", lambda k: _to_original_llava(k, False), config=cfg)
     clip = CLIPVisionModel(hf_vision_config())
     clip.load_state_dict(hf.model.vision_tower.state_dict())
@@ -541,3 +543,117 @@ def test_public_model_api_of_design_md(hf_dirs, tmp_path):
     fresh.set_adapter("policy")
     with torch.no_grad():
         torch.testing.assert_close(fresh(pixels, ids), ours(pixels, ids), atol=ATOL, rtol=0)
+
+
+def _edited_hf(hf_dirs, tmp_path, edit):
+    """A copy of the llava-hf folder whose config.json `edit(cfg)` changed."""
+    import shutil
+    _, path = hf_dirs["gelu"]
+    dst = tmp_path / "edited"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(path, dst)
+    cfg = json.load(open(dst / "config.json"))
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["vision_config"].update(layer_norm_eps="1e-5"), "vision_config.layer_norm_eps"),
+    (lambda c: c["vision_config"].update(hidden_size=32.0), "vision_config.hidden_size"),
+    (lambda c: c["vision_config"].update(hidden_act="gelu"), "vision_config.hidden_act"),
+    (lambda c: c.update(vision_config=[1]), "'vision_config': expected an object"),
+    (lambda c: c.update(text_config="llama"), "'text_config': expected an object"),
+    (lambda c: c["text_config"].update(rope_scaling="linear"), "text_config.rope_scaling"),
+    (lambda c: c["text_config"].update(rope_parameters=[1]), "text_config.rope_parameters"),
+    (lambda c: c["text_config"].update(max_position_embeddings="256", sliding_window=128),
+     "text_config.max_position_embeddings"),
+    (lambda c: c["text_config"].update(sliding_window="128"), "text_config.sliding_window"),
+    (lambda c: c.update(image_token_index=None), "'image_token_index': expected an integer"),
+    (lambda c: c.update(image_token_index="99"), "'image_token_index': expected an integer"),
+    (lambda c: c.update(image_token_index=150), "'image_token_index': 150 is not a token of the"),
+    (lambda c: c["text_config"].update(pad_token_id=150), "text_config.pad_token_id': 150 is not"),
+    (lambda c: c["text_config"].update(model_type="mistral", max_position_embeddings=8192),
+     "'text_config.sliding_window': 4096 (absent: Mistral's default)"),
+])
+def test_hand_edited_llava_hf_config_is_one_line_naming_the_field(hf_dirs, tmp_path, edit, field):
+    """A llava-hf config.json with a field of the wrong type or outside the model: one error naming
+    the file and the field (each was a traceback deep in loading, or loaded and failed at the first
+    forward; a Mistral text model without sliding_window has transformers' 4096-token window, and
+    loaded as one without a window)."""
+    path = _edited_hf(hf_dirs, tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{path}/config.json") and field in str(e.value), str(e.value)
+
+
+def test_llava_hf_config_defaults_are_llava_configs(hf_dirs, tmp_path, capsys):
+    """Without vision_config transformers' LlavaConfig builds CLIP-L/336 (not CLIPVisionConfig's
+    ViT-B/32 defaults, which we read before: a real checkpoint written so was refused with a
+    misleading shape); a Mistral text model whose window is null loads; a top-level pad id
+    outside the vocabulary (transformers reads the text model's own) gives a note and text_config's
+    id, and the export loads in transformers (it was written into text_config: 'Padding_idx must
+    be within num_embeddings')."""
+    from transformers import LlavaForConditionalGeneration
+    path = _edited_hf(hf_dirs, tmp_path, lambda c: c.pop("vision_config"))
+    with pytest.raises(CheckpointError, match=r"\(1024,\)"):  # CLIP-L's width, not the tiny one
+        load_checkpoint(path)
+    path = _edited_hf(hf_dirs, tmp_path, lambda c: c["text_config"].update(
+        model_type="mistral", max_position_embeddings=8192, sliding_window=None))
+    hf, _ = hf_dirs["gelu"]
+    pixels, ids = inputs()
+    torch.testing.assert_close(load_checkpoint(path).eval()(pixels, ids),
+                               hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+    capsys.readouterr()
+    path = _edited_hf(hf_dirs, tmp_path, lambda c: c.update(pad_token_id=VOCAB + 50))
+    m = load_checkpoint(path)
+    assert f"pad_token_id {VOCAB + 50} is not a token" in capsys.readouterr().out
+    assert m.config.pad_token_id == 0  # text_config's
+    export_llava_hf(m, tmp_path / "export")
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "export")
+
+
+def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tmp_path):
+    """An original LLaVA checkpoint holding its CLIP weights whose tower is not on disk: the CLIP
+    config was inferred from the weights assuming OpenAI's 64-wide heads and quick_gelu, which
+    reads OpenCLIP's ViT-H (80-wide heads, gelu) wrongly without a word. Now refused for any tower
+    but OpenAI's, naming --vision_tower."""
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = _original_llava_config(hf_cfg, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    _rewrite_keys(path, tmp_path / "orig", _to_original_llava, config=cfg)
+    with pytest.raises(CheckpointError, match="'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' is not on "
+                                              "disk.*--vision_tower DIR"):
+        load_checkpoint(tmp_path / "orig")
+    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"  # (the tiny tower is 32 wide)
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="cannot infer the CLIP head count for width 32"):
+        load_checkpoint(tmp_path / "orig")
+
+
+def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_path):
+    """PEFT's save_pretrained of two adapters writes one folder each and nothing at the root: the
+    error names them (it said 'not a checkpoint directory'). LoRA on the lm_head of a tied model
+    is refused for that reason (it said the head's copy differed from this model's)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=hf_vision_config(), text_config=hf_text_config(),
+        image_token_index=IMAGE_ID, image_seq_length=4, tie_word_embeddings=True))
+    base.save_pretrained(tmp_path / "base")
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="first")
+    peft.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    peft.save_pretrained(tmp_path / "two", selected_adapters=["first", "second"])
+    with pytest.raises(CheckpointError, match="holds the PEFT adapters first/, second/: pass one"):
+        load_checkpoint(tmp_path / "two")
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    head = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    head.save_pretrained(tmp_path / "head")
+    with open(tmp_path / "head" / "adapter_config.json") as f:
+        adapter_cfg = json.load(f)
+    adapter_cfg["base_model_name_or_path"] = str(tmp_path / "base")
+    (tmp_path / "head" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    with pytest.raises(CheckpointError, match="LoRA on the lm_head of a model whose lm_head is "
+                                              "its input embedding"):
+        load_checkpoint(tmp_path / "head")
