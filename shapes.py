@@ -1198,30 +1198,71 @@ def _clean_leftovers(out_dir):
             print(f"removed {leftover}, left by a world write that did not finish")
 
 
-def write_world(out_dir, seed=0, **params):
+# what a world's folder holds (write_world refuses to replace a folder holding anything else, and
+# says so before generating; test_shapes checks that a written world holds exactly these)
+WORLD_FILES = frozenset(
+    ["align.json", "annotations.json", "captions.json", "image_to_caption.json", "images", "lrv",
+     "lrv_train.json", "mmhal.json", "povid_pairs.json", "pref_pairs.json", "pref_pairs_val.json",
+     "rl_prompts.json", "sft.json", "sft_read.json", "sft_val.json", "tokenizer",
+     "vigc_images.txt", "vigc_instructions.json", "world.json"]
+    + [f"pope_{s}.jsonl" for s in ("random", "popular", "adversarial")]
+    + [f"test_{qt}.json" for qt in QUESTION_TYPES])
+
+
+def _refuse_place(out_dir, flag):
+    """Before anything is generated: an out_dir under a plain file (makedirs would fail on the
+    temp folder, naming it instead), or inside a world (a world nested in a world: the outer one
+    could no longer be rewritten, as it would hold a folder that is not part of a world)."""
+    up = os.path.dirname(out_dir)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise DataError(f"{flag} {out_dir}", message=f"{up} is a file, not a folder: choose "
+                                                     f"another {flag}")
+    while True:
+        if _fingerprint(up) is not None:
+            raise DataError(f"{flag} {out_dir}", message=f"lies inside the Shapes world {up}: a "
+                            f"world in a world is refused; choose another {flag}")
+        if os.path.dirname(up) == up:
+            return
+        up = os.path.dirname(up)
+
+
+def _foreign(out_dir, names):
+    """The first entry of out_dir that is not part of a world (a stage's .lock is), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    return next(iter(sorted(set(os.listdir(out_dir)) - set(names) - {".lock"})), None)
+
+
+def write_world(out_dir, seed=0, flag="--out", **params):
     """Write a world to out_dir (replacing a world already there; refusing any other non-empty
-    directory, one whose world.json does not read, and one holding files a world does not). Written
-    to a temp dir first and renamed, so a crash never leaves half a world; a killed write's temp dir
-    goes on the next."""
+    directory, one whose world.json does not read, one holding files a world does not, and one
+    inside another world). Written to a temp dir first and renamed, so a crash never leaves half a
+    world; a killed write's temp dir goes on the next. flag: the option that named out_dir, for
+    the errors."""
     p = _params(params)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(out_dir, message="exists and is not a folder: choose another --out")
+        raise DataError(out_dir, message=f"exists and is not a folder: choose another {flag}")
+    _refuse_place(out_dir, flag)
     if not _is_ours(out_dir):
         raise DataError(out_dir, message="is not empty and holds no readable world.json: "
                                          "refusing to replace it "
                                          "(choose another folder, or empty this one)")
+    foreign = _foreign(out_dir, WORLD_FILES)
+    if foreign:  # before generating (minutes for a large world), not after
+        raise DataError(out_dir, message=f"holds {foreign}, which is not part of a world: "
+                                         "refusing to replace the folder (move it out first)")
     _clean_leftovers(out_dir)
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         world = _fill(tmp, seed, p)
-        foreign = []
-        if os.path.isdir(out_dir):
-            foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)) - {".lock"})
+        foreign = _foreign(out_dir, os.listdir(tmp))  # (again: put there while generating)
         if foreign:
-            raise DataError(out_dir, message=f"holds {foreign[0]}, which is not part of a world: "
+            raise DataError(out_dir, message=f"holds {foreign}, which is not part of a world: "
                                              "refusing to replace the folder (move it out first)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1284,7 +1325,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     whatever its sizes (e.g. a small test world). A stage never rewrites a world: any other folder
     is a one-line error saying what to do."""
     if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        write_world(out_dir, seed, **params)
+        write_world(out_dir, seed, flag="--world", **params)
         return out_dir
     how = f"pass another --world, or delete {out_dir} and it is written again"
     if not os.path.isdir(out_dir):

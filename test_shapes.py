@@ -726,6 +726,45 @@ def test_ensure_world(tmp_path):
         shapes.write_world(str(tmp_path / "x"), bogus=1)
 
 
+def test_world_folder_holds_what_write_world_expects(worlds):
+    """WORLD_FILES is what write_world checks a folder against before generating: it must be
+    what a world holds (an entry added to _fill and not here would make every rewrite fail)."""
+    assert set(os.listdir(worlds / "a")) == shapes.WORLD_FILES
+
+
+def test_out_refused_before_generating(tmp_path, monkeypatch):
+    """Refused before a world is generated: a folder holding a file a world does not (checked
+    only after the whole world was written before), an --out inside an existing world (a world
+    nested in a world, after which the outer one could no longer be rewritten), and an --out
+    under a plain file (the error named the internal temp folder, x.tmpPID)."""
+    tiny = dict(n_train=6, n_val=2, n_test=4, n_unlabeled=2, n_pref=4, n_povid=4, n_rl=4)
+    outer = tmp_path / "w"
+    shapes.write_world(str(outer), seed=0, **tiny)
+    before = files(outer)
+
+    def no_fill(*args):
+        raise AssertionError("generated before refusing")
+    monkeypatch.setattr(shapes, "_fill", no_fill)
+    (outer / "my_notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds my_notes.txt, which is not part of a world"):
+        shapes.write_world(str(outer), seed=0, **tiny)
+    (outer / "my_notes.txt").unlink()
+    for nested in (outer / "sub", outer / "images" / "x" / "y"):
+        with pytest.raises(DataError, match=f"lies inside the Shapes world {outer}: a world in"):
+            shapes.write_world(str(nested), seed=0, **tiny)
+    with pytest.raises(DataError, match=re.escape(f"--world {outer / 'sub'}: lies inside")):
+        shapes.ensure_world(str(outer / "sub"), seed=0, **tiny)
+    assert files(outer) == before and sorted(os.listdir(tmp_path)) == ["w"]
+    (tmp_path / "afile").write_text("a file")
+    out = tmp_path / "afile" / "x"
+    with pytest.raises(DataError) as e:
+        shapes.write_world(str(out), seed=0, **tiny)
+    assert str(e.value) == (f"--out {out}: {tmp_path / 'afile'} is a file, not a folder: choose "
+                            "another --out")
+    assert (tmp_path / "afile").read_text() == "a file"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "w"]
+
+
 def test_objects_from_plain_coco():
     coco = {"images": [{"id": 7, "file_name": "a.jpg"}],
             "categories": [{"id": 1, "name": "person"}],
