@@ -535,6 +535,13 @@ def main(cfg):
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     records, instructions = load_records(cfg), load_instructions(cfg.instructions)
+    if "images" in named and cfg.generate > 0 and not os.path.exists(cfg.images):
+        # the world's own list, gone (deleted by hand): the advice for a user's --images misleads
+        raise common.ConfigError(
+            f"--images {cfg.images}: the world's list of unlabeled images is missing; shapes.py "
+            f"writes it with the world: write the world again (python shapes.py --out "
+            f"{cfg.world} --seed {cfg.world_seed} with the params in its world.json), or pass "
+            "--images")
     imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
