@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import DataError
-from data import (_pick, a, cell_position, count_phrase, inject_hallucination, join_and,
-                  list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
-                  there_are, unique_ref)
+from data import (_pick, a, cell_position, count_phrase, grid_positions, inject_hallucination,
+                  join_and, list_objects, lrv_negatives, noun_phrase, number_word, plural,
+                  pos_phrase, there_are, unique_ref)
 from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
@@ -634,9 +634,10 @@ def mmhal_records(imgs, rng, pairs):
     return out
 
 
-def pair_records(imgs, rng, n, kind, pairs, stats):
+def pair_records(imgs, rng, n, kind, pairs, stats, grid=3):
     """Preference pairs, ground truth vs an injected hallucination that the oracle confirms.
-    kind 'rlhf' -> LLaVA-RLHF human-preference layout; 'povid' -> POVID layout."""
+    kind 'rlhf' -> LLaVA-RLHF human-preference layout; 'povid' -> POVID layout. grid: the world's
+    (injected positions are its cells' names)."""
     partners = {}
     for tr, p in pairs:
         partners.setdefault(tr, []).append(p)
@@ -650,7 +651,8 @@ def pair_records(imgs, rng, n, kind, pairs, stats):
         if r is None:
             continue
         bad = inject_hallucination(r[1], img["objects"], rng, all_names=SHAPES,
-                                   cooc_partners=partners, colors=list(COLORS))
+                                   cooc_partners=partners, colors=list(COLORS),
+                                   positions=grid_positions(grid))
         if bad is None:
             stats["impossible"] += 1
             continue
@@ -731,14 +733,15 @@ def _yes_no_form(question):
     return question.startswith(("Is ", "Are ", "Does ", "Can "))
 
 
-def _lrv_items(imgs, neg_ratio, rng):
+def _lrv_items(imgs, neg_ratio, rng, grid=3):
     """(file_name, question, answer, task) with negatives / (positives + negatives) = neg_ratio.
     Positives are about what is in the image (LRV's positive instructions): a description and one
     other question per image, an existence question always about a present shape ("yes"). Balanced
     in the form POPE asks, too: as many positives are yes/no questions answered "yes" as negatives
     are yes/no questions answered "no", as far as the positives allow (at neg_ratio <= 0.5 they
     do; tested at 0.25 and 0.5). Without this, at 0.5 nine in ten single-turn "Is there
-    ...?" answers were "no" and the set taught the question's form instead of the image."""
+    ...?" answers were "no" and the set taught the question's form instead of the image. grid: the
+    world's (a negative's wrong place is one of its cells: on 2 x 2 no "center", no "top")."""
     pos = []
     for img in imgs:
         for qt in ("describe", str(rng.choice(QUESTION_TYPES[1:]))):
@@ -752,7 +755,7 @@ def _lrv_items(imgs, neg_ratio, rng):
         if len(neg) >= n_neg:
             break
         img = imgs[int(order[i % len(imgs)])]
-        cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS))
+        cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS), grid_positions(grid))
         if cands:
             neg.append((img["file_name"],) + cands[int(rng.integers(len(cands)))])
     # as many "yes" as "no" among the yes/no questions: some positives' second question becomes
@@ -774,8 +777,11 @@ def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
     single-turn positives (describe + one other question per train image) and generated negatives.
     neg_ratio >= 1 gives only negatives (as many as there would be positives). Image paths are
     joined with world_dir, as the readers in data.py return them."""
-    imgs = [i for i in load_world(world_dir)["images"] if i["split"] == "train"]
-    items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]))
+    world = load_world(world_dir)
+    imgs = [i for i in world["images"] if i["split"] == "train"]
+    grid = world["info"].get("grid", 3)  # (as the objects' positions read it; world.json is
+    # written after this file, by _fill)
+    items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]), grid)
     return [{"id": f"lrv_{k:06d}", "image": os.path.join(world_dir, f),
              "conversations": _conv(q, ans), "task": t}
             for k, (f, q, ans, t) in enumerate(items)]
@@ -1049,21 +1055,23 @@ def _fill(out, seed, p):
             raise ValueError(f"--n_test {p['n_test']}: no test image allows a {qt} question "
                              f"(test_{qt}.json would be empty); pass a larger --n_test")
         _dump(recs, os.path.join(out, f"test_{qt}.json"))
-    lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7])
+    lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7], p["grid"])
     # image_id with .png: readers add .jpg otherwise
     lrv_train = [{"image_id": f, "question": q, "answer": ans, "task": t}
                  for f, q, ans, t in lrv_items]
     _dump(lrv_train, os.path.join(out, "lrv_train.json"))
     pairs = parse_pairs(p["pairs"])
     stats = Counter(impossible=0, unverified=0)  # dropped pairs, counted
-    pref_pairs = pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats)
+    pref_pairs = pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats,
+                              p["grid"])
     _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
     # held-out pairs: one per test image, then one per val image (test images show triggers without
     # their partners, so the pairs whose rejected answer names the absent partner are not a handful)
     held_out = split["test"] + split["val"]
-    val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats)
+    val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats, p["grid"])
     _dump(val_pairs, os.path.join(out, "pref_pairs_val.json"))
-    povid_pairs = pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats)
+    povid_pairs = pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats,
+                               p["grid"])
     _dump(povid_pairs, os.path.join(out, "povid_pairs.json"))
     rl_prompts = rl_records(split["train"], rngs[10], p["n_rl"], caps)
     _dump(rl_prompts, os.path.join(out, "rl_prompts.json"))

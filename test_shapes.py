@@ -442,6 +442,36 @@ def test_every_cell_is_named_by_where_it_is(tmp_path):
     assert oracle.oracle(exact, objs)["hallucinated_objects"] == [], exact
 
 
+def test_grid_2_negatives_and_injections_name_only_its_cells(tmp_path):
+    """On a 2 x 2 grid the LRV negatives and the injected hallucinations of the preference pairs
+    place things only at its four corners: they drew from all nine 3 x 3 names, so a "negative"
+    could be true ("There is no square at the top." of a square at the top left) and questions
+    asked about a "center" the grid lacks."""
+    shapes.write_world(str(tmp_path / "w"), image_size=30, grid=2, max_objects=4,
+                       **dict(SMALL, n_train=200, n_pref=50, n_povid=50))
+    shapes.lrv_file(str(tmp_path / "w"), 0.25, 1)  # (written on first use, as sft.py --lrv does)
+    corners = {"top left", "top right", "bottom left", "bottom right"}
+    place = re.compile(r"\b(?:at|in|on) the (top left|top right|bottom left|bottom right|top|"
+                       r"bottom|left|right|center)\b", re.IGNORECASE)
+    seen = Counter()
+    for name in ("lrv/neg0.5-seed0.json", "lrv/neg0.25-seed1.json", "lrv_train.json",
+                 "pref_pairs.json", "pref_pairs_val.json", "povid_pairs.json"):
+        text = (tmp_path / "w" / name).read_text()
+        for m in place.finditer(text):
+            seen[name] += 1
+            assert m.group(1).lower() in corners, (name, text[m.start() - 80:m.end() + 20])
+    assert min(seen.values()) > 0 and len(seen) == 6
+    # and a negative about a present shape's place is false (the oracle finds it there)
+    by = shapes.load_world(str(tmp_path / "w"))["by_file"]
+    for r in json.load(open(tmp_path / "w" / "lrv_train.json")):
+        m = re.match(r"There is no (\w+) (?:at|in|on) the ([a-z ]+)\. ", r["answer"])
+        if m:
+            objs = by[r["image_id"]]
+            assert not [o for o in objs if (o["name"], o["position"]) == m.groups()], r
+    # the 3 x 3 grid's names are all nine, as before
+    assert data.grid_positions(3) == data.POSITIONS
+
+
 def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
