@@ -1138,6 +1138,8 @@ def asker_yes_share(flaws):
     a little above the asker's own share (~0.02 at --yes_share 0.5), within the 0.03 that main()
     calls out of reach."""
     written, false = flaws["yes_share"], flaws["false_yes_share"]
+    if written is None:  # (nothing asked)
+        return None
     return round((written - false) / max(1e-9, 1 - false), 3)
 
 
@@ -1145,8 +1147,10 @@ def sft_flaw_stats(records, imgs):
     """What the flaws did to sft.json, measured on the written records: the share of "yes" among
     existence answers (per asked shape and overall), the "yes" answers about absent shapes
     (text_only_qa), and the share of descriptions that name an absent shape (by the oracle), with
-    the shapes they name."""
+    the shapes they name. A share of nothing (no existence question, a shape never asked, no
+    description) is None (null), not 0.0."""
     objs = {i["file_name"]: i["objects"] for i in imgs}
+    share = lambda k, n: round(k / n, 3) if n else None
     yes, asked, descs, halluc, named, false_yes = Counter(), Counter(), 0, 0, Counter(), Counter()
     for r in records:
         turns = r["conversations"]
@@ -1162,11 +1166,11 @@ def sft_flaw_stats(records, imgs):
                 got = oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs, halluc = descs + 1, halluc + bool(got)
                 named.update(got)
-    return {"yes_share": round(sum(yes.values()) / max(1, sum(asked.values())), 3),
-            "yes_share_by_shape": {s: round(yes[s] / max(1, asked[s]), 3) for s in SHAPES},
-            "false_yes_share": round(sum(false_yes.values()) / max(1, sum(asked.values())), 3),
+    return {"yes_share": share(sum(yes.values()), sum(asked.values())),
+            "yes_share_by_shape": {s: share(yes[s], asked[s]) for s in SHAPES},
+            "false_yes_share": share(sum(false_yes.values()), sum(asked.values())),
             "false_yes_by_shape": dict(false_yes.most_common()),
-            "desc_naming_absent": round(halluc / max(1, descs), 3),
+            "desc_naming_absent": share(halluc, descs),
             "absent_named": dict(named.most_common())}
 
 

@@ -806,6 +806,30 @@ def test_objects_from_plain_coco():
         shapes.objects_from_coco({"images": []})
 
 
+def test_flaw_stats_of_nothing_are_null(tmp_path):
+    """No number for nothing: with no existence question the "yes" shares (overall, per shape,
+    the false ones) are null, and a shape never asked is null beside the asked ones (they read
+    0.0, as if every answer about it were "no")."""
+    tiny = dict(SMALL, n_train=20)
+    w = shapes.write_world(str(tmp_path / "w"), exist_turns=0, read_turns=0, **tiny)
+    for key in ("sft_flaws", "read_flaws"):
+        flaws = w["stats"][key]
+        assert flaws["yes_share"] is None and flaws["false_yes_share"] is None, flaws
+        assert flaws["yes_share_by_shape"] == {s: None for s in shapes.SHAPES}
+        assert flaws["desc_naming_absent"] is not None  # (descriptions were written)
+    stored = json.load(open(tmp_path / "w" / "world.json"))["stats"]["sft_flaws"]
+    assert stored["yes_share"] is None and stored["yes_share_by_shape"]["circle"] is None
+    circle = {"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0,
+              "position": "top left"}
+    rec = {"image": "a.png", "qtypes": ["yesno"], "conversations": [
+        {"from": "human", "value": "Is there a circle in the image?"},
+        {"from": "gpt", "value": "Yes, there is a circle."}]}
+    flaws = shapes.sft_flaw_stats([rec], [{"file_name": "a.png", "objects": [circle]}])
+    assert flaws["yes_share_by_shape"] == dict({s: None for s in shapes.SHAPES}, circle=1.0)
+    assert flaws["yes_share"] == 1.0 and flaws["false_yes_share"] == 0.0
+    assert flaws["desc_naming_absent"] is None  # no description
+
+
 def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     """A conversation asks about distinct shapes: at 4 questions per image, 0.95 "yes" is out of
     reach, and shapes.py says so beside the share it wrote; the default is within reach."""
