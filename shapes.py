@@ -1083,7 +1083,7 @@ def _fill(out, seed, p):
     _dump(dict(VIGC_INSTRUCTIONS, qtype_to_type=VIGC_TYPE,
                unlabeled=[{"id": i["id"], "image": i["file_name"]} for i in split["unlabeled"]]),
           os.path.join(out, "vigc_instructions.json"))
-    build_tokenizer(out, p["vocab_size"])
+    vocab = len(build_tokenizer(out, p["vocab_size"]))
     write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
     if p["pref_longer"] > 0:  # after the tokenizer too: only the reward model's pairs change
         longer_rng = np.random.default_rng(np.random.SeedSequence([seed, 8, 1]))
@@ -1100,6 +1100,7 @@ def _fill(out, seed, p):
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["seconds"] = round(time.time() - t0, 1)
+    world["stats"]["vocab"] = vocab  # (the BPE stops when no pair is left to merge)
     return world
 
 
@@ -1399,6 +1400,8 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
+    for line in vocab_lines(s["vocab"], args["vocab_size"]):
+        print(line)
     for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
                                 text_only_writer=True):
         print(line)
@@ -1434,6 +1437,18 @@ def refuse_another_world(out, seed, params):
         what = f"a world with --{k} {was_params.get(k)} (now {now[k]})"
     raise DataError(out, message=f"holds {what}: pass --overwrite true to replace it (what was "
                                  "made from it would no longer match it)")
+
+
+def vocab_lines(vocab, wanted):
+    """What shapes.py says about the tokenizer: its real size, and a note when --vocab_size asked
+    for more than the world's text has to merge (above ~940 on the defaults, every size gave the
+    same tokenizer, while world.json records the size asked for)."""
+    lines = [f"tokenizer: {vocab} tokens (--vocab_size {wanted})"]
+    if vocab < wanted:
+        lines.append(f"note: --vocab_size {wanted} cannot be reached: BPE on this world's text "
+                     f"runs out of pairs to merge at {vocab} tokens, so a larger --vocab_size "
+                     "gives this same tokenizer (world.json records the size asked for)")
+    return lines
 
 
 def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):
