@@ -28,7 +28,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
                         latest_checkpoint, load_checkpoint, peft_base_dir, refuse_scalar_model,
                         resolve_checkpoint, save_checkpoint_files)
 from formats import DataError
-from model import CheckpointError, LLaVA
+from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
 # ----------------------------------------------------------------------------------------
 # errors users cause: one line, exit code 2, no traceback
@@ -1346,11 +1346,12 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
 # ----------------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
-                             device="cpu", dtype=None, policy=True):
+                             device="cpu", dtype=None, policy=True, geometry=None):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
-    `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir`. The tokenizer
-    comes from the checkpoint directory (or tokenizer_dir when the checkpoint has none). policy:
-    a reward model is refused (policy=False: a reward model is what is wanted)."""
+    `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
+    image_size and patch_size replaced, see world_geometry). The tokenizer comes from the
+    checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
+    is refused (policy=False: a reward model is what is wanted)."""
     from data import load_tokenizer
     if init:
         path = resolve_checkpoint(init)
@@ -1387,7 +1388,7 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")
         vocab = -(-len(tokenizer) // 64) * 64  # rounded up: friendlier matmul shapes
-        model = LLaVA.from_preset(preset, vocab_size=vocab,
+        model = LLaVA.from_preset(preset, **(geometry or {}), vocab_size=vocab,
                                   image_token_id=image_id if image_id is not None else -200,
                                   pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id,
@@ -1395,6 +1396,32 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if dtype is not None:
             model = model.to(dtype)
     return model.to(device), tokenizer
+
+
+MAX_CELL_PATCH = 63  # px: a fresh model's patch is a world's grid cell; larger is refused
+
+
+def world_geometry(params, preset, world):
+    """A fresh --model on a Shapes world (params: shapes.load_params): its vision geometry is the
+    world's, image_size the image side and patch_size the cell side, so each patch is one grid
+    cell as the presets' 48 px / 16 px are on the default 3 x 3 grid (the preset's alone resized
+    a 1023 px world to 48 px, shapes below a pixel, and a 2 x 2 grid's cells straddled patches).
+    Returns (overrides for from_preset, a note when they differ from the preset's, else None);
+    a cell too large to be one patch is refused."""
+    size, grid = params["image_size"], params["grid"]
+    patch = size // grid  # (shapes.py: the image is grid x cell)
+    if patch > MAX_CELL_PATCH:
+        raise ConfigError(f"--world {world}: the world's --image_size {size} --grid {grid} makes "
+                          f"{patch} px cells, and a fresh --model takes one patch per cell (at "
+                          f"most {MAX_CELL_PATCH} px): write a world with --image_size at most "
+                          f"{MAX_CELL_PATCH * grid}, or start from --init")
+    was = {**dataclasses.asdict(ModelConfig()), **PRESETS[preset]}
+    note = None
+    if (was["image_size"], was["patch_size"]) != (size, patch):
+        note = (f"note: a fresh --model {preset} takes the world's geometry: {size} px images, "
+                f"{patch} px patches (one per cell of its {grid}x{grid} grid), not the preset's "
+                f"{was['image_size']} / {was['patch_size']}")
+    return dict(image_size=size, patch_size=patch), note
 
 
 def refuse_merged_resume(resume_path, model, adapter):

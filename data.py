@@ -541,6 +541,13 @@ def cell_position(row, col, grid):
     return POSITIONS[3 * third(row) + third(col)]
 
 
+def grid_positions(grid):
+    """The position words of a grid x grid picture's cells in reading order: grid 3 all of
+    POSITIONS, grid 2 its four corners (a "center" or "top" a 2 x 2 grid lacks would be a wrong
+    place that is no cell, and "top" holds a top corner's object)."""
+    return tuple(cell_position(r, c, grid) for r in range(grid) for c in range(grid))
+
+
 def position_of(o):
     """The position word of an object: its own, or from its 3x3 grid cell, or None (plain COCO)."""
     if o.get("position"):
@@ -600,14 +607,15 @@ def unique_ref(o, objects, use=("size", "color")):
 # manipulation (task "negative") and existent element manipulation (task "negative_existent").
 
 
-def lrv_negatives(objects, rng, all_names, colors=None):
+def lrv_negatives(objects, rng, all_names, colors=None, positions=POSITIONS):
     """Negative instructions for one image: a list of (question, answer, task), one per kind of
     manipulation possible here, in random order. Answers say what is not there and what is.
 
     task "negative": a nonexistent object, a nonexistent color of a present object, a present
     object at a position where it is not. task "negative_existent": a present object with a wrong
     color, size or count; the answer corrects it. Without colors (plain COCO) only nonexistent
-    objects and wrong counts are made."""
+    objects and wrong counts are made. positions: the picture's cell names (grid_positions), where
+    a present object is said not to be."""
     out = []
     names = [o["name"] for o in objects]
     absent = [n for n in all_names if n not in names]
@@ -637,7 +645,7 @@ def lrv_negatives(objects, rng, all_names, colors=None):
             reply = "No, " + ans[0].lower() + ans[1:] if q.startswith("Is ") else ans
             out.append((q, reply, "negative"))
         pos = position_of(o)
-        free = [p for p in POSITIONS if pos and not _matching(objects, o["name"], position=p)]
+        free = [p for p in positions if pos and not _matching(objects, o["name"], position=p)]
         if free:  # the object, somewhere it is not
             p = _pick(rng, free)
             q = _pick(rng, [f"What color is the {o['name']} {pos_phrase(p)}?",
@@ -726,7 +734,7 @@ def _filter_by_words(objects, name, words, colors):
     return _matching(objects, name, color, size)
 
 
-def _inject_object(answer, objects, rng, all_names, cooc_partners, colors):
+def _inject_object(answer, objects, rng, all_names, cooc_partners, colors, positions=POSITIONS):
     names = sorted({o["name"] for o in objects})
     absent = [n for n in (all_names or []) if n not in names]
     partners = [p for n in names for p in (cooc_partners or {}).get(n, []) if p in absent]
@@ -752,13 +760,13 @@ def _inject_object(answer, objects, rng, all_names, cooc_partners, colors):
         return _fix_articles(swapped)
     o = _pick(rng, objects) if objects else {}
     color = _pick(rng, colors) if colors and o.get("color") else None
-    where = position_of(o) and pos_phrase(_pick(rng, POSITIONS))
+    where = position_of(o) and pos_phrase(_pick(rng, positions))
     new_object = a(" ".join(filter(None, [color, x])))
     added = " ".join(w for w in ["There is also", new_object, where or "in the image"] if w)
     return answer.rstrip() + " " + added + "."
 
 
-def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
+def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors, positions=POSITIONS):
     names = sorted({o["name"] for o in objects})
     edits = []  # (start, end, replacement)
     for s in SENT.finditer(answer):
@@ -800,7 +808,7 @@ def _inject_attribute(answer, objects, rng, all_names, cooc_partners, colors):
     return answer[:i] + new + answer[j:]
 
 
-def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
+def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors, positions=POSITIONS):
     names = sorted({o["name"] for o in objects})
     # without one (plain COCO) flips are unverified
     grid = bool(objects) and objects[0].get("row") is not None
@@ -836,7 +844,7 @@ def _inject_relation(answer, objects, rng, all_names, cooc_partners, colors):
             if np_ is None or not grid:
                 continue
             cand = _filter_by_words(objects, np_[0], np_[1], colors)
-            free = [p for p in POSITIONS
+            free = [p for p in positions
                     if p != m.group(2).lower() and not any(position_of(o) == p for o in cand)]
             if cand and free:
                 new = pos_phrase(_pick(rng, free))
@@ -853,7 +861,7 @@ INJECTORS = {"object": _inject_object, "attribute": _inject_attribute, "relation
 
 
 def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_partners=None,
-                         colors=None):
+                         colors=None, positions=POSITIONS):
     """POVID-style dispreferred answer: returns (new_answer, kind) or None when `kind` (or, with
     kind=None, every kind tried in random order) is impossible for this answer.
 
@@ -864,11 +872,12 @@ def inject_hallucination(answer, objects, rng, kind=None, all_names=None, cooc_p
     relation: left/right or above/below flipped where the flipped relation holds for no pair, or a
       position moved to a cell where no such object is (objects without grid cells, i.e. plain
       COCO: relation words are flipped unverified).
+    positions: the picture's cell names (grid_positions): where objects are moved or added.
     """
     kinds = [kind] if kind else [str(k) for k in rng.permutation(list(INJECTORS))]
     for k in kinds:
         color_list = list(colors) if colors else None
-        new = INJECTORS[k](answer, objects, rng, all_names, cooc_partners, color_list)
+        new = INJECTORS[k](answer, objects, rng, all_names, cooc_partners, color_list, positions)
         if new is not None and new != answer:
             return new, k
     return None

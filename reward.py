@@ -285,8 +285,8 @@ def partner_pairs(val, world):
     """The held-out Shapes pairs whose rejected answer names the absent co-occurring partner of a
     shape in the image (triangle -> circle): where a fact list should help the reward model most."""
     objects = shapes.load_world(world)["by_file"]
-    params = json.load(open(os.path.join(world, "world.json")))["params"]
-    pairs = shapes.parse_pairs(params["pairs"])
+    # load_params: a key world.json lacks is its default, as the world was written with it
+    pairs = shapes.parse_pairs(shapes.load_params(world)["pairs"])
     out = []
     for p in val:
         # (a text-only pair, or an image from outside the world: no annotated objects to

@@ -266,6 +266,10 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init])
     if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    geometry, note = None, None
+    if fresh and (named or cfg.lrv):  # a fresh model sees the world's images, one patch a cell
+        world_params = shapes.load_params(cfg.world)
+        geometry, note = common.world_geometry(world_params, cfg.model, cfg.world)
     if cfg.neg_ratio < 0:  # the world's own share (its lrv/ file for --seed 0); without --lrv,
         # unused, and 0.5 when no world is read (the value runs recorded before -1 meant this)
         world_ratio = shapes.load_params(cfg.world)["neg_ratio"] if named or cfg.lrv else 0.5
@@ -290,7 +294,9 @@ def main(cfg):
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       cfg.tokenizer, d.device)
+                                                       cfg.tokenizer, d.device, geometry=geometry)
+    if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
+        print(note)
     if cfg.lora_r > 0 and not sharded:
         common.refuse_merged_resume(resume_path, model, "sft")
     if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)

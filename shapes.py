@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import DataError
-from data import (_pick, a, cell_position, count_phrase, inject_hallucination, join_and,
-                  list_objects, lrv_negatives, noun_phrase, number_word, plural, pos_phrase,
-                  there_are, unique_ref)
+from data import (_pick, a, cell_position, count_phrase, grid_positions, inject_hallucination,
+                  join_and, list_objects, lrv_negatives, noun_phrase, number_word, plural,
+                  pos_phrase, there_are, unique_ref)
 from formats import load_json
 from oracle import WORD2SHAPE, oracle
 
@@ -634,9 +634,10 @@ def mmhal_records(imgs, rng, pairs):
     return out
 
 
-def pair_records(imgs, rng, n, kind, pairs, stats):
+def pair_records(imgs, rng, n, kind, pairs, stats, grid=3):
     """Preference pairs, ground truth vs an injected hallucination that the oracle confirms.
-    kind 'rlhf' -> LLaVA-RLHF human-preference layout; 'povid' -> POVID layout."""
+    kind 'rlhf' -> LLaVA-RLHF human-preference layout; 'povid' -> POVID layout. grid: the world's
+    (injected positions are its cells' names)."""
     partners = {}
     for tr, p in pairs:
         partners.setdefault(tr, []).append(p)
@@ -650,7 +651,8 @@ def pair_records(imgs, rng, n, kind, pairs, stats):
         if r is None:
             continue
         bad = inject_hallucination(r[1], img["objects"], rng, all_names=SHAPES,
-                                   cooc_partners=partners, colors=list(COLORS))
+                                   cooc_partners=partners, colors=list(COLORS),
+                                   positions=grid_positions(grid))
         if bad is None:
             stats["impossible"] += 1
             continue
@@ -731,14 +733,15 @@ def _yes_no_form(question):
     return question.startswith(("Is ", "Are ", "Does ", "Can "))
 
 
-def _lrv_items(imgs, neg_ratio, rng):
+def _lrv_items(imgs, neg_ratio, rng, grid=3):
     """(file_name, question, answer, task) with negatives / (positives + negatives) = neg_ratio.
     Positives are about what is in the image (LRV's positive instructions): a description and one
     other question per image, an existence question always about a present shape ("yes"). Balanced
     in the form POPE asks, too: as many positives are yes/no questions answered "yes" as negatives
     are yes/no questions answered "no", as far as the positives allow (at neg_ratio <= 0.5 they
     do; tested at 0.25 and 0.5). Without this, at 0.5 nine in ten single-turn "Is there
-    ...?" answers were "no" and the set taught the question's form instead of the image."""
+    ...?" answers were "no" and the set taught the question's form instead of the image. grid: the
+    world's (a negative's wrong place is one of its cells: on 2 x 2 no "center", no "top")."""
     pos = []
     for img in imgs:
         for qt in ("describe", str(rng.choice(QUESTION_TYPES[1:]))):
@@ -752,7 +755,7 @@ def _lrv_items(imgs, neg_ratio, rng):
         if len(neg) >= n_neg:
             break
         img = imgs[int(order[i % len(imgs)])]
-        cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS))
+        cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS), grid_positions(grid))
         if cands:
             neg.append((img["file_name"],) + cands[int(rng.integers(len(cands)))])
     # as many "yes" as "no" among the yes/no questions: some positives' second question becomes
@@ -774,8 +777,11 @@ def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
     single-turn positives (describe + one other question per train image) and generated negatives.
     neg_ratio >= 1 gives only negatives (as many as there would be positives). Image paths are
     joined with world_dir, as the readers in data.py return them."""
-    imgs = [i for i in load_world(world_dir)["images"] if i["split"] == "train"]
-    items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]))
+    world = load_world(world_dir)
+    imgs = [i for i in world["images"] if i["split"] == "train"]
+    grid = world["info"].get("grid", 3)  # (as the objects' positions read it; world.json is
+    # written after this file, by _fill)
+    items = _lrv_items(imgs, neg_ratio, np.random.default_rng([seed, 7]), grid)
     return [{"id": f"lrv_{k:06d}", "image": os.path.join(world_dir, f),
              "conversations": _conv(q, ans), "task": t}
             for k, (f, q, ans, t) in enumerate(items)]
@@ -1049,21 +1055,23 @@ def _fill(out, seed, p):
             raise ValueError(f"--n_test {p['n_test']}: no test image allows a {qt} question "
                              f"(test_{qt}.json would be empty); pass a larger --n_test")
         _dump(recs, os.path.join(out, f"test_{qt}.json"))
-    lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7])
+    lrv_items = _lrv_items(split["train"], p["neg_ratio"], rngs[7], p["grid"])
     # image_id with .png: readers add .jpg otherwise
     lrv_train = [{"image_id": f, "question": q, "answer": ans, "task": t}
                  for f, q, ans, t in lrv_items]
     _dump(lrv_train, os.path.join(out, "lrv_train.json"))
     pairs = parse_pairs(p["pairs"])
     stats = Counter(impossible=0, unverified=0)  # dropped pairs, counted
-    pref_pairs = pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats)
+    pref_pairs = pair_records(split["train"], rngs[8], p["n_pref"], "rlhf", pairs, stats,
+                              p["grid"])
     _dump(pref_pairs, os.path.join(out, "pref_pairs.json"))
     # held-out pairs: one per test image, then one per val image (test images show triggers without
     # their partners, so the pairs whose rejected answer names the absent partner are not a handful)
     held_out = split["test"] + split["val"]
-    val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats)
+    val_pairs = pair_records(held_out, rngs[8], len(held_out), "rlhf", pairs, stats, p["grid"])
     _dump(val_pairs, os.path.join(out, "pref_pairs_val.json"))
-    povid_pairs = pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats)
+    povid_pairs = pair_records(split["train"], rngs[9], p["n_povid"], "povid", pairs, stats,
+                               p["grid"])
     _dump(povid_pairs, os.path.join(out, "povid_pairs.json"))
     rl_prompts = rl_records(split["train"], rngs[10], p["n_rl"], caps)
     _dump(rl_prompts, os.path.join(out, "rl_prompts.json"))
@@ -1075,7 +1083,7 @@ def _fill(out, seed, p):
     _dump(dict(VIGC_INSTRUCTIONS, qtype_to_type=VIGC_TYPE,
                unlabeled=[{"id": i["id"], "image": i["file_name"]} for i in split["unlabeled"]]),
           os.path.join(out, "vigc_instructions.json"))
-    build_tokenizer(out, p["vocab_size"])
+    vocab = len(build_tokenizer(out, p["vocab_size"]))
     write_stage_inputs(out, p["neg_ratio"])  # after the tokenizer: its corpus stays as it was
     if p["pref_longer"] > 0:  # after the tokenizer too: only the reward model's pairs change
         longer_rng = np.random.default_rng(np.random.SeedSequence([seed, 8, 1]))
@@ -1092,6 +1100,7 @@ def _fill(out, seed, p):
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["seconds"] = round(time.time() - t0, 1)
+    world["stats"]["vocab"] = vocab  # (the BPE stops when no pair is left to merge)
     return world
 
 
@@ -1130,6 +1139,8 @@ def asker_yes_share(flaws):
     a little above the asker's own share (~0.02 at --yes_share 0.5), within the 0.03 that main()
     calls out of reach."""
     written, false = flaws["yes_share"], flaws["false_yes_share"]
+    if written is None:  # (nothing asked)
+        return None
     return round((written - false) / max(1e-9, 1 - false), 3)
 
 
@@ -1137,8 +1148,10 @@ def sft_flaw_stats(records, imgs):
     """What the flaws did to sft.json, measured on the written records: the share of "yes" among
     existence answers (per asked shape and overall), the "yes" answers about absent shapes
     (text_only_qa), and the share of descriptions that name an absent shape (by the oracle), with
-    the shapes they name."""
+    the shapes they name. A share of nothing (no existence question, a shape never asked, no
+    description) is None (null), not 0.0."""
     objs = {i["file_name"]: i["objects"] for i in imgs}
+    share = lambda k, n: round(k / n, 3) if n else None
     yes, asked, descs, halluc, named, false_yes = Counter(), Counter(), 0, 0, Counter(), Counter()
     for r in records:
         turns = r["conversations"]
@@ -1154,11 +1167,11 @@ def sft_flaw_stats(records, imgs):
                 got = oracle(ans["value"], objs[r["image"]])["hallucinated_objects"]
                 descs, halluc = descs + 1, halluc + bool(got)
                 named.update(got)
-    return {"yes_share": round(sum(yes.values()) / max(1, sum(asked.values())), 3),
-            "yes_share_by_shape": {s: round(yes[s] / max(1, asked[s]), 3) for s in SHAPES},
-            "false_yes_share": round(sum(false_yes.values()) / max(1, sum(asked.values())), 3),
+    return {"yes_share": share(sum(yes.values()), sum(asked.values())),
+            "yes_share_by_shape": {s: share(yes[s], asked[s]) for s in SHAPES},
+            "false_yes_share": share(sum(false_yes.values()), sum(asked.values())),
             "false_yes_by_shape": dict(false_yes.most_common()),
-            "desc_naming_absent": round(halluc / max(1, descs), 3),
+            "desc_naming_absent": share(halluc, descs),
             "absent_named": dict(named.most_common())}
 
 
@@ -1198,30 +1211,71 @@ def _clean_leftovers(out_dir):
             print(f"removed {leftover}, left by a world write that did not finish")
 
 
-def write_world(out_dir, seed=0, **params):
+# what a world's folder holds (write_world refuses to replace a folder holding anything else, and
+# says so before generating; test_shapes checks that a written world holds exactly these)
+WORLD_FILES = frozenset(
+    ["align.json", "annotations.json", "captions.json", "image_to_caption.json", "images", "lrv",
+     "lrv_train.json", "mmhal.json", "povid_pairs.json", "pref_pairs.json", "pref_pairs_val.json",
+     "rl_prompts.json", "sft.json", "sft_read.json", "sft_val.json", "tokenizer",
+     "vigc_images.txt", "vigc_instructions.json", "world.json"]
+    + [f"pope_{s}.jsonl" for s in ("random", "popular", "adversarial")]
+    + [f"test_{qt}.json" for qt in QUESTION_TYPES])
+
+
+def _refuse_place(out_dir, flag):
+    """Before anything is generated: an out_dir under a plain file (makedirs would fail on the
+    temp folder, naming it instead), or inside a world (a world nested in a world: the outer one
+    could no longer be rewritten, as it would hold a folder that is not part of a world)."""
+    up = os.path.dirname(out_dir)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise DataError(f"{flag} {out_dir}", message=f"{up} is a file, not a folder: choose "
+                                                     f"another {flag}")
+    while True:
+        if _fingerprint(up) is not None:
+            raise DataError(f"{flag} {out_dir}", message=f"lies inside the Shapes world {up}: a "
+                            f"world in a world is refused; choose another {flag}")
+        if os.path.dirname(up) == up:
+            return
+        up = os.path.dirname(up)
+
+
+def _foreign(out_dir, names):
+    """The first entry of out_dir that is not part of a world (a stage's .lock is), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    return next(iter(sorted(set(os.listdir(out_dir)) - set(names) - {".lock"})), None)
+
+
+def write_world(out_dir, seed=0, flag="--out", **params):
     """Write a world to out_dir (replacing a world already there; refusing any other non-empty
-    directory, one whose world.json does not read, and one holding files a world does not). Written
-    to a temp dir first and renamed, so a crash never leaves half a world; a killed write's temp dir
-    goes on the next."""
+    directory, one whose world.json does not read, one holding files a world does not, and one
+    inside another world). Written to a temp dir first and renamed, so a crash never leaves half a
+    world; a killed write's temp dir goes on the next. flag: the option that named out_dir, for
+    the errors."""
     p = _params(params)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(out_dir, message="exists and is not a folder: choose another --out")
+        raise DataError(out_dir, message=f"exists and is not a folder: choose another {flag}")
+    _refuse_place(out_dir, flag)
     if not _is_ours(out_dir):
         raise DataError(out_dir, message="is not empty and holds no readable world.json: "
                                          "refusing to replace it "
                                          "(choose another folder, or empty this one)")
+    foreign = _foreign(out_dir, WORLD_FILES)
+    if foreign:  # before generating (minutes for a large world), not after
+        raise DataError(out_dir, message=f"holds {foreign}, which is not part of a world: "
+                                         "refusing to replace the folder (move it out first)")
     _clean_leftovers(out_dir)
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         world = _fill(tmp, seed, p)
-        foreign = []
-        if os.path.isdir(out_dir):
-            foreign = sorted(set(os.listdir(out_dir)) - set(os.listdir(tmp)) - {".lock"})
+        foreign = _foreign(out_dir, os.listdir(tmp))  # (again: put there while generating)
         if foreign:
-            raise DataError(out_dir, message=f"holds {foreign[0]}, which is not part of a world: "
+            raise DataError(out_dir, message=f"holds {foreign}, which is not part of a world: "
                                              "refusing to replace the folder (move it out first)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1284,7 +1338,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     whatever its sizes (e.g. a small test world). A stage never rewrites a world: any other folder
     is a one-line error saying what to do."""
     if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        write_world(out_dir, seed, **params)
+        write_world(out_dir, seed, flag="--world", **params)
         return out_dir
     how = f"pass another --world, or delete {out_dir} and it is written again"
     if not os.path.isdir(out_dir):
@@ -1346,6 +1400,8 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
+    for line in vocab_lines(s["vocab"], args["vocab_size"]):
+        print(line)
     for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
                                 text_only_writer=True):
         print(line)
@@ -1381,6 +1437,18 @@ def refuse_another_world(out, seed, params):
         what = f"a world with --{k} {was_params.get(k)} (now {now[k]})"
     raise DataError(out, message=f"holds {what}: pass --overwrite true to replace it (what was "
                                  "made from it would no longer match it)")
+
+
+def vocab_lines(vocab, wanted):
+    """What shapes.py says about the tokenizer: its real size, and a note when --vocab_size asked
+    for more than the world's text has to merge (above ~940 on the defaults, every size gave the
+    same tokenizer, while world.json records the size asked for)."""
+    lines = [f"tokenizer: {vocab} tokens (--vocab_size {wanted})"]
+    if vocab < wanted:
+        lines.append(f"note: --vocab_size {wanted} cannot be reached: BPE on this world's text "
+                     f"runs out of pairs to merge at {vocab} tokens, so a larger --vocab_size "
+                     "gives this same tokenizer (world.json records the size asked for)")
+    return lines
 
 
 def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):

@@ -839,6 +839,23 @@ def test_reward_partner_pairs(tiny_world):
     assert reward.partner_pairs([dict(val[0], image=None), outside] + val, tiny_world) == [val[0]]
 
 
+def test_reward_partner_pairs_without_pairs_in_world_json(tiny_world, tmp_path):
+    # ensure_world reads a world.json lacking a key as the default; so must partner_pairs (a
+    # KeyError traceback after the reward model had trained and its checkpoint was written)
+    import reward
+    import shapes
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    meta = json.load(open(world / "world.json"))
+    del meta["params"]["pairs"]
+    json.dump(meta, open(world / "world.json", "w"))
+    img = next(i for i in shapes.load_world(str(world))["images"]
+               if {"triangle"} == {o["name"] for o in i["objects"]} & {"triangle", "circle"})
+    val = [{"image": os.path.join(str(world), img["file_name"]),
+            "rejected": "Yes, there is a circle."}]
+    assert reward.partner_pairs(val, str(world)) == val
+
+
 def test_reward_other_image_facts():
     import reward
     val = [{"image": img, "captions": [f"caption of {img}"], "chosen": str(k)}

@@ -284,3 +284,40 @@ def test_sft_and_vigc_from_an_adapter_checkpoint_train_the_policy_it_holds(tiny_
         with torch.no_grad():
             logits = trained(None, ids)
         assert torch.allclose(logits, policy, atol=1e-4), script
+
+
+def test_a_fresh_model_takes_the_worlds_geometry(tiny_world, tmp_path):
+    """A fresh --model on a world was built at the preset's 48 px / 16 px whatever the world's
+    size: a 2 x 2 grid's 15 px cells straddled its patches, a 1023 px world's shapes shrank below a
+    pixel, without a word. Now its image size is the world's and each patch a grid cell, with a
+    note where that differs from the preset (none on the default geometry), in sft.py and
+    vigc.py; a cell too large to be a patch is refused in one line."""
+    import shapes
+    small = dict(n_train=30, n_val=6, n_test=30, n_unlabeled=4, n_pref=8, n_povid=8, n_rl=8)
+    grid2 = str(tmp_path / "grid2")
+    shapes.write_world(grid2, image_size=30, grid=2, **small)
+    base = ["--model", "tiny", "--max_steps", "2", "--batch_size", "4", "--report", "false"]
+    code, stdout, err = run_cli("sft", base + ["--world", grid2, "--out", str(tmp_path / "s2")])
+    assert code == 0, err
+    c = load_checkpoint(str(tmp_path / "s2")).config
+    assert (c.image_size, c.patch_size, c.num_image_tokens) == (30, 15, 4)
+    assert ("note: a fresh --model tiny takes the world's geometry: 30 px images, 15 px patches "
+            "(one per cell of its 2x2 grid), not the preset's 48 / 16") in stdout
+    argv = ["--init", "", "--model", "tiny", "--max_steps", "1", "--batch_size", "4",
+            "--generate", "0", "--world", grid2, "--out", str(tmp_path / "v2")]
+    code, stdout, err = run_cli("vigc", argv)
+    assert code == 0, err
+    assert load_checkpoint(str(tmp_path / "v2")).config.image_size == 30
+    assert "takes the world's geometry: 30 px images, 15 px patches" in stdout
+    code, stdout, err = run_cli("sft", base + ["--world", tiny_world, "--out", str(tmp_path / "d")])
+    assert code == 0, err
+    c = load_checkpoint(str(tmp_path / "d")).config
+    assert (c.image_size, c.patch_size) == (48, 16) and "geometry" not in stdout
+    big = str(tmp_path / "big")
+    shapes.write_world(big, image_size=192, **small)  # 64 px cells
+    code, _, err = run_cli("sft", base + ["--world", big, "--out", str(tmp_path / "b")])
+    assert code == 2 and err.strip() == (
+        f"error: --world {big}: the world's --image_size 192 --grid 3 makes 64 px cells, and a "
+        "fresh --model takes one patch per cell (at most 63 px): write a world with --image_size "
+        "at most 189, or start from --init")
+    assert not os.path.exists(os.path.join(tmp_path, "b", "checkpoint-000001"))

@@ -442,6 +442,36 @@ def test_every_cell_is_named_by_where_it_is(tmp_path):
     assert oracle.oracle(exact, objs)["hallucinated_objects"] == [], exact
 
 
+def test_grid_2_negatives_and_injections_name_only_its_cells(tmp_path):
+    """On a 2 x 2 grid the LRV negatives and the injected hallucinations of the preference pairs
+    place things only at its four corners: they drew from all nine 3 x 3 names, so a "negative"
+    could be true ("There is no square at the top." of a square at the top left) and questions
+    asked about a "center" the grid lacks."""
+    shapes.write_world(str(tmp_path / "w"), image_size=30, grid=2, max_objects=4,
+                       **dict(SMALL, n_train=200, n_pref=50, n_povid=50))
+    shapes.lrv_file(str(tmp_path / "w"), 0.25, 1)  # (written on first use, as sft.py --lrv does)
+    corners = {"top left", "top right", "bottom left", "bottom right"}
+    place = re.compile(r"\b(?:at|in|on) the (top left|top right|bottom left|bottom right|top|"
+                       r"bottom|left|right|center)\b", re.IGNORECASE)
+    seen = Counter()
+    for name in ("lrv/neg0.5-seed0.json", "lrv/neg0.25-seed1.json", "lrv_train.json",
+                 "pref_pairs.json", "pref_pairs_val.json", "povid_pairs.json"):
+        text = (tmp_path / "w" / name).read_text()
+        for m in place.finditer(text):
+            seen[name] += 1
+            assert m.group(1).lower() in corners, (name, text[m.start() - 80:m.end() + 20])
+    assert min(seen.values()) > 0 and len(seen) == 6
+    # and a negative about a present shape's place is false (the oracle finds it there)
+    by = shapes.load_world(str(tmp_path / "w"))["by_file"]
+    for r in json.load(open(tmp_path / "w" / "lrv_train.json")):
+        m = re.match(r"There is no (\w+) (?:at|in|on) the ([a-z ]+)\. ", r["answer"])
+        if m:
+            objs = by[r["image_id"]]
+            assert not [o for o in objs if (o["name"], o["position"]) == m.groups()], r
+    # the 3 x 3 grid's names are all nine, as before
+    assert data.grid_positions(3) == data.POSITIONS
+
+
 def test_generated_text_is_clean(worlds):
     w = shapes.load_world(str(worlds / "a"))
     by = w["by_file"]
@@ -726,6 +756,45 @@ def test_ensure_world(tmp_path):
         shapes.write_world(str(tmp_path / "x"), bogus=1)
 
 
+def test_world_folder_holds_what_write_world_expects(worlds):
+    """WORLD_FILES is what write_world checks a folder against before generating: it must be
+    what a world holds (an entry added to _fill and not here would make every rewrite fail)."""
+    assert set(os.listdir(worlds / "a")) == shapes.WORLD_FILES
+
+
+def test_out_refused_before_generating(tmp_path, monkeypatch):
+    """Refused before a world is generated: a folder holding a file a world does not (checked
+    only after the whole world was written before), an --out inside an existing world (a world
+    nested in a world, after which the outer one could no longer be rewritten), and an --out
+    under a plain file (the error named the internal temp folder, x.tmpPID)."""
+    tiny = dict(n_train=6, n_val=2, n_test=4, n_unlabeled=2, n_pref=4, n_povid=4, n_rl=4)
+    outer = tmp_path / "w"
+    shapes.write_world(str(outer), seed=0, **tiny)
+    before = files(outer)
+
+    def no_fill(*args):
+        raise AssertionError("generated before refusing")
+    monkeypatch.setattr(shapes, "_fill", no_fill)
+    (outer / "my_notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds my_notes.txt, which is not part of a world"):
+        shapes.write_world(str(outer), seed=0, **tiny)
+    (outer / "my_notes.txt").unlink()
+    for nested in (outer / "sub", outer / "images" / "x" / "y"):
+        with pytest.raises(DataError, match=f"lies inside the Shapes world {outer}: a world in"):
+            shapes.write_world(str(nested), seed=0, **tiny)
+    with pytest.raises(DataError, match=re.escape(f"--world {outer / 'sub'}: lies inside")):
+        shapes.ensure_world(str(outer / "sub"), seed=0, **tiny)
+    assert files(outer) == before and sorted(os.listdir(tmp_path)) == ["w"]
+    (tmp_path / "afile").write_text("a file")
+    out = tmp_path / "afile" / "x"
+    with pytest.raises(DataError) as e:
+        shapes.write_world(str(out), seed=0, **tiny)
+    assert str(e.value) == (f"--out {out}: {tmp_path / 'afile'} is a file, not a folder: choose "
+                            "another --out")
+    assert (tmp_path / "afile").read_text() == "a file"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "w"]
+
+
 def test_objects_from_plain_coco():
     coco = {"images": [{"id": 7, "file_name": "a.jpg"}],
             "categories": [{"id": 1, "name": "person"}],
@@ -735,6 +804,49 @@ def test_objects_from_plain_coco():
     assert shapes.objects_from_coco(coco) == {7: [person]}
     with pytest.raises(DataError):
         shapes.objects_from_coco({"images": []})
+
+
+def test_vocab_size_out_of_reach_is_said(tmp_path, capsys):
+    """BPE stops when the world's text has no pair left to merge: a larger --vocab_size gave a
+    byte-identical tokenizer while world.json recorded the size asked for, without a word. The
+    real size is printed, with a note when the size asked for is more."""
+    small = [f"--{k}={v}" for k, v in SMALL.items()]
+    shapes.main(["--out", str(tmp_path / "big"), "--vocab_size", "65536"] + small)
+    out = capsys.readouterr().out
+    real = len(data.load_tokenizer(str(tmp_path / "big" / "tokenizer")))
+    assert real < 65536 and f"tokenizer: {real} tokens (--vocab_size 65536)" in out
+    assert (f"note: --vocab_size 65536 cannot be reached: BPE on this world's text runs out of "
+            f"pairs to merge at {real} tokens, so a larger --vocab_size gives this same "
+            "tokenizer") in out
+    shapes.main(["--out", str(tmp_path / "at"), "--vocab_size", str(real)] + small)
+    out = capsys.readouterr().out
+    assert f"tokenizer: {real} tokens (--vocab_size {real})" in out and "note: --vocab" not in out
+    tok = "tokenizer/tokenizer.json"
+    assert (tmp_path / "big" / tok).read_bytes() == (tmp_path / "at" / tok).read_bytes()
+
+
+def test_flaw_stats_of_nothing_are_null(tmp_path):
+    """No number for nothing: with no existence question the "yes" shares (overall, per shape,
+    the false ones) are null, and a shape never asked is null beside the asked ones (they read
+    0.0, as if every answer about it were "no")."""
+    tiny = dict(SMALL, n_train=20)
+    w = shapes.write_world(str(tmp_path / "w"), exist_turns=0, read_turns=0, **tiny)
+    for key in ("sft_flaws", "read_flaws"):
+        flaws = w["stats"][key]
+        assert flaws["yes_share"] is None and flaws["false_yes_share"] is None, flaws
+        assert flaws["yes_share_by_shape"] == {s: None for s in shapes.SHAPES}
+        assert flaws["desc_naming_absent"] is not None  # (descriptions were written)
+    stored = json.load(open(tmp_path / "w" / "world.json"))["stats"]["sft_flaws"]
+    assert stored["yes_share"] is None and stored["yes_share_by_shape"]["circle"] is None
+    circle = {"name": "circle", "color": "red", "size": "large", "row": 0, "col": 0,
+              "position": "top left"}
+    rec = {"image": "a.png", "qtypes": ["yesno"], "conversations": [
+        {"from": "human", "value": "Is there a circle in the image?"},
+        {"from": "gpt", "value": "Yes, there is a circle."}]}
+    flaws = shapes.sft_flaw_stats([rec], [{"file_name": "a.png", "objects": [circle]}])
+    assert flaws["yes_share_by_shape"] == dict({s: None for s in shapes.SHAPES}, circle=1.0)
+    assert flaws["yes_share"] == 1.0 and flaws["false_yes_share"] == 0.0
+    assert flaws["desc_naming_absent"] is None  # no description
 
 
 def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):

@@ -2,6 +2,7 @@
 file."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -246,6 +247,21 @@ def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     argv = ["--init", tiny_ckpt, "--world", tiny_world, "--sft_share", "1", "--out", out]
     code, _, err = run_cli("vigc", argv)
     assert code == 2 and "--sft_share" in err
+
+
+def test_missing_world_image_list_says_how_to_get_it_back(tiny_world, tiny_ckpt, tmp_path):
+    # the world's vigc_images.txt deleted: the error blamed a user's --data ("not a folder or a
+    # file list (with your own --data, pass --images ...)"); it names the world's file instead
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    os.remove(world / "vigc_images.txt")
+    argv = ["--init", tiny_ckpt, "--world", str(world), "--max_steps", "1", "--generate", "2",
+            "--out", str(tmp_path / "vigc")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--images {world / 'vigc_images.txt'}: the world's list of unlabeled images is " \
+        "missing; shapes.py writes it with the world: write the world again (python shapes.py " \
+        f"--out {world} --seed 0 with the params in its world.json), or pass --images" in err
 
 
 def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, monkeypatch):

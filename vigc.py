@@ -534,7 +534,18 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+    geometry, note = None, None
+    if not cfg.init and named:  # a fresh model sees the world's images, one patch a cell
+        world_params = shapes.load_params(cfg.world)
+        geometry, note = common.world_geometry(world_params, cfg.model, cfg.world)
     records, instructions = load_records(cfg), load_instructions(cfg.instructions)
+    if "images" in named and cfg.generate > 0 and not os.path.exists(cfg.images):
+        # the world's own list, gone (deleted by hand): the advice for a user's --images misleads
+        raise common.ConfigError(
+            f"--images {cfg.images}: the world's list of unlabeled images is missing; shapes.py "
+            f"writes it with the world: write the world again (python shapes.py --out "
+            f"{cfg.world} --seed {cfg.world_seed} with the params in its world.json), or pass "
+            "--images")
     imgs = image_list(cfg) if cfg.generate > 0 and d.main else []  # checked before any training
     if cfg.generate > 0 and d.main and not imgs:
         raise common.ConfigError(f"--images '{cfg.images}': no images found")
@@ -550,7 +561,9 @@ def main(cfg):
     load_from = cfg.init if sharded else resume_path or cfg.init
     common.note_template("--init", cfg.init, cfg.template)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       cfg.tokenizer, d.device)
+                                                       cfg.tokenizer, d.device, geometry=geometry)
+    if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
+        print(note)
     common.check_new_tokens(model, cfg, "max_new_tokens")
     if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)
         common.fold_init_adapters(model)
