@@ -1440,15 +1440,13 @@ def refuse_another_world(out, seed, params):
 
 
 def vocab_lines(vocab, wanted):
-    """What shapes.py says about the tokenizer: its real size, and a note when --vocab_size asked
-    for more than the world's text has to merge (above ~940 on the defaults, every size gave the
-    same tokenizer, while world.json records the size asked for)."""
-    lines = [f"tokenizer: {vocab} tokens (--vocab_size {wanted})"]
-    if vocab < wanted:
-        lines.append(f"note: --vocab_size {wanted} cannot be reached: BPE on this world's text "
-                     f"runs out of pairs to merge at {vocab} tokens, so a larger --vocab_size "
-                     "gives this same tokenizer (world.json records the size asked for)")
-    return lines
+    """What shapes.py says about the tokenizer: its real size, and that a larger --vocab_size
+    gives the same one when BPE ran out of pairs to merge first (948 of 1024 on the defaults;
+    --vocab_size 65536 gave that same tokenizer, while world.json records the size asked for)."""
+    if vocab >= wanted:
+        return [f"tokenizer: {vocab} tokens (--vocab_size {wanted})"]
+    return [f"tokenizer: {vocab} tokens (--vocab_size {wanted}: BPE ran out of pairs to merge "
+            f"in this world's text; any --vocab_size above {vocab} gives this same tokenizer)"]
 
 
 def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):
