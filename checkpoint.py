@@ -245,6 +245,11 @@ def _typed_get(d, key, default, kind, prefix=""):
     return v
 
 
+# transformers' MistralConfig defaults where they differ from LlamaConfig's
+MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8,
+                    "max_position_embeddings": 131072}
+
+
 def _text_fields(t, prefix=""):
     """LLaMA config fields -> ours, with transformers' LlamaConfig defaults for absent fields
     (hub configs list only what differs from those defaults). prefix: where t is in the file."""
@@ -272,15 +277,19 @@ def _text_fields(t, prefix=""):
     if kind not in ("llama", "mistral", "llava", "llava_llama", "llava_mistral"):
         raise CheckpointError(f"config: field '{prefix}model_type': {kind!r} is not supported "
                               "(a LLaMA language model)")
-    get = lambda key, default, kind=int: _typed_get(t, key, default, kind, prefix)
-    # Mistral's config class has a 4096-token window when the field is absent (null: none)
-    mistral = kind in ("mistral", "llava_mistral") and "sliding_window" not in t
-    window = 4096 if mistral else t.get("sliding_window")
+    # an absent field is the config class's default: Mistral's differ from LLaMA's (its window:
+    # 4096 tokens when absent, none when null)
+    mistral = kind in ("mistral", "llava_mistral")
+    defaults = MISTRAL_DEFAULTS if mistral else {}
+    get = lambda key, default, kind=int: _typed_get(t, key, defaults.get(key, default), kind,
+                                                    prefix)
+    default_window = mistral and "sliding_window" not in t
+    window = 4096 if default_window else t.get("sliding_window")
     if window is not None and type(window) is not int:
         raise CheckpointError(f"config: field '{prefix}sliding_window': expected an integer or "
                               f"null, got {window!r:.40}")
     if window is not None and window < get("max_position_embeddings", 2048):
-        absent = " (absent: Mistral's default)" if mistral else ""
+        absent = " (absent: Mistral's default)" if default_window else ""
         raise CheckpointError(f"config: field '{prefix}sliding_window': {window}{absent} is not "
                               "supported (attention over every earlier token only)")
     heads = get("num_attention_heads", 32)
@@ -358,7 +367,8 @@ def _vision_fields_from_weights(src, path, tower):
     openai/clip-vit-...), whose heads are 64 wide and whose activation is quick_gelu. Other towers
     (OpenCLIP's ViT-H has 80-wide heads and gelu) would load with the wrong heads without a word."""
     name = str(tower or "")
-    if not (name.startswith("openai/") or os.path.basename(name).startswith("clip-vit-")):
+    openai_name = os.path.basename(os.path.normpath(name)).startswith("clip-vit-")
+    if not (name.startswith("openai/") or openai_name):  # (OpenAI's hub names: clip-vit-...)
         raise CheckpointError(f"{path}: mm_vision_tower {name!r} is not on disk, and the CLIP "
                               "weights here do not give its head count or activation (read "
                               "from the weights for OpenAI's CLIP ViTs only); pass its directory "
@@ -541,9 +551,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
                   "it was trained with", flush=True)
     elif layout == "llava-hf":
-        # (no vision_config: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own defaults)
+        # (no vision_config, or null: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own)
         vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
-                            if "vision_config" in cfg else LLAVA_DEFAULT_VISION)
+                            if cfg.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
         vf = _from_file(path, lambda: _vision_fields(vision, "vision_config."))
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
         layer = _get(cfg, "vision_feature_layer", -2)  # (a list: ModelConfig checks it)
@@ -598,9 +608,12 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
                                 if nested else clip_cfg)
             prefix = "vision_config." if nested else ""
             vf = _from_file(clip_dir, lambda: _vision_fields(vision, prefix))
-            if vision_tower or not has_vision:
+            if not has_vision:
                 src.vision_from(clip_dir)
                 clip_from = clip_dir
+            elif vision_tower:  # (its own weights are what it was trained with: ShareGPT4V's are)
+                print(f"note: --vision_tower {vision_tower}: its config is read; the CLIP weights "
+                      f"are {path}'s own", flush=True)
         elif has_vision:
             vf = _vision_fields_from_weights(src, path, cfg.get("mm_vision_tower"))
         else:
@@ -1515,6 +1528,12 @@ def load_peft_adapter(model, path, name, no_merge=None):
     text, merged = {}, []
     ours = {parts[0]: n for n, parts in _our_targets(model.config).items() if len(parts) == 1}
     params = dict(model.named_parameters())
+
+    def refuse_tied_head(key, module):  # (saved with its base_layer copy or without it)
+        if model.config.tie_embeddings and module.endswith("lm_head"):
+            raise CheckpointError(f"{file}: key '{key}': LoRA on the lm_head of a model whose "
+                                  "lm_head is its input embedding (tied) is not supported")
+
     for key in sorted(state):
         if key.endswith(".lora_B.weight"):
             if key.replace("lora_B", "lora_A") not in state:  # (else dropped without a word)
@@ -1524,10 +1543,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
         if key.endswith(".base_layer.weight"):  # (PEFT's save_embedding_layers, 'auto' with
             # LoRA on lm_head: the head's own weight beside its LoRA, which PEFT loads back in)
             module = key[:-len(".base_layer.weight")].removeprefix("base_model.model.")
-            if model.config.tie_embeddings and module.endswith("lm_head"):
-                raise CheckpointError(f"{file}: key '{key}': LoRA on the lm_head of a model "
-                                      "whose lm_head is its input embedding (tied) is not "
-                                      "supported")
+            refuse_tied_head(key, module)
             own = params.get(ours.get(_canonical_key(module + ".weight")))
             if own is None or own.shape != state[key].shape or \
                     not torch.equal(own.detach().cpu().float(), state[key].float()):
@@ -1539,6 +1555,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
             raise CheckpointError(f"{file}: key '{key}' is not a LoRA A/B weight (embedding LoRA "
                                   "or saved modules are not supported)")
         module = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+        refuse_tied_head(key, module)
         # PEFT gives a module it does not target no LoRA and drops its weights; PEFT may rename
         # llava-hf keys between layouts before matching, so a name passes in either layout
         reasons = [left_out_by(n) for n in _llava_hf_layouts(module)]

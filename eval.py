@@ -73,7 +73,7 @@ from checkpoint import (base_weights_dir, is_peft_dir, peft_base_dir, refuse_sca
 from model import CheckpointError
 from judges import (PLACEHOLDERS, JudgeError, gavie_metrics, judge_prompt, llava_bench_metrics,
                     llava_bench_rule, load_judge_prompts, load_llava_bench_rules,
-                    local_judge_config, make_judge, mmhal_metrics, openai_key)
+                    local_judge_config, make_judge, mmhal_metrics, openai_key, system_line)
 from metrics import (chair_counts, chair_metrics, coco_objects, load_synonyms, mean, pope_metrics,
                      pope_yes_no)
 
@@ -803,7 +803,10 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     asked = [q for q in qs if q["id"] in lines]
     prompts = {q["id"]: judge_prompt(bench, q, lines[q["id"]]["answer"], templates) for q in asked}
     pixels = {q["id"]: lines[q["id"]].get("image_digest") for q in asked}  # (the answer's)
-    digest = {q["id"]: hashlib.sha1(f"{prompts[q['id']]}|{pixels[q['id']]}".encode())
+    # what the judge reads: LLaVA-Bench's system line too (a reply to the prompt alone, as the
+    # local judge's were before it sent the line, is not reused)
+    system = f"{system_line(bench)}|" if system_line(bench) else ""
+    digest = {q["id"]: hashlib.sha1(f"{system}{prompts[q['id']]}|{pixels[q['id']]}".encode())
               .hexdigest()[:16] for q in asked}
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"

@@ -272,6 +272,11 @@ def gavie_metrics(qs, replies):
 LLAVA_BENCH_SYSTEM = ("You are a helpful and precise assistant for checking the quality of the "
                       "answer.")
 LLAVA_BENCH_TEMPERATURE = 0.2
+
+
+def system_line(bench):
+    """The system line a judge reads beside the prompt: LLaVA-Bench's, else none."""
+    return LLAVA_BENCH_SYSTEM if bench == "llava_bench" else ""
 LLAVA_BENCH_RULE = {"role": "Assistant", "prompt": (
     "Two AI assistants answered the user's question above about an image. You cannot see the "
     "image: the context describes it in a few sentences and lists its objects with their "
@@ -484,8 +489,8 @@ class OpenAIJudge:
 
     def __call__(self, prompt, record):
         messages, temperature = [{"role": "user", "content": prompt}], 0
-        if record.get("bench") == "llava_bench":  # (LLaVA's call, as its scores were made)
-            messages = [{"role": "system", "content": LLAVA_BENCH_SYSTEM}] + messages
+        if system_line(record.get("bench")):  # (LLaVA's call, as its scores were made)
+            messages = [{"role": "system", "content": system_line(record["bench"])}] + messages
             temperature = LLAVA_BENCH_TEMPERATURE
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
                            "max_tokens": self.cfg.judge_max_tokens}).encode()
@@ -531,24 +536,32 @@ class LocalJudge:
             first = str(e).splitlines()[0] if str(e) else ""
             raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
 
-    def chat_ids(self, messages):
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True,
-                                           return_tensors="pt")
-        return ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    def chat_text(self, prompt, system):
+        """The chat template's text: the system line as a system turn where the template keeps
+        one, else first in the user turn (a template without a system role raises, e.g. Gemma's,
+        or drops it without a word)."""
+        from jinja2 import TemplateError
+        render = lambda messages: self.tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False)
+        user = {"role": "user", "content": prompt}
+        if system:
+            try:
+                text = render([{"role": "system", "content": system}, user])
+                if system in text:
+                    return text
+            except TemplateError:
+                pass
+            user = {"role": "user", "content": f"{system}\n\n{prompt}"}
+        return render([user])
 
     @torch.no_grad()
     def __call__(self, prompt, record):
         # LLaVA-Bench: LLaVA's system line, as its judge call sends it (greedy here: LLaVA's
         # temperature 0.2 is --judge openai's; a local judge's replies reproduce exactly)
-        system = LLAVA_BENCH_SYSTEM if record.get("bench") == "llava_bench" else None
-        user = [{"role": "user", "content": prompt}]
-        if getattr(self.tok, "chat_template", None) and system:
-            try:
-                ids = self.chat_ids([{"role": "system", "content": system}] + user)
-            except Exception:  # (a template without a system role, e.g. Gemma's, raises)
-                ids = self.chat_ids([{"role": "user", "content": f"{system}\n\n{prompt}"}])
-        elif getattr(self.tok, "chat_template", None):
-            ids = self.chat_ids(user)
+        system = system_line(record.get("bench"))
+        if getattr(self.tok, "chat_template", None):  # (as apply_chat_template tokenizes)
+            text = self.chat_text(prompt, system)
+            ids = self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids
         else:  # (a plain LM reads the system line as the text's first paragraph)
             text = f"{system}\n\n{prompt}" if system else prompt
             ids = self.tok(text, return_tensors="pt").input_ids

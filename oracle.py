@@ -2,7 +2,7 @@
 attributes and relations it claims, and which of them are false for the image's objects.
 
 CHAIR (chair_counts), the POPE-style yes/no check (score_answer), reward.py's oracle-ranked
-pairs, PPO's and VIGC's hallucination reports and eval.py's MMHal/GAVIE oracle judge all read
+pairs, PPO's and VIGC's hallucination reports and judges.py's MMHal/GAVIE oracle judge all read
 answers through `oracle(text, objects)`. An object is a dict with "name", "color", "size" and,
 when it has a place, "row" and "col" (shapes.py writes them; see shapes.objects_from_coco).
 """

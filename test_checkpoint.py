@@ -575,6 +575,9 @@ def _edited_hf(hf_dirs, tmp_path, edit):
     (lambda c: c["text_config"].update(pad_token_id=150), "text_config.pad_token_id': 150 is not"),
     (lambda c: c["text_config"].update(model_type="mistral", max_position_embeddings=8192),
      "'text_config.sliding_window': 4096 (absent: Mistral's default)"),
+    (lambda c: (c["text_config"].update(model_type="mistral"),
+                c["text_config"].pop("max_position_embeddings")),
+     "'text_config.sliding_window': 4096 (absent: Mistral's default)"),
 ])
 def test_hand_edited_llava_hf_config_is_one_line_naming_the_field(hf_dirs, tmp_path, edit, field):
     """A llava-hf config.json with a field of the wrong type or outside the model: one error naming
@@ -595,9 +598,18 @@ def test_llava_hf_config_defaults_are_llava_configs(hf_dirs, tmp_path, capsys):
     id, and the export loads in transformers (it was written into text_config: 'Padding_idx must
     be within num_embeddings')."""
     from transformers import LlavaForConditionalGeneration
-    path = _edited_hf(hf_dirs, tmp_path, lambda c: c.pop("vision_config"))
-    with pytest.raises(CheckpointError, match=r"\(1024,\)"):  # CLIP-L's width, not the tiny one
-        load_checkpoint(path)
+    from checkpoint import LLAVA_DEFAULT_VISION, _vision_fields
+    from transformers import LlavaConfig
+    for edit in (lambda c: c.pop("vision_config"), lambda c: c.update(vision_config=None)):
+        path = _edited_hf(hf_dirs, tmp_path, edit)
+        with pytest.raises(CheckpointError, match=r"\(1024,\)"):  # CLIP-L's width, not tiny's
+            load_checkpoint(path)
+    want = LlavaConfig().vision_config
+    assert _vision_fields(LLAVA_DEFAULT_VISION) == dict(
+        image_size=want.image_size, patch_size=want.patch_size, vision_hidden=want.hidden_size,
+        vision_intermediate=want.intermediate_size, vision_layers=want.num_hidden_layers,
+        vision_heads=want.num_attention_heads, vision_eps=want.layer_norm_eps)
+    assert want.hidden_act == "quick_gelu"
     path = _edited_hf(hf_dirs, tmp_path, lambda c: c["text_config"].update(
         model_type="mistral", max_position_embeddings=8192, sliding_window=None))
     hf, _ = hf_dirs["gelu"]
@@ -613,7 +625,8 @@ def test_llava_hf_config_defaults_are_llava_configs(hf_dirs, tmp_path, capsys):
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "export")
 
 
-def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tmp_path):
+def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tmp_path,
+                                                                      capsys):
     """An original LLaVA checkpoint holding its CLIP weights whose tower is not on disk: the CLIP
     config was inferred from the weights assuming OpenAI's 64-wide heads and quick_gelu, which
     reads OpenCLIP's ViT-H (80-wide heads, gelu) wrongly without a word. Now refused for any tower
@@ -625,10 +638,21 @@ def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tm
     with pytest.raises(CheckpointError, match="'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' is not on "
                                               "disk.*--vision_tower DIR"):
         load_checkpoint(tmp_path / "orig")
-    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"  # (the tiny tower is 32 wide)
-    (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="cannot infer the CLIP head count for width 32"):
-        load_checkpoint(tmp_path / "orig")
+    for tower in ("openai/clip-vit-large-patch14-336", "/models/clip-vit-large-patch14-336/"):
+        cfg["mm_vision_tower"] = tower  # (OpenAI's: read from the weights; the tiny one is 32 wide)
+        (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match="cannot infer the CLIP head count for width 32"):
+            load_checkpoint(tmp_path / "orig")
+    # --vision_tower gives the config; the weights stay the checkpoint's own (they were swapped
+    # for the folder's without a word)
+    from transformers import CLIPVisionModel
+    torch.manual_seed(5)
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")  # other weights
+    ours = load_checkpoint(tmp_path / "orig", vision_tower=str(tmp_path / "clip")).eval()
+    assert "its config is read; the CLIP weights are" in capsys.readouterr().out
+    pixels, ids = inputs()
+    torch.testing.assert_close(ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200)),
+                               hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
 
 
 def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_path):
@@ -654,6 +678,10 @@ def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_pat
         adapter_cfg = json.load(f)
     adapter_cfg["base_model_name_or_path"] = str(tmp_path / "base")
     (tmp_path / "head" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
-    with pytest.raises(CheckpointError, match="LoRA on the lm_head of a model whose lm_head is "
-                                              "its input embedding"):
-        load_checkpoint(tmp_path / "head")
+    for embedding_layers in (True, False):  # (with the head's copy beside its LoRA, or without)
+        head.save_pretrained(tmp_path / "head", save_embedding_layers=embedding_layers)
+        adapter_cfg["base_model_name_or_path"] = str(tmp_path / "base")
+        (tmp_path / "head" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+        with pytest.raises(CheckpointError, match="LoRA on the lm_head of a model whose lm_head "
+                                                  "is its input embedding"):
+            load_checkpoint(tmp_path / "head")

@@ -1,6 +1,6 @@
-"""Tests for eval.py: metric math against hand-computed numbers, the parsers, the oracle judge, the
-HTTP judge against a local server, and the CLI (reuse, resume, compare, bad input) on the tiny world
-of conftest.py."""
+"""Tests for eval.py, metrics.py and judges.py: metric math against hand-computed numbers, the
+parsers, the oracle judge, the HTTP judge against a local server, and the CLI (reuse, resume,
+compare, bad input) on the tiny world of conftest.py."""
 import http.server
 import json
 import os
@@ -18,8 +18,8 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 import eval as E  # noqa: E402
 import judges  # noqa: E402
-import shapes  # noqa: E402
 import metrics  # noqa: E402
+import shapes  # noqa: E402
 from conftest import merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint_files  # noqa: E402
@@ -201,7 +201,6 @@ def test_chair_coco_word_matcher(tmp_path):
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
 
 
-
 def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
     """--export true with CHAIR: export/chair.jsonl, one {"image_id", "caption"} per description,
     the COCO image id as the instances file has it (an int), as CHAIR-metric-standalone's chair.py
@@ -220,7 +219,8 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
         assert [r["caption"] for r in exported] == [a["answer"] for a in answers], name
         assert all(set(r) == {"image_id", "caption"} for r in exported)
         if name == "coco":
-            images = json.load(open(os.path.join(world, "annotations.json")))["images"][:3]
+            with open(os.path.join(world, "annotations.json")) as f:
+                images = json.load(f)["images"][:3]
             assert [r["image_id"] for r in exported] == [img["id"] for img in images]
             assert all(isinstance(r["image_id"], int) for r in exported)
         else:
@@ -710,12 +710,41 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})
 
 
+def test_a_judge_reply_without_llava_benchs_system_line_is_not_reused(tmp_path):
+    """A judge's stored reply is reused for the same judge, prompt and image; what the judge reads
+    includes LLaVA-Bench's system line, so a reply to the prompt alone (the local judge's before
+    it sent the line) is asked again, while MMHal's replies are reused as before."""
+    import hashlib
+    calls = []
+
+    class Judge:
+        name = "local:j"
+
+        def __call__(self, prompt, record):
+            calls.append(record["bench"])
+            return "8 7\nfine"
+
+    q = {"id": "0", "prompt": "What is red?", "gt": "A circle.", "image_content": ["circle"],
+         "context": "A red circle.", "reference": "A circle.", "category": "conv",
+         "rule": {"role": "Assistant", "prompt": "Rate them."}}
+    lines_ = {"0": {"answer": "A square.", "image_digest": "ab"}}
+    for bench in ("llava_bench", "mmhal"):
+        path = tmp_path / f"judge_{bench}.jsonl"
+        prompt = judges.judge_prompt(bench, q, "A square.", {})
+        old = hashlib.sha1(f"{prompt}|ab".encode()).hexdigest()[:16]  # (the prompt alone)
+        path.write_text(json.dumps({"id": "0", "judge": "local:j", "answer": "A square.",
+                                    "reply": "old", "prompt_digest": old}) + "\n")
+        replies = E.judge_replies(bench, [q], lines_, str(path), {"judge": Judge()}, E.Config(),
+                                  "m0")
+        assert replies["0"] == ("8 7\nfine" if bench == "llava_bench" else "old"), bench
+    assert calls == ["llava_bench"]
+
 
 def test_local_judge_sends_llava_bench_system_line(tiny_world, tmp_path):
     """LLaVA's judge call for LLaVA-Bench opens with its system line (eval_gpt_review_visual.py);
     the local judge sent the user turn alone. Now: a system turn where the chat template has one,
-    the line folded into the user turn where the template refuses a system role, the first
-    paragraph of a plain LM's text; other benchmarks get the user turn alone."""
+    the line folded into the user turn where the template refuses a system role or drops it, the
+    first paragraph of a plain LM's text; other benchmarks get the user turn alone."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     tok = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "tokenizer"))
     torch.manual_seed(0)
@@ -725,10 +754,12 @@ def test_local_judge_sends_llava_bench_system_line(tiny_world, tmp_path):
     roles = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
                  "{% endif %}" + roles)
+    drops_system = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] }}: "
+                    "{{ m['content'] }}\n{% endif %}{% endfor %}")
     system = {"role": "system", "content": judges.LLAVA_BENCH_SYSTEM}
+    folded = [{"role": "user", "content": judges.LLAVA_BENCH_SYSTEM + "\n\nQ"}]
     for template, want_bench in ((roles, [system, {"role": "user", "content": "Q"}]),
-                                 (no_system, [{"role": "user", "content":
-                                               judges.LLAVA_BENCH_SYSTEM + "\n\nQ"}])):
+                                 (no_system, folded), (drops_system, folded)):
         tok.chat_template = template
         tok.save_pretrained(tmp_path / "judge")
         judge = judges.LocalJudge(cfg)
