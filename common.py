@@ -3,6 +3,7 @@ data parallelism, or FSDP2 sharding with --fsdp), seeding, AdamW + cosine schedu
 checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -971,9 +972,45 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
 
 
 def _config_dict(run_config):
-    if dataclasses.is_dataclass(run_config):
-        return dataclasses.asdict(run_config)
-    return dict(run_config)
+    """The run config as a checkpoint records it; a run on a Shapes world also records a digest of
+    its world.json (seed, format, parameters, statistics: the same bytes when written again with
+    them), so a world rewritten since with other parameters is noticed (note_world)."""
+    is_dataclass = dataclasses.is_dataclass(run_config)
+    cfg = dataclasses.asdict(run_config) if is_dataclass else dict(run_config)
+    if isinstance(cfg.get("world"), str) and world_digest(cfg["world"]):
+        cfg["world_digest"] = world_digest(cfg["world"])
+    return cfg
+
+
+def world_digest(world):
+    """A digest of the world's world.json, or None where there is none."""
+    try:
+        with open(os.path.join(world, "world.json"), "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def rewritten_world(ckpt_dir, world):
+    """The recorded world path when the checkpoint was trained on `world` and that folder has been
+    written again since with other parameters (its world.json differs from the one recorded), else
+    None (another world, not recorded, or the same)."""
+    rc = recorded_run_config(ckpt_dir)
+    if not isinstance(rc.get("world"), str):
+        return None
+    same_folder = os.path.realpath(rc["world"]) == os.path.realpath(world)
+    now = world_digest(world)
+    stale = same_folder and rc.get("world_digest") not in (None, now) and now is not None
+    return rc["world"] if stale else None
+
+
+def note_world(flag, path, world):
+    """A note where --init/--ckpt was trained on this --world folder before it was written again
+    with other parameters: its answers are then judged against, or trained on, another world."""
+    if path and rewritten_world(resolve_checkpoint(path), world):
+        print(f"note: {flag} {path} was trained on {world} before it was written again with "
+              "other parameters (its world.json differs from the one recorded): this run reads "
+              "the world as it is now", flush=True)
 
 
 def _commit(tmp, final, out_dir, keep):
@@ -1065,6 +1102,11 @@ def load_resume(out_dir, run_config, generators=None):
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
                           f"{was.get(k)!r}, now {now[k]!r}")
+    if rewritten_world(path, now.get("world", "")):  # (the rest of the run would read another)
+        raise ConfigError(f"{path}: --resume: {now['world']} was written again with other "
+                          "parameters since this run started (its world.json differs from the "
+                          "one recorded); start again with --overwrite true, or pass the world "
+                          "it was trained on")
     max_steps = now.get("max_steps")
     if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
         raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
@@ -1187,15 +1229,20 @@ def fold_init_adapters(model):
     return merged
 
 
-def recorded_template(ckpt_dir):
-    """The --template a checkpoint of ours was trained with (its run_config), or None (not ours,
-    or no config: loading says what is wrong)."""
+def recorded_run_config(ckpt_dir):
+    """The run config a checkpoint of ours records, or {} (not ours, or no config: loading says
+    what is wrong)."""
     try:
         with open(os.path.join(ckpt_dir, "config.json")) as f:
             rc = json.load(f).get("run_config")
     except (OSError, ValueError, AttributeError):
-        return None
-    return rc.get("template") if isinstance(rc, dict) else None
+        return {}
+    return rc if isinstance(rc, dict) else {}
+
+
+def recorded_template(ckpt_dir):
+    """The --template a checkpoint of ours was trained with, or None."""
+    return recorded_run_config(ckpt_dir).get("template")
 
 
 def note_template(flag, path, template):

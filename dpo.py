@@ -413,6 +413,7 @@ def main(cfg):
     # (--resume of a LoRA run: the base its adapters were trained on)
     init_dir = common.trained_base(resume_path, cfg.init)
     common.note_template("--init", cfg.init, cfg.template)
+    common.note_world("--init", cfg.init, cfg.world)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = init_dir if sharded else resume_path or init_dir

@@ -183,12 +183,21 @@ def read_jsonl(path):
 # benchmark questions: {"id", "image", "prompt", "file", + what scoring needs}
 # ----------------------------------------------------------------------------------------
 
+def shapes_benchmarks(cfg):
+    """{benchmark: whether its questions are the Shapes world's (no public file given)}."""
+    return {"pope": not cfg.pope_files, "chair": not cfg.chair_instances,
+            "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file, "llava_bench": False}
+
+
+def shapes_world_read(cfg):
+    return any(shapes_benchmarks(cfg)[b] for b in cfg.benchmarks)
+
+
 def load_benchmarks(cfg):
     """All questions, read and checked (images exist) before any model is loaded."""
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
-    on_shapes = {"pope": not cfg.pope_files, "chair": not cfg.chair_instances,
-                 "mmhal": not cfg.mmhal_file, "gavie": not cfg.gavie_file, "llava_bench": False}
+    on_shapes = shapes_benchmarks(cfg)
     if all(on_shapes[b] for b in cfg.benchmarks):  # (the world's images are found by the world)
         common.refuse_unread(cfg, ["image_folder"], "when every benchmark is the Shapes world's "
                              "(no --pope_files, --chair_instances, --mmhal_file or --gavie_file); "
@@ -204,7 +213,7 @@ def load_benchmarks(cfg):
         if cfg.judge == "local":
             local_judge_config(cfg.judge_model)
     world = None
-    if any(on_shapes[b] for b in cfg.benchmarks):
+    if shapes_world_read(cfg):
         # written on first use, else checked as every stage checks it (another seed's world was
         # scored as if it were --world_seed's)
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
@@ -1054,6 +1063,8 @@ def main(cfg):
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
         refuse_scalar_model(ckpt_dir)  # (it would answer with its reward LoRA)
         common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
+        if shapes_world_read(cfg):
+            common.note_world("--ckpt" if not cfg.compare else "--compare", c, cfg.world)
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

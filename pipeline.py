@@ -94,6 +94,19 @@ def refuse_stale_models(cfg, models):
                                      "the stages of the models you compare)")
 
 
+def refuse_rewritten_world(cfg):
+    """Stages after an SFT run already in --out, on a --world written again since with other
+    parameters: every later stage would read another world than the SFT model learnt."""
+    sft = os.path.join(cfg.out, "sft")
+    ck = latest_checkpoint(sft) if os.path.isdir(sft) else None
+    if ck and common.rewritten_world(ck, cfg.world):
+        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} was trained on "
+                                 f"{cfg.world} before it was written again with other parameters "
+                                 "(its world.json differs from the one recorded): run every "
+                                 "stage again (--overwrite true), or pass the world it was "
+                                 "trained on")
+
+
 def stage_commands(cfg):
     o = lambda name: os.path.join(cfg.out, name)
     common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed),
@@ -161,6 +174,8 @@ def main(cfg):
     if "eval" in cfg.stages and not compared_models(cfg):  # (eval would read its own default)
         raise common.ConfigError(f"--stages {','.join(cfg.stages)}: eval compares the models of "
                                  f"sft, lrv, ppo or dpo, and none is given or in --out {cfg.out}")
+    if "sft" not in cfg.stages:
+        refuse_rewritten_world(cfg)
     if "eval" in cfg.stages and "sft" not in cfg.stages:
         refuse_stale_models(cfg, compared_models(cfg))
     for stage in cfg.stages if not cfg.overwrite else ():  # (the stage's own hint names flags

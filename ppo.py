@@ -751,6 +751,9 @@ def main(cfg):
                              "facts (--facts false); drop it")
     base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
     check_policy_template(cfg, base, rm[2])
+    if d.main:
+        for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):
+            common.note_world(flag, path, cfg.world)
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d, tok_dir)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts

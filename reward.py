@@ -382,6 +382,7 @@ def main(cfg):
     sharded = common.sharded_resume(resume_path, d)
     base = common.trained_base(resume_path, cfg.init)  # the RM points here for its frozen weights
     common.note_template("--init", cfg.init, cfg.template)
+    common.note_world("--init", cfg.init, cfg.world)
     load_from = base if sharded else resume_path or base
     # (a resumed run loads its own reward model)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,

@@ -6,6 +6,7 @@ import os
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
 import common
@@ -509,3 +510,47 @@ def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, ti
             continue
         refused.append(f"{name} ran without claiming --out")
     assert not refused, "\n".join(refused)
+
+
+
+def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_sft, capsys):
+    """A checkpoint records a digest of its world's world.json. After the world folder is written
+    again with other parameters (shapes.py --overwrite true), a stage with that --init says so,
+    pipeline.py --stages lrv refuses to go on from the old SFT, and --resume of a run started on
+    the old world is refused: before, each went on without a word on another world."""
+    import shutil
+    from checkpoint import latest_checkpoint
+    world, out = tmp_path / "world", tmp_path / "ckpt"
+    shutil.copytree(tiny_world, world)
+    shutil.copytree(tiny_sft, out / "sft")
+    ck = latest_checkpoint(str(out / "sft"))
+    with open(os.path.join(ck, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["run_config"]["world_digest"] == common.world_digest(tiny_world)  # recorded
+    cfg["run_config"]["world"] = str(world)  # (as if trained on this copy)
+    with open(os.path.join(ck, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    import sft
+    run = common.parse_config(sft.Config, ["--world", str(world), "--out", str(out / "sft"),
+                                           "--model", "tiny", "--max_steps", "3",
+                                           "--resume", "true"])
+    state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
+    state["run_config"] = dict(dataclasses.asdict(run), world_digest=common.world_digest(world))
+    torch.save(state, os.path.join(ck, "trainer_state.pt"))
+    common.note_world("--init", str(out / "sft"), str(world))
+    assert "note:" not in capsys.readouterr().out  # the same world: nothing to say
+    with open(world / "world.json") as f:  # written again: other bytes
+        text = f.read()
+    (world / "world.json").write_text(text + "\n")
+    common.note_world("--init", str(out / "sft"), str(world))
+    assert f"note: --init {out / 'sft'} was trained on {world} before it was written again" in \
+        capsys.readouterr().out
+    code, stdout, err = run_cli("eval", ["--ckpt", str(out / "sft"), "--world", str(world),
+                                         "--benchmarks", "pope", "--limit", "2",
+                                         "--out", str(tmp_path / "eval")], strict=True)
+    assert code == 0 and f"note: --ckpt {out / 'sft'} was trained on {world}" in stdout, err
+    argv = ["--stages", "lrv", "--world", str(world), "--out", str(out)]
+    code, _, err = run_cli("pipeline", argv, strict=True)
+    assert code == 2 and f"{out / 'sft'} was trained on {world} before it was written again" in err
+    with pytest.raises(common.ConfigError, match="--resume: .* was written again with other"):
+        common.load_resume(str(out / "sft"), run)

@@ -560,6 +560,7 @@ def main(cfg):
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
     common.note_template("--init", cfg.init, cfg.template)
+    common.note_world("--init", cfg.init, cfg.world)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        cfg.tokenizer, d.device, geometry=geometry)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
