@@ -774,9 +774,26 @@ def file_digests(paths):
 def claim_out(cfg, d, inits=()):
     """Before anything is read or written (main process): --out writable and locked; a run already
     there is continued only with --resume true (which needs a checkpoint) and replaced only with
-    --overwrite true."""
-    if not d.main:
-        return
+    --overwrite true. Under torchrun every rank waits for rank 0's answer: the others went on
+    while rank 0 was refused (a locked --out's half-written checkpoints were cleaned away by
+    another rank's --resume)."""
+    if d.world == 1:
+        return _claim_out(cfg, inits)
+    refused = None
+    if d.main:
+        try:
+            _claim_out(cfg, inits)
+        except Exception as e:  # (told to the other ranks before it is raised here)
+            refused = e
+    told = [refused is not None]
+    dist.broadcast_object_list(told, src=0)
+    if refused is not None:
+        raise refused
+    if told[0]:  # (rank 0 says why, once)
+        raise SystemExit(2)
+
+
+def _claim_out(cfg, inits):
     out, resume, overwrite = cfg.out, cfg.resume, getattr(cfg, "overwrite", False)
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
@@ -953,6 +970,10 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
         return _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base,
                              generators, extra_state, keep, d, full)
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    ranks_rng = None  # every rank's random streams (each draws its own LoRA dropout masks)
+    if d is not None and d.world > 1:
+        ranks_rng = [None] * d.world if d.main else None
+        dist.gather_object(rng_state(generators), ranks_rng, dst=0)
     if d is None or d.main:
         tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -963,7 +984,8 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
             tokenizer.save_pretrained(tmp)
         state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                 "rng": rng_state(generators), "extra": extra_state or {}}
+                 "rng": rng_state(generators), "rng_ranks": ranks_rng,
+                 "extra": extra_state or {}}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         _commit(tmp, final, out_dir, keep)
     if d is not None and d.world > 1:
@@ -1107,7 +1129,12 @@ def load_resume(out_dir, run_config, generators=None):
                           "parameters since this run started (its world.json differs from the "
                           "one recorded); start again with --overwrite true, or pass the world "
                           "it was trained on")
-    max_steps = now.get("max_steps")
+    max_steps, planned = now.get("max_steps"), was.get("max_steps")
+    if isinstance(planned, int) and isinstance(max_steps, int) and max_steps != planned and \
+            int(os.environ.get("RANK", "0")) == 0:  # (the cosine schedule is over max_steps)
+        print(f"note: --resume with --max_steps {max_steps}, the run planned {planned}: the "
+              f"learning-rate schedule stretches from step {state['step']} on, so the run "
+              "matches neither a run of one plan nor of the other", flush=True)
     if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
         raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
                           f"{max_steps}; give --max_steps {state['step']} or more")
@@ -1279,8 +1306,10 @@ def restore(model, opt, path, state, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
         # load_resume set them, then building the model drew from them (a LoRA dropout mask
-        # after resume differed from the uninterrupted run's)
-        set_rng_state(state["rng"])
+        # after resume differed from the uninterrupted run's); each rank its own (rank 0's
+        # alone changed the other ranks' masks), rank 0's on another number of processes
+        ranks = state.get("rng_ranks")
+        set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"])
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -1302,6 +1331,9 @@ def restore(model, opt, path, state, d):
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     # (absent when resumed on more ranks: rank 0's)
     rng = os.path.join(path, f"rng-rank{d.rank}.pt")
+    if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)
+        raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
+                              "processes, each with its random streams)")
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
 
 

@@ -256,3 +256,42 @@ def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp
     assert code == 0, err
     assert "2 process(es)" in finish(two)
     same_metrics(tmp_path / "one", tmp_path / "two", ["loss"])
+
+
+def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_nothing(
+        tiny_world, tiny_sft, tmp_path):
+    """Replicated (no --fsdp) 2-process runs: a checkpoint held rank 0's random streams only, and
+    on resume every rank took them, so rank 1's LoRA dropout masks changed (sft.py --lora_r 4's
+    default dropout 0.05: 39 of 46 tensors off, up to 1.5e-3): now each rank's are saved and
+    restored. A second launch on a locked --out: rank 1 went on while rank 0 was refused, and its
+    --resume cleaned the running writer's half-written checkpoint away: now every rank waits for
+    rank 0's answer. eval.py under torchrun is one line (it blamed 'another process')."""
+    import shutil
+    import common
+    argv = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "4", "--batch_size", "8",
+            "--report", "false", "--save_every", "2", "--lora_r", "4", "--lora_dropout", "0.1",
+            "--lr", "1e-3"]
+    finish(torchrun("sft.py", argv + ["--out", str(tmp_path / "straight")]))
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-000004")
+    os.remove(tmp_path / "resumed" / ".lock")
+    finish(torchrun("sft.py", argv + ["--out", str(tmp_path / "resumed"), "--resume", "true"]))
+    same_weights(str(tmp_path / "straight" / "checkpoint-000004"),
+                 str(tmp_path / "resumed" / "checkpoint-000004"), exact=True)
+    # a writer holds --out (this process's lock); its checkpoint in the making must survive
+    held = tmp_path / "resumed"
+    common.lock_out(str(held))
+    try:
+        (held / ".tmp-checkpoint-999999-writing").mkdir()
+        # (--data outside the world: no wait for rank 0 writing the world held rank 1 back)
+        data = ["--data", os.path.join(tiny_world, "sft.json"), "--image_folder", tiny_world]
+        proc = torchrun("sft.py", argv + data + ["--out", str(held), "--resume", "true"])
+        out = proc.communicate(timeout=240)[0]
+        assert proc.returncode != 0 and "another process" in out, out[-2000:]
+        assert (held / ".tmp-checkpoint-999999-writing").is_dir()
+    finally:
+        common.release_locks()
+    proc = torchrun("eval.py", ["--ckpt", tiny_sft, "--world", tiny_world, "--benchmarks", "pope",
+                                "--limit", "2", "--out", str(tmp_path / "eval")])
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode != 0 and "run it with python, not torchrun" in out, out[-2000:]

@@ -554,3 +554,23 @@ def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_s
     assert code == 2 and f"{out / 'sft'} was trained on {world} before it was written again" in err
     with pytest.raises(common.ConfigError, match="--resume: .* was written again with other"):
         common.load_resume(str(out / "sft"), run)
+
+
+def test_resume_with_another_max_steps_says_the_schedule_stretches(tmp_path, tiny_sft, capsys):
+    """--max_steps may change on --resume (to train on), but the cosine schedule is over it: the
+    learning rate jumps at the resumed step and the run matches neither plan; it said nothing."""
+    import shutil
+    import sft
+    from checkpoint import latest_checkpoint
+    shutil.copytree(tiny_sft, tmp_path / "sft")
+    ck = latest_checkpoint(str(tmp_path / "sft"))
+    run = common.parse_config(sft.Config, ["--out", str(tmp_path / "sft"), "--model", "tiny",
+                                           "--max_steps", "3", "--resume", "true"])
+    state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
+    state["run_config"] = dataclasses.asdict(run)
+    torch.save(state, os.path.join(ck, "trainer_state.pt"))
+    common.load_resume(str(tmp_path / "sft"), run)
+    assert "note:" not in capsys.readouterr().out  # the plan as it was: nothing to say
+    common.load_resume(str(tmp_path / "sft"), dataclasses.replace(run, max_steps=8))
+    assert "note: --resume with --max_steps 8, the run planned 3: the learning-rate schedule " \
+        "stretches from step 3 on" in capsys.readouterr().out
