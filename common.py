@@ -999,8 +999,9 @@ def _config_dict(run_config):
     them), so a world rewritten since with other parameters is noticed (note_world)."""
     is_dataclass = dataclasses.is_dataclass(run_config)
     cfg = dataclasses.asdict(run_config) if is_dataclass else dict(run_config)
-    if isinstance(cfg.get("world"), str) and world_digest(cfg["world"]):
-        cfg["world_digest"] = world_digest(cfg["world"])
+    digest = world_digest(cfg["world"]) if isinstance(cfg.get("world"), str) else None
+    if digest:
+        cfg["world_digest"] = digest
     return cfg
 
 

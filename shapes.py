@@ -1226,7 +1226,7 @@ def _refuse_place(out_dir, flag):
     """Before anything is generated: an out_dir under a plain file (makedirs would fail on the
     temp folder, naming it instead), or inside a world (a world nested in a world: the outer one
     could no longer be rewritten, as it would hold a folder that is not part of a world)."""
-    up = os.path.dirname(out_dir)
+    up = os.path.dirname(os.path.abspath(out_dir))  # (a relative name's dirname '' never exists)
     while not os.path.exists(up):
         up = os.path.dirname(up)
     if not os.path.isdir(up):
