@@ -489,8 +489,9 @@ class OpenAIJudge:
 
     def __call__(self, prompt, record):
         messages, temperature = [{"role": "user", "content": prompt}], 0
-        if system_line(record.get("bench")):  # (LLaVA's call, as its scores were made)
-            messages = [{"role": "system", "content": system_line(record["bench"])}] + messages
+        system = system_line(record.get("bench"))
+        if system:  # (LLaVA's call, as its scores were made)
+            messages = [{"role": "system", "content": system}] + messages
             temperature = LLAVA_BENCH_TEMPERATURE
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
                            "max_tokens": self.cfg.judge_max_tokens}).encode()

@@ -1400,8 +1400,7 @@ def main(argv=None):
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
-    for line in vocab_lines(s["vocab"], args["vocab_size"]):
-        print(line)
+    print(vocab_line(s["vocab"], args["vocab_size"]))
     for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
                                 text_only_writer=True):
         print(line)
@@ -1439,14 +1438,14 @@ def refuse_another_world(out, seed, params):
                                  "made from it would no longer match it)")
 
 
-def vocab_lines(vocab, wanted):
+def vocab_line(vocab, wanted):
     """What shapes.py says about the tokenizer: its real size, and that a larger --vocab_size
     gives the same one when BPE ran out of pairs to merge first (948 of 1024 on the defaults;
     --vocab_size 65536 gave that same tokenizer, while world.json records the size asked for)."""
     if vocab >= wanted:
-        return [f"tokenizer: {vocab} tokens (--vocab_size {wanted})"]
-    return [f"tokenizer: {vocab} tokens (--vocab_size {wanted}: BPE ran out of pairs to merge "
-            f"in this world's text; any --vocab_size above {vocab} gives this same tokenizer)"]
+        return f"tokenizer: {vocab} tokens (--vocab_size {wanted})"
+    return (f"tokenizer: {vocab} tokens (--vocab_size {wanted}: BPE ran out of pairs to merge in "
+            f"this world's text; any --vocab_size above {vocab} gives this same tokenizer)")
 
 
 def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer=False):
