@@ -699,10 +699,18 @@ def check_output_path(flag, path, folder=True):
         raise ConfigError(f"{flag} {path}: {parent} cannot be written")
 
 
+_made_out = []  # folders ensure_writable made (deepest last): release_locks removes them if empty
+
+
 def ensure_writable(out_dir):
     """Fail early, with one line, when the output directory cannot be written."""
     try:
+        made, parent = [], os.path.abspath(out_dir)
+        while not os.path.exists(parent):
+            made.insert(0, parent)
+            parent = os.path.dirname(parent)
         os.makedirs(out_dir, exist_ok=True)
+        _made_out.extend(made)
         probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
@@ -730,7 +738,10 @@ def lock_out(out_dir):
     key = os.path.realpath(out_dir)
     if key in _locks:
         return
-    f = open(os.path.join(out_dir, LOCK), "a+")
+    path = os.path.join(out_dir, LOCK)
+    made = not os.path.exists(path)
+    f = open(path, "a+")
+    f.made = made  # (release_locks removes it again where it is all this run left)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -747,9 +758,22 @@ def lock_out(out_dir):
 
 
 def release_locks():
-    for f in _locks.values():
+    """Drop the locks. A run refused after claiming --out (bad data, a world it cannot use) left
+    the folder holding only the .lock it made, or a new empty folder: both are removed again (the
+    lock file while still held)."""
+    for key, f in _locks.items():
+        try:
+            if f.made and os.listdir(key) == [LOCK]:
+                os.remove(os.path.join(key, LOCK))
+        except OSError:  # (gone, or not ours to clean: leave it)
+            pass
         f.close()  # (closing the file drops the flock)
     _locks.clear()
+    while _made_out:
+        try:
+            os.rmdir(_made_out.pop())  # (only while empty)
+        except OSError:
+            pass
 
 
 def holds_run(out_dir):

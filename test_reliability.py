@@ -1913,11 +1913,35 @@ def test_lock_is_released_and_names_its_holder(w, tmp_path):
     code, _, err = run_cli("sft", base_args("sft", w, out) + missing_data)
     # failed after taking it: released
     assert code == 2 and "file not found" in err and not common._locks
+    out.mkdir()  # (the refused run removed the folder it made)
     common.lock_out(str(out))
     assert open(out / ".lock").read().strip() == str(os.getpid())
     common.release_locks()
     code, _, err = run_cli("sft", base_args("sft", w, out))
     assert code == 0 and not common._locks, err
+
+
+def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
+    """Refused after claiming --out (here: a record without its field): the folders the run made
+    are gone again, a folder that was there keeps nothing of it (an empty one with .lock was left
+    behind), and a run's folder keeps its own .lock."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1}]')
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for script in ("sft", "reward", "ppo", "dpo", "vigc"):
+        made = tmp_path / script / "a" / "b"
+        for out in (made, kept):
+            code, _, err = run_cli(script, base_args(script, w, out) + ["--data", str(bad)])
+            assert code == 2 and "bad.json: record 0" in err, (script, err)
+        assert not (tmp_path / script).exists(), script
+        assert list(kept.iterdir()) == [], script
+    run = tmp_path / "run"
+    code, _, err = run_cli("sft", base_args("sft", w, run))
+    assert code == 0, err
+    code, _, err = run_cli("sft", base_args("sft", w, run) + ["--data", str(bad), "--overwrite",
+                                                                 "true"])
+    assert code == 2 and (run / ".lock").exists() and (run / "metrics.jsonl").exists(), err
 
 
 def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
