@@ -1397,7 +1397,11 @@ def main(argv=None):
     print(f"wrote {out} in {s['seconds']}s | images {images}")
     rate = {k: "n/a (no image shows a trigger)" if v is None else v
             for k, v in s["partner_given_trigger"].items()}
-    print(f"P(partner | trigger): train {rate['train']} test {rate['test']}")
+    short = s["partner_given_trigger"]["train"] is not None \
+        and s["partner_given_trigger"]["train"] < args["cooc"] - 0.005
+    why = (f" (--cooc {args['cooc']} asks more: an image at --max_objects shapes, each one a "
+           "pair's, has no place left for the partner)") if short else ""
+    print(f"P(partner | trigger): train {rate['train']} test {rate['test']}{why}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
     print(vocab_line(s["vocab"], args["vocab_size"]))

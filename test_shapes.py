@@ -891,3 +891,29 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     assert stats["sft_flaws"]["yes_share"] > 0.53 and "out of reach" not in out
     read = stats["read_flaws"]
     assert f"(sft_read.json) existence answers 'yes': {read['yes_share']} (the asker's " in out
+
+
+def test_a_cooc_out_of_reach_is_said_with_why(tmp_path, capsys):
+    """--cooc 1 gave P(partner | trigger) 0.96 without a word: a trigger keeps no partner only in
+    an image already at --max_objects shapes, each one a pair's (none to swap out); shapes.py says
+    so beside the rate it measured."""
+    p = shapes._params({"cooc": 1.0})
+    rng = np.random.default_rng(0)
+    pairs = shapes.parse_pairs(p["pairs"])
+    in_pairs = {s for pair in pairs for s in pair}
+    imgs = [{"objects": shapes.sample_objects(rng, p, "train")} for _ in range(2000)]
+    alone = [[o["name"] for o in i["objects"]] for i in imgs
+             if any(t in {o["name"] for o in i["objects"]}
+                    and q not in {o["name"] for o in i["objects"]} for t, q in pairs)]
+    assert alone and all(len(n) == p["max_objects"] and set(n) <= in_pairs for n in alone)
+    small = [f"--{k}={v}" for k, v in SMALL.items()]
+    shapes.main(["--out", str(tmp_path / "w"), "--cooc", "1"] + small)
+    out = capsys.readouterr().out
+    rate = json.load(open(tmp_path / "w" / "world.json"))["stats"]["partner_given_trigger"]
+    line = next(x for x in out.splitlines() if x.startswith("P(partner | trigger)"))
+    why = ("(--cooc 1.0 asks more: an image at --max_objects shapes, each one a pair's, has no "
+           "place left for the partner)")
+    assert rate["train"] < 1 and line.endswith(why), line
+    shapes.main(["--out", str(tmp_path / "w0"), "--cooc", "0"] + small)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("P(partner"))
+    assert "asks more" not in line, line
