@@ -1344,10 +1344,13 @@ def restore(model, opt, path, state, d):
     trained = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(resharded(model), opt, options=trained)
     both = {"model": model_sd, "optim": optim_sd}
+    check_shard_files(path)
     try:
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
     # e.g. another model size
     except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+        if isinstance(e, CheckpointException) and e.failures:  # (its own text: the ranks only)
+            e = next(iter(e.failures.values()))[0]
         raise CheckpointError(f"{path}/{SHARDS}: cannot load the FSDP shards into this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     # (strict=False: the frozen weights are not in the shards, by the option above; every trained
@@ -1360,6 +1363,29 @@ def restore(model, opt, path, state, d):
         raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
                               "processes, each with its random streams)")
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
+
+
+def check_shard_files(ckpt):
+    """Every file the shards' index (.metadata) reads from is there and holds the bytes it names
+    (a checkpoint cut off while written or copied said only "CheckpointException ranks: [0]")."""
+    from torch.distributed.checkpoint import FileSystemReader
+    shards = os.path.join(ckpt, SHARDS)
+    damaged = f"the checkpoint is damaged: move {ckpt} away and --resume takes the one before it"
+    try:
+        index = FileSystemReader(shards).read_metadata().storage_data
+    except Exception as e:  # (any unpickling error of a damaged index)
+        raise CheckpointError(f"{shards}/.metadata: cannot be read ({type(e).__name__}); "
+                              f"{damaged}")
+    ends = {}
+    for info in index.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(shards, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (the shards' index reads from it); {damaged}")
+        if os.path.getsize(file) < end:
+            raise CheckpointError(f"{file}: truncated ({os.path.getsize(file)} bytes; the shards' "
+                                  f"index reads up to byte {end}); {damaged}")
 
 
 def gather_full_model(model, d, device="cpu"):

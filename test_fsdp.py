@@ -217,7 +217,8 @@ def test_fsdp_where_it_cannot_work_is_one_line_and_exit_2(script, tiny_world, ti
 def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     """A sharded LoRA run (every base weight frozen, so not in the shards) resumed from a mid-run
     checkpoint: loading the shards into the model failed on the frozen weights ('Missing key(s)
-    in state_dict'); it ends where the run that was not stopped ends."""
+    in state_dict'); it ends where the run that was not stopped ends. A truncated shard is one
+    line naming it."""
     import shutil
     argv = ["dpo.py", "--init", tiny_sft, "--world", tiny_world, "--max_steps", "4",
             "--save_every", "2", "--batch_size", "4", "--eval_n", "4", "--fsdp", "true"]
@@ -228,6 +229,17 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     assert r.returncode == 0, r.stderr
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoint-000004")  # as if killed after step 2's checkpoint
+    # a shard cut off (copied in part): one line naming the file, not "CheckpointException"
+    shard = resumed / "checkpoint-000002" / "shards" / "__0_0.distcp"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:3000])
+    r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == (
+        f"error: {shard}: truncated (3000 bytes; the shards' index reads up to byte {len(whole)}"
+        f"); the checkpoint is damaged: move {shard.parent.parent} away and --resume takes the "
+        "one before it\n"), r.stderr[-2000:]
+    shard.write_bytes(whole)
     r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
