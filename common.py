@@ -52,7 +52,12 @@ USER_ERRORS = (ConfigError, CheckpointError, NonFiniteError, DataError)
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """The one line of a user's error, and exit code 2. Under torchrun every rank that meets the
+    error says it (one rank's own file may be the cause), the other ranks' lines named as theirs,
+    each written whole (two ranks' lines ran together)."""
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
+    sys.stderr.flush()
     raise SystemExit(2)
 
 
@@ -1334,6 +1339,7 @@ def restore(model, opt, path, state, d):
         # after resume differed from the uninterrupted run's); each rank its own (rank 0's
         # alone changed the other ranks' masks), rank 0's on another number of processes
         ranks = state.get("rng_ranks")
+        note_other_world(len(ranks) if ranks else None, d)
         set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"])
         return
     import torch.distributed.checkpoint as dcp
@@ -1357,12 +1363,23 @@ def restore(model, opt, path, state, d):
     # one is, or dcp.load raised)
     set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    note_other_world(state.get("fsdp_world"), d)
     # (absent when resumed on more ranks: rank 0's)
     rng = os.path.join(path, f"rng-rank{d.rank}.pt")
     if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)
         raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
                               "processes, each with its random streams)")
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
+
+
+def note_other_world(written_by, d, streams="the other ranks' random streams"):
+    """--resume on another number of processes than wrote the checkpoint is allowed (a node lost),
+    and said: the global batches are the same, but their sums run in another order and
+    `streams` start again from rank 0's, so the run is no longer bitwise the one not stopped."""
+    if d.main and written_by is not None and written_by != d.world:
+        print(f"note: --resume on {d.world} process(es), the checkpoint was written by "
+              f"{written_by}: the same global batches, summed in another order, and {streams} "
+              "start again: not bitwise the run that was not stopped", flush=True)
 
 
 def check_shard_files(ckpt):

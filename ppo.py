@@ -484,6 +484,7 @@ def restore_extra(extra, policy, critic, gen, d):
             for p, t in zip(ps, ts, strict=True):
                 p.copy_(t)
     # bitwise resume; another world size continues from fresh streams
+    common.note_other_world(len(extra["generators"]), d, "the sampling streams (from --seed)")
     if len(extra["generators"]) == d.world:
         gen.set_state(extra["generators"][d.rank])
     return extra["kl_coef"]
@@ -774,7 +775,8 @@ def main(cfg):
         opt.load_state_dict(state["optimizer"])
         kl_coef = restore_extra(state["extra"], policy, critic, gen, d)
         start = state["step"]
-        print(f"resumed from {resume_path} at step {start}")
+        if d.main:
+            print(f"resumed from {resume_path} at step {start}")
     shared = critic is policy
     if d.main:
         roles = "one shared base" if shared else "a separate frozen model"

@@ -440,7 +440,8 @@ def main(cfg):
     if state is not None:
         common.restore(model, opt, resume_path, state, d)
         start = state["step"]
-        print(f"resumed from {resume_path} at step {start}")
+        if d.main:
+            print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     images = ImageCache(model.config.image_size)
     if d.main:

@@ -357,7 +357,8 @@ def main(cfg):
     if state is not None:
         common.restore(model, opt, resume_path, state, d)
         start = state["step"]
-        print(f"resumed from {resume_path} at step {start}")
+        if d.main:
+            print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
         n_train = sum(p.numel() for p in trainable)

@@ -277,7 +277,9 @@ def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_n
     default dropout 0.05: 39 of 46 tensors off, up to 1.5e-3): now each rank's are saved and
     restored. A second launch on a locked --out: rank 1 went on while rank 0 was refused, and its
     --resume cleaned the running writer's half-written checkpoint away: now every rank waits for
-    rank 0's answer. eval.py under torchrun is one line (it blamed 'another process')."""
+    rank 0's answer. eval.py under torchrun is one line (it blamed 'another process'). Resumed by
+    one process: a note (not bitwise). Every rank said "resumed from" (now rank 0), and two ranks'
+    error lines ran together (now each whole, rank 1's named)."""
     import shutil
     import common
     argv = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "4", "--batch_size", "8",
@@ -287,9 +289,26 @@ def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_n
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-000004")
     os.remove(tmp_path / "resumed" / ".lock")
-    finish(torchrun("sft.py", argv + ["--out", str(tmp_path / "resumed"), "--resume", "true"]))
+    out = finish(torchrun("sft.py", argv + ["--out", str(tmp_path / "resumed"), "--resume",
+                                            "true"]))
+    assert out.count("resumed from") == 1, out[-2000:]  # (rank 0 says it; every rank did)
     same_weights(str(tmp_path / "straight" / "checkpoint-000004"),
                  str(tmp_path / "resumed" / "checkpoint-000004"), exact=True)
+    # resumed by one process: allowed (a node lost), and said (it is not bitwise)
+    shutil.copytree(tmp_path / "straight", tmp_path / "alone")
+    shutil.rmtree(tmp_path / "alone" / "checkpoint-000004")
+    code, out, err = run_cli("sft", argv + ["--out", str(tmp_path / "alone"), "--resume", "true"])
+    assert code == 0 and "note: --resume on 1 process(es), the checkpoint was written by 2: " \
+        "the same global batches, summed in another order" in out, err
+    # an error every rank meets: each rank's line whole, rank 1's named as its own
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1}]')
+    proc = torchrun("sft.py", argv + ["--data", str(bad), "--out", str(tmp_path / "bad")])
+    out = proc.communicate(timeout=240)[0]
+    why = (f"{bad}: record 0 (id 1): field 'conversations': missing (expected LLaVA instruct "
+           "'conversations', or LRV-Instruction 'image_id', 'question', 'answer')")
+    lines = out.splitlines()
+    assert f"error: {why}" in lines and f"error (rank 1): {why}" in lines, out[-3000:]
     # a writer holds --out (this process's lock); its checkpoint in the making must survive
     held = tmp_path / "resumed"
     common.lock_out(str(held))

@@ -698,16 +698,24 @@ def free_port():
 
 
 def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
+    """Two processes run; resumed by one, the run says that its sampling streams start again."""
+    import shutil
     out = str(tmp_path / "ddp")
+    argv = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "2",
+            "--save_every", "1", *PPO_ARGS]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", os.path.join(HERE, "ppo.py"), "--init", sft,
-           "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "1", "--out", out]
-    cmd += PPO_ARGS
+           f"--master_port={free_port()}", os.path.join(HERE, "ppo.py"), *argv, "--out", out]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     assert load_checkpoint(out) is not None
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone, ignore=shutil.ignore_patterns("checkpoint-000002", ".lock"))
+    code, stdout, err = run_cli("ppo", argv + ["--out", str(alone), "--resume", "true"])
+    assert code == 0 and "note: --resume on 1 process(es), the checkpoint was written by 2: " \
+        "the same global batches, summed in another order, and the sampling streams (from " \
+        "--seed) start again" in stdout, err
 
 
 def one_line_error(code, err):

@@ -604,7 +604,8 @@ def main(cfg):
         # (the final LoRA-merged checkpoint has no optimizer)
         common.restore(model, opt, resume_path, state, d)
         start = state["step"]
-        print(f"resumed from {resume_path} at step {start}")
+        if d.main:
+            print(f"resumed from {resume_path} at step {start}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
         n_all = sum(p.numel() for p in model.parameters())
