@@ -1372,6 +1372,21 @@ def restore(model, opt, path, state, d):
     set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
 
 
+def rank_states(obj, d):
+    """Every rank's `obj`, in rank order, for the checkpoint rank 0 writes (collective)."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def own_state(saved, d):
+    """This rank's entry of what rank_states saved; None where nothing was saved or another number
+    of processes wrote it (note_other_world says so)."""
+    return saved[d.rank] if isinstance(saved, list) and len(saved) == d.world else None
+
+
 def note_other_world(written_by, d, streams="the other ranks' random streams"):
     """--resume on another number of processes than wrote the checkpoint is allowed (a node lost),
     and said: the global batches are the same, but their sums run in another order and

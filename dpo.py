@@ -487,7 +487,10 @@ def main(cfg):
     log = common.Logger(cfg.out, d.main)
     use_bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
-    sums, t0, last_log = {}, time.time(), start
+    # a log line's means cover the steps since the last line, also across a --resume (the
+    # checkpoint keeps each rank's running sums)
+    sums = (common.own_state(state["extra"].get("log_sums"), d) if state else None) or {}
+    t0, timed = time.time(), 0
     model.train()
     for step in range(start, cfg.max_steps):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
@@ -518,22 +521,24 @@ def main(cfg):
             for k, v in list(m.items()) + [("pairs", torch.ones(len(pos)))]:
                 sums[k] = sums.get(k, 0) + v.float().sum().cpu()
         step_loss, norm = common.optimizer_step(opt, trainable, d, step, cfg, step_loss)
-        done = step + 1
+        done, timed = step + 1, timed + 1
         # means over the pairs since the last line, all ranks
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             totals = common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
             tot = dict(zip(sums, totals))
             avg = {k: v / tot["pairs"] for k, v in tot.items() if k != "pairs"}
             grad_norm = norm if norm is not None else float("nan")
-            s_per_step = round((time.time() - t0) / (done - last_log), 3)
+            s_per_step = round((time.time() - t0) / timed, 3)
             log.log(done, loss=avg.pop("loss"), **avg, lr=lr, grad_norm=grad_norm,
                     s_per_step=s_per_step)
-            sums, t0, last_log = {}, time.time(), done
+            sums, t0, timed = {}, time.time(), 0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             log.log(done, **evaluate(model, val, cfg, d, ref["val"] if ref else None))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
+            log_sums = common.rank_states(sums, d)
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base,
-                                   generators={"noise": noise_gen}, d=d)
+                                   generators={"noise": noise_gen}, d=d,
+                                   extra_state={"log_sums": log_sums})
     common.cleanup_dist()
 
 

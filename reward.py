@@ -453,6 +453,12 @@ def main(cfg):
     log = common.Logger(cfg.out, d.main)
     model.train()
     t0, dropped, acc_sum, n_sum, metrics = time.time(), too_long, 0.0, 0, {}
+    # a log line covers the steps since the last line, also across a --resume (the checkpoint
+    # keeps each rank's running counts)
+    counts = common.own_state(state["extra"].get("log_counts"), d) if state else None
+    if counts:
+        dropped, acc_sum, n_sum = counts["dropped"], counts["acc"], counts["n"]
+    timed = 0.0  # pairs since t0
     for step in range(start, cfg.max_steps):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
                               cfg.warmup_from_zero)
@@ -471,21 +477,24 @@ def main(cfg):
             loss.backward()
         acc_sum += float((rc > rr).sum())
         n_sum += float(n_global)
+        timed += float(n_global)
         # value is global already
         _, norm = common.optimizer_step(opt, trainable, d, step, cfg, value, reduce=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             acc = float(common.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
             grad_norm = norm if norm is not None else float("nan")
-            pairs_per_s = round(n_sum / max(time.time() - t0, 1e-9), 1)
+            pairs_per_s = round(timed / max(time.time() - t0, 1e-9), 1)
             log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=grad_norm,
                     dropped=dropped, pairs_per_s=pairs_per_s)
-            t0, acc_sum, n_sum = time.time(), 0.0, 0
+            t0, acc_sum, n_sum, timed = time.time(), 0.0, 0, 0.0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             metrics = evaluate(model, val, cfg, tokenizer, images, d)
             log.log(done, **metrics)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d)
+            counts = common.rank_states({"dropped": dropped, "acc": acc_sum, "n": n_sum}, d)
+            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d,
+                                   extra_state={"log_counts": counts})
     if val and not metrics:  # (resumed after the last step)
         metrics = evaluate(model, val, cfg, tokenizer, images, d)
     partner = partner_pairs(val, cfg.world) if "val_data" in named else []

@@ -2223,6 +2223,29 @@ def test_ppo_killed_then_resumed_is_bitwise(w, tmp_path):
     kill_resume_equals_straight("ppo", base_args("ppo", w, "x")[:-2] + STEPS, tmp_path)
 
 
+def test_a_log_line_after_resume_averages_since_the_last_line(w, tmp_path):
+    """dpo's and reward's log lines average their metrics over the steps since the last line; a
+    run resumed between two lines averaged only the steps after the resume (the weights were
+    bitwise, the logged means were not): the checkpoint keeps the running sums, and the resumed
+    run's lines equal the straight run's but for their clocks."""
+    clocks = ("time", "s_per_step", "pairs_per_s")
+    for script in ("dpo", "reward"):
+        argv = base_args(script, w, "x")[:-2] + ["--max_steps", "3", "--save_every", "1",
+                                                  "--log_every", "3", "--eval_every", "0"]
+        straight, resumed = tmp_path / f"{script}-straight", tmp_path / f"{script}-resumed"
+        code, _, err = run_cli(script, argv + ["--out", str(straight)])
+        assert code == 0, err
+        shutil.copytree(straight, resumed)
+        shutil.rmtree(resumed / "checkpoint-000003")  # (as if stopped after step 2)
+        code, stdout, err = run_cli(script, argv + ["--out", str(resumed), "--resume", "true"])
+        assert code == 0 and "resumed from" in stdout and "checkpoint-000002" in stdout, err
+        want, got = metric_rows(straight), metric_rows(resumed)
+        assert [r["step"] for r in got] == [r["step"] for r in want] and "loss" in want[0]
+        for a, b in zip(want, got):
+            assert {k: v for k, v in a.items() if k not in clocks} == \
+                {k: v for k, v in b.items() if k not in clocks}, script
+
+
 # ----------------------------------------------------------------------------------------
 # 3. DDP: torchrun --nproc_per_node=2 (gloo) == one process with the same global batch
 # ----------------------------------------------------------------------------------------
