@@ -680,7 +680,10 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every",
                       "max_steps",
                       # do not change the math (skip_nonfinite: the way out of a stopped run)
-                      "skip_nonfinite", "save_full"}
+                      "skip_nonfinite", "save_full",
+                      # the same global batch in other micro-batches (resumed on fewer GPUs, the
+                      # memory a process has): allowed, with a note (not bitwise)
+                      "grad_accum"}
 # fields a stage gained after runs were started without them: such a run's config reads as having
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default)
@@ -1165,6 +1168,11 @@ def load_resume(out_dir, run_config, generators=None):
         print(f"note: --resume with --max_steps {max_steps}, the run planned {planned}: the "
               f"learning-rate schedule stretches from step {state['step']} on, so the run "
               "matches neither a run of one plan nor of the other", flush=True)
+    accum, was_accum = now.get("grad_accum"), was.get("grad_accum")
+    if accum != was_accum and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: --resume with --grad_accum {accum}, the run had {was_accum}: the same global "
+              "batches in other micro-batches, summed in another order: not bitwise the run that "
+              "was not stopped", flush=True)
     if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
         raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
                           f"{max_steps}; give --max_steps {state['step']} or more")

@@ -2246,6 +2246,24 @@ def test_a_log_line_after_resume_averages_since_the_last_line(w, tmp_path):
                 {k: v for k, v in b.items() if k not in clocks}, script
 
 
+def test_resume_with_another_grad_accum_runs_and_says_so(w, tmp_path):
+    """--grad_accum splits the same global batch into micro-batches: a run resumed with another
+    (on fewer GPUs, each with the memory it has) was refused as a changed config; it runs, says
+    the sums run in another order, and ends within rounding of the run that was not stopped."""
+    argv = base_args("sft", w, "x")[:-2] + ["--max_steps", "3", "--save_every", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    code, _, err = run_cli("sft", argv + ["--out", str(straight)])
+    assert code == 0, err
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-000003")
+    code, out, err = run_cli("sft", argv + ["--out", str(resumed), "--resume", "true",
+                                            "--grad_accum", "2"])
+    assert code == 0 and "note: --resume with --grad_accum 2, the run had 1: the same global " \
+        "batches in other micro-batches, summed in another order" in out, err
+    (_, a), (_, b) = final_tensors(str(straight)), final_tensors(str(resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. DDP: torchrun --nproc_per_node=2 (gloo) == one process with the same global batch
 # ----------------------------------------------------------------------------------------
