@@ -207,18 +207,20 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
     return pairs, stats
 
 
-def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key):
+def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key, keys=None):
     """Chosen and rejected of each pair tokenized and collated into one right-padded batch
     [chosen..., rejected...], with one normalised image per pair. --caption_shuffle pair: both
     answers read the captions in one shuffled order (the pair differs in its answer only); answer:
-    each answer's captions shuffled on their own, as LLaVA-RLHF's reward-model data does."""
+    each answer's captions shuffled on their own, as LLaVA-RLHF's reward-model data does. The
+    order is drawn from (rng_key, the pair's key: keys[i], or i)."""
     chosen, rejected, pix, dropped = [], [], [], 0
     for i in idx:
         p = pairs[i]
         caps = p["captions"] if cfg.facts else None
         own = cfg.caption_shuffle == "answer"
+        key = i if keys is None else keys[i]
         items = [reward_item(tokenizer, model.config, p["prompt"], p[k], caps,
-                             random.Random(f"{rng_key}-{i}" + (f"-{k}" if own else "")),
+                             random.Random(f"{rng_key}-{key}" + (f"-{k}" if own else "")),
                              cfg.template, cfg.max_len, cfg.eval_prompt, cfg.prompt_space)
                  for k in ("chosen", "rejected")]
         if items[0] is None or items[1] is None:
@@ -259,13 +261,14 @@ def forward_pairs(model, b, device):
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, tokenizer, images, d):
+def evaluate(model, val, cfg, tokenizer, images, d, keys=None):
     """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption
-    order."""
+    order, drawn per pair from its place in the held-out set (keys: of a subset's pairs there, so
+    each is scored as in the whole)."""
     model.eval()
     sums = torch.zeros(4)  # correct, loss, margin, count
     for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
-        b, _ = pair_batch(val, chunk, cfg, tokenizer, model, images, f"val-{cfg.seed}")
+        b, _ = pair_batch(val, chunk, cfg, tokenizer, model, images, f"val-{cfg.seed}", keys)
         if b is None:
             continue
         rc, rr = forward_pairs(model, b, d.device)
@@ -282,13 +285,14 @@ def evaluate(model, val, cfg, tokenizer, images, d):
 
 
 def partner_pairs(val, world):
-    """The held-out Shapes pairs whose rejected answer names the absent co-occurring partner of a
-    shape in the image (triangle -> circle): where a fact list should help the reward model most."""
+    """The places in `val` of the held-out Shapes pairs whose rejected answer names the absent
+    co-occurring partner of a shape in the image (triangle -> circle): where a fact list should
+    help the reward model most."""
     objects = shapes.load_world(world)["by_file"]
     # load_params: a key world.json lacks is its default, as the world was written with it
     pairs = shapes.parse_pairs(shapes.load_params(world)["pairs"])
     out = []
-    for p in val:
+    for i, p in enumerate(val):
         # (a text-only pair, or an image from outside the world: no annotated objects to
         # hallucinate a partner of; it counts in the accuracy over all pairs only)
         rel = os.path.relpath(p["image"], world) if p.get("image") else None
@@ -297,19 +301,20 @@ def partner_pairs(val, world):
         objs = objects[rel]
         partners = {b for a, b in pairs if a in {o["name"] for o in objs}}
         if partners & set(oracle.oracle(p["rejected"], objs)["hallucinated_objects"]):
-            out.append(p)
+            out.append(i)
     return out
 
 
 def other_image_facts(val):
-    """The held-out pairs with each pair's captions taken from the next pair of another image (a
-    control: an RM that reads its facts should lose accuracy; one that ignores them should not)."""
+    """(place in val, pair) of the held-out pairs, each pair's captions taken from the next pair of
+    another image (a control: an RM that reads its facts should lose accuracy; one that ignores
+    them should not)."""
     out, n = [], len(val)
     for i, p in enumerate(val):
         after = (val[(i + k) % n] for k in range(1, n))  # the next pairs, wrapping round, no copy
         other = next((q for q in after if q["image"] != p["image"]), None)
         if other is not None:
-            out.append(dict(p, captions=other["captions"]))
+            out.append((i, dict(p, captions=other["captions"])))
     return out
 
 
@@ -499,13 +504,14 @@ def main(cfg):
         metrics = evaluate(model, val, cfg, tokenizer, images, d)
     partner = partner_pairs(val, cfg.world) if "val_data" in named else []
     if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
-        part = evaluate(model, partner, cfg, tokenizer, images, d)
+        part = evaluate(model, [val[i] for i in partner], cfg, tokenizer, images, d, partner)
         if part["n_val"]:  # (none scored: every such pair too long for --max_len)
             metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
     # a control: the facts of another image (none when every held-out pair shows one image)
     shuffled = other_image_facts(val) if cfg.facts and val else []
     if shuffled:
-        other = evaluate(model, shuffled, cfg, tokenizer, images, d)
+        keys, pairs = zip(*shuffled)
+        other = evaluate(model, list(pairs), cfg, tokenizer, images, d, list(keys))
         if other["n_val"]:
             metrics.update(val_accuracy_other_facts=other["val_accuracy"],
                            n_val_other_facts=other["n_val"])

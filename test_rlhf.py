@@ -827,6 +827,37 @@ def test_reward_caption_shuffle_per_pair_or_per_answer(sft):
     assert orders("answer") == (chosen, rejected)
 
 
+def test_reward_subsets_are_scored_as_in_the_whole_held_out_set(sft, tiny_world, tmp_path,
+                                                                   monkeypatch):
+    """The partner pairs' accuracy is over a subset of the held-out pairs, but each pair's caption
+    order was drawn from its place in the subset, not in the held-out set: a pair could be right
+    in one and wrong in the other (0.250 overall, 0.750 on 4 of the 8). Every held-out pair is now
+    read with one caption order wherever it is scored."""
+    seen = {}
+    real = reward.pair_batch
+
+    def spy(pairs, idx, cfg, tok, model, images, rng_key, keys=None):
+        given = {} if keys is None else {"keys": keys}
+        b, dropped = real(pairs, idx, cfg, tok, model, images, rng_key, **given)
+        if rng_key.startswith("val-") and b is not None:
+            for row, i in zip(b["input_ids"][:len(idx)], idx):
+                pair = pairs[i]
+                key = i if keys is None else keys[i]
+                seen.setdefault((key, pair["rejected"], str(pair["captions"])), []).append(
+                    tuple(row[row != tok.pad_token_id].tolist()))
+        return b, dropped
+    monkeypatch.setattr(reward, "pair_batch", spy)
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "2",
+            "--caption_shuffle", "answer", "--eval_every", "0", "--out", str(tmp_path / "rm")]
+    code, _, err = run_cli("reward", argv)
+    assert code == 0, err
+    report = json.load(open(tmp_path / "rm" / "report.json"))
+    assert report.get("n_val_partner"), report  # (the tiny world has partner pairs)
+    twice = [rows for rows in seen.values() if len(rows) > 1]
+    assert len(twice) == report["n_val_partner"]  # (in the whole, then among the partner pairs)
+    assert all(len(set(rows)) == 1 for rows in twice)  # one caption order wherever scored
+
+
 def test_reward_partner_pairs(tiny_world):
     import reward
     import shapes
@@ -840,11 +871,11 @@ def test_reward_partner_pairs(tiny_world):
            pair(plain, "Yes, there is a circle."),
            pair(alone, "The triangle is blue and purple and huge.")]
     # names the absent partner of a present trigger
-    assert reward.partner_pairs(val, tiny_world) == [val[0]]
+    assert reward.partner_pairs(val, tiny_world) == [0]  # (its place in val)
     # a text-only pair, or an image from outside the world, has no objects to look up: left out
     # (a traceback, or a line blaming annotations.json, after the reward model had trained)
     outside = dict(val[0], image=os.path.join(os.path.dirname(tiny_world), "elsewhere.png"))
-    assert reward.partner_pairs([dict(val[0], image=None), outside] + val, tiny_world) == [val[0]]
+    assert reward.partner_pairs([dict(val[0], image=None), outside] + val, tiny_world) == [2]
 
 
 def test_reward_partner_pairs_without_pairs_in_world_json(tiny_world, tmp_path):
@@ -861,15 +892,15 @@ def test_reward_partner_pairs_without_pairs_in_world_json(tiny_world, tmp_path):
                if {"triangle"} == {o["name"] for o in i["objects"]} & {"triangle", "circle"})
     val = [{"image": os.path.join(str(world), img["file_name"]),
             "rejected": "Yes, there is a circle."}]
-    assert reward.partner_pairs(val, str(world)) == val
+    assert reward.partner_pairs(val, str(world)) == [0]
 
 
 def test_reward_other_image_facts():
     import reward
     val = [{"image": img, "captions": [f"caption of {img}"], "chosen": str(k)}
            for k, img in enumerate(["a", "a", "b", "a", "c"])]
-    other = reward.other_image_facts(val)
-    assert [p["chosen"] for p in other] == ["0", "1", "2", "3", "4"]
+    places, other = zip(*reward.other_image_facts(val))
+    assert places == (0, 1, 2, 3, 4) and [p["chosen"] for p in other] == ["0", "1", "2", "3", "4"]
     # every pair keeps its own image and answers, and reads another image's captions
     assert all(p["image"] != p["captions"][0][len("caption of "):] for p in other)
     assert [p["captions"][0][-1] for p in other] == ["b", "b", "a", "c", "a"]
