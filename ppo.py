@@ -812,6 +812,8 @@ def main(cfg):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log.log(done, **stats, **upd, kl_coef=kl_coef, lr=opt.param_groups[0]["lr"],
                     rollout_s=t1 - t0, update_s=t2 - t1)
+        elif show:  # (an --oracle_every step between two log lines: its own line, not lost)
+            log.log(done, **{k: stats[k] for k in ("halluc_rate", "halluc_per_answer")})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             extra = trainer_extra(policy, critic, kl_coef, gen, d)
             # base = the SFT checkpoint; reward/value adapters live in trainer_state

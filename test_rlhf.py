@@ -646,6 +646,20 @@ def test_ppo_update_with_grad_checkpoint_equals_without(tiny_rm, sft, tiny_world
             assert torch.allclose(u, v, atol=1e-6), k
 
 
+def test_ppo_oracle_steps_between_log_lines_are_logged(tiny_rm, sft, tiny_world, tmp_path):
+    """--oracle_every 3 with --log_every 2: the oracle ran at step 3 and its hallucination rate was
+    thrown away (logged only on log steps); it gets its own line."""
+    out = tmp_path / "ppo"
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, *PPO_ARGS,
+            "--max_steps", "4", "--log_every", "2", "--oracle_every", "3", "--out", str(out)]
+    code, _, err = run_cli("ppo", args)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert "score" in rows[0] and "halluc_rate" not in rows[0] and "halluc_rate" not in rows[2]
+    assert set(rows[1]) == {"step", "time", "halluc_rate", "halluc_per_answer"}, rows[1]
+
+
 def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
                                                                   tmp_path):
     rm = tiny_rm[0]
