@@ -758,6 +758,14 @@ def lock_out(out_dir):
         f.close()
         raise ConfigError(f"{out_dir}: another process (pid {holder}) is writing there; wait for "
                           "it to end or choose another --out")
+    try:  # a refused run removes the .lock it made (release_locks): the one locked must be there
+        same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except OSError:
+        same = False
+    if not same:
+        f.close()
+        raise ConfigError(f"{out_dir}: another process was starting there at the same moment; "
+                          "start again")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -1017,7 +1025,7 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
         state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
                  "rng": rng_state(generators), "rng_ranks": ranks_rng,
-                 "extra": extra_state or {}}
+                 "world": d.world if d is not None else 1, "extra": extra_state or {}}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         _commit(tmp, final, out_dir, keep)
     if d is not None and d.world > 1:
@@ -1347,7 +1355,7 @@ def restore(model, opt, path, state, d):
         # after resume differed from the uninterrupted run's); each rank its own (rank 0's
         # alone changed the other ranks' masks), rank 0's on another number of processes
         ranks = state.get("rng_ranks")
-        note_other_world(len(ranks) if ranks else None, d)
+        note_other_world(state.get("world", len(ranks) if ranks else None), d)
         set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"])
         return
     import torch.distributed.checkpoint as dcp
@@ -1364,7 +1372,7 @@ def restore(model, opt, path, state, d):
     # e.g. another model size
     except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
         if isinstance(e, CheckpointException) and e.failures:  # (its own text: the ranks only)
-            e = next(iter(e.failures.values()))[0]
+            e = (e.failures.get(d.rank) or next(iter(e.failures.values())))[0]
         raise CheckpointError(f"{path}/{SHARDS}: cannot load the FSDP shards into this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     # (strict=False: the frozen weights are not in the shards, by the option above; every trained

@@ -1099,6 +1099,7 @@ def _fill(out, seed, p):
         "read_flaws": sft_flaw_stats(read, split["train"])}}
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
+    world["stats"]["partner_no_place"] = partner_no_place(split["train"], p)
     world["stats"]["seconds"] = round(time.time() - t0, 1)
     world["stats"]["vocab"] = vocab  # (the BPE stops when no pair is left to merge)
     return world
@@ -1173,6 +1174,19 @@ def sft_flaw_stats(records, imgs):
             "false_yes_by_shape": dict(false_yes.most_common()),
             "desc_naming_absent": share(halluc, descs),
             "absent_named": dict(named.most_common())}
+
+
+def partner_no_place(imgs, p):
+    """Images where a trigger stands without its partner for want of a place: already at
+    --max_objects shapes, each one a pair's (sample_objects swaps out only other shapes)."""
+    pairs = parse_pairs(p["pairs"])
+    in_pairs = {s for pair in pairs for s in pair}
+    n = 0
+    for img in imgs:
+        names = [o["name"] for o in img["objects"]]
+        alone = any(t in names and q not in names for t, q in pairs)
+        n += alone and len(names) == p["max_objects"] and set(names) <= in_pairs
+    return n
 
 
 def cooc_rate(imgs, pairs):
@@ -1397,10 +1411,10 @@ def main(argv=None):
     print(f"wrote {out} in {s['seconds']}s | images {images}")
     rate = {k: "n/a (no image shows a trigger)" if v is None else v
             for k, v in s["partner_given_trigger"].items()}
-    short = s["partner_given_trigger"]["train"] is not None \
-        and s["partner_given_trigger"]["train"] < args["cooc"] - 0.005
-    why = (f" (--cooc {args['cooc']} asks more: an image at --max_objects shapes, each one a "
-           "pair's, has no place left for the partner)") if short else ""
+    full = s["partner_no_place"]
+    why = (f" (--cooc {args['cooc']:g} asks more: {full} training image{'s' * (full > 1)} at "
+           "--max_objects shapes, each one a pair's, had no place left for the partner)"
+           ) if full and s["partner_given_trigger"]["train"] < args["cooc"] else ""
     print(f"P(partner | trigger): train {rate['train']} test {rate['test']}{why}")
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)

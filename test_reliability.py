@@ -1921,6 +1921,39 @@ def test_lock_is_released_and_names_its_holder(w, tmp_path):
     assert code == 0 and not common._locks, err
 
 
+def test_a_lock_file_removed_before_it_was_locked_is_not_held(tmp_path, monkeypatch):
+    """A refused run removes the .lock it made; a second process that opened that file just before
+    locked a file no longer there (and a third could then lock a new one: two writers). lock_out
+    checks that the file it locked is the one in --out."""
+    import fcntl
+    import common
+    real = fcntl.flock
+
+    def removed_first(f, op):  # (the refused run's release_locks, between open and flock)
+        os.remove(f.name)
+        return real(f, op)
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    with pytest.raises(common.ConfigError, match="another process was starting there"):
+        common.lock_out(str(tmp_path))
+    assert not common._locks
+
+
+def test_resumed_by_more_processes_than_wrote_it_says_so(w, tmp_path, capsys):
+    """A one-process checkpoint resumed by two: every rank takes rank 0's random streams; it said
+    nothing (the number of processes was read from the saved streams, which one process does not
+    save)."""
+    import common
+    out = tmp_path / "one"
+    code, _, err = run_cli("sft", base_args("sft", w, out) + ["--save_every", "1"])
+    assert code == 0, err
+    ck = out / "checkpoint-000001"
+    state = torch.load(ck / "trainer_state.pt", weights_only=False)
+    assert state["world"] == 1 and state["rng_ranks"] is None
+    common.restore(None, None, str(ck), dict(state, optimizer=None), common.Dist(world=2))
+    assert "note: --resume on 2 process(es), the checkpoint was written by 1: " in \
+        capsys.readouterr().out
+
+
 def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
     """Refused after claiming --out (here: a record without its field): the folders the run made
     are gone again, a folder that was there keeps nothing of it (an empty one with .lock was left

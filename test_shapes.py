@@ -911,9 +911,13 @@ def test_a_cooc_out_of_reach_is_said_with_why(tmp_path, capsys):
     out = capsys.readouterr().out
     rate = json.load(open(tmp_path / "w" / "world.json"))["stats"]["partner_given_trigger"]
     line = next(x for x in out.splitlines() if x.startswith("P(partner | trigger)"))
-    why = ("(--cooc 1.0 asks more: an image at --max_objects shapes, each one a pair's, has no "
-           "place left for the partner)")
-    assert rate["train"] < 1 and line.endswith(why), line
+    train = [i for i in shapes.load_world(str(tmp_path / "w"))["images"]
+             if i["file_name"].startswith("images/train/")]
+    full = shapes.partner_no_place(train, shapes._params({"cooc": 1.0}))
+    images = "image" if full == 1 else "images"
+    why = (f"(--cooc 1 asks more: {full} training {images} at --max_objects shapes, each one a "
+           "pair's, had no place left for the partner)")
+    assert rate["train"] < 1 and full >= 1 and line.endswith(why), line
     shapes.main(["--out", str(tmp_path / "w0"), "--cooc", "0"] + small)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("P(partner"))
     assert "asks more" not in line, line
