@@ -239,6 +239,16 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
         f"error: {shard}: truncated (3000 bytes; the shards' index reads up to byte {len(whole)}"
         f"); the checkpoint is damaged: move {shard.parent.parent} away and --resume takes the "
         "one before it\n"), r.stderr[-2000:]
+    import common  # the other damage, checked in this process
+    index = shard.parent / ".metadata"
+    kept = index.read_bytes()
+    index.write_bytes(kept[:100])
+    with pytest.raises(common.CheckpointError, match=r"\.metadata: cannot be read"):
+        common.check_shard_files(str(shard.parent.parent))
+    index.write_bytes(kept)
+    shard.unlink()
+    with pytest.raises(common.CheckpointError, match=r"__0_0\.distcp: missing"):
+        common.check_shard_files(str(shard.parent.parent))
     shard.write_bytes(whole)
     r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
