@@ -217,7 +217,9 @@ def load_benchmarks(cfg):
         # written on first use, else checked as every stage checks it (another seed's world was
         # scored as if it were --world_seed's)
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
-        world = (cfg.world, shapes.load_world(cfg.world)["by_file"])
+        loaded = shapes.load_world(cfg.world)  # (folder, objects by file, image id by file)
+        world = (cfg.world, loaded["by_file"],
+                 {img["file_name"]: img["id"] for img in loaded["images"]})
     make = {"pope": pope_questions, "chair": chair_questions, "mmhal": mmhal_questions,
             "gavie": gavie_questions, "llava_bench": llava_bench_questions}
     out = {}
@@ -363,7 +365,10 @@ def chair_questions(cfg, world):
         return coco_chair_questions(cfg)
     path = os.path.join(world[0], "test_describe.json")
     recs = _nonempty(read_any_conversations(path, world[0]), path)
-    return [_shapes_question(r, path, world) for r in recs]
+    # image_id: the annotations' (the instances file a CHAIR script reads), as coco's records
+    return [_shapes_question(r, path, world,
+                             image_id=world[2][os.path.relpath(r["image"], world[0])])
+            for r in recs]
 
 
 def mmhal_questions(cfg, world):
@@ -857,8 +862,8 @@ def export_answers(out, name, bench, qs, lines):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for q in got:
             answer = lines[q["id"]]["answer"]
-            if bench == "chair":  # (Shapes: the test file's record id)
-                line = {"image_id": q.get("image_id", q["id"]), "caption": answer}
+            if bench == "chair":
+                line = {"image_id": q["image_id"], "caption": answer}
             else:
                 answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
                 line = {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),

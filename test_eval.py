@@ -205,7 +205,8 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
     """--export true with CHAIR: export/chair.jsonl, one {"image_id", "caption"} per description,
     the COCO image id as the instances file has it (an int), as CHAIR-metric-standalone's chair.py
     reads captions (--image_id_key image_id --caption_key caption); CHAIR had no export. Run on
-    the world's own COCO-layout annotations (the COCO path) and on Shapes CHAIR."""
+    the world's own COCO-layout annotations (the COCO path) and on Shapes CHAIR (whose export
+    wrote the question's id, a string, where the annotations' image id belongs)."""
     world = env["world"]
     (tmp_path / "synonyms.txt").write_text("\n".join(shapes.SHAPES) + "\n")
     coco = ["--benchmarks", "chair", "--chair_instances", os.path.join(world, "annotations.json"),
@@ -223,8 +224,13 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
                 images = json.load(f)["images"][:3]
             assert [r["image_id"] for r in exported] == [img["id"] for img in images]
             assert all(isinstance(r["image_id"], int) for r in exported)
-        else:
-            assert [r["image_id"] for r in exported] == [a["id"] for a in answers]
+        else:  # the annotations' id of the described image, not the question's (a string)
+            with open(os.path.join(world, "annotations.json")) as f:
+                ids = {img["file_name"]: img["id"] for img in json.load(f)["images"]}
+            with open(os.path.join(world, "test_describe.json")) as f:
+                image = {r["id"]: r["image"] for r in json.load(f)}
+            assert [r["image_id"] for r in exported] == [ids[image[a["id"]]] for a in answers]
+            assert all(isinstance(r["image_id"], int) for r in exported)
 
 
 # ---------------------------------------------------------------------------- MMHal, GAVIE, oracle
