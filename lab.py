@@ -406,7 +406,7 @@ def md_table(groups, metrics, order, fmts=None):
     lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for v in order:
         if v in groups:
-            n = max(len(x) for x in groups[v].values())
+            n = max((len(x) for x in groups[v].values()), default=0)
             cells = [fmt(groups[v].get(m), (fmts or {}).get(m, ".3f")) for m in metrics]
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
@@ -414,8 +414,10 @@ def md_table(groups, metrics, order, fmts=None):
 
 def verdict(groups, a, b, metric, lower_better, claim):
     """One sentence: does b improve on a in `metric` by more than the seeds' spread?"""
-    if a not in groups or b not in groups or metric not in groups[a] or metric not in groups[b]:
+    if a not in groups or b not in groups:
         return f"- {claim}: not measured (runs missing)."
+    if metric not in groups[a] or metric not in groups[b]:  # (e.g. no generated answer parsed)
+        return f"- {claim}: not measured ({metric} missing from the runs)."
     (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
     if ma is None or mb is None:  # every run of a side lacks the number (e.g. a NaN score)
         return f"- {claim}: not measured ({metric} missing from the runs)."
@@ -804,6 +806,7 @@ def vigc_generation_groups(cfg):
         r = load(os.path.join(cfg.out, f"vigc/vigc-s{s}", "report.json"))
         for k, label in (("vig_only", "VIG only"), ("vic", "VIG + VIC")):
             if r and k in r:
+                gen.setdefault(label, {})  # (the run is there, if nothing was counted)
                 for m, key in metrics:  # (null: no generated answer parsed, nothing counted)
                     if r[k][key] is not None:
                         add_value(gen, label, m, s, r[k][key])
@@ -831,14 +834,28 @@ def vigc_section(cfg, runs, base):
           plot_link(cfg, "VIGC", "vigc.png"), ""]
     bar_plot(plot_path(cfg, "vigc.png"), "VIGC: hallucinations per 100 generated answers", gen,
              ["hallucinations / 100 answers"], ["VIG only", "VIG + VIC"])
-    verdicts = [
-        verdict(gen, "VIG only", "VIG + VIC", "hallucinations / 100 answers", True,
-                "VIGC (iterative correction lowers hallucinations in generated answers)"),
-        verdict(g, "+ VIG-only data", "+ VIGC data", "CHAIR_i", True,
-                "VIGC data (SFT plus VIGC data beats SFT plus VIG-only data on CHAIR_i)"),
-        verdict(g, "SFT data only", "+ VIGC data", "CHAIR_i", True,
-                "VIGC data (adding it to SFT lowers CHAIR_i)")]
+    data_claims = [("+ VIG-only data", "+ VIGC data",
+                    "VIGC data (SFT plus VIGC data beats SFT plus VIG-only data on CHAIR_i)"),
+                   ("SFT data only", "+ VIGC data", "VIGC data (adding it to SFT lowers CHAIR_i)")]
+    empty = generated_nothing(cfg)
+    if empty:  # (an empty file in --data adds nothing: those runs are the SFT data's again)
+        md += [f"No generated record for seed(s) {', '.join(map(str, empty))} (no VIG output "
+               "parsed): their '+' runs trained on the SFT data alone.", ""]
+    verdicts = [verdict(gen, "VIG only", "VIG + VIC", "hallucinations / 100 answers", True,
+                        "VIGC (iterative correction lowers hallucinations in generated answers)")]
+    for a, b, claim in data_claims:
+        if len(empty) == len(cfg.seeds):
+            verdicts.append(f"- {claim}: not measured (no generated record on any seed).")
+        else:
+            verdicts.append(verdict(g, a, b, "CHAIR_i", True, claim))
     return md, verdicts
+
+
+def generated_nothing(cfg):
+    """The seeds whose VIGC run wrote an empty vig_only.json or vigc_data.json."""
+    return [s for s in cfg.seeds
+            if any(load(os.path.join(cfg.out, f"vigc/vigc-s{s}", f)) == []
+                   for f in ("vig_only.json", "vigc_data.json"))]
 
 
 def reported_claims(cfg):

@@ -406,6 +406,32 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     assert "lab wall clock 52.0 min on 2026-11-30 for the 80 of 82 runs not already on" in text
 
 
+def test_lab_vigc_with_nothing_generated_says_so(tmp_path):
+    """VIGC runs whose VIG parsed nothing write empty vig_only.json / vigc_data.json: the '+' runs
+    then train on the SFT data alone, and the report compared two such runs as if they differed,
+    and called the generation claim's runs missing (they were there, with nothing counted)."""
+    cfg, runs = fake_lab(tmp_path)
+    for s in cfg.seeds:
+        folder = os.path.join(cfg.out, f"vigc/vigc-s{s}")
+        for f in ("vig_only.json", "vigc_data.json"):
+            common.write_json([], os.path.join(folder, f))
+        nothing = {k: {"hallucinations_per_100": None, "answers_with_hallucination": None,
+                       "sentences_per_answer": None} for k in ("vig_only", "vic")}
+        common.write_json({**nothing, "parsed": 0, "images": 120},
+                          os.path.join(folder, "report.json"))
+    os.makedirs(cfg.plots)
+    md, verdicts = lab.vigc_section(cfg, runs, None)
+    assert "No generated record for seed(s) 0, 1 (no VIG output parsed): their '+' runs trained " \
+        "on the SFT data alone." in md
+    assert verdicts == [
+        "- VIGC (iterative correction lowers hallucinations in generated answers): not measured "
+        "(hallucinations / 100 answers missing from the runs).",
+        "- VIGC data (SFT plus VIGC data beats SFT plus VIG-only data on CHAIR_i): not measured "
+        "(no generated record on any seed).",
+        "- VIGC data (adding it to SFT lowers CHAIR_i): not measured (no generated record on any "
+        "seed)."]
+
+
 def test_lab_subset_keeps_the_other_claims(tmp_path):
     """`lab.py --claims lrv` reports every claim whose runs are all on disk, not only lrv, and says
     which claims its wall clock covers."""
