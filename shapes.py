@@ -12,6 +12,7 @@ named cells: top left, top, top right, left, center, right, bottom left, bottom,
     python shapes.py --out data/shapes --seed 0      # writes a world (same seed -> same bytes)
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -1482,7 +1483,10 @@ def existence_lines(flaws, stage, share_flag, turns_flag, args, text_only_writer
     if text_only_writer:
         line += f"; the text-only writer's false 'yes' {flaws['false_yes_share']}"
     lines = [line + ")"]
-    if abs(asked - target) > 0.03:  # the asker cannot reach it: say why
+    # the asker cannot reach it: say why (beyond sampling noise: three standard errors of a share
+    # over the questions asked, at least 0.03; a small world's share moves by chance alone)
+    noise = 3 * math.sqrt(target * (1 - target) / (args["n_train"] * max(turns, 1)))
+    if abs(asked - target) > max(0.03, noise):
         # one conversation asks about distinct shapes and an image shows 1..max_objects of six
         why = ("an image shows few of the six shapes, so the later questions must ask about "
                "absent ones") if asked < target else ("an image can show most of the six shapes, "

@@ -921,3 +921,17 @@ def test_a_cooc_out_of_reach_is_said_with_why(tmp_path, capsys):
     shapes.main(["--out", str(tmp_path / "w0"), "--cooc", "0"] + small)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("P(partner"))
     assert "asks more" not in line, line
+
+
+def test_a_small_worlds_share_off_by_chance_is_not_called_out_of_reach(tmp_path, capsys):
+    """At 120 images of one reading question each, the asker's "yes" share landed 0.033 from
+    --read_yes_share 0.6 by chance (2000 images: 0.607), and shapes.py called 0.6 out of reach,
+    giving a reason (the later questions of a conversation) that one question does not have. The
+    bar is now three standard errors of the share over the questions asked, at least 0.03."""
+    small = [f"--{k}={v}" for k, v in dict(SMALL, n_train=120).items()]
+    shapes.main(["--out", str(tmp_path / "w"), "--neg_ratio", "1", "--exist_turns", "1",
+                 "--read_turns", "1"] + small)
+    out = capsys.readouterr().out
+    read = json.load(open(tmp_path / "w" / "world.json"))["stats"]["read_flaws"]
+    assert abs(shapes.asker_yes_share(read) - 0.6) > 0.03  # (the chance miss this is about)
+    assert "out of reach" not in out, out
