@@ -291,6 +291,8 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
             "--out", out]
     code, stdout, err = run_cli("vigc", argv)
     assert code == 0, err
+    # (it said it had training examples, at --max_steps 0)
+    assert "no training (--max_steps 0) | model" in stdout and "training examples" not in stdout
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["parsed"] == 4 and report["dropped_unparsed"] == 2
     assert report["vig_only"]["hallucinations_per_100"] >= 0 and len(report["samples"]) == 3

@@ -610,9 +610,10 @@ def main(cfg):
     if d.main:
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable)
-        print(f"{len(train)} training examples (VIG + VIC + {cfg.sft_share:.0%} SFT) "
-              f"from {len(records)} records | model {n_all / 1e6:.2f}M params, "
-              f"{n_train / 1e6:.2f}M trainable | {d.world} process(es)")
+        what = (f"{len(train)} training examples (VIG + VIC + {cfg.sft_share:.0%} SFT) from "
+                f"{len(records)} records" if cfg.max_steps else "no training (--max_steps 0)")
+        print(f"{what} | model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
+              f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     model.train()
