@@ -164,6 +164,8 @@ def load_records(cfg):
     # beside others adds nothing (VIGC's generated files can be empty after a weak run)
     if len(empty) == len(specs):
         require_records(train, empty[0], "conversations")  # (train is empty)
+    if empty and int(os.environ.get("RANK", "0")) == 0:  # (said, not refused)
+        print(f"note: --data {', '.join(empty)}: no records, adds nothing to the training data")
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
     if cfg.val_data:  # (a file of none would validate nothing without saying so)
         require_records(val, cfg.val_data, "conversations")

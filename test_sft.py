@@ -321,3 +321,16 @@ def test_a_fresh_model_takes_the_worlds_geometry(tiny_world, tmp_path):
         "fresh --model takes one patch per cell (at most 63 px): write a world with --image_size "
         "at most 189, or start from --init")
     assert not os.path.exists(os.path.join(tmp_path, "b", "checkpoint-000001"))
+
+
+def test_an_empty_file_beside_others_in_data_is_said(tiny_world, tiny_sft, tmp_path):
+    """An empty file among several in --data adds nothing (VIGC's generated files can be empty
+    after a weak run) and is not refused, but it went by without a word."""
+    empty = tmp_path / "none.json"
+    empty.write_text("[]")
+    data = f"{os.path.join(tiny_world, 'sft.json')},{empty}:4"
+    code, out, err = run_cli("sft", ["--init", tiny_sft, "--data", data, "--image_folder",
+                                     tiny_world, "--max_steps", "1", "--batch_size", "2",
+                                     "--report", "false", "--out", str(tmp_path / "o")])
+    assert code == 0, err
+    assert f"note: --data {empty}: no records, adds nothing to the training data" in out
