@@ -365,10 +365,11 @@ def chair_questions(cfg, world):
         return coco_chair_questions(cfg)
     path = os.path.join(world[0], "test_describe.json")
     recs = _nonempty(read_any_conversations(path, world[0]), path)
-    # image_id: the annotations' (the instances file a CHAIR script reads), as coco's records
-    return [_shapes_question(r, path, world,
-                             image_id=world[2][os.path.relpath(r["image"], world[0])])
-            for r in recs]
+    qs = [_shapes_question(r, path, world) for r in recs]  # (an image the annotations lack: one
+    # line naming them, from the objects' lookup)
+    for q in qs:  # image_id: the annotations' (the instances file a CHAIR script reads), as coco's
+        q["image_id"] = world[2][os.path.relpath(q["image"], world[0])]
+    return qs
 
 
 def mmhal_questions(cfg, world):
