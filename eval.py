@@ -272,6 +272,11 @@ def pope_questions(cfg, world):
             recs = read_pope(path, folder, check_images=not cfg.rescore)
         _nonempty(recs, path)
         suffix = cfg.pope_suffix.replace("\\n", "\n")
+        # LLaVA-1.5's llava_pope_test.jsonl carries the suffix in its text already: not twice
+        carried = sum(bool(suffix) and r["text"].endswith(suffix) for r in recs)
+        if carried:
+            print(f"note: --pope_suffix: {carried} of the {len(recs)} questions of {path} end "
+                  "with it already; it is not added to them again")
         for i, r in enumerate(recs):
             split = r.get("category")
             if split in (None, ""):
@@ -286,7 +291,8 @@ def pope_questions(cfg, world):
                            f"popular, adversarial), got {split!r:.40}")  # (a file name part)
                 raise DataError(path, record_label(i, r), "category", message)
             question = {"id": str(r["question_id"]), "image": r["image"], "file": path,
-                        "label": r["label"], "prompt": r["text"] + suffix,
+                        "label": r["label"],
+                        "prompt": r["text"] + ("" if r["text"].endswith(suffix) else suffix),
                         "question_id": r["question_id"], "text": r["text"], "record": i,
                         "id_field": "question_id"}
             splits.setdefault(split, []).append(question)
@@ -380,7 +386,7 @@ def mmhal_questions(cfg, world):
         folder = cfg.image_folder or None
     else:
         folder = os.path.join(world[0], "images", "test")
-    recs = _nonempty(read_mmhal(path, folder), path)
+    recs = _nonempty(read_mmhal(path, folder, check_images=not cfg.rescore), path)
     return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
@@ -465,17 +471,18 @@ def coco_number(name):
     return m[1].lstrip("0") or "0" if m else None
 
 
-def _image_file(folder, name, file, record, field):
+def _image_file(folder, name, file, record, field, check=True):
+    """folder/name, which must be a file unless not `check` (--rescore needs no images)."""
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    if check and not os.path.isfile(path):
         raise DataError(file, record, field, f"image not found: {path}")
     return path
 
 
 def coco_chair_questions(cfg):
-    if not cfg.chair_synonyms or not cfg.image_folder:
+    if not cfg.chair_synonyms or not (cfg.image_folder or cfg.rescore):
         raise common.ConfigError("--chair_instances needs --chair_synonyms and --image_folder "
-                                 "(the COCO images)")
+                                 "(the COCO images; not with --rescore true)")
     syn = load_synonyms(cfg.chair_synonyms, cfg.chair_counting)
     path = cfg.chair_instances
     ann = load_json(path)
@@ -512,7 +519,8 @@ def coco_chair_questions(cfg):
     return [{"id": str(img["id"]), "image_id": img["id"], "file": path, "prompt": cfg.chair_prompt,
              "record": i, "id_field": "images.id",
              "objects": present[img["id"]], "syn": syn,
-             "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name")}
+             "image": _image_file(cfg.image_folder, img["file_name"], path, i, "images.file_name",
+                                  check=not cfg.rescore)}
             for i, img in enumerate(imgs)]
 
 
@@ -547,7 +555,8 @@ def lrv_gavie_questions(cfg):
         image_boxes = [(b.get("caption") or b.get("name") or "object", b.get("bbox", []))
                        for b in boxes[iid]]
         qs.append({"id": str(i), "file": path, "prompt": r["question"], "gt": None, "qtype": None,
-                   "objects": None, "image": _image_file(folder, name, path, i, "image_id"),
+                   "objects": None,
+                   "image": _image_file(folder, name, path, i, "image_id", not cfg.rescore),
                    "boxes": image_boxes})
     return qs
 

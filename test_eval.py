@@ -575,6 +575,54 @@ def test_rescore_reads_the_answers_of_one_run(env, capsys):
     assert code == 2 and "--rescore: pope_random answers of 2 runs here" in err, err
 
 
+def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_path):
+    """--rescore scores the stored answers (and judge replies) without a model: POPE and
+    LLaVA-Bench read no image there, but MMHal-Bench, GAVIE and COCO CHAIR still wanted every
+    image file (LLaVA-RLHF's published MMHal answers could not be rescored without its images)."""
+    import shutil
+    world, real = env["world"], tmp_path / "real"
+    shutil.copytree(os.path.join(world, "images", "test"), real / "images")
+    shutil.copy(os.path.join(world, "mmhal.json"), real / "mmhal.json")  # images/ beside it
+    names = sorted(os.listdir(real / "images"))[:4]
+    (real / "gavie.json").write_text(json.dumps(
+        [{"image_id": f"images/{n}", "question": "What is in the image?"} for n in names]))
+    (real / "boxes.json").write_text(json.dumps(
+        {f"images/{n}": [{"caption": "a shape", "bbox": [1, 2, 10, 10]}] for n in names}))
+    (tmp_path / "synonyms.txt").write_text("\n".join(shapes.SHAPES) + "\n")
+    judge = ["--judge", "openai", "--judge_url", api, "--judge_key", "k"]
+    runs = {"mmhal": ["--mmhal_file", str(real / "mmhal.json"), *judge],
+            "gavie": ["--gavie_file", str(real / "gavie.json"), "--gavie_annotations",
+                      str(real / "boxes.json"), *judge],
+            "chair": ["--chair_instances", os.path.join(world, "annotations.json"),
+                      "--chair_synonyms", str(tmp_path / "synonyms.txt"),
+                      "--chair_prompt", "Describe the image."]}
+    folder = {"mmhal": [], "gavie": [], "chair": ["--image_folder", world]}
+    scored = {b: run_cli(env, tmp_path / b, "--ckpt", env["ckpts"][0], "--benchmarks", b, *argv,
+                         *folder[b])["m0"][b] for b, argv in runs.items()}
+    shutil.move(real / "images", tmp_path / "gone")
+    for b, argv in runs.items():
+        again = run_cli(env, tmp_path / b, "--ckpt", "m0", "--rescore", "true", "--benchmarks", b,
+                        *argv)["m0"][b]
+        assert again == scored[b], b
+
+
+def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
+    """LLaVA-1.5's llava_pope_test.jsonl carries '\\nAnswer the question using a single word or
+    phrase.' in its text; README's POPE command adds it with --pope_suffix, and the model read it
+    twice. A question that ends with the suffix is asked as it is, and a note says so."""
+    recs = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:4]
+    suffix = "\nAnswer the question using a single word or phrase."
+    carried = [dict(r, text=r["text"] + suffix) if i < 2 else r for i, r in enumerate(recs)]
+    path = tmp_path / "llava_pope_random.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in carried))
+    cfg = E.Config(pope_files=(str(path),), pope_suffix=suffix.replace("\n", "\\n"),
+                   image_folder=env["world"])
+    qs = E.pope_questions(cfg, (env["world"], None, None))["random"]
+    assert [q["prompt"] for q in qs] == [r["text"] + suffix for r in recs]
+    assert f"note: --pope_suffix: 2 of the 4 questions of {path} end with it already" in \
+        capsys.readouterr().out
+
+
 def test_judge_replies_are_reused_only_for_the_same_prompt():
     """Replies were keyed by (id, judge, answer): another question or reference under an id, or
     a longer --judge_max_tokens, got the stored reply back."""
