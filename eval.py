@@ -37,7 +37,8 @@ Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
   OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply",
                                  "prompt_digest"}, reused for the same judge (with its endpoint
                                  and --judge_max_tokens) and the same prompt and image
-  OUT/NAME/scores.json           every number; OUT/compare.md and OUT/compare.json with --compare
+  OUT/NAME/scores.json           every number (benchmarks of earlier runs of the same checkpoint
+                                 into OUT kept); OUT/compare.md and .json with --compare
   OUT/NAME/export/               --export true: pope_<split>.jsonl and llava_bench.jsonl as LLaVA's
                                  model_vqa.py writes answers, mmhal.json as MMHal-Bench's
                                  eval_gpt4.py reads them, chair.jsonl as the CHAIR scripts read
@@ -932,7 +933,17 @@ def evaluate(cfg, ckpt, name, bench, judges):
                       f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
     if ans.rescored_from:  # (--rescore: --ckpt names the folder; these wrote the answers)
         scores["answers_from"] = sorted(ans.rescored_from, key=str)
-    common.write_json(scores, os.path.join(out, "scores.json"))
+    # the same checkpoint's other benchmarks, scored by earlier runs into this folder, are kept
+    # (real benchmarks need runs of their own: one --image_folder each)
+    path = os.path.join(out, "scores.json")
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        earlier = None
+    same = isinstance(earlier, dict) and earlier.get("ckpt") == scores["ckpt"]
+    kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}
+    common.write_json({**scores, **kept}, path)
     return scores
 
 

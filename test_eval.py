@@ -4,6 +4,7 @@ compare, bad input) on the tiny world of conftest.py."""
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -579,7 +580,6 @@ def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_pa
     """--rescore scores the stored answers (and judge replies) without a model: POPE and
     LLaVA-Bench read no image there, but MMHal-Bench, GAVIE and COCO CHAIR still wanted every
     image file (LLaVA-RLHF's published MMHal answers could not be rescored without its images)."""
-    import shutil
     world, real = env["world"], tmp_path / "real"
     shutil.copytree(os.path.join(world, "images", "test"), real / "images")
     shutil.copy(os.path.join(world, "mmhal.json"), real / "mmhal.json")  # images/ beside it
@@ -621,6 +621,21 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
     assert [q["prompt"] for q in qs] == [r["text"] + suffix for r in recs]
     assert f"note: --pope_suffix: 2 of the 4 questions of {path} end with it already" in \
         capsys.readouterr().out
+
+
+def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
+    """Real benchmarks need runs of their own (one --image_folder each), and each run into the same
+    --out replaced scores.json with its own benchmarks: MMHal's scores were gone after a GAVIE
+    run. The same checkpoint's other benchmarks are kept; another checkpoint's are not."""
+    out = tmp_path / "o"
+    pope = run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope")["m0"]["pope"]
+    chair = run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "chair")["m0"]["chair"]
+    scores = json.load(open(out / "m0" / "scores.json"))
+    assert scores["pope"] == pope and scores["chair"] == chair
+    other = tmp_path / "other" / "m0"  # another checkpoint, written to the same folder name
+    shutil.copytree(env["ckpts"][0], other)
+    run_cli(env, out, "--ckpt", str(other), "--benchmarks", "chair")
+    assert "pope" not in json.load(open(out / "m0" / "scores.json"))
 
 
 def test_judge_replies_are_reused_only_for_the_same_prompt():
