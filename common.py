@@ -1177,7 +1177,8 @@ def load_resume(out_dir, run_config, generators=None):
               f"learning-rate schedule stretches from step {state['step']} on, so the run "
               "matches neither a run of one plan nor of the other", flush=True)
     accum, was_accum = now.get("grad_accum"), was.get("grad_accum")
-    if accum != was_accum and int(os.environ.get("RANK", "0")) == 0:
+    if None not in (accum, was_accum) and accum != was_accum and \
+            int(os.environ.get("RANK", "0")) == 0:
         print(f"note: --resume with --grad_accum {accum}, the run had {was_accum}: the same global "
               "batches in other micro-batches, summed in another order: not bitwise the run that "
               "was not stopped", flush=True)
@@ -1406,7 +1407,7 @@ def own_state(saved, d):
 def note_other_world(written_by, d, streams="the other ranks' random streams"):
     """--resume on another number of processes than wrote the checkpoint is allowed (a node lost),
     and said: the global batches are the same, but their sums run in another order and
-    `streams` start again from rank 0's, so the run is no longer bitwise the one not stopped."""
+    `streams` start again, so the run is no longer bitwise the one not stopped."""
     if d.main and written_by is not None and written_by != d.world:
         print(f"note: --resume on {d.world} process(es), the checkpoint was written by "
               f"{written_by}: the same global batches, summed in another order, and {streams} "
