@@ -79,6 +79,10 @@ def user_errors(*extra):
         if getattr(e, "filename", None):
             fail(f"{e.filename}: {e.strerror}")
         raise
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
+        sys.stderr.write("interrupted: what was written is kept (a training run goes on from its "
+                         "last checkpoint with --resume true)\n")
+        raise SystemExit(130) from None
     finally:
         release_locks()
 
@@ -790,6 +794,34 @@ def release_locks():
             os.rmdir(_made_out.pop())  # (only while empty)
         except OSError:
             pass
+
+
+def lock_holder(out_dir):
+    """The pid in OUT/.lock while a live process holds its flock (a stage a killed pipeline or lab
+    left running goes on writing there), else None."""
+    import fcntl
+    path = os.path.join(out_dir, LOCK)
+    if os.path.realpath(out_dir) in _locks or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+    return None
+
+
+def run_progress(run_dir):
+    """(step, planned max_steps) of a run folder's newest checkpoint, from its config.json; None
+    where either is not recorded."""
+    ck = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    try:
+        with open(os.path.join(ck, "config.json")) as f:
+            config = json.load(f)
+        step, planned = config["step"], config["run_config"]["max_steps"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    return (step, planned) if isinstance(step, int) and isinstance(planned, int) else None
 
 
 def holds_run(out_dir):

@@ -984,6 +984,20 @@ def check_out_matches(cfg):
     common.write_json(stamp, path)  # whole or absent: a lab killed here leaves no half stamp
 
 
+def refuse_live_writers(cfg, runs, stale):
+    """A run folder this lab would start again (removing it first) that a live process still
+    writes: a run of a lab killed earlier (its runs go on); both wrote there at once."""
+    for name, (_, _, done) in runs.items():
+        if os.path.exists(done) and name not in stale:  # (done: left as it is)
+            continue
+        folder = os.path.join(cfg.out, name)
+        holder = common.lock_holder(folder)
+        if holder:
+            raise common.ConfigError(f"{folder}: a process (pid {holder}) is still writing there "
+                                     "(a run of a lab stopped earlier?); wait for it to end, or "
+                                     "stop it, then run lab.py again")
+
+
 def main(cfg):
     # python pipeline.py --world_seed N writes ckpt-seedN/sft
     if cfg.world_seed and cfg.sft == Config.sft:
@@ -1030,7 +1044,10 @@ def main(cfg):
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0
     if not cfg.report_only:
+        common.ensure_writable(cfg.out)
+        common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
         stale = stale_runs(runs, cfg)
+        refuse_live_writers(cfg, runs, stale)
         ran = sum(not os.path.exists(v[2]) or k in stale for k, v in runs.items())
         clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
         failed = execute(runs, cfg, clock)

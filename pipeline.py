@@ -11,9 +11,12 @@ output. After SFT, the two independent lanes (LRV -> reward model -> PPO, and DP
 by side, one thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of
 one with two.
 """
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,14 +87,49 @@ def refuse_stale_models(cfg, models):
     sft = os.path.join(cfg.out, "sft")
     sft_time = written(sft)
     retrained = {os.path.join(cfg.out, s) for s in cfg.stages}  # (trained again before eval)
+    sft_now = latest_checkpoint(sft) if os.path.isdir(sft) else None
     for m in models:
         m_time = written(m) if m != sft and m not in retrained else None
-        if sft_time is not None and m_time is not None and m_time < sft_time:
+        # the SFT checkpoint its run started from (run.json), where recorded: another SFT run's
+        # checkpoint can be older than the model (one pipeline replaced the SFT while another's
+        # later stages still trained on the first)
+        init = recorded_init(m) if m_time is not None and sft_now else None
+        other = init is not None and os.path.realpath(init) != os.path.realpath(sft_now)
+        if other or (sft_time is not None and m_time is not None and m_time < sft_time):
             later = [s for s in STAGES if s not in ("sft", "eval")]
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
-                                     f"{sft}'s newest checkpoint, from an SFT run since replaced "
-                                     f"or extended: run --stages {','.join(later)},eval again (or "
-                                     "the stages of the models you compare)")
+                                     f"{sft}'s newest checkpoint or from another one, from an SFT "
+                                     "run since replaced or extended: run --stages "
+                                     f"{','.join(later)},eval again (or the stages of the models "
+                                     "you compare)")
+
+
+def recorded_init(run):
+    """The --init a training run recorded in its run.json (None: not recorded)."""
+    try:
+        with open(os.path.join(run, common.RUN_FILE)) as f:
+            return json.load(f).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def refuse_unusable_inputs(cfg, runs):
+    """Runs under --out that later stages read or eval compares, trained by an earlier pipeline:
+    one still being written by a stage process that pipeline left behind (killed), or one that
+    stopped before its last step (its newest checkpoint is not the model its run was to make)."""
+    for run in runs:
+        holder = common.lock_holder(run)
+        if holder:
+            raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run}: a process (pid "
+                                     f"{holder}) is still writing there (a stage of a pipeline "
+                                     "stopped earlier?); wait for it to end, or stop it")
+        progress = common.run_progress(run)
+        if progress and progress[0] < progress[1]:
+            stage = os.path.basename(run)
+            raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run} stopped at step "
+                                     f"{progress[0]} of {progress[1]} (unfinished): train it "
+                                     f"again (--stages {stage},... --overwrite true) or finish it "
+                                     "(its script with --out there and --resume true) first")
 
 
 def refuse_rewritten_world(cfg):
@@ -142,14 +180,35 @@ def stage_commands(cfg):
 LANES = (("sft",), (("lrv", "rm", "ppo"), ("dpo", "vigc")), ("eval",))
 
 
+_running = set()  # the stage processes running now
+_stopping = threading.Event()  # set on Ctrl-C: no lane starts another stage
+
+
+def stop_stages():
+    """Ctrl-C: the running stages get it too (they were sent it alone when the pipeline was)."""
+    _stopping.set()
+    for proc in list(_running):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in list(_running):
+        proc.wait()
+
+
 def run_lane(names, commands, here, env, times):
     """Run stages one after another; return (stage, exit code) of the first failure, or None."""
     for name in names:
+        if _stopping.is_set():
+            return name, 130
         cmd = [sys.executable, os.path.join(here, commands[name][0]), *commands[name][1:]]
         print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
         t0 = time.time()
         # in the caller's folder: its relative paths hold
-        code = subprocess.run(cmd, env=env).returncode
+        proc = subprocess.Popen(cmd, env=env)
+        _running.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            _running.discard(proc)
         times[name] = time.time() - t0
         if code != 0:
             return name, code
@@ -178,6 +237,12 @@ def main(cfg):
         refuse_rewritten_world(cfg)
     if "eval" in cfg.stages and "sft" not in cfg.stages:
         refuse_stale_models(cfg, compared_models(cfg))
+    # what these stages read that an earlier pipeline trained: finished, and no longer written
+    read = {"sft"} if set(cfg.stages) - {"sft"} else set()
+    read |= {"rm"} if "ppo" in cfg.stages else set()
+    read |= {os.path.basename(m) for m in compared_models(cfg)} if "eval" in cfg.stages else set()
+    earlier = [os.path.join(cfg.out, r) for r in sorted(read) if r not in cfg.stages]
+    refuse_unusable_inputs(cfg, [run for run in earlier if os.path.isdir(run)])
     for stage in cfg.stages if not cfg.overwrite else ():  # (the stage's own hint names flags
         # the pipeline does not take)
         out = os.path.join(cfg.out, stage)
@@ -190,8 +255,22 @@ def main(cfg):
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []
     for flag, path in outputs:
         common.check_output_path(flag, path)
+    common.ensure_writable(cfg.out)
+    common.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
     here = os.path.dirname(os.path.abspath(__file__))
     times, t_start = {}, time.time()
+    try:
+        run_stages(cfg, commands, here, times)
+    except KeyboardInterrupt:  # Ctrl-C: the running stages are stopped, no later one starts
+        stop_stages()
+        print("interrupted: the stages that ran to the end are kept; go on with --stages naming "
+              "the rest, or start again with --overwrite true", file=sys.stderr)
+        raise SystemExit(130) from None
+    print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+          + f" | wall clock {(time.time() - t_start) / 60:.1f} min")
+
+
+def run_stages(cfg, commands, here, times):
     for step in LANES:
         step_lanes = step if isinstance(step[0], tuple) else (step,)
         lanes = [[s for s in lane if s in cfg.stages] for lane in step_lanes]
@@ -201,7 +280,12 @@ def main(cfg):
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             run_one = lambda lane: run_lane(lane, commands, here, env, times)
             with ThreadPoolExecutor(len(lanes)) as pool:
-                failed = [f for f in pool.map(run_one, lanes) if f]
+                futures = [pool.submit(run_one, lane) for lane in lanes]
+                try:
+                    failed = [f for f in (x.result() for x in futures) if f]
+                except KeyboardInterrupt:  # (the pool waits for its lanes: stop them first)
+                    stop_stages()
+                    raise
         else:
             failed = []
             for lane in lanes:
@@ -216,8 +300,6 @@ def main(cfg):
                 print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
                       file=sys.stderr)
             raise SystemExit(code)
-    print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
-          + f" | wall clock {(time.time() - t_start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -483,6 +483,138 @@ def test_eval_alone_refuses_models_older_than_the_sft(tmp_path, tiny_world):
     assert code == 2 and "dpo was trained before" in err, err
 
 
+def hold_lock(folder):
+    """A process that holds folder/.lock (as a stage a killed pipeline left running does)."""
+    import subprocess
+    import sys
+    code = ("import fcntl, os, sys, time; f = open(os.path.join(sys.argv[1], '.lock'), 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print('held', "
+            "flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def fake_run(folder, step, max_steps, init=None):
+    ck = folder / f"checkpoint-{step:06d}"
+    ck.mkdir(parents=True)
+    (ck / "config.json").write_text(json.dumps({"step": step,
+                                                "run_config": {"max_steps": max_steps}}))
+    if init:
+        (folder / "run.json").write_text(json.dumps({"data": {}, "init": str(init)}))
+    return ck
+
+
+def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
+    """A pipeline killed mid-SFT left sft.py writing and an unfinished run: the refusal's own hint
+    (leave sft out of --stages) trained every later stage on step 500 of 1200, beside the orphan
+    still writing; a second pipeline replaced the SFT while the first's later stages trained on it,
+    and --stages eval compared models of two SFT runs (the time check missed it). Now: a run still
+    written, an unfinished run, or a model whose recorded --init is not the SFT there is refused,
+    and one pipeline at a time holds --out."""
+    import pipeline
+    out = tmp_path / "ckpt"
+    fake_run(out / "sft", 500, 1200)
+    argv = ["--out", str(out), "--stages", "lrv", "--world", tiny_world]
+    code, _, err = run_cli("pipeline", argv)
+    assert code == 2 and "ckpt/sft stopped at step 500 of 1200 (unfinished)" in err, err
+    holder = hold_lock(out / "sft")
+    try:
+        code, _, err = run_cli("pipeline", argv)
+        assert code == 2 and f"(pid {holder.pid}) is still writing there" in err, err
+        lrv = fake_run(out / "lrv", 8, 8, init=out / "sft" / "checkpoint-000300")
+        os.utime(lrv / "config.json")  # (written after the SFT's: the time check passes)
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / "sft" / "checkpoint-000500" / "config.json").write_text(json.dumps(
+        {"step": 1200, "run_config": {"max_steps": 1200}}))
+    cfg = pipeline.Config(out=str(out), stages=("eval",), world=tiny_world)
+    with pytest.raises(common.ConfigError, match="ckpt/lrv was trained before"):
+        pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+    holder = hold_lock(out)  # another pipeline on this --out
+    try:
+        code, _, err = run_cli("pipeline", ["--out", str(out), "--stages", "sft", "--model",
+                                            "tiny", "--overwrite", "true", "--world", tiny_world])
+        assert code == 2 and f"another process (pid {holder.pid}) is writing there" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatch):
+    """Ctrl-C to pipeline.py during the side-by-side lanes: the lanes went on starting reward.py,
+    ppo.py and vigc.py, and it ended in a traceback. The running stages are stopped, none starts
+    after, and one line says how to go on."""
+    import threading
+    import time
+    import pipeline
+    slow = tmp_path / "slow.py"
+    slow.write_text("import sys, time\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    commands = {n: [str(slow), str(tmp_path / f"{n}.started")] for n in ("a", "b")}
+    times = {}
+    lane = threading.Thread(target=pipeline.run_lane, args=(("a", "b"), commands, "/", None,
+                                                            times))
+    t0 = time.time()
+    lane.start()
+    while not (tmp_path / "a.started").exists():
+        time.sleep(0.05)
+    pipeline.stop_stages()
+    lane.join(30)
+    assert not lane.is_alive() and time.time() - t0 < 30
+    assert not (tmp_path / "b.started").exists() and not pipeline._running
+    pipeline._stopping.clear()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "run_stages", interrupted)
+    code, _, err = run_cli("pipeline", ["--out", str(tmp_path / "ckpt"), "--model", "tiny",
+                                        "--stages", "sft", "--world", str(tmp_path / "w")])
+    assert code == 130 and err == ("interrupted: the stages that ran to the end are kept; go on "
+                                   "with --stages naming the rest, or start again with "
+                                   "--overwrite true\n"), err
+    pipeline._stopping.clear()
+
+
+def test_a_lab_refuses_runs_a_killed_lab_left_writing(tmp_path):
+    """lab.py killed, then run again: it deleted the folders of runs the killed lab had left going
+    and started new runs there (four writers, every step logged twice); it now refuses in one line
+    while a process holds such a run's lock."""
+    cfg, runs = fake_lab(tmp_path)
+    name = "povid/stage2-s0"
+    os.remove(runs[name][2])  # not done: this lab would start it again
+    folder = tmp_path / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = hold_lock(folder)
+    try:
+        with pytest.raises(common.ConfigError, match=f"pid {holder.pid}"):
+            lab.refuse_live_writers(cfg, runs, set())
+    finally:
+        holder.kill()
+        holder.wait()
+    lab.refuse_live_writers(cfg, runs, set())
+
+
+def test_ctrl_c_in_a_stage_is_one_line():
+    """A stage stopped with Ctrl-C printed a KeyboardInterrupt traceback (three at once under
+    pipeline.py); one line, exit code 130."""
+    import contextlib
+    import io
+    err, code = io.StringIO(), None
+    with contextlib.redirect_stderr(err):
+        try:
+            with common.user_errors():
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:  # (the traceback)
+            code = "KeyboardInterrupt"
+        except SystemExit as e:
+            code = e.code
+    assert code == 130 and err.getvalue() == (
+        "interrupted: what was written is kept (a training run goes on from its last checkpoint "
+        "with --resume true)\n")
+
+
 def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, tiny_world,
                                                                     tiny_sft, monkeypatch, capsys):
     """Every run of this invocation failed (a broken machine, a missing file): the report of none
