@@ -70,10 +70,13 @@ BUDGET = {
 
 
 def compared_models(cfg):
-    """What eval compares: the models these --stages train, else (--stages eval alone, after a
-    run) those under --out already."""
+    """What eval compares: the models these --stages train, beside the SFT baseline under --out
+    (--stages lrv,eval compared LRV alone), else (--stages eval alone, after a run) those under
+    --out already."""
     models = {s: os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")}
     trained = [m for s, m in models.items() if s in cfg.stages]
+    if trained and "sft" not in cfg.stages and os.path.isdir(models["sft"]):
+        trained.insert(0, models["sft"])
     return trained or [m for m in models.values() if os.path.isdir(m)]
 
 

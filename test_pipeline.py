@@ -543,6 +543,18 @@ def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
         holder.wait()
 
 
+def test_eval_after_later_stages_keeps_the_sft_baseline(tmp_path):
+    """--stages lrv,eval (the way on from an SFT run already there) compared LRV alone: the table
+    lost its baseline row."""
+    import pipeline
+    out = tmp_path / "ckpt"
+    (out / "sft").mkdir(parents=True)
+    cfg = pipeline.Config(out=str(out), stages=("lrv", "eval"))
+    assert pipeline.compared_models(cfg) == [str(out / "sft"), str(out / "lrv")]
+    fresh = pipeline.Config(out=str(tmp_path / "none"), stages=("lrv", "eval"))
+    assert pipeline.compared_models(fresh) == [str(tmp_path / "none" / "lrv")]
+
+
 def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatch):
     """Ctrl-C to pipeline.py during the side-by-side lanes: the lanes went on starting reward.py,
     ppo.py and vigc.py, and it ended in a traceback. The running stages are stopped, none starts
