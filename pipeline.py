@@ -95,9 +95,11 @@ def refuse_stale_models(cfg, models):
         m_time = written(m) if m != sft and m not in retrained else None
         # the SFT checkpoint its run started from (run.json), where recorded: another SFT run's
         # checkpoint can be older than the model (one pipeline replaced the SFT while another's
-        # later stages still trained on the first)
+        # later stages still trained on the first). By name (checkpoint-N): a ckpt/ tree moved
+        # elsewhere keeps working; a replacing run of as many steps is left to the time check
         init = recorded_init(m) if m_time is not None and sft_now else None
-        other = init is not None and os.path.realpath(init) != os.path.realpath(sft_now)
+        other = init is not None and os.path.basename(os.path.normpath(init)) != \
+            os.path.basename(sft_now)
         if other or (sft_time is not None and m_time is not None and m_time < sft_time):
             later = [s for s in STAGES if s not in ("sft", "eval")]
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
@@ -208,6 +210,8 @@ def run_lane(names, commands, here, env, times):
         # in the caller's folder: its relative paths hold
         proc = subprocess.Popen(cmd, env=env)
         _running.add(proc)
+        if _stopping.is_set():  # (started while stop_stages went through the others)
+            proc.send_signal(signal.SIGINT)
         try:
             code = proc.wait()
         finally:
