@@ -1101,11 +1101,19 @@ def rewritten_world(ckpt_dir, world):
 
 def note_world(flag, path, world):
     """A note where --init/--ckpt was trained on this --world folder before it was written again
-    with other parameters: its answers are then judged against, or trained on, another world."""
+    with other parameters: its answers are then judged against, or trained on, another world; and
+    where it names a run folder whose run stopped before its last step (its newest checkpoint is
+    taken: not the model the run was to make)."""
     if path and rewritten_world(resolve_checkpoint(path), world):
         print(f"note: {flag} {path} was trained on {world} before it was written again with "
               "other parameters (its world.json differs from the one recorded): this run reads "
               "the world as it is now", flush=True)
+    progress = None
+    if path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        progress = run_progress(path)  # (a run folder, not a checkpoint picked by hand)
+    if progress and progress[0] < progress[1]:
+        print(f"note: {flag} {path}: its run stopped at step {progress[0]} of {progress[1]} "
+              "(unfinished); its newest checkpoint is read", flush=True)
 
 
 def _commit(tmp, final, out_dir, keep):

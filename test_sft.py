@@ -334,3 +334,21 @@ def test_an_empty_file_beside_others_in_data_is_said(tiny_world, tiny_sft, tmp_p
                                      "--report", "false", "--out", str(tmp_path / "o")])
     assert code == 0, err
     assert f"note: --data {empty}: no records, adds nothing to the training data" in out
+
+
+def test_init_of_an_unfinished_run_is_said(tiny_world, tiny_sft, tmp_path):
+    """--init of a run folder whose run stopped before its last step trained on its newest
+    checkpoint without a word (pipeline.py refuses such a run; a stage run by hand says so)."""
+    import shutil
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_sft, cut)
+    config = cut / os.path.basename(latest_checkpoint(str(cut))) / "config.json"
+    meta = json.load(open(config))
+    meta["run_config"]["max_steps"] = 1200  # (as if stopped at step 3 of 1200)
+    config.write_text(json.dumps(meta))
+    argv = ["--world", tiny_world, "--max_steps", "1", "--batch_size", "2", "--report", "false"]
+    code, out, err = run_cli("sft", ["--init", str(cut), *argv, "--out", str(tmp_path / "o")])
+    assert code == 0 and f"note: --init {cut}: its run stopped at step 3 of 1200 (unfinished)" \
+        in out, err
+    code, out, err = run_cli("sft", ["--init", tiny_sft, *argv, "--out", str(tmp_path / "o2")])
+    assert code == 0 and "unfinished" not in out, err
