@@ -524,12 +524,13 @@ def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
         code, _, err = run_cli("pipeline", argv)
         assert code == 2 and f"(pid {holder.pid}) is still writing there" in err, err
         lrv = fake_run(out / "lrv", 8, 8, init=out / "sft" / "checkpoint-000300")
-        os.utime(lrv / "config.json")  # (written after the SFT's: the time check passes)
     finally:
         holder.kill()
         holder.wait()
     (out / "sft" / "checkpoint-000500" / "config.json").write_text(json.dumps(
         {"step": 1200, "run_config": {"max_steps": 1200}}))
+    later = os.path.getmtime(out / "sft" / "checkpoint-000500" / "config.json") + 100
+    os.utime(lrv / "config.json", (later, later))  # (after the SFT's: the time check passes)
     cfg = pipeline.Config(out=str(out), stages=("eval",), world=tiny_world)
     with pytest.raises(common.ConfigError, match="ckpt/lrv was trained before"):
         pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
