@@ -1103,8 +1103,9 @@ def note_world(flag, path, world):
     """A note where --init/--ckpt was trained on this --world folder before it was written again
     with other parameters: its answers are then judged against, or trained on, another world; and
     where it names a run folder whose run stopped before its last step (its newest checkpoint is
-    taken: not the model the run was to make)."""
-    if path and rewritten_world(resolve_checkpoint(path), world):
+    taken: not the model the run was to make). world None: the second note alone (a run that reads
+    no Shapes world)."""
+    if path and world and rewritten_world(resolve_checkpoint(path), world):
         print(f"note: {flag} {path} was trained on {world} before it was written again with "
               "other parameters (its world.json differs from the one recorded): this run reads "
               "the world as it is now", flush=True)

@@ -1094,8 +1094,8 @@ def main(cfg):
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
         refuse_scalar_model(ckpt_dir)  # (it would answer with its reward LoRA)
         common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
-        if shapes_world_read(cfg):
-            common.note_world("--ckpt" if not cfg.compare else "--compare", c, cfg.world)
+        world = cfg.world if shapes_world_read(cfg) else None  # (the world's note: where read)
+        common.note_world("--ckpt" if not cfg.compare else "--compare", c, world)
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

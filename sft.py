@@ -299,8 +299,8 @@ def main(cfg):
                                                        cfg.tokenizer, d.device, geometry=geometry)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
-    if d.main and (named or cfg.lrv):
-        common.note_world("--init", cfg.init, cfg.world)
+    if d.main:  # (the world's note only where this run reads the world)
+        common.note_world("--init", cfg.init, cfg.world if named or cfg.lrv else None)
     if cfg.lora_r > 0 and not sharded:
         common.refuse_merged_resume(resume_path, model, "sft")
     if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)

@@ -1105,6 +1105,24 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
         "there; answers are stored by id)"), err
 
 
+def test_eval_of_an_unfinished_run_is_said_on_a_real_benchmark(tiny_world, tiny_sft, tmp_path):
+    """--ckpt of a run folder whose run stopped before its last step: eval said so only where it
+    read the Shapes world; on a POPE file of its own it scored the newest checkpoint unsaid."""
+    from conftest import run_cli as run_stage
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_sft, cut)
+    config = cut / os.path.basename(common.latest_checkpoint(str(cut))) / "config.json"
+    meta = json.load(open(config))
+    meta["run_config"]["max_steps"] = 1200  # (as if stopped at step 3 of 1200)
+    config.write_text(json.dumps(meta))
+    pope = os.path.join(tiny_world, "pope_random.jsonl")
+    code, out, err = run_stage("eval", [
+        "--ckpt", str(cut), "--benchmarks", "pope", "--limit", "2", "--out", str(tmp_path / "o"),
+        "--pope_files", pope, "--image_folder", tiny_world])
+    assert code == 0 and f"note: --ckpt {cut}: its run stopped at step 3 of 1200 (unfinished)" \
+        in out, err
+
+
 def test_a_checkpoint_trained_with_another_template_gets_a_note(tiny_world, tiny_sft, tmp_path):
     """eval, dpo, reward and vigc prompted a checkpoint of ours with another --template than it
     was trained with, without a word (only PPO checks its pair); now a note says so."""

@@ -352,3 +352,9 @@ def test_init_of_an_unfinished_run_is_said(tiny_world, tiny_sft, tmp_path):
         in out, err
     code, out, err = run_cli("sft", ["--init", tiny_sft, *argv, "--out", str(tmp_path / "o2")])
     assert code == 0 and "unfinished" not in out, err
+    # a run on its own --data reads no world, and says it too (it was silent there)
+    own = ["--data", os.path.join(tiny_world, "sft.json"), "--image_folder", tiny_world]
+    code, out, err = run_cli("sft", ["--init", str(cut), *argv[2:], *own,
+                                     "--out", str(tmp_path / "o3")])
+    assert code == 0 and f"note: --init {cut}: its run stopped at step 3 of 1200 (unfinished)" \
+        in out, err
