@@ -29,7 +29,8 @@ Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
       keeps its answers, the next run generates only the missing ones (a stored line counts when
       its prompt, its image's bytes and its source, i.e. checkpoint files and decoding settings,
       are the same). --rescore true: score what is there, no model (the lines of one source: the
-      one these flags write, else --ckpt's; scores.json names it in "answers_from"); --rescore
+      one these flags write, else --ckpt's; scores.json names it in "answers_from"; questions
+      without a stored answer: the row is marked "(partial)", the score "partial"); --rescore
       true --llava_answers FILE scores a LLaVA answers file
       instead; LLaVA-1.5's POPE: --pope_files llava_pope_test.jsonl --pope_labels
       coco_pope_random.json coco_pope_popular.json coco_pope_adversarial.json (labels paired by
@@ -579,6 +580,7 @@ class Answerer:
         self.last = (None, None)
         self.source = source(cfg, ckpt) if not cfg.rescore or os.path.isdir(ckpt) else None
         self.rescored_from = set()  # --rescore: the sources of the answers scored
+        self.partial = {}  # --rescore: bench -> "N of M questions" where some have no answer
         self.digests = {}  # image file -> image_digest
 
     def _load(self):
@@ -680,6 +682,8 @@ class Answerer:
             raise DataError(path, message=f"--rescore: none of the {len(qs)} {bench} questions "
                                           "has an answer here; answer them first "
                                           "(run without --rescore)")
+        if cfg.rescore and todo:  # (scores of a subset: the table says so, scores.json too)
+            self.partial[bench] = f"{len(done)} of {len(qs)} questions"
         if not todo or cfg.rescore:
             return done
         self._load()
@@ -902,6 +906,10 @@ def evaluate(cfg, ckpt, name, bench, judges):
         per = list(scores["pope"].values())  # average = the mean of each metric over the splits
         metrics = ("accuracy", "precision", "recall", "f1", "yes_ratio")
         scores["pope"]["average"] = {k: mean([m[k] for m in per]) for k in metrics}
+        for split in bench["pope"]:
+            if f"pope_{split}" in ans.partial:
+                scores["pope"][split]["partial"] = ans.partial[f"pope_{split}"]
+                scores["pope"]["average"]["partial"] = "a split is partial"
     if "chair" in bench:
         qs = bench["chair"]
         path = os.path.join(out, "answers_chair.jsonl")
@@ -931,6 +939,13 @@ def evaluate(cfg, ckpt, name, bench, judges):
                 ids = scores[b]["unparsed_ids"][:5]
                 print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
                       f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
+    for b in ("chair", *JUDGED):
+        if b in ans.partial:
+            scores[b]["partial"] = ans.partial[b]
+    if ans.partial:
+        print(f"warning: {name}: scored the questions with stored answers alone: "
+              + ", ".join(f"{b} {n}" for b, n in ans.partial.items())
+              + " (the table marks the row partial)", flush=True)
     if ans.rescored_from:  # (--rescore: --ckpt names the folder; these wrote the answers)
         scores["answers_from"] = sorted(ans.rescored_from, key=str)
     # the same checkpoint's other benchmarks, scored by earlier runs into this folder, are kept
@@ -981,6 +996,13 @@ def _get(d, keys):
     return d
 
 
+def _partial(scores):
+    """Whether a benchmark's scores (POPE: any split's) are of a subset of its questions."""
+    if not isinstance(scores, dict):
+        return False
+    return "partial" in scores or any(_partial(v) for v in scores.values())
+
+
 def table(rows):
     """One Markdown table, a row per checkpoint (and the same rows as dicts, for compare.json)."""
     splits = dict.fromkeys(s for r in rows.values() for s in r.get("pope", {}) if s != "average")
@@ -990,9 +1012,13 @@ def table(rows):
     flat = [{"checkpoint": n, **{c: _get(r, keys) for c, keys, _ in cols}} for n, r in rows.items()]
     header = "| checkpoint | " + " | ".join(c for c, _, _ in cols) + " |"
     md = [header, "|---" * (len(cols) + 1) + "|"]
-    for f in flat:
+    for f, r in zip(flat, rows.values()):
         values = ["-" if f[c] is None else format(f[c], fmt) for c, _, fmt in cols]
-        md.append("| " + " | ".join([f["checkpoint"]] + values) + " |")
+        # (--rescore of a --limit run: its scores are of the questions answered, not all)
+        partial = any(_partial(v) for v in r.values())
+        f["partial"] = partial
+        name = f["checkpoint"] + (" (partial)" if partial else "")
+        md.append("| " + " | ".join([name] + values) + " |")
     return "\n".join(md) + "\n", flat
 
 

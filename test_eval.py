@@ -576,6 +576,27 @@ def test_rescore_reads_the_answers_of_one_run(env, capsys):
     assert code == 2 and "--rescore: pope_random answers of 2 runs here" in err, err
 
 
+def test_rescore_of_fewer_answers_than_questions_is_marked_partial(env, capsys):
+    """--rescore after a --limit run scored the stored subset as if it were the benchmark: the
+    table and scores.json now say which scores are of part of the questions."""
+    out = env["root"] / "subset"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "chair")
+    run_cli(env, out, *args, "--limit", "2")
+    capsys.readouterr()
+    whole = run_cli(env, out, *args, "--limit", "2", "--rescore", "true")["m0"]
+    printed = capsys.readouterr().out
+    assert "partial" not in json.dumps(whole) and "partial" not in printed, printed
+    part = run_cli(env, out, *args, "--limit", "4", "--rescore", "true")["m0"]
+    printed = capsys.readouterr().out
+    assert part["pope"]["random"]["partial"] == "2 of 4 questions"
+    assert part["chair"]["partial"] == "2 of 4 questions" and part["chair"]["n"] == 2
+    assert "partial" in part["pope"]["average"]
+    assert "| m0 (partial) |" in printed and "warning: m0: scored the questions with stored " \
+        "answers alone: pope_random 2 of 4 questions" in printed, printed
+    stored = json.load(open(out / "m0" / "scores.json"))
+    assert stored["pope"]["random"]["partial"] == "2 of 4 questions"
+
+
 def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_path):
     """--rescore scores the stored answers (and judge replies) without a model: POPE and
     LLaVA-Bench read no image there, but MMHal-Bench, GAVIE and COCO CHAIR still wanted every
