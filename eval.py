@@ -196,7 +196,8 @@ def shapes_world_read(cfg):
 
 
 def load_benchmarks(cfg):
-    """All questions, read and checked (images exist) before any model is loaded."""
+    """All questions, read and checked before any model is loaded (the images of those --limit
+    takes: _take)."""
     if cfg.image_folder and not os.path.isdir(cfg.image_folder):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
     on_shapes = shapes_benchmarks(cfg)
@@ -240,6 +241,11 @@ def _take(qs, cfg, bench, on_shapes):
     for q in qs:
         k = counts[q["file"]] = counts.get(q["file"], -1) + 1  # (a file's questions in its order)
         k = q.get("record", k)  # (a file of several POPE splits: its own numbering)
+        # the images of the questions asked alone (--limit 50 needs 50 images, not the
+        # benchmark's); --rescore needs none
+        if not cfg.rescore and not os.path.isfile(q["image"]):
+            raise DataError(q["file"], f"{k} (id {q['id']!r})", q.get("image_field", "image"),
+                            f"image not found: {q['image']}")
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
@@ -269,9 +275,9 @@ def pope_questions(cfg, world):
         first = load_json(path)
         first = first[0] if isinstance(first, list) and first else first
         if cfg.pope_labels and isinstance(first, dict) and "label" not in first:
-            recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=not cfg.rescore)
+            recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=False)
         else:
-            recs = read_pope(path, folder, check_images=not cfg.rescore)
+            recs = read_pope(path, folder, check_images=False)  # (_take: the questions asked)
         _nonempty(recs, path)
         suffix = cfg.pope_suffix.replace("\\n", "\n")
         # LLaVA-1.5's llava_pope_test.jsonl carries the suffix in its text already: not twice
@@ -388,8 +394,9 @@ def mmhal_questions(cfg, world):
         folder = cfg.image_folder or None
     else:
         folder = os.path.join(world[0], "images", "test")
-    recs = _nonempty(read_mmhal(path, folder, check_images=not cfg.rescore), path)
+    recs = _nonempty(read_mmhal(path, folder, check_images=False), path)  # (_take: the asked)
     return [{"id": str(i), "image": r["image"], "file": path, "prompt": r["question"],
+             "image_field": "image_src",
              "question_type": r["question_type"],
              "gt": r["gt_answer"], "image_content": r["image_content"],
              "objects": None if cfg.mmhal_file else world[1][r["image_src"]],
@@ -427,8 +434,7 @@ def llava_bench_questions(cfg, world):
     by the COCO image id in it: the 30x3 file names COCO_val2014_000000525439.jpg what the context
     file calls 000000525439.jpg)."""
     path = cfg.llava_bench_file
-    recs = _nonempty(read_llava_bench(path, cfg.image_folder or None,
-                                      check_images=not cfg.rescore), path)
+    recs = _nonempty(read_llava_bench(path, cfg.image_folder or None, check_images=False), path)
     inline = recs[0]["reference"] is not None
     if inline:
         common.refuse_unread(cfg, ["llava_bench_answers"], f"with {path}, whose records hold "
@@ -558,7 +564,8 @@ def lrv_gavie_questions(cfg):
                        for b in boxes[iid]]
         qs.append({"id": str(i), "file": path, "prompt": r["question"], "gt": None, "qtype": None,
                    "objects": None,
-                   "image": _image_file(folder, name, path, i, "image_id", not cfg.rescore),
+                   "image": _image_file(folder, name, path, i, "image_id", False),
+                   "image_field": "image_id",
                    "boxes": image_boxes})
     return qs
 

@@ -733,6 +733,27 @@ def test_unreachable_or_garbage_judge_keeps_answers(env, capsys, api):
     assert open(out / "m0" / "answers_mmhal.jsonl").read() == answers
 
 
+def test_limit_needs_the_images_of_the_questions_asked_alone(env, tmp_path, capsys):
+    """Every question's image was checked before --limit took the first N: a user with the
+    images of the first 2 questions could not ask them. Beyond them a missing image still names
+    its file, record and field."""
+    recs = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:4]
+    recs[3]["image"] = "gone.png"  # (the 4th question's image is not there)
+    pope = tmp_path / "coco_pope_random.jsonl"
+    pope.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--pope_files", str(pope),
+            "--image_folder", env["world"])
+    rows = run_cli(env, tmp_path / "o", *args, "--limit", "2")
+    assert rows["m0"]["pope"]["random"]["n"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, tmp_path / "o", *args, "--limit", "4")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().endswith(
+        f"{pope}: record 3 (id '4'): field 'image': image not found: "
+        f"{os.path.join(env['world'], 'gone.png')}"), err
+
+
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
     a = env["ckpts"][0]
     bad_ckpt = tmp_path / "broken"
