@@ -1223,7 +1223,7 @@ class LLaVA(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
-    # -- the public model API (DESIGN.md) -------------------------------------------------------
+    # -- the public model API (../shared/DESIGN.md) ------------------------------------------------
     # Checkpoint layouts live in checkpoint.py, which imports this module: these methods import it
     # when called. The stages call checkpoint.* directly; outside tools keep the familiar names.
 

@@ -118,16 +118,27 @@ def recorded_init(run):
         return None
 
 
+def has_checkpoint(run):
+    """Whether a run folder holds a checkpoint a later stage can read (or is one)."""
+    return os.path.isfile(os.path.join(run, "config.json")) or bool(latest_checkpoint(run))
+
+
 def refuse_unusable_inputs(cfg, runs):
     """Runs under --out that later stages read or eval compares, trained by an earlier pipeline:
     one still being written by a stage process that pipeline left behind (killed), or one that
-    stopped before its last step (its newest checkpoint is not the model its run was to make)."""
+    stopped before its last step (its newest checkpoint is not the model its run was to make),
+    or one that stopped before its first checkpoint (nothing to read)."""
     for run in runs:
         holder = common.lock_holder(run)
         if holder:
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run}: a process (pid "
                                      f"{holder}) is still writing there (a stage of a pipeline "
                                      "stopped earlier?); wait for it to end, or stop it")
+        if not has_checkpoint(run):  # (the later stage failed on it: no config.json)
+            stage = os.path.basename(run)
+            raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run} holds no checkpoint "
+                                     "(its run stopped before its first): train it again "
+                                     f"(--stages {stage},... --overwrite true)")
         progress = common.run_progress(run)
         if progress and progress[0] < progress[1]:
             stage = os.path.basename(run)
@@ -254,9 +265,12 @@ def main(cfg):
         # the pipeline does not take)
         out = os.path.join(cfg.out, stage)
         if stage != "eval" and common.holds_run(out):
+            use = f"or leave {stage} out of --stages to use it" \
+                if has_checkpoint(out) else \
+                "(it stopped before its first checkpoint: nothing there to use)"
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {out} holds a run: pass "
                                      "--overwrite true to train it again (the old run is moved "
-                                     f"aside, kept), or leave {stage} out of --stages to use it")
+                                     f"aside, kept), {use}")
     # an output the last stage writes, checked before the first trains
     outputs = [("--out", cfg.out), ("--world", cfg.world)]
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []

@@ -544,6 +544,25 @@ def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
         holder.wait()
 
 
+def test_pipeline_stopped_before_the_first_sft_checkpoint(tmp_path, tiny_world):
+    """Ctrl-C before SFT's first checkpoint left ckpt/sft with metrics and run.json alone: the
+    rerun's refusal said to leave sft out of --stages to use it, and doing so started LRV, which
+    failed on 'no config.json'. Now the hint says there is nothing to use, and later stages are
+    refused before any starts."""
+    out = tmp_path / "ckpt"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 3.0}) + "\n")
+    (out / "sft" / "run.json").write_text(json.dumps({"data": {}, "init": ""}))
+    code, _, err = run_cli("pipeline", ["--out", str(out), "--world", tiny_world])
+    assert code == 2 and "holds a run: pass --overwrite true" in err and \
+        "(it stopped before its first checkpoint: nothing there to use)" in err, err
+    code, _, err = run_cli("pipeline", ["--out", str(out), "--stages", "lrv", "rm", "ppo",
+                                        "--world", tiny_world])
+    assert code == 2 and "ckpt/sft holds no checkpoint (its run stopped before its first): " \
+        "train it again (--stages sft,... --overwrite true)" in err, err
+    assert not (out / "lrv").exists()
+
+
 def test_eval_after_later_stages_keeps_the_sft_baseline(tmp_path):
     """--stages lrv,eval (the way on from an SFT run already there) compared LRV alone: the table
     lost its baseline row."""

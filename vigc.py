@@ -93,7 +93,7 @@ class Config:
     train_projector: bool = True  # train the projector
     batch_size: int = 64  # sequences per optimizer step (global, over all processes)
     grad_accum: int = 1  # micro-batches per step on each process
-    lr: float = 1e-3  # peak learning rate (fine-tuning the SFT model: a third of its peak)
+    lr: float = 1e-3  # peak learning rate (fine-tuning the SFT model: sft.py --instruct_lr)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup: int = 20  # linear warmup steps
     warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
