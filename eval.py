@@ -11,7 +11,7 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges tha
         --chair_synonyms synonyms.txt --image_folder coco/val2014 --limit 500 --max_new_tokens 512
     python eval.py --ckpt DIR --benchmarks mmhal --mmhal_file response_template.json \
         --judge openai --judge_model gpt-4-0314 --max_new_tokens 1024 --template llava_v1 \
-        --judge_prompt mmhal=mmhal_judge.txt
+        --judge_prompt mmhal=mmhal_judge.txt --judge_max_tokens 0
         # key: --judge_key or $OPENAI_API_KEY; the real-data settings are LLaVA-RLHF's
         # (Eval/model_vqa*.py)
     python eval.py --ckpt DIR --benchmarks llava_bench --llava_bench_file qa90_questions.jsonl \
@@ -121,7 +121,9 @@ class Config:
     judge_retries: int = 5  # retries on 429, 5xx and connection errors
     judge_backoff: float = 2.0  # seconds before the first retry, doubled each time
     judge_timeout: float = 120.0  # seconds per HTTP request
-    judge_max_tokens: int = 512  # longest judge reply
+    # longest judge reply (openai: 0 sends no limit, as LLaVA-RLHF's eval_gpt_mmhal.py; LLaVA's
+    # review scripts: 1024)
+    judge_max_tokens: int = 512
     judge_prompt: tuple = ()  # mmhal=FILE / gavie=FILE: official judge prompt, named placeholders
     mmhal_rating: str = "reference"  # no single rating: 'reference' scores 0, 'ours' leaves it out
     rescore: bool = False  # score the answers on disk; never load a model or generate
@@ -142,7 +144,7 @@ class Config:
     RANGES = dict(benchmarks=BENCHMARKS, world_seed="[0, inf)", limit="[0, inf)",
                   chair_counting=("reference", "ours"), judge=("oracle", "openai", "local"),
                   judge_retries="[0, inf)", judge_backoff="[0, inf)", judge_timeout="(0, inf)",
-                  judge_max_tokens="[1, inf)", mmhal_rating=("reference", "ours"),
+                  judge_max_tokens="[0, inf)", mmhal_rating=("reference", "ours"),
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
                   temperature="[0, inf)", top_p="(0, 1]", seed=common.SEED_RANGE,
                   template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", device=("cpu", "cuda"),
@@ -213,6 +215,9 @@ def load_benchmarks(cfg):
         # generated (it is made on first use, after them); --rescore reads stored replies
         if cfg.judge == "openai" and not openai_key(cfg) and "api.openai.com" in cfg.judge_url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
+        if cfg.judge == "local" and not cfg.judge_max_tokens:
+            raise common.ConfigError("--judge_max_tokens 0 (no limit sent) is for --judge "
+                                     "openai; the local judge needs a limit (1 or more)")
         if cfg.judge == "local":
             local_judge_config(cfg.judge_model)
     world = None
@@ -846,6 +851,7 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
               .hexdigest()[:16] for q in asked}
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
+    cut_before = getattr(judge, "cut", 0)
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
@@ -855,6 +861,11 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
             f.write(json.dumps(record) + "\n")
             f.flush()
             cache[(q["id"], jname, digest[q["id"]])] = reply
+    cut = getattr(judge, "cut", 0) - cut_before
+    if cut:  # (a reply cut before its score: MMHal's rating comes at its end)
+        print(f"warning: {name} {bench}: {cut} of {len(todo)} judge replies stopped at "
+              f"--judge_max_tokens {cfg.judge_max_tokens} (finish_reason 'length'); a score "
+              "after the cut is lost: raise it (0: no limit sent), then judge again", flush=True)
     return {q["id"]: cache[(q["id"], jname, digest[q["id"]])] for q in asked}
 
 

@@ -484,6 +484,7 @@ class OpenAIJudge:
         # who judged: the model at its endpoint, and how long a reply may be
         self.name = f"openai:{cfg.judge_model}@{self.url}|max_tokens={cfg.judge_max_tokens}"
         self.key = openai_key(cfg)
+        self.cut = 0  # replies the endpoint stopped at --judge_max_tokens (finish_reason length)
         if not self.key and "api.openai.com" in self.url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
 
@@ -493,8 +494,10 @@ class OpenAIJudge:
         if system:  # (LLaVA's call, as its scores were made)
             messages = [{"role": "system", "content": system}] + messages
             temperature = LLAVA_BENCH_TEMPERATURE
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": self.cfg.judge_max_tokens}).encode()
+        body = {"model": self.model, "messages": messages, "temperature": temperature}
+        if self.cfg.judge_max_tokens:  # (0: none sent, as LLaVA-RLHF's eval_gpt_mmhal.py)
+            body["max_tokens"] = self.cfg.judge_max_tokens
+        body = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -506,7 +509,10 @@ class OpenAIJudge:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.cfg.judge_timeout) as r:
                     data = json.loads(r.read().decode("utf-8"))
-                return data["choices"][0]["message"].get("content") or ""
+                choice = data["choices"][0]
+                content = choice["message"].get("content") or ""
+                self.cut += choice.get("finish_reason") == "length"  # (MMHal's rating comes last)
+                return content
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # a request that can never succeed: stop now
                     detail = e.read()[:200].decode("utf-8", "replace")

@@ -314,8 +314,10 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeAPI.bodies.append((self.path, self.headers.get("Authorization"), body))
-        status, content = FakeAPI.script.pop(0) if FakeAPI.script else (200, "Fine.\nRating: 5")
-        reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        status, content, *finish = FakeAPI.script.pop(0) if FakeAPI.script else \
+            (200, "Fine.\nRating: 5")
+        reply = {"choices": [{"message": {"role": "assistant", "content": content},
+                              "finish_reason": finish[0] if finish else "stop"}]}
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -424,6 +426,25 @@ def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
     assert all(p.startswith("Judge it. Reply as {") and "### Question" in p for p in sent)
     assert all(r["judge"].startswith("openai:") and "|prompt:" in r["judge"]
                for r in map(json.loads, open(out / "m0" / "judge_mmhal.jsonl")))
+
+
+def test_judge_replies_cut_at_the_limit_are_said_and_the_limit_can_go(env, api, capsys):
+    """A reply the endpoint stopped at --judge_max_tokens (512 by default) lost MMHal's rating,
+    which comes at its end, and scored 0 without a word; LLaVA-RLHF's eval_gpt_mmhal.py sends no
+    limit, which --judge_max_tokens 0 now does."""
+    out = env["root"] / "judge_cut"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai",
+            "--judge_url", api, "--judge_key", "k")
+    FakeAPI.script = [(200, "The response names a", "length")]
+    run_cli(env, out, *args)
+    printed = capsys.readouterr().out
+    assert "warning: m0 mmhal: 1 of 4 judge replies stopped at --judge_max_tokens 512 " \
+        "(finish_reason 'length')" in printed, printed
+    assert all(b["max_tokens"] == 512 for _, _, b in FakeAPI.bodies)
+    FakeAPI.bodies.clear()
+    run_cli(env, out, *args, "--judge_max_tokens", "0")  # (another limit: judged again)
+    assert len(FakeAPI.bodies) == 4 and all("max_tokens" not in b for _, _, b in FakeAPI.bodies)
+    assert "stopped at" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -771,7 +792,9 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
               "field 'question_id'"),  # wrong format
              (["--mmhal_file", os.path.join(env["world"], "pope_random.jsonl"), "--judge", "openai",
                "--judge_url", "http://127.0.0.1:9/v1"], "field 'question_type'"),
-             (["--ckpt", str(tmp_path / "missing")], "missing")]
+             (["--ckpt", str(tmp_path / "missing")], "missing"),
+             (["--benchmarks", "mmhal", "--judge", "local", "--judge_max_tokens", "0"],
+              "--judge_max_tokens 0 (no limit sent) is for --judge openai")]
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
