@@ -211,13 +211,14 @@ def load_benchmarks(cfg):
     if cfg.judge == "oracle" and any(not on_shapes[b] for b in judged):
         raise common.ConfigError("--judge oracle knows only the Shapes world; "
                                  "pass --judge openai or --judge local")
+    if judged and cfg.judge == "local" and not cfg.judge_max_tokens:  # (--rescore too: it
+        # judges the stored answers without a stored reply)
+        raise common.ConfigError("--judge_max_tokens 0 (no limit sent) is for --judge openai; "
+                                 "the local judge needs a limit (1 or more)")
     if judged and not cfg.rescore:  # a judge that cannot work, named before every answer is
         # generated (it is made on first use, after them); --rescore reads stored replies
         if cfg.judge == "openai" and not openai_key(cfg) and "api.openai.com" in cfg.judge_url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
-        if cfg.judge == "local" and not cfg.judge_max_tokens:
-            raise common.ConfigError("--judge_max_tokens 0 (no limit sent) is for --judge "
-                                     "openai; the local judge needs a limit (1 or more)")
         if cfg.judge == "local":
             local_judge_config(cfg.judge_model)
     world = None
@@ -653,7 +654,10 @@ class Answerer:
         cfg = self.cfg
         src = self.source and f"{self.source} max_new_tokens={max_new_tokens}"
         if cfg.rescore and cfg.llava_answers:
-            return self.llava_answers(qs)
+            done = self.llava_answers(qs)
+            if len(done) < len(qs):  # (the file answers part of them)
+                self.partial[bench] = f"{len(done)} of {len(qs)} questions"
+            return done
         for q in qs:  # (once per image file per run: POPE asks about each image many times)
             if q["image"] not in self.digests:
                 self.digests[q["image"]] = image_digest(q["image"])
@@ -839,8 +843,12 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     jname = judge.name
     if bench in templates:
         jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
+    stored = read_jsonl(path)
     cache = {(str(r.get("id")), r.get("judge"), r.get("prompt_digest")): r.get("reply", "")
-             for r in read_jsonl(path)}
+             for r in stored}
+    # replies the judge stopped at --judge_max_tokens (said on every run that reads them)
+    cut = {(str(r.get("id")), r.get("judge"), r.get("prompt_digest")) for r in stored
+           if r.get("cut")}
     asked = [q for q in qs if q["id"] in lines]
     prompts = {q["id"]: judge_prompt(bench, q, lines[q["id"]]["answer"], templates) for q in asked}
     pixels = {q["id"]: lines[q["id"]].get("image_digest") for q in asked}  # (the answer's)
@@ -851,21 +859,24 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
               .hexdigest()[:16] for q in asked}
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
-    cut_before = getattr(judge, "cut", 0)
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
             reply = judge(prompts[q["id"]], dict(q, answer=answer, bench=bench))
             record = {"id": q["id"], "judge": jname, "answer": answer, "reply": reply,
                       "prompt_digest": digest[q["id"]]}
+            if getattr(judge, "last_cut", False):
+                record["cut"] = True
+                cut.add((q["id"], jname, digest[q["id"]]))
             f.write(json.dumps(record) + "\n")
             f.flush()
             cache[(q["id"], jname, digest[q["id"]])] = reply
-    cut = getattr(judge, "cut", 0) - cut_before
-    if cut:  # (a reply cut before its score: MMHal's rating comes at its end)
-        print(f"warning: {name} {bench}: {cut} of {len(todo)} judge replies stopped at "
-              f"--judge_max_tokens {cfg.judge_max_tokens} (finish_reason 'length'); a score "
-              "after the cut is lost: raise it (0: no limit sent), then judge again", flush=True)
+    n_cut = sum((q["id"], jname, digest[q["id"]]) in cut for q in asked)
+    if n_cut:  # (a reply cut before its score: MMHal's rating comes at its end)
+        print(f"warning: {name} {bench}: {n_cut} of {len(asked)} judge replies stopped at "
+              f"--judge_max_tokens {cfg.judge_max_tokens} ('cut' in {os.path.basename(path)}); "
+              "a score after the cut is lost: raise it (openai: 0 sends no limit), then judge "
+              "again", flush=True)
     return {q["id"]: cache[(q["id"], jname, digest[q["id"]])] for q in asked}
 
 

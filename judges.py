@@ -484,7 +484,7 @@ class OpenAIJudge:
         # who judged: the model at its endpoint, and how long a reply may be
         self.name = f"openai:{cfg.judge_model}@{self.url}|max_tokens={cfg.judge_max_tokens}"
         self.key = openai_key(cfg)
-        self.cut = 0  # replies the endpoint stopped at --judge_max_tokens (finish_reason length)
+        self.last_cut = False  # the last reply stopped at --judge_max_tokens (finish 'length')
         if not self.key and "api.openai.com" in self.url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
 
@@ -511,7 +511,7 @@ class OpenAIJudge:
                     data = json.loads(r.read().decode("utf-8"))
                 choice = data["choices"][0]
                 content = choice["message"].get("content") or ""
-                self.cut += choice.get("finish_reason") == "length"  # (MMHal's rating comes last)
+                self.last_cut = choice.get("finish_reason") == "length"  # (MMHal's rating: last)
                 return content
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # a request that can never succeed: stop now
@@ -584,7 +584,11 @@ class LocalJudge:
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=self.cfg.judge_max_tokens,
                                   do_sample=False, pad_token_id=pad)
-        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        new = out[0, ids.shape[1]:]
+        # stopped at --judge_max_tokens, not at its end-of-sequence token
+        self.last_cut = len(new) >= self.cfg.judge_max_tokens and \
+            int(new[-1]) != self.tok.eos_token_id
+        return self.tok.decode(new, skip_special_tokens=True)
 
 
 def make_judge(cfg):

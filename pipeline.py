@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import common
-from checkpoint import latest_checkpoint
+from checkpoint import is_peft_dir, latest_checkpoint
 
 
 STAGES = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")
@@ -119,8 +119,10 @@ def recorded_init(run):
 
 
 def has_checkpoint(run):
-    """Whether a run folder holds a checkpoint a later stage can read (or is one)."""
-    return os.path.isfile(os.path.join(run, "config.json")) or bool(latest_checkpoint(run))
+    """Whether a run folder holds a checkpoint a later stage can read (or is one: ours, or a
+    PEFT adapter folder)."""
+    return os.path.isfile(os.path.join(run, "config.json")) or is_peft_dir(run) \
+        or bool(latest_checkpoint(run))
 
 
 def refuse_unusable_inputs(cfg, runs):

@@ -438,9 +438,12 @@ def test_judge_replies_cut_at_the_limit_are_said_and_the_limit_can_go(env, api, 
     FakeAPI.script = [(200, "The response names a", "length")]
     run_cli(env, out, *args)
     printed = capsys.readouterr().out
-    assert "warning: m0 mmhal: 1 of 4 judge replies stopped at --judge_max_tokens 512 " \
-        "(finish_reason 'length')" in printed, printed
+    said = "warning: m0 mmhal: 1 of 4 judge replies stopped at --judge_max_tokens 512 ('cut' in " \
+        "judge_mmhal.jsonl)"
+    assert said in printed, printed
     assert all(b["max_tokens"] == 512 for _, _, b in FakeAPI.bodies)
+    run_cli(env, out, *args)  # (the stored replies reused: the cut one is said again)
+    assert said in capsys.readouterr().out and len(FakeAPI.bodies) == 4
     FakeAPI.bodies.clear()
     run_cli(env, out, *args, "--judge_max_tokens", "0")  # (another limit: judged again)
     assert len(FakeAPI.bodies) == 4 and all("max_tokens" not in b for _, _, b in FakeAPI.bodies)
@@ -616,6 +619,15 @@ def test_rescore_of_fewer_answers_than_questions_is_marked_partial(env, capsys):
         "answers alone: pope_random 2 of 4 questions" in printed, printed
     stored = json.load(open(out / "m0" / "scores.json"))
     assert stored["pope"]["random"]["partial"] == "2 of 4 questions"
+    # a LLaVA answers file of part of the questions, the same
+    llava = out / "llava_answers.jsonl"
+    llava.write_text("".join(json.dumps({"question_id": int(r["id"]), "prompt": r["prompt"],
+                                         "text": r["answer"]}) + "\n"
+                             for r in lines(out / "m0" / "answers_pope_random.jsonl")))
+    part = run_cli(env, out, "--ckpt", "m0", "--benchmarks", "pope", "--pope_files",
+                   os.path.join(env["world"], "pope_random.jsonl"), "--rescore", "true",
+                   "--llava_answers", str(llava))["m0"]
+    assert part["pope"]["random"]["partial"] == "2 of 4 questions", part
 
 
 def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_path):
@@ -794,7 +806,9 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
                "--judge_url", "http://127.0.0.1:9/v1"], "field 'question_type'"),
              (["--ckpt", str(tmp_path / "missing")], "missing"),
              (["--benchmarks", "mmhal", "--judge", "local", "--judge_max_tokens", "0"],
-              "--judge_max_tokens 0 (no limit sent) is for --judge openai")]
+              "--judge_max_tokens 0 (no limit sent) is for --judge openai"),
+             (["--benchmarks", "mmhal", "--judge", "local", "--judge_max_tokens", "0",
+               "--rescore", "true"], "--judge_max_tokens 0 (no limit sent) is for --judge openai")]
     for extra, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
@@ -841,6 +855,13 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
     judge = judges.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
                                        judge_max_tokens=4))
     assert isinstance(judge("Is there a circle?", {"bench": "mmhal", "id": "0"}), str)
+    assert judge.last_cut  # (4 tokens of a random model, no end token: stopped at the limit)
+    generate = judge.model.generate  # a reply that ends with its end token is whole
+    judge.model.generate = lambda ids, **kw: torch.cat(
+        [ids, torch.tensor([[5, 5, 5, tok.eos_token_id]])], 1)  # (4 tokens, the last its end)
+    judge("Is there a circle?", {"bench": "mmhal", "id": "0"})
+    assert not judge.last_cut
+    judge.model.generate = generate
     with pytest.raises(judges.JudgeError, match=r"mmhal question '7' is \d+ tokens; with "
                                                 r"--judge_max_tokens 4 that passes the model's 32"):
         judge("Is there a circle? " * 10, {"bench": "mmhal", "id": "7"})

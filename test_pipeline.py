@@ -561,6 +561,9 @@ def test_pipeline_stopped_before_the_first_sft_checkpoint(tmp_path, tiny_world):
     assert code == 2 and "ckpt/sft holds no checkpoint (its run stopped before its first): " \
         "train it again (--stages sft,... --overwrite true)" in err, err
     assert not (out / "lrv").exists()
+    import pipeline  # a PEFT adapter folder is a checkpoint the stages load
+    (out / "sft" / "adapter_config.json").write_text("{}")
+    assert pipeline.has_checkpoint(str(out / "sft"))
 
 
 def test_eval_after_later_stages_keeps_the_sft_baseline(tmp_path):
