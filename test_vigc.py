@@ -213,7 +213,11 @@ def test_trains_on_examples_that_fit_every_step(tiny_world, tiny_ckpt, tmp_path)
     assert code == 0, err
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
     assert len(rows) == 3 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows), rows
-    assert "did not fit" in stdout  # (the count, as before)
+    # said once, before training, with the count (it was said after, as drawn examples; the
+    # count restarted on --resume and was rank 0's alone under torchrun)
+    said = [x for x in stdout.splitlines() if "do not fit --max_len 41" in x]
+    assert len(said) == 1 and said[0].startswith("warning: ") and " of the " in said[0], stdout
+    assert stdout.index(said[0]) < stdout.index("training examples (VIG")
 
 
 def test_report_with_nothing_parsed_says_null_steps(tiny_world, tiny_ckpt, tmp_path,

@@ -588,13 +588,16 @@ def main(cfg):
     if len(train) == 0:
         raise common.ConfigError("no training examples "
                                  "(no record has an image and a question/answer pair)")
-    # examples that do not fit are left out here, counted (drawn into batches and dropped there,
-    # a step whose examples all were dropped trained on nothing and logged loss 0)
+    # examples that do not fit are left out here, said (drawn into batches and dropped there, a
+    # step whose examples all were dropped trained on nothing and logged loss 0)
     kept = [e for e in train if make_item(dict(e, image=""), tokenizer, model.config, cfg, images)]
     if not kept:
         raise common.ConfigError(f"--max_len {cfg.max_len}: none of the {len(train)} training "
                                  "examples fits; raise it")
-    too_long, train = len(train) - len(kept), kept
+    if len(kept) < len(train) and d.main:
+        print(f"warning: {len(train) - len(kept)} of the {len(train)} training examples do not fit "
+              f"--max_len {cfg.max_len} with an answer token left; they are left out")
+    train = kept
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     data_files += [cfg.images] if os.path.isfile(cfg.images) else []
     common.start_writing(cfg, d, data_files)
@@ -617,15 +620,14 @@ def main(cfg):
     log = common.Logger(cfg.out, d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     model.train()
-    t0, tokens, dropped = time.time(), 0, too_long
+    t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
         lr = common.cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio,
                               cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(train), cfg.batch_size, cfg.seed, d.rank, d.world)
-        drawn = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
-        items = [x for x in drawn if x is not None]
-        dropped += len(idx) - len(items)  # too long for --max_len with any answer token left
+        # (each fits: the pool was filtered above, and an example tokenizes the same each time)
+        items = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
         n_local = sum(int((x["labels"] != IGNORE).sum()) for x in items)
         n_global = common.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
         loss_sum = torch.zeros(())
@@ -652,9 +654,6 @@ def main(cfg):
             t0, tokens = time.time(), 0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_checkpoint(model, cfg.out, done, train_cfg, opt, tokenizer, d=d)
-    if dropped and d.main:
-        print(f"warning: {dropped} drawn examples did not fit --max_len {cfg.max_len} "
-              "and were left out of their batch")
     if cfg.fsdp:  # the LoRA merge and generation need the whole model: rank 0 gathers it
         model = common.gather_full_model(model, d, d.device)
     if cfg.lora_r > 0 and model is not None:
