@@ -125,6 +125,14 @@ def _converter(tp):
     raise TypeError(f"unsupported config field type {tp}")
 
 
+def checkpoint_name(path):
+    """The folder eval.py scores a checkpoint into: its name (ckpt/sft -> sft), a checkpoint-N
+    with its run's (ckpt/sft/checkpoint-000100 -> sft-checkpoint-000100)."""
+    p = os.path.normpath(os.path.abspath(path))
+    n = os.path.basename(p)
+    return f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
+
+
 def seed_suffix(cfg, config_class, fields):
     """A world seed N > 0 moves each of `fields` still at its default to 'NAME-seedN' (data/shapes
     -> data/shapes-seed1), so that worlds of two seeds and the runs on them never share a folder."""

@@ -996,9 +996,7 @@ def run_names(ckpts):
     sft-checkpoint-000100)."""
     names = []
     for c in ckpts:
-        p = os.path.normpath(os.path.abspath(c))
-        n = os.path.basename(p)
-        n = f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
+        n = common.checkpoint_name(c)
         k = len(names)
         name = n if n not in names else f"{n}-{k}"
         while name in names:  # (a/sft-2, b/sft, c/sft: the third is not sft-2 again)

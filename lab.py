@@ -96,7 +96,8 @@ def plan(cfg):
     def add_eval(name, ckpt, bench, needs=()):
         argv = ["eval.py", "--ckpt", ckpt, "--out", R(name, "eval"), "--benchmarks", *bench,
                 "--limit", str(cfg.eval_limit), *base]
-        ckpt_name = os.path.basename(os.path.normpath(ckpt))
+        # (eval.py's folder name: a checkpoint-N is scored as RUN-checkpoint-N)
+        ckpt_name = common.checkpoint_name(ckpt)
         runs[name + "/eval"] = (argv, list(needs), R(name, "eval", ckpt_name, "scores.json"))
 
     def add(name, script, argv, needs=(), done="", bench=None):
@@ -406,7 +407,8 @@ def md_table(groups, metrics, order, fmts=None):
     lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for v in order:
         if v in groups:
-            n = max((len(x) for x in groups[v].values()), default=0)
+            # (measured values: a seed whose metric is None or NaN does not count)
+            n = max((mean_sd(x)[2] for x in groups[v].values()), default=0)
             cells = [fmt(groups[v].get(m), (fmts or {}).get(m, ".3f")) for m in metrics]
             lines.append(f"| {v} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
@@ -421,11 +423,16 @@ def verdict(groups, a, b, metric, lower_better, claim):
     (ma, sa, na), (mb, sb, nb) = mean_sd(groups[a][metric]), mean_sd(groups[b][metric])
     if ma is None or mb is None:  # every run of a side lacks the number (e.g. a NaN score)
         return f"- {claim}: not measured ({metric} missing from the runs)."
-    better = mb < ma if lower_better else mb > ma
+    # (equal values averaged over seeds may differ in the last bit: no move)
+    tie = abs(mb - ma) <= 1e-9 * max(1.0, abs(ma), abs(mb))
+    better = not tie and (mb < ma if lower_better else mb > ma)
     # the SFT baseline is one deterministic checkpoint (n = 1, no spread): the seeds of the other
-    # side judge
-    clear = abs(mb - ma) > max(sa, sb)
-    if max(na, nb) == 1:
+    # side judge; a seeded side needs 2 measured seeds (one has no spread: it read as none)
+    clear = not tie and abs(mb - ma) > max(sa, sb)
+    thin = [v for v, n in ((a, na), (b, nb)) if seeded(groups[v][metric]) and n < 2]
+    if thin:  # (the others' runs failed, or lack the number)
+        word = f"not judged (one measured seed of {' and '.join(thin)}: no spread to judge by)"
+    elif max(na, nb) == 1:
         word = "not judged (one seed: no spread to judge the move by)"
     elif better and clear:
         word = "held"
@@ -442,8 +449,14 @@ def verdict(groups, a, b, metric, lower_better, claim):
     before = f"{fmt(groups[a][metric])} ({a})"
     after = f"{fmt(groups[b][metric])} ({b})"
     paired = paired_text(groups[a][metric], groups[b][metric], lower_better)
-    return (f"- {claim}: **{word}** here: {metric} {before} -> {after}, {nb} seeds.{paired}"
+    seeds = f"{na} and {nb} seeds" if seeded(groups[a][metric]) else f"{nb} seeds"
+    return (f"- {claim}: **{word}** here: {metric} {before} -> {after}, {seeds}.{paired}"
             f"{caveat}")
+
+
+def seeded(xs):
+    """Whether values were measured over seeds (not the one SFT baseline)."""
+    return any(s is not None for s in getattr(xs, "seeds", []))
 
 
 def paired_text(xs, ys, lower_better):
@@ -658,7 +671,7 @@ def lrv_section(cfg, runs, base):
     g.update(group(base, lambda r: "SFT (no LRV tuning)"))
     order = ["SFT (no LRV tuning)"] + [f"neg share {r}" for r in LRV_RATIOS]
     ms = ["POPE F1 random", "POPE F1 popular", "POPE F1 adversarial", "POPE accuracy",
-          "POPE yes-ratio", "CHAIR_i"]
+          "POPE yes-ratio", "POPE |yes-ratio - 0.5|", "CHAIR_i"]
     md = ["## LRV-Instruction: negative instructions", "", md_table(g, ms, order), "",
           plot_link(cfg, "LRV", "lrv.png"), ""]
     bar_plot(plot_path(cfg, "lrv.png"), "LRV: POPE by negative-instruction share", g, ms, order)
@@ -675,6 +688,7 @@ def lrv_section(cfg, runs, base):
 
 # the facts control: the held-out pairs with another image's captions (reward.py)
 OTHER_FACTS = "held-out, another image's captions"
+PARTNER_GAP = "partner pairs minus all"  # accuracy on partner pairs - on all held-out pairs
 
 
 def reward_model_groups(cfg):
@@ -689,6 +703,9 @@ def reward_model_groups(cfg):
                                 ("val_accuracy_other_facts", OTHER_FACTS)):
                 if r and key in r:
                     add_value(rm, label, metric, s, r[key])
+            # partner pairs against all: facts help there most when this gap grows with them
+            if r and "val_accuracy" in r and "val_accuracy_partner" in r:
+                add_value(rm, label, PARTNER_GAP, s, r["val_accuracy_partner"] - r["val_accuracy"])
     return rm
 
 
@@ -720,10 +737,11 @@ def rlhf_section(cfg, runs, base):
     g = group(rows, lambda r: "PPO " + setting(r)[len("rlhf/ppo-"):])
     g.update(group(base, lambda r: "SFT"))
     order = ["SFT"] + [f"PPO {v}" for v in PPO_VARIANTS]
-    ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "MMHal score",
-          "MMHal halluc. rate", "answer words"]
+    ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "POPE |yes-ratio - 0.5|",
+          "MMHal score", "MMHal halluc. rate", "answer words"]
     curves = ppo_curves(cfg)
-    rm_metrics = ["held-out pair accuracy", "on pairs naming a co-occurring partner", OTHER_FACTS]
+    rm_metrics = ["held-out pair accuracy", "on pairs naming a co-occurring partner", PARTNER_GAP,
+                  OTHER_FACTS]
     md = ["## LLaVA-RLHF: factually augmented reward model and PPO", "",
           md_table(rm, rm_metrics, ["RM with facts", "RM without facts"]), "",
           f"'{OTHER_FACTS}': the facts RM scored on the same held-out pairs with the captions "
@@ -756,7 +774,11 @@ def rlhf_section(cfg, runs, base):
         verdict(rm, "RM without facts", "RM with facts", "held-out pair accuracy", False,
                 "Fact-RLHF (facts raise the reward model's held-out accuracy)"),
         verdict(rm, "RM without facts", "RM with facts", "on pairs naming a co-occurring partner",
-                False, "Fact-RLHF (facts help most where the rejected answer names the partner)"),
+                False, "Fact-RLHF (facts help where the rejected answer names the partner)"),
+        # (most there: the gain on partner pairs beats the gain on all pairs)
+        verdict(rm, "RM without facts", "RM with facts", PARTNER_GAP, False,
+                "Fact-RLHF (facts help most where the rejected answer names the partner: partner "
+                "pairs gain more than all)"),
         verdict(g, "PPO no-facts", "PPO facts", "CHAIR_i", True,
                 "Fact-RLHF (PPO against the fact-augmented RM hallucinates less than against the "
                 "plain RM)"),
@@ -764,7 +786,8 @@ def rlhf_section(cfg, runs, base):
         verdict(g, "SFT", "PPO facts", "POPE F1 adversarial", False,
                 "RLHF (PPO raises POPE F1 on the adversarial split)"),
         verdict(g, "SFT", "PPO facts", "POPE |yes-ratio - 0.5|", True,
-                "RLHF (PPO moves the yes-ratio toward 0.5)"),
+                "RLHF (PPO moves the yes-ratio toward 0.5: the issue's 'lowers it' for a "
+                "yes-biased SFT, where a fall past 0.5 toward a collapse does not count)"),
         verdict(g, "PPO facts", "PPO no-facts", "answer words", False,
                 "reward hacking (PPO against the plain RM grows answers more)"),
         verdict(g, "PPO no-length-penalty", "PPO facts", "answer words", True,

@@ -152,6 +152,56 @@ def test_lab_statistics_and_verdicts():
     assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
 
 
+def test_lab_verdict_needs_two_measured_seeds_a_side_and_a_real_difference():
+    """A seeded side with one measured seed (the others failed, or lack the number) counted as
+    no spread and the claim 'held' from one run; equal values averaged over seeds (the last bit
+    apart) 'held' or 'did not hold'. The seeds column counts measured values."""
+    rows = {f"lrv/neg0.0-s{s}": {"F1": 0.70 + 0.01 * s} for s in range(5)}
+    rows.update({"lrv/neg0.5-s0": {"F1": 0.90}, "lrv/neg0.5-s1": {"F1": float("nan")},
+                 "lrv/neg0.5-s2": {"F1": None}, "sft": {"F1": 0.5}})
+    g = lab.group(rows, lambda r: lab.setting(r))
+    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    assert "not judged (one measured seed of lrv/neg0.5" in line and "5 and 1 seeds" in line, line
+    assert "not judged (one measured seed of lrv/neg0.5" in lab.verdict(
+        g, "sft", "lrv/neg0.5", "F1", False, "x")
+    assert "| lrv/neg0.5 | 0.900 | 1 |" in lab.md_table(g, ["F1"], ["lrv/neg0.5"])
+    same = {"sft": {"CHAIR_i": [70 / 400]}, "ppo": {}}
+    for s in range(3):
+        lab.add_value(same, "ppo", "CHAIR_i", s, 70 / 400)
+    assert lab.mean_sd(same["ppo"]["CHAIR_i"])[0] != 70 / 400  # (the last bit: fmean's rounding)
+    for lower in (True, False):
+        line = lab.verdict(same, "sft", "ppo", "CHAIR_i", lower, "x")
+        assert "not shown" in line, line
+
+
+def test_lab_partner_claim_asks_that_partner_pairs_gain_most(tmp_path):
+    """'Facts help most on partner pairs' was judged by the partner accuracy alone: facts raising
+    all pairs 0.70 -> 0.90 and partner pairs 0.70 -> 0.72 'held'. The gain there must beat the
+    gain on all pairs."""
+    cfg = lab.Config(out=str(tmp_path), seeds=(0, 1, 2), rlhf_seeds=3)
+    for s in range(3):
+        for facts, (all_, partner) in (("facts", (0.90, 0.72)), ("nofacts", (0.70, 0.70))):
+            run = tmp_path / "rlhf" / f"rm-{facts}-s{s}"
+            run.mkdir(parents=True)
+            (run / "report.json").write_text(json.dumps(
+                {"val_accuracy": all_ + 0.01 * s, "val_accuracy_partner": partner + 0.01 * s}))
+    rm = lab.reward_model_groups(cfg)
+    line = lab.verdict(rm, "RM without facts", "RM with facts", lab.PARTNER_GAP, False, "x")
+    assert "did not hold" in line, line
+    assert "**held**" in lab.verdict(rm, "RM without facts", "RM with facts",
+                                     "on pairs naming a co-occurring partner", False, "x")
+
+
+def test_lab_scores_an_sft_checkpoint_folder_where_eval_writes_it():
+    """--sft ckpt/sft/checkpoint-000600: eval.py writes sft-checkpoint-000600/scores.json, the lab
+    waited for checkpoint-000600/scores.json, so the SFT baseline never counted as done."""
+    import eval as E
+    ckpt = os.path.join("ckpt", "sft", "checkpoint-000600")
+    runs = lab.plan(lab.Config(sft=ckpt))
+    done = runs["sft/eval"][2]
+    assert os.path.basename(os.path.dirname(done)) == E.run_names([ckpt])[0]
+
+
 def test_lab_verdict_pairs_seeds_beside_the_rule():
     """Where both sides ran the same seeds, the verdict line adds the seed-by-seed differences
     (the claimed way on k of n); the verdict word stays the unpaired rule's. Not against the one
@@ -370,10 +420,11 @@ def test_lab_report_of_every_claim(tmp_path, capsys):
     assert "| LLaVA-RLHF 13B | LLaVA-RLHF paper, POPE and MMHal-Bench tables |" in text
     held = "- Fact-RLHF (facts raise the reward model's held-out accuracy): **held** here"
     assert held in text
-    assert "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | 0.605 ± 0.007 | 2 |" in text
-    assert "| RM without facts | 0.605 ± 0.007 | 0.505 ± 0.007 | - | 2 |" in text
+    with_facts = "| RM with facts | 0.805 ± 0.007 | 0.705 ± 0.007 | -0.100 ± 0.000 | 0.605 ± 0.007"
+    assert with_facts + " | 2 |" in text
+    assert "| RM without facts | 0.605 ± 0.007 | 0.505 ± 0.007 | -0.100 ± 0.000 | - | 2 |" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- ")]
-    assert len(verdicts) == 3 + 9 + 2 + 3  # LRV, RLHF, POVID, VIGC
+    assert len(verdicts) == 3 + 10 + 2 + 3  # LRV, RLHF, POVID, VIGC
     # PPO's rollouts over steps: each variant's KL from SFT and RM score, first -> last step
     assert "| KL from SFT (nats/answer) | RM score |" in text
     assert "| no-facts | " in text and "| 0.00 -> 1.00 | 1.00 -> 3.00 |" in text

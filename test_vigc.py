@@ -334,6 +334,22 @@ def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
     assert by_type["conversation"] is not None and by_type["detailed description"] is None
 
 
+def test_vic_is_not_credited_for_an_emptied_answer(tiny_world):
+    """An empty VIC correction (dropped from vigc_data.json) counted as an answer without a
+    hallucination: VIC halved VIG's rate by deleting one of two wrong answers. Both sides are now
+    counted on the questions VIC answered."""
+    import shapes
+    objs = shapes.load_world(tiny_world)["by_file"]
+    image = next(f for f, o in sorted(objs.items()) if all(x["name"] != "ring" for x in o))
+    wrong = "There is a purple ring."  # (no ring in this image)
+    two = [{"image": image, "type": "conversation", "q": "What is there?", "vig": wrong,
+            "vic": v} for v in ("", wrong)]
+    report = vigc.oracle_report(tiny_world, two)
+    assert report["vig_only"]["hallucinations_per_100"] == \
+        report["vic"]["hallucinations_per_100"] > 0
+    assert report["compared_answers"] == 1 and report["left_out_empty_correction"] == 1
+
+
 def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
     """Its last checkpoint holds the merged weights and no optimizer state: a resumed run trained
     a fresh adapter on top of them, not what the uninterrupted run does."""
