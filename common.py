@@ -71,6 +71,15 @@ def user_errors(*extra):
         fail(f"bytes that are not UTF-8 at offset {e.start}: {e.reason}")
     except USER_ERRORS + tuple(extra) as e:
         fail(str(e))
+    except MemoryError:  # (a size too large for this machine: one line, not a traceback)
+        fail("out of memory: lower --batch_size, --micro_batch, --lora_r or the model size")
+    except RuntimeError as e:  # torch's allocator failing (CPU: "can't allocate", CUDA: OOM)
+        text = str(e)
+        if "can't allocate memory" not in text and "out of memory" not in text.lower():
+            raise
+        first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
+        fail(f"out of memory ({first}): lower --batch_size, --micro_batch, --lora_r or the model "
+             "size")
     except PermissionError as e:
         fail(f"{e.filename}: permission denied")
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
@@ -259,7 +268,18 @@ def check_value(flag, value, rule):
             return f"--{flag} {x}: must be a finite number in {rule}"
         if x < lo or x > hi or (x == lo and not lo_closed) or (x == hi and not hi_closed):
             return f"--{flag} {x}: must be in {rule}"
+        # an open-ended size past what a tensor holds (a typo'd 1e20) failed deep in torch with a
+        # traceback; a seed may be any size
+        if isinstance(x, int) and not isinstance(x, bool) and x > INT_MAX \
+                and not flag.endswith("seed"):
+            return f"--{flag} {x}: must be in {rule} and at most {INT_MAX}"
+        if isinstance(x, float) and not math.isinf(x) and abs(x) > FLOAT32_MAX:
+            return f"--{flag} {x}: must be in {rule} and at most {FLOAT32_MAX:.1e} (float32)"
     return None
+
+
+INT_MAX = 2 ** 31 - 1  # the largest open-ended integer flag taken
+FLOAT32_MAX = 3.4028234663852886e38  # a float flag reaches tensors as float32
 
 
 # flags that name where a script reads its world or checkpoint, or writes: never empty

@@ -615,7 +615,10 @@ BAD_INPUT += [
         ("model", "huge", ("huge", "choose tiny, shapes")),
         ("template", "chatml", ("chatml", "choose vicuna_v1")),
         ("world_seed", "-1", ("-1", "must be in [0, inf)")),
-        ("lora_dropout", "1.0", ("1.0", "must be in [0, 1)"))]],
+        ("lora_dropout", "1.0", ("1.0", "must be in [0, 1)")),
+        # (a typo'd huge size or rate failed deep in torch with a traceback)
+        ("batch_size", "99999999999999999999", ("99999999999999999999", "at most 2147483647")),
+        ("lr", "1e308", ("1e+308", "at most 3.4e+38 (float32)"))]],
     *[_flag("reward", f, v, want) for f, v, want in [
         ("eval_size", "-1", ("-1", RANGE)), ("batch_size", "0", ("0", RANGE)),
         ("lora_r", "0", ("0", RANGE)),
@@ -632,7 +635,9 @@ BAD_INPUT += [
         ("gamma", "1.5", ("1.5", "must be in [0, 1]")),
         ("export", "zip", ("zip", "choose merged or adapter")),
         ("kl_estimator", "k2", ("k2", "choose k1 or k3")),
-        ("rollout_batch", "0", ("0", RANGE)), ("value_lr", "-1", ("-1.0", "must be in [0, inf)"))]],
+        ("rollout_batch", "0", ("0", RANGE)), ("value_lr", "-1", ("-1.0", "must be in [0, inf)")),
+        ("lora_r", "99999999999999999999", ("99999999999999999999", "at most 2147483647")),
+        ("clip", "1e308", ("1e+308", "at most 3.4e+38 (float32)"))]],
     *[_flag("dpo", f, v, want) for f, v, want in [
         ("eval_n", "-1", ("-1", RANGE)), ("beta", "0", ("0.0", "must be in (0, inf)")),
         ("label_smoothing", "0.7", ("0.7", "must be in [0, 0.5)")),
@@ -1175,7 +1180,7 @@ BAD_INPUT += [
       ("rl.json", "record 0", "field 'length_bonus'", "overflows a float32 reward")),
     C("ppo", "length-penalty-huge", "--length_penalty 1e39 (no float32 reward holds it)",
       lambda w, t: ["--length_penalty", "1e39"],
-      ("--length_penalty 1e+39: x --max_new_tokens", "overflows")),
+      ("--length_penalty 1e+39", "at most 3.4e+38 (float32)")),
     # -- every image a stage reads decodes before the first step (and before --overwrite)
     C("sft", "val-png-no-pixels", "--val_data naming a PNG that does not decode",
       lambda w, t: ["--val_data", _sft_file(t, "val.json", _png_that_does_not_decode(
@@ -1674,7 +1679,7 @@ BAD_INPUT += [
       lambda w, t: ["--vision_tower", t.file("clip.txt", "x")],
       ("--vision_tower", "clip.txt", "not a CLIP directory")),
     C("ppo", "reward-scale-huge", "--reward_scale 1e39 (past float32: a non-finite first step)",
-      lambda w, t: ["--reward_scale", "1e39"], ("--reward_scale 1e+39", "overflows a float32")),
+      lambda w, t: ["--reward_scale", "1e39"], ("--reward_scale 1e+39", "at most 3.4e+38")),
     C("ppo", "no-eos-penalty-huge", "--no_eos_penalty -1e38 x --reward_scale 10 (past float32)",
       lambda w, t: ["--no_eos_penalty", "-1e38", "--reward_scale", "10"],
       ("--no_eos_penalty -1e+38 x --reward_scale 10", "overflows a float32")),
@@ -1854,6 +1859,26 @@ def test_range_rules():
     assert common.check_value("x", ("a", "b"), ("a", "b", "c")) is None
     assert common.check_value("x", None, "[1, 2]") is None
     assert common.check_value("d", "gpu", ("cpu", "cuda")) == "--d gpu: choose cpu or cuda"
+    assert common.check_value("n", 2 ** 31, "[1, inf)") == \
+        "--n 2147483648: must be in [1, inf) and at most 2147483647"
+    assert common.check_value("world_seed", 2 ** 40, "[0, inf)") is None  # (any seed)
+    assert common.check_value("n", 2 ** 31 - 1, "[1, inf)") is None
+
+
+def test_out_of_memory_is_one_line(capsys):
+    """A size this machine cannot hold (a large --batch_size or --lora_r) ended in torch's
+    allocator traceback; other RuntimeErrors are bugs and keep theirs."""
+    import common
+    with pytest.raises(SystemExit) as e:
+        with common.user_errors():
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 4000000000000 bytes.")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory (" in err and "lower --batch_size" in err
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with common.user_errors():
+            raise RuntimeError("shape mismatch")
 
 
 def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
