@@ -478,11 +478,20 @@ def on_main_first(d, fn):
 WORLD = "{world}"  # in a path flag: the folder --world names: the Shapes world
 
 
+def require_paths(cfg, flags):
+    """The path flags a run reads: none empty."""
+    for f in flags:
+        if not getattr(cfg, f).strip():
+            raise ConfigError(f"--{f} '': give a path (this run reads it)")
+
+
 def world_paths(cfg, reads=("data",), companions=()):
     """cfg with '{world}' in its path flags replaced by --world, and those of the flags it reads
     that named it (the stage writes the world first when one does). The `companions` of --data (its
     validation file, captions, ...) keep a world default only while --data is in the world: a
-    user's --data brings its own, so there they drop to '' (none)."""
+    user's --data brings its own, so there they drop to '' (none). A flag it reads must not be
+    empty ('' named no file: the failure came later, as a nameless ": file not found")."""
+    require_paths(cfg, reads)
     data_in_world = WORLD in cfg.data
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     values = {k: v for k, v in values.items() if isinstance(v, str)}
@@ -739,18 +748,24 @@ def check_output_path(flag, path, folder=True):
         raise ConfigError(f"{flag} {path}: {parent} cannot be written")
 
 
-_made_out = []  # folders ensure_writable made (deepest last): release_locks removes them if empty
+_made_out = []  # folders make_dirs made (deepest last): release_locks removes them if empty
+
+
+def make_dirs(path):
+    """os.makedirs(path, exist_ok=True), noting the folders it made: a run refused later (a
+    checkpoint that fails to load) leaves none of them behind, empty."""
+    made, parent = [], os.path.abspath(path)
+    while not os.path.exists(parent):
+        made.insert(0, parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(path, exist_ok=True)
+    _made_out.extend(made)
 
 
 def ensure_writable(out_dir):
     """Fail early, with one line, when the output directory cannot be written."""
     try:
-        made, parent = [], os.path.abspath(out_dir)
-        while not os.path.exists(parent):
-            made.insert(0, parent)
-            parent = os.path.dirname(parent)
-        os.makedirs(out_dir, exist_ok=True)
-        _made_out.extend(made)
+        make_dirs(out_dir)
         probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
@@ -808,7 +823,8 @@ def lock_out(out_dir):
 def release_locks():
     """Drop the locks. A run refused after claiming --out (bad data, a world it cannot use) left
     the folder holding only the .lock it made, or a new empty folder: both are removed again (the
-    lock file while still held)."""
+    lock file while still held; the empty folders it made inside first)."""
+    _remove_empty(_made_out)
     for key, f in _locks.items():
         try:
             if f.made and os.listdir(key) == [LOCK]:
@@ -817,9 +833,14 @@ def release_locks():
             pass
         f.close()  # (closing the file drops the flock)
     _locks.clear()
-    while _made_out:
+    _remove_empty(_made_out)
+    _made_out.clear()
+
+
+def _remove_empty(folders):
+    for path in reversed(folders):  # (deepest first)
         try:
-            os.rmdir(_made_out.pop())  # (only while empty)
+            os.rmdir(path)  # (only while empty)
         except OSError:
             pass
 
@@ -1593,13 +1614,34 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
 # models, tokenizers and the computations several stages share
 # ----------------------------------------------------------------------------------------
 
+def has_tokenizer(path):
+    return any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer_config.json", "tokenizer.json"))
+
+
+def tokenizer_source(given, cfg, load_from):
+    """(tokenizer_dir, tokenizer_flag) for load_model_and_tokenizer in sft.py and vigc.py (given:
+    the config before '{world}' was filled in). A fresh model reads --tokenizer. From --init the
+    checkpoint's own tokenizer is read; a --tokenizer given stands in for one it lacks (a LLaMA
+    dir), and is refused beside one it has; the default (the world's) never stands in: another
+    vocabulary. A resumed run's checkpoint holds the tokenizer it trained with."""
+    if not cfg.init:
+        return cfg.tokenizer, ""
+    if load_from != cfg.init:
+        return "", ""
+    default = type(cfg).__dataclass_fields__["tokenizer"].default
+    return (cfg.tokenizer if given.tokenizer != default else ""), "--tokenizer"
+
+
 def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
-                             device="cpu", dtype=None, policy=True, geometry=None):
+                             device="cpu", dtype=None, policy=True, geometry=None,
+                             tokenizer_flag=""):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
     image_size and patch_size replaced, see world_geometry). The tokenizer comes from the
     checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
-    is refused (policy=False: a reward model is what is wanted)."""
+    is refused (policy=False: a reward model is what is wanted). tokenizer_flag: the user's flag
+    that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read)."""
     from data import load_tokenizer
     if init:
         path = resolve_checkpoint(init)
@@ -1607,13 +1649,16 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             detect_layout(path)  # (which reads it too, and would take the blame)
         if policy:
             refuse_scalar_model(path)
-        has_tok = lambda p: any(os.path.exists(os.path.join(p, f))
-                                for f in ("tokenizer_config.json", "tokenizer.json"))
         # a PEFT adapter is often saved without a tokenizer: its base's is the model's own
-        base = peft_base_dir(path) if is_peft_dir(path) and not has_tok(path) else None
-        tok_dir = path if has_tok(path) else base if base and has_tok(base) else tokenizer_dir
+        base = peft_base_dir(path) if is_peft_dir(path) and not has_tokenizer(path) else None
+        own = path if has_tokenizer(path) else base if base and has_tokenizer(base) else ""
+        if own and tokenizer_flag and tokenizer_dir:
+            raise ConfigError(f"{tokenizer_flag} {tokenizer_dir}: not read ({own} holds the "
+                              "checkpoint's own tokenizer); drop it")
+        tok_dir = own or tokenizer_dir
         if not tok_dir:
-            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory")
+            hint = f" (pass {tokenizer_flag} DIR)" if tokenizer_flag else ""
+            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
         # the model first: transformers' tokenizer classes read config.json too, and a value
         # there they refuse would be blamed on the tokenizer, without the field's value
         model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)

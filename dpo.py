@@ -393,7 +393,7 @@ def main(cfg):
     elif cfg.loss == "ref_free":
         common.refuse_unread(cfg, ["noisy_tokens"], "with --loss ref_free (no reference is "
                              "scored); drop it")
-    cfg, named = common.world_paths(cfg, companions=("val_data",))
+    cfg, named = common.world_paths(cfg, ("data", "init"), ("val_data",))
     common.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)

@@ -918,7 +918,7 @@ def export_answers(out, name, bench, qs, lines):
 
 def evaluate(cfg, ckpt, name, bench, judges):
     out = os.path.join(cfg.out, name)
-    os.makedirs(out, exist_ok=True)
+    common.make_dirs(out)
     ans = Answerer(cfg, ckpt, name)
     scores = {"ckpt": ckpt}
     if "pope" in bench:
@@ -1149,6 +1149,12 @@ def main(cfg):
         common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
         world = cfg.world if shapes_world_read(cfg) else None  # (the world's note: where read)
         common.note_world("--ckpt" if not cfg.compare else "--compare", c, world)
+    # --compare: each checkpoint after the first loads once before any answers (a broken third
+    # one was named after the first two had answered: hours, on real benchmarks)
+    for c in ckpts[1:] if not cfg.rescore else []:
+        Answerer(cfg, c, "")._load()
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

@@ -402,13 +402,15 @@ def load_caption_map(path):
     for k, v in obj.items():
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise DataError(path, repr(k), None, "expected a list of caption strings")
+        if any(IMAGE in x for x in v):  # (the facts go in the prompt, after the image)
+            raise DataError(path, repr(k), None, TAG_IN_TEXT)
     return obj
 
 
 def _captions(r, caption_map, key, need, fix="pass --captions FILE, or --facts false"):
     if r.get("captions") is None and caption_map is not None and key in caption_map:
         r = {"captions": caption_map[key]}
-    caps = _strlist(r, "captions", optional=True)
+    caps = [no_image_tag(c, "captions") for c in _strlist(r, "captions", optional=True)]
     if need and not caps:
         where = ""
         if caption_map is not None:

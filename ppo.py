@@ -709,7 +709,7 @@ def main(cfg):
     if cfg.kl_estimator == "k3":
         common.refuse_unread(cfg, ["kl_clamp"], "with --kl_estimator k3 (k3 is >= 0 already); "
                              "drop it")
-    cfg, named = common.world_paths(cfg, companions=("captions",))
+    cfg, named = common.world_paths(cfg, ("data", "init"), ("captions",))
     if "data" not in named:
         common.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
                              "counts with the world's annotations); drop it")

@@ -332,6 +332,7 @@ def import_llava_rlhf(cfg):
     common.refuse_unread(cfg, [f.name for f in fields(cfg) if f.name not in read],
                          "with --import_llava_rlhf (nothing is trained or read but its files); "
                          "drop it")
+    common.require_paths(cfg, ["init"])
     if not os.path.isdir(cfg.import_llava_rlhf):
         raise common.ConfigError(f"--import_llava_rlhf {cfg.import_llava_rlhf}: directory not "
                                  "found")
@@ -365,7 +366,7 @@ def main(cfg):
         common.refuse_unread(cfg, ("n_sampled", "sample_temperature", "sample_max_new_tokens"),
                              "with --pairs injected (nothing is sampled); drop it")
     companions = ("val_data", "captions") if cfg.facts else ("val_data",)
-    cfg, named = common.world_paths(cfg, companions=companions)
+    cfg, named = common.world_paths(cfg, ("data", "init"), companions)
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
     d = common.setup_dist(cfg.device, cfg.fsdp)
     common.seed_everything(cfg.seed)

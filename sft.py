@@ -226,6 +226,7 @@ def stage_steps(cfg, max_steps):
 
 
 def main(cfg):
+    given = cfg  # (as given: '{world}' paths unresolved)
     if -1 < cfg.neg_ratio < 0:
         raise common.ConfigError(f"--neg_ratio {cfg.neg_ratio}: give a share in [0, 1], or -1 "
                                  "for the world's (shapes.py --neg_ratio)")
@@ -295,8 +296,10 @@ def main(cfg):
     # FSDP: built from --init, the shards later
     sharded = common.sharded_resume(resume_path, d)
     load_from = cfg.init if sharded else resume_path or cfg.init
+    tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       cfg.tokenizer, d.device, geometry=geometry)
+                                                       tokenizer_dir, d.device, geometry=geometry,
+                                                       tokenizer_flag=tokenizer_flag)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
     if d.main:  # (the world's note only where this run reads the world)

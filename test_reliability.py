@@ -212,6 +212,12 @@ def _truncate(d, name="model.safetensors"):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+def _drop_tokenizer(d):
+    for f in os.listdir(d):
+        if f.startswith(("tokenizer", "special_tokens")):
+            os.remove(os.path.join(d, f))
+
+
 def _edit_config(**kv):
     def mutate(d):
         cfg = json.load(open(d / "config.json"))
@@ -419,6 +425,15 @@ BAD_INPUT = [
       "--ckpt, which --compare refuses)",
       lambda w, t: ["--ckpt", "ckpt/sft", "--compare", w.sft, str(t.root / "ppo")],  # (default)
       ("ppo: checkpoint directory not found", "leave it out of --compare")),
+    C("ppo", "caption-image-tag", "a caption holding '<image>' (a traceback mid-rollout)",
+      lambda w, t: ["--data", t.file("rl.json", t.records(
+          "rl_prompts.json", captions=["A red <image> square."]))],
+      ("rl.json", "record 0", "field 'captions'", "'<image>' in a text")),
+    C("reward", "captions-file-image-tag", "--captions file whose caption holds '<image>' (a "
+      "traceback mid-training)", lambda w, t: ["--captions", t.file("caps.json", {
+          k: [v[0] + " <image>"] + v[1:] for k, v in json.load(open(os.path.join(
+              w.world, "image_to_caption.json"))).items()})],
+      ("caps.json", "record 'images/", "'<image>' in a text")),
     C("ppo", "caption-type", "caption_type 9 (must be 1-7)",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", caption_type=9))],
       ("rl.json", "record 0", "field 'caption_type'", "got 9")),
@@ -1056,10 +1071,39 @@ BAD_INPUT += [
       lambda w, t: ["--data", t.file("sft.json", "[" * 100000)],
       ("sft.json", "invalid JSON: nested too deeply")),
     C("sft", "data-empty-name", "--data '' (named nothing: ': file not found')",
-      lambda w, t: ["--data", ""], ("--data ''", "an empty file name")),
+      lambda w, t: ["--data", ""], ("--data ''", "give a path")),
     C("sft", "tokenizer-missing", "--tokenizer that does not exist (a fresh --model)",
       lambda w, t: ["--tokenizer", str(t.root / "nowhere")],
       ("nowhere", "tokenizer directory not found")),
+    C("sft", "tokenizer-empty", "--tokenizer '' for a fresh --model (': tokenizer directory not "
+      "found')", lambda w, t: ["--tokenizer", ""], ("--tokenizer ''", "give a path")),
+    C("vigc", "tokenizer-empty", "--tokenizer '' for a fresh --model",
+      lambda w, t: ["--init", "", "--tokenizer", ""], ("--tokenizer ''", "give a path")),
+    C("vigc", "data-empty-name", "--data ''", lambda w, t: ["--data", ""],
+      ("--data ''", "give a path")),
+    C("sft", "tokenizer-beside-init", "--tokenizer beside an --init that holds its own (unread)",
+      lambda w, t: ["--init", w.sft, "--tokenizer", str(t.root / "nowhere")],
+      ("--tokenizer", "nowhere", "not read", "own tokenizer")),
+    C("vigc", "tokenizer-beside-init", "--tokenizer beside an --init that holds its own (unread)",
+      lambda w, t: ["--tokenizer", str(t.root / "nowhere")],
+      ("--tokenizer", "nowhere", "not read", "own tokenizer")),
+    C("sft", "init-without-tokenizer", "--init whose folder has no tokenizer files, no --tokenizer "
+      "(the world's stood in: another vocabulary)",
+      lambda w, t: ["--init", t.ckpt("no_tok", _drop_tokenizer)],
+      ("no_tok", "no tokenizer files", "pass --tokenizer DIR")),
+    C("reward", "init-empty", "--init '' (trained a random model, then ': checkpoint directory "
+      "not found')", lambda w, t: ["--init", ""], ("--init ''", "give a path")),
+    C("dpo", "init-empty", "--init ''", lambda w, t: ["--init", ""], ("--init ''", "give a path")),
+    C("ppo", "init-empty", "--init ''", lambda w, t: ["--init", ""], ("--init ''", "give a path")),
+    C("reward", "import-init-empty", "--import_llava_rlhf with --init ''",
+      lambda w, t: ["--import_llava_rlhf", str(t.root), "--init", ""],
+      ("--init ''", "give a path")),
+    C("reward", "data-empty-name", "--data '' (': file not found')",
+      lambda w, t: ["--data", ""], ("--data ''", "give a path")),
+    C("dpo", "data-empty-name", "--data ''", lambda w, t: ["--data", ""],
+      ("--data ''", "give a path")),
+    C("ppo", "data-empty-name", "--data ''", lambda w, t: ["--data", ""],
+      ("--data ''", "give a path")),
     C("vigc", "instructions-not-strings", "--instructions whose phrasings are numbers",
       lambda w, t: ["--instructions", t.file("ins.json", dict(json.load(open(os.path.join(
           w.world, "vigc_instructions.json"))), conversation=[1, 2]))],
@@ -2000,6 +2044,26 @@ def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
     code, _, err = run_cli("sft", base_args("sft", w, run) + ["--data", str(bad), "--overwrite",
                                                                  "true"])
     assert code == 2 and (run / ".lock").exists() and (run / "metrics.jsonl").exists(), err
+
+
+def test_eval_of_a_checkpoint_that_fails_to_load_leaves_nothing_behind(w, tmp_path):
+    """The checkpoint loads once its first question needs an answer: a new --out (and the run's
+    folder in it) made by then is removed again, and an --out that was there keeps nothing. With
+    --compare a broken checkpoint is named before any other answers."""
+    from checkpoint import resolve_checkpoint
+    t = T(w, tmp_path)
+    cut = t.ckpt("cut", _truncate)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    pope = ["--world", w.world, "--benchmarks", "pope", "--limit", "2"]
+    for out in (tmp_path / "e" / "a", kept):
+        code, _, err = run_cli("eval", pope + ["--ckpt", cut, "--out", str(out)])
+        assert code == 2 and "cut/model.safetensors" in err, err
+    assert not (tmp_path / "e").exists() and list(kept.iterdir()) == []
+    good = resolve_checkpoint(w.sft)
+    code, _, err = run_cli("eval", pope + ["--compare", good, cut, "--out", str(kept)])
+    assert code == 2 and "cut/model.safetensors" in err, err
+    assert list(kept.iterdir()) == []  # (the good one answered nothing)
 
 
 def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):

@@ -358,3 +358,25 @@ def test_init_of_an_unfinished_run_is_said(tiny_world, tiny_sft, tmp_path):
                                      "--out", str(tmp_path / "o3")])
     assert code == 0 and f"note: --init {cut}: its run stopped at step 3 of 1200 (unfinished)" \
         in out, err
+
+
+def test_init_without_tokenizer_files_reads_the_tokenizer_given(tiny_world, tiny_sft, tmp_path):
+    # a LLaMA-style --init folder without tokenizer files: --tokenizer stands in for it, and the
+    # run (and its resume, from a checkpoint that holds the tokenizer now) trains
+    import shutil
+    from checkpoint import resolve_checkpoint
+    src = resolve_checkpoint(tiny_sft)
+    init = tmp_path / "no_tok"
+    init.mkdir()
+    for f in os.listdir(src):
+        if not f.startswith("tokenizer"):
+            shutil.copy(os.path.join(src, f), init)
+    out = str(tmp_path / "run")
+    args = ["--init", str(init), "--tokenizer", src, "--world", tiny_world, "--batch_size", "4",
+            "--report", "false", "--out", out]
+    code, _, err = run_cli("sft", args + ["--max_steps", "1"])
+    assert code == 0, err
+    assert os.path.exists(os.path.join(latest_checkpoint(out), "tokenizer.json"))
+    code, _, err = run_cli("sft", args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 0, err
+    assert latest_checkpoint(out).endswith("2")

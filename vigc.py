@@ -566,8 +566,10 @@ def main(cfg):
     load_from = cfg.init if sharded else resume_path or cfg.init
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
+    tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       cfg.tokenizer, d.device, geometry=geometry)
+                                                       tokenizer_dir, d.device, geometry=geometry,
+                                                       tokenizer_flag=tokenizer_flag)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
     common.check_new_tokens(model, cfg, "max_new_tokens")
