@@ -1021,6 +1021,9 @@ def start_writing(cfg, d, data_files=()):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
                               "data files")
+        if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
+            raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
+                              "records the run's data files)")
         for path in sorted(set(was) | set(digests)):
             if was.get(path) != digests.get(path):
                 if path not in digests:
@@ -1366,11 +1369,15 @@ def trained_base(resume_path, init):
         return now
     was = recorded_base(resume_path)
     if was is None:  # a full model: the --init its run started from (run.json; older runs: none)
+        run_file = os.path.join(os.path.dirname(resume_path), RUN_FILE)
         try:
-            with open(os.path.join(os.path.dirname(resume_path), RUN_FILE)) as f:
+            with open(run_file) as f:
                 was = json.load(f).get("init")
         except (OSError, ValueError, AttributeError):
             was = None
+        if was is not None and not isinstance(was, str):
+            raise ConfigError(f"{run_file}: field 'init': expected the path of the checkpoint the "
+                              "run started from")
     if not was:
         return now
     if os.path.realpath(was) != os.path.realpath(now):

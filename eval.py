@@ -119,8 +119,8 @@ class Config:
     judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
     judge_key: str = ""  # API key (default: $OPENAI_API_KEY)
     judge_retries: int = 5  # retries on 429, 5xx and connection errors
-    judge_backoff: float = 2.0  # seconds before the first retry, doubled each time
-    judge_timeout: float = 120.0  # seconds per HTTP request
+    judge_backoff: float = 2.0  # seconds before retry 1, doubled each time (at most an hour)
+    judge_timeout: float = 120.0  # seconds per HTTP request (a day at most)
     # longest judge reply (openai: 0 sends no limit, as LLaVA-RLHF's eval_gpt_mmhal.py; LLaVA's
     # review scripts: 1024)
     judge_max_tokens: int = 512
@@ -143,7 +143,7 @@ class Config:
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(benchmarks=BENCHMARKS, world_seed="[0, inf)", limit="[0, inf)",
                   chair_counting=("reference", "ours"), judge=("oracle", "openai", "local"),
-                  judge_retries="[0, inf)", judge_backoff="[0, inf)", judge_timeout="(0, inf)",
+                  judge_retries="[0, inf)", judge_backoff="[0, 3600]", judge_timeout="(0, 86400]",
                   judge_max_tokens="[0, inf)", mmhal_rating=("reference", "ours"),
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
                   temperature="[0, inf)", top_p="(0, 1]", seed=common.SEED_RANGE,

@@ -503,8 +503,8 @@ class OpenAIJudge:
             headers["Authorization"] = f"Bearer {self.key}"
         err = ""
         for attempt in range(self.cfg.judge_retries + 1):
-            if attempt:
-                time.sleep(self.cfg.judge_backoff * 2 ** (attempt - 1))
+            if attempt:  # (at most an hour: the doubling reached past what a float holds)
+                time.sleep(min(self.cfg.judge_backoff * 2 ** min(attempt - 1, 40), MAX_WAIT))
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.cfg.judge_timeout) as r:
@@ -525,6 +525,9 @@ class OpenAIJudge:
         tries = self.cfg.judge_retries + 1
         raise JudgeError(f"judge {self.url}: no reply after {tries} tries ({err}); "
                          "answers and judge replies so far are kept: re-run to continue")
+
+
+MAX_WAIT = 3600.0  # seconds: the longest wait between tries (eval.py's --judge_backoff at most)
 
 
 class LocalJudge:

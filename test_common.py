@@ -152,3 +152,16 @@ def test_help_explains_every_flag(script, capsys):
         # the comment reaches --help (argparse re-wraps it, also after a hyphen: compare without
         # whitespace)
         assert "".join(comments[field.name].split()) in text, field.name
+
+
+def test_trained_base_refuses_a_run_json_init_that_is_not_a_path(tmp_path):
+    # a full model resumed: the --init its run started from is run.json's "init"
+    ckpt = tmp_path / "run" / "checkpoint-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")  # (no "base": a full model)
+    (tmp_path / "init").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": 5}')
+    with pytest.raises(common.ConfigError, match="run.json: field 'init': expected the path"):
+        common.trained_base(str(ckpt), str(tmp_path / "init"))
+    (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": "%s"}' % (tmp_path / "init"))
+    assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")

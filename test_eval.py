@@ -360,6 +360,20 @@ def test_openai_judge_retries_and_parses(api):
         judges.make_judge(cfg)("x", {})
 
 
+def test_openai_judge_waits_double_up_to_an_hour(api, monkeypatch):
+    # many retries: each wait doubles from --judge_backoff and stops at an hour (the doubling went
+    # past what a float holds: an OverflowError after every answer was made)
+    waits = []
+    monkeypatch.setattr(judges.time, "sleep", waits.append)
+    FakeAPI.script = [(500, "overloaded")] * 1200
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="judge-x", judge_key="sk-test",
+                   judge_retries=1100, judge_backoff=2.0, judge_timeout=5)
+    with pytest.raises(judges.JudgeError, match="no reply after 1101 tries"):
+        judges.make_judge(cfg)("x", {})
+    assert waits[:3] == [2.0, 4.0, 8.0] and max(waits) == judges.MAX_WAIT == waits[-1]
+    assert len(waits) == 1100
+
+
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
                   "### Image Contents\n{image_content}\n\n"
                   "### Question\n{question}\n\n"

@@ -706,14 +706,15 @@ def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, ti
     """Every run of this invocation failed (a broken machine, a missing file): the report of none
     would replace a good --results with an empty one; it is left as it was, and lab exits 1."""
     results = tmp_path / "RESULTS.md"
-    results.write_text("a good report\n")
+    good = "# Results: the hallucination lab\n\na good report\n"
+    results.write_text(good)
     cfg = lab.Config(sft=tiny_sft, world=tiny_world, claims=("povid",), seeds=(0,), steps=2,
                      eval_limit=4, out=str(tmp_path / "runs"), results=str(results),
                      plots=str(tmp_path / "plots"))
     monkeypatch.setattr(lab, "execute", lambda runs, cfg, clock: set(runs))
     with pytest.raises(SystemExit) as e:
         lab.main(cfg)
-    assert e.value.code == 1 and results.read_text() == "a good report\n"
+    assert e.value.code == 1 and results.read_text() == good
     assert f"no run ended well: {results} left as it was" in capsys.readouterr().out
 
 

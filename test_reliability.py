@@ -671,6 +671,9 @@ BAD_INPUT += [
         ("temperature", "nan", ("nan", "must be a number")),
         ("top_p", "0", ("0.0", "must be in (0, 1]")), ("max_new_tokens", "0", ("0", RANGE)),
         ("judge", "me", ("me", "choose oracle, openai or local")),
+        # (an OverflowError once the answers were made: past what a socket timeout or a sleep holds)
+        ("judge_timeout", "1e10", ("10000000000.0", "must be in (0, 86400]")),
+        ("judge_backoff", "1e300", ("1e+300", "must be in [0, 3600]")),
         ("batch_size", "0", ("0", RANGE))]],
     *[_flag("pipeline", f, v, want) for f, v, want in [
         ("steps", "-1", ("-1", "must be in [0, inf)")), ("jobs", "0", ("0", RANGE)),
@@ -954,6 +957,11 @@ BAD_INPUT += [
                     [*SFT_RESUME,
                      "--max_steps", "3"])[1],
       ("run.json", "cannot read")),
+    *[C("sft", f"resume-run-json-data-{name}", f"--resume with run.json's data {value} (a "
+        "traceback)", lambda w, t, value=value: (t.file("out/run.json", {"data": value}),
+                                                 [*SFT_RESUME, "--max_steps", "3"])[1],
+        ("run.json", "field 'data'", "expected an object {file: sha256}"))
+      for name, value in (("null", None), ("list", []), ("numbers", {"a.json": 5}))],
     C("sft", "overwrite-own-init",
       "--overwrite true with --init inside --out (it would move its own start away)",
       lambda w, t: ["--init", str(t.root / "out")],
@@ -1494,7 +1502,8 @@ BAD_INPUT += [
       ("--plots", "plots.png", "exists and is not a folder")),
     C("lab", "report-only-nothing",
       "--report_only true on an --out without finished runs (it would replace --results)",
-      lambda w, t: ["--report_only", "true", "--results", t.file("RESULTS.md", "# finished"),
+      lambda w, t: ["--report_only", "true",
+                    "--results", t.file("RESULTS.md", "# Results: the hallucination lab\n"),
                     "--plots", str(t.root / "plots")],
       ("--out", "no finished run to report", "RESULTS.md")),
     C("bench", "image-size-below-patch", "--image_size smaller than the preset's patch size",
@@ -1739,6 +1748,11 @@ BAD_INPUT += [
       lambda w, t: ["--report_only", "true", "--results", str(t.root),
                     "--plots", str(t.root / "plots")],
       ("--results", "is a folder, not a file")),
+    C("lab", "results-not-a-report", "--results naming the world's world.json (replaced by the "
+      "report, after every run)", lambda w, t: ["--results", _copy(
+          os.path.join(w.world, "world.json"), t.root / "world.json"),
+          "--plots", str(t.root / "plots")],
+      ("--results", "world.json", "is not a lab report")),
     C("shapes", "cells-too-small", "--image_size 33 --grid 3 (cells of 11 px)",
       lambda w, t: ["--image_size", "33", "--grid", "3"],
       ("--image_size 33 --grid 3", "cells of at least")),
