@@ -276,12 +276,14 @@ def pope_questions(cfg, world):
     without labels takes them from --pope_labels. --rescore needs no images."""
     files = cfg.pope_files or [os.path.join(world[0], f"pope_{s}.jsonl") for s in POPE_SPLITS]
     splits, named_by = {}, {}  # named_by: split -> the file whose name gave it
+    labelled = 0  # files labelled from --pope_labels
     for path in files:
         folder = (cfg.image_folder or None) if cfg.pope_files else world[0]
         first = load_json(path)
         first = first[0] if isinstance(first, list) and first else first
         if cfg.pope_labels and isinstance(first, dict) and "label" not in first:
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=False)
+            labelled += 1
         else:
             recs = read_pope(path, folder, check_images=False)  # (_take: the questions asked)
         _nonempty(recs, path)
@@ -310,6 +312,9 @@ def pope_questions(cfg, world):
                         "question_id": r["question_id"], "text": r["text"], "record": i,
                         "id_field": "question_id"}
             splits.setdefault(split, []).append(question)
+    if cfg.pope_labels and not labelled:  # (it would be ignored without a word)
+        raise common.ConfigError("--pope_labels: not read (every --pope_files file carries its "
+                                 "own labels); drop it")
     return splits
 
 
@@ -1096,6 +1101,15 @@ def main(cfg):
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
     common.refuse_unread_shared(cfg)
+    if cfg.rescore:  # (stored answers are scored: nothing is generated)
+        common.refuse_unread(cfg, ["batch_size", "max_len"], "with --rescore true (nothing is "
+                             "generated); drop it")
+    if "pope" not in cfg.benchmarks:
+        common.refuse_unread(cfg, ["pope_max_new_tokens"], "without pope in --benchmarks; add it "
+                             "or drop the flag")
+    elif set(cfg.benchmarks) == {"pope"}:  # (it is the longest answer of the others)
+        common.refuse_unread(cfg, ["max_new_tokens"], "with pope alone in --benchmarks (its "
+                             "answers take --pope_max_new_tokens); drop it")
     if not cfg.rescore or cfg.judge == "local":  # (--rescore loads no model, but a local judge)
         common.check_device(cfg.device)
     if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):

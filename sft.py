@@ -278,7 +278,10 @@ def main(cfg):
         world_ratio = shapes.load_params(cfg.world)["neg_ratio"] if named or cfg.lrv else 0.5
         cfg = dataclasses.replace(cfg, neg_ratio=world_ratio)
     train_records, val_records, skipped = load_records(cfg)
-    read_records, read_skipped = load_read_records(cfg, train_records) if reading else ([], [])
+    # (checked where --max_steps leaves stage 2 no step too, as stage 1's: a short trial run
+    # checks the files the full run reads)
+    stage2 = bool(cfg.read_data) and fresh and cfg.read_steps > 0
+    read_records, read_skipped = load_read_records(cfg, train_records) if stage2 else ([], [])
     skipped += read_skipped
     if skipped:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
