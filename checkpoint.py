@@ -217,6 +217,27 @@ def _weight_files(path):
                           "or pytorch_model*.bin)")
 
 
+def check_weight_headers(path):
+    """The safetensors files loading `path` reads first (its weights, its adapters) open: their
+    headers parse and the file is as long as they say (a truncated copy fails here, cheaply, not
+    after an earlier model's hour of answers). The tensors themselves are read when it loads."""
+    files = [os.path.join(path, n) for n in ("adapters.safetensors", "adapter_model.safetensors")]
+    try:
+        files += _weight_files(path)
+    except CheckpointError:  # (weights in its base, or none: loading says which)
+        pass
+    from safetensors import safe_open
+    for f in files:
+        if f.endswith(".safetensors") and os.path.isfile(f):
+            try:
+                with safe_open(f, framework="pt", device="cpu"):
+                    pass
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
+                                      f"{first}")
+
+
 def _read_json(path):
     try:
         with open(path) as f:

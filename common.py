@@ -282,7 +282,8 @@ INT_MAX = 2 ** 31 - 1  # the largest open-ended integer flag taken
 FLOAT32_MAX = 3.4028234663852886e38  # a float flag reaches tensors as float32
 
 
-# flags that name where a script reads its world or checkpoint, or writes: never empty
+# flags that name where a script reads its world or checkpoint, or writes: never empty (a path
+# flag read only in some runs, as --init or --tokenizer, is checked where read: require_paths)
 PATH_FLAGS = ("out", "world", "results", "plots", "eval_out", "ckpt", "sft", "reward")
 
 
@@ -1631,7 +1632,8 @@ def tokenizer_source(given, cfg, load_from):
     the config before '{world}' was filled in). A fresh model reads --tokenizer. From --init the
     checkpoint's own tokenizer is read; a --tokenizer given stands in for one it lacks (a LLaMA
     dir), and is refused beside one it has; the default (the world's) never stands in: another
-    vocabulary. A resumed run's checkpoint holds the tokenizer it trained with."""
+    vocabulary (given: a value other than the default's text). A resumed run's checkpoint holds
+    the tokenizer it trained with."""
     if not cfg.init:
         return cfg.tokenizer, ""
     if load_from != cfg.init:
@@ -1663,12 +1665,14 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise ConfigError(f"{tokenizer_flag} {tokenizer_dir}: not read ({own} holds the "
                               "checkpoint's own tokenizer); drop it")
         tok_dir = own or tokenizer_dir
-        if not tok_dir:
-            hint = f" (pass {tokenizer_flag} DIR)" if tokenizer_flag else ""
-            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
         # the model first: transformers' tokenizer classes read config.json too, and a value
-        # there they refuse would be blamed on the tokenizer, without the field's value
+        # there they refuse would be blamed on the tokenizer, without the field's value (and a
+        # folder that is no LLaVA, as a CLIP tower, is named as such, not for its tokenizer)
         model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
+        if not tok_dir:
+            hint = f" (pass {tokenizer_flag} DIR: the world's default does not stand in)" \
+                if tokenizer_flag else ""
+            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
         tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:

@@ -400,7 +400,6 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
-    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     train_recs, val_recs, skipped = load_pairs(cfg)
     if skipped and d.main:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
@@ -417,8 +416,9 @@ def main(cfg):
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     load_from = init_dir if sharded else resume_path or init_dir
+    # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       tokenizer_dir=tok_dir, device=d.device)
+                                                       device=d.device)
     # the frozen base the adapters sit on, as the checkpoint names it
     if resume_path is not None and not sharded:
         base = common.recorded_base(resume_path)
@@ -468,7 +468,7 @@ def main(cfg):
             if resume_path is None or sharded:
                 return model
             init_model, _ = common.load_model_and_tokenizer(init_dir, "", cfg.vision_tower,
-                                                            tok_dir, d.device)
+                                                            device=d.device)
             return init_model
         ref = cached_reference(cfg, d, init_dir, train, val, reference_model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)

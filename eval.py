@@ -70,8 +70,8 @@ from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversation
                   read_pope, read_text)
 from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
                      read_llava_bench_answers, read_llava_bench_context, record_label)
-from checkpoint import (base_weights_dir, is_peft_dir, peft_base_dir, refuse_scalar_model,
-                        resolve_checkpoint)
+from checkpoint import (base_weights_dir, check_weight_headers, is_peft_dir, peft_base_dir,
+                        refuse_scalar_model, resolve_checkpoint)
 from model import CheckpointError
 from judges import (PLACEHOLDERS, JudgeError, gavie_metrics, judge_prompt, llava_bench_metrics,
                     llava_bench_rule, load_judge_prompts, load_llava_bench_rules,
@@ -607,7 +607,10 @@ class Answerer:
             dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
             self.model, self.tok = common.load_model_and_tokenizer(
                 self.ckpt, vision_tower=cfg.vision_tower, device=cfg.device, dtype=dtype)
-            common.check_new_tokens(self.model, cfg, "max_new_tokens", "pope_max_new_tokens")
+            # (the answer lengths this run reads: POPE's with pope, the other's with the others)
+            lengths = ["pope_max_new_tokens"] if "pope" in cfg.benchmarks else []
+            lengths += ["max_new_tokens"] if set(cfg.benchmarks) - {"pope"} else []
+            common.check_new_tokens(self.model, cfg, *lengths)
             image_size = self.model.config.image_size
             self.images = ImageCache(image_size, 20000 if image_size <= 64 else 0)
 
@@ -1160,15 +1163,12 @@ def main(cfg):
             why = f"{type(e).__name__}: {e}"
             raise CheckpointError(f"{path}: cannot read the checkpoint config ({why})")
         refuse_scalar_model(ckpt_dir)  # (it would answer with its reward LoRA)
+        # a truncated weight file: named before any checkpoint answers (--compare's third was
+        # named after the first two had answered: hours, on real benchmarks)
+        check_weight_headers(ckpt_dir)
         common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
         world = cfg.world if shapes_world_read(cfg) else None  # (the world's note: where read)
         common.note_world("--ckpt" if not cfg.compare else "--compare", c, world)
-    # --compare: each checkpoint after the first loads once before any answers (a broken third
-    # one was named after the first two had answered: hours, on real benchmarks)
-    for c in ckpts[1:] if not cfg.rescore else []:
-        Answerer(cfg, c, "")._load()
-        if cfg.device == "cuda":
-            torch.cuda.empty_cache()
     common.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
     common.lock_out(cfg.out)

@@ -321,13 +321,13 @@ def refuse_foreign_results(path):
     """--results replaces the file it names after every run: one there already must be a report
     lab.py wrote (a typo'd --results world.json or README.md was overwritten)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            first = f.readline().rstrip("\n")
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # (an editor's BOM)
+            first = f.readline().rstrip("\r\n")
     except FileNotFoundError:
         return
     except OSError as e:
         raise common.ConfigError(f"--results {path}: cannot be read ({e.strerror})")
-    if first != TITLE:
+    if first != TITLE and os.path.getsize(path) > 0:  # (an empty file holds nothing to lose)
         raise common.ConfigError(f"--results {path}: exists and is not a lab report (its first "
                                  f"line is not {TITLE!r}); choose another file, or remove it")
 
@@ -899,6 +899,25 @@ def generated_nothing(cfg):
                    for f in ("vig_only.json", "vigc_data.json"))]
 
 
+def refuse_unmeasured(cfg):
+    """--report_only: each claim and each seed asked has a finished run in --out (the SFT
+    baseline's eval, done for every seed, made a report of seeds or claims never run)."""
+    runs = plan(cfg)
+    done = [name for name, (_, _, path) in runs.items() if os.path.exists(path)]
+    for claim in cfg.claims:
+        if not any(name.startswith(claim + "/") for name in done):
+            raise common.ConfigError(f"--claims {claim}: no finished run of it in --out {cfg.out} "
+                                     "to report; run it first, or leave it out of --claims")
+    seed_of = lambda name: name.split("/")[1].rpartition("-s")[2]  # ('lrv/neg0.5-s3/eval': 3)
+    seeded = [name for name in runs if not name.startswith("sft/")]
+    for seed in cfg.seeds:  # (a seed the plan gives runs: RLHF runs --rlhf_seeds of them)
+        planned = any(seed_of(name) == str(seed) for name in seeded)
+        if planned and not any(seed_of(name) == str(seed) for name in done if name in seeded):
+            raise common.ConfigError(f"--seeds {seed}: no finished run of this seed in --out "
+                                     f"{cfg.out} to report; run it first, or leave it out of "
+                                     "--seeds")
+
+
 def reported_claims(cfg):
     """The claims RESULTS.md covers: the ones asked for, and every other one whose runs for these
     seeds are all on disk (`--claims lrv` keeps the other claims' tables, not only its own)."""
@@ -1074,6 +1093,10 @@ def main(cfg):
         raise common.ConfigError(f"--out {cfg.out}: no finished run to report (--report_only "
                                  f"true would replace {cfg.results} with an empty report); check "
                                  "--out and --seeds")
+    if cfg.report_only:  # (a typo'd --seeds or --claims: a report of runs that never ran)
+        refuse_unmeasured(cfg)
+        common.refuse_unread(cfg, ["jobs", "device"], "with --report_only true (nothing is run); "
+                             "drop it")
     check_out_matches(cfg)
     if cfg.report_only:  # (a report of runs today's lab would not make)
         stale = sorted(stale_runs(plan(replace(cfg, claims=CLAIMS)), cfg))

@@ -111,11 +111,16 @@ def refuse_stale_models(cfg, models):
 
 def recorded_init(run):
     """The --init a training run recorded in its run.json (None: not recorded)."""
+    path = os.path.join(run, common.RUN_FILE)
     try:
-        with open(os.path.join(run, common.RUN_FILE)) as f:
-            return json.load(f).get("init")
+        with open(path) as f:
+            init = json.load(f).get("init")
     except (OSError, ValueError, AttributeError):
         return None
+    if init is not None and not isinstance(init, str):  # (a hand edit: a TypeError below)
+        raise common.ConfigError(f"{path}: field 'init': expected the path of the checkpoint the "
+                                 "run started from")
+    return init
 
 
 def has_checkpoint(run):
@@ -240,6 +245,10 @@ def main(cfg):
         common.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
     if "eval" not in cfg.stages:
         common.refuse_unread(cfg, ("eval_out", "eval_limit"), "without eval in --stages; drop it")
+    if set(cfg.stages) == {"eval"}:  # (eval scores what is there: it trains nothing, moves nothing)
+        common.refuse_unread(cfg, ("steps", "overwrite"), "with --stages eval alone (it trains "
+                             "nothing; its stored answers are reused unless the models changed); "
+                             "drop it")
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     common.check_device(cfg.device)
     commands = stage_commands(cfg)

@@ -331,14 +331,15 @@ def reward_settings(rm_dir):
     return rc["facts"], wording, template, space
 
 
-def build_roles(cfg, d, tok_dir=""):
+def build_roles(cfg, d):
     """(policy model, critic model, tokenizer). When the RM was trained on the policy's base weights
     the two are ONE model (four adapters on one frozen base); otherwise the RM is a second, frozen
     model, and the value adapter lives on it (as LLaVA-RLHF's value model lives on the RM backbone).
     Token ids and image tokens must agree: the RM and the value model read the policy's
     sequences."""
+    # (each checkpoint's own tokenizer: the world's would be another vocabulary)
     policy, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
-                                                        tokenizer_dir=tok_dir, device=d.device)
+                                                        device=d.device)
     common.check_new_tokens(policy, cfg, "max_new_tokens")
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
@@ -350,8 +351,7 @@ def build_roles(cfg, d, tok_dir=""):
         critic = policy
         load_adapters(critic, rm_dir)
     else:
-        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, tokenizer_dir=tok_dir,
-                                                         device=d.device, policy=False)
+        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, device=d.device, policy=False)
         a, b = policy.config, critic.config
         # (the image size may differ: the critic sees each image at its own, as LLaVA-RLHF's 7B
         # policy at 224 px and its 13B reward model at 336 px do)
@@ -742,7 +742,6 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
     if named:  # the Shapes world, written once if missing
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
-    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     # rollout sampling stream
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
@@ -755,7 +754,7 @@ def main(cfg):
     if d.main:
         for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):
             common.note_world(flag, path, cfg.world)
-    policy, critic, tokenizer = build_roles(replace(cfg, init=base), d, tok_dir)
+    policy, critic, tokenizer = build_roles(replace(cfg, init=base), d)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None

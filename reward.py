@@ -372,7 +372,6 @@ def main(cfg):
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
-    tok_dir = os.path.join(cfg.world, "tokenizer")  # for a checkpoint without its tokenizer
     if cfg.eval_prompt not in ("llava-rlhf", "short"):
         raise common.ConfigError("--eval_prompt must be 'llava-rlhf' or 'short', "
                                  f"got '{cfg.eval_prompt}'")
@@ -391,9 +390,9 @@ def main(cfg):
     common.note_world("--init", cfg.init, cfg.world)
     load_from = base if sharded else resume_path or base
     # (a resumed run loads its own reward model)
+    # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       tokenizer_dir=tok_dir, device=d.device,
-                                                       policy=resume_path is None)
+                                                       device=d.device, policy=resume_path is None)
     if cfg.pairs == "sampled":
         common.check_new_tokens(model, cfg, "sample_max_new_tokens")
     if resume_path is None and model.adapters:

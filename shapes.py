@@ -1368,6 +1368,10 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
         message = (f"cannot be read ({type(e).__name__}), so this world cannot be checked: "
                    f"{how}")
         raise DataError(os.path.join(out_dir, "world.json"), message=message) from None
+    for field, value in (("version", version), ("seed", was_seed)):  # (a hand edit: "0" read as
+        if type(value) is not int:  # another seed, with the same number in the message)
+            raise DataError(os.path.join(out_dir, "world.json"), field=field,
+                            message=f"expected an integer, got {value!r:.40}: {how}")
     same_files = version == 13 and isinstance(was_params, dict) and was_params.get("grid") == 3
     if version != FORMAT_VERSION and not same_files:
         raise DataError(out_dir, message=f"holds a world of format version {version}; "

@@ -507,6 +507,38 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     assert "lab wall clock 16.5 min" in text and "a lab of" not in text
 
 
+def test_lab_report_only_refuses_seeds_and_claims_never_run(tmp_path):
+    """--report_only with a --seeds or --claims that ran nothing replaced the report with one of
+    runs that never happened (the SFT baseline's eval, done for any seed, passed the guard)."""
+    cfg, runs = fake_lab(tmp_path)  # (seeds 0 and 1, every claim)
+    os.makedirs(cfg.sft)
+    lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 7.5, 30, 30)
+    with pytest.raises(common.ConfigError, match="--seeds 5: no finished run of this seed"):
+        lab.main(lab.replace(cfg, report_only=True, seeds=(0, 5)))
+    with pytest.raises(common.ConfigError, match="--jobs 4: not read with --report_only true"):
+        lab.main(lab.replace(cfg, report_only=True, jobs=4))
+    for name, (_, _, done) in runs.items():
+        if name.startswith("povid/"):
+            os.remove(done)
+    with pytest.raises(common.ConfigError, match="--claims povid: no finished run of it"):
+        lab.main(lab.replace(cfg, report_only=True, claims=("povid",)))
+    assert not os.path.exists(cfg.results)
+    # RLHF runs --rlhf_seeds of the seeds: a seed it does not run is not asked of it
+    lab.main(lab.replace(cfg, report_only=True, claims=("rlhf",), rlhf_seeds=1))
+    assert os.path.exists(cfg.results)
+
+
+def test_lab_replaces_a_report_or_an_empty_file_only(tmp_path):
+    results = tmp_path / "R.md"
+    results.write_text("")  # (empty: nothing to lose)
+    lab.refuse_foreign_results(str(results))
+    results.write_text(lab.TITLE + "\r\n", encoding="utf-8-sig")  # (an editor's BOM and CRLF)
+    lab.refuse_foreign_results(str(results))
+    results.write_text("# My notes\n")
+    with pytest.raises(common.ConfigError, match="R.md: exists and is not a lab report"):
+        lab.refuse_foreign_results(str(results))
+
+
 def test_eval_alone_refuses_models_older_than_the_sft(tmp_path, tiny_world):
     """--stages eval compared whatever was under --out: after --stages sft --overwrite true, the
     new SFT stood beside LRV, PPO and DPO trained from the old one."""
@@ -532,6 +564,11 @@ def test_eval_alone_refuses_models_older_than_the_sft(tmp_path, tiny_world):
     os.utime(out / "dpo" / "checkpoint-000001" / "config.json", (10, 10))
     code, _, err = run_cli("pipeline", argv)
     assert code == 2 and "dpo was trained before" in err, err
+    # a run.json whose init is not a path (a hand edit): one line, not a TypeError
+    os.utime(out / "dpo" / "checkpoint-000001" / "config.json", (2000, 2000))
+    (out / "dpo" / "run.json").write_text('{"data": {}, "init": 5}')
+    code, _, err = run_cli("pipeline", argv)
+    assert code == 2 and "dpo/run.json: field 'init': expected the path" in err, err
 
 
 def hold_lock(folder):

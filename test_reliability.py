@@ -189,6 +189,15 @@ def _world_copy(t, change):
     return str(d)
 
 
+def _edit_world_top(key, value):
+    """A change for _world_copy: world.json's key set to value (a hand edit)."""
+    def change(d):
+        meta = json.loads((d / "world.json").read_text())
+        meta[key] = value
+        (d / "world.json").write_text(json.dumps(meta))
+    return change
+
+
 def _edit_world_param(key, value):
     """A change for _world_copy: world.json's params[key] set to value (a hand edit)."""
     def change(d):
@@ -727,6 +736,11 @@ BAD_INPUT += [
     C("sft", "world-json-edited", "a world.json whose params were edited out of range",
       lambda w, t: ["--world", _world_copy(t, _edit_world_param("yes_share", 1.5))],
       ("world.json", "field 'params'", "--yes_share 1.5: must be in [0, 1]")),
+    *[C("sft", f"world-{field}-string", f"world.json whose {field} is the string \"{v}\" (the "
+        "message said seed 0 is not seed 0)",
+        lambda w, t, field=field, v=v: ["--world", _world_copy(t, _edit_world_top(field, v))],
+        ("world.json", f"field '{field}'", f"expected an integer, got '{v}'"))
+      for field, v in (("seed", "0"), ("version", "14"))],
     # -- --data weights and paths
     *[C("sft", f"weight-{x}", f"--data FILE:{x}",
         lambda w, t, x=x: ["--data", _sft_file(t) + ":" + x],
@@ -1099,6 +1113,11 @@ BAD_INPUT += [
       "(the world's stood in: another vocabulary)",
       lambda w, t: ["--init", t.ckpt("no_tok", _drop_tokenizer)],
       ("no_tok", "no tokenizer files", "pass --tokenizer DIR")),
+    *[C(script, "init-without-tokenizer", "--init whose folder has no tokenizer files (the "
+        "world's stood in: another vocabulary)",
+        lambda w, t: ["--init", t.ckpt("no_tok", _drop_tokenizer)],
+        ("no_tok", "no tokenizer files in the checkpoint directory"))
+      for script in ("reward", "dpo", "ppo")],
     C("reward", "init-empty", "--init '' (trained a random model, then ': checkpoint directory "
       "not found')", lambda w, t: ["--init", ""], ("--init ''", "give a path")),
     C("dpo", "init-empty", "--init ''", lambda w, t: ["--init", ""], ("--init ''", "give a path")),
@@ -1767,6 +1786,13 @@ BAD_INPUT += [
       lambda w, t: ["--report_only", "true", "--results", str(t.root),
                     "--plots", str(t.root / "plots")],
       ("--results", "is a folder, not a file")),
+    C("pipeline", "eval-alone-overwrite", "--stages eval with --overwrite true (eval reused every "
+      "stored answer: nothing was evaluated again)",
+      lambda w, t: ["--stages", "eval", "--overwrite", "true"],
+      ("--overwrite true: not read with --stages eval alone",)),
+    C("pipeline", "eval-alone-steps", "--stages eval with --steps 5 (eval trains nothing)",
+      lambda w, t: ["--stages", "eval", "--steps", "5"],
+      ("--steps 5: not read with --stages eval alone",)),
     C("lab", "results-not-a-report", "--results naming the world's world.json (replaced by the "
       "report, after every run)", lambda w, t: ["--results", _copy(
           os.path.join(w.world, "world.json"), t.root / "world.json"),
@@ -2082,21 +2108,32 @@ def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
 def test_eval_of_a_checkpoint_that_fails_to_load_leaves_nothing_behind(w, tmp_path):
     """The checkpoint loads once its first question needs an answer: a new --out (and the run's
     folder in it) made by then is removed again, and an --out that was there keeps nothing. With
-    --compare a broken checkpoint is named before any other answers."""
+    --compare a truncated weight file is named before any other checkpoint answers."""
     from checkpoint import resolve_checkpoint
     t = T(w, tmp_path)
-    cut = t.ckpt("cut", _truncate)
+    nan, cut = t.ckpt("nan", _nan_weights), t.ckpt("cut", _truncate)
     kept = tmp_path / "kept"
     kept.mkdir()
     pope = ["--world", w.world, "--benchmarks", "pope", "--limit", "2"]
     for out in (tmp_path / "e" / "a", kept):
-        code, _, err = run_cli("eval", pope + ["--ckpt", cut, "--out", str(out)])
-        assert code == 2 and "cut/model.safetensors" in err, err
+        code, _, err = run_cli("eval", pope + ["--ckpt", nan, "--out", str(out)])
+        assert code == 2 and "nan/model.safetensors" in err and "NaN" in err, err
     assert not (tmp_path / "e").exists() and list(kept.iterdir()) == []
     good = resolve_checkpoint(w.sft)
     code, _, err = run_cli("eval", pope + ["--compare", good, cut, "--out", str(kept)])
     assert code == 2 and "cut/model.safetensors" in err, err
     assert list(kept.iterdir()) == []  # (the good one answered nothing)
+
+
+def test_eval_checks_only_the_answer_lengths_it_reads(w, tmp_path):
+    """A model of fewer positions than --max_new_tokens' default (64) answers POPE alone, whose
+    answers take --pope_max_new_tokens (the unread one was checked, and giving it refused)."""
+    short = T(w, tmp_path).ckpt("short", _edit_model(max_position=60))
+    argv = ["--ckpt", short, "--world", w.world, "--limit", "2", "--out", str(tmp_path / "o")]
+    code, _, err = run_cli("eval", argv + ["--benchmarks", "pope"])
+    assert code == 0, err
+    code, _, err = run_cli("eval", argv + ["--benchmarks", "pope", "chair"])
+    assert code == 2 and "--max_new_tokens 64: more new tokens than the model's 60" in err, err
 
 
 def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
