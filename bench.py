@@ -1006,6 +1006,14 @@ def main(cfg):
     if cfg.fsdp:  # (as given: --quick fills in its own values below)
         common.refuse_unread(cfg, FSDP_UNREAD, "with --fsdp true (one sharded training step "
                              "alone); drop it")
+        if "lora" not in cfg.train_modes:
+            common.refuse_unread(cfg, ["lora_r", "lora_alpha"], "with --fsdp true and no lora in "
+                                 "--train_modes; drop it")
+        if cfg.device != "cuda":  # (its bf16 is mixed precision on the GPU)
+            common.refuse_unread(cfg, ["dtype"], "with --fsdp true off the GPU (fp32); drop it")
+    if not cfg.rollout_model:  # (no rollout section)
+        common.refuse_unread(cfg, ["rollout_batch", "rollout_new_tokens"], "with --rollout_model "
+                             "'' (no rollout is measured); drop it")
     if cfg.quick:  # the tiny config, except for the fields given other values on the command line
         default = Config()
         untouched = {k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)}
@@ -1177,6 +1185,8 @@ def fsdp_bench(cfg):
     --model llava-7b`: bf16 compute, fp32 master weights and AdamW moments sharded 8 ways. --batch
     rows per process. No transformers comparison. Writes OUT/bench_fsdp.json."""
     d = common.setup_dist(cfg.device, fsdp=True)
+    if d.main:  # (before the steps: a 7B measurement was lost to an --out that is a file)
+        common.ensure_writable(cfg.out)
     bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"
     c = model_config(cfg)
     out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16,
@@ -1226,7 +1236,6 @@ def fsdp_bench(cfg):
                   f"{max(peaks) / 2**30:.2f} GiB per process", flush=True)
         model = opt = None  # free the first mode's shards before the next one
     if d.main:
-        common.ensure_writable(cfg.out)
         with open(os.path.join(cfg.out, "bench_fsdp.json"), "w") as f:
             json.dump(out, f, indent=1)
     common.cleanup_dist()

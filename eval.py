@@ -1146,6 +1146,13 @@ def main(cfg):
         raise common.ConfigError(f"--ckpt {cfg.ckpt} is not read with --compare (list every "
                                  "checkpoint in --compare)")
     ckpts = list(cfg.compare) or [cfg.ckpt]
+    seen = {}  # (a run folder and its newest checkpoint-N, or 'a/' and 'a': one model, two rows)
+    for c in ckpts if not cfg.rescore else []:
+        key = os.path.realpath(resolve_checkpoint(c)) if os.path.isdir(c) else c
+        if key in seen:
+            raise common.ConfigError(f"--compare: {seen[key]} and {c} are the same checkpoint "
+                                     f"({key}); give it once")
+        seen[key] = c
     # fail before any work on a checkpoint that cannot load
     for c in ckpts if not cfg.rescore else []:
         if not os.path.isdir(c):

@@ -1086,6 +1086,10 @@ def main(cfg):
         common.check_output_path(flag, path)
     common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)
     refuse_foreign_results(cfg.results)
+    for held, what in (("world.json", "a Shapes world"), ("config.json", "a checkpoint")):
+        if os.path.isfile(os.path.join(cfg.plots, held)):  # (its plots would be written into it)
+            raise common.ConfigError(f"--plots {cfg.plots}: holds {what} ({held}); choose a "
+                                     "folder of plots")
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
     if cfg.report_only and not any(os.path.exists(done) for _, _, done in

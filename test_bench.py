@@ -148,3 +148,13 @@ def test_a_failing_section_is_reported_and_the_run_exits_nonzero(tmp_path, monke
     assert r["ppo"] == {"error": "RuntimeError: boom"}
     assert "s" in r["dpo"] and "full" not in r["train"]
     assert "PPO iteration: failed: RuntimeError: boom" in (tmp_path / "bench.md").read_text()
+
+
+def test_fsdp_checks_its_out_before_the_sharded_steps(tmp_path):
+    # (it was checked after them: on a 7B model, the whole measurement was lost to a typo)
+    out = tmp_path / "b.log"
+    out.write_text("x")
+    code, stdout, err = run_cli("bench", ["--quick", "true", "--fsdp", "true", "--threads", "1",
+                                          "--out", str(out)])
+    assert code == 2 and "b.log" in err and "cannot be written" in err, err
+    assert "fsdp lora" not in stdout and "fsdp full" not in stdout, stdout

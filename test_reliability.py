@@ -539,6 +539,19 @@ BAD_INPUT = [
     C("eval", "benchmark", "--benchmarks naming an unknown benchmark",
       lambda w, t: ["--benchmarks", "vqa"],
       ("--benchmarks", "'vqa' is not one of pope, chair, mmhal, gavie, llava_bench")),
+    C("bench", "fsdp-out-is-file", "--fsdp true with an --out that is a file (checked after the "
+      "sharded steps: the measurement was lost)",
+      lambda w, t: ["--fsdp", "true", "--out", t.file("b.log", "x")],
+      ("b.log", "cannot be written")),
+    C("bench", "fsdp-lora-unread", "--fsdp true --train_modes full with --lora_r 8 (ignored)",
+      lambda w, t: ["--fsdp", "true", "--train_modes", "full", "--lora_r", "8"],
+      ("--lora_r 8: not read with --fsdp true and no lora",)),
+    C("bench", "fsdp-bf16-cpu", "--fsdp true --dtype bf16 on the CPU (fp32 ran)",
+      lambda w, t: ["--fsdp", "true", "--dtype", "bf16"],
+      ("--dtype bf16: not read with --fsdp true off the GPU",)),
+    C("bench", "rollout-unread", "--rollout_batch with --rollout_model '' (recorded, not run)",
+      lambda w, t: ["--rollout_model", "", "--rollout_batch", "8"],
+      ("--rollout_batch 8: not read with --rollout_model ''",)),
     C("bench", "new-tokens-1", "--new_tokens 1 (decode per step is the time past the first token)",
       lambda w, t: ["--new_tokens", "1"], ("--new_tokens 1", "[2, inf)")),
     C("eval", "flag-type", "float flag given a word",
@@ -1793,6 +1806,15 @@ BAD_INPUT += [
     C("pipeline", "eval-alone-steps", "--stages eval with --steps 5 (eval trains nothing)",
       lambda w, t: ["--stages", "eval", "--steps", "5"],
       ("--steps 5: not read with --stages eval alone",)),
+    C("eval", "compare-same-checkpoint", "--compare naming one checkpoint as its run folder and "
+      "as its checkpoint-N (one model evaluated twice, as two rows)",
+      lambda w, t: ["--ckpt", "ckpt/sft", "--compare", w.sft,  # (--ckpt: its default)
+                    __import__("checkpoint").resolve_checkpoint(w.sft)],
+      ("--compare", "are the same checkpoint", "give it once")),
+    C("lab", "plots-in-world", "--plots naming the world (lrv.png was written into it, and the "
+      "world then refused as holding a file of no world)",
+      lambda w, t: ["--plots", _world_copy(t, lambda d: None)],
+      ("--plots", "holds a Shapes world (world.json)")),
     C("lab", "results-not-a-report", "--results naming the world's world.json (replaced by the "
       "report, after every run)", lambda w, t: ["--results", _copy(
           os.path.join(w.world, "world.json"), t.root / "world.json"),
