@@ -1341,10 +1341,25 @@ def _check_stored_params(out_dir, params):
         value, (kinds, kind) = params[key], allowed[type(default)]
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise DataError(file, field=f"params.{key}", message=f"{value!r} is not {kind}")
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:  # (a misspelt edit, as neg_ration, was ignored without a word)
+        raise DataError(file, field=f"params.{unknown[0]}", message="not a world parameter")
     try:
         _params({k: params[k] for k in DEFAULTS})
     except ValueError as e:
         raise DataError(file, field="params", message=str(e)) from None
+    train = os.path.join(out_dir, "images", "train")
+    first = min(os.listdir(train)) if os.path.isdir(train) and os.listdir(train) else None
+    if first:  # (a fresh model takes its geometry from image_size: 96 px trained on 48 px images)
+        from PIL import Image
+        try:
+            with Image.open(os.path.join(train, first)) as im:
+                size = im.size
+        except OSError:
+            size = None  # (the stage reading it names it)
+        if size and size != (params["image_size"],) * 2:
+            raise DataError(file, field="params.image_size", message=f"{params['image_size']}, "
+                            f"but its images are {size[0]}x{size[1]} px ({first})")
 
 
 def ensure_world(out_dir="data/shapes", seed=0, **params):

@@ -749,6 +749,13 @@ BAD_INPUT += [
     C("sft", "world-json-edited", "a world.json whose params were edited out of range",
       lambda w, t: ["--world", _world_copy(t, _edit_world_param("yes_share", 1.5))],
       ("world.json", "field 'params'", "--yes_share 1.5: must be in [0, 1]")),
+    C("sft", "world-image-size-edited", "world.json image_size 96 over 48 px images (a 96 px "
+      "model trained on upscaled images)",
+      lambda w, t: ["--world", _world_copy(t, _edit_world_param("image_size", 96))],
+      ("world.json", "field 'params.image_size'", "96, but its images are 48x48 px")),
+    C("sft", "world-unknown-param", "world.json with a misspelt parameter (ignored)",
+      lambda w, t: ["--world", _world_copy(t, _edit_world_param("neg_ration", 0.1))],
+      ("world.json", "field 'params.neg_ration'", "not a world parameter")),
     *[C("sft", f"world-{field}-string", f"world.json whose {field} is the string \"{v}\" (the "
         "message said seed 0 is not seed 0)",
         lambda w, t, field=field, v=v: ["--world", _world_copy(t, _edit_world_top(field, v))],
