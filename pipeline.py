@@ -166,6 +166,14 @@ def refuse_rewritten_world(cfg):
                                  "(its world.json differs from the one recorded): run every "
                                  "stage again (--overwrite true), or pass the world it was "
                                  "trained on")
+    # another world folder, with other contents (a copy of the same world is the same world)
+    rc = common.recorded_run_config(ck) if ck else {}
+    now = common.world_digest(cfg.world)
+    if rc.get("world_digest") not in (None, now) and now is not None:
+        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} was trained on the "
+                                 f"world in {rc.get('world')}, not on --world {cfg.world} (their "
+                                 "world.json differ): pass the world it was trained on, or run "
+                                 "sft too")
 
 
 def stage_commands(cfg):

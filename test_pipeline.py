@@ -838,6 +838,25 @@ def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_s
         common.load_resume(str(out / "sft"), run)
 
 
+def test_later_stages_refuse_another_world_than_the_sfts(tmp_path, tiny_world, tiny_sft):
+    """--stages lrv,... on another --world folder than the SFT in --out learnt ran without a word
+    (only the same folder written again was refused); a copy of its world is the same world."""
+    import shutil
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_sft, out / "sft")
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(tiny_world, same)
+    shutil.copytree(tiny_world, other)
+    (other / "world.json").write_text((other / "world.json").read_text() + "\n")
+    import pipeline
+    pipeline.refuse_rewritten_world(pipeline.Config(out=str(out), world=str(same),
+                                                    stages=("lrv",)))
+    argv = ["--stages", "lrv", "--world", str(other), "--out", str(out)]
+    code, _, err = run_cli("pipeline", argv, strict=True)
+    assert code == 2 and f"was trained on the world in {tiny_world}, not on --world {other}" \
+        in err, err
+
+
 def test_resume_with_another_max_steps_says_the_schedule_stretches(tmp_path, tiny_sft, capsys):
     """--max_steps may change on --resume (to train on), but the cosine schedule is over it: the
     learning rate jumps at the resumed step and the run matches neither plan; it said nothing."""
