@@ -736,6 +736,16 @@ class Answerer:
                                               f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
                                               "the --ckpt and decoding flags of one")
             used = mine
+        elif used and src and used[0] != src:  # the only run: made with the settings given?
+            given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)]
+            settings = lambda source: re.match(r"(.*)@\d+ (.*)", source or "")
+            made, asked = settings(used[0]), settings(src)
+            if given and made and asked and made[2] != asked[2]:
+                flags = ", ".join("--" + f for f in given)
+                raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
+                                f"with other settings ({made[2]}) than the flags given ({flags}) "
+                                f"ask for ({asked[2]}): drop them, or answer with them first "
+                                "(without --rescore)")
         self.rescored_from.update(used)  # (scores.json names them beside --ckpt)
         return by_source[used[0]] if used else {}
 
@@ -1059,6 +1069,9 @@ def table(rows):
 
 # each benchmark's own files and scoring flags (unread when it is not in --benchmarks;
 # the answer lengths are left to scripts that pass one set for every run), and the judge's
+# what an answer's source records besides its checkpoint (eval.source, and the answer length)
+DECODING_FLAGS = ("template", "dtype", "device", "vision_tower", "temperature", "top_p", "seed",
+                  "max_new_tokens", "pope_max_new_tokens")
 BENCHMARK_FLAGS = {"pope": ("pope_files", "pope_labels", "pope_suffix"),
                    "chair": ("chair_instances", "chair_synonyms", "chair_captions",
                              "chair_counting", "chair_prompt"),

@@ -610,6 +610,23 @@ def test_answers_of_an_adapter_checkpoint_follow_its_base(env, capsys):
     assert capsys.readouterr().out.count("reused 0 answers") == 3
 
 
+def test_rescore_of_one_run_refuses_settings_it_was_not_made_with(env, capsys):
+    """With one run's answers stored, --rescore scored them whatever decoding flags were given:
+    greedy answers read as sampled ones (the flags pick a run only among several)."""
+    out = env["root"] / "one_run"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope")
+    greedy = run_cli(env, out, *args)["m0"]
+    assert run_cli(env, out, *args, "--rescore", "true")["m0"]["pope"] == greedy["pope"]
+    for flag, value in (("--temperature", "1.0"), ("--pope_max_new_tokens", "5"),
+                        ("--template", "llava_v1")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run_cli(env, out, *args, "--rescore", "true", flag, value)
+        err = capsys.readouterr().err
+        assert "--rescore: the stored pope_random answers were made with other settings" in err
+        assert "than the flags given (" in err and flag in err.split("given (")[1], err
+
+
 def test_rescore_reads_the_answers_of_one_run(env, capsys):
     """--rescore took the last line written per question from any source: two runs' answers in
     one file were scored as one."""
