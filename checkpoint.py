@@ -408,6 +408,11 @@ def _vision_fields_from_weights(src, path, tower):
                 vision_layers=layers, vision_heads=hidden // 64)
 
 
+def clip_alone(path):
+    return (f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or LLaVA directory "
+            "and this one as the vision tower")
+
+
 def detect_layout(path):
     """'factalign' | 'llava-hf' | 'llava' (original LLaVA / LLaVA-RLHF) | 'llama' | 'clip' | 'run'
     (a run dir)."""
@@ -663,8 +668,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             projector=projector, image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
             pad_token_id=pad), names=[("vision_select_layer", "mm_vision_select_layer")])
     elif layout == "clip":
-        raise CheckpointError(f"{path}: a CLIP checkpoint alone is not a LLaVA; pass a LLaMA or "
-                              "LLaVA directory and this one as the vision tower")
+        raise CheckpointError(clip_alone(path))
     else:  # unreachable: resolve_checkpoint handled run dirs
         raise CheckpointError(f"{path}: no checkpoint found")
     if layout != "factalign":  # (ours records the tie as resolved when first loaded)

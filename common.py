@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
-from checkpoint import (FORMAT_NAME, FORMAT_VERSION, detect_layout, is_peft_dir,
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, detect_layout, is_peft_dir,
                         latest_checkpoint, load_checkpoint, peft_base_dir, refuse_scalar_model,
                         resolve_checkpoint, save_checkpoint_files)
 from formats import DataError
@@ -1655,7 +1655,8 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
     if init:
         path = resolve_checkpoint(init)
         if not is_peft_dir(path):  # a config.json that cannot work is named before the tokenizer
-            detect_layout(path)  # (which reads it too, and would take the blame)
+            if detect_layout(path) == "clip":  # (which reads it too, and would take the blame)
+                raise CheckpointError(clip_alone(path))
         if policy:
             refuse_scalar_model(path)
         # a PEFT adapter is often saved without a tokenizer: its base's is the model's own
@@ -1665,14 +1666,13 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise ConfigError(f"{tokenizer_flag} {tokenizer_dir}: not read ({own} holds the "
                               "checkpoint's own tokenizer); drop it")
         tok_dir = own or tokenizer_dir
-        # the model first: transformers' tokenizer classes read config.json too, and a value
-        # there they refuse would be blamed on the tokenizer, without the field's value (and a
-        # folder that is no LLaVA, as a CLIP tower, is named as such, not for its tokenizer)
-        model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
-        if not tok_dir:
+        if not tok_dir:  # (before loading: a 7B model loaded for minutes to be refused)
             hint = f" (pass {tokenizer_flag} DIR: the world's default does not stand in)" \
                 if tokenizer_flag else ""
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
+        # the model first: transformers' tokenizer classes read config.json too, and a value
+        # there they refuse would be blamed on the tokenizer, without the field's value
+        model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
         tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:

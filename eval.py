@@ -736,16 +736,18 @@ class Answerer:
                                               f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
                                               "the --ckpt and decoding flags of one")
             used = mine
-        elif used and src and used[0] != src:  # the only run: made with the settings given?
-            given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)]
-            settings = lambda source: re.match(r"(.*)@\d+ (.*)", source or "")
-            made, asked = settings(used[0]), settings(src)
-            if given and made and asked and made[2] != asked[2]:
-                flags = ", ".join("--" + f for f in given)
+        elif used and src and used[0] != src:  # the only run: made as the flags given say?
+            made, asked = source_settings(used[0]), source_settings(src)
+            length = "pope_max_new_tokens" if bench.startswith("pope") else "max_new_tokens"
+            given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)
+                     and (not f.endswith("max_new_tokens") or f == length)]
+            key = lambda f: "max_new_tokens" if f == length else f
+            other = [f for f in given if made and made.get(key(f)) != asked.get(key(f))]
+            if other:
+                flags = ", ".join(f"--{f} {getattr(self.cfg, f)}" for f in other)
                 raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
-                                f"with other settings ({made[2]}) than the flags given ({flags}) "
-                                f"ask for ({asked[2]}): drop them, or answer with them first "
-                                "(without --rescore)")
+                                f"otherwise ({used[0].split(' ', 1)[-1]}) than {flags} asks: "
+                                "drop it, or answer with it first (without --rescore)")
         self.rescored_from.update(used)  # (scores.json names them beside --ckpt)
         return by_source[used[0]] if used else {}
 
@@ -822,6 +824,17 @@ def image_digest(path):
             return hashlib.sha1(f.read()).hexdigest()[:16]
     except OSError:
         return None
+
+
+def source_settings(source):
+    """{setting: value} of a source string (source() and the answer length); None: not one."""
+    m = re.match(r".*@\d+ (\S+) (\S+) (\S+)(.*)", source or "")
+    if not m:
+        return None
+    out = dict(template=m[1], dtype=m[2], device=m[3], temperature="0")  # (greedy: no sampling)
+    out.update(kv.split("=", 1) for kv in m[4].split() if "=" in kv)
+    out["seed"] = out.get("seed", "").removesuffix("/question") or None
+    return out
 
 
 def source(cfg, ckpt):
@@ -1067,11 +1080,14 @@ def table(rows):
     return "\n".join(md) + "\n", flat
 
 
+# what an answer's source records besides its checkpoint, its device and dtype (eval.source, and
+# the answer length): --rescore refuses one given that the one stored run was not made with
+# (--device and --dtype may be the local judge's, answers made on another machine)
+DECODING_FLAGS = ("template", "vision_tower", "temperature", "top_p", "seed", "max_new_tokens",
+                  "pope_max_new_tokens")
 # each benchmark's own files and scoring flags (unread when it is not in --benchmarks;
-# the answer lengths are left to scripts that pass one set for every run), and the judge's
-# what an answer's source records besides its checkpoint (eval.source, and the answer length)
-DECODING_FLAGS = ("template", "dtype", "device", "vision_tower", "temperature", "top_p", "seed",
-                  "max_new_tokens", "pope_max_new_tokens")
+# the answer lengths are left to scripts that pass one set for every run, as are --batch_size and
+# --max_len beside --rescore), and the judge's
 BENCHMARK_FLAGS = {"pope": ("pope_files", "pope_labels", "pope_suffix"),
                    "chair": ("chair_instances", "chair_synonyms", "chair_captions",
                              "chair_counting", "chair_prompt"),
@@ -1117,15 +1133,6 @@ def main(cfg):
         common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
     common.refuse_unread_shared(cfg)
-    if cfg.rescore:  # (stored answers are scored: nothing is generated)
-        common.refuse_unread(cfg, ["batch_size", "max_len"], "with --rescore true (nothing is "
-                             "generated); drop it")
-    if "pope" not in cfg.benchmarks:
-        common.refuse_unread(cfg, ["pope_max_new_tokens"], "without pope in --benchmarks; add it "
-                             "or drop the flag")
-    elif set(cfg.benchmarks) == {"pope"}:  # (it is the longest answer of the others)
-        common.refuse_unread(cfg, ["max_new_tokens"], "with pope alone in --benchmarks (its "
-                             "answers take --pope_max_new_tokens); drop it")
     if not cfg.rescore or cfg.judge == "local":  # (--rescore loads no model, but a local judge)
         common.check_device(cfg.device)
     if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):
@@ -1194,6 +1201,14 @@ def main(cfg):
     common.lock_out(cfg.out)
     bench = load_benchmarks(cfg)
     judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
+    # --compare: a checkpoint after the first that has no scores here yet loads once before any
+    # answers (one that fails to load was named after the others had answered: hours, on real
+    # benchmarks; one scored here before is most likely answered already, and not loaded)
+    for ckpt, name in list(zip(ckpts, run_names(ckpts)))[1:] if not cfg.rescore else []:
+        if not os.path.exists(os.path.join(cfg.out, name, "scores.json")):
+            Answerer(cfg, ckpt, name)._load()
+            if cfg.device == "cuda":
+                torch.cuda.empty_cache()
     for ckpt, name in zip(ckpts, run_names(ckpts)):
         t0 = time.time()
         rows[name] = evaluate(cfg, ckpt, name, bench, judges)

@@ -900,17 +900,18 @@ def generated_nothing(cfg):
 
 
 def refuse_unmeasured(cfg):
-    """--report_only: each claim and each seed asked has a finished run in --out (the SFT
-    baseline's eval, done for every seed, made a report of seeds or claims never run)."""
+    """--report_only: each claim and each seed given has a finished run in --out (the SFT
+    baseline's eval, done for every seed, made a report of seeds or claims never run). Left at
+    their defaults (every claim, seeds 0-4), they report what is there."""
     runs = plan(cfg)
     done = [name for name, (_, _, path) in runs.items() if os.path.exists(path)]
-    for claim in cfg.claims:
+    for claim in cfg.claims if cfg.claims != Config.claims else ():
         if not any(name.startswith(claim + "/") for name in done):
             raise common.ConfigError(f"--claims {claim}: no finished run of it in --out {cfg.out} "
                                      "to report; run it first, or leave it out of --claims")
     seed_of = lambda name: name.split("/")[1].rpartition("-s")[2]  # ('lrv/neg0.5-s3/eval': 3)
     seeded = [name for name in runs if not name.startswith("sft/")]
-    for seed in cfg.seeds:  # (a seed the plan gives runs: RLHF runs --rlhf_seeds of them)
+    for seed in cfg.seeds if cfg.seeds != Config.seeds else ():  # (RLHF: --rlhf_seeds of them)
         planned = any(seed_of(name) == str(seed) for name in seeded)
         if planned and not any(seed_of(name) == str(seed) for name in done if name in seeded):
             raise common.ConfigError(f"--seeds {seed}: no finished run of this seed in --out "
@@ -1090,6 +1091,9 @@ def main(cfg):
         if os.path.isfile(os.path.join(cfg.plots, held)):  # (its plots would be written into it)
             raise common.ConfigError(f"--plots {cfg.plots}: holds {what} ({held}); choose a "
                                      "folder of plots")
+    if os.path.isdir(cfg.plots) and latest_checkpoint(cfg.plots):
+        raise common.ConfigError(f"--plots {cfg.plots}: holds a training run (checkpoint-N); "
+                                 "choose a folder of plots")
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
     if cfg.report_only and not any(os.path.exists(done) for _, _, done in

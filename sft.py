@@ -52,7 +52,7 @@ class Config:
     out: str = "ckpt/sft"  # run directory: checkpoint-N/ subdirectories and metrics.jsonl
     init: str = ""  # checkpoint (ours, llava-hf, original LLaVA, LLaMA dir); empty: a fresh --model
     vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
-    tokenizer: str = "{world}/tokenizer"  # for a fresh --model (or an --init without one)
+    tokenizer: str = "{world}/tokenizer"  # for a fresh --model (given: an --init without one)
     model: str = "shapes"  # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
     data: str = "{world}/sft.json"  # FILE[:weight],FILE[:weight] (LLaVA instruct or LRV)
     image_folder: str = ""  # folder image paths are relative to (default: each data file's folder)

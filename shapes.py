@@ -1349,7 +1349,7 @@ def _check_stored_params(out_dir, params):
     except ValueError as e:
         raise DataError(file, field="params", message=str(e)) from None
     train = os.path.join(out_dir, "images", "train")
-    first = min(os.listdir(train)) if os.path.isdir(train) and os.listdir(train) else None
+    first = min(os.listdir(train), default=None) if os.path.isdir(train) else None
     if first:  # (a fresh model takes its geometry from image_size: 96 px trained on 48 px images)
         from PIL import Image
         try:

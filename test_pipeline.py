@@ -526,6 +526,9 @@ def test_lab_report_only_refuses_seeds_and_claims_never_run(tmp_path):
     # RLHF runs --rlhf_seeds of the seeds: a seed it does not run is not asked of it
     lab.main(lab.replace(cfg, report_only=True, claims=("rlhf",), rlhf_seeds=1))
     assert os.path.exists(cfg.results)
+    # left at their defaults (every claim, seeds 0-4: the docstring's `--claims lrv povid --seeds
+    # 0 1 2`, then `--report_only true`), they report what is there
+    lab.main(lab.replace(cfg, report_only=True, claims=lab.Config.claims, seeds=lab.Config.seeds))
 
 
 def test_lab_replaces_a_report_or_an_empty_file_only(tmp_path):

@@ -167,6 +167,11 @@ def _run_on_changed_sft_json(w, t):
     return [*SFT_RESUME, "--max_steps", "3"]
 
 
+def _copy_tree(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
 def _copy(src, dst):
     shutil.copy(src, dst)
     return str(dst)
@@ -757,7 +762,7 @@ BAD_INPUT += [
       lambda w, t: ["--world", _world_copy(t, _edit_world_param("neg_ration", 0.1))],
       ("world.json", "field 'params.neg_ration'", "not a world parameter")),
     *[C("sft", f"world-{field}-string", f"world.json whose {field} is the string \"{v}\" (the "
-        "message said seed 0 is not seed 0)",
+        f"message said {field} {v} is not {field} {v})",
         lambda w, t, field=field, v=v: ["--world", _world_copy(t, _edit_world_top(field, v))],
         ("world.json", f"field '{field}'", f"expected an integer, got '{v}'"))
       for field, v in (("seed", "0"), ("version", "14"))],
@@ -1164,15 +1169,6 @@ BAD_INPUT += [
     C("eval", "labels-with-labelled-files", "--pope_labels beside --pope_files that carry their "
       "labels", lambda w, t: _pope(t) + ["--pope_labels", t.file("coco_pope_random.json", [])],
       ("--pope_labels", "not read", "carries its own labels")),
-    C("eval", "pope-tokens-without-pope", "--pope_max_new_tokens without pope in --benchmarks",
-      lambda w, t: ["--benchmarks", "chair", "--pope_max_new_tokens", "8"],
-      ("--pope_max_new_tokens 8", "not read without pope")),
-    C("eval", "max-new-tokens-pope-alone", "--max_new_tokens with pope alone (POPE answers take "
-      "--pope_max_new_tokens)", lambda w, t: ["--max_new_tokens", "8"],
-      ("--max_new_tokens 8", "pope alone", "--pope_max_new_tokens")),
-    *[C("eval", f"rescore-{flag}", f"--{flag} with --rescore true (nothing is generated)",
-        lambda w, t, flag=flag: ["--rescore", "true", f"--{flag}", "7"],
-        (f"--{flag} 7", "not read with --rescore true")) for flag in ("batch_size", "max_len")],
     C("sft", "read-data-no-step", "--read_data that is not there, with a --max_steps that leaves "
       "stage 2 no step (a trial run did not check it; stage 1's file it did)",
       lambda w, t: ["--max_steps", "2", "--read_data", str(t.root / "nowhere.json")],
@@ -1822,6 +1818,9 @@ BAD_INPUT += [
       "world then refused as holding a file of no world)",
       lambda w, t: ["--plots", _world_copy(t, lambda d: None)],
       ("--plots", "holds a Shapes world (world.json)")),
+    C("lab", "plots-in-run", "--plots naming a training run's folder",
+      lambda w, t: ["--plots", _copy_tree(w.sft, t.root / "run")],
+      ("--plots", "holds a training run")),
     C("lab", "results-not-a-report", "--results naming the world's world.json (replaced by the "
       "report, after every run)", lambda w, t: ["--results", _copy(
           os.path.join(w.world, "world.json"), t.root / "world.json"),
@@ -2137,7 +2136,8 @@ def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
 def test_eval_of_a_checkpoint_that_fails_to_load_leaves_nothing_behind(w, tmp_path):
     """The checkpoint loads once its first question needs an answer: a new --out (and the run's
     folder in it) made by then is removed again, and an --out that was there keeps nothing. With
-    --compare a truncated weight file is named before any other checkpoint answers."""
+    --compare a checkpoint that fails to load (truncated; NaN weights) is named before any other
+    answers."""
     from checkpoint import resolve_checkpoint
     t = T(w, tmp_path)
     nan, cut = t.ckpt("nan", _nan_weights), t.ckpt("cut", _truncate)
@@ -2149,9 +2149,10 @@ def test_eval_of_a_checkpoint_that_fails_to_load_leaves_nothing_behind(w, tmp_pa
         assert code == 2 and "nan/model.safetensors" in err and "NaN" in err, err
     assert not (tmp_path / "e").exists() and list(kept.iterdir()) == []
     good = resolve_checkpoint(w.sft)
-    code, _, err = run_cli("eval", pope + ["--compare", good, cut, "--out", str(kept)])
-    assert code == 2 and "cut/model.safetensors" in err, err
-    assert list(kept.iterdir()) == []  # (the good one answered nothing)
+    for broken, want in ((cut, "cut/model.safetensors"), (nan, "holds NaN")):
+        code, _, err = run_cli("eval", pope + ["--compare", good, broken, "--out", str(kept)])
+        assert code == 2 and want in err, err
+        assert list(kept.iterdir()) == []  # (the good one answered nothing)
 
 
 def test_eval_checks_only_the_answer_lengths_it_reads(w, tmp_path):

@@ -78,7 +78,7 @@ class Config:
     init: str = "ckpt/sft"  # checkpoint (ours, llava-hf, original LLaVA); empty: a fresh --model
     vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
     model: str = "shapes"  # preset for a fresh model when --init is empty (tests: tiny)
-    tokenizer: str = "{world}/tokenizer"  # for a fresh --model (or an --init without one)
+    tokenizer: str = "{world}/tokenizer"  # for a fresh --model (given: an --init without one)
     data: str = "{world}/sft.json"  # FILE[:conv|desc|comp],... (LLaVA instruct or LRV)
     instructions: str = "{world}/vigc_instructions.json"  # VIG {type: [phrasings]} (empty: ours)
     image_folder: str = ""  # base of --data image paths (default: each file's folder)
