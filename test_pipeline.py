@@ -677,7 +677,10 @@ def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatc
     import time
     import pipeline
     slow = tmp_path / "slow.py"
-    slow.write_text("import sys, time\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    # (Ctrl-C's handler set: a shell's background job, as `bash .ci/run &`, starts it ignored)
+    slow.write_text("import signal, sys, time\nsignal.signal(signal.SIGINT, "
+                    "signal.default_int_handler)\nopen(sys.argv[1], 'w').close()\n"
+                    "time.sleep(60)\n")
     commands = {n: [str(slow), str(tmp_path / f"{n}.started")] for n in ("a", "b")}
     times = {}
     lane = threading.Thread(target=pipeline.run_lane, args=(("a", "b"), commands, "/", None,
