@@ -755,9 +755,12 @@ _made_out = []  # folders make_dirs made (deepest last): release_locks removes t
 def make_dirs(path):
     """os.makedirs(path, exist_ok=True), noting the folders it made: a run refused later (a
     checkpoint that fails to load) leaves none of them behind, empty."""
-    made, parent = [], os.path.abspath(path)
+    # (walked as given: makedirs of 'a/new/../run' makes 'a/new' too; each is noted by its
+    # normalized name, and 'a/new/..' (which is 'a', there before) is not)
+    made, parent = [], os.path.join(os.getcwd(), path)
     while not os.path.exists(parent):
-        made.insert(0, parent)
+        if os.path.basename(parent) not in ("..", "."):
+            made.insert(0, os.path.normpath(parent))
         parent = os.path.dirname(parent)
     os.makedirs(path, exist_ok=True)
     _made_out.extend(made)

@@ -169,7 +169,10 @@ def refuse_rewritten_world(cfg):
     # another world folder, with other contents (a copy of the same world is the same world)
     rc = common.recorded_run_config(ck) if ck else {}
     now = common.world_digest(cfg.world)
-    if rc.get("world_digest") not in (None, now) and now is not None:
+    elsewhere = isinstance(rc.get("world"), str) and \
+        os.path.realpath(rc["world"]) != os.path.realpath(cfg.world)
+    # (a world not written yet: the same folder is written again as it was; another, a typo)
+    if rc.get("world_digest") not in (None, now) and (now is not None or elsewhere):
         raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} was trained on the "
                                  f"world in {rc.get('world')}, not on --world {cfg.world} (their "
                                  "world.json differ): pass the world it was trained on, or run "

@@ -1355,7 +1355,7 @@ def _check_stored_params(out_dir, params):
         try:
             with Image.open(os.path.join(train, first)) as im:
                 size = im.size
-        except OSError:
+        except (OSError, ValueError, Image.DecompressionBombError):
             size = None  # (the stage reading it names it)
         if size and size != (params["image_size"],) * 2:
             raise DataError(file, field="params.image_size", message=f"{params['image_size']}, "

@@ -861,6 +861,10 @@ def test_later_stages_refuse_another_world_than_the_sfts(tmp_path, tiny_world, t
     code, _, err = run_cli("pipeline", argv, strict=True)
     assert code == 2 and f"was trained on the world in {tiny_world}, not on --world {other}" \
         in err, err
+    typo = tmp_path / "typo"  # (not written yet: it would be written, and trained on)
+    code, _, err = run_cli("pipeline", ["--stages", "lrv", "--world", str(typo), "--out",
+                                        str(out)], strict=True)
+    assert code == 2 and f"not on --world {typo}" in err and not typo.exists(), err
 
 
 def test_resume_with_another_max_steps_says_the_schedule_stretches(tmp_path, tiny_sft, capsys):

@@ -2120,7 +2120,8 @@ def test_a_refused_run_leaves_no_folder_and_no_lock_behind(w, tmp_path):
     kept.mkdir()
     for script in ("sft", "reward", "ppo", "dpo", "vigc"):
         made = tmp_path / script / "a" / "b"
-        for out in (made, kept):
+        # (walked through a folder it makes: 'x/../b' made 'x' and left it)
+        for out in (made, kept, tmp_path / script / "x" / ".." / "b"):
             code, _, err = run_cli(script, base_args(script, w, out) + ["--data", str(bad)])
             assert code == 2 and "bad.json: record 0" in err, (script, err)
         assert not (tmp_path / script).exists(), script
