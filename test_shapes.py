@@ -935,3 +935,13 @@ def test_a_small_worlds_share_off_by_chance_is_not_called_out_of_reach(tmp_path,
     read = json.load(open(tmp_path / "w" / "world.json"))["stats"]["read_flaws"]
     assert abs(shapes.asker_yes_share(read) - 0.6) > 0.03  # (the chance miss this is about)
     assert "out of reach" not in out, out
+
+
+def test_world_image_size_check_survives_a_decompression_bomb(tiny_world, tmp_path):
+    # (PIL refuses the image with its own error, not an OSError: a traceback from the check)
+    import shutil
+    from PIL import Image
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    Image.new("1", (13500, 13500)).save(world / "images" / "train" / "0.png")
+    assert shapes.ensure_world(str(world)) == str(world)  # (the stage reading it names it)
