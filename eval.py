@@ -730,7 +730,13 @@ class Answerer:
         one this --ckpt wrote."""
         used = [s for s, lines in by_source.items() if lines]
         if len(used) > 1:
-            mine = [s for s in used if s == src] or [s for s in used if self.wrote(s)]
+            # (the same settings, where the files' time moved (a copy) or the device differs)
+            settings = lambda s: source_settings(s) or {}
+            alike = lambda s: src and all(settings(s).get(k) == settings(src).get(k)
+                                          for k in SETTINGS)
+            mine = [s for s in used if s == src] or \
+                [s for s in used if self.wrote(s) and alike(s)] or \
+                [s for s in used if self.wrote(s)]
             if len(mine) != 1:
                 raise DataError(path, message=f"--rescore: {bench} answers of {len(used)} runs "
                                               f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
@@ -1085,6 +1091,7 @@ def table(rows):
 # (--device and --dtype may be the local judge's, answers made on another machine)
 DECODING_FLAGS = ("template", "vision_tower", "temperature", "top_p", "seed", "max_new_tokens",
                   "pope_max_new_tokens")
+SETTINGS = ("template", "vision_tower", "temperature", "top_p", "seed", "max_new_tokens")
 # each benchmark's own files and scoring flags (unread when it is not in --benchmarks;
 # the answer lengths are left to scripts that pass one set for every run, as are --batch_size and
 # --max_len beside --rescore), and the judge's

@@ -4,6 +4,7 @@ compare, bad input) on the tiny world of conftest.py."""
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -626,6 +627,13 @@ def test_rescore_reads_the_answers_of_one_run(env, capsys):
     again = run_cli(env, out, *args, "--rescore", "true")["m0"]  # these flags' answers
     assert again["pope"] == greedy["pope"] and len(again["answers_from"]) == 1
     assert "greedy" in again["answers_from"][0]
+    again = run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0", "--limit", "2")
+    assert again["m0"]["pope"] == sampled["pope"]
+    # the checkpoint's files newer than both runs (a copy) and made on a GPU: the run of these
+    # settings still counts (both were refused as 'answers of 2 runs')
+    path = out / "m0" / "answers_pope_random.jsonl"
+    text = re.sub(r"@\d+ vicuna_v1 fp32 cpu ", "@1 vicuna_v1 bf16 cuda ", path.read_text())
+    path.write_text(text)
     again = run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0", "--limit", "2")
     assert again["m0"]["pope"] == sampled["pope"]
     # a --ckpt that is gone: which run's answers count cannot be told
