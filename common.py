@@ -1363,6 +1363,20 @@ def rank_chunks(n, batch_size, d):
     return chunks
 
 
+def recorded_init(run):
+    """The --init a training run recorded in its run.json (None: not recorded)."""
+    path = os.path.join(run, RUN_FILE)
+    try:
+        with open(path) as f:
+            init = json.load(f).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if init is not None and not isinstance(init, str):  # (a hand edit: a TypeError where read)
+        raise ConfigError(f"{path}: field 'init': expected the path of the checkpoint the run "
+                          "started from")
+    return init
+
+
 def trained_base(resume_path, init):
     """The checkpoint --init stands for in this run: on --resume, the base the run's adapters were
     trained on (the resumed checkpoint's 'base'; a full model: the --init run.json recorded), not
@@ -1373,15 +1387,7 @@ def trained_base(resume_path, init):
         return now
     was = recorded_base(resume_path)
     if was is None:  # a full model: the --init its run started from (run.json; older runs: none)
-        run_file = os.path.join(os.path.dirname(resume_path), RUN_FILE)
-        try:
-            with open(run_file) as f:
-                was = json.load(f).get("init")
-        except (OSError, ValueError, AttributeError):
-            was = None
-        if was is not None and not isinstance(was, str):
-            raise ConfigError(f"{run_file}: field 'init': expected the path of the checkpoint the "
-                              "run started from")
+        was = recorded_init(os.path.dirname(resume_path))
     if not was:
         return now
     if os.path.realpath(was) != os.path.realpath(now):

@@ -332,6 +332,17 @@ def refuse_foreign_results(path):
                                  f"line is not {TITLE!r}); choose another file, or remove it")
 
 
+def refuse_foreign_plots(folder):
+    """--plots: not a world, a checkpoint or a training run (its plots were written into it)."""
+    for held, what in (("world.json", "a Shapes world"), ("config.json", "a checkpoint")):
+        if os.path.isfile(os.path.join(folder, held)):
+            raise common.ConfigError(f"--plots {folder}: holds {what} ({held}); choose a folder "
+                                     "of plots")
+    if os.path.isdir(folder) and latest_checkpoint(folder):
+        raise common.ConfigError(f"--plots {folder}: holds a training run (checkpoint-N); choose "
+                                 "a folder of plots")
+
+
 # ----------------------------------------------------------------------------- reading results
 def load(path):
     try:
@@ -1087,13 +1098,7 @@ def main(cfg):
         common.check_output_path(flag, path)
     common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)
     refuse_foreign_results(cfg.results)
-    for held, what in (("world.json", "a Shapes world"), ("config.json", "a checkpoint")):
-        if os.path.isfile(os.path.join(cfg.plots, held)):  # (its plots would be written into it)
-            raise common.ConfigError(f"--plots {cfg.plots}: holds {what} ({held}); choose a "
-                                     "folder of plots")
-    if os.path.isdir(cfg.plots) and latest_checkpoint(cfg.plots):
-        raise common.ConfigError(f"--plots {cfg.plots}: holds a training run (checkpoint-N); "
-                                 "choose a folder of plots")
+    refuse_foreign_plots(cfg.plots)
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
     if cfg.report_only and not any(os.path.exists(done) for _, _, done in

@@ -11,7 +11,6 @@ output. After SFT, the two independent lanes (LRV -> reward model -> PPO, and DP
 by side, one thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of
 one with two.
 """
-import json
 import os
 import signal
 import subprocess
@@ -97,7 +96,7 @@ def refuse_stale_models(cfg, models):
         # checkpoint can be older than the model (one pipeline replaced the SFT while another's
         # later stages still trained on the first). By name (checkpoint-N): a ckpt/ tree moved
         # elsewhere keeps working; a replacing run of as many steps is left to the time check
-        init = recorded_init(m) if m_time is not None and sft_now else None
+        init = common.recorded_init(m) if m_time is not None and sft_now else None
         other = init is not None and os.path.basename(os.path.normpath(init)) != \
             os.path.basename(sft_now)
         if other or (sft_time is not None and m_time is not None and m_time < sft_time):
@@ -107,20 +106,6 @@ def refuse_stale_models(cfg, models):
                                      "run since replaced or extended: run --stages "
                                      f"{','.join(later)},eval again (or the stages of the models "
                                      "you compare)")
-
-
-def recorded_init(run):
-    """The --init a training run recorded in its run.json (None: not recorded)."""
-    path = os.path.join(run, common.RUN_FILE)
-    try:
-        with open(path) as f:
-            init = json.load(f).get("init")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if init is not None and not isinstance(init, str):  # (a hand edit: a TypeError below)
-        raise common.ConfigError(f"{path}: field 'init': expected the path of the checkpoint the "
-                                 "run started from")
-    return init
 
 
 def has_checkpoint(run):
