@@ -729,10 +729,10 @@ class Answerer:
         written winning): the only one; of several, the one these flags would write, else the
         one this --ckpt wrote."""
         used = [s for s, lines in by_source.items() if lines]
+        asked = source_settings(src) or {}  # (these flags' settings)
         if len(used) > 1:
             # (the same settings, where the files' time moved (a copy) or the device differs)
-            settings = lambda s: source_settings(s) or {}
-            alike = lambda s: src and all(settings(s).get(k) == settings(src).get(k)
+            alike = lambda s: src and all((source_settings(s) or {}).get(k) == asked.get(k)
                                           for k in SETTINGS)
             mine = [s for s in used if s == src] or \
                 [s for s in used if self.wrote(s) and alike(s)] or \
@@ -743,7 +743,7 @@ class Answerer:
                                               "the --ckpt and decoding flags of one")
             used = mine
         elif used and src and used[0] != src:  # the only run: made as the flags given say?
-            made, asked = source_settings(used[0]), source_settings(src)
+            made = source_settings(used[0])
             length = "pope_max_new_tokens" if bench.startswith("pope") else "max_new_tokens"
             given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)
                      and (not f.endswith("max_new_tokens") or f == length)]
