@@ -202,15 +202,46 @@ def load_tokenizer(path):
     except Exception as e:
         if not os.path.exists(path):  # (transformers calls it an invalid hub repo id)
             raise DataError(path, message="tokenizer directory not found") from None
-        first_line = str(e).splitlines()[0] if str(e) else ''
-        why = f"{type(e).__name__}: {first_line}"
-        raise DataError(path, message=f"cannot load a tokenizer from this directory ({why})")
+        raise tokenizer_fault(path, e) from None
     if tok.eos_token_id is None:  # (answers end with it: training learns it, decoding stops at it)
         raise DataError(path, message="the tokenizer has no eos token (is tokenizer_config.json "
                                       "missing, or without 'eos_token'?)")
     if tok.pad_token_id is None:  # LLaVA pads with <unk> when the tokenizer has no pad token
         tok.pad_token = tok.unk_token if tok.unk_token_id is not None else tok.eos_token
     return tok
+
+
+# the JSON files transformers reads from a tokenizer folder (tokenizer.json last: the model)
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.json")
+
+
+def tokenizer_fault(path, error):
+    """What is wrong with a tokenizer folder that will not load, naming the file and field where
+    they can be told (a file that is not JSON, or not an object; tokenizer.json's 'model' and
+    'added_tokens'), else the folder and transformers' first line."""
+    from formats import JSON_NAMES
+    spec = None
+    for name in TOKENIZER_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            spec = load_json(file)  # (a DataError naming the file, line and column)
+            if not isinstance(spec, dict):
+                got = JSON_NAMES.get(type(spec).__name__, type(spec).__name__)
+                return DataError(file, message=f"expected a JSON object, got {got}")
+    for field, kind in (("model", dict), ("added_tokens", list)) if spec is not None else ():
+        if field not in spec:
+            return DataError(file, None, field, "missing")
+        if not isinstance(spec[field], kind):
+            got = JSON_NAMES.get(type(spec[field]).__name__, type(spec[field]).__name__)
+            return DataError(file, None, field, f"expected {JSON_NAMES[kind.__name__]}, got {got}")
+    first_line = str(error).splitlines()[0] if str(error) else ''
+    if spec is not None and re.search(r" at line \d+ column \d+$", first_line):  # (serde's, on
+        # tokenizer.json: a field of the wrong kind deeper down)
+        return DataError(file, message=f"not a tokenizer the tokenizers library reads "
+                                       f"({first_line})")
+    why = f"{type(error).__name__}: {first_line}"
+    return DataError(path, message=f"cannot load a tokenizer from this directory ({why})")
 
 
 # ----------------------------------------------------------------------------------------

@@ -743,6 +743,14 @@ class Answerer:
                                               "the --ckpt and decoding flags of one")
             used = mine
         elif used and src and used[0] != src:  # the only run: made as the flags given say?
+            made_by, own = source_path(used[0]), source_path(src)
+            # (another checkpoint's answers under this one's name; a moved tree's old path is gone)
+            if made_by and os.path.isdir(made_by) and \
+                    os.path.realpath(made_by) != os.path.realpath(own):
+                raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
+                                f"by another checkpoint ({made_by}, still there) than --ckpt "
+                                f"{self.ckpt} ({own}): answer with this one first (without "
+                                "--rescore)")
             made = source_settings(used[0])
             length = "pope_max_new_tokens" if bench.startswith("pope") else "max_new_tokens"
             given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)
@@ -760,9 +768,9 @@ class Answerer:
     def wrote(self, source):
         """Whether a source string (answers' 'source') is this --ckpt's: its path is --ckpt or
         a checkpoint-N inside it."""
-        path = re.match(r"(.*)@\d+ ", source or "")
+        path = source_path(source)
         own = os.path.abspath(self.ckpt)
-        return bool(path) and (path[1] == own or path[1].startswith(own + os.sep))
+        return bool(path) and (path == own or path.startswith(own + os.sep))
 
     def llava_answers(self, qs):
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
@@ -830,6 +838,12 @@ def image_digest(path):
             return hashlib.sha1(f.read()).hexdigest()[:16]
     except OSError:
         return None
+
+
+def source_path(source):
+    """The checkpoint folder of a source string (source()); None: not one."""
+    m = re.match(r"(.*)@\d+ ", source or "")
+    return m and m[1]
 
 
 def source_settings(source):

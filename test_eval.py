@@ -616,6 +616,35 @@ def test_rescore_of_one_run_refuses_settings_it_was_not_made_with(env, capsys):
     assert run_cli(env, out, *args, "--rescore", "true", "--pope_max_new_tokens", "3")["m0"]
 
 
+def test_rescore_of_one_run_refuses_another_checkpoints_answers(env, capsys):
+    """With one run's answers stored, --rescore scored them under --ckpt whoever made them:
+    x/m0's answers (another checkpoint, the same folder name) as m0's scores. A moved tree, whose
+    recorded path is gone, still counts."""
+    import shutil
+    other = env["root"] / "x" / "m0"
+    shutil.copytree(env["ckpts"][0], other)
+    out = env["root"] / "other_ckpt"
+    made = run_cli(env, out, "--ckpt", str(other), "--benchmarks", "pope")["m0"]
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--rescore", "true")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(env, out, *args)
+    err = capsys.readouterr().err
+    assert "answers were made by another checkpoint (" + str(other) + ", still there)" in err, err
+    shutil.rmtree(other)  # (moved away: its answers are the ones --ckpt scores)
+    assert run_cli(env, out, *args)["m0"]["pope"] == made["pope"]
+    # a run folder trained on since: its older checkpoint made them
+    run = env["root"] / "trained_on"
+    shutil.copytree(os.path.dirname(env["ckpts"][1] + "/checkpoint-000001/"), run / "checkpoint-1")
+    args = ("--ckpt", str(run), "--benchmarks", "pope")
+    run_cli(env, out, *args)
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(env, out, *args, "--rescore", "true")
+    assert f"by another checkpoint ({run / 'checkpoint-1'}, still" in capsys.readouterr().err
+
+
 def test_rescore_reads_the_answers_of_one_run(env, capsys):
     """--rescore took the last line written per question from any source: two runs' answers in
     one file were scored as one."""

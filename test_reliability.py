@@ -1572,6 +1572,17 @@ BAD_INPUT += [
 ]
 
 
+def _edit_tokenizer(folder, drop=None, model_type=None):
+    """A checkpoint's tokenizer.json with a top-level field dropped or its model's type renamed."""
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    if drop:
+        del spec[drop]
+    if model_type:
+        spec["model"]["type"] = model_type
+    path.write_text(json.dumps(spec))
+
+
 def _retrained(d):
     """A checkpoint copy whose weights changed in place (a rerun of its stage under the same
     path)."""
@@ -1660,6 +1671,19 @@ BAD_INPUT += [
     C("eval", "ckpt-tokenizer-without-config", "--ckpt whose tokenizer_config.json is gone",
       lambda w, t: ["--ckpt", t.ckpt("notok", lambda d: (d / "tokenizer_config.json").unlink())],
       ("notok", "no eos token", "tokenizer_config.json")),
+    C("eval", "ckpt-tokenizer-json-field-missing", "--ckpt whose tokenizer.json lacks "
+      "'added_tokens' (transformers' KeyError was the line)",
+      lambda w, t: ["--ckpt", t.ckpt("tokfield",
+                                     lambda d: _edit_tokenizer(d, drop="added_tokens"))],
+      ("tokfield/tokenizer.json", "field 'added_tokens'", "missing")),
+    C("eval", "ckpt-tokenizer-json-cut", "--ckpt whose tokenizer.json is cut short",
+      lambda w, t: ["--ckpt", t.ckpt("tokcut", lambda d: (d / "tokenizer.json").write_text(
+          (d / "tokenizer.json").read_text()[:200]))],
+      ("tokcut/tokenizer.json", "invalid JSON at line")),
+    C("eval", "ckpt-tokenizer-json-model-kind", "--ckpt whose tokenizer.json names an unknown "
+      "model type",
+      lambda w, t: ["--ckpt", t.ckpt("tokmodel", lambda d: _edit_tokenizer(d, model_type="Nope"))],
+      ("tokmodel/tokenizer.json", "not a tokenizer the tokenizers library reads")),
     C("eval", "pope-category-not-a-name", "a POPE line whose category is a list",
       lambda w, t: _pope(t, category=["x"]),
       ("pope.jsonl", "record 0", "field 'category'", "expected a split name")),
