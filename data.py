@@ -221,20 +221,22 @@ def tokenizer_fault(path, error):
     they can be told (a file that is not JSON, or not an object; tokenizer.json's 'model' and
     'added_tokens'), else the folder and transformers' first line."""
     from formats import JSON_NAMES
-    spec = None
+    kind_of = lambda x: JSON_NAMES.get(type(x).__name__, type(x).__name__)
+    spec = None  # tokenizer.json's
     for name in TOKENIZER_FILES:
         file = os.path.join(path, name)
         if os.path.isfile(file):
             spec = load_json(file)  # (a DataError naming the file, line and column)
             if not isinstance(spec, dict):
-                got = JSON_NAMES.get(type(spec).__name__, type(spec).__name__)
-                return DataError(file, message=f"expected a JSON object, got {got}")
+                return DataError(file, message=f"expected a JSON object, got {kind_of(spec)}")
+    file = os.path.join(path, "tokenizer.json")
+    spec = spec if os.path.isfile(file) else None
     for field, kind in (("model", dict), ("added_tokens", list)) if spec is not None else ():
         if field not in spec:
             return DataError(file, None, field, "missing")
         if not isinstance(spec[field], kind):
-            got = JSON_NAMES.get(type(spec[field]).__name__, type(spec[field]).__name__)
-            return DataError(file, None, field, f"expected {JSON_NAMES[kind.__name__]}, got {got}")
+            return DataError(file, None, field,
+                             f"expected {JSON_NAMES[kind.__name__]}, got {kind_of(spec[field])}")
     first_line = str(error).splitlines()[0] if str(error) else ''
     if spec is not None and re.search(r" at line \d+ column \d+$", first_line):  # (serde's, on
         # tokenizer.json: a field of the wrong kind deeper down)

@@ -65,6 +65,16 @@ def llava_reference_preprocess(tok, turns, legacy):
     return ids, target
 
 
+def test_a_tokenizer_folder_without_tokenizer_json_is_named_as_the_folder(tiny_world, tmp_path):
+    """tokenizer.json's field checks read another file's fields where the folder had none
+    ("tokenizer.json: field 'model': missing" for a folder of tokenizer_config.json alone)."""
+    import shutil
+    shutil.copy(os.path.join(tiny_world, "tokenizer", "tokenizer_config.json"), tmp_path)
+    with pytest.raises(data.DataError) as e:
+        data.load_tokenizer(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path}: cannot load a tokenizer from this directory")
+
+
 def test_labels_match_llava_preprocess(tiny_world):
     tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     legacy = len(tok("USER: x").input_ids) == len(tok("</s>USER: x").input_ids) - 1
