@@ -40,7 +40,10 @@ Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in REA
   (reward.py --prompt_space true: '</s> USER: Please evaluate...' as its reward prompt file is
                             joined; PPO reads the RM's setting from its checkpoint)
   --correct_rule prefix     the Yes/No bonus tests startswith('No'), so 'None ...' earns it;
-  --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off.
+  --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off;
+  --loss_divisor columns    its losses are means over every response column (sequences x 896),
+                            ours sums / real response tokens: its gradients are smaller by
+                            their ratio, which moves where --grad_clip 1.0 bites.
 Not offered: LLaVA-RLHF whitens the advantages over every response column, the padding after EOS
 included, and trains the value head there too (its masks cover the whole response length). Ours
 whitens and trains on real response tokens only (EOS included): padding is no decision the policy
@@ -111,6 +114,9 @@ class Config:
     clip: float = 0.2  # policy ratio clip
     vf_clip: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 0.1  # value loss coefficient
+    # losses summed / 'tokens': real response tokens of the minibatch; 'columns': its sequences x
+    # --max_new_tokens (LLaVA-RLHF's mean over every response column, padding included)
+    loss_divisor: str = "tokens"
     reward_scale: float = 1.0  # shaped rewards x this before GAE (LLaVA-RLHF, no whitening: 10)
     # bonus (correctness()): right letter (caption types 2-5) 1; type 6: 'No' +0.5, 'Yes' -0.5
     correctness: float = 2.0  # x bonus: right letter 1; type 6 No .5, Yes -.5 (LLaVA-RLHF: 2)
@@ -142,7 +148,8 @@ class Config:
                   weight_decay="[0, inf)", grad_clip="[0, inf)", kl_coef="[0, inf)",
                   kl_estimator=("k1", "k3"), target_kl="[0, inf)", kl_horizon="[1, inf)",
                   gamma="[0, 1]", lam="[0, 1]", clip="(0, inf)", vf_clip="(0, inf)",
-                  vf_coef="[0, inf)", reward_scale="(0, inf)", correctness="(-inf, inf)",
+                  vf_coef="[0, inf)", loss_divisor=("tokens", "columns"),
+                  reward_scale="(0, inf)", correctness="(-inf, inf)",
                   length_penalty="(-inf, inf)", no_eos_penalty="(-inf, inf)",
                   rm_input=("text", "tokens"), correct_rule=("word", "prefix"),
                   max_steps="[1, inf)", log_every="[1, inf)", oracle_every="[0, inf)",
@@ -255,24 +262,24 @@ def whiten(x, mask, d, eps=1e-8):
     return (x - xs.mean()) / (xs.std(unbiased=False) + eps) * mask
 
 
-def policy_loss(logp, old_logp, adv, mask, clip, n_tokens):
+def policy_loss(logp, old_logp, adv, mask, clip, n_tokens, divisor=None):
     """PPO clipped surrogate (Schulman et al. 2017, Eq. 7), summed over tokens / tokens in the
-    global minibatch."""
+    global minibatch (or / divisor: --loss_divisor columns); the stats per token."""
     ratio = torch.exp(logp - old_logp)
     pg1, pg2 = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = (torch.maximum(pg1, pg2) * mask).sum() / n_tokens
+    loss = (torch.maximum(pg1, pg2) * mask).sum() / (n_tokens if divisor is None else divisor)
     stats = {"clipfrac": ((pg2 > pg1).float() * mask).sum() / n_tokens,
              # LLaVA-RLHF's approxkl
              "approx_kl": (0.5 * (logp - old_logp) ** 2 * mask).sum() / n_tokens}
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, vf_clip, n_tokens):
+def value_loss(values, old_values, returns, mask, vf_clip, n_tokens, divisor=None):
     """Clipped value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2), summed / global
-    tokens."""
+    tokens (or / divisor)."""
     clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
     l1, l2 = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * (torch.maximum(l1, l2) * mask).sum() / n_tokens
+    loss = 0.5 * (torch.maximum(l1, l2) * mask).sum() / (n_tokens if divisor is None else divisor)
     return loss, {"vf_clipfrac": ((l2 > l1).float() * mask).sum() / n_tokens}
 
 
@@ -644,6 +651,9 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
         perm = torch.randperm(n_local, generator=g).to(ro["seq"].device)
         for s in range(0, n_local, mb):
             n_tok = common.all_reduce_sum(ro["rmask"][perm[s:s + mb]].sum(), d).clamp(min=1)
+            # (LLaVA-RLHF: every micro-batch's mean over its sequences x response columns)
+            columns = len(perm[s:s + mb]) * d.world * cfg.max_new_tokens
+            divisor = columns if cfg.loss_divisor == "columns" else None
             for j in range(s, s + mb, cfg.micro_batch or mb):
                 i = perm[j:min(j + (cfg.micro_batch or mb), s + mb)]
                 m = ro["rmask"][i]
@@ -651,12 +661,14 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 with policy.use_adapter("policy"):
                     logp, _ = response_logprobs(policy, ro["feats"][i], ro["seq"][i], ro["mask"][i],
                                                 ro["P"], cfg.temperature, entropy=False)
-                    pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok)
+                    pg, st = policy_loss(logp, ro["logp"][i], adv[i], m, cfg.clip, n_tok,
+                                         divisor)
                     pg.backward()  # policy and value graphs one after the other: lower peak memory
                 with critic.use_adapter("value"):
                     v = response_values(critic, ro["cfeats"][i], ro["cseq"][i],
                                         ro["cmask"][i], ro["cP"])
-                    vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok)
+                    vf, vst = value_loss(v, ro["values"][i], returns[i], m, cfg.vf_clip, n_tok,
+                                         divisor)
                     (cfg.vf_coef * vf).backward()
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()

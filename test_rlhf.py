@@ -628,6 +628,36 @@ def test_ppo_refuses_captions_its_reward_model_does_not_read(tiny_world, sft, tm
     assert code == 2 and f"--captions {captions}: not read with --reward {rm}" in err, err
 
 
+def test_ppo_loss_divisor_columns_is_llava_rlhfs_mean_over_response_columns():
+    """--loss_divisor columns: LLaVA-RLHF's losses are .mean() over every response column of its
+    sequences (padding included; its log-probs there are 0, so padding adds no gradient): the
+    update is ours x real tokens / (sequences x --max_new_tokens)."""
+    def update(divisor):
+        torch.manual_seed(0)
+        m = tiny()
+        m.add_adapter("policy", 4, 8)
+        m.add_adapter("value", 4, 8)
+        m.add_head("value")
+        m.set_trainable(adapters=["policy", "value"], heads=["value"])
+        ro, adv = fixed_rollout(m)
+        returns = torch.randn(adv.shape, generator=torch.Generator().manual_seed(1)) * ro["rmask"]
+        params = (m.adapter_parameters("policy") + m.adapter_parameters("value")
+                  + list(m.heads["value"].parameters()))
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=1.0)  # (the step is the gradient)
+        cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, max_new_tokens=5, grad_clip=0.0,
+                         loss_divisor=divisor, out="/nonexistent")
+        stats = ppo.ppo_update(m, m, ro, adv, returns, opt, params, cfg, ONE, 0)
+        return [b - p.detach() for b, p in zip(before, params)], stats, ro["rmask"].sum()
+    ours, ours_stats, n_real = update("tokens")
+    theirs, theirs_stats, _ = update("columns")
+    scale = float(n_real) / (4 * 5)  # 13 real response tokens of 4 x 5 columns
+    assert scale < 1 and any(float(g.abs().max()) > 1e-6 for g in ours)
+    assert all(torch.allclose(b, a * scale, atol=1e-7) for a, b in zip(ours, theirs))
+    assert theirs_stats["pg_loss"] == pytest.approx(ours_stats["pg_loss"] * scale, rel=1e-5)
+    assert theirs_stats["approx_kl"] == ours_stats["approx_kl"]  # (stats stay per token)
+
+
 def test_ppo_update_with_grad_checkpoint_equals_without(tiny_rm, sft, tiny_world, tmp_path):
     """--grad_checkpoint true recomputes each layer's forward during backward; the policy and
     value backward passes used to run after their adapter was switched off, so the recomputation
@@ -768,7 +798,7 @@ def test_bad_inputs_exit_2_with_one_line(sft, tiny_world, tmp_path, monkeypatch)
     argv = ["--init", sft, "--reward", spaced, "--world", tiny_world, "--out", str(tmp_path / "o5"),
             "--max_steps", "1", "--rollout_batch", "2", "--minibatch_size", "2",
             "--max_new_tokens", "4", "--stop_at_question", "true", "--rm_input", "tokens",
-            "--correct_rule", "prefix", "--reward_scale", "10"]
+            "--correct_rule", "prefix", "--reward_scale", "10", "--loss_divisor", "columns"]
     scored = []  # every sequence PPO gives the RM: the spaced evaluation turn, as it trained
 
     def spy(tokenizer, *args):
