@@ -694,7 +694,10 @@ class Answerer:
             stored[key] = r
         for source, lines in older.items():  # (a digest-checked line wins)
             by_source[source] = {**lines, **by_source.get(source, {})}
-        stored = self.one_source(by_source, src, path, bench) if cfg.rescore else \
+        # (a --ckpt folder that is gone has no source: the flags still ask for settings)
+        asked = src or f"{os.path.abspath(self.ckpt)}@0 {decoding_source(cfg)} " \
+                       f"max_new_tokens={max_new_tokens}"
+        stored = self.one_source(by_source, src, asked, path, bench) if cfg.rescore else \
             by_source.get(src, {})
         done = {q["id"]: stored[q["id"], q["prompt"]]
                 for q in qs if (q["id"], q["prompt"]) in stored}
@@ -724,12 +727,13 @@ class Answerer:
             done.update((line["id"], line) for line in lines)
         return done
 
-    def one_source(self, by_source, src, path, bench):
+    def one_source(self, by_source, src, asked_source, path, bench):
         """--rescore: the stored answers of one run (several would mix runs, the last line
-        written winning): the only one; of several, the one these flags would write, else the
+        written winning): the only one, if made as these flags ask (asked_source: src, or the
+        settings of a --ckpt that is gone); of several, the one these flags would write, else the
         one this --ckpt wrote."""
         used = [s for s, lines in by_source.items() if lines]
-        asked = source_settings(src) or {}  # (these flags' settings)
+        asked = source_settings(asked_source)  # (these flags' settings)
         if len(used) > 1:
             # (the same settings, where the files' time moved (a copy) or the device differs)
             alike = lambda s: src and all((source_settings(s) or {}).get(k) == asked.get(k)
@@ -742,10 +746,11 @@ class Answerer:
                                               f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
                                               "the --ckpt and decoding flags of one")
             used = mine
-        elif used and src and used[0] != src:  # the only run: made as the flags given say?
+        elif used and used[0] != src:  # the only run: made as the flags given say?
             made_by, own = source_path(used[0]), source_path(src)
-            # (another checkpoint's answers under this one's name; a moved tree's old path is gone)
-            if made_by and os.path.isdir(made_by) and \
+            # (another checkpoint's answers under this one's name; a moved tree's old path is
+            # gone; a --ckpt that is not there names the answers' folder alone)
+            if own and made_by and os.path.isdir(made_by) and \
                     os.path.realpath(made_by) != os.path.realpath(own):
                 raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
                                 f"by another checkpoint ({made_by}, still there) than --ckpt "
@@ -870,13 +875,18 @@ def source(cfg, ckpt):
         pass
     stamp = max((os.path.getmtime(os.path.join(d, f)) for d in folders for f in os.listdir(d)),
                 default=0)
+    return f"{path}@{int(stamp)} {decoding_source(cfg)}"
+
+
+def decoding_source(cfg):
+    """A source string's settings after its checkpoint (source())."""
     if cfg.temperature == 0:
         decoding = "greedy"
     else:
         # (per question: the streams of _generators; lines of the one run stream are not reused)
         decoding = f"temperature={cfg.temperature} top_p={cfg.top_p} seed={cfg.seed}/question"
     tower = f" vision_tower={os.path.abspath(cfg.vision_tower)}" if cfg.vision_tower else ""
-    return f"{path}@{int(stamp)} {cfg.template} {cfg.dtype} {cfg.device}{tower} {decoding}"
+    return f"{cfg.template} {cfg.dtype} {cfg.device}{tower} {decoding}"
 
 
 # ----------------------------------------------------------------------------------------

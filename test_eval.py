@@ -614,6 +614,19 @@ def test_rescore_of_one_run_refuses_settings_it_was_not_made_with(env, capsys):
     (out / "m0" / "answers_pope_random.jsonl").write_text(lines.replace(" fp32 cpu ",
                                                                         " bf16 cuda "))
     assert run_cli(env, out, *args, "--rescore", "true", "--pope_max_new_tokens", "3")["m0"]
+    # a --ckpt folder that is gone: the flags given are still checked (they were not)
+    import shutil
+    gone = env["root"] / "gone_one" / "m0"
+    shutil.copytree(env["ckpts"][0], gone)
+    out = env["root"] / "one_run_gone"
+    args = ("--ckpt", str(gone), "--benchmarks", "pope")
+    run_cli(env, out, *args)
+    shutil.rmtree(gone)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0")
+    assert "than --temperature 1.0 asks" in capsys.readouterr().err
+    assert run_cli(env, out, *args, "--rescore", "true")["m0"]["pope"] == greedy["pope"]
 
 
 def test_rescore_of_one_run_refuses_another_checkpoints_answers(env, capsys):
