@@ -501,6 +501,11 @@ def world_paths(cfg, reads=("data",), companions=()):
             values[f] = ""
     named = [f for f in reads + companions if WORLD in values[f]]
     paths = {f: v.replace(WORLD, cfg.world) for f, v in values.items()}
+    val = paths.get("val_data")
+    for path, _ in data_specs(paths["data"]) if val else ():  # (held-out scores of training data)
+        if os.path.realpath(path) == os.path.realpath(val):
+            raise ConfigError(f"--val_data {val}: one of the --data files (its held-out scores "
+                              "would be of training records); give another file, or '' for none")
     return dataclasses.replace(cfg, **paths), named
 
 

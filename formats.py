@@ -340,7 +340,7 @@ def _lrv_fn(folder, check_images):
         return {"id": f"lrv_{image_id}_{r['_index']}", "image": image,
                 "task": r.get("task"), "conversations": [
                     {"from": "human", "value": IMAGE + "\n" + q.replace(IMAGE, "").strip()},
-                    {"from": "gpt", "value": a.strip()}]}
+                    {"from": "gpt", "value": no_image_tag(a, "answer").strip()}]}
     return fn
 
 
@@ -402,6 +402,8 @@ def load_caption_map(path):
     for k, v in obj.items():
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise DataError(path, repr(k), None, "expected a list of caption strings")
+        if not all(x.strip() for x in v):  # (else blamed on the data file's record that reads it)
+            raise DataError(path, repr(k), None, "an empty caption")
         if any(IMAGE in x for x in v):  # (the facts go in the prompt, after the image)
             raise DataError(path, repr(k), None, TAG_IN_TEXT)
     return obj

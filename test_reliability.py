@@ -448,6 +448,18 @@ BAD_INPUT = [
           k: [v[0] + " <image>"] + v[1:] for k, v in json.load(open(os.path.join(
               w.world, "image_to_caption.json"))).items()})],
       ("caps.json", "record 'images/", "'<image>' in a text")),
+    *[C(script, "val-data-is-data", "--val_data naming the --data file (held-out scores of "
+        "training records, without a word)",
+        lambda w, t, name=name: ["--data", os.path.join(w.world, name), "--val_data",
+                                 os.path.join(w.world, name)],
+        ("--val_data", name, "one of the --data files"))
+      for script, name in (("reward", "pref_pairs.json"), ("dpo", "pref_pairs.json"),
+                           ("sft", "sft.json"))],
+    C("reward", "captions-file-empty-caption", "--captions file with an empty caption (blamed "
+      "on the data file's record, which holds no captions)", lambda w, t: ["--captions", t.file(
+          "caps.json", {k: [""] + v[1:] for k, v in json.load(open(os.path.join(
+              w.world, "image_to_caption.json"))).items()})],
+      ("caps.json", "record 'images/", "an empty caption")),
     C("ppo", "caption-type", "caption_type 9 (must be 1-7)",
       lambda w, t: ["--data", t.file("rl.json", t.records("rl_prompts.json", caption_type=9))],
       ("rl.json", "record 0", "field 'caption_type'", "got 9")),
@@ -1626,6 +1638,13 @@ BAD_INPUT += [
       ("gavie.json", "record 0", "field 'question'", "'<image>' in a text")),
     C("eval", "pope-suffix-image-tag", "--pope_suffix holding '<image>'",
       lambda w, t: ["--pope_suffix", " <image>"], ("--pope_suffix ' <image>'", "'<image>'")),
+    *[C(script, "lrv-answer-image-tag", "an LRV answer holding '<image>' (a traceback mid-run: "
+        "more image tokens than images)",
+        lambda w, t, extra=extra: [*extra, "--data", t.file("lrv.json", t.records(
+            "lrv_train.json", n=4, answer="There is no blue <image> circle.")),
+                      "--image_folder", w.world],
+        ("lrv.json", "record 0", "field 'answer'", "'<image>' in a text"))
+      for script, extra in (("sft", []), ("vigc", ["--generate", "0"]))],
     C("reward", "output-image-tag", "a preference answer holding '<image>'",
       lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", n=4, output_1={
           "value": "<image> yes"}))],

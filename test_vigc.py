@@ -317,6 +317,33 @@ def test_generated_file_loads_and_trains_sft(tiny_world, tiny_ckpt, tmp_path, mo
     assert "4 training conversations" in stdout
 
 
+def test_a_folder_of_the_worlds_images_gets_oracle_counts(tiny_world, tiny_ckpt, tmp_path,
+                                                           monkeypatch):
+    """--images '{world}/images/unlabeled' (a folder: absolute names) trained and generated, then
+    failed at the oracle ("no image '/.../000000.png', which a file of the world names"): the
+    names are now looked up relative to the world, and an image the annotations lack is refused
+    before any step."""
+    import shutil
+    good = "Is there a triangle? Answer: Yes, there is a triangle."
+    monkeypatch.setattr(common, "generate_answers", scripted(
+        lambda items, temperature, num_beams: [(good, True) for _ in items]))
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "0", "--generate", "4",
+            "--images", "{world}/images/unlabeled", "--out", str(tmp_path / "gen")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0, err
+    report = json.load(open(tmp_path / "gen" / "report.json"))
+    assert report["vig_only"]["hallucinations_per_100"] is not None, report
+    world = tmp_path / "world"  # a copy, with an image the annotations lack in that folder
+    shutil.copytree(tiny_world, world)
+    unlabeled = world / "images" / "unlabeled"
+    shutil.copy(unlabeled / sorted(os.listdir(unlabeled))[0], unlabeled / "stray.png")
+    argv = ["--init", tiny_ckpt, "--world", str(world), "--max_steps", "2", "--generate", "4",
+            "--images", "{world}/images/unlabeled", "--out", str(tmp_path / "gen2")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and "stray.png is not an image of the world's annotations" in err, err
+    assert not os.path.exists(tmp_path / "gen2" / "metrics.jsonl")
+
+
 def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
     """A VIGC run where no generated output parsed reported 0.0 hallucinations per 100 answers (a
     perfect score over no answer), and lab.py tabulated it; a type with no answer read 0.0 too."""

@@ -448,6 +448,12 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     return report
 
 
+def world_name(world, name):
+    """An image's name in the world's annotations: relative to the world folder (a folder
+    --images gives absolute names)."""
+    return os.path.relpath(name, os.path.abspath(world)) if os.path.isabs(name) else name
+
+
 def oracle_report(world, ok):
     """oracle.oracle on the VIG-only and the VIC answers to the same questions: hallucinated
     objects, attributes, relations and false negatives per 100 answers, plus three examples. The
@@ -458,7 +464,7 @@ def oracle_report(world, ok):
     ok = [j for j in ok if j["vic"]]
     out, res = {}, {}
     for key in ("vig", "vic"):
-        res[key] = [oracle.oracle(j[key], objs[j["image"]]) for j in ok]
+        res[key] = [oracle.oracle(j[key], objs[world_name(world, j["image"])]) for j in ok]
 
         # None where there is no answer to count (0.0 read as a model that never hallucinates)
         def per100(field, t=None):  # per 100 answers (of type t when given)
@@ -485,7 +491,7 @@ def oracle_report(world, ok):
               f"by type {r['hallucinations_per_100_by_type']}")
     out["samples"] = []
     for j, rv, rc in list(zip(ok, res["vig"], res["vic"]))[:3]:
-        truth = shapes.describe(objs[j["image"]])
+        truth = shapes.describe(objs[world_name(world, j["image"])])
         sample = {"image": j["image"], "type": j["type"], "truth": truth, "question": j["q"]}
         sample.update(vig_answer=j["vig"], vig_errors=common.oracle_errors(rv))
         sample.update(vic_answer=j["vic"], vic_errors=common.oracle_errors(rc))
@@ -557,6 +563,12 @@ def main(cfg):
     if imgs:  # every image listed decodes, before any step
         image_records = [{"id": name, "image": path} for name, path in imgs]
         check_images(image_records, cfg.images, field="images")
+    if imgs and "images" in named:  # the oracle counts the world's: each image must be one
+        objects = shapes.load_world(cfg.world)["by_file"]
+        for name, _ in imgs:
+            if world_name(cfg.world, name) not in objects:
+                raise common.ConfigError(f"--images {cfg.images}: {name} is not an image of the "
+                                         f"world's annotations (the oracle counts those)")
     # generation flags do not change the trained weights: free to change on --resume
     gen_defaults = {k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS}
     train_cfg = dataclasses.replace(cfg, **gen_defaults)
