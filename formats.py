@@ -446,7 +446,7 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         outs = [output(r, "output_1"), output(r, "output_2")]
         p = _field(r, "preference")
         if type(p) is not int or p not in (1, 2):
-            raise _bad("preference", f"must be the integer 1 or 2 (a JSON number), got {p!r}")
+            raise _bad("preference", f"must be the integer 1 or 2 (a JSON number), got {p!r:.40}")
         if outs[0] == outs[1]:
             raise _bad("output_2", "chosen and rejected are identical")
         caps = _captions(r, caption_map, r.get("image"), need_captions)
@@ -479,7 +479,7 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
         ct = 1 if r.get("caption_type") is None else r["caption_type"]  # null = absent
         if type(ct) is not int or not 1 <= ct <= 7:
             raise _bad("caption_type", "must be an integer 1-7 (1 general, 2-5 answer A-D, 6 "
-                                       f"answer No, 7 answer Yes), got {ct!r}")
+                                       f"answer No, 7 answer Yes), got {ct!r:.40}")
         lb = _number(r, "length_bonus", 1.0)
         key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
         prompt = conv[:1] if first_turn_only else _prompt(conv)

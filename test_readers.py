@@ -192,6 +192,9 @@ def test_preference_good(tmp_path):
      "field 'output_2': chosen and rejected are identical"),
     ({"output_1": {"value": ""}}, "field 'output_1': expected {\"value\": non-empty string}"),
     ({"output_1": "text"}, "field 'output_1': expected an object, got a string"),
+    # (all 401 digits were the line)
+    ({"preference": 10 ** 400}, "field 'preference': must be the integer 1 or 2 (a JSON number), "
+                                "got " + "1" + "0" * 39),
 ])
 def test_preference_errors(tmp_path, kw, expect):
     png(tmp_path, "a.png")
@@ -244,6 +247,9 @@ def test_rl_prompts(tmp_path):
      "field 'caption_type': must be an integer 1-7 "
      "(1 general, 2-5 answer A-D, 6 answer No, 7 answer Yes), got 9"),
     ({"caption_type": "2"}, "field 'caption_type': must be an integer 1-7"),
+    ({"caption_type": -10 ** 400}, "field 'caption_type': must be an integer 1-7 (1 general, 2-5 "
+                                   "answer A-D, 6 answer No, 7 answer Yes), got -" + "1" + "0" * 38
+                                   + "\n"),  # (not all 401 digits)
     ({"length_bonus": "big"}, "field 'length_bonus': expected a number, got 'big'"),
     ({"captions": ["ok", ""]}, "field 'captions': expected a list of non-empty strings"),
     ({"image": None}, "field 'image': missing"),
@@ -252,7 +258,7 @@ def test_rl_prompt_errors(tmp_path, kw, expect):
     png(tmp_path, "000000000042.jpg")
     path = write(tmp_path / "rl.json", [rl(**kw)])
     msg = error(read_rl_prompts, path)
-    assert msg.startswith(f"{path}: record 0 (id 'r1'): {expect}"), msg
+    assert (msg + "\n").startswith(f"{path}: record 0 (id 'r1'): {expect}"), msg  # ("\n": its end)
 
 
 def test_povid(tmp_path):
