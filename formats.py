@@ -465,7 +465,8 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
                     captions_path=None, need_captions=True, first_turn_only=True):
     """LLaVA-RLHF RL prompts: [{"id", "image", "conversations", "caption_type", "length_bonus"}]
     plus captions inline ("captions": [...]) or from captions_path (image_to_caption.json, keyed by
-    the image file name, "aok_" + name for caption_type 2-5, as LLaVA-RLHF's PPO trainer does).
+    the image file name, "aok_" + name for caption_type 2-5, as LLaVA-RLHF's PPO trainer does;
+    else by the image as written, as reward.py reads it).
     caption_type defaults to 1 and length_bonus to 1.0 (LLaVA-RLHF's defaults). first_turn_only
     keeps only the first human turn (LLaVA-RLHF keeps conversations[:2] and drops the answer);
     otherwise the prompt is every turn before a final gpt turn. -> {"id", "image", "prompt": [turns
@@ -481,7 +482,11 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
             raise _bad("caption_type", "must be an integer 1-7 (1 general, 2-5 answer A-D, 6 "
                                        f"answer No, 7 answer Yes), got {ct!r:.40}")
         lb = _number(r, "length_bonus", 1.0)
-        key = ("aok_" if 2 <= ct <= 5 else "") + os.path.basename(r["image"])
+        prefix = "aok_" if 2 <= ct <= 5 else ""
+        key = prefix + os.path.basename(r["image"])
+        if caption_map is not None and key not in caption_map:  # (a map keyed by the image as
+            # written: reward.py reads it so, and the world's is keyed so)
+            key = prefix + r["image"] if prefix + r["image"] in caption_map else key
         prompt = conv[:1] if first_turn_only else _prompt(conv)
         return {"id": r.get("id"), "image": image, "prompt": prompt,
                 "captions": _captions(r, caption_map, key, need_captions, RL_FIX),

@@ -232,6 +232,14 @@ def test_rl_prompts(tmp_path):
     recs = [rl(captions=None), rl(id="r2", captions=None, caption_type=6)]
     out = read_rl_prompts(write(tmp_path / "rl.json", recs), captions_path=caps)
     assert [r["captions"] for r in out] == [["rationale"], ["general"]]
+    # a map keyed by the image as written (reward.py's reading, the world's file): found there
+    # when the file name is not a key (ppo.py refused the world's own file)
+    png(tmp_path / "sub", "7.jpg")
+    caps = write(tmp_path / "caps.json", {"sub/7.jpg": ["by path"], "aok_sub/7.jpg": ["aok"]})
+    recs = [rl(image="sub/7.jpg", captions=None, caption_type=1),
+            rl(id="r2", image="sub/7.jpg", captions=None)]
+    out = read_rl_prompts(write(tmp_path / "rl.json", recs), captions_path=caps)
+    assert [r["captions"] for r in out] == [["by path"], ["aok"]]
     # no captions: error when facts need them, [] otherwise
     path = write(tmp_path / "rl.json", [rl(captions=None)])
     msg = error(read_rl_prompts, path)
