@@ -172,6 +172,9 @@ def read_pairs(path, fmt, image_folder, on_error):
                                           f"(or JSON lines), got {obj!r:.40}")
         first = obj[0] if isinstance(obj, list) and obj else obj
         keys = set(first) if isinstance(first, dict) else set()
+        if {"rejected_conversations", "output_1"} <= keys:  # (POVID's read, output_1 dropped)
+            raise DataError(path, 0, None, "holds both 'rejected_conversations' (POVID) and "
+                                           "'output_1' (LLaVA-RLHF): pass --format")
         if "rejected_conversations" in keys:
             fmt = "povid"
         elif "output_1" in keys:

@@ -485,6 +485,11 @@ BAD_INPUT = [
     C("dpo", "preference-range", "LLaVA-RLHF pair with preference 0",
       lambda w, t: ["--data", t.file("pairs.json", t.records("pref_pairs.json", preference=0))],
       ("pairs.json", "record 0", "field 'preference'", "got 0")),
+    C("dpo", "both-formats-in-a-record", "a pair holding POVID's and LLaVA-RLHF's fields (read as "
+      "POVID, output_1 and preference dropped without a word)",
+      lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", output_1={
+          "value": "A red square."}, output_2={"value": "A blue dog."}, preference=2))],
+      ("pairs.json", "record 0", "holds both 'rejected_conversations'", "pass --format")),
     C("dpo", "missing-image", "pair whose image does not exist",
       lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json",
                                                              image="/nowhere/x.png"))],
