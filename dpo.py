@@ -5,8 +5,9 @@ DPO (label smoothing), robust DPO, reference-free DPO, and POVID (arXiv 2402.114
     python dpo.py --povid_stage 2 --init ckpt/dpo --out ckpt/povid  # POVID stage 2 from stage 1
     python dpo.py --loss ipo --beta 0.5 --out ckpt/dpo_ipo  # IPO on length-normalised log-probs
     torchrun --nproc_per_node=8 dpo.py --init llava-v1.5-7b \
-        --data POVID_preference_data_for_VLLMs.json --image_folder coco/ \
-        --lora_r 128 --lora_alpha 256 --lr 1e-6 --device cuda --dtype bf16
+        --data POVID_preference_data_for_VLLMs.json --image_folder coco/ --max_len 1048 \
+        --lora_r 128 --lora_alpha 256 --lr 1e-7 --min_lr_ratio 0 --warmup_from_zero true \
+        --batch_size 8 --grad_clip 0 --device cuda --dtype bf16  # POVID's run_dpo.sh (README)
 
 logp = sum over the final answer's tokens (and its </s>) of log p(token | prefix, image); image,
 prompt and pad positions carry label -100 and count for nothing. With
