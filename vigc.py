@@ -9,8 +9,8 @@ LLaVA-instruct file that sft.py trains on.
         --init ckpt/sft --out ckpt/sft_vigc  # train on the result
     torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false \
         --data conversation_58k.json:conv,detail_23k.json:desc,complex_reasoning_77k.json:comp \
-        --image_folder coco/train2017 --images coco/val2017 --generate 5000 \
-        --max_correction_steps 10 --device cuda
+        --image_folder coco/train2017 --images coco/val2017 --generate 5000 --max_len 2048 \
+        --max_correction_steps 10 --device cuda  # (512, the default, is below 576 image tokens)
 
 Training (VIGC Sec. 3; formats from opendatalab/VIGC vigc/datasets/datasets/vigc_train.py):
   VIG  `<image>\n{type instruction}` -> `Question: {q} Answer: {a}`, one of several phrasings per
