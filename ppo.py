@@ -92,6 +92,8 @@ class Config:
     rollout_batch: int = 64  # prompts per PPO step (global; LLaVA-RLHF: 512)
     minibatch_size: int = 32  # sequences per optimizer step (global; LLaVA-RLHF: 256)
     ppo_epochs: int = 2  # passes over each rollout batch (LLaVA-RLHF: 2)
+    # (rollouts are sampled in these chunks from one stream: another value draws other samples;
+    # the update's sums are the same up to float rounding)
     micro_batch: int = 0  # sequences per forward pass per process (0: whole batch; LLaVA-RLHF: 16)
     lora_r: int = 16  # policy LoRA rank (LLaVA-RLHF: 64; the value LoRA copies the RM's)
     lora_alpha: int = 16  # policy LoRA alpha
@@ -782,8 +784,8 @@ def main(cfg):
     groups = [{"params": pol_params}, {"params": val_params}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, kl_coef = 0, cfg.kl_coef
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    if state is not None:  # the optimizer, and the random streams building the roles drew from
+        common.restore(policy, opt, resume_path, state, d)
         kl_coef = restore_extra(state["extra"], policy, critic, gen, d)
         start = state["step"]
         if d.main:

@@ -257,6 +257,34 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004")
 
 
+@pytest.mark.parametrize("script,extra", [("sft.py", ["--train_vision", "false", "--align_steps",
+                                                     "1", "--read_steps", "1"]),
+                                          ("vigc.py", ["--init", "", "--lora_r", "4", "--generate",
+                                                       "0"])])
+def test_fsdp_fresh_model_with_frozen_weights_resumes_bitwise(script, extra, tiny_world,
+                                                               tmp_path):
+    """A fresh --model (no --init) with frozen weights (a frozen tower, or a LoRA's base), sharded:
+    the shards hold the trained weights only, and on resume the fresh model was built from the
+    checkpoint's random streams, not --seed's, so every frozen weight differed from the run that
+    was not stopped."""
+    import shutil
+    argv = [script, "--model", "tiny", "--world", tiny_world, "--max_steps", "4", "--save_every",
+            "2", "--batch_size", "8", "--fsdp", "true", *extra]
+    if script == "sft.py":
+        argv += ["--report", "false", "--align_batch_size", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = subprocess.run([sys.executable, *argv, "--out", str(straight)], cwd=HERE, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-000004")
+    r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004", exact=True)
+
+
 def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp_path):
     """Data mixing text-only and image records (LLaVA's mix665k, ScienceQA): a rank whose
     micro-batch had no image skipped the tower while the other all-gathered its layers (gloo:

@@ -735,6 +735,26 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
         assert torch.allclose(m.eval()(pix, ids), b(pix, ids), atol=1e-4)
 
 
+def test_ppo_with_lora_dropout_resumes_bitwise(tiny_rm, sft, tiny_world, tmp_path):
+    """ppo.py restored the optimizer and its adapters but not the random streams that building the
+    roles had drawn from, so after --resume the LoRA dropout masks differed from the run that was
+    not stopped (the other stages' common.restore sets them)."""
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, *PPO_ARGS,
+            "--lora_dropout", "0.1", "--export", "adapter"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for out, steps, more in ((straight, "2", []), (resumed, "1", []),
+                             (resumed, "2", ["--resume", "true"])):
+        code, _, err = run_cli("ppo", args + ["--max_steps", steps, "--out", out, *more])
+        assert code == 0, err
+
+    def extra_state(run):
+        path = os.path.join(resolve_checkpoint(run), "trainer_state.pt")
+        return torch.load(path, weights_only=False)["extra"]
+    x, y = extra_state(straight), extra_state(resumed)
+    for k in ("policy", "value", "value_head"):
+        assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
