@@ -433,7 +433,9 @@ def fmt(xs, f=".3f"):
 
 
 def md_table(groups, metrics, order, fmts=None):
-    lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
+    # (a '|' in a name, as in |yes-ratio - 0.5|, would split its cell: escaped)
+    names = [m.replace("|", "\\|") for m in metrics]
+    lines = ["| | " + " | ".join(names) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for v in order:
         if v in groups:
             # (measured values: a seed whose metric is None or NaN does not count)

@@ -3,6 +3,7 @@ statistics."""
 import dataclasses
 import json
 import os
+import re
 import zlib
 
 import pytest
@@ -150,6 +151,16 @@ def test_lab_statistics_and_verdicts():
     assert "not judged (one seed" in line and "0.050 (sft) -> 0.010 (one)" in line, line
     g["nan"] = {"CHAIR_i": [float("nan"), None]}  # every run of a side without the number
     assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
+
+
+def test_lab_table_escapes_a_bar_in_a_column_name():
+    """The column 'POPE |yes-ratio - 0.5|' split its header cell in two: the header had two
+    cells more than the rows, and the table did not render."""
+    g = {"sft": {"POPE |yes-ratio - 0.5|": [0.284], "F1": [0.8]}}
+    header, rule, row = lab.md_table(g, ["POPE |yes-ratio - 0.5|", "F1"], ["sft"]).splitlines()
+    cells = lambda line: len(re.split(r"(?<!\\)\|", line.strip("|")))
+    assert cells(header) == cells(row) == cells(rule) == 4, (header, row)
+    assert "POPE \\|yes-ratio - 0.5\\|" in header
 
 
 def test_lab_verdict_needs_two_measured_seeds_a_side_and_a_real_difference():
