@@ -985,7 +985,8 @@ def refuse_unread(cfg, flags, why):
 
 def refuse_unread_shared(cfg):
     """The stages' shared flags that another flag leaves unread: bf16 off the GPU, --save_full
-    without --fsdp, LoRA's shape with --lora_r 0 (a full fine-tune)."""
+    without --fsdp, LoRA's shape with --lora_r 0 (a full fine-tune), --warmup_from_zero without
+    warmup steps."""
     names = {f.name for f in dataclasses.fields(cfg)}
     if cfg.device != "cuda":
         refuse_unread(cfg, ["dtype"], f"with --device {cfg.device} (bf16 runs on GPU only); "
@@ -996,6 +997,10 @@ def refuse_unread_shared(cfg):
     if "lora_r" in names and cfg.lora_r == 0:
         lora = [f for f in ("lora_alpha", "lora_dropout", "lora_targets") if f in names]
         refuse_unread(cfg, lora, "with --lora_r 0 (a full fine-tune); drop it")
+    warmups = [getattr(cfg, f) for f in ("warmup", "instruct_warmup") if f in names]
+    if "warmup_from_zero" in names and not any(warmups):
+        refuse_unread(cfg, ["warmup_from_zero"], "with --warmup 0 (no warmup step for it to "
+                      "change); drop it")
 
 
 def paths_in_flag(value):

@@ -1667,6 +1667,11 @@ BAD_INPUT += [
       lambda w, t: ["--grad_accum", "8"], ("--grad_accum 8", "--batch_size 4", "1 to 4")),
     C("dpo", "grad-accum-over-batch", "--grad_accum above the batch (empty micro-batches)",
       lambda w, t: ["--grad_accum", "5"], ("--grad_accum 5", "--batch_size 4")),
+    *[C(script, "warmup-from-zero-without-warmup", "--warmup_from_zero true with --warmup 0 "
+        "(nothing for it to change)",
+        lambda w, t: ["--warmup", "0", "--warmup_from_zero", "true"],
+        ("--warmup_from_zero true", "not read with --warmup 0"))
+      for script in ("dpo", "reward", "ppo")],
     C("sft", "seed-over-32-bits", "--seed 2^32 (numpy's seed takes 32 bits)",
       lambda w, t: ["--seed", "4294967296"], ("--seed 4294967296", "[0, 4294967295]")),
     C("eval", "seed-over-64-bits", "--seed past a 64-bit integer",
