@@ -491,7 +491,8 @@ def world_paths(cfg, reads=("data",), companions=()):
     that named it (the stage writes the world first when one does). The `companions` of --data (its
     validation file, captions, ...) keep a world default only while --data is in the world: a
     user's --data brings its own, so there they drop to '' (none). A flag it reads must not be
-    empty ('' named no file: the failure came later, as a nameless ": file not found")."""
+    empty ('' named no file: the failure came later, as a nameless ": file not found"), and
+    --val_data is not a --data file (refuse_val_in_data)."""
     require_paths(cfg, reads)
     data_in_world = WORLD in cfg.data
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -501,12 +502,25 @@ def world_paths(cfg, reads=("data",), companions=()):
             values[f] = ""
     named = [f for f in reads + companions if WORLD in values[f]]
     paths = {f: v.replace(WORLD, cfg.world) for f, v in values.items()}
-    val = paths.get("val_data")
-    for path, _ in data_specs(paths["data"]) if val else ():  # (held-out scores of training data)
-        if os.path.realpath(path) == os.path.realpath(val):
-            raise ConfigError(f"--val_data {val}: one of the --data files (its held-out scores "
-                              "would be of training records); give another file, or '' for none")
-    return dataclasses.replace(cfg, **paths), named
+    out = dataclasses.replace(cfg, **paths)
+    refuse_val_in_data(out)
+    return out, named
+
+
+def refuse_val_in_data(cfg):
+    """--val_data naming a --data file, under any spelling: its held-out scores would be of
+    training records."""
+    val = getattr(cfg, "val_data", "")
+    if not val:
+        return
+    files = {cfg.data}  # (reward.py, dpo.py: one file; sft.py: FILE[:weight],...)
+    try:
+        files |= {path for path, _ in data_specs(cfg.data)}
+    except ConfigError:  # (said where the stage reads it)
+        pass
+    if any(os.path.realpath(f) == os.path.realpath(val) for f in files):
+        raise ConfigError(f"--val_data {val}: one of the --data files (its held-out scores would "
+                          "be of training records); give another file, or '' for none")
 
 
 def seed_everything(seed):
@@ -983,10 +997,10 @@ def refuse_unread(cfg, flags, why):
             raise ConfigError(f"--{flag} {shown}: not read {why}")
 
 
-def refuse_unread_shared(cfg):
+def refuse_unread_shared(cfg, warmups=None):
     """The stages' shared flags that another flag leaves unread: bf16 off the GPU, --save_full
     without --fsdp, LoRA's shape with --lora_r 0 (a full fine-tune), --warmup_from_zero without
-    warmup steps."""
+    warmup steps (`warmups`: the warmup lengths the run reads, default --warmup's)."""
     names = {f.name for f in dataclasses.fields(cfg)}
     if cfg.device != "cuda":
         refuse_unread(cfg, ["dtype"], f"with --device {cfg.device} (bf16 runs on GPU only); "
@@ -997,8 +1011,7 @@ def refuse_unread_shared(cfg):
     if "lora_r" in names and cfg.lora_r == 0:
         lora = [f for f in ("lora_alpha", "lora_dropout", "lora_targets") if f in names]
         refuse_unread(cfg, lora, "with --lora_r 0 (a full fine-tune); drop it")
-    warmups = [getattr(cfg, f) for f in ("warmup", "instruct_warmup") if f in names]
-    if "warmup_from_zero" in names and not any(warmups):
+    if "warmup_from_zero" in names and not any([cfg.warmup] if warmups is None else warmups):
         refuse_unread(cfg, ["warmup_from_zero"], "with --warmup 0 (no warmup step for it to "
                       "change); drop it")
 

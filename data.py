@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # DataError: one-line user errors, see formats.py
-from formats import DataError, IMAGE, read_text, record_label  # noqa: F401
+from formats import DataError, IMAGE, JSON_NAMES, read_text, record_label  # noqa: F401
 from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
                      read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
                      read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
@@ -220,17 +220,16 @@ def tokenizer_fault(path, error):
     """What is wrong with a tokenizer folder that will not load, naming the file and field where
     they can be told (a file that is not JSON, or not an object; tokenizer.json's 'model' and
     'added_tokens'), else the folder and transformers' first line."""
-    from formats import JSON_NAMES
     kind_of = lambda x: JSON_NAMES.get(type(x).__name__, type(x).__name__)
-    spec = None  # tokenizer.json's
+    specs = {}
     for name in TOKENIZER_FILES:
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            spec = load_json(file)  # (a DataError naming the file, line and column)
-            if not isinstance(spec, dict):
-                return DataError(file, message=f"expected a JSON object, got {kind_of(spec)}")
-    file = os.path.join(path, "tokenizer.json")
-    spec = spec if os.path.isfile(file) else None
+            specs[name] = load_json(file)  # (a DataError naming the file, line and column)
+            if not isinstance(specs[name], dict):
+                return DataError(file, message=f"expected a JSON object, got "
+                                               f"{kind_of(specs[name])}")
+    file, spec = os.path.join(path, "tokenizer.json"), specs.get("tokenizer.json")
     for field, kind in (("model", dict), ("added_tokens", list)) if spec is not None else ():
         if field not in spec:
             return DataError(file, None, field, "missing")

@@ -7,7 +7,7 @@ DPO (label smoothing), robust DPO, reference-free DPO, and POVID (arXiv 2402.114
     torchrun --nproc_per_node=8 dpo.py --init llava-v1.5-7b \
         --data POVID_preference_data_for_VLLMs.json --image_folder coco/ --max_len 1048 \
         --lora_r 128 --lora_alpha 256 --lr 1e-7 --min_lr_ratio 0 --warmup_from_zero true \
-        --batch_size 8 --grad_clip 0 --device cuda --dtype bf16  # POVID's run_dpo.sh (README)
+        --batch_size 8 --grad_clip 0 --device cuda --dtype bf16  # + steps, warmup: README
 
 logp = sum over the final answer's tokens (and its </s>) of log p(token | prefix, image); image,
 prompt and pad positions carry label -100 and count for nothing. With
@@ -175,7 +175,8 @@ def read_pairs(path, fmt, image_folder, on_error):
         keys = set(first) if isinstance(first, dict) else set()
         if {"rejected_conversations", "output_1"} <= keys:  # (POVID's read, output_1 dropped)
             raise DataError(path, 0, None, "holds both 'rejected_conversations' (POVID) and "
-                                           "'output_1' (LLaVA-RLHF): pass --format")
+                                           "'output_1' (LLaVA-RLHF): keep one pair (for --data, "
+                                           "--format picks one)")
         if "rejected_conversations" in keys:
             fmt = "povid"
         elif "output_1" in keys:

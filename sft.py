@@ -234,7 +234,7 @@ def main(cfg):
         raise common.ConfigError("--lora_r 0 with --train_vision, --train_projector and --train_lm "
                                  "false: nothing to train")
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
-    common.refuse_unread_shared(cfg)
+    common.refuse_unread_shared(cfg, [cfg.warmup, cfg.instruct_warmup] if fresh else [cfg.warmup])
     if not fresh:  # (a fresh model's preset and stages)
         common.refuse_unread(cfg, ("model", "align_steps", "read_steps", "align_batch_size",
                                    "align_data", "read_data", "instruct_lr", "instruct_warmup"),

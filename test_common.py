@@ -1,5 +1,6 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -178,10 +179,10 @@ def documented_commands():
     import ast
     import re
     import shlex
-    readme = open("README.md", encoding="utf-8").read()
-    texts = [("README.md", b) for b in re.findall(r"```bash\n(.*?)```", readme, re.S)]
-    texts += [(s, ast.get_docstring(ast.parse(open(s, encoding="utf-8").read())) or "")
-              for s in SCRIPTS]
+    from conftest import HERE
+    read = lambda name: open(os.path.join(HERE, name), encoding="utf-8").read()
+    texts = [("README.md", b) for b in re.findall(r"```bash\n(.*?)```", read("README.md"), re.S)]
+    texts += [(s, ast.get_docstring(ast.parse(read(s))) or "") for s in SCRIPTS]
     out = []
     for where, text in texts:
         for line in text.replace("\\\n", " ").splitlines():

@@ -451,7 +451,7 @@ BAD_INPUT = [
     *[C(script, "val-data-is-data", "--val_data naming the --data file (held-out scores of "
         "training records, without a word)",
         lambda w, t, name=name: ["--data", os.path.join(w.world, name), "--val_data",
-                                 os.path.join(w.world, name)],
+                                 os.path.join(w.world, "..", os.path.basename(w.world), name)],
         ("--val_data", name, "one of the --data files"))
       for script, name in (("reward", "pref_pairs.json"), ("dpo", "pref_pairs.json"),
                            ("sft", "sft.json"))],
@@ -489,7 +489,7 @@ BAD_INPUT = [
       "POVID, output_1 and preference dropped without a word)",
       lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json", output_1={
           "value": "A red square."}, output_2={"value": "A blue dog."}, preference=2))],
-      ("pairs.json", "record 0", "holds both 'rejected_conversations'", "pass --format")),
+      ("pairs.json", "record 0", "holds both 'rejected_conversations'", "--format picks one")),
     C("dpo", "missing-image", "pair whose image does not exist",
       lambda w, t: ["--data", t.file("pairs.json", t.records("povid_pairs.json",
                                                              image="/nowhere/x.png"))],
@@ -1672,6 +1672,10 @@ BAD_INPUT += [
         lambda w, t: ["--warmup", "0", "--warmup_from_zero", "true"],
         ("--warmup_from_zero true", "not read with --warmup 0"))
       for script in ("dpo", "reward", "ppo")],
+    C("sft", "warmup-from-zero-without-warmup", "--init and --warmup_from_zero true with --warmup "
+      "0 (--instruct_warmup is a fresh model's)",
+      lambda w, t: ["--init", w.sft, "--warmup", "0", "--warmup_from_zero", "true"],
+      ("--warmup_from_zero true", "not read with --warmup 0")),
     C("sft", "seed-over-32-bits", "--seed 2^32 (numpy's seed takes 32 bits)",
       lambda w, t: ["--seed", "4294967296"], ("--seed 4294967296", "[0, 4294967295]")),
     C("eval", "seed-over-64-bits", "--seed past a 64-bit integer",
