@@ -395,7 +395,8 @@ def read_any_conversations(path, image_folder=None, fmt="auto", check_images=Tru
 
 def load_caption_map(path):
     """LLaVA-RLHF's image_to_caption.json: {"000000123456.jpg": [captions], "aok_000000123456.jpg":
-    [rationales]}."""
+    [rationales]} (or keyed by the image as a record writes it, as the Shapes world's). Every entry
+    is checked, read or not, as the '<image>' one is: a list of non-empty caption strings."""
     obj = load_json(path)
     if not isinstance(obj, dict):
         raise DataError(path, message="expected an object {image file name: [captions]}")
