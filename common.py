@@ -1475,10 +1475,10 @@ def sharded_resume(resume_path, d):
     return bool(resume_path) and d.fsdp and os.path.isdir(os.path.join(resume_path, SHARDS))
 
 
-def restore(model, opt, path, state, d):
+def restore(model, opt, path, state, d, streams="the other ranks' random streams"):
     """Continue where the checkpoint being resumed left off: the optimizer state; under FSDP also
     the model's and optimizer's shards and this rank's random streams (building the model drew from
-    them)."""
+    them). `streams`: what starts again on another number of processes (note_other_world)."""
     if not sharded_resume(path, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
@@ -1486,7 +1486,7 @@ def restore(model, opt, path, state, d):
         # after resume differed from the uninterrupted run's); each rank its own (rank 0's
         # alone changed the other ranks' masks), rank 0's on another number of processes
         ranks = state.get("rng_ranks")
-        note_other_world(state.get("world", len(ranks) if ranks else None), d)
+        note_other_world(state.get("world", len(ranks) if ranks else None), d, streams)
         set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"])
         return
     import torch.distributed.checkpoint as dcp
@@ -1510,7 +1510,7 @@ def restore(model, opt, path, state, d):
     # one is, or dcp.load raised)
     set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    note_other_world(state.get("fsdp_world"), d)
+    note_other_world(state.get("fsdp_world"), d, streams)
     # (absent when resumed on more ranks: rank 0's)
     rng = os.path.join(path, f"rng-rank{d.rank}.pt")
     if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)

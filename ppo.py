@@ -492,8 +492,7 @@ def restore_extra(extra, policy, critic, gen, d):
                        (list(critic.heads["value"].parameters()), extra["value_head"])):
             for p, t in zip(ps, ts, strict=True):
                 p.copy_(t)
-    # bitwise resume; another world size continues from fresh streams
-    common.note_other_world(len(extra["generators"]), d, "the sampling streams (from --seed)")
+    # bitwise resume; another world size continues from fresh streams (common.restore says so)
     if len(extra["generators"]) == d.world:
         gen.set_state(extra["generators"][d.rank])
     return extra["kl_coef"]
@@ -785,7 +784,7 @@ def main(cfg):
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, kl_coef = 0, cfg.kl_coef
     if state is not None:  # the optimizer, and the random streams building the roles drew from
-        common.restore(policy, opt, resume_path, state, d)
+        common.restore(policy, opt, resume_path, state, d, "the sampling streams (from --seed)")
         kl_coef = restore_extra(state["extra"], policy, critic, gen, d)
         start = state["step"]
         if d.main:

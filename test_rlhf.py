@@ -780,6 +780,7 @@ def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
     assert code == 0 and "note: --resume on 1 process(es), the checkpoint was written by 2: " \
         "the same global batches, summed in another order, and the sampling streams (from " \
         "--seed) start again" in stdout, err
+    assert stdout.count("note: --resume on") == 1, stdout  # (the streams' note came twice)
 
 
 def one_line_error(code, err):
