@@ -747,15 +747,14 @@ class Answerer:
                                               "the --ckpt and decoding flags of one")
             used = mine
         elif used and used[0] != src:  # the only run: made as the flags given say?
-            made_by, own = source_path(used[0]), source_path(src)
+            made_by = source_path(used[0])
             # (another checkpoint's answers under this one's name; a moved tree's old path is
             # gone; a --ckpt that is not there names the answers' folder alone)
-            if own and made_by and os.path.isdir(made_by) and \
-                    os.path.realpath(made_by) != os.path.realpath(own):
+            if self.source and made_by and os.path.isdir(made_by) and not self.wrote(used[0]):
                 raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
                                 f"by another checkpoint ({made_by}, still there) than --ckpt "
-                                f"{self.ckpt} ({own}): answer with this one first (without "
-                                "--rescore)")
+                                f"{self.ckpt} ({source_path(src)}): answer with this one first "
+                                "(without --rescore)")
             made = source_settings(used[0])
             length = "pope_max_new_tokens" if bench.startswith("pope") else "max_new_tokens"
             given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)
@@ -771,9 +770,12 @@ class Answerer:
         return by_source[used[0]] if used else {}
 
     def wrote(self, source):
-        """Whether a source string (answers' 'source') is this --ckpt's: its path is --ckpt or
-        a checkpoint-N inside it."""
-        path = source_path(source)
+        """Whether a source string (answers' 'source') is this --ckpt's: its path is the
+        checkpoint --ckpt resolves to (an older checkpoint-N of the run is another model); for a
+        --ckpt that is gone, --ckpt or any checkpoint-N inside it."""
+        path, own = source_path(source), source_path(self.source)
+        if path and own:
+            return os.path.realpath(path) == os.path.realpath(own)
         own = os.path.abspath(self.ckpt)
         return bool(path) and (path == own or path.startswith(own + os.sep))
 

@@ -656,6 +656,11 @@ def test_rescore_of_one_run_refuses_another_checkpoints_answers(env, capsys):
     with pytest.raises(SystemExit):
         run_cli(env, out, *args, "--rescore", "true")
     assert f"by another checkpoint ({run / 'checkpoint-1'}, still" in capsys.readouterr().err
+    # beside a run of checkpoint-2's own: the older checkpoint's answers, made with the settings
+    # asked, were the ones scored (any checkpoint-N inside --ckpt counted as its own)
+    run_cli(env, out, *args, "--temperature", "1.0", "--limit", "2")
+    got = run_cli(env, out, *args, "--rescore", "true")["trained_on"]["answers_from"]
+    assert len(got) == 1 and "checkpoint-2@" in got[0], got
 
 
 def test_rescore_reads_the_answers_of_one_run(env, capsys):
