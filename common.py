@@ -1240,9 +1240,11 @@ def _fsync_dir(path):
                 os.fsync(f.fileno())
 
 
-def load_resume(out_dir, run_config, generators=None):
+def load_resume(out_dir, run_config):
     """The newest checkpoint in OUT and its trainer state, after checking that the run config is the
-    same (except fields that do not change the math). Restores RNG states. None if there is none."""
+    same (except fields that do not change the math). None if there is none. The random streams
+    are left as --seed set them (building the model draws from them, as at the start):
+    `restore` sets the checkpoint's once the model is built."""
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         has_config = os.path.exists(os.path.join(out_dir, n, "config.json"))
         incomplete = n.startswith("checkpoint-") and not has_config
@@ -1305,7 +1307,6 @@ def load_resume(out_dir, run_config, generators=None):
     if isinstance(max_steps, int) and state["step"] > max_steps:  # (it would train nothing)
         raise ConfigError(f"{path}: --resume: the run is at step {state['step']}, past --max_steps "
                           f"{max_steps}; give --max_steps {state['step']} or more")
-    set_rng_state(state["rng"], generators)
     return path, state
 
 
@@ -1475,19 +1476,21 @@ def sharded_resume(resume_path, d):
     return bool(resume_path) and d.fsdp and os.path.isdir(os.path.join(resume_path, SHARDS))
 
 
-def restore(model, opt, path, state, d, streams="the other ranks' random streams"):
-    """Continue where the checkpoint being resumed left off: the optimizer state; under FSDP also
-    the model's and optimizer's shards and this rank's random streams (building the model drew from
-    them). `streams`: what starts again on another number of processes (note_other_world)."""
+def restore(model, opt, path, state, d, streams="the other ranks' random streams",
+            generators=None):
+    """Continue where the checkpoint being resumed left off: the optimizer state, this rank's
+    random streams and the stage's own `generators` (set here, after the model was built from
+    --seed's streams as at the start); under FSDP also the model's and optimizer's shards.
+    `streams`: what starts again on another number of processes (note_other_world)."""
     if not sharded_resume(path, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
-        # load_resume set them, then building the model drew from them (a LoRA dropout mask
-        # after resume differed from the uninterrupted run's); each rank its own (rank 0's
-        # alone changed the other ranks' masks), rank 0's on another number of processes
+        # each rank its own (rank 0's alone changed the other ranks' LoRA dropout masks), rank
+        # 0's on another number of processes
         ranks = state.get("rng_ranks")
         note_other_world(state.get("world", len(ranks) if ranks else None), d, streams)
-        set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"])
+        set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"],
+                      generators)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -1516,7 +1519,8 @@ def restore(model, opt, path, state, d, streams="the other ranks' random streams
     if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)
         raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
                               "processes, each with its random streams)")
-    set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"])
+    set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"],
+                  generators)
 
 
 def rank_states(obj, d):

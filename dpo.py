@@ -410,10 +410,7 @@ def main(cfg):
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     # POVID noise seeds: the same on every rank, saved in checkpoints
     noise_gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.resume:
-        resume_path, state = common.load_resume(cfg.out, cfg, {"noise": noise_gen})
-    else:
-        resume_path, state = None, None
+    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     # (--resume of a LoRA run: the base its adapters were trained on)
     init_dir = common.trained_base(resume_path, cfg.init)
     common.note_template("--init", cfg.init, cfg.template)
@@ -479,7 +476,7 @@ def main(cfg):
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        common.restore(model, opt, resume_path, state, d)
+        common.restore(model, opt, resume_path, state, d, generators={"noise": noise_gen})
         start = state["step"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:

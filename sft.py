@@ -298,9 +298,6 @@ def main(cfg):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     # FSDP: built from --init, the shards later
     sharded = common.sharded_resume(resume_path, d)
-    if sharded and not cfg.init:  # a fresh model's frozen weights are not in the shards: drawn
-        # from --seed's streams again, as at the start (restore() sets the checkpoint's after)
-        common.seed_everything(cfg.seed)
     load_from = cfg.init if sharded else resume_path or cfg.init
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,

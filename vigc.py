@@ -575,9 +575,6 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
-    if sharded and not cfg.init:  # a fresh model's frozen weights are not in the shards: drawn
-        # from --seed's streams again, as at the start (restore() sets the checkpoint's after)
-        common.seed_everything(cfg.seed)
     load_from = cfg.init if sharded else resume_path or cfg.init
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
