@@ -1,5 +1,6 @@
 """Tests for vigc.py: the VIG parser, VIC tokenization and correction loop, the CLI and its output
 file."""
+import dataclasses
 import json
 import os
 import shutil
@@ -171,7 +172,7 @@ def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_s
                                         (ask, turn + " A red circle. It is big."),
                                         (ask, turn + " A red circle. It is big.")]
     assert all(t == 0.0 and b == 5 for _, t, b in calls)  # greedy beam search, 5 beams
-    examples = vigc.build_examples([{"image": "x.png", "conversations": [], "pairs": [
+    examples, _ = vigc.build_examples([{"image": "x.png", "conversations": [], "pairs": [
         ("What is there?", "A red circle. It is big. It is on the left.", "conversation")]}],
         {"conversation": ["Ask."]}, vigc.Config(vic_mode="reference", sft_share=0))
     vic = [e for e in examples if e["question"] == "What is there?"]
@@ -388,3 +389,45 @@ def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_pat
     code, _, err = run_cli("vigc", argv + ["--max_steps", "2", "--resume", "true"])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "this run finished and merged its 'vigc' adapter" in err
+
+
+def test_a_pair_holding_the_vig_markers_makes_no_vig_example():
+    """A question or answer holding 'Answer:' made a VIG target ('Question: q Answer: ... Answer:
+    a') that parse_vig cannot read back: VIG learnt to write outputs its own generation drops.
+    Such a pair makes VIC examples only; another pair of the type is drawn for VIG; counted."""
+    cfg = vigc.Config(sft_share=0)
+    marked = ("Which is right? Answer: A or B", "A.", "conversation")
+    plain = ("What is there?", "A red circle.", "conversation")
+    examples, unreadable = vigc.build_examples(
+        [{"image": "x.png", "conversations": [], "pairs": [marked]},
+         {"image": "y.png", "conversations": [], "pairs": [marked, plain]}],
+        {"conversation": ["Ask."]}, cfg)
+    vig = [e for e in examples if e["question"] == "Ask."]
+    assert unreadable == 1 and [e["image"] for e in vig] == ["y.png"], examples
+    assert vig[0]["target"] == "Question: What is there? Answer: A red circle."
+    assert vigc.parse_vig(vig[0]["target"]) == plain[:2]
+    assert {e["image"] for e in examples if e["question"] != "Ask."} == {"x.png", "y.png"}
+
+
+def test_an_unknown_question_type_is_refused(tiny_world, tiny_ckpt, tmp_path):
+    """A record's qtypes naming a type the world does not know was read as a conversation
+    question without a word; now one line naming the file, record and field, before any step.
+    VIGC's own type names are read as themselves."""
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    data = json.load(open(world / "sft.json"))
+    j = next(i for i, r in enumerate(data) if r.get("qtypes"))
+    data[j]["qtypes"][0] = "detailed description"
+    json.dump(data, open(world / "sft.json", "w"))
+    cfg = dataclasses.replace(vigc.Config(), data=str(world / "sft.json"), image_folder=str(world))
+    records = vigc.load_records(cfg)
+    assert records[j]["pairs"][0][2] == "detailed description"
+    data[j]["qtypes"][0] = "describ"
+    json.dump(data, open(world / "sft.json", "w"))
+    out = tmp_path / "vigc"
+    argv = ["--init", tiny_ckpt, "--world", str(world), "--max_steps", "1", "--generate", "2",
+            "--out", str(out)]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{world / 'sft.json'}" in err and f"record {j}" in err and "qtypes" in err, err
+    assert "unknown question type 'describ'" in err and not out.exists(), err

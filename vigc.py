@@ -239,6 +239,10 @@ def load_instructions(path):
     return {t: info[t] for t in TYPES.values()}
 
 
+# a record's qtypes: the world's question types, or VIGC's three types by name
+QTYPE_TO_TYPE = {**shapes.VIGC_TYPE, **{t: t for t in TYPES.values()}}
+
+
 def load_records(cfg):
     """Image records {'image', 'conversations', 'pairs': [(q, a, type)]} from the --data files. A
     pair's type: the file's, else its record's qtypes (the world's) mapped, else conversation."""
@@ -263,7 +267,12 @@ def load_records(cfg):
                 raise DataError(path, f"{j} (id {r['id']!r})" if r.get("id") else j, "qtypes",
                                 f"expected a list of {len(conv) // 2} question types (strings), "
                                 f"one per question/answer pair, got {qtypes!r:.60}")
-            types = [shapes.VIGC_TYPE.get(q, "conversation") for q in qtypes] if qtypes else []
+            unknown = next((q for q in qtypes or [] if q not in QTYPE_TO_TYPE), None)
+            if unknown is not None:  # (was read as a conversation question, without a word)
+                raise DataError(path, f"{j} (id {r['id']!r:.40})" if r.get("id") else j, "qtypes",
+                                f"unknown question type {unknown!r:.40}: expected one of "
+                                f"{', '.join(QTYPE_TO_TYPE)}")
+            types = [QTYPE_TO_TYPE[q] for q in qtypes] if qtypes else []
             pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
                       kind or (types[i // 2] if types else "conversation"))
                      for i in range(0, len(conv) - 1, 2)]
@@ -274,17 +283,25 @@ def load_records(cfg):
 
 def build_examples(records, instructions, cfg):
     """Per image and instruction type: one VIG example and one VIC example (a random pair of that
-    type, so the three types are near balanced), then --sft_share of plain SFT conversations."""
-    rng, out = random.Random(cfg.seed), []
+    type, so the three types are near balanced), then --sft_share of plain SFT conversations.
+    Returns the examples and how many VIG examples were left out: a pair whose question or answer
+    holds 'Question:' or 'Answer:' (or whose question is empty) makes a VIG target that parse_vig
+    cannot read back, so it would teach outputs the generation drops; it still makes VIC
+    examples."""
+    rng, out, unreadable = random.Random(cfg.seed), [], 0
     for r in records:
         by_type = {}
         for q, a, t in r["pairs"]:
             by_type.setdefault(t, []).append((q, a))
         for t, pairs in by_type.items():
-            q, a = rng.choice(pairs)
-            instruction = rng.choice(instructions[t])
-            out.append({"image": r["image"], "question": instruction, "prefix": "",
-                        "target": vig_target(q, a)})
+            readable = [p for p in pairs if parse_vig(vig_target(*p)) == p]
+            if readable:
+                q, a = rng.choice(readable)
+                instruction = rng.choice(instructions[t])
+                out.append({"image": r["image"], "question": instruction, "prefix": "",
+                            "target": vig_target(q, a)})
+            else:
+                unreadable += 1
             q, a = rng.choice(pairs)
             s = sentences(a) or [a]
             # answer so far: k sentences; target: rest
@@ -294,7 +311,7 @@ def build_examples(records, instructions, cfg):
     n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
     sft_records = rng.choices(records, k=n_sft)
     out += [{"image": r["image"], "conversations": r["conversations"]} for r in sft_records]
-    return out
+    return out, unreadable
 
 
 def make_item(e, tokenizer, mc, cfg, images):
@@ -603,7 +620,11 @@ def main(cfg):
     if cfg.fsdp:
         common.shard_model(model, d, bf16=bf16)
     images = ImageCache(model.config.image_size)
-    train = build_examples(records, instructions, cfg)
+    train, unreadable = build_examples(records, instructions, cfg)
+    if unreadable and d.main:
+        print(f"warning: {unreadable} VIG examples left out: every question/answer pair of that "
+              "image and type holds 'Question:' or 'Answer:' (or an empty question), so its VIG "
+              "target could not be read back; their VIC examples are kept")
     if len(train) == 0:
         raise common.ConfigError("no training examples "
                                  "(no record has an image and a question/answer pair)")
