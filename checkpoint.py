@@ -286,17 +286,17 @@ def _text_fields(t, prefix=""):
     params = t.get("rope_parameters")
     rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
     if rope_type != "default":
-        raise CheckpointError(f"config: field '{prefix}rope_parameters.rope_type': {rope_type!r} "
-                              "is not supported (default RoPE only)")
+        raise CheckpointError(f"config: field '{prefix}rope_parameters.rope_type': "
+                              f"{rope_type!r:.60} is not supported (default RoPE only)")
     # what the decoder computes: LLaMA's SiLU MLP (Gemma, Granite and Mistral's sliding window
     # share its weight names but not its math: read, they would answer wrongly without a word)
     act = t.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise CheckpointError(f"config: field '{prefix}hidden_act': {act!r} is not supported "
+        raise CheckpointError(f"config: field '{prefix}hidden_act': {act!r:.60} is not supported "
                               "(LLaMA's silu only)")
     kind = t.get("model_type", "llama")
     if kind not in ("llama", "mistral", "llava", "llava_llama", "llava_mistral"):
-        raise CheckpointError(f"config: field '{prefix}model_type': {kind!r} is not supported "
+        raise CheckpointError(f"config: field '{prefix}model_type': {kind!r:.60} is not supported "
                               "(a LLaMA language model)")
     # an absent field is the config class's default: Mistral's differ from LLaMA's (its window:
     # 4096 tokens when absent, none when null)
@@ -364,7 +364,7 @@ def _vision_fields(v, prefix=""):
     """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields. prefix:
     where v is in the file."""
     if _get(v, "hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"config: field '{prefix}hidden_act': {v['hidden_act']!r} is not "
+        raise CheckpointError(f"config: field '{prefix}hidden_act': {v['hidden_act']!r:.60} is not "
                               "supported (CLIP's quick_gelu only)")
     get = lambda key, default, kind=int: _typed_get(v, key, default, kind, prefix)
     return dict(image_size=get("image_size", 224), patch_size=get("patch_size", 32),
@@ -390,7 +390,7 @@ def _vision_fields_from_weights(src, path, tower):
     name = str(tower or "")
     openai_name = os.path.basename(os.path.normpath(name)).startswith("clip-vit-")
     if not (name.startswith("openai/") or openai_name):  # (OpenAI's hub names: clip-vit-...)
-        raise CheckpointError(f"{path}: mm_vision_tower {name!r} is not on disk, and the CLIP "
+        raise CheckpointError(f"{path}: mm_vision_tower {name!r:.60} is not on disk, and the CLIP "
                               "weights here do not give its head count or activation (read "
                               "from the weights for OpenAI's CLIP ViTs only); pass its directory "
                               "(--vision_tower DIR)")
@@ -433,9 +433,9 @@ def detect_layout(path):
         _check_own_config(cfg_path, cfg)
         return "factalign"
     if "format_version" in cfg:  # written by a checkpoint format that is not this one
-        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r} version "
-                              f"{cfg['format_version']!r} is not a {FORMAT_NAME} checkpoint format "
-                              "this code reads")
+        raise CheckpointError(f"{cfg_path}: format {cfg.get('format')!r:.60} version "
+                              f"{cfg['format_version']!r:.60} is not a {FORMAT_NAME} checkpoint "
+                              "format this code reads")
     mt = cfg.get("model_type", "")
     if mt == "llava" and "text_config" in cfg:
         return "llava-hf"
@@ -561,7 +561,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             if (type(v) is not known[k] and not int_as_float and not layer_list
                     and known[k] is not type(None)):
                 raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected "
-                                      f"{known[k].__name__}, got {v!r}")
+                                      f"{known[k].__name__}, got {v!r:.60}")
         try:
             config = ModelConfig(**cfg["model"])
         except CheckpointError as e:  # "config: field ...": name the file
@@ -661,7 +661,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
                                       ("mm_projector_type", projector, PROJECTORS)):
             if value not in allowed:  # (named as the file names it; ModelConfig has its own names)
-                raise CheckpointError(f"{path}/config.json: field '{field}': {value!r} is not "
+                raise CheckpointError(f"{path}/config.json: field '{field}': {value!r:.60} is not "
                                       f"supported ({', '.join(allowed)})")
         config = _from_file(path, lambda: ModelConfig(
             **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
@@ -947,7 +947,7 @@ def _check_base_fingerprint(path, cfg):
     if saved is None:  # (written before 2026-12-03, or not an adapter-only checkpoint)
         return
     if saved != base_fingerprint(base_weights_dir(path)):
-        raise CheckpointError(f"{path}/config.json: field 'base': {cfg['base']!r} holds other "
+        raise CheckpointError(f"{path}/config.json: field 'base': {cfg['base']!r:.60} holds other "
                               "weights than this checkpoint was trained on (retrained or replaced "
                               "since; its 'base_fingerprint' differs): point 'base' at the model "
                               "it was trained on")
@@ -961,8 +961,9 @@ def base_weights_dir(path, _seen=()):
         cfg = _read_json(os.path.join(path, "config.json"))
         if cfg.get("base") is not None:
             if os.path.realpath(path) in _seen:  # ("base": "." would recurse without end)
-                raise CheckpointError(f"{path}/config.json: field 'base': {cfg['base']!r} leads "
-                                      "back to this checkpoint (a loop of base pointers)")
+                raise CheckpointError(f"{path}/config.json: field 'base': "
+                                      f"{cfg['base']!r:.60} leads back to this checkpoint "
+                                      "(a loop of base pointers)")
             return base_weights_dir(_base_dir(path, cfg["base"]), _seen + (os.path.realpath(path),))
     return os.path.realpath(path)
 
@@ -1330,9 +1331,10 @@ def peft_base_dir(path):
     for cand in candidates:
         if os.path.isdir(cand) and os.path.realpath(cand) != os.path.realpath(path):
             return cand
-    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {base!r} is not a local "
-                          "directory, nor a folder of its name beside the adapter; put the base "
-                          f"there, or load it, then load_adapters(model, {path!r})")
+    raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': "
+                          f"{base!r:.80} is not a local directory, nor a folder of its name "
+                          "beside the adapter; put the base there, "
+                          f"or load it, then load_adapters(model, {path!r})")
 
 
 def llava_rlhf_reward_parts(path):
@@ -1501,29 +1503,30 @@ def load_peft_adapter(model, path, name, no_merge=None):
     cfg_path = os.path.join(path, "adapter_config.json")
     cfg = _read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} (only LORA "
-                              "is read)")
+        raise CheckpointError(f"{cfg_path}: field 'peft_type': "
+                              f"{cfg.get('peft_type')!r:.60} (only LORA is read)")
     for field in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
         if cfg.get(field):
             raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA "
                                   "only)")
     for field in ("rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"):
         if cfg.get(field):
-            raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r} is not supported "
-                                  "(plain LoRA only)")
+            raise CheckpointError(f"{cfg_path}: field '{field}': "
+                                  f"{cfg[field]!r:.60} is not supported (plain LoRA only)")
     # a base PEFT rewrites from the weights at load (not converted when saved), LoRA from the
     # invocation tokens on (aLoRA), layers reordered: read as plain LoRA, each answered wrongly
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
-        raise CheckpointError(f"{cfg_path}: field 'init_lora_weights': {init!r} is not supported "
-                              "(save it converted to plain LoRA: PEFT's "
+        raise CheckpointError(f"{cfg_path}: field 'init_lora_weights': "
+                              f"{init!r:.60} is not supported (save it converted to plain LoRA: "
+                              "PEFT's "
                               "path_initial_model_for_weight_conversion)")
     for field in ("alora_invocation_tokens", "layer_replication", "target_parameters"):
         if cfg.get(field):
             raise CheckpointError(f"{cfg_path}: field '{field}': {cfg[field]!r:.60} is not "
                                   "supported (plain LoRA only)")
     if cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r} is not supported "
+        raise CheckpointError(f"{cfg_path}: field 'bias': {cfg['bias']!r:.60} is not supported "
                               "('none')")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     # (JSON true is an int to Python; Infinity and NaN parse: a model of NaNs answers '')

@@ -250,14 +250,14 @@ def _take(qs, cfg, bench, on_shapes):
         # the images of the questions asked alone (--limit 50 needs 50 images, not the
         # benchmark's); --rescore needs none
         if not cfg.rescore and not os.path.isfile(q["image"]):
-            raise DataError(q["file"], f"{k} (id {q['id']!r})", q.get("image_field", "image"),
+            raise DataError(q["file"], f"{k} (id {q['id']!r:.60})", q.get("image_field", "image"),
                             f"image not found: {q['image']}")
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
             message = f"given twice (first at {where}; answers are stored by id)"
             field = q.get("id_field", "id")
-            raise DataError(q["file"], f"{k} (id {q['id']!r})", field, message)
+            raise DataError(q["file"], f"{k} (id {q['id']!r:.60})", field, message)
         seen[q["id"]] = (q["file"], k)
     return qs
 
@@ -345,7 +345,7 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
     folder = image_folder if image_folder is not None else os.path.dirname(os.path.abspath(path))
     seen, out = {}, []
     for i, r in enumerate(recs):
-        where = f"{i} (id {r.get('question_id')!r})" if isinstance(r, dict) else str(i)
+        where = f"{i} (id {r.get('question_id')!r:.60})" if isinstance(r, dict) else str(i)
         if not isinstance(r, dict):
             raise DataError(path, where, None, "expected a JSON object")
         for key in ("image", "text", "category"):
@@ -370,7 +370,7 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
         same_image = os.path.basename(lab["image"]) == os.path.basename(r["image"])
         if not same_image or not r["text"].startswith(lab["text"]):
             message = (f"does not ask what record {k} of {file} asks "
-                       f"({lab['text']!r} about {os.path.basename(lab['image'])})")
+                       f"({lab['text']!r:.60} about {os.path.basename(lab['image'])})")
             raise DataError(path, where, "text", message)
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(folder, r["image"])
         if check_images and not os.path.isfile(image):
@@ -462,7 +462,7 @@ def llava_bench_questions(cfg, world):
             by_number.setdefault(coco_number(name), []).append(name)
     qs = []
     for i, r in enumerate(recs):
-        where = f"{i} (id {r['question_id']!r})"
+        where = f"{i} (id {r['question_id']!r:.60})"
         name = os.path.basename(r["image"])
         names = [name] if name in context else by_number.get(coco_number(name), [])
         if len(names) != 1:
@@ -533,7 +533,7 @@ def coco_chair_questions(cfg):
                 matched += 1
         if not matched:  # (CHAIR would run without the captions' objects, saying nothing)
             message = (f"no caption's image_id is one of the {len(imgs)} images scored from "
-                       f"{path} (e.g. {imgs[0]['id']!r}): captions of another split?")
+                       f"{path} (e.g. {imgs[0]['id']!r:.60}): captions of another split?")
             raise DataError(cfg.chair_captions, field="annotations", message=message)
     return [{"id": str(img["id"]), "image_id": img["id"], "file": path, "prompt": cfg.chair_prompt,
              "record": i, "id_field": "images.id",
@@ -568,7 +568,7 @@ def lrv_gavie_questions(cfg):
             ok = isinstance(b, dict) and isinstance(b.get("bbox", []), list) \
                 and all(isinstance(b.get(k), (str, type(None))) for k in ("caption", "name"))
             if not ok:
-                raise DataError(cfg.gavie_annotations, f"{iid!r} box {j}", None,
+                raise DataError(cfg.gavie_annotations, f"{iid!r:.60} box {j}", None,
                                 "expected {\"caption\": string, \"bbox\": [x, y, w, h]}")
         name = iid if os.path.splitext(iid)[1] else iid + ".jpg"  # Visual Genome <image_id>.jpg
         image_boxes = [(b.get("caption") or b.get("name") or "object", b.get("bbox", []))
@@ -801,11 +801,12 @@ class Answerer:
                 if "image" in r:  # (its questions would be scored as the answers)
                     raise DataError(path, i, "image", QUESTIONS_NOT_ANSWERS)
                 if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
-                    raise DataError(path, i, "prompt", f"expected a string, got {r['prompt']!r}")
+                    raise DataError(path, i, "prompt",
+                                    f"expected a string, got {r['prompt']!r:.60}")
                 qid = str(r["question_id"])
                 if qid in self.memo["llava"]:  # (the last answer would win without a word)
                     first = self.memo["llava"][qid][0]
-                    raise DataError(path, f"{i} (id {r['question_id']!r})", "question_id",
+                    raise DataError(path, f"{i} (id {r['question_id']!r:.60})", "question_id",
                                     f"given twice (first at record {first})")
                 self.memo["llava"][qid] = (i, r)
         done = {}
@@ -816,7 +817,7 @@ class Answerer:
                 asked = {q["prompt"].strip(), q.get("text", q["prompt"]).strip()}
                 if r.get("prompt") is not None and r["prompt"].strip() not in asked:
                     message = f"is not the question in {q['file']} ({q['prompt'][:60]!r})"
-                    raise DataError(path, f"{i} (id {q['id']!r})", "prompt", message)
+                    raise DataError(path, f"{i} (id {q['id']!r:.60})", "prompt", message)
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
         if qs and not done:

@@ -169,7 +169,7 @@ def record_label(i, r):
     for k in ("id", "question_id", "filename"):
         value = r.get(k) if isinstance(r, dict) else None
         if isinstance(value, (str, int)) and not isinstance(value, bool):
-            return f"{i} (id {r[k]!r})"
+            return f"{i} (id {r[k]!r:.40})"
     return str(i)
 
 
@@ -236,13 +236,13 @@ def _number(r, key, default=None):
     them)."""
     v = default if r.get(key) is None else r[key]
     if type(v) not in (int, float):
-        raise _bad(key, f"expected a number, got {v!r}")
+        raise _bad(key, f"expected a number, got {v!r:.40}")
     try:
         f = float(v)
     except OverflowError:  # an integer beyond a float's range (JSON sets no limit)
         raise _bad(key, f"expected a finite number, got an integer of {len(str(v))} digits")
     if not math.isfinite(f):
-        raise _bad(key, f"expected a finite number, got {v!r}")
+        raise _bad(key, f"expected a finite number, got {v!r:.40}")
     return f
 
 
@@ -291,7 +291,8 @@ def conversation(turns, has_image, field="conversations", end="gpt"):
             raise _bad(field, f"turn {j}: expected an object with 'from' and 'value'")
         role = ROLES.get(t["from"].strip().lower()) if isinstance(t.get("from"), str) else None
         if role is None:
-            raise _bad(field, f"turn {j}: 'from' is {t.get('from')!r}, expected 'human' or 'gpt'")
+            raise _bad(field, f"turn {j}: 'from' is {t.get('from')!r:.40}, expected 'human' "
+                             "or 'gpt'")
         want = "human" if j % 2 else "gpt"
         if role != want:  # (LLaVA silently drops a leading gpt turn; we say so instead)
             raise _bad(field, f"turn {j} is from {role!r}, expected {want!r}")
@@ -417,7 +418,7 @@ def _captions(r, caption_map, key, need, fix="pass --captions FILE, or --facts f
     if need and not caps:
         where = ""
         if caption_map is not None:
-            where = f" (none inline, none under {key!r} in the captions file)"
+            where = f" (none inline, none under {key!r:.80} in the captions file)"
         message = f"no captions{where}: Fact-RLHF facts need captions; add them, {fix}"
         raise _bad("captions", message)
     return caps
@@ -535,7 +536,7 @@ def read_pope(path, image_folder=None, check_images=True, on_error="raise"):
         no_image_tag(text, "text")
         label = _typed(r, "label", str).strip().lower()
         if label not in ("yes", "no"):
-            raise _bad("label", f"must be 'yes' or 'no', got {r['label']!r}")
+            raise _bad("label", f"must be 'yes' or 'no', got {r['label']!r:.40}")
         return dict(r, image=image, text=text, label=label)
 
     out, skipped = _each(path, _records(path), fn, on_error)

@@ -305,7 +305,7 @@ def llava_bench_rule(rules, category, path, i, rule_file):
     rule = rules.get(category, rules.get(None))
     if rule is None:  # (eval_gpt_review_visual.py stops at it)
         raise DataError(rule_file, repr(category), None,
-                        f"no rule for the category {category!r} of {path} record {i}")
+                        f"no rule for the category {category!r:.60} of {path} record {i}")
     texts = isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in ("role", "prompt"))
     if not texts:
         raise DataError(rule_file, repr(category), None, "expected {\"role\": string, "
@@ -580,7 +580,7 @@ class LocalJudge:
         positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
         if positions and ids.shape[1] + self.cfg.judge_max_tokens > positions:
             raise JudgeError(f"{self.cfg.judge_model}: the judge prompt for {record['bench']} "
-                             f"question {record['id']!r} is {ids.shape[1]} tokens; with "
+                             f"question {record['id']!r:.60} is {ids.shape[1]} tokens; with "
                              f"--judge_max_tokens {self.cfg.judge_max_tokens} that passes the "
                              f"model's {positions} positions (a judge with a longer context?)")
         pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id

@@ -452,3 +452,21 @@ def test_flickr30k(tmp_path):
     assert error(flickr30k_to_conversations, path, str(tmp_path)) == (
         f"{path}: record 0 (id '1000092795.jpg'): field 'sentences': "
         f"expected a non-empty list of {{\"raw\": caption}}")
+
+
+def test_a_huge_value_in_a_record_is_cut_in_the_message(tmp_path):
+    """The one line naming a bad record printed a value read from the file whole: a 20000-character
+    id, role or label filled the terminal. Each is cut (its repr, to 40 characters)."""
+    huge = "x" * 20000
+    img = png(tmp_path / "img", "a.png")
+    cases = [
+        (read_llava, [{"id": huge, "image": "a.png", "conversations": turns("Hi", "")}]),
+        (read_llava, [{"id": "a", "conversations": [{"from": huge, "value": "Hi"}]}]),
+        (read_pope, [{"question_id": 1, "image": "a.png", "text": "Is there a cat?",
+                      "label": huge}]),
+        (read_rl_prompts, [rl(length_bonus=huge)]),
+    ]
+    png(tmp_path / "img", "000000000042.jpg")
+    for fn, recs in cases:
+        msg = error(fn, write(tmp_path / "d.json", recs), str(tmp_path / "img"))
+        assert "xxxxxxxxxx" in msg and len(msg) < 300 + len(img), (fn.__name__, msg[:400])

@@ -264,7 +264,7 @@ def load_records(cfg):
             # (the world's field: a question type for each question/answer pair)
             if qtypes is not None and (not isinstance(qtypes, list) or len(qtypes) != len(conv) // 2
                                        or not all(isinstance(q, str) for q in qtypes)):
-                raise DataError(path, f"{j} (id {r['id']!r})" if r.get("id") else j, "qtypes",
+                raise DataError(path, f"{j} (id {r['id']!r:.60})" if r.get("id") else j, "qtypes",
                                 f"expected a list of {len(conv) // 2} question types (strings), "
                                 f"one per question/answer pair, got {qtypes!r:.60}")
             unknown = next((q for q in qtypes or [] if q not in QTYPE_TO_TYPE), None)
