@@ -23,7 +23,8 @@ r"""Evaluation: POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench, with judges tha
         # no Shapes version (its score is a judge's preference between two answers, which the
         # oracle cannot give)
 
-Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft):
+Files (OUT = --out; NAME = the checkpoint's folder name: ckpt/sft -> sft; sft-1, ... where
+another checkpoint of that name has its scores in OUT/sft, a note says so):
   OUT/NAME/answers_<bench>[_<split>].jsonl  one line per question {"id", "prompt", "answer",
       + what scoring needs, "source", "image_digest"}, appended batch by batch: a run that stops
       keeps its answers, the next run generates only the missing ones (a stored line counts when
@@ -1055,19 +1056,52 @@ def evaluate(cfg, ckpt, name, bench, judges):
     return scores
 
 
-def run_names(ckpts):
+def run_names(ckpts, out=None, rescore=False):
     """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 ->
-    sft-checkpoint-000100)."""
+    sft-checkpoint-000100), numbered where two share one, or where OUT's folder of that name
+    holds another checkpoint's scores (an earlier --compare x/run y/run scored y/run as run-1: a
+    later --ckpt y/run replaced x/run's scores in run); a numbered folder that holds this
+    checkpoint's scores is its own. --rescore: only that one (it scores stored runs; their
+    answers' checkpoints are checked as they are read)."""
     names = []
     for c in ckpts:
         n = common.checkpoint_name(c)
-        k = len(names)
-        name = n if n not in names else f"{n}-{k}"
-        while name in names:  # (a/sft-2, b/sft, c/sft: the third is not sft-2 again)
-            k += 1
-            name = f"{n}-{k}"
+        name, k = n, max(len(names), 1)
+        if rescore and n not in names and scored(out, n, c) is False:
+            name = next((m for m in numbered(out, n) if scored(out, m, c)), n)
+        elif n in names or scored(out, n, c) is False:
+            name = next((m for m in numbered(out, n) if m not in names and scored(out, m, c)),
+                        None)
+            while name is None or name in names or scored(out, name, c) is False:
+                # (a/sft-2, b/sft, c/sft: the third is not sft-2 again)
+                name, k = f"{n}-{k}", k + 1
+        if name != n and scored(out, n, c) is False:
+            print(f"note: {os.path.join(out, n)} holds the scores of another checkpoint; {c} is "
+                  f"scored into {os.path.join(out, name)}", flush=True)
         names.append(name)
     return names
+
+
+def numbered(out, n):
+    """OUT's folders named N-1, N-2, ... in order."""
+    found = os.listdir(out) if out and os.path.isdir(out) else []
+    return sorted((m for m in found if re.fullmatch(re.escape(n) + r"-\d+", m)),
+                  key=lambda m: int(m.rsplit("-", 1)[1]))
+
+
+def scored(out, name, ckpt):
+    """Whether OUT/NAME/scores.json records `ckpt` (True) or another checkpoint (False); None
+    where it cannot tell: no scores, or either checkpoint not on disk (a moved or deleted one;
+    the path as recorded, resolved from here)."""
+    path = os.path.join(out, name, "scores.json") if out else ""
+    try:
+        with open(path) as f:
+            was = json.load(f).get("ckpt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(was, str) or not os.path.exists(was) or not os.path.exists(ckpt):
+        return None
+    return os.path.realpath(was) == os.path.realpath(ckpt)
 
 
 COLUMNS = [("yes-ratio", ("pope", "average", "yes_ratio"), ".3f"),
@@ -1238,12 +1272,13 @@ def main(cfg):
     # --compare: a checkpoint after the first that has no scores here yet loads once before any
     # answers (one that fails to load was named after the others had answered: hours, on real
     # benchmarks; one scored here before is most likely answered already, and not loaded)
-    for ckpt, name in list(zip(ckpts, run_names(ckpts)))[1:] if not cfg.rescore else []:
+    names = run_names(ckpts, cfg.out, cfg.rescore)
+    for ckpt, name in list(zip(ckpts, names))[1:] if not cfg.rescore else []:
         if not os.path.exists(os.path.join(cfg.out, name, "scores.json")):
             Answerer(cfg, ckpt, name)._load()
             if cfg.device == "cuda":
                 torch.cuda.empty_cache()
-    for ckpt, name in zip(ckpts, run_names(ckpts)):
+    for ckpt, name in zip(ckpts, names):
         t0 = time.time()
         rows[name] = evaluate(cfg, ckpt, name, bench, judges)
         scores_path = os.path.join(cfg.out, name, "scores.json")

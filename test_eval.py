@@ -771,7 +771,8 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
 def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
     """Real benchmarks need runs of their own (one --image_folder each), and each run into the same
     --out replaced scores.json with its own benchmarks: MMHal's scores were gone after a GAVIE
-    run. The same checkpoint's other benchmarks are kept; another checkpoint's are not."""
+    run. The same checkpoint's other benchmarks are kept; another checkpoint of the same name is
+    scored beside them (it replaced them)."""
     out = tmp_path / "o"
     pope = run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope")["m0"]["pope"]
     chair = run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "chair")["m0"]["chair"]
@@ -780,7 +781,9 @@ def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
     other = tmp_path / "other" / "m0"  # another checkpoint, written to the same folder name
     shutil.copytree(env["ckpts"][0], other)
     run_cli(env, out, "--ckpt", str(other), "--benchmarks", "chair")
-    assert "pope" not in json.load(open(out / "m0" / "scores.json"))
+    assert json.load(open(out / "m0" / "scores.json")) == scores
+    beside = json.load(open(out / "m0-1" / "scores.json"))
+    assert "pope" not in beside and beside["ckpt"] == str(other)
 
 
 def test_judge_replies_are_reused_only_for_the_same_prompt():
@@ -932,6 +935,30 @@ def test_run_names_are_unique():
     assert E.run_names(["a/sft-2", "b/sft", "c/sft"]) == ["sft-2", "sft", "sft-3"]
     assert E.run_names(["a/sft", "b/sft"]) == ["sft", "sft-1"]
     assert E.run_names(["ckpt/sft/checkpoint-000100"]) == ["sft-checkpoint-000100"]
+
+
+def test_a_later_ckpt_is_scored_beside_the_compare_run_of_its_name(env, capsys):
+    """--compare x/run y/run scores y/run into run-1; a later --ckpt y/run into the same --out
+    wrote into run (x/run's folder: its scores.json replaced by y/run's). It now finds run-1,
+    says so, and reuses its answers; x/run's scores stay."""
+    root = env["root"] / "names"
+    for side, ckpt in (("x", env["ckpts"][0]), ("y", env["ckpts"][1])):
+        shutil.copytree(ckpt, root / side / "run")
+    x, y, out = str(root / "x" / "run"), str(root / "y" / "run"), root / "out"
+    args = ("--benchmarks", "pope")
+    run_cli(env, out, *args, "--compare", x, y)
+    first = json.load(open(out / "run" / "scores.json"))
+    capsys.readouterr()
+    rows = run_cli(env, out, *args, "--ckpt", y)
+    said = capsys.readouterr().out
+    assert list(rows) == ["run-1"] and "generating 0" in said, said
+    assert f"note: {out / 'run'} holds the scores of another checkpoint; {y} is scored into " \
+        f"{out / 'run-1'}" in said
+    assert json.load(open(out / "run" / "scores.json")) == first and first["ckpt"] == x
+    assert json.load(open(out / "run-1" / "scores.json"))["ckpt"] == y
+    assert E.run_names([x], str(out)) == ["run"] and E.run_names([y], str(out)) == ["run-1"]
+    # --rescore finds it too (it was refused: run's answers are x/run's)
+    assert list(run_cli(env, out, *args, "--ckpt", y, "--rescore", "true")) == ["run-1"]
 
 
 def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
