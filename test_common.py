@@ -174,14 +174,17 @@ SCRIPTS = ("sft.py", "reward.py", "ppo.py", "dpo.py", "vigc.py", "eval.py", "pip
 
 def documented_commands():
     """(where, script, argv) of every `python X.py ...` / `torchrun ... X.py ...` command in
-    README.md's bash blocks and in the scripts' docstrings (continued lines joined, comments and
-    `&&`-joined commands split off)."""
+    the bash blocks of README.md and of docs/*.md and in the scripts' docstrings (continued lines
+    joined, comments and `&&`-joined commands split off)."""
     import ast
+    import glob
     import re
     import shlex
     from conftest import HERE
     read = lambda name: open(os.path.join(HERE, name), encoding="utf-8").read()
-    texts = [("README.md", b) for b in re.findall(r"```bash\n(.*?)```", read("README.md"), re.S)]
+    docs = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md")))
+    texts = [(name, b) for name in ["README.md"] + docs
+             for b in re.findall(r"```bash\n(.*?)```", read(name), re.S)]
     texts += [(s, ast.get_docstring(ast.parse(read(s))) or "") for s in SCRIPTS]
     out = []
     for where, text in texts:
