@@ -123,7 +123,7 @@ def plan(cfg):
                 n = f"rlhf/rm-{facts}-s{s}"
                 has_facts = str(facts == "facts").lower()
                 # 1000 steps, not the main job's 150: at 150 a reward model ranks added sentences
-                # and little else (held-out 0.66, with or without facts; README, the main job)
+                # and little else (docs/main-job-runs.md, format 11's measurements)
                 argv = ["--init", cfg.sft, "--facts", has_facts, "--eval_prompt", "short",
                         *steps(1000), "--eval_every", "0", "--save_every", "100000", *seed,
                         "--out", R(n)]

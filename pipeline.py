@@ -51,7 +51,7 @@ class Config:
 # reward model reads the same facts through the short evaluation turn (half the tokens of
 # LLaVA-RLHF's verbatim one, which stays reward.py's default for real runs). PPO keeps its own lr
 # (5e-4): at 2e-3 the policy drifted ~8 nats of KL per answer in 30 steps and said "no" to nearly
-# every yes/no question (yes-ratio 0.06 and 0.09 from two SFT runs; README, the main job). LRV
+# every yes/no question (yes-ratio 0.06 and 0.09 from two SFT runs; docs/main-job-runs.md). LRV
 # runs 600 steps at 1e-3 (about a minute): at 150 steps and 5e-4 it moved the yes-ratio without
 # teaching the model to look (POPE recall 0.995 -> 0.777 at the same accuracy on seed 0). The
 # reward model stays at 150 steps, the budget's trade-off: 1000 reach 0.79 held-out, not 0.66, but
