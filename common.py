@@ -1683,7 +1683,8 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
                              tokenizer_flag=""):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
-    image_size and patch_size replaced, see world_geometry). The tokenizer comes from the
+    image_size and patch_size replaced, see world_geometry), in `dtype` (None: fp32, whatever
+    the checkpoint stores; the stages cast for bf16 after). The tokenizer comes from the
     checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
     is refused (policy=False: a reward model is what is wanted). tokenizer_flag: the user's flag
     that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read)."""
@@ -1708,7 +1709,10 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
             raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
         # the model first: transformers' tokenizer classes read config.json too, and a value
         # there they refuse would be blamed on the tokenizer, without the field's value
-        model = load_checkpoint(path, vision_tower=vision_tower or None, dtype=dtype)
+        # fp32 unless asked (LLaVA's releases are fp16: kept as stored, --dtype fp32 trained in
+        # fp16 on the CPU and its loss was NaN at step 2)
+        model = load_checkpoint(path, vision_tower=vision_tower or None,
+                                dtype=dtype or torch.float32)
         tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:

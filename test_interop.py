@@ -541,6 +541,33 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
     assert torch.equal(out, ours)
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_a_half_precision_release_trains_and_answers_in_fp32(tiny_sft, tiny_world, tmp_path,
+                                                              half):
+    """LLaVA's releases store fp16 weights: the stages kept them as stored, so `sft.py --init`
+    with the default --dtype fp32 trained in fp16 on the CPU (loss NaN at step 2) and a bf16
+    release trained in bf16. The stages load fp32; load_checkpoint keeps the stored dtype."""
+    from safetensors.torch import load_file, save_file
+    from conftest import run_cli
+    m, _ = common.load_model_and_tokenizer(tiny_sft)
+    hf = tmp_path / "hf"
+    export_llava_hf(m, hf)
+    weights = load_file(str(hf / "model.safetensors"))
+    save_file({k: v.to(half) for k, v in weights.items()}, str(hf / "model.safetensors"),
+              {"format": "pt"})
+    assert {p.dtype for p in load_checkpoint(str(hf)).parameters()} == {half}
+    loaded, _ = common.load_model_and_tokenizer(str(hf))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    out = tmp_path / "sft"
+    code, _, err = run_cli("sft", ["--init", str(hf), "--world", tiny_world, "--max_steps", "2",
+                                   "--batch_size", "4", "--report", "false", "--log_every", "1",
+                                   "--out", str(out)])
+    assert code == 0, err
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), rows
+    assert {p.dtype for p in load_checkpoint(str(out)).parameters()} == {torch.float32}
+
+
 # ----------------------------------------------------------------------------------------
 # LLaVA-RLHF's reward model -> ours (reward.py --import_llava_rlhf, then ppo.py --reward)
 # ----------------------------------------------------------------------------------------
