@@ -184,35 +184,45 @@ class TensorSource:
 
 def _weight_files(path):
     """The files transformers' from_pretrained reads: model.safetensors when there, else the
-    shards its index lists, else every *.safetensors (shards without an index); pytorch_model*.bin
-    alike when there is no safetensors file. Another file beside them (a variant, an optimizer's
-    tensors, a stale copy) is not read. Adapters' files are never base weights."""
+    shards its index lists, else pytorch_model.bin, else its index's shards; then (ours, where
+    transformers reads nothing) shards named model-N-of-M without an index, else every
+    *.safetensors, else every pytorch_model*.bin. Another file beside them (a variant such as
+    model.fp16.safetensors, an optimizer's tensors, a stale copy) is not read. Adapters' files
+    are never base weights."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
     names = sorted(os.listdir(path))
     adapter_files = ("adapters.safetensors", "adapter_model.safetensors")
-    kinds = (("model.safetensors", lambda n: n.endswith(".safetensors") and n not in adapter_files),
-             ("pytorch_model.bin", lambda n: n.startswith("pytorch_model") and n.endswith(".bin")))
-    for single, is_weights in kinds:
-        files = [n for n in names if is_weights(n)]
-        if not files:
-            continue
+    kinds = (("model.safetensors", [n for n in names if n.endswith(".safetensors")
+                                    and n not in adapter_files]),
+             ("pytorch_model.bin", [n for n in names if n.startswith("pytorch_model")
+                                    and n.endswith(".bin")]))
+    for single, files in kinds:
         if single in files:
             return [os.path.join(path, single)]
         index = os.path.join(path, single + ".index.json")
-        if os.path.exists(index):
+        if files and os.path.exists(index):
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: field 'weight_map': expected an object "
                                       "{key: file}")
-            files = sorted({str(f) for f in weight_map.values()})
+            listed = sorted({str(f) for f in weight_map.values()})
             # (an interrupted download would otherwise show up as a missing key, far from its
             # cause)
-            absent = [f for f in files if f not in names]
+            absent = [f for f in listed if f not in names]
             if absent:
                 raise CheckpointError(f"{index}: lists the shard '{absent[0]}', which is not in "
                                       f"{path} (an incomplete copy or download?)")
-        return [os.path.join(path, n) for n in files]
+            return [os.path.join(path, n) for n in listed]
+    for single, files in kinds:
+        stem, ext = os.path.splitext(single)
+        shards = [n for n in files if re.fullmatch(re.escape(stem) + r"-\d+-of-\d+"
+                                                   + re.escape(ext), n)]
+        if shards:
+            return [os.path.join(path, n) for n in shards]
+    for _, files in kinds:
+        if files:
+            return [os.path.join(path, n) for n in files]
     raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
                           "or pytorch_model*.bin)")
 
@@ -428,6 +438,10 @@ def detect_layout(path):
             raise CheckpointError(f"{path}: no config.json; it holds the PEFT adapters "
                                   f"{', '.join(a + '/' for a in adapters)}: pass one of them")
         raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
+    if os.path.exists(os.path.join(path, "non_lora_trainables.bin")):  # (llava-v1.5-7b-lora)
+        raise CheckpointError(f"{path}: LLaVA's LoRA release layout (adapter_model with "
+                              "non_lora_trainables.bin) is not read: merge it into its base with "
+                              "LLaVA's scripts/merge_lora_weights.py and pass the merged folder")
     cfg = _read_json(cfg_path)
     if cfg.get("format") == FORMAT_NAME:
         _check_own_config(cfg_path, cfg)
@@ -526,18 +540,26 @@ def _resolve_clip_dir(name, checkpoint):
     return None
 
 
-def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=True):
+def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=True,
+                    fresh_projector_ok=True):
     """Load a LLaVA from any supported directory layout (see detect_layout). `vision_tower` names a
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
-    then the projector is freshly initialised: the starting point of SFT)."""
+    then the projector is freshly initialised: the starting point of SFT; fresh_projector_ok
+    False refuses that)."""
     path = resolve_checkpoint(str(path))
     # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
     if is_peft_dir(path):
-        model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters)
+        model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters,
+                                fresh_projector_ok)
         load_peft_adapter(model, path, "default")
         if "default" in model.adapters:  # (LoRA only on CLIP or the projector: merged, no adapter)
             model.set_adapter("default")
         return model
+    if vision_tower and not os.path.exists(vision_tower) and \
+            (os.path.isabs(vision_tower) or vision_tower.startswith((".", "~"))):
+        # (a folder of its name beside the checkpoint stood in without a word: that is for the
+        # hub names configs record, as 'openai/clip-vit-large-patch14-336')
+        raise CheckpointError(f"--vision_tower {vision_tower}: no such directory")
     if vision_tower and _resolve_clip_dir(vision_tower, path) is None:  # (was passed over unread)
         raise CheckpointError(f"--vision_tower {vision_tower}: not a CLIP directory (no "
                               "config.json in it, nor in a folder of its name beside the "
@@ -577,6 +599,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
                   "it was trained with", flush=True)
     elif layout == "llava-hf":
+        if vision_tower:  # (its CLIP config and weights are its own: passed over without a word)
+            print(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
+                  "CLIP config and weights it was trained with", flush=True)
         # (no vision_config, or null: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own)
         vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
                             if cfg.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
@@ -643,9 +668,10 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         elif has_vision:
             vf = _vision_fields_from_weights(src, path, cfg.get("mm_vision_tower"))
         else:
+            name = cfg.get("mm_vision_tower")
+            named = f"; config names {name!r:.80}" if name else ""
             raise CheckpointError(f"{path}: the CLIP weights are not in this checkpoint; pass the "
-                                  "local CLIP directory (--vision_tower DIR; config names "
-                                  f"'{cfg.get('mm_vision_tower')}')")
+                                  f"local CLIP directory (--vision_tower DIR{named})")
         if _get(cfg, "mm_use_im_start_end", False):
             raise CheckpointError(f"{path}/config.json: mm_use_im_start_end true is not supported")
         if layout == "llava":
@@ -653,6 +679,11 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         feature = _get(cfg, "mm_vision_select_feature", "patch")
         projector = _get(cfg, "mm_projector_type", "linear")
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
+        if fresh_projector and not fresh_projector_ok:  # (random image features, scored or
+            # trained on without a word, into adapters that could not be loaded again)
+            what = "a language model" if layout == "llama" else "a LLaVA without projector weights"
+            raise CheckpointError(f"{path}: {what}: its projector would be random; only sft.py "
+                                  "starts from one (LLaVA's stage 1); pass a LLaVA checkpoint")
         pad = _from_file(path, lambda: _pad_id(cfg, 0))  # LLaVA pads with <unk> (id 0)
         layer = _get(cfg, "mm_vision_select_layer", -2)
         if type(layer) is not int:  # (LLaVA indexes hidden_states with it: one layer)
@@ -1330,6 +1361,10 @@ def peft_base_dir(path):
             candidates.append(os.path.join(os.path.dirname(folder), name))
     for cand in candidates:
         if os.path.isdir(cand) and os.path.realpath(cand) != os.path.realpath(path):
+            if is_peft_dir(cand):  # (its base's base... : a traceback, or endless recursion)
+                raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {cand} is "
+                                      "another PEFT adapter; an adapter on an adapter is not "
+                                      "read: merge that one into its base first")
             return cand
     raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': "
                           f"{base!r:.80} is not a local directory, nor a folder of its name "

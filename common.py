@@ -3,6 +3,7 @@ data parallelism, or FSDP2 sharding with --fsdp), seeding, AdamW + cosine schedu
 checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -1129,19 +1130,43 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
         tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         cfg = _config_dict(run_config)
-        # base is stored relative to the checkpoint, so a moved ckpt/ tree keeps working
-        save_checkpoint_files(model, tmp, base=base, extra_config={"step": step, "run_config": cfg})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                 "rng": rng_state(generators), "rng_ranks": ranks_rng,
-                 "world": d.world if d is not None else 1, "extra": extra_state or {}}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        try:
+            # base is stored relative to the checkpoint, so a moved ckpt/ tree keeps working
+            save_checkpoint_files(model, tmp, base=base,
+                                  extra_config={"step": step, "run_config": cfg})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
+                     "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                     "rng": rng_state(generators), "rng_ranks": ranks_rng,
+                     "world": d.world if d is not None else 1, "extra": extra_state or {}}
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        except Exception as e:  # (a full disk: torch's and safetensors' own errors, a traceback)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failure(e, out_dir, os.path.basename(final)) from None
         _commit(tmp, final, out_dir, keep)
     if d is not None and d.world > 1:
         dist.barrier()
     return final
+
+
+def write_failure(error, out_dir, what):
+    """A user's error for a checkpoint that could not be written for want of space (or a failing
+    disk): OSError's ENOSPC, EDQUOT or EIO, or the same in torch's and safetensors' own errors,
+    which carry no errno. Anything else is raised as it was."""
+    text = str(error)
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    signs = ("No space left", "os error 28", "Disk quota", "iostream error", "unexpected pos",
+             "file write failed")
+    if not full and not any(sign in text for sign in signs):
+        raise error
+    try:
+        free = f"{shutil.disk_usage(out_dir).free / 2 ** 20:.0f} MB free there"
+    except OSError:
+        free = "its free space unknown"
+    first = text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
+    return CheckpointError(f"{out_dir}: cannot write {what} ({first}; {free}); nothing of it "
+                           "was kept: free some space and go on with --resume true")
 
 
 def _config_dict(run_config):
@@ -1680,14 +1705,16 @@ def tokenizer_source(given, cfg, load_from):
 
 def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
                              device="cpu", dtype=None, policy=True, geometry=None,
-                             tokenizer_flag=""):
+                             tokenizer_flag="", fresh_projector_ok=False):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
     image_size and patch_size replaced, see world_geometry), in `dtype` (None: fp32, whatever
     the checkpoint stores; the stages cast for bf16 after). The tokenizer comes from the
     checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
     is refused (policy=False: a reward model is what is wanted). tokenizer_flag: the user's flag
-    that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read)."""
+    that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read).
+    fresh_projector_ok: a LLaMA (or a LLaVA without projector weights) plus CLIP is a start (SFT's
+    alone; elsewhere refused)."""
     from data import load_tokenizer
     if init:
         path = resolve_checkpoint(init)
@@ -1697,7 +1724,8 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if policy:
             refuse_scalar_model(path)
         # a PEFT adapter is often saved without a tokenizer: its base's is the model's own
-        base = peft_base_dir(path) if is_peft_dir(path) and not has_tokenizer(path) else None
+        base = resolve_checkpoint(peft_base_dir(path)) \
+            if is_peft_dir(path) and not has_tokenizer(path) else None
         own = path if has_tokenizer(path) else base if base and has_tokenizer(base) else ""
         if own and tokenizer_flag and tokenizer_dir:
             raise ConfigError(f"{tokenizer_flag} {tokenizer_dir}: not read ({own} holds the "
@@ -1706,13 +1734,15 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         if not tok_dir:  # (before loading: a 7B model loaded for minutes to be refused)
             hint = f" (pass {tokenizer_flag} DIR: the world's default does not stand in)" \
                 if tokenizer_flag else ""
-            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{hint}")
+            where = f" nor in its base {base}" if base else ""
+            raise ConfigError(f"{path}: no tokenizer files in the checkpoint directory{where}"
+                              f"{hint}")
         # the model first: transformers' tokenizer classes read config.json too, and a value
         # there they refuse would be blamed on the tokenizer, without the field's value
         # fp32 unless asked (LLaVA's releases are fp16: kept as stored, --dtype fp32 trained in
         # fp16 on the CPU and its loss was NaN at step 2)
         model = load_checkpoint(path, vision_tower=vision_tower or None,
-                                dtype=dtype or torch.float32)
+                                dtype=dtype or torch.float32, fresh_projector_ok=fresh_projector_ok)
         tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:

@@ -71,8 +71,8 @@ from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversation
                   read_pope, read_text)
 from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
                      read_llava_bench_answers, read_llava_bench_context, record_label)
-from checkpoint import (base_weights_dir, check_weight_headers, is_peft_dir, peft_base_dir,
-                        refuse_scalar_model, resolve_checkpoint)
+from checkpoint import (base_weights_dir, check_weight_headers, detect_layout, is_peft_dir,
+                        peft_base_dir, refuse_scalar_model, resolve_checkpoint)
 from model import CheckpointError
 from judges import (PLACEHOLDERS, JudgeError, gavie_metrics, judge_prompt, llava_bench_metrics,
                     llava_bench_rule, load_judge_prompts, load_llava_bench_rules,
@@ -1251,6 +1251,8 @@ def main(cfg):
         ckpt_dir = resolve_checkpoint(c)
         path = os.path.join(ckpt_dir, "adapter_config.json" if is_peft_dir(ckpt_dir) else
                             "config.json")
+        if not os.path.exists(path):  # (a run folder without a checkpoint-N, an empty folder)
+            detect_layout(ckpt_dir)  # (raises, naming what the folder holds)
         try:
             with open(path) as f:
                 json.load(f)

@@ -302,7 +302,8 @@ def main(cfg):
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        tokenizer_dir, d.device, geometry=geometry,
-                                                       tokenizer_flag=tokenizer_flag)
+                                                       tokenizer_flag=tokenizer_flag,
+                                                       fresh_projector_ok=True)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
     if d.main:  # (the world's note only where this run reads the world)

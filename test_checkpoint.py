@@ -309,6 +309,92 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     assert fresh.shape == (32, 32) and fresh.std() > 0
 
 
+def test_a_fresh_projector_is_refused_outside_sft_and_a_missing_tower_path_is_named(tmp_path,
+                                                                                   tiny_world):
+    """A LLaMA plus CLIP (or a LLaVA without projector weights) loaded for eval, DPO, reward or
+    VIGC got a random projector without a word (scores of random image features; adapters that
+    could not be loaded again). Only SFT starts from it. And an --vision_tower path that is not
+    there was replaced by a CLIP folder of its name beside the checkpoint."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    import common
+    LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    clip = str(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="a language model: its projector would be random; "
+                                              "only sft.py starts from one"):
+        load_checkpoint(tmp_path / "llama", vision_tower=clip, fresh_projector_ok=False)
+    assert load_checkpoint(tmp_path / "llama", vision_tower=clip).projector is not None
+    import shutil
+    for f in os.listdir(os.path.join(tiny_world, "tokenizer")):
+        shutil.copy(os.path.join(tiny_world, "tokenizer", f), tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="projector would be random"):  # the stages' loader
+        common.load_model_and_tokenizer(str(tmp_path / "llama"), vision_tower=clip)
+    gone = str(tmp_path / "elsewhere" / "clip")  # ('clip' beside the checkpoint stood in)
+    with pytest.raises(CheckpointError, match=f"--vision_tower {gone}: no such directory"):
+        load_checkpoint(tmp_path / "llama", vision_tower=gone)
+
+
+def test_vision_tower_beside_a_llava_hf_checkpoint_is_named_not_read(hf_dirs, tmp_path, capsys):
+    """A llava-hf folder always holds its CLIP: --vision_tower was passed over without a word."""
+    from transformers import CLIPVisionModel
+    _, path = hf_dirs["gelu"]
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    plain = load_checkpoint(path)
+    capsys.readouterr()
+    got = load_checkpoint(path, vision_tower=str(tmp_path / "clip"))
+    note = capsys.readouterr().out.strip().splitlines()
+    assert note == [f"note: --vision_tower {tmp_path / 'clip'} not read: {path} (llava-hf) holds "
+                    "the CLIP config and weights it was trained with"], note
+    for a, b in zip(got.vision_tower.parameters(), plain.vision_tower.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
+    """LLaVA's LoRA release (adapter_model + non_lora_trainables.bin beside a LLaVA config.json)
+    was reported as missing tokenizer files or weights; an adapter whose base is another adapter
+    ended in a traceback (two naming each other: RecursionError)."""
+    from checkpoint import detect_layout, peft_base_dir
+    lora = tmp_path / "llava-v1.5-7b-lora"
+    lora.mkdir()
+    (lora / "config.json").write_text(json.dumps({"model_type": "llava_llama",
+                                                   "mm_vision_tower": "openai/clip"}))
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (lora / "non_lora_trainables.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"LLaVA's LoRA release layout \(.*merge_lora"):
+        detect_layout(str(lora))
+    for a, b in (("a", "b"), ("b", "a")):
+        (tmp_path / a).mkdir()
+        (tmp_path / a / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / b)}))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: field "
+                                              r"'base_model_name_or_path': .* is another PEFT"):
+        peft_base_dir(str(tmp_path / "a"))
+    with pytest.raises(CheckpointError, match="is another PEFT adapter"):
+        load_checkpoint(tmp_path / "a")
+
+
+def test_bin_weights_beside_a_safetensors_variant_are_read_as_transformers_reads(hf_dirs,
+                                                                                tmp_path):
+    """pytorch_model.bin beside model.fp16.safetensors (no model.safetensors, no index):
+    transformers reads the .bin; ours read the variant (logits 0.38 apart)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "bin"
+    shutil.copytree(path, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    save_file({k: v * 0.5 for k, v in state.items()}, str(d / "model.fp16.safetensors"),
+              {"format": "pt"})
+    theirs = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    ours = load_checkpoint(d).eval()
+    pixels, ids = inputs(seed=8)
+    torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
+                               rtol=0)
+
+
 def test_llama_one_pad_id_minus_one_is_llavas_unk(tmp_path):
     """LLaMA-1 era configs write pad_token_id -1 for 'none'. It was taken as the pad id, which
     generate feeds back in for the rows that have finished: an index error once one row ended

@@ -224,3 +224,39 @@ def test_every_documented_command_parses():
         # every sequence dropped)
         for field in ("max_len", "max_prompt_len") if "llava-v1.5" in " ".join(argv) else ():
             assert getattr(cfg, field, 1e9) > 576, f"{where}: {script} {' '.join(argv)}"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(tmp_path,
+                                                                              monkeypatch):
+    """A disk filling up while a checkpoint was written ended in torch's or safetensors' own
+    traceback ("basic_ios::clear: iostream error", "unexpected pos"), with the half-written temp
+    folder left behind. Now one error naming the folder and the free space; nothing of it kept;
+    the checkpoint before it untouched. Other errors stay what they were."""
+    from test_model import tiny_model
+    import sft
+    model, cfg, out = tiny_model(), sft.Config(out=str(tmp_path)), str(tmp_path)
+    common.save_checkpoint(model, out, 1, cfg)
+    before = {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
+              for f in os.listdir(os.path.join(out, "checkpoint-000001"))}
+
+    def fails(error):
+        def save(*args, **kwargs):
+            raise error
+        return save
+    for target, name, error in (
+            (torch, "save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                                         "pos 4096 vs 4010")),
+            (torch, "save", RuntimeError("basic_ios::clear: iostream error")),
+            (common, "save_checkpoint_files", OSError(28, "No space left on device"))):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, fails(error))
+            with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 "
+                               r"\(.*; \d+ MB free there\); nothing of it was kept: free some "
+                               r"space and go on with --resume true"):
+                common.save_checkpoint(model, out, 2, cfg)
+        assert os.listdir(out) == ["checkpoint-000001"], name
+    assert {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
+            for f in before} == before
+    monkeypatch.setattr(torch, "save", fails(RuntimeError("a bug of ours")))
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        common.save_checkpoint(model, out, 2, cfg)
