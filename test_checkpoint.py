@@ -302,8 +302,9 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     from transformers import CLIPVisionModel, LlamaForCausalLM
     LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
     CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
-    with pytest.raises(CheckpointError, match="CLIP"):
+    with pytest.raises(CheckpointError, match="CLIP") as e:
         load_checkpoint(tmp_path / "llama")
+    assert str(e.value).endswith("(--vision_tower DIR)"), e.value  # (it said "names 'None'")
     ours = load_checkpoint(tmp_path / "llama", vision_tower=str(tmp_path / "clip"))
     fresh = ours.projector.linear_1.weight
     assert fresh.shape == (32, 32) and fresh.std() > 0
@@ -371,6 +372,17 @@ def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
         peft_base_dir(str(tmp_path / "a"))
     with pytest.raises(CheckpointError, match="is another PEFT adapter"):
         load_checkpoint(tmp_path / "a")
+    # an adapter and its base (a run folder: its checkpoint-N) without tokenizer files: both named
+    import common
+    (tmp_path / "run" / "checkpoint-000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-000002" / "config.json").write_text("{}")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "run")}))
+    base = tmp_path / "run" / "checkpoint-000002"
+    with pytest.raises(common.ConfigError, match=f"{tmp_path / 'c'}: no tokenizer files in the "
+                       f"checkpoint directory nor in its base {base}"):
+        common.load_model_and_tokenizer(str(tmp_path / "c"))
 
 
 def test_bin_weights_beside_a_safetensors_variant_are_read_as_transformers_reads(hf_dirs,

@@ -961,6 +961,17 @@ def test_a_later_ckpt_is_scored_beside_the_compare_run_of_its_name(env, capsys):
     assert list(run_cli(env, out, *args, "--ckpt", y, "--rescore", "true")) == ["run-1"]
 
 
+def test_a_folder_without_a_checkpoint_is_named_as_the_stages_name_it(env, tmp_path, capsys):
+    """eval of an empty folder (a run that wrote no checkpoint-N yet) said "cannot read the
+    checkpoint config (FileNotFoundError ...)"; the stages say what the folder is not."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, tmp_path / "out", "--ckpt", str(tmp_path / "run"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'run'}: no config.json (not a "
+                                       "checkpoint directory)\n")
+
+
 def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
     """--judge local with a model whose positions the prompt plus --judge_max_tokens pass: a
     JudgeError naming the question and the numbers (it was an IndexError inside the model)."""
