@@ -438,7 +438,9 @@ def detect_layout(path):
             raise CheckpointError(f"{path}: no config.json; it holds the PEFT adapters "
                                   f"{', '.join(a + '/' for a in adapters)}: pass one of them")
         raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
-    if os.path.exists(os.path.join(path, "non_lora_trainables.bin")):  # (llava-v1.5-7b-lora)
+    lora_release = os.path.exists(os.path.join(path, "non_lora_trainables.bin")) and \
+        any(n.startswith("adapter_model.") for n in os.listdir(path))
+    if lora_release:  # (llava-v1.5-7b-lora; a merged model may keep the file beside its weights)
         raise CheckpointError(f"{path}: LLaVA's LoRA release layout (adapter_model with "
                               "non_lora_trainables.bin) is not read: merge it into its base with "
                               "LLaVA's scripts/merge_lora_weights.py and pass the merged folder")
@@ -459,8 +461,8 @@ def detect_layout(path):
         return "llama"
     if mt in ("clip", "clip_vision_model"):
         return "clip"
-    raise CheckpointError(f"{cfg_path}: unsupported model_type '{mt}' (expected a LLaVA, LLaMA or "
-                          "CLIP checkpoint)")
+    raise CheckpointError(f"{cfg_path}: unsupported model_type {mt!r:.60} (expected a LLaVA, "
+                          "LLaMA or CLIP checkpoint)")
 
 
 def _check_own_config(cfg_path, cfg):
@@ -556,7 +558,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             model.set_adapter("default")
         return model
     if vision_tower and not os.path.exists(vision_tower) and \
-            (os.path.isabs(vision_tower) or vision_tower.startswith((".", "~"))):
+            (os.path.isabs(vision_tower) or vision_tower.startswith(".")):
         # (a folder of its name beside the checkpoint stood in without a word: that is for the
         # hub names configs record, as 'openai/clip-vit-large-patch14-336')
         raise CheckpointError(f"--vision_tower {vision_tower}: no such directory")
@@ -610,11 +612,11 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         layer = _get(cfg, "vision_feature_layer", -2)  # (a list: ModelConfig checks it)
         act = _get(cfg, "projector_hidden_act", "gelu")
         if act not in ("gelu", "linear"):
-            raise CheckpointError(f"{path}/config.json: projector_hidden_act '{act}' is not "
+            raise CheckpointError(f"{path}/config.json: projector_hidden_act {act!r:.60} is not "
                                   "supported (gelu, linear)")
         if strategy not in ("default", "full"):  # (any other word read as 'full' before)
             raise CheckpointError(f"{path}/config.json: field 'vision_feature_select_strategy': "
-                                  f"{strategy!r} (default or full)")
+                                  f"{strategy!r:.60} (default or full)")
         text = _from_file(path, lambda: _sub_config(cfg, "text_config"))
         tf = _from_file(path, lambda: _text_fields(text, "text_config."))
         vocab = tf["vocab_size"]
@@ -647,6 +649,8 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         if act == "linear":
             src = _FoldedLinearProjector(src)
     elif layout in ("llava", "llama"):
+        if layout == "llama" and not fresh_projector_ok:  # (before asking for its CLIP)
+            raise _random_projector(path, "a language model")
         tf = _from_file(path, lambda: _text_fields(cfg))
         src.add_dir(path)
         has_vision = any(p == "vision" for p, _ in src.where)
@@ -681,9 +685,7 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
         if fresh_projector and not fresh_projector_ok:  # (random image features, scored or
             # trained on without a word, into adapters that could not be loaded again)
-            what = "a language model" if layout == "llama" else "a LLaVA without projector weights"
-            raise CheckpointError(f"{path}: {what}: its projector would be random; only sft.py "
-                                  "starts from one (LLaVA's stage 1); pass a LLaVA checkpoint")
+            raise _random_projector(path, "a LLaVA without projector weights")
         pad = _from_file(path, lambda: _pad_id(cfg, 0))  # LLaVA pads with <unk> (id 0)
         layer = _get(cfg, "mm_vision_select_layer", -2)
         if type(layer) is not int:  # (LLaVA indexes hidden_states with it: one layer)
@@ -712,6 +714,11 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     # an adapter checkpoint saved on this model records it (save_checkpoint_files)
     model.clip_dir = None if clip_from is None else os.path.realpath(clip_from)
     return model
+
+
+def _random_projector(path, what):
+    return CheckpointError(f"{path}: {what}: its projector would be random; only sft.py starts "
+                           "from one (LLaVA's stage 1); pass a LLaVA checkpoint")
 
 
 def _check_aspect_ratio(path, aspect):
@@ -886,8 +893,8 @@ def _base_dir(path, base):
     cand = base if os.path.isabs(base) else os.path.normpath(os.path.join(path, base))
     cand = resolve_checkpoint(cand)
     if not os.path.isdir(cand):
-        raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint '{base}' not "
-                              "found")
+        raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint {base!r:.80} "
+                              "not found")
     return cand
 
 
@@ -1361,7 +1368,8 @@ def peft_base_dir(path):
             candidates.append(os.path.join(os.path.dirname(folder), name))
     for cand in candidates:
         if os.path.isdir(cand) and os.path.realpath(cand) != os.path.realpath(path):
-            if is_peft_dir(cand):  # (its base's base... : a traceback, or endless recursion)
+            if is_peft_dir(resolve_checkpoint(cand)):  # (its base's base...: a traceback, or
+                # endless recursion; a run folder's newest checkpoint-N as well)
                 raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path': {cand} is "
                                       "another PEFT adapter; an adapter on an adapter is not "
                                       "read: merge that one into its base first")

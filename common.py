@@ -1153,7 +1153,8 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
 def write_failure(error, out_dir, what):
     """A user's error for a checkpoint that could not be written for want of space (or a failing
     disk): OSError's ENOSPC, EDQUOT or EIO, or the same in torch's and safetensors' own errors,
-    which carry no errno. Anything else is raised as it was."""
+    which carry no errno. Anything else is raised as it was. (Replicated saves only: FSDP's
+    sharded writes are collective, and a rank that stopped alone would leave the others waiting.)"""
     text = str(error)
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
     signs = ("No space left", "os error 28", "Disk quota", "iostream error", "unexpected pos",
@@ -1166,7 +1167,8 @@ def write_failure(error, out_dir, what):
         free = "its free space unknown"
     first = text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
     return CheckpointError(f"{out_dir}: cannot write {what} ({first}; {free}); nothing of it "
-                           "was kept: free some space and go on with --resume true")
+                           "was kept, what was written before is: free some space (or mend the "
+                           "disk) and run again (a training run goes on with --resume true)")
 
 
 def _config_dict(run_config):
@@ -1703,13 +1705,21 @@ def tokenizer_source(given, cfg, load_from):
     return (cfg.tokenizer if given.tokenizer != default else ""), "--tokenizer"
 
 
+def base_dtype(cfg):
+    """The dtype a stage keeps its frozen base in, and so loads a checkpoint in (one tensor at a
+    time: a 13B fp16 release is not held in fp32 on the way): bf16 for --dtype bf16 on a GPU
+    without FSDP (which keeps fp32 master weights and computes in bf16), else fp32."""
+    bf16 = cfg.dtype == "bf16" and cfg.device == "cuda" and not getattr(cfg, "fsdp", False)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenizer_dir="",
                              device="cpu", dtype=None, policy=True, geometry=None,
                              tokenizer_flag="", fresh_projector_ok=False):
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
     image_size and patch_size replaced, see world_geometry), in `dtype` (None: fp32, whatever
-    the checkpoint stores; the stages cast for bf16 after). The tokenizer comes from the
+    the checkpoint stores; the stages pass base_dtype). The tokenizer comes from the
     checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
     is refused (policy=False: a reward model is what is wanted). tokenizer_flag: the user's flag
     that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read).

@@ -420,7 +420,8 @@ def main(cfg):
     load_from = init_dir if sharded else resume_path or init_dir
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       device=d.device)
+                                                       device=d.device,
+                                                       dtype=common.base_dtype(cfg))
     # the frozen base the adapters sit on, as the checkpoint names it
     if resume_path is not None and not sharded:
         base = common.recorded_base(resume_path)
@@ -470,7 +471,8 @@ def main(cfg):
             if resume_path is None or sharded:
                 return model
             init_model, _ = common.load_model_and_tokenizer(init_dir, "", cfg.vision_tower,
-                                                            device=d.device)
+                                                            device=d.device,
+                                                            dtype=common.base_dtype(cfg))
             return init_model
         ref = cached_reference(cfg, d, init_dir, train, val, reference_model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)

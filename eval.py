@@ -985,7 +985,9 @@ def evaluate(cfg, ckpt, name, bench, judges):
     out = os.path.join(cfg.out, name)
     common.make_dirs(out)
     ans = Answerer(cfg, ckpt, name)
-    scores = {"ckpt": ckpt}
+    scores = {"ckpt": ckpt}  # (as given; resolved below: a --rescore of a gone one has none)
+    if os.path.exists(ckpt):
+        scores["ckpt_path"] = os.path.realpath(ckpt)
     if "pope" in bench:
         scores["pope"] = {}
         for split, qs in bench["pope"].items():
@@ -1050,7 +1052,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
             earlier = json.load(f)
     except (OSError, ValueError):
         earlier = None
-    same = isinstance(earlier, dict) and earlier.get("ckpt") == scores["ckpt"]
+    same = same_checkpoint(earlier, ckpt)
+    same = same or (same is None and isinstance(earlier, dict) and earlier.get("ckpt") == ckpt)
     kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}
     common.write_json({**scores, **kept}, path)
     return scores
@@ -1090,15 +1093,25 @@ def numbered(out, n):
 
 
 def scored(out, name, ckpt):
-    """Whether OUT/NAME/scores.json records `ckpt` (True) or another checkpoint (False); None
-    where it cannot tell: no scores, or either checkpoint not on disk (a moved or deleted one;
-    the path as recorded, resolved from here)."""
+    """Whether OUT/NAME/scores.json records `ckpt` (True), another checkpoint (False), or cannot
+    tell (None: no scores; see same_checkpoint)."""
     path = os.path.join(out, name, "scores.json") if out else ""
     try:
         with open(path) as f:
-            was = json.load(f).get("ckpt")
-    except (OSError, ValueError, AttributeError):
+            return same_checkpoint(json.load(f), ckpt)
+    except (OSError, ValueError):
         return None
+
+
+def same_checkpoint(recorded, ckpt):
+    """Whether scores (a scores.json's dict) are of `ckpt`: by the resolved path recorded since
+    2026-12-05 ("ckpt_path"; a moved or deleted one is another), else by the path as given,
+    resolved from here where both are on disk; None where it cannot tell."""
+    if not isinstance(recorded, dict):
+        return None
+    if isinstance(recorded.get("ckpt_path"), str):
+        return recorded["ckpt_path"] == os.path.realpath(ckpt)
+    was = recorded.get("ckpt")
     if not isinstance(was, str) or not os.path.exists(was) or not os.path.exists(ckpt):
         return None
     return os.path.realpath(was) == os.path.realpath(ckpt)

@@ -304,11 +304,11 @@ def llava_bench_rule(rules, category, path, i, rule_file):
     """The rule for a question's category, checked where it is used (one line naming it)."""
     rule = rules.get(category, rules.get(None))
     if rule is None:  # (eval_gpt_review_visual.py stops at it)
-        raise DataError(rule_file, repr(category), None,
+        raise DataError(rule_file, f"{category!r:.60}", None,
                         f"no rule for the category {category!r:.60} of {path} record {i}")
     texts = isinstance(rule, dict) and all(isinstance(rule.get(k), str) for k in ("role", "prompt"))
     if not texts:
-        raise DataError(rule_file, repr(category), None, "expected {\"role\": string, "
+        raise DataError(rule_file, f"{category!r:.60}", None, "expected {\"role\": string, "
                                                          "\"prompt\": string}")
     return {"role": rule["role"], "prompt": rule["prompt"]}
 

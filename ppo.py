@@ -348,7 +348,8 @@ def build_roles(cfg, d):
     sequences."""
     # (each checkpoint's own tokenizer: the world's would be another vocabulary)
     policy, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
-                                                        device=d.device)
+                                                        device=d.device,
+                                                        dtype=common.base_dtype(cfg))
     common.check_new_tokens(policy, cfg, "max_new_tokens")
     if policy.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
@@ -360,7 +361,8 @@ def build_roles(cfg, d):
         critic = policy
         load_adapters(critic, rm_dir)
     else:
-        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, device=d.device, policy=False)
+        critic, rm_tok = common.load_model_and_tokenizer(rm_dir, device=d.device, policy=False,
+                                                         dtype=common.base_dtype(cfg))
         a, b = policy.config, critic.config
         # (the image size may differ: the critic sees each image at its own, as LLaVA-RLHF's 7B
         # policy at 224 px and its 13B reward model at 336 px do)

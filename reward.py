@@ -341,7 +341,8 @@ def import_llava_rlhf(cfg):
     d = common.setup_dist(cfg.device, False)
     common.claim_out(cfg, d, inits=[cfg.init])
     model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
-                                                       device=d.device)
+                                                       device=d.device,
+                                                       dtype=common.base_dtype(cfg))
     if model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
                                  f"{sorted(model.adapters)}; the reward model's base has none")
@@ -392,7 +393,8 @@ def main(cfg):
     # (a resumed run loads its own reward model)
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       device=d.device, policy=resume_path is None)
+                                                       device=d.device, policy=resume_path is None,
+                                                       dtype=common.base_dtype(cfg))
     if cfg.pairs == "sampled":
         common.check_new_tokens(model, cfg, "sample_max_new_tokens")
     if resume_path is None and model.adapters:

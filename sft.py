@@ -303,6 +303,7 @@ def main(cfg):
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        tokenizer_dir, d.device, geometry=geometry,
                                                        tokenizer_flag=tokenizer_flag,
+                                                       dtype=common.base_dtype(cfg),
                                                        fresh_projector_ok=True)
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)

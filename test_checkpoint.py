@@ -325,11 +325,22 @@ def test_a_fresh_projector_is_refused_outside_sft_and_a_missing_tower_path_is_na
                                               "only sft.py starts from one"):
         load_checkpoint(tmp_path / "llama", vision_tower=clip, fresh_projector_ok=False)
     assert load_checkpoint(tmp_path / "llama", vision_tower=clip).projector is not None
+    with pytest.raises(CheckpointError, match="a language model: its projector"):  # (not "pass
+        load_checkpoint(tmp_path / "llama", fresh_projector_ok=False)  # --vision_tower" first)
     import shutil
     for f in os.listdir(os.path.join(tiny_world, "tokenizer")):
         shutil.copy(os.path.join(tiny_world, "tokenizer", f), tmp_path / "llama")
     with pytest.raises(CheckpointError, match="projector would be random"):  # the stages' loader
         common.load_model_and_tokenizer(str(tmp_path / "llama"), vision_tower=clip)
+    # sft.py's start (LLaVA's stage 1): allowed there (a vocabulary the world's tokenizer fits)
+    from conftest import run_cli
+    config = hf_text_config()
+    config.vocab_size = 1024
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    code, _, err = run_cli("sft", ["--init", str(tmp_path / "llama"), "--vision_tower", clip,
+                                   "--world", tiny_world, "--max_steps", "1", "--batch_size", "2",
+                                   "--report", "false", "--out", str(tmp_path / "sft")])
+    assert code == 0, err
     gone = str(tmp_path / "elsewhere" / "clip")  # ('clip' beside the checkpoint stood in)
     with pytest.raises(CheckpointError, match=f"--vision_tower {gone}: no such directory"):
         load_checkpoint(tmp_path / "llama", vision_tower=gone)
@@ -350,6 +361,22 @@ def test_vision_tower_beside_a_llava_hf_checkpoint_is_named_not_read(hf_dirs, tm
         assert torch.equal(a, b)
 
 
+def test_an_original_llava_without_projector_weights_is_sfts_start_alone(hf_dirs, tmp_path):
+    """An original LLaVA whose files hold no mm_projector keys: a fresh projector for SFT,
+    refused elsewhere (it was used at random)."""
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = _original_llava_config(hf_cfg, str(tmp_path / "clip"))
+    _rewrite_keys(path, tmp_path / "orig", lambda k: None if "projector" in k else
+                  _to_original_llava(k, keep_vision=False), config=cfg)
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="a LLaVA without projector weights: its projector "
+                                              "would be random"):
+        load_checkpoint(tmp_path / "orig", fresh_projector_ok=False)
+    assert load_checkpoint(tmp_path / "orig").projector.linear_1.weight.std() > 0
+
+
 def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
     """LLaVA's LoRA release (adapter_model + non_lora_trainables.bin beside a LLaVA config.json)
     was reported as missing tokenizer files or weights; an adapter whose base is another adapter
@@ -361,8 +388,11 @@ def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
                                                    "mm_vision_tower": "openai/clip"}))
     (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (lora / "non_lora_trainables.bin").write_bytes(b"")
+    (lora / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"LLaVA's LoRA release layout \(.*merge_lora"):
         detect_layout(str(lora))
+    (lora / "adapter_model.safetensors").rename(lora / "model.safetensors")  # (a merged model
+    assert detect_layout(str(lora)) == "llava"  # that kept the file from its training)
     for a, b in (("a", "b"), ("b", "a")):
         (tmp_path / a).mkdir()
         (tmp_path / a / "adapter_config.json").write_text(json.dumps(

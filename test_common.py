@@ -251,8 +251,9 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
         with monkeypatch.context() as m:
             m.setattr(target, name, fails(error))
             with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 "
-                               r"\(.*; \d+ MB free there\); nothing of it was kept: free some "
-                               r"space and go on with --resume true"):
+                               r"\(.*; \d+ MB free there\); nothing of it was kept, what was "
+                               r"written before is: free some space \(or mend the disk\) and run "
+                               r"again \(a training run goes on with --resume true\)"):
                 common.save_checkpoint(model, out, 2, cfg)
         assert os.listdir(out) == ["checkpoint-000001"], name
     assert {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()

@@ -959,6 +959,11 @@ def test_a_later_ckpt_is_scored_beside_the_compare_run_of_its_name(env, capsys):
     assert E.run_names([x], str(out)) == ["run"] and E.run_names([y], str(out)) == ["run-1"]
     # --rescore finds it too (it was refused: run's answers are x/run's)
     assert list(run_cli(env, out, *args, "--ckpt", y, "--rescore", "true")) == ["run-1"]
+    # the same path written otherwise is the same checkpoint; x/run deleted is still another
+    assert E.run_names([os.path.join(str(root), ".", "y", "run")], str(out)) == ["run-1"]
+    shutil.rmtree(x)
+    assert E.run_names([y], str(out)) == ["run-1"]
+    assert list(run_cli(env, out, *args, "--ckpt", y, "--rescore", "true")) == ["run-1"]
 
 
 def test_a_folder_without_a_checkpoint_is_named_as_the_stages_name_it(env, tmp_path, capsys):

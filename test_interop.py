@@ -542,13 +542,23 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-def test_a_half_precision_release_trains_and_answers_in_fp32(tiny_sft, tiny_world, tmp_path,
-                                                              half):
+def test_a_half_precision_release_loads_and_trains_in_fp32(tiny_sft, tiny_world, tmp_path, half):
     """LLaVA's releases store fp16 weights: the stages kept them as stored, so `sft.py --init`
     with the default --dtype fp32 trained in fp16 on the CPU (loss NaN at step 2) and a bf16
     release trained in bf16. The stages load fp32; load_checkpoint keeps the stored dtype."""
     from safetensors.torch import load_file, save_file
     from conftest import run_cli
+    m, _ = common.load_model_and_tokenizer(tiny_sft)
+    assert common.base_dtype(common.argparse.Namespace(dtype="fp32", device="cuda")) == \
+        torch.float32
+    bf16_gpu = common.argparse.Namespace(dtype="bf16", device="cuda", fsdp=False)
+    assert common.base_dtype(bf16_gpu) == torch.bfloat16  # (loaded so: no fp32 copy on the way)
+    # loaded in bf16, then cast as the stages cast: the model a fp32 load cast after would be
+    direct = common.load_model_and_tokenizer(tiny_sft, dtype=torch.bfloat16)[0]
+    after = m.cast_base(torch.bfloat16)
+    for (n, p), (_, q) in zip(direct.cast_base(torch.bfloat16).named_parameters(),
+                              after.named_parameters(), strict=True):
+        assert p.dtype == q.dtype and torch.equal(p, q), n
     m, _ = common.load_model_and_tokenizer(tiny_sft)
     hf = tmp_path / "hf"
     export_llava_hf(m, hf)

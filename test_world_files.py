@@ -113,7 +113,7 @@ def test_vigc_reads_the_world_files_as_it_built_them(tiny_world):
     raw = load_json(path)
     for j, r in enumerate(read_any_conversations(path, tiny_world)):
         conv, qtypes = r["conversations"], raw[j].get("qtypes")
-        kind = lambda i: info["qtype_to_type"].get(qtypes[i // 2], "conversation")
+        kind = lambda i: info["qtype_to_type"][qtypes[i // 2]]  # (an unknown one: refused)
         pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
                   kind(i) if qtypes else "conversation") for i in range(0, len(conv) - 1, 2)]
         pairs = pairs if r["image"] else []

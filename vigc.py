@@ -598,7 +598,8 @@ def main(cfg):
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        tokenizer_dir, d.device, geometry=geometry,
-                                                       tokenizer_flag=tokenizer_flag)
+                                                       tokenizer_flag=tokenizer_flag,
+                                                       dtype=common.base_dtype(cfg))
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
     common.check_new_tokens(model, cfg, "max_new_tokens")
@@ -623,8 +624,8 @@ def main(cfg):
     train, unreadable = build_examples(records, instructions, cfg)
     if unreadable and d.main:
         print(f"warning: {unreadable} VIG examples left out: every question/answer pair of that "
-              "image and type holds 'Question:' or 'Answer:' (or an empty question), so its VIG "
-              "target could not be read back; their VIC examples are kept")
+              "image and type holds 'Question:' or 'Answer:' (any case), so its VIG target could "
+              "not be read back; their VIC examples are kept")
     if len(train) == 0:
         raise common.ConfigError("no training examples "
                                  "(no record has an image and a question/answer pair)")

@@ -49,7 +49,7 @@ def load_rm(rm_dir):
     """(model, tokenizer, its run settings: facts, wording, template, prompt_space), loaded once
     per RM."""
     rm_dir = resolve_checkpoint(rm_dir)
-    model, tok = common.load_model_and_tokenizer(rm_dir)
+    model, tok = common.load_model_and_tokenizer(rm_dir, policy=False)  # (a reward model)
     return model.eval(), tok, reward_settings(rm_dir)
 
 
