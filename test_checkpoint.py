@@ -377,6 +377,21 @@ def test_an_original_llava_without_projector_weights_is_sfts_start_alone(hf_dirs
     assert load_checkpoint(tmp_path / "orig").projector.linear_1.weight.std() > 0
 
 
+def test_a_llava_config_without_text_config_is_named(hf_dirs, tmp_path):
+    """model_type 'llava' with no text_config and no mm_* field was read as an original LLaVA and
+    said "mm_vision_tower '' is not on disk"."""
+    import shutil
+    from checkpoint import detect_layout
+    _, path = hf_dirs["gelu"]
+    shutil.copytree(path, tmp_path / "flat")
+    cfg = json.load(open(tmp_path / "flat" / "config.json"))
+    cfg.update(cfg.pop("text_config"))
+    cfg["model_type"] = "llava"
+    (tmp_path / "flat" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'llava' with neither text_config"):
+        detect_layout(str(tmp_path / "flat"))
+
+
 def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
     """LLaVA's LoRA release (adapter_model + non_lora_trainables.bin beside a LLaVA config.json)
     was reported as missing tokenizer files or weights; an adapter whose base is another adapter
