@@ -173,6 +173,10 @@ def parse_config(cls, argv=None, prog=None):
         if tp in (tuple, list) or typing.get_origin(tp) in (tuple, list):  # --x a b c or --x a,b,c
             parser.add_argument(f"--{f.name}", type=_converter(tp), nargs="*", default=default,
                                 help=comments.get(f.name, " "), metavar=f.name.upper())
+        elif tp is bool:  # --resume alone is --resume true (it was "expected one argument")
+            parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
+                                default=default, help=comments.get(f.name, " "),
+                                metavar=f.name.upper())
         else:
             parser.add_argument(f"--{f.name}", type=_converter(tp), default=default,
                                 help=comments.get(f.name, " "), metavar=f.name.upper())

@@ -261,3 +261,16 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
     monkeypatch.setattr(torch, "save", fails(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):
         common.save_checkpoint(model, out, 2, cfg)
+
+
+def test_a_boolean_flag_alone_is_true():
+    """`--resume` alone (as HF's and most trainers' switches are written) ended in "expected one
+    argument"; `--resume true/false` still reads as before."""
+    import sft
+    assert common.parse_config(sft.Config, ["--resume"]).resume is True
+    cfg = common.parse_config(sft.Config, ["--resume", "--report", "false", "--lrv"])
+    assert cfg.resume is True and cfg.report is False and cfg.lrv is True
+    assert common.parse_config(sft.Config, ["--resume", "false"]).resume is False
+    assert common.parse_config(sft.Config, []).resume is False
+    with pytest.raises(SystemExit):
+        common.parse_config(sft.Config, ["--resume", "maybe"])
