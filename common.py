@@ -1130,8 +1130,8 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
     if d is not None and d.world > 1:
         ranks_rng = [None] * d.world if d.main else None
         dist.gather_object(rng_state(generators), ranks_rng, dst=0)
+    tmp, failed = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}"), None
     if d is None or d.main:
-        tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         cfg = _config_dict(run_config)
         try:
@@ -1146,8 +1146,13 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
                      "world": d.world if d is not None else 1, "extra": extra_state or {}}
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         except Exception as e:  # (a full disk: torch's and safetensors' own errors, a traceback)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failure(e, out_dir, os.path.basename(final)) from None
+            failed = e
+    if d is not None and d.world > 1:
+        _stop_together(failed, tmp, out_dir, final, d)
+    elif failed is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(failed, out_dir, os.path.basename(final)) from None
+    if d is None or d.main:
         _commit(tmp, final, out_dir, keep)
     if d is not None and d.world > 1:
         dist.barrier()
@@ -1156,13 +1161,13 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
 
 def write_failure(error, out_dir, what):
     """A user's error for a checkpoint that could not be written for want of space (or a failing
-    disk): OSError's ENOSPC, EDQUOT or EIO, or the same in torch's and safetensors' own errors,
-    which carry no errno. Anything else is raised as it was. (Replicated saves only: FSDP's
-    sharded writes are collective, and a rank that stopped alone would leave the others waiting.)"""
+    disk, or a file-size limit): OSError's ENOSPC, EDQUOT, EIO or EFBIG, or the same in torch's and
+    safetensors' own errors, which carry no errno. Anything else is raised as it was."""
     text = str(error)
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
-    signs = ("No space left", "os error 28", "Disk quota", "iostream error", "unexpected pos",
-             "file write failed")
+    full = isinstance(error, OSError) and \
+        error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
+    signs = ("No space left", "os error 28", "os error 27", "File too large", "Disk quota",
+             "iostream error", "unexpected pos", "file write failed")
     if not full and not any(sign in text for sign in signs):
         raise error
     try:
@@ -1634,6 +1639,7 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
     model/adapters.safetensors. All written into one temp dir that rank 0 renames once every rank is
     done: a kill at any moment leaves no half checkpoint."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_state_dict)
 
@@ -1653,36 +1659,75 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
         model_sd, optim_sd = get_state_dict(model, optimizer, options=trained)
     else:
         model_sd, optim_sd = get_model_state_dict(model, options=trained), {}
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
-    torch.save(rng_state(generators), os.path.join(tmp, f"rng-rank{d.rank}.pt"))
+    failed = None
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDS))
+        torch.save(rng_state(generators), os.path.join(tmp, f"rng-rank{d.rank}.pt"))
+    # (a full disk: every rank stops, none waits for the others; dcp's CheckpointException is
+    # a BaseException)
+    except (Exception, CheckpointException) as e:
+        failed = e
+        if isinstance(e, CheckpointException) and e.failures:  # (its text names the ranks only)
+            failed = (e.failures.get(d.rank) or next(iter(e.failures.values())))[0]
+    _stop_together(failed, tmp, out_dir, final, d)  # every rank's files are in tmp
     plain = gather_full_model(model, d) if full else None
-    dist.barrier()  # every rank's files are in tmp
+    failed = None
     if d.main:
-        extra = {"step": step, "run_config": cfg, "fsdp_shards": SHARDS}
-        if plain is not None:  # the whole model, as a replicated run writes it
-            save_checkpoint_files(plain, tmp, base=base, extra_config=extra)
-        else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
-            base_rel = None
-            if base:
-                base_rel = os.path.relpath(os.path.abspath(base), os.path.abspath(final))
-            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                    "model": dataclasses.asdict(model.config), "adapters": model.adapters,
-                    "heads": sorted(model.heads), "active_adapter": model.active_adapter,
-                    "base": base_rel, **extra}
-            clip = getattr(model, "clip_dir", None)
-            if base and clip:  # as save_checkpoint_files records it
-                meta["vision_tower"] = os.path.relpath(clip, os.path.abspath(final))
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(meta, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        trainer_state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
-                         "optimizer": None, "rng": rng_state(generators),
-                         "extra": extra_state or {}, "fsdp_world": d.world}
-        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        try:
+            _write_sharded_rest(tmp, final, step, cfg, model, plain, tokenizer, base, generators,
+                                extra_state, d)
+        except Exception as e:
+            failed = e
+    _stop_together(failed, tmp, out_dir, final, d)
+    if d.main:
         _commit(tmp, final, out_dir, keep)
     dist.barrier()
     return final
+
+
+def _stop_together(failed, tmp, out_dir, final, d):
+    """A barrier that raises on every rank when one could not write its part of the checkpoint
+    (that rank: write_failure's line; the others: a line saying a process could not), the temp
+    folder removed: a rank that stopped alone left the others waiting at the next barrier."""
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=d.device)
+    dist.all_reduce(flag)
+    if not flag.item():
+        return
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    what = os.path.basename(final)
+    if failed is not None:
+        raise write_failure(failed, out_dir, what) from None
+    raise CheckpointError(f"{out_dir}: cannot write {what}: another process could not write its "
+                          "part (its line says why); nothing of it was kept")
+
+
+def _write_sharded_rest(tmp, final, step, cfg, model, plain, tokenizer, base, generators,
+                        extra_state, d):
+    """Rank 0's part of an FSDP checkpoint: config.json (with the whole model when `plain`),
+    the tokenizer, trainer_state.pt."""
+    extra = {"step": step, "run_config": cfg, "fsdp_shards": SHARDS}
+    if plain is not None:  # the whole model, as a replicated run writes it
+        save_checkpoint_files(plain, tmp, base=base, extra_config=extra)
+    else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
+        base_rel = None
+        if base:
+            base_rel = os.path.relpath(os.path.abspath(base), os.path.abspath(final))
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "model": dataclasses.asdict(model.config), "adapters": model.adapters,
+                "heads": sorted(model.heads), "active_adapter": model.active_adapter,
+                "base": base_rel, **extra}
+        clip = getattr(model, "clip_dir", None)
+        if base and clip:  # as save_checkpoint_files records it
+            meta["vision_tower"] = os.path.relpath(clip, os.path.abspath(final))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    trainer_state = {"format_version": FORMAT_VERSION, "step": step, "run_config": cfg,
+                     "optimizer": None, "rng": rng_state(generators),
+                     "extra": extra_state or {}, "fsdp_world": d.world}
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -274,3 +274,58 @@ def test_a_boolean_flag_alone_is_true():
     assert common.parse_config(sft.Config, []).resume is False
     with pytest.raises(SystemExit):
         common.parse_config(sft.Config, ["--resume", "maybe"])
+
+
+def _save_worker(rank, port, out, fsdp, results):
+    """One of two processes saving a tiny model's checkpoint, the one that writes under a 2 KB
+    file-size limit (a disk that fills): DDP's rank 0 (it writes the checkpoint), FSDP's rank 1
+    (each writes its shards)."""
+    import resource
+    import signal
+    from test_model import tiny_model
+    import sft
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    d = common.setup_dist("cpu", fsdp)
+    model = tiny_model()
+    if fsdp:
+        common.shard_model(model, d)
+    if rank == int(fsdp):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit fails, EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    try:
+        common.save_checkpoint(model, out, 1, sft.Config(out=out), d=d)
+        results.put((rank, "saved"))
+    except common.CheckpointError as e:
+        results.put((rank, str(e)))
+    results.close()
+    results.join_thread()  # (os._exit drops what the queue has not sent)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_process_that_cannot_write_its_part_stops_every_process(tmp_path, fsdp):
+    """Two processes (DDP: rank 0 writes the checkpoint; FSDP: each writes its shards and random
+    streams), one of which cannot write: every rank stops with one line, none waits at the next
+    barrier, no temp folder is left (FSDP's was, with dcp's or torch's traceback)."""
+    import multiprocessing
+    from test_dpo import free_port
+    ctx, port, out = multiprocessing.get_context("fork"), free_port(), str(tmp_path / "run")
+    os.makedirs(out)
+    results = ctx.Queue()
+    ps = [ctx.Process(target=_save_worker, args=(r, port, out, fsdp, results)) for r in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+    said = dict(results.get(timeout=5) for _ in range(2))
+    assert all(p.exitcode == 0 for p in ps), [p.exitcode for p in ps]
+    assert os.listdir(out) == [], os.listdir(out)
+    limited = int(fsdp)
+    mine = said[limited]  # (DDP: safetensors' "I/O error ... (os error 27)"; FSDP: dcp's OSError)
+    assert mine.startswith(f"{out}: cannot write checkpoint-000001 (") and "MB free there" in mine
+    assert "File too large" in mine or "os error 27" in mine, said
+    other = said[1 - limited]  # (FSDP: dcp tells every rank the cause)
+    assert other.startswith(f"{out}: cannot write checkpoint-000001"), said
+    assert fsdp or "another process could not write its part" in other, said
