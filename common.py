@@ -57,6 +57,9 @@ def fail(message):
     error says it (one rank's own file may be the cause), the other ranks' lines named as theirs,
     each written whole (two ranks' lines ran together)."""
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    # (a library's own text may carry terminal colours, as torch.load's refusal of a pickled
+    # module does, or several lines)
+    message = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(message)).split("\n"))
     sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)

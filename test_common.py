@@ -329,3 +329,13 @@ def test_a_process_that_cannot_write_its_part_stops_every_process(tmp_path, fsdp
     other = said[1 - limited]  # (FSDP: dcp tells every rank the cause)
     assert other.startswith(f"{out}: cannot write checkpoint-000001"), said
     assert fsdp or "another process could not write its part" in other, said
+
+
+def test_an_error_line_is_one_line_without_terminal_colours(capsys):
+    """A library's text quoted in the line (torch.load's refusal of a pickled module) carried ANSI
+    colour codes and line breaks into the one line."""
+    with pytest.raises(SystemExit) as e:
+        common.fail("x.pt: cannot load (\x1b[1mWeightsUnpickler error\x1b[0m: Unsupported\nglobal)")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: x.pt: cannot load (WeightsUnpickler error: "
+                                       "Unsupported global)\n")
