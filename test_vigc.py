@@ -419,7 +419,8 @@ def test_an_unknown_question_type_is_refused(tiny_world, tiny_ckpt, tmp_path):
     j = next(i for i, r in enumerate(data) if r.get("qtypes"))
     data[j]["qtypes"][0] = "detailed description"
     json.dump(data, open(world / "sft.json", "w"))
-    cfg = dataclasses.replace(vigc.Config(), data=str(world / "sft.json"), image_folder=str(world))
+    cfg = dataclasses.replace(vigc.Config(), data=str(world / "sft.json"), image_folder=str(world),
+                              instructions="")
     records = vigc.load_records(cfg)
     assert records[j]["pairs"][0][2] == "detailed description"
     data[j]["qtypes"][0] = "describ"
@@ -431,3 +432,13 @@ def test_an_unknown_question_type_is_refused(tiny_world, tiny_ckpt, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{world / 'sft.json'}" in err and f"record {j}" in err and "qtypes" in err, err
     assert "unknown question type 'describ'" in err and not out.exists(), err
+    # the world's instructions file names the types its qtypes map to: read from there
+    info = json.load(open(world / "vigc_instructions.json"))
+    info["qtype_to_type"]["describ"] = "detailed description"
+    json.dump(info, open(world / "vigc_instructions.json", "w"))
+    cfg = dataclasses.replace(cfg, instructions=str(world / "vigc_instructions.json"))
+    assert vigc.load_records(cfg)[j]["pairs"][0][2] == "detailed description"
+    info["qtype_to_type"]["describ"] = "essay"
+    json.dump(info, open(world / "vigc_instructions.json", "w"))
+    with pytest.raises(vigc.DataError, match="field 'qtype_to_type': 'describ': expected"):
+        vigc.load_records(cfg)

@@ -243,6 +243,21 @@ def load_instructions(path):
 QTYPE_TO_TYPE = {**shapes.VIGC_TYPE, **{t: t for t in TYPES.values()}}
 
 
+def qtype_map(path):
+    """How a record's qtypes name instruction types: the --instructions file's `qtype_to_type`
+    (the world writes its own there) over ours."""
+    info = load_json(path) if path else {}
+    given = info.get("qtype_to_type") if isinstance(info, dict) else None
+    if given is None:
+        return QTYPE_TO_TYPE
+    bad = next((k for k, v in given.items() if v not in TYPES.values()), None) \
+        if isinstance(given, dict) else "(not an object)"
+    if bad is not None:
+        raise DataError(path, None, "qtype_to_type", f"{bad!r:.40}: expected an object "
+                        f"{{question type: one of {', '.join(TYPES.values())}}}")
+    return {**QTYPE_TO_TYPE, **given}
+
+
 def load_records(cfg):
     """Image records {'image', 'conversations', 'pairs': [(q, a, type)]} from the --data files. A
     pair's type: the file's, else its record's qtypes (the world's) mapped, else conversation."""
@@ -252,7 +267,7 @@ def load_records(cfg):
             kinds = ", ".join(TYPES)
             raise common.ConfigError(f"--data: type '{t}' of {path} is not one of {kinds}")
         specs.append((path, TYPES.get(t)))
-    records = []
+    records, qtypes_to = [], qtype_map(cfg.instructions)
     for path, kind in specs:
         raw = load_json(path)
         recs = read_any_conversations(path, cfg.image_folder or None)
@@ -267,12 +282,12 @@ def load_records(cfg):
                 raise DataError(path, f"{j} (id {r['id']!r:.60})" if r.get("id") else j, "qtypes",
                                 f"expected a list of {len(conv) // 2} question types (strings), "
                                 f"one per question/answer pair, got {qtypes!r:.60}")
-            unknown = next((q for q in qtypes or [] if q not in QTYPE_TO_TYPE), None)
+            unknown = next((q for q in qtypes or [] if q not in qtypes_to), None)
             if unknown is not None:  # (was read as a conversation question, without a word)
                 raise DataError(path, f"{j} (id {r['id']!r:.40})" if r.get("id") else j, "qtypes",
                                 f"unknown question type {unknown!r:.40}: expected one of "
-                                f"{', '.join(QTYPE_TO_TYPE)}")
-            types = [QTYPE_TO_TYPE[q] for q in qtypes] if qtypes else []
+                                f"{', '.join(qtypes_to)}")
+            types = [qtypes_to[q] for q in qtypes] if qtypes else []
             pairs = [(conv[i]["value"].replace("<image>", "").strip(), conv[i + 1]["value"].strip(),
                       kind or (types[i // 2] if types else "conversation"))
                      for i in range(0, len(conv) - 1, 2)]
