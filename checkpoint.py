@@ -455,10 +455,11 @@ def detect_layout(path):
     mt = cfg.get("model_type", "")
     if mt == "llava" and "text_config" in cfg:
         return "llava-hf"
-    if mt == "llava" and not any(k.startswith("mm_") for k in cfg):  # (read as an original
-        # LLaVA, it was said to name a CLIP tower '' that is not on disk)
+    if mt == "llava" and "mm_vision_tower" not in cfg and "mm_hidden_size" not in cfg:  # (read
+        # as an original LLaVA, it was said to name a CLIP tower '' that is not on disk)
         raise CheckpointError(f"{cfg_path}: model_type 'llava' with neither text_config (a "
-                              "llava-hf config) nor mm_vision_tower (an original LLaVA one)")
+                              "llava-hf config) nor mm_vision_tower / mm_hidden_size (an original "
+                              "LLaVA one)")
     if "mm_vision_tower" in cfg or "mm_hidden_size" in cfg or mt in ("llava", "llava_llama"):
         return "llava"
     if mt == "llama":

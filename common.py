@@ -59,7 +59,8 @@ def fail(message):
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     # (a library's own text may carry terminal colours, as torch.load's refusal of a pickled
     # module does, or several lines)
-    message = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(message)).split("\n"))
+    message = " ".join(re.sub(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07)", "",
+                              str(message)).splitlines())
     sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)
@@ -1651,10 +1652,14 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
         full = step == cfg.get("max_steps") or bool(cfg.get("save_full"))
     final = os.path.join(out_dir, f"checkpoint-{step:06d}")
     tmp = os.path.join(out_dir, f".tmp-checkpoint-{step:06d}-fsdp")  # one name all ranks know
+    failed = None
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            failed = e
+    _stop_together(failed, tmp, out_dir, final, d)
     resharded(model)
     # frozen weights: --init has them (LoRA: the whole base)
     trained = StateDictOptions(ignore_frozen_params=True)

@@ -1054,6 +1054,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
         earlier = None
     same = same_checkpoint(earlier, ckpt)
     same = same or (same is None and isinstance(earlier, dict) and earlier.get("ckpt") == ckpt)
+    if same and "ckpt_path" not in scores and "ckpt_path" in earlier:  # (a --rescore of a gone
+        scores["ckpt_path"] = earlier["ckpt_path"]  # one keeps what names the folder's model)
     kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}
     common.write_json({**scores, **kept}, path)
     return scores
@@ -1105,13 +1107,16 @@ def scored(out, name, ckpt):
 
 def same_checkpoint(recorded, ckpt):
     """Whether scores (a scores.json's dict) are of `ckpt`: by the resolved path recorded since
-    2026-12-05 ("ckpt_path"; a moved or deleted one is another), else by the path as given,
-    resolved from here where both are on disk; None where it cannot tell."""
+    2026-12-05 ("ckpt_path"; where it is gone, by the path as given resolved from here: a moved
+    project's relative paths still meet, a deleted checkpoint's do not), else by the path as
+    given where both are on disk; None where it cannot tell."""
     if not isinstance(recorded, dict):
         return None
-    if isinstance(recorded.get("ckpt_path"), str):
-        return recorded["ckpt_path"] == os.path.realpath(ckpt)
-    was = recorded.get("ckpt")
+    path, was = recorded.get("ckpt_path"), recorded.get("ckpt")
+    if isinstance(path, str) and (os.path.exists(path) or not isinstance(was, str)):
+        return path == os.path.realpath(ckpt)
+    if isinstance(path, str):  # gone: moved (the path as given, from here, finds it) or deleted
+        return os.path.realpath(was) == os.path.realpath(ckpt)
     if not isinstance(was, str) or not os.path.exists(was) or not os.path.exists(ckpt):
         return None
     return os.path.realpath(was) == os.path.realpath(ckpt)

@@ -964,6 +964,26 @@ def test_a_later_ckpt_is_scored_beside_the_compare_run_of_its_name(env, capsys):
     shutil.rmtree(x)
     assert E.run_names([y], str(out)) == ["run-1"]
     assert list(run_cli(env, out, *args, "--ckpt", y, "--rescore", "true")) == ["run-1"]
+    # a --rescore of the deleted x/run keeps what names its folder's model
+    assert list(run_cli(env, out, *args, "--ckpt", x, "--rescore", "true")) == ["run"]
+    assert json.load(open(out / "run" / "scores.json"))["ckpt_path"] == first["ckpt_path"]
+    assert E.run_names([y], str(out)) == ["run-1"]
+
+
+def test_a_moved_project_is_the_same_checkpoint(env, tmp_path, monkeypatch):
+    """scores.json records the resolved path; a project moved elsewhere (relative paths) is
+    still the same checkpoint: its folder, its other benchmarks kept on a --rescore."""
+    proj = tmp_path / "proj"
+    shutil.copytree(env["ckpts"][0], proj / "ck" / "run")
+    monkeypatch.chdir(proj)
+    run_cli(env, "out", "--ckpt", "ck/run", "--benchmarks", "pope")
+    run_cli(env, "out", "--ckpt", "./ck/run", "--benchmarks", "chair")  # (one checkpoint)
+    assert {"pope", "chair"} <= set(json.load(open(proj / "out" / "run" / "scores.json")))
+    os.rename(proj, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    rows = run_cli(env, "out", "--ckpt", "ck/run", "--benchmarks", "chair", "--rescore", "true")
+    assert list(rows) == ["run"] and E.run_names(["ck/run"], "out") == ["run"]
+    assert "pope" in json.load(open(tmp_path / "moved" / "out" / "run" / "scores.json"))
 
 
 def test_a_folder_without_a_checkpoint_is_named_as_the_stages_name_it(env, tmp_path, capsys):
