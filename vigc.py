@@ -250,10 +250,11 @@ def qtype_map(path):
     given = info.get("qtype_to_type") if isinstance(info, dict) else None
     if given is None:
         return QTYPE_TO_TYPE
-    bad = next((k for k, v in given.items() if v not in TYPES.values()), None) \
-        if isinstance(given, dict) else "(not an object)"
-    if bad is not None:
-        raise DataError(path, None, "qtype_to_type", f"{bad!r:.40}: expected an object "
+    bad = [k for k, v in given.items() if v not in TYPES.values()] \
+        if isinstance(given, dict) else [None]
+    if bad:
+        where = f"{bad[0]!r:.40}: " if bad[0] is not None else ""
+        raise DataError(path, None, "qtype_to_type", f"{where}expected an object "
                         f"{{question type: one of {', '.join(TYPES.values())}}}")
     return {**QTYPE_TO_TYPE, **given}
 
@@ -279,7 +280,7 @@ def load_records(cfg):
             # (the world's field: a question type for each question/answer pair)
             if qtypes is not None and (not isinstance(qtypes, list) or len(qtypes) != len(conv) // 2
                                        or not all(isinstance(q, str) for q in qtypes)):
-                raise DataError(path, f"{j} (id {r['id']!r:.60})" if r.get("id") else j, "qtypes",
+                raise DataError(path, f"{j} (id {r['id']!r:.40})" if r.get("id") else j, "qtypes",
                                 f"expected a list of {len(conv) // 2} question types (strings), "
                                 f"one per question/answer pair, got {qtypes!r:.60}")
             unknown = next((q for q in qtypes or [] if q not in qtypes_to), None)
