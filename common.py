@@ -1151,15 +1151,8 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         except Exception as e:  # (a full disk: torch's and safetensors' own errors, a traceback)
             failed = e
-    if d is not None and d.world > 1:
-        _stop_together(failed, tmp, out_dir, final, d)
-    elif failed is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(failed, out_dir, os.path.basename(final)) from None
-    if d is None or d.main:
-        _commit(tmp, final, out_dir, keep)
-    if d is not None and d.world > 1:
-        dist.barrier()
+    _agree(failed, tmp, out_dir, final, d)
+    _commit(tmp, final, out_dir, keep, d)
     return final
 
 
@@ -1236,19 +1229,50 @@ def note_world(flag, path, world):
               "(unfinished); its newest checkpoint is read", flush=True)
 
 
-def _commit(tmp, final, out_dir, keep):
-    """fsync the temp dir, rename it to its final name (the one atomic step), drop old checkpoints.
-    """
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
-        _discard(final)
-    os.rename(tmp, final)
+def _commit(tmp, final, out_dir, keep, d):
+    """fsync the temp dir and rename it to its final name (the one atomic step) on the writing
+    process, every process stopping with one line where that fails (rank 0 stopping alone left the
+    others waiting at the next barrier); then drop old checkpoints."""
+    failed = None
+    if d is None or d.main:
+        try:
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
+                _discard(final)
+            os.rename(tmp, final)
+        except OSError as e:
+            failed = e
+    _agree(failed, tmp, out_dir, final, d)
+    if d is None or d.main:
+        _drop_old_checkpoints(out_dir, keep)
+    if d is not None and d.world > 1:
+        dist.barrier()
+
+
+def _agree(failed, tmp, out_dir, final, d):
+    """Raise write_failure's line where this process (or, several processes: any) failed, the
+    temp folder removed."""
+    if d is not None and d.world > 1:
+        _stop_together(failed, tmp, out_dir, final, d)
+    elif failed is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(failed, out_dir, os.path.basename(final)) from None
+
+
+def _drop_old_checkpoints(out_dir, keep):
+    """Keep the newest `keep` complete checkpoints and every one that ended a run. One that cannot
+    be removed is a note: the new checkpoint is written, the run goes on."""
     old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
                  # keep counts complete ones
                  and os.path.exists(os.path.join(out_dir, n, "config.json")))
     for n in old[:-keep] if keep > 0 else []:
-        if not _ended_a_run(os.path.join(out_dir, n)):
+        if _ended_a_run(os.path.join(out_dir, n)):
+            continue
+        try:
             _discard(os.path.join(out_dir, n))
+        except OSError as e:
+            print(f"note: {out_dir}: could not remove the older {n} ({e.strerror or e}); "
+                  "it stays", flush=True)
 
 
 def _ended_a_run(path):
@@ -1687,9 +1711,7 @@ def _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base, 
         except Exception as e:
             failed = e
     _stop_together(failed, tmp, out_dir, final, d)
-    if d.main:
-        _commit(tmp, final, out_dir, keep)
-    dist.barrier()
+    _commit(tmp, final, out_dir, keep, d)
     return final
 
 

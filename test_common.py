@@ -276,10 +276,11 @@ def test_a_boolean_flag_alone_is_true():
         common.parse_config(sft.Config, ["--resume", "maybe"])
 
 
-def _save_worker(rank, port, out, fsdp, results):
+def _save_worker(rank, port, out, fsdp, results, fsync_fails=False):
     """One of two processes saving a tiny model's checkpoint, the one that writes under a 2 KB
     file-size limit (a disk that fills): DDP's rank 0 (it writes the checkpoint), FSDP's rank 1
-    (each writes its shards)."""
+    (each writes its shards). fsync_fails: instead, rank 0's last step (fsync and rename, after
+    every process wrote its part) fails with EIO."""
     import resource
     import signal
     from test_model import tiny_model
@@ -291,7 +292,11 @@ def _save_worker(rank, port, out, fsdp, results):
     model = tiny_model()
     if fsdp:
         common.shard_model(model, d)
-    if rank == int(fsdp):
+    if fsync_fails and rank == 0:
+        def fsync_dir(path):
+            raise OSError(5, "Input/output error")
+        common._fsync_dir = fsync_dir
+    elif rank == int(fsdp) and not fsync_fails:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit fails, EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
     try:
@@ -332,6 +337,53 @@ def test_a_process_that_cannot_write_its_part_stops_every_process(tmp_path, fsdp
     other = said[1 - limited]  # (FSDP: dcp tells every rank the cause)
     assert other.startswith(f"{out}: cannot write checkpoint-000001"), said
     assert fsdp or "another process could not write its part" in other, said
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_checkpoint_rank_0_cannot_commit_stops_every_process(tmp_path, fsdp):
+    """Rank 0's last step of a save (fsync the temp folder, rename it) came after the processes
+    agreed that every part was written: where it failed, rank 0 raised alone and the others waited
+    at the next barrier until torchrun stopped them. Now every process stops with one line, the
+    temp folder removed."""
+    import multiprocessing
+    from test_dpo import free_port
+    ctx, port, out = multiprocessing.get_context("fork"), free_port(), str(tmp_path / "run")
+    os.makedirs(out)
+    results = ctx.Queue()
+    ps = [ctx.Process(target=_save_worker, args=(r, port, out, fsdp, results, True))
+          for r in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+    for p in ps:
+        if p.is_alive():
+            p.kill()
+    said = dict(results.get(timeout=5) for _ in range(2))
+    assert all(p.exitcode == 0 for p in ps), [p.exitcode for p in ps]
+    assert os.listdir(out) == [], os.listdir(out)
+    assert said[0].startswith(f"{out}: cannot write checkpoint-000001 ("), said
+    assert "Input/output error" in said[0] and "MB free there" in said[0], said
+    assert "another process could not write its part" in said[1], said
+
+
+def test_an_older_checkpoint_that_cannot_be_removed_is_a_note(tmp_path, monkeypatch, capsys):
+    """A save that keeps the newest `keep` checkpoints goes on where an older one cannot be
+    removed: the new one is written, the old one stays, a note says so (it was a traceback after
+    the new checkpoint was in place)."""
+    from test_model import tiny_model
+    import sft
+    model, out = tiny_model(), str(tmp_path)
+    cfg = sft.Config(out=out, max_steps=10)
+    common.save_checkpoint(model, out, 1, cfg, keep=1)
+
+    def discard(path):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(common, "_discard", discard)
+    common.save_checkpoint(model, out, 2, cfg, keep=1)
+    assert sorted(os.listdir(out)) == ["checkpoint-000001", "checkpoint-000002"]
+    assert capsys.readouterr().out == (f"note: {out}: could not remove the older "
+                                       "checkpoint-000001 (Permission denied); it stays\n")
 
 
 def test_an_error_line_is_one_line_without_terminal_colours(capsys):
