@@ -52,15 +52,20 @@ class NonFiniteError(Exception):
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteError, DataError)
 
 
+# ESC and what follows: CSI (colours, the cursor), OSC (titles, links; ended by BEL or ESC \),
+# and the two- and three-byte codes (ESC M, ESC ( B of `tput sgr0`)
+TERMINAL_CODE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[ -/]*[0-~])")
+
+
 def fail(message):
     """The one line of a user's error, and exit code 2. Under torchrun every rank that meets the
     error says it (one rank's own file may be the cause), the other ranks' lines named as theirs,
     each written whole (two ranks' lines ran together)."""
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     # (a library's own text may carry terminal colours, as torch.load's refusal of a pickled
-    # module does, or several lines)
-    message = " ".join(re.sub(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07)", "",
-                              str(message)).splitlines())
+    # module does, links, or several lines)
+    message = " ".join(TERMINAL_CODE.sub("", str(message)).splitlines())
+    message = re.sub(r"[\x00-\x08\x0e-\x1f\x7f]", "", message)  # (a bell, a stray escape)
     sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
     sys.stderr.flush()
     raise SystemExit(2)

@@ -756,6 +756,13 @@ class Answerer:
                                 f"by another checkpoint ({made_by}, still there) than --ckpt "
                                 f"{self.ckpt} ({source_path(src)}): answer with this one first "
                                 "(without --rescore)")
+            # (gone: moved here, its name and files' time kept, or another one: deleted)
+            if self.source and made_by and not os.path.isdir(made_by) and \
+                    source_model(used[0]) != source_model(self.source):
+                raise DataError(path, message=f"--rescore: the stored {bench} answers were made "
+                                f"by another checkpoint ({made_by}, no longer there; not moved "
+                                f"to --ckpt {self.ckpt}: its name or files' time differ): answer "
+                                "with this one first (without --rescore)")
             made = source_settings(used[0])
             length = "pope_max_new_tokens" if bench.startswith("pope") else "max_new_tokens"
             given = [f for f in DECODING_FLAGS if getattr(self.cfg, f) != getattr(Config, f)
@@ -853,6 +860,13 @@ def source_path(source):
     """The checkpoint folder of a source string (source()); None: not one."""
     m = re.match(r"(.*)@\d+ ", source or "")
     return m and m[1]
+
+
+def source_model(source):
+    """A source string's model: its checkpoint folder's name and files' time, which a moved tree
+    keeps and a newer checkpoint of the run, or one trained again, does not; None: not one."""
+    m = re.match(r"(.*)@(\d+) ", source or "")
+    return m and f"{os.path.basename(m[1])}@{m[2]}"
 
 
 def source_settings(source):
@@ -1044,6 +1058,13 @@ def evaluate(cfg, ckpt, name, bench, judges):
               + " (the table marks the row partial)", flush=True)
     if ans.rescored_from:  # (--rescore: --ckpt names the folder; these wrote the answers)
         scores["answers_from"] = sorted(ans.rescored_from, key=str)
+    # the model the scores are of (another checkpoint of the run, or the run trained again, is
+    # another model: its scores are not kept beside these)
+    models = {source_model(s) for s in ans.rescored_from} if cfg.rescore else \
+        {source_model(ans.source)}
+    model = models.pop() if len(models) == 1 else None
+    if model:
+        scores["model"] = model
     # the same checkpoint's other benchmarks, scored by earlier runs into this folder, are kept
     # (real benchmarks need runs of their own: one --image_folder each)
     path = os.path.join(out, "scores.json")
@@ -1054,6 +1075,8 @@ def evaluate(cfg, ckpt, name, bench, judges):
         earlier = None
     same = same_checkpoint(earlier, ckpt)
     same = same or (same is None and isinstance(earlier, dict) and earlier.get("ckpt") == ckpt)
+    if isinstance(earlier, dict) and isinstance(earlier.get("model"), str) and model:
+        same = earlier["model"] == model  # (a moved tree's too)
     if same and "ckpt_path" not in scores and "ckpt_path" in earlier:  # (a --rescore of a gone
         scores["ckpt_path"] = earlier["ckpt_path"]  # one keeps what names the folder's model)
     kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}

@@ -395,3 +395,7 @@ def test_an_error_line_is_one_line_without_terminal_colours(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("error: x.pt: cannot load (WeightsUnpickler error: "
                                        "Unsupported global)\n")
+    # a link (OSC 8, ended by ESC \), `tput sgr0`'s ESC ( B, ESC M, a bell, a stray escape
+    with pytest.raises(SystemExit):
+        common.fail("see \x1b]8;;http://x.org\x1b\\link\x1b]8;;\x1b\\ end\x1b(B\x1bM\x07 .\x1b")
+    assert capsys.readouterr().err == "error: see link end .\n"

@@ -986,6 +986,43 @@ def test_a_moved_project_is_the_same_checkpoint(env, tmp_path, monkeypatch):
     assert "pope" in json.load(open(tmp_path / "moved" / "out" / "run" / "scores.json"))
 
 
+def test_a_run_folders_newer_checkpoint_does_not_keep_the_older_ones_scores(env, tmp_path):
+    """A run folder's scores were kept by its path: once the run wrote a newer checkpoint, an
+    eval of another benchmark kept the older checkpoint's beside it in one scores.json, read as
+    one model's. scores.json now names the model (its checkpoint and files' time)."""
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(env["ckpts"][1], "checkpoint-000001"), run / "checkpoint-000001")
+    out = tmp_path / "o"
+    run_cli(env, out, "--ckpt", str(run), "--benchmarks", "pope")
+    first = json.load(open(out / "run" / "scores.json"))
+    assert first["model"].startswith("checkpoint-000001@")
+    run_cli(env, out, "--ckpt", str(run), "--benchmarks", "chair")  # (the same model: kept)
+    assert {"pope", "chair"} <= set(json.load(open(out / "run" / "scores.json")))
+    shutil.copytree(run / "checkpoint-000001", run / "checkpoint-000002")
+    run_cli(env, out, "--ckpt", str(run), "--benchmarks", "chair")
+    scores = json.load(open(out / "run" / "scores.json"))
+    assert "pope" not in scores and scores["model"].startswith("checkpoint-000002@"), scores
+
+
+def test_rescore_of_a_deleted_checkpoints_answers_under_another_is_refused(env, tmp_path, capsys):
+    """x/m0 scored into o/m0, then deleted; --rescore --ckpt y/m0 (other weights, the same folder
+    name) scored x/m0's answers as y/m0's and dropped x/m0's other benchmarks. Refused now (a
+    moved tree keeps its checkpoint's name and files' time: test_a_moved_project_...)."""
+    x, y, out = tmp_path / "x" / "m0", tmp_path / "y" / "m0", tmp_path / "o"
+    shutil.copytree(env["ckpts"][0], x)
+    shutil.copytree(env["ckpts"][1], y)
+    run_cli(env, out, "--ckpt", str(x), "--benchmarks", "pope", "chair")
+    before = open(out / "m0" / "scores.json").read()
+    shutil.rmtree(x)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, out, "--ckpt", str(y), "--benchmarks", "pope", "--rescore", "true")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"answers were made by another checkpoint ({x}, no longer " \
+        f"there; not moved to --ckpt {y}: its name or files' time differ)" in err, err
+    assert open(out / "m0" / "scores.json").read() == before
+
+
 def test_a_folder_without_a_checkpoint_is_named_as_the_stages_name_it(env, tmp_path, capsys):
     """eval of an empty folder (a run that wrote no checkpoint-N yet) said "cannot read the
     checkpoint config (FileNotFoundError ...)"; the stages say what the folder is not."""

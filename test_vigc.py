@@ -432,6 +432,9 @@ def test_an_unknown_question_type_is_refused(tiny_world, tiny_ckpt, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{world / 'sft.json'}" in err and f"record {j}" in err and "qtypes" in err, err
     assert "unknown question type 'describ'" in err and not out.exists(), err
+    # a file given a type (`:conv`): every pair is of it, its qtypes not read (it was refused)
+    conv = dataclasses.replace(cfg, data=str(world / "sft.json") + ":conv")
+    assert {t for r in vigc.load_records(conv) for _, _, t in r["pairs"]} == {"conversation"}
     # the world's instructions file names the types its qtypes map to: read from there
     info = json.load(open(world / "vigc_instructions.json"))
     info["qtype_to_type"]["describ"] = "detailed description"

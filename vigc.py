@@ -275,7 +275,8 @@ def load_records(cfg):
         check_images(recs, path)  # every image decodes, before any step
         one_to_one = isinstance(raw, list) and len(raw) == len(recs)  # raw[j] is recs[j]'s record
         for j, r in enumerate(recs):
-            qtypes = raw[j].get("qtypes") if one_to_one else None
+            # (a file given a type: every pair is of it, its qtypes unread)
+            qtypes = raw[j].get("qtypes") if one_to_one and kind is None else None
             conv = r["conversations"]
             # (the world's field: a question type for each question/answer pair)
             if qtypes is not None and (not isinstance(qtypes, list) or len(qtypes) != len(conv) // 2
