@@ -225,13 +225,14 @@ def _join_negative_values(argv):
 
 def _check_list_flag(field, values, prog):
     """A list flag given with no values (`--seeds` alone, `--seeds ,`) where the default has some
-    would run nothing and still rewrite the outputs (lab.py's RESULTS.md); an item given twice
-    is a typo, not a weight."""
+    would run nothing and still rewrite the outputs (lab.py's RESULTS.md); where it has none, it
+    is the default (`--pope_files $EMPTY` scored the Shapes world); an item given twice is a
+    typo, not a weight."""
     no_default = field.default is dataclasses.MISSING
     default = field.default_factory() if no_default else field.default
-    if not values and default:
-        fail(f"{prog}: --{field.name}: give at least one value (default: "
-             f"{' '.join(map(str, default))})")
+    if not values:
+        hint = f"default: {' '.join(map(str, default))}" if default else "or leave it out"
+        fail(f"{prog}: --{field.name}: give at least one value ({hint})")
     repeated = [x for i, x in enumerate(values) if x in values[:i]]
     if repeated:
         fail(f"{prog}: --{field.name}: {repeated[0]} is given twice (give each value once)")
@@ -1904,12 +1905,14 @@ def refuse_merged_resume(resume_path, model, adapter):
 
 
 def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", max_len=2048):
-    """Tokenized generation prompt (turns end with a human turn) with its normalised image."""
+    """Tokenized generation prompt (turns end with a human turn) with its normalised image; None
+    where it is longer than max_len (cut, it lost its end and 'ASSISTANT:': the model went on
+    writing the question)."""
     from data import normalize, tokenize_conversation
     c = model.config
-    item = tokenize_conversation(tokenizer, turns, c.image_token_id, c.num_image_tokens, max_len,
+    item = tokenize_conversation(tokenizer, turns, c.image_token_id, c.num_image_tokens, 1 << 30,
                                  template)
-    if item is None:
+    if len(item["input_ids"]) > max_len:
         return None
     if image_unit is not None:
         item["pixel_values"] = normalize(image_unit)

@@ -248,17 +248,18 @@ def _take(qs, cfg, bench, on_shapes):
     for q in qs:
         k = counts[q["file"]] = counts.get(q["file"], -1) + 1  # (a file's questions in its order)
         k = q.get("record", k)  # (a file of several POPE splits: its own numbering)
+        q["where"] = f"{k} (id {q['id']!r:.60})"  # (the record errors name, answering it too)
         # the images of the questions asked alone (--limit 50 needs 50 images, not the
         # benchmark's); --rescore needs none
         if not cfg.rescore and not os.path.isfile(q["image"]):
-            raise DataError(q["file"], f"{k} (id {q['id']!r:.60})", q.get("image_field", "image"),
+            raise DataError(q["file"], q["where"], q.get("image_field", "image"),
                             f"image not found: {q['image']}")
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
             message = f"given twice (first at {where}; answers are stored by id)"
             field = q.get("id_field", "id")
-            raise DataError(q["file"], f"{k} (id {q['id']!r:.60})", field, message)
+            raise DataError(q["file"], q["where"], field, message)
         seen[q["id"]] = (q["file"], k)
     return qs
 
@@ -566,8 +567,11 @@ def lrv_gavie_questions(cfg):
         if not isinstance(boxes.get(iid), list):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
         for j, b in enumerate(boxes[iid]):  # the judge prompt lists them after the answers
-            ok = isinstance(b, dict) and isinstance(b.get("bbox", []), list) \
-                and all(isinstance(b.get(k), (str, type(None))) for k in ("caption", "name"))
+            bbox = b.get("bbox", []) if isinstance(b, dict) else None
+            numbers = isinstance(bbox, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in bbox)
+            ok = numbers and all(isinstance(b.get(k), (str, type(None)))
+                                 for k in ("caption", "name"))
             if not ok:
                 raise DataError(cfg.gavie_annotations, f"{iid!r:.60} box {j}", None,
                                 "expected {\"caption\": string, \"bbox\": [x, y, w, h]}")
@@ -618,12 +622,13 @@ class Answerer:
     def _item(self, q):
         turns = [{"from": "human", "value": IMAGE + "\n" + q["prompt"]}]
         if self.last[0] != q["image"]:  # POPE asks about one image several times in a row
-            self.last = (q["image"], self.images.unit(q["image"], q["file"], q["id"]))
+            self.last = (q["image"], self.images.unit(q["image"], q["file"], q["where"]))
         item = common.prompt_item(self.tok, self.model, turns, self.last[1], self.cfg.template,
                                   self.cfg.max_len)
-        if item is None:
-            message = f"the prompt does not fit --max_len {self.cfg.max_len}"
-            raise DataError(q["file"], q["id"], None, message)
+        if item is None:  # (cut, the model went on writing the question)
+            message = (f"the prompt does not fit --max_len {self.cfg.max_len} (tokens, image "
+                       "included): raise it")
+            raise DataError(q["file"], q["where"], None, message)
         return item
 
     def _generate(self, qs, max_new_tokens):
@@ -799,7 +804,8 @@ class Answerer:
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
             self.memo["llava"] = {}
             first = recs[0] if recs and isinstance(recs[0], dict) else {}
-            if "model_answer" in first and "question" in first:  # LLaVA-RLHF's MMHal answers
+            # LLaVA-RLHF's MMHal answers (the response template's fields, model_answer filled)
+            if "question" in first and {"model_answer", "image_src", "question_type"} & set(first):
                 recs = [mmhal_answer(path, i, r) for i, r in enumerate(recs)]
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)

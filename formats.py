@@ -647,6 +647,16 @@ def read_llava_bench_context(path):
 
 # --------------------------------------------------------------------------- LLaVA-SFT+ converters
 
+def _written_image(folder, name, check_images, field):
+    """A converter's record's image: absolute, so a file written from the records reads it from
+    anywhere, --image_folder given or not (a relative folder was joined again with the one the
+    file was read with: coco2017/coco2017/...); folder "": the name alone, as LLaVA's files hold
+    it (relative to the --image_folder the file is read with; not checked)."""
+    if folder == "":
+        return name
+    return os.path.abspath(image_path(folder, name, check_images, field))
+
+
 def _sentence(s):
     s = s.strip()
     s = s[:1].upper() + s[1:]
@@ -675,7 +685,7 @@ def vqav2_to_conversations(questions_path, annotations_path, image_folder,
         if qid not in by_qid:
             raise _bad("question_id", f"no annotation in {annotations_path}")
         name = image_pattern.format(image_id=image_id)
-        image = image_path(image_folder, name, check_images, "image_id")
+        image = _written_image(image_folder, name, check_images, "image_id")
         return image_id, image, text, by_qid[qid]
     qs, skipped_q = _each(questions_path, _records(questions_path, "questions"), q_fn, on_error)
 
@@ -721,7 +731,7 @@ def aokvqa_to_conversations(path, image_folder, image_pattern="{image_id:012d}.j
         if cot and not rationales:
             raise _bad("rationales", "empty; cot=True needs a rationale")
         name = image_pattern.format(image_id=image_id)
-        image = image_path(image_folder, name, check_images, "image_id")
+        image = _written_image(image_folder, name, check_images, "image_id")
         letter = chr(ord("A") + idx)
         options = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
         human = f"{IMAGE}\n{question}\n" + options
@@ -781,7 +791,7 @@ def flickr30k_to_conversations(path, image_folder, split="train", seed=0, check_
         if not sents or not all(is_caption(s) for s in sents):
             raise _bad("sentences", "expected a non-empty list of {\"raw\": caption}")
         caps = [_sentence(s["raw"]) for s in sents]
-        image = image_path(image_folder, name, check_images, "filename")
+        image = _written_image(image_folder, name, check_images, "filename")
         prompt, caption = rng.choice(BRIEF_PROMPTS), rng.choice(caps)
         stem = os.path.splitext(os.path.basename(name))[0]
         return {"id": f"flickr30k_{stem}", "image": image, "captions": caps,

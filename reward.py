@@ -171,7 +171,10 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
             raise DataError(cfg.data, f"id {r.get('id')!r:.40}", "image", "missing: --pairs "
                             "sampled asks about the image and ranks by its annotations")
         unit = images.unit(r["image"])
-        it = common.prompt_item(tokenizer, model, r["prompt"], unit, cfg.template)
+        it = common.prompt_item(tokenizer, model, r["prompt"], unit, cfg.template, cfg.max_len)
+        if it is None:
+            raise DataError(cfg.data, f"id {r.get('id')!r:.40}", "prompt",
+                            f"longer than --max_len {cfg.max_len} tokens (image included)")
         items += [it, it]  # two samples per prompt
     mine = {}
     for b in range(d.rank, -(-len(items) // batch), d.world):

@@ -39,7 +39,7 @@ import common
 import oracle
 import shapes
 from model import PRESETS
-from data import (IGNORE, ImageCache, check_images, collate, load_json, normalize, pack,
+from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, pack,
                   read_any_conversations, require_records, tokenize_conversations)
 
 # --data's weights repeat records (references, tokenized once) up to this many in all
@@ -510,7 +510,12 @@ def report(model, tokenizer, cfg):
             if cfg.blank_images:
                 unit = torch.zeros_like(unit)
             first_turn = r["conversations"][:1]
-            items.append(common.prompt_item(tokenizer, model, first_turn, unit, cfg.template))
+            item = common.prompt_item(tokenizer, model, first_turn, unit, cfg.template,
+                                      cfg.max_len)
+            if item is None:
+                raise DataError(path, f"id {r.get('id')!r:.40}", "conversations",
+                                f"its question is longer than --max_len {cfg.max_len} tokens")
+            items.append(item)
         answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48,
                                           desc=f"report {qtype}")
         n_right = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys))

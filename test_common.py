@@ -16,6 +16,7 @@ class _Flags:
     facts: bool = True         # use facts
     targets: tuple = ("q", "v")  # targets
     name: str = "x"            # a name
+    files: tuple = ()          # files (none by default)
 
 
 def test_parse_config_types_and_errors(capsys):
@@ -26,7 +27,9 @@ def test_parse_config_types_and_errors(capsys):
                          (["--facts", "maybe"], "expected true or false"),
                          (["--targets"], "--targets: give at least one value (default: q v)"),
                          (["--targets", ","], "--targets: give at least one value"),
-                         (["--targets", "q,k", "q"], "--targets: q is given twice")):
+                         (["--targets", "q,k", "q"], "--targets: q is given twice"),
+                         # (`--pope_files $EMPTY` scored the Shapes world, as if not given)
+                         (["--files"], "--files: give at least one value (or leave it out)")):
         with pytest.raises(SystemExit) as e:
             common.parse_config(_Flags, argv)
         assert e.value.code == 2

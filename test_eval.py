@@ -751,6 +751,20 @@ def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_pa
         assert again == scored[b], b
 
 
+def test_gavie_boxes_hold_numbers(env, tmp_path):
+    """A box whose bbox held strings was printed into the judge's prompt as it was."""
+    (tmp_path / "gavie.json").write_text(json.dumps([{"image_id": "7", "question": "What?"}]))
+    cfg = E.Config(gavie_file=str(tmp_path / "gavie.json"), image_folder=str(tmp_path),
+                   gavie_annotations=str(tmp_path / "boxes.json"), judge="openai")
+    for bbox, ok in (([1, 2.5, 10, 10], True), (["a", "b", "c", "d"], False), ([1, True], False)):
+        (tmp_path / "boxes.json").write_text(json.dumps({"7": [{"caption": "x", "bbox": bbox}]}))
+        if ok:
+            assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
+            continue
+        with pytest.raises(E.DataError, match=r"boxes.json: record '7' box 0: expected"):
+            E.gavie_questions(cfg, (env["world"], None, None))
+
+
 def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
     """LLaVA-1.5's llava_pope_test.jsonl carries '\\nAnswer the question using a single word or
     phrase.' in its text; README's POPE command adds it with --pope_suffix, and the model read it
@@ -879,6 +893,33 @@ def test_limit_needs_the_images_of_the_questions_asked_alone(env, tmp_path, caps
     assert e.value.code == 2 and err.strip().endswith(
         f"{pope}: record 3 (id '4'): field 'image': image not found: "
         f"{os.path.join(env['world'], 'gone.png')}"), err
+
+
+def test_a_question_too_long_or_an_image_that_does_not_decode_names_its_record(env, tmp_path,
+                                                                              capsys):
+    """A question longer than --max_len was cut at its end, 'ASSISTANT:' with it, and answered
+    without a word (the model went on writing the question); an image that does not decode was
+    named by the question's id as if it were the record's number (record 11 of a 3-line file)."""
+    recs = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:3]
+    for k, r in enumerate(recs):
+        r["question_id"] = 7 + 2 * k
+    pope = tmp_path / "coco_pope_random.jsonl"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--pope_files", str(pope),
+            "--image_folder", env["world"])
+    long = dict(recs[1], text="Is there " + "a very " * 60 + "circle in the image?")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
+    broken = dict(recs[2], image=str(tmp_path / "broken.png"))
+    for records, want in (([recs[0], long, recs[2]], "record 1 (id '9'): the prompt does not "
+                           "fit --max_len 100 (tokens, image included): raise it"),
+                          ([recs[0], recs[1], broken], "record 2 (id '11'): field 'image': "
+                           f"cannot decode image {tmp_path / 'broken.png'}")):
+        pope.write_text("".join(json.dumps(r) + "\n" for r in records))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_cli(env, tmp_path / "o", *args, "--max_len", "100")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{pope}: {want}" in err, err
+    assert run_cli(env, tmp_path / "o", *args, "--max_len", "100", "--limit", "1")
 
 
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
@@ -1311,6 +1352,14 @@ def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
     assert capsys.readouterr().err.endswith("template.json: record 0: field 'model_answer': "
                                             "missing or empty: the template, not answers "
                                             "(model_vqa_mmhal.py fills it)\n")
+    # the template without the field at all (it was read as POPE's: "field 'text': expected
+    # {question_id, prompt, text}")
+    bare = [{k: v for k, v in r.items() if k != "model_answer"} for r in template]
+    (tmp_path / "template.json").write_text(json.dumps(bare))
+    with pytest.raises(SystemExit):
+        run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
+                "mmhal", "--llava_answers", str(tmp_path / "template.json"))
+    assert "field 'model_answer': missing or empty" in capsys.readouterr().err
 
 
 def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Tests for the data readers/validators and the LLaVA-SFT+ converters (fast, no network)."""
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -417,6 +418,25 @@ def test_aokvqa(tmp_path):
         path = write(tmp_path / "aok.json", [aok(**kw)])
         assert error(aokvqa_to_conversations, path, str(tmp_path)) == (
             f"{path}: record 0 (id '22MexNkBPpdZGX6sxbxVBH'): {expect}")
+
+
+def test_converted_records_written_to_a_file_are_read_back(tmp_path, monkeypatch):
+    """The converters joined a relative image folder into each record's image; a file written
+    from them, read with that --image_folder, looked in coco2017/coco2017/. Now the path is
+    absolute (read from anywhere), or, with the folder "", the name alone (LLaVA's way)."""
+    (tmp_path / "coco2017").mkdir()
+    png(tmp_path / "coco2017", "000000299207.jpg")
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "aok.json", [aok()])
+    recs = aokvqa_to_conversations(path, "coco2017")
+    assert recs[0]["image"] == str(tmp_path / "coco2017" / "000000299207.jpg")
+    (tmp_path / "sub").mkdir()
+    written = write(tmp_path / "sub" / "aok_conv.json", recs)
+    for folder in ("coco2017", None):
+        assert read_any_conversations(written, folder)[0]["image"] == recs[0]["image"]
+    bare = write(tmp_path / "sub" / "bare.json", aokvqa_to_conversations(path, ""))
+    got = read_any_conversations(bare, "coco2017")[0]["image"]
+    assert os.path.samefile(got, tmp_path / "coco2017" / "000000299207.jpg")
 
 
 def test_flickr30k(tmp_path):
