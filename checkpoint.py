@@ -315,7 +315,9 @@ def _text_fields(t, prefix=""):
     get = lambda key, default, kind=int: _typed_get(t, key, defaults.get(key, default), kind,
                                                     prefix)
     default_window = mistral and "sliding_window" not in t
-    window = 4096 if default_window else t.get("sliding_window")
+    # (LLaMA's attention reads no window: a field left over in its config is ignored, as
+    # transformers ignores it)
+    window = 4096 if default_window else t.get("sliding_window") if mistral else None
     if window is not None and type(window) is not int:
         raise CheckpointError(f"config: field '{prefix}sliding_window': expected an integer or "
                               f"null, got {window!r:.40}")
@@ -393,6 +395,10 @@ def _sub_config(cfg, key):
     return sub or {}
 
 
+# OpenAI's CLIP ViTs' depth by width: ViT-B/32 and B/16 (768 wide) 12 layers, ViT-L/14 (1024) 24
+OPENAI_CLIP_LAYERS = {768: 12, 1024: 24}
+
+
 def _vision_fields_from_weights(src, path, tower):
     """Infer the CLIP config from tensor shapes: only for OpenAI's CLIP ViTs (config names
     openai/clip-vit-...), whose heads are 64 wide and whose activation is quick_gelu. Other towers
@@ -408,7 +414,10 @@ def _vision_fields_from_weights(src, path, tower):
     n_pos = src.shape("vision", "embeddings.position_embedding.weight")[0]
     vision = [n for part, n in src.where if part == "vision"]
     layer_keys = [n for n in vision if n.startswith("encoder.layers.")]
-    layers = 1 + max(int(n.split(".")[2]) for n in layer_keys)
+    # (a release may leave out the layers after the selected one, never run: counted from the
+    # weights, the tower was short and -2 selected another layer's output)
+    layers = max(1 + max(int(n.split(".")[2]) for n in layer_keys),
+                 OPENAI_CLIP_LAYERS.get(hidden, 0))
     if hidden % 64:
         where = src.key("vision", "embeddings.patch_embedding.weight")
         raise CheckpointError(f"{where}: cannot infer the CLIP head count for width {hidden}; pass "
@@ -462,7 +471,7 @@ def detect_layout(path):
                               "LLaVA one)")
     if "mm_vision_tower" in cfg or "mm_hidden_size" in cfg or mt in ("llava", "llava_llama"):
         return "llava"
-    if mt == "llama":
+    if mt in ("llama", "mistral"):  # (Mistral: a LLaMA with a window, _text_fields checks it)
         return "llama"
     if mt in ("clip", "clip_vision_model"):
         return "clip"
@@ -650,6 +659,12 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
             projector=projector, image_token_id=image_id, pad_token_id=pad),
             names=[("vision_select_layer", "vision_feature_layer")])
         src.add_dir(path)
+        bias = _get(cfg, "multimodal_projector_bias", True)
+        if not isinstance(bias, bool):
+            raise CheckpointError(f"{path}/config.json: field 'multimodal_projector_bias': "
+                                  f"expected true or false, got {bias!r:.40}")
+        if not bias:  # (a projector without biases: ours with zero ones, exactly)
+            src = _ZeroProjectorBias(src)
         # our export of a one-layer projector: linear_2 is the identity; fold it back
         if act == "linear":
             src = _FoldedLinearProjector(src)
@@ -772,6 +787,35 @@ def _clip_for_base(path, vision_tower, required):
         raise CheckpointError(f"{path}: its base {here} holds no CLIP weights: pass the CLIP "
                               f"directory it was trained with (--vision_tower DIR{named})")
     return found
+
+
+class _ZeroProjectorBias:
+    """Presents a llava-hf projector saved without biases (multimodal_projector_bias false) as one
+    with zero biases: the same function."""
+
+    def __init__(self, src):
+        self.src, self.where = src, src.where
+
+    def _zero(self, part, name):
+        return part == "projector" and name.endswith(".bias") and not self.src.has(part, name)
+
+    def has(self, part, name):
+        return self._zero(part, name) or self.src.has(part, name)
+
+    def get(self, part, name):
+        if self._zero(part, name):
+            weight = self.src.get(part, name[:-len("bias")] + "weight")
+            return torch.zeros(weight.shape[0], dtype=weight.dtype)
+        return self.src.get(part, name)
+
+    def shape(self, part, name):
+        if self._zero(part, name):
+            return (self.src.shape(part, name[:-len("bias")] + "weight")[0],)
+        return self.src.shape(part, name)
+
+    def key(self, part, name):
+        weight = name[:-len("bias")] + "weight"
+        return self.src.key(part, weight if self._zero(part, name) else name)
 
 
 class _FoldedLinearProjector:
@@ -1659,7 +1703,11 @@ def load_peft_adapter(model, path, name, no_merge=None):
         if no_merge:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' (not the language "
                                   f"model) {no_merge}")
-        if (part, pname) not in ours or one_linear:
+        if one_linear:  # (W2 (W1 + sBA) is W2 W1 + s W2 B A: not merged here)
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' of a projector whose "
+                                  "two linears are read as one (projector_hidden_act 'linear') "
+                                  "is not supported: merge it with PEFT first")
+        if (part, pname) not in ours:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
                                   "model")
         w = params[ours[part, pname]]

@@ -310,6 +310,26 @@ def test_llama_plus_clip_dirs_start_sft_with_fresh_projector(tmp_path):
     assert fresh.shape == (32, 32) and fresh.std() > 0
 
 
+def test_a_bare_mistral_plus_clip_starts_sft_as_a_llama_does(tmp_path):
+    """Mistral was read inside a llava-hf folder but refused bare ("unsupported model_type
+    'mistral'"); a window shorter than its positions is still refused."""
+    from transformers import CLIPVisionModel, MistralConfig, MistralForCausalLM
+    text = hf_text_config().to_dict()
+    text.pop("model_type", None)
+    mistral = MistralForCausalLM(MistralConfig(**dict(text, sliding_window=None))).eval()
+    mistral.save_pretrained(tmp_path / "mistral")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    ours = load_checkpoint(tmp_path / "mistral", vision_tower=str(tmp_path / "clip")).eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(torch.zeros(2, 3, IMG, IMG), ids),
+                                   mistral(input_ids=ids).logits, atol=ATOL, rtol=0)
+    cfg = json.load(open(tmp_path / "mistral" / "config.json"))
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps(dict(cfg, sliding_window=4)))
+    with pytest.raises(CheckpointError, match="field 'sliding_window': 4 is not supported"):
+        load_checkpoint(tmp_path / "mistral", vision_tower=str(tmp_path / "clip"))
+
+
 def test_a_fresh_projector_is_refused_outside_sft_and_a_missing_tower_path_is_named(tmp_path,
                                                                                    tiny_world):
     """A LLaMA plus CLIP (or a LLaVA without projector weights) loaded for eval, DPO, reward or
@@ -711,7 +731,8 @@ def _edited_hf(hf_dirs, tmp_path, edit):
     (lambda c: c["text_config"].update(rope_parameters=[1]), "text_config.rope_parameters"),
     (lambda c: c["text_config"].update(max_position_embeddings="256", sliding_window=128),
      "text_config.max_position_embeddings"),
-    (lambda c: c["text_config"].update(sliding_window="128"), "text_config.sliding_window"),
+    (lambda c: c["text_config"].update(model_type="mistral", sliding_window="128"),
+     "text_config.sliding_window"),
     (lambda c: c.update(image_token_index=None), "'image_token_index': expected an integer"),
     (lambda c: c.update(image_token_index="99"), "'image_token_index': expected an integer"),
     (lambda c: c.update(image_token_index=150), "'image_token_index': 150 is not a token of the"),
@@ -753,12 +774,14 @@ def test_llava_hf_config_defaults_are_llava_configs(hf_dirs, tmp_path, capsys):
         vision_intermediate=want.intermediate_size, vision_layers=want.num_hidden_layers,
         vision_heads=want.num_attention_heads, vision_eps=want.layer_norm_eps)
     assert want.hidden_act == "quick_gelu"
-    path = _edited_hf(hf_dirs, tmp_path, lambda c: c["text_config"].update(
-        model_type="mistral", max_position_embeddings=8192, sliding_window=None))
     hf, _ = hf_dirs["gelu"]
     pixels, ids = inputs()
-    torch.testing.assert_close(load_checkpoint(path).eval()(pixels, ids),
-                               hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+    # (LLaMA's attention reads no window: a leftover field was refused, transformers ignores it)
+    for text in (dict(model_type="mistral", max_position_embeddings=8192, sliding_window=None),
+                 dict(sliding_window=4)):
+        path = _edited_hf(hf_dirs, tmp_path, lambda c: c["text_config"].update(text))
+        torch.testing.assert_close(load_checkpoint(path).eval()(pixels, ids),
+                                   hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
     capsys.readouterr()
     path = _edited_hf(hf_dirs, tmp_path, lambda c: c.update(pad_token_id=VOCAB + 50))
     m = load_checkpoint(path)
@@ -796,6 +819,60 @@ def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tm
     pixels, ids = inputs()
     torch.testing.assert_close(ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200)),
                                hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+
+
+def test_original_llava_clip_without_its_unused_last_layer_keeps_its_depth(tmp_path,
+                                                                          monkeypatch):
+    """An original LLaVA checkpoint holding its CLIP weights but not the layer after the selected
+    one (never run), its tower named by OpenAI's hub id: the depth was counted from the weights,
+    one short, so -2 selected the output of the layer before (logits 0.8 apart, no word). OpenAI's
+    ViTs' depth is known by their width (the test's tiny width stands in for ViT-L's 1024)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    import checkpoint
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=1, image_size=IMG, patch_size=14)
+    hf = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=hf_text_config(), image_token_index=IMAGE_ID,
+        vision_feature_layer=-2, image_seq_length=4, pad_token_id=0)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = dict(_original_llava_config(json.load(open(tmp_path / "hf" / "config.json")),
+                                      "openai/clip-vit-large-patch14-336"), mm_hidden_size=64)
+    unused = lambda k: None if ".encoder.layers.2." in k else _to_original_llava(k)  # noqa: E731
+    _rewrite_keys(tmp_path / "hf", tmp_path / "orig", unused, config=cfg)
+    monkeypatch.setattr(checkpoint, "OPENAI_CLIP_LAYERS", {64: 3}, raising=False)
+    ours = load_checkpoint(tmp_path / "orig").eval()
+    assert ours.config.vision_layers == 3
+    pixels, ids = inputs()
+    torch.testing.assert_close(ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200)),
+                               hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["gelu", "linear"])
+def test_llava_hf_projector_without_biases_loads(tmp_path, act):
+    """transformers' multimodal_projector_bias false (a projector saved without biases) was
+    refused as "no weight for 'projector' 'linear_1.bias' (... a partial file?)"; it is read as
+    zero biases (the same function) and exported back as such."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=hf_vision_config(), text_config=hf_text_config(),
+        image_token_index=IMAGE_ID, projector_hidden_act=act, multimodal_projector_bias=False,
+        image_seq_length=4, pad_token_id=0)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_checkpoint(tmp_path / "hf").eval()
+    pixels, ids = inputs()
+    want = hf_logits(hf, pixels, ids)
+    torch.testing.assert_close(ours(pixels, ids), want, atol=ATOL, rtol=0)
+    export_llava_hf(ours, tmp_path / "export")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    torch.testing.assert_close(hf_logits(again, pixels, ids), want, atol=ATOL, rtol=0)
 
 
 def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_path):

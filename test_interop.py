@@ -182,6 +182,18 @@ def test_peft_adapter_on_the_projector_alone_loads_merged(tmp_path):
                                    rtol=0)
 
 
+def test_peft_adapter_on_a_linear_projector_says_why_it_is_refused(tmp_path):
+    """A 'linear' llava-hf projector (two linears, no activation) is read as one: LoRA on one of
+    them was refused as if it were another model ("does not fit this model")."""
+    from peft import LoraConfig
+    hf_llava("linear").save_pretrained(tmp_path / "base")
+    trained_peft(tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["linear_1"]))
+    with pytest.raises(CheckpointError, match="of a projector whose two linears are read as one "
+                                              r"\(projector_hidden_act 'linear'\) is not "
+                                              "supported: merge it with PEFT first"):
+        load_checkpoint(tmp_path / "adapter")
+
+
 def test_load_adapters_refuses_to_merge_into_a_shared_base(peft_elsewhere):
     """LoRA outside the language model, loaded beside other adapters (PPO's --policy_lora on the
     reward model's base): merging it would change what the reward adapter reads, so it is
