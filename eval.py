@@ -605,6 +605,7 @@ class Answerer:
         self.rescored_from = set()  # --rescore: the sources of the answers scored
         self.partial = {}  # --rescore: bench -> "N of M questions" where some have no answer
         self.digests = {}  # image file -> image_digest
+        self.past_positions = False  # (said once)
 
     def _load(self):
         if self.model is None:
@@ -635,6 +636,7 @@ class Answerer:
         cfg = self.cfg
         if cfg.temperature > 0:
             items = [self._item(q) for q in qs]
+            self._note_positions(items, max_new_tokens)
             return common.generate_answers(self.model, self.tok, items, len(qs), max_new_tokens,
                                            cfg.temperature, cfg.top_p, self._generators(qs),
                                            show=False)
@@ -644,10 +646,21 @@ class Answerer:
         texts = []
         if new:
             items = [self._item(q) for q in new.values()]
+            self._note_positions(items, max_new_tokens)
             texts = common.generate_answers(self.model, self.tok, items, len(new), max_new_tokens,
                                             show=False)
         self.memo.update(zip(new, texts))
         return [self.memo[k] for k in keys]
+
+    def _note_positions(self, items, max_new_tokens):
+        """A note, once a run, where a prompt and its answer pass the model's positions (as
+        transformers warns: what the model does past them is untrained)."""
+        limit = self.model.config.max_position
+        longest = max(len(it["input_ids"]) for it in items) + max_new_tokens
+        if longest > limit and not self.past_positions:
+            self.past_positions = True
+            print(f"note: {self.name}: a prompt of {longest - max_new_tokens} tokens and "
+                  f"{max_new_tokens} new ones pass the model's {limit} positions", flush=True)
 
     def _generators(self, qs):
         """A sampling stream per question, seeded by --seed, its id and its prompt: its answer is

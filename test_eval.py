@@ -920,6 +920,12 @@ def test_a_question_too_long_or_an_image_that_does_not_decode_names_its_record(e
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{pope}: {want}" in err, err
     assert run_cli(env, tmp_path / "o", *args, "--max_len", "100", "--limit", "1")
+    # past the model's positions (512): answered, with a note, as transformers warns
+    longer = dict(long, text="Is there " + "a very " * 400 + "circle?")
+    pope.write_text(json.dumps(longer) + "\n")
+    capsys.readouterr()
+    run_cli(env, tmp_path / "o", *args, "--max_len", "100000")
+    assert "pass the model's 512 positions" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
