@@ -55,7 +55,7 @@ class Config:
     world: str = "data/shapes"  # Shapes world: {world} in paths; written on first use
     world_seed: int = 0  # seed of the Shapes world
     template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
-    max_len: int = 512  # longest tokenized sequence (longer pairs are dropped, counted)
+    max_len: int = 512  # longest tokenized sequence (longer: cut there, as POVID; counted)
     loss: str = "sigmoid"  # sigmoid (DPO), ipo, cdpo (label smoothing), rdpo (robust) or ref_free
     beta: float = 0.1  # KL strength: temperature of sigmoid/cdpo; IPO's target margin is 1/(2 beta)
     label_smoothing: float = 0.0  # cdpo/rdpo: assumed chance eps of a flipped preference (0, 0.5)
@@ -212,6 +212,7 @@ class Pairs:
     def __init__(self, records, tokenizer, mc, cfg, images):
         self.items, self.dropped, self.images, self.pad = [], 0, images, tokenizer.pad_token_id
         self.tied = 0  # pairs whose chosen and rejected are the same tokens once cut at max_len
+        self.cut = 0  # pairs kept, cut at max_len (POVID's collator cuts to model_max_length)
 
         convs = [r["prompt"] + [{"from": "gpt", "value": r[k]}]
                  for r in records for k in ("chosen", "rejected")]
@@ -224,6 +225,7 @@ class Pairs:
                 self.tied += 1
             else:
                 self.items.append((c, rj, r["image"]))
+                self.cut += max(len(c["input_ids"]), len(rj["input_ids"])) >= cfg.max_len
 
     def __len__(self):
         return len(self.items)
@@ -449,18 +451,21 @@ def main(cfg):
     val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
     if (train.dropped or train.tied) and d.main:
         print(f"warning: dropped {train.dropped + train.tied} of {len(train_recs)} pairs: "
-              f"{train.dropped} longer than --max_len {cfg.max_len}, {train.tied} whose chosen "
-              "and rejected are the same once cut there")
+              f"{train.dropped} whose answer starts past --max_len {cfg.max_len}, {train.tied} "
+              "whose chosen and rejected are the same once cut there")
+    if train.cut and d.main:  # (the chosen's </s> cut away with the rest)
+        print(f"note: {train.cut} of {len(train_recs)} pairs reach --max_len {cfg.max_len}: "
+              "trained on their first tokens alone (as POVID's collator cuts them)")
     if len(train) == 0:
         raise common.ConfigError(f"{cfg.data}: no training pairs left ({len(train_recs)} read, "
-                                 f"{train.dropped} longer than --max_len {cfg.max_len}, "
-                                 f"{train.tied} the same once cut there, {len(skipped)} bad "
-                                 "records skipped)")
+                                 f"{train.dropped} whose answer starts past --max_len "
+                                 f"{cfg.max_len}, {train.tied} the same once cut there, "
+                                 f"{len(skipped)} bad records skipped)")
     if val_recs and len(val) == 0:  # (the held-out rewards were logged as 0 over no pair)
         raise common.ConfigError(f"{cfg.val_data}: no validation pair left "
-                                 f"({len(val_recs[:cfg.eval_n])} read, {val.dropped} longer than "
-                                 f"--max_len {cfg.max_len}, {val.tied} whose chosen and rejected "
-                                 "are the same once cut there)")
+                                 f"({len(val_recs[:cfg.eval_n])} read, {val.dropped} whose "
+                                 f"answer starts past --max_len {cfg.max_len}, {val.tied} whose "
+                                 "chosen and rejected are the same once cut there)")
     data_files = [cfg.data, cfg.val_data]
     common.start_writing(cfg, d, data_files)
     ref = None

@@ -130,7 +130,8 @@ def _parse_json(path, text):
         return json.loads(text)
     except json.JSONDecodeError as e:
         whole = e
-    lines = text.splitlines()
+    # (JSON lines end at \n alone: U+2028, U+2029 and U+0085 may stand in a string as they are)
+    lines = text.split("\n")
     try:  # JSON lines if the first non-blank line is a JSON value by itself
         json.loads(next(line for line in lines if line.strip()))
     except json.JSONDecodeError:
@@ -321,6 +322,22 @@ def _prompt(conv):
     # the turns a model answers: everything before a final gpt turn
     return conv[:-1] if conv[-1]["from"] == "gpt" else conv
 
+
+def _prompt_turns(turns, first_only=False):
+    """The turns of a preference or RL record that are read, for conversation() to check: a final
+    gpt turn is dropped (LLaVA-RLHF's reward data puts each output in its place, its PPO data a
+    "\n"), and with first_only all but the first turn (its PPO keeps conversations[:2]). An empty
+    or tagged turn there was refused, though never read."""
+    if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], list):
+        turns = turns[0]  # (LLaVA-RLHF's extra list, as conversation() takes it)
+    if not isinstance(turns, list) or not turns:
+        return turns  # (conversation() says what is wrong)
+    if first_only:
+        return turns[:1]
+    last = turns[-1].get("from") if isinstance(turns[-1], dict) else None
+    final_answer = isinstance(last, str) and ROLES.get(last.strip().lower()) == "gpt"
+    return turns[:-1] if final_answer and len(turns) > 1 else turns
+
 # -------------------------------------------------------------------------- LLaVA instruct and LRV
 
 def _llava_fn(folder, check_images):
@@ -444,7 +461,8 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
 
     def fn(r):
         image = _image(r, folder, check_images, optional=not image_required)
-        prompt = _prompt(conversation(_field(r, "conversations"), image is not None, end=None))
+        turns = _prompt_turns(_field(r, "conversations"))
+        prompt = _prompt(conversation(turns, image is not None, end=None))
         outs = [output(r, "output_1"), output(r, "output_2")]
         p = _field(r, "preference")
         if type(p) is not int or p not in (1, 2):
@@ -478,7 +496,8 @@ def read_rl_prompts(path, image_folder=None, check_images=True, on_error="raise"
 
     def fn(r):
         image = _image(r, folder, check_images)
-        conv = conversation(_field(r, "conversations"), True, end=None)
+        conv = conversation(_prompt_turns(_field(r, "conversations"), first_turn_only), True,
+                            end=None)
         ct = 1 if r.get("caption_type") is None else r["caption_type"]  # null = absent
         if type(ct) is not int or not 1 <= ct <= 7:
             raise _bad("caption_type", "must be an integer 1-7 (1 general, 2-5 answer A-D, 6 "

@@ -61,6 +61,27 @@ def pairs(env, model, n=4, cfg=None):
     return dpo.Pairs(recs[:n], env["tok"], model.config, cfg or dpo.Config(), images)
 
 
+def test_pairs_cut_at_max_len_are_kept_and_counted(env, tmp_path):
+    """A pair longer than --max_len is cut there and trained on (as POVID's collator cuts it),
+    but the warning counted only pairs whose answer starts past it as "longer than --max_len",
+    and config said longer pairs were dropped. The cut ones are now counted in a note."""
+    recs = json.load(open(env["train"]))[:2]
+    recs[0]["conversations"][-1]["value"] += " It is red." * 40  # (POVID's layout: chosen)
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(recs))
+    model = load_checkpoint(env["init"])
+    images = ImageCache(model.config.image_size)
+    read, _, _ = dpo.load_pairs(dpo.Config(data=str(data), val_data=""))
+    whole = dpo.Pairs(read, env["tok"], model.config, dpo.Config(max_len=100000), images)
+    short = max(len(x["input_ids"]) for x in whole.items[1][:2])
+    got = dpo.Pairs(read, env["tok"], model.config, dpo.Config(max_len=short + 5), images)
+    assert (len(got), got.cut, got.dropped, got.tied) == (2, 1, 0, 0)
+    code, out, _ = run_cli("dpo", args(env, tmp_path / "o", "--data", str(data), "--max_len",
+                                       str(short + 5), "--val_data", ""))
+    assert code == 0 and f"note: 1 of 2 pairs reach --max_len {short + 5}: trained on their " \
+        "first tokens alone (as POVID's collator cuts them)" in out, out
+
+
 def lora_model(env, randomise=True):
     model = load_checkpoint(env["init"])
     model.add_adapter("dpo", 4, 8)

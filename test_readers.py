@@ -59,6 +59,17 @@ def test_llava_good_and_image_normalisation(llava):
                                                        {"from": "assistant", "value": "Ho"}]}
     assert read_llava(write(tmp / "d.jsonl", [rec], jsonl=True)) == [
         {"id": "u", "image": img, "conversations": turns("<image>\nHi", "Ho")}]
+    # a line separator (U+2028), a paragraph separator, NEL, as json.dumps(ensure_ascii=False)
+    # writes them inside strings: JSON lines end at \n alone (the file was refused)
+    seps = "\u2028\u2029\x85"
+    odd = [dict(rec, id=f"u{k}", conversations=[rec["conversations"][0], {
+        "from": "gpt", "value": f"Line one{c}line two."}]) for k, c in enumerate(seps)]
+    path = tmp / "odd.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in odd),
+                    encoding="utf-8")
+    got = read_llava(str(path))
+    assert [r["conversations"][1]["value"] for r in got] == \
+        [f"Line one{c}line two." for c in seps]
 
 
 @pytest.mark.parametrize("conv,image,expect", [
@@ -182,6 +193,11 @@ def test_preference_good(tmp_path):
                       "captions": ["A red square.", "Red."]}
     assert out[1]["chosen"] == "A blue dog." and out[1]["prompt"] == turns("<image>\nWhat is it?")
     assert out[2]["prompt"] == turns("<image>\nHi", "Yo", "What is it?")
+    # the final answer is replaced by each output, never read: empty or tagged, it was refused
+    recs = [pref(conversations=turns("<image>\nWhat is it?", "")),
+            pref(id="p2", conversations=[turns("What is it?", "<image> x")])]
+    out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs))
+    assert [r["prompt"] for r in out] == [turns("<image>\nWhat is it?")] * 2
 
 
 @pytest.mark.parametrize("kw,expect", [
@@ -249,6 +265,12 @@ def test_rl_prompts(tmp_path):
     assert read_rl_prompts(path, need_captions=False)[0]["captions"] == []
     path = write(tmp_path / "rl.json", [rl(captions=[])])
     assert "field 'captions': no captions" in error(read_rl_prompts, path)
+    # LLaVA-RLHF's PPO reads conversations[:2] and replaces the answer: the turns after the
+    # first (empty, or holding the tag) were refused though never read
+    odd = [rl(conversations=turns("<image>\nWhich one?", "", "More <image>?", " "))]
+    path = write(tmp_path / "rl.json", odd)
+    assert read_rl_prompts(path)[0]["prompt"] == turns("<image>\nWhich one?")
+    assert "turn 2: empty value" in error(read_rl_prompts, path, first_turn_only=False)
 
 
 @pytest.mark.parametrize("kw,expect", [

@@ -179,6 +179,12 @@ def test_reference_correction_continues_the_vig_turn_for_exactly_answer_length_s
     # question -> the full answer
     assert vic == [{"image": "x.png", "question": "What is there?", "prefix": "",
                     "target": "A red circle. It is big. It is on the left."}]
+    # as written: its paragraph breaks were joined into spaces (VIGC learns the answer as it is)
+    answer = "A red circle.\n\nIt is big.  Also:\n- one\n- two"
+    examples, _ = vigc.build_examples([{"image": "x.png", "conversations": [], "pairs": [
+        ("What is there?", answer, "conversation")]}],
+        {"conversation": ["Ask."]}, vigc.Config(vic_mode="reference", sft_share=0))
+    assert [e["target"] for e in examples if e["question"] == "What is there?"] == [answer]
 
 
 def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path, monkeypatch):

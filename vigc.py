@@ -323,8 +323,10 @@ def build_examples(records, instructions, cfg):
             s = sentences(a) or [a]
             # answer so far: k sentences; target: rest
             k = rng.randrange(len(s)) if cfg.vic_mode == "ours" else 0
+            # (from the start: the answer as written, its line breaks too, as VIGC learns it;
+            # after k sentences, joined as generation writes them back)
             out.append({"image": r["image"], "question": q, "prefix": " ".join(s[:k]),
-                        "target": " ".join(s[k:])})
+                        "target": " ".join(s[k:]) if k else a.strip()})
     n_sft = round(len(out) * cfg.sft_share / (1 - cfg.sft_share))
     sft_records = rng.choices(records, k=n_sft)
     out += [{"image": r["image"], "conversations": r["conversations"]} for r in sft_records]
