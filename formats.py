@@ -434,7 +434,9 @@ def _captions(r, caption_map, key, need, fix="pass --captions FILE, or --facts f
     caps = [no_image_tag(c, "captions") for c in _strlist(r, "captions", optional=True)]
     if need and not caps:
         where = ""
-        if caption_map is not None:
+        if caption_map is not None and key is None:  # (keyed by the image: a text-only record)
+            where = " (none inline; a record without an image has no key in the captions file)"
+        elif caption_map is not None:
             where = f" (none inline, none under {key!r:.80} in the captions file)"
         message = f"no captions{where}: Fact-RLHF facts need captions; add them, {fix}"
         raise _bad("captions", message)

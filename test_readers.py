@@ -224,6 +224,12 @@ def test_preference_needs_captions(tmp_path):
     path = write(tmp_path / "p.json", [pref()])
     msg = error(read_llava_rlhf_preference, path, need_captions=True)
     assert "field 'captions': no captions" in msg
+    # text-only, captions from a file keyed by image (it said "none under None")
+    caps = write(tmp_path / "caps.json", {"a.png": ["A red square."]})
+    text_only = {k: v for k, v in pref(conversations=turns("What?", "x")).items() if k != "image"}
+    path = write(tmp_path / "p.json", [text_only])
+    msg = error(read_llava_rlhf_preference, path, need_captions=True, captions_path=caps)
+    assert "(none inline; a record without an image has no key in the captions file)" in msg, msg
 
 
 def rl(**kw):
