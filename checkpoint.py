@@ -586,6 +586,13 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     fresh_projector = False
     clip_from = None  # the CLIP directory the vision weights come from, when not from path's files
     if layout == "factalign":  # (detect_layout checked format_version, base, adapters, heads)
+        whole = ("model.safetensors", "adapters.safetensors")
+        if cfg.get("fsdp_shards") and not any(os.path.exists(os.path.join(path, f))
+                                              for f in whole):
+            raise CheckpointError(f"{path}: an FSDP checkpoint of shards alone (written mid-run, "
+                                  "each process's part of the trained weights): resume its run "
+                                  "(--resume true), or give the run --save_full true for whole "
+                                  "checkpoints")
         if not isinstance(cfg.get("model"), dict):
             raise CheckpointError(f"{path}/config.json: field 'model': missing or not an object")
         known = {f.name: type(f.default) for f in fields(ModelConfig)}
@@ -943,7 +950,9 @@ def _base_dir(path, base):
     cand = resolve_checkpoint(cand)
     if not os.path.isdir(cand):
         raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint {base!r:.80} "
-                              "not found")
+                              "not found (read from this checkpoint's folder: moved without "
+                              "it? keep the two where they were to each other, as a moved ckpt/ "
+                              "tree does)")
     return cand
 
 

@@ -1484,7 +1484,10 @@ def trained_base(resume_path, init):
         was = recorded_init(os.path.dirname(resume_path))
     if not was:
         return now
-    if os.path.realpath(was) != os.path.realpath(now):
+    main = int(os.environ.get("RANK", "0")) == 0  # (said once under torchrun)
+    # (a recorded base that is gone: the run folder moved without it; loading says so, --init
+    # has not changed)
+    if os.path.realpath(was) != os.path.realpath(now) and main and os.path.exists(was):
         print(f"note: --init {init} now holds {now}; resuming on {was}, what this run was "
               "trained from", flush=True)
     return was
@@ -1546,19 +1549,19 @@ def sharded_resume(resume_path, d):
     return bool(resume_path) and d.fsdp and os.path.isdir(os.path.join(resume_path, SHARDS))
 
 
-def restore(model, opt, path, state, d, streams="the other ranks' random streams",
+def restore(model, opt, path, state, d, what="the other ranks' random streams",
             generators=None):
     """Continue where the checkpoint being resumed left off: the optimizer state, this rank's
     random streams and the stage's own `generators` (set here, after the model was built from
     --seed's streams as at the start); under FSDP also the model's and optimizer's shards.
-    `streams`: what starts again on another number of processes (note_other_world)."""
+    `what`: what starts again on another number of processes (note_other_world)."""
     if not sharded_resume(path, d):
         if state.get("optimizer") is not None:
             opt.load_state_dict(state["optimizer"])
         # each rank its own (rank 0's alone changed the other ranks' LoRA dropout masks), rank
         # 0's on another number of processes
         ranks = state.get("rng_ranks")
-        note_other_world(state.get("world", len(ranks) if ranks else None), d, streams)
+        note_other_world(state.get("world", len(ranks) if ranks else None), d, what)
         set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else state["rng"],
                       generators)
         return
@@ -1570,7 +1573,19 @@ def restore(model, opt, path, state, d, streams="the other ranks' random streams
     trained = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(resharded(model), opt, options=trained)
     both = {"model": model_sd, "optim": optim_sd}
-    check_shard_files(path)
+    # this rank's files first, every rank stopping where one cannot read its own (one went on
+    # alone into the collective load: a gloo traceback, or a hang)
+    rng, failed = os.path.join(path, f"rng-rank{d.rank}.pt"), None
+    try:
+        check_shard_files(path)
+        # (absent when resumed on more ranks: rank 0's)
+        if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)
+            raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
+                                  "processes, each with its random streams)")
+        streams = _read_rng(rng) if os.path.exists(rng) else state["rng"]
+    except CheckpointError as e:
+        failed = e
+    _stop_reading_together(failed, path, d)
     try:
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))
     # e.g. another model size
@@ -1583,14 +1598,31 @@ def restore(model, opt, path, state, d, streams="the other ranks' random streams
     # one is, or dcp.load raised)
     set_state_dict(model, opt, model_state_dict=both["model"], optim_state_dict=both["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    note_other_world(state.get("fsdp_world"), d, streams)
-    # (absent when resumed on more ranks: rank 0's)
-    rng = os.path.join(path, f"rng-rank{d.rank}.pt")
-    if not os.path.exists(rng) and state.get("fsdp_world") == d.world:  # (lost: not bitwise)
-        raise CheckpointError(f"{rng}: missing (the checkpoint was written by {d.world} "
-                              "processes, each with its random streams)")
-    set_rng_state(torch.load(rng, weights_only=False) if os.path.exists(rng) else state["rng"],
-                  generators)
+    note_other_world(state.get("fsdp_world"), d, what)
+    set_rng_state(streams, generators)
+
+
+def _read_rng(path):
+    """A rank's random streams as its checkpoint holds them; a file that cannot be read is a
+    CheckpointError (a torch.load traceback on one rank)."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # (a truncated or foreign file: pickle's, zip's, torch's errors)
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}); the checkpoint is "
+                              "damaged: move it away and --resume takes the one before it")
+
+
+def _stop_reading_together(failed, path, d):
+    """A barrier that raises on every rank where one could not read its part of the checkpoint
+    (that rank: its own line; the others: a line saying another process could not)."""
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=d.device)
+    if d.world > 1:
+        dist.all_reduce(flag)
+    if failed is not None:
+        raise failed
+    if flag.item():
+        raise CheckpointError(f"{path}: another process could not read its part of this "
+                              "checkpoint (its line says why)")
 
 
 def rank_states(obj, d):

@@ -383,6 +383,9 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
     table = {"train": reference_table(model, train, cfg, d),
              "val": reference_table(model, val, cfg, d)}
     if d.main:  # temp name + rename: a crash never leaves half a cache
+        for name in os.listdir(cfg.out):  # (a killed run's: never renamed, never read)
+            if name.startswith("ref_logps-") and ".pt.tmp" in name:
+                os.remove(os.path.join(cfg.out, name))
         torch.save(table, f"{path}.tmp{os.getpid()}")
         os.replace(f"{path}.tmp{os.getpid()}", path)
         print(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {path}")

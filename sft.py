@@ -298,7 +298,10 @@ def main(cfg):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     # FSDP: built from --init, the shards later
     sharded = common.sharded_resume(resume_path, d)
-    load_from = cfg.init if sharded else resume_path or cfg.init
+    # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
+    # --init's run folder has grown since)
+    init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
+    load_from = init if sharded else resume_path or init
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
                                                        tokenizer_dir, d.device, geometry=geometry,

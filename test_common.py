@@ -171,6 +171,29 @@ def test_trained_base_refuses_a_run_json_init_that_is_not_a_path(tmp_path):
     assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
 
 
+def test_a_run_folder_moved_without_its_base_is_not_said_to_have_another_init(tmp_path, capsys):
+    """A LoRA run folder moved alone (its base, named relative to it, left behind): resuming said
+    "--init now holds ...; resuming on /sft/...", --init unchanged, then failed on 'base'."""
+    from test_model import tiny_model
+    import sft
+    init = tmp_path / "sft"
+    common.save_checkpoint(tiny_model(), str(init), 1, sft.Config(out=str(init)))
+    model = tiny_model()
+    model.add_adapter("dpo", 2, 4)
+    run = tmp_path / "a" / "b" / "run"
+    common.save_checkpoint(model, str(run), 1, sft.Config(out=str(run)),
+                           base=str(init / "checkpoint-000001"))
+    os.rename(tmp_path / "a" / "b", tmp_path / "b")  # (one folder up: '../..' misses it)
+    moved = tmp_path / "b" / "run" / "checkpoint-000001"
+    capsys.readouterr()
+    was = common.trained_base(str(moved), str(init))
+    assert "now holds" not in capsys.readouterr().out and not os.path.exists(was)
+    from checkpoint import load_checkpoint
+    with pytest.raises(common.CheckpointError, match="not found .read from this checkpoint's "
+                                                     "folder: moved without it"):
+        load_checkpoint(str(moved))
+
+
 SCRIPTS = ("sft.py", "reward.py", "ppo.py", "dpo.py", "vigc.py", "eval.py", "pipeline.py",
            "lab.py", "bench.py", "shapes.py")
 

@@ -398,7 +398,10 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     os.mkdir(tmp_path / "other")
     # another run's cache, keyed by what it was made of
     shutil.copy(out / first[0], tmp_path / "other" / first[0])
+    # a killed run's half-written cache (its temp name) was left there for good
+    (tmp_path / "other" / (first[0] + ".tmp99999")).write_bytes(b"half")
     assert "computed" in cli(*args(env, tmp_path / "other", *full, "--data", changed))
+    assert not [f for f in os.listdir(tmp_path / "other") if ".tmp" in f]
     # a rewritten checkpoint (new mtime): a new cache too
     weights = os.path.join(env["init"], "model.safetensors")
     os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10 ** 9))

@@ -11,6 +11,7 @@ torchrun subprocesses cost seconds each, so one uninterrupted sft run serves thr
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,12 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     assert r.returncode == 0, r.stderr
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoint-000004")  # as if killed after step 2's checkpoint
+    # read as a model (eval --ckpt, a stage's --init of the killed run): it said "no weights
+    # found" or "adapters.safetensors: file not found"
+    from checkpoint import CheckpointError, load_checkpoint
+    with pytest.raises(CheckpointError, match="an FSDP checkpoint of shards alone .*resume its "
+                                              "run .*--save_full true"):
+        load_checkpoint(str(resumed / "checkpoint-000002"))
     # a shard cut off (copied in part): a CheckpointError (one line) naming the file, not
     # "CheckpointException ranks:dict_keys([0])" (checked in this process, as restore() does)
     import common
@@ -267,22 +274,81 @@ def test_fsdp_fresh_model_with_frozen_weights_resumes_bitwise(script, extra, tin
     the shards hold the trained weights only, and on resume the fresh model was built from the
     checkpoint's random streams, not --seed's, so every frozen weight differed from the run that
     was not stopped."""
-    import shutil
     argv = [script, "--model", "tiny", "--world", tiny_world, "--max_steps", "4", "--save_every",
             "2", "--batch_size", "8", "--fsdp", "true", *extra]
     if script == "sft.py":
         argv += ["--report", "false", "--align_batch_size", "8"]
+    stopped_and_resumed(argv, tmp_path)
+
+
+def stopped_and_resumed(argv, root, meanwhile=lambda: None):
+    """`python argv` for 4 steps (checkpoints at 2 and 4) into root/straight, and the same run
+    stopped after step 2 (a copy without checkpoint 4), `meanwhile` run, then resumed: the two
+    end bitwise alike. Returns the resumed run's stdout."""
+    import shutil
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed = root / "straight", root / "resumed"
     r = subprocess.run([sys.executable, *argv, "--out", str(straight)], cwd=HERE, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoint-000004")
+    meanwhile()
     r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004", exact=True)
+    return r.stdout
+
+
+@pytest.mark.parametrize("script,extra", [("sft.py", ["--report", "false"]),
+                                          ("vigc.py", ["--generate", "0"])])
+def test_fsdp_resume_keeps_the_base_the_run_was_trained_on(script, extra, tiny_sft, tiny_world,
+                                                           tmp_path):
+    """sft.py and vigc.py resumed from shards built their frozen weights from --init's newest
+    checkpoint: an --init run folder that had grown a checkpoint since moved the resumed run onto
+    other weights without a word (dpo, reward and ppo resumed on the recorded base)."""
+    import shutil
+    from checkpoint import load_checkpoint, save_checkpoint_files
+    init = tmp_path / "init"
+    shutil.copytree(tiny_sft, init)
+    argv = [script, "--init", str(init), "--world", tiny_world, "--max_steps", "4",
+            "--save_every", "2", "--batch_size", "8", "--lora_r", "4", "--fsdp", "true", *extra]
+
+    def grow():  # (--init's run, trained on since)
+        grown = load_checkpoint(str(init / "checkpoint-000003"))
+        with torch.no_grad():
+            for p in grown.parameters():
+                p.add_(0.05)
+        save_checkpoint_files(grown, str(init / "checkpoint-000009"))
+        for f in os.listdir(init / "checkpoint-000003"):
+            if "token" in f:
+                shutil.copy(init / "checkpoint-000003" / f, init / "checkpoint-000009")
+    said = stopped_and_resumed(argv, tmp_path, grow)
+    assert f"note: --init {init} now holds {init / 'checkpoint-000009'}" in said, said
+
+
+def test_a_rank_that_cannot_read_its_part_stops_every_rank(tiny_sft, tiny_world, tmp_path):
+    """An FSDP checkpoint that one rank cannot read (its random streams' file gone): that rank
+    said so and stopped; rank 0 went on into the collective load and ended in gloo's traceback
+    ("Connection closed by peer"; on NCCL, a hang). Every rank stops with one line now."""
+    import shutil
+    argv = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "4", "--save_every", "2",
+            "--batch_size", "4", "--eval_n", "4", "--fsdp", "true"]
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    finish(torchrun("dpo.py", argv + ["--out", str(straight)]))
+    shutil.copytree(straight, damaged)
+    shutil.rmtree(damaged / "checkpoint-000004")
+    lost = damaged / "checkpoint-000002" / "rng-rank1.pt"
+    lost.unlink()
+    proc = torchrun("dpo.py", argv + ["--out", str(damaged), "--resume", "true"])
+    out = proc.communicate(timeout=240)[0]
+    # (torchrun's own launcher prints its ChildFailedError; no worker prints a traceback)
+    ours = re.search('File "' + re.escape(HERE) + r'/\w+\.py"', out)  # (a frame of our code)
+    assert proc.returncode != 0 and not ours, out[-3000:]
+    assert "Connection closed" not in out and f"error (rank 1): {lost}: missing" in out, out[-3000:]
+    assert f"error: {damaged / 'checkpoint-000002'}: another process could not read its part " \
+        "of this checkpoint (its line says why)" in out, out[-3000:]
 
 
 def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp_path):

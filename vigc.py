@@ -611,7 +611,10 @@ def main(cfg):
     resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
-    load_from = cfg.init if sharded else resume_path or cfg.init
+    # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
+    # --init's run folder has grown since)
+    init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
+    load_from = init if sharded else resume_path or init
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
