@@ -317,7 +317,7 @@ def _text_fields(t, prefix=""):
     default_window = mistral and "sliding_window" not in t
     # (LLaMA's attention reads no window: a field left over in its config is ignored, as
     # transformers ignores it)
-    window = 4096 if default_window else t.get("sliding_window") if mistral else None
+    window = 4096 if default_window else (t.get("sliding_window") if mistral else None)
     if window is not None and type(window) is not int:
         raise CheckpointError(f"config: field '{prefix}sliding_window': expected an integer or "
                               f"null, got {window!r:.40}")
@@ -1712,10 +1712,11 @@ def load_peft_adapter(model, path, name, no_merge=None):
         if no_merge:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' (not the language "
                                   f"model) {no_merge}")
-        if one_linear:  # (W2 (W1 + sBA) is W2 W1 + s W2 B A: not merged here)
-            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' of a projector whose "
-                                  "two linears are read as one (projector_hidden_act 'linear') "
-                                  "is not supported: merge it with PEFT first")
+        if one_linear:  # (llava-hf's: W2 (W1 + sBA) is W2 W1 + s W2 B A, not merged here)
+            what = ("a projector whose two linears are read as one (projector_hidden_act "
+                    "'linear')" if "multi_modal_projector" in module else "a one-linear projector")
+            raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' of {what} is not "
+                                  "supported: merge it with PEFT first")
         if (part, pname) not in ours:
             raise CheckpointError(f"{file}: key '{key}': LoRA on '{module}' does not fit this "
                                   "model")

@@ -1165,8 +1165,14 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
 def write_failure(error, out_dir, what):
     """A user's error for a checkpoint that could not be written for want of space (or a failing
     disk, or a file-size limit): OSError's ENOSPC, EDQUOT, EIO or EFBIG, or the same in torch's and
-    safetensors' own errors, which carry no errno. Anything else is raised as it was."""
+    safetensors' own errors, which carry no errno; or for want of permission (EACCES, EPERM,
+    EROFS). Anything else is raised as it was."""
     text = str(error)
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CheckpointError(f"{out_dir}: cannot write {what} ({error.strerror}: "
+                               f"{error.filename or out_dir}); nothing of it was kept, what was "
+                               "written before is: make the folder writable and run again (a "
+                               "training run goes on with --resume true)")
     full = isinstance(error, OSError) and \
         error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
     signs = ("No space left", "os error 28", "os error 27", "File too large", "Disk quota",
@@ -1243,9 +1249,7 @@ def _commit(tmp, final, out_dir, keep, d):
     if d is None or d.main:
         try:
             _fsync_dir(tmp)
-            if os.path.exists(final):  # re-saving the same step (e.g. the final save): swap it out
-                _discard(final)
-            os.rename(tmp, final)
+            _swap_in(tmp, final)
         except OSError as e:
             failed = e
     _agree(failed, tmp, out_dir, final, d)
@@ -1293,14 +1297,33 @@ def _ended_a_run(path):
         return False
 
 
+def _trash(path):
+    """Where a checkpoint directory goes before it is deleted (a name load_resume clears)."""
+    name = f".tmp-checkpoint-discard-{os.path.basename(path)}-{os.getpid()}"
+    return os.path.join(os.path.dirname(path), name)
+
+
 def _discard(path):
     """Delete a checkpoint directory after renaming it to a temp name (one atomic step): a kill
     during the deletion never leaves a checkpoint-N that looks complete (has config.json) but is
     not."""
-    trash_name = f".tmp-checkpoint-discard-{os.path.basename(path)}-{os.getpid()}"
-    trash = os.path.join(os.path.dirname(path), trash_name)
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, _trash(path))
+    shutil.rmtree(_trash(path), ignore_errors=True)
+
+
+def _swap_in(tmp, final):
+    """Rename tmp to final; a final already there (the same step saved again, e.g. the last save)
+    is put back where the rename fails (deleted first, a failing rename lost both)."""
+    if not os.path.exists(final):
+        os.rename(tmp, final)
+        return
+    os.rename(final, _trash(final))
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        os.rename(_trash(final), final)
+        raise
+    shutil.rmtree(_trash(final), ignore_errors=True)
 
 
 def _fsync_dir(path):
@@ -1485,9 +1508,12 @@ def trained_base(resume_path, init):
     if not was:
         return now
     main = int(os.environ.get("RANK", "0")) == 0  # (said once under torchrun)
-    # (a recorded base that is gone: the run folder moved without it; loading says so, --init
-    # has not changed)
-    if os.path.realpath(was) != os.path.realpath(now) and main and os.path.exists(was):
+    if not os.path.exists(was):  # (a moved project: run.json's absolute path; not --init's change)
+        if main:
+            print(f"note: {was}, the base this run recorded, is not there (moved?): resuming on "
+                  f"--init {init} ({now})", flush=True)
+        return now
+    if os.path.realpath(was) != os.path.realpath(now) and main:
         print(f"note: --init {init} now holds {now}; resuming on {was}, what this run was "
               "trained from", flush=True)
     return was
@@ -1585,6 +1611,8 @@ def restore(model, opt, path, state, d, what="the other ranks' random streams",
         streams = _read_rng(rng) if os.path.exists(rng) else state["rng"]
     except CheckpointError as e:
         failed = e
+    except OSError as e:  # (a file this rank may not read: the others would wait in the load)
+        failed = CheckpointError(f"{e.filename or path}: cannot be read ({e.strerror or e})")
     _stop_reading_together(failed, path, d)
     try:
         dcp.load(both, checkpoint_id=os.path.join(path, SHARDS))

@@ -225,7 +225,9 @@ class Pairs:
                 self.tied += 1
             else:
                 self.items.append((c, rj, r["image"]))
-                self.cut += max(len(c["input_ids"]), len(rj["input_ids"])) >= cfg.max_len
+                # (cut: at max_len without the answer's closing </s>)
+                self.cut += any(len(x["input_ids"]) >= cfg.max_len and
+                                int(x["input_ids"][-1]) != tokenizer.eos_token_id for x in (c, rj))
 
     def __len__(self):
         return len(self.items)
@@ -375,6 +377,9 @@ def reference_table(model, ds, cfg, d):
 
 def cached_reference(cfg, d, init_dir, train, val, get_model):
     path = os.path.join(cfg.out, f"ref_logps-{fingerprint(cfg, init_dir, train, val)}.pt")
+    for name in os.listdir(cfg.out) if d.main else []:  # (a killed run's: never renamed, read)
+        if name.startswith("ref_logps-") and ".pt.tmp" in name:
+            os.remove(os.path.join(cfg.out, name))
     if os.path.exists(path):
         if d.main:
             print(f"reference log-probs: reusing {path}")
@@ -383,9 +388,6 @@ def cached_reference(cfg, d, init_dir, train, val, get_model):
     table = {"train": reference_table(model, train, cfg, d),
              "val": reference_table(model, val, cfg, d)}
     if d.main:  # temp name + rename: a crash never leaves half a cache
-        for name in os.listdir(cfg.out):  # (a killed run's: never renamed, never read)
-            if name.startswith("ref_logps-") and ".pt.tmp" in name:
-                os.remove(os.path.join(cfg.out, name))
         torch.save(table, f"{path}.tmp{os.getpid()}")
         os.replace(f"{path}.tmp{os.getpid()}", path)
         print(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {path}")

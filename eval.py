@@ -39,8 +39,9 @@ another checkpoint of that name has its scores in OUT/sft, a note says so):
   OUT/NAME/judge_<bench>.jsonl   judge replies {"id", "judge", "answer", "reply",
                                  "prompt_digest"}, reused for the same judge (with its endpoint
                                  and --judge_max_tokens) and the same prompt and image
-  OUT/NAME/scores.json           every number (benchmarks of earlier runs of the same checkpoint
-                                 into OUT kept); OUT/compare.md and .json with --compare
+  OUT/NAME/scores.json           every number (benchmarks of earlier runs of the same model
+                                 into OUT kept: "model" names its checkpoint and files' time);
+                                 OUT/compare.md and .json with --compare
   OUT/NAME/export/               --export true: pope_<split>.jsonl and llava_bench.jsonl as LLaVA's
                                  model_vqa.py writes answers, mmhal.json as MMHal-Bench's
                                  eval_gpt4.py reads them, chair.jsonl as the CHAIR scripts read
@@ -248,7 +249,7 @@ def _take(qs, cfg, bench, on_shapes):
     for q in qs:
         k = counts[q["file"]] = counts.get(q["file"], -1) + 1  # (a file's questions in its order)
         k = q.get("record", k)  # (a file of several POPE splits: its own numbering)
-        q["where"] = f"{k} (id {q['id']!r:.60})"  # (the record errors name, answering it too)
+        q["where"] = f"{k} (id {q['id']!r:.60})"  # (as errors name it, here and when answered)
         # the images of the questions asked alone (--limit 50 needs 50 images, not the
         # benchmark's); --rescore needs none
         if not cfg.rescore and not os.path.isfile(q["image"]):
@@ -568,7 +569,7 @@ def lrv_gavie_questions(cfg):
             raise DataError(cfg.gavie_annotations, iid, None, "no annotations for this image_id")
         for j, b in enumerate(boxes[iid]):  # the judge prompt lists them after the answers
             bbox = b.get("bbox", []) if isinstance(b, dict) else None
-            numbers = isinstance(bbox, list) and all(
+            numbers = isinstance(bbox, list) and len(bbox) in (0, 4) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in bbox)
             ok = numbers and all(isinstance(b.get(k), (str, type(None)))
                                  for k in ("caption", "name"))

@@ -169,6 +169,9 @@ def test_trained_base_refuses_a_run_json_init_that_is_not_a_path(tmp_path):
         common.trained_base(str(ckpt), str(tmp_path / "init"))
     (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": "%s"}' % (tmp_path / "init"))
     assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
+    # a moved project: run.json's absolute path is gone, --init (relative) finds it
+    (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": "/gone/sft"}')
+    assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
 
 
 def test_a_run_folder_moved_without_its_base_is_not_said_to_have_another_init(tmp_path, capsys):
@@ -186,8 +189,9 @@ def test_a_run_folder_moved_without_its_base_is_not_said_to_have_another_init(tm
     os.rename(tmp_path / "a" / "b", tmp_path / "b")  # (one folder up: '../..' misses it)
     moved = tmp_path / "b" / "run" / "checkpoint-000001"
     capsys.readouterr()
-    was = common.trained_base(str(moved), str(init))
-    assert "now holds" not in capsys.readouterr().out and not os.path.exists(was)
+    assert common.trained_base(str(moved), str(init)) == str(init / "checkpoint-000001")
+    said = capsys.readouterr().out
+    assert "now holds" not in said and "the base this run recorded, is not there" in said, said
     from checkpoint import load_checkpoint
     with pytest.raises(common.CheckpointError, match="not found .read from this checkpoint's "
                                                      "folder: moved without it"):
@@ -287,6 +291,51 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
     monkeypatch.setattr(torch, "save", fails(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):
         common.save_checkpoint(model, out, 2, cfg)
+
+
+def test_saving_a_step_again_keeps_it_where_the_rename_fails(tmp_path, monkeypatch):
+    """The same step saved again (a run's last save) deleted the one there before the temp folder
+    was renamed into its place: a failing rename lost both. It is put back now; a folder that may
+    not be written is one line too (it was a traceback)."""
+    import errno
+    from test_model import tiny_model
+    import sft
+    model, out = tiny_model(), str(tmp_path)
+    cfg = sft.Config(out=out)
+    common.save_checkpoint(model, out, 1, cfg)
+    ck = os.path.join(out, "checkpoint-000001")
+    before = {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)}
+    real = os.rename
+    for error, says in ((OSError(errno.EIO, "Input/output error"), "free some space"),
+                        (PermissionError(errno.EACCES, "Permission denied", out),
+                         "make the folder writable")):
+        def rename(src, dst, error=error):
+            if ".tmp-checkpoint-000001-" in str(src):  # (the temp folder into place)
+                raise error
+            return real(src, dst)
+        with monkeypatch.context() as m:
+            m.setattr(os, "rename", rename)
+            with pytest.raises(common.CheckpointError, match=says):
+                common.save_checkpoint(model, out, 1, cfg)
+        assert os.listdir(out) == ["checkpoint-000001"]
+        assert {f: open(os.path.join(ck, f), "rb").read() for f in before} == before
+
+
+def test_a_shard_file_this_rank_may_not_read_is_one_line(tmp_path, monkeypatch):
+    """Any error of this rank's reading before the ranks agree (not only a CheckpointError) is
+    a line: an OSError passed the agreement on one rank, the others waited in the load."""
+    from test_model import tiny_model
+    model = tiny_model()
+    opt = common.make_optimizer(model, 1e-3)
+    ck = tmp_path / "checkpoint-000001"
+    (ck / common.SHARDS).mkdir(parents=True)
+    denied = str(ck / common.SHARDS / "__0_0.distcp")
+
+    def check(path):
+        raise PermissionError(13, "Permission denied", denied)
+    monkeypatch.setattr(common, "check_shard_files", check)
+    with pytest.raises(common.CheckpointError, match=f"{denied}: cannot be read .Permission"):
+        common.restore(model, opt, str(ck), {"rng": None}, common.Dist(fsdp=True))
 
 
 def test_a_boolean_flag_alone_is_true():

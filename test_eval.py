@@ -756,7 +756,8 @@ def test_gavie_boxes_hold_numbers(env, tmp_path):
     (tmp_path / "gavie.json").write_text(json.dumps([{"image_id": "7", "question": "What?"}]))
     cfg = E.Config(gavie_file=str(tmp_path / "gavie.json"), image_folder=str(tmp_path),
                    gavie_annotations=str(tmp_path / "boxes.json"), judge="openai")
-    for bbox, ok in (([1, 2.5, 10, 10], True), (["a", "b", "c", "d"], False), ([1, True], False)):
+    for bbox, ok in (([1, 2.5, 10, 10], True), (["a", "b", "c", "d"], False), ([1, True], False),
+                     ([1], False)):
         (tmp_path / "boxes.json").write_text(json.dumps({"7": [{"caption": "x", "bbox": bbox}]}))
         if ok:
             assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
