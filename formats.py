@@ -273,6 +273,13 @@ def _folder(path, image_folder):
 
 # ----------------------------------------------------------------------------------- conversations
 
+def _unwrapped(turns):
+    """LLaVA-RLHF's reward data may wrap the turns in one more list."""
+    if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], list):
+        return turns[0]
+    return turns
+
+
 def conversation(turns, has_image, field="conversations", end="gpt"):
     """Validate and normalise LLaVA turns [{"from": "human"|"gpt", "value": str}, ...].
 
@@ -282,8 +289,7 @@ def conversation(turns, has_image, field="conversations", end="gpt"):
     tag is missing it is added: LLaVA would silently drop the image, our template needs one
     placeholder. A text-only record must not contain "<image>".
     """
-    if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], list):
-        turns = turns[0]  # LLaVA-RLHF's reward data may wrap the turns in one more list
+    turns = _unwrapped(turns)
     if not isinstance(turns, list) or not turns:
         raise _bad(field, "expected a non-empty list of turns")
     out = []
@@ -328,8 +334,7 @@ def _prompt_turns(turns, first_only=False):
     gpt turn is dropped (LLaVA-RLHF's reward data puts each output in its place, its PPO data a
     "\n"), and with first_only all but the first turn (its PPO keeps conversations[:2]). An empty
     or tagged turn there was refused, though never read."""
-    if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], list):
-        turns = turns[0]  # (LLaVA-RLHF's extra list, as conversation() takes it)
+    turns = _unwrapped(turns)
     if not isinstance(turns, list) or not turns:
         return turns  # (conversation() says what is wrong)
     if first_only:
