@@ -957,15 +957,9 @@ def _claim_out(cfg, inits):
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
             raise ConfigError(f"{init}: checkpoint directory not found")
+    refuse_in_world("--out", out, getattr(cfg, "world", ""), "the run")  # (and --overwrite
+    # would move the world away)
     out_real = os.path.realpath(out)
-    world = getattr(cfg, "world", "")
-    world_real = os.path.realpath(world) if world else None
-    if world_real == out_real:  # (and --overwrite would move it away)
-        raise ConfigError(f"--out {out} is the --world folder: the run would be written among the "
-                          "world's files; choose another --out")
-    if world_real and out_real.startswith(world_real + os.sep):
-        raise ConfigError(f"--out {out} lies inside the --world folder {world}: the run would be "
-                          "written among the world's files; choose another --out")
     if resume and overwrite:
         raise ConfigError("--resume true and --overwrite true: choose one (continue the run, or "
                           "replace it)")
@@ -1221,6 +1215,38 @@ def rewritten_world(ckpt_dir, world):
     now = world_digest(world)
     stale = same_folder and rc.get("world_digest") not in (None, now) and now is not None
     return rc["world"] if stale else None
+
+
+def other_world(ckpt, world):
+    """(kind, why) where the checkpoint `ckpt` was not trained on the Shapes world in `world` as it
+    is now, else None: 'rewritten' (that folder written again since with other parameters) or
+    'elsewhere' (another world folder with other contents; a copy of the same world is the same
+    world, and a world not written yet here is the same folder to be written again)."""
+    if rewritten_world(ckpt, world):
+        return "rewritten", (f"was trained on {world} before it was written again with other "
+                             "parameters (its world.json differs from the one recorded)")
+    rc = recorded_run_config(ckpt)
+    now = world_digest(world)
+    elsewhere = isinstance(rc.get("world"), str) and \
+        os.path.realpath(rc["world"]) != os.path.realpath(world)
+    if rc.get("world_digest") not in (None, now) and (now is not None or elsewhere):
+        return "elsewhere", (f"was trained on the world in {rc.get('world')}, not on --world "
+                             f"{world} (their world.json differ)")
+    return None
+
+
+def refuse_in_world(flag, path, world, what="it"):
+    """An output inside the --world folder: written among the world's files (which shapes.py then
+    refuses to write again)."""
+    if not (world and path):
+        return
+    real, world_real = os.path.realpath(path), os.path.realpath(world)
+    if real == world_real:
+        raise ConfigError(f"{flag} {path} is the --world folder: {what} would be written among "
+                          f"the world's files; choose another {flag}")
+    if real.startswith(world_real + os.sep):
+        raise ConfigError(f"{flag} {path} lies inside the --world folder {world}: {what} would be "
+                          f"written among the world's files; choose another {flag}")
 
 
 def note_world(flag, path, world):

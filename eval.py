@@ -1234,6 +1234,7 @@ def main(cfg):
             raise SystemExit(2)  # (rank 0 says why, once)
         raise common.ConfigError("eval.py runs in one process (it generates and judges one "
                                  "batch at a time): run it with python, not torchrun")
+    common.refuse_in_world("--out", cfg.out, cfg.world, "the answers and scores")
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:
         choices = ", ".join(BENCHMARKS)

@@ -1058,6 +1058,21 @@ def check_out_matches(cfg):
     common.write_json(stamp, path)  # whole or absent: a lab killed here leaves no half stamp
 
 
+def refuse_unfinished_sft(cfg):
+    """An --sft run still written (a killed pipeline's SFT process), or stopped before its last
+    step: every run would start from a model its run was not to make (a note in each run's log
+    said so)."""
+    holder = common.lock_holder(cfg.sft)
+    if holder:
+        raise common.ConfigError(f"--sft {cfg.sft}: a process (pid {holder}) is still writing "
+                                 "there; wait for it to end, or stop it")
+    progress = common.run_progress(cfg.sft)
+    if progress and progress[0] < progress[1]:
+        raise common.ConfigError(f"--sft {cfg.sft} stopped at step {progress[0]} of "
+                                 f"{progress[1]} (unfinished): finish it (sft.py with --out "
+                                 "there and --resume true) or train it again")
+
+
 def refuse_live_writers(cfg, runs, stale):
     """A run folder this lab would start again (removing it first) that a live process still
     writes: a run of a lab killed earlier (its runs go on); both wrote there at once."""
@@ -1094,8 +1109,15 @@ def main(cfg):
                                  f"python pipeline.py{seed} first, or pass --sft DIR)")
     if trains:  # (else every run fails, and the report of none replaces --results)
         refuse_scalar_model(resolve_checkpoint(cfg.sft))
+        refuse_unfinished_sft(cfg)
         if os.path.exists(cfg.world):  # a world there is checked, never rewritten; none: written
             shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+        other = common.other_world(resolve_checkpoint(cfg.sft), cfg.world)
+        if other:  # (every run trained, and was scored, on a world the SFT never saw)
+            raise common.ConfigError(f"--sft {cfg.sft} {other[1]}: pass the world it was trained "
+                                     "on (--world, --world_seed), or its SFT (--sft)")
+    for flag, path in (("--out", cfg.out), ("--results", cfg.results), ("--plots", cfg.plots)):
+        common.refuse_in_world(flag, path, cfg.world)
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
         common.check_output_path(flag, path)
     common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)

@@ -145,23 +145,12 @@ def refuse_rewritten_world(cfg):
     parameters: every later stage would read another world than the SFT model learnt."""
     sft = os.path.join(cfg.out, "sft")
     ck = latest_checkpoint(sft) if os.path.isdir(sft) else None
-    if ck and common.rewritten_world(ck, cfg.world):
-        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} was trained on "
-                                 f"{cfg.world} before it was written again with other parameters "
-                                 "(its world.json differs from the one recorded): run every "
-                                 "stage again (--overwrite true), or pass the world it was "
-                                 "trained on")
-    # another world folder, with other contents (a copy of the same world is the same world)
-    rc = common.recorded_run_config(ck) if ck else {}
-    now = common.world_digest(cfg.world)
-    elsewhere = isinstance(rc.get("world"), str) and \
-        os.path.realpath(rc["world"]) != os.path.realpath(cfg.world)
-    # (a world not written yet: the same folder is written again as it was; another, a typo)
-    if rc.get("world_digest") not in (None, now) and (now is not None or elsewhere):
-        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} was trained on the "
-                                 f"world in {rc.get('world')}, not on --world {cfg.world} (their "
-                                 "world.json differ): pass the world it was trained on, or run "
-                                 "sft too")
+    other = common.other_world(ck, cfg.world) if ck else None
+    if other:
+        hint = {"rewritten": "run every stage again (--overwrite true), or pass the world it was "
+                             "trained on",
+                "elsewhere": "pass the world it was trained on, or run sft too"}[other[0]]
+        raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} {other[1]}: {hint}")
 
 
 def stage_commands(cfg):
@@ -201,6 +190,7 @@ LANES = (("sft",), (("lrv", "rm", "ppo"), ("dpo", "vigc")), ("eval",))
 
 _running = set()  # the stage processes running now
 _stopping = threading.Event()  # set on Ctrl-C: no lane starts another stage
+_lane_failed = threading.Event()  # set when a stage fails: no lane starts another stage
 
 
 def stop_stages():
@@ -218,6 +208,8 @@ def run_lane(names, commands, here, env, times):
     for name in names:
         if _stopping.is_set():
             return name, 130
+        if _lane_failed.is_set():  # (another lane's stage failed: its line is the job's last word)
+            return None
         cmd = [sys.executable, os.path.join(here, commands[name][0]), *commands[name][1:]]
         print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
         t0 = time.time()
@@ -232,6 +224,7 @@ def run_lane(names, commands, here, env, times):
             _running.discard(proc)
         times[name] = time.time() - t0
         if code != 0:
+            _lane_failed.set()
             return name, code
     return None
 
@@ -283,6 +276,13 @@ def main(cfg):
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []
     for flag, path in outputs:
         common.check_output_path(flag, path)
+    if "eval" in cfg.stages:  # (eval's lock met the pipeline's own, after every stage trained)
+        common.refuse_in_world("--eval_out", cfg.eval_out, cfg.world, "eval's answers")
+        runs = [cfg.out] + [os.path.join(cfg.out, s) for s in STAGES if s != "eval"]
+        if any(os.path.realpath(cfg.eval_out) == os.path.realpath(r) for r in runs):
+            raise common.ConfigError(f"--eval_out {cfg.eval_out} is --out or a stage's run folder "
+                                     "in it: eval would write among the runs; choose another "
+                                     "--eval_out")
     common.ensure_writable(cfg.out)
     common.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -299,6 +299,7 @@ def main(cfg):
 
 
 def run_stages(cfg, commands, here, times):
+    _lane_failed.clear()  # (this job's stages alone)
     for step in LANES:
         step_lanes = step if isinstance(step[0], tuple) else (step,)
         lanes = [[s for s in lane if s in cfg.stages] for lane in step_lanes]
@@ -326,6 +327,9 @@ def run_stages(cfg, commands, here, times):
             # header above it says which stage); a second line would only repeat it
             if code != 2:
                 print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
+                      file=sys.stderr)
+            elif len(lanes) > 1 and cfg.jobs > 1:  # (its line is above the other lane's output)
+                print(f"error: stage '{name}' failed (its line above); later stages not run",
                       file=sys.stderr)
             raise SystemExit(code)
 

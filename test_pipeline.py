@@ -896,3 +896,75 @@ def test_resume_with_another_max_steps_says_the_schedule_stretches(tmp_path, tin
     common.load_resume(str(tmp_path / "sft"), dataclasses.replace(run, max_steps=8))
     assert "note: --resume with --max_steps 8, the run planned 3: the learning-rate schedule " \
         "stretches from step 3 on" in capsys.readouterr().out
+
+
+def test_lab_refuses_an_sft_of_another_world_an_unfinished_one_and_outputs_in_the_world(
+        tmp_path, tiny_world, tiny_sft):
+    """lab.py ran every claim from an SFT trained on another world (reported as this one's), and
+    from an SFT run stopped before its last step (a note inside each run's log alone); its --out,
+    --results and --plots could lie inside the world folder (shapes.py then refused the world).
+    Each is one line now, before any run."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world, other)
+    (other / "world.json").write_text((other / "world.json").read_text() + "\n")
+    base = lab.Config(sft=tiny_sft, world=tiny_world, claims=("povid",), seeds=(0,), steps=2,
+                      eval_limit=4, out=str(tmp_path / "runs"), results=str(tmp_path / "R.md"),
+                      plots=str(tmp_path / "plots"))
+    unfinished = tmp_path / "unfinished"
+    fake_run(unfinished, 2, 10)
+    cases = [(dict(world=str(other)), f"--sft {tiny_sft} was trained on the world in "
+                                      f"{tiny_world}, not on --world {other}"),
+             (dict(sft=str(unfinished)), f"--sft {unfinished} stopped at step 2 of 10 "
+                                         "(unfinished)"),
+             (dict(out=os.path.join(tiny_world, "lab")), "--out " + os.path.join(tiny_world, "lab")
+              + " lies inside the --world folder"),
+             (dict(results=os.path.join(tiny_world, "R.md")), "--results "),
+             (dict(plots=os.path.join(tiny_world, "images", "p")), "--plots ")]
+    for change, says in cases:
+        with pytest.raises(common.ConfigError, match=re.escape(says)):
+            lab.main(dataclasses.replace(base, **change))
+    assert not (tmp_path / "runs").exists() and not os.path.exists(os.path.join(tiny_world, "lab"))
+    held = hold_lock(unfinished)
+    try:
+        fake_run(unfinished, 10, 10)
+        with pytest.raises(common.ConfigError, match="is still writing there"):
+            lab.main(dataclasses.replace(base, sft=str(unfinished)))
+    finally:
+        held.kill()
+
+
+def test_pipeline_and_eval_refuse_eval_outputs_among_the_runs_or_the_world(tmp_path, tiny_world,
+                                                                           tiny_sft):
+    """--eval_out equal to --out failed only after every stage had trained (its lock met the
+    pipeline's own, naming the pipeline's pid); --eval_out (or eval.py's --out) in the world
+    folder wrote answers among the world's files."""
+    import shutil
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_sft, out / "sft")
+    for eval_out, says in ((out, "is --out or a stage's run folder in it"),
+                           (out / "sft", "is --out or a stage's run folder in it"),
+                           (os.path.join(tiny_world, "ev"), "lies inside the --world folder")):
+        argv = ["--stages", "eval", "--world", tiny_world, "--out", str(out), "--eval_out",
+                str(eval_out)]
+        code, _, err = run_cli("pipeline", argv, strict=True)
+        assert code == 2 and says in err, err
+    code, _, err = run_cli("eval", ["--ckpt", tiny_sft, "--world", tiny_world, "--out",
+                                    os.path.join(tiny_world, "ev"), "--limit", "2"])
+    assert code == 2 and "lies inside the --world folder" in err, err
+    assert not os.path.exists(os.path.join(tiny_world, "ev"))
+
+
+def test_a_failed_stage_starts_no_later_stage_in_the_other_lane(tmp_path, tiny_world, tiny_sft):
+    """lrv failed at once, dpo ran on beside it, and vigc started after it: the failing stage's
+    line was buried in vigc's output. No lane starts a stage after a failure now."""
+    import shutil
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_sft, out / "sft")
+    (out / "lrv").write_text("not a folder")
+    argv = ["--stages", "lrv,rm,ppo,dpo,vigc", "--world", tiny_world, "--out", str(out),
+            "--steps", "2"]
+    code, stdout, err = run_cli("pipeline", argv, strict=True)
+    assert code == 2 and "=== dpo" in stdout and "=== vigc" not in stdout, stdout[-2000:]
+    assert err.strip().endswith("error: stage 'lrv' failed (its line above); later stages not "
+                                "run"), err
