@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -269,48 +270,57 @@ def execute(runs, cfg, finished=lambda n: None):
     n_done = len(runs) - len(todo)
     print(f"{n_done} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)",
           flush=True)
-    while todo or running:
-        for name in [k for k, v in todo.items() if any(n in failed for n in v[1])]:
-            failed.add(name)
-            del todo[name]
-            print(f"skip  {name}: a run it needs failed", flush=True)
-        ready = [k for k, v in todo.items() if not any(n in todo or n in running for n in v[1])]
-        ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
-        while ready and len(running) < max(cfg.jobs, 1):
-            name = ready.pop(0)
-            argv, _, _ = todo.pop(name)
-            # a run that did not finish starts again from nothing
-            folder = os.path.join(cfg.out, name)
-            if os.path.isdir(folder):
-                shutil.rmtree(folder)
-            log_suffix = "-eval.log" if name.endswith("/eval") else ".log"
-            log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)
-            os.makedirs(os.path.dirname(log), exist_ok=True)
-            cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
-            with open(log, "w") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-                running[name] = (proc, log, time.time())
-            print(f"start {name}: python {' '.join(argv)}", flush=True)
-        time.sleep(0.2)
-        for name, (p, log, t) in list(running.items()):
-            if p.poll() is None:
-                continue
-            del running[name]
-            done = runs[name][2]
-            if p.returncode == 0:
-                record = run_record(cfg, name)
-                os.makedirs(os.path.dirname(record), exist_ok=True)
-                common.write_json({"command": portable(cfg, runs[name][0])}, record)
-            if p.returncode == 0 and done.endswith("DONE"):
-                open(done, "w").close()
-            if p.returncode != 0:
+    try:
+        while todo or running:
+            for name in [k for k, v in todo.items() if any(n in failed for n in v[1])]:
                 failed.add(name)
-            else:
-                n_ok += 1
-                finished(n_ok)
-            print(f"{'done ' if p.returncode == 0 else 'FAIL '} {name} in {time.time() - t:.0f}s"
-                  + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
-                  + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
+                del todo[name]
+                print(f"skip  {name}: a run it needs failed", flush=True)
+            ready = [k for k, v in todo.items() if not any(n in todo or n in running for n in v[1])]
+            ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
+            while ready and len(running) < max(cfg.jobs, 1):
+                name = ready.pop(0)
+                argv, _, _ = todo.pop(name)
+                # a run that did not finish starts again from nothing
+                folder = os.path.join(cfg.out, name)
+                if os.path.isdir(folder):
+                    shutil.rmtree(folder)
+                log_suffix = "-eval.log" if name.endswith("/eval") else ".log"
+                log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)
+                os.makedirs(os.path.dirname(log), exist_ok=True)
+                cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
+                with open(log, "w") as f:
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    running[name] = (proc, log, time.time())
+                print(f"start {name}: python {' '.join(argv)}", flush=True)
+            time.sleep(0.2)
+            for name, (p, log, t) in list(running.items()):
+                if p.poll() is None:
+                    continue
+                del running[name]
+                done = runs[name][2]
+                if p.returncode == 0:
+                    record = run_record(cfg, name)
+                    os.makedirs(os.path.dirname(record), exist_ok=True)
+                    common.write_json({"command": portable(cfg, runs[name][0])}, record)
+                if p.returncode == 0 and done.endswith("DONE"):
+                    open(done, "w").close()
+                if p.returncode != 0:
+                    failed.add(name)
+                else:
+                    n_ok += 1
+                    finished(n_ok)
+                said = "done " if p.returncode == 0 else "FAIL "
+                print(f"{said} {name} in {time.time() - t:.0f}s"
+                      + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
+                      + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
+    except KeyboardInterrupt:  # (sent to the lab alone, its runs went on as orphans)
+        for proc, _, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise
     return failed
 
 

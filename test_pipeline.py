@@ -968,3 +968,28 @@ def test_a_failed_stage_starts_no_later_stage_in_the_other_lane(tmp_path, tiny_w
     assert code == 2 and "=== dpo" in stdout and "=== vigc" not in stdout, stdout[-2000:]
     assert err.strip().endswith("error: stage 'lrv' failed (its line above); later stages not "
                                 "run"), err
+
+
+def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch):
+    """SIGINT to lab.py alone (kill -INT, not the terminal's whole group): exit 130, and its
+    running runs went on as orphans. They get it too now, and the lab waits for them."""
+    script = tmp_path / "sleeper.py"
+    said = tmp_path / "said"
+    ready = tmp_path / "ready"
+    script.write_text("import sys, time\ntry:\n"
+                      f"    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+                      "except KeyboardInterrupt:\n"
+                      f"    open({str(said)!r}, 'w').write('stopped')\n    sys.exit(130)\n")
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+    import time
+    real_sleep = time.sleep
+
+    def sleep(seconds):  # (the lab's poll: Ctrl-C once the run is under way)
+        if ready.exists():
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+    monkeypatch.setattr(lab.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        lab.execute(runs, cfg)
+    assert said.read_text() == "stopped"
