@@ -762,8 +762,11 @@ def ppo_curves(cfg):
     curves = {key: {} for key in PPO_CURVES}
     for v in PPO_VARIANTS:
         for s in rlhf_seeds(cfg):
-            p = os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}", "metrics.jsonl")
-            rows = [json.loads(line) for line in open(p)] if os.path.exists(p) else []
+            run = os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}")
+            p = os.path.join(run, "metrics.jsonl")
+            # (a run not done: its log may end in half a line, and is not the run reported)
+            done = os.path.exists(p) and os.path.exists(os.path.join(run, "DONE"))
+            rows = [json.loads(line) for line in open(p)] if done else []
             rows = [r for r in rows if "length" in r]
             for key, (_, scale, _) in PPO_CURVES.items():
                 curve = [scale * r[key] for r in rows if key in r]

@@ -993,3 +993,17 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lab.execute(runs, cfg)
     assert said.read_text() == "stopped"
+
+
+def test_ppo_curves_read_done_runs_alone(tmp_path):
+    """A PPO run cut off while it wrote its metrics (half a last line) ended --report_only in a
+    JSONDecodeError traceback; a run not done is not the run reported, and is not read."""
+    cfg = lab.Config(out=str(tmp_path), seeds=(0,), rlhf_seeds=1)
+    run = tmp_path / "rlhf" / "ppo-facts-s0"
+    run.mkdir(parents=True)
+    row = {"step": 1, "length": 10.0, "hallucinations": 0.5, "kl": 0.1, "score": 1.0}
+    (run / "metrics.jsonl").write_text(json.dumps(row) + '\n{"step": 2, "length": 1')
+    assert lab.ppo_curves(cfg)["length"]["facts"] == [[]]
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (run / "DONE").write_text("")
+    assert lab.ppo_curves(cfg)["length"]["facts"][0] != []
