@@ -1129,6 +1129,15 @@ def main(cfg):
         if other:  # (every run trained, and was scored, on a world the SFT never saw)
             raise common.ConfigError(f"--sft {cfg.sft} {other[1]}: pass the world it was trained "
                                      "on (--world, --world_seed), or its SFT (--sft)")
+    if cfg.report_only:  # (refused for "another command": the --world_seed in each run's)
+        try:
+            with open(os.path.join(cfg.world, "world.json")) as f:
+                was = json.load(f).get("seed")
+        except (OSError, ValueError, AttributeError):
+            was = None  # (the runs' commands are compared below)
+        if isinstance(was, int) and was != cfg.world_seed:
+            raise common.ConfigError(f"--world {cfg.world} holds the world of seed {was}, not "
+                                     f"--world_seed {cfg.world_seed}: pass its seed")
     for flag, path in (("--out", cfg.out), ("--results", cfg.results), ("--plots", cfg.plots)):
         common.refuse_in_world(flag, path, cfg.world)
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):

@@ -528,6 +528,9 @@ def test_lab_report_only_refuses_seeds_and_claims_never_run(tmp_path):
         lab.main(lab.replace(cfg, report_only=True, seeds=(0, 5)))
     with pytest.raises(common.ConfigError, match="--jobs 4: not read with --report_only true"):
         lab.main(lab.replace(cfg, report_only=True, jobs=4))
+    # another world seed than the world's (it said the runs were made with another command)
+    with pytest.raises(common.ConfigError, match="holds the world of seed 0, not --world_seed 1"):
+        lab.main(lab.replace(cfg, report_only=True, world_seed=1))
     for name, (_, _, done) in runs.items():
         if name.startswith("povid/"):
             os.remove(done)
