@@ -457,20 +457,20 @@ def main(cfg):
     if (train.dropped or train.tied) and d.main:
         print(f"warning: dropped {train.dropped + train.tied} of {len(train_recs)} pairs: "
               f"{train.dropped} whose answer starts past --max_len {cfg.max_len}, {train.tied} "
-              "whose chosen and rejected are the same once cut there")
+              "whose chosen and rejected are the same tokens (as written, or once cut there)")
     if train.cut and d.main:  # (the chosen's </s> cut away with the rest)
         print(f"note: {train.cut} of {len(train_recs)} pairs reach --max_len {cfg.max_len}: "
               "trained on their first tokens alone (as POVID's collator cuts them)")
     if len(train) == 0:
         raise common.ConfigError(f"{cfg.data}: no training pairs left ({len(train_recs)} read, "
                                  f"{train.dropped} whose answer starts past --max_len "
-                                 f"{cfg.max_len}, {train.tied} the same once cut there, "
-                                 f"{len(skipped)} bad records skipped)")
+                                 f"{cfg.max_len}, {train.tied} whose two answers are the same "
+                                 f"tokens, {len(skipped)} bad records skipped)")
     if val_recs and len(val) == 0:  # (the held-out rewards were logged as 0 over no pair)
         raise common.ConfigError(f"{cfg.val_data}: no validation pair left "
                                  f"({len(val_recs[:cfg.eval_n])} read, {val.dropped} whose "
                                  f"answer starts past --max_len {cfg.max_len}, {val.tied} whose "
-                                 "chosen and rejected are the same once cut there)")
+                                 "chosen and rejected are the same tokens)")
     data_files = [cfg.data, cfg.val_data]
     common.start_writing(cfg, d, data_files)
     ref = None

@@ -456,7 +456,8 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
     output_1 is better. Captions (facts) come from an inline "captions" list or from captions_path
     keyed by the record's "image" as written (as LLaVA-RLHF's reward model does). -> {"id", "image",
     "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}. image_required:
-    a record without "image" is bad data (text-only otherwise)."""
+    a record without "image" is bad data (text-only otherwise). Two outputs alike are kept: the
+    reference trains on them (the stages count them)."""
     folder = _folder(path, image_folder)
     caption_map = load_caption_map(captions_path) if captions_path else None
 
@@ -474,8 +475,6 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         p = _field(r, "preference")
         if type(p) is not int or p not in (1, 2):
             raise _bad("preference", f"must be the integer 1 or 2 (a JSON number), got {p!r:.40}")
-        if outs[0] == outs[1]:
-            raise _bad("output_2", "chosen and rejected are identical")
         caps = _captions(r, caption_map, r.get("image"), need_captions)
         return {"id": r.get("id"), "image": image, "prompt": prompt, "chosen": outs[p - 1],
                 "rejected": outs[2 - p], "captions": caps}
@@ -529,7 +528,8 @@ def read_povid(path, image_folder=None, check_images=True, on_error="raise", ima
     """POVID preference: [{"id", "image", "conversations", "rejected_conversations"}], both ending
     with the gpt answer and sharing the turns before it (POVID's train_dpo.py builds the prompt from
     the first human turn of "conversations"). -> {"id", "image", "prompt", "chosen", "rejected"}.
-    image_required: a record without "image" is bad data (text-only otherwise)."""
+    image_required: a record without "image" is bad data (text-only otherwise). A chosen equal to
+    its rejected is kept, as POVID keeps it (dpo.py drops and counts it)."""
     folder = _folder(path, image_folder)
 
     def fn(r):
@@ -540,8 +540,6 @@ def read_povid(path, image_folder=None, check_images=True, on_error="raise", ima
         if conv[:-1] != rej[:-1]:
             raise _bad("rejected_conversations", "prompt turns differ from 'conversations'")
         chosen, rejected = conv[-1]["value"].strip(), rej[-1]["value"].strip()
-        if chosen == rejected:
-            raise _bad("rejected_conversations", "chosen and rejected are identical")
         return {"id": r.get("id"), "image": image, "prompt": conv[:-1], "chosen": chosen,
                 "rejected": rejected}
 

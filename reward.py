@@ -460,6 +460,11 @@ def main(cfg):
         left_out = f" ({too_long} longer than --max_len left out)" if too_long else ""
         print(f"{len(train)} training pairs{left_out}, {len(val)} held-out | facts {cfg.facts} | "
               f"{n_train / 1e6:.3f}M trainable | {d.world} process(es){extra}")
+        alike = [sum(p["chosen"] == p["rejected"] for p in ps) for ps in (train, val)]
+        if any(alike):  # (LLaVA-RLHF trains on them: only the centring term learns from them)
+            print(f"note: {alike[0]} training and {alike[1]} held-out pairs have the same chosen "
+                  "and rejected answer: kept, as LLaVA-RLHF keeps them (held-out accuracy counts "
+                  "a tie as a miss)")
     log = common.Logger(cfg.out, d.main)
     model.train()
     t0, dropped, acc_sum, n_sum, metrics = time.time(), too_long, 0.0, 0, {}

@@ -82,6 +82,22 @@ def test_pairs_cut_at_max_len_are_kept_and_counted(env, tmp_path):
         "first tokens alone (as POVID's collator cuts them)" in out, out
 
 
+def test_a_pair_with_two_answers_alike_is_dropped_and_counted(env, tmp_path):
+    """A file holding one pair whose chosen equals its rejected (POVID and TRL train on it) was
+    refused whole. It is dropped and counted now; a file of such pairs alone is refused."""
+    recs = json.load(open(env["train"]))[:3]
+    recs[1]["rejected_conversations"] = recs[1]["conversations"]
+    data = tmp_path / "alike.json"
+    data.write_text(json.dumps(recs))
+    out = cli(*args(env, tmp_path / "o", "--data", data, "--val_data", ""))
+    assert "warning: dropped 1 of 3 pairs: 0 whose answer starts past --max_len 512, 1 whose " \
+        "chosen and rejected are the same tokens (as written, or once cut there)" in out, out
+    data.write_text(json.dumps(recs[1:2]))
+    code, _, err = run_cli("dpo", args(env, tmp_path / "p", "--data", str(data), "--val_data", ""))
+    assert code == 2 and "no training pairs left (1 read, 0 whose answer starts past --max_len " \
+        "512, 1 whose two answers are the same tokens, 0 bad records skipped)" in err, err
+
+
 def lora_model(env, randomise=True):
     model = load_checkpoint(env["init"])
     model.add_adapter("dpo", 4, 8)
@@ -504,8 +520,6 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
     conv = lambda a, qq=q: [qq, {"from": "gpt", "value": a}]  # noqa: E731
     other_q = {"from": "human", "value": "<image>\nIs there a ring?"}
     cases = {
-        "identical": ({"id": "a", "image": img, "conversations": conv("Yes."),
-                       "rejected_conversations": conv("Yes.")}, "identical"),
         "empty": ({"id": "b", "image": img, "conversations": conv(""),
                    "rejected_conversations": conv("No.")}, "empty"),
         "preference": ({"id": "c", "image": img, "conversations": conv("Yes."),
@@ -523,7 +537,7 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
         assert "record 1" in err and words in err, (name, err)
         assert not os.path.exists(tmp_path / name / "metrics.jsonl")  # stopped before training
-    mixed = good + [cases["identical"][0], cases["prompt"][0]]
+    mixed = good + [cases["empty"][0], cases["prompt"][0]]
     (tmp_path / "mixed.json").write_text(json.dumps(mixed))
     skip = args(env, tmp_path / "skip", "--data", tmp_path / "mixed.json", "--skip_bad", "true",
                 "--max_steps", "1")
@@ -535,7 +549,7 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
                          (["--train_projector", "true"], "adapters off")):
         code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
-    argv = merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "identical.json")))
+    argv = merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "empty.json")))
     code, _, err = run_script("dpo.py", argv, env={"OMP_NUM_THREADS": "1"})
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 

@@ -198,6 +198,10 @@ def test_preference_good(tmp_path):
             pref(id="p2", conversations=[turns("What is it?", "<image> x")])]
     out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs))
     assert [r["prompt"] for r in out] == [turns("<image>\nWhat is it?")] * 2
+    # two outputs alike are kept (LLaVA-RLHF trains on them; it was refused, the whole file with it)
+    alike = pref(output_2={"value": "A red square. "})
+    out = read_llava_rlhf_preference(write(tmp_path / "p.json", [alike]))
+    assert (out[0]["chosen"], out[0]["rejected"]) == ("A red square.", "A red square.")
 
 
 @pytest.mark.parametrize("kw,expect", [
@@ -205,8 +209,6 @@ def test_preference_good(tmp_path):
     ({"preference": "1"},
      "field 'preference': must be the integer 1 or 2 (a JSON number), got '1'"),
     ({"preference": None}, "field 'preference': missing"),
-    ({"output_2": {"value": "A red square. "}},
-     "field 'output_2': chosen and rejected are identical"),
     ({"output_1": {"value": ""}}, "field 'output_1': expected {\"value\": non-empty string}"),
     ({"output_1": "text"}, "field 'output_1': expected an object, got a string"),
     # (all 401 digits were the line)
@@ -309,14 +311,16 @@ def test_povid(tmp_path):
     for kw, expect in [
         ({"rejected_conversations": turns("<image>\nDescribe it.", "x")},
          "field 'rejected_conversations': prompt turns differ from 'conversations'"),
-        ({"rejected_conversations": turns("<image>\nDescribe.", "A red square.")},
-         "field 'rejected_conversations': chosen and rejected are identical"),
         ({"rejected_conversations": turns("<image>\nDescribe.")},
          "field 'rejected_conversations': ends with a 'human' turn"),
         ({"rejected_conversations": None}, "field 'rejected_conversations': missing"),
     ]:
         path = write(tmp_path / "v.json", [dict(good, **kw)])
         assert error(read_povid, path).startswith(f"{path}: record 0 (id 'v'): {expect}")
+    # a chosen equal to its rejected is kept, as POVID keeps it (dpo.py drops and counts it)
+    same = dict(good, rejected_conversations=turns("<image>\nDescribe.", "A red square."))
+    out = read_povid(write(tmp_path / "v.json", [same]))
+    assert (out[0]["chosen"], out[0]["rejected"]) == ("A red square.", "A red square.")
 
 
 # ------------------------------------------------------------------------- POPE and MMHal-Bench

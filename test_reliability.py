@@ -477,11 +477,6 @@ BAD_INPUT = [
     C("ppo", "batch-sizes", "--rollout_batch not a multiple of --minibatch_size",
       lambda w, t: ["--rollout_batch", "3"], ("--rollout_batch 3", "--minibatch_size 2")),
     # -- dpo.py: POVID and LLaVA-RLHF preference pairs
-    C("dpo", "identical", "POVID pair whose chosen and rejected answers are identical",
-      lambda w, t: ["--data", t.file("pairs.json", t.records(
-          "povid_pairs.json",
-          rejected_conversations=t.records("povid_pairs.json")[0]["conversations"]))],
-      ("pairs.json", "record 0", "field 'rejected_conversations'", "identical")),
     C("dpo", "preference-range", "LLaVA-RLHF pair with preference 0",
       lambda w, t: ["--data", t.file("pairs.json", t.records("pref_pairs.json", preference=0))],
       ("pairs.json", "record 0", "field 'preference'", "got 0")),

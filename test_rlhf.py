@@ -541,6 +541,26 @@ def test_reward_facts_control_needs_another_image(sft, tiny_world, tmp_path):
     assert "another image's captions" not in stdout
 
 
+def test_reward_trains_on_pairs_whose_two_answers_are_alike(sft, tiny_world, tmp_path):
+    """A preference file holding a pair whose two outputs are the same was refused whole; LLaVA-RLHF
+    trains on such a pair (its centring term learns from it), so reward.py keeps it, counted."""
+    recs = json.load(open(os.path.join(tiny_world, "pref_pairs.json")))[:6]
+    for r in recs[2], recs[4]:
+        r["output_2"] = dict(r["output_1"])
+    train, val = tmp_path / "train.json", tmp_path / "val.json"
+    train.write_text(json.dumps(recs[:4]))
+    val.write_text(json.dumps(recs[4:]))
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--eval_prompt", "short", "--data", str(train), "--val_data", str(val),
+            "--captions", os.path.join(tiny_world, "image_to_caption.json"),
+            "--image_folder", tiny_world, "--out", str(tmp_path / "rm")]
+    code, stdout, err = run_cli("reward", argv)
+    assert code == 0, err
+    assert "4 training pairs, 2 held-out" in stdout, stdout
+    assert "note: 1 training and 1 held-out pairs have the same chosen and rejected answer: " \
+        "kept, as LLaVA-RLHF keeps them (held-out accuracy counts a tie as a miss)" in stdout
+
+
 def test_reward_trains_on_pairs_that_fit_every_step(sft, tiny_world, tmp_path):
     """Pairs longer than --max_len are left out before training, counted: they were drawn into
     batches and dropped there, and a step whose pairs all were dropped logged loss 0, grad_norm 0
