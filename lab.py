@@ -320,7 +320,10 @@ def execute(runs, cfg, finished=lambda n: None):
                 proc.send_signal(signal.SIGINT)
         for proc, _, _ in running.values():
             proc.wait()
-        raise
+        # (common's line names --resume true: the lab takes no such flag, it starts such runs anew)
+        print("interrupted: the runs that ended are kept; the same command goes on from them "
+              "(the runs cut off start again)", file=sys.stderr)
+        raise SystemExit(130) from None
     return failed
 
 

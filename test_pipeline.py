@@ -973,9 +973,10 @@ def test_a_failed_stage_starts_no_later_stage_in_the_other_lane(tmp_path, tiny_w
                                 "run"), err
 
 
-def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch):
+def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, capsys):
     """SIGINT to lab.py alone (kill -INT, not the terminal's whole group): exit 130, and its
-    running runs went on as orphans. They get it too now, and the lab waits for them."""
+    running runs went on as orphans. They get it too now, and the lab waits for them, then says
+    how to go on in its own words."""
     script = tmp_path / "sleeper.py"
     said = tmp_path / "said"
     ready = tmp_path / "ready"
@@ -993,9 +994,13 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_sleep(seconds)
     monkeypatch.setattr(lab.time, "sleep", sleep)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         lab.execute(runs, cfg)
-    assert said.read_text() == "stopped"
+    assert said.read_text() == "stopped" and stop.value.code == 130
+    # (it said the stages' "--resume true", which the lab does not take)
+    assert capsys.readouterr().err == ("interrupted: the runs that ended are kept; the same "
+                                       "command goes on from them (the runs cut off start "
+                                       "again)\n")
 
 
 def test_ppo_curves_read_done_runs_alone(tmp_path):
