@@ -1235,6 +1235,16 @@ def other_world(ckpt, world):
     return None
 
 
+def refuse_torchrun(script, why):
+    """A script that runs in one process, started by torchrun: rank 0 says so once, the others
+    leave quietly (they were refused by rank 0's lock on --out, naming its pid)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise SystemExit(2)
+    raise ConfigError(f"{script} runs in one process ({why}): run it with python, not torchrun")
+
+
 def refuse_in_world(flag, path, world, what="it"):
     """An output inside the --world folder: written among the world's files (which shapes.py then
     refuses to write again)."""

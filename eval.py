@@ -1229,11 +1229,7 @@ JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries"
 
 
 def main(cfg):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (rank 1 was refused by rank 0's lock)
-        if int(os.environ.get("RANK", "0")) != 0:
-            raise SystemExit(2)  # (rank 0 says why, once)
-        raise common.ConfigError("eval.py runs in one process (it generates and judges one "
-                                 "batch at a time): run it with python, not torchrun")
+    common.refuse_torchrun("eval.py", "it generates and judges one batch at a time")
     common.refuse_in_world("--out", cfg.out, cfg.world, "the answers and scores")
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:

@@ -1104,6 +1104,7 @@ def refuse_live_writers(cfg, runs, stale):
 
 
 def main(cfg):
+    common.refuse_torchrun("lab.py", "it starts its runs as processes of its own, --jobs at a time")
     # python pipeline.py --world_seed N writes ckpt-seedN/sft
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"

@@ -230,6 +230,7 @@ def run_lane(names, commands, here, env, times):
 
 
 def main(cfg):
+    common.refuse_torchrun("pipeline.py", "it starts each stage as a process of its own")
     if "sft" not in cfg.stages:  # (the preset of the SFT from scratch)
         common.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
     if "eval" not in cfg.stages:

@@ -973,6 +973,21 @@ def test_a_failed_stage_starts_no_later_stage_in_the_other_lane(tmp_path, tiny_w
                                 "run"), err
 
 
+@pytest.mark.parametrize("script", ["pipeline", "lab"])
+def test_pipeline_and_lab_under_torchrun_say_run_with_python(script, tmp_path, monkeypatch):
+    """`torchrun pipeline.py` (or lab.py) ran the whole job once per process: rank 1 was refused
+    by rank 0's lock on --out ("another process (pid N) is writing there") and torchrun stopped
+    rank 0. Rank 0 now says what to do, once; the other ranks leave without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = run_cli(script, ["--out", str(tmp_path / "out")])
+    assert code == 2 and err.strip().endswith("run it with python, not torchrun"), err
+    assert err.startswith(f"error: {script}.py runs in one process") and not out
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli(script, ["--out", str(tmp_path / "out")]) == (2, "", "")
+
+
 def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, capsys):
     """SIGINT to lab.py alone (kill -INT, not the terminal's whole group): exit 130, and its
     running runs went on as orphans. They get it too now, and the lab waits for them, then says
