@@ -435,11 +435,14 @@ def main(cfg):
         raise common.ConfigError(f"{cfg.data}: no pair fits --max_len {cfg.max_len} (chosen and "
                                  f"rejected, {len(train)} pairs): raise --max_len")
     too_long, train = len(train) - len(kept), kept
-    # (and with no held-out pair that fits, accuracy 0 on 0 pairs was reported)
-    if val and not any(fits(p, cfg, tokenizer, model.config) for p in val):
+    # held-out pairs too, each keeping its place for its caption order (dropped inside a batch, a
+    # rank whose whole share was dropped skipped its forward pass: under FSDP the others waited)
+    val_keys = [i for i, p in enumerate(val) if fits(p, cfg, tokenizer, model.config)]
+    if val and not val_keys:  # (accuracy 0 on 0 pairs was reported)
         where = cfg.val_data or f"{cfg.data} (its held-out pairs)"
         raise common.ConfigError(f"{where}: no held-out pair fits --max_len {cfg.max_len} "
                                  f"(chosen and rejected, {len(val)} pairs): raise --max_len")
+    val_too_long, val = len(val) - len(val_keys), [val[i] for i in val_keys]
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
     common.start_writing(cfg, d, data_files)
     if cfg.pairs == "sampled" and d.main:
@@ -458,7 +461,9 @@ def main(cfg):
         extra = f" | sampled: {stats}" if stats else ""
         n_train = sum(p.numel() for p in trainable)
         left_out = f" ({too_long} longer than --max_len left out)" if too_long else ""
-        print(f"{len(train)} training pairs{left_out}, {len(val)} held-out | facts {cfg.facts} | "
+        val_left_out = f" ({val_too_long} longer left out)" if val_too_long else ""
+        print(f"{len(train)} training pairs{left_out}, {len(val)} held-out{val_left_out} | "
+              f"facts {cfg.facts} | "
               f"{n_train / 1e6:.3f}M trainable | {d.world} process(es){extra}")
         alike = [sum(p["chosen"] == p["rejected"] for p in ps) for ps in (train, val)]
         if any(alike):  # (LLaVA-RLHF trains on them: only the centring term learns from them)
@@ -504,24 +509,26 @@ def main(cfg):
                     dropped=dropped, pairs_per_s=pairs_per_s)
             t0, acc_sum, n_sum, timed = time.time(), 0.0, 0, 0.0
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
-            metrics = evaluate(model, val, cfg, tokenizer, images, d)
+            metrics = evaluate(model, val, cfg, tokenizer, images, d, val_keys)
             log.log(done, **metrics)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             counts = common.rank_states({"dropped": dropped, "acc": acc_sum, "n": n_sum}, d)
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d,
                                    extra_state={"log_counts": counts})
     if val and not metrics:  # (resumed after the last step)
-        metrics = evaluate(model, val, cfg, tokenizer, images, d)
+        metrics = evaluate(model, val, cfg, tokenizer, images, d, val_keys)
     partner = partner_pairs(val, cfg.world) if "val_data" in named else []
     if partner:  # the hallucination the facts are there to catch: the absent co-occurring partner
-        part = evaluate(model, [val[i] for i in partner], cfg, tokenizer, images, d, partner)
+        part = evaluate(model, [val[i] for i in partner], cfg, tokenizer, images, d,
+                        [val_keys[i] for i in partner])
         if part["n_val"]:  # (none scored: every such pair too long for --max_len)
             metrics.update(val_accuracy_partner=part["val_accuracy"], n_val_partner=part["n_val"])
     # a control: the facts of another image (none when every held-out pair shows one image)
     shuffled = other_image_facts(val) if cfg.facts and val else []
     if shuffled:
         keys, pairs = zip(*shuffled)
-        other = evaluate(model, list(pairs), cfg, tokenizer, images, d, list(keys))
+        other = evaluate(model, list(pairs), cfg, tokenizer, images, d,
+                         [val_keys[i] for i in keys])
         if other["n_val"]:
             metrics.update(val_accuracy_other_facts=other["val_accuracy"],
                            n_val_other_facts=other["n_val"])
