@@ -78,6 +78,27 @@ def scripted(fn):
     return fake
 
 
+def test_sampled_correction_draws_from_the_seeded_stream(tiny_ckpt, tiny_world, tmp_path,
+                                                         monkeypatch):
+    """At --vic_temperature > 0 VIC drew from torch's global stream (VIG from its seeded one), so
+    what ran before the generation (training steps, a resume) changed the corrected answers."""
+    model, tok = common.load_model_and_tokenizer(tiny_ckpt)
+    # (an untrained model's VIG output names no question: every one parsed as asked)
+    monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))
+    unlabeled = os.path.join(tiny_world, "images", "unlabeled")
+    imgs = [(n, os.path.join(unlabeled, n)) for n in sorted(os.listdir(unlabeled))[:3]]
+    instructions = vigc.load_instructions(os.path.join(tiny_world, "vigc_instructions.json"))
+    got = []
+    for before in (1, 2):  # (the global stream left in two states)
+        cfg = vigc.Config(out=str(tmp_path / f"g{before}"), generate=3, max_new_tokens=8,
+                          max_correction_steps=2, temperature=1.0, vic_temperature=1.0)
+        os.makedirs(cfg.out)
+        torch.manual_seed(before)
+        vigc.generate_data(model, tok, cfg, imgs, instructions)
+        got.append(json.load(open(os.path.join(cfg.out, "vigc_data.json"))))
+    assert len(got[0]) == 3 and got[0] == got[1]
+
+
 def test_correction_feeds_back_kept_sentences(tiny_ckpt, tiny_world, monkeypatch):
     from data import ImageCache
     model, tok = common.load_model_and_tokenizer(tiny_ckpt)

@@ -122,6 +122,7 @@ class Config:
     repetition_penalty: float = 1.5  # --vic_mode reference: of every generate call (LAVIS: 1.5)
     last_infer_all: bool = False  # VIGC option: last step keeps all it generates, not one sentence
     max_new_tokens: int = 96  # new tokens per generation call
+    # (sampled in these batches from one seeded stream: another value draws other samples)
     gen_batch_size: int = 32  # prompts per generation batch
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
@@ -428,7 +429,9 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     """VIG then VIC for --generate images (cycling through the list); writes OUT/vigc_data.json (VIC
     answers), OUT/vig_only.json (VIG answers, same questions) and OUT/report.json, with the oracle's
     counts when the images are the world's. Returns the report."""
-    t0, rng, gen = time.time(), random.Random(cfg.seed + 1), torch.Generator().manual_seed(cfg.seed)
+    # (on the model's device: torch.multinomial refuses a CPU generator for CUDA probabilities)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    t0, rng = time.time(), random.Random(cfg.seed + 1)
     cache = ImageCache(model.config.image_size)
     jobs = []
     for i in range(cfg.generate):
@@ -455,7 +458,8 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     else:
         questions = [j["q"] for j in ok]
         units = [j["unit"] for j in ok]
-        answers, steps = correct(model, tokenizer, questions, units, cfg)
+        # (the same stream: at --vic_temperature > 0 VIC drew from torch's global one)
+        answers, steps = correct(model, tokenizer, questions, units, cfg, gen)
     for j, a in zip(ok, answers):
         j["vic"] = a
     for name, key in (("vig_only.json", "vig"), ("vigc_data.json", "vic")):
