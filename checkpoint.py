@@ -1168,6 +1168,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     model does); merge=False writes the base alone (the base of export_peft_adapter). Other
     adapters and scalar heads have no place in the format: left out, named in a note."""
     c = model.config
+    chat_template(template)  # (a template it cannot write: refused before anything is written)
     state = dict(canonical_state(model, merge_active=merge))
     merged = model.active_adapter if merge else None
     left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
@@ -1332,11 +1333,12 @@ def _write_processor(model, path, template):
             json.dump(obj, f, indent=2)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
         f.write(chat_template(template))
-    # AutoProcessor reads processor_class here too
+    # AutoProcessor reads processor_class here too; padding on the left, as llava-hf's files say
+    # (batched generate in transformers reads right-padded prompts wrong, with a warning)
     cfg_path = os.path.join(path, "tokenizer_config.json")
     tcfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
     with open(cfg_path, "w") as f:
-        json.dump(dict(tcfg, processor_class="LlavaProcessor"), f, indent=2)
+        json.dump(dict(tcfg, processor_class="LlavaProcessor", padding_side="left"), f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1358,6 +1360,10 @@ def export_peft_adapter(model, path, adapter, base=None):
     peft.AutoPeftModel.from_pretrained(path) loads base and adapter on its own."""
     if adapter not in model.adapters:
         raise ValueError(f"no adapter '{adapter}'")
+    if adapter in model.heads:  # (written alone, it loaded as a policy: eval answered with it)
+        raise ValueError(f"adapter '{adapter}' has a scalar head of its name (a reward or value "
+                         "model), which PEFT's adapter format has no place for; save the model "
+                         "with save_pretrained instead")
     a = model.adapters[adapter]
     state = {}
     for i, lin in model.lora_linears():
@@ -1412,16 +1418,17 @@ def is_peft_dir(path):
 
 def peft_base_dir(path):
     """The local base directory a PEFT adapter names: as written, else relative to the adapter,
-    else a folder of its last name beside the adapter folder or beside its parent (a released
-    pair moved off the machine it was trained on, as LLaVA-RLHF's sft_model/ beside
-    rlhf_lora_adapter_model/, whose config names the training machine's path; the CLIP tower is
-    found beside a LLaVA the same way)."""
+    else a folder of its last name inside the adapter folder (an export moved), beside it or
+    beside its parent (a released pair moved off the machine it was trained on, as LLaVA-RLHF's
+    sft_model/ beside rlhf_lora_adapter_model/, whose config names the training machine's path;
+    the CLIP tower is found beside a LLaVA the same way)."""
     cfg_path = os.path.join(path, "adapter_config.json")
     base = _read_json(cfg_path).get("base_model_name_or_path")
     candidates = []
     if isinstance(base, str) and base:
         name, here = os.path.basename(os.path.normpath(base)), os.path.abspath(path)
-        candidates = [base, os.path.join(path, base)]
+        # (and inside it: export_peft_adapter writes its base to ADAPTER/base, named absolute)
+        candidates = [base, os.path.join(path, base), os.path.join(path, name)]
         for folder in (here, os.path.dirname(here)):  # beside the adapter, beside its parent
             candidates.append(os.path.join(os.path.dirname(folder), name))
     for cand in candidates:

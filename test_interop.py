@@ -109,6 +109,25 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
     export_peft_adapter(m, tmp_path / "alone", "policy")
     auto = AutoPeftModel.from_pretrained(str(tmp_path / "alone")).eval()
     torch.testing.assert_close(peft_logits(auto, pixels, ids), ours, atol=ATOL, rtol=0)
+    # moved, it is read back from the base inside it (it named the old place alone)
+    os.rename(tmp_path / "alone", tmp_path / "moved")
+    with torch.no_grad():
+        back = load_checkpoint(tmp_path / "moved").eval()
+        torch.testing.assert_close(back(pixels, ids), ours, atol=ATOL, rtol=0)
+
+
+def test_export_refuses_what_it_cannot_write_before_writing(tmp_path):
+    """A reward model's adapter was exported without its head, and then loaded as a policy (eval
+    answered with it); a template without a chat template was refused after the weights, config
+    and tokenizer were written, beside an empty chat_template.jinja."""
+    m = tiny_model()
+    m.add_adapter("reward", r=4, alpha=16, targets=LM_TARGETS)
+    m.add_head("reward")
+    with pytest.raises(ValueError, match="scalar head of its name"):
+        export_peft_adapter(m, tmp_path / "rm", "reward")
+    with pytest.raises(ValueError, match="no chat template for 'plain'"):
+        export_llava_hf(m, tmp_path / "hf", template="plain")
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,6 +488,15 @@ def test_export_autoprocessor_generates_what_we_generate(legacy, tmp_path):
         out = out[0, prompt_ids.numel():]
     assert torch.equal(out, ours)
     assert len(set(ours.tolist())) > 1  # not a degenerate repeat
+    # a batch of two prompts of different lengths, padded as the exported tokenizer says: each row
+    # answers as it does alone (right-padded, the shorter one did not, with a warning)
+    longer = proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What colour is the shape on the left?"}]}],
+        add_generation_prompt=True)
+    both = proc(images=[image, image], text=[text, longer], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**both, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(out[0, both["input_ids"].shape[1]:], ours)
 
 
 def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
