@@ -14,8 +14,8 @@ each; a run whose output exists is not repeated, so an interrupted lab continues
 (OUT/lab.json ties OUT to one SFT checkpoint and world: a lab from another refuses it).
 What each claim compares:
 
-  lrv    LRV-Instruction: fine-tune on the LRV instruction set with negative share 0 / 0.25 / 0.5
-         -> POPE
+  lrv    LRV-Instruction: fine-tune on the world's SFT mix plus its LRV instruction set with
+         negative share 0 / 0.25 / 0.5 -> POPE
   rlhf   LLaVA-RLHF: reward model with / without facts (held-out pair accuracy); PPO against
          each, and PPO without the length penalty / without the correctness term -> CHAIR, POPE,
          MMHal, length
