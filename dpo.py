@@ -6,9 +6,8 @@ DPO (label smoothing), robust DPO, reference-free DPO, and POVID (arXiv 2402.114
     python dpo.py --loss ipo --beta 0.5 --out ckpt/dpo_ipo  # IPO on length-normalised log-probs
     torchrun --nproc_per_node=8 dpo.py --init llava-v1.5-7b \
         --data POVID_preference_data_for_VLLMs.json --image_folder coco/ --max_len 1048 \
-        --lora_r 128 --lora_alpha 256 --lora_dropout 0.05 --lr 1e-7 --min_lr_ratio 0 \
-        --warmup_from_zero true --batch_size 8 --grad_clip 0 --device cuda --dtype bf16
-        # + steps, warmup: README
+        --lora_r 128 --lora_alpha 256 --lr 1e-7 --min_lr_ratio 0 --warmup_from_zero true \
+        --batch_size 8 --grad_clip 0 --device cuda --dtype bf16  # + steps, warmup: README
 
 logp = sum over the final answer's tokens (and its </s>) of log p(token | prefix, image); image,
 prompt and pad positions carry label -100 and count for nothing. With
@@ -68,7 +67,7 @@ class Config:
     noisy_tokens: str = "own"  # POVID: 'own' (POVID's code: each scores its own argmax) or 'policy'
     lora_r: int = 16  # LoRA rank on the LM (0: full fine-tune, reference log-probs cached)
     lora_alpha: int = 32  # LoRA alpha (scale alpha / r)
-    lora_dropout: float = 0.0  # LoRA dropout (POVID's LLaVA TrainingArguments: 0.05)
+    lora_dropout: float = 0.0  # LoRA dropout (POVID: 0, trl's DPOTrainer turns every dropout off)
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
     train_vision: bool = False  # full fine-tune only: also train the CLIP tower
     train_projector: bool = False  # full fine-tune only: also train the projector
