@@ -1003,6 +1003,7 @@ def refuse_unread(cfg, flags, why):
         if value != defaults[flag]:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             shown = str(value).lower() if isinstance(value, bool) else shown  # (as it is typed)
+            shown = "(a key, not shown)" if flag.endswith("_key") else shown  # (a secret)
             raise ConfigError(f"--{flag} {shown}: not read {why}")
 
 

@@ -958,10 +958,14 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
               .hexdigest()[:16] for q in asked}
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
+    empty = {}  # id: the judge's finish reason, for replies without a word (not stored)
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
             reply = judge(prompts[q["id"]], dict(q, answer=answer, bench=bench))
+            if not reply.strip():  # (a content filter's: stored, it scored 0 on every run)
+                empty[q["id"]] = getattr(judge, "last_finish", None)
+                continue
             record = {"id": q["id"], "judge": jname, "answer": answer, "reply": reply,
                       "prompt_digest": digest[q["id"]]}
             if getattr(judge, "last_cut", False):
@@ -972,11 +976,20 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
             cache[(q["id"], jname, digest[q["id"]])] = reply
     n_cut = sum((q["id"], jname, digest[q["id"]]) in cut for q in asked)
     if n_cut:  # (a reply cut before its score: MMHal's rating comes at its end)
+        limit = f"--judge_max_tokens {cfg.judge_max_tokens}" if cfg.judge_max_tokens else \
+            "the server's own limit (--judge_max_tokens 0 sends none)"
+        fix = "raise it (openai: 0 sends no limit)" if cfg.judge_max_tokens else \
+            "a judge whose replies may be longer"
         print(f"warning: {name} {bench}: {n_cut} of {len(asked)} judge replies stopped at "
-              f"--judge_max_tokens {cfg.judge_max_tokens} ('cut' in {os.path.basename(path)}); "
-              "a score after the cut is lost: raise it (openai: 0 sends no limit), then judge "
-              "again", flush=True)
-    return {q["id"]: cache[(q["id"], jname, digest[q["id"]])] for q in asked}
+              f"{limit} ('cut' in {os.path.basename(path)}); a score after the cut is lost: "
+              f"{fix}, then judge again", flush=True)
+    if empty:
+        ids = ", ".join(repr(i) for i in list(empty)[:5]) + (", ..." if len(empty) > 5 else "")
+        why = sorted({str(r) for r in empty.values()})
+        print(f"warning: {name} {bench}: {len(empty)} judge replies were empty (finish_reason "
+              f"{', '.join(why)}; {ids}): scored without a valid score this run and not stored, "
+              "so the next run asks again", flush=True)
+    return {q["id"]: cache.get((q["id"], jname, digest[q["id"]]), "") for q in asked}
 
 
 # ----------------------------------------------------------------------------------------

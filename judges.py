@@ -2,6 +2,8 @@
 the judge's reply and the benchmark's metrics; and the judges that read the prompts: the exact
 oracle (Shapes), any OpenAI-compatible endpoint, and a local causal LM. eval.py generates the
 answers, stores the replies (judge_replies) and calls these."""
+import datetime
+import email.utils
 import http.client
 import json
 import math
@@ -485,6 +487,7 @@ class OpenAIJudge:
         self.name = f"openai:{cfg.judge_model}@{self.url}|max_tokens={cfg.judge_max_tokens}"
         self.key = openai_key(cfg)
         self.last_cut = False  # the last reply stopped at --judge_max_tokens (finish 'length')
+        self.last_finish = None  # the last reply's finish_reason (said when it is empty)
         if not self.key and "api.openai.com" in self.url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
 
@@ -501,30 +504,94 @@ class OpenAIJudge:
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        err = ""
+        what = f"{record.get('bench')} question {record.get('id')!r:.60}"
+        err, wait = "", 0.0
         for attempt in range(self.cfg.judge_retries + 1):
             if attempt:  # (at most an hour: the doubling reached past what a float holds)
-                time.sleep(min(self.cfg.judge_backoff * 2 ** min(attempt - 1, 40), MAX_WAIT))
+                time.sleep(max(min(self.cfg.judge_backoff * 2 ** min(attempt - 1, 40), MAX_WAIT),
+                               wait))
+            wait = 0.0
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.judge_timeout) as r:
-                    data = json.loads(r.read().decode("utf-8"))
+                data = json.loads(self._read(req).decode("utf-8"))
+                if isinstance(data, dict) and "choices" not in data and "error" in data:
+                    err = f"an error in a 200 reply: {self._detail(json.dumps(data))}"
+                    continue
                 choice = data["choices"][0]
                 content = choice["message"].get("content") or ""
                 self.last_cut = choice.get("finish_reason") == "length"  # (MMHal's rating: last)
+                self.last_finish = choice.get("finish_reason")
                 return content
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:  # a request that can never succeed: stop now
-                    detail = e.read()[:200].decode("utf-8", "replace")
-                    raise JudgeError(f"judge {self.url}: HTTP {e.code} {e.reason}: {detail}")
-                err = f"HTTP {e.code} {e.reason}"
+                detail = self._detail(e.read().decode("utf-8", "replace"))
+                if 300 <= e.code < 400:  # (not followed: the key would go to the other host, and
+                    # urllib resends the POST as a GET without the prompt)
+                    raise JudgeError(f"judge {self.url}: HTTP {e.code}: the server redirects to "
+                                     f"{e.headers.get('Location')!r:.200}; give that address "
+                                     "as --judge_url") from None
+                # (a quota spent reads as 429 too, and waiting does not refill it)
+                lasting = e.code not in (408, 409, 429) and e.code < 500 or \
+                    "insufficient_quota" in detail
+                if lasting:  # a request that can never succeed: stop now
+                    raise JudgeError(f"judge {self.url}: HTTP {e.code} {e.reason} on {what}: "
+                                     f"{detail}") from None
+                err, wait = f"HTTP {e.code} {e.reason}: {detail}", retry_after(e.headers)
+                if wait > MAX_WAIT:
+                    raise JudgeError(f"judge {self.url}: HTTP {e.code}: the server asks to wait "
+                                     f"{wait:.0f} s (Retry-After); answers and judge replies so "
+                                     "far are kept: re-run then") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
                 err = f"not a chat-completions reply ({type(e).__name__})"
         tries = self.cfg.judge_retries + 1
-        raise JudgeError(f"judge {self.url}: no reply after {tries} tries ({err}); "
+        raise JudgeError(f"judge {self.url}: no reply after {tries} tries on {what} ({err}); "
                          "answers and judge replies so far are kept: re-run to continue")
+
+    def _read(self, req):
+        """The reply's bytes within --judge_timeout in all (urlopen's timeout bounds each read
+        alone: a reply dripping in a byte at a time held the run without limit)."""
+        deadline = time.monotonic() + self.cfg.judge_timeout
+        with _NO_REDIRECT.open(req, timeout=self.cfg.judge_timeout) as r:
+            chunks = []
+            while chunk := r.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole reply within --judge_timeout "
+                                       f"{self.cfg.judge_timeout:g} s")
+        return b"".join(chunks)
+
+    def _detail(self, text):
+        """A server's error text, one line, without our key (servers echo a wrong one back)."""
+        text = " ".join(text.split())[:300]
+        return text.replace(self.key, "(the key)") if self.key else text
+
+
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # (urllib then raises the 3xx as an HTTPError)
+
+
+_NO_REDIRECT = urllib.request.build_opener(_KeepRedirects)
+
+
+def retry_after(headers):
+    """Seconds a Retry-After header asks for (a number or an HTTP date), 0 without one."""
+    value = (headers or {}).get("Retry-After")
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+        return seconds if seconds >= 0 else 0.0  # (nan: none)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 MAX_WAIT = 3600.0  # seconds: the longest wait between tries (eval.py's --judge_backoff at most)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -315,15 +316,25 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeAPI.bodies.append((self.path, self.headers.get("Authorization"), body))
-        status, content, *finish = FakeAPI.script.pop(0) if FakeAPI.script else \
-            (200, "Fine.\nRating: 5")
-        reply = {"choices": [{"message": {"role": "assistant", "content": content},
-                              "finish_reason": finish[0] if finish else "stop"}]}
+        step = FakeAPI.script.pop(0) if FakeAPI.script else (200, "Fine.\nRating: 5")
+        # (a dict: a raw reply {"status", "headers", "body", "trickle": seconds a byte})
+        raw = step if isinstance(step, dict) else {}
+        status, content, *finish = (raw.get("status", 200), None) if raw else step
+        reply = raw.get("body", {"choices": [{"message": {"role": "assistant", "content": content},
+                                              "finish_reason": finish[0] if finish else "stop"}]})
         data = json.dumps(reply).encode()
         self.send_response(status)
+        for k, v in raw.get("headers", {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if raw.get("trickle"):
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(raw["trickle"])
+            return
         self.wfile.write(data)
 
     def log_message(self, *args):
@@ -373,6 +384,81 @@ def test_openai_judge_waits_double_up_to_an_hour(api, monkeypatch):
         judges.make_judge(cfg)("x", {})
     assert waits[:3] == [2.0, 4.0, 8.0] and max(waits) == judges.MAX_WAIT == waits[-1]
     assert len(waits) == 1100
+
+
+def test_openai_judge_says_what_the_server_said_and_keeps_the_key(api, monkeypatch):
+    """A redirect was followed (the key sent to the other host, the prompt dropped: urllib resends a
+    POST as a GET) and its reply stored as a verdict; Retry-After was not read; a spent quota (a
+    429) was retried for a minute and said only "429"; a 200 carrying an error said "KeyError"; a
+    server echoing a wrong key put it on the screen; no line named the question."""
+    waits = []
+    monkeypatch.setattr(judges.time, "sleep", waits.append)
+    key = "sk-SECRET-123"
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="m", judge_key=key,
+                   judge_retries=2, judge_backoff=0.01, judge_timeout=5)
+    judge, record = judges.make_judge(cfg), {"bench": "mmhal", "id": 7}
+
+    def refused(script, words):
+        FakeAPI.script, FakeAPI.bodies = list(script), []
+        with pytest.raises(judges.JudgeError) as e:
+            judge("x", record)
+        assert words in str(e.value) and key not in str(e.value), str(e.value)
+        return str(e.value)
+    refused([{"status": 302, "headers": {"Location": "http://elsewhere.example/v1"}}],
+            "redirects to 'http://elsewhere.example/v1'")
+    assert len(FakeAPI.bodies) == 1
+    quota = {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}
+    refused([{"status": 429, "body": quota}], "You exceeded your current quota")
+    assert len(FakeAPI.bodies) == 1  # (not retried: waiting does not refill a quota)
+    echo = {"error": {"message": f"Incorrect API key provided: {key}"}}
+    assert "mmhal question 7" in refused([{"status": 401, "body": echo}], "(the key)")
+    refused([{"status": 200, "body": {"error": {"message": "overloaded, try later"}}}] * 3,
+            "an error in a 200 reply: {\"error\": {\"message\": \"overloaded, try later\"}}")
+    refused([{"status": 429, "headers": {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}}],
+            "the server asks to wait")
+    waits.clear()
+    FakeAPI.script = [{"status": 429, "headers": {"Retry-After": "7"}},
+                      {"status": 408}, (200, "Rating: 4")]
+    assert judge("x", record) == "Rating: 4" and waits == [7.0, 0.02]  # (408 retried too)
+
+
+def test_openai_judge_timeout_bounds_the_whole_reply(api):
+    """--judge_timeout bounded each socket read alone: a reply dripping in a byte at a time held
+    the run for as long as it dripped."""
+    FakeAPI.script = [{"status": 200, "body": {"choices": [{"message": {"content": "x" * 200}}]},
+                       "trickle": 0.01}]
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="m", judge_key="k",
+                   judge_retries=0, judge_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(judges.JudgeError, match="within --judge_timeout 0.3 s"):
+        judges.make_judge(cfg)("x", {})
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_empty_judge_replies_are_said_not_stored_and_asked_again(env, api, capsys):
+    """A reply without a word (a content filter's, content null) was stored and scored 0 on every
+    later run without a word of why."""
+    out = env["root"] / "judge_empty"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--judge", "openai",
+            "--judge_url", api, "--judge_key", "k")
+    FakeAPI.script = [(200, None, "content_filter")]
+    run_cli(env, out, *args)
+    printed = capsys.readouterr().out
+    assert "warning: m0 mmhal: 1 judge replies were empty (finish_reason content_filter; " \
+        in printed and "not stored, so the next run asks again" in printed, printed
+    assert len([x for x in open(out / "m0" / "judge_mmhal.jsonl")]) == 3
+    FakeAPI.bodies.clear()
+    run_cli(env, out, *args)
+    assert len(FakeAPI.bodies) == 1 and "were empty" not in capsys.readouterr().out
+
+
+def test_a_key_given_where_it_is_not_read_is_not_shown(env, tmp_path):
+    from conftest import run_cli as run_stage
+    code, _, err = run_stage("eval", ["--ckpt", env["ckpts"][0], "--benchmarks", "pope",
+                                      "--world", env["world"], "--out", str(tmp_path / "o"),
+                                      "--judge_key", "sk-SECRET-123"])
+    assert code == 2 and "--judge_key (a key, not shown): not read" in err, err
+    assert "sk-SECRET" not in err
 
 
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
@@ -460,9 +546,11 @@ def test_judge_replies_cut_at_the_limit_are_said_and_the_limit_can_go(env, api, 
     run_cli(env, out, *args)  # (the stored replies reused: the cut one is said again)
     assert said in capsys.readouterr().out and len(FakeAPI.bodies) == 4
     FakeAPI.bodies.clear()
+    FakeAPI.script = [(200, "The server's own cap", "length")]  # (it said "raise" 0)
     run_cli(env, out, *args, "--judge_max_tokens", "0")  # (another limit: judged again)
     assert len(FakeAPI.bodies) == 4 and all("max_tokens" not in b for _, _, b in FakeAPI.bodies)
-    assert "stopped at" not in capsys.readouterr().out
+    assert "1 of 4 judge replies stopped at the server's own limit (--judge_max_tokens 0 sends " \
+        "none)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ the CLI
