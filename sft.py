@@ -44,6 +44,7 @@ from data import (IGNORE, DataError, ImageCache, check_images, collate, load_jso
 
 # --data's weights repeat records (references, tokenized once) up to this many in all
 MAX_TRAIN_RECORDS = 10_000_000
+TOKENIZE_PART = 16384  # conversations tokenized between two progress lines
 
 
 @dataclass
@@ -176,20 +177,31 @@ def load_records(cfg):
 
 class Tokenized:
     """Conversations tokenized once up front (so drops are counted before training), images on
-    demand."""
+    demand. Each is kept as int32 ids and a bool mask of the learned ones (the labels are those ids
+    there, IGNORE elsewhere): a quarter of two int64 rows, which for LLaVA's 665k conversations
+    at 576 image tokens were ~14 GB per process."""
 
-    def __init__(self, records, tokenizer, model_config, cfg, images, template=None):
+    def __init__(self, records, tokenizer, model_config, cfg, images, template=None, show=False):
         self.items, self.dropped = [], 0
         template = template or cfg.template
         # a --data weight > 1 repeats records (the same objects): each is tokenized once
         unique = list({id(r): r for r in records}.values())
+        turns = [r["conversations"] for r in unique]
+        tokenized, at = [], 0
+        # (in parts, with a progress line: LLaVA's 665k took minutes without a word)
+        parts = range(0, len(turns), TOKENIZE_PART)
         try:
-            tokenized = tokenize_conversations(tokenizer, [r["conversations"] for r in unique],
-                                               model_config.image_token_id,
-                                               model_config.num_image_tokens, cfg.max_len, template)
+            for at in common.progress(parts, desc=f"tokenizing {len(turns)} conversations, parts",
+                                      enabled=show and len(parts) > 1):
+                part = tokenize_conversations(tokenizer, turns[at:at + TOKENIZE_PART],
+                                              model_config.image_token_id,
+                                              model_config.num_image_tokens, cfg.max_len, template)
+                tokenized += [None if t is None else (t["input_ids"].to(torch.int32),
+                                                      t["labels"] != IGNORE) for t in part]
         except ValueError as e:  # e.g. a multi-turn conversation under --template plain
-            at = getattr(e, "index", None)  # (render's errors name the conversation)
-            record = f": record {unique[at].get('id', at)}" if at is not None else ""
+            where = getattr(e, "index", None)  # (render's errors name the conversation)
+            where = None if where is None else at + where
+            record = f": record {unique[where].get('id', where)}" if where is not None else ""
             message = f"--template {template}{record}: {e}"
             raise common.ConfigError(message) from None
         item_of = {id(r): (t, r.get("image")) for r, t in zip(unique, tokenized)}
@@ -200,14 +212,15 @@ class Tokenized:
                 continue
             self.items.append(item)
         self.images, self.blank = images, cfg.blank_images
-        self.n_labels = torch.tensor([int((t["labels"] != IGNORE).sum()) for t, _ in self.items])
+        self.n_labels = torch.tensor([int(learned.sum()) for (_, learned), _ in self.items])
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        t, image = self.items[i]
-        item = dict(t)
+        (ids, learned), image = self.items[i]
+        ids = ids.long()
+        item = {"input_ids": ids, "labels": torch.where(learned, ids, IGNORE)}
         if image:
             unit = self.images.unit(image)
             item["pixel_values"] = normalize(torch.zeros_like(unit) if self.blank else unit)
@@ -331,16 +344,19 @@ def main(cfg):
     if cfg.fsdp:
         common.shard_model(model, d, bf16=dtype is not None)
     images = ImageCache(model.config.image_size)
-    train = Tokenized(train_records, tokenizer, model.config, cfg, images)
-    val = Tokenized(val_records, tokenizer, model.config, cfg, images)
+    train = Tokenized(train_records, tokenizer, model.config, cfg, images, show=d.main)
+    val = Tokenized(val_records, tokenizer, model.config, cfg, images, show=d.main)
+    # the records' text is not read again: let it go (LLaVA's 665k held ~4 GB more per process)
+    n_records, checked = len(train_records), {r.get("image") for r in train_records}
+    del train_records
     if train.dropped and d.main:
-        print(f"warning: dropped {train.dropped} of {len(train_records)} training conversations "
+        print(f"warning: dropped {train.dropped} of {n_records} training conversations "
               f"that do not fit --max_len {cfg.max_len} with at least part of the first answer")
     align = None  # stage 1: image -> caption pairs, plain template
     if aligning:  # a fresh model; --resume keeps the rule
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
-        if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used)
-            checked = {r.get("image") for r in train_records}  # (decoded with --data already)
+        if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used;
+            # the images --data decoded already are not decoded again)
             align_records = check_images(align_records, cfg.align_data, decoded=checked)[0]
             require_records(align_records, cfg.align_data, "captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
@@ -352,7 +368,7 @@ def main(cfg):
         raise common.ConfigError(f"--read_data {cfg.read_data}: no conversation fits --max_len "
                                  f"{cfg.max_len} ({read.dropped} dropped)")
     if len(train) == 0:
-        raise common.ConfigError(f"no training data left: {train.dropped} of {len(train_records)} "
+        raise common.ConfigError(f"no training data left: {train.dropped} of {n_records} "
                                  f"conversations do not fit --max_len {cfg.max_len}, "
                                  f"{len(skipped)} bad records skipped")
     if val_records and len(val) == 0:  # (validation left out without a word; reward and dpo

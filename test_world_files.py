@@ -15,7 +15,7 @@ import sft
 import shapes
 import vigc
 from checkpoint import latest_checkpoint, load_checkpoint
-from data import load_json, load_tokenizer, read_any_conversations
+from data import ImageCache, load_json, load_tokenizer, read_any_conversations
 from data import read_llava_rlhf_preference, read_rl_prompts
 
 
@@ -140,6 +140,33 @@ def test_a_data_weight_repeats_records_tokenized_once(tiny_world, tiny_sft, monk
     tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     data = sft.Tokenized(train, tok, model_config, cfg, images=None)
     assert tokenized_counts == [n] and len(data) == len(train) and data.dropped == 0
-    for r, (t, image) in zip(train, data.items):  # each as if tokenized alone
-        alone = sft.Tokenized([r], tok, model_config, cfg, images=None).items[0]
-        assert image == alone[1] and torch.equal(t["input_ids"], alone[0]["input_ids"])
+    for r, ((ids, learned), image) in zip(train, data.items):  # each as if tokenized alone
+        (alone_ids, alone_learned), alone_image = sft.Tokenized([r], tok, model_config, cfg,
+                                                                images=None).items[0]
+        assert image == alone_image and torch.equal(ids, alone_ids)
+        assert torch.equal(learned, alone_learned)
+
+
+def test_sft_keeps_each_conversation_compact_and_gives_it_back_whole(tiny_world, tiny_sft,
+                                                                       monkeypatch, capsys):
+    """Two int64 rows per conversation (ids and labels) were ~14 GB per process for LLaVA's 665k at
+    576 image tokens, tokenized without a word for minutes: int32 ids and a bool mask of the
+    learned ones now, the same ids and labels out, and a progress line over the parts."""
+    cfg = resolved(sft, tiny_world, lrv=False)
+    train = sft.load_records(cfg)[0][:40]
+    model_config = load_checkpoint(latest_checkpoint(tiny_sft)).config
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    monkeypatch.setattr(sft, "TOKENIZE_PART", 16)
+    images = ImageCache(model_config.image_size)
+    data = sft.Tokenized(train, tok, model_config, cfg, images, show=True)
+    assert "tokenizing 40 conversations, parts 3/3" in capsys.readouterr().err
+    want = sft.tokenize_conversations(tok, [r["conversations"] for r in train],
+                                      model_config.image_token_id,
+                                      model_config.num_image_tokens, cfg.max_len, cfg.template)
+    assert len(data) == len(want) == 40
+    for i, w in enumerate(want):
+        (ids, learned), _ = data.items[i]
+        assert ids.dtype == torch.int32 and learned.dtype == torch.bool
+        item = {k: v for k, v in data[i].items() if k != "pixel_values"}
+        assert item.keys() == w.keys() and item["input_ids"].dtype == torch.long
+        assert all(torch.equal(item[k], w[k]) for k in w)
