@@ -248,6 +248,24 @@ def test_trains_on_examples_that_fit_every_step(tiny_world, tiny_ckpt, tmp_path)
     assert stdout.index(said[0]) < stdout.index("training examples (VIG")
 
 
+def test_examples_measured_together_fit_as_each_alone(tiny_world, tiny_ckpt, monkeypatch):
+    """The fit check before training tokenized each example alone (one call each: minutes for
+    LLaVA-sized data); measured together in parts, each gets make_item's verdict."""
+    model, tok = common.load_model_and_tokenizer(tiny_ckpt)
+    world = dataclasses.replace(vigc.Config(), data=os.path.join(tiny_world, "sft.json"),
+                                image_folder=tiny_world,
+                                instructions=os.path.join(tiny_world, "vigc_instructions.json"))
+    instructions = vigc.load_instructions(world.instructions)
+    examples = vigc.build_examples(vigc.load_records(world)[:30], instructions, world)[0]
+    cfg = dataclasses.replace(world, max_len=41)
+    alone = [vigc.make_item(dict(e, image=""), tok, model.config, cfg, None) is not None
+             for e in examples]
+    assert any(alone) and not all(alone) and {"conversations" in e for e in examples} == {1, 0}
+    assert any(e.get("prefix") for e in examples)
+    monkeypatch.setattr(vigc, "FIT_PART", 7)
+    assert vigc.fitting(examples, tok, model.config, cfg) == alone
+
+
 def test_report_with_nothing_parsed_says_null_steps(tiny_world, tiny_ckpt, tmp_path,
                                                     monkeypatch):
     """No VIG output parsed: nothing was corrected, so no steps per answer (it read 0.0)."""

@@ -65,7 +65,8 @@ import oracle
 import shapes
 from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize,
-                  read_any_conversations, read_text, tokenize_conversation)
+                  read_any_conversations, read_text, tokenize_conversation,
+                  tokenize_conversations)
 from formats import IMAGE, TAG_IN_TEXT
 
 
@@ -192,30 +193,49 @@ def sentences(text):
 def encode(tokenizer, mc, question, prefix="", target=None, max_len=2048, template="vicuna_v1"):
     """Tokens of `<image>\\n{question}` answered by `prefix` (the answer so far) and `target`.
     target None: a generation prompt ending with 'ASSISTANT: {prefix}'. Else labels on target and
-    </s> only."""
-    turns = [{"from": "human", "value": "<image>\n" + question}]
+    </s> only (encode_many)."""
+    if target is not None:
+        return encode_many(tokenizer, mc, [(question, prefix, target)], max_len, template)[0]
+    return _prompts(tokenizer, mc, [(question, prefix)], template)[0]
 
-    def tok(answer, n=max_len):
-        gpt = [{"from": "gpt", "value": answer}] if answer is not None else []
-        return tokenize_conversation(tokenizer, turns + gpt, mc.image_token_id,
-                                     mc.num_image_tokens, n, template)
-    if target is None:
-        if not prefix:
-            return tok(None)
-        t = tok(prefix, 1 << 30)  # '... ASSISTANT: {prefix}</s>' without its </s>
-        if int(t["input_ids"][-1]) != tokenizer.eos_token_id:
-            raise common.ConfigError("the tokenizer does not encode '</s>' as its EOS token")
-        ids = t["input_ids"][:-1]
-        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}
-    full = tok((prefix + " " + target).strip())
-    if full is None or not prefix:
-        return full
-    p = encode(tokenizer, mc, question, prefix, None, max_len, template)["input_ids"]
-    m = min(len(p), len(full["input_ids"]))
-    same = full["input_ids"][:m] == p[:m]
-    # the answer so far is context
-    full["labels"][:m if bool(same.all()) else int(same.int().argmin())] = IGNORE
-    return full if bool((full["labels"] != IGNORE).any()) else None
+
+def _turns(question, answer=None):
+    gpt = [{"from": "gpt", "value": answer}] if answer is not None else []
+    return [{"from": "human", "value": "<image>\n" + question}] + gpt
+
+
+def _prompts(tokenizer, mc, jobs, template):
+    """Generation prompts of (question, prefix) jobs, tokenized together: '... ASSISTANT:', or
+    '... ASSISTANT: {prefix}' (its conversation's tokens without the closing </s>)."""
+    convs = [_turns(q, p or None) for q, p in jobs]
+    out = tokenize_conversations(tokenizer, convs, mc.image_token_id, mc.num_image_tokens,
+                                 1 << 30, template)
+    for i, (t, (_, p)) in enumerate(zip(out, jobs)):
+        if p:
+            if int(t["input_ids"][-1]) != tokenizer.eos_token_id:
+                raise common.ConfigError("the tokenizer does not encode '</s>' as its EOS token")
+            ids = t["input_ids"][:-1]
+            out[i] = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}
+    return out
+
+
+def encode_many(tokenizer, mc, jobs, max_len=2048, template="vicuna_v1"):
+    """encode of each (question, prefix, target), the texts tokenized together (one call each
+    took most of a minute per 100k examples): labels on target and </s> only, None where nothing
+    learned fits --max_len."""
+    convs = [_turns(q, (p + " " + t).strip()) for q, p, t in jobs]
+    fulls = tokenize_conversations(tokenizer, convs, mc.image_token_id, mc.num_image_tokens,
+                                   max_len, template)
+    need = [i for i, (_, p, _) in enumerate(jobs) if p and fulls[i] is not None]
+    prompts = _prompts(tokenizer, mc, [jobs[i][:2] for i in need], template)
+    for i, p in zip(need, prompts):
+        full, p = fulls[i], p["input_ids"]
+        m = min(len(p), len(full["input_ids"]))
+        same = full["input_ids"][:m] == p[:m]
+        # the answer so far is context
+        full["labels"][:m if bool(same.all()) else int(same.int().argmin())] = IGNORE
+        fulls[i] = full if bool((full["labels"] != IGNORE).any()) else None
+    return fulls
 
 # -------------------- training data: VIG + VIC examples from question/answer pairs, plus SFT
 
@@ -346,6 +366,26 @@ def make_item(e, tokenizer, mc, cfg, images):
     if t is not None and e["image"]:
         t = dict(t, pixel_values=normalize(images.unit(e["image"])))
     return t
+
+
+FIT_PART = 16384  # examples measured between two progress lines
+
+
+def fitting(examples, tokenizer, mc, cfg, show=False):
+    """Whether make_item keeps each example (it fits --max_len with an answer token left), the
+    texts tokenized together in parts (one call each took minutes for LLaVA-sized data)."""
+    ok, part = [], FIT_PART
+    for at in common.progress(range(0, len(examples), part), enabled=show and len(examples) > part,
+                              desc=f"measuring {len(examples)} examples, parts"):
+        chunk = examples[at:at + part]
+        convs = [e["conversations"] for e in chunk if "conversations" in e]
+        jobs = [(e["question"], e["prefix"], e["target"]) for e in chunk
+                if "conversations" not in e]
+        of_convs = iter(tokenize_conversations(tokenizer, convs, mc.image_token_id,
+                                               mc.num_image_tokens, cfg.max_len, cfg.template))
+        of_jobs = iter(encode_many(tokenizer, mc, jobs, cfg.max_len, cfg.template))
+        ok += [next(of_convs if "conversations" in e else of_jobs) is not None for e in chunk]
+    return ok
 
 
 def prompt(tokenizer, model, question, prefix, unit, cfg):
@@ -657,7 +697,7 @@ def main(cfg):
                                  "(no record has an image and a question/answer pair)")
     # examples that do not fit are left out here, said (drawn into batches and dropped there, a
     # step whose examples all were dropped trained on nothing and logged loss 0)
-    kept = [e for e in train if make_item(dict(e, image=""), tokenizer, model.config, cfg, images)]
+    kept = [e for e, ok in zip(train, fitting(train, tokenizer, model.config, cfg, d.main)) if ok]
     if not kept:
         raise common.ConfigError(f"--max_len {cfg.max_len}: none of the {len(train)} training "
                                  "examples fits; raise it")
