@@ -1,6 +1,7 @@
 """How answers become numbers, without a judge: POPE's yes/no parser and metrics, and CHAIR's
 object mentions and rates, each as the reference scripts compute them (named where implemented).
 eval.py generates the answers and calls these; judges.py scores the benchmarks a judge reads."""
+import functools
 import os
 import re
 
@@ -130,6 +131,7 @@ _SUFFIX_RULES = [(re.compile(a), b) for a, b in (
     (r"(.)oses$", r"\1osis"), (r"([ti])a$", r"\1um"), (r"(n)ews$", r"\1ews"), (r"s$", ""))]
 
 
+@functools.lru_cache(maxsize=1 << 16)  # (a word's rules ran at every mention: ~2 ms per caption)
 def singularize_like_pattern(word):
     """pattern.en.singularize on a lower-case word ('dogs' -> 'dog', 'glass' -> 'glas',
     'bus' -> 'bu')."""
