@@ -342,15 +342,23 @@ def require_records(records, file, what):
     return records
 
 
+CHECK_IMAGES_SAID = 5000  # images from which check_images shows its progress
+
+
 def check_images(records, file, on_error="raise", field="image", decoded=()):
     """Decode every record's image once before training starts (threads: decoding mostly releases
     the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,
     record and field before any step, never in the middle; `decoded`: paths already checked (with
     another file of the run), not decoded again. Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
+    from common import progress  # (common reads formats, not this module)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
+    # (LLaVA's ~350k images take minutes: said, once, by the first process)
+    show = len(paths) >= CHECK_IMAGES_SAID and os.environ.get("RANK", "0") == "0"
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        broken = {p: why for p, why in zip(paths, pool.map(_decodes, paths)) if why}
+        whys = progress(pool.map(_decodes, paths), total=len(paths), enabled=show,
+                        desc=f"{os.path.basename(file)}: decoding each image once")
+        broken = {p: why for p, why in zip(paths, list(whys)) if why}
     good, skipped = [], []
     for i, r in enumerate(records):
         if r.get("image") in broken:

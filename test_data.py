@@ -258,3 +258,22 @@ def test_check_images_names_a_broken_file_and_skips_the_decoded(tmp_path):
     good, skipped = data.check_images(recs, "read.json", on_error="skip")
     assert good == recs[1:] and len(skipped) == 1
     assert data.check_images(recs, "read.json", decoded={broken}) == (recs, [])
+
+
+def test_check_images_says_its_progress_on_many(tmp_path, monkeypatch, capsys):
+    """Decoding LLaVA's ~350k images before the first step took minutes without a word: from
+    CHECK_IMAGES_SAID images on, the first process says its progress (the others do not)."""
+    from PIL import Image
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (4, 4)).save(paths[-1])
+    recs = [{"id": str(i), "image": p} for i, p in enumerate(paths)]
+    monkeypatch.setattr(data, "CHECK_IMAGES_SAID", 3)
+    assert data.check_images(recs, "/x/mix.json") == (recs, [])
+    assert "mix.json: decoding each image once 3/3" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    data.check_images(recs, "/x/mix.json")
+    monkeypatch.setenv("RANK", "0")
+    data.check_images(recs[:2], "/x/mix.json")
+    assert capsys.readouterr().err == ""
