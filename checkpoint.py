@@ -1738,7 +1738,8 @@ def load_peft_adapter(model, path, name, no_merge=None):
     # the model changes only once every key has passed (a refusal leaves it as it was)
     with torch.no_grad():
         for _, w, A, B in merged:
-            w += (alpha / r * B @ A).to(w.dtype)  # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3)
+            # W += (alpha/r) B A (LoRA, Hu et al. 2021, eq. 3); A, B read on the CPU
+            w += (alpha / r * B @ A).to(w.device, w.dtype)
     if merged:
         model.base_edited = True
         print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "

@@ -380,7 +380,9 @@ def setup_dist(device="cpu", fsdp=False):
     global _made_process_group
     check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = "nccl" if device == "cuda" else "gloo"
+    # (CPU tensors too: the stages all-reduce small counts on the CPU, which an NCCL-only group
+    # refuses, "No backend type associated with device type cpu"; tests run gloo alone)
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
     if world == 1:
         if fsdp:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -566,8 +566,8 @@ def evaluate(model, val, cfg, d, ref=None):
         _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
                            ref[chunk].to(d.device) if ref is not None else None)
         if counts:
-            tot += torch.stack([m["rewards/accuracies"].sum(), m["rewards/margins"].sum(),
-                                torch.tensor(float(len(chunk)))]).cpu()
+            tot += torch.stack([m["rewards/accuracies"].sum().cpu(),
+                                m["rewards/margins"].sum().cpu(), torch.tensor(float(len(chunk)))])
     model.train()
     tot = common.all_reduce_sum(tot, d)
     return {"val_reward_accuracy": float(tot[0] / tot[2]),

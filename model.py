@@ -290,9 +290,11 @@ class LoRALinear(nn.Module):
             return MergedLoRA.apply(x, self.weight, self.bias, adapter.scale, None,
                                     *self.lora_pairs(adapter))
         y = F.linear(x, self.weight, self.bias)
-        xd = adapter.dropout(x).to(torch.float32)  # LoRA math in fp32 even on a bf16 base
         names = [n for n in self.slices if n in adapter.A]
         A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
+        # LoRA math in A's dtype: fp32 even on a bf16 base (bf16 where FSDP's mixed precision
+        # computes in it, outside autocast too)
+        xd = adapter.dropout(x).to(A.dtype)
         # A x for every slice in one matmul, scaled
         u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)
         parts = []
@@ -729,8 +731,8 @@ class ScalarHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, hidden))  # zero init: a new value head predicts 0
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, h):
-        return F.linear(h.float(), self.weight, self.bias).squeeze(-1)
+    def forward(self, h):  # (in the weight's dtype: bf16 under FSDP's mixed precision)
+        return F.linear(h.to(self.weight.dtype), self.weight, self.bias).squeeze(-1).float()
 
 
 @dataclass

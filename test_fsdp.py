@@ -461,3 +461,51 @@ def test_reward_fsdp_with_a_held_out_pair_too_long_on_one_rank(tiny_world, tiny_
     assert proc.returncode == 0, out[-3000:]
     assert "1 held-out (1 longer left out)" in out, out[-3000:]
     assert json.load(open(tmp_path / "rm" / "report.json"))["n_val"] == 1
+
+
+def test_a_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
+    """`--device cuda` under torchrun made an NCCL-only process group, which refuses the CPU tensors
+    every stage all-reduces (counts, the DPO held-out sums): step 1 failed on any GPU run. The group
+    now has gloo for CPU tensors beside NCCL for CUDA ones. (No GPU here: the group is caught.)"""
+    import torch.distributed as dist
+    import common
+    made = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(common, "check_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.append(backend))
+    monkeypatch.setattr(common, "_made_process_group", False)
+    d = common.setup_dist("cuda")
+    devices = dist.BackendConfig(dist.Backend(made[0])).get_device_backend_map()
+    assert devices == {"cpu": "gloo", "cuda": "nccl"} and d.device == torch.device("cuda", 0)
+
+
+def test_fsdp_bf16_lora_and_head_run_outside_autocast(tmp_path):
+    """Under --fsdp --dtype bf16 the mixed-precision policy gives LoRA and the scalar heads bf16
+    weights to compute with, but both cast their input to fp32 first: every pass outside autocast
+    (reward.py's steps, held-out losses) failed on mismatched dtypes. One rank, gloo, on the CPU."""
+    import torch.distributed as dist
+    import common
+    from test_model import inputs, randomize_adapter, tiny_model
+    model = tiny_model()
+    model.add_adapter("reward", r=4, alpha=8)
+    randomize_adapter(model, "reward", 4)
+    model.add_head("reward")
+    with torch.no_grad():
+        model.heads["reward"].weight.normal_()
+    model.set_adapter("reward")
+    pixels, ids = inputs()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        d = common.Dist(device=torch.device("cpu"), fsdp=True)
+        common.shard_model(model, d, bf16=True)
+        with torch.no_grad():
+            got = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
+    finally:
+        dist.destroy_process_group()
+    assert got.dtype == torch.float32, got.dtype
+    assert torch.allclose(got, want, atol=0.1, rtol=0.05), (got, want)
