@@ -447,7 +447,7 @@ def main(cfg):
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
     # (FSDP: fp32 master weights, bf16 compute)
     if cfg.dtype == "bf16" and cfg.device == "cuda" and not cfg.fsdp:
-        model.cast_base(torch.bfloat16)
+        model.cast_base(torch.bfloat16, keep_trained=cfg.lora_r > 0)  # (full: pure bf16)
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")

@@ -499,7 +499,7 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(c.hidden, c.hidden)
 
     def forward(self, x):
-        x = self.linear_1(x)
+        x = self.linear_1(x.to(self.linear_1.weight.dtype))  # (fp32 when it trains on bf16 CLIP)
         if self.kind == "mlp2x_gelu":
             x = self.linear_2(F.gelu(x))  # exact (erf) GELU, as LLaVA-1.5
         return x
@@ -1218,10 +1218,15 @@ class LLaVA(nn.Module):
             for p in self.heads[h].parameters():
                 p.requires_grad_(True)
 
-    def cast_base(self, dtype):
-        """Base weights to dtype (e.g. bf16); LoRA parameters and heads stay fp32."""
+    def cast_base(self, dtype, keep_trained=False):
+        """Base weights to dtype (e.g. bf16); LoRA parameters and heads stay fp32, and with
+        keep_trained every parameter that trains (a LoRA run's projector: in bf16 an AdamW step of
+        2e-5 on a weight of 0.02 is below half its last bit, so most updates were lost; LLaVA's
+        DeepSpeed keeps fp32 masters). Without it a full fine-tune trains in pure bf16 (README's
+        memory table)."""
         for n, p in self.named_parameters():
-            if ".lora." not in n and not n.startswith("heads."):
+            kept = ".lora." in n or n.startswith("heads.") or (keep_trained and p.requires_grad)
+            if not kept:
                 p.data = p.data.to(dtype)
         return self
 

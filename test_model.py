@@ -340,3 +340,29 @@ def test_lora_fp32_on_bf16_base_and_checkpointing_grads_match():
     assert all(p.dtype == torch.float32 for p in m.adapter_parameters("a"))
     with torch.no_grad():
         assert torch.isfinite(m(pixels, ids)).all()
+
+
+def test_a_lora_runs_trained_projector_keeps_fp32_on_a_bf16_base():
+    """--dtype bf16 with LoRA cast the trained projector to bf16 too, where an AdamW step of 2e-5 on
+    a weight of 0.02 is below half its last bit: most updates were lost (LLaVA keeps fp32 masters).
+    Trained parameters now stay fp32, and the model runs with and without autocast."""
+    m = tiny_model()
+    m.add_adapter("a", r=4, alpha=8)
+    m.set_adapter("a")
+    m.set_trainable(adapters=["a"], projector=True)
+    m.cast_base(torch.bfloat16, keep_trained=True)
+    assert m.language_model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert m.vision_tower.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    trained = [p for p in m.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trained)
+    assert {id(p) for p in m.projector.parameters()} <= {id(p) for p in trained}
+    pixels, ids = inputs()
+    with torch.no_grad():
+        assert torch.isfinite(m(pixels, ids)).all()  # (no autocast: bf16 CLIP, fp32 projector)
+    before = m.projector.linear_1.weight.detach().clone()
+    opt = torch.optim.AdamW(trained, lr=2e-5, weight_decay=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(pixels, ids).float().pow(2).mean().backward()
+    opt.step()
+    moved = (m.projector.linear_1.weight != before).float().mean()
+    assert moved > 0.9, moved  # (in bf16 about a third of them moved)

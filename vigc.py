@@ -683,7 +683,7 @@ def main(cfg):
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector, language=True)
     bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
     if bf16 and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
-        model.cast_base(torch.bfloat16)
+        model.cast_base(torch.bfloat16, keep_trained=cfg.lora_r > 0)  # (full: pure bf16)
     if cfg.fsdp:
         common.shard_model(model, d, bf16=bf16)
     images = ImageCache(model.config.image_size)
