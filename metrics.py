@@ -187,7 +187,9 @@ def coco_objects(text, syn, counting="reference"):
     """The canonical COCO objects a caption names, in order: every mention (reference, chair.py's
     caption_to_words) or each category once (ours)."""
     if counting == "reference":
-        tokens = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())
+        # punctuation kept as tokens, as nltk's word_tokenize keeps them: no two-word object forms
+        # across one ('her baby, dog' is a person and a dog; it read a dog alone)
+        tokens = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*|[^\sa-z0-9]", text.lower())
         words = [singularize_like_pattern(w) for w in tokens]
         merged, i = [], 0
         while i < len(words):

@@ -152,6 +152,8 @@ def test_chair_reference_counting_on_coco_by_hand(tmp_path):
     assert metrics.chair_counts(q, text) == (6, 3)
     # hot dog (absent), puppy -> dog
     assert metrics.chair_counts(q, "A hot dog and two puppies.") == (2, 1)
+    # punctuation is a token, as nltk's: no two words join across it (they did: one mention)
+    assert metrics.coco_objects("Her baby, dog. A hot, dog.", syn) == ["person", "dog", "dog"]
     m = metrics.chair_metrics([(6, 3), (2, 1)], [1, 1])
     assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
     # once each; bus, motor bike read as objects
