@@ -925,7 +925,10 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                     # to everything, and POPE reads that as 'yes': scores without a word)
                     raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
-        t = t.to(dtype=dtype or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
+        # (a projector asked for in a half dtype is kept fp32: a LoRA run trains it on a bf16
+        # base, LLaVA's 2e-5 steps lost in bf16; cast_base makes a frozen one bf16 again)
+        want = torch.float32 if dtype is not None and our_name.startswith("projector.") else dtype
+        t = t.to(dtype=want or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
         _set_param(model, our_name, t)
     return model
 
@@ -1168,7 +1171,9 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     model does); merge=False writes the base alone (the base of export_peft_adapter). Other
     adapters and scalar heads have no place in the format: left out, named in a note."""
     c = model.config
-    chat_template(template)  # (a template it cannot write: refused before anything is written)
+    tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
+    if tok is not None:  # (a template it cannot write: refused before anything is written)
+        chat_template(template)
     state = dict(canonical_state(model, merge_active=merge))
     merged = model.active_adapter if merge else None
     left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
@@ -1196,7 +1201,6 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
         state[pre + "mlp.fc2.bias"] = torch.zeros(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
-    tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
     image_id, vocab, tok = _export_image_token(model, tok, state)
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})

@@ -211,7 +211,7 @@ class Pairs:
 
     def __init__(self, records, tokenizer, mc, cfg, images):
         self.items, self.dropped, self.images, self.pad = [], 0, images, tokenizer.pad_token_id
-        self.tied = 0  # pairs whose chosen and rejected are the same tokens once cut at max_len
+        self.tied = 0  # pairs whose chosen and rejected are the same tokens (as written, or cut)
         self.cut = 0  # pairs kept, cut at max_len (POVID's collator cuts to model_max_length)
 
         convs = [r["prompt"] + [{"from": "gpt", "value": r[k]}]
@@ -483,7 +483,8 @@ def main(cfg):
             init_model, _ = common.load_model_and_tokenizer(init_dir, "", cfg.vision_tower,
                                                             device=d.device,
                                                             dtype=common.base_dtype(cfg))
-            return init_model
+            # (as the policy was cast at its start: its projector too, loaded fp32)
+            return init_model.cast_base(common.base_dtype(cfg))
         ref = cached_reference(cfg, d, init_dir, train, val, reference_model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0

@@ -122,7 +122,7 @@ class Config:
     judge_key: str = ""  # API key (default: $OPENAI_API_KEY)
     judge_retries: int = 5  # retries on 429, 5xx and connection errors
     judge_backoff: float = 2.0  # seconds before retry 1, doubled each time (at most an hour)
-    judge_timeout: float = 120.0  # seconds per HTTP request (a day at most)
+    judge_timeout: float = 120.0  # seconds to connect, to the headers, and for the body (a day max)
     # longest judge reply (openai: 0 sends no limit, as LLaVA-RLHF's eval_gpt_mmhal.py; LLaVA's
     # review scripts: 1024)
     judge_max_tokens: int = 512
@@ -988,7 +988,7 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
         why = sorted({str(r) for r in empty.values()})
         print(f"warning: {name} {bench}: {len(empty)} judge replies were empty (finish_reason "
               f"{', '.join(why)}; {ids}): scored without a valid score this run and not stored, "
-              "so the next run asks again", flush=True)
+              "so the next run asks again (a local judge answers alike)", flush=True)
     return {q["id"]: cache.get((q["id"], jname, digest[q["id"]]), "") for q in asked}
 
 

@@ -549,8 +549,9 @@ class OpenAIJudge:
                          "answers and judge replies so far are kept: re-run to continue")
 
     def _read(self, req):
-        """The reply's bytes within --judge_timeout in all (urlopen's timeout bounds each read
-        alone: a reply dripping in a byte at a time held the run without limit)."""
+        """The reply's bytes, its body within --judge_timeout in all (urlopen's timeout bounds
+        connecting, the headers and each read alone: a body dripping in a byte at a time held the
+        run without limit)."""
         deadline = time.monotonic() + self.cfg.judge_timeout
         with _NO_REDIRECT.open(req, timeout=self.cfg.judge_timeout) as r:
             chunks = []
@@ -658,6 +659,7 @@ class LocalJudge:
         # stopped at --judge_max_tokens, not at its end-of-sequence token
         self.last_cut = len(new) >= self.cfg.judge_max_tokens and \
             int(new[-1]) != self.tok.eos_token_id
+        self.last_finish = "length" if self.last_cut else "its end token"
         return self.tok.decode(new, skip_special_tokens=True)
 
 

@@ -320,10 +320,7 @@ def execute(runs, cfg, finished=lambda n: None):
                 proc.send_signal(signal.SIGINT)
         for proc, _, _ in running.values():
             proc.wait()
-        # (common's line names --resume true: the lab takes no such flag, it starts such runs anew)
-        print("interrupted: the runs that ended are kept; the same command goes on from them "
-              "(the runs cut off start again)", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise
     return failed
 
 
@@ -1104,6 +1101,15 @@ def refuse_live_writers(cfg, runs, stale):
 
 
 def main(cfg):
+    try:
+        run_lab(cfg)
+    except KeyboardInterrupt:  # (common's line names --resume true: the lab takes no such flag)
+        print("interrupted: the runs that ended are kept; the same command goes on from them "
+              "(the runs cut off start again)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def run_lab(cfg):
     common.refuse_torchrun("lab.py", "it starts its runs as processes of its own, --jobs at a time")
     # python pipeline.py --world_seed N writes ckpt-seedN/sft
     if cfg.world_seed and cfg.sft == Config.sft:

@@ -292,15 +292,15 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         names = [n for n in self.slices if n in adapter.A]
         A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
-        # LoRA math in A's dtype: fp32 even on a bf16 base (bf16 where FSDP's mixed precision
-        # computes in it, outside autocast too)
-        xd = adapter.dropout(x).to(A.dtype)
+        # LoRA math in fp32 even on a bf16 base, and where FSDP's mixed precision hands it bf16
+        # weights (outside autocast they met an fp32 input)
+        A, xd = A.float(), adapter.dropout(x).float()
         # A x for every slice in one matmul, scaled
         u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)
         parts = []
         for n, size in self.slices.items():  # untargeted slices (e.g. k of q,k,v) add zeros
             if n in adapter.A:
-                parts.append(u[names.index(n)] @ adapter.B[n].t())
+                parts.append(u[names.index(n)] @ adapter.B[n].float().t())
             else:
                 parts.append(xd.new_zeros(*xd.shape[:-1], size))
         delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -731,8 +731,8 @@ class ScalarHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, hidden))  # zero init: a new value head predicts 0
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, h):  # (in the weight's dtype: bf16 under FSDP's mixed precision)
-        return F.linear(h.to(self.weight.dtype), self.weight, self.bias).squeeze(-1).float()
+    def forward(self, h):  # (fp32 weights too: FSDP's mixed precision hands bf16 ones)
+        return F.linear(h.float(), self.weight.float(), self.bias.float()).squeeze(-1)
 
 
 @dataclass
@@ -1225,8 +1225,9 @@ class LLaVA(nn.Module):
         DeepSpeed keeps fp32 masters). Without it a full fine-tune trains in pure bf16 (README's
         memory table)."""
         for n, p in self.named_parameters():
-            kept = ".lora." in n or n.startswith("heads.") or (keep_trained and p.requires_grad)
-            if not kept:
+            if keep_trained and p.requires_grad:  # (loaded fp32: checkpoint.py's projector)
+                p.data = p.data.float()
+            elif ".lora." not in n and not n.startswith("heads."):
                 p.data = p.data.to(dtype)
         return self
 

@@ -339,7 +339,8 @@ def main(cfg):
         model.set_trainable(vision=cfg.train_vision, projector=cfg.train_projector,
                             language=cfg.train_lm)
     if dtype is not None and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
-        model.cast_base(dtype, keep_trained=cfg.lora_r > 0)  # (a full fine-tune: pure bf16)
+        # (a full fine-tune of the language model: pure bf16, README's memory table)
+        model.cast_base(dtype, keep_trained=cfg.lora_r > 0 or not cfg.train_lm)
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=dtype is not None)

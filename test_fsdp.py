@@ -481,31 +481,38 @@ def test_a_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
     assert devices == {"cpu": "gloo", "cuda": "nccl"} and d.device == torch.device("cuda", 0)
 
 
-def test_fsdp_bf16_lora_and_head_run_outside_autocast(tmp_path):
+def test_fsdp_bf16_lora_and_head_run_outside_autocast():
     """Under --fsdp --dtype bf16 the mixed-precision policy gives LoRA and the scalar heads bf16
     weights to compute with, but both cast their input to fp32 first: every pass outside autocast
-    (reward.py's steps, held-out losses) failed on mismatched dtypes. One rank, gloo, on the CPU."""
-    import torch.distributed as dist
-    import common
-    from test_model import inputs, randomize_adapter, tiny_model
-    model = tiny_model()
-    model.add_adapter("reward", r=4, alpha=8)
-    randomize_adapter(model, "reward", 4)
-    model.add_head("reward")
-    with torch.no_grad():
-        model.heads["reward"].weight.normal_()
-    model.set_adapter("reward")
-    pixels, ids = inputs()
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        want = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        d = common.Dist(device=torch.device("cpu"), fsdp=True)
-        common.shard_model(model, d, bf16=True)
-        with torch.no_grad():
-            got = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
-    finally:
-        dist.destroy_process_group()
-    assert got.dtype == torch.float32, got.dtype
-    assert torch.allclose(got, want, atol=0.1, rtol=0.05), (got, want)
+    (reward.py's steps, held-out losses) failed on mismatched dtypes. One rank, gloo, on the CPU,
+    in a process of its own (FSDP's threads can abort an interpreter's exit: common.end_process)."""
+    script = """
+import json, os, sys, torch, torch.distributed as dist
+import common
+from test_model import inputs, randomize_adapter, tiny_model
+model = tiny_model()
+model.add_adapter("reward", r=4, alpha=8)
+randomize_adapter(model, "reward", 4)
+model.add_head("reward")
+with torch.no_grad():
+    model.heads["reward"].weight.normal_()
+model.set_adapter("reward")
+pixels, ids = inputs()
+mask = torch.ones_like(ids)
+with torch.no_grad():
+    want = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+common.shard_model(model, common.Dist(device=torch.device("cpu"), fsdp=True), bf16=True)
+with torch.no_grad():
+    got = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
+print(json.dumps({"dtype": str(got.dtype), "want": want.tolist(), "got": got.tolist()}))
+sys.stdout.flush()
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "torch.float32", out
+    assert torch.allclose(torch.tensor(out["got"]), torch.tensor(out["want"]), atol=0.1,
+                          rtol=0.05), out

@@ -125,9 +125,13 @@ def test_export_refuses_what_it_cannot_write_before_writing(tmp_path):
     m.add_head("reward")
     with pytest.raises(ValueError, match="scalar head of its name"):
         export_peft_adapter(m, tmp_path / "rm", "reward")
+    tok = llama_tokenizer(True)
     with pytest.raises(ValueError, match="no chat template for 'plain'"):
-        export_llava_hf(m, tmp_path / "hf", template="plain")
+        export_llava_hf(model_for(tok, seed=1), tmp_path / "hf", tok, template="plain")
     assert not (tmp_path / "rm").exists() and not (tmp_path / "hf").exists()
+    # (without a tokenizer no template is written: weights and config, as before)
+    export_llava_hf(m, tmp_path / "bare", template="plain")
+    assert (tmp_path / "bare" / "config.json").exists()
 
 
 # ----------------------------------------------------------------------------------------

@@ -342,11 +342,17 @@ def test_lora_fp32_on_bf16_base_and_checkpointing_grads_match():
         assert torch.isfinite(m(pixels, ids)).all()
 
 
-def test_a_lora_runs_trained_projector_keeps_fp32_on_a_bf16_base():
+def test_a_lora_runs_trained_projector_keeps_fp32_on_a_bf16_base(tmp_path):
     """--dtype bf16 with LoRA cast the trained projector to bf16 too, where an AdamW step of 2e-5 on
     a weight of 0.02 is below half its last bit: most updates were lost (LLaVA keeps fp32 masters).
-    Trained parameters now stay fp32, and the model runs with and without autocast."""
-    m = tiny_model()
+    Trained parameters now stay fp32 (loaded so, as the stages load: in bf16), and the model runs
+    with and without autocast; a frozen projector is cast as before."""
+    from checkpoint import load_checkpoint, save_checkpoint_files
+    saved = tiny_model()
+    save_checkpoint_files(saved, str(tmp_path / "ck"))
+    frozen = load_checkpoint(str(tmp_path / "ck"), dtype=torch.bfloat16).cast_base(torch.bfloat16)
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    m = load_checkpoint(str(tmp_path / "ck"), dtype=torch.bfloat16)
     m.add_adapter("a", r=4, alpha=8)
     m.set_adapter("a")
     m.set_trainable(adapters=["a"], projector=True)
@@ -356,6 +362,8 @@ def test_a_lora_runs_trained_projector_keeps_fp32_on_a_bf16_base():
     trained = [p for p in m.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in trained)
     assert {id(p) for p in m.projector.parameters()} <= {id(p) for p in trained}
+    # as saved, not rounded to bf16 on the way (a resumed run reads its fp32 projector whole)
+    assert torch.equal(m.projector.linear_1.weight, saved.projector.linear_1.weight)
     pixels, ids = inputs()
     with torch.no_grad():
         assert torch.isfinite(m(pixels, ids)).all()  # (no autocast: bf16 CLIP, fp32 projector)
