@@ -565,7 +565,8 @@ class OpenAIJudge:
     def _detail(self, text):
         """A server's error text, one line, without our key (servers echo a wrong one back)."""
         text = " ".join(text.split())[:300]
-        return text.replace(self.key, "(the key)") if self.key else text
+        # (a key of a few characters, as a local server's, would blank its letters in every word)
+        return text.replace(self.key, "(the key)") if len(self.key or "") >= 8 else text
 
 
 class _KeepRedirects(urllib.request.HTTPRedirectHandler):
