@@ -1106,8 +1106,8 @@ def data_specs(value):
 def rng_state(generators=None):
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # (this process's device alone: a resume may see fewer)
+        state["cuda"] = torch.cuda.get_rng_state()
     state["generators"] = {k: g.get_state() for k, g in (generators or {}).items()}
     return state
 
@@ -1116,8 +1116,14 @@ def set_rng_state(state, generators=None):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # (saved before 2026-12-05: every visible device's;
+            # set_rng_state_all raised an IndexError on a machine that sees fewer)
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     for k, g in (generators or {}).items():
         if k in state["generators"]:
             g.set_state(state["generators"][k])

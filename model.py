@@ -378,18 +378,20 @@ class LoRALinear(nn.Module):
             return F.linear(x, mats[0], self.bias)
         A, B, scale = mats
         y = F.linear(x, self.weight, self.bias)
-        return y + ((x.to(torch.float32) @ A.t() * scale) @ B.t()).to(y.dtype)
+        return y + ((x.float() @ A.float().t() * scale) @ B.float().t()).to(y.dtype)
 
     @torch.no_grad()
     def weight_with(self, name):
         """W + (alpha/r) B A for adapter `name`, slice by slice: a new tensor, the layer untouched
         (merge_adapter writes it in; export_llava_hf writes it out)."""
-        w = self.weight.detach().clone()
+        # (in fp32, rounded once to the weight's dtype: on a bf16 base adding a rounded change to
+        # a rounded weight lost more of it)
+        w = self.weight.detach().float().clone()
         ad = self.lora[name]
         for s in ad.A:
             a, b = self.slice_range(s)
-            w[a:b] += (ad.scale * ad.B[s] @ ad.A[s]).to(w.dtype)
-        return w
+            w[a:b] += ad.scale * ad.B[s].float() @ ad.A[s].float()
+        return w.to(self.weight.dtype)
 
     def slice_range(self, name):
         start = 0

@@ -594,7 +594,12 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     # A row whose tokens were changed after sampling (an image placeholder read as <unk>) gets
     # the pass, as the sampler never saw what the other roles will read.
     logp, entropy = logp.masked_fill(~rmask, 0.0), entropy.masked_fill(~rmask, 0.0)
-    redo = (replaced & rmask).any(1).nonzero()[:, 0]
+    redo = (replaced & rmask).any(1)
+    if cfg.dtype == "bf16" and cfg.device == "cuda":  # (on a bf16 base the sampler's cache and a
+        # full pass round apart, 0.2 nats on sharp logits: the ratio would be noise from step 0;
+        # LLaVA-RLHF takes the old log-probs from a full pass): every row gets the pass
+        redo = torch.ones_like(redo)
+    redo = redo.nonzero()[:, 0]
     if len(redo):
         with policy.use_adapter("policy"):
             logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)

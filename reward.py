@@ -492,7 +492,8 @@ def main(cfg):
         if b is not None:
             rc, rr = forward_pairs(model, b, d.device)
         else:
-            rc, rr = torch.zeros(0), torch.zeros(0)
+            # (on the device: CPU tensors go to gloo while the other ranks reduce on NCCL)
+            rc, rr = torch.zeros(0, device=d.device), torch.zeros(0, device=d.device)
         loss, value = preference_loss(rc, rr, n_global.clamp(min=1), cfg.center_coef, d)
         if loss.requires_grad:  # (a rank whose pairs were all too long still joins the all-reduces)
             loss.backward()

@@ -474,3 +474,21 @@ def test_an_error_line_is_one_line_without_terminal_colours(capsys):
     with pytest.raises(SystemExit):
         common.fail("see \x1b]8;;http://x.org\x1b\\link\x1b]8;;\x1b\\ end\x1b(B\x1bM\x07 .\x1b")
     assert capsys.readouterr().err == "error: see link end .\n"
+
+
+def test_cuda_random_state_is_this_devices_and_old_lists_still_read(monkeypatch):
+    """Every visible GPU's state was saved and set back, so a resume on a machine that sees fewer
+    (CUDA_VISIBLE_DEVICES) stopped with an IndexError; now the process's own device's is, and a
+    checkpoint's list gives it its entry. (No GPU here: torch.cuda is stood in for.)"""
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_to.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    state = common.rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
+    common.set_rng_state(state)
+    old = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
+    common.set_rng_state(dict(state, cuda=old))  # (saved by an 8-GPU process, read on device 1)
+    common.set_rng_state(dict(state, cuda=old[:1]))  # (one state: device 1 has none, left)
+    assert [int(t[0]) for t in set_to] == [7, 1]
