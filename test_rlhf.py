@@ -561,6 +561,25 @@ def test_reward_trains_on_pairs_whose_two_answers_are_alike(sft, tiny_world, tmp
         "kept, as LLaVA-RLHF keeps them (held-out accuracy counts a tie as a miss)" in stdout
 
 
+def test_reward_leaves_out_held_out_pairs_too_long_before_the_first_step(sft, tiny_world,
+                                                                         tmp_path):
+    """Held-out pairs longer than --max_len were dropped as their batch was made: under FSDP a rank
+    whose whole share was such a pair skipped its forward pass while the others gathered weights
+    for theirs, and the run hung (reproduced under torchrun, two ranks, 2026-12-05; that test took
+    10 s of the suite's budget). They are left out before the first step now, and counted."""
+    pairs = json.load(open(os.path.join(tiny_world, "pref_pairs_val.json")))[:2]
+    pairs[1]["output_1"]["value"] += " It is red." * 400
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(pairs))
+    argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "1",
+            "--eval_size", "2", "--eval_prompt", "short", "--val_data", str(val),
+            "--image_folder", tiny_world, "--out", str(tmp_path / "rm")]
+    code, stdout, err = run_cli("reward", argv)
+    assert code == 0, err
+    assert "1 held-out (1 longer left out)" in stdout, stdout
+    assert json.load(open(tmp_path / "rm" / "report.json"))["n_val"] == 1
+
+
 def test_reward_trains_on_pairs_that_fit_every_step(sft, tiny_world, tmp_path):
     """Pairs longer than --max_len are left out before training, counted: they were drawn into
     batches and dropped there, and a step whose pairs all were dropped logged loss 0, grad_norm 0
