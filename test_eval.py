@@ -418,6 +418,12 @@ def test_openai_judge_says_what_the_server_said_and_keeps_the_key(api, monkeypat
             "an error in a 200 reply: {\"error\": {\"message\": \"overloaded, try later\"}}")
     refused([{"status": 429, "headers": {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}}],
             "the server asks to wait")
+    # (a key of a few characters, as a local server's, is not scrubbed: it blanked its letters)
+    short = judges.make_judge(E.Config(judge="openai", judge_url=api, judge_model="m",
+                                       judge_key="k", judge_retries=0))
+    FakeAPI.script = [{"status": 404, "body": {"error": {"message": "unknown model"}}}]
+    with pytest.raises(judges.JudgeError, match="unknown model"):
+        short("x", record)
     waits.clear()
     FakeAPI.script = [{"status": 429, "headers": {"Retry-After": "7"}},
                       {"status": 408}, (200, "Rating: 4")]
