@@ -15,7 +15,7 @@ import lab
 from conftest import run_cli, run_script
 
 
-def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
+def test_pipeline_two_steps(tmp_path, tiny_world):
     out, ev = str(tmp_path / "ckpt"), str(tmp_path / "eval")
     argv = ["--steps", "2", "--model", "tiny", "--world", tiny_world, "--out", out,
             "--eval_out", ev, "--eval_limit", "4"]
@@ -28,7 +28,13 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     assert all(0.0 <= r["CHAIR_i"] <= 1.0 for r in rows)
     assert "stage times:" in stdout and "| ppo " in open(os.path.join(ev, "compare.md")).read()
 
-    # the lab, one claim, one seed, from the pipeline's SFT checkpoint
+
+def test_lab_one_claim_two_steps_then_its_records(tmp_path, tiny_world, tiny_sft):
+    """The lab, one claim, one seed, from an SFT run folder (the pipeline's, in use; the fixture's
+    here, so that the two end-to-end runs share the suite's two processes)."""
+    import shutil
+    out = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_sft, os.path.join(out, "sft"))
     runs = str(tmp_path / "lab")
     results = str(tmp_path / "RESULTS.md")
     plots = str(tmp_path / "plots")
@@ -99,6 +105,9 @@ def test_pipeline_then_lab_two_steps(tmp_path, tiny_world):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "holds runs made with --eval_limit 4 --steps 2" in err and "start" not in stdout
     # from another SFT checkpoint: its runs are not these (lab.json), so --out is refused
+    shutil.copytree(os.path.join(out, "sft"), os.path.join(out, "lrv"))
+    made = os.path.join(lab.latest_checkpoint(os.path.join(out, "lrv")), "config.json")
+    json.dump({**json.load(open(made)), "trained_on": "other data"}, open(made, "w"))
     other = argv[:1] + [os.path.join(out, "lrv")] + argv[2:]
     code, stdout, err = run_cli("lab", other, strict=True)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -780,8 +789,8 @@ def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, ti
     """Each run the lab plans (every claim, its real step budgets) is parsed by its script and
     passes every check the script makes before it claims --out: its flags exist, are in range,
     and none is refused as unread beside the others. The suite runs one claim's runs end to end
-    (test_pipeline_then_lab_two_steps); a refusal added to a script could break the others'
-    unseen until a lab of an hour or more stopped on it."""
+    (test_lab_one_claim_two_steps_then_its_records); a refusal added to a script could break the
+    others' unseen until a lab of an hour or more stopped on it."""
     import importlib
 
     class Reached(Exception):
@@ -973,11 +982,12 @@ def test_a_failed_stage_starts_no_later_stage_in_the_other_lane(tmp_path, tiny_w
                                 "run"), err
 
 
-@pytest.mark.parametrize("script", ["pipeline", "lab"])
-def test_pipeline_and_lab_under_torchrun_say_run_with_python(script, tmp_path, monkeypatch):
-    """`torchrun pipeline.py` (or lab.py) ran the whole job once per process: rank 1 was refused
-    by rank 0's lock on --out ("another process (pid N) is writing there") and torchrun stopped
-    rank 0. Rank 0 now says what to do, once; the other ranks leave without a word."""
+@pytest.mark.parametrize("script", ["pipeline", "lab", "eval"])
+def test_pipeline_lab_and_eval_under_torchrun_say_run_with_python(script, tmp_path, monkeypatch):
+    """`torchrun pipeline.py` (or lab.py, eval.py) ran the whole job once per process: rank 1 was
+    refused by rank 0's lock on --out ("another process (pid N) is writing there") and torchrun
+    stopped rank 0. Rank 0 now says what to do, once; the other ranks leave without a word. (What
+    torchrun sets is set here: a real launch costs seconds of the suite.)"""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     code, out, err = run_cli(script, ["--out", str(tmp_path / "out")])
