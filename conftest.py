@@ -82,6 +82,14 @@ def run_cli(module, argv, strict=False):
     return code, out.getvalue(), err.getvalue()
 
 
+def free_port():
+    """A TCP port free on this host now (torchrun's --master_port, a spawned rank's MASTER_PORT)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(script, argv, timeout=300, env=None):
     """A real subprocess (`python script.py ...`) for the checks that need a process of their
     own."""

@@ -345,20 +345,27 @@ def require_records(records, file, what):
 CHECK_IMAGES_SAID = 5000  # images from which check_images shows its progress
 
 
-def check_images(records, file, on_error="raise", field="image", decoded=()):
+def check_images(records, file, on_error="raise", field="image", decoded=(), d=None):
     """Decode every record's image once before training starts (threads: decoding mostly releases
     the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,
     record and field before any step, never in the middle; `decoded`: paths already checked (with
-    another file of the run), not decoded again. Returns (good records, skipped lines)."""
+    another file of the run), not decoded again. Under torchrun (`d`, every rank calling) each
+    rank decodes its share and the broken ones are gathered: every rank skips or stops alike.
+    Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
-    from common import progress  # (common reads formats, not this module)
+    from common import progress, rank_states  # (common reads formats, not this module)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
-    # (LLaVA's ~350k images take minutes: said, once, by the first process)
-    show = len(paths) >= CHECK_IMAGES_SAID and os.environ.get("RANK", "0") == "0"
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
+    share = paths[rank::world]  # (LLaVA's ~350k images, decoded by every rank, took minutes each)
+    first = rank == 0 if d is not None else os.environ.get("RANK", "0") == "0"
+    show = len(paths) >= CHECK_IMAGES_SAID and first  # (said once, by the first process)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        whys = progress(pool.map(_decodes, paths), total=len(paths), enabled=show,
-                        desc=f"{os.path.basename(file)}: decoding each image once")
-        broken = {p: why for p, why in zip(paths, list(whys)) if why}
+        whys = progress(pool.map(_decodes, share), total=len(share), enabled=show,
+                        desc=f"{os.path.basename(file)}: decoding each image once"
+                             + (f" ({world} processes, a share each)" if world > 1 else ""))
+        broken = {p: why for p, why in zip(share, list(whys)) if why}
+    if world > 1:
+        broken = {p: why for part in rank_states(broken, d) for p, why in part.items()}
     good, skipped = [], []
     for i, r in enumerate(records):
         if r.get("image") in broken:

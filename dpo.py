@@ -162,7 +162,7 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smooth
 
 # -- data: preference pairs {prompt, chosen, rejected, image}, tokenized once ----------------------
 
-def read_pairs(path, fmt, image_folder, on_error):
+def read_pairs(path, fmt, image_folder, on_error, d=None):
     """Pairs from a POVID or a LLaVA-RLHF preference file (format told by the fields), and the
     skipped lines."""
     if fmt == "auto":
@@ -190,16 +190,16 @@ def read_pairs(path, fmt, image_folder, on_error):
     # text-only pairs are not supported: a record without an image is bad data
     got = reader(path, image_folder or None, on_error=on_error, image_required=True)
     recs, skipped = got if on_error == "skip" else (got, [])
-    recs, bad = check_images(recs, path, on_error)
+    recs, bad = check_images(recs, path, on_error, d=d)
     return recs, skipped + bad
 
 
-def load_pairs(cfg):
+def load_pairs(cfg, d=None):
     """Training and validation pairs, and the skipped-record lines."""
     on_error = "skip" if cfg.skip_bad else "raise"
-    train, skipped = read_pairs(cfg.data, cfg.format, cfg.image_folder, on_error)
+    train, skipped = read_pairs(cfg.data, cfg.format, cfg.image_folder, on_error, d)
     if cfg.val_data:
-        val, bad = read_pairs(cfg.val_data, "auto", cfg.image_folder, on_error)
+        val, bad = read_pairs(cfg.val_data, "auto", cfg.image_folder, on_error, d)
     else:
         val, bad = [], []
     return train, val, skipped + bad
@@ -412,7 +412,7 @@ def main(cfg):
     common.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
-    train_recs, val_recs, skipped = load_pairs(cfg)
+    train_recs, val_recs, skipped = load_pairs(cfg, d)
     if skipped and d.main:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     # POVID noise seeds: the same on every rank, saved in checkpoints

@@ -413,14 +413,14 @@ def check_policy_template(cfg, init_dir, template):
                                  "with one template)")
 
 
-def load_prompts(cfg, need_captions, tokenizer, model, template):
+def load_prompts(cfg, need_captions, tokenizer, model, template, d=None):
     """RL prompts (LLaVA-RLHF format) tokenized for generation; too-long ones dropped and
     counted."""
     path = cfg.data
     recs = read_rl_prompts(path, cfg.image_folder or None, captions_path=cfg.captions or None,
                            need_captions=need_captions)
     require_records(recs, path, "RL prompts")  # (not "no prompt fits --max_prompt_len")
-    check_images(recs, path)  # every image decodes, before any step
+    check_images(recs, path, d=d)  # every image decodes, before any step
     # the length term as sequence_reward computes it, at its longest: past float32 it would stop
     # the run at the first step's non-finite guard
     def longest(bonus):  # float32, as the rollout's tensors are
@@ -776,7 +776,7 @@ def main(cfg):
         for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):
             common.note_world(flag, path, cfg.world)
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d)
-    prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2])
+    prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2], d)
     oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
     # look every prompt's image up now: one that hand-edited annotations lack is a DataError

@@ -140,10 +140,10 @@ def load_pairs(cfg, d, model, tokenizer):
     folder = cfg.image_folder or None
     read = lambda path: read_llava_rlhf_preference(path, folder, captions_path=captions or None,
                                                    need_captions=cfg.facts)
-    train = check_images(read(cfg.data), cfg.data)[0]  # every image decodes, before any step
+    train = check_images(read(cfg.data), cfg.data, d=d)[0]  # every image decodes, before any step
     if cfg.val_data:
         val = require_records(read(cfg.val_data), cfg.val_data, "preference pairs")
-        val = check_images(val[:cfg.eval_size], cfg.val_data)[0]
+        val = check_images(val[:cfg.eval_size], cfg.val_data, d=d)[0]
     else:  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
         g = torch.Generator().manual_seed(cfg.seed)
         perm = torch.randperm(len(train), generator=g).tolist()

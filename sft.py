@@ -122,7 +122,7 @@ class Config:
                   report_n="[1, inf)")
 
 
-def load_records(cfg):
+def load_records(cfg, d=None):
     """Training and validation conversations (LLaVA instruct records) and what was skipped. --lrv
     adds the world's LRV file at --neg_ratio (shapes.lrv_file writes it on first use for --seed)."""
     on_error = "skip" if cfg.skip_bad else "raise"
@@ -144,7 +144,7 @@ def load_records(cfg):
         if not recs and not bad:
             empty.append(path)
         skipped += bad
-        recs, bad = check_images(recs, path, on_error)
+        recs, bad = check_images(recs, path, on_error, d=d)
         skipped += bad
         # weight w: round(w * n) records, repeated or subsampled
         g = torch.Generator().manual_seed(cfg.seed)
@@ -171,7 +171,7 @@ def load_records(cfg):
     if cfg.val_data:  # (a file of none would validate nothing without saying so)
         require_records(val, cfg.val_data, "conversations")
     # validation images decode too, before any step (not at the first evaluation)
-    val = check_images(val, cfg.val_data, decoded={r.get("image") for r in train})[0]
+    val = check_images(val, cfg.val_data, decoded={r.get("image") for r in train}, d=d)[0]
     return train, val, skipped
 
 
@@ -290,11 +290,11 @@ def main(cfg):
         # unused, and 0.5 when no world is read (the value runs recorded before -1 meant this)
         world_ratio = shapes.load_params(cfg.world)["neg_ratio"] if named or cfg.lrv else 0.5
         cfg = dataclasses.replace(cfg, neg_ratio=world_ratio)
-    train_records, val_records, skipped = load_records(cfg)
+    train_records, val_records, skipped = load_records(cfg, d)
     # (checked where --max_steps leaves stage 2 no step too, as stage 1's: a short trial run
     # checks the files the full run reads)
     stage2 = bool(cfg.read_data) and fresh and cfg.read_steps > 0
-    read_records, read_skipped = load_read_records(cfg, train_records) if stage2 else ([], [])
+    read_records, read_skipped = load_read_records(cfg, train_records, d) if stage2 else ([], [])
     skipped += read_skipped
     if skipped:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
@@ -358,7 +358,8 @@ def main(cfg):
         align_records = read_any_conversations(cfg.align_data, cfg.image_folder or None)
         if align_steps:  # (--max_steps 1 leaves the stage no step: its data is not used;
             # the images --data decoded already are not decoded again)
-            align_records = check_images(align_records, cfg.align_data, decoded=checked)[0]
+            align_records = check_images(align_records, cfg.align_data, decoded=checked,
+                                         d=d)[0]
             require_records(align_records, cfg.align_data, "captions")
         align = Tokenized(align_records, tokenizer, model.config, cfg, images, template="plain")
         if align_steps and len(align) == 0:  # (a stage of no data: no step knows its batch)
@@ -451,14 +452,14 @@ def main(cfg):
     common.cleanup_dist()
 
 
-def load_read_records(cfg, train_records):
+def load_read_records(cfg, train_records, d=None):
     """Stage 2's conversations (--read_data) and what was skipped, their images checked up front as
     --data's are (those not already checked with --data)."""
     on_error = "skip" if cfg.skip_bad else "raise"
     got = read_any_conversations(cfg.read_data, cfg.image_folder or None, on_error=on_error)
     records, skipped = got if on_error == "skip" else (got, [])
     checked = {r.get("image") for r in train_records}
-    records, bad = check_images(records, cfg.read_data, on_error, decoded=checked)
+    records, bad = check_images(records, cfg.read_data, on_error, decoded=checked, d=d)
     return require_records(records, cfg.read_data, "conversations"), skipped + bad
 
 

@@ -22,17 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HERE, assert_same_metrics, run_cli
+from conftest import HERE, assert_same_metrics, free_port, run_cli
 
 # align 1 + instruct 5; checkpoints at 2, 4, 6 (the kill lands after 2: Adam moments in flight)
 STEPS = 6
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script, argv, **popen):

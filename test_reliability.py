@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import common
-from conftest import HERE, assert_same_metrics, merge_flags, run_cli, run_script
+from conftest import HERE, assert_same_metrics, free_port, merge_flags, run_cli, run_script
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"},
@@ -2542,13 +2542,6 @@ def test_resume_with_another_grad_accum_runs_and_says_so(w, tmp_path):
 # ----------------------------------------------------------------------------------------
 # 3. DDP: torchrun --nproc_per_node=2 (gloo) == one process with the same global batch
 # ----------------------------------------------------------------------------------------
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def metric_rows(out):
     return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]

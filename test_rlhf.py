@@ -8,7 +8,6 @@ import os
 import re
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HERE, run_cli
+from conftest import HERE, free_port, run_cli
 import common
 import data
 import ppo
@@ -792,12 +791,6 @@ def test_ppo_with_lora_dropout_resumes_bitwise(tiny_rm, sft, tiny_world, tmp_pat
     x, y = extra_state(straight), extra_state(resumed)
     for k in ("policy", "value", "value_head"):
         assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):

@@ -279,7 +279,7 @@ def qtype_map(path):
     return {**QTYPE_TO_TYPE, **given}
 
 
-def load_records(cfg):
+def load_records(cfg, d=None):
     """Image records {'image', 'conversations', 'pairs': [(q, a, type)]} from the --data files. A
     pair's type: the file's, else its record's qtypes (the world's) mapped, else conversation."""
     specs = []
@@ -292,7 +292,7 @@ def load_records(cfg):
     for path, kind in specs:
         raw = load_json(path)
         recs = read_any_conversations(path, cfg.image_folder or None)
-        check_images(recs, path)  # every image decodes, before any step
+        check_images(recs, path, d=d)  # every image decodes, before any step
         one_to_one = isinstance(raw, list) and len(raw) == len(recs)  # raw[j] is recs[j]'s record
         for j, r in enumerate(recs):
             # (a file given a type: every pair is of it, its qtypes unread)
@@ -629,7 +629,7 @@ def main(cfg):
     if not cfg.init and named:  # a fresh model sees the world's images, one patch a cell
         world_params = shapes.load_params(cfg.world)
         geometry, note = common.world_geometry(world_params, cfg.model, cfg.world)
-    records, instructions = load_records(cfg), load_instructions(cfg.instructions)
+    records, instructions = load_records(cfg, d), load_instructions(cfg.instructions)
     if "images" in named and cfg.generate > 0 and not os.path.exists(cfg.images):
         # the world's own list, gone (deleted by hand): the advice for a user's --images misleads
         raise common.ConfigError(
