@@ -4,6 +4,7 @@ checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -546,14 +547,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    """The order of n items in an epoch (read, never written: cached, as every step of the epoch
+    and sft's plan of a rank's items ask for it)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
 def batch_indices(step, n, batch_size, seed, rank=0, world=1):
     """Indices of the global batch number `step` over a dataset of n items, split across ranks.
     A fresh permutation per epoch, seeded by (seed, epoch): the data order depends only on the
     step, so --resume needs no sampler state and any world size sees the same global batches."""
     per_epoch = max(n // batch_size, 1)
     epoch, i = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=g)
+    perm = epoch_order(n, seed, epoch)
     idx = perm[(i * batch_size) % n:][:batch_size]
     if len(idx) < batch_size and n:  # n < batch_size: wrap around, as often as it needs
         laps = -(-(batch_size - len(idx)) // n)

@@ -90,6 +90,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def two_ranks(target, args):
+    """target(rank, args) run in two forked processes joined in a gloo process group, as torchrun's
+    two ranks would be; returns {rank: what target returned} (lists and numbers: a tensor sent back
+    is shared memory that dies with its process)."""
+    import multiprocessing
+    ctx, port = multiprocessing.get_context("fork"), free_port()
+    q = ctx.Queue()
+
+    def rank_main(rank):
+        import common
+        torch.set_num_threads(1)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        d = common.setup_dist("cpu")
+        try:
+            q.put((rank, target(rank, d, args)))
+        except BaseException as e:
+            q.put((rank, f"{type(e).__name__}: {e}"))
+        common.cleanup_dist()
+    ps = [ctx.Process(target=rank_main, args=(r,)) for r in range(2)]
+    for p in ps:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in ps)
+    for p in ps:
+        p.join(60)
+    assert [p.exitcode for p in ps] == [0, 0]
+    return got
+
+
 def run_script(script, argv, timeout=300, env=None):
     """A real subprocess (`python script.py ...`) for the checks that need a process of their
     own."""

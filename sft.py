@@ -179,52 +179,90 @@ class Tokenized:
     """Conversations tokenized once up front (so drops are counted before training), images on
     demand. Each is kept as int32 ids and a bool mask of the learned ones (the labels are those ids
     there, IGNORE elsewhere): a quarter of two int64 rows, which for LLaVA's 665k conversations
-    at 576 image tokens were ~14 GB per process."""
+    at 576 image tokens were ~14 GB per process. Under torchrun (`d` and `needed`: the item indices
+    this rank's batches take, given how many items there are) each rank measures a share of the
+    conversations, the counts are gathered, and each keeps the ids of its own batches' items
+    alone: every rank tokenized and held the whole mix (~9 min and ~10 GB each)."""
 
-    def __init__(self, records, tokenizer, model_config, cfg, images, template=None, show=False):
-        self.items, self.dropped = [], 0
-        template = template or cfg.template
+    def __init__(self, records, tokenizer, model_config, cfg, images, template=None, show=False,
+                 d=None, needed=None):
+        self.template = template or cfg.template
+        self.tokenize = lambda turns: tokenize_conversations(
+            tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
+            cfg.max_len, self.template)
         # a --data weight > 1 repeats records (the same objects): each is tokenized once
         unique = list({id(r): r for r in records}.values())
-        turns = [r["conversations"] for r in unique]
-        tokenized, at = [], 0
-        # (in parts, with a progress line: LLaVA's 665k took minutes without a word)
-        parts = range(0, len(turns), TOKENIZE_PART)
+        rank, world = (d.rank, d.world) if d is not None and needed is not None else (0, 1)
+        if world == 1:
+            held = self.tokenized(unique, range(len(unique)), show)
+            learned = {j: None if t is None else int(t[1].sum()) for j, t in held.items()}
+        else:  # a share each, then every rank's counts (and the first fault, as one process's)
+            try:
+                held, fault = self.tokenized(unique, range(rank, len(unique), world), show), None
+            except common.ConfigError as e:
+                held, fault = {}, (e.index, str(e))
+            counts = {j: None if t is None else int(t[1].sum()) for j, t in held.items()}
+            shares = common.rank_states((counts, fault), d)
+            faults = sorted(f for _, f in shares if f is not None)
+            if faults:
+                raise common.ConfigError(faults[0][1])
+            learned = {j: n for part, _ in shares for j, n in part.items()}
+        at = {id(r): j for j, r in enumerate(unique)}
+        fits = [at[id(r)] for r in records if learned[at[id(r)]] is not None]
+        self.dropped = len(records) - len(fits)
+        self.n_labels = torch.tensor([learned[j] for j in fits], dtype=torch.long)
+        if world > 1:  # the items of this rank's batches: its own share's kept, the rest made
+            mine = {fits[i] for i in needed(len(fits))}
+            held = {j: t for j, t in held.items() if j in mine}
+            held.update(self.tokenized(unique, sorted(mine - held.keys()), show))
+        self.items = [(held.get(j), unique[j].get("image")) for j in fits]
+        self.images, self.blank = images, cfg.blank_images
+
+    def tokenized(self, unique, which, show):
+        """{index into unique: (int32 ids, bool learned mask), or None where the conversation does
+        not fit} for the indices `which`, in parts with a progress line (LLaVA's 665k took minutes
+        without a word). A conversation the template cannot render: a ConfigError naming it, its
+        .index the conversation's (len(unique) where not told)."""
+        which, got, at = list(which), {}, 0
+        parts = range(0, len(which), TOKENIZE_PART)
         try:
-            for at in common.progress(parts, desc=f"tokenizing {len(turns)} conversations, parts",
+            for at in common.progress(parts, desc=f"tokenizing {len(which)} conversations, parts",
                                       enabled=show and len(parts) > 1):
-                part = tokenize_conversations(tokenizer, turns[at:at + TOKENIZE_PART],
-                                              model_config.image_token_id,
-                                              model_config.num_image_tokens, cfg.max_len, template)
-                tokenized += [None if t is None else (t["input_ids"].to(torch.int32),
-                                                      t["labels"] != IGNORE) for t in part]
+                part = which[at:at + TOKENIZE_PART]
+                done = self.tokenize([unique[j]["conversations"] for j in part])
+                got.update((j, None if t is None else (t["input_ids"].to(torch.int32),
+                                                       t["labels"] != IGNORE))
+                           for j, t in zip(part, done))
         except ValueError as e:  # e.g. a multi-turn conversation under --template plain
             where = getattr(e, "index", None)  # (render's errors name the conversation)
-            where = None if where is None else at + where
-            record = f": record {unique[where].get('id', where)}" if where is not None else ""
-            message = f"--template {template}{record}: {e}"
-            raise common.ConfigError(message) from None
-        item_of = {id(r): (t, r.get("image")) for r, t in zip(unique, tokenized)}
-        for r in records:
-            item = item_of[id(r)]
-            if item[0] is None:
-                self.dropped += 1
-                continue
-            self.items.append(item)
-        self.images, self.blank = images, cfg.blank_images
-        self.n_labels = torch.tensor([int(learned.sum()) for (_, learned), _ in self.items])
+            j = len(unique) if where is None else which[at + where]
+            record = f": record {unique[j].get('id', j)}" if where is not None else ""
+            fault = common.ConfigError(f"--template {self.template}{record}: {e}")
+            fault.index = j
+            raise fault from None
+        return got
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        (ids, learned), image = self.items[i]
+        tokens, image = self.items[i]
+        if tokens is None:  # (a bug: the batches planned for `needed` and those taken differ)
+            raise RuntimeError(f"item {i} was not tokenized in this process (another rank's)")
+        ids, learned = tokens
         ids = ids.long()
         item = {"input_ids": ids, "labels": torch.where(learned, ids, IGNORE)}
         if image:
             unit = self.images.unit(image)
             item["pixel_values"] = normalize(torch.zeros_like(unit) if self.blank else unit)
         return item
+
+
+def items_taken(steps, batch_size, seed, d):
+    """n -> the indices of n items that this rank's batches of `steps` take (the training loop's
+    batch_indices)."""
+    return lambda n: {i for step in steps
+                      for i in common.batch_indices(step, n, batch_size, seed, d.rank, d.world)}
 
 
 def stage_steps(cfg, max_steps):
@@ -345,7 +383,11 @@ def main(cfg):
     if cfg.fsdp:
         common.shard_model(model, d, bf16=dtype is not None)
     images = ImageCache(model.config.image_size)
-    train = Tokenized(train_records, tokenizer, model.config, cfg, images, show=d.main)
+    first = align_steps + read_steps  # (stage 3's first step: --data's batches, this rank's share)
+    taken = items_taken(range(max(first, state["step"] if state else 0), cfg.max_steps),
+                        cfg.batch_size, cfg.seed, d)
+    train = Tokenized(train_records, tokenizer, model.config, cfg, images, show=d.main, d=d,
+                      needed=taken)
     val = Tokenized(val_records, tokenizer, model.config, cfg, images, show=d.main)
     # the records' text is not read again: let it go (LLaVA's 665k held ~4 GB more per process)
     n_records, checked = len(train_records), {r.get("image") for r in train_records}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from conftest import free_port
+from conftest import two_ranks
 
 
 SYS_V = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -261,23 +261,16 @@ def test_check_images_names_a_broken_file_and_skips_the_decoded(tmp_path):
     assert data.check_images(recs, "read.json", decoded={broken}) == (recs, [])
 
 
-def _check_images_rank(rank, port, recs, q):
-    import common
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    d = common.setup_dist("cpu")
+def _check_images_rank(rank, d, recs):
     decoded, decodes = [], data._decodes
     data._decodes = lambda path: decoded.append(path) or decodes(path)
     good, skipped = data.check_images(recs, "mix.json", on_error="skip", d=d)
-    q.put((rank, [r["id"] for r in good], skipped, decoded))
-    common.cleanup_dist()
+    return [r["id"] for r in good], skipped, decoded
 
 
 def test_check_images_under_torchrun_decodes_a_share_per_rank(tmp_path):
     """Every rank decoded every image (LLaVA's ~350k, minutes, on each of 8 GPUs' processes): each
     decodes its share now, and every rank skips (or stops on) the broken ones any rank found."""
-    import multiprocessing
     from PIL import Image
     recs = []
     for i in range(7):
@@ -286,15 +279,7 @@ def test_check_images_under_torchrun_decodes_a_share_per_rank(tmp_path):
         recs.append({"id": str(i), "image": str(path)})
     (tmp_path / "5.png").write_bytes(b"not a png")  # in rank 1's share (sorted paths, 1::2)
     want = data.check_images(recs, "mix.json", on_error="skip")
-    ctx, port = multiprocessing.get_context("fork"), free_port()
-    q = ctx.Queue()
-    ps = [ctx.Process(target=_check_images_rank, args=(r, port, recs, q)) for r in range(2)]
-    for p in ps:
-        p.start()
-    got = {rank: rest for rank, *rest in (q.get(timeout=120) for _ in ps)}
-    for p in ps:
-        p.join(60)
-    assert [p.exitcode for p in ps] == [0, 0]
+    got = two_ranks(_check_images_rank, recs)
     for rank in (0, 1):
         good, skipped, _ = got[rank]
         assert good == [r["id"] for r in want[0]] and skipped == want[1] and len(skipped) == 1

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 import common
-from conftest import HERE, assert_same_metrics, free_port, merge_flags, run_cli, run_script
+from conftest import (HERE, assert_same_metrics, free_port, merge_flags, run_cli, run_script,
+                      two_ranks)
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"},
@@ -2625,23 +2626,17 @@ def test_dpo_torchrun_two_processes_log_the_losses_of_one(w, tmp_path):
     torchrun_equals_one_process("dpo", argv, tmp_path, keys)
 
 
-def _whiten_rank(rank, port, x, mask, q):
-    import common
+def _whiten_rank(rank, d, args):
     import ppo
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    d = common.setup_dist("cpu")
+    x, mask = args
     half = slice(2 * rank, 2 * rank + 2)
-    q.put((rank, ppo.whiten(x[half], mask[half], d).tolist()))
-    common.cleanup_dist()
+    return ppo.whiten(x[half], mask[half], d).tolist()
 
 
 def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
     """PPO under 2 processes (torchrun itself: test_rlhf.test_ppo_under_torchrun_two_processes):
     each rank whitens its half of the rollout batch with the mean and std gathered over both
     halves."""
-    import multiprocessing
     import common
     import ppo
     g = torch.Generator().manual_seed(0)
@@ -2649,15 +2644,7 @@ def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
     x = torch.randn(4, 6, generator=g) * 3 + torch.tensor([[0.0], [0.0], [5.0], [5.0]])
     mask = (torch.rand(4, 6, generator=g) > 0.3).float()
     want = ppo.whiten(x, mask, common.Dist())
-    ctx, port = multiprocessing.get_context("fork"), free_port()
-    q = ctx.Queue()
-    ps = [ctx.Process(target=_whiten_rank, args=(r, port, x, mask, q)) for r in range(2)]
-    for p in ps:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in ps)
-    for p in ps:
-        p.join(60)
-    assert [p.exitcode for p in ps] == [0, 0]
+    got = two_ranks(_whiten_rank, (x, mask))
     assert torch.allclose(torch.tensor(got[0] + got[1]), want, atol=1e-6)
     per_rank = ppo.whiten(x[2:], mask[2:], common.Dist())
     assert not torch.allclose(torch.tensor(got[1]), per_rank, atol=1e-3)  # not per rank

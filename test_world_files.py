@@ -17,6 +17,7 @@ import vigc
 from checkpoint import latest_checkpoint, load_checkpoint
 from data import ImageCache, load_json, load_tokenizer, read_any_conversations
 from data import read_llava_rlhf_preference, read_rl_prompts
+from conftest import two_ranks
 
 
 def resolved(module, world, **flags):
@@ -170,3 +171,66 @@ def test_sft_keeps_each_conversation_compact_and_gives_it_back_whole(tiny_world,
         item = {k: v for k, v in data[i].items() if k != "pixel_values"}
         assert item.keys() == w.keys() and item["input_ids"].dtype == torch.long
         assert all(torch.equal(item[k], w[k]) for k in w)
+
+
+def _tokenized_rank(rank, d, args):
+    records, tok, model_config, cfg, template = args
+    counted, tokenize = [], sft.tokenize_conversations
+    sft.tokenize_conversations = lambda t, turns, *rest: counted.append(len(turns)) or tokenize(
+        t, turns, *rest)
+    images = ImageCache(model_config.image_size)
+    data = sft.Tokenized(records, tok, model_config, cfg, images, template=template, d=d,
+                         needed=sft.items_taken(range(2), 4, cfg.seed, d))
+    held = {i: {k: v.tolist() for k, v in data[i].items()}
+            for i, (tokens, _) in enumerate(data.items) if tokens is not None}
+    return data.dropped, data.n_labels.tolist(), held, sum(counted)
+
+
+def test_under_torchrun_each_rank_tokenizes_a_share_and_keeps_its_batches(tiny_world, tiny_sft):
+    """Every rank tokenized and held the whole mix (LLaVA's 665k: ~9 min and ~10 GB per process):
+    each measures a share now (what fits, and the learned tokens), and keeps the ids of the items
+    its own batches take; the counts, the drops and those items are one process's."""
+    cfg = resolved(sft, tiny_world, data="{world}/sft.json:1.5", lrv=False, max_len=50)
+    records = sft.load_records(cfg)[0]
+    model_config = load_checkpoint(latest_checkpoint(tiny_sft)).config
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    whole = sft.Tokenized(records, tok, model_config, cfg, ImageCache(model_config.image_size))
+    assert 0 < whole.dropped < len(records) / 2  # (--max_len 50: some do not fit)
+    got = two_ranks(_tokenized_rank, (records, tok, model_config, cfg, None))
+    unique = len({id(r) for r in records})
+    for rank in (0, 1):
+        assert not isinstance(got[rank], str), got[rank]
+        dropped, n_labels, held, counted = got[rank]
+        assert dropped == whole.dropped and n_labels == whole.n_labels.tolist()
+        mine = sft.items_taken(range(2), 4, cfg.seed, types.SimpleNamespace(rank=rank, world=2))
+        # (a repeated record's copies come with it)
+        assert mine(len(whole)) <= set(held) and len(held) < len(whole) / 2
+        for i, item in held.items():
+            assert item == {k: v.tolist() for k, v in whole[i].items()}
+        assert counted <= unique // 2 + 1 + len(held)  # (its share, and its batches' items)
+    # a conversation the template cannot render: every rank stops on the first, as one process
+    captions = json.load(open(os.path.join(tiny_world, "align.json")))[:8]
+    two_turn = json.load(open(os.path.join(tiny_world, "sft.json")))
+    two_turn = [r for r in two_turn if len(r["conversations"]) > 2][:2]
+    mixed = captions[:3] + two_turn[:1] + captions[3:5] + two_turn[1:] + captions[5:]
+    mixed = read_any_conversations_of(mixed, tiny_world)
+    try:
+        sft.Tokenized(mixed, tok, model_config, cfg, None, template="plain")
+        raise AssertionError("plain rendered a multi-turn conversation")
+    except common.ConfigError as e:
+        want = str(e)
+    assert f"record {two_turn[0]['id']}" in want
+    want = f"ConfigError: {want}"
+    assert two_ranks(_tokenized_rank, (mixed, tok, model_config, cfg, "plain")) == {0: want,
+                                                                                   1: want}
+
+
+def read_any_conversations_of(records, world):
+    """records read as a --data file of them is."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(records, f)
+    try:
+        return read_any_conversations(f.name, world)
+    finally:
+        os.remove(f.name)
