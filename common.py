@@ -98,6 +98,13 @@ def user_errors(*extra):
     except OSError as e:
         if getattr(e, "filename", None):
             fail(f"{e.filename}: {e.strerror}")
+        # (a write that fails names no file: a full disk while logging, answering or drawing)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fail(f"{e.strerror} while writing: free some space and run again (checkpoints and "
+                 "worlds are written whole or not at all; a training run goes on from its last "
+                 "checkpoint with --resume true)")
+        if e.errno in (errno.EROFS, errno.EIO, errno.EFBIG):
+            fail(f"{e.strerror} while writing")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
         sys.stderr.write("interrupted: what was written is kept (a training run goes on from its "

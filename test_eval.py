@@ -1585,3 +1585,39 @@ def test_llava_bench_names_without_digits_match_only_themselves(tmp_path):
                    llava_bench_context=str(tmp_path / "c.jsonl"))
     with pytest.raises(E.DataError, match="field 'image': cat.jpg has no record in"):
         E.llava_bench_questions(cfg, None)
+
+
+def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, capsys):
+    """A disk filling up while an answers file (or metrics, or a world's image) was written ended
+    in a traceback: the failed write names no file, and only OSErrors naming one were said. Now
+    one line and exit 2; the answers written before it are kept and reused."""
+    import builtins
+    import errno
+    argv = ["--ckpt", env["ckpts"][0], "--benchmarks", "pope"]
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def writelines(self, lines):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return Full(f) if mode == "a" and str(path).endswith(".jsonl") else f
+    monkeypatch.setattr(E, "open", opened, raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, tmp_path / "o", *argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: No space left on device while writing: "
+                                                "free some space and run again"), err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    run_cli(env, tmp_path / "o", *argv)
+    assert len(lines(tmp_path / "o" / "m0" / "answers_pope_random.jsonl")) == 4
