@@ -3,6 +3,7 @@ LoRA and file data, bad input ending in one line and exit code 2."""
 import json
 import os
 
+import pytest
 import torch
 
 from checkpoint import latest_checkpoint, load_checkpoint
@@ -182,6 +183,18 @@ def test_report_says_none_for_a_type_without_questions(tiny_world, tiny_sft, tmp
     assert rows["relation"] is None and isinstance(rows["count"], float), rows
     assert json.load(open(tmp_path / "report.json"))["relation"] is None
     assert "relation n/a" in capsys.readouterr().out
+    # a disk full while it is written: the report there before is kept whole (it was cut to 0
+    # bytes; the lab takes a run whose report is there as done, and read it as no result)
+    kept = (tmp_path / "report.json").read_text()
+
+    def half(obj, f, **kwargs):
+        f.write("{")
+        raise OSError(28, "No space left on device")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(common.json, "dump", half)
+        with pytest.raises(OSError):
+            sft.report(model, tokenizer, cfg)
+    assert (tmp_path / "report.json").read_text() == kept
 
 
 def test_lrv_reads_the_worlds_neg_ratio_unless_given(tiny_sft, tmp_path):
