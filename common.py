@@ -1078,7 +1078,11 @@ def start_writing(cfg, d, data_files=()):
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
-        for path in sorted(set(was) | set(digests)):
+        moved = was != digests and sorted(was.values()) == sorted(digests.values())
+        if moved:  # (the same files' contents, the folder moved or mounted elsewhere)
+            print(f"note: --resume: the run's data files are read from other paths now (the same "
+                  f"contents, sha256): {', '.join(sorted(set(digests) - set(was)))}")
+        for path in sorted(set(was) | set(digests)) if not moved else ():
             if was.get(path) != digests.get(path):
                 if path not in digests:
                     how = "is not part of it now"
@@ -1468,6 +1472,10 @@ def _newer(version):
 
 
 def _norm(v):
+    """A config value as compared on --resume: a path spelled otherwise (`w/`, `./w`, `w//x`, the
+    absolute path, a link to it) is the same path (other strings compare as they are)."""
+    if isinstance(v, str) and v:
+        return os.path.realpath(v)
     return list(v) if isinstance(v, (tuple, list)) else v
 
 

@@ -393,3 +393,39 @@ def test_init_without_tokenizer_files_reads_the_tokenizer_given(tiny_world, tiny
     code, _, err = run_cli("sft", args + ["--max_steps", "2", "--resume", "true"])
     assert code == 0, err
     assert latest_checkpoint(out).endswith("2")
+
+
+def test_resume_takes_a_path_spelled_otherwise_and_a_moved_folder(tiny_world, tiny_sft, tmp_path,
+                                                                 monkeypatch):
+    """--resume refused `--world w/` (tab completion's slash) for a run started with `--world w`
+    ("field 'tokenizer' was 'w/tokenizer', now 'w//tokenizer'"), and `--init sft/`, an absolute
+    path or a link for a relative one; and a project folder moved (or mounted elsewhere) as "other
+    data" (its files are recorded by absolute path). The same path, and the same files' contents,
+    go on (the second said); another file is still refused."""
+    import shutil
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(tiny_world, project / "w")
+    shutil.copytree(tiny_sft, project / "sft")
+    monkeypatch.chdir(project)
+    argv = ["--init", "sft", "--world", "w", "--batch_size", "4", "--report", "false",
+            "--save_every", "1", "--out", "o"]
+    assert run_cli("sft", argv + ["--max_steps", "1"])[0] == 0
+    code, out, err = run_cli("sft", argv + ["--init", "sft/", "--world", "./w/", "--resume", "true",
+                                            "--max_steps", "2"])
+    assert code == 0 and "resumed from" in out, err
+    shutil.move(project, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    code, out, err = run_cli("sft", argv + ["--resume", "true", "--max_steps", "3"])
+    assert code == 0, err
+    assert "note: --resume: the run's data files are read from other paths now (the same " \
+        "contents, sha256)" in out
+    absolute = str(tmp_path / "moved" / "w") + "/"
+    code, out, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
+                                            "--max_steps", "4"])
+    assert code == 0 and "resumed from" in out, err
+    val = tmp_path / "moved" / "w" / "sft_val.json"
+    val.write_text(json.dumps(json.loads(val.read_text())[1:]))
+    code, _, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
+                                          "--max_steps", "5"])
+    assert code == 2 and "--resume on other data" in err, err
