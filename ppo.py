@@ -95,7 +95,7 @@ class Config:
     ppo_epochs: int = 2  # passes over each rollout batch (LLaVA-RLHF: 2)
     # (rollouts are sampled in these chunks from one stream: another value draws other samples;
     # the update's sums are the same up to float rounding)
-    micro_batch: int = 0  # sequences per forward pass per process (0: whole batch; LLaVA-RLHF: 16)
+    micro_batch: int = 0  # sequences per pass per process (0: all; LLaVA-RLHF: 16; moves samples)
     lora_r: int = 16  # policy LoRA rank (LLaVA-RLHF: 64; the value LoRA copies the RM's)
     lora_alpha: int = 16  # policy LoRA alpha
     lora_dropout: float = 0.0  # policy LoRA dropout

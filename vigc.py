@@ -123,8 +123,8 @@ class Config:
     repetition_penalty: float = 1.5  # --vic_mode reference: of every generate call (LAVIS: 1.5)
     last_infer_all: bool = False  # VIGC option: last step keeps all it generates, not one sentence
     max_new_tokens: int = 96  # new tokens per generation call
-    # (sampled in these batches from one seeded stream: another value draws other samples)
-    gen_batch_size: int = 32  # prompts per generation batch
+    # (sampled in these batches from one seeded stream, as is --generate's count)
+    gen_batch_size: int = 32  # prompts per generation batch (another value draws other samples)
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)
     RANGES = dict(model=tuple(PRESETS), world_seed="[0, inf)", template=("vicuna_v1", "llava_v1"),
                   max_len="[1, inf)", sft_share="[0, 0.99]", lora_r="[0, inf)",
