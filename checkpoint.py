@@ -949,7 +949,10 @@ def _set_param(model, name, tensor):
 
 
 def _base_dir(path, base):
-    cand = base if os.path.isabs(base) else os.path.normpath(os.path.join(path, base))
+    # (relative to the checkpoint's real folder, reached through a link or not; one written before
+    # 2026-12-05 is relative to the folder as it was named then)
+    tried = [os.path.normpath(os.path.join(p, base)) for p in (os.path.realpath(path), path)]
+    cand = base if os.path.isabs(base) else next(filter(os.path.isdir, tried), tried[0])
     cand = resolve_checkpoint(cand)
     if not os.path.isdir(cand):
         raise CheckpointError(f"{path}/config.json: field 'base': base checkpoint {base!r:.80} "
@@ -1007,7 +1010,7 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
            "adapters": model.adapters, "heads": sorted(model.heads),
            "active_adapter": model.active_adapter, "base": None}
     if base is not None:
-        cfg["base"] = os.path.relpath(os.path.abspath(base), os.path.abspath(path))
+        cfg["base"] = os.path.relpath(os.path.realpath(base), os.path.realpath(path))
         cfg["base_fingerprint"] = base_fingerprint(base_weights_dir(base))
         clip = getattr(model, "clip_dir", None)
         if clip is not None:  # the CLIP weights are not the base's: where they came from

@@ -1876,7 +1876,7 @@ def _write_sharded_rest(tmp, final, step, cfg, model, plain, tokenizer, base, ge
     else:  # what latest_checkpoint and --resume read; the weights are in shards/ only
         base_rel = None
         if base:
-            base_rel = os.path.relpath(os.path.abspath(base), os.path.abspath(final))
+            base_rel = os.path.relpath(os.path.realpath(base), os.path.realpath(final))
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "model": dataclasses.asdict(model.config), "adapters": model.adapters,
                 "heads": sorted(model.heads), "active_adapter": model.active_adapter,

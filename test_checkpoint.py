@@ -632,6 +632,30 @@ def test_checkpoint_round_trip_is_exact_with_adapters_and_heads(tmp_path):
         assert torch.equal(again(pixels, ids), m(pixels, ids))
 
 
+def test_an_adapter_checkpoint_written_through_a_link_loads_by_either_path(tmp_path):
+    """--out through a symlink (runs/ -> /scratch/...): the base was recorded relative to the
+    folder as named, so the checkpoint loaded by that path and not by its real one ("base
+    checkpoint '../../sft' not found"). It is recorded from the real folder now; one recorded the
+    old way still loads by the path it was written through."""
+    m = tiny_model()
+    m.add_adapter("dpo", 4, 8, 0.0)
+    randomize_adapter(m, "dpo", 3)
+    m.set_adapter("dpo")
+    save_checkpoint_files(m, tmp_path / "sft")
+    (tmp_path / "deep" / "x" / "y").mkdir(parents=True)
+    os.symlink(tmp_path / "deep" / "x" / "y", tmp_path / "runs")
+    save_checkpoint_files(m, tmp_path / "runs" / "dpo", base=tmp_path / "sft")
+    pixels, ids = inputs()
+    with torch.no_grad():
+        want = m.eval()(pixels, ids)
+        for path in (tmp_path / "runs" / "dpo", tmp_path / "deep" / "x" / "y" / "dpo"):
+            assert torch.equal(load_checkpoint(path).eval()(pixels, ids), want), path
+    config = tmp_path / "runs" / "dpo" / "config.json"  # as written before: from the link's name
+    json.dump({**json.load(open(config)), "base": "../../sft"}, open(config, "w"))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "runs" / "dpo").eval()(pixels, ids), want)
+
+
 def test_checkpoint_of_another_shape_names_key_and_shapes(tmp_path):
     save_checkpoint_files(tiny_model(), tmp_path / "a")
     cfg = json.load(open(tmp_path / "a" / "config.json"))
