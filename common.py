@@ -1093,10 +1093,13 @@ def start_writing(cfg, d, data_files=()):
                 raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with "
                                   "the data the run started on, or start a new run")
     if getattr(cfg, "overwrite", False) and holds_run(out):
-        aside = f"{os.path.normpath(out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        real = os.path.normpath(out)
+        if os.path.islink(real):  # (the folder: a link (to /scratch) stays one, to a new folder)
+            real = os.path.realpath(real)
+        aside = f"{real}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         old_lock = _locks.pop(os.path.realpath(out))
-        os.rename(out, aside)  # the one atomic step: the old run is whole under its new name
-        os.makedirs(out)
+        os.rename(real, aside)  # the one atomic step: the old run is whole under its new name
+        os.makedirs(real)
         lock_out(out)
         old_lock.close()
         print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no "

@@ -2086,6 +2086,14 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     read = [os.path.join(w.world, f) for f in ("sft.json", "sft_val.json", "align.json")]
     digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
     assert json.load(open(out / "run.json"))["data"] == digests  # the world's files it read
+    # an --out that is a link (to a scratch disk): it stays one, the new run in a new folder there
+    # (the link was moved aside and the run written beside it, on the link's disk)
+    os.rename(out, tmp_path / "scratch")
+    os.symlink(tmp_path / "scratch", out)
+    code, stdout, err = run_cli("sft", base_args("sft", w, out) + ["--overwrite", "true"])
+    assert code == 0, err
+    assert os.path.islink(out) and os.path.exists(tmp_path / "scratch" / "run.json")
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("scratch.replaced-")]) == 1
 
 
 def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkeypatch):
