@@ -11,6 +11,7 @@ named cells: top left, top, top right, left, center, right, bottom left, bottom,
 
     python shapes.py --out data/shapes --seed 0      # writes a world (same seed -> same bytes)
 """
+import errno
 import json
 import math
 import os
@@ -1271,6 +1272,9 @@ def write_world(out_dir, seed=0, flag="--out", **params):
     the errors."""
     p = _params(params)
     out_dir = os.path.abspath(out_dir)
+    if os.path.islink(out_dir):  # (a link, to a folder or not yet: the world goes where it points;
+        # it replaced the link with a local folder, and a dangling one wrote nothing, exit 0)
+        out_dir = os.path.realpath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(out_dir, message=f"exists and is not a folder: choose another {flag}")
     _refuse_place(out_dir, flag)
@@ -1300,8 +1304,12 @@ def write_world(out_dir, seed=0, flag="--out", **params):
         os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)
-    except OSError:  # another process (e.g. another torchrun rank) put one there first
+    except OSError as e:  # another process (e.g. another torchrun rank) put one there first
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            if os.path.exists(old):  # (the world there before, back in its place)
+                os.rename(old, out_dir)
+            raise
     shutil.rmtree(old, ignore_errors=True)
     return world
 

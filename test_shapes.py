@@ -795,6 +795,22 @@ def test_out_refused_before_generating(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["afile", "w"]
 
 
+def test_out_that_is_a_link_gets_the_world_where_it_points(tmp_path):
+    """shapes.py --out LINK: a link to a folder not made yet wrote nothing and exited 0 (the
+    rename's ENOTDIR read as "another process put one there first"); a link to a world was
+    replaced by a local folder. The world is written where the link points; the link stays."""
+    tiny = dict(n_train=6, n_val=2, n_test=4, n_unlabeled=2, n_pref=4, n_povid=4, n_rl=4)
+    os.symlink(tmp_path / "scratch" / "w", tmp_path / "link")  # (dangling: scratch/ not made)
+    shapes.write_world(str(tmp_path / "link"), seed=0, **tiny)
+    assert os.path.islink(tmp_path / "link")
+    assert (tmp_path / "scratch" / "w" / "world.json").is_file()
+    shapes.write_world(str(tmp_path / "link"), seed=1, **tiny)  # (written again, other seed)
+    assert os.path.islink(tmp_path / "link")
+    assert json.load(open(tmp_path / "scratch" / "w" / "world.json"))["seed"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["link", "scratch"]
+    assert os.listdir(tmp_path / "scratch") == ["w"]
+
+
 def test_objects_from_plain_coco():
     coco = {"images": [{"id": 7, "file_name": "a.jpg"}],
             "categories": [{"id": 1, "name": "person"}],
