@@ -1193,6 +1193,11 @@ def write_failure(error, out_dir, what):
     safetensors' own errors, which carry no errno; or for want of permission (EACCES, EPERM,
     EROFS). Anything else is raised as it was."""
     text = str(error)
+    if (isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG) or \
+            "os error 36" in text:  # (safetensors' own error: an --out near PATH_MAX)
+        return CheckpointError(f"{out_dir}: cannot write {what} (File name too long: a path "
+                               "inside it is past the system's limit); nothing of it was kept: "
+                               "choose a shorter --out")
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CheckpointError(f"{out_dir}: cannot write {what} ({error.strerror}: "
                                f"{error.filename or out_dir}); nothing of it was kept, what was "

@@ -288,6 +288,15 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
         assert os.listdir(out) == ["checkpoint-000001"], name
     assert {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
             for f in before} == before
+    # an --out near PATH_MAX whose checkpoint files pass it: safetensors' own error (a traceback)
+    from safetensors import SafetensorError
+    with monkeypatch.context() as m:
+        m.setattr(common, "save_checkpoint_files", fails(SafetensorError(
+            "Error while serializing: I/O error: File name too long (os error 36)")))
+        with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 \(File "
+                           r"name too long: .*nothing of it was kept: choose a shorter --out"):
+            common.save_checkpoint(model, out, 2, cfg)
+    assert os.listdir(out) == ["checkpoint-000001"]
     monkeypatch.setattr(torch, "save", fails(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):
         common.save_checkpoint(model, out, 2, cfg)
