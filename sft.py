@@ -210,7 +210,8 @@ class Tokenized:
         fits = [at[id(r)] for r in records if learned[at[id(r)]] is not None]
         self.dropped = len(records) - len(fits)
         self.n_labels = torch.tensor([learned[j] for j in fits], dtype=torch.long)
-        if world > 1:  # the items of this rank's batches: its own share's kept, the rest made
+        if world > 1 and fits:  # the items of this rank's batches: its own share's kept, the rest
+            # made (none fitting: main says so, as with one process)
             mine = {fits[i] for i in needed(len(fits))}
             held = {j: t for j, t in held.items() if j in mine}
             held.update(self.tokenized(unique, sorted(mine - held.keys()), show))
@@ -333,7 +334,7 @@ def main(cfg):
     stage2 = bool(cfg.read_data) and fresh and cfg.read_steps > 0
     read_records, read_skipped = load_read_records(cfg, train_records, d) if stage2 else ([], [])
     skipped += read_skipped
-    if skipped:
+    if skipped and d.main:  # (once, as dpo says it)
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     planned = state and state["run_config"].get("max_steps")

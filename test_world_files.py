@@ -1,6 +1,7 @@
 """The Shapes world as files: every stage reads its default data through the public readers, and
 gets the same records, in the same order, that it built from the world in memory before (each test
 writes the old road's code out as it was, on the world's own functions)."""
+import dataclasses
 import json
 import os
 import types
@@ -208,6 +209,11 @@ def test_under_torchrun_each_rank_tokenizes_a_share_and_keeps_its_batches(tiny_w
         for i, item in held.items():
             assert item == {k: v.tolist() for k, v in whole[i].items()}
         assert counted <= unique // 2 + 1 + len(held)  # (its share, and its batches' items)
+    # none fits: every rank has none (main says so in one line, as with one process; it was a
+    # ZeroDivisionError planning the batches of no items)
+    short = dataclasses.replace(cfg, max_len=20)
+    got = two_ranks(_tokenized_rank, (records, tok, model_config, short, None))
+    assert got == {rank: (len(records), [], {}, unique // 2) for rank in (0, 1)}, got
     # a conversation the template cannot render: every rank stops on the first, as one process
     captions = json.load(open(os.path.join(tiny_world, "align.json")))[:8]
     two_turn = json.load(open(os.path.join(tiny_world, "sft.json")))
