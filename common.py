@@ -294,7 +294,7 @@ def check_value(flag, value, rule):
         # an open-ended size past what a tensor holds (a typo'd 1e20) failed deep in torch with a
         # traceback; a seed may be any size
         if isinstance(x, int) and not isinstance(x, bool) and x > INT_MAX \
-                and not flag.endswith("seed"):
+                and not flag.endswith(("seed", "seeds")):
             return f"--{flag} {x}: must be in {rule} and at most {INT_MAX}"
         if isinstance(x, float) and not math.isinf(x) and abs(x) > FLOAT32_MAX:
             return f"--{flag} {x}: must be in {rule} and at most {FLOAT32_MAX:.1e} (float32)"

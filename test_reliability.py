@@ -2035,6 +2035,7 @@ def test_every_number_flag_declares_its_range():
 
 def test_range_rules():
     import common
+    import lab
     assert common.check_value("x", 0.5, "[0, 1]") is None
     assert common.check_value("x", 1, "[0, 1)") == "--x 1: must be in [0, 1)"
     assert common.check_value("x", float("inf"), "[0, inf]") is None
@@ -2046,6 +2047,11 @@ def test_range_rules():
     assert common.check_value("n", 2 ** 31, "[1, inf)") == \
         "--n 2147483648: must be in [1, inf) and at most 2147483647"
     assert common.check_value("world_seed", 2 ** 40, "[0, inf)") is None  # (any seed)
+    # lab.py --seeds takes the seeds' whole range (it said "must be in [0, 4294967295] and at most
+    # 2147483647" for the top half)
+    assert common.check_value("seeds", (0, 2 ** 32 - 1), common.SEED_RANGE) is None
+    assert common.parse_config(lab.Config, ["--seeds", "0", str(2 ** 32 - 1)]).seeds == (
+        0, 2 ** 32 - 1)
     assert common.check_value("n", 2 ** 31 - 1, "[1, inf)") is None
 
 
