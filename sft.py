@@ -420,6 +420,9 @@ def main(cfg):
         raise common.ConfigError(f"--val_data {cfg.val_data}: no conversation fits --max_len "
                                  f"{cfg.max_len} ({val.dropped} dropped): raise --max_len, or "
                                  "--val_data '' for none")
+    if "data" in named and cfg.report:  # (every rank: each stops alike)
+        for _ in report_questions(model, tokenizer, cfg):
+            pass
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
     data_files += [cfg.read_data] if reading else []
@@ -557,28 +560,36 @@ def validation_loss(model, val, cfg, tokenizer, d):
     return float(common.all_reduce_sum(total, d) / common.all_reduce_sum(count, d).clamp(min=1))
 
 
-def report(model, tokenizer, cfg):
-    """Held-out accuracy per question type on the Shapes test split (greedy answers, exact
-    scoring)."""
-    world = cfg.world
-    images = ImageCache(model.config.image_size)
-    rows = {}
+def report_questions(model, tokenizer, cfg, images=None):
+    """(question type, prompt items, answer keys) of the first --report_n held-out questions of
+    each type; without images, the check before step 1 that each fits --max_len (it was made
+    after training: a finished run stopped there, without its report)."""
     for qtype in shapes.QUESTION_TYPES:
-        path = os.path.join(world, f"test_{qtype}.json")
-        recs = read_any_conversations(path, world)[:cfg.report_n]
+        path = os.path.join(cfg.world, f"test_{qtype}.json")
+        recs = read_any_conversations(path, cfg.world)[:cfg.report_n]
         keys = [r["answer_key"] for r in load_json(path)[:cfg.report_n]]
         items = []
         for r in recs:
-            unit = images.unit(r["image"])
-            if cfg.blank_images:
+            unit = images.unit(r["image"]) if images is not None else None
+            if unit is not None and cfg.blank_images:
                 unit = torch.zeros_like(unit)
             first_turn = r["conversations"][:1]
             item = common.prompt_item(tokenizer, model, first_turn, unit, cfg.template,
                                       cfg.max_len)
             if item is None:
                 raise DataError(path, f"id {r.get('id')!r:.40}", "conversations",
-                                f"its question is longer than --max_len {cfg.max_len} tokens")
+                                f"its question is longer than --max_len {cfg.max_len} tokens "
+                                "(the report after training asks it)")
             items.append(item)
+        yield qtype, items, keys
+
+
+def report(model, tokenizer, cfg):
+    """Held-out accuracy per question type on the Shapes test split (greedy answers, exact
+    scoring)."""
+    rows = {}
+    questions = report_questions(model, tokenizer, cfg, ImageCache(model.config.image_size))
+    for qtype, items, keys in questions:
         answers = common.generate_answers(model, tokenizer, items, max_new_tokens=48,
                                           desc=f"report {qtype}")
         n_right = sum(oracle.score_answer(qtype, a, k) for a, k in zip(answers, keys))

@@ -429,3 +429,18 @@ def test_resume_takes_a_path_spelled_otherwise_and_a_moved_folder(tiny_world, ti
     code, _, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
                                           "--max_steps", "5"])
     assert code == 2 and "--resume on other data" in err, err
+
+
+def test_report_questions_too_long_are_refused_before_training(tiny_world, tmp_path):
+    """A --max_len its training data fits but a held-out question of the report does not: the run
+    trained to its end, then stopped in the report (exit 2, no report.json: the lab takes such a run
+    as not done). Refused before step 1 now, nothing written."""
+    out = tmp_path / "o"
+    argv = ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "2",
+            "--align_steps", "1", "--read_steps", "1", "--max_len", "45", "--out", str(out)]
+    code, stdout, err = run_cli("sft", argv)
+    assert code == 2 and "its question is longer than --max_len 45 tokens (the report after " \
+        "training asks it)" in err, err
+    assert "step 1" not in stdout and not out.exists()
+    code, _, err = run_cli("sft", argv + ["--report", "false"])
+    assert code == 0, err
