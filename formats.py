@@ -349,7 +349,8 @@ def _llava_fn(folder, check_images):
     def fn(r):
         image = _image(r, folder, check_images, optional=True)
         conv = conversation(_field(r, "conversations"), image is not None)
-        return {"id": r.get("id"), "image": image, "conversations": conv}
+        qtypes = {"qtypes": r["qtypes"]} if "qtypes" in r else {}  # (the Shapes world's; vigc's)
+        return {"id": r.get("id"), "image": image, "conversations": conv, **qtypes}
     return fn
 
 

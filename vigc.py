@@ -290,13 +290,11 @@ def load_records(cfg, d=None):
         specs.append((path, TYPES.get(t)))
     records, qtypes_to = [], qtype_map(cfg.instructions)
     for path, kind in specs:
-        raw = load_json(path)
         recs = read_any_conversations(path, cfg.image_folder or None)
         check_images(recs, path, d=d)  # every image decodes, before any step
-        one_to_one = isinstance(raw, list) and len(raw) == len(recs)  # raw[j] is recs[j]'s record
         for j, r in enumerate(recs):
             # (a file given a type: every pair is of it, its qtypes unread)
-            qtypes = raw[j].get("qtypes") if one_to_one and kind is None else None
+            qtypes = r.get("qtypes") if kind is None else None
             conv = r["conversations"]
             # (the world's field: a question type for each question/answer pair)
             if qtypes is not None and (not isinstance(qtypes, list) or len(qtypes) != len(conv) // 2
