@@ -103,8 +103,10 @@ def user_errors(*extra):
             fail(f"{e.strerror} while writing: free some space and run again (checkpoints and "
                  "worlds are written whole or not at all; a training run goes on from its last "
                  "checkpoint with --resume true)")
-        if e.errno in (errno.EROFS, errno.EIO, errno.EFBIG):
+        if e.errno in (errno.EROFS, errno.EFBIG):
             fail(f"{e.strerror} while writing")
+        if e.errno == errno.EIO:
+            fail(f"{e.strerror} while reading or writing: check the disk")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
         sys.stderr.write("interrupted: what was written is kept (a training run goes on from its "
@@ -294,7 +296,7 @@ def check_value(flag, value, rule):
         # an open-ended size past what a tensor holds (a typo'd 1e20) failed deep in torch with a
         # traceback; a seed may be any size
         if isinstance(x, int) and not isinstance(x, bool) and x > INT_MAX \
-                and not flag.endswith(("seed", "seeds")):
+                and not (flag.endswith("seed") or rule == SEED_RANGE):
             return f"--{flag} {x}: must be in {rule} and at most {INT_MAX}"
         if isinstance(x, float) and not math.isinf(x) and abs(x) > FLOAT32_MAX:
             return f"--{flag} {x}: must be in {rule} and at most {FLOAT32_MAX:.1e} (float32)"
@@ -1054,9 +1056,14 @@ def paths_in_flag(value):
 def write_json(obj, path, indent=1):
     """path holds the whole of obj or what it held before: written to path.tmp, then renamed (a
     process killed while writing leaves no half file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(path + ".tmp", path)
+    except BaseException:  # (a full disk: no half .tmp left beside it)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 def start_writing(cfg, d, data_files=()):
@@ -1078,7 +1085,8 @@ def start_writing(cfg, d, data_files=()):
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
-        moved = was != digests and sorted(was.values()) == sorted(digests.values())
+        # (each file's contents in its place: both are in the run's order of its data files)
+        moved = was != digests and list(was.values()) == list(digests.values())
         if moved:  # (the same files' contents, the folder moved or mounted elsewhere)
             print(f"note: --resume: the run's data files are read from other paths now (the same "
                   f"contents, sha256): {', '.join(sorted(set(digests) - set(was)))}")
@@ -1447,7 +1455,8 @@ def load_resume(out_dir, run_config):
                           f"{'s' if len(absent) > 1 else ''} {fields}: another stage or an older "
                           "factalign wrote it; resume with the stage and version that wrote it, "
                           "or pass another --out")
-    diff = [k for k in now if k not in RESUME_FREE_FIELDS and _norm(now[k]) != _norm(was.get(k))]
+    diff = [k for k in now if k not in RESUME_FREE_FIELDS
+            and _norm(now[k], k) != _norm(was.get(k), k)]
     if diff:
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
@@ -1479,11 +1488,17 @@ def _newer(version):
     return isinstance(version, int) and version > FORMAT_VERSION
 
 
-def _norm(v):
+# the fields that name files or folders (a run's other strings are choices)
+PATH_FIELDS = {"world", "init", "data", "val_data", "align_data", "read_data", "tokenizer",
+               "image_folder", "captions", "reward", "vision_tower", "policy_lora",
+               "import_llava_rlhf", "instructions", "images"}
+
+
+def _norm(v, field=None):
     """A config value as compared on --resume: a path spelled otherwise (`w/`, `./w`, `w//x`, the
-    absolute path, a link to it) is the same path (other strings compare as they are)."""
-    if isinstance(v, str) and v:
-        return os.path.realpath(v)
+    absolute path) is the same path; not through links (one may point elsewhere since)."""
+    if field in PATH_FIELDS and isinstance(v, str) and v:
+        return os.path.normpath(os.path.abspath(v))
     return list(v) if isinstance(v, (tuple, list)) else v
 
 

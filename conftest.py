@@ -103,18 +103,24 @@ def two_ranks(target, args):
         torch.set_num_threads(1)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        d = common.setup_dist("cpu")
         try:
+            d = common.setup_dist("cpu")
             q.put((rank, target(rank, d, args)))
         except BaseException as e:
             q.put((rank, f"{type(e).__name__}: {e}"))
         common.cleanup_dist()
-    ps = [ctx.Process(target=rank_main, args=(r,)) for r in range(2)]
+    # (daemons, ended below whatever happens: a rank stuck in a collective would hold pytest)
+    ps = [ctx.Process(target=rank_main, args=(r,), daemon=True) for r in range(2)]
     for p in ps:
         p.start()
-    got = dict(q.get(timeout=120) for _ in ps)
-    for p in ps:
-        p.join(60)
+    try:
+        got = dict(q.get(timeout=120) for _ in ps)
+        for p in ps:
+            p.join(60)
+    finally:
+        for p in ps:
+            if p.is_alive():
+                p.terminate()
     assert [p.exitcode for p in ps] == [0, 0]
     return got
 

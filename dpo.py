@@ -27,6 +27,7 @@ OUT/ref_logps-<hash>.pt (a resumed one whose cache is gone loads --init again to
 """
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -115,9 +116,9 @@ def check_config(cfg):
              f"--loss {cfg.loss}: choose sigmoid, ipo, cdpo, rdpo or ref_free"),
             (cfg.beta <= 0, f"--beta {cfg.beta}: must be > 0"),
             # (IPO's target 1/(2 beta), squared, past float32: a non-finite loss at step 1)
-            (cfg.loss == "ipo" and (0.5 / cfg.beta) ** 2 > common.FLOAT32_MAX,
+            (cfg.loss == "ipo" and 0.5 / cfg.beta > math.sqrt(common.FLOAT32_MAX),
              f"--beta {cfg.beta} with --loss ipo: its target 1/(2 beta) squared is past float32 "
-             "(the loss is (h - 1/(2 beta))^2); give --beta >= 3e-20"),
+             "(the loss is (h - 1/(2 beta))^2); give --beta >= 2.8e-20"),
             (cfg.loss in ("cdpo", "rdpo") and not 0 < cfg.label_smoothing < 0.5,
              f"--loss {cfg.loss} needs --label_smoothing in (0, 0.5)"),
             (cfg.loss not in ("cdpo", "rdpo") and cfg.label_smoothing != 0,

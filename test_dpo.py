@@ -547,7 +547,8 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
                          (["--loss", "cdpo"], "label_smoothing"),
                          (["--loss", "rdpo"], "label_smoothing"),
                          (["--train_projector", "true"], "adapters off"),
-                         (["--loss", "ipo", "--beta", "1e-30"], "past float32")):
+                         (["--loss", "ipo", "--beta", "1e-30"], "past float32"),
+                         (["--loss", "ipo", "--beta", "1e-200"], "past float32")):
         code, _, err = run_cli("dpo", args(env, tmp_path / "cfg", *flags))
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     argv = merge_flags(args(env, tmp_path / "sub", "--data", str(tmp_path / "empty.json")))

@@ -2052,6 +2052,7 @@ def test_range_rules():
     assert common.check_value("seeds", (0, 2 ** 32 - 1), common.SEED_RANGE) is None
     assert common.parse_config(lab.Config, ["--seeds", "0", str(2 ** 32 - 1)]).seeds == (
         0, 2 ** 32 - 1)
+    assert "at most 2147483647" in common.check_value("rlhf_seeds", 2 ** 31, "[1, inf)")  # a count
     assert common.check_value("n", 2 ** 31 - 1, "[1, inf)") is None
 
 
@@ -2069,6 +2070,14 @@ def test_out_of_memory_is_one_line(capsys):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with common.user_errors():
             raise RuntimeError("shape mismatch")
+    # a failing disk (a write or a read that names no file): one line, not a traceback
+    import errno
+    with pytest.raises(SystemExit) as e:
+        with common.user_errors():
+            raise OSError(errno.EIO, "Input/output error")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: Input/output error while reading or writing: " \
+        "check the disk\n", err
 
 
 def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):

@@ -195,6 +195,7 @@ def test_report_says_none_for_a_type_without_questions(tiny_world, tiny_sft, tmp
         with pytest.raises(OSError):
             sft.report(model, tokenizer, cfg)
     assert (tmp_path / "report.json").read_text() == kept
+    assert not (tmp_path / "report.json.tmp").exists()
 
 
 def test_lrv_reads_the_worlds_neg_ratio_unless_given(tiny_sft, tmp_path):
@@ -398,10 +399,10 @@ def test_init_without_tokenizer_files_reads_the_tokenizer_given(tiny_world, tiny
 def test_resume_takes_a_path_spelled_otherwise_and_a_moved_folder(tiny_world, tiny_sft, tmp_path,
                                                                  monkeypatch):
     """--resume refused `--world w/` (tab completion's slash) for a run started with `--world w`
-    ("field 'tokenizer' was 'w/tokenizer', now 'w//tokenizer'"), and `--init sft/`, an absolute
-    path or a link for a relative one; and a project folder moved (or mounted elsewhere) as "other
-    data" (its files are recorded by absolute path). The same path, and the same files' contents,
-    go on (the second said); another file is still refused."""
+    ("field 'tokenizer' was 'w/tokenizer', now 'w//tokenizer'"), and `--init sft/` or an absolute
+    path for a relative one; and a project folder moved (or mounted elsewhere) as "other data" (its
+    files are recorded by absolute path). The same path, and the same files' contents in their
+    places, go on (the second said); another file, or two files' contents swapped, are refused."""
     import shutil
     project = tmp_path / "project"
     project.mkdir()
@@ -424,8 +425,13 @@ def test_resume_takes_a_path_spelled_otherwise_and_a_moved_folder(tiny_world, ti
     code, out, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
                                             "--max_steps", "4"])
     assert code == 0 and "resumed from" in out, err
-    val = tmp_path / "moved" / "w" / "sft_val.json"
-    val.write_text(json.dumps(json.loads(val.read_text())[1:]))
+    val, train = tmp_path / "moved" / "w" / "sft_val.json", tmp_path / "moved" / "w" / "sft.json"
+    kept = val.read_text(), train.read_text()
+    val.write_text(kept[1]), train.write_text(kept[0])  # (each file's contents in the other)
+    code, _, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
+                                          "--max_steps", "5"])
+    assert code == 2 and "--resume on other data" in err, err
+    val.write_text(json.dumps(json.loads(kept[0])[1:])), train.write_text(kept[1])
     code, _, err = run_cli("sft", argv + ["--world", absolute, "--resume", "true",
                                           "--max_steps", "5"])
     assert code == 2 and "--resume on other data" in err, err
