@@ -692,9 +692,12 @@ class Answerer:
         digests = {(q["id"], q["prompt"]): self.digests[q["image"]] for q in qs}
         by_source, older = {}, {}  # source -> {(id, prompt) -> line}, lines without a digest
         for i, r in enumerate(read_jsonl(path)):
+            strings(r, ("prompt", "source"), path, i)
             if not cfg.rescore and r.get("source") != src:
                 continue
             key = (str(r.get("id")), r.get("prompt"))
+            if key not in digests:  # (another run's question: --limit, another file or folder)
+                continue
             if not isinstance(r.get("answer"), str):  # (a hand edit: a traceback when scored)
                 raise DataError(path, f"{i} (id {key[0]!r:.40})", "answer",
                                 f"expected a string, got {r.get('answer')!r:.40}")
@@ -708,9 +711,13 @@ class Answerer:
             if want is not None and got != want:
                 continue
             stored = by_source.setdefault(r.get("source"), {})
-            if key in stored:
+            if key in stored and stored[key].get("image_digest") == got:
                 raise DataError(path, f"{i} (id {key[0]!r:.40})", "id", "answered twice for "
                                 "the same prompt and image by the same model (which counts?)")
+            if key in stored:  # (--rescore without the images: which set they were is not known)
+                raise DataError(path, f"{i} (id {key[0]!r:.40})", "image_digest", "answered "
+                                "about two images under this id and prompt (another "
+                                "--image_folder or world): give the folder of the images")
             stored[key] = r
         for source, lines in older.items():  # (a digest-checked line wins)
             by_source[source] = {**lines, **by_source.get(source, {})}
@@ -758,9 +765,13 @@ class Answerer:
             # (the same settings, where the files' time moved (a copy) or the device differs)
             alike = lambda s: src and all((source_settings(s) or {}).get(k) == asked.get(k)
                                           for k in SETTINGS)
+            # (a moved tree: the answers' path is gone, its name and files' time are --ckpt's)
+            moved = lambda s: bool(self.source) and not os.path.isdir(source_path(s) or "") \
+                and source_model(s) == source_model(self.source)
+            ours = lambda s: self.wrote(s) or moved(s)
             mine = [s for s in used if s == src] or \
-                [s for s in used if self.wrote(s) and alike(s)] or \
-                [s for s in used if self.wrote(s)]
+                [s for s in used if ours(s) and alike(s)] or \
+                [s for s in used if ours(s)]
             if len(mine) != 1:
                 raise DataError(path, message=f"--rescore: {bench} answers of {len(used)} runs "
                                               f"here ({used[0]!r:.80}; {used[1]!r:.80}): give "
@@ -828,7 +839,8 @@ class Answerer:
                     raise DataError(path, i, "text", message)
                 if "image" in r:  # (its questions would be scored as the answers)
                     raise DataError(path, i, "image", QUESTIONS_NOT_ANSWERS)
-                if not isinstance(r.get("prompt") or "", str):  # (compared with the question)
+                if r.get("prompt") is not None and not isinstance(r["prompt"], str):  # (compared
+                    # with the question)
                     raise DataError(path, i, "prompt",
                                     f"expected a string, got {r['prompt']!r:.60}")
                 qid = str(r["question_id"])
@@ -864,6 +876,15 @@ def mmhal_answer(path, i, r):
     if not isinstance(r.get("question"), str):
         raise DataError(path, i, "question", "expected a string")
     return {"question_id": i, "prompt": r["question"], "text": answer}
+
+
+def strings(record, fields, path, i):
+    """A stored line's fields that key it, each a string or absent (a hand edit made a list one an
+    unhashable-type traceback)."""
+    for field in fields:
+        if record.get(field) is not None and not isinstance(record[field], str):
+            raise DataError(path, f"{i} (id {str(record.get('id'))!r:.40})", field,
+                            f"expected a string, got {record[field]!r:.40}")
 
 
 def image_digest(path):
@@ -943,6 +964,8 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     if bench in templates:
         jname += f"|prompt:{hashlib.sha1(templates[bench].encode()).hexdigest()[:10]}"
     stored = read_jsonl(path)
+    for i, r in enumerate(stored):
+        strings(r, ("judge", "prompt_digest"), path, i)
     cache = {(str(r.get("id")), r.get("judge"), r.get("prompt_digest")): r.get("reply", "")
              for r in stored}
     # replies the judge stopped at --judge_max_tokens (said on every run that reads them)

@@ -943,7 +943,12 @@ def test_an_edited_answers_file_is_one_line_naming_the_record(env):
     first = rows[0]["id"]
     for edited, want in (([dict(rows[0], answer=5)] + rows[1:], "field 'answer': expected a "
                           "string, got 5"),
-                         (rows + [dict(rows[0], answer="No.")], "field 'id': answered twice")):
+                         (rows + [dict(rows[0], answer="No.")], "field 'id': answered twice"),
+                         # (keys of the line: an unhashable-type traceback)
+                         ([dict(rows[0], prompt=["x"])] + rows[1:], "field 'prompt': expected a "
+                          "string, got ['x']"),
+                         ([dict(rows[0], source={})] + rows[1:], "field 'source': expected a "
+                          "string, got {}")):
         text = "".join(json.dumps(r) + "\n" for r in edited)
         path.write_text(text)
         code, _, err = run_stage("eval", args)
@@ -1621,3 +1626,58 @@ def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, cap
     monkeypatch.undo()
     run_cli(env, tmp_path / "o", *argv)
     assert len(lines(tmp_path / "o" / "m0" / "answers_pope_random.jsonl")) == 4
+
+
+def test_answers_about_other_images_and_a_moved_trees_two_runs_are_read(env, tmp_path):
+    """One answers file holding answers about two sets of images (another --image_folder, or COCO
+    then A-OKVQA POPE into one --out) refused a later run of fewer questions: "answered twice for
+    the same prompt and image" of lines about other images, for questions it did not ask. A moved
+    checkpoint's folder holding two runs could not be rescored with any flags. A LLaVA answers
+    record with a prompt of [] was a traceback."""
+    from PIL import Image
+    from conftest import run_cli as run_stage
+    other = tmp_path / "other"
+    shutil.copytree(env["world"], other)
+    for name in os.listdir(other / "images" / "test"):  # (the same names, other pixels)
+        path = other / "images" / "test" / name
+        Image.eval(Image.open(path).convert("RGB"), lambda v: 255 - v).save(path)
+    pope = os.path.join(env["world"], "pope_random.jsonl")
+    args = ["--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--pope_files", pope, "--world",
+            env["world"], "--out", str(tmp_path / "o"), *FAST]
+    for folder in (env["world"], str(other)):
+        code, out, err = run_stage("eval", args + ["--image_folder", folder])
+        assert code == 0 and "generating 4" in out, err
+    code, out, err = run_stage("eval", args + ["--image_folder", str(other), "--limit", "2"])
+    assert code == 0 and "reused 2 answers, generating 0" in out, err
+    # a moved tree with two runs: the one these flags made is rescored
+    tree = tmp_path / "tree"
+    shutil.copytree(env["ckpts"][0], tree / "a" / "m0")
+    args = ["--ckpt", str(tree / "a" / "m0"), "--benchmarks", "pope", "--world", env["world"],
+            "--out", str(tmp_path / "t"), *FAST]
+    greedy = run_stage("eval", args)
+    sampled = run_stage("eval", args + ["--temperature", "1.0"])
+    assert greedy[0] == sampled[0] == 0, greedy[2] + sampled[2]
+    os.rename(tree / "a", tree / "b")
+    moved = [a.replace(str(tree / "a"), str(tree / "b")) for a in args] + ["--rescore", "true"]
+    for flags, made in (([], "greedy"), (["--temperature", "1.0"], "temperature=1.0")):
+        code, out, err = run_stage("eval", moved + flags)
+        assert code == 0 and "reused 4 answers" in out, err
+        used = json.load(open(tmp_path / "t" / "m0" / "scores.json"))["answers_from"]
+        assert len(used) == 1 and made in used[0], used
+    llava = tmp_path / "llava.jsonl"
+    llava.write_text(json.dumps({"question_id": 1, "prompt": [], "text": "No"}) + "\n")
+    code, _, err = run_stage("eval", ["--ckpt", "m0", "--benchmarks", "pope", "--pope_files", pope,
+                                      "--world", env["world"], "--out", str(tmp_path / "l"),
+                                      "--rescore", "true", "--llava_answers", str(llava), *FAST])
+    assert code == 2 and "field 'prompt': expected a string, got []" in err, err
+    # a judge file's line with a key that is not a string (a hand edit): one line, not a traceback
+    args = ["--ckpt", env["ckpts"][0], "--benchmarks", "mmhal", "--world", env["world"],
+            "--out", str(tmp_path / "j"), *FAST]
+    assert run_stage("eval", args)[0] == 0
+    judged = tmp_path / "j" / "m0" / "judge_mmhal.jsonl"
+    rows = lines(judged)
+    judged.write_text("".join(json.dumps(r) + "\n" for r in [dict(rows[0], prompt_digest={})]
+                              + rows[1:]))
+    code, _, err = run_stage("eval", args)
+    assert code == 2 and "judge_mmhal.jsonl: record 0" in err, err
+    assert "field 'prompt_digest': expected a string, got {}" in err, err
