@@ -637,9 +637,12 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
         last = latest_checkpoint(out_dir)
         # (with none, --resume has nothing to go on from: start again)
         again = "resume with --resume true" if last else "start again with --overwrite true"
-        raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}; "
-                             f"stopped. Last good checkpoint: {last or 'none yet'} ({again}, "
-                             "and --skip_nonfinite true to skip such steps)")
+        # (the first step of a run: no update has run, so no learning rate made it)
+        first = "; no update has run: the weights loaded, the data or a loss setting at an " \
+            "extreme (as --beta or --kl_coef) made it" if step == 0 else ""
+        raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}"
+                             f"{first}; stopped. Last good checkpoint: {last or 'none yet'} "
+                             f"({again}, and --skip_nonfinite true to skip such steps)")
     return float(norm)
 
 

@@ -2731,6 +2731,16 @@ def test_nonfinite_step_stops_naming_the_last_good_checkpoint_or_is_skipped(scri
     assert row["grad_norm"] is None  # skipped: null (NaN, written before, is not JSON)
 
 
+def test_a_nonfinite_first_step_says_no_update_made_it(w, tmp_path, monkeypatch):
+    """A non-finite loss at a run's first step (an extreme --beta or --kl_coef in range: a flag the
+    edge-value hunt found) named no cause: before any update it is the weights loaded, the data or
+    a loss setting, never the learning rate."""
+    monkeypatch.setattr(common, "optimizer_step", fault_at(1, common.optimizer_step))
+    code, _, err = run_cli("sft", base_args("sft", w, str(tmp_path / "run")))
+    assert code == 2 and err.startswith("error: step 1: non-finite loss; no update has run: the "
+                                        "weights loaded, the data or a loss setting"), err
+
+
 def test_skip_nonfinite_stops_when_every_update_is_skipped(w, tmp_path, monkeypatch):
     """--skip_nonfinite true with a setting that makes every step non-finite skipped each one and
     exited 0, untrained."""
