@@ -976,6 +976,11 @@ def claim_out(cfg, d, inits=()):
 
 def _claim_out(cfg, inits):
     out, resume, overwrite = cfg.out, cfg.resume, getattr(cfg, "overwrite", False)
+    try:  # (a byte that is not UTF-8: the tokenizer's files failed to be written, a traceback)
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"--out {out!r}: not valid UTF-8 (checkpoint files record paths in "
+                          "UTF-8 JSON): choose another name") from None
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
             raise ConfigError(f"{init}: checkpoint directory not found")

@@ -2111,6 +2111,16 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("scratch.replaced-")]) == 1
 
 
+def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
+    """An --out holding a byte that is not UTF-8 ($'o\\xff': Python's surrogate escape) trained,
+    then failed saving the tokenizer inside the first checkpoint (a traceback, metrics.jsonl left
+    behind)."""
+    out = str(tmp_path) + "/o\udcff"
+    code, _, err = run_cli("sft", base_args("sft", w, out))
+    assert code == 2 and "not valid UTF-8" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkeypatch):
     """--device cuda on a machine without CUDA: every script says so in one line before any work
     (eval loaded the model and died in a traceback; a lab ran every run to its failure and then
