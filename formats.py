@@ -154,8 +154,8 @@ def _records(path, wrapper=None):
     obj = load_json(path)
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
-    elif isinstance(obj, dict) and wrapper is None:
-        obj = [obj]  # a JSON lines file with a single line
+    elif isinstance(obj, dict):
+        obj = [obj]  # a JSON lines file with a single line (a record: checked as the others)
     if not isinstance(obj, list):
         if wrapper:
             want = f"a JSON list of records or {{'{wrapper}': [...]}}"

@@ -165,6 +165,14 @@ def test_read_any_conversations(tmp_path, llava):
     b = read_any_conversations(lrv, str(tmp / "img"))
     assert a[0]["conversations"][0]["value"].startswith("<image>\n")
     assert b[0]["conversations"] == turns("<image>\nQ?", "A.")
+    # a JSON lines file of one line (an object): its record (it was refused, "got an object")
+    one = tmp / "one.jsonl"
+    one.write_text(json.dumps(recs[0]) + "\n")
+    assert read_any_conversations(str(one), str(tmp / "img")) == a[:1]
+    lrv_one = tmp / "r1.jsonl"
+    lrv_one.write_text(json.dumps({"image_id": "5", "question": "Q?", "answer": "A."}) + "\n")
+    assert read_any_conversations(str(lrv_one), str(tmp / "img"))[0]["conversations"] == \
+        b[0]["conversations"]
     path = write(tmp / "x.json", [{"foo": 1}])
     assert error(read_any_conversations, path) == (
         f"{path}: record 0: field 'conversations': missing (expected LLaVA "
