@@ -186,6 +186,7 @@ class Tokenized:
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None, show=False,
                  d=None, needed=None):
         self.template = template or cfg.template
+        self.eos = tokenizer.eos_token or None
         self.tokenize = lambda turns: tokenize_conversations(
             tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
             cfg.max_len, self.template)
@@ -210,6 +211,7 @@ class Tokenized:
         fits = [at[id(r)] for r in records if learned[at[id(r)]] is not None]
         self.dropped = len(records) - len(fits)
         self.n_labels = torch.tensor([learned[j] for j in fits], dtype=torch.long)
+        self.unlearned = int((self.n_labels == 0).sum())  # (main says how many)
         if world > 1 and fits:  # the items of this rank's batches: its own share's kept, the rest
             # made (none fitting: main says so, as with one process)
             mine = {fits[i] for i in needed(len(fits))}
@@ -231,16 +233,26 @@ class Tokenized:
                 part = which[at:at + TOKENIZE_PART]
                 done = self.tokenize([unique[j]["conversations"] for j in part])
                 got.update((j, None if t is None else (t["input_ids"].to(torch.int32),
-                                                       t["labels"] != IGNORE))
+                                                       self.learned(t, unique[j])))
                            for j, t in zip(part, done))
         except ValueError as e:  # e.g. a multi-turn conversation under --template plain
             where = getattr(e, "index", None)  # (render's errors name the conversation)
             j = len(unique) if where is None else which[at + where]
-            record = f": record {unique[j].get('id', j)}" if where is not None else ""
+            name = unique[j].get("id") if where is not None else None
+            record = "" if where is None else f": record {name}" if name is not None else \
+                f": conversation {j} of the run's data"
             fault = common.ConfigError(f"--template {self.template}{record}: {e}")
             fault.index = j
             raise fault from None
         return got
+
+    def learned(self, t, record):
+        """The tokens learned: the answers', none where a turn holds the tokenizer's end text
+        ('</s>': it is read as the end of the turn, so LLaVA's preprocess finds a "tokenization
+        mismatch" and masks the whole conversation; ours learned an end inside the answer)."""
+        if self.eos and any(self.eos in turn["value"] for turn in record["conversations"]):
+            return torch.zeros(len(t["labels"]), dtype=torch.bool)
+        return t["labels"] != IGNORE
 
     def __len__(self):
         return len(self.items)
@@ -392,6 +404,10 @@ def main(cfg):
     # the records' text is not read again: let it go (LLaVA's 665k held ~4 GB more per process)
     n_records, checked = len(train_records), {r.get("image") for r in train_records}
     del train_records
+    if train.unlearned and d.main:
+        print(f"warning: {train.unlearned} training conversations teach no token: a turn holds "
+              f"the tokenizer's end text {tokenizer.eos_token!r} (LLaVA masks such a conversation "
+              "whole: 'tokenization mismatch')")
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {n_records} training conversations "
               f"that do not fit --max_len {cfg.max_len} with at least part of the first answer")

@@ -226,6 +226,13 @@ def test_under_torchrun_each_rank_tokenizes_a_share_and_keeps_its_batches(tiny_w
     except common.ConfigError as e:
         want = str(e)
     assert f"record {two_turn[0]['id']}" in want
+    nameless = read_any_conversations_of([{k: v for k, v in r.items() if k != "id"}
+                                          for r in mixed], tiny_world)
+    try:  # (records without ids: it said "record None")
+        sft.Tokenized(nameless, tok, model_config, cfg, None, template="plain")
+        raise AssertionError("plain rendered a multi-turn conversation")
+    except common.ConfigError as e:
+        assert "--template plain: conversation 3 of the run's data: " in str(e), str(e)
     want = f"ConfigError: {want}"
     assert two_ranks(_tokenized_rank, (mixed, tok, model_config, cfg, "plain")) == {0: want,
                                                                                    1: want}
@@ -240,3 +247,28 @@ def read_any_conversations_of(records, world):
         return read_any_conversations(f.name, world)
     finally:
         os.remove(f.name)
+
+
+def test_a_turn_holding_the_end_text_teaches_nothing_as_in_llava(tiny_world, tiny_sft, tmp_path):
+    """A value holding '</s>' (HTML's strikethrough in a ShareGPT chat) is tokenized as the end of
+    the turn: the model learned to end its answer there, and the rest after it. LLaVA's preprocess
+    finds a 'tokenization mismatch' and masks the whole conversation: so does ours, said."""
+    from conftest import run_cli
+    cfg = resolved(sft, tiny_world, lrv=False)
+    records = [dict(r) for r in sft.load_records(cfg)[0][:4]]
+    turns = [dict(t) for t in records[1]["conversations"]]
+    turns[1]["value"] = "Use </s> to end a strikethrough. " + turns[1]["value"]
+    records[1]["conversations"] = turns
+    model_config = load_checkpoint(latest_checkpoint(tiny_sft)).config
+    tok = load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    data = sft.Tokenized(records, tok, model_config, cfg, None)
+    assert data.unlearned == 1 and data.n_labels[1] == 0 and all(data.n_labels[[0, 2, 3]] > 0)
+    assert not data.items[1][0][1].any() and data.items[0][0][1].any()
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": r["id"], "image": os.path.relpath(r["image"], tiny_world),
+                                 "conversations": r["conversations"]} for r in records]))
+    code, out, err = run_cli("sft", ["--init", tiny_sft, "--world", tiny_world, "--data", str(path),
+                                     "--image_folder", tiny_world, "--max_steps", "1",
+                                     "--batch_size", "4", "--out", str(tmp_path / "o")])
+    assert code == 0 and "warning: 1 training conversations teach no token: a turn holds the " \
+        "tokenizer's end text '</s>'" in out, err
