@@ -688,15 +688,23 @@ def _sentence(s):
     return s if s.endswith((".", "!", "?")) else s + "."
 
 
-def vqav2_to_conversations(questions_path, annotations_path, image_folder,
-                           image_pattern="COCO_train2014_{image_id:012d}.jpg", yes_no_only=True,
-                           max_rounds=None, check_images=True, on_error="raise"):
+def vqav2_to_conversations(questions_path, annotations_path, image_folder, image_pattern=None,
+                           yes_no_only=True, max_rounds=None, check_images=True, on_error="raise"):
     """VQA-v2 {"questions": [{"image_id", "question", "question_id"}]} + {"annotations":
     [{"question_id", "image_id", "answer_type", "multiple_choice_answer", "answers"}]} -> one
     multi-round LLaVA record per image (questions in file order, at most max_rounds; None = all),
     answers "Yes." / "No." (other answers: the multiple_choice_answer capitalised, with a full
     stop). caption_type is 7/6 when the first answer is Yes/No, else 1 (LLaVA-RLHF's PPO uses the
-    first round only)."""
+    first round only). image_pattern None: COCO's name for the questions file's data_subtype
+    (COCO_val2014_... for the val file; train2014 where it names none)."""
+    if max_rounds is not None and max_rounds < 1:  # (it was an IndexError on an empty group)
+        raise ValueError(f"max_rounds {max_rounds}: at least 1, or None for all")
+    if image_pattern is None:
+        subtype = load_json(questions_path)
+        subtype = subtype.get("data_subtype") if isinstance(subtype, dict) else None
+        subtype = subtype if isinstance(subtype, str) and subtype.strip() else "train2014"
+        image_pattern = f"COCO_{subtype.strip()}_{{image_id:012d}}.jpg"
+
     def ann_fn(a):
         return (_typed(a, "question_id", int), _typed(a, "answer_type", str),
                 _typed(a, "multiple_choice_answer", str).strip())

@@ -234,8 +234,8 @@ def test_vqav2_excerpt_converts():
     a = real("vqav2", "excerpt_v2_mscoco_val2014_annotations.json")
     # 'other' answer: not yes/no
     assert vqav2_to_conversations(q, a, "/coco", check_images=False) == []
-    recs = vqav2_to_conversations(q, a, "/coco", image_pattern="COCO_val2014_{image_id:012d}.jpg",
-                                  yes_no_only=False, check_images=False)
+    # (its data_subtype names the images COCO_val2014_...)
+    recs = vqav2_to_conversations(q, a, "/coco", yes_no_only=False, check_images=False)
     assert len(recs) == 1 and recs[0]["image"] == "/coco/COCO_val2014_000000262148.jpg"
     turns = recs[0]["conversations"]
     assert "Where is he looking?" in turns[0]["value"] and turns[1]["value"] == "Down."

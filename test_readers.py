@@ -407,6 +407,13 @@ def test_vqav2(tmp_path):
     assert out[0]["conversations"] == turns("<image>\nIs it red?", "Yes.", "What is it?", "Square.")
     assert out[1]["conversations"] == turns("<image>\nHow many?", "2.", "Is it day?", "No.")
     assert out[1]["caption_type"] == 1
+    with pytest.raises(ValueError, match="max_rounds 0: at least 1"):  # (an IndexError)
+        vqav2_to_conversations(qp, ap, str(tmp_path), max_rounds=0)
+    # the val file's images are COCO_val2014_...: its data_subtype says so (the train names were
+    # given to val questions without a word where images are not checked)
+    val = write(tmp_path / "qv.json", dict(qs, data_subtype="val2014"))
+    named = vqav2_to_conversations(val, ap, "/coco", check_images=False)
+    assert named[0]["image"] == "/coco/COCO_val2014_000000000009.jpg"
     an["annotations"].pop(0)
     ap = write(tmp_path / "a.json", an)
     assert error(vqav2_to_conversations, qp, ap, str(tmp_path)) == (
