@@ -984,6 +984,13 @@ def _claim_out(cfg, inits):
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
             raise ConfigError(f"{init}: checkpoint directory not found")
+        # a run folder still being written: its newest checkpoint is replaced (and removed) as
+        # it goes, under this run's load or later under the adapters saved against it
+        holder = lock_holder(init) if init else None
+        if holder and not os.path.isfile(os.path.join(init, "config.json")):
+            raise ConfigError(f"{init}: a process (pid {holder}) is still writing this run "
+                              "folder; wait for its run to end, or pass one of its checkpoint-N "
+                              "folders copied aside")
     refuse_in_world("--out", out, getattr(cfg, "world", ""), "the run")  # (and --overwrite
     # would move the world away)
     out_real = os.path.realpath(out)
@@ -1324,9 +1331,17 @@ def note_world(flag, path, world):
     progress = None
     if path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         progress = run_progress(path)  # (a run folder, not a checkpoint picked by hand)
-    if progress and progress[0] < progress[1]:
+    holder = lock_holder(path) if progress else None
+    if progress and holder:  # (eval of a run as it trains: its newest checkpoint now)
+        print(f"note: {flag} {path}: its run is still being written (pid {holder}, at step "
+              f"{progress[0]} of {progress[1]}); its newest checkpoint now is read (and may be "
+              "removed by its run meanwhile)", flush=True)
+    elif progress and progress[0] < progress[1]:
+        # (a run resumed there later removes that checkpoint, which adapters saved against it
+        # name as their base)
         print(f"note: {flag} {path}: its run stopped at step {progress[0]} of {progress[1]} "
-              "(unfinished); its newest checkpoint is read", flush=True)
+              "(unfinished); its newest checkpoint is read (resuming that run later may remove "
+              "it: copy it aside to keep what is made from it)", flush=True)
 
 
 def _commit(tmp, final, out_dir, keep, d):

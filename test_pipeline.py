@@ -610,6 +610,35 @@ def hold_lock(folder):
     return proc
 
 
+def test_a_run_folder_still_written_is_refused_as_init_and_said_to_eval(tmp_path, tiny_world,
+                                                                        tiny_sft):
+    """dpo.py (any stage) --init a run folder an SFT still writes: its adapters were saved against
+    a checkpoint that run removed seconds later ("base checkpoint ... not found" ever after), or
+    the load met a checkpoint removed under it. Refused now; eval.py reads the newest checkpoint of
+    a run as it trains and says so (its note said the run "stopped")."""
+    import shutil
+    run = tmp_path / "sft"
+    shutil.copytree(tiny_sft, run, ignore=shutil.ignore_patterns(".lock"))
+    holder = hold_lock(run)
+    try:
+        code, _, err = run_cli("dpo", ["--init", str(run), "--world", tiny_world,
+                                       "--out", str(tmp_path / "dpo")])
+        assert code == 2 and f"{run}: a process (pid {holder.pid}) is still writing this run " \
+            "folder" in err, err
+        assert not (tmp_path / "dpo").exists()
+        code, out, err = run_cli("eval", ["--ckpt", str(run), "--world", tiny_world,
+                                          "--benchmarks", "pope", "--limit", "2",
+                                          "--out", str(tmp_path / "eval")])
+        assert code == 0 and f"note: --ckpt {run}: its run is still being written (pid " \
+            f"{holder.pid}, at step 3 of 3)" in out, err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli("dpo", ["--init", str(run), "--world", tiny_world, "--max_steps", "1",
+                                   "--batch_size", "2", "--out", str(tmp_path / "dpo")])
+    assert code == 0, err
+
+
 def fake_run(folder, step, max_steps, init=None):
     ck = folder / f"checkpoint-{step:06d}"
     ck.mkdir(parents=True)
