@@ -1069,13 +1069,18 @@ def paths_in_flag(value):
 
 
 def write_json(obj, path, indent=1):
-    """path holds the whole of obj or what it held before: written to path.tmp, then renamed (a
-    process killed while writing leaves no half file)."""
+    """path holds the whole of obj or what it held before (write_whole)."""
+    write_whole(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def write_whole(path, write):
+    """write(f) into path.tmp, then renamed onto path: path holds all of it or what it held before
+    (a process killed, or a disk full, while writing leaves no half file, nor a .tmp)."""
     try:
         with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=indent)
+            write(f)
         os.replace(path + ".tmp", path)
-    except BaseException:  # (a full disk: no half .tmp left beside it)
+    except BaseException:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         raise

@@ -1382,8 +1382,7 @@ def main(cfg):
     md, flat = table(rows)
     print(md, end="")
     if cfg.compare:
-        with open(os.path.join(cfg.out, "compare.md"), "w") as f:
-            f.write(md)
+        common.write_whole(os.path.join(cfg.out, "compare.md"), lambda f: f.write(md))
         common.write_json({"rows": flat, "scores": rows}, os.path.join(cfg.out, "compare.json"))
     return rows
 

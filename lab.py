@@ -1021,8 +1021,7 @@ def report(cfg, runs, rebuilt=False):
            "```"]
     md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]
     os.makedirs(os.path.dirname(cfg.results) or ".", exist_ok=True)
-    with open(cfg.results, "w") as f:
-        f.write("\n".join(md))
+    common.write_whole(cfg.results, lambda f: f.write("\n".join(md)))  # (cut: read as a report)
     print("\n".join(verdicts))
     print(f"wrote {cfg.results} and plots in {cfg.plots}")
 

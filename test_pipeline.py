@@ -419,11 +419,22 @@ def fake_lab(root):
     return cfg, runs
 
 
-def test_lab_report_of_every_claim(tmp_path, capsys):
+def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
     cfg, runs = fake_lab(tmp_path)
     lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 12.5, 3, len(runs))
     lab.report(cfg, runs)
     text = open(cfg.results).read()
+    # cut off while it is written again (a kill, a full disk): the report there before is whole
+    # (it was cut, and a cut report, titled, is taken as the lab's own)
+    with monkeypatch.context() as m:
+        def full(self, *args):
+            raise OSError(28, "No space left on device")
+        whole = common.write_whole
+        m.setattr(lab.common, "write_whole",
+                  lambda path, write: whole(path, lambda f: (write(f), full(None))))
+        with pytest.raises(OSError):
+            lab.report(cfg, runs)
+    assert open(cfg.results).read() == text and not os.path.exists(cfg.results + ".tmp")
     assert f"for the 3 of {len(runs)} runs not already on disk" in text and "rebuilt" not in text
     for section in ("## The world and the baseline", "## LRV-Instruction", "## LLaVA-RLHF",
                     "## POVID", "## VIGC", "## Verdicts", "## Commands"):
