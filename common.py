@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -432,6 +433,15 @@ def cleanup_dist():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before gloo's threads are torn down
         dist.destroy_process_group()
+
+
+def interrupt_on_sigterm():
+    """SIGTERM (a batch scheduler's time limit, `kill`) taken as Ctrl-C: pipeline.py and lab.py stop
+    their running stages and say how to go on (they ended at once, their stages running on as
+    orphans that the next pipeline or lab refused until they ended)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def end_process():

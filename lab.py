@@ -1197,5 +1197,6 @@ def run_lab(cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
+    common.interrupt_on_sigterm()
     with common.user_errors():
         main(cfg)

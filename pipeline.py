@@ -337,5 +337,6 @@ def run_stages(cfg, commands, here, times):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
+    common.interrupt_on_sigterm()
     with common.user_errors():
         main(cfg)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import common
 import lab
-from conftest import run_cli, run_script
+from conftest import HERE, run_cli, run_script
 
 
 def test_pipeline_two_steps(tmp_path, tiny_world):
@@ -1070,6 +1070,38 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, caps
     code, _, err = run_cli("lab", ["--out", str(tmp_path / "runs")])
     assert code == 130 and err == ("interrupted: the runs that ended are kept; the same command "
                                    "goes on from them (the runs cut off start again)\n"), err
+
+
+def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(tmp_path):
+    """SIGTERM (a scheduler's time limit, `kill PID`) ended lab.py and pipeline.py at once, their
+    runs going on as orphans; it is taken as Ctrl-C now: the runs get SIGINT and are waited for,
+    and the lab says how to go on (exit 130)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    said, ready = tmp_path / "said", tmp_path / "ready"
+    script = tmp_path / "sleeper.py"
+    script.write_text("import sys, time\ntry:\n"
+                      f"    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+                      "except KeyboardInterrupt:\n"
+                      f"    open({str(said)!r}, 'w').write('stopped')\n    sys.exit(130)\n")
+    # lab.py's own __main__ block, with one run: the sleeper
+    code = ("import sys; sys.argv = ['lab.py']; import common, lab\n"
+            "common.interrupt_on_sigterm()\n"
+            f"runs = {{'a': ([{str(script)!r}], [], {str(tmp_path / 'runs' / 'DONE')!r})}}\n"
+            f"cfg = lab.Config(out={str(tmp_path / 'runs')!r}, jobs=1)\n"
+            "with common.user_errors():\n"
+            "    try:\n        lab.execute(runs, cfg)\n"
+            "    except KeyboardInterrupt:\n        sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130 and said.read_text() == "stopped"
 
 
 def test_ppo_curves_read_done_runs_alone(tmp_path):
