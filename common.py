@@ -630,10 +630,12 @@ def set_lr(optimizer, lr):
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=None):
+def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=None,
+                   first=False):
     """Clip the gradient norm. A non-finite loss or gradient stops the run naming the step (numbered
     as the log lines and checkpoints number them: the update after checkpoint-N is step N + 1) and
-    the last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update."""
+    the last good checkpoint, or (skip_nonfinite) returns None so the caller skips the update.
+    first: no update has run yet (said: then no learning rate made it)."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: the norm over every rank's shards
@@ -647,11 +649,10 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
         last = latest_checkpoint(out_dir)
         # (with none, --resume has nothing to go on from: start again)
         again = "resume with --resume true" if last else "start again with --overwrite true"
-        # (the first step of a run: no update has run, so no learning rate made it)
-        first = "; no update has run: the weights loaded, the data or a loss setting at an " \
-            "extreme (as --beta or --kl_coef) made it" if step == 0 else ""
+        cause = "; no update has run: the weights loaded, the data or a loss setting at an " \
+            "extreme (as --beta or --kl_coef) made it" if first else ""
         raise NonFiniteError(f"step {step + 1}: non-finite {'loss' if bad_loss else 'gradient'}"
-                             f"{first}; stopped. Last good checkpoint: {last or 'none yet'} "
+                             f"{cause}; stopped. Last good checkpoint: {last or 'none yet'} "
                              f"({again}, and --skip_nonfinite true to skip such steps)")
     return float(norm)
 
@@ -675,7 +676,9 @@ def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     if loss is not None and reduce:
         loss = all_reduce_sum(loss, d)
     skip_nonfinite = getattr(cfg, "skip_nonfinite", False)
-    norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, skip_nonfinite, loss)
+    # (PPO takes several updates per step: the run's first update, not its first step)
+    first = step == 0 and getattr(opt, "applied", 0) == 0
+    norm = clip_and_check(params, cfg.grad_clip, step, cfg.out, skip_nonfinite, loss, first)
     opt.skipped_in_a_row = 0 if norm is not None else getattr(opt, "skipped_in_a_row", 0) + 1
     opt.applied = getattr(opt, "applied", 0) + (norm is not None)  # (updates in this process)
     opt.first_step = getattr(opt, "first_step", step)  # (> 0: resumed, updates came before)

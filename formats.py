@@ -148,13 +148,20 @@ def _parse_json(path, text):
     return out
 
 
+def _records_in(value):
+    """Whether a value is a list of objects other than turns: records under a wrapper of another
+    name (the other VQA-v2 file, {"data": [...]}), not a record's own conversation."""
+    return isinstance(value, list) and bool(value) and all(isinstance(x, dict) for x in value) \
+        and not all({"from", "value"} <= set(x) for x in value)
+
+
 def _records(path, wrapper=None):
     """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper.
     """
     obj = load_json(path)
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict) and not any(_records_in(v) for v in obj.values()):
         obj = [obj]  # a JSON lines file with a single line (a record: checked as the others)
     if not isinstance(obj, list):
         if wrapper:

@@ -218,10 +218,8 @@ def run_lane(names, commands, here, env, times):
         _running.add(proc)
         if _stopping.is_set():  # (started while stop_stages went through the others)
             proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait()
-        finally:
-            _running.discard(proc)
+        code = proc.wait()  # (interrupted: it stays in _running, for stop_stages to stop)
+        _running.discard(proc)
         times[name] = time.time() - t0
         if code != 0:
             _lane_failed.set()

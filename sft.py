@@ -38,8 +38,9 @@ import common
 import oracle
 import shapes
 from model import PRESETS
-from data import (IGNORE, DataError, ImageCache, check_images, collate, load_json, normalize, pack,
-                  read_any_conversations, require_records, tokenize_conversations)
+from data import (EOS_TEXT, IGNORE, DataError, ImageCache, check_images, collate, load_json,
+                  normalize, pack, read_any_conversations, require_records,
+                  tokenize_conversations)
 
 # --data's weights repeat records (references, tokenized once) up to this many in all
 MAX_TRAIN_RECORDS = 10_000_000
@@ -186,7 +187,9 @@ class Tokenized:
     def __init__(self, records, tokenizer, model_config, cfg, images, template=None, show=False,
                  d=None, needed=None):
         self.template = template or cfg.template
-        self.eos = tokenizer.eos_token or None
+        # (LLaVA's preprocess_v1 splits the text at its templates' end text: a value holding it
+        # is a 'tokenization mismatch'; preprocess_plain checks nothing)
+        self.eos = EOS_TEXT if self.template != "plain" else None
         self.tokenize = lambda turns: tokenize_conversations(
             tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
             cfg.max_len, self.template)
@@ -247,9 +250,9 @@ class Tokenized:
         return got
 
     def learned(self, t, record):
-        """The tokens learned: the answers', none where a turn holds the tokenizer's end text
-        ('</s>': it is read as the end of the turn, so LLaVA's preprocess finds a "tokenization
-        mismatch" and masks the whole conversation; ours learned an end inside the answer)."""
+        """The tokens learned: the answers', none where a turn holds the template's end text
+        ('</s>': LLaVA's preprocess splits the text there, finds a "tokenization mismatch" and
+        masks the whole conversation; ours learned an end inside the answer)."""
         if self.eos and any(self.eos in turn["value"] for turn in record["conversations"]):
             return torch.zeros(len(t["labels"]), dtype=torch.bool)
         return t["labels"] != IGNORE
@@ -406,8 +409,8 @@ def main(cfg):
     del train_records
     if train.unlearned and d.main:
         print(f"warning: {train.unlearned} training conversations teach no token: a turn holds "
-              f"the tokenizer's end text {tokenizer.eos_token!r} (LLaVA masks such a conversation "
-              "whole: 'tokenization mismatch')")
+              f"the template's end text {EOS_TEXT!r} (LLaVA masks such a conversation whole: "
+              "'tokenization mismatch')")
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {n_records} training conversations "
               f"that do not fit --max_len {cfg.max_len} with at least part of the first answer")

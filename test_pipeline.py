@@ -1072,36 +1072,41 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, caps
                                    "goes on from them (the runs cut off start again)\n"), err
 
 
-def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(tmp_path):
+@pytest.mark.parametrize("script", ["pipeline", "lab"])
+def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, tiny_world,
+                                                             tiny_sft):
     """SIGTERM (a scheduler's time limit, `kill PID`) ended lab.py and pipeline.py at once, their
-    runs going on as orphans; it is taken as Ctrl-C now: the runs get SIGINT and are waited for,
-    and the lab says how to go on (exit 130)."""
+    runs going on as orphans (the next lab or pipeline refused their folders until they ended); it
+    is taken as Ctrl-C now: the running stage gets SIGINT and is waited for (exit 130)."""
     import signal
     import subprocess
     import sys
     import time
-    said, ready = tmp_path / "said", tmp_path / "ready"
-    script = tmp_path / "sleeper.py"
-    script.write_text("import sys, time\ntry:\n"
-                      f"    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
-                      "except KeyboardInterrupt:\n"
-                      f"    open({str(said)!r}, 'w').write('stopped')\n    sys.exit(130)\n")
-    # lab.py's own __main__ block, with one run: the sleeper
-    code = ("import sys; sys.argv = ['lab.py']; import common, lab\n"
-            "common.interrupt_on_sigterm()\n"
-            f"runs = {{'a': ([{str(script)!r}], [], {str(tmp_path / 'runs' / 'DONE')!r})}}\n"
-            f"cfg = lab.Config(out={str(tmp_path / 'runs')!r}, jobs=1)\n"
-            "with common.user_errors():\n"
-            "    try:\n        lab.execute(runs, cfg)\n"
-            "    except KeyboardInterrupt:\n        sys.exit(130)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not ready.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    out = tmp_path / "out"
+    argv = {"pipeline": ["--stages", "sft", "--model", "tiny", "--steps", "100000"],
+            "lab": ["--sft", tiny_sft, "--claims", "lrv", "--seeds", "0", "--steps", "100000"]}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, f"{script}.py"),
+                             *argv[script], "--world", tiny_world, "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    running = lambda: [d for d, _, files in os.walk(out) if ".lock" in files and d != str(out)
+                       and common.lock_holder(d)]
+    deadline = time.time() + 120
+    while not running() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    stage = running()
+    assert stage, proc.communicate()[1][-2000:]
+    pid = common.lock_holder(stage[0])
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130 and said.read_text() == "stopped"
+    try:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "interrupted:" in err, err[-2000:]
+        assert common.lock_holder(stage[0]) is None  # (the stage ended before its pipeline)
+    finally:  # (nothing left running, whatever failed)
+        if proc.poll() is None:
+            proc.kill()
+        if common.lock_holder(stage[0]):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def test_ppo_curves_read_done_runs_alone(tmp_path):

@@ -173,6 +173,11 @@ def test_read_any_conversations(tmp_path, llava):
     lrv_one.write_text(json.dumps({"image_id": "5", "question": "Q?", "answer": "A."}) + "\n")
     assert read_any_conversations(str(lrv_one), str(tmp / "img"))[0]["conversations"] == \
         b[0]["conversations"]
+    # an object holding a list of objects under another key: a wrapper, not a record (the swapped
+    # VQA files, {"data": [...]}): refused as before, not read as one record missing its fields
+    wrapped = write(tmp / "w.json", {"data": recs})
+    assert "expected a JSON list of records or {'annotations': [...]}, got an object" in \
+        error(read_any_conversations, wrapped)
     path = write(tmp / "x.json", [{"foo": 1}])
     assert error(read_any_conversations, path) == (
         f"{path}: record 0: field 'conversations': missing (expected LLaVA "

@@ -2749,6 +2749,20 @@ def test_a_nonfinite_first_step_says_no_update_made_it(w, tmp_path, monkeypatch)
     code, _, err = run_cli("sft", base_args("sft", w, str(tmp_path / "run")))
     assert code == 2 and err.startswith("error: step 1: non-finite loss; no update has run: the "
                                         "weights loaded, the data or a loss setting"), err
+    # PPO's second update of step 1 (updates came before it: not said)
+    monkeypatch.undo()
+    cfg = types.SimpleNamespace(grad_clip=1.0, out=str(tmp_path / "none"), skip_nonfinite=False)
+    weight = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    for loss in (torch.tensor(1.0), torch.tensor(float("nan"))):
+        weight.grad = torch.ones(2)
+        try:
+            common.optimizer_step(opt, [weight], common.Dist(), 0, cfg, loss)
+        except common.NonFiniteError as e:
+            assert "no update has run" not in str(e) and str(e).startswith("step 1: non-finite")
+            break
+    else:
+        raise AssertionError("a non-finite loss went through")
 
 
 def test_skip_nonfinite_stops_when_every_update_is_skipped(w, tmp_path, monkeypatch):

@@ -271,4 +271,9 @@ def test_a_turn_holding_the_end_text_teaches_nothing_as_in_llava(tiny_world, tin
                                      "--image_folder", tiny_world, "--max_steps", "1",
                                      "--batch_size", "4", "--out", str(tmp_path / "o")])
     assert code == 0 and "warning: 1 training conversations teach no token: a turn holds the " \
-        "tokenizer's end text '</s>'" in out, err
+        "template's end text '</s>'" in out, err
+    # --template plain: LLaVA's preprocess_plain checks nothing (a caption is learned as it is)
+    captions = read_any_conversations(os.path.join(tiny_world, "align.json"), tiny_world)[:2]
+    captions[0]["conversations"][1]["value"] += " </s> and more."
+    plain = sft.Tokenized(captions, tok, model_config, cfg, None, template="plain")
+    assert plain.unlearned == 0 and all(plain.n_labels > 0)
