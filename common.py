@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import typing
@@ -433,6 +434,16 @@ def cleanup_dist():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank done with its collectives before gloo's threads are torn down
         dist.destroy_process_group()
+
+
+def wait_a_moment(procs, seconds=2.0):
+    """Wait up to `seconds` in all for processes to end on their own (stopping them comes next)."""
+    deadline = time.time() + seconds
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def interrupt_on_sigterm():

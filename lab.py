@@ -315,6 +315,8 @@ def execute(runs, cfg, finished=lambda n: None):
                       + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
                       + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
     except KeyboardInterrupt:  # (sent to the lab alone, its runs went on as orphans)
+        common.wait_a_moment([proc for proc, _, _ in running.values()])  # (a terminal's Ctrl-C
+        # reached them too: their own exit first, not a second interrupt in their last words)
         for proc, _, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)

@@ -1054,8 +1054,11 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, caps
     import time
     real_sleep = time.sleep
 
-    def sleep(seconds):  # (the lab's poll: Ctrl-C once the run is under way)
-        if ready.exists():
+    pressed = []
+
+    def sleep(seconds):  # (the lab's poll: Ctrl-C once the run is under way, once)
+        if ready.exists() and not pressed:
+            pressed.append(True)
             raise KeyboardInterrupt
         real_sleep(seconds)
     monkeypatch.setattr(lab.time, "sleep", sleep)
@@ -1107,6 +1110,38 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
             proc.kill()
         if common.lock_holder(stage[0]):
             os.kill(int(pid), signal.SIGKILL)
+
+
+def test_a_terminals_ctrl_c_reaches_a_lab_run_once(tmp_path, monkeypatch):
+    """Ctrl-C in a terminal reaches the lab and its runs at once; the lab then sent its runs a
+    second one, which could cut their last words (the line saying how to go on) into a traceback.
+    A run that ends on its own within a moment is not interrupted again."""
+    import signal
+    counted, ready = tmp_path / "count", tmp_path / "ready"
+    script = tmp_path / "counter.py"
+    script.write_text("import os, signal, sys, time\nn = []\n"
+                      "def count(*a):\n    n.append(1)\n"
+                      f"    open({str(counted)!r}, 'w').write(str(len(n)))\n"
+                      "signal.signal(signal.SIGINT, count)\n"
+                      f"open({str(ready)!r}, 'w').write(str(os.getpid()))\n"
+                      "while not n:\n    time.sleep(0.01)\n"
+                      "time.sleep(0.5)\nsys.exit(130)\n")  # (its last words take a moment)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+    real_sleep, pressed = lab.time.sleep, []
+
+    def sleep(seconds):  # (the terminal's Ctrl-C: to the run and to the lab, once)
+        if ready.exists() and ready.read_text() and not pressed:
+            pressed.append(True)
+            os.kill(int(ready.read_text()), signal.SIGINT)
+            while not counted.exists():  # (taken: a second one would not merge into it)
+                real_sleep(0.01)
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+    monkeypatch.setattr(lab.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        lab.execute(runs, cfg)
+    assert counted.read_text() == "1"
 
 
 def test_ppo_curves_read_done_runs_alone(tmp_path):
