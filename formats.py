@@ -161,7 +161,7 @@ def _records(path, wrapper=None):
     obj = load_json(path)
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
-    elif isinstance(obj, dict) and not any(_records_in(v) for v in obj.values()):
+    elif isinstance(obj, dict) and (wrapper is None or not any(map(_records_in, obj.values()))):
         obj = [obj]  # a JSON lines file with a single line (a record: checked as the others)
     if not isinstance(obj, list):
         if wrapper:
