@@ -155,10 +155,10 @@ def _records_in(value):
         and not all({"from", "value"} <= set(x) for x in value)
 
 
-def _records(path, wrapper=None):
+def _records(path, wrapper=None, obj=None):
     """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper.
-    """
-    obj = load_json(path)
+    obj: the file as load_json parsed it already."""
+    obj = load_json(path) if obj is None else obj
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
     elif isinstance(obj, dict) and (wrapper is None or not any(map(_records_in, obj.values()))):
@@ -706,9 +706,9 @@ def vqav2_to_conversations(questions_path, annotations_path, image_folder, image
     (COCO_val2014_... for the val file; train2014 where it names none)."""
     if max_rounds is not None and max_rounds < 1:  # (it was an IndexError on an empty group)
         raise ValueError(f"max_rounds {max_rounds}: at least 1, or None for all")
+    questions = load_json(questions_path)
     if image_pattern is None:
-        subtype = load_json(questions_path)
-        subtype = subtype.get("data_subtype") if isinstance(subtype, dict) else None
+        subtype = questions.get("data_subtype") if isinstance(questions, dict) else None
         subtype = subtype if isinstance(subtype, str) and subtype.strip() else "train2014"
         image_pattern = f"COCO_{subtype.strip()}_{{image_id:012d}}.jpg"
 
@@ -727,7 +727,8 @@ def vqav2_to_conversations(questions_path, annotations_path, image_folder, image
         name = image_pattern.format(image_id=image_id)
         image = _written_image(image_folder, name, check_images, "image_id")
         return image_id, image, text, by_qid[qid]
-    qs, skipped_q = _each(questions_path, _records(questions_path, "questions"), q_fn, on_error)
+    records = _records(questions_path, "questions", questions)
+    qs, skipped_q = _each(questions_path, records, q_fn, on_error)
 
     groups = {}  # image_id -> (image, [(question, answer)]), in first-seen order
     for image_id, image, text, (atype, ans) in qs:

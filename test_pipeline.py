@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 import zlib
 
 import pytest
@@ -1038,6 +1039,20 @@ def test_pipeline_lab_and_eval_under_torchrun_say_run_with_python(script, tmp_pa
     assert run_cli(script, ["--out", str(tmp_path / "out")]) == (2, "", "")
 
 
+def ctrl_c_once(ready, first=lambda real_sleep: None):
+    """A time.sleep for the lab's poll (time.sleep is global: Popen.wait sleeps too) that raises
+    KeyboardInterrupt once, the first time the file `ready` is there, after first()."""
+    real_sleep, pressed = time.sleep, []
+
+    def sleep(seconds):
+        if os.path.exists(ready) and not pressed:
+            pressed.append(True)
+            first(real_sleep)
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+    return sleep
+
+
 def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, capsys):
     """SIGINT to lab.py alone (kill -INT, not the terminal's whole group): exit 130, and its
     running runs went on as orphans. They get it too now, and the lab waits for them, then says
@@ -1051,17 +1066,7 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, caps
                       f"    open({str(said)!r}, 'w').write('stopped')\n    sys.exit(130)\n")
     runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
     cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
-    import time
-    real_sleep = time.sleep
-
-    pressed = []
-
-    def sleep(seconds):  # (the lab's poll: Ctrl-C once the run is under way, once)
-        if ready.exists() and not pressed:
-            pressed.append(True)
-            raise KeyboardInterrupt
-        real_sleep(seconds)
-    monkeypatch.setattr(lab.time, "sleep", sleep)
+    monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready))  # (once the run is under way)
     with pytest.raises(KeyboardInterrupt):
         lab.execute(runs, cfg)
     assert said.read_text() == "stopped"
@@ -1128,17 +1133,14 @@ def test_a_terminals_ctrl_c_reaches_a_lab_run_once(tmp_path, monkeypatch):
                       "time.sleep(0.5)\nsys.exit(130)\n")  # (its last words take a moment)
     runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
     cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
-    real_sleep, pressed = lab.time.sleep, []
 
-    def sleep(seconds):  # (the terminal's Ctrl-C: to the run and to the lab, once)
-        if ready.exists() and ready.read_text() and not pressed:
-            pressed.append(True)
-            os.kill(int(ready.read_text()), signal.SIGINT)
-            while not counted.exists():  # (taken: a second one would not merge into it)
-                real_sleep(0.01)
-            raise KeyboardInterrupt
-        real_sleep(seconds)
-    monkeypatch.setattr(lab.time, "sleep", sleep)
+    def terminal(real_sleep):  # (the terminal's Ctrl-C reaches the run too, taken before the lab's)
+        while not ready.read_text():  # (its pid, written once the file is made)
+            real_sleep(0.01)
+        os.kill(int(ready.read_text()), signal.SIGINT)
+        while not counted.exists():  # (a second one sent before it is taken would merge into it)
+            real_sleep(0.01)
+    monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready, terminal))
     with pytest.raises(KeyboardInterrupt):
         lab.execute(runs, cfg)
     assert counted.read_text() == "1"
