@@ -229,6 +229,17 @@ def run_lane(names, commands, here, env, times):
 
 
 def main(cfg):
+    try:
+        run_pipeline(cfg)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): the running stages are stopped, no later one
+        # starts, wherever it lands (before any stage: common's line named --resume true)
+        stop_stages()
+        print("interrupted: the stages that ran to the end are kept; go on with --stages naming "
+              "the rest, or start again with --overwrite true", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def run_pipeline(cfg):
     common.refuse_torchrun("pipeline.py", "it starts each stage as a process of its own")
     if "sft" not in cfg.stages:  # (the preset of the SFT from scratch)
         common.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
@@ -287,13 +298,7 @@ def main(cfg):
     common.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
     here = os.path.dirname(os.path.abspath(__file__))
     times, t_start = {}, time.time()
-    try:
-        run_stages(cfg, commands, here, times)
-    except KeyboardInterrupt:  # Ctrl-C: the running stages are stopped, no later one starts
-        stop_stages()
-        print("interrupted: the stages that ran to the end are kept; go on with --stages naming "
-              "the rest, or start again with --overwrite true", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_stages(cfg, commands, here, times)
     print("\nstage times: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
           + f" | wall clock {(time.time() - t_start) / 60:.1f} min")
 

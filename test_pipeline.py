@@ -764,9 +764,14 @@ def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(pipeline, "run_stages", interrupted)
     code, _, err = run_cli("pipeline", ["--out", str(tmp_path / "ckpt"), "--model", "tiny",
                                         "--stages", "sft", "--world", str(tmp_path / "w")])
-    assert code == 130 and err == ("interrupted: the stages that ran to the end are kept; go on "
-                                   "with --stages naming the rest, or start again with "
-                                   "--overwrite true\n"), err
+    said = ("interrupted: the stages that ran to the end are kept; go on with --stages naming the "
+            "rest, or start again with --overwrite true\n")
+    assert code == 130 and err == said, err
+    pipeline._stopping.clear()
+    # before any stage (it said common's "--resume true", which the pipeline does not take)
+    monkeypatch.setattr(pipeline.common, "refuse_torchrun", interrupted)  # (its first call)
+    code, _, err = run_cli("pipeline", ["--out", str(tmp_path / "ckpt")])
+    assert code == 130 and err == said, err
     pipeline._stopping.clear()
 
 
