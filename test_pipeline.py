@@ -738,7 +738,6 @@ def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatc
     ppo.py and vigc.py, and it ended in a traceback. The running stages are stopped, none starts
     after, and one line says how to go on."""
     import threading
-    import time
     import pipeline
     slow = tmp_path / "slow.py"
     # (Ctrl-C's handler set: a shell's background job, as `bash .ci/run &`, starts it ignored)
@@ -1094,7 +1093,6 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
     import signal
     import subprocess
     import sys
-    import time
     out = tmp_path / "out"
     argv = {"pipeline": ["--stages", "sft", "--model", "tiny", "--steps", "100000"],
             "lab": ["--sft", tiny_sft, "--claims", "lrv", "--seeds", "0", "--steps", "100000"]}
