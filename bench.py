@@ -1026,6 +1026,12 @@ def main(cfg):
     if 0 < cfg.image_size < patch:  # (no patch: a conv2d error deep in the first forward pass)
         raise common.ConfigError(f"--image_size {cfg.image_size}: smaller than the {cfg.model} "
                                  f"preset's patch size {patch} (at least one patch per image)")
+    # (a smaller matmul or copy times its overhead, not the peak: MFU came out at thousands of %)
+    if 0 < cfg.matmul_n < 256 or 0 < cfg.copy_mib < 8:
+        flag, value, least = (("--matmul_n", cfg.matmul_n, 256) if 0 < cfg.matmul_n < 256
+                              else ("--copy_mib", cfg.copy_mib, 8))
+        raise common.ConfigError(f"{flag} {value}: 0 (the device's default) or at least {least}: "
+                                 "the peak that MFU and bandwidth shares divide by")
     check_positions(cfg)
     common.check_device(cfg.device)
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):

@@ -126,6 +126,15 @@ def test_cli_rejects_unknown_flags_in_one_line(tmp_path):
     assert code == 2 and err.count("\n") == 1 and "--nope" in err
 
 
+@pytest.mark.parametrize("flag", ["--matmul_n", "--copy_mib"])
+def test_a_peak_measured_too_small_to_mean_anything_is_refused(tmp_path, flag):
+    """--matmul_n 1 reported an MFU of thousands of % (the 'peak' was one multiply's overhead)."""
+    code, stdout, err = run_cli("bench", ["--quick", "true", flag, "1", "--out", str(tmp_path)])
+    assert code == 2, err
+    assert err.startswith(f"error: {flag} 1: 0 (the device's default) or at least"), err
+    assert err.count("\n") == 1 and "parity" not in stdout, (stdout, err)
+
+
 def test_a_sequence_with_no_room_for_the_answer_is_refused_before_any_section(tmp_path):
     """--seq leaving no text for --answer was refused by the training section, after the export
     and parity sections had run (minutes at a real preset)."""
