@@ -1465,9 +1465,10 @@ def _fsync_dir(path):
                 os.fsync(f.fileno())
 
 
-def load_resume(out_dir, run_config):
+def load_resume(out_dir, run_config, free=()):
     """The newest checkpoint in OUT and its trainer state, after checking that the run config is the
-    same (except fields that do not change the math). None if there is none. The random streams
+    same (except fields that do not change the math, and the script's `free` ones: vigc's
+    generation settings). None if there is none. The random streams
     are left as --seed set them (building the model draws from them, as at the start):
     `restore` sets the checkpoint's once the model is built."""
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
@@ -1500,15 +1501,15 @@ def load_resume(out_dir, run_config):
             was[k] = v
     # fields this script has that the run's config lacks: another stage wrote it (a field that
     # differs would name one of them, which says nothing about what went wrong)
-    absent = [k for k in now if k not in RESUME_FREE_FIELDS and k not in was]
+    free = RESUME_FREE_FIELDS | set(free)
+    absent = [k for k in now if k not in free and k not in was]
     if absent:
         fields = ", ".join(map(repr, absent[:3])) + (", ..." if len(absent) > 3 else "")
         raise ConfigError(f"{path}: --resume: this run's config lacks this script's field"
                           f"{'s' if len(absent) > 1 else ''} {fields}: another stage or an older "
                           "factalign wrote it; resume with the stage and version that wrote it, "
                           "or pass another --out")
-    diff = [k for k in now if k not in RESUME_FREE_FIELDS
-            and _norm(now[k], k) != _norm(was.get(k), k)]
+    diff = [k for k in now if k not in free and _norm(now[k], k) != _norm(was.get(k), k)]
     if diff:
         k = diff[0]
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "

@@ -423,6 +423,28 @@ def test_vic_is_not_credited_for_an_emptied_answer(tiny_world):
     assert report["compared_answers"] == 1 and report["left_out_empty_correction"] == 1
 
 
+def test_generation_settings_are_recorded_as_given(tiny_world, tiny_ckpt, tmp_path):
+    """A resumed run may generate with other settings than it trained with: the checkpoint's
+    run_config said the defaults (temperature 0.7, 200 images) whatever was given, and no file
+    said how vigc_data.json was made."""
+    out = str(tmp_path / "vigc")
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "0", "--out", out]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0, err
+    argv += ["--max_steps", "2", "--resume", "true", "--generate", "3", "--temperature", "0.5",
+             "--max_new_tokens", "8", "--gen_batch_size", "2"]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0, err
+    made = json.load(open(os.path.join(out, "report.json")))["generation"]
+    assert (made["generate"], made["temperature"], made["max_new_tokens"]) == (3, 0.5, 8)
+    assert (made["gen_batch_size"], made["seed"]) == (2, 0)
+    assert made["images"] == os.path.join(tiny_world, "vigc_images.txt")
+    config = json.load(open(os.path.join(out, "checkpoint-000002", "config.json")))
+    assert config["run_config"]["temperature"] == 0.5
+    assert config["run_config"]["generate"] == 3
+
+
 def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
     """Its last checkpoint holds the merged weights and no optimizer state: a resumed run trained
     a fresh adapter on top of them, not what the uninterrupted run does."""

@@ -49,7 +49,6 @@ features do not depend on the text, so with greedy decoding the loop equals one 
 sentence re-tokenization: what changes the answer here is that VIC re-answers the question from the
 image, without VIG's sampled answer in context and at --vic_temperature.
 """
-import dataclasses
 import json
 import os
 import random
@@ -509,7 +508,11 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
             json.dump(recs, f, indent=1)
         os.replace(os.path.join(cfg.out, f".{name}.tmp"), os.path.join(cfg.out, name))
     n_empty = sum(not a for a in answers)
-    report = {"vic_mode": cfg.vic_mode, "images": len(jobs), "parsed": len(ok),
+    # (the settings that made these files: a resumed run may have been given others than its
+    # checkpoints record)
+    made_with = {k: getattr(cfg, k) for k in ("seed", "vic_mode", *GEN_FIELDS)}
+    report = {"generation": made_with, "vic_mode": cfg.vic_mode, "images": len(jobs),
+              "parsed": len(ok),
               "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
               # (None: nothing parsed, so nothing was corrected)
               "correction_steps_per_answer": round(sum(steps) / len(steps), 2) if steps else None,
@@ -647,10 +650,10 @@ def main(cfg):
             if world_name(cfg.world, name) not in objects:
                 raise common.ConfigError(f"--images {cfg.images}: {name} is not an image of the "
                                          f"world's annotations (the oracle counts those)")
-    # generation flags do not change the trained weights: free to change on --resume
-    gen_defaults = {k: Config.__dataclass_fields__[k].default for k in GEN_FIELDS}
-    train_cfg = dataclasses.replace(cfg, **gen_defaults)
-    resume_path, state = common.load_resume(cfg.out, train_cfg) if cfg.resume else (None, None)
+    # generation flags do not change the trained weights: free to change on --resume (the
+    # checkpoints record those given; report.json those the data were made with)
+    resume_path, state = (common.load_resume(cfg.out, cfg, free=GEN_FIELDS) if cfg.resume
+                          else (None, None))
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
     # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
@@ -758,13 +761,13 @@ def main(cfg):
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
             t0, tokens = time.time(), 0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            common.save_checkpoint(model, cfg.out, done, train_cfg, opt, tokenizer, d=d)
+            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
     if cfg.fsdp:  # the LoRA merge and generation need the whole model: rank 0 gathers it
         model = common.gather_full_model(model, d, d.device)
     if cfg.lora_r > 0 and model is not None:
         model.merge_adapter("vigc")  # generation and later stages use the merged weights
         if d.main and cfg.max_steps > start:
-            common.save_checkpoint(model, cfg.out, cfg.max_steps, train_cfg, None, tokenizer)
+            common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
     if cfg.generate > 0 and d.main:
         generate_data(model, tokenizer, cfg, imgs, instructions, oracle="images" in named)
     common.cleanup_dist()
