@@ -74,6 +74,11 @@ def fail(message):
     raise SystemExit(2)
 
 
+# set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
+# --resume true, which the pipeline does not take)
+INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
+
+
 @contextmanager
 def user_errors(*extra):
     """Turn the errors a user can cause (bad data, bad checkpoint, bad flags, unwritable paths)
@@ -111,8 +116,9 @@ def user_errors(*extra):
             fail(f"{e.strerror} while reading or writing: check the disk")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
-        sys.stderr.write("interrupted: what was written is kept (a training run goes on from its "
-                         "last checkpoint with --resume true)\n")
+        if not os.environ.get(INTERRUPT_SAID_BY):
+            sys.stderr.write("interrupted: what was written is kept (a training run goes on from "
+                             "its last checkpoint with --resume true)\n")
         raise SystemExit(130) from None
     finally:
         release_locks()
