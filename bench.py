@@ -1249,8 +1249,12 @@ def fsdp_bench(cfg):
     return out
 
 
+# Ctrl-C's line (the report is written at the end)
+INTERRUPTED = "interrupted: no report written"
+
+
 if __name__ == "__main__":
     cfg = common.parse_config(Config, prog="bench.py")
-    with common.user_errors():
+    with common.user_errors(interrupted=INTERRUPTED):
         main(cfg)
     common.end_process()

@@ -79,10 +79,15 @@ def fail(message):
 INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
 
 
+INTERRUPTED = ("interrupted: what was written is kept (a training run goes on from its last "
+               "checkpoint with --resume true)")
+
+
 @contextmanager
-def user_errors(*extra):
+def user_errors(*extra, interrupted=INTERRUPTED):
     """Turn the errors a user can cause (bad data, bad checkpoint, bad flags, unwritable paths)
-    into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback."""
+    into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
+    Ctrl-C: the line `interrupted` (what a run of this script leaves, how to go on), exit 130."""
     try:
         yield
     except UnicodeDecodeError as e:  # (readers name the file; this is the last resort)
@@ -117,8 +122,7 @@ def user_errors(*extra):
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
         if not os.environ.get(INTERRUPT_SAID_BY):
-            sys.stderr.write("interrupted: what was written is kept (a training run goes on from "
-                             "its last checkpoint with --resume true)\n")
+            sys.stderr.write(interrupted + "\n")
         raise SystemExit(130) from None
     finally:
         release_locks()

@@ -75,7 +75,7 @@ def run_cli(module, argv, strict=False):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             cfg = common.parse_config(mod.Config, argv, prog=f"{module}.py")
-            with common.user_errors():
+            with common.user_errors(interrupted=getattr(mod, "INTERRUPTED", common.INTERRUPTED)):
                 mod.main(cfg)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1

@@ -1386,10 +1386,14 @@ def main(cfg):
         common.write_json({"rows": flat, "scores": rows}, os.path.join(cfg.out, "compare.json"))
     return rows
 
+# Ctrl-C's line (answers and replies are appended as made, and reused)
+INTERRUPTED = ("interrupted: the answers and judge replies written are kept; the same command goes "
+               "on from them")
+
 
 def cli(argv=None):
     cfg = common.parse_config(Config, argv, prog="eval.py")
-    with common.user_errors(JudgeError):
+    with common.user_errors(JudgeError, interrupted=INTERRUPTED):
         return main(cfg)
 
 

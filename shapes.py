@@ -1430,7 +1430,9 @@ def main(argv=None):
     import common
     args = asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed, overwrite = args.pop("out"), args.pop("seed"), args.pop("overwrite")
-    with common.user_errors(ValueError):  # a user's mistake: one line, exit code 2
+    # a user's mistake: one line, exit code 2 (a world is written whole or not at all)
+    with common.user_errors(ValueError, interrupted=f"interrupted: no world written; {out} is as "
+                            "it was"):
         if not overwrite:
             refuse_another_world(out, seed, args)
         w = write_world(out, seed, **args)

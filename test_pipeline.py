@@ -812,6 +812,31 @@ def test_ctrl_c_in_a_stage_is_one_line():
         "with --resume true)\n")
 
 
+def test_ctrl_c_says_what_each_script_leaves(tmp_path, monkeypatch, capsys):
+    """shapes.py, eval.py and bench.py said the training stages' line (a training run goes on with
+    --resume true), which none of them takes; each says what it leaves and how to go on."""
+    import importlib
+    import bench
+    import shapes
+    eval_module = importlib.import_module("eval")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = str(tmp_path / "w")
+    monkeypatch.setattr(shapes, "write_world", interrupted)
+    monkeypatch.setattr(eval_module, "main", interrupted)
+    for call in (lambda: shapes.main(["--out", out]), lambda: eval_module.cli([])):
+        with pytest.raises(SystemExit) as stop:
+            call()
+        assert stop.value.code == 130
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"interrupted: no world written; {out} is as it was",
+                    "interrupted: the answers and judge replies written are kept; the same "
+                    "command goes on from them"]
+    monkeypatch.setattr(bench, "main", interrupted)
+    assert run_cli("bench", ["--quick", "true"]) == (130, "", "interrupted: no report written\n")
+
+
 def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, tiny_world,
                                                                     tiny_sft, monkeypatch, capsys):
     """Every run of this invocation failed (a broken machine, a missing file): the report of none
