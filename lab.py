@@ -1,7 +1,7 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
 test split (images, and object combinations, that no training run saw).
 
-    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): ~1 h, 2 Xeon cores (README)
+    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 67-113 min on 2 Xeon cores (README)
     python lab.py --claims lrv povid --seeds 0 1 2
     python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
