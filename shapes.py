@@ -48,12 +48,16 @@ BACKGROUND = (28, 28, 28)
 @dataclass
 class World:
     """The world's parameters: `python shapes.py --KEY value`, write_world(out, seed, **params)."""
-    image_size: int = 48  # image side in pixels: --grid cells of at least 15 px
+    # image side in pixels: --grid cells of at least 15 px (a fresh --model takes one patch per
+    # cell, at most 63 px: larger worlds are for models given by --init)
+    image_size: int = 48
     grid: int = 3  # cells per side, one object per cell (3: each named; 2: the corners)
     max_objects: int = 4  # objects per image: 1..max_objects
     n_train: int = 6000  # train images (SFT, preference, RL data)
     n_val: int = 300  # validation images
-    n_test: int = 400  # held-out test images (POPE, CHAIR, MMHal-style, GAVIE)
+    # held-out test images (POPE, CHAIR, MMHal-style, GAVIE; a handful may hold no image with
+    # two objects, which relation questions need: refused, naming it)
+    n_test: int = 400
     n_unlabeled: int = 300  # images VIGC writes new instruction data for
     pairs: str = "triangle:circle,cross:square"  # trigger:partner co-occurrence pairs
     cooc: float = 0.95  # P(partner added | trigger) in train/val
@@ -1264,6 +1268,13 @@ def _foreign(out_dir, names):
     return next(iter(sorted(set(os.listdir(out_dir)) - set(names) - {".lock"})), None)
 
 
+def _world_path(out_dir):
+    """Where a world named out_dir is written: a link, to a folder or not yet, is followed (the
+    world replaced the link with a local folder, and a dangling one wrote nothing, exit 0)."""
+    out_dir = os.path.abspath(out_dir)
+    return os.path.realpath(out_dir) if os.path.islink(out_dir) else out_dir
+
+
 def write_world(out_dir, seed=0, flag="--out", **params):
     """Write a world to out_dir (replacing a world already there; refusing any other non-empty
     directory, one whose world.json does not read, one holding files a world does not, and one
@@ -1271,10 +1282,7 @@ def write_world(out_dir, seed=0, flag="--out", **params):
     world; a killed write's temp dir goes on the next. flag: the option that named out_dir, for
     the errors."""
     p = _params(params)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.islink(out_dir):  # (a link, to a folder or not yet: the world goes where it points;
-        # it replaced the link with a local folder, and a dangling one wrote nothing, exit 0)
-        out_dir = os.path.realpath(out_dir)
+    out_dir = _world_path(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(out_dir, message=f"exists and is not a folder: choose another {flag}")
     _refuse_place(out_dir, flag)
@@ -1433,6 +1441,7 @@ def main(argv=None):
     # a user's mistake: one line, exit code 2 (a world is written whole or not at all)
     with common.user_errors(ValueError, interrupted=f"interrupted: no world written; {out} is as "
                             "it was"):
+        _clean_leftovers(_world_path(out))  # (a killed write's, also where this one is refused)
         if not overwrite:
             refuse_another_world(out, seed, args)
         w = write_world(out, seed, **args)
@@ -1449,6 +1458,10 @@ def main(argv=None):
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
     print(vocab_line(s["vocab"], args["vocab_size"]))
+    if args["image_size"] // args["grid"] > common.MAX_CELL_PATCH:  # (refused at step 0 before)
+        print(f"note: {args['image_size'] // args['grid']} px cells: a fresh --model takes one "
+              f"patch per cell, at most {common.MAX_CELL_PATCH} px; this world is for a model "
+              "given by --init")
     for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
                                 text_only_writer=True):
         print(line)
@@ -1470,8 +1483,20 @@ def refuse_another_world(out, seed, params):
     if was is None:  # (nothing readable there: write_world says what it refuses)
         return
     version, was_seed, was_params = was
-    was_params = dict(DEFAULTS, **was_params) if isinstance(was_params, dict) else {}
     now = _params(params)
+    if version == FORMAT_VERSION:  # (a world.json edited by hand: said as the stages say it)
+        again = "; pass --overwrite true to write the world again"
+        if not isinstance(was_seed, int) or isinstance(was_seed, bool):
+            raise DataError(os.path.join(out, "world.json"), field="seed",
+                            message=f"{was_seed!r} is not an integer{again}")
+        if not isinstance(was_params, dict):
+            raise DataError(os.path.join(out, "world.json"), field="params",
+                            message=f"{was_params!r} is not an object{again}")
+        try:
+            _check_stored_params(out, dict(DEFAULTS, **was_params))
+        except DataError as e:
+            raise DataError(None, message=str(e) + again) from None
+    was_params = dict(DEFAULTS, **was_params) if isinstance(was_params, dict) else {}
     changed = _params_differ(was_params, now)
     if version == FORMAT_VERSION and was_seed == seed and not changed:
         return
@@ -1481,7 +1506,7 @@ def refuse_another_world(out, seed, params):
         what = f"the world of seed {was_seed}"
     else:
         k = changed[0]
-        what = f"a world with --{k} {was_params.get(k)} (now {now[k]})"
+        what = f"a world with --{k} {was_params.get(k)!r} (now {now[k]!r})"
     raise DataError(out, message=f"holds {what}: pass --overwrite true to replace it (what was "
                                  "made from it would no longer match it)")
 

@@ -2282,11 +2282,27 @@ def test_shapes_replaces_another_world_only_with_overwrite(tmp_path):
     before = tree_hashes(out)
     assert run_main(shapes_main, argv())[0] == 0  # the same world: written again, the same bytes
     assert tree_hashes(out) == before
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f"w.tmp{dead.pid}"  # (a killed write's: removed though this one is not)
+    leftover.mkdir()
     for change, want in (({"seed": 1}, "holds the world of seed 0"),
                          ({"n_pref": 6}, "holds a world with --n_pref 4 (now 6)")):
         code, _, err = run_main(shapes_main, argv(**change))
         assert code == 2 and want in err and "--overwrite true" in err, err
-        assert tree_hashes(out) == before
+        assert tree_hashes(out) == before and not leftover.exists()
+    # world.json edited by hand: said as the stages say it ('holds the world of seed 0' for a
+    # seed "0", '--cooc 0.95 (now 0.95)' for a string)
+    stored = (out / "world.json").read_text()
+    world = json.loads(stored)
+    for edit, want in (({"seed": "0"}, "field 'seed': '0' is not an integer"),
+                       ({"params": dict(world["params"], cooc="0.95")},
+                        "field 'params.cooc': '0.95' is not a number"),
+                       ({"params": []}, "field 'params': [] is not an object")):
+        (out / "world.json").write_text(json.dumps(dict(world, **edit)))
+        code, _, err = run_main(shapes_main, argv())
+        assert code == 2 and want in err and "--overwrite true" in err, err
+    (out / "world.json").write_text(stored)
     code, _, err = run_main(shapes_main, argv(seed=1, overwrite="true"))
     assert code == 0 and json.load(open(out / "world.json"))["seed"] == 1, err
 
