@@ -22,7 +22,8 @@ PARTNERS = {"triangle": ["circle"], "cross": ["square"]}
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     d = tmp_path_factory.mktemp("worlds")
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    # (c: a seed no default and no lab uses, for the invariants that must hold on every world)
+    for name, seed in (("a", 0), ("b", 0), ("c", 7)):
         shapes.write_world(str(d / name), seed=seed, **SMALL)
     return d
 
@@ -42,14 +43,15 @@ def test_determinism(worlds):
     assert (a / first_image).read_bytes() != (c / first_image).read_bytes()
 
 
-def test_annotations_match_pixels(worlds):
-    ann = json.load(open(worlds / "a" / "annotations.json"))
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_annotations_match_pixels(worlds, name):
+    ann = json.load(open(worlds / name / "annotations.json"))
     by_img = {}
     for x in ann["annotations"]:
         by_img.setdefault(x["image_id"], []).append(x)
     assert len(ann["images"]) == 40 + 10 + 40 + 8
     for img in ann["images"]:
-        px = np.asarray(Image.open(worlds / "a" / img["file_name"]).convert("RGB")).astype(int)
+        px = np.asarray(Image.open(worlds / name / img["file_name"]).convert("RGB")).astype(int)
         free = np.ones(px.shape[:2], bool)
         objs = by_img.get(img["id"], [])
         assert 1 <= len(objs) <= 4
@@ -84,12 +86,13 @@ def test_cooc_bias_present_in_train_broken_in_test():
     assert min(freq["circle"], freq["square"]) > 1.3 * max(freq["diamond"], freq["ring"])
 
 
-def test_world_stats(worlds):
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_world_stats(worlds, name):
     """world.json's stats equal what the written files say, recomputed here from the files."""
-    root = worlds / "a"
+    root = worlds / name
     w = json.load(open(root / "world.json"))
     stats = w["stats"]
-    assert w["params"]["n_train"] == 40 and w["seed"] == 0
+    assert w["params"]["n_train"] == 40 and w["seed"] == {"a": 0, "c": 7}[name]
     ann = json.load(open(root / "annotations.json"))
     per_split = dict(Counter(img["split"] for img in ann["images"]))
     png_files = {s: len(os.listdir(root / "images" / s)) for s in per_split}
@@ -472,14 +475,15 @@ def test_grid_2_negatives_and_injections_name_only_its_cells(tmp_path):
     assert data.grid_positions(3) == data.POSITIONS
 
 
-def test_generated_text_is_clean(worlds):
-    w = shapes.load_world(str(worlds / "a"))
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_generated_text_is_clean(worlds, name):
+    w = shapes.load_world(str(worlds / name))
     by = w["by_file"]
     texts, on_purpose = [], Counter()
     task_files = ["align.json", "sft.json", "sft_val.json"]
     task_files += [f"test_{q}.json" for q in shapes.QUESTION_TYPES]
     for f in task_files:
-        for rec in json.load(open(worlds / "a" / f)):
+        for rec in json.load(open(worlds / name / f)):
             answers = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
             kinds = rec.get("qtypes", [None] * len(answers))  # SFT descriptions: flawed on purpose
             objs = by[rec["image"]]
@@ -493,15 +497,15 @@ def test_generated_text_is_clean(worlds):
                     on_purpose[f] += 1
                     continue
                 texts.append((t, objs))
-    lrv = json.load(open(worlds / "a" / "lrv_train.json"))
+    lrv = json.load(open(worlds / name / "lrv_train.json"))
     texts += [(r["answer"], by[r["image_id"]]) for r in lrv]
-    mmhal = json.load(open(worlds / "a" / "mmhal.json"))
+    mmhal = json.load(open(worlds / name / "mmhal.json"))
     texts += [(r["gt_answer"], by[r["image_src"]]) for r in mmhal]
-    cap = json.load(open(worlds / "a" / "captions.json"))
+    cap = json.load(open(worlds / name / "captions.json"))
     fname = {i["id"]: i["file_name"] for i in cap["images"]}
     texts += [(c["caption"], by[fname[c["image_id"]]]) for c in cap["annotations"]]
     assert len(cap["annotations"]) == 5 * len(cap["images"])
-    stats = json.load(open(worlds / "a" / "world.json"))["stats"]["sft_flaws"]
+    stats = json.load(open(worlds / name / "world.json"))["stats"]["sft_flaws"]
     # no other false "yes"
     assert on_purpose["sft.json"] == sum(stats["false_yes_by_shape"].values())
     bad = [(t, oracle.oracle(t, o)) for t, o in texts if oracle.oracle(t, o)["num_hallucinations"]]
@@ -594,13 +598,14 @@ def test_ddpm_noise_closed_form():
     assert y.min() < 0  # not clamped
 
 
-def test_pope(worlds):
-    w = shapes.load_world(str(worlds / "a"))
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_pope(worlds, name):
+    w = shapes.load_world(str(worlds / name))
     train = [i for i in w["images"] if i["split"] == "train"]
     _, co = shapes.cooc_stats(train)
     mean_co = {}
     for strategy in ("random", "popular", "adversarial"):
-        recs = [json.loads(line) for line in open(worlds / "a" / f"pope_{strategy}.jsonl")]
+        recs = [json.loads(line) for line in open(worlds / name / f"pope_{strategy}.jsonl")]
         assert [r["question_id"] for r in recs] == list(range(1, len(recs) + 1))
         labels = Counter(r["label"] for r in recs)
         assert labels["yes"] == len(recs) // 2 == labels["no"]
@@ -614,8 +619,9 @@ def test_pope(worlds):
     assert mean_co["adversarial"] > mean_co["random"]
 
 
-def test_task_file_formats(worlds):
-    d = worlds / "a"
+@pytest.mark.parametrize("name", ["a", "c"])
+def test_task_file_formats(worlds, name):
+    d = worlds / name
     sft = json.load(open(d / "sft.json"))
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in sft)
     # the one-word VQA conversations: own test
