@@ -1,5 +1,6 @@
 """The hallucination lab: each seed paper's central claim, measured on the Shapes world's held-out
-test split (images, and object combinations, that no training run saw).
+test split (images drawn apart from the training ones, where the co-occurrence bias is broken; on
+the default world about one in ten, each of a single shape, repeats a training image's pixels).
 
     python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 67-113 min on 2 Xeon cores (README)
     python lab.py --claims lrv povid --seeds 0 1 2
