@@ -35,13 +35,12 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, detect_layout, 
 from formats import DataError
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
+# a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
+SEED_RANGE = "[0, 4294967295]"
+
 # ----------------------------------------------------------------------------------------
 # errors users cause: one line, exit code 2, no traceback
 # ----------------------------------------------------------------------------------------
-
-
-# a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
-SEED_RANGE = "[0, 4294967295]"
 
 
 class ConfigError(Exception):

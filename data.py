@@ -32,7 +32,6 @@ SYSTEM = {
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     ),
 }
-ROLE = {"human": "USER", "gpt": "ASSISTANT"}
 EOS_TEXT = "</s>"
 
 

@@ -63,8 +63,6 @@ class Config:
     povid_stage: int = 1  # 1: DPO on the pairs; 2: POVID, half the loss against noisy-image answers
     noise_t: int = 500  # POVID: diffusion step of the image noise (0..999; POVID uses 500)
     noise_on: str = "original"  # POVID: 'original' (POVID's: noised full-size, 8-bit) or 'resized'
-    # 'own' (POVID's code): policy and reference each score their own argmax; 'policy': both score
-    # the policy's
     noisy_tokens: str = "own"  # POVID: 'own' (POVID's code: each scores its own argmax) or 'policy'
     lora_r: int = 16  # LoRA rank on the LM (0: full fine-tune, reference log-probs cached)
     lora_alpha: int = 32  # LoRA alpha (scale alpha / r)

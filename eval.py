@@ -91,7 +91,8 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 
 @dataclass
 class Config:
-    """Evaluate checkpoints on POPE, CHAIR, MMHal-Bench and GAVIE (Shapes world by default)."""
+    """Evaluate checkpoints on POPE, CHAIR, MMHal-Bench, GAVIE and LLaVA-Bench (Shapes world by
+    default)."""
     ckpt: str = "ckpt/sft"  # checkpoint (or run directory: its newest checkpoint) to evaluate
     compare: tuple = ()  # several checkpoints on the same questions -> OUT/compare.md and .json
     out: str = "runs/eval"  # one subfolder per checkpoint: answers, judge replies, scores.json
@@ -179,9 +180,7 @@ def read_jsonl(path):
             raise DataError(path, i, None, f"not a JSON object: {line.strip()!r:.60} (fix or "
                                            "delete the line)")
     if cut:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in good)
-        os.replace(path + ".tmp", path)
+        common.write_whole(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in good))
     return good
 
 
@@ -1037,18 +1036,15 @@ def export_answers(out, name, bench, qs, lines):
         records = [dict(q["template"], model_answer=lines[q["id"]]["answer"]) for q in got]
         common.write_json(records, os.path.join(folder, "mmhal.json"))
         return
-    path = os.path.join(folder, f"{bench}.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for q in got:
-            answer = lines[q["id"]]["answer"]
-            if bench == "chair":
-                line = {"image_id": q["image_id"], "caption": answer}
-            else:
-                answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
-                line = {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),
-                        "text": answer, "answer_id": answer_id, "model_id": name, "metadata": {}}
-            f.write(json.dumps(line) + "\n")
-    os.replace(path + ".tmp", path)
+    def line(q):
+        answer = lines[q["id"]]["answer"]
+        if bench == "chair":
+            return {"image_id": q["image_id"], "caption": answer}
+        answer_id = hashlib.sha1(f"{name}|{bench}|{q['id']}".encode()).hexdigest()[:22]
+        return {"question_id": q["question_id"], "prompt": q.get("text", q["prompt"]),
+                "text": answer, "answer_id": answer_id, "model_id": name, "metadata": {}}
+    common.write_whole(os.path.join(folder, f"{bench}.jsonl"),
+                       lambda f: f.writelines(json.dumps(line(q)) + "\n" for q in got))
 
 
 def evaluate(cfg, ckpt, name, bench, judges):

@@ -2,7 +2,7 @@
 test split (images drawn apart from the training ones, where the co-occurrence bias is broken; on
 the default world about one in ten, each of a single shape, repeats a training image's pixels).
 
-    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 67-113 min on 2 Xeon cores (README)
+    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 67-113 min, 2 Xeon cores
     python lab.py --claims lrv povid --seeds 0 1 2
     python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
@@ -62,7 +62,7 @@ class Config:
     claims: tuple = CLAIMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds per configuration (mean and spread over them)
     # the RLHF claim runs on the first N seeds only: per seed its two 1000-step reward models take
-    # ~13 min of one Xeon core (~34 of an AVX2-only AMD EPYC's), the other three claims ~10 (~25)
+    # about as long as the other three claims together (MINUTES)
     rlhf_seeds: int = 3
     jobs: int = 2  # runs side by side, one thread each
     steps: int = 0  # > 0: every run trains only this many steps (smoke test)
@@ -76,7 +76,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the runs
-# Step budgets: long enough for each method to move the model, short enough for ~50 min in all.
+# Step budgets: long enough for each method to move the model (in all 67-113 min on 2 Xeon cores,
+# over the 60-minute budget: README).
 LRV_RATIOS = (0.0, 0.25, 0.5)
 PPO_VARIANTS = {"facts": ("facts", []), "no-facts": ("nofacts", []),
                 "no-length-penalty": ("facts", ["--length_penalty", "0"]),

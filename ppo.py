@@ -105,7 +105,7 @@ class Config:
     warmup: int = 5  # linear warmup steps (LLaVA-RLHF: 5)
     warmup_from_zero: bool = False  # warmup step s at lr s/W (transformers'); false: (s+1)/W
     min_lr_ratio: float = 0.0  # final lr / peak of the cosine schedule (LLaVA-RLHF: cosine to 0)
-    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    weight_decay: float = 0.0  # AdamW weight decay on every trained parameter (value head bias too)
     grad_clip: float = 1.0  # gradient norm clip over policy + value (LLaVA-RLHF: 1.0)
     kl_coef: float = 0.1  # per-token KL penalty coefficient (LLaVA-RLHF scripts: 0.1)
     kl_estimator: str = "k1"  # 'k1': logp - logp_ref (LLaVA-RLHF); 'k3': r - 1 - log r, r = p_ref/p

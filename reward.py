@@ -31,7 +31,6 @@ Loss (InstructGPT Eq. 1, as LLaVA-RLHF's RewardModelTrainer.compute_loss writes 
     L = mean_pairs[-log sigmoid(r_chosen - r_rejected)] + 1e-3 * |mean_pairs(r_chosen + r_rejected)|
 The second term keeps the scores centred at 0 (the pairwise loss alone ignores their offset).
 """
-import json
 import math
 import os
 import random
@@ -447,8 +446,8 @@ def main(cfg):
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
     common.start_writing(cfg, d, data_files)
     if cfg.pairs == "sampled" and d.main:
-        with open(os.path.join(cfg.out, "sampled_pairs.json"), "w") as f:
-            json.dump({"train": train, "val": val, "stats": stats}, f, indent=1)
+        common.write_json({"train": train, "val": val, "stats": stats},
+                          os.path.join(cfg.out, "sampled_pairs.json"))
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:

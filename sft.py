@@ -81,7 +81,6 @@ class Config:
     pack: bool = True  # pack micro-batches (attention within each sequence; no padding; same loss)
     grad_accum: int = 1  # micro-batches per step on each process
     lr: float = 2e-3  # peak learning rate
-    # (at 1.0 the Shapes features blow up and the language model ignores the image)
     vision_lr_ratio: float = 0.1  # CLIP + projector lr = this x lr (at 1.0 Shapes features blow up)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup: int = 50  # linear warmup steps

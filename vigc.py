@@ -49,7 +49,6 @@ features do not depend on the text, so with greedy decoding the loop equals one 
 sentence re-tokenization: what changes the answer here is that VIC re-answers the question from the
 image, without VIG's sampled answer in context and at --vic_temperature.
 """
-import json
 import os
 import random
 import re
@@ -504,9 +503,7 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
                  "conversations": [{"from": "human", "value": "<image>\n" + j["q"]},
                                    {"from": "gpt", "value": j[key]}]}
                 for j in ok if j[key]]
-        with open(os.path.join(cfg.out, f".{name}.tmp"), "w") as f:
-            json.dump(recs, f, indent=1)
-        os.replace(os.path.join(cfg.out, f".{name}.tmp"), os.path.join(cfg.out, name))
+        common.write_json(recs, os.path.join(cfg.out, name))
     n_empty = sum(not a for a in answers)
     # (the settings that made these files: a resumed run may have been given others than its
     # checkpoints record)

@@ -9,7 +9,7 @@ update: one PPO iteration of bench.py's `rollout_ppo` shape (64 prompts x 48 new
 decode: greedy decoding of 64 x 48 tokens, eager; ms per decode step (whole call minus a 1-token
     call, over 47 steps). compile: the same with generate(compile=True) (inductor on CPU);
     cpp: with inductor's C++ wrapper too. Each prints its first-call (compilation) time.
-Issue 19's README paragraph "Where the two unmet targets stand" quotes these.
+docs/speed-notes.md's "Where the two unmet targets stand" quotes these.
 """
 import contextlib
 import os

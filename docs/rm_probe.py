@@ -1,9 +1,9 @@
-"""Diagnosis of the lab's Fact-RLHF claim (README, "Why PPO against the facts RM hallucinates no
-less"): how each reward model of a finished lab scores the held-out test descriptions of the SFT
-model and of both PPO policies (eval's CHAIR answers), against the oracle's count of absent shapes
-named. Per seed and RM: mean and spread of the scores, the share of descriptions that hallucinate,
-the AUC of clean over hallucinating descriptions, the standardized score gap and the correlation
-with length.
+"""Diagnosis of the lab's Fact-RLHF claim (docs/lab-notes.md, "Why PPO against the facts RM
+hallucinates no less"): how each reward model of a finished lab scores the held-out test
+descriptions of the SFT model and of both PPO policies (eval's CHAIR answers), against the
+oracle's count of absent shapes named. Per seed and RM: mean and spread of the scores, the share
+of descriptions that hallucinate, the AUC of clean over hallucinating descriptions, the
+standardized score gap and the correlation with length.
 
     python docs/rm_probe.py data/shapes-seed2 runs/lab-seed2 0 1 2   # WORLD LAB_OUT SEED...
 """
