@@ -118,7 +118,7 @@ def test_plain_template_matches_llava_preprocess_plain(tiny_world):
     caption = tok("<image>A red circle.\n").input_ids[2:]
     ref_ids = [tok.bos_token_id] + [4] * 9 + caption
     assert ids == ref_ids and labels == [-100] * 10 + caption
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the plain template takes one human turn"):
         data.render(CONV, "plain")  # one caption per image
 
 

@@ -99,5 +99,5 @@ def test_score_answer():
     key = shapes.describe(OBJECTS)
     assert score("describe", key, key)
     assert not score("describe", key.replace("green", "blue"), key)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown question type poem"):
         score("poem", "A circle.", "circle")

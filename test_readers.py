@@ -130,7 +130,7 @@ def test_skip_mode(llava):
     assert [r["id"] for r in out] == ["a", "t", "n"]
     assert len(skipped) == 1
     assert "record 1 (id 'bad'): field 'conversations': turn 2: empty value" in skipped[0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
         read_llava(write(tmp / "d.json", recs), on_error="ignore")
 
 

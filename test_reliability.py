@@ -2440,7 +2440,8 @@ if __name__ == "__main__" and "--table" in sys.argv:
 
 
 # ----------------------------------------------------------------------------------------
-# 2. kill and resume: SIGKILL during training and during a checkpoint write, then --resume
+# 2. kill and resume: SIGKILL during training, or during a checkpoint write where the poll
+#    catches one (leave_debris makes a killed write's remains either way), then --resume
 # ----------------------------------------------------------------------------------------
 
 def kill_mid_run(script, argv, out, during_write):

@@ -636,15 +636,13 @@ def test_reward_cli_sampled_pairs(tiny_world, sft, tmp_path):
             "--batch_size", "2", "--out", out, "--eval_prompt", "short", "--facts", "false",
             "--eval_size", "4"]
     code, stdout, err = run_cli("reward", argv)
-    assert code in (0, 2), err
+    assert code == 0, err  # (every prompt a tie: test_reliability's sampled-all-ties case)
     got = json.load(open(os.path.join(out, "sampled_pairs.json")))
     st = got["stats"]["train"]
     assert st["prompts"] == 16 and st["pairs"] + st["ties"] + st["empty"] == 16
+    assert st["pairs"] == len(got["train"]) > 0
     for p in got["train"]:
         assert p["hallucinations"][0] < p["hallucinations"][1] and p["chosen"] != p["rejected"]
-    # a random 3-step SFT model may tie on every prompt: that is a clean, one-line error
-    if code == 2:
-        assert "no training pairs" in err and len(err.strip().splitlines()) == 1
 
 
 PPO_ARGS = ["--rollout_batch", "4", "--minibatch_size", "2", "--max_new_tokens", "6",
