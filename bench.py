@@ -72,7 +72,6 @@ import ctypes
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -1173,10 +1172,8 @@ def run(cfg):
         r["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     md = markdown(r)
     print(md)
-    with open(os.path.join(cfg.out, "bench.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(cfg.out, "bench.json"), "w") as f:
-        json.dump(r, f, indent=2)
+    common.write_whole(os.path.join(cfg.out, "bench.md"), lambda f: f.write(md))
+    common.write_json(r, os.path.join(cfg.out, "bench.json"), indent=2)
     if failed:
         print(f"error: sections failed: {', '.join(failed)} (tracebacks above; the report has the "
               "rest)", file=sys.stderr)
@@ -1243,8 +1240,7 @@ def fsdp_bench(cfg):
                   f"{max(peaks) / 2**30:.2f} GiB per process", flush=True)
         model = opt = None  # free the first mode's shards before the next one
     if d.main:
-        with open(os.path.join(cfg.out, "bench_fsdp.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        common.write_json(out, os.path.join(cfg.out, "bench_fsdp.json"))
     common.cleanup_dist()
     return out
 
