@@ -445,6 +445,27 @@ def test_generation_settings_are_recorded_as_given(tiny_world, tiny_ckpt, tmp_pa
     assert config["run_config"]["generate"] == 3
 
 
+def test_generation_runs_after_the_process_group_is_gone(tiny_world, tiny_ckpt, tmp_path,
+                                                         monkeypatch):
+    """Under torchrun rank 0 generated alone while the others waited in the closing barrier: a
+    generation past the process group's 30-minute timeout failed the whole run before its data was
+    written. The ranks part before it now (--fsdp: a process group even in one process)."""
+    import torch.distributed as dist
+    seen = []
+
+    def generate_data(*args, **kwargs):
+        seen.append(dist.is_initialized())
+        return real(*args, **kwargs)
+    real = vigc.generate_data
+    monkeypatch.setattr(vigc, "generate_data", generate_data)
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "2", "--max_new_tokens", "4", "--fsdp", "true",
+            "--out", str(tmp_path / "vigc")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0 and seen == [False], (seen, err)
+    assert os.path.exists(tmp_path / "vigc" / "vigc_data.json")
+
+
 def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
     """Its last checkpoint holds the merged weights and no optimizer state: a resumed run trained
     a fresh adapter on top of them, not what the uninterrupted run does."""

@@ -765,9 +765,11 @@ def main(cfg):
         model.merge_adapter("vigc")  # generation and later stages use the merged weights
         if d.main and cfg.max_steps > start:
             common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
+    # the other ranks end here: generation is rank 0's alone (ranks waiting in a barrier behind
+    # it timed out after 30 minutes, and torchrun then stopped rank 0 before it wrote its data)
+    common.cleanup_dist()
     if cfg.generate > 0 and d.main:
         generate_data(model, tokenizer, cfg, imgs, instructions, oracle="images" in named)
-    common.cleanup_dist()
 
 
 if __name__ == "__main__":
