@@ -481,16 +481,17 @@ def main(cfg):
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(dataset), batch_size, cfg.seed, d.rank, d.world)
         n_global = common.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
         micro = [idx[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for chunk in micro:
             examples = [dataset[i] for i in chunk]
-            batch = common.to_device(make_batch(examples, tokenizer, cfg), d.device)
+            batch = make_batch(examples, tokenizer, cfg)
+            tokens += int(batch["attention_mask"].sum())  # (on the host, before the copy)
+            batch = common.to_device(batch, d.device)
             with autocast:
                 loss = lm_loss(model, batch, n_global)
             loss.backward()
-            loss_sum += loss.detach().float().cpu()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach().float()
         loss_all, norm = common.optimizer_step(opt, trainable, d, step, cfg, loss_sum)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:

@@ -735,11 +735,13 @@ def main(cfg):
         items = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
         n_local = sum(int((x["labels"] != IGNORE).sum()) for x in items)
         n_global = common.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
         for chunk in [items[i::cfg.grad_accum] for i in range(cfg.grad_accum)]:
             if not chunk:
                 continue
-            batch = common.to_device(collate(chunk, tokenizer.pad_token_id), d.device)
+            batch = collate(chunk, tokenizer.pad_token_id)
+            tokens += int(batch["attention_mask"].sum())  # (on the host, before the copy)
+            batch = common.to_device(batch, d.device)
             with autocast:  # sft.py's loss: answer-token cross-entropy / global answer tokens
                 h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True)
                 labels = batch["labels"][:, 1:]  # position t predicts token t + 1
@@ -747,8 +749,7 @@ def main(cfg):
                 logits = model.logits(h[:, :-1][answer]).float()
                 loss = F.cross_entropy(logits, labels[answer], reduction="sum") / n_global
             loss.backward()
-            loss_sum += loss.detach().float().cpu()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach().float()
         loss_all, norm = common.optimizer_step(opt, trainable, d, step, cfg, loss_sum)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
