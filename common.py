@@ -514,6 +514,15 @@ def _unflatten(flat, grads):
         i += g.numel()
 
 
+def bf16_autocast(cfg):
+    """The training passes' autocast: bf16 on a GPU with --dtype bf16, else none. Every pass whose
+    numbers meet the training pass's runs under it too (DPO's cached reference log-probs, held-out
+    losses): outside it CLIP's norms and the residual stream ran at another precision, so the
+    policy and its reference differed at step 0."""
+    on = cfg.dtype == "bf16" and cfg.device == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+
+
 def all_reduce_sum(t, d):
     """Sum of a tensor over ranks (identity in a single process)."""
     if d.world > 1:

@@ -347,7 +347,8 @@ def fingerprint(cfg, init_dir, *datasets):
     max_len), the image files (size, mtime), the checkpoint files (name, size, mtime and first MiB:
     the safetensors header), device and dtype. A changed data file or checkpoint gets a new cache
     file."""
-    h = hashlib.sha256(json.dumps([cfg.dtype, cfg.device]).encode())
+    # ('autocast': tables made before the reference ran under the training pass's autocast)
+    h = hashlib.sha256(json.dumps([cfg.dtype, cfg.device, "autocast"]).encode())
     for ds in datasets:
         for c, r, image in ds.items:
             for t in (c["input_ids"], c["labels"], r["input_ids"], r["labels"]):
@@ -372,7 +373,8 @@ def reference_table(model, ds, cfg, d):
     out = torch.zeros(len(ds), 2)
     for chunk, counts in common.rank_chunks(len(ds), cfg.batch_size, d):
         b = common.to_device(ds.batch(chunk), d.device)
-        c, r, _, _ = answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        with common.bf16_autocast(cfg):  # (as the policy's pass: equal at step 0)
+            c, r, _, _ = answer_logps(model, b, model.encode_images(b["pixel_values"]))
         if counts:
             out[chunk] = torch.stack([c, r], 1).float().cpu()
     return common.all_reduce_sum(out, d)
@@ -503,8 +505,7 @@ def main(cfg):
               f"beta {cfg.beta}, POVID stage {cfg.povid_stage} | reference: {reference} | "
               f"{n_train / 1e6:.3f}M trainable parameters | {d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    use_bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = common.bf16_autocast(cfg)
     # a log line's means cover the steps since the last line, also across a --resume (the
     # checkpoint keeps each rank's running sums)
     sums = (common.own_state(state["extra"].get("log_sums"), d) if state else None) or {}
@@ -567,8 +568,9 @@ def evaluate(model, val, cfg, d, ref=None):
     model.eval()
     tot = torch.zeros(3)
     for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
-        _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
-                           ref[chunk].to(d.device) if ref is not None else None)
+        with common.bf16_autocast(cfg):
+            _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
+                               ref[chunk].to(d.device) if ref is not None else None)
         if counts:
             tot += torch.stack([m["rewards/accuracies"].sum().cpu(),
                                 m["rewards/margins"].sum().cpu(), torch.tensor(float(len(chunk)))])

@@ -465,8 +465,7 @@ def main(cfg):
               f"model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
               f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    use_bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = common.bf16_autocast(cfg)
     stages = run_stages(cfg, align, align_steps, read, read_steps, train)
     model.train()
     t0, tokens = time.time(), 0
@@ -571,7 +570,8 @@ def validation_loss(model, val, cfg, tokenizer, d):
     total, count = torch.zeros(()), torch.zeros(())
     for chunk, counts in common.rank_chunks(n, cfg.batch_size, d):
         batch = common.to_device(make_batch([val[i] for i in chunk], tokenizer, cfg), d.device)
-        loss = lm_loss(model, batch, 1.0).float().cpu()
+        with common.bf16_autocast(cfg):
+            loss = lm_loss(model, batch, 1.0).float().cpu()
         if counts:
             total += loss
             count += val.n_labels[chunk].sum()

@@ -391,6 +391,32 @@ def cli(*argv):
     return out
 
 
+def test_the_reference_and_held_out_passes_run_under_the_training_autocast(env, tmp_path,
+                                                                           monkeypatch):
+    """--dtype bf16 on a GPU: the cached reference log-probs and the held-out rewards were computed
+    outside the training pass's autocast (CLIP's norms and the residual stream at another
+    precision), so a full fine-tune's policy and reference differed at step 0. Every scoring pass
+    runs inside common.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
+    inside, outside = [0], []
+
+    class Recording:  # (reusable, as torch.autocast is: the training loop enters it each step)
+        def __enter__(self):
+            inside[0] += 1
+
+        def __exit__(self, *exc):
+            inside[0] -= 1
+    recording = lambda cfg: Recording()
+
+    def answer_logps(*args, **kwargs):
+        outside.append(inside[0] == 0)
+        return real(*args, **kwargs)
+    real = dpo.answer_logps
+    monkeypatch.setattr(dpo.common, "bf16_autocast", recording)
+    monkeypatch.setattr(dpo, "answer_logps", answer_logps)
+    cli(*args(env, tmp_path / "full", "--lora_r", "0", "--max_steps", "1", "--eval_n", "2"))
+    assert outside and not any(outside), outside
+
+
 def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     out = tmp_path / "full"
     full = ["--lora_r", "0", "--max_steps", "1", "--eval_n", "2"]

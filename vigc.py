@@ -723,7 +723,7 @@ def main(cfg):
         print(f"{what} | model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
               f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    autocast = common.bf16_autocast(cfg)
     model.train()
     t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
