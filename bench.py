@@ -766,9 +766,12 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
     ids, _ = prompt_ids(c, prompts, cfg.prompt_text, g, dev)
     records = rollout_prompts(ids, c.image_size, os.path.join(tmp, f"{key}_images"), g)
     tokenizer, images = word_tokenizer(c), ImageCache(c.image_size)
+    # (ppo.py's defaults otherwise; its device and dtype the model's: on a bf16 GPU model the
+    # rollout's full policy pass over every row is part of what ppo.py runs)
+    bf16 = ours.language_model.embed_tokens.weight.dtype == torch.bfloat16
     pcfg = ppo.Config(max_new_tokens=new_tokens, minibatch_size=minibatch or prompts,
-                      ppo_epochs=epochs, rm_input="tokens", out=tmp,
-                      seed=cfg.seed)  # ppo.py's defaults otherwise
+                      ppo_epochs=epochs, rm_input="tokens", out=tmp, seed=cfg.seed,
+                      device=dev.type, dtype="bf16" if bf16 else "fp32")
     # (facts, wording, template, prompt_space): a reward model without facts
     rm = (False, "llava-rlhf", "vicuna_v1", False)
     d = common.Dist(device=dev)
