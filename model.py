@@ -909,8 +909,10 @@ class LLaVA(nn.Module):
         does). Sampling draws from `generator` (a torch.Generator, or a
         list of one per row: each row's tokens then depend on its own stream alone) when given, so
         a run can be resumed with the same random stream. num_beams > 1: beam search (see
-        beam_search). compile=True runs the one-token step through torch.compile (inductor on CPU;
-        CUDA graphs on GPU): compiled once per shape, worth it only for long runs. return_entropy:
+        beam_search). compile=True runs the one-token step through torch.compile (inductor; no CUDA
+        graph is captured yet: the cache is a mutated input not marked static): compiled once per
+        batch size and cache length (prompt + new tokens), so each new prompt length compiles
+        again, and past torch's recompile limit (8) the step runs eager. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
         needs from its policy, without a second pass). repetition_penalty p != 1: each token
         generated so far has its logit (beam search: log-prob) divided by p where positive,
@@ -1271,9 +1273,9 @@ _COMPILED_DECODE = []
 
 
 def compiled_decode_step():
-    """LLaVA.decode_step through torch.compile, made on first use (inductor on CPU; on CUDA with
-    mode='reduce-overhead', i.e. CUDA graphs). Static shapes: a new batch size or length compiles
-    again."""
+    """LLaVA.decode_step through torch.compile, made on first use (inductor; on CUDA with
+    mode='reduce-overhead', which captures no CUDA graph while the KV cache is a mutated input not
+    marked static). Static shapes: a new batch size or cache length compiles again."""
     if not _COMPILED_DECODE:
         mode = "reduce-overhead" if torch.cuda.is_available() else None
         _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))
