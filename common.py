@@ -819,8 +819,9 @@ def progress(iterable, total=None, desc="", enabled=True, every=1.0):
 
 RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every",
                       "max_steps",
-                      # do not change the math (skip_nonfinite: the way out of a stopped run)
-                      "skip_nonfinite", "save_full",
+                      # do not change the math (skip_nonfinite: the way out of a stopped run;
+                      # grad_checkpoint: the same gradients, recomputed: bitwise in the tests)
+                      "skip_nonfinite", "save_full", "grad_checkpoint",
                       # the same global batch in other micro-batches (resumed on fewer GPUs, the
                       # memory a process has): allowed, with a note (not bitwise)
                       "grad_accum"}

@@ -18,7 +18,7 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
         --max_prompt_len 703 --max_new_tokens 896 --lora_r 64 --lr 3e-5 --value_lr 0 \
         --length_penalty -10 --device cuda --dtype bf16 --warmup_from_zero true \
         --stop_at_question true --rm_input tokens --correct_rule prefix --reward_scale 10 \
-        --loss_divisor columns
+        --loss_divisor columns --micro_batch 16 --grad_checkpoint true
 
 Per rollout, for response token k of a sequence whose last real token is T (length L = T + 1):
     kl_k     = logp_k - logp_ref_k, clamped at 0 (k1, LLaVA-RLHF)

@@ -6,7 +6,7 @@ robust instruction tuning with negative instructions (arXiv 2306.14565).
     python sft.py --blank_images true --out ckpt/sft_blank  # control: answers without seeing?
     torchrun --nproc_per_node=8 sft.py --init llava-v1.5-7b --data llava.json:1,vqav2.json:0.5 \
         --image_folder coco/ --lora_r 64 --lr 2e-4 --weight_decay 0 --max_len 2048 \
-        --train_vision false --device cuda --dtype bf16
+        --train_vision false --device cuda --dtype bf16 --grad_checkpoint true
 
 LLaVA's two stages (arXiv 2304.08485, Sec. 4.2): stage 1, feature alignment, learns image -> caption
 in the 'plain' template ("<image>{caption}\n": no system prompt, no question); stage 2 tunes on

@@ -466,6 +466,32 @@ def test_generation_runs_after_the_process_group_is_gone(tiny_world, tiny_ckpt, 
     assert os.path.exists(tmp_path / "vigc" / "vigc_data.json")
 
 
+def test_grad_checkpoint_recomputes_and_trains_the_same(tiny_world, tiny_ckpt, tmp_path,
+                                                        monkeypatch):
+    """vigc.py had no --grad_checkpoint (the README's 7B command needs it): each decoder layer is
+    recomputed in the backward pass now, to the same weights; a run may turn it on at --resume."""
+    from safetensors.torch import load_file
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "2", "--batch_size", "4",
+            "--generate", "0", "--save_every", "1"]
+    weights = {}
+    for flag in ("false", "true"):
+        out = str(tmp_path / flag)
+        code, _, err = run_cli("vigc", argv + ["--out", out, "--grad_checkpoint", flag])
+        assert code == 0, err
+        weights[flag] = load_file(os.path.join(out, "checkpoint-000002", "model.safetensors"))
+        assert bool(calls) == (flag == "true")
+    assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
+    # (on at --resume: the same math)
+    shutil.rmtree(os.path.join(tmp_path, "false", "checkpoint-000002"))
+    code, _, err = run_cli("vigc", argv + ["--out", str(tmp_path / "false"), "--resume", "true",
+                                           "--grad_checkpoint", "true"])
+    assert code == 0, err
+
+
 def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
     """Its last checkpoint holds the merged weights and no optimizer state: a resumed run trained
     a fresh adapter on top of them, not what the uninterrupted run does."""

@@ -10,7 +10,8 @@ LLaVA-instruct file that sft.py trains on.
     torchrun --nproc_per_node=8 vigc.py --init llava-v1.5-7b --lora_r 64 --train_vision false \
         --data conversation_58k.json:conv,detail_23k.json:desc,complex_reasoning_77k.json:comp \
         --image_folder coco/train2017 --images coco/val2017 --generate 5000 --max_len 2048 \
-        --max_correction_steps 10 --device cuda  # (512, the default, is below 576 image tokens)
+        --max_correction_steps 10 --device cuda --grad_checkpoint true
+        # (--max_len: 512, the default, is below 576 image tokens)
 
 Training (VIGC Sec. 3; formats from opendatalab/VIGC vigc/datasets/datasets/vigc_train.py):
   VIG  `<image>\n{type instruction}` -> `Question: {q} Answer: {a}`, one of several phrasings per
@@ -104,6 +105,7 @@ class Config:
     seed: int = 0  # seed for data order, instructions, answer splits and sampling
     device: str = "cpu"  # cpu or cuda
     dtype: str = "fp32"  # fp32, or bf16 (autocast on GPU)
+    grad_checkpoint: bool = False  # activation checkpointing in the decoder (training)
     skip_nonfinite: bool = False  # skip a step with a non-finite loss/gradient instead of stopping
     resume: bool = False  # continue from the newest checkpoint in --out
     overwrite: bool = False  # a run already in --out is moved aside (kept) and a new one starts
@@ -159,7 +161,7 @@ GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature
 TRAIN_FIELDS = ("sft_share", "lora_r", "lora_alpha", "train_vision", "train_projector",
                 "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "warmup_from_zero",
                 "weight_decay", "grad_clip", "save_every", "log_every", "skip_nonfinite",
-                "save_full")
+                "save_full", "grad_checkpoint")
 
 # -------------------- text formats: the VIG target, its parser, sentences, VIC tokens
 
@@ -682,6 +684,7 @@ def main(cfg):
     bf16 = cfg.dtype == "bf16" and cfg.device == "cuda"
     if bf16 and not cfg.fsdp:  # (FSDP keeps fp32 master weights and computes in bf16)
         model.cast_base(torch.bfloat16, keep_trained=cfg.lora_r > 0)  # (full: pure bf16)
+    model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
         common.shard_model(model, d, bf16=bf16)
     images = ImageCache(model.config.image_size)
