@@ -1590,6 +1590,13 @@ SHARDS = "shards"  # the torch.distributed.checkpoint folder inside an FSDP chec
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
+def load_device(cfg, d):
+    """Where a stage builds its model: on the CPU under --fsdp (fully_shard moves each unit's
+    weights to the GPU as it shards them, one unit whole at a time; loaded there first, every GPU
+    held the whole fp32 model: 28 GB at 7B, 52 at 13B), else on the run's device."""
+    return torch.device("cpu") if cfg.fsdp else d.device
+
+
 def shard_model(model, d, bf16=False):
     """fully_shard each vision and decoder layer, then the root. Call after adapters, heads and
     set_trainable, before make_optimizer (the optimizer must see the sharded parameters). bf16

@@ -432,7 +432,7 @@ def main(cfg):
     load_from = init_dir if sharded else resume_path or init_dir
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       device=d.device,
+                                                       device=common.load_device(cfg, d),
                                                        dtype=common.base_dtype(cfg))
     # the frozen base the adapters sit on, as the checkpoint names it
     if resume_path is not None and not sharded:

@@ -395,8 +395,10 @@ def main(cfg):
     load_from = base if sharded else resume_path or base
     # (a resumed run loads its own reward model)
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
+    # (sampled pairs are drawn before sharding: on the run's device)
+    where = d.device if cfg.pairs == "sampled" else common.load_device(cfg, d)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       device=d.device, policy=resume_path is None,
+                                                       device=where, policy=resume_path is None,
                                                        dtype=common.base_dtype(cfg))
     if cfg.pairs == "sampled":
         common.check_new_tokens(model, cfg, "sample_max_new_tokens")

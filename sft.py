@@ -369,7 +369,8 @@ def main(cfg):
     load_from = init if sharded else resume_path or init
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       tokenizer_dir, d.device, geometry=geometry,
+                                                       tokenizer_dir, common.load_device(cfg, d),
+                                                       geometry=geometry,
                                                        tokenizer_flag=tokenizer_flag,
                                                        dtype=common.base_dtype(cfg),
                                                        fresh_projector_ok=True)
@@ -504,13 +505,17 @@ def main(cfg):
             log.log(done, val_loss=validation_loss(model, val, cfg, tokenizer, d))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
-    if cfg.fsdp:  # the LoRA merge and the report need the whole model: rank 0 gathers it
-        model = common.gather_full_model(model, d, d.device)
+    reporting = "data" in named and cfg.report
+    if cfg.fsdp and (cfg.lora_r > 0 or reporting):  # the LoRA merge and the report need the
+        # whole model: rank 0 gathers it, on the GPU only for the report's answers, the optimizer
+        # let go first (a full copy beside its state ran a 13B GPU out of memory)
+        opt = None
+        model = common.gather_full_model(model, d, d.device if reporting else "cpu")
     # the SFT model later stages start from: adapter merged into the base
     if cfg.lora_r > 0 and d.main:
         model.merge_adapter("sft")
         common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
-    if "data" in named and cfg.report and d.main:  # the world's held-out questions, scored exactly
+    if reporting and d.main:  # the world's held-out questions, scored exactly
         report(model, tokenizer, cfg)
     common.cleanup_dist()
 

@@ -479,3 +479,30 @@ os._exit(0)
     assert out["dtype"] == "torch.float32", out
     assert torch.allclose(torch.tensor(out["got"]), torch.tensor(out["want"]), atol=0.1,
                           rtol=0.05), out
+
+
+def test_a_sharded_run_builds_on_the_cpu_and_gathers_only_what_is_used(tiny_sft, tiny_world,
+                                                                        tmp_path, monkeypatch):
+    """--fsdp: every GPU loaded the whole fp32 model before sharding (fully_shard moves each unit
+    there as it shards it), and rank 0 gathered a full copy onto its GPU beside the optimizer's
+    state even where nothing used it (a full fine-tune without the Shapes report). The model is
+    built on the CPU; the gather happens for the LoRA merge (on the CPU) and for answers alone."""
+    import common
+    loaded, gathered = [], []
+    real_load, real_gather = common.load_model_and_tokenizer, common.gather_full_model
+    marker = torch.device("cpu")  # (what load_device gives, told apart from d.device by identity)
+    monkeypatch.setattr(common, "load_model_and_tokenizer",
+                        lambda *a, **k: loaded.append(k.get("device", a[4] if len(a) > 4 else None)
+                                                      is marker) or real_load(*a, **k))
+    monkeypatch.setattr(common, "gather_full_model",
+                        lambda model, d, device="cpu": gathered.append(str(device))
+                        or real_gather(model, d, device))
+    monkeypatch.setattr(common, "load_device", lambda cfg, d: marker if cfg.fsdp else d.device)
+    base = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--fsdp", "true", "--report", "false"]
+    # (the last checkpoint's consolidated weights are gathered on the CPU in every run)
+    for lora, want in (("0", ["cpu"]), ("4", ["cpu", "cpu"])):
+        loaded.clear(), gathered.clear()
+        code, _, err = run_cli("sft", base + ["--lora_r", lora, "--out", str(tmp_path / lora)])
+        assert code == 0, err
+        assert loaded == [True] and gathered == want, (lora, loaded, gathered)

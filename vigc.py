@@ -663,7 +663,8 @@ def main(cfg):
     common.note_world("--init", cfg.init, cfg.world)
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       tokenizer_dir, d.device, geometry=geometry,
+                                                       tokenizer_dir, common.load_device(cfg, d),
+                                                       geometry=geometry,
                                                        tokenizer_flag=tokenizer_flag,
                                                        dtype=common.base_dtype(cfg))
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
@@ -763,8 +764,11 @@ def main(cfg):
             t0, tokens = time.time(), 0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
-    if cfg.fsdp:  # the LoRA merge and generation need the whole model: rank 0 gathers it
-        model = common.gather_full_model(model, d, d.device)
+    if cfg.fsdp and (cfg.lora_r > 0 or cfg.generate > 0):  # the LoRA merge and generation need
+        # the whole model: rank 0 gathers it, on the GPU only to generate, the optimizer let go
+        # first (a full copy beside its state ran a 13B GPU out of memory)
+        opt = None
+        model = common.gather_full_model(model, d, d.device if cfg.generate > 0 else "cpu")
     if cfg.lora_r > 0 and model is not None:
         model.merge_adapter("vigc")  # generation and later stages use the merged weights
         if d.main and cfg.max_steps > start:
