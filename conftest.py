@@ -82,6 +82,29 @@ def run_cli(module, argv, strict=False):
     return code, out.getvalue(), err.getvalue()
 
 
+def calls_outside_autocast(monkeypatch, module, name):
+    """common.bf16_autocast replaced by a recorder and module.name wrapped: the list returned gets,
+    for each call of module.name, whether it ran outside every bf16_autocast block (autocast is
+    off on a CPU: where the passes run is what a test can check here)."""
+    import common
+    inside, outside = [0], []
+
+    class Recording:  # (reusable, as torch.autocast is: a training loop enters it each step)
+        def __enter__(self):
+            inside[0] += 1
+
+        def __exit__(self, *exc):
+            inside[0] -= 1
+
+    def wrapped(*args, **kwargs):
+        outside.append(inside[0] == 0)
+        return real(*args, **kwargs)
+    real = getattr(module, name)
+    monkeypatch.setattr(common, "bf16_autocast", lambda cfg: Recording())
+    monkeypatch.setattr(module, name, wrapped)
+    return outside
+
+
 def free_port():
     """A TCP port free on this host now (torchrun's --master_port, a spawned rank's MASTER_PORT)."""
     import socket

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HERE, merge_flags, run_cli, run_script
+from conftest import HERE, calls_outside_autocast, merge_flags, run_cli, run_script
 
 import common
 import dpo
@@ -397,22 +397,7 @@ def test_the_reference_and_held_out_passes_run_under_the_training_autocast(env, 
     outside the training pass's autocast (CLIP's norms and the residual stream at another
     precision), so a full fine-tune's policy and reference differed at step 0. Every scoring pass
     runs inside common.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
-    inside, outside = [0], []
-
-    class Recording:  # (reusable, as torch.autocast is: the training loop enters it each step)
-        def __enter__(self):
-            inside[0] += 1
-
-        def __exit__(self, *exc):
-            inside[0] -= 1
-    recording = lambda cfg: Recording()
-
-    def answer_logps(*args, **kwargs):
-        outside.append(inside[0] == 0)
-        return real(*args, **kwargs)
-    real = dpo.answer_logps
-    monkeypatch.setattr(dpo.common, "bf16_autocast", recording)
-    monkeypatch.setattr(dpo, "answer_logps", answer_logps)
+    outside = calls_outside_autocast(monkeypatch, dpo, "answer_logps")
     cli(*args(env, tmp_path / "full", "--lora_r", "0", "--max_steps", "1", "--eval_n", "2"))
     assert outside and not any(outside), outside
 

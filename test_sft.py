@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import latest_checkpoint, load_checkpoint
-from conftest import run_cli
+from conftest import calls_outside_autocast, run_cli
 
 
 def test_sft_cli_writes_loadable_checkpoint_and_resume_continues(tiny_world, tiny_sft, tmp_path):
@@ -456,24 +456,8 @@ def test_the_held_out_loss_runs_under_the_training_autocast(tiny_world, tmp_path
     """--dtype bf16 on a GPU: the validation loss was computed outside the training pass's
     autocast (another precision than the training loss it is read beside); it runs inside
     common.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
-    import common
     import sft
-    inside, outside = [0], []
-
-    class Recording:  # (reusable, as torch.autocast is: the training loop enters it each step)
-        def __enter__(self):
-            inside[0] += 1
-
-        def __exit__(self, *exc):
-            inside[0] -= 1
-    recording = lambda cfg: Recording()
-
-    def lm_loss(*args, **kwargs):
-        outside.append(inside[0] == 0)
-        return real(*args, **kwargs)
-    real = sft.lm_loss
-    monkeypatch.setattr(common, "bf16_autocast", recording)
-    monkeypatch.setattr(sft, "lm_loss", lm_loss)
+    outside = calls_outside_autocast(monkeypatch, sft, "lm_loss")
     argv = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_steps", "1",
             "--read_steps", "1", "--max_steps", "3", "--report", "false", "--eval_batches", "1",
             "--out", str(tmp_path / "sft")]
