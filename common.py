@@ -1591,10 +1591,11 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 
 def load_device(cfg, d):
-    """Where a stage builds its model: on the CPU under --fsdp (fully_shard moves each unit's
-    weights to the GPU as it shards them, one unit whole at a time; loaded there first, every GPU
-    held the whole fp32 model: 28 GB at 7B, 52 at 13B), else on the run's device."""
-    return torch.device("cpu") if cfg.fsdp else d.device
+    """Where a stage builds its model: a checkpoint on the CPU under --fsdp (fully_shard moves each
+    unit's weights to the GPU as it shards them, one unit whole at a time; loaded there first,
+    every GPU held the whole fp32 model: 28 GB at 7B, 52 at 13B), else on the run's device (a
+    fresh model too: its weights drawn where a run without --fsdp draws them)."""
+    return torch.device("cpu") if cfg.fsdp and cfg.init else d.device
 
 
 def shard_model(model, d, bf16=False):

@@ -414,8 +414,12 @@ def main(cfg):
     if "reward" not in model.adapters:
         model.add_adapter("reward", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         head = model.add_head("reward")
-        # as LLaVA-RLHF's nn.Linear head (bias 0)
-        torch.nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))
+        # as LLaVA-RLHF's nn.Linear head (bias 0); drawn on the CPU, as LoRA's A matrices are,
+        # wherever the model is (the same head on a GPU with or without --fsdp)
+        weight = torch.empty(head.weight.shape)
+        torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        with torch.no_grad():
+            head.weight.copy_(weight)
     model.set_adapter("reward")
     model.set_trainable(adapters=["reward"], heads=["reward"])
     model.gradient_checkpointing = cfg.grad_checkpoint

@@ -1220,15 +1220,23 @@ def _alive(pid):
 
 
 def _clean_leftovers(out_dir):
-    """The temp folders (OUT.tmpPID, OUT.oldPID) of a write_world whose process is gone (killed
-    mid-write)."""
+    """What a write_world whose process is gone (killed mid-write) left beside out_dir: its temp
+    folder (OUT.tmpPID) is removed; its replaced world (OUT.oldPID) is put back where out_dir is
+    missing (killed between its two renames: the only copy), else removed. A folder of such a name
+    holding anything a world does not is not a write's: left alone."""
     parent, base = os.path.split(out_dir)
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        m = re.fullmatch(re.escape(base) + r"\.(?:tmp|old)(\d+)", name)
-        if m and not _alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            leftover = os.path.join(parent, name)
-            print(f"removed {leftover}, left by a world write that did not finish")
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(base) + r"\.(tmp|old)(\d+)", name)
+        path = os.path.join(parent, name)
+        if (not m or _alive(int(m.group(2))) or not os.path.isdir(path)
+                or _foreign(path, WORLD_FILES)):
+            continue
+        if m.group(1) == "old" and not os.path.exists(out_dir) and _fingerprint(path):
+            os.rename(path, out_dir)
+            print(f"put back {out_dir}, which a world write that did not finish left as {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a world write that did not finish")
 
 
 # what a world's folder holds (write_world refuses to replace a folder holding anything else, and
@@ -1439,8 +1447,9 @@ def main(argv=None):
     args = asdict(common.parse_config(Config, argv, prog="shapes.py"))
     out, seed, overwrite = args.pop("out"), args.pop("seed"), args.pop("overwrite")
     # a user's mistake: one line, exit code 2 (a world is written whole or not at all)
-    with common.user_errors(ValueError, interrupted=f"interrupted: no world written; {out} is as "
-                            "it was"):
+    said = (f"interrupted: no half-written world; {out} is as it was, or holds this whole world if "
+            "its writing had just ended")
+    with common.user_errors(ValueError, interrupted=said):
         _clean_leftovers(_world_path(out))  # (a killed write's, also where this one is refused)
         if not overwrite:
             refuse_another_world(out, seed, args)

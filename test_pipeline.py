@@ -830,7 +830,8 @@ def test_ctrl_c_says_what_each_script_leaves(tmp_path, monkeypatch, capsys):
             call()
         assert stop.value.code == 130
     said = capsys.readouterr().err.splitlines()
-    assert said == [f"interrupted: no world written; {out} is as it was",
+    assert said == [f"interrupted: no half-written world; {out} is as it was, or holds this whole "
+                    "world if its writing had just ended",
                     "interrupted: the answers and judge replies written are kept; the same "
                     "command goes on from them"]
     monkeypatch.setattr(bench, "main", interrupted)

@@ -2261,14 +2261,26 @@ def test_shapes_removes_the_temp_folder_a_killed_write_left(tmp_path):
     leftover = tmp_path / f"w.tmp{dead.pid}"
     live = tmp_path / f"w.tmp{os.getppid()}"  # (our parent: alive)
     for d in (leftover, live):
-        d.mkdir()
-        (d / "half.png").write_bytes(b"x")
+        (d / "images").mkdir(parents=True)
+        (d / "images" / "half.png").write_bytes(b"x")
     argv = ["--out", str(tmp_path / "w"), "--n_train", "4", "--n_val", "2", "--n_test", "2",
             "--n_unlabeled", "2", "--n_pref", "4", "--n_povid", "4", "--n_rl", "4"]
+    mine = tmp_path / f"w.old{dead.pid}"  # (a folder of that name holding what no world does)
+    (mine / "precious").mkdir(parents=True)
     code, stdout, err = run_main(shapes_main, argv)
     assert code == 0, err
     assert not leftover.exists() and f"removed {leftover}" in stdout
     assert os.path.exists(tmp_path / "w" / "world.json") and live.exists()
+    assert (mine / "precious").is_dir()
+    # killed between its two renames: the world's only copy is OUT.oldPID, put back (even where
+    # this run is then refused), not removed
+    shutil.rmtree(mine)
+    os.rename(tmp_path / "w", mine)
+    before = tree_hashes(mine)
+    code, stdout, err = run_main(shapes_main, argv + ["--seed", "1"])
+    assert code == 2 and "holds the world of seed 0" in err, err
+    assert f"put back {tmp_path / 'w'}" in stdout and not mine.exists()
+    assert set(tree_hashes(tmp_path / "w").values()) == set(before.values())
 
 
 def test_shapes_replaces_another_world_only_with_overwrite(tmp_path):

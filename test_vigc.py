@@ -490,6 +490,8 @@ def test_grad_checkpoint_recomputes_and_trains_the_same(tiny_world, tiny_ckpt, t
     code, _, err = run_cli("vigc", argv + ["--out", str(tmp_path / "false"), "--resume", "true",
                                            "--grad_checkpoint", "true"])
     assert code == 0, err
+    resumed = load_file(os.path.join(tmp_path, "false", "checkpoint-000002", "model.safetensors"))
+    assert all(torch.equal(weights["false"][k], resumed[k]) for k in resumed)
 
 
 def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_path):
