@@ -440,6 +440,7 @@ def test_generation_settings_are_recorded_as_given(tiny_world, tiny_ckpt, tmp_pa
     assert (made["generate"], made["temperature"], made["max_new_tokens"]) == (3, 0.5, 8)
     assert (made["gen_batch_size"], made["seed"]) == (2, 0)
     assert made["images"] == os.path.join(tiny_world, "vigc_images.txt")
+    assert "num_beams" not in made  # (--vic_mode ours does not read it)
     config = json.load(open(os.path.join(out, "checkpoint-000002", "config.json")))
     assert config["run_config"]["temperature"] == 0.5
     assert config["run_config"]["generate"] == 3

@@ -157,6 +157,10 @@ INSTRUCTIONS = {  # --instructions '' (the world has its own: vigc_instructions.
 GEN_FIELDS = ("generate", "images", "gen_types", "temperature", "vic_temperature",
               "max_correction_steps", "last_infer_all", "max_new_tokens", "gen_batch_size",
               "answer_length", "num_beams", "repetition_penalty")
+# the decoding flags each --vic_mode leaves unread
+UNREAD_BY_MODE = dict(ours=("answer_length", "num_beams", "repetition_penalty"),
+                      reference=("temperature", "vic_temperature", "max_correction_steps",
+                                 "last_infer_all"))
 # what --max_steps 0 leaves unread (the data and --max_len are still read: checked)
 TRAIN_FIELDS = ("sft_share", "lora_r", "lora_alpha", "train_vision", "train_projector",
                 "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "warmup_from_zero",
@@ -509,7 +513,8 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     n_empty = sum(not a for a in answers)
     # (the settings that made these files: a resumed run may have been given others than its
     # checkpoints record)
-    made_with = {k: getattr(cfg, k) for k in ("seed", "vic_mode", *GEN_FIELDS)}
+    made_with = {k: getattr(cfg, k) for k in ("seed", "vic_mode", *GEN_FIELDS)
+                 if k not in UNREAD_BY_MODE[cfg.vic_mode]}
     report = {"generation": made_with, "vic_mode": cfg.vic_mode, "images": len(jobs),
               "parsed": len(ok),
               "dropped_unparsed": len(jobs) - len(ok), "dropped_empty_correction": n_empty,
@@ -598,9 +603,7 @@ def main(cfg):
                                  f"--num_beams {cfg.num_beams} and "
                                  f"--answer_length {cfg.answer_length} (each >= 1)")
     # a decoding flag of the other --vic_mode changed from its default would go unread
-    unread = dict(ours=("answer_length", "num_beams", "repetition_penalty"),
-                  reference=("temperature", "vic_temperature", "max_correction_steps",
-                             "last_infer_all"))[cfg.vic_mode]
+    unread = UNREAD_BY_MODE[cfg.vic_mode]
     common.refuse_unread(cfg, unread, f"by --vic_mode {cfg.vic_mode} (README: VIGC's two modes); "
                          "drop it or change --vic_mode")
     if cfg.init and not os.path.exists(cfg.init):
