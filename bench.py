@@ -1252,8 +1252,12 @@ def fsdp_bench(cfg):
 INTERRUPTED = "interrupted: no report written"
 
 
-if __name__ == "__main__":
-    cfg = common.parse_config(Config, prog="bench.py")
+def cli(argv=None):
+    cfg = common.parse_config(Config, argv, prog="bench.py")
     with common.user_errors(interrupted=INTERRUPTED):
-        main(cfg)
+        return main(cfg)
+
+
+if __name__ == "__main__":
+    cli()
     common.end_process()
