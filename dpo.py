@@ -523,7 +523,7 @@ def main(cfg):
         if cfg.povid_stage == 2:
             global_seeds = torch.randint(0, 2 ** 62, (cfg.batch_size,), generator=noise_gen)
             seeds = global_seeds[d.rank * len(idx):]
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
         for pos in (list(range(i, len(idx), cfg.grad_accum)) for i in range(cfg.grad_accum)):
             b = train.batch([idx[p] for p in pos])
             paths = b["image_paths"] if cfg.noise_on == "original" else None
@@ -536,9 +536,9 @@ def main(cfg):
             # / the global number of pairs: the ranks' gradients add up
             loss = losses.sum() / cfg.batch_size
             loss.backward()
-            step_loss += loss.detach().float().cpu()
-            for k, v in list(m.items()) + [("pairs", torch.ones(len(pos)))]:
-                sums[k] = sums.get(k, 0) + v.float().sum().cpu()
+            step_loss += loss.detach().float()
+            for k, v in list(m.items()) + [("pairs", torch.ones(len(pos), device=d.device))]:
+                sums[k] = sums.get(k, 0) + v.float().sum()
         step_loss, norm = common.optimizer_step(opt, trainable, d, step, cfg, step_loss)
         done, timed = step + 1, timed + 1
         # means over the pairs since the last line, all ranks
@@ -554,7 +554,7 @@ def main(cfg):
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             log.log(done, **evaluate(model, val, cfg, d, ref["val"] if ref else None))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            log_sums = common.rank_states(sums, d)
+            log_sums = common.rank_states({k: v.cpu() for k, v in sums.items()}, d)
             common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base,
                                    generators={"noise": noise_gen}, d=d,
                                    extra_state={"log_sums": log_sums})
