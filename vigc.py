@@ -779,6 +779,9 @@ def main(cfg):
     # the other ranks end here: generation is rank 0's alone (ranks waiting in a barrier behind
     # it timed out after 30 minutes, and torchrun then stopped rank 0 before it wrote its data)
     common.cleanup_dist()
+    if cfg.fsdp and bf16 and cfg.generate > 0 and d.main:  # (gathered in fp32: decode as a run
+        # without --fsdp does, on a bf16 base)
+        model.cast_base(torch.bfloat16)
     if cfg.generate > 0 and d.main:
         generate_data(model, tokenizer, cfg, imgs, instructions, oracle="images" in named)
 
