@@ -490,7 +490,7 @@ SYNC_BUCKET = 1 << 26  # gradient elements per all-reduce (256 MB in fp32)
 
 
 def sync_grads(params, d):
-    """Sum gradients across ranks (explicit data parallelism: one flat all-reduce after backward).
+    """Sum gradients across ranks (explicit data parallelism: flat all-reduces after backward).
     Our losses are normalised by global counts (tokens or pairs in the global batch), so the
     per-rank gradients add up to the single-process gradient exactly. Why not
     DistributedDataParallel: PPO calls one shared base under four roles (policy, reference, reward,

@@ -831,7 +831,9 @@ def test_ctrl_c_says_what_each_script_leaves(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as stop:
             call()
         assert stop.value.code == 130
-    said = capsys.readouterr().err.splitlines()
+    printed = capsys.readouterr()
+    said = printed.err.splitlines()
+    assert printed.out == "", printed.out
     assert said == [f"interrupted: no half-written world; {out} is as it was, or holds this whole "
                     "world if its writing had just ended",
                     "interrupted: the answers and judge replies written are kept; the same "

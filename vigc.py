@@ -780,8 +780,12 @@ def main(cfg):
     # it timed out after 30 minutes, and torchrun then stopped rank 0 before it wrote its data)
     common.cleanup_dist()
     if cfg.fsdp and bf16 and cfg.generate > 0 and d.main:  # (gathered in fp32: decode as a run
-        # without --fsdp does, on a bf16 base)
+        # without --fsdp does, on a bf16 base, a LoRA run's trained projector and tower in fp32)
         model.cast_base(torch.bfloat16)
+        for part, trained in ((model.projector, cfg.train_projector),
+                              (model.vision_tower, cfg.train_vision)):
+            if cfg.lora_r > 0 and trained:
+                part.float()
     if cfg.generate > 0 and d.main:
         generate_data(model, tokenizer, cfg, imgs, instructions, oracle="images" in named)
 
