@@ -762,8 +762,9 @@ class Answerer:
         asked = source_settings(asked_source)  # (these flags' settings)
         if len(used) > 1:
             # (the same settings, where the files' time moved (a copy) or the device differs)
-            alike = lambda s: src and all((source_settings(s) or {}).get(k) == asked.get(k)
-                                          for k in SETTINGS)
+            # (a --ckpt that is gone: asked holds the flags' settings)
+            alike = lambda s: all((source_settings(s) or {}).get(k) == asked.get(k)
+                                  for k in SETTINGS)
             # (a moved tree: the answers' path is gone, its name and files' time are --ckpt's)
             moved = lambda s: bool(self.source) and not os.path.isdir(source_path(s) or "") \
                 and source_model(s) == source_model(self.source)

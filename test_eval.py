@@ -785,6 +785,18 @@ def test_rescore_reads_the_answers_of_one_run(env, capsys):
             *FAST, "--rescore", "true"]
     code, _, err = run_stage("eval", argv)
     assert code == 2 and "--rescore: pope_random answers of 2 runs here" in err, err
+    # ... but a --ckpt that made both runs, gone since: the run the flags ask for (it was refused
+    # as 'answers of 2 runs' with those flags given)
+    import shutil
+    made = env["root"] / "made" / "m0"
+    shutil.copytree(env["ckpts"][0], made)
+    out = env["root"] / "made-out"
+    args = ("--ckpt", str(made), "--benchmarks", "pope")
+    run_cli(env, out, *args)
+    sampled = run_cli(env, out, *args, "--temperature", "1.0", "--limit", "2")["m0"]
+    shutil.rmtree(made)
+    again = run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0", "--limit", "2")
+    assert again["m0"]["pope"] == sampled["pope"]
 
 
 def test_rescore_of_fewer_answers_than_questions_is_marked_partial(env, capsys):
