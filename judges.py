@@ -606,7 +606,11 @@ class LocalJudge:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = cfg.judge_model
         self.cfg = cfg
-        self.name = f"local:{os.path.abspath(path)}|max_tokens={cfg.judge_max_tokens}"
+        # (its files' newest time, as a checkpoint's answers are keyed: another model saved at
+        # the same path got the old one's stored replies)
+        files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else []
+        stamp = int(max((os.path.getmtime(f) for f in files if os.path.isfile(f)), default=0))
+        self.name = f"local:{os.path.abspath(path)}@{stamp}|max_tokens={cfg.judge_max_tokens}"
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)

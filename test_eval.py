@@ -1208,6 +1208,12 @@ def test_local_judge_past_its_context_is_one_clear_error(tiny_world, tmp_path):
                                        judge_max_tokens=4))
     assert isinstance(judge("Is there a circle?", {"bench": "mmhal", "id": "0"}), str)
     assert judge.last_cut  # (4 tokens of a random model, no end token: stopped at the limit)
+    # another model saved at the same path is another judge (its stored replies were reused)
+    weights = tmp_path / "judge" / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))
+    again = judges.LocalJudge(E.Config(judge="local", judge_model=str(tmp_path / "judge"),
+                                       judge_max_tokens=4))
+    assert again.name != judge.name and again.name.startswith(f"local:{tmp_path / 'judge'}@")
     generate = judge.model.generate  # a reply that ends with its end token is whole
     judge.model.generate = lambda ids, **kw: torch.cat(
         [ids, torch.tensor([[5, 5, 5, tok.eos_token_id]])], 1)  # (4 tokens, the last its end)
