@@ -835,6 +835,9 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
                       # the same global batch in other micro-batches (resumed on fewer GPUs, the
                       # memory a process has): allowed, with a note (not bitwise)
                       "grad_accum"}
+# why a field that looks like a memory setting is not free at --resume (said with the refusal)
+RESUME_WHY = {"micro_batch": " (ppo.py's rollout samples in chunks of it: another value draws "
+                             "other samples from the same stream)"}
 # fields a stage gained after runs were started without them: such a run's config reads as having
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default)
@@ -1541,8 +1544,9 @@ def load_resume(out_dir, run_config, free=()):
     diff = [k for k in now if k not in free and _norm(now[k], k) != _norm(was.get(k), k)]
     if diff:
         k = diff[0]
+        why = RESUME_WHY.get(k, "")
         raise ConfigError(f"{path}: --resume with a different config: field '{k}' was "
-                          f"{was.get(k)!r}, now {now[k]!r}")
+                          f"{was.get(k)!r}, now {now[k]!r}{why}")
     if rewritten_world(path, now.get("world", "")):  # (the rest of the run would read another)
         raise ConfigError(f"{path}: --resume: {now['world']} was written again with other "
                           "parameters since this run started (its world.json differs from the "

@@ -522,3 +522,20 @@ def test_gradients_are_summed_over_ranks_in_buckets():
     for bucket, sizes in ((4, [3, 5, 1, 4]), (6, [3, 6, 4]), (1 << 26, [13])):
         got = two_ranks(_sync_in_buckets, bucket)
         assert got[0] == got[1] == want + [sizes], (bucket, got)
+
+
+def test_a_resume_refused_for_ppo_micro_batch_says_why(tmp_path):
+    """ppo.py --resume with another --micro_batch (PPO's one memory setting, where the other
+    stages' --grad_accum may change) was refused without a reason: it moves the samples."""
+    import os
+    import ppo
+    cfg = ppo.Config(out=str(tmp_path), micro_batch=2)
+    ckpt = tmp_path / "checkpoint-000002"
+    os.makedirs(ckpt)
+    (ckpt / "config.json").write_text("{}")
+    torch.save({"format_version": common.FORMAT_VERSION, "step": 2,
+                "run_config": dataclasses.asdict(cfg), "rng": common.rng_state()},
+               ckpt / "trainer_state.pt")
+    with pytest.raises(common.ConfigError, match=r"field 'micro_batch' was 2, now 4 \(ppo.py's "
+                                                 r"rollout samples in chunks of it"):
+        common.load_resume(str(tmp_path), dataclasses.replace(cfg, micro_batch=4))
