@@ -803,6 +803,9 @@ def main(cfg):
         n_train = sum(p.numel() for p in params)
         print(f"{len(prompts)} RL prompts ({dropped} too long) | reward {cfg.reward}: "
               f"facts {rm[0]}, {roles} | {n_train / 1e6:.3f}M trainable | {d.world} process(es)")
+        if len(prompts) < cfg.rollout_batch:  # (batch_indices wraps around the prompts)
+            print(f"note: {len(prompts)} prompts for --rollout_batch {cfg.rollout_batch}: every "
+                  "step's batch holds some prompts more than once")
     images = ImageCache(policy.config.image_size)
     critic_images = ImageCache(critic.config.image_size)  # (used when it reads another size)
     log = common.Logger(cfg.out, d.main)

@@ -1052,3 +1052,17 @@ def test_resume_keeps_the_base_the_adapters_were_trained_on(sft, tiny_world, tmp
     code, stdout, err = run_cli("ppo", ppo_args + ["--max_steps", "2", "--resume", "true"])
     assert code == 0 and "one shared base" in stdout, err
     assert base_of(policy, 2) == "checkpoint-000001"
+
+
+def test_ppo_says_where_its_batches_repeat_prompts(tiny_rm, sft, tiny_world, tmp_path):
+    """Fewer prompts left than --rollout_batch: every batch held some prompts twice (batch
+    indices wrap around) without a word."""
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps(json.load(open(os.path.join(tiny_world, "rl_prompts.json")))[:2]))
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "1",
+            "--data", str(data), "--image_folder", tiny_world, "--out", str(tmp_path / "ppo")
+            ] + PPO_ARGS
+    code, stdout, err = run_cli("ppo", args)
+    assert code == 0, err
+    assert "note: 2 prompts for --rollout_batch 4: every step's batch holds some prompts more " \
+           "than once" in stdout, stdout
