@@ -818,8 +818,19 @@ def main(cfg):
         batch = [prompts[i] for i in idx]
         rollout_key = f"{cfg.seed}-{step}-{d.rank}"
         t0 = time.time()
-        ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen, rollout_key,
-                     critic_images)
+        try:
+            ro = rollout(policy, critic, tokenizer, batch, images, cfg, rm, kl_coef, gen,
+                         rollout_key, critic_images)
+        except RuntimeError as e:  # (an update past what fp32 holds well, e.g. --lr 1e20 beside
+            # --skip_nonfinite: finite weights, non-finite probabilities; torch.multinomial's
+            # traceback)
+            if "probability tensor contains" not in str(e):
+                raise
+            last = common.latest_checkpoint(cfg.out)
+            raise common.NonFiniteError(
+                f"step {step + 1}: the policy's next-token probabilities are not finite (an update "
+                f"took the weights past what they hold: lower --lr); stopped. Last good "
+                f"checkpoint: {last or 'none yet'}") from None
         adv, returns = gae(ro["rewards"] * cfg.reward_scale, ro["values"], cfg.gamma, cfg.lam)
         adv = whiten(adv, ro["rmask"], d)
         t1 = time.time()

@@ -1066,3 +1066,14 @@ def test_ppo_says_where_its_batches_repeat_prompts(tiny_rm, sft, tiny_world, tmp
     assert code == 0, err
     assert "note: 2 prompts for --rollout_batch 4: every step's batch holds some prompts more " \
            "than once" in stdout, stdout
+
+
+def test_ppo_weights_gone_bad_under_skip_nonfinite_stop_in_one_line(tiny_rm, sft, tiny_world,
+                                                                     tmp_path):
+    """--lr 1e20 --skip_nonfinite true: step 1's first update is finite and applied, the weights
+    huge; the next rollout's sampling was torch.multinomial's traceback (exit 1)."""
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "3",
+            "--lr", "1e20", "--skip_nonfinite", "true", "--out", str(tmp_path / "ppo")] + PPO_ARGS
+    code, _, err = run_cli("ppo", args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the policy's next-token probabilities are not finite" in err and "--lr" in err, err
