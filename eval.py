@@ -1116,6 +1116,11 @@ def evaluate(cfg, ckpt, name, bench, judges):
     models = {source_model(s) for s in ans.rescored_from} if cfg.rescore else \
         {source_model(ans.source)}
     model = models.pop() if len(models) == 1 else None
+    if cfg.rescore and cfg.llava_answers:  # (a LLaVA answers file: its scores are its own, not
+        # kept beside a checkpoint's run into this folder later, nor its beside them)
+        answers = os.path.abspath(cfg.llava_answers)
+        scores["answers_from"] = [answers]
+        model = f"file:{os.path.basename(answers)}@{int(os.path.getmtime(answers))}"
     if model:
         scores["model"] = model
     # the same checkpoint's other benchmarks, scored by earlier runs into this folder, are kept

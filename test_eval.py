@@ -827,6 +827,15 @@ def test_rescore_of_fewer_answers_than_questions_is_marked_partial(env, capsys):
                    os.path.join(env["world"], "pope_random.jsonl"), "--rescore", "true",
                    "--llava_answers", str(llava))["m0"]
     assert part["pope"]["random"]["partial"] == "2 of 4 questions", part
+    # scored into a checkpoint's folder under its --ckpt, then that checkpoint run again: the
+    # file's scores were kept beside the checkpoint's (nothing recorded whose they were)
+    run_cli(env, out, *args, "--limit", "2", "--rescore", "true", "--llava_answers", str(llava),
+            "--benchmarks", "pope")
+    stored = json.load(open(out / "m0" / "scores.json"))
+    assert stored["answers_from"] == [str(llava)] and stored["model"].startswith("file:")
+    run_cli(env, out, *args, "--limit", "2", "--benchmarks", "chair")
+    stored = json.load(open(out / "m0" / "scores.json"))
+    assert "pope" not in stored and "chair" in stored, stored.keys()
 
 
 def test_rescore_needs_no_images_for_mmhal_gavie_and_coco_chair(env, api, tmp_path):
