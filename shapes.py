@@ -1467,7 +1467,7 @@ def main(argv=None):
     kinds = " ".join(f"{k} {v}" for k, v in s["pair_injections"].items())
     print("preference pairs by injection kind: " + kinds)
     print(vocab_line(s["vocab"], args["vocab_size"]))
-    if args["image_size"] // args["grid"] > common.MAX_CELL_PATCH:  # (refused at step 0 before)
+    if args["image_size"] // args["grid"] > common.MAX_CELL_PATCH:  # (a fresh model refuses it)
         print(f"note: {args['image_size'] // args['grid']} px cells: a fresh --model takes one "
               f"patch per cell, at most {common.MAX_CELL_PATCH} px; this world is for a model "
               "given by --init")
