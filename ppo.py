@@ -649,13 +649,14 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
 def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
     """ppo_epochs passes over the rollout in shuffled minibatches (micro-batches accumulate);
     gradients summed over ranks, every loss normalised by the response tokens of the global
-    minibatch. Returns mean stats."""
+    minibatch. Returns mean stats over the updates taken (a skipped update's non-finite losses left
+    out; NaN, logged as null, where --skip_nonfinite skipped them all)."""
     policy.train()
     critic.train()
     n_local, mb = len(ro["seq"]), cfg.minibatch_size // d.world
     dev = ro["seq"].device
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    sums, n_updates = {}, 0
+    sums, n_updates, n_skipped = {}, 0, 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n_local, generator=g).to(ro["seq"].device)
         for s in range(0, n_local, mb):
@@ -663,6 +664,7 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
             # (LLaVA-RLHF: every micro-batch's mean over its sequences x response columns)
             columns = len(perm[s:s + mb]) * d.world * cfg.max_new_tokens
             divisor = columns if cfg.loss_divisor == "columns" else None
+            before = dict(sums)  # (put back if this update is skipped)
             for j in range(s, s + mb, cfg.micro_batch or mb):
                 i = perm[j:min(j + (cfg.micro_batch or mb), s + mb)]
                 m = ro["rmask"][i]
@@ -682,14 +684,17 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()
             _, norm = common.optimizer_step(opt, params, d, step, cfg)
-            # NaN: a skipped update (--skip_nonfinite)
-            grad_norm = torch.tensor(norm if norm is not None else float("nan"), device=dev)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            if norm is None:  # skipped (--skip_nonfinite; the same on every rank)
+                sums, n_skipped = before, n_skipped + 1
+                continue
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.tensor(norm, device=dev)
             n_updates += 1
-    keys = sorted(sums)
-    tot = common.all_reduce_sum(torch.stack([sums[k] for k in keys]).cpu(), d)
-    return {k: float(v) / n_updates / (d.world if k == "grad_norm" else 1)
-            for k, v in zip(keys, tot)}
+    keys = ("approx_kl", "clipfrac", "grad_norm", "pg_loss", "vf_clipfrac", "vf_loss")
+    nan = torch.tensor(float("nan"), device=dev)
+    tot = common.all_reduce_sum(torch.stack([sums.get(k, nan) for k in keys]).cpu(), d)
+    out = {k: float(v) / max(n_updates, 1) / (d.world if k == "grad_norm" else 1)
+           for k, v in zip(keys, tot)}
+    return {**out, "skipped_updates": n_skipped} if cfg.skip_nonfinite else out
 
 
 def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):

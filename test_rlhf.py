@@ -1077,3 +1077,28 @@ def test_ppo_weights_gone_bad_under_skip_nonfinite_stop_in_one_line(tiny_rm, sft
     code, _, err = run_cli("ppo", args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "the policy's next-token probabilities are not finite" in err and "--lr" in err, err
+
+
+def test_ppo_step_with_one_skipped_update_logs_the_updates_taken(tiny_rm, sft, tiny_world,
+                                                                 tmp_path, monkeypatch):
+    """--skip_nonfinite: a step whose second update (of two) had a non-finite gradient logged its
+    losses and grad_norm as null (the skipped update's NaN in the mean): the mean over the updates
+    taken now, and how many were skipped."""
+    import common
+    real_step, calls = common.optimizer_step, [0]
+
+    def poison_second(opt, params, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # (step 1's second minibatch: its gradient turned NaN)
+            next(p for p in params if p.grad is not None).grad.fill_(float("nan"))
+        return real_step(opt, params, *args, **kwargs)
+    monkeypatch.setattr(common, "optimizer_step", poison_second)
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "2",
+            "--skip_nonfinite", "true", "--out", str(tmp_path / "ppo")] + PPO_ARGS
+    code, stdout, err = run_cli("ppo", args)
+    assert code == 0, err
+    assert "step 1: non-finite loss or gradient; update skipped" in stdout, stdout
+    rows = [json.loads(x) for x in open(tmp_path / "ppo" / "metrics.jsonl") if "pg_loss" in x]
+    assert [r["skipped_updates"] for r in rows] == [1, 0], rows
+    keys = ("pg_loss", "vf_loss", "grad_norm", "clipfrac", "approx_kl", "vf_clipfrac")
+    assert all(isinstance(r[k], float) and math.isfinite(r[k]) for r in rows for k in keys), rows
