@@ -40,7 +40,8 @@ another checkpoint of that name has its scores in OUT/sft, a note says so):
                                  "prompt_digest"}, reused for the same judge (with its endpoint
                                  and --judge_max_tokens) and the same prompt and image
   OUT/NAME/scores.json           every number (benchmarks of earlier runs of the same model
-                                 into OUT kept: "model" names its checkpoint and files' time);
+                                 into OUT kept: "model" names its checkpoint and files' time;
+                                 "answers_made": how each one's answers were made, how many);
                                  OUT/compare.md and .json with --compare
   OUT/NAME/export/               --export true: pope_<split>.jsonl and llava_bench.jsonl as LLaVA's
                                  model_vqa.py writes answers, mmhal.json as MMHal-Bench's
@@ -56,6 +57,7 @@ This file asks the questions and keeps the answers; metrics.py turns answers int
 numbers, judges.py holds the judge prompts, reply parsers and metrics of MMHal-Bench, GAVIE and
 LLaVA-Bench, and the judges.
 """
+import collections
 import hashlib
 import json
 import math
@@ -604,6 +606,7 @@ class Answerer:
         self.source = source(cfg, ckpt) if not cfg.rescore or os.path.isdir(ckpt) else None
         self.rescored_from = set()  # --rescore: the sources of the answers scored
         self.partial = {}  # --rescore: bench -> "N of M questions" where some have no answer
+        self.made = {}  # bench -> {how its scored answers were made: count} (scores.json)
         self.digests = {}  # image file -> image_digest
         self.past_positions = False  # (said once)
 
@@ -684,6 +687,7 @@ class Answerer:
             done = self.llava_answers(qs)
             if len(done) < len(qs):  # (the file answers part of them)
                 self.partial[bench] = f"{len(done)} of {len(qs)} questions"
+            self.made[bench] = {f"file {os.path.abspath(cfg.llava_answers)}": len(done)}
             return done
         for q in qs:  # (once per image file per run: POPE asks about each image many times)
             if q["image"] not in self.digests:
@@ -738,6 +742,7 @@ class Answerer:
         if cfg.rescore and todo:  # (scores of a subset: the table says so, scores.json too)
             self.partial[bench] = f"{len(done)} of {len(qs)} questions"
         if not todo or cfg.rescore:
+            self.note_made(bench, done)
             return done
         self._load()
         starts = range(0, len(todo), cfg.batch_size)
@@ -751,7 +756,14 @@ class Answerer:
             with open(path, "a", encoding="utf-8") as f:  # each batch on disk before the next
                 f.writelines(json.dumps(line) + "\n" for line in lines)
             done.update((line["id"], line) for line in lines)
+        self.note_made(bench, done)
         return done
+
+    def note_made(self, bench, lines):
+        """How the answers scored were made (their source's settings after the checkpoint, and
+        how many of them): scores.json keeps it beside the scores, each kept benchmark's too."""
+        made = collections.Counter(source_decoding(x.get("source")) for x in lines.values())
+        self.made[bench] = dict(sorted(made.items()))
 
     def one_source(self, by_source, src, asked_source, path, bench):
         """--rescore: the stored answers of one run (several would mix runs, the last line
@@ -908,6 +920,13 @@ def source_model(source):
     keeps and a newer checkpoint of the run, or one trained again, does not; None: not one."""
     m = re.match(r"(.*)@(\d+) ", source or "")
     return m and f"{os.path.basename(m[1])}@{m[2]}"
+
+
+def source_decoding(source):
+    """A source string's settings after its checkpoint: template, dtype, device, decoding and
+    answer length (source() and answers())."""
+    m = re.match(r"(.*)@(\d+) (.*)", source or "")
+    return m[3] if m else str(source)
 
 
 def source_settings(source):
@@ -1109,6 +1128,7 @@ def evaluate(cfg, ckpt, name, bench, judges):
         print(f"warning: {name}: scored the questions with stored answers alone: "
               + ", ".join(f"{b} {n}" for b, n in ans.partial.items())
               + " (the table marks the row partial)", flush=True)
+    scores["answers_made"] = ans.made  # (per benchmark: how its answers were made, how many)
     if ans.rescored_from:  # (--rescore: --ckpt names the folder; these wrote the answers)
         scores["answers_from"] = sorted(ans.rescored_from, key=str)
     # the model the scores are of (another checkpoint of the run, or the run trained again, is
@@ -1138,7 +1158,10 @@ def evaluate(cfg, ckpt, name, bench, judges):
     if same and "ckpt_path" not in scores and "ckpt_path" in earlier:  # (a --rescore of a gone
         scores["ckpt_path"] = earlier["ckpt_path"]  # one keeps what names the folder's model)
     kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}
-    common.write_json({**scores, **kept}, path)
+    made = earlier.get("answers_made") if kept else None
+    made = {k: v for k, v in made.items() if k.split("_")[0] in kept or k in kept} \
+        if isinstance(made, dict) else {}
+    common.write_json({**scores, **kept, "answers_made": {**made, **ans.made}}, path)
     return scores
 
 

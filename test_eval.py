@@ -918,6 +918,28 @@ def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
     assert "pope" not in beside and beside["ckpt"] == str(other)
 
 
+def test_scores_json_says_how_each_benchmarks_answers_were_made(env, tmp_path):
+    """A folder's scores.json keeps the same checkpoint's benchmarks from earlier runs, and
+    recorded neither the decoding nor the number of questions any of them were scored from:
+    POPE sampled on 2 questions beside CHAIR greedy on 4 read alike."""
+    out = tmp_path / "o"
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--limit", "2",
+            "--temperature", "0.7")
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "chair")
+    made = json.load(open(out / "m0" / "scores.json"))["answers_made"]
+    assert set(made) == {"pope_random", "pope_popular", "pope_adversarial", "chair"}, made
+    [(pope, n_pope)] = made["pope_random"].items()
+    [(chair, n_chair)] = made["chair"].items()
+    assert "temperature=0.7" in pope and pope.endswith("max_new_tokens=3") and n_pope == 2, made
+    assert " greedy " in chair and chair.endswith("max_new_tokens=6") and n_chair == 4, made
+    assert env["ckpts"][0] not in pope + chair  # (the checkpoint is scores.json's "ckpt")
+    # another checkpoint's run into the folder replaces them, its own alone recorded
+    other = tmp_path / "other" / "m0"
+    shutil.copytree(env["ckpts"][0], other)
+    run_cli(env, out, "--ckpt", str(other), "--benchmarks", "chair")
+    assert set(json.load(open(out / "m0-1" / "scores.json"))["answers_made"]) == {"chair"}
+
+
 def test_judge_replies_are_reused_only_for_the_same_prompt():
     """Replies were keyed by (id, judge, answer): another question or reference under an id, or
     a longer --judge_max_tokens, got the stored reply back."""
