@@ -844,6 +844,13 @@ class Answerer:
             # LLaVA-RLHF's MMHal answers (the response template's fields, model_answer filled)
             if "question" in first and {"model_answer", "image_src", "question_type"} & set(first):
                 recs = [mmhal_answer(path, i, r) for i, r in enumerate(recs)]
+                empty = sum(not r["text"].strip() for r in recs)
+                if empty == len(recs):
+                    raise DataError(path, 0, "model_answer", "empty in every record: the "
+                                    "template, not answers (model_vqa_mmhal.py fills it)")
+                if empty:
+                    print(f"note: {path}: {empty} empty model_answer judged as given "
+                          "(eval_gpt_mmhal.py does: a model that stopped at once)", flush=True)
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
@@ -880,11 +887,12 @@ class Answerer:
 
 def mmhal_answer(path, i, r):
     """A record of an MMHal-Bench answers file (model_vqa_mmhal.py's: the response template with
-    model_answer filled) as a LLaVA answer: its position is its question's id."""
+    model_answer filled) as a LLaVA answer: its position is its question's id. An empty answer
+    is judged, as eval_gpt_mmhal.py does (a model that stopped at once)."""
     answer = r.get("model_answer") if isinstance(r, dict) else None
-    if not isinstance(answer, str) or not answer.strip():
-        raise DataError(path, i, "model_answer", "missing or empty: the template, not answers "
-                                                 "(model_vqa_mmhal.py fills it)")
+    if not isinstance(answer, str):
+        raise DataError(path, i, "model_answer", "missing or not a string: the template, not "
+                                                 "answers (model_vqa_mmhal.py fills it)")
     if not isinstance(r.get("question"), str):
         raise DataError(path, i, "question", "expected a string")
     return {"question_id": i, "prompt": r["question"], "text": answer}

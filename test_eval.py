@@ -1507,8 +1507,19 @@ def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
         run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
                 "mmhal", "--llava_answers", str(tmp_path / "template.json"))
     assert capsys.readouterr().err.endswith("template.json: record 0: field 'model_answer': "
-                                            "missing or empty: the template, not answers "
+                                            "empty in every record: the template, not answers "
                                             "(model_vqa_mmhal.py fills it)\n")
+    # one empty answer among the others is judged, as eval_gpt_mmhal.py does (it refused the
+    # whole file: a model that stopped at once writes one)
+    one_empty = [dict(r, model_answer="") if i == 1 else r for i, r in enumerate(mmhal)]
+    (tmp_path / "one_empty.json").write_text(json.dumps(one_empty))
+    capsys.readouterr()
+    scored = run_cli(env, tmp_path / "r1", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
+                     "mmhal", "--llava_answers", str(tmp_path / "one_empty.json"))["m0"]["mmhal"]
+    assert scored["n"] == 4 and "partial" not in scored, scored
+    assert "1 empty model_answer judged as given" in capsys.readouterr().out
+    replies = lines(tmp_path / "r1" / "m0" / "judge_mmhal.jsonl")
+    assert len(replies) == 4 and all(isinstance(r.get("reply"), str) for r in replies), replies
     # the template without the field at all (it was read as POPE's: "field 'text': expected
     # {question_id, prompt, text}")
     bare = [{k: v for k, v in r.items() if k != "model_answer"} for r in template]
@@ -1516,7 +1527,7 @@ def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(env, tmp_path / "r", "--ckpt", "m0", "--rescore", "true", "--benchmarks",
                 "mmhal", "--llava_answers", str(tmp_path / "template.json"))
-    assert "field 'model_answer': missing or empty" in capsys.readouterr().err
+    assert "field 'model_answer': missing or not a string" in capsys.readouterr().err
 
 
 def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
