@@ -217,11 +217,16 @@ def parse_gavie(reply):
     """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt
     asks for), or from LRV's official output formats ('Relevancy:\\nscore of the answer1: x\\n
     reason: ...', as evaluate.py asks; 'score of answer1: x', as prompts/GAVIE.txt asks); each
-    exactly one value in 0-10, else None."""
-    text, out = str(reply).lower(), {}
+    exactly one value in 0-10, else None. Markdown emphasis ('**Relevancy**: 8'), 'Relevancy
+    score: 8' and a full-width colon are read alike; a section starts at a line's start where one
+    does (its reason may say 'accuracy:')."""
+    text, out = str(reply).lower().replace("*", "").replace("\uff1a", ":"), {}
     for key in ("relevancy", "accuracy"):
-        found = {float(v) for v in re.findall(rf"\b{key}\s*:\s*(\d+(?:\.\d+)?)", text)}
-        section = re.search(rf"\b{key}\s*:(.*?)(?=\b(?:relevancy|accuracy)\s*:|$)", text, re.S)
+        label = rf"\b{key}(?:\s+score)?\s*:"
+        found = {float(v) for v in re.findall(rf"{label}\s*(\d+(?:\.\d+)?)", text)}
+        starts = r"(?:relevancy|accuracy)(?:\s+score)?\s*:"
+        section = re.search(rf"^[ \t#]*{label}(.*?)(?=^[ \t#]*{starts}|\Z)", text, re.S | re.M) \
+            or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)
         if not found and section:
             answer1 = r"score of (?:the )?answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
             found = {float(v) for v in re.findall(answer1, section.group(1))}

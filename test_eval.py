@@ -522,6 +522,12 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     gavie_txt = ("Accuracy:\nscore of answer1: 7\nreason: fine.\n\n"
                  "Relevancy:\nscore of answer1: 9\nreason: on topic.")
     assert judges.parse_gavie(gavie_txt) == {"relevancy": 9.0, "accuracy": 7.0}
+    # judges' markdown, 'score' after the key, a full-width colon, and a reason that says
+    # 'accuracy:' inside LRV's format: each was left unparsed (out of both means)
+    for reply in ("**Relevancy**: 8\n**Accuracy**: 6", "Relevancy: **8**\nAccuracy: **6**",
+                  "Relevancy score: 8\nAccuracy score: 6", "Relevancy\uff1a8\nAccuracy\uff1a6",
+                  official.replace("it follows.", "the answer's accuracy: fine.")):
+        assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
