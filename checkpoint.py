@@ -561,7 +561,13 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     """Load a LLaVA from any supported directory layout (see detect_layout). `vision_tower` names a
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT; fresh_projector_ok
-    False refuses that)."""
+    False refuses that). Returned in eval mode, as transformers' and PEFT's from_pretrained do
+    (an adapter's dropout off); the stages call train() where they train."""
+    return _load_checkpoint(path, vision_tower, dtype, device, adapters,
+                            fresh_projector_ok).eval()
+
+
+def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projector_ok):
     path = resolve_checkpoint(str(path))
     # a PEFT LoRA adapter: its base (a local directory), then the adapter, active
     if is_peft_dir(path):

@@ -1240,7 +1240,10 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
     """Write OUT/checkpoint-{step}: model files (+ tokenizer) and trainer_state.pt (optimizer, step,
     RNG, run config). Written into a temp dir and renamed; older checkpoints beyond `keep` removed.
     Replicated: only the main process writes; all processes wait for it. Under FSDP see
-    _save_sharded."""
+    _save_sharded. A model whose base weights changed since they were loaded (a PEFT adapter's
+    vision or projector LoRA merged in) is written whole: `base` no longer holds its weights."""
+    if getattr(model, "base_edited", False):
+        base = None
     if d is not None and d.fsdp:
         return _save_sharded(model, out_dir, step, run_config, optimizer, tokenizer, base,
                              generators, extra_state, keep, d, full)

@@ -393,6 +393,10 @@ def main(cfg):
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
     load_from = base if sharded else resume_path or base
+    # (a run whose checkpoints are whole (--init's base weights changed as loaded: a PEFT
+    # adapter's vision LoRA merged) goes on writing them whole)
+    if resume_path and not sharded and common.recorded_base(resume_path) is None:
+        base = None
     # (a resumed run loads its own reward model)
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     # (sampled pairs are drawn before sharding: on the run's device)

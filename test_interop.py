@@ -287,6 +287,43 @@ def test_peft_export_after_a_merge_writes_the_merged_base(peft_elsewhere, tmp_pa
                                    rtol=0)
 
 
+def test_loaded_models_are_in_eval_mode_as_transformers_returns_them(tmp_path):
+    """load_checkpoint returned a model in training mode (transformers' and PEFT's from_pretrained
+    return eval mode): an adapter's dropout stayed on, so two calls of a loaded PEFT adapter with
+    lora_dropout 0.3 answered differently, and neither as PEFT does."""
+    from peft import LoraConfig
+    hf_llava().save_pretrained(tmp_path / "base")
+    targets = [f"{t}_proj" for t in LM_TARGETS]
+    pm = trained_peft(tmp_path, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                           target_modules=targets))
+    pixels, ids = inputs(seed=3)
+    ours = load_checkpoint(tmp_path / "adapter")  # (no .eval())
+    assert not ours.training and not load_checkpoint(tmp_path / "base").training
+    with torch.no_grad():
+        first, second = ours(pixels, ids), ours(pixels, ids)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, peft_logits(pm, pixels, ids), atol=ATOL, rtol=0)
+
+
+def test_a_base_changed_since_loading_is_saved_whole(peft_elsewhere, tmp_path):
+    """A PEFT adapter's vision and projector LoRA is merged into the base weights as it is added
+    (ppo.py --policy_lora beside a reward model of another base); the adapter checkpoint then
+    written named the unchanged base, so the merged LoRA was lost without a word (reloaded, the
+    policy answered otherwise). Such a model is written whole."""
+    import sft
+    pm, root = peft_elsewhere
+    model = load_checkpoint(root / "base")
+    load_adapters(model, root / "adapter", "policy")
+    model.set_adapter("policy")
+    path = common.save_checkpoint(model, str(tmp_path / "run"), 1, sft.Config(),
+                                  base=str(root / "base"))
+    assert json.load(open(os.path.join(path, "config.json")))["base"] is None
+    pixels, ids = inputs(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(path)(pixels, ids), peft_logits(pm, pixels, ids),
+                                   atol=ATOL, rtol=0)
+
+
 def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
     """LoRA on lm_head: PEFT also saves the head's own weight (save_embedding_layers 'auto'),
     which was refused as 'not a LoRA A/B weight'. The same weight as the base's is passed over

@@ -1102,3 +1102,45 @@ def test_ppo_step_with_one_skipped_update_logs_the_updates_taken(tiny_rm, sft, t
     assert [r["skipped_updates"] for r in rows] == [1, 0], rows
     keys = ("pg_loss", "vf_loss", "grad_norm", "clipfrac", "approx_kl", "vf_clipfrac")
     assert all(isinstance(r[k], float) and math.isfinite(r[k]) for r in rows for k in keys), rows
+
+
+def test_an_init_whose_vision_lora_was_merged_as_loaded_is_saved_whole(sft, tiny_world, tmp_path):
+    """--init a PEFT adapter whose LoRA sits on CLIP alone (merged into the base as it loads):
+    reward.py and dpo.py trained, then failed at the first save ('no config.json': the adapter
+    folder named as the frozen base). Their checkpoints are whole now; a resumed reward run ends
+    bitwise where one straight run does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+    from checkpoint import export_llava_hf
+    export_llava_hf(load_checkpoint(sft), tmp_path / "hf", tokenizer=load_tokenizer(sft))
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
+                        LoraConfig(r=4, lora_alpha=8,
+                                   target_modules=r".*vision_tower.*\.(q_proj|v_proj)"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "clip_lora")
+    init = ["--init", str(tmp_path / "clip_lora"), "--world", tiny_world]
+    rm = init + ["--batch_size", "4", "--eval_prompt", "short", "--eval_size", "4",
+                 "--save_every", "1"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert run_cli("reward", rm + ["--max_steps", "2", "--out", straight])[0] == 0
+    assert run_cli("reward", rm + ["--max_steps", "1", "--out", resumed])[0] == 0
+    code, _, err = run_cli("reward", rm + ["--max_steps", "2", "--out", resumed, "--resume",
+                                           "true"])
+    assert code == 0, err
+    for run in (straight, resumed):
+        assert json.load(open(os.path.join(resolve_checkpoint(run), "config.json")))["base"] \
+            is None
+    a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    vision = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    merged = load_checkpoint(tmp_path / "clip_lora").state_dict()[vision]
+    assert torch.equal(a[vision], merged) and not torch.equal(merged,
+                                                              load_checkpoint(sft).state_dict()[vision])
+    dpo = init + ["--max_steps", "1", "--batch_size", "4", "--eval_n", "4", "--out",
+                  str(tmp_path / "dpo")]
+    code, _, err = run_cli("dpo", dpo)
+    assert code == 0, err
+    assert torch.equal(load_checkpoint(tmp_path / "dpo").state_dict()[vision], merged)
