@@ -1144,3 +1144,53 @@ def test_an_init_whose_vision_lora_was_merged_as_loaded_is_saved_whole(sft, tiny
     code, _, err = run_cli("dpo", dpo)
     assert code == 0, err
     assert torch.equal(load_checkpoint(tmp_path / "dpo").state_dict()[vision], merged)
+
+
+def test_ppo_policy_lora_with_vision_lora_keeps_it_and_resumes_bitwise(sft, tiny_world, tmp_path):
+    """--policy_lora a PEFT adapter that also holds LoRA on CLIP (PEFT's bare ['q_proj',
+    'v_proj'] hits CLIP too), beside a reward model of another base: the CLIP LoRA is merged into
+    the policy's base as it loads, and the adapter checkpoints named the SFT as their base, so the
+    saved policy lost it without a word. They are whole now, and a resumed run ends bitwise where
+    a straight one does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+    from checkpoint import export_llava_hf, load_adapters
+    export_llava_hf(load_checkpoint(sft), tmp_path / "hf", tokenizer=load_tokenizer(sft))
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "rl_init")
+    shutil.copytree(sft, tmp_path / "sft_copy")  # (another folder: a second, frozen critic)
+    rm = ["--init", str(tmp_path / "sft_copy"), "--world", tiny_world, "--max_steps", "1",
+          "--batch_size", "4", "--eval_prompt", "short", "--eval_size", "4", "--out",
+          str(tmp_path / "rm")]
+    assert run_cli("reward", rm)[0] == 0
+    args = ["--init", sft, "--reward", str(tmp_path / "rm"), "--world", tiny_world,
+            "--policy_lora", str(tmp_path / "rl_init"), "--export", "adapter", "--save_every",
+            "1"] + PPO_ARGS
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    code, _, err = run_cli("ppo", args + ["--max_steps", "1", "--lr", "1e-12", "--out",
+                                          str(tmp_path / "still")])
+    assert code == 0, err
+    want = load_checkpoint(sft)
+    load_adapters(want, str(tmp_path / "rl_init"), "policy")
+    want.set_adapter("policy")
+    got = load_checkpoint(str(tmp_path / "still"))
+    assert got.active_adapter == "policy"
+    g = torch.Generator().manual_seed(0)
+    c = want.config
+    pixels = torch.randn(1, 3, c.image_size, c.image_size, generator=g)
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, c.num_image_tokens), c.image_token_id),
+                     torch.arange(20, 25)[None]], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(got(pixels, ids), want(pixels, ids), atol=1e-4, rtol=0)
+    assert run_cli("ppo", args + ["--max_steps", "2", "--out", straight])[0] == 0
+    assert run_cli("ppo", args + ["--max_steps", "1", "--out", resumed])[0] == 0
+    code, _, err = run_cli("ppo", args + ["--max_steps", "2", "--out", resumed, "--resume",
+                                          "true"])
+    assert code == 0, err
+    a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
