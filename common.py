@@ -1196,8 +1196,14 @@ def start_writing(cfg, d, data_files=()):
 
 def data_specs(value):
     """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as
-    a whole (so a path may hold ':'); otherwise what follows its last ':' is x."""
+    a whole (so a path may hold ':'); otherwise what follows its last ':' is x. The whole value, or
+    all of it before its last ':', that is an existing file is one item (its path may hold ',')."""
     out = []
+    if os.path.isfile(value):
+        return [(value, "")]
+    path, _, x = value.rpartition(":")
+    if "," in path and "," not in x and os.path.isfile(path):
+        return [(path, x)]
     for item in value.split(","):
         if not item.strip():  # ('' would read as the file '', "file not found" naming nothing)
             raise ConfigError(f"--data {value!r}: an empty file name (give FILE[:x],FILE[:x])")

@@ -78,7 +78,8 @@ def load_json(path):
     """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
     if not os.path.isfile(path):
         raise DataError(path, message="a folder, not a file" if os.path.isdir(path) else
-                        "file not found")
+                        "not a regular file (a pipe or device): give a file, which a run records "
+                        "and reads again" if os.path.exists(path) else "file not found")
     text = read_text(path)
     if not text.strip():
         raise DataError(path, message="file is empty")
@@ -155,13 +156,19 @@ def _records_in(value):
         and not all({"from", "value"} <= set(x) for x in value)
 
 
+# a record's own fields, which no published wrapper ({"annotations": [...]}, VQA-v2's files) has:
+# an object holding one is a record, whatever lists of objects it holds besides
+RECORD_KEYS = {"conversations", "image", "image_id", "question"}
+
+
 def _records(path, wrapper=None, obj=None):
     """The list of records in a file; `wrapper` names the key of a published {"key": [...]} wrapper.
     obj: the file as load_json parsed it already."""
     obj = load_json(path) if obj is None else obj
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
-    elif isinstance(obj, dict) and (wrapper is None or not any(map(_records_in, obj.values()))):
+    elif isinstance(obj, dict) and (wrapper is None or not any(map(_records_in, obj.values()))
+                                    or RECORD_KEYS & set(obj)):
         obj = [obj]  # a JSON lines file with a single line (a record: checked as the others)
     if not isinstance(obj, list):
         if wrapper:
@@ -481,8 +488,11 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         prompt = _prompt(conversation(turns, image is not None, end=None))
         outs = [output(r, "output_1"), output(r, "output_2")]
         p = _field(r, "preference")
-        if type(p) is not int or p not in (1, 2):
-            raise _bad("preference", f"must be the integer 1 or 2 (a JSON number), got {p!r:.40}")
+        # (1.0 and 2.0 too, as the reference's {1: 0, 2: 1}[preference] reads them: a column
+        # written through pandas with one gap holds floats)
+        if type(p) not in (int, float) or p not in (1, 2):
+            raise _bad("preference", f"must be the number 1 or 2, got {p!r:.40}")
+        p = int(p)
         caps = _captions(r, caption_map, r.get("image"), need_captions)
         return {"id": r.get("id"), "image": image, "prompt": prompt, "chosen": outs[p - 1],
                 "rejected": outs[2 - p], "captions": caps}

@@ -539,3 +539,15 @@ def test_a_resume_refused_for_ppo_micro_batch_says_why(tmp_path):
     with pytest.raises(common.ConfigError, match=r"field 'micro_batch' was 2, now 4 \(ppo.py's "
                                                  r"rollout samples in chunks of it"):
         common.load_resume(str(tmp_path), dataclasses.replace(cfg, micro_batch=4))
+
+
+def test_data_specs_take_a_path_holding_a_comma(tmp_path):
+    """sft.py/vigc.py --data 'dir/comma,name.jsonl' (a file there) was split at the comma and
+    refused, naming 'dir/comma' (not given)."""
+    one = tmp_path / "comma,name.jsonl"
+    one.write_text("")
+    other = tmp_path / "b.json"
+    other.write_text("")
+    assert common.data_specs(str(one)) == [(str(one), "")]
+    assert common.data_specs(f"{one}:0.5") == [(str(one), "0.5")]
+    assert common.data_specs(f"{other}:2,{other}") == [(str(other), "2"), (str(other), "")]

@@ -173,6 +173,13 @@ def test_read_any_conversations(tmp_path, llava):
     lrv_one.write_text(json.dumps({"image_id": "5", "question": "Q?", "answer": "A."}) + "\n")
     assert read_any_conversations(str(lrv_one), str(tmp / "img"))[0]["conversations"] == \
         b[0]["conversations"]
+    # one record holding an extra list of objects (boxes, say): a record, as two such lines are
+    # (it was taken for a wrapper of another name and refused, "got an object")
+    boxed = tmp / "boxed.jsonl"
+    boxed.write_text(json.dumps(dict(recs[0], objects=[{"name": "dog", "bbox": [1, 2, 3, 4]}]))
+                     + "\n")
+    assert read_any_conversations(str(boxed), str(tmp / "img"))[0]["conversations"] == \
+        a[0]["conversations"]
     # an object holding a list of objects under another key: a wrapper, not a record (the swapped
     # VQA files, {"data": [...]}): refused as before, not read as one record missing its fields
     wrapped = write(tmp / "w.json", {"data": recs})
@@ -212,20 +219,25 @@ def test_preference_good(tmp_path):
     out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs))
     assert [r["prompt"] for r in out] == [turns("<image>\nWhat is it?")] * 2
     # two outputs alike are kept (LLaVA-RLHF trains on them; it was refused, the whole file with it)
+    # 1.0 and 2.0 as 1 and 2 (LLaVA-RLHF's {1: 0, 2: 1}[preference] reads them; refused before)
+    floats = read_llava_rlhf_preference(write(tmp_path / "p.json", [pref(preference=2.0)]))
+    assert floats == read_llava_rlhf_preference(write(tmp_path / "p.json", [pref(preference=2)]))
     alike = pref(output_2={"value": "A red square. "})
     out = read_llava_rlhf_preference(write(tmp_path / "p.json", [alike]))
     assert (out[0]["chosen"], out[0]["rejected"]) == ("A red square.", "A red square.")
 
 
 @pytest.mark.parametrize("kw,expect", [
-    ({"preference": 3}, "field 'preference': must be the integer 1 or 2 (a JSON number), got 3"),
+    ({"preference": 3}, "field 'preference': must be the number 1 or 2, got 3"),
     ({"preference": "1"},
-     "field 'preference': must be the integer 1 or 2 (a JSON number), got '1'"),
+     "field 'preference': must be the number 1 or 2, got '1'"),
     ({"preference": None}, "field 'preference': missing"),
+    ({"preference": True}, "field 'preference': must be the number 1 or 2, got True"),
+    ({"preference": 1.5}, "field 'preference': must be the number 1 or 2, got 1.5"),
     ({"output_1": {"value": ""}}, "field 'output_1': expected {\"value\": non-empty string}"),
     ({"output_1": "text"}, "field 'output_1': expected an object, got a string"),
     # (all 401 digits were the line)
-    ({"preference": 10 ** 400}, "field 'preference': must be the integer 1 or 2 (a JSON number), "
+    ({"preference": 10 ** 400}, "field 'preference': must be the number 1 or 2, "
                                 "got " + "1" + "0" * 39),
 ])
 def test_preference_errors(tmp_path, kw, expect):
@@ -542,3 +554,13 @@ def test_a_huge_value_in_a_record_is_cut_in_the_message(tmp_path):
     for fn, recs in cases:
         msg = error(fn, write(tmp_path / "d.json", recs), str(tmp_path / "img"))
         assert "xxxxxxxxxx" in msg and len(msg) < 300 + len(img), (fn.__name__, msg[:400])
+
+
+def test_a_pipe_is_said_to_be_one(tmp_path):
+    """--data <(cat file): the path is there, a pipe, and was said to be 'file not found'."""
+    from formats import load_json
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert error(load_json, str(fifo)) == f"{fifo}: not a regular file (a pipe or device): give " \
+        "a file, which a run records and reads again"
+    assert error(load_json, str(tmp_path / "gone")) == f"{tmp_path / 'gone'}: file not found"
