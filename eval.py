@@ -551,10 +551,13 @@ def lrv_gavie_questions(cfg):
     path = cfg.gavie_file
     folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.gavie_file))
     items = load_json(path)
+    items = [items] if isinstance(items, dict) and "question" in items else items  # (one line)
     boxes = load_json(cfg.gavie_annotations) if cfg.gavie_annotations else None
-    if not isinstance(items, list) or not isinstance(boxes, dict):
-        raise DataError(path, message="expected a list of {image_id, question}, "
-                                      "and --gavie_annotations {image_id: [{caption, bbox}]}")
+    if not isinstance(items, list):
+        raise DataError(path, message="expected a list of {image_id, question}")
+    if not isinstance(boxes, dict):
+        raise DataError(cfg.gavie_annotations or path, message="expected --gavie_annotations "
+                                                               "{image_id: [{caption, bbox}]}")
     if not items:
         raise DataError(path, message="no records: expected a non-empty list of "
                                       "{image_id, question}")

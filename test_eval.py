@@ -887,6 +887,10 @@ def test_gavie_boxes_hold_numbers(env, tmp_path):
             continue
         with pytest.raises(E.DataError, match=r"boxes.json: record '7' box 0: expected"):
             E.gavie_questions(cfg, (env["world"], None, None))
+    # a JSON lines file of one question (an object) is its one record, as every reader takes it
+    # (it was refused: "expected a list")
+    (tmp_path / "gavie.json").write_text(json.dumps({"image_id": "7", "question": "What?"}) + "\n")
+    assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
 
 
 def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
