@@ -890,6 +890,8 @@ def test_gavie_boxes_hold_numbers(env, tmp_path):
     # a JSON lines file of one question (an object) is its one record, as every reader takes it
     # (it was refused: "expected a list")
     (tmp_path / "gavie.json").write_text(json.dumps({"image_id": "7", "question": "What?"}) + "\n")
+    box = {"caption": "x", "bbox": [1, 2, 3, 4]}
+    (tmp_path / "boxes.json").write_text(json.dumps({"7": [box]}))
     assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
 
 
