@@ -304,6 +304,10 @@ def _text_fields(t, prefix=""):
     if act not in ("silu", "swish"):
         raise CheckpointError(f"config: field '{prefix}hidden_act': {act!r:.60} is not supported "
                               "(LLaMA's silu only)")
+    for key in ("attention_bias", "mlp_bias"):  # (its weights were refused naming a bias key)
+        if t.get(key):
+            raise CheckpointError(f"config: field '{prefix}{key}': {t[key]!r:.20} is not "
+                                  "supported (LLaMA's projections without biases)")
     kind = t.get("model_type", "llama")
     if kind not in ("llama", "mistral", "llava", "llava_llama", "llava_mistral"):
         raise CheckpointError(f"config: field '{prefix}model_type': {kind!r:.60} is not supported "

@@ -753,6 +753,9 @@ def _edited_hf(hf_dirs, tmp_path, edit):
     (lambda c: c.update(text_config="llama"), "'text_config': expected an object"),
     (lambda c: c["text_config"].update(rope_scaling="linear"), "text_config.rope_scaling"),
     (lambda c: c["text_config"].update(rope_parameters=[1]), "text_config.rope_parameters"),
+    # (a LLaMA with biases: refused naming an unexpected weight key, not the field, before)
+    (lambda c: c["text_config"].update(attention_bias=True), "'text_config.attention_bias': True"),
+    (lambda c: c["text_config"].update(mlp_bias=True), "'text_config.mlp_bias': True is not"),
     (lambda c: c["text_config"].update(max_position_embeddings="256", sliding_window=128),
      "text_config.max_position_embeddings"),
     (lambda c: c["text_config"].update(model_type="mistral", sliding_window="128"),
