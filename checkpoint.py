@@ -1630,7 +1630,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: field 'peft_type': "
                               f"{cfg.get('peft_type')!r:.60} (only LORA is read)")
-    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+    for field in ("use_dora", "fan_in_fan_out", "lora_bias"):
         if cfg.get(field):
             raise CheckpointError(f"{cfg_path}: field '{field}': true is not supported (plain LoRA "
                                   "only)")
@@ -1659,6 +1659,8 @@ def load_peft_adapter(model, path, name, no_merge=None):
             or not math.isfinite(alpha):
         raise CheckpointError(f"{cfg_path}: fields 'r' and 'lora_alpha': expected a positive "
                               f"integer and a finite number, got {r!r:.20} and {alpha!r:.20}")
+    if cfg.get("use_rslora"):  # rank-stabilised LoRA scales by alpha / sqrt(r) (Kalajdzievski
+        alpha = alpha * math.sqrt(r)  # 2023): held as plain LoRA's alpha / r with this alpha
     dropout = cfg.get("lora_dropout") or 0.0
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:  # (a ValueError in nn.Dropout)
         raise CheckpointError(f"{cfg_path}: field 'lora_dropout': expected a number in [0, 1), "

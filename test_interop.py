@@ -287,6 +287,29 @@ def test_peft_export_after_a_merge_writes_the_merged_base(peft_elsewhere, tmp_pa
                                    rtol=0)
 
 
+def test_rslora_adapter_loads_and_exports_as_plain_lora(tmp_path):
+    """use_rslora (scaling alpha / sqrt(r)) was refused: it is plain LoRA with alpha * sqrt(r),
+    on the language model (an adapter) and on the projector (merged); exported, PEFT reads it back
+    as plain LoRA with the same logits."""
+    from peft import LoraConfig, PeftModel
+    from transformers import LlavaForConditionalGeneration
+    hf_llava().save_pretrained(tmp_path / "base")
+    targets = [f"{t}_proj" for t in LM_TARGETS] + ["linear_1"]
+    pm = trained_peft(tmp_path, LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                           target_modules=targets))
+    pixels, ids = inputs(seed=3)
+    ours = load_checkpoint(tmp_path / "adapter")
+    assert ours.adapters["default"]["alpha"] == pytest.approx(16.0)  # (8 * sqrt(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels, ids), peft_logits(pm, pixels, ids), atol=ATOL,
+                                   rtol=0)
+    export_peft_adapter(ours, tmp_path / "out", "default")
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "base")
+    back = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    torch.testing.assert_close(peft_logits(back, pixels, ids), peft_logits(pm, pixels, ids),
+                               atol=ATOL, rtol=0)
+
+
 def test_loaded_models_are_in_eval_mode_as_transformers_returns_them(tmp_path):
     """load_checkpoint returned a model in training mode (transformers' and PEFT's from_pretrained
     return eval mode): an adapter's dropout stayed on, so two calls of a loaded PEFT adapter with
