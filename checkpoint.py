@@ -631,6 +631,9 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         elif vision_tower:  # (it was passed over without a word)
             print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
                   "it was trained with", flush=True)
+        if detect_layout(weights_dir) == "llava-hf":  # (its projector as its config says)
+            src = _llava_hf_projector(src, weights_dir,
+                                      _read_json(os.path.join(weights_dir, "config.json")))
     elif layout == "llava-hf":
         if vision_tower:  # (its CLIP config and weights are its own: passed over without a word)
             print(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
@@ -676,15 +679,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
             projector=projector, image_token_id=image_id, pad_token_id=pad),
             names=[("vision_select_layer", "vision_feature_layer")])
         src.add_dir(path)
-        bias = _get(cfg, "multimodal_projector_bias", True)
-        if not isinstance(bias, bool):
-            raise CheckpointError(f"{path}/config.json: field 'multimodal_projector_bias': "
-                                  f"expected true or false, got {bias!r:.40}")
-        if not bias:  # (a projector without biases: ours with zero ones, exactly)
-            src = _ZeroProjectorBias(src)
-        # our export of a one-layer projector: linear_2 is the identity; fold it back
-        if act == "linear":
-            src = _FoldedLinearProjector(src)
+        src = _llava_hf_projector(src, path, cfg)
     elif layout in ("llava", "llama"):
         if layout == "llama" and not fresh_projector_ok:  # (before asking for its CLIP)
             raise _random_projector(path, "a language model")
@@ -804,6 +799,21 @@ def _clip_for_base(path, vision_tower, required):
         raise CheckpointError(f"{path}: its base {here} holds no CLIP weights: pass the CLIP "
                               f"directory it was trained with (--vision_tower DIR{named})")
     return found
+
+
+def _llava_hf_projector(src, path, cfg):
+    """A llava-hf folder's weights with its projector read as its config.json says: without
+    biases (multimodal_projector_bias false: ours with zero ones, exactly), and 'linear' (our
+    export of a one-layer projector: linear_2 is the identity, folded back)."""
+    bias = _get(cfg, "multimodal_projector_bias", True)
+    if not isinstance(bias, bool):
+        raise CheckpointError(f"{path}/config.json: field 'multimodal_projector_bias': "
+                              f"expected true or false, got {bias!r:.40}")
+    if not bias:
+        src = _ZeroProjectorBias(src)
+    if _get(cfg, "projector_hidden_act", "gelu") == "linear":
+        src = _FoldedLinearProjector(src)
+    return src
 
 
 class _ZeroProjectorBias:

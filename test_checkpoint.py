@@ -900,6 +900,27 @@ def test_llava_hf_projector_without_biases_loads(tmp_path, act):
     export_llava_hf(ours, tmp_path / "export")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     torch.testing.assert_close(hf_logits(again, pixels, ids), want, atol=ATOL, rtol=0)
+    adapter_checkpoint_on_it_loads_again(ours, tmp_path / "hf", tmp_path / "adapter")
+
+
+def adapter_checkpoint_on_it_loads_again(model, hf_dir, out):
+    """An adapter checkpoint (dpo.py's, reward.py's) whose base is this llava-hf folder loads
+    again as it was saved: it read the base's weights as our layout's, so a 'linear' or bias-free
+    projector was refused ("unexpected key" / "no weight for 'linear_1.bias'") and the run could
+    not be evaluated, resumed or used as a reward model."""
+    model.add_adapter("a", r=4, alpha=8)
+    randomize_adapter(model, "a", 1)
+    model.set_adapter("a")
+    save_checkpoint_files(model, out, base=hf_dir)
+    pixels, ids = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(out)(pixels, ids), model(pixels, ids),
+                                   atol=1e-6, rtol=0)
+
+
+def test_adapter_checkpoint_on_a_linear_projector_base_loads_again(hf_dirs, tmp_path):
+    _, path = hf_dirs["linear"]
+    adapter_checkpoint_on_it_loads_again(load_checkpoint(path), path, tmp_path / "adapter")
 
 
 def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_path):
