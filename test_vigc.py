@@ -218,6 +218,12 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     monkeypatch.setattr(common, "generate_answers", spy)
     # an untrained model's VIG
     monkeypatch.setattr(vigc, "parse_vig", lambda text: ("Is there a circle?", "Yes."))
+    asked, real_prompt = set(), vigc.prompt
+
+    def asking(tokenizer, model, instruction, *args):
+        asked.add(instruction)
+        return real_prompt(tokenizer, model, instruction, *args)
+    monkeypatch.setattr(vigc, "prompt", asking)
     out = str(tmp_path / "ref")
     argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
             "--generate", "3", "--max_new_tokens", "6", "--out", out, "--vic_mode", "reference",
@@ -229,6 +235,10 @@ def test_cli_reference_vic_mode_runs_beam_search(tiny_world, tiny_ckpt, tmp_path
     # VIG and 2 correction steps: each a beam search with LAVIS's repetition penalty (VIGC's
     # valid_step)
     assert report["correction_steps_per_answer"] == 2 and beams == [(3, 1.5)] * 3
+    # one fixed phrasing per type at generation, as VIGC's generation asks (it drew one of the
+    # world's per image, as --vic_mode ours does)
+    phrasings = json.load(open(os.path.join(tiny_world, "vigc_instructions.json")))
+    assert asked and set(asked) <= {phrasings[t][0] for t in vigc.TYPES.values()}, asked
 
 
 def test_trains_on_examples_that_fit_every_step(tiny_world, tiny_ckpt, tmp_path):

@@ -479,7 +479,10 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
     for i in range(cfg.generate):
         name, path = imgs[i % len(imgs)]
         t = TYPES[rng.choice(cfg.gen_types)]
-        instruction = rng.choice(instructions[t])
+        drawn = rng.choice(instructions[t])  # (drawn in both modes: the same types follow)
+        # VIGC's generation asks each type in one fixed phrasing (llava_150k_gen.py's
+        # VIG_INSTRUCTIONS): the type's first, for --vic_mode reference
+        instruction = instructions[t][0] if cfg.vic_mode == "reference" else drawn
         jobs.append({"id": f"vigc_{i:06d}", "image": name, "type": t, "instruction": instruction,
                      "unit": cache.unit(path)})
     # The answer is started with its format marker "Question:" (given, as VIC is given the answer so
