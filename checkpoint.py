@@ -1024,7 +1024,12 @@ def _module_of(slice_name):
 def save_checkpoint_files(model, path, base=None, extra_config=None):
     """Write config.json, model.safetensors (unless `base` names a checkpoint holding the frozen
     base weights) and adapters.safetensors (LoRA + heads) into the directory `path`. Callers that
-    need atomicity write into a temp directory and rename (common.save_checkpoint does)."""
+    need atomicity write into a temp directory and rename (common.save_checkpoint does). A model
+    whose base weights changed since loading (a merge) is written whole: `base` lacks them."""
+    if base is not None and model.base_edited:
+        print(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
+              f"written whole, not as adapters on {base}", flush=True)
+        base = None
     os.makedirs(path, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
            "adapters": model.adapters, "heads": sorted(model.heads),

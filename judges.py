@@ -217,16 +217,22 @@ def parse_gavie(reply):
     """{'relevancy': x, 'accuracy': y} from 'Relevancy: x' and 'Accuracy: y' (the format our prompt
     asks for), or from LRV's official output formats ('Relevancy:\\nscore of the answer1: x\\n
     reason: ...', as evaluate.py asks; 'score of answer1: x', as prompts/GAVIE.txt asks); each
-    exactly one value in 0-10, else None. Markdown emphasis ('**Relevancy**: 8'), 'Relevancy
-    score: 8' and a full-width colon are read alike; a section starts at a line's start where one
-    does (its reason may say 'accuracy:')."""
+    exactly one value in 0-10, else None. Markdown emphasis ('**Relevancy**: 8'), a full-width
+    colon, and 'Relevancy score: 8' at a line's start are read alike; where both labels start a
+    line, a section runs from one to the other (its reason may say 'accuracy:')."""
     text, out = str(reply).lower().replace("*", "").replace("\uff1a", ":"), {}
+    line = r"^[ \t#]*"
+    starts = r"(?:relevancy|accuracy)\s*:"
+    lined = len(re.findall(rf"{line}{starts}", text, re.M)) >= 2
     for key in ("relevancy", "accuracy"):
-        label = rf"\b{key}(?:\s+score)?\s*:"
-        found = {float(v) for v in re.findall(rf"{label}\s*(\d+(?:\.\d+)?)", text)}
-        starts = r"(?:relevancy|accuracy)(?:\s+score)?\s*:"
-        section = re.search(rf"^[ \t#]*{label}(.*?)(?=^[ \t#]*{starts}|\Z)", text, re.S | re.M) \
-            or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)
+        label = rf"\b{key}\s*:"
+        scored = rf"{line}{key}\s+score\s*:"  # (at a line's start: 'overall accuracy score: 7' is
+        # a sentence)
+        found = {float(v) for v in re.findall(rf"(?:{label}|{scored})\s*(\d+(?:\.\d+)?)", text,
+                                              re.M)}
+        section = lined and re.search(rf"{line}{label}(.*?)(?={line}{starts}|\Z)", text,
+                                      re.S | re.M)
+        section = section or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)
         if not found and section:
             answer1 = r"score of (?:the )?answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
             found = {float(v) for v in re.findall(answer1, section.group(1))}

@@ -528,6 +528,13 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
                   "Relevancy score: 8\nAccuracy score: 6", "Relevancy\uff1a8\nAccuracy\uff1a6",
                   official.replace("it follows.", "the answer's accuracy: fine.")):
         assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
+    # (a review of that change: LRV's format on one line, or a label after a reason on its line,
+    # came back unparsed; a sentence saying 'overall accuracy score: 7' counted as a score)
+    for reply in ("Accuracy: score of answer1: 6 reason: fine. Relevancy: score of answer1: 8 "
+                  "reason: on topic.", gavie_txt.replace("7", "6").replace("9", "8")
+                  .replace("fine.\n\n", "fine. "), "Relevancy: 8\nAccuracy: 6\nOverall accuracy "
+                  "score: 7"):
+        assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):

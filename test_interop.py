@@ -345,6 +345,8 @@ def test_a_base_changed_since_loading_is_saved_whole(peft_elsewhere, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_checkpoint(path)(pixels, ids), peft_logits(pm, pixels, ids),
                                    atol=ATOL, rtol=0)
+    model.save_pretrained(tmp_path / "api", base=str(root / "base"))  # (the public API too)
+    assert json.load(open(tmp_path / "api" / "config.json"))["base"] is None
 
 
 def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
