@@ -1266,6 +1266,10 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
         print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
               "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
+    if tok.pad_token is None and 0 <= c.pad_token_id < len(tok):  # (the processor pads with what
+        # config.json names: it padded with <unk> beside another pad_token_id)
+        tok = copy.deepcopy(tok)  # (the caller's tokenizer stays as it was)
+        tok.pad_token = tok.convert_ids_to_tokens(c.pad_token_id)
     tok.save_pretrained(path)
     _write_processor(model, path, template)
 

@@ -491,6 +491,20 @@ def model_for(tok, seed=0):
     return m
 
 
+def test_export_of_a_tokenizer_without_a_pad_token_pads_with_the_configs(tmp_path):
+    """A tokenizer without a pad token was exported as it was: the processor then padded with
+    <unk> while config.json named another pad_token_id."""
+    from transformers import AutoProcessor
+    tok = llama_tokenizer(False)
+    m = model_for(tok)
+    tok.pad_token = None
+    export_llava_hf(m, tmp_path / "hf", tok)
+    assert tok.pad_token is None  # (the caller's tokenizer is left as it was)
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert proc.tokenizer.pad_token_id == m.config.pad_token_id == \
+        json.load(open(tmp_path / "hf" / "config.json"))["pad_token_id"]
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
     from PIL import Image
