@@ -131,6 +131,14 @@ def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
     return loss, value
 
 
+def split_off(n, n_val, seed):
+    """(training, held-out) indices of n pairs as LLaVA-RLHF's random_split(data, [n - n_val,
+    n_val], generator seeded with seed) draws them: one permutation, the last n_val held out
+    (its script's seed is 42)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[:n - n_val], perm[n - n_val:]
+
+
 def load_pairs(cfg, d, model, tokenizer):
     """(train, val, stats): pairs {prompt, chosen, rejected, captions, image} and counts of what was
     dropped."""
@@ -143,12 +151,11 @@ def load_pairs(cfg, d, model, tokenizer):
     if cfg.val_data:
         val = require_records(read(cfg.val_data), cfg.val_data, "preference pairs")
         val = check_images(val[:cfg.eval_size], cfg.val_data, d=d)[0]
-    else:  # LLaVA-RLHF: random_split(train, [n - 500, 500], seed)
-        g = torch.Generator().manual_seed(cfg.seed)
-        perm = torch.randperm(len(train), generator=g).tolist()
+    else:
         # (at least one pair of a small file: under 10 pairs it held out none, and said nothing)
         n_val = min(cfg.eval_size, max(len(train) // 10, 1 if len(train) > 1 else 0))
-        train, val = [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
+        kept, held = split_off(len(train), n_val, cfg.seed)
+        train, val = [train[i] for i in kept], [train[i] for i in held]
     if cfg.pairs == "sampled":
         objects = shapes.load_world(cfg.world)["by_file"]
         train = train[:cfg.n_sampled]

@@ -1194,3 +1194,14 @@ def test_ppo_policy_lora_with_vision_lora_keeps_it_and_resumes_bitwise(sft, tiny
     assert code == 0, err
     a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_held_out_pairs_are_the_ones_llava_rlhf_holds_out():
+    """--val_data '': the held-out pairs were the first of the permutation, where LLaVA-RLHF's
+    random_split holds out the last: with its seed (42) none of its 500 were ours."""
+    from torch.utils.data import random_split
+    for n, n_val, seed in ((9422, 500, 42), (37, 3, 0)):
+        theirs = random_split(range(n), [n - n_val, n_val],
+                              generator=torch.Generator().manual_seed(seed))
+        assert reward.split_off(n, n_val, seed) == (list(theirs[0].indices),
+                                                    list(theirs[1].indices))
