@@ -15,7 +15,7 @@ Ziegler et al. 2019, InstructGPT). One frozen base serves four roles through nam
     torchrun --nproc_per_node=8 ppo.py --init sft_model --reward rm \
         --data llava_ppo50k-aokvqa12k-vqa10k.json --captions image_to_caption.json \
         --image_folder coco/train2017 --rollout_batch 512 --minibatch_size 256 --max_steps 562 \
-        --max_prompt_len 703 --max_new_tokens 896 --lora_r 64 --lr 3e-5 --value_lr 0 \
+        --max_prompt_len 383 --max_new_tokens 896 --lora_r 64 --lr 3e-5 --value_lr 0 \
         --length_penalty -10 --device cuda --dtype bf16 --warmup_from_zero true \
         --stop_at_question true --rm_input tokens --correct_rule prefix --reward_scale 10 \
         --loss_divisor columns --micro_batch 16 --grad_checkpoint true

@@ -8,9 +8,9 @@ with --facts, lists the image's captions (Factually Augmented RLHF).
     python reward.py --blank_images true --out ckpt/rm_blank  # control: facts read without images?
     torchrun --nproc_per_node=8 reward.py --init llava-rlhf-sft --data llava_7b_v1_preference.json \
         --captions image_to_caption.json --image_folder coco/train2017 --lora_r 64 --lora_alpha 16 \
-        --lr 2e-5 --batch_size 32 --max_steps 200 --grad_clip 0.3 --max_len 2623 \
+        --lr 2e-5 --batch_size 32 --max_steps 200 --grad_clip 0.3 --max_len 4096 \
         --prompt_space true --caption_shuffle answer --warmup_from_zero true \
-        --device cuda --dtype bf16 --grad_checkpoint true  # LLaVA-RLHF's settings (README)
+        --device cuda --dtype bf16 --grad_checkpoint true --seed 42  # LLaVA-RLHF's (README)
     python reward.py --init LLaVA-RLHF-13b-v1.5-336/sft_model \
         --import_llava_rlhf LLaVA-Fact-RM-13b-v1.5-336-lora-padding/checkpoint-200 \
         --out ckpt/rm_llava_rlhf
