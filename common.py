@@ -706,11 +706,11 @@ def _local(t):
 MAX_SKIPPED_IN_A_ROW = 10
 
 
-def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
+def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True, last=True):
     """One update, the same in every stage: sum the gradients over ranks, clip, check that loss and
     gradient are finite, step, zero. `loss` is this rank's share (summed over ranks when reduce) and
     comes back global, with the gradient norm; the norm is None when --skip_nonfinite skipped the
-    step."""
+    step. last: whether this is the step's last update (PPO takes several)."""
     sync_grads(params, d)
     if loss is not None and reduce:
         loss = all_reduce_sum(loss, d)
@@ -724,7 +724,7 @@ def optimizer_step(opt, params, d, step, cfg, loss=None, reduce=True):
     # a run from step 0 to its last with no update applied at all: it would end with exit 0 and
     # a final checkpoint equal to its start
     nothing = norm is None and opt.applied == 0 and opt.first_step == 0 and \
-        step + 1 == cfg.max_steps
+        step + 1 == cfg.max_steps and last
     if norm is not None:
         opt.step()
     elif opt.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW or nothing:  # (the same on every rank)

@@ -40,7 +40,7 @@ import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json,
                   normalize, load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid,
                   tokenize_conversations)
-from checkpoint import base_weights_dir
+from checkpoint import base_weights_dir, is_peft_dir, peft_base_dir
 
 
 @dataclass
@@ -354,7 +354,9 @@ def fingerprint(cfg, init_dir, *datasets):
             for t in (c["input_ids"], c["labels"], r["input_ids"], r["labels"]):
                 h.update(t.numpy().tobytes())
             h.update(f"{image}|{os.stat(image).st_size}|{os.stat(image).st_mtime_ns}".encode())
-    folders = [init_dir, base_weights_dir(init_dir)]
+    # (a PEFT adapter's base: its own folder, which base_weights_dir does not read)
+    base = peft_base_dir(init_dir) if is_peft_dir(init_dir) else base_weights_dir(init_dir)
+    folders = [init_dir, base]
     folders += [cfg.vision_tower] if cfg.vision_tower else []
     for folder in dict.fromkeys(folders):
         for name in sorted(os.listdir(folder)):

@@ -358,7 +358,9 @@ def build_roles(cfg, d):
                                  "a PEFT LoRA as --policy_lora, or merge them first (README: "
                                  "'A LoRA policy start')")
     rm_dir = resolve_checkpoint(cfg.reward)
-    if base_weights_dir(rm_dir) == base_weights_dir(cfg.init):
+    # (a PEFT adapter as --init: its merged vision/projector LoRA is in no reward model's base)
+    init = resolve_checkpoint(cfg.init)
+    if not is_peft_dir(init) and base_weights_dir(rm_dir) == base_weights_dir(init):
         critic = policy
         load_adapters(critic, rm_dir)
     else:
@@ -657,7 +659,7 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
     dev = ro["seq"].device
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     sums, n_updates, n_skipped = {}, 0, 0
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n_local, generator=g).to(ro["seq"].device)
         for s in range(0, n_local, mb):
             n_tok = common.all_reduce_sum(ro["rmask"][perm[s:s + mb]].sum(), d).clamp(min=1)
@@ -683,7 +685,8 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
                     (cfg.vf_coef * vf).backward()
                 for k, x in {"pg_loss": pg, "vf_loss": vf, **st, **vst}.items():
                     sums[k] = sums.get(k, 0.0) + x.detach().float()
-            _, norm = common.optimizer_step(opt, params, d, step, cfg)
+            last = epoch == cfg.ppo_epochs - 1 and s + mb >= n_local
+            _, norm = common.optimizer_step(opt, params, d, step, cfg, last=last)
             if norm is None:  # skipped (--skip_nonfinite; the same on every rank)
                 sums, n_skipped = before, n_skipped + 1
                 continue

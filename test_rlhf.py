@@ -1079,27 +1079,30 @@ def test_ppo_weights_gone_bad_under_skip_nonfinite_stop_in_one_line(tiny_rm, sft
     assert "the policy's next-token probabilities are not finite" in err and "--lr" in err, err
 
 
+@pytest.mark.parametrize("steps, poisoned, skipped", [(2, 2, [1, 0]), (1, 1, [1])])
 def test_ppo_step_with_one_skipped_update_logs_the_updates_taken(tiny_rm, sft, tiny_world,
-                                                                 tmp_path, monkeypatch):
-    """--skip_nonfinite: a step whose second update (of two) had a non-finite gradient logged its
+                                                                 tmp_path, monkeypatch, steps,
+                                                                 poisoned, skipped):
+    """--skip_nonfinite: a step whose second update (of four) had a non-finite gradient logged its
     losses and grad_norm as null (the skipped update's NaN in the mean): the mean over the updates
-    taken now, and how many were skipped."""
+    taken now, and how many were skipped. A run of one step whose first update was skipped stopped
+    there ('every update of this run non-finite'), its other updates never run."""
     import common
     real_step, calls = common.optimizer_step, [0]
 
-    def poison_second(opt, params, *args, **kwargs):
+    def poison(opt, params, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == 2:  # (step 1's second minibatch: its gradient turned NaN)
+        if calls[0] == poisoned:  # (that update's gradient turned NaN)
             next(p for p in params if p.grad is not None).grad.fill_(float("nan"))
         return real_step(opt, params, *args, **kwargs)
-    monkeypatch.setattr(common, "optimizer_step", poison_second)
-    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps", "2",
-            "--skip_nonfinite", "true", "--out", str(tmp_path / "ppo")] + PPO_ARGS
+    monkeypatch.setattr(common, "optimizer_step", poison)
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps",
+            str(steps), "--skip_nonfinite", "true", "--out", str(tmp_path / "ppo")] + PPO_ARGS
     code, stdout, err = run_cli("ppo", args)
     assert code == 0, err
     assert "step 1: non-finite loss or gradient; update skipped" in stdout, stdout
     rows = [json.loads(x) for x in open(tmp_path / "ppo" / "metrics.jsonl") if "pg_loss" in x]
-    assert [r["skipped_updates"] for r in rows] == [1, 0], rows
+    assert [r["skipped_updates"] for r in rows] == skipped, rows
     keys = ("pg_loss", "vf_loss", "grad_norm", "clipfrac", "approx_kl", "vf_clipfrac")
     assert all(isinstance(r[k], float) and math.isfinite(r[k]) for r in rows for k in keys), rows
 
@@ -1144,6 +1147,14 @@ def test_an_init_whose_vision_lora_was_merged_as_loaded_is_saved_whole(sft, tiny
     code, _, err = run_cli("dpo", dpo)
     assert code == 0, err
     assert torch.equal(load_checkpoint(tmp_path / "dpo").state_dict()[vision], merged)
+    # a full fine-tune's reference cache and PPO's policy from such an --init ('no config.json':
+    # the adapter folder was read as a checkpoint's base)
+    code, _, err = run_cli("dpo", dpo[:-1] + [str(tmp_path / "dpo_full"), "--lora_r", "0"])
+    assert code == 0, err
+    code, _, err = run_cli("ppo", init + ["--reward", str(tmp_path / "straight"), "--max_steps",
+                                          "1", "--out", str(tmp_path / "ppo")] + PPO_ARGS)
+    assert code == 0, err
+    assert torch.equal(load_checkpoint(tmp_path / "ppo").state_dict()[vision], merged)
 
 
 def test_ppo_policy_lora_with_vision_lora_keeps_it_and_resumes_bitwise(sft, tiny_world, tmp_path):
