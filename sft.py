@@ -39,9 +39,11 @@ import oracle
 import shapes
 from model import PRESETS
 from data import (EOS_TEXT, IGNORE, DataError, ImageCache, check_images, collate, load_json,
-                  normalize, pack, read_any_conversations, require_records,
+                  normalize, pack, read_any_conversations, render, require_records,
                   tokenize_conversations)
 
+# where LLaVA's preprocess_v1 splits a round into its question and answer (conv.sep + role + ': ')
+ROUND_SPLIT = " ASSISTANT: "
 # --data's weights repeat records (references, tokenized once) up to this many in all
 MAX_TRAIN_RECORDS = 10_000_000
 TOKENIZE_PART = 16384  # conversations tokenized between two progress lines
@@ -249,10 +251,16 @@ class Tokenized:
         return got
 
     def learned(self, t, record):
-        """The tokens learned: the answers', none where a turn holds the template's end text
-        ('</s>': LLaVA's preprocess splits the text there, finds a "tokenization mismatch" and
-        masks the whole conversation; ours learned an end inside the answer)."""
-        if self.eos and any(self.eos in turn["value"] for turn in record["conversations"]):
+        """The tokens learned: the answers', none where LLaVA's preprocess_v1 finds a "tokenization
+        mismatch" and masks the whole conversation: it splits the text into rounds at '</s>' and
+        each round at ' ASSISTANT: ', so a turn holding '</s>' (ours learned an end inside the
+        answer), or one that makes a round split into other than a question and an answer (' Say
+        ASSISTANT: hi'; ours learned it), is not learned."""
+        turns = record["conversations"]
+        if self.eos and any(self.eos in turn["value"] for turn in turns):
+            return torch.zeros(len(t["labels"]), dtype=torch.bool)
+        rounds = render(turns, self.template)[0].split(self.eos)[:-1] if self.eos else []
+        if any(len(r.split(ROUND_SPLIT)) != 2 for r in rounds):
             return torch.zeros(len(t["labels"]), dtype=torch.bool)
         return t["labels"] != IGNORE
 
@@ -409,8 +417,8 @@ def main(cfg):
     del train_records
     if train.unlearned and d.main:
         print(f"warning: {train.unlearned} training conversations teach no token: a turn holds "
-              f"the template's end text {EOS_TEXT!r} (LLaVA masks such a conversation whole: "
-              "'tokenization mismatch')")
+              f"the template's end text {EOS_TEXT!r} or its answer mark {ROUND_SPLIT!r} (LLaVA "
+              "masks such a conversation whole: 'tokenization mismatch')")
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {n_records} training conversations "
               f"that do not fit --max_len {cfg.max_len} with at least part of the first answer")

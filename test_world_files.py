@@ -272,6 +272,16 @@ def test_a_turn_holding_the_end_text_teaches_nothing_as_in_llava(tiny_world, tin
                                      "--batch_size", "4", "--out", str(tmp_path / "o")])
     assert code == 0 and "warning: 1 training conversations teach no token: a turn holds the " \
         "template's end text '</s>'" in out, err
+    # ' ASSISTANT: ' inside a question or an answer: LLaVA's round splits in three, a mismatch
+    # (ours learned the answers)
+    for i, at in ((0, 0), (2, 1)):
+        turns = [dict(t) for t in records[i]["conversations"]]
+        turns[at]["value"] += " Say ASSISTANT: hi"
+        records[i] = dict(records[i], conversations=turns)
+    data = sft.Tokenized(records, tok, model_config, cfg, None)
+    assert data.unlearned == 3 and data.n_labels[3] > 0 and not any(data.n_labels[:3]), \
+        data.n_labels
+    assert "or its answer mark ' ASSISTANT: '" in out
     # --template plain: LLaVA's preprocess_plain checks nothing (a caption is learned as it is)
     captions = read_any_conversations(os.path.join(tiny_world, "align.json"), tiny_world)[:2]
     captions[0]["conversations"][1]["value"] += " </s> and more."
