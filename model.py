@@ -740,7 +740,8 @@ class ScalarHead(nn.Module):
 @dataclass
 class GenerateOutput:
     tokens: torch.Tensor    # (B, L) new tokens; after EOS: pad
-    # (B, L) log p(token) under the sampling temperature (0 after EOS), or None
+    # (B, L) log p(token) under the sampling temperature and any repetition penalty (0 after
+    # EOS), or None
     logprobs: torch.Tensor
     lengths: torch.Tensor   # (B,) new tokens up to and including EOS
     finished: torch.Tensor  # (B,) True where EOS was produced
@@ -918,8 +919,10 @@ class LLaVA(nn.Module):
         generated so far has its logit (beam search: log-prob) divided by p where positive,
         multiplied where negative, before temperature and top-p (transformers'
         RepetitionPenaltyLogitsProcessor as generate(inputs_embeds=...) applies it, which is how
-        VIGC's LAVIS model calls it: the prompt's tokens are not penalised). Returns
-        GenerateOutput."""
+        VIGC's LAVIS model calls it: the prompt's tokens are not penalised; in a left-padded
+        batch each row's generated tokens all are, where transformers 5 leaves a padded row's
+        first pad-count ones out); return_logprobs are then the penalised distribution's, as
+        transformers' output_scores. Returns GenerateOutput."""
         c = self.config
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         # one id or several (transformers' eos_token_id list): any of them ends a row; < 0: none

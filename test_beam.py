@@ -191,3 +191,31 @@ def test_repetition_penalty_equals_transformers_from_embeddings(pair, beams):
     assert not torch.equal(got, plain)  # the penalty changed what was generated
     repeats = lambda t: sum(len(r) - len(set(r)) for r in t.tolist())
     assert repeats(got) < repeats(plain)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_repetition_penalty_on_a_left_padded_batch_penalises_what_each_row_generated(pair, beams):
+    """A left-padded batch: each row's generated tokens alone are penalised (transformers 5's
+    generate(inputs_embeds=...) leaves a padded row's first pad-count generated tokens unpenalised,
+    its prompt_ignore_length being the row's pads: the reference here is its processor given the
+    whole padded prompt's width to ignore)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+    hf, ours = pair
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, IMAGE_ID, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pads in ((0, 2), (2, 3)):
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    n = 12
+    got = ours.generate(None, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=-1,
+                        pad_token_id=0, num_beams=beams, repetition_penalty=1.5).tokens
+    penalty = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=ids.shape[1])
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                           min_new_tokens=n, num_beams=beams, do_sample=False,
+                           logits_processor=LogitsProcessorList([penalty]), eos_token_id=None,
+                           pad_token_id=0, early_stopping=False, length_penalty=1.0)
+    assert got.tolist() == want[:, ids.shape[1]:].tolist()
+    plain = ours.generate(None, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=-1,
+                          pad_token_id=0, num_beams=beams).tokens
+    assert not torch.equal(got, plain)
