@@ -355,7 +355,7 @@ def fingerprint(cfg, init_dir, *datasets):
                 h.update(t.numpy().tobytes())
             h.update(f"{image}|{os.stat(image).st_size}|{os.stat(image).st_mtime_ns}".encode())
     # (a PEFT adapter's base: its own folder, which base_weights_dir does not read)
-    base = peft_base_dir(init_dir) if is_peft_dir(init_dir) else base_weights_dir(init_dir)
+    base = base_weights_dir(peft_base_dir(init_dir) if is_peft_dir(init_dir) else init_dir)
     folders = [init_dir, base]
     folders += [cfg.vision_tower] if cfg.vision_tower else []
     for folder in dict.fromkeys(folders):

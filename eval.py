@@ -958,7 +958,7 @@ def source(cfg, ckpt):
     path = os.path.abspath(resolve_checkpoint(ckpt))
     folders = [path]
     try:  # an adapter checkpoint's answers change when its base is trained again
-        base = peft_base_dir(path) if is_peft_dir(path) else base_weights_dir(path)
+        base = base_weights_dir(peft_base_dir(path) if is_peft_dir(path) else path)
         folders += [base] if base and os.path.realpath(base) != os.path.realpath(path) else []
     except (OSError, ValueError, CheckpointError):  # (loading names what is wrong with it)
         pass
