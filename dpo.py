@@ -354,7 +354,7 @@ def fingerprint(cfg, init_dir, *datasets):
             for t in (c["input_ids"], c["labels"], r["input_ids"], r["labels"]):
                 h.update(t.numpy().tobytes())
             h.update(f"{image}|{os.stat(image).st_size}|{os.stat(image).st_mtime_ns}".encode())
-    # (a PEFT adapter's base: its own folder, which base_weights_dir does not read)
+    # (a PEFT adapter: the base its config names, read as any checkpoint's)
     base = base_weights_dir(peft_base_dir(init_dir) if is_peft_dir(init_dir) else init_dir)
     folders = [init_dir, base]
     folders += [cfg.vision_tower] if cfg.vision_tower else []
