@@ -1267,7 +1267,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
               "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
     if tok.pad_token is None and 0 <= c.pad_token_id < len(tok):  # (the processor pads with what
-        # config.json names: it padded with <unk> beside another pad_token_id)
+        # config.json names: it had no pad token while config.json named one)
         tok = copy.deepcopy(tok)  # (the caller's tokenizer stays as it was)
         tok.pad_token = tok.convert_ids_to_tokens(c.pad_token_id)
     tok.save_pretrained(path)

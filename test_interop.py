@@ -492,8 +492,8 @@ def model_for(tok, seed=0):
 
 
 def test_export_of_a_tokenizer_without_a_pad_token_pads_with_the_configs(tmp_path):
-    """A tokenizer without a pad token was exported as it was: the processor then padded with
-    <unk> while config.json named another pad_token_id."""
+    """A tokenizer without a pad token was exported as it was: the processor then had no pad token
+    while config.json named one."""
     from transformers import AutoProcessor
     tok = llama_tokenizer(False)
     m = model_for(tok)

@@ -1140,8 +1140,8 @@ def test_an_init_whose_vision_lora_was_merged_as_loaded_is_saved_whole(sft, tiny
     assert all(torch.equal(a[k], b[k]) for k in a)
     vision = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
     merged = load_checkpoint(tmp_path / "clip_lora").state_dict()[vision]
-    assert torch.equal(a[vision], merged) and not torch.equal(merged,
-                                                              load_checkpoint(sft).state_dict()[vision])
+    unmerged = load_checkpoint(sft).state_dict()[vision]
+    assert torch.equal(a[vision], merged) and not torch.equal(merged, unmerged)
     dpo = init + ["--max_steps", "1", "--batch_size", "4", "--eval_n", "4", "--out",
                   str(tmp_path / "dpo")]
     code, _, err = run_cli("dpo", dpo)
