@@ -2731,12 +2731,12 @@ def checkpoint_tensors(ck):
 def fault_at(n, optimizer_step):
     """optimizer_step with the gradient of update step n (1-based, as logged) made NaN, as an
     overflow would, and the loss with it: every stage's updates reach the non-finite guard."""
-    def step_with_fault(opt, params, d, step, cfg, loss=None, reduce=True):
+    def step_with_fault(opt, params, d, step, cfg, loss=None, reduce=True, **kw):
         if step + 1 == n:
             grad = next(p.grad for p in params if p.grad is not None and p.grad.numel())
             common._local(grad).view(-1)[0] = float("nan")
             loss = None if loss is None else loss * float("nan")
-        return optimizer_step(opt, params, d, step, cfg, loss, reduce)
+        return optimizer_step(opt, params, d, step, cfg, loss, reduce, **kw)
     return step_with_fault
 
 
