@@ -256,10 +256,9 @@ class Tokenized:
         each round at ' ASSISTANT: ', so a turn holding '</s>' (ours learned an end inside the
         answer), or one that makes a round split into other than a question and an answer (' Say
         ASSISTANT: hi'; ours learned it), is not learned."""
-        turns = record["conversations"]
-        if self.eos and any(self.eos in turn["value"] for turn in turns):
-            return torch.zeros(len(t["labels"]), dtype=torch.bool)
-        rounds = render(turns, self.template)[0].split(self.eos)[:-1] if self.eos else []
+        # (a '</s>' inside a turn makes a round without the answer mark, or an empty one)
+        rounds = render(record["conversations"], self.template)[0].split(self.eos)[:-1] \
+            if self.eos else []
         if any(len(r.split(ROUND_SPLIT)) != 2 for r in rounds):
             return torch.zeros(len(t["labels"]), dtype=torch.bool)
         return t["labels"] != IGNORE
