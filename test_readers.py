@@ -218,10 +218,10 @@ def test_preference_good(tmp_path):
             pref(id="p2", conversations=[turns("What is it?", "<image> x")])]
     out = read_llava_rlhf_preference(write(tmp_path / "p.json", recs))
     assert [r["prompt"] for r in out] == [turns("<image>\nWhat is it?")] * 2
-    # two outputs alike are kept (LLaVA-RLHF trains on them; it was refused, the whole file with it)
     # 1.0 and 2.0 as 1 and 2 (LLaVA-RLHF's {1: 0, 2: 1}[preference] reads them; refused before)
     floats = read_llava_rlhf_preference(write(tmp_path / "p.json", [pref(preference=2.0)]))
     assert floats == read_llava_rlhf_preference(write(tmp_path / "p.json", [pref(preference=2)]))
+    # two outputs alike are kept (LLaVA-RLHF trains on them; it was refused, the whole file with it)
     alike = pref(output_2={"value": "A red square. "})
     out = read_llava_rlhf_preference(write(tmp_path / "p.json", [alike]))
     assert (out[0]["chosen"], out[0]["rejected"]) == ("A red square.", "A red square.")
