@@ -1196,22 +1196,30 @@ def start_writing(cfg, d, data_files=()):
 
 def data_specs(value):
     """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as
-    a whole (so a path may hold ':'); otherwise what follows its last ':' is x. The whole value, or
-    all of it before its last ':', that is an existing file is one item (its path may hold ',')."""
-    out = []
-    if os.path.isfile(value):
-        return [(value, "")]
-    path, _, x = value.rpartition(":")
-    if "," in path and "," not in x and os.path.isfile(path):
-        return [(path, x)]
-    for item in value.split(","):
-        if not item.strip():  # ('' would read as the file '', "file not found" naming nothing)
+    a whole (so a path may hold ':'); otherwise what follows its last ':' is x. Items are read
+    left to right, each the longest run of ','-joined pieces that names an existing file (with or
+    without its ':x'), so a path may hold ',' in a list too; an item naming no file is one piece
+    (its reader says "not found")."""
+    pieces = value.split(",")
+    out, i = [], 0
+    while i < len(pieces):
+        if not pieces[i].strip():  # ('' would read as the file '', "file not found" naming nothing)
             raise ConfigError(f"--data {value!r}: an empty file name (give FILE[:x],FILE[:x])")
-        if os.path.exists(item) or ":" not in item:
-            out.append((item, ""))
-        else:
+        for j in range(len(pieces), i, -1):
+            item = ",".join(pieces[i:j])
             path, _, x = item.rpartition(":")
-            out.append((path, x))
+            if os.path.isfile(item):
+                out.append((item, ""))
+                break
+            if path and "," not in x and os.path.isfile(path):
+                out.append((path, x))
+                break
+        else:  # no run of pieces names a file: this piece alone, as given
+            j = i + 1
+            item = pieces[i]
+            path, _, x = item.rpartition(":")
+            out.append((item, "") if os.path.exists(item) or ":" not in item else (path, x))
+        i = j
     return out
 
 

@@ -551,3 +551,18 @@ def test_data_specs_take_a_path_holding_a_comma(tmp_path):
     assert common.data_specs(str(one)) == [(str(one), "")]
     assert common.data_specs(f"{one}:0.5") == [(str(one), "0.5")]
     assert common.data_specs(f"{other}:2,{other}") == [(str(other), "2"), (str(other), "")]
+
+
+def test_data_specs_take_a_comma_path_in_a_list(tmp_path):
+    """--data 'comma,name.jsonl:2,b.json' (several files, one holding a comma) was split at that
+    comma: 'comma' and 'name.jsonl:2' read as two files, neither there."""
+    one = tmp_path / "comma,name.jsonl"
+    one.write_text("")
+    other = tmp_path / "b.json"
+    other.write_text("")
+    assert common.data_specs(f"{one}:2,{other}") == [(str(one), "2"), (str(other), "")]
+    assert common.data_specs(f"{other},{one}") == [(str(other), ""), (str(one), "")]
+    assert common.data_specs(f"{other}:3,{one},{other}:0.5") == [
+        (str(other), "3"), (str(one), ""), (str(other), "0.5")]
+    missing = tmp_path / "gone.json"  # a file not there stays one item, for its reader to name
+    assert common.data_specs(f"{missing}:2,{one}") == [(str(missing), "2"), (str(one), "")]
