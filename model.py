@@ -585,30 +585,45 @@ class KVCache:
 
 
 class DecodeState:
-    """Everything the one-token decode step reads or writes, made once per generate call, so that a
-    step allocates no positions, masks or cache and every tensor keeps its shape (what torch.compile
-    and CUDA graphs need). Step i writes its key/value into cache slot prompt_len + i and attends
-    over all slots: key_bias is 0 on real keys written so far, -inf on padding and on slots not
-    written yet."""
+    """Everything the one-token decode step reads or writes, so that a step allocates no positions,
+    masks or cache and every tensor keeps its shape (what torch.compile and CUDA graphs need). Step
+    i writes its key/value into cache slot prompt_len + i and attends over all slots: key_bias is 0
+    on real keys written so far, -inf on padding and on slots not written yet. Made for a batch,
+    cache length and number of new-token positions; `start` fills it in place for a prompt, so a
+    compiled step can run over one state call after call (the same tensors: CUDA graphs replay on
+    the addresses they were captured with)."""
 
-    def __init__(self, c, cache, prompt_mask, prompt_len, max_new_tokens, dtype):
-        k0 = cache.k[0]
-        B, dev = k0.shape[0], k0.device
-        self.cache = cache
+    def __init__(self, c, batch, cache_len, new_len, device, dtype):
+        self.cache = KVCache(c, batch, cache_len, device, dtype)
         # fp32, as the scores
-        self.key_bias = torch.full((B, 1, 1, k0.shape[2]), float("-inf"), device=dev)
+        self.key_bias = torch.empty((batch, 1, 1, cache_len), device=device)
+        self.cos = torch.empty((batch, 1, new_len, c.head_dim), device=device, dtype=dtype)
+        self.sin = torch.empty_like(self.cos)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # i, advanced in place
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # prompt_len + i
+        self.written = 0  # slots written before this step (a number, for eager steps)
+        self.key = (c, batch, cache_len, new_len, str(device), dtype)
+
+    def start(self, prompt_mask, prompt_len):
+        """Ready for a prompt of prompt_len tokens (left-padded where prompt_mask has 0s) whose
+        keys and values the prefill writes next."""
+        c, B = self.key[0], self.key_bias.shape[0]
+        self.cache.length = 0
+        self.key_bias.fill_(float("-inf"))
         if prompt_mask is None:
             self.key_bias[..., :prompt_len] = 0
-            first = torch.full((B, 1), prompt_len, device=dev)
+            first = torch.full((B, 1), prompt_len, device=self.slot.device)
         else:  # left padding: pads stay masked; a row's first new token sits after its real tokens
             self.key_bias[..., :prompt_len].masked_fill_(prompt_mask.bool()[:, None, None], 0)
             first = prompt_mask.sum(-1, keepdim=True)
-        # (B, N) RoPE positions, made once
-        positions = first + torch.arange(max_new_tokens, device=dev)
-        self.cos, self.sin = rope_cos_sin(c, positions, dtype)          # (B, 1, N, head_dim)
-        self.step = torch.zeros(1, dtype=torch.long, device=dev)        # i, advanced in place
-        self.slot = torch.full((1,), prompt_len, dtype=torch.long, device=dev)  # prompt_len + i
-        self.written = prompt_len  # slots written before this step (a number, for eager steps)
+        # (B, N) RoPE positions
+        positions = first + torch.arange(self.cos.shape[2], device=self.slot.device)
+        cos, sin = rope_cos_sin(c, positions, self.cos.dtype)  # (B, 1, N, head_dim)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.step.zero_()
+        self.slot.fill_(prompt_len)
+        self.written = prompt_len
 
     def advance(self):
         self.step += 1
@@ -910,10 +925,10 @@ class LLaVA(nn.Module):
         does). Sampling draws from `generator` (a torch.Generator, or a
         list of one per row: each row's tokens then depend on its own stream alone) when given, so
         a run can be resumed with the same random stream. num_beams > 1: beam search (see
-        beam_search). compile=True runs the one-token step through torch.compile (inductor; no CUDA
-        graph is captured yet: the cache is a mutated input not marked static): compiled once per
-        batch size and cache length (prompt + new tokens), so each new prompt length compiles
-        again, and past torch's recompile limit (8) the step runs eager. return_entropy:
+        beam_search). compile=True runs the one-token step through torch.compile (inductor; a CUDA
+        graph on CUDA) over a static state kept on the model (decode_state): compiled once per
+        batch size and length rounded up to COMPILE_BUCKET, whatever the prompt's length within it;
+        the same tokens as eager decoding up to float rounding. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
         needs from its policy, without a second pass). repetition_penalty p != 1: each token
         generated so far has its logit (beam search: log-prob) divided by p where positive,
@@ -939,12 +954,12 @@ class LLaVA(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             prompt_mask = attention_mask
         x = self.embed(input_ids, pixel_values, image_features)
-        cache = KVCache(c, B, T + max_new_tokens, dev, x.dtype)
+        state = self.decode_state(B, T, max_new_tokens, dev, x.dtype, compile)
+        state.start(prompt_mask, T)
         # prefill: the prompt in one pass, the last layer's queries and MLP at the last position
         # alone (every position's key and value go to the cache)
-        h = self.backbone(x, prompt_mask, cache=cache, keep=slice(T - 1, T))
+        h = self.backbone(x, prompt_mask, cache=state.cache, keep=slice(T - 1, T))
         logits = self.logits(h[:, -1]).float()
-        state = DecodeState(c, cache, prompt_mask, T, max_new_tokens, x.dtype)
         step = compiled_decode_step() if compile else LLaVA.decode_step
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
         logps = torch.zeros(B, max_new_tokens, device=dev) if return_logprobs else None
@@ -977,6 +992,27 @@ class LLaVA(nn.Module):
                 logits = step(self, tok, state)
                 state.advance()
         return GenerateOutput(tokens, logps, lengths, done, entropy)
+
+    def decode_state(self, batch, prompt_len, max_new_tokens, device, dtype, compile=False):
+        """A DecodeState for this call. Eager: made for it, of its exact lengths. compile: lengths
+        rounded up to COMPILE_BUCKET, and the last one kept on the model and used again while the
+        rounded shape holds, so that prompts of other lengths reuse one compiled step (and one
+        CUDA graph) instead of compiling again; it holds its cache's memory until a call of
+        another shape replaces it."""
+        if not compile:
+            return DecodeState(self.config, batch, prompt_len + max_new_tokens, max_new_tokens,
+                               device, dtype)
+        up = lambda n: -(-n // COMPILE_BUCKET) * COMPILE_BUCKET
+        new_len = up(max_new_tokens)
+        key = (self.config, batch, up(prompt_len + max_new_tokens), new_len, str(device), dtype)
+        if getattr(self, "_static_decode", None) is None or self._static_decode.key != key:
+            self._static_decode = None  # (freed before the next one is made)
+            state = DecodeState(*key[:4], device, dtype)
+            for t in (*state.cache.k, *state.cache.v, state.key_bias, state.cos, state.sin,
+                      state.step, state.slot):
+                torch._dynamo.mark_static_address(t)
+            self._static_decode = state
+        return self._static_decode
 
     def decode_step(self, tokens, state):
         """fp32 logits (B, vocab) for one new token per row (tokens: B), reading and writing the
@@ -1273,12 +1309,18 @@ class LLaVA(nn.Module):
 
 
 _COMPILED_DECODE = []
+# compiled decoding: cache lengths and new-token tables are rounded up to a multiple of this, so
+# that prompts and answer limits of other lengths run one compiled step
+COMPILE_BUCKET = 64
 
 
 def compiled_decode_step():
-    """LLaVA.decode_step through torch.compile, made on first use (inductor; on CUDA with
-    mode='reduce-overhead', which captures no CUDA graph while the KV cache is a mutated input not
-    marked static). Static shapes: a new batch size or cache length compiles again."""
+    """LLaVA.decode_step through torch.compile, made on first use: inductor, and on CUDA with
+    mode='reduce-overhead' (a CUDA graph per shape, replayed). The step's state tensors (the KV
+    cache, key bias, RoPE tables, step and slot counters) are marked static: they keep their
+    addresses from call to call (LLaVA.decode_state), so writing the cache in place does not keep
+    the graph from being captured. Static shapes: each batch size and rounded length compiles
+    once."""
     if not _COMPILED_DECODE:
         mode = "reduce-overhead" if torch.cuda.is_available() else None
         _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))

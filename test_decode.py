@@ -180,3 +180,30 @@ def test_a_tiny_temperature_samples_the_top_token_without_nan():
         logp = torch.log_softmax(logits / t, -1)
         assert torch.allclose(model_lib.tempered_log_softmax(logits, t), logp, atol=1e-6)
         assert torch.allclose(model_lib.entropy_of(logp), -(logp.exp() * logp).sum(-1))
+
+
+def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
+    """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
+    state tensors each call, so every prompt length compiled the step again (eval's batches each
+    have their own) and CUDA graphs saw new addresses. Now the lengths are rounded up to
+    COMPILE_BUCKET and the state kept on the model: prompts of three lengths, padded and not, and
+    two answer limits run one compiled graph, over the same tensors, with eager decoding's tokens
+    and log-probs (a counting backend stands in for inductor: the graph count is dynamo's)."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
+    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    m = tiny_model()
+    addresses = set()
+    for lengths, n in (((4, 9, 6), 6), ((3, 3, 3), 6), ((12, 2, 7), 9)):
+        pixels, ids, mask = left_padded_prompts(m, lengths)
+        kw = dict(max_new_tokens=n, eos_token_id=-1, temperature=1.0, return_logprobs=True)
+        eager = m.generate(pixels, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+        comp = m.generate(pixels, ids, mask, generator=torch.Generator().manual_seed(1),
+                          compile=True, **kw)
+        assert torch.equal(comp.tokens, eager.tokens)
+        torch.testing.assert_close(comp.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+        addresses.add(m._static_decode.cache.k[0].data_ptr())
+    assert counter.frame_count == 1
+    assert len(addresses) == 1
