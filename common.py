@@ -2204,11 +2204,11 @@ def check_new_tokens(model, cfg, *flags):
 
 def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0,
                      top_p=1.0, generator=None, desc="generate", show=True, num_beams=1,
-                     return_finished=False, repetition_penalty=1.0):
+                     return_finished=False, repetition_penalty=1.0, compile=False):
     """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache
-    (num_beams > 1: beam search; repetition_penalty: model.generate's). generator: one, or a list
-    of one per item. Returns the decoded answer texts (cut at EOS), and with return_finished
-    whether each one ended with EOS."""
+    (num_beams > 1: beam search; repetition_penalty, compile: model.generate's). generator: one,
+    or a list of one per item. Returns the decoded answer texts (cut at EOS), and with
+    return_finished whether each one ended with EOS."""
     from data import collate
     was_training = model.training
     model.eval()
@@ -2226,7 +2226,8 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
                            pad_token_id=tokenizer.pad_token_id,
                            generator=generator[start:start + len(chunk)]
                            if isinstance(generator, list) else generator,
-                           num_beams=num_beams, repetition_penalty=repetition_penalty)
+                           num_beams=num_beams, repetition_penalty=repetition_penalty,
+                           compile=compile)
         for i in range(len(chunk)):
             n = int(g.lengths[i])
             toks = g.tokens[i, :n].tolist()

@@ -137,6 +137,9 @@ class Config:
     batch_size: int = 128  # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64  # longest description/MMHal/GAVIE answer (real 512; LLaVA-RLHF 1024)
     pope_max_new_tokens: int = 16  # longest POPE answer (only its first sentence counts)
+    # decode through torch.compile (model.generate(compile=True)): once per batch size, then a
+    # CUDA graph per token on a GPU; on a CPU slower than eager and 10-40 s to compile
+    compile_decode: bool = False
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     seed: int = 0  # sampling seed
@@ -645,7 +648,7 @@ class Answerer:
             self._note_positions(items, max_new_tokens)
             return common.generate_answers(self.model, self.tok, items, len(qs), max_new_tokens,
                                            cfg.temperature, cfg.top_p, self._generators(qs),
-                                           show=False)
+                                           show=False, compile=cfg.compile_decode)
         # greedy: same prompt, same answer (POPE splits share their 'yes' questions)
         keys = [(q["image"], q["prompt"], max_new_tokens) for q in qs]
         new = {k: q for k, q in zip(keys, qs) if k not in self.memo}
@@ -654,7 +657,7 @@ class Answerer:
             items = [self._item(q) for q in new.values()]
             self._note_positions(items, max_new_tokens)
             texts = common.generate_answers(self.model, self.tok, items, len(new), max_new_tokens,
-                                            show=False)
+                                            show=False, compile=cfg.compile_decode)
         self.memo.update(zip(new, texts))
         return [self.memo[k] for k in keys]
 

@@ -89,6 +89,9 @@ class Config:
     world_seed: int = 0  # seed of the Shapes world
     max_prompt_len: int = 256  # longest prompt in tokens, image included (longer: dropped, counted)
     max_new_tokens: int = 48  # response length limit (LLaVA-RLHF: 896)
+    # rollouts decoded through torch.compile (model.generate(compile=True)): once per chunk size,
+    # then a CUDA graph per token on a GPU; on a CPU slower than eager and 10-40 s to compile
+    compile_decode: bool = False
     temperature: float = 1.0  # sampling temperature of rollouts and of the log-probs (logits / T)
     rollout_batch: int = 64  # prompts per PPO step (global; LLaVA-RLHF: 512)
     minibatch_size: int = 32  # sequences per optimizer step (global; LLaVA-RLHF: 256)
@@ -572,7 +575,8 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
                             generator=gen, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, image_features=feats[s],
-                            return_logprobs=True, return_entropy=True)
+                            return_logprobs=True, return_entropy=True,
+                            compile=cfg.compile_decode)
         return g.tokens, g.lengths, g.finished, g.logprobs, g.entropy
     with policy.use_adapter("policy"):
         tokens, lengths, finished, logp, entropy = batched(sample, n, mb)

@@ -1760,3 +1760,22 @@ def test_answers_about_other_images_and_a_moved_trees_two_runs_are_read(env, tmp
     code, _, err = run_stage("eval", args)
     assert code == 2 and "judge_mmhal.jsonl: record 0" in err, err
     assert "field 'prompt_digest': expected a string, got {}" in err, err
+
+
+def test_compile_decode_gives_the_eager_answers(env, tmp_path, monkeypatch):
+    """eval.py --compile_decode true decodes through the compiled step (model.generate(compile=
+    True)): the same answers as eager decoding, and the step compiled (a counting backend stands in
+    for inductor, which takes tens of seconds to compile on a CPU)."""
+    import model as model_lib
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
+    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    a = env["ckpts"][0]
+    for name, extra in (("eager", []), ("compiled", ["--compile_decode", "true"])):
+        run_cli(env, tmp_path / name, "--ckpt", a, "--benchmarks", "pope,chair", *extra)
+    assert counter.frame_count >= 1
+    for f in ("answers_pope_adversarial.jsonl", "answers_chair.jsonl"):
+        eager, comp = lines(tmp_path / "eager" / "m0" / f), lines(tmp_path / "compiled" / "m0" / f)
+        assert [x["answer"] for x in comp] == [x["answer"] for x in eager] and len(eager) == 4

@@ -1216,3 +1216,28 @@ def test_held_out_pairs_are_the_ones_llava_rlhf_holds_out():
                               generator=torch.Generator().manual_seed(seed))
         assert reward.split_off(n, n_val, seed) == (list(theirs[0].indices),
                                                     list(theirs[1].indices))
+
+
+def test_ppo_compile_decode_samples_the_eager_rollouts(tiny_rm, sft, tiny_world, tmp_path,
+                                                       monkeypatch):
+    """ppo.py --compile_decode true samples its rollouts through the compiled step: the same
+    responses, so the same metrics as eager decoding, step after step while the policy's adapter
+    trains (the compiled step reads the updated weights); a counting backend stands in for
+    inductor."""
+    import model as model_lib
+    from conftest import assert_same_metrics
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
+    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    argv = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--rollout_batch", "4",
+            "--minibatch_size", "2", "--max_new_tokens", "6", "--max_steps", "3"]
+    rows = []
+    for name, extra in (("eager", []), ("compiled", ["--compile_decode", "true"])):
+        code, _, err = run_cli("ppo", argv + ["--out", str(tmp_path / name)] + extra)
+        assert code == 0, err
+        rows.append([json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")])
+    assert counter.frame_count >= 1
+    keys = ("score", "reward", "kl", "entropy", "pg_loss", "vf_loss", "grad_norm")
+    assert assert_same_metrics(*rows, keys, min_rows=3) == 21
