@@ -1130,15 +1130,18 @@ def write_json(obj, path, indent=1):
 
 
 def write_whole(path, write):
-    """write(f) into path.tmp, then renamed onto path: path holds all of it or what it held before
-    (a process killed, or a disk full, while writing leaves no half file, nor a .tmp)."""
+    """write(f) into path.tmpPID, then renamed onto path: path holds all of it or what it held
+    before (a disk full, or an error, while writing leaves no half file, nor a temp file). The
+    temp file is this process's own: two processes writing one path (two labs' RESULTS.md) each
+    rename a whole file; with one shared name each truncated the other's, and one renamed a mix."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(path + ".tmp", "w") as f:
+        with open(tmp, "w") as f:
             write(f)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
 
 

@@ -1,12 +1,14 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import common
-from conftest import run_cli, two_ranks
+from conftest import HERE, run_cli, two_ranks
 from model import LLaVA
 
 
@@ -566,3 +568,25 @@ def test_data_specs_take_a_comma_path_in_a_list(tmp_path):
         (str(other), "3"), (str(one), ""), (str(other), "0.5")]
     missing = tmp_path / "gone.json"  # a file not there stays one item, for its reader to name
     assert common.data_specs(f"{missing}:2,{one}") == [(str(missing), "2"), (str(one), "")]
+
+
+def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
+    """Two processes writing one path (two labs' RESULTS.md, two bench.py's bench.md) shared the
+    temp name path.tmp: each truncated the other's, one renamed a mix of both (NUL bytes too) into
+    place, the other's rename failed. Each writes its own temp file now: every read finds one
+    writer's whole text, and neither fails."""
+    target = tmp_path / "RESULTS.md"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
+            "text, end = sys.argv[3] * 200_000, time.time() + 1.5\n"
+            "while time.time() < end:\n"
+            "    common.write_whole(sys.argv[2], lambda f: f.write(text))\n")
+    writers = [subprocess.Popen([sys.executable, "-c", code, HERE, str(target), ch],
+                                stderr=subprocess.PIPE, text=True) for ch in "AB"]
+    seen = set()
+    while any(w.poll() is None for w in writers):
+        if target.exists():
+            text = target.read_text()
+            seen.add("whole" if text in ("A" * 200_000, "B" * 200_000) else "mixed")
+    assert [w.wait() for w in writers] == [0, 0], [w.stderr.read()[-300:] for w in writers]
+    assert seen == {"whole"}
+    assert sorted(os.listdir(tmp_path)) == ["RESULTS.md"]
