@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -1283,6 +1284,46 @@ def _world_path(out_dir):
     return os.path.realpath(out_dir) if os.path.islink(out_dir) else out_dir
 
 
+@contextmanager
+def writing_lock(out_dir):
+    """An exclusive flock on PARENT/.NAME.lock while a world is checked and written at out_dir:
+    a second writer (a stage writing it on first use, another shapes.py) waits, then finds the
+    world the first one wrote, where it checked before and replaced it after (the last to finish
+    won, without a word). The holder removes the file as it lets go; a waiter that then holds a
+    removed file takes the lock again on the file there now. A parent this process cannot write
+    to goes without the lock: writing the world there fails, and says so."""
+    import fcntl
+    parent, base = os.path.split(out_dir)
+    path = os.path.join(parent, f".{base}.lock")
+    said = False
+    while True:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            f = open(path, "a+")
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                print(f"waiting: another process is writing the world {out_dir}", flush=True)
+                said = True
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except OSError:  # (removed by the holder before this one got it)
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+        f.close()
+
+
 def write_world(out_dir, seed=0, flag="--out", **params):
     """Write a world to out_dir (replacing a world already there; refusing any other non-empty
     directory, one whose world.json does not read, one holding files a world does not, and one
@@ -1391,9 +1432,16 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     and reused after. With no params given, any current-format world of that seed is reused
     whatever its sizes (e.g. a small test world). A stage never rewrites a world: any other folder
     is a one-line error saying what to do."""
-    if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        write_world(out_dir, seed, flag="--world", **params)
-        return out_dir
+    unwritten = lambda: not os.path.exists(out_dir) or (os.path.isdir(out_dir)
+                                                        and not os.listdir(out_dir))
+    if unwritten():
+        path = _world_path(out_dir)
+        _refuse_place(path, "--world")
+        with writing_lock(path):
+            _clean_leftovers(path)  # (a write killed between its renames: its world put back)
+            if unwritten():  # (else another process wrote it while this one waited: checked below)
+                write_world(out_dir, seed, flag="--world", **params)
+                return out_dir
     how = f"pass another --world, or delete {out_dir} and it is written again"
     if not os.path.isdir(out_dir):
         raise DataError(out_dir, message="--world is a file, not a folder: pass another --world")
@@ -1450,10 +1498,13 @@ def main(argv=None):
     said = (f"interrupted: no half-written world; {out} is as it was, or holds this whole world if "
             "its writing had just ended")
     with common.user_errors(ValueError, interrupted=said):
-        _clean_leftovers(_world_path(out))  # (a killed write's, also where this one is refused)
-        if not overwrite:
-            refuse_another_world(out, seed, args)
-        w = write_world(out, seed, **args)
+        path = _world_path(out)
+        _refuse_place(path, "--out")
+        with writing_lock(path):  # (another writer's world is there when this one checks)
+            _clean_leftovers(path)  # (a killed write's, also where this one is refused)
+            if not overwrite:
+                refuse_another_world(out, seed, args)
+            w = write_world(out, seed, **args)
     s = w["stats"]
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
     print(f"wrote {out} in {s['seconds']}s | images {images}")

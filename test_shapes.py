@@ -967,3 +967,50 @@ def test_world_image_size_check_survives_a_decompression_bomb(tiny_world, tmp_pa
     shutil.copytree(tiny_world, world)
     Image.new("1", (13500, 13500)).save(world / "images" / "train" / "0.png")
     assert shapes.ensure_world(str(world)) == str(world)  # (the stage reading it names it)
+
+
+def test_two_writers_of_one_world_at_once_do_not_replace_each_other(tmp_path):
+    """Two writers of one fresh world path at once (two shapes.py, or stages writing it on first
+    use) each checked before writing and replaced the folder after: both said they wrote it, the
+    last to finish won, and a stage trained on a world of another seed than it recorded. Now the
+    check and the write hold one lock: of shapes.py --seed 0 and --seed 1, one writes and the
+    other refuses the world it finds (without --overwrite), and of two stages asking for seeds 0
+    and 1, one writes and the other refuses it; nothing is left beside the world."""
+    import subprocess
+    import sys
+    from conftest import HERE, TINY_WORLD
+    sizes = [x for k, v in TINY_WORLD.items() for x in (f"--{k}", str(v))]
+    cli = [[sys.executable, os.path.join(HERE, "shapes.py"), "--out", str(tmp_path / "a"),
+            "--seed", str(seed), *sizes] for seed in (0, 1)]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import shapes, conftest\n"
+            "try:\n"
+            "    shapes.ensure_world(sys.argv[2], int(sys.argv[3]), **conftest.TINY_WORLD)\n"
+            "except shapes.DataError as e:\n"
+            "    sys.exit(str(e))\n")
+    stage = [[sys.executable, "-c", code, HERE, str(tmp_path / "b"), str(seed)] for seed in (0, 1)]
+    for name, commands in (("a", cli), ("b", stage)):
+        runs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for c in commands]
+        results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
+        ok = [seed for seed, (rc, _) in enumerate(results) if rc == 0]
+        assert len(ok) == 1, (name, results)
+        refused = results[1 - ok[0]][1]
+        assert f"holds the world of seed {ok[0]}" in refused, (name, refused)
+        assert json.load(open(tmp_path / name / "world.json"))["seed"] == ok[0]
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_ensure_world_puts_back_a_world_left_between_the_renames_and_uses_it(tmp_path):
+    """A world write killed between its two renames leaves the only copy of the world as
+    OUT.oldPID. A stage then saw no world, wrote a fresh one (with no parameters given, a
+    6000-image world over what was a small one) and only then found the old copy. The leftover
+    is put back first now, and used."""
+    from conftest import TINY_WORLD
+    d = str(tmp_path / "w")
+    shapes.write_world(d, seed=0, **TINY_WORLD)
+    stamp = os.stat(os.path.join(d, "annotations.json")).st_mtime_ns
+    dead = next(p for p in range(4_000_000, 4_100_000) if not shapes._alive(p))
+    os.rename(d, f"{d}.old{dead}")
+    shapes.ensure_world(d, seed=0, **TINY_WORLD)
+    assert os.stat(os.path.join(d, "annotations.json")).st_mtime_ns == stamp
+    assert sorted(os.listdir(tmp_path)) == ["w"]
