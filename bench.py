@@ -3,7 +3,7 @@ the same weights, in one process, the two alternated, medians over repetitions a
 (issue 8).
 
     OMP_NUM_THREADS=1 python bench.py --device cpu   # bench preset (112 px, 64 image tokens), 3 min
-    python bench.py --device cuda --model llava-7b --out runs/bench-gpu
+    python bench.py --device cuda --model llava-7b --seq 1024 --out runs/bench-gpu
                                                      # Vicuna-7B + CLIP-L shapes, random, bf16
     python bench.py --quick true                     # tiny config, 1 repetition (the test suite)
 

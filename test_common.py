@@ -235,8 +235,8 @@ def test_every_documented_command_parses():
     """Each command the README and the scripts' docstrings give takes flags that its script
     knows, with values in their ranges, and a LLaVA-1.5 command room for its image's 576 tokens
     (the dpo.py and vigc.py examples named no --max_len: at 512 they trained on nothing, which
-    only a run on real data would have told). A value written as an upper-case placeholder
-    (`--warmup W`) is left out."""
+    only a run on real data would have told), and bench.py's rows room for them. A value
+    written as an upper-case placeholder (`--warmup W`) is left out."""
     import importlib
     import re
     commands = documented_commands()
@@ -256,6 +256,12 @@ def test_every_documented_command_parses():
         # every sequence dropped)
         for field in ("max_len", "max_prompt_len") if "llava-v1.5" in " ".join(argv) else ():
             assert getattr(cfg, field, 1e9) > 576, f"{where}: {script} {' '.join(argv)}"
+        if script == "bench.py":  # its rows fit the preset's image tokens (README's GPU command
+            # left --seq at 256: 576 image tokens of llava-7b did not fit, refused before a run)
+            try:
+                module.check_positions(cfg)
+            except common.ConfigError as e:
+                pytest.fail(f"{where}: {script} {' '.join(argv)}: {e}")
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(tmp_path,
