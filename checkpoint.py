@@ -268,7 +268,7 @@ def _get(d, key, default):
 
 def _typed_get(d, key, default, kind, prefix=""):
     """_get, the value checked to be an integer (kind int) or a number (kind float): a hand edit
-    ("32") or a list (Llama 3's eos ids) would fail far from the file."""
+    ("32") or a list would fail far from the file."""
     v = _get(d, key, default)
     if type(v) is not int and not (kind is float and type(v) is float):
         want = "an integer" if kind is int else "a number"
@@ -342,7 +342,19 @@ def _text_fields(t, prefix=""):
                 rms_eps=get("rms_norm_eps", 1e-6, float), rope_theta=theta,
                 max_position=get("max_position_embeddings", 2048),
                 tie_embeddings=bool(_get(t, "tie_word_embeddings", False)),
-                bos_token_id=get("bos_token_id", 1), eos_token_id=get("eos_token_id", 2))
+                bos_token_id=get("bos_token_id", 1), eos_token_id=_eos_ids(t, prefix))
+
+
+def _eos_ids(t, prefix=""):
+    """eos_token_id: one id, or several (Llama 3's configs list 128001, 128008, 128009), any of
+    which ends an answer in model.generate; a list of one is its id."""
+    ids = _get(t, "eos_token_id", 2)
+    if type(ids) is int:
+        return ids
+    if not isinstance(ids, list) or not ids or any(type(x) is not int for x in ids):
+        raise CheckpointError(f"config: field '{prefix}eos_token_id': expected an integer or a "
+                              f"non-empty list of integers, got {ids!r:.40}")
+    return ids[0] if len(ids) == 1 else ids
 
 
 # original LLaVA's mm_vision_select_feature and mm_projector_type values this model has
@@ -612,7 +624,8 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                                   f"{sorted(unknown)}")
         for k, v in cfg["model"].items():  # (an int is a fine float)
             int_as_float = known[k] is float and type(v) is int
-            layer_list = k == "vision_select_layer" and type(v) is list  # (ModelConfig checks it)
+            # (ModelConfig checks these lists)
+            layer_list = k in ("vision_select_layer", "eos_token_id") and type(v) is list
             if (type(v) is not known[k] and not int_as_float and not layer_list
                     and known[k] is not type(None)):
                 raise CheckpointError(f"{path}/config.json: field 'model.{k}': expected "

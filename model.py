@@ -51,7 +51,7 @@ class ModelConfig:
     image_token_id: int = 32000           # marks image-feature slots (llava-hf <image>; LLaVA -200)
     pad_token_id: int = 32001             # padding id
     bos_token_id: int = 1                 # <s>
-    eos_token_id: int = 2                 # </s>
+    eos_token_id: int = 2                 # </s> (or a list: any of them ends an answer)
 
     def __post_init__(self):
         sizes = ("image_size", "patch_size", "vision_hidden", "vision_intermediate",
@@ -67,11 +67,17 @@ class ModelConfig:
             if not 0 < value < float("inf"):
                 raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got "
                                       f"{value!r}")
+        eos = self.eos_token_id
+        if type(eos) is not int and (not isinstance(eos, (list, tuple)) or not eos
+                                     or any(type(x) is not int for x in eos)):
+            raise CheckpointError(f"config: field 'eos_token_id': expected an integer or a "
+                                  f"non-empty list of integers, got {eos!r:.40}")
         for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row no one looks up)
-            value = getattr(self, name)
-            if isinstance(value, int) and value >= self.vocab_size:
-                raise CheckpointError(f"config: field '{name}': {value} is beyond the "
-                                      f"{self.vocab_size} embedding rows (vocab_size)")
+            value = getattr(self, name)  # (eos: one id or a list, any of which ends an answer)
+            for x in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(x, int) and x >= self.vocab_size:
+                    raise CheckpointError(f"config: field '{name}': {x} is beyond the "
+                                          f"{self.vocab_size} embedding rows (vocab_size)")
         if not isinstance(self.head_dim, int) or self.head_dim < 0:  # (a negative one: a torch
             # error deep in the model's construction)
             raise CheckpointError(f"config: field 'head_dim': must be 0 (hidden // heads) or a "

@@ -953,3 +953,39 @@ def test_peft_folder_of_several_adapters_and_lm_head_lora_on_a_tied_head(tmp_pat
         with pytest.raises(CheckpointError, match="LoRA on the lm_head of a model whose lm_head "
                                                   "is its input embedding"):
             load_checkpoint(tmp_path / "head")
+
+
+def test_an_eos_list_is_read_and_any_of_its_ids_ends_an_answer(tmp_path):
+    """Llama 3's configs list several eos ids (128001, 128008, 128009): such a config was refused
+    ('expected an integer'). Read now: model.generate ends a row at any of them, as transformers'
+    generate does; our checkpoint and the llava-hf export keep the list; an empty list, or one
+    holding a string, is refused naming the field."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    LlamaForCausalLM(hf_text_config()).save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    clip = str(tmp_path / "clip")
+    cfg = json.load(open(tmp_path / "llama" / "config.json"))
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, IMG, IMG)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=clip).eval()
+    first = ours.generate(pixels, ids, max_new_tokens=2, eos_token_id=-1).tokens
+    if first[1, 0] in (first[0, 0], 2):  # (row 1 must go on after row 0 ends)
+        ids[1, -1] = (ids[1, -1] + 1) % VOCAB
+        first = ours.generate(pixels, ids, max_new_tokens=2, eos_token_id=-1).tokens
+    eos = [2, int(first[0, 0])]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=eos)))
+    ours = load_checkpoint(tmp_path / "llama", vision_tower=clip).eval()
+    assert ours.config.eos_token_id == eos
+    out = ours.generate(pixels, ids, max_new_tokens=4)  # (the config's eos ids)
+    assert out.lengths[0] == 1 and out.finished[0] and out.lengths[1] > 1
+    save_checkpoint_files(ours, str(tmp_path / "ours"))
+    assert load_checkpoint(str(tmp_path / "ours")).config.eos_token_id == eos
+    export_llava_hf(ours, str(tmp_path / "hf"))
+    assert json.load(open(tmp_path / "hf" / "config.json"))["text_config"]["eos_token_id"] == eos
+    assert load_checkpoint(str(tmp_path / "hf")).config.eos_token_id == eos
+    for bad in ([], [2, "3"]):
+        (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=bad)))
+        with pytest.raises(CheckpointError, match=r"field 'eos_token_id': expected an integer or "
+                                                  r"a non-empty list of integers"):
+            load_checkpoint(tmp_path / "llama", vision_tower=clip)
