@@ -755,8 +755,11 @@ def _lrv_items(imgs, neg_ratio, rng, grid=3):
             r = make_question(qt, img["objects"], rng, "yes" if qt == "yesno" else None)
             if r:
                 pos.append((img["file_name"], r[0], r[1], qt))
-    n_neg = len(pos) if neg_ratio >= 1 else int(round(len(pos) * neg_ratio / (1 - neg_ratio)))
-    pos = [] if neg_ratio >= 1 else pos
+    # up to 0.5, negatives are added to the positives; above it, as many negatives as positives
+    # are made and positives left out (negatives / positives = r / (1 - r) grew without bound:
+    # 0.9999 asked 9999 negatives per positive, minutes and gigabytes for a 60-image world)
+    n_neg = len(pos) if neg_ratio > 0.5 else int(round(len(pos) * neg_ratio / (1 - neg_ratio)))
+    n_pos = len(pos) if neg_ratio <= 0.5 else int(round(len(pos) * (1 - neg_ratio) / neg_ratio))
     neg, order = [], rng.permutation(len(imgs))
     for i in range(n_neg * 2):
         if len(neg) >= n_neg:
@@ -765,6 +768,8 @@ def _lrv_items(imgs, neg_ratio, rng, grid=3):
         cands = lrv_negatives(img["objects"], rng, SHAPES, list(COLORS), grid_positions(grid))
         if cands:
             neg.append((img["file_name"],) + cands[int(rng.integers(len(cands)))])
+    if n_pos < len(pos):
+        pos = [pos[int(k)] for k in sorted(rng.permutation(len(pos))[:n_pos])]
     # as many "yes" as "no" among the yes/no questions: some positives' second question becomes
     # an existence question about a present shape (the descriptions stay)
     by_file = {i["file_name"]: i["objects"] for i in imgs}
@@ -782,7 +787,8 @@ def _lrv_items(imgs, neg_ratio, rng, grid=3):
 def lrv_mix(world_dir, neg_ratio=0.5, seed=0):
     """SFT mixture with LRV negatives at any ratio (negatives / all), as LLaVA instruct records:
     single-turn positives (describe + one other question per train image) and generated negatives.
-    neg_ratio >= 1 gives only negatives (as many as there would be positives). Image paths are
+    Up to 0.5 negatives are added to the positives; above it there are as many negatives as
+    positives would be, and positives are left out (1: only negatives). Image paths are
     joined with world_dir, as the readers in data.py return them."""
     world = load_world(world_dir)
     imgs = [i for i in world["images"] if i["split"] == "train"]
@@ -981,11 +987,23 @@ class ByFile(dict):
                                                    "names (edited by hand?)")
 
 
+def _not_of_kind(key, value):
+    """What a world parameter's value is not, where it is not of its default's kind ('an integer'
+    for max_objects 3.0 or True: written, such a world was refused by every stage), else None."""
+    kinds, kind = {str: ((str,), "a string"), int: ((int,), "an integer"),
+                   float: ((int, float), "a number")}[type(DEFAULTS[key])]
+    return kind if isinstance(value, bool) or not isinstance(value, kinds) else None
+
+
 def _params(params):
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown world parameters: {sorted(unknown)}")
     p = dict(DEFAULTS, **params)
+    for key in DEFAULTS:
+        kind = _not_of_kind(key, p[key])
+        if kind:
+            raise ValueError(f"--{key} {p[key]!r}: not {kind}")
     from common import check_value
     for key, rule in RANGES.items():
         problem = check_value(key, p[key], rule)
@@ -1330,6 +1348,8 @@ def write_world(out_dir, seed=0, flag="--out", **params):
     inside another world). Written to a temp dir first and renamed, so a crash never leaves half a
     world; a killed write's temp dir goes on the next. flag: the option that named out_dir, for
     the errors."""
+    if type(seed) is not int or seed < 0:  # (numpy's own error, or True written as seed 1)
+        raise ValueError(f"world seed {seed!r}: not an integer >= 0")
     p = _params(params)
     out_dir = _world_path(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -1400,12 +1420,10 @@ def _check_stored_params(out_dir, params):
     """A world.json edited by hand is refused as shapes.py refuses the same flag: stages read its
     params (the partner pairs, the vocabulary size), and a bad one would fail deep inside them."""
     file = os.path.join(out_dir, "world.json")
-    allowed = {str: ((str,), "a string"), int: ((int,), "an integer"),
-               float: ((int, float), "a number")}
-    for key, default in DEFAULTS.items():
-        value, (kinds, kind) = params[key], allowed[type(default)]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise DataError(file, field=f"params.{key}", message=f"{value!r} is not {kind}")
+    for key in DEFAULTS:
+        kind = _not_of_kind(key, params[key])
+        if kind:
+            raise DataError(file, field=f"params.{key}", message=f"{params[key]!r} is not {kind}")
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:  # (a misspelt edit, as neg_ration, was ignored without a word)
         raise DataError(file, field=f"params.{unknown[0]}", message="not a world parameter")

@@ -682,6 +682,21 @@ def test_lrv_mix_ratio(worlds):
     assert shapes.lrv_mix(world, 0.5, seed=1) == shapes.lrv_mix(world, 0.5, seed=1)
 
 
+def test_lrv_mix_above_one_half_leaves_positives_out(worlds):
+    """Above 0.5 the negatives were made r / (1 - r) times the positives: --neg_ratio 0.9999
+    (in its range [0, 1]) asked 9999 per positive, and writing a 60-image world ran for minutes
+    past a gigabyte. Now there are as many negatives as positives would be and positives are
+    left out: the share holds, the set is never more than twice the positives, 1 is all
+    negatives, and 0.5 and below are as before (the lab's LRV runs: 0, 0.25, 0.5)."""
+    world = str(worlds / "a")
+    half = len(shapes.lrv_mix(world, 0.5, seed=0))
+    for ratio in (0.75, 0.9, 0.9999, 1.0):
+        recs = shapes.lrv_mix(world, ratio, seed=0)
+        frac = np.mean([r["task"].startswith("negative") for r in recs])
+        assert abs(frac - ratio) < 0.03 and len(recs) <= half, (ratio, frac, len(recs))
+    assert all(r["task"].startswith("negative") for r in shapes.lrv_mix(world, 1.0, seed=0))
+
+
 def test_tokenizer(worlds):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     tk = PreTrainedTokenizerFast.from_pretrained(str(worlds / "a" / "tokenizer"))
@@ -1014,3 +1029,25 @@ def test_ensure_world_puts_back_a_world_left_between_the_renames_and_uses_it(tmp
     shapes.ensure_world(d, seed=0, **TINY_WORLD)
     assert os.stat(os.path.join(d, "annotations.json")).st_mtime_ns == stamp
     assert sorted(os.listdir(tmp_path)) == ["w"]
+
+
+def test_write_world_refuses_a_value_of_another_kind(tmp_path):
+    """write_world (the Python API; shapes.py's flags are typed) took max_objects=3.0, cooc=True
+    or seed=True and wrote a world every stage then refused, and grid=2.0, n_train=6.0,
+    pairs=None or seed=-1 ended in a traceback from numpy, PIL or deep inside: each is refused
+    before anything is written now, naming the parameter."""
+    from conftest import TINY_WORLD
+    for change, needle in (({"max_objects": 3.0}, "--max_objects 3.0: not an integer"),
+                           ({"cooc": True}, "--cooc True: not a number"),
+                           ({"grid": 2.0, "image_size": 30}, "--grid 2.0: not an integer"),
+                           ({"pairs": None}, "--pairs None: not a string"),
+                           ({"cooc": "0.5"}, "--cooc '0.5': not a number"),
+                           ({"seed": True}, "world seed True: not an integer >= 0"),
+                           ({"seed": -1}, "world seed -1: not an integer >= 0")):
+        params = dict(TINY_WORLD, **change)
+        seed = params.pop("seed", 0)
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            shapes.write_world(str(tmp_path / "w"), seed=seed, **params)
+        assert os.listdir(tmp_path) == []
+    w = shapes.write_world(str(tmp_path / "w"), seed=0, **dict(TINY_WORLD, cooc=1))  # (an int
+    assert w["params"]["cooc"] == 1  # is a fine number)
