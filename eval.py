@@ -137,8 +137,8 @@ class Config:
     batch_size: int = 128  # questions per generation batch (real 7B models on one GPU: about 8-16)
     max_new_tokens: int = 64  # longest description/MMHal/GAVIE answer (real 512; LLaVA-RLHF 1024)
     pope_max_new_tokens: int = 16  # longest POPE answer (only its first sentence counts)
-    # decode through torch.compile (model.generate(compile=True)): once per batch size, then a
-    # CUDA graph per token on a GPU; on a CPU slower than eager and 10-40 s to compile
+    # decode through torch.compile (model.generate(compile=True); its decode cache stays
+    # allocated): CUDA graphs on a GPU; on a CPU slower than eager and 10-40 s to compile
     compile_decode: bool = False
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # nucleus sampling when temperature > 0

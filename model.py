@@ -608,6 +608,7 @@ class DecodeState:
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # i, advanced in place
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # prompt_len + i
         self.written = 0  # slots written before this step (a number, for eager steps)
+        self.used = False  # started before (its cache holds a call's keys and values)
         self.key = (c, batch, cache_len, new_len, str(device), dtype)
 
     def start(self, prompt_mask, prompt_len):
@@ -615,6 +616,10 @@ class DecodeState:
         keys and values the prefill writes next."""
         c, B = self.key[0], self.key_bias.shape[0]
         self.cache.length = 0
+        if self.used:  # a compiled step reads every slot: none may hold an earlier call's inf
+            for t in self.cache.k + self.cache.v:  # (masked, it weighs 0, but 0 x inf is NaN)
+                t.zero_()
+        self.used = True
         self.key_bias.fill_(float("-inf"))
         if prompt_mask is None:
             self.key_bias[..., :prompt_len] = 0
@@ -933,8 +938,10 @@ class LLaVA(nn.Module):
         a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor; a CUDA
         graph on CUDA) over a static state kept on the model (decode_state): compiled once per
-        batch size and length rounded up to COMPILE_BUCKET, whatever the prompt's length within it;
-        the same tokens as eager decoding up to float rounding. return_entropy:
+        batch size and length rounded up to COMPILE_BUCKET, whatever the prompt's length within it
+        (a second shape compiles one graph for all: automatic dynamic shapes); the state and its
+        cache stay allocated on the model between calls; the same tokens as eager decoding up to
+        float rounding. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
         needs from its policy, without a second pass). repetition_penalty p != 1: each token
         generated so far has its logit (beam search: log-prob) divided by p where positive,
@@ -1325,11 +1332,13 @@ def compiled_decode_step():
     mode='reduce-overhead' (a CUDA graph per shape, replayed). The step's state tensors (the KV
     cache, key bias, RoPE tables, step and slot counters) are marked static: they keep their
     addresses from call to call (LLaVA.decode_state), so writing the cache in place does not keep
-    the graph from being captured. Static shapes: each batch size and rounded length compiles
-    once."""
+    the graph from being captured. The first shape compiles a static graph; another batch size or
+    rounded length, one for any (torch's automatic dynamic shapes)."""
     if not _COMPILED_DECODE:
         mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=False, mode=mode))
+        # (dynamic=None: a second batch size compiles a graph for every batch size, where static
+        # shapes compiled each again, and past torch's recompile limit of 8 decoded eagerly)
+        _COMPILED_DECODE.append(torch.compile(LLaVA.decode_step, dynamic=None, mode=mode))
     return _COMPILED_DECODE[0]
 
 

@@ -89,8 +89,8 @@ class Config:
     world_seed: int = 0  # seed of the Shapes world
     max_prompt_len: int = 256  # longest prompt in tokens, image included (longer: dropped, counted)
     max_new_tokens: int = 48  # response length limit (LLaVA-RLHF: 896)
-    # rollouts decoded through torch.compile (model.generate(compile=True)): once per chunk size,
-    # then a CUDA graph per token on a GPU; on a CPU slower than eager and 10-40 s to compile
+    # rollouts decoded through torch.compile (model.generate(compile=True); its decode cache
+    # stays allocated): CUDA graphs on a GPU; on a CPU slower than eager and 10-40 s to compile
     compile_decode: bool = False
     temperature: float = 1.0  # sampling temperature of rollouts and of the log-probs (logits / T)
     rollout_batch: int = 64  # prompts per PPO step (global; LLaVA-RLHF: 512)

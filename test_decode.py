@@ -207,3 +207,29 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
         addresses.add(m._static_decode.cache.k[0].data_ptr())
     assert counter.frame_count == 1
     assert len(addresses) == 1
+
+
+def test_compiled_decode_takes_any_batch_size_and_no_earlier_call_leaks(monkeypatch):
+    """Static shapes compiled the step once per batch size, and past torch's recompile limit (8)
+    decoded eagerly without a word (eval's batches are whatever is left to answer). Now a second
+    size compiles one graph for all. And the kept cache is zeroed when a call starts again: the
+    compiled step reads every slot, and a value an earlier call left (inf, in fp16) weighed 0 x
+    inf = NaN."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    real = torch.compile  # (compiled_decode_step's own settings, the counter for inductor)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend=counter)))
+    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [])
+    m = tiny_model()
+    for rows in range(1, 12):
+        pixels, ids, mask = left_padded_prompts(m, tuple(3 + (i * 5) % 7 for i in range(rows)))
+        eager = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1)
+        comp = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1, compile=True)
+        assert torch.equal(comp.tokens, eager.tokens), rows
+    assert counter.frame_count <= 3
+    for t in m._static_decode.cache.k + m._static_decode.cache.v:
+        t.fill_(float("inf"))
+    comp = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1, compile=True,
+                      temperature=1.0, return_logprobs=True, generator=torch.Generator())
+    assert torch.isfinite(comp.logprobs).all()
