@@ -22,7 +22,7 @@ from dataclasses import asdict, fields, replace
 import torch
 import torch.nn as nn
 
-from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig
+from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig, eos_ids_ok
 
 FORMAT_NAME, FORMAT_VERSION = "factalign", 1
 
@@ -349,12 +349,10 @@ def _eos_ids(t, prefix=""):
     """eos_token_id: one id, or several (Llama 3's configs list 128001, 128008, 128009), any of
     which ends an answer in model.generate; a list of one is its id."""
     ids = _get(t, "eos_token_id", 2)
-    if type(ids) is int:
-        return ids
-    if not isinstance(ids, list) or not ids or any(type(x) is not int for x in ids):
+    if not eos_ids_ok(ids):
         raise CheckpointError(f"config: field '{prefix}eos_token_id': expected an integer or a "
                               f"non-empty list of integers, got {ids!r:.40}")
-    return ids[0] if len(ids) == 1 else ids
+    return ids[0] if type(ids) is list and len(ids) == 1 else ids
 
 
 # original LLaVA's mm_vision_select_feature and mm_projector_type values this model has

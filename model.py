@@ -20,6 +20,12 @@ class CheckpointError(Exception):
     the key (checkpoint.py raises it while loading; ModelConfig while checking its fields)."""
 
 
+def eos_ids_ok(ids):
+    """An eos_token_id: one integer, or a non-empty list of them (any of which ends an answer)."""
+    return type(ids) is int or (isinstance(ids, (list, tuple)) and len(ids) > 0
+                                and all(type(x) is int for x in ids))
+
+
 @dataclass
 class ModelConfig:
     # vision tower (CLIP ViT)
@@ -67,11 +73,9 @@ class ModelConfig:
             if not 0 < value < float("inf"):
                 raise CheckpointError(f"config: field '{name}': must be a finite number > 0, got "
                                       f"{value!r}")
-        eos = self.eos_token_id
-        if type(eos) is not int and (not isinstance(eos, (list, tuple)) or not eos
-                                     or any(type(x) is not int for x in eos)):
+        if not eos_ids_ok(self.eos_token_id):
             raise CheckpointError(f"config: field 'eos_token_id': expected an integer or a "
-                                  f"non-empty list of integers, got {eos!r:.40}")
+                                  f"non-empty list of integers, got {self.eos_token_id!r:.40}")
         for name in ("bos_token_id", "eos_token_id"):  # (pad may name a row no one looks up)
             value = getattr(self, name)  # (eos: one id or a list, any of which ends an answer)
             for x in value if isinstance(value, (list, tuple)) else [value]:
@@ -937,11 +941,11 @@ class LLaVA(nn.Module):
         list of one per row: each row's tokens then depend on its own stream alone) when given, so
         a run can be resumed with the same random stream. num_beams > 1: beam search (see
         beam_search). compile=True runs the one-token step through torch.compile (inductor; a CUDA
-        graph on CUDA) over a static state kept on the model (decode_state): compiled once per
-        batch size and length rounded up to COMPILE_BUCKET, whatever the prompt's length within it
-        (a second shape compiles one graph for all: automatic dynamic shapes); the state and its
-        cache stay allocated on the model between calls; the same tokens as eager decoding up to
-        float rounding. return_entropy:
+        graph on CUDA) over a static state kept on the model (decode_state), its lengths rounded
+        up to COMPILE_BUCKET whatever the prompt's length within them: compiled for the first
+        shape, and once more, for all, when another comes (automatic dynamic shapes); the state
+        and its cache stay allocated on the model between calls; the same tokens as eager
+        decoding up to float rounding. return_entropy:
         also the entropy of each step's distribution (with return_logprobs: what PPO's rollout
         needs from its policy, without a second pass). repetition_penalty p != 1: each token
         generated so far has its logit (beam search: log-prob) divided by p where positive,
@@ -1009,9 +1013,8 @@ class LLaVA(nn.Module):
     def decode_state(self, batch, prompt_len, max_new_tokens, device, dtype, compile=False):
         """A DecodeState for this call. Eager: made for it, of its exact lengths. compile: lengths
         rounded up to COMPILE_BUCKET, and the last one kept on the model and used again while the
-        rounded shape holds, so that prompts of other lengths reuse one compiled step (and one
-        CUDA graph) instead of compiling again; it holds its cache's memory until a call of
-        another shape replaces it."""
+        rounded shape holds, so that prompts of other lengths reuse its compiled step and CUDA
+        graph; it holds its cache's memory until a call of another shape replaces it."""
         if not compile:
             return DecodeState(self.config, batch, prompt_len + max_new_tokens, max_new_tokens,
                                device, dtype)
