@@ -48,6 +48,20 @@ def tiny_sft(tmp_path_factory, tiny_world):
     return out
 
 
+def count_decode_compiles(monkeypatch):
+    """model.compiled_decode_step made afresh with its own settings, a counting backend standing
+    in for inductor (tens of seconds per compile on a CPU): returns the counter
+    (frame_count: graphs compiled)."""
+    import model
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend=counter)))
+    monkeypatch.setattr(model, "_COMPILED_DECODE", [])
+    return counter
+
+
 def merge_flags(argv):
     """A command line with each flag once: a later `--flag values` replaces an earlier one (tests
     extend shared base command lines; the real command line refuses a repeated flag, see

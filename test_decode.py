@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as model_lib
+from conftest import count_decode_compiles
 from model import LLaVA, sample_token
 
 
@@ -189,11 +190,7 @@ def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     COMPILE_BUCKET and the state kept on the model: prompts of three lengths, padded and not, and
     two answer limits run one compiled graph, over the same tensors, with eager decoding's tokens
     and log-probs (a counting backend stands in for inductor: the graph count is dynamo's)."""
-    from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
-    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    counter = count_decode_compiles(monkeypatch)
     m = tiny_model()
     addresses = set()
     for lengths, n in (((4, 9, 6), 6), ((3, 3, 3), 6), ((12, 2, 7), 9)):
@@ -215,12 +212,7 @@ def test_compiled_decode_takes_any_batch_size_and_no_earlier_call_leaks(monkeypa
     size compiles one graph for all. And the kept cache is zeroed when a call starts again: the
     compiled step reads every slot, and a value an earlier call left (inf, in fp16) weighed 0 x
     inf = NaN."""
-    from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    real = torch.compile  # (compiled_decode_step's own settings, the counter for inductor)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend=counter)))
-    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [])
+    counter = count_decode_compiles(monkeypatch)
     m = tiny_model()
     for rows in range(1, 12):
         pixels, ids, mask = left_padded_prompts(m, tuple(3 + (i * 5) % 7 for i in range(rows)))

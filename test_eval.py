@@ -23,7 +23,7 @@ import eval as E  # noqa: E402
 import judges  # noqa: E402
 import metrics  # noqa: E402
 import shapes  # noqa: E402
-from conftest import merge_flags  # noqa: E402
+from conftest import count_decode_compiles, merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint_files  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -1766,12 +1766,7 @@ def test_compile_decode_gives_the_eager_answers(env, tmp_path, monkeypatch):
     """eval.py --compile_decode true decodes through the compiled step (model.generate(compile=
     True)): the same answers as eager decoding, and the step compiled (a counting backend stands in
     for inductor, which takes tens of seconds to compile on a CPU)."""
-    import model as model_lib
-    from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
-    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    counter = count_decode_compiles(monkeypatch)
     a = env["ckpts"][0]
     for name, extra in (("eager", []), ("compiled", ["--compile_decode", "true"])):
         run_cli(env, tmp_path / name, "--ckpt", a, "--benchmarks", "pope,chair", *extra)

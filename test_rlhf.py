@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HERE, free_port, run_cli
+from conftest import HERE, assert_same_metrics, count_decode_compiles, free_port, run_cli
 import common
 import data
 import ppo
@@ -1224,13 +1224,7 @@ def test_ppo_compile_decode_samples_the_eager_rollouts(tiny_rm, sft, tiny_world,
     responses, so the same metrics as eager decoding, step after step while the policy's adapter
     trains (the compiled step reads the updated weights); a counting backend stands in for
     inductor."""
-    import model as model_lib
-    from conftest import assert_same_metrics
-    from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    compiled = torch.compile(LLaVA.decode_step, backend=counter, dynamic=False)
-    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [compiled])
+    counter = count_decode_compiles(monkeypatch)
     argv = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--rollout_batch", "4",
             "--minibatch_size", "2", "--max_new_tokens", "6", "--max_steps", "3"]
     rows = []
