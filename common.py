@@ -2210,12 +2210,15 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
                      return_finished=False, repetition_penalty=1.0, compile=False):
     """Decode answers for prompt items (from prompt_item) in left-padded batches with the KV cache
     (num_beams > 1: beam search; repetition_penalty, compile: model.generate's). generator: one,
-    or a list of one per item. Returns the decoded answer texts (cut at EOS), and with
-    return_finished whether each one ended with EOS."""
+    or a list of one per item. Returns the decoded answer texts (cut at EOS: the tokenizer's, or
+    any the model's config lists), and with return_finished whether each one ended with EOS."""
     from data import collate
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    if isinstance(model.config.eos_token_id, list):  # (Llama 3's config lists <|eot_id|> beside
+        eos = sorted({eos, *model.config.eos_token_id})  # the tokenizer's eos: any ends an answer)
     out = []
     finished = []
     batches = range(0, len(items), batch_size)
@@ -2225,7 +2228,7 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
         pix = b["pixel_values"].to(dev) if b["pixel_values"] is not None else None
         ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         g = model.generate(pix, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                           top_p=top_p, eos_token_id=eos,
                            pad_token_id=tokenizer.pad_token_id,
                            generator=generator[start:start + len(chunk)]
                            if isinstance(generator, list) else generator,

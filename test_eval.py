@@ -1774,3 +1774,25 @@ def test_compile_decode_gives_the_eager_answers(env, tmp_path, monkeypatch):
     for f in ("answers_pope_adversarial.jsonl", "answers_chair.jsonl"):
         eager, comp = lines(tmp_path / "eager" / "m0" / f), lines(tmp_path / "compiled" / "m0" / f)
         assert [x["answer"] for x in comp] == [x["answer"] for x in eager] and len(eager) == 4
+
+
+def test_answers_end_at_any_eos_id_the_config_lists(env):
+    """A Llama 3 config lists its turn end (<|eot_id|>) beside the tokenizer's eos; eval, VIGC and
+    the reports (common.generate_answers) stopped at the tokenizer's alone and wrote on past the
+    turn's end. Any id of the config's list ends an answer now; a config of one id is as before."""
+    model, tok = common.load_model_and_tokenizer(env["ckpts"][0])
+    model.eval()
+    turns = [{"from": "human", "value": "<image>\nIs there a circle in the image?"}]
+    size = model.config.image_size
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    item = common.prompt_item(tok, model, turns, image)
+    first = model.generate(item["pixel_values"][None], item["input_ids"][None],
+                           max_new_tokens=1, eos_token_id=-1).tokens[0, 0]
+    assert int(first) != tok.eos_token_id
+    texts, ended = common.generate_answers(model, tok, [item], max_new_tokens=6, show=False,
+                                           return_finished=True)
+    assert ended == [False]  # (a random model: six tokens, no eos)
+    model.config.eos_token_id = [tok.eos_token_id, int(first)]
+    texts, ended = common.generate_answers(model, tok, [item], max_new_tokens=6, show=False,
+                                           return_finished=True)
+    assert ended == [True] and texts[0] == tok.decode([int(first)], skip_special_tokens=True)
