@@ -1021,7 +1021,11 @@ class LLaVA(nn.Module):
         up = lambda n: -(-n // COMPILE_BUCKET) * COMPILE_BUCKET
         new_len = up(max_new_tokens)
         key = (self.config, batch, up(prompt_len + max_new_tokens), new_len, str(device), dtype)
-        if getattr(self, "_static_decode", None) is None or self._static_decode.key != key:
+        old = getattr(self, "_static_decode", None)
+        # (a state made under torch.inference_mode() cannot be written outside it)
+        made_for_inference = old is not None and old.key_bias.is_inference()
+        if old is None or old.key != key or made_for_inference and \
+                not torch.is_inference_mode_enabled():
             self._static_decode = None  # (freed before the next one is made)
             state = DecodeState(*key[:4], device, dtype)
             for t in (*state.cache.k, *state.cache.v, state.key_bias, state.cos, state.sin,

@@ -225,3 +225,22 @@ def test_compiled_decode_takes_any_batch_size_and_no_earlier_call_leaks(monkeypa
     comp = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1, compile=True,
                       temperature=1.0, return_logprobs=True, generator=torch.Generator())
     assert torch.isfinite(comp.logprobs).all()
+
+
+def test_compiled_decode_after_a_call_under_inference_mode(monkeypatch):
+    """The kept state made by a compiled call under torch.inference_mode() holds inference
+    tensors, which no later call outside that mode may write: every such call failed in the
+    state's start ("Inplace update to inference tensor outside InferenceMode"). A new state is
+    made for it now; calls inside the mode go on using one made outside."""
+    count_decode_compiles(monkeypatch)
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    kw = dict(max_new_tokens=4, eos_token_id=-1, compile=True)
+    eager = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1)
+    with torch.inference_mode():
+        assert torch.equal(m.generate(pixels, ids, mask, **kw).tokens, eager.tokens)
+    assert torch.equal(m.generate(pixels, ids, mask, **kw).tokens, eager.tokens)
+    kept = m._static_decode
+    with torch.inference_mode():
+        assert torch.equal(m.generate(pixels, ids, mask, **kw).tokens, eager.tokens)
+    assert m._static_decode is kept
