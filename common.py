@@ -834,7 +834,10 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
                       "skip_nonfinite", "save_full", "grad_checkpoint",
                       # the same global batch in other micro-batches (resumed on fewer GPUs, the
                       # memory a process has): allowed, with a note (not bitwise)
-                      "grad_accum"}
+                      "grad_accum",
+                      # the rollouts' decoding path: the same tokens up to float rounding (and a
+                      # run started before the flag was added resumes)
+                      "compile_decode"}
 # why a field that looks like a memory setting is not free at --resume (said with the refusal)
 RESUME_WHY = {"micro_batch": " (ppo.py's rollout samples in chunks of it: another value draws "
                              "other samples from the same stream)"}

@@ -142,6 +142,24 @@ def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
         common.load_resume(str(tmp_path), cfg)
 
 
+def test_ppo_resumes_a_run_from_before_compile_decode_and_with_it_toggled(tmp_path):
+    """ppo.py gained --compile_decode: a run started before it was refused at --resume ("lacks
+    this script's field 'compile_decode'"). The decoding path does not change the math (the same
+    tokens up to float rounding): such a run resumes, with the flag on or off."""
+    import os
+    import ppo
+    cfg = ppo.Config(out=str(tmp_path))
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile_decode"}
+    ckpt = tmp_path / "checkpoint-000003"
+    os.makedirs(ckpt)
+    (ckpt / "config.json").write_text("{}")
+    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
+                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    for on in (False, True):
+        path, state = common.load_resume(str(tmp_path), dataclasses.replace(cfg, compile_decode=on))
+        assert path == str(ckpt) and state["step"] == 3
+
+
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline",
                                     "lab", "bench", "shapes"])
 def test_help_explains_every_flag(script, capsys):
