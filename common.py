@@ -845,7 +845,8 @@ RESUME_WHY = {"micro_batch": " (ppo.py's rollout samples in chunks of it: anothe
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default)
 ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5,
-                "policy_lora": "", "warmup_from_zero": False, "caption_shuffle": "pair"}
+                "policy_lora": "", "warmup_from_zero": False, "caption_shuffle": "pair",
+                "loss_divisor": "tokens"}
 
 
 def check_output_path(flag, path, folder=True):

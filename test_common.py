@@ -142,14 +142,16 @@ def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
         common.load_resume(str(tmp_path), cfg)
 
 
-def test_ppo_resumes_a_run_from_before_compile_decode_and_with_it_toggled(tmp_path):
-    """ppo.py gained --compile_decode: a run started before it was refused at --resume ("lacks
-    this script's field 'compile_decode'"). The decoding path does not change the math (the same
-    tokens up to float rounding): such a run resumes, with the flag on or off."""
+def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
+    """ppo.py gained --loss_divisor and --compile_decode: a run started before them was refused
+    at --resume ("lacks this script's field ..."). It resumes now: --loss_divisor at 'tokens'
+    (what ppo.py did before; 'columns' is another config), --compile_decode on or off (the
+    decoding path: the same tokens up to float rounding)."""
     import os
     import ppo
     cfg = ppo.Config(out=str(tmp_path))
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile_decode"}
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("compile_decode", "loss_divisor")}
     ckpt = tmp_path / "checkpoint-000003"
     os.makedirs(ckpt)
     (ckpt / "config.json").write_text("{}")
@@ -158,6 +160,8 @@ def test_ppo_resumes_a_run_from_before_compile_decode_and_with_it_toggled(tmp_pa
     for on in (False, True):
         path, state = common.load_resume(str(tmp_path), dataclasses.replace(cfg, compile_decode=on))
         assert path == str(ckpt) and state["step"] == 3
+    with pytest.raises(common.ConfigError, match="'loss_divisor' was 'tokens', now 'columns'"):
+        common.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
 
 
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline",
