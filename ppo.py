@@ -41,7 +41,8 @@ Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in REA
   (reward.py --prompt_space true: '</s> USER: Please evaluate...' as its reward prompt file is
                             joined; PPO reads the RM's setting from its checkpoint)
   --correct_rule prefix     the Yes/No bonus tests startswith('No'), so 'None ...' earns it;
-  --reward_scale 10         its scripts scale rewards by 10 before GAE when reward whitening is off;
+  --reward_scale 10         its PPO trainer scales rewards by 10 before GAE when its scripts turn
+                            reward whitening off (hard-coded in ppo_trainer.py);
   --loss_divisor columns    its losses are means over every response column (sequences x 896),
                             ours sums / real response tokens: its gradients are smaller by
                             their ratio, which moves where --grad_clip 1.0 bites.

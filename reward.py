@@ -79,7 +79,7 @@ class Config:
     # '</s>USER:'); recorded in the checkpoint, and ppo.py scores the same way
     prompt_space: bool = False
     max_len: int = 1024  # longest scored sequence (pairs that do not fit are dropped and counted)
-    lora_r: int = 16  # LoRA rank (LLaVA-RLHF: 64 on 7B/13B; 16 suits the 128-wide shapes preset)
+    lora_r: int = 16  # LoRA rank (LLaVA-RLHF: 64, its one RM: 13B; 16 suits the shapes preset)
     lora_alpha: int = 16  # LoRA alpha (LLaVA-RLHF: 16)
     lora_dropout: float = 0.0  # LoRA dropout (LLaVA-RLHF: 0)
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")  # projections that get LoRA
