@@ -302,18 +302,19 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         names = [n for n in self.slices if n in adapter.A]
         A = adapter.A[names[0]] if len(names) == 1 else torch.cat([adapter.A[n] for n in names])
-        # LoRA math in fp32 even on a bf16 base, and where FSDP's mixed precision hands it bf16
-        # weights (outside autocast they met an fp32 input)
-        A, xd = A.float(), adapter.dropout(x).float()
-        # A x for every slice in one matmul, scaled
-        u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)
-        parts = []
-        for n, size in self.slices.items():  # untargeted slices (e.g. k of q,k,v) add zeros
-            if n in adapter.A:
-                parts.append(u[names.index(n)] @ adapter.B[n].float().t())
-            else:
-                parts.append(xd.new_zeros(*xd.shape[:-1], size))
-        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        # LoRA math in fp32 even on a bf16 base, where FSDP's mixed precision hands it bf16
+        # weights, and under bf16 autocast (which cast its matmuls back to bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            A, xd = A.float(), adapter.dropout(x).float()
+            # A x for every slice in one matmul, scaled
+            u = (xd @ A.t() * adapter.scale).chunk(len(names), dim=-1)
+            parts = []
+            for n, size in self.slices.items():  # untargeted slices (e.g. k of q,k,v) add zeros
+                if n in adapter.A:
+                    parts.append(u[names.index(n)] @ adapter.B[n].float().t())
+                else:
+                    parts.append(xd.new_zeros(*xd.shape[:-1], size))
+            delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y + delta.to(y.dtype)
 
     def forward_slices(self, x):

@@ -374,3 +374,30 @@ def test_a_lora_runs_trained_projector_keeps_fp32_on_a_bf16_base(tmp_path):
     opt.step()
     moved = (m.projector.linear_1.weight != before).float().mean()
     assert moved > 0.9, moved  # (in bf16 about a third of them moved)
+
+
+def test_lora_term_is_fp32_under_bf16_autocast():
+    """On a bf16 base the LoRA term is computed in fp32 (so a small early update is not rounded
+    away), but under bf16 autocast (sft, dpo and vigc's training passes with --dtype bf16 on a
+    GPU) autocast cast its matmuls back to bf16. Autocast is off for the term now: under it the
+    layer gives what it gives with the term in fp32 (CPU autocast stands in for CUDA's)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    m = LLaVA.from_preset("tiny")
+    m.add_adapter("a", r=8, alpha=16, targets=("q_proj",))
+    lin = m.language_model.layers[0].self_attn.qkv_proj
+    m.cast_base(torch.bfloat16)
+    lin.active = "a"
+    ad = lin.lora["a"]
+    with torch.no_grad():
+        for b in ad.B.values():
+            b.normal_(0, 1e-3)  # (a small update: bf16 keeps ~3 digits of it)
+    x = torch.randn(5, lin.weight.shape[1]).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin(x)
+        y = F.linear(x, lin.weight, lin.bias)
+    names = [n for n in lin.slices if n in ad.A]
+    delta = [(x.float() @ ad.A[n].float().t() * ad.scale) @ ad.B[n].float().t() if n in ad.A
+             else torch.zeros(5, size) for n, size in lin.slices.items()]
+    assert names and got.dtype == torch.bfloat16
+    assert torch.equal(got, y + torch.cat(delta, -1).to(y.dtype))
