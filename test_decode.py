@@ -244,3 +244,26 @@ def test_compiled_decode_after_a_call_under_inference_mode(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(m.generate(pixels, ids, mask, **kw).tokens, eager.tokens)
     assert m._static_decode is kept
+
+
+def test_compiled_decode_does_not_merge_the_adapter_at_every_token(monkeypatch):
+    """Compiled, the decode step of an fp32 base with an active adapter took MergedLoRA's path,
+    which makes W + s B A anew at every call: a copy of every adapted weight per token (in a CUDA
+    graph, at every replay). It takes the plain path now (W x + s B A x, which the compiler
+    fuses): the step's graph copies no weight, with eager decoding's tokens."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+    torch._dynamo.reset()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend=keep)))
+    monkeypatch.setattr(model_lib, "_COMPILED_DECODE", [])
+    m = tiny_model()
+    m.requires_grad_(False)  # (a frozen base, as PPO's policy: where MergedLoRA's path is taken)
+    pixels, ids, mask = left_padded_prompts(m)
+    eager = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1)
+    comp = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1, compile=True)
+    assert torch.equal(comp.tokens, eager.tokens)
+    assert graphs and not any("clone" in code or "addmm_" in code for code in graphs)
