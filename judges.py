@@ -228,8 +228,11 @@ def parse_gavie(reply):
         label = rf"\b{key}\s*:"
         scored = rf"{line}{key}\s+score\s*:"  # (at a line's start: 'overall accuracy score: 7' is
         # a sentence)
-        found = {float(v) for v in re.findall(rf"(?:{label}|{scored})\s*(\d+(?:\.\d+)?)", text,
-                                              re.M)}
+        # (where both labels start a line, only a label there gives the score: a reason's
+        # 'accuracy: 3 items' overrode the section's own score)
+        label_at = rf"{line}{label}" if lined else label
+        found = {float(v) for v in re.findall(rf"(?:{label_at}|{scored})\s*(\d+(?:\.\d+)?)",
+                                              text, re.M)}
         section = lined and re.search(rf"{line}{label}(.*?)(?={line}{starts}|\Z)", text,
                                       re.S | re.M)
         section = section or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)

@@ -535,6 +535,11 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
                   .replace("fine.\n\n", "fine. "), "Relevancy: 8\nAccuracy: 6\nOverall accuracy "
                   "score: 7"):
         assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
+    # (a hunt: a reason saying 'accuracy: 3' took the place of the section's own score, in LRV's
+    # format and in ours)
+    for reply in (official.replace("reason: no.", "reason: accuracy: 3 items."),
+                  "Relevancy: 8\nAccuracy: 6\nReason: accuracy: 3"):
+        assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
 
 
 def test_judge_prompt_reaches_the_judge(env, api, tmp_path):
