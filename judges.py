@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -533,11 +534,15 @@ class OpenAIJudge:
                     continue
                 choice = data["choices"][0]
                 content = choice["message"].get("content") or ""
+                if isinstance(content, list):  # (content parts, as some servers send them)
+                    content = "".join(p["text"] for p in content if p.get("type") == "text")
+                if not isinstance(content, str):  # (a number, an object: no verdict to read)
+                    raise TypeError(f"content {content!r:.40}")
                 self.last_cut = choice.get("finish_reason") == "length"  # (MMHal's rating: last)
                 self.last_finish = choice.get("finish_reason")
                 return content
             except urllib.error.HTTPError as e:
-                detail = self._detail(e.read().decode("utf-8", "replace"))
+                detail = self._detail(e.body_text)  # (read by _read, within the deadline)
                 if 300 <= e.code < 400:  # (not followed: the key would go to the other host, and
                     # urllib resends the POST as a GET without the prompt)
                     raise JudgeError(f"judge {self.url}: HTTP {e.code}: the server redirects to "
@@ -563,18 +568,34 @@ class OpenAIJudge:
                          "answers and judge replies so far are kept: re-run to continue")
 
     def _read(self, req):
-        """The reply's bytes, its body within --judge_timeout in all (urlopen's timeout bounds
-        connecting, the headers and each read alone: a body dripping in a byte at a time held the
-        run without limit)."""
-        deadline = time.monotonic() + self.cfg.judge_timeout
-        with _NO_REDIRECT.open(req, timeout=self.cfg.judge_timeout) as r:
-            chunks = []
-            while chunk := r.read1(1 << 16):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no whole reply within --judge_timeout "
-                                       f"{self.cfg.judge_timeout:g} s")
-        return b"".join(chunks)
+        """The reply's bytes, within --judge_timeout in all: connecting, the headers and the whole
+        body, or an error's body (urlopen's timeout bounds each read alone: a reply, its headers,
+        or an error's text dripping in a byte at a time held the run without limit). The request
+        runs in a thread, left behind where it is not done by then; an HTTPError comes back with
+        its text read as `body_text` ('' where it was cut off)."""
+        done = {}
+
+        def fetch():
+            try:
+                with _NO_REDIRECT.open(req, timeout=self.cfg.judge_timeout) as r:
+                    done["body"] = r.read()
+            except urllib.error.HTTPError as e:
+                try:
+                    e.body_text = e.read().decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):  # (a 500 whose text was cut off:
+                    e.body_text = ""  # retried as the 500 it is, not a traceback)
+                done["error"] = e
+            except BaseException as e:  # (raised in the caller's thread, as if made there)
+                done["error"] = e
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        thread.join(self.cfg.judge_timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"no whole reply within --judge_timeout "
+                               f"{self.cfg.judge_timeout:g} s")
+        if "error" in done:
+            raise done["error"]
+        return done["body"]
 
     def _detail(self, text):
         """A server's error text, one line, without our key (servers echo a wrong one back)."""

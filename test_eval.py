@@ -330,7 +330,14 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for i in range(30 if raw.get("slow_headers") else 0):  # (a header line at a time)
+            self.send_header(f"X-Wait-{i}", "1")
+            self.flush_headers()
+            time.sleep(raw["slow_headers"])
         self.end_headers()
+        if raw.get("cut"):  # (half the body, then the connection closes)
+            self.wfile.write(data[:len(data) // 2])
+            return
         if raw.get("trickle"):
             for i in range(len(data)):
                 self.wfile.write(data[i:i + 1])
@@ -441,6 +448,33 @@ def test_openai_judge_timeout_bounds_the_whole_reply(api):
     with pytest.raises(judges.JudgeError, match="within --judge_timeout 0.3 s"):
         judges.make_judge(cfg)("x", {})
     assert time.monotonic() - t0 < 1.5
+
+
+def test_openai_judge_reads_odd_replies_and_bounds_headers_and_error_text(api):
+    """A hunt with a fake server: a 500 whose text was cut off ended in http.client's traceback
+    (not retried); content sent as a list of parts, or as a number, ended in an AttributeError;
+    --judge_timeout bounded neither headers sent a line at a time nor an error's text dripping
+    in (each held the run for as long as it lasted). Now the 500 is retried, parts are joined (a
+    number is no reply: retried, then one line), and both slow cases stop within the timeout."""
+    cfg = E.Config(judge="openai", judge_url=api, judge_model="m", judge_key="k",
+                   judge_retries=1, judge_backoff=0.01, judge_timeout=0.5)
+    judge = judges.make_judge(cfg)
+    FakeAPI.script = [{"status": 500, "body": {"error": {"message": "x" * 400}}, "cut": True},
+                      (200, "Rating: 4")]
+    assert judge("x", {}) == "Rating: 4"
+    parts = [{"type": "text", "text": "Fine.\n"}, {"type": "text", "text": "Rating: 5"}]
+    FakeAPI.script = [{"status": 200, "body": {"choices": [{"message": {"content": parts}}]}}]
+    assert judge("x", {}) == "Fine.\nRating: 5"
+    FakeAPI.script = [{"status": 200, "body": {"choices": [{"message": {"content": 5}}]}}] * 2
+    with pytest.raises(judges.JudgeError, match=r"not a chat-completions reply \(TypeError\)"):
+        judge("x", {})
+    error_text = {"status": 500, "body": {"error": {"message": "y" * 100}}, "trickle": 0.05}
+    for slow in ({"status": 200, "slow_headers": 0.1}, error_text):
+        FakeAPI.script = [slow, slow]
+        t0 = time.monotonic()
+        with pytest.raises(judges.JudgeError, match="within --judge_timeout 0.5 s"):
+            judge("x", {})
+        assert time.monotonic() - t0 < 2.5, slow
 
 
 def test_empty_judge_replies_are_said_not_stored_and_asked_again(env, api, capsys):
