@@ -1128,13 +1128,18 @@ def evaluate(cfg, ckpt, name, bench, judges):
             judge_path = os.path.join(out, f"judge_{b}.jsonl")
             replies = judge_replies(b, bench[b], lines, judge_path, judges, cfg, name)
             scores[b] = metrics[b](bench[b], replies)
+            # (empty replies are not stored: scores.json says how many of its unparsed they are)
+            n_empty = sum(replies.get(q["id"]) == "" for q in bench[b])
+            if n_empty:
+                scores[b]["empty_replies"] = n_empty
             if scores[b]["unparsed"]:
                 how = "scored 0" if b == "mmhal" and cfg.mmhal_rating == "reference" else "excluded"
                 how = "scored -1 -1, as LLaVA's summary does" if b == "llava_bench" else how
                 n_unparsed = scores[b]["unparsed"]
                 ids = scores[b]["unparsed_ids"][:5]
+                empty = f", {n_empty} of them empty and not stored" if n_empty else ""
                 print(f"warning: {name} {b}: {n_unparsed} judge replies without a valid score "
-                      f"({how}; ids {ids}; replies in judge_{b}.jsonl)")
+                      f"({how}; ids {ids}; replies in judge_{b}.jsonl{empty})")
     for b in ("chair", *JUDGED):
         if b in ans.partial:
             scores[b]["partial"] = ans.partial[b]

@@ -489,9 +489,13 @@ def test_empty_judge_replies_are_said_not_stored_and_asked_again(env, api, capsy
     assert "warning: m0 mmhal: 1 judge replies were empty (finish_reason content_filter; " \
         in printed and "not stored, so the next run asks again" in printed, printed
     assert len([x for x in open(out / "m0" / "judge_mmhal.jsonl")]) == 3
+    # (scores.json says which of the unparsed replies were empty: they looked like a 0 verdict)
+    assert "1 of them empty and not stored" in printed
+    assert json.load(open(out / "m0" / "scores.json"))["mmhal"]["empty_replies"] == 1
     FakeAPI.bodies.clear()
     run_cli(env, out, *args)
     assert len(FakeAPI.bodies) == 1 and "were empty" not in capsys.readouterr().out
+    assert "empty_replies" not in json.load(open(out / "m0" / "scores.json"))["mmhal"]
 
 
 def test_a_key_given_where_it_is_not_read_is_not_shown(env, tmp_path):
