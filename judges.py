@@ -531,6 +531,8 @@ class OpenAIJudge:
                 data = json.loads(self._read(req).decode("utf-8"))
                 if isinstance(data, dict) and "choices" not in data and "error" in data:
                     err = f"an error in a 200 reply: {self._detail(json.dumps(data))}"
+                    if lasting_error(data["error"]):  # (a wrong model or key: asking again
+                        raise JudgeError(f"judge {self.url}: {err} on {what}")  # cannot help)
                     continue
                 choice = data["choices"][0]
                 content = choice["message"].get("content") or ""
@@ -602,6 +604,18 @@ class OpenAIJudge:
         text = " ".join(text.split())[:300]
         # (a key of a few characters, as a local server's, would blank its letters in every word)
         return text.replace(self.key, "(the key)") if len(self.key or "") >= 8 else text
+
+
+# the error types and codes of OpenAI-compatible servers that no retry can change
+LASTING_ERRORS = {"invalid_request_error", "authentication_error", "permission_error",
+                  "not_found_error", "invalid_api_key", "model_not_found", "insufficient_quota"}
+
+
+def lasting_error(error):
+    """Whether a reply's "error" object names a kind that asking again cannot mend."""
+    if not isinstance(error, dict):
+        return False
+    return bool({str(error.get("type")), str(error.get("code"))} & LASTING_ERRORS)
 
 
 class _KeepRedirects(urllib.request.HTTPRedirectHandler):

@@ -423,6 +423,11 @@ def test_openai_judge_says_what_the_server_said_and_keeps_the_key(api, monkeypat
     assert "mmhal question 7" in refused([{"status": 401, "body": echo}], "(the key)")
     refused([{"status": 200, "body": {"error": {"message": "overloaded, try later"}}}] * 3,
             "an error in a 200 reply: {\"error\": {\"message\": \"overloaded, try later\"}}")
+    assert len(FakeAPI.bodies) == 3
+    # (a 200 naming an error no retry mends was asked again --judge_retries times)
+    unknown = {"error": {"message": "no such model", "code": "model_not_found"}}
+    refused([{"status": 200, "body": unknown}] * 3, "no such model")
+    assert len(FakeAPI.bodies) == 1
     refused([{"status": 429, "headers": {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}}],
             "the server asks to wait")
     # (a key of a few characters, as a local server's, is not scrubbed: it blanked its letters)
