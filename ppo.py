@@ -876,8 +876,11 @@ def main(cfg):
             for n in list(policy.heads):
                 del policy.heads[n]
             policy.merge_adapter("policy")
-            path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, cfg, opt, tokenizer,
-                                          extra_state=extra)
+        # (every rank: its random streams go into the checkpoint, which says how many wrote it;
+        # saved by the main process alone, it said 1 and a resume restarted the others' streams)
+        path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, cfg, opt, tokenizer,
+                                      extra_state=extra, d=d)
+        if d.main:
             print(f"exported the merged policy to {path}")
     common.cleanup_dist()
 

@@ -804,6 +804,11 @@ def test_ppo_under_torchrun_two_processes(tiny_rm, sft, tiny_world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     assert load_checkpoint(out) is not None
+    # the merged export (the last checkpoint) says two processes wrote it, with both streams (it
+    # said 1, without rank 1's: resumed on two, rank 1's sampling stream started again)
+    state = torch.load(os.path.join(out, "checkpoint-000002", "trainer_state.pt"),
+                       weights_only=False)
+    assert state["world"] == 2 and len(state["rng_ranks"]) == 2
     alone = tmp_path / "alone"
     shutil.copytree(out, alone, ignore=shutil.ignore_patterns("checkpoint-000002", ".lock"))
     code, stdout, err = run_cli("ppo", argv + ["--out", str(alone), "--resume", "true"])
