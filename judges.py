@@ -475,17 +475,48 @@ class OracleJudge:
         return rubric(record, record["answer"])
 
 
-def local_judge_config(path):
-    """The judge's config.json, as LocalJudge finds it (a folder, or a model in the local cache;
-    never the network): read before any answer is generated."""
-    from transformers import AutoConfig
+def local_judge_dir(path):
+    """The folder a local judge is read from: --judge_model itself, or a hub id's snapshot in the
+    local cache (never the network), so that the judge is named by the files it is."""
+    if os.path.isdir(path):
+        return path
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, local_files_only=True)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the "
                                  f"local cache): --judge local reads a causal LM from disk "
-                                 f"({first[:120]})")
+                                 f"({first[:120]})") from None
+
+
+# what a tokenizer is read from (a folder with none of these loaded as an empty tokenizer, and
+# its first prompt failed deep inside generate)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def local_judge_config(path):
+    """The judge's config.json, as LocalJudge finds it (a folder, or a model in the local cache;
+    never the network), checked to be a causal LM's with a tokenizer beside it: read before any
+    answer is generated."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    folder = local_judge_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the "
+                                 f"local cache): --judge local reads a causal LM from disk "
+                                 f"({first[:120]})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise common.ConfigError(f"--judge_model {path}: its config.json is a "
+                                 f"{type(config).__name__}, not a causal LM's (--judge local "
+                                 "reads one that generates text)")
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise common.ConfigError(f"--judge_model {path}: no tokenizer beside the model (none of "
+                                 f"{', '.join(TOKENIZER_FILES)}): save the tokenizer there too")
+    return config
 
 
 def openai_key(cfg):
@@ -653,20 +684,32 @@ class LocalJudge:
 
     def __init__(self, cfg):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        path = cfg.judge_model
+        local_judge_config(cfg.judge_model)  # (a folder that is not a causal LM's: one line)
+        path = local_judge_dir(cfg.judge_model)
         self.cfg = cfg
-        # (its files' newest time, as a checkpoint's answers are keyed: another model saved at
-        # the same path got the old one's stored replies)
-        files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else []
-        stamp = int(max((os.path.getmtime(f) for f in files if os.path.isfile(f)), default=0))
-        self.name = f"local:{os.path.abspath(path)}@{stamp}|max_tokens={cfg.judge_max_tokens}"
+        # (the newest change of all its files, and their sizes: another model saved at the same
+        # path, even with its old time set back (ctime cannot be), or a hub id's cache moved to
+        # another snapshot, got the old one's stored replies); what the replies depend on
+        # besides: the limit, and the device and precision it ran at
+        files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+        stats = [os.stat(f) for f in files if os.path.isfile(f)]
+        stamp = max((max(st.st_mtime_ns, st.st_ctime_ns) for st in stats), default=0)
+        size = sum(st.st_size for st in stats)
+        self.name = (f"local:{os.path.abspath(path)}@{stamp}:{size}|max_tokens="
+                     f"{cfg.judge_max_tokens}|{cfg.device}|{cfg.dtype}")
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
             self.model = model.to(cfg.device).eval()
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
+        # a reply ends at the tokenizer's end token or at any its generation config lists
+        # (generate stopped at the latter alone, and a reply went on past the tokenizer's)
+        listed = getattr(self.model.generation_config, "eos_token_id", None)
+        listed = listed if isinstance(listed, list) else [listed]
+        self.eos = sorted({i for i in [self.tok.eos_token_id, *listed] if isinstance(i, int)})
 
     def chat_text(self, prompt, system):
         """The chat template's text: the system line as a system turn where the template keeps
@@ -707,12 +750,11 @@ class LocalJudge:
                              f"model's {positions} positions (a judge with a longer context?)")
         pad = self.tok.eos_token_id if self.tok.pad_token_id is None else self.tok.pad_token_id
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=self.cfg.judge_max_tokens,
-                                  do_sample=False, pad_token_id=pad)
+                                  max_new_tokens=self.cfg.judge_max_tokens, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=self.eos or None)
         new = out[0, ids.shape[1]:]
-        # stopped at --judge_max_tokens, not at its end-of-sequence token
-        self.last_cut = len(new) >= self.cfg.judge_max_tokens and \
-            int(new[-1]) != self.tok.eos_token_id
+        # stopped at --judge_max_tokens, not at an end-of-sequence token
+        self.last_cut = len(new) >= self.cfg.judge_max_tokens and int(new[-1]) not in self.eos
         self.last_finish = "length" if self.last_cut else "its end token"
         return self.tok.decode(new, skip_special_tokens=True)
 

@@ -1844,3 +1844,62 @@ def test_answers_end_at_any_eos_id_the_config_lists(env):
     texts, ended = common.generate_answers(model, tok, [item], max_new_tokens=6, show=False,
                                            return_finished=True)
     assert ended == [True] and texts[0] == tok.decode([int(first)], skip_special_tokens=True)
+
+
+def test_local_judge_is_named_by_its_files_and_ends_where_its_model_ends(tiny_world, tmp_path,
+                                                                          monkeypatch):
+    """A hunt of the local judge: a folder without tokenizer files loaded an empty tokenizer and
+    failed deep inside generate after every answer was made, a CLIP folder after them too (both
+    one line before any answer now); a hub id from the local cache was named by a made-up path
+    and time 0 (its stored replies were reused after the cache moved to another model), and a
+    model saved over another with its time set back kept the old name; --dtype was not read;
+    generate stopped at the generation config's end tokens alone, and a reply ending at one of a
+    list read as cut."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer, CLIPVisionConfig, GPT2Config, GPT2LMHeadModel
+    tok = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "tokenizer"))
+
+    def save(folder, seed=0, with_tokenizer=True, **config):
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=4096, n_embd=16, n_layer=1,
+                                   n_head=2, **config)).save_pretrained(folder)
+        if with_tokenizer:
+            tok.save_pretrained(folder)
+        return str(folder)
+    cfg = lambda path, **kw: E.Config(judge="local", judge_model=path, judge_max_tokens=4, **kw)
+    no_tok = save(tmp_path / "notok", with_tokenizer=False)
+    with pytest.raises(common.ConfigError, match="notok: no tokenizer beside the model"):
+        judges.local_judge_config(no_tok)
+    CLIPVisionConfig(hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path / "clip")
+    with pytest.raises(common.ConfigError, match="is a CLIPVisionConfig, not a causal LM's"):
+        judges.local_judge_config(str(tmp_path / "clip"))
+    # a hub id in the local cache: named by its snapshot, so another snapshot is another judge
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--fake--judge"
+    names = []
+    for seed, commit in ((0, "a" * 40), (1, "b" * 40)):
+        save(repo / "snapshots" / commit, seed)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        names.append(judges.LocalJudge(cfg("fake/judge")).name)
+    assert commit in names[1] and names[0] != names[1]
+    # a model saved over another, its time set back: another judge
+    path = save(tmp_path / "judge")
+    first = judges.LocalJudge(cfg(path))
+    weights = tmp_path / "judge" / "model.safetensors"
+    times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+    save(tmp_path / "judge", seed=1)
+    os.utime(weights, ns=times)
+    assert judges.LocalJudge(cfg(path)).name != first.name
+    # --dtype read; the generation config's end tokens and the tokenizer's end a reply
+    half = save(tmp_path / "half", torch_dtype="bfloat16")
+    GPT2LMHeadModel.from_pretrained(half).to(torch.bfloat16).save_pretrained(half)
+    assert judges.LocalJudge(cfg(half)).model.dtype == torch.float32
+    listed = save(tmp_path / "listed", eos_token_id=[7, 9])
+    judge = judges.LocalJudge(cfg(listed))
+    assert judge.eos == sorted({7, 9, tok.eos_token_id})
+    kwargs = []
+    judge.model.generate = lambda ids, **kw: (kwargs.append(kw), torch.cat(
+        [ids, torch.tensor([[5, 5, 5, 9]])], 1))[1]  # (4 tokens, the last a listed end)
+    judge("Is there a circle?", {"bench": "mmhal", "id": "0"})
+    assert not judge.last_cut and kwargs[0]["eos_token_id"] == judge.eos
