@@ -382,11 +382,20 @@ def reference_table(model, ds, cfg, d):
     return common.all_reduce_sum(out, d)
 
 
-def cached_reference(cfg, d, init_dir, train, val, get_model):
+def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
     path = os.path.join(cfg.out, f"ref_logps-{fingerprint(cfg, init_dir, train, val)}.pt")
     for name in os.listdir(cfg.out) if d.main else []:  # (a killed run's: never renamed, read)
         if name.startswith("ref_logps-") and ".pt.tmp" in name:
             os.remove(os.path.join(cfg.out, name))
+    made = sorted(n for n in os.listdir(cfg.out) if n.startswith("ref_logps-")
+                  and n.endswith(".pt") and n != os.path.basename(path))
+    if resuming and made and not os.path.exists(path):  # (a full fine-tune's --init replaced at
+        # its path went on against the new weights' log-probs without a word)
+        raise common.ConfigError(
+            f"{cfg.out}: --resume: this run's reference log-probs ({made[0]}) were made from "
+            f"other inputs than today's: {init_dir}'s checkpoint files, the images or the "
+            "tokenized pairs changed since it started, and it would go on against another "
+            "reference; resume with the inputs it started from, or start a new run")
     if os.path.exists(path):
         if d.main:
             print(f"reference log-probs: reusing {path}")
@@ -492,7 +501,8 @@ def main(cfg):
                                                             dtype=common.base_dtype(cfg))
             # (as the policy was cast at its start: its projector too, loaded fp32)
             return init_model.cast_base(common.base_dtype(cfg))
-        ref = cached_reference(cfg, d, init_dir, train, val, reference_model)
+        ref = cached_reference(cfg, d, init_dir, train, val, reference_model,
+                               resuming=resume_path is not None)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
