@@ -229,17 +229,20 @@ def parse_gavie(reply):
         label = rf"\b{key}\s*:"
         scored = rf"{line}{key}\s+score\s*:"  # (at a line's start: 'overall accuracy score: 7' is
         # a sentence)
-        # (where both labels start a line, only a label there gives the score: a reason's
-        # 'accuracy: 3 items' overrode the section's own score)
-        label_at = rf"{line}{label}" if lined else label
-        found = {float(v) for v in re.findall(rf"(?:{label_at}|{scored})\s*(\d+(?:\.\d+)?)",
-                                              text, re.M)}
+        number = r"\s*(\d+(?:\.\d+)?)"
+        anywhere = {float(v) for v in re.findall(rf"(?:{label}|{scored}){number}", text, re.M)}
+        # where both labels start a line, a score there comes first, then LRV's 'score of the
+        # answer1' in the section, then one anywhere (a reason's 'accuracy: 3 items' overrode the
+        # section's own score; scores given on one line before a line of reasons each are read)
+        found = {float(v) for v in re.findall(rf"(?:{line}{label}|{scored}){number}", text,
+                                              re.M)} if lined else anywhere
         section = lined and re.search(rf"{line}{label}(.*?)(?={line}{starts}|\Z)", text,
                                       re.S | re.M)
         section = section or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)
         if not found and section:
             answer1 = r"score of (?:the )?answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
             found = {float(v) for v in re.findall(answer1, section.group(1))}
+        found = found or anywhere
         if len(found) != 1 or not 0 <= min(found) <= 10:
             return None
         out[key] = found.pop()

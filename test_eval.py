@@ -581,7 +581,11 @@ def test_judge_prompt_files_fill_their_placeholders(tmp_path):
     # (a hunt: a reason saying 'accuracy: 3' took the place of the section's own score, in LRV's
     # format and in ours)
     for reply in (official.replace("reason: no.", "reason: accuracy: 3 items."),
-                  "Relevancy: 8\nAccuracy: 6\nReason: accuracy: 3"):
+                  "Relevancy: 8\nAccuracy: 6\nReason: accuracy: 3",
+                  # (and a review of that fix: scores on one line, then a line of reasons each,
+                  # came back unparsed)
+                  "Relevancy: 8, Accuracy: 6\nRelevancy: on topic.\nAccuracy: it names a square.",
+                  "Relevancy: 8\n- Accuracy: 6\nAccuracy: an explanation"):
         assert judges.parse_gavie(reply) == {"relevancy": 8.0, "accuracy": 6.0}, reply
 
 
