@@ -493,9 +493,21 @@ def local_judge_dir(path):
                                  f"({first[:120]})") from None
 
 
-# what a tokenizer is read from (a folder with none of these loaded as an empty tokenizer, and
-# its first prompt failed deep inside generate)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+def tokenizer_files(folder):
+    """The files of a folder a tokenizer's vocabulary is read from (tokenizer.json, a
+    sentencepiece *.model, vocab.*, merges.txt, tekken.json, *.tiktoken): without any, transformers
+    made an empty tokenizer and the first prompt failed deep inside generate."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [n for n in names if n in ("tokenizer.json", "merges.txt", "tekken.json")
+            or n.startswith("vocab.") or n.endswith((".model", ".tiktoken"))]
+
+
+def judge_files(folder):
+    """The files a local judge is loaded from (its config, weights, tokenizer and generation
+    config), not what else its folder holds (a README, .git: its name would change with them)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    loaded = [n for n in names if n.endswith((".json", ".safetensors", ".bin", ".jinja"))]
+    return [os.path.join(folder, n) for n in sorted(set(loaded + tokenizer_files(folder)))]
 
 
 def local_judge_config(path):
@@ -516,9 +528,10 @@ def local_judge_config(path):
         raise common.ConfigError(f"--judge_model {path}: its config.json is a "
                                  f"{type(config).__name__}, not a causal LM's (--judge local "
                                  "reads one that generates text)")
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
-        raise common.ConfigError(f"--judge_model {path}: no tokenizer beside the model (none of "
-                                 f"{', '.join(TOKENIZER_FILES)}): save the tokenizer there too")
+    if not tokenizer_files(folder):
+        raise common.ConfigError(f"--judge_model {path}: no tokenizer beside the model (no "
+                                 "tokenizer.json, *.model, vocab.* or merges.txt): save the "
+                                 "tokenizer there too")
     return config
 
 
@@ -690,24 +703,24 @@ class LocalJudge:
         local_judge_config(cfg.judge_model)  # (a folder that is not a causal LM's: one line)
         path = local_judge_dir(cfg.judge_model)
         self.cfg = cfg
-        # (the newest change of all its files, and their sizes: another model saved at the same
-        # path, even with its old time set back (ctime cannot be), or a hub id's cache moved to
-        # another snapshot, got the old one's stored replies); what the replies depend on
-        # besides: the limit, and the device and precision it ran at
-        files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
-        stats = [os.stat(f) for f in files if os.path.isfile(f)]
+        # (the newest change of the files it is loaded from, and their sizes: another model saved
+        # at the same path, even with its old time set back (ctime cannot be), or a hub id's cache
+        # moved to another snapshot, got the old one's stored replies); what the replies depend
+        # on besides: the limit, and the device and precision it runs at (its saved one)
+        stats = [os.stat(f) for f in judge_files(path) if os.path.isfile(f)]
         stamp = max((max(st.st_mtime_ns, st.st_ctime_ns) for st in stats), default=0)
         size = sum(st.st_size for st in stats)
-        self.name = (f"local:{os.path.abspath(path)}@{stamp}:{size}|max_tokens="
-                     f"{cfg.judge_max_tokens}|{cfg.device}|{cfg.dtype}")
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
             self.model = model.to(cfg.device).eval()
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise JudgeError(f"{path}: cannot load a causal LM judge ({type(e).__name__}: {first})")
+        if len(self.tok) < 2:  # (a tokenizer made of nothing: every prompt is no token)
+            raise JudgeError(f"{path}: the judge's tokenizer has {len(self.tok)} token(s)")
+        self.name = (f"local:{os.path.abspath(path)}@{stamp}:{size}|max_tokens="
+                     f"{cfg.judge_max_tokens}|{cfg.device}|{self.model.dtype}")
         # a reply ends at the tokenizer's end token or at any its generation config lists
         # (generate stopped at the latter alone, and a reply went on past the tokenizer's)
         listed = getattr(self.model.generation_config, "eos_token_id", None)

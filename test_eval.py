@@ -1856,9 +1856,9 @@ def test_local_judge_is_named_by_its_files_and_ends_where_its_model_ends(tiny_wo
     failed deep inside generate after every answer was made, a CLIP folder after them too (both
     one line before any answer now); a hub id from the local cache was named by a made-up path
     and time 0 (its stored replies were reused after the cache moved to another model), and a
-    model saved over another with its time set back kept the old name; --dtype was not read;
-    generate stopped at the generation config's end tokens alone, and a reply ending at one of a
-    list read as cut."""
+    model saved over another with its time set back kept the old name, and its precision was not
+    in its name; generate stopped at the generation config's end tokens alone, and a reply ending
+    at one of a list read as cut."""
     from huggingface_hub import constants
     from transformers import AutoTokenizer, CLIPVisionConfig, GPT2Config, GPT2LMHeadModel
     tok = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "tokenizer"))
@@ -1887,18 +1887,24 @@ def test_local_judge_is_named_by_its_files_and_ends_where_its_model_ends(tiny_wo
         (repo / "refs" / "main").write_text(commit)
         names.append(judges.LocalJudge(cfg("fake/judge")).name)
     assert commit in names[1] and names[0] != names[1]
-    # a model saved over another, its time set back: another judge
+    # other weights copied over the old ones, their time set back (nothing else touched): another
+    # judge; a file it does not load (a README) changes nothing
     path = save(tmp_path / "judge")
     first = judges.LocalJudge(cfg(path))
     weights = tmp_path / "judge" / "model.safetensors"
     times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
-    save(tmp_path / "judge", seed=1)
+    (tmp_path / "judge" / "README.md").write_text("notes")
+    assert judges.LocalJudge(cfg(path)).name == first.name
+    save(tmp_path / "other", seed=1, with_tokenizer=False)
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     os.utime(weights, ns=times)
     assert judges.LocalJudge(cfg(path)).name != first.name
-    # --dtype read; the generation config's end tokens and the tokenizer's end a reply
-    half = save(tmp_path / "half", torch_dtype="bfloat16")
+    # the precision it runs at is its saved one (a bf16 judge is not loaded at twice its size),
+    # and names it; the generation config's end tokens and the tokenizer's end a reply
+    half = save(tmp_path / "half")
     GPT2LMHeadModel.from_pretrained(half).to(torch.bfloat16).save_pretrained(half)
-    assert judges.LocalJudge(cfg(half)).model.dtype == torch.float32
+    judge = judges.LocalJudge(cfg(half))
+    assert judge.model.dtype == torch.bfloat16 and judge.name.endswith("|cpu|torch.bfloat16")
     listed = save(tmp_path / "listed", eos_token_id=[7, 9])
     judge = judges.LocalJudge(cfg(listed))
     assert judge.eos == sorted({7, 9, tok.eos_token_id})
