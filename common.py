@@ -2162,15 +2162,16 @@ def world_geometry(params, preset, world):
     return dict(image_size=size, patch_size=patch), note
 
 
-def refuse_merged_resume(resume_path, model, adapter):
+def refuse_merged_resume(resume_path, model, adapter, then=""):
     """--resume on a finished LoRA run: its last checkpoint holds the adapter merged into the base
     and no optimizer state, so a run resumed there trained a fresh random adapter on top (unlike
-    the uninterrupted run); one line saying how to go on instead."""
+    the uninterrupted run); one line saying how to go on instead (then: the flags that do what the
+    run had left, e.g. vigc's generation alone)."""
     if resume_path and adapter not in model.adapters:
         raise ConfigError(f"{resume_path}: --resume true: this run finished and merged its "
                           f"'{adapter}' adapter into the base here (no optimizer state kept), so "
                           f"it cannot go on as the same run; start a new run with --init "
-                          f"{resume_path}")
+                          f"{resume_path}{then}")
 
 
 def prompt_item(tokenizer, model, turns, image_unit=None, template="vicuna_v1", max_len=2048):

@@ -288,6 +288,9 @@ def test_report_with_nothing_parsed_says_null_steps(tiny_world, tiny_ckpt, tmp_p
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["parsed"] == 0 and report["correction_steps_per_answer"] is None, report
     assert "VIC: nothing to correct" in stdout
+    # (and it says that vigc_data.json is empty: exit 0 with '[]', which sft.py refused later)
+    assert "warning: no generated instruction was kept: vigc_data.json holds no records" in stdout
+    assert json.load(open(os.path.join(out, "vigc_data.json"))) == []
 
 
 def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
@@ -516,6 +519,10 @@ def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_pat
     code, _, err = run_cli("vigc", argv + ["--max_steps", "2", "--resume", "true"])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "this run finished and merged its 'vigc' adapter" in err
+    # (a run stopped while generating is in this state: the advice goes on with generation alone,
+    # where '--init CKPT' alone trained 400 steps more)
+    assert err.strip().endswith(f"--init {out}/checkpoint-000001 --max_steps 0 (generation alone, "
+                                "from its model)"), err
 
 
 def test_a_pair_holding_the_vig_markers_makes_no_vig_example():

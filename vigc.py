@@ -529,6 +529,9 @@ def generate_data(model, tokenizer, cfg, imgs, instructions, oracle=False):
            "dropped") if ok else "nothing to correct"
     print(f"VIG: {len(ok)}/{len(jobs)} outputs parse into a question and an answer "
           f"({n_dropped} dropped) | VIC: {vic} | {report['seconds']}")
+    if not any(j["vic"] for j in ok):  # (exit 0 with '[]': sft.py --data refused it later)
+        print("warning: no generated instruction was kept: vigc_data.json holds no records, "
+              "which sft.py --data refuses (train VIGC longer, or generate with other settings)")
     if oracle:
         report.update(oracle_report(cfg.world, ok))
     # (whole or not at all: the lab takes a run whose report is there as done)
@@ -680,7 +683,9 @@ def main(cfg):
         common.fold_init_adapters(model)
     if cfg.lora_r > 0:
         if not sharded:
-            common.refuse_merged_resume(resume_path, model, "vigc")
+            # (its training ended: a run stopped while generating goes on as generation alone)
+            common.refuse_merged_resume(resume_path, model, "vigc",
+                                        " --max_steps 0 (generation alone, from its model)")
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
         model.set_adapter("vigc")
