@@ -585,3 +585,22 @@ def test_an_unknown_question_type_is_refused(tiny_world, tiny_ckpt, tmp_path):
     json.dump(info, open(world / "vigc_instructions.json", "w"))
     with pytest.raises(vigc.DataError, match="field 'qtype_to_type': 'describ': expected"):
         vigc.load_records(cfg)
+
+
+def test_an_instructions_file_of_one_type_serves_a_run_of_that_type(tiny_world, tiny_ckpt,
+                                                                    tmp_path):
+    """An --instructions file holding the conversation type alone (a VIGC set made from one file,
+    as conversation_58k.json:conv) was refused for lacking the other types even where the run
+    reads no other: a run of conversation pairs generating conversations runs; one that would
+    generate descriptions is refused naming the type."""
+    info = json.load(open(os.path.join(tiny_world, "vigc_instructions.json")))
+    one = tmp_path / "conv_only.json"
+    one.write_text(json.dumps({"conversation": info["conversation"]}))
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--data", f"{os.path.join(tiny_world, 'sft.json')}:conv", "--image_folder", tiny_world,
+            "--instructions", str(one), "--generate", "2", "--max_new_tokens", "4",
+            "--gen_types", "conv", "--images", os.path.join(tiny_world, "vigc_images.txt")]
+    code, _, err = run_cli("vigc", argv + ["--out", str(tmp_path / "conv")])
+    assert code == 0, err
+    code, _, err = run_cli("vigc", argv + ["--gen_types", "desc", "--out", str(tmp_path / "d")])
+    assert code == 2 and "conv_only.json: field 'detailed description': missing" in err, err

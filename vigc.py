@@ -243,16 +243,20 @@ def encode_many(tokenizer, mc, jobs, max_len=2048, template="vicuna_v1"):
 # -------------------- training data: VIG + VIC examples from question/answer pairs, plus SFT
 
 
-def load_instructions(path):
+def load_instructions(path, needed=None):
     """{type: [phrasings]} from a VIGC instructions file (the world's vigc_instructions.json),
-    or ours."""
+    or ours. needed: the types the run reads (its data's pairs' and --gen_types'; default all):
+    a file of one type serves a run of that type alone (it was refused for lacking the others)."""
     if not path:
         return INSTRUCTIONS
     info = load_json(path)
-    missing = [t for t in TYPES.values() if not isinstance(info, dict) or t not in info]
+    if not isinstance(info, dict):
+        raise DataError(path, None, None, "expected an object {type: [instruction phrasings]}")
+    needed = [t for t in TYPES.values() if needed is None or t in needed]
+    missing = [t for t in needed if t not in info]
     if missing:
         raise DataError(path, None, missing[0], "missing: expected {type: [instruction phrasings]}")
-    for t in TYPES.values():  # (a string would be drawn from letter by letter)
+    for t in [t for t in TYPES.values() if t in info]:  # (a string: drawn letter by letter)
         if not isinstance(info[t], list) or not info[t] or \
                 not all(isinstance(x, str) and x.strip() for x in info[t]):
             raise DataError(path, None, t, "expected a non-empty list of instruction strings, "
@@ -260,7 +264,7 @@ def load_instructions(path):
         tagged = next((x for x in info[t] if IMAGE in x), None)
         if tagged is not None:  # (the image is placed first, once; a phrasing is put after it)
             raise DataError(path, None, t, f"{TAG_IN_TEXT}: {tagged!r:.60}")
-    return {t: info[t] for t in TYPES.values()}
+    return {t: info[t] for t in TYPES.values() if t in info}
 
 
 # a record's qtypes: the world's question types, or VIGC's three types by name
@@ -638,7 +642,10 @@ def main(cfg):
     if not cfg.init and named:  # a fresh model sees the world's images, one patch a cell
         world_params = shapes.load_params(cfg.world)
         geometry, note = common.world_geometry(world_params, cfg.model, cfg.world)
-    records, instructions = load_records(cfg, d), load_instructions(cfg.instructions)
+    records = load_records(cfg, d)
+    needed = {t for r in records for _, _, t in r["pairs"]}
+    needed |= {TYPES[g] for g in cfg.gen_types} if cfg.generate else set()
+    instructions = load_instructions(cfg.instructions, needed)
     if "images" in named and cfg.generate > 0 and not os.path.exists(cfg.images):
         # the world's own list, gone (deleted by hand): the advice for a user's --images misleads
         raise common.ConfigError(
