@@ -512,8 +512,12 @@ def reward_item_from_ids(tokenizer, prompt_ids, response_ids, captions, rng, max
     re-tokenized), then the evaluation turn tokenized on its own without special tokens
     (' USER: Please evaluate ... is')."""
     tail = (" " if space else "") + eval_turn(captions, rng, wording)
-    turn = torch.tensor(tokenizer(tail, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    ids = torch.cat([prompt_ids.cpu(), response_ids.cpu(), turn])
+    turn = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if not space:  # ('</s>USER:', as a reward model trained without the space read it: alone,
+        # the turn's first word took a word-start mark, '</s> USER')
+        after_end = tokenizer(tokenizer.eos_token + tail, add_special_tokens=False)["input_ids"]
+        turn = after_end[1:] if after_end[:1] == [tokenizer.eos_token_id] else turn
+    ids = torch.cat([prompt_ids.cpu(), response_ids.cpu(), torch.tensor(turn, dtype=torch.long)])
     return None if len(ids) > max_len else {"input_ids": ids}
 
 

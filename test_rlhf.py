@@ -299,6 +299,17 @@ def test_reward_model_reads_sampled_ids_and_the_spaced_prompt(tiny_world):
     assert spaced["input_ids"].tolist() == want and "</s> USER: Please evaluate" in text
     plain = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3))
     assert plain["input_ids"].tolist() != want  # ours: '</s>USER:'
+    # the sampled ids of an answer that ended, then the turn: the ids the text gives, with the
+    # space and without it (without, the turn alone took a word-start mark: '</s> USER' where the
+    # reward model, trained without --prompt_space, read '</s>USER')
+    item = common.prompt_item(tok, m, prompt)
+    answer = tok("A red circle.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for space in (True, False):
+        text = data.reward_item(tok, m.config, prompt, "A red circle.", caps, random.Random(3),
+                                space=space)["input_ids"]
+        ids = data.reward_item_from_ids(tok, item["input_ids"], torch.tensor(answer), caps,
+                                        random.Random(3), space=space)["input_ids"]
+        assert ids.tolist() == text.tolist(), space
 
 
 def fixed_rollout(m, B=4, P=16, K=5, seed=0):
