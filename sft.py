@@ -328,6 +328,20 @@ def main(cfg):
         if fresh and not getattr(cfg, data_flag) and getattr(cfg, steps_flag) > 0:
             common.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
                                  f"the world's --data); pass --{data_flag} FILE or drop it")
+    # (flags of a stage that takes no step, as given: the world's paths are its defaults)
+    # and a file named ('' names none, as the 0 steps say)
+    if fresh and cfg.align_steps == 0:
+        common.refuse_unread(given, ["align_batch_size"] + ["align_data"] * bool(given.align_data),
+                             "with --align_steps 0 (no alignment stage); drop it")
+    if fresh and cfg.read_steps == 0 and given.read_data:
+        common.refuse_unread(given, ["read_data"], "with --read_steps 0 (no reading stage); drop "
+                             "it")
+    if fresh and not (cfg.read_data and cfg.read_steps > 0):  # (the last stage's lr is --lr)
+        common.refuse_unread(cfg, ["instruct_lr", "instruct_warmup"], "without a reading stage "
+                             "(instruction tuning then runs at --lr and --warmup); drop it")
+    if "data" not in named:
+        common.refuse_unread(cfg, ["report_n"], "with a --data outside the world (the report "
+                             "asks the world's questions); drop it")
     if not cfg.lrv:
         common.refuse_unread(cfg, ["neg_ratio"], "without --lrv true; drop it")
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0

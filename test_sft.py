@@ -464,3 +464,35 @@ def test_the_held_out_loss_runs_under_the_training_autocast(tiny_world, tmp_path
     code, _, err = run_cli("sft", argv)
     assert code == 0, err
     assert len(outside) > 3 and not any(outside), outside
+
+
+def test_flags_of_a_stage_that_does_not_run_are_refused(tiny_world, tmp_path):
+    """A hunt found flags read by nothing, ignored without a word: --instruct_lr and
+    --instruct_warmup without a reading stage (instruction tuning ran at --lr), --align_data or
+    --align_batch_size with --align_steps 0, --read_data with --read_steps 0, --report_n with a
+    --data outside the world (no report is made). Each is one line now; a reading stage cut off by
+    a short --max_steps (a trial of the full command) is not refused."""
+    base = ["--model", "tiny", "--world", tiny_world, "--max_steps", "3", "--batch_size", "4",
+            "--align_steps", "1", "--read_steps", "1", "--report", "false"]
+    mix = tmp_path / "mix.json"
+    mix.write_text(open(os.path.join(tiny_world, "sft.json")).read())
+    align = os.path.join(tiny_world, "align.json")
+    for extra, words in (
+            (["--read_steps", "0", "--instruct_lr", "0.5"], "--instruct_lr 0.5: not read without "
+                                                             "a reading stage"),
+            (["--read_data", "", "--read_steps", "0", "--instruct_warmup", "3"],
+             "--instruct_warmup 3: not read without a reading stage"),
+            (["--align_steps", "0", "--align_data", align], "not read with --align_steps 0"),
+            (["--align_steps", "0", "--align_batch_size", "7"],
+             "--align_batch_size 7: not read with --align_steps 0"),
+            (["--read_steps", "0", "--read_data", str(mix)], "not read with --read_steps 0"),
+            (["--data", str(mix), "--image_folder", tiny_world, "--align_steps", "0",
+              "--read_steps", "0", "--report", "true", "--report_n", "5"],
+             "--report_n 5: not read with a --data outside the world")):
+        small = [] if "--align_steps" in extra else ["--align_batch_size", "4"]
+        code, _, err = run_cli("sft", base + small + extra + ["--out", str(tmp_path / "o")])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # (a trial run whose --max_steps leaves the reading stage no step: the full command's flags)
+    code, _, err = run_cli("sft", base + ["--align_batch_size", "4", "--max_steps", "2",
+                                          "--instruct_lr", "0.5", "--out", str(tmp_path / "trial")])
+    assert code == 0, err
