@@ -331,8 +331,8 @@ def main(cfg):
     # (flags of a stage that takes no step, as given: the world's paths are its defaults)
     # and a file named ('' names none, as the 0 steps say)
     if fresh and cfg.align_steps == 0:
-        common.refuse_unread(given, ["align_batch_size"] + ["align_data"] * bool(given.align_data),
-                             "with --align_steps 0 (no alignment stage); drop it")
+        unread = ["align_batch_size", "align_data"] if given.align_data else ["align_batch_size"]
+        common.refuse_unread(given, unread, "with --align_steps 0 (no alignment stage); drop it")
     if fresh and cfg.read_steps == 0 and given.read_data:
         common.refuse_unread(given, ["read_data"], "with --read_steps 0 (no reading stage); drop "
                              "it")
