@@ -570,16 +570,9 @@ def world_paths(cfg, reads=("data",), companions=()):
     empty ('' named no file: the failure came later, as a nameless ": file not found"), and
     --val_data is not a --data file (refuse_val_in_data)."""
     require_paths(cfg, reads)
+    data_in_world = WORLD in cfg.data
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     values = {k: v for k, v in values.items() if isinstance(v, str)}
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for f in reads:  # the world's own file spelled out is read as its default (ppo.py's oracle
-        # counts were dropped, and --oracle_every refused, for --data WORLD/rl_prompts.json)
-        default = defaults.get(f)
-        if isinstance(default, str) and WORLD in default and WORLD not in values[f] and \
-                values[f] and samefile(values[f], default.replace(WORLD, cfg.world)):
-            values[f] = default
-    data_in_world = WORLD in values["data"]
     for f in companions:
         if WORLD in values[f] and not data_in_world:
             values[f] = ""

@@ -744,7 +744,11 @@ def main(cfg):
         common.refuse_unread(cfg, ["kl_clamp"], "with --kl_estimator k3 (k3 is >= 0 already); "
                              "drop it")
     cfg, named = common.world_paths(cfg, ("data", "init"), ("captions",))
-    if "data" not in named:
+    # the oracle counts with the world's annotations: --data the world's prompts, by default or
+    # spelled out (read as outside the world, its counts were dropped without a word)
+    world_prompts = "data" in named or common.samefile(
+        cfg.data, os.path.join(cfg.world, "rl_prompts.json"))
+    if not world_prompts:
         common.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
                              "counts with the world's annotations); drop it")
     common.check_world("ppo.py", cfg.fsdp)
@@ -790,7 +794,7 @@ def main(cfg):
             common.note_world(flag, path, cfg.world)
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2], d)
-    oracle = "data" in named and cfg.oracle_every  # the world's annotations: exact counts
+    oracle = world_prompts and cfg.oracle_every  # the world's annotations: exact counts
     objects = shapes.load_world(cfg.world)["by_file"] if oracle else None
     # look every prompt's image up now: one that hand-edited annotations lack is a DataError
     # here (ByFile), not a failure at the first step that scores it

@@ -618,26 +618,3 @@ def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
     assert [w.wait() for w in writers] == [0, 0], [w.stderr.read()[-300:] for w in writers]
     assert seen == {"whole"}
     assert sorted(os.listdir(tmp_path)) == ["RESULTS.md"]
-
-
-def test_the_worlds_own_file_spelled_out_is_read_as_the_default(tmp_path):
-    """--data WORLD/rl_prompts.json (the default, written out) read as a file outside the world:
-    ppo.py refused --oracle_every and dropped its hallucination counts without a word, and
-    reward.py's held-out file fell back to a split of --data. It reads as the default now; another
-    file stays outside."""
-    import ppo
-    import reward
-    world = tmp_path / "w"
-    world.mkdir()
-    for name in ("rl_prompts.json", "pref_pairs.json", "other.json"):
-        (world / name).write_text("[]")
-    prompts = ppo.Config(world=str(world), data=str(world / "rl_prompts.json"))
-    cfg, named = common.world_paths(prompts, ("data", "init"), ("captions",))
-    assert "data" in named and os.path.samefile(cfg.data, world / "rl_prompts.json")
-    spelled = f"{tmp_path}/./w/pref_pairs.json"
-    cfg, named = common.world_paths(reward.Config(world=str(world), data=spelled),
-                                    ("data", "init"), ("captions", "val_data"))
-    assert "data" in named and cfg.val_data == f"{world}/pref_pairs_val.json"
-    other = reward.Config(world=str(world), data=str(world / "other.json"))
-    cfg, named = common.world_paths(other, ("data", "init"), ("captions", "val_data"))
-    assert "data" not in named and cfg.val_data == ""

@@ -735,6 +735,14 @@ def test_ppo_oracle_steps_between_log_lines_are_logged(tiny_rm, sft, tiny_world,
     assert [r["step"] for r in rows] == [2, 3, 4]
     assert "score" in rows[0] and "halluc_rate" not in rows[0] and "halluc_rate" not in rows[2]
     assert set(rows[1]) == {"step", "time", "halluc_rate", "halluc_per_answer"}, rows[1]
+    # the world's prompts spelled out as --data: the same counts (read as a file outside the
+    # world, --oracle_every was refused, and without it the counts were dropped)
+    spelled = args + ["--data", os.path.join(tiny_world, ".", "rl_prompts.json"),
+                      "--out", str(tmp_path / "spelled")]
+    code, _, err = run_cli("ppo", spelled)
+    assert code == 0, err
+    again = [json.loads(x) for x in open(tmp_path / "spelled" / "metrics.jsonl")]
+    assert again[1]["halluc_rate"] == rows[1]["halluc_rate"]
 
 
 def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
