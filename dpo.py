@@ -382,20 +382,17 @@ def reference_table(model, ds, cfg, d):
     return common.all_reduce_sum(out, d)
 
 
+def same_table(a, b):
+    """Whether two reference tables hold the same log-probs (up to float noise)."""
+    return all(k in a and a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-4)
+               for k in b)
+
+
 def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
     path = os.path.join(cfg.out, f"ref_logps-{fingerprint(cfg, init_dir, train, val)}.pt")
     for name in os.listdir(cfg.out) if d.main else []:  # (a killed run's: never renamed, read)
         if name.startswith("ref_logps-") and ".pt.tmp" in name:
             os.remove(os.path.join(cfg.out, name))
-    made = sorted(n for n in os.listdir(cfg.out) if n.startswith("ref_logps-")
-                  and n.endswith(".pt") and n != os.path.basename(path))
-    if resuming and made and not os.path.exists(path):  # (a full fine-tune's --init replaced at
-        # its path went on against the new weights' log-probs without a word)
-        raise common.ConfigError(
-            f"{cfg.out}: --resume: this run's reference log-probs ({made[0]}) were made from "
-            f"other inputs than today's: {init_dir}'s checkpoint files, the images or the "
-            "tokenized pairs changed since it started, and it would go on against another "
-            "reference; resume with the inputs it started from, or start a new run")
     if os.path.exists(path):
         if d.main:
             print(f"reference log-probs: reusing {path}")
@@ -403,6 +400,17 @@ def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
     model, t0 = get_model().eval(), time.time()
     table = {"train": reference_table(model, train, cfg, d),
              "val": reference_table(model, val, cfg, d)}
+    made = sorted(n for n in os.listdir(cfg.out) if n.startswith("ref_logps-")
+                  and n.endswith(".pt") and n != os.path.basename(path))
+    if resuming and made and not any(same_table(torch.load(os.path.join(cfg.out, n)), table)
+                                     for n in made):
+        # (a full fine-tune's --init replaced at its path went on against the new weights'
+        # log-probs without a word; files only touched, or moved, give the same table: go on)
+        raise common.ConfigError(
+            f"{cfg.out}: --resume: this run's reference log-probs ({made[0]}) differ from those "
+            f"of today's inputs: {init_dir}'s weights, the images or the tokenized pairs changed "
+            "since it started, and it would go on against another reference; resume with the "
+            "inputs it started from, or start a new run")
     if d.main:  # temp name + rename: a crash never leaves half a cache
         torch.save(table, f"{path}.tmp{os.getpid()}")
         os.replace(f"{path}.tmp{os.getpid()}", path)
