@@ -521,8 +521,14 @@ def test_resume_on_a_finished_lora_run_is_refused(tiny_world, tiny_ckpt, tmp_pat
     assert "this run finished and merged its 'vigc' adapter" in err
     # (a run stopped while generating is in this state: the advice goes on with generation alone,
     # where '--init CKPT' alone trained 400 steps more)
-    assert err.strip().endswith(f"--init {out}/checkpoint-000001 --max_steps 0 (generation alone, "
-                                "from its model)"), err
+    assert err.strip().endswith(f"--init {out}/checkpoint-000001 --max_steps 0 and its "
+                                "generation flags alone (no training flag: generation from its "
+                                "model)"), err
+    # (and the advice runs: a review found the run's training flags beside --max_steps 0 refused)
+    code, _, err = run_cli("vigc", ["--init", f"{out}/checkpoint-000001", "--world", tiny_world,
+                                    "--max_steps", "0", "--generate", "2", "--max_new_tokens", "4",
+                                    "--out", str(tmp_path / "gen")])
+    assert code == 0, err
 
 
 def test_a_pair_holding_the_vig_markers_makes_no_vig_example():

@@ -691,8 +691,9 @@ def main(cfg):
     if cfg.lora_r > 0:
         if not sharded:
             # (its training ended: a run stopped while generating goes on as generation alone)
-            common.refuse_merged_resume(resume_path, model, "vigc",
-                                        " --max_steps 0 (generation alone, from its model)")
+            common.refuse_merged_resume(resume_path, model, "vigc", " --max_steps 0 and its "
+                                        "generation flags alone (no training flag: generation "
+                                        "from its model)")
         if "vigc" not in model.adapters:
             model.add_adapter("vigc", cfg.lora_r, cfg.lora_alpha, 0.05)
         model.set_adapter("vigc")
