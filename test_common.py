@@ -116,20 +116,25 @@ def test_negative_flag_values_in_scientific_notation():
     assert (cfg.length_penalty, cfg.correctness, cfg.no_eos_penalty) == (-0.1, -2.0, -3.0)
 
 
-def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
-    """A run whose config predates a field (common.ADDED_FIELDS: reward.py's prompt_space and
-    vision_tower) resumes as long as the field keeps the value that means what the stage did
-    before; another value is a different config, named."""
-    import os
-    import reward
-    cfg = reward.Config(out=str(tmp_path))
-    old = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in ("prompt_space", "vision_tower")}
-    ckpt = tmp_path / "checkpoint-000003"
+def run_without(cfg, out, fields):
+    """OUT/checkpoint-000003 of a run whose config lacks `fields` (started before they were
+    added): (its folder, that config)."""
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in fields}
+    ckpt = out / "checkpoint-000003"
     os.makedirs(ckpt)
     (ckpt / "config.json").write_text("{}")
     torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
                 "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    return ckpt, old
+
+
+def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
+    """A run whose config predates a field (common.ADDED_FIELDS: reward.py's prompt_space and
+    vision_tower) resumes as long as the field keeps the value that means what the stage did
+    before; another value is a different config, named."""
+    import reward
+    cfg = reward.Config(out=str(tmp_path))
+    ckpt, old = run_without(cfg, tmp_path, ("prompt_space", "vision_tower"))
     path, state = common.load_resume(str(tmp_path), cfg)
     assert path == str(ckpt) and state["step"] == 3
     with pytest.raises(common.ConfigError, match="field 'prompt_space' was False, now True"):
@@ -147,16 +152,9 @@ def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
     at --resume ("lacks this script's field ..."). It resumes now: --loss_divisor at 'tokens'
     (what ppo.py did before; 'columns' is another config), --compile_decode on or off (the
     decoding path: the same tokens up to float rounding)."""
-    import os
     import ppo
     cfg = ppo.Config(out=str(tmp_path))
-    old = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in ("compile_decode", "loss_divisor")}
-    ckpt = tmp_path / "checkpoint-000003"
-    os.makedirs(ckpt)
-    (ckpt / "config.json").write_text("{}")
-    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
-                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    ckpt, _ = run_without(cfg, tmp_path, ("compile_decode", "loss_divisor"))
     for on in (False, True):
         path, state = common.load_resume(str(tmp_path), dataclasses.replace(cfg, compile_decode=on))
         assert path == str(ckpt) and state["step"] == 3
