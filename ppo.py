@@ -778,7 +778,8 @@ def main(cfg):
                                  f"--minibatch_size {cfg.minibatch_size}, which must be a multiple "
                                  f"of the {d.world} processes")
     common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
-    if named:  # the Shapes world, written once if missing
+    # the Shapes world, written once if missing; checked where the oracle reads its annotations
+    if named or world_prompts and cfg.oracle_every:
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
     # rollout sampling stream
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
