@@ -743,6 +743,9 @@ def test_ppo_oracle_steps_between_log_lines_are_logged(tiny_rm, sft, tiny_world,
     assert code == 0, err
     again = [json.loads(x) for x in open(tmp_path / "spelled" / "metrics.jsonl")]
     assert again[1]["halluc_rate"] == rows[1]["halluc_rate"]
+    # (its world checked as the default's is: another --world_seed is refused, not counted with)
+    code, _, err = run_cli("ppo", spelled + ["--world_seed", "1", "--out", str(tmp_path / "s1")])
+    assert code == 2 and "holds the world of seed 0, not --world_seed 1" in err, err
 
 
 def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
