@@ -328,8 +328,8 @@ def main(cfg):
         if fresh and not getattr(cfg, data_flag) and getattr(cfg, steps_flag) > 0:
             common.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
                                  f"the world's --data); pass --{data_flag} FILE or drop it")
-    # (flags of a stage that takes no step, as given: the world's paths are its defaults)
-    # and a file named ('' names none, as the 0 steps say)
+    # flags of a stage given no step are not read: refused as given (the world's paths are their
+    # defaults), a data flag only where it names a file ('' agrees with the 0 steps)
     if fresh and cfg.align_steps == 0:
         unread = ["align_batch_size", "align_data"] if given.align_data else ["align_batch_size"]
         common.refuse_unread(given, unread, "with --align_steps 0 (no alignment stage); drop it")
