@@ -167,3 +167,15 @@ def test_fsdp_checks_its_out_before_the_sharded_steps(tmp_path):
                                           "--out", str(out)])
     assert code == 2 and "b.log" in err and "cannot be written" in err, err
     assert "fsdp lora" not in stdout and "fsdp full" not in stdout, stdout
+
+
+def test_flags_checks_a_run_can_answer(tmp_path):
+    """A bench hunt: under --fsdp the generation and rollout lengths were checked against the
+    preset's positions while their flags were refused as unread (no way out); an odd
+    --rollout_batch timed a PPO update split in minibatches ppo.py refuses. The first passes the
+    position check now, the second is one line."""
+    assert bench.check_positions(bench.Config(fsdp=True, model="tiny", image_size=352, seq=500,
+                                              answer=8)) is None
+    code, _, err = run_cli("bench", ["--quick", "true", "--rollout_batch", "5",
+                                     "--out", str(tmp_path / "r")])
+    assert code == 2 and "--rollout_batch 5: must be even" in err and err.count("\n") == 1, err
