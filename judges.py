@@ -487,10 +487,15 @@ def local_judge_dir(path):
         from huggingface_hub import snapshot_download
         return snapshot_download(path, local_files_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the "
-                                 f"local cache): --judge local reads a causal LM from disk "
-                                 f"({first[:120]})") from None
+        raise not_a_local_model(path, e) from None
+
+
+def not_a_local_model(path, error):
+    """The one line for a --judge_model that is neither a folder nor a model in the local cache
+    (or whose config does not read), with the first line of what went wrong."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the local "
+                              f"cache): --judge local reads a causal LM from disk ({first[:120]})")
 
 
 def tokenizer_files(folder):
@@ -520,10 +525,7 @@ def local_judge_config(path):
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise common.ConfigError(f"--judge_model {path}: not a local model folder (nor in the "
-                                 f"local cache): --judge local reads a causal LM from disk "
-                                 f"({first[:120]})") from None
+        raise not_a_local_model(path, e) from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise common.ConfigError(f"--judge_model {path}: its config.json is a "
                                  f"{type(config).__name__}, not a causal LM's (--judge local "
