@@ -2218,6 +2218,16 @@ def check_new_tokens(model, cfg, *flags):
                               "(max_position_embeddings in its config)")
 
 
+def answer_eos(model, tokenizer):
+    """The ids that end an answer: the tokenizer's eos, or with a config that lists several (Llama
+    3's lists <|eot_id|> beside it) all of them, sorted: any ends an answer (eval, VIGC, the reports
+    and PPO's rollouts stop at the same ones)."""
+    eos = tokenizer.eos_token_id
+    if isinstance(model.config.eos_token_id, list):
+        return sorted({eos, *model.config.eos_token_id})
+    return eos
+
+
 def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, temperature=0.0,
                      top_p=1.0, generator=None, desc="generate", show=True, num_beams=1,
                      return_finished=False, repetition_penalty=1.0, compile=False):
@@ -2229,9 +2239,7 @@ def generate_answers(model, tokenizer, items, batch_size=32, max_new_tokens=64, 
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    if isinstance(model.config.eos_token_id, list):  # (Llama 3's config lists <|eot_id|> beside
-        eos = sorted({eos, *model.config.eos_token_id})  # the tokenizer's eos: any ends an answer)
+    eos = answer_eos(model, tokenizer)
     out = []
     finished = []
     batches = range(0, len(items), batch_size)

@@ -198,22 +198,23 @@ def question_stop_ids(tokenizer):
     return list(dict.fromkeys([question, newline_question]))
 
 
-def cut_at_stop_tokens(tokens, lengths, eos_id, pad_id, stop_ids):
+def cut_at_stop_tokens(tokens, lengths, eos_ids, pad_id, stop_ids):
     """LLaVA-RLHF's truncate_after_eos_with_padding on sampled responses (B, K) with `lengths` (EOS
     included): the end is the first EOS, overridden by the first occurrence of each stop id in turn
     (so the last stop id found wins), the token at the end kept and everything after it padded. Cut
-    at a '?', a response has no EOS left: it gets the no-EOS penalty. Returns (tokens, lengths,
-    finished)."""
+    at a '?', a response has no EOS left: it gets the no-EOS penalty. eos_ids: one id or a list
+    (common.answer_eos: any of them is an EOS). Returns (tokens, lengths, finished)."""
+    eos = set(eos_ids) if isinstance(eos_ids, (list, tuple)) else {eos_ids}
     tokens, lengths = tokens.clone(), lengths.clone()
     for i in range(len(tokens)):
         row = tokens[i, :int(lengths[i])].tolist()
-        end = row.index(eos_id) if eos_id in row else None
+        end = next((k for k, t in enumerate(row) if t in eos), None)
         for t in stop_ids:
             end = row.index(t) if t in row else end
         if end is not None:
             tokens[i, end + 1:] = pad_id
             lengths[i] = end + 1
-    finished = torch.tensor([int(lengths[i]) > 0 and int(tokens[i, int(lengths[i]) - 1]) == eos_id
+    finished = torch.tensor([int(lengths[i]) > 0 and int(tokens[i, int(lengths[i]) - 1]) in eos
                              for i in range(len(tokens))], device=tokens.device)
     return tokens, lengths, finished
 
@@ -572,9 +573,11 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         cfeats = feats if critic is policy else batched(lambda s: critic.encode_images(pix[s]),
                                                         n, mb)
 
+    eos = common.answer_eos(policy, tokenizer)  # (any id a Llama 3 config lists ends a rollout)
+
     def sample(s):
         g = policy.generate(None, ids[s], pmask[s], cfg.max_new_tokens, cfg.temperature,
-                            generator=gen, eos_token_id=tokenizer.eos_token_id,
+                            generator=gen, eos_token_id=eos,
                             pad_token_id=tokenizer.pad_token_id, image_features=feats[s],
                             return_logprobs=True, return_entropy=True,
                             compile=cfg.compile_decode)
@@ -583,7 +586,7 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
         tokens, lengths, finished, logp, entropy = batched(sample, n, mb)
     if cfg.stop_at_question:
         stop_ids = question_stop_ids(tokenizer)
-        tokens, lengths, finished = cut_at_stop_tokens(tokens, lengths, tokenizer.eos_token_id,
+        tokens, lengths, finished = cut_at_stop_tokens(tokens, lengths, eos,
                                                        tokenizer.pad_token_id, stop_ids)
     # a sampled image placeholder cannot be fed back (it marks image-feature slots): read it as
     # <unk> (or pad, for a tokenizer without one)

@@ -266,6 +266,30 @@ def test_cut_at_question_tokens_as_llava_rlhf_truncates():
     assert total.tolist() == [-8.0, -8.0, 0.0, -8.0, -8.0]
 
 
+def test_rollouts_end_at_any_eos_id_the_config_lists(sft, tiny_rm, tiny_world, tmp_path):
+    """A Llama 3 config lists its turn end (<|eot_id|>) beside the tokenizer's eos: PPO's rollouts
+    sampled past it (generate and cut_at_stop_tokens read the tokenizer's one id), and such an
+    answer drew the no-EOS penalty. Any listed id ends a rollout now, and the cut at a '?' counts
+    it as an EOS."""
+    eos, pad, q, eot = 2, 0, 7, 9
+    tokens = torch.tensor([[5, eot, 6, pad], [5, 6, eos, pad], [q, eot, pad, pad]])
+    got, n, fin = ppo.cut_at_stop_tokens(tokens, torch.tensor([3, 3, 2]), [eos, eot], pad, [q])
+    assert n.tolist() == [2, 3, 1] and fin.tolist() == [True, True, False]
+    assert got[0].tolist() == [5, eot, 0, 0]
+    cfg = ppo.Config(init=sft, reward=tiny_rm[0], max_new_tokens=6,
+                     data=os.path.join(tiny_world, "rl_prompts.json"), out=str(tmp_path / "unused"))
+    policy, critic, tok = ppo.build_roles(cfg, ONE)
+    rm = ppo.reward_settings(resolve_checkpoint(tiny_rm[0]))
+    prompts = ppo.load_prompts(cfg, True, tok, policy, "vicuna_v1")[0][:2]
+    roll = lambda: ppo.rollout(policy, critic, tok, prompts, data.ImageCache(48), cfg, rm, 0.1,
+                               torch.Generator().manual_seed(0), "k")
+    first = int(roll()["seq"][0, -cfg.max_new_tokens])
+    assert first != tok.eos_token_id
+    policy.config.eos_token_id = [tok.eos_token_id, first]
+    ro = roll()
+    assert int(ro["lengths"][0]) == 1 and bool(ro["finished"][0])
+
+
 def test_reward_model_reads_sampled_ids_and_the_spaced_prompt(tiny_world):
     """--rm_input tokens: prompt ids + the sampled ids as they are ('</s>' only when sampled) + the
     evaluation turn tokenized alone without special tokens, ' USER: Please evaluate ...' (LLaVA-RLHF
