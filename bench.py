@@ -1004,7 +1004,9 @@ FSDP_UNREAD = ("gen_batches", "new_tokens", "prompt_text", "dpo_pairs", "ppo_pro
                "rollout_new_tokens", "compile_decode", "matmul_n", "copy_mib", "hf_load")
 
 
-def main(cfg):
+def main(cfg, given=None):
+    """given: the flags typed on the command line (cli's; --quick leaves them alone). None (an
+    in-process caller's Config): the fields at other values than their defaults."""
     if cfg.fsdp:  # (as given: --quick fills in its own values below)
         common.refuse_unread(cfg, FSDP_UNREAD, "with --fsdp true (one sharded training step "
                              "alone); drop it")
@@ -1019,10 +1021,11 @@ def main(cfg):
     elif cfg.rollout_batch > 1 and cfg.rollout_batch % 2:  # (ppo.py refuses the uneven split)
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch}: must be even (the PPO "
                                  "iteration's two minibatches take half of it each)")
-    if cfg.quick:  # the tiny config, except for the fields given other values on the command line
+    if cfg.quick:  # the tiny config, except for the fields given
         default = Config()
-        untouched = {k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(default, k)}
-        cfg = dataclasses.replace(cfg, **untouched)
+        given = given if given is not None else [
+            k for k in QUICK if getattr(cfg, k) != getattr(default, k)]
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
     presets_ok = cfg.model in PRESETS and cfg.roles_model in PRESETS
     if not presets_ok or cfg.rollout_model not in (*PRESETS, ""):
         raise common.ConfigError("--model/--roles_model/--rollout_model: choose from "
@@ -1261,7 +1264,7 @@ INTERRUPTED = "interrupted: no report written"
 def cli(argv=None):
     cfg = common.parse_config(Config, argv, prog="bench.py")
     with common.user_errors(interrupted=INTERRUPTED):
-        return main(cfg)
+        return main(cfg, given=common.given_flags(Config, argv))
 
 
 if __name__ == "__main__":

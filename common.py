@@ -259,15 +259,22 @@ def _check_list_flag(field, values, prog):
         fail(f"{prog}: --{field.name}: {repeated[0]} is given twice (give each value once)")
 
 
+def given_flags(cls, argv=None):
+    """The names of `cls`'s fields given on the command line, in order (a flag given at its
+    default value is given: only the command line tells it from one left out)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    argv = sys.argv[1:] if argv is None else argv
+    tokens = (t[2:].split("=", 1)[0] for t in argv if t.startswith("--"))
+    return [name for name in tokens if name in names]
+
+
 def _refuse_repeats(cls, argv, prog):
     """A flag given twice is a mistake (argparse would keep the last one without a word)."""
-    names, seen = {f.name for f in dataclasses.fields(cls)}, set()
-    for token in argv:
-        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
-        if name in names:
-            if name in seen:
-                fail(f"{prog}: --{name} is given twice (give each flag once)")
-            seen.add(name)
+    seen = set()
+    for name in given_flags(cls, argv):
+        if name in seen:
+            fail(f"{prog}: --{name} is given twice (give each flag once)")
+        seen.add(name)
 
 
 def _interval(rule):

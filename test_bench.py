@@ -179,3 +179,17 @@ def test_flags_checks_a_run_can_answer(tmp_path):
     code, _, err = run_cli("bench", ["--quick", "true", "--rollout_batch", "5",
                                      "--out", str(tmp_path / "r")])
     assert code == 2 and "--rollout_batch 5: must be even" in err and err.count("\n") == 1, err
+
+
+def test_quick_leaves_every_flag_typed_alone_even_at_its_default(monkeypatch):
+    """'--quick true (given flags win)': a flag typed at its default value (--new_tokens 64) was
+    replaced by the tiny config's, as if it had not been typed (only values were compared)."""
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(bench, "check_positions", lambda cfg: None)
+    bench.cli(["--quick", "true", "--new_tokens", "64", "--seq=256", "--reps", "3"])
+    cfg = seen[0]
+    assert (cfg.new_tokens, cfg.seq, cfg.reps) == (64, 256, 3)
+    assert (cfg.model, cfg.answer) == (bench.QUICK["model"], bench.QUICK["answer"])
+    bench.main(bench.Config(quick=True, reps=5))  # (a Config in-process: what differs is given)
+    assert (seen[1].reps, seen[1].new_tokens) == (5, bench.QUICK["new_tokens"])
