@@ -638,25 +638,29 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
         N = N or cfg.new_tokens
         with torch.no_grad():
             a, t = ours_gen(N)(), theirs_gen(N)()
-        same = a.shape == t.shape and torch.equal(a, t)
-        first = None if same else int((a != t).any(0).nonzero()[0]) if a.shape == t.shape else 0
+        first = first_difference(a, t)
+        same = first is None
         if not same:
             print(f"warning: greedy tokens differ at batch {B} from new token {first} (near-tied "
                   "logits round "
                   f"differently); timings still compare the same amount of work", file=sys.stderr)
         fns = lambda n: {"ours": ours_gen(n), "transformers": theirs_gen(n),
                          **({"ours_compiled": ours_gen(n, True)} if cfg.compile_decode else {})}
-        compile_s = None
+        compile_s = first_compiled = None
         if cfg.compile_decode:
             compile_n = timed(fns(N)["ours_compiled"], dev)[0]
             compile_1 = timed(fns(1)["ours_compiled"], dev)[0]
             compile_s = compile_n + compile_1
-            same = same and torch.equal(fns(N)["ours_compiled"](), a)
+            first_compiled = first_difference(fns(N)["ours_compiled"](), a)
+            same = same and first_compiled is None
+            if first_compiled is not None:
+                print(f"warning: compiled greedy tokens differ from eager ones at batch {B} from "
+                      f"new token {first_compiled}", file=sys.stderr)
         with torch.no_grad():  # the comparison above was the first warm-up round
             full = race(fns(N), cfg, dev, warmup=max(cfg.warmup - 1, 0))
             pre = race(fns(1), cfg, dev, measure_memory=False)
         row = dict(prompt_tokens=P, new_tokens=N, same_tokens=same, first_difference=first,
-                   ours_compiled_first_calls_s=compile_s)
+                   compiled_first_difference=first_compiled, ours_compiled_first_calls_s=compile_s)
         step_bytes = decode_bytes(c, B, P + N / 2, elem)
         for k in full:
             row[f"{k}_s"] = full[k][0]
@@ -669,6 +673,14 @@ def generate_section(ours, theirs, c, cfg, dev, elem, bandwidth, out, key="gener
         row["decode_bytes_per_step"] = step_bytes
         rows[str(B)] = row
     out[key] = rows
+
+
+def first_difference(a, b):
+    """The first new-token index where two (B, N) token tensors differ (0 for other shapes);
+    None when they are equal."""
+    if a.shape != b.shape:
+        return 0
+    return None if torch.equal(a, b) else int((a != b).any(0).nonzero()[0])
 
 
 def dpo_section(ours, c, cfg, dev, autocast, out):
@@ -827,9 +839,11 @@ def rollout_section(cfg, dev, dtype, tmp, out):
     del theirs
     gc.collect()
     ours.delete_adapter("sft")
-    ppo_section(ours, c, cfg, dev, tmp, out, key="rollout_ppo", prompts=cfg.rollout_batch,
-                new_tokens=cfg.rollout_new_tokens, lora=(16, 16),
-                minibatch=max(cfg.rollout_batch // 2, 1), epochs=2)
+    # (its failure recorded as its own: the decoding table measured above stays in the report)
+    return run_section("rollout_ppo", out, lambda: ppo_section(
+        ours, c, cfg, dev, tmp, out, key="rollout_ppo", prompts=cfg.rollout_batch,
+        new_tokens=cfg.rollout_new_tokens, lora=(16, 16),
+        minibatch=max(cfg.rollout_batch // 2, 1), epochs=2))
 
 
 def build_plain(c, dev, dtype):
@@ -964,6 +978,16 @@ def markdown(r):
     return "\n".join(lines)
 
 
+def same_tokens_cell(x):
+    """'yes', or where ours differs from transformers and where ours compiled differs from ours."""
+    if x["same_tokens"]:
+        return "yes"
+    eager, compiled = x["first_difference"], x.get("compiled_first_difference")
+    parts = [f"NO (from token {eager})" if eager is not None else "",
+             f"NO compiled (from token {compiled})" if compiled is not None else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def generation_table(rows):
     """Markdown rows of a generation comparison (ours compiled too when it was timed)."""
     comp = any("ours_compiled_s" in x for x in rows.values())
@@ -977,7 +1001,7 @@ def generation_table(rows):
                 f"**{x['ratio_tok_s']:.2f}** | {x['ours_decode_ms']:.2f} | "
                 f"{x['transformers_decode_ms']:.2f} | {100 * x['ours_bw_util']:.0f}% | "
                 f"{100 * x['transformers_bw_util']:.0f}% | "
-                f"{'yes' if x['same_tokens'] else 'NO (from token %s)' % x['first_difference']} |")
+                f"{same_tokens_cell(x)} |")
         if comp:
             line += (f" {x['ours_compiled_tok_s']:.1f} | {x['ours_compiled_decode_ms']:.2f} | "
                      f"{x['ours_compiled_first_calls_s']:.1f} |")
@@ -987,11 +1011,10 @@ def generation_table(rows):
 
 def run_section(name, r, fn, *args):
     """Run one of the ours-only sections; a failure there (a bug in a stage script, out of memory)
-    is recorded in the report instead of losing the comparison measured so far. Returns [name] when
-    it failed."""
+    is recorded in the report instead of losing the comparison measured so far. Returns the names
+    of the sections that failed: [name], or what fn returns (its own sections' failures)."""
     try:
-        fn(*args)
-        return []
+        return fn(*args) or []
     except Exception as e:  # noqa: BLE001 -- reported, and the run exits non-zero at the end
         traceback.print_exc()
         r[name] = {"error": f"{type(e).__name__}: {e}"}

@@ -193,3 +193,39 @@ def test_quick_leaves_every_flag_typed_alone_even_at_its_default(monkeypatch):
     assert (cfg.model, cfg.answer) == (bench.QUICK["model"], bench.QUICK["answer"])
     bench.main(bench.Config(quick=True, reps=5))  # (a Config in-process: what differs is given)
     assert (seen[1].reps, seen[1].new_tokens) == (5, bench.QUICK["new_tokens"])
+
+
+def test_a_failing_rollout_ppo_step_keeps_the_rollouts_decoding_table(tmp_path, monkeypatch):
+    """The rollout section's PPO step failing replaced the decoding table measured before it with
+    its error (one section): it is its own section now."""
+    real = bench.ppo_section
+
+    def broken_at_rollout(*args, key="ppo", **kw):
+        if key == "rollout_ppo":
+            raise RuntimeError("boom")
+        return real(*args, key=key, **kw)
+    monkeypatch.setattr(bench, "ppo_section", broken_at_rollout)
+    argv = ["--quick", "true", "--threads", "1", "--out", str(tmp_path), "--train_modes", "lora",
+            "--gen_batches", "1"]
+    code, _, err = run_cli("bench", argv)
+    assert code != 0 and "sections failed: rollout_ppo" in err, err
+    with open(tmp_path / "bench.json") as f:
+        r = json.load(f)
+    assert r["rollout_ppo"] == {"error": "RuntimeError: boom"} and "error" not in r["rollout"]
+    assert "ratio_tok_s" in r["rollout"]["4"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "PPO iteration failed: RuntimeError: boom" in md and "| 4 |" in md
+
+
+def test_tokens_differing_in_the_compiled_step_alone_say_where():
+    """With --compile_decode, tokens that differed in the compiled decode alone read 'NO (from
+    token None)' (the index was of ours against transformers)."""
+    a = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert bench.first_difference(a, a.clone()) is None
+    assert bench.first_difference(a, torch.tensor([[1, 2, 3], [4, 0, 6]])) == 1
+    assert bench.first_difference(a, a[:, :2]) == 0
+    row = dict(same_tokens=False, first_difference=None, compiled_first_difference=2)
+    assert bench.same_tokens_cell(row) == "NO compiled (from token 2)"
+    row.update(first_difference=1)
+    assert bench.same_tokens_cell(row) == "NO (from token 1); NO compiled (from token 2)"
+    assert bench.same_tokens_cell(dict(same_tokens=True)) == "yes"
