@@ -891,7 +891,7 @@ def roles_section(cfg, c_main, dev, dtype, out):
         gc.collect()
     res["ratio"] = res["shared_bytes"] / res["four_bytes"]
     res["process_ratio"] = res["shared_process_bytes"] / max(res["four_process_bytes"], 1)
-    meta = {"model": cfg.model}
+    meta = {"model": model_label(dataclasses.asdict(cfg))}
     for name, fn in (("shared", shared), ("four", four)):
         meta[f"{name}_bytes"] = allocated_bytes(fn(c_main, torch.device("meta")))
     meta["ratio"] = meta["shared_bytes"] / meta["four_bytes"]
@@ -906,9 +906,15 @@ def _mb(b):
     return "-" if b is None else f"{b / 2 ** 20:.0f}"
 
 
+def model_label(config):
+    """--model with its --image_size/--layers overrides, as the reports name it."""
+    over = [f"{k} {config[k]}" for k in ("image_size", "layers") if config[k]]
+    return config["model"] + (f" ({', '.join(over)})" if over else "")
+
+
 def markdown(r):
     h, t = r["hardware"], r["train"]
-    lines = [f"# factalign bench: {r['config']['model']} on {r['device_name']}", "",
+    lines = [f"# factalign bench: {model_label(r['config'])} on {r['device_name']}", "",
              f"{r['date']} | torch {r['torch']} | transformers {r['transformers']} | {r['dtype']} "
              f"| {r['threads']} threads (OMP_NUM_THREADS={r['omp_num_threads']}) | load average "
              f"{r['load_before']} before, {r['load_after']} after | {r['wall_s']:.0f} s", "",

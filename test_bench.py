@@ -229,3 +229,13 @@ def test_tokens_differing_in_the_compiled_step_alone_say_where():
     row.update(first_difference=1)
     assert bench.same_tokens_cell(row) == "NO (from token 1); NO compiled (from token 2)"
     assert bench.same_tokens_cell(dict(same_tokens=True)) == "yes"
+
+
+def test_the_report_names_the_presets_overrides():
+    """bench.md named the preset alone when --image_size/--layers changed it (two different
+    models' reports read alike)."""
+    base = dict(model="bench", image_size=0, layers=0)
+    assert bench.model_label(base) == "bench"
+    assert bench.model_label({**base, "layers": 4}) == "bench (layers 4)"
+    assert bench.model_label({**base, "image_size": 224, "layers": 4}) == \
+        "bench (image_size 224, layers 4)"
