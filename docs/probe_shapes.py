@@ -26,6 +26,7 @@ def features(model, world, ann, split, n, cache, colours):
     ids = list(by_image)
     rows = {"pixels": [], "vision": [], "projector": [], "shape": [], "colour": []}
     patch = model.config.patch_size
+    grid = model.config.image_size // patch  # (a world's grid cell is one patch: 2x2 or 3x3)
     for k in range(0, len(ids), 64):
         units = [cache.unit(os.path.join(world, images[i]["file_name"])) for i in ids[k:k + 64]]
         with torch.no_grad():
@@ -34,7 +35,7 @@ def features(model, world, ann, split, n, cache, colours):
         for j, i in enumerate(ids[k:k + 64]):
             for a in by_image[i]:
                 r, c = a["attributes"]["row"], a["attributes"]["col"]
-                cell = r * 3 + c
+                cell = r * grid + c
                 cell_pixels = units[j][:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
                 rows["pixels"].append(cell_pixels.reshape(-1))
                 rows["vision"].append(v[j, cell])
