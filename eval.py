@@ -965,9 +965,21 @@ def source(cfg, ckpt):
         folders += [base] if base and os.path.realpath(base) != os.path.realpath(path) else []
     except (OSError, ValueError, CheckpointError):  # (loading names what is wrong with it)
         pass
-    stamp = max((os.path.getmtime(os.path.join(d, f)) for d in folders for f in os.listdir(d)),
-                default=0)
+    stamp = max((os.path.getmtime(os.path.join(d, f)) for d in folders for f in os.listdir(d)
+                 if model_file(d, f)), default=0)
     return f"{path}@{int(stamp)} {decoding_source(cfg)}"
+
+
+# what eval.py writes into OUT/NAME (and OUT): the model's files are the others
+EVAL_WRITES = re.compile(r"answers_.+\.jsonl|judge_.+\.jsonl|scores\.json|compare\.(md|json)|"
+                         + re.escape(common.LOCK) + r"|.+\.tmp\d+")
+
+
+def model_file(folder, name):
+    """Whether folder/name is one of a checkpoint's own files, which date its model: a file, not
+    one eval.py writes (an --out on the checkpoint folder, or the lab's RUN/eval inside it, dated
+    every run's model anew, and no answer was reused), nor a folder (an export/, an eval/)."""
+    return os.path.isfile(os.path.join(folder, name)) and not EVAL_WRITES.fullmatch(name)
 
 
 def decoding_source(cfg):

@@ -755,6 +755,27 @@ def test_answers_of_an_adapter_checkpoint_follow_its_base(env, capsys):
     assert capsys.readouterr().out.count("reused 0 answers") == 3
 
 
+@pytest.mark.parametrize("out_at", ["the checkpoint", "inside it"])
+def test_answers_written_into_the_checkpoint_folder_are_reused(env, capsys, out_at):
+    """An --out whose OUT/NAME is the checkpoint folder (--ckpt ck/m0 --out ck), or lies inside it
+    (the lab's RUN/eval), dated the model by eval's own answers and scores: no answer was ever
+    reused, and --rescore found 'answers of 2 runs'. Its own files date it now."""
+    import shutil
+    ckpt = env["root"] / f"own_{out_at[0]}" / "m0"
+    shutil.copytree(env["ckpts"][0], ckpt)
+    past = time.time() - 100  # (the model written well before any answer)
+    for f in os.listdir(ckpt):
+        os.utime(ckpt / f, (past, past))
+    out = ckpt.parent if out_at == "the checkpoint" else ckpt / "eval"
+    args = ("--ckpt", str(ckpt), "--benchmarks", "pope")
+    run_cli(env, out, *args)
+    assert capsys.readouterr().out.count("reused 0 answers, generating 4") == 3
+    run_cli(env, out, *args)
+    assert capsys.readouterr().out.count("reused 4 answers, generating 0") == 3
+    run_cli(env, out, *args, "--rescore", "true")  # (one run's answers: no SystemExit)
+    assert "pope" in json.load(open(out / "m0" / "scores.json"))
+
+
 def test_rescore_of_one_run_refuses_settings_it_was_not_made_with(env, capsys):
     """With one run's answers stored, --rescore scored them whatever decoding flags were given:
     greedy answers read as sampled ones (the flags pick a run only among several)."""
