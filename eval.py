@@ -58,6 +58,7 @@ numbers, judges.py holds the judge prompts, reply parsers and metrics of MMHal-B
 LLaVA-Bench, and the judges.
 """
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -1196,6 +1197,22 @@ def evaluate(cfg, ckpt, name, bench, judges):
     return scores
 
 
+def refuse_inputs_in_export(cfg, names):
+    """An input (a --llava_answers file, a question file) inside OUT/NAME/export/, which --export
+    rewrites whole: it was replaced by this run's answers (cut to --limit) while being read."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for path in (p for v in values if isinstance(v, str) for p in common.paths_in_flag(v)):
+            real = os.path.realpath(path)
+            for name in names:
+                folder = os.path.realpath(os.path.join(cfg.out, name, "export"))
+                if f.name != "out" and real.startswith(folder + os.sep):
+                    raise common.ConfigError(
+                        f"--{f.name} {path} lies in {os.path.join(cfg.out, name, 'export')}, "
+                        "which --export true rewrites: copy it elsewhere, or choose another --out")
+
+
 def run_names(ckpts, out=None, rescore=False):
     """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 ->
     sft-checkpoint-000100), numbered where two share one, or where OUT's folder of that name
@@ -1425,6 +1442,8 @@ def main(cfg):
     # answers (one that fails to load was named after the others had answered: hours, on real
     # benchmarks; one scored here before is most likely answered already, and not loaded)
     names = run_names(ckpts, cfg.out, cfg.rescore)
+    if cfg.export:
+        refuse_inputs_in_export(cfg, names)
     for ckpt, name in list(zip(ckpts, names))[1:] if not cfg.rescore else []:
         if not os.path.exists(os.path.join(cfg.out, name, "scores.json")):
             Answerer(cfg, ckpt, name)._load()

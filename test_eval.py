@@ -1610,6 +1610,16 @@ def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
                      "mmhal", "--llava_answers", str(tmp_path / "one_empty.json"))["m0"]["mmhal"]
     assert scored["n"] == 4 and "partial" not in scored, scored
     assert "1 empty model_answer judged as given" in capsys.readouterr().out
+    # an answers file rescored from the export folder --export rewrites: refused, left whole (it
+    # was rewritten with this run's answers, cut to --limit, while being read)
+    before = (export / "pope_random.jsonl").read_bytes()
+    with pytest.raises(SystemExit):
+        run_cli(env, out, "--ckpt", "m0", "--rescore", "true", "--benchmarks", "pope",
+                "--pope_files", os.path.join(env["world"], "pope_random.jsonl"), "--export",
+                "true", "--llava_answers", str(export / "pope_random.jsonl"), "--limit", "2")
+    err = capsys.readouterr().err
+    assert err.startswith("error: --llava_answers ") and "which --export true rewrites" in err, err
+    assert (export / "pope_random.jsonl").read_bytes() == before
     replies = lines(tmp_path / "r1" / "m0" / "judge_mmhal.jsonl")
     assert len(replies) == 4 and all(isinstance(r.get("reply"), str) for r in replies), replies
     # the template without the field at all (it was read as POPE's: "field 'text': expected
