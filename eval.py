@@ -1112,13 +1112,10 @@ def evaluate(cfg, ckpt, name, bench, judges):
             got = [q for q in qs if q["id"] in lines]
             preds = [pope_yes_no(lines[q["id"]]["answer"]) for q in got]
             scores["pope"][split] = pope_metrics(preds, [q["label"] for q in got])
-        per = list(scores["pope"].values())  # average = the mean of each metric over the splits
-        metrics = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-        scores["pope"]["average"] = {k: mean([m[k] for m in per]) for k in metrics}
-        for split in bench["pope"]:
+            # (which questions: a split scored by an earlier run is kept beside them, if alike)
+            scores["pope"][split]["questions"] = sorted({os.path.abspath(q["file"]) for q in qs})
             if f"pope_{split}" in ans.partial:
                 scores["pope"][split]["partial"] = ans.partial[f"pope_{split}"]
-                scores["pope"]["average"]["partial"] = "a split is partial"
     if "chair" in bench:
         qs = bench["chair"]
         path = os.path.join(out, "answers_chair.jsonl")
@@ -1190,11 +1187,40 @@ def evaluate(cfg, ckpt, name, bench, judges):
     if same and "ckpt_path" not in scores and "ckpt_path" in earlier:  # (a --rescore of a gone
         scores["ckpt_path"] = earlier["ckpt_path"]  # one keeps what names the folder's model)
     kept = {b: v for b, v in earlier.items() if b in BENCHMARKS and b not in scores} if same else {}
-    made = earlier.get("answers_made") if kept else None
-    made = {k: v for k, v in made.items() if k.split("_")[0] in kept or k in kept} \
-        if isinstance(made, dict) else {}
+    splits = earlier_pope_splits(earlier["pope"], scores["pope"]) \
+        if same and "pope" in scores and isinstance(earlier.get("pope"), dict) else {}
+    if "pope" in scores:
+        scores["pope"] = {**splits, **scores["pope"]}
+        scores["pope"]["average"] = pope_average(scores["pope"])
+    made = earlier.get("answers_made") if kept or splits else None
+    made = {k: v for k, v in made.items() if k.split("_")[0] in kept or k in kept
+            or k.removeprefix("pope_") in splits} if isinstance(made, dict) else {}
     common.write_json({**scores, **kept, "answers_made": {**made, **ans.made}}, path)
     return scores
+
+
+def earlier_pope_splits(earlier, now):
+    """The POPE splits an earlier run scored into this folder for this checkpoint and this run did
+    not (--pope_files random.jsonl, then popular.jsonl: the second run replaced the first's), kept
+    where their question files lie in this run's folders (a Shapes split is not averaged with a
+    COCO one)."""
+    folders = {os.path.dirname(f) for m in now.values() for f in m["questions"]}
+    return {s: m for s, m in earlier.items()
+            if s != "average" and s not in now and isinstance(m, dict)
+            and isinstance(m.get("questions"), list) and m["questions"]
+            and {os.path.dirname(str(f)) for f in m["questions"]} <= folders}
+
+
+def pope_average(pope):
+    """The mean of each metric over the splits, and which splits (some may come from earlier
+    runs: earlier_pope_splits)."""
+    per = {s: m for s, m in pope.items() if s != "average"}
+    metrics = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    average = {k: mean([m[k] for m in per.values()]) for k in metrics}
+    average["splits"] = list(per)
+    if any("partial" in m for m in per.values()):
+        average["partial"] = "a split is partial"
+    return average
 
 
 def refuse_inputs_in_export(cfg, names):

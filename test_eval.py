@@ -1944,3 +1944,29 @@ def test_local_judge_is_named_by_its_files_and_ends_where_its_model_ends(tiny_wo
         [ids, torch.tensor([[5, 5, 5, 9]])], 1))[1]  # (4 tokens, the last a listed end)
     judge("Is there a circle?", {"bench": "mmhal", "id": "0"})
     assert not judge.last_cut and kwargs[0]["eos_token_id"] == judge.eos
+
+
+def test_pope_splits_scored_in_separate_runs_are_kept_together(env, tmp_path):
+    """--pope_files random, then popular, into one --out: the second run's scores.json replaced
+    the first's split, and its 'average' was one split's numbers without a word. Splits of the
+    same checkpoint whose questions lie in the same folder are kept and averaged together now
+    (the average says which); a split from another folder (a Shapes one beside COCO's) is not."""
+    world, other = env["world"], tmp_path / "other"
+    other.mkdir()
+    shutil.copy(os.path.join(world, "pope_popular.jsonl"), other / "pope_popular.jsonl")
+    out = tmp_path / "o"
+    one = lambda path: run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope",
+                               "--image_folder", world, "--pope_files", str(path))["m0"]
+    first = one(os.path.join(world, "pope_random.jsonl"))
+    second = one(os.path.join(world, "pope_popular.jsonl"))
+    saved = json.load(open(out / "m0" / "scores.json"))
+    assert list(saved["pope"]) == ["random", "popular", "average"] == list(second["pope"])
+    assert saved["pope"]["random"] == first["pope"]["random"]
+    assert saved["pope"]["average"]["splits"] == ["random", "popular"]
+    f1 = [saved["pope"][s]["f1"] for s in ("random", "popular")]
+    assert saved["pope"]["average"]["f1"] == pytest.approx(sum(f1) / 2)
+    assert set(saved["answers_made"]) == {"pope_random", "pope_popular"}
+    one(other / "pope_popular.jsonl")  # (another folder: the Shapes random split is not kept)
+    saved = json.load(open(out / "m0" / "scores.json"))
+    assert list(saved["pope"]) == ["popular", "average"]
+    assert saved["pope"]["average"]["splits"] == ["popular"]
