@@ -1282,7 +1282,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
         tok = copy.deepcopy(tok)  # (the caller's tokenizer stays as it was)
         tok.pad_token = tok.convert_ids_to_tokens(c.pad_token_id)
     tok.save_pretrained(path)
-    _write_processor(model, path, template)
+    _write_processor(model, path, template, tok.eos_token)
 
 
 
@@ -1342,10 +1342,11 @@ def _export_image_token(model, tok, state):
     return image_id, vocab + grow, tok
 
 
-def chat_template(template="vicuna_v1"):
+def chat_template(template="vicuna_v1", eos=None):
     """A Jinja chat template that renders messages exactly as data.render does for `template`:
     "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:" (image items become
-    "<image>\n" before the text, as our prompts put them)."""
+    "<image>\n" before the text, as our prompts put them); eos: the text that ends an answer (the
+    tokenizer's eos token, as data.end_text; default '</s>')."""
     from data import EOS_TEXT, SYSTEM  # the template text lives with the tokenization it must match
     if template not in SYSTEM:
         raise ValueError(f"no chat template for '{template}' (choose from {', '.join(SYSTEM)})")
@@ -1360,12 +1361,12 @@ def chat_template(template="vicuna_v1"):
             "{%- set text = text.s -%}{%- endif -%}"
             "{%- if message['role'] == 'user' -%}{{- 'USER: ' + text + ' ' -}}"
             "{%- elif message['role'] == 'assistant' -%}"
-            "{{- 'ASSISTANT: ' + text + " + json.dumps(EOS_TEXT) + " -}}"
+            "{{- 'ASSISTANT: ' + text + " + json.dumps(eos or EOS_TEXT) + " -}}"
             "{%- endif -%}{%- endfor -%}"
             "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}")
 
 
-def _write_processor(model, path, template):
+def _write_processor(model, path, template, eos):
     """preprocessor_config.json (LLaVA's pad-to-square), processor_config.json (LlavaProcessor:
     patch size, feature strategy; one CLS token that 'default' drops) and chat_template.jinja."""
     c = model.config
@@ -1379,7 +1380,7 @@ def _write_processor(model, path, template):
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=2)
     with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write(chat_template(template))
+        f.write(chat_template(template, eos))
     # AutoProcessor reads processor_class here too; padding on the left, as llava-hf's files say
     # (batched generate in transformers reads right-padded prompts wrong, with a warning)
     cfg_path = os.path.join(path, "tokenizer_config.json")

@@ -32,14 +32,16 @@ SYSTEM = {
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     ),
 }
-EOS_TEXT = "</s>"
+EOS_TEXT = "</s>"  # (LLaVA's sep2: Llama's eos; a tokenizer with another eos ends turns with its)
 
 
-def render(turns, template="vicuna_v1"):
+def render(turns, template="vicuna_v1", eos=EOS_TEXT):
     """The prompt string and the character spans of each assistant answer (its '</s>' included).
 
     "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that
-    ends with a human turn ends with "ASSISTANT:" (a prompt to generate from)."""
+    ends with a human turn ends with "ASSISTANT:" (a prompt to generate from). eos: the text that
+    ends an answer, the tokenizer's eos token (end_text): a Llama 3 tokenizer's '</s>' is text
+    ('<', '/', 's', '>'), never its end id, and no answer learned to end."""
     if template == "plain":  # LLaVA's stage-1 alignment (conv_llava_plain, preprocess_plain)
         return render_plain(turns)
     if template not in SYSTEM:
@@ -51,11 +53,17 @@ def render(turns, template="vicuna_v1"):
         else:
             text += "ASSISTANT: "
             start = len(text)
-            text += t["value"] + EOS_TEXT
+            text += t["value"] + eos
             spans.append((start, len(text)))
     if turns and turns[-1]["from"] == "human":
         text += "ASSISTANT:"
     return text, spans
+
+
+def end_text(tokenizer):
+    """The text that ends an answer in the templates: the tokenizer's eos token ('</s>' for
+    Llama/Vicuna/Mistral, as LLaVA's conv templates write it)."""
+    return tokenizer.eos_token or EOS_TEXT
 
 
 def render_plain(turns):
@@ -150,7 +158,7 @@ def tokenize_conversations(tokenizer, conversations, image_token_id, num_image_t
         rendered = []
         for i, turns in enumerate(part):
             try:
-                rendered.append(render(turns, template))
+                rendered.append(render(turns, template, end_text(tokenizer)))
             except ValueError as e:
                 e.index = at + i
                 raise
@@ -473,7 +481,8 @@ def reward_item(tokenizer, model_config, prompt, response, captions, rng, templa
     is that reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
     turns = list(prompt) + [{"from": "gpt", "value": response}]
     if space:
-        text = render(turns, template)[0] + " " + eval_turn(captions, rng, wording)
+        text = render(turns, template, end_text(tokenizer))[0] + " " + \
+            eval_turn(captions, rng, wording)
         ids = torch.tensor([i if i is not None else model_config.image_token_id
                             for i in _tokenize_with_offsets(tokenizer, text)[0]], dtype=torch.long)
         ids = _expand_image(ids, model_config)

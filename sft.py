@@ -38,7 +38,7 @@ import common
 import oracle
 import shapes
 from model import PRESETS
-from data import (EOS_TEXT, IGNORE, DataError, ImageCache, check_images, collate, load_json,
+from data import (IGNORE, DataError, ImageCache, check_images, collate, end_text, load_json,
                   normalize, pack, read_any_conversations, render, require_records,
                   tokenize_conversations)
 
@@ -190,7 +190,7 @@ class Tokenized:
         self.template = template or cfg.template
         # (LLaVA's preprocess_v1 splits the text at its templates' end text: a value holding it
         # is a 'tokenization mismatch'; preprocess_plain checks nothing)
-        self.eos = EOS_TEXT if self.template != "plain" else None
+        self.eos = end_text(tokenizer) if self.template != "plain" else None
         self.tokenize = lambda turns: tokenize_conversations(
             tokenizer, turns, model_config.image_token_id, model_config.num_image_tokens,
             cfg.max_len, self.template)
@@ -257,7 +257,7 @@ class Tokenized:
         answer), or one that makes a round split into other than a question and an answer (' Say
         ASSISTANT: hi'; ours learned it), is not learned."""
         # (a '</s>' inside a turn makes a round without the answer mark, or an empty one)
-        rounds = render(record["conversations"], self.template)[0].split(self.eos)[:-1] \
+        rounds = render(record["conversations"], self.template, self.eos)[0].split(self.eos)[:-1] \
             if self.eos else []
         if any(len(r.split(ROUND_SPLIT)) != 2 for r in rounds):
             return torch.zeros(len(t["labels"]), dtype=torch.bool)
@@ -430,7 +430,7 @@ def main(cfg):
     del train_records
     if train.unlearned and d.main:
         print(f"warning: {train.unlearned} training conversations teach no token: a turn holds "
-              f"the template's end text {EOS_TEXT!r} or its answer mark {ROUND_SPLIT!r} (LLaVA "
+              f"the template's end text {train.eos!r} or its answer mark {ROUND_SPLIT!r} (LLaVA "
               "masks such a conversation whole: 'tokenization mismatch')")
     if train.dropped and d.main:
         print(f"warning: dropped {train.dropped} of {n_records} training conversations "

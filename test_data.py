@@ -1,6 +1,8 @@
 """Data: the conversation templates, tokenization with label masking against LLaVA's own
 preprocess, truncation, image preprocessing against CLIPImageProcessor, collation."""
 import os
+import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -305,3 +307,32 @@ def test_check_images_says_its_progress_on_many(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     data.check_images(recs[:2], "/x/mix.json")
     assert capsys.readouterr().err == ""
+
+
+def test_answers_end_with_the_tokenizers_own_end_token(tiny_world):
+    """The templates ended every answer with the text '</s>': a tokenizer whose eos is another
+    token (Llama 3's <|eot_id|>) read it as '<', '/', 's', '>', so no answer learned to end (every
+    stage trained on, and every answer ran to, its length limit), the reward model scored at '>'
+    and the export's chat template wrote '</s>'. The end text is the tokenizer's eos now; for a
+    '</s>' tokenizer nothing changes."""
+    import jinja2
+    from checkpoint import chat_template
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    before = data.tokenize_conversation(tok, CONV, 4, 9)
+    tok.add_special_tokens({"eos_token": "<|eot_id|>"})
+    eot = tok.eos_token_id
+    assert eot != tok.convert_tokens_to_ids("</s>")
+    t = data.tokenize_conversation(tok, CONV, 4, 9)
+    ends = [i for i, x in enumerate(t["input_ids"].tolist()) if x == eot]
+    assert len(ends) == 2 and ends[-1] == len(t["input_ids"]) - 1
+    assert all(int(t["labels"][i]) == eot for i in ends)  # (learned: the answers end)
+    assert "</s>" not in tok.decode(t["input_ids"]) and data.end_text(tok) == "<|eot_id|>"
+    assert t["input_ids"].tolist() == [eot if x == 2 else x for x in before["input_ids"].tolist()]
+    item = data.reward_item(tok, SimpleNamespace(image_token_id=4, num_image_tokens=9), CONV[:1],
+                            "Yes.", None, random.Random(0), space=True)
+    assert eot in item["input_ids"].tolist() and "</s>" not in tok.decode(item["input_ids"])
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]
+    text = jinja2.Template(chat_template("vicuna_v1", tok.eos_token)).render(
+        messages=messages, add_generation_prompt=False)
+    turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Yes."}]
+    assert text == data.render(turns, "vicuna_v1", "<|eot_id|>")[0] and text.endswith("<|eot_id|>")

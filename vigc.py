@@ -217,7 +217,8 @@ def _prompts(tokenizer, mc, jobs, template):
     for i, (t, (_, p)) in enumerate(zip(out, jobs)):
         if p:
             if int(t["input_ids"][-1]) != tokenizer.eos_token_id:
-                raise common.ConfigError("the tokenizer does not encode '</s>' as its EOS token")
+                raise common.ConfigError(f"the tokenizer does not encode its eos text "
+                                         f"{tokenizer.eos_token!r} as its eos id alone")
             ids = t["input_ids"][:-1]
             out[i] = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE)}
     return out
