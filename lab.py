@@ -274,10 +274,15 @@ def execute(runs, cfg, finished=lambda n: None):
           flush=True)
     try:
         while todo or running:
-            for name in [k for k, v in todo.items() if any(n in failed for n in v[1])]:
-                failed.add(name)
-                del todo[name]
-                print(f"skip  {name}: a run it needs failed", flush=True)
+            # (until none is left: a run skipped here fails the runs that need it in turn; taken
+            # once, stage 2's eval counted as ready and scored an old stage 2 from a failed stage 1)
+            skipped = True
+            while skipped:
+                skipped = [k for k, v in todo.items() if any(n in failed for n in v[1])]
+                for name in skipped:
+                    failed.add(name)
+                    del todo[name]
+                    print(f"skip  {name}: a run it needs failed", flush=True)
             ready = [k for k, v in todo.items() if not any(n in todo or n in running for n in v[1])]
             ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
             while ready and len(running) < max(cfg.jobs, 1):

@@ -345,6 +345,32 @@ def test_lab_execute_starts_the_longest_chains_first(tmp_path, monkeypatch):
     assert list(runs)[0] == "sft/eval"
 
 
+def test_lab_skips_everything_after_a_failed_run(tmp_path, monkeypatch):
+    """POVID stage 1 failed: stage 2 was skipped, but its eval, taken in the same pass, counted as
+    ready and started (and scored an old stage 2 on disk into the report). Every run downstream of
+    a failure is skipped now, transitively."""
+    started = []
+
+    class Ended:  # a process that has already exited: 1 for stage 1, else 0
+        def __init__(self, cmd, **kwargs):
+            out = cmd[cmd.index("--out") + 1]
+            started.append(out)
+            os.makedirs(out, exist_ok=True)
+            self.returncode = 1 if out.endswith("stage1-s0") else 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(lab.subprocess, "Popen", Ended)
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    cfg = lab.Config(claims=("povid",), seeds=(0,), out=str(tmp_path))
+    runs = lab.plan(cfg)
+    failed = lab.execute(runs, cfg)
+    assert failed == {"povid/stage1-s0", "povid/stage1-s0/eval", "povid/stage2-s0",
+                      "povid/stage2-s0/eval"}
+    assert not [out for out in started if "stage2" in out], started
+
+
 def test_world_seed_moves_default_folders():
     import pipeline
     cfg = pipeline.Config(world_seed=3, out="mine")
