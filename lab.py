@@ -297,7 +297,8 @@ def execute(runs, cfg, finished=lambda n: None):
                 os.makedirs(os.path.dirname(log), exist_ok=True)
                 cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
                 with open(log, "w") as f:
-                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=default_sigint)
                     running[name] = (proc, log, time.time())
                 print(f"start {name}: python {' '.join(argv)}", flush=True)
             time.sleep(0.2)
@@ -321,9 +322,11 @@ def execute(runs, cfg, finished=lambda n: None):
                 print(f"{said} {name} in {time.time() - t:.0f}s"
                       + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
                       + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
-    except KeyboardInterrupt:  # (sent to the lab alone, its runs went on as orphans)
-        common.wait_a_moment([proc for proc, _, _ in running.values()])  # (a terminal's Ctrl-C
-        # reached them too: their own exit first, not a second interrupt in their last words)
+    except BaseException as e:  # (Ctrl-C or SIGTERM sent to the lab alone, or an error of its
+        # own, such as a log path that is a folder: its runs went on as orphans)
+        if isinstance(e, KeyboardInterrupt):  # (a terminal's Ctrl-C reached them too: their
+            # own exit first, not a second interrupt in their last words)
+            common.wait_a_moment([proc for proc, _, _ in running.values()])
         for proc, _, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -331,6 +334,13 @@ def execute(runs, cfg, finished=lambda n: None):
             proc.wait()
         raise
     return failed
+
+
+def default_sigint():
+    """In a run's process before its script starts: SIGINT as Ctrl-C again. A lab started in the
+    background of a script has SIGINT ignored, and its runs inherited that: the SIGINT that stops
+    them (SIGTERM to the lab) was ignored, and the lab waited for them to end their training."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 TITLE = "# Results: the hallucination lab"  # a report's first line: lab.py replaces only these

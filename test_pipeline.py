@@ -1177,6 +1177,62 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
             os.kill(int(pid), signal.SIGKILL)
 
 
+def sleeper_run(tmp_path, seconds=30):
+    """A stand-in for a stage: writes `ready` once under way, sleeps, and writes `said` if it is
+    stopped with Ctrl-C (SIGINT)."""
+    script, said, ready = tmp_path / "sleeper.py", tmp_path / "said", tmp_path / "ready"
+    script.write_text("import sys, time\ntry:\n"
+                      f"    open({str(ready)!r}, 'w').close()\n    time.sleep({seconds})\n"
+                      "except KeyboardInterrupt:\n"
+                      f"    open({str(said)!r}, 'w').write('stopped')\n    sys.exit(130)\n")
+    return script, said, ready
+
+
+def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, monkeypatch):
+    """A lab started with `&` from a script has SIGINT ignored, and so had its runs: SIGTERM to the
+    lab sent them SIGINT, which they ignored, and the lab waited until they had trained to their
+    end. Its runs take SIGINT as Ctrl-C again."""
+    import signal
+    script, said, ready = sleeper_run(tmp_path)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+    monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready))  # (SIGTERM, taken as Ctrl-C)
+    was = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (what `lab.py &` in a script inherits)
+    t0 = time.time()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lab.execute(runs, cfg)
+    finally:
+        signal.signal(signal.SIGINT, was)
+    assert said.read_text() == "stopped" and time.time() - t0 < 20
+
+
+def test_an_error_in_the_lab_stops_its_runs(tmp_path, monkeypatch):
+    """Any error of the lab's own (here a run's log path that is a folder: one line, exit 2) left
+    the runs already started going on as orphans; they are stopped and waited for now."""
+    script, said, ready = sleeper_run(tmp_path)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE")),
+            "b": ([str(script)], [], str(tmp_path / "runs" / "b" / "DONE"))}
+    (tmp_path / "runs" / "b.log").mkdir(parents=True)
+    started = []
+    popen = lab.subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+    monkeypatch.setattr(lab.subprocess, "Popen", recorded)
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=2)
+    try:
+        with pytest.raises(IsADirectoryError):
+            lab.execute(runs, cfg)
+        assert len(started) == 1 and started[0].poll() is not None
+    finally:  # (nothing left running, whatever failed)
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_a_terminals_ctrl_c_reaches_a_lab_run_once(tmp_path, monkeypatch):
     """Ctrl-C in a terminal reaches the lab and its runs at once; the lab then sent its runs a
     second one, which could cut their last words (the line saying how to go on) into a traceback.
