@@ -1118,6 +1118,29 @@ def refuse_live_writers(cfg, runs, stale):
                                      "stop it, then run lab.py again")
 
 
+def refuse_missing_world(cfg):
+    """--world must hold a world (the SFT's): with none, every stage wrote a default-size world of
+    its own and trained on it, lab.json recorded no world, and --report_only blamed "another
+    world"."""
+    how = ("pass the world the --sft checkpoint was trained on (--world, --world_seed; "
+           "python pipeline.py writes it)")
+    if not os.path.exists(cfg.world):
+        raise common.ConfigError(f"--world {cfg.world}: not found; {how}")
+    if not os.path.isfile(os.path.join(cfg.world, "world.json")):
+        raise common.ConfigError(f"--world {cfg.world}: holds no world.json (not a Shapes world); "
+                                 f"{how}")
+
+
+def refuse_out_in_sft(cfg):
+    """--out is not the --sft run folder, inside it, or around it: every run failed on the lab's
+    own lock (and lab.json, the runs' folders and their removal went among the SFT's files)."""
+    out, sft = os.path.realpath(cfg.out), os.path.realpath(cfg.sft)
+    if out == sft or out.startswith(sft + os.sep) or sft.startswith(out + os.sep):
+        where = "is" if out == sft else "lies inside" if out.startswith(sft + os.sep) else "holds"
+        raise common.ConfigError(f"--out {cfg.out} {where} the --sft folder {cfg.sft}: the runs "
+                                 "would be written among its files; choose another --out")
+
+
 def main(cfg):
     try:
         run_lab(cfg)
@@ -1148,11 +1171,12 @@ def run_lab(cfg):
         seed = f" --world_seed {cfg.world_seed}" if cfg.world_seed else ""
         raise common.ConfigError(f"--sft {cfg.sft}: checkpoint not found (no config.json; run "
                                  f"python pipeline.py{seed} first, or pass --sft DIR)")
+    refuse_missing_world(cfg)
+    refuse_out_in_sft(cfg)
     if trains:  # (else every run fails, and the report of none replaces --results)
         refuse_scalar_model(resolve_checkpoint(cfg.sft))
         refuse_unfinished_sft(cfg)
-        if os.path.exists(cfg.world):  # a world there is checked, never rewritten; none: written
-            shapes.ensure_world(cfg.world, seed=cfg.world_seed)
+        shapes.ensure_world(cfg.world, seed=cfg.world_seed)  # (checked, never rewritten)
         other = common.other_world(resolve_checkpoint(cfg.sft), cfg.world)
         if other:  # (every run trained, and was scored, on a world the SFT never saw)
             raise common.ConfigError(f"--sft {cfg.sft} {other[1]}: pass the world it was trained "

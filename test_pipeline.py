@@ -1046,6 +1046,42 @@ def test_lab_refuses_an_sft_of_another_world_an_unfinished_one_and_outputs_in_th
         held.kill()
 
 
+def test_lab_refuses_a_missing_world_and_an_out_at_the_sft(tmp_path, tiny_world, tiny_sft,
+                                                           monkeypatch):
+    """A --world that is not there (removed since the SFT trained on it) was never checked: each
+    stage wrote a default-size world there and trained on it, and lab.json recorded "world": [];
+    --report_only said "another world". An --out that is the --sft folder, inside it or around it
+    failed every run on the lab's own lock. Each is one line now, before anything is written."""
+    import shutil
+    from checkpoint import latest_checkpoint
+    world, sft = tmp_path / "world", tmp_path / "ckpt" / "sft"
+    shutil.copytree(tiny_sft, sft, ignore=shutil.ignore_patterns(".lock"))
+    made = os.path.join(latest_checkpoint(str(sft)), "config.json")
+    config = json.load(open(made))
+    config["run_config"]["world"] = str(world)  # (trained on this world, since removed)
+    json.dump(config, open(made, "w"))
+    monkeypatch.setattr(lab, "execute", lambda runs, cfg, clock: set(runs))  # (no run started)
+    base = lab.Config(sft=str(sft), world=str(world), claims=("povid",), seeds=(0,), steps=2,
+                      eval_limit=4, out=str(tmp_path / "runs"), results=str(tmp_path / "R.md"),
+                      plots=str(tmp_path / "plots"))
+    for report_only in (False, True):
+        with pytest.raises(common.ConfigError, match=re.escape(f"--world {world}: not found; pass "
+                                                               "the world the --sft checkpoint")):
+            lab.main(dataclasses.replace(base, report_only=report_only))
+    world.mkdir()  # (an empty folder: the stages wrote a world into it)
+    with pytest.raises(common.ConfigError, match="holds no world.json"):
+        lab.main(base)
+    assert not (tmp_path / "runs").exists() and not os.listdir(world)
+    shutil.rmtree(world)
+    shutil.copytree(tiny_world, world)
+    for out, where in ((sft, "is"), (sft / "lab", "lies inside"), (tmp_path / "ckpt", "holds")):
+        with pytest.raises(common.ConfigError, match=re.escape(f"--out {out} {where} the --sft "
+                                                               f"folder {sft}")):
+            lab.main(dataclasses.replace(base, out=str(out)))
+    assert not (sft / "lab.json").exists() and not (sft / "lab").exists()
+    assert not (tmp_path / "ckpt" / "lab.json").exists()
+
+
 def test_pipeline_and_eval_refuse_eval_outputs_among_the_runs_or_the_world(tmp_path, tiny_world,
                                                                            tiny_sft):
     """--eval_out equal to --out failed only after every stage had trained (its lock met the
