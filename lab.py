@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 import common
 import shapes
 from checkpoint import latest_checkpoint, refuse_scalar_model, resolve_checkpoint
+from formats import DataError
 
 
 CLAIMS = ("lrv", "rlhf", "povid", "vigc")
@@ -224,7 +225,7 @@ def stale_runs(runs, cfg):
     one that is not done (removed, or cut off while it ran again). A run finished before commands
     were recorded has no record: it is kept unless its checkpoint says it went on from another
     --init (POVID's stage 2 started from the SFT until 2026-12-03)."""
-    missing = {k for k, v in runs.items() if not os.path.exists(v[2])}
+    missing = {k for k, v in runs.items() if not is_done(v[2])}
     stale = set()
     for name, (argv, _, done) in runs.items():
         record = None if name in missing else load(run_record(cfg, name))
@@ -238,6 +239,13 @@ def stale_runs(runs, cfg):
         if not after:
             return stale
         stale |= after
+
+
+def is_done(done):
+    """Whether a run's done-file is there, and, for the JSON reports that mark a run done
+    (scores.json, report.json), holds a JSON object: a cut or damaged one counted as done forever,
+    then ended the report in a traceback. Such a run is not done, and runs again."""
+    return os.path.exists(done) and (not done.endswith(".json") or isinstance(load(done), dict))
 
 
 def from_another_init(cfg, name, argv):
@@ -264,7 +272,7 @@ def execute(runs, cfg, finished=lambda n: None):
         first = ", ".join(sorted(stale)[:3]) + (", ..." if len(stale) > 3 else "")
         print(f"{len(stale)} run(s) made with another command than today's, or after one that "
               f"was, run again ({first})", flush=True)
-    todo = {k: v for k, v in runs.items() if not os.path.exists(v[2]) or k in stale}
+    todo = {k: v for k, v in runs.items() if not is_done(v[2]) or k in stale}
     chain = chain_minutes(runs)
     running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
@@ -379,6 +387,34 @@ def load(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def number(path, record, key):
+    """record[key] where it is a number, None where it is null or absent; anything else is one line
+    naming the file and field (a hand edit, a report of another format: it was a TypeError)."""
+    x = record.get(key)
+    if x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
+        return x
+    raise DataError(path, field=key, message=f"expected a number, got {x!r:.40}")
+
+
+def read_records(path):
+    """The JSON objects of a JSON-lines file, one a line; a line that is not one (a cut file) is
+    one line naming the file and the line (it was a JSONDecodeError traceback)."""
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not isinstance(r, dict):
+                raise DataError(path, record=i + 1, message=f"not a JSON object: "
+                                f"{line.strip()!r:.60} (fix or delete the line)")
+            records.append(r)
+    return records
 
 
 def metric_rows(runs, names):
@@ -637,27 +673,34 @@ def save_wall_clock(cfg, started, minutes, ran, n_runs):
     not the lab's), how many runs it finished, and the claims it was asked for. Called after every
     finished run: an interrupted lab keeps its time, and a resumed one adds to it."""
     path = os.path.join(cfg.out, "wall_clock.json")
-    before = [entry for entry in wall_clock_entries(load(path)) if entry.get("start") != started]
+    before = [entry for entry in wall_clock_entries(path) if entry.get("start") != started]
     entry = {"start": started, "date": started[:10], "minutes": round(minutes, 1), "ran": ran,
              "runs": n_runs, "claims": list(cfg.claims)}
     os.makedirs(cfg.out, exist_ok=True)
     common.write_json({"invocations": before + [entry]}, path, indent=None)
 
 
-def wall_clock_entries(record):
-    """The invocations in a wall_clock.json (one written before invocations were kept is one)."""
-    if isinstance(record, dict) and isinstance(record.get("minutes"), (int, float)):
-        return [record]
+def wall_clock_entries(path):
+    """The invocations in wall_clock.json (one written before invocations were kept is one). The
+    lab's own bookkeeping: an entry that cannot be read (a hand edit, a cut file; it ended the
+    report in a TypeError) is left out with a note, and dropped when the file is next written."""
+    record = load(path)
     entries = record.get("invocations") if isinstance(record, dict) else None
-    if not isinstance(entries, list):
-        return []
-    timed = lambda e: isinstance(e, dict) and isinstance(e.get("minutes"), (int, float))
-    return [e for e in entries if timed(e)]
+    if isinstance(record, dict) and isinstance(record.get("minutes"), (int, float)):
+        entries = [record]
+    entries = entries if isinstance(entries, list) else []
+    numeric = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    read = [e for e in entries if isinstance(e, dict) and numeric(e.get("minutes"))
+            and all(e.get(k) is None or numeric(e.get(k)) for k in ("ran", "runs"))]
+    if os.path.exists(path) and (record is None or not entries or len(read) < len(entries)):
+        print(f"note: {path}: an entry that cannot be read is left out of the lab wall clock",
+              flush=True)
+    return read
 
 
 def wall_clock_text(cfg):
     """'lab wall clock M min on DATE for ...': every invocation's minutes added up."""
-    entries = wall_clock_entries(load(os.path.join(cfg.out, "wall_clock.json")))
+    entries = wall_clock_entries(os.path.join(cfg.out, "wall_clock.json"))
     if not entries:
         return "lab wall clock not recorded"
     dates = sorted({str(e.get("date", "?")) for e in entries})
@@ -710,7 +753,11 @@ def pope_overlap_section(cfg):
     pope = {}
     for split in ("random", "popular", "adversarial"):
         p = os.path.join(cfg.world, f"pope_{split}.jsonl")
-        questions = map(json.loads, open(p)) if os.path.exists(p) else []
+        questions = read_records(p) if os.path.exists(p) else []
+        for i, q in enumerate(questions):
+            for key in ("image", "text"):
+                if not isinstance(q.get(key), str):
+                    raise DataError(p, record=i + 1, field=key, message="expected a string")
         pope[split] = [(q["image"], q["text"]) for q in questions]
     if not pope["popular"] or len(pope["popular"]) != len(pope["adversarial"]):
         return []
@@ -757,14 +804,17 @@ def reward_model_groups(cfg):
     for facts in ("facts", "nofacts"):
         label = f"RM {'with' if facts == 'facts' else 'without'} facts"
         for s in rlhf_seeds(cfg):
-            r = load(os.path.join(cfg.out, f"rlhf/rm-{facts}-s{s}", "report.json"))
+            path = os.path.join(cfg.out, f"rlhf/rm-{facts}-s{s}", "report.json")
+            r = load(path)
+            if not isinstance(r, dict):  # (not done: is_done)
+                continue
             for key, metric in (("val_accuracy", "held-out pair accuracy"),
                                 ("val_accuracy_partner", "on pairs naming a co-occurring partner"),
                                 ("val_accuracy_other_facts", OTHER_FACTS)):
-                if r and key in r:
+                if number(path, r, key) is not None:
                     add_value(rm, label, metric, s, r[key])
             # partner pairs against all: facts help there most when this gap grows with them
-            if r and "val_accuracy" in r and "val_accuracy_partner" in r:
+            if r.get("val_accuracy") is not None and r.get("val_accuracy_partner") is not None:
                 add_value(rm, label, PARTNER_GAP, s, r["val_accuracy_partner"] - r["val_accuracy"])
     return rm
 
@@ -785,10 +835,10 @@ def ppo_curves(cfg):
             p = os.path.join(run, "metrics.jsonl")
             # (a run not done: its log may end in half a line, and is not the run reported)
             done = os.path.exists(p) and os.path.exists(os.path.join(run, "DONE"))
-            rows = [json.loads(line) for line in open(p)] if done else []
+            rows = read_records(p) if done else []
             rows = [r for r in rows if "length" in r]
             for key, (_, scale, _) in PPO_CURVES.items():
-                curve = [scale * r[key] for r in rows if key in r]
+                curve = [scale * number(p, r, key) for r in rows if key in r]
                 curves[key].setdefault(v, []).append(curve)
     return curves
 
@@ -889,15 +939,23 @@ def vigc_generation_groups(cfg):
                ("answers with any", "answers_with_hallucination"),
                ("sentences / answer", "sentences_per_answer"))
     for s in cfg.seeds:
-        r = load(os.path.join(cfg.out, f"vigc/vigc-s{s}", "report.json"))
+        path = os.path.join(cfg.out, f"vigc/vigc-s{s}", "report.json")
+        r = load(path)
+        if not isinstance(r, dict):  # (not done: is_done)
+            continue
         for k, label in (("vig_only", "VIG only"), ("vic", "VIG + VIC")):
-            if r and k in r:
+            if k in r:
+                if not isinstance(r[k], dict):
+                    raise DataError(path, field=k, message=f"expected an object, got {r[k]!r:.40}")
                 gen.setdefault(label, {})  # (the run is there, if nothing was counted)
                 for m, key in metrics:  # (null: no generated answer parsed, nothing counted)
-                    if r[k][key] is not None:
+                    if key not in r[k]:
+                        raise DataError(path, field=f"{k}.{key}", message="missing")
+                    if number(path, r[k], key) is not None:
                         add_value(gen, label, m, s, r[k][key])
-        if r:
-            add_value(gen, "VIG only", "parsed / generated", s, r["parsed"] / max(r["images"], 1))
+        parsed, images = number(path, r, "parsed"), number(path, r, "images")
+        if parsed is not None and images is not None:
+            add_value(gen, "VIG only", "parsed / generated", s, parsed / max(images, 1))
     return gen
 
 
@@ -949,7 +1007,7 @@ def refuse_unmeasured(cfg):
     baseline's eval, done for every seed, made a report of seeds or claims never run). Left at
     their defaults (every claim, seeds 0-4), they report what is there."""
     runs = plan(cfg)
-    done = [name for name, (_, _, path) in runs.items() if os.path.exists(path)]
+    done = [name for name, (_, _, path) in runs.items() if is_done(path)]
     for claim in cfg.claims if cfg.claims != Config.claims else ():
         if not any(name.startswith(claim + "/") for name in done):
             raise common.ConfigError(f"--claims {claim}: no finished run of it in --out {cfg.out} "
@@ -969,7 +1027,7 @@ def reported_claims(cfg):
     seeds are all on disk (`--claims lrv` keeps the other claims' tables, not only its own)."""
     def on_disk(claim):
         runs = plan(replace(cfg, claims=(claim,))).values()
-        return all(os.path.exists(done) for _, _, done in runs)
+        return all(is_done(done) for _, _, done in runs)
     return tuple(c for c in CLAIMS if c in cfg.claims or on_disk(c))
 
 
@@ -1108,7 +1166,7 @@ def refuse_live_writers(cfg, runs, stale):
     """A run folder this lab would start again (removing it first) that a live process still
     writes: a run of a lab killed earlier (its runs go on); both wrote there at once."""
     for name, (_, _, done) in runs.items():
-        if os.path.exists(done) and name not in stale:  # (done: left as it is)
+        if is_done(done) and name not in stale:  # (done: left as it is)
             continue
         folder = os.path.join(cfg.out, name)
         holder = common.lock_holder(folder)
@@ -1199,7 +1257,7 @@ def run_lab(cfg):
     refuse_foreign_plots(cfg.plots)
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
     # replace --results with a report of nothing
-    if cfg.report_only and not any(os.path.exists(done) for _, _, done in
+    if cfg.report_only and not any(is_done(done) for _, _, done in
                                    plan(replace(cfg, claims=CLAIMS)).values()):
         raise common.ConfigError(f"--out {cfg.out}: no finished run to report (--report_only "
                                  f"true would replace {cfg.results} with an empty report); check "
@@ -1224,7 +1282,7 @@ def run_lab(cfg):
         common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
         stale = stale_runs(runs, cfg)
         refuse_live_writers(cfg, runs, stale)
-        ran = sum(not os.path.exists(v[2]) or k in stale for k, v in runs.items())
+        ran = sum(not is_done(v[2]) or k in stale for k, v in runs.items())
         clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
         failed = execute(runs, cfg, clock)
     shown = replace(cfg, claims=reported_claims(cfg))

@@ -516,6 +516,79 @@ def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
     assert "lab wall clock 52.0 min on 2026-11-30 for the 80 of 82 runs not already on" in text
 
 
+def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, monkeypatch):
+    """Damaged or wrongly-typed files ended the report in a traceback (TypeError, KeyError,
+    JSONDecodeError), and a cut scores.json counted as done forever. A run's file names itself (and
+    its field) in one line; a done-file that is not a JSON object is not done (run again); the
+    lab's own wall_clock.json is left out with a note."""
+    cfg, runs = fake_lab(tmp_path)
+    clock = os.path.join(cfg.out, "wall_clock.json")
+    common.write_json({"invocations": [{"minutes": 3.0, "ran": "x", "runs": 5}]}, clock)
+    lab.report(cfg, runs)
+    said = capsys.readouterr().out
+    assert f"note: {clock}: an entry that cannot be read is left out" in said
+    assert "lab wall clock not recorded" in open(cfg.results).read()
+    scores = runs["sft/eval"][2]
+    text = open(scores).read()
+    open(scores, "w").write(text[:20])  # (cut)
+    rm = runs["rlhf/rm-facts-s0"][2]
+    common.write_json("a string", rm)
+    assert lab.stale_runs(runs, cfg) == {"rlhf/ppo-facts-s0", "rlhf/ppo-facts-s0/eval",
+                                         "rlhf/ppo-no-length-penalty-s0",
+                                         "rlhf/ppo-no-length-penalty-s0/eval",
+                                         "rlhf/ppo-no-correctness-s0",
+                                         "rlhf/ppo-no-correctness-s0/eval"}
+    started = []
+
+    class Ended:  # a process that has already exited 0
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd[cmd.index("--out") + 1])
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(lab.subprocess, "Popen", Ended)
+    monkeypatch.setattr(lab.time, "sleep", lambda s: None)
+    import shutil  # (a copy: execute removes the folder of each run it starts)
+    copy = lab.replace(cfg, out=str(tmp_path / "copy"))
+    shutil.copytree(cfg.out, copy.out)
+    lab.execute(lab.plan(copy), copy)
+    assert os.path.join(copy.out, "sft", "eval") in started
+    assert os.path.join(copy.out, "rlhf", "rm-facts-s0") in started
+    open(scores, "w").write(text)
+    common.write_json(13, rm)
+    lab.report(cfg, runs)  # (the reward model not done: left out)
+    common.write_json({"val_accuracy": "x"}, rm)
+    with pytest.raises(common.DataError, match=re.escape(f"{rm}: field 'val_accuracy': expected "
+                                                         "a number, got 'x'")):
+        lab.report(cfg, runs)
+    common.write_json({"val_accuracy": 0.8}, rm)
+    vigc = runs["vigc/vigc-s0"][2]
+    kept = open(vigc).read()
+    common.write_json({**json.loads(kept), "vic": {}}, vigc)
+    with pytest.raises(common.DataError, match=re.escape(f"{vigc}: field "
+                                                         "'vic.hallucinations_per_100': missing")):
+        lab.report(cfg, runs)
+    os.makedirs(cfg.sft)  # (and from the command line: one line, exit 2)
+    argv = ["--sft", cfg.sft, "--world", cfg.world, "--out", cfg.out, "--results", cfg.results,
+            "--plots", cfg.plots, "--seeds", "0", "1", "--report_only", "true"]
+    code, _, err = run_cli("lab", argv, strict=True)
+    assert code == 2 and err.startswith(f"error: {vigc}: field 'vic.") and err.count("\n") == 1
+    open(vigc, "w").write(kept)
+    metrics = os.path.join(os.path.dirname(runs["rlhf/ppo-facts-s1"][2]), "metrics.jsonl")
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "len')
+    with pytest.raises(common.DataError, match=re.escape(f"{metrics}: record 4: not a JSON")):
+        lab.report(cfg, runs)
+    os.remove(metrics)
+    pope = os.path.join(cfg.world, "pope_popular.jsonl")
+    with open(pope, "a") as f:
+        f.write('{"image": "9.png", "te')
+    with pytest.raises(common.DataError, match=re.escape(f"{pope}: record 5: not a JSON")):
+        lab.report(cfg, runs)
+
+
 def test_lab_vigc_with_nothing_generated_says_so(tmp_path):
     """VIGC runs whose VIG parsed nothing write empty vig_only.json / vigc_data.json: the '+' runs
     then train on the SFT data alone, and the report compared two such runs as if they differed,
