@@ -825,12 +825,14 @@ PPO_CURVES = {"length": ("length (tokens)", 1, ".1f"),
               "kl": ("KL from SFT (nats/answer)", 1, ".2f"), "score": ("RM score", 1, ".2f")}
 
 
-def ppo_curves(cfg):
+def ppo_curves(cfg, runs=None):
     """{metric: {PPO variant: [per seed: value at each logged step]}} from each run's
-    metrics.jsonl (the PPO_CURVES metrics)."""
+    metrics.jsonl (the PPO_CURVES metrics); given runs, those among them alone."""
     curves = {key: {} for key in PPO_CURVES}
     for v in PPO_VARIANTS:
         for s in rlhf_seeds(cfg):
+            if runs is not None and f"rlhf/ppo-{v}-s{s}" not in runs:
+                continue
             run = os.path.join(cfg.out, f"rlhf/ppo-{v}-s{s}")
             p = os.path.join(run, "metrics.jsonl")
             # (a run not done: its log may end in half a line, and is not the run reported)
@@ -852,7 +854,7 @@ def rlhf_section(cfg, runs, base):
     order = ["SFT"] + [f"PPO {v}" for v in PPO_VARIANTS]
     ms = ["CHAIR_i", "CHAIR_s", "POPE F1 adversarial", "POPE yes-ratio", "POPE |yes-ratio - 0.5|",
           "MMHal score", "MMHal halluc. rate", "answer words"]
-    curves = ppo_curves(cfg)
+    curves = ppo_curves(cfg, runs)
     rm_metrics = ["held-out pair accuracy", "on pairs naming a co-occurring partner", PARTNER_GAP,
                   OTHER_FACTS]
     md = ["## LLaVA-RLHF: factually augmented reward model and PPO", "",
@@ -1025,9 +1027,10 @@ def refuse_unmeasured(cfg):
 def reported_claims(cfg):
     """The claims RESULTS.md covers: the ones asked for, and every other one whose runs for these
     seeds are all on disk (`--claims lrv` keeps the other claims' tables, not only its own)."""
-    def on_disk(claim):
-        runs = plan(replace(cfg, claims=(claim,))).values()
-        return all(is_done(done) for _, _, done in runs)
+    def on_disk(claim):  # (and made with today's commands: stale_runs)
+        one = replace(cfg, claims=(claim,))
+        runs = plan(one)
+        return all(is_done(done) for _, _, done in runs.values()) and not stale_runs(runs, one)
     return tuple(c for c in CLAIMS if c in cfg.claims or on_disk(c))
 
 
@@ -1074,8 +1077,12 @@ def anchor_section(base):
 
 def report(cfg, runs, rebuilt=False):
     """RESULTS.md: the world and the SFT baseline, one section (tables, plots) per claim, the
-    verdicts, and every command as run."""
+    verdicts, and every command as run. A stale run (stale_runs: left on disk by a lab whose run
+    before it failed, so it was not made again) is not reported."""
     os.makedirs(cfg.plots, exist_ok=True)
+    commands = [v[0] for v in runs.values()]
+    stale = stale_runs(runs, cfg)
+    runs = {k: v for k, v in runs.items() if k not in stale}
     base = metric_rows(runs, ["sft"])
     md = intro_section(cfg, rebuilt) + pope_overlap_section(cfg)
     if base:
@@ -1096,7 +1103,7 @@ def report(cfg, runs, rebuilt=False):
            *verdicts, "", "## Commands", "",
            f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "",
            "```"]
-    md += ["python " + " ".join(v[0]) for v in runs.values()] + ["```", ""]
+    md += ["python " + " ".join(argv) for argv in commands] + ["```", ""]
     os.makedirs(os.path.dirname(cfg.results) or ".", exist_ok=True)
     common.write_whole(cfg.results, lambda f: f.write("\n".join(md)))  # (cut: read as a report)
     print("\n".join(verdicts))
@@ -1268,12 +1275,15 @@ def run_lab(cfg):
                              "drop it")
     check_out_matches(cfg)
     if cfg.report_only:  # (a report of runs today's lab would not make)
-        stale = sorted(stale_runs(plan(replace(cfg, claims=CLAIMS)), cfg))
+        # (of the claims reported: another claim's stale runs leave it out of the report, as in
+        # a lab that runs; refused for them, this advice did not run them)
+        shown = replace(cfg, claims=reported_claims(cfg))
+        stale = sorted(stale_runs(plan(shown), cfg))
         if stale:
             raise common.ConfigError(f"--out {cfg.out}: {len(stale)} run(s) were made with "
                                      "another command than today's lab gives them, or from a run "
                                      f"no longer done ({stale[0]}: {run_record(cfg, stale[0])}); "
-                                     "run lab.py without --report_only to run them again")
+                                     "run this command without --report_only to run them again")
     runs, t0 = plan(cfg), time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0

@@ -639,6 +639,35 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     assert "lab wall clock 16.5 min" in text and "a lab of" not in text
 
 
+def test_lab_reports_no_stale_run_with_or_without_report_only(tmp_path):
+    """Another claim's runs made with another command (their lab_run.json) were reported by
+    `lab.py --claims povid` with today's commands, while --report_only refused the same --out
+    and advised a lab that would not run them. Both leave that claim out of the report now; a
+    claim reported with stale runs is refused with advice that runs them; and runs left stale
+    by a failed run before them (not made again) are not reported."""
+    cfg, runs = fake_lab(tmp_path)
+    os.makedirs(cfg.sft)
+    lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 7.5, 30, 30)
+    name = "lrv/neg0.0-s0"
+    edited = [a if a != "600" else "7" for a in lab.portable(cfg, runs[name][0])]
+    common.write_json({"command": edited}, lab.run_record(cfg, name))
+    povid = lab.replace(cfg, claims=("povid",))
+    assert lab.reported_claims(povid) == ("rlhf", "povid", "vigc")
+    lab.main(lab.replace(povid, report_only=True))
+    text = open(cfg.results).read()
+    assert "## LRV" not in text and "## POVID" in text and "## VIGC" in text
+    with pytest.raises(common.ConfigError, match="run this command without --report_only to run"):
+        lab.main(lab.replace(cfg, report_only=True, claims=("lrv",)))
+    os.remove(lab.run_record(cfg, name))
+    # stage 1 of seed 0 failed when run again: stage 2 and the evals after it are left as they
+    # were, from the stage 1 before; not reported
+    os.remove(runs["povid/stage1-s0"][2])
+    lab.report(cfg, runs)
+    text = open(cfg.results).read()
+    assert re.search(r"\| POVID stage 2 \|.* \| 1 \|", text), text
+    assert re.search(r"\| DPO \(POVID stage 1\) \|.* \| 1 \|", text), text
+
+
 def test_lab_report_only_refuses_seeds_and_claims_never_run(tmp_path):
     """--report_only with a --seeds or --claims that ran nothing replaced the report with one of
     runs that never happened (the SFT baseline's eval, done for any seed, passed the guard)."""
