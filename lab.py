@@ -355,8 +355,8 @@ TITLE = "# Results: the hallucination lab"  # a report's first line: lab.py repl
 
 
 def refuse_foreign_results(path):
-    """--results replaces the file it names after every run: one there already must be a report
-    lab.py wrote (a typo'd --results world.json or README.md was overwritten)."""
+    """--results replaces the file it names once the runs have ended: one there already must be a
+    report lab.py wrote (a typo'd --results world.json or README.md was overwritten)."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as f:  # (an editor's BOM)
             first = f.readline().rstrip("\r\n")
@@ -1259,7 +1259,8 @@ def run_lab(cfg):
         common.refuse_in_world(flag, path, cfg.world)
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
         common.check_output_path(flag, path)
-    common.check_output_path("--results", cfg.results, folder=False)  # (written after every run)
+    common.check_output_path("--results", cfg.results, folder=False)  # (checked before any run:
+    # it is written once they have ended)
     refuse_foreign_results(cfg.results)
     refuse_foreign_plots(cfg.plots)
     # --report_only on an --out that holds no finished run (a typo, another --world_seed) would
