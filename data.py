@@ -478,8 +478,10 @@ def reward_item(tokenizer, model_config, prompt, response, captions, rng, templa
     token. None when longer than max_len (never cut: the score position would move).
     space=True: '...{response}</s> USER: Please evaluate...', verbatim LLaVA-RLHF (it appends
     ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters
-    is that reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True)."""
-    turns = list(prompt) + [{"from": "gpt", "value": response}]
+    is that reward model and PPO agree; with LLaVA-RLHF's released reward weights, use True).
+    An '<image>' spelled out in the response (PPO samples it piece by piece) is read as a space, as
+    VIGC's generated text is: it would become image slots with no image."""
+    turns = list(prompt) + [{"from": "gpt", "value": response.replace(IMAGE, " ")}]
     if space:
         text = render(turns, template, end_text(tokenizer))[0] + " " + \
             eval_turn(captions, rng, wording)

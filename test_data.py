@@ -336,3 +336,18 @@ def test_answers_end_with_the_tokenizers_own_end_token(tiny_world):
         messages=messages, add_generation_prompt=False)
     turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Yes."}]
     assert text == data.render(turns, "vicuna_v1", "<|eot_id|>")[0] and text.endswith("<|eot_id|>")
+
+
+def test_an_image_tag_spelled_out_in_a_response_is_not_an_image(tiny_world):
+    """PPO's reward input (--rm_input text) renders the sampled answer's decoded text again: an
+    '<image>' the policy spelled out piece by piece became a second block of image slots, and the
+    step ended in 'N image tokens in input_ids, but ...'."""
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    config = SimpleNamespace(image_token_id=4, num_image_tokens=9)
+    for space in (True, False):
+        item = data.reward_item(tok, config, CONV[:1], "Look: <image> here.", None,
+                                random.Random(0), space=space)
+        assert item["input_ids"].tolist().count(4) == 9
+        plain = data.reward_item(tok, config, CONV[:1], "Look:   here.", None, random.Random(0),
+                                 space=space)
+        assert item["input_ids"].tolist() == plain["input_ids"].tolist()
