@@ -1241,6 +1241,10 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(h, dtype=vdt)
     state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(h, dtype=vdt)
     image_id, vocab, tok = _export_image_token(model, tok, state)
+    # the tokenizer's pad where it has one (config.json's is what transformers' generate fills
+    # finished rows with): a config without one was read as vocab_size - 1, an ordinary token
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
+    pad = pad if pad is not None and 0 <= pad < vocab else c.pad_token_id
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
     dtype = str(vdt).replace("torch.", "")
@@ -1258,14 +1262,14 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
                    "max_position_embeddings": c.max_position,
                    "tie_word_embeddings": c.tie_embeddings,
                    "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-                   "pad_token_id": c.pad_token_id, "hidden_act": "silu"}
+                   "pad_token_id": pad, "hidden_act": "silu"}
     hf = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "image_token_index": image_id, "image_seq_length": c.num_image_tokens,
         "vision_feature_layer": c.vision_select_layer,
         "vision_feature_select_strategy": _feature_strategy(c),
         "projector_hidden_act": "gelu" if c.projector == "mlp2x_gelu" else "linear",
-        "multimodal_projector_bias": True, "pad_token_id": c.pad_token_id,
+        "multimodal_projector_bias": True, "pad_token_id": pad,
         "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": dtype,
         "vision_config": vision_config,

@@ -505,6 +505,22 @@ def test_export_of_a_tokenizer_without_a_pad_token_pads_with_the_configs(tmp_pat
         json.load(open(tmp_path / "hf" / "config.json"))["pad_token_id"]
 
 
+def test_export_writes_the_tokenizers_pad_where_the_config_named_none(tmp_path):
+    """A checkpoint imported from a config without pad_token_id reads vocab_size - 1, an ordinary
+    token: the export wrote it into config.json (transformers' generate filled finished rows with
+    it) beside a tokenizer padding with its eos. config.json names the tokenizer's pad now."""
+    from transformers import AutoProcessor
+    tok = llama_tokenizer(False)
+    m = model_for(tok)
+    m.config.pad_token_id = 7  # (an ordinary token: what the import reads for none, vocab - 1)
+    assert tok.pad_token_id != m.config.pad_token_id
+    export_llava_hf(m, tmp_path / "hf", tok)
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert config["pad_token_id"] == config["text_config"]["pad_token_id"] == tok.pad_token_id
+    assert proc.tokenizer.pad_token_id == tok.pad_token_id
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
     from PIL import Image
