@@ -1154,6 +1154,8 @@ def write_whole(path, write):
     temp file is this process's own: two processes writing one path (two labs' RESULTS.md) each
     rename a whole file; with one shared name each truncated the other's, and one renamed a mix."""
     tmp = f"{path}.tmp{os.getpid()}"
+    if os.path.isdir(path):  # (the rename's error named the temp file)
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
     try:
         with open(tmp, "w") as f:
             write(f)

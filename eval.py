@@ -292,6 +292,10 @@ def pope_questions(cfg, world):
         if cfg.pope_labels and isinstance(first, dict) and "label" not in first:
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=False)
             labelled += 1
+        elif isinstance(first, dict) and "label" not in first and "question_id" in first:
+            raise DataError(path, record_label(0, first), "label", "missing: questions without "
+                            "labels (LLaVA's llava_pope_test.jsonl) are scored with --pope_labels "
+                            "naming POPE's labelled files")
         else:
             recs = read_pope(path, folder, check_images=False)  # (_take: the questions asked)
         _nonempty(recs, path)
@@ -559,9 +563,12 @@ def lrv_gavie_questions(cfg):
     boxes = load_json(cfg.gavie_annotations) if cfg.gavie_annotations else None
     if not isinstance(items, list):
         raise DataError(path, message="expected a list of {image_id, question}")
+    if boxes is None:  # (the question file was named as what is wrong)
+        raise common.ConfigError(f"--gavie_file {path}: needs --gavie_annotations (LRV's "
+                                 "{image_id: [{caption, bbox}]}: the facts GAVIE's judge reads)")
     if not isinstance(boxes, dict):
-        raise DataError(cfg.gavie_annotations or path, message="expected --gavie_annotations "
-                                                               "{image_id: [{caption, bbox}]}")
+        raise DataError(cfg.gavie_annotations, message="expected --gavie_annotations "
+                                                       "{image_id: [{caption, bbox}]}")
     if not items:
         raise DataError(path, message="no records: expected a non-empty list of "
                                       "{image_id, question}")

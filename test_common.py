@@ -596,6 +596,15 @@ def test_data_specs_take_a_comma_path_in_a_list(tmp_path):
     assert common.data_specs(f"{missing}:2,{one}") == [(str(missing), "2"), (str(one), "")]
 
 
+def test_write_whole_onto_a_folder_names_the_folder(tmp_path):
+    """A scores.json that is a folder was refused naming the temp file (scores.json.tmp16422)."""
+    (tmp_path / "scores.json").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        common.write_json({}, str(tmp_path / "scores.json"))
+    assert e.value.filename == str(tmp_path / "scores.json")
+    assert os.listdir(tmp_path) == ["scores.json"]
+
+
 def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
     """Two processes writing one path (two labs' RESULTS.md, two bench.py's bench.md) shared the
     temp name path.tmp: each truncated the other's, one renamed a mix of both (NUL bytes too) into

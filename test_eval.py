@@ -992,6 +992,23 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
+    """An eval hunt: POPE questions without labels (LLaVA's llava_pope_test.jsonl) read "field
+    'label': missing" with no word of --pope_labels; --gavie_file without --gavie_annotations
+    blamed the question file ('expected --gavie_annotations ...' under its name)."""
+    recs = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:2]
+    path = tmp_path / "llava_pope_test.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n"
+                            for r in recs))
+    cfg = E.Config(pope_files=(str(path),), image_folder=env["world"])
+    with pytest.raises(E.DataError, match="field 'label': missing: .* with --pope_labels"):
+        E.pope_questions(cfg, (env["world"], None, None))
+    gavie = tmp_path / "gavie.json"
+    gavie.write_text(json.dumps([{"image_id": "a", "question": "What is there?"}]))
+    with pytest.raises(common.ConfigError, match=r"--gavie_file .*: needs --gavie_annotations"):
+        E.lrv_gavie_questions(E.Config(gavie_file=str(gavie)))
+
+
 def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
     """Real benchmarks need runs of their own (one --image_folder each), and each run into the same
     --out replaced scores.json with its own benchmarks: MMHal's scores were gone after a GAVIE
