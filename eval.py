@@ -207,7 +207,8 @@ def shapes_world_read(cfg):
 def load_benchmarks(cfg):
     """All questions, read and checked before any model is loaded (the images of those --limit
     takes: _take)."""
-    if cfg.image_folder and not os.path.isdir(cfg.image_folder):
+    if cfg.image_folder and not cfg.rescore and not os.path.isdir(cfg.image_folder):
+        # (--rescore reads no image: the folder only joins the question files' image paths)
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
     on_shapes = shapes_benchmarks(cfg)
     if all(on_shapes[b] for b in cfg.benchmarks):  # (the world's images are found by the world)
@@ -258,8 +259,9 @@ def _take(qs, cfg, bench, on_shapes):
         # the images of the questions asked alone (--limit 50 needs 50 images, not the
         # benchmark's); --rescore needs none
         if not cfg.rescore and not os.path.isfile(q["image"]):
+            what = "a folder, not an image" if os.path.isdir(q["image"]) else "image not found"
             raise DataError(q["file"], q["where"], q.get("image_field", "image"),
-                            f"image not found: {q['image']}")
+                            f"{what}: {q['image']}")
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
@@ -506,7 +508,8 @@ def _image_file(folder, name, file, record, field, check=True):
     """folder/name, which must be a file unless not `check` (--rescore needs no images)."""
     path = os.path.join(folder, name)
     if check and not os.path.isfile(path):
-        raise DataError(file, record, field, f"image not found: {path}")
+        what = "a folder, not an image" if os.path.isdir(path) else "image not found"
+        raise DataError(file, record, field, f"{what}: {path}")
     return path
 
 

@@ -1147,6 +1147,16 @@ def test_limit_needs_the_images_of_the_questions_asked_alone(env, tmp_path, caps
     assert e.value.code == 2 and err.strip().endswith(
         f"{pope}: record 3 (id '4'): field 'image': image not found: "
         f"{os.path.join(env['world'], 'gone.png')}"), err
+    # a folder where the image should be says so (it read 'image not found'); --rescore reads no
+    # image, so an --image_folder gone since the answers were made is no error there
+    recs[3]["image"] = "images"
+    pope.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SystemExit):
+        run_cli(env, tmp_path / "o", *args, "--limit", "4")
+    assert "field 'image': a folder, not an image: " in capsys.readouterr().err
+    rows = run_cli(env, tmp_path / "o", *args[:-1], str(tmp_path / "gone"), "--limit", "2",
+                   "--rescore", "true")
+    assert rows["m0"]["pope"]["random"]["n"] == 2
 
 
 def test_a_question_too_long_or_an_image_that_does_not_decode_names_its_record(env, tmp_path,
