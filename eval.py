@@ -351,7 +351,13 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
     question of a category takes the k-th label there, the pairing of LLaVA's eval_pope.py. Each
     label record must ask the same thing (same image, its question a prefix of ours), else the files
     do not belong together."""
-    labels = {_split_of(f): (f, read_pope(f, check_images=False)) for f in label_files}
+    labels = {}
+    for f in label_files:  # (two files of one split: the last won without a word)
+        split = _split_of(f)
+        if split in labels:
+            raise common.ConfigError(f"--pope_labels: {labels[split][0]} and {f} are both the "
+                                     f"'{split}' split (by their names): give one per split")
+        labels[split] = (f, read_pope(f, check_images=False))
     recs = load_json(path)
     recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
     if not isinstance(recs, list):

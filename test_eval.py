@@ -1003,6 +1003,14 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
     cfg = E.Config(pope_files=(str(path),), image_folder=env["world"])
     with pytest.raises(E.DataError, match="field 'label': missing: .* with --pope_labels"):
         E.pope_questions(cfg, (env["world"], None, None))
+    # two label files of one split: the last one won without a word
+    coco, aokvqa = tmp_path / "coco_pope_random.jsonl", tmp_path / "aokvqa_pope_random.jsonl"
+    for f in (coco, aokvqa):
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = E.Config(pope_files=(str(path),), pope_labels=(str(coco), str(aokvqa)),
+                   image_folder=env["world"])
+    with pytest.raises(common.ConfigError, match="are both the 'random' split"):
+        E.pope_questions(cfg, (env["world"], None, None))
     gavie = tmp_path / "gavie.json"
     gavie.write_text(json.dumps([{"image_id": "a", "question": "What is there?"}]))
     with pytest.raises(common.ConfigError, match=r"--gavie_file .*: needs --gavie_annotations"):
