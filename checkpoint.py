@@ -996,14 +996,15 @@ def _base_dir(path, base):
 def canonical_state(model, merge_active=False):
     """Yield (hub-layout key, tensor) for every base weight, q/k/v and gate/up unfused.
     merge_active: the active adapter merged in (W + (alpha/r) B A, as model.merge_adapter
-    computes it), the model left as it is."""
+    computes it), the model left as it is; each merged weight is made as it is yielded (all made
+    first held a merged copy of the decoder on the device: 13 GB more at 7B)."""
     c = model.config
     params = dict(model.named_parameters())
-    merged = {id(lin.weight): lin.weight_with(model.active_adapter)
-              for _, lin in model.lora_linears()
-              if merge_active and model.active_adapter in lin.lora}
+    adapted = {id(lin.weight): lin for _, lin in model.lora_linears()
+               if merge_active and model.active_adapter in lin.lora}
     for our_name, parts in _our_targets(c).items():
-        t = merged.get(id(params[our_name]), params[our_name]).detach()
+        lin = adapted.get(id(params[our_name]))
+        t = lin.weight_with(model.active_adapter) if lin else params[our_name].detach()
         sizes = [s[0] for s in _split_shapes(our_name, t.shape, c, len(parts))]
         for (part, name), piece in zip(parts, t.split(sizes, 0) if len(parts) > 1 else [t]):
             yield HUB_PREFIX[part] + name, piece
@@ -1213,7 +1214,8 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
-    state = dict(canonical_state(model, merge_active=merge))
+    # (to the host as made: the device holds one merged weight at a time)
+    state = {k: v.cpu() for k, v in canonical_state(model, merge_active=merge)}
     merged = model.active_adapter if merge else None
     left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
     if merged or left:

@@ -989,3 +989,29 @@ def test_an_eos_list_is_read_and_any_of_its_ids_ends_an_answer(tmp_path):
         with pytest.raises(CheckpointError, match=r"field 'eos_token_id': expected an integer or "
                                                   r"a non-empty list of integers"):
             load_checkpoint(tmp_path / "llama", vision_tower=clip)
+
+
+def test_a_merged_export_makes_one_merged_weight_at_a_time(monkeypatch):
+    """canonical_state(merge_active=True) made every merged weight before yielding the first: a
+    merged copy of the whole decoder on the device while export_llava_hf wrote (13 GB at 7B).
+    Each is made as it is yielded now, and the same weights come out."""
+    import checkpoint
+    import model as model_module
+    torch.manual_seed(0)
+    m = LLaVA.from_preset("tiny")
+    m.add_adapter("policy", 4, 8)
+    for p in m.adapter_parameters("policy"):
+        torch.nn.init.normal_(p, std=0.1)
+    m.set_adapter("policy")
+    want = {k: v.clone() for k, v in checkpoint.canonical_state(m, merge_active=True)}
+    made = []
+    real = model_module.LoRALinear.weight_with
+    monkeypatch.setattr(model_module.LoRALinear, "weight_with",
+                        lambda self, name: (made.append(1), real(self, name))[1])
+    got, merges_at = {}, []
+    for k, v in checkpoint.canonical_state(m, merge_active=True):
+        got[k] = v
+        merges_at.append(len(made))
+    assert len(made) == len(list(m.lora_linears())) > 1
+    assert merges_at[0] <= 1  # (not all of them before the first weight)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
