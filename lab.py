@@ -1200,10 +1200,14 @@ def refuse_out_in_sft(cfg):
     """--out is not the --sft run folder, inside it, or around it: every run failed on the lab's
     own lock (and lab.json, the runs' folders and their removal went among the SFT's files)."""
     out, sft = os.path.realpath(cfg.out), os.path.realpath(cfg.sft)
-    if out == sft or out.startswith(sft + os.sep) or sft.startswith(out + os.sep):
-        where = "is" if out == sft else "lies inside" if out.startswith(sft + os.sep) else "holds"
+    if out == sft or out.startswith(sft + os.sep):
+        where = "is" if out == sft else "lies inside"
         raise common.ConfigError(f"--out {cfg.out} {where} the --sft folder {cfg.sft}: the runs "
                                  "would be written among its files; choose another --out")
+    if sft.startswith(out + os.sep):  # (the lab removes a run folder before running it again)
+        raise common.ConfigError(f"--out {cfg.out} holds the --sft folder {cfg.sft}, among the "
+                                 "run folders the lab removes and writes again; keep the SFT "
+                                 "checkpoint outside --out")
 
 
 def main(cfg):
