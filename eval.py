@@ -1128,8 +1128,10 @@ def evaluate(cfg, ckpt, name, bench, judges):
             got = [q for q in qs if q["id"] in lines]
             preds = [pope_yes_no(lines[q["id"]]["answer"]) for q in got]
             scores["pope"][split] = pope_metrics(preds, [q["label"] for q in got])
-            # (which questions: a split scored by an earlier run is kept beside them, if alike)
+            # (which questions, asked how: a split scored by an earlier run is kept beside them
+            # where both agree: earlier_pope_splits)
             scores["pope"][split]["questions"] = sorted({os.path.abspath(q["file"]) for q in qs})
+            scores["pope"][split]["asked"] = pope_asked(cfg)
             if f"pope_{split}" in ans.partial:
                 scores["pope"][split]["partial"] = ans.partial[f"pope_{split}"]
     if "chair" in bench:
@@ -1215,16 +1217,35 @@ def evaluate(cfg, ckpt, name, bench, judges):
     return scores
 
 
+def pope_asked(cfg):
+    """How a run asked its POPE questions, besides which: decoding, answer length, --limit, the
+    suffix, the label files (or the answers file a --rescore read)."""
+    labels = ",".join(sorted(os.path.basename(f) for f in cfg.pope_labels))
+    answers = f" answers={os.path.abspath(cfg.llava_answers)}" if cfg.llava_answers else ""
+    return (f"{decoding_source(cfg)} max_new_tokens={cfg.pope_max_new_tokens} limit={cfg.limit} "
+            f"suffix={cfg.pope_suffix!r} labels={labels}{answers}")
+
+
+def question_set(path, split):
+    """A POPE file named apart from its split ('DIR/coco_pope_*.json' for coco_pope_random.json):
+    the splits of one set share it."""
+    return os.path.join(os.path.dirname(path), os.path.basename(path).replace(split, "*"))
+
+
 def earlier_pope_splits(earlier, now):
     """The POPE splits an earlier run scored into this folder for this checkpoint and this run did
     not (--pope_files random.jsonl, then popular.jsonl: the second run replaced the first's), kept
-    where their question files lie in this run's folders (a Shapes split is not averaged with a
-    COCO one)."""
-    folders = {os.path.dirname(f) for m in now.values() for f in m["questions"]}
-    return {s: m for s, m in earlier.items()
-            if s != "average" and s not in now and isinstance(m, dict)
-            and isinstance(m.get("questions"), list) and m["questions"]
-            and {os.path.dirname(str(f)) for f in m["questions"]} <= folders}
+    where they are of this run's question set (coco_pope_* beside coco_pope_*, not A-OKVQA's or
+    the Shapes world's) and were asked as this run asks (pope_asked: the same decoding, limit,
+    suffix, labels)."""
+    sets = {question_set(f, s) for s, m in now.items() for f in m["questions"]}
+    asked = {m["asked"] for m in now.values()}
+
+    def alike(split, m):
+        files = m.get("questions") if isinstance(m, dict) else None
+        return (isinstance(files, list) and files and {m.get("asked")} == asked
+                and {question_set(str(f), split) for f in files} <= sets)
+    return {s: m for s, m in earlier.items() if s != "average" and s not in now and alike(s, m)}
 
 
 def pope_average(pope):

@@ -2005,3 +2005,11 @@ def test_pope_splits_scored_in_separate_runs_are_kept_together(env, tmp_path):
     saved = json.load(open(out / "m0" / "scores.json"))
     assert list(saved["pope"]) == ["popular", "average"]
     assert saved["pope"]["average"]["splits"] == ["popular"]
+    # nor a split of another question set in the same folder, nor one asked otherwise (--limit)
+    shutil.copy(os.path.join(world, "pope_random.jsonl"), other / "aokvqa_pope_random.jsonl")
+    one(other / "aokvqa_pope_random.jsonl")
+    assert list(json.load(open(out / "m0" / "scores.json"))["pope"]) == ["random", "average"]
+    one(os.path.join(world, "pope_random.jsonl"))
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--image_folder", world,
+            "--pope_files", os.path.join(world, "pope_popular.jsonl"), "--limit", "2")
+    assert list(json.load(open(out / "m0" / "scores.json"))["pope"]) == ["popular", "average"]
