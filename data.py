@@ -32,11 +32,11 @@ SYSTEM = {
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     ),
 }
-EOS_TEXT = "</s>"  # (LLaVA's sep2: Llama's eos; a tokenizer with another eos ends turns with its)
+EOS_TEXT = "</s>"  # LLaVA's sep2 (Llama's eos); a tokenizer with another eos: its own (end_text)
 
 
 def render(turns, template="vicuna_v1", eos=EOS_TEXT):
-    """The prompt string and the character spans of each assistant answer (its '</s>' included).
+    """The prompt string and the character spans of each assistant answer (its end text included).
 
     "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>". A conversation that
     ends with a human turn ends with "ASSISTANT:" (a prompt to generate from). eos: the text that
@@ -132,7 +132,7 @@ def _encode_batch(tokenizer, texts, add_special_tokens):
 
 def tokenize_conversation(tokenizer, turns, image_token_id, num_image_tokens, max_len=2048,
                           template="vicuna_v1", train_on="all"):
-    """Token ids and labels for a conversation. Only assistant answers and their '</s>' carry labels
+    """Token ids and labels for a conversation. Only assistant answers and their eos carry labels
     (train_on='all': every answer; 'last': only the final answer, as DPO and reward scoring need).
     '<image>' becomes num_image_tokens copies of image_token_id. If the text is longer than max_len
     it is cut at the end; never inside the image tokens, and at least part of the first learned
@@ -474,7 +474,7 @@ def reward_item(tokenizer, model_config, prompt, response, captions, rng, templa
                 max_len=1024, wording="llava-rlhf", space=False):
     """Token ids the reward model reads: the conversation, the response, the evaluation turn and the
     start of its answer ("... the quality score of my last response is"). LLaVA-RLHF renders that
-    answer as a finished turn and drops the final '</s>' token, so the score sits on the last prompt
+    answer as a finished turn and drops the final eos token, so the score sits on the last prompt
     token. None when longer than max_len (never cut: the score position would move).
     space=True: '...{response}</s> USER: Please evaluate...', verbatim LLaVA-RLHF (it appends
     ' ' + fact_rlhf_reward_prompt.txt to the text); False: our template's '</s>USER:' (what matters

@@ -130,7 +130,7 @@ class Config:
     length_penalty: float = -2.0  # x length_bonus x tokens / max_new_tokens (LLaVA-RLHF: -10)
     no_eos_penalty: float = -8.0  # added to the score of a response without EOS (LLaVA-RLHF: -8)
     stop_at_question: bool = False  # LLaVA-RLHF: cut a response at '?' (no EOS left: the penalty)
-    rm_input: str = "text"  # RM reads 'text' (re-tokenized, always '</s>') or 'tokens' (LLaVA-RLHF)
+    rm_input: str = "text"  # RM reads 'text' (rendered anew, ends in eos) or 'tokens' (LLaVA-RLHF)
     correct_rule: str = "word"  # Yes/No bonus test: 'word' (whole word) or 'prefix' (LLaVA-RLHF)
     max_steps: int = 40  # PPO steps (rollout + update)
     log_every: int = 1  # a log line every N steps
@@ -631,7 +631,7 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
                                       p["captions"] if facts else None,
                                       random.Random(f"{key}-{i}"), 1 << 30, wording, space)
                  for i, p in enumerate(prompts)]
-    else:  # ours: the text decoded, stripped and rendered again as a finished turn (always '</s>')
+    else:  # ours: the text decoded, stripped and rendered again as a finished turn (always eos)
         items = [reward_item(tokenizer, critic.config, p["prompt"], t,
                              p["captions"] if facts else None, random.Random(f"{key}-{i}"),
                              template, 1 << 30, wording, space)
