@@ -1131,7 +1131,7 @@ def evaluate(cfg, ckpt, name, bench, judges):
             # (which questions, asked how: a split scored by an earlier run is kept beside them
             # where both agree: earlier_pope_splits)
             scores["pope"][split]["questions"] = sorted({os.path.abspath(q["file"]) for q in qs})
-            scores["pope"][split]["asked"] = pope_asked(cfg)
+            scores["pope"][split]["asked"] = pope_asked(cfg, ans.made[f"pope_{split}"])
             if f"pope_{split}" in ans.partial:
                 scores["pope"][split]["partial"] = ans.partial[f"pope_{split}"]
     if "chair" in bench:
@@ -1217,19 +1217,22 @@ def evaluate(cfg, ckpt, name, bench, judges):
     return scores
 
 
-def pope_asked(cfg):
-    """How a run asked its POPE questions, besides which: decoding, answer length, --limit, the
-    suffix, the label files (or the answers file a --rescore read)."""
+def pope_asked(cfg, made):
+    """How a split's questions were asked, besides which: how its scored answers were made
+    (Answerer.made: decoding, device, answer length, or the answers file; a --rescore's own flags
+    say nothing of that), --limit, the suffix, the label files."""
     labels = ",".join(sorted(os.path.basename(f) for f in cfg.pope_labels))
-    answers = f" answers={os.path.abspath(cfg.llava_answers)}" if cfg.llava_answers else ""
-    return (f"{decoding_source(cfg)} max_new_tokens={cfg.pope_max_new_tokens} limit={cfg.limit} "
-            f"suffix={cfg.pope_suffix!r} labels={labels}{answers}")
+    suffix = cfg.pope_suffix.replace("\\n", "\n")
+    return f"{' | '.join(sorted(made))} limit={cfg.limit} suffix={suffix!r} labels={labels}"
 
 
 def question_set(path, split):
     """A POPE file named apart from its split ('DIR/coco_pope_*.json' for coco_pope_random.json):
-    the splits of one set share it."""
-    return os.path.join(os.path.dirname(path), os.path.basename(path).replace(split, "*"))
+    the splits of one set share it; a file whose name holds no split word is a set of its own."""
+    name = os.path.basename(path)
+    if split == os.path.splitext(name)[0] or split not in name:
+        return path
+    return os.path.join(os.path.dirname(path), name.replace(split, "*"))
 
 
 def earlier_pope_splits(earlier, now):

@@ -840,7 +840,8 @@ def ppo_curves(cfg, runs=None):
             rows = read_records(p) if done else []
             rows = [r for r in rows if "length" in r]
             for key, (_, scale, _) in PPO_CURVES.items():
-                curve = [scale * number(p, r, key) for r in rows if key in r]
+                values = [number(p, r, key) for r in rows if key in r]  # (null: NaN or inf
+                curve = [scale * x for x in values if x is not None]  # logged, as one absent)
                 curves[key].setdefault(v, []).append(curve)
     return curves
 
@@ -1204,10 +1205,13 @@ def refuse_out_in_sft(cfg):
         where = "is" if out == sft else "lies inside"
         raise common.ConfigError(f"--out {cfg.out} {where} the --sft folder {cfg.sft}: the runs "
                                  "would be written among its files; choose another --out")
-    if sft.startswith(out + os.sep):  # (the lab removes a run folder before running it again)
-        raise common.ConfigError(f"--out {cfg.out} holds the --sft folder {cfg.sft}, among the "
-                                 "run folders the lab removes and writes again; keep the SFT "
-                                 "checkpoint outside --out")
+    # (the lab removes a run folder before running it again: an SFT inside one would go; one
+    # elsewhere under --out, runs/pipe/sft beside runs/lab's folders, is left alone)
+    top = sft[len(out) + 1:].split(os.sep)[0] if sft.startswith(out + os.sep) else None
+    if top in {name.split("/")[0] for name in plan(replace(cfg, claims=CLAIMS))}:
+        raise common.ConfigError(f"--out {cfg.out} holds the --sft folder {cfg.sft} in its run "
+                                 f"folder '{top}', which the lab removes and writes again; keep "
+                                 "the SFT checkpoint out of it")
 
 
 def main(cfg):

@@ -864,7 +864,8 @@ def test_rescore_reads_the_answers_of_one_run(env, capsys):
     text = re.sub(r"@\d+ vicuna_v1 fp32 cpu ", "@1 vicuna_v1 bf16 cuda ", path.read_text())
     path.write_text(text)
     again = run_cli(env, out, *args, "--rescore", "true", "--temperature", "1.0", "--limit", "2")
-    assert again["m0"]["pope"] == sampled["pope"]
+    unasked = lambda p: {s: {k: v for k, v in m.items() if k != "asked"} for s, m in p.items()}
+    assert unasked(again["m0"]["pope"]) == unasked(sampled["pope"])  # (asked: made on cuda now)
     # a --ckpt that is gone: which run's answers count cannot be told
     gone = str(env["root"] / "gone" / "m0")
     argv = ["--ckpt", gone, "--benchmarks", "pope", "--world", env["world"], "--out", str(out),
@@ -1985,8 +1986,9 @@ def test_local_judge_is_named_by_its_files_and_ends_where_its_model_ends(tiny_wo
 def test_pope_splits_scored_in_separate_runs_are_kept_together(env, tmp_path):
     """--pope_files random, then popular, into one --out: the second run's scores.json replaced
     the first's split, and its 'average' was one split's numbers without a word. Splits of the
-    same checkpoint whose questions lie in the same folder are kept and averaged together now
-    (the average says which); a split from another folder (a Shapes one beside COCO's) is not."""
+    same checkpoint, of one question set and asked alike, are kept and averaged together now (the
+    average says which); a split of another set (another folder, A-OKVQA's beside COCO's) or asked
+    otherwise (--limit, sampled answers even when rescored without flags) is not."""
     world, other = env["world"], tmp_path / "other"
     other.mkdir()
     shutil.copy(os.path.join(world, "pope_popular.jsonl"), other / "pope_popular.jsonl")
@@ -2014,3 +2016,17 @@ def test_pope_splits_scored_in_separate_runs_are_kept_together(env, tmp_path):
     run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--image_folder", world,
             "--pope_files", os.path.join(world, "pope_popular.jsonl"), "--limit", "2")
     assert list(json.load(open(out / "m0" / "scores.json"))["pope"]) == ["popular", "average"]
+    # a --rescore is asked as its scored answers were made, not as its own flags say: sampled
+    # answers rescored without --temperature are not averaged with greedy ones
+    sampled = tmp_path / "sampled"
+    args = ("--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--image_folder", world)
+    popular = os.path.join(world, "pope_popular.jsonl")
+    run_cli(env, sampled, *args, "--pope_files", popular, "--temperature", "0.7", "--seed", "3")
+    run_cli(env, sampled, *args, "--pope_files", os.path.join(world, "pope_random.jsonl"))
+    run_cli(env, sampled, *args, "--pope_files", popular, "--rescore", "true")
+    assert list(json.load(open(sampled / "m0" / "scores.json"))["pope"]) == ["popular", "average"]
+    # files whose names hold no split word are each a set of their own
+    for name in ("coco.jsonl", "aokvqa.jsonl"):
+        shutil.copy(os.path.join(world, "pope_random.jsonl"), other / name)
+        one(other / name)
+    assert list(json.load(open(out / "m0" / "scores.json"))["pope"]) == ["aokvqa", "average"]

@@ -577,9 +577,12 @@ def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, 
     assert code == 2 and err.startswith(f"error: {vigc}: field 'vic.") and err.count("\n") == 1
     open(vigc, "w").write(kept)
     metrics = os.path.join(os.path.dirname(runs["rlhf/ppo-facts-s1"][2]), "metrics.jsonl")
+    with open(metrics, "a") as f:  # (a NaN is logged as null: left out, as an absent value)
+        f.write('{"step": 3, "length": null, "kl": 0.1, "score": 1.0}\n')
+    lab.report(cfg, runs)
     with open(metrics, "a") as f:
         f.write('{"step": 3, "len')
-    with pytest.raises(common.DataError, match=re.escape(f"{metrics}: record 4: not a JSON")):
+    with pytest.raises(common.DataError, match=re.escape(f"{metrics}: record 5: not a JSON")):
         lab.report(cfg, runs)
     os.remove(metrics)
     pope = os.path.join(cfg.world, "pope_popular.jsonl")
@@ -1182,6 +1185,8 @@ def test_lab_refuses_a_missing_world_and_an_out_at_the_sft(tmp_path, tiny_world,
             lab.main(dataclasses.replace(base, out=str(out)))
     assert not (sft / "lab.json").exists() and not (sft / "lab").exists()
     assert not (tmp_path / "ckpt" / "lab.json").exists()
+    # (an --out holding the SFT outside its own run folders, runs/pipe/sft beside runs/lrv, is fine)
+    assert lab.refuse_out_in_sft(dataclasses.replace(base, out=str(tmp_path))) is None
 
 
 def test_pipeline_and_eval_refuse_eval_outputs_among_the_runs_or_the_world(tmp_path, tiny_world,
