@@ -1081,8 +1081,11 @@ def report(cfg, runs, rebuilt=False):
     verdicts, and every command as run. A stale run (stale_runs: left on disk by a lab whose run
     before it failed, so it was not made again) is not reported."""
     os.makedirs(cfg.plots, exist_ok=True)
-    commands = [v[0] for v in runs.values()]
+    # (a run not done, failed or skipped, or one left stale: listed as asked, said so)
     stale = stale_runs(runs, cfg)
+    commands = ["python " + " ".join(argv) + ("" if is_done(done) and name not in stale else
+                                              "  # not reported: not done, or made otherwise")
+                for name, (argv, _, done) in runs.items()]
     runs = {k: v for k, v in runs.items() if k not in stale}
     base = metric_rows(runs, ["sft"])
     md = intro_section(cfg, rebuilt) + pope_overlap_section(cfg)
@@ -1102,9 +1105,10 @@ def report(cfg, runs, rebuilt=False):
            "standard deviation of the seed-by-seed differences (second minus first); it does "
            "not change the verdict, whose rule was fixed before the first lab ran.", "",
            *verdicts, "", "## Commands", "",
-           f"Every run, as run (each also wrote its log beside its folder in `{cfg.out}`):", "",
+           f"Every run's command (each wrote its log beside its folder in `{cfg.out}`; one "
+           "marked 'not reported' did not finish, or was made with another command):", "",
            "```"]
-    md += ["python " + " ".join(argv) for argv in commands] + ["```", ""]
+    md += commands + ["```", ""]
     os.makedirs(os.path.dirname(cfg.results) or ".", exist_ok=True)
     common.write_whole(cfg.results, lambda f: f.write("\n".join(md)))  # (cut: read as a report)
     print("\n".join(verdicts))

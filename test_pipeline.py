@@ -669,6 +669,12 @@ def test_lab_reports_no_stale_run_with_or_without_report_only(tmp_path):
     text = open(cfg.results).read()
     assert re.search(r"\| POVID stage 2 \|.* \| 1 \|", text), text
     assert re.search(r"\| DPO \(POVID stage 1\) \|.* \| 1 \|", text), text
+    # the Commands section lists them, said so (it read as every run run)
+    commands = text.split("## Commands")[1].splitlines()
+    marked = [c for c in commands if c.endswith("# not reported: not done, or made otherwise")]
+    assert any("--povid_stage 1" in c and "-s0" in c for c in marked), marked
+    assert any("--povid_stage 2" in c and "-s0" in c for c in marked), marked
+    assert not any("-s1" in c for c in marked), marked
 
 
 def test_lab_report_only_refuses_seeds_and_claims_never_run(tmp_path):
