@@ -49,7 +49,9 @@ Where LLaVA-RLHF differs (flags give its behaviour; the real-data command in REA
 Not offered: LLaVA-RLHF whitens the advantages over every response column, the padding after EOS
 included, and trains the value head there too (its masks cover the whole response length). Ours
 whitens and trains on real response tokens only (EOS included): padding is no decision the policy
-made, and statistics over it depend on how long the batch's longest response happens to be.
+made, and statistics over it depend on how long the batch's longest response happens to be. So
+are the logged clipfrac, approx_kl and vf_clipfrac (means over real tokens; LLaVA-RLHF's are over
+every column, ours x tokens / columns on a padded batch).
 """
 import json
 import os
