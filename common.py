@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -462,13 +463,52 @@ def wait_a_moment(procs, seconds=2.0):
             pass
 
 
+def _drop_signal(signum, frame):
+    """A further Ctrl-C or SIGTERM while stopping: dropped. (A Python handler, not SIG_IGN: a
+    stage started in that moment would inherit SIG_IGN and ignore the SIGINT that stops it.)"""
+
+
+def hold_stop_signals():
+    """From now on SIGINT and SIGTERM are dropped (main thread alone can set handlers; signals run
+    there). Returns the handlers they had. A second signal raised KeyboardInterrupt inside the
+    stop itself: no stage got SIGINT, they trained on, and common's --resume line was printed."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _drop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def stop_processes(procs, grace=True):
+    """Stop child processes (pipeline's stages, lab's runs) and wait for them: each gets SIGINT
+    (their Ctrl-C: a checkpoint-safe exit), after up to 2 s to end on their own where grace (a
+    terminal's Ctrl-C reached them too: a second interrupt could cut their last words). Further
+    signals meanwhile are dropped, so that the stop always runs to its end."""
+    held = hold_stop_signals()
+    try:
+        if grace:
+            wait_a_moment(procs)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.wait()
+    finally:
+        for signum, handler in held.items():
+            if handler is not None:  # (None: set outside Python, not restorable from here)
+                signal.signal(signum, handler)
+
+
 def interrupt_on_sigterm():
     """SIGTERM (a batch scheduler's time limit, `kill`) taken as Ctrl-C: pipeline.py and lab.py stop
     their running stages and say how to go on (they ended at once, their stages running on as
-    orphans that the next pipeline or lab refused until they ended)."""
+    orphans that the next pipeline or lab refused until they ended). The first SIGTERM or SIGINT
+    raises KeyboardInterrupt; any after it is dropped (one landing in the stop, or on the way to it,
+    cut it short). A SIGINT ignored at start (a background job) stays ignored."""
     def interrupt(signum, frame):
+        hold_stop_signals()
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def end_process():

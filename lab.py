@@ -332,14 +332,10 @@ def execute(runs, cfg, finished=lambda n: None):
                       + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
     except BaseException as e:  # (Ctrl-C or SIGTERM sent to the lab alone, or an error of its
         # own, such as a log path that is a folder: its runs went on as orphans)
-        if isinstance(e, KeyboardInterrupt):  # (a terminal's Ctrl-C reached them too: their
-            # own exit first, not a second interrupt in their last words)
-            common.wait_a_moment([proc for proc, _, _ in running.values()])
-        for proc, _, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc, _, _ in running.values():
-            proc.wait()
+        # (Ctrl-C: a terminal's reached them too: their own exit first, not a second interrupt
+        # in their last words; a further signal meanwhile is dropped, not left to cut the stop)
+        common.stop_processes([proc for proc, _, _ in running.values()],
+                              grace=isinstance(e, KeyboardInterrupt))
         raise
     return failed
 

@@ -196,12 +196,7 @@ _lane_failed = threading.Event()  # set when a stage fails: no lane starts anoth
 def stop_stages():
     """Ctrl-C: the running stages get it too (they were sent it alone when the pipeline was)."""
     _stopping.set()
-    common.wait_a_moment(list(_running))  # (a terminal's Ctrl-C reached them: their own exit)
-    for proc in list(_running):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    for proc in list(_running):
-        proc.wait()
+    common.stop_processes(list(_running))  # (a second signal meanwhile is dropped)
 
 
 def run_lane(names, commands, here, env, times):

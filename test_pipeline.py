@@ -1423,3 +1423,80 @@ def test_ppo_curves_read_done_runs_alone(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (run / "DONE").write_text("")
     assert lab.ppo_curves(cfg)["length"]["facts"][0] != []
+
+
+# a stand-in stage or run: says its pid once under way, sleeps, says 'stopped' on Ctrl-C (SIGINT)
+SIGNAL_SLEEPER = """import os, sys, time
+name, folder = sys.argv[1], sys.argv[2]
+try:
+    open(os.path.join(folder, name + '.pid.tmp'), 'w').write(str(os.getpid()))
+    os.replace(os.path.join(folder, name + '.pid.tmp'), os.path.join(folder, name + '.pid'))
+    time.sleep(60)
+except KeyboardInterrupt:
+    open(os.path.join(folder, name + '.stopped'), 'w').close()
+    sys.exit(130)
+"""
+
+# pipeline.py or lab.py as its __main__ block runs it, its stages or runs two sleepers side by side
+SIGNAL_DRIVER = """import os, sys
+here, script, sleeper, folder, out = sys.argv[1:6]
+sys.path.insert(0, here)
+import common, lab, pipeline
+stage = lambda name: [sleeper, name, folder]
+pipeline.stage_commands = lambda cfg: {{n: stage(n) for n in pipeline.STAGES}}
+runs = {{n: (stage(n), [], os.path.join(out, n, 'DONE')) for n in ('lrv', 'dpo')}}
+lab.run_lab = lambda cfg: lab.execute(runs, cfg)
+module = {{'pipeline': pipeline, 'lab': lab}}[script]
+cfg = common.parse_config(module.Config, sys.argv[6:])
+common.interrupt_on_sigterm()
+with common.user_errors():
+    module.main(cfg)
+"""
+
+
+@pytest.mark.parametrize("script", ["pipeline", "lab"])
+def test_a_second_signal_while_stopping_still_stops_every_stage(script, tmp_path):
+    """A second SIGTERM (or SIGINT) in the stop's 2 s grace wait raised KeyboardInterrupt inside
+    it: no stage got SIGINT, they trained on (the pipeline waited for lrv and dpo to end, the lab
+    left its runs as orphans), and the stages' own "--resume true" line was printed. Signals after
+    the first are dropped now: every stage gets SIGINT and is waited for, one line, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    folder, out = tmp_path / "said", tmp_path / "ckpt"
+    folder.mkdir()
+    fake_run(out / "sft", 3, 3)  # (the pipeline's later stages read it)
+    sleeper, driver = tmp_path / "sleeper.py", tmp_path / "driver.py"
+    sleeper.write_text(SIGNAL_SLEEPER)
+    driver.write_text(SIGNAL_DRIVER.format())
+    flags = {"pipeline": ["--stages", "lrv,dpo", "--world", str(tmp_path / "w")],
+             "lab": ["--jobs", "2"]}[script]
+    proc = subprocess.Popen([sys.executable, str(driver), HERE, script, str(sleeper), str(folder),
+                             str(out), "--out", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [folder / f"{n}.pid" for n in ("lrv", "dpo")]
+    try:
+        deadline = time.time() + 60
+        while not all(p.exists() for p in pids) and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.05)
+        assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
+        t0 = time.time()
+        for signum in [signal.SIGTERM, signal.SIGINT] * 4:  # (through the stop's grace waits)
+            if proc.poll() is None:
+                proc.send_signal(signum)
+            time.sleep(0.4)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and time.time() - t0 < 20, err[-2000:]
+        assert all((folder / f"{n}.stopped").exists() for n in ("lrv", "dpo")), err[-2000:]
+        assert err.count("interrupted:") == 1 and "--resume true" not in err, err[-2000:]
+    finally:  # (nothing left running, whatever failed)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            if p.exists() and not (folder / p.name.replace(".pid", ".stopped")).exists():
+                try:
+                    os.kill(int(p.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
