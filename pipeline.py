@@ -69,14 +69,13 @@ BUDGET = {
 
 
 def compared_models(cfg):
-    """What eval compares: the models these --stages train, beside the SFT baseline under --out
-    (--stages lrv,eval compared LRV alone), else (--stages eval alone, after a run) those under
-    --out already."""
+    """What eval compares: every model under --out, those these --stages train beside those there
+    already (--stages lrv,eval compared LRV alone, without its SFT baseline; going on after an
+    interrupt with --stages naming the rest left the models already trained out of the table).
+    Where sft is trained, the others there are not compared: they sit on the SFT it replaces."""
     models = {s: os.path.join(cfg.out, s) for s in ("sft", "lrv", "ppo", "dpo")}
-    trained = [m for s, m in models.items() if s in cfg.stages]
-    if trained and "sft" not in cfg.stages and os.path.isdir(models["sft"]):
-        trained.insert(0, models["sft"])
-    return trained or [m for m in models.values() if os.path.isdir(m)]
+    kept = "sft" not in cfg.stages
+    return [m for s, m in models.items() if s in cfg.stages or (kept and os.path.isdir(m))]
 
 
 def refuse_stale_models(cfg, models):
@@ -104,8 +103,8 @@ def refuse_stale_models(cfg, models):
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
                                      f"{sft}'s newest checkpoint or from another one, from an SFT "
                                      "run since replaced or extended: run --stages "
-                                     f"{','.join(later)},eval again (or the stages of the models "
-                                     "you compare)")
+                                     f"{','.join(later)},eval again (or its own stage with "
+                                     "--overwrite true, or move it aside)")
 
 
 def has_checkpoint(run):
@@ -290,6 +289,12 @@ def run_pipeline(cfg):
             raise common.ConfigError(f"--eval_out {cfg.eval_out} is --out or a stage's run folder "
                                      "in it: eval would write among the runs; choose another "
                                      "--eval_out")
+    # (compared_models: beside an SFT trained now, the models there already are not compared)
+    left_out = [os.path.join(cfg.out, s) for s in ("lrv", "ppo", "dpo") if s not in cfg.stages]
+    left_out = [m for m in left_out if "sft" in cfg.stages and os.path.isdir(m)]
+    if "eval" in cfg.stages and left_out:
+        print(f"note: eval leaves out {', '.join(left_out)}: trained on another SFT than the one "
+              "these stages train", flush=True)
     common.ensure_writable(cfg.out)
     common.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
     here = os.path.dirname(os.path.abspath(__file__))

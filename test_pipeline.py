@@ -869,6 +869,15 @@ def test_eval_after_later_stages_keeps_the_sft_baseline(tmp_path):
     assert pipeline.compared_models(cfg) == [str(out / "sft"), str(out / "lrv")]
     fresh = pipeline.Config(out=str(tmp_path / "none"), stages=("lrv", "eval"))
     assert pipeline.compared_models(fresh) == [str(tmp_path / "none" / "lrv")]
+    # going on after an interrupt with --stages naming the rest (lrv and dpo had ended): the table
+    # held the SFT and PPO alone, and replaced the full one
+    for stage in ("lrv", "dpo"):
+        (out / stage).mkdir()
+    rest = pipeline.Config(out=str(out), stages=("rm", "ppo", "vigc", "eval"))
+    assert pipeline.compared_models(rest) == [str(out / s) for s in ("sft", "lrv", "ppo", "dpo")]
+    # an SFT trained again: the models beside it sit on the one it replaces
+    again = pipeline.Config(out=str(out), stages=("sft", "lrv", "eval"))
+    assert pipeline.compared_models(again) == [str(out / "sft"), str(out / "lrv")]
 
 
 def test_pipeline_interrupted_starts_no_later_stage(tmp_path, capsys, monkeypatch):
