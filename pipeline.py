@@ -152,6 +152,20 @@ def refuse_rewritten_world(cfg):
         raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {sft} {other[1]}: {hint}")
 
 
+def refuse_missing_reward(cfg):
+    """ppo without rm in --stages reads the reward model under --out: one missing failed only once
+    ppo started (after minutes of SFT), and one on the SFT trained again since (here, or by an
+    earlier --stages sft) failed with 'base ... holds other weights'."""
+    rm, stages = os.path.join(cfg.out, "rm"), ",".join(cfg.stages)
+    if not os.path.isdir(rm):
+        raise common.ConfigError(f"--stages {stages}: ppo reads the reward model {rm}, which is "
+                                 "not there: add rm to --stages")
+    if "sft" in cfg.stages:
+        raise common.ConfigError(f"--stages {stages}: ppo reads the reward model {rm}, trained on "
+                                 "the SFT model these stages replace: add rm to --stages")
+    refuse_stale_models(cfg, [rm])
+
+
 def stage_commands(cfg):
     o = lambda name: os.path.join(cfg.out, name)
     common_flags = ["--world", cfg.world, "--world_seed", str(cfg.world_seed),
@@ -257,6 +271,8 @@ def run_pipeline(cfg):
     if "eval" in cfg.stages and not compared_models(cfg):  # (eval would read its own default)
         raise common.ConfigError(f"--stages {','.join(cfg.stages)}: eval compares the models of "
                                  f"sft, lrv, ppo or dpo, and none is given or in --out {cfg.out}")
+    if "ppo" in cfg.stages and "rm" not in cfg.stages:  # (before the stages before ppo train)
+        refuse_missing_reward(cfg)
     if "sft" not in cfg.stages:
         refuse_rewritten_world(cfg)
     if "eval" in cfg.stages and "sft" not in cfg.stages:

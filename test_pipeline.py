@@ -1509,3 +1509,34 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, tmp_path
                     os.kill(int(p.read_text()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_ppo_without_rm_in_stages_refuses_a_missing_or_replaced_reward_model(tmp_path,
+                                                                              monkeypatch):
+    """--stages sft,ppo on an empty --out trained SFT for minutes, then ppo failed on the missing
+    reward model; after the SFT was trained again (rm not in --stages), ppo failed with a
+    misleading 'base ... holds other weights'. Both are refused before any stage starts."""
+    import pipeline
+    started = []
+    monkeypatch.setattr(pipeline, "run_stages", lambda *args: started.append(args))
+    out, world = tmp_path / "ckpt", str(tmp_path / "w")
+    argv = ["--out", str(out), "--world", world, "--model", "tiny"]
+    code, _, err = run_cli("pipeline", argv + ["--stages", "sft,ppo"], strict=True)
+    assert code == 2 and f"ppo reads the reward model {out / 'rm'}, which is not there: add rm " \
+        "to --stages" in err, err
+    assert not out.exists()
+    for i, stage in enumerate(("rm", "sft")):  # (the SFT trained again after the reward model)
+        ck = fake_run(out / stage, 3, 3)
+        os.utime(ck / "config.json", (1000 + i, 1000 + i))
+    code, _, err = run_cli("pipeline", argv + ["--stages", "sft,ppo", "--overwrite", "true"],
+                           strict=True)
+    assert code == 2 and "trained on the SFT model these stages replace: add rm" in err, err
+    assert sorted(os.listdir(out)) == ["rm", "sft"]  # (nothing moved aside)
+    code, _, err = run_cli("pipeline", ["--out", str(out), "--world", world, "--stages", "ppo"],
+                           strict=True)
+    assert code == 2 and f"{out / 'rm'} was trained before {out / 'sft'}'s newest" in err, err
+    assert not started
+    os.utime(out / "rm" / "checkpoint-000003" / "config.json", (2000, 2000))  # (trained after it)
+    code, _, err = run_cli("pipeline", ["--out", str(out), "--world", world, "--stages", "ppo"],
+                           strict=True)
+    assert code == 0 and len(started) == 1, err
