@@ -298,13 +298,18 @@ def run_pipeline(cfg):
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []
     for flag, path in outputs:
         common.check_output_path(flag, path)
+    # (the sft stage refused it, after the pipeline's lock was left among the world's files)
+    common.refuse_in_world("--out", cfg.out, cfg.world, "the stages' runs")
     if "eval" in cfg.stages:  # (eval's lock met the pipeline's own, after every stage trained)
         common.refuse_in_world("--eval_out", cfg.eval_out, cfg.world, "eval's answers")
-        runs = [cfg.out] + [os.path.join(cfg.out, s) for s in STAGES if s != "eval"]
-        if any(os.path.realpath(cfg.eval_out) == os.path.realpath(r) for r in runs):
-            raise common.ConfigError(f"--eval_out {cfg.eval_out} is --out or a stage's run folder "
-                                     "in it: eval would write among the runs; choose another "
-                                     "--eval_out")
+        real = os.path.realpath(cfg.eval_out)
+        runs = [os.path.realpath(os.path.join(cfg.out, s)) for s in STAGES if s != "eval"]
+        # (in a checkpoint of a run: eval wrote its answers among the weights)
+        if real == os.path.realpath(cfg.out) or any(real == r or real.startswith(r + os.sep)
+                                                   for r in runs):
+            raise common.ConfigError(f"--eval_out {cfg.eval_out} is --out or lies in a stage's "
+                                     "run folder in it: eval would write among the runs; choose "
+                                     "another --eval_out")
     # (compared_models: beside an SFT trained now, the models there already are not compared)
     left_out = [os.path.join(cfg.out, s) for s in ("lrv", "ppo", "dpo") if s not in cfg.stages]
     left_out = [m for m in left_out if "sft" in cfg.stages and os.path.isdir(m)]
@@ -347,7 +352,12 @@ def run_stages(cfg, commands, here, times):
             name, code = failed[0]
             # exit code 2: the stage printed its one line naming the bad input (and the '=== name'
             # header above it says which stage); a second line would only repeat it
-            if code != 2:
+            if code < 0:  # (killed by a signal: -9 read as 'exit code -9', the job's 247)
+                how = {s.value: s.name for s in signal.Signals}.get(-code, str(-code))
+                print(f"error: stage '{name}' was killed by signal {how}; later stages not run",
+                      file=sys.stderr)
+                code = 128 - code  # (a shell's code for a process killed by that signal)
+            elif code != 2:
                 print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
                       file=sys.stderr)
             elif len(lanes) > 1 and cfg.jobs > 1:  # (its line is above the other lane's output)

@@ -1212,8 +1212,10 @@ def test_pipeline_and_eval_refuse_eval_outputs_among_the_runs_or_the_world(tmp_p
     import shutil
     out = tmp_path / "ckpt"
     shutil.copytree(tiny_sft, out / "sft")
-    for eval_out, says in ((out, "is --out or a stage's run folder in it"),
-                           (out / "sft", "is --out or a stage's run folder in it"),
+    in_runs = "is --out or lies in a stage's run folder in it"
+    # (in a checkpoint folder: eval wrote its answers among the weights)
+    for eval_out, says in ((out, in_runs), (out / "sft", in_runs),
+                           (out / "sft" / "checkpoint-000003", in_runs),
                            (os.path.join(tiny_world, "ev"), "lies inside the --world folder")):
         argv = ["--stages", "eval", "--world", tiny_world, "--out", str(out), "--eval_out",
                 str(eval_out)]
@@ -1540,3 +1542,31 @@ def test_ppo_without_rm_in_stages_refuses_a_missing_or_replaced_reward_model(tmp
     code, _, err = run_cli("pipeline", ["--out", str(out), "--world", world, "--stages", "ppo"],
                            strict=True)
     assert code == 0 and len(started) == 1, err
+
+
+def test_pipeline_refuses_an_out_in_the_world_before_writing(tmp_path, monkeypatch):
+    """--out inside (or equal to) --world: the sft stage refused it, after the pipeline had left
+    its .lock among the world's files. Refused before anything is written now."""
+    import pipeline
+    started = []
+    monkeypatch.setattr(pipeline, "run_stages", lambda *args: started.append(args))
+    world = tmp_path / "w"
+    for out, says in ((world, "is the --world folder"), (world / "ck", "lies inside the --world")):
+        code, _, err = run_cli("pipeline", ["--out", str(out), "--world", str(world), "--stages",
+                                            "sft", "--model", "tiny"], strict=True)
+        assert code == 2 and f"--out {out} {says}" in err, err
+        assert not world.exists() and not started
+
+
+def test_a_stage_killed_by_a_signal_is_named_so(tmp_path, capsys):
+    """A stage killed by a signal read 'failed with exit code -9', and the pipeline exited 247
+    (-9 as a byte); the signal is named, and the exit code is a shell's 128 + N."""
+    import pipeline
+    killed = tmp_path / "killed.py"
+    killed.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    cfg = pipeline.Config(stages=("sft",), jobs=1)
+    with pytest.raises(SystemExit) as e:
+        pipeline.run_stages(cfg, {"sft": [str(killed)]}, "/", {})
+    assert e.value.code == 137
+    assert capsys.readouterr().err == ("error: stage 'sft' was killed by signal SIGKILL; later "
+                                       "stages not run\n")
