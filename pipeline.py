@@ -11,6 +11,7 @@ output. After SFT, the two independent lanes (LRV -> reward model -> PPO, and DP
 by side, one thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of
 one with two.
 """
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import common
-from checkpoint import is_peft_dir, latest_checkpoint
+from checkpoint import base_fingerprint, base_weights_dir, is_peft_dir, latest_checkpoint
 
 
 STAGES = ("sft", "lrv", "rm", "ppo", "dpo", "vigc", "eval")
@@ -78,10 +79,27 @@ def compared_models(cfg):
     return [m for s, m in models.items() if s in cfg.stages or (kept and os.path.isdir(m))]
 
 
+def on_weights_of(run, sft_ck):
+    """Whether the newest checkpoint of `run` holds adapters trained on the weights in `sft_ck`
+    (its base_fingerprint: by content, where file times mislead: a plain `cp -r` resets them, and
+    a copy keeping them can hide a replaced SFT); None where it records none (a full model, as
+    LRV's: the times decide)."""
+    try:
+        with open(os.path.join(latest_checkpoint(run), "config.json")) as f:
+            saved = json.load(f).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):  # (unreadable: refuse_unusable_inputs' to say)
+        return None
+    if not isinstance(saved, str):
+        return None
+    return saved == base_fingerprint(base_weights_dir(sft_ck))
+
+
 def refuse_stale_models(cfg, models):
     """A model under --out older than the SFT checkpoint it would be compared with was trained
     from an SFT run since replaced or extended (e.g. --stages sft --overwrite true, then --stages
-    eval): the table would set models of two SFT runs side by side."""
+    eval): the table would set models of two SFT runs side by side. A model of adapters is
+    judged by the fingerprint of the base weights it recorded (on_weights_of); a full one by the
+    SFT checkpoint its run.json names and by file times."""
     def written(run):  # (its newest checkpoint's config.json: written last)
         ck = latest_checkpoint(run)
         return os.path.getmtime(os.path.join(ck, "config.json")) if ck else None
@@ -98,7 +116,11 @@ def refuse_stale_models(cfg, models):
         init = common.recorded_init(m) if m_time is not None and sft_now else None
         other = init is not None and os.path.basename(os.path.normpath(init)) != \
             os.path.basename(sft_now)
-        if other or (sft_time is not None and m_time is not None and m_time < sft_time):
+        stale = other or (sft_time is not None and m_time is not None and m_time < sft_time)
+        same = on_weights_of(m, sft_now) if m_time is not None and sft_now else None
+        if same is not None:  # (adapters with their base's fingerprint: the weights decide)
+            stale = not same
+        if stale:
             later = [s for s in STAGES if s not in ("sft", "eval")]
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {m} was trained before "
                                      f"{sft}'s newest checkpoint or from another one, from an SFT "

@@ -1570,3 +1570,28 @@ def test_a_stage_killed_by_a_signal_is_named_so(tmp_path, capsys):
     assert e.value.code == 137
     assert capsys.readouterr().err == ("error: stage 'sft' was killed by signal SIGKILL; later "
                                        "stages not run\n")
+
+
+def test_stale_adapters_are_judged_by_their_bases_fingerprint_not_file_times(tmp_path, tiny_sft):
+    """A tree copied with a plain `cp -r` (every file time reset, in no set order) was refused as
+    stale, and a replaced SFT could pass where the times happened to fall right. Adapters (DPO,
+    PPO, the reward model) record the fingerprint of their base's weights: it decides."""
+    import shutil
+    import checkpoint
+    import pipeline
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_sft, out / "sft", ignore=shutil.ignore_patterns(".lock"))
+    sft_ck = checkpoint.latest_checkpoint(str(out / "sft"))
+    ck = fake_run(out / "dpo", 2, 2)
+    config = json.loads((ck / "config.json").read_text())
+    sft_time = os.path.getmtime(os.path.join(sft_ck, "config.json"))
+    cfg = pipeline.Config(out=str(out), stages=("eval",))
+    fingerprint = checkpoint.base_fingerprint(checkpoint.base_weights_dir(sft_ck))
+    for recorded, later, stale in ((fingerprint, -100, False), ("0" * 32, 100, True)):
+        (ck / "config.json").write_text(json.dumps({**config, "base_fingerprint": recorded}))
+        os.utime(ck / "config.json", (sft_time + later, sft_time + later))
+        if stale:
+            with pytest.raises(common.ConfigError, match="ckpt/dpo was trained before"):
+                pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+        else:  # (its SFT's weights, though its file is older: copied first)
+            pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
