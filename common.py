@@ -2,6 +2,7 @@
 data parallelism, or FSDP2 sharding with --fsdp), seeding, AdamW + cosine schedule, logging, atomic
 checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
+import atexit
 import dataclasses
 import errno
 import functools
@@ -509,6 +510,16 @@ def interrupt_on_sigterm():
     signal.signal(signal.SIGTERM, interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
+    atexit.register(_ignore_stop_signals_at_exit)
+
+
+def _ignore_stop_signals_at_exit():
+    """A process that has stopped its stages: as it exits, Python puts its signal handlers back to
+    the default (SIG_IGN excepted), and one more SIGTERM then killed it (-15) after its stop and
+    its line. Its threads are done by now: no stage starts to inherit SIG_IGN."""
+    if signal.getsignal(signal.SIGTERM) is _drop_signal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def end_process():

@@ -1493,10 +1493,13 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, tmp_path
             time.sleep(0.05)
         assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
         t0 = time.time()
-        for signum in [signal.SIGTERM, signal.SIGINT] * 4:  # (through the stop's grace waits)
-            if proc.poll() is None:
-                proc.send_signal(signum)
-            time.sleep(0.4)
+        # (through the stop's grace waits, and on while it exits: Python's handlers are put back
+        # to the default then, and one more SIGTERM killed it)
+        for signum in [signal.SIGTERM, signal.SIGINT] * 40:
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signum)
+            time.sleep(0.2)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and time.time() - t0 < 20, err[-2000:]
         assert all((folder / f"{n}.stopped").exists() for n in ("lrv", "dpo")), err[-2000:]
