@@ -503,13 +503,16 @@ def interrupt_on_sigterm():
     their running stages and say how to go on (they ended at once, their stages running on as
     orphans that the next pipeline or lab refused until they ended). The first SIGTERM or SIGINT
     raises KeyboardInterrupt; any after it is dropped (one landing in the stop, or on the way to it,
-    cut it short). A SIGINT ignored at start (a background job) stays ignored."""
+    cut it short). A SIGINT ignored at start (`pipeline.py &` in a script) is dropped instead: with
+    SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on."""
     def interrupt(signum, frame):
         hold_stop_signals()
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
+    elif signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _drop_signal)
     atexit.register(_ignore_stop_signals_at_exit)
 
 

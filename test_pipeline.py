@@ -1465,12 +1465,15 @@ with common.user_errors():
 """
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("script", ["pipeline", "lab"])
-def test_a_second_signal_while_stopping_still_stops_every_stage(script, tmp_path):
+def test_a_second_signal_while_stopping_still_stops_every_stage(script, background, tmp_path):
     """A second SIGTERM (or SIGINT) in the stop's 2 s grace wait raised KeyboardInterrupt inside
     it: no stage got SIGINT, they trained on (the pipeline waited for lrv and dpo to end, the lab
     left its runs as orphans), and the stages' own "--resume true" line was printed. Signals after
-    the first are dropped now: every stage gets SIGINT and is waited for, one line, exit 130."""
+    the first are dropped now: every stage gets SIGINT and is waited for, one line, exit 130.
+    Started with SIGINT ignored (`pipeline.py &` in a script), the pipeline's stages inherited it
+    and ignored the SIGINT that stops them: it waited for them to train to their end."""
     import signal
     import subprocess
     import sys
@@ -1482,8 +1485,12 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, tmp_path
     driver.write_text(SIGNAL_DRIVER.format())
     flags = {"pipeline": ["--stages", "lrv,dpo", "--world", str(tmp_path / "w")],
              "lab": ["--jobs", "2"]}[script]
-    proc = subprocess.Popen([sys.executable, str(driver), HERE, script, str(sleeper), str(folder),
-                             str(out), "--out", str(out), *flags],
+    # (as a script's `&` starts it: SIGINT ignored)
+    ignored = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
+               "signal.SIG_IGN); os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+    proc = subprocess.Popen([*(ignored if background else [sys.executable]), str(driver), HERE,
+                             script, str(sleeper), str(folder), str(out), "--out", str(out),
+                             *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = [folder / f"{n}.pid" for n in ("lrv", "dpo")]
     try:
