@@ -39,8 +39,8 @@ import oracle
 import shapes
 from model import PRESETS
 from data import (IGNORE, DataError, ImageCache, check_images, collate, end_text, load_json,
-                  normalize, pack, read_any_conversations, render, require_records,
-                  tokenize_conversations)
+                  normalize, pack, read_any_conversations, record_label, render, render_plain,
+                  require_records, tokenize_conversations)
 
 # where LLaVA's preprocess_v1 splits a round into its question and answer (conv.sep + role + ': ')
 ROUND_SPLIT = " ASSISTANT: "
@@ -123,6 +123,16 @@ class Config:
                   report_n="[1, inf)")
 
 
+def refuse_unplain(records, path):
+    """--template plain reads one human turn with <image> and one answer: the first record that is
+    not, named in its file (the tokenizer's error named the record's id as its number, no file)."""
+    for i, r in enumerate(records):
+        try:
+            render_plain(r["conversations"])
+        except ValueError as e:
+            raise DataError(path, record_label(i, r), "conversations", str(e)) from None
+
+
 def load_records(cfg, d=None):
     """Training and validation conversations (LLaVA instruct records) and what was skipped. --lrv
     adds the world's LRV file at --neg_ratio (shapes.lrv_file writes it on first use for --seed)."""
@@ -142,6 +152,8 @@ def load_records(cfg, d=None):
                                      "must be a finite number > 0")
         got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
+        if cfg.template == "plain":
+            refuse_unplain(recs, path)
         if not recs and not bad:
             empty.append(path)
         skipped += bad
@@ -171,6 +183,8 @@ def load_records(cfg, d=None):
     val = read_any_conversations(cfg.val_data, cfg.image_folder or None) if cfg.val_data else []
     if cfg.val_data:  # (a file of none would validate nothing without saying so)
         require_records(val, cfg.val_data, "conversations")
+        if cfg.template == "plain":
+            refuse_unplain(val, cfg.val_data)
     # validation images decode too, before any step (not at the first evaluation)
     val = check_images(val, cfg.val_data, decoded={r.get("image") for r in train}, d=d)[0]
     return train, val, skipped

@@ -88,7 +88,9 @@ def test_sft_aligns_first_on_shapes_from_scratch(tiny_world, tiny_sft, tmp_path)
     code, _, err = run_cli("sft", args + plain)
     # multi-turn conversations under the caption template
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "--template plain: record sft_000000" in err and "one human turn" in err
+    # (named in its file: it read 'record sft_000000', the id as if the number, and no file)
+    assert "sft.json: record 0 (id 'sft_000000'): field 'conversations': the plain " in err, err
+    assert "one human turn" in err
 
 
 def test_sft_lora_and_file_data(tiny_world, tmp_path):
