@@ -505,6 +505,7 @@ def interrupt_on_sigterm():
     raises KeyboardInterrupt; any after it is dropped (one landing in the stop, or on the way to it,
     cut it short). A SIGINT ignored at start (`pipeline.py &` in a script) is dropped instead: with
     SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on."""
+    global SIGINT_IGNORED_AT_START
     def interrupt(signum, frame):
         hold_stop_signals()
         raise KeyboardInterrupt
@@ -512,8 +513,20 @@ def interrupt_on_sigterm():
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt)
     elif signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        SIGINT_IGNORED_AT_START = True
         signal.signal(signal.SIGINT, _drop_signal)
     atexit.register(_ignore_stop_signals_at_exit)
+
+
+SIGINT_IGNORED_AT_START = False  # (interrupt_on_sigterm: started as `pipeline.py &` in a script)
+
+
+def stage_process_kwargs():
+    """Popen keywords for a pipeline stage or a lab run. Started with SIGINT ignored (`&` in a
+    script), the stages go in a session of their own: they no longer inherit SIG_IGN (they take
+    the SIGINT that stops them), and a Ctrl-C meant for the script that started us must not reach
+    them through its process group either (they ignored it before); ours is sent to each."""
+    return {"start_new_session": True} if SIGINT_IGNORED_AT_START else {}
 
 
 def _ignore_stop_signals_at_exit():

@@ -306,7 +306,8 @@ def execute(runs, cfg, finished=lambda n: None):
                 cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
                 with open(log, "w") as f:
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=default_sigint)
+                                            preexec_fn=default_sigint,
+                                            **common.stage_process_kwargs())
                     running[name] = (proc, log, time.time())
                 print(f"start {name}: python {' '.join(argv)}", flush=True)
             time.sleep(0.2)

@@ -246,7 +246,8 @@ def run_lane(names, commands, here, env, times):
         t0 = time.time()
         # in the caller's folder: its relative paths hold
         # (its Ctrl-C line is the pipeline's to say)
-        proc = subprocess.Popen(cmd, env={**(env or os.environ), common.INTERRUPT_SAID_BY: "1"})
+        proc = subprocess.Popen(cmd, env={**(env or os.environ), common.INTERRUPT_SAID_BY: "1"},
+                                **common.stage_process_kwargs())
         _running.add(proc)
         if _stopping.is_set():  # (started while stop_stages went through the others)
             proc.send_signal(signal.SIGINT)

@@ -1473,7 +1473,8 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, backgrou
     left its runs as orphans), and the stages' own "--resume true" line was printed. Signals after
     the first are dropped now: every stage gets SIGINT and is waited for, one line, exit 130.
     Started with SIGINT ignored (`pipeline.py &` in a script), the pipeline's stages inherited it
-    and ignored the SIGINT that stops them: it waited for them to train to their end."""
+    and ignored the SIGINT that stops them: it waited for them to train to their end. (A review:
+    given back SIGINT, they would die of a Ctrl-C meant for the script: a session of their own.)"""
     import signal
     import subprocess
     import sys
@@ -1499,6 +1500,10 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, backgrou
                 and proc.poll() is None:
             time.sleep(0.05)
         assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
+        # started in the background, the stages are in a session of their own: a Ctrl-C meant
+        # for the script (its process group) does not reach them, as when they ignored it
+        groups = {os.getpgid(int(p.read_text())) for p in pids}
+        assert (os.getpgid(proc.pid) in groups) != background, (groups, os.getpgid(proc.pid))
         t0 = time.time()
         # (through the stop's grace waits, and on while it exits: Python's handlers are put back
         # to the default then, and one more SIGTERM killed it)
