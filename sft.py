@@ -123,14 +123,16 @@ class Config:
                   report_n="[1, inf)")
 
 
-def refuse_unplain(records, path):
+def refuse_unplain(records, path, numbered=True):
     """--template plain reads one human turn with <image> and one answer: the first record that is
-    not, named in its file (the tokenizer's error named the record's id as its number, no file)."""
+    not, named in its file (the tokenizer's error named the record's id as its number, no file);
+    by its id alone where not numbered (--skip_bad left records out: the count would be off)."""
     for i, r in enumerate(records):
         try:
             render_plain(r["conversations"])
         except ValueError as e:
-            raise DataError(path, record_label(i, r), "conversations", str(e)) from None
+            where = record_label(i, r) if numbered else f"with id {r.get('id')!r:.40}"
+            raise DataError(path, where, "conversations", str(e)) from None
 
 
 def load_records(cfg, d=None):
@@ -153,7 +155,7 @@ def load_records(cfg, d=None):
         got = read_any_conversations(path, image_folder, on_error=on_error)
         recs, bad = got if on_error == "skip" else (got, [])
         if cfg.template == "plain":
-            refuse_unplain(recs, path)
+            refuse_unplain(recs, path, numbered=not bad)
         if not recs and not bad:
             empty.append(path)
         skipped += bad

@@ -498,3 +498,17 @@ def test_flags_of_a_stage_that_does_not_run_are_refused(tiny_world, tmp_path):
     code, _, err = run_cli("sft", base + ["--align_batch_size", "4", "--max_steps", "2",
                                           "--instruct_lr", "0.5", "--out", str(tmp_path / "trial")])
     assert code == 0, err
+
+
+def test_an_unplain_record_after_skipped_ones_is_named_by_its_id():
+    """Under --template plain with --skip_bad, records left out before it shifted the number a
+    conversation the template cannot read was named by (a review): its id alone names it then."""
+    import sft
+    from data import DataError
+    recs = [{"id": "a", "conversations": [{"from": "human", "value": "<image>"},
+                                          {"from": "gpt", "value": "A circle."}]},
+            {"id": "b", "conversations": [{"from": "human", "value": "Hi?"}]}]
+    with pytest.raises(DataError, match=r"^f.json: record 1 \(id 'b'\): field 'conversations'"):
+        sft.refuse_unplain(recs, "f.json")
+    with pytest.raises(DataError, match=r"^f.json: record with id 'b': field 'conversations'"):
+        sft.refuse_unplain(recs, "f.json", numbered=False)
