@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -305,8 +304,9 @@ def execute(runs, cfg, finished=lambda n: None):
                 os.makedirs(os.path.dirname(log), exist_ok=True)
                 cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
                 with open(log, "w") as f:
+                    # (started with SIGINT ignored, a `lab.py &` in a script: common's handler
+                    # drops it, so the runs take the SIGINT that stops them, in their own session)
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=default_sigint,
                                             **common.stage_process_kwargs())
                     running[name] = (proc, log, time.time())
                 print(f"start {name}: python {' '.join(argv)}", flush=True)
@@ -339,13 +339,6 @@ def execute(runs, cfg, finished=lambda n: None):
                               grace=isinstance(e, KeyboardInterrupt))
         raise
     return failed
-
-
-def default_sigint():
-    """In a run's process before its script starts: SIGINT as Ctrl-C again. A lab started in the
-    background of a script has SIGINT ignored, and its runs inherited that: the SIGINT that stops
-    them (SIGTERM to the lab) was ignored, and the lab waited for them to end their training."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 TITLE = "# Results: the hallucination lab"  # a report's first line: lab.py replaces only these

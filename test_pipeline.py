@@ -1357,13 +1357,17 @@ def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, mon
     runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
     cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
     monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready))  # (SIGTERM, taken as Ctrl-C)
-    was = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (what `lab.py &` in a script inherits)
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (what `lab.py &` in a script inherits)
+    common.interrupt_on_sigterm()  # (as lab.py's main does)
     t0 = time.time()
     try:
         with pytest.raises(KeyboardInterrupt):
             lab.execute(runs, cfg)
     finally:
-        signal.signal(signal.SIGINT, was)
+        for signum, handler in was.items():
+            signal.signal(signum, handler)
+        common.SIGINT_IGNORED_AT_START = False
     assert said.read_text() == "stopped" and time.time() - t0 < 20
 
 
