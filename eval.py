@@ -1266,14 +1266,16 @@ def pope_average(pope):
 def refuse_inputs_in_export(cfg, names):
     """An input (a --llava_answers file, a question file) inside OUT/NAME/export/, which --export
     rewrites whole: it was replaced by this run's answers (cut to --limit) while being read."""
+    folders = {name: os.path.realpath(os.path.join(cfg.out, name, "export")) for name in names}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
+        if f.name == "out":
+            continue
         for path in (p for v in values if isinstance(v, str) for p in common.paths_in_flag(v)):
             real = os.path.realpath(path)
-            for name in names:
-                folder = os.path.realpath(os.path.join(cfg.out, name, "export"))
-                if f.name != "out" and real.startswith(folder + os.sep):
+            for name, folder in folders.items():
+                if real.startswith(folder + os.sep):
                     raise common.ConfigError(
                         f"--{f.name} {path} lies in {os.path.join(cfg.out, name, 'export')}, "
                         "which --export true rewrites: copy it elsewhere, or choose another --out")
