@@ -885,7 +885,9 @@ class Answerer:
                     # with the question)
                     raise DataError(path, i, "prompt",
                                     f"expected a string, got {r['prompt']!r:.60}")
-                qid = str(r["question_id"])
+                qid = r["question_id"]  # (1.0, as pandas writes ids, is question 1: LLaVA's
+                # eval_pope.py looks it up in a dict keyed by the int, and 1.0 == 1 there)
+                qid = str(int(qid) if isinstance(qid, float) and qid.is_integer() else qid)
                 if qid in self.memo["llava"]:  # (the last answer would win without a word)
                     first = self.memo["llava"][qid][0]
                     raise DataError(path, f"{i} (id {r['question_id']!r:.60})", "question_id",

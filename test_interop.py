@@ -861,6 +861,14 @@ def test_llava_pope_test_file_labels_by_order_and_llava_answers(tmp_path):
     assert scores["random"]["f1"] == 1.0 and scores["random"]["n"] == 4
     adversarial = scores["adversarial"]
     assert (adversarial["tp"], adversarial["fp"], adversarial["fn"]) == (1, 1, 1)
+    # question ids written as floats (pandas' 10.0) are the questions of those ids, as in LLaVA's
+    # eval_pope.py (a dict lookup, 10.0 == 10); they matched nothing
+    floats = jsonl("answers_float_ids.jsonl",
+                   [dict(r, question_id=float(r["question_id"])) for r in answer_rows])
+    code, _, err = run_cli("eval", argv[:-1] + [floats] + ["--out", str(tmp_path / "floats")])
+    assert code == 0, err
+    again = json.load(open(tmp_path / "floats" / "sft" / "scores.json"))["pope"]
+    assert again["random"]["f1"] == 1.0 and again["adversarial"]["tp"] == 1
     # a label file of other questions: one line naming the question file and record, exit 2
     other_question = {"question_id": 0, "image": "a.jpg", "text": "Is there a cat in the image?",
                       "label": "no"}
