@@ -478,6 +478,28 @@ def hold_stop_signals():
     return {s: signal.signal(s, _drop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+@contextmanager
+def stop_signals_deferred():
+    """A SIGINT or SIGTERM arriving inside the block is taken when it ends (as it would have been
+    taken there). Around starting a child and recording it: a Ctrl-C raised between the two left
+    the child unknown to the stop, running on as an orphan. Python handlers, not a signal mask:
+    the child must not inherit the signals blocked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    held = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+            for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) != signal.SIG_IGN}  # (ignored: the child inherits that)
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            signal.raise_signal(got[0])  # (to the handler put back: the interrupt, a drop, ...)
+
+
 def stop_processes(procs, grace=True):
     """Stop child processes (pipeline's stages, lab's runs) and wait for them: each gets SIGINT
     (their Ctrl-C: a checkpoint-safe exit), after up to 2 s to end on their own where grace (a

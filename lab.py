@@ -303,9 +303,10 @@ def execute(runs, cfg, finished=lambda n: None):
                 log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)
                 os.makedirs(os.path.dirname(log), exist_ok=True)
                 cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
-                with open(log, "w") as f:
-                    # (started with SIGINT ignored, a `lab.py &` in a script: common's handler
-                    # drops it, so the runs take the SIGINT that stops them, in their own session)
+                # (started with SIGINT ignored, a `lab.py &` in a script: common's handler drops
+                # it, so the runs take the SIGINT that stops them, in their own session; a signal
+                # between starting a run and recording it is taken once it is recorded)
+                with open(log, "w") as f, common.stop_signals_deferred():
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                             **common.stage_process_kwargs())
                     running[name] = (proc, log, time.time())

@@ -1614,3 +1614,34 @@ def test_stale_adapters_are_judged_by_their_bases_fingerprint_not_file_times(tmp
                 pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
         else:  # (its SFT's weights, though its file is older: copied first)
             pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
+
+
+def test_a_signal_between_starting_a_run_and_recording_it_still_stops_it(tmp_path, monkeypatch):
+    """SIGTERM landing just after the lab started a run and before it recorded it raised there:
+    the stop did not know the run, which trained on as an orphan (seen once in CI under load: an
+    LRV run of 100000 steps left running). The signal is taken once the run is recorded."""
+    import signal
+    script, said, ready = sleeper_run(tmp_path)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+    popen, started = lab.subprocess.Popen, []
+
+    def popen_then_sigterm(*args, **kwargs):  # (the signal right after the child exists)
+        started.append(popen(*args, **kwargs))
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return started[-1]
+    monkeypatch.setattr(lab.subprocess, "Popen", popen_then_sigterm)
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    common.interrupt_on_sigterm()  # (as lab.py's main does)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lab.execute(runs, cfg)
+        assert started and started[0].poll() is not None and said.read_text() == "stopped"
+    finally:
+        for signum, handler in was.items():
+            signal.signal(signum, handler)
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
