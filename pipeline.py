@@ -334,8 +334,9 @@ def run_pipeline(cfg):
                                      "run folder in it: eval would write among the runs; choose "
                                      "another --eval_out")
     # (compared_models: beside an SFT trained now, the models there already are not compared)
-    left_out = [os.path.join(cfg.out, s) for s in ("lrv", "ppo", "dpo") if s not in cfg.stages]
-    left_out = [m for m in left_out if "sft" in cfg.stages and os.path.isdir(m)]
+    compared = compared_models(cfg)
+    left_out = [m for m in (os.path.join(cfg.out, s) for s in ("lrv", "ppo", "dpo"))
+                if os.path.isdir(m) and m not in compared]
     if "eval" in cfg.stages and left_out:
         print(f"note: eval leaves out {', '.join(left_out)}: trained on another SFT than the one "
               "these stages train", flush=True)
