@@ -403,6 +403,26 @@ def test_a_folder_of_the_worlds_images_gets_oracle_counts(tiny_world, tiny_ckpt,
     assert not os.path.exists(tmp_path / "gen2" / "metrics.jsonl")
 
 
+def test_a_folder_image_whose_name_is_not_utf8_is_refused_before_any_step(tiny_world, tiny_ckpt,
+                                                                        tmp_path, monkeypatch):
+    """A file name with a byte that is not UTF-8 in an --images folder trained and generated, then
+    was written as a lone surrogate escape ('\\udcff') that sft.py refuses in the data it made."""
+    good = "Is there a triangle? Answer: Yes, there is a triangle."
+    monkeypatch.setattr(common, "generate_answers", scripted(
+        lambda items, temperature, num_beams: [(good, True) for _ in items]))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    unlabeled = os.path.join(tiny_world, "images", "unlabeled")
+    first = os.path.join(unlabeled, sorted(os.listdir(unlabeled))[0])
+    shutil.copy(first, os.path.join(os.fsencode(folder), b"a\xff.png"))
+    out = tmp_path / "gen"
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--generate", "2",
+            "--images", str(folder), "--out", str(out)]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a\\udcff.png' is not a UTF-8 name" in err and not os.path.exists(out / "metrics.jsonl")
+
+
 def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
     """A VIGC run where no generated output parsed reported 0.0 hallucinations per 100 answers (a
     perfect score over no answer), and lab.py tabulated it; a type with no answer read 0.0 too."""

@@ -463,6 +463,12 @@ def image_list(cfg):
         exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
         files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
         paths = [os.path.join(cfg.images, n) for n in files]
+        for p in paths:  # (its name goes into the JSON written, where sft.py refuses it as no text)
+            try:
+                os.path.abspath(p).encode("utf-8")
+            except UnicodeEncodeError:
+                raise common.ConfigError(f"--images: {p!r} is not a UTF-8 name (the generated "
+                                         "data names its images in UTF-8 JSON): rename it")
         return [(os.path.abspath(p), p) for p in paths]
     if not os.path.isfile(cfg.images):
         why = "not a folder or a file list (with your own --data, pass --images or --generate 0)"
