@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 import common
 import shapes
 from checkpoint import latest_checkpoint, refuse_scalar_model, resolve_checkpoint
-from formats import DataError
+from formats import DataError, read_text
 
 
 CLAIMS = ("lrv", "rlhf", "povid", "vigc")
@@ -393,18 +393,19 @@ def read_records(path):
     """The JSON objects of a JSON-lines file, one a line; a line that is not one (a cut file) is
     one line naming the file and the line (it was a JSONDecodeError traceback)."""
     records = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError:
-                r = None
-            if not isinstance(r, dict):
-                raise DataError(path, record=i + 1, message=f"not a JSON object: "
-                                f"{line.strip()!r:.60} (fix or delete the line)")
-            records.append(r)
+    # (read as the stages read the world's files: an editor's BOM, which eval takes, was a bad
+    # first line; a byte that is not UTF-8 a traceback)
+    for i, line in enumerate(read_text(path).split("\n")):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if not isinstance(r, dict):
+            raise DataError(path, record=i + 1, message=f"not a JSON object: "
+                            f"{line.strip()!r:.60} (fix or delete the line)")
+        records.append(r)
     return records
 
 

@@ -592,6 +592,21 @@ def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, 
         lab.report(cfg, runs)
 
 
+def test_lab_reads_the_worlds_pope_files_as_eval_reads_them(tmp_path):
+    """A POPE file of the world saved with a BOM (an editor's), which eval reads, made the report
+    refuse its first line once every run had ended; one with a byte that is not UTF-8 (which eval
+    refuses in one line) was a UnicodeDecodeError traceback."""
+    cfg, runs = fake_lab(tmp_path)
+    pope = os.path.join(cfg.world, "pope_popular.jsonl")
+    raw = open(pope, "rb").read()
+    open(pope, "wb").write(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
+    lab.report(cfg, runs)
+    assert "popular = adversarial for 75% of them" in open(cfg.results).read()
+    open(pope, "wb").write(raw.replace(b'"x"', b'"caf\xe9"'))
+    with pytest.raises(common.DataError, match=re.escape(f"{pope}: not UTF-8 text: byte 0xe9")):
+        lab.report(cfg, runs)
+
+
 def test_lab_vigc_with_nothing_generated_says_so(tmp_path):
     """VIGC runs whose VIG parsed nothing write empty vig_only.json / vigc_data.json: the '+' runs
     then train on the SFT data alone, and the report compared two such runs as if they differed,
