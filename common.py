@@ -84,11 +84,21 @@ INTERRUPTED = ("interrupted: what was written is kept (a training run goes on fr
                "checkpoint with --resume true)")
 
 
+def escape_what_stdout_cannot_write():
+    """A strict stdout (a UTF-8 or Latin-1 locale's) escapes what its encoding cannot write, as
+    Python's stderr does: a name holding a byte that is not UTF-8 (a surrogate escape), or a CJK
+    one under Latin-1, made a progress line raise UnicodeEncodeError mid-run. (The C locale's
+    'surrogateescape' writes such a name's own bytes back: kept.)"""
+    if hasattr(sys.stdout, "reconfigure") and sys.stdout.errors == "strict":  # (not a StringIO)
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 @contextmanager
 def user_errors(*extra, interrupted=INTERRUPTED):
     """Turn the errors a user can cause (bad data, bad checkpoint, bad flags, unwritable paths)
     into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
     Ctrl-C: the line `interrupted` (what a run of this script leaves, how to go on), exit 130."""
+    escape_what_stdout_cannot_write()
     try:
         yield
     except UnicodeDecodeError as e:  # (readers name the file; this is the last resort)

@@ -993,6 +993,23 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
         capsys.readouterr().out
 
 
+def test_a_name_stdout_cannot_write_is_printed_escaped(env, tmp_path):
+    """Under a UTF-8 locale stdout is strict: a --pope_files name holding a byte that is not UTF-8
+    (its split, named by it) made the first progress line a UnicodeEncodeError traceback, after
+    loading the model. It is printed escaped now, as stderr prints it."""
+    src = os.path.join(env["world"], "pope_random.jsonl")
+    pope = os.path.join(os.fsencode(tmp_path), b"coco_pope_\xffx.jsonl")
+    shutil.copy(src, pope)
+    command = [sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", env["ckpts"][0],
+               "--world", env["world"], "--out", str(tmp_path / "out"), *FAST,
+               "--benchmarks", "pope", "--pope_files", os.fsdecode(pope),
+               "--image_folder", env["world"]]
+    r = subprocess.run(command, capture_output=True, text=True, cwd=HERE, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 0, r.stderr
+    assert "m0 pope_coco_pope_\\udcffx: reused 0 answers, generating 4" in r.stdout
+
+
 def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
     """An eval hunt: POPE questions without labels (LLaVA's llava_pope_test.jsonl) read "field
     'label': missing" with no word of --pope_labels; --gavie_file without --gavie_annotations
