@@ -1464,6 +1464,11 @@ def main(cfg):
     for flag in ("pope_suffix", "chair_prompt"):  # (put after the image, as a question is)
         if IMAGE in getattr(cfg, flag):
             raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: {TAG_IN_TEXT}")
+        try:  # (a byte a Latin-1 terminal typed: the tokenizer's TypeError, after loading)
+            getattr(cfg, flag).encode("utf-8")
+        except UnicodeEncodeError:
+            raise common.ConfigError(f"--{flag} {getattr(cfg, flag)!r}: holds a byte that is not "
+                                     "UTF-8 (typed in another encoding?)") from None
     if cfg.compare and cfg.llava_answers:  # (one file scored as several checkpoints)
         raise common.ConfigError("--llava_answers scores one answers file: name it with --ckpt, "
                                  "not --compare")

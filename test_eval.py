@@ -1010,6 +1010,24 @@ def test_a_name_stdout_cannot_write_is_printed_escaped(env, tmp_path):
     assert "m0 pope_coco_pope_\\udcffx: reused 0 answers, generating 4" in r.stdout
 
 
+@pytest.mark.parametrize("flag", ["pope_suffix", "chair_prompt"])
+def test_a_text_flag_holding_a_byte_that_is_not_utf8_is_one_line(env, tmp_path, capsys, flag):
+    """A prompt typed in a Latin-1 terminal reaches Python as a surrogate escape ('\\udce9'): the
+    tokenizer raised a TypeError traceback after the model had loaded."""
+    bench = "pope" if flag == "pope_suffix" else "chair"
+    (tmp_path / "synonyms.txt").write_text("\n".join(shapes.SHAPES) + "\n")
+    extra = [] if bench == "pope" else [
+        "--chair_instances", os.path.join(env["world"], "annotations.json"), "--chair_synonyms",
+        str(tmp_path / "synonyms.txt"), "--image_folder", env["world"]]
+    with pytest.raises(SystemExit) as e:
+        run_cli(env, tmp_path / "out", "--ckpt", env["ckpts"][0], "--benchmarks", bench,
+                *extra, f"--{flag}", os.fsdecode(b" D\xe9crivez"), "--limit", "2")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"--{flag} ' D\\udce9crivez': holds a byte that is not UTF-8" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
     """An eval hunt: POPE questions without labels (LLaVA's llava_pope_test.jsonl) read "field
     'label': missing" with no word of --pope_labels; --gavie_file without --gavie_annotations
