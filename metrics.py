@@ -183,13 +183,19 @@ def singular(word, vocab):
     return next((c for c in cands if c in vocab), word)
 
 
+# a word's character: a letter or digit, or any character beyond ASCII but a space and the quotes
+# and dashes nltk's word_tokenize splits off ('«“‘„»”’', U+2012-U+2015): it keeps 'dogé', 'dog，'
+# and 'dog\u200bcat' whole (no dog), where splitting at each of them read a dog
+_WORD = r"(?:[a-z0-9]|[^\x00-\x7f\s«“‘„»”’\u2012-\u2015])"
+
+
 def coco_objects(text, syn, counting="reference"):
     """The canonical COCO objects a caption names, in order: every mention (reference, chair.py's
     caption_to_words) or each category once (ours)."""
     if counting == "reference":
         # punctuation kept as tokens, as nltk's word_tokenize keeps them: no two-word object forms
         # across one ('her baby, dog' is a person and a dog; it read a dog alone)
-        tokens = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*|[^\sa-z0-9]", text.lower())
+        tokens = re.findall(rf"{_WORD}+(?:-{_WORD}+)*|\S", text.lower())
         words = [singularize_like_pattern(w) for w in tokens]
         merged, i = [], 0
         while i < len(words):

@@ -154,6 +154,17 @@ def test_chair_reference_counting_on_coco_by_hand(tmp_path):
     assert metrics.chair_counts(q, "A hot dog and two puppies.") == (2, 1)
     # punctuation is a token, as nltk's: no two words join across it (they did: one mention)
     assert metrics.coco_objects("Her baby, dog. A hot, dog.", syn) == ["person", "dog", "dog"]
+    # a character beyond ASCII is part of its word unless nltk splits it off (its quotes and
+    # dashes): each one was a token of its own, so 'dogé' or 'dog，' read a dog nltk never sees
+    # (expected: nltk 3.10's word_tokenize on each text)
+    kept = ["A dogé.", "the dog\u0301 bone", "a dog´s bowl", "a dog，baby", "a dog。",
+            "a dog\u200bbaby", "a dog…", "¡dog!", "café-dog", "a dog·puppy", "a pizza\u00addog"]
+    assert [metrics.coco_objects(t, syn) for t in kept] == [[]] * len(kept)
+    split = ["“dog”", "«dog»", "a dog’s bowl", "a dog—a puppy", "a dog–puppy", "a 猫 dog 🐶",
+             "a hot\u00a0dog", "a dog\u3000baby"]
+    assert [metrics.coco_objects(t, syn) for t in split] == [
+        ["dog"], ["dog"], ["dog"], ["dog", "dog"], ["dog", "dog"], ["dog"], ["hot dog"],
+        ["dog", "person"]]
     m = metrics.chair_metrics([(6, 3), (2, 1)], [1, 1])
     assert m["chair_i"] == pytest.approx(4 / 8) and m["chair_s"] == 1.0
     # once each; bus, motor bike read as objects
