@@ -185,6 +185,12 @@ def checkpoint_name(path):
     return f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
 
 
+def dash_free(path):
+    """A relative path that starts with '-' as './-...': passed on to a stage ('--out -runs/sft'),
+    argparse read it as a flag and the stage refused '--out: expected one argument'."""
+    return os.path.join(".", path) if path.startswith("-") else path
+
+
 def seed_suffix(cfg, config_class, fields):
     """A world seed N > 0 moves each of `fields` still at its default to 'NAME-seedN' (data/shapes
     -> data/shapes-seed1), so that worlds of two seeds and the runs on them never share a folder."""

@@ -1225,9 +1225,9 @@ def run_lab(cfg):
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
-    # one spelling of each folder in the commands ('runs/lab/' is 'runs/lab')
-    cfg = replace(cfg, out=os.path.normpath(cfg.out), sft=os.path.normpath(cfg.sft),
-                  world=os.path.normpath(cfg.world))
+    # one spelling of each folder in the commands ('runs/lab/' is 'runs/lab'; '-runs' './-runs')
+    spelled = lambda path: common.dash_free(os.path.normpath(path))
+    cfg = replace(cfg, out=spelled(cfg.out), sft=spelled(cfg.sft), world=spelled(cfg.world))
     if not cfg.report_only:  # (every run would fail, and the report be written of none)
         common.check_device(cfg.device)
     unknown = [c for c in cfg.claims if c not in CLAIMS]

@@ -282,6 +282,8 @@ def run_pipeline(cfg):
                              "nothing; its stored answers are reused unless the models changed); "
                              "drop it")
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
+    for name in ("world", "out", "eval_out"):  # (each passed on to the stages)
+        setattr(cfg, name, common.dash_free(getattr(cfg, name)))
     common.check_device(cfg.device)
     commands = stage_commands(cfg)
     if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)

@@ -1019,6 +1019,33 @@ def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, ti
     assert f"no run ended well: {results} left as it was" in capsys.readouterr().out
 
 
+def test_an_out_whose_name_starts_with_a_dash_is_passed_on_as_a_path(monkeypatch, tiny_world,
+                                                                     tiny_sft, tmp_path):
+    """--out=-runs (a folder named '-runs'): the pipeline and the lab passed '--out -runs/sft' on,
+    which the stage read as a flag ('--out: expected one argument'): the pipeline's first stage
+    failed, and every lab run."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("pipeline", ["--out=-pp", "--world", tiny_world, "--model", "tiny",
+                                        "--steps", "1", "--stages", "sft"])
+    assert code == 0, err
+    assert os.path.isfile(os.path.join(lab.latest_checkpoint("-pp/sft"), "config.json"))
+
+    class Planned(Exception):
+        pass
+
+    def planned(runs, cfg, clock):
+        raise Planned(runs)
+    monkeypatch.setattr(lab, "execute", planned)
+    with pytest.raises(Planned) as e:
+        run_cli("lab", ["--sft", tiny_sft, "--world", tiny_world, "--out=-runs", "--claims",
+                        "povid", "--seeds", "0"])
+    for argv, _, _ in e.value.args[0].values():
+        module = importlib.import_module(argv[0][:-3])
+        cfg = common.parse_config(module.Config, argv[1:], prog=argv[0])
+        assert cfg.out.startswith("./-runs/"), cfg.out
+
+
 def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, tiny_sft, capsys,
                                                      tmp_path):
     """Each run the lab plans (every claim, its real step budgets) is parsed by its script and
