@@ -538,7 +538,16 @@ def local_judge_config(path):
 
 
 def openai_key(cfg):
-    return cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
+    """--judge_key, else $OPENAI_API_KEY. A bearer token is printable ASCII (RFC 6750): a CR left
+    by a key file saved on Windows, or a letter beyond ASCII, made urllib's ValueError, read as a
+    bad reply and retried --judge_retries times before 'not a chat-completions reply'."""
+    key = cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
+    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:  # (the key itself is not said)
+        where = "--judge_key" if cfg.judge_key else "OPENAI_API_KEY"
+        raise common.ConfigError(f"{where}: holds {key[bad]!r} at position {bad} (an API key is "
+                                 "printable ASCII without spaces: a CR of a Windows file?)")
+    return key
 
 
 class OpenAIJudge:

@@ -523,6 +523,22 @@ def test_a_key_given_where_it_is_not_read_is_not_shown(env, tmp_path):
     assert "sk-SECRET" not in err
 
 
+def test_a_key_an_http_header_cannot_carry_is_one_line_before_any_answer(env, api, tmp_path,
+                                                                         monkeypatch):
+    """A key read from a file saved on Windows ends in a CR: urllib refused the header with a
+    ValueError, which was taken for a bad reply, retried, and named as 'not a chat-completions
+    reply' once every answer had been generated."""
+    from conftest import run_cli as run_stage
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-SECRET-123\r")
+    code, out, err = run_stage("eval", ["--ckpt", env["ckpts"][0], "--benchmarks", "mmhal",
+                                        "--world", env["world"], "--out", str(tmp_path / "o"),
+                                        "--judge", "openai", "--judge_url", api,
+                                        "--judge_retries", "0", *FAST])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "OPENAI_API_KEY: holds '\\r' at position 13" in err and "SECRET" not in err
+    assert not os.path.exists(tmp_path / "o") and not FakeAPI.bodies
+
+
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
                   "### Image Contents\n{image_content}\n\n"
                   "### Question\n{question}\n\n"
