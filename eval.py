@@ -78,9 +78,10 @@ from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
 from checkpoint import (base_weights_dir, check_weight_headers, detect_layout, is_peft_dir,
                         peft_base_dir, refuse_scalar_model, resolve_checkpoint)
 from model import CheckpointError
-from judges import (PLACEHOLDERS, JudgeError, gavie_metrics, judge_prompt, llava_bench_metrics,
-                    llava_bench_rule, load_judge_prompts, load_llava_bench_rules,
-                    local_judge_config, make_judge, mmhal_metrics, openai_key, system_line)
+from judges import (PLACEHOLDERS, JudgeError, check_judge_url, gavie_metrics, judge_prompt,
+                    llava_bench_metrics, llava_bench_rule, load_judge_prompts,
+                    load_llava_bench_rules, local_judge_config, make_judge, mmhal_metrics,
+                    openai_key, system_line)
 from metrics import (chair_counts, chair_metrics, coco_objects, load_synonyms, mean, pope_metrics,
                      pope_yes_no)
 
@@ -225,6 +226,8 @@ def load_benchmarks(cfg):
                                  "the local judge needs a limit (1 or more)")
     if judged and not cfg.rescore:  # a judge that cannot work, named before every answer is
         # generated (it is made on first use, after them); --rescore reads stored replies
+        if cfg.judge == "openai":
+            check_judge_url(cfg.judge_url)
         if cfg.judge == "openai" and not openai_key(cfg) and "api.openai.com" in cfg.judge_url:
             raise common.ConfigError("--judge openai: set OPENAI_API_KEY or pass --judge_key")
         if cfg.judge == "local":

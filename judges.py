@@ -550,10 +550,26 @@ def openai_key(cfg):
     return key
 
 
+def check_judge_url(url):
+    """--judge_url as urllib can send it: an http(s) address without spaces or control characters,
+    its path in ASCII (a host may be Unicode: sent as IDNA). A space, a CR or a path letter beyond
+    ASCII (InvalidURL, UnicodeEncodeError), or no scheme (ValueError), was taken for a bad reply,
+    retried, and said once every answer had been generated."""
+    m = re.match(r"https?://([^/]+)(.*)", url, re.S | re.I)
+    if not m:
+        raise common.ConfigError(f"--judge_url {url!r}: not an http:// or https:// address")
+    bad = [c for c in url if c.isspace() or not c.isprintable()] + \
+        [c for c in m[2] if not c.isascii()]
+    if bad:
+        raise common.ConfigError(f"--judge_url {url!r}: holds {bad[0]!r} (no space or control "
+                                 "character; percent-encode a path)")
+
+
 class OpenAIJudge:
     """Any OpenAI-compatible chat-completions endpoint, standard library only."""
 
     def __init__(self, cfg):
+        check_judge_url(cfg.judge_url)
         self.url = cfg.judge_url.rstrip("/") + "/chat/completions"
         self.model, self.cfg = cfg.judge_model, cfg
         # who judged: the model at its endpoint, and how long a reply may be

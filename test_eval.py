@@ -539,6 +539,26 @@ def test_a_key_an_http_header_cannot_carry_is_one_line_before_any_answer(env, ap
     assert not os.path.exists(tmp_path / "o") and not FakeAPI.bodies
 
 
+@pytest.mark.parametrize("url, said", [
+    ("{api} ", "holds ' '"), ("{api}\r", "holds '\\r'"), ("{api}/modèle", "holds 'è'"),
+    ("127.0.0.1:1/v1", "not an http:// or https:// address")])
+def test_a_judge_url_urllib_cannot_send_is_one_line_before_any_answer(env, api, tmp_path, url,
+                                                                      said):
+    """A --judge_url with a trailing space or CR (copied), a path letter beyond ASCII, or no scheme
+    was urllib's InvalidURL, UnicodeEncodeError or ValueError, said (the last two as 'not a
+    chat-completions reply') once every answer had been generated and the retries spent."""
+    from conftest import run_cli as run_stage
+    url = url.format(api=api)
+    code, out, err = run_stage("eval", ["--ckpt", env["ckpts"][0], "--benchmarks", "mmhal",
+                                        "--world", env["world"], "--out", str(tmp_path / "o"),
+                                        "--judge", "openai", "--judge_url", url, "--judge_key",
+                                        "k", "--judge_retries", "0", *FAST])
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--judge_url {url!r}: {said}" in err
+    assert not os.path.exists(tmp_path / "o") and not FakeAPI.bodies
+    assert judges.check_judge_url("HTTPS://bücher.example/v1") is None  # (a host: sent as IDNA)
+
+
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
                   "### Image Contents\n{image_content}\n\n"
                   "### Question\n{question}\n\n"
