@@ -131,8 +131,10 @@ def _parse_json(path, text):
         return json.loads(text)
     except json.JSONDecodeError as e:
         whole = e
-    # (JSON lines end at \n alone: U+2028, U+2029 and U+0085 may stand in a string as they are)
-    lines = text.split("\n")
+    # (JSON lines end at \n, \r\n or \r, as the references' text-mode `for line in open(f)` reads
+    # them (a file of old Mac line ends was 'Extra data'; no JSON string holds a raw CR), not at
+    # U+2028, U+2029 or U+0085, which may stand in a string as they are)
+    lines = re.split(r"\r\n?|\n", text)
     try:  # JSON lines if the first non-blank line is a JSON value by itself
         json.loads(next(line for line in lines if line.strip()))
     except json.JSONDecodeError:

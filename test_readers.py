@@ -70,6 +70,10 @@ def test_llava_good_and_image_normalisation(llava):
     got = read_llava(str(path))
     assert [r["conversations"][1]["value"] for r in got] == \
         [f"Line one{c}line two." for c in seps]
+    # a CR alone ends a line too (no JSON string holds one raw), as the references' text-mode
+    # `for line in open(f)` reads it: the file was refused ('Extra data')
+    path.write_bytes("\r".join(json.dumps(r, ensure_ascii=False) for r in odd).encode())
+    assert read_llava(str(path)) == got
 
 
 @pytest.mark.parametrize("conv,image,expect", [
