@@ -394,8 +394,8 @@ def read_records(path):
     one line naming the file and the line (it was a JSONDecodeError traceback)."""
     records = []
     # (read as the stages read the world's files: an editor's BOM, which eval takes, was a bad
-    # first line; a byte that is not UTF-8 a traceback)
-    for i, line in enumerate(read_text(path).split("\n")):
+    # first line; a byte that is not UTF-8 a traceback; lines end at \n, \r\n or \r)
+    for i, line in enumerate(re.split(r"\r\n?|\n", read_text(path))):
         if not line.strip():
             continue
         try:

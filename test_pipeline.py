@@ -599,9 +599,10 @@ def test_lab_reads_the_worlds_pope_files_as_eval_reads_them(tmp_path):
     cfg, runs = fake_lab(tmp_path)
     pope = os.path.join(cfg.world, "pope_popular.jsonl")
     raw = open(pope, "rb").read()
-    open(pope, "wb").write(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
-    lab.report(cfg, runs)
-    assert "popular = adversarial for 75% of them" in open(cfg.results).read()
+    for ends in (b"\r\n", b"\r"):  # (eval reads both)
+        open(pope, "wb").write(b"\xef\xbb\xbf" + raw.replace(b"\n", ends))
+        lab.report(cfg, runs)
+        assert "popular = adversarial for 75% of them" in open(cfg.results).read()
     open(pope, "wb").write(raw.replace(b'"x"', b'"caf\xe9"'))
     with pytest.raises(common.DataError, match=re.escape(f"{pope}: not UTF-8 text: byte 0xe9")):
         lab.report(cfg, runs)
