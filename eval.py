@@ -314,6 +314,11 @@ def pope_questions(cfg, world):
             split = r.get("category")
             if split in (None, ""):
                 split = _split_of(path)
+                try:  # (compare.md, which names the splits, failed once every answer was made)
+                    split.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise common.ConfigError(f"--pope_files {path!r}: its name, which names the "
+                                             "split, is not UTF-8: rename it") from None
                 other = named_by.setdefault(split, path)
                 if other != path:  # (merged, then --limit cut the second file away unasked)
                     raise common.ConfigError(f"--pope_files: {other} and {path} are both the "

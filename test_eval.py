@@ -1041,20 +1041,32 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
 
 
 def test_a_name_stdout_cannot_write_is_printed_escaped(env, tmp_path):
-    """Under a UTF-8 locale stdout is strict: a --pope_files name holding a byte that is not UTF-8
-    (its split, named by it) made the first progress line a UnicodeEncodeError traceback, after
-    loading the model. It is printed escaped now, as stderr prints it."""
-    src = os.path.join(env["world"], "pope_random.jsonl")
-    pope = os.path.join(os.fsencode(tmp_path), b"coco_pope_\xffx.jsonl")
-    shutil.copy(src, pope)
+    """Under a UTF-8 locale stdout is strict: an --out holding a byte that is not UTF-8 made eval's
+    last line (where its scores went) a UnicodeEncodeError traceback once every answer had been
+    made. It is printed escaped now, as stderr prints it."""
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"e\xff"))
     command = [sys.executable, os.path.join(HERE, "eval.py"), "--ckpt", env["ckpts"][0],
-               "--world", env["world"], "--out", str(tmp_path / "out"), *FAST,
-               "--benchmarks", "pope", "--pope_files", os.fsdecode(pope),
-               "--image_folder", env["world"]]
+               "--world", env["world"], "--out", out, *FAST, "--benchmarks", "pope"]
     r = subprocess.run(command, capture_output=True, text=True, cwd=HERE, timeout=300,
                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert r.returncode == 0, r.stderr
-    assert "m0 pope_coco_pope_\\udcffx: reused 0 answers, generating 4" in r.stdout
+    assert f"-> {tmp_path}/e\\udcff/m0/scores.json" in r.stdout
+
+
+def test_a_pope_file_whose_name_is_not_utf8_is_one_line_before_any_answer(env, tmp_path):
+    """The split of a --pope_files file without a 'category' is named by the file: a name holding
+    a byte that is not UTF-8 ended --compare in a UnicodeEncodeError traceback writing compare.md,
+    once every answer had been made."""
+    from conftest import run_cli as run_stage
+    pope = os.path.join(os.fsencode(tmp_path), b"coco_pope_\xffx.jsonl")
+    shutil.copy(os.path.join(env["world"], "pope_random.jsonl"), pope)
+    code, _, err = run_stage("eval", ["--compare", *env["ckpts"], "--world", env["world"],
+                                      "--out", str(tmp_path / "o"), *FAST, "--benchmarks", "pope",
+                                      "--pope_files", os.fsdecode(pope),
+                                      "--image_folder", env["world"]])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "coco_pope_\\udcffx.jsonl': its name, which names the split, is not UTF-8" in err
+    assert not os.path.exists(tmp_path / "o")
 
 
 @pytest.mark.parametrize("flag", ["pope_suffix", "chair_prompt"])
