@@ -207,7 +207,8 @@ def portable(cfg, argv):
     """argv with the --out, --sft and --world folders written {out}, {sft}, {world}: runs moved
     with their lab to other folders keep matching their commands."""
     folders = [("{out}", cfg.out), ("{sft}", cfg.sft), ("{world}", cfg.world)]
-    folders = sorted(((k, os.path.normpath(f)) for k, f in folders), key=lambda kv: -len(kv[1]))
+    spelled = lambda f: common.dash_free(os.path.normpath(f))  # (as run_lab spells them)
+    folders = sorted(((k, spelled(f)) for k, f in folders), key=lambda kv: -len(kv[1]))
     out = []
     for i, a in enumerate(argv):
         if a == "--device" or (i and argv[i - 1] == "--device"):  # (where it ran: not the recipe)

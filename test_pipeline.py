@@ -1045,6 +1045,10 @@ def test_an_out_whose_name_starts_with_a_dash_is_passed_on_as_a_path(monkeypatch
         module = importlib.import_module(argv[0][:-3])
         cfg = common.parse_config(module.Config, argv[1:], prog=argv[0])
         assert cfg.out.startswith("./-runs/"), cfg.out
+        # (recorded with {out}: runs moved with their lab keep matching their commands)
+        mine = lab.Config(sft=tiny_sft, world=tiny_world, out="-runs")
+        recorded = lab.portable(mine, argv)
+        assert recorded[recorded.index("--out") + 1].startswith("{out}/"), recorded
 
 
 def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, tiny_sft, capsys,
