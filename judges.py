@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import torch
@@ -552,17 +553,40 @@ def openai_key(cfg):
 
 def check_judge_url(url):
     """--judge_url as urllib can send it: an http(s) address without spaces or control characters,
-    its path in ASCII (a host may be Unicode: sent as IDNA). A space, a CR or a path letter beyond
-    ASCII (InvalidURL, UnicodeEncodeError), or no scheme (ValueError), was taken for a bad reply,
-    retried, and said once every answer had been generated."""
-    m = re.match(r"https?://([^/]+)(.*)", url, re.S | re.I)
-    if not m:
-        raise common.ConfigError(f"--judge_url {url!r}: not an http:// or https:// address")
-    bad = [c for c in url if c.isspace() or not c.isprintable()] + \
-        [c for c in m[2] if not c.isascii()]
-    if bad:
+    a host (Unicode: sent as IDNA) and a port of 0-65535, its path and query in ASCII. Each of
+    these (InvalidURL, UnicodeEncodeError, ValueError, a port 99999 sent to 34463) was taken for
+    a bad reply or a dead server, retried, and said once every answer had been generated."""
+    bad = [c for c in url if c.isspace() or not c.isprintable()]
+    if bad:  # (before urlsplit, which strips them)
         raise common.ConfigError(f"--judge_url {url!r}: holds {bad[0]!r} (no space or control "
                                  "character; percent-encode a path)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # (a ValueError where it is no number or out of range)
+    except ValueError as e:  # (a port 'abc' or 99999, an unclosed '[')
+        raise common.ConfigError(f"--judge_url {url!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise common.ConfigError(f"--judge_url {url!r}: not an http:// or https:// address")
+    if not parts.hostname:
+        raise common.ConfigError(f"--judge_url {url!r}: no host")
+    if "@" in parts.netloc:  # (urllib takes 'user:pw@host' for the host's name)
+        raise common.ConfigError(f"--judge_url {url!r}: a user or password before the host "
+                                 "(urllib sends none)")
+    try:  # (as the socket sends it: 'a..b' was a UnicodeError, read as a bad reply)
+        parts.hostname.encode("idna")
+    except UnicodeError as e:
+        raise common.ConfigError(f"--judge_url {url!r}: host {parts.hostname!r}: {e}") from None
+    bad = [c for c in parts.path + parts.query if not c.isascii()]
+    if bad:
+        raise common.ConfigError(f"--judge_url {url!r}: holds {bad[0]!r} (percent-encode a path "
+                                 "or query)")
+
+
+def chat_completions_url(url):
+    """--judge_url with '/chat/completions' put at the end of its path: a query ('?x=1') stays
+    after it (it was appended after the query). Neither scheme nor host holds '?' or '#'."""
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
+    return url[:cut].rstrip("/") + "/chat/completions" + url[cut:]
 
 
 class OpenAIJudge:
@@ -570,7 +594,7 @@ class OpenAIJudge:
 
     def __init__(self, cfg):
         check_judge_url(cfg.judge_url)
-        self.url = cfg.judge_url.rstrip("/") + "/chat/completions"
+        self.url = chat_completions_url(cfg.judge_url)
         self.model, self.cfg = cfg.judge_model, cfg
         # who judged: the model at its endpoint, and how long a reply may be
         self.name = f"openai:{cfg.judge_model}@{self.url}|max_tokens={cfg.judge_max_tokens}"

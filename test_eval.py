@@ -542,7 +542,10 @@ def test_a_key_an_http_header_cannot_carry_is_one_line_before_any_answer(env, ap
 
 @pytest.mark.parametrize("url, said", [
     ("{api} ", "holds ' '"), ("{api}\r", "holds '\\r'"), ("{api}/modèle", "holds 'è'"),
-    ("127.0.0.1:1/v1", "not an http:// or https:// address")])
+    ("127.0.0.1:1/v1", "not an http:// or https:// address"),
+    ("https://host:abc/v1", "Port could not be cast to integer value as 'abc'"),
+    ("http://host:99999/v1", "Port out of range 0-65535"), ("http://[::1/v1", "Invalid IPv6 URL"),
+    ("http://host?x=é", "holds 'é'")])
 def test_a_judge_url_urllib_cannot_send_is_one_line_before_any_answer(env, api, tmp_path, url,
                                                                       said):
     """A --judge_url with a trailing space or CR (copied), a path letter beyond ASCII, or no scheme
@@ -556,7 +559,25 @@ def test_a_judge_url_urllib_cannot_send_is_one_line_before_any_answer(env, api, 
                                         "k", "--judge_retries", "0", *FAST])
     assert code == 2 and f"error: --judge_url {url!r}: {said}" in err, err
     assert not os.path.exists(tmp_path / "o")  # (nothing asked, nothing answered)
-    assert judges.check_judge_url("HTTPS://bücher.example/v1") is None  # (a host: sent as IDNA)
+
+
+def test_judge_urls_urllib_sends_pass_and_a_query_stays_after_the_path(api):
+    """The URL check lets through what urllib sends (a host beyond ASCII goes as IDNA); it refuses
+    a URL without a host, with a user before it, or a host IDNA cannot encode (urllib failed on
+    each once every answer was made). '/chat/completions' went after a query ('?x=1')."""
+    for url in ["http://localhost:8000/v1", "https://host/v1/chat/completions",
+                "http://[::1]:8000/v1", "http://host:8000/v1?api-version=2024-02-01",
+                "HTTP://HOST/v1", "https://bücher.example/v1", "http://host/v1#é"]:
+        assert judges.check_judge_url(url) is None, url
+    for url, said in [("http:///v1", "no host"), ("http://:8000/v1", "no host"),
+                      ("http://u:pw@host/v1", "a user or password"),
+                      ("http://a..b/v1", "host 'a..b': ")]:
+        with pytest.raises(common.ConfigError, match=re.escape(f"--judge_url {url!r}: {said}")):
+            judges.check_judge_url(url)
+    cfg = E.Config(judge="openai", judge_url=f"{api}/?x=1", judge_model="m", judge_key="k",
+                   judge_retries=0, judge_timeout=5)
+    assert judges.make_judge(cfg)("x", {}) == "Fine.\nRating: 5"
+    assert FakeAPI.bodies[-1][0] == "/v1/chat/completions?x=1"
 
 
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
