@@ -539,15 +539,17 @@ def local_judge_config(path):
 
 
 def openai_key(cfg):
-    """--judge_key, else $OPENAI_API_KEY. A bearer token is printable ASCII (RFC 6750): a CR left
-    by a key file saved on Windows, or a letter beyond ASCII, made urllib's ValueError, read as a
-    bad reply and retried --judge_retries times before 'not a chat-completions reply'."""
+    """--judge_key, else $OPENAI_API_KEY, as http.client's putheader sends it: Latin-1 (a space, a
+    tab or 'é' go as they are), a CR or LF only where a space or tab follows (a folded line). A CR
+    left by a key file saved on Windows, or a letter beyond U+00FF, made urllib's ValueError, read
+    as a bad reply and retried --judge_retries times before 'not a chat-completions reply'."""
     key = cfg.judge_key or os.environ.get("OPENAI_API_KEY", "")
-    bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
-    if bad is not None:  # (the key itself is not said)
+    bad = re.search(r"[^\x00-\xff]|\n(?![ \t])|\r(?![ \t\n])", key)
+    if bad:  # (the key itself is not said)
         where = "--judge_key" if cfg.judge_key else "OPENAI_API_KEY"
-        raise common.ConfigError(f"{where}: holds {key[bad]!r} at position {bad} (an API key is "
-                                 "printable ASCII without spaces: a CR of a Windows file?)")
+        raise common.ConfigError(f"{where}: holds {bad[0]!r} at position {bad.start()} (an HTTP "
+                                 "header carries Latin-1, a CR or LF only before a space or tab: "
+                                 "a CR of a Windows file?)")
     return key
 
 

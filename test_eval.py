@@ -540,6 +540,24 @@ def test_a_key_an_http_header_cannot_carry_is_one_line_before_any_answer(env, ap
     assert not os.path.exists(tmp_path / "o")  # (nothing asked, nothing answered)
 
 
+def test_a_key_http_client_sends_is_sent_as_it_is_and_only_such_a_key(api):
+    """A key holding a space, a tab or a Latin-1 letter was refused, though http.client sends it;
+    what putheader refuses (a letter beyond U+00FF, a CR or LF that no space or tab follows) is
+    refused before any request."""
+    for key in ["sk a", "sk\tb", "sk-é\xff", "sk-a\r\n b"]:
+        cfg = E.Config(judge="openai", judge_url=api, judge_model="m", judge_key=key,
+                       judge_retries=0, judge_timeout=5)
+        assert judges.make_judge(cfg)("x", {}) == "Fine.\nRating: 5"
+        assert FakeAPI.bodies[-1][1] == f"Bearer {key}", key
+    FakeAPI.bodies.clear()
+    for key, i in [("sk-\u0100", 3), ("sk-猫", 3), ("sk-a\r", 4), ("sk\na", 2), ("s\r\nk", 2)]:
+        cfg = E.Config(judge="openai", judge_url=api, judge_key=key)
+        with pytest.raises(common.ConfigError, match=re.escape(
+                f"--judge_key: holds {key[i]!r} at position {i} (an HTTP header carries Latin-1")):
+            judges.make_judge(cfg)
+    assert not FakeAPI.bodies
+
+
 @pytest.mark.parametrize("url, said", [
     ("{api} ", "holds ' '"), ("{api}\r", "holds '\\r'"), ("{api}/modèle", "holds 'è'"),
     ("127.0.0.1:1/v1", "not an http:// or https:// address"),
