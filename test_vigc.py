@@ -403,24 +403,33 @@ def test_a_folder_of_the_worlds_images_gets_oracle_counts(tiny_world, tiny_ckpt,
     assert not os.path.exists(tmp_path / "gen2" / "metrics.jsonl")
 
 
+@pytest.mark.parametrize("bad", ["file", "folder", "working directory"])
 def test_a_folder_image_whose_name_is_not_utf8_is_refused_before_any_step(tiny_world, tiny_ckpt,
-                                                                        tmp_path, monkeypatch):
+                                                                        tmp_path, monkeypatch,
+                                                                        bad):
     """A file name with a byte that is not UTF-8 in an --images folder trained and generated, then
-    was written as a lone surrogate escape ('\\udcff') that sft.py refuses in the data it made."""
+    was written as a lone surrogate escape ('\\udcff') that sft.py refuses in the data it made.
+    Such a byte in the folder's name or the working directory's was blamed on the file name."""
     good = "Is there a triangle? Answer: Yes, there is a triangle."
     monkeypatch.setattr(common, "generate_answers", scripted(
         lambda items, temperature, num_beams: [(good, True) for _ in items]))
-    folder = tmp_path / "imgs"
-    folder.mkdir()
+    work = os.path.join(os.fsencode(tmp_path), b"w\xffd" if bad == "working directory" else b"w")
+    folder = os.path.join(work, b"im\xffgs" if bad == "folder" else b"imgs")
+    os.makedirs(folder)
+    monkeypatch.chdir(work)
     unlabeled = os.path.join(tiny_world, "images", "unlabeled")
     first = os.path.join(unlabeled, sorted(os.listdir(unlabeled))[0])
-    shutil.copy(first, os.path.join(os.fsencode(folder), b"a\xff.png"))
+    shutil.copy(first, os.path.join(folder, b"a\xff.png" if bad == "file" else b"a.png"))
     out = tmp_path / "gen"
     argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--generate", "2",
-            "--images", str(folder), "--out", str(out)]
+            "--images", os.fsdecode(os.path.basename(folder)), "--out", str(out)]
     code, _, err = run_cli("vigc", argv)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "a\\udcff.png' is not a UTF-8 name" in err and not os.path.exists(out / "metrics.jsonl")
+    # (the path as the line prints it: repr of its surrogate escapes, '\\udcff')
+    path = os.fsdecode(os.path.join(folder, b"a\xff.png") if bad == "file" else folder)
+    what = "the file name is" if bad == "file" else "a folder on this path has a name that is"
+    assert f"error: --images: {path!r}: {what} not UTF-8" in err, err
+    assert not os.path.exists(out / "metrics.jsonl")
 
 
 def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
