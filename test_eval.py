@@ -1,11 +1,14 @@
 """Tests for eval.py, metrics.py and judges.py: metric math against hand-computed numbers, the
 parsers, the oracle judge, the HTTP judge against a local server, and the CLI (reuse, resume,
 compare, bad input) on the tiny world of conftest.py."""
+import contextlib
 import http.server
+import io
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -324,7 +327,7 @@ def test_oracle_judge_gavie():
 class FakeAPI(http.server.BaseHTTPRequestHandler):
     """Answers POST /v1/chat/completions from a script of (status, content) pairs; records the
     bodies."""
-    script, bodies = [], []
+    script, bodies, done = [], [], threading.Event()
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -344,7 +347,8 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
         for i in range(30 if raw.get("slow_headers") else 0):  # (a header line at a time)
             self.send_header(f"X-Wait-{i}", "1")
             self.flush_headers()
-            time.sleep(raw["slow_headers"])
+            if FakeAPI.done.wait(raw["slow_headers"]):  # (the test is over)
+                return
         self.end_headers()
         if raw.get("cut"):  # (half the body, then the connection closes)
             self.wfile.write(data[:len(data) // 2])
@@ -353,7 +357,8 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
             for i in range(len(data)):
                 self.wfile.write(data[i:i + 1])
                 self.wfile.flush()
-                time.sleep(raw["trickle"])
+                if FakeAPI.done.wait(raw["trickle"]):  # (the test is over)
+                    return
             return
         self.wfile.write(data)
 
@@ -361,18 +366,63 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def api():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
+class FakeServer(http.server.ThreadingHTTPServer):
+    """FakeAPI's server. Its request threads are joined when it closes and print no error: a slow
+    reply of one test trickled on for seconds after it, and a write to a client gone (a timeout
+    under load) printed a traceback into the stderr a later test had redirected."""
+    daemon_threads, block_on_close = False, True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+@contextlib.contextmanager
+def fake_api():
+    """The URL of a FakeAPI served until the block ends; its replies end with it."""
+    FakeAPI.script, FakeAPI.bodies, FakeAPI.done = [], [], threading.Event()
+    server = FakeServer(("127.0.0.1", 0), FakeAPI)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
-    FakeAPI.script, FakeAPI.bodies = [], []
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
+        FakeAPI.done.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def api():
+    with fake_api() as url:
+        yield url
+
+
+def test_the_fake_api_ends_its_replies_with_the_test_and_prints_nothing():
+    """(The cause of the flake 1864d85 loosened the judge key and URL tests over.) A reply
+    trickling in outlived its test by seconds; under load the client went away, the server
+    thread's next write failed, and socketserver printed a traceback to the stderr that a later
+    test's run_cli had redirected: its error was no longer one line."""
+    reply = {"status": 200, "body": {"choices": [{"message": {"content": "x" * 200}}]},
+             "trickle": 0.01}
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with fake_api() as url:
+            FakeAPI.script = [reply, reply]
+            port = int(url.split(":")[2].split("/")[0])
+            # a client that goes away mid-reply, as a judge's request that timed out under load
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(request)
+                client.recv(1)
+            time.sleep(0.3)  # (the next bytes meet a closed socket)
+            # and one that stays, as a judge's request thread left behind does
+            staying = socket.create_connection(("127.0.0.1", port))
+            staying.sendall(request)
+            staying.recv(1)
+        left = [t for t in threading.enumerate() if "process_request" in t.name]
+        staying.close()
+    assert not left and err.getvalue() == "", (left, err.getvalue())
 
 
 def test_openai_judge_retries_and_parses(api):
@@ -534,10 +584,9 @@ def test_a_key_an_http_header_cannot_carry_is_one_line_before_any_answer(env, ap
                                         "--world", env["world"], "--out", str(tmp_path / "o"),
                                         "--judge", "openai", "--judge_url", api,
                                         "--judge_retries", "0", *FAST])
-    # (not err.count: another test's server thread may print to stderr meanwhile)
-    assert code == 2 and "error: OPENAI_API_KEY: holds '\\r' at position 13" in err, err
-    assert "SECRET" not in err
-    assert not os.path.exists(tmp_path / "o")  # (nothing asked, nothing answered)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "error: OPENAI_API_KEY: holds '\\r' at position 13" in err and "SECRET" not in err
+    assert not os.path.exists(tmp_path / "o") and not FakeAPI.bodies  # (nothing asked)
 
 
 def test_a_key_http_client_sends_is_sent_as_it_is_and_only_such_a_key(api):
@@ -575,8 +624,9 @@ def test_a_judge_url_urllib_cannot_send_is_one_line_before_any_answer(env, api, 
                                         "--world", env["world"], "--out", str(tmp_path / "o"),
                                         "--judge", "openai", "--judge_url", url, "--judge_key",
                                         "k", "--judge_retries", "0", *FAST])
-    assert code == 2 and f"error: --judge_url {url!r}: {said}" in err, err
-    assert not os.path.exists(tmp_path / "o")  # (nothing asked, nothing answered)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: --judge_url {url!r}: {said}" in err
+    assert not os.path.exists(tmp_path / "o") and not FakeAPI.bodies  # (nothing asked)
 
 
 def test_judge_urls_urllib_sends_pass_and_a_query_stays_after_the_path(api):
