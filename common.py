@@ -185,6 +185,16 @@ def checkpoint_name(path):
     return f"{os.path.basename(os.path.dirname(p))}-{n}" if n.startswith("checkpoint-") else n
 
 
+def is_utf8(name):
+    """Whether a name read from the file system holds no byte that is not UTF-8 (a surrogate
+    escape)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def dash_free(path):
     """A relative path that starts with '-' as './-...': passed on to a stage ('--out -runs/sft'),
     argparse read it as a flag and the stage refused '--out: expected one argument'."""

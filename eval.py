@@ -314,11 +314,11 @@ def pope_questions(cfg, world):
             split = r.get("category")
             if split in (None, ""):
                 split = _split_of(path)
-                try:  # (compare.md, which names the splits, failed once every answer was made)
-                    split.encode("utf-8")
-                except UnicodeEncodeError:
+                # (compare.md, which names the splits, failed once every answer was made; checked
+                # on a file's first record without a category, not on each)
+                if split not in named_by and not common.is_utf8(split):
                     raise common.ConfigError(f"--pope_files {path!r}: its name, which names the "
-                                             "split, is not UTF-8: rename it") from None
+                                             "split, is not UTF-8: rename it")
                 other = named_by.setdefault(split, path)
                 if other != path:  # (merged, then --limit cut the second file away unasked)
                     raise common.ConfigError(f"--pope_files: {other} and {path} are both the "

@@ -126,15 +126,20 @@ def _check_surrogates(path, obj):
     raise DataError(path, None, name(where), message)
 
 
+def json_lines(text):
+    """The lines of a JSON lines text: they end at \n, \r\n or \r, as the references' text-mode
+    `for line in open(f)` reads them (no JSON string holds a raw CR), not at U+2028, U+2029 or
+    U+0085, which may stand in a string as they are."""
+    return re.split(r"\r\n?|\n", text)
+
+
 def _parse_json(path, text):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         whole = e
-    # (JSON lines end at \n, \r\n or \r, as the references' text-mode `for line in open(f)` reads
-    # them (a file of old Mac line ends was 'Extra data'; no JSON string holds a raw CR), not at
-    # U+2028, U+2029 or U+0085, which may stand in a string as they are)
-    lines = re.split(r"\r\n?|\n", text)
+    # (a file of old Mac line ends was 'Extra data')
+    lines = json_lines(text)
     try:  # JSON lines if the first non-blank line is a JSON value by itself
         json.loads(next(line for line in lines if line.strip()))
     except json.JSONDecodeError:

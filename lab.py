@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 import common
 import shapes
 from checkpoint import latest_checkpoint, refuse_scalar_model, resolve_checkpoint
-from formats import DataError, read_text
+from formats import DataError, json_lines, read_text
 
 
 CLAIMS = ("lrv", "rlhf", "povid", "vigc")
@@ -203,11 +203,16 @@ def run_record(cfg, name):
     return os.path.join(cfg.out, name, "lab_run.json")
 
 
+def spelled(path):
+    """A folder as the lab's commands spell it, one way: 'runs/lab/' is 'runs/lab', '-runs'
+    './-runs' (run_lab spells --out, --sft and --world so; portable matches them so)."""
+    return common.dash_free(os.path.normpath(path))
+
+
 def portable(cfg, argv):
     """argv with the --out, --sft and --world folders written {out}, {sft}, {world}: runs moved
     with their lab to other folders keep matching their commands."""
     folders = [("{out}", cfg.out), ("{sft}", cfg.sft), ("{world}", cfg.world)]
-    spelled = lambda f: common.dash_free(os.path.normpath(f))  # (as run_lab spells them)
     folders = sorted(((k, spelled(f)) for k, f in folders), key=lambda kv: -len(kv[1]))
     out = []
     for i, a in enumerate(argv):
@@ -395,8 +400,8 @@ def read_records(path):
     one line naming the file and the line (it was a JSONDecodeError traceback)."""
     records = []
     # (read as the stages read the world's files: an editor's BOM, which eval takes, was a bad
-    # first line; a byte that is not UTF-8 a traceback; lines end at \n, \r\n or \r)
-    for i, line in enumerate(re.split(r"\r\n?|\n", read_text(path))):
+    # first line; a byte that is not UTF-8 a traceback; a CR alone ends a line)
+    for i, line in enumerate(json_lines(read_text(path))):
         if not line.strip():
             continue
         try:
@@ -1226,8 +1231,6 @@ def run_lab(cfg):
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
-    # one spelling of each folder in the commands ('runs/lab/' is 'runs/lab'; '-runs' './-runs')
-    spelled = lambda path: common.dash_free(os.path.normpath(path))
     cfg = replace(cfg, out=spelled(cfg.out), sft=spelled(cfg.sft), world=spelled(cfg.world))
     if not cfg.report_only:  # (every run would fail, and the report be written of none)
         common.check_device(cfg.device)

@@ -458,16 +458,6 @@ def correct_reference(model, tokenizer, jobs, cfg):
 NAMES_IN_JSON = "the generated data names its images in UTF-8 JSON"
 
 
-def is_utf8(name):
-    """Whether a name read from the file system holds no byte that is not UTF-8 (a surrogate
-    escape)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def image_list(cfg):
     """(name written to the output, path) of the images to generate for: --images, a folder (names
     absolute) or a file with one path a line (names as listed: relative to its folder or
@@ -480,11 +470,11 @@ def image_list(cfg):
         # UTF-8 as no text: the folder's path, the working directory's included, and each file
         # name are checked apart, so that the line blames the one to rename)
         folder = os.path.abspath(cfg.images)
-        if not is_utf8(folder):
+        if not common.is_utf8(folder):
             raise common.ConfigError(f"--images: {folder!r}: a folder on this path has a name "
                                      f"that is not UTF-8 ({NAMES_IN_JSON}): rename or move it")
         for n in files:
-            if not is_utf8(n):
+            if not common.is_utf8(n):
                 raise common.ConfigError(f"--images: {os.path.join(folder, n)!r}: the file name "
                                          f"is not UTF-8 ({NAMES_IN_JSON}): rename it")
         return [(os.path.abspath(p), p) for p in paths]
