@@ -412,8 +412,14 @@ def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
             "since it started, and it would go on against another reference; resume with the "
             "inputs it started from, or start a new run")
     if d.main:  # temp name + rename: a crash never leaves half a cache
-        torch.save(table, f"{path}.tmp{os.getpid()}")
-        os.replace(f"{path}.tmp{os.getpid()}", path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+        except Exception as e:  # (a full disk: torch's own error, a traceback)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise common.write_failure(e, cfg.out, os.path.basename(path)) from None
         print(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {path}")
     return table
 

@@ -437,6 +437,27 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     assert len([f for f in os.listdir(tmp_path / "other") if f.startswith("ref_logps-")]) == 2
 
 
+def test_a_full_disk_while_caching_the_reference_is_one_line(env, tmp_path, monkeypatch):
+    """A disk filling up while a full fine-tune cached its reference log-probs ended in torch's own
+    RuntimeError (basic_ios::clear: iostream error), a traceback. Now one line naming the cache
+    and exit 2, no half cache left; the same command with space goes on."""
+    out, real = tmp_path / "full", torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if "ref_logps-" in str(f):
+            real(obj, f, *a, **kw)  # (part of it on disk, as a full disk leaves it)
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, f, *a, **kw)
+    monkeypatch.setattr(dpo.torch, "save", full_disk)
+    full = ["--lora_r", "0", "--max_steps", "1", "--eval_n", "2"]
+    code, _, err = run_cli("dpo", [str(a) for a in args(env, out, *full)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out}: cannot write ref_logps-" in err and "free some space" in err, err
+    assert not [f for f in os.listdir(out) if f.startswith("ref_logps-")]
+    monkeypatch.undo()
+    assert "computed" in cli(*args(env, out, *full))
+
+
 def _rows(out):
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     return [x for x in rows if "loss" in x], [x for x in rows if "val_reward_accuracy" in x]
