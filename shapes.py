@@ -875,7 +875,13 @@ def build_tokenizer(world_dir, vocab_size=None):
                                  unk_token="<unk>", pad_token="<pad>",
                                  extra_special_tokens={"image_token": "<image>"},
                                  model_max_length=4096)
-    hf.save_pretrained(os.path.join(world_dir, "tokenizer"))
+    try:
+        hf.save_pretrained(os.path.join(world_dir, "tokenizer"))
+    except Exception as e:  # (tokenizers' own error for a full disk is no OSError: a traceback)
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if isinstance(e, OSError) or not code:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
     cfg_path = os.path.join(world_dir, "tokenizer", "tokenizer_config.json")
     # transformers 5 writes its own class name; this one loads in 4.x too
     cfg = json.load(open(cfg_path))

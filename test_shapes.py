@@ -816,6 +816,30 @@ def test_out_refused_before_generating(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["afile", "w"]
 
 
+def test_a_full_disk_while_saving_the_tokenizer_is_one_line(tmp_path, monkeypatch, capsys):
+    """shapes.py with the disk filling up as the world's tokenizer was saved: tokenizers' own
+    error (a bare Exception, 'No space left on device (os error 28)') was a traceback. Now one line
+    and exit 2, the world there before as it was and no temp folder left."""
+    from transformers import PreTrainedTokenizerFast
+    tiny = ["--n_train", "6", "--n_val", "2", "--n_test", "4", "--n_unlabeled", "2", "--n_pref",
+            "4", "--n_povid", "4", "--n_rl", "4"]
+    out = tmp_path / "w"
+    shapes.main(["--out", str(out)] + tiny)
+    before = files(out), (out / "world.json").read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full_disk)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        shapes.main(["--out", str(out), "--seed", "1", "--overwrite", "true"] + tiny)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert (files(out), (out / "world.json").read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["w"]
+
+
 def test_out_that_is_a_link_gets_the_world_where_it_points(tmp_path):
     """shapes.py --out LINK: a link to a folder not made yet wrote nothing and exited 0 (the
     rename's ENOTDIR read as "another process put one there first"); a link to a world was
