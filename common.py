@@ -119,13 +119,14 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         fail(f"{e.filename}: {e.strerror}")
     except OSError as e:
-        if getattr(e, "filename", None):
-            fail(f"{e.filename}: {e.strerror}")
-        # (a write that fails names no file: a full disk while logging, answering or drawing)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        # (a full disk while logging, answering or drawing: named by `naming` where it can be)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            fail(f"{e.strerror} while writing: free some space and run again (checkpoints and "
-                 "worlds are written whole or not at all; a training run goes on from its last "
-                 "checkpoint with --resume true)")
+            fail(f"{where}{e.strerror} while writing: free some space and run again (checkpoints "
+                 "and worlds are written whole or not at all; a training run goes on from its "
+                 "last checkpoint with --resume true)")
+        if where:
+            fail(f"{where}{e.strerror}")
         if e.errno in (errno.EROFS, errno.EFBIG):
             fail(f"{e.strerror} while writing")
         if e.errno == errno.EIO:
@@ -910,7 +911,7 @@ class Logger:
         elapsed = time.time() - self.t0
         parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
         print(" | ".join(parts + [f"{elapsed:.1f}s"]), flush=True)
-        with open(self.path, "a") as f:  # (NaN and inf are not JSON: null)
+        with naming(self.path), open(self.path, "a") as f:  # (NaN and inf are not JSON: null)
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                       for k, v in metrics.items()}
             row = {"step": step, "time": round(elapsed, 3), **finite}
@@ -1258,6 +1259,18 @@ def paths_in_flag(value):
     return sorted({p for p in pieces if p and os.path.exists(p)})
 
 
+@contextmanager
+def naming(path):
+    """An OSError raised inside that names no file names `path`: a write failing for want of space
+    names none, and the user's line would not say which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
+
+
 def write_json(obj, path, indent=1):
     """path holds the whole of obj or what it held before (write_whole)."""
     write_whole(path, lambda f: json.dump(obj, f, indent=indent))
@@ -1272,7 +1285,7 @@ def write_whole(path, write):
     if os.path.isdir(path):  # (the rename's error named the temp file)
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
     try:
-        with open(tmp, "w") as f:
+        with naming(path), open(tmp, "w") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

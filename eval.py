@@ -784,7 +784,8 @@ class Answerer:
                       **{x: q[x] for x in keep}, "source": src,
                       "image_digest": digests[q["id"], q["prompt"]]}
                      for q, answer in zip(chunk, texts)]
-            with open(path, "a", encoding="utf-8") as f:  # each batch on disk before the next
+            # each batch on disk before the next
+            with common.naming(path), open(path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(line) + "\n" for line in lines)
             done.update((line["id"], line) for line in lines)
         self.note_made(bench, done)
@@ -1054,7 +1055,7 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
     empty = {}  # id: the judge's finish reason, for replies without a word (not stored)
-    with open(path, "a", encoding="utf-8") as f:
+    with common.naming(path), open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
             reply = judge(prompts[q["id"]], dict(q, answer=answer, bench=bench))

@@ -1379,8 +1379,10 @@ def write_world(out_dir, seed=0, flag="--out", **params):
         if foreign:
             raise DataError(out_dir, message=f"holds {foreign}, which is not part of a world: "
                                              "refusing to replace the folder (move it out first)")
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # (a full disk names no file)
+            e.filename = out_dir
         raise
     old = f"{out_dir}.old{os.getpid()}"
     if os.path.exists(out_dir):

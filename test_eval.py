@@ -2002,8 +2002,9 @@ def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         run_cli(env, tmp_path / "o", *argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: No space left on device while writing: "
-                                                "free some space and run again"), err
+    answers = tmp_path / "o" / "m0" / "answers_pope_random.jsonl"  # (named since)
+    assert e.value.code == 2 and err.startswith(f"error: {answers}: No space left on device while "
+                                                "writing: free some space and run again"), err
     assert len(err.strip().splitlines()) == 1
     monkeypatch.undo()
     run_cli(env, tmp_path / "o", *argv)

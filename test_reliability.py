@@ -2838,3 +2838,55 @@ def test_reward_killed_then_resumed_is_bitwise(w, tmp_path):
 def test_vigc_killed_then_resumed_is_bitwise(w, tmp_path):
     argv = base_args("vigc", w, "x")[:-2] + STEPS + ["--lora_r", "4"]
     kill_resume_equals_straight("vigc", argv, tmp_path)
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(w, tmp_path, monkeypatch):
+    """A write failing for want of space raises an OSError naming no file: a full disk while the
+    run's record (run.json) or its log (metrics.jsonl) was written said 'No space left on device
+    while writing', naming neither. Now the line names the file; what was on disk stays whole."""
+    import builtins
+    import errno
+    out = tmp_path / "sft"
+    argv = base_args("sft", w, out) + ["--align_steps", "0", "--read_steps", "0"]
+    real_dump = json.dump
+
+    def full_run_json(obj, f, **kwargs):
+        if os.path.basename(getattr(f, "name", "")).startswith("run.json.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(obj, f, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(common.json, "dump", full_run_json)
+        code, _, err = run_cli("sft", argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {out / 'run.json'}: No space left on device while writing: "
+                          "free some space"), err
+    assert not os.path.exists(out / "run.json") and not list(out.glob("*.tmp*"))
+    code, _, err = run_cli("sft", argv + ["--log_every", "1"])
+    assert code == 0, err
+    logged = (out / "metrics.jsonl").read_bytes()
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return Full(f) if mode == "a" and str(path).endswith("metrics.jsonl") else f
+    with monkeypatch.context() as m:
+        m.setattr(common, "open", opened, raising=False)
+        code, _, err = run_cli("sft", argv + ["--log_every", "1", "--resume", "true",
+                                              "--max_steps", "2"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {out / 'metrics.jsonl'}: No space left on device while "
+                          "writing: free some space"), err
+    assert (out / "metrics.jsonl").read_bytes() == logged
+    assert os.listdir(out / "checkpoint-000001")
