@@ -1159,8 +1159,15 @@ def lrv_file(world_dir, neg_ratio, seed):
     recs = lrv_mix(world_dir, neg_ratio, seed)
     recs = [dict(r, image=os.path.relpath(r["image"], world_dir)) for r in recs]
     tmp = f"{path}.tmp{os.getpid()}"
-    _dump(recs, tmp)
-    os.replace(tmp, path)
+    try:
+        _dump(recs, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # (a full disk: no torn temp file left in the world, one a run)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # (a full disk names no file)
+            e.filename = path
+        raise
     return path
 
 

@@ -682,6 +682,26 @@ def test_lrv_mix_ratio(worlds):
     assert shapes.lrv_mix(world, 0.5, seed=1) == shapes.lrv_mix(world, 0.5, seed=1)
 
 
+def test_a_full_disk_while_writing_an_lrv_file_leaves_no_temp_file(tmp_path, monkeypatch):
+    """`sft.py --lrv true --seed N` writes WORLD/lrv/neg*-seedN.json on first use: a disk filling
+    up there left its torn temp file in the world (one more each run, on a disk already full) and
+    the error named no file. Now the temp file is removed and the error names the LRV file."""
+    world = tmp_path / "w"
+    shapes.write_world(str(world), seed=0, n_train=6, n_val=2, n_test=4, n_unlabeled=2,
+                       n_pref=4, n_povid=4, n_rl=4)
+    before = sorted(os.listdir(world / "lrv"))
+
+    def half(obj, path, lines=False):
+        with open(path, "w") as f:
+            f.write("[{")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shapes, "_dump", half)
+    with pytest.raises(OSError) as e:
+        shapes.lrv_file(str(world), 0.5, 3)
+    assert e.value.filename == str(world / "lrv" / "neg0.5-seed3.json")
+    assert sorted(os.listdir(world / "lrv")) == before
+
+
 def test_lrv_mix_above_one_half_leaves_positives_out(worlds):
     """Above 0.5 the negatives were made r / (1 - r) times the positives: --neg_ratio 0.9999
     (in its range [0, 1]) asked 9999 per positive, and writing a 60-image world ran for minutes
