@@ -897,11 +897,8 @@ class Logger:
         with open(self.path, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
         kept = [line for line in lines if _row_step(line) <= step]
-        if len(kept) < len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+        if len(kept) < len(lines):  # (whole: a full disk left a torn metrics.jsonl.tmp)
+            write_whole(self.path, lambda f: f.writelines(kept), encoding="utf-8")
 
     def log(self, step, **metrics):
         if not self.enabled:
@@ -1276,7 +1273,7 @@ def write_json(obj, path, indent=1):
     write_whole(path, lambda f: json.dump(obj, f, indent=indent))
 
 
-def write_whole(path, write):
+def write_whole(path, write, encoding=None):
     """write(f) into path.tmpPID, then renamed onto path: path holds all of it or what it held
     before (a disk full, or an error, while writing leaves no half file, nor a temp file). The
     temp file is this process's own: two processes writing one path (two labs' RESULTS.md) each
@@ -1285,7 +1282,7 @@ def write_whole(path, write):
     if os.path.isdir(path):  # (the rename's error named the temp file)
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
     try:
-        with naming(path), open(tmp, "w") as f:
+        with naming(path), open(tmp, "w", encoding=encoding) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

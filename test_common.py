@@ -625,3 +625,26 @@ def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
     assert [w.wait() for w in writers] == [0, 0], [w.stderr.read()[-300:] for w in writers]
     assert seen == {"whole"}
     assert sorted(os.listdir(tmp_path)) == ["RESULTS.md"]
+
+
+def test_a_full_disk_while_the_log_is_cut_back_keeps_it_whole(tmp_path, monkeypatch):
+    """A run resumed drops the log rows of the steps after its newest checkpoint, rewriting
+    metrics.jsonl through metrics.jsonl.tmp: a disk filling up there left the torn temp file in
+    --out and an error naming no file. Now the log is as it was, no temp file, the log named."""
+    import builtins
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(f'{{"step": {i}, "loss": 1.0}}\n' for i in (1, 2, 3)))
+    before = log.read_bytes()
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        if mode == "w" and str(path).startswith(str(log) + ".tmp"):
+            f.write('{"step": 1')  # (what fitted)
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+    monkeypatch.setattr(common, "open", opened, raising=False)
+    with pytest.raises(OSError) as e:
+        common.Logger(str(tmp_path))  # (no checkpoint: every row goes)
+    assert e.value.filename == str(log)
+    assert log.read_bytes() == before and os.listdir(tmp_path) == ["metrics.jsonl"]
