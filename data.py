@@ -210,6 +210,11 @@ def load_tokenizer(path):
         if not os.path.exists(path):  # (transformers calls it an invalid hub repo id)
             raise DataError(path, message="tokenizer directory not found") from None
         raise tokenizer_fault(path, e) from None
+    # (transformers 5 builds a LlamaTokenizer from tokenizer_config.json alone: its special tokens
+    # and nothing else, every text encoded to [], trained on and answered with without a word)
+    if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):
+        raise DataError(path, message="the tokenizer has no tokens beside its special ones "
+                                      "(tokenizer.json or tokenizer.model missing?)")
     if tok.eos_token_id is None:  # (answers end with it: training learns it, decoding stops at it)
         raise DataError(path, message="the tokenizer has no eos token (is tokenizer_config.json "
                                       "missing, or without 'eos_token'?)")

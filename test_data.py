@@ -78,6 +78,17 @@ def test_a_tokenizer_folder_without_tokenizer_json_is_named_as_the_folder(tiny_w
     assert str(e.value).startswith(f"{tmp_path}: cannot load a tokenizer from this directory")
 
 
+def test_a_llama_tokenizer_config_without_its_vocabulary_is_refused(tmp_path):
+    """tokenizer_config.json naming LlamaTokenizer (as LLaVA's and llava-hf's do) with neither
+    tokenizer.json nor tokenizer.model: transformers 5 built a tokenizer of its special tokens
+    alone, which encoded every text to [] (loaded without a word)."""
+    from test_interop import llama_tokenizer
+    llama_tokenizer(legacy=True).save_pretrained(tmp_path)
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(data.DataError, match="no tokens beside its special ones"):
+        data.load_tokenizer(str(tmp_path))
+
+
 def test_labels_match_llava_preprocess(tiny_world):
     tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     legacy = len(tok("USER: x").input_ids) == len(tok("</s>USER: x").input_ids) - 1
