@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import asdict, fields, replace
 
 import torch
@@ -146,9 +147,10 @@ class TensorSource:
                 if f.endswith(".safetensors"):
                     from safetensors import safe_open
                     self.handles[f] = safe_open(f, framework="pt", device="cpu")
-                else:
-                    self.handles[f] = torch.load(f, map_location="cpu", mmap=True,
-                                                 weights_only=True)
+                else:  # (mmap reads torch's zip format alone: an older .bin, valid, is read
+                    # whole, as transformers reads it)
+                    self.handles[f] = torch.load(f, map_location="cpu", weights_only=True,
+                                                 mmap=zipfile.is_zipfile(f))
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")

@@ -472,6 +472,24 @@ def test_bin_weights_beside_a_safetensors_variant_are_read_as_transformers_reads
                                rtol=0)
 
 
+def test_a_bin_in_torchs_older_format_loads_as_transformers_loads_it(hf_dirs, tmp_path):
+    """A pytorch_model.bin written before torch's zip format (_use_new_zipfile_serialization
+    False), which transformers reads: it was refused as 'truncated or corrupt' (mmap needs zip)."""
+    import shutil
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "legacy"
+    shutil.copytree(path, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    theirs = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    pixels, ids = inputs(seed=8)
+    torch.testing.assert_close(load_checkpoint(d)(pixels, ids), hf_logits(theirs, pixels, ids),
+                               atol=ATOL, rtol=0)
+
+
 def test_llama_one_pad_id_minus_one_is_llavas_unk(tmp_path):
     """LLaMA-1 era configs write pad_token_id -1 for 'none'. It was taken as the pad id, which
     generate feeds back in for the rows that have finished: an index error once one row ended
