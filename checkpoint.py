@@ -123,15 +123,18 @@ class TensorSource:
     def add_dir(self, path, only_parts=None):
         files = _weight_files(path)
         for f in files:
-            for key in self._keys(f):
-                part, name = _canonical_key(key)
-                if part is None or (only_parts and part not in only_parts):
-                    continue
-                if part == "unknown":
-                    raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another "
-                                          "architecture?)")
-                self.where[(part, name)] = (f, key)
+            self.add_file(f, only_parts)
         return files
+
+    def add_file(self, f, only_parts=None):
+        for key in self._keys(f):
+            part, name = _canonical_key(key)
+            if part is None or (only_parts and part not in only_parts):
+                continue
+            if part == "unknown":
+                raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another "
+                                      "architecture?)")
+            self.where[(part, name)] = (f, key)
 
     def vision_from(self, clip_dir):
         """The CLIP weights from clip_dir instead of any read so far."""
@@ -698,6 +701,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
             raise _random_projector(path, "a language model")
         tf = _from_file(path, lambda: _text_fields(cfg))
         src.add_dir(path)
+        _stage1_projector(src, path, layout)
         has_vision = any(p == "vision" for p, _ in src.where)
         clip_dir = _resolve_clip_dir(vision_tower or cfg.get("mm_vision_tower"), path)
         # the CLIP config (and, when absent here, its weights) from the CLIP dir
@@ -759,6 +763,24 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
     # an adapter checkpoint saved on this model records it (save_checkpoint_files)
     model.clip_dir = None if clip_from is None else os.path.realpath(clip_from)
     return model
+
+
+def _stage1_projector(src, path, layout):
+    """LLaVA's stage 1 saves its projector alone, as mm_projector.bin, and its stage 2 reads it
+    (--pretrain_mm_mlp_adapter): beside weights without a projector it is theirs (passed over, SFT
+    began from a random one beside it without a word)."""
+    file = os.path.join(path, "mm_projector.bin")
+    if not os.path.isfile(file) or any(p == "projector" for p, _ in src.where):
+        return
+    if layout == "llama":  # (its projector_type is in LLaVA's config.json, not a LLaMA's)
+        raise CheckpointError(f"{file}: not read beside a LLaMA config.json (no mm_projector_type "
+                              "gives its shape): use the config.json of the LLaVA run that "
+                              "saved it")
+    src.add_file(file, only_parts={"projector"})
+    if not any(p == "projector" for p, _ in src.where):
+        raise CheckpointError(f"{file}: no model.mm_projector.* keys (LLaVA's stage-1 projector)")
+    print(f"note: {path}: the projector is read from mm_projector.bin (LLaVA's stage 1)",
+          flush=True)
 
 
 def _random_projector(path, what):

@@ -397,6 +397,34 @@ def test_an_original_llava_without_projector_weights_is_sfts_start_alone(hf_dirs
     assert load_checkpoint(tmp_path / "orig").projector.linear_1.weight.std() > 0
 
 
+def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, tmp_path, capsys):
+    """LLaVA's stage 1 saves its projector alone (mm_projector.bin, model.mm_projector.* keys);
+    its stage 2 reads it. Beside a LLaVA's weights without a projector it was passed over and SFT
+    began from a random projector without a word (logits 5.3 from transformers')."""
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = _original_llava_config(hf_cfg, str(tmp_path / "clip"))
+    _rewrite_keys(path, tmp_path / "orig", lambda k: None if "projector" in k else
+                  _to_original_llava(k, keep_vision=False), config=cfg)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    torch.save({_to_original_llava(k): v for k, v in state.items() if "projector" in k},
+               tmp_path / "orig" / "mm_projector.bin")
+    clip = CLIPVisionModel(hf_vision_config())
+    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
+    ours = load_checkpoint(tmp_path / "orig", fresh_projector_ok=False).eval()
+    assert "projector is read from mm_projector.bin" in capsys.readouterr().out
+    pixels, ids = inputs()
+    got = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
+    torch.testing.assert_close(got, hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+    # beside a LLaMA's config.json (no mm_projector_type: its shape unknown): named, not random
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(hf_cfg["text_config"]))
+    with pytest.raises(CheckpointError, match="mm_projector.bin: not read beside a LLaMA"):
+        load_checkpoint(tmp_path / "orig", vision_tower=str(tmp_path / "clip"))
+
+
 def test_a_llava_config_without_text_config_is_named(hf_dirs, tmp_path):
     """model_type 'llava' with no text_config and no mm_* field was read as an original LLaVA and
     said "mm_vision_tower '' is not on disk"."""
