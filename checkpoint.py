@@ -212,6 +212,9 @@ def _weight_files(path):
                 raise CheckpointError(f"{index}: field 'weight_map': expected an object "
                                       "{key: file}")
             listed = sorted({str(f) for f in weight_map.values()})
+            if not listed:  # (else 'no weight for ...' named neither the index nor the folder)
+                raise CheckpointError(f"{index}: field 'weight_map' is empty (it lists no "
+                                      "shards)")
             # (an interrupted download would otherwise show up as a missing key, far from its
             # cause)
             absent = [f for f in listed if f not in names]

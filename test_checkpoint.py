@@ -165,6 +165,24 @@ def test_weight_files_are_the_ones_transformers_reads(hf_dirs, tmp_path, beside)
     assert torch.equal(theirs.lm_head.weight, state[head] * (0.5 if halved else 1))
 
 
+def test_a_shard_index_listing_a_missing_shard_or_none_is_named(hf_dirs, tmp_path):
+    """An index naming a shard not on disk, or with an empty weight_map (it read no file:
+    "checkpoint: no weight for 'vision' ...", naming neither index nor folder), is one line naming
+    the index."""
+    import shutil
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "shards"
+    shutil.copytree(path, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    index = d / "model.safetensors.index.json"
+    for weight_map, match in (({"a": "model-00002-of-00002.safetensors"},
+                               "lists the shard 'model-00002-of-00002.safetensors', which is not"),
+                              ({}, "field 'weight_map' is empty")):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=f"^{index}: {match}"):
+            load_checkpoint(d)
+
+
 def _to_original_llava(k, keep_vision=True):
     """llava-hf key -> original LLaVA (LlavaLlamaForCausalLM) key."""
     if k.startswith("vision_tower."):
