@@ -187,6 +187,13 @@ class TensorSource:
         return f"{f}: key '{key}'"
 
 
+def no_dir(path):
+    """Why `path` is not a checkpoint directory (a file is named as one: it exists)."""
+    if os.path.isfile(path):
+        return f"{path}: a file, not a checkpoint directory (pass the folder that holds it)"
+    return f"{path}: checkpoint directory not found"
+
+
 def _weight_files(path):
     """The files transformers' from_pretrained reads: model.safetensors when there, else the
     shards its index lists, else pytorch_model.bin, else its index's shards; then (ours, where
@@ -195,7 +202,7 @@ def _weight_files(path):
     model.fp16.safetensors, an optimizer's tensors, a stale copy) is not read. Adapters' files
     are never base weights."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+        raise CheckpointError(no_dir(path))
     names = sorted(os.listdir(path))
     adapter_files = ("adapters.safetensors", "adapter_model.safetensors")
     kinds = (("model.safetensors", [n for n in names if n.endswith(".safetensors")
@@ -459,7 +466,7 @@ def detect_layout(path):
     (a run dir)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: checkpoint directory not found")
+        raise CheckpointError(no_dir(path))
     if not os.path.exists(cfg_path):
         if os.path.isdir(path) and latest_checkpoint(path):
             return "run"

@@ -32,8 +32,8 @@ import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, detect_layout, is_peft_dir,
-                        latest_checkpoint, load_checkpoint, peft_base_dir, refuse_scalar_model,
-                        resolve_checkpoint, save_checkpoint_files)
+                        latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
+                        refuse_scalar_model, resolve_checkpoint, save_checkpoint_files)
 from formats import DataError
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
@@ -1171,7 +1171,7 @@ def _claim_out(cfg, inits):
                           "UTF-8 JSON): choose another name") from None
     for init in inits:  # before the out folder or a world is written (both cost time to undo)
         if init and not os.path.isdir(init):
-            raise ConfigError(f"{init}: checkpoint directory not found")
+            raise ConfigError(no_dir(init))
         # a run folder still being written: its newest checkpoint is replaced (and removed) as
         # it goes, under this run's load or later under the adapters saved against it
         holder = lock_holder(init) if init else None

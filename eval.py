@@ -76,7 +76,7 @@ from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversation
 from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
                      read_llava_bench_answers, read_llava_bench_context, record_label)
 from checkpoint import (base_weights_dir, check_weight_headers, detect_layout, is_peft_dir,
-                        peft_base_dir, refuse_scalar_model, resolve_checkpoint)
+                        no_dir, peft_base_dir, refuse_scalar_model, resolve_checkpoint)
 from model import CheckpointError
 from judges import (PLACEHOLDERS, JudgeError, check_judge_url, gavie_metrics, judge_prompt,
                     llava_bench_metrics, llava_bench_rule, load_judge_prompts,
@@ -1497,7 +1497,7 @@ def main(cfg):
         if not os.path.isdir(c):
             fix = "train it, or leave it out of --compare" if cfg.compare else \
                 "train one: python sft.py; or pass --ckpt DIR"
-            raise common.ConfigError(f"{c}: checkpoint directory not found ({fix})")
+            raise common.ConfigError(no_dir(c) if os.path.isfile(c) else f"{no_dir(c)} ({fix})")
         # (a PEFT adapter folder has no config.json: its adapter_config.json names the base)
         ckpt_dir = resolve_checkpoint(c)
         path = os.path.join(ckpt_dir, "adapter_config.json" if is_peft_dir(ckpt_dir) else

@@ -745,6 +745,14 @@ def test_truncated_or_missing_weights_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "a")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nowhere")
+    # a weights file given for its folder exists: it was called 'not found'
+    file = tmp_path / "a" / "config.json"
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
+        load_checkpoint(file)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sft.py"), "--init", str(file),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {file}: a file, not a checkpoint " \
+        "directory (pass the folder that holds it)", r.stderr
 
 
 def test_checkpoint_cli_errors_are_one_line(tmp_path):
