@@ -233,6 +233,15 @@ def tokenizer_fault(path, error):
     they can be told (a file that is not JSON, or not an object; tokenizer.json's 'model' and
     'added_tokens'), else the folder and transformers' first line."""
     kind_of = lambda x: JSON_NAMES.get(type(x).__name__, type(x).__name__)
+    # (LLaVA's releases ship tokenizer.model alone: without sentencepiece transformers falls back
+    # to tiktoken, and its 'tiktoken is required' sent users after the wrong package)
+    sp_model = os.path.join(path, "tokenizer.model")
+    if os.path.isfile(sp_model) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        import importlib.util
+        if importlib.util.find_spec("sentencepiece") is None:
+            return DataError(sp_model, message="reading it needs the sentencepiece package (not "
+                                               "installed: pip install sentencepiece), or save "
+                                               "the tokenizer with its tokenizer.json beside it")
     specs = {}
     for name in TOKENIZER_FILES:
         file = os.path.join(path, name)

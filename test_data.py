@@ -78,6 +78,22 @@ def test_a_tokenizer_folder_without_tokenizer_json_is_named_as_the_folder(tiny_w
     assert str(e.value).startswith(f"{tmp_path}: cannot load a tokenizer from this directory")
 
 
+def test_a_tokenizer_model_alone_without_sentencepiece_names_the_package(tmp_path):
+    """LLaVA's releases ship tokenizer.model without tokenizer.json: without sentencepiece the
+    error was transformers' fallback's ("`tiktoken` is required"), the wrong package."""
+    import importlib.util
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: transformers reads tokenizer.model")
+    from test_interop import llama_tokenizer
+    llama_tokenizer(legacy=True).save_pretrained(tmp_path)
+    os.remove(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.model").write_bytes(b"\n\x05hello")
+    with pytest.raises(data.DataError) as e:
+        data.load_tokenizer(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer.model'}: reading it needs the "
+                                   "sentencepiece package"), str(e.value)
+
+
 def test_a_llama_tokenizer_config_without_its_vocabulary_is_refused(tmp_path):
     """tokenizer_config.json naming LlamaTokenizer (as LLaVA's and llava-hf's do) with neither
     tokenizer.json nor tokenizer.model: transformers 5 built a tokenizer of its special tokens
