@@ -1141,11 +1141,33 @@ def base_weights_dir(path, _seen=()):
     return os.path.realpath(path)
 
 
+def _llava_rlhf_reward_of(path):
+    """The LLaVA-RLHF reward model folder (checkpoint-N/, with reward_head) whose LoRA the PEFT
+    adapter at path is: path itself, its adapter_model/ or adapter_model/lora_default/; else
+    None."""
+    here = os.path.abspath(path)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(here, "reward_head")):
+            return here
+        if os.path.basename(here) not in ("adapter_model", "lora_default"):
+            return None
+        here = os.path.dirname(here)
+    return None
+
+
 def refuse_scalar_model(path):
     """A checkpoint that scores instead of answering (our reward model: its active adapter is
     read through a scalar head of the same name) passed where a policy is wanted: one line.
-    Generating from it runs the reward LoRA as if it were a policy, without a word."""
-    if is_peft_dir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+    Generating from it runs the reward LoRA as if it were a policy, without a word. So does
+    LLaVA-RLHF's: a PEFT adapter with its reward_head beside it (llava_rlhf_reward_parts)."""
+    if is_peft_dir(path):
+        rm = _llava_rlhf_reward_of(path)
+        if rm is not None:
+            raise CheckpointError(f"{path}: the LoRA of a LLaVA-RLHF reward model (its "
+                                  f"reward_head is in {rm}), not a policy: import it with "
+                                  f"python reward.py --import_llava_rlhf {rm}, or pass a policy")
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
         return
     cfg = _read_json(os.path.join(path, "config.json"))
     active, heads = cfg.get("active_adapter"), cfg.get("heads")

@@ -70,7 +70,8 @@ import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
-from checkpoint import base_weights_dir, is_peft_dir, load_adapters, resolve_checkpoint
+from checkpoint import (base_weights_dir, is_peft_dir, load_adapters, refuse_scalar_model,
+                        resolve_checkpoint)
 from model import entropy_of, tempered_log_softmax
 
 
@@ -390,6 +391,7 @@ def build_roles(cfg, d):
         if not is_peft_dir(cfg.policy_lora):
             raise common.ConfigError(f"--policy_lora {cfg.policy_lora}: not a PEFT adapter folder "
                                      "(adapter_config.json, no config.json)")
+        refuse_scalar_model(cfg.policy_lora)  # (a reward model's LoRA: its head left unread)
         load_adapters(policy, cfg.policy_lora, "policy")
         policy.copy_adapter("policy", "reference")
     else:

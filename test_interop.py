@@ -14,7 +14,7 @@ import torch
 import common
 from data import IMAGE, preprocess_image, render, tokenize_conversation
 from checkpoint import (CheckpointError, export_llava_hf, export_peft_adapter, load_adapters,
-                        load_checkpoint, resolve_checkpoint)
+                        load_checkpoint, resolve_checkpoint, save_checkpoint_files)
 from model import LLaVA, ModelConfig
 from test_checkpoint import _rewrite_keys, _to_original_llava
 from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
@@ -822,6 +822,30 @@ def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_wo
                                       "--out", str(tmp_path / "rm3")])
     assert code == 2 and f"{folder}: no reward_head file" in err, err
     assert not (tmp_path / "rm3").exists()
+
+
+def test_a_llava_rlhf_reward_lora_is_refused_as_a_policy(tmp_path):
+    """The LoRA of a LLaVA-RLHF reward model (checkpoint-N/adapter_model/lora_default, its base
+    found beside it) loaded as a policy (--init, --ckpt, --policy_lora) with its reward_head left
+    unread: generation ran the reward LoRA without a word. Refused, as our reward models are."""
+    import shutil
+    from checkpoint import refuse_scalar_model
+    tok = llama_tokenizer(legacy=True)
+    save_checkpoint_files(model_for(tok), tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    _, _, folder = llava_rlhf_reward_model(str(tmp_path / "sft"), tmp_path)
+    lora = folder / "adapter_model" / "lora_default"
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/elsewhere/sft"  # (the training machine's path)
+    (lora / "adapter_config.json").write_text(json.dumps(cfg))
+    shutil.copytree(tmp_path / "sft", folder / "sft")  # (its base beside it: found there)
+    why = f"the LoRA of a LLaVA-RLHF reward model \\(its reward_head is in {folder}\\)"
+    with pytest.raises(CheckpointError, match=f"^{lora}: {why}, not a policy"):
+        common.load_model_and_tokenizer(str(lora))
+    with pytest.raises(CheckpointError, match=why):
+        refuse_scalar_model(str(lora))  # (ppo.py's --policy_lora)
+    os.remove(folder / "reward_head")  # (a LoRA alone is a policy's)
+    assert "default" in common.load_model_and_tokenizer(str(lora))[0].adapters
 
 
 # ----------------------------------------------------------------------------------------
