@@ -1141,7 +1141,7 @@ def base_weights_dir(path, _seen=()):
     return os.path.realpath(path)
 
 
-def _llava_rlhf_reward_of(path):
+def llava_rlhf_reward_of(path):
     """The LLaVA-RLHF reward model folder (checkpoint-N/, with reward_head) whose LoRA the PEFT
     adapter at path is: path itself, its adapter_model/ or adapter_model/lora_default/; else
     None."""
@@ -1161,7 +1161,7 @@ def refuse_scalar_model(path):
     Generating from it runs the reward LoRA as if it were a policy, without a word. So does
     LLaVA-RLHF's: a PEFT adapter with its reward_head beside it (llava_rlhf_reward_parts)."""
     if is_peft_dir(path):
-        rm = _llava_rlhf_reward_of(path)
+        rm = llava_rlhf_reward_of(path)
         if rm is not None:
             raise CheckpointError(f"{path}: the LoRA of a LLaVA-RLHF reward model (its "
                                   f"reward_head is in {rm}), not a policy: import it with "

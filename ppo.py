@@ -70,8 +70,8 @@ import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
-from checkpoint import (base_weights_dir, is_peft_dir, load_adapters, refuse_scalar_model,
-                        resolve_checkpoint)
+from checkpoint import (base_weights_dir, is_peft_dir, llava_rlhf_reward_of, load_adapters,
+                        refuse_scalar_model, resolve_checkpoint)
 from model import entropy_of, tempered_log_softmax
 
 
@@ -321,8 +321,10 @@ def reward_settings(rm_dir):
     the RM was trained."""
     path = os.path.join(rm_dir, "config.json")
     if not os.path.isfile(path):
-        raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there "
-                                 "(python reward.py writes one)")
+        rlhf = llava_rlhf_reward_of(rm_dir)  # (its LoRA and reward_head: imported, not read)
+        how = f"python reward.py --init ITS_BASE --import_llava_rlhf {rlhf} imports this " \
+            "LLaVA-RLHF one" if rlhf else "python reward.py writes one"
+        raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there ({how})")
     try:
         with open(path) as f:
             rc = json.load(f)

@@ -827,7 +827,8 @@ def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_wo
 def test_a_llava_rlhf_reward_lora_is_refused_as_a_policy(tmp_path):
     """The LoRA of a LLaVA-RLHF reward model (checkpoint-N/adapter_model/lora_default, its base
     found beside it) loaded as a policy (--init, --ckpt, --policy_lora) with its reward_head left
-    unread: generation ran the reward LoRA without a word. Refused, as our reward models are."""
+    unread: generation ran the reward LoRA without a word. Refused, as our reward models are; as
+    --reward, how to import it is said."""
     import shutil
     from checkpoint import refuse_scalar_model
     tok = llama_tokenizer(legacy=True)
@@ -844,6 +845,10 @@ def test_a_llava_rlhf_reward_lora_is_refused_as_a_policy(tmp_path):
         common.load_model_and_tokenizer(str(lora))
     with pytest.raises(CheckpointError, match=why):
         refuse_scalar_model(str(lora))  # (ppo.py's --policy_lora)
+    import ppo  # ... and as --reward it says how to import it ("python reward.py writes one")
+    for given in (folder, lora):
+        with pytest.raises(common.ConfigError, match=f"--import_llava_rlhf {folder} imports"):
+            ppo.reward_settings(str(given))
     os.remove(folder / "reward_head")  # (a LoRA alone is a policy's)
     assert "default" in common.load_model_and_tokenizer(str(lora))[0].adapters
 
