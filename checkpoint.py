@@ -234,12 +234,28 @@ def _weight_files(path):
         shards = [n for n in files if re.fullmatch(re.escape(stem) + r"-\d+-of-\d+"
                                                    + re.escape(ext), n)]
         if shards:
+            _check_shard_set(path, shards, stem, ext)
             return [os.path.join(path, n) for n in shards]
     for _, files in kinds:
         if files:
             return [os.path.join(path, n) for n in files]
     raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
                           "or pytorch_model*.bin)")
+
+
+def _check_shard_set(path, shards, stem, ext):
+    """Shards without an index are one set, whole: a missing one was read as 'no weight for ...'
+    naming no file, and two sets (a stale one of another count) were read into one model."""
+    totals = sorted({n[:-len(ext)].rsplit("-of-", 1)[1] for n in shards})
+    if len(totals) > 1:
+        raise CheckpointError(f"{path}: shards of {len(totals)} sets ({stem}-*-of-{totals[0]} and "
+                              f"-of-{totals[1]}) and no index to say which: remove the stale set")
+    total = totals[0]
+    for i in range(1, int(total) + 1):
+        name = f"{stem}-{i:0{len(total)}d}-of-{total}{ext}"
+        if name not in shards:
+            raise CheckpointError(f"{os.path.join(path, name)}: shard not found (an incomplete "
+                                  "copy or download?)")
 
 
 def check_weight_headers(path):

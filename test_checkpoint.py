@@ -183,6 +183,32 @@ def test_a_shard_index_listing_a_missing_shard_or_none_is_named(hf_dirs, tmp_pat
             load_checkpoint(d)
 
 
+def test_shards_without_an_index_are_one_whole_set(hf_dirs, tmp_path):
+    """Shards model-N-of-M with no index (read where transformers reads nothing): a missing one
+    was 'checkpoint: no weight for ...' naming no file; a stale set of another count beside them
+    was read into the same model (its tensors over the others, without a word)."""
+    from safetensors.torch import load_file, save_file
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    state = load_file(os.path.join(path, "model.safetensors"))
+    keys = sorted(state)
+    for i in (1, 2):
+        save_file({k: state[k] for k in keys[i - 1::2]}, str(d / f"model-0000{i}-of-00002"
+                                                                    ".safetensors"))
+    assert load_checkpoint(d) is not None
+    # (the first shard of a stale set of three: its halved tensors were read over the first's)
+    save_file({k: v * 0.5 for k, v in state.items()}, str(d / "model-00001-of-00003.safetensors"))
+    with pytest.raises(CheckpointError, match="shards of 2 sets .*and no index"):
+        load_checkpoint(d)
+    (d / "model-00001-of-00003.safetensors").unlink()
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"^{d / 'model-00002-of-00002.safetensors'}: shard "
+                                              "not found"):
+        load_checkpoint(d)
+
+
 def _to_original_llava(k, keep_vision=True):
     """llava-hf key -> original LLaVA (LlavaLlamaForCausalLM) key."""
     if k.startswith("vision_tower."):
