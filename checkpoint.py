@@ -58,9 +58,10 @@ def _canonical_key(key):
     # original LLaVA: Linear, or Sequential(Linear, GELU, Linear)
     if k.startswith("model.mm_projector."):
         rest = k[len("model.mm_projector."):]
-        linear = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2], "linear_1.")
-        rest = linear + rest.split(".")[-1]
-        return "projector", rest
+        linear = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2])
+        if linear is None and rest not in ("weight", "bias"):  # (mlp3x_gelu's 4.*: it was read
+            return "unknown", key  # as linear_1, over 0.*)
+        return "projector", (linear or "linear_1.") + rest.split(".")[-1]
     if k.startswith("language_model.lm_head.") or k.startswith("lm_head."):
         return "lm_head", k.split("lm_head.", 1)[1]
     if k.startswith("language_model.model."):

@@ -441,6 +441,26 @@ def test_an_original_llava_without_projector_weights_is_sfts_start_alone(hf_dirs
     assert load_checkpoint(tmp_path / "orig").projector.linear_1.weight.std() > 0
 
 
+def test_an_original_llava_projector_of_three_linears_is_named_not_read_as_two(hf_dirs, tmp_path):
+    """mlp3x_gelu's model.mm_projector.4.* under a config saying mlp2x_gelu: 4.* was read as
+    linear_1 over 0.* (a square projector fits), a wrong projector without a word."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionModel
+    _, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    state = _rewrite_keys(path, tmp_path / "orig", _to_original_llava,
+                          config=_original_llava_config(hf_cfg, str(tmp_path / "clip")))
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")  # (its config)
+    assert state["model.mm_projector.0.weight"].shape == state["model.mm_projector.2.weight"].shape
+    state = load_file(str(tmp_path / "orig" / "model.safetensors"))
+    for w in ("weight", "bias"):
+        state[f"model.mm_projector.4.{w}"] = state[f"model.mm_projector.2.{w}"] + 1
+    save_file(state, str(tmp_path / "orig" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="key 'model.mm_projector.4.bias' is not part of a "
+                                              "LLaVA model"):
+        load_checkpoint(tmp_path / "orig")
+
+
 def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, tmp_path, capsys):
     """LLaVA's stage 1 saves its projector alone (mm_projector.bin, model.mm_projector.* keys);
     its stage 2 reads it. Beside a LLaVA's weights without a projector it was passed over and SFT
