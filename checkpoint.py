@@ -667,6 +667,8 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         weights_dir = base_weights_dir(path)
         _check_base_fingerprint(path, cfg)
         src.add_dir(weights_dir)
+        if detect_layout(weights_dir) == "llava":  # (a base read with LLaVA's stage-1 file)
+            _stage1_projector(src, weights_dir, "llava")
         has_vision = any(p == "vision" for p, _ in src.where)
         clip_from = _clip_for_base(path, vision_tower, required=not has_vision)
         if clip_from is not None:  # (a base without CLIP weights, as LLaVA's released ones)
@@ -1120,7 +1122,8 @@ def base_fingerprint(weights_dir):
     its first and last MiB (any retraining changes both). An adapter records its base's, so a base
     retrained or replaced under the same path is found (the adapter would run on other weights)."""
     h = hashlib.sha256()
-    for f in _weight_files(weights_dir):
+    stage1 = os.path.join(weights_dir, "mm_projector.bin")  # (_stage1_projector's)
+    for f in _weight_files(weights_dir) + ([stage1] if os.path.isfile(stage1) else []):
         size = os.path.getsize(f)
         h.update(f"{os.path.basename(f)}:{size};".encode())
         with open(f, "rb") as fh:

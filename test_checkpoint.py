@@ -483,6 +483,16 @@ def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, 
     pixels, ids = inputs()
     got = ours(pixels, ids.masked_fill(ids == IMAGE_ID, -200))
     torch.testing.assert_close(got, hf_logits(hf, pixels, ids), atol=ATOL, rtol=0)
+    # an adapter checkpoint on it (dpo.py's, reward.py's: 'base' the folder) reads it again, and
+    # names the base as changed when mm_projector.bin is
+    ours.add_adapter("a", r=4, alpha=8)
+    save_checkpoint_files(ours, tmp_path / "dpo", base=tmp_path / "orig")
+    again = load_checkpoint(tmp_path / "dpo").eval()
+    assert torch.equal(again.projector.linear_2.weight, ours.projector.linear_2.weight)
+    torch.save({k: v + 1 for k, v in torch.load(tmp_path / "orig" / "mm_projector.bin").items()},
+               tmp_path / "orig" / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match="holds other weights than this checkpoint"):
+        load_checkpoint(tmp_path / "dpo")
     # beside a LLaMA's config.json (no mm_projector_type: its shape unknown): named, not random
     (tmp_path / "orig" / "config.json").write_text(json.dumps(hf_cfg["text_config"]))
     with pytest.raises(CheckpointError, match="mm_projector.bin: not read beside a LLaMA"):
