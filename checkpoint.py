@@ -158,6 +158,7 @@ class TensorSource:
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            _check_state_dict(f, self.handles[f])
         return self.handles[f]
 
     def has(self, part, name):
@@ -193,6 +194,21 @@ def no_dir(path):
     if os.path.isfile(path):
         return f"{path}: a file, not a checkpoint directory (pass the folder that holds it)"
     return f"{path}: checkpoint directory not found"
+
+
+def _check_state_dict(f, obj):
+    """A .bin read is a state dict, {name: tensor} (a list or a number in one was a traceback)."""
+    if f.endswith(".safetensors"):  # (its format holds nothing else)
+        return
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: not a state dict of named tensors (a {type(obj).__name__})")
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{f}: key {k!r:.60} is not a name (not a state dict of named "
+                                  "tensors)")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{f}: key {k!r:.60} holds a value of type {type(v).__name__}, "
+                                  "not a tensor (not a state dict of named tensors)")
 
 
 def _weight_files(path):

@@ -592,6 +592,24 @@ def test_a_bin_in_torchs_older_format_loads_as_transformers_loads_it(hf_dirs, tm
                                atol=ATOL, rtol=0)
 
 
+def test_a_bin_that_is_not_a_state_dict_is_one_line(hf_dirs, tmp_path):
+    """A pytorch_model.bin of a list, or with a number among its tensors, was a traceback
+    (AttributeError: no 'keys' / no 'shape')."""
+    import shutil
+    from safetensors.torch import load_file
+    _, path = hf_dirs["gelu"]
+    d = tmp_path / "bin"
+    shutil.copytree(path, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    for obj, match in (([torch.zeros(2)], "not a state dict of named tensors \\(a list\\)"),
+                       ({**state, "language_model.model.norm.weight": 3},
+                        "key 'language_model.model.norm.weight' holds a value of type int")):
+        torch.save(obj, d / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match=f"^{d / 'pytorch_model.bin'}: {match}"):
+            load_checkpoint(d)
+
+
 def test_llama_one_pad_id_minus_one_is_llavas_unk(tmp_path):
     """LLaMA-1 era configs write pad_token_id -1 for 'none'. It was taken as the pad id, which
     generate feeds back in for the rows that have finished: an index error once one row ended
