@@ -508,6 +508,12 @@ def detect_layout(path):
         if adapters:  # (PEFT's save_pretrained of several adapters: one folder each)
             raise CheckpointError(f"{path}: no config.json; it holds the PEFT adapters "
                                   f"{', '.join(a + '/' for a in adapters)}: pass one of them")
+        snapshots = os.path.join(path, "snapshots")
+        if os.path.isdir(snapshots) and os.listdir(snapshots):  # (a model's folder in the hub
+            # cache, models--org--name: its files are in snapshots/REVISION/)
+            revs = ", ".join(sorted(os.listdir(snapshots)))
+            raise CheckpointError(f"{path}: no config.json; a hub cache folder: pass its "
+                                  f"{snapshots}/REVISION folder (here: {revs:.200})")
         raise CheckpointError(f"{path}: no config.json (not a checkpoint directory)")
     lora_release = os.path.exists(os.path.join(path, "non_lora_trainables.bin")) and \
         any(n.startswith("adapter_model.") for n in os.listdir(path))

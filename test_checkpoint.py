@@ -514,6 +514,22 @@ def test_a_llava_config_without_text_config_is_named(hf_dirs, tmp_path):
         detect_layout(str(tmp_path / "flat"))
 
 
+def test_a_hub_cache_model_folder_names_its_snapshot(hf_dirs, tmp_path):
+    """The hub cache's models--org--name folder given for the model: its files are in
+    snapshots/REVISION/ ("no config.json (not a checkpoint directory)" said neither)."""
+    import shutil
+    _, path = hf_dirs["gelu"]
+    repo = tmp_path / "models--llava-hf--tiny"
+    shutil.copytree(path, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    with pytest.raises(CheckpointError, match=f"^{repo}: no config.json; a hub cache folder: pass "
+                                              f"its {repo / 'snapshots'}/REVISION folder \\(here: "
+                                              "0123abc\\)$"):
+        load_checkpoint(repo)
+    assert load_checkpoint(repo / "snapshots" / "0123abc") is not None
+
+
 def test_llava_lora_release_and_stacked_adapters_are_named(tmp_path):
     """LLaVA's LoRA release (adapter_model + non_lora_trainables.bin beside a LLaVA config.json)
     was reported as missing tokenizer files or weights; an adapter whose base is another adapter
