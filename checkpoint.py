@@ -256,8 +256,12 @@ def _weight_files(path):
     for _, files in kinds:
         if files:
             return [os.path.join(path, n) for n in files]
+    stage1 = os.path.isfile(os.path.join(path, "mm_projector.bin"))  # (LLaVA's stage-1 output)
     raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
-                          "or pytorch_model*.bin)")
+                          "or pytorch_model*.bin)" + ("; its mm_projector.bin alone is LLaVA's "
+                                                      "stage-1 projector: put the weights of the "
+                                                      "language model it was trained on beside "
+                                                      "it" if stage1 else ""))
 
 
 def _check_shard_set(path, shards, stem, ext):

@@ -493,6 +493,12 @@ def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, 
                tmp_path / "orig" / "mm_projector.bin")
     with pytest.raises(CheckpointError, match="holds other weights than this checkpoint"):
         load_checkpoint(tmp_path / "dpo")
+    # alone (LLaVA's stage-1 output folder: config.json and mm_projector.bin): what to add
+    (tmp_path / "orig" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="its mm_projector.bin alone is LLaVA's stage-1 "
+                                              "projector: put the weights of the language model"):
+        load_checkpoint(tmp_path / "orig")
+    (tmp_path / "model.safetensors").rename(tmp_path / "orig" / "model.safetensors")
     # beside a LLaMA's config.json (no mm_projector_type: its shape unknown): named, not random
     (tmp_path / "orig" / "config.json").write_text(json.dumps(hf_cfg["text_config"]))
     with pytest.raises(CheckpointError, match="mm_projector.bin: not read beside a LLaMA"):
