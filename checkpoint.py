@@ -755,6 +755,10 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         if layout == "llama" and not fresh_projector_ok:  # (before asking for its CLIP)
             raise _random_projector(path, "a language model")
         tf = _from_file(path, lambda: _text_fields(cfg))
+        feature = _get(cfg, "mm_vision_select_feature", "patch")
+        projector = _get(cfg, "mm_projector_type", "linear")
+        # before the weights: another projector's keys (mlp3x_gelu's 4.*) are its, not unknown
+        _check_llava_choices(path, feature, projector)
         src.add_dir(path)
         _stage1_projector(src, path, layout)
         has_vision = any(p == "vision" for p, _ in src.where)
@@ -784,8 +788,6 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
             raise CheckpointError(f"{path}/config.json: mm_use_im_start_end true is not supported")
         if layout == "llava":
             _check_aspect_ratio(path, cfg.get("image_aspect_ratio"))
-        feature = _get(cfg, "mm_vision_select_feature", "patch")
-        projector = _get(cfg, "mm_projector_type", "linear")
         fresh_projector = layout == "llama" or not any(p == "projector" for p, _ in src.where)
         if fresh_projector and not fresh_projector_ok:  # (random image features, scored or
             # trained on without a word, into adapters that could not be loaded again)
@@ -795,11 +797,6 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         if type(layer) is not int:  # (LLaVA indexes hidden_states with it: one layer)
             raise CheckpointError(f"{path}/config.json: field 'mm_vision_select_layer': expected "
                                   f"an integer, got {layer!r:.40}")
-        for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
-                                      ("mm_projector_type", projector, PROJECTORS)):
-            if value not in allowed:  # (named as the file names it; ModelConfig has its own names)
-                raise CheckpointError(f"{path}/config.json: field '{field}': {value!r:.60} is not "
-                                      f"supported ({', '.join(allowed)})")
         config = _from_file(path, lambda: ModelConfig(
             **vf, **tf, vision_select_layer=layer, vision_select_feature=feature,
             projector=projector, image_token_id=-200,  # LLaVA's IMAGE_TOKEN_INDEX
@@ -820,22 +817,48 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
     return model
 
 
+def _stage1_file(path, layout, src=None):
+    """LLaVA's stage-1 mm_projector.bin in path when the loader reads it (an original LLaVA's
+    config, its weights without a projector; src: those weights, read from path when None), else
+    None: a stray one beside other weights is neither read nor part of the base's fingerprint."""
+    file = os.path.join(path, "mm_projector.bin")
+    if layout != "llava" or not os.path.isfile(file):
+        return None
+    if src is None:
+        src = TensorSource()
+        src.add_dir(path)
+    return None if any(p == "projector" for p, _ in src.where) else file
+
+
 def _stage1_projector(src, path, layout):
     """LLaVA's stage 1 saves its projector alone, as mm_projector.bin, and its stage 2 reads it
     (--pretrain_mm_mlp_adapter): beside weights without a projector it is theirs (passed over, SFT
     began from a random one beside it without a word)."""
-    file = os.path.join(path, "mm_projector.bin")
-    if not os.path.isfile(file) or any(p == "projector" for p, _ in src.where):
+    # its projector_type is in LLaVA's config.json, not a LLaMA's
+    beside_llama = layout == "llama" and _stage1_file(path, "llava", src)
+    if beside_llama:
+        raise CheckpointError(f"{beside_llama}: not read beside a LLaMA config.json (no "
+                              "mm_projector_type gives its shape): use the config.json of the "
+                              "LLaVA run that saved it")
+    file = _stage1_file(path, layout, src)
+    if file is None:
         return
-    if layout == "llama":  # (its projector_type is in LLaVA's config.json, not a LLaMA's)
-        raise CheckpointError(f"{file}: not read beside a LLaMA config.json (no mm_projector_type "
-                              "gives its shape): use the config.json of the LLaVA run that "
-                              "saved it")
-    src.add_file(file, only_parts={"projector"})
+    # (a key of another projector, as mlp3x_gelu's 4.*, is refused, not passed over)
+    src.add_file(file, only_parts={"projector", "unknown"})
     if not any(p == "projector" for p, _ in src.where):
         raise CheckpointError(f"{file}: no model.mm_projector.* keys (LLaVA's stage-1 projector)")
     print(f"note: {path}: the projector is read from mm_projector.bin (LLaVA's stage 1)",
           flush=True)
+
+
+def _check_llava_choices(path, feature, projector):
+    """An original LLaVA config's mm_vision_select_feature and mm_projector_type, named as the file
+    names them (ModelConfig has its own names)."""
+    for field, value, allowed in (("mm_vision_select_feature", feature, FEATURES),
+                                  ("mm_projector_type", projector, PROJECTORS)):
+        if value not in allowed:
+            raise CheckpointError(f"{path}/config.json: field '{field}': {value!r:.60} is not "
+                                  f"supported ({', '.join(allowed)})")
 
 
 def _random_projector(path, what):
@@ -1148,8 +1171,8 @@ def base_fingerprint(weights_dir):
     its first and last MiB (any retraining changes both). An adapter records its base's, so a base
     retrained or replaced under the same path is found (the adapter would run on other weights)."""
     h = hashlib.sha256()
-    stage1 = os.path.join(weights_dir, "mm_projector.bin")  # (_stage1_projector's)
-    for f in _weight_files(weights_dir) + ([stage1] if os.path.isfile(stage1) else []):
+    stage1 = _stage1_file(weights_dir, detect_layout(weights_dir))
+    for f in _weight_files(weights_dir) + ([stage1] if stage1 else []):
         size = os.path.getsize(f)
         h.update(f"{os.path.basename(f)}:{size};".encode())
         with open(f, "rb") as fh:

@@ -459,6 +459,13 @@ def test_an_original_llava_projector_of_three_linears_is_named_not_read_as_two(h
     with pytest.raises(CheckpointError, match="key 'model.mm_projector.4.bias' is not part of a "
                                               "LLaVA model"):
         load_checkpoint(tmp_path / "orig")
+    # a real mlp3x_gelu LLaVA says so: its config is named before its 4.* keys are read
+    cfg = json.load(open(tmp_path / "orig" / "config.json"))
+    json.dump(dict(cfg, mm_projector_type="mlp3x_gelu"), open(tmp_path / "orig" / "config.json",
+                                                                "w"))
+    with pytest.raises(CheckpointError, match="field 'mm_projector_type': 'mlp3x_gelu' is not "
+                                              "supported \\(linear, mlp2x_gelu\\)"):
+        load_checkpoint(tmp_path / "orig")
 
 
 def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, tmp_path, capsys):
@@ -493,6 +500,13 @@ def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, 
                tmp_path / "orig" / "mm_projector.bin")
     with pytest.raises(CheckpointError, match="holds other weights than this checkpoint"):
         load_checkpoint(tmp_path / "dpo")
+    # a key of another projector in it (mlp3x_gelu's 4.*) is refused, not passed over
+    stage1 = torch.load(tmp_path / "orig" / "mm_projector.bin")
+    torch.save(dict(stage1, **{"model.mm_projector.4.bias": stage1["model.mm_projector.2.bias"]}),
+               tmp_path / "orig" / "mm_projector.bin")
+    with pytest.raises(CheckpointError, match="mm_projector.bin: key 'model.mm_projector.4.bias' "
+                                              "is not part of a LLaVA model"):
+        load_checkpoint(tmp_path / "orig")
     # alone (LLaVA's stage-1 output folder: config.json and mm_projector.bin): what to add
     (tmp_path / "orig" / "model.safetensors").rename(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="its mm_projector.bin alone is LLaVA's stage-1 "
@@ -503,6 +517,25 @@ def test_llava_stage1_mm_projector_bin_beside_weights_is_the_projector(hf_dirs, 
     (tmp_path / "orig" / "config.json").write_text(json.dumps(hf_cfg["text_config"]))
     with pytest.raises(CheckpointError, match="mm_projector.bin: not read beside a LLaMA"):
         load_checkpoint(tmp_path / "orig", vision_tower=str(tmp_path / "clip"))
+
+
+def test_a_stray_mm_projector_bin_beside_a_llava_hf_base_is_not_its_weights(hf_dirs, tmp_path):
+    """mm_projector.bin is read beside an original LLaVA's weights without a projector alone;
+    beside a llava-hf base nothing reads it, yet it was hashed into the base's fingerprint: its
+    adapters (saved before it came, or since) were refused as 'holds other weights'."""
+    import shutil
+    _, path = hf_dirs["gelu"]
+    shutil.copytree(path, tmp_path / "base")
+    ours = load_checkpoint(tmp_path / "base")
+    ours.add_adapter("a", r=4, alpha=8)
+    save_checkpoint_files(ours, tmp_path / "dpo", base=tmp_path / "base")
+    torch.save({"model.mm_projector.0.weight": torch.ones(2, 2)},
+               tmp_path / "base" / "mm_projector.bin")
+    again = load_checkpoint(tmp_path / "dpo")
+    assert torch.equal(again.projector.linear_1.weight, ours.projector.linear_1.weight)
+    save_checkpoint_files(ours, tmp_path / "dpo2", base=tmp_path / "base")
+    (tmp_path / "base" / "mm_projector.bin").unlink()
+    assert load_checkpoint(tmp_path / "dpo2") is not None
 
 
 def test_a_llava_config_without_text_config_is_named(hf_dirs, tmp_path):
