@@ -233,15 +233,6 @@ def tokenizer_fault(path, error):
     they can be told (a file that is not JSON, or not an object; tokenizer.json's 'model' and
     'added_tokens'), else the folder and transformers' first line."""
     kind_of = lambda x: JSON_NAMES.get(type(x).__name__, type(x).__name__)
-    # (LLaVA's releases ship tokenizer.model alone: without sentencepiece transformers falls back
-    # to tiktoken, and its 'tiktoken is required' sent users after the wrong package)
-    sp_model = os.path.join(path, "tokenizer.model")
-    if os.path.isfile(sp_model) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        import importlib.util
-        if importlib.util.find_spec("sentencepiece") is None:
-            return DataError(sp_model, message="reading it needs the sentencepiece package (not "
-                                               "installed: pip install sentencepiece), or save "
-                                               "the tokenizer with its tokenizer.json beside it")
     specs = {}
     for name in TOKENIZER_FILES:
         file = os.path.join(path, name)
@@ -262,8 +253,27 @@ def tokenizer_fault(path, error):
         # tokenizer.json: a field of the wrong kind deeper down)
         return DataError(file, message=f"not a tokenizer the tokenizers library reads "
                                        f"({first_line})")
+    # after the files' own faults: a broken tokenizer_config.json beside it is that file's
+    missing = _needs_sentencepiece(path)
+    if missing is not None:
+        return missing
     why = f"{type(error).__name__}: {first_line}"
     return DataError(path, message=f"cannot load a tokenizer from this directory ({why})")
+
+
+def _needs_sentencepiece(path):
+    """tokenizer.model without tokenizer.json and no sentencepiece installed: named (LLaVA's
+    releases ship it alone; transformers falls back to tiktoken, and its 'tiktoken is required'
+    sent users after the wrong package). Else None."""
+    import importlib.util
+    sp_model = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(sp_model) or os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    if importlib.util.find_spec("sentencepiece") is not None:
+        return None
+    return DataError(sp_model, message="reading it needs the sentencepiece package (not "
+                                       "installed: pip install sentencepiece), or save the "
+                                       "tokenizer with its tokenizer.json beside it")
 
 
 # ----------------------------------------------------------------------------------------

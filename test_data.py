@@ -78,12 +78,16 @@ def test_a_tokenizer_folder_without_tokenizer_json_is_named_as_the_folder(tiny_w
     assert str(e.value).startswith(f"{tmp_path}: cannot load a tokenizer from this directory")
 
 
-def test_a_tokenizer_model_alone_without_sentencepiece_names_the_package(tmp_path):
+def test_a_tokenizer_model_alone_without_sentencepiece_names_the_package(tmp_path, monkeypatch):
     """LLaVA's releases ship tokenizer.model without tokenizer.json: without sentencepiece the
-    error was transformers' fallback's ("`tiktoken` is required"), the wrong package."""
+    error was transformers' fallback's ("`tiktoken` is required"), the wrong package. A broken
+    tokenizer_config.json beside it is named as that file's fault, not the package's."""
     import importlib.util
-    if importlib.util.find_spec("sentencepiece") is not None:
-        pytest.skip("sentencepiece is installed: transformers reads tokenizer.model")
+    find_spec = importlib.util.find_spec
+    # (sentencepiece not installed, wherever the test runs: an unparsable tokenizer.model fails
+    # with it as well)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sentencepiece" else find_spec(name, *a))
     from test_interop import llama_tokenizer
     llama_tokenizer(legacy=True).save_pretrained(tmp_path)
     os.remove(tmp_path / "tokenizer.json")
@@ -92,6 +96,11 @@ def test_a_tokenizer_model_alone_without_sentencepiece_names_the_package(tmp_pat
         data.load_tokenizer(str(tmp_path))
     assert str(e.value).startswith(f"{tmp_path / 'tokenizer.model'}: reading it needs the "
                                    "sentencepiece package"), str(e.value)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(data.DataError) as e:
+        data.load_tokenizer(str(tmp_path))
+    assert str(e.value) == f"{tmp_path / 'tokenizer_config.json'}: expected a JSON object, got " \
+        "a list", str(e.value)
 
 
 def test_a_llama_tokenizer_config_without_its_vocabulary_is_refused(tmp_path):
