@@ -1224,17 +1224,28 @@ def llava_rlhf_reward_of(path):
     return None
 
 
+def import_llava_rlhf_command(rm):
+    """The reward.py command that imports the LLaVA-RLHF reward model folder rm onto its own base:
+    --init defaults to ckpt/sft and the import checks no base, so the base is named (its LoRA's
+    where that resolves, else ITS_BASE for the user to fill in)."""
+    try:
+        base = peft_base_dir(llava_rlhf_reward_parts(rm)[0])
+    except CheckpointError:
+        base = "ITS_BASE"
+    return f"python reward.py --init {base} --import_llava_rlhf {rm}"
+
+
 def refuse_scalar_model(path):
     """A checkpoint that scores instead of answering (our reward model: its active adapter is
     read through a scalar head of the same name) passed where a policy is wanted: one line.
     Generating from it runs the reward LoRA as if it were a policy, without a word. So does
-    LLaVA-RLHF's: a PEFT adapter with its reward_head beside it (llava_rlhf_reward_parts)."""
+    LLaVA-RLHF's: a PEFT adapter with its reward_head beside it (llava_rlhf_reward_of)."""
     if is_peft_dir(path):
         rm = llava_rlhf_reward_of(path)
         if rm is not None:
             raise CheckpointError(f"{path}: the LoRA of a LLaVA-RLHF reward model (its "
                                   f"reward_head is in {rm}), not a policy: import it with "
-                                  f"python reward.py --import_llava_rlhf {rm}, or pass a policy")
+                                  f"{import_llava_rlhf_command(rm)}, or pass a policy")
         return
     if not os.path.isfile(os.path.join(path, "config.json")):
         return

@@ -70,8 +70,9 @@ import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
-from checkpoint import (base_weights_dir, is_peft_dir, llava_rlhf_reward_of, load_adapters,
-                        refuse_scalar_model, resolve_checkpoint)
+from checkpoint import (base_weights_dir, import_llava_rlhf_command, is_peft_dir,
+                        llava_rlhf_reward_of, load_adapters, refuse_scalar_model,
+                        resolve_checkpoint)
 from model import entropy_of, tempered_log_softmax
 
 
@@ -321,9 +322,11 @@ def reward_settings(rm_dir):
     the RM was trained."""
     path = os.path.join(rm_dir, "config.json")
     if not os.path.isfile(path):
-        rlhf = llava_rlhf_reward_of(rm_dir)  # (its LoRA and reward_head: imported, not read)
-        how = f"python reward.py --init ITS_BASE --import_llava_rlhf {rlhf} imports this " \
-            "LLaVA-RLHF one" if rlhf else "python reward.py writes one"
+        # a LLaVA-RLHF one (its LoRA and reward_head) is imported, not read
+        rlhf = llava_rlhf_reward_of(rm_dir)
+        how = "python reward.py writes one"
+        if rlhf:
+            how = f"{import_llava_rlhf_command(rlhf)} imports this LLaVA-RLHF one"
         raise common.ConfigError(f"--reward {rm_dir}: no reward model checkpoint there ({how})")
     try:
         with open(path) as f:

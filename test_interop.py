@@ -811,6 +811,12 @@ def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_wo
     a, b = (load_file(os.path.join(resolve_checkpoint(str(tmp_path / r)), "adapters.safetensors"))
             for r in ("ppo_init", "ppo_half"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the reward model's own LoRA as --policy_lora: one line, its head would go unread
+    rm_lora = folder / "adapter_model" / "lora_default"
+    code, _, err = run_cli("ppo", ppo_args + ["--policy_lora", str(rm_lora), "--max_steps", "2",
+                                              "--out", str(tmp_path / "ppo_rm_lora")])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{rm_lora}: the LoRA of a LLaVA-RLHF reward model" in err, err
     # a head that is not nn.Linear(hidden, 1), or no adapter beside it: one line, nothing written
     torch.save({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, folder / "reward_head")
     code, _, err = run_cli("reward", ["--init", tiny_sft, "--import_llava_rlhf", str(folder),
@@ -843,14 +849,21 @@ def test_a_llava_rlhf_reward_lora_is_refused_as_a_policy(tmp_path):
     why = f"the LoRA of a LLaVA-RLHF reward model \\(its reward_head is in {folder}\\)"
     with pytest.raises(CheckpointError, match=f"^{lora}: {why}, not a policy"):
         common.load_model_and_tokenizer(str(lora))
-    with pytest.raises(CheckpointError, match=why):
-        refuse_scalar_model(str(lora))  # (ppo.py's --policy_lora)
+    # its base named: reward.py's --init defaults to ckpt/sft, and the import checks no base
+    command = f"python reward.py --init {folder / 'sft'} --import_llava_rlhf {folder}"
+    with pytest.raises(CheckpointError, match=f"{why}, not a policy: import it with {command}, "
+                                              "or pass a policy"):
+        refuse_scalar_model(str(lora))  # (ppo.py's --policy_lora: test_llava_rlhf_reward_model_...)
     import ppo  # ... and as --reward it says how to import it ("python reward.py writes one")
     for given in (folder, lora):
-        with pytest.raises(common.ConfigError, match=f"--import_llava_rlhf {folder} imports"):
+        with pytest.raises(common.ConfigError, match=f"\\({command} imports this LLaVA-RLHF"):
             ppo.reward_settings(str(given))
     os.remove(folder / "reward_head")  # (a LoRA alone is a policy's)
     assert "default" in common.load_model_and_tokenizer(str(lora))[0].adapters
+    (folder / "reward_head").write_bytes(b"")
+    shutil.rmtree(folder / "sft")  # (its base not found: a word to fill in)
+    with pytest.raises(common.ConfigError, match="--init ITS_BASE --import_llava_rlhf"):
+        ppo.reward_settings(str(folder))
 
 
 # ----------------------------------------------------------------------------------------
