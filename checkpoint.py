@@ -266,17 +266,28 @@ def _weight_files(path):
 
 def _check_shard_set(path, shards, stem, ext):
     """Shards without an index are one set, whole: a missing one was read as 'no weight for ...'
-    naming no file, and two sets (a stale one of another count) were read into one model."""
-    totals = sorted({n[:-len(ext)].rsplit("-of-", 1)[1] for n in shards})
+    naming no file, and two sets (a stale one of another count) were read into one model. Their
+    numbers are compared as numbers (model-1-of-10 is as whole a set as model-00001-of-00010)."""
+    parsed = {n: re.fullmatch(r"-(\d+)-of-(\d+)", n[len(stem):-len(ext)]).groups() for n in shards}
+    totals = sorted({int(total) for _, total in parsed.values()})
     if len(totals) > 1:
         raise CheckpointError(f"{path}: shards of {len(totals)} sets ({stem}-*-of-{totals[0]} and "
                               f"-of-{totals[1]}) and no index to say which: remove the stale set")
-    total = totals[0]
-    for i in range(1, int(total) + 1):
-        name = f"{stem}-{i:0{len(total)}d}-of-{total}{ext}"
-        if name not in shards:
-            raise CheckpointError(f"{os.path.join(path, name)}: shard not found (an incomplete "
-                                  "copy or download?)")
+    total, seen = totals[0], {}
+    for n, (i, _) in sorted(parsed.items()):
+        if not 1 <= int(i) <= total or int(i) in seen:
+            why = f"the number of {seen[int(i)]} too" if int(i) in seen else f"not in 1..{total}"
+            raise CheckpointError(f"{os.path.join(path, n)}: shard number {int(i)} is {why} (a "
+                                  "stale or misnamed file?)")
+        seen[int(i)] = n
+    missing = next((i for i in range(1, total + 1) if i not in seen), None)
+    if missing is not None:
+        # named in the set's own padding (model-00002-of-00005, or model-2-of-5)
+        width = min(len(i) for i, _ in parsed.values())
+        total_text = next(iter(parsed.values()))[1]
+        name = f"{stem}-{missing:0{width}d}-of-{total_text}{ext}"
+        raise CheckpointError(f"{os.path.join(path, name)}: shard not found (an incomplete copy "
+                              "or download?)")
 
 
 def check_weight_headers(path):

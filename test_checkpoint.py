@@ -186,23 +186,44 @@ def test_a_shard_index_listing_a_missing_shard_or_none_is_named(hf_dirs, tmp_pat
 def test_shards_without_an_index_are_one_whole_set(hf_dirs, tmp_path):
     """Shards model-N-of-M with no index (read where transformers reads nothing): a missing one
     was 'checkpoint: no weight for ...' naming no file; a stale set of another count beside them
-    was read into the same model (its tensors over the others, without a word)."""
+    was read into the same model (its tensors over the others, without a word). Their numbers are
+    numbers: an unpadded whole set was 'model-01-of-10...: shard not found', and a shard 3 of 2
+    was read."""
     from safetensors.torch import load_file, save_file
-    _, path = hf_dirs["gelu"]
+    hf, path = hf_dirs["gelu"]
+    pixels, ids = inputs(seed=3)
+    ref = hf_logits(hf, pixels, ids)
     d = tmp_path / "shards"
     d.mkdir()
     (d / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     state = load_file(os.path.join(path, "model.safetensors"))
     keys = sorted(state)
-    for i in (1, 2):
-        save_file({k: state[k] for k in keys[i - 1::2]}, str(d / f"model-0000{i}-of-00002"
-                                                                    ".safetensors"))
-    assert load_checkpoint(d) is not None
+
+    def write_set(total, pad):
+        for old in d.glob("model-*"):
+            old.unlink()
+        for i in range(1, total + 1):
+            save_file({k: state[k] for k in keys[i - 1::total]},
+                      str(d / f"model-{i:0{pad}d}-of-{total:0{pad}d}.safetensors"))
+
+    for total, pad in ((2, 5), (10, 1)):
+        write_set(total, pad)
+        torch.testing.assert_close(load_checkpoint(d)(pixels, ids), ref, atol=ATOL, rtol=0)
+    (d / "model-3-of-10.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=f"^{d / 'model-3-of-10.safetensors'}: shard not "
+                                              "found"):
+        load_checkpoint(d)
+    write_set(2, 5)
     # (the first shard of a stale set of three: its halved tensors were read over the first's)
     save_file({k: v * 0.5 for k, v in state.items()}, str(d / "model-00001-of-00003.safetensors"))
     with pytest.raises(CheckpointError, match="shards of 2 sets .*and no index"):
         load_checkpoint(d)
     (d / "model-00001-of-00003.safetensors").unlink()
+    for stray in ("model-00003-of-00002", "model-1-of-2"):
+        save_file({k: v * 0.5 for k, v in state.items()}, str(d / f"{stray}.safetensors"))
+        with pytest.raises(CheckpointError, match=f"^{d / stray}.safetensors: shard number"):
+            load_checkpoint(d)
+        (d / f"{stray}.safetensors").unlink()
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match=f"^{d / 'model-00002-of-00002.safetensors'}: shard "
                                               "not found"):
