@@ -1402,6 +1402,9 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, capsys):
              (["--mmhal_file", os.path.join(env["world"], "pope_random.jsonl"), "--judge", "openai",
                "--judge_url", "http://127.0.0.1:9/v1"], "field 'question_type'"),
              (["--ckpt", str(tmp_path / "missing")], "missing"),
+             # (a file given for its folder: it was 'checkpoint directory not found (train one')
+             (["--ckpt", os.path.join(a, "config.json")], f"error: {a}/config.json: a file, not a "
+              "checkpoint directory (pass the folder that holds it)\n"),
              (["--benchmarks", "mmhal", "--judge", "local", "--judge_max_tokens", "0"],
               "--judge_max_tokens 0 (no limit sent) is for --judge openai"),
              (["--benchmarks", "mmhal", "--judge", "local", "--judge_max_tokens", "0",
