@@ -120,6 +120,8 @@ class TensorSource:
     def __init__(self):
         self.where = {}   # (part, name) -> (file, original key)
         self.handles = {}
+        self.whole = set()  # .bin files read whole (torch's pre-zip format: no mmap)
+        self.pending = {}  # such a file -> its keys still to be read (expect)
 
     def add_dir(self, path, only_parts=None):
         files = _weight_files(path)
@@ -142,6 +144,25 @@ class TensorSource:
         self.where = {k: v for k, v in self.where.items() if k[0] != "vision"}
         self.add_dir(clip_dir, only_parts={"vision"})
 
+    def expect(self, reads):
+        """reads: the (part, name)s the model is about to be built from. A .bin read whole is let
+        go once the last of them is taken: each shard of an old-format 7B was held whole beside
+        the model built from them (the model twice in memory)."""
+        self.pending = {}
+        for pn in reads:
+            f, key = self.where.get(pn, (None, None))
+            if f in self.whole:
+                self.pending.setdefault(f, set()).add(key)
+
+    def _taken(self, f, key):
+        left = self.pending.get(f)
+        if left is None:
+            return
+        left.discard(key)
+        if not left:
+            del self.pending[f]
+            self.handles.pop(f)
+
     def _keys(self, f):
         return list(self._handle(f).keys())
 
@@ -151,15 +172,21 @@ class TensorSource:
                 if f.endswith(".safetensors"):
                     from safetensors import safe_open
                     self.handles[f] = safe_open(f, framework="pt", device="cpu")
-                else:  # (mmap reads torch's zip format alone: an older .bin, valid, is read
-                    # whole, as transformers reads it)
-                    self.handles[f] = torch.load(f, map_location="cpu", weights_only=True,
-                                                 mmap=zipfile.is_zipfile(f))
+                else:
+                    self.handles[f] = self._load_bin(f)
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
             _check_state_dict(f, self.handles[f])
         return self.handles[f]
+
+    def _load_bin(self, f):
+        # mmap reads torch's zip format alone: an older .bin, valid, is read whole, as
+        # transformers reads it
+        mmap = zipfile.is_zipfile(f)
+        if not mmap:
+            self.whole.add(f)
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
 
     def has(self, part, name):
         return (part, name) in self.where
@@ -172,6 +199,7 @@ class TensorSource:
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor '{key}' (truncated or corrupt file?): "
                                   f"{e}")
+        self._taken(f, key)
         if not t.is_floating_point():  # (integers would be read as weights without a word)
             raise CheckpointError(f"{f}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')}: "
                                   "weights are floating-point")
@@ -1040,9 +1068,15 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         raise CheckpointError(f"{src.key(part, name)} does not fit this model config (unexpected "
                               "key)")
     params = dict(model.named_parameters())
+    fresh = lambda our_name: fresh_projector and our_name.startswith("projector.")
+    inner = src
+    # (the projector's wrappers hold the files' TensorSource)
+    while not isinstance(inner, TensorSource):
+        inner = inner.src
+    inner.expect([pn for n, parts in targets.items() if not fresh(n) for pn in parts])
     for our_name, parts in targets.items():
         p = params[our_name]
-        if our_name.startswith("projector.") and fresh_projector:
+        if fresh(our_name):
             t = torch.empty(p.shape)
             if our_name.endswith("weight"):
                 nn.init.normal_(t, std=0.02)

@@ -668,6 +668,38 @@ def test_a_bin_in_torchs_older_format_loads_as_transformers_loads_it(hf_dirs, tm
                                atol=ATOL, rtol=0)
 
 
+def test_old_format_bin_shards_are_let_go_once_read(hf_dirs, tmp_path, monkeypatch):
+    """Shards in torch's pre-zip format are read whole (no mmap); each was held to the end of the
+    load, beside the model built from it (a sharded old-format 7B: the model twice in memory)."""
+    import shutil
+    import checkpoint
+    from safetensors.torch import load_file
+    hf, path = hf_dirs["gelu"]
+    d = tmp_path / "legacy"
+    shutil.copytree(path, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    # the CLIP tower and projector first, the language model second: the order they are read in
+    first = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+    shards = [d / f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)]
+    torch.save(first, shards[0], _use_new_zipfile_serialization=False)
+    torch.save({k: v for k, v in state.items() if k not in first}, shards[1],
+               _use_new_zipfile_serialization=False)
+    held, get = [], checkpoint.TensorSource.get
+
+    def recording_get(self, part, name):
+        t = get(self, part, name)
+        held.append((self.where[part, name][0], set(self.handles)))
+        return t
+    monkeypatch.setattr(checkpoint.TensorSource, "get", recording_get)
+    pixels, ids = inputs(seed=8)
+    torch.testing.assert_close(load_checkpoint(d)(pixels, ids), hf_logits(hf, pixels, ids),
+                               atol=ATOL, rtol=0)
+    second = [files for f, files in held if f == str(shards[1])]
+    assert second and not any(str(shards[0]) in files for files in second), held[-1]
+    assert held[-1][1] == set(), held[-1]
+
+
 def test_a_bin_that_is_not_a_state_dict_is_one_line(hf_dirs, tmp_path):
     """A pytorch_model.bin of a list, or with a number among its tensors, was a traceback
     (AttributeError: no 'keys' / no 'shape')."""
