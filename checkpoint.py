@@ -59,8 +59,9 @@ def _canonical_key(key):
     if k.startswith("model.mm_projector."):
         rest = k[len("model.mm_projector."):]
         linear = {"0.": "linear_1.", "2.": "linear_2."}.get(rest[:2])
-        if linear is None and rest not in ("weight", "bias"):  # (mlp3x_gelu's 4.*: it was read
-            return "unknown", key  # as linear_1, over 0.*)
+        # another projector's key (mlp3x_gelu's 4.*) was read as linear_1, over 0.*
+        if linear is None and rest not in ("weight", "bias"):
+            return "unknown", key
         return "projector", (linear or "linear_1.") + rest.split(".")[-1]
     if k.startswith("language_model.lm_head.") or k.startswith("lm_head."):
         return "lm_head", k.split("lm_head.", 1)[1]
@@ -168,25 +169,24 @@ class TensorSource:
 
     def _handle(self, f):
         if f not in self.handles:
-            try:
-                if f.endswith(".safetensors"):
-                    from safetensors import safe_open
-                    self.handles[f] = safe_open(f, framework="pt", device="cpu")
-                else:
-                    self.handles[f] = self._load_bin(f)
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): "
-                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            _check_state_dict(f, self.handles[f])
+            if f.endswith(".safetensors"):
+                self.handles[f] = _open_safetensors(f)
+            else:
+                self.handles[f] = self._load_bin(f)
         return self.handles[f]
 
     def _load_bin(self, f):
         # mmap reads torch's zip format alone: an older .bin, valid, is read whole, as
         # transformers reads it
         mmap = zipfile.is_zipfile(f)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:
+            raise _unreadable(f, e)
+        _check_state_dict(f, state)
         if not mmap:
             self.whole.add(f)
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        return state
 
     def has(self, part, name):
         return (part, name) in self.where
@@ -217,6 +217,19 @@ class TensorSource:
         return f"{f}: key '{key}'"
 
 
+def _open_safetensors(f):
+    from safetensors import safe_open
+    try:
+        return safe_open(f, framework="pt", device="cpu")
+    except Exception as e:
+        raise _unreadable(f, e)
+
+
+def _unreadable(f, e):
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): {first}")
+
+
 def no_dir(path):
     """Why `path` is not a checkpoint directory (a file is named as one: it exists)."""
     if os.path.isfile(path):
@@ -226,8 +239,6 @@ def no_dir(path):
 
 def _check_state_dict(f, obj):
     """A .bin read is a state dict, {name: tensor} (a list or a number in one was a traceback)."""
-    if f.endswith(".safetensors"):  # (its format holds nothing else)
-        return
     if not isinstance(obj, dict):
         raise CheckpointError(f"{f}: not a state dict of named tensors (a {type(obj).__name__})")
     for k, v in obj.items():
@@ -284,12 +295,13 @@ def _weight_files(path):
     for _, files in kinds:
         if files:
             return [os.path.join(path, n) for n in files]
-    stage1 = os.path.isfile(os.path.join(path, "mm_projector.bin"))  # (LLaVA's stage-1 output)
+    hint = ""
+    # LLaVA's stage-1 output folder: its projector alone
+    if os.path.isfile(os.path.join(path, "mm_projector.bin")):
+        hint = ("; its mm_projector.bin alone is LLaVA's stage-1 projector: put the weights of "
+                "the language model it was trained on beside it")
     raise CheckpointError(f"{path}: no weights found (model.safetensors, model-*.safetensors "
-                          "or pytorch_model*.bin)" + ("; its mm_projector.bin alone is LLaVA's "
-                                                      "stage-1 projector: put the weights of the "
-                                                      "language model it was trained on beside "
-                                                      "it" if stage1 else ""))
+                          f"or pytorch_model*.bin){hint}")
 
 
 def _check_shard_set(path, shards, stem, ext):
@@ -552,8 +564,9 @@ def detect_layout(path):
             raise CheckpointError(f"{path}: no config.json; it holds the PEFT adapters "
                                   f"{', '.join(a + '/' for a in adapters)}: pass one of them")
         snapshots = os.path.join(path, "snapshots")
-        if os.path.isdir(snapshots) and os.listdir(snapshots):  # (a model's folder in the hub
-            # cache, models--org--name: its files are in snapshots/REVISION/)
+        # a model's folder in the hub cache, models--org--name: its files are in
+        # snapshots/REVISION/
+        if os.path.isdir(snapshots) and os.listdir(snapshots):
             revs = ", ".join(sorted(os.listdir(snapshots)))
             raise CheckpointError(f"{path}: no config.json; a hub cache folder: pass its "
                                   f"{snapshots}/REVISION folder (here: {revs:.200})")
