@@ -360,6 +360,7 @@ def main(cfg):
                              "asks the world's questions); drop it")
     if not cfg.lrv:
         common.refuse_unread(cfg, ["neg_ratio"], "without --lrv true; drop it")
+    refuse_val_in_stages(cfg, fresh)
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0
@@ -555,6 +556,20 @@ def main(cfg):
     if reporting and d.main:  # the world's held-out questions, scored exactly
         report(model, tokenizer, cfg)
     common.cleanup_dist()
+
+
+def refuse_val_in_stages(cfg, fresh):
+    """--val_data naming the file a fresh model's alignment or reading stage trains on (as
+    common.refuse_val_in_data refuses a --data file): its held-out scores would be of training
+    records. Checked for the stages the flags plan, also where --max_steps leaves one no step."""
+    if not (fresh and cfg.val_data):
+        return
+    for flag, steps in (("align_data", cfg.align_steps), ("read_data", cfg.read_steps)):
+        path = getattr(cfg, flag)
+        if steps and path and os.path.realpath(path) == os.path.realpath(cfg.val_data):
+            raise common.ConfigError(f"--val_data {cfg.val_data}: the --{flag} file (its held-out "
+                                     "scores would be of training records); give another file, "
+                                     "or '' for none")
 
 
 def load_read_records(cfg, train_records, d=None):

@@ -244,6 +244,20 @@ def test_resume_refuses_a_max_steps_that_moves_the_stages(tiny_world, tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == before
 
 
+@pytest.mark.parametrize("name,flag", [("sft_read.json", "read_data"), ("align.json",
+                                                                         "align_data")])
+def test_val_data_naming_an_earlier_stages_file_is_refused(tiny_world, tmp_path, name, flag):
+    """--val_data naming a --data file is refused (held-out scores of training records), but the
+    file a fresh model's reading or alignment stage trains on was taken as held-out data."""
+    val = os.path.join(tiny_world, "..", os.path.basename(tiny_world), name)  # (another spelling)
+    args = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_steps", "1",
+            "--read_steps", "1", "--max_steps", "3", "--report", "false", "--val_data", val,
+            "--out", str(tmp_path / "run")]
+    code, _, err = run_cli("sft", args)
+    assert code == 2 and f"--val_data {val}: the --{flag} file" in err, err
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tiny_world, tmp_path):
     """Rows of the steps after the newest checkpoint were kept, and the resumed run logged those
     steps again: metrics.jsonl held step 3 twice (lab.py reads its rows in order)."""
