@@ -334,6 +334,9 @@ def main(cfg):
     if cfg.lora_r > 0:
         common.refuse_unread(cfg, ["train_lm"], "with --lora_r > 0 (LoRA trains the language "
                              "model); drop it")
+    if not (cfg.train_vision or cfg.train_projector):  # (the ratio is their learning rate's)
+        common.refuse_unread(cfg, ["vision_lr_ratio"], "with --train_vision false and "
+                             "--train_projector false (neither trains); drop it")
     if not cfg.report:
         common.refuse_unread(cfg, ["report_n"], "with --report false; drop it")
     reads = ("data", "tokenizer") if fresh else ("data",)

@@ -514,6 +514,20 @@ def test_flags_of_a_stage_that_does_not_run_are_refused(tiny_world, tmp_path):
     assert code == 0, err
 
 
+def test_vision_lr_ratio_with_nothing_it_sets_is_refused(tiny_world, tiny_sft, tmp_path):
+    """--vision_lr_ratio sets the CLIP tower's and projector's learning rate; with both frozen it
+    was read by nothing and ignored without a word. One line now; with the projector trained it
+    runs (LLaVA's stage 1: --train_vision false, the projector at --vision_lr_ratio 1)."""
+    base = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--report", "false", "--train_vision", "false", "--vision_lr_ratio", "1"]
+    code, _, err = run_cli("sft", base + ["--train_projector", "false", "--out",
+                                          str(tmp_path / "o")])
+    assert code == 2 and "--vision_lr_ratio 1.0: not read with --train_vision false and " \
+        "--train_projector false" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli("sft", base + ["--out", str(tmp_path / "p")])
+    assert code == 0, err
+
+
 def test_an_unplain_record_after_skipped_ones_is_named_by_its_id():
     """Under --template plain with --skip_bad, records left out before it shifted the number a
     conversation the template cannot read was named by (a review): its id alone names it then."""
