@@ -898,7 +898,7 @@ class Logger:
             lines = f.readlines()
         kept = [line for line in lines if _row_step(line) <= step]
         if len(kept) < len(lines):  # (whole: a full disk left a torn metrics.jsonl.tmp)
-            write_whole(self.path, lambda f: f.writelines(kept), encoding="utf-8")
+            write_whole(self.path, lambda f: f.writelines(kept))
 
     def log(self, step, **metrics):
         if not self.enabled:
@@ -1273,11 +1273,13 @@ def write_json(obj, path, indent=1):
     write_whole(path, lambda f: json.dump(obj, f, indent=indent))
 
 
-def write_whole(path, write, encoding=None):
+def write_whole(path, write, encoding="utf-8"):
     """write(f) into path.tmpPID, then renamed onto path: path holds all of it or what it held
     before (a disk full, or an error, while writing leaves no half file, nor a temp file). The
     temp file is this process's own: two processes writing one path (two labs' RESULTS.md) each
-    rename a whole file; with one shared name each truncated the other's, and one renamed a mix."""
+    rename a whole file; with one shared name each truncated the other's, and one renamed a mix.
+    UTF-8 whatever the locale: under an ASCII one (LC_ALL=C without UTF-8 mode) the lab's report
+    and its '±' failed at the end of the lab, and every reader here reads UTF-8."""
     tmp = f"{path}.tmp{os.getpid()}"
     if os.path.isdir(path):  # (the rename's error named the temp file)
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)

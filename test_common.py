@@ -648,3 +648,16 @@ def test_a_full_disk_while_the_log_is_cut_back_keeps_it_whole(tmp_path, monkeypa
         common.Logger(str(tmp_path))  # (no checkpoint: every row goes)
     assert e.value.filename == str(log)
     assert log.read_bytes() == before and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_write_whole_writes_utf8_under_an_ascii_locale(tmp_path):
+    """RESULTS.md and compare.md hold '±': under an ASCII locale (LC_ALL=C, UTF-8 mode off) the
+    lab's report failed with a UnicodeEncodeError once every run had ended."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common\n"
+            "common.write_whole(sys.argv[2], lambda f: f.write('0.8 \\u00b1 0.1'))\n")
+    env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, HERE, str(tmp_path / "RESULTS.md")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert (tmp_path / "RESULTS.md").read_bytes() == "0.8 \u00b1 0.1".encode("utf-8")
