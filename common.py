@@ -123,8 +123,8 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         # (a full disk while logging, answering or drawing: named by `naming` where it can be)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             fail(f"{where}{e.strerror} while writing: free some space and run again (checkpoints "
-                 "and worlds are written whole or not at all; a training run goes on from its "
-                 "last checkpoint with --resume true)")
+                 "and worlds are written whole or not at all; a training run that saved a "
+                 "checkpoint goes on from it with --resume true)")
         if where:
             fail(f"{where}{e.strerror}")
         if e.errno in (errno.EROFS, errno.EFBIG):
