@@ -587,7 +587,7 @@ def _ignore_stop_signals_at_exit():
             signal.signal(signum, signal.SIG_IGN)
 
 
-def end_process():
+def end_process(code=0):
     """A script's last call after a run that made a process group (torchrun, or --fsdp): exit at
     once, skipping the interpreter's teardown. Under FSDP torch's DTensor caches keep the device
     mesh, and with it the gloo group and its threads, alive past destroy_process_group; one of
@@ -597,7 +597,21 @@ def end_process():
     if _made_process_group:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+
+
+@contextmanager
+def ending_process():
+    """A stage script's main block: end_process after a run, and after a user's error (exit 2) or
+    an interrupt (130) too. An error under torchrun left the group (never destroyed) to the
+    interpreter's teardown, which aborted the rank after its line in 2 of 6 runs ('terminate
+    called without an active exception', SIGABRT, -6 instead of 2)."""
+    try:
+        yield
+    except SystemExit as e:
+        end_process(e.code if isinstance(e.code, int) else 1)
+        raise
+    end_process()
 
 
 def all_gather_cat(t, d):

@@ -613,5 +613,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
-    common.end_process()
+    with common.ending_process():
+        cli()

@@ -682,6 +682,5 @@ def report(model, tokenizer, cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.user_errors():
+    with common.ending_process(), common.user_errors():
         main(cfg)
-    common.end_process()
