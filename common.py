@@ -61,11 +61,16 @@ USER_ERRORS = (ConfigError, CheckpointError, NonFiniteError, DataError)
 TERMINAL_CODE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[ -/]*[0-~])")
 
 
+def torchrun_rank():
+    """This process's rank under torchrun (0 in a plain run)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def fail(message):
     """The one line of a user's error, and exit code 2. Under torchrun every rank that meets the
     error says it (one rank's own file may be the cause), the other ranks' lines named as theirs,
     each written whole (two ranks' lines ran together)."""
-    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    rank = torchrun_rank()
     # (a library's own text may carry terminal colours, as torch.load's refusal of a pickled
     # module does, links, or several lines)
     message = " ".join(TERMINAL_CODE.sub("", str(message)).splitlines())
@@ -133,7 +138,9 @@ def user_errors(*extra, interrupted=INTERRUPTED):
             fail(f"{e.strerror} while reading or writing: check the disk")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
-        if not os.environ.get(INTERRUPT_SAID_BY):
+        # under torchrun the launcher passes the SIGINT to every rank: rank 0 says it for all
+        # (each rank wrote the same line)
+        if not os.environ.get(INTERRUPT_SAID_BY) and torchrun_rank() == 0:
             sys.stderr.write(interrupted + "\n")
         raise SystemExit(130) from None
     finally:

@@ -661,3 +661,16 @@ def test_write_whole_writes_utf8_under_an_ascii_locale(tmp_path):
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
     assert (tmp_path / "RESULTS.md").read_bytes() == "0.8 \u00b1 0.1".encode("utf-8")
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeypatch, capsys):
+    """torchrun passes a Ctrl-C (or its SIGINT) to every rank: each wrote the same 'interrupted'
+    line; rank 0 now says it for all, and every rank exits 130."""
+    monkeypatch.delenv(common.INTERRUPT_SAID_BY, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise KeyboardInterrupt
+    assert e.value.code == 130
+    assert capsys.readouterr().err == (common.INTERRUPTED + "\n" if said else "")
