@@ -28,12 +28,18 @@ from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig, eos_ids_ok
 FORMAT_NAME, FORMAT_VERSION = "factalign", 1
 
 
+def note(text, **print_kwargs):
+    """A loader's note, said by rank 0 alone under torchrun: every rank loads the model, and each
+    said the same note."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(text, **print_kwargs)
+
+
 # ----------------------------------------------------------------------------------------
 # Checkpoints: key mapping between our modules and every layout users have
 # ----------------------------------------------------------------------------------------
 # Our names mirror HF's except that q/k/v and gate/up are stored fused in memory. On disk we
 # always write the llava-hf hub layout (unfused), so any tool that reads llava-hf reads ours.
-
 def _canonical_key(key):
     """Map a checkpoint key from any supported layout to (part, name): part in {'vision',
     'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""
@@ -752,14 +758,14 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         if clip_from is not None:  # (a base without CLIP weights, as LLaVA's released ones)
             src.vision_from(clip_from)
         elif vision_tower:  # (it was passed over without a word)
-            print(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
+            note(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
                   "it was trained with", flush=True)
         if detect_layout(weights_dir) == "llava-hf":  # (its projector as its config says)
             src = _llava_hf_projector(src, weights_dir,
                                       _read_json(os.path.join(weights_dir, "config.json")))
     elif layout == "llava-hf":
         if vision_tower:  # (its CLIP config and weights are its own: passed over without a word)
-            print(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
+            note(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
                   "CLIP config and weights it was trained with", flush=True)
         # (no vision_config, or null: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own)
         vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
@@ -791,7 +797,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                                   f"{text_pad} is not a token of the {vocab}-token vocabulary")
         pad = _from_file(path, lambda: _pad_id(cfg, text_pad))
         if pad >= vocab:  # (transformers reads the text model's own; an export would not load)
-            print(f"note: {path}/config.json: pad_token_id {pad} is not a token of the "
+            note(f"note: {path}/config.json: pad_token_id {pad} is not a token of the "
                   f"{vocab}-token vocabulary; text_config's {text_pad} is used, as transformers "
                   "does", flush=True)
             pad = text_pad
@@ -827,7 +833,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                 src.vision_from(clip_dir)
                 clip_from = clip_dir
             elif vision_tower:  # (its own weights are what it was trained with: ShareGPT4V's are)
-                print(f"note: --vision_tower {vision_tower}: its config is read; the CLIP weights "
+                note(f"note: --vision_tower {vision_tower}: its config is read; the CLIP weights "
                       f"are {path}'s own", flush=True)
         elif has_vision:
             vf = _vision_fields_from_weights(src, path, cfg.get("mm_vision_tower"))
@@ -899,7 +905,7 @@ def _stage1_projector(src, path, layout):
     src.add_file(file, only_parts={"projector", "unknown"})
     if not any(p == "projector" for p, _ in src.where):
         raise CheckpointError(f"{file}: no model.mm_projector.* keys (LLaVA's stage-1 projector)")
-    print(f"note: {path}: the projector is read from mm_projector.bin (LLaVA's stage 1)",
+    note(f"note: {path}: the projector is read from mm_projector.bin (LLaVA's stage 1)",
           flush=True)
 
 
@@ -927,7 +933,7 @@ def _check_aspect_ratio(path, aspect):
     if aspect not in (None, "square"):
         raise CheckpointError(f"{path}/config.json: field 'image_aspect_ratio': {aspect!r:.40} is "
                               "not supported ('pad': LLaVA-1.5's pad to square)")
-    print(f"note: {path}/config.json: image_aspect_ratio {aspect or 'absent'} (LLaVA resizes and "
+    note(f"note: {path}/config.json: image_aspect_ratio {aspect or 'absent'} (LLaVA resizes and "
           "centre-crops); images here are padded to square ('pad'), so on non-square images "
           "answers can differ from LLaVA's", flush=True)
 
@@ -1052,7 +1058,7 @@ def _tie_as_transformers(config, src, path, asked):
         same = src.shape(*head) == src.shape(*embed) and torch.equal(src.get(*head),
                                                                      src.get(*embed))
         if not same:
-            print(f"note: {path}: tie_word_embeddings is true but lm_head.weight differs from "
+            note(f"note: {path}: tie_word_embeddings is true but lm_head.weight differs from "
                   "embed_tokens: both read as saved (as transformers 5 loads it)", flush=True)
             asked = False
     return replace(config, tie_embeddings=bool(asked))
@@ -1199,7 +1205,7 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
     need atomicity write into a temp directory and rename (common.save_checkpoint does). A model
     whose base weights changed since loading (a merge) is written whole: `base` lacks them."""
     if base is not None and model.base_edited:
-        print(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
+        note(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
               f"written whole, not as adapters on {base}", flush=True)
         base = None
     os.makedirs(path, exist_ok=True)
@@ -1415,7 +1421,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     if merged or left:
         kept = f"adapter '{merged}' merged in" if merged else ""
         gone = f"left out: {', '.join(left)} (adapters/heads)" if left else ""
-        print(f"note: {path}: {'; '.join(x for x in (kept, gone) if x)}", flush=True)
+        note(f"note: {path}: {'; '.join(x for x in (kept, gone) if x)}", flush=True)
     if c.projector == "linear":
         dev = state["multi_modal_projector.linear_1.weight"]
         state["multi_modal_projector.linear_2.weight"] = torch.eye(c.hidden, dtype=dev.dtype)
@@ -1474,7 +1480,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tok is None:
-        print(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
+        note(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
               "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
     if tok.pad_token is None and 0 <= c.pad_token_id < len(tok):  # (the processor pads with what
@@ -1992,7 +1998,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
             w += (alpha / r * B @ A).to(w.device, w.dtype)
     if merged:
         model.base_edited = True
-        print(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
+        note(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
               "merged into the base weights (factalign's adapters hold language-model LoRA only)",
               flush=True)
     if not text:

@@ -446,6 +446,21 @@ def test_vision_tower_beside_a_llava_hf_checkpoint_is_named_not_read(hf_dirs, tm
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_a_loaders_note_is_said_by_rank_0_alone_under_torchrun(hf_dirs, tmp_path, capsys,
+                                                              monkeypatch, rank, said):
+    """Every torchrun rank loads the model: each rank said each of the loader's notes (the
+    mm_projector.bin note twice per dpo.py run on 2 processes)."""
+    from transformers import CLIPVisionModel
+    _, path = hf_dirs["gelu"]
+    CLIPVisionModel(hf_vision_config()).save_pretrained(tmp_path / "clip")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    capsys.readouterr()
+    load_checkpoint(path, vision_tower=str(tmp_path / "clip"))
+    assert ("--vision_tower" in capsys.readouterr().out) == said
+
+
 def test_an_original_llava_without_projector_weights_is_sfts_start_alone(hf_dirs, tmp_path):
     """An original LLaVA whose files hold no mm_projector keys: a fresh projector for SFT,
     refused elsewhere (it was used at random)."""
