@@ -453,6 +453,7 @@ def setup_dist(device="cpu", fsdp=False):
             _made_process_group = True
         return Dist(device=torch.device(device), fsdp=fsdp)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    end_with_the_launcher()
     if device == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -461,6 +462,18 @@ def setup_dist(device="cpu", fsdp=False):
     dist.init_process_group(backend)
     _made_process_group = True
     return Dist(rank, world, local, dev, fsdp)
+
+
+def end_with_the_launcher():
+    """Under torchrun on Linux this rank is killed when its launcher dies. torchrun stops its ranks
+    itself on SIGINT or SIGTERM, but a launcher killed outright (kill -9, the OOM killer) left
+    them training on as orphans, writing checkpoints into --out and holding its lock (1800 steps,
+    130 s, until their stdout was closed)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def check_world(script, fsdp, grad_accum=1, **batch_sizes):

@@ -506,3 +506,44 @@ def test_a_sharded_run_builds_on_the_cpu_and_gathers_only_what_is_used(tiny_sft,
         code, _, err = run_cli("sft", base + ["--lora_r", lora, "--out", str(tmp_path / lora)])
         assert code == 0, err
         assert loaded == [True] and gathered == want, (lora, loaded, gathered)
+
+
+RANK_THAT_WAITS = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import common
+common.setup_dist("cpu")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def running(pid):
+    """pid is a process not yet dead (a zombie waiting to be reaped is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path):
+    """torchrun's launcher killed with SIGKILL (kill -9, the OOM killer) cannot stop its ranks:
+    they trained on as orphans, into --out and holding its lock. Each now dies with it."""
+    (tmp_path / "rank.py").write_text(RANK_THAT_WAITS)
+    launcher = torchrun(str(tmp_path / "rank.py"), [HERE])
+    ready = 0
+    while ready < 2:  # (both ranks past setup_dist)
+        line = launcher.stdout.readline()
+        assert line, "torchrun ended early"
+        ready += "ready" in line
+    ranks = descendants(launcher.pid)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(running(p) for p in ranks):
+        time.sleep(0.1)
+    alive = [p for p in ranks if running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived their launcher"
