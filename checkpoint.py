@@ -656,13 +656,29 @@ def _layer_lists(layers):
         for ids in layers.values())
 
 
+def checkpoint_step(name):
+    """N of a folder named checkpoint-N, else None. ASCII digits alone: str.isdigit takes '²',
+    which int() refuses (a traceback)."""
+    tail = name[len("checkpoint-"):]
+    if name.startswith("checkpoint-") and tail.isascii() and tail.isdigit():
+        return int(tail)
+    return None
+
+
+def complete_checkpoints(run_dir):
+    """The complete checkpoint-N folders' names in a run directory (temp dirs are ignored),
+    oldest first: by step, not by name (checkpoint-1000000 after checkpoint-999999)."""
+    names = [n for n in os.listdir(run_dir) if checkpoint_step(n) is not None
+             and os.path.exists(os.path.join(run_dir, n, "config.json"))]
+    return sorted(names, key=checkpoint_step)
+
+
 def latest_checkpoint(run_dir):
     """The newest complete checkpoint-N directory in a run directory (temp dirs are ignored)."""
     if not os.path.isdir(run_dir):
         return None
-    steps = [n for n in os.listdir(run_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
-             and os.path.exists(os.path.join(run_dir, n, "config.json"))]
-    return os.path.join(run_dir, max(steps, key=lambda n: int(n[11:]))) if steps else None
+    steps = complete_checkpoints(run_dir)
+    return os.path.join(run_dir, steps[-1]) if steps else None
 
 
 def resolve_checkpoint(path):

@@ -31,9 +31,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
-from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, detect_layout, is_peft_dir,
-                        latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
-                        refuse_scalar_model, resolve_checkpoint, save_checkpoint_files)
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, complete_checkpoints,
+                        detect_layout, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
+                        peft_base_dir, refuse_scalar_model, resolve_checkpoint,
+                        save_checkpoint_files)
 from formats import DataError
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
@@ -1638,9 +1639,7 @@ def _agree(failed, tmp, out_dir, final, d):
 def _drop_old_checkpoints(out_dir, keep):
     """Keep the newest `keep` complete checkpoints and every one that ended a run. One that cannot
     be removed is a note: the new checkpoint is written, the run goes on."""
-    old = sorted(n for n in os.listdir(out_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
-                 # keep counts complete ones
-                 and os.path.exists(os.path.join(out_dir, n, "config.json")))
+    old = complete_checkpoints(out_dir)  # (keep counts complete ones)
     for n in old[:-keep] if keep > 0 else []:
         if _ended_a_run(os.path.join(out_dir, n)):
             continue

@@ -1284,3 +1284,18 @@ def test_a_merged_export_makes_one_merged_weight_at_a_time(monkeypatch):
     assert len(made) == len(list(m.lora_linears())) > 1
     assert merges_at[0] <= 1  # (not all of them before the first weight)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_checkpoint_folders_are_ordered_by_step_and_odd_names_are_passed_over(tmp_path):
+    """A folder checkpoint-² (str.isdigit takes it) made latest_checkpoint an int() traceback; and
+    old checkpoints were dropped by name, so past step 999999 (seven digits) the newest sorted
+    first and was the one removed."""
+    import checkpoint
+    import common
+    for name in ("checkpoint-999998", "checkpoint-999999", "checkpoint-1000000", "checkpoint-²"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000000")
+    common._drop_old_checkpoints(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1000000", "checkpoint-999999",
+                                            "checkpoint-²"]
