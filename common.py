@@ -731,14 +731,35 @@ def world_paths(cfg, reads=("data",), companions=()):
     data_in_world = WORLD in cfg.data
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     values = {k: v for k, v in values.items() if isinstance(v, str)}
-    for f in companions:
-        if WORLD in values[f] and not data_in_world:
-            values[f] = ""
+    dropped = [f for f in companions if WORLD in values[f] and not data_in_world]
+    for f in dropped:
+        values[f] = ""
+    if dropped:
+        note_world_file_spelled_out(cfg, dropped)
     named = [f for f in reads + companions if WORLD in values[f]]
     paths = {f: v.replace(WORLD, cfg.world) for f, v in values.items()}
     out = dataclasses.replace(cfg, **paths)
     refuse_val_in_data(out)
     return out, named
+
+
+def note_world_file_spelled_out(cfg, dropped):
+    """--data naming a world file by its path (data/shapes/sft.json), not as '{world}/sft.json':
+    read as a file of the user's own, without the world's `dropped` companions (its validation
+    file, captions, ...). Said: the run changed without a word (the lab's VIGC control means it)."""
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "data")
+    if WORLD not in default:
+        return
+    world_file = default.replace(WORLD, cfg.world)
+    try:
+        paths = [path for path, _ in data_specs(cfg.data)]
+    except ConfigError:  # (said where the stage reads it)
+        return
+    if any(samefile(path, world_file) for path in paths):
+        flags = ", ".join(f"--{f}" for f in dropped)
+        print(f"note: --data names the world's {os.path.basename(world_file)} by its path: read "
+              f"as a file of your own, without the world's {flags}; give it as {default} to keep "
+              "them", flush=True)
 
 
 def samefile(a, b):

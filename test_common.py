@@ -674,3 +674,26 @@ def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeyp
         raise KeyboardInterrupt
     assert e.value.code == 130
     assert capsys.readouterr().err == (common.INTERRUPTED + "\n" if said else "")
+
+
+def test_a_world_file_spelled_out_as_data_is_said_to_drop_the_worlds_companions(tmp_path, capsys):
+    """--data data/shapes/sft.json (the world's own file by its path, not '{world}/sft.json') is
+    read as a file of the user's own: no validation file, report or captions from the world. The
+    run changed without a word; a note says so now (and not for the '{world}' spelling)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        data: str = "{world}/sft.json"
+        val_data: str = "{world}/sft_val.json"
+        world: str = str(tmp_path)
+    (tmp_path / "sft.json").write_text("[]")
+    cfg, _ = common.world_paths(Config(data=str(tmp_path / "sft.json")), ("data",), ("val_data",))
+    out = capsys.readouterr().out
+    assert cfg.val_data == "" and "note: --data names the world's sft.json by its path" in out
+    assert "without the world's --val_data; give it as {world}/sft.json" in out, out
+    cfg, _ = common.world_paths(Config(), ("data",), ("val_data",))
+    assert cfg.val_data == str(tmp_path / "sft_val.json") and not capsys.readouterr().out
+    (tmp_path / "mine.json").write_text("[]")
+    common.world_paths(Config(data=str(tmp_path / "mine.json")), ("data",), ("val_data",))
+    assert not capsys.readouterr().out  # (a file of the user's own: nothing to say)
