@@ -86,6 +86,7 @@ def fail(message):
 INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
 
 
+RESUME_IF_SAVED = "a training run that saved a checkpoint goes on from it with --resume true"
 INTERRUPTED = ("interrupted: what was written is kept (a training run goes on from its last "
                "checkpoint with --resume true)")
 
@@ -129,14 +130,13 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         # (a full disk while logging, answering or drawing: named by `naming` where it can be)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             fail(f"{where}{e.strerror} while writing: free some space and run again (checkpoints "
-                 "and worlds are written whole or not at all; a training run that saved a "
-                 "checkpoint goes on from it with --resume true)")
-        if where:
-            fail(f"{where}{e.strerror}")
+                 f"and worlds are written whole or not at all; {RESUME_IF_SAVED})")
         if e.errno in (errno.EROFS, errno.EFBIG):
-            fail(f"{e.strerror} while writing")
+            fail(f"{where}{e.strerror} while writing")
         if e.errno == errno.EIO:
-            fail(f"{e.strerror} while reading or writing: check the disk")
+            fail(f"{where}{e.strerror} while reading or writing: check the disk")
+        if where and e.strerror:  # (no strerror: no system call's error, a bug's: its traceback)
+            fail(f"{where}{e.strerror}")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
         # under torchrun the launcher passes the SIGINT to every rank: rank 0 says it for all
@@ -1319,7 +1319,8 @@ def naming(path):
     try:
         yield
     except OSError as e:
-        if e.filename is None:
+        # (one without an errno is no system call's: a library's message, a bug's traceback)
+        if e.filename is None and e.errno is not None:
             e.filename = path
         raise
 
@@ -1343,9 +1344,11 @@ def write_whole(path, write, encoding="utf-8"):
         with naming(path), open(tmp, "w", encoding=encoding) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:  # (the temp file is gone: its path)
+            e.filename = path
         raise
 
 
@@ -1490,7 +1493,7 @@ def save_checkpoint(model, out_dir, step, run_config, optimizer=None, tokenizer=
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         except Exception as e:  # (a full disk: torch's and safetensors' own errors, a traceback)
             failed = e
-    _agree(failed, tmp, out_dir, final, d)
+    agree_written(failed, tmp, out_dir, final, d)
     _commit(tmp, final, out_dir, keep, d)
     return final
 
@@ -1509,8 +1512,8 @@ def write_failure(error, out_dir, what):
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CheckpointError(f"{out_dir}: cannot write {what} ({error.strerror}: "
                                f"{error.filename or out_dir}); nothing of it was kept, what was "
-                               "written before is: make the folder writable and run again (a "
-                               "training run goes on with --resume true)")
+                               "written before is: make the folder writable and run again "
+                               f"({RESUME_IF_SAVED})")
     full = isinstance(error, OSError) and \
         error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
     signs = ("No space left", "os error 28", "os error 27", "File too large", "Disk quota",
@@ -1524,7 +1527,7 @@ def write_failure(error, out_dir, what):
     first = text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
     return CheckpointError(f"{out_dir}: cannot write {what} ({first}; {free}); nothing of it "
                            "was kept, what was written before is: free some space (or mend the "
-                           "disk) and run again (a training run goes on with --resume true)")
+                           f"disk) and run again ({RESUME_IF_SAVED})")
 
 
 def _config_dict(run_config):
@@ -1640,16 +1643,16 @@ def _commit(tmp, final, out_dir, keep, d):
             _swap_in(tmp, final)
         except OSError as e:
             failed = e
-    _agree(failed, tmp, out_dir, final, d)
+    agree_written(failed, tmp, out_dir, final, d)
     if d is None or d.main:
         _drop_old_checkpoints(out_dir, keep)
     if d is not None and d.world > 1:
         dist.barrier()
 
 
-def _agree(failed, tmp, out_dir, final, d):
+def agree_written(failed, tmp, out_dir, final, d):
     """Raise write_failure's line where this process (or, several processes: any) failed, the
-    temp folder removed."""
+    temp folder (or file) removed."""
     if d is not None and d.world > 1:
         _stop_together(failed, tmp, out_dir, final, d)
     elif failed is not None:

@@ -1055,7 +1055,7 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
     empty = {}  # id: the judge's finish reason, for replies without a word (not stored)
-    with common.naming(path), open(path, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]
             reply = judge(prompts[q["id"]], dict(q, answer=answer, bench=bench))
@@ -1067,8 +1067,10 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
             if getattr(judge, "last_cut", False):
                 record["cut"] = True
                 cut.add((q["id"], jname, digest[q["id"]]))
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            # (the write alone: an error of the judge's own is not this file's)
+            with common.naming(path):
+                f.write(json.dumps(record) + "\n")
+                f.flush()
             cache[(q["id"], jname, digest[q["id"]])] = reply
     n_cut = sum((q["id"], jname, digest[q["id"]]) in cut for q in asked)
     if n_cut:  # (a reply cut before its score: MMHal's rating comes at its end)

@@ -1165,7 +1165,7 @@ def lrv_file(world_dir, neg_ratio, seed):
     except BaseException as e:  # (a full disk: no torn temp file left in the world, one a run)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # (a full disk names no file)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # (a full disk's)
             e.filename = path
         raise
     return path
@@ -1388,7 +1388,7 @@ def write_world(out_dir, seed=0, flag="--out", **params):
                                              "refusing to replace the folder (move it out first)")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:  # (a full disk names no file)
+        if isinstance(e, OSError) and e.filename is None and e.errno:  # (a full disk's)
             e.filename = out_dir
         raise
     old = f"{out_dir}.old{os.getpid()}"

@@ -311,7 +311,8 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
             with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 "
                                r"\(.*; \d+ MB free there\); nothing of it was kept, what was "
                                r"written before is: free some space \(or mend the disk\) and run "
-                               r"again \(a training run goes on with --resume true\)"):
+                               r"again \(a training run that saved a checkpoint goes on from it "
+                               r"with --resume true\)"):
                 common.save_checkpoint(model, out, 2, cfg)
         assert os.listdir(out) == ["checkpoint-000001"], name
     assert {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
@@ -697,3 +698,28 @@ def test_a_world_file_spelled_out_as_data_is_said_to_drop_the_worlds_companions(
     (tmp_path / "mine.json").write_text("[]")
     common.world_paths(Config(data=str(tmp_path / "mine.json")), ("data",), ("val_data",))
     assert not capsys.readouterr().out  # (a file of the user's own: nothing to say)
+
+
+def test_a_failed_write_is_named_with_its_own_advice_and_a_bug_keeps_its_traceback(tmp_path,
+                                                                                   capsys):
+    """common.naming put a path on every OSError without one: a library's bare OSError (Pillow's
+    'encoder error -2', no errno) became the line 'PATH: None' instead of its traceback; and a
+    named error lost its advice (an I/O error's 'check the disk'). write_whole whose temp file
+    could not be opened named the temp file, which is not there."""
+    import errno
+    log = str(tmp_path / "metrics.jsonl")
+    with pytest.raises(OSError, match="encoder error"):  # (not SystemExit: a bug's traceback)
+        with common.user_errors(), common.naming(log):
+            raise OSError("encoder error -2")
+    for code, says in ((errno.EIO, "Input/output error while reading or writing: check the disk"),
+                       (errno.EFBIG, "File too large while writing"),
+                       (errno.ENOSPC, "No space left on device while writing: free some space")):
+        with pytest.raises(SystemExit) as e:
+            with common.user_errors(), common.naming(log):
+                raise OSError(code, os.strerror(code))
+        assert e.value.code == 2
+        assert f"{log}: {says}" in capsys.readouterr().err
+    missing = str(tmp_path / "gone" / "RESULTS.md")
+    with pytest.raises(FileNotFoundError) as e:
+        common.write_whole(missing, lambda f: f.write("x"))
+    assert e.value.filename == missing

@@ -2217,3 +2217,37 @@ def test_pope_splits_scored_in_separate_runs_are_kept_together(env, tmp_path):
         shutil.copy(os.path.join(world, "pope_random.jsonl"), other / name)
         one(other / name)
     assert list(json.load(open(out / "m0" / "scores.json"))["pope"]) == ["aokvqa", "average"]
+
+
+def test_a_judge_file_that_cannot_be_written_is_named_and_a_judges_own_error_is_not(tmp_path,
+                                                                                     monkeypatch):
+    """A judge reply that could not be appended for want of space named no file; the name is put
+    on the write alone: an error of the judge's own (a local judge reading its files) is not the
+    judge file's."""
+    import errno
+
+    class Judge:
+        name = "fake"
+
+        def __init__(self, error=None):
+            self.error = error
+
+        def __call__(self, prompt, q):
+            if self.error:
+                raise self.error
+            return "Rating: 5"
+    q = {"id": "1", "prompt": "What is it?", "gt": "a cat", "image_content": ["cat"]}
+    lines = {"1": {"answer": "A cat."}}
+    path = str(tmp_path / "judge_mmhal.jsonl")
+    gone = OSError(errno.ENOENT, "No such file or directory")
+    with pytest.raises(OSError) as e:
+        E.judge_replies("mmhal", [q], lines, path, {"judge": Judge(gone)}, None, "m")
+    assert e.value.filename is None
+    full = io.StringIO()
+    full.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left"))
+    real = open
+    monkeypatch.setattr(E, "open", lambda p, *a, **k: full if p == path else real(p, *a, **k),
+                        raising=False)
+    with pytest.raises(OSError) as e:
+        E.judge_replies("mmhal", [q], lines, path, {"judge": Judge()}, None, "m")
+    assert e.value.filename == path
