@@ -1068,13 +1068,15 @@ def make_dirs(path):
 
 def ensure_writable(out_dir):
     """Fail early, with one line, when the output directory cannot be written."""
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
     try:
         make_dirs(out_dir)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
+        if os.path.exists(probe):  # (made, then its write failed: a full disk's)
+            os.remove(probe)
         raise ConfigError(f"{out_dir}: output directory cannot be written ({e.strerror})")
 
 

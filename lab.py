@@ -609,7 +609,21 @@ def bar_plot(path, title, groups, metrics, order):
         colour = COLOURS[j % len(COLOURS)]
         d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=colour)
         d.text((pad + j * 150 + 14, H - 27), v, fill="black")
-    img.save(path)
+    save_figure(img, path)
+
+
+def save_figure(img, path):
+    """A figure written whole, or the one before left as it was (a temp file renamed onto path):
+    a full disk left a torn PNG, and a line naming no file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with common.naming(path):
+            img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def line_plot(path, title, curves, ylabel):
@@ -623,7 +637,7 @@ def line_plot(path, title, curves, ylabel):
              for k, cs in curves.items() if cs and any(cs)}
     ys = [y for m in means.values() for y in m]
     if not ys:
-        img.save(path)
+        save_figure(img, path)
         return
     lo, hi = min(ys), max(ys)
     hi = hi if hi > lo else lo + 1
@@ -641,7 +655,7 @@ def line_plot(path, title, curves, ylabel):
         d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=colour)
         d.text((pad + j * 150 + 14, H - 27), k, fill="black")
     d.text((x1 - 60, y0 + 5), f"step {n}", fill="gray")
-    img.save(path)
+    save_figure(img, path)
 
 
 # ----------------------------------------------------------------------------- the report

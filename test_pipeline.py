@@ -1692,3 +1692,50 @@ def test_a_signal_between_starting_a_run_and_recording_it_still_stops_it(tmp_pat
         for proc in started:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, monkeypatch):
+    """The lab's figures were saved in place: a full disk left a torn PNG (and a line naming no
+    file). Written whole now: the figure before stays, no temp file, the line names the figure."""
+    import errno
+    path = tmp_path / "b.png"
+    g = {"x": {"m1": [1.0, 2.0]}}
+    lab.bar_plot(str(path), "t", g, ["m1"], ["x"])
+    before = path.read_bytes()
+    real = Image.Image.save
+
+    def full(img, fp, *args, **kwargs):
+        real(img, fp, *args, **kwargs)  # (part of it on disk, as a full disk leaves it)
+        with open(fp, "r+b") as f:
+            f.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError) as e:
+        lab.bar_plot(str(path), "t", {"x": {"m1": [5.0, 6.0]}}, ["m1"], ["x"])
+    assert e.value.filename == str(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["b.png"]
+
+
+def test_an_output_folder_probe_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    """ensure_writable's probe file was left behind when its write failed (a full disk)."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    real = builtins.open
+    monkeypatch.setattr(common, "open", lambda p, *a, **k: Full(real(p, *a, **k)),
+                        raising=False)
+    with pytest.raises(common.ConfigError, match="cannot be written .No space left"):
+        common.ensure_writable(str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
