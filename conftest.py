@@ -119,6 +119,24 @@ def calls_outside_autocast(monkeypatch, module, name):
     return outside
 
 
+class FullDisk:
+    """An open file (as a context manager) whose writes fail as on a full disk."""
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writelines = write
+
+
 def free_port():
     """A TCP port free on this host now (torchrun's --master_port, a spawned rank's MASTER_PORT)."""
     import socket

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HERE, calls_outside_autocast, merge_flags, run_cli, run_script
+from conftest import (HERE, calls_outside_autocast, merge_flags, run_cli, run_script,
+                      two_ranks)
 
 import common
 import dpo
@@ -460,46 +461,28 @@ def test_a_full_disk_while_caching_the_reference_is_one_line(env, tmp_path, monk
     assert "computed" in cli(*args(env, out, *full))
 
 
-def _cache_worker(rank, port, out, results):
+def _cache_on_rank(rank, d, out):
     """One of two processes caching a reference table; rank 0's disk is full."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    d = common.setup_dist("cpu")
     dpo.fingerprint = lambda *a: "f"
     dpo.reference_table = lambda *a: {0: torch.zeros(2)}
     if rank == 0:
         def full(obj, f, *a, **kw):
             raise RuntimeError("basic_ios::clear: iostream error")
         dpo.torch.save = full
-    cfg = dpo.Config(out=out)
     try:
-        dpo.cached_reference(cfg, d, "init", [], [], lambda: torch.nn.Linear(1, 1))
-        results.put((rank, "cached"))
+        dpo.cached_reference(dpo.Config(out=out), d, "init", [], [], lambda: torch.nn.Linear(1, 1))
+        return "cached"
     except common.CheckpointError as e:
-        results.put((rank, str(e)))
-    results.close()
-    results.join_thread()  # (os._exit drops what the queue has not sent)
-    os._exit(0)
+        return str(e)
 
 
 def test_a_reference_cache_the_main_process_cannot_write_stops_every_process(tmp_path):
     """Under torchrun only the main process writes the reference cache: where it could not, it
     stopped alone and the others went on into training, waiting at its first collective until
     torchrun stopped them. Every process stops with one line now."""
-    import multiprocessing
-    ctx, port, out = multiprocessing.get_context("fork"), free_port(), str(tmp_path / "run")
+    out = str(tmp_path / "run")
     os.makedirs(out)
-    results = ctx.Queue()
-    ps = [ctx.Process(target=_cache_worker, args=(r, port, out, results)) for r in range(2)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(120)
-    for p in ps:  # (a hang: nothing left holding the port)
-        if p.is_alive():
-            p.kill()
-    said = dict(results.get(timeout=5) for _ in range(2))
+    said = two_ranks(_cache_on_rank, out)
     assert said[0].startswith(f"{out}: cannot write ref_logps-f.pt (basic_ios"), said
     assert "another process could not write its part" in said[1], said
     assert os.listdir(out) == [], os.listdir(out)

@@ -26,7 +26,7 @@ import eval as E  # noqa: E402
 import judges  # noqa: E402
 import metrics  # noqa: E402
 import shapes  # noqa: E402
-from conftest import count_decode_compiles, merge_flags  # noqa: E402
+from conftest import FullDisk, count_decode_compiles, merge_flags  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint_files  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -1982,25 +1982,12 @@ def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, cap
     in a traceback: the failed write names no file, and only OSErrors naming one were said. Now
     one line and exit 2; the answers written before it are kept and reused."""
     import builtins
-    import errno
     argv = ["--ckpt", env["ckpts"][0], "--benchmarks", "pope"]
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def writelines(self, lines):
-            raise OSError(errno.ENOSPC, "No space left on device")
 
     def opened(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        return Full(f) if mode == "a" and str(path).endswith(".jsonl") else f
+        return FullDisk(f) if mode == "a" and str(path).endswith(".jsonl") else f
     monkeypatch.setattr(E, "open", opened, raising=False)
     with pytest.raises(SystemExit) as e:
         run_cli(env, tmp_path / "o", *argv)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import common
 import lab
-from conftest import HERE, run_cli, run_script
+from conftest import HERE, FullDisk, run_cli, run_script
 
 
 def test_pipeline_two_steps(tmp_path, tiny_world):
@@ -1719,22 +1719,9 @@ def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
 def test_an_output_folder_probe_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
     """ensure_writable's probe file was left behind when its write failed (a full disk)."""
     import builtins
-    import errno
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
     real = builtins.open
-    monkeypatch.setattr(common, "open", lambda p, *a, **k: Full(real(p, *a, **k)),
+    monkeypatch.setattr(common, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)),
                         raising=False)
     with pytest.raises(common.ConfigError, match="cannot be written .No space left"):
         common.ensure_writable(str(tmp_path / "out"))

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 import common
-from conftest import (HERE, assert_same_metrics, free_port, merge_flags, run_cli, run_script,
-                      two_ranks)
+from conftest import (HERE, FullDisk, assert_same_metrics, free_port, merge_flags, run_cli,
+                      run_script, two_ranks)
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"},
@@ -2888,22 +2888,10 @@ def test_a_full_disk_names_the_file_it_could_not_write(w, tmp_path, monkeypatch)
     assert code == 0, err
     logged = (out / "metrics.jsonl").read_bytes()
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
 
     def opened(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        return Full(f) if mode == "a" and str(path).endswith("metrics.jsonl") else f
+        return FullDisk(f) if mode == "a" and str(path).endswith("metrics.jsonl") else f
     with monkeypatch.context() as m:
         m.setattr(common, "open", opened, raising=False)
         code, _, err = run_cli("sft", argv + ["--log_every", "1", "--resume", "true",
