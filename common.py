@@ -87,8 +87,7 @@ INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
 
 
 RESUME_IF_SAVED = "a training run that saved a checkpoint goes on from it with --resume true"
-INTERRUPTED = ("interrupted: what was written is kept (a training run goes on from its last "
-               "checkpoint with --resume true)")
+INTERRUPTED = f"interrupted: what was written is kept ({RESUME_IF_SAVED})"
 
 
 def escape_what_stdout_cannot_write():

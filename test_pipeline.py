@@ -971,8 +971,8 @@ def test_ctrl_c_in_a_stage_is_one_line():
         except SystemExit as e:
             code = e.code
     assert code == 130 and err.getvalue() == (
-        "interrupted: what was written is kept (a training run goes on from its last checkpoint "
-        "with --resume true)\n")
+        "interrupted: what was written is kept (a training run that saved a checkpoint goes on "
+        "from it with --resume true)\n")
 
 
 def test_ctrl_c_says_what_each_script_leaves(tmp_path, monkeypatch, capsys):
