@@ -585,10 +585,15 @@ def check_judge_url(url):
 
 
 def chat_completions_url(url):
-    """--judge_url with '/chat/completions' put at the end of its path: a query ('?x=1') stays
-    after it (it was appended after the query). Neither scheme nor host holds '?' or '#'."""
-    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=len(url))
-    return url[:cut].rstrip("/") + "/chat/completions" + url[cut:]
+    """--judge_url (a base URL, '.../v1') with '/chat/completions' put at the end of its path: a
+    query ('?x=1') stays after it (it was appended after the query). A URL whose path ends in
+    '/chat/completions' already is the endpoint, used as given (it was doubled: a 404).
+    Neither scheme nor host holds '?' or '#'."""
+    cut = re.search(r"[?#]|$", url).start()
+    path = url[:cut].rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions"
+    return path + url[cut:]
 
 
 class OpenAIJudge:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 import torch
@@ -365,15 +366,20 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    timeout = 5  # (each read and write: a client that never sends its request cannot hold close)
+
 
 class FakeServer(http.server.ThreadingHTTPServer):
-    """FakeAPI's server. Its request threads are joined when it closes and print no error: a slow
-    reply of one test trickled on for seconds after it, and a write to a client gone (a timeout
-    under load) printed a traceback into the stderr a later test had redirected."""
+    """FakeAPI's server. Its request threads are joined when it closes, and a client gone prints
+    no error: a slow reply of one test trickled on for seconds after it, and a write to a client
+    gone (a timeout under load) printed a traceback into the stderr a later test had redirected.
+    Any other error of a handler is kept in `errors` (fake_api fails the test on one)."""
     daemon_threads, block_on_close = False, True
 
     def handle_error(self, request, client_address):
-        pass
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            self.errors.append(error)
 
 
 @contextlib.contextmanager
@@ -381,6 +387,7 @@ def fake_api():
     """The URL of a FakeAPI served until the block ends; its replies end with it."""
     FakeAPI.script, FakeAPI.bodies, FakeAPI.done = [], [], threading.Event()
     server = FakeServer(("127.0.0.1", 0), FakeAPI)
+    server.errors = []
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -390,6 +397,7 @@ def fake_api():
         FakeAPI.done.set()
         server.shutdown()
         server.server_close()
+    assert not server.errors, server.errors  # (the fake's own bug: not a judge's retry)
 
 
 @pytest.fixture
@@ -398,31 +406,42 @@ def api():
         yield url
 
 
-def test_the_fake_api_ends_its_replies_with_the_test_and_prints_nothing():
-    """(The cause of the flake 1864d85 loosened the judge key and URL tests over.) A reply
-    trickling in outlived its test by seconds; under load the client went away, the server
-    thread's next write failed, and socketserver printed a traceback to the stderr that a later
-    test's run_cli had redirected: its error was no longer one line."""
-    reply = {"status": 200, "body": {"choices": [{"message": {"content": "x" * 200}}]},
+def test_the_fake_api_ends_its_replies_with_the_test_and_prints_nothing(monkeypatch):
+    """A reply trickling in outlived its test by seconds; under load the client went away, the
+    server thread's next write failed, and socketserver printed a traceback to the stderr that a
+    later test's run_cli had redirected (its error no longer one line: a flaky judge test). Now a
+    reply ends with its test, the request threads are joined (a client that never finishes its
+    request included), and a client gone prints nothing."""
+    monkeypatch.setattr(FakeAPI, "timeout", 0.5)
+    content = "x" * 200
+    reply = {"status": 200, "body": {"choices": [{"message": {"content": content}}]},
              "trickle": 0.01}
     request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         with fake_api() as url:
             FakeAPI.script = [reply, reply]
-            port = int(url.split(":")[2].split("/")[0])
+            port = urllib.parse.urlsplit(url).port
             # a client that goes away mid-reply, as a judge's request that timed out under load
             with socket.create_connection(("127.0.0.1", port)) as client:
                 client.sendall(request)
                 client.recv(1)
             time.sleep(0.3)  # (the next bytes meet a closed socket)
-            # and one that stays, as a judge's request thread left behind does
+            # one that stays, as a judge's request thread left behind does
             staying = socket.create_connection(("127.0.0.1", port))
             staying.sendall(request)
             staying.recv(1)
+            # and one that never ends its request: its thread waits out the read's timeout
+            halfway = socket.create_connection(("127.0.0.1", port))
+            halfway.sendall(request[:20])
         left = [t for t in threading.enumerate() if "process_request" in t.name]
+        got = b""
+        while chunk := staying.recv(4096):  # (what the staying client got, to the close)
+            got += chunk
         staying.close()
+        halfway.close()
     assert not left and err.getvalue() == "", (left, err.getvalue())
+    assert content.encode() not in got  # (its reply ended with the test, not trickled out)
 
 
 def test_openai_judge_retries_and_parses(api):
@@ -642,10 +661,13 @@ def test_judge_urls_urllib_sends_pass_and_a_query_stays_after_the_path(api):
                       ("http://a..b/v1", "host 'a..b': ")]:
         with pytest.raises(common.ConfigError, match=re.escape(f"--judge_url {url!r}: {said}")):
             judges.check_judge_url(url)
-    cfg = E.Config(judge="openai", judge_url=f"{api}/?x=1", judge_model="m", judge_key="k",
-                   judge_retries=0, judge_timeout=5)
-    assert judges.make_judge(cfg)("x", {}) == "Fine.\nRating: 5"
-    assert FakeAPI.bodies[-1][0] == "/v1/chat/completions?x=1"
+    # (a whole endpoint is used as given: it was doubled, a 404 on a strict server)
+    for given in ("/?x=1", "/chat/completions?x=1", "/chat/completions/"):
+        cfg = E.Config(judge="openai", judge_url=api + given, judge_model="m", judge_key="k",
+                       judge_retries=0, judge_timeout=5)
+        assert judges.make_judge(cfg)("x", {}) == "Fine.\nRating: 5"
+        sent = "/v1/chat/completions" + ("?x=1" if "?" in given else "")
+        assert FakeAPI.bodies[-1][0] == sent, given
 
 
 MMHAL_TEMPLATE = ("Judge it. Reply as {\"rating\": k}.\n"
