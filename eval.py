@@ -123,7 +123,7 @@ class Config:
     llava_bench_rule: str = ""  # LLaVA's table/rule.json (its conv/detail/complex; empty: ours)
     judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
     judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder
-    judge_url: str = "https://api.openai.com/v1"  # base URL of an OpenAI-compatible API
+    judge_url: str = "https://api.openai.com/v1"  # OpenAI-compatible base URL (or its endpoint)
     judge_key: str = ""  # API key (default: $OPENAI_API_KEY)
     judge_retries: int = 5  # retries on 429, 5xx and connection errors
     judge_backoff: float = 2.0  # seconds before retry 1, doubled each time (at most an hour)
