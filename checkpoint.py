@@ -775,14 +775,14 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
             src.vision_from(clip_from)
         elif vision_tower:  # (it was passed over without a word)
             note(f"note: --vision_tower {vision_tower} not read: {path} holds the CLIP weights "
-                  "it was trained with", flush=True)
+                 "it was trained with", flush=True)
         if detect_layout(weights_dir) == "llava-hf":  # (its projector as its config says)
             src = _llava_hf_projector(src, weights_dir,
                                       _read_json(os.path.join(weights_dir, "config.json")))
     elif layout == "llava-hf":
         if vision_tower:  # (its CLIP config and weights are its own: passed over without a word)
             note(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
-                  "CLIP config and weights it was trained with", flush=True)
+                 "CLIP config and weights it was trained with", flush=True)
         # (no vision_config, or null: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own)
         vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
                             if cfg.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
@@ -814,8 +814,8 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         pad = _from_file(path, lambda: _pad_id(cfg, text_pad))
         if pad >= vocab:  # (transformers reads the text model's own; an export would not load)
             note(f"note: {path}/config.json: pad_token_id {pad} is not a token of the "
-                  f"{vocab}-token vocabulary; text_config's {text_pad} is used, as transformers "
-                  "does", flush=True)
+                 f"{vocab}-token vocabulary; text_config's {text_pad} is used, as transformers "
+                 "does", flush=True)
             pad = text_pad
         feature = "patch" if strategy == "default" else "cls_patch"
         projector = "mlp2x_gelu" if act == "gelu" else "linear"
@@ -850,7 +850,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                 clip_from = clip_dir
             elif vision_tower:  # (its own weights are what it was trained with: ShareGPT4V's are)
                 note(f"note: --vision_tower {vision_tower}: its config is read; the CLIP weights "
-                      f"are {path}'s own", flush=True)
+                     f"are {path}'s own", flush=True)
         elif has_vision:
             vf = _vision_fields_from_weights(src, path, cfg.get("mm_vision_tower"))
         else:
@@ -922,7 +922,7 @@ def _stage1_projector(src, path, layout):
     if not any(p == "projector" for p, _ in src.where):
         raise CheckpointError(f"{file}: no model.mm_projector.* keys (LLaVA's stage-1 projector)")
     note(f"note: {path}: the projector is read from mm_projector.bin (LLaVA's stage 1)",
-          flush=True)
+         flush=True)
 
 
 def _check_llava_choices(path, feature, projector):
@@ -950,8 +950,8 @@ def _check_aspect_ratio(path, aspect):
         raise CheckpointError(f"{path}/config.json: field 'image_aspect_ratio': {aspect!r:.40} is "
                               "not supported ('pad': LLaVA-1.5's pad to square)")
     note(f"note: {path}/config.json: image_aspect_ratio {aspect or 'absent'} (LLaVA resizes and "
-          "centre-crops); images here are padded to square ('pad'), so on non-square images "
-          "answers can differ from LLaVA's", flush=True)
+         "centre-crops); images here are padded to square ('pad'), so on non-square images "
+         "answers can differ from LLaVA's", flush=True)
 
 
 def _clip_for_base(path, vision_tower, required):
@@ -1075,7 +1075,7 @@ def _tie_as_transformers(config, src, path, asked):
                                                                      src.get(*embed))
         if not same:
             note(f"note: {path}: tie_word_embeddings is true but lm_head.weight differs from "
-                  "embed_tokens: both read as saved (as transformers 5 loads it)", flush=True)
+                 "embed_tokens: both read as saved (as transformers 5 loads it)", flush=True)
             asked = False
     return replace(config, tie_embeddings=bool(asked))
 
@@ -1222,7 +1222,7 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
     whose base weights changed since loading (a merge) is written whole: `base` lacks them."""
     if base is not None and model.base_edited:
         note(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
-              f"written whole, not as adapters on {base}", flush=True)
+             f"written whole, not as adapters on {base}", flush=True)
         base = None
     os.makedirs(path, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
@@ -1497,7 +1497,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
         json.dump(hf, f, indent=2)
     if tok is None:
         note(f"note: {path}: no tokenizer given or saved with the model: weights and config only "
-              "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
+             "(AutoProcessor needs export_llava_hf(model, path, tokenizer))", flush=True)
         return
     if tok.pad_token is None and 0 <= c.pad_token_id < len(tok):  # (the processor pads with what
         # config.json names: it had no pad token while config.json named one)
@@ -2015,8 +2015,8 @@ def load_peft_adapter(model, path, name, no_merge=None):
     if merged:
         model.base_edited = True
         note(f"note: {path}: LoRA on {len(merged)} vision tower / projector / lm_head modules "
-              "merged into the base weights (factalign's adapters hold language-model LoRA only)",
-              flush=True)
+             "merged into the base weights (factalign's adapters hold language-model LoRA only)",
+             flush=True)
     if not text:
         return
     targets = [t for t in LORA_TARGETS if any(s == t for _, s in text)]
