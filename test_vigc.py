@@ -432,6 +432,31 @@ def test_a_folder_image_whose_name_is_not_utf8_is_refused_before_any_step(tiny_w
     assert not os.path.exists(out / "metrics.jsonl")
 
 
+def test_only_the_images_generation_reads_are_decoded_before_any_step(tiny_world, tiny_ckpt,
+                                                                     tmp_path, monkeypatch):
+    """Every image of an --images folder was decoded before any step, those --generate never
+    reaches too (a COCO folder's 118k for --generate 1000: minutes). The first --generate (cycled
+    through) are decoded: a broken one among them is still refused before any step."""
+    good = "Is there a triangle? Answer: Yes, there is a triangle."
+    monkeypatch.setattr(common, "generate_answers", scripted(
+        lambda items, temperature, num_beams: [(good, True) for _ in items]))
+    unlabeled = os.path.join(tiny_world, "images", "unlabeled")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, src in zip(("a.png", "b.png"), sorted(os.listdir(unlabeled))):
+        shutil.copy(os.path.join(unlabeled, src), folder / name)
+    (folder / "z.png").write_bytes(b"not an image")  # (last in the folder's order)
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--images",
+            str(folder)]
+    code, _, err = run_cli("vigc", argv + ["--generate", "2", "--out", str(tmp_path / "two")])
+    assert code == 0, err
+    made = json.load(open(tmp_path / "two" / "vigc_data.json"))
+    assert sorted(os.path.basename(r["image"]) for r in made) == ["a.png", "b.png"]
+    code, _, err = run_cli("vigc", argv + ["--generate", "3", "--out", str(tmp_path / "three")])
+    assert code == 2 and "record 2" in err and "cannot decode image" in err, err
+    assert not os.path.exists(tmp_path / "three" / "metrics.jsonl")
+
+
 def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
     """A VIGC run where no generated output parsed reported 0.0 hallucinations per 100 answers (a
     perfect score over no answer), and lab.py tabulated it; a type with no answer read 0.0 too."""
