@@ -457,6 +457,19 @@ def test_only_the_images_generation_reads_are_decoded_before_any_step(tiny_world
     assert not os.path.exists(tmp_path / "three" / "metrics.jsonl")
 
 
+def test_images_are_checked_before_the_data_is_read(tiny_world, tiny_ckpt, tmp_path,
+                                                   monkeypatch):
+    """A mistyped --images was named only once --data was read and its images decoded (LLaVA's
+    665k records: minutes)."""
+    def read(*args, **kw):
+        raise AssertionError("--data read before --images was checked")
+    monkeypatch.setattr(vigc, "load_records", read)
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--generate", "2",
+            "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "vigc")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and f"--images '{tmp_path / 'nope'}': not a folder or a file list" in err, err
+
+
 def test_oracle_report_counts_nothing_as_null_not_zero(tiny_world):
     """A VIGC run where no generated output parsed reported 0.0 hallucinations per 100 answers (a
     perfect score over no answer), and lab.py tabulated it; a type with no answer read 0.0 too."""

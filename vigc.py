@@ -657,10 +657,8 @@ def main(cfg):
     if not cfg.init and named:  # a fresh model sees the world's images, one patch a cell
         world_params = shapes.load_params(cfg.world)
         geometry, note = common.world_geometry(world_params, cfg.model, cfg.world)
-    records = load_records(cfg, d)
-    needed = {t for r in records for _, _, t in r["pairs"]}
-    needed |= {TYPES[g] for g in cfg.gen_types} if cfg.generate else set()
-    instructions = load_instructions(cfg.instructions, needed)
+    # (--images checked before --data is read: LLaVA's 665k records and their images, decoded,
+    # took minutes before a mistyped --images was named)
     if "images" in named and cfg.generate > 0 and not os.path.exists(cfg.images):
         # the world's own list, gone (deleted by hand): the advice for a user's --images misleads
         raise common.ConfigError(
@@ -682,6 +680,10 @@ def main(cfg):
             if world_name(cfg.world, name) not in objects:
                 raise common.ConfigError(f"--images {cfg.images}: {name} is not an image of the "
                                          f"world's annotations (the oracle counts those)")
+    records = load_records(cfg, d)
+    needed = {t for r in records for _, _, t in r["pairs"]}
+    needed |= {TYPES[g] for g in cfg.gen_types} if cfg.generate else set()
+    instructions = load_instructions(cfg.instructions, needed)
     # generation flags do not change the trained weights: free to change on --resume (the
     # checkpoints record those given; report.json those the data were made with)
     resume_path, state = (common.load_resume(cfg.out, cfg, free=GEN_FIELDS) if cfg.resume
