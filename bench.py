@@ -1297,5 +1297,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    cli()
-    common.end_process()
+    with common.ending_process():  # (an error after --fsdp's process group: no teardown abort)
+        cli()

@@ -40,6 +40,7 @@ def note(text, **print_kwargs):
 # ----------------------------------------------------------------------------------------
 # Our names mirror HF's except that q/k/v and gate/up are stored fused in memory. On disk we
 # always write the llava-hf hub layout (unfused), so any tool that reads llava-hf reads ours.
+
 def _canonical_key(key):
     """Map a checkpoint key from any supported layout to (part, name): part in {'vision',
     'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""

@@ -138,9 +138,10 @@ def user_errors(*extra, interrupted=INTERRUPTED):
             fail(f"{where}{e.strerror}")
         raise
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
-        # under torchrun the launcher passes the SIGINT to every rank: rank 0 says it for all
-        # (each rank wrote the same line)
-        if not os.environ.get(INTERRUPT_SAID_BY) and torchrun_rank() == 0:
+        # under torchrun each launcher passes the SIGINT to its ranks: its local rank 0 says it
+        # for them (each rank wrote the same line; one line a node, where each has a terminal)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if not os.environ.get(INTERRUPT_SAID_BY) and local_rank == 0:
             sys.stderr.write(interrupted + "\n")
         raise SystemExit(130) from None
     finally:
@@ -447,13 +448,13 @@ def setup_dist(device="cpu", fsdp=False):
     # (CPU tensors too: the stages all-reduce small counts on the CPU, which an NCCL-only group
     # refuses, "No backend type associated with device type cpu"; tests run gloo alone)
     backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    end_with_the_launcher()  # (torchrun --nproc_per_node 1 too)
     if world == 1:
         if fsdp:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             _made_process_group = True
         return Dist(device=torch.device(device), fsdp=fsdp)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    end_with_the_launcher()
     if device == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -474,6 +475,12 @@ def end_with_the_launcher():
     import ctypes
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != LAUNCHER_PID:  # (it died before the call: this rank is an orphan already)
+        os._exit(1)
+
+
+# this process's parent as it started (torchrun's launcher: end_with_the_launcher)
+LAUNCHER_PID = os.getppid()
 
 
 def check_world(script, fsdp, grad_accum=1, **batch_sizes):
@@ -628,8 +635,8 @@ def ending_process():
     called without an active exception', SIGABRT, -6 instead of 2)."""
     try:
         yield
-    except SystemExit as e:
-        end_process(e.code if isinstance(e.code, int) else 1)
+    except SystemExit as e:  # (sys.exit's codes: None is 0, a message is 1)
+        end_process(e.code if isinstance(e.code, int) else int(e.code is not None))
         raise
     end_process()
 
@@ -754,7 +761,7 @@ def note_world_file_spelled_out(cfg, dropped):
         paths = [path for path, _ in data_specs(cfg.data)]
     except ConfigError:  # (said where the stage reads it)
         return
-    if any(samefile(path, world_file) for path in paths):
+    if torchrun_rank() == 0 and any(samefile(path, world_file) for path in paths):
         flags = ", ".join(f"--{f}" for f in dropped)
         print(f"note: --data names the world's {os.path.basename(world_file)} by its path: read "
               f"as a file of your own, without the world's {flags}; give it as {default} to keep "
@@ -1653,7 +1660,7 @@ def _commit(tmp, final, out_dir, keep, d):
 
 def agree_written(failed, tmp, out_dir, final, d):
     """Raise write_failure's line where this process (or, several processes: any) failed, the
-    temp folder (or file) removed."""
+    temp folder removed (a temp file: by the caller, as dpo's reference cache)."""
     if d is not None and d.world > 1:
         _stop_together(failed, tmp, out_dir, final, d)
     elif failed is not None:

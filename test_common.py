@@ -664,20 +664,23 @@ def test_write_whole_writes_utf8_under_an_ascii_locale(tmp_path):
     assert (tmp_path / "RESULTS.md").read_bytes() == "0.8 \u00b1 0.1".encode("utf-8")
 
 
-@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("2", True), ("3", False)])
 def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeypatch, capsys):
     """torchrun passes a Ctrl-C (or its SIGINT) to every rank: each wrote the same 'interrupted'
-    line; rank 0 now says it for all, and every rank exits 130."""
+    line; each launcher's rank 0 now says it for its ranks (rank 2 on a second node: that node's
+    terminal gets its line), and every rank exits 130."""
     monkeypatch.delenv(common.INTERRUPT_SAID_BY, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", str(int(rank) % 2))  # (two nodes of two)
     with pytest.raises(SystemExit) as e, common.user_errors():
         raise KeyboardInterrupt
     assert e.value.code == 130
     assert capsys.readouterr().err == (common.INTERRUPTED + "\n" if said else "")
 
 
-def test_a_world_file_spelled_out_as_data_is_said_to_drop_the_worlds_companions(tmp_path, capsys):
+def test_a_world_file_spelled_out_as_data_is_said_to_drop_the_worlds_companions(tmp_path, capsys,
+                                                                                monkeypatch):
     """--data data/shapes/sft.json (the world's own file by its path, not '{world}/sft.json') is
     read as a file of the user's own: no validation file, report or captions from the world. The
     run changed without a word; a note says so now (and not for the '{world}' spelling)."""
@@ -698,6 +701,10 @@ def test_a_world_file_spelled_out_as_data_is_said_to_drop_the_worlds_companions(
     (tmp_path / "mine.json").write_text("[]")
     common.world_paths(Config(data=str(tmp_path / "mine.json")), ("data",), ("val_data",))
     assert not capsys.readouterr().out  # (a file of the user's own: nothing to say)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (under torchrun: said by rank 0 alone)
+    monkeypatch.setenv("RANK", "1")
+    common.world_paths(Config(data=str(tmp_path / "sft.json")), ("data",), ("val_data",))
+    assert not capsys.readouterr().out
 
 
 def test_a_failed_write_is_named_with_its_own_advice_and_a_bug_keeps_its_traceback(tmp_path,

@@ -2006,7 +2006,6 @@ def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, cap
     import builtins
     argv = ["--ckpt", env["ckpts"][0], "--benchmarks", "pope"]
 
-
     def opened(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
         return FullDisk(f) if mode == "a" and str(path).endswith(".jsonl") else f

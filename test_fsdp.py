@@ -28,8 +28,8 @@ from conftest import HERE, assert_same_metrics, free_port, run_cli
 STEPS = 6
 
 
-def torchrun(script, argv, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+def torchrun(script, argv, nproc=2, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", os.path.join(HERE, script), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
@@ -527,13 +527,15 @@ def running(pid):
         return False
 
 
-def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path, nproc):
     """torchrun's launcher killed with SIGKILL (kill -9, the OOM killer) cannot stop its ranks:
-    they trained on as orphans, into --out and holding its lock. Each now dies with it."""
+    they trained on as orphans, into --out and holding its lock. Each now dies with it (a single
+    rank too: setup_dist's world of one returned before asking)."""
     (tmp_path / "rank.py").write_text(RANK_THAT_WAITS)
-    launcher = torchrun(str(tmp_path / "rank.py"), [HERE])
+    launcher = torchrun(str(tmp_path / "rank.py"), [HERE], nproc=nproc)
     ready = 0
-    while ready < 2:  # (both ranks past setup_dist)
+    while ready < nproc:  # (every rank past setup_dist)
         line = launcher.stdout.readline()
         assert line, "torchrun ended early"
         ready += "ready" in line

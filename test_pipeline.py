@@ -1719,7 +1719,6 @@ def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
 def test_an_output_folder_probe_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
     """ensure_writable's probe file was left behind when its write failed (a full disk)."""
     import builtins
-
     real = builtins.open
     monkeypatch.setattr(common, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)),
                         raising=False)

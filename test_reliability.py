@@ -2888,7 +2888,6 @@ def test_a_full_disk_names_the_file_it_could_not_write(w, tmp_path, monkeypatch)
     assert code == 0, err
     logged = (out / "metrics.jsonl").read_bytes()
 
-
     def opened(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
         return FullDisk(f) if mode == "a" and str(path).endswith("metrics.jsonl") else f
