@@ -909,15 +909,14 @@ def _stage1_projector(src, path, layout):
     """LLaVA's stage 1 saves its projector alone, as mm_projector.bin, and its stage 2 reads it
     (--pretrain_mm_mlp_adapter): beside weights without a projector it is theirs (passed over, SFT
     began from a random one beside it without a word)."""
-    # its projector_type is in LLaVA's config.json, not a LLaMA's
-    beside_llama = layout == "llama" and _stage1_file(path, "llava", src)
-    if beside_llama:
-        raise CheckpointError(f"{beside_llama}: not read beside a LLaMA config.json (no "
-                              "mm_projector_type gives its shape): use the config.json of the "
-                              "LLaVA run that saved it")
-    file = _stage1_file(path, layout, src)
+    # (layout: 'llava' or 'llama', the configs a stage-1 file may stand beside)
+    file = _stage1_file(path, "llava", src)
     if file is None:
         return
+    if layout == "llama":  # (its projector_type is in LLaVA's config.json, not a LLaMA's)
+        raise CheckpointError(f"{file}: not read beside a LLaMA config.json (no "
+                              "mm_projector_type gives its shape): use the config.json of the "
+                              "LLaVA run that saved it")
     # (a key of another projector, as mlp3x_gelu's 4.*, is refused, not passed over)
     src.add_file(file, only_parts={"projector", "unknown"})
     if not any(p == "projector" for p, _ in src.where):
