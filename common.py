@@ -1338,19 +1338,21 @@ def write_json(obj, path, indent=1):
     write_whole(path, lambda f: json.dump(obj, f, indent=indent))
 
 
-def write_whole(path, write, encoding="utf-8"):
+def write_whole(path, write, encoding="utf-8", binary=False):
     """write(f) into path.tmpPID, then renamed onto path: path holds all of it or what it held
     before (a disk full, or an error, while writing leaves no half file, nor a temp file). The
     temp file is this process's own: two processes writing one path (two labs' RESULTS.md) each
     rename a whole file; with one shared name each truncated the other's, and one renamed a mix.
     UTF-8 whatever the locale: under an ASCII one (LC_ALL=C without UTF-8 mode) the lab's report
-    and its '±' failed at the end of the lab, and every reader here reads UTF-8."""
+    and its '±' failed at the end of the lab, and every reader here reads UTF-8. binary: f takes
+    bytes (a figure, a torch.save)."""
     tmp = f"{path}.tmp{os.getpid()}"
     if os.path.isdir(path):  # (the rename's error named the temp file)
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
     try:
-        with naming(path), open(tmp, "w", encoding=encoding) as f:
-            write(f)
+        with naming(path):
+            with open(tmp, "wb") if binary else open(tmp, "w", encoding=encoding) as f:
+                write(f)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):

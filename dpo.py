@@ -411,14 +411,11 @@ def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
             f"of today's inputs: {init_dir}'s weights, the images or the tokenized pairs changed "
             "since it started, and it would go on against another reference; resume with the "
             "inputs it started from, or start a new run")
-    tmp, failed = f"{path}.tmp{os.getpid()}", None
+    tmp, failed = f"{path}.tmp{os.getpid()}", None  # (write_whole's temp name)
     if d.main:  # temp name + rename: a crash never leaves half a cache
         try:
-            torch.save(table, tmp)
-            os.replace(tmp, path)
+            common.write_whole(path, lambda f: torch.save(table, f), binary=True)
         except Exception as e:  # (a full disk: torch's own error, a traceback)
-            if os.path.exists(tmp):
-                os.remove(tmp)
             failed = e
     # every process stops where the main one could not write (the others trained on alone)
     common.agree_written(failed, tmp, cfg.out, path, d)

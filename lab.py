@@ -615,15 +615,7 @@ def bar_plot(path, title, groups, metrics, order):
 def save_figure(img, path):
     """A figure written whole, or the one before left as it was (a temp file renamed onto path):
     a full disk left a torn PNG, and a line naming no file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with common.naming(path):
-            img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    common.write_whole(path, lambda f: img.save(f, format="PNG"), binary=True)
 
 
 def line_plot(path, title, curves, ylabel):
