@@ -380,7 +380,7 @@ def refuse_foreign_plots(folder):
 # ----------------------------------------------------------------------------- reading results
 def load(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # (an editor's BOM, as the stages read it)
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -1262,8 +1262,7 @@ def run_lab(cfg):
                                      "on (--world, --world_seed), or its SFT (--sft)")
     if cfg.report_only:  # (refused for "another command": the --world_seed in each run's)
         try:
-            with open(os.path.join(cfg.world, "world.json")) as f:
-                was = json.load(f).get("seed")
+            was = shapes.read_world_json(cfg.world).get("seed")
         except (OSError, ValueError, AttributeError):
             was = None  # (the runs' commands are compared below)
         if isinstance(was, int) and was != cfg.world_seed:

@@ -832,7 +832,7 @@ def build_tokenizer(world_dir, vocab_size=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     if not vocab_size:
-        world = json.load(open(os.path.join(world_dir, "world.json")))
+        world = read_world_json(world_dir)
         vocab_size = world["params"]["vocab_size"]
     corpus = list(SYSTEM_PROMPTS) + ["USER: ASSISTANT:"]
     for name in sorted(os.listdir(world_dir)):
@@ -1406,15 +1406,22 @@ def write_world(out_dir, seed=0, flag="--out", **params):
     return world
 
 
+def read_world_json(world_dir):
+    """The world's world.json, parsed (an editor's byte order mark dropped, as the world's other
+    files are read: it was refused as unreadable)."""
+    with open(os.path.join(world_dir, "world.json"), encoding="utf-8-sig") as f:
+        return json.load(f)
+
+
 def load_params(world_dir):
     """The parameters a world was written with (a key added since: its default, which it wrote);
     ensure_world has checked them."""
-    return dict(DEFAULTS, **json.load(open(os.path.join(world_dir, "world.json")))["params"])
+    return dict(DEFAULTS, **read_world_json(world_dir)["params"])
 
 
 def _fingerprint(path):
     try:
-        w = json.load(open(os.path.join(path, "world.json")))
+        w = read_world_json(path)
         return w["version"], w["seed"], w["params"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -1479,7 +1486,7 @@ def ensure_world(out_dir="data/shapes", seed=0, **params):
     if not os.path.isdir(out_dir):
         raise DataError(out_dir, message="--world is a file, not a folder: pass another --world")
     try:
-        w = json.load(open(os.path.join(out_dir, "world.json")))
+        w = read_world_json(out_dir)
         version, was_seed, was_params = w["version"], w["seed"], w["params"]
     except FileNotFoundError:
         message = f"holds no world.json (not a Shapes world): {how}"

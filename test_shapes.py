@@ -1095,3 +1095,18 @@ def test_write_world_refuses_a_value_of_another_kind(tmp_path):
         assert os.listdir(tmp_path) == []
     w = shapes.write_world(str(tmp_path / "w"), seed=0, **dict(TINY_WORLD, cooc=1))  # (an int
     assert w["params"]["cooc"] == 1  # is a fine number)
+
+
+def test_a_world_json_saved_with_a_bom_reads_as_the_world(tiny_world, tmp_path):
+    # (an editor's byte order mark, which every other file of the world takes, made world.json
+    # "cannot be read (JSONDecodeError)" for the stages and shapes.py alike)
+    import shutil
+    from conftest import TINY_WORLD
+    world = tmp_path / "w"
+    shutil.copytree(tiny_world, world)
+    file = world / "world.json"
+    file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    assert shapes.ensure_world(str(world)) == str(world)
+    assert shapes.load_params(str(world))["n_train"] == TINY_WORLD["n_train"]
+    shapes.main(["--out", str(world), "--seed", "0", *sum(
+        ([f"--{k}", str(v)] for k, v in TINY_WORLD.items()), [])])  # (the same world: reused)
