@@ -553,6 +553,21 @@ def openai_key(cfg):
     return key
 
 
+def key_header(url, key):
+    """The header that carries the key: 'Authorization: Bearer KEY', as OpenAI's API reads it,
+    but 'api-key: KEY' for a host under .azure.com: Azure OpenAI's REST reference sends its API
+    keys so, and its Authorization header carries Microsoft Entra ID tokens (a JWT: three
+    dot-joined base64url parts, 'eyJ...'), which go as Bearer there too (not checked against a
+    live Azure endpoint)."""
+    if not key:
+        return {}
+    host = urllib.parse.urlsplit(url).hostname or ""
+    token = re.fullmatch(r"eyJ[\w-]*\.[\w-]+\.[\w-]*", key)
+    if host.endswith(".azure.com") and not token:
+        return {"api-key": key}
+    return {"Authorization": f"Bearer {key}"}
+
+
 def check_judge_url(url):
     """--judge_url as urllib can send it: an http(s) address without spaces or control characters,
     a host (Unicode: sent as IDNA) and a port of 0-65535, its path and query in ASCII. Each of
@@ -621,9 +636,7 @@ class OpenAIJudge:
         if self.cfg.judge_max_tokens:  # (0: none sent, as LLaVA-RLHF's eval_gpt_mmhal.py)
             body["max_tokens"] = self.cfg.judge_max_tokens
         body = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
+        headers = {"Content-Type": "application/json", **key_header(self.url, self.key)}
         what = f"{record.get('bench')} question {record.get('id')!r:.60}"
         err, wait = "", 0.0
         for attempt in range(self.cfg.judge_retries + 1):

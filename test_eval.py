@@ -626,6 +626,31 @@ def test_a_key_http_client_sends_is_sent_as_it_is_and_only_such_a_key(api):
     assert not FakeAPI.bodies
 
 
+def test_an_azure_openai_key_goes_in_its_api_key_header(monkeypatch):
+    """Azure OpenAI takes an API key in an 'api-key' header (its REST reference); it was sent as
+    'Authorization: Bearer', which Azure reads as an Entra ID token. An Entra ID token (a JWT)
+    still goes as Bearer, and every other host gets Bearer."""
+    sent = []
+
+    def read(self, req):  # (no Azure host to reach here: the request as it would go)
+        sent.append(dict(req.header_items()))
+        return json.dumps({"choices": [{"message": {"content": "Rating: 5"}}]}).encode()
+    monkeypatch.setattr(judges.OpenAIJudge, "_read", read)
+    azure = "https://res.openai.azure.com/openai/deployments/gpt4?api-version=2024-10-21"
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJ4In0.c2ln-_x"
+    for url, key, header in [(azure, "0123abcd", {"Api-key": "0123abcd"}),
+                             (azure, jwt, {"Authorization": f"Bearer {jwt}"}),
+                             ("https://api.openai.com/v1", "s", {"Authorization": "Bearer s"}),
+                             ("http://azure.com.example/v1", "k", {"Authorization": "Bearer k"})]:
+        cfg = E.Config(judge="openai", judge_url=url, judge_model="m", judge_key=key,
+                       judge_retries=0)
+        assert judges.make_judge(cfg)("x", {}) == "Rating: 5"
+        keys = {k: v for k, v in sent[-1].items() if k in ("Api-key", "Authorization")}
+        assert keys == header, (url, key)
+    azure_url = judges.chat_completions_url(azure)
+    assert azure_url.endswith("/deployments/gpt4/chat/completions?api-version=2024-10-21")
+
+
 @pytest.mark.parametrize("url, said", [
     ("{api} ", "holds ' '"), ("{api}\r", "holds '\\r'"), ("{api}/modèle", "holds 'è'"),
     ("127.0.0.1:1/v1", "not an http:// or https:// address"),
