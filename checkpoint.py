@@ -530,10 +530,10 @@ def _vision_fields_from_weights(src, path, tower):
     name = str(tower or "")
     openai_name = os.path.basename(os.path.normpath(name)).startswith("clip-vit-")
     if not (name.startswith("openai/") or openai_name):  # (OpenAI's hub names: clip-vit-...)
-        raise CheckpointError(f"{path}: mm_vision_tower {name!r:.60} is not on disk, and the CLIP "
-                              "weights here do not give its head count or activation (read "
-                              "from the weights for OpenAI's CLIP ViTs only); pass its directory "
-                              "(--vision_tower DIR)")
+        raise CheckpointError(f"{path}: mm_vision_tower {name!r:.60} is neither on disk nor in "
+                              "the local hub cache, and the CLIP weights here do not give its "
+                              "head count or activation (read from the weights for OpenAI's CLIP "
+                              "ViTs only); pass its directory (--vision_tower DIR)")
     hidden, _, p, _ = src.shape("vision", "embeddings.patch_embedding.weight")
     n_pos = src.shape("vision", "embeddings.position_embedding.weight")[0]
     vision = [n for part, n in src.where if part == "vision"]
@@ -692,15 +692,28 @@ def resolve_checkpoint(path):
 
 
 def _resolve_clip_dir(name, checkpoint):
-    """A local CLIP directory: as named, or beside the checkpoint (config names like
-    'openai/clip-vit-large-patch14-336')."""
+    """A local CLIP directory: as named, beside the checkpoint, or, for a hub id, its snapshot in
+    the local hub cache (config names like 'openai/clip-vit-large-patch14-336': where LLaVA's
+    own code reads it from, offline; it was refused, 'pass --vision_tower')."""
     if not name:
         return None
     beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(name))
-    for cand in (name, beside):
-        if os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
+    for cand in (name, beside, hub_cache_dir(name)):
+        if cand and os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
             return cand
     return None
+
+
+def hub_cache_dir(name):
+    """A hub id's ('org/name') snapshot folder in the local hub cache, or None; never the
+    network."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)) or os.path.exists(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # (not in the cache, or a cache this library cannot read: not there)
+        return None
 
 
 def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=True,

@@ -347,6 +347,38 @@ def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
         load_checkpoint(tmp_path / "sft")
 
 
+def test_a_clip_named_by_its_hub_id_is_read_from_the_local_hub_cache(hf_dirs, tmp_path,
+                                                                      monkeypatch):
+    """LLaVA's released checkpoints name their CLIP by hub id, which LLaVA's own code reads from
+    the hub cache; a CLIP found only there was refused ('pass --vision_tower'). Now its cached
+    snapshot is read (never the network), and a checkpoint saved on it records that folder."""
+    from huggingface_hub import constants
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = _original_llava_config(hf_cfg, "openai/clip-tiny")
+    _rewrite_keys(path, tmp_path / "llava", lambda k: _to_original_llava(k, False), config=cfg)
+    clip = CLIPVisionModel(hf_vision_config())
+    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="vision_tower DIR; config names 'openai/clip-tiny'"):
+        load_checkpoint(tmp_path / "llava")  # (not in the cache yet)
+    repo = tmp_path / "hub" / "models--openai--clip-tiny"
+    clip.save_pretrained(repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    pixels, ids = inputs()
+    ref = hf_logits(hf, pixels, ids)
+    m = load_checkpoint(tmp_path / "llava").eval()
+    torch.testing.assert_close(m(pixels, ids.masked_fill(ids == IMAGE_ID, -200)), ref,
+                               atol=ATOL, rtol=0)
+    m.add_adapter("default", 4, 8)
+    m.set_adapter("default")
+    save_checkpoint_files(m, tmp_path / "sft", base=tmp_path / "llava")
+    recorded = json.load(open(tmp_path / "sft" / "config.json"))["vision_tower"]
+    assert os.path.normpath(tmp_path / "sft" / recorded) == str(repo / "snapshots" / ("c" * 40))
+
+
 def test_vision_tower_beside_a_checkpoint_holding_clip_is_named_not_read(tmp_path, capsys):
     """Our checkpoint holding its (trained) CLIP weights keeps them under --vision_tower (the flag
     is for a base without them); it was passed over without a word, now a one-line note says so."""
