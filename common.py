@@ -103,8 +103,10 @@ def escape_what_stdout_cannot_write():
 def user_errors(*extra, interrupted=INTERRUPTED):
     """Turn the errors a user can cause (bad data, bad checkpoint, bad flags, unwritable paths)
     into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
-    Ctrl-C: the line `interrupted` (what a run of this script leaves, how to go on), exit 130."""
+    Ctrl-C, or SIGTERM: the line `interrupted` (what a run of this script leaves, how to go on),
+    exit 130."""
     escape_what_stdout_cannot_write()
+    sigterm = sigterm_as_interrupt()
     try:
         yield
     except UnicodeDecodeError as e:  # (readers name the file; this is the last resort)
@@ -146,6 +148,24 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         raise SystemExit(130) from None
     finally:
         release_locks()
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's time limit, `kill`, torchrun passing on its own to its ranks) taken
+    as Ctrl-C, where it would kill the process: a stage ended without its line, in the middle of
+    whatever it did (nothing torn: checkpoints are renamed whole). A second one is dropped (it cut
+    the stop short). Returns the handler to put back, or None where SIGTERM is left as it was
+    (ignored, or handled: pipeline.py's and lab.py's own)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, _drop_signal)
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 # ----------------------------------------------------------------------------------------

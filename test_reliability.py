@@ -2562,6 +2562,33 @@ def test_ppo_killed_then_resumed_is_bitwise(w, tmp_path):
     kill_resume_equals_straight("ppo", base_args("ppo", w, "x")[:-2] + STEPS, tmp_path)
 
 
+def test_a_stage_stopped_by_sigterm_says_so_and_resumes(w, tmp_path):
+    """SIGTERM (a scheduler's time limit, `kill`, torchrun passing on its own) killed a stage
+    where it stood, without the line a Ctrl-C gets; it is taken as Ctrl-C now: the line, exit
+    130, no traceback, and the run goes on from its last checkpoint with --resume true."""
+    out = tmp_path / "run"
+    argv = base_args("sft", w, "x")[:-2] + ["--max_steps", "200", "--save_every", "1",
+                                            "--align_steps", "1", "--read_steps", "1",
+                                            "--out", str(out)]
+    log = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "sft.py"), *merge_flags(argv)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=log,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (out / "checkpoint-000002"
+                                                                  ).is_dir():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    log.seek(0)
+    said = log.read()
+    assert proc.returncode == 130 and said.strip().splitlines()[-1] == common.INTERRUPTED, said
+    assert "Traceback" not in said
+    saved = max(int(n.name[11:]) for n in out.glob("checkpoint-*"))
+    code, stdout, err = run_cli("sft", argv + ["--max_steps", str(saved + 2), "--resume", "true"])
+    assert code == 0 and f"resumed from {out / f'checkpoint-{saved:06d}'}" in stdout, err
+
+
 def test_a_log_line_after_resume_averages_since_the_last_line(w, tmp_path):
     """dpo's and reward's log lines average their metrics over the steps since the last line; a
     run resumed between two lines averaged only the steps after the resume (the weights were
