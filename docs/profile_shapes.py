@@ -1,11 +1,12 @@
 """Where a PPO iteration's time goes at the `shapes` preset; what torch.compile does to decoding.
 
-    OMP_NUM_THREADS=1 python docs/profile_shapes.py [update|decode|compile|cpp]
+    OMP_NUM_THREADS=1 python docs/profile_shapes.py [update|update-compiled|decode|compile|cpp]
 
 update: one PPO iteration of bench.py's `rollout_ppo` shape (64 prompts x 48 new tokens, LoRA r 16,
     2 epochs of 2 minibatches), random weights, with torch.profiler over the update: the operators
     by self time, and the matmul count and time (compare with the FLOPs and the matmul peak that
-    bench.py measures).
+    bench.py measures). update-compiled: the same with each decoder layer run through
+    torch.compile (inductor, dynamic shapes), forward and backward; the first iteration compiles.
 decode: greedy decoding of 64 x 48 tokens, eager; ms per decode step (whole call minus a 1-token
     call, over 47 steps). compile: the same with generate(compile=True) (inductor on CPU);
     cpp: with inductor's C++ wrapper too. Each prints its first-call (compilation) time.
@@ -34,8 +35,11 @@ def shapes_model():
     return c, bench.build_ours(c, torch.device("cpu"), torch.float32, 0)
 
 
-def profile_update():
+def profile_update(compiled=False):
     c, model = shapes_model()
+    if compiled:  # (the update's memory-bound RoPE, SwiGLU and norm work, fused or not)
+        for layer in model.language_model.layers:
+            layer.compile(dynamic=True)
     bench.add_roles(model, 16, 16)
     model.set_trainable(adapters=["policy", "value"], heads=["value"])
     pol = model.adapter_parameters("policy")
@@ -100,11 +104,12 @@ def time_decode(mode):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "update"
-    if what not in ("update", "decode", "compile", "cpp"):
-        print(f"usage: {sys.argv[0]} [update|decode|compile|cpp], got {what!r}", file=sys.stderr)
+    if what not in ("update", "update-compiled", "decode", "compile", "cpp"):
+        print(f"usage: {sys.argv[0]} [update|update-compiled|decode|compile|cpp], got {what!r}",
+              file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if what == "update":
-        profile_update()
+    if what.startswith("update"):
+        profile_update(compiled=what == "update-compiled")
     else:
         time_decode(what)
