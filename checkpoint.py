@@ -1443,6 +1443,7 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
+    _refuse_other_checkpoint(path)
     # (to the host as made: the device holds one merged weight at a time)
     state = {k: v.cpu() for k, v in canonical_state(model, merge_active=merge)}
     merged = model.active_adapter if merge else None
@@ -1519,6 +1520,34 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     tok.save_pretrained(path)
     _write_processor(model, path, template, tok.eos_token)
 
+
+
+def _refuse_other_checkpoint(path):
+    """An export writes into `path` as it is; what another kind of checkpoint left there was read
+    in place of the export (transformers loads a PEFT adapter's adapter_config.json over the
+    config.json beside it: other weights, without a word) or damaged (a checkpoint of ours: its
+    config.json and weights overwritten; a run folder: --init and --resume read the export in
+    place of its newest checkpoint-N/). Refused before anything is written."""
+    path = str(path)
+    cfg_path = os.path.join(path, "config.json")
+    what = None
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        what = "a PEFT adapter (adapter_config.json), which transformers would load instead"
+    elif os.path.isfile(cfg_path) and _is_ours(cfg_path):
+        what = "a checkpoint of ours, which the export would overwrite"
+    elif latest_checkpoint(path):
+        what = "a run's checkpoint-N/ folders, which --init and --resume would no longer read"
+    if what:
+        raise CheckpointError(f"{path}: holds {what}: export into another folder")
+
+
+def _is_ours(cfg_path):
+    """Whether a config.json is our checkpoint's (one that is not JSON, as an export cut off
+    leaves, is not: exporting again mends it)."""
+    try:
+        return _read_json(cfg_path).get("format") == FORMAT_NAME
+    except CheckpointError:
+        return False
 
 
 def _feature_strategy(c):

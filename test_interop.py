@@ -134,6 +134,37 @@ def test_export_refuses_what_it_cannot_write_before_writing(tmp_path):
     assert (tmp_path / "bare" / "config.json").exists()
 
 
+def test_export_refuses_a_folder_whose_files_would_be_read_instead(tmp_path):
+    """export_llava_hf wrote into a folder as it found it: over a PEFT adapter's folder,
+    transformers loaded the adapter (its base + LoRA: logits 0.4 off ours, without a word) while
+    load_checkpoint read the export; over a checkpoint of ours it overwrote its config.json and
+    weights beside its adapters and trainer state; into a run folder it hid the run's
+    checkpoint-N/ from --init and --resume. Refused now, nothing written; an export cut off (a
+    config.json that is not JSON) is mended by exporting again."""
+    m = tiny_model()
+    m.add_adapter("x", r=4, alpha=8, targets=LM_TARGETS)
+    randomize_adapter(m, "x", 1)
+    export_peft_adapter(m, tmp_path / "peft", "x")
+    save_checkpoint_files(m, str(tmp_path / "ours"))
+    save_checkpoint_files(m, str(tmp_path / "run" / "checkpoint-000001"))
+    other = tiny_model(seed=7)
+    for folder in ("peft", "ours", "run"):
+        before = {f: (tmp_path / folder / f).read_bytes()
+                  for f in os.listdir(tmp_path / folder) if (tmp_path / folder / f).is_file()}
+        with pytest.raises(CheckpointError, match=f"{folder}: holds .*: export into another"):
+            export_llava_hf(other, tmp_path / folder)
+        after = {f: (tmp_path / folder / f).read_bytes()
+                 for f in os.listdir(tmp_path / folder) if (tmp_path / folder / f).is_file()}
+        assert after == before, folder
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text('{"architectures": ["Llava')
+    export_llava_hf(other, tmp_path / "cut")
+    pixels, ids = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(str(tmp_path / "cut"))(pixels, ids),
+                                   other(pixels, ids), atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # PEFT: peft -> ours
 # ----------------------------------------------------------------------------------------
