@@ -1522,21 +1522,26 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
 
 
 
-def _refuse_other_checkpoint(path):
+def _refuse_other_checkpoint(path, adapter=False):
     """An export writes into `path` as it is; what another kind of checkpoint left there was read
     in place of the export (transformers loads a PEFT adapter's adapter_config.json over the
-    config.json beside it: other weights, without a word) or damaged (a checkpoint of ours: its
-    config.json and weights overwritten; a run folder: --init and --resume read the export in
-    place of its newest checkpoint-N/). Refused before anything is written."""
+    config.json beside it: other weights, without a word; load_checkpoint reads a model's
+    config.json over an adapter's files) or damaged (a checkpoint of ours: its config.json and
+    weights overwritten; a run folder: --init and --resume read the export in place of its newest
+    checkpoint-N/, or that in place of an adapter). adapter: export_peft_adapter's folder.
+    Refused before anything is written."""
     path = str(path)
     cfg_path = os.path.join(path, "config.json")
     what = None
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
+    if adapter and os.path.exists(cfg_path):
+        what = "a model (config.json), which load_checkpoint and --init would read instead"
+    elif not adapter and os.path.exists(os.path.join(path, "adapter_config.json")):
         what = "a PEFT adapter (adapter_config.json), which transformers would load instead"
     elif os.path.isfile(cfg_path) and _is_ours(cfg_path):
         what = "a checkpoint of ours, which the export would overwrite"
     elif latest_checkpoint(path):
-        what = "a run's checkpoint-N/ folders, which --init and --resume would no longer read"
+        what = ("a run's checkpoint-N/ folders (--init and --resume of a folder read either them "
+                "or an export, not both)")
     if what:
         raise CheckpointError(f"{path}: holds {what}: export into another folder")
 
@@ -1676,6 +1681,7 @@ def export_peft_adapter(model, path, adapter, base=None):
         raise ValueError(f"adapter '{adapter}' has a scalar head of its name (a reward or value "
                          "model), which PEFT's adapter format has no place for; save the model "
                          "with save_pretrained instead")
+    _refuse_other_checkpoint(path, adapter=True)
     a = model.adapters[adapter]
     state = {}
     for i, lin in model.lora_linears():

@@ -165,6 +165,31 @@ def test_export_refuses_a_folder_whose_files_would_be_read_instead(tmp_path):
                                    other(pixels, ids), atol=0, rtol=0)
 
 
+def test_peft_export_refuses_a_folder_holding_a_model(tmp_path):
+    """export_peft_adapter over a llava-hf export's folder (or ours) wrote its adapter beside that
+    config.json, and load_checkpoint (so --init and --policy_lora's checks) read the model there:
+    logits 0.6 off the adapter's, without a word; into a run folder, --init read the run's newest
+    checkpoint-N/ instead. Refused now, nothing written; exporting the adapter twice into its own
+    folder still works."""
+    m = tiny_model()
+    m.add_adapter("x", r=4, alpha=8, targets=LM_TARGETS)
+    randomize_adapter(m, "x", 1)
+    m.set_adapter("x")
+    export_llava_hf(tiny_model(seed=7), tmp_path / "hf")
+    save_checkpoint_files(m, str(tmp_path / "run" / "checkpoint-000001"))
+    for folder in ("hf", "run"):
+        before = sorted(os.listdir(tmp_path / folder))
+        with pytest.raises(CheckpointError, match=f"{folder}: holds .*: export into another"):
+            export_peft_adapter(m, tmp_path / folder, "x")
+        assert sorted(os.listdir(tmp_path / folder)) == before, folder
+    for _ in range(2):
+        export_peft_adapter(m, tmp_path / "peft", "x")
+    pixels, ids = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(str(tmp_path / "peft"))(pixels, ids),
+                                   m(pixels, ids), atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # PEFT: peft -> ours
 # ----------------------------------------------------------------------------------------
