@@ -1444,6 +1444,11 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
     _refuse_other_checkpoint(path)
+    stale = [f for f in PROCESSOR_FILES if os.path.exists(os.path.join(path, f))]
+    if tok is None and stale:  # (AutoProcessor paired them with these weights, without a word)
+        raise CheckpointError(f"{path}: holds {', '.join(stale)} of an earlier export, not this "
+                              "model's: pass the tokenizer (export_llava_hf(model, path, "
+                              "tokenizer)), or export into another folder")
     # (to the host as made: the device holds one merged weight at a time)
     state = {k: v.cpu() for k, v in canonical_state(model, merge_active=merge)}
     merged = model.active_adapter if merge else None
@@ -1568,6 +1573,11 @@ IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True
                    "do_normalize": True, "do_convert_rgb": True,
                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+# what an export writes beside the weights and config.json when it has a tokenizer
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
 
 def _saved_tokenizer(model):

@@ -577,6 +577,24 @@ def test_export_writes_the_tokenizers_pad_where_the_config_named_none(tmp_path):
     assert proc.tokenizer.pad_token_id == tok.pad_token_id
 
 
+def test_export_without_a_tokenizer_refuses_an_earlier_exports_processor(tmp_path):
+    """An export without a tokenizer (a model whose checkpoint holds none) over an earlier
+    export's folder left that export's tokenizer, chat template and image processor beside the
+    new weights: AutoProcessor paired them (another image size, another vocabulary) without a
+    word, though the note said AutoProcessor needs a tokenizer. Refused now, nothing written;
+    with the tokenizer the folder is written whole."""
+    from transformers import AutoProcessor
+    tok = llama_tokenizer(False)
+    export_llava_hf(model_for(tok), tmp_path / "hf", tok)
+    before = {f: (tmp_path / "hf" / f).read_bytes() for f in os.listdir(tmp_path / "hf")}
+    bare = model_for(tok, seed=1)
+    with pytest.raises(CheckpointError, match="chat_template.jinja of an earlier export"):
+        export_llava_hf(bare, tmp_path / "hf")
+    assert {f: (tmp_path / "hf" / f).read_bytes() for f in os.listdir(tmp_path / "hf")} == before
+    export_llava_hf(bare, tmp_path / "hf", tok)
+    assert AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer.get_vocab() == tok.get_vocab()
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
     from PIL import Image
