@@ -1427,10 +1427,11 @@ def load_adapters(model, path, name="default"):
     model.set_adapter(active)
 
 
-def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=True):
+def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     """A directory that transformers' LlavaForConditionalGeneration.from_pretrained loads (hub
     layout), with the tokenizer, a LlavaProcessor (LLaVA's pad-to-square image processor) and a chat
-    template for `template`, so that AutoProcessor.from_pretrained(path) prepares inputs as our
+    template for `template` (default: the one the model's source records, as trained, else
+    vicuna_v1), so that AutoProcessor.from_pretrained(path) prepares inputs as our
     tokenization does. `tokenizer` defaults to the one saved beside the weights this model was
     loaded from. An image token id < 0 (original LLaVA's -200) becomes a real id: the tokenizer's
     <image>, or a new token with a new embedding row (the mean row, as llava-hf's conversion does).
@@ -1441,6 +1442,9 @@ def export_llava_hf(model, path, tokenizer=None, template="vicuna_v1", merge=Tru
     adapters and scalar heads have no place in the format: left out, named in a note."""
     c = model.config
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
+    # (vicuna_v1 whatever the model was trained with: a llava_v1 model's export prompted it with
+    # another system text)
+    template = template or _recorded_template(model) or "vicuna_v1"
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
     _refuse_other_checkpoint(path)
@@ -1578,6 +1582,26 @@ IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True
 # what an export writes beside the weights and config.json when it has a tokenizer
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "preprocessor_config.json", "processor_config.json", "chat_template.jinja")
+
+
+def _recorded_template(model):
+    """The conversation template the folder the model was loaded from records: its run's
+    --template (a checkpoint of ours), or the one whose system text an export's chat template
+    holds (a llava-hf folder written by export_llava_hf); else None."""
+    from data import SYSTEM
+    path = getattr(model, "source_path", None)
+    if not path:
+        return None
+    cfg_path, jinja = os.path.join(path, "config.json"), os.path.join(path, "chat_template.jinja")
+    run = _read_json(cfg_path).get("run_config") if _is_ours(cfg_path) else None
+    if isinstance(run, dict) and isinstance(run.get("template"), str):  # ('plain': refused)
+        return run["template"]
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            text = f.read()
+        found = [t for t in SYSTEM if text.startswith("{{- " + json.dumps(SYSTEM[t] + " "))]
+        return found[0] if found else None
+    return None
 
 
 def _saved_tokenizer(model):

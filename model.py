@@ -1318,9 +1318,10 @@ class LLaVA(nn.Module):
         import checkpoint
         checkpoint.load_adapters(self, path, name=name)
 
-    def export_hf(self, path, tokenizer=None, template="vicuna_v1", merge=True):
+    def export_hf(self, path, tokenizer=None, template=None, merge=True):
         """A directory transformers' LlavaForConditionalGeneration.from_pretrained loads (the active
-        adapter merged in; merge=False: the base alone)."""
+        adapter merged in; merge=False: the base alone; template: default, the one it was trained
+        with)."""
         import checkpoint
         checkpoint.export_llava_hf(self, path, tokenizer=tokenizer, template=template,
                                    merge=merge)

@@ -595,6 +595,28 @@ def test_export_without_a_tokenizer_refuses_an_earlier_exports_processor(tmp_pat
     assert AutoProcessor.from_pretrained(tmp_path / "hf").tokenizer.get_vocab() == tok.get_vocab()
 
 
+def test_export_writes_the_template_the_model_was_trained_with(tmp_path):
+    """A model trained with --template llava_v1 was exported with vicuna_v1's chat template unless
+    the caller named it: AutoProcessor prompted it with another system text than it was trained
+    on, without a word. The default is now the template its checkpoint records (and an export's
+    own chat template, so an export imported and exported again writes the same one)."""
+    from transformers import AutoProcessor
+    tok = llama_tokenizer(False)
+    save_checkpoint_files(model_for(tok), str(tmp_path / "ck"),
+                          extra_config={"run_config": {"template": "llava_v1"}})
+    tok.save_pretrained(tmp_path / "ck")
+    export_llava_hf(load_checkpoint(str(tmp_path / "ck")), tmp_path / "hf")
+    proc = AutoProcessor.from_pretrained(tmp_path / "hf")
+    content = [{"type": "image"}, {"type": "text", "text": "Is there a cat?"}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}],
+                                    add_generation_prompt=True)
+    assert text == render([{"from": "human", "value": IMAGE + "\nIs there a cat?"}],
+                          "llava_v1")[0]
+    export_llava_hf(load_checkpoint(str(tmp_path / "hf")), tmp_path / "again")
+    for f in ("chat_template.jinja", "model.safetensors", "config.json"):
+        assert (tmp_path / "hf" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
     from PIL import Image
