@@ -1447,6 +1447,11 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     template = template or _recorded_template(model) or "vicuna_v1"
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
+    if merge and model.active_adapter in model.heads:  # (merged in, its head left out: the export
+        # answered as a policy, as export_peft_adapter's did before it refused it)
+        raise ValueError(f"adapter '{model.active_adapter}' has a scalar head of its name (a "
+                         "reward or value model), which the llava-hf format has no place for; "
+                         "merge=False writes the base alone, save_pretrained the whole model")
     _refuse_other_checkpoint(path)
     stale = [f for f in PROCESSOR_FILES if os.path.exists(os.path.join(path, f))]
     if tok is None and stale:  # (AutoProcessor paired them with these weights, without a word)

@@ -118,13 +118,20 @@ def test_export_peft_loads_in_peft_without_warnings_and_matches(tmp_path, caught
 
 def test_export_refuses_what_it_cannot_write_before_writing(tmp_path):
     """A reward model's adapter was exported without its head, and then loaded as a policy (eval
-    answered with it); a template without a chat template was refused after the weights, config
-    and tokenizer were written, beside an empty chat_template.jinja."""
+    answered with it), as PEFT adapter and, merged in, as llava-hf (until 2026-12-06: a note
+    alone); a template without a chat template was refused after the weights, config and
+    tokenizer were written, beside an empty chat_template.jinja."""
     m = tiny_model()
     m.add_adapter("reward", r=4, alpha=16, targets=LM_TARGETS)
     m.add_head("reward")
     with pytest.raises(ValueError, match="scalar head of its name"):
         export_peft_adapter(m, tmp_path / "rm", "reward")
+    m.set_adapter("reward")
+    with pytest.raises(ValueError, match="scalar head of its name"):
+        export_llava_hf(m, tmp_path / "rm_hf")
+    assert not (tmp_path / "rm_hf").exists()
+    export_llava_hf(m, tmp_path / "rm_base", merge=False)  # (the base alone, as asked)
+    m.set_adapter(None)
     tok = llama_tokenizer(True)
     with pytest.raises(ValueError, match="no chat template for 'plain'"):
         export_llava_hf(model_for(tok, seed=1), tmp_path / "hf", tok, template="plain")
