@@ -1442,9 +1442,10 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     adapters and scalar heads have no place in the format: left out, named in a note."""
     c = model.config
     tok = tokenizer if tokenizer is not None else _saved_tokenizer(model)
-    # (vicuna_v1 whatever the model was trained with: a llava_v1 model's export prompted it with
-    # another system text)
-    template = template or _recorded_template(model) or "vicuna_v1"
+    # (as trained: vicuna_v1 whatever the model was trained with prompted a llava_v1 model's
+    # export with another system text)
+    source = getattr(model, "source_path", None)
+    template = template or (source and recorded_template(source)) or "vicuna_v1"
     if tok is not None:  # (a template it cannot write: refused before anything is written)
         chat_template(template)
     if merge and model.active_adapter in model.heads:  # (merged in, its head left out: the export
@@ -1589,24 +1590,28 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
 
-def _recorded_template(model):
-    """The conversation template the folder the model was loaded from records: its run's
-    --template (a checkpoint of ours), or the one whose system text an export's chat template
-    holds (a llava-hf folder written by export_llava_hf); else None."""
+def recorded_template(path):
+    """The conversation template a checkpoint folder records: its run's --template (a checkpoint
+    of ours), or the one whose system text an export's chat template holds (a llava-hf folder
+    written by export_llava_hf: the template survives export and import), a PEFT adapter's
+    base's; else None."""
     from data import SYSTEM
-    path = getattr(model, "source_path", None)
-    if not path:
-        return None
+    if is_peft_dir(path):  # (export_peft_adapter's: its base, an export, holds the template)
+        try:
+            path = peft_base_dir(path)
+        except CheckpointError:  # (loading says what is wrong)
+            return None
     cfg_path, jinja = os.path.join(path, "config.json"), os.path.join(path, "chat_template.jinja")
     run = _read_json(cfg_path).get("run_config") if _is_ours(cfg_path) else None
     if isinstance(run, dict) and isinstance(run.get("template"), str):  # ('plain': refused)
         return run["template"]
-    if os.path.isfile(jinja):
+    try:
         with open(jinja) as f:
             text = f.read()
-        found = [t for t in SYSTEM if text.startswith("{{- " + json.dumps(SYSTEM[t] + " "))]
-        return found[0] if found else None
-    return None
+    except (OSError, UnicodeDecodeError):  # (none, or not ours: no template recorded)
+        return None
+    found = [t for t in SYSTEM if text.startswith("{{- " + json.dumps(SYSTEM[t] + " "))]
+    return found[0] if found else None
 
 
 def _saved_tokenizer(model):

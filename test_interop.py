@@ -624,6 +624,30 @@ def test_export_writes_the_template_the_model_was_trained_with(tmp_path):
         assert (tmp_path / "hf" / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
 
 
+def test_an_exports_template_is_noted_as_its_checkpoints_was(tmp_path, capsys):
+    """A stage or eval given a checkpoint trained with llava_v1 and run with vicuna_v1 says so in
+    a note (and PPO refuses a policy whose template is not its reward model's); given the same
+    model's llava-hf export, it said nothing: the template was lost on the way. The export's chat
+    template names it now."""
+    tok = llama_tokenizer(False)
+    m = model_for(tok)
+    export_llava_hf(m, tmp_path / "hf", tok, template="llava_v1")
+    export_llava_hf(m, tmp_path / "hf_vicuna", tok)
+    assert common.recorded_template(str(tmp_path / "hf")) == "llava_v1"
+    assert common.recorded_template(str(tmp_path / "hf_vicuna")) == "vicuna_v1"
+    capsys.readouterr()
+    common.note_template("--init", str(tmp_path / "hf"), "vicuna_v1")
+    assert "was trained with --template llava_v1" in capsys.readouterr().out
+    # a PEFT adapter exported from it: its base (written beside it) holds the template
+    m = load_checkpoint(str(tmp_path / "hf"))
+    m.add_adapter("x", r=2, alpha=2, targets=("q",))
+    export_peft_adapter(m, tmp_path / "peft", "x", base=tmp_path / "hf")
+    assert common.recorded_template(str(tmp_path / "peft")) == "llava_v1"
+    (tmp_path / "hub").mkdir()  # (a chat template of another kind: nothing recorded)
+    (tmp_path / "hub" / "chat_template.jinja").write_text("{% for m in messages %}{% endfor %}")
+    assert common.recorded_template(str(tmp_path / "hub")) is None
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_token_after_image_agrees_in_training_generation_and_llava_processor(legacy, tmp_path):
     from PIL import Image
