@@ -1237,6 +1237,10 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
         note(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
              f"written whole, not as adapters on {base}", flush=True)
         base = None
+    if base is not None and base_weights_dir(base) == os.path.realpath(path):  # (its config.json
+        # overwritten to point at itself: a loop of base pointers, the folder no longer loaded)
+        raise CheckpointError(f"{path}: the base {base} keeps its weights here: adapters saved "
+                              "on it would overwrite its config.json; save into another folder")
     os.makedirs(path, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
            "adapters": model.adapters, "heads": sorted(model.heads),

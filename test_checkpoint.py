@@ -925,6 +925,23 @@ def test_checkpoint_round_trip_is_exact_with_adapters_and_heads(tmp_path):
         assert torch.equal(again(pixels, ids), m(pixels, ids))
 
 
+def test_adapters_saved_onto_their_own_base_folder_are_refused(tmp_path):
+    """save_pretrained(dir, base=dir) (adapters saved beside the base they sit on) overwrote the
+    base's config.json with a pointer to itself: the folder no longer loaded (a loop of base
+    pointers). Refused now, the folder as it was; another folder takes them."""
+    tiny_model().save_pretrained(tmp_path / "base")
+    m = load_checkpoint(tmp_path / "base")
+    m.add_adapter("x", r=2, alpha=2)
+    randomize_adapter(m, "x", 1)
+    before = (tmp_path / "base" / "config.json").read_bytes()
+    with pytest.raises(CheckpointError, match="keeps its weights here"):
+        m.save_pretrained(tmp_path / "base", base=tmp_path / "base")
+    assert (tmp_path / "base" / "config.json").read_bytes() == before
+    load_checkpoint(tmp_path / "base")
+    m.save_pretrained(tmp_path / "adapter", base=tmp_path / "base")
+    assert load_checkpoint(tmp_path / "adapter").adapters.keys() == {"x"}
+
+
 def test_an_adapter_checkpoint_written_through_a_link_loads_by_either_path(tmp_path):
     """--out through a symlink (runs/ -> /scratch/...): the base was recorded relative to the
     folder as named, so the checkpoint loaded by that path and not by its real one ("base
