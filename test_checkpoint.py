@@ -1146,8 +1146,9 @@ def test_original_llava_clip_config_is_inferred_only_for_openai_clip(hf_dirs, tm
     hf_cfg = json.load(open(os.path.join(path, "config.json")))
     cfg = _original_llava_config(hf_cfg, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     _rewrite_keys(path, tmp_path / "orig", _to_original_llava, config=cfg)
-    with pytest.raises(CheckpointError, match="'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' is not on "
-                                              "disk.*--vision_tower DIR"):
+    with pytest.raises(CheckpointError, match="'laion/CLIP-ViT-H-14-laion2B-s32B-b79K' is neither "
+                                              "on disk nor in the local hub cache.*--vision_tower "
+                                              "DIR"):
         load_checkpoint(tmp_path / "orig")
     for tower in ("openai/clip-vit-large-patch14-336", "/models/clip-vit-large-patch14-336/"):
         cfg["mm_vision_tower"] = tower  # (OpenAI's: read from the weights; the tiny one is 32 wide)
