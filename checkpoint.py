@@ -1237,10 +1237,11 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
         note(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "
              f"written whole, not as adapters on {base}", flush=True)
         base = None
-    if base is not None and base_weights_dir(base) == os.path.realpath(path):  # (its config.json
-        # overwritten to point at itself: a loop of base pointers, the folder no longer loaded)
-        raise CheckpointError(f"{path}: the base {base} keeps its weights here: adapters saved "
-                              "on it would overwrite its config.json; save into another folder")
+    if base is not None and os.path.realpath(path) in base_chain(base):  # (a config.json there
+        # overwritten to point at the base: a loop of base pointers, the folder no longer loaded)
+        raise CheckpointError(f"{path}: the base {base} is, or sits on, the checkpoint here: "
+                              "adapters saved on it would overwrite its config.json; save into "
+                              "another folder")
     os.makedirs(path, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": asdict(model.config),
            "adapters": model.adapters, "heads": sorted(model.heads),
@@ -1292,19 +1293,26 @@ def _check_base_fingerprint(path, cfg):
                               "it was trained on")
 
 
-def base_weights_dir(path, _seen=()):
+def base_weights_dir(path):
     """The directory that holds a checkpoint's base weights (following 'base' pointers), as a real
     path: two checkpoints with the same answer share one frozen base."""
-    path = resolve_checkpoint(str(path))
-    if detect_layout(path) == "factalign":
-        cfg = _read_json(os.path.join(path, "config.json"))
-        if cfg.get("base") is not None:
-            if os.path.realpath(path) in _seen:  # ("base": "." would recurse without end)
-                raise CheckpointError(f"{path}/config.json: field 'base': "
-                                      f"{cfg['base']!r:.60} leads back to this checkpoint "
-                                      "(a loop of base pointers)")
-            return base_weights_dir(_base_dir(path, cfg["base"]), _seen + (os.path.realpath(path),))
-    return os.path.realpath(path)
+    return base_chain(path)[-1]
+
+
+def base_chain(path):
+    """The real paths of a checkpoint's folder and of each folder its 'base' pointers lead through,
+    the one holding the base weights last."""
+    path, chain = resolve_checkpoint(str(path)), []
+    while detect_layout(path) == "factalign":
+        base = _read_json(os.path.join(path, "config.json")).get("base")
+        if base is None:
+            break
+        if os.path.realpath(path) in chain:  # ("base": "." would go round without end)
+            raise CheckpointError(f"{path}/config.json: field 'base': {base!r:.60} leads back to "
+                                  "this checkpoint (a loop of base pointers)")
+        chain.append(os.path.realpath(path))
+        path = _base_dir(path, base)
+    return chain + [os.path.realpath(path)]
 
 
 def llava_rlhf_reward_of(path):
@@ -1449,14 +1457,21 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     # (as trained: vicuna_v1 whatever the model was trained with prompted a llava_v1 model's
     # export with another system text)
     source = getattr(model, "source_path", None)
-    template = template or (source and recorded_template(source)) or "vicuna_v1"
+    trained = recorded_template(source) if source else None
+    known = template or trained  # (recorded in config.json: a fallback is not what it was
+    # trained with, and read back as such it gave wrong advice and refused a PPO run)
+    written = template or (trained if trained != "plain" else None) or "vicuna_v1"
     if tok is not None:  # (a template it cannot write: refused before anything is written)
-        chat_template(template)
+        chat_template(written)
+        if known == "plain":  # (LLaVA's stage 1 has no chat template; it was refused)
+            note(f"note: {path}: {source} was trained with --template plain, which has no chat "
+                 f"template: the export carries {written}'s", flush=True)
     if merge and model.active_adapter in model.heads:  # (merged in, its head left out: the export
         # answered as a policy, as export_peft_adapter's did before it refused it)
         raise ValueError(f"adapter '{model.active_adapter}' has a scalar head of its name (a "
                          "reward or value model), which the llava-hf format has no place for; "
-                         "merge=False writes the base alone, save_pretrained the whole model")
+                         "set_adapter the policy's adapter to export the policy, merge=False "
+                         "writes the base alone, save_pretrained the whole model")
     _refuse_other_checkpoint(path)
     stale = [f for f in PROCESSOR_FILES if os.path.exists(os.path.join(path, f))]
     if tok is None and stale:  # (AutoProcessor paired them with these weights, without a word)
@@ -1526,6 +1541,8 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
         "vision_config": vision_config,
         "text_config": text_config,
     }
+    if known:
+        hf[EXPORT_TEMPLATE] = known
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tok is None:
@@ -1537,7 +1554,7 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
         tok = copy.deepcopy(tok)  # (the caller's tokenizer stays as it was)
         tok.pad_token = tok.convert_ids_to_tokens(c.pad_token_id)
     tok.save_pretrained(path)
-    _write_processor(model, path, template, tok.eos_token)
+    _write_processor(model, path, written, tok.eos_token)
 
 
 
@@ -1589,6 +1606,10 @@ IMAGE_PROCESSOR = {"image_processor_type": "LlavaImageProcessor", "do_pad": True
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
+# the config.json key in which an export records the template the model was trained with (its
+# chat template alone could not tell it from the vicuna_v1 fallback an unknown one gets)
+EXPORT_TEMPLATE = "factalign_template"
+
 # what an export writes beside the weights and config.json when it has a tokenizer
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "preprocessor_config.json", "processor_config.json", "chat_template.jinja")
@@ -1596,26 +1617,20 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def recorded_template(path):
     """The conversation template a checkpoint folder records: its run's --template (a checkpoint
-    of ours), or the one whose system text an export's chat template holds (a llava-hf folder
-    written by export_llava_hf: the template survives export and import), a PEFT adapter's
-    base's; else None."""
-    from data import SYSTEM
+    of ours), or the one export_llava_hf knew and recorded in an export's config.json (the
+    template survives export and import), a PEFT adapter's base's; else None."""
     if is_peft_dir(path):  # (export_peft_adapter's: its base, an export, holds the template)
         try:
             path = peft_base_dir(path)
         except CheckpointError:  # (loading says what is wrong)
             return None
-    cfg_path, jinja = os.path.join(path, "config.json"), os.path.join(path, "chat_template.jinja")
-    run = _read_json(cfg_path).get("run_config") if _is_ours(cfg_path) else None
-    if isinstance(run, dict) and isinstance(run.get("template"), str):  # ('plain': refused)
-        return run["template"]
     try:
-        with open(jinja) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):  # (none, or not ours: no template recorded)
+        cfg = _read_json(os.path.join(path, "config.json"))
+    except (CheckpointError, OSError):  # (none, or unreadable: loading says what is wrong)
         return None
-    found = [t for t in SYSTEM if text.startswith("{{- " + json.dumps(SYSTEM[t] + " "))]
-    return found[0] if found else None
+    run = cfg.get("run_config") if cfg.get("format") == FORMAT_NAME else None
+    found = run.get("template") if isinstance(run, dict) else cfg.get(EXPORT_TEMPLATE)
+    return found if isinstance(found, str) else None  # ('plain': the export says what it wrote)
 
 
 def _saved_tokenizer(model):

@@ -934,12 +934,23 @@ def test_adapters_saved_onto_their_own_base_folder_are_refused(tmp_path):
     m.add_adapter("x", r=2, alpha=2)
     randomize_adapter(m, "x", 1)
     before = (tmp_path / "base" / "config.json").read_bytes()
-    with pytest.raises(CheckpointError, match="keeps its weights here"):
+    with pytest.raises(CheckpointError, match="is, or sits on, the checkpoint here"):
         m.save_pretrained(tmp_path / "base", base=tmp_path / "base")
     assert (tmp_path / "base" / "config.json").read_bytes() == before
     load_checkpoint(tmp_path / "base")
     m.save_pretrained(tmp_path / "adapter", base=tmp_path / "base")
     assert load_checkpoint(tmp_path / "adapter").adapters.keys() == {"x"}
+    # an adapter checkpoint as its own base, or as the base of one it is the base of: the loop
+    # was written (only a base holding weights was checked)
+    a = load_checkpoint(tmp_path / "adapter")
+    a.save_pretrained(tmp_path / "on_adapter", base=tmp_path / "adapter")
+    kept = {f: (tmp_path / "adapter" / f).read_bytes() for f in os.listdir(tmp_path / "adapter")}
+    for base in ("adapter", "on_adapter"):
+        with pytest.raises(CheckpointError, match="is, or sits on, the checkpoint here"):
+            a.save_pretrained(tmp_path / "adapter", base=tmp_path / base)
+    assert kept == {f: (tmp_path / "adapter" / f).read_bytes()
+                    for f in os.listdir(tmp_path / "adapter")}
+    load_checkpoint(tmp_path / "on_adapter")
 
 
 def test_an_adapter_checkpoint_written_through_a_link_loads_by_either_path(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from data import IMAGE, preprocess_image, render, tokenize_conversation
+from data import IMAGE, SYSTEM, preprocess_image, render, tokenize_conversation
 from checkpoint import (CheckpointError, export_llava_hf, export_peft_adapter, load_adapters,
                         load_checkpoint, resolve_checkpoint, save_checkpoint_files)
 from model import LLaVA, ModelConfig
@@ -634,7 +634,10 @@ def test_an_exports_template_is_noted_as_its_checkpoints_was(tmp_path, capsys):
     export_llava_hf(m, tmp_path / "hf", tok, template="llava_v1")
     export_llava_hf(m, tmp_path / "hf_vicuna", tok)
     assert common.recorded_template(str(tmp_path / "hf")) == "llava_v1"
-    assert common.recorded_template(str(tmp_path / "hf_vicuna")) == "vicuna_v1"
+    # a model whose template nothing records gets vicuna_v1's chat template, but is not recorded
+    # as trained with it (read back so, it gave a wrong note and PPO refused a llava_v1 RM)
+    assert common.recorded_template(str(tmp_path / "hf_vicuna")) is None
+    assert SYSTEM["vicuna_v1"] in (tmp_path / "hf_vicuna" / "chat_template.jinja").read_text()
     capsys.readouterr()
     common.note_template("--init", str(tmp_path / "hf"), "vicuna_v1")
     assert "was trained with --template llava_v1" in capsys.readouterr().out
@@ -646,6 +649,16 @@ def test_an_exports_template_is_noted_as_its_checkpoints_was(tmp_path, capsys):
     (tmp_path / "hub").mkdir()  # (a chat template of another kind: nothing recorded)
     (tmp_path / "hub" / "chat_template.jinja").write_text("{% for m in messages %}{% endfor %}")
     assert common.recorded_template(str(tmp_path / "hub")) is None
+    # trained with --template plain (LLaVA's stage 1: no chat template): exported with
+    # vicuna_v1's and a note, and recorded as plain (the export was refused)
+    m = load_checkpoint(str(tmp_path / "hf"))
+    save_checkpoint_files(m, tmp_path / "stage1", extra_config={"run_config": {
+        "template": "plain"}})
+    capsys.readouterr()
+    export_llava_hf(load_checkpoint(str(tmp_path / "stage1")), tmp_path / "hf_plain", tok)
+    assert "trained with --template plain, which has no chat template" in capsys.readouterr().out
+    assert common.recorded_template(str(tmp_path / "hf_plain")) == "plain"
+    assert common.recorded_template(str(tmp_path / "hub" / "chat_template.jinja")) is None
 
 
 @pytest.mark.parametrize("legacy", [True, False])
