@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, complete_checkpoints,
                         detect_layout, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
-                        peft_base_dir, refuse_scalar_model, resolve_checkpoint,
-                        save_checkpoint_files, recorded_template as checkpoint_recorded_template)
+                        peft_base_dir, recorded_template, refuse_scalar_model,
+                        resolve_checkpoint, save_checkpoint_files)
 from formats import DataError
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
@@ -1982,13 +1982,6 @@ def recorded_run_config(ckpt_dir):
     except (OSError, ValueError, AttributeError):
         return {}
     return rc if isinstance(rc, dict) else {}
-
-
-def recorded_template(ckpt_dir):
-    """The --template a checkpoint of ours was trained with, or the one an export_llava_hf folder's
-    chat template holds (an export read as --init or --ckpt was prompted otherwise without a
-    note), or None."""
-    return checkpoint_recorded_template(ckpt_dir)
 
 
 def note_template(flag, path, template):
