@@ -162,6 +162,42 @@ def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
         common.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
 
 
+# each stage's Config fields added after the stage first saved a trainer state (git log -S), each
+# read as what the stage did before; fields free at --resume need no entry
+GAINED = {"ppo": ("fsdp", "stop_at_question", "rm_input", "correct_rule", "vision_tower",
+                  "policy_lora", "warmup_from_zero", "loss_divisor", "compile_decode"),
+          "reward": ("fsdp", "blank_images", "prompt_space", "vision_tower", "import_llava_rlhf",
+                     "caption_shuffle", "warmup_from_zero"),
+          "vigc": ("fsdp", "vic_mode", "answer_length", "num_beams", "tokenizer", "instructions",
+                   "repetition_penalty", "warmup_from_zero", "grad_checkpoint")}
+
+
+@pytest.mark.parametrize("script", sorted(GAINED))
+def test_a_run_from_before_every_field_its_stage_gained_resumes(script, tmp_path, monkeypatch):
+    """A run saved before any of the fields its stage gained since (ppo.py, reward.py and vigc.py
+    from their first day) was refused at --resume ("lacks this script's field 'fsdp'"): each
+    field now reads as what the stage did before, vigc's tokenizer the run's own world's (as
+    '{world}/tokenizer' resolves) and its --instructions '' (a --data run's built-in phrasings);
+    with any one entry gone it is refused again."""
+    import importlib
+    stage = importlib.import_module(script)
+    cfg = stage.Config(out=str(tmp_path), world=str(tmp_path / "w"))
+    free = getattr(stage, "GEN_FIELDS", ())  # (vigc's generation flags: free at --resume)
+    paths = {f.name: getattr(cfg, f.name).replace(common.WORLD, cfg.world)
+             for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), str)}
+    cfg = dataclasses.replace(cfg, **paths)  # (as common.world_paths resolves them)
+    if script == "vigc":  # (a --data of one's own: the world's instructions dropped)
+        cfg = dataclasses.replace(cfg, data="mine.json", instructions="")
+    ckpt, _ = run_without(cfg, tmp_path, GAINED[script])
+    path, state = common.load_resume(str(tmp_path), cfg, free)
+    assert path == str(ckpt) and state["step"] == 3
+    for field in set(GAINED[script]) & set(common.ADDED_FIELDS) - set(free):
+        kept = {k: v for k, v in common.ADDED_FIELDS.items() if k != field}
+        monkeypatch.setattr(common, "ADDED_FIELDS", kept)
+        with pytest.raises(common.ConfigError, match=f"lacks this script's field '{field}'"):
+            common.load_resume(str(tmp_path), cfg, free)
+        monkeypatch.undo()
+
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline",
                                     "lab", "bench", "shapes"])
 def test_help_explains_every_flag(script, capsys):
