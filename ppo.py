@@ -53,6 +53,7 @@ made, and statistics over it depend on how long the batch's longest response hap
 are the logged clipfrac, approx_kl and vf_clipfrac (means over real tokens; LLaVA-RLHF's are over
 every column, ours x tokens / columns on a padded batch).
 """
+import hashlib
 import json
 import os
 import random
@@ -489,9 +490,23 @@ def policy_only(model):
         model.set_adapter(active)
 
 
-def trainer_extra(policy, critic, kl_coef, gen, d):
+def reward_digest(rm_dir):
+    """sha256 of a reward checkpoint's config.json and adapters.safetensors (its LoRA and head):
+    recorded with each checkpoint, so a --reward retrained, replaced or grown since the run
+    started is found at --resume (the run went on scoring with it without a word)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "adapters.safetensors"):
+        path = os.path.join(rm_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def trainer_extra(policy, critic, kl_coef, gen, d, rm_digest=None):
     """What --resume needs besides the optimizer: both trained adapters, the value head, kl_coef and
-    every rank's rollout generator state (collective: call on all ranks)."""
+    every rank's rollout generator state (collective: call on all ranks); and the reward model's
+    digest, which it checks."""
     states = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(states, gen.get_state())
@@ -501,7 +516,7 @@ def trainer_extra(policy, critic, kl_coef, gen, d):
     return {"policy": grab(policy.adapter_parameters("policy")),
             "value": grab(critic.adapter_parameters("value")),
             "value_head": grab(critic.heads["value"].parameters()),
-            "kl_coef": kl_coef, "generators": states}
+            "kl_coef": kl_coef, "generators": states, "reward_digest": rm_digest}
 
 
 def restore_extra(extra, policy, critic, gen, d):
@@ -797,6 +812,14 @@ def main(cfg):
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
+    rm_digest = reward_digest(resolve_checkpoint(cfg.reward))
+    if state is not None and state["extra"].get("reward_digest") not in (None, rm_digest):
+        # (checkpoints from before it was recorded: not checked)
+        raise common.ConfigError(
+            f"--reward {cfg.reward}: {resolve_checkpoint(cfg.reward)} is not the reward model "
+            f"this run was trained against (retrained, replaced or grown since: its config.json "
+            "or adapters differ); put that one back (a reward run resumed since: move its newer "
+            "checkpoint-N aside), or start a new run")
     if not rm[0]:  # (the rollout hands the RM no facts)
         common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
                              "facts (--facts false); drop it")
@@ -879,14 +902,14 @@ def main(cfg):
         elif show:  # (an --oracle_every step between two log lines: its own line, not lost)
             log.log(done, **{k: stats[k] for k in ("halluc_rate", "halluc_per_answer")})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            extra = trainer_extra(policy, critic, kl_coef, gen, d)
+            extra = trainer_extra(policy, critic, kl_coef, gen, d, rm_digest)
             # base = the SFT checkpoint; reward/value adapters live in trainer_state
             with policy_only(policy):
                 common.save_checkpoint(policy, cfg.out, done, cfg, opt, tokenizer, base=base,
                                        extra_state=extra, d=d)
     # the final checkpoint becomes the policy merged into the base (full weights)
     if cfg.export == "merged":
-        extra = trainer_extra(policy, critic, kl_coef, gen, d)
+        extra = trainer_extra(policy, critic, kl_coef, gen, d, rm_digest)
         if d.main:
             for n in [a for a in policy.adapters if a != "policy"]:
                 policy.delete_adapter(n)

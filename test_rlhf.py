@@ -817,6 +817,31 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
         assert torch.allclose(m.eval()(pix, ids), b(pix, ids), atol=1e-4)
 
 
+def test_ppo_resume_refuses_a_reward_model_replaced_since(sft, tiny_world, tmp_path):
+    """--reward is read anew at --resume: a reward run retrained in its folder (or resumed there
+    for more steps) since the PPO run started scored the rest of the run with another reward
+    model, exit 0. Each checkpoint records the reward model's digest: another is refused in one
+    line naming it; the same one (a project moved whole) goes on."""
+    rm, project = tmp_path / "rm", tmp_path / "project"
+    rm_args = ["--init", sft, "--world", tiny_world, "--max_steps", "2", "--batch_size", "4",
+               "--eval_prompt", "short", "--eval_size", "8", "--out", str(rm)]
+    assert run_cli("reward", rm_args)[0] == 0
+    args = ["--init", sft, "--reward", str(rm), "--world", tiny_world, *PPO_ARGS,
+            "--out", str(tmp_path / "ppo")]
+    code, _, err = run_cli("ppo", args + ["--max_steps", "1"])
+    assert code == 0, err
+    shutil.copytree(tmp_path / "ppo", project)  # (a copy to resume before anything changed)
+    code, out, err = run_cli("ppo", args + ["--max_steps", "2", "--out", str(project),
+                                            "--resume", "true"])
+    assert code == 0 and "resumed from" in out, err
+    code, _, err = run_cli("reward", rm_args + ["--seed", "7", "--overwrite", "true"])
+    assert code == 0, err
+    code, out, err = run_cli("ppo", args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 2 and "resumed from" not in out, err
+    assert f"--reward {rm}: {rm}/checkpoint-000002 is not the reward model this run was " \
+        "trained against" in err and "Traceback" not in err, err
+
+
 def test_ppo_with_lora_dropout_resumes_bitwise(tiny_rm, sft, tiny_world, tmp_path):
     """ppo.py restored the optimizer and its adapters but not the random streams that building the
     roles had drawn from, so after --resume the LoRA dropout masks differed from the run that was
@@ -1097,12 +1122,13 @@ def test_resume_keeps_the_base_the_adapters_were_trained_on(sft, tiny_world, tmp
         path = os.path.join(out, f"checkpoint-{step:06d}")
         recorded = json.load(open(os.path.join(path, "config.json")))["base"]
         return os.path.basename(os.path.normpath(os.path.join(path, recorded)))
-    code, stdout, err = run_cli("reward", rm_args + ["--max_steps", "2", "--resume", "true"])
-    assert code == 0 and "resuming on" in stdout, err
-    assert base_of(rm, 1) == base_of(rm, 2) == "checkpoint-000001"
+    # (ppo first: a reward run resumed since is another reward model, which ppo refuses)
     code, stdout, err = run_cli("ppo", ppo_args + ["--max_steps", "2", "--resume", "true"])
     assert code == 0 and "one shared base" in stdout, err
     assert base_of(policy, 2) == "checkpoint-000001"
+    code, stdout, err = run_cli("reward", rm_args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 0 and "resuming on" in stdout, err
+    assert base_of(rm, 1) == base_of(rm, 2) == "checkpoint-000001"
 
 
 def test_ppo_says_where_its_batches_repeat_prompts(tiny_rm, sft, tiny_world, tmp_path):
