@@ -1812,6 +1812,9 @@ def load_resume(out_dir, run_config, free=()):
                           "factalign wrote it; resume with the stage and version that wrote it, "
                           "or pass another --out")
     diff = [k for k in now if k not in free and _norm(now[k], k) != _norm(was.get(k), k)]
+    # (a --world moved or renamed: its '{world}/...' paths differ too, and sft's and vigc's
+    # --tokenizer came first, naming a flag that was not given)
+    diff.sort(key=lambda k: k != "world")
     if diff:
         k = diff[0]
         why = RESUME_WHY.get(k, "")

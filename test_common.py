@@ -162,6 +162,22 @@ def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
         common.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
 
 
+def test_a_resume_on_a_moved_world_names_the_world(tmp_path):
+    """A run resumed with --world at another path (the folder moved) was refused naming
+    'tokenizer', the first of sft's fields under it, a flag the user never gave: 'world' first."""
+    import sft
+    cfg = sft.Config(out=str(tmp_path), world="/data/w")
+    cfg = dataclasses.replace(cfg, **{f: getattr(cfg, f).replace(common.WORLD, cfg.world)
+                                      for f in ("tokenizer", "data", "val_data", "align_data",
+                                                "read_data")})
+    run_without(cfg, tmp_path, ())
+    moved = dataclasses.replace(cfg, **{f: getattr(cfg, f).replace("/data/w", "/data/w2")
+                                        for f in ("world", "tokenizer", "data", "val_data",
+                                                  "align_data", "read_data")})
+    with pytest.raises(common.ConfigError, match="field 'world' was '/data/w', now '/data/w2'"):
+        common.load_resume(str(tmp_path), moved)
+
+
 # each stage's Config fields added after the stage first saved a trainer state (git log -S), each
 # read as what the stage did before; fields free at --resume need no entry
 GAINED = {"ppo": ("fsdp", "stop_at_question", "rm_input", "correct_rule", "vision_tower",
