@@ -31,10 +31,11 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
-from checkpoint import (FORMAT_NAME, FORMAT_VERSION, clip_alone, complete_checkpoints,
-                        detect_layout, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
-                        peft_base_dir, recorded_template, refuse_scalar_model,
-                        resolve_checkpoint, save_checkpoint_files)
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weights_dir,
+                        clip_alone, complete_checkpoints, detect_layout, is_peft_dir,
+                        latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
+                        recorded_template, refuse_scalar_model, resolve_checkpoint,
+                        save_checkpoint_files)
 from formats import DataError
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
@@ -1443,9 +1444,15 @@ def start_writing(cfg, d, data_files=()):
         old_lock.close()
         print(f"--overwrite: the previous run in {out} is now {aside} (delete it when it is no "
               "longer needed)")
-    if not cfg.resume:  # (and the checkpoint --init stood for: --resume keeps to it)
+    if not cfg.resume:  # (and the checkpoint --init stood for: --resume keeps to it, and its
+        # weights' fingerprint: check_base_unchanged)
         init = getattr(cfg, "init", "")
         record = {"init": os.path.abspath(resolve_checkpoint(init))} if init else {}
+        try:
+            record.update({"init_fingerprint": base_fingerprint(base_weights_dir(init))} if init
+                          else {})
+        except (CheckpointError, OSError):  # (a layout without weight files of its own: none)
+            pass
         write_json({"data": digests, **record}, run_file, indent=2)
 
 
@@ -1975,6 +1982,26 @@ def trained_base(resume_path, init):
         print(f"note: --init {init} now holds {now}; resuming on {was}, what this run was "
               "trained from", flush=True)
     return was
+
+
+def check_base_unchanged(resume_path, base, init):
+    """--resume building the model from `base` (the checkpoint --init stood for) rather than from
+    the checkpoint resumed (FSDP shards hold the trained weights alone; ppo restores its adapters
+    onto it): refused where `base` holds other weights than the run recorded (the checkpoint's
+    'base_fingerprint', else run.json's 'init_fingerprint'; neither in older runs: not checked).
+    An --init retrained or replaced at its path went on as the run's frozen weights."""
+    saved = None
+    for path, key in ((os.path.join(resume_path, "config.json"), "base_fingerprint"),
+                      (os.path.join(os.path.dirname(resume_path), RUN_FILE), "init_fingerprint")):
+        try:
+            with open(path) as f:
+                saved = saved or json.load(f).get(key)
+        except (OSError, ValueError, AttributeError):
+            pass
+    if saved is not None and saved != base_fingerprint(base_weights_dir(base)):
+        raise ConfigError(f"--init {init}: {base} holds other weights than this run started "
+                          "from (retrained or replaced at its path since: its fingerprint differs "
+                          "from the one the run recorded); put those back, or start a new run")
 
 
 def fold_init_adapters(model):

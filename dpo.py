@@ -454,6 +454,8 @@ def main(cfg):
     common.note_world("--init", cfg.init, cfg.world)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
+    if sharded:  # (its frozen weights: as the run started)
+        common.check_base_unchanged(resume_path, init_dir, cfg.init)
     load_from = init_dir if sharded else resume_path or init_dir
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,

@@ -824,6 +824,8 @@ def main(cfg):
         common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
                              "facts (--facts false); drop it")
     base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
+    if resume_path:  # (the adapters restored from the checkpoint go onto it)
+        common.check_base_unchanged(resume_path, base, cfg.init)
     check_policy_template(cfg, base, rm[2])
     if d.main:
         for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):

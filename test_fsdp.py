@@ -322,6 +322,38 @@ def test_fsdp_resume_keeps_the_base_the_run_was_trained_on(script, extra, tiny_s
     assert f"note: --init {init} now holds {init / 'checkpoint-000009'}" in said, said
 
 
+def test_fsdp_resume_refuses_an_init_rewritten_at_its_path(tiny_sft, tiny_world, tmp_path):
+    """A sharded full fine-tune builds its frozen weights (here the vision tower) from --init at
+    --resume, the shards holding the trained ones alone: an --init retrained in its folder since
+    the run started (sft.py --overwrite true there) went on as the run's frozen tower, exit 0
+    (every tensor off the run not stopped). run.json records --init's fingerprint: files only
+    touched go on; other weights are refused in one line naming them."""
+    import shutil
+    from checkpoint import load_checkpoint, save_checkpoint_files
+    init = tmp_path / "init"
+    shutil.copytree(tiny_sft, init)
+    out = tmp_path / "out"
+    argv = ["--init", str(init), "--world", tiny_world, "--batch_size", "4", "--report", "false",
+            "--save_every", "1", "--lora_r", "0", "--train_vision", "false", "--fsdp", "true",
+            "--out", str(out)]
+    code, _, err = run_cli("sft", argv + ["--max_steps", "1"])
+    assert code == 0, err
+    ckpt = init / "checkpoint-000003"
+    for f in ckpt.iterdir():
+        os.utime(f, (time.time() + 60, time.time() + 60))  # (the same bytes)
+    code, said, err = run_cli("sft", argv + ["--max_steps", "2", "--resume", "true"])
+    assert code == 0 and "resumed from" in said, err
+    other = load_checkpoint(str(ckpt))
+    with torch.no_grad():
+        other.vision_tower.embeddings.patch_embedding.weight.mul_(1.5)
+    save_checkpoint_files(other, str(ckpt))
+    code, said, err = run_cli("sft", argv + ["--max_steps", "3", "--resume", "true"])
+    assert code == 2 and "resumed from" not in said, err
+    assert err.strip() == f"error: --init {init}: {ckpt} holds other weights than this run " \
+        "started from (retrained or replaced at its path since: its fingerprint differs from " \
+        "the one the run recorded); put those back, or start a new run", err
+
+
 def test_a_rank_that_cannot_read_its_part_stops_every_rank(tiny_sft, tiny_world, tmp_path):
     """An FSDP checkpoint that one rank cannot read (its random streams' file gone): that rank
     said so and stopped; rank 0 went on into the collective load and ended in gloo's traceback

@@ -842,6 +842,26 @@ def test_ppo_resume_refuses_a_reward_model_replaced_since(sft, tiny_world, tmp_p
         "trained against" in err and "Traceback" not in err, err
 
 
+def test_ppo_resume_refuses_an_init_rewritten_at_its_path(tiny_rm, sft, tiny_world, tmp_path):
+    """ppo.py --resume rebuilds the policy from --init and restores its adapters from the
+    checkpoint: an --init rewritten in its folder since the run started (a reward model on
+    another base, which would have noticed, beside it) went on as the policy's base, exit 0.
+    Refused now in one line, as the checkpoint's base fingerprint differs."""
+    init = tmp_path / "init"
+    shutil.copytree(sft, init)
+    args = ["--init", str(init), "--reward", tiny_rm[0], "--world", tiny_world, *PPO_ARGS,
+            "--export", "adapter", "--out", str(tmp_path / "ppo")]
+    code, _, err = run_cli("ppo", args + ["--max_steps", "1"])
+    assert code == 0, err
+    other = load_checkpoint(str(init))
+    with torch.no_grad():
+        other.language_model.embed_tokens.weight.mul_(1.5)
+    save_checkpoint_files(other, str(init))
+    code, out, err = run_cli("ppo", args + ["--max_steps", "2", "--resume", "true"])
+    assert code == 2 and "resumed from" not in out, err
+    assert f"--init {init}: {init} holds other weights than this run started from" in err, err
+
+
 def test_ppo_with_lora_dropout_resumes_bitwise(tiny_rm, sft, tiny_world, tmp_path):
     """ppo.py restored the optimizer and its adapters but not the random streams that building the
     roles had drawn from, so after --resume the LoRA dropout masks differed from the run that was
