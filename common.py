@@ -1959,22 +1959,26 @@ def recorded_init(run):
     return init
 
 
-def trained_base(resume_path, init):
+def trained_base(resume_path, init, loads_adapters=False):
     """The checkpoint --init stands for in this run: on --resume, the base the run's adapters were
     trained on (the resumed checkpoint's 'base'; a full model: the --init run.json recorded), not
     --init's newest checkpoint-N: a run folder given as --init may have grown one since, and the
-    adapters (a full DPO run: its reference) would move onto other weights."""
+    adapters (a full DPO run: its reference) would move onto other weights. loads_adapters: the
+    stage loads the resumed checkpoint itself (its adapters through their own 'base')."""
     now = resolve_checkpoint(init)
     if not resume_path:
         return now
     was = recorded_base(resume_path)
+    # (an adapter checkpoint loaded as such whose base is gone: its load says so, and the run
+    # does not resume on --init, as the note said before it)
+    loads_adapters = loads_adapters and was is not None
     if was is None:  # a full model: the --init its run started from (run.json; older runs: none)
         was = recorded_init(os.path.dirname(resume_path))
     if not was:
         return now
     main = int(os.environ.get("RANK", "0")) == 0  # (said once under torchrun)
     if not os.path.exists(was):  # (a moved project: run.json's absolute path; not --init's change)
-        if main:
+        if main and not loads_adapters:
             print(f"note: {was}, the base this run recorded, is not there (moved?): resuming on "
                   f"--init {init} ({now})", flush=True)
         return now

@@ -448,12 +448,12 @@ def main(cfg):
     # POVID noise seeds: the same on every rank, saved in checkpoints
     noise_gen = torch.Generator().manual_seed(cfg.seed)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
-    # (--resume of a LoRA run: the base its adapters were trained on)
-    init_dir = common.trained_base(resume_path, cfg.init)
-    common.note_template("--init", cfg.init, cfg.template)
-    common.note_world("--init", cfg.init, cfg.world)
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
+    # (--resume of a LoRA run: the base its adapters were trained on)
+    init_dir = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
+    common.note_template("--init", cfg.init, cfg.template)
+    common.note_world("--init", cfg.init, cfg.world)
     if sharded:  # (its frozen weights: as the run started)
         common.check_base_unchanged(resume_path, init_dir, cfg.init)
     load_from = init_dir if sharded else resume_path or init_dir

@@ -396,7 +396,8 @@ def main(cfg):
         common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     # FSDP: built from --init as at the start, then the shards
     sharded = common.sharded_resume(resume_path, d)
-    base = common.trained_base(resume_path, cfg.init)  # the RM points here for its frozen weights
+    # the RM points here for its frozen weights
+    base = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
     if sharded:  # (its frozen weights: as the run started)

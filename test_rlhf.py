@@ -1151,6 +1151,23 @@ def test_resume_keeps_the_base_the_adapters_were_trained_on(sft, tiny_world, tmp
     assert base_of(rm, 1) == base_of(rm, 2) == "checkpoint-000001"
 
 
+def test_a_resume_refused_for_a_moved_adapter_run_says_no_more(sft, tiny_world, tmp_path):
+    """A reward run's --out moved a level away from its --init: its adapters' relative base is
+    gone, so the load of its checkpoint refuses it; before that refusal a note said the run was
+    resuming on --init, which it did not."""
+    out = tmp_path / "rm"
+    args = ["--init", sft, "--world", tiny_world, "--batch_size", "4", "--eval_prompt", "short",
+            "--eval_size", "4", "--save_every", "1"]
+    assert run_cli("reward", args + ["--max_steps", "1", "--out", str(out)])[0] == 0
+    os.makedirs(tmp_path / "x" / "y")
+    moved = tmp_path / "x" / "y" / "rm"
+    shutil.move(out, moved)
+    code, said, err = run_cli("reward", args + ["--max_steps", "2", "--out", str(moved),
+                                                "--resume", "true"])
+    assert code == 2 and "field 'base': base checkpoint" in err and "not found" in err, err
+    assert "resuming on --init" not in said, said
+
+
 def test_ppo_says_where_its_batches_repeat_prompts(tiny_rm, sft, tiny_world, tmp_path):
     """Fewer prompts left than --rollout_batch: every batch held some prompts twice (batch
     indices wrap around) without a word."""
