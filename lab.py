@@ -300,10 +300,15 @@ def execute(runs, cfg, finished=lambda n: None):
             ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
             while ready and len(running) < max(cfg.jobs, 1):
                 name = ready.pop(0)
-                argv, _, _ = todo.pop(name)
+                argv, _, done = todo.pop(name)
                 # a run that did not finish starts again from nothing
                 folder = os.path.join(cfg.out, name)
                 if os.path.isdir(folder):
+                    # (its done-file first: a lab killed while a stale run's folder was removed
+                    # left DONE, removed last, beside a torn checkpoint: counted done ever after,
+                    # and the runs made from the old one were reported as today's)
+                    if os.path.isfile(done):
+                        os.remove(done)
                     shutil.rmtree(folder)
                 log_suffix = "-eval.log" if name.endswith("/eval") else ".log"
                 log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)

@@ -958,6 +958,31 @@ def test_a_lab_refuses_runs_a_killed_lab_left_writing(tmp_path):
     lab.refuse_live_writers(cfg, runs, set())
 
 
+def test_a_lab_killed_while_removing_a_stale_run_leaves_it_not_done(tmp_path, monkeypatch):
+    """A stale run's folder is removed before it runs again; rmtree took DONE last (after
+    lab_run.json and the checkpoint), so a lab killed meanwhile left a torn run counted done,
+    kept as a run from before records, and the runs made from its old version (POVID's stage 2)
+    reported as today's. Its done-file goes first: the run and those after it run again."""
+    cfg, runs = fake_lab(tmp_path)
+    name = "povid/stage1-s0"
+    edited = [a if a != "100" else "7" for a in lab.portable(cfg, runs[name][0])]
+    common.write_json({"command": edited}, lab.run_record(cfg, name))
+    real_rmtree = lab.shutil.rmtree
+
+    def killed(folder):  # (everything but DONE, in rmtree's order here, then the kill)
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            if entry != "DONE":
+                real_rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lab.shutil, "rmtree", killed)
+    monkeypatch.setattr(lab.subprocess, "Popen", None)  # (nothing may start)
+    with pytest.raises(KeyboardInterrupt):
+        lab.execute(runs, cfg)
+    assert not lab.is_done(runs[name][2])
+    assert {"povid/stage2-s0", "povid/stage2-s0/eval"} <= lab.stale_runs(runs, cfg)
+
+
 def test_ctrl_c_in_a_stage_is_one_line():
     """A stage stopped with Ctrl-C printed a KeyboardInterrupt traceback (three at once under
     pipeline.py); one line, exit code 130."""
