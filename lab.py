@@ -1292,6 +1292,10 @@ def run_lab(cfg):
         refuse_unmeasured(cfg)
         common.refuse_unread(cfg, ["jobs", "device"], "with --report_only true (nothing is run); "
                              "drop it")
+    if not cfg.report_only:  # (before lab.json is written: a lab refused here, a second one on
+        # this --out, had replaced the stamp of the lab running there with its own SFT's)
+        common.ensure_writable(cfg.out)
+        common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
     check_out_matches(cfg)
     if cfg.report_only:  # (a report of runs today's lab would not make)
         # (of the claims reported: another claim's stale runs leave it out of the report, as in
@@ -1307,8 +1311,6 @@ def run_lab(cfg):
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     failed, ran = set(), 0
     if not cfg.report_only:
-        common.ensure_writable(cfg.out)
-        common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
         stale = stale_runs(runs, cfg)
         refuse_live_writers(cfg, runs, stale)
         ran = sum(not is_done(v[2]) or k in stale for k, v in runs.items())

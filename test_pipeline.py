@@ -983,6 +983,25 @@ def test_a_lab_killed_while_removing_a_stale_run_leaves_it_not_done(tmp_path, mo
     assert {"povid/stage2-s0", "povid/stage2-s0/eval"} <= lab.stale_runs(runs, cfg)
 
 
+def test_a_lab_refused_by_the_lock_leaves_lab_json_alone(tmp_path, tiny_world, tiny_sft):
+    """Two labs started on one new --out (each from its own SFT): the one refused by the other's
+    lock had written lab.json first, so the runs there were tied to the refused lab's SFT (a
+    lab from that SFT would have reported them as its own). The lock comes first now."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    cfg = lab.Config(sft=tiny_sft, world=tiny_world, claims=("povid",), seeds=(0,), steps=2,
+                     out=str(out), results=str(tmp_path / "R.md"), plots=str(tmp_path / "p"))
+    holder = hold_lock(out)  # (the other lab, its lab.json not yet written)
+    try:
+        with pytest.raises(common.ConfigError, match=f"pid {holder.pid}"):
+            lab.main(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+        common.release_locks()
+    assert not (out / "lab.json").exists()
+
+
 def test_ctrl_c_in_a_stage_is_one_line():
     """A stage stopped with Ctrl-C printed a KeyboardInterrupt traceback (three at once under
     pipeline.py); one line, exit code 130."""
