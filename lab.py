@@ -452,7 +452,9 @@ def metric_rows(runs, names):
 
 
 def measured(x):
-    return x is not None and not math.isnan(x)
+    """A number a mean can take: not None, NaN or inf (JSON files may hold both: an inf ended
+    the report in an AttributeError inside statistics.stdev)."""
+    return x is not None and math.isfinite(x)
 
 
 def mean_sd(xs):
@@ -850,7 +852,7 @@ def ppo_curves(cfg, runs=None):
             rows = [r for r in rows if "length" in r]
             for key, (_, scale, _) in PPO_CURVES.items():
                 values = [number(p, r, key) for r in rows if key in r]  # (null: NaN or inf
-                curve = [scale * x for x in values if x is not None]  # logged, as one absent)
+                curve = [scale * x for x in values if measured(x)]  # logged, as one absent)
                 curves[key].setdefault(v, []).append(curve)
     return curves
 

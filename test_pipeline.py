@@ -196,6 +196,25 @@ def test_lab_verdict_needs_two_measured_seeds_a_side_and_a_real_difference():
         assert "not shown" in line, line
 
 
+def test_lab_an_inf_metric_counts_as_unmeasured_like_a_nan(tmp_path):
+    """A scores.json or report.json may hold Infinity (json reads it, as NaN): NaN was left out of
+    the means, inf ended the report in an AttributeError traceback (statistics.stdev). Both are
+    left out now, in the tables, the verdicts and PPO's curves."""
+    rows = {f"lrv/neg0.0-s{s}": {"F1": 0.70 + 0.01 * s} for s in range(3)}
+    rows.update({"lrv/neg0.5-s0": {"F1": 0.90}, "lrv/neg0.5-s1": {"F1": float("inf")},
+                 "lrv/neg0.5-s2": {"F1": 0.92}})
+    g = lab.group(rows, lambda r: lab.setting(r))
+    assert "| lrv/neg0.5 | 0.910 ± 0.014 | 2 |" in lab.md_table(g, ["F1"], ["lrv/neg0.5"])
+    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    assert "**held**" in line and "3 and 2 seeds" in line and "on 2 of 2" in line, line
+    cfg = lab.Config(out=str(tmp_path), seeds=(0,), rlhf_seeds=1)
+    run = tmp_path / "rlhf" / "ppo-facts-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"length": 10.0}\n{"length": Infinity}\n')
+    (run / "DONE").write_text("")
+    assert lab.ppo_curves(cfg)["length"]["facts"] == [[10.0]]
+
+
 def test_lab_partner_claim_asks_that_partner_pairs_gain_most(tmp_path):
     """'Facts help most on partner pairs' was judged by the partner accuracy alone: facts raising
     all pairs 0.70 -> 0.90 and partner pairs 0.70 -> 0.72 'held'. The gain there must beat the
