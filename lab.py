@@ -31,12 +31,14 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
@@ -321,7 +323,7 @@ def execute(runs, cfg, finished=lambda n: None):
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                             **common.stage_process_kwargs())
                     running[name] = (proc, log, time.time())
-                print(f"start {name}: python {' '.join(argv)}", flush=True)
+                print(f"start {name}: python {shlex.join(argv)}", flush=True)
             time.sleep(0.2)
             for name, (p, log, t) in list(running.items()):
                 if p.poll() is None:
@@ -673,9 +675,10 @@ def plot_path(cfg, file):
 
 
 def plot_link(cfg, label, file):
-    """Markdown for a plot, its path relative to the results file."""
+    """Markdown for a plot, its path relative to the results file (URL-quoted: a space or a
+    parenthesis in --plots ended the link early, and no figure showed)."""
     results_dir = os.path.dirname(os.path.abspath(cfg.results)) or "."
-    return f"![{label}]({os.path.relpath(plot_path(cfg, file), results_dir)})"
+    return f"![{label}]({quote(os.path.relpath(plot_path(cfg, file), results_dir))})"
 
 
 def save_wall_clock(cfg, started, minutes, ran, n_runs):
@@ -1094,8 +1097,9 @@ def report(cfg, runs, rebuilt=False):
     os.makedirs(cfg.plots, exist_ok=True)
     # (a run not done, failed or skipped, or one left stale: listed as asked, said so)
     stale = stale_runs(runs, cfg)
-    commands = ["python " + " ".join(argv) + ("" if is_done(done) and name not in stale else
-                                              "  # not reported: not done, or made otherwise")
+    # (shell-quoted: a path with a space or a parenthesis made a command that does not run)
+    commands = ["python " + shlex.join(argv) + ("" if is_done(done) and name not in stale else
+                                                "  # not reported: not done, or made otherwise")
                 for name, (argv, _, done) in runs.items()]
     runs = {k: v for k, v in runs.items() if k not in stale}
     base = metric_rows(runs, ["sft"])

@@ -537,6 +537,28 @@ def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
     assert "lab wall clock 52.0 min on 2026-11-30 for the 80 of 82 runs not already on" in text
 
 
+def test_lab_report_links_plots_and_quotes_commands_in_odd_folders(tmp_path):
+    """A --plots or --out with a space or parentheses in its name: the figure links ended at the
+    space (no figure showed) and the commands listed as run did not run when pasted. The links
+    are URL-quoted and the commands shell-quoted; plain paths read as before."""
+    import shlex
+    import subprocess
+    root = tmp_path / "lab (v2)"
+    root.mkdir()
+    cfg, runs = fake_lab(root)
+    cfg = lab.replace(cfg, plots=str(root / "my plots"))
+    lab.report(cfg, runs)
+    text = open(cfg.results).read()
+    assert "![LRV](my%20plots/lrv.png)" in text
+    commands = [c for c in text.split("```")[1].splitlines() if c.startswith("python dpo.py")]
+    argv = shlex.split(commands[0])
+    assert argv[argv.index("--out") + 1] == str(root / "runs" / "povid" / "stage1-s0"), argv
+    said = subprocess.run(["bash", "-n", "-c", commands[0]], capture_output=True, text=True)
+    assert said.returncode == 0, said.stderr
+    plain = lab.replace(cfg, plots=str(tmp_path / "plots"), results=str(tmp_path / "R.md"))
+    assert lab.plot_link(plain, "LRV", "lrv.png") == "![LRV](plots/lrv.png)"
+
+
 def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, monkeypatch):
     """Damaged or wrongly-typed files ended the report in a traceback (TypeError, KeyError,
     JSONDecodeError), and a cut scores.json counted as done forever. A run's file names itself (and
