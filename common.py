@@ -85,6 +85,8 @@ def fail(message):
 # set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
 # --resume true, which the pipeline does not take)
 INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
+# set by pipeline.py and lab.py for their stages and runs: their own pid (end_with_the_launcher)
+STARTED_BY = "FACTALIGN_STARTED_BY"
 
 
 RESUME_IF_SAVED = "a training run that saved a checkpoint goes on from it with --resume true"
@@ -490,13 +492,19 @@ def end_with_the_launcher():
     """Under torchrun on Linux this rank is killed when its launcher dies. torchrun stops its ranks
     itself on SIGINT or SIGTERM, but a launcher killed outright (kill -9, the OOM killer) left
     them training on as orphans, writing checkpoints into --out and holding its lock (1800 steps,
-    130 s, until their stdout was closed)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    130 s, until their stdout was closed). The same for a stage or run that pipeline.py or lab.py
+    started (STARTED_BY, their pid): one of them killed outright left its stages training on for
+    up to tens of minutes (a reward model), which the next pipeline or lab refused, then ran
+    again. (Taken out of the environment: this process's own children were not started by it.)"""
+    started_by = os.environ.pop(STARTED_BY, "")
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if not (torchrun or started_by.isdecimal()) or not sys.platform.startswith("linux"):
         return
     import ctypes
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != LAUNCHER_PID:  # (it died before the call: this rank is an orphan already)
+    launcher = LAUNCHER_PID if torchrun else int(started_by)
+    if os.getppid() != launcher:  # (it died before the call: this rank is an orphan already)
         os._exit(1)
 
 

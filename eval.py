@@ -1420,6 +1420,7 @@ JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries"
 
 def main(cfg):
     common.refuse_torchrun("eval.py", "it generates and judges one batch at a time")
+    common.end_with_the_launcher()  # (a lab's or pipeline's eval dies with it)
     common.refuse_in_world("--out", cfg.out, cfg.world, "the answers and scores")
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:

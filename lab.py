@@ -283,7 +283,9 @@ def execute(runs, cfg, finished=lambda n: None):
     chain = chain_minutes(runs)
     running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else None
+    # (a run dies with the lab: common.end_with_the_launcher)
+    env = {**os.environ, common.STARTED_BY: str(os.getpid())}
+    env.update({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})
     n_done = len(runs) - len(todo)
     print(f"{n_done} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)",
           flush=True)

@@ -245,9 +245,11 @@ def run_lane(names, commands, here, env, times):
         print(f"\n=== {name}: python {' '.join(commands[name])}", flush=True)
         t0 = time.time()
         # in the caller's folder: its relative paths hold
-        # (its Ctrl-C line is the pipeline's to say)
-        proc = subprocess.Popen(cmd, env={**(env or os.environ), common.INTERRUPT_SAID_BY: "1"},
-                                **common.stage_process_kwargs())
+        # (its Ctrl-C line is the pipeline's to say; it dies with the pipeline: a pipeline killed
+        # outright left it training on, common.end_with_the_launcher)
+        stage_env = {**(env or os.environ), common.INTERRUPT_SAID_BY: "1",
+                     common.STARTED_BY: str(os.getpid())}
+        proc = subprocess.Popen(cmd, env=stage_env, **common.stage_process_kwargs())
         _running.add(proc)
         if _stopping.is_set():  # (started while stop_stages went through the others)
             proc.send_signal(signal.SIGINT)

@@ -1666,6 +1666,62 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, backgrou
                     pass
 
 
+# a stand-in stage or run that ends with its pipeline or lab as the stages do (setup_dist, eval)
+PARENT_SLEEPER = """import os, sys, time
+name, folder = sys.argv[1], sys.argv[2]
+sys.path.insert(0, {here!r})
+import common
+common.end_with_the_launcher()
+open(os.path.join(folder, name + '.pid.tmp'), 'w').write(str(os.getpid()))
+os.replace(os.path.join(folder, name + '.pid.tmp'), os.path.join(folder, name + '.pid'))
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("script", ["pipeline", "lab"])
+def test_stages_end_with_a_pipeline_or_lab_killed_outright(script, tmp_path):
+    """pipeline.py or lab.py killed outright (kill -9, the OOM killer, a scheduler's hard limit):
+    its stages or runs trained on as orphans, up to tens of minutes for a reward model, holding
+    their folders (the next lab refused them, then ran them again). They die with it now, as
+    torchrun's ranks die with their launcher."""
+    import signal
+    import subprocess
+    import sys
+    folder, out = tmp_path / "said", tmp_path / "ckpt"
+    folder.mkdir()
+    fake_run(out / "sft", 3, 3)  # (the pipeline's later stages read it)
+    sleeper, driver = tmp_path / "sleeper.py", tmp_path / "driver.py"
+    sleeper.write_text(PARENT_SLEEPER.format(here=HERE))
+    driver.write_text(SIGNAL_DRIVER.format())
+    flags = {"pipeline": ["--stages", "lrv,dpo", "--world", str(tmp_path / "w")],
+             "lab": ["--jobs", "2"]}[script]
+    proc = subprocess.Popen([sys.executable, str(driver), HERE, script, str(sleeper), str(folder),
+                             str(out), "--out", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [folder / f"{n}.pid" for n in ("lrv", "dpo")]
+    alive = lambda pid: os.path.exists(f"/proc/{pid}") and \
+        open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+    try:
+        deadline = time.time() + 60
+        while not all(p.exists() for p in pids) and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.05)
+        assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(alive(p.read_text()) for p in pids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p.read_text()) for p in pids)
+    finally:  # (nothing left running, whatever failed)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:
+            if p.exists() and alive(p.read_text()):
+                os.kill(int(p.read_text()), signal.SIGKILL)
+
+
 def test_ppo_without_rm_in_stages_refuses_a_missing_or_replaced_reward_model(tmp_path,
                                                                               monkeypatch):
     """--stages sft,ppo on an empty --out trained SFT for minutes, then ppo failed on the missing
