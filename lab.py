@@ -287,6 +287,14 @@ def execute(runs, cfg, finished=lambda n: None):
     env = {**os.environ, common.STARTED_BY: str(os.getpid())}
     env.update({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})
     n_done = len(runs) - len(todo)
+
+    def keep(name):  # a run that ended well: its command, and its DONE where the lab writes one
+        record, done = run_record(cfg, name), runs[name][2]
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        common.write_json({"command": portable(cfg, runs[name][0])}, record)
+        if done.endswith("DONE"):
+            open(done, "w").close()
+
     print(f"{n_done} of {len(runs)} runs already done; {len(todo)} to go ({cfg.jobs} at a time)",
           flush=True)
     try:
@@ -331,16 +339,10 @@ def execute(runs, cfg, finished=lambda n: None):
                 if p.poll() is None:
                     continue
                 del running[name]
-                done = runs[name][2]
-                if p.returncode == 0:
-                    record = run_record(cfg, name)
-                    os.makedirs(os.path.dirname(record), exist_ok=True)
-                    common.write_json({"command": portable(cfg, runs[name][0])}, record)
-                if p.returncode == 0 and done.endswith("DONE"):
-                    open(done, "w").close()
                 if p.returncode != 0:
                     failed.add(name)
                 else:
+                    keep(name)
                     n_ok += 1
                     finished(n_ok)
                 said = "done " if p.returncode == 0 else "FAIL "
@@ -353,6 +355,11 @@ def execute(runs, cfg, finished=lambda n: None):
         # in their last words; a further signal meanwhile is dropped, not left to cut the stop)
         common.stop_processes([proc for proc, _, _ in running.values()],
                               grace=isinstance(e, KeyboardInterrupt))
+        # (one that ended well before its poll, or in the stop's grace wait, is kept: it was
+        # run again from nothing, a reward model's 23 minutes among them)
+        for name, (p, _, _) in running.items():
+            if p.returncode == 0:
+                keep(name)
         raise
     return failed
 

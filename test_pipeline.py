@@ -1531,6 +1531,28 @@ def test_an_error_in_the_lab_stops_its_runs(tmp_path, monkeypatch):
                 proc.wait()
 
 
+def test_a_run_that_ends_well_as_the_lab_is_stopped_is_kept(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM to the lab just after a run ended well, before the lab's poll saw it (or
+    in the stop's 2 s grace wait): the run got no DONE and no record, and the next lab ran it
+    again from nothing. It is kept now."""
+    ready, bye = tmp_path / "ready", tmp_path / "bye"
+    script = tmp_path / "quick.py"
+    script.write_text(f"import time\nopen({str(ready)!r}, 'w').close()\ntime.sleep(0.5)\n"
+                      f"open({str(bye)!r}, 'w').close()\n")  # (then it ends well)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+
+    def ended(real_sleep):  # (the run has exited by the time of the Ctrl-C)
+        while not bye.exists():
+            real_sleep(0.01)
+        real_sleep(0.5)
+    monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready, ended))
+    with pytest.raises(KeyboardInterrupt):
+        lab.execute(runs, cfg)
+    assert lab.is_done(runs["a"][2])
+    assert json.load(open(lab.run_record(cfg, "a")))["command"] == [str(script)]
+
+
 def test_a_terminals_ctrl_c_reaches_a_lab_run_once(tmp_path, monkeypatch):
     """Ctrl-C in a terminal reaches the lab and its runs at once; the lab then sent its runs a
     second one, which could cut their last words (the line saying how to go on) into a traceback.
