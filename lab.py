@@ -661,7 +661,11 @@ def line_plot(path, title, curves, ylabel):
     for j, (k, m) in enumerate(means.items()):
         pts = [(x_of(i), y_of(y)) for i, y in enumerate(m)]
         colour = COLOURS[j % len(COLOURS)]
-        d.line(pts, fill=colour, width=2) if len(pts) > 1 else None
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        else:  # (one logged step: a line of one point drew nothing, the figure looked empty)
+            (x, y), r = pts[0], 3
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         d.rectangle([pad + j * 150, H - 25, pad + j * 150 + 10, H - 15], fill=colour)
         d.text((pad + j * 150 + 14, H - 27), k, fill="black")
     d.text((x1 - 60, y0 + 5), f"step {n}", fill="gray")

@@ -284,6 +284,10 @@ def test_lab_plots_draw(tmp_path):
     for x, y in ((50, 300), (335, 170), (619, 41)):
         assert line.getpixel((x, y)) == lab.COLOURS[0], (x, y)
     assert line.getpixel((335, 100)) == (255, 255, 255)  # above the line: background
+    # one logged step (a PPO run of one step): a dot, where a line of one point drew nothing
+    lab.line_plot(str(tmp_path / "l.png"), "t", {"x": [[2.0], [2.0]]}, "tokens")
+    line = Image.open(tmp_path / "l.png").convert("RGB")
+    assert line.getpixel((52, 298)) == lab.COLOURS[0]
 
 
 def test_lab_plan_seeds():
