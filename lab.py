@@ -280,6 +280,13 @@ def execute(runs, cfg, finished=lambda n: None):
         print(f"{len(stale)} run(s) made with another command than today's, or after one that "
               f"was, run again ({first})", flush=True)
     todo = {k: v for k, v in runs.items() if not is_done(v[2]) or k in stale}
+    for name in stale:  # (now, not as each starts: a lab stopped once a stale run was made again,
+        # before the runs made from its old version started, left those done with today's
+        # commands recorded: the next lab and its report took them as made from the new one;
+        # and before its folder is removed: rmtree took DONE last, so a lab killed meanwhile left
+        # a torn run counted done)
+        if os.path.isfile(runs[name][2]):
+            os.remove(runs[name][2])
     chain = chain_minutes(runs)
     running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
@@ -312,15 +319,10 @@ def execute(runs, cfg, finished=lambda n: None):
             ready.sort(key=lambda k: -chain[k])  # the longest chain of work first
             while ready and len(running) < max(cfg.jobs, 1):
                 name = ready.pop(0)
-                argv, _, done = todo.pop(name)
+                argv, _, _ = todo.pop(name)
                 # a run that did not finish starts again from nothing
                 folder = os.path.join(cfg.out, name)
                 if os.path.isdir(folder):
-                    # (its done-file first: a lab killed while a stale run's folder was removed
-                    # left DONE, removed last, beside a torn checkpoint: counted done ever after,
-                    # and the runs made from the old one were reported as today's)
-                    if os.path.isfile(done):
-                        os.remove(done)
                     shutil.rmtree(folder)
                 log_suffix = "-eval.log" if name.endswith("/eval") else ".log"
                 log = os.path.join(cfg.out, name.replace("/eval", "") + log_suffix)

@@ -1025,7 +1025,8 @@ def test_a_lab_killed_while_removing_a_stale_run_leaves_it_not_done(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         lab.execute(runs, cfg)
     assert not lab.is_done(runs[name][2])
-    assert {"povid/stage2-s0", "povid/stage2-s0/eval"} <= lab.stale_runs(runs, cfg)
+    for after in ("povid/stage2-s0", "povid/stage2-s0/eval"):
+        assert not lab.is_done(runs[after][2]) or after in lab.stale_runs(runs, cfg), after
 
 
 def test_a_lab_refused_by_the_lock_leaves_lab_json_alone(tmp_path, tiny_world, tiny_sft):
@@ -1045,6 +1046,51 @@ def test_a_lab_refused_by_the_lock_leaves_lab_json_alone(tmp_path, tiny_world, t
         holder.wait()
         common.release_locks()
     assert not (out / "lab.json").exists()
+
+
+def test_a_lab_stopped_after_a_stale_run_leaves_the_runs_after_it_to_run(tmp_path,
+                                                                          monkeypatch):
+    """A stale run (its recipe changed) was made again, then the lab was stopped (Ctrl-C, a
+    time limit) while another run held the core, before POVID's stage 2 made from the old stage 1
+    started: stage 1 done with today's command, stage 2 done with its own, so the next lab kept
+    that stage 2 and reported it as made from the new stage 1. The runs after a stale one are
+    marked not done as the lab starts."""
+    import subprocess
+    cfg, runs = fake_lab(tmp_path)
+    cfg = lab.replace(cfg, jobs=1)
+    name = "povid/stage1-s0"
+    edited = [a if a != "100" else "7" for a in lab.portable(cfg, runs[name][0])]
+    common.write_json({"command": edited}, lab.run_record(cfg, name))
+    os.remove(runs["lrv/neg0.0-s1"][2])  # (not done: a longer chain, it goes before stage 2)
+    started = []
+
+    class Run:  # stage 1 ends well at once; the LRV run after it trains on
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd[cmd.index("--out") + 1])
+            self.returncode = 0 if len(started) == 1 else None
+
+        def poll(self):
+            return self.returncode
+
+        def send_signal(self, signum):
+            self.returncode = 130
+
+        def wait(self, timeout=None):
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired("run", timeout)
+            return self.returncode
+
+    def sleep(seconds):  # (the stop, once the LRV run holds the one core)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(lab.subprocess, "Popen", Run)
+    monkeypatch.setattr(lab.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        lab.execute(runs, cfg)
+    assert started[0].endswith(name) and started[1].endswith("neg0.0-s1"), started
+    assert lab.is_done(runs[name][2]) and not lab.stale_runs(runs, cfg) & {name}
+    for after in ("povid/stage2-s0", "povid/stage2-s0/eval"):
+        assert not lab.is_done(runs[after][2]) or after in lab.stale_runs(runs, cfg), after
 
 
 def test_ctrl_c_in_a_stage_is_one_line():
