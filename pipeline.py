@@ -317,6 +317,12 @@ def run_pipeline(cfg):
             use = f"or leave {stage} out of --stages to use it" \
                 if has_checkpoint(out) else \
                 "(it stopped before its first checkpoint: nothing there to use)"
+            progress = common.run_progress(out)
+            if progress and progress[0] < progress[1]:  # (a pipeline stopped in it: "use it" led
+                # to the refusal of an unfinished run)
+                use = (f"or finish it (it stopped at step {progress[0]} of {progress[1]}: its "
+                       f"script with --out there and --resume true), then leave {stage} out of "
+                       "--stages")
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {out} holds a run: pass "
                                      "--overwrite true to train it again (the old run is moved "
                                      f"aside, kept), {use}")

@@ -875,6 +875,12 @@ def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
     argv = ["--out", str(out), "--stages", "lrv", "--world", tiny_world]
     code, _, err = run_cli("pipeline", argv)
     assert code == 2 and "ckpt/sft stopped at step 500 of 1200 (unfinished)" in err, err
+    # the same command again (a pipeline stopped in its SFT): its hint said to leave sft out of
+    # --stages "to use it", which the line above refuses
+    code, _, err = run_cli("pipeline", ["--out", str(out), "--world", tiny_world])
+    assert code == 2 and "holds a run: pass --overwrite true" in err and "to use it" not in err
+    assert "or finish it (it stopped at step 500 of 1200: its script with --out there and " \
+        "--resume true), then leave sft out of --stages" in err, err
     holder = hold_lock(out / "sft")
     try:
         code, _, err = run_cli("pipeline", argv)
