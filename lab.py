@@ -1145,20 +1145,27 @@ def report(cfg, runs, rebuilt=False):
     print(f"wrote {cfg.results} and plots in {cfg.plots}")
 
 
+def lab_stamp(cfg):
+    """What lab.json records: the sha256 of the SFT checkpoint's files and of the world's
+    world.json, and the flags that change every run."""
+    ckpt = latest_checkpoint(cfg.sft) or cfg.sft
+    files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt)
+                   if f.endswith((".safetensors", ".bin", "config.json")))
+    world = [os.path.join(cfg.world, "world.json")]
+    return {"sft": {os.path.basename(p): h for p, h in common.file_digests(files).items()},
+            "world": list(common.file_digests(world).values()),
+            "flags": {"steps": cfg.steps, "eval_limit": cfg.eval_limit}}
+
+
 def check_out_matches(cfg):
     """A run on disk is reused, so --out must hold runs from this --sft on this --world, made with
     this --steps and --eval_limit, only: OUT/lab.json records the sha256 of the SFT checkpoint's
     files and of the world's world.json, and those two flags; a lab from another SFT (a new
     pipeline run), world or budget refuses OUT instead of mixing its runs with theirs (the report
     prints every command with today's flags). An OUT from before lab.json existed is taken as it
-    is, and a lab.json from before it recorded the flags is taken as made with today's."""
-    ckpt = latest_checkpoint(cfg.sft) or cfg.sft
-    files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt)
-                   if f.endswith((".safetensors", ".bin", "config.json")))
-    world = [os.path.join(cfg.world, "world.json")]
-    stamp = {"sft": {os.path.basename(p): h for p, h in common.file_digests(files).items()},
-             "world": list(common.file_digests(world).values()),
-             "flags": {"steps": cfg.steps, "eval_limit": cfg.eval_limit}}
+    is, and a lab.json from before it recorded the flags is taken as made with today's. Returns
+    today's stamp."""
+    stamp = lab_stamp(cfg)
     path = os.path.join(cfg.out, "lab.json")
     if os.path.exists(path):
         try:
@@ -1184,9 +1191,10 @@ def check_out_matches(cfg):
                 f"world than --world {cfg.world}"
             raise common.ConfigError(f"--out {cfg.out}: holds runs from another {other} "
                                      f"(recorded in {path}): move it aside or pass another --out")
-        return
+        return stamp
     os.makedirs(cfg.out, exist_ok=True)
     common.write_json(stamp, path)  # whole or absent: a lab killed here leaves no half stamp
+    return stamp
 
 
 def refuse_unfinished_sft(cfg):
@@ -1317,7 +1325,7 @@ def run_lab(cfg):
         # this --out, had replaced the stamp of the lab running there with its own SFT's)
         common.ensure_writable(cfg.out)
         common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
-    check_out_matches(cfg)
+    stamp = check_out_matches(cfg)
     if cfg.report_only:  # (a report of runs today's lab would not make)
         # (of the claims reported: another claim's stale runs leave it out of the report, as in
         # a lab that runs; refused for them, this advice did not run them)
@@ -1337,6 +1345,15 @@ def run_lab(cfg):
         ran = sum(not is_done(v[2]) or k in stale for k, v in runs.items())
         clock = lambda n: save_wall_clock(cfg, started, (time.time() - t0) / 60, n, len(runs))
         failed = execute(runs, cfg, clock)
+        try:
+            now = lab_stamp(cfg)
+        except OSError:  # (the SFT folder moved aside: --overwrite true)
+            now = None
+        if now != stamp:  # (lab.json keeps the old one: the next lab refuses --out)
+            raise common.ConfigError(f"--sft {cfg.sft} or --world {cfg.world} changed while the "
+                                     "lab ran (a pipeline run again, an SFT resumed): the runs "
+                                     f"in --out {cfg.out} start from either; {cfg.results} left "
+                                     "as it was: move --out aside and run again")
     shown = replace(cfg, claims=reported_claims(cfg))
     if failed and len(failed) >= ran:  # (a report then holds nothing new, maybe less than before)
         print(f"no run ended well: {cfg.results} left as it was", flush=True)

@@ -1163,6 +1163,37 @@ def test_lab_where_no_run_ends_well_leaves_the_results_as_they_were(tmp_path, ti
     assert f"no run ended well: {results} left as it was" in capsys.readouterr().out
 
 
+def test_an_sft_changed_while_the_lab_ran_leaves_the_results_as_they_were(tmp_path, tiny_world,
+                                                                          tiny_sft, monkeypatch):
+    """--sft trained again or resumed while the lab ran (`pipeline.py --overwrite true` beside
+    it): the runs started after it went on from the new checkpoint, the ones before from the old,
+    and the report set them side by side as runs of one SFT. It says so now, and leaves --results
+    as it was (lab.json keeps the first SFT: the next lab refuses --out)."""
+    import shutil
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny_sft, sft, ignore=shutil.ignore_patterns(".lock"))
+    results = tmp_path / "RESULTS.md"
+    cfg = lab.Config(sft=str(sft), world=tiny_world, claims=("povid",), seeds=(0,), steps=2,
+                     eval_limit=4, out=str(tmp_path / "runs"), results=str(results),
+                     plots=str(tmp_path / "plots"))
+
+    def trained_again(runs, cfg, clock):  # (a newer checkpoint, as a resumed SFT writes)
+        ck = lab.latest_checkpoint(str(sft))
+        shutil.copytree(ck, str(sft / "checkpoint-999999"))
+        config = sft / "checkpoint-999999" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "step": 999999}))
+        return set()
+    monkeypatch.setattr(lab, "execute", trained_again)
+    try:
+        with pytest.raises(common.ConfigError, match="changed while the lab ran"):
+            lab.main(cfg)
+    finally:
+        common.release_locks()
+    assert not results.exists()
+    with pytest.raises(common.ConfigError, match="holds runs from another SFT checkpoint"):
+        lab.check_out_matches(cfg)
+
+
 def test_an_out_whose_name_starts_with_a_dash_is_passed_on_as_a_path(monkeypatch, tiny_world,
                                                                      tiny_sft, tmp_path):
     """--out=-runs (a folder named '-runs'): the pipeline and the lab passed '--out -runs/sft' on,
