@@ -249,8 +249,11 @@ def run_lane(names, commands, here, env, times):
         # outright left it training on, common.end_with_the_launcher)
         stage_env = {**(env or os.environ), common.INTERRUPT_SAID_BY: "1",
                      common.STARTED_BY: str(os.getpid())}
-        proc = subprocess.Popen(cmd, env=stage_env, **common.stage_process_kwargs())
-        _running.add(proc)
+        # (a SIGTERM or Ctrl-C between starting it and recording it is taken once it is recorded:
+        # raised between the two, the stop did not know the stage, as in lab.execute)
+        with common.stop_signals_deferred():
+            proc = subprocess.Popen(cmd, env=stage_env, **common.stage_process_kwargs())
+            _running.add(proc)
         if _stopping.is_set():  # (started while stop_stages went through the others)
             proc.send_signal(signal.SIGINT)
         code = proc.wait()  # (interrupted: it stays in _running, for stop_stages to stop)

@@ -1946,6 +1946,42 @@ def test_a_signal_between_starting_a_run_and_recording_it_still_stops_it(tmp_pat
                 proc.kill()
 
 
+def test_a_signal_between_starting_a_stage_and_recording_it_still_stops_it(tmp_path,
+                                                                           monkeypatch):
+    """The pipeline's stages started in its main thread (SFT, eval, any with --jobs 1): a SIGTERM
+    landing between Popen and recording the stage raised there, so the stop did not know the
+    stage and left it training (the lab's runs had this fixed before)."""
+    import signal
+    import pipeline
+    script, said, ready = sleeper_run(tmp_path)
+    popen, started = pipeline.subprocess.Popen, []
+
+    def popen_then_sigterm(*args, **kwargs):  # (the signal right after the child exists)
+        started.append(popen(*args, **kwargs))
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return started[-1]
+    monkeypatch.setattr(pipeline.subprocess, "Popen", popen_then_sigterm)
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    pipeline._lane_failed.clear()  # (another test's failed stage: no lane would start one)
+    common.interrupt_on_sigterm()  # (as pipeline.py's main block does)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_lane(("a",), {"a": [str(script)]}, "/", None, {})
+        pipeline.stop_stages()  # (as pipeline.main does on the interrupt)
+        assert started and started[0].poll() is not None and said.read_text() == "stopped"
+    finally:
+        for signum, handler in was.items():
+            signal.signal(signum, handler)
+        pipeline._stopping.clear()
+        pipeline._running.clear()
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, monkeypatch):
     """The lab's figures were saved in place: a full disk left a torn PNG (and a line naming no
     file). Written whole now: the figure before stays, no temp file, the line names the figure."""
