@@ -297,19 +297,27 @@ def test_original_llava_layout_loads_and_matches(hf_dirs, tmp_path, with_vision,
     assert "image_aspect_ratio absent" in capsys.readouterr().out
 
 
+def _llava_without_clip(hf_dirs, out):
+    """An original LLaVA folder at `out` without CLIP weights, its config naming
+    'openai/clip-tiny', as LLaVA's released checkpoints; returns (the llava-hf model, its CLIP
+    tower as a CLIPVisionModel, unsaved)."""
+    from transformers import CLIPVisionModel
+    hf, path = hf_dirs["gelu"]
+    hf_cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = _original_llava_config(hf_cfg, "openai/clip-tiny")
+    _rewrite_keys(path, out, lambda k: _to_original_llava(k, False), config=cfg)
+    clip = CLIPVisionModel(hf_vision_config())
+    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    return hf, clip
+
+
 def test_adapter_on_a_llava_without_clip_weights_loads_again(hf_dirs, tmp_path):
     """LLaVA's released checkpoints hold no CLIP weights (config.json names the tower). An adapter
     checkpoint saved on one (SFT+ with LoRA) records the CLIP directory it was loaded with, so it,
     and a checkpoint on it, load again without --vision_tower (before, even with it: 'no weight
     for vision')."""
     import shutil
-    from transformers import CLIPVisionModel
-    hf, path = hf_dirs["gelu"]
-    hf_cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg = _original_llava_config(hf_cfg, "openai/clip-tiny")
-    _rewrite_keys(path, tmp_path / "llava", lambda k: _to_original_llava(k, False), config=cfg)
-    clip = CLIPVisionModel(hf_vision_config())
-    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    hf, clip = _llava_without_clip(hf_dirs, tmp_path / "llava")
     clip.save_pretrained(tmp_path / "clips" / "tiny")
     pixels, ids = inputs()
     ids = ids.masked_fill(ids == IMAGE_ID, -200)
@@ -353,13 +361,7 @@ def test_a_clip_named_by_its_hub_id_is_read_from_the_local_hub_cache(hf_dirs, tm
     the hub cache; a CLIP found only there was refused ('pass --vision_tower'). Now its cached
     snapshot is read (never the network), and a checkpoint saved on it records that folder."""
     from huggingface_hub import constants
-    from transformers import CLIPVisionModel
-    hf, path = hf_dirs["gelu"]
-    hf_cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg = _original_llava_config(hf_cfg, "openai/clip-tiny")
-    _rewrite_keys(path, tmp_path / "llava", lambda k: _to_original_llava(k, False), config=cfg)
-    clip = CLIPVisionModel(hf_vision_config())
-    clip.load_state_dict(hf.model.vision_tower.state_dict())
+    hf, clip = _llava_without_clip(hf_dirs, tmp_path / "llava")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="vision_tower DIR; config names 'openai/clip-tiny'"):
         load_checkpoint(tmp_path / "llava")  # (not in the cache yet)
