@@ -1915,35 +1915,45 @@ def test_stale_adapters_are_judged_by_their_bases_fingerprint_not_file_times(tmp
             pipeline.refuse_stale_models(cfg, pipeline.compared_models(cfg))
 
 
-def test_a_signal_between_starting_a_run_and_recording_it_still_stops_it(tmp_path, monkeypatch):
-    """SIGTERM landing just after the lab started a run and before it recorded it raised there:
-    the stop did not know the run, which trained on as an orphan (seen once in CI under load: an
-    LRV run of 100000 steps left running). The signal is taken once the run is recorded."""
+@contextlib.contextmanager
+def sigterm_right_after_popen(module, monkeypatch, ready):
+    """module's Popen starts its child, then SIGTERM reaches this process once the child is under
+    way (the moment before the caller records it), taken as lab.py's and pipeline.py's main
+    blocks take it; yields the children started, killed after the block."""
     import signal
-    script, said, ready = sleeper_run(tmp_path)
-    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
-    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
-    popen, started = lab.subprocess.Popen, []
+    popen, started = module.subprocess.Popen, []
 
-    def popen_then_sigterm(*args, **kwargs):  # (the signal right after the child exists)
+    def popen_then_sigterm(*args, **kwargs):
         started.append(popen(*args, **kwargs))
         while not ready.exists():
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
         return started[-1]
-    monkeypatch.setattr(lab.subprocess, "Popen", popen_then_sigterm)
+    monkeypatch.setattr(module.subprocess, "Popen", popen_then_sigterm)
     was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    common.interrupt_on_sigterm()  # (as lab.py's main does)
+    common.interrupt_on_sigterm()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            lab.execute(runs, cfg)
-        assert started and started[0].poll() is not None and said.read_text() == "stopped"
+        yield started
     finally:
         for signum, handler in was.items():
             signal.signal(signum, handler)
         for proc in started:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+
+
+def test_a_signal_between_starting_a_run_and_recording_it_still_stops_it(tmp_path, monkeypatch):
+    """SIGTERM landing just after the lab started a run and before it recorded it raised there:
+    the stop did not know the run, which trained on as an orphan (seen once in CI under load: an
+    LRV run of 100000 steps left running). The signal is taken once the run is recorded."""
+    script, said, ready = sleeper_run(tmp_path)
+    runs = {"a": ([str(script)], [], str(tmp_path / "runs" / "a" / "DONE"))}
+    cfg = lab.Config(out=str(tmp_path / "runs"), jobs=1)
+    with sigterm_right_after_popen(lab, monkeypatch, ready) as started:
+        with pytest.raises(KeyboardInterrupt):
+            lab.execute(runs, cfg)
+        assert started and started[0].poll() is not None and said.read_text() == "stopped"
 
 
 def test_a_signal_between_starting_a_stage_and_recording_it_still_stops_it(tmp_path,
@@ -1951,35 +1961,18 @@ def test_a_signal_between_starting_a_stage_and_recording_it_still_stops_it(tmp_p
     """The pipeline's stages started in its main thread (SFT, eval, any with --jobs 1): a SIGTERM
     landing between Popen and recording the stage raised there, so the stop did not know the
     stage and left it training (the lab's runs had this fixed before)."""
-    import signal
     import pipeline
     script, said, ready = sleeper_run(tmp_path)
-    popen, started = pipeline.subprocess.Popen, []
-
-    def popen_then_sigterm(*args, **kwargs):  # (the signal right after the child exists)
-        started.append(popen(*args, **kwargs))
-        while not ready.exists():
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return started[-1]
-    monkeypatch.setattr(pipeline.subprocess, "Popen", popen_then_sigterm)
-    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     pipeline._lane_failed.clear()  # (another test's failed stage: no lane would start one)
-    common.interrupt_on_sigterm()  # (as pipeline.py's main block does)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.run_lane(("a",), {"a": [str(script)]}, "/", None, {})
-        pipeline.stop_stages()  # (as pipeline.main does on the interrupt)
-        assert started and started[0].poll() is not None and said.read_text() == "stopped"
+        with sigterm_right_after_popen(pipeline, monkeypatch, ready) as started:
+            with pytest.raises(KeyboardInterrupt):
+                pipeline.run_lane(("a",), {"a": [str(script)]}, "/", None, {})
+            pipeline.stop_stages()  # (as pipeline.main does on the interrupt)
+            assert started and started[0].poll() is not None and said.read_text() == "stopped"
     finally:
-        for signum, handler in was.items():
-            signal.signal(signum, handler)
         pipeline._stopping.clear()
         pipeline._running.clear()
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, monkeypatch):
