@@ -1271,14 +1271,33 @@ def base_fingerprint(weights_dir):
     h = hashlib.sha256()
     stage1 = _stage1_file(weights_dir, detect_layout(weights_dir))
     for f in _weight_files(weights_dir) + ([stage1] if stage1 else []):
-        size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size};".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
+        _hash_ends(h, f)
     return h.hexdigest()[:32]
+
+
+def init_fingerprint(path):
+    """base_fingerprint of the weights a checkpoint stands on, and of the adapters of each
+    checkpoint on the way to them (a LoRA run's: a run started from it merges them in, so its
+    adapters retrained at their path are other starting weights too)."""
+    chain = base_chain(path)
+    h = hashlib.sha256(base_fingerprint(chain[-1]).encode())
+    for folder in chain[:-1]:
+        file = os.path.join(folder, "adapters.safetensors")
+        if os.path.isfile(file):
+            _hash_ends(h, file)
+    return h.hexdigest()[:32]
+
+
+def _hash_ends(h, file):
+    """A file's name and size and its first and last MiB into the hash h (any retraining changes
+    both; reading the whole of a 13 GB base at each start would not be cheap)."""
+    size = os.path.getsize(file)
+    h.update(f"{os.path.basename(file)}:{size};".encode())
+    with open(file, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read())
 
 
 def _check_base_fingerprint(path, cfg):

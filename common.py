@@ -32,8 +32,8 @@ import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weights_dir,
-                        clip_alone, complete_checkpoints, detect_layout, is_peft_dir,
-                        latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
+                        clip_alone, complete_checkpoints, detect_layout, init_fingerprint,
+                        is_peft_dir, latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
                         recorded_template, refuse_scalar_model, resolve_checkpoint,
                         save_checkpoint_files)
 from formats import DataError
@@ -1059,7 +1059,8 @@ RESUME_FREE_FIELDS = {"resume", "overwrite", "out", "log_every", "save_every", "
                       "compile_decode"}
 # why a field that looks like a memory setting is not free at --resume (said with the refusal)
 RESUME_WHY = {"micro_batch": " (ppo.py's rollout samples in chunks of it: another value draws "
-                             "other samples from the same stream)"}
+                             "other samples from the same stream)",
+              "world": " (pass the --world the run had, or put the world back there)"}
 # fields a stage gained after runs were started without them: such a run's config reads as having
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default; '{world}' in a value: the run's own --world, as
@@ -1457,8 +1458,7 @@ def start_writing(cfg, d, data_files=()):
         init = getattr(cfg, "init", "")
         record = {"init": os.path.abspath(resolve_checkpoint(init))} if init else {}
         try:
-            record.update({"init_fingerprint": base_fingerprint(base_weights_dir(init))} if init
-                          else {})
+            record.update({"init_fingerprint": init_fingerprint(init)} if init else {})
         except (CheckpointError, OSError):  # (a layout without weight files of its own: none)
             pass
         write_json({"data": digests, **record}, run_file, indent=2)
@@ -2000,20 +2000,24 @@ def check_base_unchanged(resume_path, base, init):
     """--resume building the model from `base` (the checkpoint --init stood for) rather than from
     the checkpoint resumed (FSDP shards hold the trained weights alone; ppo restores its adapters
     onto it): refused where `base` holds other weights than the run recorded (the checkpoint's
-    'base_fingerprint', else run.json's 'init_fingerprint'; neither in older runs: not checked).
-    An --init retrained or replaced at its path went on as the run's frozen weights."""
-    saved = None
-    for path, key in ((os.path.join(resume_path, "config.json"), "base_fingerprint"),
-                      (os.path.join(os.path.dirname(resume_path), RUN_FILE), "init_fingerprint")):
+    'base_fingerprint', and run.json's 'init_fingerprint', which covers the adapters of a LoRA
+    --init as well; neither in older runs: not checked). An --init retrained or replaced at its
+    path went on as the run's frozen weights."""
+    recorded = ((os.path.join(resume_path, "config.json"), "base_fingerprint",
+                 lambda: base_fingerprint(base_weights_dir(base))),
+                (os.path.join(os.path.dirname(resume_path), RUN_FILE), "init_fingerprint",
+                 lambda: init_fingerprint(base)))
+    for path, key, now in recorded:
         try:
             with open(path) as f:
-                saved = saved or json.load(f).get(key)
+                saved = json.load(f).get(key)
         except (OSError, ValueError, AttributeError):
-            pass
-    if saved is not None and saved != base_fingerprint(base_weights_dir(base)):
-        raise ConfigError(f"--init {init}: {base} holds other weights than this run started "
-                          "from (retrained or replaced at its path since: its fingerprint differs "
-                          "from the one the run recorded); put those back, or start a new run")
+            continue
+        if saved is not None and saved != now():
+            raise ConfigError(f"--init {init}: {base} holds other weights than this run started "
+                              "from (retrained or replaced at its path since: its fingerprint "
+                              "differs from the one the run recorded); put those back, or start a "
+                              "new run")
 
 
 def fold_init_adapters(model):

@@ -490,23 +490,28 @@ def policy_only(model):
         model.set_adapter(active)
 
 
-def reward_digest(rm_dir):
-    """sha256 of a reward checkpoint's config.json and adapters.safetensors (its LoRA and head):
-    recorded with each checkpoint, so a --reward retrained, replaced or grown since the run
-    started is found at --resume (the run went on scoring with it without a word)."""
+def folder_digest(folder, names):
+    """sha256 of the named files of a folder (those there): recorded with each checkpoint for what
+    the run reads again at --resume (--reward's config and adapters, --policy_lora's), so one
+    retrained, replaced or grown since the run started is found there (the run went on scoring
+    with the new reward model, or took the new adapter as its KL reference, without a word)."""
     h = hashlib.sha256()
-    for name in ("config.json", "adapters.safetensors"):
-        path = os.path.join(rm_dir, name)
+    for name in names:
+        path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
-def trainer_extra(policy, critic, kl_coef, gen, d, rm_digest=None):
+# a PEFT adapter's files (--policy_lora): its config and weights in either format
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def trainer_extra(policy, critic, kl_coef, gen, d, digests=None):
     """What --resume needs besides the optimizer: both trained adapters, the value head, kl_coef and
-    every rank's rollout generator state (collective: call on all ranks); and the reward model's
-    digest, which it checks."""
+    every rank's rollout generator state (collective: call on all ranks); and the digests of the
+    files it reads again at --resume (folder_digest), which it checks."""
     states = [None] * d.world
     if d.world > 1:
         dist.all_gather_object(states, gen.get_state())
@@ -516,7 +521,7 @@ def trainer_extra(policy, critic, kl_coef, gen, d, rm_digest=None):
     return {"policy": grab(policy.adapter_parameters("policy")),
             "value": grab(critic.adapter_parameters("value")),
             "value_head": grab(critic.heads["value"].parameters()),
-            "kl_coef": kl_coef, "generators": states, "reward_digest": rm_digest}
+            "kl_coef": kl_coef, "generators": states, **(digests or {})}
 
 
 def restore_extra(extra, policy, critic, gen, d):
@@ -812,14 +817,23 @@ def main(cfg):
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
-    rm_digest = reward_digest(resolve_checkpoint(cfg.reward))
-    if state is not None and state["extra"].get("reward_digest") not in (None, rm_digest):
+    digests = {"reward_digest": folder_digest(resolve_checkpoint(cfg.reward),
+                                              ("config.json", "adapters.safetensors"))}
+    if cfg.policy_lora:  # (the frozen reference is made from it again at every start)
+        digests["policy_lora_digest"] = folder_digest(cfg.policy_lora, PEFT_FILES)
+    was = state["extra"] if state is not None else {}
+    if was.get("reward_digest") not in (None, digests["reward_digest"]):
         # (checkpoints from before it was recorded: not checked)
         raise common.ConfigError(
             f"--reward {cfg.reward}: {resolve_checkpoint(cfg.reward)} is not the reward model "
             f"this run was trained against (retrained, replaced or grown since: its config.json "
             "or adapters differ); put that one back (a reward run resumed since: move its newer "
             "checkpoint-N aside), or start a new run")
+    if was.get("policy_lora_digest") not in (None, digests.get("policy_lora_digest")):
+        raise common.ConfigError(
+            f"--policy_lora {cfg.policy_lora}: not the adapter this run started from (replaced "
+            "or retrained since: its files differ), which the frozen reference is made from "
+            "again; put that one back, or start a new run")
     if not rm[0]:  # (the rollout hands the RM no facts)
         common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
                              "facts (--facts false); drop it")
@@ -904,14 +918,14 @@ def main(cfg):
         elif show:  # (an --oracle_every step between two log lines: its own line, not lost)
             log.log(done, **{k: stats[k] for k in ("halluc_rate", "halluc_per_answer")})
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            extra = trainer_extra(policy, critic, kl_coef, gen, d, rm_digest)
+            extra = trainer_extra(policy, critic, kl_coef, gen, d, digests)
             # base = the SFT checkpoint; reward/value adapters live in trainer_state
             with policy_only(policy):
                 common.save_checkpoint(policy, cfg.out, done, cfg, opt, tokenizer, base=base,
                                        extra_state=extra, d=d)
     # the final checkpoint becomes the policy merged into the base (full weights)
     if cfg.export == "merged":
-        extra = trainer_extra(policy, critic, kl_coef, gen, d, rm_digest)
+        extra = trainer_extra(policy, critic, kl_coef, gen, d, digests)
         if d.main:
             for n in [a for a in policy.adapters if a != "policy"]:
                 policy.delete_adapter(n)

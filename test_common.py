@@ -1,5 +1,6 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -782,3 +783,29 @@ def test_a_failed_write_is_named_with_its_own_advice_and_a_bug_keeps_its_traceba
     with pytest.raises(FileNotFoundError) as e:
         common.write_whole(missing, lambda f: f.write("x"))
     assert e.value.filename == missing
+
+
+def test_a_resume_from_a_lora_init_refuses_its_adapters_retrained_at_their_path(tmp_path):
+    """A run from a LoRA checkpoint (POVID stage 2 on a LoRA stage-1 run) merges its adapters into
+    the weights it starts from; a resume that builds the model from --init (FSDP shards) checked
+    the base weights alone, so stage-1 adapters retrained at their path went on as the run's
+    starting weights. run.json's fingerprint covers them now; files only touched still go on."""
+    from checkpoint import init_fingerprint, save_checkpoint_files
+    from test_model import randomize_adapter, tiny_model
+    save_checkpoint_files(tiny_model(), tmp_path / "base")
+    stage1 = tiny_model()
+    stage1.add_adapter("default", r=2, alpha=2)
+    randomize_adapter(stage1, "default", 1)
+    save_checkpoint_files(stage1, tmp_path / "stage1", base=tmp_path / "base")
+    resumed = tmp_path / "run" / "checkpoint-000002"  # (shards: no base_fingerprint of its own)
+    resumed.mkdir(parents=True)
+    (resumed / "config.json").write_text("{}")
+    run_file = tmp_path / "run" / common.RUN_FILE
+    run_file.write_text(json.dumps({"init_fingerprint": init_fingerprint(tmp_path / "stage1")}))
+    adapters = tmp_path / "stage1" / "adapters.safetensors"
+    os.utime(adapters, (1, 1))  # (touched, the same bytes: goes on)
+    common.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
+    randomize_adapter(stage1, "default", 2)  # (stage 1 trained again into its folder)
+    save_checkpoint_files(stage1, tmp_path / "stage1", base=tmp_path / "base")
+    with pytest.raises(common.ConfigError, match="holds other weights than this run started"):
+        common.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")

@@ -820,8 +820,9 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
 def test_ppo_resume_refuses_a_reward_model_replaced_since(sft, tiny_world, tmp_path):
     """--reward is read anew at --resume: a reward run retrained in its folder (or resumed there
     for more steps) since the PPO run started scored the rest of the run with another reward
-    model, exit 0. Each checkpoint records the reward model's digest: another is refused in one
-    line naming it; the same one (a project moved whole) goes on."""
+    model, exit 0. Each checkpoint records the reward model's digest: another (here: retrained)
+    is refused in one line naming it; the same one goes on (a copy of the PPO run resumed before
+    the reward run changed)."""
     rm, project = tmp_path / "rm", tmp_path / "project"
     rm_args = ["--init", sft, "--world", tiny_world, "--max_steps", "2", "--batch_size", "4",
                "--eval_prompt", "short", "--eval_size", "8", "--out", str(rm)]
@@ -1319,6 +1320,17 @@ def test_ppo_policy_lora_with_vision_lora_keeps_it_and_resumes_bitwise(sft, tiny
     assert code == 0, err
     a, b = load_checkpoint(straight).state_dict(), load_checkpoint(resumed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the adapter replaced at its path since: the frozen reference, made from it again at
+    # --resume, was the new one, without a word
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "rl_init")
+    code, out, err = run_cli("ppo", args + ["--max_steps", "3", "--out", resumed, "--resume",
+                                            "true"])
+    assert code == 2 and "resumed from" not in out, err
+    assert f"--policy_lora {tmp_path / 'rl_init'}: not the adapter this run started from" in err
 
 
 def test_held_out_pairs_are_the_ones_llava_rlhf_holds_out():
