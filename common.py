@@ -505,6 +505,9 @@ def end_with_the_launcher():
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     launcher = LAUNCHER_PID if torchrun else int(started_by)
     if os.getppid() != launcher:  # (it died before the call: this rank is an orphan already)
+        who = "torchrun's launcher" if torchrun else "the pipeline or lab that started it"
+        sys.stderr.write(f"error: {who} (pid {launcher}) has ended: nothing run\n")
+        sys.stderr.flush()
         os._exit(1)
 
 

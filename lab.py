@@ -362,6 +362,8 @@ def execute(runs, cfg, finished=lambda n: None):
         for name, (p, _, _) in running.items():
             if p.returncode == 0:
                 keep(name)
+                n_ok += 1  # (and its minutes: the report's wall clock counts the runs it made)
+                finished(n_ok)
         raise
     return failed
 
@@ -1350,10 +1352,12 @@ def run_lab(cfg):
         except OSError:  # (the SFT folder moved aside: --overwrite true)
             now = None
         if now != stamp:  # (lab.json keeps the old one: the next lab refuses --out)
-            raise common.ConfigError(f"--sft {cfg.sft} or --world {cfg.world} changed while the "
-                                     "lab ran (a pipeline run again, an SFT resumed): the runs "
-                                     f"in --out {cfg.out} start from either; {cfg.results} left "
-                                     "as it was: move --out aside and run again")
+            which = " and ".join(f"--{k} {getattr(cfg, k)}" for k in ("sft", "world")
+                                 if (now or {}).get(k, "moved") != stamp[k])
+            raise common.ConfigError(f"{which} changed while the lab ran (a pipeline run again, "
+                                     f"an SFT resumed): the runs in --out {cfg.out} start from "
+                                     f"either; {cfg.results} left as it was: move --out aside "
+                                     "and run again")
     shown = replace(cfg, claims=reported_claims(cfg))
     if failed and len(failed) >= ran:  # (a report then holds nothing new, maybe less than before)
         print(f"no run ended well: {cfg.results} left as it was", flush=True)

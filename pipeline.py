@@ -13,6 +13,7 @@ one with two.
 """
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -158,7 +159,14 @@ def refuse_unusable_inputs(cfg, runs):
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run} stopped at step "
                                      f"{progress[0]} of {progress[1]} (unfinished): train it "
                                      f"again (--stages {stage},... --overwrite true) or finish it "
-                                     "(its script with --out there and --resume true) first")
+                                     f"first ({finish_command(cfg, stage)})")
+
+
+def finish_command(cfg, stage):
+    """The command that finishes a stage's run stopped part-way, as this pipeline runs it (a bare
+    --resume was refused field by field, and --max_steps, free at --resume, took the script's
+    default: a smoke run's SFT went on to 3500 steps)."""
+    return f"python {shlex.join(stage_commands(cfg)[stage])} --resume true"
 
 
 def refuse_rewritten_world(cfg):
@@ -323,9 +331,8 @@ def run_pipeline(cfg):
             progress = common.run_progress(out)
             if progress and progress[0] < progress[1]:  # (a pipeline stopped in it: "use it" led
                 # to the refusal of an unfinished run)
-                use = (f"or finish it (it stopped at step {progress[0]} of {progress[1]}: its "
-                       f"script with --out there and --resume true), then leave {stage} out of "
-                       "--stages")
+                use = (f"or finish it (it stopped at step {progress[0]} of {progress[1]}: "
+                       f"{finish_command(cfg, stage)}), then leave {stage} out of --stages")
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {out} holds a run: pass "
                                      "--overwrite true to train it again (the old run is moved "
                                      f"aside, kept), {use}")

@@ -875,11 +875,16 @@ def test_pipeline_refuses_what_a_killed_pipeline_left(tmp_path, tiny_world):
     argv = ["--out", str(out), "--stages", "lrv", "--world", tiny_world]
     code, _, err = run_cli("pipeline", argv)
     assert code == 2 and "ckpt/sft stopped at step 500 of 1200 (unfinished)" in err, err
+    # finished with the command the pipeline runs it with (a bare --resume was refused field by
+    # field, and took the script's own --max_steps)
+    assert f"or finish it first (python sft.py --out {out / 'sft'} --model shapes --world " \
+        f"{tiny_world} --world_seed 0 --device cpu --resume true)" in err, err
     # the same command again (a pipeline stopped in its SFT): its hint said to leave sft out of
     # --stages "to use it", which the line above refuses
     code, _, err = run_cli("pipeline", ["--out", str(out), "--world", tiny_world])
     assert code == 2 and "holds a run: pass --overwrite true" in err and "to use it" not in err
-    assert "or finish it (it stopped at step 500 of 1200: its script with --out there and " \
+    assert "or finish it (it stopped at step 500 of 1200: python sft.py --out " \
+        f"{out / 'sft'} --model shapes --world {tiny_world} --world_seed 0 --device cpu " \
         "--resume true), then leave sft out of --stages" in err, err
     holder = hold_lock(out / "sft")
     try:
@@ -1185,7 +1190,7 @@ def test_an_sft_changed_while_the_lab_ran_leaves_the_results_as_they_were(tmp_pa
         return set()
     monkeypatch.setattr(lab, "execute", trained_again)
     try:
-        with pytest.raises(common.ConfigError, match="changed while the lab ran"):
+        with pytest.raises(common.ConfigError, match=f"^--sft {sft} changed while the lab ran"):
             lab.main(cfg)
     finally:
         common.release_locks()
@@ -1634,9 +1639,10 @@ def test_a_run_that_ends_well_as_the_lab_is_stopped_is_kept(tmp_path, monkeypatc
             real_sleep(0.01)
         real_sleep(0.5)
     monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready, ended))
+    counted = []  # (the wall clock's count of runs made: the kept one was left out)
     with pytest.raises(KeyboardInterrupt):
-        lab.execute(runs, cfg)
-    assert lab.is_done(runs["a"][2])
+        lab.execute(runs, cfg, counted.append)
+    assert lab.is_done(runs["a"][2]) and counted == [1]
     assert json.load(open(lab.run_record(cfg, "a")))["command"] == [str(script)]
 
 
