@@ -632,7 +632,6 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     # past a response's end (EOS, or a cut at a stop token) every use masks them: zeros there.
     # A row whose tokens were changed after sampling (an image placeholder read as <unk>) gets
     # the pass, as the sampler never saw what the other roles will read.
-    logp, entropy = logp.masked_fill(~rmask, 0.0), entropy.masked_fill(~rmask, 0.0)
     redo = (replaced & rmask).any(1)
     if cfg.dtype == "bf16" and cfg.device == "cuda":  # (on a bf16 base the sampler's cache and a
         # full pass round apart, 0.2 nats on sharp logits: the ratio would be noise from step 0;
@@ -642,6 +641,10 @@ def rollout(policy, critic, tokenizer, prompts, images, cfg, rm, kl_coef, gen, k
     if len(redo):
         with policy.use_adapter("policy"):
             logp[redo], entropy[redo] = batched(lambda s: logprobs(redo[s]), len(redo), mb)
+    # zeros past the end in the rows the pass gave too (it scores the pads there, every row on
+    # bf16 CUDA): a pad's log-prob ~90 nats below the reference's (k3's exp(ref - logp)) or the
+    # updated policy's (the update's ratio) overflowed exp to inf, and inf x mask 0 is NaN
+    logp, entropy = logp.masked_fill(~rmask, 0.0), entropy.masked_fill(~rmask, 0.0)
     with reference(policy):
         ref_logp, _ = batched(logprobs, n, mb)
     cseq, cmask, cP = seq, mask, P

@@ -136,9 +136,10 @@ def test_keep_equals_the_full_pass_indexed_forward_and_backward():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def rollout_setup(tmp_path, plant_image_token):
+def rollout_setup(tmp_path, plant_image_token, planted_length=6):
     """ppo.rollout on the tiny preset with random weights (bench's helpers); plant_image_token: the
-    sampler is made to emit the image placeholder in row 1, with log-probs no pass would give."""
+    sampler is made to emit the image placeholder in row 1, with log-probs no pass would give, and
+    row 1 ends after planted_length tokens."""
     cfg, dev = bench.Config(), torch.device("cpu")
     c = bench.model_config(cfg, "tiny")
     m = bench.build_ours(c, dev, torch.float32, 0)
@@ -159,7 +160,7 @@ def rollout_setup(tmp_path, plant_image_token):
             out = generate(*a, **k)
             out.tokens[1, 2] = c.image_token_id
             out.logprobs[1, 2:] = -123.0
-            out.lengths[1], out.finished[1] = 6, False
+            out.lengths[1], out.finished[1] = planted_length, False
             return out
         m.generate = planted
     with torch.no_grad():
@@ -182,3 +183,16 @@ def test_rollout_logprobs_from_the_sampler_equal_a_full_pass(tmp_path, plant_ima
     if plant_image_token:  # read as <unk> by every role, and the policy's numbers are the pass's
         assert int(ro["seq"][1, ro["P"] + 2]) == 0
         assert torch.equal(ro["logp"][1], logp[1])
+
+
+def test_rollout_rows_scored_by_a_pass_hold_zeros_past_their_end(tmp_path):
+    """A row the full pass scores (an image placeholder read as <unk>; every row on bf16 CUDA)
+    kept the pass's log-probs and entropies past its end, where every other row holds zeros: a
+    pad's log-prob there ~90 nats below the reference's made k3's exp(ref - logp) inf (and the
+    update's ratio), and inf x mask 0 is NaN: every advantage of the batch."""
+    ro, logp, entropy = rollout_setup(tmp_path, plant_image_token=True, planted_length=4)
+    real = ro["rmask"].bool()
+    assert real[1].tolist() == [True] * 4 + [False] * 2
+    assert torch.equal(ro["logp"][~real], torch.zeros_like(ro["logp"][~real]))
+    assert torch.equal(ro["entropy"][~real], torch.zeros_like(ro["entropy"][~real]))
+    assert torch.equal(ro["logp"][1, :4], logp[1, :4])  # (the pass's, where the row is real)
