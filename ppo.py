@@ -248,7 +248,9 @@ def shape_rewards(score, logp, ref_logp, lengths, kl_coef, estimator="k1", clamp
     (index length - 1: found by the length, never by searching for pad, which may equal eos). (B, K)
     each."""
     mask = torch.arange(logp.shape[1], device=logp.device)[None] < lengths[:, None]
-    kl = kl_penalty(logp, ref_logp, estimator, clamp) * mask
+    # 0 past the end by where, not x mask: a log-prob of -inf there (a pad the reference gives
+    # probability 0) is an inf KL, and inf x 0 = NaN ran back through GAE into the whole row
+    kl = torch.where(mask, kl_penalty(logp, ref_logp, estimator, clamp), 0.0)
     rewards = -kl_coef * kl
     rewards[torch.arange(len(score), device=score.device), lengths - 1] += score
     return rewards, kl, mask

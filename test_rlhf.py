@@ -173,6 +173,20 @@ def test_reward_shaping_hand_computed_with_pad_equal_to_eos():
     assert torch.allclose(total, torch.tensor([1 + 2 - 10 * 3 / 4, 1 - 1 - 8.0]))
 
 
+def test_reward_shaping_is_finite_past_the_end_whatever_the_log_probs_there():
+    """Past a response's end the KL is 0 whatever the log-probs there: a reference log-prob of -inf
+    (a pad given probability 0, as under a tiny --temperature) made k1 and k3 inf, and inf x mask 0
+    NaN, which GAE carried back into every advantage of the row."""
+    logp = torch.tensor([[-1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -math.inf, -math.inf]])
+    for estimator in ("k1", "k3"):
+        r, kl, mask = ppo.shape_rewards(torch.tensor([2.0]), logp, ref, torch.tensor([1]), 0.1,
+                                        estimator)
+        assert kl[0, 1:].tolist() == [0.0, 0.0] and r[0, 1:].tolist() == [0.0, 0.0]
+        adv, _ = ppo.gae(r, torch.zeros(1, 3), 1.0, 1.0)
+        assert torch.isfinite(adv).all()
+
+
 def test_gae_equals_a_naive_loop():
     torch.manual_seed(0)
     B, K, gamma, lam = 3, 6, 0.9, 0.8
