@@ -1389,6 +1389,9 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entrop
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
         sorted_p, idx = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        # the most likely token always stays, as transformers' TopPLogitsWarper keeps it: top_p 0
+        # is greedy there, and here every token was dropped (multinomial raised on all zeros)
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     if isinstance(generator, (list, tuple)):  # a stream per row: a row's draws are its own

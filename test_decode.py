@@ -183,6 +183,27 @@ def test_a_tiny_temperature_samples_the_top_token_without_nan():
         assert torch.allclose(model_lib.entropy_of(logp), -(logp.exp() * logp).sum(-1))
 
 
+def test_top_p_zero_samples_the_top_token_as_transformers():
+    """top_p 0 keeps the most likely token alone, as transformers' TopPLogitsWarper does (its
+    min_tokens_to_keep 1): generate(top_p=0.0) raised 'invalid multinomial distribution' from
+    inside torch, every token dropped. Any top_p > 0 keeps the same tokens as before."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for top_p in (0.0, 0.3, 0.7, 0.9):
+        kept = TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()
+        for seed in range(20):
+            tok, _ = sample_token(logits, 1.0, top_p, torch.Generator().manual_seed(seed))
+            assert kept.gather(1, tok[:, None]).all(), (top_p, tok)
+    tok, _ = sample_token(logits, 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert tok.tolist() == [1, 0]
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    greedy = m.generate(pixels, ids, mask, max_new_tokens=4, eos_token_id=-1).tokens
+    out = m.generate(pixels, ids, mask, max_new_tokens=4, temperature=1.0, top_p=0.0,
+                     eos_token_id=-1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out.tokens, greedy)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
