@@ -721,8 +721,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     """Load a LLaVA from any supported directory layout (see detect_layout). `vision_tower` names a
     CLIP directory when the checkpoint lacks the CLIP weights (original LLaVA, or a bare LLaMA:
     then the projector is freshly initialised: the starting point of SFT; fresh_projector_ok
-    False refuses that). Returned in eval mode, as transformers' and PEFT's from_pretrained do
-    (an adapter's dropout off); the stages call train() where they train."""
+    False refuses that). adapters False: the base weights alone, without the checkpoint's (or
+    PEFT folder's) adapters and heads. Returned in eval mode, as transformers' and PEFT's
+    from_pretrained do (an adapter's dropout off); the stages call train() where they train."""
     return _load_checkpoint(path, vision_tower, dtype, device, adapters,
                             fresh_projector_ok).eval()
 
@@ -733,6 +734,8 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
     if is_peft_dir(path):
         model = load_checkpoint(peft_base_dir(path), vision_tower, dtype, device, adapters,
                                 fresh_projector_ok)
+        if not adapters:  # the base alone, as for our adapter checkpoints (it was loaded, active)
+            return model
         load_peft_adapter(model, path, "default")
         if "default" in model.adapters:  # (LoRA only on CLIP or the projector: merged, no adapter)
             model.set_adapter("default")

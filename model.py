@@ -1303,7 +1303,8 @@ class LLaVA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, adapters=True):
-        """Any supported layout (ours, llava-hf, original LLaVA, CLIP + LLaMA, PEFT adapter dir)."""
+        """Any supported layout (ours, llava-hf, original LLaVA, CLIP + LLaMA, PEFT adapter dir);
+        adapters=False: the base alone, without the checkpoint's adapters and heads."""
         import checkpoint
         return checkpoint.load_checkpoint(path, vision_tower=vision_tower, dtype=dtype,
                                           device=device, adapters=adapters)

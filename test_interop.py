@@ -253,6 +253,19 @@ def test_peft_adapter_loads_by_from_pretrained_and_load_adapters(peft_elsewhere,
         torch.testing.assert_close(other(pixels, ids), ref, atol=ATOL, rtol=0)
 
 
+def test_peft_adapter_folder_with_adapters_false_loads_its_base_alone(peft_elsewhere):
+    """LLaVA.from_pretrained(peft_dir, adapters=False) is the base, as for our adapter checkpoints:
+    the adapter was loaded and made active all the same (the model answered as the adapter)."""
+    pm, root = peft_elsewhere
+    pixels, ids = inputs(seed=3)
+    with pm.disable_adapter():
+        base_ref = peft_logits(pm, pixels, ids)
+    bare = LLaVA.from_pretrained(root / "adapter", adapters=False)
+    assert bare.adapters == {} and bare.active_adapter is None and not bare.base_edited
+    with torch.no_grad():
+        torch.testing.assert_close(bare(pixels, ids), base_ref, atol=ATOL, rtol=0)
+
+
 def test_peft_adapter_on_the_projector_alone_loads_merged(tmp_path):
     """LoRA only outside the language model: merged into the base, no adapter left to activate
     (load_checkpoint failed with a ValueError, 'no adapter default')."""
