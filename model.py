@@ -964,6 +964,13 @@ class LLaVA(nn.Module):
         eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos],
                            dtype=torch.long, device=input_ids.device)
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # a row padded on the right answered from its padding (the prefill reads the last
+            # column) without a word; transformers warns of it. (All-padding rows stay allowed.)
+            real = attention_mask.bool()
+            if bool((real.any(-1) & ~real[:, -1]).any()):
+                raise ValueError("attention_mask: a row ends in padding; generate takes prompts "
+                                 "padded on the left (a tokenizer's padding_side='left')")
         if num_beams > 1:
             return self.beam_search(pixel_values, input_ids, attention_mask, max_new_tokens,
                                     num_beams, eos, pad, image_features, length_penalty,

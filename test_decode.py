@@ -204,6 +204,27 @@ def test_top_p_zero_samples_the_top_token_as_transformers():
     assert torch.equal(out.tokens, greedy)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_right_padded_prompts_are_refused_and_an_all_padding_row_is_not(num_beams):
+    """generate reads each row's next token at the last column: a prompt padded on the right
+    answered from its padding without a word (other tokens than the same prompt alone, greedy and
+    beam search). Refused in one line; a row of padding alone still decodes beside the others."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    right_ids, right_mask = torch.full_like(ids, m.config.pad_token_id), torch.zeros_like(mask)
+    for b in range(len(ids)):
+        n = int(mask[b].sum())
+        right_ids[b, :n], right_mask[b, :n] = ids[b, -n:], 1
+    with pytest.raises(ValueError, match="attention_mask: a row ends in padding"):
+        m.generate(pixels, right_ids, right_mask, max_new_tokens=3, num_beams=num_beams)
+    want = m.generate(pixels[[0, 2]], ids[[0, 2]], mask[[0, 2]], max_new_tokens=3,
+                      num_beams=num_beams, eos_token_id=-1).tokens
+    ids[1], mask[1] = m.config.pad_token_id, 0
+    out = m.generate(pixels[[0, 2]], ids, mask, max_new_tokens=3, num_beams=num_beams,
+                     eos_token_id=-1)
+    assert torch.equal(out.tokens[[0, 2]], want)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
