@@ -1213,11 +1213,17 @@ class LLaVA(nn.Module):
 
     def set_adapter(self, name):
         """Make `name` the active adapter (None: the frozen base alone)."""
-        if name is not None and name not in self.adapters:
-            raise ValueError(f"no adapter '{name}' (have: {', '.join(self.adapters) or 'none'})")
+        if name is not None:
+            self.check_adapter(name)
         self.active_adapter = name
         for _, lin in self.lora_linears():
             lin.active = name
+
+    def check_adapter(self, name):
+        """A clear error for a name that is not an adapter (delete, merge and copy raised a bare
+        KeyError, and a failed merge had already marked the base as edited)."""
+        if name not in self.adapters:
+            raise ValueError(f"no adapter '{name}' (have: {', '.join(self.adapters) or 'none'})")
 
     @contextmanager
     def use_adapter(self, name):
@@ -1236,6 +1242,7 @@ class LLaVA(nn.Module):
     def copy_adapter(self, src, dst):
         """A new adapter `dst` initialised from `src` (PPO's value model starts from the reward
         adapter)."""
+        self.check_adapter(src)
         cfg = self.adapters[src]
         self.add_adapter(dst, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"],
                          cfg.get("layers"))
@@ -1246,6 +1253,7 @@ class LLaVA(nn.Module):
                         p_dst.copy_(p_src)
 
     def delete_adapter(self, name):
+        self.check_adapter(name)
         for _, lin in self.lora_linears():
             if name in lin.lora:
                 del lin.lora[name]
@@ -1256,6 +1264,7 @@ class LLaVA(nn.Module):
     @torch.no_grad()
     def merge_adapter(self, name):
         """W += (alpha/r) B A for every slice the adapter targets, then drop the adapter."""
+        self.check_adapter(name)
         self.base_edited = True
         for _, lin in self.lora_linears():
             if name in lin.lora:

@@ -284,6 +284,20 @@ def test_lora_fresh_merge_none_and_isolation():
         assert (m(pixels, ids) - with_b).abs().max() > 1e-4
 
 
+def test_an_unknown_adapter_name_is_one_clear_error_and_changes_nothing():
+    """delete_adapter, merge_adapter and copy_adapter of a name the model does not hold raise
+    set_adapter's ValueError (a bare KeyError before), and a refused merge leaves the base marked
+    as loaded (it marked it edited first: a later save with base= wrote the whole model)."""
+    m = tiny_model()
+    m.add_adapter("a", r=2, alpha=2)
+    m.set_adapter("a")
+    for call in (lambda: m.delete_adapter("zz"), lambda: m.merge_adapter("zz"),
+                 lambda: m.copy_adapter("zz", "b")):
+        with pytest.raises(ValueError, match="no adapter 'zz' \\(have: a\\)"):
+            call()
+    assert not m.base_edited and list(m.adapters) == ["a"] and m.active_adapter == "a"
+
+
 def test_adapter_added_to_an_eval_model_has_no_dropout():
     """A new adapter takes the model's mode: in an eval-mode model its dropout does not draw (it
     did: a fresh module trains, so eval and loaded adapters answered differently each call)."""
