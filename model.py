@@ -959,6 +959,8 @@ class LLaVA(nn.Module):
         first pad-count ones out); return_logprobs are then the penalised distribution's, as
         transformers' output_scores. Returns GenerateOutput."""
         c = self.config
+        if max_new_tokens < 0:  # (a tensor of negative size, deep inside the cache)
+            raise ValueError(f"max_new_tokens: must be 0 or more, got {max_new_tokens}")
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         # one id or several (transformers' eos_token_id list): any of them ends a row; < 0: none
         eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos],
@@ -1094,6 +1096,10 @@ class LLaVA(nn.Module):
         c, K = self.config, num_beams
         B, T = input_ids.shape
         dev, N = input_ids.device, max_new_tokens
+        if N == 0:  # no new token, as the greedy path answers (the argmax below had no column)
+            none = torch.zeros(B, dtype=torch.long, device=dev)
+            tokens = torch.full((B, 0), pad, dtype=torch.long, device=dev)
+            return GenerateOutput(tokens, None, none, none.bool())
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         feats = None if image_features is None else image_features.repeat_interleave(K, 0)

@@ -225,6 +225,20 @@ def test_right_padded_prompts_are_refused_and_an_all_padding_row_is_not(num_beam
     assert torch.equal(out.tokens[[0, 2]], want)
 
 
+def test_no_new_tokens_is_an_empty_answer_and_fewer_is_refused():
+    """max_new_tokens 0 gives empty answers in beam search as in greedy decoding (beam search
+    raised an IndexError from its final argmax); a negative one is one line naming it (a tensor
+    of negative size, from deep inside the cache)."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    for num_beams in (1, 3):
+        out = m.generate(pixels, ids, mask, max_new_tokens=0, num_beams=num_beams)
+        assert out.tokens.shape == (3, 0) and out.lengths.tolist() == [0, 0, 0]
+        assert not out.finished.any()
+        with pytest.raises(ValueError, match="max_new_tokens: must be 0 or more, got -1"):
+            m.generate(pixels, ids, mask, max_new_tokens=-1, num_beams=num_beams)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
