@@ -925,6 +925,7 @@ class LLaVA(nn.Module):
         input_ids holds config.image_token_id num_image_tokens times per image. seq_lens: input_ids
         is one row of sequences packed end to end (data.pack); keep: only these positions come out
         (B, K, ...), computed with less work; both: see backbone."""
+        check_inputs(input_ids, attention_mask)
         x = self.embed(input_ids, pixel_values, image_features)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: use the fused causal path
@@ -959,6 +960,7 @@ class LLaVA(nn.Module):
         first pad-count ones out); return_logprobs are then the penalised distribution's, as
         transformers' output_scores. Returns GenerateOutput."""
         c = self.config
+        check_inputs(input_ids, attention_mask)
         if max_new_tokens < 0:  # (a tensor of negative size, deep inside the cache)
             raise ValueError(f"max_new_tokens: must be 0 or more, got {max_new_tokens}")
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
@@ -1353,6 +1355,17 @@ class LLaVA(nn.Module):
         """Adapter `adapter` as a PEFT LoRA directory (peft.PeftModel.from_pretrained loads it)."""
         import checkpoint
         checkpoint.export_peft_adapter(self, path, adapter, base=base)
+
+
+def check_inputs(input_ids, attention_mask):
+    """input_ids (batch, length) and an attention_mask of the same shape, or one line naming the
+    argument: a longer mask was read from its first columns without a word (other positions,
+    other logits), and a shorter one or 1-D ids failed deep inside attention."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected (batch, length), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}, but input_ids has "
+                         f"{tuple(input_ids.shape)}")
 
 
 _COMPILED_DECODE = []

@@ -239,6 +239,22 @@ def test_no_new_tokens_is_an_empty_answer_and_fewer_is_refused():
             m.generate(pixels, ids, mask, max_new_tokens=-1, num_beams=num_beams)
 
 
+def test_an_attention_mask_of_another_shape_is_refused():
+    """forward read a mask longer than input_ids from its first columns without a word (other
+    positions and logits); a shorter one, or 1-D ids, failed deep inside attention. One line
+    naming the argument, in forward and generate."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    longer = torch.cat([torch.zeros(3, 1, dtype=mask.dtype), mask], 1)
+    for bad in (longer, mask[:, 1:], mask[:2]):
+        for call in (lambda: m(pixels, ids, bad),
+                     lambda: m.generate(pixels, ids, bad, max_new_tokens=2)):
+            with pytest.raises(ValueError, match="attention_mask: shape .* but input_ids has"):
+                call()
+    with pytest.raises(ValueError, match="input_ids: expected \\(batch, length\\)"):
+        m(pixels[:1], ids[0])
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
