@@ -836,6 +836,12 @@ class LLaVA(nn.Module):
 
     def encode_images(self, pixel_values):
         """(N, 3, H, W) normalised pixels -> (N, num_image_tokens, hidden) projected features."""
+        size = self.config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            # (another size failed deep inside CLIP, or, up to a patch larger, had its edge cut
+            # off without a word; transformers' CLIP refuses it too)
+            raise ValueError(f"pixel_values: expected (images, 3, {size}, {size}), got shape "
+                             f"{tuple(pixel_values.shape)}")
         return self.projector(self.vision_tower(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, image_features=None):

@@ -255,6 +255,19 @@ def test_an_attention_mask_of_another_shape_is_refused():
         m(pixels[:1], ids[0])
 
 
+def test_pixels_of_another_size_are_refused():
+    """Images up to a patch larger than config.image_size (50 px on a 48 px, 16 px-patch tower)
+    ran with their edge cut off without a word; other sizes failed deep inside CLIP. One line
+    naming pixel_values, as transformers' CLIP refuses them."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    for bad in (torch.randn(3, 3, 50, 50), torch.randn(3, 3, 32, 32), pixels[0]):
+        for call in (lambda: m(bad, ids, mask), lambda: m.generate(bad, ids, mask, 2),
+                     lambda: m.generate(bad, ids, mask, 2, num_beams=2)):
+            with pytest.raises(ValueError, match="pixel_values: expected \\(images, 3, 48, 48\\)"):
+                call()
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
