@@ -724,6 +724,12 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     False refuses that). adapters False: the base weights alone, without the checkpoint's (or
     PEFT folder's) adapters and heads. Returned in eval mode, as transformers' and PEFT's
     from_pretrained do (an adapter's dropout off); the stages call train() where they train."""
+    if isinstance(dtype, str):  # (transformers' from_pretrained takes dtype="bfloat16"; "auto":
+        # the files' own, as None; a name was a TypeError from inside the first weight's .to())
+        dtype = None if dtype == "auto" else getattr(torch, dtype, dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"dtype: expected a floating-point torch dtype or its name "
+                              f"(torch.bfloat16, 'bfloat16', 'auto'), got {dtype!r:.40}")
     return _load_checkpoint(path, vision_tower, dtype, device, adapters,
                             fresh_projector_ok).eval()
 

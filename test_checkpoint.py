@@ -1362,3 +1362,19 @@ def test_checkpoint_folders_are_ordered_by_step_and_odd_names_are_passed_over(tm
     common._drop_old_checkpoints(str(tmp_path), keep=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1000000", "checkpoint-999999",
                                             "checkpoint-²"]
+
+
+def test_dtype_by_name_loads_as_transformers_takes_it(tmp_path):
+    """LLaVA.from_pretrained(dir, dtype="bfloat16") as transformers' from_pretrained takes it
+    ("auto": the files' own): a name was a TypeError from inside the first weight's .to().
+    Anything else is one line naming dtype."""
+    tiny_model().save_pretrained(tmp_path / "m")
+    named = LLaVA.from_pretrained(tmp_path / "m", dtype="bfloat16")
+    typed = LLaVA.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert named.lm_head.weight.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(),
+                                                 typed.state_dict().values()))
+    assert LLaVA.from_pretrained(tmp_path / "m", dtype="auto").lm_head.weight.dtype == torch.float32
+    for bad in ("bfloat", "int8", torch.int64):
+        with pytest.raises(CheckpointError, match="dtype: expected a floating-point torch dtype"):
+            LLaVA.from_pretrained(tmp_path / "m", dtype=bad)
