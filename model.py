@@ -986,6 +986,10 @@ class LLaVA(nn.Module):
                                     num_beams, eos, pad, image_features, length_penalty,
                                     repetition_penalty)
         B, T = input_ids.shape
+        if isinstance(generator, (list, tuple)) and len(generator) != B:  # (a shape error from
+            # inside sampling, at the first token)
+            raise ValueError(f"generator: a list of {len(generator)} generators for {B} rows "
+                             "(one per row)")
         dev = input_ids.device
         prompt_mask = None  # no padding (the usual case): SDPA's causal kernel for the prompt
         if attention_mask is not None and not bool(attention_mask.all()):

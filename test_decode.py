@@ -268,6 +268,16 @@ def test_pixels_of_another_size_are_refused():
                 call()
 
 
+def test_a_list_of_generators_of_another_length_is_refused():
+    """generator as a list (one stream per row) of another length than the batch failed with a
+    shape error from inside sampling; one line naming it."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    streams = [torch.Generator().manual_seed(i) for i in range(2)]
+    with pytest.raises(ValueError, match="generator: a list of 2 generators for 3 rows"):
+        m.generate(pixels, ids, mask, max_new_tokens=2, temperature=1.0, generator=streams)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
