@@ -970,9 +970,9 @@ class LLaVA(nn.Module):
         if max_new_tokens < 0:  # (a tensor of negative size, deep inside the cache)
             raise ValueError(f"max_new_tokens: must be 0 or more, got {max_new_tokens}")
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
-        # one id or several (transformers' eos_token_id list): any of them ends a row; < 0: none
-        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos],
-                           dtype=torch.long, device=input_ids.device)
+        # one id or several (transformers' eos_token_id list, or a tensor of them, which it takes
+        # too and was a TypeError here): any of them ends a row; < 0: none
+        eos = torch.as_tensor(eos, dtype=torch.long, device=input_ids.device).reshape(-1)
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
         if attention_mask is not None and not bool(attention_mask.all()):
             # a row padded on the right answered from its padding (the prefill reads the last

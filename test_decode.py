@@ -278,6 +278,21 @@ def test_a_list_of_generators_of_another_length_is_refused():
         m.generate(pixels, ids, mask, max_new_tokens=2, temperature=1.0, generator=streams)
 
 
+def test_eos_ids_as_a_tensor_end_rows_as_the_list_does():
+    """eos_token_id as a tensor of ids (transformers' generate takes one) was a TypeError; it ends
+    rows as the same ids in a list do, greedy and beam search."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    free = m.generate(pixels, ids, mask, max_new_tokens=6, eos_token_id=-1).tokens
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    for num_beams in (1, 2):
+        want = m.generate(pixels, ids, mask, 6, eos_token_id=eos, num_beams=num_beams)
+        got = m.generate(pixels, ids, mask, 6, eos_token_id=torch.tensor(eos),
+                         num_beams=num_beams)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert want.finished.any()
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
