@@ -969,6 +969,15 @@ class LLaVA(nn.Module):
         check_inputs(input_ids, attention_mask)
         if max_new_tokens < 0:  # (a tensor of negative size, deep inside the cache)
             raise ValueError(f"max_new_tokens: must be 0 or more, got {max_new_tokens}")
+        # as transformers' logits processors refuse them: a penalty of 0 divided the seen tokens'
+        # logits by 0 (inf: they were the likeliest), a negative one flipped their signs; a NaN
+        # temperature or top_p raised from inside torch.multinomial
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
+        if math.isnan(temperature):
+            raise ValueError("temperature: must be a number (0: greedy), got nan")
+        if not 0 <= top_p:  # (NaN too)
+            raise ValueError(f"top_p: must be 0 or more (0: the likeliest token), got {top_p}")
         eos = c.eos_token_id if eos_token_id is None else eos_token_id
         # one id or several (transformers' eos_token_id list, or a tensor of them, which it takes
         # too and was a TypeError here): any of them ends a row; < 0: none

@@ -293,6 +293,23 @@ def test_eos_ids_as_a_tensor_end_rows_as_the_list_does():
     assert want.finished.any()
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(repetition_penalty=0.0), "repetition_penalty: must be > 0"),
+    (dict(repetition_penalty=-1.5), "repetition_penalty: must be > 0"),
+    (dict(temperature=float("nan")), "temperature: must be a number"),
+    (dict(temperature=1.0, top_p=-0.5), "top_p: must be 0 or more"),
+    (dict(temperature=1.0, top_p=float("nan")), "top_p: must be 0 or more")])
+def test_sampling_arguments_outside_their_range_are_refused(kwargs, message):
+    """As transformers' logits processors refuse them: a repetition penalty of 0 divided the seen
+    tokens' logits by 0 (inf: greedy decoding repeated them), a negative one flipped their signs,
+    both without a word; a NaN temperature or top_p raised from inside torch.multinomial."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    with pytest.raises(ValueError, match=message):
+        m.generate(pixels, ids, mask, max_new_tokens=3, eos_token_id=-1,
+                   generator=torch.Generator().manual_seed(0), **kwargs)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
