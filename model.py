@@ -855,6 +855,11 @@ class LLaVA(nn.Module):
             dtype = next(self.vision_tower.parameters()).dtype
             blank = torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=dtype)
             return x + 0 * self.encode_images(blank).sum().to(x.dtype)
+        given = image_features if image_features is not None else pixel_values
+        if n_img == 0 and given is not None and len(given):  # (the images were left unread
+            # without a word: an answer from the text alone; transformers refuses it too)
+            raise ValueError("images given (pixel_values or image_features), but input_ids "
+                             f"hold no image token (config.image_token_id {c.image_token_id})")
         if n_img == 0:
             return x
         if image_features is None:

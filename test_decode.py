@@ -310,6 +310,21 @@ def test_sampling_arguments_outside_their_range_are_refused(kwargs, message):
                    generator=torch.Generator().manual_seed(0), **kwargs)
 
 
+def test_images_given_for_prompts_without_image_tokens_are_refused():
+    """Images beside input_ids that hold no image token were left unread without a word (the
+    answer came from the text alone; a prompt built without <image>), in forward, generate and
+    beam search; transformers refuses them. Text alone, without images, still runs."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    text = ids.masked_fill(ids == m.config.image_token_id, 5)
+    for call in (lambda: m(pixels, text, mask), lambda: m.generate(pixels, text, mask, 2),
+                 lambda: m.generate(pixels, text, mask, 2, num_beams=2),
+                 lambda: m.generate(None, text, mask, 2, image_features=m.encode_images(pixels))):
+        with pytest.raises(ValueError, match="images given .*, but input_ids hold no image"):
+            call()
+    assert m.generate(None, text, mask, 2).tokens.shape == (3, 2)
+
+
 def test_compiled_decode_compiles_once_across_prompt_lengths(monkeypatch):
     """generate(compile=True) made its cache of the prompt's length plus the new tokens' and new
     state tensors each call, so every prompt length compiled the step again (eval's batches each
