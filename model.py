@@ -1304,6 +1304,8 @@ class LLaVA(nn.Module):
         self.delete_adapter(name)
 
     def add_head(self, name):
+        if name in self.heads:  # (a trained head was replaced by a fresh one without a word)
+            raise ValueError(f"head '{name}' exists already")
         self.heads[name] = ScalarHead(self.config.hidden).to(self.language_model.norm.weight.device)
         return self.heads[name]
 

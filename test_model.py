@@ -298,6 +298,18 @@ def test_an_unknown_adapter_name_is_one_clear_error_and_changes_nothing():
     assert not m.base_edited and list(m.adapters) == ["a"] and m.active_adapter == "a"
 
 
+def test_a_head_of_a_name_taken_is_refused_as_an_adapter_is():
+    """add_head of a name the model holds replaced the trained head by a fresh one without a word
+    (a reward model's scores gone); refused, as add_adapter refuses a taken name."""
+    m = tiny_model()
+    head = m.add_head("reward")
+    with torch.no_grad():
+        head.weight.fill_(0.5)
+    with pytest.raises(ValueError, match="head 'reward' exists already"):
+        m.add_head("reward")
+    assert m.heads["reward"] is head and bool((head.weight == 0.5).all())
+
+
 def test_adapter_added_to_an_eval_model_has_no_dropout():
     """A new adapter takes the model's mode: in an eval-mode model its dropout does not draw (it
     did: a fresh module trains, so eval and loaded adapters answered differently each call)."""
