@@ -1219,6 +1219,7 @@ class LLaVA(nn.Module):
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"unknown LoRA targets {bad} (choose from {', '.join(LORA_TARGETS)})")
+        check_name("adapter", name)
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already")
         n = self.config.layers
@@ -1304,6 +1305,7 @@ class LLaVA(nn.Module):
         self.delete_adapter(name)
 
     def add_head(self, name):
+        check_name("head", name)
         if name in self.heads:  # (a trained head was replaced by a fresh one without a word)
             raise ValueError(f"head '{name}' exists already")
         self.heads[name] = ScalarHead(self.config.hidden).to(self.language_model.norm.weight.device)
@@ -1381,6 +1383,14 @@ class LLaVA(nn.Module):
         """Adapter `adapter` as a PEFT LoRA directory (peft.PeftModel.from_pretrained loads it)."""
         import checkpoint
         checkpoint.export_peft_adapter(self, path, adapter, base=base)
+
+
+def check_name(kind, name):
+    """An adapter's or head's name: a key of the modules that hold them (torch raised a KeyError
+    or TypeError from inside nn.ModuleDict for '', 'a.b' or a number), and of the saved keys
+    (adapter.NAME.layers...: a '.' would split them elsewhere)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{kind} name {name!r}: expected a non-empty string without '.'")
 
 
 def check_inputs(input_ids, attention_mask):

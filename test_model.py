@@ -310,6 +310,17 @@ def test_a_head_of_a_name_taken_is_refused_as_an_adapter_is():
     assert m.heads["reward"] is head and bool((head.weight == 0.5).all())
 
 
+@pytest.mark.parametrize("name", ["", "a.b", 3, None])
+def test_an_adapter_or_head_name_that_cannot_be_a_key_is_one_clear_error(name):
+    """'', 'a.b' or a number raised a KeyError or TypeError from inside torch's nn.ModuleDict;
+    one line naming the name, the model left as it was."""
+    m = tiny_model()
+    for add in (m.add_adapter, m.add_head):
+        with pytest.raises(ValueError, match="name .*: expected a non-empty string without '.'"):
+            add(name)
+    assert m.adapters == {} and len(m.heads) == 0
+
+
 def test_adapter_added_to_an_eval_model_has_no_dropout():
     """A new adapter takes the model's mode: in an eval-mode model its dropout does not draw (it
     did: a fresh module trains, so eval and loaded adapters answered differently each call)."""
