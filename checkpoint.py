@@ -724,6 +724,9 @@ def load_checkpoint(path, vision_tower=None, dtype=None, device=None, adapters=T
     False refuses that). adapters False: the base weights alone, without the checkpoint's (or
     PEFT folder's) adapters and heads. Returned in eval mode, as transformers' and PEFT's
     from_pretrained do (an adapter's dropout off); the stages call train() where they train."""
+    if vision_tower is not None:  # (a pathlib.Path: an AttributeError where a str's startswith
+        # was read)
+        vision_tower = os.fspath(vision_tower)
     if isinstance(dtype, str):  # (transformers' from_pretrained takes dtype="bfloat16"; "auto":
         # the files' own, as None; a name was a TypeError from inside the first weight's .to())
         dtype = None if dtype == "auto" else getattr(torch, dtype, dtype)

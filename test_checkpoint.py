@@ -1378,3 +1378,14 @@ def test_dtype_by_name_loads_as_transformers_takes_it(tmp_path):
     for bad in ("bfloat", "int8", torch.int64):
         with pytest.raises(CheckpointError, match="dtype: expected a floating-point torch dtype"):
             LLaVA.from_pretrained(tmp_path / "m", dtype=bad)
+
+
+def test_vision_tower_as_a_path_object_is_read_as_its_string(tmp_path, monkeypatch):
+    """from_pretrained(dir, vision_tower=pathlib.Path("clip")) raised an AttributeError (str's
+    startswith read on a Path) where the same name as a str is one line."""
+    import pathlib
+    tiny_model().save_pretrained(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    for tower in ("clip", pathlib.Path("clip")):
+        with pytest.raises(CheckpointError, match="--vision_tower clip: not a CLIP directory"):
+            LLaVA.from_pretrained(tmp_path / "m", vision_tower=tower)
