@@ -200,3 +200,40 @@ def assert_same_metrics(a, b, keys, min_rows):
                 assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
                 compared += 1
     return compared
+
+
+def descendants(pid):
+    """Process ids below pid (torchrun's workers run in sessions of their own: killpg misses
+    them)."""
+    parent = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        up = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == up]
+        out += kids
+        todo += kids
+    return out
+
+
+def process_states(pid):
+    """What each process below pid is doing, one line each (state, kernel wait channel, signals
+    ignored and caught, command line): said where a test waits past its limit on a stop."""
+    lines = []
+    for p in descendants(pid):
+        try:
+            status = open(f"/proc/{p}/status").read().splitlines()
+            fields = {k: v.strip() for k, _, v in (s.partition(":") for s in status)}
+            wchan = open(f"/proc/{p}/wchan").read()
+            command = open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:200]
+        except OSError:
+            continue
+        lines.append(f"{p} {fields.get('State')} wchan={wchan} ignored={fields.get('SigIgn')} "
+                     f"caught={fields.get('SigCgt')} {command}")
+    return "\n".join(lines)

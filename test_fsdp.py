@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HERE, assert_same_metrics, free_port, run_cli
+from conftest import HERE, assert_same_metrics, descendants, free_port, run_cli
 
 # align 1 + instruct 5; checkpoints at 2, 4, 6 (the kill lands after 2: Adam moments in flight)
 STEPS = 6
@@ -34,26 +34,6 @@ def torchrun(script, argv, nproc=2, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def descendants(pid):
-    """Process ids below pid (torchrun's workers run in sessions of their own: killpg misses
-    them)."""
-    parent = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                pass
-    out, todo = [], [pid]
-    while todo:
-        up = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == up]
-        out += kids
-        todo += kids
-    return out
 
 
 def finish(proc):
