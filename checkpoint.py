@@ -23,7 +23,7 @@ from dataclasses import asdict, fields, replace
 import torch
 import torch.nn as nn
 
-from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig, eos_ids_ok
+from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig, check_name, eos_ids_ok
 
 FORMAT_NAME, FORMAT_VERSION = "factalign", 1
 
@@ -1411,7 +1411,10 @@ def _load_adapters(model, path, cfg, device, only_new=False):
         except ValueError as e:
             raise CheckpointError(f"{path}/config.json: field 'adapters.{name}': {e}")
     for name in cfg.get("heads", []):
-        model.add_head(name)
+        try:  # (a name that cannot be one, or given twice)
+            model.add_head(name)
+        except ValueError as e:
+            raise CheckpointError(f"{path}/config.json: field 'heads': {e}")
     own = _adapter_state(model)
     if only_new:  # keep the model's own adapters/heads as they are
         new = set(cfg.get("adapters", {})) | set(cfg.get("heads", []))
@@ -2020,6 +2023,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
     with a one-line notice: our adapters live on the language model, so those modules have no
     adapter to hold it. no_merge (a reason, completing 'LoRA on X (not the language model) ...'):
     such LoRA is refused instead. A refused adapter leaves the model as it was."""
+    check_name("adapter", name)  # (before any LoRA is merged into the base)
     cfg_path = os.path.join(path, "adapter_config.json")
     cfg = _read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":

@@ -850,16 +850,16 @@ class LLaVA(nn.Module):
         is_image = input_ids == c.image_token_id
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_img = int(is_image.sum())
-        if n_img == 0 and self.encode_every_batch and image_features is None:
-            # (LLaVA's own trainer gives a text-only record a zero image for the same reason)
-            dtype = next(self.vision_tower.parameters()).dtype
-            blank = torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=dtype)
-            return x + 0 * self.encode_images(blank).sum().to(x.dtype)
         given = image_features if image_features is not None else pixel_values
         if n_img == 0 and given is not None and len(given):  # (the images were left unread
             # without a word: an answer from the text alone; transformers refuses it too)
             raise ValueError("images given (pixel_values or image_features), but input_ids "
                              f"hold no image token (config.image_token_id {c.image_token_id})")
+        if n_img == 0 and self.encode_every_batch and image_features is None:
+            # (LLaVA's own trainer gives a text-only record a zero image for the same reason)
+            dtype = next(self.vision_tower.parameters()).dtype
+            blank = torch.zeros(1, 3, c.image_size, c.image_size, device=x.device, dtype=dtype)
+            return x + 0 * self.encode_images(blank).sum().to(x.dtype)
         if n_img == 0:
             return x
         if image_features is None:
@@ -988,9 +988,10 @@ class LLaVA(nn.Module):
         # too and was a TypeError here): any of them ends a row; < 0: none
         eos = torch.as_tensor(eos, dtype=torch.long, device=input_ids.device).reshape(-1)
         pad = c.pad_token_id if pad_token_id is None else pad_token_id
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # a row padded on the right answered from its padding (the prefill reads the last
-            # column) without a word; transformers warns of it. (All-padding rows stay allowed.)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded:  # a row padded on the right answered from its padding (the prefill reads the
+            # last column) without a word; transformers warns of it. (All-padding rows stay
+            # allowed.)
             real = attention_mask.bool()
             if bool((real.any(-1) & ~real[:, -1]).any()):
                 raise ValueError("attention_mask: a row ends in padding; generate takes prompts "
@@ -1005,9 +1006,8 @@ class LLaVA(nn.Module):
             raise ValueError(f"generator: a list of {len(generator)} generators for {B} rows "
                              "(one per row)")
         dev = input_ids.device
-        prompt_mask = None  # no padding (the usual case): SDPA's causal kernel for the prompt
-        if attention_mask is not None and not bool(attention_mask.all()):
-            prompt_mask = attention_mask
+        # no padding (the usual case): SDPA's causal kernel for the prompt
+        prompt_mask = attention_mask if padded else None
         x = self.embed(input_ids, pixel_values, image_features)
         state = self.decode_state(B, T, max_new_tokens, dev, x.dtype, compile)
         state.start(prompt_mask, T)
@@ -1391,6 +1391,9 @@ def check_name(kind, name):
     (adapter.NAME.layers...: a '.' would split them elsewhere)."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{kind} name {name!r}: expected a non-empty string without '.'")
+    if hasattr(nn.ModuleDict(), name):  # ('keys', 'update', 'training': torch's KeyError)
+        raise ValueError(f"{kind} name {name!r}: the name of an attribute of the modules that "
+                         "hold them; pick another")
 
 
 def check_inputs(input_ids, attention_mask):
@@ -1463,7 +1466,8 @@ def sample_token(logits, temperature=0.0, top_p=1.0, generator=None, with_entrop
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         # the most likely token always stays, as transformers' TopPLogitsWarper keeps it: top_p 0
         # is greedy there, and here every token was dropped (multinomial raised on all zeros)
-        drop[..., 0] = False
+        if top_p <= 0:  # (for top_p > 0 the first entry's cumsum less itself is exactly 0)
+            drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     if isinstance(generator, (list, tuple)):  # a stream per row: a row's draws are its own

@@ -1389,3 +1389,16 @@ def test_vision_tower_as_a_path_object_is_read_as_its_string(tmp_path, monkeypat
     for tower in ("clip", pathlib.Path("clip")):
         with pytest.raises(CheckpointError, match="--vision_tower clip: not a CLIP directory"):
             LLaVA.from_pretrained(tmp_path / "m", vision_tower=tower)
+
+
+def test_a_bad_head_name_in_a_checkpoint_names_its_file_and_field(tmp_path):
+    """A config.json whose 'heads' holds a name that cannot be one (or one twice) raised the bare
+    ValueError of add_head; an adapter's names its file and field, and so does a head's now."""
+    m = tiny_model()
+    m.add_head("reward")
+    m.save_pretrained(tmp_path / "rm")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    for heads in (["a.b"], ["reward", "reward"]):
+        (tmp_path / "rm" / "config.json").write_text(json.dumps(dict(cfg, heads=heads)))
+        with pytest.raises(CheckpointError, match="rm/config.json: field 'heads': "):
+            load_checkpoint(tmp_path / "rm")

@@ -425,6 +425,18 @@ def test_a_base_changed_since_loading_is_saved_whole(peft_elsewhere, tmp_path):
     assert json.load(open(tmp_path / "api" / "config.json"))["base"] is None
 
 
+def test_a_peft_adapter_refused_for_its_name_leaves_the_base_as_it_was(peft_elsewhere):
+    """load_adapters(peft_dir, 'a.b'): the adapter's vision and projector LoRA was merged into
+    the base before the name was refused, so a refused adapter left the model changed."""
+    _, root = peft_elsewhere
+    model = load_checkpoint(root / "base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter name 'a.b'"):
+        load_adapters(model, root / "adapter", "a.b")
+    assert not model.base_edited
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
     """LoRA on lm_head: PEFT also saves the head's own weight (save_embedding_layers 'auto'),
     which was refused as 'not a LoRA A/B weight'. The same weight as the base's is passed over

@@ -310,15 +310,27 @@ def test_a_head_of_a_name_taken_is_refused_as_an_adapter_is():
     assert m.heads["reward"] is head and bool((head.weight == 0.5).all())
 
 
-@pytest.mark.parametrize("name", ["", "a.b", 3, None])
+@pytest.mark.parametrize("name", ["", "a.b", 3, None, "keys", "update", "training"])
 def test_an_adapter_or_head_name_that_cannot_be_a_key_is_one_clear_error(name):
-    """'', 'a.b' or a number raised a KeyError or TypeError from inside torch's nn.ModuleDict;
-    one line naming the name, the model left as it was."""
+    """'', 'a.b' or a number raised a KeyError or TypeError from inside torch's nn.ModuleDict, and
+    so did the name of one of its attributes ('keys'); one line naming the name, the model left
+    as it was."""
     m = tiny_model()
     for add in (m.add_adapter, m.add_head):
-        with pytest.raises(ValueError, match="name .*: expected a non-empty string without '.'"):
+        with pytest.raises(ValueError, match=f"name {name!r}: "):
             add(name)
     assert m.adapters == {} and len(m.heads) == 0
+
+
+def test_images_beside_ids_without_an_image_token_are_refused_under_fsdp_too():
+    """The refusal of images no image token reads came after FSDP's blank-image branch
+    (encode_every_batch), which returned first: the images were left unread there."""
+    m = tiny_model()
+    m.encode_every_batch = True
+    pixels = torch.zeros(1, 3, m.config.image_size, m.config.image_size)
+    with pytest.raises(ValueError, match="hold no image token"):
+        m(pixels, torch.tensor([[5, 6, 7]]))
+    m(None, torch.tensor([[5, 6, 7]]))  # (text alone: the blank image, as before)
 
 
 def test_adapter_added_to_an_eval_model_has_no_dropout():
