@@ -1566,6 +1566,15 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
             os.kill(int(pid), signal.SIGKILL)
 
 
+def wait_for(paths, proc, seconds=60):
+    """Until every path exists (the stages' pid files), proc ends or the time is up; a path still
+    missing fails the test with proc's last words."""
+    deadline = time.time() + seconds
+    while not all(p.exists() for p in paths) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert all(p.exists() for p in paths), proc.communicate()[1][-2000:]
+
+
 def sleeper_run(tmp_path, seconds=30):
     """A stand-in for a stage: writes `ready` once under way, sleeps, and writes `said` if it is
     stopped with Ctrl-C (SIGINT)."""
@@ -1751,11 +1760,7 @@ def test_a_second_signal_while_stopping_still_stops_every_stage(script, backgrou
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = [folder / f"{n}.pid" for n in ("lrv", "dpo")]
     try:
-        deadline = time.time() + 60
-        while not all(p.exists() for p in pids) and time.time() < deadline \
-                and proc.poll() is None:
-            time.sleep(0.05)
-        assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
+        wait_for(pids, proc)
         # started in the background, the stages are in a session of their own: a Ctrl-C meant
         # for the script (its process group) does not reach them, as when they ignored it
         groups = {os.getpgid(int(p.read_text())) for p in pids}
@@ -1820,11 +1825,7 @@ def test_stages_end_with_a_pipeline_or_lab_killed_outright(script, tmp_path):
     alive = lambda pid: os.path.exists(f"/proc/{pid}") and \
         open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
     try:
-        deadline = time.time() + 60
-        while not all(p.exists() for p in pids) and time.time() < deadline \
-                and proc.poll() is None:
-            time.sleep(0.05)
-        assert all(p.exists() for p in pids), proc.communicate()[1][-2000:]
+        wait_for(pids, proc)
         proc.kill()
         proc.wait()
         deadline = time.time() + 10
