@@ -698,10 +698,11 @@ def _resolve_clip_dir(name, checkpoint):
     if not name:
         return None
     beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), os.path.basename(name))
-    for cand in (name, beside, hub_cache_dir(name)):
-        if cand and os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
+    for cand in (name, beside):
+        if os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
             return cand
-    return None
+    cached = hub_cache_dir(name)  # (asked only where neither is there)
+    return cached if cached and os.path.exists(os.path.join(cached, "config.json")) else None
 
 
 def hub_cache_dir(name):

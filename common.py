@@ -1975,7 +1975,16 @@ def trained_base(resume_path, init, loads_adapters=False):
     trained on (the resumed checkpoint's 'base'; a full model: the --init run.json recorded), not
     --init's newest checkpoint-N: a run folder given as --init may have grown one since, and the
     adapters (a full DPO run: its reference) would move onto other weights. loads_adapters: the
-    stage loads the resumed checkpoint itself (its adapters through their own 'base')."""
+    stage loads the resumed checkpoint itself (its adapters through their own 'base'); else the
+    resumed run is built from the base returned, which must hold the weights the run started
+    from (check_base_unchanged)."""
+    base = _trained_base(resume_path, init, loads_adapters)
+    if resume_path and not loads_adapters:
+        check_base_unchanged(resume_path, base, init)
+    return base
+
+
+def _trained_base(resume_path, init, loads_adapters):
     now = resolve_checkpoint(init)
     if not resume_path:
         return now

@@ -454,8 +454,6 @@ def main(cfg):
     init_dir = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
-    if sharded:  # (its frozen weights: as the run started)
-        common.check_base_unchanged(resume_path, init_dir, cfg.init)
     load_from = init_dir if sharded else resume_path or init_dir
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,

@@ -53,7 +53,6 @@ made, and statistics over it depend on how long the batch's longest response hap
 are the logged clipfrac, approx_kl and vf_clipfrac (means over real tokens; LLaVA-RLHF's are over
 every column, ours x tokens / columns on a padded batch).
 """
-import hashlib
 import json
 import os
 import random
@@ -493,17 +492,13 @@ def policy_only(model):
 
 
 def folder_digest(folder, names):
-    """sha256 of the named files of a folder (those there): recorded with each checkpoint for what
-    the run reads again at --resume (--reward's config and adapters, --policy_lora's), so one
-    retrained, replaced or grown since the run started is found there (the run went on scoring
-    with the new reward model, or took the new adapter as its KL reference, without a word)."""
-    h = hashlib.sha256()
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
+    """{name: sha256} of the named files of a folder (those there): recorded with each checkpoint
+    for what the run reads again at --resume (--reward's config and adapters, --policy_lora's),
+    so one retrained, replaced or grown since the run started is found there (the run went on
+    scoring with the new reward model, or took the new adapter as its KL reference, without a
+    word)."""
+    digests = common.file_digests([os.path.join(folder, name) for name in names])
+    return {os.path.basename(path): digest for path, digest in digests.items()}
 
 
 # a PEFT adapter's files (--policy_lora): its config and weights in either format
@@ -843,8 +838,6 @@ def main(cfg):
         common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
                              "facts (--facts false); drop it")
     base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
-    if resume_path:  # (the adapters restored from the checkpoint go onto it)
-        common.check_base_unchanged(resume_path, base, cfg.init)
     check_policy_template(cfg, base, rm[2])
     if d.main:
         for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):

@@ -400,8 +400,6 @@ def main(cfg):
     base = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
-    if sharded:  # (its frozen weights: as the run started)
-        common.check_base_unchanged(resume_path, base, cfg.init)
     load_from = base if sharded else resume_path or base
     # (a run whose checkpoints are whole (--init's base weights changed as loaded: a PEFT
     # adapter's vision LoRA merged) goes on writing them whole)

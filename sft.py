@@ -407,8 +407,6 @@ def main(cfg):
     # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
     # --init's run folder has grown since)
     init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
-    if sharded and cfg.init:  # (its frozen weights: as the run started)
-        common.check_base_unchanged(resume_path, init, cfg.init)
     load_from = init if sharded else resume_path or init
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,

@@ -693,8 +693,6 @@ def main(cfg):
     # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
     # --init's run folder has grown since)
     init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
-    if sharded and cfg.init:  # (its frozen weights: as the run started)
-        common.check_base_unchanged(resume_path, init, cfg.init)
     load_from = init if sharded else resume_path or init
     common.note_template("--init", cfg.init, cfg.template)
     common.note_world("--init", cfg.init, cfg.world)
