@@ -550,6 +550,7 @@ def main(cfg):
             global_seeds = torch.randint(0, 2 ** 62, (cfg.batch_size,), generator=noise_gen)
             seeds = global_seeds[d.rank * len(idx):]
         step_loss = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
+        step_sums = {}  # (into the log window's sums once the update is taken, not skipped)
         for pos in (list(range(i, len(idx), cfg.grad_accum)) for i in range(cfg.grad_accum)):
             b = train.batch([idx[p] for p in pos])
             paths = b["image_paths"] if cfg.noise_on == "original" else None
@@ -564,14 +565,18 @@ def main(cfg):
             loss.backward()
             step_loss += loss.detach().float()
             for k, v in list(m.items()) + [("pairs", torch.ones(len(pos), device=d.device))]:
-                sums[k] = sums.get(k, 0) + v.float().sum()
+                step_sums[k] = step_sums.get(k, 0) + v.float().sum()
         step_loss, norm = common.optimizer_step(opt, trainable, d, step, cfg, step_loss)
+        if norm is not None:  # (a step --skip_nonfinite skipped: its NaN left out of the means)
+            sums = {k: sums.get(k, 0) + v for k, v in step_sums.items()}
         done, timed = step + 1, timed + 1
-        # means over the pairs since the last line, all ranks
+        # means over the pairs since the last line, all ranks (the same steps skipped on each)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            totals = common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
-            tot = dict(zip(sums, totals))
-            avg = {k: v / tot["pairs"] for k, v in tot.items() if k != "pairs"}
+            avg = {"loss": float("nan")}  # (every step since the last line skipped)
+            if sums:
+                totals = common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
+                tot = dict(zip(sums, totals))
+                avg = {k: v / tot["pairs"] for k, v in tot.items() if k != "pairs"}
             grad_norm = norm if norm is not None else float("nan")
             s_per_step = round((time.time() - t0) / timed, 3)
             log.log(done, loss=avg.pop("loss"), **avg, lr=lr, grad_norm=grad_norm,

@@ -659,3 +659,31 @@ def test_full_finetune_resume_refuses_an_init_replaced_at_its_path(env, tmp_path
                                                        "--max_steps", "3")])
     assert code == 2 and "reference log-probs (ref_logps-" in err and \
         "differ from those of today's inputs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_skipped_step_leaves_the_log_window_means_finite(env, tmp_path, monkeypatch):
+    """--skip_nonfinite true: a step whose loss is NaN is skipped, and the means logged over its
+    window are those of the steps taken (its NaN made every mean of the window NaN, null in
+    metrics.jsonl); a window of skipped steps alone logs a null loss."""
+    pair_losses, calls = dpo.pair_losses, []
+
+    def nan_at_second_step(model, batch, cfg, *rest):
+        losses, m = pair_losses(model, batch, cfg, *rest)
+        calls.append(1)
+        if len(calls) == 2:  # (step 2's one micro-batch: no held-out pass runs before it)
+            nan = float("nan")
+            return losses * nan, {k: v * nan for k, v in m.items()}
+        return losses, m
+    monkeypatch.setattr(dpo, "pair_losses", nan_at_second_step)
+    out = tmp_path / "run"
+    cli(*args(env, out, "--max_steps", "3", "--log_every", "3", "--val_data", "",
+              "--skip_nonfinite", "true"))
+    (row,), _ = _rows(str(out))
+    assert row["step"] == 3 and row["grad_norm"] is not None
+    assert all(row[k] is not None and math.isfinite(row[k])
+               for k in row if k.startswith(("loss", "rewards/", "logps/"))), row
+    calls.clear()
+    cli(*args(env, tmp_path / "each", "--max_steps", "3", "--log_every", "1", "--val_data", "",
+              "--skip_nonfinite", "true"))
+    rows, _ = _rows(str(tmp_path / "each"))
+    assert [r["loss"] is None for r in rows] == [False, True, False], rows
