@@ -586,6 +586,15 @@ def stop_signals_deferred():
             signal.raise_signal(got[0])  # (to the handler put back: the interrupt, a drop, ...)
 
 
+def ended_how(code):
+    """A child's exit status in words: 'exit code N', or 'killed by signal SIGKILL' where Python's
+    returncode is -N (a signal's number, which read as 'exit -9' looked like the stage's own
+    code)."""
+    if code >= 0:
+        return f"exit code {code}"
+    return f"killed by signal {({s.value: s.name for s in signal.Signals}).get(-code, -code)}"
+
+
 def stop_processes(procs, grace=True):
     """Stop child processes (pipeline's stages, lab's runs) and wait for them: each gets SIGINT
     (their Ctrl-C: a checkpoint-safe exit), after up to 2 s to end on their own where grace (a

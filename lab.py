@@ -349,7 +349,7 @@ def execute(runs, cfg, finished=lambda n: None):
                     finished(n_ok)
                 said = "done " if p.returncode == 0 else "FAIL "
                 print(f"{said} {name} in {time.time() - t:.0f}s"
-                      + (f" (exit {p.returncode}; see {log})" if p.returncode else "")
+                      + (f" ({common.ended_how(p.returncode)}; see {log})" if p.returncode else "")
                       + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
     except BaseException as e:  # (Ctrl-C or SIGTERM sent to the lab alone, or an error of its
         # own, such as a log path that is a folder: its runs went on as orphans)

@@ -397,8 +397,7 @@ def run_stages(cfg, commands, here, times):
             # exit code 2: the stage printed its one line naming the bad input (and the '=== name'
             # header above it says which stage); a second line would only repeat it
             if code < 0:  # (killed by a signal: -9 read as 'exit code -9', the job's 247)
-                how = {s.value: s.name for s in signal.Signals}.get(-code, str(-code))
-                print(f"error: stage '{name}' was killed by signal {how}; later stages not run",
+                print(f"error: stage '{name}' was {common.ended_how(code)}; later stages not run",
                       file=sys.stderr)
                 code = 128 - code  # (a shell's code for a process killed by that signal)
             elif code != 2:

@@ -369,18 +369,19 @@ def test_lab_execute_starts_the_longest_chains_first(tmp_path, monkeypatch):
     assert list(runs)[0] == "sft/eval"
 
 
-def test_lab_skips_everything_after_a_failed_run(tmp_path, monkeypatch):
+def test_lab_skips_everything_after_a_failed_run(tmp_path, monkeypatch, capsys):
     """POVID stage 1 failed: stage 2 was skipped, but its eval, taken in the same pass, counted as
     ready and started (and scored an old stage 2 on disk into the report). Every run downstream of
-    a failure is skipped now, transitively."""
+    a failure is skipped now, transitively. A run killed by a signal is said so (it read 'exit
+    -9', as if the stage had exited with that code)."""
     started = []
 
-    class Ended:  # a process that has already exited: 1 for stage 1, else 0
+    class Ended:  # a process that has already exited: stage 1 killed (kill -9), the others 0
         def __init__(self, cmd, **kwargs):
             out = cmd[cmd.index("--out") + 1]
             started.append(out)
             os.makedirs(out, exist_ok=True)
-            self.returncode = 1 if out.endswith("stage1-s0") else 0
+            self.returncode = -9 if out.endswith("stage1-s0") else 0
 
         def poll(self):
             return self.returncode
@@ -393,6 +394,9 @@ def test_lab_skips_everything_after_a_failed_run(tmp_path, monkeypatch):
     assert failed == {"povid/stage1-s0", "povid/stage1-s0/eval", "povid/stage2-s0",
                       "povid/stage2-s0/eval"}
     assert not [out for out in started if "stage2" in out], started
+    log = os.path.join(str(tmp_path), "povid", "stage1-s0.log")
+    assert f"FAIL  povid/stage1-s0 in 0s (killed by signal SIGKILL; see {log})" in \
+        capsys.readouterr().out
 
 
 def test_world_seed_moves_default_folders():
