@@ -230,7 +230,8 @@ def parse_gavie(reply):
         label = rf"\b{key}\s*:"
         scored = rf"{line}{key}\s+score\s*:"  # (at a line's start: 'overall accuracy score: 7' is
         # a sentence)
-        number = r"\s*(\d+(?:\.\d+)?)"
+        # (a number ends there: '1e3' or '1.5.2' is no score, not a 1)
+        number = r"\s*(\d+(?:\.\d+)?)(?!\d|\.\d|e[+-]?\d)"
         anywhere = {float(v) for v in re.findall(rf"(?:{label}|{scored}){number}", text, re.M)}
         # where both labels start a line, a score there comes first, then LRV's 'score of the
         # answer1' in the section, then one anywhere (a reason's 'accuracy: 3 items' overrode the
@@ -241,7 +242,7 @@ def parse_gavie(reply):
                                       re.S | re.M)
         section = section or re.search(rf"{label}(.*?)(?=\b{starts}|\Z)", text, re.S)
         if not found and section:
-            answer1 = r"score of (?:the )?answer\s*1\s*:\s*(\d+(?:\.\d+)?)"
+            answer1 = r"score of (?:the )?answer\s*1\s*:" + number
             found = {float(v) for v in re.findall(answer1, section.group(1))}
         found = found or anywhere
         if len(found) != 1 or not 0 <= min(found) <= 10:

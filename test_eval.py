@@ -274,6 +274,10 @@ def test_rating_parsers():
     assert judges.parse_gavie("Relevancy: 8") is None
     assert judges.parse_gavie("Relevancy: 8 Accuracy: 11") is None
     assert judges.parse_gavie("Relevancy: 8 Accuracy: 6 Accuracy: 7") is None
+    # a number that is not a plain score is no score (it read as its first digits: 1e3 as 1)
+    assert judges.parse_gavie("Relevancy: 1e3\nAccuracy: 6") is None
+    assert judges.parse_gavie("Relevancy: 8.5.2\nAccuracy: 6") is None
+    assert judges.parse_gavie("Relevancy: 8.\nAccuracy: 6/10") == {"relevancy": 8, "accuracy": 6}
     types = ["attribute", "attribute", "counting", "other"]
     q = [{"id": str(i), "question_type": t} for i, t in enumerate(types)]
     replies = {"0": "Rating: 6", "1": "Rating: 2", "2": "rating: 4", "3": "no idea"}
