@@ -145,6 +145,11 @@ class TensorSource:
             if part == "unknown":
                 raise CheckpointError(f"{f}: key '{key}' is not part of a LLaVA model (another "
                                       "architecture?)")
+            if (part, name) in self.where:  # (the file read last won, in file-name order)
+                other, other_key = self.where[(part, name)]
+                again = f"again as '{key}'" if key != other_key else "again"
+                raise CheckpointError(f"{f}: holds '{other_key}' of {other} {again}: two copies "
+                                      "of one weight (a stale shard or a merged copy?): keep one")
             self.where[(part, name)] = (f, key)
 
     def vision_from(self, clip_dir):

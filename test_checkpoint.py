@@ -230,6 +230,32 @@ def test_shards_without_an_index_are_one_whole_set(hf_dirs, tmp_path):
         load_checkpoint(d)
 
 
+def test_a_weight_in_two_files_or_under_two_keys_is_refused(hf_dirs, tmp_path):
+    """One weight held twice (a shard of a set holding a key of another, a file holding a tensor
+    under its original-LLaVA key beside its llava-hf one): the file read last won, in file-name
+    order, without a word. Refused now, naming both."""
+    from safetensors.torch import load_file, save_file
+    _, path = hf_dirs["gelu"]
+    state = load_file(os.path.join(path, "model.safetensors"))
+    keys = sorted(state)
+    head = next(k for k in keys if k.endswith("lm_head.weight"))
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    first, second = (d / f"model-0000{i}-of-00002.safetensors" for i in (1, 2))
+    save_file({k: state[k] for k in keys[0::2]} | {head: state[head] * 0.5}, str(first))
+    save_file({k: state[k] for k in keys[1::2]} | {head: state[head]}, str(second))
+    with pytest.raises(CheckpointError, match=f"^{second}: holds '{head}' of {first} again: two "
+                                              "copies of one weight"):
+        load_checkpoint(d)
+    second.unlink()
+    projector = next(k for k in keys if "projector" in k and k.endswith("weight"))
+    original = _to_original_llava(projector)
+    save_file({k: state[k] for k in keys[1::2]} | {original: state[projector]}, str(second))
+    with pytest.raises(CheckpointError, match="two copies of one weight"):
+        load_checkpoint(d)
+
+
 def _to_original_llava(k, keep_vision=True):
     """llava-hf key -> original LLaVA (LlavaLlamaForCausalLM) key."""
     if k.startswith("vision_tower."):
