@@ -595,6 +595,9 @@ def ended_how(code):
     return f"killed by signal {({s.value: s.name for s in signal.Signals}).get(-code, -code)}"
 
 
+STOP_PATIENCE = 30  # seconds a stopped child may take before the stop says what it waits for
+
+
 def stop_processes(procs, grace=True):
     """Stop child processes (pipeline's stages, lab's runs) and wait for them: each gets SIGINT
     (their Ctrl-C: a checkpoint-safe exit), after up to 2 s to end on their own where grace (a
@@ -607,7 +610,15 @@ def stop_processes(procs, grace=True):
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-        for proc in procs:
+        wait_a_moment(procs, STOP_PATIENCE)
+        stuck = [proc for proc in procs if proc.poll() is None]
+        if stuck:  # (waited for without a word: a stuck one looked like a hung stop)
+            pids = ", ".join(str(proc.pid) for proc in stuck)
+            print(f"still waiting for {len(stuck)} process{'es' * (len(stuck) > 1)} to stop (pid "
+                  f"{pids}); `kill -9 {os.getpid()}` ends {'them' if len(stuck) > 1 else 'it'} "
+                  "and this one (the checkpoints saved stay whole)",
+                  file=sys.stderr, flush=True)
+        for proc in stuck:
             proc.wait()
     finally:
         for signum, handler in held.items():

@@ -809,3 +809,28 @@ def test_a_resume_from_a_lora_init_refuses_its_adapters_retrained_at_their_path(
     save_checkpoint_files(stage1, tmp_path / "stage1", base=tmp_path / "base")
     with pytest.raises(common.ConfigError, match="holds other weights than this run started"):
         common.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
+
+
+def test_a_stop_that_waits_on_a_stuck_process_says_so(monkeypatch, capsys):
+    """pipeline's and lab's stop waits for each stopped child; one that does not end (stuck, or
+    ignoring SIGINT) was waited for without a word, a hung stop to the user. After STOP_PATIENCE
+    it says which processes it waits for and how to end them, then goes on waiting."""
+    import threading
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                              "print('ready', flush=True)\ntime.sleep(60)\n"],
+                             stdout=subprocess.PIPE, text=True)
+    quick = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(60)\n"])
+    assert stuck.stdout.readline() == "ready\n"
+    monkeypatch.setattr(common, "STOP_PATIENCE", 0.5)
+    killer = threading.Timer(3.0, stuck.kill)
+    killer.start()
+    try:
+        common.stop_processes([quick, stuck], grace=False)
+    finally:
+        killer.cancel()
+        stuck.kill()
+    assert quick.returncode != 0 and stuck.returncode == -9  # (waited for until it ended)
+    assert capsys.readouterr().err == (
+        f"still waiting for 1 process to stop (pid {stuck.pid}); `kill -9 {os.getpid()}` ends it "
+        "and this one (the checkpoints saved stay whole)\n")
