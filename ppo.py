@@ -59,7 +59,7 @@ import random
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -873,6 +873,11 @@ def main(cfg):
         if len(prompts) < cfg.rollout_batch:  # (batch_indices wraps around the prompts)
             print(f"note: {len(prompts)} prompts for --rollout_batch {cfg.rollout_batch}: every "
                   "step's batch holds some prompts more than once")
+    # what its checkpoints record: the flags, and the template the policy is prompted with (the
+    # reward model's; PPO has no --template), so that an export writes that chat template and a
+    # later stage notes another (none recorded: exported as vicuna_v1's); not a flag, so --resume
+    # does not compare it (the reward model's digest covers it)
+    record = {**asdict(cfg), "template": rm[2]}
     images = ImageCache(policy.config.image_size)
     critic_images = ImageCache(critic.config.image_size)  # (used when it reads another size)
     log = common.Logger(cfg.out, d.main)
@@ -919,7 +924,7 @@ def main(cfg):
             extra = trainer_extra(policy, critic, kl_coef, gen, d, digests)
             # base = the SFT checkpoint; reward/value adapters live in trainer_state
             with policy_only(policy):
-                common.save_checkpoint(policy, cfg.out, done, cfg, opt, tokenizer, base=base,
+                common.save_checkpoint(policy, cfg.out, done, record, opt, tokenizer, base=base,
                                        extra_state=extra, d=d)
     # the final checkpoint becomes the policy merged into the base (full weights)
     if cfg.export == "merged":
@@ -932,7 +937,7 @@ def main(cfg):
             policy.merge_adapter("policy")
         # (every rank: its random streams go into the checkpoint, which says how many wrote it;
         # saved by the main process alone, it said 1 and a resume restarted the others' streams)
-        path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, cfg, opt, tokenizer,
+        path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, record, opt, tokenizer,
                                       extra_state=extra, d=d)
         if d.main:
             print(f"exported the merged policy to {path}")

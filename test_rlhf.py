@@ -21,7 +21,8 @@ import data
 import ppo
 import reward
 from data import load_tokenizer
-from checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint_files
+from checkpoint import (export_llava_hf, load_checkpoint, resolve_checkpoint,
+                        save_checkpoint_files)
 from model import LLaVA
 
 ONE = common.Dist()  # a world of one process
@@ -445,7 +446,8 @@ def base_storages(*models):
             if ".lora." not in n and not n.startswith("heads.")}
 
 
-def make_rm(sft_dir, out, shared=True, vocab=None, facts=True, prompt_space=False):
+def make_rm(sft_dir, out, shared=True, vocab=None, facts=True, prompt_space=False,
+            template="vicuna_v1"):
     if vocab is None:
         m = load_checkpoint(sft_dir)
     else:
@@ -453,7 +455,7 @@ def make_rm(sft_dir, out, shared=True, vocab=None, facts=True, prompt_space=Fals
     m.add_adapter("reward", 4, 8)
     m.add_head("reward")
     m.set_adapter("reward")
-    run_config = {"facts": facts, "eval_prompt": "short", "template": "vicuna_v1",
+    run_config = {"facts": facts, "eval_prompt": "short", "template": template,
                   "prompt_space": prompt_space}
     save_checkpoint_files(m, out, base=resolve_checkpoint(sft_dir) if shared else None,
                           extra_config={"run_config": run_config})
@@ -855,6 +857,36 @@ def test_ppo_resume_refuses_a_reward_model_replaced_since(sft, tiny_world, tmp_p
     assert code == 2 and "resumed from" not in out, err
     assert f"--reward {rm}: {rm}/checkpoint-000002 is not the reward model this run was " \
         "trained against" in err and "Traceback" not in err, err
+
+
+def test_a_ppo_checkpoint_records_the_template_its_policy_was_prompted_with(sft, tiny_world,
+                                                                             tmp_path, capsys):
+    """PPO prompts the policy with its reward model's --template and has no flag of its own: its
+    checkpoints recorded none, so a PPO run on a llava_v1 reward model exported with vicuna_v1's
+    chat template (recording none), and a stage or eval prompting it with vicuna_v1 said nothing.
+    Its checkpoints (an adapter one and the merged end) record the reward model's template now,
+    which --resume does not compare (it goes on)."""
+    rm = make_rm(sft, tmp_path / "rm", template="llava_v1")
+    out = tmp_path / "ppo"
+    args = ["--init", sft, "--reward", rm, "--world", tiny_world, *PPO_ARGS, "--max_steps", "2",
+            "--save_every", "1", "--out", str(out)]
+    code, _, err = run_cli("ppo", args)
+    assert code == 0, err
+    adapter_step, merged_end = str(out / "checkpoint-000001"), str(out / "checkpoint-000002")
+    assert common.recorded_base(adapter_step) is not None  # (the policy's LoRA on --init)
+    for ck in (adapter_step, merged_end):
+        assert common.recorded_template(ck) == "llava_v1", ck
+    export_llava_hf(load_checkpoint(merged_end), tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["factalign_template"] == "llava_v1"
+    assert data.SYSTEM["llava_v1"] in (tmp_path / "hf" / "chat_template.jinja").read_text()
+    capsys.readouterr()
+    common.note_template("--init", str(out), "vicuna_v1")
+    assert "was trained with --template llava_v1" in capsys.readouterr().out
+    shutil.rmtree(merged_end)
+    code, stdout, err = run_cli("ppo", args + ["--resume", "true"])
+    assert code == 0 and "resumed from" in stdout, err
+    assert common.recorded_template(merged_end) == "llava_v1"
 
 
 def test_ppo_resume_refuses_an_init_rewritten_at_its_path(tiny_rm, sft, tiny_world, tmp_path):
