@@ -1526,6 +1526,7 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
         kept = f"adapter '{merged}' merged in" if merged else ""
         gone = f"left out: {', '.join(left)} (adapters/heads)" if left else ""
         note(f"note: {path}: {'; '.join(x for x in (kept, gone) if x)}", flush=True)
+    dtype = _export_dtype(state, path)  # (before the filler below: its dtype follows the tower)
     if c.projector == "linear":
         dev = state["multi_modal_projector.linear_1.weight"]
         state["multi_modal_projector.linear_2.weight"] = torch.eye(c.hidden, dtype=dev.dtype)
@@ -1553,7 +1554,6 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     pad = pad if pad is not None and 0 <= pad < vocab else c.pad_token_id
     os.makedirs(path, exist_ok=True)
     _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
-    dtype = str(vdt).replace("torch.", "")
     vision_config = {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
                      "intermediate_size": c.vision_intermediate,
                      "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
@@ -1596,6 +1596,33 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     tok.save_pretrained(path)
     _write_processor(model, path, written, tok.eos_token)
 
+
+
+def _export_dtype(state, path):
+    """config.json's torch_dtype for an export's tensors: the dtype most of their elements have.
+    The file keeps each tensor's own, but transformers loads every weight of a model in one dtype
+    (its config's under dtype="auto"; no field holds one per module): a bf16 base beside the fp32
+    projector a LoRA run trains was loaded with the projector rounded to bf16, without a word.
+    Said in a note then, with how to keep each weight as written (widening the whole export to
+    fp32 would double what dtype="auto" loads of a 7B base for a projector's few million weights;
+    rounding the file would lose what load_checkpoint keeps)."""
+    numel = {}
+    for v in state.values():
+        if v.is_floating_point():
+            numel[v.dtype] = numel.get(v.dtype, 0) + v.numel()
+    bulk = max(numel, key=numel.get)
+    name = lambda dt: str(dt).replace("torch.", "")
+    others = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dtype != bulk:
+            others.setdefault(k.split(".")[0], set()).add(name(v.dtype))
+    if others:
+        parts = ", ".join(f"{p} ({'/'.join(sorted(d))})" for p, d in sorted(others.items()))
+        note(f"note: {path}: {parts} written as held, the rest {name(bulk)}: transformers loads "
+             f"every weight in one dtype (dtype='auto': config.json's {name(bulk)}), so those are "
+             "cast there; from_pretrained(path, dtype=torch.float32) keeps each weight as written "
+             "(load_checkpoint keeps each dtype)", flush=True)
+    return name(bulk)
 
 
 def _refuse_other_checkpoint(path, adapter=False):

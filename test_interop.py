@@ -579,6 +579,39 @@ def model_for(tok, seed=0):
     return m
 
 
+def test_a_bf16_base_with_an_fp32_projector_exports_each_weight_as_held(tmp_path, capsys):
+    """A LoRA run in bf16 keeps its trained projector in fp32 (cast_base(keep_trained)); the export
+    keeps it so in model.safetensors, but transformers loads every weight in one dtype,
+    config.json's bfloat16 under dtype="auto": the projector was rounded there without a word.
+    The export says so, and how to keep each weight: transformers' fp32 load then holds exactly
+    our weights and gives our fp32 logits."""
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+    m = tiny_model()
+    m.set_trainable(projector=True)
+    m.cast_base(torch.bfloat16, keep_trained=True)
+    export_llava_hf(m, tmp_path / "hf")
+    said = capsys.readouterr().out
+    assert "multi_modal_projector (float32) written as held, the rest bfloat16" in said, said
+    assert "dtype=torch.float32" in said
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"  # (the bulk: what dtype="auto" loads)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("multi_modal_projector.linear_1.weight").dtype == torch.float32
+    held = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert held.model.multi_modal_projector.linear_1.weight.dtype == torch.bfloat16  # (the note's)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert torch.equal(hf.model.multi_modal_projector.linear_1.weight, m.projector.linear_1.weight)
+    ours = load_checkpoint(str(tmp_path / "hf"))
+    assert ours.projector.linear_1.weight.dtype == torch.float32
+    pixels, ids = inputs()
+    with torch.no_grad():
+        want = ours.float()(pixels, ids)
+    torch.testing.assert_close(peft_logits(hf, pixels, ids), want, atol=ATOL, rtol=0)
+    export_llava_hf(m.float(), tmp_path / "fp32")  # (one dtype: no note)
+    assert "written as held" not in capsys.readouterr().out
+
+
 def test_export_of_a_tokenizer_without_a_pad_token_pads_with_the_configs(tmp_path):
     """A tokenizer without a pad token was exported as it was: the processor then had no pad token
     while config.json named one."""
