@@ -1430,22 +1430,36 @@ def write_whole(path, write, encoding="utf-8", binary=False):
         raise
 
 
-def start_writing(cfg, d, data_files=()):
+def start_writing(cfg, d, data_files=(), model=None):
     """Once the inputs are checked, just before the first write (main process). --resume: the data
-    files must be those the run started on (sha256 in OUT/run.json). --overwrite true: a run already
-    in --out is moved aside in one rename (kept, never deleted). A fresh run records its data files'
-    digests."""
+    files must be those the run started on (sha256 in OUT/run.json), and the CLIP folder `model`
+    read its vision weights from (--vision_tower, or the one its checkpoint names) must hold the
+    weights it held then (base_fingerprint). --overwrite true: a run already in --out is moved
+    aside in one rename (kept, never deleted). A fresh run records its data files' digests and
+    that CLIP's fingerprint."""
     if not d.main:
         return
     out = cfg.out
     digests = file_digests(data_files)
     run_file = os.path.join(out, RUN_FILE)
+    clip = getattr(model, "clip_dir", None)  # (None: the CLIP weights are the checkpoint's own)
+    clip_print = base_fingerprint(clip) if clip else None
     if cfg.resume and os.path.exists(run_file):
         try:
-            was = json.load(open(run_file))["data"]
+            with open(run_file) as f:
+                run = json.load(f)
+            was = run["data"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
                               "data files")
+        if run.get("clip_fingerprint") not in (None, clip_print) and clip_print is not None:
+            # (a folder replaced since: the rest of the run read another CLIP without a word;
+            # runs from before it was recorded: not checked)
+            flag = f"--vision_tower {cfg.vision_tower}: " if getattr(cfg, "vision_tower", "") \
+                else ""
+            raise ConfigError(f"{flag}{clip} holds other CLIP weights than this run started with "
+                              f"(replaced since: their fingerprint differs from {run_file}'s); "
+                              "put those back, or start a new run")
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
@@ -1480,6 +1494,7 @@ def start_writing(cfg, d, data_files=()):
         # weights' fingerprint: check_base_unchanged)
         init = getattr(cfg, "init", "")
         record = {"init": os.path.abspath(resolve_checkpoint(init))} if init else {}
+        record.update({"clip_fingerprint": clip_print} if clip_print else {})
         try:
             record.update({"init_fingerprint": init_fingerprint(init)} if init else {})
         except (CheckpointError, OSError):  # (a layout without weight files of its own: none)

@@ -502,7 +502,7 @@ def main(cfg):
                                  f"answer starts past --max_len {cfg.max_len}, {val.tied} whose "
                                  "chosen and rejected are the same tokens)")
     data_files = [cfg.data, cfg.val_data]
-    common.start_writing(cfg, d, data_files)
+    common.start_writing(cfg, d, data_files, model)
     ref = None
     # on --resume the init model is loaded again only if the cache is gone
     if cfg.lora_r == 0 and cfg.loss != "ref_free":

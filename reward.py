@@ -358,7 +358,7 @@ def import_llava_rlhf(cfg):
                                  f"{sorted(model.adapters)}; the reward model's base has none")
     load_llava_rlhf_reward(model, cfg.import_llava_rlhf, "reward")
     model.set_adapter("reward")
-    common.start_writing(cfg, d)
+    common.start_writing(cfg, d, model=model)
     base = resolve_checkpoint(cfg.init)  # (the RM checkpoint points here for its frozen weights)
     common.save_checkpoint(model, cfg.out, 0, cfg, None, tokenizer, base=base, d=d)
     print(f"{cfg.import_llava_rlhf} -> {cfg.out}: LoRA r {model.adapters['reward']['r']} and "
@@ -462,7 +462,7 @@ def main(cfg):
                                  f"(chosen and rejected, {len(val)} pairs): raise --max_len")
     val_too_long, val = len(val) - len(val_keys), [val[i] for i in val_keys]
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
-    common.start_writing(cfg, d, data_files)
+    common.start_writing(cfg, d, data_files, model)
     if cfg.pairs == "sampled" and d.main:
         common.write_json({"train": train, "val": val, "stats": stats},
                           os.path.join(cfg.out, "sampled_pairs.json"))

@@ -486,7 +486,7 @@ def main(cfg):
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
     data_files += [cfg.read_data] if reading else []
-    common.start_writing(cfg, d, data_files)
+    common.start_writing(cfg, d, data_files, model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay,
                                 vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0

@@ -687,3 +687,47 @@ def test_a_skipped_step_leaves_the_log_window_means_finite(env, tmp_path, monkey
               "--skip_nonfinite", "true"))
     rows, _ = _rows(str(tmp_path / "each"))
     assert [r["loss"] is None for r in rows] == [False, True, False], rows
+
+
+def test_a_resume_refuses_a_vision_tower_replaced_since(tiny_world, tmp_path):
+    """An adapter run on a base without CLIP weights (LLaVA's releases name theirs) reads them from
+    --vision_tower at its start and again at --resume: a folder replaced in between was read
+    without a word (the rest of the run trained, and its reference scored, on another CLIP).
+    run.json records the fingerprint of the CLIP folder the model read; another is refused in one
+    line, the same goes on."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from test_checkpoint import _original_llava_config, _rewrite_keys, _to_original_llava
+    from test_model import hf_text_config, hf_vision_config
+    text = hf_text_config()
+    text.vocab_size = 1024  # (the world's tokenizer fits)
+
+    def clip_and_llava(seed):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=hf_vision_config(),
+                                                         text_config=text, pad_token_id=0))
+    hf = clip_and_llava(0)
+    hf.save_pretrained(tmp_path / "hf")
+    hf.model.vision_tower.save_pretrained(tmp_path / "clip")
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = _original_llava_config(json.load(f), "openai/clip-tiny")
+    _rewrite_keys(tmp_path / "hf", tmp_path / "llava", lambda k: _to_original_llava(k, False),
+                  config=config)
+    for f in os.listdir(os.path.join(tiny_world, "tokenizer")):
+        shutil.copy(os.path.join(tiny_world, "tokenizer", f), tmp_path / "llava")
+    out = tmp_path / "dpo"
+    args = ["--init", str(tmp_path / "llava"), "--vision_tower", str(tmp_path / "clip"),
+            "--world", tiny_world, "--max_steps", "2", "--save_every", "1", "--batch_size", "2",
+            "--lora_r", "4", "--out", str(out)]
+    code, _, err = run_cli("dpo", args)
+    assert code == 0, err
+    assert json.load(open(out / "checkpoint-000001" / "config.json"))["base"] is not None
+    shutil.rmtree(out / "checkpoint-000002")
+    code, stdout, err = run_cli("dpo", args + ["--resume", "true"])  # (the same CLIP: goes on)
+    assert code == 0 and "resumed from" in stdout, err
+    shutil.rmtree(out / "checkpoint-000002")
+    clip_and_llava(1).model.vision_tower.save_pretrained(tmp_path / "clip")
+    code, stdout, err = run_cli("dpo", args + ["--resume", "true"])
+    assert code == 2 and "resumed from" not in stdout, err
+    assert f"--vision_tower {tmp_path / 'clip'}: {tmp_path / 'clip'} holds other CLIP weights " \
+        "than this run started with" in err and "Traceback" not in err, err
+    assert not (out / "checkpoint-000002").exists()

@@ -747,7 +747,7 @@ def main(cfg):
     train = kept
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     data_files += [cfg.images] if os.path.isfile(cfg.images) else []
-    common.start_writing(cfg, d, data_files)
+    common.start_writing(cfg, d, data_files, model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
