@@ -848,7 +848,13 @@ class LLaVA(nn.Module):
         """Token embeddings with the image features written into the image-token positions."""
         c = self.config
         is_image = input_ids == c.image_token_id
-        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        try:
+            x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        except IndexError:  # (torch's "index out of range in self" named no argument; looked
+            # for once it failed, so the training path pays no check; on CUDA it is a device
+            # assert, which generate's check_token_ids comes before)
+            raise ValueError(token_ids_error(input_ids, c) or "input_ids: out of range") \
+                from None
         n_img = int(is_image.sum())
         given = image_features if image_features is not None else pixel_values
         if n_img == 0 and given is not None and len(given):  # (the images were left unread
@@ -972,6 +978,13 @@ class LLaVA(nn.Module):
         transformers' output_scores. Returns GenerateOutput."""
         c = self.config
         check_inputs(input_ids, attention_mask)
+        if input_ids.shape[1] == 0:  # (it failed inside a reshape of the prefill)
+            raise ValueError("input_ids: an empty prompt (0 tokens); generate continues a prompt "
+                             "of at least one token (a BOS)")
+        # once per call (one host sync; the steps' ids are its own), before CUDA's device assert
+        outside = token_ids_error(input_ids, c)
+        if outside:
+            raise ValueError(outside)
         if max_new_tokens < 0:  # (a tensor of negative size, deep inside the cache)
             raise ValueError(f"max_new_tokens: must be 0 or more, got {max_new_tokens}")
         # as transformers' logits processors refuse them: a penalty of 0 divided the seen tokens'
@@ -1405,6 +1418,20 @@ def check_inputs(input_ids, attention_mask):
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}, but input_ids has "
                          f"{tuple(input_ids.shape)}")
+
+
+def token_ids_error(input_ids, config):
+    """None when every id in input_ids is a row of the embedding (or the image token); else one
+    line naming the first that is not and the vocabulary: torch said "index out of range in self"
+    (on CUDA a device-side assert that ends the process's use of the GPU)."""
+    outside = (input_ids < 0) | (input_ids >= config.vocab_size)
+    outside &= input_ids != config.image_token_id
+    if not bool(outside.any()):
+        return None
+    row, col = (int(i) for i in outside.nonzero()[0])
+    return (f"input_ids: id {int(input_ids[row, col])} at row {row}, position {col} is outside "
+            f"the vocabulary (0 to {config.vocab_size - 1}, and the image token "
+            f"{config.image_token_id}): a tokenizer of another model?")
 
 
 _COMPILED_DECODE = []

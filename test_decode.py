@@ -239,6 +239,37 @@ def test_no_new_tokens_is_an_empty_answer_and_fewer_is_refused():
             m.generate(pixels, ids, mask, max_new_tokens=-1, num_beams=num_beams)
 
 
+@torch.no_grad()
+def test_an_empty_prompt_and_ids_outside_the_vocabulary_are_one_line(monkeypatch):
+    """An empty prompt failed inside a reshape of the prefill, and an id outside the vocabulary
+    (a tokenizer of another model) was torch's "index out of range in self" (on CUDA a device
+    assert). One line naming input_ids, looked for once per generate call (a host sync), never
+    per decode step, and in forward only once the embedding has failed (the training path pays
+    nothing)."""
+    m = tiny_model()
+    pixels, ids, mask = left_padded_prompts(m)
+    for num_beams in (1, 3):
+        with pytest.raises(ValueError, match="input_ids: an empty prompt \\(0 tokens\\)"):
+            m.generate(None, ids[:, :0], mask[:, :0], max_new_tokens=2, num_beams=num_beams)
+    looked = []
+    real = model_lib.token_ids_error
+    monkeypatch.setattr(model_lib, "token_ids_error", lambda *a: looked.append(1) or real(*a))
+    m.generate(pixels, ids, mask, max_new_tokens=5)
+    m(pixels, ids, mask)
+    assert len(looked) == 1  # (the call's own check; none per step, none in forward)
+    vocab = m.config.vocab_size
+    for bad in (vocab, -5):
+        wrong = ids.clone()
+        wrong[1, -2] = bad
+        message = f"input_ids: id {bad} at row 1, position {ids.shape[1] - 2} is outside the " \
+            f"vocabulary \\(0 to {vocab - 1}, and the image token 4000\\)"
+        for num_beams in (1, 3):
+            with pytest.raises(ValueError, match=message):
+                m.generate(pixels, wrong, mask, max_new_tokens=2, num_beams=num_beams)
+        with pytest.raises(ValueError, match=message):
+            m(pixels, wrong, mask)
+
+
 def test_an_attention_mask_of_another_shape_is_refused():
     """forward read a mask longer than input_ids from its first columns without a word (other
     positions and logits); a shorter one, or 1-D ids, failed deep inside attention. One line
