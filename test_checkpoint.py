@@ -1401,6 +1401,17 @@ def test_dtype_by_name_loads_as_transformers_takes_it(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(),
                                                  typed.state_dict().values()))
     assert LLaVA.from_pretrained(tmp_path / "m", dtype="auto").lm_head.weight.dtype == torch.float32
+    # "auto" keeps a bf16 save's dtype, each tensor's own where they differ (a bf16 LoRA run's
+    # base beside its fp32 projector), bit for bit (an fp32 save could not tell "auto" from fp32)
+    held = tiny_model()
+    held.set_trainable(projector=True)
+    held.cast_base(torch.bfloat16, keep_trained=True)
+    held.save_pretrained(tmp_path / "bf16")
+    auto = LLaVA.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert auto.lm_head.weight.dtype == torch.bfloat16
+    assert auto.projector.linear_1.weight.dtype == torch.float32
+    for (name, a), b in zip(auto.state_dict().items(), held.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
     for bad in ("bfloat", "int8", torch.int64):
         with pytest.raises(CheckpointError, match="dtype: expected a floating-point torch dtype"):
             LLaVA.from_pretrained(tmp_path / "m", dtype=bad)
