@@ -1453,13 +1453,13 @@ def start_writing(cfg, d, data_files=(), model=None):
             raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
                               "data files")
         if run.get("clip_fingerprint") not in (None, clip_print) and clip_print is not None:
-            # (a folder replaced since: the rest of the run read another CLIP without a word;
-            # runs from before it was recorded: not checked)
-            flag = f"--vision_tower {cfg.vision_tower}: " if getattr(cfg, "vision_tower", "") \
-                else ""
-            raise ConfigError(f"{flag}{clip} holds other CLIP weights than this run started with "
-                              f"(replaced since: their fingerprint differs from {run_file}'s); "
-                              "put those back, or start a new run")
+            # (a folder replaced since, or another named: the rest of the run read another CLIP
+            # without a word; runs from before it was recorded: not checked)
+            # (another --vision_tower is refused before, with the config: this one was replaced)
+            flag = "--vision_tower " if getattr(cfg, "vision_tower", "") else ""
+            raise ConfigError(f"{flag}{clip}: other CLIP weights than this run started with "
+                              f"(replaced since: the fingerprint in {run_file} differs); put "
+                              "those back, or start a new run")
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
