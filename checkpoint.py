@@ -147,9 +147,11 @@ class TensorSource:
                                       "architecture?)")
             if (part, name) in self.where:  # (the file read last won, in file-name order)
                 other, other_key = self.where[(part, name)]
-                again = f"again as '{key}'" if key != other_key else "again"
-                raise CheckpointError(f"{f}: holds '{other_key}' of {other} {again}: two copies "
-                                      "of one weight (a stale shard or a merged copy?): keep one")
+                again = f" again as '{key}'" if key != other_key else " again"
+                held = (f"'{other_key}' and '{key}'" if other == f else
+                        f"'{other_key}' of {other}{again}")
+                raise CheckpointError(f"{f}: holds {held}: two copies of one weight (a stale "
+                                      "shard or a merged copy?): keep one")
             self.where[(part, name)] = (f, key)
 
     def vision_from(self, clip_dir):

@@ -595,7 +595,7 @@ def ended_how(code):
     return f"killed by signal {({s.value: s.name for s in signal.Signals}).get(-code, -code)}"
 
 
-STOP_PATIENCE = 30  # seconds a stopped child may take before the stop says what it waits for
+STOP_PATIENCE = 60  # seconds a stopped child may take before the stop says what it waits for
 
 
 def stop_processes(procs, grace=True):
@@ -613,10 +613,10 @@ def stop_processes(procs, grace=True):
         wait_a_moment(procs, STOP_PATIENCE)
         stuck = [proc for proc in procs if proc.poll() is None]
         if stuck:  # (waited for without a word: a stuck one looked like a hung stop)
-            pids = ", ".join(str(proc.pid) for proc in stuck)
-            print(f"still waiting for {len(stuck)} process{'es' * (len(stuck) > 1)} to stop (pid "
-                  f"{pids}); `kill -9 {os.getpid()}` ends {'them' if len(stuck) > 1 else 'it'} "
-                  "and this one (the checkpoints saved stay whole)",
+            pids = " ".join(str(proc.pid) for proc in stuck)
+            print(f"still waiting for {len(stuck)} process{'es' * (len(stuck) > 1)} to stop (it "
+                  f"may be saving a checkpoint); `kill -9 {pids}` ends "
+                  f"{'them' if len(stuck) > 1 else 'it'} now (checkpoints saved stay whole)",
                   file=sys.stderr, flush=True)
         for proc in stuck:
             proc.wait()

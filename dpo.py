@@ -572,7 +572,8 @@ def main(cfg):
         done, timed = step + 1, timed + 1
         # means over the pairs since the last line, all ranks (the same steps skipped on each)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            avg = {"loss": float("nan")}  # (every step since the last line skipped)
+            # (every step since the last line skipped: its columns, each null)
+            avg = {k: float("nan") for k in step_sums if k != "pairs"}
             if sums:
                 totals = common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
                 tot = dict(zip(sums, totals))

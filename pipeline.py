@@ -396,13 +396,11 @@ def run_stages(cfg, commands, here, times):
             name, code = failed[0]
             # exit code 2: the stage printed its one line naming the bad input (and the '=== name'
             # header above it says which stage); a second line would only repeat it
-            if code < 0:  # (killed by a signal: -9 read as 'exit code -9', the job's 247)
-                print(f"error: stage '{name}' was {common.ended_how(code)}; later stages not run",
-                      file=sys.stderr)
-                code = 128 - code  # (a shell's code for a process killed by that signal)
-            elif code != 2:
-                print(f"error: stage '{name}' failed with exit code {code}; later stages not run",
-                      file=sys.stderr)
+            if code != 2:  # (killed by a signal: -9 read as 'exit code -9', the job's 247)
+                how = f"was {common.ended_how(code)}" if code < 0 else \
+                    f"failed with {common.ended_how(code)}"
+                print(f"error: stage '{name}' {how}; later stages not run", file=sys.stderr)
+                code = 128 - code if code < 0 else code  # (a shell's code for a signal's death)
             elif len(lanes) > 1 and cfg.jobs > 1:  # (its line is above the other lane's output)
                 print(f"error: stage '{name}' failed (its line above); later stages not run",
                       file=sys.stderr)

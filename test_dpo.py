@@ -687,6 +687,7 @@ def test_a_skipped_step_leaves_the_log_window_means_finite(env, tmp_path, monkey
               "--skip_nonfinite", "true"))
     rows, _ = _rows(str(tmp_path / "each"))
     assert [r["loss"] is None for r in rows] == [False, True, False], rows
+    assert rows[1].keys() == rows[0].keys() and rows[1]["rewards/margins"] is None, rows
 
 
 def test_a_resume_refuses_a_vision_tower_replaced_since(tiny_world, tmp_path):

@@ -1902,6 +1902,12 @@ def test_a_stage_killed_by_a_signal_is_named_so(tmp_path, capsys):
     assert e.value.code == 137
     assert capsys.readouterr().err == ("error: stage 'sft' was killed by signal SIGKILL; later "
                                        "stages not run\n")
+    killed.write_text("import sys\nsys.exit(3)\n")  # (a stage's own code: passed on as it is)
+    with pytest.raises(SystemExit) as e:
+        pipeline.run_stages(cfg, {"sft": [str(killed)]}, "/", {})
+    assert e.value.code == 3
+    assert capsys.readouterr().err == ("error: stage 'sft' failed with exit code 3; later stages "
+                                       "not run\n")
 
 
 def test_stale_adapters_are_judged_by_their_bases_fingerprint_not_file_times(tmp_path, tiny_sft):
