@@ -277,6 +277,9 @@ def parse_config(cls, argv=None, prog=None):
             args[f.name] = tuple(x for part in v for x in part)
             _check_list_flag(f, args[f.name], prog)
     cfg = cls(**args)
+    # the flags typed (refuse_unread: `--instruct_lr 1e-3` beside --init is not read though 1e-3
+    # is its default; the user asked for that rate and got --lr's without a word)
+    cfg._given = frozenset(given_flags(cls, argv))
     try:
         check_ranges(cfg)
     except ConfigError as e:
@@ -1349,12 +1352,15 @@ def _claim_out(cfg, inits):
 
 
 def refuse_unread(cfg, flags, why):
-    """One line for a flag among `flags` changed from its default where it is not read (`why`
-    completes '--flag VALUE: not read ...'): it would be ignored without a word."""
+    """One line for a flag among `flags` given on the command line, or changed from its default,
+    where it is not read (`why` completes '--flag VALUE: not read ...'): it would be ignored
+    without a word (a value typed at its default too: its user meant it)."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    given = getattr(cfg, "_given", frozenset())  # (parse_config's; none for a Config built in code)
     for flag in flags:
         value = getattr(cfg, flag)
-        if value != defaults[flag]:
+        typed = flag in given and value not in ("", ())  # ('' typed asks for none: nothing unread)
+        if value != defaults[flag] or typed:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             shown = str(value).lower() if isinstance(value, bool) else shown  # (as it is typed)
             shown = "(a key, not shown)" if flag.endswith("_key") else shown  # (a secret)

@@ -514,6 +514,23 @@ def test_flags_of_a_stage_that_does_not_run_are_refused(tiny_world, tmp_path):
     assert code == 0, err
 
 
+def test_a_flag_of_a_stage_that_does_not_run_is_refused_at_its_default_value_too(
+        tiny_world, tiny_sft, tmp_path):
+    """README: flags of a stage that does not run are refused, not ignored. Typed at its default
+    value (`--instruct_lr 1e-3` beside --init, as the README gives the rate) it was taken as left
+    out: the run trained at --lr's 2e-3 without a word. A Config built in code (no command line)
+    keeps the default-value rule."""
+    import common
+    import sft
+    code, _, err = run_cli("sft", ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1",
+                                   "--report", "false", "--instruct_lr", "1e-3",
+                                   "--out", str(tmp_path / "o")])
+    assert code == 2 and "--instruct_lr 0.001: not read with --init" in err \
+        and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o" / "run.json")
+    common.refuse_unread(sft.Config(init=tiny_sft, instruct_lr=1e-3), ["instruct_lr"], "x")
+
+
 def test_vision_lr_ratio_with_nothing_it_sets_is_refused(tiny_world, tiny_sft, tmp_path):
     """--vision_lr_ratio sets the CLIP tower's and projector's learning rate; with both frozen it
     was read by nothing and ignored without a word. One line now; with the projector trained it
