@@ -79,7 +79,25 @@ def fail(message):
     message = re.sub(r"[\x00-\x08\x0e-\x1f\x7f]", "", message)  # (a bell, a stray escape)
     sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
     sys.stderr.flush()
+    tell_the_waiting_ranks(message)
     raise SystemExit(2)
+
+
+def tell_the_waiting_ranks(message):
+    """A rank refused before it joined the process group (a flag or input given on one node only):
+    the other nodes' ranks waited for it in setup_dist, 30 minutes (gloo's timeout), after its
+    node had ended. It joins to hand them its line (same_flags_everywhere), for up to a minute
+    (a rank that never comes: a traceback before setup_dist)."""
+    if _made_process_group or int(os.environ.get("WORLD_SIZE", "1")) == 1 or \
+            "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import datetime
+    try:  # ("gloo": the object collectives of the others' "cpu:gloo,cuda:nccl" run on it too)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+        dist.all_gather_object([None] * dist.get_world_size(), (rank - local, message))
+    except Exception:  # (the others gone, or never there: nothing more to tell)
+        pass
 
 
 # set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
@@ -120,6 +138,9 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         fail("out of memory: lower --batch_size, --micro_batch, --lora_r or the model size")
     except RuntimeError as e:  # torch's allocator failing (CPU: "can't allocate", CUDA: OOM)
         text = str(e)
+        if peer_ended(text):
+            said_on_each_node(PEER_ENDED)
+            raise SystemExit(1) from None
         if "can't allocate memory" not in text and "out of memory" not in text.lower():
             raise
         first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
@@ -145,14 +166,33 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback per process
         # under torchrun each launcher passes the SIGINT to its ranks: its local rank 0 says it
         # for them (each rank wrote the same line; one line a node, where each has a terminal)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if not os.environ.get(INTERRUPT_SAID_BY) and local_rank == 0:
-            sys.stderr.write(interrupted + "\n")
+        if not os.environ.get(INTERRUPT_SAID_BY):
+            said_on_each_node(interrupted)
         raise SystemExit(130) from None
     finally:
         release_locks()
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def said_on_each_node(line):
+    """`line` on stderr from local rank 0 alone: one line a node, where each has a terminal."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+PEER_ENDED = ("stopped: another process of this run has ended (on another node: interrupted, "
+              f"refused or killed; its node's lines say why); what was written is kept "
+              f"({RESUME_IF_SAVED})")
+
+
+def peer_ended(text):
+    """Whether a collective's error says that another rank's process is gone (gloo's words where
+    its connection closes: Ctrl-C, an error or kill -9 on another node). Each rank of the nodes
+    left printed a gloo traceback."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        words in text for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def sigterm_as_interrupt():
@@ -465,9 +505,11 @@ def check_device(device):
         raise ConfigError("--device cuda: no CUDA device is available")
 
 
-def setup_dist(device="cpu", fsdp=False):
+def setup_dist(device="cpu", fsdp=False, flags=None):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one (under --fsdp
-    a one-rank process group, so the sharded code path is the same at any world size)."""
+    a one-rank process group, so the sharded code path is the same at any world size). `flags`:
+    the stage's parsed config, which every process must have been given alike
+    (same_flags_everywhere)."""
     global _made_process_group
     check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -488,7 +530,42 @@ def setup_dist(device="cpu", fsdp=False):
         dev = torch.device("cpu")
     dist.init_process_group(backend)
     _made_process_group = True
-    return Dist(rank, world, local, dev, fsdp)
+    d = Dist(rank, world, local, dev, fsdp)
+    if flags is not None:
+        same_flags_everywhere(flags, d)
+    return d
+
+
+def same_flags_everywhere(cfg, d):
+    """Every process runs with the flags rank 0 has. torchrun on several nodes starts each node's
+    processes from that node's own command line: one node given another --max_steps (or batch size,
+    seed, ...) trained on its own plan, and the run hung in a collective once the plans parted."""
+    mine = dataclasses.asdict(cfg)
+    every = [None] * d.world
+    dist.all_gather_object(every, (d.rank - d.local_rank, mine))
+    # (a rank refused before it came sent its line: tell_the_waiting_ranks; on its node it is said)
+    refused = [(rank, node, said) for rank, (node, said) in enumerate(every)
+               if isinstance(said, str)]
+    if refused:
+        if d.local_rank == 0 and d.rank - d.local_rank not in [node for _, node, _ in refused]:
+            fail(f"rank {refused[0][0]}: {refused[0][2]}")
+        raise SystemExit(2)
+    every = [flags for _, flags in every]
+    for rank, theirs in enumerate(every):
+        differ = [k for k in mine if theirs.get(k) != every[0].get(k)]
+        if differ:
+            k = differ[0]
+            refuse_once_per_node(d, f"--{k}: {every[0][k]!r} on rank 0, {theirs[k]!r} on rank "
+                                 f"{rank} (another node's command line?): give every node the same "
+                                 "flags")
+
+
+def refuse_once_per_node(d, message):
+    """A refusal every process reached alike: one line on each node's terminal (its local rank 0
+    says it; under torchrun each node has its own), exit code 2 on every process."""
+    if d.local_rank == 0:
+        fail(message)
+    raise SystemExit(2)
 
 
 def end_with_the_launcher():
@@ -1289,12 +1366,45 @@ def claim_out(cfg, d, inits=()):
             _claim_out(cfg, inits)
         except Exception as e:  # (told to the other ranks before it is raised here)
             refused = e
-    told = [refused is not None]
+    told = [None if refused is None else str(refused), lock_seen(cfg.out) if d.main else None]
     dist.broadcast_object_list(told, src=0)
     if refused is not None:
         raise refused
-    if told[0]:  # (rank 0 says why, once)
-        raise SystemExit(2)
+    if told[0] is not None:  # (rank 0 says why; each other node's terminal too)
+        refuse_once_per_node(d, f"rank 0: {told[0]}")
+    check_out_shared(cfg, d, told[1])
+
+
+def lock_seen(out_dir):
+    """OUT/.lock as this process sees it (its text and modification time), or None. (Opened, not
+    stat'ed: NFS checks its cached attributes on open.)"""
+    try:
+        with open(os.path.join(out_dir, LOCK), "rb") as f:
+            return f.read(), os.fstat(f.fileno()).st_mtime_ns
+    except OSError:
+        return None
+
+
+def check_out_shared(cfg, d, rank0_lock):
+    """Whether every process sees the --out rank 0 claimed (its .lock as rank 0 wrote it): on nodes
+    without a shared file system each has a folder of its own. --fsdp is refused there (each rank
+    wrote its shards into its own node's folder: rank 0's checkpoint lacked the others' and ended
+    with exit 0); a replicated run is written by rank 0 alone, said on the nodes that see none of
+    it (load_resume refuses a --resume on nodes without the checkpoint)."""
+    sees = [None] * d.world
+    dist.all_gather_object(sees, lock_seen(cfg.out) == rank0_lock)
+    if all(sees):
+        return
+    apart = sees.index(False)
+    if getattr(cfg, "fsdp", False):
+        refuse_once_per_node(d, f"--out {cfg.out}: rank {apart} does not see the folder rank 0 "
+                             "writes (the nodes share no file system there): --fsdp writes each "
+                             "process's shards into it; give every node one shared --out")
+    if d.local_rank == 0 and not sees[d.rank] and not cfg.resume:  # (resume_together: the
+        # checkpoint every rank finds, which a copy of the run on each node gives them)
+        print(f"note: --out {cfg.out} on this node is not the folder rank 0 writes (no shared file "
+              "system): the run is written on rank 0's node alone; copy it to every node's --out "
+              "before a --resume", flush=True)
 
 
 def _claim_out(cfg, inits):
@@ -1831,7 +1941,51 @@ def load_resume(out_dir, run_config, free=()):
     same (except fields that do not change the math, and the script's `free` ones: vigc's
     generation settings). None if there is none. The random streams
     are left as --seed set them (building the model draws from them, as at the start):
-    `restore` sets the checkpoint's once the model is built."""
+    `restore` sets the checkpoint's once the model is built. Under torchrun every process must
+    resume from the same checkpoint (resume_together)."""
+    found, refused = (None, None), None
+    try:
+        found = _load_resume(out_dir, run_config, free)
+    except USER_ERRORS as e:
+        refused = e
+    resume_together(out_dir, found[0], refused)
+    return found
+
+
+def resume_together(out_dir, path, refused):
+    """Every rank goes on from the same checkpoint, or every rank stops, one line a node. Nodes with
+    an --out of their own (no shared file system) found none, or an older copy: they started again
+    from step 0 beside rank 0's resumed run and hung in a collective once their steps parted; a
+    refusal on one node left the others in a collective (a gloo traceback)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if refused is not None:
+            raise refused
+        return
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    every = [None] * dist.get_world_size()
+    name = os.path.basename(path) if path else None
+    dist.all_gather_object(every, (rank - local, None if refused is None else str(refused), name))
+    stopped = [(r, node, text) for r, (node, text, _) in enumerate(every) if text is not None]
+    here = [r for r, node, _ in stopped if node == rank - local]
+    if here and here[0] == rank:  # (the first rank of its node that could not: its own line)
+        raise refused
+    if stopped:
+        if not here and local == 0:
+            fail(f"rank {stopped[0][0]}: {stopped[0][2]}")
+        raise SystemExit(2)
+    apart = next((r for r, (_, _, n) in enumerate(every) if n != every[0][2]), None)
+    if apart is not None:
+        def what(n):
+            return f"resumes from {n}" if n else "finds no checkpoint there"
+        message = (f"{out_dir}: --resume: rank 0 {what(every[0][2])}, rank {apart} "
+                   f"{what(every[apart][2])}: every node must see the run's --out (one shared "
+                   "file system, or a copy of the run on each node)")
+        if local == 0:
+            fail(message)
+        raise SystemExit(2)
+
+
+def _load_resume(out_dir, run_config, free):
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         has_config = os.path.exists(os.path.join(out_dir, n, "config.json"))
         incomplete = n.startswith("checkpoint-") and not has_config

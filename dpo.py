@@ -437,7 +437,7 @@ def main(cfg):
                              "scored); drop it")
     cfg, named = common.world_paths(cfg, ("data", "init"), ("val_data",))
     common.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp)
+    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait

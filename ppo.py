@@ -784,7 +784,7 @@ def main(cfg):
         common.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
                              "counts with the world's annotations); drop it")
     common.check_world("ppo.py", cfg.fsdp)
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, flags=cfg)
     common.seed_everything(cfg.seed)
     for flag, ok, want in (
             ("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),

@@ -348,7 +348,7 @@ def import_llava_rlhf(cfg):
                                  "found")
     llava_rlhf_reward_parts(cfg.import_llava_rlhf)  # (its files are there: before --out is made)
     cfg = replace(cfg, prompt_space=True)
-    d = common.setup_dist(cfg.device, False)
+    d = common.setup_dist(cfg.device, False, flags=cfg)
     common.claim_out(cfg, d, inits=[cfg.init])
     model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
                                                        device=d.device,
@@ -379,7 +379,7 @@ def main(cfg):
     companions = ("val_data", "captions") if cfg.facts else ("val_data",)
     cfg, named = common.world_paths(cfg, ("data", "init"), companions)
     common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp)
+    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)

@@ -370,7 +370,7 @@ def main(cfg):
     # (a stage that gets no step, as with --max_steps 1, has no batch to split)
     align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
     common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)
-    d = common.setup_dist(cfg.device, cfg.fsdp)
+    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait

@@ -561,3 +561,140 @@ def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path, nproc):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive, f"ranks {alive} outlived their launcher"
+
+
+# -- two nodes on one host: `torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1` twice ---------
+
+def two_nodes(script, argv, logs, cwds=(HERE, HERE), node1_argv=None):
+    """Node 0's and node 1's launchers, as two machines start them (one master address and port).
+    cwds: each node's working folder: a relative --out then names a folder of each node's own, as
+    on nodes that share no file system. Their output goes to logs/node0.log and node1.log."""
+    port, procs = free_port(), []
+    os.makedirs(logs, exist_ok=True)
+    for node, (cwd, args) in enumerate(zip(cwds, (argv, node1_argv or argv))):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               os.path.join(HERE, script), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+        log = open(os.path.join(logs, f"node{node}.log"), "w")
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def both_ended(procs, logs, within=90):
+    """Each node's output once both launchers have ended; a node still running after `within`
+    seconds (a rank left in a collective) is killed and fails the test."""
+    deadline = time.time() + within
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+    hung = [node for node, p in enumerate(procs) if p.poll() is None]
+    for node in hung:
+        os.killpg(procs[node].pid, signal.SIGKILL)
+        procs[node].wait()
+    out = [open(os.path.join(logs, f"node{node}.log")).read() for node in range(len(procs))]
+    assert not hung, f"node(s) {hung} still running after {within} s: {out}"
+    return out
+
+
+def no_worker_traceback(out):
+    """No frame of our scripts in a node's output (torchrun's launcher prints its own
+    ChildFailedError)."""
+    return not re.search('File "' + re.escape(HERE) + r'/\w+\.py"', out) and \
+        "Connection closed" not in out and "Connection reset" not in out
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(tiny_world, tmp_path):
+    """2 nodes x 1 process with --fsdp on one shared --out: the losses and the final weights of one
+    plain process (as 1 node x 2 processes gives them, above); rank 0 writes the run once."""
+    shared, one = tmp_path / "shared", tmp_path / "one"
+    procs = two_nodes("sft.py", sft_args(tiny_world, shared, "--fsdp", "true"), tmp_path / "logs")
+    code, _, err = run_cli("sft", sft_args(tiny_world, one))
+    assert code == 0, err
+    out = both_ended(procs, tmp_path / "logs")
+    assert [p.returncode for p in procs] == [0, 0] and "2 process(es)" in out[0], out
+    assert "step 1 |" not in out[1]  # (rank 0 logs, on node 0's terminal)
+    same_metrics(one, shared, ["loss", "grad_norm", "val_loss"])
+    same_weights(one / f"checkpoint-{STEPS:06d}", shared / f"checkpoint-{STEPS:06d}")
+    assert sorted(os.listdir(shared / f"checkpoint-{STEPS:06d}" / "shards")) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_nodes_with_an_out_of_their_own_say_what_is_missing_where(tiny_world, tmp_path):
+    """Nodes that share no file system (a relative --out in each node's own folder): a replicated
+    run is written by rank 0 alone, said on node 1. --resume on both found a checkpoint on node 0
+    and none on node 1: node 1 trained from step 0 beside node 0's resumed run and both hung in a
+    collective. --fsdp wrote node 1's shards into node 1's folder: node 0's checkpoint lacked
+    them, exit 0. Now one line on each node, nothing hangs, nothing damaged is written."""
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    for home in homes:
+        home.mkdir()
+    argv = sft_args(tiny_world, "run")
+    logs = tmp_path / "logs"
+    out = both_ended(two_nodes("sft.py", argv, logs, cwds=homes), logs)
+    assert "note: --out run on this node is not the folder rank 0 writes" in out[1], out
+    assert "note:" not in out[0] and os.listdir(homes[1]) == [], out
+    assert os.path.exists(homes[0] / "run" / f"checkpoint-{STEPS:06d}" / "model.safetensors")
+
+    out = both_ended(two_nodes("sft.py", argv + ["--resume", "true"], logs,
+                               cwds=homes), logs)
+    line = ("error: run: --resume: rank 0 resumes from checkpoint-000006, rank 1 finds no "
+            "checkpoint there: every node must see the run's --out")
+    assert line in out[0] and line.replace("error:", "error (rank 1):") in out[1], out
+    assert all(no_worker_traceback(o) and "note:" not in o for o in out), out
+
+    fsdp = sft_args(tiny_world, "sharded", "--fsdp", "true")
+    out = both_ended(two_nodes("sft.py", fsdp, logs, cwds=homes), logs)
+    line = ("--out sharded: rank 1 does not see the folder rank 0 writes (the nodes share no file "
+            "system there): --fsdp writes each process's shards into it")
+    assert all(line in o and no_worker_traceback(o) for o in out), out
+    assert not (homes[0] / "sharded").exists() and not (homes[1] / "sharded").exists()
+
+
+def test_a_flag_given_on_one_node_only_is_one_line_on_each(tiny_world, tmp_path):
+    """Node 1 given another --max_steps trained on its own plan: both nodes hung in a collective
+    (gloo's 30-minute timeout) once the plans parted. Node 1 given a flag it refuses ended at
+    once; node 0 waited for it in the process group's start, 30 minutes. Now each node says why in
+    one line, before anything is written."""
+    logs, argv = tmp_path / "logs", sft_args(tiny_world, tmp_path / "run")
+    other = [("8" if a == "6" else a) for a in argv]  # (--max_steps 6 -> 8)
+    out = both_ended(two_nodes("sft.py", argv, logs, node1_argv=other), logs)
+    line = "--max_steps: 6 on rank 0, 8 on rank 1 (another node's command line?): give every node"
+    assert f"error: {line}" in out[0] and f"error (rank 1): {line}" in out[1], out
+    assert all(no_worker_traceback(o) and o.count(line) == 1 for o in out), out
+
+    out = both_ended(two_nodes("sft.py", argv, logs, node1_argv=argv + ["--lr", "fast"]), logs)
+    line = "sft.py: argument --lr: expected float, got 'fast'"
+    assert f"error: rank 1: {line}" in out[0] and f"error (rank 1): {line}" in out[1], out
+    assert all(no_worker_traceback(o) and o.count(line) == 1 for o in out), out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_one_node_stopped_stops_the_other_with_a_line_and_the_run_resumes(how, tiny_world,
+                                                                          tmp_path):
+    """Ctrl-C to node 1's launcher, or node 1 killed outright: node 0's rank printed gloo's
+    traceback ("Connection closed by peer"). Now it says in one line that another process ended
+    and that the run is kept; both nodes then go on from the last checkpoint with --resume."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    argv = sft_args(tiny_world, run)
+    argv[argv.index("--max_steps") + 1], argv[argv.index("--save_every") + 1] = "60", "5"
+    procs = two_nodes("sft.py", argv, logs)
+    deadline = time.time() + 120
+    while not (run / "checkpoint-000005" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert procs[0].poll() is None, open(logs / "node0.log").read()
+    for pid in [procs[1].pid] + (descendants(procs[1].pid) if how == signal.SIGKILL else []):
+        os.kill(pid, how)
+    out = both_ended(procs, logs, within=60)
+    assert out[0].count("stopped: another process of this run has ended") == 1, out[0]
+    assert no_worker_traceback(out[0]), out[0]
+    if how == signal.SIGINT:
+        assert "interrupted: what was written is kept" in out[1] and no_worker_traceback(out[1])
+    procs = two_nodes("sft.py", argv + ["--resume", "true"], logs)
+    out = both_ended(procs, logs)
+    assert [p.returncode for p in procs] == [0, 0] and "resumed from" in out[0], out
+    assert (run / "checkpoint-000060" / "config.json").exists(), out

@@ -648,7 +648,7 @@ def main(cfg):
         common.refuse_unread(given, TRAIN_FIELDS, "with --max_steps 0 (nothing is trained); "
                              "drop it")
     common.check_world("vigc.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp)
+    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
     common.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
