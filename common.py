@@ -89,15 +89,19 @@ def tell_the_waiting_ranks(message):
     node had ended. It joins to hand them its line (same_flags_everywhere), for up to a minute
     (a rank that never comes: a traceback before setup_dist)."""
     if _made_process_group or int(os.environ.get("WORLD_SIZE", "1")) == 1 or \
-            "TORCHELASTIC_RUN_ID" not in os.environ:
+            "TORCHELASTIC_RUN_ID" not in os.environ or _runs_alone:
         return
     import datetime
     try:  # ("gloo": the object collectives of the others' "cpu:gloo,cuda:nccl" run on it too)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         dist.all_gather_object([None] * dist.get_world_size(), (rank - local, message))
-    except Exception:  # (the others gone, or never there: nothing more to tell)
+    # (the others gone, or never there; or torchrun stopping this rank meanwhile: its exit is 2)
+    except BaseException:
         pass
+
+
+_runs_alone = False  # refuse_torchrun: no rank of this script makes a process group
 
 
 # set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
@@ -1801,6 +1805,8 @@ def refuse_torchrun(script, why):
     leave quietly (they were refused by rank 0's lock on --out, naming its pid)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    global _runs_alone
+    _runs_alone = True  # (no rank waits for another: nothing to tell them)
     if int(os.environ.get("RANK", "0")) != 0:
         raise SystemExit(2)
     raise ConfigError(f"{script} runs in one process ({why}): run it with python, not torchrun")
