@@ -1557,10 +1557,13 @@ def start_writing(cfg, d, data_files=(), model=None):
     weights it held then (base_fingerprint). --overwrite true: a run already in --out is moved
     aside in one rename (kept, never deleted). A fresh run records its data files' digests and
     that CLIP's fingerprint."""
+    # (each node's local rank 0 reads its node's files: the other ranks there see the same)
+    digests = file_digests(data_files) if d.local_rank == 0 else None
+    if d.world > 1:
+        same_data_on_every_node(digests, d)
     if not d.main:
         return
     out = cfg.out
-    digests = file_digests(data_files)
     run_file = os.path.join(out, RUN_FILE)
     clip = getattr(model, "clip_dir", None)  # (None: the CLIP weights are the checkpoint's own)
     clip_print = base_fingerprint(clip) if clip else None
@@ -1620,6 +1623,26 @@ def start_writing(cfg, d, data_files=(), model=None):
         except (CheckpointError, OSError):  # (a layout without weight files of its own: none)
             pass
         write_json({"data": digests, **record}, run_file, indent=2)
+
+
+def same_data_on_every_node(digests, d):
+    """Every node's data files hold rank 0's contents (sha256, in the order of the flags that name
+    them). On nodes without a shared file system each reads its own copy: a copy that differed
+    trained its ranks' share of every batch on other records, without a word (run.json recorded
+    rank 0's)."""
+    every = [None] * d.world
+    dist.all_gather_object(every, digests)
+    ours = list(every[0].items())
+    for rank, theirs in enumerate(every):
+        if theirs is None:
+            continue
+        theirs = list(theirs.values())
+        for i, (path, digest) in enumerate(ours):
+            if i >= len(theirs) or theirs[i] != digest:
+                path = list(digests or {path: 0})[i]  # (as this node names it: its local rank 0's)
+                refuse_once_per_node(d, f"{path}: other contents on rank {rank}'s node than on "
+                                     "rank 0's (sha256 differs): every node must read the same "
+                                     "data files (copy them alike, or share one file system)")
 
 
 def data_specs(value):

@@ -673,6 +673,26 @@ def test_a_flag_given_on_one_node_only_is_one_line_on_each(tiny_world, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_data_that_differs_on_one_node_is_one_line_on_each(tiny_world, tmp_path):
+    """Each node reads its own copy of the world (a relative --world in each node's folder), node
+    1's sft.json changed: its rank trained its share of every batch on other records, exit 0, and
+    run.json recorded node 0's. Now refused on both nodes, naming the file, before any write."""
+    import shutil
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    for home in homes:
+        shutil.copytree(tiny_world, home / "world")
+    records = json.loads((homes[1] / "world" / "sft.json").read_text())
+    records[0]["conversations"][1]["value"] = "Another answer, on node 1 alone."
+    (homes[1] / "world" / "sft.json").write_text(json.dumps(records))
+    argv = sft_args("world", tmp_path / "run")  # (one shared --out)
+    out = both_ended(two_nodes("sft.py", argv, tmp_path / "logs", cwds=homes), tmp_path / "logs")
+    for home, said in zip(homes, out):
+        line = (f"{home / 'world' / 'sft.json'}: other contents on rank 1's node than on rank 0's "
+                "(sha256 differs): every node must read the same data files")
+        assert said.count(line) == 1 and no_worker_traceback(said) and "note:" not in said, out
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_one_node_stopped_stops_the_other_with_a_line_and_the_run_resumes(how, tiny_world,
                                                                           tmp_path):
