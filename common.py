@@ -186,8 +186,8 @@ def said_on_each_node(line):
         sys.stderr.flush()
 
 
-PEER_ENDED = ("stopped: another process of this run has ended (on another node: interrupted, "
-              f"refused or killed; its node's lines say why); what was written is kept "
+PEER_ENDED = ("stopped: another process of this run has ended (interrupted, refused or killed: "
+              f"its lines, on its node's terminal, say why); what was written is kept "
               f"({RESUME_IF_SAVED})")
 
 
