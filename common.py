@@ -1559,10 +1559,26 @@ def start_writing(cfg, d, data_files=(), model=None):
     that CLIP's fingerprint."""
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
     digests = file_digests(data_files) if d.local_rank == 0 else None
-    if d.world > 1:
-        same_data_on_every_node(digests, d)
-    if not d.main:
-        return
+    if d.world == 1:
+        return _start_writing(cfg, digests)
+    same_data_on_every_node(digests, d)
+    refused = None
+    if d.main:
+        try:
+            _start_writing(cfg, digests)
+        except Exception as e:  # (told to the other ranks before it is raised here)
+            refused = e
+    # (rank 0 refused alone: the others went on into the first step's collective, and the other
+    # nodes learnt of it as gloo's "Connection closed by peer")
+    told = [None if refused is None else str(refused)]
+    dist.broadcast_object_list(told, src=0)
+    if refused is not None:
+        raise refused
+    if told[0] is not None:
+        refuse_once_per_node(d, f"rank 0: {told[0]}")
+
+
+def _start_writing(cfg, digests):
     out = cfg.out
     run_file = os.path.join(out, RUN_FILE)
     clip = getattr(model, "clip_dir", None)  # (None: the CLIP weights are the checkpoint's own)

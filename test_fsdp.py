@@ -609,18 +609,33 @@ def no_worker_traceback(out):
 
 def test_two_nodes_of_one_process_train_as_one_node_of_two(tiny_world, tmp_path):
     """2 nodes x 1 process with --fsdp on one shared --out: the losses and the final weights of one
-    plain process (as 1 node x 2 processes gives them, above); rank 0 writes the run once."""
-    shared, one = tmp_path / "shared", tmp_path / "one"
-    procs = two_nodes("sft.py", sft_args(tiny_world, shared, "--fsdp", "true"), tmp_path / "logs")
-    code, _, err = run_cli("sft", sft_args(tiny_world, one))
+    plain process (as 1 node x 2 processes gives them, above); rank 0 writes the run once. A
+    --resume that rank 0 alone refuses (run.json: the data changed since) is said on node 1 too:
+    node 1 went on into the first step and printed gloo's traceback."""
+    import shutil
+    world, shared, one, logs = str(tmp_path / "world"), tmp_path / "shared", tmp_path / "one", \
+        tmp_path / "logs"
+    shutil.copytree(tiny_world, world)
+    procs = two_nodes("sft.py", sft_args(world, shared, "--fsdp", "true"), logs)
+    code, _, err = run_cli("sft", sft_args(world, one))
     assert code == 0, err
-    out = both_ended(procs, tmp_path / "logs")
+    out = both_ended(procs, logs)
     assert [p.returncode for p in procs] == [0, 0] and "2 process(es)" in out[0], out
     assert "step 1 |" not in out[1]  # (rank 0 logs, on node 0's terminal)
     same_metrics(one, shared, ["loss", "grad_norm", "val_loss"])
     same_weights(one / f"checkpoint-{STEPS:06d}", shared / f"checkpoint-{STEPS:06d}")
     assert sorted(os.listdir(shared / f"checkpoint-{STEPS:06d}" / "shards")) == \
         [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+    data = tmp_path / "world" / "sft.json"
+    records = json.loads(data.read_text())
+    records[0]["conversations"][1]["value"] = "Another answer, written since."
+    data.write_text(json.dumps(records))
+    resume = sft_args(world, shared, "--fsdp", "true", "--resume", "true")
+    out = both_ended(two_nodes("sft.py", resume, logs), logs)
+    line = f"{data}: --resume on other data: this file changed since the run started"
+    assert f"error: {line}" in out[0] and f"error (rank 1): rank 0: {line}" in out[1], out
+    assert all(no_worker_traceback(o) for o in out), out
 
 
 def test_nodes_with_an_out_of_their_own_say_what_is_missing_where(tiny_world, tmp_path):
