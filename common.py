@@ -1560,12 +1560,12 @@ def start_writing(cfg, d, data_files=(), model=None):
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
     digests = file_digests(data_files) if d.local_rank == 0 else None
     if d.world == 1:
-        return _start_writing(cfg, digests)
+        return _start_writing(cfg, digests, model)
     same_data_on_every_node(digests, d)
     refused = None
     if d.main:
         try:
-            _start_writing(cfg, digests)
+            _start_writing(cfg, digests, model)
         except Exception as e:  # (told to the other ranks before it is raised here)
             refused = e
     # (rank 0 refused alone: the others went on into the first step's collective, and the other
@@ -1578,7 +1578,7 @@ def start_writing(cfg, d, data_files=(), model=None):
         refuse_once_per_node(d, f"rank 0: {told[0]}")
 
 
-def _start_writing(cfg, digests):
+def _start_writing(cfg, digests, model):
     out = cfg.out
     run_file = os.path.join(out, RUN_FILE)
     clip = getattr(model, "clip_dir", None)  # (None: the CLIP weights are the checkpoint's own)
@@ -1592,9 +1592,9 @@ def _start_writing(cfg, digests):
             raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
                               "data files")
         if run.get("clip_fingerprint") not in (None, clip_print) and clip_print is not None:
-            # (a folder replaced since, or another named: the rest of the run read another CLIP
-            # without a word; runs from before it was recorded: not checked)
-            # (another --vision_tower is refused before, with the config: this one was replaced)
+            # (a folder replaced since: the rest of the run read another CLIP without a word;
+            # runs from before it was recorded: not checked. Another --vision_tower is refused
+            # before, with the config)
             flag = "--vision_tower " if getattr(cfg, "vision_tower", "") else ""
             raise ConfigError(f"{flag}{clip}: other CLIP weights than this run started with "
                               f"(replaced since: the fingerprint in {run_file} differs); put "
