@@ -23,6 +23,7 @@ from dataclasses import asdict, fields, replace
 import torch
 import torch.nn as nn
 
+from formats import not_found
 from model import LORA_TARGETS, CheckpointError, LLaVA, ModelConfig, check_name, eos_ids_ok
 
 FORMAT_NAME, FORMAT_VERSION = "factalign", 1
@@ -248,7 +249,7 @@ def no_dir(path):
     """Why `path` is not a checkpoint directory (a file is named as one: it exists)."""
     if os.path.isfile(path):
         return f"{path}: a file, not a checkpoint directory (pass the folder that holds it)"
-    return f"{path}: checkpoint directory not found"
+    return f"{path}: {not_found(path, 'checkpoint directory')}"
 
 
 def _check_state_dict(f, obj):

@@ -36,7 +36,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weig
                         is_peft_dir, latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
                         recorded_template, refuse_scalar_model, resolve_checkpoint,
                         save_checkpoint_files)
-from formats import DataError
+from formats import DataError, not_found
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
 # a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
@@ -290,6 +290,35 @@ def seed_suffix(cfg, config_class, fields):
     return cfg
 
 
+# the flags of any script that name files or folders (a list's items, `FILE:weight`, `name=FILE`)
+PATH_FLAGS = {"out", "init", "vision_tower", "tokenizer", "data", "image_folder", "val_data",
+              "align_data", "read_data", "world", "captions", "reward", "instructions", "images",
+              "ckpt", "compare", "pope_files", "pope_labels", "chair_instances", "chair_synonyms",
+              "chair_captions", "mmhal_file", "gavie_file", "gavie_annotations", "llava_bench_file",
+              "llava_bench_answers", "llava_bench_context", "llava_bench_rule", "judge_prompt",
+              "judge_model", "llava_answers", "sft", "results", "plots", "eval_out"}
+# '~' or '~user' that starts a path (or an item of a list, or the FILE of `name=FILE`)
+HOME_PREFIX = re.compile(r"(^|,)(\w+=)?(~[^/,]*)(?=/|,|$)")
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, NFS)
+
+
+def expand_home(value):
+    """'~/x' -> '/home/me/x' in a path flag, as the shell does for `--out ~/x` but not for
+    `--out=~/x` (nor `--data a.json,~/b.json`): that wrote a folder named '~' in the working
+    folder. A '~name' that names no user is kept as it is (os.path.expanduser)."""
+    return HOME_PREFIX.sub(lambda m: m[1] + (m[2] or "") + os.path.expanduser(m[3]), value)
+
+
+def refuse_long_names(flag, value):
+    """A file name longer than a file system takes: one line naming the flag (the error came from
+    deep in a write, naming a temp file, or as "not found" for a file that cannot exist)."""
+    for name in value.replace(os.sep, ",").split(","):
+        size = len(name.encode("utf-8", "surrogateescape"))
+        if size > NAME_MAX:
+            raise ConfigError(f"--{flag} {value}: a name of {size} bytes ('{name[:24]}...'); a "
+                              f"file system takes at most {NAME_MAX} bytes a name")
+
+
 def parse_config(cls, argv=None, prog=None):
     """`--field value` for every field of the dataclass `cls`; types are checked, unknown or
     repeated flags are an error, and every value is checked against `cls.RANGES` (check_ranges).
@@ -320,11 +349,16 @@ def parse_config(cls, argv=None, prog=None):
         if isinstance(v, list):
             args[f.name] = tuple(x for part in v for x in part)
             _check_list_flag(f, args[f.name], prog)
-    cfg = cls(**args)
-    # the flags typed (refuse_unread: `--instruct_lr 1e-3` beside --init is not read though 1e-3
-    # is its default; the user asked for that rate and got --lr's without a word)
-    cfg._given = frozenset(given_flags(cls, argv))
     try:
+        for name in PATH_FLAGS & set(args):
+            v = args[name]
+            args[name] = tuple(map(expand_home, v)) if isinstance(v, tuple) else expand_home(v)
+            for value in args[name] if isinstance(v, tuple) else [args[name]]:
+                refuse_long_names(name, value)
+        cfg = cls(**args)
+        # the flags typed (refuse_unread: `--instruct_lr 1e-3` beside --init is not read though
+        # 1e-3 is its default; the user asked for that rate and got --lr's without a word)
+        cfg._given = frozenset(given_flags(cls, argv))
         check_ranges(cfg)
     except ConfigError as e:
         fail(f"{prog}: {e}")
@@ -434,16 +468,17 @@ FLOAT32_MAX = 3.4028234663852886e38  # a float flag reaches tensors as float32
 
 # flags that name where a script reads its world or checkpoint, or writes: never empty (a path
 # flag read only in some runs, as --init or --tokenizer, is checked where read: require_paths)
-PATH_FLAGS = ("out", "world", "results", "plots", "eval_out", "ckpt", "sft", "reward")
+NONEMPTY_PATH_FLAGS = ("out", "world", "results", "plots", "eval_out", "ckpt", "sft",
+                       "reward")
 
 
 def check_ranges(cfg):
     """Every field against the rule its Config declares in RANGES (floats without a rule: finite);
-    a PATH_FLAGS field must not be empty."""
+    a NONEMPTY_PATH_FLAGS field must not be empty."""
     rules = getattr(cfg, "RANGES", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in PATH_FLAGS and isinstance(value, str) and not value.strip():
+        if f.name in NONEMPTY_PATH_FLAGS and isinstance(value, str) and not value.strip():
             raise ConfigError(f"--{f.name} {value!r}: give a path (an empty one would mean the "
                               "current folder)")
         rule = rules.get(f.name, "(-inf, inf)" if isinstance(value, float) else None)
@@ -1215,13 +1250,17 @@ def make_dirs(path):
     checkpoint that fails to load) leaves none of them behind, empty."""
     # (walked as given: makedirs of 'a/new/../run' makes 'a/new' too; each is noted by its
     # normalized name, and 'a/new/..' (which is 'a', there before) is not)
+    # (a link to a folder not made yet: the folder it names is made, as shapes.py makes a world
+    # there; makedirs of the link itself said "File exists")
+    if os.path.islink(path) and not os.path.exists(path):
+        path = os.path.realpath(path)
     made, parent = [], os.path.join(os.getcwd(), path)
     while not os.path.exists(parent):
         if os.path.basename(parent) not in ("..", "."):
             made.insert(0, os.path.normpath(parent))
         parent = os.path.dirname(parent)
+    _made_out.extend(made)  # (before: one failing half way left those made before it)
     os.makedirs(path, exist_ok=True)
-    _made_out.extend(made)
 
 
 def ensure_writable(out_dir):
@@ -1235,6 +1274,11 @@ def ensure_writable(out_dir):
     except OSError as e:
         if os.path.exists(probe):  # (made, then its write failed: a full disk's)
             os.remove(probe)
+        # (a file, or a link that loops, read "cannot be written (File exists)")
+        why = ("a file, not a folder" if os.path.exists(out_dir) and not os.path.isdir(out_dir)
+               else not_found(out_dir) if os.path.islink(out_dir) else "")
+        if why:
+            raise ConfigError(f"{out_dir}: output directory: {why}")
         raise ConfigError(f"{out_dir}: output directory cannot be written ({e.strerror})")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # DataError: one-line user errors, see formats.py
-from formats import DataError, IMAGE, JSON_NAMES, read_text, record_label  # noqa: F401
+from formats import DataError, IMAGE, not_found, JSON_NAMES, read_text, record_label  # noqa: F401
 from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
                      read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
                      read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
@@ -208,7 +208,7 @@ def load_tokenizer(path):
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         if not os.path.exists(path):  # (transformers calls it an invalid hub repo id)
-            raise DataError(path, message="tokenizer directory not found") from None
+            raise DataError(path, message=not_found(path, "tokenizer directory")) from None
         raise tokenizer_fault(path, e) from None
     # (transformers 5 builds a LlamaTokenizer from tokenizer_config.json alone: its special tokens
     # and nothing else, every text encoded to [], trained on and answered with without a word)

@@ -13,6 +13,7 @@ Conventions shared by every reader and converter:
   returned as full paths. check_images=True checks that the file exists; decoding is checked at
   load time.
 """
+import errno
 import json
 import math
 import os
@@ -74,12 +75,25 @@ def read_text(path):
                                       f"{e.start} ({e.reason})") from None
 
 
+def not_found(path, what="file"):
+    """Why `path` names nothing: a symbolic link on it that loops, or one that names what is not
+    there (both read as 'not found', though `ls` lists the link), or `what` not found."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link on this path loops (links that name each other, or itself)"
+        if os.path.islink(path):
+            return f"a symbolic link to {os.readlink(path)}, which is not there"
+    return f"{what} not found"
+
+
 def load_json(path):
     """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
     if not os.path.isfile(path):
         raise DataError(path, message="a folder, not a file" if os.path.isdir(path) else
                         "not a regular file (a pipe or device): give a file, which a run records "
-                        "and reads again" if os.path.exists(path) else "file not found")
+                        "and reads again" if os.path.exists(path) else not_found(path))
     text = read_text(path)
     if not text.strip():
         raise DataError(path, message="file is empty")

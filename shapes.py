@@ -29,7 +29,7 @@ from data import DataError
 from data import (_pick, a, cell_position, count_phrase, grid_positions, inject_hallucination,
                   join_and, list_objects, lrv_negatives, noun_phrase, number_word, plural,
                   pos_phrase, there_are, unique_ref)
-from formats import load_json
+from formats import load_json, not_found
 from oracle import WORD2SHAPE, oracle
 
 # 8: text_only_qa 0.3 by default, held-out pairs from test images;
@@ -1286,6 +1286,10 @@ def _refuse_place(out_dir, flag):
     """Before anything is generated: an out_dir under a plain file (makedirs would fail on the
     temp folder, naming it instead), or inside a world (a world nested in a world: the outer one
     could no longer be rewritten, as it would hold a folder that is not part of a world)."""
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):  # (a loop: _world_path follows
+        # a link to a folder not made yet, and one that loops is still one: the temp folder's
+        # write failed, naming it)
+        raise DataError(f"{flag} {out_dir}", message=not_found(out_dir))
     up = os.path.dirname(os.path.abspath(out_dir))  # (a relative name's dirname '' never exists)
     while not os.path.exists(up):
         up = os.path.dirname(up)

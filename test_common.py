@@ -40,6 +40,35 @@ def test_parse_config_types_and_errors(capsys):
         assert needle in err and len(err.splitlines()) == 1
 
 
+def test_a_path_flag_given_with_equals_expands_home(tmp_path, monkeypatch):
+    """`--out=~/x`: the shell expands '~' only at a word's start, so the stage wrote a folder
+    named '~' in the working folder; every path flag expands it (in a list, each item's, and a
+    `name=FILE`'s), a flag that is not a path keeps it, and a '~name' of no user stays as given."""
+    import eval as evaluate
+    import sft
+    home = str(tmp_path / "home")
+    monkeypatch.setenv("HOME", home)
+    c = common.parse_config(sft.Config, ["--out=~/runs/sft", "--data=a.json:2,~/b.json",
+                                         "--world", "~", "--init=~nobody_here_xyz/ckpt"])
+    assert c.out == os.path.join(home, "runs/sft") and c.world == home
+    assert c.data == f"a.json:2,{home}/b.json" and c.init == "~nobody_here_xyz/ckpt"
+    e = common.parse_config(evaluate.Config, ["--pope_files=~/a.jsonl,~/b.jsonl",
+                                              "--judge_prompt", "mmhal=~/p.txt",
+                                              "--chair_prompt=~/not a path"])
+    assert e.pope_files == (f"{home}/a.jsonl", f"{home}/b.jsonl")
+    assert e.judge_prompt == (f"mmhal={home}/p.txt",) and e.chair_prompt == "~/not a path"
+
+
+def test_a_folder_made_half_way_is_removed_when_the_next_fails(tmp_path, monkeypatch):
+    """--out a/NEW/<a name no file system takes>: makedirs made a/NEW, then failed; the failed run
+    left them behind, empty (the folders are noted before makedirs now)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.ConfigError, match="cannot be written"):
+        common.ensure_writable(os.path.join("a", "new", "x" * 256, "run"))
+    common.release_locks()
+    assert os.listdir(tmp_path) == []
+
+
 def test_warmup_from_zero_is_transformers_schedule_step_for_step():
     """--warmup_from_zero true: the rate each optimizer step runs at equals transformers' cosine,
     cosine-with-min-lr and constant-with-warmup schedulers (LLaVA's SFT, TRL, LLaVA-RLHF), stepped

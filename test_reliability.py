@@ -117,6 +117,11 @@ class T:
         mutate(d)
         return str(d)
 
+    def link(self, name, target):
+        """A symbolic link ROOT/name -> target (itself: a link that loops)."""
+        os.symlink(target, self.root / name)
+        return str(self.root / name)
+
     def config_dir(self, name, cfg):
         d = self.root / name
         d.mkdir()
@@ -1892,11 +1897,49 @@ BAD_INPUT += [
       ("--n_test 1", "test_relation.json would be empty")),
 ]
 
+# -- paths and file systems: links that loop or name nothing, names no file system takes, an --out
+# that is a file (each said "not found", "File exists", or named a temp file of ours)
+LOOP_IS = "a symbolic link on this path loops"
+LONG_NAME = "x" * 256
+BAD_INPUT += [
+    C("sft", "data-link-loops", "--data a symbolic link to itself",
+      lambda w, t: ["--data", t.link("loop.json", "loop.json"), "--align_steps", "0",
+                    "--read_steps", "0"],
+      ("loop.json", LOOP_IS)),
+    C("sft", "world-link-loops", "--world a symbolic link to itself (no world is written there)",
+      lambda w, t: ["--world", t.link("world", "world")],
+      ("--world", "world", LOOP_IS)),
+    C("shapes", "out-link-loops", "--out a symbolic link to itself",
+      lambda w, t: ["--out", t.link("world", "world")],
+      ("--out", "world", LOOP_IS)),
+    C("dpo", "init-link-dangles", "--init a symbolic link to a folder that is not there",
+      lambda w, t: ["--init", t.link("sft", str(t.root / "gone"))],
+      ("sft", "a symbolic link to", "gone, which is not there")),
+    C("sft", "tokenizer-link-loops", "--tokenizer a symbolic link to itself",
+      lambda w, t: ["--tokenizer", t.link("tok", "tok")],
+      ("tok", LOOP_IS)),
+    C("eval", "out-link-loops", "--out a symbolic link to itself",
+      lambda w, t: ["--out", t.link("scores", "scores")],
+      ("scores", "output directory", LOOP_IS)),
+    C("reward", "out-a-file", "--out an existing file",
+      lambda w, t: ["--out", t.file("notes.txt", "mine")],
+      ("notes.txt", "output directory: a file, not a folder")),
+    C("sft", "out-name-too-long", "--out a name of 256 bytes",
+      lambda w, t: ["--out", str(t.root / "runs" / LONG_NAME / "sft")],
+      ("--out", "a name of 256 bytes", "at most 255")),
+    C("shapes", "out-name-too-long", "--out a name of 256 bytes (it named our temp folder)",
+      lambda w, t: ["--out", str(t.root / LONG_NAME)],
+      ("--out", "a name of 256 bytes")),
+    C("eval", "pope-file-name-too-long", "--pope_files a name of 256 bytes",
+      lambda w, t: ["--pope_files", str(t.root / f"{LONG_NAME}.jsonl")],
+      ("--pope_files", "a name of 262 bytes")),
+]
+
 
 def tree_hashes(*roots):
-    """{path: sha256} of every file under the given folders (what must not change); a run
-    directory's .lock is left out (it holds the pid of the last process that wrote there, by
-    design)."""
+    """{path: sha256} of every file under the given folders (what must not change; a link: its
+    target); a run directory's .lock is left out (it holds the pid of the last process that wrote
+    there, by design)."""
     out = {}
     for root in roots:
         for dirpath, _, names in os.walk(root):
@@ -1904,6 +1947,9 @@ def tree_hashes(*roots):
                 if n == ".lock":
                     continue
                 p = os.path.join(dirpath, n)
+                if os.path.islink(p):  # (a link: where it points; one may loop or dangle)
+                    out[p] = f"-> {os.readlink(p)}"
+                    continue
                 with open(p, "rb") as f:
                     out[p] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -2110,6 +2156,19 @@ def test_overwrite_moves_the_old_run_aside_whole(w, tmp_path):
     assert code == 0, err
     assert os.path.islink(out) and os.path.exists(tmp_path / "scratch" / "run.json")
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("scratch.replaced-")]) == 1
+
+
+def test_an_out_linked_to_a_folder_not_made_yet_is_made_there(w, tmp_path):
+    """--out a link to a scratch folder not made yet (a run's place set up before it starts) was
+    refused as "output directory cannot be written (File exists)"; shapes.py already wrote a world
+    where such a link points. The run is written there, the link kept."""
+    out = tmp_path / "sft"
+    os.symlink(tmp_path / "scratch" / "sft", out)
+    code, _, err = run_cli("sft", base_args("sft", w, out))
+    assert code == 0, err
+    assert os.path.islink(out) and os.path.exists(tmp_path / "scratch" / "sft" / "run.json")
+    code, _, err = run_cli("eval", base_args("eval", w, tmp_path / "eval") + ["--ckpt", str(out)])
+    assert code == 0, err
 
 
 def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
