@@ -958,7 +958,8 @@ def refuse_val_in_data(cfg):
         files |= {path for path, _ in data_specs(cfg.data)}
     except ConfigError:  # (said where the stage reads it)
         pass
-    if any(os.path.realpath(f) == os.path.realpath(val) for f in files):
+    # (a hard link of a --data file is that file too: samefile)
+    if any(os.path.realpath(f) == os.path.realpath(val) or samefile(f, val) for f in files):
         raise ConfigError(f"--val_data {val}: one of the --data files (its held-out scores would "
                           "be of training records); give another file, or '' for none")
 

@@ -1296,21 +1296,21 @@ def refuse_inputs_in_export(cfg, names):
 
 def run_names(ckpts, out=None, rescore=False):
     """Folder names: the checkpoint's name (ckpt/sft -> sft; ckpt/sft/checkpoint-000100 ->
-    sft-checkpoint-000100), numbered where two share one, or where OUT's folder of that name
-    holds another checkpoint's scores (an earlier --compare x/run y/run scored y/run as run-1: a
-    later --ckpt y/run replaced x/run's scores in run); a numbered folder that holds this
-    checkpoint's scores is its own. --rescore: only that one (it scores stored runs; their
-    answers' checkpoints are checked as they are read)."""
+    sft-checkpoint-000100), numbered where two share one (in any case: `taken`), or where OUT's
+    folder of that name holds another checkpoint's scores (an earlier --compare x/run y/run scored
+    y/run as run-1: a later --ckpt y/run replaced x/run's scores in run); a numbered folder that
+    holds this checkpoint's scores is its own. --rescore: only that one (it scores stored runs;
+    their answers' checkpoints are checked as they are read)."""
     names = []
     for c in ckpts:
         n = common.checkpoint_name(c)
         name, k = n, max(len(names), 1)
-        if rescore and n not in names and scored(out, n, c) is False:
+        if rescore and not taken(n, names) and scored(out, n, c) is False:
             name = next((m for m in numbered(out, n) if scored(out, m, c)), n)
-        elif n in names or scored(out, n, c) is False:
-            name = next((m for m in numbered(out, n) if m not in names and scored(out, m, c)),
+        elif taken(n, names) or scored(out, n, c) is False:
+            name = next((m for m in numbered(out, n) if not taken(m, names) and scored(out, m, c)),
                         None)
-            while name is None or name in names or scored(out, name, c) is False:
+            while name is None or taken(name, names) or scored(out, name, c) is False:
                 # (a/sft-2, b/sft, c/sft: the third is not sft-2 again)
                 name, k = f"{n}-{k}", k + 1
         if name != n and scored(out, n, c) is False:
@@ -1318,6 +1318,13 @@ def run_names(ckpts, out=None, rescore=False):
                   f"scored into {os.path.join(out, name)}", flush=True)
         names.append(name)
     return names
+
+
+def taken(name, names):
+    """Whether `name` is one of `names` in any case: a file system that ignores case (macOS's,
+    Windows') holds OUT/SFT and OUT/sft as one folder, so --compare a/sft b/SFT scored both
+    into it."""
+    return name.casefold() in {m.casefold() for m in names}
 
 
 def numbered(out, n):

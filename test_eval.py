@@ -1491,6 +1491,8 @@ def test_run_names_are_unique():
     into the first's folder: one row of the table lost); names already in use keep theirs."""
     assert E.run_names(["a/sft-2", "b/sft", "c/sft"]) == ["sft-2", "sft", "sft-3"]
     assert E.run_names(["a/sft", "b/sft"]) == ["sft", "sft-1"]
+    # (names that differ only in case are one folder where the file system ignores case)
+    assert E.run_names(["a/sft", "b/SFT", "c/Sft-1"]) == ["sft", "SFT-1", "Sft-1-2"]
     assert E.run_names(["ckpt/sft/checkpoint-000100"]) == ["sft-checkpoint-000100"]
 
 

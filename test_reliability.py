@@ -1897,6 +1897,11 @@ BAD_INPUT += [
       ("--n_test 1", "test_relation.json would be empty")),
 ]
 
+def _hard_link(src, dst):
+    os.link(src, dst)
+    return str(dst)
+
+
 # -- paths and file systems: links that loop or name nothing, names no file system takes, an --out
 # that is a file (each said "not found", "File exists", or named a temp file of ours)
 LOOP_IS = "a symbolic link on this path loops"
@@ -1930,6 +1935,12 @@ BAD_INPUT += [
     C("shapes", "out-name-too-long", "--out a name of 256 bytes (it named our temp folder)",
       lambda w, t: ["--out", str(t.root / LONG_NAME)],
       ("--out", "a name of 256 bytes")),
+    C("sft", "val-data-hard-link", "--val_data a hard link of the --data file (its held-out "
+      "scores were of training records)",
+      lambda w, t: ["--data", os.path.join(w.world, "sft.json"), "--image_folder", w.world,
+                    "--val_data", _hard_link(os.path.join(w.world, "sft.json"), t.root / "v.json"),
+                    "--align_steps", "0", "--read_steps", "0"],
+      ("--val_data", "v.json", "one of the --data files")),
     C("eval", "pope-file-name-too-long", "--pope_files a name of 256 bytes",
       lambda w, t: ["--pope_files", str(t.root / f"{LONG_NAME}.jsonl")],
       ("--pope_files", "a name of 262 bytes")),
