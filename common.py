@@ -1667,8 +1667,13 @@ def _start_writing(cfg, digests, model):
         if os.path.islink(real):  # (the folder: a link (to /scratch) stays one, to a new folder)
             real = os.path.realpath(real)
         aside = f"{real}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            os.rename(real, aside)  # the one atomic step: the old run is whole under its new name
+        except OSError as e:  # (a name near 255 bytes: the line said "File name too long" of OUT)
+            raise ConfigError(f"--overwrite: cannot move the run in {out} aside to {aside} "
+                              f"({e.strerror}); it is as it was: move it yourself, or choose "
+                              "another --out") from None
         old_lock = _locks.pop(os.path.realpath(out))
-        os.rename(real, aside)  # the one atomic step: the old run is whole under its new name
         os.makedirs(real)
         lock_out(out)
         old_lock.close()

@@ -1383,7 +1383,10 @@ def write_world(out_dir, seed=0, flag="--out", **params):
     _clean_leftovers(out_dir)
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # (a read-only or full disk, a name 250 bytes long: it named tmp)
+        raise DataError(f"{flag} {out_dir}", message=f"cannot be written ({e.strerror})") from None
     try:
         world = _fill(tmp, seed, p)
         foreign = _foreign(out_dir, os.listdir(tmp))  # (again: put there while generating)

@@ -1941,6 +1941,10 @@ BAD_INPUT += [
                     "--val_data", _hard_link(os.path.join(w.world, "sft.json"), t.root / "v.json"),
                     "--align_steps", "0", "--read_steps", "0"],
       ("--val_data", "v.json", "one of the --data files")),
+    C("shapes", "out-name-250-bytes", "--out a name of 250 bytes (its temp folder's, 250 + "
+      "'.tmpPID', is too long: the line named that folder)",
+      lambda w, t: ["--out", str(t.root / ("x" * 250))],
+      ("--out", "x" * 250 + ": cannot be written (File name too long)")),
     C("eval", "pope-file-name-too-long", "--pope_files a name of 256 bytes",
       lambda w, t: ["--pope_files", str(t.root / f"{LONG_NAME}.jsonl")],
       ("--pope_files", "a name of 262 bytes")),
@@ -2180,6 +2184,18 @@ def test_an_out_linked_to_a_folder_not_made_yet_is_made_there(w, tmp_path):
     assert os.path.islink(out) and os.path.exists(tmp_path / "scratch" / "sft" / "run.json")
     code, _, err = run_cli("eval", base_args("eval", w, tmp_path / "eval") + ["--ckpt", str(out)])
     assert code == 0, err
+
+
+def test_overwrite_of_a_run_whose_aside_name_is_too_long_is_one_line(w, tmp_path):
+    """--overwrite true on an --out named 250 bytes: OUT.replaced-TIME-PID is too long a name, and
+    the line said "OUT: File name too long" of the folder the run was already in."""
+    out = tmp_path / ("z" * 250)
+    shutil.copytree(w.sft, out)
+    before = tree_hashes(tmp_path)
+    code, _, err = run_cli("sft", base_args("sft", w, out) + ["--overwrite", "true"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--overwrite: cannot move the run in" in err and "File name too long" in err, err
+    assert tree_hashes(tmp_path) == before
 
 
 def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
