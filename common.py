@@ -32,9 +32,9 @@ import torch.distributed.nn.functional  # noqa: F401
 import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weights_dir,
-                        clip_alone, complete_checkpoints, detect_layout, init_fingerprint,
-                        is_peft_dir, latest_checkpoint, load_checkpoint, no_dir, peft_base_dir,
-                        recorded_template, refuse_scalar_model, resolve_checkpoint,
+                        checkpoint_step, clip_alone, complete_checkpoints, detect_layout,
+                        init_fingerprint, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
+                        peft_base_dir, recorded_template, refuse_scalar_model, resolve_checkpoint,
                         save_checkpoint_files)
 from formats import DataError, not_found
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
@@ -2083,7 +2083,11 @@ def resume_together(out_dir, path, refused):
 def _load_resume(out_dir, run_config, free):
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         has_config = os.path.exists(os.path.join(out_dir, n, "config.json"))
-        incomplete = n.startswith("checkpoint-") and not has_config
+        # (ours hold files alone: checkpoint-best/ of a user's, or checkpoint-N/ holding a folder,
+        # a run written there by another stage, were deleted with all they held)
+        incomplete = (checkpoint_step(n) is not None and not has_config
+                      and os.path.isdir(os.path.join(out_dir, n))
+                      and not any(e.is_dir() for e in os.scandir(os.path.join(out_dir, n))))
         # a checkpoint whose writing (or deletion) was cut off
         if n.startswith(".tmp-checkpoint-") or incomplete:
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)

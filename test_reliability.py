@@ -2198,6 +2198,25 @@ def test_overwrite_of_a_run_whose_aside_name_is_too_long_is_one_line(w, tmp_path
     assert tree_hashes(tmp_path) == before
 
 
+def test_resume_clears_only_what_a_cut_checkpoint_write_left(w, tmp_path):
+    """--resume removed every checkpoint-* folder without config.json, with all it held: a user's
+    checkpoint-best/ notes, or a DPO run written to OUT/checkpoint-2/dpo (--out inside the SFT
+    run), gone even where the resume was then refused. Only a flat checkpoint-N is cleared."""
+    out = tmp_path / "out"
+    shutil.copytree(w.sft, out)
+    for kept in ("checkpoint-best/notes.txt", "checkpoint-000002/dpo/run.json"):
+        os.makedirs(os.path.dirname(out / kept), exist_ok=True)
+        (out / kept).write_text("mine")
+    os.makedirs(out / "checkpoint-000001")  # what a cut write could leave: cleared
+    (out / "checkpoint-000001" / "model.safetensors").write_text("torn")
+    code, _, err = run_cli("sft", base_args("sft", w, out) + ["--resume", "true",
+                                                              "--max_steps", "9"])
+    assert code == 2 and "--resume with a different config" in err, err
+    assert (out / "checkpoint-best/notes.txt").exists()
+    assert (out / "checkpoint-000002/dpo/run.json").exists()
+    assert not (out / "checkpoint-000001").exists()
+
+
 def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
     """An --out holding a byte that is not UTF-8 ($'o\\xff': Python's surrogate escape) trained,
     then failed saving the tokenizer inside the first checkpoint (a traceback, metrics.jsonl left
