@@ -1120,6 +1120,7 @@ class Logger:
         # a run killed mid-line: drop the cut line before appending; killed between checkpoints:
         # drop the rows of the steps after the newest one (resumed, they are run and logged again)
         if enabled and os.path.exists(self.path):
+            unshare(self.path)
             with open(self.path, "rb+") as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
@@ -1147,6 +1148,17 @@ class Logger:
                       for k, v in metrics.items()}
             row = {"step": step, "time": round(elapsed, 3), **finite}
             f.write(json.dumps(row) + "\n")
+
+
+def unshare(path):
+    """path made a file of its own where it is one of several hard links: a run folder copied with
+    them (`cp -al`, `rsync --link-dest` snapshots) shares its files with the original, and the
+    copy's resume appended its rows to the original's metrics.jsonl too. (Every other file of a
+    run is written whole under a new name, which breaks the link itself.)"""
+    if os.stat(path).st_nlink > 1:
+        with open(path, "rb") as f:
+            data = f.read()
+        write_whole(path, lambda f: f.write(data), binary=True)
 
 
 def _row_step(line):

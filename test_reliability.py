@@ -2217,6 +2217,22 @@ def test_resume_clears_only_what_a_cut_checkpoint_write_left(w, tmp_path):
     assert not (out / "checkpoint-000001").exists()
 
 
+def test_resume_of_a_run_copied_with_hard_links_leaves_the_original(w, tmp_path):
+    """`cp -al run copy` (or an rsync --link-dest snapshot) then --resume in the copy: its rows
+    were appended to the original's metrics.jsonl as well (one file, two names)."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    shutil.copytree(w.sft, run)
+    shutil.copytree(run, copy, copy_function=os.link)
+    before = tree_hashes(run)
+    argv = ["--model", "tiny", "--world", w.world, "--batch_size", "8", "--align_steps", "1",
+            "--read_steps", "1", "--report", "false", "--log_every", "1", "--max_steps", "4",
+            "--resume", "true", "--out", str(copy)]
+    code, _, err = run_cli("sft", argv)
+    assert code == 0, err
+    assert tree_hashes(run) == before
+    assert [r["step"] for r in metric_rows(copy)][-1] == 4
+
+
 def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
     """An --out holding a byte that is not UTF-8 ($'o\\xff': Python's surrogate escape) trained,
     then failed saving the tokenizer inside the first checkpoint (a traceback, metrics.jsonl left
