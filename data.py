@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 # DataError: one-line user errors, see formats.py
-from formats import DataError, IMAGE, not_found, JSON_NAMES, read_text, record_label  # noqa: F401
+from formats import DataError, IMAGE, JSON_NAMES, read_text, record_label  # noqa: F401
+from formats import not_found, windows_hint
 from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
                      read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
                      read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
@@ -292,7 +293,8 @@ def load_image(path, file=None, record=None):
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise DataError(file or path, record, "image", f"file not found: {path}")
+        raise DataError(file or path, record, "image",
+                        f"file not found: {path}{windows_hint(path)}")
     except Exception as e:
         message = f"cannot decode image {path} ({type(e).__name__})"
         raise DataError(file or path, record, "image", message)

@@ -74,7 +74,8 @@ import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
 from formats import (QUESTIONS_NOT_ANSWERS, TAG_IN_TEXT, read_llava_bench,
-                     read_llava_bench_answers, read_llava_bench_context, record_label)
+                     read_llava_bench_answers, read_llava_bench_context, record_label,
+                     windows_hint)
 from checkpoint import (base_weights_dir, check_weight_headers, detect_layout, is_peft_dir,
                         no_dir, peft_base_dir, refuse_scalar_model, resolve_checkpoint)
 from model import CheckpointError
@@ -264,7 +265,7 @@ def _take(qs, cfg, bench, on_shapes):
         if not cfg.rescore and not os.path.isfile(q["image"]):
             what = "a folder, not an image" if os.path.isdir(q["image"]) else "image not found"
             raise DataError(q["file"], q["where"], q.get("image_field", "image"),
-                            f"{what}: {q['image']}")
+                            f"{what}: {q['image']}{windows_hint(q['image'])}")
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
@@ -402,7 +403,7 @@ def read_llava_pope_test(path, label_files, image_folder=None, check_images=True
             raise DataError(path, where, "text", message)
         image = r["image"] if os.path.isabs(r["image"]) else os.path.join(folder, r["image"])
         if check_images and not os.path.isfile(image):
-            raise DataError(path, where, "image", f"file not found: {image}")
+            raise DataError(path, where, "image", f"file not found: {image}{windows_hint(image)}")
         out.append(dict(r, image=image, label=lab["label"]))
     for cat, (file, recs_of) in labels.items():
         if seen.get(cat, -1) + 1 != len(recs_of):
@@ -523,7 +524,7 @@ def _image_file(folder, name, file, record, field, check=True):
     path = os.path.join(folder, name)
     if check and not os.path.isfile(path):
         what = "a folder, not an image" if os.path.isdir(path) else "image not found"
-        raise DataError(file, record, field, f"{what}: {path}")
+        raise DataError(file, record, field, f"{what}: {path}{windows_hint(path)}")
     return path
 
 

@@ -88,6 +88,16 @@ def not_found(path, what="file"):
     return f"{what} not found"
 
 
+def windows_hint(path):
+    """A note for a path not found that holds '\\' where its '/' spelling names a file (a record
+    written on Windows: 'images\\train\\0.png'), else ''. On Linux '\\' is a character of a
+    name, so the record is not read as the other file: it says where that one is."""
+    slashed = path.replace("\\", "/")
+    if slashed != path and os.path.exists(slashed):
+        return f" (Windows separators? {slashed} exists: write '/' in the record)"
+    return ""
+
+
 def load_json(path):
     """Parse a JSON file or a JSON lines file. Returns the parsed object (JSON lines -> list)."""
     if not os.path.isfile(path):
@@ -293,7 +303,7 @@ def image_path(folder, name, check_images, field="image"):
     """Full path of an image named in a record (relative to folder, or absolute)."""
     path = name if os.path.isabs(name) else os.path.join(folder, name)
     if check_images and not os.path.isfile(path):
-        raise _bad(field, f"file not found: {path}")
+        raise _bad(field, f"file not found: {path}{windows_hint(path)}")
     return path
 
 

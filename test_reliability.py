@@ -1945,6 +1945,17 @@ BAD_INPUT += [
       "'.tmpPID', is too long: the line named that folder)",
       lambda w, t: ["--out", str(t.root / ("x" * 250))],
       ("--out", "x" * 250 + ": cannot be written (File name too long)")),
+    C("sft", "image-windows-separators", "a record's image written with '\\' (a file made on "
+      "Windows): the line says where the '/' spelling is",
+      lambda w, t: ["--data", t.file("sft.json", [{"id": "a", "image": IMG.replace("/", "\\"),
+                                                    "conversations": GOOD}]),
+                    "--image_folder", w.world, "--align_steps", "0", "--read_steps", "0"],
+      ("sft.json", "record 0 (id 'a')", "file not found", "Windows separators?", f"/{IMG} exists")),
+    C("eval", "pope-image-windows-separators", "a POPE line's image written with '\\'",
+      lambda w, t: ["--pope_files", t.file("pope.jsonl", json.dumps(
+          {"question_id": 1, "image": IMG.replace("/", "\\"), "text": "Is it?", "label": "yes"})),
+                    "--image_folder", w.world],
+      ("pope.jsonl", "image not found", "Windows separators?", f"/{IMG} exists")),
     C("eval", "pope-file-name-too-long", "--pope_files a name of 256 bytes",
       lambda w, t: ["--pope_files", str(t.root / f"{LONG_NAME}.jsonl")],
       ("--pope_files", "a name of 262 bytes")),
