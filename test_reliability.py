@@ -565,7 +565,7 @@ BAD_INPUT = [
     C("bench", "fsdp-out-is-file", "--fsdp true with an --out that is a file (checked after the "
       "sharded steps: the measurement was lost)",
       lambda w, t: ["--fsdp", "true", "--out", t.file("b.log", "x")],
-      ("b.log", "cannot be written")),
+      ("b.log", "a file, not a folder")),
     C("bench", "fsdp-lora-unread", "--fsdp true --train_modes full with --lora_r 8 (ignored)",
       lambda w, t: ["--fsdp", "true", "--train_modes", "full", "--lora_r", "8"],
       ("--lora_r 8: not read with --fsdp true and no lora",)),
