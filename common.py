@@ -915,7 +915,7 @@ def world_paths(cfg, reads=("data",), companions=()):
         note_world_file_spelled_out(cfg, dropped)
     named = [f for f in reads + companions if WORLD in values[f]]
     paths = {f: v.replace(WORLD, cfg.world) for f, v in values.items()}
-    out = dataclasses.replace(cfg, **paths)
+    out = replace_config(cfg, **paths)
     refuse_val_in_data(out)
     return out, named
 
@@ -1522,6 +1522,15 @@ def _claim_out(cfg, inits):
                                   "another --out")
 
 
+def replace_config(cfg, **changes):
+    """dataclasses.replace that keeps the flags parse_config saw typed (refuse_unread reads them;
+    a replaced Config had none, and a flag typed at its default was let through again)."""
+    out = dataclasses.replace(cfg, **changes)
+    if hasattr(cfg, "_given"):
+        out._given = cfg._given
+    return out
+
+
 def refuse_unread(cfg, flags, why):
     """One line for a flag among `flags` given on the command line, or changed from its default,
     where it is not read (`why` completes '--flag VALUE: not read ...'): it would be ignored
@@ -1530,7 +1539,8 @@ def refuse_unread(cfg, flags, why):
     given = getattr(cfg, "_given", frozenset())  # (parse_config's; none for a Config built in code)
     for flag in flags:
         value = getattr(cfg, flag)
-        typed = flag in given and value not in ("", ())  # ('' typed asks for none: nothing unread)
+        # ('' typed asks for none, false for off: nothing is left unread, what was asked happens)
+        typed = flag in given and value is not False and value not in ("", ())
         if value != defaults[flag] or typed:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             shown = str(value).lower() if isinstance(value, bool) else shown  # (as it is typed)
@@ -1543,7 +1553,7 @@ def refuse_unread_shared(cfg, warmups=None):
     without --fsdp, LoRA's shape with --lora_r 0 (a full fine-tune), --warmup_from_zero without
     warmup steps (`warmups`: the warmup lengths the run reads, default --warmup's)."""
     names = {f.name for f in dataclasses.fields(cfg)}
-    if cfg.device != "cuda":
+    if cfg.device != "cuda" and cfg.dtype != "fp32":  # (fp32, typed or not, is what runs)
         refuse_unread(cfg, ["dtype"], f"with --device {cfg.device} (bf16 runs on GPU only); "
                       "drop it")
     if "save_full" in names and not cfg.fsdp:

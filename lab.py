@@ -1273,7 +1273,8 @@ def run_lab(cfg):
     if cfg.world_seed and cfg.sft == Config.sft:
         cfg.sft = f"ckpt-seed{cfg.world_seed}/sft"
     common.seed_suffix(cfg, Config, ("world", "out", "results", "plots"))
-    cfg = replace(cfg, out=spelled(cfg.out), sft=spelled(cfg.sft), world=spelled(cfg.world))
+    cfg = common.replace_config(cfg, out=spelled(cfg.out), sft=spelled(cfg.sft),
+                                world=spelled(cfg.world))
     if not cfg.report_only:  # (every run would fail, and the report be written of none)
         common.check_device(cfg.device)
     unknown = [c for c in cfg.claims if c not in CLAIMS]

@@ -35,7 +35,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -347,7 +347,7 @@ def import_llava_rlhf(cfg):
         raise common.ConfigError(f"--import_llava_rlhf {cfg.import_llava_rlhf}: directory not "
                                  "found")
     llava_rlhf_reward_parts(cfg.import_llava_rlhf)  # (its files are there: before --out is made)
-    cfg = replace(cfg, prompt_space=True)
+    cfg = common.replace_config(cfg, prompt_space=True)
     d = common.setup_dist(cfg.device, False, flags=cfg)
     common.claim_out(cfg, d, inits=[cfg.init])
     model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,

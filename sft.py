@@ -26,7 +26,6 @@ last steps at --instruct_lr, which puts LLaVA's yes-bias on a model that can see
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
 """
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -382,7 +381,7 @@ def main(cfg):
     if cfg.neg_ratio < 0:  # the world's own share (its lrv/ file for --seed 0); without --lrv,
         # unused, and 0.5 when no world is read (the value runs recorded before -1 meant this)
         world_ratio = shapes.load_params(cfg.world)["neg_ratio"] if named or cfg.lrv else 0.5
-        cfg = dataclasses.replace(cfg, neg_ratio=world_ratio)
+        cfg = common.replace_config(cfg, neg_ratio=world_ratio)
     train_records, val_records, skipped = load_records(cfg, d)
     # (checked where --max_steps leaves stage 2 no step too, as stage 1's: a short trial run
     # checks the files the full run reads)
