@@ -87,16 +87,19 @@ def tell_the_waiting_ranks(message):
     """A rank refused before it joined the process group (a flag or input given on one node only):
     the other nodes' ranks waited for it in setup_dist, 30 minutes (gloo's timeout), after its
     node had ended. It joins to hand them its line (same_flags_everywhere), for up to a minute
-    (a rank that never comes: a traceback before setup_dist)."""
-    if _made_process_group or int(os.environ.get("WORLD_SIZE", "1")) == 1 or \
-            "TORCHELASTIC_RUN_ID" not in os.environ or _runs_alone:
+    (a rank that never comes: a traceback before setup_dist). Where every rank is on this node,
+    torchrun stops them itself once this one exits: nothing to hand over (and the join, inside
+    C++, could not be interrupted: a Ctrl-C waited for it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if _made_process_group or world == 1 or "TORCHELASTIC_RUN_ID" not in os.environ or \
+            _runs_alone or int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
         return
     import datetime
     try:  # ("gloo": the object collectives of the others' "cpu:gloo,cuda:nccl" run on it too)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         dist.all_gather_object([None] * dist.get_world_size(), (rank - local, message))
-    # (the others gone, or never there; or torchrun stopping this rank meanwhile: its exit is 2)
+    # (the others gone, or never there)
     except BaseException:
         pass
 

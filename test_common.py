@@ -863,3 +863,23 @@ def test_a_stop_that_waits_on_a_stuck_process_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         f"still waiting for 1 process to stop (it may be saving a checkpoint); `kill -9 "
         f"{stuck.pid}` ends it now (checkpoints saved stay whole)\n")
+
+
+def test_a_refused_rank_hands_its_line_over_only_to_other_nodes(monkeypatch):
+    """A rank refused before the process group joins it to hand its line to the ranks of other
+    nodes (they waited 30 minutes). On one node torchrun stops the other ranks itself, and the
+    join, inside C++, held a Ctrl-C and the exit for up to a minute: it is not made there."""
+    joined = []
+
+    def join(*args, **kwargs):
+        joined.append(os.environ["LOCAL_WORLD_SIZE"])
+        raise RuntimeError("no peers here")
+    monkeypatch.setattr(common.dist, "init_process_group", join)
+    monkeypatch.setattr(common, "_runs_alone", False)  # (another test's refuse_torchrun may set it)
+    monkeypatch.setattr(common, "_made_process_group", False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for local_world in ("2", "1"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        common.tell_the_waiting_ranks("bad flag")
+    assert joined == ["1"]
