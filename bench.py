@@ -1228,7 +1228,7 @@ def fsdp_bench(cfg):
     and peak memory per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device cuda
     --model llava-7b`: bf16 compute, fp32 master weights and AdamW moments sharded 8 ways. --batch
     rows per process. No transformers comparison. Writes OUT/bench_fsdp.json."""
-    d = common.setup_dist(cfg.device, fsdp=True)
+    d = common.setup_dist(cfg.device, fsdp=True, flags=cfg)
     if d.main:  # (before the steps: a 7B measurement was lost to an --out that is a file)
         common.ensure_writable(cfg.out)
     bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"

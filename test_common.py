@@ -883,3 +883,16 @@ def test_a_refused_rank_hands_its_line_over_only_to_other_nodes(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
         common.tell_the_waiting_ranks("bad flag")
     assert joined == ["1"]
+
+
+def test_only_gloos_peer_closed_error_is_taken_for_another_rank_gone(monkeypatch):
+    """Under torchrun a collective failing because another rank's process ended is one line per
+    node (exit 1); any other "Connection reset by peer" (an HTTP client's, a bug's) keeps its
+    traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:5"
+    with pytest.raises(SystemExit) as e, common.user_errors():
+        raise RuntimeError(gloo)
+    assert e.value.code == 1
+    with pytest.raises(RuntimeError, match="reset by peer"), common.user_errors():
+        raise RuntimeError("Connection reset by peer")
