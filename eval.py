@@ -1308,7 +1308,9 @@ def run_names(ckpts, out=None, rescore=False):
         name, k = n, max(len(names), 1)
         if rescore and not taken(n, names) and scored(out, n, c) is False:
             name = next((m for m in numbered(out, n) if scored(out, m, c)), n)
-        elif taken(n, names) or scored(out, n, c) is False:
+        # (a name taken in another case keeps a folder of its own that holds its scores: one
+        # written on a file system that tells case apart)
+        elif (taken(n, names) and scored(out, n, c) is not True) or scored(out, n, c) is False:
             name = next((m for m in numbered(out, n) if not taken(m, names) and scored(out, m, c)),
                         None)
             while name is None or taken(name, names) or scored(out, name, c) is False:

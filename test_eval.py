@@ -1496,6 +1496,22 @@ def test_run_names_are_unique():
     assert E.run_names(["ckpt/sft/checkpoint-000100"]) == ["sft-checkpoint-000100"]
 
 
+def test_names_in_two_cases_scored_before_keep_their_folders(tmp_path):
+    """--compare a/sft b/SFT run before on a file system that tells case apart wrote OUT/sft and
+    OUT/SFT; numbering names that differ only in case sent b/SFT to SFT-1, where --rescore found
+    no answers and a new run answered (and asked a judge) again. A folder holding this
+    checkpoint's scores keeps its name; a fresh one is numbered."""
+    ckpts = [str(tmp_path / side / name) for side, name in (("a", "sft"), ("b", "SFT"))]
+    assert E.run_names(ckpts, str(tmp_path / "out")) == ["sft", "SFT-1"]
+    for c in ckpts:
+        os.makedirs(c)
+        os.makedirs(tmp_path / "out" / os.path.basename(c))
+        with open(tmp_path / "out" / os.path.basename(c) / "scores.json", "w") as f:
+            json.dump({"ckpt": c, "ckpt_path": os.path.realpath(c)}, f)
+    for rescore in (False, True):
+        assert E.run_names(ckpts, str(tmp_path / "out"), rescore) == ["sft", "SFT"]
+
+
 def test_a_later_ckpt_is_scored_beside_the_compare_run_of_its_name(env, capsys):
     """--compare x/run y/run scores y/run into run-1; a later --ckpt y/run into the same --out
     wrote into run (x/run's folder: its scores.json replaced by y/run's). It now finds run-1,
