@@ -300,7 +300,8 @@ PATH_FLAGS = {"out", "init", "vision_tower", "tokenizer", "data", "image_folder"
               "ckpt", "compare", "pope_files", "pope_labels", "chair_instances", "chair_synonyms",
               "chair_captions", "mmhal_file", "gavie_file", "gavie_annotations", "llava_bench_file",
               "llava_bench_answers", "llava_bench_context", "llava_bench_rule", "judge_prompt",
-              "judge_model", "llava_answers", "sft", "results", "plots", "eval_out"}
+              "judge_model", "llava_answers", "sft", "results", "plots", "eval_out",
+              "import_llava_rlhf", "policy_lora"}
 # '~' or '~user' that starts a path (or an item of a list, or the FILE of `name=FILE`)
 HOME_PREFIX = re.compile(r"(^|,)(\w+=)?(~[^/,]*)(?=/|,|$)")
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs, NFS)
