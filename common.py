@@ -1294,7 +1294,8 @@ def ensure_writable(out_dir):
             os.remove(probe)
         # (a file, or a link that loops, read "cannot be written (File exists)")
         why = ("a file, not a folder" if os.path.exists(out_dir) and not os.path.isdir(out_dir)
-               else not_found(out_dir) if os.path.islink(out_dir) else "")
+               else not_found(out_dir) if os.path.islink(out_dir) and not os.path.exists(out_dir)
+               else "")  # (a link to a folder that is there: its write failed, as any other's)
         if why:
             raise ConfigError(f"{out_dir}: output directory: {why}")
         raise ConfigError(f"{out_dir}: output directory cannot be written ({e.strerror})")

@@ -1,5 +1,6 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -918,3 +919,20 @@ def test_only_gloos_peer_closed_error_is_taken_for_another_rank_gone(monkeypatch
     assert e.value.code == 1
     with pytest.raises(RuntimeError, match="reset by peer"), common.user_errors():
         raise RuntimeError("Connection reset by peer")
+
+
+def test_a_linked_out_that_cannot_be_written_says_why(tmp_path, monkeypatch):
+    """--out a link to a folder that is there, its write failing (a full disk): it read "file not
+    found", which only a link that loops or points nowhere is; it is the write's error now."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if ".write-test-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(common.ConfigError, match=r"link: output directory cannot be written "
+                                                 r"\(No space left on device\)$"):
+        common.ensure_writable(str(tmp_path / "link"))
