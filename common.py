@@ -1158,8 +1158,9 @@ class Logger:
 def unshare(path):
     """path made a file of its own where it is one of several hard links: a run folder copied with
     them (`cp -al`, `rsync --link-dest` snapshots) shares its files with the original, and the
-    copy's resume appended its rows to the original's metrics.jsonl too. (Every other file of a
-    run is written whole under a new name, which breaks the link itself.)"""
+    copy's resume appended its rows to the original's metrics.jsonl too (and eval's answers and
+    judge replies, appended likewise; the .lock: lock_out). Every other file of a run is written
+    whole under a new name, which breaks the link itself."""
     if os.stat(path).st_nlink > 1:
         with open(path, "rb") as f:
             data = f.read()
@@ -1322,6 +1323,9 @@ def lock_out(out_dir):
         return
     path = os.path.join(out_dir, LOCK)
     made = not os.path.exists(path)
+    if not made and os.stat(path).st_nlink > 1:  # (a run copied with hard links shares its
+        # .lock: the copy was refused while the original ran, and wrote its pid into it)
+        write_whole(path, lambda f: None)
     f = open(path, "a+")
     f.made = made  # (release_locks removes it again where it is all this run left)
     try:

@@ -777,6 +777,8 @@ class Answerer:
             self.note_made(bench, done)
             return done
         self._load()
+        if os.path.exists(path):  # (appended to: a copy made with hard links writes its own)
+            common.unshare(path)
         starts = range(0, len(todo), cfg.batch_size)
         for s in common.progress(starts, desc=f"{self.name} {bench}"):
             chunk = todo[s:s + cfg.batch_size]
@@ -1056,6 +1058,8 @@ def judge_replies(bench, qs, lines, path, judges, cfg, name):
     todo = [q for q in asked if (q["id"], jname, digest[q["id"]]) not in cache]
     show = judge.name != "oracle"
     empty = {}  # id: the judge's finish reason, for replies without a word (not stored)
+    if os.path.exists(path):  # (appended to: a copy made with hard links writes its own)
+        common.unshare(path)
     with open(path, "a", encoding="utf-8") as f:
         for q in common.progress(todo, desc=f"{name} judge {bench}", enabled=show):
             answer = lines[q["id"]]["answer"]

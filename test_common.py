@@ -936,3 +936,26 @@ def test_a_linked_out_that_cannot_be_written_says_why(tmp_path, monkeypatch):
     with pytest.raises(common.ConfigError, match=r"link: output directory cannot be written "
                                                  r"\(No space left on device\)$"):
         common.ensure_writable(str(tmp_path / "link"))
+
+
+def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
+    """`cp -al run copy` links run/.lock too: the copy's lock_out locked the original's file, so
+    the copy was refused while the original ran ('another process is writing there'), and wrote
+    its pid into the original's .lock. The copy's .lock is a file of its own now."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.path.insert(0, "
+                               f"{HERE!r})\nimport common\ncommon.lock_out({str(run)!r})\n"
+                               "print('locked', flush=True)\ntime.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        copy.mkdir()
+        os.link(run / common.LOCK, copy / common.LOCK)
+        common.lock_out(str(copy))
+        assert (run / common.LOCK).read_text() == f"{holder.pid}\n"
+        assert (copy / common.LOCK).read_text() == f"{os.getpid()}\n"
+    finally:
+        common.release_locks()
+        holder.kill()
+        holder.wait()

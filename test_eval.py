@@ -2306,3 +2306,18 @@ def test_a_judge_file_that_cannot_be_written_is_named_and_a_judges_own_error_is_
     with pytest.raises(OSError) as e:
         E.judge_replies("mmhal", [q], lines, path, {"judge": Judge()}, None, "m")
     assert e.value.filename == path
+
+
+def test_an_eval_folder_copied_with_hard_links_answers_into_its_own_files(env, tmp_path):
+    """`cp -al` of an eval --out, then more questions answered in the copy: the answers were
+    appended to the original's file too (one file, two names). The copy's is its own now."""
+    import filecmp
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    run_cli(env, out, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--limit", "2")
+    shutil.copytree(out, copy, copy_function=os.link)
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    run_cli(env, copy, "--ckpt", env["ckpts"][0], "--benchmarks", "pope", "--limit", "4")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    answers = [p for p in copy.rglob("answers*") if p.is_file()]
+    assert answers and not all(filecmp.cmp(p, out / p.relative_to(copy), shallow=False)
+                               for p in answers)
