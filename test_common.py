@@ -82,6 +82,22 @@ def test_every_text_flag_is_a_path_flag_or_named_as_none():
     assert not common.PATH_FLAGS & NOT_PATHS
 
 
+def test_a_name_is_measured_without_its_weight_or_its_role(monkeypatch):
+    """A 255-byte --data file given as FILE:2 (a weight) or an eval file as mmhal=FILE was refused
+    as a name of 257 bytes; a name past 255 bytes is refused on Linux alone (macOS and Windows
+    count characters, not bytes: a name of CJK characters fits there)."""
+    import eval as evaluate
+    import sft
+    name = "d" * 250 + ".json"
+    c = common.parse_config(sft.Config, ["--data", f"/x/{name}:2,/x/{name}:conv"])
+    assert c.data == f"/x/{name}:2,/x/{name}:conv"
+    common.parse_config(evaluate.Config, ["--judge_prompt", f"mmhal=/x/{name}"])
+    with pytest.raises(SystemExit):
+        common.parse_config(sft.Config, ["--data", f"/x/x{name}:2"])
+    monkeypatch.setattr(sys, "platform", "darwin")
+    common.parse_config(sft.Config, ["--out", "/x/" + "\u6f22" * 86])  # (258 bytes, 86 characters)
+
+
 def test_a_folder_made_half_way_is_removed_when_the_next_fails(tmp_path, monkeypatch):
     """--out a/NEW/<a name no file system takes>: makedirs made a/NEW, then failed; the failed run
     left them behind, empty (the folders are noted before makedirs now)."""
