@@ -93,6 +93,10 @@ def run_cli(module, argv, strict=False):
                 mod.main(cfg)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:  # (a process's end drops its process group: a run refused after making its
+            # one-rank group, bench --fsdp's, left it to the next in-process run, "twice!")
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     return code, out.getvalue(), err.getvalue()
 
 
