@@ -2120,8 +2120,9 @@ def resume_together(out_dir, path, refused):
 def _load_resume(out_dir, run_config, free):
     for n in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         has_config = os.path.exists(os.path.join(out_dir, n, "config.json"))
-        # (ours hold files alone: checkpoint-best/ of a user's, or checkpoint-N/ holding a folder,
-        # a run written there by another stage, were deleted with all they held)
+        # (a cut write of ours holds files alone: checkpoint-best/ of a user's, or checkpoint-N/
+        # holding a folder, a run written there by another stage, were deleted with all they
+        # held; an FSDP one cut with its shares/ is kept, never loaded without its config.json)
         incomplete = (checkpoint_step(n) is not None and not has_config
                       and os.path.isdir(os.path.join(out_dir, n))
                       and not any(e.is_dir() for e in os.scandir(os.path.join(out_dir, n))))
