@@ -922,6 +922,11 @@ def test_a_refused_rank_hands_its_line_over_only_to_other_nodes(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
         common.tell_the_waiting_ranks("bad flag")
     assert joined == ["1"]
+    # a script whose ranks never make a group (eval, pipeline, lab: refuse_torchrun) has no one
+    # waiting to tell
+    monkeypatch.setattr(common, "_runs_alone", True)
+    common.tell_the_waiting_ranks("bad flag")
+    assert joined == ["1"]
 
 
 def test_only_gloos_peer_closed_error_is_taken_for_another_rank_gone(monkeypatch):
