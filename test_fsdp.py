@@ -585,12 +585,8 @@ def two_nodes(script, argv, logs, cwds=(HERE, HERE), node1_argv=None):
 def both_ended(procs, logs, within=90):
     """Each node's output once both launchers have ended; a node still running after `within`
     seconds (a rank left in a collective) is killed and fails the test."""
-    deadline = time.time() + within
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            pass
+    import common
+    common.wait_a_moment(procs, within)
     hung = [node for node, p in enumerate(procs) if p.poll() is None]
     for node in hung:
         os.killpg(procs[node].pid, signal.SIGKILL)
