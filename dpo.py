@@ -48,7 +48,7 @@ class Config:
     """Preference optimisation: DPO / IPO / cDPO / reference-free, and POVID."""
     out: str = "ckpt/dpo"  # run directory: checkpoint-N/, metrics.jsonl, ref_logps-<hash>.pt
     init: str = "ckpt/sft"  # checkpoint to start from; it is also the reference policy
-    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --init has no CLIP weights (default: the one it names)
     data: str = "{world}/povid_pairs.json"  # a POVID or LLaVA-RLHF preference file
     format: str = "auto"  # auto: by fields; povid (rejected_conversations); llava_rlhf (output_1/2)
     val_data: str = "{world}/pref_pairs_val.json"  # held-out pairs: reward accuracy (empty: none)

@@ -148,7 +148,7 @@ class Config:
     seed: int = 0  # sampling seed
     template: str = "vicuna_v1"  # conversation template: vicuna_v1 or llava_v1
     max_len: int = 2048  # longest prompt in tokens
-    vision_tower: str = ""  # local CLIP directory when the checkpoint lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --ckpt has no CLIP weights (default: the one it names)
     device: str = "cpu"  # cpu or cuda
     dtype: str = "fp32"  # fp32, or bf16 (cuda)
     # allowed values (common.parse_config refuses others in one line; any float must also be finite)

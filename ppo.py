@@ -82,7 +82,7 @@ class Config:
     checkpoint."""
     out: str = "ckpt/ppo"  # run directory: checkpoint-N/ (each the policy alone) and metrics.jsonl
     init: str = "ckpt/sft"  # the SFT checkpoint: policy start, reference, frozen base
-    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --init has no CLIP weights (default: the one it names)
     # a PEFT LoRA on --init (LLaVA-RLHF's RL-INIT lora_default): the policy starts as it and trains
     # it further (--lora_* unused), the reference is it, frozen; empty: a new LoRA, reference --init
     policy_lora: str = ""

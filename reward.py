@@ -54,7 +54,7 @@ class Config:
     """Fact-RLHF reward model: LoRA + scalar head on the SFT model, trained on preference pairs."""
     out: str = "ckpt/rm"  # run directory: checkpoint-N/ subdirectories, metrics.jsonl, report.json
     init: str = "ckpt/sft"  # the SFT checkpoint (frozen; the RM checkpoint is saved with base= it)
-    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --init has no CLIP weights (default: the one it names)
     # a LLaVA-RLHF reward model (its checkpoint-N/: adapter_model/ + reward_head) trained on --init:
     # written as this script's checkpoint, scored as LLaVA-RLHF scores; no training, no data read
     import_llava_rlhf: str = ""

@@ -53,7 +53,7 @@ class Config:
     """Supervised fine-tuning (LLaVA-SFT+ / LRV robust instruction tuning)."""
     out: str = "ckpt/sft"  # run directory: checkpoint-N/ subdirectories and metrics.jsonl
     init: str = ""  # checkpoint (ours, llava-hf, original LLaVA, LLaMA dir); empty: a fresh --model
-    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --init has no CLIP weights (default: the one it names)
     tokenizer: str = "{world}/tokenizer"  # for a fresh --model (given: an --init without one)
     model: str = "shapes"  # preset for a fresh model: tiny, shapes, bench, llava-7b, llava-13b
     data: str = "{world}/sft.json"  # FILE[:weight],FILE[:weight] (LLaVA instruct or LRV)

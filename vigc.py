@@ -76,7 +76,7 @@ class Config:
     # (the generated data: vigc_data.json and vig_only.json)
     out: str = "ckpt/vigc"  # run directory: checkpoints, metrics, generated data, report.json
     init: str = "ckpt/sft"  # checkpoint (ours, llava-hf, original LLaVA); empty: a fresh --model
-    vision_tower: str = ""  # local CLIP directory when --init lacks the CLIP weights
+    vision_tower: str = ""  # CLIP folder if --init has no CLIP weights (default: the one it names)
     model: str = "shapes"  # preset for a fresh model when --init is empty (tests: tiny)
     tokenizer: str = "{world}/tokenizer"  # for a fresh --model (given: an --init without one)
     data: str = "{world}/sft.json"  # FILE[:conv|desc|comp],... (LLaVA instruct or LRV)
