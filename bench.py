@@ -1042,7 +1042,7 @@ def main(cfg, given=None):
         if "lora" not in cfg.train_modes:
             common.refuse_unread(cfg, ["lora_r", "lora_alpha"], "with --fsdp true and no lora in "
                                  "--train_modes; drop it")
-        if cfg.device != "cuda":  # (its bf16 is mixed precision on the GPU)
+        if cfg.device != "cuda" and cfg.dtype not in ("fp32", "auto"):  # (what runs there)
             common.refuse_unread(cfg, ["dtype"], "with --fsdp true off the GPU (fp32); drop it")
     if not cfg.rollout_model:  # (no rollout section)
         common.refuse_unread(cfg, ["rollout_batch", "rollout_new_tokens"], "with --rollout_model "

@@ -321,12 +321,20 @@ def refuse_long_names(flag, value):
     item's `name=` and `:weight` or `:role` are not part of its file's name."""
     if not sys.platform.startswith("linux"):
         return
-    items = (re.sub(r":[^/:]*$", "", re.sub(r"^\w+=", "", item)) for item in value.split(","))
-    for name in (name for item in items for name in item.split(os.sep)):
+    for name in (name for item in value.split(",") for name in _file_of(item).split(os.sep)):
         size = len(name.encode("utf-8", "surrogateescape"))
         if size > NAME_MAX:
             raise ConfigError(f"--{flag} {value}: a name of {size} bytes ('{name[:24]}...'); a "
                               f"file system takes at most {NAME_MAX} bytes a name")
+
+
+def _file_of(item):
+    """The file a list item names: without its `name=` or `:weight`/`:role` where the rest is a
+    file there (as the list readers take it); else the item whole."""
+    for rest in (re.sub(r"^\w+=", "", item), re.sub(r":[^/:]*$", "", item)):
+        if rest != item and os.path.exists(rest):
+            return rest
+    return item
 
 
 def parse_config(cls, argv=None, prog=None):
@@ -1330,7 +1338,7 @@ def lock_out(out_dir):
     made = not os.path.exists(path)
     if not made and os.stat(path).st_nlink > 1:  # (a run copied with hard links shares its
         # .lock: the copy was refused while the original ran, and wrote its pid into it)
-        write_whole(path, lambda f: None)
+        _split_lock(out_dir, path)
     f = open(path, "a+")
     f.made = made  # (release_locks removes it again where it is all this run left)
     try:
@@ -1354,6 +1362,20 @@ def lock_out(out_dir):
     f.write(f"{os.getpid()}\n")
     f.flush()
     _locks[key] = f
+
+
+def _split_lock(out_dir, path):
+    """OUT/.lock made a file of its own, under a flock of the folder itself (which no copy shares:
+    a folder cannot be hard-linked): two runs starting in one copy each split it, and each locked
+    its own file."""
+    import fcntl
+    folder = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if os.stat(path).st_nlink > 1:
+            write_whole(path, lambda f: None)
+    finally:
+        os.close(folder)  # (and its flock with it)
 
 
 def release_locks():
@@ -1546,16 +1568,18 @@ def replace_config(cfg, **changes):
     return out
 
 
-def refuse_unread(cfg, flags, why):
+def refuse_unread(cfg, flags, why, runs=(False,)):
     """One line for a flag among `flags` given on the command line, or changed from its default,
     where it is not read (`why` completes '--flag VALUE: not read ...'): it would be ignored
-    without a word (a value typed at its default too: its user meant it)."""
+    without a word (a value typed at its default too: its user meant it, unless it is among
+    `runs`, what happens anyway: false for off, by default)."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     given = getattr(cfg, "_given", frozenset())  # (parse_config's; none for a Config built in code)
     for flag in flags:
         value = getattr(cfg, flag)
-        # ('' typed asks for none, false for off: nothing is left unread, what was asked happens)
-        typed = flag in given and value is not False and value not in ("", ())
+        # ('' typed asks for none: nothing is left unread; a value in `runs` is what happens)
+        typed = flag in given and value not in ("", ()) and \
+            not any(value is r or (type(value) is type(r) and value == r) for r in runs)
         if value != defaults[flag] or typed:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             shown = str(value).lower() if isinstance(value, bool) else shown  # (as it is typed)
@@ -1573,7 +1597,7 @@ def refuse_unread_shared(cfg, warmups=None):
                       "drop it")
     if "save_full" in names and not cfg.fsdp:
         refuse_unread(cfg, ["save_full"], "without --fsdp (every checkpoint holds the whole "
-                      "model); drop it")
+                      "model); drop it", runs=())  # (false, 'the last alone', is not what runs)
     if "lora_r" in names and cfg.lora_r == 0:
         lora = [f for f in ("lora_alpha", "lora_dropout", "lora_targets") if f in names]
         refuse_unread(cfg, lora, "with --lora_r 0 (a full fine-tune); drop it")

@@ -347,6 +347,10 @@ def import_llava_rlhf(cfg):
         raise common.ConfigError(f"--import_llava_rlhf {cfg.import_llava_rlhf}: directory not "
                                  "found")
     llava_rlhf_reward_parts(cfg.import_llava_rlhf)  # (its files are there: before --out is made)
+    if "prompt_space" in getattr(cfg, "_given", ()) and not cfg.prompt_space:
+        raise common.ConfigError("--prompt_space false: not read with --import_llava_rlhf (its "
+                                 "reward prompt is joined with a space, as its data_utils joins "
+                                 "it); drop it")
     cfg = common.replace_config(cfg, prompt_space=True)
     d = common.setup_dist(cfg.device, False, flags=cfg)
     common.claim_out(cfg, d, inits=[cfg.init])

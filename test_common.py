@@ -82,18 +82,22 @@ def test_every_text_flag_is_a_path_flag_or_named_as_none():
     assert not common.PATH_FLAGS & NOT_PATHS
 
 
-def test_a_name_is_measured_without_its_weight_or_its_role(monkeypatch):
+def test_a_name_is_measured_without_its_weight_or_its_role(tmp_path, monkeypatch):
     """A 255-byte --data file given as FILE:2 (a weight) or an eval file as mmhal=FILE was refused
-    as a name of 257 bytes; a name past 255 bytes is refused on Linux alone (macOS and Windows
-    count characters, not bytes: a name of CJK characters fits there)."""
+    as a name of 257 bytes (a file that is there: its weight or role is not part of its name);
+    a name past 255 bytes is refused on Linux alone (macOS and Windows count characters, not
+    bytes: a name of CJK characters fits there)."""
     import eval as evaluate
     import sft
-    name = "d" * 250 + ".json"
-    c = common.parse_config(sft.Config, ["--data", f"/x/{name}:2,/x/{name}:conv"])
-    assert c.data == f"/x/{name}:2,/x/{name}:conv"
-    common.parse_config(evaluate.Config, ["--judge_prompt", f"mmhal=/x/{name}"])
+    file = tmp_path / ("d" * 250 + ".json")
+    file.write_text("[]")
+    c = common.parse_config(sft.Config, ["--data", f"{file}:2,{file}:conv"])
+    assert c.data == f"{file}:2,{file}:conv"
+    common.parse_config(evaluate.Config, ["--judge_prompt", f"mmhal={file}"])
     with pytest.raises(SystemExit):
-        common.parse_config(sft.Config, ["--data", f"/x/x{name}:2"])
+        common.parse_config(sft.Config, ["--data", f"{tmp_path / ('x' + file.name)}:2"])
+    with pytest.raises(SystemExit):  # (--out names no list: all of it is the name)
+        common.parse_config(sft.Config, ["--out", f"{tmp_path}/run:{'y' * 252}"])
     monkeypatch.setattr(sys, "platform", "darwin")
     common.parse_config(sft.Config, ["--out", "/x/" + "\u6f22" * 86])  # (258 bytes, 86 characters)
 

@@ -919,6 +919,9 @@ BAD_INPUT += [
            ("--dtype", "bf16"), "--dtype bf16", "not read with --device cpu"),
           ("sft", "save-full", "--save_full without --fsdp", ("--save_full", "true"),
            "--save_full true", "without --fsdp"),
+          ("sft", "save-full-false", "--save_full false typed without --fsdp (every checkpoint "
+           "holds the whole model: not 'the last alone')", ("--save_full", "false"),
+           "--save_full false", "without --fsdp"),
           ("sft", "lora-alpha-full", "--lora_alpha with --lora_r 0 (a full fine-tune)",
            ("--lora_alpha", "8"), "--lora_alpha 8", "with --lora_r 0"),
           ("dpo", "noise-stage1", "--noise_t at POVID stage 1 (no noisy images)",
@@ -931,6 +934,10 @@ BAD_INPUT += [
           ("reward", "import-lora", "--lora_r with --import_llava_rlhf (nothing is trained)",
            lambda t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "unread"), "--lora_r", "64"],
            "--lora_r 64", "not read with --import_llava_rlhf"),
+          ("reward", "import-prompt-space-false", "--prompt_space false with --import_llava_rlhf "
+           "(its prompt is joined with a space: set to true without a word)",
+           lambda t: ["--import_llava_rlhf", _llava_rlhf_rm(t, "spaced"), "--prompt_space",
+                      "false"], "--prompt_space false", "not read with --import_llava_rlhf"),
           ("ppo", "horizon-fixed-kl", "--kl_horizon with --target_kl 0 (a fixed kl_coef)",
            ("--kl_horizon", "50"), "--kl_horizon 50", "with --target_kl 0"),
           ("ppo", "k3-clamp", "--kl_clamp with --kl_estimator k3",

@@ -530,14 +530,19 @@ def test_a_flag_of_a_stage_that_does_not_run_is_refused_at_its_default_value_too
     assert not os.path.exists(tmp_path / "o" / "run.json")
     common.refuse_unread(sft.Config(init=tiny_sft, instruct_lr=1e-3), ["instruct_lr"], "x")
     # refused after the world's paths are filled in too (a replaced Config kept no typed flags),
-    # and a flag typed at the value that runs is let be: fp32 on a CPU, false for off
+    # and a flag typed at the value that runs is let be: fp32 on a CPU, false for off (not
+    # --save_full false without --fsdp, where every checkpoint is whole: test_reliability)
     code, _, err = run_cli("sft", ["--model", "tiny", "--world", tiny_world, "--read_steps", "0",
                                    "--instruct_lr", "1e-3", "--out", str(tmp_path / "p")])
     assert code == 2 and "--instruct_lr 0.001: not read" in err, err
     code, _, err = run_cli("sft", ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1",
-                                   "--report", "false", "--dtype", "fp32", "--save_full", "false",
+                                   "--report", "false", "--dtype", "fp32",
                                    "--out", str(tmp_path / "q")])
     assert code == 0, err
+    typed = common.parse_config(sft.Config, ["--warmup_from_zero", "false"])
+    common.refuse_unread(typed, ["warmup_from_zero"], "x")  # (false: off, what runs)
+    with pytest.raises(common.ConfigError, match="--warmup_from_zero false: not read x"):
+        common.refuse_unread(typed, ["warmup_from_zero"], "x", runs=())
 
 
 def test_vision_lr_ratio_with_nothing_it_sets_is_refused(tiny_world, tiny_sft, tmp_path):
