@@ -1310,6 +1310,11 @@ def ensure_writable(out_dir):
         why = ("a file, not a folder" if os.path.exists(out_dir) and not os.path.isdir(out_dir)
                else not_found(out_dir) if os.path.islink(out_dir) and not os.path.exists(out_dir)
                else "")  # (a link to a folder that is there: its write failed, as any other's)
+        parent = os.path.dirname(os.path.normpath(out_dir))
+        while not why and parent not in ("", os.sep):  # (a link on the way that names nothing)
+            if os.path.islink(parent) and not os.path.exists(parent):
+                why = f"{parent} is {not_found(parent)}"
+            parent = os.path.dirname(parent)
         if why:
             raise ConfigError(f"{out_dir}: output directory: {why}")
         raise ConfigError(f"{out_dir}: output directory cannot be written ({e.strerror})")

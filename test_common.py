@@ -984,3 +984,13 @@ def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
         common.release_locks()
         holder.kill()
         holder.wait()
+
+
+def test_an_out_under_a_link_that_names_nothing_says_so(tmp_path):
+    """--out sl/run where sl is a symbolic link to a folder that is gone read "cannot be written
+    (File exists)"; the link on the way is named."""
+    (tmp_path / "sl").symlink_to(tmp_path / "gone")
+    with pytest.raises(common.ConfigError, match=f"^{tmp_path / 'sl' / 'run'}: output directory: "
+                                                 f"{tmp_path / 'sl'} is a symbolic link to "
+                                                 f"{tmp_path / 'gone'}, which is not there$"):
+        common.ensure_writable(str(tmp_path / "sl" / "run"))
