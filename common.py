@@ -1377,8 +1377,7 @@ def _split_lock(out_dir, path):
     folder = os.open(out_dir, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
-        if os.stat(path).st_nlink > 1:
-            write_whole(path, lambda f: None)
+        unshare(path)  # (split already by the other: left as it is)
     finally:
         os.close(folder)  # (and its flock with it)
 
@@ -1463,19 +1462,28 @@ def claim_out(cfg, d, inits=()):
     another rank's --resume)."""
     if d.world == 1:
         return _claim_out(cfg, inits)
+    rank0_lock = main_first(d, lambda: _claim_out(cfg, inits), lambda: lock_seen(cfg.out))
+    check_out_shared(cfg, d, rank0_lock)
+
+
+def main_first(d, work, seen=lambda: None):
+    """work() on the main process alone, a refusal of it told to every rank (rank 0 says why; each
+    other node's terminal too), and the main process's seen() after it returned on every rank.
+    Rank 0 refused alone, the others went on: into the first step's collective, where the other
+    nodes learnt of it as gloo's "Connection closed by peer"."""
     refused = None
     if d.main:
         try:
-            _claim_out(cfg, inits)
+            work()
         except Exception as e:  # (told to the other ranks before it is raised here)
             refused = e
-    told = [None if refused is None else str(refused), lock_seen(cfg.out) if d.main else None]
+    told = [None if refused is None else str(refused), seen() if d.main else None]
     dist.broadcast_object_list(told, src=0)
     if refused is not None:
         raise refused
-    if told[0] is not None:  # (rank 0 says why; each other node's terminal too)
+    if told[0] is not None:
         refuse_once_per_node(d, f"rank 0: {told[0]}")
-    check_out_shared(cfg, d, told[1])
+    return told[1]
 
 
 def lock_seen(out_dir):
@@ -1673,20 +1681,7 @@ def start_writing(cfg, d, data_files=(), model=None):
     if d.world == 1:
         return _start_writing(cfg, digests, model)
     same_data_on_every_node(digests, d)
-    refused = None
-    if d.main:
-        try:
-            _start_writing(cfg, digests, model)
-        except Exception as e:  # (told to the other ranks before it is raised here)
-            refused = e
-    # (rank 0 refused alone: the others went on into the first step's collective, and the other
-    # nodes learnt of it as gloo's "Connection closed by peer")
-    told = [None if refused is None else str(refused)]
-    dist.broadcast_object_list(told, src=0)
-    if refused is not None:
-        raise refused
-    if told[0] is not None:
-        refuse_once_per_node(d, f"rank 0: {told[0]}")
+    main_first(d, lambda: _start_writing(cfg, digests, model))
 
 
 def _start_writing(cfg, digests, model):

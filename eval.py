@@ -263,9 +263,8 @@ def _take(qs, cfg, bench, on_shapes):
         # the images of the questions asked alone (--limit 50 needs 50 images, not the
         # benchmark's); --rescore needs none
         if not cfg.rescore and not os.path.isfile(q["image"]):
-            what = "a folder, not an image" if os.path.isdir(q["image"]) else "image not found"
             raise DataError(q["file"], q["where"], q.get("image_field", "image"),
-                            f"{what}: {q['image']}{windows_hint(q['image'])}")
+                            image_missing(q["image"]))
         if q["id"] in seen:
             file, first = seen[q["id"]]
             where = f"record {first} there" if file == q["file"] else f"{file} record {first}"
@@ -523,9 +522,15 @@ def _image_file(folder, name, file, record, field, check=True):
     """folder/name, which must be a file unless not `check` (--rescore needs no images)."""
     path = os.path.join(folder, name)
     if check and not os.path.isfile(path):
-        what = "a folder, not an image" if os.path.isdir(path) else "image not found"
-        raise DataError(file, record, field, f"{what}: {path}{windows_hint(path)}")
+        raise DataError(file, record, field, image_missing(path))
     return path
+
+
+def image_missing(path):
+    """Why an image path that is not a file names no image: a folder, or nothing (and where its
+    '/' spelling is, for a record written on Windows)."""
+    what = "a folder, not an image" if os.path.isdir(path) else "image not found"
+    return f"{what}: {path}{windows_hint(path)}"
 
 
 def coco_chair_questions(cfg):
