@@ -501,7 +501,8 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
     that the outputs replace (a file ending with the human turn is accepted too). preference 1 =
     output_1 is better. Captions (facts) come from an inline "captions" list or from captions_path
     keyed by the record's "image" as written (as LLaVA-RLHF's reward model does). -> {"id", "image",
-    "prompt": [turns ending with human], "chosen", "rejected", "captions": [...]}. image_required:
+    "prompt": [turns ending with human], "chosen", "rejected", "captions": [...], "preference": 1|2
+    (which output was chosen: a held-out tie counts by it)}. image_required:
     a record without "image" is bad data (text-only otherwise). Two outputs alike are kept: the
     reference trains on them (the stages count them)."""
     folder = _folder(path, image_folder)
@@ -526,7 +527,7 @@ def read_llava_rlhf_preference(path, image_folder=None, check_images=True, on_er
         p = int(p)
         caps = _captions(r, caption_map, r.get("image"), need_captions)
         return {"id": r.get("id"), "image": image, "prompt": prompt, "chosen": outs[p - 1],
-                "rejected": outs[2 - p], "captions": caps}
+                "rejected": outs[2 - p], "captions": caps, "preference": p}
 
     out, skipped = _each(path, _records(path), fn, on_error)
     return _ret(out, skipped, on_error)

@@ -212,7 +212,8 @@ def sample_pairs(cfg, d, model, tokenizer, recs, objects, world, split, batch=64
             stats["ties"] += 1
             continue
         win, lose = (a, b) if ha < hb else (b, a)
-        pairs.append(dict(r, chosen=win, rejected=lose, hallucinations=[min(ha, hb), max(ha, hb)]))
+        pairs.append(dict(r, chosen=win, rejected=lose, hallucinations=[min(ha, hb), max(ha, hb)],
+                          preference=1 if ha < hb else 2))  # (the first sample as output_1)
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -223,7 +224,7 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key, keys=None):
     answers read the captions in one shuffled order (the pair differs in its answer only); answer:
     each answer's captions shuffled on their own, as LLaVA-RLHF's reward-model data does. The
     order is drawn from (rng_key, the pair's key: keys[i], or i)."""
-    chosen, rejected, pix, dropped = [], [], [], 0
+    chosen, rejected, pix, dropped, second = [], [], [], 0, []
     for i in idx:
         p = pairs[i]
         caps = p["captions"] if cfg.facts else None
@@ -238,6 +239,7 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key, keys=None):
             continue
         chosen.append(items[0])
         rejected.append(items[1])
+        second.append(p.get("preference") == 2)
         if p.get("image"):
             unit = images.unit(p["image"])
             pix.append(normalize(torch.zeros_like(unit) if cfg.blank_images else unit))
@@ -245,7 +247,16 @@ def pair_batch(pairs, idx, cfg, tokenizer, model, images, rng_key, keys=None):
         return None, dropped
     b = collate(chosen + rejected, tokenizer.pad_token_id, side="right")
     b["pixel_values"] = torch.stack(pix) if pix else None
+    b["chose_second"] = torch.tensor(second)
     return b, dropped
+
+
+def hits(rc, rr, chose_second):
+    """Pairs ranked right: r_chosen > r_rejected, and a tie where the chosen answer is output_2, as
+    LLaVA-RLHF counts them (its prediction is output_2 when r(output_2) - r(output_1) >= 0:
+    RLHF/models/reward_model.py:327, output_1/2 at index 0/1 in RLHF/data_utils/data_utils_rm.py:71
+    and 111)."""
+    return float(((rc > rr) | ((rc == rr) & chose_second.to(rc.device))).sum())
 
 
 def fits(p, cfg, tokenizer, model_config):
@@ -272,9 +283,9 @@ def forward_pairs(model, b, device):
 
 @torch.no_grad()
 def evaluate(model, val, cfg, tokenizer, images, d, keys=None):
-    """Held-out pairwise accuracy (r_chosen > r_rejected), loss and mean margin; fixed caption
-    order, drawn per pair from its place in the held-out set (keys: of a subset's pairs there, so
-    each is scored as in the whole)."""
+    """Held-out pairwise accuracy (hits), loss and mean margin; fixed caption order, drawn per pair
+    from its place in the held-out set (keys: of a subset's pairs there, so each is scored as in
+    the whole)."""
     model.eval()
     sums = torch.zeros(4)  # correct, loss, margin, count
     for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
@@ -283,7 +294,7 @@ def evaluate(model, val, cfg, tokenizer, images, d, keys=None):
             continue
         rc, rr = forward_pairs(model, b, d.device)
         if counts:
-            correct = float((rc > rr).sum())
+            correct = hits(rc, rr, b["chose_second"])
             loss = float(-F.logsigmoid(rc - rr).sum())
             margin = float((rc - rr).sum())
             sums += torch.tensor([correct, loss, margin, len(rc)])
@@ -490,8 +501,8 @@ def main(cfg):
         alike = [sum(p["chosen"] == p["rejected"] for p in ps) for ps in (train, val)]
         if any(alike):  # (LLaVA-RLHF trains on them: only the centring term learns from them)
             print(f"note: {alike[0]} training and {alike[1]} held-out pairs have the same chosen "
-                  "and rejected answer: kept, as LLaVA-RLHF keeps them (held-out accuracy counts "
-                  "a tie as a miss)")
+                  "and rejected answer: kept, as LLaVA-RLHF keeps them (accuracy counts a tie as "
+                  "a hit where output_2 was chosen, as it does)")
     log = common.Logger(cfg.out, d.main)
     model.train()
     t0, dropped, acc_sum, n_sum, metrics = time.time(), too_long, 0.0, 0, {}
@@ -518,7 +529,7 @@ def main(cfg):
         loss, value = preference_loss(rc, rr, n_global.clamp(min=1), cfg.center_coef, d)
         if loss.requires_grad:  # (a rank whose pairs were all too long still joins the all-reduces)
             loss.backward()
-        acc_sum += float((rc > rr).sum())
+        acc_sum += hits(rc, rr, b["chose_second"]) if b is not None else 0.0
         n_sum += float(n_global)
         timed += float(n_global)
         # value is global already

@@ -593,13 +593,16 @@ def test_reward_facts_control_needs_another_image(sft, tiny_world, tmp_path):
 
 def test_reward_trains_on_pairs_whose_two_answers_are_alike(sft, tiny_world, tmp_path):
     """A preference file holding a pair whose two outputs are the same was refused whole; LLaVA-RLHF
-    trains on such a pair (its centring term learns from it), so reward.py keeps it, counted."""
-    recs = json.load(open(os.path.join(tiny_world, "pref_pairs.json")))[:6]
-    for r in recs[2], recs[4]:
+    trains on such a pair (its centring term learns from it), so reward.py keeps it, counted.
+    Such a pair's two scores tie: held-out accuracy counted a tie as a miss; LLaVA-RLHF predicts
+    output_2 on a tie, a hit where the record chose output_2."""
+    recs = json.load(open(os.path.join(tiny_world, "pref_pairs.json")))[:7]
+    for r in recs[2], recs[4], recs[5]:
         r["output_2"] = dict(r["output_1"])
+    recs[4]["preference"], recs[5]["preference"] = 2, 1  # (held out: one tie a hit, one a miss)
     train, val = tmp_path / "train.json", tmp_path / "val.json"
     train.write_text(json.dumps(recs[:4]))
-    val.write_text(json.dumps(recs[4:]))
+    val.write_text(json.dumps(recs[4:6]))
     argv = ["--init", sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
             "--eval_prompt", "short", "--data", str(train), "--val_data", str(val),
             "--captions", os.path.join(tiny_world, "image_to_caption.json"),
@@ -607,8 +610,11 @@ def test_reward_trains_on_pairs_whose_two_answers_are_alike(sft, tiny_world, tmp
     code, stdout, err = run_cli("reward", argv)
     assert code == 0, err
     assert "4 training pairs, 2 held-out" in stdout, stdout
-    assert "note: 1 training and 1 held-out pairs have the same chosen and rejected answer: " \
-        "kept, as LLaVA-RLHF keeps them (held-out accuracy counts a tie as a miss)" in stdout
+    assert "note: 1 training and 2 held-out pairs have the same chosen and rejected answer: " \
+        "kept, as LLaVA-RLHF keeps them (accuracy counts a tie as a hit where output_2 was " \
+        "chosen, as it does)" in stdout
+    report = json.load(open(tmp_path / "rm" / "report.json"))
+    assert report["n_val"] == 2 and report["val_accuracy"] == 0.5, report
 
 
 def test_reward_leaves_out_held_out_pairs_too_long_before_the_first_step(sft, tiny_world,
