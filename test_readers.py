@@ -214,8 +214,9 @@ def test_preference_good(tmp_path):
                                      need_captions=True)
     assert out[0] == {"id": "p1", "image": img, "prompt": turns("<image>\nWhat is it?"),
                       "chosen": "A red square.", "rejected": "A blue dog.",
-                      "captions": ["A red square.", "Red."]}
-    assert out[1]["chosen"] == "A blue dog." and out[1]["prompt"] == turns("<image>\nWhat is it?")
+                      "captions": ["A red square.", "Red."], "preference": 1}
+    assert out[1]["chosen"] == "A blue dog." and out[1]["preference"] == 2
+    assert out[1]["prompt"] == turns("<image>\nWhat is it?")
     assert out[2]["prompt"] == turns("<image>\nHi", "Yo", "What is it?")
     # the final answer is replaced by each output, never read: empty or tagged, it was refused
     recs = [pref(conversations=turns("<image>\nWhat is it?", "")),
