@@ -386,8 +386,9 @@ def check_images(records, file, on_error="raise", field="image", decoded=(), d=N
     rank decodes its share and the broken ones are gathered: every rank skips or stops alike.
     Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
-    from common import progress, rank_states  # (common reads formats, not this module)
+    from common import note_images_read, progress, rank_states  # (common imports not this module)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
+    note_images_read(paths)  # (the run records them: --resume compares)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     share = paths[rank::world]  # (LLaVA's ~350k images, decoded by every rank, took minutes each)
     first = rank == 0 if d is not None else os.environ.get("RANK", "0") == "0"

@@ -453,6 +453,31 @@ def test_resume_takes_a_path_spelled_otherwise_and_a_moved_folder(tiny_world, ti
     assert code == 2 and "--resume on other data" in err, err
 
 
+def test_resume_refuses_images_replaced_since_the_run_started(tiny_world, tiny_sft, tmp_path):
+    """run.json digested the data files only: an image the data names, replaced by other pixels
+    after a run started, was trained on by its --resume without a word. The images' names and
+    sizes are recorded now, and another image under a name the data gives is refused."""
+    import shutil
+    world, out = str(tmp_path / "w"), str(tmp_path / "o")
+    shutil.copytree(tiny_world, world)
+    argv = ["--init", tiny_sft, "--world", world, "--batch_size", "4", "--report", "false",
+            "--save_every", "1", "--out", out]
+    assert run_cli("sft", argv + ["--max_steps", "1"])[0] == 0
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["images"]["count"] > 0, run
+    named = os.path.join(world, json.load(open(os.path.join(world, "sft.json")))[0]["image"])
+    folder = os.path.dirname(named)
+    other = next(os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                 if os.path.getsize(os.path.join(folder, f)) != os.path.getsize(named))
+    shutil.copy(other, named)
+    code, _, err = run_cli("sft", argv + ["--max_steps", "2", "--resume", "true"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--resume on other images: the {run['images']['count']} images the data files name " \
+        f"are not the {run['images']['count']} the run started on (their names or sizes differ " \
+        f"from {out}/run.json's 'images')" in err, err
+    assert latest_checkpoint(out).endswith("1")
+
+
 def test_report_questions_too_long_are_refused_before_training(tiny_world, tmp_path):
     """A --max_len its training data fits but a held-out question of the report does not: the run
     trained to its end, then stopped in the report (exit 2, no report.json: the lab takes such a run
