@@ -1832,6 +1832,12 @@ def data_specs(value):
             path, _, x = item.rpartition(":")
             out.append((item, "") if os.path.exists(item) or ":" not in item else (path, x))
         i = j
+    for k, (path, _) in enumerate(out):  # (read twice, its records counted twice, unsaid)
+        was = next((p for p, _ in out[:k] if p == path or samefile(p, path)), None)
+        if was is not None:
+            same = "is named twice" if was == path else f"is {was}, named before it"
+            raise ConfigError(f"--data {value!r}: {path} {same}: its records would be read twice; "
+                              "name each file once (sft.py reads one twice as FILE:2)")
     return out
 
 

@@ -704,7 +704,22 @@ def test_data_specs_take_a_path_holding_a_comma(tmp_path):
     other.write_text("")
     assert common.data_specs(str(one)) == [(str(one), "")]
     assert common.data_specs(f"{one}:0.5") == [(str(one), "0.5")]
-    assert common.data_specs(f"{other}:2,{other}") == [(str(other), "2"), (str(other), "")]
+    assert common.data_specs(f"{one}:2,{other}") == [(str(one), "2"), (str(other), "")]
+
+
+def test_data_specs_refuse_a_file_named_twice(tmp_path, monkeypatch):
+    """--data a.json,a.json (or a.json:2,./a.json) read the file's records twice, as a weight of 2
+    would, without a word; run.json recorded it once. Refused now, naming the flag and the file."""
+    one, other = tmp_path / "a.json", tmp_path / "b.json"
+    one.write_text("")
+    other.write_text("")
+    monkeypatch.chdir(tmp_path)
+    for value, line in ((f"{one},{other},{one}", f"{one} is named twice"),
+                        ("a.json:2,./a.json", "./a.json is a.json, named before it")):
+        with pytest.raises(common.ConfigError) as e:
+            common.data_specs(value)
+        assert str(e.value) == f"--data {value!r}: {line}: its records would be read twice; " \
+            "name each file once (sft.py reads one twice as FILE:2)", e.value
 
 
 def test_data_specs_take_a_comma_path_in_a_list(tmp_path):
@@ -716,8 +731,10 @@ def test_data_specs_take_a_comma_path_in_a_list(tmp_path):
     other.write_text("")
     assert common.data_specs(f"{one}:2,{other}") == [(str(one), "2"), (str(other), "")]
     assert common.data_specs(f"{other},{one}") == [(str(other), ""), (str(one), "")]
-    assert common.data_specs(f"{other}:3,{one},{other}:0.5") == [
-        (str(other), "3"), (str(one), ""), (str(other), "0.5")]
+    third = tmp_path / "c.json"
+    third.write_text("")
+    assert common.data_specs(f"{other}:3,{one},{third}:0.5") == [
+        (str(other), "3"), (str(one), ""), (str(third), "0.5")]
     missing = tmp_path / "gone.json"  # a file not there stays one item, for its reader to name
     assert common.data_specs(f"{missing}:2,{one}") == [(str(missing), "2"), (str(one), "")]
 

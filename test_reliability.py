@@ -1709,6 +1709,14 @@ BAD_INPUT += [
     C("sft", "data-weight-keeps-none", "--data FILE:0.0001 (round(weight x records) = 0)",
       lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":0.0001"],
       ("--data", "sft.json", "keeps 0 of its")),
+    C("sft", "data-named-twice", "--data naming one file twice, spelled otherwise (its records "
+      "were read twice, as weight 2 reads them)",
+      lambda w, t: ["--data", os.path.join(w.world, "sft.json") + ":2,"
+                    + os.path.join(w.world, ".", "sft.json")],
+      ("--data", "sft.json, named before it: its records would be read twice", "FILE:2")),
+    C("vigc", "data-named-twice", "--data naming one file twice",
+      lambda w, t: ["--data", ",".join([os.path.join(w.world, "sft.json")] * 2)],
+      ("--data", "sft.json is named twice: its records would be read twice")),
     C("eval", "ckpt-tokenizer-without-config", "--ckpt whose tokenizer_config.json is gone",
       lambda w, t: ["--ckpt", t.ckpt("notok", lambda d: (d / "tokenizer_config.json").unlink())],
       ("notok", "no eos token", "tokenizer_config.json")),
