@@ -1296,6 +1296,28 @@ def base_fingerprint(weights_dir):
     return h.hexdigest()[:32]
 
 
+def tensors_fingerprint(weights_dir, only_parts=("vision",)):
+    """Which tensors a folder holds, whatever files hold them (a CLIP converted from
+    pytorch_model.bin to model.safetensors, or sharded otherwise, is the same weights; its files'
+    base_fingerprint differs): each tensor's canonical name, dtype, shape and first and last rows
+    (slices read alone: a few MB of a CLIP-L). Weights replaced or retrained differ there."""
+    src, h = TensorSource(), hashlib.sha256()
+    src.add_dir(weights_dir, only_parts=set(only_parts))
+    for part, name in sorted(src.where):
+        f, key = src.where[(part, name)]
+        handle = src._handle(f)
+        whole = f.endswith(".safetensors") and handle.get_slice(key)
+        shape = list(whole.get_shape() if whole else handle[key].shape)
+        if not shape:  # (a scalar: no rows)
+            rows = [handle.get_tensor(key) if whole else handle[key]]
+        else:
+            rows = [whole[:1], whole[-1:]] if whole else [handle[key][:1], handle[key][-1:]]
+        h.update(f"{part}.{name}:{rows[0].dtype}:{shape};".encode())
+        for row in rows:
+            h.update(row.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def init_fingerprint(path):
     """base_fingerprint of the weights a checkpoint stands on, and of the adapters of each
     checkpoint on the way to them (a LoRA run's: a run started from it merges them in, so its

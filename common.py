@@ -35,7 +35,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weig
                         checkpoint_step, clip_alone, complete_checkpoints, detect_layout,
                         init_fingerprint, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
                         peft_base_dir, recorded_template, refuse_scalar_model, resolve_checkpoint,
-                        save_checkpoint_files)
+                        save_checkpoint_files, tensors_fingerprint)
 from formats import DataError, not_found
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
@@ -1693,27 +1693,31 @@ def write_whole(path, write, encoding="utf-8", binary=False):
         raise
 
 
-def start_writing(cfg, d, data_files=(), model=None):
+def start_writing(cfg, d, data_files=(), model=None, reward_model=None):
     """Once the inputs are checked, just before the first write (main process). --resume: the data
     files must be those the run started on (sha256 in OUT/run.json), and the CLIP folder `model`
     read its vision weights from (--vision_tower, or the one its checkpoint names) must hold the
     weights it held then (base_fingerprint), and the images the data names must be those it named
     then (images_fingerprint). --overwrite true: a run already in --out is moved aside in one
     rename (kept, never deleted). A fresh run records its data files' digests, its images'
-    fingerprint and that CLIP's fingerprint."""
+    fingerprint and that CLIP's fingerprint (tensors_fingerprint; ppo.py: its `reward_model`'s
+    CLIP too, where that is another model)."""
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
     digests = file_digests(data_files) if d.local_rank == 0 else None
     if d.world == 1:
-        return _start_writing(cfg, digests, model)
+        return _start_writing(cfg, digests, model, reward_model)
     same_data_on_every_node(digests, d)
-    main_first(d, lambda: _start_writing(cfg, digests, model))
+    main_first(d, lambda: _start_writing(cfg, digests, model, reward_model))
 
 
-def _start_writing(cfg, digests, model):
+def _start_writing(cfg, digests, model, reward_model=None):
     out = cfg.out
     run_file = os.path.join(out, RUN_FILE)
-    clip = getattr(model, "clip_dir", None)  # (None: the CLIP weights are the checkpoint's own)
-    clip_print = base_fingerprint(clip) if clip else None
+    # the CLIP folder each model read its vision weights from (None: the checkpoint's own)
+    clips = {"clip_tensors": getattr(model, "clip_dir", None),
+             "reward_clip_tensors": getattr(reward_model, "clip_dir", None)
+             if reward_model is not model else None}
+    clip_prints = {k: tensors_fingerprint(clip) for k, clip in clips.items() if clip}
     images = images_fingerprint()
     if cfg.resume and os.path.exists(run_file):
         try:
@@ -1723,14 +1727,23 @@ def _start_writing(cfg, digests, model):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{run_file}: cannot read ({type(e).__name__}); it records the run's "
                               "data files")
-        if run.get("clip_fingerprint") not in (None, clip_print) and clip_print is not None:
+        for key, clip in clips.items():
             # (a folder replaced since: the rest of the run read another CLIP without a word;
-            # runs from before it was recorded: not checked. Another --vision_tower is refused
-            # before, with the config)
-            flag = "--vision_tower " if getattr(cfg, "vision_tower", "") else ""
-            raise ConfigError(f"{flag}{clip}: other CLIP weights than this run started with "
-                              f"(replaced since: the fingerprint in {run_file} differs); put "
-                              "those back, or start a new run")
+            # runs from before it was recorded: not checked; before 2026-12-06 the files'
+            # base_fingerprint, which a CLIP converted to other files fails. Another
+            # --vision_tower is refused before, with the config)
+            if clip and key in run:
+                same = run[key] == clip_prints[key]
+            elif clip and key == "clip_tensors" and "clip_fingerprint" in run:
+                same = run["clip_fingerprint"] == base_fingerprint(clip)
+            else:
+                continue
+            if not same:
+                flag = f"--reward {cfg.reward}: its CLIP " if key == "reward_clip_tensors" else \
+                    "--vision_tower " if getattr(cfg, "vision_tower", "") else ""
+                raise ConfigError(f"{flag}{clip}: other CLIP weights than this run started "
+                                  f"with (replaced since: the fingerprint in {run_file} "
+                                  "differs); put those back, or start a new run")
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
@@ -1777,7 +1790,7 @@ def _start_writing(cfg, digests, model):
         # weights' fingerprint: check_base_unchanged)
         init = getattr(cfg, "init", "")
         record = {"init": os.path.abspath(resolve_checkpoint(init))} if init else {}
-        record.update({"clip_fingerprint": clip_print} if clip_print else {})
+        record.update(clip_prints)
         try:
             record.update({"init_fingerprint": init_fingerprint(init)} if init else {})
         except (CheckpointError, OSError):  # (a layout without weight files of its own: none)

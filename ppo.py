@@ -851,7 +851,7 @@ def main(cfg):
     for p in prompts if oracle else []:
         objects[os.path.relpath(p["image"], cfg.world)]
     data_files = [cfg.data, cfg.captions]
-    common.start_writing(cfg, d, data_files, policy)
+    common.start_writing(cfg, d, data_files, policy, critic)  # (critic: the RM, where not policy)
     pol_params = policy.adapter_parameters("policy")
     val_params = critic.adapter_parameters("value") + list(critic.heads["value"].parameters())
     params = pol_params + val_params  # one AdamW, two parameter groups (policy lr, value lr)

@@ -707,6 +707,50 @@ def test_data_specs_take_a_path_holding_a_comma(tmp_path):
     assert common.data_specs(f"{one}:2,{other}") == [(str(one), "2"), (str(other), "")]
 
 
+def test_resume_compares_each_clip_by_its_tensors_not_its_files(tmp_path):
+    """run.json's CLIP fingerprint hashed the CLIP folder's files: the same weights converted from
+    pytorch_model.bin to model.safetensors read as replaced; and ppo.py's reward model, a second
+    model reading a CLIP folder of its own, had none recorded (replaced, its scores changed
+    without a word). Each model's CLIP tensors are compared now; a run recorded before keeps its
+    files' fingerprint."""
+    from types import SimpleNamespace
+    from safetensors.torch import load_file, save_file
+
+    def clip(folder, seed):  # (a few of a CLIP's tensors, under their HF names)
+        torch.manual_seed(seed)
+        names = ("embeddings.class_embedding", "pre_layrnorm.weight",
+                 "encoder.layers.0.mlp.fc1.weight")
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        (tmp_path / folder / "config.json").write_text('{"model_type": "clip_vision_model"}')
+        save_file({f"vision_model.{n}": torch.randn(8, 4)[:1 + i].squeeze(0)
+                   for i, n in enumerate(names)}, tmp_path / folder / "model.safetensors")
+        return str(tmp_path / folder)
+    policy, rm = SimpleNamespace(clip_dir=clip("pol", 0)), SimpleNamespace(clip_dir=clip("rm", 0))
+    cfg = SimpleNamespace(out=str(tmp_path / "run"), resume=False, overwrite=False, init="",
+                          vision_tower="", reward="ckpt/rm")
+    os.makedirs(cfg.out)
+    common._images_read.clear()
+    common._start_writing(cfg, {}, policy, rm)
+    cfg.resume = True
+    weights = tmp_path / "pol" / "model.safetensors"
+    torch.save(load_file(weights), tmp_path / "pol" / "pytorch_model.bin")
+    weights.unlink()
+    common._start_writing(cfg, {}, policy, rm)  # (the same weights in other files: goes on)
+    clip("rm", 1)
+    with pytest.raises(common.ConfigError) as e:
+        common._start_writing(cfg, {}, policy, rm)
+    assert str(e.value).startswith(f"--reward ckpt/rm: its CLIP {rm.clip_dir}: other CLIP weights "
+                                   "than this run started with (replaced since"), e.value
+    common._start_writing(cfg, {}, policy, policy)  # (one model: its CLIP alone)
+    run_file = os.path.join(cfg.out, "run.json")
+    old = {"data": {}, "clip_fingerprint": common.base_fingerprint(policy.clip_dir)}
+    common.write_json(old, run_file)  # (recorded before 2026-12-06: its files, as before)
+    common._start_writing(cfg, {}, policy, rm)
+    common.write_json(dict(old, clip_fingerprint="0" * 32), run_file)
+    with pytest.raises(common.ConfigError, match="other CLIP weights than this run started with"):
+        common._start_writing(cfg, {}, policy, rm)
+
+
 def test_data_specs_refuse_a_file_named_twice(tmp_path, monkeypatch):
     """--data a.json,a.json (or a.json:2,./a.json) read the file's records twice, as a weight of 2
     would, without a word; run.json recorded it once. Refused now, naming the flag and the file."""

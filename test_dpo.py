@@ -734,7 +734,7 @@ def test_a_resume_refuses_a_vision_tower_replaced_since(tiny_world, tmp_path):
     assert not (out / "checkpoint-000002").exists()
     # a run recorded before the fingerprint was: not checked, it goes on
     run = json.load(open(out / "run.json"))
-    del run["clip_fingerprint"]
+    del run["clip_tensors"]
     json.dump(run, open(out / "run.json", "w"))
     code, stdout, err = run_cli("dpo", args + ["--resume", "true"])
     assert code == 0 and "resumed from" in stdout, err
