@@ -36,7 +36,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weig
                         init_fingerprint, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
                         peft_base_dir, recorded_template, refuse_scalar_model, resolve_checkpoint,
                         save_checkpoint_files, tensors_fingerprint)
-from formats import DataError, not_found
+from formats import DataError, digests_read, not_found
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
 # a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
@@ -1465,15 +1465,17 @@ def images_fingerprint():
     return {"count": len(_images_read), "names_sizes": h.hexdigest()[:32]}
 
 
-def file_digests(paths):
+def file_digests(paths, as_read=False):
     """{path: sha256 hex} of the data files that exist (a missing one is the reader's error to
-    report)."""
-    import hashlib
+    report). as_read: of the bytes this run's readers read, where they read the file (it may have
+    changed since: while a run decodes its images, minutes for COCO)."""
     out = {}
     for p in paths:
         if p and os.path.isfile(p):
-            with open(p, "rb") as f:
-                out[os.path.abspath(p)] = hashlib.file_digest(f, "sha256").hexdigest()
+            out[os.path.abspath(p)] = digests_read.get(os.path.abspath(p)) if as_read else None
+            if out[os.path.abspath(p)] is None:  # (not read by a reader: a folder's file, ...)
+                with open(p, "rb") as f:
+                    out[os.path.abspath(p)] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 
@@ -1483,7 +1485,9 @@ def claim_out(cfg, d, inits=()):
     --overwrite true. Under torchrun every rank waits for rank 0's answer: the others went on
     while rank 0 was refused (a locked --out's half-written checkpoints were cleaned away by
     another rank's --resume)."""
-    _images_read.clear()  # (a run before it in this process, a test's: not this run's images)
+    # (a run before it in this process, a test's: not this run's images and files)
+    _images_read.clear()
+    digests_read.clear()
     if d.world == 1:
         return _claim_out(cfg, inits)
     rank0_lock = main_first(d, lambda: _claim_out(cfg, inits), lambda: lock_seen(cfg.out))
@@ -1703,7 +1707,7 @@ def start_writing(cfg, d, data_files=(), model=None, reward_model=None):
     fingerprint and that CLIP's fingerprint (tensors_fingerprint; ppo.py: its `reward_model`'s
     CLIP too, where that is another model)."""
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
-    digests = file_digests(data_files) if d.local_rank == 0 else None
+    digests = file_digests(data_files, as_read=True) if d.local_rank == 0 else None
     if d.world == 1:
         return _start_writing(cfg, digests, model, reward_model)
     same_data_on_every_node(digests, d)

@@ -14,6 +14,7 @@ Conventions shared by every reader and converter:
   load time.
 """
 import errno
+import hashlib
 import json
 import math
 import os
@@ -63,11 +64,17 @@ def _bad(field, message):
     return DataError(None, None, field, message)
 
 
+# absolute path -> sha256 of the bytes read_text read from it first (a run records its data files
+# as read: one changed while the run decoded its images is recorded as what it trained on)
+digests_read = {}
+
+
 def read_text(path):
     """A text file's contents; bytes that are not UTF-8 are a DataError naming the file and the byte
     offset (a UTF-8 byte order mark is dropped)."""
     with open(path, "rb") as f:
         raw = f.read()
+    digests_read.setdefault(os.path.abspath(path), hashlib.sha256(raw).hexdigest())
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -751,6 +751,25 @@ def test_resume_compares_each_clip_by_its_tensors_not_its_files(tmp_path):
         common._start_writing(cfg, {}, policy, rm)
 
 
+def test_run_json_records_a_data_file_as_it_was_read(tmp_path):
+    """run.json digested each data file after the stage had read it and decoded every image it
+    names (minutes for COCO): a file edited in between was recorded by its new contents, and a
+    --resume on it went on, though the run trained on the old. The bytes the reader read are
+    recorded now."""
+    import hashlib
+    from types import SimpleNamespace
+    import formats
+    data = tmp_path / "sft.json"
+    data.write_text('[{"id": 1}]')
+    cfg = SimpleNamespace(out=str(tmp_path / "run"), resume=False, overwrite=False)
+    os.makedirs(cfg.out)
+    formats.load_json(str(data))
+    data.write_text('[{"id": 2}]')  # (edited while the run decoded its images)
+    common.start_writing(cfg, SimpleNamespace(local_rank=0, world=1), [str(data)])
+    run = json.load(open(tmp_path / "run" / "run.json"))
+    assert run["data"] == {str(data): hashlib.sha256(b'[{"id": 1}]').hexdigest()}, run
+
+
 def test_data_specs_refuse_a_file_named_twice(tmp_path, monkeypatch):
     """--data a.json,a.json (or a.json:2,./a.json) read the file's records twice, as a weight of 2
     would, without a word; run.json recorded it once. Refused now, naming the flag and the file."""
