@@ -1238,11 +1238,11 @@ RESUME_WHY = {"micro_batch": " (ppo.py's rollout samples in chunks of it: anothe
 # fields a stage gained after runs were started without them: such a run's config reads as having
 # this value, what the stage did before (vigc's repetition_penalty: its default, as vigc resumes
 # with every generation flag at its default; '{world}' in a value: the run's own --world, as
-# world_paths resolves it). Left out, as no one value is what the stage did before: sft's reading
-# stage (read_steps, read_data, instruct_lr, instruct_warmup: none read with --init, where each must
-# be its default; a fresh run read none, which --read_steps 0 or --read_data '' says) and so every
-# field sft gained before it (pack, align_data, ...); dpo's noise_on (POVID stage 2 noised the
-# resized image, 'resized'; stage 1 reads none, and refuses all but the default 'original')
+# world_paths resolves it; a function: of the run's config). Left out, as no one value is what the
+# stage did before: sft's reading stage (read_steps, read_data, instruct_lr, instruct_warmup: none
+# read with --init, where each must be its default; a fresh run read none, which --read_steps 0 or
+# --read_data '' says) and so every field sft gained before it (pack, align_data, ...): such a run
+# is refused in one line ("lacks this script's field")
 ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty": 1.5,
                 "policy_lora": "", "warmup_from_zero": False, "caption_shuffle": "pair",
                 "loss_divisor": "tokens",
@@ -1255,7 +1255,10 @@ ADDED_FIELDS = {"prompt_space": False, "vision_tower": "", "repetition_penalty":
                 # vigc.py 2026-12-01: --vic_mode reference beside ours; the world's tokenizer as a
                 # flag; --instructions (a --data run used the built-in phrasings, '' now; a run on
                 # the world before it read a world of format 7, which no stage reads now)
-                "vic_mode": "ours", "tokenizer": "{world}/tokenizer", "instructions": ""}
+                "vic_mode": "ours", "tokenizer": "{world}/tokenizer", "instructions": "",
+                # dpo.py 2026-12-01: POVID stage 2 noised the resized image before; stage 1 reads
+                # none, and refuses all but the default
+                "noise_on": lambda was: "resized" if was.get("povid_stage") == 2 else "original"}
 
 
 def check_output_path(flag, path, folder=True):
@@ -2231,6 +2234,7 @@ def _load_resume(out_dir, run_config, free):
     was = dict(state["run_config"])
     for k, v in ADDED_FIELDS.items():
         if k in now and k not in was:
+            v = v(was) if callable(v) else v
             was[k] = v.replace(WORLD, str(was.get("world", ""))) if isinstance(v, str) else v
     # fields this script has that the run's config lacks: another stage wrote it (a field that
     # differs would name one of them, which says nothing about what went wrong)

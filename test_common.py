@@ -235,6 +235,18 @@ def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
         common.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
 
 
+def test_a_povid_stage_2_run_from_before_noise_on_resumes_on_the_resized_image(tmp_path):
+    """dpo.py gained --noise_on (default 'original', POVID's own noising): a run started before it
+    was refused at --resume ("lacks this script's field 'noise_on'"). A stage-2 run noised the
+    resized image then: it resumes with --noise_on resized, and the default is another config."""
+    import dpo
+    cfg = dpo.Config(out=str(tmp_path), povid_stage=2, noise_on="resized")
+    ckpt, _ = run_without(cfg, tmp_path, ("noise_on",))
+    assert common.load_resume(str(tmp_path), cfg)[0] == str(ckpt)
+    with pytest.raises(common.ConfigError, match="'noise_on' was 'resized', now 'original'"):
+        common.load_resume(str(tmp_path), dataclasses.replace(cfg, noise_on="original"))
+
+
 def test_a_resume_on_a_moved_world_names_the_world(tmp_path):
     """A run resumed with --world at another path (the folder moved) was refused naming
     'tokenizer', the first of sft's fields under it, a flag the user never gave: 'world' first."""
@@ -257,6 +269,7 @@ GAINED = {"ppo": ("fsdp", "stop_at_question", "rm_input", "correct_rule", "visio
                   "policy_lora", "warmup_from_zero", "loss_divisor", "compile_decode"),
           "reward": ("fsdp", "blank_images", "prompt_space", "vision_tower", "import_llava_rlhf",
                      "caption_shuffle", "warmup_from_zero"),
+          "dpo": ("fsdp", "noise_on", "warmup_from_zero"),
           "vigc": ("fsdp", "vic_mode", "answer_length", "num_beams", "tokenizer", "instructions",
                    "repetition_penalty", "warmup_from_zero", "grad_checkpoint")}
 
