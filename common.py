@@ -1475,10 +1475,11 @@ def file_digests(paths, as_read=False):
     out = {}
     for p in paths:
         if p and os.path.isfile(p):
-            out[os.path.abspath(p)] = digests_read.get(os.path.abspath(p)) if as_read else None
-            if out[os.path.abspath(p)] is None:  # (not read by a reader: a folder's file, ...)
+            path = os.path.abspath(p)
+            out[path] = digests_read.get(path) if as_read else None
+            if out[path] is None:  # (no reader read it this run)
                 with open(p, "rb") as f:
-                    out[os.path.abspath(p)] = hashlib.file_digest(f, "sha256").hexdigest()
+                    out[path] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 
@@ -1704,11 +1705,11 @@ def start_writing(cfg, d, data_files=(), model=None, reward_model=None):
     """Once the inputs are checked, just before the first write (main process). --resume: the data
     files must be those the run started on (sha256 in OUT/run.json), and the CLIP folder `model`
     read its vision weights from (--vision_tower, or the one its checkpoint names) must hold the
-    weights it held then (base_fingerprint), and the images the data names must be those it named
+    weights it held then (tensors_fingerprint), and the images the data names must be those it named
     then (images_fingerprint). --overwrite true: a run already in --out is moved aside in one
     rename (kept, never deleted). A fresh run records its data files' digests, its images'
-    fingerprint and that CLIP's fingerprint (tensors_fingerprint; ppo.py: its `reward_model`'s
-    CLIP too, where that is another model)."""
+    fingerprint and that CLIP's (ppo.py: its `reward_model`'s CLIP too, where that is another
+    model)."""
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
     digests = file_digests(data_files, as_read=True) if d.local_rank == 0 else None
     if d.world == 1:
@@ -1769,13 +1770,14 @@ def _start_writing(cfg, digests, model, reward_model=None):
                     how = "changed since the run started (sha256 differs)"
                 raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with "
                                   "the data the run started on, or start a new run")
-        was = run.get("images")  # (a run recorded before 2026-12-06: not checked)
-        if was is not None and was != images:
+        images_was = run.get("images")  # (a run recorded before 2026-12-06: not checked)
+        if images_was is not None and images_was != images:
             now = images["count"] if images else 0
+            then = images_was.get("count") if isinstance(images_was, dict) else "?"
             raise ConfigError(f"--resume on other images: the {now} images the data files name "
-                              f"are not the {was.get('count') if isinstance(was, dict) else '?'} "
-                              f"the run started on (their names or sizes differ from {run_file}'s "
-                              "'images'); put those back, or start a new run")
+                              f"are not the {then} the run started on (their names or sizes "
+                              f"differ from {run_file}'s 'images'); put those back, or start a "
+                              "new run")
     if getattr(cfg, "overwrite", False) and holds_run(out):
         real = os.path.normpath(out)
         if os.path.islink(real):  # (the folder: a link (to /scratch) stays one, to a new folder)

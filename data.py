@@ -386,7 +386,7 @@ def check_images(records, file, on_error="raise", field="image", decoded=(), d=N
     rank decodes its share and the broken ones are gathered: every rank skips or stops alike.
     Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
-    from common import note_images_read, progress, rank_states  # (common imports not this module)
+    from common import note_images_read, progress, rank_states  # (common reads formats, not this)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
     note_images_read(paths)  # (the run records them: --resume compares)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
