@@ -173,6 +173,16 @@ def _run_on_changed_sft_json(w, t):
     return [*SFT_RESUME, "--max_steps", "3"]
 
 
+def _run_on_other_images(w, t):
+    """OUT/run.json of a run on the world's files, its images since replaced (another fingerprint
+    of their names and sizes)."""
+    read = [os.path.join(w.world, f)
+            for f in ("sft.json", "sft_val.json", "align.json", "sft_read.json")]
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in read}
+    t.file("out/run.json", {"data": digests, "images": {"count": 1, "names_sizes": "0" * 32}})
+    return [*SFT_RESUME, "--max_steps", "3"]
+
+
 def _copy_tree(src, dst):
     shutil.copytree(src, dst)
     return str(dst)
@@ -1016,6 +1026,9 @@ BAD_INPUT += [
     C("sft", "resume-other-data", "--resume when a data file changed since the run started",
       _run_on_changed_sft_json,
       ("sft.json", "--resume on other data", "changed since the run started")),
+    C("sft", "resume-other-images", "--resume when the images the data names changed since the "
+      "run started (other pixels, trained on without a word)", _run_on_other_images,
+      ("--resume on other images", "are not the 1 the run started on", "run.json's 'images'")),
     C("sft", "resume-run-json", "--resume with an unreadable run.json",
       lambda w, t: (t.file("out/run.json", "{"),
                     [*SFT_RESUME,
