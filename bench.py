@@ -67,6 +67,7 @@ Bytes of one decode step = decoder + final norm + lm_head weights, plus K and V 
 the context (mean context over the decode); bandwidth use = bytes/step * steps/s / measured copy
 bandwidth.
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import copy
 import ctypes
 import dataclasses

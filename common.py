@@ -36,7 +36,9 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weig
                         init_fingerprint, is_peft_dir, latest_checkpoint, load_checkpoint, no_dir,
                         peft_base_dir, recorded_template, refuse_scalar_model, resolve_checkpoint,
                         save_checkpoint_files, tensors_fingerprint)
+import interrupts
 from formats import DataError, digests_read, not_found
+from interrupts import INTERRUPT_SAID_BY
 from model import PRESETS, CheckpointError, LLaVA, ModelConfig
 
 # a stage's --seed: numpy's global seed (np.random.seed) takes 32 bits
@@ -107,9 +109,6 @@ def tell_the_waiting_ranks(message):
 _runs_alone = False  # refuse_torchrun: no rank of this script makes a process group
 
 
-# set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
-# --resume true, which the pipeline does not take)
-INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
 # set by pipeline.py and lab.py for their stages and runs: their own pid (end_with_the_launcher)
 STARTED_BY = "FACTALIGN_STARTED_BY"
 
@@ -132,8 +131,9 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     """Turn the errors a user can cause (bad data, bad checkpoint, bad flags, unwritable paths)
     into one line on stderr and exit code 2. Anything else is a bug and keeps its traceback.
     Ctrl-C, or SIGTERM: the line `interrupted` (what a run of this script leaves, how to go on),
-    exit 130."""
+    exit 130. (Before it, and after it in a script, interrupts.py's handlers.)"""
     escape_what_stdout_cannot_write()
+    interrupts.hand_over()
     sigterm = sigterm_as_interrupt()
     try:
         yield
@@ -178,7 +178,7 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         raise SystemExit(130) from None
     finally:
         release_locks()
-        if sigterm is not None:
+        if not interrupts.work_done() and sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
 
 
@@ -771,6 +771,8 @@ def interrupt_on_sigterm():
     cut it short). A SIGINT ignored at start (`pipeline.py &` in a script) is dropped instead: with
     SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on."""
     global SIGINT_IGNORED_AT_START
+    interrupts.hand_over()
+
     def interrupt(signum, frame):
         hold_stop_signals()
         raise KeyboardInterrupt

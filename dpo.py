@@ -25,6 +25,7 @@ The reference policy is not a second copy of the weights: with LoRA it is the sa
 adapters off; a full fine-tune computes reference log-probs once and caches them in
 OUT/ref_logps-<hash>.pt (a resumed one whose cache is gone loads --init again to compute them).
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import hashlib
 import json
 import math

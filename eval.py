@@ -57,6 +57,7 @@ This file asks the questions and keeps the answers; metrics.py turns answers int
 numbers, judges.py holds the judge prompts, reply parsers and metrics of MMHal-Bench, GAVIE and
 LLaVA-Bench, and the judges.
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import collections
 import dataclasses
 import hashlib

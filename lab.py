@@ -26,6 +26,7 @@ What each claim compares:
   vigc   VIGC: hallucinations per 100 generated answers, VIG only vs VIG + VIC; SFT on original data
          alone vs + VIG-only data vs + VIGC data (same steps) -> POPE, CHAIR
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import json
 import math
 import os

@@ -11,6 +11,7 @@ output. After SFT, the two independent lanes (LRV -> reward model -> PPO, and DP
 by side, one thread each: on a 2-core CPU two single-threaded processes get ~1.7x the work done of
 one with two.
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import json
 import os
 import shlex

@@ -53,6 +53,7 @@ made, and statistics over it depend on how long the batch's longest response hap
 are the logged clipfrac, approx_kl and vf_clipfrac (means over real tokens; LLaVA-RLHF's are over
 every column, ours x tokens / columns on a padded batch).
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import json
 import os
 import random

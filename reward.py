@@ -31,6 +31,7 @@ Loss (InstructGPT Eq. 1, as LLaVA-RLHF's RewardModelTrainer.compute_loss writes 
     L = mean_pairs[-log sigmoid(r_chosen - r_rejected)] + 1e-3 * |mean_pairs(r_chosen + r_rejected)|
 The second term keeps the scores centred at 0 (the pairwise loss alone ignores their offset).
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import math
 import os
 import random

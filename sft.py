@@ -26,6 +26,7 @@ last steps at --instruct_lr, which puts LLaVA's yes-bias on a model that can see
 Loss (LLaVA, Eq. 3 of arXiv 2304.08485): L = -sum_t log p(x_t | x_<t, image) over the answer
 tokens (and their </s>) only, normalised by the number of answer tokens in the global batch.
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import os
 import time
 from dataclasses import dataclass

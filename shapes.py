@@ -11,6 +11,7 @@ named cells: top left, top, top right, left, center, right, bottom left, bottom,
 
     python shapes.py --out data/shapes --seed 0      # writes a world (same seed -> same bytes)
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import errno
 import json
 import math

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import common
+import interrupts
 from conftest import (HERE, FullDisk, assert_same_metrics, free_port, merge_flags, run_cli,
                       run_script, two_ranks)
 
@@ -2747,6 +2748,59 @@ def test_a_stage_stopped_by_sigterm_says_so_and_resumes(w, tmp_path):
     saved = max(int(n.name[11:]) for n in out.glob("checkpoint-*"))
     code, stdout, err = run_cli("sft", argv + ["--max_steps", str(saved + 2), "--resume", "true"])
     assert code == 0 and f"resumed from {out / f'checkpoint-{saved:06d}'}" in stdout, err
+
+
+# sitecustomize for a script started in a test: sends this process KICK (a signal's name) as the
+# first of torch, numpy or PIL starts to import (KICK_AT=import), or in the interpreter's teardown
+# after every atexit callback the script registered (KICK_AT=exit; run first, so called last)
+KICK = """
+import atexit, os, signal, sys, time
+kick = lambda: os.kill(os.getpid(), getattr(signal, os.environ["KICK"]))
+class Kick:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "numpy", "PIL"):
+            sys.meta_path.remove(self)
+            kick()
+if os.environ.get("KICK_AT") == "import":
+    sys.meta_path.insert(0, Kick())
+elif os.environ.get("KICK_AT") == "exit":
+    atexit.register(lambda: (kick(), time.sleep(0.05)))
+"""
+
+
+def run_kicked(tmp_path, script, argv, signame, at, **env):
+    """`python SCRIPT.py ARGV` sent signame at `at` (KICK above): (exit code, stdout, stderr)."""
+    (tmp_path / "sitecustomize.py").write_text(KICK)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run([PY, os.path.join(HERE, f"{script}.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": path, "KICK": signame, "KICK_AT": at,
+                               "OMP_NUM_THREADS": "1", **env})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes",
+                                    "pipeline", "lab", "bench"])
+def test_a_signal_while_a_script_imports_is_its_interrupted_line(script, tmp_path):
+    """A Ctrl-C in a script's first second (its imports: torch's) printed Python's
+    KeyboardInterrupt traceback, and a SIGTERM there killed it without a word (143): each is one
+    line and exit code 130 now, as later in the run; none where pipeline.py says it for a stage."""
+    for signame in ("SIGINT", "SIGTERM"):
+        code, out, err = run_kicked(tmp_path, script, ["--help"], signame, "import")
+        assert (code, out, err) == (130, "", interrupts.STARTING + "\n"), (signame, code, err)
+    code, out, err = run_kicked(tmp_path, script, ["--help"], "SIGINT", "import",
+                                **{interrupts.INTERRUPT_SAID_BY: "1"})
+    assert (code, out, err) == (130, "", "")
+
+
+def test_a_sigterm_after_the_work_is_done_leaves_the_run_ended_well(tmp_path):
+    """A SIGTERM landing in the interpreter's teardown, after a script had written and said all,
+    killed it (143, no line), and pipeline.py called that stage killed: it is ignored there now
+    (exit 0), the outputs whole as they were."""
+    argv = ["--out", "w", "--n_train", "2", "--n_val", "1", "--n_test", "1", "--n_unlabeled", "1",
+            "--n_pref", "1", "--n_povid", "1", "--n_rl", "1"]
+    code, out, err = run_kicked(tmp_path, "shapes", argv, "SIGTERM", "exit")
+    assert code == 0 and out.startswith("wrote w") and err == "", (code, err)
 
 
 def test_a_log_line_after_resume_averages_since_the_last_line(w, tmp_path):

@@ -50,6 +50,7 @@ features do not depend on the text, so with greedy decoding the loop equals one 
 sentence re-tokenization: what changes the answer here is that VIC re-answers the question from the
 image, without VIG's sampled answer in context and at --vic_temperature.
 """
+import interrupts  # noqa: F401 (first: a Ctrl-C during the imports below is one line)
 import os
 import random
 import re

@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM outside common.user_errors, where Python printed a KeyboardInterrupt traceback
+(Ctrl-C) or died without a word (SIGTERM, exit code 143). Imported first by each script, before
+torch (stdlib alone: it is in place within a few milliseconds of the start):
+
+- while a script starts (its imports, torch's take most of a second, and the reading of its
+  flags) a Ctrl-C or SIGTERM ends it at once with one line and exit code 130, as it does later;
+  nothing is written yet. common.user_errors, or interrupt_on_sigterm in pipeline.py and lab.py,
+  then puts Python's own handlers back and sets its own (`hand_over`).
+- once the script's work is done (`work_done`, as user_errors ends) both are ignored: a SIGTERM
+  landing in the interpreter's teardown killed a run whose outputs were whole (143, no line), and
+  pipeline.py called that stage killed.
+
+Only in a program started as one of the scripts (`python sft.py`, torchrun's ranks): a program
+that imports a stage as a library (a test, a notebook) keeps Python's own handlers."""
+import atexit
+import os
+import signal
+import sys
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ("sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline", "lab", "bench")
+
+# set by pipeline.py for its stages: its own line says how to go on after Ctrl-C (a stage's named
+# --resume true, which the pipeline does not take)
+INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
+
+STARTING = "interrupted while starting: nothing was written"
+
+
+def _started_as_a_script():
+    """Whether this program is `python SCRIPT.py` for one of the scripts beside this file."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    name, ext = os.path.splitext(os.path.basename(main_file))
+    return ext == ".py" and name in SCRIPTS and \
+        os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(HERE)
+
+
+def _interrupted_while_starting(signum, frame):
+    # (a stage of pipeline.py: the pipeline says it; under torchrun: local rank 0, one line a node)
+    if not os.environ.get(INTERRUPT_SAID_BY) and os.environ.get("LOCAL_RANK", "0") == "0":
+        os.write(2, f"{STARTING}\n".encode())
+    os._exit(130)  # (an exception raised here would unwind through half-imported modules)
+
+
+OURS = _started_as_a_script() and threading.current_thread() is threading.main_thread()
+_before = {}  # signal -> Python's handler, while ours is set
+if OURS:
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        # (ignored at start, `script &` from a shell script: stays ignored; pipeline.py reads that)
+        if signal.getsignal(_signum) in (signal.default_int_handler, signal.SIG_DFL):
+            _before[_signum] = signal.signal(_signum, _interrupted_while_starting)
+    atexit.register(lambda: work_done())  # (an exit before user_errors: --help, a refused flag)
+
+
+def hand_over():
+    """Python's own SIGINT and SIGTERM handlers back, for the caller to take them (main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        while _before:
+            signum, handler = _before.popitem()
+            if signal.getsignal(signum) is _interrupted_while_starting:
+                signal.signal(signum, handler)
+
+
+def work_done():
+    """The script's work is done and said: SIGINT and SIGTERM are ignored while it exits. Returns
+    whether they are (not in a program that merely imports a stage)."""
+    if not OURS or threading.current_thread() is not threading.main_thread():
+        return False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    return True
