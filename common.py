@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -79,8 +80,9 @@ def fail(message):
     # module does, links, or several lines)
     message = " ".join(TERMINAL_CODE.sub("", str(message)).splitlines())
     message = re.sub(r"[\x00-\x08\x0e-\x1f\x7f]", "", message)  # (a bell, a stray escape)
-    sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
-    sys.stderr.flush()
+    if sys.stderr:  # (None: started with stderr closed, `2>&-`; the exit code still says it)
+        sys.stderr.write(f"error{f' (rank {rank})' if rank else ''}: {message}\n")
+        sys.stderr.flush()
     tell_the_waiting_ranks(message)
     raise SystemExit(2)
 
@@ -137,6 +139,8 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     sigterm = sigterm_as_interrupt()
     try:
         yield
+        if sys.stdout:  # (None: started with stdout closed)
+            sys.stdout.flush()  # (a pipe's reader gone: said here, not in the interpreter's exit)
     except UnicodeDecodeError as e:  # (readers name the file; this is the last resort)
         fail(f"bytes that are not UTF-8 at offset {e.start}: {e.reason}")
     except USER_ERRORS + tuple(extra) as e:
@@ -157,6 +161,10 @@ def user_errors(*extra, interrupted=INTERRUPTED):
         fail(f"{e.filename}: permission denied")
     except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
         fail(f"{e.filename}: {e.strerror}")
+    except BrokenPipeError as e:
+        if e.filename is not None or not reader_gone(sys.stdout):
+            raise
+        stdout_reader_gone(interrupted)
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         # (a full disk while logging, answering or drawing: named by `naming` where it can be)
@@ -182,9 +190,34 @@ def user_errors(*extra, interrupted=INTERRUPTED):
             signal.signal(signal.SIGTERM, sigterm)
 
 
+STDOUT_READER_GONE = "the program reading the output has ended (a pipe to `head`?)"
+
+
+def reader_gone(stream):
+    """Whether `stream` is a pipe whose reading end is closed (poll says POLLERR on its writing
+    end): `script.py | head` once head has its lines."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # (no file behind it, closed, no poll)
+        return False
+
+
+def stdout_reader_gone(interrupted):
+    """A print to a pipe whose reader has ended (`| head`): Python's BrokenPipeError traceback,
+    exit code 1, and one more at exit as it flushed stdout. One line on stderr now (where it is
+    not that pipe too), the script's `interrupted` line, and exit code 141, as a program killed by
+    SIGPIPE reads in a shell."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit: quiet)
+    if not reader_gone(sys.stderr):
+        said_on_each_node(f"{STDOUT_READER_GONE}: {interrupted}")
+    raise SystemExit(141) from None
+
+
 def said_on_each_node(line):
     """`line` on stderr from local rank 0 alone: one line a node, where each has a terminal."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and sys.stderr:  # (None: `2>&-`)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 

@@ -39,7 +39,10 @@ def _started_as_a_script():
 def _interrupted_while_starting(signum, frame):
     # (a stage of pipeline.py: the pipeline says it; under torchrun: local rank 0, one line a node)
     if not os.environ.get(INTERRUPT_SAID_BY) and os.environ.get("LOCAL_RANK", "0") == "0":
-        os.write(2, f"{STARTING}\n".encode())
+        try:
+            os.write(2, f"{STARTING}\n".encode())
+        except OSError:  # (started with stderr closed, `2>&-`: the exit code says it)
+            pass
     os._exit(130)  # (an exception raised here would unwind through half-imported modules)
 
 

@@ -1553,7 +1553,12 @@ def main(argv=None):
             if not overwrite:
                 refuse_another_world(out, seed, args)
             w = write_world(out, seed, **args)
-    s = w["stats"]
+        say_what_was_written(w["stats"], out, args)  # (inside: `| head` done is one line too)
+
+
+def say_what_was_written(s, out, args):
+    """The summary lines of a world just written (its stats `s`)."""
+    import common
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
     print(f"wrote {out} in {s['seconds']}s | images {images}")
     rate = {k: "n/a (no image shows a trigger)" if v is None else v

@@ -2803,6 +2803,36 @@ def test_a_sigterm_after_the_work_is_done_leaves_the_run_ended_well(tmp_path):
     assert code == 0 and out.startswith("wrote w") and err == "", (code, err)
 
 
+def test_output_piped_to_a_reader_that_ended_is_one_line(tmp_path):
+    """`script.py | head` once head had its lines: the next print raised BrokenPipeError, a
+    traceback (exit code 1) and a second one as the interpreter flushed stdout. One line on
+    stderr now, the script's own interrupted line in it, and exit code 141 (SIGPIPE's in a
+    shell); what was written is whole."""
+    argv = ["--out", "w", "--n_train", "2", "--n_val", "1", "--n_test", "1", "--n_unlabeled", "1",
+            "--n_pref", "1", "--n_povid", "1", "--n_rl", "1"]
+    proc = subprocess.Popen([PY, os.path.join(HERE, "shapes.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # (the reader gone before the first line)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err.count("\n") == 1, err
+    assert err.startswith(common.STDOUT_READER_GONE + ": interrupted: no half-written world"), err
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["seed"] == 0
+
+
+def test_a_script_started_with_stderr_closed_still_ends_with_its_exit_code(tmp_path):
+    """Started with stderr closed (`2>&-`, a daemon's start): a refused flag raised inside `fail`
+    (sys.stderr is None) and exited 1, not 2; a Ctrl-C while importing must still be 130."""
+    closed = dict(preexec_fn=lambda: os.close(2), stdout=subprocess.DEVNULL, timeout=60)
+    bad_flag = subprocess.run([PY, os.path.join(HERE, "shapes.py"), "--n_rl", "-1"], **closed)
+    assert bad_flag.returncode == 2
+    (tmp_path / "sitecustomize.py").write_text(KICK)
+    kicked = subprocess.run([PY, os.path.join(HERE, "shapes.py"), "--help"], **closed,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "KICK": "SIGINT",
+                                 "KICK_AT": "import"})
+    assert kicked.returncode == 130
+
+
 def test_a_log_line_after_resume_averages_since_the_last_line(w, tmp_path):
     """dpo's and reward's log lines average their metrics over the steps since the last line; a
     run resumed between two lines averaged only the steps after the resume (the weights were
