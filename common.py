@@ -618,12 +618,46 @@ def setup_dist(device="cpu", fsdp=False, flags=None):
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group(backend)
+    join_process_group(backend)
     _made_process_group = True
     d = Dist(rank, world, local, dev, fsdp)
     if flags is not None:
         same_flags_everywhere(flags, d)
     return d
+
+
+JOIN_TIMEOUT = "FACTALIGN_JOIN_TIMEOUT"  # seconds the ranks wait for each other to start (300)
+
+
+def join_process_group(backend):
+    """init_process_group, waiting for the other ranks at most JOIN_TIMEOUT seconds (their launchers
+    met before they started: only imports and flag checks lie between them), then for each of the
+    run's collectives gloo's 30 minutes as before. A rank of another node that ended before it
+    joined (a traceback: a bug, a package missing there) held these ranks for those 30 minutes
+    without a word. (Where torch lacks _set_pg_timeout the join keeps the 30 minutes.)"""
+    import datetime
+    from torch.distributed import constants, distributed_c10d
+    text = os.environ.get(JOIN_TIMEOUT, "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        fail(f"{JOIN_TIMEOUT}={text!r}: give the seconds to wait for the other ranks, in (0, inf)")
+    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds)
+                                if set_timeout else constants.default_pg_timeout)
+    except dist.DistStoreError as e:
+        if "timeout" not in str(e):
+            raise
+        said_on_each_node(f"stopped: the run's other processes did not all start within {text} s "
+                          f"({JOIN_TIMEOUT}): one that ended before it joined (a traceback or an "
+                          "error on its node's terminal), a node not started, or one that cannot "
+                          "reach --master_addr; nothing was written")
+        raise SystemExit(1) from None
+    if set_timeout:
+        set_timeout(constants.default_pg_timeout)
 
 
 def same_flags_everywhere(cfg, d):

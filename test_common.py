@@ -882,6 +882,18 @@ def test_write_whole_writes_utf8_under_an_ascii_locale(tmp_path):
     assert (tmp_path / "RESULTS.md").read_bytes() == "0.8 \u00b1 0.1".encode("utf-8")
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_join_timeout_that_is_no_number_of_seconds_is_one_line(value, monkeypatch, capsys):
+    """FACTALIGN_JOIN_TIMEOUT (how long the ranks wait for each other to start) is refused in one
+    line naming it, before any process group is made."""
+    monkeypatch.setenv(common.JOIN_TIMEOUT, value)
+    with pytest.raises(SystemExit) as stop:
+        common.join_process_group("gloo")
+    assert stop.value.code == 2 and not torch.distributed.is_initialized()
+    assert capsys.readouterr().err == (f"error: {common.JOIN_TIMEOUT}={value!r}: give the seconds "
+                                       "to wait for the other ranks, in (0, inf)\n")
+
+
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("2", True), ("3", False)])
 def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeypatch, capsys):
     """torchrun passes a Ctrl-C (or its SIGINT) to every rank: each wrote the same 'interrupted'

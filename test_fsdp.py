@@ -684,6 +684,31 @@ def test_a_flag_given_on_one_node_only_is_one_line_on_each(tiny_world, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_that_dies_before_it_joins_ends_the_other_node_in_one_line(tiny_world, tmp_path,
+                                                                         monkeypatch):
+    """Node 1's rank ended with a traceback before the process group (a package missing on that
+    node: PIL here): node 0's rank waited for it in the group's start, gloo's 30 minutes, without
+    a word. The join waits FACTALIGN_JOIN_TIMEOUT seconds (300; 3 here), then one line, exit 1."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "class NoPIL:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'PIL' and os.environ.get('RANK') == '1':\n"
+        "            raise ImportError('no PIL on node 1')\n"
+        "sys.meta_path.insert(0, NoPIL())\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("FACTALIGN_JOIN_TIMEOUT", "3")
+    logs = tmp_path / "logs"
+    procs = two_nodes("sft.py", sft_args(tiny_world, tmp_path / "run"), logs)
+    out = both_ended(procs, logs, within=60)
+    assert "ImportError: no PIL on node 1" in out[1], out  # (its own traceback, on its node)
+    line = ("stopped: the run's other processes did not all start within 3 s "
+            "(FACTALIGN_JOIN_TIMEOUT)")
+    assert line in out[0] and no_worker_traceback(out[0]) and procs[0].returncode != 0, out
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_that_differs_on_one_node_is_one_line_on_each(tiny_world, tmp_path):
     """Each node reads its own copy of the world (a relative --world in each node's folder), node
     1's sft.json changed: its rank trained its share of every batch on other records, exit 0, and
