@@ -824,6 +824,23 @@ def test_write_whole_onto_a_folder_names_the_folder(tmp_path):
     assert os.listdir(tmp_path) == ["scores.json"]
 
 
+def test_write_whole_removes_the_temp_files_of_writers_killed_outright(tmp_path):
+    """lab.py killed with SIGKILL inside a write left RESULTS.md.tmpPID (or a figure's) beside the
+    file for good: the next write of that file removes such a file whose process is gone, and
+    leaves a live writer's (another lab writing the same file) and a folder of that name."""
+    dead = next(p for p in range(4_000_000, 4_100_000) if not common.pid_alive(p))
+    results = tmp_path / "RESULTS.md"
+    left = [f"RESULTS.md.tmp{dead}", f"RESULTS.md.tmp{os.getppid()}", "RESULTS.md.tmpx",
+            f"other.md.tmp{dead}"]
+    for name in left:
+        (tmp_path / name).write_text("half")
+    (tmp_path / f"RESULTS.md.tmp{dead + 1}").mkdir()
+    common.write_whole(str(results), lambda f: f.write("whole"))
+    assert results.read_text() == "whole"
+    kept = ["RESULTS.md", *left[1:], f"RESULTS.md.tmp{dead + 1}"]
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
 def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
     """Two processes writing one path (two labs' RESULTS.md, two bench.py's bench.md) shared the
     temp name path.tmp: each truncated the other's, one renamed a mix of both (NUL bytes too) into
