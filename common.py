@@ -1769,7 +1769,7 @@ def remove_dead_writers_temps(path):
         return
     for name in names:
         pid = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
-        if pid and int(pid.group(1)) != os.getpid() and not pid_alive(int(pid.group(1))):
+        if pid and not pid_alive(int(pid.group(1))):  # (this process: alive)
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:  # (a folder; gone already: another writer removed it)
