@@ -337,7 +337,8 @@ def build_theirs(ours, dev, dtype, how, tmp):
     # is written
     captured = {}
     save = checkpoint._save_safetensors
-    checkpoint._save_safetensors = lambda tensors, file, metadata=None: captured.update(tensors)
+    checkpoint._save_safetensors = lambda tensors, file, metadata=None, made=None: \
+        captured.update(tensors)
     try:
         checkpoint.export_llava_hf(ours, path, merge=False)
     finally:

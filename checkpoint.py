@@ -1226,9 +1226,74 @@ def canonical_state(model, merge_active=False):
             yield HUB_PREFIX[part] + name, piece
 
 
-def _save_safetensors(tensors, file, metadata=None):
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, file, metadata=metadata)
+def _merged_makers(model):
+    """{hub key: make()} for each weight the active adapter changes: make() gives it merged (W + s B
+    A), made when _save_safetensors writes it. One merged weight is held at a time: made for the
+    first of its pieces (q, k, v; gate, up), let go after the last (they are written in a row)."""
+    c, held = model.config, {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    targets = _our_targets(c)
+
+    def piece(lin, sizes, i):
+        if held.get("lin") is not lin:
+            held.update(lin=lin, pieces=lin.weight_with(model.active_adapter).split(sizes, 0))
+        t = held["pieces"][i]
+        if i == len(sizes) - 1:
+            held.clear()
+        return t
+
+    makers = {}
+    for _, lin in model.lora_linears():
+        if model.active_adapter not in lin.lora:
+            continue
+        our_name = names[id(lin.weight)]
+        parts = targets[our_name]
+        sizes = [s[0] for s in _split_shapes(our_name, lin.weight.shape, c, len(parts))]
+        for i, (part, name) in enumerate(parts):
+            makers[HUB_PREFIX[part] + name] = lambda lin=lin, sizes=sizes, i=i: piece(lin, sizes, i)
+    return makers
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _save_safetensors(tensors, file, metadata=None, made=None):
+    """The safetensors format, written one tensor at a time: each is brought to the host as it is
+    written (safetensors' save_file takes host tensors: a model on a GPU was copied to the host
+    whole first, 14 GB at 7B), and made then where `made` (key -> make()) has a maker for it
+    (`tensors` gives its shape and dtype: an export held a merged copy of the whole decoder).
+    Into a new file renamed over `file`: a model loaded from `file` reads its weights from it
+    (mmap), so writing in place would change them under the writer."""
+    made = made or {}
+    # widest dtypes first, as save_file orders them: every tensor's data aligned to its element
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    header = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k in order:
+        v = tensors[k]
+        end = offset + v.numel() * v.element_size()
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    # (a name no longer than the file's: a path that fits the system's limit still does)
+    tmp = os.path.join(os.path.dirname(file), f".{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for k in order:
+                t = made[k]() if k in made else tensors[k]
+                if t.shape != tensors[k].shape or t.dtype != tensors[k].dtype:  # (a maker's bug)
+                    raise ValueError(f"{k}: made {t.dtype} {tuple(t.shape)}, header says "
+                                     f"{tensors[k].dtype} {tuple(tensors[k].shape)}")
+                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _adapter_state(model):
@@ -1543,8 +1608,10 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
         raise CheckpointError(f"{path}: holds {', '.join(stale)} of an earlier export, not this "
                               "model's: pass the tokenizer (export_llava_hf(model, path, "
                               "tokenizer)), or export into another folder")
-    # (to the host as made: the device holds one merged weight at a time)
-    state = {k: v.cpu() for k, v in canonical_state(model, merge_active=merge)}
+    # views of the weights where they are; each merged weight is made, and each weight brought to
+    # the host, as the file is written (_save_safetensors)
+    state = dict(canonical_state(model))
+    made = _merged_makers(model) if merge else {}
     merged = model.active_adapter if merge else None
     left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
     if merged or left:
@@ -1578,7 +1645,7 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
     pad = pad if pad is not None and 0 <= pad < vocab else c.pad_token_id
     os.makedirs(path, exist_ok=True)
-    _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
+    _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"}, made)
     vision_config = {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
                      "intermediate_size": c.vision_intermediate,
                      "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
