@@ -2923,8 +2923,11 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         # there they refuse would be blamed on the tokenizer, without the field's value
         # fp32 unless asked (LLaVA's releases are fp16: kept as stored, --dtype fp32 trained in
         # fp16 on the CPU and its loss was NaN at step 2)
+        # (each weight to `device` as it is read: loaded on the host and moved after, a GPU run
+        # held the whole model on the host first, 28 GB for a 7B fp16 release read as fp32)
         model = load_checkpoint(path, vision_tower=vision_tower or None,
-                                dtype=dtype or torch.float32, fresh_projector_ok=fresh_projector_ok)
+                                dtype=dtype or torch.float32, device=device,
+                                fresh_projector_ok=fresh_projector_ok)
         tokenizer = load_tokenizer(tok_dir)
         # a token id beyond the embedding would fail mid-run
         if len(tokenizer) > model.config.vocab_size:

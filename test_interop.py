@@ -875,6 +875,20 @@ def test_shapes_checkpoint_exports_with_its_tokenizer_and_generates_the_same(tin
     assert torch.equal(out, ours)
 
 
+def test_a_stage_puts_each_weight_on_its_device_as_it_is_read(tiny_sft, monkeypatch):
+    """load_model_and_tokenizer loaded the checkpoint on the host, then moved it to the run's
+    device: a GPU run held the whole model on the host first (28 GB for a 7B fp16 release read as
+    fp32). Each weight goes to the device as it is read now (the meta device stands in for a
+    GPU)."""
+    import checkpoint
+    placed = []
+    real = checkpoint._set_param
+    monkeypatch.setattr(checkpoint, "_set_param", lambda model, name, t: (
+        placed.append((name, t.device.type)), real(model, name, t))[1])
+    m, _ = common.load_model_and_tokenizer(tiny_sft, device="meta")
+    assert len(placed) == len(list(m.parameters())) and {d for _, d in placed} == {"meta"}
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_a_half_precision_release_loads_and_trains_in_fp32(tiny_sft, tiny_world, tmp_path, half):
     """LLaVA's releases store fp16 weights: the stages kept them as stored, so `sft.py --init`
