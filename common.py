@@ -2319,8 +2319,9 @@ def _load_resume(out_dir, run_config, free):
     if path is None:
         return None, None
     file = os.path.join(path, "trainer_state.pt")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+    try:  # (mapped: a full fine-tune's AdamW moments were read whole onto the host, 28 GB at 7B
+        # in bf16, on their way to the GPU; copy-on-write where a CPU run's steps change them)
+        state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})")
     needed = {"format_version", "step", "run_config", "rng"}

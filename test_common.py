@@ -220,6 +220,27 @@ def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
         common.load_resume(str(tmp_path), cfg)
 
 
+def test_a_resumed_optimizer_state_is_read_from_its_file_not_copied_in(tmp_path):
+    """trainer_state.pt was read whole into memory: a replicated full fine-tune resumed held its
+    AdamW moments on the host before they went to the GPU (28 GB at 7B in bf16, 56 GB in fp32).
+    It is mapped now (torch.load mmap): its tensors are the file's pages until written."""
+    import sft
+    cfg = sft.Config(out=str(tmp_path))
+    ckpt, old = run_without(cfg, tmp_path, ())
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["optimizer"] = {"state": {0: {"exp_avg": torch.randn(4096)}}, "param_groups": []}
+    torch.save(state, ckpt / "trainer_state.pt")
+    _, state = common.load_resume(str(tmp_path), cfg)
+    ptr = state["optimizer"]["state"][0]["exp_avg"].data_ptr()
+    mapped = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(ckpt / "trainer_state.pt"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append(start <= ptr < end)
+    assert any(mapped)
+
+
 def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
     """ppo.py gained --loss_divisor and --compile_decode: a run started before them was refused
     at --resume ("lacks this script's field ..."). It resumes now: --loss_divisor at 'tokens'
