@@ -2892,7 +2892,8 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
     """A model from a checkpoint (`init`: ours, llava-hf, original LLaVA, or a LLaMA dir plus
     `vision_tower`), or a fresh `preset` sized to the tokenizer in `tokenizer_dir` (geometry: its
     image_size and patch_size replaced, see world_geometry), in `dtype` (None: fp32, whatever
-    the checkpoint stores; the stages pass base_dtype). The tokenizer comes from the
+    the checkpoint stores; the stages pass base_dtype; 'auto': a checkpoint's as stored). The
+    tokenizer comes from the
     checkpoint directory (or tokenizer_dir when the checkpoint has none). policy: a reward model
     is refused (policy=False: a reward model is what is wanted). tokenizer_flag: the user's flag
     that gave tokenizer_dir beside `init` (refused where the checkpoint's own tokenizer is read).

@@ -366,9 +366,10 @@ def import_llava_rlhf(cfg):
     cfg = common.replace_config(cfg, prompt_space=True)
     d = common.setup_dist(cfg.device, False, flags=cfg)
     common.claim_out(cfg, d, inits=[cfg.init])
+    # (the base as stored: its weights are only read for shapes, never changed nor written here;
+    # read in fp32, the stages' default on a CPU, a 13B fp16 release took 52 GB)
     model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
-                                                       device=d.device,
-                                                       dtype=common.base_dtype(cfg))
+                                                       device=d.device, dtype="auto")
     if model.adapters:
         raise common.ConfigError(f"{cfg.init}: the SFT checkpoint holds LoRA adapters "
                                  f"{sorted(model.adapters)}; the reward model's base has none")

@@ -1042,6 +1042,33 @@ def test_llava_rlhf_reward_model_imports_and_scores_as_it_does(tiny_sft, tiny_wo
     assert not (tmp_path / "rm3").exists()
 
 
+def test_a_llava_rlhf_import_reads_its_base_as_stored(tiny_sft, tmp_path, monkeypatch):
+    """reward.py --import_llava_rlhf loaded --init in fp32 on a CPU (the stages' default) to write
+    adapters and a head on it: its base weights are never changed nor written, and a 13B fp16
+    release read as fp32 took 52 GB. They are read as stored now (mapped, not converted)."""
+    import shutil
+
+    import checkpoint
+    from conftest import run_cli
+    half = tmp_path / "half"
+    load_checkpoint(tiny_sft, dtype=torch.bfloat16).save_pretrained(half)
+    src = resolve_checkpoint(tiny_sft)
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(src, f), half / f)
+    _, _, folder = llava_rlhf_reward_model(tiny_sft, tmp_path)
+    placed = []
+    real = checkpoint._set_param
+    monkeypatch.setattr(checkpoint, "_set_param", lambda model, name, t: (
+        placed.append((name, t.dtype)), real(model, name, t))[1])
+    code, _, err = run_cli("reward", ["--init", str(half), "--import_llava_rlhf", str(folder),
+                                      "--out", str(tmp_path / "rm")])
+    assert code == 0, err
+    decoder = {dt for name, dt in placed if name.startswith("language_model.")}
+    assert decoder == {torch.bfloat16}
+    assert "reward" in load_checkpoint(resolve_checkpoint(str(tmp_path / "rm"))).heads
+
+
 def test_a_llava_rlhf_reward_lora_is_refused_as_a_policy(tmp_path):
     """The LoRA of a LLaVA-RLHF reward model (checkpoint-N/adapter_model/lora_default, its base
     found beside it) loaded as a policy (--init, --ckpt, --policy_lora) with its reward_head left
