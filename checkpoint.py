@@ -1168,7 +1168,7 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                     raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config "
                                           f"expects {tuple(shp)}")
                 tensors.append(src.get(part, name))
-                if not bool(torch.isfinite(tensors[-1]).all()):  # (a model of NaNs answers ''
+                if not all_finite(tensors[-1]):  # (a model of NaNs answers ''
                     # to everything, and POPE reads that as 'yes': scores without a word)
                     raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
             t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
@@ -1178,6 +1178,16 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         t = t.to(dtype=want or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
         _set_param(model, our_name, t)
     return model
+
+
+def all_finite(t):
+    """Whether t holds no NaN or infinity, read through its min and max (NaN propagates to both):
+    torch.isfinite(t).all() made a bool copy of every weight loaded, of which the heap kept ~0.8 GB
+    at 1.1B, and the load took 5x as long."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _split_shapes(our_name, shape, c, n):
@@ -1530,7 +1540,7 @@ def _load_adapters(model, path, cfg, device, only_new=False):
             if tuple(state[k].shape) != tuple(t.shape):
                 raise CheckpointError(f"{file}: key '{k}' has shape {tuple(state[k].shape)} but "
                                       f"the config expects {tuple(t.shape)}")
-            if not bool(torch.isfinite(state[k]).all()):
+            if not all_finite(state[k]):
                 raise CheckpointError(f"{file}: key '{k}' holds NaN or infinite values")
             t.copy_(state[k])
     if device:
@@ -2248,7 +2258,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
             raise CheckpointError(f"{file}: key '{key.replace('lora_A', 'lora_B')}' is missing")
         A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()
         for k, t in ((key, A), (key.replace("lora_A", "lora_B"), B)):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise CheckpointError(f"{file}: key '{k}' holds NaN or infinite values")
         part, pname = _canonical_key(module + ".weight")
         m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight", pname or "")

@@ -1413,6 +1413,28 @@ def test_a_merged_export_holds_one_merged_weight_at_a_time_on_the_host(tmp_path,
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_load_checks_weights_for_nan_without_a_copy_of_each(tmp_path, monkeypatch):
+    """The NaN check made a bool copy of every weight (torch.isfinite(t).all()): at 1.1B the heap
+    kept ~0.8 GB of them after the load (peak 2.1 GB of anonymous memory for 1.1 GB of live
+    weights) and the load took 5x as long. It reads each weight's min and max now; a NaN or an
+    infinity anywhere is still named."""
+    torch.manual_seed(0)
+    LLaVA.from_preset("tiny").save_pretrained(tmp_path / "ck")
+    largest = [0]
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: (
+        largest.__setitem__(0, max(largest[0], t.numel())), real(t))[1])
+    load_checkpoint(tmp_path / "ck")
+    assert 0 < largest[0] <= 1  # (a scalar at a time)
+    from safetensors.torch import load_file, save_file
+    for bad in (float("nan"), float("-inf")):
+        state = load_file(tmp_path / "ck" / "model.safetensors")
+        state["language_model.model.layers.1.mlp.down_proj.weight"][3, 5] = bad
+        save_file(state, tmp_path / "ck" / "model.safetensors")
+        with pytest.raises(CheckpointError, match="down_proj.weight' holds NaN or infinite"):
+            load_checkpoint(tmp_path / "ck")
+
+
 def test_a_model_saved_over_the_folder_it_was_loaded_from_keeps_its_weights(tmp_path):
     """A loaded model's weights are read from its files (mmap): the file is written anew and
     renamed over the old one, never rewritten in place under the weights it is written from."""
