@@ -1757,25 +1757,6 @@ def pid_alive(pid):
     return True
 
 
-def remove_dead_writers_temps(path):
-    """The `path.tmpPID` files beside path whose process is gone: a write_whole killed outright
-    (kill -9, the OOM killer: nothing of it runs to remove its temp file) left RESULTS.md.tmpPID
-    or a figure's beside the file for good. A live writer's (another lab writing the same
-    RESULTS.md) is left, and so is a folder of such a name."""
-    folder, base = os.path.split(os.path.abspath(path))
-    try:
-        names = os.listdir(folder)
-    except OSError:  # (the write says what is wrong with the folder)
-        return
-    for name in names:
-        pid = re.fullmatch(re.escape(base) + r"\.tmp(\d+)", name)
-        if pid and not pid_alive(int(pid.group(1))):  # (this process: alive)
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:  # (a folder; gone already: another writer removed it)
-                pass
-
-
 def write_whole(path, write, encoding="utf-8", binary=False):
     """write(f) into path.tmpPID, then renamed onto path: path holds all of it or what it held
     before (a disk full, or an error, while writing leaves no half file, nor a temp file). The
@@ -1784,7 +1765,6 @@ def write_whole(path, write, encoding="utf-8", binary=False):
     UTF-8 whatever the locale: under an ASCII one (LC_ALL=C without UTF-8 mode) the lab's report
     and its '±' failed at the end of the lab, and every reader here reads UTF-8. binary: f takes
     bytes (a figure, a torch.save)."""
-    remove_dead_writers_temps(path)
     tmp = f"{path}.tmp{os.getpid()}"
     if os.path.isdir(path):  # (the rename's error named the temp file)
         raise IsADirectoryError(errno.EISDIR, "Is a directory", path)

@@ -845,21 +845,17 @@ def test_write_whole_onto_a_folder_names_the_folder(tmp_path):
     assert os.listdir(tmp_path) == ["scores.json"]
 
 
-def test_write_whole_removes_the_temp_files_of_writers_killed_outright(tmp_path):
-    """lab.py killed with SIGKILL inside a write left RESULTS.md.tmpPID (or a figure's) beside the
-    file for good: the next write of that file removes such a file whose process is gone, and
-    leaves a live writer's (another lab writing the same file) and a folder of that name."""
-    dead = next(p for p in range(4_000_000, 4_100_000) if not common.pid_alive(p))
-    results = tmp_path / "RESULTS.md"
-    left = [f"RESULTS.md.tmp{dead}", f"RESULTS.md.tmp{os.getppid()}", "RESULTS.md.tmpx",
-            f"other.md.tmp{dead}"]
+def test_write_whole_leaves_other_files_named_like_its_temp_files(tmp_path):
+    """A write removed the FILE.tmpPID files beside FILE whose pid was not alive here: it deleted a
+    user's `RESULTS.md.tmp20261206` backup, the live temp file of a writer in another pid namespace
+    (a container sharing the volume), and a huge number failed the write (OverflowError). A write
+    touches its own temp file alone now: a leftover one is never read."""
+    left = ["RESULTS.md.tmp20261206", f"RESULTS.md.tmp{4 * 10**6 + 1}", "RESULTS.md.tmp" + "9" * 30]
     for name in left:
-        (tmp_path / name).write_text("half")
-    (tmp_path / f"RESULTS.md.tmp{dead + 1}").mkdir()
-    common.write_whole(str(results), lambda f: f.write("whole"))
-    assert results.read_text() == "whole"
-    kept = ["RESULTS.md", *left[1:], f"RESULTS.md.tmp{dead + 1}"]
-    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+        (tmp_path / name).write_text("not this write's")
+    common.write_whole(str(tmp_path / "RESULTS.md"), lambda f: f.write("whole"))
+    assert (tmp_path / "RESULTS.md").read_text() == "whole"
+    assert sorted(os.listdir(tmp_path)) == sorted(["RESULTS.md", *left])
 
 
 def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
