@@ -634,7 +634,8 @@ def join_process_group(backend):
     met before they started: only imports and flag checks lie between them), then for each of the
     run's collectives gloo's 30 minutes as before. A rank of another node that ended before it
     joined (a traceback: a bug, a package missing there) held these ranks for those 30 minutes
-    without a word. (Where torch lacks _set_pg_timeout the join keeps the 30 minutes.)"""
+    without a word. (Where torch lacks _set_pg_timeout or _get_default_store the join keeps the
+    30 minutes.)"""
     import datetime
     from torch.distributed import constants, distributed_c10d
     text = os.environ.get(JOIN_TIMEOUT, "300")
@@ -644,10 +645,13 @@ def join_process_group(backend):
         seconds = math.nan
     if not 0 < seconds < math.inf:
         fail(f"{JOIN_TIMEOUT}={text!r}: give the seconds to wait for the other ranks, in (0, inf)")
+    # (private: the short join only where both exist to put the 30 minutes back after it)
     set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
+    default_store = getattr(distributed_c10d, "_get_default_store", None)
+    short = set_timeout is not None and default_store is not None
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds)
-                                if set_timeout else constants.default_pg_timeout)
+                                if short else constants.default_pg_timeout)
     except dist.DistStoreError as e:
         if "timeout" not in str(e):
             raise
@@ -656,8 +660,11 @@ def join_process_group(backend):
                           "error on its node's terminal), a node not started, or one that cannot "
                           "reach --master_addr; nothing was written")
         raise SystemExit(1) from None
-    if set_timeout:
+    if short:
         set_timeout(constants.default_pg_timeout)
+        # the join's timeout was the store's too: later store waits (NCCL's communicators waiting
+        # for rank 0's id, FSDP's mesh groups) would be cut at JOIN_TIMEOUT
+        default_store().set_timeout(constants.default_pg_timeout)
 
 
 def same_flags_everywhere(cfg, d):

@@ -928,6 +928,23 @@ def test_a_join_timeout_that_is_no_number_of_seconds_is_one_line(value, monkeypa
                                        "to wait for the other ranks, in (0, inf)\n")
 
 
+def test_after_the_join_the_store_waits_its_30_minutes_again(monkeypatch):
+    """The join's short timeout (FACTALIGN_JOIN_TIMEOUT) was the TCPStore's too, and stayed after
+    it: NCCL's communicators waiting on the store for rank 0's id, and FSDP's mesh groups, were cut
+    at 300 s. After the join the store has torch's 30 minutes again, as the collectives had."""
+    from conftest import free_port
+    from torch.distributed import constants, distributed_c10d
+    monkeypatch.setenv(common.JOIN_TIMEOUT, "7")
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    common.join_process_group("gloo")
+    try:
+        assert distributed_c10d._get_default_store().timeout == constants.default_pg_timeout
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("2", True), ("3", False)])
 def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeypatch, capsys):
     """torchrun passes a Ctrl-C (or its SIGINT) to every rank: each wrote the same 'interrupted'
