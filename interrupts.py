@@ -11,7 +11,8 @@ torch (stdlib alone: it is in place within a few milliseconds of the start):
   pipeline.py called that stage killed.
 
 Only in a program started as one of the scripts (`python sft.py`, torchrun's ranks): a program
-that imports a stage as a library (a test, a notebook) keeps Python's own handlers."""
+that imports a stage as a library (a test, a notebook), or runs one in its own process (IPython's
+`%run sft.py`, runpy), keeps Python's own handlers: its command line does not name the script."""
 import atexit
 import os
 import signal
@@ -28,12 +29,39 @@ INTERRUPT_SAID_BY = "FACTALIGN_INTERRUPT_SAID_BY"
 STARTING = "interrupted while starting: nothing was written"
 
 
+def _script_on_the_command_line(argv):
+    """The script `python [options] SCRIPT ...` runs (argv: sys.orig_argv), or None (`-c`, `-m`,
+    no script: an interactive interpreter, IPython)."""
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "--":
+            return next(args, None)
+        if arg == "--check-hash-based-pycs":  # (the one long option taking a value)
+            next(args, None)
+        elif arg.startswith("-") and not arg.startswith("--") and arg != "-":
+            for i, letter in enumerate(arg[1:], 1):
+                if letter in "cm":
+                    return None
+                if letter in "WX":  # (its value: the rest of this argument, else the next one)
+                    if i == len(arg) - 1:
+                        next(args, None)
+                    break
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def _started_as_a_script():
-    """Whether this program is `python SCRIPT.py` for one of the scripts beside this file."""
+    """Whether this program is `python SCRIPT.py` for one of the scripts beside this file. Its
+    command line must name it too: a host running a script in its own process (IPython's `%run
+    sft.py`, runpy.run_path(..., run_name="__main__")) has it as __main__ for a while, and would
+    otherwise keep our handlers: Ctrl-C ignored in the notebook, or ending it with os._exit."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     name, ext = os.path.splitext(os.path.basename(main_file))
-    return ext == ".py" and name in SCRIPTS and \
-        os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(HERE)
+    script = _script_on_the_command_line(getattr(sys, "orig_argv", []))
+    return ext == ".py" and name in SCRIPTS and script is not None and \
+        os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(HERE) and \
+        os.path.realpath(script) == os.path.realpath(main_file)
 
 
 def _interrupted_while_starting(signum, frame):

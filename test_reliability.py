@@ -2793,6 +2793,41 @@ def test_a_signal_while_a_script_imports_is_its_interrupted_line(script, tmp_pat
     assert (code, out, err) == (130, "", "")
 
 
+def test_a_script_run_inside_another_program_leaves_it_pythons_handlers(tmp_path):
+    """IPython's `%run sft.py` or runpy.run_path(..., run_name="__main__") runs a script inside
+    the host's process, __main__ for a while: interrupts.py took it for the script started, so
+    SIGINT and SIGTERM stayed ignored in the notebook after it, and a Ctrl-C during its imports
+    os._exit'ed the whole session. The command line must name the script too now."""
+    host = ("import runpy, signal, sys\n"
+            f"sys.path.insert(0, {HERE!r})\n"  # (as IPython's cwd would be)
+            f"sys.argv = [{os.path.join(HERE, 'shapes.py')!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+            "      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    (tmp_path / "host.py").write_text(host)
+    done = subprocess.run([PY, str(tmp_path / "host.py")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["True True"]), done.stderr
+
+
+@pytest.mark.parametrize("argv, script", [
+    (["python", "sft.py", "--out", "x"], "sft.py"),
+    (["python", "-u", "/r/sft.py"], "/r/sft.py"),  # (torchrun's ranks)
+    (["python", "-W", "ignore", "-X", "utf8", "-Bu", "sft.py"], "sft.py"),
+    (["python", "-Wignore", "-uX", "dev", "sft.py"], "sft.py"),
+    (["python", "--check-hash-based-pycs", "never", "--", "-odd.py"], "-odd.py"),
+    (["python", "-m", "ipykernel_launcher", "-f", "k.json"], None),
+    (["python", "-uc", "import runpy; runpy.run_path('sft.py')"], None),
+    (["/usr/bin/ipython"], None), (["python"], None)])
+def test_the_script_a_command_line_runs(argv, script):
+    """What interrupts.py reads from sys.orig_argv to know a script was started, not run inside a
+    host (a notebook, an interpreter: `-c`, `-m`, no script)."""
+    assert interrupts._script_on_the_command_line(argv) == script
+
+
 def test_a_sigterm_after_the_work_is_done_leaves_the_run_ended_well(tmp_path):
     """A SIGTERM landing in the interpreter's teardown, after a script had written and said all,
     killed it (143, no line), and pipeline.py called that stage killed: it is ignored there now
