@@ -208,10 +208,12 @@ def stdout_reader_gone(interrupted):
     """A print to a pipe whose reader has ended (`| head`): Python's BrokenPipeError traceback,
     exit code 1, and one more at exit as it flushed stdout. One line on stderr now (where it is
     not that pipe too), the script's `interrupted` line, and exit code 141, as a program killed by
-    SIGPIPE reads in a shell."""
+    SIGPIPE reads in a shell. A stage of pipeline.py says the cause alone: how to go on is the
+    pipeline's to say (a stage's `--resume true`, which the pipeline does not take)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit: quiet)
     if not reader_gone(sys.stderr):
-        said_on_each_node(f"{STDOUT_READER_GONE}: {interrupted}")
+        said_on_each_node(STDOUT_READER_GONE if os.environ.get(INTERRUPT_SAID_BY)
+                          else f"{STDOUT_READER_GONE}: {interrupted}")
     raise SystemExit(141) from None
 
 

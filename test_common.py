@@ -945,6 +945,26 @@ def test_after_the_join_the_store_waits_its_30_minutes_again(monkeypatch):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("under_pipeline", [False, True])
+def test_a_stage_under_the_pipeline_leaves_how_to_go_on_to_it(under_pipeline, monkeypatch, capsys,
+                                                                tmp_path):
+    """Output piped to a reader that ended (`pipeline.py | head`): a stage said its own
+    interrupted line, advising its `--resume true`, which pipeline.py does not take. A stage
+    says the cause alone, as it leaves a Ctrl-C's line to the pipeline; a script alone says both."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if under_pipeline:
+        monkeypatch.setenv(common.INTERRUPT_SAID_BY, "1")
+    else:
+        monkeypatch.delenv(common.INTERRUPT_SAID_BY, raising=False)
+    with open(tmp_path / "stdout", "w") as out:  # (its fd is the one sent to /dev/null)
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(SystemExit) as stop:
+            common.stdout_reader_gone("interrupted: run again with --resume true")
+    said = common.STDOUT_READER_GONE + ("" if under_pipeline else
+                                        ": interrupted: run again with --resume true")
+    assert (stop.value.code, capsys.readouterr().err) == (141, said + "\n")
+
+
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False), ("2", True), ("3", False)])
 def test_an_interrupt_under_torchrun_is_said_by_rank_0_alone(rank, said, monkeypatch, capsys):
     """torchrun passes a Ctrl-C (or its SIGINT) to every rank: each wrote the same 'interrupted'
