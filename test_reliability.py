@@ -2828,14 +2828,29 @@ def test_the_script_a_command_line_runs(argv, script):
     assert interrupts._script_on_the_command_line(argv) == script
 
 
-def test_a_sigterm_after_the_work_is_done_leaves_the_run_ended_well(tmp_path):
+def test_a_script_ignores_sigint_and_sigterm_once_user_errors_ends(monkeypatch):
     """A SIGTERM landing in the interpreter's teardown, after a script had written and said all,
-    killed it (143, no line), and pipeline.py called that stage killed: it is ignored there now
-    (exit 0), the outputs whole as they were."""
-    argv = ["--out", "w", "--n_train", "2", "--n_val", "1", "--n_test", "1", "--n_unlabeled", "1",
-            "--n_pref", "1", "--n_povid", "1", "--n_rl", "1"]
-    code, out, err = run_kicked(tmp_path, "shapes", argv, "SIGTERM", "exit")
-    assert code == 0 and out.startswith("wrote w") and err == "", (code, err)
+    killed it (143, no line), and pipeline.py called that stage killed: in a script, SIGINT and
+    SIGTERM are ignored as user_errors ends. (In-process: the subprocess test below ends before
+    user_errors, and the atexit hook it checks would also cover a finished run's teardown.)"""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(interrupts, "OURS", True)  # (as in `python SCRIPT.py`)
+    try:
+        with common.user_errors():
+            pass
+        ignored = [signal.getsignal(s) is signal.SIG_IGN for s in before]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert ignored == [True, True]
+
+
+def test_a_sigterm_in_the_teardown_of_an_exit_before_user_errors_is_ignored(tmp_path):
+    """A script that ends before user_errors (`--help`, a refused flag) ignores SIGINT and
+    SIGTERM at exit too (interrupts.py's atexit hook): a SIGTERM landing in its teardown was a
+    silent 143. (`--help`: no world written, a second cheaper than a finished run.)"""
+    code, out, err = run_kicked(tmp_path, "shapes", ["--help"], "SIGTERM", "exit")
+    assert code == 0 and out.startswith("usage") and err == "", (code, out[:80], err)
 
 
 def test_output_piped_to_a_reader_that_ended_is_one_line(tmp_path):
