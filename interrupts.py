@@ -58,6 +58,7 @@ def _started_as_a_script():
     otherwise keep our handlers: Ctrl-C ignored in the notebook, or ending it with os._exit."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     name, ext = os.path.splitext(os.path.basename(main_file))
+    # (sys.orig_argv is Python 3.10's: before it, Python's own handlers, as before this file)
     script = _script_on_the_command_line(getattr(sys, "orig_argv", []))
     return ext == ".py" and name in SCRIPTS and script is not None and \
         os.path.dirname(os.path.realpath(main_file)) == os.path.realpath(HERE) and \
