@@ -55,6 +55,34 @@ def test_preference_loss_hand_computed():
     assert torch.allclose(rc.grad, exact_c.grad) and torch.allclose(rr.grad, exact_r.grad)
 
 
+
+def test_preference_loss_centring_is_the_absolute_mean_when_rewards_are_negative():
+    """The centring term is |mean(r_c + r_r)| (LLaVA-RLHF): a negative mean adds, not subtracts."""
+    rc = torch.tensor([-1.0, -2.0], requires_grad=True)
+    rr = torch.tensor([-3.0, 0.0], requires_grad=True)
+    loss, value = reward.preference_loss(rc, rr, torch.tensor(2.0), 0.5, ONE)
+    # -log sigmoid(2), -log sigmoid(-2); mean(r_c + r_r) = (-4 - 2) / 2 = -3: + 0.5 * 3
+    want = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2 + 0.5 * 3
+    assert float(value) == pytest.approx(want) and float(loss.detach()) == pytest.approx(want)
+    loss.backward()  # d/dr of 0.5 |m| = 0.5 * sign(m) / 2 = -0.25 beside the pairwise term
+    assert rc.grad.tolist() == pytest.approx([-torch.sigmoid(torch.tensor(-2.0)).item() / 2 - 0.25,
+                                              -torch.sigmoid(torch.tensor(2.0)).item() / 2 - 0.25])
+
+
+def test_held_out_accuracy_counts_a_tie_as_wrong(monkeypatch):
+    """val_accuracy is the share of pairs with r_chosen > r_rejected: a head that scores every
+    answer alike (a fresh zero head) has accuracy 0, not 1. Loss and margin are means over pairs."""
+    scores = [(1.0, 0.0), (0.5, 0.5), (-1.0, 2.0), (0.0, 0.0)]  # (chosen, rejected) per pair
+    monkeypatch.setattr(reward, "pair_batch", lambda val, chunk, *a: (chunk, None))
+    monkeypatch.setattr(reward, "forward_pairs", lambda model, b, device: torch.tensor(
+        [scores[i] for i in b]).T)
+    got = reward.evaluate(torch.nn.Linear(1, 1), scores, reward.Config(batch_size=3), None, None,
+                          ONE)
+    margins = [1.0, 0.0, -3.0, 0.0]
+    assert got["val_accuracy"] == 0.25 and got["n_val"] == 4
+    assert got["val_margin"] == pytest.approx(sum(margins) / 4)
+    assert got["val_loss"] == pytest.approx(sum(math.log(1 + math.exp(-m)) for m in margins) / 4)
+
 # RLHF/prompts/fact_rlhf_reward_prompt.txt with {factual_prompt} filled as ppo_trainer.py does
 LLAVA_RLHF_FACT_PROMPT = (
     "USER: Please evaluate the quality of your last response. There are several dimensions you "
@@ -797,11 +825,19 @@ def test_ppo_oracle_steps_between_log_lines_are_logged(tiny_rm, sft, tiny_world,
 def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, tiny_world,
                                                                   tmp_path):
     rm = tiny_rm[0]
-    args = ["--init", sft, "--reward", rm, "--world", tiny_world] + PPO_ARGS
+    # the adaptive KL controller on (Ziegler et al.): its kl_coef is checked and resumed below
+    args = ["--init", sft, "--reward", rm, "--world", tiny_world, "--target_kl", "0.5",
+            "--kl_horizon", "10"] + PPO_ARGS
     straight = str(tmp_path / "straight")
     code, stdout, err = run_cli("ppo", args + ["--max_steps", "2", "--out", straight])
     assert code == 0, err
     lines = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    # kl_coef x (1 + clip(KL / target - 1, -0.2, 0.2) x rollout_batch / horizon) after each step
+    kl_coef = 0.1
+    for row in lines:
+        kl_coef *= 1 + min(max(row["kl"] / 0.5 - 1, -0.2), 0.2) * 4 / 10
+        assert row["kl_coef"] == pytest.approx(kl_coef, rel=1e-6)
+    assert lines[-1]["kl_coef"] < 0.1  # (the policy starts as the reference: KL below target)
     for k in ("score", "kl", "reward", "length", "correct", "pg_loss", "vf_loss", "approx_kl",
               "clipfrac", "vf_clipfrac", "entropy", "explained_var", "halluc_rate", "rollout_s",
               "update_s"):
@@ -831,6 +867,7 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
         assert all(torch.equal(u, v) for u, v in zip(x[k], y[k], strict=True)), k
     last = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))][-1]
     assert last["score"] == lines[-1]["score"] and last["pg_loss"] == lines[-1]["pg_loss"]
+    assert last["kl_coef"] == lines[-1]["kl_coef"]
     with torch.no_grad():  # the adapter export and the merged export are the same policy
         b = load_checkpoint(resumed).eval()
         ids = torch.randint(5, 900, (1, 20))
