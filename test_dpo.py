@@ -304,6 +304,26 @@ def test_povid_noisy_rejection_is_the_noisy_argmax_scored_under_the_clean_image(
     assert float(n.sum()) != float(c.sum())
 
 
+
+def test_pair_losses_average_for_ipo_and_halve_povid_stage_2(env):
+    """IPO compares log-probs averaged over answer tokens (the other losses sum them); POVID stage
+    2's loss is 0.5 DPO(chosen, injected) + 0.5 DPO(chosen, noisy argmax), by the metrics' rewards
+    (beta h = r_chosen - r_rejected)."""
+    model = lora_model(env)
+    b = pairs(env, model, n=2).batch([0, 1])
+    n_tok = (b["labels"][:, 1:] != IGNORE).sum(-1).float()
+    with torch.no_grad():
+        sums = dpo.answer_logps(model, b, model.encode_images(b["pixel_values"]))
+        _, m = dpo.pair_losses(model, b, dpo.Config(loss="ipo"))
+        assert torch.allclose(m["logps/chosen"], sums[0] / n_tok[:2], atol=1e-5)
+        assert torch.allclose(m["logps/rejected"], sums[1] / n_tok[2:], atol=1e-5)
+        noisy = dpo.noisy_pixels(b["units"], [1, 2], 500)
+        losses, m = dpo.pair_losses(model, b, dpo.Config(), noisy_pix=noisy)
+    rc, rr, rn = m["rewards/chosen"], m["rewards/rejected"], m["noisy/rewards/rejected"]
+    want = -0.5 * torch.nn.functional.logsigmoid(rc - rr) - 0.5 * torch.nn.functional.logsigmoid(
+        rc - rn)
+    assert not torch.allclose(rr, rn) and torch.allclose(losses, want, atol=1e-6)
+
 # --------------------------------------------------------------------------------------- POVID data
 
 def test_ddpm_noise_matches_the_closed_form():
