@@ -170,6 +170,43 @@ def test_cosine_schedule_and_batch_order():
     assert common.batch_indices(0, 6, 9, seed=3)[:6] == big[:6]  # (one lap more: as before)
 
 
+def test_each_epoch_has_its_own_order():
+    """batch_indices draws a fresh permutation per epoch (seeded by seed and epoch): the same order
+    every epoch would repeat the same batches in step."""
+    first = [common.batch_indices(s, 48, 8, seed=3) for s in range(6)]
+    second = [common.batch_indices(s, 48, 8, seed=3) for s in range(6, 12)]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(48))
+    assert first != second and common.batch_indices(0, 48, 8, seed=4) != first[0]
+
+
+def test_rng_state_puts_back_every_stream():
+    """--resume continues each random stream a stage may draw from: Python's, NumPy's, torch's
+    and the stage's own generators."""
+    import random
+    import numpy as np
+    gen = torch.Generator().manual_seed(5)
+    draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())),
+                    float(torch.rand((), generator=gen)))
+    state = common.rng_state({"g": gen})
+    first = draw()
+    draw()
+    common.set_rng_state(state, {"g": gen})
+    assert draw() == first
+
+
+def test_optimizer_decays_matrices_only_and_scales_the_vision_lr():
+    """AdamW's weight decay on matrices alone (biases, norms, 1-D parameters: none); the vision
+    tower and projector at vision_lr_ratio x lr through set_lr."""
+    model = torch.nn.ModuleDict({"projector": torch.nn.Linear(2, 3),
+                                 "language_model": torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                                                       torch.nn.LayerNorm(4))})
+    opt = common.make_optimizer(model, 1e-3, weight_decay=0.1, vision_lr_ratio=0.5)
+    common.set_lr(opt, 2e-3)
+    got = {(p.dim(), g["weight_decay"], g["lr"]) for g in opt.param_groups for p in g["params"]}
+    assert got == {(2, 0.1, 2e-3), (1, 0.0, 2e-3), (2, 0.1, 1e-3), (1, 0.0, 1e-3)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == 6
+
+
 def test_model_presets_have_real_sizes():
     with torch.device("meta"):
         for name, billions in (("llava-7b", 7.06), ("llava-13b", 13.35)):
