@@ -294,6 +294,9 @@ def test_rating_parsers():
     assert m["per_type"] == {"attribute": 4.0, "counting": 4.0}
     assert (m["unparsed"], m["unparsed_ids"]) == (1, ["3"])
     assert m["score_unparsed_as_0"] == pytest.approx(3.0)
+    # a hallucination is a rating below 3 (eval_gpt_mmhal.py): a 3 is none
+    m = judges.mmhal_metrics(q[:3], {"0": "Rating: 3", "1": "Rating: 2", "2": "Rating: 3"})
+    assert m["hallucination_rate"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("answer, rating", [

@@ -91,6 +91,8 @@ def test_score_answer():
     assert score("count", "There are two circles.", 2)
     assert score("count", "No, there are no circles.", 0)
     assert score("count", "There is one circle.", 1) and not score("count", "junk", 1)
+    # a leading yes/no is the reply to 'Are there two ...?', not a count of zero
+    assert score("count", "No, there are three circles.", 3)
     assert score("color", "The large circle is red.", "red")
     assert not score("color", "The circle is blue.", "red")
     assert score("relation", "No, the circle is above the square.", "no")

@@ -546,6 +546,10 @@ def test_generators_judged_by_oracle():
         assert negs and {t for _, _, t in negs} <= {"negative", "negative_existent"}
         for q, ans, _ in negs:
             assert oracle.oracle(ans, objs)["num_hallucinations"] == 0, (q, ans, objs)
+            # 'The big circle is red, not blue.': the premise corrected is a wrong one (a count
+            # drawn equal to the true one read 'There are two circles in the image, not two.')
+            said, _, wrong = ans.rpartition(", not ")
+            assert not said or wrong.rstrip(".") not in said.split(), (q, ans, objs)
         for qt in shapes.QUESTION_TYPES:
             r = shapes.make_question(qt, objs, rng, "yes" if rng.random() < 0.5 else "no")
             for kind in ("object", "attribute", "relation", None):
