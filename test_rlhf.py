@@ -216,6 +216,15 @@ def test_reward_shaping_is_finite_past_the_end_whatever_the_log_probs_there():
         assert torch.isfinite(adv).all()
 
 
+def test_defaults_are_llava_rlhfs_method_constants():
+    """DESIGN.md's method facts, the defaults a run without flags trains with."""
+    c = ppo.Config()
+    assert (c.kl_coef, c.gamma, c.lam, c.clip, c.vf_clip) == (0.1, 1.0, 1.0, 0.2, 0.2)
+    assert c.vf_coef == 0.1
+    assert (c.ppo_epochs, c.temperature, c.correctness, c.no_eos_penalty) == (2, 1.0, 2.0, -8.0)
+    assert reward.Config().center_coef == 1e-3
+
+
 def test_gae_equals_a_naive_loop():
     torch.manual_seed(0)
     B, K, gamma, lam = 3, 6, 0.9, 0.8
@@ -437,6 +446,30 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
     assert frozen_after.keys() == frozen_before.keys() and len(frozen_after) > 20
     assert all(torch.equal(frozen_after[n], frozen_before[n]) for n in frozen_before)
     assert all(p.grad is None for p in m.adapter_parameters("reward"))
+
+
+def test_ppo_update_weighs_the_value_loss_by_vf_coef(monkeypatch):
+    """The value head's gradient is vf_coef x that of the clipped value loss (the policy loss does
+    not reach it), summed over the minibatch's response tokens."""
+    m = tiny()
+    m.add_adapter("policy", 4, 8)
+    m.add_adapter("value", 4, 8)
+    m.add_head("value")
+    m.set_trainable(adapters=["policy", "value"], heads=["value"])
+    ro, adv = fixed_rollout(m)
+    returns = torch.randn_like(adv) * ro["rmask"]
+    head = list(m.heads["value"].parameters())
+    seen = []
+    monkeypatch.setattr(common, "optimizer_step",
+                        lambda opt, *a, **k: (seen.append([p.grad.clone() for p in head]), 0.0))
+    cfg = ppo.Config(ppo_epochs=1, minibatch_size=4, vf_coef=0.3, out="/nonexistent")
+    params = m.adapter_parameters("policy") + m.adapter_parameters("value") + head
+    ppo.ppo_update(m, m, ro, adv, returns, torch.optim.SGD(params), params, cfg, ONE, 0)
+    with m.use_adapter("value"):
+        v = ppo.response_values(m, ro["feats"], ro["seq"], ro["mask"], ro["P"])
+    vf, _ = ppo.value_loss(v, ro["values"], returns, ro["rmask"], 0.2, ro["rmask"].sum())
+    want = torch.autograd.grad(0.3 * vf, head)
+    assert len(seen) == 1 and all(torch.allclose(g, w, atol=1e-6) for g, w in zip(seen[0], want))
 
 
 def frozen_weights(m):
@@ -874,6 +907,23 @@ def test_ppo_cli_exports_a_loadable_policy_and_resume_is_bitwise(tiny_rm, sft, t
         ids[0, 2:2 + m.config.num_image_tokens] = m.config.image_token_id
         pix = torch.randn(1, 3, 48, 48)
         assert torch.allclose(m.eval()(pix, ids), b(pix, ids), atol=1e-4)
+
+
+def test_ppo_scales_rewards_before_gae_and_whitens_only_the_advantages(tiny_rm, sft, tiny_world,
+                                                                      tmp_path, monkeypatch):
+    """The update gets GAE over the shaped rewards x --reward_scale: whitened advantages, and the
+    returns unwhitened (the value head's targets)."""
+    seen, real = [], ppo.ppo_update
+    monkeypatch.setattr(ppo, "ppo_update", lambda policy, critic, ro, adv, returns, *a: (
+        seen.append((ro, adv, returns)), real(policy, critic, ro, adv, returns, *a))[1])
+    args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, "--max_steps",
+            "1", "--reward_scale", "3", "--out", str(tmp_path / "run")] + PPO_ARGS
+    code, _, err = run_cli("ppo", args)
+    assert code == 0, err
+    (ro, adv, returns), = seen
+    raw, want_returns = ppo.gae(ro["rewards"] * 3.0, ro["values"], 1.0, 1.0)
+    assert torch.allclose(returns, want_returns, atol=1e-6)
+    assert torch.allclose(adv, ppo.whiten(raw, ro["rmask"], ONE), atol=1e-6)
 
 
 def test_ppo_resume_refuses_a_reward_model_replaced_since(sft, tiny_world, tmp_path):
