@@ -563,6 +563,23 @@ def test_generators_judged_by_oracle():
     assert set(n_inj) == {"object", "attribute", "relation"} and min(n_inj.values()) > 50
 
 
+def test_a_relation_flip_true_of_another_pair_is_no_injection():
+    """'The circle is to the left of the square.' with a circle on each side of it: 'to the right
+    of' is true too, so the flip is no hallucination and nothing is injected."""
+    objs = [{"name": "circle", "color": "red", "size": "large", "row": 1, "col": 0,
+             "position": "left"},
+            {"name": "square", "color": "blue", "size": "small", "row": 1, "col": 1,
+             "position": "center"},
+            {"name": "circle", "color": "green", "size": "small", "row": 1, "col": 2,
+             "position": "right"}]
+    text = "The circle is to the left of the square."
+    assert inject_hallucination(text, objs, np.random.default_rng(0), kind="relation",
+                                all_names=shapes.SHAPES, colors=list(shapes.COLORS)) is None
+    out = inject_hallucination(text, objs[:2], np.random.default_rng(0), kind="relation",
+                               all_names=shapes.SHAPES, colors=list(shapes.COLORS))
+    assert out == ("The circle is to the right of the square.", "relation")
+
+
 def test_generators_plain_coco():
     objs = [{"name": "person", "bbox": [0, 0, 5, 5]}, {"name": "person", "bbox": [5, 5, 5, 5]},
             {"name": "dining table", "bbox": [1, 1, 9, 9]}]
