@@ -284,6 +284,30 @@ def test_lora_fresh_merge_none_and_isolation():
         assert (m(pixels, ids) - with_b).abs().max() > 1e-4
 
 
+def test_lora_linear_is_w_x_plus_alpha_over_r_b_a_x_on_the_merged_path_too():
+    """W x + (alpha / r) B A x by hand, with alpha / r = 3, on the one-matmul path a frozen fp32
+    base takes (MergedLoRA) and on the plain one; untargeted slices (k) get no LoRA term. The
+    gradients of A and B are the hand formula's."""
+    import model as model_module
+    torch.manual_seed(0)
+    lin = model_module.LoRALinear(6, {"q": 4, "k": 2})
+    torch.nn.init.normal_(lin.weight)
+    lin.lora["a"] = model_module.LoRAAdapter(6, {"q": 4}, r=2, alpha=6, dropout=0.0)
+    lin.active = "a"
+    A, B = lin.lora["a"].A["q"], lin.lora["a"].B["q"]
+    torch.nn.init.normal_(B)
+    x = torch.randn(3, 6)
+    want = x @ lin.weight.T + torch.cat([3 * (x @ A.T) @ B.T, torch.zeros(3, 2)], 1)
+    grads = torch.autograd.grad(want.square().sum(), (A, B))
+    for frozen in (True, False):  # merged path, then the plain one
+        lin.weight.requires_grad_(not frozen)
+        assert lin.mergeable(lin.lora["a"], x) == frozen
+        got = lin(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), (A, B)), grads):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
 def test_an_unknown_adapter_name_is_one_clear_error_and_changes_nothing():
     """delete_adapter, merge_adapter and copy_adapter of a name the model does not hold raise
     set_adapter's ValueError (a bare KeyError before), and a refused merge leaves the base marked
