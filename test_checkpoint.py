@@ -118,6 +118,9 @@ def test_export_hf_loads_in_transformers(hf_dirs, tmp_path, projector):
     ours = load_checkpoint(path).eval()
     export_llava_hf(ours, tmp_path / "export")
     theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    # (the logits alone cannot tell -1 from -2: the export's unbuilt last CLIP layer is zeros, an
+    # identity; a tool that trains the tower or reads the config can)
+    assert theirs.config.vision_feature_layer == ours.config.vision_select_layer == -2
     pixels, ids = inputs(seed=5)
     torch.testing.assert_close(hf_logits(theirs, pixels, ids), ours(pixels, ids), atol=ATOL,
                                rtol=0)
