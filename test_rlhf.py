@@ -69,19 +69,24 @@ def test_preference_loss_centring_is_the_absolute_mean_when_rewards_are_negative
                                               -torch.sigmoid(torch.tensor(2.0)).item() / 2 - 0.25])
 
 
-def test_held_out_accuracy_counts_a_tie_as_wrong(monkeypatch):
-    """val_accuracy is the share of pairs with r_chosen > r_rejected: a head that scores every
-    answer alike (a fresh zero head) has accuracy 0, not 1. Loss and margin are means over pairs."""
+def test_held_out_accuracy_counts_a_tie_as_llava_rlhf_does(monkeypatch):
+    """val_accuracy is the share of pairs with r_chosen > r_rejected, and a tie is a hit only where
+    the chosen answer is output_2 (LLaVA-RLHF's prediction on a tie): a head that scores every
+    answer alike (a fresh zero head) is right where output_2 was chosen, not on every pair. Loss
+    and margin are means over pairs."""
     scores = [(1.0, 0.0), (0.5, 0.5), (-1.0, 2.0), (0.0, 0.0)]  # (chosen, rejected) per pair
-    monkeypatch.setattr(reward, "pair_batch", lambda val, chunk, *a: (chunk, None))
+    chose_second = [False, False, False, True]  # (the first tie a miss, the second a hit)
+    monkeypatch.setattr(reward, "pair_batch", lambda val, chunk, *a: (
+        {"chose_second": torch.tensor([chose_second[i] for i in chunk]), "pairs": chunk}, None))
     monkeypatch.setattr(reward, "forward_pairs", lambda model, b, device: torch.tensor(
-        [scores[i] for i in b]).T)
+        [scores[i] for i in b["pairs"]]).T)
     got = reward.evaluate(torch.nn.Linear(1, 1), scores, reward.Config(batch_size=3), None, None,
                           ONE)
     margins = [1.0, 0.0, -3.0, 0.0]
-    assert got["val_accuracy"] == 0.25 and got["n_val"] == 4
+    assert got["val_accuracy"] == 0.5 and got["n_val"] == 4
     assert got["val_margin"] == pytest.approx(sum(margins) / 4)
     assert got["val_loss"] == pytest.approx(sum(math.log(1 + math.exp(-m)) for m in margins) / 4)
+
 
 # RLHF/prompts/fact_rlhf_reward_prompt.txt with {factual_prompt} filled as ppo_trainer.py does
 LLAVA_RLHF_FACT_PROMPT = (
