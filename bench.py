@@ -26,7 +26,7 @@ Sections
                      the same math, fp32 LoRA)
               full   language model + projector trained, CLIP frozen, both sides
             transformers runs as a user would: `model(..., labels=labels, use_cache=False).loss`,
-            which computes the logits at every position; ours (common.lm_loss) only at the
+            which computes the logits at every position; ours (sft.lm_loss) only at the
             labelled ones.
   generate  greedy decoding with the KV cache, `new_tokens` tokens (EOS disabled), batch 1 and 8:
             ours `model.generate`, theirs
@@ -93,6 +93,7 @@ import common
 import dpo
 import model as model_lib
 import ppo
+import sft
 from data import IGNORE, ImageCache
 from model import LLaVA, PRESETS, ModelConfig
 
@@ -539,7 +540,7 @@ def train_section(ours, theirs, c, cfg, dev, exact, autocast, peak_flops, out):
 
     def ours_loss():
         with autocast:
-            return common.lm_loss(ours, b, n_lab)
+            return sft.lm_loss(ours, b, n_lab)
 
     def theirs_loss():
         # as a user would: labels in, mean CE out (logits at every position); no KV cache in
@@ -1258,7 +1259,7 @@ def fsdp_bench(cfg):
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                loss = common.lm_loss(model, batch, n_global)
+                loss = sft.lm_loss(model, batch, n_global)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

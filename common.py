@@ -30,7 +30,6 @@ import torch.distributed as dist
 # evaluated at import. Imported later (AdamW does, through torch._dynamo), they hold the group past
 # destroy_process_group, and gloo's threads then race the interpreter's exit (SIGABRT).
 import torch.distributed.nn.functional  # noqa: F401
-import torch.nn.functional as F
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, base_fingerprint, base_weights_dir,
                         checkpoint_step, clip_alone, complete_checkpoints, detect_layout,
@@ -3084,18 +3083,3 @@ def score_sequences(model, head, input_ids, attention_mask, image_features):
     h = model(None, input_ids, None, return_hidden=True, image_features=image_features,
               keep=lengths - 1)  # the last layer runs for the scored position alone
     return model.heads[head](h[:, 0])
-
-
-def lm_loss(model, batch, n_global):
-    """Sum of answer-token cross-entropies / answer tokens in the global batch. The head runs only
-    on labelled positions: with a 32k vocabulary the full (B, T, V) logits would dominate memory.
-    Batches are right-padded, so the causal mask alone keeps every real token from seeing a pad: no
-    padding mask is passed and SDPA takes its fused causal path. A packed batch (data.pack) has no
-    padding at all: its seq_lens make attention stay within each sequence."""
-    h = model(batch["pixel_values"], batch["input_ids"], None, return_hidden=True,
-              seq_lens=batch.get("seq_lens"))
-    from data import IGNORE
-    labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    logits = model.logits(h[:, :-1][sel]).float()
-    return F.cross_entropy(logits, labels[sel], reduction="sum") / n_global
