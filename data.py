@@ -378,17 +378,21 @@ def require_records(records, file, what):
 CHECK_IMAGES_SAID = 5000  # images from which check_images shows its progress
 
 
-def check_images(records, file, on_error="raise", field="image", decoded=(), d=None):
+def check_images(records, file, on_error="raise", field="image", decoded=(), d=None,
+                 record=True):
     """Decode every record's image once before training starts (threads: decoding mostly releases
     the GIL), so a broken file stops the run (or is skipped and counted) naming the data file,
     record and field before any step, never in the middle; `decoded`: paths already checked (with
     another file of the run), not decoded again. Under torchrun (`d`, every rank calling) each
     rank decodes its share and the broken ones are gathered: every rank skips or stops alike.
-    Returns (good records, skipped lines)."""
+    record: the images go into the run's record (run.json's 'images', which --resume compares);
+    False for an input free to change at --resume (vigc's generation images), which would make
+    such a resume refused as "other images". Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
     from common import note_images_read, progress, rank_states  # (common reads formats, not this)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
-    note_images_read(paths)  # (the run records them: --resume compares)
+    if record:  # (the run records them: --resume compares)
+        note_images_read(paths)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     share = paths[rank::world]  # (LLaVA's ~350k images, decoded by every rank, took minutes each)
     first = rank == 0 if d is not None else os.environ.get("RANK", "0") == "0"

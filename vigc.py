@@ -674,7 +674,9 @@ def main(cfg):
         # (the first --generate, cycled through: a COCO folder's 118k images were decoded, minutes,
         # for --generate 1000)
         image_records = [{"id": name, "image": path} for name, path in imgs[:cfg.generate]]
-        check_images(image_records, cfg.images, field="images")
+        # (not recorded: --generate and --images may change at --resume, GEN_FIELDS; recorded,
+        # such a resume was refused as "other images")
+        check_images(image_records, cfg.images, field="images", record=False)
     if imgs and "images" in named:  # the oracle counts the world's: each image must be one
         objects = shapes.load_world(cfg.world)["by_file"]
         for name, _ in imgs:
