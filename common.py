@@ -1789,7 +1789,7 @@ def write_whole(path, write, encoding="utf-8", binary=False):
         raise
 
 
-def start_writing(cfg, d, data_files=(), model=None, reward_model=None):
+def start_writing(cfg, d, data_files=(), model=None, reward_model=None, free_files=()):
     """Once the inputs are checked, just before the first write (main process). --resume: the data
     files must be those the run started on (sha256 in OUT/run.json), and the CLIP folder `model`
     read its vision weights from (--vision_tower, or the one its checkpoint names) must hold the
@@ -1797,16 +1797,17 @@ def start_writing(cfg, d, data_files=(), model=None, reward_model=None):
     then (images_fingerprint). --overwrite true: a run already in --out is moved aside in one
     rename (kept, never deleted). A fresh run records its data files' digests, its images'
     fingerprint and that CLIP's (ppo.py: its `reward_model`'s CLIP too, where that is another
-    model)."""
+    model). free_files: files a run recorded with its data before 2026-12-06 that may change at
+    --resume now (vigc's --images list): left out of the comparison."""
     # (each node's local rank 0 reads its node's files: the other ranks there see the same)
     digests = file_digests(data_files, as_read=True) if d.local_rank == 0 else None
     if d.world == 1:
-        return _start_writing(cfg, digests, model, reward_model)
+        return _start_writing(cfg, digests, model, reward_model, free_files)
     same_data_on_every_node(digests, d)
-    main_first(d, lambda: _start_writing(cfg, digests, model, reward_model))
+    main_first(d, lambda: _start_writing(cfg, digests, model, reward_model, free_files))
 
 
-def _start_writing(cfg, digests, model, reward_model=None):
+def _start_writing(cfg, digests, model, reward_model=None, free_files=()):
     out = cfg.out
     run_file = os.path.join(out, RUN_FILE)
     # the CLIP folder each model read its vision weights from (None: the checkpoint's own)
@@ -1843,6 +1844,8 @@ def _start_writing(cfg, digests, model, reward_model=None):
         if not isinstance(was, dict) or not all(isinstance(v, str) for v in was.values()):
             raise ConfigError(f"{run_file}: field 'data': expected an object {{file: sha256}} (it "
                               "records the run's data files)")
+        free = {os.path.abspath(p) for p in free_files}
+        was = {path: digest for path, digest in was.items() if path not in free}
         # (each file's contents in its place: both are in the run's order of its data files)
         moved = was != digests and list(was.values()) == list(digests.values())
         if moved:  # (the same files' contents, the folder moved or mounted elsewhere)

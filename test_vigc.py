@@ -526,6 +526,30 @@ def test_generation_settings_are_recorded_as_given(tiny_world, tiny_ckpt, tmp_pa
     assert config["run_config"]["generate"] == 3
 
 
+def test_resume_with_other_generation_images_goes_on(tiny_world, tiny_ckpt, tmp_path):
+    """--generate and --images may change at --resume (GEN_FIELDS): run.json recorded the images
+    generation decoded with those of the training data, and the --images list with the data
+    files, and such a resume was refused as "other images" (the 63 the data files name are not
+    the 60...) or "other data". The training data's images are still recorded and compared."""
+    out = str(tmp_path / "vigc")
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
+            "--generate", "2", "--max_new_tokens", "4", "--out", out]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 0, err
+    run = json.load(open(os.path.join(out, "run.json")))
+    listed = os.path.join(tiny_world, "vigc_images.txt")  # (the default --images)
+    assert listed not in run["data"]  # (its digest was compared: another list was refused)
+    code, _, err = run_cli("vigc", argv + ["--max_steps", "2", "--resume", "true", "--generate",
+                                           "3", "--images", "{world}/images/unlabeled"])
+    assert code == 0, err
+    assert json.load(open(os.path.join(out, "run.json")))["images"] == run["images"]
+    # a run recorded before 2026-12-06 holds the list with its data: it resumes on that list
+    run["data"][listed] = common.file_digests([listed])[listed]
+    common.write_json(run, os.path.join(out, "run.json"))
+    code, _, err = run_cli("vigc", argv + ["--max_steps", "3", "--resume", "true"])
+    assert code == 0, err
+
+
 def test_generation_runs_after_the_process_group_is_gone(tiny_world, tiny_ckpt, tmp_path,
                                                          monkeypatch):
     """Under torchrun rank 0 generated alone while the others waited in the closing barrier: a

@@ -749,8 +749,9 @@ def main(cfg):
               f"--max_len {cfg.max_len} with an answer token left; they are left out")
     train = kept
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
-    data_files += [cfg.images] if os.path.isfile(cfg.images) else []
-    common.start_writing(cfg, d, data_files, model)
+    # (not --images: generation alone reads it, free at --resume, and report.json names it;
+    # recorded with the data before 2026-12-06, another list at --resume was refused)
+    common.start_writing(cfg, d, data_files, model, free_files=[cfg.images])
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
