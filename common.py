@@ -1522,7 +1522,9 @@ def holds_run(out_dir):
     return [n for n in names if n.startswith(prefixes) or n == "metrics.jsonl"]
 
 
-_images_read = set()  # the images data.check_images decoded for this run (images_fingerprint)
+# the images data.check_images decoded for this run and records (images_fingerprint; not those
+# of an input free at --resume: check_images(record=False))
+_images_read = set()
 
 
 def note_images_read(paths):
@@ -1531,11 +1533,11 @@ def note_images_read(paths):
 
 def images_fingerprint():
     """{"count", "names_sizes"} of the images this run's data files name (those check_images
-    decoded), or None for none: each one's file name and size, as a sorted multiset, so a folder
-    moved or copied elsewhere is the same images and one replaced by other pixels (another size)
-    is not. Cheap (two stats each, 4 us with the files just decoded: 118k COCO images, 0.5 s; their
-    bytes were read once to decode them, and reading them again to hash them would double that);
-    an image edited to the very same size is not seen."""
+    decoded and recorded), or None for none: each one's file name and size, as a sorted multiset,
+    so a folder moved or copied elsewhere is the same images and one replaced by other pixels
+    (another size) is not. Cheap (two stats each, 4 us with the files just decoded: 118k COCO
+    images, 0.5 s; their bytes were read once to decode them, and reading them again to hash them
+    would double that); an image edited to the very same size is not seen."""
     if not _images_read:
         return None
     h = hashlib.sha256()
