@@ -822,6 +822,31 @@ def test_resume_compares_each_clip_by_its_tensors_not_its_files(tmp_path):
         common._start_writing(cfg, {}, policy, rm)
 
 
+def test_images_fingerprint_stats_each_image_once(tmp_path, monkeypatch):
+    """run.json's images took isfile + getsize per image, two stats (each a round trip on NFS,
+    on rank 0 for every image of the run): one now. A gone image or a folder counts as size -1,
+    another size is another fingerprint, a moved folder is the same."""
+    for folder in ("a", "b", "c"):
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "1.png").write_bytes(b"12")
+    os.makedirs(tmp_path / "c" / "gone.png")  # (a folder: no image, as a gone one)
+    calls = []
+    real = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    prints = []
+    for names in (["a/1.png", "a/gone.png"], ["b/1.png", "b/gone.png"], ["c/1.png", "c/gone.png"]):
+        common._images_read.clear()
+        common.note_images_read([str(tmp_path / n) for n in names])
+        prints.append(common.images_fingerprint())
+    assert len(calls) == 6, calls
+    assert prints[0] == prints[1] == prints[2] and prints[0]["count"] == 2  # (moved: the same)
+    (tmp_path / "b" / "1.png").write_bytes(b"123")  # (other pixels, another size)
+    common._images_read.clear()
+    common.note_images_read([str(tmp_path / n) for n in ("b/1.png", "b/gone.png")])
+    assert common.images_fingerprint() != prints[0]
+    common._images_read.clear()
+
+
 def test_run_json_records_a_data_file_as_it_was_read(tmp_path):
     """run.json digested each data file after the stage had read it and decoded every image it
     names (minutes for COCO): a file edited in between was recorded by its new contents, and a
