@@ -1932,12 +1932,13 @@ def same_data_on_every_node(digests, d):
                                      "data files (copy them alike, or share one file system)")
 
 
-def data_specs(value):
+def data_specs(value, weighted=False):
     """--data FILE[:x],FILE[:x] -> [(path, x or '')]. An item that is an existing file is a path as
     a whole (so a path may hold ':'); otherwise what follows its last ':' is x. Items are read
     left to right, each the longest run of ','-joined pieces that names an existing file (with or
     without its ':x'), so a path may hold ',' in a list too; an item naming no file is one piece
-    (its reader says "not found")."""
+    (its reader says "not found"). weighted: x is a weight (sft.py), which the refusal of a file
+    named twice points at (in vigc.py x is a type: FILE:2 would mislead)."""
     pieces = value.split(",")
     out, i = [], 0
     while i < len(pieces):
@@ -1962,8 +1963,9 @@ def data_specs(value):
         was = next((p for p, _ in out[:k] if p == path or samefile(p, path)), None)
         if was is not None:
             same = "is named twice" if was == path else f"is {was}, named before it"
+            hint = " (sft.py reads one twice as FILE:2)" if weighted else ""
             raise ConfigError(f"--data {value!r}: {path} {same}: its records would be read twice; "
-                              "name each file once (sft.py reads one twice as FILE:2)")
+                              f"name each file once{hint}")
     return out
 
 

@@ -140,7 +140,7 @@ def load_records(cfg, d=None):
     adds the world's LRV file at --neg_ratio (shapes.lrv_file writes it on first use for --seed)."""
     on_error = "skip" if cfg.skip_bad else "raise"
     folder = cfg.image_folder or None
-    specs = [(path, weight, folder) for path, weight in common.data_specs(cfg.data)]
+    specs = [(path, weight, folder) for path, weight in common.data_specs(cfg.data, weighted=True)]
     if cfg.lrv:  # LRV: single-turn instructions, neg_ratio of them negative; images in the world
         specs.append((shapes.lrv_file(cfg.world, cfg.neg_ratio, cfg.seed), "", cfg.world))
     train, skipped, empty = [], [], []

@@ -876,9 +876,12 @@ def test_data_specs_refuse_a_file_named_twice(tmp_path, monkeypatch):
     for value, line in ((f"{one},{other},{one}", f"{one} is named twice"),
                         ("a.json:2,./a.json", "./a.json is a.json, named before it")):
         with pytest.raises(common.ConfigError) as e:
-            common.data_specs(value)
+            common.data_specs(value, weighted=True)
         assert str(e.value) == f"--data {value!r}: {line}: its records would be read twice; " \
             "name each file once (sft.py reads one twice as FILE:2)", e.value
+        with pytest.raises(common.ConfigError) as e:  # (vigc.py: FILE:x is a type there)
+            common.data_specs(value)
+        assert str(e.value).endswith("read twice; name each file once"), e.value
 
 
 def test_data_specs_take_a_comma_path_in_a_list(tmp_path):

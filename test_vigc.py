@@ -550,6 +550,18 @@ def test_resume_with_other_generation_images_goes_on(tiny_world, tiny_ckpt, tmp_
     assert code == 0, err
 
 
+def test_a_data_file_named_twice_is_refused_without_the_weight_hint(tiny_world, tiny_ckpt,
+                                                                     tmp_path):
+    """The refusal of --data naming one file twice ended "(sft.py reads one twice as FILE:2)":
+    in vigc.py FILE:x is a type (conv, desc, comp), so the hint misled there."""
+    data = os.path.join(tiny_world, "sft.json")
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--max_steps", "1", "--generate", "0",
+            "--data", f"{data},{data}", "--out", str(tmp_path / "vigc")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and "is named twice: its records would be read twice" in err, err
+    assert "FILE:2" not in err, err
+
+
 def test_generation_runs_after_the_process_group_is_gone(tiny_world, tiny_ckpt, tmp_path,
                                                          monkeypatch):
     """Under torchrun rank 0 generated alone while the others waited in the closing barrier: a
