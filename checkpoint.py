@@ -1114,6 +1114,11 @@ def _tie_as_transformers(config, src, path, asked):
     return replace(config, tie_embeddings=bool(asked))
 
 
+# a CLIP's buffers, no weights: old pytorch_model.bin files hold them, transformers >= 4.31's
+# save_pretrained does not write them (the loader leaves them unused; tensors_fingerprint too)
+CLIP_BUFFERS = ("embeddings.position_ids",)
+
+
 def _materialize(config, src, dtype, device, fresh_projector=False):
     """Build the model on the meta device, then fill each parameter from the source one tensor at
     a time (no second full copy of the weights in RAM)."""
@@ -1126,7 +1131,7 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         if (part, name) in wanted or part is None:
             continue
         if part == "vision" and (name.startswith(unused_ok) or name.startswith("encoder.layers.") or
-                                 name.startswith("embeddings.position_ids")):
+                                 name.startswith(CLIP_BUFFERS)):
             continue  # layers after the selected one, post_layernorm: never used by LLaVA
         if part == "text" and "rotary_emb" in name:
             continue
@@ -1375,10 +1380,14 @@ def tensors_fingerprint(weights_dir, only_parts=("vision",)):
     """Which tensors a folder holds, whatever files hold them (a CLIP converted from
     pytorch_model.bin to model.safetensors, or sharded otherwise, is the same weights; its files'
     base_fingerprint differs): each tensor's canonical name, dtype, shape and first and last rows
-    (slices read alone: a few MB of a CLIP-L). Weights replaced or retrained differ there."""
+    (slices read alone: a few MB of a CLIP-L). Weights replaced or retrained differ there, and
+    a copy in another dtype (fp16 of fp32: other values) too: the same is a lossless copy. A
+    vision buffer (CLIP_BUFFERS) is left out: a CLIP re-saved through transformers drops it."""
     src, h = TensorSource(), hashlib.sha256()
     src.add_dir(weights_dir, only_parts=set(only_parts))
     for part, name in sorted(src.where):
+        if part == "vision" and name.startswith(CLIP_BUFFERS):
+            continue
         f, key = src.where[(part, name)]
         handle = src._handle(f)
         whole = f.endswith(".safetensors") and handle.get_slice(key)

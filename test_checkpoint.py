@@ -1516,3 +1516,30 @@ def test_a_bad_head_name_in_a_checkpoint_names_its_file_and_field(tmp_path):
         (tmp_path / "rm" / "config.json").write_text(json.dumps(dict(cfg, heads=heads)))
         with pytest.raises(CheckpointError, match="rm/config.json: field 'heads': "):
             load_checkpoint(tmp_path / "rm")
+
+
+def test_clip_fingerprint_leaves_out_position_ids_a_resave_drops(tmp_path):
+    """tensors_fingerprint hashed every vision key, embeddings.position_ids too: a buffer old
+    pytorch_model.bin CLIPs hold and transformers >= 4.31's save_pretrained does not write, so the
+    same CLIP re-saved through transformers read as replaced (a --resume refused). An fp16 copy
+    of an fp32 CLIP is other values: still another fingerprint."""
+    from safetensors.torch import save_file
+    from checkpoint import tensors_fingerprint
+    torch.manual_seed(0)
+    weights = {"vision_model.embeddings.class_embedding": torch.randn(8),
+               "vision_model.pre_layrnorm.weight": torch.randn(8),
+               "vision_model.encoder.layers.0.mlp.fc1.weight": torch.randn(4, 8)}
+
+    def clip(folder, tensors, name):
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "config.json").write_text('{"model_type": "clip_vision_model"}')
+        if name.endswith(".bin"):
+            torch.save(tensors, tmp_path / folder / name)
+        else:
+            save_file(tensors, tmp_path / folder / name)
+        return tensors_fingerprint(str(tmp_path / folder))
+    old = clip("bin", {**weights, "vision_model.embeddings.position_ids": torch.arange(5)[None]},
+               "pytorch_model.bin")
+    assert clip("resaved", weights, "model.safetensors") == old
+    half = clip("fp16", {k: v.half() for k, v in weights.items()}, "model.safetensors")
+    assert half != old
