@@ -1523,17 +1523,16 @@ def holds_run(out_dir):
     return [n for n in names if n.startswith(prefixes) or n == "metrics.jsonl"]
 
 
-# the images data.check_images decoded for this run and records (images_fingerprint), and those
-# it does not record (an input free at --resume: check_images(record=False); a vigc run recorded
-# them too on 2026-12-06, before they were told apart: its record is matched with them)
-_images_read, _images_unrecorded = set(), set()
+# the images data.check_images decoded for this run and records (images_fingerprint; not those
+# of an input free at --resume: check_images(record=False))
+_images_read = set()
 
 
-def note_images_read(paths, record=True):
-    (_images_read if record else _images_unrecorded).update(paths)
+def note_images_read(paths):
+    _images_read.update(paths)
 
 
-def images_fingerprint(paths=None):
+def images_fingerprint():
     """{"count", "names_sizes"} of the images this run's data files name (those check_images
     decoded and recorded), or None for none: each one's file name and size, as a sorted multiset,
     so a folder moved or copied elsewhere is the same images and one replaced by other pixels
@@ -1541,13 +1540,12 @@ def images_fingerprint(paths=None):
     files just decoded: 118k COCO images, under 0.5 s; their bytes were read once to decode them,
     and reading them again to hash them would double that); an image edited to the very same size
     is not seen."""
-    paths = _images_read if paths is None else paths
-    if not paths:
+    if not _images_read:
         return None
     h = hashlib.sha256()
-    for name in sorted(f"{os.path.basename(p)}:{_file_size(p)}" for p in paths):
+    for name in sorted(f"{os.path.basename(p)}:{_file_size(p)}" for p in _images_read):
         h.update(f"{name};".encode())
-    return {"count": len(paths), "names_sizes": h.hexdigest()[:32]}
+    return {"count": len(_images_read), "names_sizes": h.hexdigest()[:32]}
 
 
 def _file_size(path):
@@ -1583,7 +1581,6 @@ def claim_out(cfg, d, inits=()):
     another rank's --resume)."""
     # (a run before it in this process, a test's: not this run's images and files)
     _images_read.clear()
-    _images_unrecorded.clear()
     digests_read.clear()
     if d.world == 1:
         return _claim_out(cfg, inits)
@@ -1879,11 +1876,7 @@ def _start_writing(cfg, digests, model, reward_model=None, free_files=()):
                 raise ConfigError(f"{path}: --resume on other data: this file {how}; resume with "
                                   "the data the run started on, or start a new run")
         images_was = run.get("images")  # (a run recorded before 2026-12-06: not checked)
-        # (a vigc run recorded its generation images too, on 2026-12-06: the same inputs match)
-        every = _images_read | _images_unrecorded
-        same = images_was in (None, images) or bool(_images_unrecorded) and \
-            images_was == images_fingerprint(every)
-        if not same:
+        if images_was is not None and images_was != images:
             now = images["count"] if images else 0
             then = images_was.get("count") if isinstance(images_was, dict) else "?"
             raise ConfigError(f"--resume on other images: the {now} images the data files name "

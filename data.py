@@ -391,7 +391,8 @@ def check_images(records, file, on_error="raise", field="image", decoded=(), d=N
     from concurrent.futures import ThreadPoolExecutor
     from common import note_images_read, progress, rank_states  # (common reads formats, not this)
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
-    note_images_read(paths, record)  # (recorded: run.json's images, which --resume compares)
+    if record:  # (the run records them: run.json's images, which --resume compares)
+        note_images_read(paths)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     share = paths[rank::world]  # (LLaVA's ~350k images, decoded by every rank, took minutes each)
     first = rank == 0 if d is not None else os.environ.get("RANK", "0") == "0"
