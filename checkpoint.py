@@ -1376,18 +1376,17 @@ def base_fingerprint(weights_dir):
     return h.hexdigest()[:32]
 
 
-def tensors_fingerprint(weights_dir, only_parts=("vision",), buffers=False):
+def tensors_fingerprint(weights_dir, only_parts=("vision",)):
     """Which tensors a folder holds, whatever files hold them (a CLIP converted from
     pytorch_model.bin to model.safetensors, or sharded otherwise, is the same weights; its files'
     base_fingerprint differs): each tensor's canonical name, dtype, shape and first and last rows
     (slices read alone: a few MB of a CLIP-L). Weights replaced or retrained differ there, and
     a copy in another dtype (fp16 of fp32: other values) too: the same is a lossless copy. A
-    vision buffer (CLIP_BUFFERS) is left out: a CLIP re-saved through transformers drops it
-    (buffers=True: kept, as the first clip_tensors of run.json hashed them, 2026-12-06)."""
+    vision buffer (CLIP_BUFFERS) is left out: a CLIP re-saved through transformers drops it."""
     src, h = TensorSource(), hashlib.sha256()
     src.add_dir(weights_dir, only_parts=set(only_parts))
     for part, name in sorted(src.where):
-        if part == "vision" and name.startswith(CLIP_BUFFERS) and not buffers:
+        if part == "vision" and name.startswith(CLIP_BUFFERS):
             continue
         f, key = src.where[(part, name)]
         handle = src._handle(f)

@@ -1842,9 +1842,8 @@ def _start_writing(cfg, digests, model, reward_model=None, free_files=()):
             # runs from before it was recorded: not checked; before 2026-12-06 the files'
             # base_fingerprint, which a CLIP converted to other files fails. Another
             # --vision_tower is refused before, with the config)
-            if clip and key in run:  # (recorded 2026-12-06 with the buffer hashed: either)
-                same = run[key] == clip_prints[key] or \
-                    run[key] == tensors_fingerprint(clip, buffers=True)
+            if clip and key in run:
+                same = run[key] == clip_prints[key]
             elif clip and key == "clip_tensors" and "clip_fingerprint" in run:
                 same = run["clip_fingerprint"] == base_fingerprint(clip)
             else:

@@ -1543,14 +1543,3 @@ def test_clip_fingerprint_leaves_out_position_ids_a_resave_drops(tmp_path):
     assert clip("resaved", weights, "model.safetensors") == old
     half = clip("fp16", {k: v.half() for k, v in weights.items()}, "model.safetensors")
     assert half != old
-    # a run.json that hashed the buffer (the first clip_tensors, 2026-12-06) resumes on it
-    from types import SimpleNamespace
-    import common
-    cfg = SimpleNamespace(out=str(tmp_path / "run"), resume=True, overwrite=False,
-                          vision_tower="")
-    os.makedirs(cfg.out)
-    folder = str(tmp_path / "bin")
-    common.write_json({"data": {}, "clip_tensors": tensors_fingerprint(folder, buffers=True)},
-                      os.path.join(cfg.out, "run.json"))
-    common._images_read.clear()
-    common._start_writing(cfg, {}, SimpleNamespace(clip_dir=folder))
