@@ -1269,9 +1269,13 @@ def _merged_makers(model):
     return makers
 
 
+# safetensors' own dtype names (its safetensors.torch table); a tensor of any other dtype is refused
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+                       torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+                       torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+                       torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2"}
 
 
 def _save_safetensors(tensors, file, metadata=None, made=None):
@@ -1282,7 +1286,15 @@ def _save_safetensors(tensors, file, metadata=None, made=None):
     Into a new file renamed over `file`: a model loaded from `file` reads its weights from it
     (mmap), so writing in place would change them under the writer."""
     made = made or {}
-    # widest dtypes first, as save_file orders them: every tensor's data aligned to its element
+    # widest elements first, each width in the order `tensors` gives (a stable sort): every
+    # tensor's data aligned to its element size, and a layer's q/k/v (gate/up) pieces written one
+    # after another, so a merged weight is made once and let go (_merged_makers). Not save_file's
+    # order (dtype, then name; json.dumps escapes a non-ASCII name as \uXXXX): a valid file all
+    # the same, read back by load_file
+    odd = next((k for k, v in tensors.items() if v.dtype not in _SAFETENSORS_DTYPES), None)
+    if odd is not None:  # (a bare KeyError from the table below)
+        raise ValueError(f"{file}: tensor {odd!r} is {tensors[odd].dtype}, which safetensors has "
+                         "no name for")
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
     header = {"__metadata__": metadata} if metadata else {}
     offset = 0

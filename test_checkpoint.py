@@ -1438,6 +1438,37 @@ def test_a_load_checks_weights_for_nan_without_a_copy_of_each(tmp_path, monkeypa
             load_checkpoint(tmp_path / "ck")
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2, torch.bfloat16, torch.bool])
+def test_the_safetensors_writer_writes_every_dtype_safetensors_names(tmp_path, dtype):
+    """The writer's dtype table lacked uint16/32/64 and fp8: such a tensor was a bare KeyError.
+    Each dtype safetensors names is written, and read back bitwise by safetensors itself; a dtype
+    it has no name for is refused naming the tensor and the dtype."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import checkpoint
+    bits = torch.arange(48, dtype=torch.uint8).reshape(3, 16)  # (every dtype from the same bytes)
+    t = bits.view(dtype) if dtype != torch.bool else bits % 2 == 1
+    f = tmp_path / "t.safetensors"
+    checkpoint._save_safetensors({"a": t, "b": torch.ones(3)}, str(f), {"format": "pt"})
+    with safe_open(str(f), "pt") as s:
+        assert s.get_tensor("a").dtype == dtype and s.metadata() == {"format": "pt"}
+    got = load_file(f)
+    assert got["a"].dtype == dtype and torch.equal(got["a"].view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(got["b"], torch.ones(3))
+
+
+def test_the_safetensors_writer_names_a_dtype_safetensors_has_no_name_for(tmp_path):
+    """Such a dtype was a bare KeyError from the writer's table."""
+    import checkpoint
+    with pytest.raises(ValueError, match=r"'c' is torch.complex128, which safetensors has no name"):
+        checkpoint._save_safetensors({"a": torch.ones(2),
+                                      "c": torch.ones(2, dtype=torch.complex128)},
+                                     str(tmp_path / "t.safetensors"))
+    assert os.listdir(tmp_path) == []  # (nothing written)
+
+
 def test_a_model_saved_over_the_folder_it_was_loaded_from_keeps_its_weights(tmp_path):
     """A loaded model's weights are read from its files (mmap): the file is written anew and
     renamed over the old one, never rewritten in place under the weights it is written from."""
