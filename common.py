@@ -3,6 +3,7 @@ data parallelism, or FSDP2 sharding with --fsdp), seeding, AdamW + cosine schedu
 checkpoints (sharded under FSDP) and --resume, clean errors."""
 import argparse
 import atexit
+import copy
 import dataclasses
 import errno
 import functools
@@ -22,6 +23,7 @@ import threading
 import time
 import typing
 import warnings
+import zipfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -2325,11 +2327,24 @@ def _load_resume(out_dir, run_config, free):
     if path is None:
         return None, None
     file = os.path.join(path, "trainer_state.pt")
-    try:  # (mapped: a full fine-tune's AdamW moments were read whole onto the host, 28 GB at 7B
-        # in bf16, on their way to the GPU; copy-on-write where a CPU run's steps change them)
-        state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    # mapped where the optimizer lives on a GPU: a full fine-tune's AdamW moments were read whole
+    # onto the host on their way there, 28 GB at 7B in bf16. Read whole on the CPU: the moments
+    # would be the mapping itself (copy-on-write), keeping the file's disk space held after
+    # checkpoint rotation deleted it, for the rest of the run
+    mapped = getattr(run_config, "device", "cpu") != "cpu"
+    # (torch.save writes a zip archive, and mapped an empty or cut file was "mmap can only be
+    # used with files saved with torch.save(..., _use_new_zipfile_serialization=True)")
+    if os.path.isfile(file) and not zipfile.is_zipfile(file):
+        raise CheckpointError(f"{file}: truncated or corrupt (not the zip archive torch.save "
+                              "writes): move the checkpoint away and --resume takes the one "
+                              "before it")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False, mmap=mapped)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read trainer state ({type(e).__name__}: {e})")
+    if mapped and isinstance(state, dict):  # (all but the moments copied out: a random stream
+        # kept by the run held the whole file mapped; restore() lets the moments go)
+        state = {k: v if k == "optimizer" else copy.deepcopy(v) for k, v in state.items()}
     needed = {"format_version", "step", "run_config", "rng"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise CheckpointError(f"{file}: not a factalign trainer state (expected format_version, "
@@ -2616,8 +2631,11 @@ def restore(model, opt, path, state, d, what="the other ranks' random streams",
     --seed's streams as at the start); under FSDP also the model's and optimizer's shards.
     `what`: what starts again on another number of processes (note_other_world)."""
     if not sharded_resume(path, d):
-        if state.get("optimizer") is not None:
-            opt.load_state_dict(state["optimizer"])
+        # (popped: the moments read from a mapped trainer_state.pt, kept in `state`, held the
+        # file mapped for the whole run, its disk space held after rotation deleted it)
+        moments = state.pop("optimizer", None)
+        if moments is not None:
+            opt.load_state_dict(moments)
         # each rank its own (rank 0's alone changed the other ranks' LoRA dropout masks), rank
         # 0's on another number of processes
         ranks = state.get("rng_ranks")

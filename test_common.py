@@ -1,6 +1,7 @@
 """common.py: flags from a dataclass Config, the LR schedule and batch order, model presets."""
 import dataclasses
 import errno
+import gc
 import json
 import os
 import subprocess
@@ -257,25 +258,85 @@ def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
         common.load_resume(str(tmp_path), cfg)
 
 
+def _mapped_from(file):
+    """The address ranges of /proc/self/maps backed by `file`, removed or not (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].strip().removesuffix(" (deleted)") == str(file):
+            ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
+    return ranges
+
+
+def _state_with_moments(tmp_path, cfg):
+    """A checkpoint of `cfg`'s run whose trainer state holds an AdamW's moments after a step, and
+    that optimizer's parameter."""
+    ckpt, _ = run_without(cfg, tmp_path, ())
+    lin = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["optimizer"] = opt.state_dict()
+    torch.save(state, ckpt / "trainer_state.pt")
+    return ckpt / "trainer_state.pt", lin
+
+
 def test_a_resumed_optimizer_state_is_read_from_its_file_not_copied_in(tmp_path):
     """trainer_state.pt was read whole into memory: a replicated full fine-tune resumed held its
     AdamW moments on the host before they went to the GPU (28 GB at 7B in bf16, 56 GB in fp32).
-    It is mapped now (torch.load mmap): its tensors are the file's pages until written."""
+    Where the optimizer lives on a GPU it is mapped now (torch.load mmap): its tensors are the
+    file's pages until copied there. The rest of the state (its random streams, kept by the run)
+    is copied out: it held the whole file mapped, its space held after rotation deleted it."""
+    import sft
+    cfg = sft.Config(out=str(tmp_path), device="cuda")  # (not built: the config alone)
+    file, _ = _state_with_moments(tmp_path, cfg)
+    _, state = common.load_resume(str(tmp_path), cfg)
+    ptr = next(iter(state["optimizer"]["state"].values()))["exp_avg"].data_ptr()
+    assert any(start <= ptr < end for start, end in _mapped_from(file))
+    del state["optimizer"]  # (as restore() pops it, once copied to the GPU)
+    os.remove(file)
+    gc.collect()
+    assert _mapped_from(file) == [] and state["step"] == 3
+
+
+def test_a_cpu_run_resumed_holds_no_mapping_of_its_trainer_state(tmp_path):
+    """A CPU run's trainer_state.pt was mapped, and restore() kept state["optimizer"]: the
+    optimizer's moments were the private mapping itself (copy-on-write), so the file stayed
+    mapped for the whole run, its disk space held after checkpoint rotation deleted it. It is
+    read whole on the CPU now, and restore() lets the state's copy go."""
     import sft
     cfg = sft.Config(out=str(tmp_path))
-    ckpt, old = run_without(cfg, tmp_path, ())
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    state["optimizer"] = {"state": {0: {"exp_avg": torch.randn(4096)}}, "param_groups": []}
-    torch.save(state, ckpt / "trainer_state.pt")
-    _, state = common.load_resume(str(tmp_path), cfg)
-    ptr = state["optimizer"]["state"][0]["exp_avg"].data_ptr()
-    mapped = []
-    for line in open("/proc/self/maps"):
-        fields = line.split()
-        if len(fields) >= 6 and fields[5] == str(ckpt / "trainer_state.pt"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            mapped.append(start <= ptr < end)
-    assert any(mapped)
+    file, lin = _state_with_moments(tmp_path, cfg)
+    want = torch.load(file, weights_only=False)["optimizer"]
+    path, state = common.load_resume(str(tmp_path), cfg)
+    opt = torch.optim.AdamW(lin.parameters())
+    common.restore(lin, opt, path, state, common.Dist())
+    assert "optimizer" not in state
+    got = opt.state_dict()
+    assert all(torch.equal(got["state"][i][k], want["state"][i][k])
+               for i in want["state"] for k in want["state"][i])
+    os.remove(file)
+    gc.collect()
+    assert _mapped_from(file) == []
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("content", [b"", b"garbage, not a zip archive" * 100])
+def test_an_empty_or_garbage_trainer_state_is_named_truncated_or_corrupt(tmp_path, device,
+                                                                          content):
+    """Read mapped, an empty or non-zip trainer_state.pt said "mmap can only be used with files
+    saved with torch.save(..., _use_new_zipfile_serialization=True)", which tells a user nothing
+    (unmapped: a bare EOFError or UnpicklingError). It is named truncated or corrupt."""
+    import sft
+    cfg = sft.Config(out=str(tmp_path), device=device)  # (not built: the config alone)
+    ckpt, _ = run_without(cfg, tmp_path, ())
+    (ckpt / "trainer_state.pt").write_bytes(content)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_resume(str(tmp_path), cfg)
+    assert str(e.value) == (f"{ckpt / 'trainer_state.pt'}: truncated or corrupt (not the zip "
+                            "archive torch.save writes): move the checkpoint away and --resume "
+                            "takes the one before it")
 
 
 def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):

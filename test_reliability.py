@@ -292,6 +292,11 @@ def _newer_trainer_state(d):
     torch.save(state, f)
 
 
+def _empty_trainer_state(d):
+    from checkpoint import latest_checkpoint
+    open(os.path.join(latest_checkpoint(str(d)), "trainer_state.pt"), "wb").close()
+
+
 def _foreign_trainer_state(d):
     from checkpoint import latest_checkpoint
     path = os.path.join(latest_checkpoint(str(d)), "trainer_state.pt")
@@ -415,6 +420,10 @@ BAD_INPUT = [
       lambda w, t: (_foreign_trainer_state(t.root / "out"),
                     [*SFT_RESUME])[1],
       ("trainer_state.pt", "not a factalign trainer state")),
+    C("sft", "resume-empty-state", "--resume from a trainer_state.pt cut to nothing",
+      lambda w, t: (_empty_trainer_state(t.root / "out"),
+                    [*SFT_RESUME])[1],
+      ("trainer_state.pt: truncated or corrupt",)),
     # -- reward.py: LLaVA-RLHF human preference files
     C("reward", "preference-range", "preference 3 (must be 1 or 2)",
       lambda w, t: ["--data", t.file("prefs.json", t.records("pref_pairs.json", preference=3,
