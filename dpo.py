@@ -362,7 +362,9 @@ def fingerprint(cfg, init_dir, *datasets):
     for folder in dict.fromkeys(folders):
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if os.path.isfile(path) and name != "trainer_state.pt":
+            # (hidden names passed over: a save killed mid-write leaves its .PID.tmp there, read
+            # by no loader, which gave the same weights another cache key)
+            if os.path.isfile(path) and name != "trainer_state.pt" and not name.startswith("."):
                 h.update(f"{name}|{os.stat(path).st_size}|{os.stat(path).st_mtime_ns}".encode())
                 with open(path, "rb") as f:
                     h.update(f.read(1 << 20))

@@ -458,6 +458,21 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
     assert len([f for f in os.listdir(tmp_path / "other") if f.startswith("ref_logps-")]) == 2
 
 
+def test_a_hidden_temp_file_in_the_init_folder_keeps_the_reference_cache_key(tmp_path):
+    """A save killed mid-write leaves a hidden .PID.tmp beside the weights (_save_safetensors),
+    which no loader reads: fingerprint() hashed every file of the --init folder, so the same
+    weights got another reference-cache key. Hidden names are passed over; a weight file that
+    changes still changes the key."""
+    from model import LLaVA
+    LLaVA.from_preset("tiny").save_pretrained(tmp_path / "ck")
+    cfg = dpo.Config(out=str(tmp_path / "out"))
+    before = dpo.fingerprint(cfg, str(tmp_path / "ck"))
+    (tmp_path / "ck" / ".4242.tmp").write_bytes(b"half a safetensors file")
+    assert dpo.fingerprint(cfg, str(tmp_path / "ck")) == before
+    os.utime(tmp_path / "ck" / "model.safetensors", ns=(0, 0))  # (as if written again)
+    assert dpo.fingerprint(cfg, str(tmp_path / "ck")) != before
+
+
 def test_a_full_disk_while_caching_the_reference_is_one_line(env, tmp_path, monkeypatch):
     """A disk filling up while a full fine-tune cached its reference log-probs ended in torch's own
     RuntimeError (basic_ios::clear: iostream error), a traceback. Now one line naming the cache
