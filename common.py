@@ -2636,6 +2636,11 @@ def restore(model, opt, path, state, d, what="the other ranks' random streams",
         moments = state.pop("optimizer", None)
         if moments is not None:
             opt.load_state_dict(moments)
+            if d.device.type != "cpu":  # (what the optimizer keeps on the host, AdamW's step,
+                # was still the mapped file's, and held all of it mapped: copied out)
+                for s in opt.state.values():
+                    s.update({k: v.clone() for k, v in s.items()
+                              if torch.is_tensor(v) and v.device.type == "cpu"})
         # each rank its own (rank 0's alone changed the other ranks' LoRA dropout masks), rank
         # 0's on another number of processes
         ranks = state.get("rng_ranks")

@@ -286,18 +286,24 @@ def test_a_resumed_optimizer_state_is_read_from_its_file_not_copied_in(tmp_path)
     """trainer_state.pt was read whole into memory: a replicated full fine-tune resumed held its
     AdamW moments on the host before they went to the GPU (28 GB at 7B in bf16, 56 GB in fp32).
     Where the optimizer lives on a GPU it is mapped now (torch.load mmap): its tensors are the
-    file's pages until copied there. The rest of the state (its random streams, kept by the run)
-    is copied out: it held the whole file mapped, its space held after rotation deleted it."""
+    file's pages until copied there. The rest of the state (its random streams, kept by the run;
+    AdamW's step, which load_state_dict leaves on the host) is copied out: it held the whole file
+    mapped, its space held after rotation deleted it."""
     import sft
     cfg = sft.Config(out=str(tmp_path), device="cuda")  # (not built: the config alone)
     file, _ = _state_with_moments(tmp_path, cfg)
-    _, state = common.load_resume(str(tmp_path), cfg)
+    path, state = common.load_resume(str(tmp_path), cfg)
     ptr = next(iter(state["optimizer"]["state"].values()))["exp_avg"].data_ptr()
     assert any(start <= ptr < end for start, end in _mapped_from(file))
-    del state["optimizer"]  # (as restore() pops it, once copied to the GPU)
+    # restored onto another device (meta standing in for the GPU: none here); AdamW keeps its step
+    # on the host, which held the whole file mapped too
+    on = torch.nn.Linear(64, 64, device="meta")
+    opt = torch.optim.AdamW(on.parameters())
+    common.restore(on, opt, path, state, common.Dist(device=torch.device("meta")))
+    assert {v.device.type for s in opt.state.values() for v in s.values()} == {"meta", "cpu"}
     os.remove(file)
     gc.collect()
-    assert _mapped_from(file) == [] and state["step"] == 3
+    assert _mapped_from(file) == [] and state["step"] == 3 and "optimizer" not in state
 
 
 def test_a_cpu_run_resumed_holds_no_mapping_of_its_trainer_state(tmp_path):
