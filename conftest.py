@@ -13,12 +13,19 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-# `pytest -n 2` (the README's command): two workers on CI's two cores, one intra-op thread each, and
-# one for the processes the tests start; two threads a worker oversubscribed the cores (OpenMP's
-# threads wait for each other by spinning): test_sft + test_dpo took 26-111 s, 16-42 s on one.
+# `pytest -n 2` (the README's command): two workers on CI's two cores, one intra-op thread each,
+# and one in the processes the tests start (pytest_configure); two threads a worker oversubscribed
+# the cores (OpenMP's threads wait for each other by spinning): test_sft + test_dpo took 26-111 s,
+# 16-42 s on one thread, measured back to back. A run without -n keeps two.
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(THREADS)
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+def pytest_configure(config):
+    """The controller of `-n N`, before its workers start (they and their children inherit it)."""
+    if getattr(config.option, "numprocesses", None):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 TINY_WORLD = dict(n_train=60, n_val=12, n_test=36, n_unlabeled=12, n_pref=40, n_povid=40, n_rl=40)
 

@@ -11,7 +11,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-torch.set_num_threads(2)
 
 import bench  # noqa: E402
 from conftest import run_cli  # noqa: E402

@@ -18,7 +18,6 @@ import urllib.parse
 import pytest
 import torch
 
-torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 

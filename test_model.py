@@ -7,7 +7,6 @@ import torch
 from checkpoint import export_llava_hf, load_checkpoint
 from model import LLaVA, ModelConfig
 
-torch.set_num_threads(2)
 
 ATOL = 1e-4
 IMG = 28          # tiny CLIP: 28 px / 14 px patches -> 4 patch tokens
