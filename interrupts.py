@@ -30,8 +30,9 @@ STARTING = "interrupted while starting: nothing was written"
 
 
 def _script_on_the_command_line(argv):
-    """The script `python [options] SCRIPT ...` runs (argv: sys.orig_argv), or None (`-c`, `-m`,
-    no script: an interactive interpreter, IPython)."""
+    """The script `python [options] SCRIPT ...` runs (argv: sys.orig_argv), ours that `-m NAME`
+    runs (`torchrun -m sft`), or None (`-c`, another module, no script: an interactive
+    interpreter, IPython)."""
     args = iter(argv[1:])
     for arg in args:
         if arg == "--":
@@ -40,7 +41,10 @@ def _script_on_the_command_line(argv):
             next(args, None)
         elif arg.startswith("-") and not arg.startswith("--") and arg != "-":
             for i, letter in enumerate(arg[1:], 1):
-                if letter in "cm":
+                if letter == "m":  # (its value: the rest of this argument, else the next one)
+                    module = arg[i + 1:] or next(args, "")
+                    return os.path.join(HERE, f"{module}.py") if module in SCRIPTS else None
+                if letter == "c":
                     return None
                 if letter in "WX":  # (its value: the rest of this argument, else the next one)
                     if i == len(arg) - 1:

@@ -1259,12 +1259,16 @@ def refuse_out_in_sft(cfg):
                                  "the SFT checkpoint out of it")
 
 
+# (common's line names --resume true: the lab takes no such flag)
+INTERRUPTED = ("interrupted: the runs that ended are kept; the same command goes on from them "
+               "(the runs cut off start again)")
+
+
 def main(cfg):
     try:
         run_lab(cfg)
-    except KeyboardInterrupt:  # (common's line names --resume true: the lab takes no such flag)
-        print("interrupted: the runs that ended are kept; the same command goes on from them "
-              "(the runs cut off start again)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -1374,5 +1378,5 @@ def run_lab(cfg):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     common.interrupt_on_sigterm()
-    with common.user_errors():
+    with common.user_errors(interrupted=INTERRUPTED):  # (said where its output's reader ended)
         main(cfg)

@@ -274,14 +274,18 @@ def run_lane(names, commands, here, env, times):
     return None
 
 
+# (common's line names a stage's --resume true, which the pipeline does not take)
+INTERRUPTED = ("interrupted: the stages that ran to the end are kept; go on with --stages naming "
+               "the rest, or start again with --overwrite true")
+
+
 def main(cfg):
     try:
         run_pipeline(cfg)
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM): the running stages are stopped, no later one
         # starts, wherever it lands (before any stage: common's line named --resume true)
         stop_stages()
-        print("interrupted: the stages that ran to the end are kept; go on with --stages naming "
-              "the rest, or start again with --overwrite true", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -411,5 +415,5 @@ def run_stages(cfg, commands, here, times):
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
     common.interrupt_on_sigterm()
-    with common.user_errors():
+    with common.user_errors(interrupted=INTERRUPTED):  # (said where its output's reader ended)
         main(cfg)

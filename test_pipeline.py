@@ -1529,6 +1529,21 @@ def test_ctrl_c_sent_to_the_lab_alone_stops_its_runs(tmp_path, monkeypatch, caps
                                    "goes on from them (the runs cut off start again)\n"), err
 
 
+def test_the_lab_whose_output_reader_ended_says_its_own_line(tmp_path, tiny_world, tiny_sft):
+    """`lab.py | head`, head gone: the lab said common's line, advising --resume true, which it
+    does not take; its own line now (pipeline.py passes its own alike)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "lab.py"), "--sft", tiny_sft,
+                             "--claims", "lrv", "--seeds", "0", "--steps", "1", "--world",
+                             tiny_world, "--out", str(tmp_path / "out")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # (the reader gone before the lab's first line)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == f"{common.STDOUT_READER_GONE}: {lab.INTERRUPTED}\n", err
+
+
 @pytest.mark.parametrize("script", ["pipeline", "lab"])
 def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, tiny_world,
                                                              tiny_sft):

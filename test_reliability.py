@@ -2834,11 +2834,13 @@ def test_a_script_run_inside_another_program_leaves_it_pythons_handlers(tmp_path
     (["python", "-Wignore", "-uX", "dev", "sft.py"], "sft.py"),
     (["python", "--check-hash-based-pycs", "never", "--", "-odd.py"], "-odd.py"),
     (["python", "-m", "ipykernel_launcher", "-f", "k.json"], None),
+    (["python", "-u", "-m", "sft", "--out", "x"], os.path.join(HERE, "sft.py")),  # (torchrun -m)
+    (["python", "-msft"], os.path.join(HERE, "sft.py")),
     (["python", "-uc", "import runpy; runpy.run_path('sft.py')"], None),
     (["/usr/bin/ipython"], None), (["python"], None)])
 def test_the_script_a_command_line_runs(argv, script):
     """What interrupts.py reads from sys.orig_argv to know a script was started, not run inside a
-    host (a notebook, an interpreter: `-c`, `-m`, no script)."""
+    host (a notebook, an interpreter: `-c`, another module, no script)."""
     assert interrupts._script_on_the_command_line(argv) == script
 
 
