@@ -416,6 +416,16 @@ def fixed_rollout(m, B=4, P=16, K=5, seed=0):
     return ro, adv
 
 
+def policy_and_value():
+    """A tiny model with PPO's trainable parts: the policy and value adapters and the value head."""
+    m = tiny()
+    m.add_adapter("policy", 4, 8)
+    m.add_adapter("value", 4, 8)
+    m.add_head("value")
+    m.set_trainable(adapters=["policy", "value"], heads=["value"])
+    return m
+
+
 def test_one_ppo_update_raises_the_advantage_weighted_logprob():
     m = tiny()
     m.add_adapter("policy", 4, 8)
@@ -456,11 +466,7 @@ def test_one_ppo_update_raises_the_advantage_weighted_logprob():
 def test_ppo_update_weighs_the_value_loss_by_vf_coef(monkeypatch):
     """The value head's gradient is vf_coef x that of the clipped value loss (the policy loss does
     not reach it), summed over the minibatch's response tokens."""
-    m = tiny()
-    m.add_adapter("policy", 4, 8)
-    m.add_adapter("value", 4, 8)
-    m.add_head("value")
-    m.set_trainable(adapters=["policy", "value"], heads=["value"])
+    m = policy_and_value()
     ro, adv = fixed_rollout(m)
     returns = torch.randn_like(adv) * ro["rmask"]
     head = list(m.heads["value"].parameters())
@@ -793,11 +799,7 @@ def test_ppo_loss_divisor_columns_is_llava_rlhfs_mean_over_response_columns():
     update is ours x real tokens / (sequences x --max_new_tokens)."""
     def update(divisor):
         torch.manual_seed(0)
-        m = tiny()
-        m.add_adapter("policy", 4, 8)
-        m.add_adapter("value", 4, 8)
-        m.add_head("value")
-        m.set_trainable(adapters=["policy", "value"], heads=["value"])
+        m = policy_and_value()
         ro, adv = fixed_rollout(m)
         returns = torch.randn(adv.shape, generator=torch.Generator().manual_seed(1)) * ro["rmask"]
         params = (m.adapter_parameters("policy") + m.adapter_parameters("value")
