@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,6 +26,15 @@ def pytest_configure(config):
     """The controller of `-n N`, before its workers start (they and their children inherit it)."""
     if getattr(config.option, "numprocesses", None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# A suite started in the background (`pytest ... &` in a shell script, a CI step run so) inherits
+# SIGINT ignored, and so would every script it starts: the tests that stop a run with Ctrl-C saw
+# it ignored and failed. A handler of our own here is the default again in the processes started
+# (exec keeps an ignored signal ignored, not a handler). The tests of scripts started with SIGINT
+# ignored set that up themselves.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 TINY_WORLD = dict(n_train=60, n_val=12, n_test=36, n_unlabeled=12, n_pref=40, n_povid=40, n_rl=40)

@@ -42,6 +42,12 @@ def finish(proc):
     return out
 
 
+def run_script_here(argv):
+    """`python SCRIPT.py FLAGS...` as run_cli runs it: in this process (--fsdp on one process needs
+    no launcher, and a new interpreter would cost seconds of start-up)."""
+    return run_cli(argv[0].removesuffix(".py"), argv[1:], strict=True)
+
+
 def rows(out):
     return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -197,11 +203,9 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     import shutil
     argv = ["dpo.py", "--init", tiny_sft, "--world", tiny_world, "--max_steps", "4",
             "--save_every", "2", "--batch_size", "4", "--eval_n", "4", "--fsdp", "true"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = subprocess.run([sys.executable, *argv, "--out", str(straight)], cwd=HERE, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_script_here(argv + ["--out", str(straight)])
+    assert code == 0, err
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoint-000004")  # as if killed after step 2's checkpoint
     # read as a model (eval --ckpt, a stage's --init of the killed run): it said "no weights
@@ -232,9 +236,8 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     with pytest.raises(common.CheckpointError, match=r"__0_0\.distcp: missing"):
         common.check_shard_files(str(shard.parent.parent))
     shard.write_bytes(whole)
-    r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    code, said, err = run_script_here(argv + ["--out", str(resumed), "--resume", "true"])
+    assert code == 0 and "resumed from" in said, err[-2000:]
     same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004")
 
 
@@ -260,19 +263,16 @@ def stopped_and_resumed(argv, root, meanwhile=lambda: None):
     stopped after step 2 (a copy without checkpoint 4), `meanwhile` run, then resumed: the two
     end bitwise alike. Returns the resumed run's stdout."""
     import shutil
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     straight, resumed = root / "straight", root / "resumed"
-    r = subprocess.run([sys.executable, *argv, "--out", str(straight)], cwd=HERE, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = run_script_here(argv + ["--out", str(straight)])
+    assert code == 0, err[-2000:]
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoint-000004")
     meanwhile()
-    r = subprocess.run([sys.executable, *argv, "--out", str(resumed), "--resume", "true"],
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    code, said, err = run_script_here(argv + ["--out", str(resumed), "--resume", "true"])
+    assert code == 0 and "resumed from" in said, err[-2000:]
     same_weights(straight / "checkpoint-000004", resumed / "checkpoint-000004", exact=True)
-    return r.stdout
+    return said
 
 
 @pytest.mark.parametrize("script,extra", [("sft.py", ["--report", "false"]),
