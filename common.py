@@ -1159,11 +1159,6 @@ def clip_and_check(params, max_norm, step, out_dir, skip_nonfinite=False, loss=N
     return float(norm)
 
 
-def _local(t):
-    """This rank's shard of a DTensor (FSDP parameters and gradients); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 # --skip_nonfinite: this many skipped updates in a row stop the run (every step skipped trained
 # nothing, and the run exited 0)
 MAX_SKIPPED_IN_A_ROW = 10

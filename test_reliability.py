@@ -3099,7 +3099,8 @@ def fault_at(n, optimizer_step):
     def step_with_fault(opt, params, d, step, cfg, loss=None, reduce=True, **kw):
         if step + 1 == n:
             grad = next(p.grad for p in params if p.grad is not None and p.grad.numel())
-            common._local(grad).view(-1)[0] = float("nan")
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # (FSDP: a DTensor)
+            local.view(-1)[0] = float("nan")
             loss = None if loss is None else loss * float("nan")
         return optimizer_step(opt, params, d, step, cfg, loss, reduce, **kw)
     return step_with_fault
