@@ -90,6 +90,8 @@ from PIL import Image
 
 import checkpoint
 import common
+import distributed
+import rundir
 import dpo
 import model as model_lib
 import ppo
@@ -789,7 +791,7 @@ def ppo_section(ours, c, cfg, dev, tmp, out, key="ppo", prompts=None, new_tokens
                       device=dev.type, dtype="bf16" if bf16 else "fp32")
     # (facts, wording, template, prompt_space): a reward model without facts
     rm = (False, "llava-rlhf", "vicuna_v1", False)
-    d = common.Dist(device=dev)
+    d = distributed.Dist(device=dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     parts = []
 
@@ -1040,15 +1042,15 @@ def main(cfg, given=None):
     """given: the flags typed on the command line (cli's; --quick leaves them alone). None (an
     in-process caller's Config): the fields at other values than their defaults."""
     if cfg.fsdp:  # (as given: --quick fills in its own values below)
-        common.refuse_unread(cfg, FSDP_UNREAD, "with --fsdp true (one sharded training step "
+        rundir.refuse_unread(cfg, FSDP_UNREAD, "with --fsdp true (one sharded training step "
                              "alone); drop it")
         if "lora" not in cfg.train_modes:
-            common.refuse_unread(cfg, ["lora_r", "lora_alpha"], "with --fsdp true and no lora in "
+            rundir.refuse_unread(cfg, ["lora_r", "lora_alpha"], "with --fsdp true and no lora in "
                                  "--train_modes; drop it")
         if cfg.device != "cuda" and cfg.dtype not in ("fp32", "auto"):  # (what runs there)
-            common.refuse_unread(cfg, ["dtype"], "with --fsdp true off the GPU (fp32); drop it")
+            rundir.refuse_unread(cfg, ["dtype"], "with --fsdp true off the GPU (fp32); drop it")
     if not cfg.rollout_model:  # (no rollout section)
-        common.refuse_unread(cfg, ["rollout_batch", "rollout_new_tokens"], "with --rollout_model "
+        rundir.refuse_unread(cfg, ["rollout_batch", "rollout_new_tokens"], "with --rollout_model "
                              "'' (no rollout is measured); drop it")
     elif cfg.rollout_batch > 1 and cfg.rollout_batch % 2:  # (ppo.py refuses the uneven split)
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch}: must be even (the PPO "
@@ -1073,7 +1075,7 @@ def main(cfg, given=None):
         raise common.ConfigError(f"{flag} {value}: 0 (the device's default) or at least {least}: "
                                  "the peak that MFU and bandwidth shares divide by")
     check_positions(cfg)
-    common.check_device(cfg.device)
+    distributed.check_device(cfg.device)
     if cfg.dtype not in ("auto", "fp32", "bf16") or cfg.hf_load not in ("auto", "export", "copy"):
         raise common.ConfigError("--dtype: auto, fp32 or bf16; --hf_load: auto, export or copy")
     threads = torch.get_num_threads()
@@ -1140,7 +1142,7 @@ def run(cfg):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.dtype, auto_dtype)
     exact = dtype == torch.float32
     autocast = bf16_autocast(dev, dtype)
-    common.ensure_writable(cfg.out)
+    rundir.ensure_writable(cfg.out)
     t_start = time.time()
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": cfg.device,
          "device_name": device_name(dev),
@@ -1226,14 +1228,14 @@ def run(cfg):
 
 
 def fsdp_bench(cfg):
-    """--fsdp: one sharded training step (common.shard_model, as sft.py --fsdp true runs it) for
-    each of --train_modes (full: language model + projector, CLIP frozen; lora), median step time
-    and peak memory per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device cuda
-    --model llava-7b`: bf16 compute, fp32 master weights and AdamW moments sharded 8 ways. --batch
-    rows per process. No transformers comparison. Writes OUT/bench_fsdp.json."""
-    d = common.setup_dist(cfg.device, fsdp=True, flags=cfg)
+    """--fsdp: one sharded training step (distributed.shard_model, as sft.py --fsdp true runs it)
+    for each of --train_modes (full: language model + projector, CLIP frozen; lora), median step
+    time and peak memory per process. `torchrun --nproc_per_node 8 bench.py --fsdp true --device
+    cuda --model llava-7b`: bf16 compute, fp32 master weights and AdamW moments sharded 8 ways.
+    --batch rows per process. No transformers comparison. Writes OUT/bench_fsdp.json."""
+    d = distributed.setup_dist(cfg.device, fsdp=True, flags=cfg)
     if d.main:  # (before the steps: a 7B measurement was lost to an --out that is a file)
-        common.ensure_writable(cfg.out)
+        rundir.ensure_writable(cfg.out)
     bf16 = d.device.type == "cuda" and cfg.dtype != "fp32"
     c = model_config(cfg)
     out = {"world": d.world, "device": str(d.device), "bf16_mixed_precision": bf16,
@@ -1249,13 +1251,13 @@ def fsdp_bench(cfg):
             model.set_trainable(projector=True, language=True)
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        common.shard_model(model, d, bf16=bf16)
+        distributed.shard_model(model, d, bf16=bf16)
         opt = common.make_optimizer(model, cfg.lr)
         # (on the CPU: train_batch draws there and moves the batch; a CUDA one was refused)
         g = torch.Generator().manual_seed(cfg.seed + d.rank)
         batch = train_batch(c, cfg.batch, cfg.seq, cfg.answer, g, d.device)
         local_labels = torch.tensor(float(cfg.batch * cfg.answer), device=d.device)
-        n_global = common.all_reduce_sum(local_labels, d)
+        n_global = distributed.all_reduce_sum(local_labels, d)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -1272,7 +1274,7 @@ def fsdp_bench(cfg):
             if i >= cfg.warmup:
                 times.append(dt)
         peak = torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda" else _rss()
-        peaks = common.all_gather_cat(torch.tensor([float(peak)], device=d.device), d).tolist()
+        peaks = distributed.all_gather_cat(torch.tensor([float(peak)], device=d.device), d).tolist()
         out[mode] = {"params": n_all, "trainable": n_train, "step_s": statistics.median(times),
                      "times": times,
                      "tokens_per_s": cfg.batch * cfg.seq * d.world / statistics.median(times),
@@ -1285,7 +1287,7 @@ def fsdp_bench(cfg):
         model = opt = None  # free the first mode's shards before the next one
     if d.main:
         common.write_json(out, os.path.join(cfg.out, "bench_fsdp.json"))
-    common.cleanup_dist()
+    distributed.cleanup_dist()
     return out
 
 
@@ -1300,5 +1302,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    with common.ending_process():  # (an error after --fsdp's process group: no teardown abort)
+    with distributed.ending_process():  # (an error after --fsdp's process group: no teardown abort)
         cli()

@@ -1344,7 +1344,7 @@ def _module_of(slice_name):
 def save_checkpoint_files(model, path, base=None, extra_config=None):
     """Write config.json, model.safetensors (unless `base` names a checkpoint holding the frozen
     base weights) and adapters.safetensors (LoRA + heads) into the directory `path`. Callers that
-    need atomicity write into a temp directory and rename (common.save_checkpoint does). A model
+    need atomicity write into a temp directory and rename (rundir.save_checkpoint does). A model
     whose base weights changed since loading (a merge) is written whole: `base` lacks them."""
     if base is not None and model.base_edited:
         note(f"note: {path}: the base weights changed since they were loaded (merged LoRA): "

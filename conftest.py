@@ -123,10 +123,10 @@ def run_cli(module, argv, strict=False):
 
 
 def calls_outside_autocast(monkeypatch, module, name):
-    """common.bf16_autocast replaced by a recorder and module.name wrapped: the list returned gets,
-    for each call of module.name, whether it ran outside every bf16_autocast block (autocast is
-    off on a CPU: where the passes run is what a test can check here)."""
-    import common
+    """distributed.bf16_autocast replaced by a recorder and module.name wrapped: the list returned
+    gets, for each call of module.name, whether it ran outside every bf16_autocast block (autocast
+    is off on a CPU: where the passes run is what a test can check here)."""
+    import distributed
     inside, outside = [0], []
 
     class Recording:  # (reusable, as torch.autocast is: a training loop enters it each step)
@@ -140,7 +140,7 @@ def calls_outside_autocast(monkeypatch, module, name):
         outside.append(inside[0] == 0)
         return real(*args, **kwargs)
     real = getattr(module, name)
-    monkeypatch.setattr(common, "bf16_autocast", lambda cfg: Recording())
+    monkeypatch.setattr(distributed, "bf16_autocast", lambda cfg: Recording())
     monkeypatch.setattr(module, name, wrapped)
     return outside
 
@@ -180,16 +180,16 @@ def two_ranks(target, args):
     q = ctx.Queue()
 
     def rank_main(rank):
-        import common
+        import distributed
         torch.set_num_threads(1)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         try:
-            d = common.setup_dist("cpu")
+            d = distributed.setup_dist("cpu")
             q.put((rank, target(rank, d, args)))
         except BaseException as e:
             q.put((rank, f"{type(e).__name__}: {e}"))
-        common.cleanup_dist()
+        distributed.cleanup_dist()
     # (daemons, ended below whatever happens: a rank stuck in a collective would hold pytest)
     ps = [ctx.Process(target=rank_main, args=(r,), daemon=True) for r in range(2)]
     for p in ps:

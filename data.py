@@ -389,7 +389,9 @@ def check_images(records, file, on_error="raise", field="image", decoded=(), d=N
     False for an input free to change at --resume (vigc's generation images), which would make
     such a resume refused as "other images". Returns (good records, skipped lines)."""
     from concurrent.futures import ThreadPoolExecutor
-    from common import note_images_read, progress, rank_states  # (common reads formats, not this)
+    # (common and rundir read formats, not this)
+    from common import progress
+    from rundir import note_images_read, rank_states
     paths = sorted({r["image"] for r in records if r.get("image")} - set(decoded))
     if record:  # (the run records them: run.json's images, which --resume compares)
         note_images_read(paths)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import distributed
+import rundir
 import shapes
 from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json,
                   normalize, load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid,
@@ -376,13 +378,13 @@ def reference_table(model, ds, cfg, d):
     """(N, 2) summed answer log-probs [chosen, rejected] of every pair under `model` (ranks share
     the work)."""
     out = torch.zeros(len(ds), 2)
-    for chunk, counts in common.rank_chunks(len(ds), cfg.batch_size, d):
+    for chunk, counts in distributed.rank_chunks(len(ds), cfg.batch_size, d):
         b = common.to_device(ds.batch(chunk), d.device)
-        with common.bf16_autocast(cfg):  # (as the policy's pass: equal at step 0)
+        with distributed.bf16_autocast(cfg):  # (as the policy's pass: equal at step 0)
             c, r, _, _ = answer_logps(model, b, model.encode_images(b["pixel_values"]))
         if counts:
             out[chunk] = torch.stack([c, r], 1).float().cpu()
-    return common.all_reduce_sum(out, d)
+    return distributed.all_reduce_sum(out, d)
 
 
 def same_table(a, b):
@@ -421,7 +423,7 @@ def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
         except Exception as e:  # (a full disk: torch's own error, a traceback)
             failed = e
     # every process stops where the main one could not write (the others trained on alone)
-    common.agree_written(failed, tmp, cfg.out, path, d)
+    rundir.agree_written(failed, tmp, cfg.out, path, d)
     if d.main:
         print(f"reference log-probs: computed in {time.time() - t0:.1f}s, cached in {path}")
     return table
@@ -431,44 +433,44 @@ def cached_reference(cfg, d, init_dir, train, val, get_model, resuming=False):
 
 def main(cfg):
     check_config(cfg)
-    common.refuse_unread_shared(cfg)
+    rundir.refuse_unread_shared(cfg)
     if cfg.povid_stage == 1:
-        common.refuse_unread(cfg, ("noise_t", "noise_on", "noisy_tokens"), "with --povid_stage 1 "
+        rundir.refuse_unread(cfg, ("noise_t", "noise_on", "noisy_tokens"), "with --povid_stage 1 "
                              "(no noisy images: POVID's stage 2); drop it")
     elif cfg.loss == "ref_free":
-        common.refuse_unread(cfg, ["noisy_tokens"], "with --loss ref_free (no reference is "
+        rundir.refuse_unread(cfg, ["noisy_tokens"], "with --loss ref_free (no reference is "
                              "scored); drop it")
     cfg, named = common.world_paths(cfg, ("data", "init"), ("val_data",))
-    common.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
+    distributed.check_world("dpo.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
+    d = distributed.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
-    common.claim_out(cfg, d, inits=[cfg.init])
+    rundir.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
-        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+        distributed.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     train_recs, val_recs, skipped = load_pairs(cfg, d)
     if skipped and d.main:
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
     # POVID noise seeds: the same on every rank, saved in checkpoints
     noise_gen = torch.Generator().manual_seed(cfg.seed)
-    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    resume_path, state = rundir.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     # FSDP: built from --init as at the start, then the shards
-    sharded = common.sharded_resume(resume_path, d)
+    sharded = rundir.sharded_resume(resume_path, d)
     # (--resume of a LoRA run: the base its adapters were trained on)
-    init_dir = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
-    common.note_template("--init", cfg.init, cfg.template)
-    common.note_world("--init", cfg.init, cfg.world)
+    init_dir = rundir.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
+    rundir.note_template("--init", cfg.init, cfg.template)
+    rundir.note_world("--init", cfg.init, cfg.world)
     load_from = init_dir if sharded else resume_path or init_dir
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
-                                                       device=common.load_device(cfg, d),
+                                                       device=distributed.load_device(cfg, d),
                                                        dtype=common.base_dtype(cfg))
     # the frozen base the adapters sit on, as the checkpoint names it
     if resume_path is not None and not sharded:
-        base = common.recorded_base(resume_path)
+        base = rundir.recorded_base(resume_path)
     else:
         # e.g. POVID stage 2 from a LoRA stage-1 run: that policy, merged, is the reference
         # (as POVID)
-        merged = common.fold_init_adapters(model)
+        merged = rundir.fold_init_adapters(model)
         # LoRA checkpoints point at the init's weights
         base = init_dir if cfg.lora_r > 0 and not merged else None
         if cfg.lora_r > 0:
@@ -483,7 +485,7 @@ def main(cfg):
         model.cast_base(torch.bfloat16, keep_trained=cfg.lora_r > 0)  # (full: pure bf16)
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
-        common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
+        distributed.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     images = ImageCache(model.config.image_size)
     train = Pairs(train_recs, tokenizer, model.config, cfg, images)
     val = Pairs(val_recs[:cfg.eval_n], tokenizer, model.config, cfg, images)
@@ -505,7 +507,7 @@ def main(cfg):
                                  f"answer starts past --max_len {cfg.max_len}, {val.tied} whose "
                                  "chosen and rejected are the same tokens)")
     data_files = [cfg.data, cfg.val_data]
-    common.start_writing(cfg, d, data_files, model)
+    rundir.start_writing(cfg, d, data_files, model)
     ref = None
     # on --resume the init model is loaded again only if the cache is gone
     if cfg.lora_r == 0 and cfg.loss != "ref_free":
@@ -523,7 +525,7 @@ def main(cfg):
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        common.restore(model, opt, resume_path, state, d, generators={"noise": noise_gen})
+        rundir.restore(model, opt, resume_path, state, d, generators={"noise": noise_gen})
         start = state["step"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if d.main:
@@ -534,10 +536,10 @@ def main(cfg):
               f"beta {cfg.beta}, POVID stage {cfg.povid_stage} | reference: {reference} | "
               f"{n_train / 1e6:.3f}M trainable parameters | {d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    autocast = common.bf16_autocast(cfg)
+    autocast = distributed.bf16_autocast(cfg)
     # a log line's means cover the steps since the last line, also across a --resume (the
     # checkpoint keeps each rank's running sums)
-    sums = (common.own_state(state["extra"].get("log_sums"), d) if state else None) or {}
+    sums = (rundir.own_state(state["extra"].get("log_sums"), d) if state else None) or {}
     t0, timed = time.time(), 0
     model.train()
     for step in range(start, cfg.max_steps):
@@ -578,7 +580,7 @@ def main(cfg):
             # (every step since the last line skipped: its columns, each null)
             avg = {k: float("nan") for k in step_sums if k != "pairs"}
             if sums:
-                totals = common.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
+                totals = distributed.all_reduce_sum(torch.stack(list(sums.values())), d).tolist()
                 tot = dict(zip(sums, totals))
                 avg = {k: v / tot["pairs"] for k, v in tot.items() if k != "pairs"}
             grad_norm = norm if norm is not None else float("nan")
@@ -589,11 +591,11 @@ def main(cfg):
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             log.log(done, **evaluate(model, val, cfg, d, ref["val"] if ref else None))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            log_sums = common.rank_states({k: v.cpu() for k, v in sums.items()}, d)
-            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base,
+            log_sums = rundir.rank_states({k: v.cpu() for k, v in sums.items()}, d)
+            rundir.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base,
                                    generators={"noise": noise_gen}, d=d,
                                    extra_state={"log_sums": log_sums})
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 
 
 @torch.no_grad()
@@ -602,15 +604,15 @@ def evaluate(model, val, cfg, d, ref=None):
     reward."""
     model.eval()
     tot = torch.zeros(3)
-    for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
-        with common.bf16_autocast(cfg):
+    for chunk, counts in distributed.rank_chunks(len(val), cfg.batch_size, d):
+        with distributed.bf16_autocast(cfg):
             _, m = pair_losses(model, common.to_device(val.batch(chunk), d.device), cfg,
                                ref[chunk].to(d.device) if ref is not None else None)
         if counts:
             tot += torch.stack([m["rewards/accuracies"].sum().cpu(),
                                 m["rewards/margins"].sum().cpu(), torch.tensor(float(len(chunk)))])
     model.train()
-    tot = common.all_reduce_sum(tot, d)
+    tot = distributed.all_reduce_sum(tot, d)
     return {"val_reward_accuracy": float(tot[0] / tot[2]),
             "val_reward_margin": float(tot[1] / tot[2])}
 
@@ -622,5 +624,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    with common.ending_process():
+    with distributed.ending_process():
         cli()

@@ -71,6 +71,8 @@ from dataclasses import dataclass
 import torch
 
 import common
+import distributed
+import rundir
 import shapes
 from data import (IMAGE, DataError, ImageCache, load_json, read_any_conversations, read_mmhal,
                   read_pope, read_text)
@@ -215,7 +217,7 @@ def load_benchmarks(cfg):
         raise common.ConfigError(f"--image_folder {cfg.image_folder}: no such directory")
     on_shapes = shapes_benchmarks(cfg)
     if all(on_shapes[b] for b in cfg.benchmarks):  # (the world's images are found by the world)
-        common.refuse_unread(cfg, ["image_folder"], "when every benchmark is the Shapes world's "
+        rundir.refuse_unread(cfg, ["image_folder"], "when every benchmark is the Shapes world's "
                              "(no --pope_files, --chair_instances, --mmhal_file or --gavie_file); "
                              "drop it")
     judged = [b for b in JUDGED if b in cfg.benchmarks]
@@ -477,7 +479,7 @@ def llava_bench_questions(cfg, world):
     recs = _nonempty(read_llava_bench(path, cfg.image_folder or None, check_images=False), path)
     inline = recs[0]["reference"] is not None
     if inline:
-        common.refuse_unread(cfg, ["llava_bench_answers"], f"with {path}, whose records hold "
+        rundir.refuse_unread(cfg, ["llava_bench_answers"], f"with {path}, whose records hold "
                              "their reference answers ('output'); drop it")
     elif not cfg.llava_bench_answers:
         raise common.ConfigError(f"--llava_bench_file {path} holds no reference answers: pass "
@@ -1009,7 +1011,7 @@ def source(cfg, ckpt):
 
 # what eval.py writes into OUT/NAME (and OUT): the model's files are the others
 EVAL_WRITES = re.compile(r"answers_.+\.jsonl|judge_.+\.jsonl|scores\.json|compare\.(md|json)|"
-                         + re.escape(common.LOCK) + r"|.+\.tmp\d+")
+                         + re.escape(rundir.LOCK) + r"|.+\.tmp\d+")
 
 
 def model_file(folder, name):
@@ -1136,7 +1138,7 @@ def export_answers(out, name, bench, qs, lines):
 
 def evaluate(cfg, ckpt, name, bench, judges):
     out = os.path.join(cfg.out, name)
-    common.make_dirs(out)
+    rundir.make_dirs(out)
     ans = Answerer(cfg, ckpt, name)
     scores = {"ckpt": ckpt}  # (as given; resolved below: a --rescore of a gone one has none)
     if os.path.exists(ckpt):
@@ -1296,7 +1298,7 @@ def refuse_inputs_in_export(cfg, names):
         values = value if isinstance(value, tuple) else (value,)
         if f.name == "out":
             continue
-        for path in (p for v in values if isinstance(v, str) for p in common.paths_in_flag(v)):
+        for path in (p for v in values if isinstance(v, str) for p in rundir.paths_in_flag(v)):
             real = os.path.realpath(path)
             for name, folder in folders.items():
                 if real.startswith(folder + os.sep):
@@ -1440,8 +1442,8 @@ JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries"
 
 def main(cfg):
     common.refuse_torchrun("eval.py", "it generates and judges one batch at a time")
-    common.end_with_the_launcher()  # (a lab's or pipeline's eval dies with it)
-    common.refuse_in_world("--out", cfg.out, cfg.world, "the answers and scores")
+    distributed.end_with_the_launcher()  # (a lab's or pipeline's eval dies with it)
+    rundir.refuse_in_world("--out", cfg.out, cfg.world, "the answers and scores")
     bad = [b for b in cfg.benchmarks if b not in BENCHMARKS]
     if bad or not cfg.benchmarks:
         choices = ", ".join(BENCHMARKS)
@@ -1461,33 +1463,33 @@ def main(cfg):
         if getattr(cfg, flag) and not getattr(cfg, needs.split()[0]):
             raise common.ConfigError(f"--{flag} is read only with --{needs}, which is not given")
     if not cfg.chair_instances:  # (Shapes CHAIR asks its own question)
-        common.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
+        rundir.refuse_unread(cfg, ["chair_prompt"], "without --chair_instances (Shapes CHAIR "
                              "asks its own question); drop it")
     if not {"pope", "chair", "mmhal", "llava_bench"} & set(cfg.benchmarks):
-        common.refuse_unread(cfg, ["export"], "without pope, chair, mmhal or llava_bench in "
+        rundir.refuse_unread(cfg, ["export"], "without pope, chair, mmhal or llava_bench in "
                              "--benchmarks (GAVIE has no answer file of its reference); drop it")
     if cfg.temperature == 0:
-        common.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
+        rundir.refuse_unread(cfg, ["top_p", "seed"], "with --temperature 0 (greedy: no "
                              "sampling); drop it or sample with --temperature > 0")
-    common.refuse_unread_shared(cfg)
+    rundir.refuse_unread_shared(cfg)
     if not cfg.rescore or cfg.judge == "local":  # (--rescore loads no model, but a local judge)
-        common.check_device(cfg.device)
+        distributed.check_device(cfg.device)
     if "llava_bench" in cfg.benchmarks and not (cfg.llava_bench_file and cfg.llava_bench_context):
         raise common.ConfigError("--benchmarks llava_bench needs --llava_bench_file (LLaVA's "
                                  "qa90_questions.jsonl) and --llava_bench_context "
                                  "(caps_boxes_coco2014_val_80.jsonl): it has no Shapes version")
     for bench, flags in BENCHMARK_FLAGS.items():  # (the questions of the others are not asked)
         if bench not in cfg.benchmarks:
-            common.refuse_unread(cfg, flags, f"without {bench} in --benchmarks; add it or drop "
+            rundir.refuse_unread(cfg, flags, f"without {bench} in --benchmarks; add it or drop "
                                  "the flag")
     if not set(JUDGED) & set(cfg.benchmarks):
-        common.refuse_unread(cfg, JUDGE_FLAGS, "without mmhal, gavie or llava_bench in "
+        rundir.refuse_unread(cfg, JUDGE_FLAGS, "without mmhal, gavie or llava_bench in "
                              "--benchmarks (nothing is judged); drop it")
     elif cfg.judge == "oracle":
-        common.refuse_unread(cfg, JUDGE_FLAGS[1:], "by --judge oracle (it reads the Shapes "
+        rundir.refuse_unread(cfg, JUDGE_FLAGS[1:], "by --judge oracle (it reads the Shapes "
                              "record); drop it or choose another --judge")
     elif cfg.judge == "local":  # (a model folder: no API)
-        common.refuse_unread(cfg, JUDGE_FLAGS[2:-2], "by --judge local (a model folder, no API); "
+        rundir.refuse_unread(cfg, JUDGE_FLAGS[2:-2], "by --judge local (a model folder, no API); "
                              "drop it")
     for entry in cfg.judge_prompt:  # (a prompt for a benchmark not asked is never read)
         b = str(entry).partition("=")[0]
@@ -1537,12 +1539,12 @@ def main(cfg):
         # a truncated weight file: named before any checkpoint answers (--compare's third was
         # named after the first two had answered: hours, on real benchmarks)
         check_weight_headers(ckpt_dir)
-        common.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
+        rundir.note_template("--ckpt" if not cfg.compare else "--compare", c, cfg.template)
         world = cfg.world if shapes_world_read(cfg) else None  # (the world's note: where read)
-        common.note_world("--ckpt" if not cfg.compare else "--compare", c, world)
-    common.ensure_writable(cfg.out)
+        rundir.note_world("--ckpt" if not cfg.compare else "--compare", c, world)
+    rundir.ensure_writable(cfg.out)
     # one writer: two evals appending to one answers file would interleave
-    common.lock_out(cfg.out)
+    rundir.lock_out(cfg.out)
     bench = load_benchmarks(cfg)
     judges, rows = {"templates": load_judge_prompts(cfg.judge_prompt)}, {}
     # --compare: a checkpoint after the first that has no scores here yet loads once before any

@@ -44,6 +44,8 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw
 
 import common
+import distributed
+import rundir
 import shapes
 from checkpoint import latest_checkpoint, refuse_scalar_model, resolve_checkpoint
 from formats import DataError, json_lines, read_text
@@ -291,7 +293,7 @@ def execute(runs, cfg, finished=lambda n: None):
     chain = chain_minutes(runs)
     running, failed, t0, n_ok = {}, set(), time.time(), 0
     here = os.path.dirname(os.path.abspath(__file__))
-    # (a run dies with the lab: common.end_with_the_launcher)
+    # (a run dies with the lab: distributed.end_with_the_launcher)
     env = {**os.environ, common.STARTED_BY: str(os.getpid())}
     env.update({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})
     n_done = len(runs) - len(todo)
@@ -332,9 +334,9 @@ def execute(runs, cfg, finished=lambda n: None):
                 # (started with SIGINT ignored, a `lab.py &` in a script: common's handler drops
                 # it, so the runs take the SIGINT that stops them, in their own session; a signal
                 # between starting a run and recording it is taken once it is recorded)
-                with open(log, "w") as f, common.stop_signals_deferred():
+                with open(log, "w") as f, distributed.stop_signals_deferred():
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                            **common.stage_process_kwargs())
+                                            **distributed.stage_process_kwargs())
                     running[name] = (proc, log, time.time())
                 print(f"start {name}: python {shlex.join(argv)}", flush=True)
             time.sleep(0.2)
@@ -349,15 +351,15 @@ def execute(runs, cfg, finished=lambda n: None):
                     n_ok += 1
                     finished(n_ok)
                 said = "done " if p.returncode == 0 else "FAIL "
-                print(f"{said} {name} in {time.time() - t:.0f}s"
-                      + (f" ({common.ended_how(p.returncode)}; see {log})" if p.returncode else "")
-                      + f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
+                ended = p.returncode and f" ({distributed.ended_how(p.returncode)}; see {log})"
+                print(f"{said} {name} in {time.time() - t:.0f}s{ended or ''}"
+                      f" | {(time.time() - t0) / 60:.1f} min so far", flush=True)
     except BaseException as e:  # (Ctrl-C or SIGTERM sent to the lab alone, or an error of its
         # own, such as a log path that is a folder: its runs went on as orphans)
         # (Ctrl-C: a terminal's reached them too: their own exit first, not a second interrupt
         # in their last words; a further signal meanwhile is dropped, not left to cut the stop)
-        common.stop_processes([proc for proc, _, _ in running.values()],
-                              grace=isinstance(e, KeyboardInterrupt))
+        distributed.stop_processes([proc for proc, _, _ in running.values()],
+                                   grace=isinstance(e, KeyboardInterrupt))
         # (one that ended well before its poll, or in the stop's grace wait, is kept: it was
         # run again from nothing, a reward model's 23 minutes among them)
         for name, (p, _, _) in running.items():
@@ -1155,8 +1157,8 @@ def lab_stamp(cfg):
     files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt)
                    if f.endswith((".safetensors", ".bin", "config.json")))
     world = [os.path.join(cfg.world, "world.json")]
-    return {"sft": {os.path.basename(p): h for p, h in common.file_digests(files).items()},
-            "world": list(common.file_digests(world).values()),
+    return {"sft": {os.path.basename(p): h for p, h in rundir.file_digests(files).items()},
+            "world": list(rundir.file_digests(world).values()),
             "flags": {"steps": cfg.steps, "eval_limit": cfg.eval_limit}}
 
 
@@ -1204,11 +1206,11 @@ def refuse_unfinished_sft(cfg):
     """An --sft run still written (a killed pipeline's SFT process), or stopped before its last
     step: every run would start from a model its run was not to make (a note in each run's log
     said so)."""
-    holder = common.lock_holder(cfg.sft)
+    holder = rundir.lock_holder(cfg.sft)
     if holder:
         raise common.ConfigError(f"--sft {cfg.sft}: a process (pid {holder}) is still writing "
                                  "there; wait for it to end, or stop it")
-    progress = common.run_progress(cfg.sft)
+    progress = rundir.run_progress(cfg.sft)
     if progress and progress[0] < progress[1]:
         raise common.ConfigError(f"--sft {cfg.sft} stopped at step {progress[0]} of "
                                  f"{progress[1]} (unfinished): finish it (sft.py with --out "
@@ -1222,7 +1224,7 @@ def refuse_live_writers(cfg, runs, stale):
         if is_done(done) and name not in stale:  # (done: left as it is)
             continue
         folder = os.path.join(cfg.out, name)
-        holder = common.lock_holder(folder)
+        holder = rundir.lock_holder(folder)
         if holder:
             raise common.ConfigError(f"{folder}: a process (pid {holder}) is still writing there "
                                      "(a run of a lab stopped earlier?); wait for it to end, or "
@@ -1281,7 +1283,7 @@ def run_lab(cfg):
     cfg = common.replace_config(cfg, out=spelled(cfg.out), sft=spelled(cfg.sft),
                                 world=spelled(cfg.world))
     if not cfg.report_only:  # (every run would fail, and the report be written of none)
-        common.check_device(cfg.device)
+        distributed.check_device(cfg.device)
     unknown = [c for c in cfg.claims if c not in CLAIMS]
     if unknown:
         raise common.ConfigError(f"--claims: unknown '{unknown[0]}' "
@@ -1298,7 +1300,7 @@ def run_lab(cfg):
         refuse_scalar_model(resolve_checkpoint(cfg.sft))
         refuse_unfinished_sft(cfg)
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)  # (checked, never rewritten)
-        other = common.other_world(resolve_checkpoint(cfg.sft), cfg.world)
+        other = rundir.other_world(resolve_checkpoint(cfg.sft), cfg.world)
         if other:  # (every run trained, and was scored, on a world the SFT never saw)
             raise common.ConfigError(f"--sft {cfg.sft} {other[1]}: pass the world it was trained "
                                      "on (--world, --world_seed), or its SFT (--sft)")
@@ -1311,10 +1313,10 @@ def run_lab(cfg):
             raise common.ConfigError(f"--world {cfg.world} holds the world of seed {was}, not "
                                      f"--world_seed {cfg.world_seed}: pass its seed")
     for flag, path in (("--out", cfg.out), ("--results", cfg.results), ("--plots", cfg.plots)):
-        common.refuse_in_world(flag, path, cfg.world)
+        rundir.refuse_in_world(flag, path, cfg.world)
     for flag, path in (("--out", cfg.out), ("--plots", cfg.plots)):
-        common.check_output_path(flag, path)
-    common.check_output_path("--results", cfg.results, folder=False)  # (checked before any run:
+        rundir.check_output_path(flag, path)
+    rundir.check_output_path("--results", cfg.results, folder=False)  # (checked before any run:
     # it is written once they have ended)
     refuse_foreign_results(cfg.results)
     refuse_foreign_plots(cfg.plots)
@@ -1327,12 +1329,12 @@ def run_lab(cfg):
                                  "--out and --seeds")
     if cfg.report_only:  # (a typo'd --seeds or --claims: a report of runs that never ran)
         refuse_unmeasured(cfg)
-        common.refuse_unread(cfg, ["jobs", "device"], "with --report_only true (nothing is run); "
+        rundir.refuse_unread(cfg, ["jobs", "device"], "with --report_only true (nothing is run); "
                              "drop it")
     if not cfg.report_only:  # (before lab.json is written: a lab refused here, a second one on
         # this --out, had replaced the stamp of the lab running there with its own SFT's)
-        common.ensure_writable(cfg.out)
-        common.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
+        rundir.ensure_writable(cfg.out)
+        rundir.lock_out(cfg.out)  # one lab per --out (two trained one run folder at once)
     stamp = check_out_matches(cfg)
     if cfg.report_only:  # (a report of runs today's lab would not make)
         # (of the claims reported: another claim's stale runs leave it out of the report, as in
@@ -1377,6 +1379,6 @@ def run_lab(cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    common.interrupt_on_sigterm()
+    distributed.interrupt_on_sigterm()
     with common.user_errors(interrupted=INTERRUPTED):  # (said where its output's reader ended)
         main(cfg)

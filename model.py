@@ -802,7 +802,7 @@ class LLaVA(nn.Module):
         # the files the model came from (export_peft_adapter then writes its own base)
         self.base_edited = False
         self.gradient_checkpointing = False
-        # FSDP (common.shard_model): every rank must run the same collectives, so a micro-batch
+        # FSDP (distributed.shard_model): every rank must run the same collectives, so a micro-batch
         # without an image runs the tower too (on a blank image, its features weighted 0)
         self.encode_every_batch = False
         if not any(p.is_meta for p in self.parameters()):

@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import common
+import distributed
+import rundir
 from checkpoint import base_fingerprint, base_weights_dir, is_peft_dir, latest_checkpoint
 
 
@@ -115,7 +117,7 @@ def refuse_stale_models(cfg, models):
         # checkpoint can be older than the model (one pipeline replaced the SFT while another's
         # later stages still trained on the first). By name (checkpoint-N): a ckpt/ tree moved
         # elsewhere keeps working; a replacing run of as many steps is left to the time check
-        init = common.recorded_init(m) if m_time is not None and sft_now else None
+        init = rundir.recorded_init(m) if m_time is not None and sft_now else None
         other = init is not None and os.path.basename(os.path.normpath(init)) != \
             os.path.basename(sft_now)
         stale = other or (sft_time is not None and m_time is not None and m_time < sft_time)
@@ -144,7 +146,7 @@ def refuse_unusable_inputs(cfg, runs):
     stopped before its last step (its newest checkpoint is not the model its run was to make),
     or one that stopped before its first checkpoint (nothing to read)."""
     for run in runs:
-        holder = common.lock_holder(run)
+        holder = rundir.lock_holder(run)
         if holder:
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run}: a process (pid "
                                      f"{holder}) is still writing there (a stage of a pipeline "
@@ -154,7 +156,7 @@ def refuse_unusable_inputs(cfg, runs):
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run} holds no checkpoint "
                                      "(its run stopped before its first): train it again "
                                      f"(--stages {stage},... --overwrite true)")
-        progress = common.run_progress(run)
+        progress = rundir.run_progress(run)
         if progress and progress[0] < progress[1]:
             stage = os.path.basename(run)
             raise common.ConfigError(f"--stages {','.join(cfg.stages)}: {run} stopped at step "
@@ -175,7 +177,7 @@ def refuse_rewritten_world(cfg):
     parameters: every later stage would read another world than the SFT model learnt."""
     sft = os.path.join(cfg.out, "sft")
     ck = latest_checkpoint(sft) if os.path.isdir(sft) else None
-    other = common.other_world(ck, cfg.world) if ck else None
+    other = rundir.other_world(ck, cfg.world) if ck else None
     if other:
         hint = {"rewritten": "run every stage again (--overwrite true), or pass the world it was "
                              "trained on",
@@ -240,7 +242,7 @@ _lane_failed = threading.Event()  # set when a stage fails: no lane starts anoth
 def stop_stages():
     """Ctrl-C: the running stages get it too (they were sent it alone when the pipeline was)."""
     _stopping.set()
-    common.stop_processes(list(_running))  # (a second signal meanwhile is dropped)
+    distributed.stop_processes(list(_running))  # (a second signal meanwhile is dropped)
 
 
 def run_lane(names, commands, here, env, times):
@@ -255,13 +257,13 @@ def run_lane(names, commands, here, env, times):
         t0 = time.time()
         # in the caller's folder: its relative paths hold
         # (its Ctrl-C line is the pipeline's to say; it dies with the pipeline: a pipeline killed
-        # outright left it training on, common.end_with_the_launcher)
+        # outright left it training on, distributed.end_with_the_launcher)
         stage_env = {**(env or os.environ), common.INTERRUPT_SAID_BY: "1",
                      common.STARTED_BY: str(os.getpid())}
         # (a SIGTERM or Ctrl-C between starting it and recording it is taken once it is recorded:
         # raised between the two, the stop did not know the stage, as in lab.execute)
-        with common.stop_signals_deferred():
-            proc = subprocess.Popen(cmd, env=stage_env, **common.stage_process_kwargs())
+        with distributed.stop_signals_deferred():
+            proc = subprocess.Popen(cmd, env=stage_env, **distributed.stage_process_kwargs())
             _running.add(proc)
         if _stopping.is_set():  # (started while stop_stages went through the others)
             proc.send_signal(signal.SIGINT)
@@ -292,17 +294,17 @@ def main(cfg):
 def run_pipeline(cfg):
     common.refuse_torchrun("pipeline.py", "it starts each stage as a process of its own")
     if "sft" not in cfg.stages:  # (the preset of the SFT from scratch)
-        common.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
+        rundir.refuse_unread(cfg, ["model"], "without sft in --stages; drop it")
     if "eval" not in cfg.stages:
-        common.refuse_unread(cfg, ("eval_out", "eval_limit"), "without eval in --stages; drop it")
+        rundir.refuse_unread(cfg, ("eval_out", "eval_limit"), "without eval in --stages; drop it")
     if set(cfg.stages) == {"eval"}:  # (eval scores what is there: it trains nothing, moves nothing)
-        common.refuse_unread(cfg, ("steps", "overwrite"), "with --stages eval alone (it trains "
+        rundir.refuse_unread(cfg, ("steps", "overwrite"), "with --stages eval alone (it trains "
                              "nothing; its stored answers are reused unless the models changed); "
                              "drop it")
     common.seed_suffix(cfg, Config, ("world", "out", "eval_out"))
     for name in ("world", "out", "eval_out"):  # (each passed on to the stages)
         setattr(cfg, name, common.dash_free(getattr(cfg, name)))
-    common.check_device(cfg.device)
+    distributed.check_device(cfg.device)
     commands = stage_commands(cfg)
     if cfg.overwrite:  # (without it a training stage refuses an --out that holds a run)
         overwrite = ["--overwrite", "true"]
@@ -329,11 +331,11 @@ def run_pipeline(cfg):
     for stage in cfg.stages if not cfg.overwrite else ():  # (the stage's own hint names flags
         # the pipeline does not take)
         out = os.path.join(cfg.out, stage)
-        if stage != "eval" and common.holds_run(out):
+        if stage != "eval" and rundir.holds_run(out):
             use = f"or leave {stage} out of --stages to use it" \
                 if has_checkpoint(out) else \
                 "(it stopped before its first checkpoint: nothing there to use)"
-            progress = common.run_progress(out)
+            progress = rundir.run_progress(out)
             if progress and progress[0] < progress[1]:  # (a pipeline stopped in it: "use it" led
                 # to the refusal of an unfinished run)
                 use = (f"or finish it (it stopped at step {progress[0]} of {progress[1]}: "
@@ -345,11 +347,11 @@ def run_pipeline(cfg):
     outputs = [("--out", cfg.out), ("--world", cfg.world)]
     outputs += [("--eval_out", cfg.eval_out)] if "eval" in cfg.stages else []
     for flag, path in outputs:
-        common.check_output_path(flag, path)
+        rundir.check_output_path(flag, path)
     # (the sft stage refused it, after the pipeline's lock was left among the world's files)
-    common.refuse_in_world("--out", cfg.out, cfg.world, "the stages' runs")
+    rundir.refuse_in_world("--out", cfg.out, cfg.world, "the stages' runs")
     if "eval" in cfg.stages:  # (eval's lock met the pipeline's own, after every stage trained)
-        common.refuse_in_world("--eval_out", cfg.eval_out, cfg.world, "eval's answers")
+        rundir.refuse_in_world("--eval_out", cfg.eval_out, cfg.world, "eval's answers")
         real = os.path.realpath(cfg.eval_out)
         runs = [os.path.realpath(os.path.join(cfg.out, s)) for s in STAGES if s != "eval"]
         # (in a checkpoint of a run: eval wrote its answers among the weights)
@@ -365,8 +367,8 @@ def run_pipeline(cfg):
     if "eval" in cfg.stages and left_out:
         print(f"note: eval leaves out {', '.join(left_out)}: trained on another SFT than the one "
               "these stages train", flush=True)
-    common.ensure_writable(cfg.out)
-    common.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
+    rundir.ensure_writable(cfg.out)
+    rundir.lock_out(cfg.out)  # one pipeline per --out (a second replaced the SFT under the first)
     here = os.path.dirname(os.path.abspath(__file__))
     times, t_start = {}, time.time()
     run_stages(cfg, commands, here, times)
@@ -402,8 +404,8 @@ def run_stages(cfg, commands, here, times):
             # exit code 2: the stage printed its one line naming the bad input (and the '=== name'
             # header above it says which stage); a second line would only repeat it
             if code != 2:  # (killed by a signal: -9 read as 'exit code -9', the job's 247)
-                how = f"was {common.ended_how(code)}" if code < 0 else \
-                    f"failed with {common.ended_how(code)}"
+                how = f"was {distributed.ended_how(code)}" if code < 0 else \
+                    f"failed with {distributed.ended_how(code)}"
                 print(f"error: stage '{name}' {how}; later stages not run", file=sys.stderr)
                 code = 128 - code if code < 0 else code  # (a shell's code for a signal's death)
             elif len(lanes) > 1 and cfg.jobs > 1:  # (its line is above the other lane's output)
@@ -414,6 +416,6 @@ def run_stages(cfg, commands, here, times):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    common.interrupt_on_sigterm()
+    distributed.interrupt_on_sigterm()
     with common.user_errors(interrupted=INTERRUPTED):  # (said where its output's reader ended)
         main(cfg)

@@ -66,14 +66,16 @@ import torch
 import torch.distributed as dist
 
 import common
+import distributed
+import rundir
 import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
 from checkpoint import (base_weights_dir, import_llava_rlhf_command, is_peft_dir,
-                        llava_rlhf_reward_of, load_adapters, refuse_scalar_model,
-                        resolve_checkpoint)
+                        llava_rlhf_reward_of, load_adapters, recorded_template,
+                        refuse_scalar_model, resolve_checkpoint)
 from model import entropy_of, tempered_log_softmax
 
 
@@ -273,7 +275,7 @@ def gae(rewards, values, gamma, lam):
 def whiten(x, mask, d, eps=1e-8):
     """(x - mean) / (std + eps), mean and (biased) std over the masked entries of the whole global
     batch."""
-    xs = common.all_gather_cat(x, d)[common.all_gather_cat(mask, d).bool()]
+    xs = distributed.all_gather_cat(x, d)[distributed.all_gather_cat(mask, d).bool()]
     return (x - xs.mean()) / (xs.std(unbiased=False) + eps) * mask
 
 
@@ -424,7 +426,7 @@ def check_policy_template(cfg, init_dir, template):
     """The policy's prompts are rendered with the reward model's template (LLaVA-RLHF uses one for
     both): an SFT checkpoint of ours (init_dir) that recorded another one is refused, not
     re-prompted."""
-    sft_template = common.recorded_template(init_dir)
+    sft_template = recorded_template(init_dir)
     if sft_template is not None and sft_template != template:
         raise common.ConfigError(f"--init {cfg.init}: trained with --template {sft_template}, "
                                  f"but --reward {cfg.reward} with --template {template}: PPO "
@@ -498,7 +500,7 @@ def folder_digest(folder, names):
     so one retrained, replaced or grown since the run started is found there (the run went on
     scoring with the new reward model, or took the new adapter as its KL reference, without a
     word)."""
-    digests = common.file_digests([os.path.join(folder, name) for name in names])
+    digests = rundir.file_digests([os.path.join(folder, name) for name in names])
     return {os.path.basename(path): digest for path, digest in digests.items()}
 
 
@@ -529,7 +531,7 @@ def restore_extra(extra, policy, critic, gen, d):
                        (list(critic.heads["value"].parameters()), extra["value_head"])):
             for p, t in zip(ps, ts, strict=True):
                 p.copy_(t)
-    # bitwise resume; another world size continues from fresh streams (common.restore says so)
+    # bitwise resume; another world size continues from fresh streams (rundir.restore says so)
     if len(extra["generators"]) == d.world:
         gen.set_state(extra["generators"][d.rank])
     return extra["kl_coef"]
@@ -700,7 +702,7 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n_local, generator=g).to(ro["seq"].device)
         for s in range(0, n_local, mb):
-            n_tok = common.all_reduce_sum(ro["rmask"][perm[s:s + mb]].sum(), d).clamp(min=1)
+            n_tok = distributed.all_reduce_sum(ro["rmask"][perm[s:s + mb]].sum(), d).clamp(min=1)
             # (LLaVA-RLHF: every micro-batch's mean over its sequences x response columns)
             columns = len(perm[s:s + mb]) * d.world * cfg.max_new_tokens
             divisor = columns if cfg.loss_divisor == "columns" else None
@@ -732,7 +734,7 @@ def ppo_update(policy, critic, ro, adv, returns, opt, params, cfg, d, step):
             n_updates += 1
     keys = ("approx_kl", "clipfrac", "grad_norm", "pg_loss", "vf_clipfrac", "vf_loss")
     nan = torch.tensor(float("nan"), device=dev)
-    tot = common.all_reduce_sum(torch.stack([sums.get(k, nan) for k in keys]).cpu(), d)
+    tot = distributed.all_reduce_sum(torch.stack([sums.get(k, nan) for k in keys]).cpu(), d)
     out = {k: float(v) / max(n_updates, 1) / (d.world if k == "grad_norm" else 1)
            for k, v in zip(keys, tot)}
     return {**out, "skipped_updates": n_skipped} if cfg.skip_nonfinite else out
@@ -743,7 +745,7 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
     correctness, entropy, explained variance of the values, and on Shapes the oracle's hallucination
     rate."""
     dev = ro["score"].device
-    g = lambda x: common.all_gather_cat(x.float(), d)
+    g = lambda x: distributed.all_gather_cat(x.float(), d)
     m = g(ro["rmask"]).bool()
     typed = g(torch.tensor([c is not None for c in ro["correct"]], device=dev)).bool()
     right = g(torch.tensor([bool(c) for c in ro["correct"]], device=dev))
@@ -770,11 +772,11 @@ def rollout_stats(ro, returns, cfg, d, objects=None, prompts=None):
 
 def main(cfg):
     given = cfg  # (as given: '{world}' paths unresolved, for refuse_unread's defaults)
-    common.refuse_unread_shared(cfg)
+    rundir.refuse_unread_shared(cfg)
     if cfg.target_kl == 0:
-        common.refuse_unread(cfg, ["kl_horizon"], "with --target_kl 0 (a fixed --kl_coef); drop it")
+        rundir.refuse_unread(cfg, ["kl_horizon"], "with --target_kl 0 (a fixed --kl_coef); drop it")
     if cfg.kl_estimator == "k3":
-        common.refuse_unread(cfg, ["kl_clamp"], "with --kl_estimator k3 (k3 is >= 0 already); "
+        rundir.refuse_unread(cfg, ["kl_clamp"], "with --kl_estimator k3 (k3 is >= 0 already); "
                              "drop it")
     cfg, named = common.world_paths(cfg, ("data", "init"), ("captions",))
     # the oracle counts with the world's annotations: --data the world's prompts, by default or
@@ -782,10 +784,10 @@ def main(cfg):
     world_prompts = "data" in named or common.samefile(
         cfg.data, os.path.join(cfg.world, "rl_prompts.json"))
     if not world_prompts:
-        common.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
+        rundir.refuse_unread(cfg, ["oracle_every"], "with a --data outside the world (the oracle "
                              "counts with the world's annotations); drop it")
-    common.check_world("ppo.py", cfg.fsdp)
-    d = common.setup_dist(cfg.device, flags=cfg)
+    distributed.check_world("ppo.py", cfg.fsdp)
+    d = distributed.setup_dist(cfg.device, flags=cfg)
     common.seed_everything(cfg.seed)
     for flag, ok, want in (
             ("kl_estimator", cfg.kl_estimator in ("k1", "k3"), "k1 or k3"),
@@ -804,19 +806,19 @@ def main(cfg):
         print("note: --rollout_batch 1 with --max_new_tokens 1: advantages whitened over one "
               "token are 0, so the policy does not move (the value model trains)", flush=True)
     if cfg.policy_lora:  # (the adapter's own rank, alpha, dropout and projections are used)
-        common.refuse_unread(cfg, ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+        rundir.refuse_unread(cfg, ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
                              "with --policy_lora (the adapter's own are used); drop it")
     if cfg.rollout_batch % cfg.minibatch_size or cfg.minibatch_size % d.world:
         raise common.ConfigError(f"--rollout_batch {cfg.rollout_batch} must be a multiple of "
                                  f"--minibatch_size {cfg.minibatch_size}, which must be a multiple "
                                  f"of the {d.world} processes")
-    common.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
+    rundir.claim_out(cfg, d, inits=[cfg.init, cfg.reward])
     # the Shapes world, written once if missing; checked where the oracle reads its annotations
     if named or world_prompts and cfg.oracle_every:
         shapes.ensure_world(cfg.world, seed=cfg.world_seed)
     # rollout sampling stream
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000003 + d.rank)
-    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    resume_path, state = rundir.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     rm = reward_settings(resolve_checkpoint(cfg.reward))
     digests = {"reward_digest": folder_digest(resolve_checkpoint(cfg.reward),
                                               ("config.json", "adapters.safetensors"))}
@@ -836,13 +838,13 @@ def main(cfg):
             "or retrained since: its files differ), which the frozen reference is made from "
             "again; put that one back, or start a new run")
     if not rm[0]:  # (the rollout hands the RM no facts)
-        common.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
+        rundir.refuse_unread(given, ["captions"], f"with --reward {cfg.reward}, trained without "
                              "facts (--facts false); drop it")
-    base = common.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
+    base = rundir.trained_base(resume_path, cfg.init)  # the SFT checkpoint the policy sits on
     check_policy_template(cfg, base, rm[2])
     if d.main:
         for flag, path in (("--init", cfg.init), ("--reward", cfg.reward)):
-            common.note_world(flag, path, cfg.world)
+            rundir.note_world(flag, path, cfg.world)
     policy, critic, tokenizer = build_roles(replace(cfg, init=base), d)
     prompts, dropped = load_prompts(cfg, rm[0], tokenizer, policy, rm[2], d)
     oracle = world_prompts and cfg.oracle_every  # the world's annotations: exact counts
@@ -852,7 +854,7 @@ def main(cfg):
     for p in prompts if oracle else []:
         objects[os.path.relpath(p["image"], cfg.world)]
     data_files = [cfg.data, cfg.captions]
-    common.start_writing(cfg, d, data_files, policy, critic)  # (critic: the RM, where not policy)
+    rundir.start_writing(cfg, d, data_files, policy, critic)  # (critic: the RM, where not policy)
     pol_params = policy.adapter_parameters("policy")
     val_params = critic.adapter_parameters("value") + list(critic.heads["value"].parameters())
     params = pol_params + val_params  # one AdamW, two parameter groups (policy lr, value lr)
@@ -860,7 +862,7 @@ def main(cfg):
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, kl_coef = 0, cfg.kl_coef
     if state is not None:  # the optimizer, and the random streams building the roles drew from
-        common.restore(policy, opt, resume_path, state, d, "the sampling streams (from --seed)")
+        rundir.restore(policy, opt, resume_path, state, d, "the sampling streams (from --seed)")
         kl_coef = restore_extra(state["extra"], policy, critic, gen, d)
         start = state["step"]
         if d.main:
@@ -925,7 +927,7 @@ def main(cfg):
             extra = trainer_extra(policy, critic, kl_coef, gen, d, digests)
             # base = the SFT checkpoint; reward/value adapters live in trainer_state
             with policy_only(policy):
-                common.save_checkpoint(policy, cfg.out, done, record, opt, tokenizer, base=base,
+                rundir.save_checkpoint(policy, cfg.out, done, record, opt, tokenizer, base=base,
                                        extra_state=extra, d=d)
     # the final checkpoint becomes the policy merged into the base (full weights)
     if cfg.export == "merged":
@@ -938,14 +940,14 @@ def main(cfg):
             policy.merge_adapter("policy")
         # (every rank: its random streams go into the checkpoint, which says how many wrote it;
         # saved by the main process alone, it said 1 and a resume restarted the others' streams)
-        path = common.save_checkpoint(policy, cfg.out, cfg.max_steps, record, opt, tokenizer,
+        path = rundir.save_checkpoint(policy, cfg.out, cfg.max_steps, record, opt, tokenizer,
                                       extra_state=extra, d=d)
         if d.main:
             print(f"exported the merged policy to {path}")
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.ending_process(), common.user_errors():
+    with distributed.ending_process(), common.user_errors():
         main(cfg)

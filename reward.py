@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import distributed
+import rundir
 import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize,
@@ -126,9 +128,9 @@ def preference_loss(r_chosen, r_rejected, n_global, center_coef, d):
     sign(m) * sum_local / n_global."""
     pair = -F.logsigmoid(r_chosen - r_rejected).sum() / n_global
     local = (r_chosen + r_rejected).sum() / n_global
-    m = common.all_reduce_sum(local.detach(), d)
+    m = distributed.all_reduce_sum(local.detach(), d)
     loss = pair + center_coef * torch.sign(m) * local
-    value = common.all_reduce_sum(pair.detach(), d) + center_coef * m.abs()
+    value = distributed.all_reduce_sum(pair.detach(), d) + center_coef * m.abs()
     return loss, value
 
 
@@ -289,7 +291,7 @@ def evaluate(model, val, cfg, tokenizer, images, d, keys=None):
     the whole)."""
     model.eval()
     sums = torch.zeros(4)  # correct, loss, margin, count
-    for chunk, counts in common.rank_chunks(len(val), cfg.batch_size, d):
+    for chunk, counts in distributed.rank_chunks(len(val), cfg.batch_size, d):
         b, _ = pair_batch(val, chunk, cfg, tokenizer, model, images, f"val-{cfg.seed}", keys)
         if b is None:
             continue
@@ -299,7 +301,7 @@ def evaluate(model, val, cfg, tokenizer, images, d, keys=None):
             loss = float(-F.logsigmoid(rc - rr).sum())
             margin = float((rc - rr).sum())
             sums += torch.tensor([correct, loss, margin, len(rc)])
-    sums = common.all_reduce_sum(sums, d)
+    sums = distributed.all_reduce_sum(sums, d)
     model.train()
     n = max(float(sums[3]), 1.0)
     return {"val_accuracy": float(sums[0]) / n, "val_loss": float(sums[1]) / n,
@@ -351,7 +353,7 @@ def import_llava_rlhf(cfg):
     read = {"import_llava_rlhf", "init", "vision_tower", "out", "overwrite", "device", "facts",
             "eval_prompt", "template", "prompt_space", "world", "world_seed"}  # (the world: the
     # context flags every stage takes)
-    common.refuse_unread(cfg, [f.name for f in fields(cfg) if f.name not in read],
+    rundir.refuse_unread(cfg, [f.name for f in fields(cfg) if f.name not in read],
                          "with --import_llava_rlhf (nothing is trained or read but its files); "
                          "drop it")
     common.require_paths(cfg, ["init"])
@@ -364,8 +366,8 @@ def import_llava_rlhf(cfg):
                                  "reward prompt is joined with a space, as its data_utils joins "
                                  "it); drop it")
     cfg = common.replace_config(cfg, prompt_space=True)
-    d = common.setup_dist(cfg.device, False, flags=cfg)
-    common.claim_out(cfg, d, inits=[cfg.init])
+    d = distributed.setup_dist(cfg.device, False, flags=cfg)
+    rundir.claim_out(cfg, d, inits=[cfg.init])
     # (the base as stored: its weights are only read for shapes, never changed nor written here;
     # read in fp32, the stages' default on a CPU, a 13B fp16 release took 52 GB)
     model, tokenizer = common.load_model_and_tokenizer(cfg.init, vision_tower=cfg.vision_tower,
@@ -375,31 +377,31 @@ def import_llava_rlhf(cfg):
                                  f"{sorted(model.adapters)}; the reward model's base has none")
     load_llava_rlhf_reward(model, cfg.import_llava_rlhf, "reward")
     model.set_adapter("reward")
-    common.start_writing(cfg, d, model=model)
+    rundir.start_writing(cfg, d, model=model)
     base = resolve_checkpoint(cfg.init)  # (the RM checkpoint points here for its frozen weights)
-    common.save_checkpoint(model, cfg.out, 0, cfg, None, tokenizer, base=base, d=d)
+    rundir.save_checkpoint(model, cfg.out, 0, cfg, None, tokenizer, base=base, d=d)
     print(f"{cfg.import_llava_rlhf} -> {cfg.out}: LoRA r {model.adapters['reward']['r']} and "
           f"reward head on {cfg.init} | facts {cfg.facts}, {cfg.eval_prompt} wording, "
           f"{cfg.template}, prompt joined with a space")
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 
 
 def main(cfg):
     if cfg.import_llava_rlhf:
         return import_llava_rlhf(cfg)
-    common.refuse_unread_shared(cfg)
+    rundir.refuse_unread_shared(cfg)
     if not cfg.facts:  # (plain RLHF: the reward prompt names no facts)
-        common.refuse_unread(cfg, ("captions", "caption_shuffle"), "with --facts false; drop it")
+        rundir.refuse_unread(cfg, ("captions", "caption_shuffle"), "with --facts false; drop it")
     if cfg.pairs == "injected":
-        common.refuse_unread(cfg, ("n_sampled", "sample_temperature", "sample_max_new_tokens"),
+        rundir.refuse_unread(cfg, ("n_sampled", "sample_temperature", "sample_max_new_tokens"),
                              "with --pairs injected (nothing is sampled); drop it")
     companions = ("val_data", "captions") if cfg.facts else ("val_data",)
     cfg, named = common.world_paths(cfg, ("data", "init"), companions)
-    common.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
+    distributed.check_world("reward.py", cfg.fsdp, batch_size=cfg.batch_size)
+    d = distributed.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
-    common.claim_out(cfg, d, inits=[cfg.init])
-    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    rundir.claim_out(cfg, d, inits=[cfg.init])
+    resume_path, state = rundir.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     if cfg.eval_prompt not in ("llava-rlhf", "short"):
         raise common.ConfigError("--eval_prompt must be 'llava-rlhf' or 'short', "
                                  f"got '{cfg.eval_prompt}'")
@@ -410,22 +412,22 @@ def main(cfg):
                                  "answers a prompt the same way twice, so every pair is a tie; "
                                  "pass a temperature > 0")
     if named or cfg.pairs == "sampled":  # rank 0 writes the world (if missing), the others wait
-        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+        distributed.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     # FSDP: built from --init as at the start, then the shards
-    sharded = common.sharded_resume(resume_path, d)
+    sharded = rundir.sharded_resume(resume_path, d)
     # the RM points here for its frozen weights
-    base = common.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
-    common.note_template("--init", cfg.init, cfg.template)
-    common.note_world("--init", cfg.init, cfg.world)
+    base = rundir.trained_base(resume_path, cfg.init, loads_adapters=not sharded)
+    rundir.note_template("--init", cfg.init, cfg.template)
+    rundir.note_world("--init", cfg.init, cfg.world)
     load_from = base if sharded else resume_path or base
     # (a run whose checkpoints are whole (--init's base weights changed as loaded: a PEFT
     # adapter's vision LoRA merged) goes on writing them whole)
-    if resume_path and not sharded and common.recorded_base(resume_path) is None:
+    if resume_path and not sharded and rundir.recorded_base(resume_path) is None:
         base = None
     # (a resumed run loads its own reward model)
     # (the checkpoint's own tokenizer: the world's would be another vocabulary)
     # (sampled pairs are drawn before sharding: on the run's device)
-    where = d.device if cfg.pairs == "sampled" else common.load_device(cfg, d)
+    where = d.device if cfg.pairs == "sampled" else distributed.load_device(cfg, d)
     model, tokenizer = common.load_model_and_tokenizer(load_from, vision_tower=cfg.vision_tower,
                                                        device=where, policy=resume_path is None,
                                                        dtype=common.base_dtype(cfg))
@@ -453,7 +455,7 @@ def main(cfg):
     model.set_trainable(adapters=["reward"], heads=["reward"])
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
-        common.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
+        distributed.shard_model(model, d, bf16=cfg.dtype == "bf16" and cfg.device == "cuda")
     if not train and stats:  # --pairs sampled: say how each prompt's two samples ended
         counts = stats["train"]
         raise common.ConfigError(f"--pairs sampled: no training pairs left: of {counts['prompts']} "
@@ -479,14 +481,14 @@ def main(cfg):
                                  f"(chosen and rejected, {len(val)} pairs): raise --max_len")
     val_too_long, val = len(val) - len(val_keys), [val[i] for i in val_keys]
     data_files = [cfg.data, cfg.val_data, cfg.captions if cfg.facts else ""]
-    common.start_writing(cfg, d, data_files, model)
+    rundir.start_writing(cfg, d, data_files, model)
     if cfg.pairs == "sampled" and d.main:
         common.write_json({"train": train, "val": val, "stats": stats},
                           os.path.join(cfg.out, "sampled_pairs.json"))
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
-        common.restore(model, opt, resume_path, state, d)
+        rundir.restore(model, opt, resume_path, state, d)
         start = state["step"]
         if d.main:
             print(f"resumed from {resume_path} at step {start}")
@@ -510,7 +512,7 @@ def main(cfg):
     t0, dropped, acc_sum, n_sum, metrics = time.time(), too_long, 0.0, 0, {}
     # a log line covers the steps since the last line, also across a --resume (the checkpoint
     # keeps each rank's running counts)
-    counts = common.own_state(state["extra"].get("log_counts"), d) if state else None
+    counts = rundir.own_state(state["extra"].get("log_counts"), d) if state else None
     if counts:
         dropped, acc_sum, n_sum = counts["dropped"], counts["acc"], counts["n"]
     timed = 0.0  # pairs since t0
@@ -522,7 +524,7 @@ def main(cfg):
         b, drop = pair_batch(train, idx, cfg, tokenizer, model, images, f"{cfg.seed}-{step}")
         dropped += drop
         n_local = 0.0 if b is None else b["input_ids"].shape[0] / 2
-        n_global = common.all_reduce_sum(torch.tensor(n_local), d)
+        n_global = distributed.all_reduce_sum(torch.tensor(n_local), d)
         if b is not None:
             rc, rr = forward_pairs(model, b, d.device)
         else:
@@ -538,7 +540,7 @@ def main(cfg):
         _, norm = common.optimizer_step(opt, trainable, d, step, cfg, value, reduce=False)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            acc = float(common.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
+            acc = float(distributed.all_reduce_sum(torch.tensor(acc_sum), d)) / max(n_sum, 1)
             grad_norm = norm if norm is not None else float("nan")
             pairs_per_s = round(timed / max(time.time() - t0, 1e-9), 1)
             log.log(done, loss=float(value), train_acc=acc, lr=lr, grad_norm=grad_norm,
@@ -548,8 +550,8 @@ def main(cfg):
             metrics = evaluate(model, val, cfg, tokenizer, images, d, val_keys)
             log.log(done, **metrics)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            counts = common.rank_states({"dropped": dropped, "acc": acc_sum, "n": n_sum}, d)
-            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d,
+            counts = rundir.rank_states({"dropped": dropped, "acc": acc_sum, "n": n_sum}, d)
+            rundir.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, base=base, d=d,
                                    extra_state={"log_counts": counts})
     if val and not metrics:  # (resumed after the last step)
         metrics = evaluate(model, val, cfg, tokenizer, images, d, val_keys)
@@ -584,10 +586,10 @@ def main(cfg):
             if "val_accuracy_other_facts" in metrics:
                 print(f"with another image's captions as the facts: "
                       f"{metrics['val_accuracy_other_facts']:.3f} (how much the facts are read)")
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.ending_process(), common.user_errors():
+    with distributed.ending_process(), common.user_errors():
         main(cfg)

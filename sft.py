@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import distributed
+import rundir
 import oracle
 import shapes
 from model import PRESETS
@@ -222,7 +224,7 @@ class Tokenized:
             except common.ConfigError as e:
                 held, fault = {}, (e.index, str(e))
             counts = {j: None if t is None else int(t[1].sum()) for j, t in held.items()}
-            shares = common.rank_states((counts, fault), d)
+            shares = rundir.rank_states((counts, fault), d)
             faults = sorted(f for _, f in shares if f is not None)
             if faults:
                 raise common.ConfigError(faults[0][1])
@@ -322,59 +324,60 @@ def main(cfg):
         raise common.ConfigError("--lora_r 0 with --train_vision, --train_projector and --train_lm "
                                  "false: nothing to train")
     fresh = not cfg.init  # a fresh model reads a tokenizer and aligns first
-    common.refuse_unread_shared(cfg, [cfg.warmup, cfg.instruct_warmup] if fresh else [cfg.warmup])
+    rundir.refuse_unread_shared(cfg, [cfg.warmup, cfg.instruct_warmup] if fresh else [cfg.warmup])
     if not fresh:  # (a fresh model's preset and stages)
-        common.refuse_unread(cfg, ("model", "align_steps", "read_steps", "align_batch_size",
+        rundir.refuse_unread(cfg, ("model", "align_steps", "read_steps", "align_batch_size",
                                    "align_data", "read_data", "instruct_lr", "instruct_warmup"),
                              "with --init (the checkpoint's architecture, no alignment or reading "
                              "stage); drop it")
     else:
-        common.refuse_unread(cfg, ["vision_tower"], "without --init (a fresh --model builds its "
+        rundir.refuse_unread(cfg, ["vision_tower"], "without --init (a fresh --model builds its "
                              "own CLIP tower); drop it")
     if cfg.lora_r > 0:
-        common.refuse_unread(cfg, ["train_lm"], "with --lora_r > 0 (LoRA trains the language "
+        rundir.refuse_unread(cfg, ["train_lm"], "with --lora_r > 0 (LoRA trains the language "
                              "model); drop it")
     if not (cfg.train_vision or cfg.train_projector):  # (the ratio is their learning rate's)
-        common.refuse_unread(cfg, ["vision_lr_ratio"], "with --train_vision false and "
+        rundir.refuse_unread(cfg, ["vision_lr_ratio"], "with --train_vision false and "
                              "--train_projector false (neither trains); drop it")
     if not cfg.report:
-        common.refuse_unread(cfg, ["report_n"], "with --report false; drop it")
+        rundir.refuse_unread(cfg, ["report_n"], "with --report false; drop it")
     reads = ("data", "tokenizer") if fresh else ("data",)
     companions = ("val_data", "align_data", "read_data") if fresh else ("val_data",)
     cfg, named = common.world_paths(cfg, reads, companions)
     for data_flag, steps_flag in (("align_data", "align_steps"), ("read_data", "read_steps")):
         # (a --data outside the world brings none; 0 steps asks for what happens anyway)
         if fresh and not getattr(cfg, data_flag) and getattr(cfg, steps_flag) > 0:
-            common.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
+            rundir.refuse_unread(cfg, [steps_flag], f"without --{data_flag} (the world's goes with "
                                  f"the world's --data); pass --{data_flag} FILE or drop it")
     # flags of a stage given no step are not read: refused as given (the world's paths are their
     # defaults), a data flag only where it names a file ('' agrees with the 0 steps)
     if fresh and cfg.align_steps == 0:
         unread = ["align_batch_size", "align_data"] if given.align_data else ["align_batch_size"]
-        common.refuse_unread(given, unread, "with --align_steps 0 (no alignment stage); drop it")
+        rundir.refuse_unread(given, unread, "with --align_steps 0 (no alignment stage); drop it")
     if fresh and cfg.read_steps == 0 and given.read_data:
-        common.refuse_unread(given, ["read_data"], "with --read_steps 0 (no reading stage); drop "
+        rundir.refuse_unread(given, ["read_data"], "with --read_steps 0 (no reading stage); drop "
                              "it")
     if fresh and not (cfg.read_data and cfg.read_steps > 0):  # (the last stage's lr is --lr)
-        common.refuse_unread(cfg, ["instruct_lr", "instruct_warmup"], "without a reading stage "
+        rundir.refuse_unread(cfg, ["instruct_lr", "instruct_warmup"], "without a reading stage "
                              "(instruction tuning then runs at --lr and --warmup); drop it")
     if "data" not in named:
-        common.refuse_unread(cfg, ["report_n"], "with a --data outside the world (the report "
+        rundir.refuse_unread(cfg, ["report_n"], "with a --data outside the world (the report "
                              "asks the world's questions); drop it")
     if not cfg.lrv:
-        common.refuse_unread(cfg, ["neg_ratio"], "without --lrv true; drop it")
+        rundir.refuse_unread(cfg, ["neg_ratio"], "without --lrv true; drop it")
     refuse_val_in_stages(cfg, fresh)
     aligning = bool(cfg.align_data) and fresh and cfg.align_steps > 0
     align_steps, read_steps = stage_steps(cfg, cfg.max_steps)
     reading = read_steps > 0
     # (a stage that gets no step, as with --max_steps 1, has no batch to split)
     align_sizes = {"align_batch_size": cfg.align_batch_size} if align_steps else {}
-    common.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size, **align_sizes)
-    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
+    distributed.check_world("sft.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size,
+                            **align_sizes)
+    d = distributed.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
-    common.claim_out(cfg, d, inits=[cfg.init])
+    rundir.claim_out(cfg, d, inits=[cfg.init])
     if named or cfg.lrv:  # rank 0 writes the Shapes world once (if missing), the others wait
-        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+        distributed.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     geometry, note = None, None
     if fresh and (named or cfg.lrv):  # a fresh model sees the world's images, one patch a cell
         world_params = shapes.load_params(cfg.world)
@@ -391,7 +394,7 @@ def main(cfg):
     skipped += read_skipped
     if skipped and d.main:  # (once, as dpo says it)
         print(f"skipped {len(skipped)} bad records (--skip_bad); first: {skipped[0]}")
-    resume_path, state = common.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
+    resume_path, state = rundir.load_resume(cfg.out, cfg) if cfg.resume else (None, None)
     planned = state and state["run_config"].get("max_steps")
     was = stage_steps(cfg, planned) if state else (align_steps, read_steps)
     if was != (align_steps, read_steps):
@@ -403,14 +406,15 @@ def main(cfg):
                                  "--out")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" and cfg.device == "cuda" else None
     # FSDP: built from --init, the shards later
-    sharded = common.sharded_resume(resume_path, d)
+    sharded = rundir.sharded_resume(resume_path, d)
     # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
     # --init's run folder has grown since)
-    init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
+    init = rundir.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
     load_from = init if sharded else resume_path or init
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       tokenizer_dir, common.load_device(cfg, d),
+                                                       tokenizer_dir,
+                                                       distributed.load_device(cfg, d),
                                                        geometry=geometry,
                                                        tokenizer_flag=tokenizer_flag,
                                                        dtype=common.base_dtype(cfg),
@@ -418,11 +422,11 @@ def main(cfg):
     if note and not load_from and d.main:  # (a resumed run's checkpoint holds it already)
         print(note)
     if d.main:  # (the world's note only where this run reads the world)
-        common.note_world("--init", cfg.init, cfg.world if named or cfg.lrv else None)
+        rundir.note_world("--init", cfg.init, cfg.world if named or cfg.lrv else None)
     if cfg.lora_r > 0 and not sharded:
         common.refuse_merged_resume(resume_path, model, "sft")
     if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)
-        common.fold_init_adapters(model)
+        rundir.fold_init_adapters(model)
     if cfg.lora_r > 0 and "sft" not in model.adapters:
         model.add_adapter("sft", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.lora_r > 0:
@@ -437,7 +441,7 @@ def main(cfg):
         model.cast_base(dtype, keep_trained=cfg.lora_r > 0 or not cfg.train_lm)
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
-        common.shard_model(model, d, bf16=dtype is not None)
+        distributed.shard_model(model, d, bf16=dtype is not None)
     images = ImageCache(model.config.image_size)
     first = align_steps + read_steps  # (stage 3's first step: --data's batches, this rank's share)
     taken = items_taken(range(max(first, state["step"] if state else 0), cfg.max_steps),
@@ -486,12 +490,12 @@ def main(cfg):
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.val_data]
     data_files += [cfg.align_data] if aligning else []
     data_files += [cfg.read_data] if reading else []
-    common.start_writing(cfg, d, data_files, model)
+    rundir.start_writing(cfg, d, data_files, model)
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay,
                                 vision_lr_ratio=cfg.vision_lr_ratio)
     start = 0
     if state is not None:
-        common.restore(model, opt, resume_path, state, d)
+        rundir.restore(model, opt, resume_path, state, d)
         start = state["step"]
         if d.main:
             print(f"resumed from {resume_path} at step {start}")
@@ -507,7 +511,7 @@ def main(cfg):
               f"model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
               f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    autocast = common.bf16_autocast(cfg)
+    autocast = distributed.bf16_autocast(cfg)
     stages = run_stages(cfg, align, align_steps, read, read_steps, train)
     model.train()
     t0, tokens = time.time(), 0
@@ -521,7 +525,7 @@ def main(cfg):
                               cfg.warmup_from_zero)
         common.set_lr(opt, lr)
         idx = common.batch_indices(step, len(dataset), batch_size, cfg.seed, d.rank, d.world)
-        n_global = common.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)
+        n_global = distributed.all_reduce_sum(dataset.n_labels[idx].sum().float(), d).clamp(min=1)
         loss_sum = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
         micro = [idx[i::cfg.grad_accum] for i in range(cfg.grad_accum)]
         for chunk in micro:
@@ -545,20 +549,20 @@ def main(cfg):
         if val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
             log.log(done, val_loss=validation_loss(model, val, cfg, tokenizer, d))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
+            rundir.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
     reporting = "data" in named and cfg.report
     if cfg.fsdp and (cfg.lora_r > 0 or reporting):  # the LoRA merge and the report need the
         # whole model: rank 0 gathers it, on the GPU only for the report's answers, the optimizer
         # let go first (a full copy beside its state ran a 13B GPU out of memory)
         opt = None
-        model = common.gather_full_model(model, d, d.device if reporting else "cpu")
+        model = distributed.gather_full_model(model, d, d.device if reporting else "cpu")
     # the SFT model later stages start from: adapter merged into the base
     if cfg.lora_r > 0 and d.main:
         model.merge_adapter("sft")
-        common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
+        rundir.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
     if reporting and d.main:  # the world's held-out questions, scored exactly
         report(model, tokenizer, cfg)
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 
 
 def refuse_val_in_stages(cfg, fresh):
@@ -628,15 +632,16 @@ def validation_loss(model, val, cfg, tokenizer, d):
     model.eval()
     n = min(len(val), cfg.eval_batches * cfg.batch_size)
     total, count = torch.zeros(()), torch.zeros(())
-    for chunk, counts in common.rank_chunks(n, cfg.batch_size, d):
+    for chunk, counts in distributed.rank_chunks(n, cfg.batch_size, d):
         batch = common.to_device(make_batch([val[i] for i in chunk], tokenizer, cfg), d.device)
-        with common.bf16_autocast(cfg):
+        with distributed.bf16_autocast(cfg):
             loss = lm_loss(model, batch, 1.0).float().cpu()
         if counts:
             total += loss
             count += val.n_labels[chunk].sum()
     model.train()
-    return float(common.all_reduce_sum(total, d) / common.all_reduce_sum(count, d).clamp(min=1))
+    total, count = distributed.all_reduce_sum(total, d), distributed.all_reduce_sum(count, d)
+    return float(total / count.clamp(min=1))
 
 
 def report_questions(model, tokenizer, cfg, images=None):
@@ -682,5 +687,5 @@ def report(model, tokenizer, cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.ending_process(), common.user_errors():
+    with distributed.ending_process(), common.user_errors():
         main(cfg)

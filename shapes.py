@@ -1247,12 +1247,12 @@ def _clean_leftovers(out_dir):
     folder (OUT.tmpPID) is removed; its replaced world (OUT.oldPID) is put back where out_dir is
     missing (killed between its two renames: the only copy), else removed. A folder of such a name
     holding anything a world does not is not a write's: left alone."""
-    import common
+    import rundir
     parent, base = os.path.split(out_dir)
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(base) + r"\.(tmp|old)(\d+)", name)
         path = os.path.join(parent, name)
-        if (not m or common.pid_alive(int(m.group(2))) or not os.path.isdir(path)
+        if (not m or rundir.pid_alive(int(m.group(2))) or not os.path.isdir(path)
                 or _foreign(path, WORLD_FILES)):
             continue
         if m.group(1) == "old" and not os.path.exists(out_dir) and _fingerprint(path):

@@ -1488,12 +1488,12 @@ def test_checkpoint_folders_are_ordered_by_step_and_odd_names_are_passed_over(tm
     old checkpoints were dropped by name, so past step 999999 (seven digits) the newest sorted
     first and was the one removed."""
     import checkpoint
-    import common
+    import rundir
     for name in ("checkpoint-999998", "checkpoint-999999", "checkpoint-1000000", "checkpoint-²"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1000000")
-    common._drop_old_checkpoints(str(tmp_path), keep=2)
+    rundir._drop_old_checkpoints(str(tmp_path), keep=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1000000", "checkpoint-999999",
                                             "checkpoint-²"]
 

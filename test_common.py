@@ -11,6 +11,9 @@ import pytest
 import torch
 
 import common
+import distributed
+import rundir
+from checkpoint import FORMAT_VERSION, base_fingerprint
 from conftest import HERE, run_cli, two_ranks
 from model import LLaVA
 
@@ -108,8 +111,8 @@ def test_a_folder_made_half_way_is_removed_when_the_next_fails(tmp_path, monkeyp
     left them behind, empty (the folders are noted before makedirs now)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(common.ConfigError, match="cannot be written"):
-        common.ensure_writable(os.path.join("a", "new", "x" * 256, "run"))
-    common.release_locks()
+        rundir.ensure_writable(os.path.join("a", "new", "x" * 256, "run"))
+    rundir.release_locks()
     assert os.listdir(tmp_path) == []
 
 
@@ -188,10 +191,10 @@ def test_rng_state_puts_back_every_stream():
     gen = torch.Generator().manual_seed(5)
     draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())),
                     float(torch.rand((), generator=gen)))
-    state = common.rng_state({"g": gen})
+    state = rundir.rng_state({"g": gen})
     first = draw()
     draw()
-    common.set_rng_state(state, {"g": gen})
+    rundir.set_rng_state(state, {"g": gen})
     assert draw() == first
 
 
@@ -234,28 +237,28 @@ def run_without(cfg, out, fields):
     ckpt = out / "checkpoint-000003"
     os.makedirs(ckpt)
     (ckpt / "config.json").write_text("{}")
-    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
-                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    torch.save({"format_version": FORMAT_VERSION, "step": 3, "run_config": old,
+                "rng": rundir.rng_state()}, ckpt / "trainer_state.pt")
     return ckpt, old
 
 
 def test_resume_of_a_run_started_before_a_field_was_added(tmp_path):
-    """A run whose config predates a field (common.ADDED_FIELDS: reward.py's prompt_space and
+    """A run whose config predates a field (rundir.ADDED_FIELDS: reward.py's prompt_space and
     vision_tower) resumes as long as the field keeps the value that means what the stage did
     before; another value is a different config, named."""
     import reward
     cfg = reward.Config(out=str(tmp_path))
     ckpt, old = run_without(cfg, tmp_path, ("prompt_space", "vision_tower"))
-    path, state = common.load_resume(str(tmp_path), cfg)
+    path, state = rundir.load_resume(str(tmp_path), cfg)
     assert path == str(ckpt) and state["step"] == 3
     with pytest.raises(common.ConfigError, match="field 'prompt_space' was False, now True"):
-        common.load_resume(str(tmp_path), dataclasses.replace(cfg, prompt_space=True))
+        rundir.load_resume(str(tmp_path), dataclasses.replace(cfg, prompt_space=True))
     # a field no stage gained since: still another stage's run
     del old["facts"]
-    torch.save({"format_version": common.FORMAT_VERSION, "step": 3, "run_config": old,
-                "rng": common.rng_state()}, ckpt / "trainer_state.pt")
+    torch.save({"format_version": FORMAT_VERSION, "step": 3, "run_config": old,
+                "rng": rundir.rng_state()}, ckpt / "trainer_state.pt")
     with pytest.raises(common.ConfigError, match="lacks this script's field 'facts'"):
-        common.load_resume(str(tmp_path), cfg)
+        rundir.load_resume(str(tmp_path), cfg)
 
 
 def _mapped_from(file):
@@ -292,14 +295,14 @@ def test_a_resumed_optimizer_state_is_read_from_its_file_not_copied_in(tmp_path)
     import sft
     cfg = sft.Config(out=str(tmp_path), device="cuda")  # (not built: the config alone)
     file, _ = _state_with_moments(tmp_path, cfg)
-    path, state = common.load_resume(str(tmp_path), cfg)
+    path, state = rundir.load_resume(str(tmp_path), cfg)
     ptr = next(iter(state["optimizer"]["state"].values()))["exp_avg"].data_ptr()
     assert any(start <= ptr < end for start, end in _mapped_from(file))
     # restored onto another device (meta standing in for the GPU: none here); AdamW keeps its step
     # on the host, which held the whole file mapped too
     on = torch.nn.Linear(64, 64, device="meta")
     opt = torch.optim.AdamW(on.parameters())
-    common.restore(on, opt, path, state, common.Dist(device=torch.device("meta")))
+    rundir.restore(on, opt, path, state, distributed.Dist(device=torch.device("meta")))
     assert {v.device.type for s in opt.state.values() for v in s.values()} == {"meta", "cpu"}
     os.remove(file)
     gc.collect()
@@ -315,9 +318,9 @@ def test_a_cpu_run_resumed_holds_no_mapping_of_its_trainer_state(tmp_path):
     cfg = sft.Config(out=str(tmp_path))
     file, lin = _state_with_moments(tmp_path, cfg)
     want = torch.load(file, weights_only=False)["optimizer"]
-    path, state = common.load_resume(str(tmp_path), cfg)
+    path, state = rundir.load_resume(str(tmp_path), cfg)
     opt = torch.optim.AdamW(lin.parameters())
-    common.restore(lin, opt, path, state, common.Dist())
+    rundir.restore(lin, opt, path, state, distributed.Dist())
     assert "optimizer" not in state
     got = opt.state_dict()
     assert all(torch.equal(got["state"][i][k], want["state"][i][k])
@@ -339,7 +342,7 @@ def test_an_empty_or_garbage_trainer_state_is_named_truncated_or_corrupt(tmp_pat
     ckpt, _ = run_without(cfg, tmp_path, ())
     (ckpt / "trainer_state.pt").write_bytes(content)
     with pytest.raises(common.CheckpointError) as e:
-        common.load_resume(str(tmp_path), cfg)
+        rundir.load_resume(str(tmp_path), cfg)
     assert str(e.value) == (f"{ckpt / 'trainer_state.pt'}: truncated or corrupt (not the zip "
                             "archive torch.save writes): move the checkpoint away and --resume "
                             "takes the one before it")
@@ -354,10 +357,10 @@ def test_ppo_resumes_a_run_from_before_its_newest_flags(tmp_path):
     cfg = ppo.Config(out=str(tmp_path))
     ckpt, _ = run_without(cfg, tmp_path, ("compile_decode", "loss_divisor"))
     for on in (False, True):
-        path, state = common.load_resume(str(tmp_path), dataclasses.replace(cfg, compile_decode=on))
+        path, state = rundir.load_resume(str(tmp_path), dataclasses.replace(cfg, compile_decode=on))
         assert path == str(ckpt) and state["step"] == 3
     with pytest.raises(common.ConfigError, match="'loss_divisor' was 'tokens', now 'columns'"):
-        common.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
+        rundir.load_resume(str(tmp_path), dataclasses.replace(cfg, loss_divisor="columns"))
 
 
 def test_a_povid_stage_2_run_from_before_noise_on_resumes_on_the_resized_image(tmp_path):
@@ -367,9 +370,9 @@ def test_a_povid_stage_2_run_from_before_noise_on_resumes_on_the_resized_image(t
     import dpo
     cfg = dpo.Config(out=str(tmp_path), povid_stage=2, noise_on="resized")
     ckpt, _ = run_without(cfg, tmp_path, ("noise_on",))
-    assert common.load_resume(str(tmp_path), cfg)[0] == str(ckpt)
+    assert rundir.load_resume(str(tmp_path), cfg)[0] == str(ckpt)
     with pytest.raises(common.ConfigError, match="'noise_on' was 'resized', now 'original'"):
-        common.load_resume(str(tmp_path), dataclasses.replace(cfg, noise_on="original"))
+        rundir.load_resume(str(tmp_path), dataclasses.replace(cfg, noise_on="original"))
 
 
 def test_a_resume_on_a_moved_world_names_the_world(tmp_path):
@@ -385,7 +388,7 @@ def test_a_resume_on_a_moved_world_names_the_world(tmp_path):
                                         for f in ("world", "tokenizer", "data", "val_data",
                                                   "align_data", "read_data")})
     with pytest.raises(common.ConfigError, match="field 'world' was '/data/w', now '/data/w2'"):
-        common.load_resume(str(tmp_path), moved)
+        rundir.load_resume(str(tmp_path), moved)
 
 
 # each stage's Config fields added after the stage first saved a trainer state (git log -S), each
@@ -416,13 +419,13 @@ def test_a_run_from_before_every_field_its_stage_gained_resumes(script, tmp_path
     if script == "vigc":  # (a --data of one's own: the world's instructions dropped)
         cfg = dataclasses.replace(cfg, data="mine.json", instructions="")
     ckpt, _ = run_without(cfg, tmp_path, GAINED[script])
-    path, state = common.load_resume(str(tmp_path), cfg, free)
+    path, state = rundir.load_resume(str(tmp_path), cfg, free)
     assert path == str(ckpt) and state["step"] == 3
-    for field in set(GAINED[script]) & set(common.ADDED_FIELDS) - set(free):
-        kept = {k: v for k, v in common.ADDED_FIELDS.items() if k != field}
-        monkeypatch.setattr(common, "ADDED_FIELDS", kept)
+    for field in set(GAINED[script]) & set(rundir.ADDED_FIELDS) - set(free):
+        kept = {k: v for k, v in rundir.ADDED_FIELDS.items() if k != field}
+        monkeypatch.setattr(rundir, "ADDED_FIELDS", kept)
         with pytest.raises(common.ConfigError, match=f"lacks this script's field '{field}'"):
-            common.load_resume(str(tmp_path), cfg, free)
+            rundir.load_resume(str(tmp_path), cfg, free)
         monkeypatch.undo()
 
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "dpo", "vigc", "eval", "pipeline",
@@ -451,12 +454,12 @@ def test_trained_base_refuses_a_run_json_init_that_is_not_a_path(tmp_path):
     (tmp_path / "init").mkdir()
     (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": 5}')
     with pytest.raises(common.ConfigError, match="run.json: field 'init': expected the path"):
-        common.trained_base(str(ckpt), str(tmp_path / "init"))
+        rundir.trained_base(str(ckpt), str(tmp_path / "init"))
     (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": "%s"}' % (tmp_path / "init"))
-    assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
+    assert rundir.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
     # a moved project: run.json's absolute path is gone, --init (relative) finds it
     (tmp_path / "run" / "run.json").write_text('{"data": {}, "init": "/gone/sft"}')
-    assert common.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
+    assert rundir.trained_base(str(ckpt), str(tmp_path / "init")) == str(tmp_path / "init")
 
 
 def test_a_run_folder_moved_without_its_base_is_not_said_to_have_another_init(tmp_path, capsys):
@@ -465,16 +468,16 @@ def test_a_run_folder_moved_without_its_base_is_not_said_to_have_another_init(tm
     from test_model import tiny_model
     import sft
     init = tmp_path / "sft"
-    common.save_checkpoint(tiny_model(), str(init), 1, sft.Config(out=str(init)))
+    rundir.save_checkpoint(tiny_model(), str(init), 1, sft.Config(out=str(init)))
     model = tiny_model()
     model.add_adapter("dpo", 2, 4)
     run = tmp_path / "a" / "b" / "run"
-    common.save_checkpoint(model, str(run), 1, sft.Config(out=str(run)),
+    rundir.save_checkpoint(model, str(run), 1, sft.Config(out=str(run)),
                            base=str(init / "checkpoint-000001"))
     os.rename(tmp_path / "a" / "b", tmp_path / "b")  # (one folder up: '../..' misses it)
     moved = tmp_path / "b" / "run" / "checkpoint-000001"
     capsys.readouterr()
-    assert common.trained_base(str(moved), str(init)) == str(init / "checkpoint-000001")
+    assert rundir.trained_base(str(moved), str(init)) == str(init / "checkpoint-000001")
     said = capsys.readouterr().out
     assert "now holds" not in said and "the base this run recorded, is not there" in said, said
     from checkpoint import load_checkpoint
@@ -556,7 +559,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
     from test_model import tiny_model
     import sft
     model, cfg, out = tiny_model(), sft.Config(out=str(tmp_path)), str(tmp_path)
-    common.save_checkpoint(model, out, 1, cfg)
+    rundir.save_checkpoint(model, out, 1, cfg)
     before = {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
               for f in os.listdir(os.path.join(out, "checkpoint-000001"))}
 
@@ -568,7 +571,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
             (torch, "save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
                                          "pos 4096 vs 4010")),
             (torch, "save", RuntimeError("basic_ios::clear: iostream error")),
-            (common, "save_checkpoint_files", OSError(28, "No space left on device"))):
+            (rundir, "save_checkpoint_files", OSError(28, "No space left on device"))):
         with monkeypatch.context() as m:
             m.setattr(target, name, fails(error))
             with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 "
@@ -576,22 +579,22 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_and_keeps_the_last(t
                                r"written before is: free some space \(or mend the disk\) and run "
                                r"again \(a training run that saved a checkpoint goes on from it "
                                r"with --resume true\)"):
-                common.save_checkpoint(model, out, 2, cfg)
+                rundir.save_checkpoint(model, out, 2, cfg)
         assert os.listdir(out) == ["checkpoint-000001"], name
     assert {f: open(os.path.join(out, "checkpoint-000001", f), "rb").read()
             for f in before} == before
     # an --out near PATH_MAX whose checkpoint files pass it: safetensors' own error (a traceback)
     from safetensors import SafetensorError
     with monkeypatch.context() as m:
-        m.setattr(common, "save_checkpoint_files", fails(SafetensorError(
+        m.setattr(rundir, "save_checkpoint_files", fails(SafetensorError(
             "Error while serializing: I/O error: File name too long (os error 36)")))
         with pytest.raises(common.CheckpointError, match=r"cannot write checkpoint-000002 \(File "
                            r"name too long: .*nothing of it was kept: choose a shorter --out"):
-            common.save_checkpoint(model, out, 2, cfg)
+            rundir.save_checkpoint(model, out, 2, cfg)
     assert os.listdir(out) == ["checkpoint-000001"]
     monkeypatch.setattr(torch, "save", fails(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):
-        common.save_checkpoint(model, out, 2, cfg)
+        rundir.save_checkpoint(model, out, 2, cfg)
 
 
 def test_saving_a_step_again_keeps_it_where_the_rename_fails(tmp_path, monkeypatch):
@@ -603,7 +606,7 @@ def test_saving_a_step_again_keeps_it_where_the_rename_fails(tmp_path, monkeypat
     import sft
     model, out = tiny_model(), str(tmp_path)
     cfg = sft.Config(out=out)
-    common.save_checkpoint(model, out, 1, cfg)
+    rundir.save_checkpoint(model, out, 1, cfg)
     ck = os.path.join(out, "checkpoint-000001")
     before = {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)}
     real = os.rename
@@ -617,7 +620,7 @@ def test_saving_a_step_again_keeps_it_where_the_rename_fails(tmp_path, monkeypat
         with monkeypatch.context() as m:
             m.setattr(os, "rename", rename)
             with pytest.raises(common.CheckpointError, match=says):
-                common.save_checkpoint(model, out, 1, cfg)
+                rundir.save_checkpoint(model, out, 1, cfg)
         assert os.listdir(out) == ["checkpoint-000001"]
         assert {f: open(os.path.join(ck, f), "rb").read() for f in before} == before
 
@@ -629,14 +632,14 @@ def test_a_shard_file_this_rank_may_not_read_is_one_line(tmp_path, monkeypatch):
     model = tiny_model()
     opt = common.make_optimizer(model, 1e-3)
     ck = tmp_path / "checkpoint-000001"
-    (ck / common.SHARDS).mkdir(parents=True)
-    denied = str(ck / common.SHARDS / "__0_0.distcp")
+    (ck / rundir.SHARDS).mkdir(parents=True)
+    denied = str(ck / rundir.SHARDS / "__0_0.distcp")
 
     def check(path):
         raise PermissionError(13, "Permission denied", denied)
-    monkeypatch.setattr(common, "check_shard_files", check)
+    monkeypatch.setattr(rundir, "check_shard_files", check)
     with pytest.raises(common.CheckpointError, match=f"{denied}: cannot be read .Permission"):
-        common.restore(model, opt, str(ck), {"rng": None}, common.Dist(fsdp=True))
+        rundir.restore(model, opt, str(ck), {"rng": None}, distributed.Dist(fsdp=True))
 
 
 def test_a_boolean_flag_alone_is_true():
@@ -664,19 +667,19 @@ def _save_worker(rank, port, out, fsdp, results, fsync_fails=False):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    d = common.setup_dist("cpu", fsdp)
+    d = distributed.setup_dist("cpu", fsdp)
     model = tiny_model()
     if fsdp:
-        common.shard_model(model, d)
+        distributed.shard_model(model, d)
     if fsync_fails and rank == 0:
         def fsync_dir(path):
             raise OSError(5, "Input/output error")
-        common._fsync_dir = fsync_dir
+        rundir._fsync_dir = fsync_dir
     elif rank == int(fsdp) and not fsync_fails:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit fails, EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
     try:
-        common.save_checkpoint(model, out, 1, sft.Config(out=out), d=d)
+        rundir.save_checkpoint(model, out, 1, sft.Config(out=out), d=d)
         results.put((rank, "saved"))
     except common.CheckpointError as e:
         results.put((rank, str(e)))
@@ -751,12 +754,12 @@ def test_an_older_checkpoint_that_cannot_be_removed_is_a_note(tmp_path, monkeypa
     import sft
     model, out = tiny_model(), str(tmp_path)
     cfg = sft.Config(out=out, max_steps=10)
-    common.save_checkpoint(model, out, 1, cfg, keep=1)
+    rundir.save_checkpoint(model, out, 1, cfg, keep=1)
 
     def discard(path):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(common, "_discard", discard)
-    common.save_checkpoint(model, out, 2, cfg, keep=1)
+    monkeypatch.setattr(rundir, "_discard", discard)
+    rundir.save_checkpoint(model, out, 2, cfg, keep=1)
     assert sorted(os.listdir(out)) == ["checkpoint-000001", "checkpoint-000002"]
     assert capsys.readouterr().out == (f"note: {out}: could not remove the older "
                                        "checkpoint-000001 (Permission denied); it stays\n")
@@ -786,23 +789,23 @@ def test_cuda_random_state_is_this_devices_and_old_lists_still_read(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_to.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    state = common.rng_state()
+    state = rundir.rng_state()
     assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
-    common.set_rng_state(state)
+    rundir.set_rng_state(state)
     old = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
-    common.set_rng_state(dict(state, cuda=old))  # (saved by an 8-GPU process, read on device 1)
-    common.set_rng_state(dict(state, cuda=old[:1]))  # (one state: device 1 has none, left)
+    rundir.set_rng_state(dict(state, cuda=old))  # (saved by an 8-GPU process, read on device 1)
+    rundir.set_rng_state(dict(state, cuda=old[:1]))  # (one state: device 1 has none, left)
     assert [int(t[0]) for t in set_to] == [7, 1]
 
 
 def _sync_in_buckets(rank, d, bucket):
-    common.SYNC_BUCKET = bucket
+    distributed.SYNC_BUCKET = bucket
     sizes, all_reduce = [], common.dist.all_reduce
     common.dist.all_reduce = lambda t, *a, **k: sizes.append(t.numel()) or all_reduce(t, *a, **k)
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 1, 4)]
     for i, p in enumerate(params):
         p.grad = torch.arange(p.numel(), dtype=torch.float32) * (rank + 1) + i
-    common.sync_grads(params, d)
+    distributed.sync_grads(params, d)
     return [p.grad.tolist() for p in params] + [sizes]
 
 
@@ -825,12 +828,12 @@ def test_a_resume_refused_for_ppo_micro_batch_says_why(tmp_path):
     ckpt = tmp_path / "checkpoint-000002"
     os.makedirs(ckpt)
     (ckpt / "config.json").write_text("{}")
-    torch.save({"format_version": common.FORMAT_VERSION, "step": 2,
-                "run_config": dataclasses.asdict(cfg), "rng": common.rng_state()},
+    torch.save({"format_version": FORMAT_VERSION, "step": 2,
+                "run_config": dataclasses.asdict(cfg), "rng": rundir.rng_state()},
                ckpt / "trainer_state.pt")
     with pytest.raises(common.ConfigError, match=r"field 'micro_batch' was 2, now 4 \(ppo.py's "
                                                  r"rollout samples in chunks of it"):
-        common.load_resume(str(tmp_path), dataclasses.replace(cfg, micro_batch=4))
+        rundir.load_resume(str(tmp_path), dataclasses.replace(cfg, micro_batch=4))
 
 
 def test_data_specs_take_a_path_holding_a_comma(tmp_path):
@@ -867,26 +870,26 @@ def test_resume_compares_each_clip_by_its_tensors_not_its_files(tmp_path):
     cfg = SimpleNamespace(out=str(tmp_path / "run"), resume=False, overwrite=False, init="",
                           vision_tower="", reward="ckpt/rm")
     os.makedirs(cfg.out)
-    common._images_read.clear()
-    common._start_writing(cfg, {}, policy, rm)
+    rundir._images_read.clear()
+    rundir._start_writing(cfg, {}, policy, rm)
     cfg.resume = True
     weights = tmp_path / "pol" / "model.safetensors"
     torch.save(load_file(weights), tmp_path / "pol" / "pytorch_model.bin")
     weights.unlink()
-    common._start_writing(cfg, {}, policy, rm)  # (the same weights in other files: goes on)
+    rundir._start_writing(cfg, {}, policy, rm)  # (the same weights in other files: goes on)
     clip("rm", 1)
     with pytest.raises(common.ConfigError) as e:
-        common._start_writing(cfg, {}, policy, rm)
+        rundir._start_writing(cfg, {}, policy, rm)
     assert str(e.value).startswith(f"--reward ckpt/rm: its CLIP {rm.clip_dir}: other CLIP weights "
                                    "than this run started with (replaced since"), e.value
-    common._start_writing(cfg, {}, policy, policy)  # (one model: its CLIP alone)
+    rundir._start_writing(cfg, {}, policy, policy)  # (one model: its CLIP alone)
     run_file = os.path.join(cfg.out, "run.json")
-    old = {"data": {}, "clip_fingerprint": common.base_fingerprint(policy.clip_dir)}
+    old = {"data": {}, "clip_fingerprint": base_fingerprint(policy.clip_dir)}
     common.write_json(old, run_file)  # (recorded before 2026-12-06: its files, as before)
-    common._start_writing(cfg, {}, policy, rm)
+    rundir._start_writing(cfg, {}, policy, rm)
     common.write_json(dict(old, clip_fingerprint="0" * 32), run_file)
     with pytest.raises(common.ConfigError, match="other CLIP weights than this run started with"):
-        common._start_writing(cfg, {}, policy, rm)
+        rundir._start_writing(cfg, {}, policy, rm)
 
 
 def test_images_fingerprint_stats_each_image_once(tmp_path, monkeypatch):
@@ -902,16 +905,16 @@ def test_images_fingerprint_stats_each_image_once(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     prints = []
     for names in (["a/1.png", "a/gone.png"], ["b/1.png", "b/gone.png"], ["c/1.png", "c/gone.png"]):
-        common._images_read.clear()
-        common.note_images_read([str(tmp_path / n) for n in names])
-        prints.append(common.images_fingerprint())
+        rundir._images_read.clear()
+        rundir.note_images_read([str(tmp_path / n) for n in names])
+        prints.append(rundir.images_fingerprint())
     assert len(calls) == 6, calls
     assert prints[0] == prints[1] == prints[2] and prints[0]["count"] == 2  # (moved: the same)
     (tmp_path / "b" / "1.png").write_bytes(b"123")  # (other pixels, another size)
-    common._images_read.clear()
-    common.note_images_read([str(tmp_path / n) for n in ("b/1.png", "b/gone.png")])
-    assert common.images_fingerprint() != prints[0]
-    common._images_read.clear()
+    rundir._images_read.clear()
+    rundir.note_images_read([str(tmp_path / n) for n in ("b/1.png", "b/gone.png")])
+    assert rundir.images_fingerprint() != prints[0]
+    rundir._images_read.clear()
 
 
 def test_run_json_records_a_data_file_as_it_was_read(tmp_path):
@@ -928,7 +931,7 @@ def test_run_json_records_a_data_file_as_it_was_read(tmp_path):
     os.makedirs(cfg.out)
     formats.load_json(str(data))
     data.write_text('[{"id": 2}]')  # (edited while the run decoded its images)
-    common.start_writing(cfg, SimpleNamespace(local_rank=0, world=1), [str(data)])
+    rundir.start_writing(cfg, SimpleNamespace(local_rank=0, world=1), [str(data)])
     run = json.load(open(tmp_path / "run" / "run.json"))
     assert run["data"] == {str(data): hashlib.sha256(b'[{"id": 1}]').hexdigest()}, run
 
@@ -1052,12 +1055,12 @@ def test_write_whole_writes_utf8_under_an_ascii_locale(tmp_path):
 def test_a_join_timeout_that_is_no_number_of_seconds_is_one_line(value, monkeypatch, capsys):
     """FACTALIGN_JOIN_TIMEOUT (how long the ranks wait for each other to start) is refused in one
     line naming it, before any process group is made."""
-    monkeypatch.setenv(common.JOIN_TIMEOUT, value)
+    monkeypatch.setenv(distributed.JOIN_TIMEOUT, value)
     with pytest.raises(SystemExit) as stop:
-        common.join_process_group("gloo")
+        distributed.join_process_group("gloo")
     assert stop.value.code == 2 and not torch.distributed.is_initialized()
-    assert capsys.readouterr().err == (f"error: {common.JOIN_TIMEOUT}={value!r}: give the seconds "
-                                       "to wait for the other ranks, in (0, inf)\n")
+    assert capsys.readouterr().err == (f"error: {distributed.JOIN_TIMEOUT}={value!r}: give the "
+                                       "seconds to wait for the other ranks, in (0, inf)\n")
 
 
 def test_after_the_join_the_store_waits_its_30_minutes_again(monkeypatch):
@@ -1066,11 +1069,11 @@ def test_after_the_join_the_store_waits_its_30_minutes_again(monkeypatch):
     at 300 s. After the join the store has torch's 30 minutes again, as the collectives had."""
     from conftest import free_port
     from torch.distributed import constants, distributed_c10d
-    monkeypatch.setenv(common.JOIN_TIMEOUT, "7")
+    monkeypatch.setenv(distributed.JOIN_TIMEOUT, "7")
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
-    common.join_process_group("gloo")
+    distributed.join_process_group("gloo")
     try:
         assert distributed_c10d._get_default_store().timeout == constants.default_pg_timeout
     finally:
@@ -1180,15 +1183,15 @@ def test_a_resume_from_a_lora_init_refuses_its_adapters_retrained_at_their_path(
     resumed = tmp_path / "run" / "checkpoint-000002"  # (shards: no base_fingerprint of its own)
     resumed.mkdir(parents=True)
     (resumed / "config.json").write_text("{}")
-    run_file = tmp_path / "run" / common.RUN_FILE
+    run_file = tmp_path / "run" / rundir.RUN_FILE
     run_file.write_text(json.dumps({"init_fingerprint": init_fingerprint(tmp_path / "stage1")}))
     adapters = tmp_path / "stage1" / "adapters.safetensors"
     os.utime(adapters, (1, 1))  # (touched, the same bytes: goes on)
-    common.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
+    rundir.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
     randomize_adapter(stage1, "default", 2)  # (stage 1 trained again into its folder)
     save_checkpoint_files(stage1, tmp_path / "stage1", base=tmp_path / "base")
     with pytest.raises(common.ConfigError, match="holds other weights than this run started"):
-        common.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
+        rundir.check_base_unchanged(str(resumed), str(tmp_path / "stage1"), "stage1")
 
 
 def test_a_stop_that_waits_on_a_stuck_process_says_so(monkeypatch, capsys):
@@ -1202,11 +1205,11 @@ def test_a_stop_that_waits_on_a_stuck_process_says_so(monkeypatch, capsys):
                              stdout=subprocess.PIPE, text=True)
     quick = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(60)\n"])
     assert stuck.stdout.readline() == "ready\n"
-    monkeypatch.setattr(common, "STOP_PATIENCE", 0.5)
+    monkeypatch.setattr(distributed, "STOP_PATIENCE", 0.5)
     killer = threading.Timer(3.0, stuck.kill)
     killer.start()
     try:
-        common.stop_processes([quick, stuck], grace=False)
+        distributed.stop_processes([quick, stuck], grace=False)
     finally:
         killer.cancel()
         stuck.kill()
@@ -1227,7 +1230,7 @@ def test_a_refused_rank_hands_its_line_over_only_to_other_nodes(monkeypatch):
         raise RuntimeError("no peers here")
     monkeypatch.setattr(common.dist, "init_process_group", join)
     monkeypatch.setattr(common, "_runs_alone", False)  # (another test's refuse_torchrun may set it)
-    monkeypatch.setattr(common, "_made_process_group", False)
+    monkeypatch.setattr(distributed, "made_process_group", False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
     monkeypatch.setenv("WORLD_SIZE", "2")
     for local_world in ("2", "1"):
@@ -1268,7 +1271,7 @@ def test_a_linked_out_that_cannot_be_written_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", full_disk)
     with pytest.raises(common.ConfigError, match=r"link: output directory cannot be written "
                                                  r"\(No space left on device\)$"):
-        common.ensure_writable(str(tmp_path / "link"))
+        rundir.ensure_writable(str(tmp_path / "link"))
 
 
 def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
@@ -1278,18 +1281,18 @@ def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
     run, copy = tmp_path / "run", tmp_path / "copy"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.path.insert(0, "
-                               f"{HERE!r})\nimport common\ncommon.lock_out({str(run)!r})\n"
+                               f"{HERE!r})\nimport rundir\nrundir.lock_out({str(run)!r})\n"
                                "print('locked', flush=True)\ntime.sleep(60)\n"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         copy.mkdir()
-        os.link(run / common.LOCK, copy / common.LOCK)
-        common.lock_out(str(copy))
-        assert (run / common.LOCK).read_text() == f"{holder.pid}\n"
-        assert (copy / common.LOCK).read_text() == f"{os.getpid()}\n"
+        os.link(run / rundir.LOCK, copy / rundir.LOCK)
+        rundir.lock_out(str(copy))
+        assert (run / rundir.LOCK).read_text() == f"{holder.pid}\n"
+        assert (copy / rundir.LOCK).read_text() == f"{os.getpid()}\n"
     finally:
-        common.release_locks()
+        rundir.release_locks()
         holder.kill()
         holder.wait()
 
@@ -1301,4 +1304,4 @@ def test_an_out_under_a_link_that_names_nothing_says_so(tmp_path):
     with pytest.raises(common.ConfigError, match=f"^{tmp_path / 'sl' / 'run'}: output directory: "
                                                  f"{tmp_path / 'sl'} is a symbolic link to "
                                                  f"{tmp_path / 'gone'}, which is not there$"):
-        common.ensure_writable(str(tmp_path / "sl" / "run"))
+        rundir.ensure_writable(str(tmp_path / "sl" / "run"))

@@ -417,7 +417,7 @@ def test_the_reference_and_held_out_passes_run_under_the_training_autocast(env, 
     """--dtype bf16 on a GPU: the cached reference log-probs and the held-out rewards were computed
     outside the training pass's autocast (CLIP's norms and the residual stream at another
     precision), so a full fine-tune's policy and reference differed at step 0. Every scoring pass
-    runs inside common.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
+    runs inside distributed.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
     outside = calls_outside_autocast(monkeypatch, dpo, "answer_logps")
     cli(*args(env, tmp_path / "full", "--lora_r", "0", "--max_steps", "1", "--eval_n", "2"))
     assert outside and not any(outside), outside

@@ -217,11 +217,12 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     # a shard cut off (copied in part): a CheckpointError (one line) naming the file, not
     # "CheckpointException ranks:dict_keys([0])" (checked in this process, as restore() does)
     import common
+    import rundir
     shard = resumed / "checkpoint-000002" / "shards" / "__0_0.distcp"
     whole = shard.read_bytes()
     shard.write_bytes(whole[:3000])
     with pytest.raises(common.CheckpointError) as e:
-        common.check_shard_files(str(shard.parent.parent))
+        rundir.check_shard_files(str(shard.parent.parent))
     assert str(e.value) == (
         f"{shard}: truncated (3000 bytes; the shards' index reads up to byte {len(whole)}); the "
         f"checkpoint is damaged: move {shard.parent.parent} away and --resume takes the one "
@@ -230,11 +231,11 @@ def test_fsdp_lora_run_resumes_from_its_shards(tiny_sft, tiny_world, tmp_path):
     kept = index.read_bytes()
     index.write_bytes(kept[:100])
     with pytest.raises(common.CheckpointError, match=r"\.metadata: cannot be read"):
-        common.check_shard_files(str(shard.parent.parent))
+        rundir.check_shard_files(str(shard.parent.parent))
     index.write_bytes(kept)
     shard.unlink()
     with pytest.raises(common.CheckpointError, match=r"__0_0\.distcp: missing"):
-        common.check_shard_files(str(shard.parent.parent))
+        rundir.check_shard_files(str(shard.parent.parent))
     shard.write_bytes(whole)
     code, said, err = run_script_here(argv + ["--out", str(resumed), "--resume", "true"])
     assert code == 0 and "resumed from" in said, err[-2000:]
@@ -393,6 +394,7 @@ def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_n
     error lines ran together (now each whole, rank 1's named)."""
     import shutil
     import common
+    import rundir
     argv = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "4", "--batch_size", "8",
             "--report", "false", "--save_every", "2", "--lora_r", "4", "--lora_dropout", "0.1",
             "--lr", "1e-3"]
@@ -425,7 +427,7 @@ def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_n
     assert writes == ["error: bad.json: record 0\n", "error (rank 1): bad.json: record 0\n"]
     # a writer holds --out (this process's lock); its checkpoint in the making must survive
     held = tmp_path / "resumed"
-    common.lock_out(str(held))
+    rundir.lock_out(str(held))
     try:
         (held / ".tmp-checkpoint-999999-writing").mkdir()
         # (--data outside the world: no wait for rank 0 writing the world held rank 1 back)
@@ -435,7 +437,7 @@ def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_n
         assert proc.returncode != 0 and "another process" in out, out[-2000:]
         assert (held / ".tmp-checkpoint-999999-writing").is_dir()
     finally:
-        common.release_locks()
+        rundir.release_locks()
 
 
 def test_a_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
@@ -443,15 +445,15 @@ def test_a_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
     every stage all-reduces (counts, the DPO held-out sums): step 1 failed on any GPU run. The group
     now has gloo for CPU tensors beside NCCL for CUDA ones. (No GPU here: the group is caught.)"""
     import torch.distributed as dist
-    import common
+    import distributed
     made = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(common, "check_device", lambda device: None)
+    monkeypatch.setattr(distributed, "check_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
-    monkeypatch.setattr(common, "join_process_group", made.append)  # (init_process_group's)
-    monkeypatch.setattr(common, "_made_process_group", False)
-    d = common.setup_dist("cuda")
+    monkeypatch.setattr(distributed, "join_process_group", made.append)  # (init_process_group's)
+    monkeypatch.setattr(distributed, "made_process_group", False)
+    d = distributed.setup_dist("cuda")
     devices = dist.BackendConfig(dist.Backend(made[0])).get_device_backend_map()
     assert devices == {"cpu": "gloo", "cuda": "nccl"} and d.device == torch.device("cuda", 0)
 
@@ -460,10 +462,13 @@ def test_fsdp_bf16_lora_and_head_run_outside_autocast():
     """Under --fsdp --dtype bf16 the mixed-precision policy gives LoRA and the scalar heads bf16
     weights to compute with, but both cast their input to fp32 first: every pass outside autocast
     (reward.py's steps, held-out losses) failed on mismatched dtypes. One rank, gloo, on the CPU,
-    in a process of its own (FSDP's threads can abort an interpreter's exit: common.end_process)."""
+    in a process of its own (FSDP's threads can abort an interpreter's exit:
+    distributed.end_process)."""
     script = """
 import json, os, sys, torch, torch.distributed as dist
 import common
+import distributed
+import rundir
 from test_model import inputs, randomize_adapter, tiny_model
 model = tiny_model()
 model.add_adapter("reward", r=4, alpha=8)
@@ -477,7 +482,7 @@ mask = torch.ones_like(ids)
 with torch.no_grad():
     want = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-common.shard_model(model, common.Dist(device=torch.device("cpu"), fsdp=True), bf16=True)
+distributed.shard_model(model, distributed.Dist(device=torch.device("cpu"), fsdp=True), bf16=True)
 with torch.no_grad():
     got = common.score_sequences(model, "reward", ids, mask, model.encode_images(pixels))
 print(json.dumps({"dtype": str(got.dtype), "want": want.tolist(), "got": got.tolist()}))
@@ -500,16 +505,17 @@ def test_a_sharded_run_builds_on_the_cpu_and_gathers_only_what_is_used(tiny_sft,
     state even where nothing used it (a full fine-tune without the Shapes report). The model is
     built on the CPU; the gather happens for the LoRA merge (on the CPU) and for answers alone."""
     import common
+    import distributed
     loaded, gathered = [], []
-    real_load, real_gather = common.load_model_and_tokenizer, common.gather_full_model
+    real_load, real_gather = common.load_model_and_tokenizer, distributed.gather_full_model
     marker = torch.device("cpu")  # (what load_device gives, told apart from d.device by identity)
     monkeypatch.setattr(common, "load_model_and_tokenizer",
                         lambda *a, **k: loaded.append(k.get("device", a[4] if len(a) > 4 else None)
                                                       is marker) or real_load(*a, **k))
-    monkeypatch.setattr(common, "gather_full_model",
+    monkeypatch.setattr(distributed, "gather_full_model",
                         lambda model, d, device="cpu": gathered.append(str(device))
                         or real_gather(model, d, device))
-    monkeypatch.setattr(common, "load_device", lambda cfg, d: marker if cfg.fsdp else d.device)
+    monkeypatch.setattr(distributed, "load_device", lambda cfg, d: marker if cfg.fsdp else d.device)
     base = ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1", "--batch_size", "4",
             "--fsdp", "true", "--report", "false"]
     # (the last checkpoint's consolidated weights are gathered on the CPU in every run)
@@ -524,7 +530,9 @@ RANK_THAT_WAITS = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import common
-common.setup_dist("cpu")
+import distributed
+import rundir
+distributed.setup_dist("cpu")
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -585,8 +593,8 @@ def two_nodes(script, argv, logs, cwds=(HERE, HERE), node1_argv=None):
 def both_ended(procs, logs, within=90):
     """Each node's output once both launchers have ended; a node still running after `within`
     seconds (a rank left in a collective) is killed and fails the test."""
-    import common
-    common.wait_a_moment(procs, within)
+    import distributed
+    distributed.wait_a_moment(procs, within)
     hung = [node for node, p in enumerate(procs) if p.poll() is None]
     for node in hung:
         os.killpg(procs[node].pid, signal.SIGKILL)

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import common
+import rundir
 from data import IMAGE, SYSTEM, preprocess_image, render, tokenize_conversation
 from checkpoint import (CheckpointError, export_llava_hf, export_peft_adapter, load_adapters,
-                        load_checkpoint, resolve_checkpoint, save_checkpoint_files)
+                        load_checkpoint, recorded_template, resolve_checkpoint,
+                        save_checkpoint_files)
 from model import LLaVA, ModelConfig
 from test_checkpoint import _rewrite_keys, _to_original_llava
 from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model
@@ -414,7 +416,7 @@ def test_a_base_changed_since_loading_is_saved_whole(peft_elsewhere, tmp_path):
     model = load_checkpoint(root / "base")
     load_adapters(model, root / "adapter", "policy")
     model.set_adapter("policy")
-    path = common.save_checkpoint(model, str(tmp_path / "run"), 1, sft.Config(),
+    path = rundir.save_checkpoint(model, str(tmp_path / "run"), 1, sft.Config(),
                                   base=str(root / "base"))
     assert json.load(open(os.path.join(path, "config.json")))["base"] is None
     pixels, ids = inputs(seed=3)
@@ -691,22 +693,22 @@ def test_an_exports_template_is_noted_as_its_checkpoints_was(tmp_path, capsys):
     m = model_for(tok)
     export_llava_hf(m, tmp_path / "hf", tok, template="llava_v1")
     export_llava_hf(m, tmp_path / "hf_vicuna", tok)
-    assert common.recorded_template(str(tmp_path / "hf")) == "llava_v1"
+    assert recorded_template(str(tmp_path / "hf")) == "llava_v1"
     # a model whose template nothing records gets vicuna_v1's chat template, but is not recorded
     # as trained with it (read back so, it gave a wrong note and PPO refused a llava_v1 RM)
-    assert common.recorded_template(str(tmp_path / "hf_vicuna")) is None
+    assert recorded_template(str(tmp_path / "hf_vicuna")) is None
     assert SYSTEM["vicuna_v1"] in (tmp_path / "hf_vicuna" / "chat_template.jinja").read_text()
     capsys.readouterr()
-    common.note_template("--init", str(tmp_path / "hf"), "vicuna_v1")
+    rundir.note_template("--init", str(tmp_path / "hf"), "vicuna_v1")
     assert "was trained with --template llava_v1" in capsys.readouterr().out
     # a PEFT adapter exported from it: its base (written beside it) holds the template
     m = load_checkpoint(str(tmp_path / "hf"))
     m.add_adapter("x", r=2, alpha=2, targets=("q",))
     export_peft_adapter(m, tmp_path / "peft", "x", base=tmp_path / "hf")
-    assert common.recorded_template(str(tmp_path / "peft")) == "llava_v1"
+    assert recorded_template(str(tmp_path / "peft")) == "llava_v1"
     (tmp_path / "hub").mkdir()  # (a chat template of another kind: nothing recorded)
     (tmp_path / "hub" / "chat_template.jinja").write_text("{% for m in messages %}{% endfor %}")
-    assert common.recorded_template(str(tmp_path / "hub")) is None
+    assert recorded_template(str(tmp_path / "hub")) is None
     # trained with --template plain (LLaVA's stage 1: no chat template): exported with
     # vicuna_v1's and a note, and recorded as plain (the export was refused)
     m = load_checkpoint(str(tmp_path / "hf"))
@@ -715,8 +717,8 @@ def test_an_exports_template_is_noted_as_its_checkpoints_was(tmp_path, capsys):
     capsys.readouterr()
     export_llava_hf(load_checkpoint(str(tmp_path / "stage1")), tmp_path / "hf_plain", tok)
     assert "trained with --template plain, which has no chat template" in capsys.readouterr().out
-    assert common.recorded_template(str(tmp_path / "hf_plain")) == "plain"
-    assert common.recorded_template(str(tmp_path / "hub" / "chat_template.jinja")) is None
+    assert recorded_template(str(tmp_path / "hf_plain")) == "plain"
+    assert recorded_template(str(tmp_path / "hub" / "chat_template.jinja")) is None
 
 
 @pytest.mark.parametrize("legacy", [True, False])

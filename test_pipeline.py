@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import common
+import distributed
+import rundir
 import lab
 from conftest import HERE, FullDisk, process_states, run_cli, run_script
 
@@ -1059,7 +1061,7 @@ def test_a_lab_refused_by_the_lock_leaves_lab_json_alone(tmp_path, tiny_world, t
     finally:
         holder.kill()
         holder.wait()
-        common.release_locks()
+        rundir.release_locks()
     assert not (out / "lab.json").exists()
 
 
@@ -1197,7 +1199,7 @@ def test_an_sft_changed_while_the_lab_ran_leaves_the_results_as_they_were(tmp_pa
         with pytest.raises(common.ConfigError, match=f"^--sft {sft} changed while the lab ran"):
             lab.main(cfg)
     finally:
-        common.release_locks()
+        rundir.release_locks()
     assert not results.exists()
     with pytest.raises(common.ConfigError, match="holds runs from another SFT checkpoint"):
         lab.check_out_matches(cfg)
@@ -1249,8 +1251,8 @@ def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, ti
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(common, "claim_out", reached)  # (the stages)
-    monkeypatch.setattr(common, "lock_out", reached)  # (eval.py)
+    monkeypatch.setattr(rundir, "claim_out", reached)  # (the stages)
+    monkeypatch.setattr(rundir, "lock_out", reached)  # (eval.py)
     cfg = lab.Config(sft=tiny_sft, world=tiny_world, out=str(tmp_path / "lab"), claims=lab.CLAIMS,
                      seeds=(0,))
     planned = lab.plan(cfg)
@@ -1287,7 +1289,7 @@ def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_s
     ck = latest_checkpoint(str(out / "sft"))
     with open(os.path.join(ck, "config.json")) as f:
         cfg = json.load(f)
-    assert cfg["run_config"]["world_digest"] == common.world_digest(tiny_world)  # recorded
+    assert cfg["run_config"]["world_digest"] == rundir.world_digest(tiny_world)  # recorded
     cfg["run_config"]["world"] = str(world)  # (as if trained on this copy)
     with open(os.path.join(ck, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -1296,14 +1298,14 @@ def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_s
                                            "--model", "tiny", "--max_steps", "3",
                                            "--resume", "true"])
     state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
-    state["run_config"] = dict(dataclasses.asdict(run), world_digest=common.world_digest(world))
+    state["run_config"] = dict(dataclasses.asdict(run), world_digest=rundir.world_digest(world))
     torch.save(state, os.path.join(ck, "trainer_state.pt"))
-    common.note_world("--init", str(out / "sft"), str(world))
+    rundir.note_world("--init", str(out / "sft"), str(world))
     assert "note:" not in capsys.readouterr().out  # the same world: nothing to say
     with open(world / "world.json") as f:  # written again: other bytes
         text = f.read()
     (world / "world.json").write_text(text + "\n")
-    common.note_world("--init", str(out / "sft"), str(world))
+    rundir.note_world("--init", str(out / "sft"), str(world))
     assert f"note: --init {out / 'sft'} was trained on {world} before it was written again" in \
         capsys.readouterr().out
     code, stdout, err = run_cli("eval", ["--ckpt", str(out / "sft"), "--world", str(world),
@@ -1314,7 +1316,7 @@ def test_a_world_written_again_after_sft_is_noticed(tmp_path, tiny_world, tiny_s
     code, _, err = run_cli("pipeline", argv, strict=True)
     assert code == 2 and f"{out / 'sft'} was trained on {world} before it was written again" in err
     with pytest.raises(common.ConfigError, match="--resume: .* was written again with other"):
-        common.load_resume(str(out / "sft"), run)
+        rundir.load_resume(str(out / "sft"), run)
 
 
 def test_later_stages_refuse_another_world_than_the_sfts(tmp_path, tiny_world, tiny_sft):
@@ -1353,9 +1355,9 @@ def test_resume_with_another_max_steps_says_the_schedule_stretches(tmp_path, tin
     state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
     state["run_config"] = dataclasses.asdict(run)
     torch.save(state, os.path.join(ck, "trainer_state.pt"))
-    common.load_resume(str(tmp_path / "sft"), run)
+    rundir.load_resume(str(tmp_path / "sft"), run)
     assert "note:" not in capsys.readouterr().out  # the plan as it was: nothing to say
-    common.load_resume(str(tmp_path / "sft"), dataclasses.replace(run, max_steps=8))
+    rundir.load_resume(str(tmp_path / "sft"), dataclasses.replace(run, max_steps=8))
     assert "note: --resume with --max_steps 8, the run planned 3: the learning-rate schedule " \
         "stretches from step 3 on" in capsys.readouterr().out
 
@@ -1561,13 +1563,13 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     running = lambda: [d for d, _, files in os.walk(out) if ".lock" in files and d != str(out)
-                       and common.lock_holder(d)]
+                       and rundir.lock_holder(d)]
     deadline = time.time() + 120
     while not running() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     stage = running()
     assert stage, proc.communicate()[1][-2000:]
-    pid = common.lock_holder(stage[0])
+    pid = rundir.lock_holder(stage[0])
     proc.send_signal(signal.SIGTERM)
     try:
         try:
@@ -1577,11 +1579,11 @@ def test_sigterm_to_the_lab_or_the_pipeline_stops_their_runs(script, tmp_path, t
         assert proc.returncode == 130 and "interrupted:" in err, err[-2000:]
         # one line, the pipeline's or the lab's (the stage's own named --resume true first)
         assert err.count("interrupted:") == 1 and "--resume true" not in err, err[-2000:]
-        assert common.lock_holder(stage[0]) is None  # (the stage ended before its pipeline)
+        assert rundir.lock_holder(stage[0]) is None  # (the stage ended before its pipeline)
     finally:  # (nothing left running, whatever failed)
         if proc.poll() is None:
             proc.kill()
-        if common.lock_holder(stage[0]):
+        if rundir.lock_holder(stage[0]):
             os.kill(int(pid), signal.SIGKILL)
 
 
@@ -1616,7 +1618,7 @@ def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, mon
     monkeypatch.setattr(lab.time, "sleep", ctrl_c_once(ready))  # (SIGTERM, taken as Ctrl-C)
     was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (what `lab.py &` in a script inherits)
-    common.interrupt_on_sigterm()  # (as lab.py's main does)
+    distributed.interrupt_on_sigterm()  # (as lab.py's main does)
     t0 = time.time()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -1624,7 +1626,7 @@ def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, mon
     finally:
         for signum, handler in was.items():
             signal.signal(signum, handler)
-        common.SIGINT_IGNORED_AT_START = False
+        distributed.SIGINT_IGNORED_AT_START = False
     assert said.read_text() == "stopped" and time.time() - t0 < 20
 
 
@@ -1736,14 +1738,14 @@ except KeyboardInterrupt:
 SIGNAL_DRIVER = """import os, sys
 here, script, sleeper, folder, out = sys.argv[1:6]
 sys.path.insert(0, here)
-import common, lab, pipeline
+import common, distributed, lab, pipeline
 stage = lambda name: [sleeper, name, folder]
 pipeline.stage_commands = lambda cfg: {{n: stage(n) for n in pipeline.STAGES}}
 runs = {{n: (stage(n), [], os.path.join(out, n, 'DONE')) for n in ('lrv', 'dpo')}}
 lab.run_lab = lambda cfg: lab.execute(runs, cfg)
 module = {{'pipeline': pipeline, 'lab': lab}}[script]
 cfg = common.parse_config(module.Config, sys.argv[6:])
-common.interrupt_on_sigterm()
+distributed.interrupt_on_sigterm()
 with common.user_errors():
     module.main(cfg)
 """
@@ -1813,7 +1815,9 @@ PARENT_SLEEPER = """import os, sys, time
 name, folder = sys.argv[1], sys.argv[2]
 sys.path.insert(0, {here!r})
 import common
-common.end_with_the_launcher()
+import distributed
+import rundir
+distributed.end_with_the_launcher()
 open(os.path.join(folder, name + '.pid.tmp'), 'w').write(str(os.getpid()))
 os.replace(os.path.join(folder, name + '.pid.tmp'), os.path.join(folder, name + '.pid'))
 time.sleep(60)
@@ -1966,7 +1970,7 @@ def sigterm_right_after_popen(module, monkeypatch, ready):
         return started[-1]
     monkeypatch.setattr(module.subprocess, "Popen", popen_then_sigterm)
     was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    common.interrupt_on_sigterm()
+    distributed.interrupt_on_sigterm()
     try:
         yield started
     finally:
@@ -2036,8 +2040,8 @@ def test_an_output_folder_probe_that_cannot_be_written_is_removed(tmp_path, monk
     """ensure_writable's probe file was left behind when its write failed (a full disk)."""
     import builtins
     real = builtins.open
-    monkeypatch.setattr(common, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)),
+    monkeypatch.setattr(rundir, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)),
                         raising=False)
     with pytest.raises(common.ConfigError, match="cannot be written .No space left"):
-        common.ensure_writable(str(tmp_path / "out"))
+        rundir.ensure_writable(str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []

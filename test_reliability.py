@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import common
+import distributed
 import interrupts
 from conftest import (HERE, FullDisk, assert_same_metrics, free_port, merge_flags, run_cli,
                       run_script, two_ranks)
@@ -2320,18 +2321,18 @@ def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkey
 def test_lock_is_released_and_names_its_holder(w, tmp_path):
     """The lock lives as long as the run: after a run (ok or failed) in this process the next one
     gets it; while a process holds it, its pid is in OUT/.lock."""
-    import common
+    import rundir
     out = tmp_path / "out"
     missing_data = ["--data", str(tmp_path / "none.json")]
     code, _, err = run_cli("sft", base_args("sft", w, out) + missing_data)
     # failed after taking it: released
-    assert code == 2 and "file not found" in err and not common._locks
+    assert code == 2 and "file not found" in err and not rundir._locks
     out.mkdir()  # (the refused run removed the folder it made)
-    common.lock_out(str(out))
+    rundir.lock_out(str(out))
     assert open(out / ".lock").read().strip() == str(os.getpid())
-    common.release_locks()
+    rundir.release_locks()
     code, _, err = run_cli("sft", base_args("sft", w, out))
-    assert code == 0 and not common._locks, err
+    assert code == 0 and not rundir._locks, err
 
 
 def test_a_lock_file_removed_before_it_was_locked_is_not_held(tmp_path, monkeypatch):
@@ -2340,6 +2341,7 @@ def test_a_lock_file_removed_before_it_was_locked_is_not_held(tmp_path, monkeypa
     checks that the file it locked is the one in --out."""
     import fcntl
     import common
+    import rundir
     real = fcntl.flock
 
     def removed_first(f, op):  # (the refused run's release_locks, between open and flock)
@@ -2347,22 +2349,23 @@ def test_a_lock_file_removed_before_it_was_locked_is_not_held(tmp_path, monkeypa
         return real(f, op)
     monkeypatch.setattr(fcntl, "flock", removed_first)
     with pytest.raises(common.ConfigError, match="another process was starting there"):
-        common.lock_out(str(tmp_path))
-    assert not common._locks
+        rundir.lock_out(str(tmp_path))
+    assert not rundir._locks
 
 
 def test_resumed_by_more_processes_than_wrote_it_says_so(w, tmp_path, capsys):
     """A one-process checkpoint resumed by two: every rank takes rank 0's random streams; it said
     nothing (the number of processes was read from the saved streams, which one process does not
     save)."""
-    import common
+    import distributed
+    import rundir
     out = tmp_path / "one"
     code, _, err = run_cli("sft", base_args("sft", w, out) + ["--save_every", "1"])
     assert code == 0, err
     ck = out / "checkpoint-000001"
     state = torch.load(ck / "trainer_state.pt", weights_only=False)
     assert state["world"] == 1 and state["rng_ranks"] is None
-    common.restore(None, None, str(ck), dict(state, optimizer=None), common.Dist(world=2))
+    rundir.restore(None, None, str(ck), dict(state, optimizer=None), distributed.Dist(world=2))
     assert "note: --resume on 2 process(es), the checkpoint was written by 1: " in \
         capsys.readouterr().out
 
@@ -2543,7 +2546,7 @@ def reliability_md():
         "with `--model`,",
         "`eval.py --benchmarks pope` with `--mmhal_file`, ...) is such a mistake too: "
         "`--FLAG VALUE: not read ...; drop it`",
-        "(`common.refuse_unread`). Training runs also guarantee:", "",
+        "(`rundir.refuse_unread`). Training runs also guarantee:", "",
         "- **kill and resume**: a run killed with SIGKILL "
         "(during a step or while a checkpoint is being written) and",
         "  restarted with `--resume true` ends with bitwise the weights of an uninterrupted run "
@@ -2567,7 +2570,7 @@ def reliability_md():
         "two torchrun",
         "  tests here). Under FSDP torch's DTensor caches still hold the group, so the scripts end "
         "with",
-        "  `common.end_process()`: flush stdout and stderr, then `os._exit(0)`.",
+        "  `distributed.end_process()`: flush stdout and stderr, then `os._exit(0)`.",
         "- **non-finite loss or gradient**: the run stops with "
         "`step N: non-finite ...; Last good checkpoint: ...`",
         "  (exit 2; that checkpoint loads and resumes), or skips the update with "
@@ -2967,10 +2970,10 @@ def torchrun_equals_one_process(script, argv, tmp_path, keys):
 
 
 GLOO_THREADS_AFTER_CLEANUP = """
-import glob, common, torch
-d = common.setup_dist("cpu", fsdp=True)  # a gloo process group, as under torchrun
+import glob, distributed, torch
+d = distributed.setup_dist("cpu", fsdp=True)  # a gloo process group, as under torchrun
 torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])  # every stage builds one after setup_dist
-common.cleanup_dist()
+distributed.cleanup_dist()
 import time
 for _ in range(40):  # a stopped thread may take a moment to leave /proc (seen once under load)
     names = [open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")]
@@ -2994,15 +2997,15 @@ def test_cleanup_dist_stops_the_gloo_threads():
 
 
 END_PROCESS = """
-import sys, common, torch
+import sys, distributed, torch
 if sys.argv[1] == "fsdp":  # a sharded module: torch's DTensor caches keep the group alive
-    d = common.setup_dist("cpu", fsdp=True)
+    d = distributed.setup_dist("cpu", fsdp=True)
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.device_mesh import init_device_mesh
     fully_shard(torch.nn.Linear(4, 4), mesh=init_device_mesh("cpu", (1,)))
-    common.cleanup_dist()
+    distributed.cleanup_dist()
 print("written", end="")  # stdout is a pipe here: block-buffered until flushed
-common.end_process()
+distributed.end_process()
 print(" and after")
 """
 
@@ -3064,16 +3067,16 @@ def test_ppo_advantages_are_whitened_with_statistics_of_every_rank():
     """PPO under 2 processes (torchrun itself: test_rlhf.test_ppo_under_torchrun_two_processes):
     each rank whitens its half of the rollout batch with the mean and std gathered over both
     halves."""
-    import common
+    import distributed
     import ppo
     g = torch.Generator().manual_seed(0)
     # ranks differ in mean
     x = torch.randn(4, 6, generator=g) * 3 + torch.tensor([[0.0], [0.0], [5.0], [5.0]])
     mask = (torch.rand(4, 6, generator=g) > 0.3).float()
-    want = ppo.whiten(x, mask, common.Dist())
+    want = ppo.whiten(x, mask, distributed.Dist())
     got = two_ranks(_whiten_rank, (x, mask))
     assert torch.allclose(torch.tensor(got[0] + got[1]), want, atol=1e-6)
-    per_rank = ppo.whiten(x[2:], mask[2:], common.Dist())
+    per_rank = ppo.whiten(x[2:], mask[2:], distributed.Dist())
     assert not torch.allclose(torch.tensor(got[1]), per_rank, atol=1e-3)  # not per rank
 
 
@@ -3152,7 +3155,7 @@ def test_a_nonfinite_first_step_says_no_update_made_it(w, tmp_path, monkeypatch)
     for loss in (torch.tensor(1.0), torch.tensor(float("nan"))):
         weight.grad = torch.ones(2)
         try:
-            common.optimizer_step(opt, [weight], common.Dist(), 0, cfg, loss)
+            common.optimizer_step(opt, [weight], distributed.Dist(), 0, cfg, loss)
         except common.NonFiniteError as e:
             assert "no update has run" not in str(e) and str(e).startswith("step 1: non-finite")
             break

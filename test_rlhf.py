@@ -17,15 +17,17 @@ import torch.nn.functional as F
 
 from conftest import HERE, assert_same_metrics, count_decode_compiles, free_port, run_cli
 import common
+import distributed
+import rundir
 import data
 import ppo
 import reward
 from data import load_tokenizer
-from checkpoint import (export_llava_hf, load_checkpoint, resolve_checkpoint,
-                        save_checkpoint_files)
+from checkpoint import (export_llava_hf, load_checkpoint, recorded_template,
+                        resolve_checkpoint, save_checkpoint_files)
 from model import LLaVA
 
-ONE = common.Dist()  # a world of one process
+ONE = distributed.Dist()  # a world of one process
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -973,20 +975,20 @@ def test_a_ppo_checkpoint_records_the_template_its_policy_was_prompted_with(sft,
     code, _, err = run_cli("ppo", args)
     assert code == 0, err
     adapter_step, merged_end = str(out / "checkpoint-000001"), str(out / "checkpoint-000002")
-    assert common.recorded_base(adapter_step) is not None  # (the policy's LoRA on --init)
+    assert rundir.recorded_base(adapter_step) is not None  # (the policy's LoRA on --init)
     for ck in (adapter_step, merged_end):
-        assert common.recorded_template(ck) == "llava_v1", ck
+        assert recorded_template(ck) == "llava_v1", ck
     export_llava_hf(load_checkpoint(merged_end), tmp_path / "hf")
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["factalign_template"] == "llava_v1"
     assert data.SYSTEM["llava_v1"] in (tmp_path / "hf" / "chat_template.jinja").read_text()
     capsys.readouterr()
-    common.note_template("--init", str(out), "vicuna_v1")
+    rundir.note_template("--init", str(out), "vicuna_v1")
     assert "was trained with --template llava_v1" in capsys.readouterr().out
     shutil.rmtree(merged_end)
     code, stdout, err = run_cli("ppo", args + ["--resume", "true"])
     assert code == 0 and "resumed from" in stdout, err
-    assert common.recorded_template(merged_end) == "llava_v1"
+    assert recorded_template(merged_end) == "llava_v1"
 
 
 def test_ppo_resume_refuses_an_init_rewritten_at_its_path(tiny_rm, sft, tiny_world, tmp_path):
@@ -1012,7 +1014,7 @@ def test_ppo_resume_refuses_an_init_rewritten_at_its_path(tiny_rm, sft, tiny_wor
 def test_ppo_with_lora_dropout_resumes_bitwise(tiny_rm, sft, tiny_world, tmp_path):
     """ppo.py restored the optimizer and its adapters but not the random streams that building the
     roles had drawn from, so after --resume the LoRA dropout masks differed from the run that was
-    not stopped (the other stages' common.restore sets them)."""
+    not stopped (the other stages' rundir.restore sets them)."""
     args = ["--init", sft, "--reward", tiny_rm[0], "--world", tiny_world, *PPO_ARGS,
             "--lora_dropout", "0.1", "--export", "adapter"]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

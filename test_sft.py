@@ -496,7 +496,7 @@ def test_report_questions_too_long_are_refused_before_training(tiny_world, tmp_p
 def test_the_held_out_loss_runs_under_the_training_autocast(tiny_world, tmp_path, monkeypatch):
     """--dtype bf16 on a GPU: the validation loss was computed outside the training pass's
     autocast (another precision than the training loss it is read beside); it runs inside
-    common.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
+    distributed.bf16_autocast now (off on the CPU: recorded here, not switched on)."""
     import sft
     outside = calls_outside_autocast(monkeypatch, sft, "lm_loss")
     argv = ["--model", "tiny", "--world", tiny_world, "--batch_size", "4", "--align_steps", "1",
@@ -546,6 +546,7 @@ def test_a_flag_of_a_stage_that_does_not_run_is_refused_at_its_default_value_too
     out: the run trained at --lr's 2e-3 without a word. A Config built in code (no command line)
     keeps the default-value rule."""
     import common
+    import rundir
     import sft
     code, _, err = run_cli("sft", ["--init", tiny_sft, "--world", tiny_world, "--max_steps", "1",
                                    "--report", "false", "--instruct_lr", "1e-3",
@@ -553,7 +554,7 @@ def test_a_flag_of_a_stage_that_does_not_run_is_refused_at_its_default_value_too
     assert code == 2 and "--instruct_lr 0.001: not read with --init" in err \
         and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o" / "run.json")
-    common.refuse_unread(sft.Config(init=tiny_sft, instruct_lr=1e-3), ["instruct_lr"], "x")
+    rundir.refuse_unread(sft.Config(init=tiny_sft, instruct_lr=1e-3), ["instruct_lr"], "x")
     # refused after the world's paths are filled in too (a replaced Config kept no typed flags),
     # and a flag typed at the value that runs is let be: fp32 on a CPU, false for off (not
     # --save_full false without --fsdp, where every checkpoint is whole: test_reliability)
@@ -565,9 +566,9 @@ def test_a_flag_of_a_stage_that_does_not_run_is_refused_at_its_default_value_too
                                    "--out", str(tmp_path / "q")])
     assert code == 0, err
     typed = common.parse_config(sft.Config, ["--warmup_from_zero", "false"])
-    common.refuse_unread(typed, ["warmup_from_zero"], "x")  # (false: off, what runs)
+    rundir.refuse_unread(typed, ["warmup_from_zero"], "x")  # (false: off, what runs)
     with pytest.raises(common.ConfigError, match="--warmup_from_zero false: not read x"):
-        common.refuse_unread(typed, ["warmup_from_zero"], "x", runs=())
+        rundir.refuse_unread(typed, ["warmup_from_zero"], "x", runs=())
 
 
 def test_vision_lr_ratio_with_nothing_it_sets_is_refused(tiny_world, tiny_sft, tmp_path):

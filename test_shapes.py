@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import rundir
 import oracle
 import shapes
 import data
@@ -1090,7 +1090,7 @@ def test_ensure_world_puts_back_a_world_left_between_the_renames_and_uses_it(tmp
     d = str(tmp_path / "w")
     shapes.write_world(d, seed=0, **TINY_WORLD)
     stamp = os.stat(os.path.join(d, "annotations.json")).st_mtime_ns
-    dead = next(p for p in range(4_000_000, 4_100_000) if not common.pid_alive(p))
+    dead = next(p for p in range(4_000_000, 4_100_000) if not rundir.pid_alive(p))
     os.rename(d, f"{d}.old{dead}")
     shapes.ensure_world(d, seed=0, **TINY_WORLD)
     assert os.stat(os.path.join(d, "annotations.json")).st_mtime_ns == stamp

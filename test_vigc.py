@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import rundir
 from checkpoint import save_checkpoint_files
 import vigc
 from conftest import run_cli, run_script
@@ -544,7 +545,7 @@ def test_resume_with_other_generation_images_goes_on(tiny_world, tiny_ckpt, tmp_
     assert code == 0, err
     assert json.load(open(os.path.join(out, "run.json")))["images"] == run["images"]
     # a run recorded before 2026-12-06 holds the list with its data: it resumes on that list
-    run["data"][listed] = common.file_digests([listed])[listed]
+    run["data"][listed] = rundir.file_digests([listed])[listed]
     common.write_json(run, os.path.join(out, "run.json"))
     code, _, err = run_cli("vigc", argv + ["--max_steps", "3", "--resume", "true"])
     assert code == 0, err

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import distributed
+import rundir
 import oracle
 import shapes
 from model import PRESETS
@@ -630,7 +632,7 @@ def main(cfg):
                                  f"--answer_length {cfg.answer_length} (each >= 1)")
     # a decoding flag of the other --vic_mode changed from its default would go unread
     unread = UNREAD_BY_MODE[cfg.vic_mode]
-    common.refuse_unread(cfg, unread, f"by --vic_mode {cfg.vic_mode} (README: VIGC's two modes); "
+    rundir.refuse_unread(cfg, unread, f"by --vic_mode {cfg.vic_mode} (README: VIGC's two modes); "
                          "drop it or change --vic_mode")
     if cfg.init and not os.path.exists(cfg.init):
         raise common.ConfigError(f"--init {cfg.init}: not found "
@@ -638,22 +640,22 @@ def main(cfg):
     if cfg.max_steps == 0 and cfg.generate == 0:  # (--overwrite would move a run aside for it)
         raise common.ConfigError("--max_steps 0 and --generate 0: nothing to do (train, generate, "
                                  "or both)")
-    common.refuse_unread_shared(given)
+    rundir.refuse_unread_shared(given)
     if cfg.init:
-        common.refuse_unread(given, ["model"], "with --init (the checkpoint's architecture); "
+        rundir.refuse_unread(given, ["model"], "with --init (the checkpoint's architecture); "
                              "drop it")
     if cfg.generate == 0:  # (nothing is generated)
-        common.refuse_unread(given, [f for f in GEN_FIELDS if f != "generate"],
+        rundir.refuse_unread(given, [f for f in GEN_FIELDS if f != "generate"],
                              "with --generate 0 (nothing is generated); drop it")
     if cfg.max_steps == 0:  # (nothing is trained)
-        common.refuse_unread(given, TRAIN_FIELDS, "with --max_steps 0 (nothing is trained); "
+        rundir.refuse_unread(given, TRAIN_FIELDS, "with --max_steps 0 (nothing is trained); "
                              "drop it")
-    common.check_world("vigc.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
-    d = common.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
+    distributed.check_world("vigc.py", cfg.fsdp, cfg.grad_accum, batch_size=cfg.batch_size)
+    d = distributed.setup_dist(cfg.device, cfg.fsdp, flags=cfg)
     common.seed_everything(cfg.seed)
-    common.claim_out(cfg, d, inits=[cfg.init])
+    rundir.claim_out(cfg, d, inits=[cfg.init])
     if named:  # rank 0 writes the Shapes world once (if missing), the others wait
-        common.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
+        distributed.on_main_first(d, lambda: shapes.ensure_world(cfg.world, seed=cfg.world_seed))
     geometry, note = None, None
     if not cfg.init and named:  # a fresh model sees the world's images, one patch a cell
         world_params = shapes.load_params(cfg.world)
@@ -689,19 +691,20 @@ def main(cfg):
     instructions = load_instructions(cfg.instructions, needed)
     # generation flags do not change the trained weights: free to change on --resume (the
     # checkpoints record those given; report.json those the data were made with)
-    resume_path, state = (common.load_resume(cfg.out, cfg, free=GEN_FIELDS) if cfg.resume
+    resume_path, state = (rundir.load_resume(cfg.out, cfg, free=GEN_FIELDS) if cfg.resume
                           else (None, None))
     # FSDP: built from --init as at the start, then the shards
-    sharded = common.sharded_resume(resume_path, d)
+    sharded = rundir.sharded_resume(resume_path, d)
     # (sharded: the frozen weights from the base the run was trained on, not a checkpoint
     # --init's run folder has grown since)
-    init = common.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
+    init = rundir.trained_base(resume_path, cfg.init) if sharded and cfg.init else cfg.init
     load_from = init if sharded else resume_path or init
-    common.note_template("--init", cfg.init, cfg.template)
-    common.note_world("--init", cfg.init, cfg.world)
+    rundir.note_template("--init", cfg.init, cfg.template)
+    rundir.note_world("--init", cfg.init, cfg.world)
     tokenizer_dir, tokenizer_flag = common.tokenizer_source(given, cfg, load_from)
     model, tokenizer = common.load_model_and_tokenizer(load_from, cfg.model, cfg.vision_tower,
-                                                       tokenizer_dir, common.load_device(cfg, d),
+                                                       tokenizer_dir,
+                                                       distributed.load_device(cfg, d),
                                                        geometry=geometry,
                                                        tokenizer_flag=tokenizer_flag,
                                                        dtype=common.base_dtype(cfg))
@@ -709,7 +712,7 @@ def main(cfg):
         print(note)
     common.check_new_tokens(model, cfg, "max_new_tokens")
     if resume_path is None or sharded:  # (an --init with adapters: the policy it holds)
-        common.fold_init_adapters(model)
+        rundir.fold_init_adapters(model)
     if cfg.lora_r > 0:
         if not sharded:
             # (its training ended: a run stopped while generating goes on as generation alone)
@@ -728,7 +731,7 @@ def main(cfg):
         model.cast_base(torch.bfloat16, keep_trained=cfg.lora_r > 0)  # (full: pure bf16)
     model.gradient_checkpointing = cfg.grad_checkpoint
     if cfg.fsdp:
-        common.shard_model(model, d, bf16=bf16)
+        distributed.shard_model(model, d, bf16=bf16)
     images = ImageCache(model.config.image_size)
     train, unreadable = build_examples(records, instructions, cfg)
     if unreadable and d.main:
@@ -751,12 +754,12 @@ def main(cfg):
     data_files = [p for p, _ in common.data_specs(cfg.data)] + [cfg.instructions]
     # (not --images: generation alone reads it, free at --resume, and report.json names it;
     # recorded with the data before 2026-12-06, another list at --resume was refused)
-    common.start_writing(cfg, d, data_files, model, free_files=[cfg.images])
+    rundir.start_writing(cfg, d, data_files, model, free_files=[cfg.images])
     opt = common.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if state is not None:
         # (the final LoRA-merged checkpoint has no optimizer)
-        common.restore(model, opt, resume_path, state, d)
+        rundir.restore(model, opt, resume_path, state, d)
         start = state["step"]
         if d.main:
             print(f"resumed from {resume_path} at step {start}")
@@ -769,7 +772,7 @@ def main(cfg):
         print(f"{what} | model {n_all / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable | "
               f"{d.world} process(es)")
     log = common.Logger(cfg.out, d.main)
-    autocast = common.bf16_autocast(cfg)
+    autocast = distributed.bf16_autocast(cfg)
     model.train()
     t0, tokens = time.time(), 0
     for step in range(start, cfg.max_steps):
@@ -780,7 +783,7 @@ def main(cfg):
         # (each fits: the pool was filtered above, and an example tokenizes the same each time)
         items = [make_item(train[i], tokenizer, model.config, cfg, images) for i in idx]
         n_local = sum(int((x["labels"] != IGNORE).sum()) for x in items)
-        n_global = common.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
+        n_global = distributed.all_reduce_sum(torch.tensor(float(n_local)), d).clamp(min=1)
         loss_sum = torch.zeros((), device=d.device)  # (summed there: no wait on each backward)
         for chunk in [items[i::cfg.grad_accum] for i in range(cfg.grad_accum)]:
             if not chunk:
@@ -805,19 +808,19 @@ def main(cfg):
                     tok_per_s=round(tokens * d.world / max(dt, 1e-9)))
             t0, tokens = time.time(), 0
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            common.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
+            rundir.save_checkpoint(model, cfg.out, done, cfg, opt, tokenizer, d=d)
     if cfg.fsdp and (cfg.lora_r > 0 or cfg.generate > 0):  # the LoRA merge and generation need
         # the whole model: rank 0 gathers it, on the GPU only to generate, the optimizer let go
         # first (a full copy beside its state ran a 13B GPU out of memory)
         opt = None
-        model = common.gather_full_model(model, d, d.device if cfg.generate > 0 else "cpu")
+        model = distributed.gather_full_model(model, d, d.device if cfg.generate > 0 else "cpu")
     if cfg.lora_r > 0 and model is not None:
         model.merge_adapter("vigc")  # generation and later stages use the merged weights
         if d.main and cfg.max_steps > start:
-            common.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
+            rundir.save_checkpoint(model, cfg.out, cfg.max_steps, cfg, None, tokenizer)
     # the other ranks end here: generation is rank 0's alone (ranks waiting in a barrier behind
     # it timed out after 30 minutes, and torchrun then stopped rank 0 before it wrote its data)
-    common.cleanup_dist()
+    distributed.cleanup_dist()
     if cfg.fsdp and bf16 and cfg.generate > 0 and d.main:  # (gathered in fp32: decode as a run
         # without --fsdp does, on a bf16 base, a LoRA run's trained projector and tower in fp32)
         model.cast_base(torch.bfloat16)
@@ -831,5 +834,5 @@ def main(cfg):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config)
-    with common.ending_process(), common.user_errors():
+    with distributed.ending_process(), common.user_errors():
         main(cfg)
