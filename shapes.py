@@ -1132,6 +1132,7 @@ def _fill(out, seed, p):
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["partner_no_place"] = partner_no_place(split["train"], p)
+    world["stats"]["desc_no_place"] = desc_no_place(sft, split["train"], p["grid"])
     world["stats"]["seconds"] = round(time.time() - t0, 1)
     world["stats"]["vocab"] = vocab  # (the BPE stops when no pair is left to merge)
     return world
@@ -1226,6 +1227,15 @@ def partner_no_place(imgs, p):
         alone = any(t in names and q not in names for t, q in pairs)
         n += alone and len(names) == p["max_objects"] and set(names) <= in_pairs
     return n
+
+
+def desc_no_place(records, imgs, grid):
+    """(descriptions in `records`, those of a picture with every cell taken): the text-only writer
+    has no free cell to add a shape to such a picture, so its description stays exact whatever
+    --desc_halluc (only where --max_objects equals grid x grid: 2 x 2 and 4)."""
+    full = {i["file_name"] for i in imgs if len(i["objects"]) == grid * grid}
+    described = [r["image"] for r in records if "describe" in r["qtypes"]]
+    return len(described), sum(f in full for f in described)
 
 
 def cooc_rate(imgs, pairs):
@@ -1569,9 +1579,23 @@ def say_what_was_written(s, out, args):
     for line in existence_lines(s["sft_flaws"], "SFT", "yes_share", "exist_turns", args,
                                 text_only_writer=True):
         print(line)
+    print(description_line(s, args))
     read = "reading-stage (sft_read.json)"
     for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
         print(line)
+
+
+def description_line(s, args):
+    """What shapes.py says about the SFT descriptions: the share naming an absent shape, and why it
+    falls short of --desc_halluc where pictures fill every cell (on 2 x 2 with --max_objects 4, a
+    quarter of them: --desc_halluc 1 wrote 0.64, and nothing said so)."""
+    share, flag = s["sft_flaws"]["desc_naming_absent"], f"--desc_halluc {args['desc_halluc']:g}"
+    if share is None:
+        return f"SFT descriptions: none written ({flag})"
+    described, full = s["desc_no_place"]
+    why = (f"; {full} of the {described} show all {args['grid'] ** 2} cells taken, where the "
+           "text-only writer has no place to add a shape") if full and args["desc_halluc"] else ""
+    return f"SFT descriptions naming an absent shape: {share} ({flag}{why})"
 
 
 def _params_differ(was, now):

@@ -397,13 +397,17 @@ def test_world_without_pairs_is_written_and_a_self_pair_refused(tmp_path):
     assert not (tmp_path / "self").exists()
 
 
-def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path):
+def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path, capsys):
     """--max_objects equal to grid * grid: the text-only writer cannot add a shape to a full
-    picture, so those descriptions stay exact; the others still name the absent partner."""
-    w = shapes.write_world(str(tmp_path / "w"), image_size=32, grid=2, max_objects=4,
-                           desc_halluc=1.0, **dict(SMALL, n_train=200))
+    picture, so those descriptions stay exact; the others still name the absent partner. shapes.py
+    says so beside the share it wrote (--desc_halluc 1 wrote 0.64 on 2 x 2 without a word)."""
+    small = [f"--{k}={v}" for k, v in dict(SMALL, n_train=200).items()]
+    shapes.main(["--out", str(tmp_path / "w"), "--image_size", "32", "--grid", "2",
+                 "--max_objects", "4", "--desc_halluc", "1"] + small)
+    said = capsys.readouterr().out
+    w = json.load(open(tmp_path / "w" / "world.json"))
     by = shapes.load_world(str(tmp_path / "w"))["by_file"]
-    full = named = 0
+    full = named = described = 0
     for rec in json.load(open(tmp_path / "w" / "sft.json")):
         if "describe" not in rec["qtypes"]:
             continue
@@ -411,10 +415,15 @@ def test_full_grid_world_keeps_exact_descriptions_where_no_cell_is_free(tmp_path
         objs = by[rec["image"]]
         wrong = oracle.oracle(answer, objs)["hallucinated_objects"]
         full += len(objs) == 4
+        described += 1
         assert not (wrong and len(objs) == 4), (answer, objs)
         named += bool(wrong)
     assert full > 0 and named > 0
-    assert w["stats"]["sft_flaws"]["desc_naming_absent"] < 1.0
+    share = w["stats"]["sft_flaws"]["desc_naming_absent"]
+    assert share < 1.0
+    assert (f"SFT descriptions naming an absent shape: {share} (--desc_halluc 1; {full} of the "
+            f"{described} show all 4 cells taken, where the text-only writer has no place to add "
+            "a shape)\n") in said, said
 
 
 def test_every_cell_is_named_by_where_it_is(tmp_path):
@@ -949,6 +958,9 @@ def test_flaw_stats_of_nothing_are_null(tmp_path):
     assert flaws["yes_share_by_shape"] == dict({s: None for s in shapes.SHAPES}, circle=1.0)
     assert flaws["yes_share"] == 1.0 and flaws["false_yes_share"] == 0.0
     assert flaws["desc_naming_absent"] is None  # no description
+    said = shapes.description_line({"sft_flaws": flaws, "desc_no_place": (0, 0)},
+                                   dict(shapes.DEFAULTS, desc_halluc=0.5))
+    assert said == "SFT descriptions: none written (--desc_halluc 0.5)"
 
 
 def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
@@ -985,7 +997,12 @@ def test_unreachable_yes_share_is_said_not_hidden(tmp_path, capsys):
     # (the share of a 40-image world is too coarse to be near anything: 400 images)
     larger = [f"--{k}={v}" for k, v in dict(SMALL, n_train=400).items()]
     shapes.main(["--out", str(tmp_path / "near")] + larger)
-    assert "out of reach" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "out of reach" not in out
+    share = json.load(open(tmp_path / "near" / "world.json"))["stats"]["sft_flaws"]
+    # (3 x 3: a free cell in every picture, no reason to give)
+    assert f"SFT descriptions naming an absent shape: {share['desc_naming_absent']} " \
+           "(--desc_halluc 0.5)\n" in out
     # the text-only writer's "yes" is not the asker's: at 0.5 the file says "yes" more often (0.56)
     # and the asker still reached 0.5
     shapes.main(["--out", str(tmp_path / "half"), "--yes_share", "0.5"] + larger)
