@@ -1562,8 +1562,8 @@ def say_what_was_written(s, out, args):
     import common
     images = " ".join(f"{k} {v}" for k, v in s["images"].items())
     print(f"wrote {out} in {s['seconds']}s | images {images}")
-    rate = {k: "n/a (no image shows a trigger)" if v is None else v
-            for k, v in s["partner_given_trigger"].items()}
+    none = "n/a (--pairs '': no trigger)" if not args["pairs"] else "n/a (no image shows a trigger)"
+    rate = {k: none if v is None else v for k, v in s["partner_given_trigger"].items()}
     full = s["partner_no_place"]
     why = (f" (--cooc {args['cooc']:g} asks more: {full} training image{'s' * (full > 1)} at "
            "--max_objects shapes, each one a pair's, had no place left for the partner)"

@@ -382,11 +382,16 @@ def test_flaw_dials_checked(bad, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_world_without_pairs_is_written_and_a_self_pair_refused(tmp_path):
+def test_world_without_pairs_is_written_and_a_self_pair_refused(tmp_path, capsys):
     """--pairs '': no trigger, no partner, no held-out trigger alone (it crashed on the empty list
     when --heldout_alone > 0); a shape paired with itself is refused."""
-    w = shapes.write_world(str(tmp_path / "w"), pairs="", **SMALL)
+    small = [f"--{k}={v}" for k, v in SMALL.items()]
+    shapes.main(["--out", str(tmp_path / "w"), "--pairs="] + small)
+    w = json.load(open(tmp_path / "w" / "world.json"))
     assert w["params"]["pairs"] == "" and (tmp_path / "w" / "sft.json").exists()
+    # (it said "no image shows a trigger", as if triggers had been left out by chance)
+    none = "n/a (--pairs '': no trigger)"
+    assert f"P(partner | trigger): train {none} test {none}\n" in capsys.readouterr().out
     # no rate of nothing: null where no image shows a trigger
     assert w["stats"]["partner_given_trigger"] == {"train": None, "test": None}
     for stray in (",", "triangle:circle,", ",triangle:circle", "triangle:circle,,cross:square"):
