@@ -143,6 +143,8 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     escape_what_stdout_cannot_write()
     interrupts.hand_over()
     sigterm = sigterm_as_interrupt()
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_take_a_lost_interrupt, unraisable)
     try:
         yield
         if sys.stdout:  # (None: started with stdout closed)
@@ -191,10 +193,35 @@ def user_errors(*extra, interrupted=INTERRUPTED):
             said_on_each_node(interrupted)
         raise SystemExit(130) from None
     finally:
+        sys.unraisablehook = unraisable
+        if hasattr(signal, "setitimer") and \
+                signal.getsignal(signal.SIGALRM) is _raise_the_lost_interrupt:  # (not yet raised)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
         import rundir  # (it imports this module)
         rundir.release_locks()
         if not interrupts.work_done() and sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def _take_a_lost_interrupt(unraisable, args):
+    """sys.unraisablehook inside user_errors. A signal's handler runs wherever the main thread is:
+    inside a finalizer (a __del__ the garbage collector called: regex's Group.__del__ as a stage
+    tokenized), its KeyboardInterrupt is "Exception ignored" and lost. A stage sent Ctrl-C by
+    lab.py or pipeline.py trained on to its last step while they waited for it; lab.py and
+    pipeline.py themselves, every further signal dropped by then, ran on. It is raised again 10 ms
+    later, once the finalizer has returned (raised in this hook, it was lost again; landing in
+    another finalizer: once more)."""
+    if not issubclass(args.exc_type, KeyboardInterrupt) or not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread():
+        return unraisable(args)
+    signal.signal(signal.SIGALRM, _raise_the_lost_interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+
+
+def _raise_the_lost_interrupt(signum, frame):
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    raise KeyboardInterrupt
 
 
 STDOUT_READER_GONE = "the program reading the output has ended (a pipe to `head`?)"

@@ -1630,6 +1630,30 @@ def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, mon
     assert said.read_text() == "stopped" and time.time() - t0 < 20
 
 
+def test_a_sigterm_taken_inside_a_finalizer_stops_the_lab(capsys):
+    """The lab's (or the pipeline's) SIGTERM handler raised its KeyboardInterrupt inside a __del__
+    the garbage collector called: "Exception ignored", and the lab, every further signal dropped
+    by then, ran its runs on to their end. It reaches the lab's stop now."""
+    import signal
+
+    class TakesTheSigterm:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # (its handler runs here, inside __del__)
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    distributed.interrupt_on_sigterm()  # (as lab.py's main does)
+    t0 = time.time()
+    try:
+        with pytest.raises(SystemExit) as stop, common.user_errors(interrupted=lab.INTERRUPTED):
+            TakesTheSigterm()  # (dropped at once: its __del__ takes the SIGTERM)
+            while time.time() - t0 < 5:  # (the lab's loop)
+                time.sleep(0.01)
+    finally:
+        for signum, handler in was.items():
+            signal.signal(signum, handler)
+    assert stop.value.code == 130 and time.time() - t0 < 2
+    assert capsys.readouterr().err == lab.INTERRUPTED + "\n"
+
+
 def test_an_error_in_the_lab_stops_its_runs(tmp_path, monkeypatch):
     """Any error of the lab's own (here a run's log path that is a folder: one line, exit 2) left
     the runs already started going on as orphans; they are stopped and waited for now."""

@@ -2864,6 +2864,29 @@ def test_a_script_ignores_sigint_and_sigterm_once_user_errors_ends(monkeypatch):
     assert ignored == [True, True]
 
 
+def test_a_ctrl_c_taken_inside_a_finalizer_stops_the_stage(monkeypatch, tiny_world, tiny_sft,
+                                                           tmp_path):
+    """A signal's handler runs wherever the main thread is; inside a __del__ (regex's, called by
+    the garbage collector while an LRV run tokenized) its KeyboardInterrupt was "Exception
+    ignored": the Ctrl-C that lab.py sent its run was lost and the run trained on (the lab's
+    SIGTERM test, 2 of ~14 runs under load). Here a finalizer takes it at the 5th step."""
+    class TakesTheCtrlC:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # (its handler runs here, inside __del__)
+    real, calls = common.batch_indices, []
+
+    def batch_indices(*args, **kwargs):
+        calls.append(TakesTheCtrlC() if len(calls) == 4 else None)
+        calls[-1] = None  # (dropped: its __del__ runs now)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(common, "batch_indices", batch_indices)
+    code, _, err = run_cli("sft", ["--init", tiny_sft, "--world", tiny_world, "--lrv", "true",
+                                   "--max_steps", "40", "--report", "false", "--eval_every", "0",
+                                   "--out", str(tmp_path / "lrv")])
+    assert code == 130 and err.endswith(common.INTERRUPTED + "\n"), (code, err[-500:])
+    assert len(calls) == 5  # (stopped at the step whose finalizer took it)
+
+
 def test_a_sigterm_in_the_teardown_of_an_exit_before_user_errors_is_ignored(tmp_path):
     """A script that ends before user_errors (`--help`, a refused flag) ignores SIGINT and
     SIGTERM at exit too (interrupts.py's atexit hook): a SIGTERM landing in its teardown was a
