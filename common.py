@@ -195,7 +195,7 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     finally:
         sys.unraisablehook = unraisable
         if hasattr(signal, "setitimer") and \
-                signal.getsignal(signal.SIGALRM) is _raise_the_lost_interrupt:  # (not yet raised)
+                signal.getsignal(signal.SIGALRM) is raise_the_lost_interrupt:  # (not yet raised)
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
         import rundir  # (it imports this module)
@@ -211,15 +211,17 @@ def _take_a_lost_interrupt(unraisable, args):
     lab.py or pipeline.py trained on to its last step while they waited for it; lab.py and
     pipeline.py themselves, every further signal dropped by then, ran on. It is raised again 10 ms
     later, once the finalizer has returned (raised in this hook, it was lost again; landing in
-    another finalizer: once more)."""
+    another finalizer: once more). Not where the program that runs the stage in its own process
+    (a test harness, a notebook) has a SIGALRM handler of its own: that one is left as it is."""
     if not issubclass(args.exc_type, KeyboardInterrupt) or not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread():
+            threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, raise_the_lost_interrupt):
         return unraisable(args)
-    signal.signal(signal.SIGALRM, _raise_the_lost_interrupt)
+    signal.signal(signal.SIGALRM, raise_the_lost_interrupt)
     signal.setitimer(signal.ITIMER_REAL, 0.01)
 
 
-def _raise_the_lost_interrupt(signum, frame):
+def raise_the_lost_interrupt(signum, frame):
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     raise KeyboardInterrupt
 

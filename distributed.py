@@ -236,8 +236,13 @@ def stop_signals_deferred():
         yield
         return
     got = []
+    stops = [signal.SIGINT, signal.SIGTERM]
+    # (a Ctrl-C a finalizer swallowed, raised again by common.user_errors' SIGALRM: held too)
+    if hasattr(signal, "SIGALRM") and \
+            signal.getsignal(signal.SIGALRM) is common.raise_the_lost_interrupt:
+        stops.append(signal.SIGALRM)
     held = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-            for s in (signal.SIGINT, signal.SIGTERM)
+            for s in stops
             if signal.getsignal(s) != signal.SIG_IGN}  # (ignored: the child inherits that)
     try:
         yield

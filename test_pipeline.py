@@ -1630,28 +1630,41 @@ def test_sigterm_stops_the_runs_of_a_lab_started_in_the_background(tmp_path, mon
     assert said.read_text() == "stopped" and time.time() - t0 < 20
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (the lost one)
 def test_a_sigterm_taken_inside_a_finalizer_stops_the_lab(capsys):
     """The lab's (or the pipeline's) SIGTERM handler raised its KeyboardInterrupt inside a __del__
     the garbage collector called: "Exception ignored", and the lab, every further signal dropped
-    by then, ran its runs on to their end. It reaches the lab's stop now."""
+    by then, ran its runs on to their end. It reaches the lab's stop now, and not between starting
+    a run and recording it (stop_signals_deferred holds it as it holds a SIGTERM: an orphan run
+    otherwise). A SIGALRM handler of the program's own is left alone (the interrupt stays lost)."""
     import signal
 
     class TakesTheSigterm:
         def __del__(self):
             signal.raise_signal(signal.SIGTERM)  # (its handler runs here, inside __del__)
-    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    was = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     distributed.interrupt_on_sigterm()  # (as lab.py's main does)
-    t0 = time.time()
+    t0, recorded = time.time(), []
     try:
         with pytest.raises(SystemExit) as stop, common.user_errors(interrupted=lab.INTERRUPTED):
             TakesTheSigterm()  # (dropped at once: its __del__ takes the SIGTERM)
+            with distributed.stop_signals_deferred():  # (the lab: start a run, then record it)
+                time.sleep(0.05)  # (a slow start: the 10 ms timer fires in here)
+                recorded.append("run")
             while time.time() - t0 < 5:  # (the lab's loop)
                 time.sleep(0.01)
+        assert stop.value.code == 130 and time.time() - t0 < 2 and recorded == ["run"]
+        assert capsys.readouterr().err == lab.INTERRUPTED + "\n"
+        own = lambda signum, frame: None
+        signal.signal(signal.SIGALRM, own)
+        distributed.interrupt_on_sigterm()
+        with common.user_errors(interrupted=lab.INTERRUPTED):
+            TakesTheSigterm()
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGALRM) is own
     finally:
         for signum, handler in was.items():
             signal.signal(signum, handler)
-    assert stop.value.code == 130 and time.time() - t0 < 2
-    assert capsys.readouterr().err == lab.INTERRUPTED + "\n"
 
 
 def test_an_error_in_the_lab_stops_its_runs(tmp_path, monkeypatch):

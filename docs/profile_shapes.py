@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
-import common  # noqa: E402
+import distributed  # noqa: E402
 import ppo  # noqa: E402
 from data import ImageCache  # noqa: E402
 
@@ -53,7 +53,7 @@ def profile_update(compiled=False):
     cfg = ppo.Config(max_new_tokens=NEW_TOKENS, minibatch_size=BATCH // 2, ppo_epochs=2,
                      rm_input="tokens", out=tmp, seed=0)
     rm = (False, "llava-rlhf", "vicuna_v1", False)  # (facts, wording, template, space): no facts
-    d = common.Dist(device=torch.device("cpu"))
+    d = distributed.Dist(device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for i in range(4):  # three warm iterations, then one profiled
         t0 = time.perf_counter()
