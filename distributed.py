@@ -44,9 +44,15 @@ made_process_group = False  # set by setup_dist; end_process reads it
 
 def check_device(device):
     """--device cuda where there is none: one line before any work (eval's model load, each of a
-    lab's runs failing after it, was where it showed)."""
+    lab's runs failing after it, was where it showed). Under torchrun, more processes on a node
+    than it has GPUs: each extra one died in torch.cuda.set_device's traceback."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if device == "cuda" and local >= gpus:
+        raise ConfigError(f"--device cuda: this process is local rank {local}, and its node has "
+                          f"{gpus} CUDA device(s): start at most {gpus} processes per node "
+                          f"(torchrun --nproc_per_node {gpus})")
 
 
 def setup_dist(device="cpu", fsdp=False, flags=None):

@@ -2293,6 +2293,21 @@ def test_an_out_that_is_not_utf8_is_one_line_before_any_work(w, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_more_processes_on_a_node_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc_per_node 8 on a node with 4 GPUs: ranks 4-7 died in set_device's
+    traceback ("invalid device ordinal"); each says what to change now."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    distributed.check_device("cuda")  # (the fourth GPU: there)
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(common.ConfigError, match=r"^--device cuda: this process is local rank 4, "
+                       r"and its node has 4 CUDA device\(s\): start at most 4 processes per node "
+                       r"\(torchrun --nproc_per_node 4\)$"):
+        distributed.check_device("cuda")
+    distributed.check_device("cpu")  # (a CPU run: no GPU to count)
+
+
 def test_device_cuda_without_one_is_one_line_before_any_work(w, tmp_path, monkeypatch):
     """--device cuda on a machine without CUDA: every script says so in one line before any work
     (eval loaded the model and died in a traceback; a lab ran every run to its failure and then
