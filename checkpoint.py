@@ -1121,7 +1121,10 @@ CLIP_BUFFERS = ("embeddings.position_ids",)
 
 def _materialize(config, src, dtype, device, fresh_projector=False):
     """Build the model on the meta device, then fill each parameter from the source one tensor at
-    a time (no second full copy of the weights in RAM)."""
+    a time (no second full copy of the weights in RAM). `device` meta: the model's shapes alone,
+    checked against the files' headers, no weight read (an FSDP rank other than 0:
+    distributed.load_device)."""
+    shapes_only = torch.device(device or "cpu").type == "meta"
     with torch.device("meta"):
         model = LLaVA(config)
     targets = _our_targets(config)
@@ -1172,16 +1175,23 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                 if got != tuple(shp):
                     raise CheckpointError(f"{src.key(part, name)} has shape {got} but the config "
                                           f"expects {tuple(shp)}")
+                if shapes_only:
+                    continue
                 tensors.append(src.get(part, name))
                 if not all_finite(tensors[-1]):  # (a model of NaNs answers ''
                     # to everything, and POPE reads that as 'yes': scores without a word)
                     raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
-            t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+            if shapes_only:
+                t = torch.empty(p.shape, device="meta")
+            else:
+                t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
         # (a projector asked for in a half dtype is kept fp32: a LoRA run trains it on a bf16
         # base, LLaVA's 2e-5 steps lost in bf16; cast_base makes a frozen one bf16 again)
         want = torch.float32 if dtype is not None and our_name.startswith("projector.") else dtype
         t = t.to(dtype=want or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
         _set_param(model, our_name, t)
+    if shapes_only:  # (no weight taken: the files read whole, old .bin ones, are let go here)
+        inner.handles.clear()
     return model
 
 

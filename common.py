@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -1110,11 +1110,14 @@ def load_model_and_tokenizer(init="", preset="shapes", vision_tower="", tokenize
         tokenizer = load_tokenizer(tokenizer_dir)
         image_id = tokenizer.convert_tokens_to_ids("<image>")
         vocab = -(-len(tokenizer) // 64) * 64  # rounded up: friendlier matmul shapes
-        model = LLaVA.from_preset(preset, **(geometry or {}), vocab_size=vocab,
-                                  image_token_id=image_id if image_id is not None else -200,
-                                  pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id)
+        # (on the meta device: no weight drawn, an FSDP rank other than 0 takes rank 0's)
+        meta = torch.device(device).type == "meta"
+        with torch.device("meta") if meta else nullcontext():
+            model = LLaVA.from_preset(preset, **(geometry or {}), vocab_size=vocab,
+                                      image_token_id=image_id if image_id is not None else -200,
+                                      pad_token_id=tokenizer.pad_token_id,
+                                      bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
         if dtype is not None:
             model = model.to(dtype)
     return model.to(device), tokenizer

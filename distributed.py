@@ -456,21 +456,32 @@ warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a vi
 
 
 def load_device(cfg, d):
-    """Where a stage builds its model: a checkpoint on the CPU under --fsdp (fully_shard moves each
-    unit's weights to the GPU as it shards them, one unit whole at a time; loaded there first,
-    every GPU held the whole fp32 model: 28 GB at 7B, 52 at 13B), else on the run's device (a
-    fresh model too: its weights drawn where a run without --fsdp draws them)."""
+    """Where a stage builds its model. Under --fsdp rank 0 reads a checkpoint on the CPU
+    (fully_shard moves each unit's weights to the GPU as it shards them, one unit whole at a time;
+    loaded on the GPU first, every GPU held the whole fp32 model: 28 GB at 7B, 52 at 13B), and
+    every other rank builds the model on the meta device (no memory): shard_model fills their
+    shards from rank 0's weights. Rank 0 alone reads because every rank reading held the whole
+    fp32 model in host memory before sharding: 8 x 28 GB on a node of 8 ranks at 7B. Else (rank 0's
+    fresh model too) on the run's device: its weights drawn where a run without --fsdp draws
+    them."""
+    if cfg.fsdp and not d.main:
+        return torch.device("meta")
     return torch.device("cpu") if cfg.fsdp and cfg.init else d.device
 
 
 def shard_model(model, d, bf16=False):
     """fully_shard each vision and decoder layer, then the root. Call after adapters, heads and
-    set_trainable, before make_optimizer (the optimizer must see the sharded parameters). bf16
-    (GPU): compute in bf16 on all-gathered copies, fp32 master weights and optimizer state, fp32
-    reduce-scatter."""
+    set_trainable, before make_optimizer (the optimizer must see the sharded parameters). Built on
+    the meta device on the other ranks (load_device), the model is filled from rank 0's weights,
+    adapters and heads once sharded. bf16 (GPU): compute in bf16 on all-gathered copies, fp32
+    master weights and optimizer state, fp32 reduce-scatter."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
                                         register_fsdp_forward_method)
+    # (the first collective after the load: a rank 0 that could not read the checkpoint is gone,
+    # and the others say so here, on gloo, rather than wait in NCCL)
+    from_rank0 = built_on_meta(model, d)
+    whole = model.state_dict() if from_rank0 and d.main else {}  # (rank 0's whole weights)
     mesh = init_device_mesh(d.device.type, (d.world,))
     if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -485,6 +496,9 @@ def shard_model(model, d, bf16=False):
     # no_grad pass nothing frees them: resharded() puts the shards back before the optimizer or a
     # checkpoint looks at the parameters.
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if from_rank0:
+        fill_from_rank0(model, whole, d)
+        del whole
     # SUM, not FSDP's default mean: our losses are divided by global counts already
     for unit in units + [model]:
         unit.set_gradient_divide_factor(1.0)
@@ -494,6 +508,39 @@ def shard_model(model, d, bf16=False):
         register_fsdp_forward_method(model, name)
     model.encode_every_batch = True  # (a text-only micro-batch on one rank: see LLaVA.embed)
     return model
+
+
+def built_on_meta(model, d):
+    """Whether any rank built `model` on the meta device (collective, on the CPU)."""
+    meta = torch.tensor([float(any(p.is_meta for p in model.parameters()))])
+    if d.world > 1:
+        dist.all_reduce(meta)
+    return bool(meta.item())
+
+
+def fill_from_rank0(model, whole, d):
+    """Every rank's shards of the sharded `model` from rank 0's `whole` state dict (empty on the
+    other ranks), broadcast one tensor at a time; the meta ranks' random streams become rank 0's,
+    which drew the weights they did not (a fresh model): the run's later draws (LoRA dropout) are
+    those of a run where every rank drew them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    # to_empty gives every tensor uninitialised memory: one outside the state dict would stay so
+    # (the model computes its rotary angles and positions on the fly: it has none)
+    kept_out = [m for m in model.modules() if m._non_persistent_buffers_set]
+    if kept_out:
+        raise RuntimeError(f"{type(kept_out[0]).__name__}: a non-persistent buffer, not filled "
+                           "from rank 0: rebuild it after fill_from_rank0")
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=True))
+    streams = torch.get_rng_state()
+    dist.broadcast(streams, src=0)
+    torch.set_rng_state(streams)
+    if d.device.type == "cuda":  # (a fresh model drawn on rank 0's GPU; LoRA dropout runs there)
+        streams = torch.cuda.get_rng_state(d.device)  # (a CPU tensor: the gloo group takes it)
+        dist.broadcast(streams, src=0)
+        torch.cuda.set_rng_state(streams, d.device)
 
 
 def resharded(model):

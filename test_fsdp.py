@@ -98,10 +98,14 @@ def sft_args(world, out, *extra):
 
 
 def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_sigkill(
-        tiny_world, tmp_path):
+        tiny_world, tmp_path, monkeypatch):
+    """(Also: rank 1 builds the fresh model on the meta device, and takes rank 0's weights and
+    random streams: it drew neither, and its LoRA dropout masks would differ from a run where
+    every rank drew the model.)"""
     from checkpoint import load_checkpoint
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
-    straight = torchrun("sft.py", sft_args(tiny_world, two, "--fsdp", "true"))
+    straight = watched_sft(sft_args(tiny_world, two, "--fsdp", "true"), tmp_path / "seen",
+                           monkeypatch)
     # the same run, killed (every process at once, SIGKILL) once checkpoint 2 is complete
     victim = torchrun("sft.py", sft_args(tiny_world, killed, "--fsdp", "true"))
     deadline = time.time() + 240
@@ -121,6 +125,9 @@ def test_sft_fsdp_equals_one_process_shards_by_half_and_resumes_bitwise_after_si
     code, stdout, err = run_cli("sft", sft_args(tiny_world, one))  # one plain process, meanwhile
     assert code == 0 and "1 process(es)" in stdout, err
     assert "2 process(es)" in finish(straight)
+    seen = seen_by_rank(tmp_path / "seen")
+    assert [s["before"] for s in seen] == [["cpu"], ["meta"]], seen
+    assert seen[0]["streams"] == seen[1]["streams"], seen
     resume_args = sft_args(tiny_world, killed, "--fsdp", "true", "--resume", "true")
     resumed = finish(torchrun("sft.py", resume_args))
     assert "resumed from" in resumed
@@ -358,12 +365,58 @@ def test_a_rank_that_cannot_read_its_part_stops_every_rank(tiny_sft, tiny_world,
         "of this checkpoint (its line says why)" in out, out[-3000:]
 
 
-def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp_path):
+# sft.py as torchrun runs it, each rank recording the weights it read from the checkpoint's files
+# (TensorSource.get), the devices of its parameters as shard_model gets them and after it, and its
+# random streams after it
+WATCHED_SFT = """
+import hashlib, json, os, runpy, sys
+here = sys.argv.pop(1)
+sys.path.insert(0, here)
+import torch
+import checkpoint
+import distributed
+seen = {"read": 0}
+real_get, real_shard = checkpoint.TensorSource.get, distributed.shard_model
+def get(self, part, name):
+    seen["read"] += 1
+    return real_get(self, part, name)
+def shard_model(model, d, bf16=False):
+    seen["before"] = sorted({p.device.type for p in model.parameters()})
+    real_shard(model, d, bf16)
+    seen["after"] = sorted({p.device.type for p in model.parameters()})
+    seen["streams"] = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
+    with open(os.path.join(os.environ["SEEN_DIR"], os.environ["RANK"] + ".json"), "w") as f:
+        json.dump(seen, f)
+    return model
+checkpoint.TensorSource.get, distributed.shard_model = get, shard_model
+sys.argv[0] = os.path.join(here, "sft.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def watched_sft(argv, seen_dir, monkeypatch):
+    """torchrun sft.py argv, each rank writing what WATCHED_SFT records to seen_dir/RANK.json."""
+    os.makedirs(seen_dir)
+    watched = os.path.join(seen_dir, "watched_sft.py")
+    with open(watched, "w") as f:
+        f.write(WATCHED_SFT)
+    monkeypatch.setenv("SEEN_DIR", str(seen_dir))
+    return torchrun(watched, [HERE] + argv)
+
+
+def seen_by_rank(seen_dir):
+    return [json.loads(open(os.path.join(seen_dir, f"{rank}.json")).read()) for rank in (0, 1)]
+
+
+def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp_path,
+                                                       monkeypatch):
     """Data mixing text-only and image records (LLaVA's mix665k, ScienceQA): a rank whose
     micro-batch had no image skipped the tower while the other all-gathered its layers (gloo:
     'Received data size doesn't match expected size', SIGABRT; NCCL would hang). The tower now
     runs on every rank, its features weighted 0 where there is no image: the losses are those of
-    one plain process."""
+    one plain process. Rank 1 builds the model on the meta device and reads no weight of --init
+    (every rank held the whole fp32 model in host memory before sharding: 8 x 28 GB on a node of
+    8 ranks at 7B): rank 0's are broadcast into its shards."""
     recs = [r for r in json.load(open(os.path.join(tiny_world, "sft.json"))) if "image" in r][:8]
     text_only = []
     for r in recs:
@@ -375,11 +428,15 @@ def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp
     argv = ["--init", tiny_sft, "--data", str(data), "--image_folder", tiny_world, "--world",
             tiny_world, "--max_steps", "6", "--batch_size", "2", "--report", "false",
             "--log_every", "1", "--eval_every", "0", "--save_every", "6", "--val_data", ""]
-    two = torchrun("sft.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
+    two = watched_sft(argv + ["--fsdp", "true", "--out", str(tmp_path / "two")], tmp_path / "seen",
+                      monkeypatch)
     code, _, err = run_cli("sft", argv + ["--out", str(tmp_path / "one")])
     assert code == 0, err
     assert "2 process(es)" in finish(two)
     same_metrics(tmp_path / "one", tmp_path / "two", ["loss"])
+    seen = seen_by_rank(tmp_path / "seen")
+    assert seen[0]["read"] > 0 and seen[0]["before"] == ["cpu"], seen
+    assert seen[1]["read"] == 0 and seen[1]["before"] == ["meta"] and seen[1]["after"] == ["cpu"]
 
 
 def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_nothing(
