@@ -2265,7 +2265,9 @@ def load_peft_adapter(model, path, name, no_merge=None):
             module = key[:-len(".base_layer.weight")].removeprefix("base_model.model.")
             refuse_tied_head(key, module)
             own = params.get(ours.get(_canonical_key(module + ".weight")))
-            if own is None or own.shape != state[key].shape or \
+            # (built on the meta device, an FSDP rank other than 0: the shape alone; rank 0, which
+            # reads the weights, compares the values)
+            if own is None or own.shape != state[key].shape or not own.is_meta and \
                     not torch.equal(own.detach().cpu().float(), state[key].float()):
                 raise CheckpointError(f"{file}: key '{key}': a copy of '{module}' that differs "
                                       "from this model's (a resized or trained layer) is not "

@@ -442,7 +442,9 @@ def test_a_peft_adapter_refused_for_its_name_leaves_the_base_as_it_was(peft_else
 def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
     """LoRA on lm_head: PEFT also saves the head's own weight (save_embedding_layers 'auto'),
     which was refused as 'not a LoRA A/B weight'. The same weight as the base's is passed over
-    (LoRA merged, as PEFT answers); another one (a resized or trained head) is refused."""
+    (LoRA merged, as PEFT answers); another one (a resized or trained head) is refused. On the
+    meta device (an FSDP rank other than 0) the shape alone is compared: it died copying out of a
+    meta tensor."""
     from peft import LoraConfig
     from safetensors.torch import load_file, save_file
     hf_llava().save_pretrained(tmp_path / "base")
@@ -456,6 +458,7 @@ def test_peft_adapter_with_lora_on_lm_head_loads_with_its_saved_head(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(pixels, ids), peft_logits(pm, pixels, ids), atol=ATOL,
                                    rtol=0)
+    assert load_checkpoint(tmp_path / "adapter", device="meta").lm_head.weight.is_meta
     state["base_model.model.lm_head.base_layer.weight"] += 1.0
     save_file(state, file, {"format": "pt"})
     with pytest.raises(CheckpointError, match="a copy of 'lm_head' that differs"):
