@@ -16,14 +16,16 @@ import common
 import distributed
 import rundir
 import lab
-from conftest import HERE, FullDisk, process_states, run_cli, run_script
+from conftest import HERE, FullDisk, process_states, run_cli
 
 
 def test_pipeline_two_steps(tmp_path, tiny_world):
     out, ev = str(tmp_path / "ckpt"), str(tmp_path / "eval")
     argv = ["--steps", "2", "--model", "tiny", "--world", tiny_world, "--out", out,
             "--eval_out", ev, "--eval_limit", "4"]
-    code, stdout, err = run_script("pipeline.py", argv, timeout=600)
+    # (pipeline.py in this process, as its __main__ block would run it: each stage is a process
+    # of its own all the same; a pipeline.py process cost an interpreter and torch's import)
+    code, stdout, err = run_cli("pipeline", argv, strict=True)
     assert code == 0, stdout[-3000:] + err[-3000:]
     for stage in ("sft", "lrv", "rm", "ppo", "dpo", "vigc"):
         assert any(n.startswith("checkpoint-") for n in os.listdir(os.path.join(out, stage))), stage
@@ -45,7 +47,7 @@ def test_lab_one_claim_two_steps_then_its_records(tmp_path, tiny_world, tiny_sft
     argv = ["--sft", os.path.join(out, "sft"), "--world", tiny_world, "--claims", "povid",
             "--seeds", "0", "--steps", "2", "--eval_limit", "4",
             "--out", runs, "--results", results, "--plots", plots]
-    code, stdout, err = run_script("lab.py", argv, timeout=600)
+    code, stdout, err = run_cli("lab", argv, strict=True)  # (each run a process of its own)
     assert code == 0, stdout[-3000:] + err[-3000:]
     text = open(results).read()
     assert "## POVID" in text and "| POVID stage 2 |" in text and "python dpo.py" in text
@@ -53,8 +55,7 @@ def test_lab_one_claim_two_steps_then_its_records(tmp_path, tiny_world, tiny_sft
     stage1 = os.path.join(runs, "povid", "stage1-s0")
     assert f"--init {stage1} --povid_stage 2" in text, text
     assert Image.open(os.path.join(plots, "povid.png")).size[0] > 100
-    # everything on disk: nothing runs again (the checks below run lab.main in this process, as
-    # its __main__ block would: they start no run, so a new interpreter would only cost time)
+    # everything on disk: nothing runs again
     code, stdout, _ = run_cli("lab", argv, strict=True)
     assert code == 0 and "0 to go" in stdout
     # every finished run keeps its command, folders written {out}, {sft}, {world}; one whose
