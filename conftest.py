@@ -130,6 +130,25 @@ def run_cli(module, argv, strict=False):
     return code, out.getvalue(), err.getvalue()
 
 
+def forked_cli(module, argv, log):
+    """run_cli(module, argv) in a forked copy of this process, started (a process to kill, without
+    an interpreter's start and torch's import: about 2 s of CPU each); its stderr goes to the open
+    file log. Returns the multiprocessing.Process: exitcode is run_cli's code, or -N if signal N
+    ended it."""
+    import multiprocessing
+
+    def child():
+        torch.set_num_threads(1)
+        os.dup2(log.fileno(), 2)
+        code, _, err = run_cli(module, argv)
+        log.write(err)
+        log.flush()
+        os._exit(code)
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    proc.start()
+    return proc
+
+
 def calls_outside_autocast(monkeypatch, module, name):
     """distributed.bf16_autocast replaced by a recorder and module.name wrapped: the list returned
     gets, for each call of module.name, whether it ran outside every bf16_autocast block (autocast

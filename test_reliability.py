@@ -32,8 +32,8 @@ import torch
 import common
 import distributed
 import interrupts
-from conftest import (HERE, FullDisk, assert_same_metrics, free_port, merge_flags, run_cli,
-                      run_script, two_ranks)
+from conftest import (HERE, FullDisk, assert_same_metrics, forked_cli, free_port, merge_flags,
+                      run_cli, run_script, two_ranks)
 
 PY = sys.executable
 GOOD = [{"from": "human", "value": "<image>\nIs there a circle?"},
@@ -2646,16 +2646,15 @@ if __name__ == "__main__" and "--table" in sys.argv:
 # ----------------------------------------------------------------------------------------
 
 def kill_mid_run(script, argv, out, during_write):
-    """Run `python script.py argv` and SIGKILL it: during_write, while it writes a checkpoint after
-    checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught) once
-    checkpoint-2 is complete, in the middle of step 3. Returns whether a checkpoint write was
+    """Run the script in a process of its own (forked: what a SIGKILL leaves on disk does not
+    depend on how the process started) and SIGKILL it: during_write, while it writes a checkpoint
+    after checkpoint-1 (a .tmp-checkpoint-* directory exists); else (or when no write is caught)
+    once checkpoint-2 is complete, in the middle of step 3. Returns whether a checkpoint write was
     caught."""
     log = open(f"{out}.stderr", "w+")  # a file, not a pipe: a full pipe would stall the run
-    command = [PY, os.path.join(HERE, f"{script}.py"), *merge_flags(argv)]
-    proc = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = forked_cli(script, argv, log)
     caught, deadline = False, time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
+    while proc.is_alive() and time.time() < deadline:
         names = os.listdir(out) if os.path.isdir(out) else []
         done = [int(n[11:]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit()]
         if done and during_write and any(n.startswith(".tmp-checkpoint-") for n in names):
@@ -2664,11 +2663,11 @@ def kill_mid_run(script, argv, out, during_write):
         if done and max(done) >= 2 and not any(n.startswith(".tmp-checkpoint-") for n in names):
             break
         time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()  # (SIGKILL)
+    proc.join()
     log.seek(0)
-    assert proc.returncode == -signal.SIGKILL, (
-        f"the run was not killed mid-way (exit {proc.returncode}): {log.read()[-2000:]}")
+    assert proc.exitcode == -signal.SIGKILL, (
+        f"the run was not killed mid-way (exit {proc.exitcode}): {log.read()[-2000:]}")
     log.close()
     return caught
 
