@@ -130,23 +130,39 @@ def run_cli(module, argv, strict=False):
     return code, out.getvalue(), err.getvalue()
 
 
-def forked_cli(module, argv, log):
-    """run_cli(module, argv) in a forked copy of this process, started (a process to kill, without
-    an interpreter's start and torch's import: about 2 s of CPU each); its stderr goes to the open
-    file log. Returns the multiprocessing.Process: exitcode is run_cli's code, or -N if signal N
-    ended it."""
+def forked(fn, log):
+    """fn() in a forked copy of this process, started: a process of its own without an
+    interpreter's start and torch's import (about 2 s of CPU each). Its stderr goes to the open
+    file log. Returns the multiprocessing.Process: exitcode is fn's SystemExit code, as Python's
+    would be (0 when it returns; a message: said, 1), or -N if signal N ended it."""
     import multiprocessing
 
     def child():
         torch.set_num_threads(1)
         os.dup2(log.fileno(), 2)
-        code, _, err = run_cli(module, argv)
-        log.write(err)
+        sys.stderr = log
+        code = 0
+        try:
+            fn()
+        except SystemExit as e:
+            code = e.code
+            if code is not None and not isinstance(code, int):  # (a message: said, exit 1)
+                print(code, file=log)
+                code = 1
         log.flush()
-        os._exit(code)
+        os._exit(code or 0)
     proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
     proc.start()
     return proc
+
+
+def forked_cli(module, argv, log):
+    """run_cli(module, argv) in a forked copy of this process (forked), its stderr to log."""
+    def run():
+        code, _, err = run_cli(module, argv)
+        log.write(err)
+        sys.exit(code)
+    return forked(run, log)
 
 
 def calls_outside_autocast(monkeypatch, module, name):

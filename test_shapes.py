@@ -1082,22 +1082,29 @@ def test_two_writers_of_one_world_at_once_do_not_replace_each_other(tmp_path):
     check and the write hold one lock: of shapes.py --seed 0 and --seed 1, one writes and the
     other refuses the world it finds (without --overwrite), and of two stages asking for seeds 0
     and 1, one writes and the other refuses it; nothing is left beside the world."""
-    import subprocess
+    import functools
     import sys
-    from conftest import HERE, TINY_WORLD
+    import tempfile
+    from conftest import TINY_WORLD, forked
     sizes = [x for k, v in TINY_WORLD.items() for x in (f"--{k}", str(v))]
-    cli = [[sys.executable, os.path.join(HERE, "shapes.py"), "--out", str(tmp_path / "a"),
-            "--seed", str(seed), *sizes] for seed in (0, 1)]
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import shapes, conftest\n"
-            "try:\n"
-            "    shapes.ensure_world(sys.argv[2], int(sys.argv[3]), **conftest.TINY_WORLD)\n"
-            "except shapes.DataError as e:\n"
-            "    sys.exit(str(e))\n")
-    stage = [[sys.executable, "-c", code, HERE, str(tmp_path / "b"), str(seed)] for seed in (0, 1)]
-    for name, commands in (("a", cli), ("b", stage)):
-        runs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for c in commands]
-        results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
+
+    def cli(seed):  # what `python shapes.py --out A --seed N` runs
+        shapes.main(["--out", str(tmp_path / "a"), "--seed", str(seed), *sizes])
+
+    def stage(seed):  # what a stage runs on a world not written yet
+        try:
+            shapes.ensure_world(str(tmp_path / "b"), seed, **TINY_WORLD)
+        except shapes.DataError as e:
+            sys.exit(str(e))
+    for name, writer in (("a", cli), ("b", stage)):
+        # (each a forked copy of this process: no interpreter's start, 2 s of CPU each)
+        logs = [tempfile.TemporaryFile("w+") for _ in (0, 1)]
+        runs = [forked(functools.partial(writer, seed), logs[seed]) for seed in (0, 1)]
+        results = []
+        for run, log in zip(runs, logs):
+            run.join(300)
+            log.seek(0)
+            results.append((run.exitcode, log.read()))
         ok = [seed for seed, (rc, _) in enumerate(results) if rc == 0]
         assert len(ok) == 1, (name, results)
         refused = results[1 - ok[0]][1]
