@@ -14,7 +14,7 @@ import common
 import distributed
 import rundir
 from checkpoint import FORMAT_VERSION, base_fingerprint
-from conftest import HERE, run_cli, two_ranks
+from conftest import HERE, forked, run_cli, two_ranks
 from model import LLaVA
 
 
@@ -998,19 +998,24 @@ def test_write_whole_by_two_processes_at_once_leaves_a_whole_file(tmp_path):
     temp name path.tmp: each truncated the other's, one renamed a mix of both (NUL bytes too) into
     place, the other's rename failed. Each writes its own temp file now: every read finds one
     writer's whole text, and neither fails."""
+    import tempfile
+    import time
     target = tmp_path / "RESULTS.md"
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
-            "text, end = sys.argv[3] * 200_000, time.time() + 1.5\n"
-            "while time.time() < end:\n"
-            "    common.write_whole(sys.argv[2], lambda f: f.write(text))\n")
-    writers = [subprocess.Popen([sys.executable, "-c", code, HERE, str(target), ch],
-                                stderr=subprocess.PIPE, text=True) for ch in "AB"]
+
+    def write(ch):  # (each writer a forked copy of this process: no interpreter's start)
+        text, end = ch * 200_000, time.time() + 1.5
+        while time.time() < end:
+            common.write_whole(str(target), lambda f: f.write(text))
+    logs = [tempfile.TemporaryFile("w+") for _ in "AB"]
+    writers = [forked(lambda ch=ch: write(ch), log) for ch, log in zip("AB", logs)]
     seen = set()
-    while any(w.poll() is None for w in writers):
+    while any(w.is_alive() for w in writers):
         if target.exists():
             text = target.read_text()
             seen.add("whole" if text in ("A" * 200_000, "B" * 200_000) else "mixed")
-    assert [w.wait() for w in writers] == [0, 0], [w.stderr.read()[-300:] for w in writers]
+    for log in logs:
+        log.seek(0)
+    assert [w.exitcode for w in writers] == [0, 0], [log.read()[-300:] for log in logs]
     assert seen == {"whole"}
     assert sorted(os.listdir(tmp_path)) == ["RESULTS.md"]
 
@@ -1279,13 +1284,19 @@ def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
     the copy was refused while the original ran ('another process is writing there'), and wrote
     its pid into the original's .lock. The copy's .lock is a file of its own now."""
     run, copy = tmp_path / "run", tmp_path / "copy"
+    import multiprocessing
+    import tempfile
+    import time
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.path.insert(0, "
-                               f"{HERE!r})\nimport rundir\nrundir.lock_out({str(run)!r})\n"
-                               "print('locked', flush=True)\ntime.sleep(60)\n"],
-                              stdout=subprocess.PIPE, text=True)
+    locked = multiprocessing.get_context("fork").Event()
+
+    def hold():  # (another process: a forked copy of this one)
+        rundir.lock_out(str(run))
+        locked.set()
+        time.sleep(60)
+    holder = forked(hold, tempfile.TemporaryFile("w+"))
     try:
-        assert holder.stdout.readline() == "locked\n"
+        assert locked.wait(60)
         copy.mkdir()
         os.link(run / rundir.LOCK, copy / rundir.LOCK)
         rundir.lock_out(str(copy))
@@ -1294,7 +1305,7 @@ def test_a_run_copied_with_hard_links_takes_a_lock_of_its_own(tmp_path):
     finally:
         rundir.release_locks()
         holder.kill()
-        holder.wait()
+        holder.join()
 
 
 def test_an_out_under_a_link_that_names_nothing_says_so(tmp_path):
