@@ -2,8 +2,6 @@
 transformers and PEFT, our own format round-trips exactly, bad files give one clear line."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from checkpoint import (export_llava_hf, export_peft_adapter, load_checkpoint,
 from model import CheckpointError, LLaVA, ModelConfig
 from test_model import (ATOL, IMAGE_ID, IMG, VOCAB, hf_logits, hf_text_config, hf_vision_config,
                         inputs, randomize_adapter, tiny_model, write_hf_dirs)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -1042,10 +1039,9 @@ def test_truncated_or_missing_weights_give_clear_errors(tmp_path):
     file = tmp_path / "a" / "config.json"
     with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
         load_checkpoint(file)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sft.py"), "--init", str(file),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {file}: a file, not a checkpoint " \
-        "directory (pass the folder that holds it)", r.stderr
+    code, _, err = run_cli("sft", ["--init", str(file), "--out", str(tmp_path / "out")])
+    assert code == 2 and err.strip() == f"error: {file}: a file, not a checkpoint " \
+        "directory (pass the folder that holds it)", err
 
 
 def test_checkpoint_cli_errors_are_one_line(tmp_path):
@@ -1053,13 +1049,17 @@ def test_checkpoint_cli_errors_are_one_line(tmp_path):
     save_checkpoint_files(tiny_model(), tmp_path / "a")
     f = tmp_path / "a" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    code = ("import sys; sys.path.insert(0, %r)\nfrom common import user_errors\nfrom checkpoint "
-            "import load_checkpoint\n"
-            "with user_errors():\n    load_checkpoint(%r)\n") % (HERE, str(tmp_path / "a"))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "model.safetensors" in r.stderr
-    assert "Traceback" not in r.stderr
+    import contextlib
+    import io
+    from common import user_errors
+    err = io.StringIO()  # (what a script's main runs in: common.user_errors)
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        with user_errors():
+            load_checkpoint(str(tmp_path / "a"))
+    assert e.value.code == 2
+    err = err.getvalue()
+    assert len(err.strip().splitlines()) == 1 and "model.safetensors" in err
+    assert "Traceback" not in err
 
 
 def test_public_model_api_of_design_md(hf_dirs, tmp_path):
