@@ -581,6 +581,9 @@ def check_ranges(cfg):
             raise ConfigError(problem)
 
 
+# (read once per class: inspect.getsource parses the class's whole module, 13 ms a Config; a test
+# suite that runs the scripts in its own process parses flags thousands of times)
+@functools.cache
 def _field_comments(cls):
     """Field comments from the class source, for --help: the one after a field (`name: type =
     default  # comment`, with the comment lines indented below it that go on with it), else the

@@ -2,7 +2,6 @@
 and an in-process CLI runner (the same code path as `python stage.py ...`, minus interpreter
 start-up)."""
 import contextlib
-import functools
 import importlib
 import io
 import os
@@ -21,13 +20,6 @@ sys.path.insert(0, HERE)
 # 16-42 s on one thread, measured back to back. A run without -n keeps two.
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(THREADS)
-
-# --help's text, read from each Config's source: inspect.getsource parses the whole module for a
-# class (Python 3.11), 13 ms per Config; a script parses its flags once, the suite thousands of
-# times in-process (run_cli, parse_config): 10 of the bad-input table's 40 s of CPU. Read once
-# per class here (a class's source does not change while the suite runs).
-import common  # noqa: E402  (after sys.path holds HERE)
-common._field_comments = functools.cache(common._field_comments)
 
 
 def pytest_configure(config):
