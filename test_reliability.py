@@ -2750,8 +2750,11 @@ def kill_resume_equals_straight(script, argv, tmp_path, during_write=True):
 STEPS = ["--max_steps", "5", "--save_every", "1", "--log_every", "1"]
 
 
-def test_sft_killed_then_resumed_is_bitwise(w, tmp_path):
-    argv = base_args("sft", w, "x")[:-2] + STEPS
+# killed after checkpoint-2: at the end of the alignment stage (the next stage builds its own
+# optimizer), or (--align_steps 1) inside the reading stage, whose AdamW moments the resume reads
+@pytest.mark.parametrize("plan", [[], ["--align_steps", "1"]], ids=["boundary", "within"])
+def test_sft_killed_then_resumed_is_bitwise(w, tmp_path, plan):
+    argv = base_args("sft", w, "x")[:-2] + STEPS + plan
     kill_resume_equals_straight("sft", argv, tmp_path, during_write=False)
 
 
