@@ -110,9 +110,9 @@ def join_process_group(backend):
     set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
     default_store = getattr(distributed_c10d, "_get_default_store", None)
     short = set_timeout is not None and default_store is not None
+    timeout = datetime.timedelta(seconds=seconds) if short else constants.default_pg_timeout
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds)
-                                if short else constants.default_pg_timeout)
+        taking_signals(lambda: dist.init_process_group(backend, timeout=timeout))
     except dist.DistStoreError as e:
         if "timeout" not in str(e):
             raise
@@ -127,6 +127,37 @@ def join_process_group(backend):
         # the join's timeout was the store's too: later store waits (NCCL's communicators waiting
         # for rank 0's id, FSDP's mesh groups) would be cut at JOIN_TIMEOUT
         default_store().set_timeout(constants.default_pg_timeout)
+
+
+def taking_signals(join):
+    """join() in a thread of its own while this one waits in Python. The join waits inside C++ (the
+    store), where no signal handler runs: a rank of this node that failed before joining left the
+    others there, deaf to torchrun's SIGTERM, until it killed them 30 s later ("forcefully exiting
+    via 9"), and a Ctrl-C waited for the join's end (up to JOIN_TIMEOUT). Here the wait is broken
+    every 0.1 s, so the stop is taken at once (a thread still in the join is let go: a daemon),
+    said as a stop while starting: nothing is written before the join."""
+    done, raised = threading.Event(), []
+    gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def run():
+        try:
+            if gpu is not None:  # (the current GPU is a thread's own: the rank's, set_device)
+                torch.cuda.set_device(gpu)
+            join()
+        except BaseException as e:
+            raised.append(e)
+        finally:
+            done.set()
+    threading.Thread(target=run, name="join", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:  # (as common.user_errors says one, with its own words)
+        if not os.environ.get(interrupts.INTERRUPT_SAID_BY):
+            common.said_on_each_node(interrupts.STARTING)
+        raise SystemExit(130) from None
+    if raised:
+        raise raised[0]
 
 
 def same_flags_everywhere(cfg, d):

@@ -749,11 +749,8 @@ def test_a_flag_given_on_one_node_only_is_one_line_on_each(tiny_world, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-def test_a_rank_that_dies_before_it_joins_ends_the_other_node_in_one_line(tiny_world, tmp_path,
-                                                                         monkeypatch):
-    """Node 1's rank ended with a traceback before the process group (a package missing on that
-    node: PIL here): node 0's rank waited for it in the group's start, gloo's 30 minutes, without
-    a word. The join waits FACTALIGN_JOIN_TIMEOUT seconds (300; 3 here), then one line, exit 1."""
+def no_pil_on_rank_1(tmp_path, monkeypatch):
+    """Rank 1's import of PIL fails (a package missing where it runs): it ends before it joins."""
     (tmp_path / "sitecustomize.py").write_text(
         "import os, sys\n"
         "class NoPIL:\n"
@@ -763,6 +760,29 @@ def test_a_rank_that_dies_before_it_joins_ends_the_other_node_in_one_line(tiny_w
         "sys.meta_path.insert(0, NoPIL())\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+
+
+def test_a_rank_that_dies_before_it_joins_stops_its_node_at_once(tiny_world, tmp_path,
+                                                                 monkeypatch):
+    """One node, rank 1 gone before the process group: rank 0 sat in the join's C++ wait, deaf to
+    torchrun's SIGTERM, until torchrun killed it 30 s later ("forcefully exiting via 9"). The join
+    runs in a thread now, the wait in Python: rank 0 takes the SIGTERM at once."""
+    no_pil_on_rank_1(tmp_path, monkeypatch)
+    t0 = time.time()
+    proc = torchrun("sft.py", sft_args(tiny_world, tmp_path / "run"))
+    out = proc.communicate(timeout=120)[0]
+    assert "ImportError: no PIL on node 1" in out and proc.returncode != 0, out[-3000:]
+    assert "forcefully exiting" not in out and time.time() - t0 < 25, out[-3000:]
+    assert "interrupted while starting: nothing was written" in out and "--resume" not in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_that_dies_before_it_joins_ends_the_other_node_in_one_line(tiny_world, tmp_path,
+                                                                         monkeypatch):
+    """Node 1's rank ended with a traceback before the process group (a package missing on that
+    node: PIL here): node 0's rank waited for it in the group's start, gloo's 30 minutes, without
+    a word. The join waits FACTALIGN_JOIN_TIMEOUT seconds (300; 3 here), then one line, exit 1."""
+    no_pil_on_rank_1(tmp_path, monkeypatch)
     monkeypatch.setenv("FACTALIGN_JOIN_TIMEOUT", "3")
     logs = tmp_path / "logs"
     procs = two_nodes("sft.py", sft_args(tiny_world, tmp_path / "run"), logs)
