@@ -124,15 +124,22 @@ def run_cli(module, argv, strict=False):
 
 def forked(fn, log):
     """fn() in a forked copy of this process, started: a process of its own without an
-    interpreter's start and torch's import (about 2 s of CPU each). Its stderr goes to the open
-    file log. Returns the multiprocessing.Process: exitcode is fn's SystemExit code, as Python's
-    would be (0 when it returns; a message: said, 1), or -N if signal N ended it."""
+    interpreter's start and torch's import (about 2 s of CPU each). Its stdout and stderr go to
+    the open file log. Returns the multiprocessing.Process: exitcode is fn's SystemExit code, as
+    Python's would be (0 when it returns; a message: said, 1), or -N if signal N ended it. It
+    starts with none of this process's run folders (a lock held here was taken as its own, and its
+    release deleted ours) nor the images this process recorded reading, as a new process would."""
     import multiprocessing
+    import rundir
 
     def child():
         torch.set_num_threads(1)
-        os.dup2(log.fileno(), 2)
-        sys.stderr = log
+        rundir._locks.clear()  # (the open lock files stay this process's: closed at its exit)
+        rundir._made_out.clear()
+        rundir._images_read.clear()
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+        sys.stdout = sys.stderr = log
         code = 0
         try:
             fn()
