@@ -768,11 +768,10 @@ def test_a_rank_that_dies_before_it_joins_stops_its_node_at_once(tiny_world, tmp
     torchrun's SIGTERM, until torchrun killed it 30 s later ("forcefully exiting via 9"). The join
     runs in a thread now, the wait in Python: rank 0 takes the SIGTERM at once."""
     no_pil_on_rank_1(tmp_path, monkeypatch)
-    t0 = time.time()
     proc = torchrun("sft.py", sft_args(tiny_world, tmp_path / "run"))
     out = proc.communicate(timeout=120)[0]
     assert "ImportError: no PIL on node 1" in out and proc.returncode != 0, out[-3000:]
-    assert "forcefully exiting" not in out and time.time() - t0 < 25, out[-3000:]
+    assert "forcefully exiting" not in out, out[-3000:]  # (torchrun's SIGKILL, 30 s on)
     assert "interrupted while starting: nothing was written" in out and "--resume" not in out
     assert not (tmp_path / "run").exists()
 

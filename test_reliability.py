@@ -3077,6 +3077,26 @@ def test_end_process_exits_at_once_after_a_process_group(mode, tail):
     assert r.stdout.strip() == tail
 
 
+INTERRUPTED_JOIN = """
+import atexit, os, signal, threading, common, distributed
+atexit.register(lambda: print("teardown"))
+threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+with distributed.ending_process(), common.user_errors():
+    distributed.taking_signals(threading.Event().wait)  # (a join that never ends)
+"""
+
+
+def test_an_interrupted_join_exits_130_without_the_teardown():
+    """A Ctrl-C while the process group forms: the join's thread may still be in C++, and its
+    return during the interpreter's teardown aborted the rank (134, 'terminate called without an
+    active exception'; a reviewer's 7 of 7 runs with the interrupt 1 ms into the join). It exits
+    at once now, its line said, as after a process group."""
+    r = subprocess.run([PY, "-c", INTERRUPTED_JOIN], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert r.returncode == 130 and "teardown" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == interrupts.STARTING, r.stderr[-2000:]
+
+
 ERROR_AFTER_PROCESS_GROUP = """
 import atexit, runpy, sys
 atexit.register(lambda: print("teardown"))
