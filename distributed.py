@@ -155,6 +155,8 @@ def taking_signals(join):
     joining = threading.Thread(target=run, name="join", daemon=True)
     joining.start()
     try:
+        # (an Event, not joining.join(0.1): a join interrupted by the signal can leave the thread
+        # marked as ended in Python 3.11, and end_process would then let the teardown run)
         while not done.wait(0.1):
             pass
     except KeyboardInterrupt:  # (as common.user_errors says one, with its own words)
