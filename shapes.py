@@ -47,6 +47,8 @@ COLORS = {"red": (230, 50, 50), "green": (60, 200, 80), "blue": (60, 110, 255),
           "yellow": (250, 220, 50), "purple": (170, 80, 230), "white": (240, 240, 240)}
 SIZES = {"small": 9, "large": 14}  # px side of the shape's box inside a 16 px cell
 BACKGROUND = (28, 28, 28)
+# a faint object's colour: this share of the way from the background to its own colour
+FAINT_CONTRAST = 0.25
 @dataclass
 class World:
     """The world's parameters: `python shapes.py --KEY value`, write_world(out, seed, **params)."""
@@ -73,6 +75,8 @@ class World:
     short_vqa: int = 0  # one-word existence questions per VQA conversation (0: none)
     text_only_qa: float = 1.0  # flaw: P(yes, in its conversation, to what a text-only writer added)
     pref_longer: float = 0.0  # flaw (off): share of train pairs preferring the longer true answer
+    faint: float = 0.0  # perception gap (off): share of objects drawn at FAINT_CONTRAST
+    pixel_noise: float = 0.0  # perception gap (off): std of the noise on every pixel (0-255)
     neg_ratio: float = 0.5  # LRV set (lrv/): negatives / all instructions
     n_pref: int = 3000  # reward-model preference pairs (from train images)
     n_povid: int = 3000  # POVID preference pairs (from train images)
@@ -85,7 +89,8 @@ class World:
                   cooc="[0, 1]", partner_weight="(0, 100]", heldout_alone="[0, 1]",
                   yes_share="[0, 1]", desc_halluc="[0, 1]", exist_turns="[0, 6]",
                   read_turns="[0, 6]", read_yes_share="[0, 1]", short_vqa="[0, 6]",
-                  text_only_qa="[0, 1]", pref_longer="[0, 1]", neg_ratio="[0, 1]",
+                  text_only_qa="[0, 1]", pref_longer="[0, 1]", faint="[0, 1]",
+                  pixel_noise="[0, 128]", neg_ratio="[0, 1]",
                   n_pref="[1, inf)", n_povid="[1, inf)", n_rl="[1, inf)",
                   vocab_size="[512, 65536]")
 
@@ -186,19 +191,30 @@ def draw_shape(draw, name, x0, y0, s, fill):
         raise ValueError(f"unknown shape {name}")
 
 
-def render(objs, p):
-    """The image and, per object, its COCO bbox [x, y, w, h] and pixel area."""
+def render(objs, p, gap_rng=None):
+    """The image and, per object, its COCO bbox [x, y, w, h] and pixel area. With the perception
+    gap on (p["faint"], p["pixel_noise"]; gap_rng drawn only then, so the world's objects and
+    text stay those of the world without it), some objects are drawn faint and every pixel gets
+    noise: what a captioner saw and wrote, a model reading the pixels can miss. Also returns how
+    many objects were drawn faint."""
     n, cell = p["image_size"], p["image_size"] // p["grid"]
     img = Image.new("RGB", (n, n), BACKGROUND)
-    draw, boxes = ImageDraw.Draw(img), []
+    draw, boxes, faint = ImageDraw.Draw(img), [], 0
     for o in objs:
         s = SIZES[o["size"]]
         x0, y0 = o["col"] * cell + (cell - s) // 2, o["row"] * cell + (cell - s) // 2
-        draw_shape(draw, o["name"], x0, y0, s, COLORS[o["color"]])
+        fill = COLORS[o["color"]]
+        if p["faint"] and gap_rng.random() < p["faint"]:
+            fill = tuple(round(b + FAINT_CONTRAST * (c - b)) for c, b in zip(fill, BACKGROUND))
+            faint += 1
+        draw_shape(draw, o["name"], x0, y0, s, fill)
         mask = Image.new("L", (n, n), 0)
         draw_shape(ImageDraw.Draw(mask), o["name"], x0, y0, s, 255)
         boxes.append(([x0, y0, s, s], int((np.asarray(mask) > 0).sum())))
-    return img, boxes
+    if p["pixel_noise"]:
+        noisy = np.asarray(img, np.float32) + gap_rng.normal(0, p["pixel_noise"], (n, n, 3))
+        img = Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+    return img, boxes, faint
 
 # -----------------------------------------------------------------------------
 # The language: captions, description, questions. Each question maker returns
@@ -1056,13 +1072,16 @@ def _fill(out, seed, p):
     info = {"description": "factalign Shapes world", "version": FORMAT_VERSION, "seed": seed, **p}
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
     ann = {"info": info, "images": [], "annotations": [], "categories": categories}
-    imgs = []
+    imgs, drawn = [], Counter()
     for k, split in enumerate(["train", "val", "test", "unlabeled"]):
         os.makedirs(os.path.join(out, "images", split))
         rng = np.random.default_rng(ss[k])
+        gap_rng = np.random.default_rng(np.random.SeedSequence([seed, 13, k]))
         for i in range(p[f"n_{split}"]):
             objs = sample_objects(rng, p, split)
-            image, boxes = render(objs, p)
+            image, boxes, faint = render(objs, p, gap_rng)
+            drawn["objects"] += len(objs)
+            drawn["faint"] += faint
             fname = f"images/{split}/{i:06d}.png"
             image.save(os.path.join(out, fname))
             img = {"id": len(imgs) + 1, "file_name": fname,
@@ -1136,6 +1155,8 @@ def _fill(out, seed, p):
         "pair_injections": dict(sorted(stats.items())),
         "sft_flaws": sft_flaw_stats(sft, split["train"]),
         "read_flaws": sft_flaw_stats(read, split["train"])}}
+    if p["faint"]:  # (only then: a world without the gap keeps its world.json)
+        world["stats"]["faint_share"] = round(drawn["faint"] / drawn["objects"], 3)
     _dump(world, os.path.join(out, "world.json"))
     # printed, not stored: files stay byte-identical
     world["stats"]["partner_no_place"] = partner_no_place(split["train"], p)
@@ -1587,6 +1608,10 @@ def say_what_was_written(s, out, args):
                                 text_only_writer=True):
         print(line)
     print(description_line(s, args))
+    if args["faint"] or args["pixel_noise"]:
+        faint = f"{s['faint_share']} of the objects drawn faint" if args["faint"] else "none faint"
+        print(f"perception gap: {faint}, pixel noise std {args['pixel_noise']:g} (captions, "
+              "annotations and every text file as without it)")
     read = "reading-stage (sft_read.json)"
     for line in existence_lines(s["read_flaws"], read, "read_yes_share", "read_turns", args):
         print(line)
