@@ -371,11 +371,57 @@ def test_flaw_longer_preferred(tmp_path):
         assert (tmp_path / "on" / name).read_bytes() == (tmp_path / "off" / name).read_bytes()
 
 
+def test_perception_gap_faint_objects_and_pixel_noise(worlds, tmp_path):
+    """faint and pixel_noise change the pixels alone: that share of the objects is drawn at
+    FAINT_CONTRAST of its colour's contrast (measured on the written images), every pixel gets
+    noise of that standard deviation, and every other file is the world's without the gap (its
+    objects, captions, text and tokenizer: a captioner saw what a model reading pixels may miss)."""
+    off, on = worlds / "a", tmp_path / "gap"
+    world = shapes.write_world(str(on), seed=0, faint=0.5, pixel_noise=16, **SMALL)
+    assert files(on) == files(off)
+    without_params = {"annotations.json", "captions.json", "world.json"}
+    for f in files(off):
+        if f.endswith(".png"):
+            continue
+        if f in without_params:  # (their info or params name the two dials)
+            a, b = (json.load(open(w / f)) for w in (off, on))
+            for d in (a, b):
+                (d.get("info") or d["params"]).pop("faint", None)
+                (d.get("info") or d["params"]).pop("pixel_noise", None)
+                d.get("stats", {}).pop("faint_share", None)
+            assert a == b, f
+        else:
+            assert (off / f).read_bytes() == (on / f).read_bytes(), f
+    ann = json.load(open(on / "annotations.json"))
+    files_by_id = {img["id"]: img["file_name"] for img in ann["images"]}
+    read = lambda world, name: np.asarray(Image.open(world / name).convert("RGB")).astype(float)
+    faint = 0
+    for o in ann["annotations"]:
+        name = files_by_id[o["image_id"]]
+        px, was = read(on, name), read(off, name)
+        x, y, w, h = o["bbox"]
+        inside = (was[y:y + h, x:x + w] == shapes.COLORS[o["attributes"]["color"]]).all(-1)
+        mean = px[y:y + h, x:x + w][inside].mean(0)
+        full = np.array(shapes.COLORS[o["attributes"]["color"]], float)
+        dim = shapes.BACKGROUND + shapes.FAINT_CONTRAST * (full - shapes.BACKGROUND)
+        faint += np.abs(mean - dim).sum() < np.abs(mean - full).sum()
+    noise = []
+    for name in files_by_id.values():
+        px, was = read(on, name), read(off, name)
+        noise.append((px - was)[(was == shapes.BACKGROUND).all(-1)].ravel())
+    share = faint / len(ann["annotations"])
+    assert round(share, 3) == world["stats"]["faint_share"] and 0.35 < share < 0.65
+    # the background (28) under noise clipped at 0: as np draws it, within 5%
+    clipped = np.clip(28 + np.random.default_rng(0).normal(0, 16, 200_000), 0, 255).round() - 28
+    assert abs(np.concatenate(noise).std() / clipped.std() - 1) < 0.05
+
+
 @pytest.mark.parametrize("bad", [dict(yes_share=1.5), dict(desc_halluc=-0.1),
                                  dict(cooc=float("nan")), dict(exist_turns=7), dict(short_vqa=-1),
                                  dict(text_only_qa=1.5), dict(pref_longer=1.5),
                                  dict(read_turns=7), dict(read_yes_share=-0.1),
-                                 dict(pref_longer=0.5, max_objects=1)])
+                                 dict(pref_longer=0.5, max_objects=1), dict(faint=1.5),
+                                 dict(pixel_noise=-1), dict(pixel_noise=200)])
 def test_flaw_dials_checked(bad, tmp_path):
     with pytest.raises(ValueError):
         shapes.write_world(str(tmp_path / "w"), **bad)
