@@ -91,6 +91,7 @@ from PIL import Image
 import checkpoint
 import common
 import distributed
+import interop
 import rundir
 import dpo
 import model as model_lib
@@ -328,24 +329,24 @@ def build_ours(c, dev, dtype, seed):
 
 def build_theirs(ours, dev, dtype, how, tmp):
     """transformers' LlavaForConditionalGeneration with our base weights (LoRA goes on separately:
-    wrap_lora): 'export' = checkpoint.export_llava_hf(ours, dir) then from_pretrained(dir);
+    wrap_lora): 'export' = interop.export_llava_hf(ours, dir) then from_pretrained(dir);
     'copy' = built from export_llava_hf's config.json on the device, weights copied in memory (no
     2 x 14 GB round trip through the disk for a 7B model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     path = os.path.join(tmp, "hf")
     if how == "export":
-        checkpoint.export_llava_hf(ours, path, merge=False)
+        interop.export_llava_hf(ours, path, merge=False)
         return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
     # export_llava_hf's hub-layout tensors (views of ours) and its config.json; no weight file
     # is written
     captured = {}
-    save = checkpoint._save_safetensors
-    checkpoint._save_safetensors = lambda tensors, file, metadata=None, made=None: \
+    save = interop._save_safetensors
+    interop._save_safetensors = lambda tensors, file, metadata=None, made=None: \
         captured.update(tensors)
     try:
-        checkpoint.export_llava_hf(ours, path, merge=False)
+        interop.export_llava_hf(ours, path, merge=False)
     finally:
-        checkpoint._save_safetensors = save
+        interop._save_safetensors = save
     with torch.device(dev):
         config = LlavaConfig.from_pretrained(path)
         theirs = LlavaForConditionalGeneration._from_config(config, dtype=dtype)

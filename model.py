@@ -1363,8 +1363,9 @@ class LLaVA(nn.Module):
         return self
 
     # -- the public model API (../shared/DESIGN.md) ------------------------------------------------
-    # Checkpoint layouts live in checkpoint.py, which imports this module: these methods import it
-    # when called. The stages call checkpoint.* directly; outside tools keep the familiar names.
+    # Checkpoint layouts live in checkpoint.py (other tools' formats in interop.py), which import
+    # this module: these methods import them when called. The stages call checkpoint.* and
+    # interop.* directly; outside tools keep the familiar names.
 
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, adapters=True):
@@ -1388,14 +1389,14 @@ class LLaVA(nn.Module):
         """A directory transformers' LlavaForConditionalGeneration.from_pretrained loads (the active
         adapter merged in; merge=False: the base alone; template: default, the one it was trained
         with)."""
-        import checkpoint
-        checkpoint.export_llava_hf(self, path, tokenizer=tokenizer, template=template,
-                                   merge=merge)
+        import interop
+        interop.export_llava_hf(self, path, tokenizer=tokenizer, template=template,
+                                merge=merge)
 
     def export_peft(self, path, adapter, base=None):
         """Adapter `adapter` as a PEFT LoRA directory (peft.PeftModel.from_pretrained loads it)."""
-        import checkpoint
-        checkpoint.export_peft_adapter(self, path, adapter, base=base)
+        import interop
+        interop.export_peft_adapter(self, path, adapter, base=base)
 
 
 def check_name(kind, name):

@@ -73,9 +73,9 @@ import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize, read_rl_prompts,
                   record_label, require_records, reward_item, reward_item_from_ids,
                   tokenize_conversations)
-from checkpoint import (base_weights_dir, import_llava_rlhf_command, is_peft_dir,
-                        llava_rlhf_reward_of, load_adapters, recorded_template,
+from checkpoint import (base_weights_dir, is_peft_dir, load_adapters, recorded_template,
                         refuse_scalar_model, resolve_checkpoint)
+from interop import import_llava_rlhf_command, llava_rlhf_reward_of
 from model import entropy_of, tempered_log_softmax
 
 

@@ -49,7 +49,8 @@ import oracle
 import shapes
 from data import (DataError, ImageCache, check_images, collate, normalize,
                   read_llava_rlhf_preference, require_records, reward_item)
-from checkpoint import load_llava_rlhf_reward, llava_rlhf_reward_parts, resolve_checkpoint
+from checkpoint import resolve_checkpoint
+from interop import load_llava_rlhf_reward, llava_rlhf_reward_parts
 
 
 @dataclass

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from checkpoint import (export_llava_hf, export_peft_adapter, load_checkpoint,
-                        save_checkpoint_files)
+from checkpoint import load_checkpoint, save_checkpoint_files
+from interop import export_llava_hf, export_peft_adapter
 from model import CheckpointError, LLaVA, ModelConfig
 from test_model import (ATOL, IMAGE_ID, IMG, VOCAB, hf_logits, hf_text_config, hf_vision_config,
                         inputs, randomize_adapter, tiny_model, write_hf_dirs)
@@ -857,13 +857,13 @@ def test_peft_export_applies_in_transformers(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 def test_peft_target_rule_agrees_with_peft():
-    """checkpoint._peft_left_out_by decides as PEFT's check_target_module_exists which modules an
+    """interop._peft_left_out_by decides as PEFT's check_target_module_exists which modules an
     adapter config gives LoRA (a module it leaves out: PEFT drops its saved weights, so loading
     refuses them): target_modules as a regex or a list, exclude_modules, layers_to_transform as an
     index or a list, layers_pattern as a name or a list, an MoE expert index after the layer's."""
     from types import SimpleNamespace
     from peft.tuners.tuners_utils import check_target_module_exists
-    from checkpoint import _peft_left_out_by
+    from interop import _peft_left_out_by
     modules = [f"{p}.layers.{i}.{kind}" for p in ("model.language_model", "language_model.model")
                for i in (0, 1, 2, 11) for kind in ("self_attn.q_proj", "self_attn.v_proj",
                                                    "mlp.down_proj", "mlp.experts.1.up_proj")]

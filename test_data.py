@@ -352,7 +352,7 @@ def test_answers_end_with_the_tokenizers_own_end_token(tiny_world):
     and the export's chat template wrote '</s>'. The end text is the tokenizer's eos now; for a
     '</s>' tokenizer nothing changes."""
     import jinja2
-    from checkpoint import chat_template
+    from interop import chat_template
     tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
     before = data.tokenize_conversation(tok, CONV, 4, 9)
     tok.add_special_tokens({"eos_token": "<|eot_id|>"})

@@ -14,9 +14,9 @@ import torch
 import common
 import rundir
 from data import IMAGE, SYSTEM, preprocess_image, render, tokenize_conversation
-from checkpoint import (CheckpointError, export_llava_hf, export_peft_adapter, load_adapters,
-                        load_checkpoint, recorded_template, resolve_checkpoint,
-                        save_checkpoint_files)
+from checkpoint import (CheckpointError, load_adapters, load_checkpoint, recorded_template,
+                        resolve_checkpoint, save_checkpoint_files)
+from interop import export_llava_hf, export_peft_adapter
 from model import LLaVA, ModelConfig
 from test_checkpoint import _rewrite_keys, _to_original_llava
 from test_model import IMAGE_ID, IMG, hf_llava, inputs, randomize_adapter, tiny_model

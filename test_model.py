@@ -4,7 +4,8 @@ LoRA adapters. Tiny random models; the helpers here serve test_checkpoint.py and
 import pytest
 import torch
 
-from checkpoint import export_llava_hf, load_checkpoint
+from checkpoint import load_checkpoint
+from interop import export_llava_hf
 from model import LLaVA, ModelConfig
 
 

@@ -1466,7 +1466,8 @@ def _rm_adapter(t, name, **change):
 def _peft(t, name, config=(), weights=None):
     """A PEFT LoRA adapter folder (no tokenizer, as PEFT saves one) on an llava-hf export of the SFT
     checkpoint, its adapter_config.json updated with `config`, weights(state dict) applied."""
-    from checkpoint import export_llava_hf, export_peft_adapter, load_checkpoint
+    from checkpoint import load_checkpoint
+    from interop import export_llava_hf, export_peft_adapter
     from safetensors.torch import load_file, save_file
     base, d = t.root / "hf", t.root / name
     export_llava_hf(load_checkpoint(t.w.sft), base)
@@ -1644,7 +1645,8 @@ def _retrained(d):
 def _hf_edit(t, name, edit):
     """An llava-hf export of the SFT checkpoint (no tokenizer: the world's is used), its
     config.json changed by edit(cfg)."""
-    from checkpoint import export_llava_hf, load_checkpoint
+    from checkpoint import load_checkpoint
+    from interop import export_llava_hf
     d = t.root / name
     export_llava_hf(load_checkpoint(t.w.sft), d)
     cfg = json.load(open(d / "config.json"))
@@ -2085,7 +2087,8 @@ def test_peft_target_rules_pass_what_peft_loads(w, tmp_path):
     """target_modules as PEFT writes them load: 'all-linear' in any case, bare names, and a regex
     written for either llava-hf layout (PEFT may rename the keys before matching); an adapter on
     the layers layers_to_transform lists."""
-    from checkpoint import load_checkpoint, load_peft_adapter
+    from checkpoint import load_checkpoint
+    from interop import load_peft_adapter
     t = T(w, tmp_path)
     layers = r"language_model\.{}layers\.\d+\.self_attn\.(q|v)_proj"
     for name, targets in [("al", "ALL-LINEAR"), ("bare", ["q_proj", "v_proj"]),

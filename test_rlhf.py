@@ -23,8 +23,9 @@ import data
 import ppo
 import reward
 from data import load_tokenizer
-from checkpoint import (export_llava_hf, load_checkpoint, recorded_template,
-                        resolve_checkpoint, save_checkpoint_files)
+from checkpoint import (load_checkpoint, recorded_template, resolve_checkpoint,
+                        save_checkpoint_files)
+from interop import export_llava_hf
 from model import LLaVA
 
 ONE = distributed.Dist()  # a world of one process
@@ -1377,7 +1378,7 @@ def test_an_init_whose_vision_lora_was_merged_as_loaded_is_saved_whole(sft, tiny
     bitwise where one straight run does."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
-    from checkpoint import export_llava_hf
+    from interop import export_llava_hf
     export_llava_hf(load_checkpoint(sft), tmp_path / "hf", tokenizer=load_tokenizer(sft))
     pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
                         LoraConfig(r=4, lora_alpha=8,
@@ -1428,7 +1429,8 @@ def test_ppo_policy_lora_with_vision_lora_keeps_it_and_resumes_bitwise(sft, tiny
     a straight one does."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
-    from checkpoint import export_llava_hf, load_adapters
+    from checkpoint import load_adapters
+    from interop import export_llava_hf
     export_llava_hf(load_checkpoint(sft), tmp_path / "hf", tokenizer=load_tokenizer(sft))
     pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf"),
                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
