@@ -439,6 +439,24 @@ def test_fsdp_with_text_only_records_beside_image_ones(tiny_sft, tiny_world, tmp
     assert seen[1]["read"] == 0 and seen[1]["before"] == ["meta"] and seen[1]["after"] == ["cpu"]
 
 
+def test_reward_sampled_pairs_under_fsdp_equal_one_process(tiny_sft, tiny_world, tmp_path):
+    """reward.py --pairs sampled --fsdp: each rank samples its share of the pairs with a whole
+    model of its own, before sharding (in parallel: rank 0 alone sampling every pair was tried in
+    session 48 and not taken, N times slower). The pairs are those of one plain process, as
+    sample_pairs promises at any world size, and so are the trained weights (within FSDP's sums)."""
+    argv = ["--init", tiny_sft, "--world", tiny_world, "--pairs", "sampled", "--n_sampled", "33",
+            "--sample_max_new_tokens", "8", "--eval_size", "4", "--eval_prompt", "short",
+            "--max_steps", "1", "--batch_size", "2", "--lora_r", "4"]
+    two = torchrun("reward.py", argv + ["--fsdp", "true", "--out", str(tmp_path / "two")])
+    code, _, err = run_cli("reward", argv + ["--out", str(tmp_path / "one")])
+    assert code == 0, err
+    assert "2 process(es)" in finish(two)
+    pairs = [json.load(open(tmp_path / run / "sampled_pairs.json")) for run in ("one", "two")]
+    assert pairs[0] == pairs[1] and pairs[0]["train"], pairs[0]["stats"]
+    assert pairs[0]["stats"]["train"]["prompts"] == 33
+    same_weights(tmp_path / "one" / "checkpoint-000001", tmp_path / "two" / "checkpoint-000001")
+
+
 def test_two_process_lora_dropout_resumes_bitwise_and_a_refused_launch_touches_nothing(
         tiny_world, tiny_sft, tmp_path):
     """Replicated (no --fsdp) 2-process runs: a checkpoint held rank 0's random streams only, and
