@@ -383,8 +383,11 @@ def test_perception_gap_faint_objects_and_pixel_noise(worlds, tmp_path):
     for f in files(off):
         if f.endswith(".png"):
             continue
-        if f in without_params:  # (their info or params name the two dials)
+        if f in without_params:  # (their info or params name the two dials, when on only)
             a, b = (json.load(open(w / f)) for w in (off, on))
+            # off: the bytes of a world written before the dials (a checkpoint's world_digest)
+            assert not {"faint", "pixel_noise"} & set(a.get("info") or a["params"]), f
+            assert (b.get("info") or b["params"])["faint"] == 0.5, f
             for d in (a, b):
                 (d.get("info") or d["params"]).pop("faint", None)
                 (d.get("info") or d["params"]).pop("pixel_noise", None)
@@ -392,6 +395,7 @@ def test_perception_gap_faint_objects_and_pixel_noise(worlds, tmp_path):
             assert a == b, f
         else:
             assert (off / f).read_bytes() == (on / f).read_bytes(), f
+    assert shapes.load_params(str(off))["faint"] == 0.0  # (unrecorded: read as the default)
     ann = json.load(open(on / "annotations.json"))
     files_by_id = {img["id"]: img["file_name"] for img in ann["images"]}
     read = lambda world, name: np.asarray(Image.open(world / name).convert("RGB")).astype(float)
@@ -404,7 +408,10 @@ def test_perception_gap_faint_objects_and_pixel_noise(worlds, tmp_path):
         mean = px[y:y + h, x:x + w][inside].mean(0)
         full = np.array(shapes.COLORS[o["attributes"]["color"]], float)
         dim = shapes.BACKGROUND + shapes.FAINT_CONTRAST * (full - shapes.BACKGROUND)
-        faint += np.abs(mean - dim).sum() < np.abs(mean - full).sum()
+        is_faint = np.abs(mean - dim).sum() < np.abs(mean - full).sum()
+        # the noise's mean over an object's pixels: within 8 of its colour here
+        assert np.abs(mean - (dim if is_faint else full)).max() < 12, (name, o["bbox"], mean)
+        faint += is_faint
     noise = []
     for name in files_by_id.values():
         px, was = read(on, name), read(off, name)
