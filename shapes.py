@@ -54,6 +54,8 @@ FAINT_CONTRAST = 0.25
 # its world.json stays its world's when it is written again; with the keys, lab.py and pipeline.py
 # took it for a world written again with other parameters)
 GAP_DIALS = ("faint", "pixel_noise")
+
+
 @dataclass
 class World:
     """The world's parameters: `python shapes.py --KEY value`, write_world(out, seed, **params)."""
