@@ -85,21 +85,46 @@ def tell_the_waiting_ranks(message):
     the other nodes' ranks waited for it in setup_dist, 30 minutes (gloo's timeout), after its
     node had ended. It joins to hand them its line (same_flags_everywhere), for up to a minute
     (a rank that never comes: a traceback before setup_dist). Where every rank is on this node,
-    torchrun stops them itself once this one exits: nothing to hand over (and the join, inside
-    C++, could not be interrupted: a Ctrl-C waited for it)."""
+    torchrun stops them itself once this one exits: nothing to hand over. The join waits inside
+    C++, where no signal handler runs: a Ctrl-C or torchrun's SIGTERM waited for it, up to that
+    minute; it is taken at once now (distributed.taking_signals)."""
     import distributed  # (it imports this module)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if distributed.made_process_group or world == 1 or "TORCHELASTIC_RUN_ID" not in os.environ or \
             _runs_alone or int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
         return
     import datetime
-    try:  # ("gloo": the object collectives of the others' "cpu:gloo,cuda:nccl" run on it too)
+
+    def hand_over():  # ("gloo": the object collectives of the others' "cpu:gloo,cuda:nccl" too)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         dist.all_gather_object([None] * dist.get_world_size(), (rank - local, message))
-    # (the others gone, or never there)
-    except BaseException:
+
+    def stop(signum, frame):
+        for each in taken:
+            signal.signal(each, drop_signal)  # (a second one: dropped, not a traceback)
+        raise KeyboardInterrupt
+    # both signals raise KeyboardInterrupt here, as in user_errors (before it, interrupts.py's
+    # handler said "interrupted while starting" and exited 130); one ignored at start stays so
+    main = threading.current_thread() is threading.main_thread()
+    taken = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)
+             if main and signal.getsignal(signum) is not signal.SIG_IGN}
+    for signum in taken:
+        signal.signal(signum, stop)
+    try:
+        # a stop here ends the rank with the refusal's exit code 2 and its line alone: the refusal
+        # is what the user's command met (said already), the stop only cut short the handing over;
+        # 130 and an "interrupted" line under it would read as a run stopped midway, and a caller
+        # reading the code (pipeline.py, a shell script) would lose the cause
+        distributed.taking_signals(hand_over, stopped=None, code=2)
+    except SystemExit as e:
+        distributed.end_process(e.code)  # (the join's thread still in C++: no teardown, it aborted)
+        raise
+    except BaseException:  # (the others gone, or never there)
         pass
+    finally:
+        for signum, handler in taken.items():
+            signal.signal(signum, handler)
 
 
 _runs_alone = False  # refuse_torchrun: no rank of this script makes a process group

@@ -132,13 +132,14 @@ def join_process_group(backend):
 joining = None  # taking_signals' thread: alive, end_process skips the interpreter's teardown
 
 
-def taking_signals(join):
+def taking_signals(join, stopped=interrupts.STARTING, code=130):
     """join() in a thread of its own while this one waits in Python. The join waits inside C++ (the
     store), where no signal handler runs: a rank of this node that failed before joining left the
     others there, deaf to torchrun's SIGTERM, until it killed them 30 s later ("forcefully exiting
     via 9"), and a Ctrl-C waited for the join's end (up to JOIN_TIMEOUT). Here the wait is broken
     every 0.1 s, so the stop is taken at once (a thread still in the join is let go: a daemon),
-    said as a stop while starting: nothing is written before the join."""
+    said as a stop while starting: nothing is written before the join. (`stopped`, `code`: the
+    line said, None for none, and the exit code: common.tell_the_waiting_ranks' own.)"""
     done, raised = threading.Event(), []
     gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
@@ -160,9 +161,9 @@ def taking_signals(join):
         while not done.wait(0.1):
             pass
     except KeyboardInterrupt:  # (as common.user_errors says one, with its own words)
-        if not os.environ.get(interrupts.INTERRUPT_SAID_BY):
-            common.said_on_each_node(interrupts.STARTING)
-        raise SystemExit(130) from None
+        if stopped and not os.environ.get(interrupts.INTERRUPT_SAID_BY):
+            common.said_on_each_node(stopped)
+        raise SystemExit(code) from None
     if raised:
         raise raised[0]
 

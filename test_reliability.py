@@ -3100,6 +3100,28 @@ def test_an_interrupted_join_exits_130_without_the_teardown():
     assert r.stderr.strip().splitlines()[-1] == interrupts.STARTING, r.stderr[-2000:]
 
 
+def test_a_ctrl_c_while_a_refused_rank_waits_for_another_node_ends_it_at_once():
+    """A rank refused before the process group (a flag given on one node only) joins to hand its
+    line to the other nodes' ranks (common.tell_the_waiting_ranks), for up to a minute; the join
+    waits inside C++, where no signal handler runs: a Ctrl-C waited out that minute. Node 0's one
+    rank here, node 1 never started: the stop ends it at once, with the refusal's exit code and
+    its line alone."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "t", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, os.path.join(HERE, "sft.py"), "--neg_ratio", "5"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # (said before the join)
+        time.sleep(0.3)  # (into the join)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=3)
+    finally:
+        proc.kill()
+    assert line == "error: sft.py: --neg_ratio 5.0: must be in [-1, 1]\n", line + err
+    assert proc.returncode == 2 and out == err == "", (proc.returncode, out, err)
+
+
 ERROR_AFTER_PROCESS_GROUP = """
 import atexit, runpy, sys
 atexit.register(lambda: print("teardown"))
