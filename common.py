@@ -106,9 +106,10 @@ def tell_the_waiting_ranks(message):
         raise KeyboardInterrupt
     # both signals raise KeyboardInterrupt here, as in user_errors (before it, interrupts.py's
     # handler said "interrupted while starting" and exited 130); one ignored at start stays so
+    # (None: a handler set outside Python, which could not be put back)
     main = threading.current_thread() is threading.main_thread()
     taken = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)
-             if main and signal.getsignal(signum) is not signal.SIG_IGN}
+             if main and signal.getsignal(signum) not in (signal.SIG_IGN, None)}
     for signum in taken:
         signal.signal(signum, stop)
     try:
