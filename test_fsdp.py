@@ -811,6 +811,23 @@ def test_a_rank_that_dies_before_it_joins_ends_the_other_node_in_one_line(tiny_w
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_0_started_by_hand_whose_others_never_come_says_so_in_one_line(tiny_world,
+                                                                             tmp_path):
+    """Rank 0 started without torchrun (RANK, WORLD_SIZE and MASTER_* set by hand or by another
+    launcher) hosts the store itself; its wait for the others ended in a DistStoreError traceback
+    ("Timed out after N seconds waiting for clients"), not the line torchrun's ranks say."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "FACTALIGN_JOIN_TIMEOUT": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sft.py"),
+                           *sft_args(tiny_world, tmp_path / "run")], env=env, cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+    line = ("stopped: the run's other processes did not all start within 1 s "
+            "(FACTALIGN_JOIN_TIMEOUT)")
+    assert line in proc.stderr + proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and not (tmp_path / "run").exists()
+
+
 def test_data_that_differs_on_one_node_is_one_line_on_each(tiny_world, tmp_path):
     """Each node reads its own copy of the world (a relative --world in each node's folder), node
     1's sft.json changed: its rank trained its share of every batch on other records, exit 0, and
