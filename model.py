@@ -329,14 +329,17 @@ class LoRALinear(nn.Module):
 
     def mergeable(self, adapter, x):
         """Whether W x + s B A x may run as (W + s B A) x (MergedLoRA): an fp32 frozen base (a bf16
-        base would round the LoRA term away), no dropout between x and A, and not compiled."""
+        base would round the LoRA term away), no dropout between x and A, not compiled, and no
+        autocast (which would run the merged matmul in bf16, rounding the LoRA term away too; and
+        its backward got bf16 gradients against the fp32 merged weight: a dtype error)."""
         no_dropout = isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training
         frozen = not self.weight.requires_grad and (self.bias is None or
                                                     not self.bias.requires_grad)
         # (compiled, as the decode step: the plain path, which the compiler fuses; the merged one
         # would make W + s B A again at every call, a copy of the weight per token)
         return (no_dropout and frozen and self.weight.dtype == torch.float32
-                and x.dtype == torch.float32 and not torch.compiler.is_compiling())
+                and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type))
 
     def lora_pairs(self, adapter):
         """(slice bounds, A_1, B_1, A_2, B_2, ...) of the slices the adapter targets."""

@@ -62,6 +62,21 @@ def test_merged_lora_equals_the_plain_lora_path(slices, targets, split):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_on_an_fp32_frozen_base_trains_under_autocast():
+    """Under torch.autocast (bf16) the merged path is not taken: its backward multiplied bf16
+    gradients by the fp32 merged weight (a dtype error), and the merged bf16 matmul would round
+    the LoRA term away. The plain path's gradients are autocast's, as autograd takes them."""
+    lin, adapter = lora_linear({"q": 8, "k": 4, "v": 4}, ("q", "v"))
+    x = torch.randn(2, 5, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.cat(lin.forward_slices(x), -1)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
+    assert lin.mergeable(adapter, x)  # (outside autocast: merged again)
+
+
 def test_merged_lora_with_a_frozen_adapter_gives_the_input_gradient_alone():
     lin, adapter = lora_linear({"q": 8, "k": 4, "v": 4}, ("q", "v"))
     adapter.requires_grad_(False)  # e.g. the reward adapter read while the policy trains
