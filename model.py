@@ -703,8 +703,11 @@ class Attention(nn.Module):
                                                  c.kv_heads * c.head_dim], -1)
         q = apply_rope(q.view(B, 1, c.heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
-        k_cache.index_copy_(2, slot, k)
-        v_cache.index_copy_(2, slot, v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2))
+        # (.to: under torch.autocast v comes out bf16, k fp32 from the fp32 RoPE tables, the
+        # cache is the model's dtype; the prefill's slice assignment casts the same way)
+        k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+        v = v.view(B, 1, c.kv_heads, c.head_dim).transpose(1, 2)
+        v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
         if n is not None:
             k_cache, v_cache, key_bias = k_cache[:, :, :n], v_cache[:, :, :n], key_bias[..., :n]
         # query heads grouped by kv head

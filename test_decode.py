@@ -82,6 +82,32 @@ def test_static_decode_equals_uncached_reference(one_thread, monkeypatch, packed
         assert not torch.equal(out.tokens, greedy.tokens)
 
 
+def test_generate_under_autocast_scores_its_own_tokens(one_thread):
+    """Under torch.autocast (bf16) on an fp32 model, as a caller's mixed-precision loop runs it:
+    the decode step wrote bf16 values into the fp32 cache (an index_copy_ dtype error). Now each
+    sampled token's log-prob is the full forward's under the same autocast, up to bf16 rounding,
+    and that rounding is really there (fp32 scores them otherwise); beam search runs too."""
+    m = tiny_model(lora=True)
+    pixels, ids, mask = left_padded_prompts(m)
+    n, T = 8, ids.shape[1]
+
+    def scored(tokens):  # each token's log-prob from one forward over the whole sequence
+        seq = torch.cat([ids, tokens], 1)
+        full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+        logits = m(pixels, seq, full_mask)[:, T - 1:-1].float()
+        return logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(pixels, ids, mask, max_new_tokens=n, temperature=1.0, eos_token_id=-1,
+                         generator=torch.Generator().manual_seed(3), return_logprobs=True)
+        under_autocast = scored(out.tokens)
+        beams = m.generate(pixels, ids, mask, max_new_tokens=4, num_beams=2, eos_token_id=-1)
+    with torch.no_grad():
+        in_fp32 = scored(out.tokens)
+    torch.testing.assert_close(out.logprobs, under_autocast, atol=0.05, rtol=0)
+    assert (out.logprobs - in_fp32).abs().max() > 1e-3  # (bf16 did run)
+    assert beams.tokens.shape == (3, 4)
+
+
 def test_fused_lora_matrices_are_cleared_and_follow_the_weights(one_thread):
     m = tiny_model(lora=True)
     pixels, ids, mask = left_padded_prompts(m)
