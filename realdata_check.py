@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+import benchmarks
 import eval as evaluation
 import judges
 import metrics
@@ -152,8 +153,8 @@ def test_lrv_readme_record():
 
 
 def test_gavie_evaluation_set_reads_as_questions(tmp_path):
-    """LRV's 1000 GAVIE questions with eval.py's reader (Visual Genome <image_id>.jpg; the boxes
-    file is a stand-in: GAVIE's boxes come from Visual Genome, which is not here)."""
+    """LRV's 1000 GAVIE questions with benchmarks.py's reader (Visual Genome <image_id>.jpg; the
+    boxes file is a stand-in: GAVIE's boxes come from Visual Genome, which is not here)."""
     items = json.load(open(real("lrv", "evaluation_set.json")))
     ids = {str(r["image_id"]) for r in items}
     for i in ids:
@@ -162,7 +163,7 @@ def test_gavie_evaluation_set_reads_as_questions(tmp_path):
     json.dump({i: [{"caption": "object", "bbox": [0, 0, 1, 1]}] for i in ids}, open(boxes, "w"))
     cfg = evaluation.Config(gavie_file=real("lrv", "evaluation_set.json"),
                             image_folder=str(tmp_path), gavie_annotations=str(boxes))
-    qs = evaluation.lrv_gavie_questions(cfg)
+    qs = benchmarks.lrv_gavie_questions(cfg)
     assert len(qs) == 1000 and len(ids) == 120  # several questions per Visual Genome image
     assert qs[0]["prompt"] == "Which objects are on the wooden table?"
     assert qs[0]["image"] == str(tmp_path / "2356371.jpg")
@@ -224,7 +225,7 @@ def test_llava_bench_question_files_in_both_published_layouts(tmp_path):
                                for n in names))
     cfg = evaluation.Config(rescore=True, llava_bench_file=path, image_folder="/",
                             llava_bench_context=str(context))
-    qs = evaluation.llava_bench_questions(cfg, None)
+    qs = benchmarks.llava_bench_questions(cfg, None)
     assert len(qs) == 90 and qs[0]["context"] == ("Image 000000525439.jpg.\n\n"
                                                   "dog: [0.1, 0.2, 0.3, 0.4]")
 

@@ -1,6 +1,6 @@
-"""Tests for eval.py, metrics.py and judges.py: metric math against hand-computed numbers, the
-parsers, the oracle judge, the HTTP judge against a local server, and the CLI (reuse, resume,
-compare, bad input) on the tiny world of conftest.py."""
+"""Tests for eval.py, benchmarks.py, metrics.py and judges.py: metric math against hand-computed
+numbers, the parsers, the oracle judge, the HTTP judge against a local server, and the CLI (reuse,
+resume, compare, bad input) on the tiny world of conftest.py."""
 import contextlib
 import http.server
 import io
@@ -21,6 +21,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import benchmarks  # noqa: E402
 import common  # noqa: E402
 import eval as E  # noqa: E402
 import judges  # noqa: E402
@@ -125,12 +126,12 @@ def test_gavie_limit_takes_the_types_in_turn(tiny_world):
     import shapes
     world = (tiny_world, shapes.load_world(tiny_world)["by_file"])
     types = lambda qs: [q["qtype"] for q in qs]
-    qs = E.gavie_questions(E.Config(limit=4), world)
+    qs = benchmarks.gavie_questions(E.Config(limit=4), world)
     assert types(qs) == shapes.QUESTION_TYPES[:4]
-    qs = E.gavie_questions(E.Config(limit=8), world)
+    qs = benchmarks.gavie_questions(E.Config(limit=8), world)
     first_two = ("describe", "yesno")
     assert types(qs) == [t for t in shapes.QUESTION_TYPES for _ in range(1 + (t in first_two))]
-    qs = E.gavie_questions(E.Config(), world)
+    qs = benchmarks.gavie_questions(E.Config(), world)
     assert types(qs) == [t for t in shapes.QUESTION_TYPES for _ in range(10)]
 
 
@@ -199,7 +200,7 @@ def test_chair_coco_word_matcher(tmp_path):
     cfg = E.Config(chair_instances=str(tmp_path / "instances.json"),
                    chair_synonyms=str(tmp_path / "synonyms.txt"),
                    image_folder=str(tmp_path), chair_counting="ours")
-    q7, q9 = E.coco_chair_questions(cfg)
+    q7, q9 = benchmarks.coco_chair_questions(cfg)
     assert (q7["id"], q7["objects"]) == ("7", {"person", "dog"})
     assert q9["objects"] == {"dining table", "wine glass"}
     syn = q7["syn"]
@@ -1153,16 +1154,16 @@ def test_gavie_boxes_hold_numbers(env, tmp_path):
                      ([1], False)):
         (tmp_path / "boxes.json").write_text(json.dumps({"7": [{"caption": "x", "bbox": bbox}]}))
         if ok:
-            assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
+            assert len(benchmarks.gavie_questions(cfg, (env["world"], None, None))) == 1
             continue
         with pytest.raises(E.DataError, match=r"boxes.json: record '7' box 0: expected"):
-            E.gavie_questions(cfg, (env["world"], None, None))
+            benchmarks.gavie_questions(cfg, (env["world"], None, None))
     # a JSON lines file of one question (an object) is its one record, as every reader takes it
     # (it was refused: "expected a list")
     (tmp_path / "gavie.json").write_text(json.dumps({"image_id": "7", "question": "What?"}) + "\n")
     box = {"caption": "x", "bbox": [1, 2, 3, 4]}
     (tmp_path / "boxes.json").write_text(json.dumps({"7": [box]}))
-    assert len(E.gavie_questions(cfg, (env["world"], None, None))) == 1
+    assert len(benchmarks.gavie_questions(cfg, (env["world"], None, None))) == 1
 
 
 def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
@@ -1176,7 +1177,7 @@ def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in carried))
     cfg = E.Config(pope_files=(str(path),), pope_suffix=suffix.replace("\n", "\\n"),
                    image_folder=env["world"])
-    qs = E.pope_questions(cfg, (env["world"], None, None))["random"]
+    qs = benchmarks.pope_questions(cfg, (env["world"], None, None))["random"]
     assert [q["prompt"] for q in qs] == [r["text"] + suffix for r in recs]
     assert f"note: --pope_suffix: 2 of the 4 questions of {path} end with it already" in \
         capsys.readouterr().out
@@ -1239,7 +1240,7 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
                             for r in recs))
     cfg = E.Config(pope_files=(str(path),), image_folder=env["world"])
     with pytest.raises(E.DataError, match="field 'label': missing: .* with --pope_labels"):
-        E.pope_questions(cfg, (env["world"], None, None))
+        benchmarks.pope_questions(cfg, (env["world"], None, None))
     # two label files of one split: the last one won without a word
     coco, aokvqa = tmp_path / "coco_pope_random.jsonl", tmp_path / "aokvqa_pope_random.jsonl"
     for f in (coco, aokvqa):
@@ -1247,11 +1248,11 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
     cfg = E.Config(pope_files=(str(path),), pope_labels=(str(coco), str(aokvqa)),
                    image_folder=env["world"])
     with pytest.raises(common.ConfigError, match="are both the 'random' split"):
-        E.pope_questions(cfg, (env["world"], None, None))
+        benchmarks.pope_questions(cfg, (env["world"], None, None))
     gavie = tmp_path / "gavie.json"
     gavie.write_text(json.dumps([{"image_id": "a", "question": "What is there?"}]))
     with pytest.raises(common.ConfigError, match=r"--gavie_file .*: needs --gavie_annotations"):
-        E.lrv_gavie_questions(E.Config(gavie_file=str(gavie)))
+        benchmarks.lrv_gavie_questions(E.Config(gavie_file=str(gavie)))
 
 
 def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
@@ -1744,9 +1745,10 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
     assert md.splitlines()[0] == "| checkpoint | LLaVA-Bench |"
     assert md.splitlines()[2] == "| m | - |"
     # the image id in a name, as digits (5000 of them are no int Python converts)
-    assert E.coco_number("COCO_val2014_000000525439.jpg") == E.coco_number("000000525439.jpg")
-    assert E.coco_number("1" * 5000 + ".jpg") == "1" * 5000 and E.coco_number("a.jpg") is None
-    assert E.coco_number("000.png") == "0"
+    number = benchmarks.coco_number
+    assert number("COCO_val2014_000000525439.jpg") == number("000000525439.jpg")
+    assert number("1" * 5000 + ".jpg") == "1" * 5000 and number("a.jpg") is None
+    assert number("000.png") == "0"
     q = {"context": "A dog.\n\ndog: [0.1, 0.2, 0.3, 0.4]", "prompt": "What is it?",
          "reference": "A dog.", "rule": {"role": "Helper", "prompt": "Rate them."}}
     assert judges.llava_bench_prompt(q, "A cat.") == (
@@ -2045,7 +2047,7 @@ def test_llava_bench_names_without_digits_match_only_themselves(tmp_path):
                    llava_bench_answers=str(tmp_path / "r.jsonl"),
                    llava_bench_context=str(tmp_path / "c.jsonl"))
     with pytest.raises(E.DataError, match="field 'image': cat.jpg has no record in"):
-        E.llava_bench_questions(cfg, None)
+        benchmarks.llava_bench_questions(cfg, None)
 
 
 def test_a_full_disk_while_answering_is_one_line(env, tmp_path, monkeypatch, capsys):
