@@ -1114,6 +1114,9 @@ class LLaVA(nn.Module):
         where that pays (prepack), made once per generate call from the current weights. The
         packed copies are extra memory: at most PACK_MAX_TOTAL entries in all, lm_head first."""
         linears = [lin for _, lin in self.lora_linears()]
+        # (under torch.autocast: none, so that decoding computes as the autocast forward does; a
+        # merged weight cast to bf16 would round the LoRA term away, and a packed one skips it)
+        on = on and not torch.is_autocast_enabled(self.head_weight().device.type)
         try:
             left = PACK_MAX_TOTAL
             head = self.head_weight()
