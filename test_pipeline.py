@@ -16,6 +16,7 @@ import common
 import distributed
 import rundir
 import lab
+import lab_report
 from conftest import HERE, FullDisk, process_states, run_cli
 
 
@@ -145,33 +146,35 @@ def test_lab_json_from_before_the_flags_is_taken_and_a_damaged_one_refused(tmp_p
 
 
 def test_lab_statistics_and_verdicts():
-    assert lab.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
-    assert lab.fmt([0.5, 0.7]) == "0.600 ± 0.141"
+    assert lab_report.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert lab_report.fmt([0.5, 0.7]) == "0.600 ± 0.141"
     g = {"a": {"CHAIR_i": [0.30, 0.32, 0.31]},
          "b": {"CHAIR_i": [0.20, 0.21, 0.19]},
          "c": {"CHAIR_i": [0.29, 0.40, 0.20]}}
-    assert "**held**" in lab.verdict(g, "a", "b", "CHAIR_i", True, "x")
-    assert "did not hold" in lab.verdict(g, "b", "a", "CHAIR_i", True, "x")
+    assert "**held**" in lab_report.verdict(g, "a", "b", "CHAIR_i", True, "x")
+    assert "did not hold" in lab_report.verdict(g, "b", "a", "CHAIR_i", True, "x")
     # better mean, inside the spread
-    assert "not shown" in lab.verdict(g, "a", "c", "CHAIR_i", True, "x")
-    assert "not measured" in lab.verdict(g, "a", "missing", "CHAIR_i", True, "x")
+    assert "not shown" in lab_report.verdict(g, "a", "c", "CHAIR_i", True, "x")
+    assert "not measured" in lab_report.verdict(g, "a", "missing", "CHAIR_i", True, "x")
     # a baseline measured once: the other side's seeds give the spread
     g["sft"] = {"CHAIR_i": [0.05]}
-    assert "did not hold" in lab.verdict(g, "sft", "b", "CHAIR_i", True, "x")
-    assert "**held**" in lab.verdict(g, "sft", "b", "CHAIR_i", False, "x")
+    assert "did not hold" in lab_report.verdict(g, "sft", "b", "CHAIR_i", True, "x")
+    assert "**held**" in lab_report.verdict(g, "sft", "b", "CHAIR_i", False, "x")
     g["one"] = {"CHAIR_i": [0.01]}
     # one run each: no spread to judge by, and none printed as "± 0.000"
-    line = lab.verdict(g, "sft", "one", "CHAIR_i", True, "x")
+    line = lab_report.verdict(g, "sft", "one", "CHAIR_i", True, "x")
     assert "not judged (one seed" in line and "0.050 (sft) -> 0.010 (one)" in line, line
     g["nan"] = {"CHAIR_i": [float("nan"), None]}  # every run of a side without the number
-    assert "not measured (CHAIR_i missing" in lab.verdict(g, "sft", "nan", "CHAIR_i", True, "x")
+    assert "not measured (CHAIR_i missing" in lab_report.verdict(g, "sft", "nan", "CHAIR_i", True,
+                                                                 "x")
 
 
 def test_lab_table_escapes_a_bar_in_a_column_name():
     """The column 'POPE |yes-ratio - 0.5|' split its header cell in two: the header had two
     cells more than the rows, and the table did not render."""
     g = {"sft": {"POPE |yes-ratio - 0.5|": [0.284], "F1": [0.8]}}
-    header, rule, row = lab.md_table(g, ["POPE |yes-ratio - 0.5|", "F1"], ["sft"]).splitlines()
+    table = lab_report.md_table(g, ["POPE |yes-ratio - 0.5|", "F1"], ["sft"])
+    header, rule, row = table.splitlines()
     cells = lambda line: len(re.split(r"(?<!\\)\|", line.strip("|")))
     assert cells(header) == cells(row) == cells(rule) == 4, (header, row)
     assert "POPE \\|yes-ratio - 0.5\\|" in header
@@ -184,18 +187,19 @@ def test_lab_verdict_needs_two_measured_seeds_a_side_and_a_real_difference():
     rows = {f"lrv/neg0.0-s{s}": {"F1": 0.70 + 0.01 * s} for s in range(5)}
     rows.update({"lrv/neg0.5-s0": {"F1": 0.90}, "lrv/neg0.5-s1": {"F1": float("nan")},
                  "lrv/neg0.5-s2": {"F1": None}, "sft": {"F1": 0.5}})
-    g = lab.group(rows, lambda r: lab.setting(r))
-    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    g = lab_report.group(rows, lambda r: lab_report.setting(r))
+    line = lab_report.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
     assert "not judged (one measured seed of lrv/neg0.5" in line and "5 and 1 seeds" in line, line
-    assert "not judged (one measured seed of lrv/neg0.5" in lab.verdict(
+    assert "not judged (one measured seed of lrv/neg0.5" in lab_report.verdict(
         g, "sft", "lrv/neg0.5", "F1", False, "x")
-    assert "| lrv/neg0.5 | 0.900 | 1 |" in lab.md_table(g, ["F1"], ["lrv/neg0.5"])
+    assert "| lrv/neg0.5 | 0.900 | 1 |" in lab_report.md_table(g, ["F1"], ["lrv/neg0.5"])
     same = {"sft": {"CHAIR_i": [70 / 400]}, "ppo": {}}
     for s in range(3):
-        lab.add_value(same, "ppo", "CHAIR_i", s, 70 / 400)
-    assert lab.mean_sd(same["ppo"]["CHAIR_i"])[0] != 70 / 400  # (the last bit: fmean's rounding)
+        lab_report.add_value(same, "ppo", "CHAIR_i", s, 70 / 400)
+    # (the last bit: fmean's rounding)
+    assert lab_report.mean_sd(same["ppo"]["CHAIR_i"])[0] != 70 / 400
     for lower in (True, False):
-        line = lab.verdict(same, "sft", "ppo", "CHAIR_i", lower, "x")
+        line = lab_report.verdict(same, "sft", "ppo", "CHAIR_i", lower, "x")
         assert "not shown" in line, line
 
 
@@ -206,16 +210,16 @@ def test_lab_an_inf_metric_counts_as_unmeasured_like_a_nan(tmp_path):
     rows = {f"lrv/neg0.0-s{s}": {"F1": 0.70 + 0.01 * s} for s in range(3)}
     rows.update({"lrv/neg0.5-s0": {"F1": 0.90}, "lrv/neg0.5-s1": {"F1": float("inf")},
                  "lrv/neg0.5-s2": {"F1": 0.92}})
-    g = lab.group(rows, lambda r: lab.setting(r))
-    assert "| lrv/neg0.5 | 0.910 ± 0.014 | 2 |" in lab.md_table(g, ["F1"], ["lrv/neg0.5"])
-    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    g = lab_report.group(rows, lambda r: lab_report.setting(r))
+    assert "| lrv/neg0.5 | 0.910 ± 0.014 | 2 |" in lab_report.md_table(g, ["F1"], ["lrv/neg0.5"])
+    line = lab_report.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
     assert "**held**" in line and "3 and 2 seeds" in line and "on 2 of 2" in line, line
     cfg = lab.Config(out=str(tmp_path), seeds=(0,), rlhf_seeds=1)
     run = tmp_path / "rlhf" / "ppo-facts-s0"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"length": 10.0}\n{"length": Infinity}\n')
     (run / "DONE").write_text("")
-    assert lab.ppo_curves(cfg)["length"]["facts"] == [[10.0]]
+    assert lab_report.ppo_curves(cfg)["length"]["facts"] == [[10.0]]
 
 
 def test_lab_partner_claim_asks_that_partner_pairs_gain_most(tmp_path):
@@ -229,10 +233,11 @@ def test_lab_partner_claim_asks_that_partner_pairs_gain_most(tmp_path):
             run.mkdir(parents=True)
             (run / "report.json").write_text(json.dumps(
                 {"val_accuracy": all_ + 0.01 * s, "val_accuracy_partner": partner + 0.01 * s}))
-    rm = lab.reward_model_groups(cfg)
-    line = lab.verdict(rm, "RM without facts", "RM with facts", lab.PARTNER_GAP, False, "x")
+    rm = lab_report.reward_model_groups(cfg)
+    line = lab_report.verdict(rm, "RM without facts", "RM with facts", lab_report.PARTNER_GAP,
+                              False, "x")
     assert "did not hold" in line, line
-    assert "**held**" in lab.verdict(rm, "RM without facts", "RM with facts",
+    assert "**held**" in lab_report.verdict(rm, "RM without facts", "RM with facts",
                                      "on pairs naming a co-occurring partner", False, "x")
 
 
@@ -254,43 +259,45 @@ def test_lab_verdict_pairs_seeds_beside_the_rule():
             "lrv/neg0.0-s2": {"F1": 0.60}, "lrv/neg0.5-s0": {"F1": 0.72},
             "lrv/neg0.5-s1": {"F1": 0.81}, "lrv/neg0.5-s2": {"F1": 0.61},
             "lrv/neg0.5-s3": {"F1": 0.10}, "sft": {"F1": 0.5}}
-    g = lab.group(rows, lambda r: lab.setting(r))
-    line = lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    g = lab_report.group(rows, lambda r: lab_report.setting(r))
+    line = lab_report.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
     # the means differ by less than the spread (seed 3 has no neg0.0 run to pair with)
     assert "not shown" in line
     assert "Paired by seed: the claimed way on 3 of 3 (difference +0.013 ± 0.006)." in line
-    assert "the claimed way on 0 of 3" in lab.verdict(g, "lrv/neg0.5", "lrv/neg0.0", "F1",
+    assert "the claimed way on 0 of 3" in lab_report.verdict(g, "lrv/neg0.5", "lrv/neg0.0", "F1",
                                                        False, "x")
-    assert "Paired" not in lab.verdict(g, "sft", "lrv/neg0.5", "F1", False, "x")
+    assert "Paired" not in lab_report.verdict(g, "sft", "lrv/neg0.5", "F1", False, "x")
     g["lrv/neg0.5"]["F1"][1] = float("nan")  # a seed without the number is left out
-    assert "on 2 of 2" in lab.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
+    assert "on 2 of 2" in lab_report.verdict(g, "lrv/neg0.0", "lrv/neg0.5", "F1", False, "x")
     rm = {}
     for s, (a, b) in enumerate([(0.8, 0.7), (0.9, 0.8)]):
-        lab.add_value(rm, "with", "acc", s, a)
-        lab.add_value(rm, "without", "acc", s, b)
-    assert "on 2 of 2 (difference +0.100" in lab.verdict(rm, "without", "with", "acc", False, "x")
+        lab_report.add_value(rm, "with", "acc", s, a)
+        lab_report.add_value(rm, "without", "acc", s, b)
+    line = lab_report.verdict(rm, "without", "with", "acc", False, "x")
+    assert "on 2 of 2 (difference +0.100" in line
 
 
 def test_lab_plots_draw(tmp_path):
     g = {"x": {"m1": [1.0, 2.0], "m2": [0.5]}, "y": {"m1": [3.0, 3.5]}}
-    lab.bar_plot(str(tmp_path / "b.png"), "t", g, ["m1", "m2"], ["x", "y"])
-    lab.line_plot(str(tmp_path / "l.png"), "t", {"x": [[1, 2, 3], [2, 3, 4]]}, "tokens")
+    lab_report.bar_plot(str(tmp_path / "b.png"), "t", g, ["m1", "m2"], ["x", "y"])
+    lab_report.line_plot(str(tmp_path / "l.png"), "t", {"x": [[1, 2, 3], [2, 3, 4]]}, "tokens")
     bars = Image.open(tmp_path / "b.png")
     assert bars.format == "PNG" and min(bars.size) >= 100
     colours = {c for _, c in bars.convert("RGB").getcolors(10000)}
-    assert lab.COLOURS[0] in colours and lab.COLOURS[1] in colours  # one colour per group
+    # one colour per group
+    assert lab_report.COLOURS[0] in colours and lab_report.COLOURS[1] in colours
     line = Image.open(tmp_path / "l.png")
     assert line.format == "PNG" and line.size == (640, 360)
     line = line.convert("RGB")
     # the mean over seeds, 1.5 2.5 3.5, runs from the bottom left of the plot area (x 50, y 300)
     # through its centre to the top right (x 620, y 40)
     for x, y in ((50, 300), (335, 170), (619, 41)):
-        assert line.getpixel((x, y)) == lab.COLOURS[0], (x, y)
+        assert line.getpixel((x, y)) == lab_report.COLOURS[0], (x, y)
     assert line.getpixel((335, 100)) == (255, 255, 255)  # above the line: background
     # one logged step (a PPO run of one step): a dot, where a line of one point drew nothing
-    lab.line_plot(str(tmp_path / "l.png"), "t", {"x": [[2.0], [2.0]]}, "tokens")
+    lab_report.line_plot(str(tmp_path / "l.png"), "t", {"x": [[2.0], [2.0]]}, "tokens")
     line = Image.open(tmp_path / "l.png").convert("RGB")
-    assert line.getpixel((52, 298)) == lab.COLOURS[0]
+    assert line.getpixel((52, 298)) == lab_report.COLOURS[0]
 
 
 def test_lab_plan_seeds():
@@ -304,7 +311,7 @@ def test_lab_plan_seeds():
     assert seeds_of(runs, "rlhf/") == {0, 1, 2}
     cfg = lab.Config(seeds=(7, 3), rlhf_seeds=1, claims=("rlhf",))
     assert seeds_of(lab.plan(cfg), "rlhf/") == {7}
-    assert "RLHF on seeds 7" in lab.intro_section(cfg, False)[2]
+    assert "RLHF on seeds 7" in lab_report.intro_section(cfg, False)[2]
 
 
 def lab_makespan(runs, priority, jobs=2):
@@ -480,7 +487,7 @@ def fake_lab(root):
 def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
     cfg, runs = fake_lab(tmp_path)
     lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 12.5, 3, len(runs))
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     text = open(cfg.results).read()
     # cut off while it is written again (a kill, a full disk): the report there before is whole
     # (it was cut, and a cut report, titled, is taken as the lab's own)
@@ -489,10 +496,10 @@ def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
             raise OSError(28, "No space left on device")
         whole = common.write_whole
         cut = lambda write: lambda f: (write(f), full(None))  # (the report's write alone)
-        m.setattr(lab.common, "write_whole", lambda path, write, **kw: whole(
+        m.setattr(lab_report.common, "write_whole", lambda path, write, **kw: whole(
             path, cut(write) if path == cfg.results else write, **kw))
         with pytest.raises(OSError):
-            lab.report(cfg, runs)
+            lab.report_runs(cfg, runs)
     assert open(cfg.results).read() == text
     assert not [f for f in os.listdir(os.path.dirname(cfg.results)) if ".tmp" in f]
     assert f"for the 3 of {len(runs)} runs not already on disk" in text and "rebuilt" not in text
@@ -525,25 +532,25 @@ def test_lab_report_of_every_claim(tmp_path, capsys, monkeypatch):
         image = Image.open(os.path.join(cfg.plots, plot + ".png"))
         assert image.format == "PNG" and min(image.size) >= 100, plot
     # a report rebuilt from the runs on disk keeps the last run's wall clock
-    lab.report(cfg, runs, rebuilt=True)
+    lab.report_runs(cfg, runs, rebuilt=True)
     text = open(cfg.results).read()
     assert "lab wall clock 12.5 min on " in text and "this report rebuilt from the runs" in text
     assert f"for the 3 of {len(runs)} runs" in text
     # the same invocation, later: its record is replaced, not added to
     lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 40.0, len(runs), len(runs))
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     text = open(cfg.results).read()
     assert f"lab wall clock 40.0 min on 2026-12-01 for all {len(runs)} runs." in text
     # a second invocation (a lab stopped, then resumed): the minutes add up, each one shown
     lab.save_wall_clock(cfg, "2026-12-02T09:00:00", 20.0, 5, len(runs))
-    lab.report(cfg, runs, rebuilt=True)
+    lab.report_runs(cfg, runs, rebuilt=True)
     text = open(cfg.results).read()
     assert (f"lab wall clock 60.0 min on 2026-12-01 to 2026-12-02 for all {len(runs)} runs in 2 "
             "invocations (40.0 + 20.0 min); this report rebuilt") in text
     # a wall_clock.json from before invocations were kept is read as one
     common.write_json({"minutes": 52.0, "date": "2026-11-30", "ran": 80, "runs": 82,
-                       "claims": list(lab.CLAIMS)}, os.path.join(cfg.out, "wall_clock.json"))
-    lab.report(cfg, runs)
+                       "claims": list(lab_report.CLAIMS)}, os.path.join(cfg.out, "wall_clock.json"))
+    lab.report_runs(cfg, runs)
     text = open(cfg.results).read()
     assert "lab wall clock 52.0 min on 2026-11-30 for the 80 of 82 runs not already on" in text
 
@@ -558,7 +565,7 @@ def test_lab_report_links_plots_and_quotes_commands_in_odd_folders(tmp_path):
     root.mkdir()
     cfg, runs = fake_lab(root)
     cfg = lab.replace(cfg, plots=str(root / "my plots"))
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     text = open(cfg.results).read()
     assert "![LRV](my%20plots/lrv.png)" in text
     commands = [c for c in text.split("```")[1].splitlines() if c.startswith("python dpo.py")]
@@ -567,7 +574,7 @@ def test_lab_report_links_plots_and_quotes_commands_in_odd_folders(tmp_path):
     said = subprocess.run(["bash", "-n", "-c", commands[0]], capture_output=True, text=True)
     assert said.returncode == 0, said.stderr
     plain = lab.replace(cfg, plots=str(tmp_path / "plots"), results=str(tmp_path / "R.md"))
-    assert lab.plot_link(plain, "LRV", "lrv.png") == "![LRV](plots/lrv.png)"
+    assert lab_report.plot_link(plain, "LRV", "lrv.png") == "![LRV](plots/lrv.png)"
 
 
 def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, monkeypatch):
@@ -578,7 +585,7 @@ def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, 
     cfg, runs = fake_lab(tmp_path)
     clock = os.path.join(cfg.out, "wall_clock.json")
     common.write_json({"invocations": [{"minutes": 3.0, "ran": "x", "runs": 5}]}, clock)
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     said = capsys.readouterr().out
     assert f"note: {clock}: an entry that cannot be read is left out" in said
     assert "lab wall clock not recorded" in open(cfg.results).read()
@@ -612,18 +619,18 @@ def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, 
     assert os.path.join(copy.out, "rlhf", "rm-facts-s0") in started
     open(scores, "w").write(text)
     common.write_json(13, rm)
-    lab.report(cfg, runs)  # (the reward model not done: left out)
+    lab.report_runs(cfg, runs)  # (the reward model not done: left out)
     common.write_json({"val_accuracy": "x"}, rm)
     with pytest.raises(common.DataError, match=re.escape(f"{rm}: field 'val_accuracy': expected "
                                                          "a number, got 'x'")):
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
     common.write_json({"val_accuracy": 0.8}, rm)
     vigc = runs["vigc/vigc-s0"][2]
     kept = open(vigc).read()
     common.write_json({**json.loads(kept), "vic": {}}, vigc)
     with pytest.raises(common.DataError, match=re.escape(f"{vigc}: field "
                                                          "'vic.hallucinations_per_100': missing")):
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
     os.makedirs(cfg.sft)  # (and from the command line: one line, exit 2)
     argv = ["--sft", cfg.sft, "--world", cfg.world, "--out", cfg.out, "--results", cfg.results,
             "--plots", cfg.plots, "--seeds", "0", "1", "--report_only", "true"]
@@ -633,17 +640,17 @@ def test_lab_damaged_files_are_one_line_run_again_or_left_out(tmp_path, capsys, 
     metrics = os.path.join(os.path.dirname(runs["rlhf/ppo-facts-s1"][2]), "metrics.jsonl")
     with open(metrics, "a") as f:  # (a NaN is logged as null: left out, as an absent value)
         f.write('{"step": 3, "length": null, "kl": 0.1, "score": 1.0}\n')
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     with open(metrics, "a") as f:
         f.write('{"step": 3, "len')
     with pytest.raises(common.DataError, match=re.escape(f"{metrics}: record 5: not a JSON")):
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
     os.remove(metrics)
     pope = os.path.join(cfg.world, "pope_popular.jsonl")
     with open(pope, "a") as f:
         f.write('{"image": "9.png", "te')
     with pytest.raises(common.DataError, match=re.escape(f"{pope}: record 5: not a JSON")):
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
 
 
 def test_lab_reads_the_worlds_pope_files_as_eval_reads_them(tmp_path):
@@ -655,11 +662,11 @@ def test_lab_reads_the_worlds_pope_files_as_eval_reads_them(tmp_path):
     raw = open(pope, "rb").read()
     for ends in (b"\r\n", b"\r"):  # (eval reads both)
         open(pope, "wb").write(b"\xef\xbb\xbf" + raw.replace(b"\n", ends))
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
         assert "popular = adversarial for 75% of them" in open(cfg.results).read()
     open(pope, "wb").write(raw.replace(b'"x"', b'"caf\xe9"'))
     with pytest.raises(common.DataError, match=re.escape(f"{pope}: not UTF-8 text: byte 0xe9")):
-        lab.report(cfg, runs)
+        lab.report_runs(cfg, runs)
 
 
 def test_lab_vigc_with_nothing_generated_says_so(tmp_path):
@@ -676,7 +683,7 @@ def test_lab_vigc_with_nothing_generated_says_so(tmp_path):
         common.write_json({**nothing, "parsed": 0, "images": 120},
                           os.path.join(folder, "report.json"))
     os.makedirs(cfg.plots)
-    md, verdicts = lab.vigc_section(cfg, runs, None)
+    md, verdicts = lab_report.vigc_section(cfg, runs, None)
     assert "No generated record for seed(s) 0, 1 (no VIG output parsed): their '+' runs trained " \
         "on the SFT data alone." in md
     assert verdicts == [
@@ -696,7 +703,7 @@ def test_lab_subset_keeps_the_other_claims(tmp_path):
     assert lab.reported_claims(cfg) == ("lrv", "rlhf", "povid", "vigc")
     os.remove(runs["povid/stage2-s1/eval"][2])  # one POVID run missing: POVID is not reported
     assert lab.reported_claims(cfg) == ("lrv", "rlhf", "vigc")
-    assert lab.reported_claims(lab.replace(full, claims=("povid",))) == lab.CLAIMS
+    assert lab.reported_claims(lab.replace(full, claims=("povid",))) == lab_report.CLAIMS
     lab.save_wall_clock(cfg, "2026-12-01T10:00:00", 7.5, 30, 30)
     os.makedirs(cfg.sft)
     lab.main(lab.replace(cfg, report_only=True))  # `python lab.py --claims lrv --report_only true`
@@ -735,7 +742,7 @@ def test_lab_reports_no_stale_run_with_or_without_report_only(tmp_path):
     # stage 1 of seed 0 failed when run again: stage 2 and the evals after it are left as they
     # were, from the stage 1 before; not reported
     os.remove(runs["povid/stage1-s0"][2])
-    lab.report(cfg, runs)
+    lab.report_runs(cfg, runs)
     text = open(cfg.results).read()
     assert re.search(r"\| POVID stage 2 \|.* \| 1 \|", text), text
     assert re.search(r"\| DPO \(POVID stage 1\) \|.* \| 1 \|", text), text
@@ -778,7 +785,8 @@ def test_lab_replaces_a_report_or_an_empty_file_only(tmp_path):
     results = tmp_path / "R.md"
     results.write_text("")  # (empty: nothing to lose)
     lab.refuse_foreign_results(str(results))
-    results.write_text(lab.TITLE + "\r\n", encoding="utf-8-sig")  # (an editor's BOM and CRLF)
+    # (an editor's BOM and CRLF)
+    results.write_text(lab_report.TITLE + "\r\n", encoding="utf-8-sig")
     lab.refuse_foreign_results(str(results))
     results.write_text("# My notes\n")
     with pytest.raises(common.ConfigError, match="R.md: exists and is not a lab report"):
@@ -1254,8 +1262,8 @@ def test_every_lab_command_passes_its_scripts_checks(monkeypatch, tiny_world, ti
 
     monkeypatch.setattr(rundir, "claim_out", reached)  # (the stages)
     monkeypatch.setattr(rundir, "lock_out", reached)  # (eval.py)
-    cfg = lab.Config(sft=tiny_sft, world=tiny_world, out=str(tmp_path / "lab"), claims=lab.CLAIMS,
-                     seeds=(0,))
+    cfg = lab.Config(sft=tiny_sft, world=tiny_world, out=str(tmp_path / "lab"),
+                     claims=lab_report.CLAIMS, seeds=(0,))
     planned = lab.plan(cfg)
     scripts = {argv[0] for argv, _, _ in planned.values()}
     assert scripts == {"sft.py", "reward.py", "ppo.py", "dpo.py", "vigc.py", "eval.py"}
@@ -1754,10 +1762,10 @@ def test_ppo_curves_read_done_runs_alone(tmp_path):
     run.mkdir(parents=True)
     row = {"step": 1, "length": 10.0, "hallucinations": 0.5, "kl": 0.1, "score": 1.0}
     (run / "metrics.jsonl").write_text(json.dumps(row) + '\n{"step": 2, "length": 1')
-    assert lab.ppo_curves(cfg)["length"]["facts"] == [[]]
+    assert lab_report.ppo_curves(cfg)["length"]["facts"] == [[]]
     (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (run / "DONE").write_text("")
-    assert lab.ppo_curves(cfg)["length"]["facts"][0] != []
+    assert lab_report.ppo_curves(cfg)["length"]["facts"][0] != []
 
 
 # a stand-in stage or run: says its pid once under way, sleeps, says 'stopped' on Ctrl-C (SIGINT)
@@ -2058,7 +2066,7 @@ def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
     import errno
     path = tmp_path / "b.png"
     g = {"x": {"m1": [1.0, 2.0]}}
-    lab.bar_plot(str(path), "t", g, ["m1"], ["x"])
+    lab_report.bar_plot(str(path), "t", g, ["m1"], ["x"])
     before = path.read_bytes()
     real = Image.Image.save
 
@@ -2069,7 +2077,7 @@ def test_a_lab_figure_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Image.Image, "save", full)
     with pytest.raises(OSError) as e:
-        lab.bar_plot(str(path), "t", {"x": {"m1": [5.0, 6.0]}}, ["m1"], ["x"])
+        lab_report.bar_plot(str(path), "t", {"x": {"m1": [5.0, 6.0]}}, ["m1"], ["x"])
     assert e.value.filename == str(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["b.png"]
 
