@@ -16,6 +16,7 @@
 RELIABILITY.md is generated from the BAD_INPUT table below (`python test_reliability.py --table`);
 a test checks that it is up to date."""
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -2930,6 +2932,151 @@ def test_a_sigterm_in_the_teardown_of_an_exit_before_user_errors_is_ignored(tmp_
     silent 143. (`--help`: no world written, a second cheaper than a finished run.)"""
     code, out, err = run_kicked(tmp_path, "shapes", ["--help"], "SIGTERM", "exit")
     assert code == 0 and out.startswith("usage") and err == "", (code, out[:80], err)
+
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture
+def handlers_kept():
+    """This process's SIGINT and SIGTERM handlers put back after the test, whatever it set."""
+    before = {signum: signal.getsignal(signum) for signum in STOPS}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_a_refused_ranks_hand_over_takes_one_signal_then_puts_the_handlers_back(
+        handlers_kept, monkeypatch, capsys):
+    """common.tell_the_waiting_ranks' join: SIGINT and SIGTERM, whatever handled them (here a
+    handler of the program's own, or Python's), end it with the refusal's exit code 2 and no line
+    of their own; one ignored stays ignored; a second one of either is dropped while it ends; the
+    handlers they had come back after it, stopped or not."""
+    monkeypatch.setattr(common, "_runs_alone", False)
+    monkeypatch.setattr(distributed, "made_process_group", False)
+    monkeypatch.setattr(distributed, "joining", None)
+    for name, value in (("TORCHELASTIC_RUN_ID", "t"), ("WORLD_SIZE", "2"),
+                        ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    called, seen, release = [], {}, threading.Event()
+    mine = lambda signum, frame: called.append(signum)  # noqa: E731
+
+    def join(*args, **kwargs):  # (in the join's thread)
+        seen["during"] = [signal.getsignal(signum) for signum in STOPS]
+        if kick:
+            time.sleep(0.2)  # (the main thread in the wait by then, not still starting this one)
+            os.kill(os.getpid(), kick)
+            release.wait(10)
+        raise RuntimeError("no peers here")
+
+    def end_process(code):  # (the real one exits at once: the join's thread is still in it)
+        seen["ended"] = code
+        for signum in STOPS:
+            signal.raise_signal(signum)  # (a second signal: dropped, no KeyboardInterrupt)
+    monkeypatch.setattr(common.dist, "init_process_group", join)
+    monkeypatch.setattr(distributed, "end_process", end_process)
+    for sigint, sigterm, kick in ((mine, signal.SIG_IGN, signal.SIGINT),
+                                  (signal.default_int_handler, mine, signal.SIGTERM),
+                                  (mine, mine, None)):
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
+        seen.clear()
+        release.clear()
+        try:
+            if kick:
+                with pytest.raises(SystemExit) as stopped:
+                    common.tell_the_waiting_ranks("bad flag")
+                assert stopped.value.code == 2 and seen["ended"] == 2
+            else:
+                common.tell_the_waiting_ranks("bad flag")  # (the join's error: swallowed)
+                assert "ended" not in seen
+        finally:
+            release.set()
+            distributed.joining.join(10)
+        during = seen["during"]  # (each taken by one handler of the join's, an ignored one left)
+        assert callable(during[0]) and during[0] not in (sigint, mine), (kick, during)
+        assert during[1] is (signal.SIG_IGN if sigterm is signal.SIG_IGN else during[0]), kick
+        assert [signal.getsignal(signum) for signum in STOPS] == [sigint, sigterm], kick
+        assert called == [] and capsys.readouterr().err == "", (kick, called)
+
+
+def test_user_errors_takes_one_sigterm_as_ctrl_c_then_puts_its_default_back(
+        handlers_kept, monkeypatch, capsys):
+    """common.user_errors (outside a script: nothing is ignored as it ends): SIGTERM with Python's
+    default raises KeyboardInterrupt, the interrupted line and exit 130; a second SIGTERM in the
+    stop is dropped, while SIGINT keeps Python's own handler (a Ctrl-C there still raises);
+    SIGTERM's default comes back after the block, stopped, refused or ended well. A SIGTERM
+    ignored, or handled (pipeline.py's own), is left as it is; off the main thread, nothing set."""
+    said, real_said = [], common.said_on_each_node
+    called = []
+    mine = lambda signum, frame: called.append(signum)  # noqa: E731
+
+    def said_on_each_node(line):  # (the stop: a second SIGTERM lands in it)
+        said.append([signal.getsignal(signum) for signum in STOPS])
+        signal.raise_signal(signal.SIGTERM)
+        real_said(line)
+    monkeypatch.setattr(common, "said_on_each_node", said_on_each_node)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for body, code in ((lambda: signal.raise_signal(signal.SIGTERM), 130),
+                       (lambda: common.fail("refused"), 2), (lambda: None, None)):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(SystemExit) if code else contextlib.nullcontext() as stopped, \
+                common.user_errors():
+            assert callable(signal.getsignal(signal.SIGTERM))
+            body()
+        assert code is None or stopped.value.code == code
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, code
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, code
+    assert len(said) == 1 and said[0][0] is signal.default_int_handler and callable(said[0][1])
+    assert capsys.readouterr().err.splitlines() == [common.INTERRUPTED, "error: refused"]
+    for sigterm in (signal.SIG_IGN, mine):
+        signal.signal(signal.SIGTERM, sigterm)
+        with common.user_errors():
+            assert signal.getsignal(signal.SIGTERM) is sigterm
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is sigterm
+    assert called == [signal.SIGTERM]
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    inside = []
+
+    def in_a_thread():
+        with common.user_errors():
+            inside.append(signal.getsignal(signal.SIGTERM))
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(10)
+    assert inside == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_pipelines_handlers_take_one_signal_then_drop_both_for_good(handlers_kept,
+                                                                         monkeypatch):
+    """distributed.interrupt_on_sigterm (pipeline.py's and lab.py's main blocks): SIGTERM, even one
+    ignored at start, and SIGINT where Python's own, raise KeyboardInterrupt once; from then on
+    both are dropped, for the rest of the process (not put back: _ignore_stop_signals_at_exit
+    ignores them at exit). A SIGINT ignored at start is dropped instead (said, for
+    stage_process_kwargs); one handled by the program's own handler is left until the first."""
+    monkeypatch.setattr(distributed.atexit, "register", lambda hook: None)
+    called = []
+    mine = lambda signum, frame: called.append(signum)  # noqa: E731
+    for sigint, sigterm, first in ((signal.default_int_handler, signal.SIG_DFL, signal.SIGINT),
+                                   (signal.default_int_handler, signal.SIG_DFL, signal.SIGTERM),
+                                   (signal.SIG_IGN, signal.SIG_DFL, signal.SIGTERM),
+                                   (mine, signal.SIG_IGN, signal.SIGTERM)):
+        monkeypatch.setattr(distributed, "SIGINT_IGNORED_AT_START", False)
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
+        distributed.interrupt_on_sigterm()
+        assert distributed.SIGINT_IGNORED_AT_START == (sigint is signal.SIG_IGN)
+        assert callable(signal.getsignal(signal.SIGINT)), sigint  # (not SIG_IGN: see above)
+        if sigint is not signal.default_int_handler:
+            signal.raise_signal(signal.SIGINT)  # (dropped, or the program's own handler's)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(first)
+        for signum in STOPS * 2:
+            signal.raise_signal(signum)  # (dropped)
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM), first
+        assert callable(signal.getsignal(signal.SIGTERM)), first
+    assert called == [signal.SIGINT]
 
 
 def test_output_piped_to_a_reader_that_ended_is_one_line(tmp_path):
