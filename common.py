@@ -99,33 +99,25 @@ def tell_the_waiting_ranks(message):
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
         dist.all_gather_object([None] * dist.get_world_size(), (rank - local, message))
-
-    def stop(signum, frame):
-        for each in taken:
-            signal.signal(each, drop_signal)  # (a second one: dropped, not a traceback)
-        raise KeyboardInterrupt
     # both signals raise KeyboardInterrupt here, as in user_errors (before it, interrupts.py's
-    # handler said "interrupted while starting" and exited 130); one ignored at start stays so
-    # (None: a handler set outside Python, which could not be put back)
-    main = threading.current_thread() is threading.main_thread()
-    taken = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)
-             if main and signal.getsignal(signum) not in (signal.SIG_IGN, None)}
-    for signum in taken:
-        signal.signal(signum, stop)
-    try:
-        # a stop here ends the rank with the refusal's exit code 2 and its line alone: the refusal
-        # is what the user's command met (said already), the stop only cut short the handing over;
-        # 130 and an "interrupted" line under it would read as a run stopped midway, and a caller
-        # reading the code (pipeline.py, a shell script) would lose the cause
-        distributed.taking_signals(hand_over, stopped=None, code=2)
-    except SystemExit as e:
-        distributed.end_process(e.code)  # (the join's thread still in C++: no teardown, it aborted)
-        raise
-    except BaseException:  # (the others gone, or never there)
-        pass
-    finally:
-        for signum, handler in taken.items():
-            signal.signal(signum, handler)
+    # handler said "interrupted while starting" and exited 130), a second one dropped, not a
+    # traceback; one ignored at start stays so (None: a handler set outside Python, which could
+    # not be put back)
+    stops = [signum for signum in (signal.SIGINT, signal.SIGTERM)
+             if signal.getsignal(signum) not in (signal.SIG_IGN, None)]
+    with interrupts.interrupting(stops):
+        try:
+            # a stop here ends the rank with the refusal's exit code 2 and its line alone: the
+            # refusal is what the user's command met (said already), the stop only cut short the
+            # handing over; 130 and an "interrupted" line under it would read as a run stopped
+            # midway, and a caller reading the code (pipeline.py, a shell script) would lose the
+            # cause
+            distributed.taking_signals(hand_over, stopped=None, code=2)
+        except SystemExit as e:
+            distributed.end_process(e.code)  # (the join's thread in C++: no teardown, it aborted)
+            raise
+        except BaseException:  # (the others gone, or never there)
+            pass
 
 
 _runs_alone = False  # refuse_torchrun: no rank of this script makes a process group
@@ -168,7 +160,19 @@ def user_errors(*extra, interrupted=INTERRUPTED):
     exit 130. (Before it, and after it in a script, interrupts.py's handlers.)"""
     escape_what_stdout_cannot_write()
     interrupts.hand_over()
-    sigterm = sigterm_as_interrupt()
+    # SIGTERM (a scheduler's time limit, `kill`, torchrun passing on its own to its ranks) taken
+    # as Ctrl-C, where it would kill the process: a stage ended without its line, in the middle
+    # of whatever it did (nothing torn: checkpoints are renamed whole); a second one is dropped
+    # (it cut the stop short). Left as it is where ignored, or handled (pipeline.py's, lab.py's)
+    sigterm = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else []
+    with interrupts.interrupting(sigterm), _said_in_one_line(extra, interrupted):
+        yield
+
+
+@contextmanager
+def _said_in_one_line(extra, interrupted):
+    """user_errors' work inside its SIGTERM handler: each error and stop said in one line, with its
+    exit code; the locks released, and in a script SIGINT and SIGTERM ignored, as it ends."""
     unraisable = sys.unraisablehook
     sys.unraisablehook = functools.partial(_take_a_lost_interrupt, unraisable)
     try:
@@ -226,8 +230,7 @@ def user_errors(*extra, interrupted=INTERRUPTED):
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
         import rundir  # (it imports this module)
         rundir.release_locks()
-        if not interrupts.work_done() and sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        interrupts.work_done()  # (before interrupting puts SIGTERM back: it keeps this SIG_IGN)
 
 
 def _take_a_lost_interrupt(unraisable, args):
@@ -298,27 +301,6 @@ def peer_ended(text):
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "gloo" in text and any(
         words in text for words in ("Connection closed by peer", "Connection reset by peer"))
     # ("gloo": its transport's file names its errors; another library's reset keeps its traceback)
-
-
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's time limit, `kill`, torchrun passing on its own to its ranks) taken
-    as Ctrl-C, where it would kill the process: a stage ended without its line, in the middle of
-    whatever it did (nothing torn: checkpoints are renamed whole). A second one is dropped (it cut
-    the stop short). Returns the handler to put back, or None where SIGTERM is left as it was
-    (ignored, or handled: pipeline.py's and lab.py's own)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, drop_signal)
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
-def drop_signal(signum, frame):
-    """A further Ctrl-C or SIGTERM while stopping: dropped. (A Python handler, not SIG_IGN: a
-    stage started in that moment would inherit SIG_IGN and ignore the SIGINT that stops it.)"""
 
 
 # ----------------------------------------------------------------------------------------

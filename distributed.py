@@ -270,7 +270,8 @@ def hold_stop_signals():
     stop itself: no stage got SIGINT, they trained on, and common's --resume line was printed."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, common.drop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return {s: signal.signal(s, interrupts.drop_signal)
+            for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 @contextmanager
@@ -349,16 +350,14 @@ def interrupt_on_sigterm():
     SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on."""
     global SIGINT_IGNORED_AT_START
     interrupts.hand_over()
-
-    def interrupt(signum, frame):
-        hold_stop_signals()
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, interrupt)
-    elif signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    sigint = signal.getsignal(signal.SIGINT)
+    stops = [signal.SIGTERM] + ([signal.SIGINT] if sigint is signal.default_int_handler else [])
+    # for the rest of the run, not a with-block: the stop goes on after user_errors, and a signal
+    # in the interpreter's exit is dropped too (_ignore_stop_signals_at_exit)
+    interrupts.interrupt_once(stops)
+    if sigint == signal.SIG_IGN:
         SIGINT_IGNORED_AT_START = True
-        signal.signal(signal.SIGINT, common.drop_signal)
+        signal.signal(signal.SIGINT, interrupts.drop_signal)
     atexit.register(_ignore_stop_signals_at_exit)
 
 
@@ -377,7 +376,7 @@ def _ignore_stop_signals_at_exit():
     """A process that has stopped its stages: as it exits, Python puts its signal handlers back to
     the default (SIG_IGN excepted), and one more SIGTERM then killed it (-15) after its stop and
     its line. Its threads are done by now: no stage starts to inherit SIG_IGN."""
-    if signal.getsignal(signal.SIGTERM) is common.drop_signal:
+    if signal.getsignal(signal.SIGTERM) is interrupts.drop_signal:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
 

@@ -10,6 +10,10 @@ torch (stdlib alone: it is in place within a few milliseconds of the start):
   landing in the interpreter's teardown killed a run whose outputs were whole (143, no line), and
   pipeline.py called that stage killed.
 
+While a script runs, its own handlers take the first SIGINT or SIGTERM as Ctrl-C and drop any
+after it (`interrupt_once`, `interrupting`): common.user_errors, the hand-over of a refused rank,
+pipeline.py's and lab.py's stop.
+
 Only in a program started as one of the scripts (`python sft.py`, torchrun's ranks): a program
 that imports a stage as a library (a test, a notebook), or runs one in its own process (IPython's
 `%run sft.py`, runpy), keeps Python's own handlers: its command line does not name the script."""
@@ -18,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("sft", "reward", "ppo", "dpo", "vigc", "eval", "shapes", "pipeline", "lab", "bench")
@@ -106,3 +111,37 @@ def work_done():
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     return True
+
+
+def drop_signal(signum, frame):
+    """A further Ctrl-C or SIGTERM while stopping: dropped. (A Python handler, not SIG_IGN: a
+    stage started in that moment would inherit SIG_IGN and ignore the SIGINT that stops it.)"""
+
+
+def interrupt_once(signals, dropped=(signal.SIGINT, signal.SIGTERM)):
+    """The first of `signals` to come raises KeyboardInterrupt, having set each of `dropped` to
+    drop_signal: a second signal raised again inside the stop the first began, and cut it short
+    (or ended it in a traceback). Returns the handlers `signals` had. (Main thread alone.)"""
+    def interrupt(signum, frame):
+        for each in dropped:
+            signal.signal(each, drop_signal)
+        raise KeyboardInterrupt
+    return {signum: signal.signal(signum, interrupt) for signum in signals}
+
+
+@contextmanager
+def interrupting(signals):
+    """interrupt_once(signals) while the block runs, a second one of them dropped. After it, also
+    when it raises, each has its handler back, unless the block set another (work_done's SIG_IGN
+    as a script ends: kept). Off the main thread, where no handler can be set: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = interrupt_once(signals, dropped=signals)
+    ours = {signal.getsignal(signum) for signum in before} | {drop_signal}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            if signal.getsignal(signum) in ours:
+                signal.signal(signum, handler)
