@@ -156,8 +156,8 @@ def taking_signals(join, stopped=interrupts.STARTING, code=130):
             done.set()
     global joining
     joining = threading.Thread(target=run, name="join", daemon=True)
-    joining.start()
     try:
+        joining.start()  # (a signal may land in it too, as it waits for the thread to start)
         # (an Event, not joining.join(0.1): a join interrupted by the signal can leave the thread
         # marked as ended in Python 3.11, and end_process would then let the teardown run)
         while not done.wait(0.1):

@@ -3269,6 +3269,28 @@ def test_a_ctrl_c_while_a_refused_rank_waits_for_another_node_ends_it_at_once():
     assert proc.returncode == 2 and out == err == "", (proc.returncode, out, err)
 
 
+def test_a_signal_as_the_join_starts_is_taken_as_its_stop(handlers_kept, monkeypatch):
+    """A Ctrl-C landing while distributed.taking_signals started the join's thread, before its
+    wait, escaped as a bare KeyboardInterrupt: tell_the_waiting_ranks swallowed it (the rank then
+    left through the interpreter's teardown, the join's thread still in C++), and setup_dist's was
+    said as a run's stop ("--resume true"), not as one while starting. Here the join's first act
+    sends it, while the main thread still waits for that thread to start."""
+    monkeypatch.setattr(distributed, "joining", None)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    release = threading.Event()
+
+    def join():
+        os.kill(os.getpid(), signal.SIGINT)
+        release.wait(10)
+    try:
+        with pytest.raises((SystemExit, KeyboardInterrupt)) as stopped:
+            distributed.taking_signals(join, stopped=None, code=2)
+    finally:
+        release.set()
+        distributed.joining.join(10)
+    assert stopped.type is SystemExit and stopped.value.code == 2, stopped
+
+
 ERROR_AFTER_PROCESS_GROUP = """
 import atexit, runpy, sys
 atexit.register(lambda: print("teardown"))
