@@ -113,7 +113,8 @@ def _tokenize_many_with_offsets(tokenizer, texts):
             if bos and chunk_ids[:1] == [tokenizer.bos_token_id]:  # BOS split off: drop it
                 chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
             elif bos:  # BOS did not split off: the chunk alone
-                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True,
+                                verbose=False)
                 chunk_ids, chunk_offsets, shift = enc["input_ids"], enc["offset_mapping"], 0
             ids += chunk_ids
             chunk_offsets = np.asarray(chunk_offsets, dtype=np.int64).reshape(-1, 2)
@@ -124,10 +125,14 @@ def _tokenize_many_with_offsets(tokenizer, texts):
 
 
 def _encode_batch(tokenizer, texts, add_special_tokens):
-    """[(ids, char offsets)] of each text, in one call of the tokenizer."""
+    """[(ids, char offsets)] of each text, in one call of the tokenizer. (verbose=False, here and
+    for a chunk alone: for a text past the tokenizer's model_max_length transformers said on stderr
+    that running it "will result in indexing errors"; the callers cut at --max_len and count what
+    they cut or dropped.)"""
     if not texts:
         return []
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    verbose=False)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 

@@ -1,5 +1,6 @@
 """Data: the conversation templates, tokenization with label masking against LLaVA's own
 preprocess, truncation, image preprocessing against CLIPImageProcessor, collation."""
+import logging
 import os
 import random
 from types import SimpleNamespace
@@ -176,6 +177,23 @@ def test_train_on_last_and_truncation(tiny_world):
     # would cut the image tokens
     assert data.tokenize_conversation(tok, CONV, 4, 9, max_len=5) is None
     assert n > first_label + 2
+
+
+def test_a_text_past_the_tokenizers_length_is_cut_without_a_transformers_warning(tiny_world):
+    """transformers said "... will result in indexing errors" on stderr for a record longer than
+    the tokenizer's model_max_length (4096; LLaVA's: 2048), though the text is cut at max_len and
+    the stages count what they cut."""
+    tok = data.load_tokenizer(os.path.join(tiny_world, "tokenizer"))
+    said, handler = [], logging.Handler()
+    handler.emit = said.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        long = [CONV[0], {"from": "gpt", "value": "Yes. " * (tok.model_max_length + 1)}]
+        cut = data.tokenize_conversation(tok, long, 4, 9, max_len=64)
+    finally:
+        logger.removeHandler(handler)
+    assert len(cut["input_ids"]) == 64 and not said, [r.getMessage() for r in said]
 
 
 def per_chunk_reference(tok, turns, max_len, template, train_on):
