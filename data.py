@@ -290,13 +290,29 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Pillow's modes of 16-bit grey (PNG, TIFF; "I" is how older Pillow opens such a PNG)
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im):
+    """A PIL image of any mode in RGB, as LLaVA's `Image.open(f).convert('RGB')` (alpha dropped,
+    palette, grey and CMYK expanded), except 16-bit grey: convert() clips each value to 255, and
+    an image of values above 255 (all but the darkest) was trained on as a white square; scaled to
+    8 bits instead, as a viewer shows it."""
+    if im.mode in WIDE_GREY:
+        from PIL import Image
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path, file=None, record=None):
-    """An RGB PIL image; a file that is missing or will not decode is a DataError naming the
-    record."""
+    """An RGB PIL image (to_rgb); a file that is missing or will not decode is a DataError naming
+    the record."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise DataError(file or path, record, "image",
                         f"file not found: {path}{windows_hint(path)}")
@@ -334,10 +350,8 @@ def normalize(unit):
 
 
 def preprocess_image(img, size):
-    """A PIL image of any mode -> (3, size, size) CLIP-normalised pixels. Other modes are converted
-    to RGB first, as LLaVA does (`Image.open(f).convert('RGB')`: alpha dropped, palette and grey
-    expanded)."""
-    return normalize(image_to_unit(img if img.mode == "RGB" else img.convert("RGB"), size))
+    """A PIL image of any mode -> (3, size, size) CLIP-normalised pixels (to_rgb first)."""
+    return normalize(image_to_unit(img if img.mode == "RGB" else to_rgb(img), size))
 
 
 class ImageCache:

@@ -288,6 +288,17 @@ def test_image_preprocessing_matches_clip_processor():
     assert padded.getpixel((25, 10 + 15)) == img.getpixel((25, 15))
 
 
+def test_a_16_bit_grey_image_is_read_as_its_8_bit_grey(tmp_path):
+    """Pillow's convert('RGB') (LLaVA's) clips 16-bit grey to 255: a PNG of depth maps, scans or
+    microscopy was read as a white square."""
+    from PIL import Image
+    grey = np.random.default_rng(0).integers(0, 256, (6, 5), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    rgb = np.asarray(data.load_image(str(tmp_path / "wide.png")))
+    assert rgb.shape == (6, 5, 3) and (rgb == grey[..., None]).all()
+
+
 def test_collate_pads_right_for_training_and_left_for_generation():
     a = {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
          "pixel_values": torch.ones(3, 2, 2)}
