@@ -313,6 +313,17 @@ def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     assert code == 2 and "--sft_share" in err
 
 
+def test_an_images_folder_lists_its_image_files_alone(tmp_path):
+    """A folder copied from a Mac holds '._NAME.jpg' metadata files, and a folder may hold one
+    named like an image: either stopped the run as an image that does not decode."""
+    for name in ("b.png", "A.JPG", "._b.png", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "sub.png").mkdir()
+    cfg = dataclasses.replace(vigc.Config(), images=str(tmp_path))
+    assert vigc.image_list(cfg) == [(str(tmp_path / n), str(tmp_path / n)) for n in ("A.JPG",
+                                                                                       "b.png")]
+
+
 def test_missing_world_image_list_says_how_to_get_it_back(tiny_world, tiny_ckpt, tmp_path):
     # the world's vigc_images.txt deleted: the error blamed a user's --data ("not a folder or a
     # file list (with your own --data, pass --images ...)"); it names the world's file instead

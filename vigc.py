@@ -467,7 +467,10 @@ def image_list(cfg):
     --image_folder, as the world's vigc_images.txt lists its unlabeled split)."""
     if os.path.isdir(cfg.images):
         exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-        files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)]
+        # (not hidden files: a folder copied from a Mac holds a '._x.jpg' of metadata beside each
+        # image, which stopped the run as an image that does not decode; nor a folder named so)
+        files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)
+                 and not n.startswith(".") and not os.path.isdir(os.path.join(cfg.images, n))]
         paths = [os.path.join(cfg.images, n) for n in files]
         # (the absolute path goes into the JSON written, where sft.py refuses a byte that is not
         # UTF-8 as no text: the folder's path, the working directory's included, and each file
