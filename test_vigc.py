@@ -313,7 +313,7 @@ def test_cli_trains_and_generates(tiny_world, tiny_ckpt, tmp_path):
     assert code == 2 and "--sft_share" in err
 
 
-def test_an_images_folder_lists_its_image_files_alone(tmp_path):
+def test_images_lists_a_folders_image_files_alone_or_one_image(tmp_path):
     """A folder copied from a Mac holds '._NAME.jpg' metadata files, and a folder may hold one
     named like an image: either stopped the run as an image that does not decode."""
     for name in ("b.png", "A.JPG", "._b.png", ".hidden.png", "notes.txt"):
@@ -322,6 +322,13 @@ def test_an_images_folder_lists_its_image_files_alone(tmp_path):
     cfg = dataclasses.replace(vigc.Config(), images=str(tmp_path))
     assert vigc.image_list(cfg) == [(str(tmp_path / n), str(tmp_path / n)) for n in ("A.JPG",
                                                                                        "b.png")]
+    # one image: it was read as a list of names ("not UTF-8 text: byte 0x89 at offset 0")
+    one = str(tmp_path / "b.png")
+    assert vigc.image_list(dataclasses.replace(cfg, images=one)) == [(one, one)]
+    # a JSON file (LLaVA's questions): its lines were images named '[' and '{'
+    (tmp_path / "q.json").write_text('[\n{"id": 1}\n]')
+    with pytest.raises(common.ConfigError, match="q.json': a JSON file; expected a folder"):
+        vigc.image_list(dataclasses.replace(cfg, images=str(tmp_path / "q.json")))
 
 
 def test_missing_world_image_list_says_how_to_get_it_back(tiny_world, tiny_ckpt, tmp_path):

@@ -115,7 +115,7 @@ class Config:
     fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2; README)
     save_full: bool = False  # --fsdp: whole model in every checkpoint (default: only in the last)
     generate: int = 200  # images to generate instruction data for (0: none)
-    images: str = "{world}/vigc_images.txt"  # images to generate for: a folder, or a list file
+    images: str = "{world}/vigc_images.txt"  # images to generate for: a folder, an image, a list
     gen_types: tuple = ("conv", "desc", "comp")  # types to generate, one drawn per image
     temperature: float = 0.7  # VIG sampling temperature (0: greedy)
     vic_temperature: float = 0.0  # VIC temperature (0: greedy; VIGC's beam search is deterministic)
@@ -461,32 +461,47 @@ def correct_reference(model, tokenizer, jobs, cfg):
 NAMES_IN_JSON = "the generated data names its images in UTF-8 JSON"
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def image_list(cfg):
-    """(name written to the output, path) of the images to generate for: --images, a folder (names
-    absolute) or a file with one path a line (names as listed: relative to its folder or
-    --image_folder, as the world's vigc_images.txt lists its unlabeled split)."""
+    """(name written to the output, path) of the images to generate for: --images, a folder or one
+    image (names absolute) or a file with one path a line (names as listed: relative to its folder
+    or --image_folder, as the world's vigc_images.txt lists its unlabeled split)."""
     if os.path.isdir(cfg.images):
-        exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
         # (not hidden files: a folder copied from a Mac holds a '._x.jpg' of metadata beside each
         # image, which stopped the run as an image that does not decode; nor a folder named so)
-        files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(exts)
+        files = [n for n in sorted(os.listdir(cfg.images)) if n.lower().endswith(IMAGE_EXTS)
                  and not n.startswith(".") and not os.path.isdir(os.path.join(cfg.images, n))]
-        paths = [os.path.join(cfg.images, n) for n in files]
-        # (the absolute path goes into the JSON written, where sft.py refuses a byte that is not
-        # UTF-8 as no text: the folder's path, the working directory's included, and each file
-        # name are checked apart, so that the line blames the one to rename)
-        folder = os.path.abspath(cfg.images)
-        if not common.is_utf8(folder):
-            raise common.ConfigError(f"--images: {folder!r}: a folder on this path has a name "
-                                     f"that is not UTF-8 ({NAMES_IN_JSON}): rename or move it")
-        for n in files:
-            if not common.is_utf8(n):
-                raise common.ConfigError(f"--images: {os.path.join(folder, n)!r}: the file name "
-                                         f"is not UTF-8 ({NAMES_IN_JSON}): rename it")
-        return [(os.path.abspath(p), p) for p in paths]
+        folder = cfg.images
+    elif cfg.images.lower().endswith(IMAGE_EXTS) and os.path.isfile(cfg.images):
+        # (one image: it was read as a list of names, "not UTF-8 text: byte 0x89 at offset 0")
+        folder, files = os.path.dirname(cfg.images) or ".", [os.path.basename(cfg.images)]
+    else:
+        return listed_images(cfg)
+    paths = [os.path.join(folder, n) for n in files]
+    # (the absolute path goes into the JSON written, where sft.py refuses a byte that is not
+    # UTF-8 as no text: the folder's path, the working directory's included, and each file
+    # name are checked apart, so that the line blames the one to rename)
+    folder = os.path.abspath(folder)
+    if not common.is_utf8(folder):
+        raise common.ConfigError(f"--images: {folder!r}: a folder on this path has a name "
+                                 f"that is not UTF-8 ({NAMES_IN_JSON}): rename or move it")
+    for n in files:
+        if not common.is_utf8(n):
+            raise common.ConfigError(f"--images: {os.path.join(folder, n)!r}: the file name "
+                                     f"is not UTF-8 ({NAMES_IN_JSON}): rename it")
+    return [(os.path.abspath(p), p) for p in paths]
+
+
+def listed_images(cfg):
+    """image_list of a file that names one image a line."""
     if not os.path.isfile(cfg.images):
         why = "not a folder or a file list (with your own --data, pass --images or --generate 0)"
         raise common.ConfigError(f"--images '{cfg.images}': {why}")
+    if cfg.images.lower().endswith((".json", ".jsonl")):  # (each line was an image: '[', '{')
+        raise common.ConfigError(f"--images '{cfg.images}': a JSON file; expected a folder of "
+                                 "images, an image, or a text file naming one image a line")
     folder = cfg.image_folder or os.path.dirname(os.path.abspath(cfg.images))
     names = [ln.strip() for ln in read_text(cfg.images).splitlines() if ln.strip()]
     return [(n, os.path.join(folder, n)) for n in names]
