@@ -317,7 +317,7 @@ def load_image(path, file=None, record=None):
         raise DataError(file or path, record, "image",
                         f"file not found: {path}{windows_hint(path)}")
     except Exception as e:
-        message = f"cannot decode image {path} ({type(e).__name__})"
+        message = f"cannot decode image {path} ({_undecoded(path, e, type(e).__name__)})"
         raise DataError(file or path, record, "image", message)
 
 
@@ -383,7 +383,19 @@ def _decodes(path):
         return None
     # PIL raises many kinds (OSError, SyntaxError, ValueError, zlib.error...)
     except Exception as e:
-        return f"{type(e).__name__}: {str(e)[:80]}"
+        return _undecoded(path, e, f"{type(e).__name__}: {str(e)[:80]}")
+
+
+def _undecoded(path, error, otherwise):
+    """Why an image did not decode, in words where PIL's are misleading: a zero-byte file (a
+    download cut short) was "cannot identify image file", a folder or a missing file an errno."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not a file"
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "an empty file, 0 bytes"
+    return otherwise
 
 
 def require_records(records, file, what):

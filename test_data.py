@@ -328,6 +328,20 @@ def test_check_images_names_a_broken_file_and_skips_the_decoded(tmp_path):
     assert data.check_images(recs, "read.json", decoded={broken}) == (recs, [])
 
 
+def test_an_empty_image_file_or_a_folder_is_named_so(tmp_path):
+    """A zero-byte image (a download cut short) read "cannot identify image file"; a folder named
+    like an image an errno."""
+    open(tmp_path / "empty.jpg", "wb").close()
+    (tmp_path / "dir.png").mkdir()
+    recs = [{"id": "e", "image": str(tmp_path / "empty.jpg")},
+            {"id": "d", "image": str(tmp_path / "dir.png")}]
+    skipped = data.check_images(recs, "read.json", on_error="skip")[1]
+    assert skipped[0].endswith("(an empty file, 0 bytes)"), skipped
+    assert skipped[1].endswith("(a folder, not a file)"), skipped
+    with pytest.raises(data.DataError, match=r"empty.jpg \(an empty file, 0 bytes\)$"):
+        data.load_image(recs[0]["image"], "read.json", 0)
+
+
 def _check_images_rank(rank, d, recs):
     decoded, decodes = [], data._decodes
     data._decodes = lambda path: decoded.append(path) or decodes(path)
