@@ -15,7 +15,7 @@ from formats import not_found, windows_hint
 from formats import (read_llava, read_lrv, read_any_conversations,  # noqa: F401
                      read_llava_rlhf_preference, read_rl_prompts, read_povid, read_pope,
                      read_mmhal, load_json, vqav2_to_conversations, aokvqa_to_conversations,
-                     flickr30k_to_conversations)
+                     flickr30k_to_conversations, pair_format)
 
 IGNORE = -100  # label of tokens that are not learned
 

@@ -40,8 +40,8 @@ import common
 import distributed
 import rundir
 import shapes
-from data import (IGNORE, DataError, ImageCache, check_images, collate, ddpm_noise, load_json,
-                  normalize, load_image, povid_noisy_image, read_llava_rlhf_preference, read_povid,
+from data import (IGNORE, ImageCache, check_images, collate, ddpm_noise, normalize, load_image,
+                  pair_format, povid_noisy_image, read_llava_rlhf_preference, read_povid,
                   tokenize_conversations)
 from checkpoint import base_weights_dir, is_peft_dir, peft_base_dir
 
@@ -171,27 +171,7 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss="sigmoid", label_smooth
 def read_pairs(path, fmt, image_folder, on_error, d=None):
     """Pairs from a POVID or a LLaVA-RLHF preference file (format told by the fields), and the
     skipped lines."""
-    if fmt == "auto":
-        obj = load_json(path)
-        # (a dict: a JSON lines file of one record)
-        if not isinstance(obj, (list, dict)) or not obj:
-            raise DataError(path, message="expected a non-empty JSON list of records "
-                                          f"(or JSON lines), got {obj!r:.40}")
-        first = obj[0] if isinstance(obj, list) and obj else obj
-        keys = set(first) if isinstance(first, dict) else set()
-        if {"rejected_conversations", "output_1"} <= keys:  # (POVID's read, output_1 dropped)
-            raise DataError(path, 0, None, "holds both 'rejected_conversations' (POVID) and "
-                                           "'output_1' (LLaVA-RLHF): keep one pair (for --data, "
-                                           "--format picks one)")
-        if "rejected_conversations" in keys:
-            fmt = "povid"
-        elif "output_1" in keys:
-            fmt = "llava_rlhf"
-        else:
-            raise DataError(path, 0, None, "cannot tell the format: expected "
-                                           "'rejected_conversations' (POVID) or "
-                                           "'output_1'/'output_2'/'preference' (LLaVA-RLHF); "
-                                           "or pass --format")
+    fmt = pair_format(path) if fmt == "auto" else fmt
     reader = read_povid if fmt == "povid" else read_llava_rlhf_preference
     # text-only pairs are not supported: a record without an image is bad data
     got = reader(path, image_folder or None, on_error=on_error, image_required=True)

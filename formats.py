@@ -205,7 +205,7 @@ def _records(path, wrapper=None, obj=None):
     obj = load_json(path) if obj is None else obj
     if isinstance(obj, dict) and wrapper in obj:
         obj = obj[wrapper]
-    elif isinstance(obj, dict) and (wrapper is None or not any(map(_records_in, obj.values()))
+    elif isinstance(obj, dict) and (not any(map(_records_in, obj.values()))
                                     or RECORD_KEYS & set(obj)):
         obj = [obj]  # a JSON lines file with a single line (a record: checked as the others)
     if not isinstance(obj, list):
@@ -213,9 +213,34 @@ def _records(path, wrapper=None, obj=None):
             want = f"a JSON list of records or {{'{wrapper}': [...]}}"
         else:
             want = "a JSON list of records (or JSON lines)"
-        raise DataError(path, message=f"expected {want}, got "
-                                      f"{JSON_NAMES.get(type(obj).__name__, 'something else')}")
+        got = JSON_NAMES.get(type(obj).__name__, 'something else')
+        # ({"data": [...]} as some tools export: it was read as one record, "record 0: field
+        # 'conversations': missing")
+        under = [k for k, v in obj.items() if _records_in(v)] if isinstance(obj, dict) else []
+        if under:
+            got += f" with the records under {under[0]!r:.40} (give that list itself)"
+        raise DataError(path, message=f"expected {want}, got {got}")
     return obj
+
+
+def pair_format(path):
+    """'povid' or 'llava_rlhf': the preference format of a file, by its first record's fields."""
+    records = _records(path)
+    if not records:
+        raise DataError(path, message="no records: expected a non-empty JSON list of preference "
+                                      "pairs (or JSON lines)")
+    keys = set(records[0]) if isinstance(records[0], dict) else set()
+    if {"rejected_conversations", "output_1"} <= keys:  # (POVID's read, output_1 dropped)
+        raise DataError(path, 0, None, "holds both 'rejected_conversations' (POVID) and "
+                                       "'output_1' (LLaVA-RLHF): keep one pair (for --data, "
+                                       "--format picks one)")
+    if "rejected_conversations" in keys:
+        return "povid"
+    if "output_1" in keys:
+        return "llava_rlhf"
+    raise DataError(path, 0, None, "cannot tell the format: expected 'rejected_conversations' "
+                                   "(POVID) or 'output_1'/'output_2'/'preference' (LLaVA-RLHF); "
+                                   "or pass --format")
 
 
 def record_label(i, r):

@@ -8,7 +8,8 @@ from PIL import Image
 from data import DataError
 from formats import (BRIEF_PROMPTS, aokvqa_to_conversations, flickr30k_to_conversations,
                      read_any_conversations, read_llava, read_llava_rlhf_preference, read_lrv,
-                     read_mmhal, read_pope, read_povid, read_rl_prompts, vqav2_to_conversations)
+                     read_mmhal, read_pope, read_povid, read_rl_prompts, vqav2_to_conversations,
+                     pair_format)
 
 
 def png(folder, name):
@@ -124,6 +125,13 @@ def test_file_errors(tmp_path):
     assert "expected a JSON list of records" in error(read_llava, str(p))
     p.write_text('[1]')
     assert error(read_llava, str(p)) == f"{p}: record 0: expected a JSON object, got an integer"
+    # records under a key of an object, as some tools export them: read as one record, "record 0:
+    # field 'conversations': missing" (dpo.py: "record 0: cannot tell the format")
+    p.write_text(json.dumps({"data": [{"id": 1, "conversations": turns("Hi.", "Hi.")}]}))
+    wrapped = (f"{p}: expected a JSON list of records (or JSON lines), got an object with the "
+               "records under 'data' (give that list itself)")
+    assert error(read_llava, str(p)) == error(read_povid, str(p)) == error(pair_format, str(p)) \
+        == wrapped
 
 
 def test_skip_mode(llava):

@@ -528,7 +528,7 @@ BAD_INPUT = [
       ("pairs.json", "record 0 (id 't')", "field 'image'", "missing")),
     C("dpo", "not-a-list", "JSON file holding a string, not records",
       lambda w, t: ["--data", t.file("pairs.json", '"hello"')],
-      ("pairs.json", "expected a non-empty JSON list of records")),
+      ("pairs.json", "expected a JSON list of records (or JSON lines), got a string")),
     C("dpo", "init-truncated", "--init with a truncated model.safetensors (a real process)",
       lambda w, t: ["--init", t.ckpt("cut", _truncate)],
       ("cut/model.safetensors", "truncated or corrupt"), proc=True),
