@@ -373,6 +373,9 @@ def conversation(turns, has_image, field="conversations", end="gpt"):
     for j, t in enumerate(turns, 1):
         if not isinstance(t, dict):
             raise _bad(field, f"turn {j}: expected an object with 'from' and 'value'")
+        if "from" not in t:  # (a chat-template turn, {"role", "content"}, read "'from' is None")
+            raise _bad(field, f"turn {j}: no 'from'; expected LLaVA's turns, {{'from': 'human' or "
+                              f"'gpt', 'value': text}}, got the keys {sorted(t)!r:.60}")
         role = ROLES.get(t["from"].strip().lower()) if isinstance(t.get("from"), str) else None
         if role is None:
             raise _bad(field, f"turn {j}: 'from' is {t.get('from')!r:.40}, expected 'human' "

@@ -89,6 +89,9 @@ def test_llava_good_and_image_normalisation(llava):
     ([{"from": "bot", "value": "x"}], "a.png",
      "turn 1: 'from' is 'bot', expected 'human' or 'gpt'"),
     ([{"from": "human", "value": 3}], "a.png", "turn 1: 'value' must be a string"),
+    # a chat-template turn: it read "'from' is None"
+    ([{"role": "user", "content": "Q?"}], "a.png", "turn 1: no 'from'; expected LLaVA's turns, "
+     "{'from': 'human' or 'gpt', 'value': text}, got the keys ['content', 'role']"),
     (turns("<image>\nQ?", "A."), None,
      "field 'conversations': '<image>' in a record without an 'image'"),
     (turns("<image>Q?<image>", "A."), "a.png", "'<image>' appears 2 times"),
