@@ -524,6 +524,10 @@ def _captions(r, caption_map, key, need, fix="pass --captions FILE, or --facts f
             where = " (none inline; a record without an image has no key in the captions file)"
         elif caption_map is not None:
             where = f" (none inline, none under {key!r:.80} in the captions file)"
+            base = os.path.basename(key)
+            if base != key and base in caption_map:  # (reward.py keys as LLaVA-RLHF's RM does)
+                where = where[:-1] + (f"; it has {base!r:.80}: key it by the image as the record "
+                                      "writes it)")
         message = f"no captions{where}: Fact-RLHF facts need captions; add them, {fix}"
         raise _bad("captions", message)
     return caps

@@ -273,6 +273,13 @@ def test_preference_needs_captions(tmp_path):
     path = write(tmp_path / "p.json", [text_only])
     msg = error(read_llava_rlhf_preference, path, need_captions=True, captions_path=caps)
     assert "(none inline; a record without an image has no key in the captions file)" in msg, msg
+    # keyed by the base name while the record writes a folder too: said so (LLaVA-RLHF's reward
+    # model keys by the image as written; the line named the key tried alone)
+    png(tmp_path / "coco", "a.png")
+    path = write(tmp_path / "p.json", [pref(image="coco/a.png")])
+    msg = error(read_llava_rlhf_preference, path, need_captions=True, captions_path=caps)
+    assert "none under 'coco/a.png' in the captions file; it has 'a.png': key it by the image as " \
+        "the record writes it)" in msg, msg
 
 
 def rl(**kw):
