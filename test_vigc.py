@@ -331,6 +331,20 @@ def test_images_lists_a_folders_image_files_alone_or_one_image(tmp_path):
         vigc.image_list(dataclasses.replace(cfg, images=str(tmp_path / "q.json")))
 
 
+def test_a_data_file_of_text_only_records_is_named(tiny_world, tiny_ckpt, tmp_path):
+    """Nothing to learn VIG from: the line named no file ("no training examples ...")."""
+    records = json.load(open(os.path.join(tiny_world, "sft.json")))[:2]
+    for r in records:
+        del r["image"]
+        r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "")
+    (tmp_path / "text.json").write_text(json.dumps(records))
+    argv = ["--init", tiny_ckpt, "--world", tiny_world, "--data", str(tmp_path / "text.json"),
+            "--generate", "0", "--max_steps", "1", "--out", str(tmp_path / "vigc")]
+    code, _, err = run_cli("vigc", argv)
+    assert code == 2 and err == f"error: --data {tmp_path / 'text.json'}: no training examples " \
+        "(no record has an image and a question/answer pair)\n", err
+
+
 def test_missing_world_image_list_says_how_to_get_it_back(tiny_world, tiny_ckpt, tmp_path):
     # the world's vigc_images.txt deleted: the error blamed a user's --data ("not a folder or a
     # file list (with your own --data, pass --images ...)"); it names the world's file instead

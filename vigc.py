@@ -757,8 +757,8 @@ def main(cfg):
               "image and type holds 'Question:' or 'Answer:' (any case), so its VIG target could "
               "not be read back; their VIC examples are kept")
     if len(train) == 0:
-        raise common.ConfigError("no training examples "
-                                 "(no record has an image and a question/answer pair)")
+        raise common.ConfigError(f"--data {cfg.data}: no training examples (no record has an "
+                                 "image and a question/answer pair)")
     # examples that do not fit are left out here, said (drawn into batches and dropped there, a
     # step whose examples all were dropped trained on nothing and logged loss 0)
     kept = [e for e, ok in zip(train, fitting(train, tokenizer, model.config, cfg, d.main)) if ok]
