@@ -340,20 +340,20 @@ def build_theirs(ours, dev, dtype, how, tmp):
     # export_llava_hf's hub-layout tensors (views of ours) and its config.json; no weight file
     # is written
     captured = {}
-    save = interop._save_safetensors
-    interop._save_safetensors = lambda tensors, file, metadata=None, made=None: \
+    save = interop.save_safetensors
+    interop.save_safetensors = lambda tensors, file, metadata=None, made=None: \
         captured.update(tensors)
     try:
         interop.export_llava_hf(ours, path, merge=False)
     finally:
-        interop._save_safetensors = save
+        interop.save_safetensors = save
     with torch.device(dev):
         config = LlavaConfig.from_pretrained(path)
         theirs = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    ours_by_name = {checkpoint._canonical_key(k): v for k, v in captured.items()}
+    ours_by_name = {checkpoint.canonical_key(k): v for k, v in captured.items()}
     state, missing = {}, []
     for k in theirs.state_dict():
-        v = ours_by_name.get(checkpoint._canonical_key(k))
+        v = ours_by_name.get(checkpoint.canonical_key(k))
         if v is None:
             missing.append(k)
         else:

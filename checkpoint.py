@@ -9,7 +9,7 @@
 load_checkpoint(path) builds a model.LLaVA from any of them; save_checkpoint_files writes ours.
 What other tools' formats are written as, or loaded as adapters (export_llava_hf,
 export_peft_adapter, load_peft_adapter, LLaVA-RLHF's reward model), is in interop.py. No
-transformers import for weights: they load by explicit key mapping (see `_canonical_key`).
+transformers import for weights: they load by explicit key mapping (see `canonical_key`).
 """
 import hashlib
 import json
@@ -41,7 +41,7 @@ def note(text, **print_kwargs):
 # Our names mirror HF's except that q/k/v and gate/up are stored fused in memory. On disk we
 # always write the llava-hf hub layout (unfused), so any tool that reads llava-hf reads ours.
 
-def _canonical_key(key):
+def canonical_key(key):
     """Map a checkpoint key from any supported layout to (part, name): part in {'vision',
     'projector', 'text', 'lm_head'} and name relative to that part, or None to ignore."""
     k = key
@@ -83,7 +83,7 @@ def _canonical_key(key):
     return "unknown", key
 
 
-def _our_targets(c):
+def our_targets(c):
     """Our parameter name -> list of (part, canonical name) it is made of (several: stacked in
     order)."""
     t = {}
@@ -139,7 +139,7 @@ class TensorSource:
 
     def add_file(self, f, only_parts=None):
         for key in self._keys(f):
-            part, name = _canonical_key(key)
+            part, name = canonical_key(key)
             if part is None or (only_parts and part not in only_parts):
                 continue
             if part == "unknown":
@@ -284,7 +284,7 @@ def _weight_files(path):
             return [os.path.join(path, single)]
         index = os.path.join(path, single + ".index.json")
         if files and os.path.exists(index):
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: field 'weight_map': expected an object "
                                       "{key: file}")
@@ -365,7 +365,7 @@ def check_weight_headers(path):
                                       f"{first}")
 
 
-def _read_json(path):
+def read_json(path):
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -503,7 +503,7 @@ LLAVA_DEFAULT_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "patch_s
                         "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16}
 
 
-def _vision_fields(v, prefix=""):
+def vision_fields(v, prefix=""):
     """CLIPVisionConfig fields -> ours, with transformers' defaults for absent fields. prefix:
     where v is in the file."""
     if _get(v, "hidden_act", "quick_gelu") != "quick_gelu":
@@ -591,7 +591,7 @@ def detect_layout(path):
         raise CheckpointError(f"{path}: LLaVA's LoRA release layout (adapter_model with "
                               "non_lora_trainables.bin) is not read: merge it into its base with "
                               "LLaVA's scripts/merge_lora_weights.py and pass the merged folder")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("format") == FORMAT_NAME:
         _check_own_config(cfg_path, cfg)
         return "factalign"
@@ -768,7 +768,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                               "config.json in it, nor in a folder of its name beside the "
                               "checkpoint)")
     layout = detect_layout(path)
-    cfg = _read_json(os.path.join(path, "config.json"))
+    cfg = read_json(os.path.join(path, "config.json"))
     src = TensorSource()
     fresh_projector = False
     clip_from = None  # the CLIP directory the vision weights come from, when not from path's files
@@ -813,7 +813,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
                  "it was trained with", flush=True)
         if detect_layout(weights_dir) == "llava-hf":  # (its projector as its config says)
             src = _llava_hf_projector(src, weights_dir,
-                                      _read_json(os.path.join(weights_dir, "config.json")))
+                                      read_json(os.path.join(weights_dir, "config.json")))
     elif layout == "llava-hf":
         if vision_tower:  # (its CLIP config and weights are its own: passed over without a word)
             note(f"note: --vision_tower {vision_tower} not read: {path} (llava-hf) holds the "
@@ -821,7 +821,7 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         # (no vision_config, or null: LlavaConfig's CLIP-L/336, not CLIPVisionConfig's own)
         vision = _from_file(path, lambda: _sub_config(cfg, "vision_config")
                             if cfg.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
-        vf = _from_file(path, lambda: _vision_fields(vision, "vision_config."))
+        vf = _from_file(path, lambda: vision_fields(vision, "vision_config."))
         strategy = _get(cfg, "vision_feature_select_strategy", "default")
         layer = _get(cfg, "vision_feature_layer", -2)  # (a list: ModelConfig checks it)
         act = _get(cfg, "projector_hidden_act", "gelu")
@@ -874,12 +874,12 @@ def _load_checkpoint(path, vision_tower, dtype, device, adapters, fresh_projecto
         clip_dir = _resolve_clip_dir(vision_tower or cfg.get("mm_vision_tower"), path)
         # the CLIP config (and, when absent here, its weights) from the CLIP dir
         if clip_dir is not None:
-            clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
+            clip_cfg = read_json(os.path.join(clip_dir, "config.json"))
             nested = "vision_config" in clip_cfg
             vision = _from_file(clip_dir, lambda: _sub_config(clip_cfg, "vision_config")
                                 if nested else clip_cfg)
             prefix = "vision_config." if nested else ""
-            vf = _from_file(clip_dir, lambda: _vision_fields(vision, prefix))
+            vf = _from_file(clip_dir, lambda: vision_fields(vision, prefix))
             if not has_vision:
                 src.vision_from(clip_dir)
                 clip_from = clip_dir
@@ -998,7 +998,7 @@ def _clip_for_base(path, vision_tower, required):
     in a note). None: the base's own."""
     here, recorded = path, None  # (base_weights_dir has refused loops of base pointers)
     while detect_layout(here) == "factalign":
-        cfg = _read_json(os.path.join(here, "config.json"))
+        cfg = read_json(os.path.join(here, "config.json"))
         recorded = cfg.get("vision_tower")
         if recorded is not None or cfg.get("base") is None:
             break
@@ -1013,7 +1013,7 @@ def _clip_for_base(path, vision_tower, required):
             raise CheckpointError(f"{here}/config.json: field 'vision_tower': no CLIP directory at "
                                   f"{recorded!r:.80} (moved? pass --vision_tower DIR)")
         return found
-    name = _read_json(os.path.join(here, "config.json")).get("mm_vision_tower")
+    name = read_json(os.path.join(here, "config.json")).get("mm_vision_tower")
     found = _resolve_clip_dir(name, here) if isinstance(name, str) else None
     if found is None:
         named = f"; it names {name!r:.80}" if name else ""
@@ -1127,7 +1127,7 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
     shapes_only = torch.device(device or "cpu").type == "meta"
     with torch.device("meta"):
         model = LLaVA(config)
-    targets = _our_targets(config)
+    targets = our_targets(config)
     wanted = {pn for parts in targets.values() for pn in parts}
     unused_ok = ("post_layernorm.",)
     for part, name in src.where:
@@ -1189,7 +1189,7 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
         # base, LLaVA's 2e-5 steps lost in bf16; cast_base makes a frozen one bf16 again)
         want = torch.float32 if dtype is not None and our_name.startswith("projector.") else dtype
         t = t.to(dtype=want or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
-        _set_param(model, our_name, t)
+        set_param(model, our_name, t)
     if shapes_only:  # (no weight taken: the files read whole, old .bin ones, are let go here)
         inner.handles.clear()
     return model
@@ -1214,7 +1214,7 @@ def _split_shapes(our_name, shape, c, n):
     return [(c.intermediate, c.hidden), (c.intermediate, c.hidden)]  # gate_up
 
 
-def _set_param(model, name, tensor):
+def set_param(model, name, tensor):
     mod_name, _, pname = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     mod._parameters[pname] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
@@ -1243,7 +1243,7 @@ def canonical_state(model, merge_active=False):
     params = dict(model.named_parameters())
     adapted = {id(lin.weight): lin for _, lin in model.lora_linears()
                if merge_active and model.active_adapter in lin.lora}
-    for our_name, parts in _our_targets(c).items():
+    for our_name, parts in our_targets(c).items():
         lin = adapted.get(id(params[our_name]))
         t = lin.weight_with(model.active_adapter) if lin else params[our_name].detach()
         sizes = [s[0] for s in _split_shapes(our_name, t.shape, c, len(parts))]
@@ -1251,13 +1251,13 @@ def canonical_state(model, merge_active=False):
             yield HUB_PREFIX[part] + name, piece
 
 
-def _merged_makers(model):
+def merged_makers(model):
     """{hub key: make()} for each weight the active adapter changes: make() gives it merged (W + s B
-    A), made when _save_safetensors writes it. One merged weight is held at a time: made for the
+    A), made when save_safetensors writes it. One merged weight is held at a time: made for the
     first of its pieces (q, k, v; gate, up), let go after the last (they are written in a row)."""
     c, held = model.config, {}
     names = {id(p): n for n, p in model.named_parameters()}
-    targets = _our_targets(c)
+    targets = our_targets(c)
 
     def piece(lin, sizes, i):
         if held.get("lin") is not lin:
@@ -1288,7 +1288,7 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.float8_e5m2: "F8_E5M2"}
 
 
-def _save_safetensors(tensors, file, metadata=None, made=None):
+def save_safetensors(tensors, file, metadata=None, made=None):
     """The safetensors format, written one tensor at a time: each is brought to the host as it is
     written (safetensors' save_file takes host tensors: a model on a GPU was copied to the host
     whole first, 14 GB at 7B), and made then where `made` (key -> make()) has a maker for it
@@ -1298,7 +1298,7 @@ def _save_safetensors(tensors, file, metadata=None, made=None):
     made = made or {}
     # widest elements first, each width in the order `tensors` gives (a stable sort): every
     # tensor's data aligned to its element size, and a layer's q/k/v (gate/up) pieces written one
-    # after another, so a merged weight is made once and let go (_merged_makers). Not save_file's
+    # after another, so a merged weight is made once and let go (merged_makers). Not save_file's
     # order (dtype, then name; json.dumps escapes a non-ASCII name as \uXXXX): a valid file all
     # the same, read back by load_file
     odd = next((k for k, v in tensors.items() if v.dtype not in _SAFETENSORS_DTYPES), None)
@@ -1338,7 +1338,7 @@ def _adapter_state(model):
     for i, lin in model.lora_linears():
         for name, ad in lin.lora.items():
             for s in ad.A:
-                key = f"adapter.{name}.layers.{i}.{_module_of(s)}.{s}_proj"
+                key = f"adapter.{name}.layers.{i}.{module_of(s)}.{s}_proj"
                 state[key + ".lora_A.weight"] = ad.A[s].detach()
                 state[key + ".lora_B.weight"] = ad.B[s].detach()
     for name, head in model.heads.items():
@@ -1347,7 +1347,7 @@ def _adapter_state(model):
     return state
 
 
-def _module_of(slice_name):
+def module_of(slice_name):
     return "self_attn" if slice_name in ("q", "k", "v", "o") else "mlp"
 
 
@@ -1377,10 +1377,10 @@ def save_checkpoint_files(model, path, base=None, extra_config=None):
             cfg["vision_tower"] = os.path.relpath(clip, os.path.abspath(path))
     else:
         weights = dict(canonical_state(model))
-        _save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})
+        save_safetensors(weights, os.path.join(path, "model.safetensors"), {"format": "pt"})
     state = _adapter_state(model)
     if state:
-        _save_safetensors(state, os.path.join(path, "adapters.safetensors"), {"format": "pt"})
+        save_safetensors(state, os.path.join(path, "adapters.safetensors"), {"format": "pt"})
     if extra_config:
         cfg.update(extra_config)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -1472,7 +1472,7 @@ def base_chain(path):
     the one holding the base weights last."""
     path, chain = resolve_checkpoint(str(path)), []
     while detect_layout(path) == "factalign":
-        base = _read_json(os.path.join(path, "config.json")).get("base")
+        base = read_json(os.path.join(path, "config.json")).get("base")
         if base is None:
             break
         if os.path.realpath(path) in chain:  # ("base": "." would go round without end)
@@ -1496,7 +1496,7 @@ def peft_base_dir(path):
     sft_model/ beside rlhf_lora_adapter_model/, whose config names the training machine's path;
     the CLIP tower is found beside a LLaVA the same way)."""
     cfg_path = os.path.join(path, "adapter_config.json")
-    base = _read_json(cfg_path).get("base_model_name_or_path")
+    base = read_json(cfg_path).get("base_model_name_or_path")
     candidates = []
     if isinstance(base, str) and base:
         name, here = os.path.basename(os.path.normpath(base)), os.path.abspath(path)
@@ -1534,7 +1534,7 @@ def refuse_scalar_model(path):
         return
     if not os.path.isfile(os.path.join(path, "config.json")):
         return
-    cfg = _read_json(os.path.join(path, "config.json"))
+    cfg = read_json(os.path.join(path, "config.json"))
     active, heads = cfg.get("active_adapter"), cfg.get("heads")
     if isinstance(heads, list) and active is not None and active in heads:
         raise CheckpointError(f"{path}/config.json: a scalar model (adapter and head "
@@ -1607,7 +1607,7 @@ def load_adapters(model, path, name="default"):
                "adapter into the base first" if shared else None)
         load_peft_adapter(model, path, name, no_merge=why)
         return
-    cfg = _read_json(os.path.join(path, "config.json"))
+    cfg = read_json(os.path.join(path, "config.json"))
     if cfg.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: adapters load only from factalign checkpoints")
     _check_own_config(os.path.join(path, "config.json"), cfg)
@@ -1637,7 +1637,7 @@ def recorded_template(path):
         except CheckpointError:  # (loading says what is wrong)
             return None
     try:
-        cfg = _read_json(os.path.join(path, "config.json"))
+        cfg = read_json(os.path.join(path, "config.json"))
     except (CheckpointError, OSError):  # (none, or unreadable: loading says what is wrong)
         return None
     run = cfg.get("run_config") if cfg.get("format") == FORMAT_NAME else None

@@ -18,10 +18,10 @@ import re
 
 import torch
 
-from checkpoint import (EXPORT_TEMPLATE, FORMAT_NAME, _canonical_key, _merged_makers, _module_of,
-                        _our_targets, _read_json, _save_safetensors, all_finite, canonical_state,
-                        detect_layout, is_peft_dir, latest_checkpoint, note, peft_base_dir,
-                        recorded_template)
+from checkpoint import (EXPORT_TEMPLATE, FORMAT_NAME, all_finite, canonical_key, canonical_state,
+                        detect_layout, is_peft_dir, latest_checkpoint, merged_makers, module_of,
+                        note, our_targets, peft_base_dir, read_json, recorded_template,
+                        save_safetensors)
 from model import LORA_TARGETS, CheckpointError, check_name
 
 
@@ -69,9 +69,9 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
                               "model's: pass the tokenizer (export_llava_hf(model, path, "
                               "tokenizer)), or export into another folder")
     # views of the weights where they are; each merged weight is made, and each weight brought to
-    # the host, as the file is written (_save_safetensors)
+    # the host, as the file is written (save_safetensors)
     state = dict(canonical_state(model))
-    made = _merged_makers(model) if merge else {}
+    made = merged_makers(model) if merge else {}
     merged = model.active_adapter if merge else None
     left = sorted(set(model.adapters) - {merged} - {None}) + sorted(model.heads)
     if merged or left:
@@ -105,7 +105,7 @@ def export_llava_hf(model, path, tokenizer=None, template=None, merge=True):
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
     pad = pad if pad is not None and 0 <= pad < vocab else c.pad_token_id
     os.makedirs(path, exist_ok=True)
-    _save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"}, made)
+    save_safetensors(state, os.path.join(path, "model.safetensors"), {"format": "pt"}, made)
     vision_config = {"model_type": "clip_vision_model", "hidden_size": c.vision_hidden,
                      "intermediate_size": c.vision_intermediate,
                      "num_hidden_layers": c.vision_layers, "num_attention_heads": c.vision_heads,
@@ -204,7 +204,7 @@ def _is_ours(cfg_path):
     """Whether a config.json is our checkpoint's (one that is not JSON, as an export cut off
     leaves, is not: exporting again mends it)."""
     try:
-        return _read_json(cfg_path).get("format") == FORMAT_NAME
+        return read_json(cfg_path).get("format") == FORMAT_NAME
     except CheckpointError:
         return False
 
@@ -312,7 +312,7 @@ def _write_processor(model, path, template, eos):
     # AutoProcessor reads processor_class here too; padding on the left, as llava-hf's files say
     # (batched generate in transformers reads right-padded prompts wrong, with a warning)
     cfg_path = os.path.join(path, "tokenizer_config.json")
-    tcfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    tcfg = read_json(cfg_path) if os.path.exists(cfg_path) else {}
     with open(cfg_path, "w") as f:
         json.dump(dict(tcfg, processor_class="LlavaProcessor", padding_side="left"), f, indent=2)
 
@@ -347,7 +347,7 @@ def export_peft_adapter(model, path, adapter, base=None):
         if adapter in lin.lora:
             ad = lin.lora[adapter]
             for s in ad.A:
-                key = f"base_model.model.model.language_model.layers.{i}.{_module_of(s)}.{s}_proj"
+                key = f"base_model.model.model.language_model.layers.{i}.{module_of(s)}.{s}_proj"
                 state[key + ".lora_A.weight"] = ad.A[s].detach()
                 state[key + ".lora_B.weight"] = ad.B[s].detach()
     os.makedirs(path, exist_ok=True)
@@ -359,7 +359,7 @@ def export_peft_adapter(model, path, adapter, base=None):
         else:
             base = os.path.join(path, "base")
             export_llava_hf(model, base, merge=False)
-    _save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
+    save_safetensors(state, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
     cfg = {"peft_type": "LORA", "task_type": None, "r": a["r"], "lora_alpha": a["alpha"],
            "lora_dropout": a["dropout"], "target_modules": _peft_target_regex(a),
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -497,7 +497,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
     such LoRA is refused instead. A refused adapter leaves the model as it was."""
     check_name("adapter", name)  # (before any LoRA is merged into the base)
     cfg_path = os.path.join(path, "adapter_config.json")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: field 'peft_type': "
                               f"{cfg.get('peft_type')!r:.60} (only LORA is read)")
@@ -552,7 +552,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
         raise CheckpointError(f"{file}: cannot read the adapter weights (truncated or corrupt?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     text, merged = {}, []
-    ours = {parts[0]: n for n, parts in _our_targets(model.config).items() if len(parts) == 1}
+    ours = {parts[0]: n for n, parts in our_targets(model.config).items() if len(parts) == 1}
     params = dict(model.named_parameters())
 
     def refuse_tied_head(key, module):  # (saved with its base_layer copy or without it)
@@ -570,7 +570,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
             # LoRA on lm_head: the head's own weight beside its LoRA, which PEFT loads back in)
             module = key[:-len(".base_layer.weight")].removeprefix("base_model.model.")
             refuse_tied_head(key, module)
-            own = params.get(ours.get(_canonical_key(module + ".weight")))
+            own = params.get(ours.get(canonical_key(module + ".weight")))
             # (built on the meta device, an FSDP rank other than 0: the shape alone; rank 0, which
             # reads the weights, compares the values)
             if own is None or own.shape != state[key].shape or not own.is_meta and \
@@ -599,7 +599,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
         for k, t in ((key, A), (key.replace("lora_A", "lora_B"), B)):
             if not all_finite(t):
                 raise CheckpointError(f"{file}: key '{k}' holds NaN or infinite values")
-        part, pname = _canonical_key(module + ".weight")
+        part, pname = canonical_key(module + ".weight")
         m = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight", pname or "")
         if part == "text" and m and m[3] in LORA_TARGETS and int(m[1]) < model.config.layers:
             text[int(m[1]), m[3]] = (key, A, B)

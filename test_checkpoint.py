@@ -1154,14 +1154,14 @@ def test_llava_hf_config_defaults_are_llava_configs(hf_dirs, tmp_path, capsys):
     id, and the export loads in transformers (it was written into text_config: 'Padding_idx must
     be within num_embeddings')."""
     from transformers import LlavaForConditionalGeneration
-    from checkpoint import LLAVA_DEFAULT_VISION, _vision_fields
+    from checkpoint import LLAVA_DEFAULT_VISION, vision_fields
     from transformers import LlavaConfig
     for edit in (lambda c: c.pop("vision_config"), lambda c: c.update(vision_config=None)):
         path = _edited_hf(hf_dirs, tmp_path, edit)
         with pytest.raises(CheckpointError, match=r"\(1024,\)"):  # CLIP-L's width, not tiny's
             load_checkpoint(path)
     want = LlavaConfig().vision_config
-    assert _vision_fields(LLAVA_DEFAULT_VISION) == dict(
+    assert vision_fields(LLAVA_DEFAULT_VISION) == dict(
         image_size=want.image_size, patch_size=want.patch_size, vision_hidden=want.hidden_size,
         vision_intermediate=want.intermediate_size, vision_layers=want.num_hidden_layers,
         vision_heads=want.num_attention_heads, vision_eps=want.layer_norm_eps)
@@ -1451,7 +1451,7 @@ def test_the_safetensors_writer_writes_every_dtype_safetensors_names(tmp_path, d
     bits = torch.arange(48, dtype=torch.uint8).reshape(3, 16)  # (every dtype from the same bytes)
     t = bits.view(dtype) if dtype != torch.bool else bits % 2 == 1
     f = tmp_path / "t.safetensors"
-    checkpoint._save_safetensors({"a": t, "b": torch.ones(3)}, str(f), {"format": "pt"})
+    checkpoint.save_safetensors({"a": t, "b": torch.ones(3)}, str(f), {"format": "pt"})
     with safe_open(str(f), "pt") as s:
         assert s.get_tensor("a").dtype == dtype and s.metadata() == {"format": "pt"}
     got = load_file(f)
@@ -1463,7 +1463,7 @@ def test_the_safetensors_writer_names_a_dtype_safetensors_has_no_name_for(tmp_pa
     """Such a dtype was a bare KeyError from the writer's table."""
     import checkpoint
     with pytest.raises(ValueError, match=r"'c' is torch.complex128, which safetensors has no name"):
-        checkpoint._save_safetensors({"a": torch.ones(2),
+        checkpoint.save_safetensors({"a": torch.ones(2),
                                       "c": torch.ones(2, dtype=torch.complex128)},
                                      str(tmp_path / "t.safetensors"))
     assert os.listdir(tmp_path) == []  # (nothing written)

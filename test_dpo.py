@@ -459,7 +459,7 @@ def test_full_finetune_reference_cache_reused_and_invalidated(env, tmp_path):
 
 
 def test_a_hidden_temp_file_in_the_init_folder_keeps_the_reference_cache_key(tmp_path):
-    """A save killed mid-write leaves a hidden .PID.tmp beside the weights (_save_safetensors),
+    """A save killed mid-write leaves a hidden .PID.tmp beside the weights (save_safetensors),
     which no loader reads: fingerprint() hashed every file of the --init folder, so the same
     weights got another reference-cache key. Hidden names are passed over; a weight file that
     changes still changes the key."""

@@ -889,8 +889,8 @@ def test_a_stage_puts_each_weight_on_its_device_as_it_is_read(tiny_sft, monkeypa
     GPU)."""
     import checkpoint
     placed = []
-    real = checkpoint._set_param
-    monkeypatch.setattr(checkpoint, "_set_param", lambda model, name, t: (
+    real = checkpoint.set_param
+    monkeypatch.setattr(checkpoint, "set_param", lambda model, name, t: (
         placed.append((name, t.device.type)), real(model, name, t))[1])
     m, _ = common.load_model_and_tokenizer(tiny_sft, device="meta")
     assert len(placed) == len(list(m.parameters())) and {d for _, d in placed} == {"meta"}
@@ -1065,8 +1065,8 @@ def test_a_llava_rlhf_import_reads_its_base_as_stored(tiny_sft, tmp_path, monkey
             shutil.copy(os.path.join(src, f), half / f)
     _, _, folder = llava_rlhf_reward_model(tiny_sft, tmp_path)
     placed = []
-    real = checkpoint._set_param
-    monkeypatch.setattr(checkpoint, "_set_param", lambda model, name, t: (
+    real = checkpoint.set_param
+    monkeypatch.setattr(checkpoint, "set_param", lambda model, name, t: (
         placed.append((name, t.dtype)), real(model, name, t))[1])
     code, _, err = run_cli("reward", ["--init", str(half), "--import_llava_rlhf", str(folder),
                                       "--out", str(tmp_path / "rm")])
