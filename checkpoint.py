@@ -11,6 +11,7 @@ What other tools' formats are written as, or loaded as adapters (export_llava_hf
 export_peft_adapter, load_peft_adapter, LLaVA-RLHF's reward model), is in interop.py. No
 transformers import for weights: they load by explicit key mapping (see `canonical_key`).
 """
+import functools
 import hashlib
 import json
 import math
@@ -1153,6 +1154,9 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
     inner.expect([pn for n, parts in targets.items() if not fresh(n) for pn in parts])
     for our_name, parts in targets.items():
         p = params[our_name]
+        # (a projector asked for in a half dtype is kept fp32: a LoRA run trains it on a bf16
+        # base, LLaVA's 2e-5 steps lost in bf16; cast_base makes a frozen one bf16 again)
+        want = torch.float32 if dtype is not None and our_name.startswith("projector.") else dtype
         if fresh(our_name):
             t = torch.empty(p.shape)
             if our_name.endswith("weight"):
@@ -1183,11 +1187,17 @@ def _materialize(config, src, dtype, device, fresh_projector=False):
                     raise CheckpointError(f"{src.key(part, name)} holds NaN or infinite values")
             if shapes_only:
                 t = torch.empty(p.shape, device="meta")
-            else:
-                t = tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
-        # (a projector asked for in a half dtype is kept fp32: a LoRA run trains it on a bf16
-        # base, LLaVA's 2e-5 steps lost in bf16; cast_base makes a frozen one bf16 again)
-        want = torch.float32 if dtype is not None and our_name.startswith("projector.") else dtype
+            elif len(tensors) == 1:
+                t = tensors[0]
+            else:  # q/k/v or gate/up: each copied into its rows of the weight, in the dtype and
+                # on the device asked for (torch.cat made the fused weight in the file's dtype
+                # on the host, and .to() a second one beside it)
+                kind = functools.reduce(torch.promote_types, [x.dtype for x in tensors])
+                t = torch.empty(p.shape, dtype=want or kind, device=device or "cpu")
+                row = 0
+                for x in tensors:
+                    t[row:row + len(x)].copy_(x)
+                    row += len(x)
         t = t.to(dtype=want or t.dtype, device=device or "cpu")  # (TensorSource.get: a float)
         set_param(model, our_name, t)
     if shapes_only:  # (no weight taken: the files read whole, old .bin ones, are let go here)
