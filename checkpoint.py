@@ -130,6 +130,7 @@ class TensorSource:
         self.where = {}   # (part, name) -> (file, original key)
         self.handles = {}
         self.whole = set()  # .bin files read whole (torch's pre-zip format: no mmap)
+        self.shapes_alone = set()  # such files read so far for their names and shapes alone
         self.pending = {}  # such a file -> its keys still to be read (expect)
 
     def add_dir(self, path, only_parts=None):
@@ -182,25 +183,33 @@ class TensorSource:
     def _keys(self, f):
         return list(self._handle(f).keys())
 
-    def _handle(self, f):
-        if f not in self.handles:
+    def _handle(self, f, values=False):
+        """values: the tensors' data, not only their names and shapes (an old-format .bin's)."""
+        if f not in self.handles or (values and f in self.shapes_alone):
             if f.endswith(".safetensors"):
                 self.handles[f] = _open_safetensors(f)
             else:
-                self.handles[f] = self._load_bin(f)
+                self.handles[f] = self._load_bin(f, values)
         return self.handles[f]
 
-    def _load_bin(self, f):
+    def _load_bin(self, f, values):
         # mmap reads torch's zip format alone: an older .bin, valid, is read whole, as
-        # transformers reads it
+        # transformers reads it, when its first tensor is taken; its names and shapes alone
+        # before (on the meta device: no data read). Every such file was read as it was listed:
+        # a sharded model all at once, and whole on each FSDP rank, which takes shapes alone.
         mmap = zipfile.is_zipfile(f)
+        where = "meta" if not mmap and not values else "cpu"
         try:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(f, map_location=where, weights_only=True, mmap=mmap)
         except Exception as e:
             raise _unreadable(f, e)
         _check_state_dict(f, state)
         if not mmap:
             self.whole.add(f)
+        if where == "meta":
+            self.shapes_alone.add(f)
+        else:
+            self.shapes_alone.discard(f)
         return state
 
     def has(self, part, name):
@@ -208,7 +217,7 @@ class TensorSource:
 
     def get(self, part, name):
         f, key = self.where[(part, name)]
-        h = self._handle(f)
+        h = self._handle(f, values=True)
         try:
             t = h.get_tensor(key) if f.endswith(".safetensors") else h[key]
         except Exception as e:
@@ -1421,7 +1430,7 @@ def tensors_fingerprint(weights_dir, only_parts=("vision",)):
         if part == "vision" and name.startswith(CLIP_BUFFERS):
             continue
         f, key = src.where[(part, name)]
-        handle = src._handle(f)
+        handle = src._handle(f, values=True)
         whole = f.endswith(".safetensors") and handle.get_slice(key)
         shape = list(whole.get_shape() if whole else handle[key].shape)
         if not shape:  # (a scalar: no rows)

@@ -748,13 +748,11 @@ def test_a_bin_in_torchs_older_format_loads_as_transformers_loads_it(hf_dirs, tm
                                atol=ATOL, rtol=0)
 
 
-def test_old_format_bin_shards_are_let_go_once_read(hf_dirs, tmp_path, monkeypatch):
-    """Shards in torch's pre-zip format are read whole (no mmap); each was held to the end of the
-    load, beside the model built from it (a sharded old-format 7B: the model twice in memory)."""
+def old_format_shards(hf_dirs, tmp_path):
+    """The "gelu" llava-hf model as two shards in torch's pre-zip format: the folder, its files."""
     import shutil
-    import checkpoint
     from safetensors.torch import load_file
-    hf, path = hf_dirs["gelu"]
+    _, path = hf_dirs["gelu"]
     d = tmp_path / "legacy"
     shutil.copytree(path, d)
     state = load_file(str(d / "model.safetensors"))
@@ -765,6 +763,15 @@ def test_old_format_bin_shards_are_let_go_once_read(hf_dirs, tmp_path, monkeypat
     torch.save(first, shards[0], _use_new_zipfile_serialization=False)
     torch.save({k: v for k, v in state.items() if k not in first}, shards[1],
                _use_new_zipfile_serialization=False)
+    return d, shards
+
+
+def test_old_format_bin_shards_are_let_go_once_read(hf_dirs, tmp_path, monkeypatch):
+    """Shards in torch's pre-zip format are read whole (no mmap); each was held to the end of the
+    load, beside the model built from it (a sharded old-format 7B: the model twice in memory)."""
+    import checkpoint
+    hf, _ = hf_dirs["gelu"]
+    d, shards = old_format_shards(hf_dirs, tmp_path)
     held, get = [], checkpoint.TensorSource.get
 
     def recording_get(self, part, name):
@@ -778,6 +785,29 @@ def test_old_format_bin_shards_are_let_go_once_read(hf_dirs, tmp_path, monkeypat
     second = [files for f, files in held if f == str(shards[1])]
     assert second and not any(str(shards[0]) in files for files in second), held[-1]
     assert held[-1][1] == set(), held[-1]
+
+
+def test_old_format_bin_shards_are_not_read_for_their_shapes_alone(hf_dirs, tmp_path):
+    """An FSDP rank other than 0 builds its model on the meta device from the files' shapes
+    alone: pre-zip shards were read whole there, every one at once (each rank held the whole
+    checkpoint to the end of the load), and on rank 0 each as it was listed. Their names and
+    shapes are read on the meta device now (no data), each file's tensors when one is taken.
+    The peak of host memory is read from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+    hf, _ = hf_dirs["gelu"]
+    d, shards = old_format_shards(hf_dirs, tmp_path)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        shapes = load_checkpoint(d, device="meta")
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    files = sum(os.path.getsize(f) for f in shards)
+    assert peak < files / 2, (peak, files)  # (before: the files' tensors, all of them)
+    assert all(p.is_meta for p in shapes.parameters())
+    pixels, ids = inputs(seed=8)
+    torch.testing.assert_close(load_checkpoint(d)(pixels, ids), hf_logits(hf, pixels, ids),
+                               atol=ATOL, rtol=0)
 
 
 def test_a_bin_that_is_not_a_state_dict_is_one_line(hf_dirs, tmp_path):
@@ -1590,16 +1620,17 @@ def test_clip_fingerprint_leaves_out_position_ids_a_resave_drops(tmp_path):
                "vision_model.pre_layrnorm.weight": torch.randn(8),
                "vision_model.encoder.layers.0.mlp.fc1.weight": torch.randn(4, 8)}
 
-    def clip(folder, tensors, name):
+    def clip(folder, tensors, name, zipped=True):
         os.makedirs(tmp_path / folder)
         (tmp_path / folder / "config.json").write_text('{"model_type": "clip_vision_model"}')
         if name.endswith(".bin"):
-            torch.save(tensors, tmp_path / folder / name)
+            torch.save(tensors, tmp_path / folder / name, _use_new_zipfile_serialization=zipped)
         else:
             save_file(tensors, tmp_path / folder / name)
         return tensors_fingerprint(str(tmp_path / folder))
     old = clip("bin", {**weights, "vision_model.embeddings.position_ids": torch.arange(5)[None]},
                "pytorch_model.bin")
     assert clip("resaved", weights, "model.safetensors") == old
+    assert clip("prezip", weights, "pytorch_model.bin", zipped=False) == old  # (its values read)
     half = clip("fp16", {k: v.half() for k, v in weights.items()}, "model.safetensors")
     assert half != old
