@@ -290,8 +290,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# Pillow's modes of 16-bit grey (PNG, TIFF; "I" is how older Pillow opens such a PNG)
-WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Pillow's modes of 16-bit grey (PNG, TIFF). Not "I" (32-bit integers, how older Pillow
+# opened such a PNG): its range is not known from the mode, and an "I" image of 8-bit values
+# scaled by 1/257 would be read black; it converts as LLaVA's does.
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb(im):
