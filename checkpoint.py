@@ -11,6 +11,7 @@ What other tools' formats are written as, or loaded as adapters (export_llava_hf
 export_peft_adapter, load_peft_adapter, LLaVA-RLHF's reward model), is in interop.py. No
 transformers import for weights: they load by explicit key mapping (see `canonical_key`).
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -195,12 +196,15 @@ class TensorSource:
     def _load_bin(self, f, values):
         # mmap reads torch's zip format alone: an older .bin, valid, is read whole, as
         # transformers reads it, when its first tensor is taken; its names and shapes alone
-        # before (on the meta device: no data read). Every such file was read as it was listed:
-        # a sharded model all at once, and whole on each FSDP rank, which takes shapes alone.
+        # before (on the meta device, skip_data: its pickle alone read, not its tensors' bytes,
+        # which a meta load still reads through, the file read twice). Every such file was read
+        # as it was listed: a sharded model all at once, and whole on each FSDP rank, which takes
+        # shapes alone.
         mmap = zipfile.is_zipfile(f)
         where = "meta" if not mmap and not values else "cpu"
         try:
-            state = torch.load(f, map_location=where, weights_only=True, mmap=mmap)
+            with torch.serialization.skip_data() if where == "meta" else contextlib.nullcontext():
+                state = torch.load(f, map_location=where, weights_only=True, mmap=mmap)
         except Exception as e:
             raise _unreadable(f, e)
         _check_state_dict(f, state)

@@ -810,6 +810,36 @@ def test_old_format_bin_shards_are_not_read_for_their_shapes_alone(hf_dirs, tmp_
                                atol=ATOL, rtol=0)
 
 
+def test_a_pre_zip_bin_is_read_once_its_names_and_shapes_from_its_pickle(tmp_path):
+    """A pre-zip .bin listed for its names and shapes (map_location="meta") was read through all
+    the same (torch's meta load reads each tensor's bytes, and drops them), then again when its
+    first tensor was taken: every such file read twice in a load. Bytes read: /proc/self/io."""
+    import checkpoint
+
+    def bytes_read():
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar")).split()[1])
+    names = [f"vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(4)]
+    weights = {name: torch.randn(256, 1024) for name in names}  # (4 MB)
+    torch.save(weights, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    size = os.path.getsize(tmp_path / "pytorch_model.bin")
+    src, before = checkpoint.TensorSource(), bytes_read()
+    src.add_dir(str(tmp_path))
+    listed = bytes_read() - before
+    assert src.shape("vision", names[0][len("vision_model."):]) == (256, 1024)
+    got = [src.get("vision", name[len("vision_model."):]) for name in names]
+    read = bytes_read() - before
+    assert listed < size / 10 and read < 1.2 * size, (listed, read, size)
+    assert all(torch.equal(a, weights[name]) for a, name in zip(got, names))
+    with open(tmp_path / "pytorch_model.bin", "r+b") as f:  # (its tensors' bytes cut short)
+        f.truncate(size // 2)
+    src = checkpoint.TensorSource()
+    src.add_dir(str(tmp_path))
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read weights "
+                       r"\(truncated or corrupt"):
+        src.get("vision", names[0][len("vision_model."):])
+
+
 def test_a_bin_that_is_not_a_state_dict_is_one_line(hf_dirs, tmp_path):
     """A pytorch_model.bin of a list, or with a number among its tensors, was a traceback
     (AttributeError: no 'keys' / no 'shape')."""
