@@ -189,9 +189,11 @@ def _parse_json(path, text):
 
 def _records_in(value):
     """Whether a value is a list of objects other than turns: records under a wrapper of another
-    name (the other VQA-v2 file, {"data": [...]}), not a record's own conversation."""
+    name (the other VQA-v2 file, {"data": [...]}), not a record's own conversation (LLaVA's turns,
+    or chat-template ones, {"role", "content"}: a one-record file of those was refused as "the
+    records under 'messages' (give that list itself)")."""
     return isinstance(value, list) and bool(value) and all(isinstance(x, dict) for x in value) \
-        and not all({"from", "value"} <= set(x) for x in value)
+        and not all({"from", "value"} <= set(x) or {"role", "content"} <= set(x) for x in value)
 
 
 # a record's own fields, which no published wrapper ({"annotations": [...]}, VQA-v2's files) has:

@@ -135,6 +135,10 @@ def test_file_errors(tmp_path):
                "records under 'data' (give that list itself)")
     assert error(read_llava, str(p)) == error(read_povid, str(p)) == error(pair_format, str(p)) \
         == wrapped
+    # one record whose turns are chat-template ones (Hugging Face's): its turns are not records
+    chat = [{"role": "user", "content": "<image>\nHi."}, {"role": "assistant", "content": "Hi."}]
+    p.write_text(json.dumps({"id": "x", "images": ["a.png"], "messages": chat}))
+    assert error(read_llava, str(p)) == f"{p}: record 0 (id 'x'): field 'conversations': missing"
 
 
 def test_skip_mode(llava):
