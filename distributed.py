@@ -347,11 +347,14 @@ def interrupt_on_sigterm():
     orphans that the next pipeline or lab refused until they ended). The first SIGTERM or SIGINT
     raises KeyboardInterrupt; any after it is dropped (one landing in the stop, or on the way to it,
     cut it short). A SIGINT ignored at start (`pipeline.py &` in a script) is dropped instead: with
-    SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on."""
+    SIG_IGN its stages inherited it, ignored the SIGINT that stops them, and trained on. A SIGTERM
+    ignored at start (`trap '' TERM`) stays ignored, as user_errors and the stages leave it: the
+    user asked for that, and the stages are stopped with SIGINT, which a Ctrl-C still sends."""
     global SIGINT_IGNORED_AT_START
     interrupts.hand_over()
     sigint = signal.getsignal(signal.SIGINT)
-    stops = [signal.SIGTERM] + ([signal.SIGINT] if sigint is signal.default_int_handler else [])
+    stops = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN else []
+    stops += [signal.SIGINT] if sigint is signal.default_int_handler else []
     # for the rest of the run, not a with-block: the stop goes on after user_errors, and a signal
     # in the interpreter's exit is dropped too (_ignore_stop_signals_at_exit)
     interrupts.interrupt_once(stops)

@@ -3050,26 +3050,32 @@ def test_user_errors_takes_one_sigterm_as_ctrl_c_then_puts_its_default_back(
 
 def test_the_pipelines_handlers_take_one_signal_then_drop_both_for_good(handlers_kept,
                                                                          monkeypatch):
-    """distributed.interrupt_on_sigterm (pipeline.py's and lab.py's main blocks): SIGTERM, even one
-    ignored at start, and SIGINT where Python's own, raise KeyboardInterrupt once; from then on
-    both are dropped, for the rest of the process (not put back: _ignore_stop_signals_at_exit
-    ignores them at exit). A SIGINT ignored at start is dropped instead (said, for
-    stage_process_kwargs); one handled by the program's own handler is left until the first."""
+    """distributed.interrupt_on_sigterm (pipeline.py's and lab.py's main blocks): SIGTERM, and
+    SIGINT where Python's own, raise KeyboardInterrupt once; from then on both are dropped, for
+    the rest of the process (not put back: _ignore_stop_signals_at_exit ignores them at exit). A
+    SIGINT ignored at start is dropped instead (said, for stage_process_kwargs); one handled by the
+    program's own handler is left until the first. A SIGTERM ignored at start (`trap '' TERM`)
+    stays ignored, as user_errors and the join leave it (it was taken: a user's SIG_IGN undone),
+    and a Ctrl-C still stops the run."""
     monkeypatch.setattr(distributed.atexit, "register", lambda hook: None)
     called = []
     mine = lambda signum, frame: called.append(signum)  # noqa: E731
     for sigint, sigterm, first in ((signal.default_int_handler, signal.SIG_DFL, signal.SIGINT),
                                    (signal.default_int_handler, signal.SIG_DFL, signal.SIGTERM),
                                    (signal.SIG_IGN, signal.SIG_DFL, signal.SIGTERM),
-                                   (mine, signal.SIG_IGN, signal.SIGTERM)):
+                                   (mine, signal.SIG_DFL, signal.SIGTERM),
+                                   (signal.default_int_handler, signal.SIG_IGN, signal.SIGINT)):
         monkeypatch.setattr(distributed, "SIGINT_IGNORED_AT_START", False)
         signal.signal(signal.SIGINT, sigint)
         signal.signal(signal.SIGTERM, sigterm)
         distributed.interrupt_on_sigterm()
         assert distributed.SIGINT_IGNORED_AT_START == (sigint is signal.SIG_IGN)
         assert callable(signal.getsignal(signal.SIGINT)), sigint  # (not SIG_IGN: see above)
+        assert (signal.getsignal(signal.SIGTERM) is signal.SIG_IGN) == (sigterm is signal.SIG_IGN)
         if sigint is not signal.default_int_handler:
             signal.raise_signal(signal.SIGINT)  # (dropped, or the program's own handler's)
+        if sigterm is signal.SIG_IGN:
+            signal.raise_signal(signal.SIGTERM)  # (ignored: the run goes on)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(first)
         for signum in STOPS * 2:
