@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import asdict, fields, replace
@@ -206,7 +207,7 @@ class TensorSource:
             with torch.serialization.skip_data() if where == "meta" else contextlib.nullcontext():
                 state = torch.load(f, map_location=where, weights_only=True, mmap=mmap)
         except Exception as e:
-            raise _unreadable(f, e)
+            raise unreadable(f, e)
         _check_state_dict(f, state)
         if not mmap:
             self.whole.add(f)
@@ -250,12 +251,37 @@ def _open_safetensors(f):
     try:
         return safe_open(f, framework="pt", device="cpu")
     except Exception as e:
-        raise _unreadable(f, e)
+        raise unreadable(f, e)
 
 
-def _unreadable(f, e):
+# how a file torch.save wrote begins: its zip archive, or (before torch 1.6, or saved with
+# _use_new_zipfile_serialization=False) the pickle of torch's magic number, in any protocol
+TORCH_FILE_STARTS = (b"PK\x03\x04",) + tuple(
+    pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p)
+    for p in range(pickle.HIGHEST_PROTOCOL + 1))
+
+
+def unreadable(f, e, what="weights"):
+    """The error for a weights file that torch.load or safetensors refused with `e`. One that is no
+    such file at all is named so: a .bin that begins as neither of torch's formats (a web page or a
+    text saved under its name was 'cannot read weights (truncated or corrupt file?): 101', torch's
+    KeyError of its first byte), a Git LFS pointer (a clone without git-lfs). Else one cut short
+    or damaged: 'truncated or corrupt', with the library's first line."""
+    try:
+        with open(f, "rb") as file:
+            head = file.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return CheckpointError(f"{f}: a Git LFS pointer, not the file itself (`git lfs pull` in "
+                               "its repository fetches it)")
+    # (a head shorter than a start that begins it: a file cut within its first bytes)
+    if head and not f.endswith(".safetensors") and \
+            not any(start.startswith(head[:len(start)]) for start in TORCH_FILE_STARTS):
+        return CheckpointError(f"{f}: not a PyTorch checkpoint (neither the zip archive nor the "
+                               f"pickle torch.save writes); it begins {head[:24]!r}")
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return CheckpointError(f"{f}: cannot read weights (truncated or corrupt file?): {first}")
+    return CheckpointError(f"{f}: cannot read {what} (truncated or corrupt file?): {first}")
 
 
 def no_dir(path):

@@ -21,7 +21,7 @@ import torch
 from checkpoint import (EXPORT_TEMPLATE, FORMAT_NAME, all_finite, canonical_key, canonical_state,
                         detect_layout, is_peft_dir, latest_checkpoint, merged_makers, module_of,
                         note, our_targets, peft_base_dir, read_json, recorded_template,
-                        save_safetensors)
+                        save_safetensors, unreadable)
 from model import LORA_TARGETS, CheckpointError, check_name
 
 
@@ -549,8 +549,7 @@ def load_peft_adapter(model, path, name, no_merge=None):
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot read the adapter weights (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise unreadable(file, e, "the adapter weights")
     text, merged = {}, []
     ours = {parts[0]: n for n, parts in our_targets(model.config).items() if len(parts) == 1}
     params = dict(model.named_parameters())
@@ -724,8 +723,7 @@ def load_llava_rlhf_reward(model, path, name="reward"):
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot read the reward head (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise unreadable(file, e, "the reward head")
     shapes = {"weight": (1, model.config.hidden), "bias": (1,)}
     if not isinstance(state, dict) or sorted(state) != sorted(shapes):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__

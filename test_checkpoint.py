@@ -840,6 +840,31 @@ def test_a_pre_zip_bin_is_read_once_its_names_and_shapes_from_its_pickle(tmp_pat
         src.get("vision", names[0][len("vision_model."):])
 
 
+def test_a_bin_that_is_no_pytorch_file_is_named_so(tmp_path):
+    """A pytorch_model.bin that is no PyTorch file at all (a web page or a text saved under its
+    name) was refused as 'cannot read weights (truncated or corrupt file?): 101' (torch's KeyError
+    of its first byte); a Git LFS pointer as an unpickling error. A file cut short, within its
+    first bytes too, is still 'truncated or corrupt'."""
+    import checkpoint
+    weights = {"vision_model.post_layernorm.weight": torch.ones(8)}
+    (tmp_path / "ckpt").mkdir()
+    f = tmp_path / "ckpt" / "pytorch_model.bin"
+    zipped, legacy = (tmp_path / "zip.bin", tmp_path / "legacy.bin")
+    torch.save(weights, zipped)
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:0a1b\nsize 6000000\n"
+    for content, match in (
+            (b"error: model not found\n", r"not a PyTorch checkpoint \(neither the zip archive "
+             r"nor the pickle torch.save writes\); it begins b'error: model not found\\n'$"),
+            (b"<!DOCTYPE html><html>404</html>", "not a PyTorch checkpoint .* b'<!DOCTYPE html>"),
+            (lfs, r"a Git LFS pointer, not the file itself \(`git lfs pull`"),
+            (zipped.read_bytes()[:100], r"cannot read weights \(truncated or corrupt file\?\)"),
+            (legacy.read_bytes()[:5], r"cannot read weights \(truncated or corrupt file\?\)")):
+        f.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"^{f}: {match}"):
+            checkpoint.TensorSource().add_dir(str(tmp_path / "ckpt"))
+
+
 def test_a_bin_that_is_not_a_state_dict_is_one_line(hf_dirs, tmp_path):
     """A pytorch_model.bin of a list, or with a number among its tensors, was a traceback
     (AttributeError: no 'keys' / no 'shape')."""
