@@ -298,13 +298,21 @@ WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
 
 def to_rgb(im):
     """A PIL image of any mode in RGB, as LLaVA's `Image.open(f).convert('RGB')` (alpha dropped,
-    palette, grey and CMYK expanded), except 16-bit grey: convert() clips each value to 255, and
-    an image of values above 255 (all but the darkest) was trained on as a white square; scaled to
-    8 bits instead, as a viewer shows it."""
+    palette, grey and CMYK expanded), except two grey modes convert() reads as one flat colour.
+    16-bit grey: convert() clips each value to 255, and an image of values above 255 (all but the
+    darkest) was trained on as a white square; scaled to 8 bits instead, as a viewer shows it.
+    Floating-point grey ("F", a float TIFF) whose values lie in [0, 1]: convert() takes them as
+    0-255 and cuts each to 0 or 1, black; scaled by 255 instead, the [0, 1] range float images
+    are shown in (OpenCV's imshow, scikit-image, GIMP). One with a value above 1 (0-255, as
+    Pillow reads floats) converts as LLaVA's; NaN reads as 0."""
+    from PIL import Image
     if im.mode in WIDE_GREY:
-        from PIL import Image
         wide = np.asarray(im, dtype=np.float64)
         im = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        if values.size and values.max() <= 1:
+            im = Image.fromarray(np.clip(np.rint(values * 255), 0, 255).astype(np.uint8), "L")
     return im.convert("RGB")
 
 

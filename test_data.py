@@ -288,15 +288,24 @@ def test_image_preprocessing_matches_clip_processor():
     assert padded.getpixel((25, 10 + 15)) == img.getpixel((25, 15))
 
 
-def test_a_16_bit_grey_image_is_read_as_its_8_bit_grey(tmp_path):
+def test_a_16_bit_or_float_grey_image_is_read_as_its_8_bit_grey(tmp_path):
     """Pillow's convert('RGB') (LLaVA's) clips 16-bit grey to 255: a PNG of depth maps, scans or
-    microscopy was read as a white square."""
+    microscopy was read as a white square. A float TIFF of values in [0, 1] was read black (each
+    value taken as 0-255, cut to 0 or 1); one of 0-255 values reads as LLaVA's."""
     from PIL import Image
     grey = np.random.default_rng(0).integers(0, 256, (6, 5), dtype=np.uint8)
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "wide.png")
     assert Image.open(tmp_path / "wide.png").mode == "I;16"
     rgb = np.asarray(data.load_image(str(tmp_path / "wide.png")))
     assert rgb.shape == (6, 5, 3) and (rgb == grey[..., None]).all()
+    Image.fromarray(grey.astype(np.float32) / 255, "F").save(tmp_path / "unit.tif")
+    Image.fromarray(grey.astype(np.float32), "F").save(tmp_path / "bytes.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    rgb = np.asarray(data.load_image(str(tmp_path / "unit.tif")))
+    assert rgb.shape == (6, 5, 3) and (rgb == grey[..., None]).all()
+    rgb = np.asarray(data.load_image(str(tmp_path / "bytes.tif")))
+    assert (rgb == np.asarray(Image.open(tmp_path / "bytes.tif").convert("RGB"))).all()
+    assert (rgb == grey[..., None]).all()
 
 
 def test_collate_pads_right_for_training_and_left_for_generation():

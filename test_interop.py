@@ -843,7 +843,8 @@ def test_original_llava_export_maps_image_token_to_a_real_id(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 # (not 16-bit grey, "I;16": LLaVA's convert clips it to white, scaled to 8 bits here instead,
-# test_data.py::test_a_16_bit_grey_image_is_read_as_its_8_bit_grey)
+# nor float grey of values in [0, 1], "F", read black by it:
+# test_data.py::test_a_16_bit_or_float_grey_image_is_read_as_its_8_bit_grey)
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "CMYK", "1"])
 def test_preprocess_image_takes_any_pil_mode_as_llava_does(mode):
     from PIL import Image
