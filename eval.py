@@ -431,8 +431,9 @@ class Answerer:
 
     def llava_answers(self, qs):
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
-        "text"}), matched by question_id, or an MMHal-Bench one (model_vqa_mmhal.py's), matched by
-        position; its prompt must be the question's (else it answers other questions)."""
+        "text"}), matched by question_id, an MMHal-Bench one (model_vqa_mmhal.py's), matched by
+        position, or a CHAIR captions file ({"image_id", "caption"}), matched by image id; its
+        prompt must be the question's (else it answers other questions)."""
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
@@ -451,6 +452,10 @@ class Answerer:
                 if empty:
                     print(f"note: {path}: {empty} empty model_answer judged as given "
                           "(eval_gpt_mmhal.py does: a model that stopped at once)", flush=True)
+            # a CHAIR captions file (--export's chair.jsonl, CHAIR-metric-standalone's --cap_file
+            # as OPERA's and VCD's scripts write it): its image_id is the question's id
+            elif {"image_id", "caption"} <= set(first) and "text" not in first:
+                recs = [chair_answer(path, i, r) for i, r in enumerate(recs)]
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
@@ -498,6 +503,17 @@ def mmhal_answer(path, i, r):
     if not isinstance(r.get("question"), str):
         raise DataError(path, i, "question", "expected a string")
     return {"question_id": i, "prompt": r["question"], "text": answer}
+
+
+def chair_answer(path, i, r):
+    """A record of a CHAIR captions file ({"image_id", "caption"}) as a LLaVA answer: the image id
+    (the instances file's) is its question's id."""
+    iid = r.get("image_id") if isinstance(r, dict) else None
+    if not isinstance(iid, (int, str)) or isinstance(iid, bool):
+        raise DataError(path, i, "image_id", "expected the COCO image id (an integer or string)")
+    if not isinstance(r.get("caption"), str):
+        raise DataError(path, f"{i} (image_id {iid!r:.60})", "caption", "expected a string")
+    return {"question_id": iid, "text": r["caption"]}
 
 
 def strings(record, fields, path, i):

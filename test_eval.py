@@ -234,7 +234,7 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
             "--chair_prompt", "Describe the image.", "--limit", "3", "--export", "true"]
     for name, argv in (("coco", coco), ("shapes", ["--benchmarks", "chair", "--export", "true"])):
         out = tmp_path / name
-        run_cli(env, out, "--ckpt", env["ckpts"][0], *argv)
+        chair = run_cli(env, out, "--ckpt", env["ckpts"][0], *argv)["m0"]["chair"]
         answers = lines(out / "m0" / "answers_chair.jsonl")
         exported = lines(out / "m0" / "export" / "chair.jsonl")
         assert [r["caption"] for r in exported] == [a["answer"] for a in answers], name
@@ -244,6 +244,15 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
                 images = json.load(f)["images"][:3]
             assert [r["image_id"] for r in exported] == [img["id"] for img in images]
             assert all(isinstance(r["image_id"], int) for r in exported)
+            # and scored again from it, as from a LLaVA answers file (it was refused: "expected
+            # {question_id, prompt, text}"), CHAIR-metric-standalone's JSON list layout too
+            export = out / "m0" / "export" / "chair.jsonl"
+            as_list = tmp_path / "chair_list.json"
+            as_list.write_text(json.dumps(exported))
+            for answers in (export, as_list):
+                again = run_cli(env, tmp_path / "rescored", "--ckpt", "other", *coco, "--export",
+                                "false", "--rescore", "true", "--llava_answers", str(answers))
+                assert again["other"]["chair"] == chair
         else:  # the annotations' id of the described image, not the question's (a string)
             with open(os.path.join(world, "annotations.json")) as f:
                 ids = {img["file_name"]: img["id"] for img in json.load(f)["images"]}
