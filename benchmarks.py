@@ -436,8 +436,12 @@ def lrv_gavie_questions(cfg):
     qs = []
     for i, r in enumerate(items):
         has_question = isinstance(r, dict) and isinstance(r.get("question"), str)
-        if not has_question or not r["question"].strip() or r.get("image_id") is None:
+        if not has_question or not r["question"].strip():
             raise DataError(path, i, "question", "expected {\"image_id\", \"question\"}")
+        if not isinstance(r.get("image_id"), (int, str)) or isinstance(r["image_id"], bool):
+            # (it was named as the question; a list was looked up as its text)
+            raise DataError(path, i, "image_id", "missing or not the image's id (a string, as "
+                            "LRV's evaluation_set.json writes it, or an integer)")
         if IMAGE in r["question"]:
             raise DataError(path, i, "question", TAG_IN_TEXT)
         iid = str(r["image_id"])

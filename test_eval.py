@@ -1173,6 +1173,12 @@ def test_gavie_boxes_hold_numbers(env, tmp_path):
     box = {"caption": "x", "bbox": [1, 2, 3, 4]}
     (tmp_path / "boxes.json").write_text(json.dumps({"7": [box]}))
     assert len(benchmarks.gavie_questions(cfg, (env["world"], None, None))) == 1
+    # a question without its image_id (or with a list for one) is named by that field (it was
+    # named as field 'question')
+    for record in ({"question": "What?"}, {"image_id": ["7"], "question": "What?"}):
+        (tmp_path / "gavie.json").write_text(json.dumps([record]))
+        with pytest.raises(E.DataError, match=r"gavie.json: record 0: field 'image_id': missing"):
+            benchmarks.gavie_questions(cfg, (env["world"], None, None))
 
 
 def test_pope_suffix_is_not_added_twice(env, tmp_path, capsys):
