@@ -136,9 +136,13 @@ def pope_questions(cfg, world):
             recs = read_llava_pope_test(path, cfg.pope_labels, folder, check_images=False)
             labelled += 1
         elif isinstance(first, dict) and "label" not in first and "question_id" in first:
-            raise DataError(path, record_label(0, first), "label", "missing: questions without "
-                            "labels (LLaVA's llava_pope_test.jsonl) are scored with --pope_labels "
-                            "naming POPE's labelled files")
+            message = ("missing: questions without labels (LLaVA's llava_pope_test.jsonl) are "
+                       "scored with --pope_labels naming POPE's labelled files")
+            if "answer" in first:  # (a file of another layout: --pope_labels was no help)
+                message = ("missing, and the records have 'answer': POPE's files (RUCAIBox/POPE's "
+                           "output, LLaVA's and LLaVA-RLHF's copies) hold the truth as 'label', "
+                           "'yes' or 'no': rename the field")
+            raise DataError(path, record_label(0, first), "label", message)
         else:
             recs = read_pope(path, folder, check_images=False)  # (_take: the questions asked)
         _nonempty(recs, path)

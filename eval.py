@@ -460,7 +460,15 @@ class Answerer:
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
                     message = "expected {\"question_id\", \"prompt\", \"text\"}"
-                    raise DataError(path, i, "text", message)
+                    field = "text"
+                    if isinstance(r, dict) and {"question", "answer"} <= set(r) \
+                            and "question_id" not in r:
+                        # (it was named by 'text' alone, with our layout)
+                        field = "question_id"
+                        message = ("missing: RUCAIBox/POPE's answer layout ({question, answer}, "
+                                   "paired with a label file by line order) is not read; write "
+                                   f"{message[9:]}, as LLaVA's model_vqa.py does")
+                    raise DataError(path, i, field, message)
                 if "image" in r:  # (its questions would be scored as the answers)
                     raise DataError(path, i, "image", QUESTIONS_NOT_ANSWERS)
                 if r.get("prompt") is not None and not isinstance(r["prompt"], str):  # (compared

@@ -1264,6 +1264,22 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
                    image_folder=env["world"])
     with pytest.raises(common.ConfigError, match="are both the 'random' split"):
         benchmarks.pope_questions(cfg, (env["world"], None, None))
+    # the truth under 'answer' (another tool's layout): sent to --pope_labels, no help
+    path.write_text("".join(json.dumps({"answer": r["label"], **r, "label": None}) + "\n"
+                            for r in recs).replace(', "label": null', ""))
+    cfg = E.Config(pope_files=(str(path),), image_folder=env["world"])
+    with pytest.raises(E.DataError, match="'label': missing, and the records have 'answer'"):
+        benchmarks.pope_questions(cfg, (env["world"], None, None))
+    # RUCAIBox/POPE's answers ({question, answer}, no id) rescored: the field it lacks is named
+    # (it was 'text', with our layout)
+    from conftest import run_cli as run_stage
+    answers = tmp_path / "answers.json"
+    answers.write_text("".join(json.dumps({"question": r["text"], "answer": "yes"}) + "\n"
+                               for r in recs))
+    code, _, err = run_stage("eval", ["--rescore", "true", "--ckpt", "m", "--benchmarks", "pope",
+                                      "--out", str(tmp_path / "o"), "--pope_files", str(coco),
+                                      "--llava_answers", str(answers)])
+    assert code == 2 and "field 'question_id': missing: RUCAIBox/POPE's answer layout" in err, err
     gavie = tmp_path / "gavie.json"
     gavie.write_text(json.dumps([{"image_id": "a", "question": "What is there?"}]))
     with pytest.raises(common.ConfigError, match=r"--gavie_file .*: needs --gavie_annotations"):
