@@ -492,6 +492,13 @@ class Answerer:
                 if r.get("prompt") is not None and r["prompt"].strip() not in asked:
                     message = f"is not the question in {q['file']} ({q['prompt'][:60]!r})"
                     raise DataError(path, f"{i} (id {q['id']!r:.60})", "prompt", message)
+                # one answer, one question file: POPE's split files number their questions
+                # from 1 each, and an answer without a prompt matched every split by id
+                first_file = self.memo.setdefault("llava_file", {}).setdefault(q["id"], q["file"])
+                if first_file != q["file"]:
+                    message = (f"answers a question of {first_file} and one of {q['file']} "
+                               "by the same id; score one question file per run")
+                    raise DataError(path, f"{i} (id {q['id']!r:.60})", "question_id", message)
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
         if qs and not done:

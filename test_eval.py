@@ -1286,6 +1286,29 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
         benchmarks.lrv_gavie_questions(E.Config(gavie_file=str(gavie)))
 
 
+def test_one_answer_is_not_scored_for_two_pope_files(env, tmp_path):
+    """RUCAIBox/POPE's split files number their questions from 1 each: an answers file without
+    prompts (or with the same question text in both) matched both splits by id, and each split
+    was scored with the other's answers without a word. One question file per answer now."""
+    from conftest import run_cli as run_stage
+    recs = [json.loads(line) for line in open(os.path.join(env["world"], "pope_random.jsonl"))]
+    files = []
+    for split, part in (("random", recs[:6]), ("popular", recs[6:12])):
+        files.append(str(tmp_path / f"coco_pope_{split}.jsonl"))
+        with open(files[-1], "w") as f:
+            f.writelines(json.dumps({**r, "question_id": i + 1}) + "\n" for i, r in enumerate(part))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i + 1, "text": "yes"}) + "\n"
+                               for i in range(6)))
+    args = ["--rescore", "true", "--ckpt", "m", "--benchmarks", "pope",
+            "--llava_answers", str(answers), "--pope_files"]
+    code, _, err = run_stage("eval", [*args, *files, "--out", str(tmp_path / "two")])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "field 'question_id': answers a question of" in err and "coco_pope_popular" in err
+    code, _, err = run_stage("eval", [*args, files[0], "--out", str(tmp_path / "one")])
+    assert code == 0, err
+
+
 def test_scores_of_separate_runs_into_one_folder_are_kept(env, tmp_path):
     """Real benchmarks need runs of their own (one --image_folder each), and each run into the same
     --out replaced scores.json with its own benchmarks: MMHal's scores were gone after a GAVIE
