@@ -275,6 +275,11 @@ def unreadable(f, e, what="weights"):
     if head.startswith(b"version https://git-lfs"):
         return CheckpointError(f"{f}: a Git LFS pointer, not the file itself (`git lfs pull` in "
                                "its repository fetches it)")
+    # a safetensors file: 8 bytes of header length, then the header's JSON (a web page saved
+    # under its name was "header too large": its first 8 bytes read as a length)
+    if f.endswith(".safetensors") and len(head) > 8 and head[8:9] != b"{":
+        return CheckpointError(f"{f}: not a safetensors file (no JSON header after its 8-byte "
+                               f"length); it begins {head[:24]!r}")
     # (a head shorter than a start that begins it: a file cut within its first bytes)
     if head and not f.endswith(".safetensors") and \
             not any(start.startswith(head[:len(start)]) for start in TORCH_FILE_STARTS):

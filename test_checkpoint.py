@@ -843,8 +843,9 @@ def test_a_pre_zip_bin_is_read_once_its_names_and_shapes_from_its_pickle(tmp_pat
 def test_a_bin_that_is_no_pytorch_file_is_named_so(tmp_path):
     """A pytorch_model.bin that is no PyTorch file at all (a web page or a text saved under its
     name) was refused as 'cannot read weights (truncated or corrupt file?): 101' (torch's KeyError
-    of its first byte); a Git LFS pointer as an unpickling error. A file cut short, within its
-    first bytes too, is still 'truncated or corrupt'."""
+    of its first byte); a Git LFS pointer as an unpickling error; a model.safetensors web page as
+    'header too large'. A file cut short, within its first bytes too, is still 'truncated or
+    corrupt'."""
     import checkpoint
     weights = {"vision_model.post_layernorm.weight": torch.ones(8)}
     (tmp_path / "ckpt").mkdir()
@@ -860,6 +861,21 @@ def test_a_bin_that_is_no_pytorch_file_is_named_so(tmp_path):
             (lfs, r"a Git LFS pointer, not the file itself \(`git lfs pull`"),
             (zipped.read_bytes()[:100], r"cannot read weights \(truncated or corrupt file\?\)"),
             (legacy.read_bytes()[:5], r"cannot read weights \(truncated or corrupt file\?\)")):
+        f.write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"^{f}: {match}"):
+            checkpoint.TensorSource().add_dir(str(tmp_path / "ckpt"))
+    # a model.safetensors that is a web page was "header too large" (its first 8 bytes taken for
+    # the header's length); one cut short is still truncated
+    from safetensors.torch import save_file
+    f.unlink()
+    f = tmp_path / "ckpt" / "model.safetensors"
+    save_file(weights, str(tmp_path / "whole.safetensors"))
+    for content, match in (
+            (b"<!DOCTYPE html><html>404</html>", r"not a safetensors file \(no JSON header "
+             r"after its 8-byte length\); it begins b'<!DOCTYPE html>"),
+            (lfs, r"a Git LFS pointer, not the file itself"),
+            ((tmp_path / "whole.safetensors").read_bytes()[:60],
+             r"cannot read weights \(truncated or corrupt file\?\)")):
         f.write_bytes(content)
         with pytest.raises(CheckpointError, match=f"^{f}: {match}"):
             checkpoint.TensorSource().add_dir(str(tmp_path / "ckpt"))
