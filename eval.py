@@ -492,12 +492,16 @@ class Answerer:
                 if r.get("prompt") is not None and r["prompt"].strip() not in asked:
                     message = f"is not the question in {q['file']} ({q['prompt'][:60]!r})"
                     raise DataError(path, f"{i} (id {q['id']!r:.60})", "prompt", message)
-                # one answer, one question file: POPE's split files number their questions
-                # from 1 each, and an answer without a prompt matched every split by id
-                first_file = self.memo.setdefault("llava_file", {}).setdefault(q["id"], q["file"])
-                if first_file != q["file"]:
-                    message = (f"answers a question of {first_file} and one of {q['file']} "
-                               "by the same id; score one question file per run")
+                # one answer, one question: POPE's split files number their questions from 1
+                # each, and an answer without a prompt (or a prompt that two splits share, on
+                # other images) answered every split's by id; the same question in two files
+                # (the same image and text: splits share their questions) keeps its answer
+                asked_first = self.memo.setdefault("llava_asked", {}).setdefault(
+                    q["id"], (q["file"], q["image"], q["prompt"]))
+                if asked_first[1:] != (q["image"], q["prompt"]):
+                    message = (f"answers question {q['id']!r:.60} of {asked_first[0]} and "
+                               f"another question of {q['file']} under that id; score one "
+                               "question file per run")
                     raise DataError(path, f"{i} (id {q['id']!r:.60})", "question_id", message)
                 done[q["id"]] = {"id": q["id"], "prompt": q["prompt"], "answer": r["text"]}
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)

@@ -1288,10 +1288,12 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
 
 def test_one_answer_is_not_scored_for_two_pope_files(env, tmp_path):
     """RUCAIBox/POPE's split files number their questions from 1 each: an answers file without
-    prompts (or with the same question text in both) matched both splits by id, and each split
-    was scored with the other's answers without a word. One question file per answer now."""
+    prompts (or with the same question text in both, on another image) matched both splits by
+    id, and each split was scored with the other's answers without a word. An answer now answers
+    one question; one asked in two files (the same image and text) keeps it."""
     from conftest import run_cli as run_stage
     recs = [json.loads(line) for line in open(os.path.join(env["world"], "pope_random.jsonl"))]
+    assert len({(r["image"], r["text"]) for r in recs[:12]}) == 12  # (12 questions, no two alike)
     files = []
     for split, part in (("random", recs[:6]), ("popular", recs[6:12])):
         files.append(str(tmp_path / f"coco_pope_{split}.jsonl"))
@@ -1304,8 +1306,11 @@ def test_one_answer_is_not_scored_for_two_pope_files(env, tmp_path):
             "--llava_answers", str(answers), "--pope_files"]
     code, _, err = run_stage("eval", [*args, *files, "--out", str(tmp_path / "two")])
     assert code == 2 and err.count("\n") == 1, err
-    assert "field 'question_id': answers a question of" in err and "coco_pope_popular" in err
+    assert "field 'question_id': answers question '1' of" in err and "coco_pope_popular" in err
     code, _, err = run_stage("eval", [*args, files[0], "--out", str(tmp_path / "one")])
+    assert code == 0, err
+    shutil.copy(files[0], files[1])  # the same questions in both files: one answer each
+    code, _, err = run_stage("eval", [*args, *files, "--out", str(tmp_path / "same")])
     assert code == 0, err
 
 
