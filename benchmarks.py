@@ -313,7 +313,8 @@ def llava_bench_questions(cfg, world):
     """LLaVA-Bench questions, each with its reference answer (inline in the 30x3 file, else from
     --llava_bench_answers by question_id) and the judge's context for its image (by file name, or
     by the COCO image id in it: the 30x3 file names COCO_val2014_000000525439.jpg what the context
-    file calls 000000525439.jpg)."""
+    file calls 000000525439.jpg). COCO's, or In-the-Wild's when the context file is its
+    context.jsonl (the same questions and answers layouts)."""
     path = cfg.llava_bench_file
     recs = _nonempty(read_llava_bench(path, cfg.image_folder or None, check_images=False), path)
     inline = recs[0]["reference"] is not None
@@ -324,8 +325,8 @@ def llava_bench_questions(cfg, world):
         raise common.ConfigError(f"--llava_bench_file {path} holds no reference answers: pass "
                                  "--llava_bench_answers (qa90_gpt4_answer.jsonl)")
     refs = {} if inline else read_llava_bench_answers(cfg.llava_bench_answers)
-    context = read_llava_bench_context(cfg.llava_bench_context)
-    rules = load_llava_bench_rules(cfg.llava_bench_rule)
+    context, wild = read_llava_bench_context(cfg.llava_bench_context)
+    rules = load_llava_bench_rules(cfg.llava_bench_rule, wild)
     by_number = {}  # the image id in a name (its digits, leading zeros dropped) -> names
     for name in context:
         if coco_number(name) is not None:  # (a name without digits matches only itself)
@@ -339,17 +340,20 @@ def llava_bench_questions(cfg, world):
             found = f"{len(names)} records ({', '.join(names[:3])}) by its image id" if names \
                 else "no record"
             raise DataError(path, where, "image", f"{name} has {found} in "
-                            f"{cfg.llava_bench_context} (the judge's captions and boxes)")
+                            f"{cfg.llava_bench_context} (the judge's context)")
         ctx = context[names[0]]
         ref = r["reference"] if inline else refs.get(str(r["question_id"]))
         if ref is None:
             raise DataError(path, where, "question_id", "has no reference answer in "
                             f"{cfg.llava_bench_answers}")
-        rule = llava_bench_rule(rules, r["category"], path, i, cfg.llava_bench_rule)
+        # (In-the-Wild: eval_gpt_review_bench.py's rule and review category, which the summary
+        # prints: 'llava_bench_' + the question's)
+        category = f"llava_bench_{r['category']}" if wild else r["category"]
+        rule = llava_bench_rule(rules, category, path, i, cfg.llava_bench_rule)
         qs.append({"id": str(r["question_id"]), "question_id": r["question_id"],
                    "id_field": "question_id",
                    "image": r["image"], "file": path, "prompt": r["text"],
-                   "category": r["category"], "reference": ref, "context": ctx, "rule": rule})
+                   "category": category, "reference": ref, "context": ctx, "rule": rule})
     return qs
 
 

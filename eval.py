@@ -113,7 +113,7 @@ class Config:
     gavie_annotations: str = ""  # {image_id: [{"caption", "bbox": [x, y, w, h]}]} for --gavie_file
     llava_bench_file: str = ""  # LLaVA-Bench questions: qa90_questions.jsonl (or the 30x3 file)
     llava_bench_answers: str = ""  # its reference answers, qa90_gpt4_answer.jsonl (30x3: inline)
-    llava_bench_context: str = ""  # what the judge knows: caps_boxes_coco2014_val_80.jsonl
+    llava_bench_context: str = ""  # caps_boxes_coco2014_val_80.jsonl or In-the-Wild's context.jsonl
     llava_bench_rule: str = ""  # LLaVA's table/rule.json (its conv/detail/complex; empty: ours)
     judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
     judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder

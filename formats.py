@@ -737,28 +737,39 @@ def read_llava_bench_answers(path):
 
 
 def read_llava_bench_context(path):
-    """What LLaVA-Bench's judge knows of each image (caps_boxes_coco2014_val_80.jsonl: JSON lines
-    {"image", "captions": [..], "instances": [{"category", "bbox"}]}) -> {image file name: the
-    context text, captions one per line, a blank line, then a 'category: bbox' line per instance,
-    as eval_gpt_review_visual.py writes it}."""
-    out = {}
+    """What LLaVA-Bench's judge knows of each image -> ({image file name: the context text}, wild),
+    in either published layout, told apart by its fields: COCO's caps_boxes_coco2014_val_80.jsonl
+    (JSON lines {"image", "captions": [..], "instances": [{"category", "bbox"}]}: captions one per
+    line, a blank line, then a 'category: bbox' line per instance, as eval_gpt_review_visual.py
+    writes it), or In-the-Wild's context.jsonl ({"id", "image", "caption"}, no record with
+    'captions'; wild True): '\n'.join(caption) as eval_gpt_review_bench.py writes it, which puts
+    a published caption (a string) one character a line, as LLaVA's judge read it."""
+    out, items = {}, _records(path)
+    wild = any(isinstance(r, dict) and "caption" in r for r in items) and \
+        not any(isinstance(r, dict) and "captions" in r for r in items)
 
     def fn(r):
         name = os.path.basename(_typed(r, "image", str))
-        _strlist(r, "captions")  # (checked; written as they are, as the reference writes them)
-        instances = _typed(r, "instances", list)
-        boxes = []
-        for k, x in enumerate(instances):
-            ok = isinstance(x, dict) and isinstance(x.get("category"), str)
-            if not ok or not isinstance(x.get("bbox"), list):
-                raise _bad(f"instances.{k}", "expected {\"category\": string, \"bbox\": [..]}")
-            boxes.append(f"{x['category']}: {x['bbox']}")  # (Python's list repr, as LLaVA's)
+        if wild:
+            caption = _typed(r, "caption", (str, list))
+            if isinstance(caption, list):
+                _strlist(r, "caption")  # (a string in each place: join() takes nothing else)
+            text = "\n".join(caption)
+        else:
+            _strlist(r, "captions")  # (checked; written as they are, as the reference writes them)
+            boxes = []
+            for k, x in enumerate(_typed(r, "instances", list)):
+                ok = isinstance(x, dict) and isinstance(x.get("category"), str)
+                if not ok or not isinstance(x.get("bbox"), list):
+                    raise _bad(f"instances.{k}", "expected {\"category\": string, \"bbox\": [..]}")
+                boxes.append(f"{x['category']}: {x['bbox']}")  # (Python's list repr, as LLaVA's)
+            text = "\n".join(r["captions"]) + "\n\n" + "\n".join(boxes)
         if name in out:
             raise _bad("image", f"{name} given twice")
-        out[name] = "\n".join(r["captions"]) + "\n\n" + "\n".join(boxes)
+        out[name] = text
 
-    _each(path, _records(path), fn, "raise")
-    return out
+    _each(path, items, fn, "raise")
+    return out, wild
 
 # --------------------------------------------------------------------------- LLaVA-SFT+ converters
 

@@ -309,13 +309,19 @@ LLAVA_BENCH_RULE = {"role": "Assistant", "prompt": (
     "sway you.")}
 
 
-def load_llava_bench_rules(path):
+# In-the-Wild's judge knows a few sentences, no boxes
+LLAVA_BENCH_WILD_RULE = {"role": "Assistant", "prompt": LLAVA_BENCH_RULE["prompt"].replace(
+    "in a few sentences and lists its objects with their bounding boxes", "in a few sentences")}
+
+
+def load_llava_bench_rules(path, wild=False):
     """{category: {"role", "prompt"}} from LLaVA's rule.json, read as eval_gpt_review_visual.py
     reads it: the entry named by the question's category (conv, detail, complex: the words for
-    captions and boxes; its llava_bench_* entries are the in-the-wild benchmark's, and its coding,
-    math and default ones text-only reviews'); no file: {None: our rule}, for every category."""
+    captions and boxes; its llava_bench_* entries are the in-the-wild benchmark's, which
+    eval_gpt_review_bench.py reads, and its coding, math and default ones text-only reviews');
+    no file: {None: our rule}, for every category (In-the-Wild's without boxes)."""
     if not path:
-        return {None: LLAVA_BENCH_RULE}
+        return {None: LLAVA_BENCH_WILD_RULE if wild else LLAVA_BENCH_RULE}
     rules = load_json(path)
     if not isinstance(rules, dict):
         raise DataError(path, message="expected LLaVA's rule.json: {name: {\"role\", \"prompt\"}}")

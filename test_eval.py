@@ -1816,10 +1816,11 @@ def test_llava_bench_judge_reply_prompt_and_summary_as_llava_reads_them():
         "[System]\nRate them.\n\n")
 
 
-def llava_bench_files(env, root, first_release=False):
+def llava_bench_files(env, root, first_release=False, wild=False):
     """A LLaVA-Bench of 3 questions on 2 of the tiny world's test images: questions (qa90 layout,
     or the 30x3 layout with its references inline and COCO-style image names), references,
-    context (caps_boxes layout) and a rule file (LLaVA's layout)."""
+    context (caps_boxes layout; wild: In-the-Wild's context.jsonl, a caption as published, a
+    string, and one as a list) and a rule file (LLaVA's layout)."""
     folder = os.path.join(env["world"], "images", "test")
     images = sorted(os.listdir(folder))[:2]
     os.makedirs(root, exist_ok=True)
@@ -1840,12 +1841,17 @@ def llava_bench_files(env, root, first_release=False):
     context = [{"id": image, "image": image, "captions": [f"Shapes {k}.", "Some shapes."],
                 "instances": [{"category": "circle", "bbox": [0.1, 0.2, 0.5, 0.6]}]}
                for k, image in enumerate(images)]
+    if wild:
+        context = [{"id": "001", "image": images[0], "caption": "Shapes 0 on grey."},
+                   {"id": "002", "image": images[1], "caption": ["Shapes 1.", "Some shapes."]}]
     # (LLaVA's rule.json: the visual review reads the bare categories; its llava_bench_* entries
     # are the in-the-wild benchmark's)
     rule = {"conv": {"role": "Assistant", "prompt": "Rate conv."},
             "detail": {"role": "Assistant", "prompt": "Rate detail."},
             "complex": {"role": "Assistant", "prompt": "Rate complex."},
-            "llava_bench_conv": {"role": "Assistant", "prompt": "Not ours."},
+            "llava_bench_conv": {"role": "Assistant", "prompt": "Rate wild conv."},
+            "llava_bench_detail": {"role": "Helper", "prompt": "Rate wild detail."},
+            "llava_bench_complex": {"role": "Assistant", "prompt": "Rate wild complex."},
             "coding": {"role": "Assistant", "prompt": "Not ours."}}
     files = {"questions": questions, "references": [{"question_id": i, "text": f"Reference {i}."}
                                                     for i, _, _, _ in rows],
@@ -1916,6 +1922,50 @@ def test_llava_bench_answers_judged_and_scored(env, api, capsys):
     scores30 = run_cli(env, env["root"] / "lb30_runs", "--ckpt", env["ckpts"][0], *flags30,
                        *judge)["m0"]["llava_bench"]
     assert scores30 == scores
+
+
+def test_llava_bench_in_the_wild_is_read_as_llavas_scripts_read_it(env, api, capsys, tmp_path):
+    """LLaVA-Bench In-the-Wild (scripts/v1_5/eval/llavabench.sh): its context.jsonl ({"id",
+    "image", "caption"}) was refused as "field 'captions': missing". Told by its fields, it is
+    judged as eval_gpt_review_bench.py judges it: the context '\n'.join(caption) without boxes
+    (a published caption, a string, one character a line), the rule 'llava_bench_' + category,
+    and summarize_gpt_review.py's per-category names (its bad records:
+    test_llava_bench_bad_input_is_one_line)."""
+    paths, flags = llava_bench_files(env, tmp_path / "lbw", wild=True)
+    judge = ["--judge", "openai", "--judge_url", api, "--judge_key", "k"]
+    questions, refs = lines(paths["questions"]), lines(paths["references"])
+    answers = tmp_path / "answers.jsonl"  # (model_vqa.py's layout)
+    answers.write_text("".join(json.dumps({"question_id": q["question_id"], "prompt": q["text"],
+                                           "text": f"Answer {q['question_id']}."}) + "\n"
+                               for q in questions))
+    rescore = ["--rescore", "true", "--llava_answers", str(answers), *flags, *judge]
+    FakeAPI.script, FakeAPI.bodies[:] = [(200, "8 6\nok"), (200, "9 3\nok"), (200, "7 7\nok")], []
+    scores = run_cli(env, tmp_path / "o", "--ckpt", "llava", *rescore)["llava"]["llava_bench"]
+    # what eval_gpt_review_bench.py sends, from its format string
+    rule = json.load(open(paths["rule"]))
+    by_image = {c["image"]: c for c in lines(paths["context"])}
+    for q, ref, (_, _, body) in zip(questions, refs, FakeAPI.bodies, strict=True):
+        cap_str = "\n".join(by_image[q["image"]]["caption"])
+        role, prompt = (rule["llava_bench_" + q["category"]][k] for k in ("role", "prompt"))
+        assert body["messages"][1]["content"] == (
+            f"[Context]\n{cap_str}\n\n[Question]\n{q['text']}\n\n"
+            f"[{role} 1]\n{ref['text']}\n\n[End of {role} 1]\n\n"
+            f"[{role} 2]\nAnswer {q['question_id']}.\n\n[End of {role} 2]\n\n"
+            f"[System]\n{prompt}\n\n")
+        assert body["messages"][0]["content"] == judges.LLAVA_BENCH_SYSTEM
+    assert FakeAPI.bodies[0][2]["messages"][1]["content"].startswith("[Context]\nS\nh\na\n")
+    assert FakeAPI.bodies[2][2]["messages"][1]["content"].startswith(
+        "[Context]\nShapes 1.\nSome shapes.\n\n[Question]\n")
+    assert {k: scores[k] for k in ("relative", "reference", "model", "n")} == {
+        "relative": 66.7, "reference": 80.0, "model": 53.3, "n": 3}
+    assert {c: v["relative"] for c, v in scores["per_category"].items()} == {
+        "llava_bench_conv": 75.0, "llava_bench_detail": 33.3, "llava_bench_complex": 100.0}
+    # no rule file: ours, without the boxes the context does not hold
+    FakeAPI.script, FakeAPI.bodies[:] = [(200, "8 8")] * 3, []
+    run_cli(env, tmp_path / "o2", "--ckpt", "llava", *rescore, "--llava_bench_rule", "")
+    sent = FakeAPI.bodies[0][2]["messages"][1]["content"]
+    assert sent.endswith(f"[System]\n{judges.LLAVA_BENCH_WILD_RULE['prompt']}\n\n")
+    assert "bounding" not in sent and "bounding" in judges.LLAVA_BENCH_RULE["prompt"]
 
 
 def test_export_is_what_llava_and_mmhal_scorers_read(env, tmp_path, capsys):
@@ -2007,8 +2057,28 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
     dup = [json.loads(x) for x in open(paths["questions"])]
     dup[2]["question_id"] = dup[0]["question_id"]
     (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dup))
+    # In-the-Wild's context.jsonl without a caption or image, or a caption no join() takes
+    pathsw, flagsw = llava_bench_files(env, tmp_path / "lbw", wild=True)
+    ctxw = [json.loads(x) for x in open(pathsw["context"])]
+    drop = lambda r, k: {f: v for f, v in r.items() if f != k}
+    wild = {"nocap": ([ctxw[0], drop(ctxw[1], "caption")], "record 1 (id '002'): field 'caption': "
+                      "missing"),
+            "number": ([ctxw[0], dict(ctxw[1], caption=7)], "record 1 (id '002'): field "
+                       "'caption': expected a string or a list"),
+            "noimage": ([drop(ctxw[0], "image")], "record 0 (id '001'): field 'image': missing")}
+    for name, (recs, _) in wild.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "onlyone.jsonl").write_text(json.dumps(ctxw[0]) + "\n")
     judge = ["--judge", "openai", "--judge_url", "http://127.0.0.1:9/v1", "--judge_key", "k"]
     cases = [([], "--judge oracle knows only the Shapes world"),
+             *((flagsw + ["--llava_bench_context", str(tmp_path / f"{name}.jsonl")],
+                f"{name}.jsonl: {want}") for name, (_, want) in wild.items()),
+             (flagsw + ["--llava_bench_context", str(tmp_path / "onlyone.jsonl")],
+              "lbw/questions.jsonl: record 2 (id 2): field 'image': "),
+             (flagsw + ["--llava_bench_answers", str(tmp_path / "refs.jsonl")],
+              "lbw/questions.jsonl: record 1 (id 1): field 'question_id': has no reference"),
+             (flagsw + ["--llava_bench_rule", str(tmp_path / "rule.json")],
+              "rule.json: record 'llava_bench_conv': no rule for the category 'llava_bench_conv'"),
              (["--llava_bench_file", ""], "--benchmarks llava_bench needs --llava_bench_file"),
              (["--llava_bench_answers", ""], "holds no reference answers: pass "
                                              "--llava_bench_answers"),
