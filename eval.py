@@ -440,7 +440,7 @@ class Answerer:
             recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
             if not isinstance(recs, list):
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")
-            self.memo["llava"] = {}
+            self.memo["llava"], self.memo["llava_by"] = {}, "question_id"
             first = recs[0] if recs and isinstance(recs[0], dict) else {}
             # LLaVA-RLHF's MMHal answers (the response template's fields, model_answer filled)
             if "question" in first and {"model_answer", "image_src", "question_type"} & set(first):
@@ -456,6 +456,7 @@ class Answerer:
             # as OPERA's and VCD's scripts write it): its image_id is the question's id
             elif {"image_id", "caption"} <= set(first) and "text" not in first:
                 recs = [chair_answer(path, i, r) for i, r in enumerate(recs)]
+                self.memo["llava_by"] = "image_id"
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
@@ -483,10 +484,14 @@ class Answerer:
                     raise DataError(path, f"{i} (id {r['question_id']!r:.60})", "question_id",
                                     f"given twice (first at record {first})")
                 self.memo["llava"][qid] = (i, r)
-        done = {}
+        done, by = {}, self.memo["llava_by"]
         for q in qs:
-            if q["id"] in self.memo["llava"]:
-                i, r = self.memo["llava"][q["id"]]
+            # (a caption answers the question about its image: on Shapes the question's id is
+            # not the image's, and a question without an image id, POPE's, has no caption)
+            key = q["id"] if by == "question_id" else \
+                str(q["image_id"]) if "image_id" in q else None
+            if key in self.memo["llava"]:
+                i, r = self.memo["llava"][key]
                 # (LLaVA-RLHF's model_vqa.py records the question before its --test-prompt)
                 asked = {q["prompt"].strip(), q.get("text", q["prompt"]).strip()}
                 if r.get("prompt") is not None and r["prompt"].strip() not in asked:
@@ -497,7 +502,7 @@ class Answerer:
                 # other images) answered every split's by id; the same question in two files
                 # (the same image and text: splits share their questions) keeps its answer
                 asked_first = self.memo.setdefault("llava_asked", {}).setdefault(
-                    q["id"], (q["file"], q["image"], q["prompt"]))
+                    key, (q["file"], q["image"], q["prompt"]))
                 if asked_first[1:] != (q["image"], q["prompt"]):
                     message = (f"answers question {q['id']!r:.60} of {asked_first[0]} and "
                                f"another question of {q['file']} under that id; score one "
@@ -507,6 +512,9 @@ class Answerer:
         print(f"{self.name}: {len(done)} of {len(qs)} answers from {path}", flush=True)
         if qs and not done:
             message = f"no answer matches one of the {len(qs)} questions (by question_id)"
+            if by == "image_id":
+                message = (f"no caption's image_id is the image of one of the {len(qs)} "
+                           "questions (a CHAIR captions file answers CHAIR's descriptions)")
             raise DataError(path, message=message)
         return done
 

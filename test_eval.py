@@ -221,7 +221,7 @@ def test_chair_coco_word_matcher(tmp_path):
     assert m["chair_i"] == pytest.approx(2 / 6) and m["chair_s"] == 1.0
 
 
-def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
+def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path, capsys):
     """--export true with CHAIR: export/chair.jsonl, one {"image_id", "caption"} per description,
     the COCO image id as the instances file has it (an int), as CHAIR-metric-standalone's chair.py
     reads captions (--image_id_key image_id --caption_key caption); CHAIR had no export. Run on
@@ -244,15 +244,6 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
                 images = json.load(f)["images"][:3]
             assert [r["image_id"] for r in exported] == [img["id"] for img in images]
             assert all(isinstance(r["image_id"], int) for r in exported)
-            # and scored again from it, as from a LLaVA answers file (it was refused: "expected
-            # {question_id, prompt, text}"), CHAIR-metric-standalone's JSON list layout too
-            export = out / "m0" / "export" / "chair.jsonl"
-            as_list = tmp_path / "chair_list.json"
-            as_list.write_text(json.dumps(exported))
-            for answers in (export, as_list):
-                again = run_cli(env, tmp_path / "rescored", "--ckpt", "other", *coco, "--export",
-                                "false", "--rescore", "true", "--llava_answers", str(answers))
-                assert again["other"]["chair"] == chair
         else:  # the annotations' id of the described image, not the question's (a string)
             with open(os.path.join(world, "annotations.json")) as f:
                 ids = {img["file_name"]: img["id"] for img in json.load(f)["images"]}
@@ -260,6 +251,30 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path):
                 image = {r["id"]: r["image"] for r in json.load(f)}
             assert [r["image_id"] for r in exported] == [ids[image[a["id"]]] for a in answers]
             assert all(isinstance(r["image_id"], int) for r in exported)
+        # and scored again from it, as from a LLaVA answers file (it was refused: "expected
+        # {question_id, prompt, text}"), CHAIR-metric-standalone's JSON list layout too; matched
+        # by image id (Shapes' was "no answer matches one of the 4 questions": its question ids
+        # are not its image ids)
+        export = out / "m0" / "export" / "chair.jsonl"
+        as_list = tmp_path / f"{name}_chair_list.json"
+        as_list.write_text(json.dumps(exported))
+        for answers in (export, as_list):
+            again = run_cli(env, tmp_path / f"{name}_rescored", "--ckpt", "other", *argv,
+                            "--export", "false", "--rescore", "true", "--llava_answers",
+                            str(answers))
+            assert again["other"]["chair"] == chair, name
+    # captions answer no POPE question whose id is a caption's image id (they were scored as
+    # its yes/no answers, rc 0)
+    pope = os.path.join(world, "pope_random.jsonl")
+    caps = tmp_path / "captions.jsonl"
+    caps.write_text("".join(json.dumps({"image_id": json.loads(x)["question_id"], "caption": "yes"})
+                            + "\n" for x in open(pope)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(env, tmp_path / "pope", "--ckpt", "other", "--benchmarks", "pope", "--pope_files",
+                pope, "--rescore", "true", "--llava_answers", str(caps))
+    assert "captions.jsonl: no caption's image_id is the image of one of the 4 questions" in \
+        capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- MMHal, GAVIE, oracle
