@@ -432,11 +432,16 @@ class Answerer:
     def llava_answers(self, qs):
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
         "text"}), matched by question_id, an MMHal-Bench one (model_vqa_mmhal.py's), matched by
-        position, or a CHAIR captions file ({"image_id", "caption"}), matched by image id; its
+        position, or a CHAIR captions file ({"image_id", "caption"}, or coco-caption's output
+        with them in 'imgToEval'), matched by the question's image id; its
         prompt must be the question's (else it answers other questions)."""
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
+            if isinstance(recs, dict) and isinstance(recs.get("imgToEval"), dict):
+                # (LisaAnne/Hallucination's chair.py reads coco-caption's output: its captions
+                # are imgToEval's values, each {"image_id", "caption", its scores})
+                recs = list(recs["imgToEval"].values())
             recs = [recs] if isinstance(recs, dict) else recs  # JSON lines with one line
             if not isinstance(recs, list):
                 raise DataError(path, message="expected JSON lines of {question_id, prompt, text}")

@@ -258,7 +258,12 @@ def test_chair_export_is_what_the_chair_scripts_read(env, tmp_path, capsys):
         export = out / "m0" / "export" / "chair.jsonl"
         as_list = tmp_path / f"{name}_chair_list.json"
         as_list.write_text(json.dumps(exported))
-        for answers in (export, as_list):
+        # LisaAnne/Hallucination's chair.py reads coco-caption's output, captions in imgToEval
+        # (it was "record 0: field 'text': expected {question_id, prompt, text}")
+        coco_caption = tmp_path / f"{name}_coco_caption.json"
+        coco_caption.write_text(json.dumps({"overall": {"CIDEr": 0.0}, "imgToEval": {
+            str(r["image_id"]): dict(r, CIDEr=0.0) for r in exported}}))
+        for answers in (export, as_list, coco_caption):
             again = run_cli(env, tmp_path / f"{name}_rescored", "--ckpt", "other", *argv,
                             "--export", "false", "--rescore", "true", "--llava_answers",
                             str(answers))
