@@ -756,6 +756,9 @@ def read_llava_bench_context(path):
                 _strlist(r, "caption")  # (a string in each place: join() takes nothing else)
             text = "\n".join(caption)
         else:
+            if "caption" in r and "captions" not in r:  # (one layout per file: told by fields)
+                raise _bad("captions", "missing: this record has In-the-Wild's 'caption', others "
+                                       "COCO's 'captions' (one layout per file)")
             _strlist(r, "captions")  # (checked; written as they are, as the reference writes them)
             boxes = []
             for k, x in enumerate(_typed(r, "instances", list)):

@@ -2089,6 +2089,8 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
     for name, (recs, _) in wild.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "onlyone.jsonl").write_text(json.dumps(ctxw[0]) + "\n")
+    # both layouts in one file: read as COCO's, the In-the-Wild record named as such
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(ctx[0]) + "\n" + json.dumps(ctxw[1]) + "\n")
     judge = ["--judge", "openai", "--judge_url", "http://127.0.0.1:9/v1", "--judge_key", "k"]
     cases = [([], "--judge oracle knows only the Shapes world"),
              *((flagsw + ["--llava_bench_context", str(tmp_path / f"{name}.jsonl")],
@@ -2104,6 +2106,9 @@ def test_llava_bench_bad_input_is_one_line(env, tmp_path, capsys):
                                              "--llava_bench_answers"),
              (["--llava_bench_context", str(tmp_path / "ctx1.jsonl")],
               "questions.jsonl: record 2 (id 2): field 'image': "),
+             (["--llava_bench_context", str(tmp_path / "mixed.jsonl")],
+              "mixed.jsonl: record 1 (id '002'): field 'captions': missing: this record has "
+              "In-the-Wild's 'caption'"),
              (["--llava_bench_answers", str(tmp_path / "refs.jsonl")],
               "record 1 (id 1): field 'question_id': has no reference answer"),
              (["--llava_bench_rule", str(tmp_path / "rule.json")],
