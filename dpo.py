@@ -330,8 +330,10 @@ def fingerprint(cfg, init_dir, *datasets):
     max_len), the image files (size, mtime), the checkpoint files (name, size, mtime and first MiB:
     the safetensors header), device and dtype. A changed data file or checkpoint gets a new cache
     file."""
-    # ('autocast': tables made before the reference ran under the training pass's autocast)
-    h = hashlib.sha256(json.dumps([cfg.dtype, cfg.device, "autocast"]).encode())
+    # ('autocast': tables made before the reference ran under the training pass's autocast;
+    # 'grey8': before 16-bit and [0, 1] float grey images were read as their 8-bit grey, not as
+    # convert('RGB')'s flat white or black: a resume recomputes and compares, same_table)
+    h = hashlib.sha256(json.dumps([cfg.dtype, cfg.device, "autocast", "grey8"]).encode())
     for ds in datasets:
         for c, r, image in ds.items:
             for t in (c["input_ids"], c["labels"], r["input_ids"], r["labels"]):
