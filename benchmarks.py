@@ -325,7 +325,11 @@ def llava_bench_questions(cfg, world):
         raise common.ConfigError(f"--llava_bench_file {path} holds no reference answers: pass "
                                  "--llava_bench_answers (qa90_gpt4_answer.jsonl)")
     refs = {} if inline else read_llava_bench_answers(cfg.llava_bench_answers)
-    context, wild = read_llava_bench_context(cfg.llava_bench_context)
+    whole = cfg.llava_bench_caption == "whole"
+    context, wild = read_llava_bench_context(cfg.llava_bench_context, whole)
+    if whole and not wild:
+        raise common.ConfigError(f"--llava_bench_caption whole: for In-the-Wild's context.jsonl; "
+                                 f"{cfg.llava_bench_context} is COCO's (captions and boxes)")
     rules = load_llava_bench_rules(cfg.llava_bench_rule, wild)
     by_number = {}  # the image id in a name (its digits, leading zeros dropped) -> names
     for name in context:

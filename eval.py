@@ -115,6 +115,9 @@ class Config:
     llava_bench_answers: str = ""  # its reference answers, qa90_gpt4_answer.jsonl (30x3: inline)
     llava_bench_context: str = ""  # caps_boxes_coco2014_val_80.jsonl or In-the-Wild's context.jsonl
     llava_bench_rule: str = ""  # LLaVA's table/rule.json (its conv/detail/complex; empty: ours)
+    # In-the-Wild's caption as the judge reads it: joined, '\n'.join(caption) as LLaVA's script
+    # (a string one character a line), or whole, as lmms-eval sends it
+    llava_bench_caption: str = "joined"
     judge: str = "oracle"  # MMHal/GAVIE judge: oracle (Shapes only), openai, local
     judge_model: str = "gpt-4-0314"  # openai: model name (MMHal-Bench's); local: causal LM folder
     judge_url: str = "https://api.openai.com/v1"  # OpenAI-compatible base URL (or its endpoint)
@@ -152,7 +155,7 @@ class Config:
                   batch_size="[1, inf)", max_new_tokens="[1, inf)", pope_max_new_tokens="[1, inf)",
                   temperature="[0, inf)", top_p="(0, 1]", seed=common.SEED_RANGE,
                   template=("vicuna_v1", "llava_v1"), max_len="[1, inf)", device=("cpu", "cuda"),
-                  dtype=("fp32", "bf16"))
+                  dtype=("fp32", "bf16"), llava_bench_caption=("joined", "whole"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1040,7 +1043,8 @@ BENCHMARK_FLAGS = {"pope": ("pope_files", "pope_labels", "pope_suffix"),
                    "mmhal": ("mmhal_file", "mmhal_rating"),
                    "gavie": ("gavie_file", "gavie_annotations"),
                    "llava_bench": ("llava_bench_file", "llava_bench_answers",
-                                   "llava_bench_context", "llava_bench_rule")}
+                                   "llava_bench_context", "llava_bench_rule",
+                                   "llava_bench_caption")}
 JUDGE_FLAGS = ("judge", "judge_model", "judge_url", "judge_key", "judge_retries", "judge_backoff",
                "judge_timeout", "judge_max_tokens", "judge_prompt")
 

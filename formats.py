@@ -736,14 +736,15 @@ def read_llava_bench_answers(path):
     return out
 
 
-def read_llava_bench_context(path):
+def read_llava_bench_context(path, whole=False):
     """What LLaVA-Bench's judge knows of each image -> ({image file name: the context text}, wild),
     in either published layout, told apart by its fields: COCO's caps_boxes_coco2014_val_80.jsonl
     (JSON lines {"image", "captions": [..], "instances": [{"category", "bbox"}]}: captions one per
     line, a blank line, then a 'category: bbox' line per instance, as eval_gpt_review_visual.py
     writes it), or In-the-Wild's context.jsonl ({"id", "image", "caption"}, no record with
     'captions'; wild True): '\n'.join(caption) as eval_gpt_review_bench.py writes it, which puts
-    a published caption (a string) one character a line, as LLaVA's judge read it."""
+    a published caption (a string) one character a line, as LLaVA's judge read it; whole: a
+    string caption as it is (lmms-eval's llava-in-the-wild task sends it so)."""
     out, items = {}, _records(path)
     wild = any(isinstance(r, dict) and "caption" in r for r in items) and \
         not any(isinstance(r, dict) and "captions" in r for r in items)
@@ -754,7 +755,7 @@ def read_llava_bench_context(path):
             caption = _typed(r, "caption", (str, list))
             if isinstance(caption, list):
                 _strlist(r, "caption")  # (a string in each place: join() takes nothing else)
-            text = "\n".join(caption)
+            text = caption if whole and isinstance(caption, str) else "\n".join(caption)
         else:
             if "caption" in r and "captions" not in r:  # (one layout per file: told by fields)
                 raise _bad("captions", "missing: this record has In-the-Wild's 'caption', others "

@@ -68,9 +68,10 @@ def test_a_path_flag_given_with_equals_expands_home(tmp_path, monkeypatch):
 NOT_PATHS = {"benchmarks", "caption_shuffle", "chair_counting", "chair_prompt", "claims",
              "correct_rule", "device", "dtype", "eval_prompt", "export", "format", "gen_batches",
              "gen_types", "hf_load", "judge", "judge_key", "judge_url", "kl_estimator",
-             "lora_targets", "loss", "loss_divisor", "mmhal_rating", "model", "noise_on",
-             "noisy_tokens", "pairs", "pope_suffix", "rm_input", "roles_model", "rollout_model",
-             "seeds", "stages", "template", "train_modes", "vic_mode"}
+             "llava_bench_caption", "lora_targets", "loss", "loss_divisor", "mmhal_rating",
+             "model", "noise_on", "noisy_tokens", "pairs", "pope_suffix", "rm_input",
+             "roles_model", "rollout_model", "seeds", "stages", "template", "train_modes",
+             "vic_mode"}
 
 
 def test_every_text_flag_is_a_path_flag_or_named_as_none():

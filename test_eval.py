@@ -1985,6 +1985,19 @@ def test_llava_bench_in_the_wild_is_read_as_llavas_scripts_read_it(env, api, cap
     run_cli(env, tmp_path / "o2", "--ckpt", "llava", *rescore, "--llava_bench_rule", "")
     sent = FakeAPI.bodies[0][2]["messages"][1]["content"]
     assert sent.endswith(f"[System]\n{judges.LLAVA_BENCH_WILD_RULE['prompt']}\n\n")
+    # --llava_bench_caption whole: the caption as lmms-eval's task sends it (a list still joined)
+    FakeAPI.script, FakeAPI.bodies[:] = [(200, "8 8")] * 3, []
+    run_cli(env, tmp_path / "o3", "--ckpt", "llava", *rescore, "--llava_bench_caption", "whole")
+    for q, (_, _, body) in zip(questions, FakeAPI.bodies, strict=True):
+        caption = by_image[q["image"]]["caption"]
+        caption = caption if isinstance(caption, str) else "\n".join(caption)
+        assert body["messages"][1]["content"].startswith(f"[Context]\n{caption}\n\n[Question]")
+    from conftest import run_cli as run_stage
+    _, coco_flags = llava_bench_files(env, tmp_path / "lbc")
+    code, _, err = run_stage("eval", ["--world", env["world"], "--out", str(tmp_path / "o4"),
+                                      *FAST, "--ckpt", "llava", *rescore, *coco_flags,
+                                      "--llava_bench_caption", "whole"])
+    assert code == 2 and "--llava_bench_caption whole: for In-the-Wild's context.jsonl" in err, err
     assert "bounding" not in sent and "bounding" in judges.LLAVA_BENCH_RULE["prompt"]
 
 
