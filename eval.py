@@ -196,8 +196,9 @@ class Answerer:
     """One checkpoint's answers: reused from its answers files when there, else generated and
     appended."""
 
-    def __init__(self, cfg, ckpt, name):
+    def __init__(self, cfg, ckpt, name, bench=None):
         self.cfg = cfg
+        self.bench = bench or {}  # the run's questions (RUCAIBox's answers pair with them)
         self.ckpt = ckpt
         self.name = name
         self.model = None
@@ -436,8 +437,9 @@ class Answerer:
         """{id: line} from a LLaVA answers file (model_vqa_loader.py's {"question_id", "prompt",
         "text"}), matched by question_id, an MMHal-Bench one (model_vqa_mmhal.py's), matched by
         position, or a CHAIR captions file ({"image_id", "caption"}, or coco-caption's output
-        with them in 'imgToEval'), matched by the question's image id; its
-        prompt must be the question's (else it answers other questions)."""
+        with them in 'imgToEval'), matched by the question's image id, or RUCAIBox/POPE's
+        ({"question", "answer"}), matched by line order; its prompt must be the question's (else
+        it answers other questions)."""
         path = self.cfg.llava_answers
         if "llava" not in self.memo:
             recs = load_json(path)
@@ -465,19 +467,15 @@ class Answerer:
             elif {"image_id", "caption"} <= set(first) and "text" not in first:
                 recs = [chair_answer(path, i, r) for i, r in enumerate(recs)]
                 self.memo["llava_by"] = "image_id"
+            # RUCAIBox/POPE's answers ({question, answer}, no id): paired with the questions by
+            # line order, as its evaluate.py pairs them with its label file
+            elif {"question", "answer"} <= set(first) and not {"question_id", "text"} & set(first):
+                recs = rucaibox_answers(path, recs, self.bench)
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
-                    message = "expected {\"question_id\", \"prompt\", \"text\"}"
-                    field = "text"
-                    if isinstance(r, dict) and {"question", "answer"} <= set(r) \
-                            and "question_id" not in r:
-                        # (it was named by 'text' alone, with our layout)
-                        field = "question_id"
-                        message = ("missing: RUCAIBox/POPE's answer layout ({question, answer}, "
-                                   "paired with a label file by line order) is not read; write "
-                                   f"{message[9:]}, as LLaVA's model_vqa.py does")
-                    raise DataError(path, i, field, message)
+                    raise DataError(path, i, "text", "expected {\"question_id\", \"prompt\", "
+                                                     "\"text\"}")
                 if "image" in r:  # (its questions would be scored as the answers)
                     raise DataError(path, i, "image", QUESTIONS_NOT_ANSWERS)
                 if r.get("prompt") is not None and not isinstance(r["prompt"], str):  # (compared
@@ -538,6 +536,38 @@ def mmhal_answer(path, i, r):
     if not isinstance(r.get("question"), str):
         raise DataError(path, i, "question", "expected a string")
     return {"question_id": i, "prompt": r["question"], "text": answer}
+
+
+def rucaibox_answers(path, recs, bench):
+    """RUCAIBox/POPE's answers ({"question", "answer"} lines, no id) as LLaVA answers: its
+    evaluate.py pairs the k-th answer with the k-th line of its label file, and so are they paired
+    here, where that is unambiguous: the run scores all of one POPE file of one split, and each
+    answer's question is its question's text (case aside: its README's example is lower-case)."""
+    splits = bench.get("pope", {})
+    qs = [q for split in splits.values() for q in split]
+    files = sorted({q["file"] for q in qs})
+    layout = "RUCAIBox/POPE's answer layout ({question, answer}, no id; paired by line order)"
+    others = [b for b in bench if b != "pope"]
+    if others or len(splits) != 1 or len(files) != 1:
+        scored = f"{', '.join(others)} too" if others else \
+            f"{len(files)} POPE files, splits {', '.join(splits)}"
+        raise DataError(path, message=f"{layout} answers one POPE file; this run scores {scored}: "
+                                      "score one split per run (--benchmarks pope --pope_files F)")
+    if len(recs) != len(qs) or any(q["record"] != k for k, q in enumerate(qs)):
+        raise DataError(path, message=f"{len(recs)} answers in {layout} for the {len(qs)} "
+                                      f"questions scored of {files[0]}: pairing them by line "
+                                      "order needs all of that file's questions, and no more")
+    paired = []
+    for i, (r, q) in enumerate(zip(recs, qs)):
+        for field in ("question", "answer"):
+            if not isinstance(r, dict) or not isinstance(r.get(field), str):
+                raise DataError(path, i, field, "expected a string (RUCAIBox/POPE's layout)")
+        if r["question"].strip().lower() != q["text"].strip().lower():
+            raise DataError(path, i, "question", f"is not question {i} of {files[0]} "
+                            f"({q['text'][:60]!r}): the files are out of step (paired by line "
+                            "order)")
+        paired.append({"question_id": q["id"], "prompt": q["text"], "text": r["answer"]})
+    return paired
 
 
 def chair_answer(path, i, r):
@@ -747,7 +777,7 @@ def export_answers(out, name, bench, qs, lines):
 def evaluate(cfg, ckpt, name, bench, judges):
     out = os.path.join(cfg.out, name)
     rundir.make_dirs(out)
-    ans = Answerer(cfg, ckpt, name)
+    ans = Answerer(cfg, ckpt, name, bench)
     scores = {"ckpt": ckpt}  # (as given; resolved below: a --rescore of a gone one has none)
     if os.path.exists(ckpt):
         scores["ckpt_path"] = os.path.realpath(ckpt)

@@ -1290,20 +1290,50 @@ def test_a_missing_flag_is_named_not_the_file_beside_it(env, tmp_path):
     cfg = E.Config(pope_files=(str(path),), image_folder=env["world"])
     with pytest.raises(E.DataError, match="'label': missing, and the records have 'answer'"):
         benchmarks.pope_questions(cfg, (env["world"], None, None))
-    # RUCAIBox/POPE's answers ({question, answer}, no id) rescored: the field it lacks is named
-    # (it was 'text', with our layout)
-    from conftest import run_cli as run_stage
-    answers = tmp_path / "answers.json"
-    answers.write_text("".join(json.dumps({"question": r["text"], "answer": "yes"}) + "\n"
-                               for r in recs))
-    code, _, err = run_stage("eval", ["--rescore", "true", "--ckpt", "m", "--benchmarks", "pope",
-                                      "--out", str(tmp_path / "o"), "--pope_files", str(coco),
-                                      "--llava_answers", str(answers)])
-    assert code == 2 and "field 'question_id': missing: RUCAIBox/POPE's answer layout" in err, err
+    # (RUCAIBox/POPE's answers, once refused here, are read: test_rucaibox_answers_pair_by_order)
     gavie = tmp_path / "gavie.json"
     gavie.write_text(json.dumps([{"image_id": "a", "question": "What is there?"}]))
     with pytest.raises(common.ConfigError, match=r"--gavie_file .*: needs --gavie_annotations"):
         benchmarks.lrv_gavie_questions(E.Config(gavie_file=str(gavie)))
+
+
+def test_rucaibox_answers_pair_by_order(env, tmp_path):
+    """RUCAIBox/POPE's answers ({question, answer}, no id; its evaluate.py pairs them with its
+    label file by line order) were refused. Paired by order with the one POPE file scored, they
+    score as the same answers in LLaVA's layout; out of step, another count or two splits: one
+    line, exit 2."""
+    from conftest import run_cli as run_stage
+    recs = [json.loads(x) for x in open(os.path.join(env["world"], "pope_random.jsonl"))][:5]
+    split = tmp_path / "coco_pope_random.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    texts = ["Yes", "No, there is not.", "yes", "There is no square.", "Not really"]
+    rucai = [{"question": r["text"], "answer": t} for r, t in zip(recs, texts)]
+    rucai[2]["question"] = rucai[2]["question"].lower()  # (as its README's example writes it)
+    llava = [{"question_id": r["question_id"], "prompt": r["text"], "text": t}
+             for r, t in zip(recs, texts)]
+    scores = {}
+    for layout, lines in (("rucai", rucai), ("llava", llava), ("swapped", [rucai[1], rucai[0],
+                          *rucai[2:]]), ("short", rucai[:4]), ("two", rucai)):
+        answers = tmp_path / f"{layout}.jsonl"
+        answers.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        files = [str(split)] + ([str(tmp_path / "coco_pope_popular.jsonl")] if layout == "two"
+                                else [])
+        if layout == "two":
+            shutil.copy(split, files[1])
+        code, _, err = run_stage("eval", ["--rescore", "true", "--ckpt", "m", "--benchmarks",
+                                          "pope", "--out", str(tmp_path / layout),
+                                          "--llava_answers", str(answers), "--pope_files", *files])
+        if layout in ("rucai", "llava"):
+            assert code == 0, err
+            with open(tmp_path / layout / "m" / "scores.json") as f:
+                got = json.load(f)["pope"]["random"]
+            scores[layout] = {k: got[k] for k in ("tp", "fp", "tn", "fn", "f1", "n")}
+            continue
+        assert code == 2 and err.count("\n") == 1, err
+        assert {"swapped": "record 0: field 'question': is not question 0 of",
+                "short": "4 answers in RUCAIBox/POPE's answer layout",
+                "two": "answers one POPE file; this run scores 2 POPE files"}[layout] in err, err
+    assert scores["rucai"] == scores["llava"] and scores["rucai"]["n"] == 5, scores
 
 
 def test_one_answer_is_not_scored_for_two_pope_files(env, tmp_path):
