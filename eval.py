@@ -470,7 +470,7 @@ class Answerer:
             # RUCAIBox/POPE's answers ({question, answer}, no id): paired with the questions by
             # line order, as its evaluate.py pairs them with its label file
             elif {"question", "answer"} <= set(first) and not {"question_id", "text"} & set(first):
-                recs = rucaibox_answers(path, recs, self.bench)
+                recs = rucaibox_answers(path, recs, self.bench, self.cfg.limit)
             for i, r in enumerate(recs):
                 has_text = isinstance(r, dict) and isinstance(r.get("text"), str)
                 if not has_text or "question_id" not in r:
@@ -538,7 +538,7 @@ def mmhal_answer(path, i, r):
     return {"question_id": i, "prompt": r["question"], "text": answer}
 
 
-def rucaibox_answers(path, recs, bench):
+def rucaibox_answers(path, recs, bench, limit=0):
     """RUCAIBox/POPE's answers ({"question", "answer"} lines, no id) as LLaVA answers: its
     evaluate.py pairs the k-th answer with the k-th line of its label file, and so are they paired
     here, where that is unambiguous: the run scores all of one POPE file of one split, and each
@@ -554,9 +554,10 @@ def rucaibox_answers(path, recs, bench):
         raise DataError(path, message=f"{layout} answers one POPE file; this run scores {scored}: "
                                       "score one split per run (--benchmarks pope --pope_files F)")
     if len(recs) != len(qs) or any(q["record"] != k for k, q in enumerate(qs)):
+        cut = f" (--limit {limit})" if limit and len(qs) == limit else ""
         raise DataError(path, message=f"{len(recs)} answers in {layout} for the {len(qs)} "
-                                      f"questions scored of {files[0]}: pairing them by line "
-                                      "order needs all of that file's questions, and no more")
+                                      f"questions scored{cut} of {files[0]}: pairing them by "
+                                      "line order needs all of that file's questions, and no more")
     paired = []
     for i, (r, q) in enumerate(zip(recs, qs)):
         for field in ("question", "answer"):

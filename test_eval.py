@@ -1313,7 +1313,8 @@ def test_rucaibox_answers_pair_by_order(env, tmp_path):
              for r, t in zip(recs, texts)]
     scores = {}
     for layout, lines in (("rucai", rucai), ("llava", llava), ("swapped", [rucai[1], rucai[0],
-                          *rucai[2:]]), ("short", rucai[:4]), ("two", rucai)):
+                          *rucai[2:]]), ("short", rucai[:4]), ("two", rucai),
+                         ("limit", rucai)):
         answers = tmp_path / f"{layout}.jsonl"
         answers.write_text("".join(json.dumps(r) + "\n" for r in lines))
         files = [str(split)] + ([str(tmp_path / "coco_pope_popular.jsonl")] if layout == "two"
@@ -1322,7 +1323,8 @@ def test_rucaibox_answers_pair_by_order(env, tmp_path):
             shutil.copy(split, files[1])
         code, _, err = run_stage("eval", ["--rescore", "true", "--ckpt", "m", "--benchmarks",
                                           "pope", "--out", str(tmp_path / layout),
-                                          "--llava_answers", str(answers), "--pope_files", *files])
+                                          "--llava_answers", str(answers), "--pope_files", *files,
+                                          *(["--limit", "3"] if layout == "limit" else [])])
         if layout in ("rucai", "llava"):
             assert code == 0, err
             with open(tmp_path / layout / "m" / "scores.json") as f:
@@ -1332,7 +1334,10 @@ def test_rucaibox_answers_pair_by_order(env, tmp_path):
         assert code == 2 and err.count("\n") == 1, err
         assert {"swapped": "record 0: field 'question': is not question 0 of",
                 "short": "4 answers in RUCAIBox/POPE's answer layout",
-                "two": "answers one POPE file; this run scores 2 POPE files"}[layout] in err, err
+                "two": "answers one POPE file; this run scores 2 POPE files",
+                "limit": "5 answers in RUCAIBox/POPE's answer layout ({question, answer}, no id; "
+                         "paired by line order) for the 3 questions scored (--limit 3) of"
+                }[layout] in err, err
     assert scores["rucai"] == scores["llava"] and scores["rucai"]["n"] == 5, scores
 
 
