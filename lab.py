@@ -74,8 +74,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- the runs
-# Step budgets: long enough for each method to move the model (in all 49-113 min on 2 cores,
-# within the 60-minute budget on one host of four: README).
+# Step budgets: long enough for each method to move the model (in all 48-113 min on 2 cores,
+# within the 60-minute budget on the two fast hosts of four: README).
 def plan(cfg):
     """{run name: (argv, the runs it needs, file that exists when it is done)} for the chosen
     claims."""
