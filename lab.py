@@ -2,7 +2,7 @@
 test split (images drawn apart from the training ones, where the co-occurrence bias is broken; on
 the default world about one in ten, each of a single shape, repeats a training image's pixels).
 
-    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 49-113 min on 2 cores
+    python pipeline.py && python lab.py  # 4 claims x 5 seeds (RLHF 3): 48-113 min on 2 cores
     python lab.py --claims lrv povid --seeds 0 1 2
     python lab.py --report_only true     # rebuild RESULTS.md and the plots from the runs on disk
     python pipeline.py --world_seed 1 && python lab.py --world_seed 1     # recheck on another world
